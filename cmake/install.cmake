@@ -1,0 +1,1 @@
+# Install rules and the fastattn CMake package (owned by the build/CUDA helper).

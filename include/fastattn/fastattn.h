@@ -1,0 +1,7 @@
+// fastattn: exact attention kernels for LLM inference. Umbrella header.
+#pragma once
+
+#include "fastattn/error.h"
+#include "fastattn/ops.h"
+#include "fastattn/options.h"
+#include "fastattn/tensor.h"

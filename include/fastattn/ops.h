@@ -1,0 +1,149 @@
+// fastattn: the attention operations. Every op validates all of its arguments before any work
+// (throwing ValueError / TypeError / DeviceError / NotSupportedError that name the argument) and
+// writes only into the outputs it is given: the C++ API never allocates tensors for the caller.
+//
+// Shapes below use: B = batch, Sq/Sk = query/key length, Hq/Hkv = query/key-value heads
+// (Hq % Hkv == 0; query head h reads kv head h / (Hq / Hkv)), D = head_dim (8..256, multiple of 8).
+// LSE outputs are float32 natural-log log-sum-exp of the final scores; a row that sees no key
+// gets output 0 and LSE -inf.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+
+#include "fastattn/options.h"
+#include "fastattn/tensor.h"
+
+namespace fastattn {
+
+/// Dense batched attention.
+struct AttentionArgs {
+  TensorView q;    ///< (B, Sq, Hq, D) float32 / float16 / bfloat16
+  TensorView k;    ///< (B, Sk, Hkv, D), same dtype as q
+  TensorView v;    ///< (B, Sk, Hkv, D), same dtype as q
+  TensorView out;  ///< (B, Sq, Hq, D), same dtype as q; fully written
+  std::optional<TensorView> lse;    ///< (B, Hq, Sq) float32
+  std::optional<TensorView> probs;  ///< (B, Hq, Sq, Sk) float32 softmax matrix (testing aid)
+  AttentionOptions options;
+  ExecConfig exec;
+};
+void attention_forward(const AttentionArgs& args);
+
+/// Keys and values in a paged cache. Pages are (page_size, Hkv, D) slabs of k_pages / v_pages;
+/// sequence b's key j lives in page pages_b[j / page_size], slot j % page_size, where pages_b
+/// is either row b of `block_table` or page_indices[page_indptr[b] : page_indptr[b+1]].
+struct PagedKV {
+  TensorView k_pages;  ///< (num_pages, page_size, Hkv, D)
+  TensorView v_pages;  ///< (num_pages, page_size, Hkv, D)
+  std::optional<TensorView> block_table;   ///< (B, max_pages_per_seq) int32
+  std::optional<TensorView> page_indptr;   ///< (B + 1) int32, CSR row pointers
+  std::optional<TensorView> page_indices;  ///< (page_indptr[B]) int32, CSR page ids
+  /// (B) int32: keys in each sequence's last page (1..page_size), FlashInfer's way of giving
+  /// lengths: len_b = (num_pages_b - 1) * page_size + last_page_len[b], 0 when it has no page.
+  std::optional<TensorView> last_page_len;
+};
+
+/// Variable-length (packed) attention. Sequence b's queries are rows
+/// cu_seqlens_q[b] .. cu_seqlens_q[b+1] of q. Keys are either packed rows
+/// cu_seqlens_k[b] .. cu_seqlens_k[b+1] of k / v, or the paged cache `paged`, whose per-sequence
+/// lengths come from `seqused_k`, else from cu_seqlens_k differences, else paged.last_page_len.
+struct VarlenAttentionArgs {
+  TensorView q;             ///< (total_q, Hq, D)
+  TensorView cu_seqlens_q;  ///< (B + 1) int32, cu_seqlens_q[0] == 0, non-decreasing
+  std::int64_t max_seqlen_q = 0;  ///< upper bound on every query length
+  std::optional<TensorView> k;    ///< (total_k, Hkv, D) packed keys (absent when paged)
+  std::optional<TensorView> v;    ///< (total_k, Hkv, D) packed values (absent when paged)
+  std::optional<TensorView> cu_seqlens_k;  ///< (B + 1) int32
+  std::optional<PagedKV> paged;            ///< paged keys/values instead of k / v
+  std::optional<TensorView> seqused_k;     ///< (B) int32: keys used by each sequence
+  std::int64_t max_seqlen_k = 0;           ///< upper bound on every key length
+  TensorView out;                   ///< (total_q, Hq, D)
+  std::optional<TensorView> lse;    ///< (Hq, total_q) float32
+  std::optional<TensorView> probs;  ///< (B, Hq, max_seqlen_q, max_seqlen_k) float32, zero-padded
+  AttentionOptions options;
+  ExecConfig exec;
+};
+void varlen_attention_forward(const VarlenAttentionArgs& args);
+
+/// Attention over a KV cache with an optional in-place append (FlashAttention's
+/// flash_attn_with_kvcache). For sequence b (cache row c = cache_batch_idx[b] or b):
+///  1. k_new / v_new rows t = 0..Snew-1 are written (rotary applied to k) into cache slots
+///     cache_seqlens[b] + t of cache row c. Nothing else in the cache is written.
+///  2. q attends over slots [cache_leftpad[b], cache_seqlens[b] + Snew); token positions count
+///     from cache_leftpad[b].
+/// Rotary (needs k_new): k row t is rotated at position cache_seqlens[b] - leftpad[b] + t; q rows
+/// likewise when causal or windowed, else every q row at position cache_seqlens[b] - leftpad[b].
+struct KVCacheArgs {
+  TensorView q;  ///< (B, Sq, Hq, D)
+  /// Contiguous: (B_cache, S_cache, Hkv, D); paged (with block_table or page_indptr):
+  /// (num_pages, page_size, Hkv, D).
+  TensorView k_cache;
+  TensorView v_cache;  ///< same shape and dtype as k_cache
+  std::optional<TensorView> k_new;  ///< (B, Snew, Hkv, D) keys to append
+  std::optional<TensorView> v_new;  ///< (B, Snew, Hkv, D) values to append
+  std::optional<TensorView> rotary_cos;  ///< (S_rotary, rotary_dim / 2), same dtype as q
+  std::optional<TensorView> rotary_sin;  ///< (S_rotary, rotary_dim / 2)
+  /// true: rotate dims (0,1), (2,3), ...; false (GPT-NeoX): dims (i, i + rotary_dim / 2).
+  bool rotary_interleaved = true;
+  std::optional<TensorView> cache_seqlens;  ///< (B) int32 tokens already in the cache
+  std::int64_t cache_seqlen = 0;            ///< used for every b when cache_seqlens is absent
+  std::optional<TensorView> cache_batch_idx;  ///< (B) int32 cache row (or block-table row) of b
+  std::optional<TensorView> cache_leftpad;    ///< (B) int32 first valid slot of b
+  std::optional<TensorView> block_table;      ///< (B_table, max_pages) int32: paged cache
+  std::optional<TensorView> page_indptr;      ///< (B_table + 1) int32: paged cache, CSR form
+  std::optional<TensorView> page_indices;     ///< (page_indptr[B_table]) int32
+  /// Key splits per sequence (split-KV); 0 picks by heuristic. A fixed value gives bitwise
+  /// identical results for a sequence whatever the rest of the batch.
+  int num_splits = 0;
+  TensorView out;                 ///< (B, Sq, Hq, D)
+  std::optional<TensorView> lse;  ///< (B, Hq, Sq) float32
+  /// Scratch for split-KV partial results (uint8, at least kvcache_workspace_bytes(args)).
+  /// When absent the CPU backend allocates its own.
+  std::optional<TensorView> workspace;
+  AttentionOptions options;
+  ExecConfig exec;
+};
+void kvcache_attention_forward(const KVCacheArgs& args);
+/// Bytes of workspace kvcache_attention_forward needs for `args` (0 when it needs none).
+std::size_t kvcache_workspace_bytes(const KVCacheArgs& args);
+
+/// Shared-prefix (cascade) attention: every request attends over one dense prefix shared by the
+/// batch followed by its own paged suffix. Computed as two passes merged exactly: all queries
+/// against the prefix (read once for the batch), each request against its suffix.
+/// Prefix keys have positions 0..P-1, suffix keys P..P+len_b-1; with causal, request b's query
+/// rows are the last Sq_b tokens of its suffix (Sq_b <= len_b is required).
+struct SharedPrefixAttentionArgs {
+  TensorView q;  ///< (total_q, Hq, D); decode: one row per request
+  std::optional<TensorView> qo_indptr;  ///< (B + 1) int32; absent means one query per request
+  TensorView k_shared;  ///< (P, Hkv, D)
+  TensorView v_shared;  ///< (P, Hkv, D)
+  PagedKV suffix;       ///< per-request suffix pages, lengths from last_page_len
+  TensorView out;                 ///< (total_q, Hq, D)
+  std::optional<TensorView> lse;  ///< (Hq, total_q) float32
+  AttentionOptions options;
+  ExecConfig exec;
+};
+void shared_prefix_attention_forward(const SharedPrefixAttentionArgs& args);
+
+/// Merge two attention states (output v, natural-log LSE s) of the same queries over disjoint
+/// key sets into the state over their union:
+///   s = log(exp(s_a) + exp(s_b)),  v = v_a * exp(s_a - s) + v_b * exp(s_b - s).
+/// An empty state (s = -inf) is the identity. v_*: (S, H, D) float32/float16/bfloat16 (one dtype),
+/// s_*: (S, H) float32. Outputs may alias inputs elementwise.
+void merge_state(const TensorView& v_a, const TensorView& s_a, const TensorView& v_b,
+                 const TensorView& s_b, const TensorView& v_out, const TensorView& s_out,
+                 const ExecConfig& exec = {});
+/// merge_state into (v, s) in place; rows whose `mask` (S, bool or uint8) is false are untouched.
+void merge_state_in_place(const TensorView& v, const TensorView& s, const TensorView& v_other,
+                          const TensorView& s_other, const std::optional<TensorView>& mask = {},
+                          const ExecConfig& exec = {});
+/// Merge N states per row: v (S, N, H, D), s (S, N, H) -> v_out (S, H, D), s_out (S, H).
+void merge_states(const TensorView& v, const TensorView& s, const TensorView& v_out,
+                  const TensorView& s_out, const ExecConfig& exec = {});
+
+/// Library version string, "MAJOR.MINOR.PATCH".
+const char* version();
+/// True when this build has a CUDA backend with kernels for `device`.
+bool backend_available(const Device& device);
+
+}  // namespace fastattn
