@@ -1,0 +1,33 @@
+// fastattn: the CUDA backend's entry points as seen from backend-neutral code (src/core).
+//
+// Only compiled and only called when the build has the CUDA backend (FASTATTN_WITH_CUDA is
+// defined). Plain C++ types only: no CUDA header is needed to include this file, so src/core and
+// the CPU backend stay host-compiler code.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace fastattn {
+
+/// Number of CUDA devices this process can see; 0 when there is no driver or no GPU
+/// (never throws: a machine without a GPU is a normal case).
+int cuda_device_count();
+
+/// True when `device` exists and this build carries kernel code that runs on it (sm_80 family or
+/// sm_90a); false for a missing device, no driver, or an architecture the build was not compiled
+/// for. Never throws.
+bool cuda_backend_available(int device);
+
+/// Human-readable summary of `device` for diagnostics, e.g.
+/// "NVIDIA H200 (sm_90, 132 SMs, 139.8 GiB)", or the reason it is unavailable.
+/// Returns the number of characters written (snprintf semantics) into buf[0..buf_size).
+int cuda_device_description(int device, char* buf, std::size_t buf_size);
+
+/// Fills `count` 32-bit words at `dst` (device memory, 4-byte aligned) with `value`, on `stream`
+/// (a cudaStream_t passed as void*; nullptr = default stream). Asynchronous, no allocation, no
+/// host synchronisation: safe inside CUDA graph capture. Used to initialise split-KV workspaces
+/// (e.g. LSE partials to -inf). Throws fastattn::Error if the launch fails.
+void cuda_fill_u32(void* dst, std::size_t count, std::uint32_t value, void* stream);
+
+}  // namespace fastattn
