@@ -1,0 +1,489 @@
+// fastattn._C: the Python binding. It only turns array objects (anything nanobind imports through
+// DLPack or the buffer protocol: numpy, torch, cupy, jax) into fastattn::TensorView, calls the
+// C++ op with the GIL released, and maps fastattn errors to Python exceptions:
+//   TypeError -> TypeError, ValueError / DeviceError -> ValueError,
+//   NotSupportedError -> NotImplementedError, any other fastattn::Error -> RuntimeError.
+// There is no attention logic here: shapes, dtypes and values are validated by the C++ ops.
+// Output allocation and the flash_attn / FlashInfer calling conventions live in python/fastattn.
+
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "fastattn/fastattn.h"
+
+namespace nb = nanobind;
+using fastattn::TensorView;
+
+namespace {
+
+using ArrayRO = nb::ndarray<nb::ro>;
+using ArrayRW = nb::ndarray<>;
+
+/// Keeps every imported array (and so the memory behind each view) alive for one call.
+struct Keep {
+  std::vector<ArrayRO> ro;
+  std::vector<ArrayRW> rw;
+};
+
+/// "numpy.ndarray", "list", ...: the type of `h` for error messages.
+std::string object_type_name(nb::handle h) { return nb::cast<std::string>(nb::inst_name(h)); }
+
+std::string dlpack_dtype_name(nb::dlpack::dtype dt) {
+  const char* kind = "unknown";
+  switch (static_cast<nb::dlpack::dtype_code>(dt.code)) {
+    case nb::dlpack::dtype_code::Int: kind = "int"; break;
+    case nb::dlpack::dtype_code::UInt: kind = "uint"; break;
+    case nb::dlpack::dtype_code::Float: kind = "float"; break;
+    case nb::dlpack::dtype_code::Bfloat: kind = "bfloat"; break;
+    case nb::dlpack::dtype_code::Complex: kind = "complex"; break;
+    case nb::dlpack::dtype_code::Bool: kind = "bool"; break;
+    default: break;
+  }
+  std::string s = std::string(kind) + std::to_string(dt.bits);
+  if (dt.lanes != 1) s += "x" + std::to_string(dt.lanes);
+  return s;
+}
+
+fastattn::DType convert_dtype(nb::dlpack::dtype dt, const char* name) {
+  using C = nb::dlpack::dtype_code;
+  if (dt.lanes == 1) {
+    switch (static_cast<C>(dt.code)) {
+      case C::Float:
+        if (dt.bits == 32) return fastattn::DType::kFloat32;
+        if (dt.bits == 16) return fastattn::DType::kFloat16;
+        break;
+      case C::Bfloat:
+        if (dt.bits == 16) return fastattn::DType::kBFloat16;
+        break;
+      case C::Int:
+        if (dt.bits == 32) return fastattn::DType::kInt32;
+        if (dt.bits == 64) return fastattn::DType::kInt64;
+        break;
+      case C::UInt:
+        if (dt.bits == 8) return fastattn::DType::kUInt8;
+        break;
+      case C::Bool:
+        if (dt.bits == 8) return fastattn::DType::kBool;
+        break;
+      default: break;
+    }
+  }
+  throw fastattn::TypeError(std::string("argument '") + name + "': dtype " + dlpack_dtype_name(dt) +
+                            " is not supported by fastattn (float32, float16, bfloat16, int32, "
+                            "int64, uint8 or bool)");
+}
+
+fastattn::Device convert_device(int type, int id, const char* name) {
+  if (type == nb::device::cpu::value || type == nb::device::cuda_host::value)
+    return fastattn::Device{fastattn::DeviceType::kCPU, 0};
+  if (type == nb::device::cuda::value || type == nb::device::cuda_managed::value)
+    return fastattn::Device{fastattn::DeviceType::kCUDA, id};
+  throw fastattn::DeviceError(std::string("argument '") + name + "': arrays on DLPack device type " +
+                              std::to_string(type) + " are not supported (cpu or cuda expected)");
+}
+
+template <typename Array>
+TensorView make_tensor_view(const Array& a, const char* name) {
+  TensorView t;
+  const std::size_t ndim = a.ndim();
+  if (ndim > static_cast<std::size_t>(TensorView::kMaxDims))
+    throw fastattn::ValueError(std::string("argument '") + name + "': expected at most " +
+                               std::to_string(TensorView::kMaxDims) + " dimensions, got " +
+                               std::to_string(ndim));
+  t.data = static_cast<void*>(static_cast<std::uint8_t*>(const_cast<void*>(
+                                  static_cast<const void*>(a.data_handle()))) +
+                              a.byte_offset());
+  t.dtype = convert_dtype(a.dtype(), name);
+  t.device = convert_device(a.device_type(), a.device_id(), name);
+  t.ndim = static_cast<int>(ndim);
+  const std::int64_t* strides = a.stride_ptr();
+  std::int64_t running = 1;  // row-major strides when the producer gives none (DLPack allows it)
+  for (std::size_t i = ndim; i-- > 0;) {
+    t.shape[i] = static_cast<std::int64_t>(a.shape(i));
+    t.strides[i] = strides ? strides[i] : running;
+    running *= t.shape[i];
+  }
+  return t;
+}
+
+/// A required input array (read-only access is enough).
+TensorView in_view(nb::handle h, const char* name, Keep& keep) {
+  if (h.is_none())
+    throw fastattn::ValueError(std::string("argument '") + name + "' is required, got None");
+  ArrayRO a;
+  if (!nb::try_cast(h, a, /*convert=*/false))
+    throw fastattn::TypeError(std::string("argument '") + name +
+                              "': expected an array (numpy, torch, cupy or jax: DLPack or the "
+                              "buffer protocol), got " + object_type_name(h));
+  keep.ro.push_back(a);
+  return make_tensor_view(a, name);
+}
+
+/// A required output array: must be writable.
+TensorView out_view(nb::handle h, const char* name, Keep& keep) {
+  if (h.is_none())
+    throw fastattn::ValueError(std::string("argument '") + name + "' is required, got None");
+  ArrayRW a;
+  if (!nb::try_cast(h, a, /*convert=*/false)) {
+    ArrayRO probe;
+    if (nb::try_cast(h, probe, /*convert=*/false))
+      throw fastattn::ValueError(std::string("argument '") + name +
+                                 "': the array is read-only, but fastattn writes into it");
+    throw fastattn::TypeError(std::string("argument '") + name +
+                              "': expected a writable array (numpy, torch or cupy), got " +
+                              object_type_name(h));
+  }
+  keep.rw.push_back(a);
+  return make_tensor_view(a, name);
+}
+
+std::optional<TensorView> opt_in(nb::handle h, const char* name, Keep& keep) {
+  if (h.is_none()) return std::nullopt;
+  return in_view(h, name, keep);
+}
+
+std::optional<TensorView> opt_out(nb::handle h, const char* name, Keep& keep) {
+  if (h.is_none()) return std::nullopt;
+  return out_view(h, name, keep);
+}
+
+fastattn::ExecConfig make_exec(std::uintptr_t cuda_stream, int num_threads) {
+  fastattn::ExecConfig e;
+  e.cuda_stream = reinterpret_cast<void*>(cuda_stream);
+  e.num_threads = num_threads;
+  return e;
+}
+
+fastattn::AttentionOptions make_options(std::optional<float> softmax_scale, bool causal,
+                                        std::int64_t window_left, std::int64_t window_right,
+                                        float softcap, nb::handle alibi_slopes, Keep& keep) {
+  fastattn::AttentionOptions o;
+  o.softmax_scale = softmax_scale;
+  o.causal = causal;
+  o.window_left = window_left;
+  o.window_right = window_right;
+  o.softcap = softcap;
+  o.alibi_slopes = opt_in(alibi_slopes, "alibi_slopes", keep);
+  return o;
+}
+
+std::optional<fastattn::PagedKV> make_paged(nb::handle k_pages, nb::handle v_pages,
+                                            nb::handle block_table, nb::handle page_indptr,
+                                            nb::handle page_indices, nb::handle last_page_len,
+                                            const char* k_name, const char* v_name, Keep& keep) {
+  if (k_pages.is_none() && v_pages.is_none()) return std::nullopt;
+  fastattn::PagedKV p;
+  p.k_pages = in_view(k_pages, k_name, keep);
+  p.v_pages = in_view(v_pages, v_name, keep);
+  p.block_table = opt_in(block_table, "block_table", keep);
+  p.page_indptr = opt_in(page_indptr, "page_indptr", keep);
+  p.page_indices = opt_in(page_indices, "page_indices", keep);
+  p.last_page_len = opt_in(last_page_len, "last_page_len", keep);
+  return p;
+}
+
+// ---- ops ------------------------------------------------------------------------------------
+
+void attention_forward(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle lse,
+                       nb::handle probs, std::optional<float> softmax_scale, bool causal,
+                       std::int64_t window_left, std::int64_t window_right, float softcap,
+                       nb::handle alibi_slopes, std::uintptr_t cuda_stream, int num_threads) {
+  Keep keep;
+  fastattn::AttentionArgs a;
+  a.q = in_view(q, "q", keep);
+  a.k = in_view(k, "k", keep);
+  a.v = in_view(v, "v", keep);
+  a.out = out_view(out, "out", keep);
+  a.lse = opt_out(lse, "softmax_lse", keep);
+  a.probs = opt_out(probs, "attn_probs", keep);
+  a.options = make_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+                           keep);
+  a.exec = make_exec(cuda_stream, num_threads);
+  nb::gil_scoped_release release;
+  fastattn::attention_forward(a);
+}
+
+void varlen_attention_forward(nb::handle q, nb::handle cu_seqlens_q, std::int64_t max_seqlen_q,
+                              nb::handle k, nb::handle v, nb::handle cu_seqlens_k,
+                              nb::handle k_pages, nb::handle v_pages, nb::handle block_table,
+                              nb::handle page_indptr, nb::handle page_indices,
+                              nb::handle last_page_len, nb::handle seqused_k,
+                              std::int64_t max_seqlen_k, nb::handle out, nb::handle lse,
+                              nb::handle probs, std::optional<float> softmax_scale, bool causal,
+                              std::int64_t window_left, std::int64_t window_right, float softcap,
+                              nb::handle alibi_slopes, std::uintptr_t cuda_stream,
+                              int num_threads) {
+  Keep keep;
+  fastattn::VarlenAttentionArgs a;
+  a.q = in_view(q, "q", keep);
+  a.cu_seqlens_q = in_view(cu_seqlens_q, "cu_seqlens_q", keep);
+  a.max_seqlen_q = max_seqlen_q;
+  a.k = opt_in(k, "k", keep);
+  a.v = opt_in(v, "v", keep);
+  a.cu_seqlens_k = opt_in(cu_seqlens_k, "cu_seqlens_k", keep);
+  a.paged = make_paged(k_pages, v_pages, block_table, page_indptr, page_indices, last_page_len,
+                       "k", "v", keep);
+  a.seqused_k = opt_in(seqused_k, "seqused_k", keep);
+  a.max_seqlen_k = max_seqlen_k;
+  a.out = out_view(out, "out", keep);
+  a.lse = opt_out(lse, "softmax_lse", keep);
+  a.probs = opt_out(probs, "attn_probs", keep);
+  a.options = make_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+                           keep);
+  a.exec = make_exec(cuda_stream, num_threads);
+  nb::gil_scoped_release release;
+  fastattn::varlen_attention_forward(a);
+}
+
+fastattn::KVCacheArgs make_kvcache_args(
+    nb::handle q, nb::handle k_cache, nb::handle v_cache, nb::handle k, nb::handle v,
+    nb::handle rotary_cos, nb::handle rotary_sin, bool rotary_interleaved,
+    nb::handle cache_seqlens, std::int64_t cache_seqlen, nb::handle cache_batch_idx,
+    nb::handle cache_leftpad, nb::handle block_table, nb::handle page_indptr,
+    nb::handle page_indices, int num_splits, nb::handle out, nb::handle lse,
+    std::optional<float> softmax_scale, bool causal, std::int64_t window_left,
+    std::int64_t window_right, float softcap, nb::handle alibi_slopes, std::uintptr_t cuda_stream,
+    int num_threads, Keep& keep) {
+  fastattn::KVCacheArgs a;
+  a.q = in_view(q, "q", keep);
+  // The caches are written in place (when k / v are given), so they must be writable.
+  if (k.is_none() && v.is_none()) {
+    a.k_cache = in_view(k_cache, "k_cache", keep);
+    a.v_cache = in_view(v_cache, "v_cache", keep);
+  } else {
+    a.k_cache = out_view(k_cache, "k_cache", keep);
+    a.v_cache = out_view(v_cache, "v_cache", keep);
+  }
+  a.k_new = opt_in(k, "k", keep);
+  a.v_new = opt_in(v, "v", keep);
+  a.rotary_cos = opt_in(rotary_cos, "rotary_cos", keep);
+  a.rotary_sin = opt_in(rotary_sin, "rotary_sin", keep);
+  a.rotary_interleaved = rotary_interleaved;
+  a.cache_seqlens = opt_in(cache_seqlens, "cache_seqlens", keep);
+  a.cache_seqlen = cache_seqlen;
+  a.cache_batch_idx = opt_in(cache_batch_idx, "cache_batch_idx", keep);
+  a.cache_leftpad = opt_in(cache_leftpad, "cache_leftpad", keep);
+  a.block_table = opt_in(block_table, "block_table", keep);
+  a.page_indptr = opt_in(page_indptr, "page_indptr", keep);
+  a.page_indices = opt_in(page_indices, "page_indices", keep);
+  a.num_splits = num_splits;
+  a.out = out_view(out, "out", keep);
+  a.lse = opt_out(lse, "softmax_lse", keep);
+  a.options = make_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+                           keep);
+  a.exec = make_exec(cuda_stream, num_threads);
+  return a;
+}
+
+void kvcache_attention_forward(nb::handle q, nb::handle k_cache, nb::handle v_cache, nb::handle k,
+                               nb::handle v, nb::handle rotary_cos, nb::handle rotary_sin,
+                               bool rotary_interleaved, nb::handle cache_seqlens,
+                               std::int64_t cache_seqlen, nb::handle cache_batch_idx,
+                               nb::handle cache_leftpad, nb::handle block_table,
+                               nb::handle page_indptr, nb::handle page_indices, int num_splits,
+                               nb::handle out, nb::handle lse, nb::handle workspace,
+                               std::optional<float> softmax_scale, bool causal,
+                               std::int64_t window_left, std::int64_t window_right, float softcap,
+                               nb::handle alibi_slopes, std::uintptr_t cuda_stream,
+                               int num_threads) {
+  Keep keep;
+  fastattn::KVCacheArgs a = make_kvcache_args(
+      q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved, cache_seqlens,
+      cache_seqlen, cache_batch_idx, cache_leftpad, block_table, page_indptr, page_indices,
+      num_splits, out, lse, softmax_scale, causal, window_left, window_right, softcap,
+      alibi_slopes, cuda_stream, num_threads, keep);
+  a.workspace = opt_out(workspace, "workspace", keep);
+  nb::gil_scoped_release release;
+  fastattn::kvcache_attention_forward(a);
+}
+
+std::size_t kvcache_workspace_bytes(nb::handle q, nb::handle k_cache, nb::handle v_cache,
+                                    nb::handle k, nb::handle v, nb::handle rotary_cos,
+                                    nb::handle rotary_sin, bool rotary_interleaved,
+                                    nb::handle cache_seqlens, std::int64_t cache_seqlen,
+                                    nb::handle cache_batch_idx, nb::handle cache_leftpad,
+                                    nb::handle block_table, nb::handle page_indptr,
+                                    nb::handle page_indices, int num_splits, nb::handle out,
+                                    nb::handle lse, std::optional<float> softmax_scale,
+                                    bool causal, std::int64_t window_left,
+                                    std::int64_t window_right, float softcap,
+                                    nb::handle alibi_slopes, std::uintptr_t cuda_stream,
+                                    int num_threads) {
+  Keep keep;
+  fastattn::KVCacheArgs a = make_kvcache_args(
+      q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved, cache_seqlens,
+      cache_seqlen, cache_batch_idx, cache_leftpad, block_table, page_indptr, page_indices,
+      num_splits, out, lse, softmax_scale, causal, window_left, window_right, softcap,
+      alibi_slopes, cuda_stream, num_threads, keep);
+  nb::gil_scoped_release release;
+  return fastattn::kvcache_workspace_bytes(a);
+}
+
+void shared_prefix_attention_forward(nb::handle q, nb::handle qo_indptr, nb::handle k_shared,
+                                     nb::handle v_shared, nb::handle k_pages, nb::handle v_pages,
+                                     nb::handle block_table, nb::handle page_indptr,
+                                     nb::handle page_indices, nb::handle last_page_len,
+                                     nb::handle out, nb::handle lse,
+                                     std::optional<float> softmax_scale, bool causal,
+                                     std::int64_t window_left, std::int64_t window_right,
+                                     float softcap, nb::handle alibi_slopes,
+                                     std::uintptr_t cuda_stream, int num_threads) {
+  Keep keep;
+  fastattn::SharedPrefixAttentionArgs a;
+  a.q = in_view(q, "q", keep);
+  a.qo_indptr = opt_in(qo_indptr, "qo_indptr", keep);
+  a.k_shared = in_view(k_shared, "k_shared", keep);
+  a.v_shared = in_view(v_shared, "v_shared", keep);
+  if (k_pages.is_none() || v_pages.is_none())
+    throw fastattn::ValueError("arguments 'k_pages' and 'v_pages' (the suffix pages) are required");
+  a.suffix = *make_paged(k_pages, v_pages, block_table, page_indptr, page_indices, last_page_len,
+                         "k_pages", "v_pages", keep);
+  a.out = out_view(out, "out", keep);
+  a.lse = opt_out(lse, "softmax_lse", keep);
+  a.options = make_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+                           keep);
+  a.exec = make_exec(cuda_stream, num_threads);
+  nb::gil_scoped_release release;
+  fastattn::shared_prefix_attention_forward(a);
+}
+
+void merge_state(nb::handle v_a, nb::handle s_a, nb::handle v_b, nb::handle s_b,
+                 nb::handle v_out, nb::handle s_out, std::uintptr_t cuda_stream,
+                 int num_threads) {
+  Keep keep;
+  TensorView va = in_view(v_a, "v_a", keep), sa = in_view(s_a, "s_a", keep);
+  TensorView vb = in_view(v_b, "v_b", keep), sb = in_view(s_b, "s_b", keep);
+  TensorView vo = out_view(v_out, "v_out", keep), so = out_view(s_out, "s_out", keep);
+  const fastattn::ExecConfig exec = make_exec(cuda_stream, num_threads);
+  nb::gil_scoped_release release;
+  fastattn::merge_state(va, sa, vb, sb, vo, so, exec);
+}
+
+void merge_state_in_place(nb::handle v, nb::handle s, nb::handle v_other, nb::handle s_other,
+                          nb::handle mask, std::uintptr_t cuda_stream, int num_threads) {
+  Keep keep;
+  TensorView tv = out_view(v, "v", keep), ts = out_view(s, "s", keep);
+  TensorView vo = in_view(v_other, "v_other", keep), so = in_view(s_other, "s_other", keep);
+  std::optional<TensorView> m = opt_in(mask, "mask", keep);
+  const fastattn::ExecConfig exec = make_exec(cuda_stream, num_threads);
+  nb::gil_scoped_release release;
+  fastattn::merge_state_in_place(tv, ts, vo, so, m, exec);
+}
+
+void merge_states(nb::handle v, nb::handle s, nb::handle v_out, nb::handle s_out,
+                  std::uintptr_t cuda_stream, int num_threads) {
+  Keep keep;
+  TensorView tv = in_view(v, "v", keep), ts = in_view(s, "s", keep);
+  TensorView vo = out_view(v_out, "v_out", keep), so = out_view(s_out, "s_out", keep);
+  const fastattn::ExecConfig exec = make_exec(cuda_stream, num_threads);
+  nb::gil_scoped_release release;
+  fastattn::merge_states(tv, ts, vo, so, exec);
+}
+
+bool backend_available(const std::string& device_type, int index) {
+  fastattn::Device d;
+  if (device_type == "cpu") {
+    d.type = fastattn::DeviceType::kCPU;
+  } else if (device_type == "cuda") {
+    d.type = fastattn::DeviceType::kCUDA;
+  } else {
+    throw fastattn::ValueError("argument 'device_type': expected 'cpu' or 'cuda', got '" +
+                               device_type + "'");
+  }
+  d.index = index;
+  return fastattn::backend_available(d);
+}
+
+}  // namespace
+
+NB_MODULE(_C, m) {
+  m.doc() = "fastattn C++ ops (thin binding; use the functions in the fastattn package)";
+
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const fastattn::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    } catch (const fastattn::NotSupportedError& e) {
+      PyErr_SetString(PyExc_NotImplementedError, e.what());
+    } catch (const fastattn::ValueError& e) {  // DeviceError derives from ValueError
+      PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const fastattn::Error& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what());
+    }
+  });
+
+  // Option and execution arguments every attention op takes, in this order.
+#define FASTATTN_OPTION_ARGS                                                                    \
+  nb::arg("softmax_scale").none() = nb::none(), nb::arg("causal") = false,                      \
+  nb::arg("window_left") = -1, nb::arg("window_right") = -1, nb::arg("softcap") = 0.0f,         \
+  nb::arg("alibi_slopes").none() = nb::none(), nb::arg("cuda_stream") = 0,                      \
+  nb::arg("num_threads") = 0
+
+  m.def("attention_forward", &attention_forward, nb::arg("q"), nb::arg("k"), nb::arg("v"),
+        nb::arg("out"), nb::arg("lse").none() = nb::none(), nb::arg("probs").none() = nb::none(),
+        FASTATTN_OPTION_ARGS, "fastattn::attention_forward (dense batched attention).");
+
+  m.def("varlen_attention_forward", &varlen_attention_forward, nb::arg("q"),
+        nb::arg("cu_seqlens_q"), nb::arg("max_seqlen_q"), nb::arg("k").none() = nb::none(),
+        nb::arg("v").none() = nb::none(), nb::arg("cu_seqlens_k").none() = nb::none(),
+        nb::arg("k_pages").none() = nb::none(), nb::arg("v_pages").none() = nb::none(),
+        nb::arg("block_table").none() = nb::none(), nb::arg("page_indptr").none() = nb::none(),
+        nb::arg("page_indices").none() = nb::none(), nb::arg("last_page_len").none() = nb::none(),
+        nb::arg("seqused_k").none() = nb::none(), nb::arg("max_seqlen_k") = 0,
+        nb::arg("out").none() = nb::none(), nb::arg("lse").none() = nb::none(),
+        nb::arg("probs").none() = nb::none(), FASTATTN_OPTION_ARGS,
+        "fastattn::varlen_attention_forward (packed sequences; packed or paged keys).");
+
+#define FASTATTN_KVCACHE_ARGS                                                                    \
+  nb::arg("q"), nb::arg("k_cache"), nb::arg("v_cache"), nb::arg("k").none() = nb::none(),       \
+      nb::arg("v").none() = nb::none(), nb::arg("rotary_cos").none() = nb::none(),              \
+      nb::arg("rotary_sin").none() = nb::none(), nb::arg("rotary_interleaved") = true,          \
+      nb::arg("cache_seqlens").none() = nb::none(), nb::arg("cache_seqlen") = 0,                \
+      nb::arg("cache_batch_idx").none() = nb::none(),                                           \
+      nb::arg("cache_leftpad").none() = nb::none(), nb::arg("block_table").none() = nb::none(), \
+      nb::arg("page_indptr").none() = nb::none(), nb::arg("page_indices").none() = nb::none(),  \
+      nb::arg("num_splits") = 0, nb::arg("out").none() = nb::none(),                            \
+      nb::arg("lse").none() = nb::none()
+
+  m.def("kvcache_attention_forward", &kvcache_attention_forward, FASTATTN_KVCACHE_ARGS,
+        nb::arg("workspace").none() = nb::none(), FASTATTN_OPTION_ARGS,
+        "fastattn::kvcache_attention_forward (in-place KV append, then attention).");
+  m.def("kvcache_workspace_bytes", &kvcache_workspace_bytes, FASTATTN_KVCACHE_ARGS,
+        FASTATTN_OPTION_ARGS, "fastattn::kvcache_workspace_bytes for the same arguments.");
+
+  m.def("shared_prefix_attention_forward", &shared_prefix_attention_forward, nb::arg("q"),
+        nb::arg("qo_indptr").none() = nb::none(), nb::arg("k_shared"), nb::arg("v_shared"),
+        nb::arg("k_pages").none() = nb::none(), nb::arg("v_pages").none() = nb::none(),
+        nb::arg("block_table").none() = nb::none(), nb::arg("page_indptr").none() = nb::none(),
+        nb::arg("page_indices").none() = nb::none(), nb::arg("last_page_len").none() = nb::none(),
+        nb::arg("out").none() = nb::none(), nb::arg("lse").none() = nb::none(),
+        FASTATTN_OPTION_ARGS,
+        "fastattn::shared_prefix_attention_forward (cascade: shared prefix + paged suffix).");
+
+  m.def("merge_state", &merge_state, nb::arg("v_a"), nb::arg("s_a"), nb::arg("v_b"),
+        nb::arg("s_b"), nb::arg("v_out"), nb::arg("s_out"), nb::arg("cuda_stream") = 0,
+        nb::arg("num_threads") = 0, "fastattn::merge_state (natural-log LSE).");
+  m.def("merge_state_in_place", &merge_state_in_place, nb::arg("v"), nb::arg("s"),
+        nb::arg("v_other"), nb::arg("s_other"), nb::arg("mask").none() = nb::none(),
+        nb::arg("cuda_stream") = 0, nb::arg("num_threads") = 0,
+        "fastattn::merge_state_in_place (natural-log LSE).");
+  m.def("merge_states", &merge_states, nb::arg("v"), nb::arg("s"), nb::arg("v_out"),
+        nb::arg("s_out"), nb::arg("cuda_stream") = 0, nb::arg("num_threads") = 0,
+        "fastattn::merge_states (natural-log LSE).");
+
+  m.def("version", []() { return std::string(fastattn::version()); },
+        "Library version, 'MAJOR.MINOR.PATCH'.");
+  m.def("backend_available", &backend_available, nb::arg("device_type"), nb::arg("index") = 0,
+        "True when this build has kernels for the device ('cpu' or 'cuda').");
+
+#undef FASTATTN_OPTION_ARGS
+#undef FASTATTN_KVCACHE_ARGS
+}
