@@ -8,6 +8,7 @@
 // gets output 0 and LSE -inf.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 
@@ -110,8 +111,10 @@ std::size_t kvcache_workspace_bytes(const KVCacheArgs& args);
 /// Shared-prefix (cascade) attention: every request attends over one dense prefix shared by the
 /// batch followed by its own paged suffix. Computed as two passes merged exactly: all queries
 /// against the prefix (read once for the batch), each request against its suffix.
-/// Prefix keys have positions 0..P-1, suffix keys P..P+len_b-1; with causal, request b's query
-/// rows are the last Sq_b tokens of its suffix (Sq_b <= len_b is required).
+/// Prefix keys have positions 0..P-1, suffix keys P..P+len_b-1, and request b's Sq_b query rows
+/// are aligned bottom-right against its P + len_b keys (so the result equals attention over the
+/// concatenated prefix and suffix with the same options). The suffix pages are given in CSR form
+/// (suffix.page_indptr / page_indices) with suffix.last_page_len, as in FlashInfer.
 struct SharedPrefixAttentionArgs {
   TensorView q;  ///< (total_q, Hq, D); decode: one row per request
   std::optional<TensorView> qo_indptr;  ///< (B + 1) int32; absent means one query per request
@@ -120,10 +123,15 @@ struct SharedPrefixAttentionArgs {
   PagedKV suffix;       ///< per-request suffix pages, lengths from last_page_len
   TensorView out;                 ///< (total_q, Hq, D)
   std::optional<TensorView> lse;  ///< (Hq, total_q) float32
+  /// Scratch for the two passes' partial states (uint8, at least
+  /// shared_prefix_workspace_bytes(args)). When absent the CPU backend allocates its own.
+  std::optional<TensorView> workspace;
   AttentionOptions options;
   ExecConfig exec;
 };
 void shared_prefix_attention_forward(const SharedPrefixAttentionArgs& args);
+/// Bytes of workspace shared_prefix_attention_forward needs for `args`.
+std::size_t shared_prefix_workspace_bytes(const SharedPrefixAttentionArgs& args);
 
 /// Merge two attention states (output v, natural-log LSE s) of the same queries over disjoint
 /// key sets into the state over their union:

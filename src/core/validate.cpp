@@ -1,0 +1,377 @@
+#include "core/validate.h"
+
+#include <cmath>
+#include <string>
+
+namespace fastattn::core {
+
+using check::ArgChecker;
+
+namespace {
+
+constexpr std::initializer_list<DType> kFloatTypes = {DType::kFloat32, DType::kFloat16,
+                                                      DType::kBFloat16};
+
+/// Common checks of a data tensor: present, device, last dim contiguous.
+void data_tensor(ArgChecker& c, const TensorView& t, const std::string& arg) {
+  c.present(t, arg);
+  c.on_device(t, arg);
+  c.last_dim_contiguous(t, arg);
+}
+
+/// A 1-d int32 contiguous index tensor of `n` entries (n < 0: any length).
+void index_tensor(ArgChecker& c, const TensorView& t, const std::string& arg, std::int64_t n,
+                  const char* layout) {
+  c.present(t, arg);
+  c.on_device(t, arg);
+  c.dtype_is(t, arg, DType::kInt32);
+  c.shape_is(t, arg, {n}, layout);
+  c.contiguous(t, arg);
+}
+
+void heads_compatible(ArgChecker& c, const std::string& kv_arg, std::int64_t heads_q,
+                      std::int64_t heads_kv) {
+  if (heads_q < 1) c.fail_value("q", "must have at least one head, got " + std::to_string(heads_q));
+  if (heads_kv < 1 || heads_q % heads_kv != 0)
+    c.fail_value(kv_arg, "heads (" + std::to_string(heads_kv) +
+                             ") must divide the query heads (" + std::to_string(heads_q) + ")");
+}
+
+void lse_output(ArgChecker& c, const std::optional<TensorView>& lse,
+                std::initializer_list<std::int64_t> shape, const char* layout) {
+  if (!lse) return;
+  data_tensor(c, *lse, "lse");
+  c.dtype_is(*lse, "lse", DType::kFloat32);
+  c.shape_is(*lse, "lse", shape, layout);
+}
+
+void probs_output(ArgChecker& c, const std::optional<TensorView>& probs,
+                  std::initializer_list<std::int64_t> shape, const char* layout) {
+  if (!probs) return;
+  data_tensor(c, *probs, "probs");
+  c.dtype_is(*probs, "probs", DType::kFloat32);
+  c.shape_is(*probs, "probs", shape, layout);
+  c.contiguous(*probs, "probs");
+}
+
+}  // namespace
+
+ResolvedOptions validate_options(ArgChecker& c, const AttentionOptions& o, std::int64_t batch,
+                                 std::int64_t heads_q, std::int64_t head_dim) {
+  ResolvedOptions r;
+  if (o.softmax_scale) {
+    if (!std::isfinite(*o.softmax_scale))
+      c.fail_value("softmax_scale", "must be finite, got " + std::to_string(*o.softmax_scale));
+    r.scale = *o.softmax_scale;
+  } else {
+    r.scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  }
+  if (!(o.softcap >= 0.0f) || !std::isfinite(o.softcap))
+    c.fail_value("softcap", "must be a finite value >= 0 (0 disables it), got " +
+                                std::to_string(o.softcap));
+  r.softcap = o.softcap;
+  if (o.window_left < -1)
+    c.fail_value("window_size", "left must be >= -1 (-1 = unbounded), got " +
+                                    std::to_string(o.window_left));
+  if (o.window_right < -1)
+    c.fail_value("window_size", "right must be >= -1 (-1 = unbounded), got " +
+                                    std::to_string(o.window_right));
+  r.window_left = o.window_left;
+  r.window_right = o.causal ? 0 : o.window_right;
+  if (o.alibi_slopes) {
+    const TensorView& a = *o.alibi_slopes;
+    data_tensor(c, a, "alibi_slopes");
+    c.dtype_is(a, "alibi_slopes", DType::kFloat32);
+    if (a.ndim == 1) {
+      c.shape_is(a, "alibi_slopes", {heads_q}, "(Hq)");
+    } else {
+      c.shape_is(a, "alibi_slopes", {batch, heads_q}, "(B, Hq) or (Hq)");
+      r.alibi_batch_stride = a.stride(0);
+    }
+    r.alibi = static_cast<const float*>(a.data);
+  }
+  return r;
+}
+
+AttentionDims validate(ArgChecker& c, const AttentionArgs& args) {
+  for (auto [t, n] : {std::pair{&args.q, "q"}, {&args.k, "k"}, {&args.v, "v"}, {&args.out, "out"}})
+    data_tensor(c, *t, n);
+  c.dtype_in(args.q, "q", kFloatTypes);
+  c.ndim_is(args.q, "q", 4, "(B, Sq, Hq, D)");
+  AttentionDims d;
+  d.batch = args.q.size(0);
+  d.seqlen_q = args.q.size(1);
+  d.heads_q = args.q.size(2);
+  d.head_dim = args.q.size(3);
+  check::head_dim_supported(c, "q", d.head_dim);
+  c.same_dtype(args.k, "k", args.q, "q");
+  c.ndim_is(args.k, "k", 4, "(B, Sk, Hkv, D)");
+  d.seqlen_k = args.k.size(1);
+  d.heads_kv = args.k.size(2);
+  c.shape_is(args.k, "k", {d.batch, -1, -1, d.head_dim}, "(B, Sk, Hkv, D)");
+  heads_compatible(c, "k", d.heads_q, d.heads_kv);
+  c.same_dtype(args.v, "v", args.q, "q");
+  c.shape_is(args.v, "v", {d.batch, d.seqlen_k, d.heads_kv, d.head_dim}, "(B, Sk, Hkv, D)");
+  c.same_dtype(args.out, "out", args.q, "q");
+  c.shape_is(args.out, "out", {d.batch, d.seqlen_q, d.heads_q, d.head_dim}, "(B, Sq, Hq, D)");
+  lse_output(c, args.lse, {d.batch, d.heads_q, d.seqlen_q}, "(B, Hq, Sq)");
+  probs_output(c, args.probs, {d.batch, d.heads_q, d.seqlen_q, d.seqlen_k}, "(B, Hq, Sq, Sk)");
+  validate_options(c, args.options, d.batch, d.heads_q, d.head_dim);
+  return d;
+}
+
+PagedDims validate_paged(ArgChecker& c, const PagedKV& p, std::int64_t batch,
+                         std::int64_t heads_kv, std::int64_t head_dim, DType dtype,
+                         const char* prefix, bool table_rows_any) {
+  const std::string pre = prefix;
+  PagedDims d;
+  const std::string kn = pre + "k_pages", vn = pre + "v_pages";
+  data_tensor(c, p.k_pages, kn);
+  data_tensor(c, p.v_pages, vn);
+  if (p.k_pages.dtype != dtype)
+    c.fail_type(kn, std::string("must have the dtype of q (") + dtype_name(dtype) + "), got " +
+                        dtype_name(p.k_pages.dtype));
+  c.ndim_is(p.k_pages, kn, 4, "(num_pages, page_size, Hkv, D)");
+  d.num_pages = p.k_pages.size(0);
+  d.page_size = p.k_pages.size(1);
+  if (d.page_size < 1) c.fail_value(kn, "page_size (dim 1) must be >= 1, got 0");
+  if (heads_kv < 0) heads_kv = p.k_pages.size(2);
+  c.shape_is(p.k_pages, kn, {-1, -1, heads_kv, head_dim}, "(num_pages, page_size, Hkv, D)");
+  c.same_dtype(p.v_pages, vn, p.k_pages, kn);
+  c.shape_is(p.v_pages, vn, {d.num_pages, d.page_size, heads_kv, head_dim},
+             "(num_pages, page_size, Hkv, D)");
+  const bool has_table = p.block_table.has_value();
+  const bool has_csr = p.page_indptr.has_value() || p.page_indices.has_value();
+  if (has_table && has_csr)
+    c.fail_value(pre + "block_table",
+                 "and " + pre + "page_indptr/page_indices are two ways to address pages: pass one");
+  if (!has_table && !has_csr)
+    c.fail_value(pre + "block_table", "or " + pre + "page_indptr + " + pre +
+                                          "page_indices must address the pages; got neither");
+  if (has_table) {
+    const std::string bn = pre + "block_table";
+    const TensorView& t = *p.block_table;
+    c.present(t, bn);
+    c.on_device(t, bn);
+    c.dtype_is(t, bn, DType::kInt32);
+    c.shape_is(t, bn, {table_rows_any ? -1 : batch, -1}, "(B, max_pages_per_seq)");
+    c.last_dim_contiguous(t, bn);
+    d.table_rows = t.size(0);
+    d.max_pages_per_seq = t.size(1);
+  } else {
+    if (!p.page_indptr || !p.page_indices)
+      c.fail_value(pre + (p.page_indptr ? "page_indices" : "page_indptr"),
+                   "is required with " + pre + (p.page_indptr ? "page_indptr" : "page_indices"));
+    index_tensor(c, *p.page_indptr, pre + "page_indptr", table_rows_any ? -1 : batch + 1,
+                 "(B + 1)");
+    if (p.page_indptr->size(0) < 1)
+      c.fail_value(pre + "page_indptr", "must have at least one entry, got 0");
+    index_tensor(c, *p.page_indices, pre + "page_indices", -1, "(nnz_pages)");
+    d.csr = true;
+    d.table_rows = p.page_indptr->size(0) - 1;
+  }
+  if (p.last_page_len)
+    index_tensor(c, *p.last_page_len, pre + "last_page_len", batch, "(B)");
+  return d;
+}
+
+VarlenDims validate(ArgChecker& c, const VarlenAttentionArgs& args) {
+  VarlenDims d;
+  data_tensor(c, args.q, "q");
+  c.dtype_in(args.q, "q", kFloatTypes);
+  c.ndim_is(args.q, "q", 3, "(total_q, Hq, D)");
+  d.total_q = args.q.size(0);
+  d.a.heads_q = args.q.size(1);
+  d.a.head_dim = args.q.size(2);
+  check::head_dim_supported(c, "q", d.a.head_dim);
+  index_tensor(c, args.cu_seqlens_q, "cu_seqlens_q", -1, "(B + 1)");
+  if (args.cu_seqlens_q.size(0) < 1)
+    c.fail_value("cu_seqlens_q", "must have B + 1 >= 1 entries, got 0");
+  d.a.batch = args.cu_seqlens_q.size(0) - 1;
+  if (args.max_seqlen_q < 0)
+    c.fail_value("max_seqlen_q", "must be >= 0, got " + std::to_string(args.max_seqlen_q));
+  if (args.max_seqlen_k < 0)
+    c.fail_value("max_seqlen_k", "must be >= 0, got " + std::to_string(args.max_seqlen_k));
+  d.a.seqlen_q = args.max_seqlen_q;
+  d.a.seqlen_k = args.max_seqlen_k;
+
+  if (args.paged) {
+    if (args.k || args.v)
+      c.fail_value("k", "must not be given as packed keys together with a paged cache");
+    d.paged = validate_paged(c, *args.paged, d.a.batch, -1, d.a.head_dim, args.q.dtype, "", false);
+    d.a.heads_kv = args.paged->k_pages.size(2);
+    heads_compatible(c, "k_pages", d.a.heads_q, d.a.heads_kv);
+    if (args.cu_seqlens_k) index_tensor(c, *args.cu_seqlens_k, "cu_seqlens_k", d.a.batch + 1, "(B + 1)");
+    if (!args.seqused_k && !args.cu_seqlens_k && !args.paged->last_page_len)
+      c.fail_value("seqused_k", "or cu_seqlens_k (or paged.last_page_len) must give the key "
+                                "lengths of a paged cache; got none");
+  } else {
+    if (!args.k || !args.v)
+      c.fail_value(args.k ? "v" : "k", "is required (packed keys/values) when no paged cache is given");
+    data_tensor(c, *args.k, "k");
+    data_tensor(c, *args.v, "v");
+    c.same_dtype(*args.k, "k", args.q, "q");
+    c.ndim_is(*args.k, "k", 3, "(total_k, Hkv, D)");
+    d.total_k = args.k->size(0);
+    d.a.heads_kv = args.k->size(1);
+    c.shape_is(*args.k, "k", {-1, -1, d.a.head_dim}, "(total_k, Hkv, D)");
+    heads_compatible(c, "k", d.a.heads_q, d.a.heads_kv);
+    c.same_dtype(*args.v, "v", args.q, "q");
+    c.shape_is(*args.v, "v", {d.total_k, d.a.heads_kv, d.a.head_dim}, "(total_k, Hkv, D)");
+    if (!args.cu_seqlens_k) c.fail_value("cu_seqlens_k", "is required with packed k/v");
+    index_tensor(c, *args.cu_seqlens_k, "cu_seqlens_k", d.a.batch + 1, "(B + 1)");
+  }
+  if (args.seqused_k) index_tensor(c, *args.seqused_k, "seqused_k", d.a.batch, "(B)");
+  data_tensor(c, args.out, "out");
+  c.same_dtype(args.out, "out", args.q, "q");
+  c.shape_is(args.out, "out", {d.total_q, d.a.heads_q, d.a.head_dim}, "(total_q, Hq, D)");
+  lse_output(c, args.lse, {d.a.heads_q, d.total_q}, "(Hq, total_q)");
+  probs_output(c, args.probs, {d.a.batch, d.a.heads_q, d.a.seqlen_q, d.a.seqlen_k},
+               "(B, Hq, max_seqlen_q, max_seqlen_k)");
+  validate_options(c, args.options, d.a.batch, d.a.heads_q, d.a.head_dim);
+  return d;
+}
+
+KVCacheDims validate(ArgChecker& c, const KVCacheArgs& args) {
+  KVCacheDims d;
+  data_tensor(c, args.q, "q");
+  c.dtype_in(args.q, "q", kFloatTypes);
+  c.ndim_is(args.q, "q", 4, "(B, Sq, Hq, D)");
+  d.a.batch = args.q.size(0);
+  d.a.seqlen_q = args.q.size(1);
+  d.a.heads_q = args.q.size(2);
+  d.a.head_dim = args.q.size(3);
+  check::head_dim_supported(c, "q", d.a.head_dim);
+
+  const bool paged = args.block_table || args.page_indptr || args.page_indices;
+  data_tensor(c, args.k_cache, "k_cache");
+  data_tensor(c, args.v_cache, "v_cache");
+  c.same_dtype(args.k_cache, "k_cache", args.q, "q");
+  c.same_dtype(args.v_cache, "v_cache", args.q, "q");
+  if (paged) {
+    PagedKV p;
+    p.k_pages = args.k_cache;
+    p.v_pages = args.v_cache;
+    p.block_table = args.block_table;
+    p.page_indptr = args.page_indptr;
+    p.page_indices = args.page_indices;
+    // Messages name the KV-cache call's own arguments (k_cache, block_table, ...).
+    c.ndim_is(args.k_cache, "k_cache", 4, "(num_pages, page_size, Hkv, D)");
+    d.paged = validate_paged(c, p, d.a.batch, -1, d.a.head_dim, args.q.dtype, "",
+                             args.cache_batch_idx.has_value());
+  } else {
+    c.ndim_is(args.k_cache, "k_cache", 4, "(B_cache, S_cache, Hkv, D)");
+    d.cache_rows = args.k_cache.size(0);
+    d.cache_len = args.k_cache.size(1);
+    c.shape_is(args.k_cache, "k_cache", {-1, -1, -1, d.a.head_dim}, "(B_cache, S_cache, Hkv, D)");
+    c.shape_is(args.v_cache, "v_cache",
+               {d.cache_rows, d.cache_len, args.k_cache.size(2), d.a.head_dim},
+               "(B_cache, S_cache, Hkv, D) like k_cache");
+    if (!args.cache_batch_idx && d.cache_rows < d.a.batch)
+      c.fail_value("k_cache", "must have at least B = " + std::to_string(d.a.batch) +
+                                  " rows (dim 0) without cache_batch_idx, got " +
+                                  std::to_string(d.cache_rows));
+  }
+  d.a.heads_kv = args.k_cache.size(2);
+  heads_compatible(c, "k_cache", d.a.heads_q, d.a.heads_kv);
+
+  if (args.k_new.has_value() != args.v_new.has_value())
+    c.fail_value(args.k_new ? "v" : "k", "must be given together with " +
+                                             std::string(args.k_new ? "k" : "v") +
+                                             " (new keys and values are appended together)");
+  if (args.k_new) {
+    data_tensor(c, *args.k_new, "k");
+    data_tensor(c, *args.v_new, "v");
+    c.same_dtype(*args.k_new, "k", args.q, "q");
+    c.same_dtype(*args.v_new, "v", args.q, "q");
+    c.ndim_is(*args.k_new, "k", 4, "(B, Snew, Hkv, D)");
+    d.seqlen_new = args.k_new->size(1);
+    c.shape_is(*args.k_new, "k", {d.a.batch, -1, d.a.heads_kv, d.a.head_dim}, "(B, Snew, Hkv, D)");
+    c.shape_is(*args.v_new, "v", {d.a.batch, d.seqlen_new, d.a.heads_kv, d.a.head_dim},
+               "(B, Snew, Hkv, D)");
+  }
+  if (args.rotary_cos.has_value() != args.rotary_sin.has_value())
+    c.fail_value(args.rotary_cos ? "rotary_sin" : "rotary_cos",
+                 "must be given together with " +
+                     std::string(args.rotary_cos ? "rotary_cos" : "rotary_sin"));
+  if (args.rotary_cos) {
+    if (!args.k_new)
+      c.fail_value("rotary_cos", "needs new keys k/v to rotate (rotary applies to appended keys)");
+    for (auto [t, n] : {std::pair{&*args.rotary_cos, "rotary_cos"}, {&*args.rotary_sin, "rotary_sin"}}) {
+      data_tensor(c, *t, n);
+      if (t->dtype != args.q.dtype && t->dtype != DType::kFloat32)
+        c.fail_type(n, std::string("must have the dtype of q (") + dtype_name(args.q.dtype) +
+                           ") or float32, got " + dtype_name(t->dtype));
+      c.ndim_is(*t, n, 2, "(S_rotary, rotary_dim / 2)");
+    }
+    d.rotary_len = args.rotary_cos->size(0);
+    d.rotary_dim = 2 * args.rotary_cos->size(1);
+    if (d.rotary_dim < 2 || d.rotary_dim > d.a.head_dim)
+      c.fail_value("rotary_cos", "rotary_dim = 2 * dim 1 must be in [2, head_dim = " +
+                                     std::to_string(d.a.head_dim) + "], got " +
+                                     std::to_string(d.rotary_dim));
+    c.shape_is(*args.rotary_sin, "rotary_sin", {d.rotary_len, d.rotary_dim / 2},
+               "(S_rotary, rotary_dim / 2) like rotary_cos");
+  }
+  if (args.cache_seqlens) index_tensor(c, *args.cache_seqlens, "cache_seqlens", d.a.batch, "(B)");
+  else if (args.cache_seqlen < 0)
+    c.fail_value("cache_seqlens", "must be >= 0, got " + std::to_string(args.cache_seqlen));
+  if (args.cache_batch_idx) index_tensor(c, *args.cache_batch_idx, "cache_batch_idx", d.a.batch, "(B)");
+  if (args.cache_leftpad) index_tensor(c, *args.cache_leftpad, "cache_leftpad", d.a.batch, "(B)");
+  if (args.num_splits < 0)
+    c.fail_value("num_splits", "must be >= 0 (0 = heuristic), got " + std::to_string(args.num_splits));
+  if (args.num_splits > 1024)
+    c.fail_value("num_splits", "must be <= 1024, got " + std::to_string(args.num_splits));
+  data_tensor(c, args.out, "out");
+  c.same_dtype(args.out, "out", args.q, "q");
+  c.shape_is(args.out, "out", {d.a.batch, d.a.seqlen_q, d.a.heads_q, d.a.head_dim}, "(B, Sq, Hq, D)");
+  lse_output(c, args.lse, {d.a.batch, d.a.heads_q, d.a.seqlen_q}, "(B, Hq, Sq)");
+  if (args.workspace) {
+    c.present(*args.workspace, "workspace");
+    c.on_device(*args.workspace, "workspace");
+    c.dtype_is(*args.workspace, "workspace", DType::kUInt8);
+    c.contiguous(*args.workspace, "workspace");
+  }
+  validate_options(c, args.options, d.a.batch, d.a.heads_q, d.a.head_dim);
+  return d;
+}
+
+SharedPrefixDims validate(ArgChecker& c, const SharedPrefixAttentionArgs& args) {
+  SharedPrefixDims d;
+  data_tensor(c, args.q, "q");
+  c.dtype_in(args.q, "q", kFloatTypes);
+  c.ndim_is(args.q, "q", 3, "(total_q, Hq, D)");
+  d.total_q = args.q.size(0);
+  d.a.heads_q = args.q.size(1);
+  d.a.head_dim = args.q.size(2);
+  check::head_dim_supported(c, "q", d.a.head_dim);
+  if (args.qo_indptr) {
+    index_tensor(c, *args.qo_indptr, "qo_indptr", -1, "(B + 1)");
+    if (args.qo_indptr->size(0) < 1) c.fail_value("qo_indptr", "must have B + 1 >= 1 entries, got 0");
+    d.a.batch = args.qo_indptr->size(0) - 1;
+  } else {
+    d.a.batch = d.total_q;  // decode: one query row per request
+  }
+  data_tensor(c, args.k_shared, "k_shared");
+  data_tensor(c, args.v_shared, "v_shared");
+  c.same_dtype(args.k_shared, "k_shared", args.q, "q");
+  c.same_dtype(args.v_shared, "v_shared", args.q, "q");
+  c.ndim_is(args.k_shared, "k_shared", 3, "(P, Hkv, D)");
+  d.a.seqlen_k = args.k_shared.size(0);
+  d.a.heads_kv = args.k_shared.size(1);
+  c.shape_is(args.k_shared, "k_shared", {-1, -1, d.a.head_dim}, "(P, Hkv, D)");
+  heads_compatible(c, "k_shared", d.a.heads_q, d.a.heads_kv);
+  c.shape_is(args.v_shared, "v_shared", {d.a.seqlen_k, d.a.heads_kv, d.a.head_dim}, "(P, Hkv, D)");
+  d.paged = validate_paged(c, args.suffix, d.a.batch, d.a.heads_kv, d.a.head_dim, args.q.dtype,
+                           "suffix.", false);
+  if (!args.suffix.last_page_len)
+    c.fail_value("suffix.last_page_len", "is required: it gives each request's suffix length");
+  data_tensor(c, args.out, "out");
+  c.same_dtype(args.out, "out", args.q, "q");
+  c.shape_is(args.out, "out", {d.total_q, d.a.heads_q, d.a.head_dim}, "(total_q, Hq, D)");
+  lse_output(c, args.lse, {d.a.heads_q, d.total_q}, "(Hq, total_q)");
+  validate_options(c, args.options, d.a.batch, d.a.heads_q, d.a.head_dim);
+  return d;
+}
+
+}  // namespace fastattn::core

@@ -1,0 +1,328 @@
+// The CPU attention kernel: FlashAttention's tiled online softmax over K/V tiles.
+//
+// Work is split into items of (sequence, kv head, block of query rows x heads of that kv head's
+// group, key split). Heads sharing a kv head (GQA) are processed together so each K/V tile is
+// converted to float once for the whole group. Inside an item, for each tile of kKeyTile keys:
+//   S = Qs · K^T (Qs pre-scaled), softcap, ALiBi, mask  ->  online-softmax update  ->  acc += P · V
+// The loops run over fixed-width arrays so the compiler vectorises them (see bench/NOTES.md).
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "common/softmax_state.h"
+#include "cpu/attention_problem.h"
+#include "cpu/convert.h"
+#include "cpu/fast_exp.h"
+
+namespace fastattn::cpu {
+namespace {
+
+constexpr int kKeyTile = 64;  // keys per tile: one S row is 64 floats (4 AVX-512 / 8 AVX2 regs)
+constexpr int kMaxRows = 64;  // (query row, head) pairs per item: Q, S, acc stay in L2
+constexpr int kDimChunk = 64; // head_dim slice of the P·V accumulator kept in registers
+
+struct WorkItem {
+  std::int32_t seq;
+  std::int32_t kv_head;
+  std::int32_t head0, nheads;  // query heads head0 .. head0 + nheads - 1 (all of one kv head)
+  std::int64_t row0, nrows;    // query rows
+  std::int32_t split;
+};
+
+/// Per-thread scratch, sized for the largest item.
+struct Scratch {
+  std::vector<float> q;    // (kMaxRows, D)   scaled queries
+  std::vector<float> kt;   // (D, kKeyTile)   keys of the tile, transposed
+  std::vector<float> v;    // (kKeyTile, D)   values of the tile
+  std::vector<float> s;    // (kMaxRows, kKeyTile) scores, then probabilities
+  std::vector<float> acc;  // (kMaxRows, D)   unnormalised output
+  std::vector<SoftmaxRowState> state;
+  std::vector<std::int64_t> lo, hi;  // visible key range per row
+  std::vector<std::int64_t> qpos;
+  std::vector<float> slope;
+
+  explicit Scratch(std::int64_t d)
+      : q(kMaxRows * d), kt(d * kKeyTile, 0.0f), v(kKeyTile * d, 0.0f), s(kMaxRows * kKeyTile),
+        acc(kMaxRows * d), state(kMaxRows), lo(kMaxRows), hi(kMaxRows), qpos(kMaxRows),
+        slope(kMaxRows) {}
+};
+
+inline std::int64_t key_offset(const AttnProblem& p, const SeqDesc& s, std::int64_t slot,
+                               std::int64_t slot_stride, std::int64_t page_stride,
+                               std::int64_t seq_off) {
+  if (p.kv.page_size == 0) return seq_off + slot * slot_stride;
+  const std::int64_t page = s.pages[slot / p.kv.page_size];
+  return page * page_stride + (slot % p.kv.page_size) * slot_stride;
+}
+
+/// S[m][jj] = sum_c Q[m][c] * Kt[c][jj] for all kKeyTile columns.
+inline void scores_tile(const float* q, const float* kt, std::int64_t d, std::int64_t rows,
+                        float* s) {
+  for (std::int64_t m = 0; m < rows; ++m) {
+    float acc[kKeyTile] = {};
+    const float* qrow = q + m * d;
+    for (std::int64_t c = 0; c < d; ++c) {
+      const float qv = qrow[c];
+      const float* krow = kt + c * kKeyTile;
+      for (int jj = 0; jj < kKeyTile; ++jj) acc[jj] += qv * krow[jj];
+    }
+    std::memcpy(s + m * kKeyTile, acc, sizeof(acc));
+  }
+}
+
+/// acc[m][:] = acc[m][:] * factor[m] + sum_jj P[m][jj] * V[jj][:], over `n` keys.
+inline void accumulate_pv(const float* pm, const float* v, std::int64_t d, int n, float factor,
+                          float* accrow) {
+  for (std::int64_t c0 = 0; c0 < d; c0 += kDimChunk) {
+    const std::int64_t w = std::min<std::int64_t>(kDimChunk, d - c0);
+    float o[kDimChunk];
+    for (int c = 0; c < kDimChunk; ++c) o[c] = c < w ? accrow[c0 + c] * factor : 0.0f;
+    for (int jj = 0; jj < n; ++jj) {
+      const float pj = pm[jj];
+      const float* vrow = v + jj * d + c0;
+      if (w == kDimChunk) {
+        for (int c = 0; c < kDimChunk; ++c) o[c] += pj * vrow[c];
+      } else {
+        for (int c = 0; c < w; ++c) o[c] += pj * vrow[c];
+      }
+    }
+    for (int c = 0; c < w; ++c) accrow[c0 + c] = o[c];
+  }
+}
+
+void run_item(const AttnProblem& p, const WorkItem& it, std::int64_t key_begin,
+              std::int64_t key_end, Scratch& sc, float* ws_o, float* ws_lse,
+              std::int64_t ws_rows) {
+  const SeqDesc& s = p.seqs[static_cast<std::size_t>(it.seq)];
+  const std::int64_t d = p.head_dim;
+  const std::int64_t nh = it.nheads;
+  const std::int64_t rows = it.nrows * nh;
+
+  // Queries of the item, pre-scaled, and each row's visible key range.
+  std::int64_t jbeg = key_end, jend = key_begin;
+  for (std::int64_t m = 0; m < rows; ++m) {
+    const std::int64_t r = it.row0 + m / nh;
+    const std::int64_t h = it.head0 + m % nh;
+    load_row(p.dtype, elem_ptr(p.q, p.dtype, s.q_off + r * p.q_row_stride + h * p.q_head_stride), d,
+             p.scale, sc.q.data() + m * d);
+    const std::int64_t qpos = s.q_pos0 + r;
+    std::int64_t lo = key_begin, hi = key_end;
+    if (p.window_left >= 0) lo = std::max(lo, qpos - p.window_left - s.k_pos0);
+    if (p.window_right >= 0) hi = std::min(hi, qpos + p.window_right - s.k_pos0 + 1);
+    sc.lo[m] = lo;
+    sc.hi[m] = hi;
+    sc.qpos[m] = qpos;
+    sc.slope[m] = s.alibi ? s.alibi[h] : 0.0f;
+    sc.state[m].init();
+    std::fill_n(sc.acc.data() + m * d, d, 0.0f);
+    if (lo < hi) {
+      jbeg = std::min(jbeg, lo);
+      jend = std::max(jend, hi);
+    }
+  }
+
+  const float inv_softcap = p.softcap > 0.0f ? 1.0f / p.softcap : 0.0f;
+  for (std::int64_t j0 = jbeg; j0 < jend; j0 += kKeyTile) {
+    const int n = static_cast<int>(std::min<std::int64_t>(kKeyTile, jend - j0));
+    // Gather the tile: K transposed (D, tile), V row-major (tile, D), in float.
+    float row[256];
+    for (int jj = 0; jj < n; ++jj) {
+      const std::int64_t slot = s.slot0 + j0 + jj;
+      const std::int64_t ko = key_offset(p, s, slot, p.kv.k_slot_stride, p.kv.k_page_stride, s.k_off) +
+                              it.kv_head * p.kv.k_head_stride;
+      const std::int64_t vo = key_offset(p, s, slot, p.kv.v_slot_stride, p.kv.v_page_stride, s.v_off) +
+                              it.kv_head * p.kv.v_head_stride;
+      load_row(p.dtype, elem_ptr(p.kv.k, p.dtype, ko), d, 1.0f, row);
+      for (std::int64_t c = 0; c < d; ++c) sc.kt[c * kKeyTile + jj] = row[c];
+      load_row(p.dtype, elem_ptr(p.kv.v, p.dtype, vo), d, 1.0f, sc.v.data() + jj * d);
+    }
+
+    scores_tile(sc.q.data(), sc.kt.data(), d, rows, sc.s.data());
+
+    for (std::int64_t m = 0; m < rows; ++m) {
+      float* srow = sc.s.data() + m * kKeyTile;
+      if (p.softcap > 0.0f)
+        for (int jj = 0; jj < n; ++jj) srow[jj] = p.softcap * std::tanh(srow[jj] * inv_softcap);
+      if (sc.slope[m] != 0.0f) {
+        const float slope = sc.slope[m];
+        const std::int64_t kpos0 = s.k_pos0 + j0 - sc.qpos[m];
+        for (int jj = 0; jj < n; ++jj)
+          srow[jj] -= slope * std::fabs(static_cast<float>(kpos0 + jj));
+      }
+      // Mask keys outside the row's range (and the tile's unused columns).
+      const std::int64_t lo = sc.lo[m] - j0, hi = std::min<std::int64_t>(sc.hi[m] - j0, n);
+      float tile_max = -INFINITY;
+      for (int jj = 0; jj < kKeyTile; ++jj) {
+        const bool visible = jj >= lo && jj < hi;
+        srow[jj] = visible ? srow[jj] : -INFINITY;
+        tile_max = std::max(tile_max, srow[jj]);
+      }
+      if (tile_max == -INFINITY) continue;  // nothing visible for this row in this tile
+      const float factor = sc.state[m].rescale_for(tile_max);
+      const float mx = sc.state[m].m;
+      float lanes[16] = {};
+      for (int jj = 0; jj < kKeyTile; jj += 16)
+        for (int k = 0; k < 16; ++k) {
+          const float x = srow[jj + k];
+          const float e = x == -INFINITY ? 0.0f : fast_exp(x - mx);
+          srow[jj + k] = e;
+          lanes[k] += e;
+        }
+      float sum = 0.0f;
+      for (float l : lanes) sum += l;
+      sc.state[m].l += sum;
+      accumulate_pv(srow, sc.v.data(), d, n, factor, sc.acc.data() + m * d);
+    }
+  }
+
+  // Finalise: the normalised output and LSE, or the split's partial state.
+  for (std::int64_t m = 0; m < rows; ++m) {
+    const std::int64_t r = it.row0 + m / nh;
+    const std::int64_t h = it.head0 + m % nh;
+    const float lse = sc.state[m].lse();
+    const float inv = sc.state[m].inv_sum();
+    const float* accrow = sc.acc.data() + m * d;
+    if (ws_o != nullptr) {
+      const std::int64_t wrow = (it.split * ws_rows + s.ws_row0 + r) * p.heads_q + h;
+      store_row(DType::kFloat32, accrow, d, inv, ws_o + wrow * d);
+      ws_lse[wrow] = lse;
+    } else {
+      store_row(p.out_dtype,
+                accrow, d, inv,
+                elem_ptr(p.out, p.out_dtype, s.out_off + r * p.out_row_stride + h * p.out_head_stride));
+      if (p.lse) p.lse[s.lse_off + h * p.lse_head_stride + r * p.lse_row_stride] = lse;
+    }
+  }
+}
+
+/// Merges the split partials of every (row, head) into out / lse, in split order.
+void combine_splits(const AttnProblem& p, const float* ws_o, const float* ws_lse,
+                    std::int64_t ws_rows, int nt) {
+  const std::int64_t d = p.head_dim;
+  const std::int64_t nseq = static_cast<std::int64_t>(p.seqs.size());
+#pragma omp parallel for schedule(dynamic) num_threads(nt)
+  for (std::int64_t si = 0; si < nseq; ++si) {
+    const SeqDesc& s = p.seqs[static_cast<std::size_t>(si)];
+    std::vector<float> o(static_cast<std::size_t>(d));
+    for (std::int64_t r = 0; r < s.seqlen_q; ++r)
+      for (std::int64_t h = 0; h < p.heads_q; ++h) {
+        MergeAccumulator acc;
+        acc.init();
+        std::fill(o.begin(), o.end(), 0.0f);
+        for (int sp = 0; sp < p.num_splits; ++sp) {
+          const std::int64_t wrow = (sp * ws_rows + s.ws_row0 + r) * p.heads_q + h;
+          float rescale, weight;
+          acc.add(ws_lse[wrow], &rescale, &weight);
+          if (weight == 0.0f) continue;
+          const float* po = ws_o + wrow * d;
+          for (std::int64_t c = 0; c < d; ++c) o[c] = o[c] * rescale + weight * po[c];
+        }
+        store_row(p.out_dtype, o.data(), d, acc.inv_sum(),
+                  elem_ptr(p.out, p.out_dtype, s.out_off + r * p.out_row_stride + h * p.out_head_stride));
+        if (p.lse) p.lse[s.lse_off + h * p.lse_head_stride + r * p.lse_row_stride] = acc.lse();
+      }
+  }
+}
+
+/// Writes the softmax matrix exp(s - lse) of every (head, row) into p.probs (testing aid).
+void write_probs(const AttnProblem& p, int nt) {
+  const std::int64_t d = p.head_dim;
+  const std::int64_t g = p.heads_q / p.heads_kv;
+  const std::int64_t nseq = static_cast<std::int64_t>(p.seqs.size());
+#pragma omp parallel for schedule(dynamic) num_threads(nt)
+  for (std::int64_t si = 0; si < nseq; ++si) {
+    const SeqDesc& s = p.seqs[static_cast<std::size_t>(si)];
+    std::vector<float> q(static_cast<std::size_t>(d)), k(static_cast<std::size_t>(d));
+    for (std::int64_t h = 0; h < p.heads_q; ++h)
+      for (std::int64_t r = 0; r < s.seqlen_q; ++r) {
+        const float lse = p.lse[s.lse_off + h * p.lse_head_stride + r * p.lse_row_stride];
+        float* prow = p.probs + s.probs_off + h * p.probs_head_stride + r * p.probs_row_stride;
+        load_row(p.dtype, elem_ptr(p.q, p.dtype, s.q_off + r * p.q_row_stride + h * p.q_head_stride),
+                 d, p.scale, q.data());
+        const std::int64_t qpos = s.q_pos0 + r;
+        for (std::int64_t j = 0; j < s.seqlen_k; ++j) {
+          const std::int64_t kpos = s.k_pos0 + j;
+          const bool visible = (p.window_left < 0 || kpos >= qpos - p.window_left) &&
+                               (p.window_right < 0 || kpos <= qpos + p.window_right);
+          if (!visible || lse == -INFINITY) {
+            prow[j] = 0.0f;
+            continue;
+          }
+          const std::int64_t ko =
+              key_offset(p, s, s.slot0 + j, p.kv.k_slot_stride, p.kv.k_page_stride, s.k_off) +
+              (h / g) * p.kv.k_head_stride;
+          load_row(p.dtype, elem_ptr(p.kv.k, p.dtype, ko), d, 1.0f, k.data());
+          float sc = 0.0f;
+          for (std::int64_t c = 0; c < d; ++c) sc += q[c] * k[c];
+          if (p.softcap > 0.0f) sc = p.softcap * std::tanh(sc / p.softcap);
+          if (s.alibi) sc -= s.alibi[h] * std::fabs(static_cast<float>(qpos - kpos));
+          prow[j] = std::exp(sc - lse);
+        }
+      }
+  }
+}
+
+}  // namespace
+
+std::int64_t split_chunk(std::int64_t seqlen_k, int num_splits) {
+  if (num_splits <= 1) return seqlen_k;
+  const std::int64_t chunk = (seqlen_k + num_splits - 1) / num_splits;
+  return (chunk + kKeyTile - 1) / kKeyTile * kKeyTile;
+}
+
+std::size_t attention_workspace_bytes(const AttnProblem& p) {
+  if (p.num_splits <= 1) return 0;
+  const std::int64_t rows = p.total_q_rows() * p.heads_q * p.num_splits;
+  return static_cast<std::size_t>(rows * (p.head_dim + 1)) * sizeof(float);
+}
+
+void run_attention(const AttnProblem& p, void* workspace, int num_threads) {
+  const int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
+  const std::int64_t g = p.heads_q / p.heads_kv;
+  const std::int64_t heads_per_item = std::min<std::int64_t>(g, kMaxRows);
+  const std::int64_t rows_per_item = std::max<std::int64_t>(1, kMaxRows / heads_per_item);
+  const int splits = std::max(1, p.num_splits);
+
+  std::vector<WorkItem> items;
+  for (std::size_t si = 0; si < p.seqs.size(); ++si) {
+    const SeqDesc& s = p.seqs[si];
+    for (std::int64_t kvh = 0; kvh < p.heads_kv; ++kvh)
+      for (std::int64_t h0 = 0; h0 < g; h0 += heads_per_item)
+        for (std::int64_t r0 = 0; r0 < s.seqlen_q; r0 += rows_per_item)
+          for (int sp = 0; sp < splits; ++sp)
+            items.push_back({static_cast<std::int32_t>(si), static_cast<std::int32_t>(kvh),
+                             static_cast<std::int32_t>(kvh * g + h0),
+                             static_cast<std::int32_t>(std::min(heads_per_item, g - h0)), r0,
+                             std::min(rows_per_item, s.seqlen_q - r0), sp});
+  }
+
+  const std::int64_t ws_rows = p.total_q_rows();
+  float* ws_o = nullptr;
+  float* ws_lse = nullptr;
+  if (splits > 1) {
+    ws_o = static_cast<float*>(workspace);
+    ws_lse = ws_o + ws_rows * p.heads_q * splits * p.head_dim;
+  }
+
+  const std::int64_t nitems = static_cast<std::int64_t>(items.size());
+#pragma omp parallel num_threads(nt)
+  {
+    Scratch sc(p.head_dim);
+#pragma omp for schedule(dynamic)
+    for (std::int64_t i = 0; i < nitems; ++i) {
+      const WorkItem& it = items[static_cast<std::size_t>(i)];
+      const SeqDesc& s = p.seqs[static_cast<std::size_t>(it.seq)];
+      const std::int64_t chunk = split_chunk(s.seqlen_k, splits);
+      const std::int64_t kb = std::min<std::int64_t>(s.seqlen_k, it.split * chunk);
+      const std::int64_t ke = std::min<std::int64_t>(s.seqlen_k, kb + chunk);
+      run_item(p, it, kb, splits > 1 ? ke : s.seqlen_k, sc, ws_o, ws_lse, ws_rows);
+    }
+  }
+  if (splits > 1) combine_splits(p, ws_o, ws_lse, ws_rows, nt);
+  if (p.probs) write_probs(p, nt);
+}
+
+}  // namespace fastattn::cpu
