@@ -1,0 +1,77 @@
+"""fastattn: exact attention kernels for LLM inference.
+
+The Python functions keep the names, arguments and defaults of ``flash_attn`` (FlashAttention 2)
+and of FlashInfer's ``cascade`` module, and accept numpy arrays, torch tensors, cupy arrays and
+jax arrays (through DLPack, without copies). All computation is done by the C++ library
+(``fastattn._C``); this package only maps arguments and allocates outputs.
+
+Conventions: softmax LSE is float32 **natural-log** log-sum-exp (FlashInfer uses base 2; see
+:func:`lse_base2_to_natural`); a query row that sees no key gives output 0 and LSE ``-inf``;
+causal and sliding-window masks are aligned to the bottom-right corner.
+"""
+
+try:
+    from . import _C
+except ImportError as e:  # pragma: no cover - only when the extension is missing or broken
+    raise ImportError(
+        "fastattn's compiled extension fastattn._C could not be imported "
+        f"({e}). Build and install the package with `pip install .` from the repository root."
+    ) from e
+
+from .cascade import (
+    BatchDecodeWithSharedPrefixPagedKVCacheWrapper,
+    BatchPrefillWithSharedPrefixPagedKVCacheWrapper,
+    lse_base2_to_natural,
+    lse_natural_to_base2,
+    merge_state,
+    merge_state_in_place,
+    merge_states,
+    shared_prefix_attention,
+)
+from .interface import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+    flash_attn_with_kvcache,
+)
+
+__version__ = _C.version()
+
+
+def version() -> str:
+    """The C++ library version, 'MAJOR.MINOR.PATCH'."""
+    return _C.version()
+
+
+def backend_available(device: str = "cpu") -> bool:
+    """True when this build can run on `device`: "cpu" (always) or "cuda" / "cuda:N" (a CUDA
+    build with kernels for that GPU)."""
+    if not isinstance(device, str):
+        device = str(device)  # torch.device / cupy Device
+    kind, _, index = device.partition(":")
+    return bool(_C.backend_available(kind, int(index) if index else 0))
+
+
+__all__ = [
+    "flash_attn_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_with_kvcache",
+    "merge_state",
+    "merge_state_in_place",
+    "merge_states",
+    "lse_base2_to_natural",
+    "lse_natural_to_base2",
+    "shared_prefix_attention",
+    "BatchDecodeWithSharedPrefixPagedKVCacheWrapper",
+    "BatchPrefillWithSharedPrefixPagedKVCacheWrapper",
+    "backend_available",
+    "version",
+    "__version__",
+]

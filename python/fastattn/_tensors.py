@@ -1,0 +1,189 @@
+"""Framework-neutral helpers: allocate outputs like an input, pick the CUDA stream.
+
+fastattn's C++ ops never allocate the caller's tensors; this module allocates outputs in the
+framework of the input (numpy, torch, cupy, jax) so a call returns what the caller passed in:
+
+* numpy  -> numpy.empty
+* torch  -> torch.empty on the input's device
+* cupy   -> cupy.empty on the input's device
+* jax    -> jax arrays are immutable: outputs are computed into numpy buffers (the inputs are read
+            through DLPack without a copy) and returned as jax arrays on the input's device.
+
+Nothing here computes attention: all math is done by the C++ library.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = [
+    "framework",
+    "check_array",
+    "prepare",
+    "empty",
+    "finalize",
+    "exec_kwargs",
+    "shape_or_zero",
+    "transpose2d",
+]
+
+
+def framework(x: Any) -> Optional[str]:
+    """"numpy", "torch", "cupy", "jax" or None for anything else."""
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    mod = type(x).__module__ or ""
+    root = mod.split(".", 1)[0]
+    if root == "torch":
+        return "torch"
+    if root == "cupy":
+        return "cupy"
+    if root in ("jax", "jaxlib"):
+        return "jax"
+    return None
+
+
+def check_array(x: Any, name: str) -> None:
+    """TypeError naming `name` unless `x` is an array object fastattn can read."""
+    if framework(x) is None and not (hasattr(x, "__dlpack__") and hasattr(x, "shape")):
+        raise TypeError(
+            f"{name} must be an array (numpy.ndarray, torch.Tensor, cupy.ndarray or jax.Array), "
+            f"got {type(x).__name__}"
+        )
+
+
+def prepare(x: Any) -> Any:
+    """The object to hand to the binding: torch tensors that require grad are detached (DLPack
+    refuses them; fastattn is forward-only, so no gradient is lost that could have been kept)."""
+    if x is not None and framework(x) == "torch" and getattr(x, "requires_grad", False):
+        return x.detach()
+    return x
+
+
+def _torch_dtype(torch, dtype):
+    if dtype is None:
+        return None
+    return {"float32": torch.float32, "uint8": torch.uint8, "int32": torch.int32}[dtype]
+
+
+def empty(like: Any, shape: Sequence[int], dtype: Optional[str] = None) -> Any:
+    """An uninitialised array of `shape` in the framework and on the device of `like`, with
+    `like`'s dtype or `dtype` ("float32", "int32" or "uint8")."""
+    shape = tuple(int(s) for s in shape)
+    fw = framework(like)
+    if fw == "torch":
+        import torch
+
+        return torch.empty(shape, dtype=_torch_dtype(torch, dtype) or like.dtype, device=like.device)
+    if fw == "cupy":
+        import cupy
+
+        with like.device:
+            return cupy.empty(shape, dtype=dtype or like.dtype)
+    if fw == "jax":
+        if is_cuda(like):
+            raise NotImplementedError(
+                "jax arrays on a GPU are not supported yet (outputs are allocated on the host for "
+                "jax); pass torch or cupy arrays, or jax arrays on the CPU"
+            )
+        return np.empty(shape, dtype=dtype or np.dtype(like.dtype))
+    if fw == "numpy":
+        return np.empty(shape, dtype=dtype or like.dtype)
+    # Another DLPack producer: fall back to numpy buffers on the host.
+    return np.empty(shape, dtype=dtype or np.dtype(str(like.dtype)))
+
+
+def finalize(like: Any, x: Any) -> Any:
+    """Turn an output allocated by `empty(like, ...)` into what the caller expects back."""
+    if x is None or framework(like) != "jax":
+        return x
+    import jax
+
+    devices = like.devices() if hasattr(like, "devices") else None
+    device = next(iter(devices)) if devices else None
+    return jax.device_put(x, device)
+
+
+def exec_kwargs(like: Any) -> dict:
+    """cuda_stream for the binding: the caller's current stream for CUDA tensors (torch, cupy),
+    0 (the default stream; unused on the CPU) otherwise."""
+    fw = framework(like)
+    if fw == "torch" and like.is_cuda:
+        import torch
+
+        return {"cuda_stream": int(torch.cuda.current_stream(like.device).cuda_stream)}
+    if fw == "cupy":
+        import cupy
+
+        return {"cuda_stream": int(cupy.cuda.get_current_stream().ptr)}
+    return {"cuda_stream": 0}
+
+
+def is_cuda(x: Any) -> bool:
+    fw = framework(x)
+    if fw == "torch":
+        return bool(x.is_cuda)
+    if fw == "cupy":
+        return True
+    if fw == "jax":
+        dev = next(iter(x.devices())) if hasattr(x, "devices") else None
+        return dev is not None and dev.platform == "gpu"
+    return False
+
+
+def shape_or_zero(x: Any, ndim: int, dim: int) -> int:
+    """x.shape[dim] when x has `ndim` dimensions, else 0. Used to size optional outputs before the
+    C++ op validates the inputs: a wrong input shape then yields the op's own error message."""
+    shape = tuple(x.shape)
+    if len(shape) != ndim:
+        return 0
+    return int(shape[dim])
+
+
+def transpose2d(x: Any) -> Any:
+    """The (n, m) -> (m, n) transpose as a view, in any framework."""
+    return x.T
+
+
+def window_pair(window_size: Any) -> Tuple[int, int]:
+    """(left, right) from flash_attn's window_size, checking only the Python types."""
+    try:
+        left, right = window_size
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"window_size must be a pair (left, right) of ints, got {window_size!r}"
+        ) from None
+    try:
+        return as_int(left, "window_size[0]"), as_int(right, "window_size[1]")
+    except TypeError:
+        raise TypeError(
+            f"window_size must be a pair (left, right) of ints, got {window_size!r}"
+        ) from None
+
+
+def optional_float(value: Any, name: str) -> Optional[float]:
+    return None if value is None else as_float(value, name)
+
+
+def as_float(value: Any, name: str) -> float:
+    """A Python float from a number (int, float, numpy scalar, 0-d tensor); TypeError otherwise."""
+    if isinstance(value, (bool, str, bytes)) or not hasattr(value, "__float__"):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def as_int(value: Any, name: str) -> int:
+    """A Python int from an integer (int, numpy integer, integer 0-d tensor); TypeError otherwise."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+
+
+LN2 = math.log(2.0)

@@ -1,0 +1,404 @@
+"""FlashInfer-compatible cascade attention: merging attention states and shared-prefix attention.
+
+An attention *state* of a set of queries over a set of keys is the pair (v, s): the attention
+output ``v`` and the log-sum-exp ``s`` of the scores. fastattn's LSE is the **natural** logarithm
+everywhere (``softmax_lse`` of the flash_attn functions included), so those states merge directly.
+
+FlashInfer's kernels produce base-2 LSE (``log2(sum(exp2(scores * log2(e))))``). To merge
+FlashInfer states with fastattn, convert explicitly::
+
+    s_natural = lse_base2_to_natural(s_base2)     # s * ln(2)
+    s_base2   = lse_natural_to_base2(s_natural)   # s / ln(2)
+
+``-inf`` (a state over no key) stays ``-inf`` and merging with it is exact (never NaN).
+
+Shared-prefix attention computes, for a batch of requests that share one dense prefix K/V and
+each own a paged suffix, the attention of each request's queries over prefix + suffix: two passes
+(all queries against the prefix, each request against its suffix) merged with the same merge
+operation. All math is done by the C++ library; this module only maps arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from . import _C
+from ._tensors import (
+    LN2,
+    as_float,
+    as_int,
+    check_array,
+    empty,
+    exec_kwargs,
+    finalize,
+    framework,
+    optional_float,
+    prepare,
+    shape_or_zero,
+    transpose2d,
+    window_pair,
+)
+
+__all__ = [
+    "merge_state",
+    "merge_state_in_place",
+    "merge_states",
+    "lse_base2_to_natural",
+    "lse_natural_to_base2",
+    "shared_prefix_attention",
+    "BatchDecodeWithSharedPrefixPagedKVCacheWrapper",
+    "BatchPrefillWithSharedPrefixPagedKVCacheWrapper",
+]
+
+
+# ---- merging states ------------------------------------------------------------------------
+
+
+def merge_state(v_a, s_a, v_b, s_b):
+    """Merge the attention states of the same queries over two disjoint key sets.
+
+    Arguments:
+        v_a, v_b: (seq_len, num_heads, head_dim) float32 / float16 / bfloat16 (one dtype).
+        s_a, s_b: (seq_len, num_heads) float32 natural-log LSE.
+    Return:
+        (v, s): v (seq_len, num_heads, head_dim) in v_a's dtype, s (seq_len, num_heads) float32,
+        with s = log(exp(s_a) + exp(s_b)), v = v_a * exp(s_a - s) + v_b * exp(s_b - s).
+    """
+    for name, x in (("v_a", v_a), ("s_a", s_a), ("v_b", v_b), ("s_b", s_b)):
+        check_array(x, name)
+    v_out = empty(v_a, v_a.shape)
+    s_out = empty(v_a, s_a.shape, "float32")
+    _C.merge_state(prepare(v_a), prepare(s_a), prepare(v_b), prepare(s_b), v_out, s_out,
+                   **exec_kwargs(v_a))
+    return finalize(v_a, v_out), finalize(v_a, s_out)
+
+
+def merge_state_in_place(v, s, v_other, s_other, mask=None):
+    """Merge (v_other, s_other) into (v, s) in place.
+
+    Arguments:
+        v: (seq_len, num_heads, head_dim), updated in place.
+        s: (seq_len, num_heads) float32 natural-log LSE, updated in place.
+        v_other, s_other: the other state, same shapes.
+        mask: optional (seq_len,) bool / uint8; rows where it is false are left untouched.
+    """
+    for name, x in (("v", v), ("s", s), ("v_other", v_other), ("s_other", s_other),
+                    ("mask", mask)):
+        if x is not None:
+            check_array(x, name)
+    for name, x in (("v", v), ("s", s)):
+        if framework(x) == "jax":
+            raise TypeError(f"{name}: jax arrays are immutable; use merge_state, which returns "
+                            "the merged state")
+    _C.merge_state_in_place(prepare(v), prepare(s), prepare(v_other), prepare(s_other),
+                            prepare(mask), **exec_kwargs(v))
+
+
+def merge_states(v, s):
+    """Merge several attention states of the same queries over disjoint key sets.
+
+    Arguments:
+        v: (seq_len, num_states, num_heads, head_dim).
+        s: (seq_len, num_states, num_heads) float32 natural-log LSE.
+    Return:
+        (v, s): v (seq_len, num_heads, head_dim), s (seq_len, num_heads) float32.
+    """
+    check_array(v, "v")
+    check_array(s, "s")
+    seq_len, num_heads, head_dim = (shape_or_zero(v, 4, i) for i in (0, 2, 3))
+    v_out = empty(v, (seq_len, num_heads, head_dim))
+    s_out = empty(v, (seq_len, num_heads), "float32")
+    _C.merge_states(prepare(v), prepare(s), v_out, s_out, **exec_kwargs(v))
+    return finalize(v, v_out), finalize(v, s_out)
+
+
+def lse_base2_to_natural(s):
+    """FlashInfer's base-2 LSE -> fastattn's natural-log LSE: ``s * ln(2)`` (-inf stays -inf)."""
+    return s * LN2
+
+
+def lse_natural_to_base2(s):
+    """fastattn's natural-log LSE -> FlashInfer's base-2 LSE: ``s / ln(2)`` (-inf stays -inf)."""
+    return s * (1.0 / LN2)
+
+
+# ---- shared-prefix attention ---------------------------------------------------------------
+
+
+def shared_prefix_attention(
+    q,
+    k_shared,
+    v_shared,
+    k_pages,
+    v_pages,
+    page_indptr=None,
+    page_indices=None,
+    last_page_len=None,
+    *,
+    block_table=None,
+    qo_indptr=None,
+    causal=False,
+    softmax_scale=None,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    return_lse=False,
+    out=None,
+):
+    """Attention of each request's queries over a shared prefix followed by its paged suffix.
+
+    Arguments:
+        q: (total_q, num_qo_heads, head_dim); decode: one row per request (qo_indptr None).
+        k_shared, v_shared: (shared_prefix_len, num_kv_heads, head_dim), keys at positions
+            0 .. shared_prefix_len - 1.
+        k_pages, v_pages: (max_num_pages, page_size, num_kv_heads, head_dim) suffix pages
+            (strided views are fine, e.g. ``kv_data[:, 0]`` of FlashInfer's NHD layout).
+        page_indptr, page_indices: CSR page lists: request b owns pages
+            page_indices[page_indptr[b] : page_indptr[b + 1]] (int32).
+        last_page_len: (batch_size,) int32: keys in each request's last page (1..page_size).
+        block_table: alternative to the CSR lists, (batch_size, max_pages) int32.
+        qo_indptr: (batch_size + 1,) int32 query rows per request; None: one query per request.
+        causal: request b's queries are the last rows of its suffix (bottom-right aligned over
+            prefix + suffix).
+        return_lse: also return the natural-log LSE, shape (total_q, num_qo_heads) float32
+            (FlashInfer's layout, ready for merge_state; returned as a transposed view).
+    Return:
+        out (total_q, num_qo_heads, head_dim), or (out, lse).
+    """
+    for name, x in (("q", q), ("k_shared", k_shared), ("v_shared", v_shared),
+                    ("k_pages", k_pages), ("v_pages", v_pages), ("page_indptr", page_indptr),
+                    ("page_indices", page_indices), ("last_page_len", last_page_len),
+                    ("block_table", block_table), ("qo_indptr", qo_indptr), ("out", out)):
+        if x is not None:
+            check_array(x, name)
+    left, right = window_pair(window_size)
+    if alibi_slopes is not None:
+        check_array(alibi_slopes, "alibi_slopes")
+    total_q, num_heads = shape_or_zero(q, 3, 0), shape_or_zero(q, 3, 1)
+    o = out if out is not None else empty(q, q.shape)
+    lse = empty(q, (num_heads, total_q), "float32") if return_lse else None
+    _C.shared_prefix_attention_forward(
+        q=prepare(q),
+        qo_indptr=prepare(qo_indptr),
+        k_shared=prepare(k_shared),
+        v_shared=prepare(v_shared),
+        k_pages=prepare(k_pages),
+        v_pages=prepare(v_pages),
+        block_table=prepare(block_table),
+        page_indptr=prepare(page_indptr),
+        page_indices=prepare(page_indices),
+        last_page_len=prepare(last_page_len),
+        out=prepare(o),
+        lse=lse,
+        softmax_scale=optional_float(softmax_scale, "softmax_scale"),
+        causal=bool(causal),
+        window_left=left,
+        window_right=right,
+        softcap=as_float(softcap, "softcap"),
+        alibi_slopes=prepare(alibi_slopes),
+        **exec_kwargs(q),
+    )
+    if return_lse:
+        return finalize(q, o), finalize(q, transpose2d(lse))
+    return finalize(q, o)
+
+
+def _dtype_name(dtype: Any) -> str:
+    """'float16' from torch.float16, numpy.float16, 'float16', 'torch.float16', 'half', ..."""
+    name = str(dtype)
+    if name.startswith("torch."):
+        name = name[len("torch."):]
+    return {"half": "float16", "float": "float32", "bfloat": "bfloat16"}.get(name, name)
+
+
+class _SharedPrefixWrapperBase:
+    _kind = ""
+
+    def __init__(self, workspace_buffer, kv_layout: str = "NHD"):
+        if kv_layout != "NHD":
+            raise ValueError(
+                f"kv_layout must be 'NHD' (the only layout fastattn supports: pages "
+                f"(max_num_pages, 2, page_size, num_kv_heads, head_dim)), got {kv_layout!r}"
+            )
+        self._kv_layout = kv_layout
+        # The CPU backend needs no workspace; it is kept (like FlashInfer) for the GPU backend.
+        self._workspace_buffer = workspace_buffer
+        self._plan: Optional[dict] = None
+
+    def reset_workspace_buffer(self, new_workspace_buffer) -> None:
+        """Replace the workspace buffer."""
+        self._workspace_buffer = new_workspace_buffer
+
+    def end_forward(self) -> None:
+        """Clear the state created by begin_forward()."""
+        self._plan = None
+
+    def _check_forward(self, q, unique_kv_data, rope_scale, rope_theta):
+        if rope_scale is not None or rope_theta is not None:
+            raise NotImplementedError(
+                "rope_scale / rope_theta (FlashInfer's fused RoPE) are not supported by fastattn: "
+                "apply rotary embeddings to q and k before the call"
+            )
+        if self._plan is None:
+            raise RuntimeError(f"{type(self).__name__}.begin_forward() must be called before "
+                               "forward()")
+        check_array(q, "q")
+        if isinstance(unique_kv_data, (tuple, list)):
+            if len(unique_kv_data) != 2:
+                raise ValueError("unique_kv_data given as a tuple must be (k_pages, v_pages)")
+            k_pages, v_pages = unique_kv_data
+            check_array(k_pages, "unique_kv_data[0]")
+            check_array(v_pages, "unique_kv_data[1]")
+        else:
+            check_array(unique_kv_data, "unique_kv_data")
+            shape = tuple(unique_kv_data.shape)
+            if len(shape) != 5 or shape[1] != 2:
+                raise ValueError(
+                    "unique_kv_data must have shape (max_num_pages, 2, page_size, num_kv_heads, "
+                    f"head_dim) (NHD), got {shape}"
+                )
+            # Strided views of the two halves: no copy.
+            k_pages, v_pages = unique_kv_data[:, 0], unique_kv_data[:, 1]
+        plan = self._plan
+        q_shape = tuple(q.shape)
+        if len(q_shape) == 3:
+            if q_shape[1] != plan["num_qo_heads"]:
+                raise ValueError(f"q has {q_shape[1]} heads but begin_forward was given "
+                                 f"num_qo_heads={plan['num_qo_heads']}")
+            if q_shape[2] != plan["head_dim"]:
+                raise ValueError(f"q has head_dim {q_shape[2]} but begin_forward was given "
+                                 f"head_dim={plan['head_dim']}")
+        k_shape = tuple(k_pages.shape)
+        if len(k_shape) == 4:
+            if k_shape[2] != plan["num_kv_heads"]:
+                raise ValueError(f"unique_kv_data has {k_shape[2]} kv heads but begin_forward "
+                                 f"was given num_kv_heads={plan['num_kv_heads']}")
+            if plan.get("page_size") is not None and k_shape[1] != plan["page_size"]:
+                raise ValueError(f"unique_kv_data has page_size {k_shape[1]} but begin_forward "
+                                 f"was given page_size={plan['page_size']}")
+        return k_pages, v_pages
+
+    def _run(self, q, k_shared, v_shared, unique_kv_data, causal, sm_scale, rope_scale,
+             rope_theta, return_lse):
+        k_pages, v_pages = self._check_forward(q, unique_kv_data, rope_scale, rope_theta)
+        plan = self._plan
+        return shared_prefix_attention(
+            q, k_shared, v_shared, k_pages, v_pages,
+            plan["indptr"], plan["indices"], plan["last_page_len"],
+            qo_indptr=plan.get("qo_indptr"), causal=causal, softmax_scale=sm_scale,
+            return_lse=return_lse,
+        )
+
+
+class BatchDecodeWithSharedPrefixPagedKVCacheWrapper(_SharedPrefixWrapperBase):
+    """Batch decode (one query per request) over a shared prefix plus paged per-request suffixes.
+
+    FlashInfer's interface (``flashinfer.cascade``), NHD layout only. ``allow_fp16_qk_reduction``
+    is accepted and ignored: fastattn always accumulates q.k in float32. ``forward_return_lse``
+    returns natural-log LSE (see the module docstring for FlashInfer's base-2 convention).
+    """
+
+    def begin_forward(self, unique_kv_indptr, unique_kv_indices, unique_kv_last_page_len,
+                      num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
+                      data_type="float16") -> None:
+        """Record the suffix page table (CSR) and the problem sizes for later forward calls.
+
+        Arguments:
+            unique_kv_indptr: (batch_size + 1,) int32 CSR row pointers into unique_kv_indices.
+            unique_kv_indices: int32 page ids of each request's suffix.
+            unique_kv_last_page_len: (batch_size,) int32 keys in each last page (1..page_size).
+            num_qo_heads, num_kv_heads, head_dim, page_size: sizes (checked against forward).
+            data_type: dtype of q and the caches (str, numpy or torch dtype).
+        """
+        for name, x in (("unique_kv_indptr", unique_kv_indptr),
+                        ("unique_kv_indices", unique_kv_indices),
+                        ("unique_kv_last_page_len", unique_kv_last_page_len)):
+            check_array(x, name)
+        self._plan = {
+            "indptr": unique_kv_indptr,
+            "indices": unique_kv_indices,
+            "last_page_len": unique_kv_last_page_len,
+            "num_qo_heads": as_int(num_qo_heads, "num_qo_heads"),
+            "num_kv_heads": as_int(num_kv_heads, "num_kv_heads"),
+            "head_dim": as_int(head_dim, "head_dim"),
+            "page_size": as_int(page_size, "page_size"),
+            "data_type": _dtype_name(data_type),
+        }
+
+    def _check_dtype(self, q):
+        want = self._plan["data_type"] if self._plan else None
+        got = _dtype_name(q.dtype)
+        if want is not None and got != want:
+            raise TypeError(f"q has dtype {got} but begin_forward was given data_type={want}")
+
+    def forward(self, q, k_shared, v_shared, unique_kv_data, allow_fp16_qk_reduction=False,
+                sm_scale=None, rope_scale=None, rope_theta=None):
+        """Attention of q (batch_size, num_qo_heads, head_dim) over prefix + suffix.
+
+        k_shared, v_shared: (shared_prefix_len, num_kv_heads, head_dim).
+        unique_kv_data: (max_num_pages, 2, page_size, num_kv_heads, head_dim) or (k_pages, v_pages).
+        Returns out (batch_size, num_qo_heads, head_dim).
+        """
+        if self._plan is not None and hasattr(q, "dtype"):
+            self._check_dtype(q)
+        return self._run(q, k_shared, v_shared, unique_kv_data, False, sm_scale, rope_scale,
+                         rope_theta, False)
+
+    def forward_return_lse(self, q, k_shared, v_shared, unique_kv_data,
+                           allow_fp16_qk_reduction=False, sm_scale=None, rope_scale=None,
+                           rope_theta=None):
+        """forward() that also returns the natural-log LSE (batch_size, num_qo_heads) float32."""
+        if self._plan is not None and hasattr(q, "dtype"):
+            self._check_dtype(q)
+        return self._run(q, k_shared, v_shared, unique_kv_data, False, sm_scale, rope_scale,
+                         rope_theta, True)
+
+
+class BatchPrefillWithSharedPrefixPagedKVCacheWrapper(_SharedPrefixWrapperBase):
+    """Batch prefill / append over a shared prefix plus paged per-request suffixes.
+
+    FlashInfer's interface (``flashinfer.cascade``), NHD layout only. With ``causal=True`` each
+    request's queries are the last qo_len tokens of its suffix (so qo_len <= suffix length).
+    ``allow_fp16_qk_reduction`` is accepted and ignored (float32 accumulation always).
+    """
+
+    def begin_forward(self, qo_indptr, paged_kv_indptr, paged_kv_indices,
+                      paged_kv_last_page_len, num_qo_heads: int, num_kv_heads: int,
+                      head_dim: int) -> None:
+        """Record the query row pointers, the suffix page table (CSR) and the problem sizes.
+
+        Arguments:
+            qo_indptr: (batch_size + 1,) int32 query rows of each request.
+            paged_kv_indptr: (batch_size + 1,) int32 CSR row pointers into paged_kv_indices.
+            paged_kv_indices: int32 page ids of each request's suffix.
+            paged_kv_last_page_len: (batch_size,) int32 keys in each last page (1..page_size).
+            num_qo_heads, num_kv_heads, head_dim: sizes (checked against forward).
+        """
+        for name, x in (("qo_indptr", qo_indptr), ("paged_kv_indptr", paged_kv_indptr),
+                        ("paged_kv_indices", paged_kv_indices),
+                        ("paged_kv_last_page_len", paged_kv_last_page_len)):
+            check_array(x, name)
+        self._plan = {
+            "qo_indptr": qo_indptr,
+            "indptr": paged_kv_indptr,
+            "indices": paged_kv_indices,
+            "last_page_len": paged_kv_last_page_len,
+            "num_qo_heads": as_int(num_qo_heads, "num_qo_heads"),
+            "num_kv_heads": as_int(num_kv_heads, "num_kv_heads"),
+            "head_dim": as_int(head_dim, "head_dim"),
+            "page_size": None,
+        }
+
+    def forward(self, q, k_shared, v_shared, unique_kv_data, causal=True,
+                allow_fp16_qk_reduction=False, sm_scale=None, rope_scale=None, rope_theta=None):
+        """Attention of q (qo_indptr[-1], num_qo_heads, head_dim) over prefix + suffix.
+        Returns out (qo_indptr[-1], num_qo_heads, head_dim)."""
+        return self._run(q, k_shared, v_shared, unique_kv_data, causal, sm_scale, rope_scale,
+                         rope_theta, False)
+
+    def forward_return_lse(self, q, k_shared, v_shared, unique_kv_data, causal=True,
+                           allow_fp16_qk_reduction=False, sm_scale=None, rope_scale=None,
+                           rope_theta=None):
+        """forward() that also returns the natural-log LSE (qo_indptr[-1], num_qo_heads)."""
+        return self._run(q, k_shared, v_shared, unique_kv_data, causal, sm_scale, rope_scale,
+                         rope_theta, True)

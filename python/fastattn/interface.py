@@ -1,0 +1,454 @@
+"""flash_attn-compatible functions (names, argument order and defaults of FlashAttention 2).
+
+Every function here only maps arguments and allocates outputs; the attention itself (and every
+check of shapes, dtypes and values) is done by the C++ library through ``fastattn._C``.
+
+Differences from flash_attn, all deliberate for an inference library:
+
+* ``dropout_p`` must be 0.0 (a ValueError otherwise); ``deterministic`` is accepted and ignored
+  (the forward pass is always deterministic).
+* ``return_attn_probs=True`` returns ``(out, softmax_lse, attn_probs)`` where ``attn_probs`` is the
+  float32 softmax matrix ``(batch, heads, seqlen_q, seqlen_k)`` (varlen: ``max_seqlen_q``,
+  ``max_seqlen_k``, zero-padded); it is a testing aid and costs O(seqlen_q * seqlen_k) memory.
+* ``softmax_lse`` is float32 natural-log log-sum-exp of the scores: ``(batch, heads, seqlen_q)``,
+  varlen ``(heads, total_q)``. Rows that see no key give output 0 and LSE ``-inf``.
+* Every function accepts numpy arrays as well as torch tensors (and cupy / jax arrays) and
+  returns arrays of the same kind. CPU tensors run on the CPU backend.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from . import _C
+from ._tensors import (
+    as_float,
+    as_int,
+    check_array,
+    empty,
+    exec_kwargs,
+    finalize,
+    framework,
+    is_cuda,
+    optional_float,
+    prepare,
+    shape_or_zero,
+    window_pair,
+)
+
+__all__ = [
+    "flash_attn_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_with_kvcache",
+]
+
+
+def _check_dropout(dropout_p: Any) -> None:
+    p = as_float(dropout_p, "dropout_p")
+    if p != 0.0:
+        raise ValueError(
+            f"dropout_p must be 0.0: fastattn is an inference library and has no dropout "
+            f"(got dropout_p={p})"
+        )
+
+
+def _option_kwargs(like, softmax_scale, causal, window_size, softcap, alibi_slopes) -> dict:
+    left, right = window_pair(window_size)
+    if alibi_slopes is not None:
+        check_array(alibi_slopes, "alibi_slopes")
+    kw = {
+        "softmax_scale": optional_float(softmax_scale, "softmax_scale"),
+        "causal": bool(causal),
+        "window_left": left,
+        "window_right": right,
+        "softcap": as_float(softcap, "softcap"),
+        "alibi_slopes": prepare(alibi_slopes),
+    }
+    kw.update(exec_kwargs(like))
+    return kw
+
+
+def _check_arrays(**arrays) -> None:
+    for name, x in arrays.items():
+        if x is not None:
+            check_array(x, name)
+
+
+def _check_packed(x, name: str, ndim: int, dim: int, count: int, layout: str) -> None:
+    """Packed tensors (qkv, kv) exist only in the Python API, so their packing is checked here."""
+    check_array(x, name)
+    shape = tuple(x.shape)
+    if len(shape) != ndim or shape[dim] != count:
+        raise ValueError(f"{name} must have shape {layout}, got {shape}")
+
+
+def _result(like, out, lse, probs, return_attn_probs, return_softmax_lse):
+    out = finalize(like, out)
+    if return_attn_probs:
+        return out, finalize(like, lse), finalize(like, probs)
+    if return_softmax_lse:
+        return out, finalize(like, lse)
+    return out
+
+
+# ---- dense batched -------------------------------------------------------------------------
+
+
+def flash_attn_func(
+    q,
+    k,
+    v,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+    *,
+    return_softmax_lse=False,
+    out=None,
+):
+    """Attention over dense batches.
+
+    Arguments:
+        q: (batch_size, seqlen_q, nheads, headdim)
+        k, v: (batch_size, seqlen_k, nheads_k, headdim); nheads % nheads_k == 0 (GQA / MQA:
+            query head h reads kv head h // (nheads // nheads_k)).
+        dropout_p: must be 0.0.
+        softmax_scale: scale of q @ k^T, default 1 / sqrt(headdim).
+        causal: causal mask aligned to the bottom-right corner of the attention matrix.
+        window_size: (left, right); query i sees keys j with
+            i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right (-1: unbounded).
+        softcap: > 0 applies softcap * tanh(scores / softcap).
+        alibi_slopes: (nheads,) or (batch_size, nheads) float32; adds
+            -slope * |i + seqlen_k - seqlen_q - j| to the scores.
+        deterministic: ignored (the forward pass is always deterministic).
+        return_attn_probs: also return softmax_lse and the softmax matrix (testing aid).
+        return_softmax_lse: also return softmax_lse (batch_size, nheads, seqlen_q) float32.
+        out: optional preallocated output, (batch_size, seqlen_q, nheads, headdim).
+    Return:
+        out, or (out, softmax_lse), or (out, softmax_lse, attn_probs).
+    """
+    _check_dropout(dropout_p)
+    _check_arrays(q=q, k=k, v=v, out=out)
+    kw = _option_kwargs(q, softmax_scale, causal, window_size, softcap, alibi_slopes)
+    batch, seqlen_q, nheads = (shape_or_zero(q, 4, i) for i in range(3))
+    seqlen_k = shape_or_zero(k, 4, 1)
+    o = out if out is not None else empty(q, q.shape)
+    lse = empty(q, (batch, nheads, seqlen_q), "float32") if (return_attn_probs or return_softmax_lse) else None
+    probs = empty(q, (batch, nheads, seqlen_q, seqlen_k), "float32") if return_attn_probs else None
+    _C.attention_forward(prepare(q), prepare(k), prepare(v), prepare(o), lse, probs, **kw)
+    return _result(q, o, lse, probs, return_attn_probs, return_softmax_lse)
+
+
+def flash_attn_qkvpacked_func(
+    qkv,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+    *,
+    return_softmax_lse=False,
+    out=None,
+):
+    """flash_attn_func with q, k, v stacked: qkv (batch_size, seqlen, 3, nheads, headdim).
+    The three are read as strided views (no copy)."""
+    _check_packed(qkv, "qkv", 5, 2, 3, "(batch_size, seqlen, 3, nheads, headdim)")
+    return flash_attn_func(
+        qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size,
+        softcap, alibi_slopes, deterministic, return_attn_probs,
+        return_softmax_lse=return_softmax_lse, out=out,
+    )
+
+
+def flash_attn_kvpacked_func(
+    q,
+    kv,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+    *,
+    return_softmax_lse=False,
+    out=None,
+):
+    """flash_attn_func with k, v stacked: kv (batch_size, seqlen_k, 2, nheads_k, headdim)."""
+    _check_packed(kv, "kv", 5, 2, 2, "(batch_size, seqlen_k, 2, nheads_k, headdim)")
+    return flash_attn_func(
+        q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap,
+        alibi_slopes, deterministic, return_attn_probs,
+        return_softmax_lse=return_softmax_lse, out=out,
+    )
+
+
+# ---- variable length -----------------------------------------------------------------------
+
+
+def flash_attn_varlen_func(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+    block_table=None,
+    *,
+    seqused_k=None,
+    return_softmax_lse=False,
+    out=None,
+):
+    """Attention over packed sequences of different lengths.
+
+    Arguments:
+        q: (total_q, nheads, headdim); sequence b is rows cu_seqlens_q[b] : cu_seqlens_q[b + 1].
+        k, v: (total_k, nheads_k, headdim) packed like q through cu_seqlens_k, or, with
+            block_table, paged caches (num_blocks, page_block_size, nheads_k, headdim) (any page
+            size >= 1).
+        cu_seqlens_q, cu_seqlens_k: (batch_size + 1,) int32 cumulative lengths starting at 0.
+            With block_table, key lengths are cu_seqlens_k differences (or seqused_k);
+            cu_seqlens_k may then be None when seqused_k is given.
+        max_seqlen_q, max_seqlen_k: upper bounds of the query / key lengths.
+        block_table: (batch_size, max_num_blocks_per_seq) int32 page ids.
+        seqused_k: (batch_size,) int32: number of keys each sequence uses.
+        Other arguments as flash_attn_func. softmax_lse is (nheads, total_q) float32;
+        attn_probs is (batch_size, nheads, max_seqlen_q, max_seqlen_k), zero-padded.
+    Return:
+        out (total_q, nheads, headdim), or (out, softmax_lse), or (out, softmax_lse, attn_probs).
+    """
+    _check_dropout(dropout_p)
+    _check_arrays(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                  block_table=block_table, seqused_k=seqused_k, out=out)
+    kw = _option_kwargs(q, softmax_scale, causal, window_size, softcap, alibi_slopes)
+    max_seqlen_q = as_int(max_seqlen_q, "max_seqlen_q")
+    max_seqlen_k = as_int(max_seqlen_k, "max_seqlen_k")
+    total_q, nheads = shape_or_zero(q, 3, 0), shape_or_zero(q, 3, 1)
+    batch = max(shape_or_zero(cu_seqlens_q, 1, 0) - 1, 0)
+    o = out if out is not None else empty(q, q.shape)
+    lse = empty(q, (nheads, total_q), "float32") if (return_attn_probs or return_softmax_lse) else None
+    probs = (
+        empty(q, (batch, nheads, max(max_seqlen_q, 0), max(max_seqlen_k, 0)), "float32")
+        if return_attn_probs
+        else None
+    )
+    if block_table is None:
+        keys = {"k": prepare(k), "v": prepare(v)}
+    else:
+        keys = {"k_pages": prepare(k), "v_pages": prepare(v), "block_table": prepare(block_table)}
+    _C.varlen_attention_forward(
+        q=prepare(q),
+        cu_seqlens_q=prepare(cu_seqlens_q),
+        max_seqlen_q=max_seqlen_q,
+        cu_seqlens_k=prepare(cu_seqlens_k),
+        seqused_k=prepare(seqused_k),
+        max_seqlen_k=max_seqlen_k,
+        out=prepare(o),
+        lse=lse,
+        probs=probs,
+        **keys,
+        **kw,
+    )
+    return _result(q, o, lse, probs, return_attn_probs, return_softmax_lse)
+
+
+def flash_attn_varlen_qkvpacked_func(
+    qkv,
+    cu_seqlens,
+    max_seqlen,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+    *,
+    return_softmax_lse=False,
+    out=None,
+):
+    """flash_attn_varlen_func with q, k, v stacked: qkv (total, 3, nheads, headdim)."""
+    _check_packed(qkv, "qkv", 4, 1, 3, "(total, 3, nheads, headdim)")
+    return flash_attn_varlen_func(
+        qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+        dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+        return_attn_probs, return_softmax_lse=return_softmax_lse, out=out,
+    )
+
+
+def flash_attn_varlen_kvpacked_func(
+    q,
+    kv,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+    *,
+    return_softmax_lse=False,
+    out=None,
+):
+    """flash_attn_varlen_func with k, v stacked: kv (total_k, 2, nheads_k, headdim)."""
+    _check_packed(kv, "kv", 4, 1, 2, "(total_k, 2, nheads_k, headdim)")
+    return flash_attn_varlen_func(
+        q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+        return_attn_probs, return_softmax_lse=return_softmax_lse, out=out,
+    )
+
+
+# ---- KV cache ------------------------------------------------------------------------------
+
+
+def flash_attn_with_kvcache(
+    q,
+    k_cache,
+    v_cache,
+    k=None,
+    v=None,
+    rotary_cos=None,
+    rotary_sin=None,
+    cache_seqlens: Optional[Union[int, Any]] = None,
+    cache_batch_idx=None,
+    cache_leftpad=None,
+    block_table=None,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    rotary_interleaved=True,
+    alibi_slopes=None,
+    num_splits=0,
+    return_softmax_lse=False,
+    *,
+    out=None,
+):
+    """Attention over a KV cache, appending new keys/values in place first (decoding).
+
+    If k and v are given, they are written into k_cache / v_cache *in place* at slots
+    cache_seqlens[b], cache_seqlens[b] + 1, ... (rotary applied to k when rotary_cos / rotary_sin
+    are given); nothing else in the caches is written. Then q attends over slots
+    [cache_leftpad[b], cache_seqlens[b] + seqlen_new) of its cache row.
+
+    Arguments:
+        q: (batch_size, seqlen_q, nheads, headdim), any seqlen_q >= 1.
+        k_cache, v_cache: (batch_size_cache, seqlen_cache, nheads_k, headdim), or with
+            block_table paged: (num_blocks, page_block_size, nheads_k, headdim), any page size.
+        k, v: optional (batch_size, seqlen_new, nheads_k, headdim) to append.
+        rotary_cos, rotary_sin: optional (seqlen_ro, rotary_dim / 2), same dtype as q. k row t is
+            rotated at position cache_seqlens[b] - cache_leftpad[b] + t; q likewise when causal
+            or windowed, else all q rows at position cache_seqlens[b] - cache_leftpad[b].
+        rotary_interleaved: True rotates dims (0, 1), (2, 3), ...; False (GPT-NeoX) rotates
+            (i, i + rotary_dim / 2).
+        cache_seqlens: int, or (batch_size,) int32: tokens already in the cache. None means the
+            whole cache is valid (seqlen_cache, or max_num_blocks_per_seq * page_block_size),
+            which is only allowed without k / v.
+        cache_batch_idx: (batch_size,) int32 cache row (block-table row) of each sequence.
+        cache_leftpad: (batch_size,) int32 first valid cache slot; positions count from it.
+        block_table: (batch_size, max_num_blocks_per_seq) int32: paged cache.
+        num_splits: split-KV count per sequence; 0 chooses by heuristic.
+        return_softmax_lse: also return softmax_lse (batch_size, nheads, seqlen_q) float32.
+        Other arguments as flash_attn_func.
+    Return:
+        out (batch_size, seqlen_q, nheads, headdim), or (out, softmax_lse).
+    """
+    _check_arrays(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, rotary_cos=rotary_cos,
+                  rotary_sin=rotary_sin, cache_batch_idx=cache_batch_idx,
+                  cache_leftpad=cache_leftpad, block_table=block_table, out=out)
+    appending = k is not None or v is not None
+    if appending:
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if framework(cache) == "jax":
+                raise TypeError(
+                    f"{name}: jax arrays are immutable, but flash_attn_with_kvcache appends k / v "
+                    "into the cache in place; pass numpy / torch / cupy caches or k=v=None"
+                )
+    kw = _option_kwargs(q, softmax_scale, causal, window_size, softcap, alibi_slopes)
+
+    seqlens = {}
+    if cache_seqlens is None:
+        if appending:
+            raise ValueError(
+                "cache_seqlens must be given when k and v are appended (it says where they go)"
+            )
+        # flash_attn's convention: without cache_seqlens the whole cache is valid.
+        if block_table is None:
+            full = shape_or_zero(k_cache, 4, 1)
+        else:
+            full = shape_or_zero(block_table, 2, 1) * shape_or_zero(k_cache, 4, 1)
+        seqlens["cache_seqlen"] = full
+    elif isinstance(cache_seqlens, bool):
+        raise TypeError("cache_seqlens must be an int or an int32 array, got bool")
+    elif hasattr(cache_seqlens, "shape") and len(tuple(cache_seqlens.shape)) > 0:
+        seqlens["cache_seqlens"] = prepare(cache_seqlens)
+    else:
+        try:
+            seqlens["cache_seqlen"] = as_int(cache_seqlens, "cache_seqlens")
+        except TypeError:
+            raise TypeError(
+                f"cache_seqlens must be an int or a (batch_size,) int32 array, got "
+                f"{type(cache_seqlens).__name__}"
+            ) from None
+
+    batch, seqlen_q, nheads = (shape_or_zero(q, 4, i) for i in range(3))
+    o = out if out is not None else empty(q, q.shape)
+    lse = empty(q, (batch, nheads, seqlen_q), "float32") if return_softmax_lse else None
+    args = dict(
+        q=prepare(q),
+        k_cache=prepare(k_cache),
+        v_cache=prepare(v_cache),
+        k=prepare(k),
+        v=prepare(v),
+        rotary_cos=prepare(rotary_cos),
+        rotary_sin=prepare(rotary_sin),
+        rotary_interleaved=bool(rotary_interleaved),
+        cache_batch_idx=prepare(cache_batch_idx),
+        cache_leftpad=prepare(cache_leftpad),
+        block_table=prepare(block_table),
+        num_splits=as_int(num_splits, "num_splits"),
+        out=prepare(o),
+        lse=lse,
+        **seqlens,
+        **kw,
+    )
+    workspace = None
+    if is_cuda(q):
+        # The CPU backend allocates its own scratch; on a GPU it comes from the caller's
+        # allocator (torch / cupy caching allocators), so calls stay graph-capturable.
+        nbytes = _C.kvcache_workspace_bytes(**args)
+        if nbytes:
+            workspace = empty(q, (nbytes,), "uint8")
+    _C.kvcache_attention_forward(workspace=workspace, **args)
+    out_final = finalize(q, o)
+    if return_softmax_lse:
+        return out_final, finalize(q, lse)
+    return out_final
