@@ -1,0 +1,157 @@
+// The public ops: validate every argument (src/core/validate.cpp), then dispatch by device.
+#include "fastattn/ops.h"
+
+#include <string>
+
+#include "core/check.h"
+#include "core/validate.h"
+#include "cpu/cpu_backend.h"
+#if defined(FASTATTN_WITH_CUDA)
+#include "cuda/cuda_backend.h"
+#endif
+
+namespace fastattn {
+namespace {
+
+/// Throws unless this build has kernels for the device the checker saw.
+void require_cpu(const check::ArgChecker& c) {
+  if (c.device().type == DeviceType::kCPU) return;
+  throw NotSupportedError(std::string(c.op()) + ": tensors are on " + device_name(c.device()) +
+                          ", but this build has no CUDA kernels for this op yet; pass CPU tensors");
+}
+
+constexpr std::initializer_list<DType> kFloatTypes = {DType::kFloat32, DType::kFloat16,
+                                                      DType::kBFloat16};
+
+/// v (S, H, D) float, s (S, H) float32 matching it.
+void state_pair(check::ArgChecker& c, const TensorView& v, const std::string& vn,
+                const TensorView& s, const std::string& sn, const TensorView* ref) {
+  c.present(v, vn);
+  c.on_device(v, vn);
+  c.last_dim_contiguous(v, vn);
+  c.present(s, sn);
+  c.on_device(s, sn);
+  if (ref) {
+    c.same_dtype(v, vn, *ref, "v_a");
+    c.shape_is(v, vn, {ref->size(0), ref->size(1), ref->size(2)}, "(S, H, D)");
+  } else {
+    c.dtype_in(v, vn, kFloatTypes);
+    c.ndim_is(v, vn, 3, "(S, H, D)");
+  }
+  c.dtype_is(s, sn, DType::kFloat32);
+  c.shape_is(s, sn, {v.size(0), v.size(1)}, "(S, H)");
+}
+
+}  // namespace
+
+void attention_forward(const AttentionArgs& args) {
+  check::ArgChecker c("attention_forward");
+  const auto d = core::validate(c, args);
+  require_cpu(c);
+  cpu::attention_forward(c, args, d);
+}
+
+void varlen_attention_forward(const VarlenAttentionArgs& args) {
+  check::ArgChecker c("varlen_attention_forward");
+  const auto d = core::validate(c, args);
+  require_cpu(c);
+  cpu::varlen_attention_forward(c, args, d);
+}
+
+void kvcache_attention_forward(const KVCacheArgs& args) {
+  check::ArgChecker c("kvcache_attention_forward");
+  const auto d = core::validate(c, args);
+  require_cpu(c);
+  cpu::kvcache_attention_forward(c, args, d);
+}
+
+std::size_t kvcache_workspace_bytes(const KVCacheArgs& args) {
+  check::ArgChecker c("kvcache_workspace_bytes");
+  const auto d = core::validate(c, args);
+  require_cpu(c);
+  return cpu::kvcache_workspace_bytes(c, args, d);
+}
+
+void shared_prefix_attention_forward(const SharedPrefixAttentionArgs& args) {
+  check::ArgChecker c("shared_prefix_attention_forward");
+  const auto d = core::validate(c, args);
+  require_cpu(c);
+  cpu::shared_prefix_attention_forward(c, args, d);
+}
+
+std::size_t shared_prefix_workspace_bytes(const SharedPrefixAttentionArgs& args) {
+  check::ArgChecker c("shared_prefix_workspace_bytes");
+  const auto d = core::validate(c, args);
+  require_cpu(c);
+  return cpu::shared_prefix_workspace_bytes(c, args, d);
+}
+
+void merge_state(const TensorView& v_a, const TensorView& s_a, const TensorView& v_b,
+                 const TensorView& s_b, const TensorView& v_out, const TensorView& s_out,
+                 const ExecConfig& exec) {
+  check::ArgChecker c("merge_state");
+  state_pair(c, v_a, "v_a", s_a, "s_a", nullptr);
+  state_pair(c, v_b, "v_b", s_b, "s_b", &v_a);
+  state_pair(c, v_out, "v_out", s_out, "s_out", &v_a);
+  require_cpu(c);
+  cpu::merge_state({&v_a, &s_a, &v_b, &s_b, &v_out, &s_out, nullptr}, exec.num_threads);
+}
+
+void merge_state_in_place(const TensorView& v, const TensorView& s, const TensorView& v_other,
+                          const TensorView& s_other, const std::optional<TensorView>& mask,
+                          const ExecConfig& exec) {
+  check::ArgChecker c("merge_state_in_place");
+  state_pair(c, v, "v", s, "s", nullptr);
+  // Messages name the in-place call's arguments; the shape reference is v.
+  c.present(v_other, "v_other");
+  c.on_device(v_other, "v_other");
+  c.last_dim_contiguous(v_other, "v_other");
+  c.same_dtype(v_other, "v_other", v, "v");
+  c.shape_is(v_other, "v_other", {v.size(0), v.size(1), v.size(2)}, "(S, H, D) like v");
+  c.present(s_other, "s_other");
+  c.on_device(s_other, "s_other");
+  c.dtype_is(s_other, "s_other", DType::kFloat32);
+  c.shape_is(s_other, "s_other", {v.size(0), v.size(1)}, "(S, H)");
+  if (mask) {
+    c.present(*mask, "mask");
+    c.on_device(*mask, "mask");
+    c.dtype_in(*mask, "mask", {DType::kBool, DType::kUInt8});
+    c.shape_is(*mask, "mask", {v.size(0)}, "(S)");
+  }
+  require_cpu(c);
+  cpu::merge_state({&v, &s, &v_other, &s_other, &v, &s, mask ? &*mask : nullptr}, exec.num_threads);
+}
+
+void merge_states(const TensorView& v, const TensorView& s, const TensorView& v_out,
+                  const TensorView& s_out, const ExecConfig& exec) {
+  check::ArgChecker c("merge_states");
+  c.present(v, "v");
+  c.on_device(v, "v");
+  c.last_dim_contiguous(v, "v");
+  c.dtype_in(v, "v", kFloatTypes);
+  c.ndim_is(v, "v", 4, "(S, N, H, D)");
+  c.present(s, "s");
+  c.on_device(s, "s");
+  c.dtype_is(s, "s", DType::kFloat32);
+  c.shape_is(s, "s", {v.size(0), v.size(1), v.size(2)}, "(S, N, H)");
+  c.present(v_out, "v_out");
+  c.on_device(v_out, "v_out");
+  c.last_dim_contiguous(v_out, "v_out");
+  c.same_dtype(v_out, "v_out", v, "v");
+  c.shape_is(v_out, "v_out", {v.size(0), v.size(2), v.size(3)}, "(S, H, D)");
+  c.present(s_out, "s_out");
+  c.on_device(s_out, "s_out");
+  c.dtype_is(s_out, "s_out", DType::kFloat32);
+  c.shape_is(s_out, "s_out", {v.size(0), v.size(2)}, "(S, H)");
+  require_cpu(c);
+  cpu::merge_states(v, s, v_out, s_out, exec.num_threads);
+}
+
+const char* version() { return FASTATTN_VERSION; }
+
+bool backend_available(const Device& device) {
+  if (device.type == DeviceType::kCPU) return true;
+  return false;  // CUDA kernels land with the GPU issues
+}
+
+}  // namespace fastattn
