@@ -65,11 +65,14 @@ function(_fastattn_cutlass_from_python out_var)
     list(APPEND _candidates "${_fastattn_py3}")
   endif()
   set(_script "import os, cutlass_library; print(os.path.join(os.path.dirname(cutlass_library.__file__), 'source', 'include'))")
+  # Each interpreter is asked twice: as the build runs it, then isolated (-I: no PYTHONPATH), which
+  # sees the interpreter's own site-packages when pip's build isolation hides them.
   foreach(_py IN LISTS _candidates)
-    execute_process(COMMAND "${_py}" -c "${_script}"
+   foreach(_mode "" "-I")
+    execute_process(COMMAND "${_py}" ${_mode} -c "${_script}"
                     RESULT_VARIABLE _rc OUTPUT_VARIABLE _dir ERROR_QUIET OUTPUT_STRIP_TRAILING_WHITESPACE)
     if(_rc EQUAL 0 AND EXISTS "${_dir}/cute/tensor.hpp")
-      execute_process(COMMAND "${_py}" -c "import importlib.metadata as m; print(m.version('nvidia-cutlass'))"
+      execute_process(COMMAND "${_py}" ${_mode} -c "import importlib.metadata as m; print(m.version('nvidia-cutlass'))"
                       RESULT_VARIABLE _rc2 OUTPUT_VARIABLE _ver ERROR_QUIET OUTPUT_STRIP_TRAILING_WHITESPACE)
       if(NOT _ver STREQUAL FASTATTN_CUTLASS_PIN)
         message(WARNING "fastattn: nvidia-cutlass ${_ver} found through ${_py}; "
@@ -78,6 +81,7 @@ function(_fastattn_cutlass_from_python out_var)
       set(${out_var} "${_dir}" PARENT_SCOPE)
       return()
     endif()
+   endforeach()
   endforeach()
   set(${out_var} "" PARENT_SCOPE)
 endfunction()

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Installs what the tests need and runs every test fastattn has on this machine:
+#   1. Python packages from requirements-test.txt (+ requirements-torch.txt unless FASTATTN_TEST_TORCH=0)
+#   2. C++: build (CUDA backend compiled when nvcc is found), ctest, install, examples/cpp against
+#      the install (scripts/ci_cpp.sh)
+#   3. pip install . (the Python package, built by the same CMake)
+#   4. pytest tests/python tests/gpu (tests/gpu skips without a GPU)
+# and prints a summary with the time of each step.
+#
+# Environment: PYTHON (default python3), FASTATTN_JOBS (default 2), FASTATTN_TEST_TORCH (default 1),
+#              FASTATTN_SKIP_PIP=1 to use the packages already installed.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT="$(pwd)"
+PY="${PYTHON:-python3}"
+export FASTATTN_JOBS="${FASTATTN_JOBS:-2}"
+export CMAKE_BUILD_PARALLEL_LEVEL="$FASTATTN_JOBS"  # also bounds the build inside `pip install .`
+T0=$(date +%s)
+
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+declare -a SUMMARY=()
+step_done() { SUMMARY+=("$(printf '%-34s %-6s %8ss' "$1" "$2" "$3")"); }
+finish() {
+  local rc=$?
+  echo
+  echo "==================== fastattn test summary ===================="
+  local line
+  for line in "${SUMMARY[@]}"; do echo "$line"; done
+  echo "total: $(( $(date +%s) - T0 )) s"
+  if [ "$rc" -eq 0 ]; then echo "ALL TESTS PASSED"; else echo "FAILED (exit code $rc)"; fi
+  exit "$rc"
+}
+trap finish EXIT
+
+# ---- 1. Python packages ---------------------------------------------------------------------------
+t=$(now)
+if [ "${FASTATTN_SKIP_PIP:-0}" != "1" ]; then
+  echo "== [deps] pip install -r requirements-test.txt =="
+  "$PY" -m pip install --disable-pip-version-check -q -r requirements-test.txt
+  if [ "${FASTATTN_TEST_TORCH:-1}" = "1" ]; then
+    if "$PY" -c "import torch" >/dev/null 2>&1; then
+      echo "== [deps] torch $("$PY" -c 'import torch; print(torch.__version__)') already installed =="
+    else
+      echo "== [deps] pip install -r requirements-torch.txt (CPU use; ~3 GB) =="
+      "$PY" -m pip install --disable-pip-version-check -q -r requirements-torch.txt
+    fi
+  fi
+fi
+step_done "python dependencies" ok "$(since "$t")"
+
+# ---- 2. C++ build, tests, install, example ------------------------------------------------------
+t=$(now)
+FASTATTN_CUDA="${FASTATTN_CUDA:-ON}" PYTHON="$PY" bash scripts/ci_cpp.sh
+step_done "C++ build + ctest + install/example" ok "$(since "$t")"
+
+# ---- 3. the Python package ---------------------------------------------------------------------
+t=$(now)
+echo "== [python] pip install . =="
+# The build requirements are installed in step 1, so no isolated build environment is needed;
+# scikit-build-core keeps its build tree (pyproject build-dir), so a second run only relinks.
+"$PY" -m pip install --disable-pip-version-check -q --no-build-isolation --no-deps .
+step_done "pip install ." ok "$(since "$t")"
+
+# ---- 4. pytest -----------------------------------------------------------------------------------
+t=$(now)
+echo "== [python] pytest tests/python tests/gpu =="
+set +e
+(cd "$ROOT" && "$PY" -m pytest tests/python tests/gpu -q)
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  # pytest's "no tests collected": not an error of the code under test, but say so loudly.
+  echo "WARNING: pytest collected no tests (exit code 5)"
+  step_done "pytest (no tests collected)" ok "$(since "$t")"
+  exit 0
+elif [ "$rc" -ne 0 ]; then
+  step_done "pytest" FAIL "$(since "$t")"
+  exit "$rc"
+fi
+step_done "pytest" ok "$(since "$t")"
