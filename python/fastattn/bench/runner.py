@@ -1,0 +1,325 @@
+"""Command line, timing, table, JSON and plot of ``python -m fastattn.bench``."""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+import numpy as np
+
+import fastattn
+
+SUITES = ("prefill", "decode", "cascade")
+
+
+# ---- timing -------------------------------------------------------------------------------------
+
+
+def time_host(fn, warmup, min_repeats, max_repeats, budget_s):
+    """Median wall time of fn() (CPU work is synchronous) after `warmup` calls; repeats until
+    max_repeats or, once min_repeats are done, until budget_s has passed. Returns (s, n, output)."""
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_repeats and (len(times) < min_repeats
+                                        or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), len(times), out
+
+
+def time_cuda(torch, fn, warmup, min_repeats, max_repeats, budget_s):
+    """Median of CUDA-event timings, one event pair per call, after warm-up."""
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    torch.cuda.synchronize()
+    # Size the repeat count from one timed call, then time all calls in one stream of work.
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    one = max(time.perf_counter() - t0, 1e-6)
+    n = int(min(max_repeats, max(min_repeats, budget_s / one)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        starts[i].record()
+        out = fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    times = [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
+    return statistics.median(times), n, out
+
+
+# ---- machine description ----------------------------------------------------------------------
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(device, torch):
+    info = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "numpy": np.__version__,
+        "fastattn": fastattn.__version__,
+        "torch": getattr(torch, "__version__", None) if torch else None,
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["torch_cuda"] = torch.version.cuda
+        info["gpu_capability"] = "sm_%d%d" % torch.cuda.get_device_capability(0)
+    elif torch is not None:
+        info["torch_threads"] = torch.get_num_threads()
+    return info
+
+
+def pick_device(requested):
+    torch = None
+    try:
+        import torch  # noqa: F811
+    except Exception:
+        torch = None
+    cuda_ok = torch is not None and torch.cuda.is_available()
+    if requested == "auto":
+        device = "cuda" if cuda_ok and fastattn.backend_available("cuda") else "cpu"
+    else:
+        device = requested
+    if device == "cuda" and not cuda_ok:
+        raise SystemExit("--device cuda: torch with a visible CUDA GPU is needed for the GPU benchmark")
+    return device, torch
+
+
+# ---- running the cases ------------------------------------------------------------------------
+
+
+def _short_error(e):
+    msg = str(e).splitlines()[0] if str(e) else ""
+    return "%s: %s" % (type(e).__name__, msg[:140])
+
+
+def run_case(case, device, torch, quick):
+    row = {"suite": case.suite, "name": case.name, "shape": case.shape, "flops": case.flops,
+           "bytes": case.bytes, "metric": case.metric, "note": case.note, "peers": {}}
+    if device == "cuda":
+        timer = lambda fn: time_cuda(torch, fn, 3, 5, 50 if quick else 200, 0.2 if quick else 1.0)
+    else:
+        timer = lambda fn: time_host(fn, 2, 3, 30 if quick else 100, 0.3 if quick else 1.5)
+
+    out = None
+    try:
+        t, n, out = timer(case.fastattn)
+        row.update(fastattn_s=t, fastattn_runs=n)
+    except Exception as e:  # e.g. NotSupportedError before the CUDA kernels exist
+        row.update(fastattn_s=None, fastattn_error=_short_error(e))
+
+    if case.naive is not None:
+        # Same shape, fewer repeats: float64 numpy is slow, but nothing is extrapolated.
+        t, n, ref = time_host(case.naive, 0, 1, 3, 1.0)
+        row.update(naive_s=t, naive_runs=n)
+        if out is not None and case.check is not None:
+            row["max_abs_err"] = case.check(out, ref)
+
+    for name, fn in case.peers.items():
+        try:
+            t, n, _ = timer(fn)
+            row["peers"][name] = {"s": t, "runs": n}
+        except Exception as e:
+            row["peers"][name] = {"s": None, "error": _short_error(e)}
+    return row
+
+
+def _rate(row, seconds):
+    if not seconds:
+        return None
+    if row["metric"] == "flops":
+        return row["flops"] / seconds / 1e9  # GFLOP/s
+    return row["bytes"] / seconds / 1e9  # GB/s
+
+
+def _fmt_ms(s):
+    return "-" if s is None else ("%.3f" % (s * 1e3) if s < 0.1 else "%.1f" % (s * 1e3))
+
+
+def _fmt_ratio(ref_s, s):
+    return "-" if (ref_s is None or s is None) else "%.2fx" % (ref_s / s)
+
+
+def format_table(rows, device):
+    peer_names = []
+    for r in rows:
+        for p in r["peers"]:
+            if p not in peer_names:
+                peer_names.append(p)
+    head = ["case", "fastattn ms", "rate"]
+    if any("naive_s" in r for r in rows):
+        head += ["naive ms", "vs naive"]
+    for p in peer_names:
+        head += [p + " ms", "vs " + p]
+    head += ["max err"]
+    lines = []
+    for r in rows:
+        t = r.get("fastattn_s")
+        rate = _rate(r, t)
+        unit = "GFLOP/s" if r["metric"] == "flops" else "GB/s"
+        if device == "cuda" and r["metric"] == "flops" and rate is not None:
+            rate, unit = rate / 1e3, "TFLOP/s"
+        cells = [r["name"], _fmt_ms(t) if t is not None else "n/a",
+                 "-" if rate is None else "%.1f %s" % (rate, unit)]
+        if "naive ms" in head:
+            cells += [_fmt_ms(r.get("naive_s")), _fmt_ratio(r.get("naive_s"), t)]
+        for p in peer_names:
+            ps = r["peers"].get(p, {}).get("s")
+            cells += [_fmt_ms(ps), _fmt_ratio(ps, t)]
+        err = r.get("max_abs_err")
+        cells += ["-" if err is None else "%.1e" % err]
+        lines.append(cells)
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    fmt = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                                  for i, (c, w) in enumerate(zip(cells, widths)))
+    out = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(c) for c in lines]
+    notes = sorted({r["fastattn_error"] for r in rows if r.get("fastattn_error")})
+    for n in notes:
+        out.append("n/a: " + n)
+    out.append("ratios: reference time / fastattn time (>1 means fastattn is faster); "
+               "rate: FLOPs or minimal bytes over fastattn's median time")
+    return "\n".join(out)
+
+
+def save_plot(rows, device, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:
+        return "no plot (matplotlib unavailable: %s)" % type(e).__name__
+    series = ["fastattn"] + (["naive"] if any("naive_s" in r for r in rows) else [])
+    for r in rows:
+        for p in r["peers"]:
+            if p not in series:
+                series.append(p)
+    groups = [("flops", "GFLOP/s" if device == "cpu" else "TFLOP/s", 1e9 if device == "cpu" else 1e12),
+              ("bytes", "GB/s", 1e9)]
+    groups = [g for g in groups if any(r["metric"] == g[0] for r in rows)]
+    fig, axes = plt.subplots(1, len(groups), figsize=(7 * len(groups), 0.5 * len(rows) + 2.5),
+                             squeeze=False)
+    for ax, (metric, unit, scale) in zip(axes[0], groups):
+        sub = [r for r in rows if r["metric"] == metric]
+        ys = np.arange(len(sub))
+        hgt = 0.8 / len(series)
+        for j, sname in enumerate(series):
+            vals = []
+            for r in sub:
+                s = (r.get("fastattn_s") if sname == "fastattn" else
+                     r.get("naive_s") if sname == "naive" else r["peers"].get(sname, {}).get("s"))
+                vals.append(0 if not s else (r[metric] / s) / scale)
+            ax.barh(ys + (j - (len(series) - 1) / 2) * hgt, vals, height=hgt, label=sname)
+        ax.set_yticks(ys)
+        ax.set_yticklabels([r["name"] for r in sub], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(unit + (" (useful FLOPs)" if metric == "flops" else " (minimal bytes)"))
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("fastattn benchmark on %s (%s)" % (device, datetime.date.today().isoformat()))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def default_out_dir():
+    here = os.path.join(os.getcwd(), "bench", "results")
+    return here if os.path.isdir(os.path.dirname(here)) else os.path.join(os.getcwd(), "fastattn-bench-results")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m fastattn.bench", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="a few small shapes (smoke run)")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                    help="auto: the GPU when torch sees one and fastattn has kernels for it, else CPU")
+    ap.add_argument("--out", default=None, help="directory for the JSON and PNG (default bench/results)")
+    ap.add_argument("--suite", default=",".join(SUITES),
+                    help="comma-separated subset of: " + ", ".join(SUITES))
+    ap.add_argument("--table-file", default=None, help="also write the printed table here")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    suites = [s.strip() for s in args.suite.split(",") if s.strip()]
+    bad = [s for s in suites if s not in SUITES]
+    if bad:
+        ap.error("unknown suite(s) %s; choose from %s" % (", ".join(bad), ", ".join(SUITES)))
+    device, torch = pick_device(args.device)
+    from . import cases as casemod
+
+    t_start = time.perf_counter()
+    print("fastattn %s benchmark on %s (%s), suites: %s%s" % (
+        fastattn.__version__, device,
+        torch.cuda.get_device_name(0) if device == "cuda" else _cpu_model(),
+        ",".join(suites), ", quick" if args.quick else ""), flush=True)
+    if device == "cpu" and torch is None:
+        print("(torch not importable: no PyTorch column)", flush=True)
+    case_list = (casemod.gpu_cases(suites, args.quick) if device == "cuda"
+                 else casemod.cpu_cases(suites, args.quick, args.seed))
+    rows = []
+    for case in case_list:
+        try:
+            row = run_case(case, device, torch, args.quick)
+        except Exception as e:
+            traceback.print_exc()
+            row = {"suite": case.suite, "name": case.name, "shape": case.shape, "metric": case.metric,
+                   "flops": case.flops, "bytes": case.bytes, "peers": {},
+                   "fastattn_s": None, "fastattn_error": _short_error(e)}
+        rows.append(row)
+        print("  %-34s %s" % (case.name, case.shape), flush=True)
+        if device == "cuda":  # free this case's tensors before the next one
+            del case
+            torch.cuda.empty_cache()
+    elapsed = time.perf_counter() - t_start
+
+    table = format_table(rows, device)
+    out_dir = args.out or default_out_dir()
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = os.path.join(out_dir, "bench_%s_%s%s" % (device, stamp, "_quick" if args.quick else ""))
+    record = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.executable), "-m", "fastattn.bench"] + list(
+            argv if argv is not None else sys.argv[1:])),
+        "device": device,
+        "quick": args.quick,
+        "suites": suites,
+        "elapsed_s": elapsed,
+        "machine": machine_info(device, torch),
+        "rows": rows,
+    }
+    with open(base + ".json", "w") as f:
+        json.dump(record, f, indent=1)
+    plot = save_plot(rows, device, base + ".png")
+
+    print()
+    print(table)
+    print("saved %s.json and %s (%.0f s)" % (base, plot, elapsed))
+    if args.table_file:
+        with open(args.table_file, "w") as f:
+            f.write(table + "\n")
+    failed = [r for r in rows if r.get("fastattn_s") is None and device == "cpu"]
+    return 1 if failed else 0
