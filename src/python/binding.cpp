@@ -103,8 +103,12 @@ TensorView make_tensor_view(const Array& a, const char* name) {
   t.dtype = convert_dtype(a.dtype(), name);
   t.device = convert_device(a.device_type(), a.device_id(), name);
   t.ndim = static_cast<int>(ndim);
-  const std::int64_t* strides = a.stride_ptr();
-  std::int64_t running = 1;  // row-major strides when the producer gives none (DLPack allows it)
+  // Row-major strides replace the producer's when it gives none (DLPack allows that) and for
+  // empty arrays, which address no memory and whose strides numpy reports as all zeros.
+  bool empty = false;
+  for (std::size_t i = 0; i < ndim; ++i) empty = empty || a.shape(i) == 0;
+  const std::int64_t* strides = empty ? nullptr : a.stride_ptr();
+  std::int64_t running = 1;
   for (std::size_t i = ndim; i-- > 0;) {
     t.shape[i] = static_cast<std::int64_t>(a.shape(i));
     t.strides[i] = strides ? strides[i] : running;

@@ -1,0 +1,174 @@
+"""flash_attn_func and the packed variants against the float64 reference."""
+
+import numpy as np
+import pytest
+
+import fastattn
+import reference as ref
+from helpers import (DTYPES, alibi_slopes, assert_close, assert_lse, assert_probs, nan_like,
+                     naive_and_exact, randn, to64, torch)
+
+# (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim)
+SHAPES = [
+    (2, 1, 1, 4, 4, 64),       # single token
+    (2, 17, 113, 8, 2, 64),    # seqlen_q < seqlen_k, GQA 4
+    (1, 113, 17, 8, 1, 128),   # seqlen_q > seqlen_k (causal rows with no key), MQA 8
+    (3, 64, 64, 4, 4, 32),
+    (1, 33, 47, 2, 2, 8),      # smallest head_dim
+    (1, 9, 70, 2, 1, 256),     # largest head_dim
+    (2, 5, 31, 3, 3, 40),      # head_dim not a power of two
+]
+
+OPTIONS = ["none", "causal", "window", "causal_window", "alibi_heads", "alibi_batch_heads",
+           "softcap", "scale", "all"]
+
+
+def make_options(rng, name, batch, heads, seqlen_k):
+    """flash_attn keyword arguments for option set `name` (random values each run)."""
+    kw = {}
+    if name in ("causal", "causal_window", "all"):
+        kw["causal"] = True
+    if name in ("window", "causal_window", "all"):
+        kw["window_size"] = (int(rng.integers(0, max(seqlen_k, 1) + 3)),
+                             int(rng.integers(-1, 6)) if name == "window" else -1)
+    if name == "alibi_heads":
+        kw["alibi_slopes"] = alibi_slopes(rng, (heads,))
+    if name in ("alibi_batch_heads", "all"):
+        kw["alibi_slopes"] = alibi_slopes(rng, (batch, heads))
+    if name in ("softcap", "all"):
+        kw["softcap"] = float(rng.uniform(0.5, 3.0))
+    if name in ("scale", "all"):
+        kw["softmax_scale"] = float(rng.uniform(0.05, 0.5))
+    return kw
+
+
+def ref_kwargs(kw):
+    return dict(scale=kw.get("softmax_scale"), causal=kw.get("causal", False),
+                window=kw.get("window_size", (-1, -1)), softcap=kw.get("softcap", 0.0),
+                alibi=kw.get("alibi_slopes"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("opt", OPTIONS)
+def test_flash_attn_func(rng, dtype, shape, opt):
+    b, sq, sk, hq, hkv, d = shape
+    q, q64 = randn(rng, (b, sq, hq, d), dtype)
+    k, k64 = randn(rng, (b, sk, hkv, d), dtype)
+    v, v64 = randn(rng, (b, sk, hkv, d), dtype)
+    kw = make_options(rng, opt, b, hq, sk)
+    out = nan_like(q)
+    res = fastattn.flash_attn_func(q, k, v, return_softmax_lse=True, out=out, **kw)
+    o, lse = res
+    assert o is out
+    (o64, lse64, _), (onaive, _, _) = naive_and_exact(ref.attention_batched, dtype, q64, k64,
+                                                      v64, **ref_kwargs(kw))
+    assert_close("out", o, o64, onaive, dtype)
+    assert_lse("softmax_lse", lse, lse64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("opt", ["none", "causal", "all"])
+def test_return_attn_probs(rng, dtype, opt):
+    b, sq, sk, hq, hkv, d = 2, 13, 29, 4, 2, 64
+    q, q64 = randn(rng, (b, sq, hq, d), dtype)
+    k, k64 = randn(rng, (b, sk, hkv, d), dtype)
+    v, v64 = randn(rng, (b, sk, hkv, d), dtype)
+    kw = make_options(rng, opt, b, hq, sk)
+    out, lse, probs = fastattn.flash_attn_func(q, k, v, return_attn_probs=True, **kw)
+    (o64, lse64, p64), (onaive, _, _) = naive_and_exact(ref.attention_batched, dtype, q64, k64,
+                                                        v64, **ref_kwargs(kw))
+    assert tuple(probs.shape) == (b, hq, sq, sk)
+    assert_close("out", out, o64, onaive, dtype)
+    assert_lse("softmax_lse", lse, lse64)
+    assert_probs("attn_probs", probs, p64)
+    # The output returned alone (no tuple) by default.
+    alone = fastattn.flash_attn_func(q, k, v, **kw)
+    assert tuple(alone.shape) == tuple(q.shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_keys(rng, dtype):
+    """seqlen_k == 0: every row sees no key -> output 0, LSE -inf."""
+    q, _ = randn(rng, (2, 5, 4, 32), dtype)
+    k, _ = randn(rng, (2, 0, 4, 32), dtype)
+    v, _ = randn(rng, (2, 0, 4, 32), dtype)
+    out, lse = fastattn.flash_attn_func(q, k, v, return_softmax_lse=True, out=nan_like(q))
+    assert np.all(to64(out) == 0)
+    assert np.all(np.isneginf(to64(lse)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fully_masked_rows(rng, dtype):
+    """Causal with seqlen_q > seqlen_k: the first seqlen_q - seqlen_k rows see nothing."""
+    b, sq, sk, h, d = 1, 12, 4, 2, 16
+    q, _ = randn(rng, (b, sq, h, d), dtype)
+    k, _ = randn(rng, (b, sk, h, d), dtype)
+    v, _ = randn(rng, (b, sk, h, d), dtype)
+    out, lse = fastattn.flash_attn_func(q, k, v, causal=True, return_softmax_lse=True,
+                                        out=nan_like(q))
+    out, lse = to64(out), to64(lse)
+    assert np.all(out[:, : sq - sk] == 0)
+    assert np.all(np.isneginf(lse[:, :, : sq - sk]))
+    assert np.all(np.isfinite(lse[:, :, sq - sk:]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("opt", ["none", "causal", "window", "all"])
+def test_qkvpacked(rng, dtype, opt):
+    b, s, h, d = 2, 37, 4, 64
+    qkv, qkv64 = randn(rng, (b, s, 3, h, d), dtype)
+    kw = make_options(rng, opt, b, h, s)
+    out, lse = fastattn.flash_attn_qkvpacked_func(qkv, return_softmax_lse=True, **kw)
+    (o64, lse64, _), (onaive, _, _) = naive_and_exact(
+        ref.attention_batched, dtype, qkv64[:, :, 0], qkv64[:, :, 1], qkv64[:, :, 2],
+        **ref_kwargs(kw))
+    assert_close("out", out, o64, onaive, dtype)
+    assert_lse("softmax_lse", lse, lse64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("opt", ["none", "causal", "alibi_batch_heads", "all"])
+def test_kvpacked(rng, dtype, opt):
+    b, sq, sk, hq, hkv, d = 2, 21, 50, 8, 2, 32
+    q, q64 = randn(rng, (b, sq, hq, d), dtype)
+    kv, kv64 = randn(rng, (b, sk, 2, hkv, d), dtype)
+    kw = make_options(rng, opt, b, hq, sk)
+    out = fastattn.flash_attn_kvpacked_func(q, kv, out=nan_like(q), **kw)
+    (o64, _, _), (onaive, _, _) = naive_and_exact(ref.attention_batched, dtype, q64,
+                                                  kv64[:, :, 0], kv64[:, :, 1], **ref_kwargs(kw))
+    assert_close("out", out, o64, onaive, dtype)
+
+
+def test_deterministic_flag_and_positional_order(rng):
+    """flash_attn's positional order: (q, k, v, dropout_p, softmax_scale, causal, window_size,
+    softcap, alibi_slopes, deterministic, return_attn_probs)."""
+    q, q64 = randn(rng, (1, 8, 2, 16), "float32")
+    k, k64 = randn(rng, (1, 8, 2, 16), "float32")
+    v, v64 = randn(rng, (1, 8, 2, 16), "float32")
+    slopes = alibi_slopes(rng, (2,))
+    res = fastattn.flash_attn_func(q, k, v, 0.0, 0.3, True, (3, 0), 2.0, slopes, True, True)
+    assert isinstance(res, tuple) and len(res) == 3
+    o64, _, _ = ref.attention_batched(q64, k64, v64, scale=0.3, causal=True, window=(3, 0),
+                                      softcap=2.0, alibi=slopes)
+    assert_close("out", res[0], o64, o64, "float32")
+    # deterministic=True and False give the same bits (the forward is always deterministic).
+    a = fastattn.flash_attn_func(q, k, v, deterministic=False)
+    b = fastattn.flash_attn_func(q, k, v, deterministic=True)
+    assert np.array_equal(a, b)
+
+
+def test_float_output_types(rng):
+    q, _ = randn(rng, (1, 4, 2, 16), "float16")
+    out, lse, probs = fastattn.flash_attn_func(q, q, q, return_attn_probs=True)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float16
+    assert lse.dtype == np.float32 and probs.dtype == np.float32
+    assert lse.shape == (1, 2, 4) and probs.shape == (1, 2, 4, 4)
+
+
+@pytest.mark.skipif(torch is None, reason="needs torch")
+def test_torch_bfloat16_types(rng):
+    q, _ = randn(rng, (1, 4, 2, 16), "bfloat16")
+    out, lse = fastattn.flash_attn_func(q, q, q, return_softmax_lse=True)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.bfloat16
+    assert isinstance(lse, torch.Tensor) and lse.dtype == torch.float32
