@@ -1,0 +1,216 @@
+// fastattn C++ tests: shared helpers (seeding, options, tolerance checks).
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <optional>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "fastattn/fastattn.h"
+#include "reference.h"
+
+namespace fa_test {
+
+using fa_ref::HostTensor;
+using fa_ref::Layout;
+using fastattn::DType;
+
+/// A fresh seed per test: FASTATTN_TEST_SEED when set (to replay a failure), else random_device.
+inline std::uint64_t fresh_seed() {
+  if (const char* env = std::getenv("FASTATTN_TEST_SEED")) return std::strtoull(env, nullptr, 10);
+  std::random_device rd;
+  return (static_cast<std::uint64_t>(rd()) << 32) ^ rd();
+}
+
+/// Declares `std::mt19937_64 rng` seeded freshly and puts the seed in every failure message.
+#define FA_SEEDED_RNG(rng)                                                                   \
+  const std::uint64_t rng##_seed = ::fa_test::fresh_seed();                                  \
+  SCOPED_TRACE("seed " + std::to_string(rng##_seed) + " (replay: FASTATTN_TEST_SEED=" +       \
+               std::to_string(rng##_seed) + ")");                                             \
+  std::mt19937_64 rng(rng##_seed)
+
+inline std::int64_t rand_int(std::mt19937_64& rng, std::int64_t lo, std::int64_t hi) {
+  return std::uniform_int_distribution<std::int64_t>(lo, hi)(rng);
+}
+inline double rand_real(std::mt19937_64& rng, double lo, double hi) {
+  return std::uniform_real_distribution<double>(lo, hi)(rng);
+}
+template <class T>
+const T& pick(std::mt19937_64& rng, const std::vector<T>& v) {
+  return v[static_cast<std::size_t>(rand_int(rng, 0, static_cast<std::int64_t>(v.size()) - 1))];
+}
+
+inline const std::vector<DType>& float_dtypes() {
+  static const std::vector<DType> d{DType::kFloat32, DType::kFloat16, DType::kBFloat16};
+  return d;
+}
+inline std::string dtype_param_name(const ::testing::TestParamInfo<DType>& info) {
+  return fa_ref::dtype_str(info.param);
+}
+
+/// Score options for one case, in both forms: the library's AttentionOptions (which holds a view
+/// of `alibi`, kept alive here) and the reference's RefOptions.
+struct Opts {
+  std::optional<double> scale;
+  bool causal = false;
+  std::int64_t left = -1, right = -1;
+  double softcap = 0.0;
+  int alibi = 0;  ///< 0 none, 1 (Hq), 2 (B, Hq)
+  std::shared_ptr<HostTensor> alibi_tensor;
+  std::vector<double> alibi_values;
+
+  std::string str() const {
+    std::ostringstream s;
+    s << "scale=" << (scale ? std::to_string(*scale) : "default") << " causal=" << causal
+      << " window=(" << left << "," << right << ") softcap=" << softcap << " alibi=" << alibi;
+    return s.str();
+  }
+  /// Draw the ALiBi slopes (needs B and Hq); call before lib()/ref() when alibi != 0.
+  void make_alibi(std::int64_t B, std::int64_t Hq, std::mt19937_64& rng) {
+    if (alibi == 0) return;
+    std::vector<std::int64_t> shape = alibi == 1 ? std::vector<std::int64_t>{Hq}
+                                                 : std::vector<std::int64_t>{B, Hq};
+    alibi_tensor = std::make_shared<HostTensor>(DType::kFloat32, shape);
+    alibi_values.clear();
+    for (std::int64_t i = 0; i < alibi_tensor->numel(); ++i) {
+      alibi_tensor->set(i, rand_real(rng, 0.0, 0.5));
+      alibi_values.push_back(alibi_tensor->get(i));
+    }
+  }
+  fastattn::AttentionOptions lib() const {
+    fastattn::AttentionOptions o;
+    if (scale) o.softmax_scale = static_cast<float>(*scale);
+    o.causal = causal;
+    o.window_left = left;
+    o.window_right = right;
+    o.softcap = static_cast<float>(softcap);
+    if (alibi_tensor) o.alibi_slopes = alibi_tensor->view();
+    return o;
+  }
+  fa_ref::RefOptions ref() const {
+    fa_ref::RefOptions r;
+    // The library receives the scale as a float; give the reference the same number.
+    if (scale) r.softmax_scale = static_cast<double>(static_cast<float>(*scale));
+    r.causal = causal;
+    r.window_left = left;
+    r.window_right = right;
+    r.softcap = static_cast<double>(static_cast<float>(softcap));
+    r.alibi = alibi_values;
+    r.alibi_per_batch = alibi == 2;
+    return r;
+  }
+};
+
+/// A random combination of options (each present with probability ~1/2).
+inline Opts random_opts(std::mt19937_64& rng, bool allow_alibi = true) {
+  Opts o;
+  if (rand_int(rng, 0, 3) == 0) o.scale = rand_real(rng, 0.05, 0.3);
+  o.causal = rand_int(rng, 0, 1) == 1;
+  if (rand_int(rng, 0, 1)) {
+    o.left = rand_int(rng, -1, 40);
+    o.right = rand_int(rng, -1, 40);
+  }
+  if (rand_int(rng, 0, 1)) o.softcap = rand_real(rng, 2.0, 30.0);
+  if (allow_alibi) o.alibi = static_cast<int>(rand_int(rng, 0, 2));
+  return o;
+}
+
+/// Tolerance on outputs, the FlashAttention rule from DESIGN.md:
+///   max|ours - ref| <= factor * max|naive_in_dtype - ref| + 1e-5.
+/// For float32 inputs the naive error is a few float32 roundings (~1e-7 for |out| ~ 1), so the
+/// bound is effectively 1e-5 absolute: tight for outputs of magnitude ~1 (unit-variance v),
+/// about 100 float32 ulps.
+inline double out_tolerance(double naive_err, double factor) { return factor * naive_err + 1e-5; }
+/// Tolerance on LSE (natural log): the same rule with an absolute floor of 1e-4. The naive in-dtype
+/// LSE (from scores rounded to the dtype) has an error of order |s| * u; for float32 the floor
+/// dominates: the float32 exp/log/sum of up to ~1000 terms is good to ~1e-6 relative, and |lse|
+/// stays below ~20 in these tests.
+inline double lse_tolerance(double naive_err, double factor) { return factor * naive_err + 1e-4; }
+
+/// Checks ours against ref with the tolerance derived from naive. Returns true when it passes.
+inline ::testing::AssertionResult close_to_ref(const std::vector<double>& ours,
+                                               const std::vector<double>& ref,
+                                               const std::vector<double>& naive, double factor,
+                                               bool is_lse = false) {
+  if (fa_ref::any_nan(ours)) {
+    std::int64_t n = 0, first = -1;
+    for (std::size_t i = 0; i < ours.size(); ++i)
+      if (std::isnan(ours[i])) {
+        if (first < 0) first = static_cast<std::int64_t>(i);
+        ++n;
+      }
+    return ::testing::AssertionFailure() << n << " NaN values (not written or computed NaN), first at "
+                                         << first << " of " << ours.size();
+  }
+  const double err = fa_ref::max_abs_diff(ours, ref);
+  const double nerr = fa_ref::max_abs_diff(naive, ref);
+  const double tol = is_lse ? lse_tolerance(nerr, factor) : out_tolerance(nerr, factor);
+  if (err <= tol) return ::testing::AssertionSuccess();
+  // Locate the worst element for the message.
+  std::size_t worst = 0;
+  double wd = -1;
+  for (std::size_t i = 0; i < ours.size(); ++i) {
+    double d = std::fabs(ours[i] - ref[i]);
+    if (std::isinf(ours[i]) || std::isinf(ref[i])) d = ours[i] == ref[i] ? 0.0 : INFINITY;
+    if (d > wd) wd = d, worst = i;
+  }
+  return ::testing::AssertionFailure()
+         << "max error " << err << " > tolerance " << tol << " (naive-in-dtype error " << nerr
+         << ", factor " << factor << "); worst at flat index " << worst << ": ours "
+         << ours[worst] << " ref " << ref[worst] << " naive " << naive[worst];
+}
+
+/// True when every byte of `now` equals `before` except those whose byte mask entry is set.
+inline ::testing::AssertionResult bytes_unchanged(const std::vector<unsigned char>& before,
+                                                  const std::vector<unsigned char>& now,
+                                                  const std::vector<bool>* allowed = nullptr) {
+  if (before.size() != now.size()) return ::testing::AssertionFailure() << "size changed";
+  std::int64_t changed = 0, first = -1;
+  for (std::size_t i = 0; i < now.size(); ++i) {
+    if (allowed && (*allowed)[i]) continue;
+    if (before[i] != now[i]) {
+      if (first < 0) first = static_cast<std::int64_t>(i);
+      ++changed;
+    }
+  }
+  if (changed == 0) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << changed << " bytes changed that must not be, first at byte "
+                                       << first;
+}
+
+inline std::string shape_str(const std::vector<std::int64_t>& s) {
+  std::ostringstream o;
+  o << "(";
+  for (std::size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  o << ")";
+  return o.str();
+}
+
+/// Exclusive prefix sums with a leading 0.
+inline std::vector<std::int64_t> cumsum0(const std::vector<std::int64_t>& lens) {
+  std::vector<std::int64_t> cu{0};
+  for (auto l : lens) cu.push_back(cu.back() + l);
+  return cu;
+}
+
+/// A ragged length: often 0, 1 or one of the DESIGN.md lengths, else uniform in [0, hi].
+inline std::int64_t ragged_len(std::mt19937_64& rng, std::int64_t hi) {
+  static const std::vector<std::int64_t> special{0, 1, 17, 113};
+  const int r = static_cast<int>(rand_int(rng, 0, 5));
+  if (r == 0) return 0;
+  if (r == 1) return 1;
+  if (r == 2) {
+    const std::int64_t s = pick(rng, special);
+    return s <= hi ? s : hi;
+  }
+  return rand_int(rng, 0, hi);
+}
+
+}  // namespace fa_test
