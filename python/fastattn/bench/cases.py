@@ -84,7 +84,8 @@ def cpu_prefill(rng, torch, b, s, hq, hkv, d, causal):
     elem = 4
     case = Case(
         suite="prefill",
-        name="prefill%s d%d s%d" % (" causal" if causal else "", d, s),
+        name="prefill%s d%d s%d%s" % (" causal" if causal else "", d, s,
+                                      " gqa%d/%d" % (hq, hkv) if hq != hkv else ""),
         shape="B=%d S=%d H=%d/%d D=%d fp32%s" % (b, s, hq, hkv, d, " causal" if causal else ""),
         flops=4.0 * d * pairs,
         bytes=float(elem * (2 * q.size + k.size + v.size)),
