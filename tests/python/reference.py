@@ -324,6 +324,8 @@ def merge_states(v, s):
     out_v, out_s = v[:, 0], s[:, 0]
     for i in range(1, v.shape[1]):
         out_v, out_s = merge_state(out_v, out_s, v[:, i], s[:, i])
+    # A row whose states are all empty is the empty state: output 0 (even for one state).
+    out_v = np.where(np.isneginf(out_s)[..., None], 0.0, out_v)
     return out_v, out_s
 
 
