@@ -41,8 +41,10 @@ T_BUILD=$(since "$t")
 
 echo "== [cpp] ctest =="
 t=$(now)
-ctest --test-dir "$BUILD" --output-on-failure -j "$JOBS"
+CTEST_RC=0
+ctest --test-dir "$BUILD" --output-on-failure -j "$JOBS" || CTEST_RC=$?
 T_CTEST=$(since "$t")
+# A test failure is reported at the end; the install and the example still run.
 
 echo "== [cpp] install to $PREFIX, build examples/cpp against it =="
 t=$(now)
@@ -58,3 +60,7 @@ if [ "$T_CUDA" != "n/a" ]; then
     --json "$BUILD/cuda_build_report.json" || true
 fi
 echo "== [cpp] times (s): configure $T_CONFIGURE, CUDA backend $T_CUDA, rest of build $T_BUILD, ctest $T_CTEST, install+example $T_EXAMPLE =="
+if [ "$CTEST_RC" -ne 0 ]; then
+  echo "== [cpp] ctest FAILED (exit code $CTEST_RC) =="
+  exit "$CTEST_RC"
+fi

@@ -20,9 +20,15 @@ T0=$(date +%s)
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 declare -a SUMMARY=()
-step_done() { SUMMARY+=("$(printf '%-34s %-6s %8ss' "$1" "$2" "$3")"); }
+FAILED=0
+step_done() {  # name status seconds
+  SUMMARY+=("$(printf '%-36s %-5s %8ss' "$1" "$2" "$3")")
+  [ "$2" = "FAIL" ] && FAILED=1
+  return 0
+}
 finish() {
   local rc=$?
+  [ "$FAILED" = "1" ] && [ "$rc" -eq 0 ] && rc=1
   echo
   echo "==================== fastattn test summary ===================="
   local line
@@ -33,7 +39,7 @@ finish() {
 }
 trap finish EXIT
 
-# ---- 1. Python packages ---------------------------------------------------------------------------
+# ---- 1. Python packages (a failure here stops everything) -----------------------------------------
 t=$(now)
 if [ "${FASTATTN_SKIP_PIP:-0}" != "1" ]; then
   echo "== [deps] pip install -r requirements-test.txt =="
@@ -49,18 +55,26 @@ if [ "${FASTATTN_SKIP_PIP:-0}" != "1" ]; then
 fi
 step_done "python dependencies" ok "$(since "$t")"
 
+# From here on every step runs; failures are collected and reported in the summary.
 # ---- 2. C++ build, tests, install, example ------------------------------------------------------
 t=$(now)
-FASTATTN_CUDA="${FASTATTN_CUDA:-ON}" PYTHON="$PY" bash scripts/ci_cpp.sh
-step_done "C++ build + ctest + install/example" ok "$(since "$t")"
+if FASTATTN_CUDA="${FASTATTN_CUDA:-ON}" PYTHON="$PY" bash scripts/ci_cpp.sh; then
+  step_done "C++ build + ctest + install/example" ok "$(since "$t")"
+else
+  step_done "C++ build + ctest + install/example" FAIL "$(since "$t")"
+fi
 
 # ---- 3. the Python package ---------------------------------------------------------------------
 t=$(now)
 echo "== [python] pip install . =="
 # The build requirements are installed in step 1, so no isolated build environment is needed;
 # scikit-build-core keeps its build tree (pyproject build-dir), so a second run only relinks.
-"$PY" -m pip install --disable-pip-version-check -q --no-build-isolation --no-deps .
-step_done "pip install ." ok "$(since "$t")"
+if "$PY" -m pip install --disable-pip-version-check -q --no-build-isolation --no-deps .; then
+  step_done "pip install ." ok "$(since "$t")"
+else
+  step_done "pip install ." FAIL "$(since "$t")"
+  exit 1
+fi
 
 # ---- 4. pytest -----------------------------------------------------------------------------------
 t=$(now)
@@ -73,9 +87,8 @@ if [ "$rc" -eq 5 ]; then
   # pytest's "no tests collected": not an error of the code under test, but say so loudly.
   echo "WARNING: pytest collected no tests (exit code 5)"
   step_done "pytest (no tests collected)" ok "$(since "$t")"
-  exit 0
 elif [ "$rc" -ne 0 ]; then
   step_done "pytest" FAIL "$(since "$t")"
-  exit "$rc"
+else
+  step_done "pytest" ok "$(since "$t")"
 fi
-step_done "pytest" ok "$(since "$t")"

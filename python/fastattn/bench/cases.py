@@ -329,24 +329,35 @@ def cpu_cases(suites: List[str], quick: bool, seed: int = 0) -> List[Case]:
 
 
 def _sdpa_backend_call(torch, backend_name, q, k, v, causal=False, mask=None):
-    """A callable running SDPA restricted to one backend, or None when it refuses the inputs."""
+    """A callable running SDPA restricted to one backend, or None when it refuses the inputs.
+    GQA: enable_gqa first; if the backend refuses it, K/V expanded to every query head."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     F = torch.nn.functional
     backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend_name]
-    kw = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
 
-    def run():
-        with sdpa_kernel([backend]):
-            if mask is not None:
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, **kw)
-    try:
-        run()
-        torch.cuda.synchronize()
-    except Exception:
-        return None
-    return run
+    def make(kk, vv, kw):
+        def run():
+            with sdpa_kernel([backend]):
+                if mask is not None:
+                    return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, **kw)
+                return F.scaled_dot_product_attention(q, kk, vv, is_causal=causal, **kw)
+        return run
+
+    attempts = [(k, v, {})]
+    if q.shape[1] != k.shape[1]:
+        g = q.shape[1] // k.shape[1]
+        attempts = [(k, v, {"enable_gqa": True}),
+                    (k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1), {})]
+    for kk, vv, kw in attempts:
+        run = make(kk, vv, kw)
+        try:
+            run()
+            torch.cuda.synchronize()
+            return run
+        except Exception:
+            continue
+    return None
 
 
 def gpu_prefill(torch, seqlen, d, causal, dtype, hidden=2048, tokens=16384):
@@ -414,9 +425,9 @@ def gpu_decode(torch, b, hq, hkv, d, mean_len, dtype, page_size=16, seed=0):
     return case
 
 
-def gpu_cases(suites: List[str], quick: bool) -> List[Case]:
+def gpu_cases(suites: List[str], quick: bool):
+    """Yields the cases one at a time, so each one's tensors are freed before the next is built."""
     import torch
-    cases: List[Case] = []
     if "prefill" in suites:
         seqlens = [1024, 4096] if quick else [512, 1024, 2048, 4096, 8192, 16384]
         dims = [64, 128] if quick else [64, 128, 256]
@@ -425,11 +436,10 @@ def gpu_cases(suites: List[str], quick: bool) -> List[Case]:
             for d in dims:
                 for s in seqlens:
                     for causal in (False, True):
-                        cases.append(gpu_prefill(torch, s, d, causal, dtype))
+                        yield gpu_prefill(torch, s, d, causal, dtype)
     if "decode" in suites:
         shapes = [(64, 32, 8, 128, 2048)] if quick else [(64, 32, 8, 128, 2048), (256, 32, 8, 128, 1024),
                                                           (16, 32, 8, 128, 16384)]
         for b, hq, hkv, d, L in shapes:
-            cases.append(gpu_decode(torch, b, hq, hkv, d, L, torch.float16))
-    # GPU cascade rows arrive with the CUDA cascade kernels (see bench/NOTES.md).
-    return cases
+            yield gpu_decode(torch, b, hq, hkv, d, L, torch.float16)
+    # GPU cascade rows come with the CUDA cascade kernels.
