@@ -212,7 +212,7 @@ def test_num_splits_bitwise_reproducible_across_batches(rng):
         assert np.array_equal(one[0], full[b]), f"sequence {b} differs with a different batch"
 
 
-@pytest.mark.parametrize("splits", [0, 1, 2, 3, 7])
+@pytest.mark.parametrize("splits", [0, 1, 2, 3, 7, 1000])
 def test_num_splits_agree(rng, splits):
     """All split counts compute the same attention (up to rounding)."""
     t = build_case(rng, "float32", dict(B=2, Snew=1, splits=splits, cache_len=400))

@@ -202,3 +202,31 @@ def test_varlen_matches_batched(rng):
     packed = fastattn.flash_attn_varlen_func(q.reshape(b * s, h, d), k.reshape(b * s, h, d),
                                              v.reshape(b * s, h, d), cu, cu, s, s, causal=True)
     assert np.max(np.abs(to64(packed).reshape(b, s, h, d) - to64(dense))) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("opt", ["none", "causal", "all"])
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_varlen_long(rng, dtype, opt, page_size):
+    """Longer ragged sequences (799 keys / queries) across many key tiles."""
+    lq, lk = [799, 1, 113], [799, 799, 0]
+    hq, hkv, d = 4, 2, 64
+    cu_q, cu_k = cumsum0(lq), cumsum0(lk)
+    q, q64 = randn(rng, (int(cu_q[-1]), hq, d), dtype)
+    kw = make_options(rng, opt, len(lq), hq)
+    if page_size is None:
+        k, k64 = randn(rng, (int(cu_k[-1]), hkv, d), dtype)
+        v, v64 = randn(rng, (int(cu_k[-1]), hkv, d), dtype)
+        extra = {}
+    else:
+        table, num_pages = make_block_table(rng, lk, page_size)
+        k, k64 = randn(rng, (num_pages, page_size, hkv, d), dtype)
+        v, v64 = randn(rng, (num_pages, page_size, hkv, d), dtype)
+        extra = dict(block_table=table)
+    out, lse = fastattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk),
+                                               return_softmax_lse=True, out=nan_like(q),
+                                               **extra, **kw)
+    (o64, lse64, _), (onaive, _, _) = naive_and_exact(ref.attention_varlen, dtype, q64, cu_q,
+                                                      k64, v64, cu_k, **extra, **ref_kwargs(kw))
+    assert_close("out", out, o64, onaive, dtype)
+    assert_lse("softmax_lse", lse, lse64)
