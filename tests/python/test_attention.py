@@ -172,3 +172,25 @@ def test_torch_bfloat16_types(rng):
     out, lse = fastattn.flash_attn_func(q, q, q, return_softmax_lse=True)
     assert isinstance(out, torch.Tensor) and out.dtype == torch.bfloat16
     assert isinstance(lse, torch.Tensor) and lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_head_dim(rng, dtype):
+    """Every supported head_dim (8..256 in steps of 8), GQA, causal with seqlen_q < seqlen_k."""
+    for d in range(8, 257, 8):
+        q, q64 = randn(rng, (1, 3, 4, d), dtype)
+        k, k64 = randn(rng, (1, 70, 2, d), dtype)
+        v, v64 = randn(rng, (1, 70, 2, d), dtype)
+        out = fastattn.flash_attn_func(q, k, v, causal=True, out=nan_like(q))
+        (o64, _, _), (onaive, _, _) = naive_and_exact(ref.attention_batched, dtype, q64, k64,
+                                                      v64, causal=True)
+        assert_close(f"out (head_dim {d})", out, o64, onaive, dtype)
+
+
+def test_zero_sized_batches(rng):
+    """batch 0 and seqlen_q 0 are valid, empty problems."""
+    q, _ = randn(rng, (2, 0, 4, 32), "float32")
+    k, _ = randn(rng, (2, 5, 4, 32), "float32")
+    assert fastattn.flash_attn_func(q, k, k, causal=True).shape == (2, 0, 4, 32)
+    q, _ = randn(rng, (0, 3, 4, 32), "float32")
+    assert fastattn.flash_attn_func(q, q, q).shape == (0, 3, 4, 32)

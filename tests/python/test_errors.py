@@ -255,7 +255,25 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+# Inputs the C++ library accepts although include/fastattn/ops.h rules them out (reported to the
+# library's owner; the marks go when the validation lands).
+KNOWN_GAPS = {
+    "cu_seqlens_q_not_zero_start": "C++ accepts cu_seqlens_q[0] != 0 (ops.h requires 0); the "
+                                   "rows before it are never written",
+    "shared_causal_queries_exceed_suffix": "C++ accepts causal shared-prefix requests with more "
+                                           "queries than suffix keys (ops.h: Sq_b <= len_b)",
+}
+
+
+def _param(case):
+    marks = ()
+    if case[0] in KNOWN_GAPS:
+        marks = pytest.mark.xfail(reason=KNOWN_GAPS[case[0]], raises=pytest.fail.Exception,
+                                  strict=False)
+    return pytest.param(case, id=case[0], marks=marks)
+
+
+@pytest.mark.parametrize("case", [_param(c) for c in CASES])
 def test_bad_input(case):
     _, fn, exc, arg = case
     with pytest.raises(exc) as info:
