@@ -2,12 +2,15 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "core/heuristics.h"
 #include "cpu/attention_problem.h"
+#include "cpu/convert.h"
 #include "cpu/cpu_backend.h"
 #include "cpu/index_data.h"
 #include "cpu/kvcache_append.h"
@@ -152,7 +155,7 @@ void varlen_attention_forward(check::ArgChecker& c, const VarlenAttentionArgs& a
   const auto o = core::validate_options(c, args.options, d.a.batch, d.a.heads_q, d.a.head_dim);
   // Contents of the index tensors, all checked before anything is written.
   check_cumulative(c, args.cu_seqlens_q, "cu_seqlens_q", d.total_q, args.max_seqlen_q,
-                   "max_seqlen_q");
+                   "max_seqlen_q", /*zero_start=*/true);
   const std::int32_t* cu_q = ints(args.cu_seqlens_q);
   const std::int32_t* cu_k = args.cu_seqlens_k ? ints(*args.cu_seqlens_k) : nullptr;
   if (args.cu_seqlens_k)
@@ -218,6 +221,18 @@ void varlen_attention_forward(check::ArgChecker& c, const VarlenAttentionArgs& a
   std::vector<float> lse_scratch;
   set_probs(p, args.probs, lse_scratch);
   run_attention(p, nullptr, threads(args.exec));
+  clear_unowned_rows(args.out, args.lse, cu_q[d.a.batch], d.total_q);
+}
+
+void clear_unowned_rows(const TensorView& out, const std::optional<TensorView>& lse,
+                        std::int64_t row_begin, std::int64_t row_end) {
+  const std::int64_t heads = out.size(1), dim = out.size(2);
+  const std::size_t row_bytes = static_cast<std::size_t>(dim) * dtype_size(out.dtype);
+  for (std::int64_t r = row_begin; r < row_end; ++r)
+    for (std::int64_t h = 0; h < heads; ++h) {
+      std::memset(elem_ptr(out.data, out.dtype, r * out.stride(0) + h * out.stride(1)), 0, row_bytes);
+      if (lse) static_cast<float*>(lse->data)[h * lse->stride(0) + r * lse->stride(1)] = -INFINITY;
+    }
 }
 
 namespace {

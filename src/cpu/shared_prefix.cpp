@@ -30,7 +30,7 @@ CascadePlan plan_cascade(check::ArgChecker& c, const SharedPrefixAttentionArgs& 
     c.fail_value("suffix.block_table", "is not supported here: give the suffix pages as "
                                        "suffix.page_indptr / page_indices (FlashInfer's layout)");
   check_cumulative(c, *sfx.page_indptr, "suffix.page_indptr", sfx.page_indices->size(0), -1, "");
-  if (args.qo_indptr) check_cumulative(c, *args.qo_indptr, "qo_indptr", d.total_q, -1, "");
+  if (args.qo_indptr) check_cumulative(c, *args.qo_indptr, "qo_indptr", d.total_q, -1, "", true);
   const std::int32_t* qo = args.qo_indptr ? ints(*args.qo_indptr) : nullptr;
   const std::int32_t* ip = ints(*sfx.page_indptr);
   const std::int32_t* idx = ints(*sfx.page_indices);
@@ -148,8 +148,9 @@ void shared_prefix_attention_forward(check::ArgChecker& c, const SharedPrefixAtt
   // Merge the two states of every (row, head) with the shared merge primitive.
   const std::int64_t hq = d.a.heads_q;
   const TensorView& out = args.out;
+  const std::int64_t owned_q = args.qo_indptr ? ints(*args.qo_indptr)[d.a.batch] : d.total_q;
 #pragma omp parallel for num_threads(nt)
-  for (std::int64_t i = 0; i < rows; ++i) {
+  for (std::int64_t i = 0; i < owned_q * hq; ++i) {
     const std::int64_t r = i / hq, h = i % hq;
     const MergeWeights w = merge_weights(lse_pre[i], lse_suf[i]);
     float row[256];
@@ -159,6 +160,7 @@ void shared_prefix_attention_forward(check::ArgChecker& c, const SharedPrefixAtt
               elem_ptr(out.data, out.dtype, r * out.stride(0) + h * out.stride(1)));
     if (args.lse) static_cast<float*>(args.lse->data)[h * args.lse->stride(0) + r * args.lse->stride(1)] = w.lse;
   }
+  clear_unowned_rows(out, args.lse, owned_q, d.total_q);
 }
 
 }  // namespace fastattn::cpu
