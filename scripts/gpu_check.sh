@@ -94,7 +94,7 @@ fi
 # ---- 3. tests/gpu ---------------------------------------------------------------------------------
 if [ "$PKG_OK" = "1" ]; then
   t=$(now)
-  "$PY" -m pytest tests/gpu -q -p no:cacheprovider ${OUTDIR:+--junitxml="$OUTDIR/pytest_gpu.xml"} \
+  FASTATTN_REQUIRE_GPU=1 "$PY" -m pytest tests/gpu -q -p no:cacheprovider ${OUTDIR:+--junitxml="$OUTDIR/pytest_gpu.xml"} \
     2>&1 | tee "$BUILD.pytest.log"
   rc=${PIPESTATUS[0]}
   line="$(grep -E '(passed|failed|skipped|error)' "$BUILD.pytest.log" | tail -1 | tr -d '=')"

@@ -25,6 +25,12 @@ def _why_no_gpu():
 WHY_NO_GPU = _why_no_gpu()
 
 
+def pytest_configure(config):
+    # On the GPU machine (scripts/gpu_check.sh sets this) a missing GPU is an error, not a skip.
+    if os.environ.get("FASTATTN_REQUIRE_GPU") == "1" and WHY_NO_GPU is not None:
+        raise pytest.UsageError("FASTATTN_REQUIRE_GPU=1 but " + WHY_NO_GPU)
+
+
 def pytest_report_header(config):
     if WHY_NO_GPU is not None:
         return "tests/gpu: skipped, %s" % WHY_NO_GPU

@@ -28,6 +28,8 @@ class Case:
     peers: Dict[str, Callable[[], Any]] = field(default_factory=dict)
     # Compares the fastattn output with the naive one: returns max |error| (float).
     check: Optional[Callable[[Any, Any], float]] = None
+    # GPU: no naive reference; `check` then compares with this peer's output instead.
+    check_against: Optional[str] = None
     note: str = ""
 
 
@@ -376,6 +378,9 @@ def gpu_prefill(torch, seqlen, d, causal, dtype, hidden=2048, tokens=16384):
         shape="B=%d S=%d H=%d D=%d %s%s" % (b, seqlen, h, d, tname, " causal" if causal else ""),
         flops=4.0 * d * pairs, bytes=float(q.element_size() * 4 * q.numel()), metric="flops",
         fastattn=lambda: fastattn.flash_attn_func(q, k, v, causal=causal),
+        # SDPA returns (B, H, S, D): compare in fastattn's (B, S, H, D) layout.
+        check=lambda out, ref: float((out.float() - ref.transpose(1, 2).float()).abs().max()),
+        check_against="sdpa-flash",
     )
     tq, tk, tv = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, S, D) views, no copy
     for name in ("flash", "cudnn"):

@@ -141,8 +141,11 @@ def run_case(case, device, torch, quick):
 
     for name, fn in case.peers.items():
         try:
-            t, n, _ = timer(fn)
+            t, n, peer_out = timer(fn)
             row["peers"][name] = {"s": t, "runs": n}
+            if name == case.check_against and out is not None and case.check is not None:
+                row["max_abs_err"] = case.check(out, peer_out)
+                row["err_vs"] = name
         except Exception as e:
             row["peers"][name] = {"s": None, "error": _short_error(e)}
     return row
@@ -174,7 +177,7 @@ def format_table(rows, device):
     if any("naive_s" in r for r in rows):
         head += ["naive ms", "vs naive"]
     for p in peer_names:
-        head += [p + " ms", "vs " + p]
+        head += [p + " ms"] + (["rate"] if device == "cuda" else []) + ["vs " + p]
     head += ["max err"]
     lines = []
     for r in rows:
@@ -189,7 +192,13 @@ def format_table(rows, device):
             cells += [_fmt_ms(r.get("naive_s")), _fmt_ratio(r.get("naive_s"), t)]
         for p in peer_names:
             ps = r["peers"].get(p, {}).get("s")
-            cells += [_fmt_ms(ps), _fmt_ratio(ps, t)]
+            cells += [_fmt_ms(ps)]
+            if device == "cuda":
+                pr = _rate(r, ps)
+                if pr is not None and r["metric"] == "flops":
+                    pr /= 1e3
+                cells += ["-" if pr is None else "%.1f" % pr]
+            cells += [_fmt_ratio(ps, t)]
         err = r.get("max_abs_err")
         cells += ["-" if err is None else "%.1e" % err]
         lines.append(cells)
@@ -201,7 +210,8 @@ def format_table(rows, device):
     for n in notes:
         out.append("n/a: " + n)
     out.append("ratios: reference time / fastattn time (>1 means fastattn is faster); "
-               "rate: FLOPs or minimal bytes over fastattn's median time")
+               "rate: FLOPs or minimal bytes over the median time; max err: vs the naive float64 "
+               "reference (CPU) or vs SDPA flash (GPU)")
     return "\n".join(out)
 
 
