@@ -305,14 +305,79 @@ double RefOptions::slope(std::int64_t b, std::int64_t h, std::int64_t Hq) const 
   return alibi_per_batch ? alibi[static_cast<std::size_t>(b * Hq + h)] : alibi[static_cast<std::size_t>(h)];
 }
 
-SeqOut attend_sequence(const SeqIn& in, std::int64_t b, std::int64_t Hq, std::int64_t Hkv,
-                       std::int64_t D, const RefOptions& opt, std::optional<DType> round) {
+namespace {
+
+/// The naive in-dtype computation (see reference.h): float32 accumulations, dtype roundings.
+SeqOut attend_sequence_naive(const SeqIn& in, std::int64_t b, std::int64_t Hq, std::int64_t Hkv,
+                             std::int64_t D, const RefOptions& opt, DType dt) {
   const std::int64_t Sq = in.Sq, Sk = in.Sk;
   const double scale = opt.softmax_scale ? *opt.softmax_scale : 1.0 / std::sqrt(static_cast<double>(D));
   const std::int64_t group = Hq / Hkv;
   const std::int64_t right = opt.causal ? 0 : opt.window_right;
   const std::int64_t left = opt.window_left;
-  auto R = [&](double x) { return round ? round_to(*round, x) : x; };
+  auto R = [&](double x) { return static_cast<float>(round_to(dt, x)); };
+  SeqOut o;
+  o.out.assign(static_cast<std::size_t>(Sq * Hq * D), 0.0);
+  o.lse.assign(static_cast<std::size_t>(Hq * Sq), -kInf);
+  o.probs.assign(static_cast<std::size_t>(Hq * Sq * Sk), 0.0);
+  std::vector<float> s(static_cast<std::size_t>(Sk)), p(static_cast<std::size_t>(Sk)), qs(static_cast<std::size_t>(D));
+  std::vector<float> acc(static_cast<std::size_t>(D));
+  std::vector<char> seen(static_cast<std::size_t>(Sk));
+  for (std::int64_t h = 0; h < Hq; ++h) {
+    const std::int64_t kh = h / group;
+    const double slope = opt.slope(b, h, Hq);
+    for (std::int64_t i = 0; i < Sq; ++i) {
+      const double* qrow = &in.q[static_cast<std::size_t>((i * Hq + h) * D)];
+      for (std::int64_t d = 0; d < D; ++d) qs[static_cast<std::size_t>(d)] = R(qrow[d] * scale);
+      const std::int64_t qpos = i + Sk - Sq;
+      float m = -std::numeric_limits<float>::infinity();
+      for (std::int64_t j = 0; j < Sk; ++j) {
+        const bool vis = (left < 0 || j >= qpos - left) && (right < 0 || j <= qpos + right);
+        seen[static_cast<std::size_t>(j)] = vis;
+        if (!vis) continue;
+        const double* krow = &in.k[static_cast<std::size_t>((j * Hkv + kh) * D)];
+        float dot = 0.0f;
+        for (std::int64_t d = 0; d < D; ++d) dot += qs[static_cast<std::size_t>(d)] * static_cast<float>(krow[d]);
+        float x = R(dot);
+        if (opt.softcap > 0) x = R(opt.softcap * std::tanh(x / opt.softcap));
+        if (slope != 0.0) x = R(x - slope * std::fabs(static_cast<double>(qpos - j)));
+        s[static_cast<std::size_t>(j)] = x;
+        m = std::max(m, x);
+      }
+      if (m == -std::numeric_limits<float>::infinity()) continue;
+      float sum = 0.0f;
+      for (std::int64_t j = 0; j < Sk; ++j)
+        if (seen[static_cast<std::size_t>(j)]) {
+          p[static_cast<std::size_t>(j)] = std::exp(s[static_cast<std::size_t>(j)] - m);
+          sum += p[static_cast<std::size_t>(j)];
+        }
+      o.lse[static_cast<std::size_t>(h * Sq + i)] = static_cast<double>(m + std::log(sum));
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      double* prow = &o.probs[static_cast<std::size_t>((h * Sq + i) * Sk)];
+      for (std::int64_t j = 0; j < Sk; ++j) {
+        if (!seen[static_cast<std::size_t>(j)]) continue;
+        const float pj = R(p[static_cast<std::size_t>(j)] / sum);
+        prow[j] = pj;
+        const double* vrow = &in.v[static_cast<std::size_t>((j * Hkv + kh) * D)];
+        for (std::int64_t d = 0; d < D; ++d) acc[static_cast<std::size_t>(d)] += pj * static_cast<float>(vrow[d]);
+      }
+      double* orow = &o.out[static_cast<std::size_t>((i * Hq + h) * D)];
+      for (std::int64_t d = 0; d < D; ++d) orow[d] = R(acc[static_cast<std::size_t>(d)]);
+    }
+  }
+  return o;
+}
+
+}  // namespace
+
+SeqOut attend_sequence(const SeqIn& in, std::int64_t b, std::int64_t Hq, std::int64_t Hkv,
+                       std::int64_t D, const RefOptions& opt, std::optional<DType> round) {
+  if (round) return attend_sequence_naive(in, b, Hq, Hkv, D, opt, *round);
+  const std::int64_t Sq = in.Sq, Sk = in.Sk;
+  const double scale = opt.softmax_scale ? *opt.softmax_scale : 1.0 / std::sqrt(static_cast<double>(D));
+  const std::int64_t group = Hq / Hkv;
+  const std::int64_t right = opt.causal ? 0 : opt.window_right;
+  const std::int64_t left = opt.window_left;
 
   SeqOut o;
   o.out.assign(static_cast<std::size_t>(Sq * Hq * D), 0.0);
@@ -320,14 +385,12 @@ SeqOut attend_sequence(const SeqIn& in, std::int64_t b, std::int64_t Hq, std::in
   o.probs.assign(static_cast<std::size_t>(Hq * Sq * Sk), 0.0);
   std::vector<double> s(static_cast<std::size_t>(Sk));
   std::vector<char> seen(static_cast<std::size_t>(Sk));
-  std::vector<double> qs(static_cast<std::size_t>(D));
 
   for (std::int64_t h = 0; h < Hq; ++h) {
     const std::int64_t kh = h / group;
     const double slope = opt.slope(b, h, Hq);
     for (std::int64_t i = 0; i < Sq; ++i) {
       const double* qrow = &in.q[static_cast<std::size_t>((i * Hq + h) * D)];
-      for (std::int64_t d = 0; d < D; ++d) qs[static_cast<std::size_t>(d)] = round ? R(qrow[d] * scale) : qrow[d];
       const std::int64_t qpos = i + Sk - Sq;
       double m = -kInf;
       for (std::int64_t j = 0; j < Sk; ++j) {
@@ -336,10 +399,10 @@ SeqOut attend_sequence(const SeqIn& in, std::int64_t b, std::int64_t Hq, std::in
         if (!vis) continue;
         const double* krow = &in.k[static_cast<std::size_t>((j * Hkv + kh) * D)];
         double dot = 0.0;
-        for (std::int64_t d = 0; d < D; ++d) dot += qs[static_cast<std::size_t>(d)] * krow[d];
-        double x = round ? R(dot) : dot * scale;
-        if (opt.softcap > 0) x = R(opt.softcap * std::tanh(x / opt.softcap));
-        if (slope != 0.0) x = R(x - slope * std::fabs(static_cast<double>(qpos - j)));
+        for (std::int64_t d = 0; d < D; ++d) dot += qrow[d] * krow[d];
+        double x = dot * scale;
+        if (opt.softcap > 0) x = opt.softcap * std::tanh(x / opt.softcap);
+        if (slope != 0.0) x -= slope * std::fabs(static_cast<double>(qpos - j));
         s[static_cast<std::size_t>(j)] = x;
         m = std::max(m, x);
       }
@@ -352,13 +415,11 @@ SeqOut attend_sequence(const SeqIn& in, std::int64_t b, std::int64_t Hq, std::in
       double* prow = &o.probs[static_cast<std::size_t>((h * Sq + i) * Sk)];
       for (std::int64_t j = 0; j < Sk; ++j) {
         if (!seen[static_cast<std::size_t>(j)]) continue;
-        const double p = R(std::exp(s[static_cast<std::size_t>(j)] - m) / sum);
+        const double p = std::exp(s[static_cast<std::size_t>(j)] - m) / sum;
         prow[j] = p;
         const double* vrow = &in.v[static_cast<std::size_t>((j * Hkv + kh) * D)];
         for (std::int64_t d = 0; d < D; ++d) orow[d] += p * vrow[d];
       }
-      if (round)
-        for (std::int64_t d = 0; d < D; ++d) orow[d] = R(orow[d]);
     }
   }
   return o;

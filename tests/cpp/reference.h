@@ -12,10 +12,12 @@
 //  * Query i sees key j iff qpos - left <= j <= qpos + right (-1 = unbounded; causal => right = 0).
 //  * LSE is natural log; a row that sees no key gives out 0 and LSE -inf.
 //  * "Naive in dtype" (the FlashAttention test criterion): the same computation as a naive
-//    implementation in the input dtype would do it: q*scale rounded, scores rounded (matmul with
-//    wide accumulation, result in dtype), softcap and bias rounded, softmax in double, P rounded,
-//    out = P.V accumulated wide and rounded. Its error against the double reference sets the
-//    tolerance of the library's result.
+//    implementation in the input dtype (torch-style matmuls: float32 accumulation, result
+//    stored in the dtype) would do it: q*scale rounded to the dtype; scores = sequential float32
+//    sum of q.k, rounded to the dtype; softcap and ALiBi results rounded to the dtype; softmax
+//    in float32 (max, exp, sum); P rounded to the dtype; out = sequential float32 sum of P.v,
+//    rounded to the dtype; LSE = float32 max + log(sum). For float32 inputs this is exactly a
+//    naive float32 implementation. Its error against the double reference sets the tolerance.
 #pragma once
 
 #include <cstdint>

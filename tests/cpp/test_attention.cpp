@@ -23,6 +23,7 @@ struct AttnCase {
   bool probs = false;
   int threads = 0;
   bool force_empty_probs = false;
+  double extra_abs = 0.0;  ///< added to the tolerance (only where a test explains why)
 
   std::string str() const {
     std::ostringstream s;
@@ -82,14 +83,14 @@ AttnResult run_attention(AttnCase c, std::mt19937_64& rng) {
   const auto naive = fa_ref::ref_attention(q.values(), k.values(), v.values(), c.B, c.Sq, c.Sk,
                                            c.Hq, c.Hkv, c.D, c.opts.ref(), c.dtype);
   res.out = out.values();
-  EXPECT_TRUE(close_to_ref(res.out, ref.out, naive.out, 2.0)) << "out";
+  EXPECT_TRUE(close_to_ref(res.out, ref.out, naive.out, 2.0, c.dtype, false, c.extra_abs)) << "out";
   if (c.lse) {
     res.lse = lse.values();
-    EXPECT_TRUE(close_to_ref(res.lse, ref.lse, naive.lse, 2.0, true)) << "lse";
+    EXPECT_TRUE(close_to_ref(res.lse, ref.lse, naive.lse, 2.0, c.dtype, true, c.extra_abs)) << "lse";
   }
   if (c.probs) {
     res.probs = probs.values();
-    EXPECT_TRUE(close_to_ref(res.probs, ref.probs, naive.probs, 2.0)) << "probs";
+    EXPECT_TRUE(close_to_ref(res.probs, ref.probs, naive.probs, 2.0, c.dtype)) << "probs";
   }
   EXPECT_TRUE(out.gaps_intact()) << "out written outside its view";
   EXPECT_TRUE(lse.gaps_intact()) << "lse written outside its view";
@@ -336,6 +337,11 @@ TEST(Attention, LargeScoresDoNotOverflow) {
     c.Hkv = 2;
     c.D = 64;
     c.opts.scale = 20.0;
+    // Scores of magnitude ~500: one float32 rounding of a score (e.g. folding scale * log2(e)
+    // into q, as FlashAttention does) moves exp(s - max) by ~500 * 6e-8 = 3e-5 relative, an
+    // error the naive float32 computation need not make. This test is about overflow, so it
+    // allows that much on top of the usual bound for float32.
+    if (dt == DType::kFloat32) c.extra_abs = 1e-4;
     run_attention(c, rng);
   }
 }

@@ -121,12 +121,15 @@ void run_cascade(CascadeCase c, std::mt19937_64& rng) {
   }
   const auto ref = fa_ref::ref_varlen(q.values(), cu_q, keys, vals, c.Hq, c.Hkv, c.D, max_q, max_k, c.opts.ref());
   const auto naive = fa_ref::ref_varlen(q.values(), cu_q, keys, vals, c.Hq, c.Hkv, c.D, max_q, max_k, c.opts.ref(), c.dtype);
-  EXPECT_TRUE(close_to_ref(out.values(), ref.out, naive.out, 2.0)) << "out";
+  EXPECT_TRUE(close_to_ref(out.values(), ref.out, naive.out, 2.0, c.dtype)) << "out";
   if (c.lse) {
-    EXPECT_TRUE(close_to_ref(lse.values(), ref.lse, naive.lse, 2.0, true)) << "lse";
+    EXPECT_TRUE(close_to_ref(lse.values(), ref.lse, naive.lse, 2.0, c.dtype, true)) << "lse";
   }
   EXPECT_TRUE(out.gaps_intact());
   EXPECT_TRUE(lse.gaps_intact());
+  if (c.workspace) {
+    EXPECT_TRUE(ws.gaps_intact()) << "written past the end of the workspace";
+  }
   const auto after = std::vector<std::vector<unsigned char>>{q.bytes(), ks.bytes(), vs.bytes(), kp.bytes(), vp.bytes()};
   for (std::size_t i = 0; i < before.size(); ++i) EXPECT_TRUE(bytes_unchanged(before[i], after[i])) << "input " << i << " modified";
 }
@@ -190,6 +193,22 @@ TEST_P(CascadeDtype, CombinedOptions) {
     c.opts.alibi = static_cast<int>(rand_int(rng, 1, 2));
     c.strided = true;
     c.workspace = rand_int(rng, 0, 1) == 1;
+    run_cascade(c, rng);
+  }
+}
+
+TEST_P(CascadeDtype, HeadDims) {
+  FA_SEEDED_RNG(rng);
+  for (std::int64_t D : {8, 136, 256}) {
+    CascadeCase c;
+    c.dtype = GetParam();
+    c.D = D;
+    c.P = rand_int(rng, 1, 100);
+    c.suffix = ragged(rng, 3, 60);
+    c.Hq = 2;
+    c.Hkv = 1;
+    c.opts = random_opts(rng);
+    c.workspace = true;
     run_cascade(c, rng);
   }
 }

@@ -253,12 +253,15 @@ std::vector<double> run_kvcache(const KVCase& c0, std::mt19937_64& rng) {
   const auto ref = fa_ref::ref_kvcache(s.ref_in, c.opts.ref());
   const auto naive = fa_ref::ref_kvcache(s.ref_in, c.opts.ref(), c.dtype);
   const auto out = s.out.values();
-  EXPECT_TRUE(close_to_ref(out, ref.attn.out, naive.attn.out, 3.0)) << "out";
+  EXPECT_TRUE(close_to_ref(out, ref.attn.out, naive.attn.out, 3.0, c.dtype)) << "out";
   if (c.lse) {
-    EXPECT_TRUE(close_to_ref(s.lse.values(), ref.attn.lse, naive.attn.lse, 3.0, true)) << "lse";
+    EXPECT_TRUE(close_to_ref(s.lse.values(), ref.attn.lse, naive.attn.lse, 3.0, c.dtype, true)) << "lse";
   }
   EXPECT_TRUE(s.out.gaps_intact());
   EXPECT_TRUE(s.lse.gaps_intact());
+  if (c.workspace) {
+    EXPECT_TRUE(s.workspace.gaps_intact()) << "written past the end of the workspace";
+  }
   EXPECT_TRUE(bytes_unchanged(qb, s.q.bytes())) << "q modified";
 
   // Cache safety: only the appended slots' bytes may change.
@@ -452,6 +455,26 @@ TEST_P(KVCacheDtype, ScalarCacheSeqlenAndStrided) {
   c.strided = true;
   c.opts = random_opts(rng);
   run_kvcache(c, rng);
+}
+
+TEST_P(KVCacheDtype, HeadDims) {
+  FA_SEEDED_RNG(rng);
+  for (std::int64_t D : {8, 24, 136, 256}) {
+    KVCase c;
+    c.dtype = GetParam();
+    c.D = D;
+    c.B = 2;
+    c.Hq = 2;
+    c.Hkv = 1;
+    c.Sq = rand_int(rng, 1, 3);
+    c.Snew = c.Sq;
+    c.rotary = static_cast<int>(rand_int(rng, 1, 2));
+    c.rotary_dim = D;
+    c.kind = static_cast<CacheKind>(rand_int(rng, 0, 2));
+    c.num_splits = pick(rng, std::vector<int>{0, 1, 3});
+    c.opts = random_opts(rng);
+    run_kvcache(c, rng);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, KVCacheDtype, ::testing::ValuesIn(float_dtypes()), dtype_param_name);

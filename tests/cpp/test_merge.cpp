@@ -356,10 +356,10 @@ void check_partition_merge(DType dt, std::mt19937_64& rng) {
     return t;
   };
   // The partials were rounded to the dtype before merging: allow 3x.
-  EXPECT_TRUE(close_to_ref(mv.values(), ref.out, naive.out, 3.0)) << "merge_states";
-  EXPECT_TRUE(close_to_ref(ms.values(), tr(ref.lse), tr(naive.lse), 3.0, true)) << "merge_states lse";
-  EXPECT_TRUE(close_to_ref(acc_v.values(), ref.out, naive.out, 4.0)) << "merge_state_in_place chain";
-  EXPECT_TRUE(close_to_ref(acc_s.values(), tr(ref.lse), tr(naive.lse), 3.0, true)) << "merge_state_in_place lse";
+  EXPECT_TRUE(close_to_ref(mv.values(), ref.out, naive.out, 3.0, dt)) << "merge_states";
+  EXPECT_TRUE(close_to_ref(ms.values(), tr(ref.lse), tr(naive.lse), 3.0, dt, true)) << "merge_states lse";
+  EXPECT_TRUE(close_to_ref(acc_v.values(), ref.out, naive.out, 4.0, dt)) << "merge_state_in_place chain";
+  EXPECT_TRUE(close_to_ref(acc_s.values(), tr(ref.lse), tr(naive.lse), 3.0, dt, true)) << "merge_state_in_place lse";
 }
 
 TEST(Merge, PartitionsOfKeysEqualFullAttention) {

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
@@ -122,23 +123,29 @@ inline Opts random_opts(std::mt19937_64& rng, bool allow_alibi = true) {
   return o;
 }
 
-/// Tolerance on outputs, the FlashAttention rule from DESIGN.md:
-///   max|ours - ref| <= factor * max|naive_in_dtype - ref| + 1e-5.
-/// For float32 inputs the naive error is a few float32 roundings (~1e-7 for |out| ~ 1), so the
-/// bound is effectively 1e-5 absolute: tight for outputs of magnitude ~1 (unit-variance v),
-/// about 100 float32 ulps.
-inline double out_tolerance(double naive_err, double factor) { return factor * naive_err + 1e-5; }
-/// Tolerance on LSE (natural log): the same rule with an absolute floor of 1e-4. The naive in-dtype
-/// LSE (from scores rounded to the dtype) has an error of order |s| * u; for float32 the floor
-/// dominates: the float32 exp/log/sum of up to ~1000 terms is good to ~1e-6 relative, and |lse|
-/// stays below ~20 in these tests.
-inline double lse_tolerance(double naive_err, double factor) { return factor * naive_err + 1e-4; }
+/// Tolerance on outputs (and probs), the FlashAttention rule from DESIGN.md:
+///   max|ours - ref| <= factor * max|naive_in_dtype - ref| + floor,
+/// floor = 1e-5 for float16/bfloat16 inputs (DESIGN.md's constant; the naive error, ~1e-3 for
+/// unit-variance data, dominates anyway). For float32 inputs the naive float32 error is only
+/// ~1e-7..1e-6, so the floor is the bound that matters; we use a tight 3e-6: for outputs of
+/// magnitude ~1 (unit-variance v) and up to ~1000 keys that is ~25 float32 ulps, about 2x the
+/// largest float32 error the CPU backend showed over many random runs (1.6e-6).
+inline double out_floor(DType dtype) { return dtype == DType::kFloat32 ? 3e-6 : 1e-5; }
+inline double out_tolerance(double naive_err, double factor, DType dtype) {
+  return factor * naive_err + out_floor(dtype);
+}
+/// Tolerance on LSE (natural log, float32 in every case): the same rule with a 1e-5 floor. The
+/// naive LSE comes from scores rounded to the dtype (error ~|s| * u, 1e-3 for float16); for
+/// float32 inputs the floor dominates: |lse| < ~20 here and float32 max/exp/log/sum are good to
+/// ~1e-6 absolute at that size.
+inline double lse_tolerance(double naive_err, double factor) { return factor * naive_err + 1e-5; }
 
 /// Checks ours against ref with the tolerance derived from naive. Returns true when it passes.
 inline ::testing::AssertionResult close_to_ref(const std::vector<double>& ours,
                                                const std::vector<double>& ref,
                                                const std::vector<double>& naive, double factor,
-                                               bool is_lse = false) {
+                                               DType dtype, bool is_lse = false,
+                                               double extra_abs = 0.0) {
   if (fa_ref::any_nan(ours)) {
     std::int64_t n = 0, first = -1;
     for (std::size_t i = 0; i < ours.size(); ++i)
@@ -151,7 +158,11 @@ inline ::testing::AssertionResult close_to_ref(const std::vector<double>& ours,
   }
   const double err = fa_ref::max_abs_diff(ours, ref);
   const double nerr = fa_ref::max_abs_diff(naive, ref);
-  const double tol = is_lse ? lse_tolerance(nerr, factor) : out_tolerance(nerr, factor);
+  const double tol = (is_lse ? lse_tolerance(nerr, factor) : out_tolerance(nerr, factor, dtype)) + extra_abs;
+  // FASTATTN_TEST_VERBOSE=1 prints every comparison (to study how tight the bounds are).
+  if (std::getenv("FASTATTN_TEST_VERBOSE"))
+    std::printf("[compare] %s err %.3e naive %.3e tol %.3e ratio %.3f n %zu\n", is_lse ? "lse" : "out", err,
+                nerr, tol, tol > 0 ? err / tol : 0.0, ours.size());
   if (err <= tol) return ::testing::AssertionSuccess();
   // Locate the worst element for the message.
   std::size_t worst = 0;

@@ -199,12 +199,12 @@ void run_varlen(VarCase c, std::mt19937_64& rng) {
   }
   const auto ref = fa_ref::ref_varlen(q.values(), cu_q, keys, vals, c.Hq, c.Hkv, c.D, max_q, max_k, c.opts.ref());
   const auto naive = fa_ref::ref_varlen(q.values(), cu_q, keys, vals, c.Hq, c.Hkv, c.D, max_q, max_k, c.opts.ref(), c.dtype);
-  EXPECT_TRUE(close_to_ref(out.values(), ref.out, naive.out, 2.0)) << "out";
+  EXPECT_TRUE(close_to_ref(out.values(), ref.out, naive.out, 2.0, c.dtype)) << "out";
   if (c.lse) {
-    EXPECT_TRUE(close_to_ref(lse.values(), ref.lse, naive.lse, 2.0, true)) << "lse";
+    EXPECT_TRUE(close_to_ref(lse.values(), ref.lse, naive.lse, 2.0, c.dtype, true)) << "lse";
   }
   if (c.probs) {
-    EXPECT_TRUE(close_to_ref(probs.values(), ref.probs, naive.probs, 2.0)) << "probs";
+    EXPECT_TRUE(close_to_ref(probs.values(), ref.probs, naive.probs, 2.0, c.dtype)) << "probs";
   }
   EXPECT_TRUE(out.gaps_intact());
   EXPECT_TRUE(lse.gaps_intact());
