@@ -224,6 +224,7 @@ def flash_attn_varlen_func(
 
     Arguments:
         q: (total_q, nheads, headdim); sequence b is rows cu_seqlens_q[b] : cu_seqlens_q[b + 1].
+            Rows past cu_seqlens_q[-1] (padding) get output 0 and LSE -inf.
         k, v: (total_k, nheads_k, headdim) packed like q through cu_seqlens_k, or, with
             block_table, paged caches (num_blocks, page_block_size, nheads_k, headdim) (any page
             size >= 1).

@@ -258,8 +258,6 @@ CASES = [
 # Inputs the C++ library accepts although include/fastattn/ops.h rules them out (reported to the
 # library's owner; the marks go when the validation lands).
 KNOWN_GAPS = {
-    "cu_seqlens_q_not_zero_start": "C++ accepts cu_seqlens_q[0] != 0 (ops.h requires 0); the "
-                                   "rows before it are never written",
     "shared_causal_queries_exceed_suffix": "C++ accepts causal shared-prefix requests with more "
                                            "queries than suffix keys (ops.h: Sq_b <= len_b)",
 }

@@ -230,3 +230,21 @@ def test_varlen_long(rng, dtype, opt, page_size):
                                                       k64, v64, cu_k, **extra, **ref_kwargs(kw))
     assert_close("out", out, o64, onaive, dtype)
     assert_lse("softmax_lse", lse, lse64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_varlen_padding_rows(rng, dtype):
+    """Rows of q past cu_seqlens_q[-1] (padding, e.g. for CUDA graphs) get output 0, LSE -inf."""
+    lq, lk = [3, 4], [5, 2]
+    cu_q, cu_k = cumsum0(lq), cumsum0(lk)
+    q, q64 = randn(rng, (int(cu_q[-1]) + 3, 4, 16), dtype)
+    k, k64 = randn(rng, (int(cu_k[-1]), 2, 16), dtype)
+    v, v64 = randn(rng, (int(cu_k[-1]), 2, 16), dtype)
+    out, lse = fastattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 4, 5, causal=True,
+                                               return_softmax_lse=True, out=nan_like(q))
+    out, lse = to64(out), to64(lse)
+    assert np.all(out[7:] == 0) and np.all(np.isneginf(lse[:, 7:]))
+    (o64, lse64, _), (onaive, _, _) = naive_and_exact(ref.attention_varlen, dtype, q64[:7], cu_q,
+                                                      k64, v64, cu_k, causal=True)
+    assert_close("out", out[:7], o64, onaive, dtype)
+    assert_lse("softmax_lse", lse[:, :7], lse64)
