@@ -37,6 +37,7 @@ struct VarCase {
   bool lse = true;
   bool probs = false;
   std::int64_t extra_max_q = 0, extra_max_k = 0;  ///< slack in the max_seqlen bounds
+  std::int64_t pad_rows = 0;  ///< q/out rows past cu_seqlens_q[B] (must get out 0, LSE -inf)
 
   std::string str() const {
     std::ostringstream s;
@@ -60,7 +61,7 @@ void run_varlen(VarCase c, std::mt19937_64& rng) {
   const auto B = static_cast<std::int64_t>(c.lq.size());
   auto layout = [&](int nd) { return c.strided ? Layout::random_strided(nd, rng) : Layout{}; };
   const auto cu_q = cumsum0(c.lq);
-  const std::int64_t total_q = cu_q.back();
+  const std::int64_t total_q = cu_q.back() + c.pad_rows;
   const std::int64_t max_q = (B ? *std::max_element(c.lq.begin(), c.lq.end()) : 0) + c.extra_max_q;
   const std::int64_t max_k = (B ? *std::max_element(c.lk.begin(), c.lk.end()) : 0) + c.extra_max_k;
   c.opts.make_alibi(B, c.Hq, rng);
@@ -197,8 +198,18 @@ void run_varlen(VarCase c, std::mt19937_64& rng) {
     ADD_FAILURE() << "varlen_attention_forward threw: " << e.what();
     return;
   }
-  const auto ref = fa_ref::ref_varlen(q.values(), cu_q, keys, vals, c.Hq, c.Hkv, c.D, max_q, max_k, c.opts.ref());
-  const auto naive = fa_ref::ref_varlen(q.values(), cu_q, keys, vals, c.Hq, c.Hkv, c.D, max_q, max_k, c.opts.ref(), c.dtype);
+  auto ref = fa_ref::ref_varlen(q.values(), cu_q, keys, vals, c.Hq, c.Hkv, c.D, max_q, max_k, c.opts.ref());
+  auto naive = fa_ref::ref_varlen(q.values(), cu_q, keys, vals, c.Hq, c.Hkv, c.D, max_q, max_k, c.opts.ref(), c.dtype);
+  if (c.pad_rows > 0) {  // padding rows: out 0, LSE -inf
+    const std::int64_t used = cu_q.back();
+    for (auto* r : {&ref, &naive}) {
+      r->out.resize(static_cast<std::size_t>(total_q * c.Hq * c.D), 0.0);
+      std::vector<double> l(static_cast<std::size_t>(c.Hq * total_q), -std::numeric_limits<double>::infinity());
+      for (std::int64_t h = 0; h < c.Hq; ++h)
+        for (std::int64_t i = 0; i < used; ++i) l[static_cast<std::size_t>(h * total_q + i)] = r->lse[static_cast<std::size_t>(h * used + i)];
+      r->lse = l;
+    }
+  }
   EXPECT_TRUE(close_to_ref(out.values(), ref.out, naive.out, 2.0, c.dtype)) << "out";
   if (c.lse) {
     EXPECT_TRUE(close_to_ref(lse.values(), ref.lse, naive.lse, 2.0, c.dtype, true)) << "lse";
@@ -342,6 +353,21 @@ TEST(Varlen, SeedWorknoteShapes) {
   c.lens = LenSource::kCuSeqlensK;
   c.probs = true;
   run_varlen(c, rng);
+}
+
+TEST(Varlen, PaddingRowsPastLastSequence) {
+  // q may have more rows than cu_seqlens_q[B] (padded batches); those rows see no key.
+  FA_SEEDED_RNG(rng);
+  for (KeySource ks : {KeySource::kPacked, KeySource::kCsr}) {
+    VarCase c;
+    c.keys = ks;
+    c.lens = ks == KeySource::kCsr ? LenSource::kLastPageLen : LenSource::kCuSeqlensK;
+    c.lq = {3, 0, 5};
+    c.lk = {4, 2, 9};
+    c.pad_rows = 4;
+    c.opts = random_opts(rng);
+    run_varlen(c, rng);
+  }
 }
 
 TEST(Varlen, EmptyBatchAndAllEmptySequences) {
