@@ -79,13 +79,14 @@ void ArgChecker::shape_is(const TensorView& t, const std::string& arg,
 }
 
 void ArgChecker::last_dim_contiguous(const TensorView& t, const std::string& arg) const {
-  if (t.ndim > 0 && t.size(-1) > 1 && t.stride(-1) != 1)
+  // An empty tensor has no elements to lay out (numpy reports zero strides for them).
+  if (t.ndim > 0 && t.numel() > 0 && t.size(-1) > 1 && t.stride(-1) != 1)
     fail_value(arg, "must be contiguous in its last dimension (stride 1), got stride " +
                         std::to_string(t.stride(-1)));
 }
 
 void ArgChecker::contiguous(const TensorView& t, const std::string& arg) const {
-  if (!t.is_contiguous()) fail_value(arg, "must be contiguous, got a strided view");
+  if (t.numel() > 0 && !t.is_contiguous()) fail_value(arg, "must be contiguous, got a strided view");
 }
 
 void ArgChecker::on_device(const TensorView& t, const std::string& arg) {
