@@ -50,11 +50,12 @@ fi
 
 # ---- 1. C++ build + ctest ------------------------------------------------------------------------
 BUILD="$ROOT/build-gpu"
+mkdir -p "$BUILD"
 t=$(now)
 if cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DFASTATTN_CUDA=ON \
-     -DFASTATTN_BUILD_TESTS=ON -DFASTATTN_CUTLASS_DIR="$FASTATTN_CUTLASS_DIR" >"$BUILD.configure.log" 2>&1 \
-   || { cat "$BUILD.configure.log"; false; }; then
-  grep "fastattn:" "$BUILD.configure.log" || true
+     -DFASTATTN_BUILD_TESTS=ON -DFASTATTN_CUTLASS_DIR="$FASTATTN_CUTLASS_DIR" >"$BUILD/gpu_check_configure.log" 2>&1 \
+   || { cat "$BUILD/gpu_check_configure.log"; false; }; then
+  grep "fastattn:" "$BUILD/gpu_check_configure.log" || true
   tc=$(now)
   if cmake --build "$BUILD" --target fastattn_cuda -j "$JOBS"; then
     T_CUDA=$(since "$tc")
@@ -95,9 +96,9 @@ fi
 if [ "$PKG_OK" = "1" ]; then
   t=$(now)
   FASTATTN_REQUIRE_GPU=1 "$PY" -m pytest tests/gpu -q -p no:cacheprovider ${OUTDIR:+--junitxml="$OUTDIR/pytest_gpu.xml"} \
-    2>&1 | tee "$BUILD.pytest.log"
+    2>&1 | tee "$BUILD/gpu_check_pytest.log"
   rc=${PIPESTATUS[0]}
-  line="$(grep -E '(passed|failed|skipped|error)' "$BUILD.pytest.log" | tail -1 | tr -d '=')"
+  line="$(grep -E '(passed|failed|skipped|error)' "$BUILD/gpu_check_pytest.log" | tail -1 | tr -d '=')"
   if [ "$rc" -eq 0 ]; then record "pytest tests/gpu" ok "$(since "$t")" "$line"
   else record "pytest tests/gpu" FAIL "$(since "$t")" "$line"; fi
 fi
@@ -109,10 +110,10 @@ if [ "$PKG_OK" = "1" ] && [ "${GPU_CHECK_BENCH:-1}" = "1" ]; then
   BENCH_OUT="${OUTDIR:+$OUTDIR/bench}"
   BENCH_OUT="${BENCH_OUT:-$ROOT/bench/results}"
   # shellcheck disable=SC2086
-  if "$PY" -m fastattn.bench --device cuda --quick --out "$BENCH_OUT" --table-file "$BUILD.bench_table.txt" \
+  if "$PY" -m fastattn.bench --device cuda --quick --out "$BENCH_OUT" --table-file "$BUILD/gpu_check_bench_table.txt" \
        ${BENCH_ARGS:-}; then
     record "benchmark (quick)" ok "$(since "$t")" "results in $BENCH_OUT"
-    BENCH_TABLE="$BUILD.bench_table.txt"
+    BENCH_TABLE="$BUILD/gpu_check_bench_table.txt"
   else
     record "benchmark (quick)" FAIL "$(since "$t")"
   fi
