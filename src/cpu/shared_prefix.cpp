@@ -77,6 +77,11 @@ CascadePlan plan_cascade(check::ArgChecker& c, const SharedPrefixAttentionArgs& 
   suf.kv.v_page_stride = sfx.v_pages.stride(0);
 
   const std::int64_t prefix_len = d.a.seqlen_k;
+  // When every query sees the whole prefix (no left window, no ALiBi, and the causal/right
+  // bound of each request's first query reaches the last prefix key), pass 1 is one
+  // multi-query pass: all requests' rows stacked against the prefix, so each prefix tile is
+  // loaded once per kv head for the whole batch rather than once per request.
+  bool stack_prefix = o.window_left < 0 && o.alibi == nullptr;
   for (std::int64_t b = 0; b < d.a.batch; ++b) {
     const std::string bs = "[" + std::to_string(b) + "]";
     const std::int64_t npages = ip[b + 1] - ip[b];
@@ -106,6 +111,15 @@ CascadePlan plan_cascade(check::ArgChecker& c, const SharedPrefixAttentionArgs& 
     ss.pages = idx + ip[b];
     pre.seqs.push_back(sp);
     suf.seqs.push_back(ss);
+    if (o.window_right >= 0 && s.seqlen_q > 0 && s.q_pos0 + o.window_right < prefix_len - 1)
+      stack_prefix = false;
+  }
+  if (stack_prefix) {
+    SeqDesc all;  // rows 0 .. owned_q - 1 of q, every one seeing prefix keys 0 .. P-1
+    all.seqlen_q = qo ? qo[d.a.batch] : d.total_q;
+    all.seqlen_k = prefix_len;
+    all.q_pos0 = prefix_len - 1;  // row 0 already sees the last prefix key under causal
+    pre.seqs.assign(1, all);
   }
   return plan;
 }
