@@ -165,7 +165,15 @@ HostTensor::HostTensor(DType dtype, std::vector<std::int64_t> shape, const Layou
     if (!layout.pad.empty() && static_cast<int>(d) != n - 1) ext += layout.pad[d];
     running *= ext;
   }
-  const std::int64_t total_elems = front_ + running + 1;  // +1: never a null/empty allocation
+#if defined(__SANITIZE_ADDRESS__)
+  // Under AddressSanitizer: exactly the storage the view spans, so any read past it is caught.
+  std::int64_t last = 0;
+  for (int d = 0; d < n; ++d) last += std::max<std::int64_t>(shape_[static_cast<std::size_t>(d)] - 1, 0) * strides_[static_cast<std::size_t>(d)];
+  const std::int64_t total_elems = front_ + last + 1;  // 1 element even for an empty tensor
+#else
+  // Otherwise one guard element past the end: gaps_intact() sees a write one past the view.
+  const std::int64_t total_elems = front_ + running + 1;
+#endif
   bytes_.assign(static_cast<std::size_t>(total_elems) * elem_size(dtype_), kGapByte);
   const std::int64_t ne = numel();
   for (std::int64_t i = 0; i < ne; ++i) set(i, 0.0);

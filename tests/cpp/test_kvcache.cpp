@@ -382,18 +382,23 @@ TEST_P(KVCacheDtype, CacheBatchIdxAndLeftpad) {
 TEST_P(KVCacheDtype, NumSplits) {
   FA_SEEDED_RNG(rng);
   for (int splits : {1, 3, 0, 64}) {
-    KVCase c;
-    c.dtype = GetParam();
-    c.num_splits = splits;
-    c.B = 3;
-    c.Hq = 8;
-    c.Hkv = 1;
-    c.D = 128;
-    c.max_cached = 700;
-    c.kind = static_cast<CacheKind>(rand_int(rng, 0, 2));
-    c.opts = random_opts(rng);
-    c.workspace = rand_int(rng, 0, 1) == 1;
-    run_kvcache(c, rng);
+    for (CacheKind kind : {CacheKind::kContiguous, CacheKind::kBlockTable, CacheKind::kCsr}) {
+      KVCase c;
+      c.dtype = GetParam();
+      c.num_splits = splits;
+      c.kind = kind;
+      c.page_size = pick(rng, std::vector<std::int64_t>{1, 5, 16, 256});
+      c.B = 3;
+      c.Hq = 8;
+      c.Hkv = 1;
+      c.D = 128;
+      c.max_cached = c.page_size == 1 ? 200 : 700;
+      c.Sq = rand_int(rng, 1, 2);
+      c.Snew = rand_int(rng, 0, 2);
+      c.opts = random_opts(rng);
+      c.workspace = rand_int(rng, 0, 1) == 1;
+      run_kvcache(c, rng);
+    }
   }
 }
 
