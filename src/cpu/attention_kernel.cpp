@@ -23,6 +23,8 @@ namespace {
 constexpr int kKeyTile = 64;  // keys per tile: one S row is 64 floats (4 AVX-512 / 8 AVX2 regs)
 constexpr int kMaxRows = 64;  // (query row, head) pairs per item: Q, S, acc stay in L2
 constexpr int kDimChunk = 64; // head_dim slice of the P·V accumulator kept in registers
+constexpr int kFewRows = 8;
+constexpr int kPrefetchKeys = 16;  // keys ahead to prefetch: ~16 rows in flight hide DRAM latency   // up to this many rows per item, scores are direct dot products
 
 struct WorkItem {
   std::int32_t seq;
@@ -58,6 +60,24 @@ inline std::int64_t key_offset(const AttnProblem& p, const SeqDesc& s, std::int6
   return page * page_stride + (slot % p.kv.page_size) * slot_stride;
 }
 
+/// Asks for the K and V rows of `slot` ahead of use. One head's row is a few hundred bytes
+/// with a stride of Hkv rows between slots, so consecutive slots sit in different 4 KiB pages,
+/// where hardware prefetchers stop: without this, decode is bound by DRAM latency.
+inline void prefetch_key(const AttnProblem& p, const SeqDesc& s, std::int64_t slot,
+                         std::int64_t kv_head) {
+  const std::int64_t bytes = p.head_dim * static_cast<std::int64_t>(dtype_size(p.dtype));
+  const char* k = static_cast<const char*>(elem_ptr(
+      p.kv.k, p.dtype,
+      key_offset(p, s, slot, p.kv.k_slot_stride, p.kv.k_page_stride, s.k_off) + kv_head * p.kv.k_head_stride));
+  const char* v = static_cast<const char*>(elem_ptr(
+      p.kv.v, p.dtype,
+      key_offset(p, s, slot, p.kv.v_slot_stride, p.kv.v_page_stride, s.v_off) + kv_head * p.kv.v_head_stride));
+  for (std::int64_t b = 0; b < bytes; b += 64) {
+    __builtin_prefetch(k + b);
+    __builtin_prefetch(v + b);
+  }
+}
+
 /// S[m][jj] = sum_c Q[m][c] * Kt[c][jj] for all kKeyTile columns. Two query rows per pass
 /// share each Kt load (16 vector accumulators: fits the 32 AVX-512VL / 16 AVX2 registers).
 inline void scores_tile(const float* q, const float* kt, std::int64_t d, std::int64_t rows,
@@ -87,6 +107,26 @@ inline void scores_tile(const float* q, const float* kt, std::int64_t d, std::in
       for (int jj = 0; jj < kKeyTile; ++jj) acc[jj] += qv * krow[jj];
     }
     std::memcpy(s + m * kKeyTile, acc, sizeof(acc));
+  }
+}
+
+/// S[m][jj] = q_m · k_jj with K row-major (n, D): dot products with 16 partial sums so the
+/// reduction vectorises without reassociation flags. Columns n.. are left for the mask.
+inline void scores_rows(const float* q, const float* k, std::int64_t d, std::int64_t rows, int n,
+                        float* s) {
+  for (int jj = 0; jj < n; ++jj) {
+    const float* krow = k + jj * d;
+    for (std::int64_t m = 0; m < rows; ++m) {
+      const float* qrow = q + m * d;
+      float lanes[16] = {};
+      std::int64_t c = 0;
+      for (; c + 16 <= d; c += 16)
+        for (int l = 0; l < 16; ++l) lanes[l] += qrow[c + l] * krow[c + l];
+      for (int l = 0; c < d; ++c, ++l) lanes[l] += qrow[c] * krow[c];
+      float sum = 0.0f;
+      for (float x : lanes) sum += x;
+      s[m * kKeyTile + jj] = sum;
+    }
   }
 }
 
@@ -144,20 +184,29 @@ void run_item(const AttnProblem& p, const WorkItem& it, std::int64_t key_begin,
   const float inv_softcap = p.softcap > 0.0f ? 1.0f / p.softcap : 0.0f;
   for (std::int64_t j0 = jbeg; j0 < jend; j0 += kKeyTile) {
     const int n = static_cast<int>(std::min<std::int64_t>(kKeyTile, jend - j0));
-    // Gather the tile: K transposed (D, tile), V row-major (tile, D), in float.
+    // Gather the tile in float: V row-major (tile, D); K transposed (D, tile) for the
+    // row-blocked score loop, or, with few rows (decode), row-major for direct dot products:
+    // transposing costs D strided stores per key, more than a handful of rows recoups.
+    const bool few_rows = rows <= kFewRows;
     float row[256];
     for (int jj = 0; jj < n; ++jj) {
+      if (j0 + jj + kPrefetchKeys < jend) prefetch_key(p, s, s.slot0 + j0 + jj + kPrefetchKeys, it.kv_head);
       const std::int64_t slot = s.slot0 + j0 + jj;
       const std::int64_t ko = key_offset(p, s, slot, p.kv.k_slot_stride, p.kv.k_page_stride, s.k_off) +
                               it.kv_head * p.kv.k_head_stride;
       const std::int64_t vo = key_offset(p, s, slot, p.kv.v_slot_stride, p.kv.v_page_stride, s.v_off) +
                               it.kv_head * p.kv.v_head_stride;
-      load_row(p.dtype, elem_ptr(p.kv.k, p.dtype, ko), d, 1.0f, row);
-      for (std::int64_t c = 0; c < d; ++c) sc.kt[c * kKeyTile + jj] = row[c];
+      if (few_rows) {
+        load_row(p.dtype, elem_ptr(p.kv.k, p.dtype, ko), d, 1.0f, sc.kt.data() + jj * d);
+      } else {
+        load_row(p.dtype, elem_ptr(p.kv.k, p.dtype, ko), d, 1.0f, row);
+        for (std::int64_t c = 0; c < d; ++c) sc.kt[c * kKeyTile + jj] = row[c];
+      }
       load_row(p.dtype, elem_ptr(p.kv.v, p.dtype, vo), d, 1.0f, sc.v.data() + jj * d);
     }
 
-    scores_tile(sc.q.data(), sc.kt.data(), d, rows, sc.s.data());
+    if (few_rows) scores_rows(sc.q.data(), sc.kt.data(), d, rows, n, sc.s.data());
+    else scores_tile(sc.q.data(), sc.kt.data(), d, rows, sc.s.data());
 
     for (std::int64_t m = 0; m < rows; ++m) {
       float* srow = sc.s.data() + m * kKeyTile;
