@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
 export CMAKE_BUILD_PARALLEL_LEVEL="${FASTATTN_JOBS:-2}"
+PYTHON="$PY" bash scripts/install_system_deps.sh
 "$PY" -m pip install --disable-pip-version-check -q -r requirements-test.txt
 if [ "${FASTATTN_BENCH_TORCH:-1}" = "1" ] && ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install --disable-pip-version-check -q -r requirements-torch.txt

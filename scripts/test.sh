@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the tests need and runs every test fastattn has on this machine:
-#   1. Python packages from requirements-test.txt (+ requirements-torch.txt unless FASTATTN_TEST_TORCH=0)
+#   1. system packages when missing (scripts/install_system_deps.sh), Python packages from requirements-test.txt (+ requirements-torch.txt unless FASTATTN_TEST_TORCH=0)
 #   2. C++: build (CUDA backend compiled when nvcc is found), ctest, install, examples/cpp against
 #      the install (scripts/ci_cpp.sh)
 #   3. pip install . (the Python package, built by the same CMake)
@@ -42,6 +42,7 @@ trap finish EXIT
 # ---- 1. Python packages (a failure here stops everything) -----------------------------------------
 t=$(now)
 if [ "${FASTATTN_SKIP_PIP:-0}" != "1" ]; then
+  PYTHON="$PY" bash scripts/install_system_deps.sh
   echo "== [deps] pip install -r requirements-test.txt =="
   "$PY" -m pip install --disable-pip-version-check -q -r requirements-test.txt
   if [ "${FASTATTN_TEST_TORCH:-1}" = "1" ]; then

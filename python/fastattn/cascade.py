@@ -135,7 +135,6 @@ def shared_prefix_attention(
     page_indices=None,
     last_page_len=None,
     *,
-    block_table=None,
     qo_indptr=None,
     causal=False,
     softmax_scale=None,
@@ -156,7 +155,6 @@ def shared_prefix_attention(
         page_indptr, page_indices: CSR page lists: request b owns pages
             page_indices[page_indptr[b] : page_indptr[b + 1]] (int32).
         last_page_len: (batch_size,) int32: keys in each request's last page (1..page_size).
-        block_table: alternative to the CSR lists, (batch_size, max_pages) int32.
         qo_indptr: (batch_size + 1,) int32 query rows per request; None: one query per request.
         causal: request b's queries are the last rows of its suffix (bottom-right aligned over
             prefix + suffix).
@@ -168,7 +166,7 @@ def shared_prefix_attention(
     for name, x in (("q", q), ("k_shared", k_shared), ("v_shared", v_shared),
                     ("k_pages", k_pages), ("v_pages", v_pages), ("page_indptr", page_indptr),
                     ("page_indices", page_indices), ("last_page_len", last_page_len),
-                    ("block_table", block_table), ("qo_indptr", qo_indptr), ("out", out)):
+                    ("qo_indptr", qo_indptr), ("out", out)):
         if x is not None:
             check_array(x, name)
     left, right = window_pair(window_size)
@@ -184,7 +182,7 @@ def shared_prefix_attention(
         v_shared=prepare(v_shared),
         k_pages=prepare(k_pages),
         v_pages=prepare(v_pages),
-        block_table=prepare(block_table),
+        block_table=None,  # suffix lengths come from last_page_len: CSR page lists only
         page_indptr=prepare(page_indptr),
         page_indices=prepare(page_indices),
         last_page_len=prepare(last_page_len),
