@@ -547,10 +547,14 @@ KVCacheRefOut ref_kvcache(const KVCacheRefIn& in, const RefOptions& opt, std::op
       for (std::int64_t h = 0; h < Hkv; ++h) {
         std::vector<double> kx(in.k_new.begin() + ((b * Snew + t) * Hkv + h) * D,
                                in.k_new.begin() + ((b * Snew + t) * Hkv + h + 1) * D);
-        if (rotary) apply_rotary(kx.data(), D, in.rotary_dim, in.rotary_interleaved, in.rotary_cos, in.rotary_sin, L - lp + t);
+        const bool stored = !in.k_stored.empty();
+        if (stored)
+          kx.assign(in.k_stored.begin() + ((b * Snew + t) * Hkv + h) * D, in.k_stored.begin() + ((b * Snew + t) * Hkv + h + 1) * D);
+        else if (rotary)
+          apply_rotary(kx.data(), D, in.rotary_dim, in.rotary_interleaved, in.rotary_cos, in.rotary_sin, L - lp + t);
         for (std::int64_t d = 0; d < D; ++d) {
           const std::int64_t idx = base + h * D + d;
-          r.k_cache[static_cast<std::size_t>(idx)] = R(kx[static_cast<std::size_t>(d)]);
+          r.k_cache[static_cast<std::size_t>(idx)] = stored ? kx[static_cast<std::size_t>(d)] : R(kx[static_cast<std::size_t>(d)]);
           r.v_cache[static_cast<std::size_t>(idx)] = in.v_new[static_cast<std::size_t>(((b * Snew + t) * Hkv + h) * D + d)];
           r.written.push_back(idx);
         }
@@ -579,7 +583,8 @@ KVCacheRefOut ref_kvcache(const KVCacheRefIn& in, const RefOptions& opt, std::op
           double* x = &s.q[static_cast<std::size_t>((i * Hq + h) * D)];
           const std::int64_t pos = (opt.causal || opt.local()) ? L - lp + i : L - lp;
           apply_rotary(x, D, in.rotary_dim, in.rotary_interleaved, in.rotary_cos, in.rotary_sin, pos);
-          for (std::int64_t d = 0; d < D; ++d) x[d] = R(x[d]);
+          for (std::int64_t d = 0; d < D; ++d)
+            x[d] = in.round_rotated_q && !round ? round_to(*in.round_rotated_q, x[d]) : R(x[d]);
         }
     }
     SeqOut o = attend_sequence(s, b, Hq, Hkv, D, opt, round);

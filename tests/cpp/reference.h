@@ -201,6 +201,13 @@ struct KVCacheRefIn {
   bool paged = false;
   std::vector<std::vector<std::int64_t>> row_pages;  ///< paged: pages of cache row c
   std::vector<double> k_new, v_new;         ///< (B, Snew, Hkv, D), empty when no append
+  /// (B, Snew, Hkv, D) when non-empty: the already-rotated keys to store instead of rotating
+  /// k_new (tests pass what the library stored, after checking it separately, so that the
+  /// attention check does not count the unavoidable rounding of rotated keys to the dtype).
+  std::vector<double> k_stored;
+  /// When set (exact mode only): rotated q rounded to this dtype, as a kernel that rotates q in
+  /// the input dtype does (FlashAttention's does).
+  std::optional<DType> round_rotated_q;
   std::vector<double> rotary_cos, rotary_sin;  ///< (S_rot, rotary_dim / 2), empty when none
   std::int64_t rotary_dim = 0;
   bool rotary_interleaved = true;

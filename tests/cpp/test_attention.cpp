@@ -108,7 +108,7 @@ TEST_P(AttentionDtype, Plain) {
 
 TEST_P(AttentionDtype, EachOptionAlone) {
   FA_SEEDED_RNG(rng);
-  for (int which = 0; which < 8; ++which) {
+  for (int which = 0; which < 10; ++which) {
     AttnCase c;
     c.dtype = GetParam();
     c.B = 2;
@@ -126,6 +126,8 @@ TEST_P(AttentionDtype, EachOptionAlone) {
       case 5: c.opts.softcap = rand_real(rng, 0.5, 20); c.opts.scale = 1.0; break;  // scores > cap
       case 6: c.opts.alibi = 1; break;
       case 7: c.opts.alibi = 2; break;
+      case 8: c.opts.scale = 0.0; break;    // uniform attention
+      case 9: c.opts.scale = -0.15; break;  // a negative scale is just a number
     }
     run_attention(c, rng);
   }
@@ -157,7 +159,7 @@ TEST_P(AttentionDtype, CombinedOptionsGqa) {
 
 TEST_P(AttentionDtype, HeadDims) {
   FA_SEEDED_RNG(rng);
-  for (std::int64_t D : {8, 24, 40, 64, 80, 128, 136, 256}) {
+  for (std::int64_t D : {8, 24, 40, 64, 80, 128, 136, 200, 248, 256}) {
     AttnCase c;
     c.dtype = GetParam();
     c.B = 1;
@@ -197,7 +199,7 @@ TEST_P(AttentionDtype, Randomized) {
     c.Sq = ragged_len(rng, 130);
     c.Sk = ragged_len(rng, 200);
     c.Hkv = rand_int(rng, 1, 2);
-    c.Hq = c.Hkv * pick(rng, std::vector<std::int64_t>{1, 2, 4, 8});
+    c.Hq = c.Hkv * pick(rng, std::vector<std::int64_t>{1, 2, 3, 4, 6, 8});
     c.D = 8 * rand_int(rng, 1, 16);
     c.opts = random_opts(rng);
     c.strided = rand_int(rng, 0, 1) == 1;
