@@ -23,13 +23,14 @@ namespace {
 constexpr int kKeyTile = 64;  // keys per tile: one S row is 64 floats (4 AVX-512 / 8 AVX2 regs)
 constexpr int kMaxRows = 64;  // (query row, head) pairs per item: Q, S, acc stay in L2
 constexpr int kDimChunk = 64; // head_dim slice of the P·V accumulator kept in registers
-constexpr int kFewRows = 8;
-constexpr int kPrefetchKeys = 16;  // keys ahead to prefetch: ~16 rows in flight hide DRAM latency   // up to this many rows per item, scores are direct dot products
+constexpr int kFewRows = 8;   // up to this many rows per kv head, scores are direct dot products
+constexpr int kSlotFloats = 1024;  // direct mode reads up to this many kv-head floats per slot
+constexpr int kPrefetchKeys = 16;  // keys ahead to prefetch: ~16 rows in flight hide DRAM latency
 
 struct WorkItem {
   std::int32_t seq;
-  std::int32_t kv_head;
-  std::int32_t head0, nheads;  // query heads head0 .. head0 + nheads - 1 (all of one kv head)
+  std::int32_t kv_head, nkv;   // kv heads kv_head .. kv_head + nkv - 1 (nkv > 1: direct mode)
+  std::int32_t head0, nheads;  // query heads head0 .. head0 + nheads - 1 (of those kv heads)
   std::int64_t row0, nrows;    // query rows
   std::int32_t split;
 };
@@ -37,8 +38,8 @@ struct WorkItem {
 /// Per-thread scratch, sized for the largest item.
 struct Scratch {
   std::vector<float> q;    // (kMaxRows, D)   scaled queries
-  std::vector<float> kt;   // (D, kKeyTile)   keys of the tile, transposed
-  std::vector<float> v;    // (kKeyTile, D)   values of the tile
+  std::vector<float> kt;   // (D, kKeyTile) keys of the tile, transposed; direct: (kKeyTile, nkv, D)
+  std::vector<float> v;    // (kKeyTile, nkv, D) values of the tile
   std::vector<float> s;    // (kMaxRows, kKeyTile) scores, then probabilities
   std::vector<float> acc;  // (kMaxRows, D)   unnormalised output
   std::vector<SoftmaxRowState> state;
@@ -47,7 +48,8 @@ struct Scratch {
   std::vector<float> slope;
 
   explicit Scratch(std::int64_t d)
-      : q(kMaxRows * d), kt(d * kKeyTile, 0.0f), v(kKeyTile * d, 0.0f), s(kMaxRows * kKeyTile),
+      : q(kMaxRows * d), kt(std::max<std::int64_t>(d, kSlotFloats) * kKeyTile, 0.0f),
+        v(std::max<std::int64_t>(d, kSlotFloats) * kKeyTile, 0.0f), s(kMaxRows * kKeyTile),
         acc(kMaxRows * d), state(kMaxRows), lo(kMaxRows), hi(kMaxRows), qpos(kMaxRows),
         slope(kMaxRows) {}
 };
@@ -64,89 +66,115 @@ inline std::int64_t key_offset(const AttnProblem& p, const SeqDesc& s, std::int6
 /// with a stride of Hkv rows between slots, so consecutive slots sit in different 4 KiB pages,
 /// where hardware prefetchers stop: without this, decode is bound by DRAM latency.
 inline void prefetch_key(const AttnProblem& p, const SeqDesc& s, std::int64_t slot,
-                         std::int64_t kv_head) {
+                         std::int64_t kv_head, std::int64_t nkv) {
   const std::int64_t bytes = p.head_dim * static_cast<std::int64_t>(dtype_size(p.dtype));
-  const char* k = static_cast<const char*>(elem_ptr(
-      p.kv.k, p.dtype,
-      key_offset(p, s, slot, p.kv.k_slot_stride, p.kv.k_page_stride, s.k_off) + kv_head * p.kv.k_head_stride));
-  const char* v = static_cast<const char*>(elem_ptr(
-      p.kv.v, p.dtype,
-      key_offset(p, s, slot, p.kv.v_slot_stride, p.kv.v_page_stride, s.v_off) + kv_head * p.kv.v_head_stride));
-  for (std::int64_t b = 0; b < bytes; b += 64) {
-    __builtin_prefetch(k + b);
-    __builtin_prefetch(v + b);
+  const std::int64_t ko = key_offset(p, s, slot, p.kv.k_slot_stride, p.kv.k_page_stride, s.k_off);
+  const std::int64_t vo = key_offset(p, s, slot, p.kv.v_slot_stride, p.kv.v_page_stride, s.v_off);
+  for (std::int64_t h = kv_head; h < kv_head + nkv; ++h) {
+    const char* k = static_cast<const char*>(elem_ptr(p.kv.k, p.dtype, ko + h * p.kv.k_head_stride));
+    const char* v = static_cast<const char*>(elem_ptr(p.kv.v, p.dtype, vo + h * p.kv.v_head_stride));
+    for (std::int64_t b = 0; b < bytes; b += 64) {
+      __builtin_prefetch(k + b);
+      __builtin_prefetch(v + b);
+    }
   }
 }
 
+/// 16 floats: one AVX-512 register, two AVX2 ones. Naming the accumulators as vector values
+/// keeps them in registers; plain float arrays were spilled to the stack (read-modify-write per FMA).
+using vec16 = float __attribute__((vector_size(64)));
+inline vec16 load16(const float* p) {
+  vec16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store16(float* p, vec16 v) { std::memcpy(p, &v, sizeof(v)); }
+static_assert(kKeyTile == 64 && kDimChunk == 64, "the register-blocked loops below assume 4 x 16 lanes");
+
 /// S[m][jj] = sum_c Q[m][c] * Kt[c][jj] for all kKeyTile columns. Two query rows per pass
-/// share each Kt load (16 vector accumulators: fits the 32 AVX-512VL / 16 AVX2 registers).
+/// share each Kt load (8 vector accumulators).
 inline void scores_tile(const float* q, const float* kt, std::int64_t d, std::int64_t rows,
                         float* s) {
   std::int64_t m = 0;
   for (; m + 2 <= rows; m += 2) {
-    float acc0[kKeyTile] = {}, acc1[kKeyTile] = {};
+    vec16 a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
     const float* q0 = q + m * d;
     const float* q1 = q0 + d;
     for (std::int64_t c = 0; c < d; ++c) {
-      const float a0 = q0[c], a1 = q1[c];
       const float* krow = kt + c * kKeyTile;
-      for (int jj = 0; jj < kKeyTile; ++jj) {
-        acc0[jj] += a0 * krow[jj];
-        acc1[jj] += a1 * krow[jj];
-      }
+      const vec16 k0 = load16(krow), k1 = load16(krow + 16), k2 = load16(krow + 32),
+                  k3 = load16(krow + 48);
+      const float x0 = q0[c], x1 = q1[c];
+      a0 += x0 * k0; a1 += x0 * k1; a2 += x0 * k2; a3 += x0 * k3;
+      b0 += x1 * k0; b1 += x1 * k1; b2 += x1 * k2; b3 += x1 * k3;
     }
-    std::memcpy(s + m * kKeyTile, acc0, sizeof(acc0));
-    std::memcpy(s + (m + 1) * kKeyTile, acc1, sizeof(acc1));
+    float* s0 = s + m * kKeyTile;
+    float* s1 = s0 + kKeyTile;
+    store16(s0, a0); store16(s0 + 16, a1); store16(s0 + 32, a2); store16(s0 + 48, a3);
+    store16(s1, b0); store16(s1 + 16, b1); store16(s1 + 32, b2); store16(s1 + 48, b3);
   }
   for (; m < rows; ++m) {
-    float acc[kKeyTile] = {};
-    const float* qrow = q + m * d;
+    vec16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    const float* q0 = q + m * d;
     for (std::int64_t c = 0; c < d; ++c) {
-      const float qv = qrow[c];
       const float* krow = kt + c * kKeyTile;
-      for (int jj = 0; jj < kKeyTile; ++jj) acc[jj] += qv * krow[jj];
+      const float x0 = q0[c];
+      a0 += x0 * load16(krow); a1 += x0 * load16(krow + 16);
+      a2 += x0 * load16(krow + 32); a3 += x0 * load16(krow + 48);
     }
-    std::memcpy(s + m * kKeyTile, acc, sizeof(acc));
+    float* s0 = s + m * kKeyTile;
+    store16(s0, a0); store16(s0 + 16, a1); store16(s0 + 32, a2); store16(s0 + 48, a3);
   }
 }
 
-/// S[m][jj] = q_m · k_jj with K row-major (n, D): dot products with 16 partial sums so the
-/// reduction vectorises without reassociation flags. Columns n.. are left for the mask.
+/// S[m][jj] = q_m · k_(jj, kv head of m) with K laid out (n, nkv, D); row m belongs to kv head
+/// (m % (nkv * group)) / group. Dot products with 16 partial sums, so the reduction vectorises
+/// without reassociation flags. Columns n.. are left for the mask.
 inline void scores_rows(const float* q, const float* k, std::int64_t d, std::int64_t rows, int n,
-                        float* s) {
+                        std::int64_t nkv, std::int64_t group, float* s) {
   for (int jj = 0; jj < n; ++jj) {
-    const float* krow = k + jj * d;
     for (std::int64_t m = 0; m < rows; ++m) {
+      const float* krow = k + (jj * nkv + (m % (nkv * group)) / group) * d;
       const float* qrow = q + m * d;
-      float lanes[16] = {};
+      vec16 acc = {};
       std::int64_t c = 0;
-      for (; c + 16 <= d; c += 16)
-        for (int l = 0; l < 16; ++l) lanes[l] += qrow[c + l] * krow[c + l];
-      for (int l = 0; c < d; ++c, ++l) lanes[l] += qrow[c] * krow[c];
+      for (; c + 16 <= d; c += 16) acc += load16(qrow + c) * load16(krow + c);
       float sum = 0.0f;
-      for (float x : lanes) sum += x;
+      for (; c < d; ++c) sum += qrow[c] * krow[c];
+      for (int l = 0; l < 16; ++l) sum += acc[l];
       s[m * kKeyTile + jj] = sum;
     }
   }
 }
 
-/// acc[m][:] = acc[m][:] * factor[m] + sum_jj P[m][jj] * V[jj][:], over `n` keys.
-inline void accumulate_pv(const float* pm, const float* v, std::int64_t d, int n, float factor,
-                          float* accrow) {
-  for (std::int64_t c0 = 0; c0 < d; c0 += kDimChunk) {
-    const std::int64_t w = std::min<std::int64_t>(kDimChunk, d - c0);
-    float o[kDimChunk];
-    for (int c = 0; c < kDimChunk; ++c) o[c] = c < w ? accrow[c0 + c] * factor : 0.0f;
+/// acc[m][:] = acc[m][:] * factor[m] + sum_jj P[m][jj] * V[jj][:], over `n` keys whose rows are
+/// `v_stride` floats apart.
+inline void accumulate_pv(const float* pm, const float* v, std::int64_t v_stride, std::int64_t d,
+                          int n, float factor, float* accrow) {
+  std::int64_t c0 = 0;
+  for (; c0 + kDimChunk <= d; c0 += kDimChunk) {  // 64 columns in 4 vector registers
+    float* o = accrow + c0;
+    const vec16 f = {factor, factor, factor, factor, factor, factor, factor, factor,
+                     factor, factor, factor, factor, factor, factor, factor, factor};
+    vec16 o0 = load16(o) * f, o1 = load16(o + 16) * f, o2 = load16(o + 32) * f,
+          o3 = load16(o + 48) * f;
     for (int jj = 0; jj < n; ++jj) {
       const float pj = pm[jj];
-      const float* vrow = v + jj * d + c0;
-      if (w == kDimChunk) {
-        for (int c = 0; c < kDimChunk; ++c) o[c] += pj * vrow[c];
-      } else {
-        for (int c = 0; c < w; ++c) o[c] += pj * vrow[c];
-      }
+      const float* vrow = v + jj * v_stride + c0;
+      o0 += pj * load16(vrow); o1 += pj * load16(vrow + 16);
+      o2 += pj * load16(vrow + 32); o3 += pj * load16(vrow + 48);
     }
-    for (int c = 0; c < w; ++c) accrow[c0 + c] = o[c];
+    store16(o, o0); store16(o + 16, o1); store16(o + 32, o2); store16(o + 48, o3);
+  }
+  for (; c0 < d; c0 += 8) {  // head_dim is a multiple of 8
+    float o[8];
+    for (int c = 0; c < 8; ++c) o[c] = accrow[c0 + c] * factor;
+    for (int jj = 0; jj < n; ++jj) {
+      const float pj = pm[jj];
+      const float* vrow = v + jj * v_stride + c0;
+      for (int c = 0; c < 8; ++c) o[c] += pj * vrow[c];
+    }
+    for (int c = 0; c < 8; ++c) accrow[c0 + c] = o[c];
   }
 }
 
@@ -157,6 +185,11 @@ void run_item(const AttnProblem& p, const WorkItem& it, std::int64_t key_begin,
   const std::int64_t d = p.head_dim;
   const std::int64_t nh = it.nheads;
   const std::int64_t rows = it.nrows * nh;
+  const std::int64_t nkv = it.nkv;
+  const std::int64_t group = p.heads_q / p.heads_kv;
+  // Few rows per kv head (decode): K stays row-major and scores are direct dot products;
+  // transposing K costs D strided stores per key, more than a handful of rows recoups.
+  const bool direct = it.nrows * group <= kFewRows;
 
   // Queries of the item, pre-scaled, and each row's visible key range.
   std::int64_t jbeg = key_end, jend = key_begin;
@@ -184,28 +217,30 @@ void run_item(const AttnProblem& p, const WorkItem& it, std::int64_t key_begin,
   const float inv_softcap = p.softcap > 0.0f ? 1.0f / p.softcap : 0.0f;
   for (std::int64_t j0 = jbeg; j0 < jend; j0 += kKeyTile) {
     const int n = static_cast<int>(std::min<std::int64_t>(kKeyTile, jend - j0));
-    // Gather the tile in float: V row-major (tile, D); K transposed (D, tile) for the
-    // row-blocked score loop, or, with few rows (decode), row-major for direct dot products:
-    // transposing costs D strided stores per key, more than a handful of rows recoups.
-    const bool few_rows = rows <= kFewRows;
+    // Gather the tile in float: V (tile, nkv, D); K transposed (D, tile) for the row-blocked
+    // score loop, or in direct mode row-major (tile, nkv, D) for dot products.
     float row[256];
     for (int jj = 0; jj < n; ++jj) {
-      if (j0 + jj + kPrefetchKeys < jend) prefetch_key(p, s, s.slot0 + j0 + jj + kPrefetchKeys, it.kv_head);
+      if (j0 + jj + kPrefetchKeys < jend)
+        prefetch_key(p, s, s.slot0 + j0 + jj + kPrefetchKeys, it.kv_head, nkv);
       const std::int64_t slot = s.slot0 + j0 + jj;
-      const std::int64_t ko = key_offset(p, s, slot, p.kv.k_slot_stride, p.kv.k_page_stride, s.k_off) +
-                              it.kv_head * p.kv.k_head_stride;
-      const std::int64_t vo = key_offset(p, s, slot, p.kv.v_slot_stride, p.kv.v_page_stride, s.v_off) +
-                              it.kv_head * p.kv.v_head_stride;
-      if (few_rows) {
-        load_row(p.dtype, elem_ptr(p.kv.k, p.dtype, ko), d, 1.0f, sc.kt.data() + jj * d);
-      } else {
-        load_row(p.dtype, elem_ptr(p.kv.k, p.dtype, ko), d, 1.0f, row);
-        for (std::int64_t c = 0; c < d; ++c) sc.kt[c * kKeyTile + jj] = row[c];
+      const std::int64_t ko = key_offset(p, s, slot, p.kv.k_slot_stride, p.kv.k_page_stride, s.k_off);
+      const std::int64_t vo = key_offset(p, s, slot, p.kv.v_slot_stride, p.kv.v_page_stride, s.v_off);
+      for (std::int64_t kvi = 0; kvi < nkv; ++kvi) {
+        const std::int64_t h = it.kv_head + kvi;
+        const void* ksrc = elem_ptr(p.kv.k, p.dtype, ko + h * p.kv.k_head_stride);
+        if (direct) {
+          load_row(p.dtype, ksrc, d, 1.0f, sc.kt.data() + (jj * nkv + kvi) * d);
+        } else {
+          load_row(p.dtype, ksrc, d, 1.0f, row);
+          for (std::int64_t c = 0; c < d; ++c) sc.kt[c * kKeyTile + jj] = row[c];
+        }
+        load_row(p.dtype, elem_ptr(p.kv.v, p.dtype, vo + h * p.kv.v_head_stride), d, 1.0f,
+                 sc.v.data() + (jj * nkv + kvi) * d);
       }
-      load_row(p.dtype, elem_ptr(p.kv.v, p.dtype, vo), d, 1.0f, sc.v.data() + jj * d);
     }
 
-    if (few_rows) scores_rows(sc.q.data(), sc.kt.data(), d, rows, n, sc.s.data());
+    if (direct) scores_rows(sc.q.data(), sc.kt.data(), d, rows, n, nkv, group, sc.s.data());
     else scores_tile(sc.q.data(), sc.kt.data(), d, rows, sc.s.data());
 
     for (std::int64_t m = 0; m < rows; ++m) {
@@ -240,7 +275,8 @@ void run_item(const AttnProblem& p, const WorkItem& it, std::int64_t key_begin,
       float sum = 0.0f;
       for (float l : lanes) sum += l;
       sc.state[m].l += sum;
-      accumulate_pv(srow, sc.v.data(), d, n, factor, sc.acc.data() + m * d);
+      const std::int64_t kvi = (m % nh) / group;
+      accumulate_pv(srow, sc.v.data() + kvi * d, nkv * d, d, n, factor, sc.acc.data() + m * d);
     }
   }
 
@@ -352,14 +388,30 @@ void run_attention(const AttnProblem& p, void* workspace, int num_threads) {
   const std::int64_t rows_per_item = std::max<std::int64_t>(1, kMaxRows / heads_per_item);
   const int splits = std::max(1, p.num_splits);
 
+  // Decode-like sequences (few rows per kv head) take several kv heads per item, so each key
+  // slot's heads are read in one contiguous sweep (a strided walk over one head per slot
+  // defeats the hardware prefetchers, see bench/NOTES.md).
+  const std::int64_t kv_per_direct_item = std::max<std::int64_t>(
+      1, std::min<std::int64_t>(kSlotFloats / p.head_dim, kMaxRows / kFewRows));
   std::vector<WorkItem> items;
   for (std::size_t si = 0; si < p.seqs.size(); ++si) {
     const SeqDesc& s = p.seqs[si];
+    const auto seq = static_cast<std::int32_t>(si);
+    if (s.seqlen_q * g <= kFewRows) {
+      for (std::int64_t kvh = 0; kvh < p.heads_kv; kvh += kv_per_direct_item) {
+        const std::int64_t nkv = std::min(kv_per_direct_item, p.heads_kv - kvh);
+        for (int sp = 0; sp < splits; ++sp)
+          items.push_back({seq, static_cast<std::int32_t>(kvh), static_cast<std::int32_t>(nkv),
+                           static_cast<std::int32_t>(kvh * g), static_cast<std::int32_t>(nkv * g),
+                           0, s.seqlen_q, sp});
+      }
+      continue;
+    }
     for (std::int64_t kvh = 0; kvh < p.heads_kv; ++kvh)
       for (std::int64_t h0 = 0; h0 < g; h0 += heads_per_item)
         for (std::int64_t r0 = 0; r0 < s.seqlen_q; r0 += rows_per_item)
           for (int sp = 0; sp < splits; ++sp)
-            items.push_back({static_cast<std::int32_t>(si), static_cast<std::int32_t>(kvh),
+            items.push_back({seq, static_cast<std::int32_t>(kvh), 1,
                              static_cast<std::int32_t>(kvh * g + h0),
                              static_cast<std::int32_t>(std::min(heads_per_item, g - h0)), r0,
                              std::min(rows_per_item, s.seqlen_q - r0), sp});
