@@ -6,6 +6,7 @@
 
 #include <cctype>
 #include <cstdio>
+#include <cstdlib>
 #include <deque>
 #include <functional>
 #include <limits>
@@ -61,6 +62,7 @@ void expect_bad(Owner& o, const std::function<void()>& call, std::vector<std::st
     ADD_FAILURE() << "no exception for: " << label;
   } catch (const E& e) {
     const std::string msg = e.what();
+    if (std::getenv("FASTATTN_TEST_VERBOSE")) std::printf("[bad input] %s -> %s\n", label.c_str(), msg.c_str());
     bool named = false;
     for (const auto& n : names) named = named || names_argument(msg, n);
     EXPECT_TRUE(named) << "message does not name the argument (one of " << ::testing::PrintToString(names)

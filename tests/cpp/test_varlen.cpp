@@ -16,13 +16,21 @@ using fa_ref::HostTensor;
 using fa_ref::Layout;
 
 enum class KeySource { kPacked, kBlockTable, kCsr };
-enum class LenSource { kCuSeqlensK, kSequsedK, kLastPageLen };
+/// kSequsedOverCu: paged, seqused_k gives the lengths and a cu_seqlens_k with other (smaller)
+/// lengths is passed too; seqused_k takes precedence (ops.h).
+enum class LenSource { kCuSeqlensK, kSequsedK, kLastPageLen, kSequsedOverCu };
 
 const char* key_source_name(KeySource s) {
   return s == KeySource::kPacked ? "packed" : s == KeySource::kBlockTable ? "block_table" : "csr";
 }
 const char* len_source_name(LenSource s) {
-  return s == LenSource::kCuSeqlensK ? "cu_seqlens_k" : s == LenSource::kSequsedK ? "seqused_k" : "last_page_len";
+  switch (s) {
+    case LenSource::kCuSeqlensK: return "cu_seqlens_k";
+    case LenSource::kSequsedK: return "seqused_k";
+    case LenSource::kLastPageLen: return "last_page_len";
+    case LenSource::kSequsedOverCu: return "seqused_k over cu_seqlens_k";
+  }
+  return "?";
 }
 
 struct VarCase {
@@ -165,6 +173,15 @@ void run_varlen(VarCase c, std::mt19937_64& rng) {
         seqused_t = fa_ref::int_tensor(c.lk);
         a.seqused_k = seqused_t.view();
         break;
+      case LenSource::kSequsedOverCu: {
+        seqused_t = fa_ref::int_tensor(c.lk);
+        a.seqused_k = seqused_t.view();
+        std::vector<std::int64_t> other;
+        for (auto l : c.lk) other.push_back(rand_int(rng, 0, l));
+        cu_k_t = fa_ref::int_tensor(cumsum0(other));
+        a.cu_seqlens_k = cu_k_t.view();
+        break;
+      }
       case LenSource::kLastPageLen: {
         std::vector<std::int64_t> last;
         for (std::int64_t b = 0; b < B; ++b) {
@@ -278,7 +295,7 @@ TEST_P(VarlenDtype, PagedBlockTableAllPageSizes) {
     c.dtype = GetParam();
     c.keys = KeySource::kBlockTable;
     c.page_size = ps;
-    c.lens = rand_int(rng, 0, 1) ? LenSource::kSequsedK : LenSource::kCuSeqlensK;
+    c.lens = pick(rng, std::vector<LenSource>{LenSource::kSequsedK, LenSource::kCuSeqlensK, LenSource::kSequsedOverCu});
     c.lq = ragged(rng, rand_int(rng, 1, 4), 40);
     c.lk = ragged(rng, static_cast<std::int64_t>(c.lq.size()), ps == 1 ? 60 : 300);
     c.Hkv = 2;
@@ -292,7 +309,7 @@ TEST_P(VarlenDtype, PagedBlockTableAllPageSizes) {
 TEST_P(VarlenDtype, PagedCsrAllPageSizes) {
   FA_SEEDED_RNG(rng);
   for (std::int64_t ps : {1, 5, 16, 256}) {
-    for (LenSource ls : {LenSource::kLastPageLen, LenSource::kSequsedK, LenSource::kCuSeqlensK}) {
+    for (LenSource ls : {LenSource::kLastPageLen, LenSource::kSequsedK, LenSource::kCuSeqlensK, LenSource::kSequsedOverCu}) {
       VarCase c;
       c.dtype = GetParam();
       c.keys = KeySource::kCsr;
