@@ -82,7 +82,7 @@ struct KVCacheArgs {
   TensorView v_cache;  ///< same shape and dtype as k_cache
   std::optional<TensorView> k_new;  ///< (B, Snew, Hkv, D) keys to append
   std::optional<TensorView> v_new;  ///< (B, Snew, Hkv, D) values to append
-  std::optional<TensorView> rotary_cos;  ///< (S_rotary, rotary_dim / 2), same dtype as q
+  std::optional<TensorView> rotary_cos;  ///< (S_rotary, rotary_dim / 2), q's dtype or float32
   std::optional<TensorView> rotary_sin;  ///< (S_rotary, rotary_dim / 2)
   /// true: rotate dims (0,1), (2,3), ...; false (GPT-NeoX): dims (i, i + rotary_dim / 2).
   bool rotary_interleaved = true;
@@ -90,7 +90,8 @@ struct KVCacheArgs {
   std::int64_t cache_seqlen = 0;            ///< used for every b when cache_seqlens is absent
   std::optional<TensorView> cache_batch_idx;  ///< (B) int32 cache row (or block-table row) of b
   std::optional<TensorView> cache_leftpad;    ///< (B) int32 first valid slot of b
-  std::optional<TensorView> block_table;      ///< (B_table, max_pages) int32: paged cache
+  /// (B_table, max_pages) int32: paged cache. B_table >= B; with cache_batch_idx any B_table.
+  std::optional<TensorView> block_table;
   std::optional<TensorView> page_indptr;      ///< (B_table + 1) int32: paged cache, CSR form
   std::optional<TensorView> page_indices;     ///< (page_indptr[B_table]) int32
   /// Key splits per sequence (split-KV); 0 picks by heuristic. A fixed value gives bitwise

@@ -86,7 +86,7 @@ void ArgChecker::last_dim_contiguous(const TensorView& t, const std::string& arg
 }
 
 void ArgChecker::contiguous(const TensorView& t, const std::string& arg) const {
-  if (t.numel() > 0 && !t.is_contiguous()) fail_value(arg, "must be contiguous, got a strided view");
+  if (!t.is_contiguous()) fail_value(arg, "must be contiguous, got a strided view");
 }
 
 void ArgChecker::on_device(const TensorView& t, const std::string& arg) {

@@ -93,6 +93,7 @@ void merge_state(const TensorView& v_a, const TensorView& s_a, const TensorView&
   state_pair(c, v_a, "v_a", s_a, "s_a", nullptr);
   state_pair(c, v_b, "v_b", s_b, "s_b", &v_a);
   state_pair(c, v_out, "v_out", s_out, "s_out", &v_a);
+  core::validate_exec(c, exec);
   require_cpu(c);
   cpu::merge_state({&v_a, &s_a, &v_b, &s_b, &v_out, &s_out, nullptr}, exec.num_threads);
 }
@@ -118,6 +119,7 @@ void merge_state_in_place(const TensorView& v, const TensorView& s, const Tensor
     c.dtype_in(*mask, "mask", {DType::kBool, DType::kUInt8});
     c.shape_is(*mask, "mask", {v.size(0)}, "(S)");
   }
+  core::validate_exec(c, exec);
   require_cpu(c);
   cpu::merge_state({&v, &s, &v_other, &s_other, &v, &s, mask ? &*mask : nullptr}, exec.num_threads);
 }
@@ -143,6 +145,7 @@ void merge_states(const TensorView& v, const TensorView& s, const TensorView& v_
   c.on_device(s_out, "s_out");
   c.dtype_is(s_out, "s_out", DType::kFloat32);
   c.shape_is(s_out, "s_out", {v.size(0), v.size(2)}, "(S, H)");
+  core::validate_exec(c, exec);
   require_cpu(c);
   cpu::merge_states(v, s, v_out, s_out, exec.num_threads);
 }

@@ -44,6 +44,7 @@ std::int64_t TensorView::numel() const {
 }
 
 bool TensorView::is_contiguous() const {
+  if (numel() == 0) return true;  // nothing to lay out (as torch says)
   std::int64_t expected = 1;
   for (int i = ndim - 1; i >= 0; --i) {
     const auto d = static_cast<std::size_t>(i);

@@ -56,6 +56,12 @@ void probs_output(ArgChecker& c, const std::optional<TensorView>& probs,
 
 }  // namespace
 
+void validate_exec(ArgChecker& c, const ExecConfig& e) {
+  if (e.num_threads < 0)
+    c.fail_value("exec.num_threads", "must be >= 0 (0 = all available), got " +
+                                         std::to_string(e.num_threads));
+}
+
 ResolvedOptions validate_options(ArgChecker& c, const AttentionOptions& o, std::int64_t batch,
                                  std::int64_t heads_q, std::int64_t head_dim) {
   ResolvedOptions r;
@@ -117,6 +123,7 @@ AttentionDims validate(ArgChecker& c, const AttentionArgs& args) {
   lse_output(c, args.lse, {d.batch, d.heads_q, d.seqlen_q}, "(B, Hq, Sq)");
   probs_output(c, args.probs, {d.batch, d.heads_q, d.seqlen_q, d.seqlen_k}, "(B, Hq, Sq, Sk)");
   validate_options(c, args.options, d.batch, d.heads_q, d.head_dim);
+  validate_exec(c, args.exec);
   return d;
 }
 
@@ -229,6 +236,7 @@ VarlenDims validate(ArgChecker& c, const VarlenAttentionArgs& args) {
   probs_output(c, args.probs, {d.a.batch, d.a.heads_q, d.a.seqlen_q, d.a.seqlen_k},
                "(B, Hq, max_seqlen_q, max_seqlen_k)");
   validate_options(c, args.options, d.a.batch, d.a.heads_q, d.a.head_dim);
+  validate_exec(c, args.exec);
   return d;
 }
 
@@ -257,8 +265,9 @@ KVCacheDims validate(ArgChecker& c, const KVCacheArgs& args) {
     p.page_indices = args.page_indices;
     // Messages name the KV-cache call's own arguments (k_cache, block_table, ...).
     c.ndim_is(args.k_cache, "k_cache", 4, "(num_pages, page_size, Hkv, D)");
-    d.paged = validate_paged(c, p, d.a.batch, -1, d.a.head_dim, args.q.dtype, "",
-                             args.cache_batch_idx.has_value());
+    // The table may hold more rows than the batch (as a contiguous cache may): rows past B are
+    // unused without cache_batch_idx; the planner checks B rows are there.
+    d.paged = validate_paged(c, p, d.a.batch, -1, d.a.head_dim, args.q.dtype, "", true);
   } else {
     c.ndim_is(args.k_cache, "k_cache", 4, "(B_cache, S_cache, Hkv, D)");
     d.cache_rows = args.k_cache.size(0);
@@ -302,6 +311,7 @@ KVCacheDims validate(ArgChecker& c, const KVCacheArgs& args) {
       if (t->dtype != args.q.dtype && t->dtype != DType::kFloat32)
         c.fail_type(n, std::string("must have the dtype of q (") + dtype_name(args.q.dtype) +
                            ") or float32, got " + dtype_name(t->dtype));
+      // (q is never float32 here when the message reads oddly: a float32 table always passes.)
       c.ndim_is(*t, n, 2, "(S_rotary, rotary_dim / 2)");
     }
     d.rotary_len = args.rotary_cos->size(0);
@@ -333,6 +343,7 @@ KVCacheDims validate(ArgChecker& c, const KVCacheArgs& args) {
     c.contiguous(*args.workspace, "workspace");
   }
   validate_options(c, args.options, d.a.batch, d.a.heads_q, d.a.head_dim);
+  validate_exec(c, args.exec);
   return d;
 }
 
@@ -371,6 +382,7 @@ SharedPrefixDims validate(ArgChecker& c, const SharedPrefixAttentionArgs& args) 
   c.shape_is(args.out, "out", {d.total_q, d.a.heads_q, d.a.head_dim}, "(total_q, Hq, D)");
   lse_output(c, args.lse, {d.a.heads_q, d.total_q}, "(Hq, total_q)");
   validate_options(c, args.options, d.a.batch, d.a.heads_q, d.a.head_dim);
+  validate_exec(c, args.exec);
   return d;
 }
 

@@ -52,6 +52,8 @@ struct SharedPrefixDims {
   PagedDims paged;
 };
 
+/// exec.num_threads >= 0.
+void validate_exec(check::ArgChecker& c, const ExecConfig& e);
 ResolvedOptions validate_options(check::ArgChecker& c, const AttentionOptions& o,
                                  std::int64_t batch, std::int64_t heads_q, std::int64_t head_dim);
 AttentionDims validate(check::ArgChecker& c, const AttentionArgs& args);

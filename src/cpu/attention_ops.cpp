@@ -90,7 +90,7 @@ void check_pages(const check::ArgChecker& c, const PageList& pl, std::int64_t sl
                  const std::string& what, std::int64_t seq) {
   const std::int64_t needed = (slots_end + page_size - 1) / page_size;
   if (needed > pl.count)
-    c.fail_value(what, "holds " + std::to_string(pl.count) + " pages for sequence " +
+    c.fail_value(what, "holds " + std::to_string(pl.count) + " page(s) for sequence " +
                            std::to_string(seq) + " but its " + std::to_string(slots_end) +
                            " slots need " + std::to_string(needed) + " (page_size " +
                            std::to_string(page_size) + ")");
@@ -113,7 +113,8 @@ PageList page_list(const PagedKV& pk, std::int64_t row) {
 /// Validates CSR row pointers against the indices they index.
 void check_csr(const check::ArgChecker& c, const PagedKV& pk, const std::string& prefix) {
   if (!pk.page_indptr) return;
-  check_cumulative(c, *pk.page_indptr, prefix + "page_indptr", pk.page_indices->size(0), -1, "");
+  check_cumulative(c, *pk.page_indptr, prefix + "page_indptr", pk.page_indices->size(0),
+                   prefix + "page_indices", -1, "");
 }
 
 const float* alibi_for(const core::ResolvedOptions& o, std::int64_t b) {
@@ -154,13 +155,13 @@ void varlen_attention_forward(check::ArgChecker& c, const VarlenAttentionArgs& a
                               const core::VarlenDims& d) {
   const auto o = core::validate_options(c, args.options, d.a.batch, d.a.heads_q, d.a.head_dim);
   // Contents of the index tensors, all checked before anything is written.
-  check_cumulative(c, args.cu_seqlens_q, "cu_seqlens_q", d.total_q, args.max_seqlen_q,
+  check_cumulative(c, args.cu_seqlens_q, "cu_seqlens_q", d.total_q, "q (dim 0)", args.max_seqlen_q,
                    "max_seqlen_q", /*zero_start=*/true);
   const std::int32_t* cu_q = ints(args.cu_seqlens_q);
   const std::int32_t* cu_k = args.cu_seqlens_k ? ints(*args.cu_seqlens_k) : nullptr;
   if (args.cu_seqlens_k)
     check_cumulative(c, *args.cu_seqlens_k, "cu_seqlens_k",
-                     args.paged ? INT32_MAX : d.total_k, args.seqused_k ? -1 : args.max_seqlen_k,
+                     args.paged ? INT32_MAX : d.total_k, "k (dim 0)", args.seqused_k ? -1 : args.max_seqlen_k,
                      "max_seqlen_k");
   const std::int32_t* used = args.seqused_k ? ints(*args.seqused_k) : nullptr;
   if (args.paged) check_csr(c, *args.paged, "");
@@ -276,7 +277,8 @@ KVCachePlan plan_kvcache(check::ArgChecker& c, const KVCacheArgs& args, const co
     const std::string bs = "[" + std::to_string(b) + "]";
     const std::int64_t row = batch_idx ? batch_idx[b] : b;
     if (row < 0 || row >= table_rows)
-      c.fail_value(batch_idx ? "cache_batch_idx" : (paged ? "block_table" : "k_cache"),
+      c.fail_value(batch_idx ? "cache_batch_idx"
+                             : (!paged ? "k_cache" : (args.block_table ? "block_table" : "page_indptr")),
                    batch_idx ? bs + " = " + std::to_string(row) + " must be in [0, " +
                                    std::to_string(table_rows) + ") (rows of the cache)"
                              : "has " + std::to_string(table_rows) + " rows, fewer than B = " +

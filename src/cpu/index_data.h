@@ -15,10 +15,11 @@ inline const std::int32_t* ints(const TensorView& t) {
 }
 
 /// Checks cu (B + 1 entries): cu[0] >= 0 (== 0 with zero_start), non-decreasing,
-/// cu[B] <= total; and each length <= max_len (when max_len >= 0). Throws ValueError naming `arg`.
+/// cu[B] <= total (the size of `indexed`, which names the tensor it indexes); and each length
+/// <= max_len (when max_len >= 0). Throws ValueError naming `arg`.
 inline void check_cumulative(const check::ArgChecker& c, const TensorView& cu, const std::string& arg,
-                             std::int64_t total, std::int64_t max_len, const char* max_arg,
-                             bool zero_start = false) {
+                             std::int64_t total, const std::string& indexed, std::int64_t max_len,
+                             const char* max_arg, bool zero_start = false) {
   const std::int32_t* p = ints(cu);
   const std::int64_t b = cu.size(0) - 1;
   if (p[0] < 0 || (zero_start && p[0] != 0))
@@ -35,7 +36,7 @@ inline void check_cumulative(const check::ArgChecker& c, const TensorView& cu, c
   }
   if (p[b] > total)
     c.fail_value(arg, "[B] = " + std::to_string(p[b]) + " exceeds the " + std::to_string(total) +
-                          " rows of the packed tensor");
+                          " entries of " + indexed);
 }
 
 /// Output rows [row_begin, row_end) of a packed (total, H, D) output that belong to no

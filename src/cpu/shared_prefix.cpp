@@ -29,8 +29,9 @@ CascadePlan plan_cascade(check::ArgChecker& c, const SharedPrefixAttentionArgs& 
   if (sfx.block_table)
     c.fail_value("suffix.block_table", "is not supported here: give the suffix pages as "
                                        "suffix.page_indptr / page_indices (FlashInfer's layout)");
-  check_cumulative(c, *sfx.page_indptr, "suffix.page_indptr", sfx.page_indices->size(0), -1, "");
-  if (args.qo_indptr) check_cumulative(c, *args.qo_indptr, "qo_indptr", d.total_q, -1, "", true);
+  check_cumulative(c, *sfx.page_indptr, "suffix.page_indptr", sfx.page_indices->size(0),
+                   "suffix.page_indices", -1, "");
+  if (args.qo_indptr) check_cumulative(c, *args.qo_indptr, "qo_indptr", d.total_q, "q (dim 0)", -1, "", true);
   const std::int32_t* qo = args.qo_indptr ? ints(*args.qo_indptr) : nullptr;
   const std::int32_t* ip = ints(*sfx.page_indptr);
   const std::int32_t* idx = ints(*sfx.page_indices);
