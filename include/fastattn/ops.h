@@ -152,7 +152,12 @@ void merge_states(const TensorView& v, const TensorView& s, const TensorView& v_
 
 /// Library version string, "MAJOR.MINOR.PATCH".
 const char* version();
-/// True when this build has a CUDA backend with kernels for `device`.
+/// True when the attention ops run on `device` in this build (the CPU always; CUDA devices once
+/// the CUDA attention kernels exist and the build was compiled for the device's architecture).
 bool backend_available(const Device& device);
+/// True when this build carries device code for `device`: the CPU always; a CUDA device when the
+/// CUDA backend was compiled (toolchain, CUTLASS, sm_80 / sm_90a) for its architecture, whether
+/// or not the attention ops run there yet.
+bool device_code_available(const Device& device);
 
 }  // namespace fastattn

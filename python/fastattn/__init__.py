@@ -46,13 +46,23 @@ def version() -> str:
     return _C.version()
 
 
-def backend_available(device: str = "cpu") -> bool:
-    """True when this build can run on `device`: "cpu" (always) or "cuda" / "cuda:N" (a CUDA
-    build with kernels for that GPU)."""
+def _parse_device(device) -> tuple:
     if not isinstance(device, str):
         device = str(device)  # torch.device / cupy Device
     kind, _, index = device.partition(":")
-    return bool(_C.backend_available(kind, int(index) if index else 0))
+    return kind, int(index) if index else 0
+
+
+def backend_available(device: str = "cpu") -> bool:
+    """True when the attention ops run on `device` in this build: "cpu" (always) or "cuda" /
+    "cuda:N" (once the CUDA attention kernels exist, on a GPU the build was compiled for)."""
+    return bool(_C.backend_available(*_parse_device(device)))
+
+
+def device_code_available(device: str = "cpu") -> bool:
+    """True when this build carries code for `device`: "cpu" always; "cuda:N" when the CUDA
+    backend was compiled (sm_80 family or sm_90a) for that GPU's architecture."""
+    return bool(_C.device_code_available(*_parse_device(device)))
 
 
 __all__ = [
@@ -72,6 +82,7 @@ __all__ = [
     "BatchDecodeWithSharedPrefixPagedKVCacheWrapper",
     "BatchPrefillWithSharedPrefixPagedKVCacheWrapper",
     "backend_available",
+    "device_code_available",
     "version",
     "__version__",
 ]

@@ -154,7 +154,16 @@ const char* version() { return FASTATTN_VERSION; }
 
 bool backend_available(const Device& device) {
   if (device.type == DeviceType::kCPU) return true;
-  return false;  // CUDA kernels land with the GPU issues
+  return false;  // the CUDA attention kernels land with the GPU issues
+}
+
+bool device_code_available(const Device& device) {
+  if (device.type == DeviceType::kCPU) return true;
+#if defined(FASTATTN_WITH_CUDA)
+  return cuda_backend_available(device.index);
+#else
+  return false;
+#endif
 }
 
 }  // namespace fastattn

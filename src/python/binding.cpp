@@ -391,7 +391,7 @@ void merge_states(nb::handle v, nb::handle s, nb::handle v_out, nb::handle s_out
   fastattn::merge_states(tv, ts, vo, so, exec);
 }
 
-bool backend_available(const std::string& device_type, int index) {
+fastattn::Device parse_device(const std::string& device_type, int index) {
   fastattn::Device d;
   if (device_type == "cpu") {
     d.type = fastattn::DeviceType::kCPU;
@@ -402,7 +402,7 @@ bool backend_available(const std::string& device_type, int index) {
                                device_type + "'");
   }
   d.index = index;
-  return fastattn::backend_available(d);
+  return d;
 }
 
 }  // namespace
@@ -485,8 +485,18 @@ NB_MODULE(_C, m) {
 
   m.def("version", []() { return std::string(fastattn::version()); },
         "Library version, 'MAJOR.MINOR.PATCH'.");
-  m.def("backend_available", &backend_available, nb::arg("device_type"), nb::arg("index") = 0,
-        "True when this build has kernels for the device ('cpu' or 'cuda').");
+  m.def(
+      "backend_available",
+      [](const std::string& type, int index) { return fastattn::backend_available(parse_device(type, index)); },
+      nb::arg("device_type"), nb::arg("index") = 0,
+      "True when the attention ops run on the device ('cpu' or 'cuda') in this build.");
+  m.def(
+      "device_code_available",
+      [](const std::string& type, int index) {
+        return fastattn::device_code_available(parse_device(type, index));
+      },
+      nb::arg("device_type"), nb::arg("index") = 0,
+      "True when this build carries device code (CUDA backend compiled for its architecture).");
 
 #undef FASTATTN_OPTION_ARGS
 #undef FASTATTN_KVCACHE_ARGS
