@@ -184,13 +184,7 @@ PagedDims validate_paged(ArgChecker& c, const PagedKV& p, std::int64_t batch,
 
 VarlenDims validate(ArgChecker& c, const VarlenAttentionArgs& args) {
   VarlenDims d;
-  data_tensor(c, args.q, "q");
-  c.dtype_in(args.q, "q", kFloatTypes);
-  c.ndim_is(args.q, "q", 3, "(total_q, Hq, D)");
-  d.total_q = args.q.size(0);
-  d.a.heads_q = args.q.size(1);
-  d.a.head_dim = args.q.size(2);
-  check::head_dim_supported(c, "q", d.a.head_dim);
+  d.total_q = packed_queries(c, args.q, d.a);
   index_tensor(c, args.cu_seqlens_q, "cu_seqlens_q", -1, "(B + 1)");
   if (args.cu_seqlens_q.size(0) < 1)
     c.fail_value("cu_seqlens_q", "must have B + 1 >= 1 entries, got 0");
@@ -349,13 +343,7 @@ KVCacheDims validate(ArgChecker& c, const KVCacheArgs& args) {
 
 SharedPrefixDims validate(ArgChecker& c, const SharedPrefixAttentionArgs& args) {
   SharedPrefixDims d;
-  data_tensor(c, args.q, "q");
-  c.dtype_in(args.q, "q", kFloatTypes);
-  c.ndim_is(args.q, "q", 3, "(total_q, Hq, D)");
-  d.total_q = args.q.size(0);
-  d.a.heads_q = args.q.size(1);
-  d.a.head_dim = args.q.size(2);
-  check::head_dim_supported(c, "q", d.a.head_dim);
+  d.total_q = packed_queries(c, args.q, d.a);
   if (args.qo_indptr) {
     index_tensor(c, *args.qo_indptr, "qo_indptr", -1, "(B + 1)");
     if (args.qo_indptr->size(0) < 1) c.fail_value("qo_indptr", "must have B + 1 >= 1 entries, got 0");
