@@ -54,6 +54,17 @@ void probs_output(ArgChecker& c, const std::optional<TensorView>& probs,
   c.contiguous(*probs, "probs");
 }
 
+/// q of a packed op: (total_q, Hq, D) float. Fills heads_q and head_dim; returns total_q.
+std::int64_t packed_queries(ArgChecker& c, const TensorView& q, AttentionDims& a) {
+  data_tensor(c, q, "q");
+  c.dtype_in(q, "q", kFloatTypes);
+  c.ndim_is(q, "q", 3, "(total_q, Hq, D)");
+  a.heads_q = q.size(1);
+  a.head_dim = q.size(2);
+  check::head_dim_supported(c, "q", a.head_dim);
+  return q.size(0);
+}
+
 }  // namespace
 
 void validate_exec(ArgChecker& c, const ExecConfig& e) {
