@@ -152,8 +152,9 @@ void merge_states(const TensorView& v, const TensorView& s, const TensorView& v_
 
 /// Library version string, "MAJOR.MINOR.PATCH".
 const char* version();
-/// True when the attention ops run on `device` in this build (the CPU always; CUDA devices once
-/// the CUDA attention kernels exist and the build was compiled for the device's architecture).
+/// True when attention runs on `device` in this build: the CPU always; a CUDA GPU the build was
+/// compiled for (sm_80 family, sm_90), where attention_forward and varlen_attention_forward run
+/// (fp16/bf16) and the other ops raise NotSupportedError until their kernels land.
 bool backend_available(const Device& device);
 /// True when this build carries device code for `device`: the CPU always; a CUDA device when the
 /// CUDA backend was compiled (toolchain, CUTLASS, sm_80 / sm_90a) for its architecture, whether

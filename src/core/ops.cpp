@@ -13,7 +13,7 @@
 namespace fastattn {
 namespace {
 
-/// Throws unless this build has kernels for the device the checker saw.
+/// Throws unless the op runs on the CPU (the ops without CUDA kernels yet end here).
 void require_cpu(const check::ArgChecker& c) {
   if (c.device().type == DeviceType::kCPU) return;
   throw NotSupportedError(std::string(c.op()) + ": tensors are on " + device_name(c.device()) +
@@ -47,6 +47,9 @@ void state_pair(check::ArgChecker& c, const TensorView& v, const std::string& vn
 void attention_forward(const AttentionArgs& args) {
   check::ArgChecker c("attention_forward");
   const auto d = core::validate(c, args);
+#if defined(FASTATTN_WITH_CUDA)
+  if (c.device().type == DeviceType::kCUDA) return cuda_prefill::attention_forward(c, args, d);
+#endif
   require_cpu(c);
   cpu::attention_forward(c, args, d);
 }
@@ -54,6 +57,9 @@ void attention_forward(const AttentionArgs& args) {
 void varlen_attention_forward(const VarlenAttentionArgs& args) {
   check::ArgChecker c("varlen_attention_forward");
   const auto d = core::validate(c, args);
+#if defined(FASTATTN_WITH_CUDA)
+  if (c.device().type == DeviceType::kCUDA) return cuda_prefill::varlen_attention_forward(c, args, d);
+#endif
   require_cpu(c);
   cpu::varlen_attention_forward(c, args, d);
 }
@@ -154,7 +160,8 @@ const char* version() { return FASTATTN_VERSION; }
 
 bool backend_available(const Device& device) {
   if (device.type == DeviceType::kCPU) return true;
-  return false;  // the CUDA attention kernels land with the GPU issues
+  // The CUDA backend serves prefill (attention_forward, varlen_attention_forward) so far.
+  return device_code_available(device);
 }
 
 bool device_code_available(const Device& device) {

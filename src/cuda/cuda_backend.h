@@ -8,6 +8,10 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "core/check.h"
+#include "core/validate.h"
+#include "fastattn/ops.h"
+
 namespace fastattn {
 
 /// Number of CUDA devices this process can see; 0 when there is no driver or no GPU
@@ -29,5 +33,13 @@ int cuda_device_description(int device, char* buf, std::size_t buf_size);
 /// host synchronisation: safe inside CUDA graph capture. Used to initialise split-KV workspaces
 /// (e.g. LSE partials to -inf). Throws fastattn::Error if the launch fails.
 void cuda_fill_u32(void* dst, std::size_t count, std::uint32_t value, void* stream);
+
+namespace cuda_prefill {
+/// Prefill on the GPU (fp16/bf16): dense batched attention. Arguments already validated by core.
+void attention_forward(check::ArgChecker& c, const AttentionArgs& args, const core::AttentionDims& d);
+/// Prefill on the GPU: varlen with packed keys or a paged cache (block table or CSR).
+void varlen_attention_forward(check::ArgChecker& c, const VarlenAttentionArgs& args,
+                              const core::VarlenDims& d);
+}  // namespace cuda_prefill
 
 }  // namespace fastattn

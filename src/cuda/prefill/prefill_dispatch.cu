@@ -1,0 +1,126 @@
+// Host entry of the CUDA prefill: picks the compiled head_dim (the next of 32, 64, 96, 128, 192,
+// 256) and dtype, launches the attention kernel, then the two small helper kernels: the
+// softmax-matrix pass (return_attn_probs, a testing aid) and the clearing of varlen padding rows.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include "cuda/common/cuda_check.h"
+#include "cuda/prefill/prefill_params.h"
+#include "fastattn/error.h"
+
+namespace fastattn::cuda_prefill {
+
+template <int kHeadDim, Dtype kDtype>
+void launch_prefill(const PrefillParams& p, cudaStream_t stream);
+
+namespace {
+
+__device__ __forceinline__ float load_elem(const void* base, std::int64_t i, Dtype dt) {
+  return dt == Dtype::kFloat16 ? __half2float(static_cast<const __half*>(base)[i])
+                               : __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
+}
+
+/// Sequence lengths of batch entry b, as the attention kernel resolves them.
+__device__ __forceinline__ void seq_lengths(const PrefillParams& p, int b, int* q_start, int* sq,
+                                            int* sk) {
+  *q_start = p.cu_seqlens_q ? p.cu_seqlens_q[b] : 0;
+  *sq = p.cu_seqlens_q ? p.cu_seqlens_q[b + 1] - *q_start : p.max_seqlen_q;
+  if (p.seqused_k) *sk = p.seqused_k[b];
+  else if (p.cu_seqlens_k) *sk = p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b];
+  else *sk = p.seqlen_k;
+}
+
+/// probs[b, h, r, j] = exp(s(r, j) - lse[r]) for visible keys, 0 elsewhere (padding included).
+/// One block per (row, head, batch); simple and slow on purpose: it is a testing aid.
+__global__ void probs_kernel(const PrefillParams p) {
+  const int r = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  int q_start, sq, sk;
+  seq_lengths(p, b, &q_start, &sq, &sk);
+  float* prow = p.probs + ((std::int64_t(b) * p.heads_q + h) * p.max_seqlen_q + r) * p.probs_cols;
+  const int kvh = h / (p.heads_q / p.heads_kv);
+  const float lse = r < sq ? p.lse[b * p.lse_batch_stride + h * p.lse_head_stride +
+                                   std::int64_t(q_start + r) * p.lse_row_stride]
+                           : -INFINITY;
+  const std::int64_t q_off = b * p.q_batch_stride + std::int64_t(q_start + r) * p.q_row_stride +
+                             h * p.q_head_stride;
+  const int qpos = r + sk - sq;
+  const float slope = p.alibi ? p.alibi[b * p.alibi_batch_stride + h] : 0.0f;
+  const int* pages = p.page_size == 0 ? nullptr
+                     : p.block_table  ? p.block_table + std::int64_t(b) * p.block_table_stride
+                                      : p.page_indices + p.page_indptr[b];
+  const std::int64_t k_start = (p.page_size == 0 && p.cu_seqlens_k) ? p.cu_seqlens_k[b] : 0;
+  for (int j = threadIdx.x; j < p.probs_cols; j += blockDim.x) {
+    float out = 0.0f;
+    const bool visible = r < sq && j < sk && lse != -INFINITY &&
+                         (p.window_left < 0 || j >= qpos - p.window_left) &&
+                         (p.window_right < 0 || j <= qpos + p.window_right);
+    if (visible) {
+      std::int64_t k_off;
+      if (pages) {
+        const int page = pages[j / p.page_size];
+        k_off = (page >= 0 && page < p.num_pages)
+                    ? std::int64_t(page) * p.k_page_stride + std::int64_t(j % p.page_size) * p.k_row_stride
+                    : -1;
+      } else {
+        k_off = b * p.k_batch_stride + (k_start + j) * p.k_row_stride;
+      }
+      float s = 0.0f;
+      if (k_off >= 0) {
+        k_off += kvh * p.k_head_stride;
+        for (int c = 0; c < p.head_dim; ++c)
+          s += load_elem(p.q, q_off + c, p.dtype) * load_elem(p.k, k_off + c, p.dtype);
+      }
+      s *= p.scale;
+      if (p.softcap > 0.0f) s = p.softcap * tanhf(s / p.softcap);
+      s -= slope * fabsf(float(qpos - j));
+      out = expf(s - lse);
+    }
+    prow[j] = out;
+  }
+}
+
+/// Varlen output rows past cu_seqlens_q[B] belong to no sequence: output 0, LSE -inf.
+/// A small grid strides over them (usually there are none and every block returns at once).
+__global__ void clear_padding_rows_kernel(const PrefillParams p) {
+  const std::int64_t first = p.cu_seqlens_q[p.batch];
+  auto* out = static_cast<std::uint16_t*>(p.out);
+  for (std::int64_t row = first + blockIdx.x; row < p.total_q; row += gridDim.x)
+    for (int i = threadIdx.x; i < p.heads_q * p.head_dim; i += blockDim.x) {
+      const int h = i / p.head_dim, c = i % p.head_dim;
+      out[row * p.out_row_stride + h * p.out_head_stride + c] = 0;  // +0.0 in fp16 and bf16
+      if (p.lse && c == 0) p.lse[h * p.lse_head_stride + row * p.lse_row_stride] = -INFINITY;
+    }
+}
+
+template <Dtype kDtype>
+void launch_for_dtype(const PrefillParams& p, cudaStream_t s) {
+  const int d = p.head_dim;
+  if (d <= 32) return launch_prefill<32, kDtype>(p, s);
+  if (d <= 64) return launch_prefill<64, kDtype>(p, s);
+  if (d <= 96) return launch_prefill<96, kDtype>(p, s);
+  if (d <= 128) return launch_prefill<128, kDtype>(p, s);
+  if (d <= 192) return launch_prefill<192, kDtype>(p, s);
+  return launch_prefill<256, kDtype>(p, s);
+}
+
+}  // namespace
+
+void run_prefill(const PrefillParams& p, void* stream_ptr) {
+  if (p.head_dim < 8 || p.head_dim > kMaxHeadDim)
+    throw ValueError("CUDA prefill: head_dim " + std::to_string(p.head_dim) + " outside [8, 256]");
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  if (p.dtype == Dtype::kFloat16) launch_for_dtype<Dtype::kFloat16>(p, stream);
+  else launch_for_dtype<Dtype::kBFloat16>(p, stream);
+  if (p.probs && p.batch > 0 && p.max_seqlen_q > 0) {
+    probs_kernel<<<dim3(p.max_seqlen_q, p.heads_q, p.batch), 128, 0, stream>>>(p);
+    FASTATTN_CUDA_CHECK_LAUNCH();
+  }
+  if (p.cu_seqlens_q && p.total_q > 0) {
+    const unsigned blocks = static_cast<unsigned>(p.total_q < 128 ? p.total_q : 128);
+    clear_padding_rows_kernel<<<blocks, 128, 0, stream>>>(p);
+    FASTATTN_CUDA_CHECK_LAUNCH();
+  }
+}
+
+}  // namespace fastattn::cuda_prefill

@@ -1,0 +1,188 @@
+// Lowering of the public prefill args (batched and varlen, packed or paged keys) to the CUDA
+// kernel's PrefillParams, with the checks only the CUDA path needs (dtype, 16-byte alignment).
+// Index-tensor contents stay on the device: lengths and page ids are read by the kernel, which
+// treats page ids outside the cache as zero keys rather than reading out of bounds.
+#include <cuda_runtime_api.h>
+
+#include <string>
+
+#include "cuda/common/cuda_check.h"
+#include "cuda/cuda_backend.h"
+#include "cuda/prefill/prefill_params.h"
+
+namespace fastattn::cuda_prefill {
+namespace {
+
+Dtype kernel_dtype(const check::ArgChecker& c, DType dt) {
+  if (dt == DType::kFloat16) return Dtype::kFloat16;
+  if (dt == DType::kBFloat16) return Dtype::kBFloat16;
+  throw NotSupportedError(std::string(c.op()) + ": q has dtype " + dtype_name(dt) +
+                          "; the CUDA kernels take float16 or bfloat16 (tensor cores)");
+}
+
+/// cp.async moves 16-byte chunks: rows must start on 16-byte boundaries.
+void rows_aligned(const check::ArgChecker& c, const TensorView& t, const char* arg) {
+  bool ok = reinterpret_cast<std::uintptr_t>(t.data) % 16 == 0;
+  for (int i = 0; i + 1 < t.ndim; ++i) ok = ok && (t.size(i) <= 1 || t.stride(i) % 8 == 0);
+  if (!ok)
+    c.fail_value(arg, "must have 16-byte aligned rows on CUDA (data pointer aligned to 16 bytes, "
+                      "strides of all but the last dim multiples of 8 elements)");
+}
+
+int as_int(const check::ArgChecker& c, std::int64_t v, const char* arg, std::int64_t max) {
+  if (v > max)
+    c.fail_value(arg, "is " + std::to_string(v) + ", above the CUDA limit of " + std::to_string(max));
+  return static_cast<int>(v);
+}
+
+/// Runs on the tensors' device, restoring the caller's current device afterwards.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    FASTATTN_CUDA_CHECK(cudaGetDevice(&previous_));
+    if (previous_ != device) FASTATTN_CUDA_CHECK(cudaSetDevice(device));
+    target_ = device;
+  }
+  ~DeviceGuard() {
+    if (previous_ != target_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0, target_ = 0;
+};
+
+void set_options(PrefillParams& p, const core::ResolvedOptions& o) {
+  p.scale = o.scale;
+  p.softcap = o.softcap;
+  p.window_left = static_cast<int>(o.window_left < 0 ? -1 : std::min<std::int64_t>(o.window_left, INT32_MAX));
+  p.window_right = static_cast<int>(o.window_right < 0 ? -1 : std::min<std::int64_t>(o.window_right, INT32_MAX));
+  p.alibi = o.alibi;
+  p.alibi_batch_stride = o.alibi_batch_stride;
+}
+
+void require_device(const check::ArgChecker& c) {
+  if (!cuda_backend_available(c.device().index))
+    throw NotSupportedError(std::string(c.op()) + ": " + device_name(c.device()) +
+                            " is not a GPU this build has kernels for (sm_80 family or sm_90)");
+}
+
+}  // namespace
+
+void attention_forward(check::ArgChecker& c, const AttentionArgs& a, const core::AttentionDims& d) {
+  require_device(c);
+  PrefillParams p;
+  p.dtype = kernel_dtype(c, a.q.dtype);
+  for (auto [t, n] : {std::pair{&a.q, "q"}, {&a.k, "k"}, {&a.v, "v"}, {&a.out, "out"}})
+    rows_aligned(c, *t, n);
+  if (a.probs && !a.lse) c.fail_value("probs", "on CUDA needs lse too (the pass reads it)");
+  p.batch = as_int(c, d.batch, "q batch (dim 0)", 65535);
+  p.heads_q = as_int(c, d.heads_q, "q heads (dim 2)", 65535);
+  p.heads_kv = static_cast<int>(d.heads_kv);
+  p.head_dim = static_cast<int>(d.head_dim);
+  p.max_seqlen_q = as_int(c, d.seqlen_q, "q seqlen (dim 1)", INT32_MAX);
+  p.seqlen_k = as_int(c, d.seqlen_k, "k seqlen (dim 1)", INT32_MAX);
+  p.q = a.q.data;
+  p.q_batch_stride = a.q.stride(0);
+  p.q_row_stride = a.q.stride(1);
+  p.q_head_stride = a.q.stride(2);
+  p.out = a.out.data;
+  p.out_batch_stride = a.out.stride(0);
+  p.out_row_stride = a.out.stride(1);
+  p.out_head_stride = a.out.stride(2);
+  p.k = a.k.data;
+  p.k_batch_stride = a.k.stride(0);
+  p.k_row_stride = a.k.stride(1);
+  p.k_head_stride = a.k.stride(2);
+  p.v = a.v.data;
+  p.v_batch_stride = a.v.stride(0);
+  p.v_row_stride = a.v.stride(1);
+  p.v_head_stride = a.v.stride(2);
+  if (a.lse) {
+    p.lse = static_cast<float*>(a.lse->data);
+    p.lse_batch_stride = a.lse->stride(0);
+    p.lse_head_stride = a.lse->stride(1);
+    p.lse_row_stride = a.lse->stride(2);
+  }
+  if (a.probs) {
+    p.probs = static_cast<float*>(a.probs->data);
+    p.probs_cols = d.seqlen_k;
+  }
+  set_options(p, core::validate_options(c, a.options, d.batch, d.heads_q, d.head_dim));
+  DeviceGuard guard(c.device().index);
+  run_prefill(p, a.exec.cuda_stream);
+}
+
+void varlen_attention_forward(check::ArgChecker& c, const VarlenAttentionArgs& a,
+                              const core::VarlenDims& d) {
+  require_device(c);
+  PrefillParams p;
+  p.dtype = kernel_dtype(c, a.q.dtype);
+  rows_aligned(c, a.q, "q");
+  rows_aligned(c, a.out, "out");
+  if (a.probs && !a.lse) c.fail_value("probs", "on CUDA needs lse too (the pass reads it)");
+  p.batch = as_int(c, d.a.batch, "cu_seqlens_q entries - 1", 65535);
+  p.heads_q = as_int(c, d.a.heads_q, "q heads (dim 1)", 65535);
+  p.heads_kv = static_cast<int>(d.a.heads_kv);
+  p.head_dim = static_cast<int>(d.a.head_dim);
+  p.max_seqlen_q = as_int(c, a.max_seqlen_q, "max_seqlen_q", INT32_MAX);
+  p.total_q = d.total_q;
+  p.cu_seqlens_q = static_cast<const std::int32_t*>(a.cu_seqlens_q.data);
+  p.q = a.q.data;
+  p.q_row_stride = a.q.stride(0);
+  p.q_head_stride = a.q.stride(1);
+  p.out = a.out.data;
+  p.out_row_stride = a.out.stride(0);
+  p.out_head_stride = a.out.stride(1);
+  if (a.paged) {
+    const PagedKV& pk = *a.paged;
+    rows_aligned(c, pk.k_pages, "k_pages");
+    rows_aligned(c, pk.v_pages, "v_pages");
+    if (!a.seqused_k && !a.cu_seqlens_k)
+      throw NotSupportedError(std::string(c.op()) + ": paged.last_page_len is not supported on "
+                              "CUDA yet; give the key lengths as seqused_k or cu_seqlens_k");
+    p.k = pk.k_pages.data;
+    p.v = pk.v_pages.data;
+    p.k_page_stride = pk.k_pages.stride(0);
+    p.v_page_stride = pk.v_pages.stride(0);
+    p.k_row_stride = pk.k_pages.stride(1);
+    p.v_row_stride = pk.v_pages.stride(1);
+    p.k_head_stride = pk.k_pages.stride(2);
+    p.v_head_stride = pk.v_pages.stride(2);
+    p.page_size = as_int(c, d.paged.page_size, "page_size", INT32_MAX);
+    p.num_pages = as_int(c, d.paged.num_pages, "num_pages", INT32_MAX);
+    if (pk.block_table) {
+      p.block_table = static_cast<const std::int32_t*>(pk.block_table->data);
+      p.block_table_stride = pk.block_table->stride(0);
+    } else {
+      p.page_indptr = static_cast<const std::int32_t*>(pk.page_indptr->data);
+      p.page_indices = static_cast<const std::int32_t*>(pk.page_indices->data);
+    }
+  } else {
+    rows_aligned(c, *a.k, "k");
+    rows_aligned(c, *a.v, "v");
+    p.k = a.k->data;
+    p.v = a.v->data;
+    p.k_row_stride = a.k->stride(0);
+    p.k_head_stride = a.k->stride(1);
+    p.v_row_stride = a.v->stride(0);
+    p.v_head_stride = a.v->stride(1);
+  }
+  p.cu_seqlens_k = a.cu_seqlens_k ? static_cast<const std::int32_t*>(a.cu_seqlens_k->data) : nullptr;
+  p.seqused_k = a.seqused_k ? static_cast<const std::int32_t*>(a.seqused_k->data) : nullptr;
+  if (a.lse) {
+    p.lse = static_cast<float*>(a.lse->data);
+    p.lse_head_stride = a.lse->stride(0);
+    p.lse_row_stride = a.lse->stride(1);
+  }
+  if (a.probs) {
+    p.probs = static_cast<float*>(a.probs->data);
+    p.probs_cols = a.max_seqlen_k;
+  }
+  set_options(p, core::validate_options(c, a.options, d.a.batch, d.a.heads_q, d.a.head_dim));
+  DeviceGuard guard(c.device().index);
+  run_prefill(p, a.exec.cuda_stream);
+}
+
+}  // namespace fastattn::cuda_prefill

@@ -1,0 +1,367 @@
+// The CUDA prefill kernel (sm_80 and newer): FlashAttention-2's algorithm on tensor cores.
+//
+// One CTA computes kBlockM query rows of one (sequence, query head). Warps split the rows
+// (kWarpRows each) and all walk the same key tiles of kBlockN keys:
+//   S = Q K^T       mma.sync m16n8k16 (fp16/bf16 in, fp32 accumulate); Q and K from shared
+//                   memory through ldmatrix
+//   mask, softcap, ALiBi, online softmax in registers (fp32, log2 domain)
+//   O += P V        P re-packed from the S accumulators into A fragments without leaving
+//                   registers; V through ldmatrix.trans
+// Tiles arrive by cp.async (16-byte chunks, zero-filled past the ends) into padded shared
+// memory rows (kHeadDim + 8 halves: the 16-byte skew makes every ldmatrix phase hit 8 distinct
+// 4-bank groups). K of the next tile streams in during P·V, V of this tile during S and softmax.
+//
+// Fragment layout of m16n8k16 (g = lane / 4, t = lane % 4), used throughout:
+//   A (16x16): a0 (g, 2t..2t+1)  a1 (g+8, 2t..)  a2 (g, 2t+8..)  a3 (g+8, 2t+8..)
+//   B (16x8):  b0 (k 2t..2t+1, n g)  b1 (k 2t+8.., n g)
+//   C (16x8):  c0,c1 (g, 2t..2t+1)  c2,c3 (g+8, 2t..2t+1)
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <cute/arch/copy_sm75.hpp>
+#include <cute/arch/copy_sm80.hpp>
+#include <cute/arch/mma_sm80.hpp>
+
+#include "cuda/prefill/prefill_params.h"
+
+namespace fastattn::cuda_prefill {
+
+template <Dtype kDtype>
+struct ElementTraits;
+
+template <>
+struct ElementTraits<Dtype::kFloat16> {
+  using Mma = cute::SM80_16x8x16_F32F16F16F32_TN;
+  static __device__ __forceinline__ std::uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<std::uint32_t*>(&h);
+  }
+};
+
+template <>
+struct ElementTraits<Dtype::kBFloat16> {
+  using Mma = cute::SM80_16x8x16_F32BF16BF16F32_TN;
+  static __device__ __forceinline__ std::uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<std::uint32_t*>(&h);
+  }
+};
+
+/// Tile shapes per head_dim. 4 warps (32 rows each) up to head_dim 128, 8 warps (16 rows each)
+/// above, so the O accumulator stays at 128 floats per thread; 64-key tiles.
+template <int kHeadDim_>
+struct PrefillConfig {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kNWarps = kHeadDim <= 128 ? 4 : 8;
+  static constexpr int kThreads = kNWarps * 32;
+  static constexpr int kBlockM = 128;
+  static constexpr int kBlockN = 64;
+  static constexpr int kWarpRows = kBlockM / kNWarps;
+  static constexpr int kMTiles = kWarpRows / 16;  // m16 tiles per warp
+  static constexpr int kNTiles = kBlockN / 8;     // n8 tiles of S per warp
+  static constexpr int kDTiles = kHeadDim / 8;    // n8 tiles of O per warp
+  static constexpr int kKSteps = kHeadDim / 16;   // k16 steps of Q K^T
+  static constexpr int kChunks = kHeadDim / 8;    // 16-byte chunks per row
+  static constexpr int kSmemStride = kHeadDim + 8;  // halves per shared-memory row
+  static constexpr int kSmemBytes = (kBlockM + 2 * kBlockN) * kSmemStride * 2;
+  static_assert(kHeadDim % 16 == 0 && kWarpRows % 16 == 0, "tile shapes");
+};
+
+/// Where key/value row j of the CTA's sequence starts (element offset, kv head included), or
+/// -1 when j is past the keys or its page id is outside the cache (read as zeros).
+struct KvRows {
+  const std::int32_t* pages;
+  std::int64_t base;  // dense: offset of row 0 (batch / cu_seqlens_k and kv head applied)
+  std::int64_t head_off;
+  int len;
+
+  __device__ __forceinline__ std::int64_t offset(const PrefillParams& p, int j, std::int64_t row_stride,
+                                                 std::int64_t page_stride) const {
+    if (j >= len) return -1;
+    if (p.page_size == 0) return base + std::int64_t(j) * row_stride;
+    const int page = pages[j / p.page_size];
+    if (page < 0 || page >= p.num_pages) return -1;
+    return std::int64_t(page) * page_stride + std::int64_t(j % p.page_size) * row_stride + head_off;
+  }
+};
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool pred) {
+  cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
+      *reinterpret_cast<const cute::uint128_t*>(gmem), *reinterpret_cast<cute::uint128_t*>(smem),
+      pred);
+}
+
+/// Loads kRows rows of a tile into shared memory: row r comes from element offset row_off(r)
+/// (-1: zeros); chunks past head_dim are zero-filled.
+template <class Cfg, int kRows, class RowOffset>
+__device__ __forceinline__ void load_tile(std::uint16_t* smem, const std::uint16_t* gmem,
+                                          int head_dim, RowOffset row_off) {
+  constexpr int kTotal = kRows * Cfg::kChunks;
+  for (int c = threadIdx.x; c < kTotal; c += Cfg::kThreads) {
+    const int r = c / Cfg::kChunks, ch = c % Cfg::kChunks;
+    const std::int64_t off = row_off(r);
+    const bool pred = off >= 0 && ch * 8 < head_dim;
+    cp_async_16(smem + r * Cfg::kSmemStride + ch * 8, pred ? gmem + off + ch * 8 : gmem, pred);
+  }
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+template <int kHeadDim, Dtype kDtype>
+__global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, 1)
+    prefill_kernel(const __grid_constant__ PrefillParams p) {
+  using Cfg = PrefillConfig<kHeadDim>;
+  using Traits = ElementTraits<kDtype>;
+  constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, MT = Cfg::kMTiles, NT = Cfg::kNTiles,
+                DT = Cfg::kDTiles, SS = Cfg::kSmemStride;
+  constexpr float kLog2e = 1.4426950408889634f;
+
+  // ---- the CTA's sequence, resolved once ------------------------------------------------
+  const int b = blockIdx.z, h = blockIdx.y;
+  const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest (causal) blocks first
+  const int q_start = p.cu_seqlens_q ? p.cu_seqlens_q[b] : 0;
+  const int sq = p.cu_seqlens_q ? p.cu_seqlens_q[b + 1] - q_start : p.max_seqlen_q;
+  const int m0 = m_block * BM;
+  if (m0 >= sq) return;
+  int sk;
+  if (p.seqused_k) sk = p.seqused_k[b];
+  else if (p.cu_seqlens_k) sk = p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b];
+  else sk = p.seqlen_k;
+  const int kvh = h / (p.heads_q / p.heads_kv);
+  KvRows krows, vrows;
+  krows.len = vrows.len = sk;
+  if (p.page_size > 0) {
+    krows.pages = vrows.pages = p.block_table
+                                    ? p.block_table + std::int64_t(b) * p.block_table_stride
+                                    : p.page_indices + p.page_indptr[b];
+    krows.head_off = kvh * p.k_head_stride;
+    vrows.head_off = kvh * p.v_head_stride;
+    krows.base = vrows.base = 0;
+  } else {
+    const std::int64_t k_start = p.cu_seqlens_k ? p.cu_seqlens_k[b] : 0;
+    krows.pages = vrows.pages = nullptr;
+    krows.base = b * p.k_batch_stride + k_start * p.k_row_stride + kvh * p.k_head_stride;
+    vrows.base = b * p.v_batch_stride + k_start * p.v_row_stride + kvh * p.v_head_stride;
+    krows.head_off = vrows.head_off = 0;
+  }
+  const std::int64_t q_off = b * p.q_batch_stride + std::int64_t(q_start) * p.q_row_stride + h * p.q_head_stride;
+  const std::int64_t o_off = b * p.out_batch_stride + std::int64_t(q_start) * p.out_row_stride + h * p.out_head_stride;
+  const float slope = p.alibi ? p.alibi[b * p.alibi_batch_stride + h] : 0.0f;
+
+  // Keys any row of this block may see (bottom-right aligned positions: qpos = r + sk - sq).
+  const int q_pos0 = sk - sq;
+  const int m_last = min(m0 + BM, sq) - 1;
+  int n_lo = 0, n_hi = sk;
+  if (p.window_left >= 0) n_lo = max(0, q_pos0 + m0 - p.window_left);
+  if (p.window_right >= 0) n_hi = min(sk, q_pos0 + m_last + p.window_right + 1);
+  const int n_first = n_lo / BN * BN;
+
+  extern __shared__ __align__(16) std::uint16_t smem[];
+  std::uint16_t* sQ = smem;
+  std::uint16_t* sK = sQ + BM * SS;
+  std::uint16_t* sV = sK + BN * SS;
+  const auto* gq = static_cast<const std::uint16_t*>(p.q);
+  const auto* gk = static_cast<const std::uint16_t*>(p.k);
+  const auto* gv = static_cast<const std::uint16_t*>(p.v);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int warp_row0 = warp * Cfg::kWarpRows;  // within the block
+
+  float acc_o[MT][DT][4];
+  float row_max[MT][2], row_sum[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[mt][dt][e] = 0.0f;
+    row_max[mt][0] = row_max[mt][1] = -INFINITY;
+    row_sum[mt][0] = row_sum[mt][1] = 0.0f;
+  }
+
+  // ---- prologue: Q and the first K tile ----------------------------------------------------
+  load_tile<Cfg, BM>(sQ, gq, p.head_dim, [&](int r) -> std::int64_t {
+    return m0 + r < sq ? q_off + std::int64_t(m0 + r) * p.q_row_stride : -1;
+  });
+  if (n_first < n_hi)
+    load_tile<Cfg, BN>(sK, gk, p.head_dim, [&](int r) {
+      return krows.offset(p, n_first + r, p.k_row_stride, p.k_page_stride);
+    });
+  cute::cp_async_fence();
+
+  for (int n0 = n_first; n0 < n_hi; n0 += BN) {
+    cute::cp_async_wait<0>();
+    __syncthreads();  // K(n0) and Q visible; every warp is done with V of the previous tile
+    load_tile<Cfg, BN>(sV, gv, p.head_dim, [&](int r) {
+      return vrows.offset(p, n0 + r, p.v_row_stride, p.v_page_stride);
+    });
+    cute::cp_async_fence();
+
+    // S = Q K^T for this warp's rows.
+    float acc_s[MT][NT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_s[mt][nt][e] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < Cfg::kKSteps; ++ks) {
+      std::uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const int row = warp_row0 + mt * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+        const int col = ks * 16 + (lane / 16) * 8;
+        cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(sQ + row * SS + col),
+                                      a[mt][0], a[mt][1], a[mt][2], a[mt][3]);
+      }
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {  // two n8 tiles of keys per ldmatrix.x4
+        std::uint32_t bk[4];
+        const int key = np * 16 + (lane % 8) + ((lane / 8) / 2) * 8;
+        const int col = ks * 16 + ((lane / 8) % 2) * 8;
+        cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(sK + key * SS + col),
+                                      bk[0], bk[1], bk[2], bk[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          float* c0 = acc_s[mt][2 * np];
+          float* c1 = acc_s[mt][2 * np + 1];
+          Traits::Mma::fma(c0[0], c0[1], c0[2], c0[3], a[mt][0], a[mt][1], a[mt][2], a[mt][3],
+                           bk[0], bk[1], c0[0], c0[1], c0[2], c0[3]);
+          Traits::Mma::fma(c1[0], c1[1], c1[2], c1[3], a[mt][0], a[mt][1], a[mt][2], a[mt][3],
+                           bk[2], bk[3], c1[0], c1[1], c1[2], c1[3]);
+        }
+      }
+    }
+
+    // Scores: scale, softcap, ALiBi, mask; then the online-softmax update (log2 domain).
+    const bool tile_needs_mask =
+        n0 + BN > sk || n0 < n_lo ||
+        (p.window_left >= 0 && n0 < q_pos0 + m_last - p.window_left) ||
+        (p.window_right >= 0 && n0 + BN - 1 > q_pos0 + m0 + p.window_right);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int r = m0 + warp_row0 + mt * 16 + g + hr * 8;
+        const int qpos = q_pos0 + r;
+        float tile_max = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int j = n0 + nt * 8 + 2 * t + e;
+            float s = acc_s[mt][nt][hr * 2 + e] * p.scale;
+            if (p.softcap > 0.0f) s = p.softcap * tanhf(s / p.softcap);
+            if (slope != 0.0f) s -= slope * fabsf(float(qpos - j));
+            if (tile_needs_mask) {
+              const bool visible = j < sk && (p.window_left < 0 || j >= qpos - p.window_left) &&
+                                   (p.window_right < 0 || j <= qpos + p.window_right);
+              s = visible ? s : -INFINITY;
+            }
+            s *= kLog2e;
+            acc_s[mt][nt][hr * 2 + e] = s;
+            tile_max = fmaxf(tile_max, s);
+          }
+        tile_max = quad_max(tile_max);
+        const float m_new = fmaxf(row_max[mt][hr], tile_max);
+        const float factor = m_new == -INFINITY ? 1.0f : exp2f(row_max[mt][hr] - m_new);
+        row_max[mt][hr] = m_new;
+        row_sum[mt][hr] *= factor;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+          acc_o[mt][dt][hr * 2] *= factor;
+          acc_o[mt][dt][hr * 2 + 1] *= factor;
+        }
+        const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float pv = exp2f(acc_s[mt][nt][hr * 2 + e] - m_use);
+            acc_s[mt][nt][hr * 2 + e] = pv;
+            row_sum[mt][hr] += pv;
+          }
+      }
+    }
+
+    cute::cp_async_wait<0>();
+    __syncthreads();  // V(n0) visible; every warp is done reading K(n0)
+    if (n0 + BN < n_hi) {
+      load_tile<Cfg, BN>(sK, gk, p.head_dim, [&](int r) {
+        return krows.offset(p, n0 + BN + r, p.k_row_stride, p.k_page_stride);
+      });
+      cute::cp_async_fence();
+    }
+
+    // O += P V: P's C fragments become A fragments (two n8 tiles = one k16 step).
+#pragma unroll
+    for (int kk = 0; kk < NT / 2; ++kk) {
+      std::uint32_t pa[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const float* s0 = acc_s[mt][2 * kk];
+        const float* s1 = acc_s[mt][2 * kk + 1];
+        pa[mt][0] = Traits::pack(s0[0], s0[1]);
+        pa[mt][1] = Traits::pack(s0[2], s0[3]);
+        pa[mt][2] = Traits::pack(s1[0], s1[1]);
+        pa[mt][3] = Traits::pack(s1[2], s1[3]);
+      }
+#pragma unroll
+      for (int dp = 0; dp < DT / 2; ++dp) {  // two n8 tiles of head_dim per ldmatrix.x4.trans
+        std::uint32_t bv[4];
+        const int key = kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+        const int col = dp * 16 + ((lane / 8) / 2) * 8;
+        cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(sV + key * SS + col),
+                                      bv[0], bv[1], bv[2], bv[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          float* o0 = acc_o[mt][2 * dp];
+          float* o1 = acc_o[mt][2 * dp + 1];
+          Traits::Mma::fma(o0[0], o0[1], o0[2], o0[3], pa[mt][0], pa[mt][1], pa[mt][2], pa[mt][3],
+                           bv[0], bv[1], o0[0], o0[1], o0[2], o0[3]);
+          Traits::Mma::fma(o1[0], o1[1], o1[2], o1[3], pa[mt][0], pa[mt][1], pa[mt][2], pa[mt][3],
+                           bv[2], bv[3], o1[0], o1[1], o1[2], o1[3]);
+        }
+      }
+    }
+  }
+
+  // ---- epilogue: normalise, write O (and LSE) ------------------------------------------------
+  auto* go = static_cast<std::uint16_t*>(p.out);
+  constexpr float kLn2 = 0.6931471805599453f;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int r = m0 + warp_row0 + mt * 16 + g + hr * 8;
+      const float sum = quad_sum(row_sum[mt][hr]);
+      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+      if (r >= sq) continue;
+      std::uint16_t* orow = go + o_off + std::int64_t(r) * p.out_row_stride;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        const int col = dt * 8 + 2 * t;
+        if (col < p.head_dim)
+          *reinterpret_cast<std::uint32_t*>(orow + col) =
+              Traits::pack(acc_o[mt][dt][hr * 2] * inv, acc_o[mt][dt][hr * 2 + 1] * inv);
+      }
+      if (p.lse && t == 0)
+        p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + std::int64_t(q_start + r) * p.lse_row_stride] =
+            sum > 0.0f ? (row_max[mt][hr] + __log2f(sum)) * kLn2 : -INFINITY;
+    }
+  }
+}
+
+}  // namespace fastattn::cuda_prefill

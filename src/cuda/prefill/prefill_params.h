@@ -1,0 +1,64 @@
+// Parameters of the CUDA prefill kernel: plain C++ (no CUDA types), filled on the host from the
+// public args and passed by value to the kernel. Per-sequence lengths and page lists are read on
+// the device from the index tensors, so a launch needs no host synchronisation.
+#pragma once
+
+#include <cstdint>
+
+namespace fastattn::cuda_prefill {
+
+/// Element type of q/k/v/out.
+enum class Dtype : int { kFloat16, kBFloat16 };
+
+struct PrefillParams {
+  Dtype dtype = Dtype::kFloat16;
+  int batch = 0, heads_q = 0, heads_kv = 0;
+  int head_dim = 0;          ///< actual D (the kernel's compile-time dim may be larger)
+  int max_seqlen_q = 0;      ///< query rows per sequence (batched) or their upper bound (varlen)
+  int seqlen_k = 0;          ///< keys per sequence when no index tensor gives them
+
+  // q (…, Hq, D), out likewise: element strides. Batched: row r of batch b at
+  // b * q_batch_stride + r * q_row_stride; varlen: row cu_seqlens_q[b] + r (batch stride 0).
+  const void* q = nullptr;
+  std::int64_t q_batch_stride = 0, q_row_stride = 0, q_head_stride = 0;
+  void* out = nullptr;
+  std::int64_t out_batch_stride = 0, out_row_stride = 0, out_head_stride = 0;
+  float* lse = nullptr;  ///< optional; (B, Hq, Sq) or (Hq, total_q)
+  std::int64_t lse_batch_stride = 0, lse_head_stride = 0, lse_row_stride = 0;
+  float* probs = nullptr;  ///< optional softmax matrix (B, Hq, max_seqlen_q, probs_cols), contiguous
+  std::int64_t probs_cols = 0;
+
+  // Keys/values. Dense: slot j of sequence b at k + b * k_batch_stride + (cu_seqlens_k[b] + j) *
+  // k_row_stride. Paged: page = pages_b[j / page_size], k + page * k_page_stride +
+  // (j % page_size) * k_row_stride. Add kv_head * k_head_stride.
+  const void* k = nullptr;
+  const void* v = nullptr;
+  std::int64_t k_batch_stride = 0, k_row_stride = 0, k_head_stride = 0, k_page_stride = 0;
+  std::int64_t v_batch_stride = 0, v_row_stride = 0, v_head_stride = 0, v_page_stride = 0;
+  int page_size = 0;                       ///< 0: dense keys
+  int num_pages = 0;                       ///< page ids outside [0, num_pages) read as zeros
+  const std::int32_t* block_table = nullptr;  ///< (B, max_pages) rows
+  std::int64_t block_table_stride = 0;
+  const std::int32_t* page_indptr = nullptr;  ///< CSR alternative to block_table
+  const std::int32_t* page_indices = nullptr;
+
+  const std::int32_t* cu_seqlens_q = nullptr;  ///< varlen queries (B + 1)
+  const std::int32_t* cu_seqlens_k = nullptr;  ///< packed keys (B + 1), or key lengths (paged)
+  const std::int32_t* seqused_k = nullptr;     ///< (B) keys used, overrides the above
+  std::int64_t total_q = 0;  ///< varlen: rows of q/out, to clear padding rows past cu_seqlens_q[B]
+
+  float scale = 1.0f;    ///< applied to q·k
+  float softcap = 0.0f;  ///< 0: off
+  int window_left = -1, window_right = -1;  ///< effective (causal folded in)
+  const float* alibi = nullptr;  ///< slopes (Hq), batch b at alibi + b * alibi_batch_stride
+  std::int64_t alibi_batch_stride = 0;
+};
+
+/// Launches the prefill kernels on `stream` (cudaStream_t as void*): attention, then the
+/// softmax-matrix pass when probs is set, and the clearing of varlen padding rows.
+void run_prefill(const PrefillParams& p, void* stream);
+
+/// Largest head_dim a compiled kernel serves (head_dim is rounded up to 32, 64, 96, 128, 192, 256).
+constexpr int kMaxHeadDim = 256;
+
+}  // namespace fastattn::cuda_prefill
