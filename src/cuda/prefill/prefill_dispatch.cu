@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 
 #include "cuda/common/cuda_check.h"
+#include "cuda/prefill/prefill_kernel.cuh"
 #include "cuda/prefill/prefill_params.h"
 #include "fastattn/error.h"
 
@@ -21,22 +22,12 @@ __device__ __forceinline__ float load_elem(const void* base, std::int64_t i, Dty
                                : __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
 }
 
-/// Sequence lengths of batch entry b, as the attention kernel resolves them.
-__device__ __forceinline__ void seq_lengths(const PrefillParams& p, int b, int* q_start, int* sq,
-                                            int* sk) {
-  *q_start = p.cu_seqlens_q ? p.cu_seqlens_q[b] : 0;
-  *sq = p.cu_seqlens_q ? p.cu_seqlens_q[b + 1] - *q_start : p.max_seqlen_q;
-  if (p.seqused_k) *sk = p.seqused_k[b];
-  else if (p.cu_seqlens_k) *sk = p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b];
-  else *sk = p.seqlen_k;
-}
-
 /// probs[b, h, r, j] = exp(s(r, j) - lse[r]) for visible keys, 0 elsewhere (padding included).
 /// One block per (row, head, batch); simple and slow on purpose: it is a testing aid.
 __global__ void probs_kernel(const PrefillParams p) {
   const int r = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   int q_start, sq, sk;
-  seq_lengths(p, b, &q_start, &sq, &sk);
+  sequence_lengths(p, b, &q_start, &sq, &sk);
   float* prow = p.probs + ((std::int64_t(b) * p.heads_q + h) * p.max_seqlen_q + r) * p.probs_cols;
   const int kvh = h / (p.heads_q / p.heads_kv);
   const float lse = r < sq ? p.lse[b * p.lse_batch_stride + h * p.lse_head_stride +

@@ -139,9 +139,6 @@ void varlen_attention_forward(check::ArgChecker& c, const VarlenAttentionArgs& a
     const PagedKV& pk = *a.paged;
     rows_aligned(c, pk.k_pages, "k_pages");
     rows_aligned(c, pk.v_pages, "v_pages");
-    if (!a.seqused_k && !a.cu_seqlens_k)
-      throw NotSupportedError(std::string(c.op()) + ": paged.last_page_len is not supported on "
-                              "CUDA yet; give the key lengths as seqused_k or cu_seqlens_k");
     p.k = pk.k_pages.data;
     p.v = pk.v_pages.data;
     p.k_page_stride = pk.k_pages.stride(0);
@@ -152,6 +149,8 @@ void varlen_attention_forward(check::ArgChecker& c, const VarlenAttentionArgs& a
     p.v_head_stride = pk.v_pages.stride(2);
     p.page_size = as_int(c, d.paged.page_size, "page_size", INT32_MAX);
     p.num_pages = as_int(c, d.paged.num_pages, "num_pages", INT32_MAX);
+    if (pk.last_page_len) p.last_page_len = static_cast<const std::int32_t*>(pk.last_page_len->data);
+    p.max_pages_per_seq = static_cast<int>(d.paged.max_pages_per_seq);
     if (pk.block_table) {
       p.block_table = static_cast<const std::int32_t*>(pk.block_table->data);
       p.block_table_stride = pk.block_table->stride(0);

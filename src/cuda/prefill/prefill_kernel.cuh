@@ -55,7 +55,7 @@ struct ElementTraits<Dtype::kBFloat16> {
 template <int kHeadDim_>
 struct PrefillConfig {
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kNWarps = kHeadDim <= 128 ? 4 : 8;
+  static constexpr int kNWarps = 8;
   static constexpr int kThreads = kNWarps * 32;
   static constexpr int kBlockM = 128;
   static constexpr int kBlockN = 64;
@@ -67,6 +67,8 @@ struct PrefillConfig {
   static constexpr int kChunks = kHeadDim / 8;    // 16-byte chunks per row
   static constexpr int kSmemStride = kHeadDim + 8;  // halves per shared-memory row
   static constexpr int kSmemBytes = (kBlockM + 2 * kBlockN) * kSmemStride * 2;
+  // Two CTAs per SM (128 registers per thread) while the O accumulator is small enough.
+  static constexpr int kMinBlocks = kHeadDim <= 128 ? 2 : 1;
   static_assert(kHeadDim % 16 == 0 && kWarpRows % 16 == 0, "tile shapes");
 };
 
@@ -94,18 +96,106 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool p
       pred);
 }
 
-/// Loads kRows rows of a tile into shared memory: row r comes from element offset row_off(r)
-/// (-1: zeros); chunks past head_dim are zero-filled.
-template <class Cfg, int kRows, class RowOffset>
-__device__ __forceinline__ void load_tile(std::uint16_t* smem, const std::uint16_t* gmem,
-                                          int head_dim, RowOffset row_off) {
-  constexpr int kTotal = kRows * Cfg::kChunks;
-  for (int c = threadIdx.x; c < kTotal; c += Cfg::kThreads) {
-    const int r = c / Cfg::kChunks, ch = c % Cfg::kChunks;
-    const std::int64_t off = row_off(r);
-    const bool pred = off >= 0 && ch * 8 < head_dim;
-    cp_async_16(smem + r * Cfg::kSmemStride + ch * 8, pred ? gmem + off + ch * 8 : gmem, pred);
+/// Which 16-byte chunk column and rows of a tile this thread copies. Threads tile a row of
+/// kChunksP2 (a power of two >= kChunks) chunks, so each keeps one chunk column and steps down
+/// the rows; columns >= kChunks (head_dim 96, 192) idle, columns past head_dim zero-fill.
+template <class Cfg>
+struct CopyMap {
+  static constexpr int kChunksP2 = Cfg::kChunks <= 4 ? 4 : Cfg::kChunks <= 8 ? 8 : Cfg::kChunks <= 16 ? 16 : 32;
+  static constexpr int kRowStep = Cfg::kThreads / kChunksP2;
+  int row0, ch;
+  bool active, in_dim;
+  __device__ __forceinline__ explicit CopyMap(int head_dim)
+      : row0(threadIdx.x / kChunksP2), ch(threadIdx.x % kChunksP2) {
+    active = ch < Cfg::kChunks;
+    in_dim = ch * 8 < head_dim;
   }
+};
+
+/// Copies a tile whose row r starts at element `base + r * row_stride` of gmem; rows from
+/// rows_valid on (and chunks past head_dim) are zero-filled.
+template <class Cfg, int kRows>
+__device__ __forceinline__ void load_tile_strided(std::uint16_t* smem, const std::uint16_t* gmem,
+                                                  std::int64_t base, std::int64_t row_stride,
+                                                  int rows_valid, const CopyMap<Cfg>& m) {
+  constexpr int kStep = CopyMap<Cfg>::kRowStep;
+  static_assert(kRows % kStep == 0, "tile rows must be a multiple of the copy row step");
+  if (!m.active) return;
+  const std::uint16_t* src = gmem + base + m.row0 * row_stride + m.ch * 8;
+  std::uint16_t* dst = smem + m.row0 * Cfg::kSmemStride + m.ch * 8;
+  const std::int64_t src_step = kStep * row_stride;
+#pragma unroll
+  for (int i = 0; i < kRows / kStep; ++i) {
+    const bool pred = m.in_dim && m.row0 + i * kStep < rows_valid;
+    cp_async_16(dst + i * kStep * Cfg::kSmemStride, pred ? src + i * src_step : gmem, pred);
+  }
+}
+
+/// Copies a tile of paged keys row by row (pages smaller than, or not a multiple of, the tile).
+template <class Cfg, int kRows>
+__device__ __forceinline__ void load_tile_rowwise(std::uint16_t* smem, const std::uint16_t* gmem,
+                                                  const PrefillParams& p, const KvRows& kr, int n0,
+                                                  std::int64_t row_stride, std::int64_t page_stride,
+                                                  const CopyMap<Cfg>& m) {
+  constexpr int kStep = CopyMap<Cfg>::kRowStep;
+  if (!m.active) return;
+#pragma unroll
+  for (int i = 0; i < kRows / kStep; ++i) {
+    const int r = m.row0 + i * kStep;
+    const std::int64_t off = kr.offset(p, n0 + r, row_stride, page_stride);
+    const bool pred = m.in_dim && off >= 0;
+    cp_async_16(smem + r * Cfg::kSmemStride + m.ch * 8, pred ? gmem + off + m.ch * 8 : gmem, pred);
+  }
+}
+
+/// Key or value tile [n0, n0 + kBlockN): dense and page-aligned tiles (page_size a multiple of
+/// the tile: the whole tile sits in one page) take the strided path, other paged tiles go row
+/// by row.
+template <class Cfg>
+__device__ __forceinline__ void load_kv_tile(std::uint16_t* smem, const std::uint16_t* gmem,
+                                             const PrefillParams& p, const KvRows& kr, int n0,
+                                             std::int64_t row_stride, std::int64_t page_stride,
+                                             const CopyMap<Cfg>& m) {
+  constexpr int BN = Cfg::kBlockN;
+  const int rows_valid = min(BN, kr.len - n0);
+  if (p.page_size == 0) {
+    load_tile_strided<Cfg, BN>(smem, gmem, kr.base + std::int64_t(n0) * row_stride, row_stride,
+                               rows_valid, m);
+  } else if (p.page_size % BN == 0) {
+    const int page = kr.pages[n0 / p.page_size];
+    const bool ok = page >= 0 && page < p.num_pages;
+    load_tile_strided<Cfg, BN>(
+        smem, gmem,
+        ok ? std::int64_t(page) * page_stride + std::int64_t(n0 % p.page_size) * row_stride + kr.head_off : 0,
+        row_stride, ok ? rows_valid : 0, m);
+  } else {
+    load_tile_rowwise<Cfg, BN>(smem, gmem, p, kr, n0, row_stride, page_stride, m);
+  }
+}
+
+/// Query rows and keys of batch entry b: q_start (first packed row), sq, sk.
+__device__ __forceinline__ void sequence_lengths(const PrefillParams& p, int b, int* q_start,
+                                                 int* sq, int* sk) {
+  *q_start = p.cu_seqlens_q ? p.cu_seqlens_q[b] : 0;
+  *sq = p.cu_seqlens_q ? p.cu_seqlens_q[b + 1] - *q_start : p.max_seqlen_q;
+  if (p.seqused_k) {
+    *sk = p.seqused_k[b];
+  } else if (p.cu_seqlens_k) {
+    *sk = p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b];
+  } else if (p.last_page_len) {
+    const int pages = p.page_indptr ? p.page_indptr[b + 1] - p.page_indptr[b] : p.max_pages_per_seq;
+    *sk = pages > 0 ? (pages - 1) * p.page_size + p.last_page_len[b] : 0;
+  } else {
+    *sk = p.seqlen_k;
+  }
+}
+
+/// 2^x with the hardware approximation, flushing denormal results to zero (scores that far below
+/// the row max contribute nothing measurable); plain exp2f adds denormal handling per call.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 
 __device__ __forceinline__ float quad_max(float x) {
@@ -118,7 +208,7 @@ __device__ __forceinline__ float quad_sum(float x) {
 }
 
 template <int kHeadDim, Dtype kDtype>
-__global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, 1)
+__global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, PrefillConfig<kHeadDim>::kMinBlocks)
     prefill_kernel(const __grid_constant__ PrefillParams p) {
   using Cfg = PrefillConfig<kHeadDim>;
   using Traits = ElementTraits<kDtype>;
@@ -129,14 +219,10 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, 1)
   // ---- the CTA's sequence, resolved once ------------------------------------------------
   const int b = blockIdx.z, h = blockIdx.y;
   const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest (causal) blocks first
-  const int q_start = p.cu_seqlens_q ? p.cu_seqlens_q[b] : 0;
-  const int sq = p.cu_seqlens_q ? p.cu_seqlens_q[b + 1] - q_start : p.max_seqlen_q;
+  int q_start, sq, sk;
+  sequence_lengths(p, b, &q_start, &sq, &sk);
   const int m0 = m_block * BM;
   if (m0 >= sq) return;
-  int sk;
-  if (p.seqused_k) sk = p.seqused_k[b];
-  else if (p.cu_seqlens_k) sk = p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b];
-  else sk = p.seqlen_k;
   const int kvh = h / (p.heads_q / p.heads_kv);
   KvRows krows, vrows;
   krows.len = vrows.len = sk;
@@ -157,6 +243,10 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, 1)
   const std::int64_t q_off = b * p.q_batch_stride + std::int64_t(q_start) * p.q_row_stride + h * p.q_head_stride;
   const std::int64_t o_off = b * p.out_batch_stride + std::int64_t(q_start) * p.out_row_stride + h * p.out_head_stride;
   const float slope = p.alibi ? p.alibi[b * p.alibi_batch_stride + h] : 0.0f;
+  const float scale_log2 = p.scale * kLog2e;
+  // Softcap, ALiBi or a non-positive scale (max of raw q·k is then not the max score) need the
+  // general score path on every tile.
+  const bool has_mods = p.softcap > 0.0f || slope != 0.0f || !(p.scale > 0.0f);
 
   // Keys any row of this block may see (bottom-right aligned positions: qpos = r + sk - sq).
   const int q_pos0 = sk - sq;
@@ -191,21 +281,16 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, 1)
   }
 
   // ---- prologue: Q and the first K tile ----------------------------------------------------
-  load_tile<Cfg, BM>(sQ, gq, p.head_dim, [&](int r) -> std::int64_t {
-    return m0 + r < sq ? q_off + std::int64_t(m0 + r) * p.q_row_stride : -1;
-  });
-  if (n_first < n_hi)
-    load_tile<Cfg, BN>(sK, gk, p.head_dim, [&](int r) {
-      return krows.offset(p, n_first + r, p.k_row_stride, p.k_page_stride);
-    });
+  const CopyMap<Cfg> cmap(p.head_dim);
+  load_tile_strided<Cfg, BM>(sQ, gq, q_off + std::int64_t(m0) * p.q_row_stride, p.q_row_stride,
+                             sq - m0, cmap);
+  if (n_first < n_hi) load_kv_tile<Cfg>(sK, gk, p, krows, n_first, p.k_row_stride, p.k_page_stride, cmap);
   cute::cp_async_fence();
 
   for (int n0 = n_first; n0 < n_hi; n0 += BN) {
     cute::cp_async_wait<0>();
     __syncthreads();  // K(n0) and Q visible; every warp is done with V of the previous tile
-    load_tile<Cfg, BN>(sV, gv, p.head_dim, [&](int r) {
-      return vrows.offset(p, n0 + r, p.v_row_stride, p.v_page_stride);
-    });
+    load_kv_tile<Cfg>(sV, gv, p, vrows, n0, p.v_row_stride, p.v_page_stride, cmap);
     cute::cp_async_fence();
 
     // S = Q K^T for this warp's rows.
@@ -245,38 +330,46 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, 1)
       }
     }
 
-    // Scores: scale, softcap, ALiBi, mask; then the online-softmax update (log2 domain).
+    // Scores -> probabilities, online-softmax update (log2 domain). Most tiles need no mask and
+    // most calls no softcap/ALiBi: those take the plain path, where the scale folds into the
+    // exponent (one FFMA + EX2 per score, FlashAttention's trick). The general path applies
+    // softcap, ALiBi and the mask per score. The branch is uniform across the CTA.
     const bool tile_needs_mask =
         n0 + BN > sk || n0 < n_lo ||
         (p.window_left >= 0 && n0 < q_pos0 + m_last - p.window_left) ||
         (p.window_right >= 0 && n0 + BN - 1 > q_pos0 + m0 + p.window_right);
+    const bool plain_tile = !tile_needs_mask && !has_mods;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
-        const int r = m0 + warp_row0 + mt * 16 + g + hr * 8;
-        const int qpos = q_pos0 + r;
         float tile_max = -INFINITY;
+        if (plain_tile) {
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
+          for (int nt = 0; nt < NT; ++nt)
+            tile_max = fmaxf(tile_max, fmaxf(acc_s[mt][nt][hr * 2], acc_s[mt][nt][hr * 2 + 1]));
+          tile_max = quad_max(tile_max) * scale_log2;
+        } else {
+          const int r = m0 + warp_row0 + mt * 16 + g + hr * 8;
+          const int qpos = q_pos0 + r;
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int j = n0 + nt * 8 + 2 * t + e;
-            float s = acc_s[mt][nt][hr * 2 + e] * p.scale;
-            if (p.softcap > 0.0f) s = p.softcap * tanhf(s / p.softcap);
-            if (slope != 0.0f) s -= slope * fabsf(float(qpos - j));
-            if (tile_needs_mask) {
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int j = n0 + nt * 8 + 2 * t + e;
+              float s = acc_s[mt][nt][hr * 2 + e] * p.scale;
+              if (p.softcap > 0.0f) s = p.softcap * tanhf(s / p.softcap);
+              s -= slope * fabsf(float(qpos - j));
               const bool visible = j < sk && (p.window_left < 0 || j >= qpos - p.window_left) &&
                                    (p.window_right < 0 || j <= qpos + p.window_right);
-              s = visible ? s : -INFINITY;
+              s = visible ? s * kLog2e : -INFINITY;
+              acc_s[mt][nt][hr * 2 + e] = s;
+              tile_max = fmaxf(tile_max, s);
             }
-            s *= kLog2e;
-            acc_s[mt][nt][hr * 2 + e] = s;
-            tile_max = fmaxf(tile_max, s);
-          }
-        tile_max = quad_max(tile_max);
+          tile_max = quad_max(tile_max);
+        }
         const float m_new = fmaxf(row_max[mt][hr], tile_max);
-        const float factor = m_new == -INFINITY ? 1.0f : exp2f(row_max[mt][hr] - m_new);
+        const float factor = m_new == -INFINITY ? 1.0f : fast_exp2(row_max[mt][hr] - m_new);
         row_max[mt][hr] = m_new;
         row_sum[mt][hr] *= factor;
 #pragma unroll
@@ -285,11 +378,12 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, 1)
           acc_o[mt][dt][hr * 2 + 1] *= factor;
         }
         const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+        const float mul = plain_tile ? scale_log2 : 1.0f;  // plain scores are still raw q·k
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float pv = exp2f(acc_s[mt][nt][hr * 2 + e] - m_use);
+            const float pv = fast_exp2(fmaf(acc_s[mt][nt][hr * 2 + e], mul, -m_use));
             acc_s[mt][nt][hr * 2 + e] = pv;
             row_sum[mt][hr] += pv;
           }
@@ -299,9 +393,7 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, 1)
     cute::cp_async_wait<0>();
     __syncthreads();  // V(n0) visible; every warp is done reading K(n0)
     if (n0 + BN < n_hi) {
-      load_tile<Cfg, BN>(sK, gk, p.head_dim, [&](int r) {
-        return krows.offset(p, n0 + BN + r, p.k_row_stride, p.k_page_stride);
-      });
+      load_kv_tile<Cfg>(sK, gk, p, krows, n0 + BN, p.k_row_stride, p.k_page_stride, cmap);
       cute::cp_async_fence();
     }
 

@@ -45,6 +45,11 @@ struct PrefillParams {
   const std::int32_t* cu_seqlens_q = nullptr;  ///< varlen queries (B + 1)
   const std::int32_t* cu_seqlens_k = nullptr;  ///< packed keys (B + 1), or key lengths (paged)
   const std::int32_t* seqused_k = nullptr;     ///< (B) keys used, overrides the above
+  /// (B) keys in each sequence's last page (paged only, used when neither of the above is
+  /// given): len = (pages_b - 1) * page_size + last_page_len[b], pages_b from the CSR row or
+  /// max_pages_per_seq with a block table.
+  const std::int32_t* last_page_len = nullptr;
+  int max_pages_per_seq = 0;
   std::int64_t total_q = 0;  ///< varlen: rows of q/out, to clear padding rows past cu_seqlens_q[B]
 
   float scale = 1.0f;    ///< applied to q·k
