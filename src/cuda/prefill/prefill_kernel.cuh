@@ -9,7 +9,8 @@
 //                   registers; V through ldmatrix.trans
 // Tiles arrive by cp.async (16-byte chunks, zero-filled past the ends) into padded shared
 // memory rows (kHeadDim + 8 halves: the 16-byte skew makes every ldmatrix phase hit 8 distinct
-// 4-bank groups). K of the next tile streams in during P·V, V of this tile during S and softmax.
+// 4-bank groups). K and V are double-buffered: the next tile streams in during the whole of the
+// current one.
 //
 // Fragment layout of m16n8k16 (g = lane / 4, t = lane % 4), used throughout:
 //   A (16x16): a0 (g, 2t..2t+1)  a1 (g+8, 2t..)  a2 (g, 2t+8..)  a3 (g+8, 2t+8..)
@@ -66,27 +67,28 @@ struct PrefillConfig {
   static constexpr int kKSteps = kHeadDim / 16;   // k16 steps of Q K^T
   static constexpr int kChunks = kHeadDim / 8;    // 16-byte chunks per row
   static constexpr int kSmemStride = kHeadDim + 8;  // halves per shared-memory row
-  static constexpr int kSmemBytes = (kBlockM + 2 * kBlockN) * kSmemStride * 2;
+  static constexpr int kSmemBytes = (kBlockM + 4 * kBlockN) * kSmemStride * 2;  // Q + 2 x (K, V)
   // Two CTAs per SM (128 registers per thread) while the O accumulator is small enough.
   static constexpr int kMinBlocks = kHeadDim <= 128 ? 2 : 1;
   static_assert(kHeadDim % 16 == 0 && kWarpRows % 16 == 0, "tile shapes");
 };
 
-/// Where key/value row j of the CTA's sequence starts (element offset, kv head included), or
-/// -1 when j is past the keys or its page id is outside the cache (read as zeros).
+/// Key or value rows of the CTA's sequence and kv head. `ptr` already includes the batch /
+/// cu_seqlens_k offset (dense) and the kv head, so row j is at ptr + j * row_stride (dense) or
+/// ptr + page * page_stride + (j % page_size) * row_stride (paged). Row offsets are -1 for j
+/// past the keys or a page id outside the cache (read as zeros).
 struct KvRows {
+  const std::uint16_t* ptr;
   const std::int32_t* pages;
-  std::int64_t base;  // dense: offset of row 0 (batch / cu_seqlens_k and kv head applied)
-  std::int64_t head_off;
   int len;
 
   __device__ __forceinline__ std::int64_t offset(const PrefillParams& p, int j, std::int64_t row_stride,
                                                  std::int64_t page_stride) const {
     if (j >= len) return -1;
-    if (p.page_size == 0) return base + std::int64_t(j) * row_stride;
+    if (p.page_size == 0) return std::int64_t(j) * row_stride;
     const int page = pages[j / p.page_size];
     if (page < 0 || page >= p.num_pages) return -1;
-    return std::int64_t(page) * page_stride + std::int64_t(j % p.page_size) * row_stride + head_off;
+    return std::int64_t(page) * page_stride + std::int64_t(j % p.page_size) * row_stride;
   }
 };
 
@@ -133,8 +135,8 @@ __device__ __forceinline__ void load_tile_strided(std::uint16_t* smem, const std
 
 /// Copies a tile of paged keys row by row (pages smaller than, or not a multiple of, the tile).
 template <class Cfg, int kRows>
-__device__ __forceinline__ void load_tile_rowwise(std::uint16_t* smem, const std::uint16_t* gmem,
-                                                  const PrefillParams& p, const KvRows& kr, int n0,
+__device__ __forceinline__ void load_tile_rowwise(std::uint16_t* smem, const PrefillParams& p,
+                                                  const KvRows& kr, int n0,
                                                   std::int64_t row_stride, std::int64_t page_stride,
                                                   const CopyMap<Cfg>& m) {
   constexpr int kStep = CopyMap<Cfg>::kRowStep;
@@ -144,7 +146,7 @@ __device__ __forceinline__ void load_tile_rowwise(std::uint16_t* smem, const std
     const int r = m.row0 + i * kStep;
     const std::int64_t off = kr.offset(p, n0 + r, row_stride, page_stride);
     const bool pred = m.in_dim && off >= 0;
-    cp_async_16(smem + r * Cfg::kSmemStride + m.ch * 8, pred ? gmem + off + m.ch * 8 : gmem, pred);
+    cp_async_16(smem + r * Cfg::kSmemStride + m.ch * 8, pred ? kr.ptr + off + m.ch * 8 : kr.ptr, pred);
   }
 }
 
@@ -152,24 +154,22 @@ __device__ __forceinline__ void load_tile_rowwise(std::uint16_t* smem, const std
 /// the tile: the whole tile sits in one page) take the strided path, other paged tiles go row
 /// by row.
 template <class Cfg>
-__device__ __forceinline__ void load_kv_tile(std::uint16_t* smem, const std::uint16_t* gmem,
-                                             const PrefillParams& p, const KvRows& kr, int n0,
+__device__ __forceinline__ void load_kv_tile(std::uint16_t* smem, const PrefillParams& p,
+                                             const KvRows& kr, int n0,
                                              std::int64_t row_stride, std::int64_t page_stride,
                                              const CopyMap<Cfg>& m) {
   constexpr int BN = Cfg::kBlockN;
   const int rows_valid = min(BN, kr.len - n0);
   if (p.page_size == 0) {
-    load_tile_strided<Cfg, BN>(smem, gmem, kr.base + std::int64_t(n0) * row_stride, row_stride,
-                               rows_valid, m);
+    load_tile_strided<Cfg, BN>(smem, kr.ptr, std::int64_t(n0) * row_stride, row_stride, rows_valid, m);
   } else if (p.page_size % BN == 0) {
     const int page = kr.pages[n0 / p.page_size];
     const bool ok = page >= 0 && page < p.num_pages;
     load_tile_strided<Cfg, BN>(
-        smem, gmem,
-        ok ? std::int64_t(page) * page_stride + std::int64_t(n0 % p.page_size) * row_stride + kr.head_off : 0,
+        smem, kr.ptr, ok ? std::int64_t(page) * page_stride + std::int64_t(n0 % p.page_size) * row_stride : 0,
         row_stride, ok ? rows_valid : 0, m);
   } else {
-    load_tile_rowwise<Cfg, BN>(smem, gmem, p, kr, n0, row_stride, page_stride, m);
+    load_tile_rowwise<Cfg, BN>(smem, p, kr, n0, row_stride, page_stride, m);
   }
 }
 
@@ -226,22 +226,19 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, PrefillConf
   const int kvh = h / (p.heads_q / p.heads_kv);
   KvRows krows, vrows;
   krows.len = vrows.len = sk;
+  krows.ptr = static_cast<const std::uint16_t*>(p.k) + kvh * p.k_head_stride;
+  vrows.ptr = static_cast<const std::uint16_t*>(p.v) + kvh * p.v_head_stride;
   if (p.page_size > 0) {
     krows.pages = vrows.pages = p.block_table
                                     ? p.block_table + std::int64_t(b) * p.block_table_stride
                                     : p.page_indices + p.page_indptr[b];
-    krows.head_off = kvh * p.k_head_stride;
-    vrows.head_off = kvh * p.v_head_stride;
-    krows.base = vrows.base = 0;
   } else {
     const std::int64_t k_start = p.cu_seqlens_k ? p.cu_seqlens_k[b] : 0;
     krows.pages = vrows.pages = nullptr;
-    krows.base = b * p.k_batch_stride + k_start * p.k_row_stride + kvh * p.k_head_stride;
-    vrows.base = b * p.v_batch_stride + k_start * p.v_row_stride + kvh * p.v_head_stride;
-    krows.head_off = vrows.head_off = 0;
+    krows.ptr += b * p.k_batch_stride + k_start * p.k_row_stride;
+    vrows.ptr += b * p.v_batch_stride + k_start * p.v_row_stride;
   }
   const std::int64_t q_off = b * p.q_batch_stride + std::int64_t(q_start) * p.q_row_stride + h * p.q_head_stride;
-  const std::int64_t o_off = b * p.out_batch_stride + std::int64_t(q_start) * p.out_row_stride + h * p.out_head_stride;
   const float slope = p.alibi ? p.alibi[b * p.alibi_batch_stride + h] : 0.0f;
   const float scale_log2 = p.scale * kLog2e;
   // Softcap, ALiBi or a non-positive scale (max of raw q·k is then not the max score) need the
@@ -258,11 +255,9 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, PrefillConf
 
   extern __shared__ __align__(16) std::uint16_t smem[];
   std::uint16_t* sQ = smem;
-  std::uint16_t* sK = sQ + BM * SS;
-  std::uint16_t* sV = sK + BN * SS;
+  std::uint16_t* sK0 = sQ + BM * SS;    // K and V: two stages each, tile i in stage i % 2
+  std::uint16_t* sV0 = sK0 + 2 * BN * SS;
   const auto* gq = static_cast<const std::uint16_t*>(p.q);
-  const auto* gk = static_cast<const std::uint16_t*>(p.k);
-  const auto* gv = static_cast<const std::uint16_t*>(p.v);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
@@ -280,18 +275,27 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, PrefillConf
     row_sum[mt][0] = row_sum[mt][1] = 0.0f;
   }
 
-  // ---- prologue: Q and the first K tile ----------------------------------------------------
+  // ---- prologue: Q with the first K/V tile (one cp.async group), the second tile (another) ----
+  // Each K/V tile is one group; tile i+2 is issued once every warp is done with tile i, so the
+  // copies of the next tile run during the whole of the current one.
   const CopyMap<Cfg> cmap(p.head_dim);
+  auto load_stage = [&](int n0, int stage) {
+    load_kv_tile<Cfg>(sK0 + stage * BN * SS, p, krows, n0, p.k_row_stride, p.k_page_stride, cmap);
+    load_kv_tile<Cfg>(sV0 + stage * BN * SS, p, vrows, n0, p.v_row_stride, p.v_page_stride, cmap);
+  };
   load_tile_strided<Cfg, BM>(sQ, gq, q_off + std::int64_t(m0) * p.q_row_stride, p.q_row_stride,
                              sq - m0, cmap);
-  if (n_first < n_hi) load_kv_tile<Cfg>(sK, gk, p, krows, n_first, p.k_row_stride, p.k_page_stride, cmap);
+  if (n_first < n_hi) load_stage(n_first, 0);
+  cute::cp_async_fence();
+  if (n_first + BN < n_hi) load_stage(n_first + BN, 1);
   cute::cp_async_fence();
 
-  for (int n0 = n_first; n0 < n_hi; n0 += BN) {
-    cute::cp_async_wait<0>();
-    __syncthreads();  // K(n0) and Q visible; every warp is done with V of the previous tile
-    load_kv_tile<Cfg>(sV, gv, p, vrows, n0, p.v_row_stride, p.v_page_stride, cmap);
-    cute::cp_async_fence();
+  int stage = 0;
+  for (int n0 = n_first; n0 < n_hi; n0 += BN, stage ^= 1) {
+    cute::cp_async_wait<1>();  // this tile's group done; the next one may still be in flight
+    __syncthreads();
+    const std::uint16_t* sK = sK0 + stage * BN * SS;
+    const std::uint16_t* sV = sV0 + stage * BN * SS;
 
     // S = Q K^T for this warp's rows.
     float acc_s[MT][NT][4];
@@ -390,13 +394,6 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, PrefillConf
       }
     }
 
-    cute::cp_async_wait<0>();
-    __syncthreads();  // V(n0) visible; every warp is done reading K(n0)
-    if (n0 + BN < n_hi) {
-      load_kv_tile<Cfg>(sK, gk, p, krows, n0 + BN, p.k_row_stride, p.k_page_stride, cmap);
-      cute::cp_async_fence();
-    }
-
     // O += P V: P's C fragments become A fragments (two n8 tiles = one k16 step).
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk) {
@@ -428,10 +425,15 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, PrefillConf
         }
       }
     }
+    __syncthreads();  // every warp is done with this stage: refill it with tile n0 + 2 * BN
+    if (n0 + 2 * BN < n_hi) load_stage(n0 + 2 * BN, stage);
+    cute::cp_async_fence();  // always one group per iteration, so wait<1> above stays exact
   }
 
   // ---- epilogue: normalise, write O (and LSE) ------------------------------------------------
-  auto* go = static_cast<std::uint16_t*>(p.out);
+  // Recomputed here rather than kept live through the main loop (registers are the limit).
+  auto* go = static_cast<std::uint16_t*>(p.out) + b * p.out_batch_stride +
+             std::int64_t(q_start) * p.out_row_stride + h * p.out_head_stride;
   constexpr float kLn2 = 0.6931471805599453f;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
@@ -441,7 +443,7 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, PrefillConf
       const float sum = quad_sum(row_sum[mt][hr]);
       const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
       if (r >= sq) continue;
-      std::uint16_t* orow = go + o_off + std::int64_t(r) * p.out_row_stride;
+      std::uint16_t* orow = go + std::int64_t(r) * p.out_row_stride;
 #pragma unroll
       for (int dt = 0; dt < DT; ++dt) {
         const int col = dt * 8 + 2 * t;
