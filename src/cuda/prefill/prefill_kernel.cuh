@@ -59,7 +59,8 @@ struct PrefillConfig {
   static constexpr int kNWarps = 8;
   static constexpr int kThreads = kNWarps * 32;
   static constexpr int kBlockM = 128;
-  static constexpr int kBlockN = 64;
+  // Up to head_dim 64 a 64-key tile is little tensor work per barrier / softmax step: use 128.
+  static constexpr int kBlockN = kHeadDim <= 64 ? 128 : 64;
   static constexpr int kWarpRows = kBlockM / kNWarps;
   static constexpr int kMTiles = kWarpRows / 16;  // m16 tiles per warp
   static constexpr int kNTiles = kBlockN / 8;     // n8 tiles of S per warp
