@@ -6,8 +6,18 @@ public Python API only, against a naive float64 numpy reference run on the same 
 against PyTorch's attention when torch is importable (SDPA on the CPU; SDPA's flash and cuDNN
 backends on the GPU). Prints a table and saves JSON (date, machine, command) and a PNG plot.
 
-    python -m fastattn.bench [--quick] [--device auto|cpu|cuda] [--out DIR]
-                             [--suite prefill,decode,cascade]
+On the GPU, the prefill suite is issue 3's table (gpu_prefill.py): 16384 tokens per call, hidden
+2048, seqlen 512..16384, causal and not, fp16/bf16, head_dim 64/128/256, each shape as dense,
+varlen and paged (page 16 and 256) calls, against SDPA flash and cuDNN; it ends with a summary
+block of the acceptance figures. --quick keeps 8 shapes (a few seconds, run by
+scripts/gpu_check.sh); the full suite takes about 3 minutes on an H200 (at most --time-limit, 330 s).
+
+    python -m fastattn.bench [--quick] [--full] [--device auto|cpu|cuda] [--out DIR]
+                             [--suite prefill,decode,cascade] [--table-file FILE]
+                             [--seqlens ...] [--head-dims ...] [--dtypes ...] [--variants ...]
+                             [--tokens N] [--hidden N] [--time-limit S]
+
+    python -m fastattn.bench --device cuda --suite prefill --out DIR     # the full GPU prefill suite
 """
 from .runner import main
 

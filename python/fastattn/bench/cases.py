@@ -362,34 +362,6 @@ def _sdpa_backend_call(torch, backend_name, q, k, v, causal=False, mask=None):
     return None
 
 
-def gpu_prefill(torch, seqlen, d, causal, dtype, hidden=2048, tokens=16384):
-    """Issue 3's dense prefill rows: batch = 16384 / seqlen, heads = 2048 / head_dim."""
-    b = max(1, tokens // seqlen)
-    h = 8 if d == 256 else hidden // d
-    dev = torch.device("cuda")
-    q = torch.randn(b, seqlen, h, d, device=dev, dtype=dtype)
-    k = torch.randn(b, seqlen, h, d, device=dev, dtype=dtype)
-    v = torch.randn(b, seqlen, h, d, device=dev, dtype=dtype)
-    pairs = _visible_pairs(seqlen, seqlen, causal) * b * h
-    tname = str(dtype).replace("torch.", "").replace("float16", "fp16").replace("bfloat16", "bf16")
-    case = Case(
-        suite="prefill",
-        name="prefill%s d%d s%d %s" % (" causal" if causal else "", d, seqlen, tname),
-        shape="B=%d S=%d H=%d D=%d %s%s" % (b, seqlen, h, d, tname, " causal" if causal else ""),
-        flops=4.0 * d * pairs, bytes=float(q.element_size() * 4 * q.numel()), metric="flops",
-        fastattn=lambda: fastattn.flash_attn_func(q, k, v, causal=causal),
-        # SDPA returns (B, H, S, D): compare in fastattn's (B, S, H, D) layout.
-        check=lambda out, ref: float((out.float() - ref.transpose(1, 2).float()).abs().max()),
-        check_against="sdpa-flash",
-    )
-    tq, tk, tv = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, S, D) views, no copy
-    for name in ("flash", "cudnn"):
-        fn = _sdpa_backend_call(torch, name, tq, tk, tv, causal=causal)
-        if fn is not None:
-            case.peers["sdpa-" + name] = fn
-    return case
-
-
 def gpu_decode(torch, b, hq, hkv, d, mean_len, dtype, page_size=16, seed=0):
     rng = np.random.default_rng(seed)
     lengths = rng.integers(mean_len // 2, mean_len * 3 // 2 + 1, size=b).astype(np.int32)
@@ -433,15 +405,7 @@ def gpu_decode(torch, b, hq, hkv, d, mean_len, dtype, page_size=16, seed=0):
 def gpu_cases(suites: List[str], quick: bool):
     """Yields the cases one at a time, so each one's tensors are freed before the next is built."""
     import torch
-    if "prefill" in suites:
-        seqlens = [1024, 4096] if quick else [512, 1024, 2048, 4096, 8192, 16384]
-        dims = [64, 128] if quick else [64, 128, 256]
-        dtypes = [torch.float16] if quick else [torch.float16, torch.bfloat16]
-        for dtype in dtypes:
-            for d in dims:
-                for s in seqlens:
-                    for causal in (False, True):
-                        yield gpu_prefill(torch, s, d, causal, dtype)
+    # GPU prefill (dense, varlen and paged against SDPA flash and cuDNN) is gpu_prefill.py.
     if "decode" in suites:
         shapes = [(64, 32, 8, 128, 2048)] if quick else [(64, 32, 8, 128, 2048), (256, 32, 8, 128, 1024),
                                                           (16, 32, 8, 128, 16384)]

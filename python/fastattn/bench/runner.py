@@ -13,6 +13,8 @@ import numpy as np
 
 import fastattn
 
+from . import gpu_prefill
+
 SUITES = ("prefill", "decode", "cascade")
 
 
@@ -271,7 +273,33 @@ def main(argv=None):
                     help="comma-separated subset of: " + ", ".join(SUITES))
     ap.add_argument("--table-file", default=None, help="also write the printed table here")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--full", action="store_true",
+                    help="the full shape lists even when --quick is also given (so that "
+                         "BENCH_ARGS='--full --suite prefill' scripts/gpu_check.sh runs the full GPU "
+                         "prefill suite)")
+    g = ap.add_argument_group("GPU prefill suite (issue 3's table; defaults: the issue's shapes)")
+    ints = lambda s: [int(x) for x in s.split(",") if x.strip()]
+    names = lambda s: [x.strip() for x in s.split(",") if x.strip()]
+    g.add_argument("--seqlens", type=ints, default=None, help="e.g. 2048,4096 (default 512..16384)")
+    g.add_argument("--head-dims", type=ints, default=None, help="e.g. 128 (default 64,128,256)")
+    g.add_argument("--dtypes", type=names, default=None, help="fp16,bf16 (default both)")
+    g.add_argument("--variants", type=names, default=None,
+                   help="of dense, varlen, pagedN (page size N) (default %s)"
+                        % ",".join(gpu_prefill.VARIANTS))
+    g.add_argument("--tokens", type=int, default=None,
+                   help="tokens per call, batch = tokens / seqlen (default %d)" % gpu_prefill.TOKENS)
+    g.add_argument("--hidden", type=int, default=None,
+                   help="heads * head_dim (default %d)" % gpu_prefill.HIDDEN)
+    g.add_argument("--time-limit", type=float, default=None,
+                   help="seconds for the whole prefill suite; per-shape timing budgets shrink to "
+                        "keep to it (default 330, 25 with --quick)")
     args = ap.parse_args(argv)
+    if args.full:
+        args.quick = False
+    if args.variants and not all(gpu_prefill.valid_variant(v) for v in args.variants):
+        ap.error("--variants: choose from dense, varlen, pagedN (N = page size >= 1)")
+    if args.dtypes and [v for v in args.dtypes if v not in gpu_prefill.DTYPES]:
+        ap.error("--dtypes: choose from %s" % ",".join(gpu_prefill.DTYPES))
 
     suites = [s.strip() for s in args.suite.split(",") if s.strip()]
     bad = [s for s in suites if s not in SUITES]
@@ -287,7 +315,23 @@ def main(argv=None):
         ",".join(suites), ", quick" if args.quick else ""), flush=True)
     if device == "cpu" and torch is None:
         print("(torch not importable: no PyTorch column)", flush=True)
-    case_list = (casemod.gpu_cases(suites, args.quick) if device == "cuda"
+    prefill_records, prefill_meta, prefill_summary, prefill_lines = None, None, None, []
+    command = " ".join([os.path.basename(sys.executable), "-m", "fastattn.bench"] + list(
+        argv if argv is not None else sys.argv[1:]))
+    if device == "cuda" and "prefill" in suites:
+        settings = gpu_prefill.Settings.for_mode(
+            args.quick, seqlens=args.seqlens, head_dims=args.head_dims, dtypes=args.dtypes,
+            variants=args.variants, tokens=args.tokens, hidden=args.hidden,
+            time_limit_s=args.time_limit, seed=args.seed)
+        n = len(gpu_prefill.plan(settings))
+        print("GPU prefill: %d shapes x (%s + SDPA flash, cuDNN), time limit %.0f s" % (
+            n, ", ".join(settings.variants), settings.time_limit_s), flush=True)
+        prefill_records, prefill_meta = gpu_prefill.run_suite(torch, settings)
+        prefill_summary = gpu_prefill.summarize(prefill_records, settings.variants, settings.budget_s)
+        prefill_lines = gpu_prefill.summary_lines(
+            prefill_summary, torch.cuda.get_device_name(0),
+            datetime.date.today().isoformat(), command)
+    case_list = (casemod.gpu_cases([x for x in suites if x != "prefill"], args.quick) if device == "cuda"
                  else casemod.cpu_cases(suites, args.quick, args.seed))
     rows = []
     for case in case_list:
@@ -305,15 +349,21 @@ def main(argv=None):
             torch.cuda.empty_cache()
     elapsed = time.perf_counter() - t_start
 
-    table = format_table(rows, device)
+    parts = []
+    if prefill_records is not None:
+        parts.append(gpu_prefill.format_table(prefill_records, settings.variants))
+    if rows:
+        parts.append(format_table(rows, device))
+    if prefill_lines:
+        parts.append("\n".join(prefill_lines))
+    table = "\n\n".join(parts)
     out_dir = args.out or default_out_dir()
     os.makedirs(out_dir, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = os.path.join(out_dir, "bench_%s_%s%s" % (device, stamp, "_quick" if args.quick else ""))
     record = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable), "-m", "fastattn.bench"] + list(
-            argv if argv is not None else sys.argv[1:])),
+        "command": command,
         "device": device,
         "quick": args.quick,
         "suites": suites,
@@ -321,15 +371,29 @@ def main(argv=None):
         "machine": machine_info(device, torch),
         "rows": rows,
     }
+    if prefill_records is not None:
+        record.update(prefill=prefill_records, prefill_meta=prefill_meta,
+                      prefill_summary=prefill_summary, prefill_summary_text=prefill_lines)
     with open(base + ".json", "w") as f:
         json.dump(record, f, indent=1)
-    plot = save_plot(rows, device, base + ".png")
+    plots = []
+    if prefill_records:
+        plots.append(gpu_prefill.save_plot(
+            prefill_records, base + "_prefill.png",
+            "fastattn GPU prefill on %s, %s\n%d tokens per call, hidden %d; TFLOP/s = 4BHS\u00b2D "
+            "(halved if causal) / median time" % (record["machine"].get("gpu"), record["date"][:10],
+                                                  settings.tokens, settings.hidden)))
+    if rows:
+        plots.append(save_plot(rows, device, base + ".png"))
 
     print()
     print(table)
-    print("saved %s.json and %s (%.0f s)" % (base, plot, elapsed))
+    print("saved %s.json and %s (%.0f s)" % (base, ", ".join(plots), elapsed))
     if args.table_file:
         with open(args.table_file, "w") as f:
             f.write(table + "\n")
     failed = [r for r in rows if r.get("fastattn_s") is None and device == "cpu"]
-    return 1 if failed else 0
+    bad = gpu_prefill.bad_records(prefill_records or [])
+    for b in bad[:10]:
+        print("FAILED: " + b)
+    return 1 if (failed or bad) else 0
