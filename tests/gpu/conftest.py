@@ -55,3 +55,38 @@ def cuda_device():
     import torch
 
     return torch.device("cuda", 0)
+
+
+# ---- random seeds (tests/gpu/test_prefill.py and later GPU test modules) -------------------------
+# Shared helpers (gpu_reference.py) are imported by plain module name, whatever pytest's import mode.
+import sys  # noqa: E402
+
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+
+@pytest.fixture
+def seed(request):
+    """A fresh seed per test (FASTATTN_TEST_SEED=<seed> replays one), applied to torch's CPU and
+    CUDA generators. Returns a `random.Random` seeded with it, for drawing option values.
+    The seed is printed in the report of a failing test."""
+    import random
+    import secrets
+
+    import torch
+
+    env = os.environ.get("FASTATTN_TEST_SEED")
+    value = int(env) if env else secrets.randbits(63)
+    request.node._fastattn_gpu_seed = value
+    torch.manual_seed(value)
+    return random.Random(value)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    value = getattr(item, "_fastattn_gpu_seed", None)
+    if value is not None and report.failed:
+        report.sections.append(
+            ("fastattn random seed", "reproduce with FASTATTN_TEST_SEED=%d" % value))

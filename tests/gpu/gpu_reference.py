@@ -1,0 +1,250 @@
+"""Naive attention references in torch, computed on the tensors' own device (the GPU in tests/gpu),
+and the comparison rules of DESIGN.md (FlashAttention's), for the GPU tests.
+
+Written from the semantics in DESIGN.md / include/fastattn/ops.h, sharing nothing with the library.
+Two precisions of the same naive algorithm, as in FlashAttention's ``attention_ref``:
+
+* reference (``naive=False``): the inputs upcast to float64 and everything computed in float64;
+* naive in the input dtype (``naive=True``): q @ k^T in float16 / bfloat16 (rounded to the dtype),
+  scale and softcap rounded to the dtype, ALiBi bias, mask and softmax in float32, the
+  probabilities cast to the dtype and P @ V in the dtype. Its error against the reference sets the
+  tolerance: max|ours - ref| <= 2 * max|naive - ref| + 1e-5.
+
+Shapes: batched q (B, Sq, Hq, D), k / v (B, Sk, Hkv, D) -> out (B, Sq, Hq, D), lse (B, Hq, Sq),
+probs (B, Hq, Sq, Sk). Varlen q (total_q, Hq, D) -> out (total_q, Hq, D), lse (Hq, total_q),
+probs (B, Hq, max_seqlen_q, max_seqlen_k) zero-padded. Query head h reads kv head
+h // (Hq // Hkv). Masks are aligned bottom-right: query i (position i + Sk - Sq) sees key j when
+i + Sk - Sq - left <= j <= i + Sk - Sq + right (-1: unbounded; causal: right = 0). A row that sees
+no key has output 0, LSE -inf and probabilities 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+REF_DTYPE = torch.float64
+
+
+# ---- masks -----------------------------------------------------------------------------------
+
+
+def window_bounds(causal: bool, window_size: Sequence[int]) -> Tuple[int, int]:
+    left, right = int(window_size[0]), int(window_size[1])
+    if causal:
+        right = 0
+    return left, right
+
+
+def visible(sq: int, sk: int, causal: bool, window_size, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(allowed (Sq, Sk) bool, |qpos - kpos| (Sq, Sk) int64) with bottom-right alignment."""
+    left, right = window_bounds(causal, window_size)
+    qpos = torch.arange(sq, device=device, dtype=torch.int64)[:, None] + (sk - sq)
+    kpos = torch.arange(sk, device=device, dtype=torch.int64)[None, :]
+    allowed = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if left >= 0:
+        allowed &= kpos >= qpos - left
+    if right >= 0:
+        allowed &= kpos <= qpos + right
+    return allowed, (qpos - kpos).abs()
+
+
+# ---- batched ---------------------------------------------------------------------------------
+
+
+def attention_ref(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                  alibi_slopes=None, naive=False):
+    """Dense attention. q (B, Sq, Hq, D), k / v (B, Sk, Hkv, D) in float16 / bfloat16 (any
+    strides); alibi_slopes (Hq,) or (B, Hq). Returns (out, lse, probs):
+    reference (naive=False): out float64 (B, Sq, Hq, D), lse float64 (B, Hq, Sq), probs float64;
+    naive: out in q's dtype, lse / probs float32."""
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    assert hq % hkv == 0, (hq, hkv)
+    group = hq // hkv
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    dt = q.dtype if naive else REF_DTYPE
+    work = torch.float32 if naive else REF_DTYPE
+    qq = q.to(dt)
+    kk = k.to(dt).repeat_interleave(group, dim=2)  # query head h reads kv head h // group
+    vv = v.to(dt).repeat_interleave(group, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", qq, kk)  # naive: matmul in the input dtype
+    if naive:
+        s = (s.float() * scale).to(dt)
+        if softcap > 0:
+            s = (softcap * torch.tanh(s.float() / softcap)).to(dt)
+        s = s.float()
+    else:
+        s.mul_(scale)
+        if softcap > 0:
+            s.div_(softcap).tanh_().mul_(softcap)
+    allowed, dist = visible(sq, sk, causal, window_size, q.device)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(device=q.device, dtype=work)
+        slopes = slopes.reshape(-1, hq, 1, 1)  # (1 or B, Hq, 1, 1)
+        s.sub_(slopes * dist.to(work))
+    s.masked_fill_(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # -inf for rows that see no key (and for Sk == 0)
+    lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    p = s.sub_(lse_safe[..., None]).exp_()  # masked entries and empty rows: exactly 0
+    if naive:
+        out = torch.einsum("bhqk,bkhd->bqhd", p.to(dt), vv)  # P @ V in the input dtype
+    else:
+        out = torch.einsum("bhqk,bkhd->bqhd", p, vv)
+    return out, lse, p
+
+
+# ---- varlen / paged ----------------------------------------------------------------------------
+
+
+def gather_pages(pages: torch.Tensor, page_ids, length: int) -> torch.Tensor:
+    """Keys 0..length-1 of a sequence whose pages are `page_ids`: (length, Hkv, D).
+    Key j lives in page page_ids[j // page_size], slot j % page_size."""
+    ps = pages.shape[1]
+    ids = torch.as_tensor(page_ids, dtype=torch.int64, device=pages.device).reshape(-1)
+    j = torch.arange(length, device=pages.device, dtype=torch.int64)
+    return pages[ids[j // ps], j % ps]
+
+
+def varlen_ref(q, cu_seqlens_q: Sequence[int], kv: List[Tuple[torch.Tensor, torch.Tensor]],
+               softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+               alibi_slopes=None, max_seqlen_q=None, max_seqlen_k=None, naive=False):
+    """Attention of packed queries. q (total_q, Hq, D); cu_seqlens_q host ints (B + 1);
+    kv[b] = (k_b, v_b), each (Sk_b, Hkv, D): the keys of sequence b however they are stored.
+    Rows of q past cu_seqlens_q[B] get output 0, LSE -inf.
+    Returns out (total_q, Hq, D), lse (Hq, total_q), probs (B, Hq, max_seqlen_q, max_seqlen_k)."""
+    total_q, hq, d = q.shape
+    bsz = len(cu_seqlens_q) - 1
+    assert len(kv) == bsz
+    lens_q = [int(cu_seqlens_q[i + 1]) - int(cu_seqlens_q[i]) for i in range(bsz)]
+    lens_k = [int(kb.shape[0]) for kb, _ in kv]
+    msq = max(lens_q + [0]) if max_seqlen_q is None else int(max_seqlen_q)
+    msk = max(lens_k + [0]) if max_seqlen_k is None else int(max_seqlen_k)
+    out_dtype = q.dtype if naive else REF_DTYPE
+    work = torch.float32 if naive else REF_DTYPE
+    out = torch.zeros(total_q, hq, d, dtype=out_dtype, device=q.device)
+    lse = torch.full((hq, total_q), float("-inf"), dtype=work, device=q.device)
+    probs = torch.zeros(bsz, hq, msq, msk, dtype=work, device=q.device)
+    for b in range(bsz):
+        q0, sq, sk = int(cu_seqlens_q[b]), lens_q[b], lens_k[b]
+        if sq == 0:
+            continue
+        slopes = None
+        if alibi_slopes is not None:
+            slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b]
+        kb, vb = kv[b]
+        o, l, p = attention_ref(q[q0:q0 + sq][None], kb[None], vb[None], softmax_scale, causal,
+                                window_size, softcap, slopes, naive)
+        out[q0:q0 + sq] = o[0]
+        lse[:, q0:q0 + sq] = l[0]
+        probs[b, :, :sq, :sk] = p[0]
+    return out, lse, probs
+
+
+# ---- comparisons -------------------------------------------------------------------------------
+
+
+def _first_index(mask: torch.Tensor):
+    return tuple(int(i) for i in torch.nonzero(mask)[0].tolist())
+
+
+def assert_no_nan(name: str, ours: torch.Tensor):
+    nan = torch.isnan(ours)
+    if bool(nan.any()):
+        raise AssertionError(
+            f"{name}: {int(nan.sum())} of {ours.numel()} values are NaN (an output poisoned with "
+            f"NaN before the call was not fully written?) first at {_first_index(nan)}")
+
+
+def assert_out_close(name: str, ours: torch.Tensor, ref: torch.Tensor, naive: torch.Tensor,
+                     factor: float = 2.0, slack: float = 1e-5):
+    """FlashAttention's rule: max|ours - ref| <= factor * max|naive - ref| + slack."""
+    assert tuple(ours.shape) == tuple(ref.shape), f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    assert_no_nan(name, ours)
+    if ours.numel() == 0:
+        return
+    diff = (ours.to(REF_DTYPE) - ref).abs()
+    err = float(diff.max())
+    base = float((naive.to(REF_DTYPE) - ref).abs().max())
+    tol = factor * base + slack
+    if not err <= tol:
+        worst = tuple(int(i) for i in torch.unravel_index(torch.argmax(diff), diff.shape))
+        raise AssertionError(
+            f"{name}: max|ours - ref| = {err:.4g} > {factor} * max|naive - ref| ({base:.4g}) + "
+            f"{slack:g} = {tol:.4g}; worst at {worst}: ours {float(ours[worst]):.6g}, "
+            f"ref {float(ref[worst]):.6g}, naive {float(naive[worst]):.6g}")
+
+
+def assert_lse_close(name: str, ours: torch.Tensor, ref: torch.Tensor, atol: float = 1e-3,
+                     rtol: float = 1e-3):
+    """LSE (float32, natural log) against the float64 reference: -inf exactly where the reference
+    is -inf (no visible key), elsewhere |ours - ref| <= atol + rtol * |ref|."""
+    assert tuple(ours.shape) == tuple(ref.shape), f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    assert ours.dtype == torch.float32, f"{name}: dtype {ours.dtype}, expected float32"
+    assert_no_nan(name, ours)
+    if ours.numel() == 0:
+        return
+    ninf_ref, ninf = torch.isneginf(ref), torch.isneginf(ours)
+    if not torch.equal(ninf_ref, ninf):
+        bad = _first_index(ninf_ref != ninf)
+        raise AssertionError(f"{name}: -inf pattern differs (first at {bad}: ours "
+                             f"{float(ours[bad])!r}, ref {float(ref[bad])!r}); "
+                             f"{int((ninf_ref != ninf).sum())} entries differ")
+    pinf = torch.isposinf(ours)
+    if bool(pinf.any()):
+        raise AssertionError(f"{name}: +inf at {_first_index(pinf)}")
+    fin = ~ninf_ref
+    if bool(fin.any()):
+        o, r = ours.to(REF_DTYPE)[fin], ref[fin]
+        err = (o - r).abs()
+        bad = err > atol + rtol * r.abs()
+        if bool(bad.any()):
+            i = int(torch.argmax(err))
+            raise AssertionError(
+                f"{name}: {int(bad.sum())} LSE values off by more than {atol:g} + {rtol:g} * |ref| "
+                f"(max error {float(err.max()):.4g}; e.g. ours {float(o[i]):.7g} vs ref "
+                f"{float(r[i]):.7g})")
+
+
+def assert_probs_close(name: str, ours: torch.Tensor, ref: torch.Tensor, atol: float = 1e-4):
+    assert tuple(ours.shape) == tuple(ref.shape), f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    assert ours.dtype == torch.float32, f"{name}: dtype {ours.dtype}, expected float32"
+    assert_no_nan(name, ours)
+    if ours.numel() == 0:
+        return
+    diff = (ours.to(REF_DTYPE) - ref).abs()
+    err = float(diff.max())
+    if not err <= atol:
+        worst = tuple(int(i) for i in torch.unravel_index(torch.argmax(diff), diff.shape))
+        raise AssertionError(f"{name}: max|probs - ref| = {err:.4g} > {atol:g} at {worst}: ours "
+                             f"{float(ours[worst]):.6g}, ref {float(ref[worst]):.6g}")
+
+
+def assert_empty_rows_zero(name: str, out: torch.Tensor, lse_ref: torch.Tensor):
+    """Rows that see no key (reference LSE -inf) must be exactly 0.
+    Batched: out (B, Sq, Hq, D), lse_ref (B, Hq, Sq); varlen: out (T, Hq, D), lse_ref (Hq, T)."""
+    empty = torch.isneginf(lse_ref)
+    empty = empty.transpose(1, 2) if out.dim() == 4 else empty.transpose(0, 1)
+    if not bool(empty.any()):
+        return
+    rows = out[empty]  # (n, D)
+    bad = rows != 0
+    if bool(bad.any()):
+        raise AssertionError(f"{name}: {int(bad.any(dim=-1).sum())} rows that see no key are not "
+                             f"exactly 0 (first at {_first_index(empty)})")
+
+
+_INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+             torch.float64: torch.int64}
+
+
+def assert_bitwise_equal(name: str, a: torch.Tensor, b: torch.Tensor):
+    """Two runs of the same call must give bit-identical results."""
+    assert a.dtype == b.dtype and a.shape == b.shape, name
+    ia, ib = a.view(_INT_VIEW[a.dtype]), b.view(_INT_VIEW[b.dtype])
+    if not torch.equal(ia, ib):
+        neq = ia != ib
+        raise AssertionError(f"{name}: two runs of the same call differ in {int(neq.sum())} of "
+                             f"{a.numel()} values (first at {_first_index(neq)}): not deterministic")

@@ -1,0 +1,150 @@
+"""A small representative set of CUDA prefill calls for compute-sanitizer (scripts/gpu_sanitize.sh):
+dense (head dims 8..256, every option, GQA, strided views, empty sequences, probabilities), varlen
+with packed keys (ragged lengths incl. 0 and 1, Sq > Sk), paged keys through a block table (page
+sizes 1, 5, 16, 64, 256) and CSR lists (lengths from seqused_k, cu_seqlens_k, last_page_len),
+and varlen padding rows. Each call runs twice into NaN-poisoned buffers and, unless --no-check,
+is compared with the float64 reference (as tests/gpu/test_prefill.py does).
+
+Not collected by pytest (no test_ prefix). Usage:
+    python tests/gpu/sanitize_prefill.py [--no-check] [--only SUBSTRING] [--seed N]
+Exit status 0 when every case ran (and matched the reference).
+"""
+
+import argparse
+import os
+import random
+import secrets
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+import test_prefill as T  # noqa: E402  (its helpers; importing it runs no test)
+
+F16, B16 = torch.float16, torch.bfloat16
+
+
+def dense(rng, check, dtype, b, sq, sk, hq, hkv, d, opt, layout=None, probs=False):
+    if layout is None:
+        q = T.randn(b, sq, hq, d, dtype=dtype)
+        k, v = T.randn(b, sk, hkv, d, dtype=dtype), T.randn(b, sk, hkv, d, dtype=dtype)
+        make_out = lambda: T.nan_full(q.shape, dtype)  # noqa: E731
+    else:
+        q = T.strided(layout, b, sq, hq, d, dtype)
+        k, v = T.strided(layout, b, sk, hkv, d, dtype), T.strided(layout, b, sk, hkv, d, dtype)
+        make_out = lambda: T.strided(layout, b, sq, hq, d, dtype, fill=float("nan"))  # noqa: E731
+    kw = T.make_options(rng, opt, b, hq)
+    if probs:
+        call = lambda o: T.flash_attn_func(q, k, v, return_attn_probs=True, out=o, **kw)  # noqa: E731
+    else:
+        call = T.dense_call(q, k, v, kw)
+    res = T.run_twice(call, make_out)
+    if check:
+        T.check_dense(res, q, k, v, kw, probs_atol=T.probs_tolerance(kw) if probs else None)
+
+
+def varlen_packed(rng, check, dtype, lq, lk, hq, hkv, d, opt, pad_rows=0):
+    cu_q, cu_k = T.cumsum0(lq), T.cumsum0(lk)
+    q = T.randn(cu_q[-1] + pad_rows, hq, d, dtype=dtype)
+    k, v = T.randn(cu_k[-1], hkv, d, dtype=dtype), T.randn(cu_k[-1], hkv, d, dtype=dtype)
+    kw = T.make_options(rng, opt, len(lq), hq)
+    cq, ck = T.i32(cu_q), T.i32(cu_k)
+    res = T.run_twice(lambda o: T.flash_attn_varlen_func(q, k, v, cq, ck, max(lq), max(lk),
+                                                         return_softmax_lse=True, out=o, **kw),
+                      lambda: T.nan_full(q.shape, dtype))
+    if check:
+        T.check_varlen(res, q, cu_q, T.packed_kv(k, v, cu_k, lk), kw)
+
+
+def varlen_block_table(rng, check, dtype, lq, lk, hq, hkv, d, ps, opt, probs=False):
+    cu_q = T.cumsum0(lq)
+    table, num_pages = T.make_block_table(rng, lk, ps)
+    q = T.randn(cu_q[-1], hq, d, dtype=dtype)
+    kp, vp = T.randn(num_pages, ps, hkv, d, dtype=dtype), T.randn(num_pages, ps, hkv, d, dtype=dtype)
+    kw = T.make_options(rng, opt, len(lq), hq)
+    cq, su = T.i32(cu_q), T.i32(lk)
+    bt = torch.tensor(table, dtype=torch.int32, device=T.DEV)
+    msq, msk = max(lq) + 2, max(lk) + 3  # bounds above the lengths (probs are zero-padded)
+    extra = dict(return_attn_probs=True) if probs else dict(return_softmax_lse=True)
+    res = T.run_twice(lambda o: T.flash_attn_varlen_func(q, kp, vp, cq, None, msq, msk, block_table=bt,
+                                                         seqused_k=su, out=o, **extra, **kw),
+                      lambda: T.nan_full(q.shape, dtype))
+    if check:
+        T.check_varlen(res, q, cu_q, T.paged_kv(kp, vp, table, lk), kw, max_seqlen_q=msq,
+                       max_seqlen_k=msk, probs_atol=1e-4 if probs else None)
+
+
+def varlen_csr(rng, check, dtype, lq, lk, hq, hkv, d, ps, opt, lengths_from):
+    cu_q = T.cumsum0(lq)
+    lists, indptr, indices, last, num_pages = T.make_csr(rng, lk, ps,
+                                                         spare=lengths_from != "last_page_len")
+    q = T.randn(cu_q[-1], hq, d, dtype=dtype)
+    kp, vp = T.randn(num_pages, ps, hkv, d, dtype=dtype), T.randn(num_pages, ps, hkv, d, dtype=dtype)
+    kw = T.make_options(rng, opt, len(lq), hq)
+    lengths = {"seqused_k": dict(seqused_k=T.i32(lk)),
+               "cu_seqlens_k": dict(cu_seqlens_k=T.i32(T.cumsum0(lk))),
+               "last_page_len": dict(last_page_len=T.i32(last))}[lengths_from]
+    call = T.csr_call(q, T.i32(cu_q), max(lq), kp, vp, T.i32(indptr), T.i32(indices), max(lk), kw,
+                      **lengths)
+    res = T.run_twice(call, lambda: T.nan_full(q.shape, dtype))
+    if check:
+        T.check_varlen(res, q, cu_q, T.paged_kv(kp, vp, lists, lk), kw)
+
+
+RAGGED_Q, RAGGED_K = [17, 1, 0, 113], [113, 1, 5, 300]
+
+
+def cases():
+    """(name, function, arguments after (rng, check))."""
+    yield "dense fp16 d64 all options gqa4", dense, (F16, 2, 70, 130, 8, 2, 64, T.ALL)
+    yield "dense bf16 d128 Sq>Sk probs", dense, (B16, 2, 130, 70, 8, 8, 128, "none"), {"probs": True}
+    for d in (8, 40, 96, 200, 256):
+        yield f"dense fp16 d{d} causal mqa", dense, (F16, 1, 65, 97, 4, 1, d, "causal")
+    yield "dense bf16 d192 left window alibi", dense, (B16, 1, 33, 300, 4, 2, 192, "wleft+alibi")
+    yield "dense fp16 bhsd strides", dense, (F16, 2, 50, 90, 8, 2, 64, "causal"), {"layout": "bhsd"}
+    yield "dense bf16 padded head stride", dense, (B16, 2, 50, 90, 8, 2, 64, "softcap"), {"layout": "padded_head"}
+    yield "dense fp16 no keys", dense, (F16, 2, 9, 0, 4, 2, 64, "none")
+    yield "dense fp16 no queries", dense, (F16, 2, 0, 9, 4, 2, 64, "causal")
+    yield "varlen packed bf16 d96 ragged all options", varlen_packed, (B16, RAGGED_Q, RAGGED_K, 8, 2, 96, T.ALL)
+    yield "varlen packed fp16 d128 Sq>Sk causal mqa", varlen_packed, (F16, [300, 64, 9], [113, 3, 9], 8, 1, 128, "causal")
+    yield "varlen packed fp16 padding rows", varlen_packed, (F16, [3, 4, 0], [5, 2, 6], 4, 2, 64, "causal"), {"pad_rows": 5}
+    for ps in (1, 5, 16, 64, 256):
+        yield f"varlen block table page {ps}", varlen_block_table, (F16, RAGGED_Q, RAGGED_K, 8, 2, 128, ps, "causal+alibi_bh")
+    yield "varlen block table probs", varlen_block_table, (B16, [3, 0, 12], [7, 4, 9], 4, 2, 64, 4, "causal"), {"probs": True}
+    yield "varlen csr page 5 last_page_len", varlen_csr, (B16, RAGGED_Q, RAGGED_K, 8, 2, 64, 5, "causal", "last_page_len")
+    yield "varlen csr page 16 cu_seqlens_k d256", varlen_csr, (F16, RAGGED_Q, RAGGED_K, 8, 2, 256, 16, T.ALL, "cu_seqlens_k")
+    yield "varlen csr page 256 seqused_k", varlen_csr, (F16, RAGGED_Q, RAGGED_K, 8, 8, 128, 256, "window", "seqused_k")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--no-check", action="store_true", help="skip the reference comparisons")
+    ap.add_argument("--only", default="", help="run the cases whose name contains this")
+    ap.add_argument("--seed", type=int, default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("sanitize_prefill: no CUDA device")
+        return 2
+    seed = args.seed if args.seed is not None else secrets.randbits(63)
+    print(f"sanitize_prefill: seed {seed} (--seed {seed} replays)", flush=True)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    n = 0
+    for case in cases():
+        name, fn, pos = case[0], case[1], case[2]
+        kw = case[3] if len(case) > 3 else {}
+        if args.only not in name:
+            continue
+        t = time.time()
+        fn(rng, not args.no_check, *pos, **kw)
+        torch.cuda.synchronize()
+        n += 1
+        print(f"  ok  {name}  ({time.time() - t:.1f}s)", flush=True)
+    print(f"sanitize_prefill: {n} cases ok{' (not checked against the reference)' if args.no_check else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
