@@ -87,9 +87,12 @@ struct KvRows {
                                                  std::int64_t page_stride) const {
     if (j >= len) return -1;
     if (p.page_size == 0) return std::int64_t(j) * row_stride;
-    const int page = pages[j / p.page_size];
+    // Power-of-two pages (the common 16, 32, 64) avoid an integer division per row.
+    const int pi = p.page_shift >= 0 ? j >> p.page_shift : j / p.page_size;
+    const int slot = p.page_shift >= 0 ? j & (p.page_size - 1) : j % p.page_size;
+    const int page = pages[pi];
     if (page < 0 || page >= p.num_pages) return -1;
-    return std::int64_t(page) * page_stride + std::int64_t(j % p.page_size) * row_stride;
+    return std::int64_t(page) * page_stride + std::int64_t(slot) * row_stride;
   }
 };
 

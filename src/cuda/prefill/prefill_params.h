@@ -36,6 +36,7 @@ struct PrefillParams {
   std::int64_t k_batch_stride = 0, k_row_stride = 0, k_head_stride = 0, k_page_stride = 0;
   std::int64_t v_batch_stride = 0, v_row_stride = 0, v_head_stride = 0, v_page_stride = 0;
   int page_size = 0;                       ///< 0: dense keys
+  int page_shift = -1;                     ///< log2(page_size) when it is a power of two
   int num_pages = 0;                       ///< page ids outside [0, num_pages) read as zeros
   const std::int32_t* block_table = nullptr;  ///< (B, max_pages) rows
   std::int64_t block_table_stride = 0;
