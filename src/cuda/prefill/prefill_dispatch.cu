@@ -26,8 +26,8 @@ __device__ __forceinline__ float load_elem(const void* base, std::int64_t i, Dty
 /// One block per (row, head, batch); simple and slow on purpose: it is a testing aid.
 __global__ void probs_kernel(const PrefillParams p) {
   const int r = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  int q_start, sq, sk;
-  sequence_lengths(p, b, &q_start, &sq, &sk);
+  const SeqInfo seq = resolve_sequence(p, b);
+  const int q_start = seq.q_start, sq = seq.sq, sk = seq.sk;
   float* prow = p.probs + ((std::int64_t(b) * p.heads_q + h) * p.max_seqlen_q + r) * p.probs_cols;
   const int kvh = h / (p.heads_q / p.heads_kv);
   const float lse = r < sq ? p.lse[b * p.lse_batch_stride + h * p.lse_head_stride +
@@ -37,10 +37,8 @@ __global__ void probs_kernel(const PrefillParams p) {
                              h * p.q_head_stride;
   const int qpos = r + sk - sq;
   const float slope = p.alibi ? p.alibi[b * p.alibi_batch_stride + h] : 0.0f;
-  const int* pages = p.page_size == 0 ? nullptr
-                     : p.block_table  ? p.block_table + std::int64_t(b) * p.block_table_stride
-                                      : p.page_indices + p.page_indptr[b];
-  const std::int64_t k_start = (p.page_size == 0 && p.cu_seqlens_k) ? p.cu_seqlens_k[b] : 0;
+  const int* pages = seq.pages;
+  const std::int64_t k_start = seq.k_start;
   for (int j = threadIdx.x; j < p.probs_cols; j += blockDim.x) {
     float out = 0.0f;
     const bool visible = r < sq && j < sk && lse != -INFINITY &&
@@ -74,7 +72,7 @@ __global__ void probs_kernel(const PrefillParams p) {
 /// Varlen output rows past cu_seqlens_q[B] belong to no sequence: output 0, LSE -inf.
 /// A small grid strides over them (usually there are none and every block returns at once).
 __global__ void clear_padding_rows_kernel(const PrefillParams p) {
-  const std::int64_t first = p.cu_seqlens_q[p.batch];
+  const std::int64_t first = max(std::int64_t(p.cu_seqlens_q[p.batch]), std::int64_t(0));
   auto* out = static_cast<std::uint16_t*>(p.out);
   for (std::int64_t row = first + blockIdx.x; row < p.total_q; row += gridDim.x)
     for (int i = threadIdx.x; i < p.heads_q * p.head_dim; i += blockDim.x) {

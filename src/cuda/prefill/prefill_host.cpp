@@ -160,12 +160,14 @@ void varlen_attention_forward(check::ArgChecker& c, const VarlenAttentionArgs& a
     } else {
       p.page_indptr = static_cast<const std::int32_t*>(pk.page_indptr->data);
       p.page_indices = static_cast<const std::int32_t*>(pk.page_indices->data);
+      p.num_page_indices = pk.page_indices->size(0);
     }
   } else {
     rows_aligned(c, *a.k, "k");
     rows_aligned(c, *a.v, "v");
     p.k = a.k->data;
     p.v = a.v->data;
+    p.total_k = d.total_k;
     p.k_row_stride = a.k->stride(0);
     p.k_head_stride = a.k->stride(1);
     p.v_row_stride = a.v->stride(0);

@@ -177,21 +177,49 @@ __device__ __forceinline__ void load_kv_tile(std::uint16_t* smem, const PrefillP
   }
 }
 
-/// Query rows and keys of batch entry b: q_start (first packed row), sq, sk.
-__device__ __forceinline__ void sequence_lengths(const PrefillParams& p, int b, int* q_start,
-                                                 int* sq, int* sk) {
-  *q_start = p.cu_seqlens_q ? p.cu_seqlens_q[b] : 0;
-  *sq = p.cu_seqlens_q ? p.cu_seqlens_q[b + 1] - *q_start : p.max_seqlen_q;
-  if (p.seqused_k) {
-    *sk = p.seqused_k[b];
-  } else if (p.cu_seqlens_k) {
-    *sk = p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b];
-  } else if (p.last_page_len) {
-    const int pages = p.page_indptr ? p.page_indptr[b + 1] - p.page_indptr[b] : p.max_pages_per_seq;
-    *sk = pages > 0 ? (pages - 1) * p.page_size + p.last_page_len[b] : 0;
-  } else {
-    *sk = p.seqlen_k;
+/// Batch entry b as the kernels see it, clamped to the tensors the index tensors point into.
+struct SeqInfo {
+  int q_start;            ///< first packed query row (0 when batched)
+  int sq, sk;             ///< query rows and keys
+  std::int64_t k_start;   ///< first packed key row (varlen with packed keys)
+  const std::int32_t* pages;  ///< paged: this sequence's page ids
+};
+
+__device__ __forceinline__ SeqInfo resolve_sequence(const PrefillParams& p, int b) {
+  SeqInfo s{0, p.max_seqlen_q, p.seqlen_k, 0, nullptr};
+  if (p.cu_seqlens_q) {
+    const std::int64_t q0 = min(max(std::int64_t(p.cu_seqlens_q[b]), std::int64_t(0)), p.total_q);
+    const std::int64_t q1 = min(max(std::int64_t(p.cu_seqlens_q[b + 1]), q0), p.total_q);
+    s.q_start = int(q0);
+    s.sq = int(q1 - q0);
   }
+  int page_count = 0;
+  if (p.page_size > 0) {
+    if (p.block_table) {
+      s.pages = p.block_table + std::int64_t(b) * p.block_table_stride;
+      page_count = p.max_pages_per_seq;
+    } else {
+      const std::int64_t i0 = min(max(std::int64_t(p.page_indptr[b]), std::int64_t(0)), p.num_page_indices);
+      const std::int64_t i1 = min(max(std::int64_t(p.page_indptr[b + 1]), i0), p.num_page_indices);
+      s.pages = p.page_indices + i0;
+      page_count = int(i1 - i0);
+    }
+  }
+  if (p.seqused_k) {
+    s.sk = p.seqused_k[b];
+  } else if (p.cu_seqlens_k) {
+    s.sk = p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b];
+  } else if (p.last_page_len) {
+    s.sk = page_count > 0 ? (page_count - 1) * p.page_size + p.last_page_len[b] : 0;
+  }
+  s.sk = max(s.sk, 0);
+  if (p.page_size > 0) {
+    s.sk = int(min(std::int64_t(s.sk), std::int64_t(page_count) * p.page_size));
+  } else if (p.cu_seqlens_k) {
+    s.k_start = min(max(std::int64_t(p.cu_seqlens_k[b]), std::int64_t(0)), p.total_k);
+    s.sk = int(min(std::int64_t(s.sk), p.total_k - s.k_start));
+  }
+  return s;
 }
 
 /// 2^x with the hardware approximation, flushing denormal results to zero (scores that far below
@@ -223,8 +251,8 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, PrefillConf
   // ---- the CTA's sequence, resolved once ------------------------------------------------
   const int b = blockIdx.z, h = blockIdx.y;
   const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest (causal) blocks first
-  int q_start, sq, sk;
-  sequence_lengths(p, b, &q_start, &sq, &sk);
+  const SeqInfo seq = resolve_sequence(p, b);
+  const int q_start = seq.q_start, sq = seq.sq, sk = seq.sk;
   const int m0 = m_block * BM;
   if (m0 >= sq) return;
   const int kvh = h / (p.heads_q / p.heads_kv);
@@ -232,15 +260,10 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, PrefillConf
   krows.len = vrows.len = sk;
   krows.ptr = static_cast<const std::uint16_t*>(p.k) + kvh * p.k_head_stride;
   vrows.ptr = static_cast<const std::uint16_t*>(p.v) + kvh * p.v_head_stride;
-  if (p.page_size > 0) {
-    krows.pages = vrows.pages = p.block_table
-                                    ? p.block_table + std::int64_t(b) * p.block_table_stride
-                                    : p.page_indices + p.page_indptr[b];
-  } else {
-    const std::int64_t k_start = p.cu_seqlens_k ? p.cu_seqlens_k[b] : 0;
-    krows.pages = vrows.pages = nullptr;
-    krows.ptr += b * p.k_batch_stride + k_start * p.k_row_stride;
-    vrows.ptr += b * p.v_batch_stride + k_start * p.v_row_stride;
+  krows.pages = vrows.pages = seq.pages;
+  if (p.page_size == 0) {
+    krows.ptr += b * p.k_batch_stride + seq.k_start * p.k_row_stride;
+    vrows.ptr += b * p.v_batch_stride + seq.k_start * p.v_row_stride;
   }
   const std::int64_t q_off = b * p.q_batch_stride + std::int64_t(q_start) * p.q_row_stride + h * p.q_head_stride;
   const float slope = p.alibi ? p.alibi[b * p.alibi_batch_stride + h] : 0.0f;

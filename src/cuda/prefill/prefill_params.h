@@ -10,6 +10,9 @@ namespace fastattn::cuda_prefill {
 /// Element type of q/k/v/out.
 enum class Dtype : int { kFloat16, kBFloat16 };
 
+/// Index-tensor contents are not validated on the host (that would need a synchronisation); the
+/// kernels clamp lengths, offsets and page ids to the tensors they index, so inconsistent indices
+/// give wrong rows (zeros where a page id is out of range) but never an out-of-bounds access.
 struct PrefillParams {
   Dtype dtype = Dtype::kFloat16;
   int batch = 0, heads_q = 0, heads_kv = 0;
@@ -51,7 +54,9 @@ struct PrefillParams {
   /// max_pages_per_seq with a block table.
   const std::int32_t* last_page_len = nullptr;
   int max_pages_per_seq = 0;
-  std::int64_t total_q = 0;  ///< varlen: rows of q/out, to clear padding rows past cu_seqlens_q[B]
+  std::int64_t total_q = 0;  ///< varlen: rows of q/out (also clears padding rows past cu_seqlens_q[B])
+  std::int64_t total_k = 0;  ///< varlen with packed keys: rows of k/v
+  std::int64_t num_page_indices = 0;  ///< CSR: entries of page_indices
 
   float scale = 1.0f;    ///< applied to q·k
   float softcap = 0.0f;  ///< 0: off
