@@ -96,6 +96,28 @@ def varlen_csr(rng, check, dtype, lq, lk, hq, hkv, d, ps, opt, lengths_from):
 RAGGED_Q, RAGGED_K = [17, 1, 0, 113], [113, 1, 5, 300]
 
 
+def inconsistent_indices(rng, check, dtype):
+    """Index tensors that disagree with the tensors they index: the kernels clamp (ops.h / the
+    PrefillParams comment), so this must run clean under memcheck; the values are not checked."""
+    del rng, check
+    dev = "cuda"
+    q = torch.randn(10, 4, 64, device=dev, dtype=dtype)
+    k = torch.randn(12, 2, 64, device=dev, dtype=dtype)
+    cu_q = torch.tensor([0, 6, 40], dtype=torch.int32, device=dev)    # past total_q = 10
+    cu_k = torch.tensor([0, 30, 12], dtype=torch.int32, device=dev)   # past total_k, decreasing
+    out1 = torch.full_like(q, float("nan"))
+    fastattn.flash_attn_varlen_func(q, k, k, cu_q, cu_k, 40, 40, causal=True, out=out1)
+    pages = torch.randn(3, 16, 2, 64, device=dev, dtype=dtype)
+    table = torch.tensor([[0, 7, -3], [2, 1, 99]], dtype=torch.int32, device=dev)  # bad page ids
+    used = torch.tensor([200, 40], dtype=torch.int32, device=dev)   # more than 3 pages hold
+    cu2 = torch.tensor([0, 5, 10], dtype=torch.int32, device=dev)
+    out2 = torch.full_like(q, float("nan"))
+    fastattn.flash_attn_varlen_func(q, pages, pages, cu2, cu2, 5, 200, block_table=table,
+                                    seqused_k=used, out=out2)
+    torch.cuda.synchronize()
+    return out1, out2
+
+
 def cases():
     """(name, function, arguments after (rng, check))."""
     yield "dense fp16 d64 all options gqa4", dense, (F16, 2, 70, 130, 8, 2, 64, T.ALL)
@@ -116,6 +138,7 @@ def cases():
     yield "varlen csr page 5 last_page_len", varlen_csr, (B16, RAGGED_Q, RAGGED_K, 8, 2, 64, 5, "causal", "last_page_len")
     yield "varlen csr page 16 cu_seqlens_k d256", varlen_csr, (F16, RAGGED_Q, RAGGED_K, 8, 2, 256, 16, T.ALL, "cu_seqlens_k")
     yield "varlen csr page 256 seqused_k", varlen_csr, (F16, RAGGED_Q, RAGGED_K, 8, 8, 128, 256, "window", "seqused_k")
+    yield "inconsistent index tensors are clamped", inconsistent_indices, (F16,)
 
 
 def main():
