@@ -21,6 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+import fastattn  # noqa: E402
+
 import test_prefill as T  # noqa: E402  (its helpers; importing it runs no test)
 
 F16, B16 = torch.float16, torch.bfloat16
