@@ -37,29 +37,18 @@ __global__ void probs_kernel(const PrefillParams p) {
                              h * p.q_head_stride;
   const int qpos = r + sk - sq;
   const float slope = p.alibi ? p.alibi[b * p.alibi_batch_stride + h] : 0.0f;
-  const int* pages = seq.pages;
-  const std::int64_t k_start = seq.k_start;
+  const KvRows krows = kv_rows<false>(p, seq, b, kvh);
   for (int j = threadIdx.x; j < p.probs_cols; j += blockDim.x) {
     float out = 0.0f;
     const bool visible = r < sq && j < sk && lse != -INFINITY &&
                          (p.window_left < 0 || j >= qpos - p.window_left) &&
                          (p.window_right < 0 || j <= qpos + p.window_right);
     if (visible) {
-      std::int64_t k_off;
-      if (pages) {
-        const int page = pages[j / p.page_size];
-        k_off = (page >= 0 && page < p.num_pages)
-                    ? std::int64_t(page) * p.k_page_stride + std::int64_t(j % p.page_size) * p.k_row_stride
-                    : -1;
-      } else {
-        k_off = b * p.k_batch_stride + (k_start + j) * p.k_row_stride;
-      }
+      const std::int64_t k_off = krows.offset(p, j, p.k_row_stride, p.k_page_stride);
       float s = 0.0f;
-      if (k_off >= 0) {
-        k_off += kvh * p.k_head_stride;
+      if (k_off >= 0)
         for (int c = 0; c < p.head_dim; ++c)
-          s += load_elem(p.q, q_off + c, p.dtype) * load_elem(p.k, k_off + c, p.dtype);
-      }
+          s += load_elem(p.q, q_off + c, p.dtype) * load_elem(krows.ptr, k_off + c, p.dtype);
       s *= p.scale;
       if (p.softcap > 0.0f) s = p.softcap * tanhf(s / p.softcap);
       s -= slope * fabsf(float(qpos - j));

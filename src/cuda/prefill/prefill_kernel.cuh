@@ -222,6 +222,20 @@ __device__ __forceinline__ SeqInfo resolve_sequence(const PrefillParams& p, int 
   return s;
 }
 
+/// The key (kValues = false) or value rows of sequence b, kv head kvh.
+template <bool kValues>
+__device__ __forceinline__ KvRows kv_rows(const PrefillParams& p, const SeqInfo& seq, int b, int kvh) {
+  KvRows r;
+  r.len = seq.sk;
+  r.pages = seq.pages;
+  r.ptr = static_cast<const std::uint16_t*>(kValues ? p.v : p.k) +
+          kvh * (kValues ? p.v_head_stride : p.k_head_stride);
+  if (p.page_size == 0)
+    r.ptr += b * (kValues ? p.v_batch_stride : p.k_batch_stride) +
+             seq.k_start * (kValues ? p.v_row_stride : p.k_row_stride);
+  return r;
+}
+
 /// 2^x with the hardware approximation, flushing denormal results to zero (scores that far below
 /// the row max contribute nothing measurable); plain exp2f adds denormal handling per call.
 __device__ __forceinline__ float fast_exp2(float x) {
@@ -256,15 +270,8 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, PrefillConf
   const int m0 = m_block * BM;
   if (m0 >= sq) return;
   const int kvh = h / (p.heads_q / p.heads_kv);
-  KvRows krows, vrows;
-  krows.len = vrows.len = sk;
-  krows.ptr = static_cast<const std::uint16_t*>(p.k) + kvh * p.k_head_stride;
-  vrows.ptr = static_cast<const std::uint16_t*>(p.v) + kvh * p.v_head_stride;
-  krows.pages = vrows.pages = seq.pages;
-  if (p.page_size == 0) {
-    krows.ptr += b * p.k_batch_stride + seq.k_start * p.k_row_stride;
-    vrows.ptr += b * p.v_batch_stride + seq.k_start * p.v_row_stride;
-  }
+  const KvRows krows = kv_rows<false>(p, seq, b, kvh);
+  const KvRows vrows = kv_rows<true>(p, seq, b, kvh);
   const std::int64_t q_off = b * p.q_batch_stride + std::int64_t(q_start) * p.q_row_stride + h * p.q_head_stride;
   const float slope = p.alibi ? p.alibi[b * p.alibi_batch_stride + h] : 0.0f;
   const float scale_log2 = p.scale * kLog2e;
