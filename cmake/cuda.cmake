@@ -123,6 +123,11 @@ target_compile_options(fastattn_cuda PRIVATE
   $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr -Xcompiler=-Wall>
   $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra>)
 target_link_libraries(fastattn_cuda PRIVATE CUDA::cudart_static)
+# Source-line tables in the device code, for ncu's source view (profiling builds only).
+option(FASTATTN_CUDA_LINEINFO "Compile CUDA kernels with -lineinfo (for profiling)" OFF)
+if(FASTATTN_CUDA_LINEINFO)
+  target_compile_options(fastattn_cuda PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:-lineinfo>)
+endif()
 
 # The objects go into libfastattn.a itself, so the installed package has one library.
 target_sources(fastattn PRIVATE $<TARGET_OBJECTS:fastattn_cuda>)
