@@ -68,6 +68,9 @@ struct PrefillConfig {
   static constexpr int kKSteps = kHeadDim / 16;   // k16 steps of Q K^T
   static constexpr int kChunks = kHeadDim / 8;    // 16-byte chunks per row
   static constexpr int kSmemStride = kHeadDim + 8;  // halves per shared-memory row
+  // ldmatrix.x4 loads issued back to back before their MMAs: 4 when it divides both the key
+  // and the head_dim fragment counts (kBlockN / 16, kHeadDim / 16), else 2 (head_dim 32, 96).
+  static constexpr int kFragGroup = (kHeadDim / 16) % 4 == 0 && (kBlockN / 16) % 4 == 0 ? 4 : 2;
   static constexpr int kSmemBytes = (kBlockM + 4 * kBlockN) * kSmemStride * 2;  // Q + 2 x (K, V)
   // Two CTAs per SM (128 registers per thread) while the O accumulator is small enough.
   static constexpr int kMinBlocks = kHeadDim <= 128 ? 2 : 1;
@@ -258,6 +261,7 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, PrefillConf
     prefill_kernel(const __grid_constant__ PrefillParams p) {
   using Cfg = PrefillConfig<kHeadDim>;
   using Traits = ElementTraits<kDtype>;
+  constexpr int kFragGroup = Cfg::kFragGroup;
   constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, MT = Cfg::kMTiles, NT = Cfg::kNTiles,
                 DT = Cfg::kDTiles, SS = Cfg::kSmemStride;
   constexpr float kLog2e = 1.4426950408889634f;
@@ -349,22 +353,30 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, PrefillConf
         cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(sQ + row * SS + col),
                                       a[mt][0], a[mt][1], a[mt][2], a[mt][3]);
       }
+      // The ldmatrix and mma atoms are `asm volatile`, so they issue in source order: load a
+      // group of K fragments first, then run their MMAs, so only the first MMA of a group waits
+      // on shared memory.
 #pragma unroll
-      for (int np = 0; np < NT / 2; ++np) {  // two n8 tiles of keys per ldmatrix.x4
-        std::uint32_t bk[4];
-        const int key = np * 16 + (lane % 8) + ((lane / 8) / 2) * 8;
-        const int col = ks * 16 + ((lane / 8) % 2) * 8;
-        cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(sK + key * SS + col),
-                                      bk[0], bk[1], bk[2], bk[3]);
+      for (int np0 = 0; np0 < NT / 2; np0 += kFragGroup) {
+        std::uint32_t bk[kFragGroup][4];
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          float* c0 = acc_s[mt][2 * np];
-          float* c1 = acc_s[mt][2 * np + 1];
-          Traits::Mma::fma(c0[0], c0[1], c0[2], c0[3], a[mt][0], a[mt][1], a[mt][2], a[mt][3],
-                           bk[0], bk[1], c0[0], c0[1], c0[2], c0[3]);
-          Traits::Mma::fma(c1[0], c1[1], c1[2], c1[3], a[mt][0], a[mt][1], a[mt][2], a[mt][3],
-                           bk[2], bk[3], c1[0], c1[1], c1[2], c1[3]);
+        for (int i = 0; i < kFragGroup; ++i) {  // two n8 tiles of keys per ldmatrix.x4
+          const int key = (np0 + i) * 16 + (lane % 8) + ((lane / 8) / 2) * 8;
+          const int col = ks * 16 + ((lane / 8) % 2) * 8;
+          cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(sK + key * SS + col),
+                                        bk[i][0], bk[i][1], bk[i][2], bk[i][3]);
         }
+#pragma unroll
+        for (int i = 0; i < kFragGroup; ++i)
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            float* c0 = acc_s[mt][2 * (np0 + i)];
+            float* c1 = acc_s[mt][2 * (np0 + i) + 1];
+            Traits::Mma::fma(c0[0], c0[1], c0[2], c0[3], a[mt][0], a[mt][1], a[mt][2], a[mt][3],
+                             bk[i][0], bk[i][1], c0[0], c0[1], c0[2], c0[3]);
+            Traits::Mma::fma(c1[0], c1[1], c1[2], c1[3], a[mt][0], a[mt][1], a[mt][2], a[mt][3],
+                             bk[i][2], bk[i][3], c1[0], c1[1], c1[2], c1[3]);
+          }
       }
     }
 
@@ -442,21 +454,26 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, PrefillConf
         pa[mt][3] = Traits::pack(s1[2], s1[3]);
       }
 #pragma unroll
-      for (int dp = 0; dp < DT / 2; ++dp) {  // two n8 tiles of head_dim per ldmatrix.x4.trans
-        std::uint32_t bv[4];
-        const int key = kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
-        const int col = dp * 16 + ((lane / 8) / 2) * 8;
-        cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(sV + key * SS + col),
-                                      bv[0], bv[1], bv[2], bv[3]);
+      for (int dp0 = 0; dp0 < DT / 2; dp0 += kFragGroup) {  // fragments first, as above
+        std::uint32_t bv[kFragGroup][4];
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          float* o0 = acc_o[mt][2 * dp];
-          float* o1 = acc_o[mt][2 * dp + 1];
-          Traits::Mma::fma(o0[0], o0[1], o0[2], o0[3], pa[mt][0], pa[mt][1], pa[mt][2], pa[mt][3],
-                           bv[0], bv[1], o0[0], o0[1], o0[2], o0[3]);
-          Traits::Mma::fma(o1[0], o1[1], o1[2], o1[3], pa[mt][0], pa[mt][1], pa[mt][2], pa[mt][3],
-                           bv[2], bv[3], o1[0], o1[1], o1[2], o1[3]);
+        for (int i = 0; i < kFragGroup; ++i) {  // two n8 tiles of head_dim per ldmatrix.x4.trans
+          const int key = kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+          const int col = (dp0 + i) * 16 + ((lane / 8) / 2) * 8;
+          cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(sV + key * SS + col),
+                                        bv[i][0], bv[i][1], bv[i][2], bv[i][3]);
         }
+#pragma unroll
+        for (int i = 0; i < kFragGroup; ++i)
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            float* o0 = acc_o[mt][2 * (dp0 + i)];
+            float* o1 = acc_o[mt][2 * (dp0 + i) + 1];
+            Traits::Mma::fma(o0[0], o0[1], o0[2], o0[3], pa[mt][0], pa[mt][1], pa[mt][2], pa[mt][3],
+                             bv[i][0], bv[i][1], o0[0], o0[1], o0[2], o0[3]);
+            Traits::Mma::fma(o1[0], o1[1], o1[2], o1[3], pa[mt][0], pa[mt][1], pa[mt][2], pa[mt][3],
+                             bv[i][2], bv[i][3], o1[0], o1[1], o1[2], o1[3]);
+          }
       }
     }
     __syncthreads();  // every warp is done with this stage: refill it with tile n0 + 2 * BN
