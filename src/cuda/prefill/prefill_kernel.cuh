@@ -7,9 +7,9 @@
 //   mask, softcap, ALiBi, online softmax in registers (fp32, log2 domain)
 //   O += P V        P re-packed from the S accumulators into A fragments without leaving
 //                   registers; V through ldmatrix.trans
-// Tiles arrive by cp.async (16-byte chunks, zero-filled past the ends) into padded shared
-// memory rows (kHeadDim + 8 halves: the 16-byte skew makes every ldmatrix phase hit 8 distinct
-// 4-bank groups). K and V are double-buffered: the next tile streams in during the whole of the
+// Tiles arrive by cp.async (16-byte chunks, zero-filled past the ends) into shared memory rows
+// whose chunks are XOR-swizzled (padded for head_dim 32 and 96), so ldmatrix phases and row
+// stores are free of bank conflicts. K and V are double-buffered: the next tile streams in during the whole of the
 // current one.
 //
 // Fragment layout of m16n8k16 (g = lane / 4, t = lane % 4), used throughout:
@@ -67,7 +67,19 @@ struct PrefillConfig {
   static constexpr int kDTiles = kHeadDim / 8;    // n8 tiles of O per warp
   static constexpr int kKSteps = kHeadDim / 16;   // k16 steps of Q K^T
   static constexpr int kChunks = kHeadDim / 8;    // 16-byte chunks per row
-  static constexpr int kSmemStride = kHeadDim + 8;  // halves per shared-memory row
+  // Shared-memory rows: unpadded with the 16-byte chunks XOR-swizzled by the row's low 3 bits
+  // inside each 128-byte segment (cp.async row stores and 8-row ldmatrix phases both
+  // conflict-free), or padded by 16 bytes (ldmatrix conflict-free, row stores not). Measured on
+  // the H200 (bench/NOTES.md): swizzle +5% at d64 and d256, but -5% at d128, where the swizzle
+  // arithmetic pushed the 128-register kernel into more spills; 32 and 96 cannot swizzle whole
+  // 128-byte segments.
+  static constexpr bool kSwizzle = kHeadDim % 64 == 0 && kHeadDim != 128;
+  static constexpr int kSmemStride = kSwizzle ? kHeadDim : kHeadDim + 8;  // halves per row
+  /// Element offset of 16-byte chunk `chunk` of row `row`.
+  static __device__ __forceinline__ int smem_offset(int row, int chunk) {
+    const int phys = kSwizzle ? (chunk & ~7) | ((chunk ^ row) & 7) : chunk;
+    return row * kSmemStride + phys * 8;
+  }
   // ldmatrix.x4 loads issued back to back before their MMAs: 4 when it divides both the key
   // and the head_dim fragment counts (kBlockN / 16, kHeadDim / 16), else 2 (head_dim 32, 96).
   static constexpr int kFragGroup = (kHeadDim / 16) % 4 == 0 && (kBlockN / 16) % 4 == 0 ? 4 : 2;
@@ -131,7 +143,9 @@ __device__ __forceinline__ void load_tile_strided(std::uint16_t* smem, const std
   static_assert(kRows % kStep == 0, "tile rows must be a multiple of the copy row step");
   if (!m.active) return;
   const std::uint16_t* src = gmem + base + m.row0 * row_stride + m.ch * 8;
-  std::uint16_t* dst = smem + m.row0 * Cfg::kSmemStride + m.ch * 8;
+  // kStep is a multiple of 8, so every row this thread copies has the same swizzle.
+  static_assert(!Cfg::kSwizzle || kStep % 8 == 0, "swizzle phase must not change along a thread's rows");
+  std::uint16_t* dst = smem + Cfg::smem_offset(m.row0, m.ch);
   const std::int64_t src_step = kStep * row_stride;
 #pragma unroll
   for (int i = 0; i < kRows / kStep; ++i) {
@@ -153,7 +167,7 @@ __device__ __forceinline__ void load_tile_rowwise(std::uint16_t* smem, const Pre
     const int r = m.row0 + i * kStep;
     const std::int64_t off = kr.offset(p, n0 + r, row_stride, page_stride);
     const bool pred = m.in_dim && off >= 0;
-    cp_async_16(smem + r * Cfg::kSmemStride + m.ch * 8, pred ? kr.ptr + off + m.ch * 8 : kr.ptr, pred);
+    cp_async_16(smem + Cfg::smem_offset(r, m.ch), pred ? kr.ptr + off + m.ch * 8 : kr.ptr, pred);
   }
 }
 
@@ -349,8 +363,8 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, PrefillConf
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         const int row = warp_row0 + mt * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
-        const int col = ks * 16 + (lane / 16) * 8;
-        cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(sQ + row * SS + col),
+        const int chunk = ks * 2 + lane / 16;
+        cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(sQ + Cfg::smem_offset(row, chunk)),
                                       a[mt][0], a[mt][1], a[mt][2], a[mt][3]);
       }
       // The ldmatrix and mma atoms are `asm volatile`, so they issue in source order: load a
@@ -362,8 +376,8 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, PrefillConf
 #pragma unroll
         for (int i = 0; i < kFragGroup; ++i) {  // two n8 tiles of keys per ldmatrix.x4
           const int key = (np0 + i) * 16 + (lane % 8) + ((lane / 8) / 2) * 8;
-          const int col = ks * 16 + ((lane / 8) % 2) * 8;
-          cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(sK + key * SS + col),
+          const int chunk = ks * 2 + (lane / 8) % 2;
+          cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(sK + Cfg::smem_offset(key, chunk)),
                                         bk[i][0], bk[i][1], bk[i][2], bk[i][3]);
         }
 #pragma unroll
@@ -459,8 +473,8 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, PrefillConf
 #pragma unroll
         for (int i = 0; i < kFragGroup; ++i) {  // two n8 tiles of head_dim per ldmatrix.x4.trans
           const int key = kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
-          const int col = (dp0 + i) * 16 + ((lane / 8) / 2) * 8;
-          cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(sV + key * SS + col),
+          const int chunk = (dp0 + i) * 2 + (lane / 8) / 2;
+          cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(sV + Cfg::smem_offset(key, chunk)),
                                         bv[i][0], bv[i][1], bv[i][2], bv[i][3]);
         }
 #pragma unroll
