@@ -8,9 +8,8 @@
 //   O += P V        P re-packed from the S accumulators into A fragments without leaving
 //                   registers; V through ldmatrix.trans
 // Tiles arrive by cp.async (16-byte chunks, zero-filled past the ends) into shared memory rows
-// whose chunks are XOR-swizzled (padded for head_dim 32 and 96), so ldmatrix phases and row
-// stores are free of bank conflicts. K and V are double-buffered: the next tile streams in during the whole of the
-// current one.
+// that are XOR-swizzled or padded (PrefillConfig::kSwizzle), so ldmatrix phases hit no bank
+// conflicts. K and V are double-buffered: the next tile streams in during the whole current one.
 //
 // Fragment layout of m16n8k16 (g = lane / 4, t = lane % 4), used throughout:
 //   A (16x16): a0 (g, 2t..2t+1)  a1 (g+8, 2t..)  a2 (g, 2t+8..)  a3 (g+8, 2t+8..)
@@ -51,8 +50,9 @@ struct ElementTraits<Dtype::kBFloat16> {
   }
 };
 
-/// Tile shapes per head_dim. 4 warps (32 rows each) up to head_dim 128, 8 warps (16 rows each)
-/// above, so the O accumulator stays at 128 floats per thread; 64-key tiles.
+/// Tile shapes per head_dim: 128 query rows in 8 warps of 16 rows (O accumulator kHeadDim / 2
+/// floats per thread), 128-key tiles up to head_dim 64 and 64-key tiles above; two CTAs per SM up
+/// to head_dim 128 (measured best on the H200, bench/NOTES.md).
 template <int kHeadDim_>
 struct PrefillConfig {
   static constexpr int kHeadDim = kHeadDim_;
