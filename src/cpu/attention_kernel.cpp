@@ -436,7 +436,7 @@ void run_attention(const AttnProblem& p, void* workspace, int num_threads) {
       const std::int64_t chunk = split_chunk(s.seqlen_k, splits);
       const std::int64_t kb = std::min<std::int64_t>(s.seqlen_k, it.split * chunk);
       const std::int64_t ke = std::min<std::int64_t>(s.seqlen_k, kb + chunk);
-      run_item(p, it, kb, splits > 1 ? ke : s.seqlen_k, sc, ws_o, ws_lse, ws_rows);
+      run_item(p, it, kb, ke, sc, ws_o, ws_lse, ws_rows);  // one split: [0, seqlen_k)
     }
   }
   if (splits > 1) combine_splits(p, ws_o, ws_lse, ws_rows, nt);

@@ -23,17 +23,6 @@ int cuda_device_count();
 /// for. Never throws.
 bool cuda_backend_available(int device);
 
-/// Human-readable summary of `device` for diagnostics, e.g.
-/// "NVIDIA H200 (sm_90, 132 SMs, 139.8 GiB)", or the reason it is unavailable.
-/// Returns the number of characters written (snprintf semantics) into buf[0..buf_size).
-int cuda_device_description(int device, char* buf, std::size_t buf_size);
-
-/// Fills `count` 32-bit words at `dst` (device memory, 4-byte aligned) with `value`, on `stream`
-/// (a cudaStream_t passed as void*; nullptr = default stream). Asynchronous, no allocation, no
-/// host synchronisation: safe inside CUDA graph capture. Used to initialise split-KV workspaces
-/// (e.g. LSE partials to -inf). Throws fastattn::Error if the launch fails.
-void cuda_fill_u32(void* dst, std::size_t count, std::uint32_t value, void* stream);
-
 namespace cuda_prefill {
 /// Prefill on the GPU (fp16/bf16): dense batched attention. Arguments already validated by core.
 void attention_forward(check::ArgChecker& c, const AttentionArgs& args, const core::AttentionDims& d);

@@ -1,8 +1,6 @@
 // Runtime device queries behind fastattn::backend_available (see cuda_backend.h).
 #include <cuda_runtime_api.h>
 
-#include <cstdio>
-
 #include "cuda/cuda_backend.h"
 
 namespace fastattn {
@@ -57,22 +55,6 @@ bool cuda_backend_available(int device) {
   if (previous != device) (void)cudaSetDevice(previous);
   clear_last_error();
   return ok;
-}
-
-int cuda_device_description(int device, char* buf, std::size_t buf_size) {
-  const int count = cuda_device_count();
-  if (device < 0 || device >= count)
-    return std::snprintf(buf, buf_size, "cuda:%d not present (%d CUDA devices visible)", device,
-                         count);
-  cudaDeviceProp prop{};
-  if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) {
-    clear_last_error();
-    return std::snprintf(buf, buf_size, "cuda:%d: properties unavailable", device);
-  }
-  const double gib = double(prop.totalGlobalMem) / double(1ull << 30);
-  return std::snprintf(buf, buf_size, "%s (sm_%d%d, %d SMs, %.1f GiB)%s", prop.name, prop.major,
-                       prop.minor, prop.multiProcessorCount, gib,
-                       cuda_backend_available(device) ? "" : " [no fastattn kernels for it]");
 }
 
 }  // namespace fastattn
