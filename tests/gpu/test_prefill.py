@@ -1076,3 +1076,21 @@ def test_inconsistent_index_tensors_stay_in_bounds():
     for out in sanitize_prefill.inconsistent_indices(None, False, torch.float16):
         assert torch.isfinite(out).all()
 
+
+
+# ---- the sm80 mma.sync kernel where the sm_90a kernel would run -------------------------------
+# On an H200 head_dim 64 / 128 / 256 (and the sizes rounding up to them) go to the wgmma kernel;
+# FASTATTN_PREFILL_KERNEL=sm80 forces the mma.sync kernel that sm_80 GPUs run for them, so both
+# stay covered on one machine.
+@pytest.mark.parametrize("d", [64, 128, 256], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sm80_kernel_forced(monkeypatch, seed, dtype, d):
+    monkeypatch.setenv("FASTATTN_PREFILL_KERNEL", "sm80")
+    test_head_dims(seed, dtype, d, True)
+    test_head_dims(seed, dtype, d, False)
+
+
+@pytest.mark.parametrize("page_size", [5, 16, 256], ids=lambda p: f"page{p}")
+def test_sm80_kernel_forced_paged(monkeypatch, seed, page_size):
+    monkeypatch.setenv("FASTATTN_PREFILL_KERNEL", "sm80")
+    test_varlen_paged_block_table(seed, torch.bfloat16, page_size, ALL, "seqused_k")

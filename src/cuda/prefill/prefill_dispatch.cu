@@ -1,9 +1,14 @@
-// Host entry of the CUDA prefill: picks the compiled head_dim (the next of 32, 64, 96, 128, 192,
-// 256) and dtype, launches the attention kernel, then the two small helper kernels: the
-// softmax-matrix pass (return_attn_probs, a testing aid) and the clearing of varlen padding rows.
+// Host entry of the CUDA prefill: picks the kernel (the sm_90a wgmma kernel on compute capability
+// 9.0 for head_dim 64 / 128 / 256 and the sizes rounding up to them, else the sm80 mma.sync one),
+// the compiled head_dim (the next of 32, 64, 96, 128, 192, 256) and dtype, launches the attention
+// kernel, then the two small helper kernels: the softmax-matrix pass (return_attn_probs, a testing
+// aid) and the clearing of varlen padding rows.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
+
+#include <cstdlib>
+#include <cstring>
 
 #include "cuda/common/cuda_check.h"
 #include "cuda/prefill/prefill_kernel.cuh"
@@ -14,6 +19,8 @@ namespace fastattn::cuda_prefill {
 
 template <int kHeadDim, Dtype kDtype>
 void launch_prefill(const PrefillParams& p, cudaStream_t stream);
+template <int kHeadDim, Dtype kDtype>
+void launch_prefill_sm90(const PrefillParams& p, cudaStream_t stream);
 
 namespace {
 
@@ -71,9 +78,27 @@ __global__ void clear_padding_rows_kernel(const PrefillParams p) {
     }
 }
 
+/// True when the current device runs the sm_90a cubins (compute capability exactly 9.0) and the
+/// environment does not ask for the sm80 kernel (FASTATTN_PREFILL_KERNEL=sm80, for comparisons
+/// and tests). Device attributes are not stream operations: fine during graph capture.
+bool use_sm90_kernel() {
+  const char* forced = std::getenv("FASTATTN_PREFILL_KERNEL");
+  if (forced && std::strcmp(forced, "sm80") == 0) return false;
+  int device = 0, major = 0, minor = 0;
+  FASTATTN_CUDA_CHECK(cudaGetDevice(&device));
+  FASTATTN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  FASTATTN_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return major == 9 && minor == 0;
+}
+
 template <Dtype kDtype>
 void launch_for_dtype(const PrefillParams& p, cudaStream_t s) {
   const int d = p.head_dim;
+  if (use_sm90_kernel()) {
+    if (d > 32 && d <= 64) return launch_prefill_sm90<64, kDtype>(p, s);
+    if (d > 96 && d <= 128) return launch_prefill_sm90<128, kDtype>(p, s);
+    if (d > 192) return launch_prefill_sm90<256, kDtype>(p, s);
+  }
   if (d <= 32) return launch_prefill<32, kDtype>(p, s);
   if (d <= 64) return launch_prefill<64, kDtype>(p, s);
   if (d <= 96) return launch_prefill<96, kDtype>(p, s);

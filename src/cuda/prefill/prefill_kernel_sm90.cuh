@@ -1,0 +1,320 @@
+// The Hopper prefill kernel (sm_90a): the same algorithm and semantics as prefill_kernel.cuh, with
+// the two matrix products on warpgroup MMAs (wgmma) instead of per-warp mma.sync.
+//
+// One CTA computes kBlockM = 128 query rows of one (sequence, query head) with two warpgroups of
+// 64 rows each. For every key tile of kBlockN keys:
+//   S = Q K^T   wgmma, both operands straight from shared memory (no ldmatrix)
+//   mask, softcap, ALiBi, online softmax on the S accumulators (fp32, log2 domain), exactly as
+//               the sm80 kernel does
+//   O += P V    wgmma with P from registers (the S accumulators repacked to fp16/bf16) and V
+//               from shared memory
+// The two warpgroups run their wgmmas independently between the per-tile barriers, so one's
+// softmax overlaps the other's tensor work.
+//
+// Shared memory uses the 128-byte-swizzled layouts wgmma reads (CuTe's GMMA layout atoms): each
+// tile is stored as head_dim / 64 column blocks of [rows x 64] elements, 128 bytes per row, the
+// 16-byte chunks of row r XOR-ed with r % 8. K and V keep this layout in both roles (V is the
+// head_dim-major B operand of P V). Tiles arrive by cp.async like in the sm80 kernel (so every
+// dense / varlen / paged addressing mode is shared), and a proxy fence makes them visible to
+// wgmma, which reads shared memory through the async proxy.
+//
+// Accumulator layout (per thread, verified against CuTe's TV layouts): value i of a 64 x N
+// accumulator of warpgroup wg lies at row 64 wg + 16 (warp % 4) + lane / 4 + 8 ((i / 2) % 2) and
+// column 8 (i / 4) + 2 (lane % 4) + i % 2: the mma.sync C layout repeated along N. The A-register
+// operand of P V has the same order, so P is the S accumulator converted in place.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cute/arch/mma_sm90.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cute/tensor.hpp>
+
+#include "cuda/common/cuda_check.h"
+#include "cuda/prefill/prefill_kernel.cuh"
+
+namespace fastattn::cuda_prefill {
+
+/// Shared-memory tile of kRows rows in the 128-byte-swizzled GMMA layout, described for the
+/// cp.async loaders of prefill_kernel.cuh (they only need a chunk's offset and the row step).
+template <int kRows, int kHeadDim_, int kThreads_>
+struct GmmaSmemTile {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kThreads = kThreads_;
+  static constexpr int kBlockN = kRows;
+  static constexpr int kChunks = kHeadDim / 8;
+  static constexpr bool kSwizzle = true;
+  static constexpr int kSmemStride = 64;  // elements between rows inside a column block
+  static __device__ __forceinline__ int smem_offset(int row, int chunk) {
+    return (chunk / 8) * (kRows * 64) + row * 64 + ((chunk ^ row) & 7) * 8;
+  }
+  static_assert(kHeadDim % 64 == 0, "GMMA 128-byte swizzle needs head_dim in whole 64-element blocks");
+};
+
+template <int kHeadDim_, Dtype kDtype>
+struct PrefillSm90Config {
+  static constexpr int kHeadDim = kHeadDim_;
+  using Element = std::conditional_t<kDtype == Dtype::kFloat16, cute::half_t, cute::bfloat16_t>;
+  static constexpr int kWarpGroups = 2;
+  static constexpr int kThreads = kWarpGroups * 128;
+  static constexpr int kBlockM = 64 * kWarpGroups;
+  // Registers per thread: S is kBlockN / 2 floats, O kHeadDim / 2; 128-key tiles while both fit.
+  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;
+  // K/V tiles in shared memory: tile j + kStages - 1 streams in while tile j is computed. Short
+  // tiles (head_dim <= 128) need three to cover the load latency; 256 only has room for two.
+  static constexpr int kStages = kHeadDim <= 128 ? 3 : 2;
+
+  using BM = cute::Int<kBlockM>;
+  using BN = cute::Int<kBlockN>;
+  using D = cute::Int<kHeadDim>;
+  using AtomLayout = cute::Layout<cute::Shape<cute::Int<kWarpGroups>, cute::_1, cute::_1>>;
+  // S (64 x BN per warpgroup) = Q (64 x D, K-major) K^T (BN x D, K-major).
+  using TiledMmaQK = decltype(cute::make_tiled_mma(
+      cute::SM90::GMMA::ss_op_selector<Element, Element, float, cute::Shape<cute::_64, BN, D>>(), AtomLayout{}));
+  // O (64 x D) += P (64 x BN, registers) V (D x BN viewed from V's [key][d] rows: MN-major).
+  using TiledMmaPV = decltype(cute::make_tiled_mma(
+      cute::SM90::GMMA::rs_op_selector<Element, Element, float, cute::Shape<cute::_64, D, BN>,
+                                       cute::GMMA::Major::K, cute::GMMA::Major::MN>(),
+      AtomLayout{}));
+
+  using SmemLayoutQ = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<Element>{},
+                                                   cute::Shape<BM, D>{}));
+  using SmemLayoutK = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<Element>{},
+                                                   cute::Shape<BN, D, cute::Int<kStages>>{}));
+  // Keys fastest, then head_dim blocks: the same bytes as SmemLayoutK, seen as (D, BN, stage).
+  using SmemLayoutVt = decltype(cute::tile_to_shape(cute::GMMA::Layout_MN_SW128_Atom<Element>{},
+                                                    cute::Shape<D, BN, cute::Int<kStages>>{},
+                                                    cute::Step<cute::_2, cute::_1, cute::_3>{}));
+
+  using QTile = GmmaSmemTile<kBlockM, kHeadDim, kThreads>;
+  using KVTile = GmmaSmemTile<kBlockN, kHeadDim, kThreads>;
+  static constexpr int kQElems = kBlockM * kHeadDim;
+  static constexpr int kKVElems = kBlockN * kHeadDim;  // one stage of K (or V)
+  static constexpr int kSmemBytes = (kQElems + 2 * kStages * kKVElems) * 2;
+};
+
+/// wgmma reads shared memory through the async proxy: make the generic-proxy (cp.async) writes
+/// visible to it. Each thread fences its own writes before the barrier that publishes them.
+__device__ __forceinline__ void fence_smem_for_async_proxy() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+template <int kHeadDim, Dtype kDtype>
+__global__ void __launch_bounds__(PrefillSm90Config<kHeadDim, kDtype>::kThreads, 1)
+    prefill_kernel_sm90(const __grid_constant__ PrefillParams p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace cute;
+  using Cfg = PrefillSm90Config<kHeadDim, kDtype>;
+  using Traits = ElementTraits<kDtype>;
+  using Element = typename Cfg::Element;
+  using QTile = typename Cfg::QTile;
+  using KVTile = typename Cfg::KVTile;
+  constexpr int kBM = Cfg::kBlockM, kBN = Cfg::kBlockN;
+  constexpr float kLog2e = 1.4426950408889634f;
+
+  // ---- the CTA's sequence, resolved once (as in the sm80 kernel) ------------------------------
+  const int b = blockIdx.z, h = blockIdx.y;
+  const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest (causal) blocks first
+  const SeqInfo seq = resolve_sequence(p, b);
+  const int q_start = seq.q_start, sq = seq.sq, sk = seq.sk;
+  const int m0 = m_block * kBM;
+  if (m0 >= sq) return;
+  const int kvh = h / (p.heads_q / p.heads_kv);
+  const KvRows krows = kv_rows<false>(p, seq, b, kvh);
+  const KvRows vrows = kv_rows<true>(p, seq, b, kvh);
+  const std::int64_t q_off = b * p.q_batch_stride + std::int64_t(q_start) * p.q_row_stride + h * p.q_head_stride;
+  const float slope = p.alibi ? p.alibi[b * p.alibi_batch_stride + h] : 0.0f;
+  const float scale_log2 = p.scale * kLog2e;
+  const bool has_mods = p.softcap > 0.0f || slope != 0.0f || !(p.scale > 0.0f);
+
+  const int q_pos0 = sk - sq;
+  const int m_last = min(m0 + kBM, sq) - 1;
+  int n_lo = 0, n_hi = sk;
+  if (p.window_left >= 0) n_lo = max(0, q_pos0 + m0 - p.window_left);
+  if (p.window_right >= 0) n_hi = min(sk, q_pos0 + m_last + p.window_right + 1);
+  const int n_first = n_lo / kBN * kBN;
+
+  // ---- shared memory: Q, then K and V with kStages tiles each (all 1024-byte aligned) ---------
+  extern __shared__ __align__(1024) std::uint8_t smem_raw[];
+  auto* smem = reinterpret_cast<std::uint16_t*>(smem_raw);
+  std::uint16_t* sQ_ptr = smem;
+  std::uint16_t* sK_ptr = sQ_ptr + Cfg::kQElems;
+  std::uint16_t* sV_ptr = sK_ptr + Cfg::kStages * Cfg::kKVElems;
+  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(sQ_ptr)), typename Cfg::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(sK_ptr)), typename Cfg::SmemLayoutK{});
+  Tensor sVt = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(sV_ptr)), typename Cfg::SmemLayoutVt{});
+
+  typename Cfg::TiledMmaQK mma_qk;
+  typename Cfg::TiledMmaPV mma_pv;
+  auto thr_qk = mma_qk.get_thread_slice(threadIdx.x);
+  auto thr_pv = mma_pv.get_thread_slice(threadIdx.x);
+  Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // descriptors (MMA, 1, D/16)
+  Tensor tSrK = thr_qk.partition_fragment_B(sK);   // descriptors (MMA, 1, D/16, stage)
+  Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // descriptors (MMA, 1, BN/16, stage)
+  Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kBM>, Int<kBN>>{});            // BN/2 floats
+  Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<kBM>, Int<kHeadDim>>{});       // D/2 floats
+  Tensor tOrP = make_tensor<Element>(partition_shape_A(mma_pv, Shape<Int<kBM>, Int<kBN>>{}));
+  Tensor tOrP32 = recast<std::uint32_t>(tOrP);
+  constexpr int kSVals = decltype(size(tSrS))::value;
+  constexpr int kOVals = decltype(size(tOrO))::value;
+  static_assert(kSVals == kBN / 2 && kOVals == kHeadDim / 2, "one warpgroup's 64 rows per thread set");
+
+  const int lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int row_base = (threadIdx.x / 128) * 64 + ((threadIdx.x / 32) % 4) * 16 + g;  // + 8 hr
+
+  clear(tOrO);
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+
+  // ---- prologue: Q with the first K/V tile (one cp.async group), then one group per further stage
+  const CopyMap<KVTile> cmap(p.head_dim);
+  const CopyMap<QTile> qmap(p.head_dim);
+  auto load_stage = [&](int n0, int stage) {
+    load_kv_tile<KVTile>(sK_ptr + stage * Cfg::kKVElems, p, krows, n0, p.k_row_stride, p.k_page_stride, cmap);
+    load_kv_tile<KVTile>(sV_ptr + stage * Cfg::kKVElems, p, vrows, n0, p.v_row_stride, p.v_page_stride, cmap);
+  };
+  load_tile_strided<QTile, kBM>(sQ_ptr, static_cast<const std::uint16_t*>(p.q),
+                                q_off + std::int64_t(m0) * p.q_row_stride, p.q_row_stride, sq - m0, qmap);
+  CUTE_UNROLL
+  for (int st = 0; st < Cfg::kStages - 1; ++st) {
+    if (n_first + st * kBN < n_hi) load_stage(n_first + st * kBN, st);
+    cp_async_fence();
+  }
+
+  int stage = 0;
+  for (int n0 = n_first; n0 < n_hi; n0 += kBN, stage = stage + 1 == Cfg::kStages ? 0 : stage + 1) {
+    // This tile's group (and Q) landed; the later tiles' groups may still be in flight. Then the
+    // stage the previous iteration finished with is refilled with tile n0 + (kStages - 1) BN.
+    cp_async_wait<Cfg::kStages - 2>();
+    fence_smem_for_async_proxy();
+    __syncthreads();
+    {
+      const int refill = n0 + (Cfg::kStages - 1) * kBN;
+      const int refill_stage = stage == 0 ? Cfg::kStages - 1 : stage - 1;
+      if (refill < n_hi) load_stage(refill, refill_stage);
+      cp_async_fence();  // one group per iteration, so the wait above stays exact
+    }
+
+    // S = Q K^T (asynchronous; the warpgroup waits for its own result).
+    warpgroup_fence_operand(tSrS);
+    warpgroup_arrive();
+    mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+      gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb, stage), tSrS);
+      mma_qk.accumulate_ = GMMA::ScaleOut::One;
+    }
+    warpgroup_commit_batch();
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tSrS);
+
+    // Scores -> probabilities and the online-softmax update: the sm80 kernel's two paths.
+    const bool tile_needs_mask =
+        n0 + kBN > sk || n0 < n_lo ||
+        (p.window_left >= 0 && n0 < q_pos0 + m_last - p.window_left) ||
+        (p.window_right >= 0 && n0 + kBN - 1 > q_pos0 + m0 + p.window_right);
+    const bool plain_tile = !tile_needs_mask && !has_mods;
+    CUTE_UNROLL
+    for (int hr = 0; hr < 2; ++hr) {
+      float tile_max = -INFINITY;
+      if (plain_tile) {
+        CUTE_UNROLL
+        for (int nt = 0; nt < kBN / 8; ++nt)
+          tile_max = fmaxf(tile_max, fmaxf(tSrS(nt * 4 + hr * 2), tSrS(nt * 4 + hr * 2 + 1)));
+        tile_max = quad_max(tile_max) * scale_log2;
+      } else {
+        const int r = m0 + row_base + hr * 8;
+        const int qpos = q_pos0 + r;
+        CUTE_UNROLL
+        for (int nt = 0; nt < kBN / 8; ++nt)
+          CUTE_UNROLL
+          for (int e = 0; e < 2; ++e) {
+            const int j = n0 + nt * 8 + 2 * t + e;
+            float s = tSrS(nt * 4 + hr * 2 + e) * p.scale;
+            if (p.softcap > 0.0f) s = p.softcap * tanhf(s / p.softcap);
+            s -= slope * fabsf(float(qpos - j));
+            const bool visible = j < sk && (p.window_left < 0 || j >= qpos - p.window_left) &&
+                                 (p.window_right < 0 || j <= qpos + p.window_right);
+            s = visible ? s * kLog2e : -INFINITY;
+            tSrS(nt * 4 + hr * 2 + e) = s;
+            tile_max = fmaxf(tile_max, s);
+          }
+        tile_max = quad_max(tile_max);
+      }
+      const float m_new = fmaxf(row_max[hr], tile_max);
+      const float factor = m_new == -INFINITY ? 1.0f : fast_exp2(row_max[hr] - m_new);
+      row_max[hr] = m_new;
+      row_sum[hr] *= factor;
+      CUTE_UNROLL
+      for (int dt = 0; dt < kHeadDim / 8; ++dt) {
+        tOrO(dt * 4 + hr * 2) *= factor;
+        tOrO(dt * 4 + hr * 2 + 1) *= factor;
+      }
+      const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+      const float mul = plain_tile ? scale_log2 : 1.0f;  // plain scores are still raw q·k
+      CUTE_UNROLL
+      for (int nt = 0; nt < kBN / 8; ++nt)
+        CUTE_UNROLL
+        for (int e = 0; e < 2; ++e) {
+          const float pv = fast_exp2(fmaf(tSrS(nt * 4 + hr * 2 + e), mul, -m_use));
+          tSrS(nt * 4 + hr * 2 + e) = pv;
+          row_sum[hr] += pv;
+        }
+    }
+    CUTE_UNROLL
+    for (int i = 0; i < kSVals / 2; ++i) tOrP32(i) = Traits::pack(tSrS(2 * i), tSrS(2 * i + 1));
+
+    // O += P V.
+    warpgroup_fence_operand(tOrO);
+    warpgroup_arrive();
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(tOrP); ++kb) gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb, stage), tOrO);
+    warpgroup_commit_batch();
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tOrO);
+  }
+
+  // ---- epilogue: normalise, write O (and LSE) ------------------------------------------------
+  auto* go = static_cast<std::uint16_t*>(p.out) + b * p.out_batch_stride +
+             std::int64_t(q_start) * p.out_row_stride + h * p.out_head_stride;
+  constexpr float kLn2 = 0.6931471805599453f;
+  CUTE_UNROLL
+  for (int hr = 0; hr < 2; ++hr) {
+    const int r = m0 + row_base + hr * 8;
+    const float sum = quad_sum(row_sum[hr]);
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    if (r >= sq) continue;
+    std::uint16_t* orow = go + std::int64_t(r) * p.out_row_stride;
+    CUTE_UNROLL
+    for (int dt = 0; dt < kHeadDim / 8; ++dt) {
+      const int col = dt * 8 + 2 * t;
+      if (col < p.head_dim)
+        *reinterpret_cast<std::uint32_t*>(orow + col) =
+            Traits::pack(tOrO(dt * 4 + hr * 2) * inv, tOrO(dt * 4 + hr * 2 + 1) * inv);
+    }
+    if (p.lse && t == 0)
+      p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + std::int64_t(q_start + r) * p.lse_row_stride] =
+          sum > 0.0f ? (row_max[hr] + __log2f(sum)) * kLn2 : -INFINITY;
+  }
+#else
+  __trap();  // compiled for another architecture: the host only launches this on sm_90a
+#endif
+}
+
+template <int kHeadDim, Dtype kDtype>
+void launch_prefill_sm90(const PrefillParams& p, cudaStream_t stream) {
+  using Cfg = PrefillSm90Config<kHeadDim, kDtype>;
+  auto* kernel = &prefill_kernel_sm90<kHeadDim, kDtype>;
+  static const cudaError_t attr_status =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  FASTATTN_CUDA_CHECK(attr_status);
+  const dim3 grid((p.max_seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM, p.heads_q, p.batch);
+  if (grid.x == 0 || grid.z == 0) return;
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+  FASTATTN_CUDA_CHECK_LAUNCH();
+}
+
+#define FASTATTN_INSTANTIATE_PREFILL_SM90(D, T) \
+  template void launch_prefill_sm90<D, T>(const PrefillParams&, cudaStream_t);
+
+}  // namespace fastattn::cuda_prefill
