@@ -1,8 +1,8 @@
 // The Hopper prefill kernel (sm_90a): the same algorithm and semantics as prefill_kernel.cuh, with
 // the two matrix products on warpgroup MMAs (wgmma) instead of per-warp mma.sync.
 //
-// One CTA computes kBlockM = 128 query rows of one (sequence, query head) with two warpgroups of
-// 64 rows each. For every key tile of kBlockN keys:
+// One CTA computes kBlockM query rows of one (sequence, query head) with two or three warpgroups
+// of 64 rows each. For every key tile of kBlockN keys:
 //   S = Q K^T   wgmma, both operands straight from shared memory (no ldmatrix)
 //   mask, softcap, ALiBi, online softmax on the S accumulators (fp32, log2 domain), exactly as
 //               the sm80 kernel does
@@ -55,7 +55,9 @@ template <int kHeadDim_, Dtype kDtype>
 struct PrefillSm90Config {
   static constexpr int kHeadDim = kHeadDim_;
   using Element = std::conditional_t<kDtype == Dtype::kFloat16, cute::half_t, cute::bfloat16_t>;
-  static constexpr int kWarpGroups = 2;
+  // Three warpgroups at head_dim 64, where softmax costs the most per MMA: while one warpgroup
+  // exponentiates, two others keep the tensor cores busy (fits the 168 registers of 384 threads).
+  static constexpr int kWarpGroups = kHeadDim <= 64 ? 3 : 2;
   static constexpr int kThreads = kWarpGroups * 128;
   static constexpr int kBlockM = 64 * kWarpGroups;
   // Registers per thread: S is kBlockN / 2 floats, O kHeadDim / 2; 128-key tiles while both fit.
@@ -208,16 +210,34 @@ __global__ void __launch_bounds__(PrefillSm90Config<kHeadDim, kDtype>::kThreads,
     warpgroup_wait<0>();
     warpgroup_fence_operand(tSrS);
 
-    // Scores -> probabilities and the online-softmax update: the sm80 kernel's two paths.
+    // Scores -> probabilities and the online-softmax update. Without softcap / ALiBi the raw
+    // scores stay unscaled (the scale folds into the exponent: one FFMA + EX2 per score) and a
+    // tile crossing the causal diagonal, the window or the sequence end only sets its hidden
+    // scores to -inf; with them, the general path rewrites each score (log2 domain). The branches
+    // are uniform across the CTA.
     const bool tile_needs_mask =
         n0 + kBN > sk || n0 < n_lo ||
         (p.window_left >= 0 && n0 < q_pos0 + m_last - p.window_left) ||
         (p.window_right >= 0 && n0 + kBN - 1 > q_pos0 + m0 + p.window_right);
-    const bool plain_tile = !tile_needs_mask && !has_mods;
+    const bool plain_tile = !has_mods;
     CUTE_UNROLL
     for (int hr = 0; hr < 2; ++hr) {
       float tile_max = -INFINITY;
       if (plain_tile) {
+        if (tile_needs_mask) {
+          // Visible keys of this row: [lo, hi], as offsets from this thread's first column.
+          const int qpos = q_pos0 + m0 + row_base + hr * 8;
+          const int first_col = n0 + 2 * t;
+          const int lo = (p.window_left >= 0 ? qpos - p.window_left : 0) - first_col;
+          const int hi = min(sk - 1, p.window_right >= 0 ? qpos + p.window_right : sk - 1) - first_col;
+          CUTE_UNROLL
+          for (int nt = 0; nt < kBN / 8; ++nt)
+            CUTE_UNROLL
+            for (int e = 0; e < 2; ++e) {
+              const int c = nt * 8 + e;
+              if (c < lo || c > hi) tSrS(nt * 4 + hr * 2 + e) = -INFINITY;
+            }
+        }
         CUTE_UNROLL
         for (int nt = 0; nt < kBN / 8; ++nt)
           tile_max = fmaxf(tile_max, fmaxf(tSrS(nt * 4 + hr * 2), tSrS(nt * 4 + hr * 2 + 1)));
