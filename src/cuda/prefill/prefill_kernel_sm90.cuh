@@ -168,48 +168,52 @@ __global__ void __launch_bounds__(PrefillSm90Config<kHeadDim, kDtype>::kThreads,
   clear(tOrO);
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
 
-  // ---- prologue: Q with the first K/V tile (one cp.async group), then one group per further stage
+  // ---- the pipeline ----------------------------------------------------------------------------
+  // Iteration i computes S_i = Q K_i and its softmax while the tensor cores run O += P_{i-1}
+  // V_{i-1} (FlashAttention-3's intra-warpgroup overlap), so it needs K_i and V_{i-1}: cp.async
+  // group i holds exactly those (V one tile behind K) and lands in K stage i % kStages and V stage
+  // (i - 1) % kStages. Iteration num_tiles only adds the last P V. Group 0 also carries Q.
+  const int num_tiles = n_first < n_hi ? (n_hi - n_first + kBN - 1) / kBN : 0;
   const CopyMap<KVTile> cmap(p.head_dim);
   const CopyMap<QTile> qmap(p.head_dim);
-  auto load_stage = [&](int n0, int stage) {
-    load_kv_tile<KVTile>(sK_ptr + stage * Cfg::kKVElems, p, krows, n0, p.k_row_stride, p.k_page_stride, cmap);
-    load_kv_tile<KVTile>(sV_ptr + stage * Cfg::kKVElems, p, vrows, n0, p.v_row_stride, p.v_page_stride, cmap);
+  auto load_group = [&](int i) {
+    if (i < num_tiles)
+      load_kv_tile<KVTile>(sK_ptr + (i % Cfg::kStages) * Cfg::kKVElems, p, krows, n_first + i * kBN,
+                           p.k_row_stride, p.k_page_stride, cmap);
+    if (i >= 1 && i <= num_tiles)
+      load_kv_tile<KVTile>(sV_ptr + ((i - 1) % Cfg::kStages) * Cfg::kKVElems, p, vrows,
+                           n_first + (i - 1) * kBN, p.v_row_stride, p.v_page_stride, cmap);
+    cp_async_fence();  // one group per index, empty or not, so the waits below stay exact
   };
   load_tile_strided<QTile, kBM>(sQ_ptr, static_cast<const std::uint16_t*>(p.q),
                                 q_off + std::int64_t(m0) * p.q_row_stride, p.q_row_stride, sq - m0, qmap);
   CUTE_UNROLL
-  for (int st = 0; st < Cfg::kStages - 1; ++st) {
-    if (n_first + st * kBN < n_hi) load_stage(n_first + st * kBN, st);
-    cp_async_fence();
-  }
+  for (int i = 0; i < Cfg::kStages - 1; ++i) load_group(i);
 
-  int stage = 0;
-  for (int n0 = n_first; n0 < n_hi; n0 += kBN, stage = stage + 1 == Cfg::kStages ? 0 : stage + 1) {
-    // This tile's group (and Q) landed; the later tiles' groups may still be in flight. Then the
-    // stage the previous iteration finished with is refilled with tile n0 + (kStages - 1) BN.
-    cp_async_wait<Cfg::kStages - 2>();
+  // Iteration pieces. Each takes the barrier of its group, which publishes the group's copies to
+  // wgmma and frees the stages group i + kStages - 1 refills.
+  auto await_group = [&](int i) {
+    cp_async_wait<Cfg::kStages - 2>();  // group i (and Q) landed; later ones may be in flight
     fence_smem_for_async_proxy();
     __syncthreads();
-    {
-      const int refill = n0 + (Cfg::kStages - 1) * kBN;
-      const int refill_stage = stage == 0 ? Cfg::kStages - 1 : stage - 1;
-      if (refill < n_hi) load_stage(refill, refill_stage);
-      cp_async_fence();  // one group per iteration, so the wait above stays exact
-    }
-
-    // S = Q K^T (asynchronous; the warpgroup waits for its own result).
-    warpgroup_fence_operand(tSrS);
-    warpgroup_arrive();
+    load_group(i + Cfg::kStages - 1);
+  };
+  auto issue_qk = [&](int k_stage) {  // S = Q K (one wgmma batch)
     mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
     CUTE_UNROLL
     for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
-      gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb, stage), tSrS);
+      gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb, k_stage), tSrS);
       mma_qk.accumulate_ = GMMA::ScaleOut::One;
     }
     warpgroup_commit_batch();
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(tSrS);
-
+  };
+  auto issue_pv = [&](int v_stage) {  // O += P V (one wgmma batch)
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(tOrP); ++kb) gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb, v_stage), tOrO);
+    warpgroup_commit_batch();
+  };
+  float o_factor[2];
+  auto softmax_tile = [&](int n0) {
     // Scores -> probabilities and the online-softmax update. Without softcap / ALiBi the raw
     // scores stay unscaled (the scale folds into the exponent: one FFMA + EX2 per score) and a
     // tile crossing the causal diagonal, the window or the sequence end only sets its hidden
@@ -265,11 +269,7 @@ __global__ void __launch_bounds__(PrefillSm90Config<kHeadDim, kDtype>::kThreads,
       const float factor = m_new == -INFINITY ? 1.0f : fast_exp2(row_max[hr] - m_new);
       row_max[hr] = m_new;
       row_sum[hr] *= factor;
-      CUTE_UNROLL
-      for (int dt = 0; dt < kHeadDim / 8; ++dt) {
-        tOrO(dt * 4 + hr * 2) *= factor;
-        tOrO(dt * 4 + hr * 2 + 1) *= factor;
-      }
+      o_factor[hr] = factor;  // O is rescaled once the pending P V has landed in it
       const float m_use = m_new == -INFINITY ? 0.0f : m_new;
       const float mul = plain_tile ? scale_log2 : 1.0f;  // plain scores are still raw q·k
       CUTE_UNROLL
@@ -281,15 +281,45 @@ __global__ void __launch_bounds__(PrefillSm90Config<kHeadDim, kDtype>::kThreads,
           row_sum[hr] += pv;
         }
     }
+  };
+  auto scores_to_p = [&]() {
     CUTE_UNROLL
-    for (int i = 0; i < kSVals / 2; ++i) tOrP32(i) = Traits::pack(tSrS(2 * i), tSrS(2 * i + 1));
+    for (int j = 0; j < kSVals / 2; ++j) tOrP32(j) = Traits::pack(tSrS(2 * j), tSrS(2 * j + 1));
+  };
 
-    // O += P V.
+  if (num_tiles > 0) {
+    // Tile 0: S_0 and its softmax alone (O is still zero).
+    await_group(0);
+    warpgroup_fence_operand(tSrS);
+    warpgroup_arrive();
+    issue_qk(0);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tSrS);
+    softmax_tile(n_first);
+    scores_to_p();
+    // Tiles 1 ..: S_i = Q K_i and O += P_{i-1} V_{i-1} in flight together; the softmax of S_i
+    // runs while the tensor cores finish P V.
+    for (int i = 1; i < num_tiles; ++i) {
+      await_group(i);
+      warpgroup_fence_operand(tSrS);
+      warpgroup_fence_operand(tOrO);
+      warpgroup_arrive();
+      issue_qk(i % Cfg::kStages);
+      issue_pv((i - 1) % Cfg::kStages);
+      warpgroup_wait<1>();  // S_i ready
+      warpgroup_fence_operand(tSrS);
+      softmax_tile(n_first + i * kBN);
+      warpgroup_wait<0>();  // P_{i-1} V_{i-1} landed: rescale O to the new row maxima
+      warpgroup_fence_operand(tOrO);
+      CUTE_UNROLL
+      for (int j = 0; j < kOVals; ++j) tOrO(j) *= o_factor[(j / 2) % 2];
+      scores_to_p();
+    }
+    // The last P V.
+    await_group(num_tiles);
     warpgroup_fence_operand(tOrO);
     warpgroup_arrive();
-    CUTE_UNROLL
-    for (int kb = 0; kb < size<2>(tOrP); ++kb) gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb, stage), tOrO);
-    warpgroup_commit_batch();
+    issue_pv((num_tiles - 1) % Cfg::kStages);
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
   }
