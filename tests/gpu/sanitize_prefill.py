@@ -129,6 +129,9 @@ def cases():
     yield "dense bf16 d192 left window alibi", dense, (B16, 1, 33, 300, 4, 2, 192, "wleft+alibi")
     yield "dense fp16 bhsd strides", dense, (F16, 2, 50, 90, 8, 2, 64, "causal"), {"layout": "bhsd"}
     yield "dense bf16 padded head stride", dense, (B16, 2, 50, 90, 8, 2, 64, "softcap"), {"layout": "padded_head"}
+    # Many key tiles: the sm_90a kernel's three-stage ring wraps around several times.
+    yield "dense fp16 d128 long keys causal", dense, (F16, 1, 200, 1100, 4, 2, 128, "causal")
+    yield "dense bf16 d64 long keys window", dense, (B16, 1, 150, 900, 4, 4, 64, "window")
     yield "dense fp16 no keys", dense, (F16, 2, 9, 0, 4, 2, 64, "none")
     yield "dense fp16 no queries", dense, (F16, 2, 0, 9, 4, 2, 64, "causal")
     yield "varlen packed bf16 d96 ragged all options", varlen_packed, (B16, RAGGED_Q, RAGGED_K, 8, 2, 96, T.ALL)

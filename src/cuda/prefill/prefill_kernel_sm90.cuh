@@ -1,15 +1,17 @@
 // The Hopper prefill kernel (sm_90a): the same algorithm and semantics as prefill_kernel.cuh, with
 // the two matrix products on warpgroup MMAs (wgmma) instead of per-warp mma.sync.
 //
-// One CTA computes kBlockM query rows of one (sequence, query head) with two or three warpgroups
-// of 64 rows each. For every key tile of kBlockN keys:
+// One CTA computes kBlockM = 128 query rows of one (sequence, query head) with two warpgroups of
+// 64 rows each. Per key tile of kBlockN keys:
 //   S = Q K^T   wgmma, both operands straight from shared memory (no ldmatrix)
-//   mask, softcap, ALiBi, online softmax on the S accumulators (fp32, log2 domain), exactly as
-//               the sm80 kernel does
+//   mask, softcap, ALiBi, online softmax on the S accumulators (fp32, log2 domain), as the sm80
+//               kernel does
 //   O += P V    wgmma with P from registers (the S accumulators repacked to fp16/bf16) and V
 //               from shared memory
-// The two warpgroups run their wgmmas independently between the per-tile barriers, so one's
-// softmax overlaps the other's tensor work.
+// Schedule (FlashAttention-3's intra-warpgroup overlap): iteration i issues S_i = Q K_i and
+// O += P_{i-1} V_{i-1} together, waits for S_i only, and computes its softmax while the tensor
+// cores finish P V; O is rescaled once P V has landed. The two warpgroups also drift apart
+// between the per-tile barriers, so one's softmax overlaps the other's MMAs.
 //
 // Shared memory uses the 128-byte-swizzled layouts wgmma reads (CuTe's GMMA layout atoms): each
 // tile is stored as head_dim / 64 column blocks of [rows x 64] elements, 128 bytes per row, the
@@ -51,19 +53,21 @@ struct GmmaSmemTile {
   static_assert(kHeadDim % 64 == 0, "GMMA 128-byte swizzle needs head_dim in whole 64-element blocks");
 };
 
+/// Tile shapes per head_dim (measured on the H200, bench/NOTES.md). Two warpgroups of 64 query
+/// rows. Registers per thread hold S (kBlockN / 2 floats), P (kBlockN / 4) and O (kHeadDim / 2):
+/// head_dim 64 takes 64-key tiles, which fit two CTAs per SM (128 registers), so one CTA's
+/// barriers never idle the SM; 128 takes 128-key tiles at one CTA per SM; 256 only fits 64 keys.
 template <int kHeadDim_, Dtype kDtype>
 struct PrefillSm90Config {
   static constexpr int kHeadDim = kHeadDim_;
   using Element = std::conditional_t<kDtype == Dtype::kFloat16, cute::half_t, cute::bfloat16_t>;
-  // Three warpgroups at head_dim 64, where softmax costs the most per MMA: while one warpgroup
-  // exponentiates, two others keep the tensor cores busy (fits the 168 registers of 384 threads).
-  static constexpr int kWarpGroups = kHeadDim <= 64 ? 3 : 2;
+  static constexpr int kWarpGroups = 2;
   static constexpr int kThreads = kWarpGroups * 128;
   static constexpr int kBlockM = 64 * kWarpGroups;
-  // Registers per thread: S is kBlockN / 2 floats, O kHeadDim / 2; 128-key tiles while both fit.
-  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;
-  // K/V tiles in shared memory: tile j + kStages - 1 streams in while tile j is computed. Short
-  // tiles (head_dim <= 128) need three to cover the load latency; 256 only has room for two.
+  static constexpr int kBlockN = kHeadDim == 128 ? 128 : 64;
+  static constexpr int kMinBlocks = kHeadDim <= 64 ? 2 : 1;  // CTAs per SM the registers must allow
+  // K/V tiles in shared memory: group i + kStages - 1 streams in while tile i is computed. Three
+  // cover the load latency of the short tiles; head_dim 256 only has room for two.
   static constexpr int kStages = kHeadDim <= 128 ? 3 : 2;
 
   using BM = cute::Int<kBlockM>;
@@ -101,12 +105,12 @@ __device__ __forceinline__ void fence_smem_for_async_proxy() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-template <int kHeadDim, Dtype kDtype>
-__global__ void __launch_bounds__(PrefillSm90Config<kHeadDim, kDtype>::kThreads, 1)
+template <class Cfg, Dtype kDtype>
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     prefill_kernel_sm90(const __grid_constant__ PrefillParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace cute;
-  using Cfg = PrefillSm90Config<kHeadDim, kDtype>;
+  constexpr int kHeadDim = Cfg::kHeadDim;
   using Traits = ElementTraits<kDtype>;
   using Element = typename Cfg::Element;
   using QTile = typename Cfg::QTile;
@@ -180,9 +184,10 @@ __global__ void __launch_bounds__(PrefillSm90Config<kHeadDim, kDtype>::kThreads,
     if (i < num_tiles)
       load_kv_tile<KVTile>(sK_ptr + (i % Cfg::kStages) * Cfg::kKVElems, p, krows, n_first + i * kBN,
                            p.k_row_stride, p.k_page_stride, cmap);
-    if (i >= 1 && i <= num_tiles)
-      load_kv_tile<KVTile>(sV_ptr + ((i - 1) % Cfg::kStages) * Cfg::kKVElems, p, vrows,
-                           n_first + (i - 1) * kBN, p.v_row_stride, p.v_page_stride, cmap);
+    const int iv = i - 1;
+    if (iv >= 0 && iv < num_tiles)
+      load_kv_tile<KVTile>(sV_ptr + (iv % Cfg::kStages) * Cfg::kKVElems, p, vrows, n_first + iv * kBN,
+                           p.v_row_stride, p.v_page_stride, cmap);
     cp_async_fence();  // one group per index, empty or not, so the waits below stay exact
   };
   load_tile_strided<QTile, kBM>(sQ_ptr, static_cast<const std::uint16_t*>(p.q),
@@ -351,10 +356,9 @@ __global__ void __launch_bounds__(PrefillSm90Config<kHeadDim, kDtype>::kThreads,
 #endif
 }
 
-template <int kHeadDim, Dtype kDtype>
-void launch_prefill_sm90(const PrefillParams& p, cudaStream_t stream) {
-  using Cfg = PrefillSm90Config<kHeadDim, kDtype>;
-  auto* kernel = &prefill_kernel_sm90<kHeadDim, kDtype>;
+template <class Cfg, Dtype kDtype>
+void launch_prefill_sm90_cfg(const PrefillParams& p, cudaStream_t stream) {
+  auto* kernel = &prefill_kernel_sm90<Cfg, kDtype>;
   static const cudaError_t attr_status =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   FASTATTN_CUDA_CHECK(attr_status);
@@ -362,6 +366,11 @@ void launch_prefill_sm90(const PrefillParams& p, cudaStream_t stream) {
   if (grid.x == 0 || grid.z == 0) return;
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
   FASTATTN_CUDA_CHECK_LAUNCH();
+}
+
+template <int kHeadDim, Dtype kDtype>
+void launch_prefill_sm90(const PrefillParams& p, cudaStream_t stream) {
+  launch_prefill_sm90_cfg<PrefillSm90Config<kHeadDim, kDtype>, kDtype>(p, stream);
 }
 
 #define FASTATTN_INSTANTIATE_PREFILL_SM90(D, T) \
