@@ -140,6 +140,7 @@ __device__ __forceinline__ void load_tile_strided(std::uint16_t* smem, const std
                                                   std::int64_t base, std::int64_t row_stride,
                                                   int rows_valid, const CopyMap<Cfg>& m) {
   constexpr int kStep = CopyMap<Cfg>::kRowStep;
+  static_assert(kRows % kStep == 0, "tile rows must be a multiple of the copy row step");
   if (!m.active) return;
   const std::uint16_t* src = gmem + base + m.row0 * row_stride + m.ch * 8;
   // kStep is a multiple of 8, so every row this thread copies has the same swizzle.
@@ -147,8 +148,7 @@ __device__ __forceinline__ void load_tile_strided(std::uint16_t* smem, const std
   std::uint16_t* dst = smem + Cfg::smem_offset(m.row0, m.ch);
   const std::int64_t src_step = kStep * row_stride;
 #pragma unroll
-  for (int i = 0; i < (kRows + kStep - 1) / kStep; ++i) {
-    if (kRows % kStep != 0 && m.row0 + i * kStep >= kRows) break;  // a partial last row step
+  for (int i = 0; i < kRows / kStep; ++i) {
     const bool pred = m.in_dim && m.row0 + i * kStep < rows_valid;
     cp_async_16(dst + i * kStep * Cfg::kSmemStride, pred ? src + i * src_step : gmem, pred);
   }
@@ -163,9 +163,8 @@ __device__ __forceinline__ void load_tile_rowwise(std::uint16_t* smem, const Pre
   constexpr int kStep = CopyMap<Cfg>::kRowStep;
   if (!m.active) return;
 #pragma unroll
-  for (int i = 0; i < (kRows + kStep - 1) / kStep; ++i) {
+  for (int i = 0; i < kRows / kStep; ++i) {
     const int r = m.row0 + i * kStep;
-    if (kRows % kStep != 0 && r >= kRows) break;  // a partial last row step
     const std::int64_t off = kr.offset(p, n0 + r, row_stride, page_stride);
     const bool pred = m.in_dim && off >= 0;
     cp_async_16(smem + Cfg::smem_offset(r, m.ch), pred ? kr.ptr + off + m.ch * 8 : kr.ptr, pred);
