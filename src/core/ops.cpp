@@ -67,6 +67,9 @@ void varlen_attention_forward(const VarlenAttentionArgs& args) {
 void kvcache_attention_forward(const KVCacheArgs& args) {
   check::ArgChecker c("kvcache_attention_forward");
   const auto d = core::validate(c, args);
+#if defined(FASTATTN_WITH_CUDA)
+  if (c.device().type == DeviceType::kCUDA) return cuda_decode::kvcache_attention_forward(c, args, d);
+#endif
   require_cpu(c);
   cpu::kvcache_attention_forward(c, args, d);
 }
@@ -74,6 +77,9 @@ void kvcache_attention_forward(const KVCacheArgs& args) {
 std::size_t kvcache_workspace_bytes(const KVCacheArgs& args) {
   check::ArgChecker c("kvcache_workspace_bytes");
   const auto d = core::validate(c, args);
+#if defined(FASTATTN_WITH_CUDA)
+  if (c.device().type == DeviceType::kCUDA) return cuda_decode::kvcache_workspace_bytes(c, args, d);
+#endif
   require_cpu(c);
   return cpu::kvcache_workspace_bytes(c, args, d);
 }

@@ -31,4 +31,11 @@ void varlen_attention_forward(check::ArgChecker& c, const VarlenAttentionArgs& a
                               const core::VarlenDims& d);
 }  // namespace cuda_prefill
 
+namespace cuda_decode {
+/// flash_attn_with_kvcache on the GPU (fp16/bf16): in-place append, rotary, split-KV attention.
+/// The workspace (args.workspace) must hold kvcache_workspace_bytes() bytes when that is > 0.
+void kvcache_attention_forward(check::ArgChecker& c, const KVCacheArgs& args, const core::KVCacheDims& d);
+std::size_t kvcache_workspace_bytes(check::ArgChecker& c, const KVCacheArgs& args, const core::KVCacheDims& d);
+}  // namespace cuda_decode
+
 }  // namespace fastattn

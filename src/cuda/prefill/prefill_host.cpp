@@ -7,51 +7,19 @@
 #include <string>
 
 #include "cuda/common/cuda_check.h"
+#include "cuda/common/host_checks.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/prefill/prefill_params.h"
 
 namespace fastattn::cuda_prefill {
 namespace {
 
-Dtype kernel_dtype(const check::ArgChecker& c, DType dt) {
-  if (dt == DType::kFloat16) return Dtype::kFloat16;
-  if (dt == DType::kBFloat16) return Dtype::kBFloat16;
-  throw NotSupportedError(std::string(c.op()) + ": q has dtype " + dtype_name(dt) +
-                          "; the CUDA kernels take float16 or bfloat16 (tensor cores)");
-}
+using cuda_detail::as_int;
+using cuda_detail::DeviceGuard;
+using cuda_detail::require_device;
+using cuda_detail::rows_aligned;
 
-/// cp.async moves 16-byte chunks: rows must start on 16-byte boundaries.
-void rows_aligned(const check::ArgChecker& c, const TensorView& t, const char* arg) {
-  bool ok = reinterpret_cast<std::uintptr_t>(t.data) % 16 == 0;
-  for (int i = 0; i + 1 < t.ndim; ++i) ok = ok && (t.size(i) <= 1 || t.stride(i) % 8 == 0);
-  if (!ok)
-    c.fail_value(arg, "must have 16-byte aligned rows on CUDA (data pointer aligned to 16 bytes, "
-                      "strides of all but the last dim multiples of 8 elements)");
-}
-
-int as_int(const check::ArgChecker& c, std::int64_t v, const char* arg, std::int64_t max) {
-  if (v > max)
-    c.fail_value(arg, "is " + std::to_string(v) + ", above the CUDA limit of " + std::to_string(max));
-  return static_cast<int>(v);
-}
-
-/// Runs on the tensors' device, restoring the caller's current device afterwards.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    FASTATTN_CUDA_CHECK(cudaGetDevice(&previous_));
-    if (previous_ != device) FASTATTN_CUDA_CHECK(cudaSetDevice(device));
-    target_ = device;
-  }
-  ~DeviceGuard() {
-    if (previous_ != target_) cudaSetDevice(previous_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0, target_ = 0;
-};
+Dtype kernel_dtype(const check::ArgChecker& c, DType dt) { return cuda_detail::kernel_dtype<Dtype>(c, dt); }
 
 void set_options(PrefillParams& p, const core::ResolvedOptions& o) {
   p.scale = o.scale;
@@ -60,12 +28,6 @@ void set_options(PrefillParams& p, const core::ResolvedOptions& o) {
   p.window_right = static_cast<int>(o.window_right < 0 ? -1 : std::min<std::int64_t>(o.window_right, INT32_MAX));
   p.alibi = o.alibi;
   p.alibi_batch_stride = o.alibi_batch_stride;
-}
-
-void require_device(const check::ArgChecker& c) {
-  if (!cuda_backend_available(c.device().index))
-    throw NotSupportedError(std::string(c.op()) + ": " + device_name(c.device()) +
-                            " is not a GPU this build has kernels for (sm_80 family or sm_90)");
 }
 
 }  // namespace

@@ -98,7 +98,9 @@ struct KvRows {
   const std::int32_t* pages;
   int len;
 
-  __device__ __forceinline__ std::int64_t offset(const PrefillParams& p, int j, std::int64_t row_stride,
+  /// `p` is any params struct with page_size, page_shift and num_pages (prefill or decode).
+  template <class Paging>
+  __device__ __forceinline__ std::int64_t offset(const Paging& p, int j, std::int64_t row_stride,
                                                  std::int64_t page_stride) const {
     if (j >= len) return -1;
     if (p.page_size == 0) return std::int64_t(j) * row_stride;
@@ -155,8 +157,8 @@ __device__ __forceinline__ void load_tile_strided(std::uint16_t* smem, const std
 }
 
 /// Copies a tile of paged keys row by row (pages smaller than, or not a multiple of, the tile).
-template <class Cfg, int kRows>
-__device__ __forceinline__ void load_tile_rowwise(std::uint16_t* smem, const PrefillParams& p,
+template <class Cfg, int kRows, class Paging>
+__device__ __forceinline__ void load_tile_rowwise(std::uint16_t* smem, const Paging& p,
                                                   const KvRows& kr, int n0,
                                                   std::int64_t row_stride, std::int64_t page_stride,
                                                   const CopyMap<Cfg>& m) {
@@ -174,8 +176,8 @@ __device__ __forceinline__ void load_tile_rowwise(std::uint16_t* smem, const Pre
 /// Key or value tile [n0, n0 + kBlockN): dense and page-aligned tiles (page_size a multiple of
 /// the tile: the whole tile sits in one page) take the strided path, other paged tiles go row
 /// by row.
-template <class Cfg>
-__device__ __forceinline__ void load_kv_tile(std::uint16_t* smem, const PrefillParams& p,
+template <class Cfg, class Paging>
+__device__ __forceinline__ void load_kv_tile(std::uint16_t* smem, const Paging& p,
                                              const KvRows& kr, int n0,
                                              std::int64_t row_stride, std::int64_t page_stride,
                                              const CopyMap<Cfg>& m) {
@@ -193,6 +195,54 @@ __device__ __forceinline__ void load_kv_tile(std::uint16_t* smem, const PrefillP
     load_tile_rowwise<Cfg, BN>(smem, p, kr, n0, row_stride, page_stride, m);
   }
 }
+
+/// Paged key/value tiles whose pages hold whole runs of kRowsPerThread rows (page_size a multiple
+/// of it: 16, 64, 256, ...). Thread (run, chunk) copies one 16-byte chunk column of the
+/// consecutive rows [run * kRowsPerThread, + kRowsPerThread) of a tile, which all lie in one page,
+/// so it needs one page id per tile; the kernel fetches that id a cp.async group ahead, keeping
+/// the lookup latency off the copy path (a row-by-row lookup costs more than the copy issue).
+template <class Tile>
+struct PagedRunCopy {
+  static constexpr int kChunksP2 = CopyMap<Tile>::kChunksP2;
+  static constexpr int kRuns = Tile::kThreads / kChunksP2;
+  static constexpr int kRowsPerThread = Tile::kBlockN / kRuns;
+  static_assert(Tile::kBlockN % kRuns == 0, "runs tile the key block");
+  int run_row0, ch;
+  bool active, in_dim;
+  __device__ __forceinline__ explicit PagedRunCopy(int head_dim)
+      : run_row0(int(threadIdx.x) / kChunksP2 * kRowsPerThread), ch(int(threadIdx.x) % kChunksP2) {
+    active = ch < Tile::kChunks;
+    in_dim = ch * 8 < head_dim;
+  }
+  template <class Paging>
+  static __device__ __forceinline__ bool applies(const Paging& p) {
+    return p.page_size > 0 && p.page_size % kRowsPerThread == 0;
+  }
+  /// Page id of this thread's run in the tile at n0 (-1 past the keys).
+  template <class Paging>
+  __device__ __forceinline__ int fetch_page(const Paging& p, const KvRows& kr, int n0) const {
+    const int j = n0 + run_row0;
+    if (j >= kr.len) return -1;
+    return kr.pages[p.page_shift >= 0 ? j >> p.page_shift : j / p.page_size];
+  }
+  /// Copies this thread's run of the tile at n0 from page `page` (zeros past the keys, for a page
+  /// id outside the cache and past head_dim).
+  template <class Paging>
+  __device__ __forceinline__ void load(std::uint16_t* smem, const Paging& p, const KvRows& kr,
+                                       int n0, int page, std::int64_t row_stride,
+                                       std::int64_t page_stride) const {
+    if (!active) return;
+    const int j0 = n0 + run_row0;
+    const bool page_ok = page >= 0 && page < p.num_pages && in_dim;
+    const int slot0 = p.page_shift >= 0 ? j0 & (p.page_size - 1) : j0 % p.page_size;
+    const std::uint16_t* src = kr.ptr + (page_ok ? std::int64_t(page) * page_stride + std::int64_t(slot0) * row_stride + ch * 8 : 0);
+    #pragma unroll
+    for (int k = 0; k < kRowsPerThread; ++k) {
+      const bool pred = page_ok && j0 + k < kr.len;
+      cp_async_16(smem + Tile::smem_offset(run_row0 + k, ch), pred ? src + k * row_stride : kr.ptr, pred);
+    }
+  }
+};
 
 /// Batch entry b as the kernels see it, clamped to the tensors the index tensors point into.
 struct SeqInfo {

@@ -57,51 +57,6 @@ struct GmmaSmemTile {
 /// rows. Registers per thread hold S (kBlockN / 2 floats), P (kBlockN / 4) and O (kHeadDim / 2):
 /// head_dim 64 takes 64-key tiles, which fit two CTAs per SM (128 registers), so one CTA's
 /// barriers never idle the SM; 128 takes 128-key tiles at one CTA per SM; 256 only fits 64 keys.
-/// Paged key/value tiles whose pages hold whole runs of kRowsPerThread rows (page_size a multiple
-/// of it: 16, 64, 256, ...). Thread (run, chunk) copies one 16-byte chunk column of the
-/// consecutive rows [run * kRowsPerThread, + kRowsPerThread) of a tile, which all lie in one page,
-/// so it needs one page id per tile; the kernel fetches that id a cp.async group ahead, keeping
-/// the lookup latency off the copy path (a row-by-row lookup costs more than the copy issue).
-template <class Tile>
-struct PagedRunCopy {
-  static constexpr int kChunksP2 = CopyMap<Tile>::kChunksP2;
-  static constexpr int kRuns = Tile::kThreads / kChunksP2;
-  static constexpr int kRowsPerThread = Tile::kBlockN / kRuns;
-  static_assert(Tile::kBlockN % kRuns == 0, "runs tile the key block");
-  int run_row0, ch;
-  bool active, in_dim;
-  __device__ __forceinline__ explicit PagedRunCopy(int head_dim)
-      : run_row0(int(threadIdx.x) / kChunksP2 * kRowsPerThread), ch(int(threadIdx.x) % kChunksP2) {
-    active = ch < Tile::kChunks;
-    in_dim = ch * 8 < head_dim;
-  }
-  static __device__ __forceinline__ bool applies(const PrefillParams& p) {
-    return p.page_size > 0 && p.page_size % kRowsPerThread == 0;
-  }
-  /// Page id of this thread's run in the tile at n0 (-1 past the keys).
-  __device__ __forceinline__ int fetch_page(const PrefillParams& p, const KvRows& kr, int n0) const {
-    const int j = n0 + run_row0;
-    if (j >= kr.len) return -1;
-    return kr.pages[p.page_shift >= 0 ? j >> p.page_shift : j / p.page_size];
-  }
-  /// Copies this thread's run of the tile at n0 from page `page` (zeros past the keys, for a page
-  /// id outside the cache and past head_dim).
-  __device__ __forceinline__ void load(std::uint16_t* smem, const PrefillParams& p, const KvRows& kr,
-                                       int n0, int page, std::int64_t row_stride,
-                                       std::int64_t page_stride) const {
-    if (!active) return;
-    const int j0 = n0 + run_row0;
-    const bool page_ok = page >= 0 && page < p.num_pages && in_dim;
-    const int slot0 = p.page_shift >= 0 ? j0 & (p.page_size - 1) : j0 % p.page_size;
-    const std::uint16_t* src = kr.ptr + (page_ok ? std::int64_t(page) * page_stride + std::int64_t(slot0) * row_stride + ch * 8 : 0);
-    CUTE_UNROLL
-    for (int k = 0; k < kRowsPerThread; ++k) {
-      const bool pred = page_ok && j0 + k < kr.len;
-      cp_async_16(smem + Tile::smem_offset(run_row0 + k, ch), pred ? src + k * row_stride : kr.ptr, pred);
-    }
-  }
-};
-
 template <int kHeadDim_, Dtype kDtype>
 struct PrefillSm90Config {
   static constexpr int kHeadDim = kHeadDim_;

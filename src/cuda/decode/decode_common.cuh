@@ -1,0 +1,89 @@
+// Device helpers shared by the decode kernels: a batch entry resolved from the index tensors
+// (clamped, see DecodeParams) and element conversion.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "cuda/decode/decode_params.h"
+
+namespace fastattn::cuda_decode {
+
+/// Batch entry b in slot space: the cache row's slots [pad, end) are its keys (key position =
+/// slot - pad), new tokens go to slots [seqlen, seqlen + Snew) clipped to the capacity.
+struct DecodeSeq {
+  bool valid;     ///< cache row in range (else: no append, no keys)
+  int row;        ///< cache row / page-table row
+  int seqlen;     ///< tokens already cached (clamped to the capacity)
+  int pad;        ///< first valid slot
+  int end;        ///< one past the last attended slot
+  int capacity;   ///< slots the row can hold
+  const std::int32_t* pages;  ///< paged: the row's page ids
+};
+
+__device__ __forceinline__ DecodeSeq resolve_decode_seq(const DecodeParams& p, int b) {
+  DecodeSeq s{false, 0, 0, 0, 0, 0, nullptr};
+  const int row = p.cache_batch_idx ? p.cache_batch_idx[b] : b;
+  if (row < 0 || row >= p.cache_rows) return s;
+  s.valid = true;
+  s.row = row;
+  if (p.page_size > 0) {
+    std::int64_t count;
+    if (p.block_table) {
+      s.pages = p.block_table + std::int64_t(row) * p.block_table_stride;
+      count = p.max_pages_per_seq;
+    } else {
+      const std::int64_t i0 = min(max(std::int64_t(p.page_indptr[row]), std::int64_t(0)), p.num_page_indices);
+      const std::int64_t i1 = min(max(std::int64_t(p.page_indptr[row + 1]), i0), p.num_page_indices);
+      s.pages = p.page_indices + i0;
+      count = i1 - i0;
+    }
+    s.capacity = int(min(count * p.page_size, std::int64_t(INT32_MAX)));
+  } else {
+    s.capacity = p.cache_len;
+  }
+  const int seqlen = p.cache_seqlens ? p.cache_seqlens[b] : p.cache_seqlen;
+  s.seqlen = min(max(seqlen, 0), s.capacity);
+  s.pad = p.cache_leftpad ? min(max(p.cache_leftpad[b], 0), s.seqlen) : 0;
+  s.end = int(min(std::int64_t(s.seqlen) + p.seqlen_new, std::int64_t(s.capacity)));
+  return s;
+}
+
+/// Element offset of slot `slot` (< capacity) of the sequence's cache row, kv head 0, or -1
+/// when its page id is outside the cache.
+__device__ __forceinline__ std::int64_t slot_offset(const DecodeParams& p, const DecodeSeq& s, int slot,
+                                                    std::int64_t batch_stride, std::int64_t row_stride) {
+  if (p.page_size == 0) return std::int64_t(s.row) * batch_stride + std::int64_t(slot) * row_stride;
+  const int pi = p.page_shift >= 0 ? slot >> p.page_shift : slot / p.page_size;
+  const int in_page = p.page_shift >= 0 ? slot & (p.page_size - 1) : slot % p.page_size;
+  const int page = s.pages[pi];
+  if (page < 0 || page >= p.num_pages) return -1;
+  return std::int64_t(page) * batch_stride + std::int64_t(in_page) * row_stride;
+}
+
+template <Dtype kDtype>
+struct Elem;
+template <>
+struct Elem<Dtype::kFloat16> {
+  using T = __half;
+  static __device__ __forceinline__ float load(const void* base, std::int64_t i) {
+    return __half2float(static_cast<const __half*>(base)[i]);
+  }
+  static __device__ __forceinline__ void store(void* base, std::int64_t i, float x) {
+    static_cast<__half*>(base)[i] = __float2half_rn(x);
+  }
+};
+template <>
+struct Elem<Dtype::kBFloat16> {
+  using T = __nv_bfloat16;
+  static __device__ __forceinline__ float load(const void* base, std::int64_t i) {
+    return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
+  }
+  static __device__ __forceinline__ void store(void* base, std::int64_t i, float x) {
+    static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(x);
+  }
+};
+
+}  // namespace fastattn::cuda_decode

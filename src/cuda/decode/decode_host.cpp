@@ -1,0 +1,196 @@
+// Lowering of KVCacheArgs to the CUDA decode kernels' DecodeParams: the checks only the CUDA
+// path needs, the split-KV heuristic and the workspace layout. Nothing here reads device memory,
+// so a call never synchronises with the GPU (index contents are clamped on the device, see
+// DecodeParams) and can be captured in a CUDA graph.
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <string>
+
+#include "core/heuristics.h"
+#include "cuda/common/cuda_check.h"
+#include "cuda/common/host_checks.h"
+#include "cuda/cuda_backend.h"
+#include "cuda/decode/decode_params.h"
+
+namespace fastattn::cuda_decode {
+namespace {
+
+using cuda_detail::as_int;
+using cuda_detail::rows_aligned;
+
+constexpr std::size_t kAlign = 256;  // workspace regions start on 256-byte boundaries
+std::size_t align_up(std::size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+int sm_count(int device) {
+  int n = 0;
+  FASTATTN_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  return n;
+}
+
+struct Plan {
+  DecodeParams p;
+  std::size_t q_rot_bytes = 0;  ///< rotated q, first in the workspace
+  std::size_t lse_bytes = 0;    ///< partial LSE (split-KV only), then partial O
+  std::size_t o_bytes = 0;
+  std::size_t total() const { return q_rot_bytes + lse_bytes + o_bytes; }
+};
+
+Plan plan_decode(check::ArgChecker& c, const KVCacheArgs& a, const core::KVCacheDims& d) {
+  cuda_detail::require_device(c);
+  Plan plan;
+  DecodeParams& p = plan.p;
+  p.dtype = cuda_detail::kernel_dtype<Dtype>(c, a.q.dtype);
+  if (d.a.head_dim % 8 != 0)
+    throw NotSupportedError(std::string(c.op()) + ": head_dim " + std::to_string(d.a.head_dim) +
+                            " on CUDA must be a multiple of 8 (16-byte rows)");
+  for (auto [t, n] : {std::pair{&a.q, "q"}, {&a.k_cache, "k_cache"}, {&a.v_cache, "v_cache"}})
+    rows_aligned(c, *t, n);
+  p.batch = as_int(c, d.a.batch, "q batch (dim 0)", 65535);
+  p.heads_q = as_int(c, d.a.heads_q, "q heads (dim 2)", 65535);
+  p.heads_kv = static_cast<int>(d.a.heads_kv);
+  p.group = p.heads_q / std::max(p.heads_kv, 1);
+  p.head_dim = static_cast<int>(d.a.head_dim);
+  p.seqlen_q = as_int(c, d.a.seqlen_q, "q seqlen (dim 1)", 65535);
+  p.seqlen_new = as_int(c, d.seqlen_new, "k seqlen_new (dim 1)", 65535);
+  const std::int64_t rows_per_kv = std::int64_t(p.group) * p.seqlen_q;
+  as_int(c, std::int64_t(p.heads_kv) * ((rows_per_kv + 15) / 16), "heads_k x ceil(heads_q / heads_k x seqlen_q / 16)", 65535);
+
+  p.q = a.q.data;
+  p.q_batch_stride = a.q.stride(0);
+  p.q_row_stride = a.q.stride(1);
+  p.q_head_stride = a.q.stride(2);
+  p.out = a.out.data;
+  p.out_batch_stride = a.out.stride(0);
+  p.out_row_stride = a.out.stride(1);
+  p.out_head_stride = a.out.stride(2);
+  if (a.lse) {
+    p.lse = static_cast<float*>(a.lse->data);
+    p.lse_batch_stride = a.lse->stride(0);
+    p.lse_head_stride = a.lse->stride(1);
+    p.lse_row_stride = a.lse->stride(2);
+  }
+
+  p.k_cache = a.k_cache.data;
+  p.v_cache = a.v_cache.data;
+  p.k_batch_stride = a.k_cache.stride(0);
+  p.k_row_stride = a.k_cache.stride(1);
+  p.k_head_stride = a.k_cache.stride(2);
+  p.v_batch_stride = a.v_cache.stride(0);
+  p.v_row_stride = a.v_cache.stride(1);
+  p.v_head_stride = a.v_cache.stride(2);
+  std::int64_t max_keys = 0;  // the heuristic's bound on a sequence's keys (no device read)
+  if (d.paged.page_size > 0) {
+    p.page_size = as_int(c, d.paged.page_size, "page_size (k_cache dim 1)", INT32_MAX);
+    if ((p.page_size & (p.page_size - 1)) == 0)
+      for (p.page_shift = 0; (1 << p.page_shift) < p.page_size; ++p.page_shift) {
+      }
+    p.num_pages = as_int(c, d.paged.num_pages, "num_pages (k_cache dim 0)", INT32_MAX);
+    p.cache_rows = as_int(c, d.paged.table_rows, "page table rows", INT32_MAX);
+    if (a.block_table) {
+      p.block_table = static_cast<const std::int32_t*>(a.block_table->data);
+      p.block_table_stride = a.block_table->stride(0);
+      p.max_pages_per_seq = as_int(c, d.paged.max_pages_per_seq, "block_table columns", INT32_MAX);
+      max_keys = std::int64_t(p.max_pages_per_seq) * p.page_size;
+    } else {
+      p.page_indptr = static_cast<const std::int32_t*>(a.page_indptr->data);
+      p.page_indices = static_cast<const std::int32_t*>(a.page_indices->data);
+      p.num_page_indices = a.page_indices->size(0);
+      max_keys = p.num_page_indices * p.page_size;
+    }
+    if (!a.cache_batch_idx && p.cache_rows < p.batch)
+      c.fail_value(a.block_table ? "block_table" : "page_indptr",
+                   "has " + std::to_string(p.cache_rows) + " rows, fewer than B = " + std::to_string(p.batch));
+  } else {
+    p.cache_rows = as_int(c, d.cache_rows, "k_cache rows (dim 0)", INT32_MAX);
+    p.cache_len = as_int(c, d.cache_len, "k_cache slots (dim 1)", INT32_MAX);
+    max_keys = p.cache_len;
+  }
+  if (a.cache_seqlens) p.cache_seqlens = static_cast<const std::int32_t*>(a.cache_seqlens->data);
+  p.cache_seqlen = as_int(c, a.cache_seqlen, "cache_seqlens", INT32_MAX);
+  if (a.cache_batch_idx) p.cache_batch_idx = static_cast<const std::int32_t*>(a.cache_batch_idx->data);
+  if (a.cache_leftpad) p.cache_leftpad = static_cast<const std::int32_t*>(a.cache_leftpad->data);
+
+  if (a.k_new) {
+    p.k_new = a.k_new->data;
+    p.v_new = a.v_new->data;
+    p.knew_batch_stride = a.k_new->stride(0);
+    p.knew_row_stride = a.k_new->stride(1);
+    p.knew_head_stride = a.k_new->stride(2);
+    p.vnew_batch_stride = a.v_new->stride(0);
+    p.vnew_row_stride = a.v_new->stride(1);
+    p.vnew_head_stride = a.v_new->stride(2);
+  }
+  if (d.rotary_dim > 0) {
+    p.rotary_cos = a.rotary_cos->data;
+    p.rotary_sin = a.rotary_sin->data;
+    p.rotary_f32 = a.rotary_cos->dtype == DType::kFloat32;
+    p.rotary_interleaved = a.rotary_interleaved;
+    p.rotate_q_per_row = a.options.causal || a.options.window_left >= 0 || a.options.window_right >= 0;
+    p.rotary_dim = static_cast<int>(d.rotary_dim);
+    p.rotary_len = as_int(c, d.rotary_len, "rotary_cos rows", INT32_MAX);
+    p.cos_row_stride = a.rotary_cos->stride(0);
+    p.sin_row_stride = a.rotary_sin->stride(0);
+    plan.q_rot_bytes = align_up(static_cast<std::size_t>(a.q.numel()) * 2);
+  }
+
+  const auto o = core::validate_options(c, a.options, d.a.batch, d.a.heads_q, d.a.head_dim);
+  p.scale = o.scale;
+  p.softcap = o.softcap;
+  p.window_left = static_cast<int>(o.window_left < 0 ? -1 : std::min<std::int64_t>(o.window_left, INT32_MAX));
+  p.window_right = static_cast<int>(o.window_right < 0 ? -1 : std::min<std::int64_t>(o.window_right, INT32_MAX));
+  p.alibi = o.alibi;
+  p.alibi_batch_stride = o.alibi_batch_stride;
+
+  // Split-KV. Heuristic (num_splits = 0): the (sequence, kv head, 16-row block) items should
+  // fill two CTAs on every SM; when they do not, split each sequence's keys so they do, with
+  // at least two 64-key tiles per split, at most 128 splits (core::choose_num_splits). The bound
+  // on keys is the cache capacity (no device read), so the choice depends on shapes only.
+  if (a.num_splits > 0) {
+    p.num_splits = a.num_splits;
+  } else {
+    const std::int64_t items = std::int64_t(p.batch) * p.heads_kv * ((rows_per_kv + 15) / 16);
+    p.num_splits = core::choose_num_splits(items, max_keys + p.seqlen_new, sm_count(c.device().index),
+                                           2 * kDecodeBlockN, 128);
+  }
+  if (p.num_splits > 1) {
+    const std::size_t states = std::size_t(p.num_splits) * p.batch * p.heads_q * p.seqlen_q;
+    plan.lse_bytes = align_up(states * 4);
+    plan.o_bytes = align_up(states * std::size_t(p.head_dim) * 4);
+  }
+  return plan;
+}
+
+}  // namespace
+
+std::size_t kvcache_workspace_bytes(check::ArgChecker& c, const KVCacheArgs& args, const core::KVCacheDims& d) {
+  return plan_decode(c, args, d).total();
+}
+
+void kvcache_attention_forward(check::ArgChecker& c, const KVCacheArgs& args, const core::KVCacheDims& d) {
+  Plan plan = plan_decode(c, args, d);
+  DecodeParams& p = plan.p;
+  const std::size_t need = plan.total();
+  if (need > 0) {
+    if (!args.workspace)
+      c.fail_value("workspace", "is required on CUDA for this call: kvcache_workspace_bytes() = " +
+                                    std::to_string(need) + " bytes (from the caller's allocator, so "
+                                    "the call stays graph-capturable)");
+    const TensorView& ws = *args.workspace;
+    const std::size_t have = static_cast<std::size_t>(ws.numel()) * dtype_size(ws.dtype);
+    if (have < need)
+      c.fail_value("workspace", "must hold at least " + std::to_string(need) + " bytes, got " + std::to_string(have));
+    if (reinterpret_cast<std::uintptr_t>(ws.data) % 16 != 0)
+      c.fail_value("workspace", "must be 16-byte aligned on CUDA");
+    auto* base = static_cast<char*>(ws.data);
+    if (plan.q_rot_bytes) p.q_rot = base;
+    if (plan.lse_bytes) {
+      p.partial_lse = reinterpret_cast<float*>(base + plan.q_rot_bytes);
+      p.partial_o = reinterpret_cast<float*>(base + plan.q_rot_bytes + plan.lse_bytes);
+    }
+  }
+  cuda_detail::DeviceGuard guard(c.device().index);
+  run_decode(p, args.exec.cuda_stream);
+}
+
+}  // namespace fastattn::cuda_decode

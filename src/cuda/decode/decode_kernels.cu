@@ -1,0 +1,150 @@
+// Host entry of the CUDA KV-cache path and its two small kernels:
+//   append_rotary_kernel  writes the new keys (rotated) and values into the cache in place, and
+//                         the rotated copy of q into the workspace;
+//   combine_kernel        merges the split-KV partial states (the shared merge primitive,
+//                         MergeAccumulator) into out and LSE.
+// The attention kernel itself (decode_kernel.cuh) is compiled per head_dim / dtype under
+// src/cuda/instances/. All of it runs on the caller's stream with no host synchronisation.
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <string>
+
+#include "common/softmax_state.h"
+#include "cuda/common/cuda_check.h"
+#include "cuda/decode/decode_common.cuh"
+#include "cuda/decode/decode_params.h"
+#include "fastattn/error.h"
+
+namespace fastattn::cuda_decode {
+
+template <int kHeadDim, Dtype kDtype>
+void launch_decode(const DecodeParams& p, cudaStream_t stream);
+
+namespace {
+
+/// Rotary embedding of element c (< rotary_dim) of a row `x` (element offsets from `base`) at
+/// table row `pos`: interleaved pairs (2i, 2i + 1), GPT-NeoX pairs (i, i + rotary_dim / 2).
+template <Dtype kDtype>
+__device__ __forceinline__ float rotate(const DecodeParams& p, const void* base, std::int64_t row_off,
+                                        int c, int pos) {
+  using E = Elem<kDtype>;
+  const int half = p.rotary_dim / 2;
+  int i, c0, c1;
+  if (p.rotary_interleaved) {
+    i = c / 2;
+    c0 = 2 * i;
+    c1 = 2 * i + 1;
+  } else {
+    i = c < half ? c : c - half;
+    c0 = i;
+    c1 = i + half;
+  }
+  const float x0 = E::load(base, row_off + c0), x1 = E::load(base, row_off + c1);
+  const std::int64_t ci = std::int64_t(pos) * p.cos_row_stride + i;
+  const std::int64_t si = std::int64_t(pos) * p.sin_row_stride + i;
+  const float cs = p.rotary_f32 ? static_cast<const float*>(p.rotary_cos)[ci] : E::load(p.rotary_cos, ci);
+  const float sn = p.rotary_f32 ? static_cast<const float*>(p.rotary_sin)[si] : E::load(p.rotary_sin, si);
+  return c == c0 ? x0 * cs - x1 * sn : x0 * sn + x1 * cs;
+}
+
+/// Block (t, b): new token t of sequence b into its cache slot seqlen + t (when it fits and its
+/// page id is valid), and query row t rotated into q_rot (when rotary is on).
+template <Dtype kDtype>
+__global__ void append_rotary_kernel(const DecodeParams p) {
+  using E = Elem<kDtype>;
+  const int t = blockIdx.x, b = blockIdx.y;
+  const DecodeSeq seq = resolve_decode_seq(p, b);
+  const int pos0 = seq.seqlen - seq.pad;  // position of the first new token
+  const auto clamp_pos = [&](int pos) { return min(max(pos, 0), p.rotary_len - 1); };
+  if (t < p.seqlen_new && seq.valid && seq.seqlen + t < seq.capacity) {
+    const int slot = seq.seqlen + t;
+    const std::int64_t ko = slot_offset(p, seq, slot, p.k_batch_stride, p.k_row_stride);
+    const std::int64_t vo = slot_offset(p, seq, slot, p.v_batch_stride, p.v_row_stride);
+    const int pos = p.rotary_dim > 0 ? clamp_pos(pos0 + t) : 0;
+    for (int idx = threadIdx.x; idx < p.heads_kv * p.head_dim; idx += blockDim.x) {
+      const int h = idx / p.head_dim, c = idx % p.head_dim;
+      const std::int64_t kn = b * p.knew_batch_stride + std::int64_t(t) * p.knew_row_stride + h * p.knew_head_stride;
+      const std::int64_t vn = b * p.vnew_batch_stride + std::int64_t(t) * p.vnew_row_stride + h * p.vnew_head_stride;
+      if (ko >= 0) {
+        const float k = c < p.rotary_dim ? rotate<kDtype>(p, p.k_new, kn, c, pos) : E::load(p.k_new, kn + c);
+        E::store(p.k_cache, ko + h * p.k_head_stride + c, k);
+      }
+      if (vo >= 0) {
+        // Copied as bits: values are not rounded twice.
+        static_cast<std::uint16_t*>(p.v_cache)[vo + h * p.v_head_stride + c] =
+            static_cast<const std::uint16_t*>(p.v_new)[vn + c];
+      }
+    }
+  }
+  if (p.q_rot && t < p.seqlen_q) {
+    const int pos = clamp_pos(pos0 + (p.rotate_q_per_row ? t : 0));
+    for (int idx = threadIdx.x; idx < p.heads_q * p.head_dim; idx += blockDim.x) {
+      const int h = idx / p.head_dim, c = idx % p.head_dim;
+      const std::int64_t qo = b * p.q_batch_stride + std::int64_t(t) * p.q_row_stride + h * p.q_head_stride;
+      const float x = c < p.rotary_dim ? rotate<kDtype>(p, p.q, qo, c, pos) : E::load(p.q, qo + c);
+      E::store(p.q_rot, ((std::int64_t(b) * p.seqlen_q + t) * p.heads_q + h) * p.head_dim + c, x);
+    }
+  }
+}
+
+/// Block (i, h, b): merges the num_splits partial states of query row i of head h into out and
+/// LSE with MergeAccumulator (empty states, LSE -inf, merge exactly and never give NaN).
+template <Dtype kDtype>
+__global__ void combine_kernel(const DecodeParams p) {
+  const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const std::int64_t split_stride = std::int64_t(p.batch) * p.heads_q * p.seqlen_q;
+  const std::int64_t state0 = (std::int64_t(b) * p.heads_q + h) * p.seqlen_q + i;
+  for (int c = threadIdx.x; c < p.head_dim; c += blockDim.x) {
+    MergeAccumulator acc;
+    acc.init();
+    float o = 0.0f;
+    for (int s = 0; s < p.num_splits; ++s) {
+      const std::int64_t state = state0 + s * split_stride;
+      float rescale, weight;
+      acc.add(p.partial_lse[state], &rescale, &weight);
+      o = o * rescale + (weight > 0.0f ? weight * p.partial_o[state * p.head_dim + c] : 0.0f);
+    }
+    Elem<kDtype>::store(p.out, b * p.out_batch_stride + std::int64_t(i) * p.out_row_stride +
+                                   std::int64_t(h) * p.out_head_stride + c,
+                        o * acc.inv_sum());
+    if (p.lse && c == 0)
+      p.lse[b * p.lse_batch_stride + std::int64_t(h) * p.lse_head_stride + std::int64_t(i) * p.lse_row_stride] =
+          acc.lse();
+  }
+}
+
+template <Dtype kDtype>
+void run_for_dtype(const DecodeParams& p, cudaStream_t stream) {
+  const int append_blocks = std::max(p.seqlen_new, p.q_rot ? p.seqlen_q : 0);
+  if (append_blocks > 0) {
+    append_rotary_kernel<kDtype><<<dim3(append_blocks, p.batch), 128, 0, stream>>>(p);
+    FASTATTN_CUDA_CHECK_LAUNCH();
+  }
+  if (p.seqlen_q == 0 || p.heads_q == 0) return;  // an append without queries
+  DecodeParams attn = p;
+  if (p.q_rot) {  // attend with the rotated copy (contiguous)
+    attn.q = p.q_rot;
+    attn.q_head_stride = p.head_dim;
+    attn.q_row_stride = std::int64_t(p.heads_q) * p.head_dim;
+    attn.q_batch_stride = std::int64_t(p.seqlen_q) * attn.q_row_stride;
+  }
+  if (p.head_dim <= 64) launch_decode<64, kDtype>(attn, stream);
+  else if (p.head_dim <= 128) launch_decode<128, kDtype>(attn, stream);
+  else launch_decode<256, kDtype>(attn, stream);
+  if (p.num_splits > 1) {
+    combine_kernel<kDtype><<<dim3(p.seqlen_q, p.heads_q, p.batch), 128, 0, stream>>>(p);
+    FASTATTN_CUDA_CHECK_LAUNCH();
+  }
+}
+
+}  // namespace
+
+void run_decode(const DecodeParams& p, void* stream_ptr) {
+  if (p.batch == 0) return;
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  if (p.dtype == Dtype::kFloat16) run_for_dtype<Dtype::kFloat16>(p, stream);
+  else run_for_dtype<Dtype::kBFloat16>(p, stream);
+}
+
+}  // namespace fastattn::cuda_decode
