@@ -11,13 +11,19 @@ On the GPU, the prefill suite is issue 3's table (gpu_prefill.py): 16384 tokens 
 varlen and paged (page 16 and 256) calls, against SDPA flash and cuDNN; it ends with a summary
 block of the acceptance figures. --quick keeps 8 shapes (a few seconds, run by
 scripts/gpu_check.sh); the full suite takes about 3 minutes on an H200 (at most --time-limit, 330 s).
+The GPU decode suite (gpu_decode.py) is the KV-cache decode issue's table: bf16, head_dim 128,
+32/8 and 32/32 heads, batch 1..128, cache 1024..32768, one query row, fastattn on a paged (page 16)
+and a contiguous cache against SDPA flash and cuDNN and the copy bandwidth measured in the same run,
+with a summary of the acceptance checks (--quick: 4 GQA shapes; full: about a minute, at most 150 s).
 
     python -m fastattn.bench [--quick] [--full] [--device auto|cpu|cuda] [--out DIR]
                              [--suite prefill,decode,cascade] [--table-file FILE]
                              [--seqlens ...] [--head-dims ...] [--dtypes ...] [--variants ...]
                              [--tokens N] [--hidden N] [--time-limit S]
+                             [--batches ...] [--cache-lens ...] [--kv-heads ...]
 
     python -m fastattn.bench --device cuda --suite prefill --out DIR     # the full GPU prefill suite
+    python -m fastattn.bench --device cuda --suite decode --out DIR      # the full GPU decode suite
 """
 from .runner import main
 

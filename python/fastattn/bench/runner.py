@@ -13,7 +13,7 @@ import numpy as np
 
 import fastattn
 
-from . import gpu_prefill
+from . import gpu_decode, gpu_prefill
 
 SUITES = ("prefill", "decode", "cascade")
 
@@ -291,8 +291,18 @@ def main(argv=None):
     g.add_argument("--hidden", type=int, default=None,
                    help="heads * head_dim (default %d)" % gpu_prefill.HIDDEN)
     g.add_argument("--time-limit", type=float, default=None,
-                   help="seconds for the whole prefill suite; per-shape timing budgets shrink to "
-                        "keep to it (default 330, 25 with --quick)")
+                   help="seconds for each GPU suite (prefill, decode); per-shape timing budgets "
+                        "shrink to keep to it (default: prefill 330, decode 150; 25 and 20 with "
+                        "--quick)")
+    g = ap.add_argument_group("GPU decode suite (the decode issue's table; defaults: its shapes; "
+                              "--dtypes, --head-dims and --time-limit apply too)")
+    g.add_argument("--batches", type=ints, default=None,
+                   help="e.g. 1,32 (default %s)" % ",".join(map(str, gpu_decode.BATCHES)))
+    g.add_argument("--cache-lens", type=ints, default=None,
+                   help="e.g. 8192 (default %s)" % ",".join(map(str, gpu_decode.CACHE_LENS)))
+    g.add_argument("--kv-heads", type=ints, default=None,
+                   help="KV heads under %d query heads, e.g. 8 (default %s)"
+                        % (gpu_decode.HEADS_Q, ",".join(map(str, gpu_decode.HEADS_KV))))
     args = ap.parse_args(argv)
     if args.full:
         args.quick = False
@@ -300,6 +310,8 @@ def main(argv=None):
         ap.error("--variants: choose from dense, varlen, pagedN (N = page size >= 1)")
     if args.dtypes and [v for v in args.dtypes if v not in gpu_prefill.DTYPES]:
         ap.error("--dtypes: choose from %s" % ",".join(gpu_prefill.DTYPES))
+    if args.kv_heads and [h for h in args.kv_heads if h < 1 or gpu_decode.HEADS_Q % h]:
+        ap.error("--kv-heads: each must divide %d" % gpu_decode.HEADS_Q)
 
     suites = [s.strip() for s in args.suite.split(",") if s.strip()]
     bad = [s for s in suites if s not in SUITES]
@@ -331,7 +343,27 @@ def main(argv=None):
         prefill_lines = gpu_prefill.summary_lines(
             prefill_summary, torch.cuda.get_device_name(0),
             datetime.date.today().isoformat(), command)
-    case_list = (casemod.gpu_cases([x for x in suites if x != "prefill"], args.quick) if device == "cuda"
+    decode_records, decode_meta, decode_summary, decode_lines = None, None, None, []
+    if device == "cuda" and "decode" in suites:
+        dsettings = gpu_decode.Settings.for_mode(
+            args.quick, dtypes=args.dtypes, head_dims=args.head_dims, batches=args.batches,
+            cache_lens=args.cache_lens, heads_kv=args.kv_heads, time_limit_s=args.time_limit,
+            seed=args.seed)
+        shapes = gpu_decode.plan(dsettings)
+        n_skip = sum(1 for s in shapes if s.skip_reason(dsettings))
+        print("GPU decode: %d shapes (%d skipped: cache > %.0f GiB) x (fastattn %s + SDPA flash, "
+              "cuDNN) + copy bandwidth, time limit %.0f s" % (
+                  len(shapes), n_skip, dsettings.max_cache_bytes / 2**30,
+                  ", ".join(gpu_decode.VARIANTS), dsettings.time_limit_s), flush=True)
+        decode_records, decode_meta = gpu_decode.run_suite(torch, dsettings)
+        decode_summary = gpu_decode.summarize(decode_records, decode_meta["copy"]["tbps"],
+                                              dsettings.budget_s)
+        decode_lines = gpu_decode.summary_lines(
+            decode_summary, torch.cuda.get_device_name(0),
+            datetime.date.today().isoformat(), command)
+    # On the GPU, prefill and decode are the suites above; gpu_cases has what is left (cascade).
+    case_list = (casemod.gpu_cases([x for x in suites if x not in ("prefill", "decode")], args.quick)
+                 if device == "cuda"
                  else casemod.cpu_cases(suites, args.quick, args.seed))
     rows = []
     for case in case_list:
@@ -352,10 +384,14 @@ def main(argv=None):
     parts = []
     if prefill_records is not None:
         parts.append(gpu_prefill.format_table(prefill_records, settings.variants))
+    if decode_records is not None:
+        parts.append(gpu_decode.format_table(decode_records, decode_meta["copy"]["tbps"]))
     if rows:
         parts.append(format_table(rows, device))
     if prefill_lines:
         parts.append("\n".join(prefill_lines))
+    if decode_lines:
+        parts.append("\n".join(decode_lines))
     table = "\n\n".join(parts)
     out_dir = args.out or default_out_dir()
     os.makedirs(out_dir, exist_ok=True)
@@ -374,6 +410,9 @@ def main(argv=None):
     if prefill_records is not None:
         record.update(prefill=prefill_records, prefill_meta=prefill_meta,
                       prefill_summary=prefill_summary, prefill_summary_text=prefill_lines)
+    if decode_records is not None:
+        record.update(decode=decode_records, decode_meta=decode_meta,
+                      decode_summary=decode_summary, decode_summary_text=decode_lines)
     with open(base + ".json", "w") as f:
         json.dump(record, f, indent=1)
     plots = []
@@ -383,6 +422,13 @@ def main(argv=None):
             "fastattn GPU prefill on %s, %s\n%d tokens per call, hidden %d; TFLOP/s = 4BHS\u00b2D "
             "(halved if causal) / median time" % (record["machine"].get("gpu"), record["date"][:10],
                                                   settings.tokens, settings.hidden)))
+    if decode_records:
+        plots.append(gpu_decode.save_plot(
+            decode_records, base + "_decode.png",
+            "fastattn GPU decode on %s, %s\nseqlen_q 1, full caches; TB/s = (K+V read + q + out) "
+            "bytes / median time; copy bandwidth %.2f TB/s" % (
+                record["machine"].get("gpu"), record["date"][:10], decode_meta["copy"]["tbps"]),
+            decode_meta["copy"]["tbps"]))
     if rows:
         plots.append(save_plot(rows, device, base + ".png"))
 
@@ -393,7 +439,7 @@ def main(argv=None):
         with open(args.table_file, "w") as f:
             f.write(table + "\n")
     failed = [r for r in rows if r.get("fastattn_s") is None and device == "cpu"]
-    bad = gpu_prefill.bad_records(prefill_records or [])
+    bad = gpu_prefill.bad_records(prefill_records or []) + gpu_decode.bad_records(decode_records or [])
     for b in bad[:10]:
         print("FAILED: " + b)
     return 1 if (failed or bad) else 0
