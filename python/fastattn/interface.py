@@ -441,14 +441,11 @@ def flash_attn_with_kvcache(
         **seqlens,
         **kw,
     )
-    workspace = None
-    if is_cuda(q):
-        # The CPU backend allocates its own scratch; on a GPU it comes from the caller's
-        # allocator (torch / cupy caching allocators), so calls stay graph-capturable.
-        nbytes = _C.kvcache_workspace_bytes(**args)
-        if nbytes:
-            workspace = empty(q, (nbytes,), "uint8")
-    _C.kvcache_attention_forward(workspace=workspace, **args)
+    # The CPU backend allocates its own scratch; on a GPU it comes from the caller's allocator
+    # (torch / cupy caching allocators: stream-ordered, so calls stay graph-capturable), asked
+    # for by the binding only when the call needs it.
+    alloc = (lambda nbytes: empty(q, (nbytes,), "uint8")) if is_cuda(q) else None
+    _C.kvcache_attention_forward(workspace=None, workspace_alloc=alloc, **args)
     out_final = finalize(q, o)
     if return_softmax_lse:
         return out_final, finalize(q, lse)

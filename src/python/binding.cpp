@@ -296,13 +296,23 @@ void kvcache_attention_forward(nb::handle q, nb::handle k_cache, nb::handle v_ca
                                std::optional<float> softmax_scale, bool causal,
                                std::int64_t window_left, std::int64_t window_right, float softcap,
                                nb::handle alibi_slopes, std::uintptr_t cuda_stream,
-                               int num_threads) {
+                               int num_threads, nb::handle workspace_alloc) {
   Keep keep;
   fastattn::KVCacheArgs a = make_kvcache_args(
       q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved, cache_seqlens,
       cache_seqlen, cache_batch_idx, cache_leftpad, block_table, page_indptr, page_indices,
       num_splits, out, lse, softmax_scale, causal, window_left, window_right, softcap,
       alibi_slopes, cuda_stream, num_threads, keep);
+  // Without a workspace, workspace_alloc(nbytes) (the caller's allocator, e.g. torch.empty on the
+  // tensors' device) supplies one when the call needs it: one import of the arrays per call.
+  nb::object allocated;
+  if (workspace.is_none() && !workspace_alloc.is_none()) {
+    const std::size_t nbytes = fastattn::kvcache_workspace_bytes(a);
+    if (nbytes > 0) {
+      allocated = workspace_alloc(nbytes);
+      workspace = allocated;
+    }
+  }
   a.workspace = opt_out(workspace, "workspace", keep);
   nb::gil_scoped_release release;
   fastattn::kvcache_attention_forward(a);
@@ -459,6 +469,7 @@ NB_MODULE(_C, m) {
 
   m.def("kvcache_attention_forward", &kvcache_attention_forward, FASTATTN_KVCACHE_ARGS,
         nb::arg("workspace").none() = nb::none(), FASTATTN_OPTION_ARGS,
+        nb::arg("workspace_alloc").none() = nb::none(),
         "fastattn::kvcache_attention_forward (in-place KV append, then attention).");
   m.def("kvcache_workspace_bytes", &kvcache_workspace_bytes, FASTATTN_KVCACHE_ARGS,
         FASTATTN_OPTION_ARGS, "fastattn::kvcache_workspace_bytes for the same arguments.");
