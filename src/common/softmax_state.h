@@ -78,6 +78,22 @@ struct MergeAccumulator {
     sum = sum * *rescale + *weight;
     m = m_new;
   }
+  /// Folds in another accumulator (states over disjoint keys), for parallel reductions.
+  FASTATTN_HD void merge(const MergeAccumulator& o) {
+    if (o.m == -INFINITY) return;
+    if (m == -INFINITY) {
+      *this = o;
+      return;
+    }
+    const float m_new = o.m > m ? o.m : m;
+    sum = sum * expf(m - m_new) + o.sum * expf(o.m - m_new);
+    m = m_new;
+  }
+  /// Weight of a state with `lse` in the merged output, once every state has been added:
+  /// exp(lse - m) / sum (0 for an empty state or when everything is empty).
+  FASTATTN_HD float weight_of(float lse) const {
+    return (lse == -INFINITY || sum <= 0.0f) ? 0.0f : expf(lse - m) / sum;
+  }
   FASTATTN_HD float lse() const { return sum > 0.0f ? m + logf(sum) : -INFINITY; }
   FASTATTN_HD float inv_sum() const { return sum > 0.0f ? 1.0f / sum : 0.0f; }
 };

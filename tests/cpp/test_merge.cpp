@@ -7,9 +7,13 @@
 // and for the merged LSE (float32): |ours - exact| <= 2e-6 * (1 + |exact|).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <random>
+#include <vector>
 
+#include "common/softmax_state.h"
 #include "test_util.h"
 
 namespace {
@@ -369,3 +373,38 @@ TEST(Merge, PartitionsOfKeysEqualFullAttention) {
 }
 
 }  // namespace
+
+// The parallel form of the N-way merge (MergeAccumulator::merge / weight_of, used by the CUDA
+// split combine): reducing subsets then merging them gives the LSE and weights of the direct
+// formula, computed here in double from the LSEs; empty states weigh 0 and never make NaN.
+TEST(MergeAccumulator, ParallelReductionMatchesDirectFormula) {
+  std::mt19937 rng(1234);
+  std::uniform_real_distribution<float> u(-30.0f, 30.0f);
+  for (int n : {1, 2, 5, 33, 100}) {
+    std::vector<float> lse(static_cast<std::size_t>(n));
+    for (auto& x : lse) x = u(rng);
+    lse[0] = -INFINITY;  // an empty split
+    // Lane-style reduction: 4 partial accumulators over strided subsets, then merged.
+    fastattn::MergeAccumulator part[4];
+    for (auto& a : part) a.init();
+    for (int s = 0; s < n; ++s) {
+      float rescale, weight;
+      part[s % 4].add(lse[static_cast<std::size_t>(s)], &rescale, &weight);
+    }
+    for (int k = 1; k < 4; ++k) part[0].merge(part[k]);
+    double m = -INFINITY;
+    for (float x : lse) m = std::max(m, static_cast<double>(x));
+    double sum = 0.0;
+    for (float x : lse) sum += std::exp(static_cast<double>(x) - m);
+    if (n == 1) {
+      EXPECT_EQ(part[0].lse(), -INFINITY);
+      EXPECT_EQ(part[0].weight_of(lse[0]), 0.0f);
+      continue;
+    }
+    EXPECT_NEAR(part[0].lse(), m + std::log(sum), 1e-4);
+    for (int s = 0; s < n; ++s) {
+      const double expect = std::isinf(lse[static_cast<std::size_t>(s)]) ? 0.0 : std::exp(lse[static_cast<std::size_t>(s)] - m) / sum;
+      EXPECT_NEAR(part[0].weight_of(lse[static_cast<std::size_t>(s)]), expect, 1e-5 * std::max(1.0, expect));
+    }
+  }
+}

@@ -89,29 +89,44 @@ __global__ void append_rotary_kernel(const DecodeParams p) {
 }
 
 /// Block (i, h, b): merges the num_splits partial states of query row i of head h into out and
-/// LSE with MergeAccumulator (empty states, LSE -inf, merge exactly and never give NaN).
+/// LSE with MergeAccumulator (empty states, LSE -inf, merge exactly and never give NaN). The
+/// first warp reduces the splits' LSEs in parallel (one accumulator per lane, then merged) and
+/// leaves each split's weight in shared memory; then every column sums its splits independently.
 template <Dtype kDtype>
 __global__ void combine_kernel(const DecodeParams p) {
+  extern __shared__ float split_weight[];  // (num_splits)
+  __shared__ float merged_lse;
   const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const std::int64_t split_stride = std::int64_t(p.batch) * p.heads_q * p.seqlen_q;
   const std::int64_t state0 = (std::int64_t(b) * p.heads_q + h) * p.seqlen_q + i;
-  for (int c = threadIdx.x; c < p.head_dim; c += blockDim.x) {
+  if (threadIdx.x < 32) {
     MergeAccumulator acc;
     acc.init();
+    float rescale, weight;
+    for (int s = threadIdx.x; s < p.num_splits; s += 32) acc.add(p.partial_lse[state0 + s * split_stride], &rescale, &weight);
+    for (int offset = 16; offset > 0; offset /= 2) {
+      MergeAccumulator other;
+      other.m = __shfl_xor_sync(0xffffffffu, acc.m, offset);
+      other.sum = __shfl_xor_sync(0xffffffffu, acc.sum, offset);
+      acc.merge(other);
+    }
+    for (int s = threadIdx.x; s < p.num_splits; s += 32)
+      split_weight[s] = acc.weight_of(p.partial_lse[state0 + s * split_stride]);
+    if (threadIdx.x == 0) merged_lse = acc.lse();
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < p.head_dim; c += blockDim.x) {
     float o = 0.0f;
     for (int s = 0; s < p.num_splits; ++s) {
-      const std::int64_t state = state0 + s * split_stride;
-      float rescale, weight;
-      acc.add(p.partial_lse[state], &rescale, &weight);
-      o = o * rescale + (weight > 0.0f ? weight * p.partial_o[state * p.head_dim + c] : 0.0f);
+      const float w = split_weight[s];
+      if (w > 0.0f) o += w * p.partial_o[(state0 + s * split_stride) * p.head_dim + c];
     }
     Elem<kDtype>::store(p.out, b * p.out_batch_stride + std::int64_t(i) * p.out_row_stride +
-                                   std::int64_t(h) * p.out_head_stride + c,
-                        o * acc.inv_sum());
-    if (p.lse && c == 0)
-      p.lse[b * p.lse_batch_stride + std::int64_t(h) * p.lse_head_stride + std::int64_t(i) * p.lse_row_stride] =
-          acc.lse();
+                                   std::int64_t(h) * p.out_head_stride + c, o);
   }
+  if (p.lse && threadIdx.x == 0)
+    p.lse[b * p.lse_batch_stride + std::int64_t(h) * p.lse_head_stride + std::int64_t(i) * p.lse_row_stride] =
+        merged_lse;
 }
 
 template <Dtype kDtype>
@@ -133,7 +148,7 @@ void run_for_dtype(const DecodeParams& p, cudaStream_t stream) {
   else if (p.head_dim <= 128) launch_decode<128, kDtype>(attn, stream);
   else launch_decode<256, kDtype>(attn, stream);
   if (p.num_splits > 1) {
-    combine_kernel<kDtype><<<dim3(p.seqlen_q, p.heads_q, p.batch), 128, 0, stream>>>(p);
+    combine_kernel<kDtype><<<dim3(p.seqlen_q, p.heads_q, p.batch), 128, p.num_splits * sizeof(float), stream>>>(p);
     FASTATTN_CUDA_CHECK_LAUNCH();
   }
 }
