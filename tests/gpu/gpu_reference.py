@@ -248,3 +248,175 @@ def assert_bitwise_equal(name: str, a: torch.Tensor, b: torch.Tensor):
         neq = ia != ib
         raise AssertionError(f"{name}: two runs of the same call differ in {int(neq.sum())} of "
                              f"{a.numel()} values (first at {_first_index(neq)}): not deterministic")
+
+
+# ---- KV cache (flash_attn_with_kvcache) ----------------------------------------------------------
+# Semantics (DESIGN.md, include/fastattn/ops.h KVCacheArgs): for sequence b with cache row
+# r = cache_batch_idx[b] (or b), seqlen = cache_seqlens[b], pad = cache_leftpad[b] (or 0):
+#  1. new k / v rows t = 0..Snew-1 go to slots seqlen + t of row r (paged: page
+#     block_table[r][slot // page_size], offset slot % page_size); k rotated at position
+#     seqlen - pad + t when rotary tables are given;
+#  2. q attends over slots [pad, seqlen + Snew) of row r, aligned bottom-right, positions counted
+#     from pad; q is rotated at position seqlen - pad + i (causal or windowed) or seqlen - pad
+#     (every row, otherwise).
+# The reference builds the cache contents after the append itself: the slots read from the cache
+# as it was before the call, the appended slots from the new k (rotated in float32, rounded to the
+# cache dtype, as the cache stores it) and v. Rotated q: float64 (unrounded) for the reference,
+# float32 rotation rounded to the input dtype for the naive computation (an op rotates q in float32
+# and may keep or round it; the difference is then within the naive error).
+
+
+def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+               interleaved: bool, work: torch.dtype) -> torch.Tensor:
+    """x (S, H, D) rotated at positions (S,) int64: returns x in `work` dtype with its first
+    rotary_dim = 2 * cos.shape[1] dims rotated by the angles of row positions[s] of cos / sin
+    (interleaved: pairs (2i, 2i + 1); GPT-NeoX: pairs (i, i + rotary_dim / 2)); other dims as x."""
+    rd = 2 * cos.shape[1]
+    out = x.to(work).clone()
+    c = cos.to(work)[positions][:, None, :]  # (S, 1, rd / 2)
+    s = sin.to(work)[positions][:, None, :]
+    if interleaved:
+        x0, x1 = out[..., 0:rd:2].clone(), out[..., 1:rd:2].clone()
+        out[..., 0:rd:2] = x0 * c - x1 * s
+        out[..., 1:rd:2] = x0 * s + x1 * c
+    else:
+        h = rd // 2
+        x0, x1 = out[..., :h].clone(), out[..., h:rd].clone()
+        out[..., :h] = x0 * c - x1 * s
+        out[..., h:rd] = x0 * s + x1 * c
+    return out
+
+
+def kvcache_index(row: int, slots: torch.Tensor, page_ids: Optional[torch.Tensor] = None,
+                  page_size: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(index into dim 0, index into dim 1) of the cache entries holding `slots` (int64) of cache
+    row `row`: contiguous (row, slot); paged (page_ids[slot // page_size], slot % page_size)."""
+    if page_ids is None:
+        return torch.full_like(slots, int(row)), slots
+    return page_ids[slots // page_size], slots % page_size
+
+
+class KVCacheRef:
+    """What kvcache_ref computes. out (B, Sq, Hq, D) float64 / lse (B, Hq, Sq) float64: the
+    reference; out_naive (input dtype) / lse_naive (float32): the naive computation in the input
+    dtype; k_app / v_app (B, Snew, Hkv, D) in the cache dtype: the expected contents of the
+    appended slots; app_index: (dim-0 index, dim-1 index) of those slots, (B * Snew,) each, in the
+    order of k_app.reshape(-1, Hkv, D); rotary_dim: 0 without rotary."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def kvcache_ref(q, k_cache, v_cache, k_new=None, v_new=None, cache_seqlens=None, *,
+                rotary_cos=None, rotary_sin=None, rotary_interleaved=True, cache_batch_idx=None,
+                cache_leftpad=None, block_table=None, softmax_scale=None, causal=False,
+                window_size=(-1, -1), softcap=0.0, alibi_slopes=None) -> KVCacheRef:
+    """flash_attn_with_kvcache, naively. q (B, Sq, Hq, D); k_cache / v_cache: the caches *before*
+    the call, (B_cache, S_cache, Hkv, D) or paged (num_pages, page_size, Hkv, D) with block_table
+    (rows of page ids: host lists or an int tensor); k_new / v_new (B, Snew, Hkv, D) or None;
+    cache_seqlens: an int or B ints; cache_batch_idx / cache_leftpad: B ints or None;
+    rotary_cos / rotary_sin (S_rotary, rotary_dim / 2); alibi_slopes (Hq,) or (B, Hq).
+    Only the slots attended are read, so a huge cache costs nothing beyond its sequences."""
+    bsz, sq, hq, d = q.shape
+    dev = q.device
+    snew = 0 if k_new is None else int(k_new.shape[1])
+    hkv = k_cache.shape[2]
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = [cache_seqlens] * bsz
+    seqlens = [int(x) for x in cache_seqlens]
+    rows = [int(x) for x in cache_batch_idx] if cache_batch_idx is not None else list(range(bsz))
+    pads = [int(x) for x in cache_leftpad] if cache_leftpad is not None else [0] * bsz
+    paged = block_table is not None
+    page_size = int(k_cache.shape[1]) if paged else 0
+    if paged:
+        table = torch.as_tensor(block_table.tolist() if torch.is_tensor(block_table) else block_table,
+                                dtype=torch.int64, device=dev)
+    rotary = rotary_cos is not None
+    rd = 2 * int(rotary_cos.shape[1]) if rotary else 0
+    left, right = int(window_size[0]), int(window_size[1])
+    per_row = causal or left >= 0 or right >= 0  # q rotated per row (FlashAttention's rule)
+    out = torch.zeros(bsz, sq, hq, d, dtype=REF_DTYPE, device=dev)
+    lse = torch.full((bsz, hq, sq), float("-inf"), dtype=REF_DTYPE, device=dev)
+    out_naive = torch.zeros(bsz, sq, hq, d, dtype=q.dtype, device=dev)
+    lse_naive = torch.full((bsz, hq, sq), float("-inf"), dtype=torch.float32, device=dev)
+    k_app = torch.empty(bsz, snew, hkv, d, dtype=k_cache.dtype, device=dev)
+    v_app = torch.empty(bsz, snew, hkv, d, dtype=v_cache.dtype, device=dev)
+    app0, app1 = [], []
+    for b in range(bsz):
+        row, sl, pad = rows[b], seqlens[b], pads[b]
+        assert 0 <= pad <= sl, (b, pad, sl)
+        pos0 = sl - pad  # position of the first appended token
+        page_ids = table[row] if paged else None
+        if snew:
+            kb = k_new[b]
+            if rotary:
+                pos = torch.arange(snew, device=dev, dtype=torch.int64) + pos0
+                kb = rotary_ref(kb, rotary_cos, rotary_sin, pos, rotary_interleaved, torch.float32)
+            k_app[b] = kb.to(k_cache.dtype)
+            v_app[b] = v_new[b].to(v_cache.dtype)
+            i0, i1 = kvcache_index(row, torch.arange(sl, sl + snew, device=dev, dtype=torch.int64),
+                                   page_ids, page_size)
+            app0.append(i0)
+            app1.append(i1)
+        # The cache after the append, slots [pad, seqlen + Snew) of row `row`.
+        i0, i1 = kvcache_index(row, torch.arange(pad, sl + snew, device=dev, dtype=torch.int64),
+                               page_ids, page_size)
+        keys, values = k_cache[i0, i1], v_cache[i0, i1]  # (Sk, Hkv, D) copies
+        if snew:
+            keys[sl - pad:] = k_app[b]
+            values[sl - pad:] = v_app[b]
+        qb, qb_naive = q[b], q[b]
+        if rotary:
+            qpos = torch.arange(sq, device=dev, dtype=torch.int64) if per_row else \
+                torch.zeros(sq, device=dev, dtype=torch.int64)
+            qpos = qpos + pos0
+            qb = rotary_ref(q[b], rotary_cos, rotary_sin, qpos, rotary_interleaved, REF_DTYPE)
+            qb_naive = rotary_ref(q[b], rotary_cos, rotary_sin, qpos, rotary_interleaved,
+                                  torch.float32).to(q.dtype)
+        slopes = None
+        if alibi_slopes is not None:
+            slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b]
+        kw = dict(softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                  softcap=softcap, alibi_slopes=slopes)
+        o, l, _ = attention_ref(qb[None], keys[None], values[None], **kw)
+        on, ln, _ = attention_ref(qb_naive[None], keys[None], values[None], naive=True, **kw)
+        out[b], lse[b], out_naive[b], lse_naive[b] = o[0], l[0], on[0], ln[0]
+    empty = torch.zeros(0, dtype=torch.int64, device=dev)
+    app_index = (torch.cat(app0) if app0 else empty, torch.cat(app1) if app1 else empty)
+    return KVCacheRef(out=out, lse=lse, out_naive=out_naive, lse_naive=lse_naive, k_app=k_app,
+                      v_app=v_app, app_index=app_index, rotary_dim=rd)
+
+
+def max_finite_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |ours - ref| over the entries where ref is finite (0.0 when there are none)."""
+    fin = torch.isfinite(ref)
+    if not bool(fin.any()):
+        return 0.0
+    return float((ours.to(REF_DTYPE)[fin] - ref.to(REF_DTYPE)[fin]).abs().max())
+
+
+def _ordered_bits(x: torch.Tensor) -> torch.Tensor:
+    """float16 / bfloat16 bit patterns mapped to integers that order like the values (-0 == +0),
+    so that the difference of two is their distance in units in the last place."""
+    i = x.contiguous().view(torch.int16).to(torch.int32)
+    return torch.where(i >= 0, i, -32768 - i)
+
+
+def assert_within_ulps(name: str, ours: torch.Tensor, expected: torch.Tensor, ulps: int = 1,
+                       atol: float = 0.0):
+    """float16 / bfloat16 values at most `ulps` units in the last place from `expected` (or within
+    atol of it: results of float32 arithmetic near cancellation, rounded to the dtype)."""
+    assert ours.dtype == expected.dtype and ours.dtype in (torch.float16, torch.bfloat16), name
+    assert tuple(ours.shape) == tuple(expected.shape), f"{name}: shape {tuple(ours.shape)} != {tuple(expected.shape)}"
+    assert_no_nan(name, ours)
+    if ours.numel() == 0:
+        return
+    dist = (_ordered_bits(ours) - _ordered_bits(expected)).abs()
+    close = (ours.float() - expected.float()).abs() <= atol
+    bad = (dist > ulps) & ~close
+    if bool(bad.any()):
+        i = _first_index(bad)
+        raise AssertionError(f"{name}: {int(bad.sum())} of {ours.numel()} values more than {ulps} "
+                             f"ulp (and {atol:g}) from the expected values; first at {i}: ours "
+                             f"{float(ours[i]):.6g}, expected {float(expected[i]):.6g} "
+                             f"({int(dist[i])} ulp)")
