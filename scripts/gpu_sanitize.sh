@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # compute-sanitizer over a small representative set of fastattn's CUDA prefill calls
 # (tests/gpu/sanitize_prefill.py: dense, varlen, block-table and CSR paged, every option, head dims
-# 8..256, page sizes 1..256, strided views, empty sequences, probabilities). For the GPU machine,
+# 8..256, page sizes 1..256, strided views, empty sequences, probabilities) and KV-cache / decode
+# calls (tests/gpu/sanitize_decode.py: contiguous and paged caches, appends with rotary, leftpad,
+# cache_batch_idx, split-KV, out-of-range page ids, empty caches). For the GPU machine,
 # after the package is installed (scripts/gpu_check.sh does that). From the repository root:
 #   scripts/gpu_sanitize.sh
-# Runs each tool in turn, prints its summary line and a compact table last; exits 1 when a tool
-# reports an error (or the script's results are wrong), 2 when compute-sanitizer is missing.
+# Runs each tool in turn over each case script, prints its summary line and a compact table last;
+# exits 1 when a tool reports an error (or a script's results are wrong), 2 when compute-sanitizer
+# is missing.
 #
 # memcheck runs with PYTORCH_NO_CUDA_MEMORY_CACHING=1 (each tensor its own cudaMalloc, so a read
 # past a tensor's end is out of bounds, not inside a cached block) and checks every kernel,
@@ -16,12 +19,15 @@
 # Environment: SANITIZE_TOOLS (default "memcheck racecheck"; synccheck and initcheck also work),
 #              SANITIZE_FILTER (kernel-name substring for the non-memcheck tools; "" = none;
 #              default "fastattn" when found in the device code), SANITIZE_ARGS (extra arguments
-#              of sanitize_prefill.py, e.g. "--only varlen" or "--seed N"), SANITIZE_TIMEOUT
-#              (seconds per tool, default 540), PYTHON, OUT (logs go there, else build-gpu/).
+#              of both case scripts, e.g. "--only varlen" or "--seed N"), SANITIZE_SCRIPTS
+#              (default "prefill decode": tests/gpu/sanitize_<name>.py), SANITIZE_TIMEOUT
+#              (seconds per tool and script, default 540), PYTHON, OUT (logs go there, else
+#              build-gpu/: sanitize_<tool>.log for prefill, sanitize_decode_<tool>.log for decode).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 PY="${PYTHON:-python3}"
 TOOLS="${SANITIZE_TOOLS:-memcheck racecheck}"
+SCRIPTS="${SANITIZE_SCRIPTS:-prefill decode}"
 LIMIT="${SANITIZE_TIMEOUT:-540}"
 LOGDIR="${OUT:-build-gpu}"
 mkdir -p "$LOGDIR"
@@ -51,7 +57,9 @@ fi
 declare -a SUMMARY=()
 FAILED=0
 for tool in $TOOLS; do
-  log="$LOGDIR/sanitize_${tool}.log"
+for script in $SCRIPTS; do
+  if [ "$script" = prefill ]; then log="$LOGDIR/sanitize_${tool}.log"; label="$tool"
+  else log="$LOGDIR/sanitize_${script}_${tool}.log"; label="$tool $script"; fi
   opts=(--tool "$tool" --error-exitcode 99 --print-limit 30)
   args=()
   if [ "$tool" = memcheck ]; then
@@ -61,15 +69,15 @@ for tool in $TOOLS; do
     args+=(--no-check)
     [ -n "$FILTER" ] && opts+=(--kernel-name "kns=$FILTER")
   fi
-  echo "== [sanitize] $tool: compute-sanitizer ${opts[*]} $PY tests/gpu/sanitize_prefill.py ${args[*]} ${SANITIZE_ARGS:-}"
+  echo "== [sanitize] $label: compute-sanitizer ${opts[*]} $PY tests/gpu/sanitize_${script}.py ${args[*]} ${SANITIZE_ARGS:-}"
   t0=$(date +%s)
   # shellcheck disable=SC2086
   env "${env_extra[@]}" timeout "$LIMIT" compute-sanitizer "${opts[@]}" \
-    "$PY" tests/gpu/sanitize_prefill.py "${args[@]}" ${SANITIZE_ARGS:-} >"$log" 2>&1
+    "$PY" "tests/gpu/sanitize_${script}.py" "${args[@]}" ${SANITIZE_ARGS:-} >"$log" 2>&1
   rc=$?
   secs=$(( $(date +%s) - t0 ))
   line="$(grep -E '^=+ [A-Z]+ SUMMARY' "$log" | tail -1 | sed 's/^=* *//')"
-  cases="$(grep -E '^sanitize_prefill: [0-9]+ cases' "$log" | tail -1)"
+  cases="$(grep -E "^sanitize_${script}: [0-9]+ cases" "$log" | tail -1)"
   if [ "$rc" -eq 0 ]; then
     status=ok
   else
@@ -81,17 +89,18 @@ for tool in $TOOLS; do
       *) why="exit status $rc" ;;
     esac
     line="$why; ${line:-no summary}"
-    echo "---- $tool: errors (first 60 lines of $log) ----"
+    echo "---- $label: errors (first 60 lines of $log) ----"
     grep -E '^=+ ' "$log" | head -60
-    echo "---- $tool: last lines of $log ----"
+    echo "---- $label: last lines of $log ----"
     tail -15 "$log"
   fi
-  echo "$tool: ${line:-no summary line} | ${cases:-the case script did not finish} (${secs}s, log $log)"
-  SUMMARY+=("$(printf '%-10s %-5s %5ss  %s' "$tool" "$status" "$secs" "${line:-no summary line}")")
+  echo "$label: ${line:-no summary line} | ${cases:-the case script did not finish} (${secs}s, log $log)"
+  SUMMARY+=("$(printf '%-16s %-5s %5ss  %s' "$label" "$status" "$secs" "${line:-no summary line}")")
+done
 done
 
 echo
-echo "==================== fastattn compute-sanitizer (prefill) ===================="
+echo "==================== fastattn compute-sanitizer ($SCRIPTS) ===================="
 for l in "${SUMMARY[@]}"; do echo "$l"; done
 if [ "$FAILED" = "0" ]; then echo "SANITIZE PASSED"; else echo "SANITIZE FAILED"; fi
 exit "$FAILED"

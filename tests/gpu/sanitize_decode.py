@@ -1,0 +1,105 @@
+"""A small representative set of CUDA KV-cache (decode) calls for compute-sanitizer
+(scripts/gpu_sanitize.sh): flash_attn_with_kvcache over contiguous and paged caches (page sizes 1,
+16, 256), appends with rotary (interleaved and GPT-NeoX, full and partial rotary_dim), leftpad,
+cache_batch_idx, GQA 8, num_splits 1 and 7 (and the heuristic over a long cache), out-of-range page
+ids in the block table, empty caches, and decode through flash_attn_varlen_func with a block table.
+Each call runs twice into NaN-poisoned buffers and, unless --no-check, is compared with the float64
+reference and the caches are checked (as tests/gpu/test_kvcache_gpu.py does). No guard memory
+around the caches here, so that memcheck sees each cache's own allocation bounds.
+
+Not collected by pytest (no test_ prefix). Usage:
+    python tests/gpu/sanitize_decode.py [--no-check] [--only SUBSTRING] [--seed N]
+Exit status 0 when every case ran (and matched the reference).
+"""
+
+import argparse
+import os
+import random
+import secrets
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+import test_kvcache_gpu as T  # noqa: E402  (its helpers; importing it runs no test)
+
+F16, B16 = torch.float16, torch.bfloat16
+T.GUARD = 0  # caches in their own allocations (PYTORCH_NO_CUDA_MEMORY_CACHING=1 under memcheck)
+
+
+def kvcache(rng, check, dtype, cfg):
+    T.run_case(T.build_case(rng, dtype, cfg), check)
+
+
+def bad_page_ids(rng, check, where):
+    T.out_of_range_page_ids(rng, where, check)
+
+
+def varlen_decode(rng, check, dtype, page_size):
+    if check:
+        T.test_varlen_decode_block_table(rng, dtype, page_size, "seqused_k", "causal+alibi_bh+softcap")
+        return
+    lens = [0, 1, 17, 113, 799]
+    table, num_pages = T.make_block_table(rng, lens, page_size)
+    kp = T.randn(num_pages, page_size, 2, 128, dtype=dtype)
+    vp = T.randn(num_pages, page_size, 2, 128, dtype=dtype)
+    q = T.randn(len(lens), 16, 128, dtype=dtype)
+    bt = torch.tensor(table, dtype=torch.int32, device=T.DEV)
+    T.run_twice(lambda o: T.flash_attn_varlen_func(q, kp, vp, T.i32(range(len(lens) + 1)), None, 1,
+                                                   max(lens), block_table=bt, seqused_k=T.i32(lens),
+                                                   causal=True, return_softmax_lse=True, out=o),
+                lambda: T.nan_full(q.shape, dtype))
+
+
+def cases():
+    """(name, function, arguments after (rng, check))."""
+    yield "contiguous fp16 d128 decode gqa4", kvcache, (F16, dict())
+    yield "contiguous bf16 gqa8 chunk16 causal d256", kvcache, (B16, dict(Hq=16, Hkv=2, D=256, Sq=16, Snew=16, opt="causal"))
+    yield "contiguous fp16 leftpad batch_idx rotary interleaved", kvcache, (F16, dict(
+        leftpad=True, batch_idx=True, rotary="interleaved", Sq=3, Snew=3, opt="causal"))
+    yield "paged 1 bf16 d64 batch_idx", kvcache, (B16, dict(page=1, D=64, cache_len=300, batch_idx=True))
+    yield "paged 16 fp16 rotary neox half leftpad window", kvcache, (F16, dict(
+        page=16, rotary="neox", rotary_frac=0.5, leftpad=True, Sq=4, Snew=4, opt="window+alibi_bh"))
+    yield "paged 256 bf16 gqa8 rotary interleaved", kvcache, (B16, dict(page=256, Hq=16, Hkv=2, rotary="interleaved"))
+    yield "num_splits 1 contiguous", kvcache, (F16, dict(splits=1, cache_len=3000))
+    yield "num_splits 7 paged 16 causal softcap", kvcache, (B16, dict(page=16, splits=7, cache_len=3000, Sq=2, Snew=2, opt="causal+softcap"))
+    yield "num_splits heuristic long cache", kvcache, (F16, dict(B=2, lens=[7999, 3000], cache_len=8000, Hq=16, Hkv=2))
+    yield "everything paged 16", kvcache, (B16, dict(page=16, rotary="interleaved", rotary_frac=0.5, batch_idx=True,
+                                                     leftpad=True, opt=T.ALL, splits=3, Sq=5, Snew=5))
+    yield "out-of-range page ids (reads)", bad_page_ids, ("read_pages",)
+    yield "out-of-range page ids (append)", bad_page_ids, ("append_page",)
+    yield "empty cache", kvcache, (F16, dict(lens="zeros", Snew=0))
+    yield "empty paged cache, first tokens appended", kvcache, (B16, dict(lens="zeros", page=16, Sq=2, Snew=2, rotary="neox", opt="causal"))
+    yield "varlen decode block table page 16", varlen_decode, (B16, 16)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--no-check", action="store_true", help="skip the reference comparisons")
+    ap.add_argument("--only", default="", help="run the cases whose name contains this")
+    ap.add_argument("--seed", type=int, default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("sanitize_decode: no CUDA device")
+        return 2
+    seed = args.seed if args.seed is not None else secrets.randbits(63)
+    print(f"sanitize_decode: seed {seed} (--seed {seed} replays)", flush=True)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    n = 0
+    for name, fn, pos in cases():
+        if args.only not in name:
+            continue
+        t = time.time()
+        fn(rng, not args.no_check, *pos)
+        torch.cuda.synchronize()
+        n += 1
+        print(f"  ok  {name}  ({time.time() - t:.1f}s)", flush=True)
+    print(f"sanitize_decode: {n} cases ok{' (not checked against the reference)' if args.no_check else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
