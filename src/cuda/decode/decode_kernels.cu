@@ -92,9 +92,13 @@ __global__ void append_rotary_kernel(const DecodeParams p) {
 /// LSE with MergeAccumulator (empty states, LSE -inf, merge exactly and never give NaN). The
 /// first warp reduces the splits' LSEs in parallel (one accumulator per lane, then merged) and
 /// leaves each split's weight in shared memory; then every column sums its splits independently.
+constexpr int kMaxSplits = 1024;  // the largest num_splits the API accepts (core/validate.cpp)
+
 template <Dtype kDtype>
 __global__ void combine_kernel(const DecodeParams p) {
-  extern __shared__ float split_weight[];  // (num_splits)
+  // Sized for the largest split count, not num_splits: compute-sanitizer saw the compiled
+  // column loop read a few floats past a dynamically sized array.
+  __shared__ float split_weight[kMaxSplits];
   __shared__ float merged_lse;
   const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const std::int64_t split_stride = std::int64_t(p.batch) * p.heads_q * p.seqlen_q;
@@ -148,7 +152,7 @@ void run_for_dtype(const DecodeParams& p, cudaStream_t stream) {
   else if (p.head_dim <= 128) launch_decode<128, kDtype>(attn, stream);
   else launch_decode<256, kDtype>(attn, stream);
   if (p.num_splits > 1) {
-    combine_kernel<kDtype><<<dim3(p.seqlen_q, p.heads_q, p.batch), 128, p.num_splits * sizeof(float), stream>>>(p);
+    combine_kernel<kDtype><<<dim3(p.seqlen_q, p.heads_q, p.batch), 128, 0, stream>>>(p);
     FASTATTN_CUDA_CHECK_LAUNCH();
   }
 }
