@@ -120,11 +120,14 @@ __global__ void combine_kernel(const DecodeParams p) {
   }
   __syncthreads();
   for (int c = threadIdx.x; c < p.head_dim; c += blockDim.x) {
+    // No branch on the weight: the loads of all splits go out back to back (a branch made them
+    // one dependent round trip each). An empty split stores a zero output, so its weight 0
+    // contributes exactly 0.
+    const float* src = p.partial_o + state0 * p.head_dim + c;
+    const std::int64_t step = split_stride * p.head_dim;
     float o = 0.0f;
-    for (int s = 0; s < p.num_splits; ++s) {
-      const float w = split_weight[s];
-      if (w > 0.0f) o += w * p.partial_o[(state0 + s * split_stride) * p.head_dim + c];
-    }
+#pragma unroll 8
+    for (int s = 0; s < p.num_splits; ++s) o += split_weight[s] * src[s * step];
     Elem<kDtype>::store(p.out, b * p.out_batch_stride + std::int64_t(i) * p.out_row_stride +
                                    std::int64_t(h) * p.out_head_stride + c, o);
   }
