@@ -57,6 +57,10 @@ struct DecodeConfig {
   static_assert(kHeadDim % 64 == 0, "decode head dims: 64, 128, 256");
 };
 
+/// Page ids staged per key tile: a 64-key tile spans at most 64 / run + 1 pages (runs of at
+/// least 4 rows, so <= 17).
+constexpr int kPageIdsPerTile = 32;
+
 template <int kHeadDim, Dtype kDtype>
 __global__ void __launch_bounds__(128, 2) decode_kernel(const __grid_constant__ DecodeParams p) {
   using Cfg = DecodeConfig<kHeadDim>;
@@ -113,21 +117,48 @@ __global__ void __launch_bounds__(128, 2) decode_kernel(const __grid_constant__ 
               (p.page_size == 0 ? std::int64_t(seq.row) * p.v_batch_stride : 0);
   const CopyMap<Cfg> cmap(p.head_dim);
   // Paged caches whose pages hold whole per-thread runs (page_size a multiple of 4 / 8 / 16 rows
-  // at head_dim 64 / 128 / 256): one page id per thread per tile, fetched a tile ahead. Measured
-  // faster than the dense copy order with one id per row (bench/NOTES.md).
+  // at head_dim 64 / 128 / 256): one page id per thread per tile. The ids of tile t's pages ride
+  // in the cp.async group of tile t - (S - 1) into a shared ring (slot (t - t_begin) % S), so they
+  // have landed, behind that group's wait and barrier, when tile t's copies are issued. A plain
+  // load of the id queued behind the tile traffic instead, and the refill waited on it (ncu:
+  // long-scoreboard stalls, paged 10% behind contiguous).
   const PagedRunCopy<Cfg> runs(p.head_dim);
   const bool paged_runs = PagedRunCopy<Cfg>::applies(p);
-  int page_next = paged_runs && t_begin < t_end ? runs.fetch_page(p, krows, t_begin * BN) : -1;
+  __shared__ int page_ring[S][kPageIdsPerTile];
+  const int page_count = p.page_size > 0 ? seq.capacity / p.page_size : 0;
+  auto first_page = [&](int tile) {
+    return p.page_shift >= 0 ? (tile * BN) >> p.page_shift : tile * BN / p.page_size;
+  };
+  auto stage_page_ids = [&](int tile) {  // into the current cp.async group
+    if (tile >= t_end || threadIdx.x >= kPageIdsPerTile) return;
+    const int pi = first_page(tile) + threadIdx.x;
+    const bool ok = pi < page_count;  // past the row's pages: zero, only for masked rows
+    cute::SM80_CP_ASYNC_CACHEALWAYS_ZFILL<std::uint32_t>::copy(
+        *reinterpret_cast<const std::uint32_t*>(ok ? seq.pages + pi : seq.pages),
+        *reinterpret_cast<std::uint32_t*>(&page_ring[(tile - t_begin) % S][threadIdx.x]), ok);
+  };
+  auto page_of_run = [&](int tile, bool staged) {  // this thread's run's page id in `tile`
+    const int j = tile * BN + runs.run_row0;
+    if (!staged) return runs.fetch_page(p, krows, tile * BN);  // the prologue's first tiles
+    const int pi = p.page_shift >= 0 ? j >> p.page_shift : j / p.page_size;
+    return j < krows.len ? page_ring[(tile - t_begin) % S][pi - first_page(tile)] : -1;
+  };
   auto load_tile = [&](int tile) {  // one cp.async group per call, empty past the split
     if (tile < t_end) {
       const int stage = (tile - t_begin) % S, n0 = tile * BN;
       std::uint16_t* sK = sK0 + stage * Cfg::kTileElems;
       std::uint16_t* sV = sV0 + stage * Cfg::kTileElems;
       if (paged_runs) {
-        runs.load(sK, p, krows, n0, page_next, p.k_row_stride, p.k_batch_stride);
-        runs.load(sV, p, vrows, n0, page_next, p.v_row_stride, p.v_batch_stride);
-        if (tile + 1 < t_end) page_next = runs.fetch_page(p, krows, n0 + BN);
-      } else {
+        const int page = page_of_run(tile, tile >= t_begin + S - 1);
+        runs.load(sK, p, krows, n0, page, p.k_row_stride, p.k_batch_stride);
+        runs.load(sV, p, vrows, n0, page, p.v_row_stride, p.v_batch_stride);
+        stage_page_ids(tile + S - 1);
+      } else if (p.page_size == 0) {
+        // Contiguous rows in the same per-thread run order as pages (measured as fast as the
+        // strided order of load_kv_tile; one copy order for both caches).
+        runs.load_dense(sK, krows, n0, p.k_row_stride);
+        runs.load_dense(sV, vrows, n0, p.v_row_stride);
+      } else {  // pages that split a run (page_size not a multiple of it): row by row
         cuda_prefill::load_kv_tile<Cfg>(sK, p, krows, n0, p.k_row_stride, p.k_batch_stride, cmap);
         cuda_prefill::load_kv_tile<Cfg>(sV, p, vrows, n0, p.v_row_stride, p.v_batch_stride, cmap);
       }

@@ -242,6 +242,19 @@ struct PagedRunCopy {
       cp_async_16(smem + Tile::smem_offset(run_row0 + k, ch), pred ? src + k * row_stride : kr.ptr, pred);
     }
   }
+  /// Copies this thread's run of the tile at n0 from dense rows (row j at kr.ptr + j * row_stride;
+  /// zeros past the keys and past head_dim).
+  __device__ __forceinline__ void load_dense(std::uint16_t* smem, const KvRows& kr, int n0,
+                                             std::int64_t row_stride) const {
+    if (!active) return;
+    const int j0 = n0 + run_row0;
+    const std::uint16_t* src = kr.ptr + std::int64_t(j0) * row_stride + ch * 8;
+#pragma unroll
+    for (int k = 0; k < kRowsPerThread; ++k) {
+      const bool pred = in_dim && j0 + k < kr.len;
+      cp_async_16(smem + Tile::smem_offset(run_row0 + k, ch), pred ? src + k * row_stride : kr.ptr, pred);
+    }
+  }
 };
 
 /// Batch entry b as the kernels see it, clamped to the tensors the index tensors point into.
