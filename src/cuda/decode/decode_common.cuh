@@ -63,6 +63,21 @@ __device__ __forceinline__ std::int64_t slot_offset(const DecodeParams& p, const
   return std::int64_t(page) * batch_stride + std::int64_t(in_page) * row_stride;
 }
 
+/// Programmatic dependent launch (sm_90): a kernel launched with the programmatic-serialization
+/// attribute may start while its predecessor on the stream still runs; griddepcontrol.wait then
+/// blocks until the predecessor has finished and its writes are visible, and launch_dependents
+/// lets the successor start launching early. Both are no-ops for a plain launch and before sm_90.
+__device__ __forceinline__ void pdl_wait_for_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_let_next_kernel_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 template <Dtype kDtype>
 struct Elem;
 template <>

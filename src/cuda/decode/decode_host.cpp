@@ -27,6 +27,13 @@ int sm_count(int device) {
   return n;
 }
 
+/// Programmatic dependent launch exists from compute capability 9.0.
+bool has_dependent_launch(int device) {
+  int major = 0;
+  FASTATTN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 9;
+}
+
 struct Plan {
   DecodeParams p;
   std::size_t q_rot_bytes = 0;  ///< rotated q, first in the workspace
@@ -191,6 +198,7 @@ void kvcache_attention_forward(check::ArgChecker& c, const KVCacheArgs& args, co
       p.partial_o = reinterpret_cast<float*>(base + plan.q_rot_bytes + plan.lse_bytes);
     }
   }
+  p.dependent_launch = has_dependent_launch(c.device().index);
   cuda_detail::DeviceGuard guard(c.device().index);
   run_decode(p, args.exec.cuda_stream);
 }

@@ -19,6 +19,7 @@
 
 #include "cuda/common/cuda_check.h"
 #include "cuda/decode/decode_common.cuh"
+#include "cuda/decode/decode_launch.h"
 #include "cuda/prefill/prefill_kernel.cuh"
 
 namespace fastattn::cuda_decode {
@@ -84,6 +85,11 @@ __global__ void __launch_bounds__(128, 2) decode_kernel(const __grid_constant__ 
   const int per_split = (total_tiles + p.num_splits - 1) / p.num_splits;
   const int t_begin = t_first + split * per_split;
   const int t_end = min(t_first + total_tiles, t_begin + per_split);
+  // Everything above read only the caller's index tensors; the cache and the rotated q may come
+  // from the append kernel just before (dependent launch): wait for it, then let the combine
+  // kernel start launching.
+  pdl_wait_for_previous_kernel();
+  pdl_let_next_kernel_launch();
 
   extern __shared__ __align__(16) std::uint16_t smem[];
   std::uint16_t* sQ = smem;
@@ -330,8 +336,8 @@ void launch_decode(const DecodeParams& p, cudaStream_t stream) {
   const int m_blocks = (p.group * p.seqlen_q + Cfg::kRows - 1) / Cfg::kRows;
   const dim3 grid(p.num_splits, p.heads_kv * m_blocks, p.batch);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
-  FASTATTN_CUDA_CHECK_LAUNCH();
+  launch_kernel(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream,
+                p.dependent_launch && p.after_append, p);
 }
 
 #define FASTATTN_INSTANTIATE_DECODE(D, T) \

@@ -13,6 +13,7 @@
 #include "common/softmax_state.h"
 #include "cuda/common/cuda_check.h"
 #include "cuda/decode/decode_common.cuh"
+#include "cuda/decode/decode_launch.h"
 #include "cuda/decode/decode_params.h"
 #include "fastattn/error.h"
 
@@ -53,6 +54,7 @@ __device__ __forceinline__ float rotate(const DecodeParams& p, const void* base,
 template <Dtype kDtype>
 __global__ void append_rotary_kernel(const DecodeParams p) {
   using E = Elem<kDtype>;
+  pdl_let_next_kernel_launch();  // the attention kernel waits for this one to finish
   const int t = blockIdx.x, b = blockIdx.y;
   const DecodeSeq seq = resolve_decode_seq(p, b);
   const int pos0 = seq.seqlen - seq.pad;  // position of the first new token
@@ -100,6 +102,7 @@ __global__ void combine_kernel(const DecodeParams p) {
   // column loop read a few floats past a dynamically sized array.
   __shared__ float split_weight[kMaxSplits];
   __shared__ float merged_lse;
+  pdl_wait_for_previous_kernel();  // the attention kernel's partial states
   const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const std::int64_t split_stride = std::int64_t(p.batch) * p.heads_q * p.seqlen_q;
   const std::int64_t state0 = (std::int64_t(b) * p.heads_q + h) * p.seqlen_q + i;
@@ -145,6 +148,7 @@ void run_for_dtype(const DecodeParams& p, cudaStream_t stream) {
   }
   if (p.seqlen_q == 0 || p.heads_q == 0) return;  // an append without queries
   DecodeParams attn = p;
+  attn.after_append = append_blocks > 0;
   if (p.q_rot) {  // attend with the rotated copy (contiguous)
     attn.q = p.q_rot;
     attn.q_head_stride = p.head_dim;
@@ -155,8 +159,8 @@ void run_for_dtype(const DecodeParams& p, cudaStream_t stream) {
   else if (p.head_dim <= 128) launch_decode<128, kDtype>(attn, stream);
   else launch_decode<256, kDtype>(attn, stream);
   if (p.num_splits > 1) {
-    combine_kernel<kDtype><<<dim3(p.seqlen_q, p.heads_q, p.batch), 128, 0, stream>>>(p);
-    FASTATTN_CUDA_CHECK_LAUNCH();
+    launch_kernel(&combine_kernel<kDtype>, dim3(p.seqlen_q, p.heads_q, p.batch), dim3(128), 0, stream,
+                  p.dependent_launch, p);
   }
 }
 

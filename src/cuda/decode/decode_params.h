@@ -82,6 +82,10 @@ struct DecodeParams {
   // merges them. partial_o (num_splits, B, Hq, Sq, D) normalised outputs, partial_lse
   // (num_splits, B, Hq, Sq) natural-log LSE.
   int num_splits = 1;
+  /// The GPU has programmatic dependent launch (sm_90): the attention kernel after an append and
+  /// the combine kernel start launching while their predecessor finishes.
+  bool dependent_launch = false;
+  bool after_append = false;  ///< set by run_decode: an append / rotary kernel precedes attention
   float* partial_o = nullptr;
   float* partial_lse = nullptr;
 };
