@@ -57,7 +57,9 @@ from typing import Callable, Dict, List
 
 import fastattn
 
-from .gpu_prefill import Deadline, _cycle, _l2_bytes, _paged, _short_error, warm_gpu
+from .gpu_prefill import (Deadline, _cycle, _f, _l2_bytes, _paged, _ratio, _s, _short_error,
+                          _torch_dtype, warm_gpu)
+from .gpu_prefill import bad_records  # noqa: F401  (the same check for decode records; runner uses it)
 
 GiB = 1 << 30
 HEAD_DIMS = (128,)
@@ -194,10 +196,6 @@ def plan(settings: Settings) -> List[Shape]:
 
 
 # ---- inputs and calls ---------------------------------------------------------------------------
-
-
-def _torch_dtype(torch, name):
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 def _backend(name):
@@ -514,15 +512,6 @@ def measure_shape(torch, shape: Shape, settings: Settings, budget_s, gen_perm, l
     return rec, timed
 
 
-def _s(rec, key):
-    return rec["impls"].get(key, {}).get("s")
-
-
-def _ratio(a_s, b_s):
-    """Speed of a relative to b (b's time over a's time), None when either is missing."""
-    return None if (not a_s or not b_s) else b_s / a_s
-
-
 def _ratios(rec):
     """paged16/cudnn, contiguous/flash, ...: the peer's time / that fastattn variant's time (> 1:
     fastattn faster); paged16_time/contiguous_time: paged time / contiguous time (<= 1.05 accepted)."""
@@ -633,27 +622,7 @@ def _brief(rec):
         t(PAGED), t(CONTIG), t("sdpa-flash"), t("sdpa-cudnn"))
 
 
-def bad_records(records):
-    """Names of shapes where fastattn failed (not NotImplementedError) or wrote non-finite output."""
-    bad = []
-    for r in records:
-        if r.get("error"):
-            bad.append("%s (%s)" % (r["name"], r["error"]))
-        for key, info in r["impls"].items():
-            if not key.startswith("fastattn"):
-                continue
-            if info.get("failed") or info.get("check_error"):
-                bad.append("%s %s (%s)" % (r["name"], key, info.get("error") or info.get("check_error")))
-            elif info.get("finite") is False:
-                bad.append("%s %s (non-finite output)" % (r["name"], key))
-    return bad
-
-
 # ---- report ---------------------------------------------------------------------------------------
-
-
-def _f(x, fmt):
-    return "-" if x is None else fmt % x
 
 
 def _us(s):
