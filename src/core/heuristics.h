@@ -20,4 +20,18 @@ inline int choose_num_splits(std::int64_t work_items, std::int64_t max_seqlen_k,
   return splits < 1 ? 1 : static_cast<int>(splits);
 }
 
+/// Key splits for the GPU decode kernel when the caller passes num_splits = 0: when the work items
+/// do not fill one wave of `wave_ctas` resident CTAs, split every sequence into
+/// floor(wave_ctas / items) parts (a whole wave, no straggling second one), each of at least
+/// `min_keys_per_split` keys and at most `max_splits`.
+inline int choose_num_splits_one_wave(std::int64_t work_items, std::int64_t max_seqlen_k,
+                                      std::int64_t wave_ctas, std::int64_t min_keys_per_split,
+                                      int max_splits) {
+  if (work_items <= 0 || work_items >= wave_ctas) return 1;
+  std::int64_t splits = wave_ctas / work_items;
+  if (splits > max_seqlen_k / min_keys_per_split) splits = max_seqlen_k / min_keys_per_split;
+  if (splits > max_splits) splits = max_splits;
+  return splits < 1 ? 1 : static_cast<int>(splits);
+}
+
 }  // namespace fastattn::core

@@ -8,6 +8,7 @@
 #include <limits>
 #include <numeric>
 
+#include "core/heuristics.h"
 #include "test_util.h"
 
 namespace {
@@ -678,3 +679,22 @@ TEST(KVCache, SplitsAgreeWithEachOther) {
 }
 
 }  // namespace
+
+// The split-KV pickers of core/heuristics.h (CPU threads; GPU decode's one wave of CTAs).
+TEST(SplitHeuristics, ChooseNumSplits) {
+  EXPECT_EQ(fastattn::core::choose_num_splits(64, 100000, 32), 1);      // items fill the workers
+  EXPECT_EQ(fastattn::core::choose_num_splits(4, 100000, 32), 16);      // ~2 items per worker
+  EXPECT_EQ(fastattn::core::choose_num_splits(4, 1000, 32), 3);         // >= 256 keys per split
+  EXPECT_EQ(fastattn::core::choose_num_splits(1, 1 << 30, 1000), 64);   // capped
+  EXPECT_EQ(fastattn::core::choose_num_splits(1, 10, 32), 1);           // too short to split
+}
+
+TEST(SplitHeuristics, ChooseNumSplitsOneWave) {
+  using fastattn::core::choose_num_splits_one_wave;
+  EXPECT_EQ(choose_num_splits_one_wave(264, 32768, 264, 128, 128), 1);  // a full wave already
+  EXPECT_EQ(choose_num_splits_one_wave(64, 8192, 264, 128, 128), 4);    // floor: no second wave
+  EXPECT_EQ(choose_num_splits_one_wave(8, 32768, 264, 128, 128), 33);
+  EXPECT_EQ(choose_num_splits_one_wave(8, 1024, 264, 128, 128), 8);     // >= 128 keys per split
+  EXPECT_EQ(choose_num_splits_one_wave(1, 1 << 30, 264, 128, 128), 128);  // capped
+  EXPECT_EQ(choose_num_splits_one_wave(8, 0, 264, 128, 128), 1);        // empty cache
+}

@@ -5,10 +5,13 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <string>
 
 #include "core/check.h"
+#include "core/validate.h"
 #include "cuda/common/cuda_check.h"
 #include "cuda/cuda_backend.h"
 #include "fastattn/error.h"
@@ -56,6 +59,21 @@ class DeviceGuard {
  private:
   int previous_ = 0, target_ = 0;
 };
+
+/// Copies resolved options into a kernel params struct (prefill or decode: same field names);
+/// window sizes become int, -1 meaning unbounded.
+template <class KernelParams>
+void set_options(KernelParams& p, const core::ResolvedOptions& o) {
+  const auto window = [](std::int64_t w) {
+    return static_cast<int>(w < 0 ? -1 : std::min<std::int64_t>(w, INT32_MAX));
+  };
+  p.scale = o.scale;
+  p.softcap = o.softcap;
+  p.window_left = window(o.window_left);
+  p.window_right = window(o.window_right);
+  p.alibi = o.alibi;
+  p.alibi_batch_stride = o.alibi_batch_stride;
+}
 
 inline void require_device(const check::ArgChecker& c) {
   if (!cuda_backend_available(c.device().index))

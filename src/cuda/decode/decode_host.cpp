@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <string>
 
+#include "core/heuristics.h"
 #include "cuda/common/cuda_check.h"
 #include "cuda/common/host_checks.h"
 #include "cuda/cuda_backend.h"
@@ -140,27 +141,17 @@ Plan plan_decode(check::ArgChecker& c, const KVCacheArgs& a, const core::KVCache
     plan.q_rot_bytes = align_up(static_cast<std::size_t>(a.q.numel()) * 2);
   }
 
-  const auto o = core::validate_options(c, a.options, d.a.batch, d.a.heads_q, d.a.head_dim);
-  p.scale = o.scale;
-  p.softcap = o.softcap;
-  p.window_left = static_cast<int>(o.window_left < 0 ? -1 : std::min<std::int64_t>(o.window_left, INT32_MAX));
-  p.window_right = static_cast<int>(o.window_right < 0 ? -1 : std::min<std::int64_t>(o.window_right, INT32_MAX));
-  p.alibi = o.alibi;
-  p.alibi_batch_stride = o.alibi_batch_stride;
+  cuda_detail::set_options(p, core::validate_options(c, a.options, d.a.batch, d.a.heads_q, d.a.head_dim));
 
-  // Split-KV. Heuristic (num_splits = 0): the (sequence, kv head, 16-row block) items should
-  // fill the GPU's one wave of two CTAs per SM. When there are fewer items, each sequence's keys
-  // are split into floor(2 * SMs / items) parts (a whole wave, no straggling second one), with at
-  // least two 64-key tiles per split and at most 128 splits. The bound on keys is the cache
-  // capacity (no device read), so the choice depends on shapes only.
+  // Split-KV: a fixed num_splits, or core::choose_num_splits_one_wave over one wave of two CTAs
+  // per SM, at least two 64-key tiles per split, at most 128 splits. The bound on keys is the
+  // cache capacity (no device read), so the choice depends on shapes only.
   if (a.num_splits > 0) {
     p.num_splits = a.num_splits;
   } else {
     const std::int64_t items = std::int64_t(p.batch) * p.heads_kv * ((rows_per_kv + 15) / 16);
-    const std::int64_t wave = 2 * std::int64_t(sm_count(c.device().index));
-    std::int64_t splits = items >= wave ? 1 : wave / items;
-    splits = std::min<std::int64_t>(splits, (max_keys + p.seqlen_new) / (2 * kDecodeBlockN));
-    p.num_splits = static_cast<int>(std::max<std::int64_t>(1, std::min<std::int64_t>(splits, 128)));
+    p.num_splits = core::choose_num_splits_one_wave(items, max_keys + p.seqlen_new,
+                                                    2 * sm_count(c.device().index), 2 * kDecodeBlockN, 128);
   }
   if (p.num_splits > 1) {
     const std::size_t states = std::size_t(p.num_splits) * p.batch * p.heads_q * p.seqlen_q;

@@ -18,17 +18,9 @@ using cuda_detail::as_int;
 using cuda_detail::DeviceGuard;
 using cuda_detail::require_device;
 using cuda_detail::rows_aligned;
+using cuda_detail::set_options;
 
 Dtype kernel_dtype(const check::ArgChecker& c, DType dt) { return cuda_detail::kernel_dtype<Dtype>(c, dt); }
-
-void set_options(PrefillParams& p, const core::ResolvedOptions& o) {
-  p.scale = o.scale;
-  p.softcap = o.softcap;
-  p.window_left = static_cast<int>(o.window_left < 0 ? -1 : std::min<std::int64_t>(o.window_left, INT32_MAX));
-  p.window_right = static_cast<int>(o.window_right < 0 ? -1 : std::min<std::int64_t>(o.window_right, INT32_MAX));
-  p.alibi = o.alibi;
-  p.alibi_batch_stride = o.alibi_batch_stride;
-}
 
 }  // namespace
 
