@@ -105,12 +105,13 @@ __device__ __forceinline__ void fence_smem_for_async_proxy() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-template <class Cfg, Dtype kDtype>
-__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
+template <int kHeadDim, Dtype kDtype>
+__global__ void __launch_bounds__(PrefillSm90Config<kHeadDim, kDtype>::kThreads,
+                                  PrefillSm90Config<kHeadDim, kDtype>::kMinBlocks)
     prefill_kernel_sm90(const __grid_constant__ PrefillParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace cute;
-  constexpr int kHeadDim = Cfg::kHeadDim;
+  using Cfg = PrefillSm90Config<kHeadDim, kDtype>;
   using Traits = ElementTraits<kDtype>;
   using Element = typename Cfg::Element;
   using QTile = typename Cfg::QTile;
@@ -373,9 +374,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 #endif
 }
 
-template <class Cfg, Dtype kDtype>
-void launch_prefill_sm90_cfg(const PrefillParams& p, cudaStream_t stream) {
-  auto* kernel = &prefill_kernel_sm90<Cfg, kDtype>;
+template <int kHeadDim, Dtype kDtype>
+void launch_prefill_sm90(const PrefillParams& p, cudaStream_t stream) {
+  using Cfg = PrefillSm90Config<kHeadDim, kDtype>;
+  auto* kernel = &prefill_kernel_sm90<kHeadDim, kDtype>;
   static const cudaError_t attr_status =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   FASTATTN_CUDA_CHECK(attr_status);
@@ -383,11 +385,6 @@ void launch_prefill_sm90_cfg(const PrefillParams& p, cudaStream_t stream) {
   if (grid.x == 0 || grid.z == 0) return;
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
   FASTATTN_CUDA_CHECK_LAUNCH();
-}
-
-template <int kHeadDim, Dtype kDtype>
-void launch_prefill_sm90(const PrefillParams& p, cudaStream_t stream) {
-  launch_prefill_sm90_cfg<PrefillSm90Config<kHeadDim, kDtype>, kDtype>(p, stream);
 }
 
 #define FASTATTN_INSTANTIATE_PREFILL_SM90(D, T) \
