@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <string>
 
 #include "core/check.h"
@@ -59,6 +61,25 @@ class DeviceGuard {
  private:
   int previous_ = 0, target_ = 0;
 };
+
+/// Fixed properties of a GPU the launch code needs, queried once per device (they never change,
+/// and every call needs them).
+struct DeviceInfo {
+  int cc_major = 0, cc_minor = 0, sm_count = 0;
+};
+inline DeviceInfo device_info(int device) {
+  static std::mutex mutex;
+  static std::map<int, DeviceInfo> known;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = known.find(device);
+  if (it != known.end()) return it->second;
+  DeviceInfo d;
+  FASTATTN_CUDA_CHECK(cudaDeviceGetAttribute(&d.cc_major, cudaDevAttrComputeCapabilityMajor, device));
+  FASTATTN_CUDA_CHECK(cudaDeviceGetAttribute(&d.cc_minor, cudaDevAttrComputeCapabilityMinor, device));
+  FASTATTN_CUDA_CHECK(cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, device));
+  known.emplace(device, d);
+  return d;
+}
 
 /// Copies resolved options into a kernel params struct (prefill or decode: same field names);
 /// window sizes become int, -1 meaning unbounded.

@@ -22,19 +22,6 @@ using cuda_detail::rows_aligned;
 constexpr std::size_t kAlign = 256;  // workspace regions start on 256-byte boundaries
 std::size_t align_up(std::size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
-int sm_count(int device) {
-  int n = 0;
-  FASTATTN_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  return n;
-}
-
-/// Programmatic dependent launch exists from compute capability 9.0.
-bool has_dependent_launch(int device) {
-  int major = 0;
-  FASTATTN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major >= 9;
-}
-
 struct Plan {
   DecodeParams p;
   std::size_t q_rot_bytes = 0;  ///< rotated q, first in the workspace
@@ -150,8 +137,8 @@ Plan plan_decode(check::ArgChecker& c, const KVCacheArgs& a, const core::KVCache
     p.num_splits = a.num_splits;
   } else {
     const std::int64_t items = std::int64_t(p.batch) * p.heads_kv * ((rows_per_kv + 15) / 16);
-    p.num_splits = core::choose_num_splits_one_wave(items, max_keys + p.seqlen_new,
-                                                    2 * sm_count(c.device().index), 2 * kDecodeBlockN, 128);
+    const std::int64_t wave = 2 * std::int64_t(cuda_detail::device_info(c.device().index).sm_count);
+    p.num_splits = core::choose_num_splits_one_wave(items, max_keys + p.seqlen_new, wave, 2 * kDecodeBlockN, 128);
   }
   if (p.num_splits > 1) {
     const std::size_t states = std::size_t(p.num_splits) * p.batch * p.heads_q * p.seqlen_q;
@@ -189,7 +176,7 @@ void kvcache_attention_forward(check::ArgChecker& c, const KVCacheArgs& args, co
       p.partial_o = reinterpret_cast<float*>(base + plan.q_rot_bytes + plan.lse_bytes);
     }
   }
-  p.dependent_launch = has_dependent_launch(c.device().index);
+  p.dependent_launch = cuda_detail::device_info(c.device().index).cc_major >= 9;  // sm_90: PDL
   cuda_detail::DeviceGuard guard(c.device().index);
   run_decode(p, args.exec.cuda_stream);
 }

@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "cuda/common/cuda_check.h"
+#include "cuda/common/host_checks.h"
 #include "cuda/prefill/prefill_kernel.cuh"
 #include "cuda/prefill/prefill_params.h"
 #include "fastattn/error.h"
@@ -84,11 +85,10 @@ __global__ void clear_padding_rows_kernel(const PrefillParams p) {
 bool use_sm90_kernel() {
   const char* forced = std::getenv("FASTATTN_PREFILL_KERNEL");
   if (forced && std::strcmp(forced, "sm80") == 0) return false;
-  int device = 0, major = 0, minor = 0;
+  int device = 0;
   FASTATTN_CUDA_CHECK(cudaGetDevice(&device));
-  FASTATTN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  FASTATTN_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  return major == 9 && minor == 0;
+  const cuda_detail::DeviceInfo d = cuda_detail::device_info(device);
+  return d.cc_major == 9 && d.cc_minor == 0;
 }
 
 template <Dtype kDtype>
