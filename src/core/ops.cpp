@@ -106,6 +106,10 @@ void merge_state(const TensorView& v_a, const TensorView& s_a, const TensorView&
   state_pair(c, v_b, "v_b", s_b, "s_b", &v_a);
   state_pair(c, v_out, "v_out", s_out, "s_out", &v_a);
   core::validate_exec(c, exec);
+#if defined(FASTATTN_WITH_CUDA)
+  if (c.device().type == DeviceType::kCUDA)
+    return cuda_cascade::merge_state(c, v_a, s_a, v_b, s_b, v_out, s_out, nullptr, exec);
+#endif
   require_cpu(c);
   cpu::merge_state({&v_a, &s_a, &v_b, &s_b, &v_out, &s_out, nullptr}, exec.num_threads);
 }
@@ -132,6 +136,10 @@ void merge_state_in_place(const TensorView& v, const TensorView& s, const Tensor
     c.shape_is(*mask, "mask", {v.size(0)}, "(S)");
   }
   core::validate_exec(c, exec);
+#if defined(FASTATTN_WITH_CUDA)
+  if (c.device().type == DeviceType::kCUDA)
+    return cuda_cascade::merge_state(c, v, s, v_other, s_other, v, s, mask ? &*mask : nullptr, exec);
+#endif
   require_cpu(c);
   cpu::merge_state({&v, &s, &v_other, &s_other, &v, &s, mask ? &*mask : nullptr}, exec.num_threads);
 }
@@ -158,6 +166,9 @@ void merge_states(const TensorView& v, const TensorView& s, const TensorView& v_
   c.dtype_is(s_out, "s_out", DType::kFloat32);
   c.shape_is(s_out, "s_out", {v.size(0), v.size(2)}, "(S, H)");
   core::validate_exec(c, exec);
+#if defined(FASTATTN_WITH_CUDA)
+  if (c.device().type == DeviceType::kCUDA) return cuda_cascade::merge_states(c, v, s, v_out, s_out, exec);
+#endif
   require_cpu(c);
   cpu::merge_states(v, s, v_out, s_out, exec.num_threads);
 }
@@ -166,7 +177,9 @@ const char* version() { return FASTATTN_VERSION; }
 
 bool backend_available(const Device& device) {
   if (device.type == DeviceType::kCPU) return true;
-  // The CUDA backend serves prefill (attention_forward, varlen_attention_forward) so far.
+  // The CUDA backend serves prefill (attention_forward, varlen_attention_forward), KV-cache
+  // decode (kvcache_attention_forward) and the merge ops (merge_state, merge_state_in_place,
+  // merge_states) so far.
   return device_code_available(device);
 }
 

@@ -38,4 +38,19 @@ void kvcache_attention_forward(check::ArgChecker& c, const KVCacheArgs& args, co
 std::size_t kvcache_workspace_bytes(check::ArgChecker& c, const KVCacheArgs& args, const core::KVCacheDims& d);
 }  // namespace cuda_decode
 
+namespace cuda_cascade {
+/// merge_state / merge_state_in_place on the GPU (float32 / float16 / bfloat16 values): v_* (S, H, D)
+/// with any strides but a contiguous last dim, s_* (S, H) float32 with any strides; outputs may
+/// alias inputs element for element; rows whose `mask` (S, bool / uint8) byte is 0 are left
+/// untouched (mask null: every row). Arguments already validated (shapes, dtypes, one device);
+/// runs on exec.cuda_stream with no allocation and no host synchronisation.
+void merge_state(check::ArgChecker& c, const TensorView& v_a, const TensorView& s_a, const TensorView& v_b,
+                 const TensorView& s_b, const TensorView& v_out, const TensorView& s_out,
+                 const TensorView* mask, const ExecConfig& exec);
+/// merge_states on the GPU: v (S, N, H, D), s (S, N, H) -> v_out (S, H, D), s_out (S, H); strides
+/// as merge_state.
+void merge_states(check::ArgChecker& c, const TensorView& v, const TensorView& s, const TensorView& v_out,
+                  const TensorView& s_out, const ExecConfig& exec);
+}  // namespace cuda_cascade
+
 }  // namespace fastattn
