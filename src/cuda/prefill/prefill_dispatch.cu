@@ -43,7 +43,7 @@ __global__ void probs_kernel(const PrefillParams p) {
                            : -INFINITY;
   const std::int64_t q_off = b * p.q_batch_stride + std::int64_t(q_start + r) * p.q_row_stride +
                              h * p.q_head_stride;
-  const int qpos = r + sk - sq;
+  const int qpos = r + seq.q_pos0;
   const float slope = p.alibi ? p.alibi[b * p.alibi_batch_stride + h] : 0.0f;
   const KvRows krows = kv_rows<false>(p, seq, b, kvh);
   for (int j = threadIdx.x; j < p.probs_cols; j += blockDim.x) {
@@ -119,7 +119,7 @@ void run_prefill(const PrefillParams& p, void* stream_ptr) {
     probs_kernel<<<dim3(p.max_seqlen_q, p.heads_q, p.batch), 128, 0, stream>>>(p);
     FASTATTN_CUDA_CHECK_LAUNCH();
   }
-  if (p.cu_seqlens_q && p.total_q > 0) {
+  if (p.cu_seqlens_q && p.total_q > 0 && p.clear_padding_rows) {
     const unsigned blocks = static_cast<unsigned>(p.total_q < 128 ? p.total_q : 128);
     clear_padding_rows_kernel<<<blocks, 128, 0, stream>>>(p);
     FASTATTN_CUDA_CHECK_LAUNCH();

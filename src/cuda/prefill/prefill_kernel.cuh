@@ -263,10 +263,11 @@ struct SeqInfo {
   int sq, sk;             ///< query rows and keys
   std::int64_t k_start;   ///< first packed key row (varlen with packed keys)
   const std::int32_t* pages;  ///< paged: this sequence's page ids
+  int q_pos0;             ///< position of query row 0: sk - sq (bottom-right) + q_pos_offset[b]
 };
 
 __device__ __forceinline__ SeqInfo resolve_sequence(const PrefillParams& p, int b) {
-  SeqInfo s{0, p.max_seqlen_q, p.seqlen_k, 0, nullptr};
+  SeqInfo s{0, p.max_seqlen_q, p.seqlen_k, 0, nullptr, 0};
   if (p.cu_seqlens_q) {
     const std::int64_t q0 = min(max(std::int64_t(p.cu_seqlens_q[b]), std::int64_t(0)), p.total_q);
     const std::int64_t q1 = min(max(std::int64_t(p.cu_seqlens_q[b + 1]), q0), p.total_q);
@@ -299,7 +300,28 @@ __device__ __forceinline__ SeqInfo resolve_sequence(const PrefillParams& p, int 
     s.k_start = min(max(std::int64_t(p.cu_seqlens_k[b]), std::int64_t(0)), p.total_k);
     s.sk = int(min(std::int64_t(s.sk), p.total_k - s.k_start));
   }
+  s.q_pos0 = s.sk - s.sq + (p.q_pos_offset ? p.q_pos_offset[b] : 0);
   return s;
+}
+
+/// The CTA's (sequence, key split) from blockIdx.z (PrefillParams::key_splits), and the split's
+/// key range clipped into [n_lo, n_hi).
+struct SplitInfo {
+  int b, split;
+};
+__device__ __forceinline__ SplitInfo cta_split(const PrefillParams& p) {
+  SplitInfo s{int(blockIdx.z), 0};
+  if (p.key_splits > 1) {
+    s.split = s.b % p.key_splits;
+    s.b /= p.key_splits;
+  }
+  return s;
+}
+__device__ __forceinline__ void clip_to_split(const PrefillParams& p, int split, int& n_lo, int& n_hi) {
+  if (p.key_splits > 1) {
+    n_lo = max(n_lo, split * p.split_keys);
+    n_hi = min(n_hi, split * p.split_keys + p.split_keys);
+  }
 }
 
 /// The key (kValues = false) or value rows of sequence b, kv head kvh.
@@ -344,7 +366,8 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, PrefillConf
   constexpr float kLog2e = 1.4426950408889634f;
 
   // ---- the CTA's sequence, resolved once ------------------------------------------------
-  const int b = blockIdx.z, h = blockIdx.y;
+  const SplitInfo cta = cta_split(p);
+  const int b = cta.b, h = blockIdx.y;
   const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest (causal) blocks first
   const SeqInfo seq = resolve_sequence(p, b);
   const int q_start = seq.q_start, sq = seq.sq, sk = seq.sk;
@@ -360,12 +383,14 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, PrefillConf
   // general score path on every tile.
   const bool has_mods = p.softcap > 0.0f || slope != 0.0f || !(p.scale > 0.0f);
 
-  // Keys any row of this block may see (bottom-right aligned positions: qpos = r + sk - sq).
-  const int q_pos0 = sk - sq;
+  // Keys any row of this block may see (bottom-right aligned positions: qpos = r + sk - sq,
+  // shifted by q_pos_offset), within this CTA's key split.
+  const int q_pos0 = seq.q_pos0;
   const int m_last = min(m0 + BM, sq) - 1;
   int n_lo = 0, n_hi = sk;
   if (p.window_left >= 0) n_lo = max(0, q_pos0 + m0 - p.window_left);
   if (p.window_right >= 0) n_hi = min(sk, q_pos0 + m_last + p.window_right + 1);
+  clip_to_split(p, cta.split, n_lo, n_hi);
   const int n_first = n_lo / BN * BN;
 
   extern __shared__ __align__(16) std::uint16_t smem[];
@@ -561,7 +586,9 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, PrefillConf
   // ---- epilogue: normalise, write O (and LSE) ------------------------------------------------
   // Recomputed here rather than kept live through the main loop (registers are the limit).
   auto* go = static_cast<std::uint16_t*>(p.out) + b * p.out_batch_stride +
-             std::int64_t(q_start) * p.out_row_stride + h * p.out_head_stride;
+             std::int64_t(q_start) * p.out_row_stride + h * p.out_head_stride +
+             cta.split * p.out_split_stride;
+  float* glse = p.lse + cta.split * p.lse_split_stride;
   constexpr float kLn2 = 0.6931471805599453f;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
@@ -580,7 +607,7 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, PrefillConf
               Traits::pack(acc_o[mt][dt][hr * 2] * inv, acc_o[mt][dt][hr * 2 + 1] * inv);
       }
       if (p.lse && t == 0)
-        p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + std::int64_t(q_start + r) * p.lse_row_stride] =
+        glse[b * p.lse_batch_stride + h * p.lse_head_stride + std::int64_t(q_start + r) * p.lse_row_stride] =
             sum > 0.0f ? (row_max[mt][hr] + __log2f(sum)) * kLn2 : -INFINITY;
     }
   }

@@ -120,7 +120,8 @@ __global__ void __launch_bounds__(PrefillSm90Config<kHeadDim, kDtype>::kThreads,
   constexpr float kLog2e = 1.4426950408889634f;
 
   // ---- the CTA's sequence, resolved once (as in the sm80 kernel) ------------------------------
-  const int b = blockIdx.z, h = blockIdx.y;
+  const SplitInfo cta = cta_split(p);  // sequence and key split (PrefillParams::key_splits)
+  const int b = cta.b, h = blockIdx.y;
   const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest (causal) blocks first
   const SeqInfo seq = resolve_sequence(p, b);
   const int q_start = seq.q_start, sq = seq.sq, sk = seq.sk;
@@ -134,11 +135,12 @@ __global__ void __launch_bounds__(PrefillSm90Config<kHeadDim, kDtype>::kThreads,
   const float scale_log2 = p.scale * kLog2e;
   const bool has_mods = p.softcap > 0.0f || slope != 0.0f || !(p.scale > 0.0f);
 
-  const int q_pos0 = sk - sq;
+  const int q_pos0 = seq.q_pos0;
   const int m_last = min(m0 + kBM, sq) - 1;
   int n_lo = 0, n_hi = sk;
   if (p.window_left >= 0) n_lo = max(0, q_pos0 + m0 - p.window_left);
   if (p.window_right >= 0) n_hi = min(sk, q_pos0 + m_last + p.window_right + 1);
+  clip_to_split(p, cta.split, n_lo, n_hi);
   const int n_first = n_lo / kBN * kBN;
 
   // ---- shared memory: Q, then K and V with kStages tiles each (all 1024-byte aligned) ---------
@@ -349,7 +351,9 @@ __global__ void __launch_bounds__(PrefillSm90Config<kHeadDim, kDtype>::kThreads,
 
   // ---- epilogue: normalise, write O (and LSE) ------------------------------------------------
   auto* go = static_cast<std::uint16_t*>(p.out) + b * p.out_batch_stride +
-             std::int64_t(q_start) * p.out_row_stride + h * p.out_head_stride;
+             std::int64_t(q_start) * p.out_row_stride + h * p.out_head_stride +
+             cta.split * p.out_split_stride;
+  float* glse = p.lse + cta.split * p.lse_split_stride;
   constexpr float kLn2 = 0.6931471805599453f;
   CUTE_UNROLL
   for (int hr = 0; hr < 2; ++hr) {
@@ -366,7 +370,7 @@ __global__ void __launch_bounds__(PrefillSm90Config<kHeadDim, kDtype>::kThreads,
             Traits::pack(tOrO(dt * 4 + hr * 2) * inv, tOrO(dt * 4 + hr * 2 + 1) * inv);
     }
     if (p.lse && t == 0)
-      p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + std::int64_t(q_start + r) * p.lse_row_stride] =
+      glse[b * p.lse_batch_stride + h * p.lse_head_stride + std::int64_t(q_start + r) * p.lse_row_stride] =
           sum > 0.0f ? (row_max[hr] + __log2f(sum)) * kLn2 : -INFINITY;
   }
 #else
@@ -381,7 +385,8 @@ void launch_prefill_sm90(const PrefillParams& p, cudaStream_t stream) {
   static const cudaError_t attr_status =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   FASTATTN_CUDA_CHECK(attr_status);
-  const dim3 grid((p.max_seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM, p.heads_q, p.batch);
+  const dim3 grid((p.max_seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM, p.heads_q,
+                  p.batch * (p.key_splits > 1 ? p.key_splits : 1));
   if (grid.x == 0 || grid.z == 0) return;
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
   FASTATTN_CUDA_CHECK_LAUNCH();

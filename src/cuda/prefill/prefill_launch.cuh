@@ -18,7 +18,8 @@ void launch_prefill(const PrefillParams& p, cudaStream_t stream) {
   static const cudaError_t attr_status =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   FASTATTN_CUDA_CHECK(attr_status);
-  const dim3 grid((p.max_seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM, p.heads_q, p.batch);
+  const dim3 grid((p.max_seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM, p.heads_q,
+                  p.batch * (p.key_splits > 1 ? p.key_splits : 1));
   if (grid.x == 0 || grid.z == 0) return;
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
   FASTATTN_CUDA_CHECK_LAUNCH();

@@ -63,6 +63,25 @@ struct PrefillParams {
   int window_left = -1, window_right = -1;  ///< effective (causal folded in)
   const float* alibi = nullptr;  ///< slopes (Hq), batch b at alibi + b * alibi_batch_stride
   std::int64_t alibi_batch_stride = 0;
+
+  // ---- shared-prefix (cascade) passes, src/cuda/cascade; defaults leave the kernels as they were
+  /// Key splits (split-KV for prefill-shaped work; 1 = off). The grid's z then covers
+  /// batch * key_splits: CTA z works on sequence z / key_splits, split z % key_splits, which owns
+  /// keys [split * split_keys, (split + 1) * split_keys) (split_keys a multiple of 128, every
+  /// kernel's key tile, so no tile straddles two splits) and writes its normalised partial output
+  /// and natural-log LSE at out + split * out_split_stride and lse + split * lse_split_stride. A
+  /// split that sees no key writes output 0 and LSE -inf, so the splits merge exactly.
+  int key_splits = 1;
+  int split_keys = 0;
+  std::int64_t out_split_stride = 0, lse_split_stride = 0;
+  /// (B) or null: shifts sequence b's query positions by q_pos_offset[b] (query row i sits at
+  /// i + seqlen_k - seqlen_q + q_pos_offset[b], keys at 0 .. seqlen_k - 1), for the causal /
+  /// window / ALiBi rules. The shared-prefix pass gives each request's suffix length, so its
+  /// queries sit after prefix + suffix.
+  const std::int32_t* q_pos_offset = nullptr;
+  /// Host side only: run_prefill clears varlen rows past cu_seqlens_q[B] (output 0, LSE -inf).
+  /// The shared-prefix passes turn it off (they manage those rows of their workspace).
+  bool clear_padding_rows = true;
 };
 
 /// Launches the prefill kernels on `stream` (cudaStream_t as void*): attention, then the
