@@ -125,8 +125,21 @@ struct SharedPrefixAttentionArgs {
   TensorView out;                 ///< (total_q, Hq, D)
   std::optional<TensorView> lse;  ///< (Hq, total_q) float32
   /// Scratch for the two passes' partial states (uint8, at least
-  /// shared_prefix_workspace_bytes(args)). When absent the CPU backend allocates its own.
+  /// shared_prefix_workspace_bytes(args)). When absent the CPU backend allocates its own; the
+  /// CUDA backend requires it (from the caller's allocator: no allocation inside the call).
   std::optional<TensorView> workspace;
+  /// Planning hints for the CUDA backend, which never reads index tensors on the host (so a call
+  /// neither synchronises nor depends on index contents: CUDA-graph safe). max_seqlen_q bounds
+  /// every request's query rows (qo_indptr[b + 1] - qo_indptr[b]; like max_seqlen_q of
+  /// varlen_attention_forward, rows past it are not computed), max_suffix_len every request's
+  /// suffix keys (it only steers the split heuristic). 0 = unknown: the bounds from the tensor
+  /// shapes are used (total_q rows; all pages of suffix.page_indices), which is always correct,
+  /// only slower. The CPU backend ignores both.
+  std::int64_t max_seqlen_q = 0;
+  std::int64_t max_suffix_len = 0;
+  /// CUDA: key splits of the prefix pass (0..1024; 0 = heuristic from the shapes). The CPU
+  /// backend ignores it.
+  int num_splits = 0;
   AttentionOptions options;
   ExecConfig exec;
 };

@@ -87,6 +87,9 @@ std::size_t kvcache_workspace_bytes(const KVCacheArgs& args) {
 void shared_prefix_attention_forward(const SharedPrefixAttentionArgs& args) {
   check::ArgChecker c("shared_prefix_attention_forward");
   const auto d = core::validate(c, args);
+#if defined(FASTATTN_WITH_CUDA)
+  if (c.device().type == DeviceType::kCUDA) return cuda_cascade::shared_prefix_attention_forward(c, args, d);
+#endif
   require_cpu(c);
   cpu::shared_prefix_attention_forward(c, args, d);
 }
@@ -94,6 +97,9 @@ void shared_prefix_attention_forward(const SharedPrefixAttentionArgs& args) {
 std::size_t shared_prefix_workspace_bytes(const SharedPrefixAttentionArgs& args) {
   check::ArgChecker c("shared_prefix_workspace_bytes");
   const auto d = core::validate(c, args);
+#if defined(FASTATTN_WITH_CUDA)
+  if (c.device().type == DeviceType::kCUDA) return cuda_cascade::shared_prefix_workspace_bytes(c, args, d);
+#endif
   require_cpu(c);
   return cpu::shared_prefix_workspace_bytes(c, args, d);
 }

@@ -380,6 +380,18 @@ SharedPrefixDims validate(ArgChecker& c, const SharedPrefixAttentionArgs& args) 
   c.same_dtype(args.out, "out", args.q, "q");
   c.shape_is(args.out, "out", {d.total_q, d.a.heads_q, d.a.head_dim}, "(total_q, Hq, D)");
   lse_output(c, args.lse, {d.a.heads_q, d.total_q}, "(Hq, total_q)");
+  if (args.workspace) {
+    c.present(*args.workspace, "workspace");
+    c.on_device(*args.workspace, "workspace");
+    c.dtype_is(*args.workspace, "workspace", DType::kUInt8);
+    c.contiguous(*args.workspace, "workspace");
+  }
+  if (args.max_seqlen_q < 0)
+    c.fail_value("max_seqlen_q", "must be >= 0 (0 = unknown), got " + std::to_string(args.max_seqlen_q));
+  if (args.max_suffix_len < 0)
+    c.fail_value("max_suffix_len", "must be >= 0 (0 = unknown), got " + std::to_string(args.max_suffix_len));
+  if (args.num_splits < 0 || args.num_splits > 1024)
+    c.fail_value("num_splits", "must be in [0, 1024] (0 = heuristic), got " + std::to_string(args.num_splits));
   validate_options(c, args.options, d.a.batch, d.a.heads_q, d.a.head_dim);
   validate_exec(c, args.exec);
   return d;

@@ -51,6 +51,15 @@ void merge_state(check::ArgChecker& c, const TensorView& v_a, const TensorView& 
 /// as merge_state.
 void merge_states(check::ArgChecker& c, const TensorView& v, const TensorView& s, const TensorView& v_out,
                   const TensorView& s_out, const ExecConfig& exec);
+/// Shared-prefix (cascade) attention on the GPU (fp16 / bf16; shared_prefix_host.cpp): a prefix
+/// pass over all requests' queries (the prefix read once, split over the GPU), a suffix pass over
+/// each request's pages, and merge_states. Arguments validated by core; the workspace
+/// (args.workspace) must hold shared_prefix_workspace_bytes() bytes when that is > 0. No host
+/// synchronisation, no allocation.
+void shared_prefix_attention_forward(check::ArgChecker& c, const SharedPrefixAttentionArgs& args,
+                                     const core::SharedPrefixDims& d);
+std::size_t shared_prefix_workspace_bytes(check::ArgChecker& c, const SharedPrefixAttentionArgs& args,
+                                          const core::SharedPrefixDims& d);
 }  // namespace cuda_cascade
 
 }  // namespace fastattn

@@ -348,7 +348,10 @@ void shared_prefix_attention_forward(nb::handle q, nb::handle qo_indptr, nb::han
                                      std::optional<float> softmax_scale, bool causal,
                                      std::int64_t window_left, std::int64_t window_right,
                                      float softcap, nb::handle alibi_slopes,
-                                     std::uintptr_t cuda_stream, int num_threads) {
+                                     std::uintptr_t cuda_stream, int num_threads,
+                                     std::int64_t max_seqlen_q, std::int64_t max_suffix_len,
+                                     int num_splits, nb::handle workspace,
+                                     nb::handle workspace_alloc) {
   Keep keep;
   fastattn::SharedPrefixAttentionArgs a;
   a.q = in_view(q, "q", keep);
@@ -364,6 +367,26 @@ void shared_prefix_attention_forward(nb::handle q, nb::handle qo_indptr, nb::han
   a.options = make_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
                            keep);
   a.exec = make_exec(cuda_stream, num_threads);
+  a.max_seqlen_q = max_seqlen_q;
+  a.max_suffix_len = max_suffix_len;
+  a.num_splits = num_splits;
+  // The workspace: `workspace` when given and large enough (a wrapper's workspace_buffer), else
+  // workspace_alloc(nbytes) (the caller's allocator) when the call needs one; else `workspace` as
+  // given (the op then reports what it needs).
+  nb::object allocated;  // keeps an allocated workspace alive through the call
+  if (!workspace_alloc.is_none()) {
+    std::size_t have = 0;
+    if (!workspace.is_none()) {
+      const TensorView w = in_view(workspace, "workspace", keep);
+      have = static_cast<std::size_t>(w.numel()) * fastattn::dtype_size(w.dtype);
+    }
+    const std::size_t nbytes = fastattn::shared_prefix_workspace_bytes(a);
+    if (nbytes > have) {
+      allocated = workspace_alloc(nbytes);
+      workspace = allocated;
+    }
+  }
+  a.workspace = opt_out(workspace, "workspace", keep);
   nb::gil_scoped_release release;
   fastattn::shared_prefix_attention_forward(a);
 }
@@ -480,7 +503,9 @@ NB_MODULE(_C, m) {
         nb::arg("block_table").none() = nb::none(), nb::arg("page_indptr").none() = nb::none(),
         nb::arg("page_indices").none() = nb::none(), nb::arg("last_page_len").none() = nb::none(),
         nb::arg("out").none() = nb::none(), nb::arg("lse").none() = nb::none(),
-        FASTATTN_OPTION_ARGS,
+        FASTATTN_OPTION_ARGS, nb::arg("max_seqlen_q") = 0, nb::arg("max_suffix_len") = 0,
+        nb::arg("num_splits") = 0, nb::arg("workspace").none() = nb::none(),
+        nb::arg("workspace_alloc").none() = nb::none(),
         "fastattn::shared_prefix_attention_forward (cascade: shared prefix + paged suffix).");
 
   m.def("merge_state", &merge_state, nb::arg("v_a"), nb::arg("s_a"), nb::arg("v_b"),
