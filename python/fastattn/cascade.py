@@ -16,6 +16,16 @@ Shared-prefix attention computes, for a batch of requests that share one dense p
 each own a paged suffix, the attention of each request's queries over prefix + suffix: two passes
 (all queries against the prefix, each request against its suffix) merged with the same merge
 operation. All math is done by the C++ library; this module only maps arguments.
+
+On a GPU (torch / cupy CUDA tensors) the call neither synchronises nor allocates outside the
+caller's allocator once it knows two sizes that live in device arrays: the longest query run
+(``max_seqlen_q``) and the longest suffix (``max_suffix_len``). The wrappers read them from host
+copies in ``begin_forward`` (FlashInfer's planning step), so their ``forward`` can be captured in
+a CUDA graph; ``shared_prefix_attention`` reads them from the index arrays itself when they are
+not given (a device-to-host copy: it synchronises) -- pass them, or 0 ("unknown": always correct,
+slower for prefill), to avoid that. Scratch memory comes from the wrapper's ``workspace_buffer``
+when it is a large enough uint8 buffer on the device, else from the caller's allocator
+(``torch.empty``, stream-ordered and graph-capturable).
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from . import _C
+import numpy as np
+
 from ._tensors import (
     LN2,
     as_float,
@@ -32,6 +44,7 @@ from ._tensors import (
     exec_kwargs,
     finalize,
     framework,
+    is_cuda,
     optional_float,
     prepare,
     shape_or_zero,
@@ -143,6 +156,10 @@ def shared_prefix_attention(
     alibi_slopes=None,
     return_lse=False,
     out=None,
+    max_seqlen_q=None,
+    max_suffix_len=None,
+    num_splits=0,
+    workspace=None,
 ):
     """Attention of each request's queries over a shared prefix followed by its paged suffix.
 
@@ -160,6 +177,15 @@ def shared_prefix_attention(
             prefix + suffix).
         return_lse: also return the natural-log LSE, shape (total_q, num_qo_heads) float32
             (FlashInfer's layout, ready for merge_state; returned as a transposed view).
+        max_seqlen_q, max_suffix_len: GPU planning sizes: the most query rows of any request
+            (an upper bound: rows past it are not computed) and the most suffix keys of any
+            request. None: read from qo_indptr / page_indptr / last_page_len (on a GPU a
+            device-to-host copy, which synchronises: not inside CUDA-graph capture); 0: unknown
+            (no copy; correct, but the prefill passes launch for total_q rows per request).
+            Ignored on the CPU.
+        num_splits: GPU: key splits of the prefix pass (0: heuristic). Ignored on the CPU.
+        workspace: GPU: a uint8 scratch buffer on the device, used when large enough (else
+            scratch comes from the caller's allocator).
     Return:
         out (total_q, num_qo_heads, head_dim), or (out, lse).
     """
@@ -173,8 +199,16 @@ def shared_prefix_attention(
     if alibi_slopes is not None:
         check_array(alibi_slopes, "alibi_slopes")
     total_q, num_heads = shape_or_zero(q, 3, 0), shape_or_zero(q, 3, 1)
+    on_gpu = is_cuda(q)
+    if on_gpu:
+        if max_seqlen_q is None:
+            max_seqlen_q = max_run(qo_indptr) if qo_indptr is not None else 1
+        if max_suffix_len is None:
+            max_suffix_len = max_suffix_length(page_indptr, last_page_len, shape_or_zero(k_pages, 4, 1))
     o = out if out is not None else empty(q, q.shape)
     lse = empty(q, (num_heads, total_q), "float32") if return_lse else None
+    if on_gpu and workspace is not None and not _usable_workspace(workspace, q):
+        workspace = None
     _C.shared_prefix_attention_forward(
         q=prepare(q),
         qo_indptr=prepare(qo_indptr),
@@ -194,11 +228,58 @@ def shared_prefix_attention(
         window_right=right,
         softcap=as_float(softcap, "softcap"),
         alibi_slopes=prepare(alibi_slopes),
+        max_seqlen_q=as_int(max_seqlen_q or 0, "max_seqlen_q"),
+        max_suffix_len=as_int(max_suffix_len or 0, "max_suffix_len"),
+        num_splits=as_int(num_splits, "num_splits"),
+        workspace=workspace if on_gpu else None,
+        # On a GPU the scratch comes from the caller's allocator (torch / cupy: stream-ordered,
+        # graph-capturable) unless `workspace` is large enough; the CPU backend allocates its own.
+        workspace_alloc=(lambda nbytes: empty(q, (nbytes,), "uint8")) if on_gpu else None,
         **exec_kwargs(q),
     )
     if return_lse:
         return finalize(q, o), finalize(q, transpose2d(lse))
     return finalize(q, o)
+
+
+def _host_ints(x) -> np.ndarray:
+    """An int64 numpy copy of an index array (torch / cupy on a GPU: a device-to-host copy)."""
+    fw = framework(x)
+    if fw == "torch":
+        return x.detach().cpu().numpy().astype(np.int64)
+    if fw == "cupy":
+        return x.get().astype(np.int64)
+    return np.asarray(x).astype(np.int64)
+
+
+def max_run(indptr) -> int:
+    """The largest indptr[b + 1] - indptr[b] (0 for no entry); reads indptr on the host."""
+    h = _host_ints(indptr).reshape(-1)
+    return int(np.max(np.diff(h))) if h.size > 1 else 0
+
+
+def max_suffix_length(page_indptr, last_page_len, page_size: int) -> int:
+    """The most suffix keys of any request, (pages - 1) * page_size + last_page_len (0 without a
+    page), from host copies of the CSR row pointers and last_page_len."""
+    ip = _host_ints(page_indptr).reshape(-1)
+    last = _host_ints(last_page_len).reshape(-1)
+    n = min(ip.size - 1, last.size)
+    if n <= 0:
+        return 0
+    pages = np.diff(ip)[:n]
+    lens = np.where(pages > 0, (pages - 1) * int(page_size) + last[:n], 0)
+    return int(max(0, lens.max()))
+
+
+def _usable_workspace(ws, like) -> bool:
+    """A caller's buffer the GPU op can use as scratch: a contiguous uint8 array on like's device."""
+    if framework(ws) != framework(like) or not is_cuda(ws):
+        return False
+    if "uint8" not in str(ws.dtype):
+        return False
+    if framework(ws) == "torch":
+        return ws.is_contiguous() and ws.device == like.device
+    return bool(getattr(ws, "flags", None) is not None and ws.flags.c_contiguous)
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -280,11 +361,13 @@ class _SharedPrefixWrapperBase:
              rope_theta, return_lse):
         k_pages, v_pages = self._check_forward(q, unique_kv_data, rope_scale, rope_theta)
         plan = self._plan
+        # The sizes begin_forward read on the host: no device read here (graph-capturable).
         return shared_prefix_attention(
             q, k_shared, v_shared, k_pages, v_pages,
             plan["indptr"], plan["indices"], plan["last_page_len"],
             qo_indptr=plan.get("qo_indptr"), causal=causal, softmax_scale=sm_scale,
-            return_lse=return_lse,
+            return_lse=return_lse, max_seqlen_q=plan["max_seqlen_q"],
+            max_suffix_len=plan["max_suffix_len"], workspace=self._workspace_buffer,
         )
 
 
@@ -321,6 +404,11 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper(_SharedPrefixWrapperBase):
             "head_dim": as_int(head_dim, "head_dim"),
             "page_size": as_int(page_size, "page_size"),
             "data_type": _dtype_name(data_type),
+            # Planning sizes for the GPU, read here from host copies (FlashInfer's plan step may
+            # synchronise; forward does not).
+            "max_seqlen_q": 1,
+            "max_suffix_len": max_suffix_length(unique_kv_indptr, unique_kv_last_page_len,
+                                                as_int(page_size, "page_size")),
         }
 
     def _check_dtype(self, q):
@@ -385,6 +473,11 @@ class BatchPrefillWithSharedPrefixPagedKVCacheWrapper(_SharedPrefixWrapperBase):
             "num_kv_heads": as_int(num_kv_heads, "num_kv_heads"),
             "head_dim": as_int(head_dim, "head_dim"),
             "page_size": None,
+            # Planning sizes for the GPU from host copies (see the decode wrapper). The page size
+            # is only known at forward, so the suffix bound is taken in pages: max_suffix_len is a
+            # split heuristic's input, and the prefill suffix pass reads lengths on the device.
+            "max_seqlen_q": max_run(qo_indptr),
+            "max_suffix_len": 0,
         }
 
     def forward(self, q, k_shared, v_shared, unique_kv_data, causal=True,
