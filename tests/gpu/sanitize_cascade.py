@@ -1,0 +1,93 @@
+"""A small representative set of CUDA shared-prefix (cascade) calls for compute-sanitizer
+(scripts/gpu_sanitize.sh): decode with the stacked prefix pass (split over the prefix), with no
+prefix (the suffix pass writes out directly) and with the per-request prefix pass (sliding window,
+ALiBi); prefill with causal (the device-side choice between the stacked and the per-request pass,
+both ways), non-causal with rows past qo_indptr[B] and fixed splits, every option at head_dim 64,
+a call with no request; page sizes 1, 16 and 256; and the decode wrapper with a too small
+workspace_buffer. Each call runs twice into NaN-poisoned buffers and, unless --no-check, is
+compared with the float64 reference (as tests/gpu/test_cascade_gpu.py does).
+
+Not collected by pytest (no test_ prefix). Usage:
+    python tests/gpu/sanitize_cascade.py [--no-check] [--only SUBSTRING] [--seed N]
+Exit status 0 when every case ran (and matched the reference).
+"""
+
+import argparse
+import os
+import random
+import secrets
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+import test_cascade_gpu as T  # noqa: E402  (its helpers; importing it runs no test)
+
+F16, B16 = torch.float16, torch.bfloat16
+
+
+def call(rng, check, dtype, cfg, extra=None):
+    case = T.build_case(rng, dtype, **cfg)
+    extra = extra or {}
+    out, lse = T.run_twice(lambda o: T.cascade_call(case, o, **extra), case.make_out)
+    if check:
+        T.check("out", out, lse, T.reference(case))
+
+
+def wrapper(rng, check, dtype):
+    case = T.build_case(rng, dtype, P=700, suffix=[0, 1, 17, 113], page=16)
+    w = T.decode_wrapper(case, workspace_bytes=64)
+    out, lse = w.forward_return_lse(case.q, case.k_shared, case.v_shared, case.kv_data)
+    torch.cuda.synchronize()
+    if check:
+        T.check("wrapper", out, lse, T.reference(case))
+
+
+def cases():
+    """(name, function, arguments after (rng, check))."""
+    yield "decode stacked fp16 P799 page16 gqa4", call, (F16, dict(P=799, suffix=[0, 1, 17, 113, 300], page=16))
+    yield "decode no prefix bf16 page1", call, (B16, dict(P=0, suffix=[0, 5, 40], page=1))
+    yield "decode per-request wleft+alibi_bh page256", call, (B16, dict(
+        P=1000, suffix=[0, 300, 17], page=256, opt="wleft+alibi_bh"))
+    yield "prefill causal stacked P300 page16", call, (F16, dict(
+        P=300, suffix=[1, 40, 3, 100], qo=[1, 17, 0, 64], page=16, opt="causal"))
+    yield "prefill causal queries inside prefix", call, (B16, dict(
+        P=300, suffix=[3, 0, 20], qo=[17, 5, 30], page=16, opt="causal"))
+    yield "prefill noncausal pad rows splits3", call, (F16, dict(
+        P=900, suffix=[30, 2], qo=[4, 2], page=16, pad_rows=5), dict(num_splits=3))
+    yield "prefill everything d64 page1", call, (B16, dict(
+        P=2000, suffix=[5, 1, 130], qo=[5, 0, 40], page=1, D=64, Hq=8, Hkv=2, opt=T.ALL))
+    yield "no request", call, (F16, dict(P=100, suffix=[], qo=[], page=16, pad_rows=3))
+    yield "decode wrapper tiny workspace", wrapper, (F16,)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--no-check", action="store_true", help="skip the reference comparisons")
+    ap.add_argument("--only", default="", help="run the cases whose name contains this")
+    ap.add_argument("--seed", type=int, default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("sanitize_cascade: no CUDA device")
+        return 2
+    seed = args.seed if args.seed is not None else secrets.randbits(63)
+    print(f"sanitize_cascade: seed {seed} (--seed {seed} replays)", flush=True)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    n = 0
+    for name, fn, pos in cases():
+        if args.only not in name:
+            continue
+        t = time.time()
+        fn(rng, not args.no_check, *pos)
+        torch.cuda.synchronize()
+        n += 1
+        print(f"  ok  {name}  ({time.time() - t:.1f}s)", flush=True)
+    print(f"sanitize_cascade: {n} cases ok{' (not checked against the reference)' if args.no_check else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
