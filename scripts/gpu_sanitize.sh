@@ -3,7 +3,9 @@
 # (tests/gpu/sanitize_prefill.py: dense, varlen, block-table and CSR paged, every option, head dims
 # 8..256, page sizes 1..256, strided views, empty sequences, probabilities) and KV-cache / decode
 # calls (tests/gpu/sanitize_decode.py: contiguous and paged caches, appends with rotary, leftpad,
-# cache_batch_idx, split-KV, out-of-range page ids, empty caches) and shared-prefix (cascade)
+# cache_batch_idx, split-KV, out-of-range page ids, empty caches), merge calls
+# (tests/gpu/sanitize_merge.py: merge_state / merge_state_in_place / merge_states on the vector and
+# scalar paths, strided and aliased views, masks, empty states, zero sizes) and shared-prefix (cascade)
 # calls (tests/gpu/sanitize_cascade.py: stacked / per-request prefix passes with splits, decode and
 # prefill suffix passes, rows past qo_indptr[B], the decode wrapper). For the GPU machine,
 # after the package is installed (scripts/gpu_check.sh does that). From the repository root:
@@ -22,14 +24,14 @@
 #              SANITIZE_FILTER (kernel-name substring for the non-memcheck tools; "" = none;
 #              default "fastattn" when found in the device code), SANITIZE_ARGS (extra arguments
 #              of both case scripts, e.g. "--only varlen" or "--seed N"), SANITIZE_SCRIPTS
-#              (default "prefill decode cascade": tests/gpu/sanitize_<name>.py), SANITIZE_TIMEOUT
+#              (default "prefill decode merge cascade": tests/gpu/sanitize_<name>.py), SANITIZE_TIMEOUT
 #              (seconds per tool and script, default 540), PYTHON, OUT (logs go there, else
 #              build-gpu/: sanitize_<tool>.log for prefill, sanitize_<name>_<tool>.log for the others).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 PY="${PYTHON:-python3}"
 TOOLS="${SANITIZE_TOOLS:-memcheck racecheck}"
-SCRIPTS="${SANITIZE_SCRIPTS:-prefill decode cascade}"
+SCRIPTS="${SANITIZE_SCRIPTS:-prefill decode merge cascade}"
 LIMIT="${SANITIZE_TIMEOUT:-540}"
 LOGDIR="${OUT:-build-gpu}"
 mkdir -p "$LOGDIR"
