@@ -20,12 +20,12 @@
 #include "cuda/common/cuda_check.h"
 #include "cuda/decode/decode_common.cuh"
 #include "cuda/decode/decode_launch.h"
+#include "cuda/decode/decode_tile.cuh"
 #include "cuda/prefill/prefill_kernel.cuh"
 
 namespace fastattn::cuda_decode {
 
 using cuda_prefill::CopyMap;
-using cuda_prefill::ElementTraits;
 using cuda_prefill::KvRows;
 using cuda_prefill::PagedRunCopy;
 
@@ -35,8 +35,8 @@ template <int kHeadDim_>
 struct DecodeConfig {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kThreads = 128;
-  static constexpr int kWarps = 4;
-  static constexpr int kRows = 16;  // packed query rows per CTA: one m16 MMA tile
+  static constexpr int kWarps = kDecodeWarps;
+  static constexpr int kRows = kDecodeRows;
   static constexpr int kBlockN = kDecodeBlockN;
   static constexpr int kWarpKeys = kBlockN / kWarps;  // 16: one k16 step of P V per warp
   static constexpr int kChunks = kHeadDim / 8;
@@ -48,11 +48,14 @@ struct DecodeConfig {
     const int phys = kSwizzle ? (chunk & ~7) | ((chunk ^ row) & 7) : chunk;
     return row * kSmemStride + phys * 8;
   }
+  // The tile math (decode_tile.cuh) addresses Q and the K / V stages alike.
+  static __device__ __forceinline__ int q_offset(int row, int chunk) { return smem_offset(row, chunk); }
+  static __device__ __forceinline__ int kv_offset(int row, int chunk) { return smem_offset(row, chunk); }
   // Enough bytes in flight per SM to cover HBM latency with two CTAs per SM.
   static constexpr int kStages = kHeadDim <= 64 ? 4 : kHeadDim <= 128 ? 3 : 2;
   static constexpr int kTileElems = kBlockN * kSmemStride;  // one K (or V) stage
   static constexpr int kPipeBytes = 2 * kStages * kTileElems * 2;
-  static constexpr int kMergeBytes = kWarps * kRows * (kHeadDim + 2) * 4;  // per-warp O, m, l
+  static constexpr int kMergeBytes = decode_merge_bytes<kHeadDim>();
   static constexpr int kSmemBytes =
       kRows * kSmemStride * 2 + (kPipeBytes > kMergeBytes ? kPipeBytes : kMergeBytes);
   static_assert(kHeadDim % 64 == 0, "decode head dims: 64, 128, 256");
@@ -65,9 +68,7 @@ constexpr int kPageIdsPerTile = 32;
 template <int kHeadDim, Dtype kDtype>
 __global__ void __launch_bounds__(128, 2) decode_kernel(const __grid_constant__ DecodeParams p) {
   using Cfg = DecodeConfig<kHeadDim>;
-  using Traits = ElementTraits<kDtype>;
-  constexpr int BN = Cfg::kBlockN, DT = kHeadDim / 8, S = Cfg::kStages;
-  constexpr float kLog2e = 1.4426950408889634f;
+  constexpr int BN = Cfg::kBlockN, S = Cfg::kStages;
 
   const int split = blockIdx.x, b = blockIdx.z;
   const int rows_total = p.group * p.seqlen_q;
@@ -76,15 +77,8 @@ __global__ void __launch_bounds__(128, 2) decode_kernel(const __grid_constant__ 
   const DecodeSeq seq = resolve_decode_seq(p, b);
   const int pad = seq.pad, end = seq.end;
 
-  // Slots any row of the sequence may see, then this split's share of the key tiles.
-  int lo = pad, hi = end;
-  if (p.window_left >= 0) lo = max(lo, end - p.seqlen_q - p.window_left);
-  if (p.window_right >= 0) hi = min(hi, end - 1 + p.window_right + 1);
-  const int t_first = lo / BN;
-  const int total_tiles = hi > lo ? (hi + BN - 1) / BN - t_first : 0;
-  const int per_split = (total_tiles + p.num_splits - 1) / p.num_splits;
-  const int t_begin = t_first + split * per_split;
-  const int t_end = min(t_first + total_tiles, t_begin + per_split);
+  const DecodeSplitRange range(p, pad, end, split, BN);
+  const int t_begin = range.t_begin, t_end = range.t_end;
   // Everything above read only the caller's index tensors; the cache and the rotated q may come
   // from the append kernel just before (dependent launch): wait for it, then let the combine
   // kernel start launching.
@@ -97,7 +91,7 @@ __global__ void __launch_bounds__(128, 2) decode_kernel(const __grid_constant__ 
   std::uint16_t* sV0 = sK0 + S * Cfg::kTileElems;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = lane / 4, t = lane % 4;
+  const int g = lane / 4;
 
   // ---- Q: the CTA's 16 packed rows (zeros for rows past the group, chunks past head_dim) ----
   {
@@ -173,157 +167,23 @@ __global__ void __launch_bounds__(128, 2) decode_kernel(const __grid_constant__ 
   };
   for (int i = 0; i < S - 1; ++i) load_tile(t_begin + i);  // group 0 also carries Q
 
-  // Per-thread query rows g and g + 8 of the block: head, slot of the query, ALiBi slope.
-  int q_slot[2], row_ok[2];
-  float slope[2];
-  for (int hr = 0; hr < 2; ++hr) {
-    const int pm = mb * Cfg::kRows + g + hr * 8;
-    row_ok[hr] = pm < rows_total;
-    const int i = row_ok[hr] ? pm % p.seqlen_q : 0;
-    const int h = kvh * p.group + (row_ok[hr] ? pm / p.seqlen_q : 0);
-    q_slot[hr] = end - p.seqlen_q + i;
-    slope[hr] = p.alibi ? p.alibi[b * p.alibi_batch_stride + h] : 0.0f;
-  }
-
-  float acc_o[DT][4];
-  for (int dt = 0; dt < DT; ++dt)
-    for (int e = 0; e < 4; ++e) acc_o[dt][e] = 0.0f;
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+  DecodeWarpState<kHeadDim> st;
+  st.init(p, b, kvh, mb, end, g);
 
   for (int tile = t_begin; tile < t_end; ++tile) {
     cute::cp_async_wait<S - 2>();  // this tile's group (and Q) landed
     __syncthreads();               // ... for every thread; the previous stage is free
     load_tile(tile + S - 1);
     const int stage = (tile - t_begin) % S;
-    const std::uint16_t* sK = sK0 + stage * Cfg::kTileElems;
-    const std::uint16_t* sV = sV0 + stage * Cfg::kTileElems;
-    const int key0 = warp * Cfg::kWarpKeys;  // this warp's 16 keys of the tile
-
-    // S = Q K^T for the warp's keys (two n8 tiles).
-    float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-#pragma unroll
-    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-      std::uint32_t a[4], bk[4];
-      cute::SM75_U32x4_LDSM_N::copy(
-          *reinterpret_cast<const cute::uint128_t*>(sQ + Cfg::smem_offset((lane % 8) + ((lane / 8) % 2) * 8, ks * 2 + lane / 16)),
-          a[0], a[1], a[2], a[3]);
-      cute::SM75_U32x4_LDSM_N::copy(
-          *reinterpret_cast<const cute::uint128_t*>(sK + Cfg::smem_offset(key0 + (lane % 8) + ((lane / 8) / 2) * 8, ks * 2 + (lane / 8) % 2)),
-          bk[0], bk[1], bk[2], bk[3]);
-      Traits::Mma::fma(s[0][0], s[0][1], s[0][2], s[0][3], a[0], a[1], a[2], a[3], bk[0], bk[1],
-                       s[0][0], s[0][1], s[0][2], s[0][3]);
-      Traits::Mma::fma(s[1][0], s[1][1], s[1][2], s[1][3], a[0], a[1], a[2], a[3], bk[2], bk[3],
-                       s[1][0], s[1][1], s[1][2], s[1][3]);
-    }
-
-    // Mask, softcap, ALiBi, online softmax (log2 domain); every score takes the general path
-    // (decode is bound by the cache bytes, not by these few instructions).
-    const int slot_base = tile * BN + key0 + 2 * t;
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      float tile_max = -INFINITY;
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int slot = slot_base + nt * 8 + e;
-          float x = s[nt][hr * 2 + e] * p.scale;
-          if (p.softcap > 0.0f) x = p.softcap * tanhf(x / p.softcap);
-          x -= slope[hr] * fabsf(float(q_slot[hr] - slot));
-          const bool visible = row_ok[hr] && slot >= pad && slot < end &&
-                               (p.window_left < 0 || slot >= q_slot[hr] - p.window_left) &&
-                               (p.window_right < 0 || slot <= q_slot[hr] + p.window_right);
-          x = visible ? x * kLog2e : -INFINITY;
-          s[nt][hr * 2 + e] = x;
-          tile_max = fmaxf(tile_max, x);
-        }
-      tile_max = cuda_prefill::quad_max(tile_max);
-      const float m_new = fmaxf(row_max[hr], tile_max);
-      const float factor = m_new == -INFINITY ? 1.0f : cuda_prefill::fast_exp2(row_max[hr] - m_new);
-      row_max[hr] = m_new;
-      row_sum[hr] *= factor;
-#pragma unroll
-      for (int dt = 0; dt < DT; ++dt) {
-        acc_o[dt][hr * 2] *= factor;
-        acc_o[dt][hr * 2 + 1] *= factor;
-      }
-      const float m_use = m_new == -INFINITY ? 0.0f : m_new;
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pv = cuda_prefill::fast_exp2(s[nt][hr * 2 + e] - m_use);
-          s[nt][hr * 2 + e] = pv;
-          row_sum[hr] += pv;
-        }
-    }
-
-    // O += P V: the warp's 16 keys are one k16 step.
-    const std::uint32_t pa[4] = {Traits::pack(s[0][0], s[0][1]), Traits::pack(s[0][2], s[0][3]),
-                                 Traits::pack(s[1][0], s[1][1]), Traits::pack(s[1][2], s[1][3])};
-#pragma unroll
-    for (int dp = 0; dp < kHeadDim / 16; ++dp) {
-      std::uint32_t bv[4];
-      cute::SM75_U16x8_LDSM_T::copy(
-          *reinterpret_cast<const cute::uint128_t*>(sV + Cfg::smem_offset(key0 + (lane % 8) + ((lane / 8) % 2) * 8, dp * 2 + (lane / 8) / 2)),
-          bv[0], bv[1], bv[2], bv[3]);
-      float* o0 = acc_o[2 * dp];
-      float* o1 = acc_o[2 * dp + 1];
-      Traits::Mma::fma(o0[0], o0[1], o0[2], o0[3], pa[0], pa[1], pa[2], pa[3], bv[0], bv[1], o0[0], o0[1], o0[2], o0[3]);
-      Traits::Mma::fma(o1[0], o1[1], o1[2], o1[3], pa[0], pa[1], pa[2], pa[3], bv[2], bv[3], o1[0], o1[1], o1[2], o1[3]);
-    }
+    st.template attend<Cfg, kDtype>(p, sQ, sK0 + stage * Cfg::kTileElems, sV0 + stage * Cfg::kTileElems,
+                                    tile * BN, warp * Cfg::kWarpKeys, pad, end, lane);
   }
 
   // ---- merge the four warps' states through shared memory -----------------------------------
   cute::cp_async_wait<0>();
   __syncthreads();  // the pipeline stages are free: reuse them
-  float* mO = reinterpret_cast<float*>(sK0);                      // [warp][row][D]
-  float* mM = mO + Cfg::kWarps * Cfg::kRows * kHeadDim;           // [warp][row] max (log2)
-  float* mL = mM + Cfg::kWarps * Cfg::kRows;                      // [warp][row] sum
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const int r = g + hr * 8;
-    const float sum = cuda_prefill::quad_sum(row_sum[hr]);
-    if (t == 0) {
-      mM[warp * Cfg::kRows + r] = row_max[hr];
-      mL[warp * Cfg::kRows + r] = sum;
-    }
-    float* orow = mO + (warp * Cfg::kRows + r) * kHeadDim;
-#pragma unroll
-    for (int dt = 0; dt < DT; ++dt) {
-      orow[dt * 8 + 2 * t] = acc_o[dt][hr * 2];
-      orow[dt * 8 + 2 * t + 1] = acc_o[dt][hr * 2 + 1];
-    }
-  }
-  __syncthreads();
-  constexpr float kLn2 = 0.6931471805599453f;
-  for (int idx = threadIdx.x; idx < Cfg::kRows * kHeadDim; idx += Cfg::kThreads) {
-    const int r = idx / kHeadDim, c = idx % kHeadDim;
-    const int pm = mb * Cfg::kRows + r;
-    if (pm >= rows_total || c >= p.head_dim) continue;
-    float m = -INFINITY;
-    for (int w = 0; w < Cfg::kWarps; ++w) m = fmaxf(m, mM[w * Cfg::kRows + r]);
-    float l = 0.0f, o = 0.0f;
-    if (m != -INFINITY)
-      for (int w = 0; w < Cfg::kWarps; ++w) {
-        const float f = exp2f(mM[w * Cfg::kRows + r] - m);  // 0 for an empty warp
-        l += mL[w * Cfg::kRows + r] * f;
-        o += mO[(w * Cfg::kRows + r) * kHeadDim + c] * f;
-      }
-    const float val = l > 0.0f ? o / l : 0.0f;
-    const float lse = l > 0.0f ? (m + __log2f(l)) * kLn2 : -INFINITY;
-    const int i = pm % p.seqlen_q, h = kvh * p.group + pm / p.seqlen_q;
-    if (p.num_splits == 1) {
-      Elem<kDtype>::store(p.out, b * p.out_batch_stride + std::int64_t(i) * p.out_row_stride +
-                                     std::int64_t(h) * p.out_head_stride + c, val);
-      if (p.lse && c == 0)
-        p.lse[b * p.lse_batch_stride + std::int64_t(h) * p.lse_head_stride + std::int64_t(i) * p.lse_row_stride] = lse;
-    } else {
-      const std::int64_t state = ((std::int64_t(split) * p.batch + b) * p.heads_q + h) * p.seqlen_q + i;
-      p.partial_o[state * p.head_dim + c] = val;
-      if (c == 0) p.partial_lse[state] = lse;
-    }
-  }
+  decode_merge_warps<kHeadDim, kDtype>(p, st, reinterpret_cast<float*>(sK0), b, kvh, mb, split,
+                                       threadIdx.x, [] { __syncthreads(); });
 }
 
 template <int kHeadDim, Dtype kDtype>

@@ -3,15 +3,19 @@
 //                         the rotated copy of q into the workspace;
 //   combine_kernel        merges the split-KV partial states (the shared merge primitive,
 //                         MergeAccumulator) into out and LSE.
-// The attention kernel itself (decode_kernel.cuh) is compiled per head_dim / dtype under
+// The attention kernels (decode_kernel.cuh: cp.async, sm_80+; decode_kernel_sm90.cuh: bulk
+// copies, sm_90) are compiled per head_dim / dtype under
 // src/cuda/instances/. All of it runs on the caller's stream with no host synchronisation.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "common/softmax_state.h"
 #include "cuda/common/cuda_check.h"
+#include "cuda/common/host_checks.h"
 #include "cuda/decode/decode_common.cuh"
 #include "cuda/decode/decode_launch.h"
 #include "cuda/decode/decode_params.h"
@@ -21,6 +25,8 @@ namespace fastattn::cuda_decode {
 
 template <int kHeadDim, Dtype kDtype>
 void launch_decode(const DecodeParams& p, cudaStream_t stream);
+template <int kHeadDim, Dtype kDtype>
+void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream);
 
 namespace {
 
@@ -155,9 +161,15 @@ void run_for_dtype(const DecodeParams& p, cudaStream_t stream) {
     attn.q_row_stride = std::int64_t(p.heads_q) * p.head_dim;
     attn.q_batch_stride = std::int64_t(p.seqlen_q) * attn.q_row_stride;
   }
-  if (p.head_dim <= 64) launch_decode<64, kDtype>(attn, stream);
-  else if (p.head_dim <= 128) launch_decode<128, kDtype>(attn, stream);
-  else launch_decode<256, kDtype>(attn, stream);
+  if (p.sm90_kernel) {
+    if (p.head_dim <= 64) launch_decode_sm90<64, kDtype>(attn, stream);
+    else if (p.head_dim <= 128) launch_decode_sm90<128, kDtype>(attn, stream);
+    else launch_decode_sm90<256, kDtype>(attn, stream);
+  } else {
+    if (p.head_dim <= 64) launch_decode<64, kDtype>(attn, stream);
+    else if (p.head_dim <= 128) launch_decode<128, kDtype>(attn, stream);
+    else launch_decode<256, kDtype>(attn, stream);
+  }
   if (p.num_splits > 1) {
     launch_kernel(&combine_kernel<kDtype>, dim3(p.seqlen_q, p.heads_q, p.batch), dim3(128), 0, stream,
                   p.dependent_launch, p);
@@ -166,9 +178,25 @@ void run_for_dtype(const DecodeParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-void run_decode(const DecodeParams& p, void* stream_ptr) {
-  if (p.batch == 0) return;
+bool use_sm90_decode_kernel(int cc_major, int cc_minor, int page_size) {
+  const char* forced = std::getenv("FASTATTN_DECODE_KERNEL");
+  if (forced && std::strcmp(forced, "sm80") == 0) return false;
+  return cc_major == 9 && cc_minor == 0 && decode_tma_box_rows(page_size) > 0;
+}
+
+void run_decode(const DecodeParams& params, void* stream_ptr) {
+  if (params.batch == 0) return;
   auto stream = static_cast<cudaStream_t>(stream_ptr);
+  // The kernels and launch mode the current device takes (device attributes are cached and are
+  // not stream operations: fine during graph capture).
+  int device = 0;
+  FASTATTN_CUDA_CHECK(cudaGetDevice(&device));
+  const cuda_detail::DeviceInfo info = cuda_detail::device_info(device);
+  DecodeParams p = params;
+  // The TMA kernel needs a non-empty cache to describe (an empty one has no keys to read).
+  const bool cache_empty = p.cache_rows == 0 || (p.page_size > 0 ? p.num_pages == 0 : p.cache_len == 0);
+  p.sm90_kernel = !cache_empty && use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size);
+  p.dependent_launch = info.cc_major >= 9;  // sm_90: programmatic dependent launch
   if (p.dtype == Dtype::kFloat16) run_for_dtype<Dtype::kFloat16>(p, stream);
   else run_for_dtype<Dtype::kBFloat16>(p, stream);
 }

@@ -18,6 +18,15 @@ using cuda_prefill::Dtype;
 /// (S_cache, or its pages * page_size) are not written and not attended; page ids outside
 /// [0, num_pages) are neither written nor read (their keys read as zeros); rotary positions are
 /// clamped to the cos/sin table.
+///
+/// Varlen decode (flash_attn_varlen_func with paged keys and one query per sequence, lowered in
+/// varlen_decode_host.cpp): batch entry b is query row b of q / out / lse (batch stride = the row
+/// stride, seqlen_q = 1) and `cu_seqlens_q` maps it to the sequence s that owns that row (s = b
+/// when cu_seqlens_q[b] == b and cu_seqlens_q[b + 1] == b + 1, else found by a binary search);
+/// a row no sequence owns (padding past cu_seqlens_q[B]) is empty (output 0, LSE -inf). Sequence
+/// s reads page-table row s and its key count from cache_seqlens[s] (seqused_k), else
+/// cu_seqlens_k[s + 1] - cu_seqlens_k[s], else (pages_s - 1) * page_size + last_page_len[s]
+/// (0 without pages), clamped like cache_seqlens.
 struct DecodeParams {
   Dtype dtype = Dtype::kFloat16;
   int batch = 0, heads_q = 0, heads_kv = 0, group = 1;  ///< group = heads_q / heads_kv
@@ -54,6 +63,10 @@ struct DecodeParams {
 
   const std::int32_t* cache_seqlens = nullptr;  ///< (B); else cache_seqlen for every b
   int cache_seqlen = 0;
+  // Varlen decode only (see above): all null for flash_attn_with_kvcache.
+  const std::int32_t* cu_seqlens_q = nullptr;   ///< (B + 1): the sequence owning query row b
+  const std::int32_t* cu_seqlens_k = nullptr;   ///< (B + 1): key counts as differences
+  const std::int32_t* last_page_len = nullptr;  ///< (B): keys in each sequence's last page
   const std::int32_t* cache_batch_idx = nullptr;
   const std::int32_t* cache_leftpad = nullptr;
 
@@ -82,10 +95,14 @@ struct DecodeParams {
   // merges them. partial_o (num_splits, B, Hq, Sq, D) normalised outputs, partial_lse
   // (num_splits, B, Hq, Sq) natural-log LSE.
   int num_splits = 1;
-  /// The GPU has programmatic dependent launch (sm_90): the attention kernel after an append and
-  /// the combine kernel start launching while their predecessor finishes.
+  /// Set by run_decode from the current device. The GPU has programmatic dependent launch
+  /// (sm_90): the attention kernel after an append and the combine kernel start launching while
+  /// their predecessor finishes.
   bool dependent_launch = false;
   bool after_append = false;  ///< set by run_decode: an append / rotary kernel precedes attention
+  /// Set by run_decode: attention runs the sm_90 bulk-copy kernel (decode_kernel_sm90.cuh), else
+  /// the cp.async one (use_sm90_decode_kernel).
+  bool sm90_kernel = false;
   float* partial_o = nullptr;
   float* partial_lse = nullptr;
 };
@@ -93,7 +110,29 @@ struct DecodeParams {
 /// Appends (rotating k), rotates q into q_rot, attends with split-KV and combines, on `stream`.
 void run_decode(const DecodeParams& p, void* stream);
 
-/// Key tile of the decode kernel (keys per cp.async stage); the split heuristic counts in it.
+/// Key tile of the decode kernels (keys per pipeline stage); the split heuristic counts in it.
 constexpr int kDecodeBlockN = 64;
+
+/// CTAs of the attention kernel resident per SM (what one wave of the split heuristic counts):
+/// shared memory allows two at head_dim <= 128, one for the sm_90 kernel at 256.
+constexpr int decode_ctas_per_sm(int head_dim, bool sm90_kernel) {
+  return sm90_kernel && head_dim > 128 ? 1 : 2;
+}
+
+/// Rows per TMA box of the sm_90 kernel for a cache of `page_size` slots per page (0: a
+/// contiguous cache): 64 (one box per 64-key tile and 64 columns) for contiguous caches and pages
+/// of a multiple of 64 slots, the page size for pages of 8, 16 or 32 slots, else 0 (that kernel
+/// does not take the cache: smaller boxes cost more per byte than cp.async).
+constexpr int decode_tma_box_rows(int page_size) {
+  return page_size == 0 || page_size % kDecodeBlockN == 0 ? kDecodeBlockN
+         : page_size == 8 || page_size == 16 || page_size == 32 ? page_size
+                                                                 : 0;
+}
+
+/// True when the attention of a decode call over a cache of `page_size` (0: contiguous) on a
+/// device of compute capability cc_major.cc_minor runs the sm_90 TMA kernel: compute capability
+/// 9.0 and a page size it takes (decode_tma_box_rows), unless FASTATTN_DECODE_KERNEL=sm80 asks
+/// for the cp.async kernel (for comparisons and tests).
+bool use_sm90_decode_kernel(int cc_major, int cc_minor, int page_size);
 
 }  // namespace fastattn::cuda_decode

@@ -1,0 +1,242 @@
+// The decode attention kernel for sm_90: the math of decode_kernel.cuh (decode_tile.cuh), with the
+// cache streamed by the TMA engine instead of per-thread cp.async.
+//
+// Why: the cp.async kernel issues sixteen 16-byte copies per 256-byte row plus their address
+// math, and every tile ends in a CTA-wide barrier; one CTA moved at most ~20 GB/s and large
+// batches stopped at 4.3-4.4 TB/s. Here a producer warp loads each 64-key tile as a few TMA boxes
+// (64 columns x R rows: R = 64 for a contiguous cache or pages of a multiple of 64 slots, R =
+// page_size for pages of 8, 16 or 32 slots) into a ring of kStages stages guarded by full / empty
+// mbarriers; the four consumer warps (16 keys of every tile each, as in the cp.async kernel)
+// never wait on each other until the final merge. (One bulk copy per 256-byte row was measured
+// first: 1.7 TB/s, the TMA engine's cost per request dominates small copies.) The reads use an
+// evict-first L2 policy and 128-byte L2 promotion (tensor_map.cpp says why).
+//
+// Shared memory (1024-byte aligned after the barriers): Q | K stages | V stages. Each is stored as
+// head_dim / 64 column blocks of [rows][64] with the 128-byte swizzle the TMA writes (16-byte
+// chunk c of row r at c ^ (r % 8)), so ldmatrix rows fall on distinct banks.
+//
+// Rows a box brings in that no query may see (before `lo` or from `hi` on, e.g. past the end of
+// the last page) are real cache bytes, possibly garbage: scores there are masked to -inf, and
+// the consumer zeroes those V rows before P V (0 x NaN would be NaN). Boxes of a page id outside
+// the cache are not loaded; the producer writes their rows as zeros (the documented "reads as
+// zeros").
+#pragma once
+
+#include <cuda.h>
+#include <cuda_runtime_api.h>
+
+#include "cuda/common/cuda_check.h"
+#include "cuda/common/mbarrier.cuh"
+#include "cuda/common/tensor_map.h"
+#include "cuda/decode/decode_common.cuh"
+#include "cuda/decode/decode_launch.h"
+#include "cuda/decode/decode_tile.cuh"
+
+namespace fastattn::cuda_decode {
+
+/// DecodeParams plus the TMA maps of the two caches (4-d: head_dim x slots-per-row x heads_kv x
+/// rows, where a row is a page or a contiguous cache row) and the box height.
+struct DecodeTmaParams {
+  DecodeParams p;
+  CUtensorMap k_map, v_map;
+  int box_rows;  ///< R = decode_tma_box_rows(page_size): divides 64 and (paged) the page size
+};
+
+template <int kHeadDim_>
+struct DecodeSm90Config {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kConsumerThreads = kDecodeWarps * 32;
+  static constexpr int kThreads = kConsumerThreads + 32;  // + the producer warp
+  static constexpr int kBlockN = kDecodeBlockN;
+  static constexpr int kWarpKeys = kBlockN / kDecodeWarps;
+  static constexpr int kColBlocks = kHeadDim / 64;  // 64-column (128-byte) blocks per row
+  static __device__ __forceinline__ int swizzled(int rows, int row, int chunk) {
+    return (chunk >> 3) * (rows * 64) + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
+  }
+  static __device__ __forceinline__ int q_offset(int row, int chunk) { return swizzled(kDecodeRows, row, chunk); }
+  static __device__ __forceinline__ int kv_offset(int row, int chunk) { return swizzled(kBlockN, row, chunk); }
+  static constexpr int kTileElems = kBlockN * kHeadDim;
+  static constexpr int kStageBytes = 2 * kTileElems * 2;  // K and V
+  // Stages and CTAs per SM: as many bytes in flight as 227 KB allow (d64: 2 x 6 x 16 KB,
+  // d128: 2 x 3 x 32 KB, d256: 1 x 3 x 64 KB).
+  static constexpr int kCtasPerSm = kHeadDim <= 128 ? 2 : 1;
+  static constexpr int kStages = kHeadDim <= 64 ? 6 : 3;
+  static constexpr int kBarrierBytes = 128;
+  static constexpr int kAlign = 1024;  // the 128-byte swizzle repeats every 8 rows of 128 bytes
+  static constexpr int kQBytes = kDecodeRows * kHeadDim * 2;
+  static constexpr int kPipeBytes = kStages * kStageBytes;
+  static constexpr int kSmemBytes = kBarrierBytes + kAlign + kQBytes +
+                                    (kPipeBytes > decode_merge_bytes<kHeadDim>() ? kPipeBytes : decode_merge_bytes<kHeadDim>());
+  static_assert(2 * kStages * 8 <= kBarrierBytes, "barriers fit their region");
+  static_assert(kQBytes % kAlign == 0, "stages start on a swizzle atom");
+};
+
+template <int kHeadDim, Dtype kDtype>
+__global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm90Config<kHeadDim>::kCtasPerSm)
+    decode_kernel_sm90(const __grid_constant__ DecodeTmaParams tp) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using Cfg = DecodeSm90Config<kHeadDim>;
+  using namespace cuda_detail;
+  constexpr int BN = Cfg::kBlockN, S = Cfg::kStages;
+  const DecodeParams& p = tp.p;
+
+  const int split = blockIdx.x, b = blockIdx.z;
+  const int rows_total = p.group * p.seqlen_q;
+  const int m_blocks = (rows_total + kDecodeRows - 1) / kDecodeRows;
+  const int kvh = blockIdx.y / m_blocks, mb = blockIdx.y % m_blocks;
+  const DecodeSeq seq = resolve_decode_seq(p, b);
+  const int pad = seq.pad, end = seq.end;
+  const DecodeSplitRange range(p, pad, end, split, BN);
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  auto* full = reinterpret_cast<std::uint64_t*>(smem_raw);
+  std::uint64_t* empty = full + S;
+  const std::uint32_t raw = smem_u32(smem_raw);
+  unsigned char* aligned = smem_raw + ((raw + Cfg::kBarrierBytes + Cfg::kAlign - 1) / Cfg::kAlign * Cfg::kAlign - raw);
+  auto* sQ = reinterpret_cast<std::uint16_t*>(aligned);
+  std::uint16_t* sK0 = sQ + kDecodeRows * kHeadDim;
+  std::uint16_t* sV0 = sK0 + S * Cfg::kTileElems;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S; ++s) {
+      mbar_init(&full[s], 32);            // every producer lane arrives (with its bytes)
+      mbar_init(&empty[s], kDecodeWarps);  // one arrival per consumer warp
+    }
+    mbar_fence_init();
+  }
+  __syncthreads();
+  // Everything above read only the caller's index tensors; the cache and the rotated q may come
+  // from the append kernel just before (dependent launch): wait for it, then let the combine
+  // kernel start launching.
+  pdl_wait_for_previous_kernel();
+  pdl_let_next_kernel_launch();
+
+  if (warp == kDecodeWarps) {
+    // ---- producer: lane i < boxes loads box i of K and of V in every tile -----------------
+    // Box i: rows run * R .. run * R + R - 1 of the tile, columns block * 64 .. block * 64 + 63.
+    const int R = tp.box_rows;
+    const int boxes = (BN / R) * Cfg::kColBlocks;
+    const int run = lane / Cfg::kColBlocks, block = lane % Cfg::kColBlocks;
+    const bool active = lane < boxes;
+    const std::uint64_t policy = l2_policy_evict_first();  // the cache is read once per step
+    const std::uint32_t box_bytes = std::uint32_t(R) * 128;
+    // Raw page id of the box's rows in `tile` (0 for a contiguous cache), or -1 when no row of the
+    // box may be seen; the range check of the id waits for its use (the load runs ahead).
+    auto box_page = [&](int tile) {
+      const int slot0 = tile * BN + run * R;
+      if (!active || slot0 + R <= range.lo || slot0 >= range.hi) return -1;
+      if (p.page_size == 0) return 0;
+      return int(seq.pages[p.page_shift >= 0 ? slot0 >> p.page_shift : slot0 / p.page_size]);
+    };
+    int next_page = range.t_begin < range.t_end ? box_page(range.t_begin) : -1;
+    for (int tile = range.t_begin, i = 0; tile < range.t_end; ++tile, ++i) {
+      const int page = next_page;
+      if (tile + 1 < range.t_end) next_page = box_page(tile + 1);
+      const int stage = i % S;
+      if (i >= S) mbar_wait(&empty[stage], ((i / S) - 1) & 1);
+      const int slot0 = tile * BN + run * R;
+      const int row0 = run * R;  // the box's first row in the tile
+      std::uint16_t* dk = sK0 + stage * Cfg::kTileElems + block * (BN * 64) + row0 * 64;
+      std::uint16_t* dv = sV0 + stage * Cfg::kTileElems + block * (BN * 64) + row0 * 64;
+      const bool in_cache = p.page_size == 0 || (page >= 0 && page < p.num_pages);
+      const bool load = active && page >= 0 && in_cache;
+      if (active && page != -1 && !in_cache) {
+        // A page id outside the cache: its rows read as zeros.
+        for (int e = 0; e < R * 64; e += 8) {
+          *reinterpret_cast<uint4*>(dk + e) = make_uint4(0, 0, 0, 0);
+          *reinterpret_cast<uint4*>(dv + e) = make_uint4(0, 0, 0, 0);
+        }
+        fence_proxy_async_smem();  // before a later TMA write of the same rows
+      }
+      mbar_arrive_expect_tx(&full[stage], load ? 2 * box_bytes : 0);
+      if (load) {
+        int c1, c3;  // slot within the cache row / page, and the row / page
+        if (p.page_size == 0) {
+          c1 = slot0;
+          c3 = seq.row;
+        } else {
+          c1 = p.page_shift >= 0 ? slot0 & (p.page_size - 1) : slot0 % p.page_size;
+          c3 = page;
+        }
+        tma_load_4d(dk, &tp.k_map, block * 64, c1, kvh, c3, &full[stage], policy);
+        tma_load_4d(dv, &tp.v_map, block * 64, c1, kvh, c3, &full[stage], policy);
+      }
+    }
+    return;
+  }
+
+  // ---- consumers: Q, then the tiles as they land ------------------------------------------
+  {
+    const auto* gq = static_cast<const std::uint16_t*>(p.q);
+    for (int idx = threadIdx.x; idx < kDecodeRows * (kHeadDim / 8); idx += Cfg::kConsumerThreads) {
+      const int r = idx / (kHeadDim / 8), ch = idx % (kHeadDim / 8);
+      const int pm = mb * kDecodeRows + r;
+      const bool ok = pm < rows_total && ch * 8 < p.head_dim;
+      const std::int64_t off = ok ? b * p.q_batch_stride + std::int64_t(pm % p.seqlen_q) * p.q_row_stride +
+                                        std::int64_t(kvh * p.group + pm / p.seqlen_q) * p.q_head_stride + ch * 8
+                                  : 0;
+      cuda_prefill::cp_async_16(sQ + Cfg::q_offset(r, ch), gq + off, ok);
+    }
+    cute::cp_async_fence();
+    cute::cp_async_wait<0>();
+    named_barrier_sync(1, Cfg::kConsumerThreads);
+  }
+  DecodeWarpState<kHeadDim> st;
+  st.init(p, b, kvh, mb, end, lane / 4);
+  const int key0 = warp * Cfg::kWarpKeys;
+  for (int tile = range.t_begin, i = 0; tile < range.t_end; ++tile, ++i) {
+    const int stage = i % S;
+    std::uint16_t* sV = sV0 + stage * Cfg::kTileElems;
+    mbar_wait(&full[stage], (i / S) & 1);
+    const int n0 = tile * BN;
+    const bool edge = n0 + key0 < range.lo || n0 + key0 + Cfg::kWarpKeys > range.hi;
+    if (edge) {
+      // V rows of this warp's keys outside [lo, hi): zeros (see the file comment).
+      for (int idx = lane; idx < Cfg::kWarpKeys * (kHeadDim / 8); idx += 32) {
+        const int r = key0 + idx / (kHeadDim / 8), ch = idx % (kHeadDim / 8);
+        if (n0 + r < range.lo || n0 + r >= range.hi)
+          *reinterpret_cast<uint4*>(sV + Cfg::kv_offset(r, ch)) = make_uint4(0, 0, 0, 0);
+      }
+      __syncwarp();
+    }
+    st.template attend<Cfg, kDtype>(p, sQ, sK0 + stage * Cfg::kTileElems, sV, n0, key0, pad, end, lane);
+    if (edge) fence_proxy_async_smem();  // the zeros before the stage's next TMA write
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[stage]);
+  }
+  // Every consumer warp has seen every tile land, so no copy is in flight: reuse the stages.
+  named_barrier_sync(1, Cfg::kConsumerThreads);
+  decode_merge_warps<kHeadDim, kDtype>(p, st, reinterpret_cast<float*>(sK0), b, kvh, mb, split, threadIdx.x,
+                                       [] { cuda_detail::named_barrier_sync(1, DecodeSm90Config<kHeadDim>::kConsumerThreads); });
+#endif
+}
+
+template <int kHeadDim, Dtype kDtype>
+void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
+  using Cfg = DecodeSm90Config<kHeadDim>;
+  auto* kernel = &decode_kernel_sm90<kHeadDim, kDtype>;
+  static const cudaError_t attr_status =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  FASTATTN_CUDA_CHECK(attr_status);
+  const int m_blocks = (p.group * p.seqlen_q + kDecodeRows - 1) / kDecodeRows;
+  const dim3 grid(p.num_splits, p.heads_kv * m_blocks, p.batch);
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
+  DecodeTmaParams tp;
+  tp.p = p;
+  tp.box_rows = decode_tma_box_rows(p.page_size);
+  // Dims: head_dim x slots per row x heads_kv x rows (pages, or contiguous cache rows).
+  const bool paged = p.page_size > 0;
+  const std::int64_t slots = paged ? p.page_size : p.cache_len;
+  const std::int64_t rows = paged ? p.num_pages : p.cache_rows;
+  tp.k_map = cuda_detail::make_tensor_map_4d_u16(p.k_cache, p.head_dim, slots, p.k_row_stride, p.heads_kv,
+                                                 p.k_head_stride, rows, p.k_batch_stride, 64, tp.box_rows);
+  tp.v_map = cuda_detail::make_tensor_map_4d_u16(p.v_cache, p.head_dim, slots, p.v_row_stride, p.heads_kv,
+                                                 p.v_head_stride, rows, p.v_batch_stride, 64, tp.box_rows);
+  launch_kernel(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p.dependent_launch && p.after_append, tp);
+}
+
+#define FASTATTN_INSTANTIATE_DECODE_SM90(D, T) \
+  template void launch_decode_sm90<D, T>(const DecodeParams&, cudaStream_t);
+
+}  // namespace fastattn::cuda_decode

@@ -1,0 +1,221 @@
+// The math of the decode kernels, shared by the cp.async kernel (decode_kernel.cuh, sm_80+) and
+// the bulk-copy kernel (decode_kernel_sm90.cuh): a warp's online-softmax state over 16 packed
+// query rows, its update with 16 keys of a staged K / V tile, and the merge of the warps' states
+// into the output or a split's partial state.
+//
+// Packed rows: row pm of the CTA's 16-row block mb is query head kvh * group + pm / Sq, query row
+// pm % Sq (GQA packing). Keys live in slot space ([pad, end) are the sequence's keys); query row i
+// sits at slot end - Sq + i (bottom-right alignment), which causal / window / ALiBi measure from.
+#pragma once
+
+#include <cute/arch/copy_sm75.hpp>
+
+#include "cuda/decode/decode_common.cuh"
+#include "cuda/prefill/prefill_kernel.cuh"
+
+namespace fastattn::cuda_decode {
+
+constexpr int kDecodeRows = 16;  ///< packed query rows per CTA: one m16 MMA tile
+constexpr int kDecodeWarps = 4;  ///< consumer warps; each takes 16 keys of every 64-key tile
+
+/// One warp's state: the O accumulator fragments of its 16 rows (m16n8 layout, rows g and g + 8
+/// of the lane), the running max (log2 domain) and sum, and what the masks need per row.
+template <int kHeadDim>
+struct DecodeWarpState {
+  static constexpr int DT = kHeadDim / 8;
+  float acc_o[DT][4];
+  float row_max[2], row_sum[2];
+  int q_slot[2];
+  bool row_ok[2];
+  float slope[2];
+
+  __device__ __forceinline__ void init(const DecodeParams& p, int b, int kvh, int mb, int end, int g) {
+    const int rows_total = p.group * p.seqlen_q;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int pm = mb * kDecodeRows + g + hr * 8;
+      row_ok[hr] = pm < rows_total;
+      const int i = row_ok[hr] ? pm % p.seqlen_q : 0;
+      const int h = kvh * p.group + (row_ok[hr] ? pm / p.seqlen_q : 0);
+      q_slot[hr] = end - p.seqlen_q + i;
+      slope[hr] = p.alibi ? p.alibi[b * p.alibi_batch_stride + h] : 0.0f;
+      row_max[hr] = -INFINITY;
+      row_sum[hr] = 0.0f;
+    }
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[dt][e] = 0.0f;
+  }
+
+  /// Attends the warp's 16 keys (rows key0 .. key0 + 15 of the staged tile, slots n0 + key0 ...)
+  /// with Q. Cfg::q_offset(row, chunk) addresses sQ, Cfg::kv_offset(row, chunk) sK and sV
+  /// (elements; chunk = 8 elements).
+  template <class Cfg, Dtype kDtype>
+  __device__ __forceinline__ void attend(const DecodeParams& p, const std::uint16_t* sQ,
+                                         const std::uint16_t* sK, const std::uint16_t* sV, int n0,
+                                         int key0, int pad, int end, int lane) {
+    using Traits = cuda_prefill::ElementTraits<kDtype>;
+    constexpr float kLog2e = 1.4426950408889634f;
+    const int t = lane % 4;
+
+    // S = Q K^T for the warp's keys (two n8 tiles).
+    float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+      std::uint32_t a[4], bk[4];
+      cute::SM75_U32x4_LDSM_N::copy(
+          *reinterpret_cast<const cute::uint128_t*>(sQ + Cfg::q_offset((lane % 8) + ((lane / 8) % 2) * 8, ks * 2 + lane / 16)),
+          a[0], a[1], a[2], a[3]);
+      cute::SM75_U32x4_LDSM_N::copy(
+          *reinterpret_cast<const cute::uint128_t*>(sK + Cfg::kv_offset(key0 + (lane % 8) + ((lane / 8) / 2) * 8, ks * 2 + (lane / 8) % 2)),
+          bk[0], bk[1], bk[2], bk[3]);
+      Traits::Mma::fma(s[0][0], s[0][1], s[0][2], s[0][3], a[0], a[1], a[2], a[3], bk[0], bk[1],
+                       s[0][0], s[0][1], s[0][2], s[0][3]);
+      Traits::Mma::fma(s[1][0], s[1][1], s[1][2], s[1][3], a[0], a[1], a[2], a[3], bk[2], bk[3],
+                       s[1][0], s[1][1], s[1][2], s[1][3]);
+    }
+
+    // Mask, softcap, ALiBi, online softmax (log2 domain); every score takes the general path
+    // (decode is bound by the cache bytes, not by these few instructions).
+    const int slot_base = n0 + key0 + 2 * t;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      float tile_max = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int slot = slot_base + nt * 8 + e;
+          float x = s[nt][hr * 2 + e] * p.scale;
+          if (p.softcap > 0.0f) x = p.softcap * tanhf(x / p.softcap);
+          x -= slope[hr] * fabsf(float(q_slot[hr] - slot));
+          const bool visible = row_ok[hr] && slot >= pad && slot < end &&
+                               (p.window_left < 0 || slot >= q_slot[hr] - p.window_left) &&
+                               (p.window_right < 0 || slot <= q_slot[hr] + p.window_right);
+          x = visible ? x * kLog2e : -INFINITY;
+          s[nt][hr * 2 + e] = x;
+          tile_max = fmaxf(tile_max, x);
+        }
+      tile_max = cuda_prefill::quad_max(tile_max);
+      const float m_new = fmaxf(row_max[hr], tile_max);
+      const float factor = m_new == -INFINITY ? 1.0f : cuda_prefill::fast_exp2(row_max[hr] - m_new);
+      row_max[hr] = m_new;
+      row_sum[hr] *= factor;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        acc_o[dt][hr * 2] *= factor;
+        acc_o[dt][hr * 2 + 1] *= factor;
+      }
+      const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float pv = cuda_prefill::fast_exp2(s[nt][hr * 2 + e] - m_use);
+          s[nt][hr * 2 + e] = pv;
+          row_sum[hr] += pv;
+        }
+    }
+
+    // O += P V: the warp's 16 keys are one k16 step.
+    const std::uint32_t pa[4] = {Traits::pack(s[0][0], s[0][1]), Traits::pack(s[0][2], s[0][3]),
+                                 Traits::pack(s[1][0], s[1][1]), Traits::pack(s[1][2], s[1][3])};
+#pragma unroll
+    for (int dp = 0; dp < kHeadDim / 16; ++dp) {
+      std::uint32_t bv[4];
+      cute::SM75_U16x8_LDSM_T::copy(
+          *reinterpret_cast<const cute::uint128_t*>(sV + Cfg::kv_offset(key0 + (lane % 8) + ((lane / 8) % 2) * 8, dp * 2 + (lane / 8) / 2)),
+          bv[0], bv[1], bv[2], bv[3]);
+      float* o0 = acc_o[2 * dp];
+      float* o1 = acc_o[2 * dp + 1];
+      Traits::Mma::fma(o0[0], o0[1], o0[2], o0[3], pa[0], pa[1], pa[2], pa[3], bv[0], bv[1], o0[0], o0[1], o0[2], o0[3]);
+      Traits::Mma::fma(o1[0], o1[1], o1[2], o1[3], pa[0], pa[1], pa[2], pa[3], bv[2], bv[3], o1[0], o1[1], o1[2], o1[3]);
+    }
+  }
+};
+
+/// Shared-memory bytes decode_merge_warps needs (per-warp O, max, sum).
+template <int kHeadDim>
+constexpr int decode_merge_bytes() {
+  return kDecodeWarps * kDecodeRows * (kHeadDim + 2) * 4;
+}
+
+/// Merges the kDecodeWarps warps' states through `merge_smem` (decode_merge_bytes() bytes, free
+/// for reuse) and writes the CTA's rows: the final output and LSE (one split) or the split's
+/// normalised partial state. `sync` is a barrier over the kDecodeWarps * 32 consumer threads
+/// (thread index `tid`); the caller has synchronised them before merge_smem is reused.
+template <int kHeadDim, Dtype kDtype, class Sync>
+__device__ __forceinline__ void decode_merge_warps(const DecodeParams& p, const DecodeWarpState<kHeadDim>& st,
+                                                   float* merge_smem, int b, int kvh, int mb, int split,
+                                                   int tid, Sync sync) {
+  constexpr int DT = kHeadDim / 8, kThreads = kDecodeWarps * 32;
+  const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int rows_total = p.group * p.seqlen_q;
+  float* mO = merge_smem;                                 // [warp][row][D]
+  float* mM = mO + kDecodeWarps * kDecodeRows * kHeadDim;  // [warp][row] max (log2)
+  float* mL = mM + kDecodeWarps * kDecodeRows;             // [warp][row] sum
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int r = g + hr * 8;
+    const float sum = cuda_prefill::quad_sum(st.row_sum[hr]);
+    if (t == 0) {
+      mM[warp * kDecodeRows + r] = st.row_max[hr];
+      mL[warp * kDecodeRows + r] = sum;
+    }
+    float* orow = mO + (warp * kDecodeRows + r) * kHeadDim;
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      orow[dt * 8 + 2 * t] = st.acc_o[dt][hr * 2];
+      orow[dt * 8 + 2 * t + 1] = st.acc_o[dt][hr * 2 + 1];
+    }
+  }
+  sync();
+  constexpr float kLn2 = 0.6931471805599453f;
+  for (int idx = tid; idx < kDecodeRows * kHeadDim; idx += kThreads) {
+    const int r = idx / kHeadDim, c = idx % kHeadDim;
+    const int pm = mb * kDecodeRows + r;
+    if (pm >= rows_total || c >= p.head_dim) continue;
+    float m = -INFINITY;
+    for (int w = 0; w < kDecodeWarps; ++w) m = fmaxf(m, mM[w * kDecodeRows + r]);
+    float l = 0.0f, o = 0.0f;
+    if (m != -INFINITY)
+      for (int w = 0; w < kDecodeWarps; ++w) {
+        const float f = exp2f(mM[w * kDecodeRows + r] - m);  // 0 for an empty warp
+        l += mL[w * kDecodeRows + r] * f;
+        o += mO[(w * kDecodeRows + r) * kHeadDim + c] * f;
+      }
+    const float val = l > 0.0f ? o / l : 0.0f;
+    const float lse = l > 0.0f ? (m + __log2f(l)) * kLn2 : -INFINITY;
+    const int i = pm % p.seqlen_q, h = kvh * p.group + pm / p.seqlen_q;
+    if (p.num_splits == 1) {
+      Elem<kDtype>::store(p.out, b * p.out_batch_stride + std::int64_t(i) * p.out_row_stride +
+                                     std::int64_t(h) * p.out_head_stride + c, val);
+      if (p.lse && c == 0)
+        p.lse[b * p.lse_batch_stride + std::int64_t(h) * p.lse_head_stride + std::int64_t(i) * p.lse_row_stride] = lse;
+    } else {
+      const std::int64_t state = ((std::int64_t(split) * p.batch + b) * p.heads_q + h) * p.seqlen_q + i;
+      p.partial_o[state * p.head_dim + c] = val;
+      if (c == 0) p.partial_lse[state] = lse;
+    }
+  }
+}
+
+/// The key tiles of split `split`: tiles of kBlockN slots covering every slot a row may see.
+struct DecodeSplitRange {
+  int t_begin, t_end;  ///< tile indices (tile t = slots t * kBlockN ...)
+  int lo, hi;          ///< slots [lo, hi) any row may see
+  __device__ __forceinline__ DecodeSplitRange(const DecodeParams& p, int pad, int end, int split, int block_n) {
+    lo = pad;
+    hi = end;
+    if (p.window_left >= 0) lo = max(lo, end - p.seqlen_q - p.window_left);
+    if (p.window_right >= 0) hi = min(hi, end - 1 + p.window_right + 1);
+    const int t_first = lo / block_n;
+    const int total_tiles = hi > lo ? (hi + block_n - 1) / block_n - t_first : 0;
+    const int per_split = (total_tiles + p.num_splits - 1) / p.num_splits;
+    t_begin = t_first + split * per_split;
+    t_end = min(t_first + total_tiles, t_begin + per_split);
+  }
+};
+
+}  // namespace fastattn::cuda_decode
