@@ -13,9 +13,9 @@ import numpy as np
 
 import fastattn
 
-from . import gpu_decode, gpu_prefill
+from . import gpu_decode, gpu_merge, gpu_prefill
 
-SUITES = ("prefill", "decode", "cascade")
+SUITES = ("prefill", "decode", "merge", "cascade")
 
 
 # ---- timing -------------------------------------------------------------------------------------
@@ -291,9 +291,9 @@ def main(argv=None):
     g.add_argument("--hidden", type=int, default=None,
                    help="heads * head_dim (default %d)" % gpu_prefill.HIDDEN)
     g.add_argument("--time-limit", type=float, default=None,
-                   help="seconds for each GPU suite (prefill, decode); per-shape timing budgets "
-                        "shrink to keep to it (default: prefill 330, decode 150; 25 and 20 with "
-                        "--quick)")
+                   help="seconds for each GPU suite (prefill, decode, merge); per-shape timing "
+                        "budgets shrink to keep to it (default: prefill 330, decode 150, merge 60; "
+                        "25, 20 and 20 with --quick)")
     g = ap.add_argument_group("GPU decode suite (the decode issue's table; defaults: its shapes; "
                               "--dtypes, --head-dims and --time-limit apply too)")
     g.add_argument("--batches", type=ints, default=None,
@@ -361,8 +361,22 @@ def main(argv=None):
         decode_lines = gpu_decode.summary_lines(
             decode_summary, torch.cuda.get_device_name(0),
             datetime.date.today().isoformat(), command)
+    merge_suite_records, merge_suite_meta, merge_suite_summary, merge_suite_lines = None, None, None, []
+    if device == "cuda" and "merge" in suites:
+        msettings = gpu_merge.Settings.for_mode(args.quick, time_limit_s=args.time_limit, seed=args.seed)
+        print("GPU merge: %d shapes (merge_state, merge_states N=2 and 8) + copy bandwidth, time "
+              "limit %.0f s" % (len(gpu_merge.plan(msettings)), msettings.time_limit_s), flush=True)
+        merge_suite_records, merge_suite_meta = gpu_merge.run_suite(torch, msettings)
+        merge_suite_summary = gpu_merge.summarize(merge_suite_records, merge_suite_meta["copy"]["tbps"],
+                                                  msettings.budget_s)
+        merge_suite_lines = gpu_merge.summary_lines(
+            merge_suite_summary, torch.cuda.get_device_name(0),
+            datetime.date.today().isoformat(), command)
+    elif suites == ["merge"]:
+        print("the merge suite needs a GPU (it times the CUDA merge kernels); nothing to run on %s"
+              % device, flush=True)
     # On the GPU, prefill and decode are the suites above; gpu_cases has what is left (cascade).
-    case_list = (casemod.gpu_cases([x for x in suites if x not in ("prefill", "decode")], args.quick)
+    case_list = (casemod.gpu_cases([x for x in suites if x not in ("prefill", "decode", "merge")], args.quick)
                  if device == "cuda"
                  else casemod.cpu_cases(suites, args.quick, args.seed))
     rows = []
@@ -386,12 +400,16 @@ def main(argv=None):
         parts.append(gpu_prefill.format_table(prefill_records, settings.variants))
     if decode_records is not None:
         parts.append(gpu_decode.format_table(decode_records, decode_meta["copy"]["tbps"]))
+    if merge_suite_records is not None:
+        parts.append(gpu_merge.format_table(merge_suite_records, merge_suite_meta["copy"]["tbps"]))
     if rows:
         parts.append(format_table(rows, device))
     if prefill_lines:
         parts.append("\n".join(prefill_lines))
     if decode_lines:
         parts.append("\n".join(decode_lines))
+    if merge_suite_lines:
+        parts.append("\n".join(merge_suite_lines))
     table = "\n\n".join(parts)
     out_dir = args.out or default_out_dir()
     os.makedirs(out_dir, exist_ok=True)
@@ -413,6 +431,9 @@ def main(argv=None):
     if decode_records is not None:
         record.update(decode=decode_records, decode_meta=decode_meta,
                       decode_summary=decode_summary, decode_summary_text=decode_lines)
+    if merge_suite_records is not None:
+        record.update(merge=merge_suite_records, merge_meta=merge_suite_meta,
+                      merge_summary=merge_suite_summary, merge_summary_text=merge_suite_lines)
     with open(base + ".json", "w") as f:
         json.dump(record, f, indent=1)
     plots = []
@@ -439,7 +460,8 @@ def main(argv=None):
         with open(args.table_file, "w") as f:
             f.write(table + "\n")
     failed = [r for r in rows if r.get("fastattn_s") is None and device == "cpu"]
-    bad = gpu_prefill.bad_records(prefill_records or []) + gpu_decode.bad_records(decode_records or [])
+    bad = (gpu_prefill.bad_records(prefill_records or []) + gpu_decode.bad_records(decode_records or [])
+           + gpu_merge.bad_records(merge_suite_records or []))
     for b in bad[:10]:
         print("FAILED: " + b)
     return 1 if (failed or bad) else 0
