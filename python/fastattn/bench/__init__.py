@@ -15,15 +15,22 @@ The GPU decode suite (gpu_decode.py) is the KV-cache decode issue's table: bf16,
 32/8 and 32/32 heads, batch 1..128, cache 1024..32768, one query row, fastattn on a paged (page 16)
 and a contiguous cache against SDPA flash and cuDNN and the copy bandwidth measured in the same run,
 with a summary of the acceptance checks (--quick: 4 GQA shapes; full: about a minute, at most 150 s).
+The GPU cascade suite (gpu_cascade.py) is the cascade issue's table: fp16, head_dim 128, 32/32
+heads, page 16, shared prefix 1k/8k/32k, batch 16/64/128 decode requests with 256-token unique
+suffixes; BatchDecodeWithSharedPrefixPagedKVCacheWrapper.forward against fastattn's own paged
+decode of the same batch with the prefix duplicated into every request's pages, and the speedup
+(acceptance: >= 20x at prefix 32k, batch 128; --quick: 1k/8k x 16/64).
 
     python -m fastattn.bench [--quick] [--full] [--device auto|cpu|cuda] [--out DIR]
                              [--suite prefill,decode,cascade] [--table-file FILE]
                              [--seqlens ...] [--head-dims ...] [--dtypes ...] [--variants ...]
                              [--tokens N] [--hidden N] [--time-limit S]
                              [--batches ...] [--cache-lens ...] [--kv-heads ...]
+                             [--prefixes ...] [--cascade-batches ...]
 
     python -m fastattn.bench --device cuda --suite prefill --out DIR     # the full GPU prefill suite
     python -m fastattn.bench --device cuda --suite decode --out DIR      # the full GPU decode suite
+    python -m fastattn.bench --device cuda --suite cascade --out DIR     # the GPU cascade suite
 """
 from .runner import main
 

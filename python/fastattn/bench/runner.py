@@ -13,7 +13,12 @@ import numpy as np
 
 import fastattn
 
-from . import gpu_decode, gpu_merge, gpu_prefill
+from . import gpu_cascade, gpu_decode, gpu_prefill
+
+try:  # the merge kernels' table (gpu_merge.py), printed with the cascade suite when present
+    from . import gpu_merge
+except ImportError:  # pragma: no cover
+    gpu_merge = None
 
 SUITES = ("prefill", "decode", "merge", "cascade")
 
@@ -303,6 +308,12 @@ def main(argv=None):
     g.add_argument("--kv-heads", type=ints, default=None,
                    help="KV heads under %d query heads, e.g. 8 (default %s)"
                         % (gpu_decode.HEADS_Q, ",".join(map(str, gpu_decode.HEADS_KV))))
+    g = ap.add_argument_group("GPU cascade suite (the cascade issue's table; defaults: its shapes)")
+    g.add_argument("--prefixes", type=ints, default=None,
+                   help="shared prefix lengths, multiples of 16 (default %s)"
+                        % ",".join(map(str, gpu_cascade.PREFIXES)))
+    g.add_argument("--cascade-batches", type=ints, default=None,
+                   help="decode requests per step (default %s)" % ",".join(map(str, gpu_cascade.BATCHES)))
     args = ap.parse_args(argv)
     if args.full:
         args.quick = False
@@ -375,8 +386,30 @@ def main(argv=None):
     elif suites == ["merge"]:
         print("the merge suite needs a GPU (it times the CUDA merge kernels); nothing to run on %s"
               % device, flush=True)
-    # On the GPU, prefill and decode are the suites above; gpu_cases has what is left (cascade).
-    case_list = (casemod.gpu_cases([x for x in suites if x not in ("prefill", "decode", "merge")], args.quick)
+    cascade_records, cascade_meta, cascade_summary, cascade_lines = None, None, None, []
+    merge_table = None
+    if device == "cuda" and "cascade" in suites:
+        csettings = gpu_cascade.Settings.for_mode(args.quick, prefixes=args.prefixes,
+                                                  batches=args.cascade_batches, seed=args.seed)
+        shapes = gpu_cascade.plan(csettings)
+        print("GPU cascade: %d shapes x (cascade decode wrapper, plain paged decode with the prefix "
+              "duplicated)" % len(shapes), flush=True)
+        cascade_records, cascade_meta = gpu_cascade.run_suite(torch, csettings)
+        cascade_summary = gpu_cascade.summarize(cascade_records)
+        cascade_lines = gpu_cascade.summary_lines(
+            cascade_summary, torch.cuda.get_device_name(0),
+            datetime.date.today().isoformat(), command)
+        if gpu_merge is not None:
+            try:  # the merge suite's own entry points, when its module provides them
+                msettings = gpu_merge.Settings.for_mode(args.quick)
+                merge_records, merge_meta = gpu_merge.run_suite(torch, msettings)
+                cascade_meta["merge"] = {"records": merge_records, "meta": merge_meta}
+                merge_table = gpu_merge.format_table(merge_records)
+            except Exception as e:  # noqa: BLE001
+                merge_table = "merge rows n/a: %s" % _short_error(e)
+    # On the GPU, prefill, decode and cascade are the suites above; gpu_cases has what is left.
+    case_list = (casemod.gpu_cases([x for x in suites if x not in ("prefill", "decode", "cascade", "merge")],
+                                   args.quick)
                  if device == "cuda"
                  else casemod.cpu_cases(suites, args.quick, args.seed))
     rows = []
@@ -402,6 +435,10 @@ def main(argv=None):
         parts.append(gpu_decode.format_table(decode_records, decode_meta["copy"]["tbps"]))
     if merge_suite_records is not None:
         parts.append(gpu_merge.format_table(merge_suite_records, merge_suite_meta["copy"]["tbps"]))
+    if cascade_records is not None:
+        parts.append(gpu_cascade.format_table(cascade_records))
+    if merge_table:
+        parts.append(merge_table)
     if rows:
         parts.append(format_table(rows, device))
     if prefill_lines:
@@ -410,6 +447,8 @@ def main(argv=None):
         parts.append("\n".join(decode_lines))
     if merge_suite_lines:
         parts.append("\n".join(merge_suite_lines))
+    if cascade_lines:
+        parts.append("\n".join(cascade_lines))
     table = "\n\n".join(parts)
     out_dir = args.out or default_out_dir()
     os.makedirs(out_dir, exist_ok=True)
@@ -434,6 +473,9 @@ def main(argv=None):
     if merge_suite_records is not None:
         record.update(merge=merge_suite_records, merge_meta=merge_suite_meta,
                       merge_summary=merge_suite_summary, merge_summary_text=merge_suite_lines)
+    if cascade_records is not None:
+        record.update(cascade=cascade_records, cascade_meta=cascade_meta,
+                      cascade_summary=cascade_summary, cascade_summary_text=cascade_lines)
     with open(base + ".json", "w") as f:
         json.dump(record, f, indent=1)
     plots = []
@@ -461,6 +503,7 @@ def main(argv=None):
             f.write(table + "\n")
     failed = [r for r in rows if r.get("fastattn_s") is None and device == "cpu"]
     bad = (gpu_prefill.bad_records(prefill_records or []) + gpu_decode.bad_records(decode_records or [])
+           + gpu_cascade.bad_records(cascade_records or [])
            + gpu_merge.bad_records(merge_suite_records or []))
     for b in bad[:10]:
         print("FAILED: " + b)
