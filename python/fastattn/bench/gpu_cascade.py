@@ -37,8 +37,8 @@ Correctness: one call of each into an output poisoned with NaN; max |cascade - p
 attention computed two ways) and both against a float32 torch reference on 4 sampled requests.
 A failure, a non-finite output or an error above 2e-2 makes the benchmark exit with status 1.
 
-When the merge suite (gpu_merge.py, the merge kernels' table) is present, its rows are printed
-with this suite's output (runner.py).
+``--suite cascade`` also runs the merge suite (gpu_merge.py, the merge kernels' table, the same
+as ``--suite merge``), so the cascade issue's whole table comes from one command (runner.py).
 """
 import math
 import statistics

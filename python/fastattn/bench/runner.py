@@ -13,12 +13,7 @@ import numpy as np
 
 import fastattn
 
-from . import gpu_cascade, gpu_decode, gpu_prefill
-
-try:  # the merge kernels' table (gpu_merge.py), printed with the cascade suite when present
-    from . import gpu_merge
-except ImportError:  # pragma: no cover
-    gpu_merge = None
+from . import gpu_cascade, gpu_decode, gpu_merge, gpu_prefill
 
 SUITES = ("prefill", "decode", "merge", "cascade")
 
@@ -373,7 +368,8 @@ def main(argv=None):
             decode_summary, torch.cuda.get_device_name(0),
             datetime.date.today().isoformat(), command)
     merge_suite_records, merge_suite_meta, merge_suite_summary, merge_suite_lines = None, None, None, []
-    if device == "cuda" and "merge" in suites:
+    # The merge rows come with the cascade suite too (the cascade issue's table includes them).
+    if device == "cuda" and ("merge" in suites or "cascade" in suites):
         msettings = gpu_merge.Settings.for_mode(args.quick, time_limit_s=args.time_limit, seed=args.seed)
         print("GPU merge: %d shapes (merge_state, merge_states N=2 and 8) + copy bandwidth, time "
               "limit %.0f s" % (len(gpu_merge.plan(msettings)), msettings.time_limit_s), flush=True)
@@ -387,7 +383,6 @@ def main(argv=None):
         print("the merge suite needs a GPU (it times the CUDA merge kernels); nothing to run on %s"
               % device, flush=True)
     cascade_records, cascade_meta, cascade_summary, cascade_lines = None, None, None, []
-    merge_table = None
     if device == "cuda" and "cascade" in suites:
         csettings = gpu_cascade.Settings.for_mode(args.quick, prefixes=args.prefixes,
                                                   batches=args.cascade_batches, seed=args.seed)
@@ -399,14 +394,6 @@ def main(argv=None):
         cascade_lines = gpu_cascade.summary_lines(
             cascade_summary, torch.cuda.get_device_name(0),
             datetime.date.today().isoformat(), command)
-        if gpu_merge is not None:
-            try:  # the merge suite's own entry points, when its module provides them
-                msettings = gpu_merge.Settings.for_mode(args.quick)
-                merge_records, merge_meta = gpu_merge.run_suite(torch, msettings)
-                cascade_meta["merge"] = {"records": merge_records, "meta": merge_meta}
-                merge_table = gpu_merge.format_table(merge_records)
-            except Exception as e:  # noqa: BLE001
-                merge_table = "merge rows n/a: %s" % _short_error(e)
     # On the GPU, prefill, decode and cascade are the suites above; gpu_cases has what is left.
     case_list = (casemod.gpu_cases([x for x in suites if x not in ("prefill", "decode", "cascade", "merge")],
                                    args.quick)
@@ -437,8 +424,6 @@ def main(argv=None):
         parts.append(gpu_merge.format_table(merge_suite_records, merge_suite_meta["copy"]["tbps"]))
     if cascade_records is not None:
         parts.append(gpu_cascade.format_table(cascade_records))
-    if merge_table:
-        parts.append(merge_table)
     if rows:
         parts.append(format_table(rows, device))
     if prefill_lines:
