@@ -204,9 +204,8 @@ struct TwoWay {
 
 /// merge_state over every (row, head): all loads of a chunk (mask byte, both LSEs, both value
 /// chunks) are issued before any is used, so a thread waits for one round trip per chunk. Lanes
-/// past the end work on the last (row, head) and store nothing; lanes without a chunk load no
-/// values. Rows left out by the mask are loaded too (the mask byte arrives with the rest) but
-/// nothing of them is written.
+/// past the end and lanes without a chunk load nothing. Rows left out by the mask are loaded too
+/// (the mask byte arrives with the rest) but nothing of them is written.
 template <class T, bool kVec>
 __device__ __forceinline__ void merge_state_rows(const MergeStateParams& p) {
   constexpr int kN = Chunk<T>::kN;
@@ -214,41 +213,51 @@ __device__ __forceinline__ void merge_state_rows(const MergeStateParams& p) {
   const ThreadRange range(L);
   for (std::int64_t t = range.first; range.warp_in_range(t); t += range.step) {
     const bool active = t < range.total;
-    const Slot sl = slot_of(L, active ? t : range.total - 1);
-    const float* sa = p.s_a + (sl.row * p.s_a_row + sl.head * p.s_a_head);
-    const float* sb = p.s_b + (sl.row * p.s_b_row + sl.head * p.s_b_head);
-    const T* a = static_cast<const T*>(p.v_a) + (sl.row * p.v_a_row + sl.head * p.v_a_head);
-    const T* b = static_cast<const T*>(p.v_b) + (sl.row * p.v_b_row + sl.head * p.v_b_head);
-    T* o = static_cast<T*>(p.v_out) + (sl.row * p.v_out_row + sl.head * p.v_out_head);
-    const bool selected = !p.mask || p.mask[sl.row * p.mask_stride] != 0;
+    Slot sl{0, 0, 0};
+    bool selected = false;
     float lse = -INFINITY;
-    if (L.iters == 0) lse = TwoWay(*sa, *sb).lse;  // head_dim 0: only the LSE
-    for (int j = 0; j < L.iters; ++j) {
-      const int c = sl.lane + j * L.group;
-      const bool has = c < L.chunks;
-      const int c0 = has ? c * kN : 0;
-      const bool store = active && has && selected;
-      if constexpr (kVec) {
-        // Both 16-byte loads go out with the LSE loads; converted once the weights are known.
-        const uint4 raw_a = load_vec(a, c0, has), raw_b = load_vec(b, c0, has);
-        const TwoWay w(*sa, *sb);
-        lse = w.lse;
-        float x[kN], y[kN];
-        Chunk<T>::unpack(raw_a, x);
-        Chunk<T>::unpack(raw_b, y);
+    if (active) {
+      sl = slot_of(L, t);
+      const float* sa = p.s_a + (sl.row * p.s_a_row + sl.head * p.s_a_head);
+      const float* sb = p.s_b + (sl.row * p.s_b_row + sl.head * p.s_b_head);
+      const T* a = static_cast<const T*>(p.v_a) + (sl.row * p.v_a_row + sl.head * p.v_a_head);
+      const T* b = static_cast<const T*>(p.v_b) + (sl.row * p.v_b_row + sl.head * p.v_b_head);
+      T* o = static_cast<T*>(p.v_out) + (sl.row * p.v_out_row + sl.head * p.v_out_head);
+      selected = !p.mask || p.mask[sl.row * p.mask_stride] != 0;
+      if (L.iters == 0) lse = TwoWay(*sa, *sb).lse;  // head_dim 0: only the LSE
+      for (int j = 0; j < L.iters; ++j) {
+        const int c = sl.lane + j * L.group;
+        const bool has = c < L.chunks;
+        const int c0 = has ? c * kN : 0;
+        if constexpr (kVec) {
+          // Both 16-byte loads go out with the LSE loads; converted once the weights are known.
+          const uint4 raw_a = load_vec(a, c0, has), raw_b = load_vec(b, c0, has);
+          const TwoWay w(*sa, *sb);
+          lse = w.lse;
+          float x[kN], y[kN];
+          Chunk<T>::unpack(raw_a, x);
+          Chunk<T>::unpack(raw_b, y);
 #pragma unroll
-        for (int i = 0; i < kN; ++i) x[i] = w(x[i], y[i]);
-        if (store) store_chunk<T, kVec>(o, c0, L.head_dim, x);
-      } else {  // the scalar fallback: element by element, a few loads in flight
-        const TwoWay w(*sa, *sb);
-        lse = w.lse;
-        const int end = has ? L.head_dim : 0;
-#pragma unroll 4
-        for (int i = 0; i < kN; ++i) {
-          const int e = c0 + i;
-          if (e < end) {
-            const float r = w(Chunk<T>::to_float(a[e]), Chunk<T>::to_float(b[e]));
-            if (store) o[e] = Chunk<T>::from_float(r);
+          for (int i = 0; i < kN; ++i) x[i] = w(x[i], y[i]);
+          if (has && selected) store_chunk<T, kVec>(o, c0, L.head_dim, x);
+        } else {  // the scalar fallback: the chunk's values one by one, in two halves whose
+                  // loads all go out before the half is stored (an in-place store could alias a
+                  // later load, so the compiler would not batch them itself)
+          const int end = has ? L.head_dim : 0;
+          const TwoWay w(*sa, *sb);
+          lse = w.lse;
+          constexpr int kHalf = kN / 2;
+#pragma unroll 1
+          for (int h0 = c0; h0 < c0 + kN; h0 += kHalf) {
+            float x[kHalf], y[kHalf];
+#pragma unroll
+            for (int i = 0; i < kHalf; ++i) {
+              x[i] = h0 + i < end ? Chunk<T>::to_float(a[h0 + i]) : 0.0f;
+              y[i] = h0 + i < end ? Chunk<T>::to_float(b[h0 + i]) : 0.0f;
+            }
+#pragma unroll
+            for (int i = 0; i < kHalf; ++i)
+              if (h0 + i < end && selected) o[h0 + i] = Chunk<T>::from_float(w(x[i], y[i]));
           }
         }
       }
@@ -274,56 +283,59 @@ __device__ __forceinline__ void merge_states_rows(const MergeStatesParams& p) {
   const int n = p.num_states;
   for (std::int64_t t = range.first; range.warp_in_range(t); t += range.step) {
     const bool active = t < range.total;
-    const Slot sl = slot_of(L, active ? t : range.total - 1);
-    const float* s = p.s + (sl.row * p.s_row + sl.head * p.s_head);
-    const T* v = static_cast<const T*>(p.v) + (sl.row * p.v_row + sl.head * p.v_head);
-    T* o = static_cast<T*>(p.v_out) + (sl.row * p.v_out_row + sl.head * p.v_out_head);
+    Slot sl{0, 0, 0};
     MergeAccumulator acc;
     acc.init();
-    float rescale, weight;
-    if (L.iters == 0)  // head_dim 0: only the LSE
-      for (int k = 0; k < n; ++k) acc.add(s[k * p.s_state], &rescale, &weight);
-    for (int j = 0; j < L.iters; ++j) {
-      const int c = sl.lane + j * L.group;
-      const bool has = c < L.chunks;
-      const int c0 = has ? c * kN : 0;
-      acc.init();
-      float out[kN];
+    if (active) {
+      sl = slot_of(L, t);
+      const float* s = p.s + (sl.row * p.s_row + sl.head * p.s_head);
+      const T* v = static_cast<const T*>(p.v) + (sl.row * p.v_row + sl.head * p.v_head);
+      T* o = static_cast<T*>(p.v_out) + (sl.row * p.v_out_row + sl.head * p.v_out_head);
+      float rescale, weight;
+      if (L.iters == 0)  // head_dim 0: only the LSE
+        for (int k = 0; k < n; ++k) acc.add(s[k * p.s_state], &rescale, &weight);
+      for (int j = 0; j < L.iters; ++j) {
+        const int c = sl.lane + j * L.group;
+        const bool has = c < L.chunks;
+        const int c0 = has ? c * kN : 0;
+        acc.init();
+        float out[kN];
 #pragma unroll
-      for (int i = 0; i < kN; ++i) out[i] = 0.0f;
-      if constexpr (kVec) {
-        for (int k0 = 0; k0 < n; k0 += kStatesAhead) {
-          uint4 raw[kStatesAhead];
-          float lse[kStatesAhead];
+        for (int i = 0; i < kN; ++i) out[i] = 0.0f;
+        if constexpr (kVec) {
+          for (int k0 = 0; k0 < n; k0 += kStatesAhead) {
+            uint4 raw[kStatesAhead];
+            float lse[kStatesAhead];
 #pragma unroll
-          for (int u = 0; u < kStatesAhead; ++u) {
-            const int k = k0 + u;
-            raw[u] = load_vec(v + std::int64_t(k) * p.v_state, c0, has && k < n);
-            lse[u] = k < n ? s[k * p.s_state] : -INFINITY;
+            for (int u = 0; u < kStatesAhead; ++u) {
+              const int k = k0 + u;
+              raw[u] = load_vec(v + std::int64_t(k) * p.v_state, c0, has && k < n);
+              lse[u] = k < n ? s[k * p.s_state] : -INFINITY;
+            }
+#pragma unroll
+            for (int u = 0; u < kStatesAhead; ++u) {
+              if (k0 + u >= n) break;
+              acc.add(lse[u], &rescale, &weight);
+              float x[kN];
+              Chunk<T>::unpack(raw[u], x);
+#pragma unroll
+              for (int i = 0; i < kN; ++i) out[i] = weight != 0.0f ? out[i] * rescale + weight * x[i] : out[i];
+            }
           }
-#pragma unroll
-          for (int u = 0; u < kStatesAhead; ++u) {
-            if (k0 + u >= n) break;
-            acc.add(lse[u], &rescale, &weight);
+        } else {  // the scalar fallback: one state at a time
+          for (int k = 0; k < n; ++k) {
             float x[kN];
-            Chunk<T>::unpack(raw[u], x);
+            load_scalar(v + k * p.v_state, c0, has ? L.head_dim : 0, x);
+            acc.add(s[k * p.s_state], &rescale, &weight);
 #pragma unroll
             for (int i = 0; i < kN; ++i) out[i] = weight != 0.0f ? out[i] * rescale + weight * x[i] : out[i];
           }
         }
-      } else {  // the scalar fallback: one state at a time
-        for (int k = 0; k < n; ++k) {
-          float x[kN];
-          load_scalar(v + k * p.v_state, c0, has ? L.head_dim : 0, x);
-          acc.add(s[k * p.s_state], &rescale, &weight);
+        const float inv = acc.inv_sum();
 #pragma unroll
-          for (int i = 0; i < kN; ++i) out[i] = weight != 0.0f ? out[i] * rescale + weight * x[i] : out[i];
-        }
+        for (int i = 0; i < kN; ++i) out[i] *= inv;
+        if (has) store_chunk<T, kVec>(o, c0, L.head_dim, out);
       }
-      const float inv = acc.inv_sum();
-#pragma unroll
-      for (int i = 0; i < kN; ++i) out[i] *= inv;
-      if (active && has) store_chunk<T, kVec>(o, c0, L.head_dim, out);
     }
     __syncwarp();  // the group's LSE reads happen before its write (s_out may alias s)
     if (active && sl.lane == 0) p.s_out[sl.row * p.s_out_row + sl.head * p.s_out_head] = acc.lse();
@@ -332,10 +344,10 @@ __device__ __forceinline__ void merge_states_rows(const MergeStatesParams& p) {
 
 // Occupancy: the loads in flight per thread are fixed (2 x 16 bytes for merge_state), so the
 // bandwidth a kernel can draw grows with resident threads. merge_state asks for 6 CTAs (1536
-// threads) per SM, which caps it at 40 registers: its vectorised path needs 40 without a cap, and
-// the two paths compiled into one kernel took 48 (5 CTAs) - with the cap, still no spills
-// (-Xptxas -v). merge_states keeps 4 x 16 bytes per thread in flight and takes its 64 registers
-// (4 CTAs, 1024 threads per SM).
+// threads) per SM, which caps it at 40 registers: its vectorised path alone needs about 40, the
+// two paths compiled into one kernel took 48 (5 CTAs); with the cap 35-40 and no spills
+// (-Xptxas -v, sm_80 and sm_90a). merge_states keeps 4 x 16 bytes per thread in flight and takes
+// its 56-64 registers (4 CTAs, 1024 threads per SM).
 template <class T>
 __global__ void __launch_bounds__(kMergeThreads, 6) merge_state_kernel(const MergeStateParams p) {
   if (p.layout.vec) merge_state_rows<T, true>(p);
