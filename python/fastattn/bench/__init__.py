@@ -20,9 +20,13 @@ heads, page 16, shared prefix 1k/8k/32k, batch 16/64/128 decode requests with 25
 suffixes; BatchDecodeWithSharedPrefixPagedKVCacheWrapper.forward against fastattn's own paged
 decode of the same batch with the prefix duplicated into every request's pages, and the speedup
 (acceptance: >= 20x at prefix 32k, batch 128; --quick: 1k/8k x 16/64).
+The GPU merge suite (gpu_merge.py) times the CUDA merge kernels: merge_state and merge_states
+(N = 2 and 8), fp16 and fp32, 32 heads x 128, S = 4096 and 65536, in TB/s (every read and write
+once) and as a fraction of the copy bandwidth measured in the same run (acceptance: >= 80% on rows
+moving >= 64 MiB; --quick: fp16 only; full: about 20 s, at most 60 s).
 
     python -m fastattn.bench [--quick] [--full] [--device auto|cpu|cuda] [--out DIR]
-                             [--suite prefill,decode,cascade] [--table-file FILE]
+                             [--suite prefill,decode,merge,cascade] [--table-file FILE]
                              [--seqlens ...] [--head-dims ...] [--dtypes ...] [--variants ...]
                              [--tokens N] [--hidden N] [--time-limit S]
                              [--batches ...] [--cache-lens ...] [--kv-heads ...]
@@ -30,6 +34,7 @@ decode of the same batch with the prefix duplicated into every request's pages, 
 
     python -m fastattn.bench --device cuda --suite prefill --out DIR     # the full GPU prefill suite
     python -m fastattn.bench --device cuda --suite decode --out DIR      # the full GPU decode suite
+    python -m fastattn.bench --device cuda --suite merge --out DIR       # the GPU merge suite
     python -m fastattn.bench --device cuda --suite cascade --out DIR     # the GPU cascade suite
 """
 from .runner import main
