@@ -23,14 +23,37 @@ struct DecodeSeq {
   const std::int32_t* pages;  ///< paged: the row's page ids
 };
 
+/// Varlen decode: the sequence that owns query row `r` (< B = p.batch), or -1 for a row that no
+/// sequence owns (padding past cu_seqlens_q[B]). One query per sequence (cu_seqlens_q[r] == r,
+/// cu_seqlens_q[r + 1] == r + 1) costs two loads; otherwise a binary search for the last s in
+/// [0, B] with cu_seqlens_q[s] <= r (any contents give an s in range: nothing is indexed past
+/// the tensor).
+__device__ __forceinline__ int varlen_decode_owner(const DecodeParams& p, int r) {
+  const std::int32_t* cu = p.cu_seqlens_q;
+  if (cu[r] == r && cu[r + 1] == r + 1) return r;
+  if (cu[0] > r) return -1;
+  int lo = 0, hi = p.batch;
+  while (lo < hi) {
+    const int mid = lo + (hi - lo + 1) / 2;
+    if (cu[mid] <= r) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo < p.batch && cu[lo + 1] > r ? lo : -1;
+}
+
 __device__ __forceinline__ DecodeSeq resolve_decode_seq(const DecodeParams& p, int b) {
   DecodeSeq s{false, 0, 0, 0, 0, 0, nullptr};
-  const int row = p.cache_batch_idx ? p.cache_batch_idx[b] : b;
+  int seq = b;  // the sequence whose lengths and page row entry b uses
+  if (p.cu_seqlens_q) {
+    seq = varlen_decode_owner(p, b);
+    if (seq < 0) return s;
+  }
+  const int row = p.cache_batch_idx ? p.cache_batch_idx[seq] : seq;
   if (row < 0 || row >= p.cache_rows) return s;
   s.valid = true;
   s.row = row;
+  std::int64_t count = 0;  // pages of the row (paged)
   if (p.page_size > 0) {
-    std::int64_t count;
     if (p.block_table) {
       s.pages = p.block_table + std::int64_t(row) * p.block_table_stride;
       count = p.max_pages_per_seq;
@@ -44,9 +67,16 @@ __device__ __forceinline__ DecodeSeq resolve_decode_seq(const DecodeParams& p, i
   } else {
     s.capacity = p.cache_len;
   }
-  const int seqlen = p.cache_seqlens ? p.cache_seqlens[b] : p.cache_seqlen;
-  s.seqlen = min(max(seqlen, 0), s.capacity);
-  s.pad = p.cache_leftpad ? min(max(p.cache_leftpad[b], 0), s.seqlen) : 0;
+  std::int64_t seqlen = p.cache_seqlen;
+  if (p.cache_seqlens) {
+    seqlen = p.cache_seqlens[seq];
+  } else if (p.cu_seqlens_k) {
+    seqlen = std::int64_t(p.cu_seqlens_k[seq + 1]) - p.cu_seqlens_k[seq];
+  } else if (p.last_page_len) {
+    seqlen = count > 0 ? (count - 1) * p.page_size + p.last_page_len[seq] : 0;
+  }
+  s.seqlen = int(min(max(seqlen, std::int64_t(0)), std::int64_t(s.capacity)));
+  s.pad = p.cache_leftpad ? min(max(p.cache_leftpad[seq], 0), s.seqlen) : 0;
   s.end = int(min(std::int64_t(s.seqlen) + p.seqlen_new, std::int64_t(s.capacity)));
   return s;
 }

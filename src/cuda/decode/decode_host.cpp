@@ -12,6 +12,7 @@
 #include "cuda/common/host_checks.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/decode/decode_params.h"
+#include "cuda/decode/decode_plan.h"
 
 namespace fastattn::cuda_decode {
 namespace {
@@ -19,8 +20,7 @@ namespace {
 using cuda_detail::as_int;
 using cuda_detail::rows_aligned;
 
-constexpr std::size_t kAlign = 256;  // workspace regions start on 256-byte boundaries
-std::size_t align_up(std::size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+std::size_t align_up(std::size_t n) { return workspace_align_up(n); }
 
 struct Plan {
   DecodeParams p;
@@ -130,25 +130,48 @@ Plan plan_decode(check::ArgChecker& c, const KVCacheArgs& a, const core::KVCache
 
   cuda_detail::set_options(p, core::validate_options(c, a.options, d.a.batch, d.a.heads_q, d.a.head_dim));
 
-  // Split-KV: a fixed num_splits, or core::choose_num_splits_one_wave over one wave of two CTAs
-  // per SM, at least two 64-key tiles per split, at most 128 splits. The bound on keys is the
-  // cache capacity (no device read), so the choice depends on shapes only.
-  if (a.num_splits > 0) {
-    p.num_splits = a.num_splits;
-  } else {
-    const std::int64_t items = std::int64_t(p.batch) * p.heads_kv * ((rows_per_kv + 15) / 16);
-    const std::int64_t wave = 2 * std::int64_t(cuda_detail::device_info(c.device().index).sm_count);
-    p.num_splits = core::choose_num_splits_one_wave(items, max_keys + p.seqlen_new, wave, 2 * kDecodeBlockN, 128);
-  }
-  if (p.num_splits > 1) {
-    const std::size_t states = std::size_t(p.num_splits) * p.batch * p.heads_q * p.seqlen_q;
-    plan.lse_bytes = align_up(states * 4);
-    plan.o_bytes = align_up(states * std::size_t(p.head_dim) * 4);
-  }
+  // Split-KV (decode_num_splits): the bound on keys is the cache capacity (no device read).
+  p.num_splits = decode_num_splits(c, p, a.num_splits, max_keys + p.seqlen_new);
+  const SplitStateBytes states = split_state_bytes(p);
+  plan.lse_bytes = states.lse;
+  plan.o_bytes = states.o;
   return plan;
 }
 
 }  // namespace
+
+int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys) {
+  if (requested > 0) return requested;
+  const std::int64_t rows_per_kv = std::int64_t(p.group) * p.seqlen_q;
+  const std::int64_t items = std::int64_t(p.batch) * p.heads_kv * ((rows_per_kv + 15) / 16);
+  const std::int64_t wave = 2 * std::int64_t(cuda_detail::device_info(c.device().index).sm_count);
+  return core::choose_num_splits_one_wave(items, max_keys, wave, 2 * kDecodeBlockN, 128);
+}
+
+SplitStateBytes split_state_bytes(const DecodeParams& p) {
+  SplitStateBytes b;
+  if (p.num_splits > 1) {
+    const std::size_t states = std::size_t(p.num_splits) * p.batch * p.heads_q * p.seqlen_q;
+    b.lse = align_up(states * 4);
+    b.o = align_up(states * std::size_t(p.head_dim) * 4);
+  }
+  return b;
+}
+
+char* checked_workspace(const check::ArgChecker& c, const std::optional<TensorView>& workspace,
+                        std::size_t need, const char* size_fn) {
+  if (!workspace)
+    c.fail_value("workspace", "is required on CUDA for this call: " + std::string(size_fn) + "() = " +
+                                  std::to_string(need) + " bytes (from the caller's allocator, so "
+                                  "the call stays graph-capturable)");
+  const TensorView& ws = *workspace;
+  const std::size_t have = static_cast<std::size_t>(ws.numel()) * dtype_size(ws.dtype);
+  if (have < need)
+    c.fail_value("workspace", "must hold at least " + std::to_string(need) + " bytes, got " + std::to_string(have));
+  if (reinterpret_cast<std::uintptr_t>(ws.data) % 16 != 0)
+    c.fail_value("workspace", "must be 16-byte aligned on CUDA");
+  return static_cast<char*>(ws.data);
+}
 
 std::size_t kvcache_workspace_bytes(check::ArgChecker& c, const KVCacheArgs& args, const core::KVCacheDims& d) {
   return plan_decode(c, args, d).total();
@@ -159,17 +182,7 @@ void kvcache_attention_forward(check::ArgChecker& c, const KVCacheArgs& args, co
   DecodeParams& p = plan.p;
   const std::size_t need = plan.total();
   if (need > 0) {
-    if (!args.workspace)
-      c.fail_value("workspace", "is required on CUDA for this call: kvcache_workspace_bytes() = " +
-                                    std::to_string(need) + " bytes (from the caller's allocator, so "
-                                    "the call stays graph-capturable)");
-    const TensorView& ws = *args.workspace;
-    const std::size_t have = static_cast<std::size_t>(ws.numel()) * dtype_size(ws.dtype);
-    if (have < need)
-      c.fail_value("workspace", "must hold at least " + std::to_string(need) + " bytes, got " + std::to_string(have));
-    if (reinterpret_cast<std::uintptr_t>(ws.data) % 16 != 0)
-      c.fail_value("workspace", "must be 16-byte aligned on CUDA");
-    auto* base = static_cast<char*>(ws.data);
+    char* base = checked_workspace(c, args.workspace, need, "kvcache_workspace_bytes");
     if (plan.q_rot_bytes) p.q_rot = base;
     if (plan.lse_bytes) {
       p.partial_lse = reinterpret_cast<float*>(base + plan.q_rot_bytes);

@@ -1,0 +1,40 @@
+// Split-KV planning shared by the two decode entry points (flash_attn_with_kvcache in
+// decode_host.cpp, varlen decode in varlen_decode_host.cpp): the split count and the workspace
+// that holds the splits' partial states. Host code only; defined in decode_host.cpp.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+
+#include "core/check.h"
+#include "cuda/decode/decode_params.h"
+#include "fastattn/tensor.h"
+
+namespace fastattn::cuda_decode {
+
+/// Workspace regions start on 256-byte boundaries.
+constexpr std::size_t kWorkspaceAlign = 256;
+inline std::size_t workspace_align_up(std::size_t n) {
+  return (n + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign;
+}
+
+/// Key splits per sequence for p's shape (batch, heads_kv, group, seqlen_q set): `requested` when
+/// > 0, else core::choose_num_splits_one_wave over one wave of two CTAs per SM, at least two
+/// 64-key tiles per split, at most 128 splits. `max_keys` bounds every sequence's attended slots
+/// (known on the host without a device read), so the choice depends on shapes only.
+int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys);
+
+/// Workspace bytes of the partial states for p.num_splits (both 0 for one split): partial LSE
+/// (num_splits, B, Hq, Sq) float32, then partial O (num_splits, B, Hq, Sq, D) float32.
+struct SplitStateBytes {
+  std::size_t lse = 0, o = 0;
+};
+SplitStateBytes split_state_bytes(const DecodeParams& p);
+
+/// The caller's workspace for a call that needs `need` > 0 bytes: present, at least that large and
+/// 16-byte aligned, else a ValueError naming `size_fn` (the op that tells the size).
+char* checked_workspace(const check::ArgChecker& c, const std::optional<TensorView>& workspace,
+                        std::size_t need, const char* size_fn);
+
+}  // namespace fastattn::cuda_decode
