@@ -61,10 +61,18 @@ struct VarlenAttentionArgs {
   TensorView out;                   ///< (total_q, Hq, D)
   std::optional<TensorView> lse;    ///< (Hq, total_q) float32
   std::optional<TensorView> probs;  ///< (B, Hq, max_seqlen_q, max_seqlen_k) float32, zero-padded
+  /// Scratch for split-KV partial results (uint8, at least varlen_workspace_bytes(args)). Used on
+  /// CUDA by decode-shaped calls (paged keys, max_seqlen_q == 1, total_q == B, no probs), which
+  /// run the split-KV decode kernels; without it they run with one split. Ignored otherwise.
+  std::optional<TensorView> workspace;
   AttentionOptions options;
   ExecConfig exec;
 };
 void varlen_attention_forward(const VarlenAttentionArgs& args);
+/// Bytes of workspace varlen_attention_forward uses for `args` (0 when it uses none: the CPU,
+/// and every call on CUDA that is not decode-shaped). Depends on shapes only, not on index
+/// contents, so a workspace sized once serves every call of the same shapes.
+std::size_t varlen_workspace_bytes(const VarlenAttentionArgs& args);
 
 /// Attention over a KV cache with an optional in-place append (FlashAttention's
 /// flash_attn_with_kvcache). For sequence b (cache row c = cache_batch_idx[b] or b):

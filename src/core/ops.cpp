@@ -42,6 +42,16 @@ void state_pair(check::ArgChecker& c, const TensorView& v, const std::string& vn
   c.shape_is(s, sn, {v.size(0), v.size(1)}, "(S, H)");
 }
 
+/// An optional caller workspace: uint8, contiguous, on the op's device (as KVCacheArgs::workspace
+/// in core::validate).
+void validate_workspace(check::ArgChecker& c, const std::optional<TensorView>& ws) {
+  if (!ws) return;
+  c.present(*ws, "workspace");
+  c.on_device(*ws, "workspace");
+  c.dtype_is(*ws, "workspace", DType::kUInt8);
+  c.contiguous(*ws, "workspace");
+}
+
 }  // namespace
 
 void attention_forward(const AttentionArgs& args) {
@@ -57,11 +67,23 @@ void attention_forward(const AttentionArgs& args) {
 void varlen_attention_forward(const VarlenAttentionArgs& args) {
   check::ArgChecker c("varlen_attention_forward");
   const auto d = core::validate(c, args);
+  validate_workspace(c, args.workspace);
 #if defined(FASTATTN_WITH_CUDA)
   if (c.device().type == DeviceType::kCUDA) return cuda_prefill::varlen_attention_forward(c, args, d);
 #endif
   require_cpu(c);
   cpu::varlen_attention_forward(c, args, d);
+}
+
+std::size_t varlen_workspace_bytes(const VarlenAttentionArgs& args) {
+  check::ArgChecker c("varlen_workspace_bytes");
+  [[maybe_unused]] const auto d = core::validate(c, args);
+  validate_workspace(c, args.workspace);
+#if defined(FASTATTN_WITH_CUDA)
+  if (c.device().type == DeviceType::kCUDA) return cuda_decode::varlen_workspace_bytes(c, args, d);
+#endif
+  require_cpu(c);
+  return 0;  // the CPU backend's varlen path needs no scratch from the caller
 }
 
 void kvcache_attention_forward(const KVCacheArgs& args) {

@@ -26,7 +26,8 @@ bool cuda_backend_available(int device);
 namespace cuda_prefill {
 /// Prefill on the GPU (fp16/bf16): dense batched attention. Arguments already validated by core.
 void attention_forward(check::ArgChecker& c, const AttentionArgs& args, const core::AttentionDims& d);
-/// Prefill on the GPU: varlen with packed keys or a paged cache (block table or CSR).
+/// Prefill on the GPU: varlen with packed keys or a paged cache (block table or CSR). Calls with
+/// one query per sequence over a paged cache go to cuda_decode::try_varlen_decode instead.
 void varlen_attention_forward(check::ArgChecker& c, const VarlenAttentionArgs& args,
                               const core::VarlenDims& d);
 }  // namespace cuda_prefill
@@ -36,6 +37,14 @@ namespace cuda_decode {
 /// The workspace (args.workspace) must hold kvcache_workspace_bytes() bytes when that is > 0.
 void kvcache_attention_forward(check::ArgChecker& c, const KVCacheArgs& args, const core::KVCacheDims& d);
 std::size_t kvcache_workspace_bytes(check::ArgChecker& c, const KVCacheArgs& args, const core::KVCacheDims& d);
+/// Varlen decode (varlen_decode_host.cpp): varlen_attention_forward over paged keys with
+/// max_seqlen_q == 1 and total_q == B (and no probs) runs the split-KV decode kernels. Returns
+/// false, having done nothing, when the call does not take that route (the prefill kernel serves
+/// it). Split-KV when args.workspace is given (at least varlen_workspace_bytes() bytes), else one
+/// split.
+bool try_varlen_decode(check::ArgChecker& c, const VarlenAttentionArgs& args, const core::VarlenDims& d);
+/// Workspace bytes try_varlen_decode uses for split-KV (0 when the call is not routed to it).
+std::size_t varlen_workspace_bytes(check::ArgChecker& c, const VarlenAttentionArgs& args, const core::VarlenDims& d);
 }  // namespace cuda_decode
 
 namespace cuda_cascade {

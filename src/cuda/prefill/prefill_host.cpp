@@ -70,6 +70,8 @@ void attention_forward(check::ArgChecker& c, const AttentionArgs& a, const core:
 
 void varlen_attention_forward(check::ArgChecker& c, const VarlenAttentionArgs& a,
                               const core::VarlenDims& d) {
+  // One query per sequence over a paged cache: the split-KV decode kernels (varlen_decode_host.cpp).
+  if (cuda_decode::try_varlen_decode(c, a, d)) return;
   require_device(c);
   PrefillParams p;
   p.dtype = kernel_dtype(c, a.q.dtype);
