@@ -232,7 +232,9 @@ def flash_attn_varlen_func(
             With block_table, key lengths are cu_seqlens_k differences (or seqused_k);
             cu_seqlens_k may then be None when seqused_k is given.
         max_seqlen_q, max_seqlen_k: upper bounds of the query / key lengths.
-        block_table: (batch_size, max_num_blocks_per_seq) int32 page ids.
+        block_table: (batch_size, max_num_blocks_per_seq) int32 page ids. On a GPU, decoding
+            (max_seqlen_q == 1 and one query row per sequence, no attn_probs) runs the split-KV
+            decode kernels, with scratch from q's framework allocator.
         seqused_k: (batch_size,) int32: number of keys each sequence uses.
         Other arguments as flash_attn_func. softmax_lse is (nheads, total_q) float32;
         attn_probs is (batch_size, nheads, max_seqlen_q, max_seqlen_k), zero-padded.
@@ -258,6 +260,10 @@ def flash_attn_varlen_func(
         keys = {"k": prepare(k), "v": prepare(v)}
     else:
         keys = {"k_pages": prepare(k), "v_pages": prepare(v), "block_table": prepare(block_table)}
+    # Decode-shaped calls on a GPU (block_table, max_seqlen_q == 1, one query row per sequence)
+    # run the split-KV decode kernels; their scratch comes from the caller's allocator as in
+    # flash_attn_with_kvcache, asked for by the binding only when the call needs it.
+    alloc = (lambda nbytes: empty(q, (nbytes,), "uint8")) if is_cuda(q) else None
     _C.varlen_attention_forward(
         q=prepare(q),
         cu_seqlens_q=prepare(cu_seqlens_q),
@@ -268,6 +274,8 @@ def flash_attn_varlen_func(
         out=prepare(o),
         lse=lse,
         probs=probs,
+        workspace=None,
+        workspace_alloc=alloc,
         **keys,
         **kw,
     )

@@ -214,17 +214,14 @@ void attention_forward(nb::handle q, nb::handle k, nb::handle v, nb::handle out,
   fastattn::attention_forward(a);
 }
 
-void varlen_attention_forward(nb::handle q, nb::handle cu_seqlens_q, std::int64_t max_seqlen_q,
-                              nb::handle k, nb::handle v, nb::handle cu_seqlens_k,
-                              nb::handle k_pages, nb::handle v_pages, nb::handle block_table,
-                              nb::handle page_indptr, nb::handle page_indices,
-                              nb::handle last_page_len, nb::handle seqused_k,
-                              std::int64_t max_seqlen_k, nb::handle out, nb::handle lse,
-                              nb::handle probs, std::optional<float> softmax_scale, bool causal,
-                              std::int64_t window_left, std::int64_t window_right, float softcap,
-                              nb::handle alibi_slopes, std::uintptr_t cuda_stream,
-                              int num_threads) {
-  Keep keep;
+fastattn::VarlenAttentionArgs make_varlen_args(
+    nb::handle q, nb::handle cu_seqlens_q, std::int64_t max_seqlen_q, nb::handle k, nb::handle v,
+    nb::handle cu_seqlens_k, nb::handle k_pages, nb::handle v_pages, nb::handle block_table,
+    nb::handle page_indptr, nb::handle page_indices, nb::handle last_page_len,
+    nb::handle seqused_k, std::int64_t max_seqlen_k, nb::handle out, nb::handle lse,
+    nb::handle probs, std::optional<float> softmax_scale, bool causal, std::int64_t window_left,
+    std::int64_t window_right, float softcap, nb::handle alibi_slopes, std::uintptr_t cuda_stream,
+    int num_threads, Keep& keep) {
   fastattn::VarlenAttentionArgs a;
   a.q = in_view(q, "q", keep);
   a.cu_seqlens_q = in_view(cu_seqlens_q, "cu_seqlens_q", keep);
@@ -242,8 +239,60 @@ void varlen_attention_forward(nb::handle q, nb::handle cu_seqlens_q, std::int64_
   a.options = make_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
                            keep);
   a.exec = make_exec(cuda_stream, num_threads);
+  return a;
+}
+
+void varlen_attention_forward(nb::handle q, nb::handle cu_seqlens_q, std::int64_t max_seqlen_q,
+                              nb::handle k, nb::handle v, nb::handle cu_seqlens_k,
+                              nb::handle k_pages, nb::handle v_pages, nb::handle block_table,
+                              nb::handle page_indptr, nb::handle page_indices,
+                              nb::handle last_page_len, nb::handle seqused_k,
+                              std::int64_t max_seqlen_k, nb::handle out, nb::handle lse,
+                              nb::handle probs, nb::handle workspace,
+                              std::optional<float> softmax_scale, bool causal,
+                              std::int64_t window_left, std::int64_t window_right, float softcap,
+                              nb::handle alibi_slopes, std::uintptr_t cuda_stream,
+                              int num_threads, nb::handle workspace_alloc) {
+  Keep keep;
+  fastattn::VarlenAttentionArgs a = make_varlen_args(
+      q, cu_seqlens_q, max_seqlen_q, k, v, cu_seqlens_k, k_pages, v_pages, block_table,
+      page_indptr, page_indices, last_page_len, seqused_k, max_seqlen_k, out, lse, probs,
+      softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, cuda_stream,
+      num_threads, keep);
+  // As kvcache_attention_forward: workspace_alloc(nbytes) supplies the split-KV scratch of a
+  // decode-shaped call on CUDA (varlen_workspace_bytes() > 0), with the arrays imported once.
+  nb::object allocated;
+  if (workspace.is_none() && !workspace_alloc.is_none()) {
+    const std::size_t nbytes = fastattn::varlen_workspace_bytes(a);
+    if (nbytes > 0) {
+      allocated = workspace_alloc(nbytes);
+      workspace = allocated;
+    }
+  }
+  a.workspace = opt_out(workspace, "workspace", keep);
   nb::gil_scoped_release release;
   fastattn::varlen_attention_forward(a);
+}
+
+std::size_t varlen_workspace_bytes(nb::handle q, nb::handle cu_seqlens_q, std::int64_t max_seqlen_q,
+                                   nb::handle k, nb::handle v, nb::handle cu_seqlens_k,
+                                   nb::handle k_pages, nb::handle v_pages, nb::handle block_table,
+                                   nb::handle page_indptr, nb::handle page_indices,
+                                   nb::handle last_page_len, nb::handle seqused_k,
+                                   std::int64_t max_seqlen_k, nb::handle out, nb::handle lse,
+                                   nb::handle probs, std::optional<float> softmax_scale,
+                                   bool causal, std::int64_t window_left,
+                                   std::int64_t window_right, float softcap,
+                                   nb::handle alibi_slopes, std::uintptr_t cuda_stream,
+                                   int num_threads) {
+  Keep keep;
+  fastattn::VarlenAttentionArgs a = make_varlen_args(
+      q, cu_seqlens_q, max_seqlen_q, k, v, cu_seqlens_k, k_pages, v_pages, block_table,
+      page_indptr, page_indices, last_page_len, seqused_k, max_seqlen_k, out, lse, probs,
+      softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, cuda_stream,
+      num_threads, keep);
+  nb::gil_scoped_release release;
+  return fastattn::varlen_workspace_bytes(a);
 }
 
 fastattn::KVCacheArgs make_kvcache_args(
@@ -468,16 +517,22 @@ NB_MODULE(_C, m) {
         nb::arg("out"), nb::arg("lse").none() = nb::none(), nb::arg("probs").none() = nb::none(),
         FASTATTN_OPTION_ARGS, "fastattn::attention_forward (dense batched attention).");
 
-  m.def("varlen_attention_forward", &varlen_attention_forward, nb::arg("q"),
-        nb::arg("cu_seqlens_q"), nb::arg("max_seqlen_q"), nb::arg("k").none() = nb::none(),
-        nb::arg("v").none() = nb::none(), nb::arg("cu_seqlens_k").none() = nb::none(),
-        nb::arg("k_pages").none() = nb::none(), nb::arg("v_pages").none() = nb::none(),
-        nb::arg("block_table").none() = nb::none(), nb::arg("page_indptr").none() = nb::none(),
-        nb::arg("page_indices").none() = nb::none(), nb::arg("last_page_len").none() = nb::none(),
-        nb::arg("seqused_k").none() = nb::none(), nb::arg("max_seqlen_k") = 0,
-        nb::arg("out").none() = nb::none(), nb::arg("lse").none() = nb::none(),
-        nb::arg("probs").none() = nb::none(), FASTATTN_OPTION_ARGS,
+#define FASTATTN_VARLEN_ARGS                                                                     \
+  nb::arg("q"), nb::arg("cu_seqlens_q"), nb::arg("max_seqlen_q"),                               \
+      nb::arg("k").none() = nb::none(), nb::arg("v").none() = nb::none(),                       \
+      nb::arg("cu_seqlens_k").none() = nb::none(), nb::arg("k_pages").none() = nb::none(),      \
+      nb::arg("v_pages").none() = nb::none(), nb::arg("block_table").none() = nb::none(),       \
+      nb::arg("page_indptr").none() = nb::none(), nb::arg("page_indices").none() = nb::none(),  \
+      nb::arg("last_page_len").none() = nb::none(), nb::arg("seqused_k").none() = nb::none(),  \
+      nb::arg("max_seqlen_k") = 0, nb::arg("out").none() = nb::none(),                          \
+      nb::arg("lse").none() = nb::none(), nb::arg("probs").none() = nb::none()
+
+  m.def("varlen_attention_forward", &varlen_attention_forward, FASTATTN_VARLEN_ARGS,
+        nb::arg("workspace").none() = nb::none(), FASTATTN_OPTION_ARGS,
+        nb::arg("workspace_alloc").none() = nb::none(),
         "fastattn::varlen_attention_forward (packed sequences; packed or paged keys).");
+  m.def("varlen_workspace_bytes", &varlen_workspace_bytes, FASTATTN_VARLEN_ARGS,
+        FASTATTN_OPTION_ARGS, "fastattn::varlen_workspace_bytes for the same arguments.");
 
 #define FASTATTN_KVCACHE_ARGS                                                                    \
   nb::arg("q"), nb::arg("k_cache"), nb::arg("v_cache"), nb::arg("k").none() = nb::none(),       \
