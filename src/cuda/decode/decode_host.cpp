@@ -144,7 +144,9 @@ int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int req
   if (requested > 0) return requested;
   const std::int64_t rows_per_kv = std::int64_t(p.group) * p.seqlen_q;
   const std::int64_t items = std::int64_t(p.batch) * p.heads_kv * ((rows_per_kv + 15) / 16);
-  const std::int64_t wave = 2 * std::int64_t(cuda_detail::device_info(c.device().index).sm_count);
+  const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
+  const bool sm90 = use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size);
+  const std::int64_t wave = std::int64_t(decode_ctas_per_sm(p.head_dim, sm90)) * info.sm_count;
   return core::choose_num_splits_one_wave(items, max_keys, wave, 2 * kDecodeBlockN, 128);
 }
 
@@ -189,7 +191,6 @@ void kvcache_attention_forward(check::ArgChecker& c, const KVCacheArgs& args, co
       p.partial_o = reinterpret_cast<float*>(base + plan.q_rot_bytes + plan.lse_bytes);
     }
   }
-  p.dependent_launch = cuda_detail::device_info(c.device().index).cc_major >= 9;  // sm_90: PDL
   cuda_detail::DeviceGuard guard(c.device().index);
   run_decode(p, args.exec.cuda_stream);
 }

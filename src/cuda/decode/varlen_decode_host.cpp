@@ -152,7 +152,6 @@ bool try_varlen_decode(check::ArgChecker& c, const VarlenAttentionArgs& args, co
   }
   // The attention kernel is an ordinary launch (after_append is false: its predecessor on the
   // stream is not ours); the combine kernel may start early behind it on sm_90.
-  p.dependent_launch = cuda_detail::device_info(c.device().index).cc_major >= 9;
   cuda_detail::DeviceGuard guard(c.device().index);
   run_decode(p, args.exec.cuda_stream);
   return true;
