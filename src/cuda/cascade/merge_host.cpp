@@ -27,7 +27,8 @@ int device_of(const check::ArgChecker& c, const TensorView& t) {
   return t.device.index;
 }
 
-/// Threads over (S, H, D): 16-byte chunks of head_dim, `group` lanes per (row, head).
+/// Threads over (S, H, D): 16-byte chunks of head_dim, `group` lanes per (row, head), up to 4
+/// chunks per lane.
 MergeLayout layout_for(const check::ArgChecker& c, DType dtype, std::int64_t rows, std::int64_t heads,
                        std::int64_t head_dim, const char* heads_arg, const char* dim_arg) {
   MergeLayout l;
@@ -36,9 +37,12 @@ MergeLayout layout_for(const check::ArgChecker& c, DType dtype, std::int64_t row
   l.head_dim = as_int(c, head_dim, dim_arg, INT32_MAX);
   l.chunk_elems = kVecBytes / static_cast<int>(dtype_size(dtype));
   l.chunks = static_cast<int>((head_dim + l.chunk_elems - 1) / l.chunk_elems);
+  // Up to 4 chunks per lane (the kernels' kLaneChunks: more bytes in flight per thread), so
+  // group = the power of two >= min(ceil(chunks / 4), 32).
+  const int lanes = (l.chunks + 3) / 4;
   l.group = 1;
   l.group_shift = 0;
-  while (l.group < std::min(l.chunks, 32)) {
+  while (l.group < std::min(lanes, 32)) {
     l.group *= 2;
     ++l.group_shift;
   }

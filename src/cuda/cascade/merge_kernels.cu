@@ -202,6 +202,12 @@ struct TwoWay {
   }
 };
 
+/// Chunks a lane moves per batch on the vector path (the host sizes `group` so that a lane has up
+/// to this many): 2 x 4 x 16 bytes in flight per thread for merge_state. With one chunk per lane,
+/// 1536 threads per SM kept ~48 KB in flight, short of what HBM latency needs: 52-74% of the copy
+/// bandwidth (bench/NOTES.md).
+constexpr int kLaneChunks = 4;
+
 /// merge_state over every (row, head): all loads of a chunk (mask byte, both LSEs, both value
 /// chunks) are issued before any is used, so a thread waits for one round trip per chunk. Lanes
 /// past the end and lanes without a chunk load nothing. Rows left out by the mask are loaded too
@@ -225,24 +231,41 @@ __device__ __forceinline__ void merge_state_rows(const MergeStateParams& p) {
       T* o = static_cast<T*>(p.v_out) + (sl.row * p.v_out_row + sl.head * p.v_out_head);
       selected = !p.mask || p.mask[sl.row * p.mask_stride] != 0;
       if (L.iters == 0) lse = TwoWay(*sa, *sb).lse;  // head_dim 0: only the LSE
-      for (int j = 0; j < L.iters; ++j) {
-        const int c = sl.lane + j * L.group;
-        const bool has = c < L.chunks;
-        const int c0 = has ? c * kN : 0;
-        if constexpr (kVec) {
-          // Both 16-byte loads go out with the LSE loads; converted once the weights are known.
-          const uint4 raw_a = load_vec(a, c0, has), raw_b = load_vec(b, c0, has);
+      if constexpr (kVec) {
+        // Up to kLaneChunks chunks per lane: all their 16-byte loads go out with the LSE loads,
+        // so a thread keeps 2 x kLaneChunks x 16 bytes in flight; converted once the weights are
+        // known.
+        for (int j0 = 0; j0 < L.iters; j0 += kLaneChunks) {
+          uint4 raw_a[kLaneChunks], raw_b[kLaneChunks];
+#pragma unroll
+          for (int u = 0; u < kLaneChunks; ++u) {
+            const int c = sl.lane + (j0 + u) * L.group;
+            const bool has = j0 + u < L.iters && c < L.chunks;
+            raw_a[u] = load_vec(a, has ? c * kN : 0, has);
+            raw_b[u] = load_vec(b, has ? c * kN : 0, has);
+          }
           const TwoWay w(*sa, *sb);
           lse = w.lse;
-          float x[kN], y[kN];
-          Chunk<T>::unpack(raw_a, x);
-          Chunk<T>::unpack(raw_b, y);
 #pragma unroll
-          for (int i = 0; i < kN; ++i) x[i] = w(x[i], y[i]);
-          if (has && selected) store_chunk<T, kVec>(o, c0, L.head_dim, x);
-        } else {  // the scalar fallback: the chunk's values one by one, in two halves whose
-                  // loads all go out before the half is stored (an in-place store could alias a
-                  // later load, so the compiler would not batch them itself)
+          for (int u = 0; u < kLaneChunks; ++u) {
+            const int c = sl.lane + (j0 + u) * L.group;
+            const bool has = j0 + u < L.iters && c < L.chunks;
+            float x[kN], y[kN];
+            Chunk<T>::unpack(raw_a[u], x);
+            Chunk<T>::unpack(raw_b[u], y);
+#pragma unroll
+            for (int i = 0; i < kN; ++i) x[i] = w(x[i], y[i]);
+            if (has && selected) store_chunk<T, kVec>(o, c * kN, L.head_dim, x);
+          }
+        }
+      } else {
+        // The scalar fallback: each chunk's values one by one, in two halves whose loads all go
+        // out before the half is stored (an in-place store could alias a later load, so the
+        // compiler would not batch them itself).
+        for (int j = 0; j < L.iters; ++j) {
+          const int c = sl.lane + j * L.group;
+          const bool has = c < L.chunks;
+          const int c0 = has ? c * kN : 0;
           const int end = has ? L.head_dim : 0;
           const TwoWay w(*sa, *sb);
           lse = w.lse;
@@ -267,9 +290,9 @@ __device__ __forceinline__ void merge_state_rows(const MergeStateParams& p) {
   }
 }
 
-/// States loaded per batch in merge_states: the loads of kStatesAhead states are issued together
-/// before the first of them is merged (4 x 16 bytes in flight per thread at least).
-constexpr int kStatesAhead = 4;
+/// States loaded per batch in merge_states (vector path): the loads of kStatesAhead states x
+/// kLaneChunks chunks are issued together before the first of them is merged.
+constexpr int kStatesAhead = 2;
 
 /// merge_states over every (row, head): the CPU backend's running form
 ///   acc.add(lse_k) -> (rescale, weight);  out = out * rescale + weight * v_k  (weight != 0)
@@ -294,35 +317,62 @@ __device__ __forceinline__ void merge_states_rows(const MergeStatesParams& p) {
       float rescale, weight;
       if (L.iters == 0)  // head_dim 0: only the LSE
         for (int k = 0; k < n; ++k) acc.add(s[k * p.s_state], &rescale, &weight);
-      for (int j = 0; j < L.iters; ++j) {
-        const int c = sl.lane + j * L.group;
-        const bool has = c < L.chunks;
-        const int c0 = has ? c * kN : 0;
-        acc.init();
-        float out[kN];
+      if constexpr (kVec) {
+        // Up to kLaneChunks chunks per lane merged together, kStatesAhead states at a time: the
+        // loads of a batch (kStatesAhead x kLaneChunks x 16 bytes) go out together.
+        for (int j0 = 0; j0 < L.iters; j0 += kLaneChunks) {
+          acc.init();
+          float out[kLaneChunks][kN];
 #pragma unroll
-        for (int i = 0; i < kN; ++i) out[i] = 0.0f;
-        if constexpr (kVec) {
+          for (int u = 0; u < kLaneChunks; ++u)
+#pragma unroll
+            for (int i = 0; i < kN; ++i) out[u][i] = 0.0f;
           for (int k0 = 0; k0 < n; k0 += kStatesAhead) {
-            uint4 raw[kStatesAhead];
+            uint4 raw[kStatesAhead][kLaneChunks];
             float lse[kStatesAhead];
 #pragma unroll
-            for (int u = 0; u < kStatesAhead; ++u) {
-              const int k = k0 + u;
-              raw[u] = load_vec(v + std::int64_t(k) * p.v_state, c0, has && k < n);
-              lse[u] = k < n ? s[k * p.s_state] : -INFINITY;
+            for (int st = 0; st < kStatesAhead; ++st) {
+              const int k = k0 + st;
+              lse[st] = k < n ? s[k * p.s_state] : -INFINITY;
+#pragma unroll
+              for (int u = 0; u < kLaneChunks; ++u) {
+                const int c = sl.lane + (j0 + u) * L.group;
+                const bool has = k < n && j0 + u < L.iters && c < L.chunks;
+                raw[st][u] = load_vec(v + std::int64_t(k) * p.v_state, has ? c * kN : 0, has);
+              }
             }
 #pragma unroll
-            for (int u = 0; u < kStatesAhead; ++u) {
-              if (k0 + u >= n) break;
-              acc.add(lse[u], &rescale, &weight);
-              float x[kN];
-              Chunk<T>::unpack(raw[u], x);
+            for (int st = 0; st < kStatesAhead; ++st) {
+              if (k0 + st >= n) break;
+              acc.add(lse[st], &rescale, &weight);
 #pragma unroll
-              for (int i = 0; i < kN; ++i) out[i] = weight != 0.0f ? out[i] * rescale + weight * x[i] : out[i];
+              for (int u = 0; u < kLaneChunks; ++u) {
+                float x[kN];
+                Chunk<T>::unpack(raw[st][u], x);
+#pragma unroll
+                for (int i = 0; i < kN; ++i)
+                  out[u][i] = weight != 0.0f ? out[u][i] * rescale + weight * x[i] : out[u][i];
+              }
             }
           }
-        } else {  // the scalar fallback: one state at a time
+          const float inv = acc.inv_sum();
+#pragma unroll
+          for (int u = 0; u < kLaneChunks; ++u) {
+            const int c = sl.lane + (j0 + u) * L.group;
+#pragma unroll
+            for (int i = 0; i < kN; ++i) out[u][i] *= inv;
+            if (j0 + u < L.iters && c < L.chunks) store_chunk<T, kVec>(o, c * kN, L.head_dim, out[u]);
+          }
+        }
+      } else {  // the scalar fallback: one chunk and one state at a time
+        for (int j = 0; j < L.iters; ++j) {
+          const int c = sl.lane + j * L.group;
+          const bool has = c < L.chunks;
+          const int c0 = has ? c * kN : 0;
+          acc.init();
+          float out[kN];
+#pragma unroll
+          for (int i = 0; i < kN; ++i) out[i] = 0.0f;
           for (int k = 0; k < n; ++k) {
             float x[kN];
             load_scalar(v + k * p.v_state, c0, has ? L.head_dim : 0, x);
@@ -330,11 +380,11 @@ __device__ __forceinline__ void merge_states_rows(const MergeStatesParams& p) {
 #pragma unroll
             for (int i = 0; i < kN; ++i) out[i] = weight != 0.0f ? out[i] * rescale + weight * x[i] : out[i];
           }
-        }
-        const float inv = acc.inv_sum();
+          const float inv = acc.inv_sum();
 #pragma unroll
-        for (int i = 0; i < kN; ++i) out[i] *= inv;
-        if (has) store_chunk<T, kVec>(o, c0, L.head_dim, out);
+          for (int i = 0; i < kN; ++i) out[i] *= inv;
+          if (has) store_chunk<T, kVec>(o, c0, L.head_dim, out);
+        }
       }
     }
     __syncwarp();  // the group's LSE reads happen before its write (s_out may alias s)
@@ -342,20 +392,19 @@ __device__ __forceinline__ void merge_states_rows(const MergeStatesParams& p) {
   }
 }
 
-// Occupancy: the loads in flight per thread are fixed (2 x 16 bytes for merge_state), so the
-// bandwidth a kernel can draw grows with resident threads. merge_state asks for 6 CTAs (1536
-// threads) per SM, which caps it at 40 registers: its vectorised path alone needs about 40, the
-// two paths compiled into one kernel took 48 (5 CTAs); with the cap 35-40 and no spills
-// (-Xptxas -v, sm_80 and sm_90a). merge_states keeps 4 x 16 bytes per thread in flight and takes
-// its 56-64 registers (4 CTAs, 1024 threads per SM).
+// Occupancy: a thread keeps up to 2 x kLaneChunks x 16 bytes in flight (merge_state) or
+// kStatesAhead x kLaneChunks x 16 (merge_states). merge_state: 4 CTAs of 256 threads per SM
+// (128 KB in flight, 64 registers; -Xptxas -v: 16 bytes spilled at fp32). merge_states: 2 CTAs
+// (64 KB, up to 128 registers, no spill; at 3 CTAs it spilled 76 bytes in the merge loop at
+// fp16 / bf16 and ran at 60-78% of the copy bandwidth).
 template <class T>
-__global__ void __launch_bounds__(kMergeThreads, 6) merge_state_kernel(const MergeStateParams p) {
+__global__ void __launch_bounds__(kMergeThreads, 4) merge_state_kernel(const MergeStateParams p) {
   if (p.layout.vec) merge_state_rows<T, true>(p);
   else merge_state_rows<T, false>(p);
 }
 
 template <class T>
-__global__ void __launch_bounds__(kMergeThreads) merge_states_kernel(const MergeStatesParams p) {
+__global__ void __launch_bounds__(kMergeThreads, 2) merge_states_kernel(const MergeStatesParams p) {
   if (p.layout.vec) merge_states_rows<T, true>(p);
   else merge_states_rows<T, false>(p);
 }

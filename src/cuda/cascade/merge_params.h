@@ -19,7 +19,7 @@ struct MergeLayout {
   int head_dim = 0;       ///< D (any value >= 0)
   int chunk_elems = 8;    ///< values per 16-byte chunk of the dtype
   int chunks = 0;         ///< ceil(D / chunk_elems)
-  int group = 1;          ///< lanes per (row, head): the power of two >= min(chunks, 32), >= 1
+  int group = 1;          ///< lanes per (row, head): the power of two >= min(ceil(chunks / 4), 32)
   int group_shift = 0;    ///< log2(group)
   int iters = 0;          ///< ceil(chunks / group): chunks per lane
   /// Every chunk is a whole, 16-byte aligned vector (D % chunk_elems == 0, data pointers 16-byte

@@ -129,38 +129,47 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
       if (p.page_size == 0) return 0;
       return int(seq.pages[p.page_shift >= 0 ? slot0 >> p.page_shift : slot0 / p.page_size]);
     };
-    int next_page = range.t_begin < range.t_end ? box_page(range.t_begin) : -1;
-    for (int tile = range.t_begin, i = 0; tile < range.t_end; ++tile, ++i) {
-      const int page = next_page;
-      if (tile + 1 < range.t_end) next_page = box_page(tile + 1);
-      const int stage = i % S;
-      if (i >= S) mbar_wait(&empty[stage], ((i / S) - 1) & 1);
-      const int slot0 = tile * BN + run * R;
-      const int row0 = run * R;  // the box's first row in the tile
-      std::uint16_t* dk = sK0 + stage * Cfg::kTileElems + block * (BN * 64) + row0 * 64;
-      std::uint16_t* dv = sV0 + stage * Cfg::kTileElems + block * (BN * 64) + row0 * 64;
-      const bool in_cache = p.page_size == 0 || (page >= 0 && page < p.num_pages);
-      const bool load = active && page >= 0 && in_cache;
-      if (active && page != -1 && !in_cache) {
-        // A page id outside the cache: its rows read as zeros.
-        for (int e = 0; e < R * 64; e += 8) {
-          *reinterpret_cast<uint4*>(dk + e) = make_uint4(0, 0, 0, 0);
-          *reinterpret_cast<uint4*>(dv + e) = make_uint4(0, 0, 0, 0);
+    // The ids of tile t + S load while tiles t .. t + S - 1 are issued (the loop runs S tiles
+    // per round, unrolled, so page[s] stays in a register): a paged split's first tiles wait for
+    // one id round trip, not one per tile.
+    int page[S];
+#pragma unroll
+    for (int s = 0; s < S; ++s) page[s] = range.t_begin + s < range.t_end ? box_page(range.t_begin + s) : -1;
+    for (int base = range.t_begin, round = 0; base < range.t_end; base += S, ++round) {
+#pragma unroll
+      for (int stage = 0; stage < S; ++stage) {
+        const int tile = base + stage;
+        if (tile >= range.t_end) break;
+        const int pg = page[stage];
+        if (tile + S < range.t_end) page[stage] = box_page(tile + S);
+        if (round > 0) mbar_wait(&empty[stage], (round - 1) & 1);
+        const int slot0 = tile * BN + run * R;
+        const int row0 = run * R;  // the box's first row in the tile
+        std::uint16_t* dk = sK0 + stage * Cfg::kTileElems + block * (BN * 64) + row0 * 64;
+        std::uint16_t* dv = sV0 + stage * Cfg::kTileElems + block * (BN * 64) + row0 * 64;
+        const bool in_cache = p.page_size == 0 || (pg >= 0 && pg < p.num_pages);
+        const bool load = active && pg >= 0 && in_cache;
+        if (active && pg != -1 && !in_cache) {
+          // A page id outside the cache: its rows read as zeros.
+          for (int e = 0; e < R * 64; e += 8) {
+            *reinterpret_cast<uint4*>(dk + e) = make_uint4(0, 0, 0, 0);
+            *reinterpret_cast<uint4*>(dv + e) = make_uint4(0, 0, 0, 0);
+          }
+          fence_proxy_async_smem();  // before a later TMA write of the same rows
         }
-        fence_proxy_async_smem();  // before a later TMA write of the same rows
-      }
-      mbar_arrive_expect_tx(&full[stage], load ? 2 * box_bytes : 0);
-      if (load) {
-        int c1, c3;  // slot within the cache row / page, and the row / page
-        if (p.page_size == 0) {
-          c1 = slot0;
-          c3 = seq.row;
-        } else {
-          c1 = p.page_shift >= 0 ? slot0 & (p.page_size - 1) : slot0 % p.page_size;
-          c3 = page;
+        mbar_arrive_expect_tx(&full[stage], load ? 2 * box_bytes : 0);
+        if (load) {
+          int c1, c3;  // slot within the cache row / page, and the row / page
+          if (p.page_size == 0) {
+            c1 = slot0;
+            c3 = seq.row;
+          } else {
+            c1 = p.page_shift >= 0 ? slot0 & (p.page_size - 1) : slot0 % p.page_size;
+            c3 = pg;
+          }
+          tma_load_4d(dk, &tp.k_map, block * 64, c1, kvh, c3, &full[stage], policy);
+          tma_load_4d(dv, &tp.v_map, block * 64, c1, kvh, c3, &full[stage], policy);
         }
-        tma_load_4d(dk, &tp.k_map, block * 64, c1, kvh, c3, &full[stage], policy);
-        tma_load_4d(dv, &tp.v_map, block * 64, c1, kvh, c3, &full[stage], policy);
       }
     }
     return;
