@@ -40,8 +40,8 @@ import time
 from dataclasses import dataclass
 from typing import List
 
-from .gpu_decode import make_sleeper, measure_copy, time_interleaved
-from .gpu_prefill import Deadline, _cycle, _f, _l2_bytes, _short_error, warm_gpu
+from .gpu_decode import _n_sets, make_sleeper, measure_copy, time_interleaved
+from .gpu_prefill import Deadline, _cycle, _f, _l2_bytes, _short_error, _torch_dtype, warm_gpu
 from .gpu_prefill import bad_records  # noqa: F401  (the same check for merge records)
 
 GiB = 1 << 30
@@ -132,10 +132,6 @@ def plan(settings: Settings) -> List[Shape]:
             for op, n in settings.ops for dt in settings.dtypes for s in settings.seqlens]
 
 
-def _torch_dtype(torch, name):
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
-
-
 class InputSet:
     """One set of inputs and outputs for a shape: merge_state's two states or merge_states'
     stacked ones (LSEs ~ 5 +- 2: weights of all sizes, none empty), outputs preallocated."""
@@ -179,11 +175,6 @@ def reference_f32(torch, v, s, rows_per_chunk=4096):
         outs.append((vc * w[..., None]).sum(1))
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses)
-
-
-def _n_sets(nbytes, l2_bytes):
-    """Input sets to rotate among so that one set's data has left L2 before it is read again."""
-    return 1 if nbytes >= 2 * l2_bytes else min(32, int(math.ceil(2 * l2_bytes / nbytes)) + 1)
 
 
 def base_record(shape: Shape):

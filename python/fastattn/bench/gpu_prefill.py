@@ -142,7 +142,7 @@ def plan(settings: Settings) -> List[Shape]:
 
 
 def _torch_dtype(torch, name):
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
 def _paged(torch, k, v, page, gen_perm):
