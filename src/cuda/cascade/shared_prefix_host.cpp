@@ -41,6 +41,7 @@
 #include "cuda/common/host_checks.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/decode/decode_params.h"
+#include "cuda/decode/decode_plan.h"
 #include "cuda/prefill/prefill_params.h"
 
 namespace fastattn::cuda_cascade {
@@ -258,10 +259,7 @@ void shared_prefix_attention_forward(check::ArgChecker& c, const SharedPrefixAtt
   const auto* page_indices = static_cast<const std::int32_t*>(sfx.page_indices->data);
   const auto* last_page_len = static_cast<const std::int32_t*>(sfx.last_page_len->data);
   const int page_size = static_cast<int>(d.paged.page_size);
-  int page_shift = -1;
-  if ((page_size & (page_size - 1)) == 0)
-    for (page_shift = 0; (1 << page_shift) < page_size; ++page_shift) {
-    }
+  const int page_shift = cuda_detail::page_shift_of(page_size);
   void* stream = a.exec.cuda_stream;
   cuda_detail::DeviceGuard guard(dev.index);
 
@@ -377,14 +375,7 @@ void shared_prefix_attention_forward(check::ArgChecker& c, const SharedPrefixAtt
     p.lse_batch_stride = l_row;
     p.lse_head_stride = l_head;
     p.lse_row_stride = 0;
-    p.k_cache = sfx.k_pages.data;
-    p.v_cache = sfx.v_pages.data;
-    p.k_batch_stride = sfx.k_pages.stride(0);
-    p.k_row_stride = sfx.k_pages.stride(1);
-    p.k_head_stride = sfx.k_pages.stride(2);
-    p.v_batch_stride = sfx.v_pages.stride(0);
-    p.v_row_stride = sfx.v_pages.stride(1);
-    p.v_head_stride = sfx.v_pages.stride(2);
+    cuda_decode::set_cache_strides(p, sfx.k_pages, sfx.v_pages);
     p.cache_rows = B;
     p.page_size = page_size;
     p.page_shift = page_shift;

@@ -38,6 +38,15 @@ inline void rows_aligned(const check::ArgChecker& c, const TensorView& t, const 
                       "strides of all but the last dim multiples of 8 elements)");
 }
 
+/// log2(page_size) when the page size is a power of two (the kernels then shift and mask), else
+/// -1 (they divide).
+inline int page_shift_of(int page_size) {
+  if (page_size <= 0 || (page_size & (page_size - 1)) != 0) return -1;
+  int shift = 0;
+  while ((1 << shift) < page_size) ++shift;
+  return shift;
+}
+
 inline int as_int(const check::ArgChecker& c, std::int64_t v, const char* arg, std::int64_t max) {
   if (v > max)
     c.fail_value(arg, "is " + std::to_string(v) + ", above the CUDA limit of " + std::to_string(max));

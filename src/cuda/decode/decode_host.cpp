@@ -65,33 +65,10 @@ Plan plan_decode(check::ArgChecker& c, const KVCacheArgs& a, const core::KVCache
     p.lse_row_stride = a.lse->stride(2);
   }
 
-  p.k_cache = a.k_cache.data;
-  p.v_cache = a.v_cache.data;
-  p.k_batch_stride = a.k_cache.stride(0);
-  p.k_row_stride = a.k_cache.stride(1);
-  p.k_head_stride = a.k_cache.stride(2);
-  p.v_batch_stride = a.v_cache.stride(0);
-  p.v_row_stride = a.v_cache.stride(1);
-  p.v_head_stride = a.v_cache.stride(2);
+  set_cache_strides(p, a.k_cache, a.v_cache);
   std::int64_t max_keys = 0;  // the heuristic's bound on a sequence's keys (no device read)
   if (d.paged.page_size > 0) {
-    p.page_size = as_int(c, d.paged.page_size, "page_size (k_cache dim 1)", INT32_MAX);
-    if ((p.page_size & (p.page_size - 1)) == 0)
-      for (p.page_shift = 0; (1 << p.page_shift) < p.page_size; ++p.page_shift) {
-      }
-    p.num_pages = as_int(c, d.paged.num_pages, "num_pages (k_cache dim 0)", INT32_MAX);
-    p.cache_rows = as_int(c, d.paged.table_rows, "page table rows", INT32_MAX);
-    if (a.block_table) {
-      p.block_table = static_cast<const std::int32_t*>(a.block_table->data);
-      p.block_table_stride = a.block_table->stride(0);
-      p.max_pages_per_seq = as_int(c, d.paged.max_pages_per_seq, "block_table columns", INT32_MAX);
-      max_keys = std::int64_t(p.max_pages_per_seq) * p.page_size;
-    } else {
-      p.page_indptr = static_cast<const std::int32_t*>(a.page_indptr->data);
-      p.page_indices = static_cast<const std::int32_t*>(a.page_indices->data);
-      p.num_page_indices = a.page_indices->size(0);
-      max_keys = p.num_page_indices * p.page_size;
-    }
+    max_keys = set_page_table(c, p, d.paged, a.block_table, a.page_indptr, a.page_indices, "k_cache");
     if (!a.cache_batch_idx && p.cache_rows < p.batch)
       c.fail_value(a.block_table ? "block_table" : "page_indptr",
                    "has " + std::to_string(p.cache_rows) + " rows, fewer than B = " + std::to_string(p.batch));
@@ -139,6 +116,36 @@ Plan plan_decode(check::ArgChecker& c, const KVCacheArgs& a, const core::KVCache
 }
 
 }  // namespace
+
+void set_cache_strides(DecodeParams& p, const TensorView& k, const TensorView& v) {
+  p.k_cache = k.data;
+  p.v_cache = v.data;
+  p.k_batch_stride = k.stride(0);
+  p.k_row_stride = k.stride(1);
+  p.k_head_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0);
+  p.v_row_stride = v.stride(1);
+  p.v_head_stride = v.stride(2);
+}
+
+std::int64_t set_page_table(const check::ArgChecker& c, DecodeParams& p, const core::PagedDims& d,
+                            const std::optional<TensorView>& block_table, const std::optional<TensorView>& page_indptr,
+                            const std::optional<TensorView>& page_indices, const std::string& k_name) {
+  p.page_size = as_int(c, d.page_size, ("page_size (" + k_name + " dim 1)").c_str(), INT32_MAX);
+  p.page_shift = cuda_detail::page_shift_of(p.page_size);
+  p.num_pages = as_int(c, d.num_pages, ("num_pages (" + k_name + " dim 0)").c_str(), INT32_MAX);
+  p.cache_rows = as_int(c, d.table_rows, "page table rows", INT32_MAX);
+  if (block_table) {
+    p.block_table = static_cast<const std::int32_t*>(block_table->data);
+    p.block_table_stride = block_table->stride(0);
+    p.max_pages_per_seq = as_int(c, d.max_pages_per_seq, "block_table columns", INT32_MAX);
+    return std::int64_t(p.max_pages_per_seq) * p.page_size;
+  }
+  p.page_indptr = static_cast<const std::int32_t*>(page_indptr->data);
+  p.page_indices = static_cast<const std::int32_t*>(page_indices->data);
+  p.num_page_indices = page_indices->size(0);
+  return p.num_page_indices * p.page_size;
+}
 
 int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys) {
   if (requested > 0) return requested;

@@ -6,8 +6,10 @@
 #include <cstddef>
 #include <cstdint>
 #include <optional>
+#include <string>
 
 #include "core/check.h"
+#include "core/validate.h"
 #include "cuda/decode/decode_params.h"
 #include "fastattn/tensor.h"
 
@@ -18,6 +20,18 @@ constexpr std::size_t kWorkspaceAlign = 256;
 inline std::size_t workspace_align_up(std::size_t n) {
   return (n + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign;
 }
+
+/// Lowers the caches' strides into p: k / v (rows, slots, Hkv, D), where a row is a contiguous
+/// cache row or a page.
+void set_cache_strides(DecodeParams& p, const TensorView& k, const TensorView& v);
+
+/// Lowers a paged cache's geometry and page table into p (page size and shift, page count, table
+/// rows, and block_table, else page_indptr / page_indices); `k_name` names the k pages in
+/// messages. Returns the slots one sequence's pages can hold: the split heuristic's bound on its
+/// keys, known without a device read.
+std::int64_t set_page_table(const check::ArgChecker& c, DecodeParams& p, const core::PagedDims& d,
+                            const std::optional<TensorView>& block_table, const std::optional<TensorView>& page_indptr,
+                            const std::optional<TensorView>& page_indices, const std::string& k_name);
 
 /// Key splits per sequence for p's shape (batch, heads_kv, group, seqlen_q set): `requested` when
 /// > 0, else core::choose_num_splits_one_wave over one wave of two CTAs per SM, at least two

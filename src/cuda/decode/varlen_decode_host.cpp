@@ -90,32 +90,9 @@ VarlenPlan plan_varlen_decode(check::ArgChecker& c, const VarlenAttentionArgs& a
   }
   p.cu_seqlens_q = static_cast<const std::int32_t*>(a.cu_seqlens_q.data);
 
-  p.k_cache = pk.k_pages.data;
-  p.v_cache = pk.v_pages.data;
-  p.k_batch_stride = pk.k_pages.stride(0);
-  p.k_row_stride = pk.k_pages.stride(1);
-  p.k_head_stride = pk.k_pages.stride(2);
-  p.v_batch_stride = pk.v_pages.stride(0);
-  p.v_row_stride = pk.v_pages.stride(1);
-  p.v_head_stride = pk.v_pages.stride(2);
-  p.page_size = as_int(c, d.paged.page_size, "page_size (k_pages dim 1)", INT32_MAX);
-  if ((p.page_size & (p.page_size - 1)) == 0)
-    for (p.page_shift = 0; (1 << p.page_shift) < p.page_size; ++p.page_shift) {
-    }
-  p.num_pages = as_int(c, d.paged.num_pages, "num_pages (k_pages dim 0)", INT32_MAX);
-  p.cache_rows = as_int(c, d.paged.table_rows, "page table rows", INT32_MAX);
-  std::int64_t capacity;  // slots a sequence's pages can hold: the heuristic's bound on keys
-  if (pk.block_table) {
-    p.block_table = static_cast<const std::int32_t*>(pk.block_table->data);
-    p.block_table_stride = pk.block_table->stride(0);
-    p.max_pages_per_seq = as_int(c, d.paged.max_pages_per_seq, "block_table columns", INT32_MAX);
-    capacity = std::int64_t(p.max_pages_per_seq) * p.page_size;
-  } else {
-    p.page_indptr = static_cast<const std::int32_t*>(pk.page_indptr->data);
-    p.page_indices = static_cast<const std::int32_t*>(pk.page_indices->data);
-    p.num_page_indices = pk.page_indices->size(0);
-    capacity = p.num_page_indices * p.page_size;
-  }
+  set_cache_strides(p, pk.k_pages, pk.v_pages);
+  // Slots a sequence's pages can hold: the heuristic's bound on keys.
+  const std::int64_t capacity = set_page_table(c, p, d.paged, pk.block_table, pk.page_indptr, pk.page_indices, "k_pages");
   // Key lengths: seqused_k, else cu_seqlens_k differences, else last_page_len (core::validate
   // guarantees one of them), read on the device by resolve_decode_seq.
   if (a.seqused_k) p.cache_seqlens = static_cast<const std::int32_t*>(a.seqused_k->data);

@@ -104,9 +104,7 @@ void varlen_attention_forward(check::ArgChecker& c, const VarlenAttentionArgs& a
     p.k_head_stride = pk.k_pages.stride(2);
     p.v_head_stride = pk.v_pages.stride(2);
     p.page_size = as_int(c, d.paged.page_size, "page_size", INT32_MAX);
-    if ((p.page_size & (p.page_size - 1)) == 0)
-      for (p.page_shift = 0; (1 << p.page_shift) < p.page_size; ++p.page_shift) {
-      }
+    p.page_shift = cuda_detail::page_shift_of(p.page_size);
     p.num_pages = as_int(c, d.paged.num_pages, "num_pages", INT32_MAX);
     if (pk.last_page_len) p.last_page_len = static_cast<const std::int32_t*>(pk.last_page_len->data);
     p.max_pages_per_seq = static_cast<int>(d.paged.max_pages_per_seq);
