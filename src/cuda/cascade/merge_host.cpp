@@ -59,6 +59,30 @@ bool vector_aligned(const TensorView& t, int chunk_elems) {
   return true;
 }
 
+/// merge_states of exactly two states as merge_state's parameters: state 0 is side a, state 1
+/// side b (the same weights, MergeAccumulator's, so the same result up to rounding order).
+MergeStateParams two_way_of(const MergeStatesParams& q) {
+  MergeStateParams p;
+  p.dtype = q.dtype;
+  p.layout = q.layout;
+  const std::size_t elem = dtype_size(q.dtype);
+  p.v_a = q.v;
+  p.v_b = static_cast<const char*>(q.v) + q.v_state * static_cast<std::int64_t>(elem);
+  p.v_a_row = p.v_b_row = q.v_row;
+  p.v_a_head = p.v_b_head = q.v_head;
+  p.s_a = q.s;
+  p.s_b = q.s + q.s_state;
+  p.s_a_row = p.s_b_row = q.s_row;
+  p.s_a_head = p.s_b_head = q.s_head;
+  p.v_out = q.v_out;
+  p.v_out_row = q.v_out_row;
+  p.v_out_head = q.v_out_head;
+  p.s_out = q.s_out;
+  p.s_out_row = q.s_out_row;
+  p.s_out_head = q.s_out_head;
+  return p;
+}
+
 }  // namespace
 
 void merge_state(check::ArgChecker& c, const TensorView& v_a, const TensorView& s_a, const TensorView& v_b,
@@ -125,6 +149,13 @@ void merge_states(check::ArgChecker& c, const TensorView& v, const TensorView& s
   p.s_out_head = s_out.stride(1);
   if (l.rows == 0 || l.heads == 0) return;
   cuda_detail::DeviceGuard guard(device);
+  if (p.num_states == 2) {
+    // Two states are a two-way merge: the merge_state kernel, which holds twice the bytes in
+    // flight per SM (4 CTAs at 64 registers; the running merge of N states needs 2 CTAs to avoid
+    // spills) and ran merge_states N=2 fp16 at 70% of the copy bandwidth against 79%.
+    run_merge_state(two_way_of(p), exec.cuda_stream);
+    return;
+  }
   run_merge_states(p, exec.cuda_stream);
 }
 

@@ -28,9 +28,11 @@ struct DecodeWarpState {
   int q_slot[2];
   bool row_ok[2];
   float slope[2];
+  bool upper_rows;  ///< the CTA has packed rows 8..15 (lane rows g + 8); else their P is just 0
 
   __device__ __forceinline__ void init(const DecodeParams& p, int b, int kvh, int mb, int end, int g) {
     const int rows_total = p.group * p.seqlen_q;
+    upper_rows = mb * kDecodeRows + 8 < rows_total;
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       const int pm = mb * kDecodeRows + g + hr * 8;
@@ -76,27 +78,49 @@ struct DecodeWarpState {
                        s[1][0], s[1][1], s[1][2], s[1][3]);
     }
 
-    // Mask, softcap, ALiBi, online softmax (log2 domain); every score takes the general path
-    // (decode is bound by the cache bytes, not by these few instructions).
+    // Mask, softcap, ALiBi, online softmax (log2 domain). `plain`: no softcap or ALiBi and every
+    // key of the warp visible to every row (row i sits at slot end - Sq + i), so a score is just
+    // scaled (rows past the CTA's packed rows have zero queries: finite scores, never stored).
+    // Otherwise every score takes the general path. Rows 8..15 are skipped when the CTA has none
+    // (GQA groups of <= 8 heads at Sq = 1): half the softmax work.
     const int slot_base = n0 + key0 + 2 * t;
+    const int k_first = n0 + key0, k_last = k_first + Cfg::kWarpKeys - 1;
+    const bool plain = p.softcap <= 0.0f && !p.alibi && k_first >= pad && k_last < end &&
+                       (p.window_left < 0 || k_first >= end - 1 - p.window_left) &&
+                       (p.window_right < 0 || k_last <= end - p.seqlen_q + p.window_right);
+    const float scale_log2 = p.scale * kLog2e;
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
+      if (hr == 1 && !upper_rows) {
+        s[0][2] = s[0][3] = s[1][2] = s[1][3] = 0.0f;
+        continue;
+      }
       float tile_max = -INFINITY;
+      if (plain) {
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
+        for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int slot = slot_base + nt * 8 + e;
-          float x = s[nt][hr * 2 + e] * p.scale;
-          if (p.softcap > 0.0f) x = p.softcap * tanhf(x / p.softcap);
-          x -= slope[hr] * fabsf(float(q_slot[hr] - slot));
-          const bool visible = row_ok[hr] && slot >= pad && slot < end &&
-                               (p.window_left < 0 || slot >= q_slot[hr] - p.window_left) &&
-                               (p.window_right < 0 || slot <= q_slot[hr] + p.window_right);
-          x = visible ? x * kLog2e : -INFINITY;
-          s[nt][hr * 2 + e] = x;
-          tile_max = fmaxf(tile_max, x);
-        }
+          for (int e = 0; e < 2; ++e) {
+            s[nt][hr * 2 + e] *= scale_log2;
+            tile_max = fmaxf(tile_max, s[nt][hr * 2 + e]);
+          }
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int slot = slot_base + nt * 8 + e;
+            float x = s[nt][hr * 2 + e] * p.scale;
+            if (p.softcap > 0.0f) x = p.softcap * tanhf(x / p.softcap);
+            x -= slope[hr] * fabsf(float(q_slot[hr] - slot));
+            const bool visible = row_ok[hr] && slot >= pad && slot < end &&
+                                 (p.window_left < 0 || slot >= q_slot[hr] - p.window_left) &&
+                                 (p.window_right < 0 || slot <= q_slot[hr] + p.window_right);
+            x = visible ? x * kLog2e : -INFINITY;
+            s[nt][hr * 2 + e] = x;
+            tile_max = fmaxf(tile_max, x);
+          }
+      }
       tile_max = cuda_prefill::quad_max(tile_max);
       const float m_new = fmaxf(row_max[hr], tile_max);
       const float factor = m_new == -INFINITY ? 1.0f : cuda_prefill::fast_exp2(row_max[hr] - m_new);
@@ -135,58 +159,84 @@ struct DecodeWarpState {
   }
 };
 
-/// Shared-memory bytes decode_merge_warps needs (per-warp O, max, sum).
+/// Row stride (floats) of the per-warp O rows in decode_merge_warps: 4 floats of padding put the
+/// eight rows a warp's lanes store at once on distinct banks (a stride of kHeadDim gave 8-way
+/// conflicts).
+template <int kHeadDim>
+constexpr int decode_merge_row_stride() {
+  return kHeadDim + 4;
+}
+
+/// Shared-memory bytes decode_merge_warps needs: per-warp O rows, max, sum and merge weight, and
+/// the merged LSE of each row.
 template <int kHeadDim>
 constexpr int decode_merge_bytes() {
-  return kDecodeWarps * kDecodeRows * (kHeadDim + 2) * 4;
+  return (kDecodeWarps * kDecodeRows * (decode_merge_row_stride<kHeadDim>() + 3) + kDecodeRows) * 4;
 }
 
 /// Merges the kDecodeWarps warps' states through `merge_smem` (decode_merge_bytes() bytes, free
 /// for reuse) and writes the CTA's rows: the final output and LSE (one split) or the split's
 /// normalised partial state. `sync` is a barrier over the kDecodeWarps * 32 consumer threads
 /// (thread index `tid`); the caller has synchronised them before merge_smem is reused.
+///
+/// Three steps: every warp stores its rows' O, max and sum; one thread per row turns the warps'
+/// (max, sum) into one weight per warp (exp2(max_w - max) / sum) and the row's LSE; then each
+/// output value is a 4-term dot product. (Computing the weights per value, as before, cost a
+/// division, four exponentials and a logarithm per value: ~2.5 us per CTA, traced.) Rows past
+/// the CTA's packed rows are neither stored nor merged.
 template <int kHeadDim, Dtype kDtype, class Sync>
 __device__ __forceinline__ void decode_merge_warps(const DecodeParams& p, const DecodeWarpState<kHeadDim>& st,
                                                    float* merge_smem, int b, int kvh, int mb, int split,
                                                    int tid, Sync sync) {
-  constexpr int DT = kHeadDim / 8, kThreads = kDecodeWarps * 32;
+  constexpr int DT = kHeadDim / 8, kThreads = kDecodeWarps * 32, kStride = decode_merge_row_stride<kHeadDim>();
   const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const int rows_total = p.group * p.seqlen_q;
-  float* mO = merge_smem;                                 // [warp][row][D]
-  float* mM = mO + kDecodeWarps * kDecodeRows * kHeadDim;  // [warp][row] max (log2)
-  float* mL = mM + kDecodeWarps * kDecodeRows;             // [warp][row] sum
+  const int rows = min(kDecodeRows, p.group * p.seqlen_q - mb * kDecodeRows);  // packed rows of the CTA
+  float* mO = merge_smem;                                   // [warp][row][kStride]
+  float* mM = mO + kDecodeWarps * kDecodeRows * kStride;    // [warp][row] max (log2)
+  float* mL = mM + kDecodeWarps * kDecodeRows;              // [warp][row] sum
+  float* mW = mL + kDecodeWarps * kDecodeRows;              // [warp][row] merge weight
+  float* mLse = mW + kDecodeWarps * kDecodeRows;            // [row] natural-log LSE
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     const int r = g + hr * 8;
     const float sum = cuda_prefill::quad_sum(st.row_sum[hr]);
+    if (r >= rows) continue;
     if (t == 0) {
       mM[warp * kDecodeRows + r] = st.row_max[hr];
       mL[warp * kDecodeRows + r] = sum;
     }
-    float* orow = mO + (warp * kDecodeRows + r) * kHeadDim;
+    float* orow = mO + (warp * kDecodeRows + r) * kStride;
 #pragma unroll
-    for (int dt = 0; dt < DT; ++dt) {
-      orow[dt * 8 + 2 * t] = st.acc_o[dt][hr * 2];
-      orow[dt * 8 + 2 * t + 1] = st.acc_o[dt][hr * 2 + 1];
-    }
+    for (int dt = 0; dt < DT; ++dt)
+      *reinterpret_cast<float2*>(orow + dt * 8 + 2 * t) = make_float2(st.acc_o[dt][hr * 2], st.acc_o[dt][hr * 2 + 1]);
   }
   sync();
   constexpr float kLn2 = 0.6931471805599453f;
-  for (int idx = tid; idx < kDecodeRows * kHeadDim; idx += kThreads) {
-    const int r = idx / kHeadDim, c = idx % kHeadDim;
-    const int pm = mb * kDecodeRows + r;
-    if (pm >= rows_total || c >= p.head_dim) continue;
+  if (tid < rows) {
+    const int r = tid;
     float m = -INFINITY;
+#pragma unroll
     for (int w = 0; w < kDecodeWarps; ++w) m = fmaxf(m, mM[w * kDecodeRows + r]);
-    float l = 0.0f, o = 0.0f;
-    if (m != -INFINITY)
-      for (int w = 0; w < kDecodeWarps; ++w) {
-        const float f = exp2f(mM[w * kDecodeRows + r] - m);  // 0 for an empty warp
-        l += mL[w * kDecodeRows + r] * f;
-        o += mO[(w * kDecodeRows + r) * kHeadDim + c] * f;
-      }
-    const float val = l > 0.0f ? o / l : 0.0f;
-    const float lse = l > 0.0f ? (m + __log2f(l)) * kLn2 : -INFINITY;
+    float f[kDecodeWarps], l = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) {
+      f[w] = m == -INFINITY ? 0.0f : exp2f(mM[w * kDecodeRows + r] - m);  // 0 for an empty warp
+      l += mL[w * kDecodeRows + r] * f[w];
+    }
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // an empty row: output 0
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) mW[w * kDecodeRows + r] = f[w] * inv;
+    mLse[r] = l > 0.0f ? (m + __log2f(l)) * kLn2 : -INFINITY;
+  }
+  sync();
+  for (int idx = tid; idx < rows * kHeadDim; idx += kThreads) {
+    const int r = idx / kHeadDim, c = idx % kHeadDim;
+    if (c >= p.head_dim) continue;
+    float val = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) val += mO[(w * kDecodeRows + r) * kStride + c] * mW[w * kDecodeRows + r];
+    const float lse = mLse[r];
+    const int pm = mb * kDecodeRows + r;
     const int i = pm % p.seqlen_q, h = kvh * p.group + pm / p.seqlen_q;
     if (p.num_splits == 1) {
       Elem<kDtype>::store(p.out, b * p.out_batch_stride + std::int64_t(i) * p.out_row_stride +
