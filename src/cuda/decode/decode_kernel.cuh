@@ -182,8 +182,11 @@ __global__ void __launch_bounds__(128, 2) decode_kernel(const __grid_constant__ 
   // ---- merge the four warps' states through shared memory -----------------------------------
   cute::cp_async_wait<0>();
   __syncthreads();  // the pipeline stages are free: reuse them
-  decode_merge_warps<kHeadDim, kDtype>(p, st, reinterpret_cast<float*>(sK0), b, kvh, mb, split,
-                                       threadIdx.x, [] { __syncthreads(); });
+  decode_merge_warps<kHeadDim>(
+      p, st, reinterpret_cast<float*>(sK0), mb, threadIdx.x, [] { __syncthreads(); },
+      [&](int r, int c, float val, float lse) {
+        decode_store_value<kDtype>(p, b, kvh, mb * kDecodeRows + r, split, c, val, lse);
+      });
 }
 
 template <int kHeadDim, Dtype kDtype>

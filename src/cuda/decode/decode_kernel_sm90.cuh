@@ -25,6 +25,8 @@
 #include <cuda.h>
 #include <cuda_runtime_api.h>
 
+#include "common/softmax_state.h"
+#include "cuda/common/cluster.cuh"
 #include "cuda/common/cuda_check.h"
 #include "cuda/common/mbarrier.cuh"
 #include "cuda/common/tensor_map.h"
@@ -67,9 +69,49 @@ struct DecodeSm90Config {
   static constexpr int kPipeBytes = kStages * kStageBytes;
   static constexpr int kSmemBytes = kBarrierBytes + kAlign + kQBytes +
                                     (kPipeBytes > decode_merge_bytes<kHeadDim>() ? kPipeBytes : decode_merge_bytes<kHeadDim>());
+  // Cluster combine: the CTA's partial state (kDecodeRows x kHeadDim values, then kDecodeRows
+  // LSEs) in the stage region, after the warp-merge scratch.
+  static constexpr int kPartFloats = (decode_merge_bytes<kHeadDim>() / 4 + 3) / 4 * 4;
+  static_assert((kPartFloats + kDecodeRows * (kHeadDim + 1)) * 4 <= kPipeBytes, "partial state fits the stages");
   static_assert(2 * kStages * 8 <= kBarrierBytes, "barriers fit their region");
   static_assert(kQBytes % kAlign == 0, "stages start on a swizzle atom");
 };
+
+/// The split-KV combine across a cluster of the p.num_splits (<= kMaxClusterSplits) CTAs of one
+/// (b, kvh, mb), CTA `rank` of them: every value of the block's rows is merged from the splits'
+/// partial states (part_o [row][kHeadDim], part_lse [row] at the same shared-memory offsets in
+/// every CTA) with MergeAccumulator, as the combine kernel does, and stored as the output. The
+/// values are dealt round-robin over the cluster's consumer threads.
+template <int kHeadDim, Dtype kDtype>
+__device__ __forceinline__ void decode_cluster_combine(const DecodeParams& p, const float* part_o,
+                                                       const float* part_lse, int b, int kvh, int mb, int rank,
+                                                       int tid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr int kThreads = DecodeSm90Config<kHeadDim>::kConsumerThreads;
+  const int rows = min(kDecodeRows, p.group * p.seqlen_q - mb * kDecodeRows);
+  const int ns = p.num_splits;
+  for (int idx = rank * kThreads + tid; idx < rows * p.head_dim; idx += ns * kThreads) {
+    const int r = idx / p.head_dim, c = idx % p.head_dim;
+    // Every load is issued before any is used: one round trip through the cluster.
+    float lse[kMaxClusterSplits], o[kMaxClusterSplits];
+#pragma unroll
+    for (int s = 0; s < kMaxClusterSplits; ++s) {
+      lse[s] = s < ns ? cuda_detail::cluster_load_f32(part_lse + r, s) : -INFINITY;
+      o[s] = s < ns ? cuda_detail::cluster_load_f32(part_o + r * kHeadDim + c, s) : 0.0f;
+    }
+    MergeAccumulator acc;
+    acc.init();
+    float rescale, weight;
+#pragma unroll
+    for (int s = 0; s < kMaxClusterSplits; ++s) acc.add(lse[s], &rescale, &weight);
+    float val = 0.0f;
+    // An empty split has weight 0 and stored zeros: it adds exactly 0.
+#pragma unroll
+    for (int s = 0; s < kMaxClusterSplits; ++s) val += acc.weight_of(lse[s]) * o[s];
+    decode_store_output<kDtype>(p, b, kvh, mb * kDecodeRows + r, c, val, acc.lse());
+  }
+#endif
+}
 
 template <int kHeadDim, Dtype kDtype>
 __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm90Config<kHeadDim>::kCtasPerSm)
@@ -172,6 +214,10 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
         }
       }
     }
+    if (p.cluster_combine) {  // the consumers' two cluster barriers count every thread
+      cluster_sync();
+      cluster_sync();
+    }
     return;
   }
 
@@ -216,8 +262,27 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
   }
   // Every consumer warp has seen every tile land, so no copy is in flight: reuse the stages.
   named_barrier_sync(1, Cfg::kConsumerThreads);
-  decode_merge_warps<kHeadDim, kDtype>(p, st, reinterpret_cast<float*>(sK0), b, kvh, mb, split, threadIdx.x,
-                                       [] { cuda_detail::named_barrier_sync(1, DecodeSm90Config<kHeadDim>::kConsumerThreads); });
+  float* merge_smem = reinterpret_cast<float*>(sK0);
+  const auto consumers_sync = [] { cuda_detail::named_barrier_sync(1, DecodeSm90Config<kHeadDim>::kConsumerThreads); };
+  if (!p.cluster_combine) {
+    decode_merge_warps<kHeadDim>(p, st, merge_smem, mb, threadIdx.x, consumers_sync,
+                                 [&](int r, int c, float val, float lse) {
+                                   decode_store_value<kDtype>(p, b, kvh, mb * kDecodeRows + r, split, c, val, lse);
+                                 });
+    return;
+  }
+  // The splits of this (b, kvh, mb) are one cluster: each CTA leaves its partial state in its own
+  // shared memory, then every CTA merges a share of the values from all of them.
+  float* part_o = merge_smem + Cfg::kPartFloats;   // [row][kHeadDim]
+  float* part_lse = part_o + kDecodeRows * kHeadDim;  // [row]
+  decode_merge_warps<kHeadDim>(p, st, merge_smem, mb, threadIdx.x, consumers_sync,
+                               [&](int r, int c, float val, float lse) {
+                                 part_o[r * kHeadDim + c] = val;
+                                 if (c == 0) part_lse[r] = lse;
+                               });
+  cluster_sync();
+  decode_cluster_combine<kHeadDim, kDtype>(p, part_o, part_lse, b, kvh, mb, split, threadIdx.x);
+  cluster_sync();  // no CTA leaves while another may still read its shared memory
 #endif
 }
 
@@ -242,7 +307,8 @@ void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
                                                  p.k_head_stride, rows, p.k_batch_stride, 64, tp.box_rows);
   tp.v_map = cuda_detail::make_tensor_map_4d_u16(p.v_cache, p.head_dim, slots, p.v_row_stride, p.heads_kv,
                                                  p.v_head_stride, rows, p.v_batch_stride, 64, tp.box_rows);
-  launch_kernel(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p.dependent_launch && p.after_append, tp);
+  launch_kernel(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p.dependent_launch && p.after_append, tp,
+                p.cluster_combine ? p.num_splits : 1);
 }
 
 #define FASTATTN_INSTANTIATE_DECODE_SM90(D, T) \

@@ -99,46 +99,79 @@ __global__ void append_rotary_kernel(const DecodeParams p) {
 /// Block (i, h, b): merges the num_splits partial states of query row i of head h into out and
 /// LSE with MergeAccumulator (empty states, LSE -inf, merge exactly and never give NaN). The
 /// first warp reduces the splits' LSEs in parallel (one accumulator per lane, then merged) and
-/// leaves each split's weight in shared memory; then every column sums its splits independently.
+/// leaves each split's weight in shared memory. Then the four warps take every fourth split
+/// each, a lane four columns (one 16-byte load per split, all of a thread's loads in flight
+/// together), and sum their shares through shared memory. (One thread per column walking all
+/// splits paid one dependent round trip per 8 splits: ~6 us at 33 splits.)
 constexpr int kMaxSplits = 1024;  // the largest num_splits the API accepts (core/validate.cpp)
+constexpr int kCombineWarps = 4;
 
 template <Dtype kDtype>
-__global__ void combine_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const DecodeParams p) {
   // Sized for the largest split count, not num_splits: compute-sanitizer saw the compiled
   // column loop read a few floats past a dynamically sized array.
   __shared__ float split_weight[kMaxSplits];
   __shared__ float merged_lse;
+  __shared__ float4 warp_sum[kCombineWarps][32];
   pdl_wait_for_previous_kernel();  // the attention kernel's partial states
   const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const std::int64_t split_stride = std::int64_t(p.batch) * p.heads_q * p.seqlen_q;
   const std::int64_t state0 = (std::int64_t(b) * p.heads_q + h) * p.seqlen_q + i;
-  if (threadIdx.x < 32) {
+  if (warp == 0) {
     MergeAccumulator acc;
     acc.init();
     float rescale, weight;
-    for (int s = threadIdx.x; s < p.num_splits; s += 32) acc.add(p.partial_lse[state0 + s * split_stride], &rescale, &weight);
+    for (int s = lane; s < p.num_splits; s += 32) acc.add(p.partial_lse[state0 + s * split_stride], &rescale, &weight);
     for (int offset = 16; offset > 0; offset /= 2) {
       MergeAccumulator other;
       other.m = __shfl_xor_sync(0xffffffffu, acc.m, offset);
       other.sum = __shfl_xor_sync(0xffffffffu, acc.sum, offset);
       acc.merge(other);
     }
-    for (int s = threadIdx.x; s < p.num_splits; s += 32)
+    for (int s = lane; s < p.num_splits; s += 32)
       split_weight[s] = acc.weight_of(p.partial_lse[state0 + s * split_stride]);
-    if (threadIdx.x == 0) merged_lse = acc.lse();
+    if (lane == 0) merged_lse = acc.lse();
   }
   __syncthreads();
-  for (int c = threadIdx.x; c < p.head_dim; c += blockDim.x) {
-    // No branch on the weight: the loads of all splits go out back to back (a branch made them
-    // one dependent round trip each). An empty split stores a zero output, so its weight 0
-    // contributes exactly 0.
-    const float* src = p.partial_o + state0 * p.head_dim + c;
-    const std::int64_t step = split_stride * p.head_dim;
-    float o = 0.0f;
-#pragma unroll 8
-    for (int s = 0; s < p.num_splits; ++s) o += split_weight[s] * src[s * step];
+  // No branch on the weight: an empty split stores a zero output, so its weight 0 adds exactly 0.
+  const float* src = p.partial_o + state0 * p.head_dim;
+  const std::int64_t step = split_stride * p.head_dim;
+  const auto store = [&](int c, float o) {
     Elem<kDtype>::store(p.out, b * p.out_batch_stride + std::int64_t(i) * p.out_row_stride +
                                    std::int64_t(h) * p.out_head_stride + c, o);
+  };
+  if (p.head_dim % 4 == 0) {  // rows of partial_o are 16-byte aligned (the workspace is)
+    for (int c0 = 0; c0 < p.head_dim; c0 += 128) {
+      const int c = c0 + lane * 4;
+      float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (c < p.head_dim) {
+#pragma unroll 8
+        for (int s = warp; s < p.num_splits; s += kCombineWarps) {
+          const float4 v = *reinterpret_cast<const float4*>(src + s * step + c);
+          const float w = split_weight[s];
+          o.x += w * v.x, o.y += w * v.y, o.z += w * v.z, o.w += w * v.w;
+        }
+      }
+      warp_sum[warp][lane] = o;
+      __syncthreads();
+      if (warp == 0 && c < p.head_dim) {
+        float4 t = warp_sum[0][lane];
+        for (int w = 1; w < kCombineWarps; ++w) {
+          const float4 u = warp_sum[w][lane];
+          t.x += u.x, t.y += u.y, t.z += u.z, t.w += u.w;
+        }
+        store(c, t.x), store(c + 1, t.y), store(c + 2, t.z), store(c + 3, t.w);
+      }
+      __syncthreads();
+    }
+  } else {
+    for (int c = threadIdx.x; c < p.head_dim; c += blockDim.x) {
+      float o = 0.0f;
+#pragma unroll 8
+      for (int s = 0; s < p.num_splits; ++s) o += split_weight[s] * src[s * step + c];
+      store(c, o);
+    }
   }
   if (p.lse && threadIdx.x == 0)
     p.lse[b * p.lse_batch_stride + std::int64_t(h) * p.lse_head_stride + std::int64_t(i) * p.lse_row_stride] =
@@ -170,8 +203,8 @@ void run_for_dtype(const DecodeParams& p, cudaStream_t stream) {
     else if (p.head_dim <= 128) launch_decode<128, kDtype>(attn, stream);
     else launch_decode<256, kDtype>(attn, stream);
   }
-  if (p.num_splits > 1) {
-    launch_kernel(&combine_kernel<kDtype>, dim3(p.seqlen_q, p.heads_q, p.batch), dim3(128), 0, stream,
+  if (p.num_splits > 1 && !p.cluster_combine) {
+    launch_kernel(&combine_kernel<kDtype>, dim3(p.seqlen_q, p.heads_q, p.batch), dim3(kCombineWarps * 32), 0, stream,
                   p.dependent_launch, p);
   }
 }
@@ -197,6 +230,15 @@ void run_decode(const DecodeParams& params, void* stream_ptr) {
   const bool cache_empty = p.cache_rows == 0 || (p.page_size > 0 ? p.num_pages == 0 : p.cache_len == 0);
   p.sm90_kernel = !cache_empty && use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size);
   p.dependent_launch = info.cc_major >= 9;  // sm_90: programmatic dependent launch
+  // A few splits merge inside their cluster: no combine kernel (its launch and round trips were
+  // ~3.7 us of a 10 us step at batch 1 / 1k: 10.1 -> 9.0 us). Only for grids of at most one CTA
+  // per SM: at two per SM (batch 8 / 1k, 256 CTAs in clusters of 4) the clustered grid ran 4 us
+  // slower than attention + combine kernel. FASTATTN_DECODE_CLUSTER=0 keeps the combine kernel.
+  const char* cluster_env = std::getenv("FASTATTN_DECODE_CLUSTER");
+  const std::int64_t ctas = std::int64_t(p.num_splits) * p.heads_kv * p.batch *
+                            ((p.group * p.seqlen_q + kDecodeRowsPerCta - 1) / kDecodeRowsPerCta);
+  p.cluster_combine = p.sm90_kernel && p.num_splits > 1 && p.num_splits <= kMaxClusterSplits &&
+                      ctas <= info.sm_count && !(cluster_env && std::strcmp(cluster_env, "0") == 0);
   if (p.dtype == Dtype::kFloat16) run_for_dtype<Dtype::kFloat16>(p, stream);
   else run_for_dtype<Dtype::kBFloat16>(p, stream);
 }

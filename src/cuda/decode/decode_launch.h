@@ -1,5 +1,6 @@
 // Kernel launch with optional programmatic dependent launch (the predecessor on the stream is one
-// of our own decode kernels, which the launched kernel waits for in griddepcontrol.wait).
+// of our own decode kernels, which the launched kernel waits for in griddepcontrol.wait) and
+// optional clusters along x (sm_90).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -10,17 +11,28 @@ namespace fastattn::cuda_decode {
 
 template <class Params>
 void launch_kernel(void (*kernel)(Params), dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream,
-                   bool dependent, const Params& p) {
+                   bool dependent, const Params& p, unsigned cluster_x = 1) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = dependent ? attr : nullptr;
-  cfg.numAttrs = dependent ? 1 : 0;
+  cudaLaunchAttribute attr[2];
+  unsigned n = 0;
+  if (dependent) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n].val.programmaticStreamSerializationAllowed = 1;
+    ++n;
+  }
+  if (cluster_x > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = cluster_x;
+    attr[n].val.clusterDim.y = 1;
+    attr[n].val.clusterDim.z = 1;
+    ++n;
+  }
+  cfg.attrs = n ? attr : nullptr;
+  cfg.numAttrs = n;
   FASTATTN_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
 }
 

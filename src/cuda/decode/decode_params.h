@@ -103,6 +103,10 @@ struct DecodeParams {
   /// Set by run_decode: attention runs the sm_90 bulk-copy kernel (decode_kernel_sm90.cuh), else
   /// the cp.async one (use_sm90_decode_kernel).
   bool sm90_kernel = false;
+  /// Set by run_decode: the sm_90 kernel runs the splits of a (b, kv head, row block) as one
+  /// thread-block cluster that merges them itself (1 < num_splits <= kMaxClusterSplits), with no
+  /// combine kernel and no partial states in the workspace.
+  bool cluster_combine = false;
   float* partial_o = nullptr;
   float* partial_lse = nullptr;
 };
@@ -112,6 +116,13 @@ void run_decode(const DecodeParams& p, void* stream);
 
 /// Key tile of the decode kernels (keys per pipeline stage); the split heuristic counts in it.
 constexpr int kDecodeBlockN = 64;
+
+/// Packed query rows per attention CTA (one m16 MMA tile): a CTA takes 16 of the group x Sq rows
+/// of one (b, kv head).
+constexpr int kDecodeRowsPerCta = 16;
+
+/// The most splits merged inside one cluster (the portable cluster size).
+constexpr int kMaxClusterSplits = 8;
 
 /// CTAs of the attention kernel resident per SM (what one wave of the split heuristic counts):
 /// shared memory allows two at head_dim <= 128, one for the sm_90 kernel at 256.

@@ -15,7 +15,7 @@
 
 namespace fastattn::cuda_decode {
 
-constexpr int kDecodeRows = 16;  ///< packed query rows per CTA: one m16 MMA tile
+constexpr int kDecodeRows = kDecodeRowsPerCta;  ///< packed query rows per CTA: one m16 MMA tile
 constexpr int kDecodeWarps = 4;  ///< consumer warps; each takes 16 keys of every 64-key tile
 
 /// One warp's state: the O accumulator fragments of its 16 rows (m16n8 layout, rows g and g + 8
@@ -174,20 +174,47 @@ constexpr int decode_merge_bytes() {
   return (kDecodeWarps * kDecodeRows * (decode_merge_row_stride<kHeadDim>() + 3) + kDecodeRows) * 4;
 }
 
+/// Stores value `val` of column c of packed row pm of (b, kvh) into out and, from column 0, the
+/// row's LSE into lse (when asked for).
+template <Dtype kDtype>
+__device__ __forceinline__ void decode_store_output(const DecodeParams& p, int b, int kvh, int pm, int c, float val,
+                                                    float lse) {
+  const int i = pm % p.seqlen_q, h = kvh * p.group + pm / p.seqlen_q;
+  Elem<kDtype>::store(p.out, b * p.out_batch_stride + std::int64_t(i) * p.out_row_stride +
+                                 std::int64_t(h) * p.out_head_stride + c, val);
+  if (p.lse && c == 0)
+    p.lse[b * p.lse_batch_stride + std::int64_t(h) * p.lse_head_stride + std::int64_t(i) * p.lse_row_stride] = lse;
+}
+
+/// decode_store_output with one split; with several, split `split`'s normalised partial state
+/// (for the combine kernel).
+template <Dtype kDtype>
+__device__ __forceinline__ void decode_store_value(const DecodeParams& p, int b, int kvh, int pm, int split, int c,
+                                                   float val, float lse) {
+  if (p.num_splits == 1) {
+    decode_store_output<kDtype>(p, b, kvh, pm, c, val, lse);
+  } else {
+    const int i = pm % p.seqlen_q, h = kvh * p.group + pm / p.seqlen_q;
+    const std::int64_t state = ((std::int64_t(split) * p.batch + b) * p.heads_q + h) * p.seqlen_q + i;
+    p.partial_o[state * p.head_dim + c] = val;
+    if (c == 0) p.partial_lse[state] = lse;
+  }
+}
+
 /// Merges the kDecodeWarps warps' states through `merge_smem` (decode_merge_bytes() bytes, free
-/// for reuse) and writes the CTA's rows: the final output and LSE (one split) or the split's
-/// normalised partial state. `sync` is a barrier over the kDecodeWarps * 32 consumer threads
-/// (thread index `tid`); the caller has synchronised them before merge_smem is reused.
+/// for reuse) and hands every value of the CTA's rows to `store(r, c, val, lse)` (r: row of the
+/// CTA's block, c < head_dim; val normalised, lse the row's natural-log LSE). `sync` is a barrier
+/// over the kDecodeWarps * 32 consumer threads (thread index `tid`); the caller has synchronised
+/// them before merge_smem is reused.
 ///
 /// Three steps: every warp stores its rows' O, max and sum; one thread per row turns the warps'
 /// (max, sum) into one weight per warp (exp2(max_w - max) / sum) and the row's LSE; then each
 /// output value is a 4-term dot product. (Computing the weights per value, as before, cost a
 /// division, four exponentials and a logarithm per value: ~2.5 us per CTA, traced.) Rows past
 /// the CTA's packed rows are neither stored nor merged.
-template <int kHeadDim, Dtype kDtype, class Sync>
+template <int kHeadDim, class Sync, class Store>
 __device__ __forceinline__ void decode_merge_warps(const DecodeParams& p, const DecodeWarpState<kHeadDim>& st,
-                                                   float* merge_smem, int b, int kvh, int mb, int split,
-                                                   int tid, Sync sync) {
+                                                   float* merge_smem, int mb, int tid, Sync sync, Store store) {
   constexpr int DT = kHeadDim / 8, kThreads = kDecodeWarps * 32, kStride = decode_merge_row_stride<kHeadDim>();
   const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int rows = min(kDecodeRows, p.group * p.seqlen_q - mb * kDecodeRows);  // packed rows of the CTA
@@ -235,19 +262,7 @@ __device__ __forceinline__ void decode_merge_warps(const DecodeParams& p, const 
     float val = 0.0f;
 #pragma unroll
     for (int w = 0; w < kDecodeWarps; ++w) val += mO[(w * kDecodeRows + r) * kStride + c] * mW[w * kDecodeRows + r];
-    const float lse = mLse[r];
-    const int pm = mb * kDecodeRows + r;
-    const int i = pm % p.seqlen_q, h = kvh * p.group + pm / p.seqlen_q;
-    if (p.num_splits == 1) {
-      Elem<kDtype>::store(p.out, b * p.out_batch_stride + std::int64_t(i) * p.out_row_stride +
-                                     std::int64_t(h) * p.out_head_stride + c, val);
-      if (p.lse && c == 0)
-        p.lse[b * p.lse_batch_stride + std::int64_t(h) * p.lse_head_stride + std::int64_t(i) * p.lse_row_stride] = lse;
-    } else {
-      const std::int64_t state = ((std::int64_t(split) * p.batch + b) * p.heads_q + h) * p.seqlen_q + i;
-      p.partial_o[state * p.head_dim + c] = val;
-      if (c == 0) p.partial_lse[state] = lse;
-    }
+    store(r, c, val, mLse[r]);
   }
 }
 
