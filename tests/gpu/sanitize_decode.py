@@ -1,7 +1,8 @@
 """A small representative set of CUDA KV-cache (decode) calls for compute-sanitizer
 (scripts/gpu_sanitize.sh): flash_attn_with_kvcache over contiguous and paged caches (page sizes 1,
 16, 256), appends with rotary (interleaved and GPT-NeoX, full and partial rotary_dim), leftpad,
-cache_batch_idx, GQA 8, num_splits 1 and 7 (and the heuristic over a long cache), out-of-range page
+cache_batch_idx, GQA 8, num_splits 1 and 7 (and the heuristic over a long cache, and heuristic splits
+merged inside a thread-block cluster on sm_90), out-of-range page
 ids in the block table, empty caches, and decode through flash_attn_varlen_func with a block table.
 Each call runs twice into NaN-poisoned buffers and, unless --no-check, is compared with the float64
 reference and the caches are checked (as tests/gpu/test_kvcache_gpu.py does). No guard memory
@@ -66,6 +67,9 @@ def cases():
     yield "num_splits 1 contiguous", kvcache, (F16, dict(splits=1, cache_len=3000))
     yield "num_splits 7 paged 16 causal softcap", kvcache, (B16, dict(page=16, splits=7, cache_len=3000, Sq=2, Snew=2, opt="causal+softcap"))
     yield "num_splits heuristic long cache", kvcache, (F16, dict(B=2, lens=[7999, 3000], cache_len=8000, Hq=16, Hkv=2))
+    yield "cluster merge: batch 1, 8 heuristic splits", kvcache, (B16, dict(B=1, Hq=32, Hkv=8, cache_len=1024, lens=[1023]))
+    yield "cluster merge: ragged paged 16, 5 heuristic splits", kvcache, (B16, dict(
+        B=3, Hq=8, Hkv=2, cache_len=700, page=16, Sq=2, Snew=2, opt="causal"))
     yield "everything paged 16", kvcache, (B16, dict(page=16, rotary="interleaved", rotary_frac=0.5, batch_idx=True,
                                                      leftpad=True, opt=T.ALL, splits=3, Sq=5, Snew=5))
     yield "out-of-range page ids (reads)", bad_page_ids, ("read_pages",)

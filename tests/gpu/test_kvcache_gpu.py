@@ -510,6 +510,55 @@ def test_num_splits_batch_invariant(seed, layout):
         R.assert_bitwise_equal(f"softmax_lse of sequence 0 in batch {idx}", l[p], lse[0])
 
 
+CLUSTER_CONFIGS = {
+    # batch 1, 8 KV heads, 1k keys: the heuristic's 8 splits, 64 CTAs (clusters of 8)
+    "b1_gqa4_8splits": dict(B=1, Hq=32, Hkv=8, cache_len=1024, lens=[1023]),
+    # ragged batch of 3: 5 splits (clusters of 5), paged, causal with 2 query rows
+    "b3_ragged_5splits_paged16": dict(B=3, Hq=8, Hkv=2, cache_len=700, page=16, Sq=2, Snew=2, opt="causal"),
+    # empty sequences inside a cluster: every split empty, LSE -inf
+    "b2_some_empty": dict(B=2, Hq=8, Hkv=2, cache_len=1000, lens=[0, 999], Snew=0),
+}
+
+
+@pytest.mark.parametrize("config", list(CLUSTER_CONFIGS))
+def test_cluster_combine(seed, config, monkeypatch):
+    """On sm_90, a small grid with a few heuristic splits merges them inside a thread-block cluster
+    (no combine kernel): checked against the float32 reference, and so is the combine kernel's
+    answer for the same call (FASTATTN_DECODE_CLUSTER=0). Elsewhere both runs take the kernel."""
+    case = build_case(seed, torch.bfloat16, CLUSTER_CONFIGS[config])
+    out, lse, _ = run_case(case)
+    monkeypatch.setenv("FASTATTN_DECODE_CLUSTER", "0")
+    out_k, lse_k, _ = run_case(case)
+    torch.testing.assert_close(out.float(), out_k.float(), atol=2e-2, rtol=0)
+    finite = torch.isfinite(lse_k)
+    assert torch.equal(finite, torch.isfinite(lse)), "the same rows are empty in both merges"
+    torch.testing.assert_close(lse[finite], lse_k[finite], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged16"])
+def test_fixed_num_splits_invariant_across_grid_sizes(seed, layout):
+    """A fixed num_splits (4) gives the same bits at batch 1 (a grid small enough for the cluster
+    merge) and inside batch 8 with 8 KV heads (256 CTAs: the combine kernel)."""
+    cfg = dict(B=8, Hq=32, Hkv=8, D=128, cache_len=2048, lens="ragged", Snew=0, splits=4,
+               page=16 if layout == "paged16" else None)
+    case = build_case(seed, torch.bfloat16, cfg)
+
+    def call(idx):
+        sel = torch.tensor(idx, dtype=torch.int64, device=DEV)
+        out = nan_full((len(idx),) + tuple(case.q.shape[1:]), case.dtype)
+        return flash_attn_with_kvcache(
+            case.q[sel], case.kc, case.vc, cache_seqlens=i32([case.lens[i] for i in idx]),
+            cache_batch_idx=i32(idx), block_table=case.bt, num_splits=4, return_softmax_lse=True,
+            out=out, **case.kw)
+
+    out, lse = call(list(range(8)))
+    for b in (0, 5):
+        o, l = call([b])
+        torch.cuda.synchronize()
+        R.assert_bitwise_equal(f"out of sequence {b} alone", o[0], out[b])
+        R.assert_bitwise_equal(f"softmax_lse of sequence {b} alone", l[0], lse[b])
+
+
 POISON_CONFIGS = {
     "paged16_splits3_rotary": dict(page=16, splits=3, rotary="interleaved", Sq=3, Snew=3, opt="causal"),
     "contiguous_splits64_gqa8": dict(splits=64, Hq=16, Hkv=2),
@@ -597,6 +646,13 @@ def out_of_range_page_ids(rng, where, check=True):
         ref = reference(case, *before)  # the valid table: sequence 2 and the appended slots
         check_output(out, res[1], ref, batch=slice(2, 3))
         check_cache(case, *before, ref, keep_seqs=valid_seqs)
+        if where == "read_pages":
+            # The documented rule: a bad page id's rows read as zeros. So every sequence equals
+            # the reference over the caches plus one zero page that the bad ids point to.
+            k0, v0 = before
+            k_z = torch.cat([k0, torch.zeros_like(k0[:1])]); v_z = torch.cat([v0, torch.zeros_like(v0[:1])])
+            table_z = [[c if 0 <= c < num_pages else num_pages for c in row] for row in bad]
+            check_output(out, res[1], reference(case, k_z, v_z, table=table_z))
     return out
 
 

@@ -109,6 +109,7 @@ Plan plan_decode(check::ArgChecker& c, const KVCacheArgs& a, const core::KVCache
 
   // Split-KV (decode_num_splits): the bound on keys is the cache capacity (no device read).
   p.num_splits = decode_num_splits(c, p, a.num_splits, max_keys + p.seqlen_new);
+  p.splits_fixed = a.num_splits > 0;
   const SplitStateBytes states = split_state_bytes(p);
   plan.lse_bytes = states.lse;
   plan.o_bytes = states.o;

@@ -163,12 +163,17 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
     const bool active = lane < boxes;
     const std::uint64_t policy = l2_policy_evict_first();  // the cache is read once per step
     const std::uint32_t box_bytes = std::uint32_t(R) * 128;
-    // Raw page id of the box's rows in `tile` (0 for a contiguous cache), or -1 when no row of the
-    // box may be seen; the range check of the id waits for its use (the load runs ahead).
+    // Whether a row of the box in `tile` may be seen (known without a load), and the box's raw
+    // page id (0 for a contiguous cache or an unneeded box). The id's range check waits for its
+    // use, so the load runs ahead; any raw value, -1 included, is a page id (an earlier version
+    // took -1 for "not needed" and left such a page's rows stale instead of zero).
+    auto box_needed = [&](int tile) {
+      const int slot0 = tile * BN + run * R;
+      return active && slot0 + R > range.lo && slot0 < range.hi;
+    };
     auto box_page = [&](int tile) {
       const int slot0 = tile * BN + run * R;
-      if (!active || slot0 + R <= range.lo || slot0 >= range.hi) return -1;
-      if (p.page_size == 0) return 0;
+      if (!box_needed(tile) || p.page_size == 0) return 0;
       return int(seq.pages[p.page_shift >= 0 ? slot0 >> p.page_shift : slot0 / p.page_size]);
     };
     // The ids of tile t + S load while tiles t .. t + S - 1 are issued (the loop runs S tiles
@@ -176,7 +181,7 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
     // one id round trip, not one per tile.
     int page[S];
 #pragma unroll
-    for (int s = 0; s < S; ++s) page[s] = range.t_begin + s < range.t_end ? box_page(range.t_begin + s) : -1;
+    for (int s = 0; s < S; ++s) page[s] = range.t_begin + s < range.t_end ? box_page(range.t_begin + s) : 0;
     for (int base = range.t_begin, round = 0; base < range.t_end; base += S, ++round) {
 #pragma unroll
       for (int stage = 0; stage < S; ++stage) {
@@ -189,9 +194,10 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
         const int row0 = run * R;  // the box's first row in the tile
         std::uint16_t* dk = sK0 + stage * Cfg::kTileElems + block * (BN * 64) + row0 * 64;
         std::uint16_t* dv = sV0 + stage * Cfg::kTileElems + block * (BN * 64) + row0 * 64;
+        const bool needed = box_needed(tile);
         const bool in_cache = p.page_size == 0 || (pg >= 0 && pg < p.num_pages);
-        const bool load = active && pg >= 0 && in_cache;
-        if (active && pg != -1 && !in_cache) {
+        const bool load = needed && in_cache;
+        if (needed && !in_cache) {
           // A page id outside the cache: its rows read as zeros.
           for (int e = 0; e < R * 64; e += 8) {
             *reinterpret_cast<uint4*>(dk + e) = make_uint4(0, 0, 0, 0);

@@ -233,11 +233,12 @@ void run_decode(const DecodeParams& params, void* stream_ptr) {
   // A few splits merge inside their cluster: no combine kernel (its launch and round trips were
   // ~3.7 us of a 10 us step at batch 1 / 1k: 10.1 -> 9.0 us). Only for grids of at most one CTA
   // per SM: at two per SM (batch 8 / 1k, 256 CTAs in clusters of 4) the clustered grid ran 4 us
-  // slower than attention + combine kernel. FASTATTN_DECODE_CLUSTER=0 keeps the combine kernel.
+  // slower than attention + combine kernel. Not for a num_splits the caller fixed (see
+  // DecodeParams::splits_fixed). FASTATTN_DECODE_CLUSTER=0 keeps the combine kernel.
   const char* cluster_env = std::getenv("FASTATTN_DECODE_CLUSTER");
   const std::int64_t ctas = std::int64_t(p.num_splits) * p.heads_kv * p.batch *
                             ((p.group * p.seqlen_q + kDecodeRowsPerCta - 1) / kDecodeRowsPerCta);
-  p.cluster_combine = p.sm90_kernel && p.num_splits > 1 && p.num_splits <= kMaxClusterSplits &&
+  p.cluster_combine = p.sm90_kernel && !p.splits_fixed && p.num_splits > 1 && p.num_splits <= kMaxClusterSplits &&
                       ctas <= info.sm_count && !(cluster_env && std::strcmp(cluster_env, "0") == 0);
   if (p.dtype == Dtype::kFloat16) run_for_dtype<Dtype::kFloat16>(p, stream);
   else run_for_dtype<Dtype::kBFloat16>(p, stream);

@@ -107,6 +107,11 @@ struct DecodeParams {
   /// thread-block cluster that merges them itself (1 < num_splits <= kMaxClusterSplits), with no
   /// combine kernel and no partial states in the workspace.
   bool cluster_combine = false;
+  /// num_splits is the caller's (flash_attn_with_kvcache's num_splits > 0), not the heuristic's:
+  /// its results must be bitwise the same whatever the rest of the batch, so the splits always
+  /// merge in the combine kernel (whether a grid fits the cluster rule depends on the batch, and
+  /// the two merges round differently).
+  bool splits_fixed = false;
   float* partial_o = nullptr;
   float* partial_lse = nullptr;
 };
