@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(128, 2) decode_kernel(const __grid_constant__ 
 
   const int split = blockIdx.x, b = blockIdx.z;
   const int rows_total = p.group * p.seqlen_q;
-  const int m_blocks = (rows_total + Cfg::kRows - 1) / Cfg::kRows;
+  const int m_blocks = decode_row_blocks(p.group, p.seqlen_q);
   const int kvh = blockIdx.y / m_blocks, mb = blockIdx.y % m_blocks;
   const DecodeSeq seq = resolve_decode_seq(p, b);
   const int pad = seq.pad, end = seq.end;
@@ -196,7 +196,7 @@ void launch_decode(const DecodeParams& p, cudaStream_t stream) {
   static const cudaError_t attr_status =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   FASTATTN_CUDA_CHECK(attr_status);
-  const int m_blocks = (p.group * p.seqlen_q + Cfg::kRows - 1) / Cfg::kRows;
+  const int m_blocks = decode_row_blocks(p.group, p.seqlen_q);
   const dim3 grid(p.num_splits, p.heads_kv * m_blocks, p.batch);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
   launch_kernel(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream,

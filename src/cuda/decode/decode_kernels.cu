@@ -236,8 +236,8 @@ void run_decode(const DecodeParams& params, void* stream_ptr) {
   // slower than attention + combine kernel. Not for a num_splits the caller fixed (see
   // DecodeParams::splits_fixed). FASTATTN_DECODE_CLUSTER=0 keeps the combine kernel.
   const char* cluster_env = std::getenv("FASTATTN_DECODE_CLUSTER");
-  const std::int64_t ctas = std::int64_t(p.num_splits) * p.heads_kv * p.batch *
-                            ((p.group * p.seqlen_q + kDecodeRowsPerCta - 1) / kDecodeRowsPerCta);
+  const std::int64_t ctas =
+      std::int64_t(p.num_splits) * p.heads_kv * p.batch * decode_row_blocks(p.group, p.seqlen_q);
   p.cluster_combine = p.sm90_kernel && !p.splits_fixed && p.num_splits > 1 && p.num_splits <= kMaxClusterSplits &&
                       ctas <= info.sm_count && !(cluster_env && std::strcmp(cluster_env, "0") == 0);
   if (p.dtype == Dtype::kFloat16) run_for_dtype<Dtype::kFloat16>(p, stream);

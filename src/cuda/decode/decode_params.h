@@ -105,7 +105,8 @@ struct DecodeParams {
   bool sm90_kernel = false;
   /// Set by run_decode: the sm_90 kernel runs the splits of a (b, kv head, row block) as one
   /// thread-block cluster that merges them itself (1 < num_splits <= kMaxClusterSplits), with no
-  /// combine kernel and no partial states in the workspace.
+  /// combine kernel; the workspace's partial states (sized by the plan, before this choice) go
+  /// unused.
   bool cluster_combine = false;
   /// num_splits is the caller's (flash_attn_with_kvcache's num_splits > 0), not the heuristic's:
   /// its results must be bitwise the same whatever the rest of the batch, so the splits always
@@ -125,6 +126,11 @@ constexpr int kDecodeBlockN = 64;
 /// Packed query rows per attention CTA (one m16 MMA tile): a CTA takes 16 of the group x Sq rows
 /// of one (b, kv head).
 constexpr int kDecodeRowsPerCta = 16;
+
+/// Row blocks per (b, kv head): the attention grid's y extent is heads_kv times this.
+constexpr int decode_row_blocks(int group, int seqlen_q) {
+  return (group * seqlen_q + kDecodeRowsPerCta - 1) / kDecodeRowsPerCta;
+}
 
 /// The most splits merged inside one cluster (the portable cluster size).
 constexpr int kMaxClusterSplits = 8;
