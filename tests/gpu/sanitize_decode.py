@@ -13,18 +13,15 @@ Not collected by pytest (no test_ prefix). Usage:
 Exit status 0 when every case ran (and matched the reference).
 """
 
-import argparse
 import os
-import random
-import secrets
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
 import test_kvcache_gpu as T  # noqa: E402  (its helpers; importing it runs no test)
+from sanitize_runner import run_cases  # noqa: E402
 
 F16, B16 = torch.float16, torch.bfloat16
 T.GUARD = 0  # caches in their own allocations (PYTORCH_NO_CUDA_MEMORY_CACHING=1 under memcheck)
@@ -79,31 +76,5 @@ def cases():
     yield "varlen decode block table page 16", varlen_decode, (B16, 16)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--no-check", action="store_true", help="skip the reference comparisons")
-    ap.add_argument("--only", default="", help="run the cases whose name contains this")
-    ap.add_argument("--seed", type=int, default=None)
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("sanitize_decode: no CUDA device")
-        return 2
-    seed = args.seed if args.seed is not None else secrets.randbits(63)
-    print(f"sanitize_decode: seed {seed} (--seed {seed} replays)", flush=True)
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    n = 0
-    for name, fn, pos in cases():
-        if args.only not in name:
-            continue
-        t = time.time()
-        fn(rng, not args.no_check, *pos)
-        torch.cuda.synchronize()
-        n += 1
-        print(f"  ok  {name}  ({time.time() - t:.1f}s)", flush=True)
-    print(f"sanitize_decode: {n} cases ok{' (not checked against the reference)' if args.no_check else ''}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cases("sanitize_decode", __doc__, cases()))

@@ -10,12 +10,8 @@ Not collected by pytest (no test_ prefix). Usage:
 Exit status 0 when every case ran (and matched the reference).
 """
 
-import argparse
 import os
-import random
-import secrets
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,6 +20,7 @@ import torch  # noqa: E402
 import fastattn  # noqa: E402
 
 import test_prefill as T  # noqa: E402  (its helpers; importing it runs no test)
+from sanitize_runner import run_cases  # noqa: E402
 
 F16, B16 = torch.float16, torch.bfloat16
 
@@ -146,33 +143,5 @@ def cases():
     yield "inconsistent index tensors are clamped", inconsistent_indices, (F16,)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--no-check", action="store_true", help="skip the reference comparisons")
-    ap.add_argument("--only", default="", help="run the cases whose name contains this")
-    ap.add_argument("--seed", type=int, default=None)
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("sanitize_prefill: no CUDA device")
-        return 2
-    seed = args.seed if args.seed is not None else secrets.randbits(63)
-    print(f"sanitize_prefill: seed {seed} (--seed {seed} replays)", flush=True)
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    n = 0
-    for case in cases():
-        name, fn, pos = case[0], case[1], case[2]
-        kw = case[3] if len(case) > 3 else {}
-        if args.only not in name:
-            continue
-        t = time.time()
-        fn(rng, not args.no_check, *pos, **kw)
-        torch.cuda.synchronize()
-        n += 1
-        print(f"  ok  {name}  ({time.time() - t:.1f}s)", flush=True)
-    print(f"sanitize_prefill: {n} cases ok{' (not checked against the reference)' if args.no_check else ''}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cases("sanitize_prefill", __doc__, cases()))
