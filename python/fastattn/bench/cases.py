@@ -6,7 +6,6 @@ on the same data: SDPA on the CPU; the flash and cuDNN SDPA backends on the GPU)
 two matrix products (4 * D per visible query/key pair, causal pairs counted exactly); bytes are the
 fewest a kernel must move (inputs read once, output written once).
 """
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 

@@ -49,7 +49,7 @@ from typing import List
 import fastattn
 
 from .gpu_decode import _n_sets, make_sleeper, time_interleaved
-from .gpu_prefill import _f, _l2_bytes, _short_error, warm_gpu
+from .gpu_prefill import _f, _l2_bytes, _short_error, timing_noise_line, warm_gpu
 
 GiB = 1 << 30
 HEADS_Q = 32
@@ -363,7 +363,6 @@ def _time_cell(rec, key):
 
 
 def _brief(rec):
-    c, p = rec["impls"].get(CASCADE, {}), rec["impls"].get(PAGED, {})
     return "cascade %s us, paged %s us, speedup %s" % (
         _time_cell(rec, CASCADE), _time_cell(rec, PAGED), _f(rec.get("speedup"), "%.1fx"))
 
@@ -429,10 +428,8 @@ def summary_lines(s, gpu, date, command):
                      % (s["min_speedup"], s["min_at"], s["max_speedup"], s["max_at"]))
     lines.append("- max |cascade - float32 reference| (sampled requests): %s"
                  % _f(s.get("max_err_cascade_vs_f32"), "%.1e"))
-    sp = s.get("timing_spread")
-    if sp:
-        lines.append("- timing noise (spread of per-round medians / median): median %.1f%%, max %.1f%%"
-                     % (100 * sp["median"], 100 * sp["max"]))
+    if timing_noise_line(s.get("timing_spread")):
+        lines.append(timing_noise_line(s.get("timing_spread")))
     if s["bad"]:
         lines.append("- FAILED rows: %s" % "; ".join(s["bad"][:6]))
     return lines

@@ -58,7 +58,7 @@ from typing import Callable, Dict, List
 import fastattn
 
 from .gpu_prefill import (Deadline, _cycle, _f, _l2_bytes, _paged, _ratio, _s, _short_error,
-                          _torch_dtype, warm_gpu)
+                          _torch_dtype, error_vs_flash_line, timing_noise_line, warm_gpu)
 from .gpu_prefill import bad_records  # noqa: F401  (the same check for decode records; runner uses it)
 
 GiB = 1 << 30
@@ -840,15 +840,9 @@ def summary_lines(s, gpu, date, command):
     lines.append("- fastattn n/a (no CUDA kernel or failed): %d of %d fastattn timings (%d "
                  "NotImplementedError)" % (na["n"], na["of"], na["not_implemented"]))
     e, ce = s["max_err_fastattn"], s["max_err_cudnn_vs_flash"]
-    lines.append("- max |error| vs SDPA flash: fastattn %s, cuDNN %s (for scale)%s"
-                 % (_f(e, "%.1e"), _f(ce, "%.1e"),
-                    ("; NON-FINITE fastattn output in %d rows: %s" % (
-                        len(s["nonfinite_fastattn"]), ", ".join(s["nonfinite_fastattn"][:4])))
-                    if s["nonfinite_fastattn"] else ""))
-    sp = s["timing_spread"]
-    if sp:
-        lines.append("- timing noise (spread of per-round medians / median): median %.1f%%, max %.1f%%"
-                     % (100 * sp["median"], 100 * sp["max"]))
+    lines.append(error_vs_flash_line(e, ce, s["nonfinite_fastattn"]))
+    if timing_noise_line(s["timing_spread"]):
+        lines.append(timing_noise_line(s["timing_spread"]))
     if s.get("host_bound"):
         lines.append("- host-bound timings (the GPU queue ran dry in some round): %d%s"
                      % (len(s["host_bound"]), _list(s["host_bound"], str, 4)))

@@ -41,7 +41,8 @@ from dataclasses import dataclass
 from typing import List
 
 from .gpu_decode import _n_sets, make_sleeper, measure_copy, time_interleaved
-from .gpu_prefill import Deadline, _cycle, _f, _l2_bytes, _short_error, _torch_dtype, warm_gpu
+from .gpu_prefill import (Deadline, _cycle, _f, _l2_bytes, _short_error, _torch_dtype, timing_noise_line,
+                          warm_gpu)
 from .gpu_prefill import bad_records  # noqa: F401  (the same check for merge records)
 
 GiB = 1 << 30
@@ -414,10 +415,8 @@ def summary_lines(s, gpu, date, command):
     lines.append("- max |error| vs a float32 torch merge: values %s, LSE %s%s"
                  % (_f(s["max_err"], "%.1e"), _f(s["max_lse_err"], "%.1e"),
                     ("; NON-FINITE output in %s" % ", ".join(s["nonfinite"][:4])) if s["nonfinite"] else ""))
-    sp = s["timing_spread"]
-    if sp:
-        lines.append("- timing noise (spread of per-round medians / median): median %.1f%%, max %.1f%%"
-                     % (100 * sp["median"], 100 * sp["max"]))
+    if timing_noise_line(s["timing_spread"]):
+        lines.append(timing_noise_line(s["timing_spread"]))
     if s.get("host_bound"):
         lines.append("- host-bound timings (the GPU queue ran dry in some round): %s"
                      % ", ".join(s["host_bound"][:6]))

@@ -507,6 +507,23 @@ def _f(x, fmt):
     return "-" if x is None else fmt % x
 
 
+def timing_noise_line(spread):
+    """The summary line on timing noise (a summary's timing_spread), or None without one."""
+    if not spread:
+        return None
+    return ("- timing noise (spread of per-round medians / median): median %.1f%%, max %.1f%%"
+            % (100 * spread["median"], 100 * spread["max"]))
+
+
+def error_vs_flash_line(err, cudnn_err, nonfinite):
+    """The summary line on fastattn's and cuDNN's max |error| against SDPA flash, naming the rows
+    where fastattn's output was not finite."""
+    return ("- max |error| vs SDPA flash: fastattn %s, cuDNN %s (for scale)%s"
+            % (_f(err, "%.1e"), _f(cudnn_err, "%.1e"),
+               ("; NON-FINITE fastattn output in %d rows: %s" % (len(nonfinite), ", ".join(nonfinite[:4])))
+               if nonfinite else ""))
+
+
 def _peer_cell(info):
     if info.get("tflops") is not None:
         return "%.1f" % info["tflops"]
@@ -649,15 +666,9 @@ def summary_lines(s, gpu, date, command):
     na = s["fastattn_na"]
     lines.append("- fastattn n/a (no CUDA kernel or failed): %d of %d fastattn timings" % (na["n"], na["of"]))
     e, ce = s["max_err_fastattn_vs_flash"], s["max_err_cudnn_vs_flash"]
-    lines.append("- max |error| vs SDPA flash: fastattn %s, cuDNN %s (for scale)%s"
-                 % (_f(e, "%.1e"), _f(ce, "%.1e"),
-                    ("; NON-FINITE fastattn output in %d rows: %s" % (
-                        len(s["nonfinite_fastattn"]), ", ".join(s["nonfinite_fastattn"][:4])))
-                    if s["nonfinite_fastattn"] else ""))
-    sp = s["timing_spread"]
-    if sp:
-        lines.append("- timing noise (spread of per-round medians / median): median %.1f%%, max %.1f%%"
-                     % (100 * sp["median"], 100 * sp["max"]))
+    lines.append(error_vs_flash_line(e, ce, s["nonfinite_fastattn"]))
+    if timing_noise_line(s["timing_spread"]):
+        lines.append(timing_noise_line(s["timing_spread"]))
     if s.get("budget_squeezed"):
         lines.append("- the time limit shortened the timing of %d shapes (see budget_s in the JSON)"
                      % s["budget_squeezed"])
