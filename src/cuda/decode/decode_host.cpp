@@ -154,7 +154,7 @@ int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int req
   const std::int64_t items = std::int64_t(p.batch) * p.heads_kv * ((rows_per_kv + 15) / 16);
   const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
   const bool sm90 = use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size);
-  const std::int64_t wave = std::int64_t(decode_ctas_per_sm(p.head_dim, sm90)) * info.sm_count;
+  const std::int64_t wave = std::int64_t(decode_split_wave_ctas_per_sm(p.head_dim, sm90)) * info.sm_count;
   return core::choose_num_splits_one_wave(items, max_keys, wave, 2 * kDecodeBlockN, 128);
 }
 

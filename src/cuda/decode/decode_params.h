@@ -135,10 +135,19 @@ constexpr int decode_row_blocks(int group, int seqlen_q) {
 /// The most splits merged inside one cluster (the portable cluster size).
 constexpr int kMaxClusterSplits = 8;
 
-/// CTAs of the attention kernel resident per SM (what one wave of the split heuristic counts):
-/// shared memory allows two at head_dim <= 128, one for the sm_90 kernel at 256.
+/// CTAs of the attention kernel resident per SM: shared memory allows two at head_dim <= 128,
+/// one for the sm_90 kernel at 256.
 constexpr int decode_ctas_per_sm(int head_dim, bool sm90_kernel) {
   return sm90_kernel && head_dim > 128 ? 1 : 2;
+}
+
+/// CTAs per SM in the wave the split heuristic fills. The sm_90 kernel keeps enough bytes in
+/// flight with one CTA per SM, and half the splits means half the partial states to merge: on the
+/// H200, with the cluster rule of run_decode, one CTA per SM was faster on the batch 1-8 shapes at
+/// 8k-32k keys (batch 1 / 8k: 33 -> 16 splits, 17.5 -> 16.7 us; batch 8 / 8k 70.6 -> 69.3 us) and
+/// within noise elsewhere (bench/NOTES.md). The cp.async kernel counts every resident CTA.
+constexpr int decode_split_wave_ctas_per_sm(int head_dim, bool sm90_kernel) {
+  return sm90_kernel ? 1 : decode_ctas_per_sm(head_dim, sm90_kernel);
 }
 
 /// Rows per TMA box of the sm_90 kernel for a cache of `page_size` slots per page (0: a
