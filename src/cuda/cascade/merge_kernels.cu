@@ -123,10 +123,19 @@ __device__ __forceinline__ __nv_bfloat162 Chunk16<__nv_bfloat16, __nv_bfloat162>
 
 /// One 16-byte load of a whole, aligned chunk starting at element c0 of a row (raw bits); a lane
 /// without a chunk (`has` false) loads nothing (a predicated load: no branch, so the loads of a
-/// thread still go out together) and gets zeros.
+/// thread still go out together) and gets zeros. The load asks L2 to fetch the whole 256-byte
+/// block around it: a lane group reads 64 bytes of a 128-byte line per instruction (the next
+/// instruction reads the rest), so without the hint a line is requested from DRAM in halves
+/// (merge_state fp16 S4096: 30.4 -> 29.9 us, bench/NOTES.md). An L2 evict-first policy on these
+/// loads was ~18% slower: the second half of a line was evicted before it was read.
 template <class T>
 __device__ __forceinline__ uint4 load_vec(const T* row, int c0, bool has) {
-  return has ? *reinterpret_cast<const uint4*>(row + c0) : make_uint4(0, 0, 0, 0);
+  uint4 r = make_uint4(0, 0, 0, 0);
+  if (has)
+    asm("ld.global.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+        : "l"(row + c0));
+  return r;
 }
 /// The scalar fallback's load: the chunk's values one by one, those past the row's end (n
 /// values) read as 0.
@@ -393,18 +402,20 @@ __device__ __forceinline__ void merge_states_rows(const MergeStatesParams& p) {
 }
 
 // Occupancy: a thread keeps up to 2 x kLaneChunks x 16 bytes in flight (merge_state) or
-// kStatesAhead x kLaneChunks x 16 (merge_states). merge_state: 4 CTAs of 256 threads per SM
-// (128 KB in flight, 64 registers; -Xptxas -v: 16 bytes spilled at fp32). merge_states: 2 CTAs
-// (64 KB, up to 128 registers, no spill; at 3 CTAs it spilled 76 bytes in the merge loop at
-// fp16 / bf16 and ran at 60-78% of the copy bandwidth).
+// kStatesAhead x kLaneChunks x 16 (merge_states). merge_state: 8 CTAs of 128 threads per SM
+// (128 KB in flight, 64 registers; -Xptxas -v: 16 bytes spilled at fp32). Each thread makes one
+// pass at ~100 MB (S4096), so the grid's last, partly filled wave is a tail: CTAs of 128 threads
+// make it half as coarse as 256 (28.0 -> 27.4 us kernel; 512 and 1024 were slower).
+// merge_states: 4 CTAs (64 KB, up to 128 registers, no spill; at 3 CTAs of 256 it spilled 76
+// bytes in the merge loop at fp16 / bf16 and ran at 60-78% of the copy bandwidth).
 template <class T>
-__global__ void __launch_bounds__(kMergeThreads, 4) merge_state_kernel(const MergeStateParams p) {
+__global__ void __launch_bounds__(kMergeThreads, 8) merge_state_kernel(const MergeStateParams p) {
   if (p.layout.vec) merge_state_rows<T, true>(p);
   else merge_state_rows<T, false>(p);
 }
 
 template <class T>
-__global__ void __launch_bounds__(kMergeThreads, 2) merge_states_kernel(const MergeStatesParams p) {
+__global__ void __launch_bounds__(kMergeThreads, 4) merge_states_kernel(const MergeStatesParams p) {
   if (p.layout.vec) merge_states_rows<T, true>(p);
   else merge_states_rows<T, false>(p);
 }

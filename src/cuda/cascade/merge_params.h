@@ -65,8 +65,8 @@ struct MergeStatesParams {
   std::int64_t s_out_row = 0, s_out_head = 0;
 };
 
-/// Threads per CTA of both kernels (no shared memory; 8 warps).
-constexpr int kMergeThreads = 256;
+/// Threads per CTA of both kernels (no shared memory; 4 warps).
+constexpr int kMergeThreads = 128;
 
 /// Launch on `stream` (a cudaStream_t; null = the legacy default stream). Nothing is launched
 /// when S * H == 0. Defined in merge_kernels.cu.
