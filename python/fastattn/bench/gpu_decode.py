@@ -58,7 +58,7 @@ from typing import Callable, Dict, List
 import fastattn
 
 from .gpu_prefill import (Deadline, _cycle, _f, _l2_bytes, _paged, _ratio, _s, _short_error,
-                          _torch_dtype, error_vs_flash_line, timing_noise_line, warm_gpu)
+                          _torch_dtype, error_vs_flash_line, finish_figure, timing_noise_line, warm_gpu)
 from .gpu_prefill import bad_records  # noqa: F401  (the same check for decode records; runner uses it)
 
 GiB = 1 << 30
@@ -912,19 +912,4 @@ def save_plot(records, path, title, copy_tbps=None):
                 ax.set_ylabel("TB/s (K+V+q+out bytes)")
             if i == len(rows_keys) - 1:
                 ax.set_xlabel("cache length")
-    handles, labels = [], []
-    for ax in axes.flat:
-        for h, l in zip(*ax.get_legend_handles_labels()):
-            if l not in labels:
-                handles.append(h)
-                labels.append(l)
-    ncol = min(len(labels), max(3, int(width // 2.3))) if labels else 1
-    legend_rows = -(-len(labels) // ncol) if labels else 0
-    bottom = (0.25 + 0.22 * legend_rows) / height
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, bottom, 1, 1 - 0.6 / height))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return finish_figure(plt, fig, axes, width, height, title, path)

@@ -675,6 +675,27 @@ def summary_lines(s, gpu, date, command):
     return lines
 
 
+def finish_figure(plt, fig, axes, width, height, title, path):
+    """One legend below the panels (each label once), the title, layout, saved to `path` (the
+    figure is width x height inches). Returns path."""
+    handles, labels = [], []
+    for ax in axes.flat:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            if l not in labels:
+                handles.append(h)
+                labels.append(l)
+    ncol = min(len(labels), max(3, int(width // 2.3))) if labels else 1
+    legend_rows = -(-len(labels) // ncol) if labels else 0
+    bottom = (0.25 + 0.22 * legend_rows) / height
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, bottom, 1, 1 - 0.6 / height))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def save_plot(records, path, title):
     """TFLOP/s against seqlen, one panel per (dtype, causal, head_dim): fastattn (dense, varlen,
     paged), SDPA flash, SDPA cuDNN."""
@@ -723,19 +744,4 @@ def save_plot(records, path, title):
                 ax.set_ylabel("TFLOP/s")
             if i == len(rows_keys) - 1:
                 ax.set_xlabel("seqlen (batch = tokens / seqlen)")
-    handles, labels = [], []
-    for ax in axes.flat:
-        for h, l in zip(*ax.get_legend_handles_labels()):
-            if l not in labels:
-                handles.append(h)
-                labels.append(l)
-    ncol = min(len(labels), max(3, int(width // 2.3)))
-    legend_rows = -(-len(labels) // ncol) if labels else 0
-    bottom = (0.25 + 0.22 * legend_rows) / (3.4 * len(rows_keys) + 1.2)
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, bottom, 1, 1 - 0.6 / (3.4 * len(rows_keys) + 1.2)))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return finish_figure(plt, fig, axes, width, 3.4 * len(rows_keys) + 1.2, title, path)
