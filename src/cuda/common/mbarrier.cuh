@@ -51,15 +51,15 @@ __device__ __forceinline__ void mbar_wait(std::uint64_t* bar, std::uint32_t pari
 __device__ __forceinline__ void fence_proxy_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
-/// Loads the box at coordinates (c0, c1, c2, c3) (innermost first) of the 4-d tensor `map`
-/// describes into shared memory on the TMA engine, counted on `bar` as transaction bytes (the
-/// whole box, out-of-bounds elements zero-filled). `map` is a kernel parameter (__grid_constant__).
-__device__ __forceinline__ void tma_load_4d(void* smem_dst, const CUtensorMap* map, int c0, int c1, int c2, int c3,
-                                            std::uint64_t* bar, std::uint64_t policy) {
+/// Loads the box at coordinates (c0, .., c4) (innermost first) of the 5-d tensor `map` describes
+/// into shared memory on the TMA engine, counted on `bar` as transaction bytes (the whole box,
+/// out-of-bounds elements zero-filled). `map` is a kernel parameter (__grid_constant__).
+__device__ __forceinline__ void tma_load_5d(void* smem_dst, const CUtensorMap* map, int c0, int c1, int c2, int c3,
+                                            int c4, std::uint64_t* bar, std::uint64_t policy) {
   asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
-      " [%0], [%1, {%2, %3, %4, %5}], [%6], %7;" ::"r"(smem_u32(smem_dst)),
-      "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_u32(bar)), "l"(policy)
+      "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
+      " [%0], [%1, {%2, %3, %4, %5, %6}], [%7], %8;" ::"r"(smem_u32(smem_dst)),
+      "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(smem_u32(bar)), "l"(policy)
       : "memory");
 }
 /// An L2 policy that evicts the lines it touches first (streamed data that is read once).

@@ -27,29 +27,30 @@ EncodeTiled encoder() {
 
 }  // namespace
 
-CUtensorMap make_tensor_map_4d_u16(const void* base, std::int64_t d0, std::int64_t d1, std::int64_t s1,
-                                   std::int64_t d2, std::int64_t s2, std::int64_t d3, std::int64_t s3,
-                                   int box0, int box1) {
+CUtensorMap make_tensor_map_5d_u16(const void* base, const std::int64_t (&dims)[5], const std::int64_t (&strides)[5],
+                                   const int (&box)[5], TmaL2Promotion promotion) {
   const EncodeTiled encode = encoder();
   if (!encode) throw Error("CUDA driver has no cuTensorMapEncodeTiled (needs a CUDA 12 driver)");
-  // A size-1 dim's stride is never used; give it a legal value (a multiple of 16 bytes).
-  auto legal = [](std::int64_t size, std::int64_t stride) { return size > 1 ? stride : std::int64_t(8); };
-  const cuuint64_t dims[4] = {cuuint64_t(d0), cuuint64_t(d1), cuuint64_t(d2), cuuint64_t(d3)};
-  const cuuint64_t strides[3] = {cuuint64_t(legal(d1, s1)) * 2, cuuint64_t(legal(d2, s2)) * 2,
-                                 cuuint64_t(legal(d3, s3)) * 2};
-  const cuuint32_t box[4] = {cuuint32_t(box0), cuuint32_t(box1), 1, 1};
-  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
-  // L2 promotion to 128 bytes, not 256: a 256-byte promotion of one 128-byte box row fetched the
-  // neighbouring column block early, and with evict-first reads it was often evicted before its
-  // own box came (measured 4.04 against 4.49 TB/s, bench/NOTES.md).
+  cuuint64_t global_dims[5], global_strides[4];
+  cuuint32_t box_dims[5];
+  const cuuint32_t elem_strides[5] = {1, 1, 1, 1, 1};
+  for (int i = 0; i < 5; ++i) {
+    global_dims[i] = cuuint64_t(dims[i]);
+    box_dims[i] = cuuint32_t(box[i]);
+    // A size-1 dim's stride is never used; give it a legal value (a multiple of 16 bytes).
+    if (i > 0) global_strides[i - 1] = cuuint64_t(dims[i] > 1 ? strides[i] : 8) * 2;
+  }
+  const CUtensorMapL2promotion l2 =
+      promotion == TmaL2Promotion::k256B ? CU_TENSOR_MAP_L2_PROMOTION_L2_256B : CU_TENSOR_MAP_L2_PROMOTION_L2_128B;
   CUtensorMap map;
-  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 4, const_cast<void*>(base), dims, strides, box,
-                            elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                            CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS)
-    throw Error("cuTensorMapEncodeTiled failed (error " + std::to_string(int(r)) + ") for dims " +
-                std::to_string(d0) + " x " + std::to_string(d1) + " x " + std::to_string(d2) + " x " +
-                std::to_string(d3));
+  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 5, const_cast<void*>(base), global_dims,
+                            global_strides, box_dims, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, l2, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    std::string shape;
+    for (int i = 0; i < 5; ++i) shape += (i ? " x " : "") + std::to_string(dims[i]);
+    throw Error("cuTensorMapEncodeTiled failed (error " + std::to_string(int(r)) + ") for dims " + shape);
+  }
   return map;
 }
 

@@ -8,12 +8,17 @@
 
 namespace fastattn::cuda_detail {
 
-/// A 4-d map over 16-bit elements: dims (innermost first) d0 (contiguous) x d1 x d2 x d3 with
-/// element strides s1, s2, s3 (multiples of 8), read in boxes of box0 x box1 x 1 x 1 with the
-/// 128-byte shared-memory swizzle (box0 * 2 = 128 bytes). Out-of-bounds elements read as zero.
-/// Strides of dims of size 1 are never used and may be anything. Throws on failure.
-CUtensorMap make_tensor_map_4d_u16(const void* base, std::int64_t d0, std::int64_t d1, std::int64_t s1,
-                                   std::int64_t d2, std::int64_t s2, std::int64_t d3, std::int64_t s3,
-                                   int box0, int box1);
+/// How far the L2 rounds up each request a box makes to DRAM (cuTensorMapEncodeTiled's
+/// l2Promotion): to 128 or 256 bytes.
+enum class TmaL2Promotion { k128B, k256B };
+
+/// A 5-d map over 16-bit elements: dims[0..4] innermost first (dims[0] contiguous), element
+/// strides strides[1..4] (multiples of 8; strides[0] is unused, and so is the stride of a dim of
+/// size 1), read in boxes of box[0..4] elements with the 128-byte shared-memory swizzle
+/// (box[0] * 2 = 128 bytes). A box lands in shared memory as a dense array with box[0]
+/// innermost. Out-of-bounds elements read as zero. Strides need not grow with the dim: a dim may
+/// step through a smaller span than the one before it. Throws on failure.
+CUtensorMap make_tensor_map_5d_u16(const void* base, const std::int64_t (&dims)[5], const std::int64_t (&strides)[5],
+                                   const int (&box)[5], TmaL2Promotion promotion);
 
 }  // namespace fastattn::cuda_detail

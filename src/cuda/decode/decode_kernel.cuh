@@ -50,7 +50,9 @@ struct DecodeConfig {
   }
   // The tile math (decode_tile.cuh) addresses Q and the K / V stages alike.
   static __device__ __forceinline__ int q_offset(int row, int chunk) { return smem_offset(row, chunk); }
-  static __device__ __forceinline__ int kv_offset(int row, int chunk) { return smem_offset(row, chunk); }
+  struct KvLayout {  // every stage alike
+    __device__ __forceinline__ int offset(int row, int chunk) const { return smem_offset(row, chunk); }
+  };
   // Enough bytes in flight per SM to cover HBM latency with two CTAs per SM.
   static constexpr int kStages = kHeadDim <= 64 ? 4 : kHeadDim <= 128 ? 3 : 2;
   static constexpr int kTileElems = kBlockN * kSmemStride;  // one K (or V) stage
@@ -176,7 +178,7 @@ __global__ void __launch_bounds__(128, 2) decode_kernel(const __grid_constant__ 
     load_tile(tile + S - 1);
     const int stage = (tile - t_begin) % S;
     st.template attend<Cfg, kDtype>(p, sQ, sK0 + stage * Cfg::kTileElems, sV0 + stage * Cfg::kTileElems,
-                                    tile * BN, warp * Cfg::kWarpKeys, pad, end, lane);
+                                    typename Cfg::KvLayout{}, tile * BN, warp * Cfg::kWarpKeys, pad, end, lane);
   }
 
   // ---- merge the four warps' states through shared memory -----------------------------------

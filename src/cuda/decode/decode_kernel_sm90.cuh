@@ -1,19 +1,21 @@
-// The decode attention kernel for sm_90: the math of decode_kernel.cuh (decode_tile.cuh), with the
+// The decode attention kernel for sm_90: the math of decode_kernel.cuh (decode_tile.cuh), or for
+// CTAs of at most 8 packed query rows the keys-as-M-side math of decode_tile_narrow.cuh, with the
 // cache streamed by the TMA engine instead of per-thread cp.async.
 //
 // Why: the cp.async kernel issues sixteen 16-byte copies per 256-byte row plus their address
 // math, and every tile ends in a CTA-wide barrier; one CTA moved at most ~20 GB/s and large
 // batches stopped at 4.3-4.4 TB/s. Here a producer warp loads each 64-key tile as a few TMA boxes
-// (64 columns x R rows: R = 64 for a contiguous cache or pages of a multiple of 64 slots, R =
-// page_size for pages of 8, 16 or 32 slots) into a ring of kStages stages guarded by full / empty
-// mbarriers; the four consumer warps (16 keys of every tile each, as in the cp.async kernel)
-// never wait on each other until the final merge. (One bulk copy per 256-byte row was measured
-// first: 1.7 TB/s, the TMA engine's cost per request dominates small copies.) The reads use an
-// evict-first L2 policy and 128-byte L2 promotion (tensor_map.cpp says why).
+// (R rows x all head_dim columns: R = 64 for a contiguous cache or pages of a multiple of 64
+// slots, R = page_size for pages of 8, 16 or 32 slots) into a ring of kStages stages guarded by
+// full / empty mbarriers; the four consumer warps (16 keys of every tile each, as in the cp.async
+// kernel) never wait on each other until the final merge. (One bulk copy per 256-byte row was
+// measured first: 1.7 TB/s, the TMA engine's cost per request dominates small copies.) The reads
+// use an evict-first L2 policy and 128-byte L2 promotion (launch_decode_sm90 says why).
 //
-// Shared memory (1024-byte aligned after the barriers): Q | K stages | V stages. Each is stored as
-// head_dim / 64 column blocks of [rows][64] with the 128-byte swizzle the TMA writes (16-byte
-// chunk c of row r at c ^ (r % 8)), so ldmatrix rows fall on distinct banks.
+// Shared memory (1024-byte aligned after the barriers): Q | K stages | V stages. Q is stored as
+// head_dim / 64 column blocks of [rows][64], a K or V stage as 64 / R runs of [column block][R]
+// [64] (one box each, see KvLayout), all with the 128-byte swizzle the TMA writes (16-byte chunk
+// c of row r at c ^ (r % 8)), so ldmatrix rows fall on distinct banks.
 //
 // Rows a box brings in that no query may see (before `lo` or from `hi` on, e.g. past the end of
 // the last page) are real cache bytes, possibly garbage: scores there are masked to -inf, and
@@ -33,15 +35,22 @@
 #include "cuda/decode/decode_common.cuh"
 #include "cuda/decode/decode_launch.h"
 #include "cuda/decode/decode_tile.cuh"
+#include "cuda/decode/decode_tile_narrow.cuh"
 
 namespace fastattn::cuda_decode {
 
-/// DecodeParams plus the TMA maps of the two caches (4-d: head_dim x slots-per-row x heads_kv x
-/// rows, where a row is a page or a contiguous cache row) and the box height.
+/// DecodeParams plus the TMA maps of the two caches and their boxes. A map is 5-d: 64 columns x
+/// slots per row x column blocks (64 columns apart) x heads_kv x rows, where a row is a page or a
+/// contiguous cache row; a box is R slots of all kColBlocks column blocks of one head. When
+/// head_dim is not the kernel's (e.g. 96 in the 128 kernel) a block past head_dim must read as
+/// zeros, so the map is head_dim columns x slots x 1 x heads_kv x rows and a box one 64-column
+/// block (box_blocks = 1), the columns past head_dim zero-filled by the TMA.
 struct DecodeTmaParams {
   DecodeParams p;
   CUtensorMap k_map, v_map;
-  int box_rows;  ///< R = decode_tma_box_rows(page_size): divides 64 and (paged) the page size
+  int box_rows;       ///< R = decode_tma_box_rows(page_size): divides 64 and (paged) the page size
+  int box_run_shift;  ///< log2(R)
+  int box_blocks;     ///< 64-column blocks per box: kColBlocks, or 1 (see above)
 };
 
 template <int kHeadDim_>
@@ -56,11 +65,23 @@ struct DecodeSm90Config {
     return (chunk >> 3) * (rows * 64) + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
   }
   static __device__ __forceinline__ int q_offset(int row, int chunk) { return swizzled(kDecodeRows, row, chunk); }
-  static __device__ __forceinline__ int kv_offset(int row, int chunk) { return swizzled(kBlockN, row, chunk); }
+  /// A K / V stage as the boxes leave it: runs of R = 2^run_shift rows, each [column block][R]
+  /// [64] (R = 64: [column block][64][64], one run). R >= 8, so row % 8 is the row's place in the
+  /// swizzle atom either way.
+  struct KvLayout {
+    int run_shift;
+    __device__ __forceinline__ int offset(int row, int chunk) const {
+      const int in_run = row & ((1 << run_shift) - 1);
+      return (row - in_run) * kHeadDim + (chunk >> 3) * (64 << run_shift) + in_run * 64 +
+             (((chunk & 7) ^ (row & 7)) << 3);
+    }
+  };
   static constexpr int kTileElems = kBlockN * kHeadDim;
   static constexpr int kStageBytes = 2 * kTileElems * 2;  // K and V
   // Stages and CTAs per SM: as many bytes in flight as 227 KB allow (d64: 2 x 6 x 16 KB,
-  // d128: 2 x 3 x 32 KB, d256: 1 x 3 x 64 KB).
+  // d128: 2 x 3 x 32 KB, d256: 1 x 3 x 64 KB). (A ring of twice the stages at one CTA per SM,
+  // for grids that fit one CTA per SM, streamed one CTA 7% faster but made the calls the split
+  // heuristic makes 1-1.5 us slower: bench/NOTES.md.)
   static constexpr int kCtasPerSm = kHeadDim <= 128 ? 2 : 1;
   static constexpr int kStages = kHeadDim <= 64 ? 6 : 3;
   static constexpr int kBarrierBytes = 128;
@@ -156,13 +177,16 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
 
   if (warp == kDecodeWarps) {
     // ---- producer: lane i < boxes loads box i of K and of V in every tile -----------------
-    // Box i: rows run * R .. run * R + R - 1 of the tile, columns block * 64 .. block * 64 + 63.
+    // Box i: rows run * R .. run * R + R - 1 of the tile, column blocks block * box_blocks ..
+    // (block + 1) * box_blocks - 1 (all of them unless box_blocks = 1).
     const int R = tp.box_rows;
-    const int boxes = (BN / R) * Cfg::kColBlocks;
-    const int run = lane / Cfg::kColBlocks, block = lane % Cfg::kColBlocks;
+    const int boxes_per_run = Cfg::kColBlocks / tp.box_blocks;
+    const int boxes = (BN / R) * boxes_per_run;
+    const int run = lane / boxes_per_run, block = lane % boxes_per_run;
     const bool active = lane < boxes;
     const std::uint64_t policy = l2_policy_evict_first();  // the cache is read once per step
-    const std::uint32_t box_bytes = std::uint32_t(R) * 128;
+    const int box_elems = R * 64 * tp.box_blocks;
+    const std::uint32_t box_bytes = std::uint32_t(box_elems) * 2;
     // Whether a row of the box in `tile` may be seen (known without a load), and the box's raw
     // page id (0 for a contiguous cache or an unneeded box). The id's range check waits for its
     // use, so the load runs ahead; any raw value, -1 included, is a page id (an earlier version
@@ -191,15 +215,15 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
         if (tile + S < range.t_end) page[stage] = box_page(tile + S);
         if (round > 0) mbar_wait(&empty[stage], (round - 1) & 1);
         const int slot0 = tile * BN + run * R;
-        const int row0 = run * R;  // the box's first row in the tile
-        std::uint16_t* dk = sK0 + stage * Cfg::kTileElems + block * (BN * 64) + row0 * 64;
-        std::uint16_t* dv = sV0 + stage * Cfg::kTileElems + block * (BN * 64) + row0 * 64;
+        const int box0 = run * R * kHeadDim + block * box_elems;  // KvLayout of the box's first element
+        std::uint16_t* dk = sK0 + stage * Cfg::kTileElems + box0;
+        std::uint16_t* dv = sV0 + stage * Cfg::kTileElems + box0;
         const bool needed = box_needed(tile);
         const bool in_cache = p.page_size == 0 || (pg >= 0 && pg < p.num_pages);
         const bool load = needed && in_cache;
         if (needed && !in_cache) {
           // A page id outside the cache: its rows read as zeros.
-          for (int e = 0; e < R * 64; e += 8) {
+          for (int e = 0; e < box_elems; e += 8) {
             *reinterpret_cast<uint4*>(dk + e) = make_uint4(0, 0, 0, 0);
             *reinterpret_cast<uint4*>(dv + e) = make_uint4(0, 0, 0, 0);
           }
@@ -215,8 +239,8 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
             c1 = p.page_shift >= 0 ? slot0 & (p.page_size - 1) : slot0 % p.page_size;
             c3 = pg;
           }
-          tma_load_4d(dk, &tp.k_map, block * 64, c1, kvh, c3, &full[stage], policy);
-          tma_load_4d(dv, &tp.v_map, block * 64, c1, kvh, c3, &full[stage], policy);
+          tma_load_5d(dk, &tp.k_map, block * 64, c1, 0, kvh, c3, &full[stage], policy);
+          tma_load_5d(dv, &tp.v_map, block * 64, c1, 0, kvh, c3, &full[stage], policy);
         }
       }
     }
@@ -243,52 +267,70 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
     cute::cp_async_wait<0>();
     named_barrier_sync(1, Cfg::kConsumerThreads);
   }
-  DecodeWarpState<kHeadDim> st;
-  st.init(p, b, kvh, mb, end, lane / 4);
+  const typename Cfg::KvLayout kv{tp.box_run_shift};
   const int key0 = warp * Cfg::kWarpKeys;
-  for (int tile = range.t_begin, i = 0; tile < range.t_end; ++tile, ++i) {
-    const int stage = i % S;
-    std::uint16_t* sV = sV0 + stage * Cfg::kTileElems;
-    mbar_wait(&full[stage], (i / S) & 1);
-    const int n0 = tile * BN;
-    const bool edge = n0 + key0 < range.lo || n0 + key0 + Cfg::kWarpKeys > range.hi;
-    if (edge) {
-      // V rows of this warp's keys outside [lo, hi): zeros (see the file comment).
-      for (int idx = lane; idx < Cfg::kWarpKeys * (kHeadDim / 8); idx += 32) {
-        const int r = key0 + idx / (kHeadDim / 8), ch = idx % (kHeadDim / 8);
-        if (n0 + r < range.lo || n0 + r >= range.hi)
-          *reinterpret_cast<uint4*>(sV + Cfg::kv_offset(r, ch)) = make_uint4(0, 0, 0, 0);
+  // The tiles as they land, into a warp state (DecodeWarpState or DecodeWarpStateNarrow).
+  auto stream_tiles = [&](auto& st) {
+    for (int tile = range.t_begin, stage = 0, phase = 0; tile < range.t_end; ++tile) {
+      std::uint16_t* sV = sV0 + stage * Cfg::kTileElems;
+      mbar_wait(&full[stage], phase);
+      const int n0 = tile * BN;
+      const bool edge = n0 + key0 < range.lo || n0 + key0 + Cfg::kWarpKeys > range.hi;
+      if (edge) {
+        // V rows of this warp's keys outside [lo, hi): zeros (see the file comment).
+        for (int idx = lane; idx < Cfg::kWarpKeys * (kHeadDim / 8); idx += 32) {
+          const int r = key0 + idx / (kHeadDim / 8), ch = idx % (kHeadDim / 8);
+          if (n0 + r < range.lo || n0 + r >= range.hi)
+            *reinterpret_cast<uint4*>(sV + kv.offset(r, ch)) = make_uint4(0, 0, 0, 0);
+        }
+        __syncwarp();
       }
+      st.template attend<Cfg, kDtype>(p, sQ, sK0 + stage * Cfg::kTileElems, sV, kv, n0, key0, pad, end, lane);
+      if (edge) fence_proxy_async_smem();  // the zeros before the stage's next TMA write
       __syncwarp();
+      if (lane == 0) mbar_arrive(&empty[stage]);
+      if (++stage == S) stage = 0, phase ^= 1;
     }
-    st.template attend<Cfg, kDtype>(p, sQ, sK0 + stage * Cfg::kTileElems, sV, n0, key0, pad, end, lane);
-    if (edge) fence_proxy_async_smem();  // the zeros before the stage's next TMA write
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&empty[stage]);
-  }
-  // Every consumer warp has seen every tile land, so no copy is in flight: reuse the stages.
-  named_barrier_sync(1, Cfg::kConsumerThreads);
+    // Every consumer warp has seen every tile land, so no copy is in flight: reuse the stages.
+    named_barrier_sync(1, Cfg::kConsumerThreads);
+  };
   float* merge_smem = reinterpret_cast<float*>(sK0);
-  const auto consumers_sync = [] { cuda_detail::named_barrier_sync(1, DecodeSm90Config<kHeadDim>::kConsumerThreads); };
-  if (!p.cluster_combine) {
+  const auto consumers_sync = [] { cuda_detail::named_barrier_sync(1, Cfg::kConsumerThreads); };
+  // The warps' states merged into the output, or into this split's partial state.
+  auto merge_and_store = [&](const auto& st) {
+    if (!p.cluster_combine) {
+      decode_merge_warps<kHeadDim>(p, st, merge_smem, mb, threadIdx.x, consumers_sync,
+                                   [&](int r, int c, float val, float lse) {
+                                     decode_store_value<kDtype>(p, b, kvh, mb * kDecodeRows + r, split, c, val, lse);
+                                   });
+      return;
+    }
+    // The splits of this (b, kvh, mb) are one cluster: each CTA leaves its partial state in its
+    // own shared memory, then every CTA merges a share of the values from all of them.
+    float* part_o = merge_smem + Cfg::kPartFloats;      // [row][kHeadDim]
+    float* part_lse = part_o + kDecodeRows * kHeadDim;  // [row]
     decode_merge_warps<kHeadDim>(p, st, merge_smem, mb, threadIdx.x, consumers_sync,
                                  [&](int r, int c, float val, float lse) {
-                                   decode_store_value<kDtype>(p, b, kvh, mb * kDecodeRows + r, split, c, val, lse);
+                                   part_o[r * kHeadDim + c] = val;
+                                   if (c == 0) part_lse[r] = lse;
                                  });
-    return;
+    cluster_sync();
+    decode_cluster_combine<kHeadDim, kDtype>(p, part_o, part_lse, b, kvh, mb, split, threadIdx.x);
+    cluster_sync();  // no CTA leaves while another may still read its shared memory
+  };
+  if (rows_total <= kDecodeNarrowRows) {  // then mb = 0
+    DecodeWarpStateNarrow<kHeadDim> st;
+    st.init(p, b, kvh, pad, end, lane);
+    st.bind_layout(kv, key0, lane);
+    st.template load_q<Cfg>(sQ, lane);
+    stream_tiles(st);
+    merge_and_store(st);
+  } else {
+    DecodeWarpState<kHeadDim> st;
+    st.init(p, b, kvh, mb, end, lane / 4);
+    stream_tiles(st);
+    merge_and_store(st);
   }
-  // The splits of this (b, kvh, mb) are one cluster: each CTA leaves its partial state in its own
-  // shared memory, then every CTA merges a share of the values from all of them.
-  float* part_o = merge_smem + Cfg::kPartFloats;   // [row][kHeadDim]
-  float* part_lse = part_o + kDecodeRows * kHeadDim;  // [row]
-  decode_merge_warps<kHeadDim>(p, st, merge_smem, mb, threadIdx.x, consumers_sync,
-                               [&](int r, int c, float val, float lse) {
-                                 part_o[r * kHeadDim + c] = val;
-                                 if (c == 0) part_lse[r] = lse;
-                               });
-  cluster_sync();
-  decode_cluster_combine<kHeadDim, kDtype>(p, part_o, part_lse, b, kvh, mb, split, threadIdx.x);
-  cluster_sync();  // no CTA leaves while another may still read its shared memory
 #endif
 }
 
@@ -305,17 +347,26 @@ void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
   DecodeTmaParams tp;
   tp.p = p;
   tp.box_rows = decode_tma_box_rows(p.page_size);
-  // Dims: head_dim x slots per row x heads_kv x rows (pages, or contiguous cache rows).
+  tp.box_run_shift = 0;
+  while ((1 << tp.box_run_shift) < tp.box_rows) ++tp.box_run_shift;
+  const bool whole_rows = p.head_dim == kHeadDim;
+  tp.box_blocks = whole_rows ? Cfg::kColBlocks : 1;
   const bool paged = p.page_size > 0;
   const std::int64_t slots = paged ? p.page_size : p.cache_len;
   const std::int64_t rows = paged ? p.num_pages : p.cache_rows;
-  tp.k_map = cuda_detail::make_tensor_map_4d_u16(p.k_cache, p.head_dim, slots, p.k_row_stride, p.heads_kv,
-                                                 p.k_head_stride, rows, p.k_batch_stride, 64, tp.box_rows);
-  tp.v_map = cuda_detail::make_tensor_map_4d_u16(p.v_cache, p.head_dim, slots, p.v_row_stride, p.heads_kv,
-                                                 p.v_head_stride, rows, p.v_batch_stride, 64, tp.box_rows);
+  const int box[5] = {64, tp.box_rows, tp.box_blocks, 1, 1};
+  const std::int64_t dims[5] = {whole_rows ? 64 : p.head_dim, slots, tp.box_blocks, p.heads_kv, rows};
+  const std::int64_t k_strides[5] = {1, p.k_row_stride, 64, p.k_head_stride, p.k_batch_stride};
+  const std::int64_t v_strides[5] = {1, p.v_row_stride, 64, p.v_head_stride, p.v_batch_stride};
+  // L2 promotion to 128 bytes, not 256 (with evict-first reads): 256 was measured slower, both
+  // when a box took one 64-column block (4.04 against 4.49 TB/s at batch 128 / 8k) and with the
+  // boxes over both blocks (MHA batch 32 / 8k 1041 against 960 us; bench/NOTES.md).
+  tp.k_map = cuda_detail::make_tensor_map_5d_u16(p.k_cache, dims, k_strides, box, cuda_detail::TmaL2Promotion::k128B);
+  tp.v_map = cuda_detail::make_tensor_map_5d_u16(p.v_cache, dims, v_strides, box, cuda_detail::TmaL2Promotion::k128B);
   launch_kernel(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p.dependent_launch && p.after_append, tp,
                 p.cluster_combine ? p.num_splits : 1);
 }
+
 
 #define FASTATTN_INSTANTIATE_DECODE_SM90(D, T) \
   template void launch_decode_sm90<D, T>(const DecodeParams&, cudaStream_t);

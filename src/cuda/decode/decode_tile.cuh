@@ -51,12 +51,12 @@ struct DecodeWarpState {
   }
 
   /// Attends the warp's 16 keys (rows key0 .. key0 + 15 of the staged tile, slots n0 + key0 ...)
-  /// with Q. Cfg::q_offset(row, chunk) addresses sQ, Cfg::kv_offset(row, chunk) sK and sV
-  /// (elements; chunk = 8 elements).
-  template <class Cfg, Dtype kDtype>
+  /// with Q. Cfg::q_offset(row, chunk) addresses sQ, kv.offset(row, chunk) sK and sV (elements;
+  /// chunk = 8 elements).
+  template <class Cfg, Dtype kDtype, class KvLayout>
   __device__ __forceinline__ void attend(const DecodeParams& p, const std::uint16_t* sQ,
-                                         const std::uint16_t* sK, const std::uint16_t* sV, int n0,
-                                         int key0, int pad, int end, int lane) {
+                                         const std::uint16_t* sK, const std::uint16_t* sV, const KvLayout& kv,
+                                         int n0, int key0, int pad, int end, int lane) {
     using Traits = cuda_prefill::ElementTraits<kDtype>;
     constexpr float kLog2e = 1.4426950408889634f;
     const int t = lane % 4;
@@ -70,7 +70,7 @@ struct DecodeWarpState {
           *reinterpret_cast<const cute::uint128_t*>(sQ + Cfg::q_offset((lane % 8) + ((lane / 8) % 2) * 8, ks * 2 + lane / 16)),
           a[0], a[1], a[2], a[3]);
       cute::SM75_U32x4_LDSM_N::copy(
-          *reinterpret_cast<const cute::uint128_t*>(sK + Cfg::kv_offset(key0 + (lane % 8) + ((lane / 8) / 2) * 8, ks * 2 + (lane / 8) % 2)),
+          *reinterpret_cast<const cute::uint128_t*>(sK + kv.offset(key0 + (lane % 8) + ((lane / 8) / 2) * 8, ks * 2 + (lane / 8) % 2)),
           bk[0], bk[1], bk[2], bk[3]);
       Traits::Mma::fma(s[0][0], s[0][1], s[0][2], s[0][3], a[0], a[1], a[2], a[3], bk[0], bk[1],
                        s[0][0], s[0][1], s[0][2], s[0][3]);
@@ -149,12 +149,33 @@ struct DecodeWarpState {
     for (int dp = 0; dp < kHeadDim / 16; ++dp) {
       std::uint32_t bv[4];
       cute::SM75_U16x8_LDSM_T::copy(
-          *reinterpret_cast<const cute::uint128_t*>(sV + Cfg::kv_offset(key0 + (lane % 8) + ((lane / 8) % 2) * 8, dp * 2 + (lane / 8) / 2)),
+          *reinterpret_cast<const cute::uint128_t*>(sV + kv.offset(key0 + (lane % 8) + ((lane / 8) % 2) * 8, dp * 2 + (lane / 8) / 2)),
           bv[0], bv[1], bv[2], bv[3]);
       float* o0 = acc_o[2 * dp];
       float* o1 = acc_o[2 * dp + 1];
       Traits::Mma::fma(o0[0], o0[1], o0[2], o0[3], pa[0], pa[1], pa[2], pa[3], bv[0], bv[1], o0[0], o0[1], o0[2], o0[3]);
       Traits::Mma::fma(o1[0], o1[1], o1[2], o1[3], pa[0], pa[1], pa[2], pa[3], bv[2], bv[3], o1[0], o1[1], o1[2], o1[3]);
+    }
+  }
+
+  /// decode_merge_warps' first step: this warp's O rows, max and sum of the CTA's `rows` rows into
+  /// mO [row][stride] / mM / mL (this warp's slices).
+  template <int kStride>
+  __device__ __forceinline__ void store_for_merge(float* mO, float* mM, float* mL, int rows, int lane) const {
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int r = g + hr * 8;
+      const float sum = cuda_prefill::quad_sum(row_sum[hr]);
+      if (r >= rows) continue;
+      if (t == 0) {
+        mM[r] = row_max[hr];
+        mL[r] = sum;
+      }
+      float* orow = mO + r * kStride;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt)
+        *reinterpret_cast<float2*>(orow + dt * 8 + 2 * t) = make_float2(acc_o[dt][hr * 2], acc_o[dt][hr * 2 + 1]);
     }
   }
 };
@@ -201,7 +222,7 @@ __device__ __forceinline__ void decode_store_value(const DecodeParams& p, int b,
   }
 }
 
-/// Merges the kDecodeWarps warps' states through `merge_smem` (decode_merge_bytes() bytes, free
+/// Merges the kDecodeWarps warps' states (DecodeWarpState or DecodeWarpStateNarrow) through `merge_smem` (decode_merge_bytes() bytes, free
 /// for reuse) and hands every value of the CTA's rows to `store(r, c, val, lse)` (r: row of the
 /// CTA's block, c < head_dim; val normalised, lse the row's natural-log LSE). `sync` is a barrier
 /// over the kDecodeWarps * 32 consumer threads (thread index `tid`); the caller has synchronised
@@ -212,31 +233,19 @@ __device__ __forceinline__ void decode_store_value(const DecodeParams& p, int b,
 /// output value is a 4-term dot product. (Computing the weights per value, as before, cost a
 /// division, four exponentials and a logarithm per value: ~2.5 us per CTA, traced.) Rows past
 /// the CTA's packed rows are neither stored nor merged.
-template <int kHeadDim, class Sync, class Store>
-__device__ __forceinline__ void decode_merge_warps(const DecodeParams& p, const DecodeWarpState<kHeadDim>& st,
-                                                   float* merge_smem, int mb, int tid, Sync sync, Store store) {
-  constexpr int DT = kHeadDim / 8, kThreads = kDecodeWarps * 32, kStride = decode_merge_row_stride<kHeadDim>();
-  const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+template <int kHeadDim, class State, class Sync, class Store>
+__device__ __forceinline__ void decode_merge_warps(const DecodeParams& p, const State& st, float* merge_smem, int mb,
+                                                   int tid, Sync sync, Store store) {
+  constexpr int kThreads = kDecodeWarps * 32, kStride = decode_merge_row_stride<kHeadDim>();
+  const int warp = tid / 32, lane = tid % 32;
   const int rows = min(kDecodeRows, p.group * p.seqlen_q - mb * kDecodeRows);  // packed rows of the CTA
   float* mO = merge_smem;                                   // [warp][row][kStride]
   float* mM = mO + kDecodeWarps * kDecodeRows * kStride;    // [warp][row] max (log2)
   float* mL = mM + kDecodeWarps * kDecodeRows;              // [warp][row] sum
   float* mW = mL + kDecodeWarps * kDecodeRows;              // [warp][row] merge weight
   float* mLse = mW + kDecodeWarps * kDecodeRows;            // [row] natural-log LSE
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const int r = g + hr * 8;
-    const float sum = cuda_prefill::quad_sum(st.row_sum[hr]);
-    if (r >= rows) continue;
-    if (t == 0) {
-      mM[warp * kDecodeRows + r] = st.row_max[hr];
-      mL[warp * kDecodeRows + r] = sum;
-    }
-    float* orow = mO + (warp * kDecodeRows + r) * kStride;
-#pragma unroll
-    for (int dt = 0; dt < DT; ++dt)
-      *reinterpret_cast<float2*>(orow + dt * 8 + 2 * t) = make_float2(st.acc_o[dt][hr * 2], st.acc_o[dt][hr * 2 + 1]);
-  }
+  st.template store_for_merge<kStride>(mO + warp * kDecodeRows * kStride, mM + warp * kDecodeRows,
+                                       mL + warp * kDecodeRows, rows, lane);
   sync();
   constexpr float kLn2 = 0.6931471805599453f;
   if (tid < rows) {

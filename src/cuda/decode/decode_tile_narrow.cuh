@@ -1,0 +1,264 @@
+// The decode math for CTAs of at most 8 packed query rows (GQA groups of <= 8 heads at Sq = 1, and
+// MHA), with the keys on the MMA's M side: S^T = K Q^T and O^T += V^T P^T on m16n8k16.
+//
+// Why: a CTA streaming a small batch is bound by its consumer warps' instruction stream, not by
+// memory: one warp per scheduler issues about one instruction every 4.5 cycles, and a 64-key tile
+// cost ~280 instructions per warp (~0.67 us per tile at head_dim 128 on the H200, whatever the
+// bytes or the pipeline depth; bench/NOTES.md). DecodeWarpState puts the query rows on the M
+// side, 16 rows of which a GQA-4 CTA fills 4 and an MHA CTA 1. Here the 8 query rows are the N
+// side: 16 MMAs per warp and tile instead of 32, Q stays in registers (no Q ldmatrix per tile),
+// the two halves of the head_dim sum run as two independent MMA chains, the ldmatrix addresses
+// are a per-lane base XOR an immediate (the 128-byte swizzle), and the O rescale is skipped when
+// no row's max grew (a multiplication by exactly 1).
+//
+// Fragments (m16n8k16, g = lane / 4, t = lane % 4):
+//   S^T (16 keys x 8 rows): s[0], s[1] = (key g, rows 2t, 2t + 1); s[2], s[3] = (key g + 8, ...)
+//   O^T (16 dims x 8 rows) per 16-dim tile mt: acc_o[mt][0..1] = (dim 16 mt + g, rows 2t, 2t + 1),
+//   acc_o[mt][2..3] = (dim 16 mt + g + 8, rows 2t, 2t + 1).
+// P^T as the B operand needs (keys 2t, 2t + 1; row g): the transpose of the S^T fragment, done
+// in registers by movmatrix.
+#pragma once
+
+#include <climits>
+
+#include <cute/arch/copy_sm75.hpp>
+
+#include "cuda/common/mbarrier.cuh"
+
+#include "cuda/decode/decode_tile.cuh"
+
+namespace fastattn::cuda_decode {
+
+/// The most packed query rows a CTA may have for DecodeWarpStateNarrow (the MMA's N).
+constexpr int kDecodeNarrowRows = 8;
+
+/// Transposes the 8 x 8 16-bit matrix whose fragment the warp holds (lane: row lane / 4, columns
+/// 2 (lane % 4) and + 1) into the fragment of its transpose.
+__device__ __forceinline__ std::uint32_t movmatrix_trans(std::uint32_t x) {
+  std::uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+  return y;
+}
+
+/// ldmatrix.x4 (optionally .trans) from the shared-memory byte address `addr`. Volatile, like
+/// every shared-memory access after an mbarrier wait: not hoisted above the wait.
+__device__ __forceinline__ void ldsm_x4(std::uint32_t addr, std::uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.x4.m8n8.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_trans(std::uint32_t addr, std::uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.x4.trans.m8n8.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+/// Max over the 8 lanes with the same lane % 4 (the g bits).
+__device__ __forceinline__ float key_lanes_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 4));
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 8));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 16));
+}
+__device__ __forceinline__ float key_lanes_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 4);
+  x += __shfl_xor_sync(0xffffffffu, x, 8);
+  return x + __shfl_xor_sync(0xffffffffu, x, 16);
+}
+
+/// One warp's state over the CTA's (<= 8) packed rows: O^T fragments, Q^T fragments, and per
+/// lane the running max (log2 domain) and this lane's share of the sum for rows 2t and 2t + 1.
+template <int kHeadDim>
+struct DecodeWarpStateNarrow {
+  static constexpr int KS = kHeadDim / 16;  ///< k16 steps of Q K^T, and 16-dim tiles of O^T
+  float acc_o[KS][4];
+  std::uint32_t q_frag[KS][2];  ///< B fragments of Q^T: (dims 16 ks + 2t .., row g), (+ 8 ..)
+  float row_max[2], row_sum[2];
+  int q_slot[2];
+  bool row_ok[2];
+  float slope[2];
+  // Byte offsets in a stage of the lane's ldmatrix row for K (k16 step 0) and V (dims 0-15), and
+  // between 64-column blocks; see bind_layout.
+  std::uint32_t k_lane, v_lane, block_bytes;
+  // A warp's 16 keys [k, k + 15] need no per-score masks when plain_lo <= k and k + 15 <= plain_hi
+  // (plain_lo = INT_MAX with a softcap or ALiBi).
+  int plain_lo, plain_hi;
+  float scale_log2;  ///< softmax scale * log2(e)
+
+  __device__ __forceinline__ void init(const DecodeParams& p, int b, int kvh, int pad, int end, int lane) {
+    const int rows_total = p.group * p.seqlen_q;
+    // Every row sits at or after end - Sq, so the window's bounds for the whole block are those of
+    // its first (left) and last (right) query row.
+    plain_lo = p.softcap > 0.0f || p.alibi ? INT_MAX : pad;
+    if (p.window_left >= 0) plain_lo = max(plain_lo, end - 1 - p.window_left);
+    plain_hi = end - 1;
+    scale_log2 = p.scale * 1.4426950408889634f;
+    if (p.window_right >= 0) plain_hi = min(plain_hi, end - p.seqlen_q + p.window_right);
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int pm = 2 * (lane % 4) + e;
+      row_ok[e] = pm < rows_total;
+      const int i = row_ok[e] ? pm % p.seqlen_q : 0;
+      const int h = kvh * p.group + (row_ok[e] ? pm / p.seqlen_q : 0);
+      q_slot[e] = end - p.seqlen_q + i;
+      slope[e] = p.alibi ? p.alibi[b * p.alibi_batch_stride + h] : 0.0f;
+      row_max[e] = -INFINITY;
+      row_sum[e] = 0.0f;
+    }
+#pragma unroll
+    for (int mt = 0; mt < KS; ++mt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[mt][e] = 0.0f;
+  }
+
+  /// The ldmatrix addresses of this lane for a stage laid out by `kv` (a 128-byte-swizzled layout
+  /// whose 64-column blocks are block_bytes apart and whose rows start on 128 bytes): chunk c of a
+  /// row sits at chunk (c ^ row) & 7 of its block, so with c = 2j + h (j < 4) the address is the
+  /// h-chunk's address XOR 32 j bytes.
+  template <class KvLayout>
+  __device__ __forceinline__ void bind_layout(const KvLayout& kv, int key0, int lane) {
+    k_lane = 2 * kv.offset(key0 + (lane % 8) + ((lane / 8) % 2) * 8, lane / 16);
+    v_lane = 2 * kv.offset(key0 + (lane % 8) + (lane / 16) * 8, (lane / 8) % 2);
+    block_bytes = 2 * (kv.offset(0, 8) - kv.offset(0, 0));
+    // Opaque to the compiler: kept in registers, not recomputed from the thread index every tile
+    // (it did, ~20 instructions per tile).
+    asm volatile("" : "+r"(k_lane), "+r"(v_lane), "+r"(block_bytes));
+  }
+
+  /// Q^T fragments from the staged Q (rows past the CTA's are zeros): matrices j = 0..3 of an
+  /// ldmatrix.x4 are rows 0..7 at 16-byte chunks 4i + j, i.e. the two halves of k16 steps 2i and
+  /// 2i + 1.
+  template <class Cfg>
+  __device__ __forceinline__ void load_q(const std::uint16_t* sQ, int lane) {
+#pragma unroll
+    for (int i = 0; i < KS / 2; ++i)
+      cute::SM75_U32x4_LDSM_N::copy(
+          *reinterpret_cast<const cute::uint128_t*>(sQ + Cfg::q_offset(lane % 8, 4 * i + lane / 8)),
+          q_frag[2 * i][0], q_frag[2 * i][1], q_frag[2 * i + 1][0], q_frag[2 * i + 1][1]);
+  }
+
+  /// Attends the warp's 16 keys (rows key0 .. key0 + 15 of the staged tile, slots n0 + key0 ...),
+  /// addressed as bind_layout said. sQ and kv are unused (Q is in q_frag); the signature matches
+  /// DecodeWarpState::attend.
+  template <class Cfg, Dtype kDtype, class KvLayout>
+  __device__ __forceinline__ void attend(const DecodeParams& p, const std::uint16_t* /*sQ*/,
+                                         const std::uint16_t* sK, const std::uint16_t* sV, const KvLayout& /*kv*/,
+                                         int n0, int key0, int pad, int end, int lane) {
+    using Traits = cuda_prefill::ElementTraits<kDtype>;
+    constexpr float kLog2e = 1.4426950408889634f;
+    const int g = lane / 4;
+
+    // S^T = K Q^T: even and odd k16 steps in two chains, summed after.
+    const std::uint32_t k_addr = cuda_detail::smem_u32(sK) + k_lane;
+    float c[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      std::uint32_t a[4];
+      ldsm_x4((k_addr + (ks / 4) * block_bytes) ^ ((ks % 4) * 32), a);
+      float* d = c[ks % 2];
+      Traits::Mma::fma(d[0], d[1], d[2], d[3], a[0], a[1], a[2], a[3], q_frag[ks][0], q_frag[ks][1], d[0], d[1],
+                       d[2], d[3]);
+    }
+    float s[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) s[j] = c[0][j] + c[1][j];
+
+    // Mask, softcap, ALiBi, online softmax per row 2t + e over the warp's 16 keys (as in
+    // DecodeWarpState::attend; `plain`: no per-score masks).
+    const int k_first = n0 + key0;
+    const bool plain = k_first >= plain_lo && k_first + Cfg::kWarpKeys - 1 <= plain_hi;
+    float tile_max[2];
+    if (plain) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) s[j] *= scale_log2;
+#pragma unroll
+      for (int e = 0; e < 2; ++e) tile_max[e] = fmaxf(s[e], s[2 + e]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        tile_max[e] = -INFINITY;
+#pragma unroll
+        for (int kh = 0; kh < 2; ++kh) {
+          const int slot = k_first + g + 8 * kh;
+          float x = s[2 * kh + e] * p.scale;
+          if (p.softcap > 0.0f) x = p.softcap * tanhf(x / p.softcap);
+          x -= slope[e] * fabsf(float(q_slot[e] - slot));
+          const bool visible = row_ok[e] && slot >= pad && slot < end &&
+                               (p.window_left < 0 || slot >= q_slot[e] - p.window_left) &&
+                               (p.window_right < 0 || slot <= q_slot[e] + p.window_right);
+          x = visible ? x * kLog2e : -INFINITY;
+          s[2 * kh + e] = x;
+          tile_max[e] = fmaxf(tile_max[e], x);
+        }
+      }
+    }
+    float m_new[2];
+    bool grew = false;
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      m_new[e] = fmaxf(row_max[e], key_lanes_max(tile_max[e]));
+      grew |= m_new[e] != row_max[e];
+    }
+    // A row whose max did not grow has factor exactly 1: skip the multiplications when no row of
+    // the warp grew (most tiles once the max has settled).
+    if (__any_sync(0xffffffffu, grew)) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float factor = m_new[e] == -INFINITY ? 1.0f : cuda_prefill::fast_exp2(row_max[e] - m_new[e]);
+        row_sum[e] *= factor;
+#pragma unroll
+        for (int mt = 0; mt < KS; ++mt) {
+          acc_o[mt][e] *= factor;
+          acc_o[mt][2 + e] *= factor;
+        }
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      row_max[e] = m_new[e];
+      const float m_use = m_new[e] == -INFINITY ? 0.0f : m_new[e];
+#pragma unroll
+      for (int kh = 0; kh < 2; ++kh) {
+        const float pv = cuda_prefill::fast_exp2(s[2 * kh + e] - m_use);
+        s[2 * kh + e] = pv;
+        row_sum[e] += pv;
+      }
+    }
+
+    // O^T += V^T P^T: P^T's B fragments are the transposed S^T fragments of keys 0-7 and 8-15.
+    const std::uint32_t b0 = movmatrix_trans(Traits::pack(s[0], s[1]));
+    const std::uint32_t b1 = movmatrix_trans(Traits::pack(s[2], s[3]));
+    const std::uint32_t v_addr = cuda_detail::smem_u32(sV) + v_lane;
+#pragma unroll
+    for (int mt = 0; mt < KS; ++mt) {
+      std::uint32_t a[4];
+      ldsm_x4_trans((v_addr + (mt / 4) * block_bytes) ^ ((mt % 4) * 32), a);
+      float* o = acc_o[mt];
+      Traits::Mma::fma(o[0], o[1], o[2], o[3], a[0], a[1], a[2], a[3], b0, b1, o[0], o[1], o[2], o[3]);
+    }
+  }
+
+  /// decode_merge_warps' first step: this warp's O rows, max and sum of the CTA's `rows` rows into
+  /// mO [row][stride] / mM / mL (this warp's slices).
+  template <int kStride>
+  __device__ __forceinline__ void store_for_merge(float* mO, float* mM, float* mL, int rows, int lane) const {
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int r = 2 * t + e;
+      const float sum = key_lanes_sum(row_sum[e]);
+      if (r >= rows) continue;
+      if (g == 0) {
+        mM[r] = row_max[e];
+        mL[r] = sum;
+      }
+      float* orow = mO + r * kStride;
+#pragma unroll
+      for (int mt = 0; mt < KS; ++mt) {
+        orow[16 * mt + g] = acc_o[mt][e];
+        orow[16 * mt + g + 8] = acc_o[mt][2 + e];
+      }
+    }
+  }
+};
+
+}  // namespace fastattn::cuda_decode
