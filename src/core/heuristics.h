@@ -34,4 +34,17 @@ inline int choose_num_splits_one_wave(std::int64_t work_items, std::int64_t max_
   return splits < 1 ? 1 : static_cast<int>(splits);
 }
 
+/// choose_num_splits_one_wave, kept only when splitting pays: the partial states and their merge
+/// cost about `split_cost_blocks` key blocks (of `block_keys` keys) of one CTA's streaming, so
+/// unless the split takes more blocks than that off each CTA, one split.
+inline int choose_num_splits_if_paying(std::int64_t work_items, std::int64_t max_seqlen_k, std::int64_t wave_ctas,
+                                       std::int64_t min_keys_per_split, int max_splits, std::int64_t block_keys,
+                                       std::int64_t split_cost_blocks) {
+  const int splits = choose_num_splits_one_wave(work_items, max_seqlen_k, wave_ctas, min_keys_per_split, max_splits);
+  if (splits <= 1) return 1;
+  const std::int64_t blocks = (max_seqlen_k + block_keys - 1) / block_keys;
+  const std::int64_t blocks_per_split = (blocks + splits - 1) / splits;
+  return blocks - blocks_per_split > split_cost_blocks ? splits : 1;
+}
+
 }  // namespace fastattn::core

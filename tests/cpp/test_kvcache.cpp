@@ -698,3 +698,14 @@ TEST(SplitHeuristics, ChooseNumSplitsOneWave) {
   EXPECT_EQ(choose_num_splits_one_wave(1, 1 << 30, 264, 128, 128), 128);  // capped
   EXPECT_EQ(choose_num_splits_one_wave(8, 0, 264, 128, 128), 1);        // empty cache
 }
+
+TEST(SplitHeuristics, ChooseNumSplitsIfPaying) {
+  using fastattn::core::choose_num_splits_if_paying;
+  // 16 blocks of 64 keys: 2 splits save 8 blocks per CTA, not more than the cost of 8: unsplit.
+  EXPECT_EQ(choose_num_splits_if_paying(64, 1024, 132, 128, 128, 64, 8), 1);
+  EXPECT_EQ(choose_num_splits_if_paying(8, 1024, 132, 128, 128, 64, 8), 8);     // 16 -> 2 blocks
+  EXPECT_EQ(choose_num_splits_if_paying(8, 8192, 132, 128, 128, 64, 8), 16);    // 128 -> 8 blocks
+  EXPECT_EQ(choose_num_splits_if_paying(64, 8192, 132, 128, 128, 64, 8), 2);    // 128 -> 64 blocks
+  EXPECT_EQ(choose_num_splits_if_paying(264, 32768, 132, 128, 128, 64, 8), 1);  // a full wave already
+  EXPECT_EQ(choose_num_splits_if_paying(64, 1024, 132, 128, 128, 64, 0), 2);    // no cost: as one_wave
+}

@@ -513,8 +513,8 @@ def test_num_splits_batch_invariant(seed, layout):
 CLUSTER_CONFIGS = {
     # batch 1, 8 KV heads, 1k keys: the heuristic's 8 splits, 64 CTAs (clusters of 8)
     "b1_gqa4_8splits": dict(B=1, Hq=32, Hkv=8, cache_len=1024, lens=[1023]),
-    # ragged batch of 3: 5 splits (clusters of 5), paged, causal with 2 query rows
-    "b3_ragged_5splits_paged16": dict(B=3, Hq=8, Hkv=2, cache_len=700, page=16, Sq=2, Snew=2, opt="causal"),
+    # ragged batch of 3: 7 splits (clusters of 7), paged, causal with 2 query rows
+    "b3_ragged_7splits_paged16": dict(B=3, Hq=8, Hkv=2, cache_len=1000, page=16, Sq=2, Snew=2, opt="causal"),
     # empty sequences inside a cluster: every split empty, LSE -inf
     "b2_some_empty": dict(B=2, Hq=8, Hkv=2, cache_len=1000, lens=[0, 999], Snew=0),
 }

@@ -155,7 +155,8 @@ int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int req
   const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
   const bool sm90 = use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size);
   const std::int64_t wave = std::int64_t(decode_split_wave_ctas_per_sm(p.head_dim, sm90)) * info.sm_count;
-  return core::choose_num_splits_one_wave(items, max_keys, wave, 2 * kDecodeBlockN, 128);
+  return core::choose_num_splits_if_paying(items, max_keys, wave, 2 * kDecodeBlockN, 128, kDecodeBlockN,
+                                           decode_split_cost_blocks(sm90));
 }
 
 SplitStateBytes split_state_bytes(const DecodeParams& p) {

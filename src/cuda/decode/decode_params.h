@@ -150,6 +150,13 @@ constexpr int decode_split_wave_ctas_per_sm(int head_dim, bool sm90_kernel) {
   return sm90_kernel ? 1 : decode_ctas_per_sm(head_dim, sm90_kernel);
 }
 
+/// What a split costs in 64-key tiles of one CTA's streaming, for the split heuristic: the sm_90
+/// kernel streams a tile in ~0.5 us per CTA at small batches, and on the H200 batch 8 / 1k (16
+/// tiles per sequence) ran 14.6 us unsplit against 16.1 us in 2 splits of 8 tiles (their partial
+/// states, the combine kernel and its launch), so a split must save more than 8 tiles per CTA.
+/// The cp.async kernel: 0 (not re-measured; any split that shortens a CTA is taken).
+constexpr int decode_split_cost_blocks(bool sm90_kernel) { return sm90_kernel ? 8 : 0; }
+
 /// Rows per TMA box of the sm_90 kernel for a cache of `page_size` slots per page (0: a
 /// contiguous cache): 64 (one box per 64-key tile and 64 columns) for contiguous caches and pages
 /// of a multiple of 64 slots, the page size for pages of 8, 16 or 32 slots, else 0 (that kernel
