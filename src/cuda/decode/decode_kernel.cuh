@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(128, 2) decode_kernel(const __grid_constant__ 
   for (int i = 0; i < S - 1; ++i) load_tile(t_begin + i);  // group 0 also carries Q
 
   DecodeWarpState<kHeadDim> st;
-  st.init(p, b, kvh, mb, end, g);
+  st.init(p, b, kvh, mb, pad, end, g);
 
   for (int tile = t_begin; tile < t_end; ++tile) {
     cute::cp_async_wait<S - 2>();  // this tile's group (and Q) landed

@@ -48,8 +48,7 @@ namespace fastattn::cuda_decode {
 struct DecodeTmaParams {
   DecodeParams p;
   CUtensorMap k_map, v_map;
-  int box_rows;       ///< R = decode_tma_box_rows(page_size): divides 64 and (paged) the page size
-  int box_run_shift;  ///< log2(R)
+  int box_run_shift;  ///< log2(R), R = decode_tma_box_rows(page_size): divides 64 and the page size
   int box_blocks;     ///< 64-column blocks per box: kColBlocks, or 1 (see above)
 };
 
@@ -179,7 +178,7 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
     // ---- producer: lane i < boxes loads box i of K and of V in every tile -----------------
     // Box i: rows run * R .. run * R + R - 1 of the tile, column blocks block * box_blocks ..
     // (block + 1) * box_blocks - 1 (all of them unless box_blocks = 1).
-    const int R = tp.box_rows;
+    const int R = 1 << tp.box_run_shift;
     const int boxes_per_run = Cfg::kColBlocks / tp.box_blocks;
     const int boxes = (BN / R) * boxes_per_run;
     const int run = lane / boxes_per_run, block = lane % boxes_per_run;
@@ -327,7 +326,7 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
     merge_and_store(st);
   } else {
     DecodeWarpState<kHeadDim> st;
-    st.init(p, b, kvh, mb, end, lane / 4);
+    st.init(p, b, kvh, mb, pad, end, lane / 4);
     stream_tiles(st);
     merge_and_store(st);
   }
@@ -346,15 +345,15 @@ void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
   DecodeTmaParams tp;
   tp.p = p;
-  tp.box_rows = decode_tma_box_rows(p.page_size);
+  const int box_rows = decode_tma_box_rows(p.page_size);
   tp.box_run_shift = 0;
-  while ((1 << tp.box_run_shift) < tp.box_rows) ++tp.box_run_shift;
+  while ((1 << tp.box_run_shift) < box_rows) ++tp.box_run_shift;
   const bool whole_rows = p.head_dim == kHeadDim;
   tp.box_blocks = whole_rows ? Cfg::kColBlocks : 1;
   const bool paged = p.page_size > 0;
   const std::int64_t slots = paged ? p.page_size : p.cache_len;
   const std::int64_t rows = paged ? p.num_pages : p.cache_rows;
-  const int box[5] = {64, tp.box_rows, tp.box_blocks, 1, 1};
+  const int box[5] = {64, box_rows, tp.box_blocks, 1, 1};
   const std::int64_t dims[5] = {whole_rows ? 64 : p.head_dim, slots, tp.box_blocks, p.heads_kv, rows};
   const std::int64_t k_strides[5] = {1, p.k_row_stride, 64, p.k_head_stride, p.k_batch_stride};
   const std::int64_t v_strides[5] = {1, p.v_row_stride, 64, p.v_head_stride, p.v_batch_stride};

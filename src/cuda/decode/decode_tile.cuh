@@ -8,6 +8,8 @@
 // sits at slot end - Sq + i (bottom-right alignment), which causal / window / ALiBi measure from.
 #pragma once
 
+#include <climits>
+
 #include <cute/arch/copy_sm75.hpp>
 
 #include "cuda/decode/decode_common.cuh"
@@ -18,6 +20,50 @@ namespace fastattn::cuda_decode {
 constexpr int kDecodeRows = kDecodeRowsPerCta;  ///< packed query rows per CTA: one m16 MMA tile
 constexpr int kDecodeWarps = 4;  ///< consumer warps; each takes 16 keys of every 64-key tile
 
+/// What the masks need of one packed query row of the CTA, and its scores through them.
+struct DecodeRowMask {
+  bool ok;      ///< the CTA has the row (else its query is zeros and it is never stored)
+  int q_slot;   ///< the row's query position in slot space: end - Sq + i
+  float slope;  ///< its ALiBi slope (0 without ALiBi)
+
+  /// Packed row pm of (b, kvh): query head kvh * group + pm / Sq, query row pm % Sq.
+  __device__ __forceinline__ void init(const DecodeParams& p, int b, int kvh, int pm, int end) {
+    ok = pm < p.group * p.seqlen_q;
+    const int i = ok ? pm % p.seqlen_q : 0;
+    const int h = kvh * p.group + (ok ? pm / p.seqlen_q : 0);
+    q_slot = end - p.seqlen_q + i;
+    slope = p.alibi ? p.alibi[b * p.alibi_batch_stride + h] : 0.0f;
+  }
+
+  /// Raw score q . k of key `slot` scaled, softcapped, with ALiBi and the masks (pad / end and
+  /// the window), in the log2 domain; -inf when the row may not see the key.
+  __device__ __forceinline__ float score(const DecodeParams& p, float raw, int slot, int pad, int end) const {
+    constexpr float kLog2e = 1.4426950408889634f;
+    float x = raw * p.scale;
+    if (p.softcap > 0.0f) x = p.softcap * tanhf(x / p.softcap);
+    x -= slope * fabsf(float(q_slot - slot));
+    const bool visible = ok && slot >= pad && slot < end && (p.window_left < 0 || slot >= q_slot - p.window_left) &&
+                         (p.window_right < 0 || slot <= q_slot + p.window_right);
+    return visible ? x * kLog2e : -INFINITY;
+  }
+};
+
+/// The keys [plain_lo, plain_hi] every row of a (b, kv head) sees with a plain scaled score: no
+/// softcap or ALiBi (else empty), inside [pad, end) and inside the window of every row. Rows sit
+/// at or after end - Sq, so the window's bounds are those of the first row (left) and the last
+/// (right).
+struct DecodePlainKeys {
+  int lo, hi;
+  __device__ __forceinline__ void init(const DecodeParams& p, int pad, int end) {
+    lo = p.softcap > 0.0f || p.alibi ? INT_MAX : pad;
+    if (p.window_left >= 0) lo = max(lo, end - 1 - p.window_left);
+    hi = end - 1;
+    if (p.window_right >= 0) hi = min(hi, end - p.seqlen_q + p.window_right);
+  }
+  /// Keys [first, last] need no per-score masks.
+  __device__ __forceinline__ bool covers(int first, int last) const { return first >= lo && last <= hi; }
+};
+
 /// One warp's state: the O accumulator fragments of its 16 rows (m16n8 layout, rows g and g + 8
 /// of the lane), the running max (log2 domain) and sum, and what the masks need per row.
 template <int kHeadDim>
@@ -25,22 +71,16 @@ struct DecodeWarpState {
   static constexpr int DT = kHeadDim / 8;
   float acc_o[DT][4];
   float row_max[2], row_sum[2];
-  int q_slot[2];
-  bool row_ok[2];
-  float slope[2];
+  DecodeRowMask row[2];  ///< lane rows g and g + 8
+  DecodePlainKeys plain_keys;
   bool upper_rows;  ///< the CTA has packed rows 8..15 (lane rows g + 8); else their P is just 0
 
-  __device__ __forceinline__ void init(const DecodeParams& p, int b, int kvh, int mb, int end, int g) {
-    const int rows_total = p.group * p.seqlen_q;
-    upper_rows = mb * kDecodeRows + 8 < rows_total;
+  __device__ __forceinline__ void init(const DecodeParams& p, int b, int kvh, int mb, int pad, int end, int g) {
+    upper_rows = mb * kDecodeRows + 8 < p.group * p.seqlen_q;
+    plain_keys.init(p, pad, end);
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
-      const int pm = mb * kDecodeRows + g + hr * 8;
-      row_ok[hr] = pm < rows_total;
-      const int i = row_ok[hr] ? pm % p.seqlen_q : 0;
-      const int h = kvh * p.group + (row_ok[hr] ? pm / p.seqlen_q : 0);
-      q_slot[hr] = end - p.seqlen_q + i;
-      slope[hr] = p.alibi ? p.alibi[b * p.alibi_batch_stride + h] : 0.0f;
+      row[hr].init(p, b, kvh, mb * kDecodeRows + g + hr * 8, end);
       row_max[hr] = -INFINITY;
       row_sum[hr] = 0.0f;
     }
@@ -84,10 +124,7 @@ struct DecodeWarpState {
     // Otherwise every score takes the general path. Rows 8..15 are skipped when the CTA has none
     // (GQA groups of <= 8 heads at Sq = 1): half the softmax work.
     const int slot_base = n0 + key0 + 2 * t;
-    const int k_first = n0 + key0, k_last = k_first + Cfg::kWarpKeys - 1;
-    const bool plain = p.softcap <= 0.0f && !p.alibi && k_first >= pad && k_last < end &&
-                       (p.window_left < 0 || k_first >= end - 1 - p.window_left) &&
-                       (p.window_right < 0 || k_last <= end - p.seqlen_q + p.window_right);
+    const bool plain = plain_keys.covers(n0 + key0, n0 + key0 + Cfg::kWarpKeys - 1);
     const float scale_log2 = p.scale * kLog2e;
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
@@ -109,14 +146,7 @@ struct DecodeWarpState {
         for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const int slot = slot_base + nt * 8 + e;
-            float x = s[nt][hr * 2 + e] * p.scale;
-            if (p.softcap > 0.0f) x = p.softcap * tanhf(x / p.softcap);
-            x -= slope[hr] * fabsf(float(q_slot[hr] - slot));
-            const bool visible = row_ok[hr] && slot >= pad && slot < end &&
-                                 (p.window_left < 0 || slot >= q_slot[hr] - p.window_left) &&
-                                 (p.window_right < 0 || slot <= q_slot[hr] + p.window_right);
-            x = visible ? x * kLog2e : -INFINITY;
+            const float x = row[hr].score(p, s[nt][hr * 2 + e], slot_base + nt * 8 + e, pad, end);
             s[nt][hr * 2 + e] = x;
             tile_max = fmaxf(tile_max, x);
           }

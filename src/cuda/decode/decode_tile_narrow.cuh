@@ -19,8 +19,6 @@
 // in registers by movmatrix.
 #pragma once
 
-#include <climits>
-
 #include <cute/arch/copy_sm75.hpp>
 
 #include "cuda/common/mbarrier.cuh"
@@ -73,34 +71,19 @@ struct DecodeWarpStateNarrow {
   float acc_o[KS][4];
   std::uint32_t q_frag[KS][2];  ///< B fragments of Q^T: (dims 16 ks + 2t .., row g), (+ 8 ..)
   float row_max[2], row_sum[2];
-  int q_slot[2];
-  bool row_ok[2];
-  float slope[2];
+  DecodeRowMask row[2];  ///< lane rows 2t and 2t + 1
   // Byte offsets in a stage of the lane's ldmatrix row for K (k16 step 0) and V (dims 0-15), and
   // between 64-column blocks; see bind_layout.
   std::uint32_t k_lane, v_lane, block_bytes;
-  // A warp's 16 keys [k, k + 15] need no per-score masks when plain_lo <= k and k + 15 <= plain_hi
-  // (plain_lo = INT_MAX with a softcap or ALiBi).
-  int plain_lo, plain_hi;
+  DecodePlainKeys plain_keys;
   float scale_log2;  ///< softmax scale * log2(e)
 
   __device__ __forceinline__ void init(const DecodeParams& p, int b, int kvh, int pad, int end, int lane) {
-    const int rows_total = p.group * p.seqlen_q;
-    // Every row sits at or after end - Sq, so the window's bounds for the whole block are those of
-    // its first (left) and last (right) query row.
-    plain_lo = p.softcap > 0.0f || p.alibi ? INT_MAX : pad;
-    if (p.window_left >= 0) plain_lo = max(plain_lo, end - 1 - p.window_left);
-    plain_hi = end - 1;
+    plain_keys.init(p, pad, end);
     scale_log2 = p.scale * 1.4426950408889634f;
-    if (p.window_right >= 0) plain_hi = min(plain_hi, end - p.seqlen_q + p.window_right);
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      const int pm = 2 * (lane % 4) + e;
-      row_ok[e] = pm < rows_total;
-      const int i = row_ok[e] ? pm % p.seqlen_q : 0;
-      const int h = kvh * p.group + (row_ok[e] ? pm / p.seqlen_q : 0);
-      q_slot[e] = end - p.seqlen_q + i;
-      slope[e] = p.alibi ? p.alibi[b * p.alibi_batch_stride + h] : 0.0f;
+      row[e].init(p, b, kvh, 2 * (lane % 4) + e, end);
       row_max[e] = -INFINITY;
       row_sum[e] = 0.0f;
     }
@@ -144,7 +127,6 @@ struct DecodeWarpStateNarrow {
                                          const std::uint16_t* sK, const std::uint16_t* sV, const KvLayout& /*kv*/,
                                          int n0, int key0, int pad, int end, int lane) {
     using Traits = cuda_prefill::ElementTraits<kDtype>;
-    constexpr float kLog2e = 1.4426950408889634f;
     const int g = lane / 4;
 
     // S^T = K Q^T: even and odd k16 steps in two chains, summed after.
@@ -165,7 +147,7 @@ struct DecodeWarpStateNarrow {
     // Mask, softcap, ALiBi, online softmax per row 2t + e over the warp's 16 keys (as in
     // DecodeWarpState::attend; `plain`: no per-score masks).
     const int k_first = n0 + key0;
-    const bool plain = k_first >= plain_lo && k_first + Cfg::kWarpKeys - 1 <= plain_hi;
+    const bool plain = plain_keys.covers(k_first, k_first + Cfg::kWarpKeys - 1);
     float tile_max[2];
     if (plain) {
 #pragma unroll
@@ -178,14 +160,7 @@ struct DecodeWarpStateNarrow {
         tile_max[e] = -INFINITY;
 #pragma unroll
         for (int kh = 0; kh < 2; ++kh) {
-          const int slot = k_first + g + 8 * kh;
-          float x = s[2 * kh + e] * p.scale;
-          if (p.softcap > 0.0f) x = p.softcap * tanhf(x / p.softcap);
-          x -= slope[e] * fabsf(float(q_slot[e] - slot));
-          const bool visible = row_ok[e] && slot >= pad && slot < end &&
-                               (p.window_left < 0 || slot >= q_slot[e] - p.window_left) &&
-                               (p.window_right < 0 || slot <= q_slot[e] + p.window_right);
-          x = visible ? x * kLog2e : -INFINITY;
+          const float x = row[e].score(p, s[2 * kh + e], k_first + g + 8 * kh, pad, end);
           s[2 * kh + e] = x;
           tile_max[e] = fmaxf(tile_max[e], x);
         }
