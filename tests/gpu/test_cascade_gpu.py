@@ -24,8 +24,6 @@ with and without a usable workspace_buffer), CUDA-graph capture of wrapper.forwa
 new q, and the CUDA-only errors.
 """
 
-import math
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -36,6 +34,7 @@ from fastattn.cascade import (BatchDecodeWithSharedPrefixPagedKVCacheWrapper,  #
                               BatchPrefillWithSharedPrefixPagedKVCacheWrapper)
 
 import gpu_reference as R  # noqa: E402
+from gpu_helpers import cumsum0, i32, nan_full, randn, warm_and_capture  # noqa: E402
 
 DEV = "cuda"
 DTYPES = [torch.float16, torch.bfloat16]
@@ -44,25 +43,6 @@ FACTOR = 3.0  # FlashAttention's KV-cache factor (see the module notes)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
-
-
-def randn(*shape, dtype):
-    return torch.randn(*shape, device=DEV, dtype=dtype)
-
-
-def nan_full(shape, dtype):
-    return torch.full(tuple(shape), float("nan"), device=DEV, dtype=dtype)
-
-
-def i32(values):
-    return torch.tensor([int(x) for x in values], dtype=torch.int32, device=DEV)
-
-
-def cumsum0(lens):
-    out = [0]
-    for n in lens:
-        out.append(out[-1] + int(n))
-    return out
 
 
 def make_options(rng, name, batch, heads):
@@ -464,20 +444,6 @@ def test_prefill_wrapper(seed, dtype, causal):
 # ---- CUDA graphs ----------------------------------------------------------------------------------------------
 
 
-def _warm_and_capture(fn):
-    """Warm up on a side stream, then capture fn() into a CUDA graph (as torch's docs advise)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
-
-
 def _dlpack_capture_problem():
     """None when a torch CUDA tensor's plain __dlpack__() can be made inside a CUDA graph capture,
     else the error it causes (as tests/gpu/test_prefill.py)."""
@@ -513,7 +479,7 @@ def test_cuda_graph_wrapper_forward(seed, kind):
         holder["res"] = run()
 
     try:
-        graph = _warm_and_capture(fn)
+        graph = warm_and_capture(fn)
     except Exception as e:  # noqa: BLE001
         torch.cuda.synchronize()
         problem = _dlpack_capture_problem()

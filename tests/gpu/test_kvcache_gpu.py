@@ -34,6 +34,7 @@ from fastattn import _C  # noqa: E402
 from fastattn import flash_attn_varlen_func, flash_attn_with_kvcache  # noqa: E402
 
 import gpu_reference as R  # noqa: E402
+from gpu_helpers import cumsum0, first_line, i32, nan_full, randn, stream_ptr, warm_and_capture  # noqa: E402
 
 DEV = "cuda"
 DTYPES = [torch.float16, torch.bfloat16]
@@ -46,29 +47,6 @@ BIG = 2 ** 31
 
 
 # ---- helpers (as tests/gpu/test_prefill.py) ------------------------------------------------------
-
-
-def randn(*shape, dtype):
-    return torch.randn(*shape, device=DEV, dtype=dtype)
-
-
-def nan_full(shape, dtype):
-    return torch.full(tuple(shape), float("nan"), device=DEV, dtype=dtype)
-
-
-def i32(values):
-    return torch.tensor([int(x) for x in values], dtype=torch.int32, device=DEV)
-
-
-def cumsum0(lens):
-    out = [0]
-    for n in lens:
-        out.append(out[-1] + int(n))
-    return out
-
-
-def stream_ptr():
-    return int(torch.cuda.current_stream().cuda_stream)
 
 
 def make_options(rng, name, batch, heads):
@@ -759,24 +737,6 @@ def _dlpack_capture_problem():
     return None
 
 
-def _first_line(e):
-    return "%s: %s" % (type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-
-
-def _warm_and_capture(fn):
-    """Warm up on a side stream, then capture fn() into a CUDA graph (as torch's docs advise)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
-
-
 @pytest.mark.parametrize("layout,num_splits", [("paged16", 0), ("paged16", 5), ("contiguous", 0)],
                          ids=["paged16-splits0", "paged16-splits5", "contiguous-splits0"])
 def test_cuda_graph_decode(seed, layout, num_splits):
@@ -800,7 +760,7 @@ def test_cuda_graph_decode(seed, layout, num_splits):
 
     finding = None
     try:
-        graph = _warm_and_capture(public_call)
+        graph = warm_and_capture(public_call)
     except Exception as e:  # noqa: BLE001
         torch.cuda.synchronize()
         problem = _dlpack_capture_problem()
@@ -810,7 +770,7 @@ def test_cuda_graph_decode(seed, layout, num_splits):
                 "torch.Tensor.__dlpack__() inside a capture (%s): torch syncs with the legacy default "
                 "stream when __dlpack__ gets no stream argument, as nanobind calls it; the binding "
                 "must import CUDA tensors with __dlpack__(stream=-1) to be capturable (nanobind#1241, "
-                "pytorch#163242)" % (_first_line(e), problem))
+                "pytorch#163242)" % (first_line(e), problem))
         lse_static = nan_full((b, 16, 1), torch.float32)
         args0 = c_kwargs(case, out, lse_static)
         ws = torch.empty(max(1, _C.kvcache_workspace_bytes(**args0)), dtype=torch.uint8, device=DEV)
@@ -819,19 +779,19 @@ def test_cuda_graph_decode(seed, layout, num_splits):
             _C.kvcache_attention_forward(workspace=ws, **c_kwargs(case, out, lse_static))
 
         try:
-            graph = _warm_and_capture(direct_call)
+            graph = warm_and_capture(direct_call)
         except Exception as e2:  # noqa: BLE001
             torch.cuda.synchronize()
             raise AssertionError("CUDA graph capture of flash_attn_with_kvcache failed (%s), and so "
                                  "does the same call through fastattn._C with a workspace allocated "
                                  "before the capture (%s): the kernels' launch path synchronises or "
-                                 "allocates" % (_first_line(e), _first_line(e2))) from e2
+                                 "allocates" % (first_line(e), first_line(e2))) from e2
         holder["lse"] = lse_static
         finding = ("CUDA graph capture of flash_attn_with_kvcache failed (%s), but the same call "
                    "through fastattn._C with the workspace allocated before the capture captures and "
                    "replays correctly: the Python layer's workspace sizing / allocation inside the "
                    "call (kvcache_workspace_bytes + torch.empty) is what cannot be captured"
-                   % _first_line(e))
+                   % first_line(e))
     for step in range(3):
         lens = [0, cap - 1] + [seed.randint(0, cap - 1) for _ in range(b - 2)]
         seed.shuffle(lens)

@@ -36,6 +36,7 @@ import fastattn  # noqa: E402
 from fastattn import _C  # noqa: E402
 
 import gpu_reference as R  # noqa: E402
+from gpu_helpers import stream_ptr  # noqa: E402
 
 DEV = "cuda"
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -84,10 +85,6 @@ def lse_tol(ref, n_states, lse_max=0.0):
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-
-
-def stream_ptr():
-    return int(torch.cuda.current_stream().cuda_stream)
 
 
 def nan_like(x):

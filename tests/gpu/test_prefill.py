@@ -35,6 +35,7 @@ from fastattn import (  # noqa: E402
 )
 
 import gpu_reference as R  # noqa: E402
+from gpu_helpers import cumsum0, i32, nan_full, randn, stream_ptr  # noqa: E402
 
 DEV = "cuda"
 DTYPES = [torch.float16, torch.bfloat16]
@@ -42,29 +43,6 @@ DTYPE_IDS = ["fp16", "bf16"]
 
 
 # ---- helpers -----------------------------------------------------------------------------------
-
-
-def randn(*shape, dtype):
-    return torch.randn(*shape, device=DEV, dtype=dtype)
-
-
-def nan_full(shape, dtype):
-    return torch.full(tuple(shape), float("nan"), device=DEV, dtype=dtype)
-
-
-def i32(values):
-    return torch.tensor([int(x) for x in values], dtype=torch.int32, device=DEV)
-
-
-def cumsum0(lens):
-    out = [0]
-    for n in lens:
-        out.append(out[-1] + int(n))
-    return out
-
-
-def stream_ptr():
-    return int(torch.cuda.current_stream().cuda_stream)
 
 
 def make_options(rng, name, batch, heads):

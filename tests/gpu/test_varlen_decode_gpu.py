@@ -25,6 +25,7 @@ from fastattn import _C  # noqa: E402
 from fastattn import flash_attn_varlen_func  # noqa: E402
 
 import gpu_reference as R  # noqa: E402
+from gpu_helpers import cumsum0, first_line, i32, nan_full, randn, stream_ptr  # noqa: E402
 import test_prefill as P  # noqa: E402  (its helpers; importing it runs no test)
 
 DEV = "cuda"
@@ -33,7 +34,6 @@ PAGE_SIZES = [1, 16, 64, 256]
 FACTOR = 3.0  # the KV-cache rule
 LENS = [0, 1, 17, 113, 799, 2000]  # tokens per sequence (shuffled per test)
 
-randn, nan_full, i32, cumsum0 = P.randn, P.nan_full, P.i32, P.cumsum0
 
 
 # ---- a decode problem ----------------------------------------------------------------------------
@@ -92,7 +92,7 @@ class Case:
                     v_pages=self.vp, max_seqlen_k=self.max_seqlen_k, out=out, lse=lse, probs=probs,
                     softmax_scale=kw.get("softmax_scale"), causal=kw.get("causal", False),
                     window_left=left, window_right=right, softcap=kw.get("softcap", 0.0),
-                    alibi_slopes=kw.get("alibi_slopes"), cuda_stream=P.stream_ptr(),
+                    alibi_slopes=kw.get("alibi_slopes"), cuda_stream=stream_ptr(),
                     **keys, **self.lengths)
 
     def call(self, out, workspace="alloc"):
@@ -372,10 +372,6 @@ def test_not_routed_still_correct(seed, dtype, shape):
 # ---- CUDA graphs -------------------------------------------------------------------------------------
 
 
-def _first_line(e):
-    return "%s: %s" % (type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-
-
 @pytest.mark.parametrize("addressing", ["block_table", "csr"])
 def test_cuda_graph(seed, addressing):
     """One decode step captured into a CUDA graph; replays after new key lengths (0 and the
@@ -411,13 +407,13 @@ def test_cuda_graph(seed, addressing):
         last = i32([ps] * b)
         c_args = dict(q=q, cu_seqlens_q=cq, max_seqlen_q=1, k_pages=kp, v_pages=vp,
                       page_indptr=indptr, page_indices=indices, last_page_len=last,
-                      max_seqlen_k=cap, out=out, lse=lse, causal=True, cuda_stream=P.stream_ptr())
+                      max_seqlen_k=cap, out=out, lse=lse, causal=True, cuda_stream=stream_ptr())
         ws_args = dict(c_args)
         ws = torch.empty(_C.varlen_workspace_bytes(**ws_args), dtype=torch.uint8, device=DEV)
         holder = {"lse": lse}
 
         def call():
-            _C.varlen_attention_forward(workspace=ws, **dict(c_args, cuda_stream=P.stream_ptr()))
+            _C.varlen_attention_forward(workspace=ws, **dict(c_args, cuda_stream=stream_ptr()))
     ws_args.pop("cuda_stream", None)
     assert _C.varlen_workspace_bytes(**ws_args) > 0, "the captured call should use split-KV"
 
@@ -440,7 +436,7 @@ def test_cuda_graph(seed, addressing):
                 "torch.Tensor.__dlpack__() inside a capture (%s): torch syncs with the legacy default "
                 "stream when __dlpack__ gets no stream argument, as nanobind calls it; the binding "
                 "must import CUDA tensors with __dlpack__(stream=-1) to be capturable (nanobind#1241, "
-                "pytorch#163242)" % (_first_line(e), problem))
+                "pytorch#163242)" % (first_line(e), problem))
         raise
 
     for _ in range(3):
