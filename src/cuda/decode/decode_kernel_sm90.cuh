@@ -4,13 +4,15 @@
 //
 // Why: the cp.async kernel issues sixteen 16-byte copies per 256-byte row plus their address
 // math, and every tile ends in a CTA-wide barrier; one CTA moved at most ~20 GB/s and large
-// batches stopped at 4.3-4.4 TB/s. Here a producer warp loads each 64-key tile as a few TMA boxes
-// (R rows x all head_dim columns: R = 64 for a contiguous cache or pages of a multiple of 64
-// slots, R = page_size for pages of 8, 16 or 32 slots) into a ring of kStages stages guarded by
-// full / empty mbarriers; the four consumer warps (16 keys of every tile each, as in the cp.async
-// kernel) never wait on each other until the final merge. (One bulk copy per 256-byte row was
-// measured first: 1.7 TB/s, the TMA engine's cost per request dominates small copies.) The reads
-// use an evict-first L2 policy and 128-byte L2 promotion (launch_decode_sm90 says why).
+// batches stopped at 4.3-4.4 TB/s. Here two producer warps, one for K and one for V, load each
+// 64-key tile as a few TMA boxes (R rows x all head_dim columns: R = 64 for a contiguous cache or
+// pages of a multiple of 64 slots, R = page_size for pages of 8, 16 or 32 slots) into a ring of
+// kStages stages, K and V each guarded by their own full / empty mbarriers (a stage's K is
+// refilled while the consumers still read its V); the four consumer warps (16 keys of every tile
+// each, as in the cp.async kernel) never wait on each other until the final merge. (One bulk
+// copy per 256-byte row was measured first: 1.7 TB/s, the TMA engine's cost per request
+// dominates small copies.) The reads use an evict-first L2 policy and 128-byte L2 promotion
+// (launch_decode_sm90 says why).
 //
 // Shared memory (1024-byte aligned after the barriers): Q | K stages | V stages. Q is stored as
 // head_dim / 64 column blocks of [rows][64], a K or V stage as 64 / R runs of [column block][R]
@@ -56,7 +58,7 @@ template <int kHeadDim_>
 struct DecodeSm90Config {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kConsumerThreads = kDecodeWarps * 32;
-  static constexpr int kThreads = kConsumerThreads + 32;  // + the producer warp
+  static constexpr int kThreads = kConsumerThreads + 64;  // + the K and the V producer warps
   static constexpr int kBlockN = kDecodeBlockN;
   static constexpr int kWarpKeys = kBlockN / kDecodeWarps;
   static constexpr int kColBlocks = kHeadDim / 64;  // 64-column (128-byte) blocks per row
@@ -83,7 +85,7 @@ struct DecodeSm90Config {
   // heuristic makes 1-1.5 us slower: bench/NOTES.md.)
   static constexpr int kCtasPerSm = kHeadDim <= 128 ? 2 : 1;
   static constexpr int kStages = kHeadDim <= 64 ? 6 : 3;
-  static constexpr int kBarrierBytes = 128;
+  static constexpr int kBarrierBytes = 256;
   static constexpr int kAlign = 1024;  // the 128-byte swizzle repeats every 8 rows of 128 bytes
   static constexpr int kQBytes = kDecodeRows * kHeadDim * 2;
   static constexpr int kPipeBytes = kStages * kStageBytes;
@@ -93,7 +95,7 @@ struct DecodeSm90Config {
   // LSEs) in the stage region, after the warp-merge scratch.
   static constexpr int kPartFloats = (decode_merge_bytes<kHeadDim>() / 4 + 3) / 4 * 4;
   static_assert((kPartFloats + kDecodeRows * (kHeadDim + 1)) * 4 <= kPipeBytes, "partial state fits the stages");
-  static_assert(2 * kStages * 8 <= kBarrierBytes, "barriers fit their region");
+  static_assert(4 * kStages * 8 <= kBarrierBytes, "barriers fit their region");
   static_assert(kQBytes % kAlign == 0, "stages start on a swizzle atom");
 };
 
@@ -151,8 +153,12 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
   const DecodeSplitRange range(p, pad, end, split, BN);
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  auto* full = reinterpret_cast<std::uint64_t*>(smem_raw);
-  std::uint64_t* empty = full + S;
+  // A stage's K and V have their own full and empty barriers: K is refilled as soon as every
+  // consumer warp has its scores, and P V waits only for V.
+  auto* full_k = reinterpret_cast<std::uint64_t*>(smem_raw);
+  std::uint64_t* full_v = full_k + S;
+  std::uint64_t* empty_k = full_v + S;
+  std::uint64_t* empty_v = empty_k + S;
   const std::uint32_t raw = smem_u32(smem_raw);
   unsigned char* aligned = smem_raw + ((raw + Cfg::kBarrierBytes + Cfg::kAlign - 1) / Cfg::kAlign * Cfg::kAlign - raw);
   auto* sQ = reinterpret_cast<std::uint16_t*>(aligned);
@@ -162,8 +168,10 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < S; ++s) {
-      mbar_init(&full[s], 32);            // every producer lane arrives (with its bytes)
-      mbar_init(&empty[s], kDecodeWarps);  // one arrival per consumer warp
+      mbar_init(&full_k[s], 32);  // every lane of the tensor's producer warp arrives (with its bytes)
+      mbar_init(&full_v[s], 32);
+      mbar_init(&empty_k[s], kDecodeWarps);  // one arrival per consumer warp
+      mbar_init(&empty_v[s], kDecodeWarps);
     }
     mbar_fence_init();
   }
@@ -174,10 +182,17 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
   pdl_wait_for_previous_kernel();
   pdl_let_next_kernel_launch();
 
-  if (warp == kDecodeWarps) {
-    // ---- producer: lane i < boxes loads box i of K and of V in every tile -----------------
-    // Box i: rows run * R .. run * R + R - 1 of the tile, column blocks block * box_blocks ..
-    // (block + 1) * box_blocks - 1 (all of them unless box_blocks = 1).
+  if (warp >= kDecodeWarps) {
+    // ---- producers: warp kDecodeWarps loads K, the next warp V; lane i < boxes loads box i of
+    // its tensor in every tile. Box i: rows run * R .. run * R + R - 1 of the tile, column
+    // blocks block * box_blocks .. (block + 1) * box_blocks - 1 (all of them unless box_blocks
+    // = 1). (Two warps because a warp issues its boxes one lane after another: with one warp
+    // for both tensors, one CTA streamed a paged-16 tile, 8 boxes, ~10% slower; bench/NOTES.md.)
+    const bool is_k = warp == kDecodeWarps;
+    const CUtensorMap* map = is_k ? &tp.k_map : &tp.v_map;
+    std::uint16_t* s0 = is_k ? sK0 : sV0;
+    std::uint64_t* full = is_k ? full_k : full_v;
+    std::uint64_t* empty = is_k ? empty_k : empty_v;
     const int R = 1 << tp.box_run_shift;
     const int boxes_per_run = Cfg::kColBlocks / tp.box_blocks;
     const int boxes = (BN / R) * boxes_per_run;
@@ -215,20 +230,16 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
         if (round > 0) mbar_wait(&empty[stage], (round - 1) & 1);
         const int slot0 = tile * BN + run * R;
         const int box0 = run * R * kHeadDim + block * box_elems;  // KvLayout of the box's first element
-        std::uint16_t* dk = sK0 + stage * Cfg::kTileElems + box0;
-        std::uint16_t* dv = sV0 + stage * Cfg::kTileElems + box0;
+        std::uint16_t* dst = s0 + stage * Cfg::kTileElems + box0;
         const bool needed = box_needed(tile);
         const bool in_cache = p.page_size == 0 || (pg >= 0 && pg < p.num_pages);
         const bool load = needed && in_cache;
         if (needed && !in_cache) {
           // A page id outside the cache: its rows read as zeros.
-          for (int e = 0; e < box_elems; e += 8) {
-            *reinterpret_cast<uint4*>(dk + e) = make_uint4(0, 0, 0, 0);
-            *reinterpret_cast<uint4*>(dv + e) = make_uint4(0, 0, 0, 0);
-          }
+          for (int e = 0; e < box_elems; e += 8) *reinterpret_cast<uint4*>(dst + e) = make_uint4(0, 0, 0, 0);
           fence_proxy_async_smem();  // before a later TMA write of the same rows
         }
-        mbar_arrive_expect_tx(&full[stage], load ? 2 * box_bytes : 0);
+        mbar_arrive_expect_tx(&full[stage], load ? box_bytes : 0);
         if (load) {
           int c1, c3;  // slot within the cache row / page, and the row / page
           if (p.page_size == 0) {
@@ -238,8 +249,7 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
             c1 = p.page_shift >= 0 ? slot0 & (p.page_size - 1) : slot0 % p.page_size;
             c3 = pg;
           }
-          tma_load_5d(dk, &tp.k_map, block * 64, c1, 0, kvh, c3, &full[stage], policy);
-          tma_load_5d(dv, &tp.v_map, block * 64, c1, 0, kvh, c3, &full[stage], policy);
+          tma_load_5d(dst, map, block * 64, c1, 0, kvh, c3, &full[stage], policy);
         }
       }
     }
@@ -272,22 +282,31 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
   auto stream_tiles = [&](auto& st) {
     for (int tile = range.t_begin, stage = 0, phase = 0; tile < range.t_end; ++tile) {
       std::uint16_t* sV = sV0 + stage * Cfg::kTileElems;
-      mbar_wait(&full[stage], phase);
+      mbar_wait(&full_k[stage], phase);
       const int n0 = tile * BN;
       const bool edge = n0 + key0 < range.lo || n0 + key0 + Cfg::kWarpKeys > range.hi;
-      if (edge) {
-        // V rows of this warp's keys outside [lo, hi): zeros (see the file comment).
-        for (int idx = lane; idx < Cfg::kWarpKeys * (kHeadDim / 8); idx += 32) {
-          const int r = key0 + idx / (kHeadDim / 8), ch = idx % (kHeadDim / 8);
-          if (n0 + r < range.lo || n0 + r >= range.hi)
-            *reinterpret_cast<uint4*>(sV + kv.offset(r, ch)) = make_uint4(0, 0, 0, 0);
-        }
+      // K read (the scores are in registers): the stage's K may be refilled.
+      const auto k_done = [&] {
         __syncwarp();
-      }
-      st.template attend<Cfg, kDtype>(p, sQ, sK0 + stage * Cfg::kTileElems, sV, kv, n0, key0, pad, end, lane);
+        if (lane == 0) mbar_arrive(&empty_k[stage]);
+      };
+      const auto v_wait = [&] {
+        mbar_wait(&full_v[stage], phase);
+        if (edge) {
+          // V rows of this warp's keys outside [lo, hi): zeros (see the file comment).
+          for (int idx = lane; idx < Cfg::kWarpKeys * (kHeadDim / 8); idx += 32) {
+            const int r = key0 + idx / (kHeadDim / 8), ch = idx % (kHeadDim / 8);
+            if (n0 + r < range.lo || n0 + r >= range.hi)
+              *reinterpret_cast<uint4*>(sV + kv.offset(r, ch)) = make_uint4(0, 0, 0, 0);
+          }
+          __syncwarp();
+        }
+      };
+      st.template attend<Cfg, kDtype>(p, sQ, sK0 + stage * Cfg::kTileElems, sV, kv, n0, key0, pad, end, lane, k_done,
+                                      v_wait);
       if (edge) fence_proxy_async_smem();  // the zeros before the stage's next TMA write
       __syncwarp();
-      if (lane == 0) mbar_arrive(&empty[stage]);
+      if (lane == 0) mbar_arrive(&empty_v[stage]);
       if (++stage == S) stage = 0, phase ^= 1;
     }
     // Every consumer warp has seen every tile land, so no copy is in flight: reuse the stages.

@@ -20,6 +20,11 @@ namespace fastattn::cuda_decode {
 constexpr int kDecodeRows = kDecodeRowsPerCta;  ///< packed query rows per CTA: one m16 MMA tile
 constexpr int kDecodeWarps = 4;  ///< consumer warps; each takes 16 keys of every 64-key tile
 
+/// The default of attend's pipeline hooks: nothing to signal or wait for.
+struct DecodeNoHook {
+  __device__ __forceinline__ void operator()() const {}
+};
+
 /// What the masks need of one packed query row of the CTA, and its scores through them.
 struct DecodeRowMask {
   bool ok;      ///< the CTA has the row (else its query is zeros and it is never stored)
@@ -92,11 +97,13 @@ struct DecodeWarpState {
 
   /// Attends the warp's 16 keys (rows key0 .. key0 + 15 of the staged tile, slots n0 + key0 ...)
   /// with Q. Cfg::q_offset(row, chunk) addresses sQ, kv.offset(row, chunk) sK and sV (elements;
-  /// chunk = 8 elements).
-  template <class Cfg, Dtype kDtype, class KvLayout>
+  /// chunk = 8 elements). k_done() runs once the warp's reads of sK are done, v_wait() before
+  /// its first read of sV (a pipeline with separate K and V stages; no-ops by default).
+  template <class Cfg, Dtype kDtype, class KvLayout, class KDone = DecodeNoHook, class VWait = DecodeNoHook>
   __device__ __forceinline__ void attend(const DecodeParams& p, const std::uint16_t* sQ,
                                          const std::uint16_t* sK, const std::uint16_t* sV, const KvLayout& kv,
-                                         int n0, int key0, int pad, int end, int lane) {
+                                         int n0, int key0, int pad, int end, int lane, KDone k_done = {},
+                                         VWait v_wait = {}) {
     using Traits = cuda_prefill::ElementTraits<kDtype>;
     constexpr float kLog2e = 1.4426950408889634f;
     const int t = lane % 4;
@@ -117,6 +124,7 @@ struct DecodeWarpState {
       Traits::Mma::fma(s[1][0], s[1][1], s[1][2], s[1][3], a[0], a[1], a[2], a[3], bk[2], bk[3],
                        s[1][0], s[1][1], s[1][2], s[1][3]);
     }
+    k_done();
 
     // Mask, softcap, ALiBi, online softmax (log2 domain). `plain`: no softcap or ALiBi and every
     // key of the warp visible to every row (row i sits at slot end - Sq + i), so a score is just
@@ -175,6 +183,7 @@ struct DecodeWarpState {
     // O += P V: the warp's 16 keys are one k16 step.
     const std::uint32_t pa[4] = {Traits::pack(s[0][0], s[0][1]), Traits::pack(s[0][2], s[0][3]),
                                  Traits::pack(s[1][0], s[1][1]), Traits::pack(s[1][2], s[1][3])};
+    v_wait();
 #pragma unroll
     for (int dp = 0; dp < kHeadDim / 16; ++dp) {
       std::uint32_t bv[4];

@@ -122,10 +122,11 @@ struct DecodeWarpStateNarrow {
   /// Attends the warp's 16 keys (rows key0 .. key0 + 15 of the staged tile, slots n0 + key0 ...),
   /// addressed as bind_layout said. sQ and kv are unused (Q is in q_frag); the signature matches
   /// DecodeWarpState::attend.
-  template <class Cfg, Dtype kDtype, class KvLayout>
+  template <class Cfg, Dtype kDtype, class KvLayout, class KDone = DecodeNoHook, class VWait = DecodeNoHook>
   __device__ __forceinline__ void attend(const DecodeParams& p, const std::uint16_t* /*sQ*/,
                                          const std::uint16_t* sK, const std::uint16_t* sV, const KvLayout& /*kv*/,
-                                         int n0, int key0, int pad, int end, int lane) {
+                                         int n0, int key0, int pad, int end, int lane, KDone k_done = {},
+                                         VWait v_wait = {}) {
     using Traits = cuda_prefill::ElementTraits<kDtype>;
     const int g = lane / 4;
 
@@ -143,6 +144,7 @@ struct DecodeWarpStateNarrow {
     float s[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) s[j] = c[0][j] + c[1][j];
+    k_done();
 
     // Mask, softcap, ALiBi, online softmax per row 2t + e over the warp's 16 keys (as in
     // DecodeWarpState::attend; `plain`: no per-score masks).
@@ -202,6 +204,7 @@ struct DecodeWarpStateNarrow {
     // O^T += V^T P^T: P^T's B fragments are the transposed S^T fragments of keys 0-7 and 8-15.
     const std::uint32_t b0 = movmatrix_trans(Traits::pack(s[0], s[1]));
     const std::uint32_t b1 = movmatrix_trans(Traits::pack(s[2], s[3]));
+    v_wait();
     const std::uint32_t v_addr = cuda_detail::smem_u32(sV) + v_lane;
 #pragma unroll
     for (int mt = 0; mt < KS; ++mt) {
