@@ -608,6 +608,7 @@ def out_of_range_page_ids(rng, where, check=True):
     bad[1][0] = num_pages                # slots 0..15 of sequence 1: read
     bad[1][width - 2] = 2 ** 31 - 1      # unused columns
     bad[1][width - 1] = -2 ** 31
+    bad[1][4] = 2 ** 31 - 1              # past sequence 1's keys, within the first tiles' columns
     valid_seqs = [0, 1, 2]
     if where == "append_page":
         bad[0][100 // 16] = 10 ** 6      # the page of sequence 0's appended slot 100
