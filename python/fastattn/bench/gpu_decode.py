@@ -57,8 +57,9 @@ from typing import Callable, Dict, List
 
 import fastattn
 
-from .gpu_prefill import (Deadline, _cycle, _f, _l2_bytes, _paged, _ratio, _s, _short_error,
-                          _torch_dtype, error_vs_flash_line, finish_figure, timing_noise_line, warm_gpu)
+from .gpu_prefill import (Deadline, _cycle, _event_time, _f, _l2_bytes, _paged, _ratio, _s, _short_error,
+                          _torch_dtype, calls_per_round, error_vs_flash_line, finish_figure, timing_noise_line,
+                          timing_stats, warm_gpu)
 from .gpu_prefill import bad_records  # noqa: F401  (the same check for decode records; runner uses it)
 
 GiB = 1 << 30
@@ -318,18 +319,6 @@ def make_sleeper(torch):
     return run
 
 
-def _event_time(torch, fn, n, sleeper=None, ahead_s=0.0):
-    if sleeper is not None:
-        sleeper(ahead_s)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / n
-
-
 def time_interleaved(torch, fns: Dict[str, Callable], settings: Settings, budget_s, sleeper=None):
     """gpu_prefill.time_interleaved with the queue filled ahead: every callable of `fns` timed in
     settings.rounds interleaved rounds of per-call CUDA event pairs, each round enqueued behind a
@@ -351,15 +340,11 @@ def time_interleaved(torch, fns: Dict[str, Callable], settings: Settings, budget
         host[name] = (time.perf_counter() - t0) / 3
         torch.cuda.synchronize()
         per_call[name] = max(_event_time(torch, fn, 2, sleeper, 3 * host[name] + 50e-6), 1e-7)
-    rounds = max(1, settings.rounds)
-    counts = {}
-    for name, t in per_call.items():
-        n = int(min(settings.max_calls, max(settings.min_calls, budget_s / t)))
-        counts[name] = max(1, -(-n // rounds))  # per round, rounded up
+    counts = calls_per_round(per_call, settings, budget_s)
     samples = {name: [] for name in fns}
     round_medians = {name: [] for name in fns}
     host_bound = {name: 0 for name in fns}
-    for _ in range(rounds):
+    for _ in range(max(1, settings.rounds)):
         for name, fn in fns.items():
             n = counts[name]
             ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -379,18 +364,9 @@ def time_interleaved(torch, fns: Dict[str, Callable], settings: Settings, budget
             ts = [a.elapsed_time(b) / 1e3 for a, b in ev]
             samples[name] += ts
             round_medians[name].append(statistics.median(ts))
-    out = {}
-    for name, ts in samples.items():
-        med = statistics.median(ts)
-        rm = round_medians[name]
-        qs = statistics.quantiles(ts, n=10) if len(ts) >= 2 else [ts[0]] * 9
-        out[name] = {
-            "s": med, "runs": len(ts), "est_s": per_call[name], "host_s": host[name],
-            "host_bound_rounds": host_bound[name],
-            "min_s": min(ts), "p10_s": qs[0], "p90_s": qs[-1],
-            "round_medians_s": rm,
-            "spread": (max(rm) - min(rm)) / med if med > 0 else 0.0,
-        }
+    out = timing_stats(samples, round_medians, per_call)
+    for name, st in out.items():
+        st.update(host_s=host[name], host_bound_rounds=host_bound[name])
     return out
 
 

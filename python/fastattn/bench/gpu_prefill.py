@@ -253,7 +253,11 @@ class Deadline:
         return min(self.s.budget_s, max(self.s.min_budget_s, per))
 
 
-def _event_time(torch, fn, n):
+def _event_time(torch, fn, n, sleeper=None, ahead_s=0.0):
+    """Seconds per call of n back-to-back calls (one event pair), enqueued behind a GPU sleep of
+    ahead_s when a sleeper (gpu_decode.make_sleeper) is given."""
+    if sleeper is not None:
+        sleeper(ahead_s)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(n):
@@ -272,14 +276,10 @@ def time_interleaved(torch, fns: Dict[str, Callable], settings: Settings, budget
         for _ in range(settings.warmup):
             fn()
         per_call[name] = max(_event_time(torch, fn, 2), 1e-7)
-    rounds = max(1, settings.rounds)
-    counts = {}
-    for name, t in per_call.items():
-        n = int(min(settings.max_calls, max(settings.min_calls, budget_s / t)))
-        counts[name] = max(1, -(-n // rounds))  # per round, rounded up
+    counts = calls_per_round(per_call, settings, budget_s)
     samples = {name: [] for name in fns}
     round_medians = {name: [] for name in fns}
-    for _ in range(rounds):
+    for _ in range(max(1, settings.rounds)):
         for name, fn in fns.items():
             n = counts[name]
             ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -292,6 +292,23 @@ def time_interleaved(torch, fns: Dict[str, Callable], settings: Settings, budget
             ts = [a.elapsed_time(b) / 1e3 for a, b in ev]
             samples[name] += ts
             round_medians[name].append(statistics.median(ts))
+    return timing_stats(samples, round_medians, per_call)
+
+
+def calls_per_round(per_call, settings: Settings, budget_s):
+    """Timed calls per round for each callable: about budget_s of calls (at per_call[name] seconds
+    each) within [min_calls, max_calls], spread over settings.rounds rounds (rounded up)."""
+    rounds = max(1, settings.rounds)
+    counts = {}
+    for name, t in per_call.items():
+        n = int(min(settings.max_calls, max(settings.min_calls, budget_s / t)))
+        counts[name] = max(1, -(-n // rounds))
+    return counts
+
+
+def timing_stats(samples, round_medians, per_call):
+    """{name: stats} from every callable's per-call times (seconds) and per-round medians: median,
+    count, the estimate per_call[name], min / p10 / p90, and the spread of the round medians."""
     out = {}
     for name, ts in samples.items():
         med = statistics.median(ts)
