@@ -186,8 +186,8 @@ __global__ void __launch_bounds__(128, 2) decode_kernel(const __grid_constant__ 
   __syncthreads();  // the pipeline stages are free: reuse them
   decode_merge_warps<kHeadDim>(
       p, st, reinterpret_cast<float*>(sK0), mb, threadIdx.x, [] { __syncthreads(); },
-      [&](int r, int c, float val, float lse) {
-        decode_store_value<kDtype>(p, b, kvh, mb * kDecodeRows + r, split, c, val, lse);
+      [&](int r, int c, float4 val, float lse) {
+        decode_store_value4<kDtype>(p, b, kvh, mb * kDecodeRows + r, split, c, val, lse);
       });
 }
 

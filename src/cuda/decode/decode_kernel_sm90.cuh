@@ -54,6 +54,9 @@ struct DecodeTmaParams {
   int box_blocks;     ///< 64-column blocks per box: kColBlocks, or 1 (see above)
 };
 
+/// Shared memory one CTA may opt in to on sm_90 (227 KB).
+constexpr int kDecodeSm90MaxSmemBytes = 227 * 1024;
+
 template <int kHeadDim_>
 struct DecodeSm90Config {
   static constexpr int kHeadDim = kHeadDim_;
@@ -91,48 +94,69 @@ struct DecodeSm90Config {
   static constexpr int kPipeBytes = kStages * kStageBytes;
   static constexpr int kSmemBytes = kBarrierBytes + kAlign + kQBytes +
                                     (kPipeBytes > decode_merge_bytes<kHeadDim>() ? kPipeBytes : decode_merge_bytes<kHeadDim>());
-  // Cluster combine: the CTA's partial state (kDecodeRows x kHeadDim values, then kDecodeRows
-  // LSEs) in the stage region, after the warp-merge scratch.
-  static constexpr int kPartFloats = (decode_merge_bytes<kHeadDim>() / 4 + 3) / 4 * 4;
-  static_assert((kPartFloats + kDecodeRows * (kHeadDim + 1)) * 4 <= kPipeBytes, "partial state fits the stages");
-  static_assert(4 * kStages * 8 <= kBarrierBytes, "barriers fit their region");
+  // Cluster merge (decode_cluster_merge): the first CTA of a cluster receives every split's
+  // partial state into slots after the rest of its shared memory (a launch with clusters asks
+  // for kSmemBytes + num_splits * kSlotBytes): a slot is 16 floats of row LSEs, then
+  // [kDecodeRows][kHeadDim] values.
+  static constexpr int kSlotLseFloats = 16;
+  static constexpr int kSlotFloats = kSlotLseFloats + kDecodeRows * kHeadDim;
+  static constexpr int kSlotBytes = kSlotFloats * 4;
+  static constexpr bool kClusterMerge = kSmemBytes + kMaxClusterSplits * kSlotBytes <= kDecodeSm90MaxSmemBytes;
+  static_assert(kClusterMerge == (kHeadDim <= kDecodeClusterMaxHeadDim), "run_decode's cluster rule");
+  static_assert(kDecodeRows <= kSlotLseFloats && kSmemBytes % 16 == 0, "slots are 16-byte aligned");
+  static_assert((4 * kStages + 1) * 8 <= kBarrierBytes, "barriers fit their region");
   static_assert(kQBytes % kAlign == 0, "stages start on a swizzle atom");
 };
 
-/// The split-KV combine across a cluster of the p.num_splits (<= kMaxClusterSplits) CTAs of one
-/// (b, kvh, mb), CTA `rank` of them: every value of the block's rows is merged from the splits'
-/// partial states (part_o [row][kHeadDim], part_lse [row] at the same shared-memory offsets in
-/// every CTA) with MergeAccumulator, as the combine kernel does, and stored as the output. The
-/// values are dealt round-robin over the cluster's consumer threads.
-template <int kHeadDim, Dtype kDtype>
-__device__ __forceinline__ void decode_cluster_combine(const DecodeParams& p, const float* part_o,
-                                                       const float* part_lse, int b, int kvh, int mb, int rank,
-                                                       int tid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  constexpr int kThreads = DecodeSm90Config<kHeadDim>::kConsumerThreads;
+/// The split-KV combine of a cluster's p.num_splits (<= kMaxClusterSplits) CTAs of one
+/// (b, kvh, mb), in its first CTA once every split's partial state is in `slots` (see
+/// DecodeSm90Config; slot s holds split s). One thread per row turns the splits' LSEs into
+/// weights and the merged LSE (in `scratch`, kMaxClusterSplits + 1 floats per row), then every
+/// output value is a dot product over the splits, four columns per thread. `sync` is a barrier
+/// over the consumer threads. (MergeAccumulator per value, as the combine kernel does it, is a
+/// chain of sixteen exponentials and eight divisions per thread: ~2 us of a batch 1 / 1k step.)
+template <int kHeadDim, Dtype kDtype, class Sync>
+__device__ __forceinline__ void decode_cluster_merge(const DecodeParams& p, const float* slots, float* scratch, int b,
+                                                     int kvh, int mb, int tid, Sync sync) {
+  using Cfg = DecodeSm90Config<kHeadDim>;
+  constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
   const int rows = min(kDecodeRows, p.group * p.seqlen_q - mb * kDecodeRows);
   const int ns = p.num_splits;
-  for (int idx = rank * kThreads + tid; idx < rows * p.head_dim; idx += ns * kThreads) {
-    const int r = idx / p.head_dim, c = idx % p.head_dim;
-    // Every load is issued before any is used: one round trip through the cluster.
-    float lse[kMaxClusterSplits], o[kMaxClusterSplits];
+  float* weights = scratch;                                       // [split][row]
+  float* merged_lse = scratch + kMaxClusterSplits * kDecodeRows;  // [row]
+  if (tid < rows) {
+    float lse[kMaxClusterSplits], m = -INFINITY;
 #pragma unroll
     for (int s = 0; s < kMaxClusterSplits; ++s) {
-      lse[s] = s < ns ? cuda_detail::cluster_load_f32(part_lse + r, s) : -INFINITY;
-      o[s] = s < ns ? cuda_detail::cluster_load_f32(part_o + r * kHeadDim + c, s) : 0.0f;
+      lse[s] = s < ns ? slots[s * Cfg::kSlotFloats + tid] : -INFINITY;  // natural log
+      m = fmaxf(m, lse[s]);
     }
-    MergeAccumulator acc;
-    acc.init();
-    float rescale, weight;
+    float e[kMaxClusterSplits], sum = 0.0f;
 #pragma unroll
-    for (int s = 0; s < kMaxClusterSplits; ++s) acc.add(lse[s], &rescale, &weight);
-    float val = 0.0f;
-    // An empty split has weight 0 and stored zeros: it adds exactly 0.
+    for (int s = 0; s < kMaxClusterSplits; ++s) {
+      e[s] = m == -INFINITY ? 0.0f : exp2f((lse[s] - m) * kLog2e);  // 0 for an empty split
+      sum += e[s];
+    }
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;  // every split empty: output 0
 #pragma unroll
-    for (int s = 0; s < kMaxClusterSplits; ++s) val += acc.weight_of(lse[s]) * o[s];
-    decode_store_output<kDtype>(p, b, kvh, mb * kDecodeRows + r, c, val, acc.lse());
+    for (int s = 0; s < kMaxClusterSplits; ++s) weights[s * kDecodeRows + tid] = e[s] * inv;
+    merged_lse[tid] = sum > 0.0f ? m + __log2f(sum) * kLn2 : -INFINITY;
   }
-#endif
+  sync();
+  const int chunks = p.head_dim / 4;
+  for (int idx = tid; idx < rows * chunks; idx += Cfg::kConsumerThreads) {
+    const int r = idx / chunks, c = idx % chunks * 4;
+    float4 val = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+    for (int s = 0; s < kMaxClusterSplits; ++s) {
+      if (s >= ns) break;
+      const float w = weights[s * kDecodeRows + r];
+      const float4 o =
+          *reinterpret_cast<const float4*>(slots + s * Cfg::kSlotFloats + Cfg::kSlotLseFloats + r * kHeadDim + c);
+      val.x += w * o.x, val.y += w * o.y, val.z += w * o.z, val.w += w * o.w;
+    }
+    decode_store_output4<kDtype>(p, b, kvh, mb * kDecodeRows + r, c, val, merged_lse[r]);
+  }
 }
 
 template <int kHeadDim, Dtype kDtype>
@@ -159,6 +183,7 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
   std::uint64_t* full_v = full_k + S;
   std::uint64_t* empty_k = full_v + S;
   std::uint64_t* empty_v = empty_k + S;
+  std::uint64_t* slots_full = empty_v + S;  // cluster merge: every other split's state has landed
   const std::uint32_t raw = smem_u32(smem_raw);
   unsigned char* aligned = smem_raw + ((raw + Cfg::kBarrierBytes + Cfg::kAlign - 1) / Cfg::kAlign * Cfg::kAlign - raw);
   auto* sQ = reinterpret_cast<std::uint16_t*>(aligned);
@@ -173,9 +198,19 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
       mbar_init(&empty_k[s], kDecodeWarps);  // one arrival per consumer warp
       mbar_init(&empty_v[s], kDecodeWarps);
     }
+    if (p.cluster_combine && split == 0) {
+      // The other splits' states arrive as transaction bytes (decode_cluster_merge): their rows
+      // of head_dim values and one LSE each.
+      const int rows = min(kDecodeRows, rows_total - mb * kDecodeRows);
+      mbar_init(slots_full, 1);
+      mbar_arrive_expect_tx(slots_full, std::uint32_t((p.num_splits - 1) * rows * (p.head_dim + 1) * 4));
+    }
     mbar_fence_init();
   }
   __syncthreads();
+  // A cluster's other CTAs write into the first one's slots once its barrier is initialised:
+  // they wait for this arrival only then, at their end.
+  if (p.cluster_combine) cluster_arrive_relaxed();
   // Everything above read only the caller's index tensors; the cache and the rotated q may come
   // from the append kernel just before (dependent launch): wait for it, then let the combine
   // kernel start launching.
@@ -253,10 +288,6 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
         }
       }
     }
-    if (p.cluster_combine) {  // the consumers' two cluster barriers count every thread
-      cluster_sync();
-      cluster_sync();
-    }
     return;
   }
 
@@ -318,23 +349,37 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
   auto merge_and_store = [&](const auto& st) {
     if (!p.cluster_combine) {
       decode_merge_warps<kHeadDim>(p, st, merge_smem, mb, threadIdx.x, consumers_sync,
-                                   [&](int r, int c, float val, float lse) {
-                                     decode_store_value<kDtype>(p, b, kvh, mb * kDecodeRows + r, split, c, val, lse);
+                                   [&](int r, int c, float4 val, float lse) {
+                                     decode_store_value4<kDtype>(p, b, kvh, mb * kDecodeRows + r, split, c, val, lse);
                                    });
       return;
     }
-    // The splits of this (b, kvh, mb) are one cluster: each CTA leaves its partial state in its
-    // own shared memory, then every CTA merges a share of the values from all of them.
-    float* part_o = merge_smem + Cfg::kPartFloats;      // [row][kHeadDim]
-    float* part_lse = part_o + kDecodeRows * kHeadDim;  // [row]
-    decode_merge_warps<kHeadDim>(p, st, merge_smem, mb, threadIdx.x, consumers_sync,
-                                 [&](int r, int c, float val, float lse) {
-                                   part_o[r * kHeadDim + c] = val;
-                                   if (c == 0) part_lse[r] = lse;
-                                 });
-    cluster_sync();
-    decode_cluster_combine<kHeadDim, kDtype>(p, part_o, part_lse, b, kvh, mb, split, threadIdx.x);
-    cluster_sync();  // no CTA leaves while another may still read its shared memory
+    // The splits of this (b, kvh, mb) are one cluster. Each CTA but the first stores its partial
+    // state straight into its slot of the first CTA's shared memory (asynchronous stores counted
+    // on that CTA's slots_full) and is done; the first one writes its own slot, waits for the
+    // others' bytes and merges. (Before: every CTA merged a share of the values, reading all the
+    // others' shared memory between two cluster barriers; ~2.5 us of a 7.7 us batch 1 / 1k step,
+    // traced, bench/NOTES.md.)
+    float* slot = reinterpret_cast<float*>(smem_raw + Cfg::kSmemBytes) + split * Cfg::kSlotFloats;
+    if (split == 0) {
+      decode_merge_warps<kHeadDim>(p, st, merge_smem, mb, threadIdx.x, consumers_sync,
+                                   [&](int r, int c, float4 val, float lse) {
+                                     *reinterpret_cast<float4*>(slot + Cfg::kSlotLseFloats + r * kHeadDim + c) = val;
+                                     if (c == 0) slot[r] = lse;
+                                   });
+      consumers_sync();
+      mbar_wait(slots_full, 0);
+      decode_cluster_merge<kHeadDim, kDtype>(p, slot, merge_smem, b, kvh, mb, threadIdx.x, consumers_sync);
+    } else {
+      cluster_wait();  // the first CTA's slots_full is initialised
+      decode_merge_warps<kHeadDim>(p, st, merge_smem, mb, threadIdx.x, consumers_sync,
+                                   [&](int r, int c, float4 val, float lse) {
+                                     cluster_store_async(reinterpret_cast<const float4*>(
+                                                             slot + Cfg::kSlotLseFloats + r * kHeadDim + c),
+                                                         val, 0, slots_full);
+                                     if (c == 0) cluster_store_async(slot + r, lse, 0, slots_full);
+                                   });
+    }
   };
   if (rows_total <= kDecodeNarrowRows) {  // then mb = 0
     DecodeWarpStateNarrow<kHeadDim> st;
@@ -356,8 +401,9 @@ template <int kHeadDim, Dtype kDtype>
 void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
   using Cfg = DecodeSm90Config<kHeadDim>;
   auto* kernel = &decode_kernel_sm90<kHeadDim, kDtype>;
+  constexpr int kMaxSmem = Cfg::kSmemBytes + (Cfg::kClusterMerge ? kMaxClusterSplits * Cfg::kSlotBytes : 0);
   static const cudaError_t attr_status =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem);
   FASTATTN_CUDA_CHECK(attr_status);
   const int m_blocks = decode_row_blocks(p.group, p.seqlen_q);
   const dim3 grid(p.num_splits, p.heads_kv * m_blocks, p.batch);
@@ -381,7 +427,10 @@ void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
   // boxes over both blocks (MHA batch 32 / 8k 1041 against 960 us; bench/NOTES.md).
   tp.k_map = cuda_detail::make_tensor_map_5d_u16(p.k_cache, dims, k_strides, box, cuda_detail::TmaL2Promotion::k128B);
   tp.v_map = cuda_detail::make_tensor_map_5d_u16(p.v_cache, dims, v_strides, box, cuda_detail::TmaL2Promotion::k128B);
-  launch_kernel(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p.dependent_launch && p.after_append, tp,
+  // A cluster's first CTA receives the splits' states after its own shared memory (run_decode
+  // asks for clusters only where they fit: kDecodeClusterMaxHeadDim).
+  const int smem = Cfg::kSmemBytes + (p.cluster_combine ? p.num_splits * Cfg::kSlotBytes : 0);
+  launch_kernel(kernel, grid, dim3(Cfg::kThreads), smem, stream, p.dependent_launch && p.after_append, tp,
                 p.cluster_combine ? p.num_splits : 1);
 }
 

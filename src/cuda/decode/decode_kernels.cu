@@ -235,13 +235,16 @@ void run_decode(const DecodeParams& params, void* stream_ptr) {
   // the SMs: at two CTAs per SM (batch 8 / 1k, 256 CTAs in clusters of 4) the clustered grid ran
   // 4 us slower than attention + combine kernel, and at 128 CTAs on 132 SMs still 0.9-2.4 us
   // slower (batch 8 / 1k in clusters of 2, batch 1 / 8k MHA in clusters of 4), while 64 CTAs in
-  // clusters of 8 (batch 1 / 1k) gain 0.3 us. Not for a num_splits the caller fixed (see
-  // DecodeParams::splits_fixed). FASTATTN_DECODE_CLUSTER=0 keeps the combine kernel.
+  // clusters of 8 (batch 1 / 1k) gain 0.3 us (1.4 us since the splits send their states to the
+  // cluster's first CTA: decode_kernel_sm90.cuh). Not for a num_splits the caller fixed (see
+  // DecodeParams::splits_fixed), nor for the 256 kernel (kDecodeClusterMaxHeadDim).
+  // FASTATTN_DECODE_CLUSTER=0 keeps the combine kernel.
   const char* cluster_env = std::getenv("FASTATTN_DECODE_CLUSTER");
   const std::int64_t ctas =
       std::int64_t(p.num_splits) * p.heads_kv * p.batch * decode_row_blocks(p.group, p.seqlen_q);
   p.cluster_combine = p.sm90_kernel && !p.splits_fixed && p.num_splits > 1 && p.num_splits <= kMaxClusterSplits &&
-                      2 * ctas <= info.sm_count && !(cluster_env && std::strcmp(cluster_env, "0") == 0);
+                      p.head_dim <= kDecodeClusterMaxHeadDim && 2 * ctas <= info.sm_count &&
+                      !(cluster_env && std::strcmp(cluster_env, "0") == 0);
   if (p.dtype == Dtype::kFloat16) run_for_dtype<Dtype::kFloat16>(p, stream);
   else run_for_dtype<Dtype::kBFloat16>(p, stream);
 }

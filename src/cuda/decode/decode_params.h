@@ -134,6 +134,10 @@ constexpr int decode_row_blocks(int group, int seqlen_q) {
 
 /// The most splits merged inside one cluster (the portable cluster size).
 constexpr int kMaxClusterSplits = 8;
+/// The largest kernel head_dim with room for the cluster merge: its first CTA receives up to
+/// kMaxClusterSplits partial states next to its stages (DecodeSm90Config::kClusterMerge); the
+/// 256 kernel's stages leave no room, so its splits always merge in the combine kernel.
+constexpr int kDecodeClusterMaxHeadDim = 128;
 
 /// CTAs of the attention kernel resident per SM: shared memory allows two at head_dim <= 128,
 /// one for the sm_90 kernel at 256.

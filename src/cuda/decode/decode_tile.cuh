@@ -234,44 +234,51 @@ constexpr int decode_merge_bytes() {
   return (kDecodeWarps * kDecodeRows * (decode_merge_row_stride<kHeadDim>() + 3) + kDecodeRows) * 4;
 }
 
-/// Stores value `val` of column c of packed row pm of (b, kvh) into out and, from column 0, the
-/// row's LSE into lse (when asked for).
+/// Stores values v (columns c .. c + 3) of packed row pm of (b, kvh) into out and, from column
+/// 0, the row's LSE into lse (when asked for). One address for the four: the epilogue of a small
+/// step is a chain of such instructions.
 template <Dtype kDtype>
-__device__ __forceinline__ void decode_store_output(const DecodeParams& p, int b, int kvh, int pm, int c, float val,
-                                                    float lse) {
+__device__ __forceinline__ void decode_store_output4(const DecodeParams& p, int b, int kvh, int pm, int c, float4 v,
+                                                     float lse) {
   const int i = pm % p.seqlen_q, h = kvh * p.group + pm / p.seqlen_q;
-  Elem<kDtype>::store(p.out, b * p.out_batch_stride + std::int64_t(i) * p.out_row_stride +
-                                 std::int64_t(h) * p.out_head_stride + c, val);
+  using T = typename Elem<kDtype>::T;
+  T* dst = static_cast<T*>(p.out) + (b * p.out_batch_stride + std::int64_t(i) * p.out_row_stride +
+                                     std::int64_t(h) * p.out_head_stride + c);
+  Elem<kDtype>::store(dst, 0, v.x);
+  Elem<kDtype>::store(dst, 1, v.y);
+  Elem<kDtype>::store(dst, 2, v.z);
+  Elem<kDtype>::store(dst, 3, v.w);
   if (p.lse && c == 0)
     p.lse[b * p.lse_batch_stride + std::int64_t(h) * p.lse_head_stride + std::int64_t(i) * p.lse_row_stride] = lse;
 }
 
-/// decode_store_output with one split; with several, split `split`'s normalised partial state
-/// (for the combine kernel).
+/// decode_store_output4 with one split; with several, split `split`'s normalised partial state
+/// (for the combine kernel: one 16-byte store, the workspace rows being 16-byte aligned).
 template <Dtype kDtype>
-__device__ __forceinline__ void decode_store_value(const DecodeParams& p, int b, int kvh, int pm, int split, int c,
-                                                   float val, float lse) {
+__device__ __forceinline__ void decode_store_value4(const DecodeParams& p, int b, int kvh, int pm, int split, int c,
+                                                    float4 v, float lse) {
   if (p.num_splits == 1) {
-    decode_store_output<kDtype>(p, b, kvh, pm, c, val, lse);
+    decode_store_output4<kDtype>(p, b, kvh, pm, c, v, lse);
   } else {
     const int i = pm % p.seqlen_q, h = kvh * p.group + pm / p.seqlen_q;
     const std::int64_t state = ((std::int64_t(split) * p.batch + b) * p.heads_q + h) * p.seqlen_q + i;
-    p.partial_o[state * p.head_dim + c] = val;
+    *reinterpret_cast<float4*>(p.partial_o + state * p.head_dim + c) = v;
     if (c == 0) p.partial_lse[state] = lse;
   }
 }
 
 /// Merges the kDecodeWarps warps' states (DecodeWarpState or DecodeWarpStateNarrow) through `merge_smem` (decode_merge_bytes() bytes, free
-/// for reuse) and hands every value of the CTA's rows to `store(r, c, val, lse)` (r: row of the
-/// CTA's block, c < head_dim; val normalised, lse the row's natural-log LSE). `sync` is a barrier
-/// over the kDecodeWarps * 32 consumer threads (thread index `tid`); the caller has synchronised
-/// them before merge_smem is reused.
+/// for reuse) and hands the values of the CTA's rows to `store(r, c, val, lse)` four at a time
+/// (r: row of the CTA's block; columns c .. c + 3, c a multiple of 4 below head_dim; val a float4
+/// of normalised values, lse the row's natural-log LSE). `sync` is a barrier over the
+/// kDecodeWarps * 32 consumer threads (thread index `tid`); the caller has synchronised them
+/// before merge_smem is reused.
 ///
 /// Three steps: every warp stores its rows' O, max and sum; one thread per row turns the warps'
 /// (max, sum) into one weight per warp (exp2(max_w - max) / sum) and the row's LSE; then each
-/// output value is a 4-term dot product. (Computing the weights per value, as before, cost a
-/// division, four exponentials and a logarithm per value: ~2.5 us per CTA, traced.) Rows past
-/// the CTA's packed rows are neither stored nor merged.
+/// output value is a 4-term dot product, four columns per thread. (Computing the weights per
+/// value, as before, cost a division, four exponentials and a logarithm per value: ~2.5 us per
+/// CTA, traced.) Rows past the CTA's packed rows are neither stored nor merged.
 template <int kHeadDim, class State, class Sync, class Store>
 __device__ __forceinline__ void decode_merge_warps(const DecodeParams& p, const State& st, float* merge_smem, int mb,
                                                    int tid, Sync sync, Store store) {
@@ -304,12 +311,18 @@ __device__ __forceinline__ void decode_merge_warps(const DecodeParams& p, const 
     mLse[r] = l > 0.0f ? (m + __log2f(l)) * kLn2 : -INFINITY;
   }
   sync();
-  for (int idx = tid; idx < rows * kHeadDim; idx += kThreads) {
-    const int r = idx / kHeadDim, c = idx % kHeadDim;
-    if (c >= p.head_dim) continue;
-    float val = 0.0f;
+  static_assert(kStride % 4 == 0, "O rows are 16-byte aligned");
+  constexpr int kChunks = kHeadDim / 4;  // float4 columns per row
+  for (int idx = tid; idx < rows * kChunks; idx += kThreads) {
+    const int r = idx / kChunks, c = idx % kChunks * 4;
+    if (c >= p.head_dim) continue;  // head_dim is a multiple of 8: a chunk is all in or all out
+    float4 val = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
-    for (int w = 0; w < kDecodeWarps; ++w) val += mO[(w * kDecodeRows + r) * kStride + c] * mW[w * kDecodeRows + r];
+    for (int w = 0; w < kDecodeWarps; ++w) {
+      const float4 o = *reinterpret_cast<const float4*>(mO + (w * kDecodeRows + r) * kStride + c);
+      const float wt = mW[w * kDecodeRows + r];
+      val.x += o.x * wt, val.y += o.y * wt, val.z += o.z * wt, val.w += o.w * wt;
+    }
     store(r, c, val, mLse[r]);
   }
 }
