@@ -1,5 +1,5 @@
-// Thread-block clusters, sm_90: the cluster-wide barrier and asynchronous stores into another
-// CTA's shared memory (distributed shared memory), as thin wrappers over the PTX.
+// Thread-block clusters, sm_90: the cluster-wide barrier and stores into another CTA's shared
+// memory (distributed shared memory), as thin wrappers over the PTX.
 #pragma once
 
 #include <cstdint>
@@ -10,14 +10,19 @@ namespace fastattn::cuda_detail {
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 
-/// This thread's arrival on the cluster barrier, with no memory ordering of its own (pair it with
-/// fence.mbarrier_init, mbar_fence_init, to publish barrier initialisation). Every thread of the
-/// warp calls it together.
+/// This thread's arrival on the cluster barrier, with no memory ordering (e.g. "this CTA has
+/// started"). Every thread of the warp calls it together.
 __device__ __forceinline__ void cluster_arrive_relaxed() {
   asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
 }
-/// Waits until every (non-exited) thread of the cluster has arrived; acquire, so what another CTA
-/// published before its arrival is visible after. Every thread of the warp calls it together.
+/// This thread's arrival on the cluster barrier; release, so its earlier shared-memory writes,
+/// remote ones included, are visible to a thread whose cluster_wait the arrival completes. A
+/// thread may arrive and exit without waiting. Every thread of the warp calls it together.
+__device__ __forceinline__ void cluster_arrive_release() {
+  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+}
+/// Waits until every (non-exited) thread of the cluster has arrived; acquire. Every thread of the
+/// warp calls it together.
 __device__ __forceinline__ void cluster_wait() {
   asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
@@ -30,22 +35,15 @@ __device__ __forceinline__ std::uint32_t cluster_map(const void* local, int rank
   return remote;
 }
 
-/// Stores v (16-byte aligned) at `local`'s offset in CTA `rank`'s shared memory, its 16 bytes
-/// counted as transaction bytes on the mbarrier at `bar`'s offset there. Fire and forget: the
-/// receiver learns of the data through that barrier.
-__device__ __forceinline__ void cluster_store_async(const float4* local, float4 v, int rank, const std::uint64_t* bar) {
-  asm volatile(
-      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [%0], {%1, %2, %3, %4}, [%5];" ::"r"(
-          cluster_map(local, rank)),
-      "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "r"(cluster_map(bar, rank))
-      : "memory");
-}
-/// The same for one float (4 bytes).
-__device__ __forceinline__ void cluster_store_async(const float* local, float v, int rank, const std::uint64_t* bar) {
-  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.f32 [%0], %1, [%2];" ::"r"(
-                   cluster_map(local, rank)),
-               "f"(v), "r"(cluster_map(bar, rank))
+/// Stores v (16-byte aligned) at `local`'s offset in CTA `rank`'s shared memory.
+__device__ __forceinline__ void cluster_store(const float4* local, float4 v, int rank) {
+  asm volatile("st.shared::cluster.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(cluster_map(local, rank)), "f"(v.x),
+               "f"(v.y), "f"(v.z), "f"(v.w)
                : "memory");
+}
+/// The same for one float.
+__device__ __forceinline__ void cluster_store(const float* local, float v, int rank) {
+  asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(cluster_map(local, rank)), "f"(v) : "memory");
 }
 
 #endif  // __CUDA_ARCH__ >= 900

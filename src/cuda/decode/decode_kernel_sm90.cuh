@@ -104,7 +104,7 @@ struct DecodeSm90Config {
   static constexpr bool kClusterMerge = kSmemBytes + kMaxClusterSplits * kSlotBytes <= kDecodeSm90MaxSmemBytes;
   static_assert(kClusterMerge == (kHeadDim <= kDecodeClusterMaxHeadDim), "run_decode's cluster rule");
   static_assert(kDecodeRows <= kSlotLseFloats && kSmemBytes % 16 == 0, "slots are 16-byte aligned");
-  static_assert((4 * kStages + 1) * 8 <= kBarrierBytes, "barriers fit their region");
+  static_assert(4 * kStages * 8 <= kBarrierBytes, "barriers fit their region");
   static_assert(kQBytes % kAlign == 0, "stages start on a swizzle atom");
 };
 
@@ -183,7 +183,6 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
   std::uint64_t* full_v = full_k + S;
   std::uint64_t* empty_k = full_v + S;
   std::uint64_t* empty_v = empty_k + S;
-  std::uint64_t* slots_full = empty_v + S;  // cluster merge: every other split's state has landed
   const std::uint32_t raw = smem_u32(smem_raw);
   unsigned char* aligned = smem_raw + ((raw + Cfg::kBarrierBytes + Cfg::kAlign - 1) / Cfg::kAlign * Cfg::kAlign - raw);
   auto* sQ = reinterpret_cast<std::uint16_t*>(aligned);
@@ -198,18 +197,11 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
       mbar_init(&empty_k[s], kDecodeWarps);  // one arrival per consumer warp
       mbar_init(&empty_v[s], kDecodeWarps);
     }
-    if (p.cluster_combine && split == 0) {
-      // The other splits' states arrive as transaction bytes (decode_cluster_merge): their rows
-      // of head_dim values and one LSE each.
-      const int rows = min(kDecodeRows, rows_total - mb * kDecodeRows);
-      mbar_init(slots_full, 1);
-      mbar_arrive_expect_tx(slots_full, std::uint32_t((p.num_splits - 1) * rows * (p.head_dim + 1) * 4));
-    }
     mbar_fence_init();
   }
   __syncthreads();
-  // A cluster's other CTAs write into the first one's slots once its barrier is initialised:
-  // they wait for this arrival only then, at their end.
+  // A CTA may write into another's shared memory only once that one has started: every thread
+  // arrives here, and a thread waits for this phase before its first remote store (at the end).
   if (p.cluster_combine) cluster_arrive_relaxed();
   // Everything above read only the caller's index tensors; the cache and the rotated q may come
   // from the append kernel just before (dependent launch): wait for it, then let the combine
@@ -355,11 +347,11 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
       return;
     }
     // The splits of this (b, kvh, mb) are one cluster. Each CTA but the first stores its partial
-    // state straight into its slot of the first CTA's shared memory (asynchronous stores counted
-    // on that CTA's slots_full) and is done; the first one writes its own slot, waits for the
-    // others' bytes and merges. (Before: every CTA merged a share of the values, reading all the
-    // others' shared memory between two cluster barriers; ~2.5 us of a 7.7 us batch 1 / 1k step,
-    // traced, bench/NOTES.md.)
+    // state straight into its slot of the first CTA's shared memory, arrives on the cluster
+    // barrier's second phase and is done (threads that have exited do not hold a phase up); the
+    // first one writes its own slot, waits on that phase for the others and merges. (Before:
+    // every CTA merged a share of the values, reading all the others' shared memory between two
+    // cluster barriers: ~2.5 us of a 7.7 us batch 1 / 1k step, traced, bench/NOTES.md.)
     float* slot = reinterpret_cast<float*>(smem_raw + Cfg::kSmemBytes) + split * Cfg::kSlotFloats;
     if (split == 0) {
       decode_merge_warps<kHeadDim>(p, st, merge_smem, mb, threadIdx.x, consumers_sync,
@@ -367,18 +359,18 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
                                      *reinterpret_cast<float4*>(slot + Cfg::kSlotLseFloats + r * kHeadDim + c) = val;
                                      if (c == 0) slot[r] = lse;
                                    });
-      consumers_sync();
-      mbar_wait(slots_full, 0);
+      cluster_wait();            // the start phase
+      cluster_arrive_release();  // then the second phase: the other splits' stores
+      cluster_wait();            // every other split's state is in the slots
       decode_cluster_merge<kHeadDim, kDtype>(p, slot, merge_smem, b, kvh, mb, threadIdx.x, consumers_sync);
     } else {
-      cluster_wait();  // the first CTA's slots_full is initialised
-      decode_merge_warps<kHeadDim>(p, st, merge_smem, mb, threadIdx.x, consumers_sync,
-                                   [&](int r, int c, float4 val, float lse) {
-                                     cluster_store_async(reinterpret_cast<const float4*>(
-                                                             slot + Cfg::kSlotLseFloats + r * kHeadDim + c),
-                                                         val, 0, slots_full);
-                                     if (c == 0) cluster_store_async(slot + r, lse, 0, slots_full);
-                                   });
+      cluster_wait();  // the start phase: the first CTA has started
+      decode_merge_warps<kHeadDim>(
+          p, st, merge_smem, mb, threadIdx.x, consumers_sync, [&](int r, int c, float4 val, float lse) {
+            cluster_store(reinterpret_cast<const float4*>(slot + Cfg::kSlotLseFloats + r * kHeadDim + c), val, 0);
+            if (c == 0) cluster_store(slot + r, lse, 0);
+          });
+      cluster_arrive_release();  // the stores above land before the first CTA's wait returns
     }
   };
   if (rows_total <= kDecodeNarrowRows) {  // then mb = 0
