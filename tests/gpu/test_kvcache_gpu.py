@@ -495,6 +495,9 @@ CLUSTER_CONFIGS = {
     "b3_ragged_7splits_paged16": dict(B=3, Hq=8, Hkv=2, cache_len=1000, page=16, Sq=2, Snew=2, opt="causal"),
     # empty sequences inside a cluster: every split empty, LSE -inf
     "b2_some_empty": dict(B=2, Hq=8, Hkv=2, cache_len=1000, lens=[0, 999], Snew=0),
+    # batch 2, 8 KV heads, 1k keys: one wave would be 8 splits (128 CTAs, combine kernel); the
+    # heuristic takes 4 (64 CTAs, clusters of 4: test_split_heuristic_takes_the_cluster_grid)
+    "b2_gqa4_4splits_paged16": dict(B=2, Hq=32, Hkv=8, cache_len=1024, page=16),
 }
 
 
@@ -511,6 +514,37 @@ def test_cluster_combine(seed, config, monkeypatch):
     finite = torch.isfinite(lse_k)
     assert torch.equal(finite, torch.isfinite(lse)), "the same rows are empty in both merges"
     torch.testing.assert_close(lse[finite], lse_k[finite], atol=1e-4, rtol=0)
+
+
+def _align256(n):
+    return (n + 255) // 256 * 256
+
+
+@pytest.mark.parametrize("batch,heads_kv,cache_len", [(2, 8, 1024), (1, 8, 8192), (1, 32, 1024), (1, 32, 8192)])
+def test_split_heuristic_takes_the_cluster_grid(seed, batch, heads_kv, cache_len):
+    """num_splits=0 on an sm_90 GPU (README): when one wave's split count needs the combine kernel
+    but a smaller one (<= 8) fits a grid of at most half the SMs with at most 32 key tiles per
+    CTA, the heuristic takes the smaller one (its splits merge inside clusters). Read off the
+    workspace, which holds exactly the partial states of the chosen split count."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the sm_90 kernel's heuristic")
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    case = build_case(seed, torch.bfloat16, dict(B=batch, Hq=32, Hkv=heads_kv, cache_len=cache_len,
+                                                 Snew=0, lens=[cache_len] * batch))
+    items = batch * heads_kv  # (sequence, KV head) pairs; GQA <= 16 rows is one row block
+    tiles = -(-cache_len // 64)
+    wave = min(sms // items, cache_len // 128, 128)  # one CTA per SM, >= 2 tiles per split
+    wave = wave if tiles - (-(-tiles // wave)) > 8 else 1
+    cluster = min(8, sms // (2 * items))
+    expected = wave
+    if 2 <= cluster < wave and 2 * items * wave > sms and -(-tiles // cluster) <= 32:
+        expected = cluster
+    args = c_kwargs(case, case.make_out(), nan_full((batch, 32, 1), torch.float32))
+    states = expected * batch * 32 * 1
+    want = 0 if expected == 1 else _align256(states * 4) + _align256(states * 128 * 4)
+    assert _C.kvcache_workspace_bytes(**args) == want, f"{expected} splits expected"
+    if (batch, heads_kv, cache_len) == (2, 8, 1024) and sms == 132:
+        assert expected == 4  # the documented example
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "paged16"])

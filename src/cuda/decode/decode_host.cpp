@@ -155,8 +155,18 @@ int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int req
   const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
   const bool sm90 = use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size);
   const std::int64_t wave = std::int64_t(decode_split_wave_ctas_per_sm(p.head_dim, sm90)) * info.sm_count;
-  return core::choose_num_splits_if_paying(items, max_keys, wave, 2 * kDecodeBlockN, 128, kDecodeBlockN,
-                                           decode_split_cost_blocks(sm90));
+  int splits = core::choose_num_splits_if_paying(items, max_keys, wave, 2 * kDecodeBlockN, 128, kDecodeBlockN,
+                                                  decode_split_cost_blocks(sm90));
+  // Fewer splits whose grid merges inside clusters, when that grid still has the bandwidth
+  // (kDecodeClusterMaxTilesPerCta).
+  const std::int64_t cluster_splits = std::min<std::int64_t>(kMaxClusterSplits, info.sm_count / (2 * items));
+  const std::int64_t tiles = (max_keys + kDecodeBlockN - 1) / kDecodeBlockN;
+  if (cluster_splits >= 2 && cluster_splits < splits &&
+      !decode_cluster_merge_applies(sm90, p.head_dim, splits, items * splits, info.sm_count) &&
+      decode_cluster_merge_applies(sm90, p.head_dim, int(cluster_splits), items * cluster_splits, info.sm_count) &&
+      (tiles + cluster_splits - 1) / cluster_splits <= kDecodeClusterMaxTilesPerCta)
+    splits = int(cluster_splits);
+  return splits;
 }
 
 SplitStateBytes split_state_bytes(const DecodeParams& p) {

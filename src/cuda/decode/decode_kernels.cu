@@ -239,12 +239,10 @@ void run_decode(const DecodeParams& params, void* stream_ptr) {
   // cluster's first CTA: decode_kernel_sm90.cuh). Not for a num_splits the caller fixed (see
   // DecodeParams::splits_fixed), nor for the 256 kernel (kDecodeClusterMaxHeadDim).
   // FASTATTN_DECODE_CLUSTER=0 keeps the combine kernel.
-  const char* cluster_env = std::getenv("FASTATTN_DECODE_CLUSTER");
   const std::int64_t ctas =
       std::int64_t(p.num_splits) * p.heads_kv * p.batch * decode_row_blocks(p.group, p.seqlen_q);
-  p.cluster_combine = p.sm90_kernel && !p.splits_fixed && p.num_splits > 1 && p.num_splits <= kMaxClusterSplits &&
-                      p.head_dim <= kDecodeClusterMaxHeadDim && 2 * ctas <= info.sm_count &&
-                      !(cluster_env && std::strcmp(cluster_env, "0") == 0);
+  p.cluster_combine =
+      !p.splits_fixed && decode_cluster_merge_applies(p.sm90_kernel, p.head_dim, p.num_splits, ctas, info.sm_count);
   if (p.dtype == Dtype::kFloat16) run_for_dtype<Dtype::kFloat16>(p, stream);
   else run_for_dtype<Dtype::kBFloat16>(p, stream);
 }

@@ -5,6 +5,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "cuda/prefill/prefill_params.h"  // Dtype
 
@@ -138,6 +140,25 @@ constexpr int kMaxClusterSplits = 8;
 /// kMaxClusterSplits partial states next to its stages (DecodeSm90Config::kClusterMerge); the
 /// 256 kernel's stages leave no room, so its splits always merge in the combine kernel.
 constexpr int kDecodeClusterMaxHeadDim = 128;
+
+/// Whether a grid of `ctas` CTAs over `num_splits` heuristic splits merges them inside thread-block
+/// clusters (no combine kernel): the sm_90 kernel, a head_dim with room for the merge, 2 ..
+/// kMaxClusterSplits splits, a grid of at most half the SMs (run_decode says why), and
+/// FASTATTN_DECODE_CLUSTER not "0". A num_splits the caller fixed never does (splits_fixed).
+inline bool decode_cluster_merge_applies(bool sm90_kernel, int head_dim, int num_splits, std::int64_t ctas,
+                                         int sm_count) {
+  const char* env = std::getenv("FASTATTN_DECODE_CLUSTER");
+  return sm90_kernel && head_dim <= kDecodeClusterMaxHeadDim && num_splits > 1 && num_splits <= kMaxClusterSplits &&
+         2 * ctas <= sm_count && !(env && std::strcmp(env, "0") == 0);
+}
+
+/// The split heuristic takes fewer splits that merge inside clusters over more that need the
+/// combine kernel while each CTA then streams at most this many 64-key tiles. On the H200
+/// (CUDA-graph replay, bench/NOTES.md): batch 1 / 8k GQA 8 in 8 clustered splits (16 tiles each)
+/// 15.4 -> 14.2 us, batch 2 / 1k in 4 (4 tiles) 9.8 -> 8.1, batch 2 / 8k in 4 (32 tiles) 23.4 ->
+/// 22.0, MHA batch 1 / 1k in 2 (8 tiles) 11.1 -> 10.3; but MHA batch 1 / 8k in 2 (64 tiles) 38.5
+/// -> 39.2 and 1 / 32k worse still: fewer CTAs stream less of the bandwidth.
+constexpr int kDecodeClusterMaxTilesPerCta = 32;
 
 /// CTAs of the attention kernel resident per SM: shared memory allows two at head_dim <= 128,
 /// one for the sm_90 kernel at 256.

@@ -36,7 +36,9 @@ std::int64_t set_page_table(const check::ArgChecker& c, DecodeParams& p, const c
 /// Key splits per sequence for p's shape (batch, heads_kv, group, seqlen_q set): `requested` when
 /// > 0, else core::choose_num_splits_one_wave over one wave (decode_split_wave_ctas_per_sm: one
 /// CTA per SM for the sm_90 kernel, two for the cp.async kernel at head_dim <= 128), at least two
-/// 64-key tiles per split, at most 128 splits. `max_keys` bounds every sequence's attended slots
+/// 64-key tiles per split, at most 128 splits, kept only when it pays (decode_split_cost_blocks);
+/// then fewer splits when those merge inside clusters and the one-wave count would not
+/// (kDecodeClusterMaxTilesPerCta). `max_keys` bounds every sequence's attended slots
 /// (known on the host without a device read), so the choice depends on shapes only.
 int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys);
 
