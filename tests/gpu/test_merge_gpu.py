@@ -36,7 +36,7 @@ import fastattn  # noqa: E402
 from fastattn import _C  # noqa: E402
 
 import gpu_reference as R  # noqa: E402
-from gpu_helpers import stream_ptr  # noqa: E402
+from gpu_helpers import capture_or_xfail, stream_ptr  # noqa: E402
 
 DEV = "cuda"
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -640,37 +640,6 @@ def test_runs_on_current_stream(seed):
                  finite_max(new_a[0], vb), 2)
 
 
-def _capture(fn):
-    """fn() warmed up on a side stream, then captured into a CUDA graph. When the capture fails and
-    so does a bare torch __dlpack__() export inside a capture, the cause is the import of the
-    arguments (nanobind calls __dlpack__ without a stream), not the kernels: xfail with that
-    diagnosis, as tests/gpu/test_prefill.py does."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            fn()
-    except Exception as e:  # noqa: BLE001
-        torch.cuda.synchronize()
-        x, g = torch.zeros(8, device=DEV), torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(g):
-                x.add_(1)
-                x.__dlpack__()
-        except Exception as e2:  # noqa: BLE001
-            torch.cuda.synchronize()
-            pytest.xfail("capture failed (%s: %s) and so does a bare __dlpack__() inside a capture "
-                         "(%s): the binding's import, not the merge kernels"
-                         % (type(e).__name__, str(e).splitlines()[0] if str(e) else "", type(e2).__name__))
-        raise
-    return graph
-
-
 def test_cuda_graph(seed):
     """No allocation or host synchronisation in the merge calls: merge_state and merge_states into
     fixed outputs capture into a CUDA graph; replays with new inputs give the new results."""
@@ -685,7 +654,7 @@ def test_cuda_graph(seed):
         _C.merge_state(va, sa, vb, sb, o2, l2, cuda_stream=stream_ptr())
         _C.merge_states(v, s, on, ln, cuda_stream=stream_ptr())
 
-    graph = _capture(calls)
+    graph = capture_or_xfail(calls)
     for _ in range(2):
         for t in (va, vb, v):
             t.copy_(torch.randn(t.shape, device=DEV))

@@ -35,7 +35,7 @@ from fastattn import (  # noqa: E402
 )
 
 import gpu_reference as R  # noqa: E402
-from gpu_helpers import cumsum0, i32, nan_full, randn, stream_ptr  # noqa: E402
+from gpu_helpers import capture_or_xfail, cumsum0, i32, nan_full, randn, stream_ptr  # noqa: E402
 
 DEV = "cuda"
 DTYPES = [torch.float16, torch.bfloat16]
@@ -947,49 +947,6 @@ def test_runs_on_current_stream(seed):
     check_dense((out_snapshot, lse_snapshot), q_new, k, v, {})
 
 
-def _dlpack_capture_problem():
-    """None when a torch CUDA tensor's plain __dlpack__() (what nanobind calls, without a stream
-    argument) can be made inside a CUDA graph capture, else the error it causes."""
-    x = torch.zeros(8, device=DEV)
-    g = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(g):
-            x.add_(1)
-            x.__dlpack__()
-    except Exception as e:  # noqa: BLE001 (torch raises RuntimeError; report whatever it is)
-        torch.cuda.synchronize()
-        return "%s: %s" % (type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-    return None
-
-
-def _capture(fn):
-    """Warm up on a side stream, then capture fn() into a CUDA graph (as torch's docs advise).
-    If the capture fails and so does a bare torch __dlpack__() export inside a capture, the cause
-    is the import of the arguments, not the kernels: xfail with that diagnosis (see the reason)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            fn()
-    except Exception as e:  # noqa: BLE001
-        torch.cuda.synchronize()
-        problem = _dlpack_capture_problem()
-        if problem is not None:
-            pytest.xfail(
-                "CUDA graph capture of the call failed (%s: %s) and so does a bare "
-                "torch.Tensor.__dlpack__() inside a capture (%s): torch syncs with the legacy "
-                "default stream when __dlpack__ gets no stream argument, as nanobind calls it; the "
-                "binding must import CUDA tensors with __dlpack__(stream=-1) to be capturable "
-                "(nanobind#1241, pytorch#163242)" % (type(e).__name__, str(e).splitlines()[0] if str(e) else "", problem))
-        raise
-    return graph
-
-
 def test_cuda_graph_dense(seed):
     """No host synchronisation or allocation on the hot path: the call captures into a CUDA graph,
     and replays with new inputs give the new results."""
@@ -997,7 +954,7 @@ def test_cuda_graph_dense(seed):
     q, k, v = randn(b, sq, hq, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype)
     out = nan_full(q.shape, dtype)
     kw = make_options(seed, "causal+alibi", b, hq)
-    graph = _capture(lambda: flash_attn_func(q, k, v, out=out, **kw))
+    graph = capture_or_xfail(lambda: flash_attn_func(q, k, v, out=out, **kw))
     for _ in range(2):
         q.copy_(torch.randn_like(q))
         k.copy_(torch.randn_like(k))
@@ -1027,7 +984,7 @@ def test_cuda_graph_varlen_paged(seed):
     bt = torch.randperm(num_pages, device=DEV)[:len(lq) * pages_per_seq].to(torch.int32).view(len(lq), -1).contiguous()
     out = nan_full(q.shape, dtype)
     kw = {"causal": True}
-    graph = _capture(lambda: flash_attn_varlen_func(q, kp, vp, cq, None, max(lq), msk, block_table=bt,
+    graph = capture_or_xfail(lambda: flash_attn_varlen_func(q, kp, vp, cq, None, max(lq), msk, block_table=bt,
                                                     seqused_k=seqused, out=out, **kw))
     for _ in range(2):
         lk = [seed.randint(0, msk) for _ in lq]

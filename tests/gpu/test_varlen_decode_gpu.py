@@ -25,7 +25,7 @@ from fastattn import _C  # noqa: E402
 from fastattn import flash_attn_varlen_func  # noqa: E402
 
 import gpu_reference as R  # noqa: E402
-from gpu_helpers import cumsum0, first_line, i32, nan_full, randn, stream_ptr  # noqa: E402
+from gpu_helpers import capture_or_xfail, cumsum0, i32, nan_full, randn, stream_ptr  # noqa: E402
 import test_prefill as P  # noqa: E402  (its helpers; importing it runs no test)
 
 DEV = "cuda"
@@ -417,27 +417,7 @@ def test_cuda_graph(seed, addressing):
     ws_args.pop("cuda_stream", None)
     assert _C.varlen_workspace_bytes(**ws_args) > 0, "the captured call should use split-KV"
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        call()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            call()
-    except Exception as e:  # noqa: BLE001
-        torch.cuda.synchronize()
-        problem = P._dlpack_capture_problem()
-        if problem is not None:
-            pytest.xfail(
-                "CUDA graph capture of the call failed (%s) and so does a bare "
-                "torch.Tensor.__dlpack__() inside a capture (%s): torch syncs with the legacy default "
-                "stream when __dlpack__ gets no stream argument, as nanobind calls it; the binding "
-                "must import CUDA tensors with __dlpack__(stream=-1) to be capturable (nanobind#1241, "
-                "pytorch#163242)" % (first_line(e), problem))
-        raise
+    graph = capture_or_xfail(call)
 
     for _ in range(3):
         lens = [0, cap] + [seed.randint(1, cap - 1) for _ in range(b - 2)]

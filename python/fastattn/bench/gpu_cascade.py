@@ -49,7 +49,7 @@ from typing import List
 import fastattn
 
 from .gpu_decode import _n_sets, make_sleeper, time_interleaved
-from .gpu_prefill import _f, _l2_bytes, _short_error, timing_noise_line, warm_gpu
+from .gpu_prefill import _f, _l2_bytes, _short_error, apply_overrides, timing_noise_line, warm_gpu
 
 GiB = 1 << 30
 HEADS_Q = 32
@@ -93,10 +93,7 @@ class Settings:
         if quick:
             s = cls(prefixes=QUICK["prefixes"], batches=QUICK["batches"], rounds=2, budget_s=0.1,
                     min_calls=6, max_calls=40, time_limit_s=20.0)
-        for k, v in overrides.items():
-            if v is not None:
-                setattr(s, k, tuple(v) if isinstance(v, list) else v)
-        return s
+        return apply_overrides(s, overrides)
 
 
 @dataclass

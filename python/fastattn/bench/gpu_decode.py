@@ -58,8 +58,8 @@ from typing import Callable, Dict, List
 import fastattn
 
 from .gpu_prefill import (Deadline, _cycle, _event_time, _f, _l2_bytes, _paged, _ratio, _s, _short_error,
-                          _torch_dtype, calls_per_round, error_vs_flash_line, finish_figure, timing_noise_line,
-                          timing_stats, warm_gpu)
+                          _torch_dtype, apply_overrides, calls_per_round, error_vs_flash_line, finish_figure,
+                          timing_noise_line, timing_stats, warm_gpu)
 from .gpu_prefill import bad_records  # noqa: F401  (the same check for decode records; runner uses it)
 
 GiB = 1 << 30
@@ -117,10 +117,7 @@ class Settings:
             s = cls(batches=QUICK["batches"], cache_lens=QUICK["cache_lens"],
                     heads_kv=QUICK["heads_kv"], rounds=2, budget_s=0.1, min_budget_s=0.005,
                     min_calls=6, max_calls=40, time_limit_s=20.0)
-        for k, v in overrides.items():
-            if v is not None:
-                setattr(s, k, tuple(v) if isinstance(v, list) else v)
-        return s
+        return apply_overrides(s, overrides)
 
 
 def decode_bytes(batch, cache_len, heads_kv, heads_q, head_dim, elem_bytes=2):

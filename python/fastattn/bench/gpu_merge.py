@@ -40,9 +40,9 @@ import time
 from dataclasses import dataclass
 from typing import List
 
-from .gpu_decode import _n_sets, make_sleeper, measure_copy, time_interleaved
-from .gpu_prefill import (Deadline, _cycle, _f, _l2_bytes, _short_error, _torch_dtype, timing_noise_line,
-                          warm_gpu)
+from .gpu_decode import _n_sets, _us, add_copy_fractions, make_sleeper, measure_copy, time_interleaved
+from .gpu_prefill import (Deadline, _cycle, _f, _l2_bytes, _short_error, _torch_dtype, apply_overrides,
+                          timing_noise_line, warm_gpu)
 from .gpu_prefill import bad_records  # noqa: F401  (the same check for merge records)
 
 GiB = 1 << 30
@@ -87,10 +87,7 @@ class Settings:
         if quick:
             s = cls(dtypes=("fp16",), rounds=2, budget_s=0.1, min_calls=6, max_calls=40,
                     time_limit_s=20.0)
-        for k, v in overrides.items():
-            if v is not None:
-                setattr(s, k, tuple(v) if isinstance(v, list) else v)
-        return s
+        return apply_overrides(s, overrides)
 
 
 def merge_bytes(num_states, seqlen, heads, head_dim, elem_bytes):
@@ -300,18 +297,7 @@ def run_suite(torch, settings: Settings, log=print):
     return records, meta
 
 
-def add_copy_fractions(records, copy_tbps):
-    for r in records:
-        for info in r["impls"].values():
-            if info.get("tbps") is not None and copy_tbps:
-                info["copy_fraction"] = info["tbps"] / copy_tbps
-
-
 # ---- report ---------------------------------------------------------------------------------------
-
-
-def _us(s):
-    return "%.1f" % (s * 1e6) if s < 1e-3 else "%.0f" % (s * 1e6)
 
 
 def format_table(records, copy_tbps=None):

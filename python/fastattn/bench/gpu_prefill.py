@@ -68,6 +68,15 @@ def page_size_of(variant):
     return int(variant[len("paged"):]) if variant.startswith("paged") else None
 
 
+def apply_overrides(settings, overrides):
+    """The suites' Settings.for_mode: each override that is not None replaces its field (a list
+    becomes a tuple). Returns settings."""
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(settings, k, tuple(v) if isinstance(v, list) else v)
+    return settings
+
+
 @dataclass
 class Settings:
     """What to run and how long to spend. Full mode: 72 shapes x (4 fastattn variants + 2 peers),
@@ -97,10 +106,7 @@ class Settings:
             s = cls(seqlens=QUICK["seqlens"], head_dims=QUICK["head_dims"], dtypes=QUICK["dtypes"],
                     rounds=2, budget_s=0.05, min_budget_s=0.01, min_calls=6, max_calls=60,
                     time_limit_s=25.0)
-        for k, v in overrides.items():
-            if v is not None:
-                setattr(s, k, tuple(v) if isinstance(v, list) else v)
-        return s
+        return apply_overrides(s, overrides)
 
 
 @dataclass
