@@ -498,6 +498,10 @@ CLUSTER_CONFIGS = {
     # batch 2, 8 KV heads, 1k keys: one wave would be 8 splits (128 CTAs, combine kernel); the
     # heuristic takes 4 (64 CTAs, clusters of 4: test_split_heuristic_takes_the_cluster_grid)
     "b2_gqa4_4splits_paged16": dict(B=2, Hq=32, Hkv=8, cache_len=1024, page=16),
+    # head_dim 256: no room for the states in the first CTA's shared memory, so the splits pass
+    # them through the workspace (8 splits, 16 CTAs; ragged, paged, 2 causal query rows)
+    "b1_d256_8splits": dict(B=1, Hq=8, Hkv=2, D=256, cache_len=1024, lens=[1023]),
+    "b3_d256_ragged_paged16": dict(B=3, Hq=8, Hkv=2, D=256, cache_len=1000, page=16, Sq=2, Snew=2, opt="causal"),
 }
 
 
@@ -672,6 +676,34 @@ def out_of_range_page_ids(rng, where, check=True):
 @pytest.mark.parametrize("where", ["read_pages", "append_page"])
 def test_out_of_range_page_ids(seed, where):
     out_of_range_page_ids(seed, where)
+
+
+@pytest.mark.parametrize("splits", [0, 1])
+@pytest.mark.parametrize("sq", [1, 4])
+@pytest.mark.parametrize("page", [None, 16, 64], ids=["contiguous", "page16", "page64"])
+def test_slots_past_the_end_hold_nan(seed, page, sq, splits):
+    """Every cache slot that is not one of a sequence's keys (past its end, or in a page no
+    sequence uses) holds NaN. The kernels load whole tiles (and a TMA box of the sm_90 kernel
+    whole pages or 64-slot runs), so rows past a sequence's end reach shared memory and must be
+    masked out, never mixed into the result (0 x NaN). Lengths 0, 5, 70 and 200 of 256 slots,
+    the whole block table filled (its columns past a sequence's keys name NaN pages), no append;
+    4 and 16 packed query rows (the narrow and the wide tile); the heuristic's splits and one."""
+    lens = [0, 5, 70, 200]
+    case = build_case(seed, torch.bfloat16, dict(B=4, Sq=sq, Snew=0, Hq=8, Hkv=2, page=page, cache_len=256,
+                                                 table="full", lens=lens, splits=splits))
+    if page is None:
+        for b, n in enumerate(lens):
+            case.kc[b, n:] = float("nan")
+            case.vc[b, n:] = float("nan")
+    else:
+        keys = torch.zeros(tuple(case.kc.shape[:2]), dtype=torch.bool, device=DEV)
+        for b, n in enumerate(lens):
+            for slot in range(n):
+                keys[case.table[b][slot // page], slot % page] = True
+        case.kc[~keys] = float("nan")
+        case.vc[~keys] = float("nan")
+    out, lse, ref = run_case(case)
+    assert bool(torch.isfinite(out).all())
 
 
 def test_cache_over_2_31_elements(seed):

@@ -95,29 +95,37 @@ struct DecodeSm90Config {
   static constexpr int kSmemBytes = kBarrierBytes + kAlign + kQBytes +
                                     (kPipeBytes > decode_merge_bytes<kHeadDim>() ? kPipeBytes : decode_merge_bytes<kHeadDim>());
   // Cluster merge (decode_cluster_merge): the first CTA of a cluster receives every split's
-  // partial state into slots after the rest of its shared memory (a launch with clusters asks
-  // for kSmemBytes + num_splits * kSlotBytes): a slot is 16 floats of row LSEs, then
-  // [kDecodeRows][kHeadDim] values.
+  // partial state into a slot of its shared memory: 16 floats of row LSEs, then [kDecodeRows]
+  // [kHeadDim] values. Where the slots fit after the rest of the shared memory (kClusterSlots), a
+  // launch with clusters asks for kSmemBytes + num_splits * kSlotBytes and the splits store into
+  // them whenever they are done. The 256 kernel's stages take 192 KB, so there the slots reuse
+  // the first CTA's stages once it has streamed its tiles and merged its warps: slot s is the
+  // s-th from the end of the stages, clear of the warp-merge scratch at their start for s = 0,
+  // the first CTA's own (stage_slot_floats).
   static constexpr int kSlotLseFloats = 16;
   static constexpr int kSlotFloats = kSlotLseFloats + kDecodeRows * kHeadDim;
   static constexpr int kSlotBytes = kSlotFloats * 4;
-  static constexpr bool kClusterMerge = kSmemBytes + kMaxClusterSplits * kSlotBytes <= kDecodeSm90MaxSmemBytes;
-  static_assert(kClusterMerge == (kHeadDim <= kDecodeClusterMaxHeadDim), "run_decode's cluster rule");
+  static constexpr bool kClusterSlots = kSmemBytes + kMaxClusterSplits * kSlotBytes <= kDecodeSm90MaxSmemBytes;
+  static constexpr int stage_slot_floats(int s) { return kPipeBytes / 4 - (s + 1) * kSlotFloats; }
+  static_assert(kClusterSlots || (kMaxClusterSplits * kSlotBytes <= kPipeBytes &&
+                                  stage_slot_floats(0) * 4 >= decode_merge_bytes<kHeadDim>()),
+                "the slots fit in the stages, the first CTA's own clear of the warp-merge scratch");
   static_assert(kDecodeRows <= kSlotLseFloats && kSmemBytes % 16 == 0, "slots are 16-byte aligned");
   static_assert(4 * kStages * 8 <= kBarrierBytes, "barriers fit their region");
   static_assert(kQBytes % kAlign == 0, "stages start on a swizzle atom");
 };
 
 /// The split-KV combine of a cluster's p.num_splits (<= kMaxClusterSplits) CTAs of one
-/// (b, kvh, mb), in its first CTA once every split's partial state is in `slots` (see
-/// DecodeSm90Config; slot s holds split s). One thread per row turns the splits' LSEs into
-/// weights and the merged LSE (in `scratch`, kMaxClusterSplits + 1 floats per row), then every
-/// output value is a dot product over the splits, four columns per thread. `sync` is a barrier
-/// over the consumer threads. (MergeAccumulator per value, as the combine kernel does it, is a
-/// chain of sixteen exponentials and eight divisions per thread: ~2 us of a batch 1 / 1k step.)
-template <int kHeadDim, Dtype kDtype, class Sync>
-__device__ __forceinline__ void decode_cluster_merge(const DecodeParams& p, const float* slots, float* scratch, int b,
-                                                     int kvh, int mb, int tid, Sync sync) {
+/// (b, kvh, mb), in its first CTA once every split's partial state can be read: lse_of(s, r) is
+/// split s's natural-log LSE of row r of the block, values_of(s, r, c) its normalised values in
+/// columns c .. c + 3 (a float4). One thread per row turns the splits' LSEs into weights and the
+/// merged LSE (in `scratch`, kMaxClusterSplits + 1 floats per row), then every output value is a
+/// dot product over the splits, four columns per thread. `sync` is a barrier over the consumer
+/// threads. (MergeAccumulator per value, as the combine kernel does it, is a chain of sixteen
+/// exponentials and eight divisions per thread: ~2 us of a batch 1 / 1k step.)
+template <int kHeadDim, Dtype kDtype, class LseOf, class ValuesOf, class Sync>
+__device__ __forceinline__ void decode_cluster_merge(const DecodeParams& p, LseOf lse_of, ValuesOf values_of,
+                                                     float* scratch, int b, int kvh, int mb, int tid, Sync sync) {
   using Cfg = DecodeSm90Config<kHeadDim>;
   constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
   const int rows = min(kDecodeRows, p.group * p.seqlen_q - mb * kDecodeRows);
@@ -128,7 +136,7 @@ __device__ __forceinline__ void decode_cluster_merge(const DecodeParams& p, cons
     float lse[kMaxClusterSplits], m = -INFINITY;
 #pragma unroll
     for (int s = 0; s < kMaxClusterSplits; ++s) {
-      lse[s] = s < ns ? slots[s * Cfg::kSlotFloats + tid] : -INFINITY;  // natural log
+      lse[s] = s < ns ? lse_of(s, tid) : -INFINITY;
       m = fmaxf(m, lse[s]);
     }
     float e[kMaxClusterSplits], sum = 0.0f;
@@ -151,8 +159,7 @@ __device__ __forceinline__ void decode_cluster_merge(const DecodeParams& p, cons
     for (int s = 0; s < kMaxClusterSplits; ++s) {
       if (s >= ns) break;
       const float w = weights[s * kDecodeRows + r];
-      const float4 o =
-          *reinterpret_cast<const float4*>(slots + s * Cfg::kSlotFloats + Cfg::kSlotLseFloats + r * kHeadDim + c);
+      const float4 o = values_of(s, r, c);
       val.x += w * o.x, val.y += w * o.y, val.z += w * o.z, val.w += w * o.w;
     }
     decode_store_output4<kDtype>(p, b, kvh, mb * kDecodeRows + r, c, val, merged_lse[r]);
@@ -352,6 +359,40 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
     // first one writes its own slot, waits on that phase for the others and merges. (Before:
     // every CTA merged a share of the values, reading all the others' shared memory between two
     // cluster barriers: ~2.5 us of a 7.7 us batch 1 / 1k step, traced, bench/NOTES.md.)
+    if constexpr (!Cfg::kClusterSlots) {
+      // Slots in the first CTA's stages (DecodeSm90Config): every CTA first merges its warps into
+      // its own slot-0 place (the first CTA's is its real slot), then arrives on the barrier's
+      // second phase; once that completes, the first CTA's stages are free, and every other CTA
+      // copies its state into its slot there and arrives on the third phase, for which the first
+      // CTA waits before it merges.
+      float* stages = reinterpret_cast<float*>(sK0);
+      float* own = stages + Cfg::stage_slot_floats(0);
+      decode_merge_warps<kHeadDim>(p, st, merge_smem, mb, threadIdx.x, consumers_sync,
+                                   [&](int r, int c, float4 val, float lse) {
+                                     *reinterpret_cast<float4*>(own + Cfg::kSlotLseFloats + r * kHeadDim + c) = val;
+                                     if (c == 0) own[r] = lse;
+                                   });
+      cluster_wait();  // the start phase
+      cluster_arrive_release();
+      cluster_wait();  // every CTA has merged its warps: the first CTA's stages hold nothing else
+      if (split != 0) {
+        const float* remote = stages + Cfg::stage_slot_floats(split);  // mapped into CTA 0 below
+        for (int i = threadIdx.x; i < Cfg::kSlotFloats / 4; i += Cfg::kConsumerThreads)
+          cluster_store(reinterpret_cast<const float4*>(remote) + i, reinterpret_cast<const float4*>(own)[i], 0);
+        cluster_arrive_release();  // the stores land before the first CTA's wait returns
+        return;
+      }
+      cluster_arrive_release();
+      cluster_wait();  // every split's state is in its slot
+      decode_cluster_merge<kHeadDim, kDtype>(
+          p, [&](int s, int r) { return stages[Cfg::stage_slot_floats(s) + r]; },
+          [&](int s, int r, int c) {
+            return *reinterpret_cast<const float4*>(stages + Cfg::stage_slot_floats(s) + Cfg::kSlotLseFloats +
+                                                    r * kHeadDim + c);
+          },
+          merge_smem, b, kvh, mb, threadIdx.x, consumers_sync);
+      return;
+    }
     float* slot = reinterpret_cast<float*>(smem_raw + Cfg::kSmemBytes) + split * Cfg::kSlotFloats;
     if (split == 0) {
       decode_merge_warps<kHeadDim>(p, st, merge_smem, mb, threadIdx.x, consumers_sync,
@@ -362,7 +403,12 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
       cluster_wait();            // the start phase
       cluster_arrive_release();  // then the second phase: the other splits' stores
       cluster_wait();            // every other split's state is in the slots
-      decode_cluster_merge<kHeadDim, kDtype>(p, slot, merge_smem, b, kvh, mb, threadIdx.x, consumers_sync);
+      decode_cluster_merge<kHeadDim, kDtype>(
+          p, [&](int s, int r) { return slot[s * Cfg::kSlotFloats + r]; },  // slot is split 0's
+          [&](int s, int r, int c) {
+            return *reinterpret_cast<const float4*>(slot + s * Cfg::kSlotFloats + Cfg::kSlotLseFloats + r * kHeadDim + c);
+          },
+          merge_smem, b, kvh, mb, threadIdx.x, consumers_sync);
     } else {
       cluster_wait();  // the start phase: the first CTA has started
       decode_merge_warps<kHeadDim>(
@@ -393,7 +439,7 @@ template <int kHeadDim, Dtype kDtype>
 void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
   using Cfg = DecodeSm90Config<kHeadDim>;
   auto* kernel = &decode_kernel_sm90<kHeadDim, kDtype>;
-  constexpr int kMaxSmem = Cfg::kSmemBytes + (Cfg::kClusterMerge ? kMaxClusterSplits * Cfg::kSlotBytes : 0);
+  constexpr int kMaxSmem = Cfg::kSmemBytes + (Cfg::kClusterSlots ? kMaxClusterSplits * Cfg::kSlotBytes : 0);
   static const cudaError_t attr_status =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem);
   FASTATTN_CUDA_CHECK(attr_status);
@@ -419,9 +465,9 @@ void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
   // boxes over both blocks (MHA batch 32 / 8k 1041 against 960 us; bench/NOTES.md).
   tp.k_map = cuda_detail::make_tensor_map_5d_u16(p.k_cache, dims, k_strides, box, cuda_detail::TmaL2Promotion::k128B);
   tp.v_map = cuda_detail::make_tensor_map_5d_u16(p.v_cache, dims, v_strides, box, cuda_detail::TmaL2Promotion::k128B);
-  // A cluster's first CTA receives the splits' states after its own shared memory (run_decode
-  // asks for clusters only where they fit: kDecodeClusterMaxHeadDim).
-  const int smem = Cfg::kSmemBytes + (p.cluster_combine ? p.num_splits * Cfg::kSlotBytes : 0);
+  // A cluster's first CTA receives the splits' states after its own shared memory (where they
+  // fit: kClusterSlots).
+  const int smem = Cfg::kSmemBytes + (p.cluster_combine && Cfg::kClusterSlots ? p.num_splits * Cfg::kSlotBytes : 0);
   launch_kernel(kernel, grid, dim3(Cfg::kThreads), smem, stream, p.dependent_launch && p.after_append, tp,
                 p.cluster_combine ? p.num_splits : 1);
 }

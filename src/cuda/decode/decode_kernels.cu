@@ -237,12 +237,12 @@ void run_decode(const DecodeParams& params, void* stream_ptr) {
   // slower (batch 8 / 1k in clusters of 2, batch 1 / 8k MHA in clusters of 4), while 64 CTAs in
   // clusters of 8 (batch 1 / 1k) gain 0.3 us (1.4 us since the splits send their states to the
   // cluster's first CTA: decode_kernel_sm90.cuh). Not for a num_splits the caller fixed (see
-  // DecodeParams::splits_fixed), nor for the 256 kernel (kDecodeClusterMaxHeadDim).
+  // DecodeParams::splits_fixed).
   // FASTATTN_DECODE_CLUSTER=0 keeps the combine kernel.
   const std::int64_t ctas =
       std::int64_t(p.num_splits) * p.heads_kv * p.batch * decode_row_blocks(p.group, p.seqlen_q);
   p.cluster_combine =
-      !p.splits_fixed && decode_cluster_merge_applies(p.sm90_kernel, p.head_dim, p.num_splits, ctas, info.sm_count);
+      !p.splits_fixed && decode_cluster_merge_applies(p.sm90_kernel, p.num_splits, ctas, info.sm_count);
   if (p.dtype == Dtype::kFloat16) run_for_dtype<Dtype::kFloat16>(p, stream);
   else run_for_dtype<Dtype::kBFloat16>(p, stream);
 }

@@ -108,7 +108,8 @@ struct DecodeParams {
   /// Set by run_decode: the sm_90 kernel runs the splits of a (b, kv head, row block) as one
   /// thread-block cluster that merges them itself (1 < num_splits <= kMaxClusterSplits), with no
   /// combine kernel; the workspace's partial states (sized by the plan, before this choice) go
-  /// unused.
+  /// unused, except at head_dim 256, whose first CTA has no room for them and reads them from there
+  /// (DecodeSm90Config::kClusterSlots).
   bool cluster_combine = false;
   /// num_splits is the caller's (flash_attn_with_kvcache's num_splits > 0), not the heuristic's:
   /// its results must be bitwise the same whatever the rest of the batch, so the splits always
@@ -136,20 +137,14 @@ constexpr int decode_row_blocks(int group, int seqlen_q) {
 
 /// The most splits merged inside one cluster (the portable cluster size).
 constexpr int kMaxClusterSplits = 8;
-/// The largest kernel head_dim with room for the cluster merge: its first CTA receives up to
-/// kMaxClusterSplits partial states next to its stages (DecodeSm90Config::kClusterMerge); the
-/// 256 kernel's stages leave no room, so its splits always merge in the combine kernel.
-constexpr int kDecodeClusterMaxHeadDim = 128;
-
 /// Whether a grid of `ctas` CTAs over `num_splits` heuristic splits merges them inside thread-block
-/// clusters (no combine kernel): the sm_90 kernel, a head_dim with room for the merge, 2 ..
-/// kMaxClusterSplits splits, a grid of at most half the SMs (run_decode says why), and
-/// FASTATTN_DECODE_CLUSTER not "0". A num_splits the caller fixed never does (splits_fixed).
-inline bool decode_cluster_merge_applies(bool sm90_kernel, int head_dim, int num_splits, std::int64_t ctas,
-                                         int sm_count) {
+/// clusters (no combine kernel): the sm_90 kernel, 2 .. kMaxClusterSplits splits, a grid of at
+/// most half the SMs (run_decode says why), and FASTATTN_DECODE_CLUSTER not "0". A num_splits the
+/// caller fixed never does (splits_fixed).
+inline bool decode_cluster_merge_applies(bool sm90_kernel, int num_splits, std::int64_t ctas, int sm_count) {
   const char* env = std::getenv("FASTATTN_DECODE_CLUSTER");
-  return sm90_kernel && head_dim <= kDecodeClusterMaxHeadDim && num_splits > 1 && num_splits <= kMaxClusterSplits &&
-         2 * ctas <= sm_count && !(env && std::strcmp(env, "0") == 0);
+  return sm90_kernel && num_splits > 1 && num_splits <= kMaxClusterSplits && 2 * ctas <= sm_count &&
+         !(env && std::strcmp(env, "0") == 0);
 }
 
 /// The split heuristic takes fewer splits that merge inside clusters over more that need the
