@@ -34,7 +34,7 @@ from fastattn.cascade import (BatchDecodeWithSharedPrefixPagedKVCacheWrapper,  #
                               BatchPrefillWithSharedPrefixPagedKVCacheWrapper)
 
 import gpu_reference as R  # noqa: E402
-from gpu_helpers import cumsum0, i32, nan_full, randn, warm_and_capture  # noqa: E402
+from gpu_helpers import capture_or_xfail, cumsum0, i32, nan_full, randn  # noqa: E402
 
 DEV = "cuda"
 DTYPES = [torch.float16, torch.bfloat16]
@@ -444,21 +444,6 @@ def test_prefill_wrapper(seed, dtype, causal):
 # ---- CUDA graphs ----------------------------------------------------------------------------------------------
 
 
-def _dlpack_capture_problem():
-    """None when a torch CUDA tensor's plain __dlpack__() can be made inside a CUDA graph capture,
-    else the error it causes (as tests/gpu/test_prefill.py)."""
-    x = torch.zeros(8, device=DEV)
-    g = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(g):
-            x.add_(1)
-            x.__dlpack__()
-    except Exception as e:  # noqa: BLE001
-        torch.cuda.synchronize()
-        return "%s: %s" % (type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-    return None
-
-
 @pytest.mark.parametrize("kind", ["decode", "prefill"])
 def test_cuda_graph_wrapper_forward(seed, kind):
     """wrapper.forward_return_lse captured into a CUDA graph after begin_forward, replayed with new
@@ -478,15 +463,7 @@ def test_cuda_graph_wrapper_forward(seed, kind):
     def fn():
         holder["res"] = run()
 
-    try:
-        graph = warm_and_capture(fn)
-    except Exception as e:  # noqa: BLE001
-        torch.cuda.synchronize()
-        problem = _dlpack_capture_problem()
-        if problem is not None:
-            pytest.xfail("capture failed (%s) and so does a bare torch __dlpack__() in a capture (%s)"
-                         % (str(e).splitlines()[0], problem))
-        raise
+    graph = capture_or_xfail(fn)
     for _ in range(3):
         case.q.copy_(torch.randn_like(case.q))
         holder["res"][0].fill_(float("nan"))

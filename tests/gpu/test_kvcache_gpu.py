@@ -34,7 +34,8 @@ from fastattn import _C  # noqa: E402
 from fastattn import flash_attn_varlen_func, flash_attn_with_kvcache  # noqa: E402
 
 import gpu_reference as R  # noqa: E402
-from gpu_helpers import cumsum0, first_line, i32, nan_full, randn, stream_ptr, warm_and_capture  # noqa: E402
+from gpu_helpers import (cumsum0, dlpack_capture_problem, first_line, i32, nan_full, randn, stream_ptr,  # noqa: E402
+                         warm_and_capture)
 
 DEV = "cuda"
 DTYPES = [torch.float16, torch.bfloat16]
@@ -789,21 +790,6 @@ def test_varlen_decode_block_table(seed, dtype, page_size, lengths_from, opt):
 # ---- CUDA graphs ---------------------------------------------------------------------------------
 
 
-def _dlpack_capture_problem():
-    """None when a torch CUDA tensor's plain __dlpack__() (what nanobind calls, without a stream
-    argument) can be made inside a CUDA graph capture, else the error it causes (as test_prefill)."""
-    x = torch.zeros(8, device=DEV)
-    g = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(g):
-            x.add_(1)
-            x.__dlpack__()
-    except Exception as e:  # noqa: BLE001 (torch raises RuntimeError; report whatever it is)
-        torch.cuda.synchronize()
-        return "%s: %s" % (type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-    return None
-
-
 @pytest.mark.parametrize("layout,num_splits", [("paged16", 0), ("paged16", 5), ("contiguous", 0)],
                          ids=["paged16-splits0", "paged16-splits5", "contiguous-splits0"])
 def test_cuda_graph_decode(seed, layout, num_splits):
@@ -830,7 +816,7 @@ def test_cuda_graph_decode(seed, layout, num_splits):
         graph = warm_and_capture(public_call)
     except Exception as e:  # noqa: BLE001
         torch.cuda.synchronize()
-        problem = _dlpack_capture_problem()
+        problem = dlpack_capture_problem()
         if problem is not None:
             pytest.xfail(
                 "CUDA graph capture of flash_attn_with_kvcache failed (%s) and so does a bare "
