@@ -3,7 +3,8 @@
 16, 256), appends with rotary (interleaved and GPT-NeoX, full and partial rotary_dim), leftpad,
 cache_batch_idx, GQA 8, num_splits 1 and 7 (and the heuristic over a long cache, and heuristic splits
 merged inside a thread-block cluster on sm_90), out-of-range page
-ids in the block table, empty caches, and decode through flash_attn_varlen_func with a block table.
+ids in the block table, empty caches, decode through flash_attn_varlen_func with a block table, and
+three calls through the sm_90 head-group kernel.
 Each call runs twice into NaN-poisoned buffers and, unless --no-check, is compared with the float64
 reference and the caches are checked (as tests/gpu/test_kvcache_gpu.py does). No guard memory
 around the caches here, so that memcheck sees each cache's own allocation bounds.
@@ -31,8 +32,17 @@ def kvcache(rng, check, dtype, cfg):
     T.run_case(T.build_case(rng, dtype, cfg), check)
 
 
-def bad_page_ids(rng, check, where):
-    T.out_of_range_page_ids(rng, where, check)
+def bad_page_ids(rng, check, where, heads_kv=2):
+    T.out_of_range_page_ids(rng, where, check, heads_kv=heads_kv)
+
+
+def head_group(rng, check, fn, *args):
+    """fn's case through the sm_90 head-group kernel (FASTATTN_DECODE_HEAD_GROUP=1)."""
+    os.environ["FASTATTN_DECODE_HEAD_GROUP"] = "1"
+    try:
+        fn(rng, check, *args)
+    finally:
+        del os.environ["FASTATTN_DECODE_HEAD_GROUP"]
 
 
 def varlen_decode(rng, check, dtype, page_size):
@@ -76,6 +86,12 @@ def cases():
     yield "empty cache", kvcache, (F16, dict(lens="zeros", Snew=0))
     yield "empty paged cache, first tokens appended", kvcache, (B16, dict(lens="zeros", page=16, Sq=2, Snew=2, rotary="neox", opt="causal"))
     yield "varlen decode block table page 16", varlen_decode, (B16, 16)
+    yield "head-group kernel: everything paged 16, 3 splits", head_group, (kvcache, B16, dict(
+        Hq=8, Hkv=4, page=16, rotary="interleaved", rotary_frac=0.5, batch_idx=True, leftpad=True, opt=T.ALL,
+        splits=3, Sq=2, Snew=2))
+    yield "head-group kernel: contiguous, heuristic splits", head_group, (kvcache, F16, dict(
+        B=2, Hq=32, Hkv=8, lens=[7999, 3000], cache_len=8000))
+    yield "head-group kernel: out-of-range page ids (reads)", head_group, (bad_page_ids, "read_pages", 4)
 
 
 if __name__ == "__main__":

@@ -576,6 +576,65 @@ def test_fixed_num_splits_invariant_across_grid_sizes(seed, layout):
         R.assert_bitwise_equal(f"softmax_lse of sequence {b} alone", l[0], lse[b])
 
 
+# The head-group kernel (sm_90; README "GPU decode"): head_dim 128, heads_kv a multiple of 4, at
+# most 8 packed query rows per KV head, a contiguous cache or pages of a multiple of 16 slots.
+# FASTATTN_DECODE_HEAD_GROUP=1 takes it for every such call (the heuristic only for large ones).
+HEAD_GROUP_CONFIGS = {
+    "gqa4": dict(Hq=16, Hkv=4),
+    "gqa8_paged16": dict(Hq=64, Hkv=8, page=16),
+    "mha_sq8_causal_paged64": dict(Hq=4, Hkv=4, Sq=8, Snew=8, page=64, opt="causal"),
+    "gqa2_sq4_window_paged256_full": dict(Hq=8, Hkv=4, Sq=4, Snew=4, page=256, table="full", opt="window"),
+    "alibi_softcap_paged32": dict(Hq=8, Hkv=4, Sq=2, Snew=2, page=32, opt="causal+alibi+softcap"),
+    "sliding_window_heads8": dict(Hq=32, Hkv=8, opt="wleft"),
+    "splits3_leftpad_batch_idx": dict(Hq=16, Hkv=4, splits=3, leftpad=True, batch_idx=True, cache_len=3000),
+    "splits64": dict(Hq=16, Hkv=4, splits=64),
+    "strided_paged16": dict(Hq=8, Hkv=4, strided=True, page=16, leftpad=True, opt="alibi"),
+    "everything_paged16": dict(Hq=8, Hkv=4, page=16, rotary="interleaved", rotary_frac=0.5, batch_idx=True,
+                               leftpad=True, opt=ALL, splits=3, Sq=2, Snew=2),
+    "everything_contiguous_neox": dict(Hq=16, Hkv=4, rotary="neox", batch_idx=True, leftpad=True, opt=ALL,
+                                       Sq=2, Snew=2),
+    "heuristic_long": dict(B=2, Hq=32, Hkv=8, lens=[7999, 5000], cache_len=8000),
+    "empty_paged16": dict(Hq=8, Hkv=4, lens="zeros", Snew=0, page=16, empty=True),
+    "first_tokens_paged16_rotary": dict(Hq=8, Hkv=4, lens="zeros", page=16, Sq=2, Snew=2, rotary="neox",
+                                        opt="causal"),
+}
+
+
+@pytest.mark.parametrize("config", list(HEAD_GROUP_CONFIGS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_head_group_kernel(seed, dtype, config, monkeypatch):
+    """The head-group kernel (FASTATTN_DECODE_HEAD_GROUP=1) against the float32 reference, with
+    the cache, out= and repeat checks of run_case. On other GPUs the call takes the other kernels."""
+    monkeypatch.setenv("FASTATTN_DECODE_HEAD_GROUP", "1")
+    case = build_case(seed, dtype, HEAD_GROUP_CONFIGS[config])
+    out, lse, _ = run_case(case)
+    if case.c["empty"]:
+        assert bool((out == 0).all()) and bool(torch.isneginf(lse).all())
+
+
+def test_head_group_kernel_is_taken(seed, monkeypatch):
+    """On sm_90 the switch changes the kernel: both answers pass the reference, and they differ in
+    some bits (another order of the sums over 8k keys). With the switch unset, the heuristic takes
+    the head-group kernel for a 1 GiB call: its split count is the head-group grid's (read off the
+    workspace: 8 sequences x 2 groups of 4 KV heads, one wave of two CTAs per SM)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("an sm_90 kernel")
+    case = build_case(seed, torch.bfloat16, dict(B=2, Hq=32, Hkv=8, cache_len=8192, Snew=0, lens=[8192, 6000]))
+    monkeypatch.setenv("FASTATTN_DECODE_HEAD_GROUP", "1")
+    out1, lse1, _ = run_case(case)
+    monkeypatch.setenv("FASTATTN_DECODE_HEAD_GROUP", "0")
+    out0, lse0, _ = run_case(case)
+    assert not torch.equal(out1.view(torch.int16), out0.view(torch.int16)), "the switch changed nothing"
+    monkeypatch.delenv("FASTATTN_DECODE_HEAD_GROUP")
+    big = build_case(seed, torch.bfloat16, dict(B=8, Hq=32, Hkv=8, cache_len=32768, Snew=0, lens=[1] * 8))
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    items = 8 * 2
+    splits = min(2 * sms // items, 32768 // 128, 128)
+    args = c_kwargs(big, big.make_out(), nan_full((8, 32, 1), torch.float32))
+    states = splits * 8 * 32
+    assert _C.kvcache_workspace_bytes(**args) == _align256(states * 4) + _align256(states * 128 * 4)
+
+
 POISON_CONFIGS = {
     "paged16_splits3_rotary": dict(page=16, splits=3, rotary="interleaved", Sq=3, Snew=3, opt="causal"),
     "contiguous_splits64_gqa8": dict(splits=64, Hq=16, Hkv=2),
@@ -630,15 +689,16 @@ def test_repeated_decode_steps(seed):
 # ---- out-of-range page ids, caches of > 2^31 elements ---------------------------------------------
 
 
-def out_of_range_page_ids(rng, where, check=True):
+def out_of_range_page_ids(rng, where, check=True, heads_kv=2):
     """Page ids outside [0, num_pages) in the block table (negative, num_pages, 10^6, INT32_MIN /
     INT32_MAX): nothing validates them on the host (no sync); the kernels must not fault or touch
     memory outside the caches. where="read_pages": bad ids only in pages that are read (slots before
     cache_seqlens) and in unused columns; where="append_page": also in the page an append goes to
     (such a slot does not exist, so nothing may be written for it: DecodeParams' rule that bad page
     ids are neither read nor written). Sequence 2's table is valid: its output must be right. The
-    other sequences' outputs are unspecified (only finite). Shared with sanitize_decode.py."""
-    case = build_case(rng, torch.bfloat16, dict(B=3, page=16, cache_len=256, lens=[100, 40, 200]))
+    other sequences' outputs are unspecified (only finite). heads_kv=4 (with 8 query heads) fits
+    the head-group kernel. Shared with sanitize_decode.py."""
+    case = build_case(rng, torch.bfloat16, dict(B=3, Hkv=heads_kv, page=16, cache_len=256, lens=[100, 40, 200]))
     num_pages = case.kc.shape[0]
     bad = [list(row) for row in case.table]
     width = len(bad[0])
@@ -674,23 +734,33 @@ def out_of_range_page_ids(rng, where, check=True):
     return out
 
 
+@pytest.mark.parametrize("head_group", [False, True], ids=["per_head", "head_group"])
 @pytest.mark.parametrize("where", ["read_pages", "append_page"])
-def test_out_of_range_page_ids(seed, where):
-    out_of_range_page_ids(seed, where)
+def test_out_of_range_page_ids(seed, where, head_group, monkeypatch):
+    if head_group:
+        monkeypatch.setenv("FASTATTN_DECODE_HEAD_GROUP", "1")
+    out_of_range_page_ids(seed, where, heads_kv=4 if head_group else 2)
 
 
+@pytest.mark.parametrize("head_group", [False, True], ids=["per_head", "head_group"])
 @pytest.mark.parametrize("splits", [0, 1])
 @pytest.mark.parametrize("sq", [1, 4])
 @pytest.mark.parametrize("page", [None, 16, 64], ids=["contiguous", "page16", "page64"])
-def test_slots_past_the_end_hold_nan(seed, page, sq, splits):
+def test_slots_past_the_end_hold_nan(seed, page, sq, splits, head_group, monkeypatch):
     """Every cache slot that is not one of a sequence's keys (past its end, or in a page no
     sequence uses) holds NaN. The kernels load whole tiles (and a TMA box of the sm_90 kernel
     whole pages or 64-slot runs), so rows past a sequence's end reach shared memory and must be
     masked out, never mixed into the result (0 x NaN). Lengths 0, 5, 70 and 200 of 256 slots,
     the whole block table filled (its columns past a sequence's keys name NaN pages), no append;
-    4 and 16 packed query rows (the narrow and the wide tile); the heuristic's splits and one."""
+    4 and 16 packed query rows (the narrow and the wide tile); the heuristic's splits and one.
+    head_group: 4 KV heads and the head-group kernel (its tiles are 16-slot boxes over 4 heads;
+    with 4 query rows, 8 packed rows per head)."""
     lens = [0, 5, 70, 200]
-    case = build_case(seed, torch.bfloat16, dict(B=4, Sq=sq, Snew=0, Hq=8, Hkv=2, page=page, cache_len=256,
+    hkv = 2
+    if head_group:
+        monkeypatch.setenv("FASTATTN_DECODE_HEAD_GROUP", "1")
+        hkv = 4
+    case = build_case(seed, torch.bfloat16, dict(B=4, Sq=sq, Snew=0, Hq=8, Hkv=hkv, page=page, cache_len=256,
                                                  table="full", lens=lens, splits=splits))
     if page is None:
         for b, n in enumerate(lens):
@@ -790,19 +860,23 @@ def test_varlen_decode_block_table(seed, dtype, page_size, lengths_from, opt):
 # ---- CUDA graphs ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout,num_splits", [("paged16", 0), ("paged16", 5), ("contiguous", 0)],
-                         ids=["paged16-splits0", "paged16-splits5", "contiguous-splits0"])
-def test_cuda_graph_decode(seed, layout, num_splits):
+@pytest.mark.parametrize("layout,num_splits,head_group",
+                         [("paged16", 0, False), ("paged16", 5, False), ("contiguous", 0, False), ("paged16", 3, True)],
+                         ids=["paged16-splits0", "paged16-splits5", "contiguous-splits0", "paged16-splits3-head_group"])
+def test_cuda_graph_decode(seed, layout, num_splits, head_group, monkeypatch):
     """One decode step (Sq = 1, append Snew = 1, rotary, causal, cache_seqlens on the device)
     captured into a CUDA graph; replays with new lengths (0 and the capacity's last slot among them),
     new q / k / v (and for paged caches a new block table) written into the static inputs follow
     them. If the capture of the public call fails, the cause is diagnosed: torch's __dlpack__ inside
     a capture (xfail, as test_prefill), or, when the same call through fastattn._C with the workspace
     allocated before the capture captures fine, the Python layer's workspace sizing / allocation
-    (xfail after checking the replays of that graph); anything else fails."""
+    (xfail after checking the replays of that graph); anything else fails. head_group: 4 KV heads
+    through the head-group kernel."""
     b, cap = 4, 1024
+    if head_group:
+        monkeypatch.setenv("FASTATTN_DECODE_HEAD_GROUP", "1")
     case = build_case(seed, torch.bfloat16, dict(
-        B=b, Hq=16, Hkv=2, D=128, cache_len=cap, table="full", lens=[5, 0, 100, cap - 1],
+        B=b, Hq=16, Hkv=4 if head_group else 2, D=128, cache_len=cap, table="full", lens=[5, 0, 100, cap - 1],
         page=16 if layout == "paged16" else None, rotary="interleaved", opt="causal",
         splits=num_splits))
     out = case.make_out()

@@ -5,6 +5,8 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "core/heuristics.h"
@@ -108,6 +110,7 @@ Plan plan_decode(check::ArgChecker& c, const KVCacheArgs& a, const core::KVCache
   cuda_detail::set_options(p, core::validate_options(c, a.options, d.a.batch, d.a.heads_q, d.a.head_dim));
 
   // Split-KV (decode_num_splits): the bound on keys is the cache capacity (no device read).
+  p.head_group = decode_head_group_applies(c, p, a.num_splits, max_keys + p.seqlen_new);
   p.num_splits = decode_num_splits(c, p, a.num_splits, max_keys + p.seqlen_new);
   p.splits_fixed = a.num_splits > 0;
   const SplitStateBytes states = split_state_bytes(p);
@@ -148,11 +151,31 @@ std::int64_t set_page_table(const check::ArgChecker& c, DecodeParams& p, const c
   return p.num_page_indices * p.page_size;
 }
 
+bool decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p, int requested,
+                               std::int64_t max_keys) {
+  const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
+  if (!decode_head_group_fits(p, use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size))) return false;
+  const char* env = std::getenv("FASTATTN_DECODE_HEAD_GROUP");
+  if (env && std::strcmp(env, "0") == 0) return false;
+  if (env && std::strcmp(env, "1") == 0) return true;
+  // A num_splits the caller fixed keeps the per-head kernel whatever the batch (splits_fixed).
+  if (requested > 0) return false;
+  const std::int64_t kv_bytes = std::int64_t(p.batch) * p.heads_kv * max_keys * p.head_dim * 2 * 2;
+  return kv_bytes >= kDecodeHeadGroupMinBytes;
+}
+
 int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys) {
   if (requested > 0) return requested;
+  const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
+  if (p.head_group) {
+    // Its CTAs (two per SM) stream 16-slot tiles of four heads; a tile costs a consumer warp
+    // about what a 64-key tile costs the per-head kernel's, hence the same price of a split.
+    const std::int64_t items = std::int64_t(p.batch) * (p.heads_kv / kDecodeHeadGroup);
+    return core::choose_num_splits_if_paying(items, max_keys, 2 * std::int64_t(info.sm_count), 2 * kDecodeBlockN, 128,
+                                             kDecodeHeadGroupSlots, decode_split_cost_blocks(true));
+  }
   const std::int64_t rows_per_kv = std::int64_t(p.group) * p.seqlen_q;
   const std::int64_t items = std::int64_t(p.batch) * p.heads_kv * ((rows_per_kv + 15) / 16);
-  const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
   const bool sm90 = use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size);
   const std::int64_t wave = std::int64_t(decode_split_wave_ctas_per_sm(p.head_dim, sm90)) * info.sm_count;
   int splits = core::choose_num_splits_if_paying(items, max_keys, wave, 2 * kDecodeBlockN, 128, kDecodeBlockN,

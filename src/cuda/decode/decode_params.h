@@ -116,6 +116,11 @@ struct DecodeParams {
   /// merge in the combine kernel (whether a grid fits the cluster rule depends on the batch, and
   /// the two merges round differently).
   bool splits_fixed = false;
+  /// Set by the planner (decode_head_group_applies): attention runs the head-group kernel
+  /// (decode_kernel_sm90_head_group.cuh), its CTAs (split, group of kDecodeHeadGroup KV heads, b),
+  /// and num_splits was chosen for that grid. run_decode clears it when the sm_90 kernel is not
+  /// taken (an empty cache).
+  bool head_group = false;
   float* partial_o = nullptr;
   float* partial_lse = nullptr;
 };
@@ -185,6 +190,24 @@ constexpr int decode_tma_box_rows(int page_size) {
   return page_size == 0 || page_size % kDecodeBlockN == 0 ? kDecodeBlockN
          : page_size == 8 || page_size == 16 || page_size == 32 ? page_size
                                                                  : 0;
+}
+
+/// The head-group kernel (decode_kernel_sm90_head_group.cuh): KV heads per CTA, slots per tile,
+/// the one head_dim it is built for and the most packed query rows (group x seqlen_q) per head.
+constexpr int kDecodeHeadGroup = 4;
+constexpr int kDecodeHeadGroupSlots = 16;
+constexpr int kDecodeHeadGroupHeadDim = 128;
+constexpr int kDecodeHeadGroupMaxRows = 8;
+/// The heuristic takes the head-group kernel from this many K and V bytes a call may read.
+constexpr std::int64_t kDecodeHeadGroupMinBytes = std::int64_t(64) << 20;
+
+/// Whether p's shape fits the head-group kernel on a device that runs the sm_90 kernel: head_dim
+/// 128, heads_kv a multiple of 4, at most 8 packed query rows per KV head, and a contiguous cache
+/// or pages of a multiple of 16 slots.
+inline bool decode_head_group_fits(const DecodeParams& p, bool sm90_kernel) {
+  return sm90_kernel && p.head_dim == kDecodeHeadGroupHeadDim && p.heads_kv % kDecodeHeadGroup == 0 &&
+         std::int64_t(p.group) * p.seqlen_q <= kDecodeHeadGroupMaxRows &&
+         (p.page_size == 0 || p.page_size % kDecodeHeadGroupSlots == 0);
 }
 
 /// True when the attention of a decode call over a cache of `page_size` (0: contiguous) on a

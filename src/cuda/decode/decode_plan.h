@@ -33,6 +33,13 @@ std::int64_t set_page_table(const check::ArgChecker& c, DecodeParams& p, const c
                             const std::optional<TensorView>& block_table, const std::optional<TensorView>& page_indptr,
                             const std::optional<TensorView>& page_indices, const std::string& k_name);
 
+/// Whether the call runs the head-group kernel (DecodeParams::head_group): its shape fits
+/// (decode_head_group_fits) and FASTATTN_DECODE_HEAD_GROUP is "1", or it is unset, num_splits is
+/// the heuristic's (`requested` 0) and the caches' K and V bytes a call may read (batch x heads_kv
+/// x `max_keys` x head_dim x 4) reach kDecodeHeadGroupMinBytes. "0" never takes it.
+bool decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p, int requested,
+                               std::int64_t max_keys);
+
 /// Key splits per sequence for p's shape (batch, heads_kv, group, seqlen_q set): `requested` when
 /// > 0, else core::choose_num_splits_one_wave over one wave (decode_split_wave_ctas_per_sm: one
 /// CTA per SM for the sm_90 kernel, two for the cp.async kernel at head_dim <= 128), at least two
