@@ -614,25 +614,30 @@ def test_head_group_kernel(seed, dtype, config, monkeypatch):
 
 def test_head_group_kernel_is_taken(seed, monkeypatch):
     """On sm_90 the switch changes the kernel: both answers pass the reference, and they differ in
-    some bits (another order of the sums over 8k keys). With the switch unset, the heuristic takes
-    the head-group kernel for a 1 GiB call: its split count is the head-group grid's (read off the
-    workspace: 8 sequences x 2 groups of 4 KV heads, one wave of two CTAs per SM)."""
+    some bits (another order of the sums). With the switch unset, the heuristic's answer is bitwise
+    the head-group kernel's where its grid fills 15/16 of a wave of two CTAs per SM with caches of
+    at most 2048 slots, and the per-head kernel's for longer caches (README). Contiguous caches:
+    their capacity is the slot count (a block table's is its columns x page_size)."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("an sm_90 kernel")
-    case = build_case(seed, torch.bfloat16, dict(B=2, Hq=32, Hkv=8, cache_len=8192, Snew=0, lens=[8192, 6000]))
-    monkeypatch.setenv("FASTATTN_DECODE_HEAD_GROUP", "1")
-    out1, lse1, _ = run_case(case)
-    monkeypatch.setenv("FASTATTN_DECODE_HEAD_GROUP", "0")
-    out0, lse0, _ = run_case(case)
-    assert not torch.equal(out1.view(torch.int16), out0.view(torch.int16)), "the switch changed nothing"
-    monkeypatch.delenv("FASTATTN_DECODE_HEAD_GROUP")
-    big = build_case(seed, torch.bfloat16, dict(B=8, Hq=32, Hkv=8, cache_len=32768, Snew=0, lens=[1] * 8))
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
-    items = 8 * 2
-    splits = min(2 * sms // items, 32768 // 128, 128)
-    args = c_kwargs(big, big.make_out(), nan_full((8, 32, 1), torch.float32))
-    states = splits * 8 * 32
-    assert _C.kvcache_workspace_bytes(**args) == _align256(states * 4) + _align256(states * 128 * 4)
+    batch = -(-15 * sms // 16)  # x 2 groups of 4 KV heads = 15/16 of 2 x sms CTAs
+    for cache_len, taken in ((2048, "1"), (2049, "0")):
+        case = build_case(seed, torch.bfloat16, dict(B=batch, Hq=32, Hkv=8, cache_len=cache_len,
+                                                     Snew=0, lens=[cache_len] + [seed.randint(0, cache_len) for _ in range(batch - 1)]))
+        outs = {}
+        for switch in ("1", "0", None):
+            if switch is None:
+                monkeypatch.delenv("FASTATTN_DECODE_HEAD_GROUP")
+            else:
+                monkeypatch.setenv("FASTATTN_DECODE_HEAD_GROUP", switch)
+            outs[switch] = run_case(case, check=switch is not None)[:2]
+        bits = {k: (o.view(torch.int16), l) for k, (o, l) in outs.items()}
+        assert not torch.equal(bits["1"][0], bits["0"][0]), "the switch changed nothing"
+        R.assert_bitwise_equal(f"heuristic out at {cache_len} slots", outs[None][0], outs[taken][0])
+        R.assert_bitwise_equal(f"heuristic softmax_lse at {cache_len} slots", outs[None][1], outs[taken][1])
+        del case
+        torch.cuda.empty_cache()
 
 
 POISON_CONFIGS = {

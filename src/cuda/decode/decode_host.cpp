@@ -160,8 +160,14 @@ bool decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p
   if (env && std::strcmp(env, "1") == 0) return true;
   // A num_splits the caller fixed keeps the per-head kernel whatever the batch (splits_fixed).
   if (requested > 0) return false;
-  const std::int64_t kv_bytes = std::int64_t(p.batch) * p.heads_kv * max_keys * p.head_dim * 2 * 2;
-  return kv_bytes >= kDecodeHeadGroupMinBytes;
+  // Many short sequences: the head-group grid fills (15/16 of) a wave of two CTAs per SM with no
+  // split, where the per-head kernel would run several waves of CTAs of at most
+  // kDecodeHeadGroupMaxTiles 64-key tiles each. (Measured on the H200, bench/NOTES.md: batch 128
+  // / 1k GQA 8 and MHA batch 32 / 1k ~2% faster with pages of 16; where it needs splits, or at
+  // 8k keys, it was slower.)
+  const std::int64_t items = std::int64_t(p.batch) * (p.heads_kv / kDecodeHeadGroup);
+  const std::int64_t wave = 2 * std::int64_t(info.sm_count);
+  return 16 * items >= 15 * wave && max_keys <= std::int64_t(kDecodeHeadGroupMaxTiles) * kDecodeBlockN;
 }
 
 int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys) {
