@@ -160,14 +160,16 @@ bool decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p
   if (env && std::strcmp(env, "1") == 0) return true;
   // A num_splits the caller fixed keeps the per-head kernel whatever the batch (splits_fixed).
   if (requested > 0) return false;
-  // Many short sequences: the head-group grid fills (15/16 of) a wave of two CTAs per SM with no
-  // split, where the per-head kernel would run several waves of CTAs of at most
-  // kDecodeHeadGroupMaxTiles 64-key tiles each. (Measured on the H200, bench/NOTES.md: batch 128
-  // / 1k GQA 8 and MHA batch 32 / 1k ~2% faster with pages of 16; where it needs splits, or at
-  // 8k keys, it was slower.)
+  // Where its grid is one full wave of two CTAs per SM (15/16 of one at least) with no split, and
+  // the per-head kernel would run four waves of CTAs of at most kDecodeHeadGroupMaxTiles 64-key
+  // tiles each. Measured on the H200 (graph replay, bench/NOTES.md session 10): batch 128 / 1k-4k
+  // GQA 8 and MHA batch 32 / 1k-2k 1-3.6% faster; slower where it needs splits (batch 32 / 8k
+  // -2.6%, 64 / 2k -1.5%), over two or more waves (MHA batch 64 and 128 / 1k -0.2-0.7%) and at
+  // 8k keys (batch 128, -0.5%).
   const std::int64_t items = std::int64_t(p.batch) * (p.heads_kv / kDecodeHeadGroup);
   const std::int64_t wave = 2 * std::int64_t(info.sm_count);
-  return 16 * items >= 15 * wave && max_keys <= std::int64_t(kDecodeHeadGroupMaxTiles) * kDecodeBlockN;
+  return 16 * items >= 15 * wave && items <= wave &&
+         max_keys <= std::int64_t(kDecodeHeadGroupMaxTiles) * kDecodeBlockN;
 }
 
 int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys) {

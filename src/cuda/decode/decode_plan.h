@@ -35,8 +35,9 @@ std::int64_t set_page_table(const check::ArgChecker& c, DecodeParams& p, const c
 
 /// Whether the call runs the head-group kernel (DecodeParams::head_group): its shape fits
 /// (decode_head_group_fits) and FASTATTN_DECODE_HEAD_GROUP is "1", or it is unset, num_splits is
-/// the heuristic's (`requested` 0), batch x heads_kv / 4 CTAs fill at least 15/16 of a wave of two
-/// per SM and `max_keys` is at most kDecodeHeadGroupMaxTiles 64-key tiles. "0" never takes it.
+/// the heuristic's (`requested` 0), batch x heads_kv / 4 CTAs fill between 15/16 of one wave of two
+/// per SM and one wave, and `max_keys` is at most kDecodeHeadGroupMaxTiles 64-key tiles. "0" never
+/// takes it.
 bool decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p, int requested,
                                std::int64_t max_keys);
 
