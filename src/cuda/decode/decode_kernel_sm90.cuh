@@ -115,6 +115,47 @@ struct DecodeSm90Config {
   static_assert(kQBytes % kAlign == 0, "stages start on a swizzle atom");
 };
 
+/// The ring's barriers at the start of shared memory, [full_k | full_v | empty_k | empty_v] x
+/// kStages: a stage's K and V each have a full barrier (one arrival per lane of the tensor's
+/// producer warp, with the bytes of its boxes) and an empty one (one arrival per consumer warp).
+template <int kStages>
+struct DecodeRingBarriers {
+  std::uint64_t *full_k, *full_v, *empty_k, *empty_v;
+  __device__ __forceinline__ explicit DecodeRingBarriers(unsigned char* smem)
+      : full_k(reinterpret_cast<std::uint64_t*>(smem)),
+        full_v(full_k + kStages),
+        empty_k(full_v + kStages),
+        empty_v(empty_k + kStages) {}
+  /// By one thread; the CTA synchronises before any use.
+  __device__ __forceinline__ void init(int consumer_warps) const {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    for (int s = 0; s < kStages; ++s) {
+      cuda_detail::mbar_init(&full_k[s], 32);
+      cuda_detail::mbar_init(&full_v[s], 32);
+      cuda_detail::mbar_init(&empty_k[s], consumer_warps);
+      cuda_detail::mbar_init(&empty_v[s], consumer_warps);
+    }
+    cuda_detail::mbar_fence_init();
+#endif
+  }
+};
+
+/// A box's cache-row coordinates in the decode maps (c1, c4 of tma_load_5d): slot `slot0` of the
+/// sequence lies in its contiguous cache row, or in page `page` of a paged cache (its id, already
+/// checked against the cache).
+struct DecodeBoxRow {
+  int slot, row;
+  __device__ __forceinline__ DecodeBoxRow(const DecodeParams& p, const DecodeSeq& seq, int slot0, int page) {
+    if (p.page_size == 0) {
+      slot = slot0;
+      row = seq.row;
+    } else {
+      slot = p.page_shift >= 0 ? slot0 & (p.page_size - 1) : slot0 % p.page_size;
+      row = page;
+    }
+  }
+};
+
 /// The split-KV combine of a cluster's p.num_splits (<= kMaxClusterSplits) CTAs of one
 /// (b, kvh, mb), in its first CTA once every split's partial state can be read: lse_of(s, r) is
 /// split s's natural-log LSE of row r of the block, values_of(s, r, c) its normalised values in
@@ -186,10 +227,8 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
   extern __shared__ __align__(128) unsigned char smem_raw[];
   // A stage's K and V have their own full and empty barriers: K is refilled as soon as every
   // consumer warp has its scores, and P V waits only for V.
-  auto* full_k = reinterpret_cast<std::uint64_t*>(smem_raw);
-  std::uint64_t* full_v = full_k + S;
-  std::uint64_t* empty_k = full_v + S;
-  std::uint64_t* empty_v = empty_k + S;
+  const DecodeRingBarriers<S> bars(smem_raw);
+  std::uint64_t *full_k = bars.full_k, *full_v = bars.full_v, *empty_k = bars.empty_k, *empty_v = bars.empty_v;
   const std::uint32_t raw = smem_u32(smem_raw);
   unsigned char* aligned = smem_raw + ((raw + Cfg::kBarrierBytes + Cfg::kAlign - 1) / Cfg::kAlign * Cfg::kAlign - raw);
   auto* sQ = reinterpret_cast<std::uint16_t*>(aligned);
@@ -197,15 +236,7 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
   std::uint16_t* sV0 = sK0 + S * Cfg::kTileElems;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < S; ++s) {
-      mbar_init(&full_k[s], 32);  // every lane of the tensor's producer warp arrives (with its bytes)
-      mbar_init(&full_v[s], 32);
-      mbar_init(&empty_k[s], kDecodeWarps);  // one arrival per consumer warp
-      mbar_init(&empty_v[s], kDecodeWarps);
-    }
-    mbar_fence_init();
-  }
+  if (threadIdx.x == 0) bars.init(kDecodeWarps);
   __syncthreads();
   // A CTA may write into another's shared memory only once that one has started: every thread
   // arrives here, and a thread waits for this phase before its first remote store (at the end).
@@ -275,15 +306,8 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
         }
         mbar_arrive_expect_tx(&full[stage], load ? box_bytes : 0);
         if (load) {
-          int c1, c3;  // slot within the cache row / page, and the row / page
-          if (p.page_size == 0) {
-            c1 = slot0;
-            c3 = seq.row;
-          } else {
-            c1 = p.page_shift >= 0 ? slot0 & (p.page_size - 1) : slot0 % p.page_size;
-            c3 = pg;
-          }
-          tma_load_5d(dst, map, block * 64, c1, 0, kvh, c3, &full[stage], policy);
+          const DecodeBoxRow at(p, seq, slot0, pg);
+          tma_load_5d(dst, map, block * 64, at.slot, 0, kvh, at.row, &full[stage], policy);
         }
       }
     }

@@ -72,10 +72,8 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig::kThreads, DecodeHeadGro
   const DecodeSplitRange range(p, pad, end, split, BN);
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  auto* full_k = reinterpret_cast<std::uint64_t*>(smem_raw);
-  std::uint64_t* full_v = full_k + S;
-  std::uint64_t* empty_k = full_v + S;
-  std::uint64_t* empty_v = empty_k + S;
+  const DecodeRingBarriers<S> bars(smem_raw);
+  std::uint64_t *full_k = bars.full_k, *full_v = bars.full_v, *empty_k = bars.empty_k, *empty_v = bars.empty_v;
   const std::uint32_t raw = smem_u32(smem_raw);
   unsigned char* aligned = smem_raw + ((raw + Cfg::kBarrierBytes + Cfg::kAlign - 1) / Cfg::kAlign * Cfg::kAlign - raw);
   auto* sQ = reinterpret_cast<std::uint16_t*>(aligned);
@@ -83,15 +81,7 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig::kThreads, DecodeHeadGro
   std::uint16_t* sV0 = sK0 + S * Cfg::kTileElems;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < S; ++s) {
-      mbar_init(&full_k[s], 32);  // every lane of the tensor's producer warp arrives
-      mbar_init(&full_v[s], 32);
-      mbar_init(&empty_k[s], G);  // one arrival per consumer warp
-      mbar_init(&empty_v[s], G);
-    }
-    mbar_fence_init();
-  }
+  if (threadIdx.x == 0) bars.init(G);
   __syncthreads();
   // The cache and the rotated q may come from the append kernel just before (dependent launch).
   pdl_wait_for_previous_kernel();
@@ -136,16 +126,8 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig::kThreads, DecodeHeadGro
         const bool load = lane == 0 && in_cache;
         mbar_arrive_expect_tx(&full[stage], load ? kBoxBytes : 0);
         if (load) {
-          const int slot0 = tile * BN;
-          int c1, c3;  // slot within the cache row / page, and the row / page
-          if (p.page_size == 0) {
-            c1 = slot0;
-            c3 = seq.row;
-          } else {
-            c1 = p.page_shift >= 0 ? slot0 & (p.page_size - 1) : slot0 % p.page_size;
-            c3 = pg;
-          }
-          tma_load_5d(dst, map, 0, c1, 0, head0, c3, &full[stage], policy);
+          const DecodeBoxRow at(p, seq, tile * BN, pg);
+          tma_load_5d(dst, map, 0, at.slot, 0, head0, at.row, &full[stage], policy);
         }
       }
     }
