@@ -81,14 +81,22 @@ __device__ __forceinline__ DecodeSeq resolve_decode_seq(const DecodeParams& p, i
   return s;
 }
 
+/// Paged caches: the index of slot `slot`'s page in its sequence's page list, and the slot's place
+/// in that page (a shift and a mask for power-of-two page sizes).
+__device__ __forceinline__ int page_index_of(const DecodeParams& p, int slot) {
+  return p.page_shift >= 0 ? slot >> p.page_shift : slot / p.page_size;
+}
+__device__ __forceinline__ int slot_in_page(const DecodeParams& p, int slot) {
+  return p.page_shift >= 0 ? slot & (p.page_size - 1) : slot % p.page_size;
+}
+
 /// Element offset of slot `slot` (< capacity) of the sequence's cache row, kv head 0, or -1
 /// when its page id is outside the cache.
 __device__ __forceinline__ std::int64_t slot_offset(const DecodeParams& p, const DecodeSeq& s, int slot,
                                                     std::int64_t batch_stride, std::int64_t row_stride) {
   if (p.page_size == 0) return std::int64_t(s.row) * batch_stride + std::int64_t(slot) * row_stride;
-  const int pi = p.page_shift >= 0 ? slot >> p.page_shift : slot / p.page_size;
-  const int in_page = p.page_shift >= 0 ? slot & (p.page_size - 1) : slot % p.page_size;
-  const int page = s.pages[pi];
+  const int in_page = slot_in_page(p, slot);
+  const int page = s.pages[page_index_of(p, slot)];
   if (page < 0 || page >= p.num_pages) return -1;
   return std::int64_t(page) * batch_stride + std::int64_t(in_page) * row_stride;
 }

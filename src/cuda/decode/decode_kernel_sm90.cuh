@@ -150,7 +150,7 @@ struct DecodeBoxRow {
       slot = slot0;
       row = seq.row;
     } else {
-      slot = p.page_shift >= 0 ? slot0 & (p.page_size - 1) : slot0 % p.page_size;
+      slot = slot_in_page(p, slot0);
       row = page;
     }
   }
@@ -277,7 +277,7 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
     auto box_page = [&](int tile) {
       const int slot0 = tile * BN + run * R;
       if (!box_needed(tile) || p.page_size == 0) return 0;
-      return int(seq.pages[p.page_shift >= 0 ? slot0 >> p.page_shift : slot0 / p.page_size]);
+      return int(seq.pages[page_index_of(p, slot0)]);
     };
     // The ids of tile t + S load while tiles t .. t + S - 1 are issued (the loop runs S tiles
     // per round, unrolled, so page[s] stays in a register): a paged split's first tiles wait for

@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig::kThreads, DecodeHeadGro
     auto tile_page = [&](int tile) {
       if (p.page_size == 0) return 0;
       const int slot0 = tile * BN;
-      return int(seq.pages[p.page_shift >= 0 ? slot0 >> p.page_shift : slot0 / p.page_size]);
+      return int(seq.pages[page_index_of(p, slot0)]);
     };
     // The page ids of tile t + S load while tiles t .. t + S - 1 are issued (as in
     // decode_kernel_sm90.cuh): one id round trip before the first tiles, not one per tile.
