@@ -616,14 +616,14 @@ def test_head_group_kernel_is_taken(seed, monkeypatch):
     """On sm_90 the switch changes the kernel: its two answers differ in some bits (another order of
     the sums; both kernels are checked against the reference elsewhere). With the switch unset, the
     heuristic's answer is bitwise the head-group kernel's where that grid is one wave of two CTAs
-    per SM (15/16 of one here) with caches of at most 4096 slots, and the per-head kernel's for
-    longer caches or a smaller batch (README). Contiguous caches: their capacity is the slot count
-    (a block table's is its columns x page_size)."""
+    per SM (15/16 of one here), short or long caches alike, and the per-head kernel's for a
+    smaller batch or a grid of more than one wave (README)."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("an sm_90 kernel")
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
     batch = -(-15 * sms // 16)  # x 2 groups of 4 KV heads = 15/16 of 2 x sms CTAs
-    for b, cache_len, taken in ((batch, 4096, "1"), (batch, 4097, "0"), (batch - 2, 1024, "0")):
+    for b, cache_len, taken in ((batch, 1024, "1"), (batch, 8193, "1"), (batch - 2, 1024, "0"),
+                                (2 * sms + 1, 256, "0")):
         lens = [cache_len] + [seed.randint(0, cache_len) for _ in range(b - 1)]
         case = build_case(seed, torch.bfloat16, dict(B=b, Hq=32, Hkv=8, cache_len=cache_len, Snew=0, lens=lens))
         outs = {}

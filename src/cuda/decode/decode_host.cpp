@@ -110,7 +110,7 @@ Plan plan_decode(check::ArgChecker& c, const KVCacheArgs& a, const core::KVCache
   cuda_detail::set_options(p, core::validate_options(c, a.options, d.a.batch, d.a.heads_q, d.a.head_dim));
 
   // Split-KV (decode_num_splits): the bound on keys is the cache capacity (no device read).
-  p.head_group = decode_head_group_applies(c, p, a.num_splits, max_keys + p.seqlen_new);
+  p.head_group = decode_head_group_applies(c, p, a.num_splits);
   p.num_splits = decode_num_splits(c, p, a.num_splits, max_keys + p.seqlen_new);
   p.splits_fixed = a.num_splits > 0;
   const SplitStateBytes states = split_state_bytes(p);
@@ -151,8 +151,7 @@ std::int64_t set_page_table(const check::ArgChecker& c, DecodeParams& p, const c
   return p.num_page_indices * p.page_size;
 }
 
-bool decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p, int requested,
-                               std::int64_t max_keys) {
+bool decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p, int requested) {
   const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
   if (!decode_head_group_fits(p, use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size))) return false;
   const char* env = std::getenv("FASTATTN_DECODE_HEAD_GROUP");
@@ -160,16 +159,15 @@ bool decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p
   if (env && std::strcmp(env, "1") == 0) return true;
   // A num_splits the caller fixed keeps the per-head kernel whatever the batch (splits_fixed).
   if (requested > 0) return false;
-  // Where its grid is one full wave of two CTAs per SM (15/16 of one at least) with no split, and
-  // the per-head kernel would run four waves of CTAs of at most kDecodeHeadGroupMaxTiles 64-key
-  // tiles each. Measured on the H200 (graph replay, bench/NOTES.md session 10): batch 128 / 1k-4k
-  // GQA 8 and MHA batch 32 / 1k-2k 1-3.6% faster; slower where it needs splits (batch 32 / 8k
-  // -2.6%, 64 / 2k -1.5%), over two or more waves (MHA batch 64 and 128 / 1k -0.2-0.7%) and at
-  // 8k keys (batch 128, -0.5%).
+  // Where its grid is one full wave of two CTAs per SM (15/16 of one at least) with no split.
+  // Measured on the H200 (graph replay, bench/NOTES.md sessions 10 and 11): batch 128 / 1k-4k GQA
+  // 8 and MHA batch 32 / 1k-2k 1-3.6% faster, batch 128 / 8k and MHA 32 / 8k 1.5-1.7% faster on
+  // one machine instance (0.5% slower on another, whose per-head times were 3% lower); slower
+  // where it needs splits (batch 32 / 8k -2.6%, 64 / 2k -1.5%; merged in clusters, worse still)
+  // and over two or more waves (MHA batch 64 and 128 / 1k -0.2-0.7%).
   const std::int64_t items = std::int64_t(p.batch) * (p.heads_kv / kDecodeHeadGroup);
   const std::int64_t wave = 2 * std::int64_t(info.sm_count);
-  return 16 * items >= 15 * wave && items <= wave &&
-         max_keys <= std::int64_t(kDecodeHeadGroupMaxTiles) * kDecodeBlockN;
+  return 16 * items >= 15 * wave && items <= wave;
 }
 
 int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys) {

@@ -198,8 +198,6 @@ constexpr int kDecodeHeadGroup = 4;
 constexpr int kDecodeHeadGroupSlots = 16;
 constexpr int kDecodeHeadGroupHeadDim = 128;
 constexpr int kDecodeHeadGroupMaxRows = 8;
-/// The heuristic takes the head-group kernel only for keys of at most this many 64-key tiles.
-constexpr int kDecodeHeadGroupMaxTiles = 64;
 
 /// Whether p's shape fits the head-group kernel on a device that runs the sm_90 kernel: head_dim
 /// 128, heads_kv a multiple of 4, at most 8 packed query rows per KV head, and a contiguous cache

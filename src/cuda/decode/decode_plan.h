@@ -35,11 +35,9 @@ std::int64_t set_page_table(const check::ArgChecker& c, DecodeParams& p, const c
 
 /// Whether the call runs the head-group kernel (DecodeParams::head_group): its shape fits
 /// (decode_head_group_fits) and FASTATTN_DECODE_HEAD_GROUP is "1", or it is unset, num_splits is
-/// the heuristic's (`requested` 0), batch x heads_kv / 4 CTAs fill between 15/16 of one wave of two
-/// per SM and one wave, and `max_keys` is at most kDecodeHeadGroupMaxTiles 64-key tiles. "0" never
-/// takes it.
-bool decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p, int requested,
-                               std::int64_t max_keys);
+/// the heuristic's (`requested` 0) and batch x heads_kv / 4 CTAs fill between 15/16 of one wave of
+/// two per SM and one wave, whatever the cache length. "0" never takes it.
+bool decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p, int requested);
 
 /// Key splits per sequence for p's shape (batch, heads_kv, group, seqlen_q set): `requested` when
 /// > 0, else core::choose_num_splits_one_wave over one wave (decode_split_wave_ctas_per_sm: one
