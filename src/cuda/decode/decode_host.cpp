@@ -163,8 +163,8 @@ bool decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p
   // Measured on the H200 (graph replay, bench/NOTES.md sessions 10 and 11): batch 128 / 1k-4k GQA
   // 8 and MHA batch 32 / 1k-2k 1-3.6% faster, batch 128 / 8k and MHA 32 / 8k 1.5-1.7% faster on
   // one machine instance (0.5% slower on another, whose per-head times were 3% lower); slower
-  // where it needs splits (batch 32 / 8k -2.6%, 64 / 2k -1.5%; merged in clusters, worse still)
-  // and over two or more waves (MHA batch 64 and 128 / 1k -0.2-0.7%).
+  // where it needs splits (batch 32 / 8k -2.6%, 64 / 2k -1.5%; merged in clusters of 3-4, worse
+  // still) and over two or more waves (MHA batch 64 and 128 / 1k -0.2-0.7%, 2k-8k -1.5-4%).
   const std::int64_t items = std::int64_t(p.batch) * (p.heads_kv / kDecodeHeadGroup);
   const std::int64_t wave = 2 * std::int64_t(info.sm_count);
   return 16 * items >= 15 * wave && items <= wave;
