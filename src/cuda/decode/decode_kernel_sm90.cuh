@@ -156,6 +156,32 @@ struct DecodeBoxRow {
   }
 };
 
+/// A producer warp's walk over the ring: tiles t_begin .. t_end - 1 in order, tile t into stage
+/// t % S (counted from t_begin), each once its stage is free (`empty`, from the second round on):
+/// issue(tile, stage, page), page = page_of(tile) (a raw page id, or whatever the caller needs per
+/// tile) loaded S tiles ahead, so a paged split's first tiles wait for one id round trip, not one
+/// per tile. The loop runs S tiles per round, unrolled, so the S ids stay in registers.
+template <int S, class PageOf, class Issue>
+__device__ __forceinline__ void decode_produce_ring(int t_begin, int t_end, std::uint64_t* empty, PageOf page_of,
+                                                    Issue issue) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  int page[S];
+#pragma unroll
+  for (int s = 0; s < S; ++s) page[s] = t_begin + s < t_end ? page_of(t_begin + s) : 0;
+  for (int base = t_begin, round = 0; base < t_end; base += S, ++round) {
+#pragma unroll
+    for (int stage = 0; stage < S; ++stage) {
+      const int tile = base + stage;
+      if (tile >= t_end) break;
+      const int pg = page[stage];
+      if (tile + S < t_end) page[stage] = page_of(tile + S);
+      if (round > 0) cuda_detail::mbar_wait(&empty[stage], (round - 1) & 1);
+      issue(tile, stage, pg);
+    }
+  }
+#endif
+}
+
 /// The split-KV combine of a cluster's p.num_splits (<= kMaxClusterSplits) CTAs of one
 /// (b, kvh, mb), in its first CTA once every split's partial state can be read: lse_of(s, r) is
 /// split s's natural-log LSE of row r of the block, values_of(s, r, c) its normalised values in
@@ -279,38 +305,24 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
       if (!box_needed(tile) || p.page_size == 0) return 0;
       return int(seq.pages[page_index_of(p, slot0)]);
     };
-    // The ids of tile t + S load while tiles t .. t + S - 1 are issued (the loop runs S tiles
-    // per round, unrolled, so page[s] stays in a register): a paged split's first tiles wait for
-    // one id round trip, not one per tile.
-    int page[S];
-#pragma unroll
-    for (int s = 0; s < S; ++s) page[s] = range.t_begin + s < range.t_end ? box_page(range.t_begin + s) : 0;
-    for (int base = range.t_begin, round = 0; base < range.t_end; base += S, ++round) {
-#pragma unroll
-      for (int stage = 0; stage < S; ++stage) {
-        const int tile = base + stage;
-        if (tile >= range.t_end) break;
-        const int pg = page[stage];
-        if (tile + S < range.t_end) page[stage] = box_page(tile + S);
-        if (round > 0) mbar_wait(&empty[stage], (round - 1) & 1);
-        const int slot0 = tile * BN + run * R;
-        const int box0 = run * R * kHeadDim + block * box_elems;  // KvLayout of the box's first element
-        std::uint16_t* dst = s0 + stage * Cfg::kTileElems + box0;
-        const bool needed = box_needed(tile);
-        const bool in_cache = p.page_size == 0 || (pg >= 0 && pg < p.num_pages);
-        const bool load = needed && in_cache;
-        if (needed && !in_cache) {
-          // A page id outside the cache: its rows read as zeros.
-          for (int e = 0; e < box_elems; e += 8) *reinterpret_cast<uint4*>(dst + e) = make_uint4(0, 0, 0, 0);
-          fence_proxy_async_smem();  // before a later TMA write of the same rows
-        }
-        mbar_arrive_expect_tx(&full[stage], load ? box_bytes : 0);
-        if (load) {
-          const DecodeBoxRow at(p, seq, slot0, pg);
-          tma_load_5d(dst, map, block * 64, at.slot, 0, kvh, at.row, &full[stage], policy);
-        }
+    decode_produce_ring<S>(range.t_begin, range.t_end, empty, box_page, [&](int tile, int stage, int pg) {
+      const int slot0 = tile * BN + run * R;
+      const int box0 = run * R * kHeadDim + block * box_elems;  // KvLayout of the box's first element
+      std::uint16_t* dst = s0 + stage * Cfg::kTileElems + box0;
+      const bool needed = box_needed(tile);
+      const bool in_cache = p.page_size == 0 || (pg >= 0 && pg < p.num_pages);
+      const bool load = needed && in_cache;
+      if (needed && !in_cache) {
+        // A page id outside the cache: its rows read as zeros.
+        for (int e = 0; e < box_elems; e += 8) *reinterpret_cast<uint4*>(dst + e) = make_uint4(0, 0, 0, 0);
+        fence_proxy_async_smem();  // before a later TMA write of the same rows
       }
-    }
+      mbar_arrive_expect_tx(&full[stage], load ? box_bytes : 0);
+      if (load) {
+        const DecodeBoxRow at(p, seq, slot0, pg);
+        tma_load_5d(dst, map, block * 64, at.slot, 0, kvh, at.row, &full[stage], policy);
+      }
+    });
     return;
   }
 

@@ -102,35 +102,22 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig::kThreads, DecodeHeadGro
       const int slot0 = tile * BN;
       return int(seq.pages[page_index_of(p, slot0)]);
     };
-    // The page ids of tile t + S load while tiles t .. t + S - 1 are issued (as in
-    // decode_kernel_sm90.cuh): one id round trip before the first tiles, not one per tile.
-    int page[S];
-#pragma unroll
-    for (int s = 0; s < S; ++s) page[s] = range.t_begin + s < range.t_end ? tile_page(range.t_begin + s) : 0;
-    for (int base = range.t_begin, round = 0; base < range.t_end; base += S, ++round) {
-#pragma unroll
-      for (int stage = 0; stage < S; ++stage) {
-        const int tile = base + stage;
-        if (tile >= range.t_end) break;
-        const int pg = page[stage];
-        if (tile + S < range.t_end) page[stage] = tile_page(tile + S);
-        if (round > 0) mbar_wait(&empty[stage], (round - 1) & 1);
-        std::uint16_t* dst = s0 + stage * Cfg::kTileElems;
-        const bool in_cache = p.page_size == 0 || (pg >= 0 && pg < p.num_pages);
-        if (!in_cache) {
-          // A page id outside the cache: its rows read as zeros.
-          for (int e = lane * 8; e < Cfg::kTileElems; e += 32 * 8)
-            *reinterpret_cast<uint4*>(dst + e) = make_uint4(0, 0, 0, 0);
-          fence_proxy_async_smem();  // before a later TMA write of the same rows
-        }
-        const bool load = lane == 0 && in_cache;
-        mbar_arrive_expect_tx(&full[stage], load ? kBoxBytes : 0);
-        if (load) {
-          const DecodeBoxRow at(p, seq, tile * BN, pg);
-          tma_load_5d(dst, map, 0, at.slot, 0, head0, at.row, &full[stage], policy);
-        }
+    decode_produce_ring<S>(range.t_begin, range.t_end, empty, tile_page, [&](int tile, int stage, int pg) {
+      std::uint16_t* dst = s0 + stage * Cfg::kTileElems;
+      const bool in_cache = p.page_size == 0 || (pg >= 0 && pg < p.num_pages);
+      if (!in_cache) {
+        // A page id outside the cache: its rows read as zeros.
+        for (int e = lane * 8; e < Cfg::kTileElems; e += 32 * 8)
+          *reinterpret_cast<uint4*>(dst + e) = make_uint4(0, 0, 0, 0);
+        fence_proxy_async_smem();  // before a later TMA write of the same rows
       }
-    }
+      const bool load = lane == 0 && in_cache;
+      mbar_arrive_expect_tx(&full[stage], load ? kBoxBytes : 0);
+      if (load) {
+        const DecodeBoxRow at(p, seq, tile * BN, pg);
+        tma_load_5d(dst, map, 0, at.slot, 0, head0, at.row, &full[stage], policy);
+      }
+    });
     return;
   }
 
