@@ -503,6 +503,10 @@ CLUSTER_CONFIGS = {
     # them through the workspace (8 splits, 16 CTAs; ragged, paged, 2 causal query rows)
     "b1_d256_8splits": dict(B=1, Hq=8, Hkv=2, D=256, cache_len=1024, lens=[1023]),
     "b3_d256_ragged_paged16": dict(B=3, Hq=8, Hkv=2, D=256, cache_len=1000, page=16, Sq=2, Snew=2, opt="causal"),
+    # batch 8, 8 KV heads, 2k keys: 2 splits, 128 CTAs, clusters of 2 on a 132-SM GPU (one CTA
+    # per SM: test_two_splits_on_one_cta_per_sm_merge_in_clusters); ragged, paged, and at head_dim 64
+    "b8_2splits_pairs_paged16": dict(B=8, Hq=32, Hkv=8, cache_len=2048, lens="ragged", page=16),
+    "b8_2splits_pairs_d64": dict(B=8, Hq=32, Hkv=8, D=64, cache_len=2048, lens="ragged", Snew=1),
 }
 
 
@@ -519,6 +523,42 @@ def test_cluster_combine(seed, config, monkeypatch):
     finite = torch.isfinite(lse_k)
     assert torch.equal(finite, torch.isfinite(lse)), "the same rows are empty in both merges"
     torch.testing.assert_close(lse[finite], lse_k[finite], atol=1e-4, rtol=0)
+
+
+def _fastattn_kernels(call):
+    """Names of the fastattn CUDA kernels one call launches (torch.profiler; a call before it
+    sets the launch attributes up)."""
+    from torch.profiler import ProfilerActivity, profile
+    call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if "fastattn" in e.name]
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_two_splits_on_one_cta_per_sm_merge_in_clusters(seed, head_dim, monkeypatch):
+    """README: at head_dim <= 128 the heuristic's 2 splits merge in clusters of 2 when the grid has
+    at most one CTA per SM (batch 8 x 8 KV heads x 2 splits = 128 CTAs on 132 SMs): the call
+    launches no combine kernel, and FASTATTN_DECODE_CLUSTER=0 brings it back. Both answers match
+    the float32 reference (run_case)."""
+    if torch.cuda.get_device_capability() != (9, 0) or torch.cuda.get_device_properties(DEV).multi_processor_count != 132:
+        pytest.skip("the grid rule is checked on a 132-SM sm_90 GPU")
+    case = build_case(seed, torch.bfloat16, dict(B=8, Hq=32, Hkv=8, D=head_dim, cache_len=4096, Snew=0,
+                                                 lens=[4096] * 8))
+    args = c_kwargs(case, case.make_out(), nan_full((8, 32, 1), torch.float32))
+    states = 2 * 8 * 32
+    assert _C.kvcache_workspace_bytes(**args) == _align256(states * 4) + _align256(states * head_dim * 4), \
+        "the heuristic takes 2 splits"
+    run_case(case)
+    names = _fastattn_kernels(lambda: kvcache_call(case, case.make_out()))
+    assert any("decode_kernel_sm90" in n for n in names), names
+    assert not any("combine_kernel" in n for n in names), f"a combine kernel ran: {names}"
+    monkeypatch.setenv("FASTATTN_DECODE_CLUSTER", "0")
+    run_case(case)
+    names = _fastattn_kernels(lambda: kvcache_call(case, case.make_out()))
+    assert any("combine_kernel" in n for n in names), f"FASTATTN_DECODE_CLUSTER=0: no combine kernel in {names}"
 
 
 def _align256(n):
