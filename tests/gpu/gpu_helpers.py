@@ -76,17 +76,24 @@ def capture_or_xfail(fn):
         with torch.cuda.graph(graph):
             fn()
     except Exception as e:  # noqa: BLE001
-        torch.cuda.synchronize()
-        problem = dlpack_capture_problem()
-        if problem is not None:
-            pytest.xfail(
-                "CUDA graph capture of the call failed (%s) and so does a bare "
-                "torch.Tensor.__dlpack__() inside a capture (%s): torch syncs with the legacy default "
-                "stream when __dlpack__ gets no stream argument, as nanobind calls it; the binding "
-                "must import CUDA tensors with __dlpack__(stream=-1) to be capturable (nanobind#1241, "
-                "pytorch#163242)" % (first_line(e), problem))
+        xfail_if_dlpack_cannot_be_captured(e, "the call")
         raise
     return graph
+
+
+def xfail_if_dlpack_cannot_be_captured(e, what):
+    """After the capture of `what` failed with `e`: when a bare torch __dlpack__() export fails
+    inside a capture too, the cause is the import of the arguments, not the kernels: xfail with
+    that diagnosis. Otherwise return (the caller decides)."""
+    torch.cuda.synchronize()
+    problem = dlpack_capture_problem()
+    if problem is not None:
+        pytest.xfail(
+            "CUDA graph capture of %s failed (%s) and so does a bare "
+            "torch.Tensor.__dlpack__() inside a capture (%s): torch syncs with the legacy default "
+            "stream when __dlpack__ gets no stream argument, as nanobind calls it; the binding "
+            "must import CUDA tensors with __dlpack__(stream=-1) to be capturable (nanobind#1241, "
+            "pytorch#163242)" % (what, first_line(e), problem))
 
 
 def first_line(e):

@@ -34,8 +34,8 @@ from fastattn import _C  # noqa: E402
 from fastattn import flash_attn_varlen_func, flash_attn_with_kvcache  # noqa: E402
 
 import gpu_reference as R  # noqa: E402
-from gpu_helpers import (cumsum0, dlpack_capture_problem, first_line, i32, nan_full, randn, stream_ptr,  # noqa: E402
-                         warm_and_capture)
+from gpu_helpers import (cumsum0, first_line, i32, nan_full, randn, stream_ptr,  # noqa: E402
+                         warm_and_capture, xfail_if_dlpack_cannot_be_captured)
 
 DEV = "cuda"
 DTYPES = [torch.float16, torch.bfloat16]
@@ -936,15 +936,7 @@ def test_cuda_graph_decode(seed, layout, num_splits, head_group, monkeypatch):
     try:
         graph = warm_and_capture(public_call)
     except Exception as e:  # noqa: BLE001
-        torch.cuda.synchronize()
-        problem = dlpack_capture_problem()
-        if problem is not None:
-            pytest.xfail(
-                "CUDA graph capture of flash_attn_with_kvcache failed (%s) and so does a bare "
-                "torch.Tensor.__dlpack__() inside a capture (%s): torch syncs with the legacy default "
-                "stream when __dlpack__ gets no stream argument, as nanobind calls it; the binding "
-                "must import CUDA tensors with __dlpack__(stream=-1) to be capturable (nanobind#1241, "
-                "pytorch#163242)" % (first_line(e), problem))
+        xfail_if_dlpack_cannot_be_captured(e, "flash_attn_with_kvcache")
         lse_static = nan_full((b, 16, 1), torch.float32)
         args0 = c_kwargs(case, out, lse_static)
         ws = torch.empty(max(1, _C.kvcache_workspace_bytes(**args0)), dtype=torch.uint8, device=DEV)
