@@ -81,6 +81,8 @@ def cases():
         B=1, Hq=8, Hkv=2, D=256, cache_len=1024, lens=[1023]))
     yield "cluster merge in pairs: batch 8, 2 heuristic splits on 128 CTAs, paged 16", kvcache, (B16, dict(
         B=8, Hq=32, Hkv=8, cache_len=2048, lens="ragged", page=16))
+    yield "cluster merge in pairs through the workspace: d256, batch 8, 2 heuristic splits on 128 CTAs", kvcache, (
+        B16, dict(B=8, Hq=32, Hkv=8, D=256, cache_len=2048, lens="ragged", page=16))
     yield "everything paged 16", kvcache, (B16, dict(page=16, rotary="interleaved", rotary_frac=0.5, batch_idx=True,
                                                      leftpad=True, opt=T.ALL, splits=3, Sq=5, Snew=5))
     yield "out-of-range page ids (reads)", bad_page_ids, ("read_pages",)

@@ -507,6 +507,9 @@ CLUSTER_CONFIGS = {
     # per SM: test_two_splits_on_one_cta_per_sm_merge_in_clusters); ragged, paged, and at head_dim 64
     "b8_2splits_pairs_paged16": dict(B=8, Hq=32, Hkv=8, cache_len=2048, lens="ragged", page=16),
     "b8_2splits_pairs_d64": dict(B=8, Hq=32, Hkv=8, D=64, cache_len=2048, lens="ragged", Snew=1),
+    # the same at head_dim 256, whose pairs pass the second split's state through the workspace
+    "b8_2splits_pairs_d256_paged16": dict(B=8, Hq=32, Hkv=8, D=256, cache_len=2048, lens="ragged", page=16,
+                                          Snew=1),
 }
 
 
@@ -537,9 +540,9 @@ def _fastattn_kernels(call):
     return [e.name for e in prof.events() if "fastattn" in e.name]
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_two_splits_on_one_cta_per_sm_merge_in_clusters(seed, head_dim, monkeypatch):
-    """README: at head_dim <= 128 the heuristic's 2 splits merge in clusters of 2 when the grid has
+    """README: the heuristic's 2 splits merge in clusters of 2 when the grid has
     at most one CTA per SM (batch 8 x 8 KV heads x 2 splits = 128 CTAs on 132 SMs): the call
     launches no combine kernel, and FASTATTN_DECODE_CLUSTER=0 brings it back. Both answers match
     the float32 reference (run_case)."""

@@ -191,8 +191,8 @@ int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int req
   const std::int64_t cluster_splits = std::min<std::int64_t>(kMaxClusterSplits, info.sm_count / (2 * items));
   const std::int64_t tiles = (max_keys + kDecodeBlockN - 1) / kDecodeBlockN;
   if (cluster_splits >= 2 && cluster_splits < splits &&
-      !decode_cluster_merge_applies(sm90, p.head_dim, splits, items * splits, info.sm_count) &&
-      decode_cluster_merge_applies(sm90, p.head_dim, int(cluster_splits), items * cluster_splits, info.sm_count) &&
+      !decode_cluster_merge_applies(sm90, splits, items * splits, info.sm_count) &&
+      decode_cluster_merge_applies(sm90, int(cluster_splits), items * cluster_splits, info.sm_count) &&
       (tiles + cluster_splits - 1) / cluster_splits <= kDecodeClusterMaxTilesPerCta)
     splits = int(cluster_splits);
   return splits;

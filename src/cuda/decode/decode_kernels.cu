@@ -237,20 +237,20 @@ void run_decode(const DecodeParams& params, void* stream_ptr) {
   p.dependent_launch = info.cc_major >= 9;  // sm_90: programmatic dependent launch
   // A few splits merge inside their cluster: no combine kernel (its launch and round trips were
   // ~3.7 us of a 10 us step at batch 1 / 1k: 10.1 -> 9.0 us). For grids of at most half the SMs,
-  // and for 2 splits on at most one CTA per SM (head_dim <= 128). Larger clusters on more CTAs
-  // do not all fit at once: 128 CTAs in clusters of 4 ran 28-38% slower (MHA batch 1 / 8k-32k,
-  // session 12), 256 in clusters of 4 at two per SM 4 us slower at batch 8 / 1k (session 5).
-  // Clusters of 2 on at most one CTA per SM were faster on every shape measured in session 12:
-  // batch 8 / 2k-32k GQA 8, MHA batch 2 / 2k-8k and batch 6 / 8k-32k by 0.9-4.1 us at head_dim
-  // 128, 1.6-2.5 us at 64 (bench/NOTES.md). Session 5 had seen such a grid 0.9 us slower, at
-  // batch 8 / 1k with the first cluster merge, which that split count no longer takes. Not for
-  // a num_splits the caller fixed (see DecodeParams::splits_fixed).
-  // FASTATTN_DECODE_CLUSTER=0 keeps the combine kernel.
+  // and for 2 splits on at most one CTA per SM. Larger clusters on more CTAs do not all fit at
+  // once: 128 CTAs in clusters of 4 ran 28-38% slower (MHA batch 1 / 8k-32k, session 12), 256 in
+  // clusters of 4 at two per SM 4 us slower at batch 8 / 1k (session 5). Clusters of 2 on at most
+  // one CTA per SM were faster on every shape measured (batch 8 / 2k-32k GQA 8, MHA batch 2 /
+  // 2k-8k, batch 6 / 8k-32k): by 0.9-4.1 us at head_dim 128 and 1.6-2.5 us at 64 (session 12),
+  // by 0.5-3.6 us at 256, whose pairs pass the state through the workspace (session 13;
+  // bench/NOTES.md). Session 5 had seen such a grid 0.9 us slower, at batch 8 / 1k with the first
+  // cluster merge, which that split count no longer takes. Not for a num_splits the caller fixed
+  // (see DecodeParams::splits_fixed). FASTATTN_DECODE_CLUSTER=0 keeps the combine kernel.
   const std::int64_t ctas =
       std::int64_t(p.num_splits) * p.heads_kv * p.batch * decode_row_blocks(p.group, p.seqlen_q);
   p.cluster_combine =
       !p.splits_fixed && !p.head_group &&
-      decode_cluster_merge_applies(p.sm90_kernel, p.head_dim, p.num_splits, ctas, info.sm_count);
+      decode_cluster_merge_applies(p.sm90_kernel, p.num_splits, ctas, info.sm_count);
   if (p.dtype == Dtype::kFloat16) run_for_dtype<Dtype::kFloat16>(p, stream);
   else run_for_dtype<Dtype::kBFloat16>(p, stream);
 }

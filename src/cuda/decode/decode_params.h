@@ -144,15 +144,14 @@ constexpr int decode_row_blocks(int group, int seqlen_q) {
 constexpr int kMaxClusterSplits = 8;
 /// Whether a grid of `ctas` CTAs over `num_splits` heuristic splits merges them inside thread-block
 /// clusters (no combine kernel): the sm_90 kernel, FASTATTN_DECODE_CLUSTER not "0", and either
-/// 2 .. kMaxClusterSplits splits on at most half the SMs, or, at head_dim <= 128, 2 splits on at
-/// most one CTA per SM (clusters of 2, one per pair of SMs; run_decode says why). A num_splits the
-/// caller fixed never does (splits_fixed).
-inline bool decode_cluster_merge_applies(bool sm90_kernel, int head_dim, int num_splits, std::int64_t ctas,
-                                         int sm_count) {
+/// 2 .. kMaxClusterSplits splits on at most half the SMs, or 2 splits on at most one CTA per SM
+/// (clusters of 2, one per pair of SMs; run_decode says why). A num_splits the caller fixed never
+/// does (splits_fixed).
+inline bool decode_cluster_merge_applies(bool sm90_kernel, int num_splits, std::int64_t ctas, int sm_count) {
   const char* env = std::getenv("FASTATTN_DECODE_CLUSTER");
   if (!sm90_kernel || num_splits < 2 || num_splits > kMaxClusterSplits || (env && std::strcmp(env, "0") == 0))
     return false;
-  return 2 * ctas <= sm_count || (num_splits == 2 && head_dim <= 128 && ctas <= sm_count);
+  return 2 * ctas <= sm_count || (num_splits == 2 && ctas <= sm_count);
 }
 
 /// The split heuristic takes fewer splits that merge inside clusters over more that need the
