@@ -542,8 +542,8 @@ def _fastattn_kernels(call):
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_two_splits_on_one_cta_per_sm_merge_in_clusters(seed, head_dim, monkeypatch):
-    """README: the heuristic's 2 splits merge in clusters of 2 when the grid has
-    at most one CTA per SM (batch 8 x 8 KV heads x 2 splits = 128 CTAs on 132 SMs): the call
+    """README: the heuristic's 2 splits merge in clusters of 2 when the grid has at most one CTA
+    per SM (batch 8 x 8 KV heads x 2 splits = 128 CTAs on 132 SMs), at every head_dim: the call
     launches no combine kernel, and FASTATTN_DECODE_CLUSTER=0 brings it back. Both answers match
     the float32 reference (run_case)."""
     if torch.cuda.get_device_capability() != (9, 0) or torch.cuda.get_device_properties(DEV).multi_processor_count != 132:
