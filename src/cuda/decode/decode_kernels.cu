@@ -242,7 +242,7 @@ void run_decode(const DecodeParams& params, void* stream_ptr) {
   // clusters of 4 at two per SM 4 us slower at batch 8 / 1k (session 5). Clusters of 2 on at most
   // one CTA per SM were faster on every shape measured (batch 8 / 2k-32k GQA 8, MHA batch 2 /
   // 2k-8k, batch 6 / 8k-32k): by 0.9-4.1 us at head_dim 128 and 1.6-2.5 us at 64 (session 12),
-  // by 0.5-3.6 us at 256, whose pairs pass the state through the workspace (session 13;
+  // by 0.5-6.7 us at 256, whose pairs pass the state through the workspace (session 13;
   // bench/NOTES.md). Session 5 had seen such a grid 0.9 us slower, at batch 8 / 1k with the first
   // cluster merge, which that split count no longer takes. Not for a num_splits the caller fixed
   // (see DecodeParams::splits_fixed). FASTATTN_DECODE_CLUSTER=0 keeps the combine kernel.
