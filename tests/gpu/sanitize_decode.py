@@ -4,7 +4,7 @@
 cache_batch_idx, GQA 8, num_splits 1 and 7 (and the heuristic over a long cache, and heuristic splits
 merged inside a thread-block cluster on sm_90), out-of-range page
 ids in the block table, empty caches, decode through flash_attn_varlen_func with a block table, and
-three calls through the sm_90 head-group kernel.
+three calls each through the sm_90 head-group kernel and the sm_90 kernel's head-pair form.
 Each call runs twice into NaN-poisoned buffers and, unless --no-check, is compared with the float64
 reference and the caches are checked (as tests/gpu/test_kvcache_gpu.py does). No guard memory
 around the caches here, so that memcheck sees each cache's own allocation bounds.
@@ -36,13 +36,20 @@ def bad_page_ids(rng, check, where, heads_kv=2):
     T.out_of_range_page_ids(rng, where, check, heads_kv=heads_kv)
 
 
-def head_group(rng, check, fn, *args):
-    """fn's case through the sm_90 head-group kernel (FASTATTN_DECODE_HEAD_GROUP=1)."""
-    os.environ["FASTATTN_DECODE_HEAD_GROUP"] = "1"
-    try:
-        fn(rng, check, *args)
-    finally:
-        del os.environ["FASTATTN_DECODE_HEAD_GROUP"]
+def with_switches(switches):
+    """A case function running fn's case with the environment `switches` set (then removed)."""
+    def run(rng, check, fn, *args):
+        os.environ.update(switches)
+        try:
+            fn(rng, check, *args)
+        finally:
+            for name in switches:
+                del os.environ[name]
+    return run
+
+
+head_group = with_switches(T.KERNEL_SWITCHES["head_group"])  # the sm_90 head-group kernel
+head_pair = with_switches(T.KERNEL_SWITCHES["head_pair"])    # the sm_90 kernel's head-pair form
 
 
 def varlen_decode(rng, check, dtype, page_size):
@@ -96,6 +103,12 @@ def cases():
     yield "head-group kernel: contiguous, heuristic splits", head_group, (kvcache, F16, dict(
         B=2, Hq=32, Hkv=8, lens=[7999, 3000], cache_len=8000))
     yield "head-group kernel: out-of-range page ids (reads)", head_group, (bad_page_ids, "read_pages", 4)
+    yield "head-pair form: everything paged 16, 3 splits", head_pair, (kvcache, B16, dict(
+        Hq=8, Hkv=2, page=16, rotary="interleaved", rotary_frac=0.5, batch_idx=True, leftpad=True, opt=T.ALL,
+        splits=3, Sq=2, Snew=2))
+    yield "head-pair form: contiguous, ragged long", head_pair, (kvcache, F16, dict(
+        B=2, Hq=32, Hkv=8, lens=[7999, 3000], cache_len=8000))
+    yield "head-pair form: out-of-range page ids (reads)", head_pair, (bad_page_ids, "read_pages", 2)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ caches, one a > 2^31-element paged cache (~17 GB with its snapshot; skipped with
 
 import inspect
 import math
+import re
 import sys
 
 import pytest
@@ -685,6 +686,92 @@ def test_head_group_kernel_is_taken(seed, monkeypatch):
         torch.cuda.empty_cache()
 
 
+# The sm_90 kernel's head-pair form (README "GPU decode"): two KV heads per CTA, head_dim 128, an
+# even heads_kv, at most 8 packed query rows per KV head, any cache the sm_90 kernel takes.
+# FASTATTN_DECODE_HEAD_PAIR=1 takes it for every such call (the heuristic only where its grid fills
+# one wave of one CTA per SM); FASTATTN_DECODE_HEAD_GROUP=0 keeps the head-group kernel out of it.
+KERNEL_SWITCHES = {
+    "per_head": {},
+    "head_group": {"FASTATTN_DECODE_HEAD_GROUP": "1"},
+    "head_pair": {"FASTATTN_DECODE_HEAD_PAIR": "1", "FASTATTN_DECODE_HEAD_GROUP": "0"},
+}
+
+
+def use_kernel(monkeypatch, kernel):
+    for name, value in KERNEL_SWITCHES[kernel].items():
+        monkeypatch.setenv(name, value)
+
+
+HEAD_PAIR_CONFIGS = {
+    "gqa4": dict(Hq=8, Hkv=2),
+    "gqa4_paged16": dict(Hq=32, Hkv=8, page=16),
+    "mha_sq8_causal_paged64": dict(Hq=4, Hkv=4, Sq=8, Snew=8, page=64, opt="causal"),
+    "gqa2_sq4_window_paged256_full": dict(Hq=8, Hkv=4, Sq=4, Snew=4, page=256, table="full", opt="window"),
+    "alibi_softcap_paged32": dict(Hq=8, Hkv=2, Sq=2, Snew=2, page=32, opt="causal+alibi+softcap"),
+    "sliding_window_paged8": dict(Hq=16, Hkv=4, page=8, opt="wleft"),
+    "gqa8": dict(Hq=16, Hkv=2),
+    "splits3_leftpad_batch_idx": dict(Hq=16, Hkv=4, splits=3, leftpad=True, batch_idx=True, cache_len=3000),
+    "splits64": dict(Hq=8, Hkv=2, splits=64),
+    "strided_paged16": dict(Hq=8, Hkv=2, strided=True, page=16, leftpad=True, opt="alibi"),
+    "everything_paged16": dict(Hq=8, Hkv=2, page=16, rotary="interleaved", rotary_frac=0.5, batch_idx=True,
+                               leftpad=True, opt=ALL, splits=3, Sq=2, Snew=2),
+    "everything_contiguous_neox": dict(Hq=16, Hkv=4, rotary="neox", batch_idx=True, leftpad=True, opt=ALL,
+                                       Sq=2, Snew=2),
+    "long_ragged": dict(B=2, Hq=32, Hkv=8, lens=[7999, 5000], cache_len=8000),
+    "empty_paged16": dict(Hq=8, Hkv=2, lens="zeros", Snew=0, page=16, empty=True),
+    "first_tokens_paged16_rotary": dict(Hq=8, Hkv=2, lens="zeros", page=16, Sq=2, Snew=2, rotary="neox",
+                                        opt="causal"),
+    # shapes it does not take (the per-head kernel answers): head_dim 96, 16 packed rows
+    "d96_not_taken": dict(Hq=8, Hkv=2, D=96),
+    "rows16_not_taken": dict(Hq=8, Hkv=2, Sq=4, Snew=4, opt="causal"),
+}
+
+
+@pytest.mark.parametrize("config", list(HEAD_PAIR_CONFIGS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_head_pair_kernel(seed, dtype, config, monkeypatch):
+    """The head-pair form (FASTATTN_DECODE_HEAD_PAIR=1) against the float32 reference, with the cache,
+    out= and repeat checks of run_case. On other GPUs the call takes the other kernels."""
+    use_kernel(monkeypatch, "head_pair")
+    case = build_case(seed, dtype, HEAD_PAIR_CONFIGS[config])
+    out, lse, _ = run_case(case)
+    if case.c["empty"]:
+        assert bool((out == 0).all()) and bool(torch.isneginf(lse).all())
+
+
+HEAD_PAIR_KERNEL = re.compile(r"decode_kernel_sm90<128, [^,<>]+, 2>")
+
+
+def test_head_pair_kernel_is_taken(seed, monkeypatch):
+    """On sm_90 the heuristic takes the head-pair form exactly where batch x heads_kv / 2 CTAs fill
+    15/16 of the SMs to all of them and the cache holds at least 8192 slots, with one split (no
+    combine kernel); not for a grid of fewer or more CTAs, a shorter cache, nor with
+    FASTATTN_DECODE_HEAD_PAIR=0 (README). Checked on the kernels a call launches, and each answer
+    against the float32 reference."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("an sm_90 kernel")
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    fill = -(-15 * sms // 64)  # x 8 KV heads / 2: 15/16 of the SMs
+    full = sms // 4
+    for b, cache_len, page, switch, taken in ((fill, 8192, None, None, True), (full, 8208, 16, None, True),
+                                              (full, 8192, 16, "0", False), (full, 8000, None, None, False),
+                                              (fill - 1, 8192, None, None, False), (full + 1, 8192, 16, None, False)):
+        lens = [cache_len] + [seed.randint(0, cache_len) for _ in range(b - 1)]
+        case = build_case(seed, torch.bfloat16, dict(B=b, Hq=32, Hkv=8, cache_len=cache_len, Snew=0, lens=lens,
+                                                     page=page))
+        if switch is not None:
+            monkeypatch.setenv("FASTATTN_DECODE_HEAD_PAIR", switch)
+        run_case(case)
+        names = _fastattn_kernels(lambda: kvcache_call(case, case.make_out()))
+        where = f"batch {b}, {cache_len} slots, switch {switch}: {names}"
+        assert any(HEAD_PAIR_KERNEL.search(n) for n in names) == taken, where
+        if taken:
+            assert not any("combine_kernel" in n for n in names), where
+        monkeypatch.delenv("FASTATTN_DECODE_HEAD_PAIR", raising=False)
+        del case
+        torch.cuda.empty_cache()
+
+
 POISON_CONFIGS = {
     "paged16_splits3_rotary": dict(page=16, splits=3, rotary="interleaved", Sq=3, Snew=3, opt="causal"),
     "contiguous_splits64_gqa8": dict(splits=64, Hq=16, Hkv=2),
@@ -784,32 +871,29 @@ def out_of_range_page_ids(rng, where, check=True, heads_kv=2):
     return out
 
 
-@pytest.mark.parametrize("head_group", [False, True], ids=["per_head", "head_group"])
+@pytest.mark.parametrize("kernel", list(KERNEL_SWITCHES))
 @pytest.mark.parametrize("where", ["read_pages", "append_page"])
-def test_out_of_range_page_ids(seed, where, head_group, monkeypatch):
-    if head_group:
-        monkeypatch.setenv("FASTATTN_DECODE_HEAD_GROUP", "1")
-    out_of_range_page_ids(seed, where, heads_kv=4 if head_group else 2)
+def test_out_of_range_page_ids(seed, where, kernel, monkeypatch):
+    use_kernel(monkeypatch, kernel)
+    out_of_range_page_ids(seed, where, heads_kv=4 if kernel == "head_group" else 2)
 
 
-@pytest.mark.parametrize("head_group", [False, True], ids=["per_head", "head_group"])
+@pytest.mark.parametrize("kernel", list(KERNEL_SWITCHES))
 @pytest.mark.parametrize("splits", [0, 1])
 @pytest.mark.parametrize("sq", [1, 4])
 @pytest.mark.parametrize("page", [None, 16, 64], ids=["contiguous", "page16", "page64"])
-def test_slots_past_the_end_hold_nan(seed, page, sq, splits, head_group, monkeypatch):
+def test_slots_past_the_end_hold_nan(seed, page, sq, splits, kernel, monkeypatch):
     """Every cache slot that is not one of a sequence's keys (past its end, or in a page no
     sequence uses) holds NaN. The kernels load whole tiles (and a TMA box of the sm_90 kernel
     whole pages or 64-slot runs), so rows past a sequence's end reach shared memory and must be
     masked out, never mixed into the result (0 x NaN). Lengths 0, 5, 70 and 200 of 256 slots,
     the whole block table filled (its columns past a sequence's keys name NaN pages), no append;
     4 and 16 packed query rows (the narrow and the wide tile); the heuristic's splits and one.
-    head_group: 4 KV heads and the head-group kernel (its tiles are 16-slot boxes over 4 heads;
-    with 4 query rows, 8 packed rows per head)."""
+    head_group / head_pair: 4 KV heads and the head-group kernel (its tiles are 16-slot boxes over 4
+    heads) or the head-pair form (boxes over 2 heads); with 4 query rows, 8 packed rows per head."""
     lens = [0, 5, 70, 200]
-    hkv = 2
-    if head_group:
-        monkeypatch.setenv("FASTATTN_DECODE_HEAD_GROUP", "1")
-        hkv = 4
+    use_kernel(monkeypatch, kernel)
+    hkv = 2 if kernel == "per_head" else 4
     case = build_case(seed, torch.bfloat16, dict(B=4, Sq=sq, Snew=0, Hq=8, Hkv=hkv, page=page, cache_len=256,
                                                  table="full", lens=lens, splits=splits))
     if page is None:
@@ -910,10 +994,12 @@ def test_varlen_decode_block_table(seed, dtype, page_size, lengths_from, opt):
 # ---- CUDA graphs ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout,num_splits,head_group",
-                         [("paged16", 0, False), ("paged16", 5, False), ("contiguous", 0, False), ("paged16", 3, True)],
-                         ids=["paged16-splits0", "paged16-splits5", "contiguous-splits0", "paged16-splits3-head_group"])
-def test_cuda_graph_decode(seed, layout, num_splits, head_group, monkeypatch):
+@pytest.mark.parametrize("layout,num_splits,kernel",
+                         [("paged16", 0, "per_head"), ("paged16", 5, "per_head"), ("contiguous", 0, "per_head"),
+                          ("paged16", 3, "head_group"), ("paged16", 0, "head_pair"), ("contiguous", 2, "head_pair")],
+                         ids=["paged16-splits0", "paged16-splits5", "contiguous-splits0", "paged16-splits3-head_group",
+                              "paged16-splits0-head_pair", "contiguous-splits2-head_pair"])
+def test_cuda_graph_decode(seed, layout, num_splits, kernel, monkeypatch):
     """One decode step (Sq = 1, append Snew = 1, rotary, causal, cache_seqlens on the device)
     captured into a CUDA graph; replays with new lengths (0 and the capacity's last slot among them),
     new q / k / v (and for paged caches a new block table) written into the static inputs follow
@@ -921,12 +1007,11 @@ def test_cuda_graph_decode(seed, layout, num_splits, head_group, monkeypatch):
     a capture (xfail, as test_prefill), or, when the same call through fastattn._C with the workspace
     allocated before the capture captures fine, the Python layer's workspace sizing / allocation
     (xfail after checking the replays of that graph); anything else fails. head_group: 4 KV heads
-    through the head-group kernel."""
+    through the head-group kernel; head_pair: 2 KV heads through the head-pair form."""
     b, cap = 4, 1024
-    if head_group:
-        monkeypatch.setenv("FASTATTN_DECODE_HEAD_GROUP", "1")
+    use_kernel(monkeypatch, kernel)
     case = build_case(seed, torch.bfloat16, dict(
-        B=b, Hq=16, Hkv=4 if head_group else 2, D=128, cache_len=cap, table="full", lens=[5, 0, 100, cap - 1],
+        B=b, Hq=16, Hkv=4 if kernel == "head_group" else 2, D=128, cache_len=cap, table="full", lens=[5, 0, 100, cap - 1],
         page=16 if layout == "paged16" else None, rotary="interleaved", opt="causal",
         splits=num_splits))
     out = case.make_out()

@@ -111,6 +111,7 @@ Plan plan_decode(check::ArgChecker& c, const KVCacheArgs& a, const core::KVCache
 
   // Split-KV (decode_num_splits): the bound on keys is the cache capacity (no device read).
   p.head_group = decode_head_group_applies(c, p, a.num_splits);
+  p.head_pair = !p.head_group && decode_head_pair_applies(c, p, a.num_splits, max_keys + p.seqlen_new);
   p.num_splits = decode_num_splits(c, p, a.num_splits, max_keys + p.seqlen_new);
   p.splits_fixed = a.num_splits > 0;
   const SplitStateBytes states = split_state_bytes(p);
@@ -170,8 +171,27 @@ bool decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p
   return 16 * items >= 15 * wave && items <= wave;
 }
 
+bool decode_head_pair_applies(const check::ArgChecker& c, const DecodeParams& p, int requested,
+                              std::int64_t max_keys) {
+  const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
+  if (!decode_head_pair_fits(p, use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size))) return false;
+  const char* env = std::getenv("FASTATTN_DECODE_HEAD_PAIR");
+  if (env && std::strcmp(env, "0") == 0) return false;
+  if (env && std::strcmp(env, "1") == 0) return true;
+  if (requested > 0) return false;  // a fixed num_splits keeps the per-head kernel (splits_fixed)
+  // Where its grid is one wave of one CTA per SM (15/16 of one at least) with no split: the rows
+  // where the per-head kernel runs two CTAs per SM unsplit (batch x heads_kv = 256 on the H200:
+  // batch 32 GQA 8, MHA batch 8). There the pairs' 512-byte runs read 1-1.7% faster than one
+  // head's 256-byte ones (no-math read, bench/NOTES.md session 15); half the SMs' worth of pairs
+  // read 5-7% slower, hence the lower bound. Long caches only (kDecodeHeadPairMinKeys).
+  const std::int64_t items = std::int64_t(p.batch) * (p.heads_kv / kDecodeHeadPair);
+  const std::int64_t wave = info.sm_count;
+  return 16 * items >= 15 * wave && items <= wave && max_keys >= kDecodeHeadPairMinKeys;
+}
+
 int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys) {
   if (requested > 0) return requested;
+  if (p.head_pair) return 1;  // its grid is one wave already (decode_head_pair_applies)
   const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
   if (p.head_group) {
     // Its CTAs (two per SM) stream 16-slot tiles of four heads; a tile costs a consumer warp

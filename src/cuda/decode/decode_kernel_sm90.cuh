@@ -19,6 +19,14 @@
 // [64] (one box each, see KvLayout), all with the 128-byte swizzle the TMA writes (16-byte chunk
 // c of row r at c ^ (r % 8)), so ldmatrix rows fall on distinct banks.
 //
+// The head-pair form (kHeads = 2, head_dim 128, at most 8 packed query rows): one CTA attends two
+// adjacent KV heads of a sequence with four consumer warps each, one CTA per SM, and every box spans
+// both heads, so DRAM sees 512-byte runs of the token-major cache instead of 256-byte ones. Where
+// batch x heads_kv / 2 CTAs fill one wave at one per SM (the planner's rule), a no-math read of the
+// H200 drew 1-1.7% more from that pattern than from the per-head one with no split to merge
+// (bench/NOTES.md, session 15). A stage is then [run][head][column block][R][64]: head h of run r
+// sits R * head_dim elements after head h - 1 (KvLayout's run stride counts both heads).
+//
 // Rows a box brings in that no query may see (before `lo` or from `hi` on, e.g. past the end of
 // the last page) are real cache bytes, possibly garbage: scores there are masked to -inf, and
 // the consumer zeroes those V rows before P V (0 x NaN would be NaN). Boxes of a page id outside
@@ -38,6 +46,7 @@
 #include "cuda/decode/decode_launch.h"
 #include "cuda/decode/decode_tile.cuh"
 #include "cuda/decode/decode_tile_narrow.cuh"
+#include "fastattn/error.h"
 
 namespace fastattn::cuda_decode {
 
@@ -57,10 +66,11 @@ struct DecodeTmaParams {
 /// Shared memory one CTA may opt in to on sm_90 (227 KB).
 constexpr int kDecodeSm90MaxSmemBytes = 227 * 1024;
 
-template <int kHeadDim_>
+template <int kHeadDim_, int kHeads_ = 1>
 struct DecodeSm90Config {
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kConsumerThreads = kDecodeWarps * 32;
+  static constexpr int kHeads = kHeads_;  ///< KV heads per CTA: 1, or 2 (the head-pair form)
+  static constexpr int kConsumerThreads = kHeads * kDecodeWarps * 32;
   static constexpr int kThreads = kConsumerThreads + 64;  // + the K and the V producer warps
   static constexpr int kBlockN = kDecodeBlockN;
   static constexpr int kWarpKeys = kBlockN / kDecodeWarps;
@@ -69,31 +79,38 @@ struct DecodeSm90Config {
     return (chunk >> 3) * (rows * 64) + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
   }
   static __device__ __forceinline__ int q_offset(int row, int chunk) { return swizzled(kDecodeRows, row, chunk); }
-  /// A K / V stage as the boxes leave it: runs of R = 2^run_shift rows, each [column block][R]
-  /// [64] (R = 64: [column block][64][64], one run). R >= 8, so row % 8 is the row's place in the
-  /// swizzle atom either way.
+  /// One head's view of a K / V stage as the boxes leave it: runs of R = 2^run_shift rows, each
+  /// [column block][R][64] (R = 64: [column block][64][64], one run); with two heads per CTA the
+  /// runs of the two heads alternate, so a run's stride is kHeads runs (the head's own base is
+  /// the caller's). R >= 8, so row % 8 is the row's place in the swizzle atom either way.
   struct KvLayout {
     int run_shift;
     __device__ __forceinline__ int offset(int row, int chunk) const {
       const int in_run = row & ((1 << run_shift) - 1);
-      return (row - in_run) * kHeadDim + (chunk >> 3) * (64 << run_shift) + in_run * 64 +
+      return (row - in_run) * (kHeads * kHeadDim) + (chunk >> 3) * (64 << run_shift) + in_run * 64 +
              (((chunk & 7) ^ (row & 7)) << 3);
     }
   };
-  static constexpr int kTileElems = kBlockN * kHeadDim;
-  static constexpr int kStageBytes = 2 * kTileElems * 2;  // K and V
+  static constexpr int kTileElems = kBlockN * kHeadDim;     ///< one head's part of a stage
+  static constexpr int kStageElems = kHeads * kTileElems;   ///< a K or a V stage
+  static constexpr int kStageBytes = 2 * kStageElems * 2;  // K and V
   // Stages and CTAs per SM: as many bytes in flight as 227 KB allow (d64: 2 x 6 x 16 KB,
   // d128: 2 x 3 x 32 KB, d256: 1 x 3 x 64 KB). (A ring of twice the stages at one CTA per SM,
   // for grids that fit one CTA per SM, streamed one CTA 7% faster but made the calls the split
   // heuristic makes 1-1.5 us slower: bench/NOTES.md.)
-  static constexpr int kCtasPerSm = kHeadDim <= 128 ? 2 : 1;
+  // Two heads: 2 x 3 x 64 KB in one CTA per SM (the same bytes in flight per SM as two one-head
+  // CTAs).
+  static constexpr int kCtasPerSm = kHeadDim <= 128 && kHeads == 1 ? 2 : 1;
   static constexpr int kStages = kHeadDim <= 64 ? 6 : 3;
   static constexpr int kBarrierBytes = 256;
   static constexpr int kAlign = 1024;  // the 128-byte swizzle repeats every 8 rows of 128 bytes
-  static constexpr int kQBytes = kDecodeRows * kHeadDim * 2;
+  static constexpr int kQHeadElems = kDecodeRows * kHeadDim;
+  static constexpr int kQBytes = kHeads * kQHeadElems * 2;
   static constexpr int kPipeBytes = kStages * kStageBytes;
-  static constexpr int kSmemBytes = kBarrierBytes + kAlign + kQBytes +
-                                    (kPipeBytes > decode_merge_bytes<kHeadDim>() ? kPipeBytes : decode_merge_bytes<kHeadDim>());
+  /// Each head's warps merge in their own part of the stages (decode_merge_warps).
+  static constexpr int kMergeFloats = decode_merge_bytes<kHeadDim>() / 4;
+  static constexpr int kMergeBytes = kHeads * kMergeFloats * 4;
+  static constexpr int kSmemBytes = kBarrierBytes + kAlign + kQBytes + (kPipeBytes > kMergeBytes ? kPipeBytes : kMergeBytes);
   // Cluster merge (decode_cluster_merge): the first CTA of a cluster receives every split's
   // partial state into a slot of its shared memory: 16 floats of row LSEs, then [kDecodeRows]
   // [kHeadDim] values. Where the slots fit after the rest of the shared memory (kClusterSlots), a
@@ -113,6 +130,9 @@ struct DecodeSm90Config {
   static_assert(kDecodeRows <= kSlotLseFloats && kSmemBytes % 16 == 0, "slots are 16-byte aligned");
   static_assert(4 * kStages * 8 <= kBarrierBytes, "barriers fit their region");
   static_assert(kQBytes % kAlign == 0, "stages start on a swizzle atom");
+  static_assert(kCtasPerSm * (kSmemBytes + 1024) <= 228 * 1024, "the CTAs per SM fit its shared memory");
+  static_assert(kHeads == 1 || (kHeads == 2 && kHeadDim == kDecodeHeadPairHeadDim), "the head-pair form is d128 only");
+  static_assert(kDecodeHeadPairMaxRows == kDecodeNarrowRows, "the host's head-pair row bound is the narrow math's");
 };
 
 /// The ring's barriers at the start of shared memory, [full_k | full_v | empty_k | empty_v] x
@@ -233,19 +253,27 @@ __device__ __forceinline__ void decode_cluster_merge(const DecodeParams& p, LseO
   }
 }
 
-template <int kHeadDim, Dtype kDtype>
-__global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm90Config<kHeadDim>::kCtasPerSm)
+/// Grid (num_splits, heads_kv * row blocks, batch) for one head per CTA; (num_splits, heads_kv / 2,
+/// batch) for the head-pair form (kHeads = 2: one row block, at most 8 packed rows).
+template <int kHeadDim, Dtype kDtype, int kHeads>
+__global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
+                                  DecodeSm90Config<kHeadDim, kHeads>::kCtasPerSm)
     decode_kernel_sm90(const __grid_constant__ DecodeTmaParams tp) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  using Cfg = DecodeSm90Config<kHeadDim>;
+  using Cfg = DecodeSm90Config<kHeadDim, kHeads>;
   using namespace cuda_detail;
   constexpr int BN = Cfg::kBlockN, S = Cfg::kStages;
+  constexpr int kConsumerWarps = kHeads * kDecodeWarps;
   const DecodeParams& p = tp.p;
 
   const int split = blockIdx.x, b = blockIdx.z;
   const int rows_total = p.group * p.seqlen_q;
-  const int m_blocks = decode_row_blocks(p.group, p.seqlen_q);
-  const int kvh = blockIdx.y / m_blocks, mb = blockIdx.y % m_blocks;
+  const int m_blocks = kHeads == 1 ? decode_row_blocks(p.group, p.seqlen_q) : 1;
+  // The CTA's first KV head (the boxes' head coordinate); a consumer warp's own head is kvh.
+  const int kvh0 = kHeads == 1 ? blockIdx.y / m_blocks : blockIdx.y * kHeads, mb = blockIdx.y % m_blocks;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int head = kHeads > 1 && warp < kConsumerWarps ? warp / kDecodeWarps : 0;  // a consumer warp's head in the CTA
+  const int kvh = kvh0 + head;
   const DecodeSeq seq = resolve_decode_seq(p, b);
   const int pad = seq.pad, end = seq.end;
   const DecodeSplitRange range(p, pad, end, split, BN);
@@ -257,29 +285,29 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
   std::uint64_t *full_k = bars.full_k, *full_v = bars.full_v, *empty_k = bars.empty_k, *empty_v = bars.empty_v;
   const std::uint32_t raw = smem_u32(smem_raw);
   unsigned char* aligned = smem_raw + ((raw + Cfg::kBarrierBytes + Cfg::kAlign - 1) / Cfg::kAlign * Cfg::kAlign - raw);
-  auto* sQ = reinterpret_cast<std::uint16_t*>(aligned);
-  std::uint16_t* sK0 = sQ + kDecodeRows * kHeadDim;
-  std::uint16_t* sV0 = sK0 + S * Cfg::kTileElems;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  auto* sQ0 = reinterpret_cast<std::uint16_t*>(aligned);  // [head][Q of kDecodeRows rows]
+  std::uint16_t* sK0 = sQ0 + kHeads * Cfg::kQHeadElems;
+  std::uint16_t* sV0 = sK0 + S * Cfg::kStageElems;
 
-  if (threadIdx.x == 0) bars.init(kDecodeWarps);
+  if (threadIdx.x == 0) bars.init(kConsumerWarps);
   __syncthreads();
   // A CTA may write into another's shared memory only once that one has started: every thread
   // arrives here, and a thread waits for this phase before its first remote store (at the end).
-  if (p.cluster_combine) cluster_arrive_relaxed();
+  if (kHeads == 1 && p.cluster_combine) cluster_arrive_relaxed();
   // Everything above read only the caller's index tensors; the cache and the rotated q may come
   // from the append kernel just before (dependent launch): wait for it, then let the combine
   // kernel start launching.
   pdl_wait_for_previous_kernel();
   pdl_let_next_kernel_launch();
 
-  if (warp >= kDecodeWarps) {
-    // ---- producers: warp kDecodeWarps loads K, the next warp V; lane i < boxes loads box i of
+  if (warp >= kConsumerWarps) {
+    // ---- producers: warp kConsumerWarps loads K, the next warp V; lane i < boxes loads box i of
     // its tensor in every tile. Box i: rows run * R .. run * R + R - 1 of the tile, column
     // blocks block * box_blocks .. (block + 1) * box_blocks - 1 (all of them unless box_blocks
-    // = 1). (Two warps because a warp issues its boxes one lane after another: with one warp
-    // for both tensors, one CTA streamed a paged-16 tile, 8 boxes, ~10% slower; bench/NOTES.md.)
-    const bool is_k = warp == kDecodeWarps;
+    // = 1), of the CTA's kHeads heads. (Two warps because a warp issues its boxes one lane after
+    // another: with one warp for both tensors, one CTA streamed a paged-16 tile, 8 boxes, ~10%
+    // slower; bench/NOTES.md.)
+    const bool is_k = warp == kConsumerWarps;
     const CUtensorMap* map = is_k ? &tp.k_map : &tp.v_map;
     std::uint16_t* s0 = is_k ? sK0 : sV0;
     std::uint64_t* full = is_k ? full_k : full_v;
@@ -290,7 +318,7 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
     const int run = lane / boxes_per_run, block = lane % boxes_per_run;
     const bool active = lane < boxes;
     const std::uint64_t policy = l2_policy_evict_first();  // the cache is read once per step
-    const int box_elems = R * 64 * tp.box_blocks;
+    const int box_elems = R * 64 * tp.box_blocks * kHeads;  // the head-pair form: box_blocks = all
     const std::uint32_t box_bytes = std::uint32_t(box_elems) * 2;
     // Whether a row of the box in `tile` may be seen (known without a load), and the box's raw
     // page id (0 for a contiguous cache or an unneeded box). The id's range check waits for its
@@ -307,8 +335,8 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
     };
     decode_produce_ring<S>(range.t_begin, range.t_end, empty, box_page, [&](int tile, int stage, int pg) {
       const int slot0 = tile * BN + run * R;
-      const int box0 = run * R * kHeadDim + block * box_elems;  // KvLayout of the box's first element
-      std::uint16_t* dst = s0 + stage * Cfg::kTileElems + box0;
+      const int box0 = run * R * kHeadDim * kHeads + block * box_elems;  // KvLayout of the box's first element
+      std::uint16_t* dst = s0 + stage * Cfg::kStageElems + box0;
       const bool needed = box_needed(tile);
       const bool in_cache = p.page_size == 0 || (pg >= 0 && pg < p.num_pages);
       const bool load = needed && in_cache;
@@ -320,7 +348,7 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
       mbar_arrive_expect_tx(&full[stage], load ? box_bytes : 0);
       if (load) {
         const DecodeBoxRow at(p, seq, slot0, pg);
-        tma_load_5d(dst, map, block * 64, at.slot, 0, kvh, at.row, &full[stage], policy);
+        tma_load_5d(dst, map, block * 64, at.slot, 0, kvh0, at.row, &full[stage], policy);
       }
     });
     return;
@@ -329,25 +357,29 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
   // ---- consumers: Q, then the tiles as they land ------------------------------------------
   {
     const auto* gq = static_cast<const std::uint16_t*>(p.q);
-    for (int idx = threadIdx.x; idx < kDecodeRows * (kHeadDim / 8); idx += Cfg::kConsumerThreads) {
-      const int r = idx / (kHeadDim / 8), ch = idx % (kHeadDim / 8);
+    constexpr int kChunks = kHeadDim / 8;
+    for (int idx = threadIdx.x; idx < kHeads * kDecodeRows * kChunks; idx += Cfg::kConsumerThreads) {
+      const int h = idx / (kDecodeRows * kChunks), r = idx / kChunks % kDecodeRows, ch = idx % kChunks;
       const int pm = mb * kDecodeRows + r;
       const bool ok = pm < rows_total && ch * 8 < p.head_dim;
       const std::int64_t off = ok ? b * p.q_batch_stride + std::int64_t(pm % p.seqlen_q) * p.q_row_stride +
-                                        std::int64_t(kvh * p.group + pm / p.seqlen_q) * p.q_head_stride + ch * 8
+                                        std::int64_t((kvh0 + h) * p.group + pm / p.seqlen_q) * p.q_head_stride + ch * 8
                                   : 0;
-      cuda_prefill::cp_async_16(sQ + Cfg::q_offset(r, ch), gq + off, ok);
+      cuda_prefill::cp_async_16(sQ0 + h * Cfg::kQHeadElems + Cfg::q_offset(r, ch), gq + off, ok);
     }
     cute::cp_async_fence();
     cute::cp_async_wait<0>();
     named_barrier_sync(1, Cfg::kConsumerThreads);
   }
+  const std::uint16_t* sQ = sQ0 + head * Cfg::kQHeadElems;
+  // This warp's head in every stage: R * head_dim elements per head within a run (KvLayout).
+  const int head_elems = (head * kHeadDim) << tp.box_run_shift;
   const typename Cfg::KvLayout kv{tp.box_run_shift};
-  const int key0 = warp * Cfg::kWarpKeys;
+  const int key0 = warp % kDecodeWarps * Cfg::kWarpKeys;
   // The tiles as they land, into a warp state (DecodeWarpState or DecodeWarpStateNarrow).
   auto stream_tiles = [&](auto& st) {
     for (int tile = range.t_begin, stage = 0, phase = 0; tile < range.t_end; ++tile) {
-      std::uint16_t* sV = sV0 + stage * Cfg::kTileElems;
+      std::uint16_t* sV = sV0 + stage * Cfg::kStageElems + head_elems;
       mbar_wait(&full_k[stage], phase);
       const int n0 = tile * BN;
       const bool edge = n0 + key0 < range.lo || n0 + key0 + Cfg::kWarpKeys > range.hi;
@@ -368,8 +400,8 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
           __syncwarp();
         }
       };
-      st.template attend<Cfg, kDtype>(p, sQ, sK0 + stage * Cfg::kTileElems, sV, kv, n0, key0, pad, end, lane, k_done,
-                                      v_wait);
+      st.template attend<Cfg, kDtype>(p, sQ, sK0 + stage * Cfg::kStageElems + head_elems, sV, kv, n0, key0, pad, end,
+                                      lane, k_done, v_wait);
       if (edge) fence_proxy_async_smem();  // the zeros before the stage's next TMA write
       __syncwarp();
       if (lane == 0) mbar_arrive(&empty_v[stage]);
@@ -378,90 +410,109 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
     // Every consumer warp has seen every tile land, so no copy is in flight: reuse the stages.
     named_barrier_sync(1, Cfg::kConsumerThreads);
   };
-  float* merge_smem = reinterpret_cast<float*>(sK0);
-  const auto consumers_sync = [] { cuda_detail::named_barrier_sync(1, Cfg::kConsumerThreads); };
+  // Each head's four warps merge on their own: barrier 1 + head over their 128 threads (barrier 1
+  // is the whole CTA's consumers' above, all past it by now). Immediate barrier ids: a computed
+  // one makes the compiler reserve all sixteen.
+  float* merge_smem = reinterpret_cast<float*>(sK0) + head * Cfg::kMergeFloats;
+  const int merge_tid = threadIdx.x - head * kDecodeWarps * 32;
+  const auto consumers_sync = [head] {
+    if (head == 0) cuda_detail::named_barrier_sync(1, kDecodeWarps * 32);
+    else cuda_detail::named_barrier_sync(2, kDecodeWarps * 32);
+  };
   // The warps' states merged into the output, or into this split's partial state.
   auto merge_and_store = [&](const auto& st) {
-    if (!p.cluster_combine) {
-      decode_merge_warps<kHeadDim>(p, st, merge_smem, mb, threadIdx.x, consumers_sync,
+    const auto merge_into_output = [&] {
+      decode_merge_warps<kHeadDim>(p, st, merge_smem, mb, merge_tid, consumers_sync,
                                    [&](int r, int c, float4 val, float lse) {
                                      decode_store_value4<kDtype>(p, b, kvh, mb * kDecodeRows + r, split, c, val, lse);
                                    });
-      return;
-    }
-    // The splits of this (b, kvh, mb) are one cluster. Each CTA but the first stores its partial
-    // state straight into its slot of the first CTA's shared memory, arrives on the cluster
-    // barrier's second phase and is done (threads that have exited do not hold a phase up); the
-    // first one writes its own slot, waits on that phase for the others and merges. (Before:
-    // every CTA merged a share of the values, reading all the others' shared memory between two
-    // cluster barriers: ~2.5 us of a 7.7 us batch 1 / 1k step, traced, bench/NOTES.md.)
-    if constexpr (!Cfg::kClusterSlots) {
-      // Slots in the first CTA's stages (DecodeSm90Config): every CTA first merges its warps into
-      // its own slot-0 place (the first CTA's is its real slot), then arrives on the barrier's
-      // second phase; once that completes, the first CTA's stages are free, and every other CTA
-      // copies its state into its slot there and arrives on the third phase, for which the first
-      // CTA waits before it merges.
-      float* stages = reinterpret_cast<float*>(sK0);
-      float* own = stages + Cfg::stage_slot_floats(0);
-      decode_merge_warps<kHeadDim>(p, st, merge_smem, mb, threadIdx.x, consumers_sync,
-                                   [&](int r, int c, float4 val, float lse) {
-                                     *reinterpret_cast<float4*>(own + Cfg::kSlotLseFloats + r * kHeadDim + c) = val;
-                                     if (c == 0) own[r] = lse;
-                                   });
-      cluster_wait();  // the start phase
-      cluster_arrive_release();
-      cluster_wait();  // every CTA has merged its warps: the first CTA's stages hold nothing else
-      if (split != 0) {
-        const float* remote = stages + Cfg::stage_slot_floats(split);  // mapped into CTA 0 below
-        for (int i = threadIdx.x; i < Cfg::kSlotFloats / 4; i += Cfg::kConsumerThreads)
-          cluster_store(reinterpret_cast<const float4*>(remote) + i, reinterpret_cast<const float4*>(own)[i], 0);
-        cluster_arrive_release();  // the stores land before the first CTA's wait returns
+    };
+    if constexpr (kHeads > 1) {
+      merge_into_output();  // the head-pair form never runs as a cluster
+    } else {
+      if (!p.cluster_combine) {
+        merge_into_output();
         return;
       }
-      cluster_arrive_release();
-      cluster_wait();  // every split's state is in its slot
-      decode_cluster_merge<kHeadDim, kDtype>(
-          p, [&](int s, int r) { return stages[Cfg::stage_slot_floats(s) + r]; },
-          [&](int s, int r, int c) {
-            return *reinterpret_cast<const float4*>(stages + Cfg::stage_slot_floats(s) + Cfg::kSlotLseFloats +
-                                                    r * kHeadDim + c);
-          },
-          merge_smem, b, kvh, mb, threadIdx.x, consumers_sync);
-      return;
-    }
-    float* slot = reinterpret_cast<float*>(smem_raw + Cfg::kSmemBytes) + split * Cfg::kSlotFloats;
-    if (split == 0) {
-      decode_merge_warps<kHeadDim>(p, st, merge_smem, mb, threadIdx.x, consumers_sync,
-                                   [&](int r, int c, float4 val, float lse) {
-                                     *reinterpret_cast<float4*>(slot + Cfg::kSlotLseFloats + r * kHeadDim + c) = val;
-                                     if (c == 0) slot[r] = lse;
-                                   });
-      cluster_wait();            // the start phase
-      cluster_arrive_release();  // then the second phase: the other splits' stores
-      cluster_wait();            // every other split's state is in the slots
-      decode_cluster_merge<kHeadDim, kDtype>(
-          p, [&](int s, int r) { return slot[s * Cfg::kSlotFloats + r]; },  // slot is split 0's
-          [&](int s, int r, int c) {
-            return *reinterpret_cast<const float4*>(slot + s * Cfg::kSlotFloats + Cfg::kSlotLseFloats + r * kHeadDim + c);
-          },
-          merge_smem, b, kvh, mb, threadIdx.x, consumers_sync);
-    } else {
-      cluster_wait();  // the start phase: the first CTA has started
-      decode_merge_warps<kHeadDim>(
-          p, st, merge_smem, mb, threadIdx.x, consumers_sync, [&](int r, int c, float4 val, float lse) {
-            cluster_store(reinterpret_cast<const float4*>(slot + Cfg::kSlotLseFloats + r * kHeadDim + c), val, 0);
-            if (c == 0) cluster_store(slot + r, lse, 0);
-          });
-      cluster_arrive_release();  // the stores above land before the first CTA's wait returns
+      // The splits of this (b, kvh, mb) are one cluster. Each CTA but the first stores its partial
+      // state straight into its slot of the first CTA's shared memory, arrives on the cluster
+      // barrier's second phase and is done (threads that have exited do not hold a phase up); the
+      // first one writes its own slot, waits on that phase for the others and merges. (Before:
+      // every CTA merged a share of the values, reading all the others' shared memory between two
+      // cluster barriers: ~2.5 us of a 7.7 us batch 1 / 1k step, traced, bench/NOTES.md.)
+      if constexpr (!Cfg::kClusterSlots) {
+        // Slots in the first CTA's stages (DecodeSm90Config): every CTA first merges its warps into
+        // its own slot-0 place (the first CTA's is its real slot), then arrives on the barrier's
+        // second phase; once that completes, the first CTA's stages are free, and every other CTA
+        // copies its state into its slot there and arrives on the third phase, for which the first
+        // CTA waits before it merges.
+        float* stages = reinterpret_cast<float*>(sK0);
+        float* own = stages + Cfg::stage_slot_floats(0);
+        decode_merge_warps<kHeadDim>(p, st, merge_smem, mb, threadIdx.x, consumers_sync,
+                                     [&](int r, int c, float4 val, float lse) {
+                                       *reinterpret_cast<float4*>(own + Cfg::kSlotLseFloats + r * kHeadDim + c) = val;
+                                       if (c == 0) own[r] = lse;
+                                     });
+        cluster_wait();  // the start phase
+        cluster_arrive_release();
+        cluster_wait();  // every CTA has merged its warps: the first CTA's stages hold nothing else
+        if (split != 0) {
+          const float* remote = stages + Cfg::stage_slot_floats(split);  // mapped into CTA 0 below
+          for (int i = threadIdx.x; i < Cfg::kSlotFloats / 4; i += Cfg::kConsumerThreads)
+            cluster_store(reinterpret_cast<const float4*>(remote) + i, reinterpret_cast<const float4*>(own)[i], 0);
+          cluster_arrive_release();  // the stores land before the first CTA's wait returns
+          return;
+        }
+        cluster_arrive_release();
+        cluster_wait();  // every split's state is in its slot
+        decode_cluster_merge<kHeadDim, kDtype>(
+            p, [&](int s, int r) { return stages[Cfg::stage_slot_floats(s) + r]; },
+            [&](int s, int r, int c) {
+              return *reinterpret_cast<const float4*>(stages + Cfg::stage_slot_floats(s) + Cfg::kSlotLseFloats +
+                                                      r * kHeadDim + c);
+            },
+            merge_smem, b, kvh, mb, threadIdx.x, consumers_sync);
+        return;
+      }
+      float* slot = reinterpret_cast<float*>(smem_raw + Cfg::kSmemBytes) + split * Cfg::kSlotFloats;
+      if (split == 0) {
+        decode_merge_warps<kHeadDim>(p, st, merge_smem, mb, threadIdx.x, consumers_sync,
+                                     [&](int r, int c, float4 val, float lse) {
+                                       *reinterpret_cast<float4*>(slot + Cfg::kSlotLseFloats + r * kHeadDim + c) = val;
+                                       if (c == 0) slot[r] = lse;
+                                     });
+        cluster_wait();            // the start phase
+        cluster_arrive_release();  // then the second phase: the other splits' stores
+        cluster_wait();            // every other split's state is in the slots
+        decode_cluster_merge<kHeadDim, kDtype>(
+            p, [&](int s, int r) { return slot[s * Cfg::kSlotFloats + r]; },  // slot is split 0's
+            [&](int s, int r, int c) {
+              return *reinterpret_cast<const float4*>(slot + s * Cfg::kSlotFloats + Cfg::kSlotLseFloats + r * kHeadDim + c);
+            },
+            merge_smem, b, kvh, mb, threadIdx.x, consumers_sync);
+      } else {
+        cluster_wait();  // the start phase: the first CTA has started
+        decode_merge_warps<kHeadDim>(
+            p, st, merge_smem, mb, threadIdx.x, consumers_sync, [&](int r, int c, float4 val, float lse) {
+              cluster_store(reinterpret_cast<const float4*>(slot + Cfg::kSlotLseFloats + r * kHeadDim + c), val, 0);
+              if (c == 0) cluster_store(slot + r, lse, 0);
+            });
+        cluster_arrive_release();  // the stores above land before the first CTA's wait returns
+      }
     }
   };
-  if (rows_total <= kDecodeNarrowRows) {  // then mb = 0
+  const auto attend_narrow = [&] {
     DecodeWarpStateNarrow<kHeadDim> st;
     st.init(p, b, kvh, pad, end, lane);
     st.bind_layout(kv, key0, lane);
     st.template load_q<Cfg>(sQ, lane);
     stream_tiles(st);
     merge_and_store(st);
+  };
+  if constexpr (kHeads > 1) {
+    attend_narrow();  // the host takes the head-pair form for at most 8 packed rows
+  } else if (rows_total <= kDecodeNarrowRows) {  // then mb = 0
+    attend_narrow();
   } else {
     DecodeWarpState<kHeadDim> st;
     st.init(p, b, kvh, mb, pad, end, lane / 4);
@@ -471,16 +522,20 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim>::kThreads, DecodeSm
 #endif
 }
 
-template <int kHeadDim, Dtype kDtype>
+/// kHeads = 2: the head-pair form, for what decode_head_pair_fits allows (head_dim 128, heads_kv
+/// even, at most 8 packed rows) and no cluster merge.
+template <int kHeadDim, Dtype kDtype, int kHeads>
 void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
-  using Cfg = DecodeSm90Config<kHeadDim>;
-  auto* kernel = &decode_kernel_sm90<kHeadDim, kDtype>;
+  using Cfg = DecodeSm90Config<kHeadDim, kHeads>;
+  auto* kernel = &decode_kernel_sm90<kHeadDim, kDtype, kHeads>;
   constexpr int kMaxSmem = Cfg::kSmemBytes + (Cfg::kClusterSlots ? kMaxClusterSplits * Cfg::kSlotBytes : 0);
   static const cudaError_t attr_status =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem);
   FASTATTN_CUDA_CHECK(attr_status);
   const int m_blocks = decode_row_blocks(p.group, p.seqlen_q);
-  const dim3 grid(p.num_splits, p.heads_kv * m_blocks, p.batch);
+  if (kHeads > 1 && (p.head_dim != kHeadDim || p.heads_kv % kHeads != 0 || m_blocks != 1 || p.cluster_combine))
+    throw Error("decode: the head-pair kernel got a shape it does not take (an internal planning error)");
+  const dim3 grid(p.num_splits, kHeads == 1 ? p.heads_kv * m_blocks : p.heads_kv / kHeads, p.batch);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
   DecodeTmaParams tp;
   tp.p = p;
@@ -492,7 +547,7 @@ void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
   const bool paged = p.page_size > 0;
   const std::int64_t slots = paged ? p.page_size : p.cache_len;
   const std::int64_t rows = paged ? p.num_pages : p.cache_rows;
-  const int box[5] = {64, box_rows, tp.box_blocks, 1, 1};
+  const int box[5] = {64, box_rows, tp.box_blocks, kHeads, 1};
   const std::int64_t dims[5] = {whole_rows ? 64 : p.head_dim, slots, tp.box_blocks, p.heads_kv, rows};
   const std::int64_t k_strides[5] = {1, p.k_row_stride, 64, p.k_head_stride, p.k_batch_stride};
   const std::int64_t v_strides[5] = {1, p.v_row_stride, 64, p.v_head_stride, p.v_batch_stride};
@@ -510,6 +565,9 @@ void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
 
 
 #define FASTATTN_INSTANTIATE_DECODE_SM90(D, T) \
-  template void launch_decode_sm90<D, T>(const DecodeParams&, cudaStream_t);
+  template void launch_decode_sm90<D, T, 1>(const DecodeParams&, cudaStream_t);
+/// The head-pair form (head_dim 128 only).
+#define FASTATTN_INSTANTIATE_DECODE_SM90_HEAD_PAIR(T) \
+  template void launch_decode_sm90<128, T, 2>(const DecodeParams&, cudaStream_t);
 
 }  // namespace fastattn::cuda_decode

@@ -4,9 +4,9 @@
 //   combine_kernel        merges the split-KV partial states (the shared merge primitive,
 //                         MergeAccumulator) into out and LSE.
 // The attention kernels (decode_kernel.cuh: cp.async, sm_80+; decode_kernel_sm90.cuh: bulk
-// copies, sm_90; decode_kernel_sm90_head_group.cuh: bulk copies over four KV heads) are compiled
-// per head_dim / dtype under src/cuda/instances/. All of it runs on the caller's stream with no
-// host synchronisation.
+// copies, sm_90, one KV head per CTA or a pair; decode_kernel_sm90_head_group.cuh: bulk copies
+// over four KV heads) are compiled per head_dim / dtype under src/cuda/instances/. All of it runs
+// on the caller's stream with no host synchronisation.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -26,7 +26,7 @@ namespace fastattn::cuda_decode {
 
 template <int kHeadDim, Dtype kDtype>
 void launch_decode(const DecodeParams& p, cudaStream_t stream);
-template <int kHeadDim, Dtype kDtype>
+template <int kHeadDim, Dtype kDtype, int kHeads>
 void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream);
 template <Dtype kDtype>
 void launch_decode_sm90_head_group(const DecodeParams& p, cudaStream_t stream);
@@ -199,10 +199,12 @@ void run_for_dtype(const DecodeParams& p, cudaStream_t stream) {
   }
   if (p.head_group) {
     launch_decode_sm90_head_group<kDtype>(attn, stream);
+  } else if (p.head_pair) {
+    launch_decode_sm90<kDecodeHeadPairHeadDim, kDtype, kDecodeHeadPair>(attn, stream);
   } else if (p.sm90_kernel) {
-    if (p.head_dim <= 64) launch_decode_sm90<64, kDtype>(attn, stream);
-    else if (p.head_dim <= 128) launch_decode_sm90<128, kDtype>(attn, stream);
-    else launch_decode_sm90<256, kDtype>(attn, stream);
+    if (p.head_dim <= 64) launch_decode_sm90<64, kDtype, 1>(attn, stream);
+    else if (p.head_dim <= 128) launch_decode_sm90<128, kDtype, 1>(attn, stream);
+    else launch_decode_sm90<256, kDtype, 1>(attn, stream);
   } else {
     if (p.head_dim <= 64) launch_decode<64, kDtype>(attn, stream);
     else if (p.head_dim <= 128) launch_decode<128, kDtype>(attn, stream);
@@ -235,6 +237,7 @@ void run_decode(const DecodeParams& params, void* stream_ptr) {
   const bool cache_empty = p.cache_rows == 0 || (p.page_size > 0 ? p.num_pages == 0 : p.cache_len == 0);
   p.sm90_kernel = !cache_empty && use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size);
   p.head_group = p.head_group && p.sm90_kernel;
+  p.head_pair = p.head_pair && p.sm90_kernel;
   p.dependent_launch = info.cc_major >= 9;  // sm_90: programmatic dependent launch
   // A few splits merge inside their cluster: no combine kernel (its launch and round trips were
   // ~3.7 us of a 10 us step at batch 1 / 1k: 10.1 -> 9.0 us). For grids of at most half the SMs,
@@ -250,7 +253,7 @@ void run_decode(const DecodeParams& params, void* stream_ptr) {
   const std::int64_t ctas =
       std::int64_t(p.num_splits) * p.heads_kv * p.batch * decode_row_blocks(p.group, p.seqlen_q);
   p.cluster_combine =
-      !p.splits_fixed && !p.head_group &&
+      !p.splits_fixed && !p.head_group && !p.head_pair &&
       decode_cluster_merge_applies(p.sm90_kernel, p.num_splits, ctas, info.sm_count);
   if (p.dtype == Dtype::kFloat16) run_for_dtype<Dtype::kFloat16>(p, stream);
   else run_for_dtype<Dtype::kBFloat16>(p, stream);

@@ -121,6 +121,10 @@ struct DecodeParams {
   /// and num_splits was chosen for that grid. run_decode clears it when the sm_90 kernel is not
   /// taken (an empty cache).
   bool head_group = false;
+  /// Set by the planner (decode_head_pair_applies): attention runs the sm_90 kernel's head-pair
+  /// form (decode_kernel_sm90.cuh, kHeads = 2), its CTAs (split, pair of KV heads, b). run_decode
+  /// clears it when the sm_90 kernel is not taken.
+  bool head_pair = false;
   float* partial_o = nullptr;
   float* partial_lse = nullptr;
 };
@@ -208,6 +212,24 @@ inline bool decode_head_group_fits(const DecodeParams& p, bool sm90_kernel) {
   return sm90_kernel && p.head_dim == kDecodeHeadGroupHeadDim && p.heads_kv % kDecodeHeadGroup == 0 &&
          std::int64_t(p.group) * p.seqlen_q <= kDecodeHeadGroupMaxRows &&
          (p.page_size == 0 || p.page_size % kDecodeHeadGroupSlots == 0);
+}
+
+/// The sm_90 kernel's head-pair form (two KV heads per CTA, one CTA per SM): the one head_dim it
+/// is built for and the most packed query rows (group x seqlen_q) per head (the narrow math's).
+constexpr int kDecodeHeadPair = 2;
+constexpr int kDecodeHeadPairHeadDim = 128;
+constexpr int kDecodeHeadPairMaxRows = 8;
+/// The heuristic takes the head-pair form only for caches of at least this many slots: on the H200
+/// it gained from 8k keys on (batch 32 / 8k GQA 8 -1.1%, 32k -0.5-2.4%), but at 1k-4k it was no
+/// faster on contiguous caches and 0.6-1.3% slower on pages of 16 (bench/NOTES.md, session 15).
+constexpr std::int64_t kDecodeHeadPairMinKeys = 8192;
+
+/// Whether p's shape fits the head-pair form on a device that runs the sm_90 kernel: head_dim 128
+/// (the whole 64-column blocks its boxes take), an even heads_kv and at most 8 packed query rows
+/// per KV head. Any cache the sm_90 kernel takes.
+inline bool decode_head_pair_fits(const DecodeParams& p, bool sm90_kernel) {
+  return sm90_kernel && p.head_dim == kDecodeHeadPairHeadDim && p.heads_kv % kDecodeHeadPair == 0 &&
+         std::int64_t(p.group) * p.seqlen_q <= kDecodeHeadPairMaxRows;
 }
 
 /// True when the attention of a decode call over a cache of `page_size` (0: contiguous) on a
