@@ -97,18 +97,14 @@ def cases():
     yield "empty cache", kvcache, (F16, dict(lens="zeros", Snew=0))
     yield "empty paged cache, first tokens appended", kvcache, (B16, dict(lens="zeros", page=16, Sq=2, Snew=2, rotary="neox", opt="causal"))
     yield "varlen decode block table page 16", varlen_decode, (B16, 16)
-    yield "head-group kernel: everything paged 16, 3 splits", head_group, (kvcache, B16, dict(
-        Hq=8, Hkv=4, page=16, rotary="interleaved", rotary_frac=0.5, batch_idx=True, leftpad=True, opt=T.ALL,
-        splits=3, Sq=2, Snew=2))
-    yield "head-group kernel: contiguous, heuristic splits", head_group, (kvcache, F16, dict(
-        B=2, Hq=32, Hkv=8, lens=[7999, 3000], cache_len=8000))
-    yield "head-group kernel: out-of-range page ids (reads)", head_group, (bad_page_ids, "read_pages", 4)
-    yield "head-pair form: everything paged 16, 3 splits", head_pair, (kvcache, B16, dict(
-        Hq=8, Hkv=2, page=16, rotary="interleaved", rotary_frac=0.5, batch_idx=True, leftpad=True, opt=T.ALL,
-        splits=3, Sq=2, Snew=2))
-    yield "head-pair form: contiguous, ragged long", head_pair, (kvcache, F16, dict(
-        B=2, Hq=32, Hkv=8, lens=[7999, 3000], cache_len=8000))
-    yield "head-pair form: out-of-range page ids (reads)", head_pair, (bad_page_ids, "read_pages", 2)
+    # the sm_90 head-group kernel (4 KV heads per CTA) and the head-pair form (2)
+    for form, run, hkv in (("head-group kernel", head_group, 4), ("head-pair form", head_pair, 2)):
+        yield f"{form}: everything paged 16, 3 splits", run, (kvcache, B16, dict(
+            Hq=8, Hkv=hkv, page=16, rotary="interleaved", rotary_frac=0.5, batch_idx=True, leftpad=True,
+            opt=T.ALL, splits=3, Sq=2, Snew=2))
+        yield f"{form}: contiguous, ragged long", run, (kvcache, F16, dict(
+            B=2, Hq=32, Hkv=8, lens=[7999, 3000], cache_len=8000))
+        yield f"{form}: out-of-range page ids (reads)", run, (bad_page_ids, "read_pages", hkv)
 
 
 if __name__ == "__main__":

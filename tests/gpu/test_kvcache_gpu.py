@@ -644,18 +644,6 @@ HEAD_GROUP_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("config", list(HEAD_GROUP_CONFIGS))
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_head_group_kernel(seed, dtype, config, monkeypatch):
-    """The head-group kernel (FASTATTN_DECODE_HEAD_GROUP=1) against the float32 reference, with
-    the cache, out= and repeat checks of run_case. On other GPUs the call takes the other kernels."""
-    monkeypatch.setenv("FASTATTN_DECODE_HEAD_GROUP", "1")
-    case = build_case(seed, dtype, HEAD_GROUP_CONFIGS[config])
-    out, lse, _ = run_case(case)
-    if case.c["empty"]:
-        assert bool((out == 0).all()) and bool(torch.isneginf(lse).all())
-
-
 def test_head_group_kernel_is_taken(seed, monkeypatch):
     """On sm_90 the switch changes the kernel: its two answers differ in some bits (another order of
     the sums; both kernels are checked against the reference elsewhere). With the switch unset, the
@@ -702,38 +690,33 @@ def use_kernel(monkeypatch, kernel):
         monkeypatch.setenv(name, value)
 
 
-HEAD_PAIR_CONFIGS = {
-    "gqa4": dict(Hq=8, Hkv=2),
-    "gqa4_paged16": dict(Hq=32, Hkv=8, page=16),
-    "mha_sq8_causal_paged64": dict(Hq=4, Hkv=4, Sq=8, Snew=8, page=64, opt="causal"),
-    "gqa2_sq4_window_paged256_full": dict(Hq=8, Hkv=4, Sq=4, Snew=4, page=256, table="full", opt="window"),
-    "alibi_softcap_paged32": dict(Hq=8, Hkv=2, Sq=2, Snew=2, page=32, opt="causal+alibi+softcap"),
-    "sliding_window_paged8": dict(Hq=16, Hkv=4, page=8, opt="wleft"),
-    "gqa8": dict(Hq=16, Hkv=2),
-    "splits3_leftpad_batch_idx": dict(Hq=16, Hkv=4, splits=3, leftpad=True, batch_idx=True, cache_len=3000),
-    "splits64": dict(Hq=8, Hkv=2, splits=64),
-    "strided_paged16": dict(Hq=8, Hkv=2, strided=True, page=16, leftpad=True, opt="alibi"),
-    "everything_paged16": dict(Hq=8, Hkv=2, page=16, rotary="interleaved", rotary_frac=0.5, batch_idx=True,
-                               leftpad=True, opt=ALL, splits=3, Sq=2, Snew=2),
-    "everything_contiguous_neox": dict(Hq=16, Hkv=4, rotary="neox", batch_idx=True, leftpad=True, opt=ALL,
-                                       Sq=2, Snew=2),
-    "long_ragged": dict(B=2, Hq=32, Hkv=8, lens=[7999, 5000], cache_len=8000),
-    "empty_paged16": dict(Hq=8, Hkv=2, lens="zeros", Snew=0, page=16, empty=True),
-    "first_tokens_paged16_rotary": dict(Hq=8, Hkv=2, lens="zeros", page=16, Sq=2, Snew=2, rotary="neox",
-                                        opt="causal"),
-    # shapes it does not take (the per-head kernel answers): head_dim 96, 16 packed rows
-    "d96_not_taken": dict(Hq=8, Hkv=2, D=96),
-    "rows16_not_taken": dict(Hq=8, Hkv=2, Sq=4, Snew=4, opt="causal"),
-}
+# Every head-group configuration fits the head-pair form too (heads_kv a multiple of 4); then what
+# only the pair takes (pages of 8, two KV heads) and two shapes it does not take (head_dim 96, 16
+# packed rows: the per-head kernel answers).
+HEAD_PAIR_CONFIGS = dict(
+    HEAD_GROUP_CONFIGS,
+    sliding_window_paged8=dict(Hq=16, Hkv=4, page=8, opt="wleft"),
+    gqa8_heads2=dict(Hq=16, Hkv=2),
+    everything_paged16_heads2=dict(Hq=8, Hkv=2, page=16, rotary="interleaved", rotary_frac=0.5, batch_idx=True,
+                                   leftpad=True, opt=ALL, splits=3, Sq=2, Snew=2),
+    d96_not_taken=dict(Hq=8, Hkv=2, D=96),
+    rows16_not_taken=dict(Hq=8, Hkv=2, Sq=4, Snew=4, opt="causal"),
+)
 
 
-@pytest.mark.parametrize("config", list(HEAD_PAIR_CONFIGS))
+KERNEL_FORM_CASES = [(kernel, name) for kernel, configs in (("head_group", HEAD_GROUP_CONFIGS),
+                                                            ("head_pair", HEAD_PAIR_CONFIGS)) for name in configs]
+
+
+@pytest.mark.parametrize("kernel,config", KERNEL_FORM_CASES, ids=[f"{k}-{c}" for k, c in KERNEL_FORM_CASES])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_head_pair_kernel(seed, dtype, config, monkeypatch):
-    """The head-pair form (FASTATTN_DECODE_HEAD_PAIR=1) against the float32 reference, with the cache,
-    out= and repeat checks of run_case. On other GPUs the call takes the other kernels."""
-    use_kernel(monkeypatch, "head_pair")
-    case = build_case(seed, dtype, HEAD_PAIR_CONFIGS[config])
+def test_sm90_kernel_form(seed, dtype, kernel, config, monkeypatch):
+    """The head-group kernel (FASTATTN_DECODE_HEAD_GROUP=1) and the head-pair form
+    (FASTATTN_DECODE_HEAD_PAIR=1) against the float32 reference, with the cache, out= and repeat
+    checks of run_case. On other GPUs the call takes the other kernels."""
+    use_kernel(monkeypatch, kernel)
+    configs = HEAD_GROUP_CONFIGS if kernel == "head_group" else HEAD_PAIR_CONFIGS
+    case = build_case(seed, dtype, configs[config])
     out, lse, _ = run_case(case)
     if case.c["empty"]:
         assert bool((out == 0).all()) and bool(torch.isneginf(lse).all())
