@@ -704,8 +704,8 @@ HEAD_PAIR_CONFIGS = dict(
 )
 
 
-KERNEL_FORM_CASES = [(kernel, name) for kernel, configs in (("head_group", HEAD_GROUP_CONFIGS),
-                                                            ("head_pair", HEAD_PAIR_CONFIGS)) for name in configs]
+KERNEL_FORM_CONFIGS = {"head_group": HEAD_GROUP_CONFIGS, "head_pair": HEAD_PAIR_CONFIGS}
+KERNEL_FORM_CASES = [(kernel, name) for kernel, configs in KERNEL_FORM_CONFIGS.items() for name in configs]
 
 
 @pytest.mark.parametrize("kernel,config", KERNEL_FORM_CASES, ids=[f"{k}-{c}" for k, c in KERNEL_FORM_CASES])
@@ -715,8 +715,7 @@ def test_sm90_kernel_form(seed, dtype, kernel, config, monkeypatch):
     (FASTATTN_DECODE_HEAD_PAIR=1) against the float32 reference, with the cache, out= and repeat
     checks of run_case. On other GPUs the call takes the other kernels."""
     use_kernel(monkeypatch, kernel)
-    configs = HEAD_GROUP_CONFIGS if kernel == "head_group" else HEAD_PAIR_CONFIGS
-    case = build_case(seed, dtype, configs[config])
+    case = build_case(seed, dtype, KERNEL_FORM_CONFIGS[kernel][config])
     out, lse, _ = run_case(case)
     if case.c["empty"]:
         assert bool((out == 0).all()) and bool(torch.isneginf(lse).all())

@@ -152,14 +152,28 @@ std::int64_t set_page_table(const check::ArgChecker& c, DecodeParams& p, const c
   return p.num_page_indices * p.page_size;
 }
 
-bool decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p, int requested) {
-  const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
-  if (!decode_head_group_fits(p, use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size))) return false;
-  const char* env = std::getenv("FASTATTN_DECODE_HEAD_GROUP");
+namespace {
+
+/// The planner's choice of one of the sm_90 kernel forms (head group, head pair) for a call its
+/// shape `fits`: the switch `env_name` "0" never takes it, "1" always; unset, a num_splits the
+/// caller fixed (`requested` > 0) keeps the per-head kernel whatever the batch (splits_fixed),
+/// else `heuristic` decides.
+bool decode_form_applies(bool fits, const char* env_name, int requested, bool heuristic) {
+  if (!fits) return false;
+  const char* env = std::getenv(env_name);
   if (env && std::strcmp(env, "0") == 0) return false;
   if (env && std::strcmp(env, "1") == 0) return true;
-  // A num_splits the caller fixed keeps the per-head kernel whatever the batch (splits_fixed).
-  if (requested > 0) return false;
+  return requested == 0 && heuristic;
+}
+
+/// Whether `items` CTAs fill between 15/16 of a wave of `wave` CTAs and the whole wave.
+bool fills_one_wave(std::int64_t items, std::int64_t wave) { return 16 * items >= 15 * wave && items <= wave; }
+
+}  // namespace
+
+bool decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p, int requested) {
+  const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
+  const bool fits = decode_head_group_fits(p, use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size));
   // Where its grid is one full wave of two CTAs per SM (15/16 of one at least) with no split.
   // Measured on the H200 (graph replay, bench/NOTES.md sessions 10 and 11): batch 128 / 1k-4k GQA
   // 8 and MHA batch 32 / 1k-2k 1-3.6% faster, batch 128 / 8k and MHA 32 / 8k 1.5-1.7% faster on
@@ -167,26 +181,22 @@ bool decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p
   // where it needs splits (batch 32 / 8k -2.6%, 64 / 2k -1.5%; merged in clusters of 3-4, worse
   // still) and over two or more waves (MHA batch 64 and 128 / 1k -0.2-0.7%, 2k-8k -1.5-4%).
   const std::int64_t items = std::int64_t(p.batch) * (p.heads_kv / kDecodeHeadGroup);
-  const std::int64_t wave = 2 * std::int64_t(info.sm_count);
-  return 16 * items >= 15 * wave && items <= wave;
+  return decode_form_applies(fits, "FASTATTN_DECODE_HEAD_GROUP", requested,
+                             fills_one_wave(items, 2 * std::int64_t(info.sm_count)));
 }
 
 bool decode_head_pair_applies(const check::ArgChecker& c, const DecodeParams& p, int requested,
                               std::int64_t max_keys) {
   const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
-  if (!decode_head_pair_fits(p, use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size))) return false;
-  const char* env = std::getenv("FASTATTN_DECODE_HEAD_PAIR");
-  if (env && std::strcmp(env, "0") == 0) return false;
-  if (env && std::strcmp(env, "1") == 0) return true;
-  if (requested > 0) return false;  // a fixed num_splits keeps the per-head kernel (splits_fixed)
+  const bool fits = decode_head_pair_fits(p, use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size));
   // Where its grid is one wave of one CTA per SM (15/16 of one at least) with no split: the rows
   // where the per-head kernel runs two CTAs per SM unsplit (batch x heads_kv = 256 on the H200:
   // batch 32 GQA 8, MHA batch 8). There the pairs' 512-byte runs read 1-1.7% faster than one
   // head's 256-byte ones (no-math read, bench/NOTES.md session 15); half the SMs' worth of pairs
   // read 5-7% slower, hence the lower bound. Long caches only (kDecodeHeadPairMinKeys).
   const std::int64_t items = std::int64_t(p.batch) * (p.heads_kv / kDecodeHeadPair);
-  const std::int64_t wave = info.sm_count;
-  return 16 * items >= 15 * wave && items <= wave && max_keys >= kDecodeHeadPairMinKeys;
+  return decode_form_applies(fits, "FASTATTN_DECODE_HEAD_PAIR", requested,
+                             fills_one_wave(items, info.sm_count) && max_keys >= kDecodeHeadPairMinKeys);
 }
 
 int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys) {
