@@ -329,7 +329,11 @@ void combine_splits(const AttnProblem& p, const float* ws_o, const float* ws_lse
   }
 }
 
-/// Writes the softmax matrix exp(s - lse) of every (head, row) into p.probs (testing aid).
+/// Writes the softmax matrix of every (head, row) into p.probs (testing aid): the row's scores
+/// recomputed, then exp(s - max) / sum over them. Not exp(s - lse) with the kernel's LSE: the
+/// kernel sums each dot product in another order, so that mixed the two passes' rounding of the
+/// scores (about an ulp of |s|: a lone key with an ALiBi score near 32 got 0.9999962, not 1).
+/// A row with no visible key is all zeros.
 void write_probs(const AttnProblem& p, int nt) {
   const std::int64_t d = p.head_dim;
   const std::int64_t g = p.heads_q / p.heads_kv;
@@ -340,17 +344,17 @@ void write_probs(const AttnProblem& p, int nt) {
     std::vector<float> q(static_cast<std::size_t>(d)), k(static_cast<std::size_t>(d));
     for (std::int64_t h = 0; h < p.heads_q; ++h)
       for (std::int64_t r = 0; r < s.seqlen_q; ++r) {
-        const float lse = p.lse[s.lse_off + h * p.lse_head_stride + r * p.lse_row_stride];
         float* prow = p.probs + s.probs_off + h * p.probs_head_stride + r * p.probs_row_stride;
         load_row(p.dtype, elem_ptr(p.q, p.dtype, s.q_off + r * p.q_row_stride + h * p.q_head_stride),
                  d, p.scale, q.data());
         const std::int64_t qpos = s.q_pos0 + r;
-        for (std::int64_t j = 0; j < s.seqlen_k; ++j) {
+        float m = -INFINITY;
+        for (std::int64_t j = 0; j < s.seqlen_k; ++j) {  // the scores into prow, -inf where hidden
           const std::int64_t kpos = s.k_pos0 + j;
           const bool visible = (p.window_left < 0 || kpos >= qpos - p.window_left) &&
                                (p.window_right < 0 || kpos <= qpos + p.window_right);
-          if (!visible || lse == -INFINITY) {
-            prow[j] = 0.0f;
+          if (!visible) {
+            prow[j] = -INFINITY;
             continue;
           }
           const std::int64_t ko =
@@ -361,8 +365,16 @@ void write_probs(const AttnProblem& p, int nt) {
           for (std::int64_t c = 0; c < d; ++c) sc += q[c] * k[c];
           if (p.softcap > 0.0f) sc = p.softcap * std::tanh(sc / p.softcap);
           if (s.alibi) sc -= s.alibi[h] * std::fabs(static_cast<float>(qpos - kpos));
-          prow[j] = std::exp(sc - lse);
+          prow[j] = sc;
+          m = std::max(m, sc);
         }
+        float sum = 0.0f;
+        for (std::int64_t j = 0; j < s.seqlen_k; ++j) {
+          prow[j] = m == -INFINITY ? 0.0f : std::exp(prow[j] - m);  // exp(-inf) = 0 where hidden
+          sum += prow[j];
+        }
+        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+        for (std::int64_t j = 0; j < s.seqlen_k; ++j) prow[j] *= inv;
       }
   }
 }

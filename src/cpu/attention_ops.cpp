@@ -65,22 +65,13 @@ void set_lse(AttnProblem& p, const std::optional<TensorView>& lse) {
   p.lse_row_stride = lse->stride(-1);
 }
 
-/// probs needs the final LSE: when the caller did not ask for LSE, route it to `scratch`
-/// laid out (Hq, total rows) by ws_row0.
-void set_probs(AttnProblem& p, const std::optional<TensorView>& probs, std::vector<float>& scratch) {
+/// The softmax matrix's destination (write_probs fills it after the attention pass).
+void set_probs(AttnProblem& p, const std::optional<TensorView>& probs) {
   if (!probs) return;
   p.probs = static_cast<float*>(probs->data);
   p.probs_head_stride = probs->stride(1);
   p.probs_row_stride = probs->stride(2);
   std::fill_n(p.probs, probs->numel(), 0.0f);  // zero padding beyond each sequence's lengths
-  if (p.lse == nullptr) {
-    const std::int64_t rows = p.total_q_rows();
-    scratch.assign(static_cast<std::size_t>(rows * p.heads_q), 0.0f);
-    p.lse = scratch.data();
-    p.lse_head_stride = rows;
-    p.lse_row_stride = 1;
-    for (auto& s : p.seqs) s.lse_off = s.ws_row0;
-  }
 }
 
 /// Checks that `pl` holds the pages for slots [0, slots_end) and that every page id used is
@@ -146,8 +137,7 @@ void attention_forward(check::ArgChecker& c, const AttentionArgs& args,
     s.alibi = alibi_for(o, b);
     p.seqs.push_back(s);
   }
-  std::vector<float> lse_scratch;
-  set_probs(p, args.probs, lse_scratch);
+  set_probs(p, args.probs);
   run_attention(p, nullptr, threads(args.exec));
 }
 
@@ -219,8 +209,7 @@ void varlen_attention_forward(check::ArgChecker& c, const VarlenAttentionArgs& a
     s.alibi = alibi_for(o, b);
     p.seqs.push_back(s);
   }
-  std::vector<float> lse_scratch;
-  set_probs(p, args.probs, lse_scratch);
+  set_probs(p, args.probs);
   run_attention(p, nullptr, threads(args.exec));
   clear_unowned_rows(args.out, args.lse, cu_q[d.a.batch], d.total_q);
 }
