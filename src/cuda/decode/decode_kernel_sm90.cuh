@@ -160,20 +160,29 @@ struct DecodeRingBarriers {
   }
 };
 
-/// A box's cache-row coordinates in the decode maps (c1, c4 of tma_load_5d): slot `slot0` of the
-/// sequence lies in its contiguous cache row, or in page `page` of a paged cache (its id, already
-/// checked against the cache).
-struct DecodeBoxRow {
-  int slot, row;
-  __device__ __forceinline__ DecodeBoxRow(const DecodeParams& p, const DecodeSeq& seq, int slot0, int page) {
-    if (p.page_size == 0) {
-      slot = slot0;
-      row = seq.row;
-    } else {
-      slot = slot_in_page(p, slot0);
-      row = page;
-    }
+/// What a producer lane needs of the cache's geometry at every tile, read from the parameters once
+/// and kept in registers for the walk: a box's page id (index into the sequence's page list), the
+/// id's range check and the box's coordinates c1 (slot), c4 (row) in the decode maps (slot `slot0`
+/// of the sequence lies in its contiguous cache row, or in page `page` of a paged cache). The
+/// values pass through a shuffle (the same in every lane) because ptxas sees through anything
+/// else and reads the constant bank again after every stage's wait. On the H200 those reads cost
+/// paged batch 8 / 1k and batch 1 / 8k (64 CTAs of 16 tiles) ~0.2 µs (bench/NOTES.md, session 16).
+struct DecodePageWalk {
+  int page_size, page_shift, num_pages, row;
+  __device__ __forceinline__ DecodePageWalk(const DecodeParams& p, const DecodeSeq& seq)
+      : page_size(__shfl_sync(0xffffffffu, p.page_size, 0)),
+        page_shift(__shfl_sync(0xffffffffu, p.page_shift, 0)),
+        num_pages(__shfl_sync(0xffffffffu, p.num_pages, 0)),
+        row(seq.row) {}
+  __device__ __forceinline__ bool paged() const { return page_size > 0; }
+  __device__ __forceinline__ int page_index(int slot) const {
+    return page_shift >= 0 ? slot >> page_shift : slot / page_size;
   }
+  __device__ __forceinline__ bool in_cache(int page) const { return !paged() || (page >= 0 && page < num_pages); }
+  __device__ __forceinline__ int slot_coord(int slot0) const {
+    return !paged() ? slot0 : page_shift >= 0 ? slot0 & (page_size - 1) : slot0 % page_size;
+  }
+  __device__ __forceinline__ int row_coord(int page) const { return paged() ? page : row; }
 };
 
 /// A producer warp's walk over the ring: tiles t_begin .. t_end - 1 in order, tile t into stage
@@ -328,17 +337,18 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
       const int slot0 = tile * BN + run * R;
       return active && slot0 + R > range.lo && slot0 < range.hi;
     };
+    const DecodePageWalk walk(p, seq);
     auto box_page = [&](int tile) {
       const int slot0 = tile * BN + run * R;
-      if (!box_needed(tile) || p.page_size == 0) return 0;
-      return int(seq.pages[page_index_of(p, slot0)]);
+      if (!box_needed(tile) || !walk.paged()) return 0;
+      return int(seq.pages[walk.page_index(slot0)]);
     };
     decode_produce_ring<S>(range.t_begin, range.t_end, empty, box_page, [&](int tile, int stage, int pg) {
       const int slot0 = tile * BN + run * R;
       const int box0 = run * R * kHeadDim * kHeads + block * box_elems;  // KvLayout of the box's first element
       std::uint16_t* dst = s0 + stage * Cfg::kStageElems + box0;
       const bool needed = box_needed(tile);
-      const bool in_cache = p.page_size == 0 || (pg >= 0 && pg < p.num_pages);
+      const bool in_cache = walk.in_cache(pg);
       const bool load = needed && in_cache;
       if (needed && !in_cache) {
         // A page id outside the cache: its rows read as zeros.
@@ -347,8 +357,7 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
       }
       mbar_arrive_expect_tx(&full[stage], load ? box_bytes : 0);
       if (load) {
-        const DecodeBoxRow at(p, seq, slot0, pg);
-        tma_load_5d(dst, map, block * 64, at.slot, 0, kvh0, at.row, &full[stage], policy);
+        tma_load_5d(dst, map, block * 64, walk.slot_coord(slot0), 0, kvh0, walk.row_coord(pg), &full[stage], policy);
       }
     });
     return;

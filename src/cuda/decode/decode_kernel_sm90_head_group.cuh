@@ -97,14 +97,11 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig::kThreads, DecodeHeadGro
     std::uint64_t* empty = is_k ? empty_k : empty_v;
     const std::uint64_t policy = l2_policy_evict_first();  // the cache is read once per step
     constexpr std::uint32_t kBoxBytes = Cfg::kTileElems * 2;
-    auto tile_page = [&](int tile) {
-      if (p.page_size == 0) return 0;
-      const int slot0 = tile * BN;
-      return int(seq.pages[page_index_of(p, slot0)]);
-    };
+    const DecodePageWalk walk(p, seq);
+    auto tile_page = [&](int tile) { return walk.paged() ? int(seq.pages[walk.page_index(tile * BN)]) : 0; };
     decode_produce_ring<S>(range.t_begin, range.t_end, empty, tile_page, [&](int tile, int stage, int pg) {
       std::uint16_t* dst = s0 + stage * Cfg::kTileElems;
-      const bool in_cache = p.page_size == 0 || (pg >= 0 && pg < p.num_pages);
+      const bool in_cache = walk.in_cache(pg);
       if (!in_cache) {
         // A page id outside the cache: its rows read as zeros.
         for (int e = lane * 8; e < Cfg::kTileElems; e += 32 * 8)
@@ -114,8 +111,7 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig::kThreads, DecodeHeadGro
       const bool load = lane == 0 && in_cache;
       mbar_arrive_expect_tx(&full[stage], load ? kBoxBytes : 0);
       if (load) {
-        const DecodeBoxRow at(p, seq, tile * BN, pg);
-        tma_load_5d(dst, map, 0, at.slot, 0, head0, at.row, &full[stage], policy);
+        tma_load_5d(dst, map, 0, walk.slot_coord(tile * BN), 0, head0, walk.row_coord(pg), &full[stage], policy);
       }
     });
     return;
