@@ -82,12 +82,18 @@ __device__ __forceinline__ DecodeSeq resolve_decode_seq(const DecodeParams& p, i
 }
 
 /// Paged caches: the index of slot `slot`'s page in its sequence's page list, and the slot's place
-/// in that page (a shift and a mask for power-of-two page sizes).
+/// in that page (a shift and a mask for power-of-two page sizes, page_shift >= 0; else a division).
+__device__ __forceinline__ int page_index_of(int page_size, int page_shift, int slot) {
+  return page_shift >= 0 ? slot >> page_shift : slot / page_size;
+}
+__device__ __forceinline__ int slot_in_page(int page_size, int page_shift, int slot) {
+  return page_shift >= 0 ? slot & (page_size - 1) : slot % page_size;
+}
 __device__ __forceinline__ int page_index_of(const DecodeParams& p, int slot) {
-  return p.page_shift >= 0 ? slot >> p.page_shift : slot / p.page_size;
+  return page_index_of(p.page_size, p.page_shift, slot);
 }
 __device__ __forceinline__ int slot_in_page(const DecodeParams& p, int slot) {
-  return p.page_shift >= 0 ? slot & (p.page_size - 1) : slot % p.page_size;
+  return slot_in_page(p.page_size, p.page_shift, slot);
 }
 
 /// Element offset of slot `slot` (< capacity) of the sequence's cache row, kv head 0, or -1

@@ -175,12 +175,10 @@ struct DecodePageWalk {
         num_pages(__shfl_sync(0xffffffffu, p.num_pages, 0)),
         row(seq.row) {}
   __device__ __forceinline__ bool paged() const { return page_size > 0; }
-  __device__ __forceinline__ int page_index(int slot) const {
-    return page_shift >= 0 ? slot >> page_shift : slot / page_size;
-  }
+  __device__ __forceinline__ int page_index(int slot) const { return page_index_of(page_size, page_shift, slot); }
   __device__ __forceinline__ bool in_cache(int page) const { return !paged() || (page >= 0 && page < num_pages); }
   __device__ __forceinline__ int slot_coord(int slot0) const {
-    return !paged() ? slot0 : page_shift >= 0 ? slot0 & (page_size - 1) : slot0 % page_size;
+    return paged() ? slot_in_page(page_size, page_shift, slot0) : slot0;
   }
   __device__ __forceinline__ int row_coord(int page) const { return paged() ? page : row; }
 };
