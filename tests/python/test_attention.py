@@ -88,6 +88,22 @@ def test_return_attn_probs(rng, dtype, opt):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_attn_probs_lone_key_is_exactly_one(rng, dtype):
+    """window_size=(0, 0) leaves each row one visible key (the diagonal), its score pushed far from
+    0 by a large softmax_scale (ALiBi on, adding 0 on the diagonal): its probability is exactly 1
+    and every other entry exactly 0 (normalising with the kernel's LSE once gave 0.9999962)."""
+    b, s, hq, hkv, d = 2, 23, 4, 2, 32
+    q, _ = randn(rng, (b, s, hq, d), dtype)
+    k, _ = randn(rng, (b, s, hkv, d), dtype)
+    v, _ = randn(rng, (b, s, hkv, d), dtype)
+    slopes = np.full((b, hq), 8.0, dtype=np.float32)
+    _, _, probs = fastattn.flash_attn_func(q, k, v, window_size=(0, 0), alibi_slopes=slopes,
+                                           softmax_scale=3.0, return_attn_probs=True)
+    eye = np.broadcast_to(np.eye(s, dtype=np.float32), (b, hq, s, s))
+    assert np.array_equal(to64(probs), eye), float(np.abs(to64(probs) - eye).max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_empty_keys(rng, dtype):
     """seqlen_k == 0: every row sees no key -> output 0, LSE -inf."""
     q, _ = randn(rng, (2, 5, 4, 32), dtype)

@@ -30,40 +30,66 @@ __device__ __forceinline__ float load_elem(const void* base, std::int64_t i, Dty
                                : __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
 }
 
-/// probs[b, h, r, j] = exp(s(r, j) - lse[r]) for visible keys, 0 elsewhere (padding included).
-/// One block per (row, head, batch); simple and slow on purpose: it is a testing aid.
+/// Block-wide reduction of one float per thread (max or sum) for probs_kernel's 128 threads.
+template <class Op>
+__device__ float probs_block_reduce(float x, Op op, float* scratch) {
+  for (int offset = 16; offset > 0; offset /= 2) x = op(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  __syncthreads();  // scratch may still be read by an earlier reduction
+  if (threadIdx.x % 32 == 0) scratch[warp] = x;
+  __syncthreads();
+  x = scratch[0];
+  for (int w = 1; w < warps; ++w) x = op(x, scratch[w]);
+  return x;
+}
+
+/// probs[b, h, r, :] = the softmax of query row r's scores over its visible keys, 0 elsewhere
+/// (hidden keys and padding). The scores are recomputed here in float32 and normalised over
+/// themselves (exp(s - max) / sum), not with the attention kernel's LSE: that kernel sums each dot
+/// product in another order, so mixing the two would round a lone key's probability below 1 (the
+/// CPU backend's write_probs does the same). A row with no visible key is all zeros.
+/// One block of 128 threads per (row, head, batch), the scores kept in the row itself: simple and
+/// slow on purpose, it is a testing aid.
 __global__ void probs_kernel(const PrefillParams p) {
+  __shared__ float scratch[32];
   const int r = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const SeqInfo seq = resolve_sequence(p, b);
   const int q_start = seq.q_start, sq = seq.sq, sk = seq.sk;
   float* prow = p.probs + ((std::int64_t(b) * p.heads_q + h) * p.max_seqlen_q + r) * p.probs_cols;
   const int kvh = h / (p.heads_q / p.heads_kv);
-  const float lse = r < sq ? p.lse[b * p.lse_batch_stride + h * p.lse_head_stride +
-                                   std::int64_t(q_start + r) * p.lse_row_stride]
-                           : -INFINITY;
   const std::int64_t q_off = b * p.q_batch_stride + std::int64_t(q_start + r) * p.q_row_stride +
                              h * p.q_head_stride;
   const int qpos = r + seq.q_pos0;
   const float slope = p.alibi ? p.alibi[b * p.alibi_batch_stride + h] : 0.0f;
   const KvRows krows = kv_rows<false>(p, seq, b, kvh);
-  for (int j = threadIdx.x; j < p.probs_cols; j += blockDim.x) {
-    float out = 0.0f;
-    const bool visible = r < sq && j < sk && lse != -INFINITY &&
-                         (p.window_left < 0 || j >= qpos - p.window_left) &&
+  float m = -INFINITY;
+  for (int j = threadIdx.x; j < p.probs_cols; j += blockDim.x) {  // the scores, -inf where hidden
+    float s = -INFINITY;
+    const bool visible = r < sq && j < sk && (p.window_left < 0 || j >= qpos - p.window_left) &&
                          (p.window_right < 0 || j <= qpos + p.window_right);
     if (visible) {
       const std::int64_t k_off = krows.offset(p, j, p.k_row_stride, p.k_page_stride);
-      float s = 0.0f;
-      if (k_off >= 0)
+      s = 0.0f;
+      if (k_off >= 0)  // a page id outside the cache reads as zeros, as in the attention kernel
         for (int c = 0; c < p.head_dim; ++c)
           s += load_elem(p.q, q_off + c, p.dtype) * load_elem(krows.ptr, k_off + c, p.dtype);
       s *= p.scale;
       if (p.softcap > 0.0f) s = p.softcap * tanhf(s / p.softcap);
       s -= slope * fabsf(float(qpos - j));
-      out = expf(s - lse);
+      m = fmaxf(m, s);
     }
-    prow[j] = out;
+    prow[j] = s;
   }
+  m = probs_block_reduce(m, [](float a, float c) { return fmaxf(a, c); }, scratch);
+  float sum = 0.0f;
+  for (int j = threadIdx.x; j < p.probs_cols; j += blockDim.x) {  // each thread its own columns
+    const float e = m == -INFINITY ? 0.0f : expf(prow[j] - m);
+    prow[j] = e;
+    sum += e;
+  }
+  sum = probs_block_reduce(sum, [](float a, float c) { return a + c; }, scratch);
+  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+  for (int j = threadIdx.x; j < p.probs_cols; j += blockDim.x) prow[j] *= inv;
 }
 
 /// Varlen output rows past cu_seqlens_q[B] belong to no sequence: output 0, LSE -inf.

@@ -30,7 +30,6 @@ void attention_forward(check::ArgChecker& c, const AttentionArgs& a, const core:
   p.dtype = kernel_dtype(c, a.q.dtype);
   for (auto [t, n] : {std::pair{&a.q, "q"}, {&a.k, "k"}, {&a.v, "v"}, {&a.out, "out"}})
     rows_aligned(c, *t, n);
-  if (a.probs && !a.lse) c.fail_value("probs", "on CUDA needs lse too (the pass reads it)");
   p.batch = as_int(c, d.batch, "q batch (dim 0)", 65535);
   p.heads_q = as_int(c, d.heads_q, "q heads (dim 2)", 65535);
   p.heads_kv = static_cast<int>(d.heads_kv);
@@ -77,7 +76,6 @@ void varlen_attention_forward(check::ArgChecker& c, const VarlenAttentionArgs& a
   p.dtype = kernel_dtype(c, a.q.dtype);
   rows_aligned(c, a.q, "q");
   rows_aligned(c, a.out, "out");
-  if (a.probs && !a.lse) c.fail_value("probs", "on CUDA needs lse too (the pass reads it)");
   p.batch = as_int(c, d.a.batch, "cu_seqlens_q entries - 1", 65535);
   p.heads_q = as_int(c, d.a.heads_q, "q heads (dim 1)", 65535);
   p.heads_kv = static_cast<int>(d.a.heads_kv);
