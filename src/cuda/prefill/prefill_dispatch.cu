@@ -46,8 +46,8 @@ __device__ float probs_block_reduce(float x, Op op, float* scratch) {
 /// probs[b, h, r, :] = the softmax of query row r's scores over its visible keys, 0 elsewhere
 /// (hidden keys and padding). The scores are recomputed here in float32 and normalised over
 /// themselves (exp(s - max) / sum), not with the attention kernel's LSE: that kernel sums each dot
-/// product in another order, so mixing the two would round a lone key's probability below 1 (the
-/// CPU backend's write_probs does the same). A row with no visible key is all zeros.
+/// product in another order, so mixing the two would round a lone key's probability below 1. The
+/// CPU backend's write_probs normalises the same way. A row with no visible key is all zeros.
 /// One block of 128 threads per (row, head, batch), the scores kept in the row itself: simple and
 /// slow on purpose, it is a testing aid.
 __global__ void probs_kernel(const PrefillParams p) {
