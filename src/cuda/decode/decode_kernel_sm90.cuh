@@ -428,84 +428,77 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
   };
   // The warps' states merged into the output, or into this split's partial state.
   auto merge_and_store = [&](const auto& st) {
-    const auto merge_into_output = [&] {
+    if (kHeads > 1 || !p.cluster_combine) {  // the head-pair form never runs as a cluster
       decode_merge_warps<kHeadDim>(p, st, merge_smem, mb, merge_tid, consumers_sync,
                                    [&](int r, int c, float4 val, float lse) {
                                      decode_store_value4<kDtype>(p, b, kvh, mb * kDecodeRows + r, split, c, val, lse);
                                    });
-    };
-    if constexpr (kHeads > 1) {
-      merge_into_output();  // the head-pair form never runs as a cluster
+      return;
+    }
+    // The splits of this (b, kvh, mb) are one cluster. Each CTA but the first stores its partial
+    // state straight into its slot of the first CTA's shared memory, arrives on the cluster
+    // barrier's second phase and is done (threads that have exited do not hold a phase up); the
+    // first one writes its own slot, waits on that phase for the others and merges. (Before:
+    // every CTA merged a share of the values, reading all the others' shared memory between two
+    // cluster barriers: ~2.5 us of a 7.7 us batch 1 / 1k step, traced, bench/NOTES.md.)
+    if constexpr (!Cfg::kClusterSlots) {
+      // Slots in the first CTA's stages (DecodeSm90Config): every CTA first merges its warps into
+      // its own slot-0 place (the first CTA's is its real slot), then arrives on the barrier's
+      // second phase; once that completes, the first CTA's stages are free, and every other CTA
+      // copies its state into its slot there and arrives on the third phase, for which the first
+      // CTA waits before it merges.
+      float* stages = reinterpret_cast<float*>(sK0);
+      float* own = stages + Cfg::stage_slot_floats(0);
+      decode_merge_warps<kHeadDim>(p, st, merge_smem, mb, threadIdx.x, consumers_sync,
+                                   [&](int r, int c, float4 val, float lse) {
+                                     *reinterpret_cast<float4*>(own + Cfg::kSlotLseFloats + r * kHeadDim + c) = val;
+                                     if (c == 0) own[r] = lse;
+                                   });
+      cluster_wait();  // the start phase
+      cluster_arrive_release();
+      cluster_wait();  // every CTA has merged its warps: the first CTA's stages hold nothing else
+      if (split != 0) {
+        const float* remote = stages + Cfg::stage_slot_floats(split);  // mapped into CTA 0 below
+        for (int i = threadIdx.x; i < Cfg::kSlotFloats / 4; i += Cfg::kConsumerThreads)
+          cluster_store(reinterpret_cast<const float4*>(remote) + i, reinterpret_cast<const float4*>(own)[i], 0);
+        cluster_arrive_release();  // the stores land before the first CTA's wait returns
+        return;
+      }
+      cluster_arrive_release();
+      cluster_wait();  // every split's state is in its slot
+      decode_cluster_merge<kHeadDim, kDtype>(
+          p, [&](int s, int r) { return stages[Cfg::stage_slot_floats(s) + r]; },
+          [&](int s, int r, int c) {
+            return *reinterpret_cast<const float4*>(stages + Cfg::stage_slot_floats(s) + Cfg::kSlotLseFloats +
+                                                    r * kHeadDim + c);
+          },
+          merge_smem, b, kvh, mb, threadIdx.x, consumers_sync);
+      return;
+    }
+    float* slot = reinterpret_cast<float*>(smem_raw + Cfg::kSmemBytes) + split * Cfg::kSlotFloats;
+    if (split == 0) {
+      decode_merge_warps<kHeadDim>(p, st, merge_smem, mb, threadIdx.x, consumers_sync,
+                                   [&](int r, int c, float4 val, float lse) {
+                                     *reinterpret_cast<float4*>(slot + Cfg::kSlotLseFloats + r * kHeadDim + c) = val;
+                                     if (c == 0) slot[r] = lse;
+                                   });
+      cluster_wait();            // the start phase
+      cluster_arrive_release();  // then the second phase: the other splits' stores
+      cluster_wait();            // every other split's state is in the slots
+      decode_cluster_merge<kHeadDim, kDtype>(
+          p, [&](int s, int r) { return slot[s * Cfg::kSlotFloats + r]; },  // slot is split 0's
+          [&](int s, int r, int c) {
+            return *reinterpret_cast<const float4*>(slot + s * Cfg::kSlotFloats + Cfg::kSlotLseFloats + r * kHeadDim + c);
+          },
+          merge_smem, b, kvh, mb, threadIdx.x, consumers_sync);
     } else {
-      if (!p.cluster_combine) {
-        merge_into_output();
-        return;
-      }
-      // The splits of this (b, kvh, mb) are one cluster. Each CTA but the first stores its partial
-      // state straight into its slot of the first CTA's shared memory, arrives on the cluster
-      // barrier's second phase and is done (threads that have exited do not hold a phase up); the
-      // first one writes its own slot, waits on that phase for the others and merges. (Before:
-      // every CTA merged a share of the values, reading all the others' shared memory between two
-      // cluster barriers: ~2.5 us of a 7.7 us batch 1 / 1k step, traced, bench/NOTES.md.)
-      if constexpr (!Cfg::kClusterSlots) {
-        // Slots in the first CTA's stages (DecodeSm90Config): every CTA first merges its warps into
-        // its own slot-0 place (the first CTA's is its real slot), then arrives on the barrier's
-        // second phase; once that completes, the first CTA's stages are free, and every other CTA
-        // copies its state into its slot there and arrives on the third phase, for which the first
-        // CTA waits before it merges.
-        float* stages = reinterpret_cast<float*>(sK0);
-        float* own = stages + Cfg::stage_slot_floats(0);
-        decode_merge_warps<kHeadDim>(p, st, merge_smem, mb, threadIdx.x, consumers_sync,
-                                     [&](int r, int c, float4 val, float lse) {
-                                       *reinterpret_cast<float4*>(own + Cfg::kSlotLseFloats + r * kHeadDim + c) = val;
-                                       if (c == 0) own[r] = lse;
-                                     });
-        cluster_wait();  // the start phase
-        cluster_arrive_release();
-        cluster_wait();  // every CTA has merged its warps: the first CTA's stages hold nothing else
-        if (split != 0) {
-          const float* remote = stages + Cfg::stage_slot_floats(split);  // mapped into CTA 0 below
-          for (int i = threadIdx.x; i < Cfg::kSlotFloats / 4; i += Cfg::kConsumerThreads)
-            cluster_store(reinterpret_cast<const float4*>(remote) + i, reinterpret_cast<const float4*>(own)[i], 0);
-          cluster_arrive_release();  // the stores land before the first CTA's wait returns
-          return;
-        }
-        cluster_arrive_release();
-        cluster_wait();  // every split's state is in its slot
-        decode_cluster_merge<kHeadDim, kDtype>(
-            p, [&](int s, int r) { return stages[Cfg::stage_slot_floats(s) + r]; },
-            [&](int s, int r, int c) {
-              return *reinterpret_cast<const float4*>(stages + Cfg::stage_slot_floats(s) + Cfg::kSlotLseFloats +
-                                                      r * kHeadDim + c);
-            },
-            merge_smem, b, kvh, mb, threadIdx.x, consumers_sync);
-        return;
-      }
-      float* slot = reinterpret_cast<float*>(smem_raw + Cfg::kSmemBytes) + split * Cfg::kSlotFloats;
-      if (split == 0) {
-        decode_merge_warps<kHeadDim>(p, st, merge_smem, mb, threadIdx.x, consumers_sync,
-                                     [&](int r, int c, float4 val, float lse) {
-                                       *reinterpret_cast<float4*>(slot + Cfg::kSlotLseFloats + r * kHeadDim + c) = val;
-                                       if (c == 0) slot[r] = lse;
-                                     });
-        cluster_wait();            // the start phase
-        cluster_arrive_release();  // then the second phase: the other splits' stores
-        cluster_wait();            // every other split's state is in the slots
-        decode_cluster_merge<kHeadDim, kDtype>(
-            p, [&](int s, int r) { return slot[s * Cfg::kSlotFloats + r]; },  // slot is split 0's
-            [&](int s, int r, int c) {
-              return *reinterpret_cast<const float4*>(slot + s * Cfg::kSlotFloats + Cfg::kSlotLseFloats + r * kHeadDim + c);
-            },
-            merge_smem, b, kvh, mb, threadIdx.x, consumers_sync);
-      } else {
-        cluster_wait();  // the start phase: the first CTA has started
-        decode_merge_warps<kHeadDim>(
-            p, st, merge_smem, mb, threadIdx.x, consumers_sync, [&](int r, int c, float4 val, float lse) {
-              cluster_store(reinterpret_cast<const float4*>(slot + Cfg::kSlotLseFloats + r * kHeadDim + c), val, 0);
-              if (c == 0) cluster_store(slot + r, lse, 0);
-            });
-        cluster_arrive_release();  // the stores above land before the first CTA's wait returns
-      }
+      cluster_wait();  // the start phase: the first CTA has started
+      decode_merge_warps<kHeadDim>(
+          p, st, merge_smem, mb, threadIdx.x, consumers_sync, [&](int r, int c, float4 val, float lse) {
+            cluster_store(reinterpret_cast<const float4*>(slot + Cfg::kSlotLseFloats + r * kHeadDim + c), val, 0);
+            if (c == 0) cluster_store(slot + r, lse, 0);
+          });
+      cluster_arrive_release();  // the stores above land before the first CTA's wait returns
     }
   };
   const auto attend_narrow = [&] {

@@ -52,8 +52,9 @@ bool decode_head_pair_applies(const check::ArgChecker& c, const DecodeParams& p,
 /// CTA per SM for the sm_90 kernel, two for the cp.async kernel at head_dim <= 128), at least two
 /// 64-key tiles per split, at most 128 splits, kept only when it pays (decode_split_cost_blocks);
 /// then fewer splits when those merge inside clusters and the one-wave count would not
-/// (kDecodeClusterMaxTilesPerCta). The head-pair form takes one split unless `requested`. `max_keys` bounds every sequence's attended slots
-/// (known on the host without a device read), so the choice depends on shapes only.
+/// (kDecodeClusterMaxTilesPerCta). The head-pair form takes one split unless `requested`.
+/// `max_keys` bounds every sequence's attended slots (known on the host without a device read), so
+/// the choice depends on shapes only.
 int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys);
 
 /// Workspace bytes of the partial states for p.num_splits (both 0 for one split): partial LSE
