@@ -111,7 +111,7 @@ Plan plan_decode(check::ArgChecker& c, const KVCacheArgs& a, const core::KVCache
 
   // Split-KV (decode_num_splits): the bound on keys is the cache capacity (no device read).
   p.head_group = decode_head_group_applies(c, p, a.num_splits);
-  p.head_pair = !p.head_group && decode_head_pair_applies(c, p, a.num_splits, max_keys + p.seqlen_new);
+  p.head_pair = decode_head_pair_applies(c, p, a.num_splits, max_keys + p.seqlen_new);
   p.num_splits = decode_num_splits(c, p, a.num_splits, max_keys + p.seqlen_new);
   p.splits_fixed = a.num_splits > 0;
   const SplitStateBytes states = split_state_bytes(p);
@@ -188,7 +188,8 @@ bool decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p
 bool decode_head_pair_applies(const check::ArgChecker& c, const DecodeParams& p, int requested,
                               std::int64_t max_keys) {
   const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
-  const bool fits = decode_head_pair_fits(p, use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size));
+  const bool fits =
+      !p.head_group && decode_head_pair_fits(p, use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size));
   // Where its grid is one wave of one CTA per SM (15/16 of one at least) with no split: the rows
   // where the per-head kernel runs two CTAs per SM unsplit (batch x heads_kv = 256 on the H200:
   // batch 32 GQA 8, MHA batch 8). There the pairs' 512-byte runs read 1-1.7% faster than one
