@@ -227,11 +227,10 @@ constexpr int decode_merge_row_stride() {
   return kHeadDim + 4;
 }
 
-/// Shared-memory bytes decode_merge_warps needs: per-warp O rows, max, sum and merge weight, and
-/// the merged LSE of each row.
+/// Shared-memory bytes decode_merge_warps needs: per-warp O rows, max and sum.
 template <int kHeadDim>
 constexpr int decode_merge_bytes() {
-  return (kDecodeWarps * kDecodeRows * (decode_merge_row_stride<kHeadDim>() + 3) + kDecodeRows) * 4;
+  return kDecodeWarps * kDecodeRows * (decode_merge_row_stride<kHeadDim>() + 2) * 4;
 }
 
 /// Stores values v (columns c .. c + 3) of packed row pm of (b, kvh) into out and, from column
@@ -274,11 +273,15 @@ __device__ __forceinline__ void decode_store_value4(const DecodeParams& p, int b
 /// kDecodeWarps * 32 consumer threads (thread index `tid`); the caller has synchronised them
 /// before merge_smem is reused.
 ///
-/// Three steps: every warp stores its rows' O, max and sum; one thread per row turns the warps'
-/// (max, sum) into one weight per warp (exp2(max_w - max) / sum) and the row's LSE; then each
-/// output value is a 4-term dot product, four columns per thread. (Computing the weights per
-/// value, as before, cost a division, four exponentials and a logarithm per value: ~2.5 us per
-/// CTA, traced.) Rows past the CTA's packed rows are neither stored nor merged.
+/// Two steps: every warp stores its rows' O, max and sum; after one barrier, each thread that
+/// combines a chunk of four columns works out its row's weights (exp2(max_w - max) / sum, one per
+/// warp) and LSE itself, then takes the 4-term dot products. A row's threads all compute the same
+/// weights from the same inputs. This saves the barrier and the dependent chain of a separate
+/// one-thread-per-row weight step: with it, the merge took 0.83 us of the 1.4 us from a CTA's last
+/// tile to its exit on the H200, 0.1-0.15 us more than now (traced; bench/NOTES.md, session 19).
+/// (Weights for every value, as before session 4, cost ~2.5 us per CTA: a division, four
+/// exponentials and a logarithm per value; here they are worked out once per chunk of four.)
+/// Rows past the CTA's packed rows are neither stored nor merged.
 template <int kHeadDim, class State, class Sync, class Store>
 __device__ __forceinline__ void decode_merge_warps(const DecodeParams& p, const State& st, float* merge_smem, int mb,
                                                    int tid, Sync sync, Store store) {
@@ -288,14 +291,15 @@ __device__ __forceinline__ void decode_merge_warps(const DecodeParams& p, const 
   float* mO = merge_smem;                                   // [warp][row][kStride]
   float* mM = mO + kDecodeWarps * kDecodeRows * kStride;    // [warp][row] max (log2)
   float* mL = mM + kDecodeWarps * kDecodeRows;              // [warp][row] sum
-  float* mW = mL + kDecodeWarps * kDecodeRows;              // [warp][row] merge weight
-  float* mLse = mW + kDecodeWarps * kDecodeRows;            // [row] natural-log LSE
   st.template store_for_merge<kStride>(mO + warp * kDecodeRows * kStride, mM + warp * kDecodeRows,
                                        mL + warp * kDecodeRows, rows, lane);
   sync();
   constexpr float kLn2 = 0.6931471805599453f;
-  if (tid < rows) {
-    const int r = tid;
+  static_assert(kStride % 4 == 0, "O rows are 16-byte aligned");
+  constexpr int kChunks = kHeadDim / 4;  // float4 columns per row
+  for (int idx = tid; idx < rows * kChunks; idx += kThreads) {
+    const int r = idx / kChunks, c = idx % kChunks * 4;
+    if (c >= p.head_dim) continue;  // head_dim is a multiple of 8: a chunk is all in or all out
     float m = -INFINITY;
 #pragma unroll
     for (int w = 0; w < kDecodeWarps; ++w) m = fmaxf(m, mM[w * kDecodeRows + r]);
@@ -306,24 +310,14 @@ __device__ __forceinline__ void decode_merge_warps(const DecodeParams& p, const 
       l += mL[w * kDecodeRows + r] * f[w];
     }
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // an empty row: output 0
-#pragma unroll
-    for (int w = 0; w < kDecodeWarps; ++w) mW[w * kDecodeRows + r] = f[w] * inv;
-    mLse[r] = l > 0.0f ? (m + __log2f(l)) * kLn2 : -INFINITY;
-  }
-  sync();
-  static_assert(kStride % 4 == 0, "O rows are 16-byte aligned");
-  constexpr int kChunks = kHeadDim / 4;  // float4 columns per row
-  for (int idx = tid; idx < rows * kChunks; idx += kThreads) {
-    const int r = idx / kChunks, c = idx % kChunks * 4;
-    if (c >= p.head_dim) continue;  // head_dim is a multiple of 8: a chunk is all in or all out
     float4 val = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
     for (int w = 0; w < kDecodeWarps; ++w) {
       const float4 o = *reinterpret_cast<const float4*>(mO + (w * kDecodeRows + r) * kStride + c);
-      const float wt = mW[w * kDecodeRows + r];
+      const float wt = f[w] * inv;
       val.x += o.x * wt, val.y += o.y * wt, val.z += o.z * wt, val.w += o.w * wt;
     }
-    store(r, c, val, mLse[r]);
+    store(r, c, val, l > 0.0f ? (m + __log2f(l)) * kLn2 : -INFINITY);
   }
 }
 
