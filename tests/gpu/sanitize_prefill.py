@@ -41,7 +41,7 @@ def dense(rng, check, dtype, b, sq, sk, hq, hkv, d, opt, layout=None, probs=Fals
         call = T.dense_call(q, k, v, kw)
     res = T.run_twice(call, make_out)
     if check:
-        T.check_dense(res, q, k, v, kw, probs_atol=T.probs_tolerance(kw) if probs else None)
+        T.check_dense(res, q, k, v, kw, probs_atol=T.PROBS_ATOL if probs else None)
 
 
 def varlen_packed(rng, check, dtype, lq, lk, hq, hkv, d, opt, pad_rows=0):
@@ -72,7 +72,7 @@ def varlen_block_table(rng, check, dtype, lq, lk, hq, hkv, d, ps, opt, probs=Fal
                       lambda: T.nan_full(q.shape, dtype))
     if check:
         T.check_varlen(res, q, cu_q, T.paged_kv(kp, vp, table, lk), kw, max_seqlen_q=msq,
-                       max_seqlen_k=msk, probs_atol=1e-4 if probs else None)
+                       max_seqlen_k=msk, probs_atol=T.PROBS_ATOL if probs else None)
 
 
 def varlen_csr(rng, check, dtype, lq, lk, hq, hkv, d, ps, opt, lengths_from):

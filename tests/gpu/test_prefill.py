@@ -117,11 +117,10 @@ def check_varlen(res, q, cu_q, kv, kw, max_seqlen_q=None, max_seqlen_k=None, pro
         R.assert_probs_close("attn_probs", res[2], ref_p, probs_atol)
 
 
-def probs_tolerance(kw):
-    # The probabilities are recomputed in float32 and normalised over themselves (not with the
-    # attention kernel's LSE, whose softcap may use the hardware tanh approximation), so softcap
-    # or not they are float32-exact.
-    return 1e-4
+# The probabilities are recomputed in float32 and normalised over themselves (not with the
+# attention kernel's LSE, whose softcap may use the hardware tanh approximation), so softcap or not
+# they are float32-exact: one tolerance for every probs check.
+PROBS_ATOL = 1e-4
 
 
 def dense_call(q, k, v, kw, **extra):
@@ -217,7 +216,7 @@ def test_dense_attn_probs(seed, dtype, opt, shape):
     res = run_twice(lambda o: flash_attn_func(q, k, v, return_attn_probs=True, out=o, **kw),
                     lambda: nan_full(q.shape, dtype))
     assert len(res) == 3 and tuple(res[2].shape) == (b, hq, sq, sk)
-    check_dense(res, q, k, v, kw, probs_atol=probs_tolerance(kw))
+    check_dense(res, q, k, v, kw, probs_atol=PROBS_ATOL)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -323,7 +322,7 @@ def test_dense_lse_probs_fully_written(seed, dtype, opt):
         return o, lse, probs
 
     res = run_twice(call, lambda: nan_full(q.shape, dtype))
-    check_dense(res, q, k, v, kw, probs_atol=probs_tolerance(kw))
+    check_dense(res, q, k, v, kw, probs_atol=PROBS_ATOL)
 
 
 # ---- varlen, packed keys -----------------------------------------------------------------------
@@ -612,7 +611,7 @@ def test_varlen_attn_probs(seed, dtype, keys):
         kv = paged_kv(kp, vp, lists, lk)
     res = run_twice(call, lambda: nan_full(q.shape, dtype))
     assert len(res) == 3 and tuple(res[2].shape) == (len(lq), hq, msq, msk)
-    check_varlen(res, q, cu_q, kv, kw, max_seqlen_q=msq, max_seqlen_k=msk, probs_atol=1e-4)
+    check_varlen(res, q, cu_q, kv, kw, max_seqlen_q=msq, max_seqlen_k=msk, probs_atol=PROBS_ATOL)
 
 
 # ---- the seed worknote's examples (shared/seeds/000_*.txt) ----------------------------------------
@@ -835,7 +834,7 @@ def test_seed_examples_match_reference(monkeypatch):
         else:
             kv = paged_kv(k, v, table.tolist(), lens_k)
         check_varlen(result, q, cu_q, kv, {}, max_seqlen_q=a["max_seqlen_q"],
-                     max_seqlen_k=a["max_seqlen_k"], probs_atol=1e-4)
+                     max_seqlen_k=a["max_seqlen_k"], probs_atol=PROBS_ATOL)
 
 
 # ---- caches larger than 2^31 elements (64-bit offsets) -----------------------------------------
