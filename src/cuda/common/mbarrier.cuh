@@ -46,10 +46,22 @@ __device__ __forceinline__ void mbar_wait(std::uint64_t* bar, std::uint32_t pari
       "r"(parity)
       : "memory");
 }
-/// Orders this thread's earlier generic-proxy shared-memory writes before later async-proxy
-/// (TMA) accesses of the same bytes.
+/// Orders this thread's earlier generic-proxy shared-memory accesses (reads and writes) before
+/// later async-proxy (TMA) accesses of the same bytes.
 __device__ __forceinline__ void fence_proxy_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+/// A warp hands a ring stage back to its TMA producer: one arrival on the stage's `empty` barrier
+/// once every lane's reads (ldmatrix, ld.shared) and writes of the stage are done. The proxy
+/// fence is what makes them done: the arrival's release semantics order only generic-proxy
+/// accesses, and the refill is an async-proxy write. Without it ptxas issued the arrival while
+/// the warp's last ldmatrix of the stage were still outstanding, and on the H200 a refill
+/// overtook them when the shared-memory pipe was busy (wrong outputs in a scratch build with
+/// extra ldmatrix traffic; bench/NOTES.md, session 23).
+__device__ __forceinline__ void warp_release_stage(std::uint64_t* empty, int lane) {
+  fence_proxy_async_smem();
+  __syncwarp();
+  if (lane == 0) mbar_arrive(empty);
 }
 /// Loads the box at coordinates (c0, .., c4) (innermost first) of the 5-d tensor `map` describes
 /// into shared memory on the TMA engine, counted on `bar` as transaction bytes (the whole box,

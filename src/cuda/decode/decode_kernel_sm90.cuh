@@ -391,10 +391,7 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
       const int n0 = tile * BN;
       const bool edge = n0 + key0 < range.lo || n0 + key0 + Cfg::kWarpKeys > range.hi;
       // K read (the scores are in registers): the stage's K may be refilled.
-      const auto k_done = [&] {
-        __syncwarp();
-        if (lane == 0) mbar_arrive(&empty_k[stage]);
-      };
+      const auto k_done = [&] { warp_release_stage(&empty_k[stage], lane); };
       const auto v_wait = [&] {
         mbar_wait(&full_v[stage], phase);
         if (edge) {
@@ -409,9 +406,7 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
       };
       st.template attend<Cfg, kDtype>(p, sQ, sK0 + stage * Cfg::kStageElems + head_elems, sV, kv, n0, key0, pad, end,
                                       lane, k_done, v_wait);
-      if (edge) fence_proxy_async_smem();  // the zeros before the stage's next TMA write
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&empty_v[stage]);
+      warp_release_stage(&empty_v[stage], lane);  // also orders the edge tiles' zeros before the refill
       if (++stage == S) stage = 0, phase ^= 1;
     }
     // Every consumer warp has seen every tile land, so no copy is in flight: reuse the stages.

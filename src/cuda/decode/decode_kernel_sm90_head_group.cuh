@@ -147,10 +147,7 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig::kThreads, DecodeHeadGro
     mbar_wait(&full_k[stage], phase);
     const int n0 = tile * BN;
     const bool edge = n0 < range.lo || n0 + BN > range.hi;
-    const auto k_done = [&] {
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&empty_k[stage]);
-    };
+    const auto k_done = [&] { warp_release_stage(&empty_k[stage], lane); };
     const auto v_wait = [&] {
       mbar_wait(&full_v[stage], phase);
       if (edge) {
@@ -164,9 +161,7 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig::kThreads, DecodeHeadGro
       }
     };
     st.template attend<Cfg, kDtype>(p, sQ, sK, sV, kv, n0, 0, pad, end, lane, k_done, v_wait);
-    if (edge) fence_proxy_async_smem();  // the zeros before the stage's next TMA write
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&empty_v[stage]);
+    warp_release_stage(&empty_v[stage], lane);  // also orders the edge tiles' zeros before the refill
     if (++stage == S) stage = 0, phase ^= 1;
   }
 
