@@ -55,9 +55,9 @@ __device__ __forceinline__ void fence_proxy_async_smem() {
 /// once every lane's reads (ldmatrix, ld.shared) and writes of the stage are done. The proxy
 /// fence is what makes them done: the arrival's release semantics order only generic-proxy
 /// accesses, and the refill is an async-proxy write. Without it ptxas issued the arrival while
-/// the warp's last ldmatrix of the stage were still outstanding, and on the H200 a refill
-/// overtook them when the shared-memory pipe was busy (wrong outputs in a scratch build with
-/// extra ldmatrix traffic; bench/NOTES.md, session 23).
+/// the warp's last ldmatrix of the stage were still outstanding; a scratch build that queued
+/// extra ldmatrix ahead of them gave wrong outputs on the H200, and right ones with this fence
+/// (bench/NOTES.md, session 23).
 __device__ __forceinline__ void warp_release_stage(std::uint64_t* empty, int lane) {
   fence_proxy_async_smem();
   __syncwarp();
