@@ -78,6 +78,9 @@ def cases():
     yield "paged 16 fp16 rotary neox half leftpad window", kvcache, (F16, dict(
         page=16, rotary="neox", rotary_frac=0.5, leftpad=True, Sq=4, Snew=4, opt="window+alibi_bh"))
     yield "paged 256 bf16 gqa8 rotary interleaved", kvcache, (B16, dict(page=256, Hq=16, Hkv=2, rotary="interleaved"))
+    # sm_90 producer lanes in groups per tile: 16 boxes a tile (2-tile chunks), 32 (1-tile chunks)
+    yield "paged 8 bf16 d96 splits 3", kvcache, (B16, dict(page=8, D=96, cache_len=1500, splits=3))
+    yield "paged 8 fp16 d192 leftpad", kvcache, (F16, dict(page=8, D=192, Hq=4, Hkv=2, cache_len=1500, leftpad=True))
     yield "num_splits 1 contiguous", kvcache, (F16, dict(splits=1, cache_len=3000))
     yield "num_splits 7 paged 16 causal softcap", kvcache, (B16, dict(page=16, splits=7, cache_len=3000, Sq=2, Snew=2, opt="causal+softcap"))
     yield "num_splits heuristic long cache", kvcache, (F16, dict(B=2, lens=[7999, 3000], cache_len=8000, Hq=16, Hkv=2))

@@ -166,6 +166,12 @@ CONFIGS = {
     "paged64_chunk_splits3": dict(page=64, Sq=8, Snew=8, opt="causal", splits=3),
     "paged256_gqa8_rotary": dict(page=256, Hq=16, Hkv=2, rotary="interleaved"),
     "paged256_full_table_window": dict(page=256, table="full", Sq=4, Snew=4, opt="wleft+causal"),
+    # sm_90: a tile's boxes come from one group of producer lanes and the groups take the tiles in
+    # turn, so every box count per tile is a chunk length of its own: 8 boxes (pages of 16, head_dim
+    # short of its kernel's: one box per 64-column block) -> 4-tile chunks, 16 -> 2, 32 -> 1
+    "paged16_d96_leftpad": dict(page=16, D=96, leftpad=True, cache_len=1500, table="full"),
+    "paged8_d96_splits3": dict(page=8, D=96, cache_len=1500, splits=3),
+    "paged8_d192_leftpad": dict(page=8, D=192, Hq=4, Hkv=2, leftpad=True, cache_len=1500, table="full"),
     # non-contiguous views
     "strided_contiguous_cache": dict(strided=True, Sq=2, Snew=2, opt="causal", rotary="interleaved"),
     "strided_paged16": dict(strided=True, page=16, leftpad=True, opt="alibi"),

@@ -80,6 +80,11 @@ __device__ __forceinline__ std::uint64_t l2_policy_evict_first() {
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
   return policy;
 }
+/// Prefetches the line holding global-memory address `p` into L2 through the SM's load path
+/// (which also translates the address); nothing is returned and nothing waits on it.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(__cvta_generic_to_global(p)) : "memory");
+}
 /// Barrier over `threads` threads (a multiple of 32) of the CTA, on named barrier `id` (1..15).
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");

@@ -61,6 +61,9 @@ struct DecodeTmaParams {
   CUtensorMap k_map, v_map;
   int box_run_shift;  ///< log2(R), R = decode_tma_box_rows(page_size): divides 64 and the page size
   int box_blocks;     ///< 64-column blocks per box: kColBlocks, or 1 (see above)
+  /// 1 where every CTA of the grid runs at once (one wave): the producers then warm the first
+  /// chunk's translations too (decode_kernel_sm90's `warm`).
+  int warm_first_chunk;
 };
 
 /// Shared memory one CTA may opt in to on sm_90 (227 KB).
@@ -187,7 +190,9 @@ struct DecodePageWalk {
 /// t % S (counted from t_begin), each once its stage is free (`empty`, from the second round on):
 /// issue(tile, stage, page), page = page_of(tile) (a raw page id, or whatever the caller needs per
 /// tile) loaded S tiles ahead, so a paged split's first tiles wait for one id round trip, not one
-/// per tile. The loop runs S tiles per round, unrolled, so the S ids stay in registers.
+/// per tile. The loop runs S tiles per round, unrolled, so the S ids stay in registers. (The
+/// head-group kernel's walk, one box per tile from one lane; the per-head and head-pair kernels
+/// take decode_produce_ring_rotating below.)
 template <int S, class PageOf, class Issue>
 __device__ __forceinline__ void decode_produce_ring(int t_begin, int t_end, std::uint64_t* empty, PageOf page_of,
                                                     Issue issue) {
@@ -204,6 +209,53 @@ __device__ __forceinline__ void decode_produce_ring(int t_begin, int t_end, std:
       if (tile + S < t_end) page[stage] = page_of(tile + S);
       if (round > 0) cuda_detail::mbar_wait(&empty[stage], (round - 1) & 1);
       issue(tile, stage, pg);
+    }
+  }
+#endif
+}
+
+/// The per-head and head-pair kernels' producer walk: decode_produce_ring's order and waits, with
+/// the page ids in rotation instead of loaded per tile. A tile's boxes are issued by one group of
+/// `boxes` lanes, and the warp's 32 / boxes groups take the tiles in turn, a chunk of 32 / boxes
+/// tiles: the lanes of group g issue the boxes of the chunk's tile g. So a lane needs one page id
+/// per chunk, its own, and the warp fetches a chunk's ids together, a chunk ahead: fetch(c0) is
+/// this lane's id for the chunk starting at tile c0 (one coalesced load over the warp).
+/// issue(tile, stage, id, mine): mine is whether this lane's group has the tile. warm(c0, id): the
+/// lane's box in the chunk from c0 is on page `id`; called for the first chunk as it starts and
+/// for every later one halfway through the chunk before (chunks of 4 tiles or more), ahead of the
+/// boxes.
+/// Why: every request a producer lane sends for the page list costs the box stream, whatever unit
+/// sends it, while one per warp per 8 tiles costs nothing measurable; a per-tile shuffle that
+/// hands a chunk's ids to fixed lanes did not recover the loads' cost (bench/NOTES.md, sessions
+/// 25-26). With ids in rotation, paged 16 through an identity table runs within 0.1-0.3% of
+/// contiguous; what a random page pool costs on top is mostly the pages' translations (session 26).
+template <int S, class Fetch, class Issue, class Warm>
+__device__ __forceinline__ void decode_produce_ring_rotating(int t_begin, int t_end, int chunk_tiles, int group,
+                                                             std::uint64_t* empty, Fetch fetch, Issue issue,
+                                                             Warm warm) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const int lane = threadIdx.x % 32;
+  int next = fetch(t_begin), id = 0, k = chunk_tiles;  // k: the tile's place in its chunk
+  for (int base = t_begin, round = 0; base < t_end; base += S, ++round) {
+#pragma unroll
+    for (int stage = 0; stage < S; ++stage) {
+      const int tile = base + stage;
+      if (tile >= t_end) break;
+      if (k == chunk_tiles) {  // the same in every lane
+        // A shuffle, not a copy: ptxas folds a copy into the load's register, and the next fetch
+        // then goes to a temporary copied back after waiting for it.
+        id = __shfl_sync(0xffffffffu, next, lane);
+        if (tile == t_begin) warm(tile, id);
+        k = 0;
+        if (tile + chunk_tiles < t_end) next = fetch(tile + chunk_tiles);
+      }
+      // Halfway through a chunk of at least 4 tiles (its ids long in), the next chunk's boxes: 4-11
+      // tiles of lead at pages of 16. (In shorter chunks the next ids were only just asked for.)
+      const int next_chunk = tile - k + chunk_tiles;
+      if (chunk_tiles >= 4 && k == chunk_tiles / 2 && next_chunk < t_end) warm(next_chunk, next);
+      if (round > 0) cuda_detail::mbar_wait(&empty[stage], (round - 1) & 1);
+      issue(tile, stage, id, k == group);
+      ++k;
     }
   }
 #endif
@@ -308,8 +360,9 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
   pdl_let_next_kernel_launch();
 
   if (warp >= kConsumerWarps) {
-    // ---- producers: warp kConsumerWarps loads K, the next warp V; lane i < boxes loads box i of
-    // its tensor in every tile. Box i: rows run * R .. run * R + R - 1 of the tile, column
+    // ---- producers: warp kConsumerWarps loads K, the next warp V; each tile's `boxes` boxes of
+    // its tensor are loaded by one group of lanes, the groups in turn (decode_produce_ring_rotating).
+    // Box i: rows run * R .. run * R + R - 1 of the tile, column
     // blocks block * box_blocks .. (block + 1) * box_blocks - 1 (all of them unless box_blocks
     // = 1), of the CTA's kHeads heads. (Two warps because a warp issues its boxes one lane after
     // another: with one warp for both tensors, one CTA streamed a paged-16 tile, 8 boxes, ~10%
@@ -320,44 +373,73 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
     std::uint64_t* full = is_k ? full_k : full_v;
     std::uint64_t* empty = is_k ? empty_k : empty_v;
     const int R = 1 << tp.box_run_shift;
-    const int boxes_per_run = Cfg::kColBlocks / tp.box_blocks;
-    const int boxes = (BN / R) * boxes_per_run;
-    const int run = lane / boxes_per_run, block = lane % boxes_per_run;
-    const bool active = lane < boxes;
+    // Boxes per run and per tile, as powers of two (shifts: a division here is on every CTA's
+    // path to its first box). Lane l issues box l % boxes of tile l / boxes of each chunk of
+    // 32 / boxes tiles (decode_produce_ring_rotating).
+    static_assert(BN == 64 && Cfg::kColBlocks <= 4, "the shifts below");
+    constexpr int kColShift = Cfg::kColBlocks == 4 ? 2 : Cfg::kColBlocks == 2 ? 1 : 0;
+    const int per_run_shift = tp.box_blocks == Cfg::kColBlocks ? 0 : kColShift;  // box_blocks is kColBlocks or 1
+    const int boxes_shift = (6 - tp.box_run_shift) + per_run_shift;
+    const int group = lane >> boxes_shift, box = lane & ((1 << boxes_shift) - 1);
+    const int chunk_tiles = 32 >> boxes_shift;
+    const int run = box >> per_run_shift, block = box & ((1 << per_run_shift) - 1);
     const std::uint64_t policy = l2_policy_evict_first();  // the cache is read once per step
     const int box_elems = R * 64 * tp.box_blocks * kHeads;  // the head-pair form: box_blocks = all
     const std::uint32_t box_bytes = std::uint32_t(box_elems) * 2;
-    // Whether a row of the box in `tile` may be seen (known without a load), and the box's raw
-    // page id (0 for a contiguous cache or an unneeded box). The id's range check waits for its
-    // use, so the load runs ahead; any raw value, -1 included, is a page id (an earlier version
-    // took -1 for "not needed" and left such a page's rows stale instead of zero).
+    // Whether this lane's box of `tile` has a row that may be seen (known without a load).
     auto box_needed = [&](int tile) {
       const int slot0 = tile * BN + run * R;
-      return active && slot0 + R > range.lo && slot0 < range.hi;
+      return slot0 + R > range.lo && slot0 < range.hi;
     };
     const DecodePageWalk walk(p, seq);
-    auto box_page = [&](int tile) {
-      const int slot0 = tile * BN + run * R;
-      if (!box_needed(tile) || !walk.paged()) return 0;
-      return int(seq.pages[walk.page_index(slot0)]);
+    // This lane's raw page id in the chunk from tile c0 (0 for a contiguous cache or an unneeded
+    // box). Any raw value, -1 included, is a page id: its range check is at the box.
+    auto fetch = [&](int c0) {
+      const int tile = c0 + group;
+      if (!walk.paged() || tile >= range.t_end || !box_needed(tile)) return 0;
+      return int(seq.pages[walk.page_index(tile * BN + run * R)]);
     };
-    decode_produce_ring<S>(range.t_begin, range.t_end, empty, box_page, [&](int tile, int stage, int pg) {
-      const int slot0 = tile * BN + run * R;
-      const int box0 = run * R * kHeadDim * kHeads + block * box_elems;  // KvLayout of the box's first element
-      std::uint16_t* dst = s0 + stage * Cfg::kStageElems + box0;
-      const bool needed = box_needed(tile);
-      const bool in_cache = walk.in_cache(pg);
-      const bool load = needed && in_cache;
-      if (needed && !in_cache) {
-        // A page id outside the cache: its rows read as zeros.
-        for (int e = 0; e < box_elems; e += 8) *reinterpret_cast<uint4*>(dst + e) = make_uint4(0, 0, 0, 0);
-        fence_proxy_async_smem();  // before a later TMA write of the same rows
-      }
-      mbar_arrive_expect_tx(&full[stage], load ? box_bytes : 0);
-      if (load) {
-        tma_load_5d(dst, map, block * 64, walk.slot_coord(slot0), 0, kvh0, walk.row_coord(pg), &full[stage], policy);
-      }
-    });
+    // A paged box's translation, warmed ahead of its TMA: one L2 prefetch of the first 128-byte
+    // line of the lane's box (a line the box reads anyway), once per chunk. Why: the random pool
+    // costs the paged rows 0.3-0.5 us at 1k and 0.5-1.9% at 8k over the same bytes through an
+    // identity table, and pages shuffled only within 2 MB cost far less; the prefetch recovered
+    // ~0.5 us at the 256-CTA 1k rows and 0.2-0.5% at 8k-32k. The bulk (TMA) prefetch of the same
+    // bytes ran slower. The first chunk's only in a one-wave grid: in MHA batch 128 / 1k (4096
+    // CTAs of 16 tiles, a CTA starting whenever another ends) it cost 0.7% (bench/NOTES.md,
+    // session 26).
+    const bool warm_first = __shfl_sync(0xffffffffu, tp.warm_first_chunk, 0) != 0;
+    const auto* cache = static_cast<const std::uint16_t*>(is_k ? p.k_cache : p.v_cache);
+    const std::int64_t page_stride = is_k ? p.k_batch_stride : p.v_batch_stride;
+    const std::int64_t row_stride = is_k ? p.k_row_stride : p.v_row_stride;
+    const std::uint16_t* lane_cache = cache + kvh0 * (is_k ? p.k_head_stride : p.v_head_stride) + block * 64;
+    auto warm = [&](int c0, int pg) {
+      const int tile = c0 + group;
+      if (!walk.paged() || (c0 == range.t_begin && !warm_first) || tile >= range.t_end || !box_needed(tile) ||
+          !walk.in_cache(pg))
+        return;
+      const int slot = walk.slot_coord(tile * BN + run * R);
+      prefetch_l2(lane_cache + pg * page_stride + slot * row_stride);
+    };
+    decode_produce_ring_rotating<S>(
+        range.t_begin, range.t_end, chunk_tiles, group, empty, fetch, [&](int tile, int stage, int pg, bool mine) {
+          const int slot0 = tile * BN + run * R;
+          const int box0 = run * R * kHeadDim * kHeads + block * box_elems;  // KvLayout of the box's first element
+          std::uint16_t* dst = s0 + stage * Cfg::kStageElems + box0;
+          const bool needed = mine && box_needed(tile);
+          const bool in_cache = walk.in_cache(pg);
+          const bool load = needed && in_cache;
+          if (needed && !in_cache) {
+            // A page id outside the cache: its rows read as zeros.
+            for (int e = 0; e < box_elems; e += 8) *reinterpret_cast<uint4*>(dst + e) = make_uint4(0, 0, 0, 0);
+            fence_proxy_async_smem();  // before a later TMA write of the same rows
+          }
+          mbar_arrive_expect_tx(&full[stage], load ? box_bytes : 0);
+          if (load) {
+            tma_load_5d(dst, map, block * 64, walk.slot_coord(slot0), 0, kvh0, walk.row_coord(pg), &full[stage],
+                        policy);
+          }
+        },
+        warm);
     return;
   }
 
@@ -534,6 +616,7 @@ void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
   DecodeTmaParams tp;
   tp.p = p;
+  tp.warm_first_chunk = std::int64_t(grid.x) * grid.y * grid.z <= std::int64_t(Cfg::kCtasPerSm) * p.sm_count;
   const int box_rows = decode_tma_box_rows(p.page_size);
   tp.box_run_shift = 0;
   while ((1 << tp.box_run_shift) < box_rows) ++tp.box_run_shift;

@@ -239,6 +239,7 @@ void run_decode(const DecodeParams& params, void* stream_ptr) {
   p.head_group = p.head_group && p.sm90_kernel;
   p.head_pair = p.head_pair && p.sm90_kernel;
   p.dependent_launch = info.cc_major >= 9;  // sm_90: programmatic dependent launch
+  p.sm_count = info.sm_count;
   // A few splits merge inside their cluster: no combine kernel (its launch and round trips were
   // ~3.7 us of a 10 us step at batch 1 / 1k: 10.1 -> 9.0 us). For grids of at most half the SMs,
   // and for 2 splits on at most one CTA per SM. Larger clusters on more CTAs do not all fit at

@@ -101,6 +101,7 @@ struct DecodeParams {
   /// (sm_90): the attention kernel after an append and the combine kernel start launching while
   /// their predecessor finishes.
   bool dependent_launch = false;
+  int sm_count = 0;  ///< set by run_decode: the current device's SMs (launch-time choices)
   bool after_append = false;  ///< set by run_decode: an append / rotary kernel precedes attention
   /// Set by run_decode: attention runs the sm_90 bulk-copy kernel (decode_kernel_sm90.cuh), else
   /// the cp.async one (use_sm90_decode_kernel).
