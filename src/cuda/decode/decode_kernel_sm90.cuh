@@ -62,8 +62,8 @@ struct DecodeTmaParams {
   int box_run_shift;  ///< log2(R), R = decode_tma_box_rows(page_size): divides 64 and the page size
   int box_blocks;     ///< 64-column blocks per box: kColBlocks, or 1 (see above)
   /// 1 where every CTA of the grid runs at once (one wave): the producers then warm the first
-  /// chunk's translations too (decode_kernel_sm90's `warm`).
-  int warm_first_chunk;
+  /// chunk's translations too (decode_kernel_sm90's `warm`; the head-group kernel does not read it).
+  int warm_first_chunk = 0;
 };
 
 /// Shared memory one CTA may opt in to on sm_90 (227 KB).
