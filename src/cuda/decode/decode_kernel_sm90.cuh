@@ -399,14 +399,15 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
       if (!walk.paged() || tile >= range.t_end || !box_needed(tile)) return 0;
       return int(seq.pages[walk.page_index(tile * BN + run * R)]);
     };
-    // A paged box's translation, warmed ahead of its TMA: one L2 prefetch of the first 128-byte
-    // line of the lane's box (a line the box reads anyway), once per chunk. Why: the random pool
-    // costs the paged rows 0.3-0.5 us at 1k and 0.5-1.9% at 8k over the same bytes through an
-    // identity table, and pages shuffled only within 2 MB cost far less; the prefetch recovered
-    // ~0.5 us at the 256-CTA 1k rows and 0.2-0.5% at 8k-32k. The bulk (TMA) prefetch of the same
-    // bytes ran slower. The first chunk's only in a one-wave grid: in MHA batch 128 / 1k (4096
-    // CTAs of 16 tiles, a CTA starting whenever another ends) it cost 0.7% (bench/NOTES.md,
-    // session 26).
+    // A box warmed ahead of its TMA: one L2 prefetch of a 128-byte line every 16 rows of the lane's
+    // box (lines the box reads anyway), once per chunk. Why: the random pool costs the paged rows
+    // 0.3-0.5 us at 1k and 0.5-1.9% at 8k over the same bytes through an identity table, and pages
+    // shuffled only within 2 MB cost far less (translations); the prefetch recovered ~0.5 us at the
+    // 256-CTA 1k rows and 0.2-0.5% at 8k-32k. On contiguous boxes the same line density made the
+    // 256-CTA 1k rows 0.3-0.8 us faster and the 8k rows 0.2-0.4% (batch 32 / 32k 0.2% slower). The
+    // bulk (TMA) prefetch of the same bytes ran slower. The first chunk's only in a one-wave grid:
+    // in MHA batch 128 / 1k (4096 CTAs of 16 tiles, a CTA starting whenever another ends) it cost
+    // 0.7% (bench/NOTES.md, session 26).
     const bool warm_first = __shfl_sync(0xffffffffu, tp.warm_first_chunk, 0) != 0;
     const auto* cache = static_cast<const std::uint16_t*>(is_k ? p.k_cache : p.v_cache);
     const std::int64_t page_stride = is_k ? p.k_batch_stride : p.v_batch_stride;
@@ -414,11 +415,13 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
     const std::uint16_t* lane_cache = cache + kvh0 * (is_k ? p.k_head_stride : p.v_head_stride) + block * 64;
     auto warm = [&](int c0, int pg) {
       const int tile = c0 + group;
-      if (!walk.paged() || (c0 == range.t_begin && !warm_first) || tile >= range.t_end || !box_needed(tile) ||
-          !walk.in_cache(pg))
+      if ((c0 == range.t_begin && !warm_first) || tile >= range.t_end || !box_needed(tile) || !walk.in_cache(pg))
         return;
-      const int slot = walk.slot_coord(tile * BN + run * R);
-      prefetch_l2(lane_cache + pg * page_stride + slot * row_stride);
+      const std::uint16_t* box = lane_cache + std::int64_t(walk.row_coord(pg)) * page_stride +
+                                 std::int64_t(walk.slot_coord(tile * BN + run * R)) * row_stride;
+#pragma unroll
+      for (int r = 0; r < BN; r += 16)
+        if (r < R) prefetch_l2(box + r * row_stride);
     };
     decode_produce_ring_rotating<S>(
         range.t_begin, range.t_end, chunk_tiles, group, empty, fetch, [&](int tile, int stage, int pg, bool mine) {
