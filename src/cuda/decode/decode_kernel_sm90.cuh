@@ -417,11 +417,14 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
       const int tile = c0 + group;
       if ((c0 == range.t_begin && !warm_first) || tile >= range.t_end || !box_needed(tile) || !walk.in_cache(pg))
         return;
+      const int slot0 = tile * BN + run * R;
       const std::uint16_t* box = lane_cache + std::int64_t(walk.row_coord(pg)) * page_stride +
-                                 std::int64_t(walk.slot_coord(tile * BN + run * R)) * row_stride;
+                                 std::int64_t(walk.slot_coord(slot0)) * row_stride;
+      // Only rows that may be seen (< range.hi <= the row's capacity): a contiguous cache's last
+      // tile may reach past its row, and past the tensor's end in its last row.
 #pragma unroll
       for (int r = 0; r < BN; r += 16)
-        if (r < R) prefetch_l2(box + r * row_stride);
+        if (r < R && slot0 + r < range.hi) prefetch_l2(box + r * row_stride);
     };
     decode_produce_ring_rotating<S>(
         range.t_begin, range.t_end, chunk_tiles, group, empty, fetch, [&](int tile, int stage, int pg, bool mine) {
