@@ -386,9 +386,11 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
     const std::uint64_t policy = l2_policy_evict_first();  // the cache is read once per step
     const int box_elems = R * 64 * tp.box_blocks * kHeads;  // the head-pair form: box_blocks = all
     const std::uint32_t box_bytes = std::uint32_t(box_elems) * 2;
-    // Whether this lane's box of `tile` has a row that may be seen (known without a load).
+    // This lane's box of `tile`: its first slot, and whether it has a row that may be seen (known
+    // without a load).
+    auto box_slot0 = [&](int tile) { return tile * BN + run * R; };
     auto box_needed = [&](int tile) {
-      const int slot0 = tile * BN + run * R;
+      const int slot0 = box_slot0(tile);
       return slot0 + R > range.lo && slot0 < range.hi;
     };
     const DecodePageWalk walk(p, seq);
@@ -397,7 +399,7 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
     auto fetch = [&](int c0) {
       const int tile = c0 + group;
       if (!walk.paged() || tile >= range.t_end || !box_needed(tile)) return 0;
-      return int(seq.pages[walk.page_index(tile * BN + run * R)]);
+      return int(seq.pages[walk.page_index(box_slot0(tile))]);
     };
     // A box warmed ahead of its TMA: one L2 prefetch of a 128-byte line every 16 rows of the lane's
     // box (lines the box reads anyway), once per chunk. Why: the random pool costs the paged rows
@@ -417,7 +419,7 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
       const int tile = c0 + group;
       if ((c0 == range.t_begin && !warm_first) || tile >= range.t_end || !box_needed(tile) || !walk.in_cache(pg))
         return;
-      const int slot0 = tile * BN + run * R;
+      const int slot0 = box_slot0(tile);
       const std::uint16_t* box = lane_cache + std::int64_t(walk.row_coord(pg)) * page_stride +
                                  std::int64_t(walk.slot_coord(slot0)) * row_stride;
       // Only rows that may be seen (< range.hi <= the row's capacity): a contiguous cache's last
@@ -428,7 +430,7 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
     };
     decode_produce_ring_rotating<S>(
         range.t_begin, range.t_end, chunk_tiles, group, empty, fetch, [&](int tile, int stage, int pg, bool mine) {
-          const int slot0 = tile * BN + run * R;
+          const int slot0 = box_slot0(tile);
           const int box0 = run * R * kHeadDim * kHeads + block * box_elems;  // KvLayout of the box's first element
           std::uint16_t* dst = s0 + stage * Cfg::kStageElems + box0;
           const bool needed = mine && box_needed(tile);
