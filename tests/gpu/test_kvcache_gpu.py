@@ -687,6 +687,7 @@ def test_head_group_kernel_is_taken(seed, monkeypatch):
 KERNEL_SWITCHES = {
     "per_head": {},
     "head_group": {"FASTATTN_DECODE_HEAD_GROUP": "1"},
+    "head_group_wide": {"FASTATTN_DECODE_HEAD_GROUP": "8"},
     "head_pair": {"FASTATTN_DECODE_HEAD_PAIR": "1", "FASTATTN_DECODE_HEAD_GROUP": "0"},
 }
 
@@ -710,15 +711,34 @@ HEAD_PAIR_CONFIGS = dict(
 )
 
 
-KERNEL_FORM_CONFIGS = {"head_group": HEAD_GROUP_CONFIGS, "head_pair": HEAD_PAIR_CONFIGS}
+# The head-group kernel's wide form (eight KV heads per CTA; FASTATTN_DECODE_HEAD_GROUP=8): the
+# head-group configurations with heads_kv a multiple of 8, and more of them at 8 and 16 KV heads.
+HEAD_GROUP_WIDE_CONFIGS = dict(
+    {name: cfg for name, cfg in HEAD_GROUP_CONFIGS.items() if cfg["Hkv"] % 8 == 0},
+    heads16_paged16=dict(Hq=32, Hkv=16, page=16),
+    mha_sq8_causal_paged64_heads8=dict(Hq=8, Hkv=8, Sq=8, Snew=8, page=64, opt="causal"),
+    gqa2_sq4_window_paged256_full_heads8=dict(Hq=16, Hkv=8, Sq=4, Snew=4, page=256, table="full", opt="window"),
+    splits3_leftpad_batch_idx_heads8=dict(Hq=32, Hkv=8, splits=3, leftpad=True, batch_idx=True, cache_len=3000),
+    splits64_heads8=dict(Hq=32, Hkv=8, splits=64),
+    strided_paged16_heads8=dict(Hq=16, Hkv=8, strided=True, page=16, leftpad=True, opt="alibi"),
+    everything_paged16_heads8=dict(Hq=16, Hkv=8, page=16, rotary="interleaved", rotary_frac=0.5, batch_idx=True,
+                                   leftpad=True, opt=ALL, splits=3, Sq=2, Snew=2),
+    everything_contiguous_neox_heads8=dict(Hq=32, Hkv=8, rotary="neox", batch_idx=True, leftpad=True, opt=ALL,
+                                           Sq=2, Snew=2),
+    empty_paged16_heads8=dict(Hq=8, Hkv=8, lens="zeros", Snew=0, page=16, empty=True),
+)
+
+
+KERNEL_FORM_CONFIGS = {"head_group": HEAD_GROUP_CONFIGS, "head_group_wide": HEAD_GROUP_WIDE_CONFIGS,
+                       "head_pair": HEAD_PAIR_CONFIGS}
 KERNEL_FORM_CASES = [(kernel, name) for kernel, configs in KERNEL_FORM_CONFIGS.items() for name in configs]
 
 
 @pytest.mark.parametrize("kernel,config", KERNEL_FORM_CASES, ids=[f"{k}-{c}" for k, c in KERNEL_FORM_CASES])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_sm90_kernel_form(seed, dtype, kernel, config, monkeypatch):
-    """The head-group kernel (FASTATTN_DECODE_HEAD_GROUP=1) and the head-pair form
-    (FASTATTN_DECODE_HEAD_PAIR=1) against the float32 reference, with the cache, out= and repeat
+    """The head-group kernel (FASTATTN_DECODE_HEAD_GROUP=1), its wide form (=8) and the head-pair
+    form (FASTATTN_DECODE_HEAD_PAIR=1) against the float32 reference, with the cache, out= and repeat
     checks of run_case. On other GPUs the call takes the other kernels."""
     use_kernel(monkeypatch, kernel)
     case = build_case(seed, dtype, KERNEL_FORM_CONFIGS[kernel][config])
@@ -728,6 +748,45 @@ def test_sm90_kernel_form(seed, dtype, kernel, config, monkeypatch):
 
 
 HEAD_PAIR_KERNEL = re.compile(r"decode_kernel_sm90<128, [^,<>]+, 2>")
+HEAD_GROUP_KERNEL = re.compile(r"decode_kernel_sm90_head_group<[^,<>]+, (\d+)>")
+
+
+def test_head_group_wide_form_is_taken(seed, monkeypatch):
+    """On sm_90 the heuristic takes the head-group kernel's wide form (8 KV heads per CTA) exactly
+    where heads_kv is 8 and batch CTAs fill 15/16 of the SMs to all of them, with one split; the
+    four-head form where 2 x batch x heads_kv / 8 fills two CTAs per SM and the wide form does
+    not apply (heads_kv 16); neither with FASTATTN_DECODE_HEAD_GROUP=0, while =8 takes the wide form
+    for a small batch too (with the splits the heuristic gives its grid; README). Checked on the
+    kernels a call launches. With one split in both, a warp's arithmetic is the same in both forms
+    (its own head, the same tiles in the same order), so their answers are bitwise equal; each
+    answer is also checked against the float32 reference."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("an sm_90 kernel")
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    fill = -(-15 * sms // 16)
+    for b, hkv, cache_len, page, switch, taken in ((fill, 8, 1024, None, None, "8"), (sms, 8, 8208, 16, None, "8"),
+                                                   (sms, 8, 1024, 16, "0", None), (fill - 1, 8, 1024, None, None, None),
+                                                   (sms + 1, 8, 1024, 16, None, None), (sms // 2, 16, 1024, 16, None, "4"),
+                                                   (3, 8, 1000, 16, "8", "8"), (3, 16, 1000, None, "8", "8")):
+        lens = [cache_len] + [seed.randint(0, cache_len) for _ in range(b - 1)]
+        case = build_case(seed, torch.bfloat16, dict(B=b, Hq=32, Hkv=hkv, cache_len=cache_len, Snew=0, lens=lens,
+                                                     page=page))
+        if switch is not None:
+            monkeypatch.setenv("FASTATTN_DECODE_HEAD_GROUP", switch)
+        out, lse, _ = run_case(case)
+        names = _fastattn_kernels(lambda: kvcache_call(case, case.make_out()))
+        forms = {m.group(1) for n in names for m in [HEAD_GROUP_KERNEL.search(n)] if m}
+        where = f"batch {b}, {hkv} KV heads, {cache_len} slots, switch {switch}: {names}"
+        assert forms == ({taken} if taken else set()), where
+        if taken == "8" and switch is None:  # one split, as the four-head form's here
+            assert not any("combine_kernel" in n for n in names), where
+            monkeypatch.setenv("FASTATTN_DECODE_HEAD_GROUP", "1")
+            out4, lse4, _ = run_case(case)
+            R.assert_bitwise_equal(f"wide and four-head out ({where})", out, out4)
+            R.assert_bitwise_equal(f"wide and four-head softmax_lse ({where})", lse, lse4)
+        monkeypatch.delenv("FASTATTN_DECODE_HEAD_GROUP", raising=False)
+        del case
+        torch.cuda.empty_cache()
 
 
 def test_head_pair_kernel_is_taken(seed, monkeypatch):
@@ -863,7 +922,7 @@ def out_of_range_page_ids(rng, where, check=True, heads_kv=2):
 @pytest.mark.parametrize("where", ["read_pages", "append_page"])
 def test_out_of_range_page_ids(seed, where, kernel, monkeypatch):
     use_kernel(monkeypatch, kernel)
-    out_of_range_page_ids(seed, where, heads_kv=4 if kernel == "head_group" else 2)
+    out_of_range_page_ids(seed, where, heads_kv={"head_group": 4, "head_group_wide": 8}.get(kernel, 2))
 
 
 @pytest.mark.parametrize("kernel", list(KERNEL_SWITCHES))
@@ -878,12 +937,14 @@ def test_slots_past_the_end_hold_nan(seed, page, sq, splits, kernel, monkeypatch
     the whole block table filled (its columns past a sequence's keys name NaN pages), no append;
     4 and 16 packed query rows (the narrow and the wide tile); the heuristic's splits and one.
     head_group / head_pair: 4 KV heads and the head-group kernel (its tiles are 16-slot boxes over 4
-    heads) or the head-pair form (boxes over 2 heads); with 4 query rows, 8 packed rows per head."""
+    heads) or the head-pair form (boxes over 2 heads); head_group_wide: 8 KV heads and 16 query
+    heads, the wide form (boxes over 8 heads: whole pages of 16); with 4 query rows, 8 packed rows
+    per head."""
     lens = [0, 5, 70, 200]
     use_kernel(monkeypatch, kernel)
-    hkv = 2 if kernel == "per_head" else 4
-    case = build_case(seed, torch.bfloat16, dict(B=4, Sq=sq, Snew=0, Hq=8, Hkv=hkv, page=page, cache_len=256,
-                                                 table="full", lens=lens, splits=splits))
+    hkv = {"per_head": 2, "head_group_wide": 8}.get(kernel, 4)
+    case = build_case(seed, torch.bfloat16, dict(B=4, Sq=sq, Snew=0, Hq=16 if hkv == 8 else 8, Hkv=hkv, page=page,
+                                                 cache_len=256, table="full", lens=lens, splits=splits))
     if page is None:
         for b, n in enumerate(lens):
             case.kc[b, n:] = float("nan")
@@ -984,9 +1045,10 @@ def test_varlen_decode_block_table(seed, dtype, page_size, lengths_from, opt):
 
 @pytest.mark.parametrize("layout,num_splits,kernel",
                          [("paged16", 0, "per_head"), ("paged16", 5, "per_head"), ("contiguous", 0, "per_head"),
-                          ("paged16", 3, "head_group"), ("paged16", 0, "head_pair"), ("contiguous", 2, "head_pair")],
+                          ("paged16", 3, "head_group"), ("paged16", 0, "head_group_wide"), ("paged16", 0, "head_pair"),
+                          ("contiguous", 2, "head_pair")],
                          ids=["paged16-splits0", "paged16-splits5", "contiguous-splits0", "paged16-splits3-head_group",
-                              "paged16-splits0-head_pair", "contiguous-splits2-head_pair"])
+                              "paged16-splits0-head_group_wide", "paged16-splits0-head_pair", "contiguous-splits2-head_pair"])
 def test_cuda_graph_decode(seed, layout, num_splits, kernel, monkeypatch):
     """One decode step (Sq = 1, append Snew = 1, rotary, causal, cache_seqlens on the device)
     captured into a CUDA graph; replays with new lengths (0 and the capacity's last slot among them),
@@ -995,11 +1057,12 @@ def test_cuda_graph_decode(seed, layout, num_splits, kernel, monkeypatch):
     a capture (xfail, as test_prefill), or, when the same call through fastattn._C with the workspace
     allocated before the capture captures fine, the Python layer's workspace sizing / allocation
     (xfail after checking the replays of that graph); anything else fails. head_group: 4 KV heads
-    through the head-group kernel; head_pair: 2 KV heads through the head-pair form."""
+    through the head-group kernel; head_group_wide: 8 through its wide form; head_pair: 2 KV heads
+    through the head-pair form."""
     b, cap = 4, 1024
     use_kernel(monkeypatch, kernel)
     case = build_case(seed, torch.bfloat16, dict(
-        B=b, Hq=16, Hkv=4 if kernel == "head_group" else 2, D=128, cache_len=cap, table="full", lens=[5, 0, 100, cap - 1],
+        B=b, Hq=16, Hkv={"head_group": 4, "head_group_wide": 8}.get(kernel, 2), D=128, cache_len=cap, table="full", lens=[5, 0, 100, cap - 1],
         page=16 if layout == "paged16" else None, rotary="interleaved", opt="causal",
         splits=num_splits))
     out = case.make_out()

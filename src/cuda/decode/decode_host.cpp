@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <string_view>
 
 #include "core/heuristics.h"
 #include "cuda/common/cuda_check.h"
@@ -171,9 +172,24 @@ bool fills_one_wave(std::int64_t items, std::int64_t wave) { return 16 * items >
 
 }  // namespace
 
-bool decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p, int requested) {
+int decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p, int requested) {
   const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
-  const bool fits = decode_head_group_fits(p, use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size));
+  const bool sm90 = use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size);
+  // The wide form (8 heads, one CTA per SM) where a box is a whole token row (heads_kv = 8) and
+  // its grid is one full wave with no split: batch 128 / 1k-32k GQA 8 on the H200. There a box of
+  // pages of 16 is a whole 32 KB page instead of half of one, which took 60-75% of what a random
+  // page pool costs the four-head read (no-math read; contiguous level or 0.2% faster); at MHA
+  // batch 32 the 8-head boxes read 1.6% slower (bench/NOTES.md, session 27).
+  // FASTATTN_DECODE_HEAD_GROUP=8 takes it wherever it fits, "1" never (the four-head form), "0"
+  // neither form.
+  const char* env = std::getenv("FASTATTN_DECODE_HEAD_GROUP");
+  const std::string_view switch_value = env ? env : "";
+  const bool wide_fits = decode_head_group_fits(p, sm90, kDecodeHeadGroupWide);
+  const bool wide_heuristic =
+      requested == 0 && p.heads_kv == kDecodeHeadGroupWide && fills_one_wave(p.batch, info.sm_count);
+  if (wide_fits && (switch_value == "8" || (switch_value != "0" && switch_value != "1" && wide_heuristic)))
+    return kDecodeHeadGroupWide;
+  const bool fits = decode_head_group_fits(p, sm90);
   // Where its grid is one full wave of two CTAs per SM (15/16 of one at least) with no split.
   // Measured on the H200 (graph replay, bench/NOTES.md sessions 10 and 11): batch 128 / 1k-4k GQA
   // 8 and MHA batch 32 / 1k-2k 1-3.6% faster, batch 128 / 8k and MHA 32 / 8k 1.5-1.7% faster on
@@ -181,8 +197,9 @@ bool decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p
   // where it needs splits (batch 32 / 8k -2.6%, 64 / 2k -1.5%; merged in clusters of 3-4, worse
   // still) and over two or more waves (MHA batch 64 and 128 / 1k -0.2-0.7%, 2k-8k -1.5-4%).
   const std::int64_t items = std::int64_t(p.batch) * (p.heads_kv / kDecodeHeadGroup);
-  return decode_form_applies(fits, "FASTATTN_DECODE_HEAD_GROUP", requested,
-                             fills_one_wave(items, 2 * std::int64_t(info.sm_count)));
+  const bool four = decode_form_applies(fits, "FASTATTN_DECODE_HEAD_GROUP", requested,
+                                        fills_one_wave(items, 2 * std::int64_t(info.sm_count)));
+  return four ? kDecodeHeadGroup : 0;
 }
 
 bool decode_head_pair_applies(const check::ArgChecker& c, const DecodeParams& p, int requested,
@@ -205,10 +222,12 @@ int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int req
   if (p.head_pair) return 1;  // its grid is one wave already (decode_head_pair_applies)
   const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
   if (p.head_group) {
-    // Its CTAs (two per SM) stream 16-slot tiles of four heads; a tile costs a consumer warp
-    // about what a 64-key tile costs the per-head kernel's, hence the same price of a split.
-    const std::int64_t items = std::int64_t(p.batch) * (p.heads_kv / kDecodeHeadGroup);
-    return core::choose_num_splits_if_paying(items, max_keys, 2 * std::int64_t(info.sm_count), 2 * kDecodeBlockN, 128,
+    // Its CTAs (two per SM, or one for the wide form) stream 16-slot tiles of four (eight) heads;
+    // a tile costs a consumer warp about what a 64-key tile costs the per-head kernel's, hence the
+    // same price of a split.
+    const std::int64_t items = std::int64_t(p.batch) * (p.heads_kv / p.head_group);
+    const std::int64_t ctas_per_sm = p.head_group == kDecodeHeadGroupWide ? 1 : 2;
+    return core::choose_num_splits_if_paying(items, max_keys, ctas_per_sm * info.sm_count, 2 * kDecodeBlockN, 128,
                                              kDecodeHeadGroupSlots, decode_split_cost_blocks(true));
   }
   const std::int64_t rows_per_kv = std::int64_t(p.group) * p.seqlen_q;

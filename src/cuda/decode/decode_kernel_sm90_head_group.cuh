@@ -1,7 +1,9 @@
 // The head-group decode kernel for sm_90: one CTA attends kDecodeHeadGroup (4) KV heads of one
 // sequence at once, one consumer warp per head, and streams its cache as one TMA box per 16-slot
 // tile and tensor that spans all four heads: 16 slots x 4 heads x 128 columns, i.e. 16 runs of
-// 1 KB of the token-major (rows, slots, heads_kv, head_dim) cache.
+// 1 KB of the token-major (rows, slots, heads_kv, head_dim) cache. Its wide form takes
+// kDecodeHeadGroupWide (8) heads per CTA at one CTA per SM: at heads_kv = 8 a box is then 16
+// whole token rows, one whole page of 16 slots.
 //
 // Why: decode_kernel_sm90.cuh gives each KV head its own CTA, so DRAM sees every head's 256-byte
 // rows 2 KB apart (GQA 8) from CTAs that drift apart in time; cuDNN reads a head-major copy whose
@@ -12,8 +14,8 @@
 //
 // The math per warp is decode_tile_narrow.cuh's (its 16 keys of a tile are the whole tile here),
 // so the kernel takes what that takes: at most 8 packed query rows (group x seqlen_q), and here
-// head_dim exactly 128, heads_kv a multiple of 4, a contiguous cache or pages of a multiple of 16
-// slots (a tile never straddles two pages). A warp owns its head from the first tile to the
+// head_dim exactly 128, heads_kv a multiple of the heads per CTA, a contiguous cache or pages of a
+// multiple of 16 slots (a tile never straddles two pages). A warp owns its head from the first tile to the
 // store: no merge between warps. Splits merge in the combine kernel. Out-of-range page ids read
 // as zeros, and rows a box brings in that no query may see are masked (K) and zeroed (V), as in
 // decode_kernel_sm90.cuh.
@@ -27,9 +29,11 @@
 
 namespace fastattn::cuda_decode {
 
+/// kHeads_: kDecodeHeadGroup (two CTAs per SM) or kDecodeHeadGroupWide (one).
+template <int kHeads_>
 struct DecodeHeadGroupConfig {
   static constexpr int kHeadDim = kDecodeHeadGroupHeadDim;
-  static constexpr int kHeads = kDecodeHeadGroup;  ///< KV heads per CTA, one consumer warp each
+  static constexpr int kHeads = kHeads_;  ///< KV heads per CTA, one consumer warp each
   static constexpr int kConsumerThreads = kHeads * 32;
   static constexpr int kThreads = kConsumerThreads + 64;  // + the K and the V producer warps
   static constexpr int kBlockN = kDecodeHeadGroupSlots;   ///< slots per tile
@@ -37,9 +41,9 @@ struct DecodeHeadGroupConfig {
   static constexpr int kQRows = kDecodeNarrowRows;
   static constexpr int kQHeadElems = kQRows * kHeadDim;
   static constexpr int kHeadTileElems = kBlockN * kHeadDim;   ///< one head's part of a tile
-  static constexpr int kTileElems = kHeads * kHeadTileElems;  ///< one box: 16 KB
+  static constexpr int kTileElems = kHeads * kHeadTileElems;  ///< one box: 16 KB (32 KB wide)
   static constexpr int kStages = 3;
-  static constexpr int kCtasPerSm = 2;
+  static constexpr int kCtasPerSm = kHeads == kDecodeHeadGroup ? 2 : 1;
   static constexpr int kBarrierBytes = 256;
   static constexpr int kAlign = 1024;
   static constexpr int kQBytes = kHeads * kQHeadElems * 2;
@@ -48,19 +52,20 @@ struct DecodeHeadGroupConfig {
   static __device__ __forceinline__ int q_offset(int row, int chunk) {
     return (chunk >> 3) * (kQRows * 64) + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
   }
-  // Two CTAs per SM: 228 KB per SM, 1 KB of it reserved per CTA.
-  static_assert(kCtasPerSm * (kSmemBytes + 1024) <= 228 * 1024, "two CTAs fit an SM");
+  // 228 KB per SM, 1 KB of it reserved per CTA; 227 KB at most for one CTA.
+  static_assert(kHeads == kDecodeHeadGroup || kHeads == kDecodeHeadGroupWide, "the two forms");
+  static_assert(kCtasPerSm * (kSmemBytes + 1024) <= 228 * 1024 && kSmemBytes <= 227 * 1024, "the CTAs fit an SM");
   static_assert(kQBytes % kAlign == 0 && (kHeadTileElems * 2) % kAlign == 0, "swizzle atoms stay aligned");
   static_assert(kQRows * kHeadDim * 4 <= kHeadTileElems * 2, "a warp's output rows fit its part of a stage");
   static_assert(4 * kStages * 8 <= kBarrierBytes, "barriers fit their region");
   static_assert(kQRows == kDecodeHeadGroupMaxRows, "the host's row bound is the narrow math's");
 };
 
-template <Dtype kDtype>
-__global__ void __launch_bounds__(DecodeHeadGroupConfig::kThreads, DecodeHeadGroupConfig::kCtasPerSm)
+template <Dtype kDtype, int kHeads>
+__global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads>::kThreads, DecodeHeadGroupConfig<kHeads>::kCtasPerSm)
     decode_kernel_sm90_head_group(const __grid_constant__ DecodeTmaParams tp) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  using Cfg = DecodeHeadGroupConfig;
+  using Cfg = DecodeHeadGroupConfig<kHeads>;
   using namespace cuda_detail;
   constexpr int BN = Cfg::kBlockN, S = Cfg::kStages, G = Cfg::kHeads, D = Cfg::kHeadDim;
   const DecodeParams& p = tp.p;
@@ -195,10 +200,10 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig::kThreads, DecodeHeadGro
 #endif
 }
 
-template <Dtype kDtype>
-void launch_decode_sm90_head_group(const DecodeParams& p, cudaStream_t stream) {
-  using Cfg = DecodeHeadGroupConfig;
-  auto* kernel = &decode_kernel_sm90_head_group<kDtype>;
+template <Dtype kDtype, int kHeads>
+void launch_decode_sm90_head_group_form(const DecodeParams& p, cudaStream_t stream) {
+  using Cfg = DecodeHeadGroupConfig<kHeads>;
+  auto* kernel = &decode_kernel_sm90_head_group<kDtype, kHeads>;
   static const cudaError_t attr_status =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   FASTATTN_CUDA_CHECK(attr_status);
@@ -212,7 +217,7 @@ void launch_decode_sm90_head_group(const DecodeParams& p, cudaStream_t stream) {
   const std::int64_t slots = paged ? p.page_size : p.cache_len;
   const std::int64_t cache_rows = paged ? p.num_pages : p.cache_rows;
   // The maps of decode_kernel_sm90.cuh (64 columns x slots x column blocks x heads_kv x rows),
-  // with a box of 16 slots, both column blocks and four heads.
+  // with a box of 16 slots, both column blocks and the CTA's kHeads heads.
   const int box[5] = {64, Cfg::kBlockN, tp.box_blocks, Cfg::kHeads, 1};
   const std::int64_t dims[5] = {64, slots, tp.box_blocks, p.heads_kv, cache_rows};
   const std::int64_t k_strides[5] = {1, p.k_row_stride, 64, p.k_head_stride, p.k_batch_stride};
@@ -220,6 +225,14 @@ void launch_decode_sm90_head_group(const DecodeParams& p, cudaStream_t stream) {
   tp.k_map = cuda_detail::make_tensor_map_5d_u16(p.k_cache, dims, k_strides, box, cuda_detail::TmaL2Promotion::k128B);
   tp.v_map = cuda_detail::make_tensor_map_5d_u16(p.v_cache, dims, v_strides, box, cuda_detail::TmaL2Promotion::k128B);
   launch_kernel(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p.dependent_launch && p.after_append, tp);
+}
+
+/// The form the planner took: p.head_group KV heads per CTA.
+template <Dtype kDtype>
+void launch_decode_sm90_head_group(const DecodeParams& p, cudaStream_t stream) {
+  if (p.head_group == kDecodeHeadGroupWide) launch_decode_sm90_head_group_form<kDtype, kDecodeHeadGroupWide>(p, stream);
+  else if (p.head_group == kDecodeHeadGroup) launch_decode_sm90_head_group_form<kDtype, kDecodeHeadGroup>(p, stream);
+  else throw Error("decode: the head-group kernel got no form to run (an internal planning error)");
 }
 
 #define FASTATTN_INSTANTIATE_DECODE_SM90_HEAD_GROUP(T) \

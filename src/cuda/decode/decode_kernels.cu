@@ -236,7 +236,7 @@ void run_decode(const DecodeParams& params, void* stream_ptr) {
   // The TMA kernel needs a non-empty cache to describe (an empty one has no keys to read).
   const bool cache_empty = p.cache_rows == 0 || (p.page_size > 0 ? p.num_pages == 0 : p.cache_len == 0);
   p.sm90_kernel = !cache_empty && use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size);
-  p.head_group = p.head_group && p.sm90_kernel;
+  if (!p.sm90_kernel) p.head_group = 0;
   p.head_pair = p.head_pair && p.sm90_kernel;
   p.dependent_launch = info.cc_major >= 9;  // sm_90: programmatic dependent launch
   p.sm_count = info.sm_count;

@@ -117,11 +117,12 @@ struct DecodeParams {
   /// merge in the combine kernel (whether a grid fits the cluster rule depends on the batch, and
   /// the two merges round differently).
   bool splits_fixed = false;
-  /// Set by the planner (decode_head_group_applies): attention runs the head-group kernel
-  /// (decode_kernel_sm90_head_group.cuh), its CTAs (split, group of kDecodeHeadGroup KV heads, b),
-  /// and num_splits was chosen for that grid. run_decode clears it when the sm_90 kernel is not
-  /// taken (an empty cache).
-  bool head_group = false;
+  /// Set by the planner (decode_head_group_applies): KV heads per CTA of the head-group kernel
+  /// (decode_kernel_sm90_head_group.cuh) that attention runs, kDecodeHeadGroup or
+  /// kDecodeHeadGroupWide, its CTAs (split, group of that many KV heads, b), and num_splits was
+  /// chosen for that grid; 0 when it does not run it. run_decode sets 0 when the sm_90 kernel is
+  /// not taken (an empty cache).
+  int head_group = 0;
   /// Set by the planner (decode_head_pair_applies): attention runs the sm_90 kernel's head-pair
   /// form (decode_kernel_sm90.cuh, kHeads = 2), its CTAs (split, pair of KV heads, b). run_decode
   /// clears it when the sm_90 kernel is not taken.
@@ -199,18 +200,21 @@ constexpr int decode_tma_box_rows(int page_size) {
                                                                  : 0;
 }
 
-/// The head-group kernel (decode_kernel_sm90_head_group.cuh): KV heads per CTA, slots per tile,
-/// the one head_dim it is built for and the most packed query rows (group x seqlen_q) per head.
+/// The head-group kernel (decode_kernel_sm90_head_group.cuh): KV heads per CTA (two CTAs per SM),
+/// the wide form's KV heads per CTA (one CTA per SM), slots per tile, the one head_dim it is built
+/// for and the most packed query rows (group x seqlen_q) per head.
 constexpr int kDecodeHeadGroup = 4;
+constexpr int kDecodeHeadGroupWide = 8;
 constexpr int kDecodeHeadGroupSlots = 16;
 constexpr int kDecodeHeadGroupHeadDim = 128;
 constexpr int kDecodeHeadGroupMaxRows = 8;
 
-/// Whether p's shape fits the head-group kernel on a device that runs the sm_90 kernel: head_dim
-/// 128, heads_kv a multiple of 4, at most 8 packed query rows per KV head, and a contiguous cache
-/// or pages of a multiple of 16 slots.
-inline bool decode_head_group_fits(const DecodeParams& p, bool sm90_kernel) {
-  return sm90_kernel && p.head_dim == kDecodeHeadGroupHeadDim && p.heads_kv % kDecodeHeadGroup == 0 &&
+/// Whether p's shape fits the head-group kernel with `heads` KV heads per CTA (kDecodeHeadGroup or
+/// kDecodeHeadGroupWide) on a device that runs the sm_90 kernel: head_dim 128, heads_kv a multiple
+/// of `heads`, at most 8 packed query rows per KV head, and a contiguous cache or pages of a
+/// multiple of 16 slots.
+inline bool decode_head_group_fits(const DecodeParams& p, bool sm90_kernel, int heads = kDecodeHeadGroup) {
+  return sm90_kernel && p.head_dim == kDecodeHeadGroupHeadDim && p.heads_kv % heads == 0 &&
          std::int64_t(p.group) * p.seqlen_q <= kDecodeHeadGroupMaxRows &&
          (p.page_size == 0 || p.page_size % kDecodeHeadGroupSlots == 0);
 }
