@@ -185,8 +185,10 @@ int decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p,
   const char* env = std::getenv("FASTATTN_DECODE_HEAD_GROUP");
   const std::string_view switch_value = env ? env : "";
   const bool wide_fits = decode_head_group_fits(p, sm90, kDecodeHeadGroupWide);
+  // One wave of a form's grid: its CTAs per SM on every SM.
+  const auto wave = [&](int heads) { return std::int64_t(decode_head_group_ctas_per_sm(heads)) * info.sm_count; };
   const bool wide_heuristic =
-      requested == 0 && p.heads_kv == kDecodeHeadGroupWide && fills_one_wave(p.batch, info.sm_count);
+      requested == 0 && p.heads_kv == kDecodeHeadGroupWide && fills_one_wave(p.batch, wave(kDecodeHeadGroupWide));
   if (wide_fits && (switch_value == "8" || (switch_value != "0" && switch_value != "1" && wide_heuristic)))
     return kDecodeHeadGroupWide;
   const bool fits = decode_head_group_fits(p, sm90);
@@ -198,7 +200,7 @@ int decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p,
   // still) and over two or more waves (MHA batch 64 and 128 / 1k -0.2-0.7%, 2k-8k -1.5-4%).
   const std::int64_t items = std::int64_t(p.batch) * (p.heads_kv / kDecodeHeadGroup);
   const bool four = decode_form_applies(fits, "FASTATTN_DECODE_HEAD_GROUP", requested,
-                                        fills_one_wave(items, 2 * std::int64_t(info.sm_count)));
+                                        fills_one_wave(items, wave(kDecodeHeadGroup)));
   return four ? kDecodeHeadGroup : 0;
 }
 
@@ -226,8 +228,8 @@ int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int req
     // a tile costs a consumer warp about what a 64-key tile costs the per-head kernel's, hence the
     // same price of a split.
     const std::int64_t items = std::int64_t(p.batch) * (p.heads_kv / p.head_group);
-    const std::int64_t ctas_per_sm = p.head_group == kDecodeHeadGroupWide ? 1 : 2;
-    return core::choose_num_splits_if_paying(items, max_keys, ctas_per_sm * info.sm_count, 2 * kDecodeBlockN, 128,
+    const std::int64_t wave = std::int64_t(decode_head_group_ctas_per_sm(p.head_group)) * info.sm_count;
+    return core::choose_num_splits_if_paying(items, max_keys, wave, 2 * kDecodeBlockN, 128,
                                              kDecodeHeadGroupSlots, decode_split_cost_blocks(true));
   }
   const std::int64_t rows_per_kv = std::int64_t(p.group) * p.seqlen_q;

@@ -43,7 +43,7 @@ struct DecodeHeadGroupConfig {
   static constexpr int kHeadTileElems = kBlockN * kHeadDim;   ///< one head's part of a tile
   static constexpr int kTileElems = kHeads * kHeadTileElems;  ///< one box: 16 KB (32 KB wide)
   static constexpr int kStages = 3;
-  static constexpr int kCtasPerSm = kHeads == kDecodeHeadGroup ? 2 : 1;
+  static constexpr int kCtasPerSm = decode_head_group_ctas_per_sm(kHeads);
   static constexpr int kBarrierBytes = 256;
   static constexpr int kAlign = 1024;
   static constexpr int kQBytes = kHeads * kQHeadElems * 2;

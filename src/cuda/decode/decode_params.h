@@ -209,6 +209,10 @@ constexpr int kDecodeHeadGroupSlots = 16;
 constexpr int kDecodeHeadGroupHeadDim = 128;
 constexpr int kDecodeHeadGroupMaxRows = 8;
 
+/// CTAs per SM of the head-group kernel with `heads` KV heads per CTA: its shared memory fits two
+/// CTAs of the four-head form on an SM, one of the wide form (DecodeHeadGroupConfig checks it).
+constexpr int decode_head_group_ctas_per_sm(int heads) { return heads == kDecodeHeadGroupWide ? 1 : 2; }
+
 /// Whether p's shape fits the head-group kernel with `heads` KV heads per CTA (kDecodeHeadGroup or
 /// kDecodeHeadGroupWide) on a device that runs the sm_90 kernel: head_dim 128, heads_kv a multiple
 /// of `heads`, at most 8 packed query rows per KV head, and a contiguous cache or pages of a
