@@ -50,6 +50,7 @@ def with_switches(switches):
 
 head_group = with_switches(T.KERNEL_SWITCHES["head_group"])  # the sm_90 head-group kernel
 head_group_wide = with_switches(T.KERNEL_SWITCHES["head_group_wide"])  # its wide form (8 heads)
+head_group_rows = with_switches(T.KERNEL_SWITCHES["head_group_rows"])  # its token-row form (32 heads)
 head_pair = with_switches(T.KERNEL_SWITCHES["head_pair"])    # the sm_90 kernel's head-pair form
 
 
@@ -101,14 +102,15 @@ def cases():
     yield "empty cache", kvcache, (F16, dict(lens="zeros", Snew=0))
     yield "empty paged cache, first tokens appended", kvcache, (B16, dict(lens="zeros", page=16, Sq=2, Snew=2, rotary="neox", opt="causal"))
     yield "varlen decode block table page 16", varlen_decode, (B16, 16)
-    # the sm_90 head-group kernel (4 KV heads per CTA), its wide form (8) and the head-pair form (2)
+    # the sm_90 head-group kernel (4 KV heads per CTA), its wide form (8), its token-row form (32)
+    # and the head-pair form (2)
     for form, run, hkv in (("head-group kernel", head_group, 4), ("head-group wide form", head_group_wide, 8),
-                           ("head-pair form", head_pair, 2)):
+                           ("head-group token-row form", head_group_rows, 32), ("head-pair form", head_pair, 2)):
         yield f"{form}: everything paged 16, 3 splits", run, (kvcache, B16, dict(
-            Hq=8, Hkv=hkv, page=16, rotary="interleaved", rotary_frac=0.5, batch_idx=True, leftpad=True,
+            Hq=max(8, hkv), Hkv=hkv, page=16, rotary="interleaved", rotary_frac=0.5, batch_idx=True, leftpad=True,
             opt=T.ALL, splits=3, Sq=2, Snew=2))
         yield f"{form}: contiguous, ragged long", run, (kvcache, F16, dict(
-            B=2, Hq=32, Hkv=8, lens=[7999, 3000], cache_len=8000))
+            B=2, Hq=32, Hkv=max(8, hkv), lens=[7999, 3000], cache_len=8000))
         yield f"{form}: out-of-range page ids (reads)", run, (bad_page_ids, "read_pages", hkv)
 
 

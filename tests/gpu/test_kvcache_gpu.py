@@ -688,6 +688,7 @@ KERNEL_SWITCHES = {
     "per_head": {},
     "head_group": {"FASTATTN_DECODE_HEAD_GROUP": "1"},
     "head_group_wide": {"FASTATTN_DECODE_HEAD_GROUP": "8"},
+    "head_group_rows": {"FASTATTN_DECODE_HEAD_GROUP": "32"},
     "head_pair": {"FASTATTN_DECODE_HEAD_PAIR": "1", "FASTATTN_DECODE_HEAD_GROUP": "0"},
 }
 
@@ -729,16 +730,43 @@ HEAD_GROUP_WIDE_CONFIGS = dict(
 )
 
 
+# The head-group kernel's token-row form (32 KV heads per CTA, a warp per 4 heads, 4-slot tiles;
+# FASTATTN_DECODE_HEAD_GROUP=32): heads_kv a multiple of 32, at most 2 packed query rows per KV head
+# (4 heads' rows are a warp's 8 MMA columns), a contiguous cache or pages of a multiple of 4 slots.
+# Two shapes it does not take (4 packed rows, pages of 2): another kernel answers.
+HEAD_GROUP_ROWS_CONFIGS = {
+    "mha": dict(Hq=32, Hkv=32),
+    "mha_paged16": dict(Hq=32, Hkv=32, page=16),
+    "mha_sq2_causal_paged4": dict(Hq=32, Hkv=32, Sq=2, Snew=2, page=4, opt="causal"),
+    "gqa2_paged8": dict(Hq=64, Hkv=32, page=8),
+    "sq2_window_paged256_full": dict(Hq=32, Hkv=32, Sq=2, Snew=2, page=256, table="full", opt="window"),
+    "alibi_softcap_paged64": dict(Hq=32, Hkv=32, Sq=2, Snew=2, page=64, opt="causal+alibi+softcap"),
+    "sliding_window": dict(Hq=32, Hkv=32, opt="wleft"),
+    "splits3_leftpad_batch_idx": dict(Hq=32, Hkv=32, splits=3, leftpad=True, batch_idx=True, cache_len=3000),
+    "splits64": dict(Hq=32, Hkv=32, splits=64),
+    "strided_paged16": dict(Hq=32, Hkv=32, strided=True, page=16, leftpad=True, opt="alibi"),
+    "everything_paged16": dict(Hq=32, Hkv=32, page=16, rotary="interleaved", rotary_frac=0.5, batch_idx=True,
+                               leftpad=True, opt=ALL, splits=3, Sq=2, Snew=2),
+    "everything_contiguous_neox_gqa2": dict(Hq=64, Hkv=32, rotary="neox", batch_idx=True, leftpad=True, opt=ALL),
+    "heads64_ragged_long": dict(B=2, Hq=64, Hkv=64, lens=[7999, 5000], cache_len=8000),
+    "empty_paged16": dict(Hq=32, Hkv=32, lens="zeros", Snew=0, page=16, empty=True),
+    "first_tokens_paged4_rotary": dict(Hq=32, Hkv=32, lens="zeros", page=4, Sq=2, Snew=2, rotary="neox",
+                                       opt="causal"),
+    "rows4_not_taken": dict(Hq=32, Hkv=32, Sq=4, Snew=4, opt="causal"),
+    "paged2_not_taken": dict(Hq=32, Hkv=32, page=2),
+}
+
+
 KERNEL_FORM_CONFIGS = {"head_group": HEAD_GROUP_CONFIGS, "head_group_wide": HEAD_GROUP_WIDE_CONFIGS,
-                       "head_pair": HEAD_PAIR_CONFIGS}
+                       "head_group_rows": HEAD_GROUP_ROWS_CONFIGS, "head_pair": HEAD_PAIR_CONFIGS}
 KERNEL_FORM_CASES = [(kernel, name) for kernel, configs in KERNEL_FORM_CONFIGS.items() for name in configs]
 
 
 @pytest.mark.parametrize("kernel,config", KERNEL_FORM_CASES, ids=[f"{k}-{c}" for k, c in KERNEL_FORM_CASES])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_sm90_kernel_form(seed, dtype, kernel, config, monkeypatch):
-    """The head-group kernel (FASTATTN_DECODE_HEAD_GROUP=1), its wide form (=8) and the head-pair
-    form (FASTATTN_DECODE_HEAD_PAIR=1) against the float32 reference, with the cache, out= and repeat
+    """The head-group kernel (FASTATTN_DECODE_HEAD_GROUP=1), its wide form (=8), its token-row form
+    (=32) and the head-pair form (FASTATTN_DECODE_HEAD_PAIR=1) against the float32 reference, with the cache, out= and repeat
     checks of run_case. On other GPUs the call takes the other kernels."""
     use_kernel(monkeypatch, kernel)
     case = build_case(seed, dtype, KERNEL_FORM_CONFIGS[kernel][config])
@@ -784,6 +812,40 @@ def test_head_group_wide_form_is_taken(seed, monkeypatch):
             out4, lse4, _ = run_case(case)
             R.assert_bitwise_equal(f"wide and four-head out ({where})", out, out4)
             R.assert_bitwise_equal(f"wide and four-head softmax_lse ({where})", lse, lse4)
+        monkeypatch.delenv("FASTATTN_DECODE_HEAD_GROUP", raising=False)
+        del case
+        torch.cuda.empty_cache()
+
+
+def test_head_group_rows_form_is_taken(seed, monkeypatch):
+    """On sm_90 the heuristic takes the head-group kernel's token-row form (32 KV heads per CTA)
+    exactly where heads_kv is 32, batch CTAs fill 15/16 of the SMs to all of them and the cache
+    holds at least 8192 slots (a block table's width counts), with one split (no combine kernel);
+    not for one sequence fewer or more, a shorter cache, nor with FASTATTN_DECODE_HEAD_GROUP=0,
+    while =32 takes it for a small batch too (with the splits the heuristic gives its grid) and =8
+    the wide form instead (README). Checked on the kernels a call launches, and each answer against
+    the float32 reference. (Pages of 16 hold the long caches: the pool has only the pages used.)"""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("an sm_90 kernel")
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    fill = -(-15 * sms // 16)
+    for b, cache_len, page, switch, taken in ((fill, 8192, 16, None, "32"), (sms, 8208, 16, None, "32"),
+                                              (sms, 1024, None, None, None), (sms, 8192, 16, "0", None),
+                                              (fill - 1, 8192, 16, None, None), (sms + 1, 8192, 16, None, None),
+                                              (3, 1000, 16, "32", "32"), (3, 1000, None, "32", "32"),
+                                              (sms, 1024, None, "8", "8")):
+        lens = [cache_len] + [seed.randint(0, min(cache_len, 300)) for _ in range(b - 1)]
+        case = build_case(seed, torch.bfloat16, dict(B=b, Hq=32, Hkv=32, cache_len=cache_len, Snew=0, lens=lens,
+                                                     page=page))
+        if switch is not None:
+            monkeypatch.setenv("FASTATTN_DECODE_HEAD_GROUP", switch)
+        run_case(case)
+        names = _fastattn_kernels(lambda: kvcache_call(case, case.make_out()))
+        forms = {m.group(1) for n in names for m in [HEAD_GROUP_KERNEL.search(n)] if m}
+        where = f"batch {b}, {cache_len} slots, switch {switch}: {names}"
+        assert forms == ({taken} if taken else set()), where
+        if taken == "32" and switch is None:
+            assert not any("combine_kernel" in n for n in names), where
         monkeypatch.delenv("FASTATTN_DECODE_HEAD_GROUP", raising=False)
         del case
         torch.cuda.empty_cache()
@@ -882,7 +944,8 @@ def out_of_range_page_ids(rng, where, check=True, heads_kv=2):
     ids are neither read nor written). Sequence 2's table is valid: its output must be right. The
     other sequences' outputs are unspecified (only finite). heads_kv=4 (with 8 query heads) fits
     the head-group kernel. Shared with sanitize_decode.py."""
-    case = build_case(rng, torch.bfloat16, dict(B=3, Hkv=heads_kv, page=16, cache_len=256, lens=[100, 40, 200]))
+    case = build_case(rng, torch.bfloat16, dict(B=3, Hq=max(8, heads_kv), Hkv=heads_kv, page=16, cache_len=256,
+                                                lens=[100, 40, 200]))
     num_pages = case.kc.shape[0]
     bad = [list(row) for row in case.table]
     width = len(bad[0])
@@ -918,11 +981,16 @@ def out_of_range_page_ids(rng, where, check=True, heads_kv=2):
     return out
 
 
+# KV heads of the shapes that the kernel-form tests below give each kernel (the per-head kernel and
+# the head-pair form: 2).
+KERNEL_HEADS_KV = {"head_group": 4, "head_group_wide": 8, "head_group_rows": 32}
+
+
 @pytest.mark.parametrize("kernel", list(KERNEL_SWITCHES))
 @pytest.mark.parametrize("where", ["read_pages", "append_page"])
 def test_out_of_range_page_ids(seed, where, kernel, monkeypatch):
     use_kernel(monkeypatch, kernel)
-    out_of_range_page_ids(seed, where, heads_kv={"head_group": 4, "head_group_wide": 8}.get(kernel, 2))
+    out_of_range_page_ids(seed, where, heads_kv=KERNEL_HEADS_KV.get(kernel, 2))
 
 
 @pytest.mark.parametrize("kernel", list(KERNEL_SWITCHES))
@@ -939,11 +1007,13 @@ def test_slots_past_the_end_hold_nan(seed, page, sq, splits, kernel, monkeypatch
     head_group / head_pair: 4 KV heads and the head-group kernel (its tiles are 16-slot boxes over 4
     heads) or the head-pair form (boxes over 2 heads); head_group_wide: 8 KV heads and 16 query
     heads, the wide form (boxes over 8 heads: whole pages of 16); with 4 query rows, 8 packed rows
-    per head."""
+    per head. head_group_rows: 32 KV and query heads, the token-row form (boxes of 4 whole token
+    rows) at one query row (at 4 it does not fit: another kernel answers)."""
     lens = [0, 5, 70, 200]
     use_kernel(monkeypatch, kernel)
-    hkv = {"per_head": 2, "head_group_wide": 8}.get(kernel, 4)
-    case = build_case(seed, torch.bfloat16, dict(B=4, Sq=sq, Snew=0, Hq=16 if hkv == 8 else 8, Hkv=hkv, page=page,
+    hkv = {"per_head": 2, "head_group_wide": 8, "head_group_rows": 32}.get(kernel, 4)
+    hq = {8: 16, 32: 32}.get(hkv, 8)
+    case = build_case(seed, torch.bfloat16, dict(B=4, Sq=sq, Snew=0, Hq=hq, Hkv=hkv, page=page,
                                                  cache_len=256, table="full", lens=lens, splits=splits))
     if page is None:
         for b, n in enumerate(lens):
@@ -1045,10 +1115,13 @@ def test_varlen_decode_block_table(seed, dtype, page_size, lengths_from, opt):
 
 @pytest.mark.parametrize("layout,num_splits,kernel",
                          [("paged16", 0, "per_head"), ("paged16", 5, "per_head"), ("contiguous", 0, "per_head"),
-                          ("paged16", 3, "head_group"), ("paged16", 0, "head_group_wide"), ("paged16", 0, "head_pair"),
-                          ("contiguous", 2, "head_pair")],
+                          ("paged16", 3, "head_group"), ("paged16", 0, "head_group_wide"),
+                          ("paged16", 0, "head_group_rows"), ("contiguous", 3, "head_group_rows"),
+                          ("paged16", 0, "head_pair"), ("contiguous", 2, "head_pair")],
                          ids=["paged16-splits0", "paged16-splits5", "contiguous-splits0", "paged16-splits3-head_group",
-                              "paged16-splits0-head_group_wide", "paged16-splits0-head_pair", "contiguous-splits2-head_pair"])
+                              "paged16-splits0-head_group_wide", "paged16-splits0-head_group_rows",
+                              "contiguous-splits3-head_group_rows", "paged16-splits0-head_pair",
+                              "contiguous-splits2-head_pair"])
 def test_cuda_graph_decode(seed, layout, num_splits, kernel, monkeypatch):
     """One decode step (Sq = 1, append Snew = 1, rotary, causal, cache_seqlens on the device)
     captured into a CUDA graph; replays with new lengths (0 and the capacity's last slot among them),
@@ -1057,12 +1130,15 @@ def test_cuda_graph_decode(seed, layout, num_splits, kernel, monkeypatch):
     a capture (xfail, as test_prefill), or, when the same call through fastattn._C with the workspace
     allocated before the capture captures fine, the Python layer's workspace sizing / allocation
     (xfail after checking the replays of that graph); anything else fails. head_group: 4 KV heads
-    through the head-group kernel; head_group_wide: 8 through its wide form; head_pair: 2 KV heads
-    through the head-pair form."""
+    through the head-group kernel; head_group_wide: 8 through its wide form; head_group_rows: 32
+    KV and query heads through its token-row form; head_pair: 2 KV heads through the head-pair
+    form."""
     b, cap = 4, 1024
     use_kernel(monkeypatch, kernel)
+    hkv = KERNEL_HEADS_KV.get(kernel, 2)
+    hq = max(16, hkv)
     case = build_case(seed, torch.bfloat16, dict(
-        B=b, Hq=16, Hkv={"head_group": 4, "head_group_wide": 8}.get(kernel, 2), D=128, cache_len=cap, table="full", lens=[5, 0, 100, cap - 1],
+        B=b, Hq=hq, Hkv=hkv, D=128, cache_len=cap, table="full", lens=[5, 0, 100, cap - 1],
         page=16 if layout == "paged16" else None, rotary="interleaved", opt="causal",
         splits=num_splits))
     out = case.make_out()
@@ -1076,7 +1152,7 @@ def test_cuda_graph_decode(seed, layout, num_splits, kernel, monkeypatch):
         graph = warm_and_capture(public_call)
     except Exception as e:  # noqa: BLE001
         xfail_if_dlpack_cannot_be_captured(e, "flash_attn_with_kvcache")
-        lse_static = nan_full((b, 16, 1), torch.float32)
+        lse_static = nan_full((b, hq, 1), torch.float32)
         args0 = c_kwargs(case, out, lse_static)
         ws = torch.empty(max(1, _C.kvcache_workspace_bytes(**args0)), dtype=torch.uint8, device=DEV)
 

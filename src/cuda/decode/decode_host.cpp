@@ -111,7 +111,7 @@ Plan plan_decode(check::ArgChecker& c, const KVCacheArgs& a, const core::KVCache
   cuda_detail::set_options(p, core::validate_options(c, a.options, d.a.batch, d.a.heads_q, d.a.head_dim));
 
   // Split-KV (decode_num_splits): the bound on keys is the cache capacity (no device read).
-  p.head_group = decode_head_group_applies(c, p, a.num_splits);
+  p.head_group = decode_head_group_applies(c, p, a.num_splits, max_keys + p.seqlen_new);
   p.head_pair = decode_head_pair_applies(c, p, a.num_splits, max_keys + p.seqlen_new);
   p.num_splits = decode_num_splits(c, p, a.num_splits, max_keys + p.seqlen_new);
   p.splits_fixed = a.num_splits > 0;
@@ -172,7 +172,8 @@ bool fills_one_wave(std::int64_t items, std::int64_t wave) { return 16 * items >
 
 }  // namespace
 
-int decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p, int requested) {
+int decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p, int requested,
+                              std::int64_t max_keys) {
   const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
   const bool sm90 = use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size);
   // The wide form (8 heads, one CTA per SM) where a box is a whole token row (heads_kv = 8) and
@@ -181,12 +182,25 @@ int decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p,
   // page pool costs the four-head read (no-math read; contiguous level or 0.2% faster); at MHA
   // batch 32 the 8-head boxes read 1.6% slower (bench/NOTES.md, session 27).
   // FASTATTN_DECODE_HEAD_GROUP=8 takes it wherever it fits, "1" never (the four-head form), "0"
-  // neither form.
+  // no form; "32" takes the token-row form wherever it fits.
   const char* env = std::getenv("FASTATTN_DECODE_HEAD_GROUP");
   const std::string_view switch_value = env ? env : "";
-  const bool wide_fits = decode_head_group_fits(p, sm90, kDecodeHeadGroupWide);
+  const bool unswitched = switch_value != "0" && switch_value != "1" && switch_value != "8";
   // One wave of a form's grid: its CTAs per SM on every SM.
   const auto wave = [&](int heads) { return std::int64_t(decode_head_group_ctas_per_sm(heads)) * info.sm_count; };
+  // The token-row form (32 heads, one CTA per SM) where a box is whole token rows of 8 KB
+  // (heads_kv = 32), batch CTAs fill one wave with no split and the cache is long
+  // (kDecodeHeadGroupRowsMinKeys): MHA batch 128 / 8k on the H200. There the no-math read drew
+  // 1.1-1.4% more from whole rows than from the per-head and four-head patterns, and the form ran
+  // 1.1-1.2% faster than the per-head kernel; at 1k 0.4-0.5% slower, and in 4 or 16 splits at MHA
+  // batch 32 and 8 / 8k no faster than the four-head form or the head pair (bench/NOTES.md,
+  // session 28).
+  const bool rows_fits = decode_head_group_fits(p, sm90, kDecodeHeadGroupRows);
+  const bool rows_heuristic = requested == 0 && p.heads_kv == kDecodeHeadGroupRows &&
+                              fills_one_wave(p.batch, wave(kDecodeHeadGroupRows)) &&
+                              max_keys >= kDecodeHeadGroupRowsMinKeys;
+  if (rows_fits && (switch_value == "32" || (unswitched && rows_heuristic))) return kDecodeHeadGroupRows;
+  const bool wide_fits = decode_head_group_fits(p, sm90, kDecodeHeadGroupWide);
   const bool wide_heuristic =
       requested == 0 && p.heads_kv == kDecodeHeadGroupWide && fills_one_wave(p.batch, wave(kDecodeHeadGroupWide));
   if (wide_fits && (switch_value == "8" || (switch_value != "0" && switch_value != "1" && wide_heuristic)))
@@ -224,13 +238,14 @@ int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int req
   if (p.head_pair) return 1;  // its grid is one wave already (decode_head_pair_applies)
   const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
   if (p.head_group) {
-    // Its CTAs (two per SM, or one for the wide form) stream 16-slot tiles of four (eight) heads;
-    // a tile costs a consumer warp about what a 64-key tile costs the per-head kernel's, hence the
-    // same price of a split.
+    // Its CTAs (two per SM, or one for the wide and token-row forms) stream 16-slot tiles of four
+    // (eight) heads, or 4-slot tiles of 32; a tile costs a consumer warp about what a 64-key tile
+    // costs the per-head kernel's, hence the same price of a split.
     const std::int64_t items = std::int64_t(p.batch) * (p.heads_kv / p.head_group);
     const std::int64_t wave = std::int64_t(decode_head_group_ctas_per_sm(p.head_group)) * info.sm_count;
     return core::choose_num_splits_if_paying(items, max_keys, wave, 2 * kDecodeBlockN, 128,
-                                             kDecodeHeadGroupSlots, decode_split_cost_blocks(true));
+                                             decode_head_group_tile_slots(p.head_group),
+                                             decode_split_cost_blocks(true));
   }
   const std::int64_t rows_per_kv = std::int64_t(p.group) * p.seqlen_q;
   const std::int64_t items = std::int64_t(p.batch) * p.heads_kv * ((rows_per_kv + 15) / 16);

@@ -87,12 +87,16 @@ struct DecodeSm90Config {
   /// runs of the two heads alternate, so a run's stride is kHeads runs (the head's own base is
   /// the caller's). R >= 8, so row % 8 is the row's place in the swizzle atom either way.
   struct KvLayout {
+    /// A row's place in the swizzle atom is the same in every column block.
+    static constexpr std::uint32_t kBlockXorBytes = 0;
     int run_shift;
     __device__ __forceinline__ int offset(int row, int chunk) const {
       const int in_run = row & ((1 << run_shift) - 1);
       return (row - in_run) * (kHeads * kHeadDim) + (chunk >> 3) * (64 << run_shift) + in_run * 64 +
              (((chunk & 7) ^ (row & 7)) << 3);
     }
+    /// Elements between a row's 64-column blocks.
+    __device__ __forceinline__ int block_elems() const { return 64 << run_shift; }
   };
   static constexpr int kTileElems = kBlockN * kHeadDim;     ///< one head's part of a stage
   static constexpr int kStageElems = kHeads * kTileElems;   ///< a K or a V stage

@@ -3,25 +3,29 @@
 // tile and tensor that spans all four heads: 16 slots x 4 heads x 128 columns, i.e. 16 runs of
 // 1 KB of the token-major (rows, slots, heads_kv, head_dim) cache. Its wide form takes
 // kDecodeHeadGroupWide (8) heads per CTA at one CTA per SM: at heads_kv = 8 a box is then 16
-// whole token rows, one whole page of 16 slots.
+// whole token rows, one whole page of 16 slots. Its token-row form takes kDecodeHeadGroupRows (32)
+// heads per CTA at one CTA per SM, a consumer warp per 4 heads and tiles of 4 slots: at heads_kv =
+// 32 (MHA) a box is 4 whole token rows of 8 KB, one 32 KB run.
 //
 // Why: decode_kernel_sm90.cuh gives each KV head its own CTA, so DRAM sees every head's 256-byte
 // rows 2 KB apart (GQA 8) from CTAs that drift apart in time; cuDNN reads a head-major copy whose
 // rows are contiguous. A no-math TMA read of the H200 (bench/NOTES.md, session 10) drew 4.42 TB/s
 // from the one-head pattern, 4.47 from head-major rows and 4.48 from boxes over four heads at
 // batch 32 / 8k (4.45 / 4.52 / 4.55 at batch 128 / 8k; pages of 16 likewise, a paged-16 tile
-// being one box instead of four per head).
+// being one box instead of four per head). At MHA, boxes of whole token rows read 1.1-1.4% faster
+// than the per-head and four-head patterns (batch 128 / 8k 4.62 TB/s; session 28).
 //
-// The math per warp is decode_tile_narrow.cuh's (its 16 keys of a tile are the whole tile here),
-// so the kernel takes what that takes: at most 8 packed query rows (group x seqlen_q), and here
-// head_dim exactly 128, heads_kv a multiple of the heads per CTA, a contiguous cache or pages of a
-// multiple of 16 slots (a tile never straddles two pages). A warp owns its head from the first tile to the
-// store: no merge between warps. Splits merge in the combine kernel. Out-of-range page ids read
-// as zeros, and rows a box brings in that no query may see are masked (K) and zeroed (V), as in
-// decode_kernel_sm90.cuh.
+// The math per warp is decode_tile_narrow.cuh's (its 16 keys of a tile are the whole tile here;
+// in the token-row form 4 slots of each of the warp's 4 heads), so the kernel takes what that
+// takes: at most 8 packed query rows per warp (group x seqlen_q, times 4 in the token-row form),
+// and here head_dim exactly 128, heads_kv a multiple of the heads per CTA, a contiguous cache or
+// pages of a multiple of the tile (a tile never straddles two pages). A warp owns its heads from
+// the first tile to the store: no merge between warps. Splits merge in the combine kernel.
+// Out-of-range page ids read as zeros, and rows a box brings in that no query may see are masked
+// (K) and zeroed (V), as in decode_kernel_sm90.cuh.
 //
-// Shared memory (1024-byte aligned after the barriers): Q as [head][column block][8 rows][64],
-// then S stages of K and of V, each [head][column block][16 slots][64]: the box's own order,
+// Shared memory (1024-byte aligned after the barriers): Q as [warp][column block][8 rows][64],
+// then S stages of K and of V, each [head][column block][slots][64]: the box's own order,
 // 128-byte swizzled (16-byte chunk c of a 128-byte row r at c ^ (r % 8)).
 #pragma once
 
@@ -29,38 +33,82 @@
 
 namespace fastattn::cuda_decode {
 
-/// kHeads_: kDecodeHeadGroup (two CTAs per SM) or kDecodeHeadGroupWide (one).
+/// A token-row warp's part of a stage, [head][column block][4 slots][64] for its 4 heads (the box's
+/// order), read as 16 MMA keys k = 4 head + slot. The 128-byte row of (key, block) is 8 head +
+/// 4 block + slot, so a row's place in the swizzle atom (row % 8) differs between its two column
+/// blocks: the second is 512 bytes on with chunk bit 2 flipped (kBlockXorBytes; see
+/// DecodeWarpStateNarrow::block_address).
+struct DecodeTokenRowLayout {
+  static constexpr std::uint32_t kBlockXorBytes = 64;
+  __device__ __forceinline__ int offset(int key, int chunk) const {
+    const int row = 8 * (key >> 2) + 4 * (chunk >> 3) + (key & 3);
+    return row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
+  }
+  __device__ __forceinline__ int block_elems() const { return 4 * 64; }
+};
+
+/// kHeads_: kDecodeHeadGroup (two CTAs per SM), kDecodeHeadGroupWide or kDecodeHeadGroupRows (one).
 template <int kHeads_>
 struct DecodeHeadGroupConfig {
   static constexpr int kHeadDim = kDecodeHeadGroupHeadDim;
-  static constexpr int kHeads = kHeads_;  ///< KV heads per CTA, one consumer warp each
-  static constexpr int kConsumerThreads = kHeads * 32;
+  static constexpr int kHeads = kHeads_;  ///< KV heads per CTA
+  static constexpr int kHeadsPerWarp = decode_head_group_heads_per_warp(kHeads);
+  static constexpr int kConsumerWarps = kHeads / kHeadsPerWarp;
+  static constexpr int kConsumerThreads = kConsumerWarps * 32;
   static constexpr int kThreads = kConsumerThreads + 64;  // + the K and the V producer warps
-  static constexpr int kBlockN = kDecodeHeadGroupSlots;   ///< slots per tile
-  static constexpr int kWarpKeys = kBlockN;               ///< DecodeWarpStateNarrow::attend's keys
-  static constexpr int kQRows = kDecodeNarrowRows;
-  static constexpr int kQHeadElems = kQRows * kHeadDim;
-  static constexpr int kHeadTileElems = kBlockN * kHeadDim;   ///< one head's part of a tile
-  static constexpr int kTileElems = kHeads * kHeadTileElems;  ///< one box: 16 KB (32 KB wide)
+  static constexpr int kBlockN = decode_head_group_tile_slots(kHeads);  ///< slots per tile
+  static constexpr int kWarpKeys = kBlockN;  ///< DecodeWarpStateNarrow::attend's slots per head
+  static constexpr int kQRows = kDecodeNarrowRows;  ///< a warp's packed query rows (the MMA's N)
+  static constexpr int kQWarpElems = kQRows * kHeadDim;
+  static constexpr int kHeadTileElems = kBlockN * kHeadDim;                ///< one head's part of a tile
+  static constexpr int kWarpTileElems = kHeadsPerWarp * kHeadTileElems;    ///< one warp's: 16 x 128
+  static constexpr int kTileElems = kHeads * kHeadTileElems;  ///< one box: 16 KB (32 KB wide, token rows)
   static constexpr int kStages = 3;
   static constexpr int kCtasPerSm = decode_head_group_ctas_per_sm(kHeads);
   static constexpr int kBarrierBytes = 256;
   static constexpr int kAlign = 1024;
-  static constexpr int kQBytes = kHeads * kQHeadElems * 2;
+  static constexpr int kQBytes = kConsumerWarps * kQWarpElems * 2;
   static constexpr int kSmemBytes = kBarrierBytes + kAlign + kQBytes + kStages * 2 * kTileElems * 2;
-  /// Q staged for load_q: [column block][8 rows][64] per head.
+  /// A warp's view of a stage: runs of 16 rows, [column block][16][64], or token rows.
+  using KvLayout = std::conditional_t<kHeadsPerWarp == 1, typename DecodeSm90Config<kHeadDim>::KvLayout,
+                                      DecodeTokenRowLayout>;
+  static __device__ __forceinline__ KvLayout kv_layout() {
+    if constexpr (kHeadsPerWarp == 1) return KvLayout{4};  // runs of 16 rows
+    else return KvLayout{};
+  }
+  /// Q staged for load_q: [column block][8 rows][64] per warp.
   static __device__ __forceinline__ int q_offset(int row, int chunk) {
     return (chunk >> 3) * (kQRows * 64) + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
   }
   // 228 KB per SM, 1 KB of it reserved per CTA; 227 KB at most for one CTA.
-  static_assert(kHeads == kDecodeHeadGroup || kHeads == kDecodeHeadGroupWide, "the two forms");
+  static_assert(kHeads == kDecodeHeadGroup || kHeads == kDecodeHeadGroupWide || kHeads == kDecodeHeadGroupRows,
+                "the three forms");
+  static_assert(kWarpTileElems == kDecodeHeadGroupSlots * kHeadDim, "a warp's 16 MMA keys per tile");
   static_assert(kCtasPerSm * (kSmemBytes + 1024) <= 228 * 1024 && kSmemBytes <= 227 * 1024, "the CTAs fit an SM");
-  static_assert(kQBytes % kAlign == 0 && (kHeadTileElems * 2) % kAlign == 0, "swizzle atoms stay aligned");
-  static_assert(kQRows * kHeadDim * 4 <= kHeadTileElems * 2, "a warp's output rows fit its part of a stage");
+  static_assert(kQBytes % kAlign == 0 && (kWarpTileElems * 2) % kAlign == 0, "swizzle atoms stay aligned");
+  static_assert(kQRows * kHeadDim * 4 <= kWarpTileElems * 2, "a warp's output rows fit its part of a stage");
   static_assert(4 * kStages * 8 <= kBarrierBytes, "barriers fit their region");
   static_assert(kQRows == kDecodeHeadGroupMaxRows, "the host's row bound is the narrow math's");
 };
 
+/// What column c (< 8) of a warp's MMA is (DecodeWarpStateNarrow: its packed query rows): row pm
+/// of KV head kvh, or none (ok false). first_head: the warp's first KV head; rows: group x seqlen_q.
+template <int kHeadsPerWarp>
+struct DecodeWarpColumn {
+  int kvh, pm;
+  bool ok;
+  __device__ __forceinline__ DecodeWarpColumn(int first_head, int rows, int c) {
+    if constexpr (kHeadsPerWarp == 1) {
+      kvh = first_head, pm = c, ok = c < rows;
+    } else {
+      const int h = c / rows;
+      ok = h < kHeadsPerWarp;
+      kvh = first_head + (ok ? h : 0), pm = c - h * rows;
+    }
+  }
+};
+
+/// Grid (num_splits, heads_kv / kHeads, batch).
 template <Dtype kDtype, int kHeads>
 __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads>::kThreads, DecodeHeadGroupConfig<kHeads>::kCtasPerSm)
     decode_kernel_sm90_head_group(const __grid_constant__ DecodeTmaParams tp) {
@@ -68,10 +116,12 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads>::kThreads, Decod
   using Cfg = DecodeHeadGroupConfig<kHeads>;
   using namespace cuda_detail;
   constexpr int BN = Cfg::kBlockN, S = Cfg::kStages, G = Cfg::kHeads, D = Cfg::kHeadDim;
+  constexpr int W = Cfg::kConsumerWarps, HPW = Cfg::kHeadsPerWarp;
+  using WarpColumn = DecodeWarpColumn<HPW>;
   const DecodeParams& p = tp.p;
 
   const int split = blockIdx.x, head0 = blockIdx.y * G, b = blockIdx.z;
-  const int rows = p.group * p.seqlen_q;  // <= kQRows (decode_head_group_fits)
+  const int rows = p.group * p.seqlen_q;  // <= kQRows / HPW (decode_head_group_fits)
   const DecodeSeq seq = resolve_decode_seq(p, b);
   const int pad = seq.pad, end = seq.end;
   const DecodeSplitRange range(p, pad, end, split, BN);
@@ -82,20 +132,20 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads>::kThreads, Decod
   const std::uint32_t raw = smem_u32(smem_raw);
   unsigned char* aligned = smem_raw + ((raw + Cfg::kBarrierBytes + Cfg::kAlign - 1) / Cfg::kAlign * Cfg::kAlign - raw);
   auto* sQ = reinterpret_cast<std::uint16_t*>(aligned);
-  std::uint16_t* sK0 = sQ + G * Cfg::kQHeadElems;
+  std::uint16_t* sK0 = sQ + W * Cfg::kQWarpElems;
   std::uint16_t* sV0 = sK0 + S * Cfg::kTileElems;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-  if (threadIdx.x == 0) bars.init(G);
+  if (threadIdx.x == 0) bars.init(W);
   __syncthreads();
   // The cache and the rotated q may come from the append kernel just before (dependent launch).
   pdl_wait_for_previous_kernel();
   pdl_let_next_kernel_launch();
 
-  if (warp >= G) {
-    // ---- producers: warp G loads K, warp G + 1 V; lane 0 issues each tile's box, every lane
+  if (warp >= W) {
+    // ---- producers: warp W loads K, warp W + 1 V; lane 0 issues each tile's box, every lane
     // arrives (and helps write the zeros of a page id outside the cache).
-    const bool is_k = warp == G;
+    const bool is_k = warp == W;
     const CUtensorMap* map = is_k ? &tp.k_map : &tp.v_map;
     std::uint16_t* s0 = is_k ? sK0 : sV0;
     std::uint64_t* full = is_k ? full_k : full_v;
@@ -122,33 +172,34 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads>::kThreads, Decod
     return;
   }
 
-  // ---- consumers: warp w attends KV head head0 + w over every tile of the split ---------------
-  const int kvh = head0 + warp;
+  // ---- consumers: warp w attends KV heads head0 + w HPW .. + HPW - 1 over every tile of the split
+  const int kvh0 = head0 + warp * HPW;
   {
     const auto* gq = static_cast<const std::uint16_t*>(p.q);
     constexpr int kChunks = D / 8;
-    for (int idx = threadIdx.x; idx < G * Cfg::kQRows * kChunks; idx += Cfg::kConsumerThreads) {
-      const int h = idx / (Cfg::kQRows * kChunks), r = idx / kChunks % Cfg::kQRows, ch = idx % kChunks;
-      const bool ok = r < rows;
-      const std::int64_t off = ok ? b * p.q_batch_stride + std::int64_t(r % p.seqlen_q) * p.q_row_stride +
-                                        std::int64_t((head0 + h) * p.group + r / p.seqlen_q) * p.q_head_stride + ch * 8
-                                  : 0;
-      cuda_prefill::cp_async_16(sQ + h * Cfg::kQHeadElems + Cfg::q_offset(r, ch), gq + off, ok);
+    for (int idx = threadIdx.x; idx < W * Cfg::kQRows * kChunks; idx += Cfg::kConsumerThreads) {
+      const int w = idx / (Cfg::kQRows * kChunks), c = idx / kChunks % Cfg::kQRows, ch = idx % kChunks;
+      const WarpColumn col(head0 + w * HPW, rows, c);
+      const std::int64_t off = col.ok ? b * p.q_batch_stride + std::int64_t(col.pm % p.seqlen_q) * p.q_row_stride +
+                                            std::int64_t(col.kvh * p.group + col.pm / p.seqlen_q) * p.q_head_stride +
+                                            ch * 8
+                                      : 0;
+      cuda_prefill::cp_async_16(sQ + w * Cfg::kQWarpElems + Cfg::q_offset(c, ch), gq + off, col.ok);
     }
     cute::cp_async_fence();
     cute::cp_async_wait<0>();
     named_barrier_sync(1, Cfg::kConsumerThreads);
   }
-  const typename DecodeSm90Config<D>::KvLayout kv{4};  // runs of 16 rows: [column block][16][64]
-  static_assert(1 << 4 == BN, "one run per head and tile");
-  DecodeWarpStateNarrow<D> st;
-  st.init(p, b, kvh, pad, end, lane);
+  const typename Cfg::KvLayout kv = Cfg::kv_layout();
+  using WarpState = DecodeWarpStateNarrow<D, HPW>;
+  WarpState st;
+  st.init(p, b, kvh0, pad, end, lane);
   st.bind_layout(kv, 0, lane);
-  st.template load_q<Cfg>(sQ + warp * Cfg::kQHeadElems, lane);
-  const int head_off = warp * Cfg::kHeadTileElems;
+  st.template load_q<Cfg>(sQ + warp * Cfg::kQWarpElems, lane);
+  const int warp_off = warp * Cfg::kWarpTileElems;
   for (int tile = range.t_begin, stage = 0, phase = 0; tile < range.t_end; ++tile) {
-    const std::uint16_t* sK = sK0 + stage * Cfg::kTileElems + head_off;
-    std::uint16_t* sV = sV0 + stage * Cfg::kTileElems + head_off;
+    const std::uint16_t* sK = sK0 + stage * Cfg::kTileElems + warp_off;
+    std::uint16_t* sV = sV0 + stage * Cfg::kTileElems + warp_off;
     mbar_wait(&full_k[stage], phase);
     const int n0 = tile * BN;
     const bool edge = n0 < range.lo || n0 + BN > range.hi;
@@ -157,10 +208,10 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads>::kThreads, Decod
       mbar_wait(&full_v[stage], phase);
       if (edge) {
         // V rows outside [lo, hi): zeros (0 x NaN would be NaN).
-        for (int idx = lane; idx < BN * (D / 8); idx += 32) {
-          const int r = idx / (D / 8), ch = idx % (D / 8);
-          if (n0 + r < range.lo || n0 + r >= range.hi)
-            *reinterpret_cast<uint4*>(sV + kv.offset(r, ch)) = make_uint4(0, 0, 0, 0);
+        for (int idx = lane; idx < kDecodeHeadGroupSlots * (D / 8); idx += 32) {
+          const int key = idx / (D / 8), ch = idx % (D / 8), slot = n0 + WarpState::key_slot(key);
+          if (slot < range.lo || slot >= range.hi)
+            *reinterpret_cast<uint4*>(sV + kv.offset(key, ch)) = make_uint4(0, 0, 0, 0);
         }
         __syncwarp();
       }
@@ -170,32 +221,34 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads>::kThreads, Decod
     if (++stage == S) stage = 0, phase ^= 1;
   }
 
-  // ---- the head's rows, normalised, through the warp's part of stage 0's K (every tile has
-  // landed and been read; no copy writes there any more), stored four values at a time.
-  float* orows = reinterpret_cast<float*>(sK0 + head_off);  // [row][D]
+  // ---- the warp's columns, normalised, through its part of stage 0's K (every tile has landed
+  // and been read; no copy writes there any more), stored four values at a time.
+  float* orows = reinterpret_cast<float*>(sK0 + warp_off);  // [column][D]
   constexpr float kLn2 = 0.6931471805599453f;
   const int g = lane / 4, t = lane % 4;
   float lse[2];
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
-    const int r = 2 * t + e;
+    const int c = 2 * t + e;
     const float sum = key_lanes_sum(st.row_sum[e]);
     const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;  // no key: output 0
     lse[e] = sum > 0.0f ? (st.row_max[e] + __log2f(sum)) * kLn2 : -INFINITY;
-    if (r < rows) {
+    if (WarpColumn(kvh0, rows, c).ok) {
 #pragma unroll
       for (int mt = 0; mt < D / 16; ++mt) {
-        orows[r * D + 16 * mt + g] = st.acc_o[mt][e] * inv;
-        orows[r * D + 16 * mt + g + 8] = st.acc_o[mt][2 + e] * inv;
+        orows[c * D + 16 * mt + g] = st.acc_o[mt][e] * inv;
+        orows[c * D + 16 * mt + g + 8] = st.acc_o[mt][2 + e] * inv;
       }
     }
   }
   __syncwarp();
-  for (int r = 0; r < rows; ++r) {
-    const float row_lse = __shfl_sync(0xffffffffu, r & 1 ? lse[1] : lse[0], r >> 1);  // lane t = r / 2 holds it
-    const int c = lane * 4;
-    decode_store_value4<kDtype>(p, b, kvh, r, split, c, *reinterpret_cast<const float4*>(orows + r * D + c),
-                                row_lse);
+  const int columns = HPW == 1 ? rows : HPW * rows;
+  for (int c = 0; c < columns; ++c) {
+    const WarpColumn col(kvh0, rows, c);
+    const float col_lse = __shfl_sync(0xffffffffu, c & 1 ? lse[1] : lse[0], c >> 1);  // lane t = c / 2 holds it
+    const int c4 = lane * 4;
+    decode_store_value4<kDtype>(p, b, col.kvh, col.pm, split, c4, *reinterpret_cast<const float4*>(orows + c * D + c4),
+                                col_lse);
   }
 #endif
 }
@@ -230,7 +283,8 @@ void launch_decode_sm90_head_group_form(const DecodeParams& p, cudaStream_t stre
 /// The form the planner took: p.head_group KV heads per CTA.
 template <Dtype kDtype>
 void launch_decode_sm90_head_group(const DecodeParams& p, cudaStream_t stream) {
-  if (p.head_group == kDecodeHeadGroupWide) launch_decode_sm90_head_group_form<kDtype, kDecodeHeadGroupWide>(p, stream);
+  if (p.head_group == kDecodeHeadGroupRows) launch_decode_sm90_head_group_form<kDtype, kDecodeHeadGroupRows>(p, stream);
+  else if (p.head_group == kDecodeHeadGroupWide) launch_decode_sm90_head_group_form<kDtype, kDecodeHeadGroupWide>(p, stream);
   else if (p.head_group == kDecodeHeadGroup) launch_decode_sm90_head_group_form<kDtype, kDecodeHeadGroup>(p, stream);
   else throw Error("decode: the head-group kernel got no form to run (an internal planning error)");
 }

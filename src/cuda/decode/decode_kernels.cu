@@ -5,7 +5,7 @@
 //                         MergeAccumulator) into out and LSE.
 // The attention kernels (decode_kernel.cuh: cp.async, sm_80+; decode_kernel_sm90.cuh: bulk
 // copies, sm_90, one KV head per CTA or a pair; decode_kernel_sm90_head_group.cuh: bulk copies
-// over four or eight KV heads) are compiled per head_dim / dtype under src/cuda/instances/. All
+// over four, eight or 32 KV heads) are compiled per head_dim / dtype under src/cuda/instances/. All
 // of it runs on the caller's stream with no host synchronisation.
 #include <cuda_runtime_api.h>
 

@@ -118,10 +118,10 @@ struct DecodeParams {
   /// the two merges round differently).
   bool splits_fixed = false;
   /// Set by the planner (decode_head_group_applies): KV heads per CTA of the head-group kernel
-  /// (decode_kernel_sm90_head_group.cuh) that attention runs, kDecodeHeadGroup or
-  /// kDecodeHeadGroupWide, its CTAs (split, group of that many KV heads, b), and num_splits was
-  /// chosen for that grid; 0 when it does not run it. run_decode sets 0 when the sm_90 kernel is
-  /// not taken (an empty cache).
+  /// (decode_kernel_sm90_head_group.cuh) that attention runs, kDecodeHeadGroup,
+  /// kDecodeHeadGroupWide or kDecodeHeadGroupRows, its CTAs (split, group of that many KV heads,
+  /// b), and num_splits was chosen for that grid; 0 when it does not run it. run_decode sets 0
+  /// when the sm_90 kernel is not taken (an empty cache).
   int head_group = 0;
   /// Set by the planner (decode_head_pair_applies): attention runs the sm_90 kernel's head-pair
   /// form (decode_kernel_sm90.cuh, kHeads = 2), its CTAs (split, pair of KV heads, b). run_decode
@@ -208,19 +208,37 @@ constexpr int kDecodeHeadGroupWide = 8;
 constexpr int kDecodeHeadGroupSlots = 16;
 constexpr int kDecodeHeadGroupHeadDim = 128;
 constexpr int kDecodeHeadGroupMaxRows = 8;
+/// Its token-row form: 32 KV heads per CTA (one CTA per SM), so at heads_kv = 32 a box is whole
+/// token rows; a consumer warp attends 4 heads, and a tile is 4 slots (the 16 MMA keys of a warp
+/// are 4 heads x 4 slots), 32 KB per tensor.
+constexpr int kDecodeHeadGroupRows = 32;
+constexpr int kDecodeTokenRowHeadsPerWarp = 4;
+/// The heuristic takes the token-row form only for caches of at least this many slots: on the H200
+/// it gained 1.1-1.2% at MHA batch 128 / 8k and lost 0.4-0.5% at 1k (bench/NOTES.md, session 28).
+constexpr std::int64_t kDecodeHeadGroupRowsMinKeys = 8192;
+
+/// KV heads per consumer warp, and slots per tile, of the head-group form with `heads` per CTA.
+constexpr int decode_head_group_heads_per_warp(int heads) {
+  return heads == kDecodeHeadGroupRows ? kDecodeTokenRowHeadsPerWarp : 1;
+}
+constexpr int decode_head_group_tile_slots(int heads) {
+  return kDecodeHeadGroupSlots / decode_head_group_heads_per_warp(heads);
+}
 
 /// CTAs per SM of the head-group kernel with `heads` KV heads per CTA: its shared memory fits two
-/// CTAs of the four-head form on an SM, one of the wide form (DecodeHeadGroupConfig checks it).
-constexpr int decode_head_group_ctas_per_sm(int heads) { return heads == kDecodeHeadGroupWide ? 1 : 2; }
+/// CTAs of the four-head form on an SM, one of the wide and token-row forms (DecodeHeadGroupConfig
+/// checks it).
+constexpr int decode_head_group_ctas_per_sm(int heads) { return heads == kDecodeHeadGroup ? 2 : 1; }
 
-/// Whether p's shape fits the head-group kernel with `heads` KV heads per CTA (kDecodeHeadGroup or
-/// kDecodeHeadGroupWide) on a device that runs the sm_90 kernel: head_dim 128, heads_kv a multiple
-/// of `heads`, at most 8 packed query rows per KV head, and a contiguous cache or pages of a
-/// multiple of 16 slots.
+/// Whether p's shape fits the head-group kernel with `heads` KV heads per CTA (kDecodeHeadGroup,
+/// kDecodeHeadGroupWide or kDecodeHeadGroupRows) on a device that runs the sm_90 kernel: head_dim
+/// 128, heads_kv a multiple of `heads`, at most 8 packed query rows per consumer warp (group x
+/// seqlen_q per KV head, times the warp's heads), and a contiguous cache or pages of a multiple of
+/// the form's tile (16 slots; 4 for the token-row form).
 inline bool decode_head_group_fits(const DecodeParams& p, bool sm90_kernel, int heads = kDecodeHeadGroup) {
   return sm90_kernel && p.head_dim == kDecodeHeadGroupHeadDim && p.heads_kv % heads == 0 &&
-         std::int64_t(p.group) * p.seqlen_q <= kDecodeHeadGroupMaxRows &&
-         (p.page_size == 0 || p.page_size % kDecodeHeadGroupSlots == 0);
+         std::int64_t(p.group) * p.seqlen_q * decode_head_group_heads_per_warp(heads) <= kDecodeHeadGroupMaxRows &&
+         (p.page_size == 0 || p.page_size % decode_head_group_tile_slots(heads) == 0);
 }
 
 /// The sm_90 kernel's head-pair form (two KV heads per CTA, one CTA per SM): the one head_dim it

@@ -34,13 +34,17 @@ std::int64_t set_page_table(const check::ArgChecker& c, DecodeParams& p, const c
                             const std::optional<TensorView>& page_indices, const std::string& k_name);
 
 /// Which head-group kernel form the call runs (DecodeParams::head_group: KV heads per CTA, 0 for
-/// none). The wide form (kDecodeHeadGroupWide) where its shape fits (decode_head_group_fits with 8
-/// heads) and FASTATTN_DECODE_HEAD_GROUP is "8", or it is unset, num_splits is the heuristic's
-/// (`requested` 0), heads_kv is 8 and batch CTAs fill between 15/16 of one wave of one per SM and
-/// one wave. Else the four-head form where it fits and the switch is "1", or it is unset,
-/// `requested` is 0 and batch x heads_kv / 4 CTAs fill between 15/16 of one wave of two per SM and
-/// one wave, whatever the cache length. "0" takes neither.
-int decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p, int requested);
+/// none). The token-row form (kDecodeHeadGroupRows) where its shape fits (decode_head_group_fits
+/// with 32 heads) and FASTATTN_DECODE_HEAD_GROUP is "32", or it is unset, num_splits is the
+/// heuristic's (`requested` 0), heads_kv is 32, batch CTAs fill between 15/16 of one wave of one
+/// per SM and one wave, and `max_keys` (the host's bound on every sequence's keys) is at least
+/// kDecodeHeadGroupRowsMinKeys. Else the wide form (kDecodeHeadGroupWide) where it fits and the
+/// switch is "8", or it is unset (or "32"), `requested` is 0, heads_kv is 8 and batch CTAs fill one
+/// wave of one per SM as above. Else the four-head form where it fits and the switch is "1", or it
+/// is unset (or "32", "8"), `requested` is 0 and batch x heads_kv / 4 CTAs fill between 15/16 of
+/// one wave of two per SM and one wave, whatever the cache length. "0" takes none.
+int decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p, int requested,
+                              std::int64_t max_keys);
 
 /// Whether the call runs the sm_90 kernel's head-pair form (DecodeParams::head_pair): not the
 /// head-group kernel (p.head_group, decided first), its shape fits (decode_head_pair_fits) and

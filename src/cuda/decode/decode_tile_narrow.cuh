@@ -17,6 +17,12 @@
 //   acc_o[mt][2..3] = (dim 16 mt + g + 8, rows 2t, 2t + 1).
 // P^T as the B operand needs (keys 2t, 2t + 1; row g): the transpose of the S^T fragment, done
 // in registers by movmatrix.
+//
+// With kHeadsPerWarp = 4 (the head-group kernel's token-row form, MHA) a warp attends four KV heads
+// at once: its 16 MMA keys are 4 heads x 4 slots (key k: head k / 4, slot k % 4) and its 8 columns
+// the heads' packed rows one head after the other (column c: head c / rows, row c % rows). A score
+// whose key and column belong to different heads is masked to -inf, so each column's softmax and
+// P V see only its own head's keys and values.
 #pragma once
 
 #include <cute/arch/copy_sm75.hpp>
@@ -65,9 +71,12 @@ __device__ __forceinline__ float key_lanes_sum(float x) {
 
 /// One warp's state over the CTA's (<= 8) packed rows: O^T fragments, Q^T fragments, and per
 /// lane the running max (log2 domain) and this lane's share of the sum for rows 2t and 2t + 1.
-template <int kHeadDim>
+/// kHeadsPerWarp: 1, or 4 (see the file comment; then "row" means the warp's column).
+template <int kHeadDim, int kHeadsPerWarp = 1>
 struct DecodeWarpStateNarrow {
   static constexpr int KS = kHeadDim / 16;  ///< k16 steps of Q K^T, and 16-dim tiles of O^T
+  static constexpr int kKeySlots = 16 / kHeadsPerWarp;  ///< slots per head among the 16 MMA keys
+  static_assert(kHeadsPerWarp == 1 || kHeadsPerWarp == 4, "one head per warp, or 4 heads of 4 slots");
   float acc_o[KS][4];
   std::uint32_t q_frag[KS][2];  ///< B fragments of Q^T: (dims 16 ks + 2t .., row g), (+ 8 ..)
   float row_max[2], row_sum[2];
@@ -77,13 +86,31 @@ struct DecodeWarpStateNarrow {
   std::uint32_t k_lane, v_lane, block_bytes;
   DecodePlainKeys plain_keys;
   float scale_log2;  ///< softmax scale * log2(e)
+  /// kHeadsPerWarp > 1: bit 2 kh + e set where s[2 kh + e] (key g + 8 kh, column 2t + e) pairs a
+  /// key and a column of the same head.
+  std::uint32_t same_head = 0xfu;
 
+  /// kvh: the warp's (first) KV head.
   __device__ __forceinline__ void init(const DecodeParams& p, int b, int kvh, int pad, int end, int lane) {
     plain_keys.init(p, pad, end);
     scale_log2 = p.scale * 1.4426950408889634f;
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      row[e].init(p, b, kvh, 2 * (lane % 4) + e, end);
+      const int col = 2 * (lane % 4) + e;
+      if constexpr (kHeadsPerWarp == 1) {
+        row[e].init(p, b, kvh, col, end);
+      } else {
+        // Column col is row col % rows of head col / rows; columns past the warp's heads get a
+        // row index the head does not have (never stored).
+        const int rows = p.group * p.seqlen_q, head = col / rows;
+        const bool ok = head < kHeadsPerWarp;
+        row[e].init(p, b, kvh + (ok ? head : 0), ok ? col - head * rows : rows, end);
+#pragma unroll
+        for (int kh = 0; kh < 2; ++kh) {
+          const int key = lane / 4 + 8 * kh;
+          if (key / kKeySlots != head) same_head &= ~(1u << (2 * kh + e));
+        }
+      }
       row_max[e] = -INFINITY;
       row_sum[e] = 0.0f;
     }
@@ -96,12 +123,13 @@ struct DecodeWarpStateNarrow {
   /// The ldmatrix addresses of this lane for a stage laid out by `kv` (a 128-byte-swizzled layout
   /// whose 64-column blocks are block_bytes apart and whose rows start on 128 bytes): chunk c of a
   /// row sits at chunk (c ^ row) & 7 of its block, so with c = 2j + h (j < 4) the address is the
-  /// h-chunk's address XOR 32 j bytes.
+  /// h-chunk's address XOR 32 j bytes. (Where a row's place in the swizzle atom differs between
+  /// its blocks, the layout's kBlockXorBytes says how: see block_address.)
   template <class KvLayout>
   __device__ __forceinline__ void bind_layout(const KvLayout& kv, int key0, int lane) {
     k_lane = 2 * kv.offset(key0 + (lane % 8) + ((lane / 8) % 2) * 8, lane / 16);
     v_lane = 2 * kv.offset(key0 + (lane % 8) + (lane / 16) * 8, (lane / 8) % 2);
-    block_bytes = 2 * (kv.offset(0, 8) - kv.offset(0, 0));
+    block_bytes = 2 * kv.block_elems();
     // Opaque to the compiler: kept in registers, not recomputed from the thread index every tile
     // (it did, ~20 instructions per tile).
     asm volatile("" : "+r"(k_lane), "+r"(v_lane), "+r"(block_bytes));
@@ -119,8 +147,18 @@ struct DecodeWarpStateNarrow {
           q_frag[2 * i][0], q_frag[2 * i][1], q_frag[2 * i + 1][0], q_frag[2 * i + 1][1]);
   }
 
-  /// Attends the warp's 16 keys (rows key0 .. key0 + 15 of the staged tile, slots n0 + key0 ...),
-  /// addressed as bind_layout said. sQ and kv are unused (Q is in q_frag); the signature matches
+  /// The address of 64-column block cb of the lane's ldmatrix row, from block 0's.
+  template <class KvLayout>
+  __device__ __forceinline__ std::uint32_t block_address(std::uint32_t addr0, int cb) const {
+    return (addr0 + cb * block_bytes) ^ (cb * KvLayout::kBlockXorBytes);
+  }
+
+  /// Slot of MMA key `key` from the warp's first slot.
+  static __device__ __forceinline__ int key_slot(int key) { return kHeadsPerWarp == 1 ? key : key % kKeySlots; }
+
+  /// Attends the warp's 16 keys (rows key0 .. key0 + 15 of the staged tile, slots n0 + key0 ...;
+  /// with kHeadsPerWarp > 1, 4 slots n0 + key0 ... of each of its heads), addressed as bind_layout
+  /// said. sQ and kv are unused (Q is in q_frag); the signature matches
   /// DecodeWarpState::attend.
   template <class Cfg, Dtype kDtype, class KvLayout, class KDone = DecodeNoHook, class VWait = DecodeNoHook>
   __device__ __forceinline__ void attend(const DecodeParams& p, const std::uint16_t* /*sQ*/,
@@ -136,7 +174,7 @@ struct DecodeWarpStateNarrow {
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
       std::uint32_t a[4];
-      ldsm_x4((k_addr + (ks / 4) * block_bytes) ^ ((ks % 4) * 32), a);
+      ldsm_x4(block_address<KvLayout>(k_addr, ks / 4) ^ ((ks % 4) * 32), a);
       float* d = c[ks % 2];
       Traits::Mma::fma(d[0], d[1], d[2], d[3], a[0], a[1], a[2], a[3], q_frag[ks][0], q_frag[ks][1], d[0], d[1],
                        d[2], d[3]);
@@ -153,7 +191,10 @@ struct DecodeWarpStateNarrow {
     float tile_max[2];
     if (plain) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) s[j] *= scale_log2;
+      for (int j = 0; j < 4; ++j) {
+        s[j] *= scale_log2;
+        if constexpr (kHeadsPerWarp > 1) s[j] = same_head >> j & 1u ? s[j] : -INFINITY;
+      }
 #pragma unroll
       for (int e = 0; e < 2; ++e) tile_max[e] = fmaxf(s[e], s[2 + e]);
     } else {
@@ -162,7 +203,8 @@ struct DecodeWarpStateNarrow {
         tile_max[e] = -INFINITY;
 #pragma unroll
         for (int kh = 0; kh < 2; ++kh) {
-          const float x = row[e].score(p, s[2 * kh + e], k_first + g + 8 * kh, pad, end);
+          float x = row[e].score(p, s[2 * kh + e], k_first + key_slot(g + 8 * kh), pad, end);
+          if constexpr (kHeadsPerWarp > 1) x = same_head >> (2 * kh + e) & 1u ? x : -INFINITY;
           s[2 * kh + e] = x;
           tile_max[e] = fmaxf(tile_max[e], x);
         }
@@ -209,7 +251,7 @@ struct DecodeWarpStateNarrow {
 #pragma unroll
     for (int mt = 0; mt < KS; ++mt) {
       std::uint32_t a[4];
-      ldsm_x4_trans((v_addr + (mt / 4) * block_bytes) ^ ((mt % 4) * 32), a);
+      ldsm_x4_trans(block_address<KvLayout>(v_addr, mt / 4) ^ ((mt % 4) * 32), a);
       float* o = acc_o[mt];
       Traits::Mma::fma(o[0], o[1], o[2], o[3], a[0], a[1], a[2], a[3], b0, b1, o[0], o[1], o[2], o[3]);
     }
