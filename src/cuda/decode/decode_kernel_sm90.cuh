@@ -144,7 +144,8 @@ struct DecodeSm90Config {
 
 /// The ring's barriers at the start of shared memory, [full_k | full_v | empty_k | empty_v] x
 /// kStages: a stage's K and V each have a full barrier (one arrival per lane of the tensor's
-/// producer warp, with the bytes of its boxes) and an empty one (one arrival per consumer warp).
+/// producer warp, with the bytes of its boxes) and an empty one (one arrival per consumer warp, or
+/// per consumer lane: see init).
 template <int kStages>
 struct DecodeRingBarriers {
   std::uint64_t *full_k, *full_v, *empty_k, *empty_v;
@@ -153,14 +154,15 @@ struct DecodeRingBarriers {
         full_v(full_k + kStages),
         empty_k(full_v + kStages),
         empty_v(empty_k + kStages) {}
-  /// By one thread; the CTA synchronises before any use.
-  __device__ __forceinline__ void init(int consumer_warps) const {
+  /// By one thread; the CTA synchronises before any use. empty_arrivals: the consumer warps, or
+  /// what else the kernel counts (the head-group kernel's token-row form: its consumer lanes).
+  __device__ __forceinline__ void init(int empty_arrivals) const {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     for (int s = 0; s < kStages; ++s) {
       cuda_detail::mbar_init(&full_k[s], 32);
       cuda_detail::mbar_init(&full_v[s], 32);
-      cuda_detail::mbar_init(&empty_k[s], consumer_warps);
-      cuda_detail::mbar_init(&empty_v[s], consumer_warps);
+      cuda_detail::mbar_init(&empty_k[s], empty_arrivals);
+      cuda_detail::mbar_init(&empty_v[s], empty_arrivals);
     }
     cuda_detail::mbar_fence_init();
 #endif

@@ -68,6 +68,12 @@ struct DecodeHeadGroupConfig {
   static constexpr int kBarrierBytes = 256;
   static constexpr int kAlign = 1024;
   static constexpr int kQBytes = kConsumerWarps * kQWarpElems * 2;
+  /// Arrivals that empty a stage: one per consumer warp, after its lanes sync; in the token-row
+  /// form one per consumer lane. There a page's consecutive tiles of a page id outside the cache
+  /// take turns in the stages, so the producer's zeros (plain stores) go to a stage right after
+  /// the consumers' reads of the zeros before; compute-sanitizer's racecheck orders a lane's reads
+  /// before a later write only through that lane's own arrival (bench/NOTES.md, session 28).
+  static constexpr int kEmptyArrivals = kHeadsPerWarp == 1 ? kConsumerWarps : kConsumerThreads;
   static constexpr int kSmemBytes = kBarrierBytes + kAlign + kQBytes + kStages * 2 * kTileElems * 2;
   /// A warp's view of a stage: runs of 16 rows, [column block][16][64], or token rows.
   using KvLayout = std::conditional_t<kHeadsPerWarp == 1, typename DecodeSm90Config<kHeadDim>::KvLayout,
@@ -136,7 +142,7 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads>::kThreads, Decod
   std::uint16_t* sV0 = sK0 + S * Cfg::kTileElems;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-  if (threadIdx.x == 0) bars.init(W);
+  if (threadIdx.x == 0) bars.init(Cfg::kEmptyArrivals);
   __syncthreads();
   // The cache and the rotated q may come from the append kernel just before (dependent launch).
   pdl_wait_for_previous_kernel();
@@ -203,7 +209,16 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads>::kThreads, Decod
     mbar_wait(&full_k[stage], phase);
     const int n0 = tile * BN;
     const bool edge = n0 < range.lo || n0 + BN > range.hi;
-    const auto k_done = [&] { warp_release_stage(&empty_k[stage], lane); };
+    // A stage read: one arrival per warp, or per lane in the token-row form (kEmptyArrivals).
+    const auto release = [&](std::uint64_t* empty) {
+      if constexpr (HPW == 1) {
+        warp_release_stage(empty, lane);
+      } else {
+        fence_proxy_async_smem();
+        mbar_arrive(empty);
+      }
+    };
+    const auto k_done = [&] { release(&empty_k[stage]); };
     const auto v_wait = [&] {
       mbar_wait(&full_v[stage], phase);
       if (edge) {
@@ -217,12 +232,13 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads>::kThreads, Decod
       }
     };
     st.template attend<Cfg, kDtype>(p, sQ, sK, sV, kv, n0, 0, pad, end, lane, k_done, v_wait);
-    warp_release_stage(&empty_v[stage], lane);  // also orders the edge tiles' zeros before the refill
+    release(&empty_v[stage]);  // also orders the edge tiles' zeros before the refill
     if (++stage == S) stage = 0, phase ^= 1;
   }
 
   // ---- the warp's columns, normalised, through its part of stage 0's K (every tile has landed
   // and been read; no copy writes there any more), stored four values at a time.
+  if constexpr (HPW > 1) __syncwarp();  // every lane's reads before any lane's writes (no warp_release_stage)
   float* orows = reinterpret_cast<float*>(sK0 + warp_off);  // [column][D]
   constexpr float kLn2 = 0.6931471805599453f;
   const int g = lane / 4, t = lane % 4;
