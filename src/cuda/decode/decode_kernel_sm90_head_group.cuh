@@ -286,7 +286,8 @@ void launch_decode_sm90_head_group_form(const DecodeParams& p, cudaStream_t stre
   const std::int64_t slots = paged ? p.page_size : p.cache_len;
   const std::int64_t cache_rows = paged ? p.num_pages : p.cache_rows;
   // The maps of decode_kernel_sm90.cuh (64 columns x slots x column blocks x heads_kv x rows),
-  // with a box of 16 slots, both column blocks and the CTA's kHeads heads.
+  // with a box of a tile's slots (16; 4 in the token-row form), both column blocks and the CTA's
+  // kHeads heads. (box_run_shift is the per-head kernel's; this kernel has its own layouts.)
   const int box[5] = {64, Cfg::kBlockN, tp.box_blocks, Cfg::kHeads, 1};
   const std::int64_t dims[5] = {64, slots, tp.box_blocks, p.heads_kv, cache_rows};
   const std::int64_t k_strides[5] = {1, p.k_row_stride, 64, p.k_head_stride, p.k_batch_stride};
