@@ -185,7 +185,12 @@ int decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p,
   // no form; "32" takes the token-row form wherever it fits.
   const char* env = std::getenv("FASTATTN_DECODE_HEAD_GROUP");
   const std::string_view switch_value = env ? env : "";
+  // A form is taken where it fits and the switch names it, or the switch leaves the choice to the
+  // heuristic (unset or "32") and the heuristic takes it.
   const bool unswitched = switch_value != "0" && switch_value != "1" && switch_value != "8";
+  const auto takes = [&](std::string_view name, bool fits, bool heuristic) {
+    return fits && (switch_value == name || (unswitched && heuristic));
+  };
   // One wave of a form's grid: its CTAs per SM on every SM.
   const auto wave = [&](int heads) { return std::int64_t(decode_head_group_ctas_per_sm(heads)) * info.sm_count; };
   // The token-row form (32 heads, one CTA per SM) where a box is whole token rows of 8 KB
@@ -199,12 +204,11 @@ int decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p,
   const bool rows_heuristic = requested == 0 && p.heads_kv == kDecodeHeadGroupRows &&
                               fills_one_wave(p.batch, wave(kDecodeHeadGroupRows)) &&
                               max_keys >= kDecodeHeadGroupRowsMinKeys;
-  if (rows_fits && (switch_value == "32" || (unswitched && rows_heuristic))) return kDecodeHeadGroupRows;
+  if (takes("32", rows_fits, rows_heuristic)) return kDecodeHeadGroupRows;
   const bool wide_fits = decode_head_group_fits(p, sm90, kDecodeHeadGroupWide);
   const bool wide_heuristic =
       requested == 0 && p.heads_kv == kDecodeHeadGroupWide && fills_one_wave(p.batch, wave(kDecodeHeadGroupWide));
-  if (wide_fits && (switch_value == "8" || (switch_value != "0" && switch_value != "1" && wide_heuristic)))
-    return kDecodeHeadGroupWide;
+  if (takes("8", wide_fits, wide_heuristic)) return kDecodeHeadGroupWide;
   const bool fits = decode_head_group_fits(p, sm90);
   // Where its grid is one full wave of two CTAs per SM (15/16 of one at least) with no split.
   // Measured on the H200 (graph replay, bench/NOTES.md sessions 10 and 11): batch 128 / 1k-4k GQA

@@ -97,23 +97,6 @@ struct DecodeHeadGroupConfig {
   static_assert(kQRows == kDecodeHeadGroupMaxRows, "the host's row bound is the narrow math's");
 };
 
-/// What column c (< 8) of a warp's MMA is (DecodeWarpStateNarrow: its packed query rows): row pm
-/// of KV head kvh, or none (ok false). first_head: the warp's first KV head; rows: group x seqlen_q.
-template <int kHeadsPerWarp>
-struct DecodeWarpColumn {
-  int kvh, pm;
-  bool ok;
-  __device__ __forceinline__ DecodeWarpColumn(int first_head, int rows, int c) {
-    if constexpr (kHeadsPerWarp == 1) {
-      kvh = first_head, pm = c, ok = c < rows;
-    } else {
-      const int h = c / rows;
-      ok = h < kHeadsPerWarp;
-      kvh = first_head + (ok ? h : 0), pm = c - h * rows;
-    }
-  }
-};
-
 /// Grid (num_splits, heads_kv / kHeads, batch).
 template <Dtype kDtype, int kHeads>
 __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads>::kThreads, DecodeHeadGroupConfig<kHeads>::kCtasPerSm)
@@ -258,8 +241,7 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads>::kThreads, Decod
     }
   }
   __syncwarp();
-  const int columns = HPW == 1 ? rows : HPW * rows;
-  for (int c = 0; c < columns; ++c) {
+  for (int c = 0; c < HPW * rows; ++c) {
     const WarpColumn col(kvh0, rows, c);
     const float col_lse = __shfl_sync(0xffffffffu, c & 1 ? lse[1] : lse[0], c >> 1);  // lane t = c / 2 holds it
     const int c4 = lane * 4;

@@ -69,6 +69,24 @@ __device__ __forceinline__ float key_lanes_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 16);
 }
 
+/// What column c (< 8) of a warp's MMA is (its packed query rows): row pm of the warp's head
+/// `head` (KV head kvh), or none (ok false). first_head: the warp's first KV head; rows: group x
+/// seqlen_q. With one head per warp the columns are that head's rows.
+template <int kHeadsPerWarp>
+struct DecodeWarpColumn {
+  int head, kvh, pm;
+  bool ok;
+  __device__ __forceinline__ DecodeWarpColumn(int first_head, int rows, int c) {
+    if constexpr (kHeadsPerWarp == 1) {
+      head = 0, kvh = first_head, pm = c, ok = c < rows;
+    } else {
+      head = c / rows;
+      ok = head < kHeadsPerWarp;
+      kvh = first_head + (ok ? head : 0), pm = c - head * rows;
+    }
+  }
+};
+
 /// One warp's state over the CTA's (<= 8) packed rows: O^T fragments, Q^T fragments, and per
 /// lane the running max (log2 domain) and this lane's share of the sum for rows 2t and 2t + 1.
 /// kHeadsPerWarp: 1, or 4 (see the file comment; then "row" means the warp's column).
@@ -100,15 +118,14 @@ struct DecodeWarpStateNarrow {
       if constexpr (kHeadsPerWarp == 1) {
         row[e].init(p, b, kvh, col, end);
       } else {
-        // Column col is row col % rows of head col / rows; columns past the warp's heads get a
-        // row index the head does not have (never stored).
-        const int rows = p.group * p.seqlen_q, head = col / rows;
-        const bool ok = head < kHeadsPerWarp;
-        row[e].init(p, b, kvh + (ok ? head : 0), ok ? col - head * rows : rows, end);
+        // Columns past the warp's heads get a row index their head does not have (never stored).
+        const int rows = p.group * p.seqlen_q;
+        const DecodeWarpColumn<kHeadsPerWarp> c(kvh, rows, col);
+        row[e].init(p, b, c.kvh, c.ok ? c.pm : rows, end);
 #pragma unroll
         for (int kh = 0; kh < 2; ++kh) {
           const int key = lane / 4 + 8 * kh;
-          if (key / kKeySlots != head) same_head &= ~(1u << (2 * kh + e));
+          if (key / kKeySlots != c.head) same_head &= ~(1u << (2 * kh + e));
         }
       }
       row_max[e] = -INFINITY;
