@@ -122,6 +122,20 @@ __device__ __forceinline__ void pdl_let_next_kernel_launch() {
 #endif
 }
 
+/// Four consecutive 16-bit outputs from two packed pairs: one 8-byte store where dst is 8-byte
+/// aligned (any view whose strides are multiples of 4 elements), else four 2-byte stores.
+template <class T2, class T>
+__device__ __forceinline__ void store4_packed(T* dst, T2 lo, T2 hi) {
+  if ((reinterpret_cast<std::uintptr_t>(dst) & 7) == 0) {
+    uint2 bits;
+    bits.x = *reinterpret_cast<const std::uint32_t*>(&lo);
+    bits.y = *reinterpret_cast<const std::uint32_t*>(&hi);
+    *reinterpret_cast<uint2*>(dst) = bits;
+  } else {
+    dst[0] = lo.x, dst[1] = lo.y, dst[2] = hi.x, dst[3] = hi.y;
+  }
+}
+
 template <Dtype kDtype>
 struct Elem;
 template <>
@@ -133,6 +147,7 @@ struct Elem<Dtype::kFloat16> {
   static __device__ __forceinline__ void store(void* base, std::int64_t i, float x) {
     static_cast<__half*>(base)[i] = __float2half_rn(x);
   }
+  static __device__ __forceinline__ void store4(__half* dst, float4 v) { store4_packed(dst, __floats2half2_rn(v.x, v.y), __floats2half2_rn(v.z, v.w)); }
 };
 template <>
 struct Elem<Dtype::kBFloat16> {
@@ -143,6 +158,7 @@ struct Elem<Dtype::kBFloat16> {
   static __device__ __forceinline__ void store(void* base, std::int64_t i, float x) {
     static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(x);
   }
+  static __device__ __forceinline__ void store4(__nv_bfloat16* dst, float4 v) { store4_packed(dst, __floats2bfloat162_rn(v.x, v.y), __floats2bfloat162_rn(v.z, v.w)); }
 };
 
 }  // namespace fastattn::cuda_decode

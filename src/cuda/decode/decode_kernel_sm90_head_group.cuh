@@ -164,17 +164,21 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads>::kThreads, Decod
   // ---- consumers: warp w attends KV heads head0 + w HPW .. + HPW - 1 over every tile of the split
   const int kvh0 = head0 + warp * HPW;
   {
+    // Q: a thread stages chunk ch of column c of every (W * 32 / 128)-th warp's Q. Its column and
+    // the divisions that place it are worked out once (done per chunk, they held the copies back
+    // ~1 us at the start; bench/NOTES.md, session 29).
     const auto* gq = static_cast<const std::uint16_t*>(p.q);
-    constexpr int kChunks = D / 8;
-    for (int idx = threadIdx.x; idx < W * Cfg::kQRows * kChunks; idx += Cfg::kConsumerThreads) {
-      const int w = idx / (Cfg::kQRows * kChunks), c = idx / kChunks % Cfg::kQRows, ch = idx % kChunks;
-      const WarpColumn col(head0 + w * HPW, rows, c);
-      const std::int64_t off = col.ok ? b * p.q_batch_stride + std::int64_t(col.pm % p.seqlen_q) * p.q_row_stride +
-                                            std::int64_t(col.kvh * p.group + col.pm / p.seqlen_q) * p.q_head_stride +
-                                            ch * 8
-                                      : 0;
-      cuda_prefill::cp_async_16(sQ + w * Cfg::kQWarpElems + Cfg::q_offset(c, ch), gq + off, col.ok);
-    }
+    constexpr int kChunks = D / 8, kWarpChunks = Cfg::kQRows * kChunks;
+    static_assert(Cfg::kConsumerThreads % kWarpChunks == 0, "a thread's column and chunk are the same in every warp");
+    const int c = threadIdx.x / kChunks % Cfg::kQRows, ch = threadIdx.x % kChunks;
+    const WarpColumn col(head0, rows, c);  // column c of warp 0; warp w's is HPW w KV heads on
+    const std::int64_t col_off = col.ok ? b * p.q_batch_stride + std::int64_t(col.pm % p.seqlen_q) * p.q_row_stride +
+                                              std::int64_t(col.kvh * p.group + col.pm / p.seqlen_q) * p.q_head_stride +
+                                              ch * 8
+                                        : 0;
+    const std::int64_t warp_off_q = col.ok ? std::int64_t(HPW) * p.group * p.q_head_stride : 0;
+    for (int w = threadIdx.x / kWarpChunks; w < W; w += Cfg::kConsumerThreads / kWarpChunks)
+      cuda_prefill::cp_async_16(sQ + w * Cfg::kQWarpElems + Cfg::q_offset(c, ch), gq + col_off + w * warp_off_q, col.ok);
     cute::cp_async_fence();
     cute::cp_async_wait<0>();
     named_barrier_sync(1, Cfg::kConsumerThreads);
@@ -220,11 +224,14 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads>::kThreads, Decod
   }
 
   // ---- the warp's columns, normalised, through its part of stage 0's K (every tile has landed
-  // and been read; no copy writes there any more), stored four values at a time.
+  // and been read; no copy writes there any more), stored four values at a time. Value j of
+  // column c sits at j ^ 8 (c / 2) of the column's row, so that a store of the 32 lanes (8 values
+  // of 4 column pairs) hits 32 banks (without, 4 lanes shared a bank).
   if constexpr (HPW > 1) __syncwarp();  // every lane's reads before any lane's writes (no warp_release_stage)
   float* orows = reinterpret_cast<float*>(sK0 + warp_off);  // [column][D]
   constexpr float kLn2 = 0.6931471805599453f;
   const int g = lane / 4, t = lane % 4;
+  const int columns = HPW * rows;  // the warp's columns that are a query row (<= 8)
   float lse[2];
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
@@ -232,21 +239,27 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads>::kThreads, Decod
     const float sum = key_lanes_sum(st.row_sum[e]);
     const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;  // no key: output 0
     lse[e] = sum > 0.0f ? (st.row_max[e] + __log2f(sum)) * kLn2 : -INFINITY;
-    if (WarpColumn(kvh0, rows, c).ok) {
+    if (c < columns) {
 #pragma unroll
       for (int mt = 0; mt < D / 16; ++mt) {
-        orows[c * D + 16 * mt + g] = st.acc_o[mt][e] * inv;
-        orows[c * D + 16 * mt + g + 8] = st.acc_o[mt][2 + e] * inv;
+        orows[c * D + ((16 * mt + g) ^ (8 * t))] = st.acc_o[mt][e] * inv;
+        orows[c * D + ((16 * mt + g + 8) ^ (8 * t))] = st.acc_o[mt][2 + e] * inv;
       }
     }
   }
+  // Lane c works out where column c goes (divisions by rows and seqlen_q), once.
+  DecodeValueSlot slot{0, 0};
+  if (lane < columns) {
+    const WarpColumn col(kvh0, rows, lane);
+    slot = decode_value_slot(p, b, col.kvh, col.pm, split);
+  }
   __syncwarp();
-  for (int c = 0; c < HPW * rows; ++c) {
-    const WarpColumn col(kvh0, rows, c);
+  const int c4 = lane * 4;
+  for (int c = 0; c < columns; ++c) {
+    const DecodeValueSlot at{__shfl_sync(0xffffffffu, slot.value, c), __shfl_sync(0xffffffffu, slot.lse, c)};
     const float col_lse = __shfl_sync(0xffffffffu, c & 1 ? lse[1] : lse[0], c >> 1);  // lane t = c / 2 holds it
-    const int c4 = lane * 4;
-    decode_store_value4<kDtype>(p, b, col.kvh, col.pm, split, c4, *reinterpret_cast<const float4*>(orows + c * D + c4),
-                                col_lse);
+    decode_store_value4_at<kDtype>(p, at, c4, *reinterpret_cast<const float4*>(orows + c * D + (c4 ^ (8 * (c >> 1)))),
+                                   col_lse);
   }
 #endif
 }

@@ -233,37 +233,60 @@ constexpr int decode_merge_bytes() {
   return kDecodeWarps * kDecodeRows * (decode_merge_row_stride<kHeadDim>() + 2) * 4;
 }
 
-/// Stores values v (columns c .. c + 3) of packed row pm of (b, kvh) into out and, from column
-/// 0, the row's LSE into lse (when asked for). One address for the four: the epilogue of a small
-/// step is a chain of such instructions.
+/// Where packed row pm of (b, kvh) is stored: the element offset of its value 0 and the index of
+/// its LSE. A kernel that stores many chunks of a row works this out once per row (it divides by
+/// seqlen_q), or once per lane and hands it round by shuffles.
+struct DecodeValueSlot {
+  std::int64_t value, lse;
+};
+
+/// The row's place in out and lse.
+__device__ __forceinline__ DecodeValueSlot decode_output_slot(const DecodeParams& p, int b, int kvh, int pm) {
+  const int i = pm % p.seqlen_q, h = kvh * p.group + pm / p.seqlen_q;
+  return {b * p.out_batch_stride + std::int64_t(i) * p.out_row_stride + std::int64_t(h) * p.out_head_stride,
+          b * p.lse_batch_stride + std::int64_t(h) * p.lse_head_stride + std::int64_t(i) * p.lse_row_stride};
+}
+
+/// With one split the row's place in out and lse; with several, split `split`'s partial state's
+/// in partial_o and partial_lse (for the combine kernel).
+__device__ __forceinline__ DecodeValueSlot decode_value_slot(const DecodeParams& p, int b, int kvh, int pm, int split) {
+  if (p.num_splits == 1) return decode_output_slot(p, b, kvh, pm);
+  const int i = pm % p.seqlen_q, h = kvh * p.group + pm / p.seqlen_q;
+  const std::int64_t state = ((std::int64_t(split) * p.batch + b) * p.heads_q + h) * p.seqlen_q + i;
+  return {state * p.head_dim, state};
+}
+
+/// Stores values v (columns c .. c + 3) of the row at `at` (decode_output_slot) into out and, from
+/// column 0, its LSE into lse (when asked for): one 8-byte store where aligned.
+template <Dtype kDtype>
+__device__ __forceinline__ void decode_store_output4_at(const DecodeParams& p, const DecodeValueSlot& at, int c,
+                                                        float4 v, float lse) {
+  using T = typename Elem<kDtype>::T;
+  Elem<kDtype>::store4(static_cast<T*>(p.out) + at.value + c, v);
+  if (p.lse && c == 0) p.lse[at.lse] = lse;
+}
 template <Dtype kDtype>
 __device__ __forceinline__ void decode_store_output4(const DecodeParams& p, int b, int kvh, int pm, int c, float4 v,
                                                      float lse) {
-  const int i = pm % p.seqlen_q, h = kvh * p.group + pm / p.seqlen_q;
-  using T = typename Elem<kDtype>::T;
-  T* dst = static_cast<T*>(p.out) + (b * p.out_batch_stride + std::int64_t(i) * p.out_row_stride +
-                                     std::int64_t(h) * p.out_head_stride + c);
-  Elem<kDtype>::store(dst, 0, v.x);
-  Elem<kDtype>::store(dst, 1, v.y);
-  Elem<kDtype>::store(dst, 2, v.z);
-  Elem<kDtype>::store(dst, 3, v.w);
-  if (p.lse && c == 0)
-    p.lse[b * p.lse_batch_stride + std::int64_t(h) * p.lse_head_stride + std::int64_t(i) * p.lse_row_stride] = lse;
+  decode_store_output4_at<kDtype>(p, decode_output_slot(p, b, kvh, pm), c, v, lse);
 }
 
-/// decode_store_output4 with one split; with several, split `split`'s normalised partial state
-/// (for the combine kernel: one 16-byte store, the workspace rows being 16-byte aligned).
+/// decode_store_output4_at with one split; with several, into the split's partial state at `at`
+/// (decode_value_slot; one 16-byte store, the workspace rows being 16-byte aligned).
+template <Dtype kDtype>
+__device__ __forceinline__ void decode_store_value4_at(const DecodeParams& p, const DecodeValueSlot& at, int c,
+                                                       float4 v, float lse) {
+  if (p.num_splits == 1) {
+    decode_store_output4_at<kDtype>(p, at, c, v, lse);
+  } else {
+    *reinterpret_cast<float4*>(p.partial_o + at.value + c) = v;
+    if (c == 0) p.partial_lse[at.lse] = lse;
+  }
+}
 template <Dtype kDtype>
 __device__ __forceinline__ void decode_store_value4(const DecodeParams& p, int b, int kvh, int pm, int split, int c,
                                                     float4 v, float lse) {
-  if (p.num_splits == 1) {
-    decode_store_output4<kDtype>(p, b, kvh, pm, c, v, lse);
-  } else {
-    const int i = pm % p.seqlen_q, h = kvh * p.group + pm / p.seqlen_q;
-    const std::int64_t state = ((std::int64_t(split) * p.batch + b) * p.heads_q + h) * p.seqlen_q + i;
-    *reinterpret_cast<float4*>(p.partial_o + state * p.head_dim + c) = v;
-    if (c == 0) p.partial_lse[state] = lse;
-  }
+  decode_store_value4_at<kDtype>(p, decode_value_slot(p, b, kvh, pm, split), c, v, lse);
 }
 
 /// Merges the kDecodeWarps warps' states (DecodeWarpState or DecodeWarpStateNarrow) through `merge_smem` (decode_merge_bytes() bytes, free
