@@ -195,11 +195,11 @@ int decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p,
   const auto wave = [&](int heads) { return std::int64_t(decode_head_group_ctas_per_sm(heads)) * info.sm_count; };
   // The token-row form (32 heads, one CTA per SM) where a box is whole token rows of 8 KB
   // (heads_kv = 32), batch CTAs fill one wave with no split and the cache is long
-  // (kDecodeHeadGroupRowsMinKeys): MHA batch 128 / 8k on the H200. There the no-math read drew
+  // (kDecodeHeadGroupRowsMinKeys): MHA batch 128 / 2k-8k on the H200. There the no-math read drew
   // 1.1-1.4% more from whole rows than from the per-head and four-head patterns, and the form ran
-  // 1.1-1.2% faster than the per-head kernel; at 1k 0.4-0.5% slower, and in 4 or 16 splits at MHA
-  // batch 32 and 8 / 8k no faster than the four-head form or the head pair (bench/NOTES.md,
-  // session 28).
+  // 1.1-1.2% faster than the per-head kernel at 8k, 1.0% at 4k, 0.3-0.7% at 2k; at 1k within 0.4%
+  // either way, and in 4 or 16 splits at MHA batch 32 and 8 / 8k no faster than the four-head form
+  // or the head pair (bench/NOTES.md, sessions 28-29).
   const bool rows_fits = decode_head_group_fits(p, sm90, kDecodeHeadGroupRows);
   const bool rows_heuristic = requested == 0 && p.heads_kv == kDecodeHeadGroupRows &&
                               fills_one_wave(p.batch, wave(kDecodeHeadGroupRows)) &&

@@ -213,9 +213,11 @@ constexpr int kDecodeHeadGroupMaxRows = 8;
 /// are 4 heads x 4 slots), 32 KB per tensor.
 constexpr int kDecodeHeadGroupRows = 32;
 constexpr int kDecodeTokenRowHeadsPerWarp = 4;
-/// The heuristic takes the token-row form only for caches of at least this many slots: on the H200
-/// it gained 1.1-1.2% at MHA batch 128 / 8k and lost 0.4-0.5% at 1k (bench/NOTES.md, session 28).
-constexpr std::int64_t kDecodeHeadGroupRowsMinKeys = 8192;
+/// The heuristic takes the token-row form only for caches of at least this many slots: on the H200,
+/// against the per-head kernel at MHA batch 128, it gained 1.1-1.2% at 8k (session 28), 1.0% at 4k
+/// and 0.3-0.7% at 2k, and at 1k it was within 0.4% either way by instance (session 29;
+/// bench/NOTES.md).
+constexpr std::int64_t kDecodeHeadGroupRowsMinKeys = 2048;
 
 /// KV heads per consumer warp, and slots per tile, of the head-group form with `heads` per CTA.
 constexpr int decode_head_group_heads_per_warp(int heads) {
