@@ -829,7 +829,8 @@ def test_head_group_rows_form_is_taken(seed, monkeypatch):
         pytest.skip("an sm_90 kernel")
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
     fill = -(-15 * sms // 16)
-    for b, cache_len, page, switch, taken in ((fill, 8192, 16, None, "32"), (sms, 2048, None, None, "32"),
+    for b, cache_len, page, switch, taken in ((fill, 8192, 16, None, "32"), (sms, 8208, 16, None, "32"),
+                                              (sms, 2048, None, None, "32"),
                                               (sms, 2040, 16, None, "32"), (sms, 2000, None, None, None),
                                               (sms, 1024, None, None, None), (sms, 8192, 16, "0", None),
                                               (fill - 1, 8192, 16, None, None), (sms + 1, 8192, 16, None, None),
@@ -992,6 +993,33 @@ KERNEL_HEADS_KV = {"head_group": 4, "head_group_wide": 8, "head_group_rows": 32}
 def test_out_of_range_page_ids(seed, where, kernel, monkeypatch):
     use_kernel(monkeypatch, kernel)
     out_of_range_page_ids(seed, where, heads_kv=KERNEL_HEADS_KV.get(kernel, 2))
+
+
+@pytest.mark.parametrize("kernel", list(KERNEL_SWITCHES))
+@pytest.mark.parametrize("splits", [0, 1, 3], ids=["heuristic_splits", "one_split", "three_splits"])
+def test_out_not_8_byte_aligned(seed, splits, kernel, monkeypatch):
+    """An out= view one element into its buffer: every output row starts 2 bytes past an 8-byte
+    boundary, so the kernels' 8-byte stores of four values fall back to 2-byte stores (one
+    split: the attention kernel stores out; three: the combine kernel; the heuristic's: whatever
+    it takes for this small grid). Each kernel form on a
+    shape it takes, paged 16, two query rows per sequence, checked against the float32 reference
+    (the element before the view stays NaN: nothing is written outside out)."""
+    use_kernel(monkeypatch, kernel)
+    hkv = KERNEL_HEADS_KV.get(kernel, 2)
+    case = build_case(seed, torch.bfloat16, dict(B=3, Hq=hkv, Hkv=hkv, cache_len=200, page=16, Sq=2,
+                                                 Snew=0, opt="causal", splits=splits))
+    shape = tuple(case.q.shape)
+    bufs = []
+
+    def make_out():
+        buf = nan_full((math.prod(shape) + 1,), case.dtype)
+        bufs.append(buf)
+        return buf[1:].view(shape)
+
+    case.make_out = make_out
+    run_case(case)
+    for buf in bufs:
+        assert buf[1:].data_ptr() % 8 == 2 and torch.isnan(buf[0]), "the view starts 2 bytes past 8"
 
 
 @pytest.mark.parametrize("kernel", list(KERNEL_SWITCHES))

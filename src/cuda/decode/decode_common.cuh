@@ -123,7 +123,8 @@ __device__ __forceinline__ void pdl_let_next_kernel_launch() {
 }
 
 /// Four consecutive 16-bit outputs from two packed pairs: one 8-byte store where dst is 8-byte
-/// aligned (any view whose strides are multiples of 4 elements), else four 2-byte stores.
+/// aligned (out starting on 8 bytes, with strides of multiples of 4 elements), else four 2-byte
+/// stores.
 template <class T2, class T>
 __device__ __forceinline__ void store4_packed(T* dst, T2 lo, T2 hi) {
   if ((reinterpret_cast<std::uintptr_t>(dst) & 7) == 0) {
@@ -147,7 +148,9 @@ struct Elem<Dtype::kFloat16> {
   static __device__ __forceinline__ void store(void* base, std::int64_t i, float x) {
     static_cast<__half*>(base)[i] = __float2half_rn(x);
   }
-  static __device__ __forceinline__ void store4(__half* dst, float4 v) { store4_packed(dst, __floats2half2_rn(v.x, v.y), __floats2half2_rn(v.z, v.w)); }
+  static __device__ __forceinline__ void store4(__half* dst, float4 v) {
+    store4_packed(dst, __floats2half2_rn(v.x, v.y), __floats2half2_rn(v.z, v.w));
+  }
 };
 template <>
 struct Elem<Dtype::kBFloat16> {
@@ -158,7 +161,9 @@ struct Elem<Dtype::kBFloat16> {
   static __device__ __forceinline__ void store(void* base, std::int64_t i, float x) {
     static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(x);
   }
-  static __device__ __forceinline__ void store4(__nv_bfloat16* dst, float4 v) { store4_packed(dst, __floats2bfloat162_rn(v.x, v.y), __floats2bfloat162_rn(v.z, v.w)); }
+  static __device__ __forceinline__ void store4(__nv_bfloat16* dst, float4 v) {
+    store4_packed(dst, __floats2bfloat162_rn(v.x, v.y), __floats2bfloat162_rn(v.z, v.w));
+  }
 };
 
 }  // namespace fastattn::cuda_decode
