@@ -176,13 +176,8 @@ int decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p,
                               std::int64_t max_keys) {
   const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
   const bool sm90 = use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size);
-  // The wide form (8 heads, one CTA per SM) where a box is a whole token row (heads_kv = 8) and
-  // its grid is one full wave with no split: batch 128 / 1k-32k GQA 8 on the H200. There a box of
-  // pages of 16 is a whole 32 KB page instead of half of one, which took 60-75% of what a random
-  // page pool costs the four-head read (no-math read; contiguous level or 0.2% faster); at MHA
-  // batch 32 the 8-head boxes read 1.6% slower (bench/NOTES.md, session 27).
-  // FASTATTN_DECODE_HEAD_GROUP=8 takes it wherever it fits, "1" never (the four-head form), "0"
-  // no form; "32" takes the token-row form wherever it fits.
+  // FASTATTN_DECODE_HEAD_GROUP: "32" takes the token-row form wherever it fits, "8" the wide form,
+  // "1" the four-head form, "0" no form.
   const char* env = std::getenv("FASTATTN_DECODE_HEAD_GROUP");
   const std::string_view switch_value = env ? env : "";
   // A form is taken where it fits and the switch names it, or the switch leaves the choice to the
@@ -205,6 +200,11 @@ int decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p,
                               fills_one_wave(p.batch, wave(kDecodeHeadGroupRows)) &&
                               max_keys >= kDecodeHeadGroupRowsMinKeys;
   if (takes("32", rows_fits, rows_heuristic)) return kDecodeHeadGroupRows;
+  // The wide form (8 heads, one CTA per SM) where a box is a whole token row (heads_kv = 8) and
+  // its grid is one full wave with no split: batch 128 / 1k-32k GQA 8 on the H200. There a box of
+  // pages of 16 is a whole 32 KB page instead of half of one, which took 60-75% of what a random
+  // page pool costs the four-head read (no-math read; contiguous level or 0.2% faster); at MHA
+  // batch 32 the 8-head boxes read 1.6% slower (bench/NOTES.md, session 27).
   const bool wide_fits = decode_head_group_fits(p, sm90, kDecodeHeadGroupWide);
   const bool wide_heuristic =
       requested == 0 && p.heads_kv == kDecodeHeadGroupWide && fills_one_wave(p.batch, wave(kDecodeHeadGroupWide));

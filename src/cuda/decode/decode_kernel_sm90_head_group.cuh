@@ -229,6 +229,7 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads>::kThreads, Decod
   // of 4 column pairs) hits 32 banks (without, 4 lanes shared a bank).
   if constexpr (HPW > 1) __syncwarp();  // every lane's reads before any lane's writes (no warp_release_stage)
   float* orows = reinterpret_cast<float*>(sK0 + warp_off);  // [column][D]
+  const auto orow_at = [](int c, int j) { return c * D + (j ^ (8 * (c >> 1))); };  // value j of column c
   constexpr float kLn2 = 0.6931471805599453f;
   const int g = lane / 4, t = lane % 4;
   const int columns = HPW * rows;  // the warp's columns that are a query row (<= 8)
@@ -242,8 +243,8 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads>::kThreads, Decod
     if (c < columns) {
 #pragma unroll
       for (int mt = 0; mt < D / 16; ++mt) {
-        orows[c * D + ((16 * mt + g) ^ (8 * t))] = st.acc_o[mt][e] * inv;
-        orows[c * D + ((16 * mt + g + 8) ^ (8 * t))] = st.acc_o[mt][2 + e] * inv;
+        orows[orow_at(c, 16 * mt + g)] = st.acc_o[mt][e] * inv;
+        orows[orow_at(c, 16 * mt + g + 8)] = st.acc_o[mt][2 + e] * inv;
       }
     }
   }
@@ -258,8 +259,7 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads>::kThreads, Decod
   for (int c = 0; c < columns; ++c) {
     const DecodeValueSlot at{__shfl_sync(0xffffffffu, slot.value, c), __shfl_sync(0xffffffffu, slot.lse, c)};
     const float col_lse = __shfl_sync(0xffffffffu, c & 1 ? lse[1] : lse[0], c >> 1);  // lane t = c / 2 holds it
-    decode_store_value4_at<kDtype>(p, at, c4, *reinterpret_cast<const float4*>(orows + c * D + (c4 ^ (8 * (c >> 1)))),
-                                   col_lse);
+    decode_store_value4_at<kDtype>(p, at, c4, *reinterpret_cast<const float4*>(orows + orow_at(c, c4)), col_lse);
   }
 #endif
 }
