@@ -461,11 +461,14 @@ def test_long_cache(seed, name):
     torch.cuda.empty_cache()
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "paged16"])
-def test_num_splits_batch_invariant(seed, layout):
+@pytest.mark.parametrize("layout", ["contiguous", "contiguous_quarters", "paged16"])
+def test_num_splits_batch_invariant(seed, layout, monkeypatch):
     """A fixed num_splits (4) gives bitwise identical results for a sequence whatever the rest of the
     batch: other lengths, batch size and its position in the batch (rows chosen by cache_batch_idx;
-    re-appending the same new k / v is idempotent)."""
+    re-appending the same new k / v is idempotent). contiguous_quarters: with every split of 4
+    tiles or more walked in interleaved quarters (FASTATTN_DECODE_QUARTERS=1)."""
+    if layout == "contiguous_quarters":
+        monkeypatch.setenv("FASTATTN_DECODE_QUARTERS", "1")
     cfg = dict(B=6, Hq=16, Hkv=2, D=128, cache_len=4096, lens=[3001, 17, 4095, 0, 1200, 1],
                splits=4, page=16 if layout == "paged16" else None,
                rotary="interleaved" if layout == "paged16" else None, opt="causal")
@@ -773,6 +776,83 @@ def test_sm90_kernel_form(seed, dtype, kernel, config, monkeypatch):
     out, lse, _ = run_case(case)
     if case.c["empty"]:
         assert bool((out == 0).all()) and bool(torch.isneginf(lse).all())
+
+
+# The tile order (README "GPU decode"): the sm_90 kernels walk a split of a contiguous cache that
+# spans at least FASTATTN_DECODE_QUARTERS slots (4096 unless set) as four interleaved quarters.
+# "1" puts every contiguous split of 4 tiles or more through that order: every contiguous
+# configuration, on each kernel form, against the float32 reference.
+QUARTER_CASES = [("per_head", name) for name, cfg in CONFIGS.items() if cfg.get("page") is None] + [
+    (kernel, name) for kernel, configs in KERNEL_FORM_CONFIGS.items()
+    for name, cfg in configs.items() if cfg.get("page") is None]
+
+
+@pytest.mark.parametrize("kernel,config", QUARTER_CASES, ids=[f"{k}-{c}" for k, c in QUARTER_CASES])
+def test_interleaved_quarters(seed, kernel, config, monkeypatch):
+    use_kernel(monkeypatch, kernel)
+    monkeypatch.setenv("FASTATTN_DECODE_QUARTERS", "1")
+    configs = CONFIGS if kernel == "per_head" else KERNEL_FORM_CONFIGS[kernel]
+    case = build_case(seed, torch.bfloat16, configs[config])
+    out, lse, _ = run_case(case)
+    if case.c["empty"]:
+        assert bool((out == 0).all()) and bool(torch.isneginf(lse).all())
+
+
+def heuristic_splits(case, batch, heads_q, head_dim):
+    """The split count the heuristic takes for case's call, read off the workspace it asks for (the
+    partial states of exactly that many splits; none for one)."""
+    args = c_kwargs(case, case.make_out(), nan_full((batch, heads_q, 1), torch.float32))
+    got = _C.kvcache_workspace_bytes(**args)
+    for splits in range(1, 129):
+        states = splits * batch * heads_q
+        want = 0 if splits == 1 else _align256(states * 4) + _align256(states * head_dim * 4)
+        if got == want:
+            return splits
+    raise AssertionError(f"no split count asks for {got} workspace bytes")
+
+
+# (name, config, whether the rule takes it given its heuristic split count): MHA rows of 8 KB at
+# batch 8 (8 streams), GQA 8 rows of 2 KB, a fixed num_splits, a paged cache, 33 streams.
+QUARTER_RULE_CASES = [
+    ("mha_b8", dict(B=8, Hq=32, Hkv=32, cache_len=8192), True),
+    ("gqa8_b8", dict(B=8, Hq=32, Hkv=8, cache_len=8192), False),
+    ("mha_b8_fixed_splits", dict(B=8, Hq=32, Hkv=32, cache_len=8192, splits=1), False),
+    ("mha_b8_paged16", dict(B=8, Hq=32, Hkv=32, cache_len=8192, page=16), False),
+    ("mha_b33", dict(B=33, Hq=32, Hkv=32, cache_len=4096), False),
+]
+
+
+@pytest.mark.parametrize("name,cfg,wide", QUARTER_RULE_CASES, ids=[c[0] for c in QUARTER_RULE_CASES])
+def test_quarters_rule(seed, name, cfg, wide, monkeypatch):
+    """With FASTATTN_DECODE_QUARTERS unset, the rule (README): a contiguous split of >= 4096 slots is
+    walked in quarters where token rows hold >= 8 KB, batch x num_splits <= 32 and num_splits is the
+    heuristic's; the answer is then bitwise that of "4096" (quarters for every such split), else
+    that of "0" (in order). "4096" and "0" differ in some bits on a contiguous cache (another order
+    of the sums), so the check tells them apart. The default's answer is checked against the
+    reference."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the sm_90 kernels")
+    b = cfg["B"]
+    case = build_case(seed, torch.bfloat16, dict(cfg, Snew=0, lens=[cfg["cache_len"]] * b))
+    outs = {}
+    for switch in ("4096", "0", None):
+        if switch is None:
+            monkeypatch.delenv("FASTATTN_DECODE_QUARTERS")
+        else:
+            monkeypatch.setenv("FASTATTN_DECODE_QUARTERS", switch)
+        outs[switch] = run_case(case, check=switch is None)[:2]
+    splits = cfg.get("splits") or heuristic_splits(case, b, cfg["Hq"], 128)
+    taken = wide and b * splits <= 32 and -(-cfg["cache_len"] // (64 * splits)) * 64 >= 4096
+    if cfg.get("page") is None:
+        assert not torch.equal(outs["4096"][0].view(torch.int16), outs["0"][0].view(torch.int16)), \
+            "FASTATTN_DECODE_QUARTERS changed nothing"
+    expect = "4096" if taken else "0"
+    R.assert_bitwise_equal(f"out ({splits} splits)", outs[None][0], outs[expect][0])
+    R.assert_bitwise_equal(f"softmax_lse ({splits} splits)", outs[None][1], outs[expect][1])
+    if name == "mha_b8" and torch.cuda.get_device_properties(DEV).multi_processor_count == 132:
+        assert taken  # the suite's MHA batch 8 / 8k row on the H200: the head pair, one split
+    del case, outs
+    torch.cuda.empty_cache()
 
 
 HEAD_PAIR_KERNEL = re.compile(r"decode_kernel_sm90<128, [^,<>]+, 2>")

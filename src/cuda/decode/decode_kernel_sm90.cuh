@@ -192,11 +192,11 @@ struct DecodePageWalk {
   __device__ __forceinline__ int row_coord(int page) const { return paged() ? page : row; }
 };
 
-/// A producer warp's walk over the ring: tiles t_begin .. t_end - 1 in order, tile t into stage
-/// t % S (counted from t_begin), each once its stage is free (`empty`, from the second round on):
-/// issue(tile, stage, page), page = page_of(tile) (a raw page id, or whatever the caller needs per
-/// tile) loaded S tiles ahead, so a paged split's first tiles wait for one id round trip, not one
-/// per tile. The loop runs S tiles per round, unrolled, so the S ids stay in registers. (The
+/// A producer warp's walk over the ring: positions t_begin .. t_end - 1 in order (the caller maps
+/// a position to its tile, DecodeSplitRange::tile_at), position t into stage t % S (counted from
+/// t_begin), each once its stage is free (`empty`, from the second round on): issue(pos, stage,
+/// page), page = page_of(pos) (a raw page id, or whatever the caller needs per tile) loaded S
+/// positions ahead, so a paged split's first tiles wait for one id round trip, not one per tile. The loop runs S tiles per round, unrolled, so the S ids stay in registers. (The
 /// head-group kernel's walk, one box per tile from one lane; the per-head and head-pair kernels
 /// take decode_produce_ring_rotating below.)
 template <int S, class PageOf, class Issue>
@@ -225,8 +225,9 @@ __device__ __forceinline__ void decode_produce_ring(int t_begin, int t_end, std:
 /// `boxes` lanes, and the warp's 32 / boxes groups take the tiles in turn, a chunk of 32 / boxes
 /// tiles: the lanes of group g issue the boxes of the chunk's tile g. So a lane needs one page id
 /// per chunk, its own, and the warp fetches a chunk's ids together, a chunk ahead: fetch(c0) is
-/// this lane's id for the chunk starting at tile c0 (one coalesced load over the warp).
-/// issue(tile, stage, id, mine): mine is whether this lane's group has the tile. warm(c0, id): the
+/// this lane's id for the chunk starting at position c0 (one coalesced load over the warp).
+/// Tiles are counted as positions, as in decode_produce_ring.
+/// issue(pos, stage, id, mine): mine is whether this lane's group has the tile. warm(c0, id): the
 /// lane's box in the chunk from c0 is on page `id`; called for the first chunk as it starts and
 /// for every later one halfway through the chunk before (chunks of 4 tiles or more), ahead of the
 /// boxes.
@@ -403,9 +404,10 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
     // This lane's raw page id in the chunk from tile c0 (0 for a contiguous cache or an unneeded
     // box). Any raw value, -1 included, is a page id: its range check is at the box.
     auto fetch = [&](int c0) {
-      const int tile = c0 + group;
-      if (!walk.paged() || tile >= range.t_end || !box_needed(tile)) return 0;
-      return int(seq.pages[walk.page_index(box_slot0(tile))]);
+      const int pos = c0 + group;
+      if (!walk.paged() || pos >= range.t_end) return 0;
+      const int tile = range.tile_at(pos);
+      return box_needed(tile) ? int(seq.pages[walk.page_index(box_slot0(tile))]) : 0;
     };
     // A box warmed ahead of its TMA: one L2 prefetch of a 128-byte line every 16 rows of the lane's
     // box (lines the box reads anyway), once per chunk. Why: the random pool costs the paged rows
@@ -422,9 +424,10 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
     const std::int64_t row_stride = is_k ? p.k_row_stride : p.v_row_stride;
     const std::uint16_t* lane_cache = cache + kvh0 * (is_k ? p.k_head_stride : p.v_head_stride) + block * 64;
     auto warm = [&](int c0, int pg) {
-      const int tile = c0 + group;
-      if ((c0 == range.t_begin && !warm_first) || tile >= range.t_end || !box_needed(tile) || !walk.in_cache(pg))
-        return;
+      const int pos = c0 + group;
+      if ((c0 == range.t_begin && !warm_first) || pos >= range.t_end || !walk.in_cache(pg)) return;
+      const int tile = range.tile_at(pos);
+      if (!box_needed(tile)) return;
       const int slot0 = box_slot0(tile);
       const std::uint16_t* box = lane_cache + std::int64_t(walk.row_coord(pg)) * page_stride +
                                  std::int64_t(walk.slot_coord(slot0)) * row_stride;
@@ -435,7 +438,8 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
         if (r < R && slot0 + r < range.hi) prefetch_l2(box + r * row_stride);
     };
     decode_produce_ring_rotating<S>(
-        range.t_begin, range.t_end, chunk_tiles, group, empty, fetch, [&](int tile, int stage, int pg, bool mine) {
+        range.t_begin, range.t_end, chunk_tiles, group, empty, fetch, [&](int pos, int stage, int pg, bool mine) {
+          const int tile = range.tile_at(pos);
           const int slot0 = box_slot0(tile);
           const int box0 = run * R * kHeadDim * kHeads + block * box_elems;  // KvLayout of the box's first element
           std::uint16_t* dst = s0 + stage * Cfg::kStageElems + box0;
@@ -481,10 +485,10 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
   const int key0 = warp % kDecodeWarps * Cfg::kWarpKeys;
   // The tiles as they land, into a warp state (DecodeWarpState or DecodeWarpStateNarrow).
   auto stream_tiles = [&](auto& st) {
-    for (int tile = range.t_begin, stage = 0, phase = 0; tile < range.t_end; ++tile) {
+    for (int pos = range.t_begin, stage = 0, phase = 0; pos < range.t_end; ++pos) {
       std::uint16_t* sV = sV0 + stage * Cfg::kStageElems + head_elems;
       mbar_wait(&full_k[stage], phase);
-      const int n0 = tile * BN;
+      const int n0 = range.tile_at(pos) * BN;
       const bool edge = n0 + key0 < range.lo || n0 + key0 + Cfg::kWarpKeys > range.hi;
       // K read (the scores are in registers): the stage's K may be refilled.
       const auto k_done = [&] { warp_release_stage(&empty_k[stage], lane); };

@@ -142,8 +142,12 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads>::kThreads, Decod
     const std::uint64_t policy = l2_policy_evict_first();  // the cache is read once per step
     constexpr std::uint32_t kBoxBytes = Cfg::kTileElems * 2;
     const DecodePageWalk walk(p, seq);
-    auto tile_page = [&](int tile) { return walk.paged() ? int(seq.pages[walk.page_index(tile * BN)]) : 0; };
-    decode_produce_ring<S>(range.t_begin, range.t_end, empty, tile_page, [&](int tile, int stage, int pg) {
+    // Positions to tiles: DecodeSplitRange::tile_at.
+    auto tile_page = [&](int pos) {
+      return walk.paged() ? int(seq.pages[walk.page_index(range.tile_at(pos) * BN)]) : 0;
+    };
+    decode_produce_ring<S>(range.t_begin, range.t_end, empty, tile_page, [&](int pos, int stage, int pg) {
+      const int tile = range.tile_at(pos);
       std::uint16_t* dst = s0 + stage * Cfg::kTileElems;
       const bool in_cache = walk.in_cache(pg);
       if (!in_cache) {
@@ -190,11 +194,11 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads>::kThreads, Decod
   st.bind_layout(kv, 0, lane);
   st.template load_q<Cfg>(sQ + warp * Cfg::kQWarpElems, lane);
   const int warp_off = warp * Cfg::kWarpTileElems;
-  for (int tile = range.t_begin, stage = 0, phase = 0; tile < range.t_end; ++tile) {
+  for (int pos = range.t_begin, stage = 0, phase = 0; pos < range.t_end; ++pos) {
     const std::uint16_t* sK = sK0 + stage * Cfg::kTileElems + warp_off;
     std::uint16_t* sV = sV0 + stage * Cfg::kTileElems + warp_off;
     mbar_wait(&full_k[stage], phase);
-    const int n0 = tile * BN;
+    const int n0 = range.tile_at(pos) * BN;
     const bool edge = n0 < range.lo || n0 + BN > range.hi;
     // A stage read: one arrival per warp, or per lane in the token-row form (kEmptyArrivals).
     const auto release = [&](std::uint64_t* empty) {

@@ -216,6 +216,20 @@ void run_for_dtype(const DecodeParams& p, cudaStream_t stream) {
   }
 }
 
+/// DecodeParams::quarter_min_slots for p (its num_splits set): FASTATTN_DECODE_QUARTERS when it is a
+/// number >= 0, else kDecodeQuarterMinSlots where the rule at that constant takes the shape, else 0.
+int decode_quarter_min_slots(const DecodeParams& p) {
+  if (!p.sm90_kernel || p.page_size > 0) return 0;
+  if (const char* env = std::getenv("FASTATTN_DECODE_QUARTERS"); env && *env) {
+    char* rest = nullptr;
+    const long v = std::strtol(env, &rest, 10);
+    if (*rest == '\0' && v >= 0 && v <= INT32_MAX) return int(v);
+  }
+  const bool wide_rows = std::int64_t(p.heads_kv) * p.head_dim * 2 >= kDecodeQuarterMinRowBytes;
+  const bool few_streams = std::int64_t(p.batch) * p.num_splits <= kDecodeQuarterMaxStreams;
+  return !p.splits_fixed && wide_rows && few_streams ? kDecodeQuarterMinSlots : 0;
+}
+
 }  // namespace
 
 bool use_sm90_decode_kernel(int cc_major, int cc_minor, int page_size) {
@@ -256,6 +270,7 @@ void run_decode(const DecodeParams& params, void* stream_ptr) {
   p.cluster_combine =
       !p.splits_fixed && !p.head_group && !p.head_pair &&
       decode_cluster_merge_applies(p.sm90_kernel, p.num_splits, ctas, info.sm_count);
+  p.quarter_min_slots = decode_quarter_min_slots(p);
   if (p.dtype == Dtype::kFloat16) run_for_dtype<Dtype::kFloat16>(p, stream);
   else run_for_dtype<Dtype::kBFloat16>(p, stream);
 }

@@ -127,6 +127,14 @@ struct DecodeParams {
   /// form (decode_kernel_sm90.cuh, kHeads = 2), its CTAs (split, pair of KV heads, b). run_decode
   /// clears it when the sm_90 kernel is not taken.
   bool head_pair = false;
+  /// Set by run_decode (the rule at kDecodeQuarterMinSlots): a split of at least this many slots on
+  /// a contiguous cache is walked by the sm_90 kernels as four interleaved quarters
+  /// (DecodeSplitRange::tile_at); 0: always in order. Why: the CTAs of a sequence read it in step,
+  /// so a linear walk has the whole GPU reading one window of the cache per sequence at a time; with
+  /// few sequences of wide token rows (MHA batch 8: 8 windows of 8 KB rows) those sit in a few
+  /// physical 2 MB pages, and the read swings 1-2% with where the tensors landed. Quarters read 4
+  /// windows per sequence.
+  int quarter_min_slots = 0;
   float* partial_o = nullptr;
   float* partial_lse = nullptr;
 };
@@ -136,6 +144,20 @@ void run_decode(const DecodeParams& p, void* stream);
 
 /// Key tile of the decode kernels (keys per pipeline stage); the split heuristic counts in it.
 constexpr int kDecodeBlockN = 64;
+
+/// The tile order rule (DecodeParams::quarter_min_slots, set by run_decode): the sm_90 kernels walk
+/// a split of at least kDecodeQuarterMinSlots slots as four interleaved quarters when the cache is
+/// contiguous, its token rows hold at least kDecodeQuarterMinRowBytes (heads_kv x head_dim x 2),
+/// the grid reads at most kDecodeQuarterMaxStreams sequence streams (batch x num_splits) and
+/// num_splits is the heuristic's (a rule on the batch would break a fixed num_splits' bitwise
+/// rule). On the H200 (bench/NOTES.md, session 31), in the decode suite: MHA batch 8 / 8k 0.3-1.5%
+/// faster, 8 / 32k up to 0.8%, MHA batch 32 / 8k-32k 0.2-0.4%; but GQA 8 rows (2 KB token rows)
+/// and MHA batch 128 (128 streams) 0.15-0.4% slower, so those stay linear. FASTATTN_DECODE_QUARTERS
+/// overrides the rule for comparisons and tests: "0" walks every split in order, a positive number
+/// N walks every contiguous split of at least N slots in quarters, whatever the shape.
+constexpr int kDecodeQuarterMinSlots = 4096;
+constexpr std::int64_t kDecodeQuarterMinRowBytes = 8192;
+constexpr std::int64_t kDecodeQuarterMaxStreams = 32;
 
 /// Packed query rows per attention CTA (one m16 MMA tile): a CTA takes 16 of the group x Sq rows
 /// of one (b, kv head).

@@ -344,10 +344,16 @@ __device__ __forceinline__ void decode_merge_warps(const DecodeParams& p, const 
   }
 }
 
-/// The key tiles of split `split`: tiles of kBlockN slots covering every slot a row may see.
+/// The key tiles of split `split`: tiles of block_n slots covering every slot a row may see, and
+/// the order a CTA walks them in. Walks count positions t_begin .. t_end - 1 and read tile_at(pos)
+/// for the tile there: the tiles in order, or (DecodeParams::quarter_min_slots) the first 4 * part
+/// of them as four interleaved quarters (t_begin, t_begin + part, t_begin + 2 part, t_begin +
+/// 3 part, t_begin + 1, ...), then the last n % 4 in order. The order depends only on the split's
+/// own tiles, so the bitwise rule holds; online softmax takes tiles in any order.
 struct DecodeSplitRange {
-  int t_begin, t_end;  ///< tile indices (tile t = slots t * kBlockN ...)
+  int t_begin, t_end;  ///< tile indices (tile t = slots t * block_n ...)
   int lo, hi;          ///< slots [lo, hi) any row may see
+  int part;            ///< tiles per interleaved quarter; 0: the tiles in order
   __device__ __forceinline__ DecodeSplitRange(const DecodeParams& p, int pad, int end, int split, int block_n) {
     lo = pad;
     hi = end;
@@ -358,6 +364,12 @@ struct DecodeSplitRange {
     const int per_split = (total_tiles + p.num_splits - 1) / p.num_splits;
     t_begin = t_first + split * per_split;
     t_end = min(t_first + total_tiles, t_begin + per_split);
+    const int n = t_end - t_begin;
+    part = p.quarter_min_slots > 0 && n >= 4 && std::int64_t(n) * block_n >= p.quarter_min_slots ? n / 4 : 0;
+  }
+  __device__ __forceinline__ int tile_at(int pos) const {
+    const int i = pos - t_begin;
+    return part == 0 || i >= 4 * part ? pos : t_begin + (i & 3) * part + (i >> 2);
   }
 };
 
