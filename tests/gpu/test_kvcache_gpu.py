@@ -653,6 +653,19 @@ HEAD_GROUP_CONFIGS = {
 }
 
 
+def outputs_per_switch(case, monkeypatch, name, values, checked=()):
+    """{value: (out, lse)} of case's call (run_case) with environment switch `name` at each value
+    (None: unset); the calls made at a value in `checked` are also checked against the reference."""
+    outs = {}
+    for value in values:
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+        outs[value] = run_case(case, check=value in checked)[:2]
+    return outs
+
+
 def test_head_group_kernel_is_taken(seed, monkeypatch):
     """On sm_90 the switch changes the kernel: its two answers differ in some bits (another order of
     the sums; both kernels are checked against the reference elsewhere). With the switch unset, the
@@ -667,13 +680,7 @@ def test_head_group_kernel_is_taken(seed, monkeypatch):
                                 (2 * sms + 1, 256, "0")):
         lens = [cache_len] + [seed.randint(0, cache_len) for _ in range(b - 1)]
         case = build_case(seed, torch.bfloat16, dict(B=b, Hq=32, Hkv=8, cache_len=cache_len, Snew=0, lens=lens))
-        outs = {}
-        for switch in ("1", "0", None):
-            if switch is None:
-                monkeypatch.delenv("FASTATTN_DECODE_HEAD_GROUP")
-            else:
-                monkeypatch.setenv("FASTATTN_DECODE_HEAD_GROUP", switch)
-            outs[switch] = run_case(case, check=False)[:2]
+        outs = outputs_per_switch(case, monkeypatch, "FASTATTN_DECODE_HEAD_GROUP", ("1", "0", None))
         assert not torch.equal(outs["1"][0].view(torch.int16), outs["0"][0].view(torch.int16)), \
             "the switch changed nothing"
         where = f"batch {b}, {cache_len} slots"
@@ -834,13 +841,7 @@ def test_quarters_rule(seed, name, cfg, wide, monkeypatch):
         pytest.skip("the sm_90 kernels")
     b = cfg["B"]
     case = build_case(seed, torch.bfloat16, dict(cfg, Snew=0, lens=[cfg["cache_len"]] * b))
-    outs = {}
-    for switch in ("4096", "0", None):
-        if switch is None:
-            monkeypatch.delenv("FASTATTN_DECODE_QUARTERS")
-        else:
-            monkeypatch.setenv("FASTATTN_DECODE_QUARTERS", switch)
-        outs[switch] = run_case(case, check=switch is None)[:2]
+    outs = outputs_per_switch(case, monkeypatch, "FASTATTN_DECODE_QUARTERS", ("4096", "0", None), checked=(None,))
     splits = cfg.get("splits") or heuristic_splits(case, b, cfg["Hq"], 128)
     taken = wide and b * splits <= 32 and -(-cfg["cache_len"] // (64 * splits)) * 64 >= 4096
     if cfg.get("page") is None:
