@@ -819,21 +819,23 @@ def heuristic_splits(case, batch, heads_q, head_dim):
 
 
 # (name, config, whether the rule takes it given its heuristic split count): MHA rows of 8 KB at
-# batch 8 (8 streams), GQA 8 rows of 2 KB, a fixed num_splits, a paged cache, 33 streams.
+# batch 8 (8 streams), GQA 8 rows of 2 KB, a fixed num_splits, a paged cache, 33 streams, and 8 KB
+# rows at head_dim 64 (64 KV heads).
 QUARTER_RULE_CASES = [
     ("mha_b8", dict(B=8, Hq=32, Hkv=32, cache_len=8192), True),
     ("gqa8_b8", dict(B=8, Hq=32, Hkv=8, cache_len=8192), False),
     ("mha_b8_fixed_splits", dict(B=8, Hq=32, Hkv=32, cache_len=8192, splits=1), False),
     ("mha_b8_paged16", dict(B=8, Hq=32, Hkv=32, cache_len=8192, page=16), False),
     ("mha_b33", dict(B=33, Hq=32, Hkv=32, cache_len=4096), False),
+    ("mha64_d64_b8", dict(B=8, Hq=64, Hkv=64, D=64, cache_len=8192), False),
 ]
 
 
 @pytest.mark.parametrize("name,cfg,wide", QUARTER_RULE_CASES, ids=[c[0] for c in QUARTER_RULE_CASES])
 def test_quarters_rule(seed, name, cfg, wide, monkeypatch):
     """With FASTATTN_DECODE_QUARTERS unset, the rule (README): a contiguous split of >= 4096 slots is
-    walked in quarters where token rows hold >= 8 KB, batch x num_splits <= 32 and num_splits is the
-    heuristic's; the answer is then bitwise that of "4096" (quarters for every such split), else
+    walked in quarters where token rows hold >= 8 KB, head_dim >= 128, batch x num_splits <= 32 and
+    num_splits is the heuristic's; the answer is then bitwise that of "4096" (quarters for every such split), else
     that of "0" (in order). "4096" and "0" differ in some bits on a contiguous cache (another order
     of the sums), so the check tells them apart. The default's answer is checked against the
     reference."""
@@ -842,7 +844,7 @@ def test_quarters_rule(seed, name, cfg, wide, monkeypatch):
     b = cfg["B"]
     case = build_case(seed, torch.bfloat16, dict(cfg, Snew=0, lens=[cfg["cache_len"]] * b))
     outs = outputs_per_switch(case, monkeypatch, "FASTATTN_DECODE_QUARTERS", ("4096", "0", None), checked=(None,))
-    splits = cfg.get("splits") or heuristic_splits(case, b, cfg["Hq"], 128)
+    splits = cfg.get("splits") or heuristic_splits(case, b, cfg["Hq"], cfg.get("D", 128))
     taken = wide and b * splits <= 32 and -(-cfg["cache_len"] // (64 * splits)) * 64 >= 4096
     if cfg.get("page") is None:
         assert not torch.equal(outs["4096"][0].view(torch.int16), outs["0"][0].view(torch.int16)), \

@@ -148,15 +148,18 @@ constexpr int kDecodeBlockN = 64;
 /// The tile order rule (DecodeParams::quarter_min_slots, set by run_decode): the sm_90 kernels walk
 /// a split of at least kDecodeQuarterMinSlots slots as four interleaved quarters when the cache is
 /// contiguous, its token rows hold at least kDecodeQuarterMinRowBytes (heads_kv x head_dim x 2),
-/// the grid reads at most kDecodeQuarterMaxStreams sequence streams (batch x num_splits) and
-/// num_splits is the heuristic's (a rule on the batch would break a fixed num_splits' bitwise
-/// rule). On the H200 (bench/NOTES.md, session 31), in the decode suite: MHA batch 8 / 8k 0.3-1.5%
-/// faster, 8 / 32k up to 0.8%, MHA batch 32 / 8k-32k 0.2-0.4%; but GQA 8 rows (2 KB token rows)
-/// and MHA batch 128 (128 streams) 0.15-0.4% slower, so those stay linear. FASTATTN_DECODE_QUARTERS
-/// overrides the rule for comparisons and tests: "0" walks every split in order, a positive number
-/// N walks every contiguous split of at least N slots in quarters, whatever the shape.
+/// head_dim is at least kDecodeQuarterMinHeadDim, the grid reads at most kDecodeQuarterMaxStreams
+/// sequence streams (batch x num_splits) and num_splits is the heuristic's (a rule on the batch
+/// would break a fixed num_splits' bitwise rule). On the H200 (bench/NOTES.md, sessions 31-32), in
+/// the decode suite: MHA batch 8 / 8k 0.3-1.5% faster, 8 / 32k up to 0.8%, MHA batch 32 / 8k-32k
+/// 0.2-0.4%, head_dim 256 level or faster; but GQA 8 rows (2 KB token rows) and MHA batch 128 (128
+/// streams) 0.15-0.4% slower, and head_dim 64 with 64 KV heads (8 KB rows of 128-byte box rows)
+/// 0.6-1% slower at batch 8 and 32, so those stay linear. FASTATTN_DECODE_QUARTERS overrides the
+/// rule for comparisons and tests: "0" walks every split in order, a positive number N walks every
+/// contiguous split of at least N slots in quarters, whatever the shape.
 constexpr int kDecodeQuarterMinSlots = 4096;
 constexpr std::int64_t kDecodeQuarterMinRowBytes = 8192;
+constexpr int kDecodeQuarterMinHeadDim = 128;
 constexpr std::int64_t kDecodeQuarterMaxStreams = 32;
 
 /// Packed query rows per attention CTA (one m16 MMA tile): a CTA takes 16 of the group x Sq rows
