@@ -835,8 +835,8 @@ QUARTER_RULE_CASES = [
 def test_quarters_rule(seed, name, cfg, wide, monkeypatch):
     """With FASTATTN_DECODE_QUARTERS unset, the rule (README): a contiguous split of >= 4096 slots is
     walked in quarters where token rows hold >= 8 KB, head_dim >= 128, batch x num_splits <= 32 and
-    num_splits is the heuristic's; the answer is then bitwise that of "4096" (quarters for every such split), else
-    that of "0" (in order). "4096" and "0" differ in some bits on a contiguous cache (another order
+    num_splits is the heuristic's; the answer is then bitwise that of "4096" (quarters for every
+    such split), else that of "0" (in order). "4096" and "0" differ in some bits on a contiguous cache (another order
     of the sums), so the check tells them apart. The default's answer is checked against the
     reference."""
     if torch.cuda.get_device_capability() != (9, 0):

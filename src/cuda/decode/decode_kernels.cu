@@ -225,10 +225,10 @@ int decode_quarter_min_slots(const DecodeParams& p) {
     const long v = std::strtol(env, &rest, 10);
     if (*rest == '\0' && v >= 0 && v <= INT32_MAX) return int(v);
   }
-  const bool wide_rows = std::int64_t(p.heads_kv) * p.head_dim * 2 >= kDecodeQuarterMinRowBytes &&
-                         p.head_dim >= kDecodeQuarterMinHeadDim;
+  const bool wide_rows = std::int64_t(p.heads_kv) * p.head_dim * 2 >= kDecodeQuarterMinRowBytes;
+  const bool wide_box_rows = p.head_dim >= kDecodeQuarterMinHeadDim;  // a head's row in a box: >= 256 bytes
   const bool few_streams = std::int64_t(p.batch) * p.num_splits <= kDecodeQuarterMaxStreams;
-  return !p.splits_fixed && wide_rows && few_streams ? kDecodeQuarterMinSlots : 0;
+  return !p.splits_fixed && wide_rows && wide_box_rows && few_streams ? kDecodeQuarterMinSlots : 0;
 }
 
 }  // namespace
