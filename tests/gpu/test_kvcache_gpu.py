@@ -836,9 +836,9 @@ def test_quarters_rule(seed, name, cfg, wide, monkeypatch):
     """With FASTATTN_DECODE_QUARTERS unset, the rule (README): a contiguous split of >= 4096 slots is
     walked in quarters where token rows hold >= 8 KB, head_dim >= 128, batch x num_splits <= 32 and
     num_splits is the heuristic's; the answer is then bitwise that of "4096" (quarters for every
-    such split), else that of "0" (in order). "4096" and "0" differ in some bits on a contiguous cache (another order
-    of the sums), so the check tells them apart. The default's answer is checked against the
-    reference."""
+    such split), else that of "0" (in order). "4096" and "0" differ in some bits on a contiguous
+    cache (another order of the sums), so the check tells them apart. The default's answer is
+    checked against the reference."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the sm_90 kernels")
     b = cfg["B"]
@@ -1084,9 +1084,9 @@ def test_out_not_8_byte_aligned(seed, splits, kernel, monkeypatch):
     """An out= view one element into its buffer: every output row starts 2 bytes past an 8-byte
     boundary, so the kernels' 8-byte stores of four values fall back to 2-byte stores (one
     split: the attention kernel stores out; three: the combine kernel; the heuristic's: whatever
-    it takes for this small grid). Each kernel form on a
-    shape it takes, paged 16, two query rows per sequence, checked against the float32 reference
-    (the element before the view stays NaN: nothing is written outside out)."""
+    it takes for this small grid). Each kernel form on a shape it takes, paged 16, two query rows
+    per sequence, checked against the float32 reference (the element before the view stays NaN:
+    nothing is written outside out)."""
     use_kernel(monkeypatch, kernel)
     hkv = KERNEL_HEADS_KV.get(kernel, 2)
     case = build_case(seed, torch.bfloat16, dict(B=3, Hq=hkv, Hkv=hkv, cache_len=200, page=16, Sq=2,

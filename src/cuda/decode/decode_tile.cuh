@@ -240,19 +240,26 @@ struct DecodeValueSlot {
   std::int64_t value, lse;
 };
 
+/// Packed row pm of KV head kvh: query row i (< seqlen_q) of query head h.
+struct DecodeQueryRow {
+  int i, h;
+  __device__ __forceinline__ DecodeQueryRow(const DecodeParams& p, int kvh, int pm)
+      : i(pm % p.seqlen_q), h(kvh * p.group + pm / p.seqlen_q) {}
+};
+
 /// The row's place in out and lse.
 __device__ __forceinline__ DecodeValueSlot decode_output_slot(const DecodeParams& p, int b, int kvh, int pm) {
-  const int i = pm % p.seqlen_q, h = kvh * p.group + pm / p.seqlen_q;
-  return {b * p.out_batch_stride + std::int64_t(i) * p.out_row_stride + std::int64_t(h) * p.out_head_stride,
-          b * p.lse_batch_stride + std::int64_t(h) * p.lse_head_stride + std::int64_t(i) * p.lse_row_stride};
+  const DecodeQueryRow q(p, kvh, pm);
+  return {b * p.out_batch_stride + std::int64_t(q.i) * p.out_row_stride + std::int64_t(q.h) * p.out_head_stride,
+          b * p.lse_batch_stride + std::int64_t(q.h) * p.lse_head_stride + std::int64_t(q.i) * p.lse_row_stride};
 }
 
 /// With one split the row's place in out and lse; with several, split `split`'s partial state's
 /// in partial_o and partial_lse (for the combine kernel).
 __device__ __forceinline__ DecodeValueSlot decode_value_slot(const DecodeParams& p, int b, int kvh, int pm, int split) {
   if (p.num_splits == 1) return decode_output_slot(p, b, kvh, pm);
-  const int i = pm % p.seqlen_q, h = kvh * p.group + pm / p.seqlen_q;
-  const std::int64_t state = ((std::int64_t(split) * p.batch + b) * p.heads_q + h) * p.seqlen_q + i;
+  const DecodeQueryRow q(p, kvh, pm);
+  const std::int64_t state = ((std::int64_t(split) * p.batch + b) * p.heads_q + q.h) * p.seqlen_q + q.i;
   return {state * p.head_dim, state};
 }
 
