@@ -4,7 +4,8 @@
 cache_batch_idx, GQA 8, num_splits 1 and 7 (and the heuristic over a long cache, and heuristic splits
 merged inside a thread-block cluster on sm_90), out-of-range page
 ids in the block table, empty caches, decode through flash_attn_varlen_func with a block table, and
-three calls each through the sm_90 head-group kernel and the sm_90 kernel's head-pair form.
+three calls each through the sm_90 head-group kernel and the sm_90 kernel's head-pair form (at
+head_dim 128 and 64).
 Each call runs twice into NaN-poisoned buffers and, unless --no-check, is compared with the float64
 reference and the caches are checked (as tests/gpu/test_kvcache_gpu.py does). No guard memory
 around the caches here, so that memcheck sees each cache's own allocation bounds.
@@ -32,8 +33,8 @@ def kvcache(rng, check, dtype, cfg):
     T.run_case(T.build_case(rng, dtype, cfg), check)
 
 
-def bad_page_ids(rng, check, where, heads_kv=2):
-    T.out_of_range_page_ids(rng, where, check, heads_kv=heads_kv)
+def bad_page_ids(rng, check, where, heads_kv=2, head_dim=128):
+    T.out_of_range_page_ids(rng, where, check, heads_kv=heads_kv, head_dim=head_dim)
 
 
 def with_switches(switches):
@@ -103,15 +104,17 @@ def cases():
     yield "empty paged cache, first tokens appended", kvcache, (B16, dict(lens="zeros", page=16, Sq=2, Snew=2, rotary="neox", opt="causal"))
     yield "varlen decode block table page 16", varlen_decode, (B16, 16)
     # the sm_90 head-group kernel (4 KV heads per CTA), its wide form (8), its token-row form (32)
-    # and the head-pair form (2)
-    for form, run, hkv in (("head-group kernel", head_group, 4), ("head-group wide form", head_group_wide, 8),
-                           ("head-group token-row form", head_group_rows, 32), ("head-pair form", head_pair, 2)):
+    # and the head-pair form (2), at head_dim 128 and (the pair) 64
+    for form, run, hkv, d in (("head-group kernel", head_group, 4, 128),
+                              ("head-group wide form", head_group_wide, 8, 128),
+                              ("head-group token-row form", head_group_rows, 32, 128),
+                              ("head-pair form", head_pair, 2, 128), ("head-pair form d64", head_pair, 2, 64)):
         yield f"{form}: everything paged 16, 3 splits", run, (kvcache, B16, dict(
-            Hq=max(8, hkv), Hkv=hkv, page=16, rotary="interleaved", rotary_frac=0.5, batch_idx=True, leftpad=True,
-            opt=T.ALL, splits=3, Sq=2, Snew=2))
+            Hq=max(8, hkv), Hkv=hkv, D=d, page=16, rotary="interleaved", rotary_frac=0.5, batch_idx=True,
+            leftpad=True, opt=T.ALL, splits=3, Sq=2, Snew=2))
         yield f"{form}: contiguous, ragged long", run, (kvcache, F16, dict(
-            B=2, Hq=32, Hkv=max(8, hkv), lens=[7999, 3000], cache_len=8000))
-        yield f"{form}: out-of-range page ids (reads)", run, (bad_page_ids, "read_pages", hkv)
+            B=2, Hq=32, Hkv=max(8, hkv), D=d, lens=[7999, 3000], cache_len=8000))
+        yield f"{form}: out-of-range page ids (reads)", run, (bad_page_ids, "read_pages", hkv, d)
 
 
 if __name__ == "__main__":

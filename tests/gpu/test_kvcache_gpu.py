@@ -690,8 +690,8 @@ def test_head_group_kernel_is_taken(seed, monkeypatch):
         torch.cuda.empty_cache()
 
 
-# The sm_90 kernel's head-pair form (README "GPU decode"): two KV heads per CTA, head_dim 128, an
-# even heads_kv, at most 8 packed query rows per KV head, any cache the sm_90 kernel takes.
+# The sm_90 kernel's head-pair form (README "GPU decode"): two KV heads per CTA, head_dim 64 or 128,
+# an even heads_kv, at most 8 packed query rows per KV head, any cache the sm_90 kernel takes.
 # FASTATTN_DECODE_HEAD_PAIR=1 takes it for every such call (the heuristic only where its grid fills
 # one wave of one CTA per SM); FASTATTN_DECODE_HEAD_GROUP=0 keeps the head-group kernel out of it.
 KERNEL_SWITCHES = {
@@ -700,7 +700,10 @@ KERNEL_SWITCHES = {
     "head_group_wide": {"FASTATTN_DECODE_HEAD_GROUP": "8"},
     "head_group_rows": {"FASTATTN_DECODE_HEAD_GROUP": "32"},
     "head_pair": {"FASTATTN_DECODE_HEAD_PAIR": "1", "FASTATTN_DECODE_HEAD_GROUP": "0"},
+    "head_pair_d64": {"FASTATTN_DECODE_HEAD_PAIR": "1"},  # the same form at head_dim 64 (KERNEL_HEAD_DIM)
 }
+# The head_dim of the shapes the kernel-form tests give each kernel: 128 unless named here.
+KERNEL_HEAD_DIM = {"head_pair_d64": 64}
 
 
 def use_kernel(monkeypatch, kernel):
@@ -720,6 +723,26 @@ HEAD_PAIR_CONFIGS = dict(
     d96_not_taken=dict(Hq=8, Hkv=2, D=96),
     rows16_not_taken=dict(Hq=8, Hkv=2, Sq=4, Snew=4, opt="causal"),
 )
+
+
+# The head-pair form at head_dim 64 (a box is one 64-column block of both heads): the same range of
+# options, pages of 8 to 256, and one shape it does not take.
+HEAD_PAIR_D64_CONFIGS = {name: dict(cfg, D=64) for name, cfg in {
+    "gqa8": dict(Hq=16, Hkv=2),
+    "mha_paged16": dict(Hq=8, Hkv=8, page=16),
+    "sliding_window_paged8": dict(Hq=16, Hkv=4, page=8, opt="wleft"),
+    "sq4_window_paged256_full": dict(Hq=8, Hkv=4, Sq=4, Snew=4, page=256, table="full", opt="window"),
+    "alibi_softcap_paged32": dict(Hq=8, Hkv=4, Sq=2, Snew=2, page=32, opt="causal+alibi+softcap"),
+    "splits64": dict(Hq=32, Hkv=8, splits=64),
+    "strided_paged16": dict(Hq=8, Hkv=4, strided=True, page=16, leftpad=True, opt="alibi"),
+    "everything_paged16": dict(Hq=8, Hkv=2, page=16, rotary="interleaved", rotary_frac=0.5, batch_idx=True,
+                               leftpad=True, opt=ALL, splits=3, Sq=2, Snew=2),
+    "everything_contiguous_neox": dict(Hq=32, Hkv=8, rotary="neox", batch_idx=True, leftpad=True, opt=ALL,
+                                       Sq=2, Snew=2),
+    "heuristic_long": dict(B=2, Hq=32, Hkv=8, lens=[7999, 5000], cache_len=8000),
+    "empty_paged16": dict(Hq=8, Hkv=4, lens="zeros", Snew=0, page=16, empty=True),
+    "rows16_not_taken": dict(Hq=8, Hkv=2, Sq=4, Snew=4, opt="causal"),
+}.items()}
 
 
 # The head-group kernel's wide form (eight KV heads per CTA; FASTATTN_DECODE_HEAD_GROUP=8): the
@@ -768,7 +791,8 @@ HEAD_GROUP_ROWS_CONFIGS = {
 
 
 KERNEL_FORM_CONFIGS = {"head_group": HEAD_GROUP_CONFIGS, "head_group_wide": HEAD_GROUP_WIDE_CONFIGS,
-                       "head_group_rows": HEAD_GROUP_ROWS_CONFIGS, "head_pair": HEAD_PAIR_CONFIGS}
+                       "head_group_rows": HEAD_GROUP_ROWS_CONFIGS, "head_pair": HEAD_PAIR_CONFIGS,
+                       "head_pair_d64": HEAD_PAIR_D64_CONFIGS}
 KERNEL_FORM_CASES = [(kernel, name) for kernel, configs in KERNEL_FORM_CONFIGS.items() for name in configs]
 
 
@@ -858,7 +882,7 @@ def test_quarters_rule(seed, name, cfg, wide, monkeypatch):
     torch.cuda.empty_cache()
 
 
-HEAD_PAIR_KERNEL = re.compile(r"decode_kernel_sm90<128, [^,<>]+, 2>")
+HEAD_PAIR_KERNEL = re.compile(r"decode_kernel_sm90<(?:64|128), [^,<>]+, 2>")
 HEAD_GROUP_KERNEL = re.compile(r"decode_kernel_sm90_head_group<[^,<>]+, (\d+)>")
 
 
@@ -938,26 +962,32 @@ def test_head_group_rows_form_is_taken(seed, monkeypatch):
 
 def test_head_pair_kernel_is_taken(seed, monkeypatch):
     """On sm_90 the heuristic takes the head-pair form exactly where batch x heads_kv / 2 CTAs fill
-    15/16 of the SMs to all of them and the cache holds at least 8192 slots, with one split (no
-    combine kernel); not for a grid of fewer or more CTAs, a shorter cache, nor with
-    FASTATTN_DECODE_HEAD_PAIR=0 (README). Checked on the kernels a call launches, and each answer
-    against the float32 reference."""
+    15/16 of the SMs to all of them (at head_dim 64: at least 15/16 of them) and the cache holds at
+    least 8192 slots, with one split (no combine kernel); not for a grid of fewer CTAs, of more at
+    head_dim 128, a shorter cache, nor with FASTATTN_DECODE_HEAD_PAIR=0 (README). Checked on the
+    kernels a call launches, and each answer against the float32 reference. (The grids of several
+    waves have short sequences after the first: the rule reads the cache's width, not the lengths.)"""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("an sm_90 kernel")
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
     fill = -(-15 * sms // 64)  # x 8 KV heads / 2: 15/16 of the SMs
     full = sms // 4
-    for b, cache_len, page, switch, taken in ((fill, 8192, None, None, True), (full, 8208, 16, None, True),
-                                              (full, 8192, 16, "0", False), (full, 8000, None, None, False),
-                                              (fill - 1, 8192, None, None, False), (full + 1, 8192, 16, None, False)):
-        lens = [cache_len] + [seed.randint(0, cache_len) for _ in range(b - 1)]
-        case = build_case(seed, torch.bfloat16, dict(B=b, Hq=32, Hkv=8, cache_len=cache_len, Snew=0, lens=lens,
-                                                     page=page))
+    for b, d, cache_len, page, switch, taken in (
+            (fill, 128, 8192, None, None, True), (full, 128, 8208, 16, None, True),
+            (full, 128, 8192, 16, "0", False), (full, 128, 8000, None, None, False),
+            (fill - 1, 128, 8192, None, None, False), (full + 1, 128, 8192, 16, None, False),
+            (fill, 64, 8192, 16, None, True), (full + 1, 64, 8192, None, None, True),
+            (4 * full, 64, 8208, 16, None, True), (4 * full, 64, 4096, None, None, False),
+            (fill - 1, 64, 8192, None, None, False), (4 * full, 64, 8192, None, "0", False)):
+        longest = cache_len if b <= full else 300
+        lens = [cache_len] + [seed.randint(0, longest) for _ in range(b - 1)]
+        case = build_case(seed, torch.bfloat16, dict(B=b, Hq=32, Hkv=8, D=d, cache_len=cache_len, Snew=0,
+                                                     lens=lens, page=page))
         if switch is not None:
             monkeypatch.setenv("FASTATTN_DECODE_HEAD_PAIR", switch)
         run_case(case)
         names = _fastattn_kernels(lambda: kvcache_call(case, case.make_out()))
-        where = f"batch {b}, {cache_len} slots, switch {switch}: {names}"
+        where = f"batch {b}, head_dim {d}, {cache_len} slots, switch {switch}: {names}"
         assert any(HEAD_PAIR_KERNEL.search(n) for n in names) == taken, where
         if taken:
             assert not any("combine_kernel" in n for n in names), where
@@ -1020,7 +1050,7 @@ def test_repeated_decode_steps(seed):
 # ---- out-of-range page ids, caches of > 2^31 elements ---------------------------------------------
 
 
-def out_of_range_page_ids(rng, where, check=True, heads_kv=2):
+def out_of_range_page_ids(rng, where, check=True, heads_kv=2, head_dim=128):
     """Page ids outside [0, num_pages) in the block table (negative, num_pages, 10^6, INT32_MIN /
     INT32_MAX): nothing validates them on the host (no sync); the kernels must not fault or touch
     memory outside the caches. where="read_pages": bad ids only in pages that are read (slots before
@@ -1029,8 +1059,8 @@ def out_of_range_page_ids(rng, where, check=True, heads_kv=2):
     ids are neither read nor written). Sequence 2's table is valid: its output must be right. The
     other sequences' outputs are unspecified (only finite). heads_kv=4 (with 8 query heads) fits
     the head-group kernel. Shared with sanitize_decode.py."""
-    case = build_case(rng, torch.bfloat16, dict(B=3, Hq=max(8, heads_kv), Hkv=heads_kv, page=16, cache_len=256,
-                                                lens=[100, 40, 200]))
+    case = build_case(rng, torch.bfloat16, dict(B=3, Hq=max(8, heads_kv), Hkv=heads_kv, D=head_dim, page=16,
+                                                cache_len=256, lens=[100, 40, 200]))
     num_pages = case.kc.shape[0]
     bad = [list(row) for row in case.table]
     width = len(bad[0])
@@ -1075,7 +1105,8 @@ KERNEL_HEADS_KV = {"head_group": 4, "head_group_wide": 8, "head_group_rows": 32}
 @pytest.mark.parametrize("where", ["read_pages", "append_page"])
 def test_out_of_range_page_ids(seed, where, kernel, monkeypatch):
     use_kernel(monkeypatch, kernel)
-    out_of_range_page_ids(seed, where, heads_kv=KERNEL_HEADS_KV.get(kernel, 2))
+    out_of_range_page_ids(seed, where, heads_kv=KERNEL_HEADS_KV.get(kernel, 2),
+                          head_dim=KERNEL_HEAD_DIM.get(kernel, 128))
 
 
 @pytest.mark.parametrize("kernel", list(KERNEL_SWITCHES))
@@ -1089,8 +1120,8 @@ def test_out_not_8_byte_aligned(seed, splits, kernel, monkeypatch):
     nothing is written outside out)."""
     use_kernel(monkeypatch, kernel)
     hkv = KERNEL_HEADS_KV.get(kernel, 2)
-    case = build_case(seed, torch.bfloat16, dict(B=3, Hq=hkv, Hkv=hkv, cache_len=200, page=16, Sq=2,
-                                                 Snew=0, opt="causal", splits=splits))
+    case = build_case(seed, torch.bfloat16, dict(B=3, Hq=hkv, Hkv=hkv, D=KERNEL_HEAD_DIM.get(kernel, 128),
+                                                 cache_len=200, page=16, Sq=2, Snew=0, opt="causal", splits=splits))
     shape = tuple(case.q.shape)
     bufs = []
 
@@ -1119,14 +1150,15 @@ def test_slots_past_the_end_hold_nan(seed, page, sq, splits, kernel, monkeypatch
     head_group / head_pair: 4 KV heads and the head-group kernel (its tiles are 16-slot boxes over 4
     heads) or the head-pair form (boxes over 2 heads); head_group_wide: 8 KV heads and 16 query
     heads, the wide form (boxes over 8 heads: whole pages of 16); with 4 query rows, 8 packed rows
-    per head. head_group_rows: 32 KV and query heads, the token-row form (boxes of 4 whole token
+    per head. head_pair_d64: the head-pair form at head_dim 64, 4 KV heads. head_group_rows: 32 KV and query heads, the token-row form (boxes of 4 whole token
     rows) at one query row (at 4 it does not fit: another kernel answers)."""
     lens = [0, 5, 70, 200]
     use_kernel(monkeypatch, kernel)
     hkv = {"per_head": 2, "head_group_wide": 8, "head_group_rows": 32}.get(kernel, 4)
     hq = {8: 16, 32: 32}.get(hkv, 8)
-    case = build_case(seed, torch.bfloat16, dict(B=4, Sq=sq, Snew=0, Hq=hq, Hkv=hkv, page=page,
-                                                 cache_len=256, table="full", lens=lens, splits=splits))
+    case = build_case(seed, torch.bfloat16, dict(B=4, Sq=sq, Snew=0, Hq=hq, Hkv=hkv,
+                                                 D=KERNEL_HEAD_DIM.get(kernel, 128), page=page, cache_len=256,
+                                                 table="full", lens=lens, splits=splits))
     if page is None:
         for b, n in enumerate(lens):
             case.kc[b, n:] = float("nan")
@@ -1229,11 +1261,12 @@ def test_varlen_decode_block_table(seed, dtype, page_size, lengths_from, opt):
                          [("paged16", 0, "per_head"), ("paged16", 5, "per_head"), ("contiguous", 0, "per_head"),
                           ("paged16", 3, "head_group"), ("paged16", 0, "head_group_wide"),
                           ("paged16", 0, "head_group_rows"), ("contiguous", 3, "head_group_rows"),
-                          ("paged16", 0, "head_pair"), ("contiguous", 2, "head_pair")],
+                          ("paged16", 0, "head_pair"), ("contiguous", 2, "head_pair"),
+                          ("paged16", 0, "head_pair_d64")],
                          ids=["paged16-splits0", "paged16-splits5", "contiguous-splits0", "paged16-splits3-head_group",
                               "paged16-splits0-head_group_wide", "paged16-splits0-head_group_rows",
                               "contiguous-splits3-head_group_rows", "paged16-splits0-head_pair",
-                              "contiguous-splits2-head_pair"])
+                              "contiguous-splits2-head_pair", "paged16-splits0-head_pair_d64"])
 def test_cuda_graph_decode(seed, layout, num_splits, kernel, monkeypatch):
     """One decode step (Sq = 1, append Snew = 1, rotary, causal, cache_seqlens on the device)
     captured into a CUDA graph; replays with new lengths (0 and the capacity's last slot among them),
@@ -1243,14 +1276,15 @@ def test_cuda_graph_decode(seed, layout, num_splits, kernel, monkeypatch):
     allocated before the capture captures fine, the Python layer's workspace sizing / allocation
     (xfail after checking the replays of that graph); anything else fails. head_group: 4 KV heads
     through the head-group kernel; head_group_wide: 8 through its wide form; head_group_rows: 32
-    KV and query heads through its token-row form; head_pair: 2 KV heads through the head-pair
-    form."""
+    KV and query heads through its token-row form; head_pair (head_pair_d64): 2 KV heads through the
+    head-pair form at head_dim 128 (64)."""
     b, cap = 4, 1024
     use_kernel(monkeypatch, kernel)
     hkv = KERNEL_HEADS_KV.get(kernel, 2)
     hq = max(16, hkv)
     case = build_case(seed, torch.bfloat16, dict(
-        B=b, Hq=hq, Hkv=hkv, D=128, cache_len=cap, table="full", lens=[5, 0, 100, cap - 1],
+        B=b, Hq=hq, Hkv=hkv, D=KERNEL_HEAD_DIM.get(kernel, 128), cache_len=cap, table="full",
+        lens=[5, 0, 100, cap - 1],
         page=16 if layout == "paged16" else None, rotary="interleaved", opt="causal",
         splits=num_splits))
     out = case.make_out()

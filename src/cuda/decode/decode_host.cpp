@@ -231,15 +231,20 @@ bool decode_head_pair_applies(const check::ArgChecker& c, const DecodeParams& p,
   // where the per-head kernel runs two CTAs per SM unsplit (batch x heads_kv = 256 on the H200:
   // batch 32 GQA 8, MHA batch 8). There the pairs' 512-byte runs read 1-1.7% faster than one
   // head's 256-byte ones (no-math read, bench/NOTES.md session 15); half the SMs' worth of pairs
-  // read 5-7% slower, hence the lower bound. Long caches only (kDecodeHeadPairMinKeys).
+  // read 5-7% slower, hence the lower bound. At head_dim 64 also more than one wave
+  // (kDecodeHeadPairMultiWaveMaxHeadDim): a wave of pairs at one per SM holds as many heads as a
+  // per-head wave at two, so the waves' quantisation is the same. Long caches only
+  // (kDecodeHeadPairMinKeys).
   const std::int64_t items = std::int64_t(p.batch) * (p.heads_kv / kDecodeHeadPair);
+  const bool waves = p.head_dim <= kDecodeHeadPairMultiWaveMaxHeadDim ? 16 * items >= 15 * info.sm_count
+                                                                      : fills_one_wave(items, info.sm_count);
   return decode_form_applies(fits, "FASTATTN_DECODE_HEAD_PAIR", requested,
-                             fills_one_wave(items, info.sm_count) && max_keys >= kDecodeHeadPairMinKeys);
+                             waves && max_keys >= kDecodeHeadPairMinKeys);
 }
 
 int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys) {
   if (requested > 0) return requested;
-  if (p.head_pair) return 1;  // its grid is one wave already (decode_head_pair_applies)
+  if (p.head_pair) return 1;  // its grid fills a wave already (decode_head_pair_applies)
   const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
   if (p.head_group) {
     // Its CTAs (two per SM, or one for the wide and token-row forms) stream 16-slot tiles of four

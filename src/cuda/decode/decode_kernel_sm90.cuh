@@ -19,13 +19,14 @@
 // [64] (one box each, see KvLayout), all with the 128-byte swizzle the TMA writes (16-byte chunk
 // c of row r at c ^ (r % 8)), so ldmatrix rows fall on distinct banks.
 //
-// The head-pair form (kHeads = 2, head_dim 128, at most 8 packed query rows): one CTA attends two
-// adjacent KV heads of a sequence with four consumer warps each, one CTA per SM, and every box spans
-// both heads, so DRAM sees 512-byte runs of the token-major cache instead of 256-byte ones. Where
-// batch x heads_kv / 2 CTAs fill one wave at one per SM (the planner's rule), a no-math read of the
-// H200 drew 1-1.7% more from that pattern than from the per-head one with no split to merge
-// (bench/NOTES.md, session 15). A stage is then [run][head][column block][R][64]: head h of run r
-// sits R * head_dim elements after head h - 1 (KvLayout's run stride counts both heads).
+// The head-pair form (kHeads = 2, head_dim 64 or 128, at most 8 packed query rows): one CTA attends
+// two adjacent KV heads of a sequence with four consumer warps each, one CTA per SM, and every box
+// spans both heads, so DRAM sees runs of 2 x head_dim x 2 bytes of the token-major cache (256 or
+// 512) instead of one head's 128 or 256. Where batch x heads_kv / 2 CTAs fill one wave at one per
+// SM (the planner's rule), a no-math read of the H200 drew 1-1.7% more from that pattern than from
+// the per-head one at head_dim 128 with no split to merge (bench/NOTES.md, session 15), 1.3-3% at
+// head_dim 64 (session 32). A stage is then [run][head][column block][R][64]: head h of run r sits
+// R * head_dim elements after head h - 1 (KvLayout's run stride counts both heads).
 //
 // Rows a box brings in that no query may see (before `lo` or from `hi` on, e.g. past the end of
 // the last page) are real cache bytes, possibly garbage: scores there are masked to -inf, and
@@ -105,8 +106,8 @@ struct DecodeSm90Config {
   // d128: 2 x 3 x 32 KB, d256: 1 x 3 x 64 KB). (A ring of twice the stages at one CTA per SM,
   // for grids that fit one CTA per SM, streamed one CTA 7% faster but made the calls the split
   // heuristic makes 1-1.5 us slower: bench/NOTES.md.)
-  // Two heads: 2 x 3 x 64 KB in one CTA per SM (the same bytes in flight per SM as two one-head
-  // CTAs).
+  // Two heads: d64 6 x 32 KB, d128 3 x 64 KB, in one CTA per SM (the same bytes in flight per SM
+  // as two one-head CTAs).
   static constexpr int kCtasPerSm = kHeadDim <= 128 && kHeads == 1 ? 2 : 1;
   static constexpr int kStages = kHeadDim <= 64 ? 6 : 3;
   static constexpr int kBarrierBytes = 256;
@@ -138,7 +139,8 @@ struct DecodeSm90Config {
   static_assert(4 * kStages * 8 <= kBarrierBytes, "barriers fit their region");
   static_assert(kQBytes % kAlign == 0, "stages start on a swizzle atom");
   static_assert(kCtasPerSm * (kSmemBytes + 1024) <= 228 * 1024, "the CTAs per SM fit its shared memory");
-  static_assert(kHeads == 1 || (kHeads == 2 && kHeadDim == kDecodeHeadPairHeadDim), "the head-pair form is d128 only");
+  static_assert(kHeads == 1 || (kHeads == kDecodeHeadPair && decode_head_pair_head_dim(kHeadDim)),
+                "the head-pair form is built for head_dim 64 and 128");
   static_assert(kDecodeHeadPairMaxRows == kDecodeNarrowRows, "the host's head-pair row bound is the narrow math's");
 };
 
@@ -618,8 +620,8 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
 #endif
 }
 
-/// kHeads = 2: the head-pair form, for what decode_head_pair_fits allows (head_dim 128, heads_kv
-/// even, at most 8 packed rows) and no cluster merge.
+/// kHeads = 2: the head-pair form, for what decode_head_pair_fits allows (head_dim 64 or 128,
+/// heads_kv even, at most 8 packed rows) and no cluster merge.
 template <int kHeadDim, Dtype kDtype, int kHeads>
 void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
   using Cfg = DecodeSm90Config<kHeadDim, kHeads>;
@@ -663,8 +665,8 @@ void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
 
 #define FASTATTN_INSTANTIATE_DECODE_SM90(D, T) \
   template void launch_decode_sm90<D, T, 1>(const DecodeParams&, cudaStream_t);
-/// The head-pair form (head_dim 128 only).
-#define FASTATTN_INSTANTIATE_DECODE_SM90_HEAD_PAIR(T) \
-  template void launch_decode_sm90<128, T, 2>(const DecodeParams&, cudaStream_t);
+/// The head-pair form (head_dim 64 and 128: decode_head_pair_head_dim).
+#define FASTATTN_INSTANTIATE_DECODE_SM90_HEAD_PAIR(D, T) \
+  template void launch_decode_sm90<D, T, kDecodeHeadPair>(const DecodeParams&, cudaStream_t);
 
 }  // namespace fastattn::cuda_decode

@@ -199,8 +199,9 @@ void run_for_dtype(const DecodeParams& p, cudaStream_t stream) {
   }
   if (p.head_group) {
     launch_decode_sm90_head_group<kDtype>(attn, stream);
-  } else if (p.head_pair) {
-    launch_decode_sm90<kDecodeHeadPairHeadDim, kDtype, kDecodeHeadPair>(attn, stream);
+  } else if (p.head_pair) {  // head_dim 64 or 128 (decode_head_pair_fits)
+    if (p.head_dim == 64) launch_decode_sm90<64, kDtype, kDecodeHeadPair>(attn, stream);
+    else launch_decode_sm90<128, kDtype, kDecodeHeadPair>(attn, stream);
   } else if (p.sm90_kernel) {
     if (p.head_dim <= 64) launch_decode_sm90<64, kDtype, 1>(attn, stream);
     else if (p.head_dim <= 128) launch_decode_sm90<128, kDtype, 1>(attn, stream);

@@ -268,21 +268,29 @@ inline bool decode_head_group_fits(const DecodeParams& p, bool sm90_kernel, int 
          (p.page_size == 0 || p.page_size % decode_head_group_tile_slots(heads) == 0);
 }
 
-/// The sm_90 kernel's head-pair form (two KV heads per CTA, one CTA per SM): the one head_dim it
-/// is built for and the most packed query rows (group x seqlen_q) per head (the narrow math's).
+/// The sm_90 kernel's head-pair form (two KV heads per CTA, one CTA per SM): the head_dims it is
+/// built for (decode_head_pair_head_dim) and the most packed query rows (group x seqlen_q) per
+/// head (the narrow math's).
 constexpr int kDecodeHeadPair = 2;
-constexpr int kDecodeHeadPairHeadDim = 128;
 constexpr int kDecodeHeadPairMaxRows = 8;
+/// Whether the head-pair form is built for `head_dim`: 64 and 128, whose boxes take whole 64-column
+/// blocks (a head_dim the per-head kernel pads, e.g. 96, would need the per-block boxes).
+constexpr bool decode_head_pair_head_dim(int head_dim) { return head_dim == 64 || head_dim == 128; }
 /// The heuristic takes the head-pair form only for caches of at least this many slots: on the H200
 /// it gained from 8k keys on (batch 32 / 8k GQA 8 -1.1%, 32k -0.5-2.4%), but at 1k-4k it was no
 /// faster on contiguous caches and 0.6-1.3% slower on pages of 16 (bench/NOTES.md, session 15).
 constexpr std::int64_t kDecodeHeadPairMinKeys = 8192;
+/// Up to this head_dim the heuristic also takes the head-pair form for grids of more than one wave:
+/// at head_dim 64 it was 1.4-3.2% faster contiguous and 2.9-4.4% on pages of 16 than the per-head
+/// kernel at 512 and 2048 pair CTAs from 8k keys on (bench/NOTES.md, session 33); at head_dim 128
+/// no faster there (session 17), so it takes one wave only.
+constexpr int kDecodeHeadPairMultiWaveMaxHeadDim = 64;
 
-/// Whether p's shape fits the head-pair form on a device that runs the sm_90 kernel: head_dim 128
-/// (the whole 64-column blocks its boxes take), an even heads_kv and at most 8 packed query rows
-/// per KV head. Any cache the sm_90 kernel takes.
+/// Whether p's shape fits the head-pair form on a device that runs the sm_90 kernel: head_dim 64 or
+/// 128 (decode_head_pair_head_dim), an even heads_kv and at most 8 packed query rows per KV head.
+/// Any cache the sm_90 kernel takes.
 inline bool decode_head_pair_fits(const DecodeParams& p, bool sm90_kernel) {
-  return sm90_kernel && p.head_dim == kDecodeHeadPairHeadDim && p.heads_kv % kDecodeHeadPair == 0 &&
+  return sm90_kernel && decode_head_pair_head_dim(p.head_dim) && p.heads_kv % kDecodeHeadPair == 0 &&
          std::int64_t(p.group) * p.seqlen_q <= kDecodeHeadPairMaxRows;
 }
 

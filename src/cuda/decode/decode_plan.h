@@ -49,8 +49,9 @@ int decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p,
 /// Whether the call runs the sm_90 kernel's head-pair form (DecodeParams::head_pair): not the
 /// head-group kernel (p.head_group, decided first), its shape fits (decode_head_pair_fits) and
 /// FASTATTN_DECODE_HEAD_PAIR is "1", or it is unset, num_splits is the heuristic's (`requested`
-/// 0), batch x heads_kv / 2 CTAs fill between 15/16 of one wave of one per SM and one wave, and
-/// `max_keys` (the host's bound on every sequence's keys, as for decode_num_splits) is at least
+/// 0), batch x heads_kv / 2 CTAs fill between 15/16 of one wave of one per SM and one wave (at
+/// head_dim <= kDecodeHeadPairMultiWaveMaxHeadDim: at least 15/16 of one wave), and `max_keys`
+/// (the host's bound on every sequence's keys, as for decode_num_splits) is at least
 /// kDecodeHeadPairMinKeys. "0" never takes it.
 bool decode_head_pair_applies(const check::ArgChecker& c, const DecodeParams& p, int requested,
                               std::int64_t max_keys);
