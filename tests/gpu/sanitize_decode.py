@@ -5,7 +5,7 @@ cache_batch_idx, GQA 8, num_splits 1 and 7 (and the heuristic over a long cache,
 merged inside a thread-block cluster on sm_90), out-of-range page
 ids in the block table, empty caches, decode through flash_attn_varlen_func with a block table, and
 three calls each through the sm_90 head-group kernel and the sm_90 kernel's head-pair form (at
-head_dim 128 and 64).
+head_dim 128 and 64) and head-quad form.
 Each call runs twice into NaN-poisoned buffers and, unless --no-check, is compared with the float64
 reference and the caches are checked (as tests/gpu/test_kvcache_gpu.py does). No guard memory
 around the caches here, so that memcheck sees each cache's own allocation bounds.
@@ -53,6 +53,8 @@ head_group = with_switches(T.KERNEL_SWITCHES["head_group"])  # the sm_90 head-gr
 head_group_wide = with_switches(T.KERNEL_SWITCHES["head_group_wide"])  # its wide form (8 heads)
 head_group_rows = with_switches(T.KERNEL_SWITCHES["head_group_rows"])  # its token-row form (32 heads)
 head_pair = with_switches(T.KERNEL_SWITCHES["head_pair"])    # the sm_90 kernel's head-pair form
+head_pair_d64 = with_switches(T.KERNEL_SWITCHES["head_pair_d64"])  # ... at head_dim 64
+head_quad = with_switches(T.KERNEL_SWITCHES["head_quad"])    # its head-quad form (head_dim 64)
 
 
 def varlen_decode(rng, check, dtype, page_size):
@@ -104,11 +106,12 @@ def cases():
     yield "empty paged cache, first tokens appended", kvcache, (B16, dict(lens="zeros", page=16, Sq=2, Snew=2, rotary="neox", opt="causal"))
     yield "varlen decode block table page 16", varlen_decode, (B16, 16)
     # the sm_90 head-group kernel (4 KV heads per CTA), its wide form (8), its token-row form (32)
-    # and the head-pair form (2), at head_dim 128 and (the pair) 64
+    # and the sm_90 kernel's head-pair (2, head_dim 128 and 64) and head-quad (4, head_dim 64) forms
     for form, run, hkv, d in (("head-group kernel", head_group, 4, 128),
                               ("head-group wide form", head_group_wide, 8, 128),
                               ("head-group token-row form", head_group_rows, 32, 128),
-                              ("head-pair form", head_pair, 2, 128), ("head-pair form d64", head_pair, 2, 64)):
+                              ("head-pair form", head_pair, 2, 128), ("head-pair form d64", head_pair_d64, 2, 64),
+                              ("head-quad form", head_quad, 4, 64)):
         yield f"{form}: everything paged 16, 3 splits", run, (kvcache, B16, dict(
             Hq=max(8, hkv), Hkv=hkv, D=d, page=16, rotary="interleaved", rotary_frac=0.5, batch_idx=True,
             leftpad=True, opt=T.ALL, splits=3, Sq=2, Snew=2))

@@ -693,17 +693,20 @@ def test_head_group_kernel_is_taken(seed, monkeypatch):
 # The sm_90 kernel's head-pair form (README "GPU decode"): two KV heads per CTA, head_dim 64 or 128,
 # an even heads_kv, at most 8 packed query rows per KV head, any cache the sm_90 kernel takes.
 # FASTATTN_DECODE_HEAD_PAIR=1 takes it for every such call (the heuristic only where its grid fills
-# one wave of one CTA per SM); FASTATTN_DECODE_HEAD_GROUP=0 keeps the head-group kernel out of it.
+# a wave of one CTA per SM); FASTATTN_DECODE_HEAD_GROUP=0 keeps the head-group kernel out of it, and
+# FASTATTN_DECODE_HEAD_QUAD=0 the head-quad form (four KV heads per CTA, head_dim 64, heads_kv a
+# multiple of 4), which FASTATTN_DECODE_HEAD_QUAD=1 takes for every call it fits.
 KERNEL_SWITCHES = {
     "per_head": {},
     "head_group": {"FASTATTN_DECODE_HEAD_GROUP": "1"},
     "head_group_wide": {"FASTATTN_DECODE_HEAD_GROUP": "8"},
     "head_group_rows": {"FASTATTN_DECODE_HEAD_GROUP": "32"},
     "head_pair": {"FASTATTN_DECODE_HEAD_PAIR": "1", "FASTATTN_DECODE_HEAD_GROUP": "0"},
-    "head_pair_d64": {"FASTATTN_DECODE_HEAD_PAIR": "1"},  # the same form at head_dim 64 (KERNEL_HEAD_DIM)
+    "head_pair_d64": {"FASTATTN_DECODE_HEAD_PAIR": "1", "FASTATTN_DECODE_HEAD_QUAD": "0"},  # head_dim 64
+    "head_quad": {"FASTATTN_DECODE_HEAD_QUAD": "1"},
 }
 # The head_dim of the shapes the kernel-form tests give each kernel: 128 unless named here.
-KERNEL_HEAD_DIM = {"head_pair_d64": 64}
+KERNEL_HEAD_DIM = {"head_pair_d64": 64, "head_quad": 64}
 
 
 def use_kernel(monkeypatch, kernel):
@@ -743,6 +746,21 @@ HEAD_PAIR_D64_CONFIGS = {name: dict(cfg, D=64) for name, cfg in {
     "empty_paged16": dict(Hq=8, Hkv=4, lens="zeros", Snew=0, page=16, empty=True),
     "rows16_not_taken": dict(Hq=8, Hkv=2, Sq=4, Snew=4, opt="causal"),
 }.items()}
+
+
+# The head-quad form (four KV heads per CTA, head_dim 64; FASTATTN_DECODE_HEAD_QUAD=1): the head-pair
+# configurations at head_dim 64 whose heads_kv is a multiple of 4, more at 4 to 16 KV heads, and two
+# shapes it does not take (2 KV heads, 16 packed rows: another form answers).
+HEAD_QUAD_CONFIGS = dict(
+    {name: cfg for name, cfg in HEAD_PAIR_D64_CONFIGS.items() if cfg["Hkv"] % 4 == 0},
+    mha_heads16_paged16=dict(Hq=16, Hkv=16, D=64, page=16, Sq=2, Snew=2, opt="causal"),
+    gqa2_sq4_paged64=dict(Hq=16, Hkv=8, D=64, Sq=4, Snew=4, page=64, opt="causal+softcap"),
+    splits3_leftpad_batch_idx=dict(Hq=16, Hkv=4, D=64, splits=3, leftpad=True, batch_idx=True, cache_len=3000),
+    first_tokens_paged16_rotary=dict(Hq=8, Hkv=4, D=64, lens="zeros", page=16, Sq=2, Snew=2, rotary="neox",
+                                     opt="causal"),
+    heads2_not_taken=dict(Hq=16, Hkv=2, D=64),
+    rows16_not_taken=dict(Hq=16, Hkv=4, D=64, Sq=4, Snew=4, opt="causal"),
+)
 
 
 # The head-group kernel's wide form (eight KV heads per CTA; FASTATTN_DECODE_HEAD_GROUP=8): the
@@ -792,7 +810,7 @@ HEAD_GROUP_ROWS_CONFIGS = {
 
 KERNEL_FORM_CONFIGS = {"head_group": HEAD_GROUP_CONFIGS, "head_group_wide": HEAD_GROUP_WIDE_CONFIGS,
                        "head_group_rows": HEAD_GROUP_ROWS_CONFIGS, "head_pair": HEAD_PAIR_CONFIGS,
-                       "head_pair_d64": HEAD_PAIR_D64_CONFIGS}
+                       "head_pair_d64": HEAD_PAIR_D64_CONFIGS, "head_quad": HEAD_QUAD_CONFIGS}
 KERNEL_FORM_CASES = [(kernel, name) for kernel, configs in KERNEL_FORM_CONFIGS.items() for name in configs]
 
 
@@ -800,8 +818,9 @@ KERNEL_FORM_CASES = [(kernel, name) for kernel, configs in KERNEL_FORM_CONFIGS.i
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_sm90_kernel_form(seed, dtype, kernel, config, monkeypatch):
     """The head-group kernel (FASTATTN_DECODE_HEAD_GROUP=1), its wide form (=8), its token-row form
-    (=32) and the head-pair form (FASTATTN_DECODE_HEAD_PAIR=1) against the float32 reference, with the cache, out= and repeat
-    checks of run_case. On other GPUs the call takes the other kernels."""
+    (=32), the head-pair form (FASTATTN_DECODE_HEAD_PAIR=1, head_dim 128 and 64) and the head-quad
+    form (FASTATTN_DECODE_HEAD_QUAD=1) against the float32 reference, with the cache, out= and
+    repeat checks of run_case. On other GPUs the call takes the other kernels."""
     use_kernel(monkeypatch, kernel)
     case = build_case(seed, dtype, KERNEL_FORM_CONFIGS[kernel][config])
     out, lse, _ = run_case(case)
@@ -882,7 +901,7 @@ def test_quarters_rule(seed, name, cfg, wide, monkeypatch):
     torch.cuda.empty_cache()
 
 
-HEAD_PAIR_KERNEL = re.compile(r"decode_kernel_sm90<(?:64|128), [^,<>]+, 2>")
+SM90_KERNEL = re.compile(r"decode_kernel_sm90<\d+, [^,<>]+, (\d+)>")  # group 1: KV heads per CTA
 HEAD_GROUP_KERNEL = re.compile(r"decode_kernel_sm90_head_group<[^,<>]+, (\d+)>")
 
 
@@ -960,38 +979,47 @@ def test_head_group_rows_form_is_taken(seed, monkeypatch):
         torch.cuda.empty_cache()
 
 
-def test_head_pair_kernel_is_taken(seed, monkeypatch):
-    """On sm_90 the heuristic takes the head-pair form exactly where batch x heads_kv / 2 CTAs fill
-    15/16 of the SMs to all of them (at head_dim 64: at least 15/16 of them) and the cache holds at
-    least 8192 slots, with one split (no combine kernel); not for a grid of fewer CTAs, of more at
-    head_dim 128, a shorter cache, nor with FASTATTN_DECODE_HEAD_PAIR=0 (README). Checked on the
-    kernels a call launches, and each answer against the float32 reference. (The grids of several
-    waves have short sequences after the first: the rule reads the cache's width, not the lengths.)"""
+def test_kv_heads_per_cta_is_taken(seed, monkeypatch):
+    """On sm_90 the heuristic's KV heads per CTA of the sm_90 kernel (read off the kernels a call
+    launches), with one split (no combine kernel) where it takes two or four (README):
+    - the head-quad form (4; head_dim 64) where batch x heads_kv / 4 CTAs fill at least 15/16 of
+      the SMs and the cache holds at least 1024 slots, but from 8192 slots on at most 4 waves;
+    - else the head-pair form (2) where batch x heads_kv / 2 CTAs fill 15/16 of the SMs to all of
+      them (at head_dim 64: at least 15/16 of them) and the cache holds at least 8192 slots;
+    - else the per-head kernel (1); and FASTATTN_DECODE_HEAD_QUAD / _PAIR at "0" never take their
+      form, at "1" always where it fits.
+    Each answer is checked against the float32 reference. (The grids of several waves have short
+    sequences after the first, in pages of 16: the rule reads the cache's width, not the lengths.)"""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("an sm_90 kernel")
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
-    fill = -(-15 * sms // 64)  # x 8 KV heads / 2: 15/16 of the SMs
+    fill = -(-15 * sms // 64)  # pairs of 8 KV heads: 15/16 of the SMs
     full = sms // 4
-    for b, d, cache_len, page, switch, taken in (
-            (fill, 128, 8192, None, None, True), (full, 128, 8208, 16, None, True),
-            (full, 128, 8192, 16, "0", False), (full, 128, 8000, None, None, False),
-            (fill - 1, 128, 8192, None, None, False), (full + 1, 128, 8192, 16, None, False),
-            (fill, 64, 8192, 16, None, True), (full + 1, 64, 8192, None, None, True),
-            (4 * full, 64, 8208, 16, None, True), (4 * full, 64, 4096, None, None, False),
-            (fill - 1, 64, 8192, None, None, False), (4 * full, 64, 8192, None, "0", False)):
+    fill4 = -(-15 * sms // 32)  # quads of 8 KV heads: 15/16 of the SMs
+    waves4 = 2 * sms  # quads of 8 KV heads: 4 waves
+    pair_off, quad_off = {"FASTATTN_DECODE_HEAD_PAIR": "0"}, {"FASTATTN_DECODE_HEAD_QUAD": "0"}
+    for b, d, cache_len, page, switches, heads in (
+            (fill, 128, 8192, None, {}, 2), (full, 128, 8208, 16, {}, 2), (full, 128, 8192, 16, pair_off, 1),
+            (full, 128, 8000, None, {}, 1), (fill - 1, 128, 8192, None, {}, 1), (full + 1, 128, 8192, 16, {}, 1),
+            (fill, 64, 8192, 16, {}, 2), (full + 1, 64, 8192, None, {}, 2), (fill - 1, 64, 8192, None, {}, 1),
+            (fill4, 64, 1024, None, {}, 4), (fill4 - 1, 64, 1024, 16, {}, 1), (fill4 - 1, 64, 8192, None, {}, 2),
+            (fill4, 64, 1000, None, {}, 1), (waves4, 64, 8208, 16, {}, 4), (waves4 + 1, 64, 8208, 16, {}, 2),
+            (waves4 + 1, 64, 4096, 16, {}, 4), (fill4, 64, 1024, None, quad_off, 1),
+            (waves4, 64, 8208, 16, quad_off, 2), (3, 64, 1000, None, {"FASTATTN_DECODE_HEAD_QUAD": "1"}, 4)):
         longest = cache_len if b <= full else 300
         lens = [cache_len] + [seed.randint(0, longest) for _ in range(b - 1)]
         case = build_case(seed, torch.bfloat16, dict(B=b, Hq=32, Hkv=8, D=d, cache_len=cache_len, Snew=0,
                                                      lens=lens, page=page))
-        if switch is not None:
-            monkeypatch.setenv("FASTATTN_DECODE_HEAD_PAIR", switch)
+        for name, value in switches.items():
+            monkeypatch.setenv(name, value)
         run_case(case)
         names = _fastattn_kernels(lambda: kvcache_call(case, case.make_out()))
-        where = f"batch {b}, head_dim {d}, {cache_len} slots, switch {switch}: {names}"
-        assert any(HEAD_PAIR_KERNEL.search(n) for n in names) == taken, where
-        if taken:
+        where = f"batch {b}, head_dim {d}, {cache_len} slots, switches {switches}: {names}"
+        assert {int(m.group(1)) for n in names for m in [SM90_KERNEL.search(n)] if m} == {heads}, where
+        if heads > 1:
             assert not any("combine_kernel" in n for n in names), where
-        monkeypatch.delenv("FASTATTN_DECODE_HEAD_PAIR", raising=False)
+        for name in switches:
+            monkeypatch.delenv(name)
         del case
         torch.cuda.empty_cache()
 
@@ -1097,8 +1125,8 @@ def out_of_range_page_ids(rng, where, check=True, heads_kv=2, head_dim=128):
 
 
 # KV heads of the shapes that the kernel-form tests below give each kernel (the per-head kernel and
-# the head-pair form: 2).
-KERNEL_HEADS_KV = {"head_group": 4, "head_group_wide": 8, "head_group_rows": 32}
+# the head-pair form: 2), and their head_dim (KERNEL_HEAD_DIM).
+KERNEL_HEADS_KV = {"head_group": 4, "head_group_wide": 8, "head_group_rows": 32, "head_quad": 4}
 
 
 @pytest.mark.parametrize("kernel", list(KERNEL_SWITCHES))
@@ -1150,7 +1178,8 @@ def test_slots_past_the_end_hold_nan(seed, page, sq, splits, kernel, monkeypatch
     head_group / head_pair: 4 KV heads and the head-group kernel (its tiles are 16-slot boxes over 4
     heads) or the head-pair form (boxes over 2 heads); head_group_wide: 8 KV heads and 16 query
     heads, the wide form (boxes over 8 heads: whole pages of 16); with 4 query rows, 8 packed rows
-    per head. head_pair_d64: the head-pair form at head_dim 64, 4 KV heads. head_group_rows: 32 KV and query heads, the token-row form (boxes of 4 whole token
+    per head. head_pair_d64, head_quad: the head-pair and head-quad forms at head_dim 64, 4 KV
+    heads. head_group_rows: 32 KV and query heads, the token-row form (boxes of 4 whole token
     rows) at one query row (at 4 it does not fit: another kernel answers)."""
     lens = [0, 5, 70, 200]
     use_kernel(monkeypatch, kernel)
@@ -1262,11 +1291,12 @@ def test_varlen_decode_block_table(seed, dtype, page_size, lengths_from, opt):
                           ("paged16", 3, "head_group"), ("paged16", 0, "head_group_wide"),
                           ("paged16", 0, "head_group_rows"), ("contiguous", 3, "head_group_rows"),
                           ("paged16", 0, "head_pair"), ("contiguous", 2, "head_pair"),
-                          ("paged16", 0, "head_pair_d64")],
+                          ("paged16", 0, "head_pair_d64"), ("paged16", 0, "head_quad"), ("contiguous", 3, "head_quad")],
                          ids=["paged16-splits0", "paged16-splits5", "contiguous-splits0", "paged16-splits3-head_group",
                               "paged16-splits0-head_group_wide", "paged16-splits0-head_group_rows",
                               "contiguous-splits3-head_group_rows", "paged16-splits0-head_pair",
-                              "contiguous-splits2-head_pair", "paged16-splits0-head_pair_d64"])
+                              "contiguous-splits2-head_pair", "paged16-splits0-head_pair_d64",
+                              "paged16-splits0-head_quad", "contiguous-splits3-head_quad"])
 def test_cuda_graph_decode(seed, layout, num_splits, kernel, monkeypatch):
     """One decode step (Sq = 1, append Snew = 1, rotary, causal, cache_seqlens on the device)
     captured into a CUDA graph; replays with new lengths (0 and the capacity's last slot among them),
@@ -1277,7 +1307,7 @@ def test_cuda_graph_decode(seed, layout, num_splits, kernel, monkeypatch):
     (xfail after checking the replays of that graph); anything else fails. head_group: 4 KV heads
     through the head-group kernel; head_group_wide: 8 through its wide form; head_group_rows: 32
     KV and query heads through its token-row form; head_pair (head_pair_d64): 2 KV heads through the
-    head-pair form at head_dim 128 (64)."""
+    head-pair form at head_dim 128 (64); head_quad: 4 KV heads through the head-quad form."""
     b, cap = 4, 1024
     use_kernel(monkeypatch, kernel)
     hkv = KERNEL_HEADS_KV.get(kernel, 2)

@@ -112,7 +112,7 @@ Plan plan_decode(check::ArgChecker& c, const KVCacheArgs& a, const core::KVCache
 
   // Split-KV (decode_num_splits): the bound on keys is the cache capacity (no device read).
   p.head_group = decode_head_group_applies(c, p, a.num_splits, max_keys + p.seqlen_new);
-  p.head_pair = decode_head_pair_applies(c, p, a.num_splits, max_keys + p.seqlen_new);
+  p.kv_heads_per_cta = decode_kv_heads_per_cta(c, p, a.num_splits, max_keys + p.seqlen_new);
   p.num_splits = decode_num_splits(c, p, a.num_splits, max_keys + p.seqlen_new);
   p.splits_fixed = a.num_splits > 0;
   const SplitStateBytes states = split_state_bytes(p);
@@ -222,11 +222,22 @@ int decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p,
   return four ? kDecodeHeadGroup : 0;
 }
 
-bool decode_head_pair_applies(const check::ArgChecker& c, const DecodeParams& p, int requested,
-                              std::int64_t max_keys) {
+int decode_kv_heads_per_cta(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys) {
+  if (p.head_group) return 1;
   const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
-  const bool fits =
-      !p.head_group && decode_head_pair_fits(p, use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size));
+  const bool sm90 = use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size);
+  // The head-quad form where its grid fills at least 15/16 of a wave of one CTA per SM, except
+  // over more than kDecodeHeadQuadMaxWavesLong waves on long caches. At head_dim 64 on the H200 it
+  // was 4-9% faster than the per-head kernel at 1k on grids of 1 to 7.8 waves (its CTAs start and
+  // end half as often per SM), 2.4-3.5% at 2k, and 1.2-2% faster than the pair at 8k, 0.3-1.6% at
+  // 32k, on 3.9 waves (bench/NOTES.md, session 33).
+  const std::int64_t quads = std::int64_t(p.batch) * (p.heads_kv / kDecodeHeadQuad);
+  const bool quad_waves = 16 * quads >= 15 * info.sm_count &&
+                          (max_keys < kDecodeHeadPairMinKeys || quads <= kDecodeHeadQuadMaxWavesLong * info.sm_count);
+  if (decode_form_applies(decode_head_quad_fits(p, sm90), "FASTATTN_DECODE_HEAD_QUAD", requested,
+                          quad_waves && max_keys >= kDecodeHeadQuadMinKeys))
+    return kDecodeHeadQuad;
+  const bool fits = decode_head_pair_fits(p, sm90);
   // Where its grid is one wave of one CTA per SM (15/16 of one at least) with no split: the rows
   // where the per-head kernel runs two CTAs per SM unsplit (batch x heads_kv = 256 on the H200:
   // batch 32 GQA 8, MHA batch 8). There the pairs' 512-byte runs read 1-1.7% faster than one
@@ -238,13 +249,14 @@ bool decode_head_pair_applies(const check::ArgChecker& c, const DecodeParams& p,
   const std::int64_t items = std::int64_t(p.batch) * (p.heads_kv / kDecodeHeadPair);
   const bool waves = p.head_dim <= kDecodeHeadPairMultiWaveMaxHeadDim ? 16 * items >= 15 * info.sm_count
                                                                       : fills_one_wave(items, info.sm_count);
-  return decode_form_applies(fits, "FASTATTN_DECODE_HEAD_PAIR", requested,
-                             waves && max_keys >= kDecodeHeadPairMinKeys);
+  const bool pair = decode_form_applies(fits, "FASTATTN_DECODE_HEAD_PAIR", requested,
+                                        waves && max_keys >= kDecodeHeadPairMinKeys);
+  return pair ? kDecodeHeadPair : 1;
 }
 
 int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys) {
   if (requested > 0) return requested;
-  if (p.head_pair) return 1;  // its grid fills a wave already (decode_head_pair_applies)
+  if (p.kv_heads_per_cta > 1) return 1;  // its grid fills a wave already (decode_kv_heads_per_cta)
   const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
   if (p.head_group) {
     // Its CTAs (two per SM, or one for the wide and token-row forms) stream 16-slot tiles of four

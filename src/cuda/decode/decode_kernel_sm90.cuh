@@ -28,6 +28,11 @@
 // head_dim 64 (session 32). A stage is then [run][head][column block][R][64]: head h of run r sits
 // R * head_dim elements after head h - 1 (KvLayout's run stride counts both heads).
 //
+// The head-quad form (kHeads = 4, head_dim 64 only, at most 8 packed query rows) is the same with
+// four heads: 16 consumer warps, boxes of 512-byte runs, 3 stages of 32 KB per tensor, one CTA per
+// SM. What it buys over the pair is fewer, longer CTAs (bench/NOTES.md, session 33): a 1k cache
+// takes a per-head CTA ~18 us of a 71 us call, and each start and end costs it about a microsecond.
+//
 // Rows a box brings in that no query may see (before `lo` or from `hi` on, e.g. past the end of
 // the last page) are real cache bytes, possibly garbage: scores there are masked to -inf, and
 // the consumer zeroes those V rows before P V (0 x NaN would be NaN). Boxes of a page id outside
@@ -73,7 +78,7 @@ constexpr int kDecodeSm90MaxSmemBytes = 227 * 1024;
 template <int kHeadDim_, int kHeads_ = 1>
 struct DecodeSm90Config {
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kHeads = kHeads_;  ///< KV heads per CTA: 1, or 2 (the head-pair form)
+  static constexpr int kHeads = kHeads_;  ///< KV heads per CTA: 1, 2 (head pair) or 4 (head quad)
   static constexpr int kConsumerThreads = kHeads * kDecodeWarps * 32;
   static constexpr int kThreads = kConsumerThreads + 64;  // + the K and the V producer warps
   static constexpr int kBlockN = kDecodeBlockN;
@@ -107,9 +112,9 @@ struct DecodeSm90Config {
   // for grids that fit one CTA per SM, streamed one CTA 7% faster but made the calls the split
   // heuristic makes 1-1.5 us slower: bench/NOTES.md.)
   // Two heads: d64 6 x 32 KB, d128 3 x 64 KB, in one CTA per SM (the same bytes in flight per SM
-  // as two one-head CTAs).
+  // as two one-head CTAs); four heads (d64): 3 x 64 KB.
   static constexpr int kCtasPerSm = kHeadDim <= 128 && kHeads == 1 ? 2 : 1;
-  static constexpr int kStages = kHeadDim <= 64 ? 6 : 3;
+  static constexpr int kStages = kHeadDim <= 64 && kHeads <= 2 ? 6 : 3;
   static constexpr int kBarrierBytes = 256;
   static constexpr int kAlign = 1024;  // the 128-byte swizzle repeats every 8 rows of 128 bytes
   static constexpr int kQHeadElems = kDecodeRows * kHeadDim;
@@ -139,8 +144,9 @@ struct DecodeSm90Config {
   static_assert(4 * kStages * 8 <= kBarrierBytes, "barriers fit their region");
   static_assert(kQBytes % kAlign == 0, "stages start on a swizzle atom");
   static_assert(kCtasPerSm * (kSmemBytes + 1024) <= 228 * 1024, "the CTAs per SM fit its shared memory");
-  static_assert(kHeads == 1 || (kHeads == kDecodeHeadPair && decode_head_pair_head_dim(kHeadDim)),
-                "the head-pair form is built for head_dim 64 and 128");
+  static_assert(kHeads == 1 || (kHeads == kDecodeHeadPair && decode_head_pair_head_dim(kHeadDim)) ||
+                    (kHeads == kDecodeHeadQuad && kHeadDim == kDecodeHeadQuadHeadDim),
+                "the head-pair form is built for head_dim 64 and 128, the head-quad form for 64");
   static_assert(kDecodeHeadPairMaxRows == kDecodeNarrowRows, "the host's head-pair row bound is the narrow math's");
 };
 
@@ -517,12 +523,14 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
   };
   // Each head's four warps merge on their own: barrier 1 + head over their 128 threads (barrier 1
   // is the whole CTA's consumers' above, all past it by now). Immediate barrier ids: a computed
-  // one makes the compiler reserve all sixteen.
+  // one makes the compiler reserve all sixteen (and the pair keeps to two).
   float* merge_smem = reinterpret_cast<float*>(sK0) + head * Cfg::kMergeFloats;
   const int merge_tid = threadIdx.x - head * kDecodeWarps * 32;
   const auto consumers_sync = [head] {
     if (head == 0) cuda_detail::named_barrier_sync(1, kDecodeWarps * 32);
-    else cuda_detail::named_barrier_sync(2, kDecodeWarps * 32);
+    else if (kHeads <= 2 || head == 1) cuda_detail::named_barrier_sync(2, kDecodeWarps * 32);
+    else if (head == 2) cuda_detail::named_barrier_sync(3, kDecodeWarps * 32);
+    else cuda_detail::named_barrier_sync(4, kDecodeWarps * 32);
   };
   // The warps' states merged into the output, or into this split's partial state.
   auto merge_and_store = [&](const auto& st) {
@@ -621,7 +629,8 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
 }
 
 /// kHeads = 2: the head-pair form, for what decode_head_pair_fits allows (head_dim 64 or 128,
-/// heads_kv even, at most 8 packed rows) and no cluster merge.
+/// heads_kv even, at most 8 packed rows) and no cluster merge; kHeads = 4: the head-quad form
+/// (decode_head_quad_fits: head_dim 64, heads_kv a multiple of 4).
 template <int kHeadDim, Dtype kDtype, int kHeads>
 void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
   using Cfg = DecodeSm90Config<kHeadDim, kHeads>;
@@ -632,7 +641,7 @@ void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
   FASTATTN_CUDA_CHECK(attr_status);
   const int m_blocks = decode_row_blocks(p.group, p.seqlen_q);
   if (kHeads > 1 && (p.head_dim != kHeadDim || p.heads_kv % kHeads != 0 || m_blocks != 1 || p.cluster_combine))
-    throw Error("decode: the head-pair kernel got a shape it does not take (an internal planning error)");
+    throw Error("decode: the head-pair or head-quad kernel got a shape it does not take (an internal planning error)");
   const dim3 grid(p.num_splits, kHeads == 1 ? p.heads_kv * m_blocks : p.heads_kv / kHeads, p.batch);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
   DecodeTmaParams tp;
@@ -668,5 +677,8 @@ void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
 /// The head-pair form (head_dim 64 and 128: decode_head_pair_head_dim).
 #define FASTATTN_INSTANTIATE_DECODE_SM90_HEAD_PAIR(D, T) \
   template void launch_decode_sm90<D, T, kDecodeHeadPair>(const DecodeParams&, cudaStream_t);
+/// The head-quad form (head_dim 64).
+#define FASTATTN_INSTANTIATE_DECODE_SM90_HEAD_QUAD(T) \
+  template void launch_decode_sm90<kDecodeHeadQuadHeadDim, T, kDecodeHeadQuad>(const DecodeParams&, cudaStream_t);
 
 }  // namespace fastattn::cuda_decode

@@ -199,7 +199,9 @@ void run_for_dtype(const DecodeParams& p, cudaStream_t stream) {
   }
   if (p.head_group) {
     launch_decode_sm90_head_group<kDtype>(attn, stream);
-  } else if (p.head_pair) {  // head_dim 64 or 128 (decode_head_pair_fits)
+  } else if (p.kv_heads_per_cta == kDecodeHeadQuad) {  // head_dim 64 (decode_head_quad_fits)
+    launch_decode_sm90<kDecodeHeadQuadHeadDim, kDtype, kDecodeHeadQuad>(attn, stream);
+  } else if (p.kv_heads_per_cta == kDecodeHeadPair) {  // head_dim 64 or 128 (decode_head_pair_fits)
     if (p.head_dim == 64) launch_decode_sm90<64, kDtype, kDecodeHeadPair>(attn, stream);
     else launch_decode_sm90<128, kDtype, kDecodeHeadPair>(attn, stream);
   } else if (p.sm90_kernel) {
@@ -253,7 +255,7 @@ void run_decode(const DecodeParams& params, void* stream_ptr) {
   const bool cache_empty = p.cache_rows == 0 || (p.page_size > 0 ? p.num_pages == 0 : p.cache_len == 0);
   p.sm90_kernel = !cache_empty && use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size);
   if (!p.sm90_kernel) p.head_group = 0;
-  p.head_pair = p.head_pair && p.sm90_kernel;
+  if (!p.sm90_kernel) p.kv_heads_per_cta = 1;
   p.dependent_launch = info.cc_major >= 9;  // sm_90: programmatic dependent launch
   p.sm_count = info.sm_count;
   // A few splits merge inside their cluster: no combine kernel (its launch and round trips were
@@ -270,7 +272,7 @@ void run_decode(const DecodeParams& params, void* stream_ptr) {
   const std::int64_t ctas =
       std::int64_t(p.num_splits) * p.heads_kv * p.batch * decode_row_blocks(p.group, p.seqlen_q);
   p.cluster_combine =
-      !p.splits_fixed && !p.head_group && !p.head_pair &&
+      !p.splits_fixed && !p.head_group && p.kv_heads_per_cta == 1 &&
       decode_cluster_merge_applies(p.sm90_kernel, p.num_splits, ctas, info.sm_count);
   p.quarter_min_slots = decode_quarter_min_slots(p);
   if (p.dtype == Dtype::kFloat16) run_for_dtype<Dtype::kFloat16>(p, stream);

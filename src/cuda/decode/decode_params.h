@@ -123,10 +123,11 @@ struct DecodeParams {
   /// b), and num_splits was chosen for that grid; 0 when it does not run it. run_decode sets 0
   /// when the sm_90 kernel is not taken (an empty cache).
   int head_group = 0;
-  /// Set by the planner (decode_head_pair_applies): attention runs the sm_90 kernel's head-pair
-  /// form (decode_kernel_sm90.cuh, kHeads = 2), its CTAs (split, pair of KV heads, b). run_decode
-  /// clears it when the sm_90 kernel is not taken.
-  bool head_pair = false;
+  /// Set by the planner (decode_kv_heads_per_cta): KV heads per CTA of the sm_90 kernel
+  /// (decode_kernel_sm90.cuh, kHeads) that attention runs when it does not run the head-group
+  /// kernel: 1, kDecodeHeadPair (the head-pair form) or kDecodeHeadQuad (the head-quad form), its
+  /// CTAs (split, that many KV heads, b). run_decode sets 1 when the sm_90 kernel is not taken.
+  int kv_heads_per_cta = 1;
   /// Set by run_decode (the rule at kDecodeQuarterMinSlots): a split of at least this many slots on
   /// a contiguous cache is walked by the sm_90 kernels as four interleaved quarters
   /// (DecodeSplitRange::tile_at); 0: always in order. Why: the CTAs of a sequence read it in step,
@@ -270,7 +271,7 @@ inline bool decode_head_group_fits(const DecodeParams& p, bool sm90_kernel, int 
 
 /// The sm_90 kernel's head-pair form (two KV heads per CTA, one CTA per SM): the head_dims it is
 /// built for (decode_head_pair_head_dim) and the most packed query rows (group x seqlen_q) per
-/// head (the narrow math's).
+/// head (the narrow math's; the head-quad form's too).
 constexpr int kDecodeHeadPair = 2;
 constexpr int kDecodeHeadPairMaxRows = 8;
 /// Whether the head-pair form is built for `head_dim`: 64 and 128, whose boxes take whole 64-column
@@ -291,6 +292,27 @@ constexpr int kDecodeHeadPairMultiWaveMaxHeadDim = 64;
 /// Any cache the sm_90 kernel takes.
 inline bool decode_head_pair_fits(const DecodeParams& p, bool sm90_kernel) {
   return sm90_kernel && decode_head_pair_head_dim(p.head_dim) && p.heads_kv % kDecodeHeadPair == 0 &&
+         std::int64_t(p.group) * p.seqlen_q <= kDecodeHeadPairMaxRows;
+}
+
+/// The sm_90 kernel's head-quad form (four KV heads per CTA, one CTA per SM): head_dim 64 only,
+/// where 3 stages of 4 heads x 64 slots x 128 bytes per tensor fill the shared memory (at 128 one
+/// stage would).
+constexpr int kDecodeHeadQuad = 4;
+constexpr int kDecodeHeadQuadHeadDim = 64;
+/// The heuristic takes the head-quad form from this many slots on (the shortest caches measured:
+/// at 1k it was 4-9% faster than the per-head kernel, bench/NOTES.md session 33) ...
+constexpr std::int64_t kDecodeHeadQuadMinKeys = 1024;
+/// ... and, from kDecodeHeadPairMinKeys slots on, for grids of at most this many waves: at 3.9
+/// waves it was 0.3-2% faster than the head pair (8k-32k), at 7.8 (MHA batch 128 / 8k, 1024 CTAs)
+/// 1% slower, so there the pair stays.
+constexpr int kDecodeHeadQuadMaxWavesLong = 4;
+
+/// Whether p's shape fits the head-quad form on a device that runs the sm_90 kernel: head_dim 64,
+/// heads_kv a multiple of 4 and at most 8 packed query rows per KV head. Any cache the sm_90
+/// kernel takes.
+inline bool decode_head_quad_fits(const DecodeParams& p, bool sm90_kernel) {
+  return sm90_kernel && p.head_dim == kDecodeHeadQuadHeadDim && p.heads_kv % kDecodeHeadQuad == 0 &&
          std::int64_t(p.group) * p.seqlen_q <= kDecodeHeadPairMaxRows;
 }
 

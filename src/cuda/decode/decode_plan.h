@@ -46,22 +46,28 @@ std::int64_t set_page_table(const check::ArgChecker& c, DecodeParams& p, const c
 int decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p, int requested,
                               std::int64_t max_keys);
 
-/// Whether the call runs the sm_90 kernel's head-pair form (DecodeParams::head_pair): not the
-/// head-group kernel (p.head_group, decided first), its shape fits (decode_head_pair_fits) and
-/// FASTATTN_DECODE_HEAD_PAIR is "1", or it is unset, num_splits is the heuristic's (`requested`
-/// 0), batch x heads_kv / 2 CTAs fill between 15/16 of one wave of one per SM and one wave (at
-/// head_dim <= kDecodeHeadPairMultiWaveMaxHeadDim: at least 15/16 of one wave), and `max_keys`
-/// (the host's bound on every sequence's keys, as for decode_num_splits) is at least
-/// kDecodeHeadPairMinKeys. "0" never takes it.
-bool decode_head_pair_applies(const check::ArgChecker& c, const DecodeParams& p, int requested,
-                              std::int64_t max_keys);
+/// KV heads per CTA of the sm_90 kernel for the call (DecodeParams::kv_heads_per_cta), when it does
+/// not run the head-group kernel (p.head_group, decided first):
+/// - kDecodeHeadQuad where its shape fits (decode_head_quad_fits) and FASTATTN_DECODE_HEAD_QUAD is
+///   "1", or it is unset, num_splits is the heuristic's (`requested` 0), batch x heads_kv / 4 CTAs
+///   fill at least 15/16 of one wave of one per SM, and `max_keys` (the host's bound on every
+///   sequence's keys, as for decode_num_splits) is at least kDecodeHeadQuadMinKeys, and below
+///   kDecodeHeadPairMinKeys or the grid is at most kDecodeHeadQuadMaxWavesLong waves;
+/// - else kDecodeHeadPair where its shape fits (decode_head_pair_fits) and
+///   FASTATTN_DECODE_HEAD_PAIR is "1", or it is unset, `requested` is 0, batch x heads_kv / 2 CTAs
+///   fill between 15/16 of one wave of one per SM and one wave (at head_dim <=
+///   kDecodeHeadPairMultiWaveMaxHeadDim: at least 15/16 of one wave), and `max_keys` is at least
+///   kDecodeHeadPairMinKeys;
+/// - else 1. A switch at "0" never takes its form.
+int decode_kv_heads_per_cta(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys);
 
 /// Key splits per sequence for p's shape (batch, heads_kv, group, seqlen_q set): `requested` when
 /// > 0, else core::choose_num_splits_one_wave over one wave (decode_split_wave_ctas_per_sm: one
 /// CTA per SM for the sm_90 kernel, two for the cp.async kernel at head_dim <= 128), at least two
 /// 64-key tiles per split, at most 128 splits, kept only when it pays (decode_split_cost_blocks);
 /// then fewer splits when those merge inside clusters and the one-wave count would not
-/// (kDecodeClusterMaxTilesPerCta). The head-pair form takes one split unless `requested`.
+/// (kDecodeClusterMaxTilesPerCta). The head-pair and head-quad forms take one split unless
+/// `requested`.
 /// `max_keys` bounds every sequence's attended slots (known on the host without a device read), so
 /// the choice depends on shapes only.
 int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys);
