@@ -30,8 +30,9 @@
 //
 // The head-quad form (kHeads = 4, head_dim 64 only, at most 8 packed query rows) is the same with
 // four heads: 16 consumer warps, boxes of 512-byte runs, 3 stages of 32 KB per tensor, one CTA per
-// SM. What it buys over the pair is fewer, longer CTAs (bench/NOTES.md, session 33): a 1k cache
-// takes a per-head CTA ~18 us of a 71 us call, and each start and end costs it about a microsecond.
+// SM. What it buys over the pair is fewer, longer CTAs (bench/NOTES.md, session 33): at a 1k cache
+// a per-head CTA streams ~18 us of a 71 us call and pays its start (length, Q, first boxes) and
+// end (merge, stores) each time; an SM runs half as many quad CTAs one after another.
 //
 // Rows a box brings in that no query may see (before `lo` or from `hi` on, e.g. past the end of
 // the last page) are real cache bytes, possibly garbage: scores there are masked to -inf, and
