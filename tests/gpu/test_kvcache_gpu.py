@@ -728,36 +728,26 @@ HEAD_PAIR_CONFIGS = dict(
 )
 
 
-# The head-pair form at head_dim 64 (a box is one 64-column block of both heads): the same range of
-# options, pages of 8 to 256, and one shape it does not take.
-HEAD_PAIR_D64_CONFIGS = {name: dict(cfg, D=64) for name, cfg in {
-    "gqa8": dict(Hq=16, Hkv=2),
-    "mha_paged16": dict(Hq=8, Hkv=8, page=16),
-    "sliding_window_paged8": dict(Hq=16, Hkv=4, page=8, opt="wleft"),
-    "sq4_window_paged256_full": dict(Hq=8, Hkv=4, Sq=4, Snew=4, page=256, table="full", opt="window"),
-    "alibi_softcap_paged32": dict(Hq=8, Hkv=4, Sq=2, Snew=2, page=32, opt="causal+alibi+softcap"),
-    "splits64": dict(Hq=32, Hkv=8, splits=64),
-    "strided_paged16": dict(Hq=8, Hkv=4, strided=True, page=16, leftpad=True, opt="alibi"),
-    "everything_paged16": dict(Hq=8, Hkv=2, page=16, rotary="interleaved", rotary_frac=0.5, batch_idx=True,
-                               leftpad=True, opt=ALL, splits=3, Sq=2, Snew=2),
-    "everything_contiguous_neox": dict(Hq=32, Hkv=8, rotary="neox", batch_idx=True, leftpad=True, opt=ALL,
-                                       Sq=2, Snew=2),
-    "heuristic_long": dict(B=2, Hq=32, Hkv=8, lens=[7999, 5000], cache_len=8000),
-    "empty_paged16": dict(Hq=8, Hkv=4, lens="zeros", Snew=0, page=16, empty=True),
-    "rows16_not_taken": dict(Hq=8, Hkv=2, Sq=4, Snew=4, opt="causal"),
-}.items()}
+# The head-pair form at head_dim 64 (a box is one 64-column block of both heads): the head-group
+# configurations at head_dim 64, then what only the pair takes and one shape it does not take.
+HEAD_PAIR_D64_CONFIGS = {name: dict(cfg, D=64) for name, cfg in dict(
+    HEAD_GROUP_CONFIGS,
+    gqa8_heads2=dict(Hq=16, Hkv=2),
+    sliding_window_paged8=dict(Hq=16, Hkv=4, page=8, opt="wleft"),
+    everything_paged16_heads2=dict(Hq=8, Hkv=2, page=16, rotary="interleaved", rotary_frac=0.5, batch_idx=True,
+                                   leftpad=True, opt=ALL, splits=3, Sq=2, Snew=2),
+    rows16_not_taken=dict(Hq=8, Hkv=2, Sq=4, Snew=4, opt="causal"),
+).items()}
 
 
 # The head-quad form (four KV heads per CTA, head_dim 64; FASTATTN_DECODE_HEAD_QUAD=1): the head-pair
-# configurations at head_dim 64 whose heads_kv is a multiple of 4, more at 4 to 16 KV heads, and two
-# shapes it does not take (2 KV heads, 16 packed rows: another form answers).
+# configurations at head_dim 64 whose heads_kv is a multiple of 4, more at 8 and 16 KV heads, and
+# two shapes it does not take (2 KV heads, 16 packed rows: another form answers).
 HEAD_QUAD_CONFIGS = dict(
     {name: cfg for name, cfg in HEAD_PAIR_D64_CONFIGS.items() if cfg["Hkv"] % 4 == 0},
     mha_heads16_paged16=dict(Hq=16, Hkv=16, D=64, page=16, Sq=2, Snew=2, opt="causal"),
     gqa2_sq4_paged64=dict(Hq=16, Hkv=8, D=64, Sq=4, Snew=4, page=64, opt="causal+softcap"),
-    splits3_leftpad_batch_idx=dict(Hq=16, Hkv=4, D=64, splits=3, leftpad=True, batch_idx=True, cache_len=3000),
-    first_tokens_paged16_rotary=dict(Hq=8, Hkv=4, D=64, lens="zeros", page=16, Sq=2, Snew=2, rotary="neox",
-                                     opt="causal"),
+    mha_paged8=dict(Hq=8, Hkv=8, D=64, page=8),
     heads2_not_taken=dict(Hq=16, Hkv=2, D=64),
     rows16_not_taken=dict(Hq=16, Hkv=4, D=64, Sq=4, Snew=4, opt="causal"),
 )
