@@ -728,16 +728,9 @@ HEAD_PAIR_CONFIGS = dict(
 )
 
 
-# The head-pair form at head_dim 64 (a box is one 64-column block of both heads): the head-group
-# configurations at head_dim 64, then what only the pair takes and one shape it does not take.
-HEAD_PAIR_D64_CONFIGS = {name: dict(cfg, D=64) for name, cfg in dict(
-    HEAD_GROUP_CONFIGS,
-    gqa8_heads2=dict(Hq=16, Hkv=2),
-    sliding_window_paged8=dict(Hq=16, Hkv=4, page=8, opt="wleft"),
-    everything_paged16_heads2=dict(Hq=8, Hkv=2, page=16, rotary="interleaved", rotary_frac=0.5, batch_idx=True,
-                                   leftpad=True, opt=ALL, splits=3, Sq=2, Snew=2),
-    rows16_not_taken=dict(Hq=8, Hkv=2, Sq=4, Snew=4, opt="causal"),
-).items()}
+# The head-pair form at head_dim 64 (a box is one 64-column block of both heads): its head_dim 128
+# configurations at 64, all but the head_dim 96 one.
+HEAD_PAIR_D64_CONFIGS = {name: dict(cfg, D=64) for name, cfg in HEAD_PAIR_CONFIGS.items() if name != "d96_not_taken"}
 
 
 # The head-quad form (four KV heads per CTA, head_dim 64; FASTATTN_DECODE_HEAD_QUAD=1): the head-pair
