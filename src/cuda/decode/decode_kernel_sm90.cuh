@@ -126,21 +126,27 @@ struct DecodeSm90Config {
   static constexpr int kMergeBytes = kHeads * kMergeFloats * 4;
   static constexpr int kSmemBytes = kBarrierBytes + kAlign + kQBytes + (kPipeBytes > kMergeBytes ? kPipeBytes : kMergeBytes);
   // Cluster merge (decode_cluster_merge): the first CTA of a cluster receives every split's
-  // partial state into a slot of its shared memory: 16 floats of row LSEs, then [kDecodeRows]
-  // [kHeadDim] values. Where the slots fit after the rest of the shared memory (kClusterSlots), a
-  // launch with clusters asks for kSmemBytes + num_splits * kSlotBytes and the splits store into
-  // them whenever they are done. The 256 kernel's stages take 192 KB, so there the slots reuse
-  // the first CTA's stages once it has streamed its tiles and merged its warps: slot s is the
-  // s-th from the end of the stages, clear of the warp-merge scratch at their start for s = 0,
-  // the first CTA's own (stage_slot_floats).
+  // partial state of each of its heads into a slot of its shared memory: 16 floats of row LSEs,
+  // then [kDecodeRows][kHeadDim] values. Where one head's slots fit after the rest of the shared
+  // memory (kClusterSlots), a launch with clusters asks for kSmemBytes + num_splits * kSlotBytes
+  // and the splits store into them whenever they are done. Else (the 256 kernel, whose stages take
+  // 192 KB, and the head-pair and head-quad forms, whose stages take 192 KB of a CTA per SM) the
+  // slots reuse the first CTA's stages once it has streamed its tiles and merged its warps: slot
+  // split x kHeads + head is the (split x kHeads + head)-th from the end of the stages, clear of
+  // the heads' warp-merge scratch at their start for split 0, the first CTA's own
+  // (stage_slot_floats).
   static constexpr int kSlotLseFloats = 16;
   static constexpr int kSlotFloats = kSlotLseFloats + kDecodeRows * kHeadDim;
   static constexpr int kSlotBytes = kSlotFloats * 4;
-  static constexpr bool kClusterSlots = kSmemBytes + kMaxClusterSplits * kSlotBytes <= kDecodeSm90MaxSmemBytes;
+  static constexpr bool kClusterSlots =
+      kHeads == 1 && kSmemBytes + kMaxClusterSplits * kSlotBytes <= kDecodeSm90MaxSmemBytes;
   static constexpr int stage_slot_floats(int s) { return kPipeBytes / 4 - (s + 1) * kSlotFloats; }
-  static_assert(kClusterSlots || (kMaxClusterSplits * kSlotBytes <= kPipeBytes &&
-                                  stage_slot_floats(0) * 4 >= decode_merge_bytes<kHeadDim>()),
+  static_assert(kClusterSlots || (kMaxClusterSplits * kHeads * kSlotBytes <= kPipeBytes &&
+                                  stage_slot_floats(kHeads - 1) * 4 >= kMergeBytes),
                 "the slots fit in the stages, the first CTA's own clear of the warp-merge scratch");
+  static_assert(kClusterSlots || stage_slot_floats(kMaxClusterSplits * kHeads - 1) >=
+                                     (kHeads - 1) * kMergeFloats + (kMaxClusterSplits + 1) * kDecodeRows,
+                "every slot clear of each head's decode_cluster_merge scratch");
   static_assert(kDecodeRows <= kSlotLseFloats && kSmemBytes % 16 == 0, "slots are 16-byte aligned");
   static_assert(4 * kStages * 8 <= kBarrierBytes, "barriers fit their region");
   static_assert(kQBytes % kAlign == 0, "stages start on a swizzle atom");
@@ -369,7 +375,7 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
   __syncthreads();
   // A CTA may write into another's shared memory only once that one has started: every thread
   // arrives here, and a thread waits for this phase before its first remote store (at the end).
-  if (kHeads == 1 && p.cluster_combine) cluster_arrive_relaxed();
+  if (p.cluster_combine) cluster_arrive_relaxed();
   // Everything above read only the caller's index tensors; the cache and the rotated q may come
   // from the append kernel just before (dependent launch): wait for it, then let the combine
   // kernel start launching.
@@ -535,7 +541,7 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
   };
   // The warps' states merged into the output, or into this split's partial state.
   auto merge_and_store = [&](const auto& st) {
-    if (kHeads > 1 || !p.cluster_combine) {  // the head-pair form never runs as a cluster
+    if (!p.cluster_combine) {
       decode_merge_warps<kHeadDim>(p, st, merge_smem, mb, merge_tid, consumers_sync,
                                    [&](int r, int c, float4 val, float lse) {
                                      decode_store_value4<kDtype>(p, b, kvh, mb * kDecodeRows + r, split, c, val, lse);
@@ -549,14 +555,15 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
     // every CTA merged a share of the values, reading all the others' shared memory between two
     // cluster barriers: ~2.5 us of a 7.7 us batch 1 / 1k step, traced, bench/NOTES.md.)
     if constexpr (!Cfg::kClusterSlots) {
-      // Slots in the first CTA's stages (DecodeSm90Config): every CTA first merges its warps into
-      // its own slot-0 place (the first CTA's is its real slot), then arrives on the barrier's
-      // second phase; once that completes, the first CTA's stages are free, and every other CTA
-      // copies its state into its slot there and arrives on the third phase, for which the first
-      // CTA waits before it merges.
+      // Slots in the first CTA's stages (DecodeSm90Config): every CTA first merges each head's
+      // warps into the head's slot place of split 0 (the first CTA's are its real slots), then
+      // arrives on the barrier's second phase; once that completes, the first CTA's stages are
+      // free, and every other CTA copies its states into its slots there and arrives on the third
+      // phase, for which the first CTA waits before it merges each head.
       float* stages = reinterpret_cast<float*>(sK0);
-      float* own = stages + Cfg::stage_slot_floats(0);
-      decode_merge_warps<kHeadDim>(p, st, merge_smem, mb, threadIdx.x, consumers_sync,
+      const auto slot_of = [&](int s) { return stages + Cfg::stage_slot_floats(s * kHeads + head); };
+      float* own = slot_of(0);
+      decode_merge_warps<kHeadDim>(p, st, merge_smem, mb, merge_tid, consumers_sync,
                                    [&](int r, int c, float4 val, float lse) {
                                      *reinterpret_cast<float4*>(own + Cfg::kSlotLseFloats + r * kHeadDim + c) = val;
                                      if (c == 0) own[r] = lse;
@@ -565,8 +572,8 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
       cluster_arrive_release();
       cluster_wait();  // every CTA has merged its warps: the first CTA's stages hold nothing else
       if (split != 0) {
-        const float* remote = stages + Cfg::stage_slot_floats(split);  // mapped into CTA 0 below
-        for (int i = threadIdx.x; i < Cfg::kSlotFloats / 4; i += Cfg::kConsumerThreads)
+        const float* remote = slot_of(split);  // mapped into CTA 0 below
+        for (int i = merge_tid; i < Cfg::kSlotFloats / 4; i += kDecodeWarps * 32)
           cluster_store(reinterpret_cast<const float4*>(remote) + i, reinterpret_cast<const float4*>(own)[i], 0);
         cluster_arrive_release();  // the stores land before the first CTA's wait returns
         return;
@@ -574,12 +581,11 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
       cluster_arrive_release();
       cluster_wait();  // every split's state is in its slot
       decode_cluster_merge<kHeadDim, kDtype>(
-          p, [&](int s, int r) { return stages[Cfg::stage_slot_floats(s) + r]; },
+          p, [&](int s, int r) { return slot_of(s)[r]; },
           [&](int s, int r, int c) {
-            return *reinterpret_cast<const float4*>(stages + Cfg::stage_slot_floats(s) + Cfg::kSlotLseFloats +
-                                                    r * kHeadDim + c);
+            return *reinterpret_cast<const float4*>(slot_of(s) + Cfg::kSlotLseFloats + r * kHeadDim + c);
           },
-          merge_smem, b, kvh, mb, threadIdx.x, consumers_sync);
+          merge_smem, b, kvh, mb, merge_tid, consumers_sync);
       return;
     }
     float* slot = reinterpret_cast<float*>(smem_raw + Cfg::kSmemBytes) + split * Cfg::kSlotFloats;
@@ -630,8 +636,8 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
 }
 
 /// kHeads = 2: the head-pair form, for what decode_head_pair_fits allows (head_dim 64 or 128,
-/// heads_kv even, at most 8 packed rows) and no cluster merge; kHeads = 4: the head-quad form
-/// (decode_head_quad_fits: head_dim 64, heads_kv a multiple of 4).
+/// heads_kv even, at most 8 packed rows); kHeads = 4: the head-quad form (decode_head_quad_fits:
+/// head_dim 64, heads_kv a multiple of 4). Both merge a cluster's splits in its first CTA's stages.
 template <int kHeadDim, Dtype kDtype, int kHeads>
 void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
   using Cfg = DecodeSm90Config<kHeadDim, kHeads>;
@@ -641,7 +647,7 @@ void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem);
   FASTATTN_CUDA_CHECK(attr_status);
   const int m_blocks = decode_row_blocks(p.group, p.seqlen_q);
-  if (kHeads > 1 && (p.head_dim != kHeadDim || p.heads_kv % kHeads != 0 || m_blocks != 1 || p.cluster_combine))
+  if (kHeads > 1 && (p.head_dim != kHeadDim || p.heads_kv % kHeads != 0 || m_blocks != 1))
     throw Error("decode: the head-pair or head-quad kernel got a shape it does not take (an internal planning error)");
   const dim3 grid(p.num_splits, kHeads == 1 ? p.heads_kv * m_blocks : p.heads_kv / kHeads, p.batch);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
