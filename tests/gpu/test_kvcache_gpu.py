@@ -704,9 +704,14 @@ KERNEL_SWITCHES = {
     "head_pair": {"FASTATTN_DECODE_HEAD_PAIR": "1", "FASTATTN_DECODE_HEAD_GROUP": "0"},
     "head_pair_d64": {"FASTATTN_DECODE_HEAD_PAIR": "1", "FASTATTN_DECODE_HEAD_QUAD": "0"},  # head_dim 64
     "head_quad": {"FASTATTN_DECODE_HEAD_QUAD": "1"},
+    # A pair or quad grid smaller than a wave splits its keys, merged in clusters; without clusters
+    # it runs one split, as a grid of a wave or more always does.
+    "head_pair_unclustered": {"FASTATTN_DECODE_HEAD_PAIR": "1", "FASTATTN_DECODE_HEAD_GROUP": "0",
+                              "FASTATTN_DECODE_CLUSTER": "0"},
+    "head_quad_unclustered": {"FASTATTN_DECODE_HEAD_QUAD": "1", "FASTATTN_DECODE_CLUSTER": "0"},
 }
 # The head_dim of the shapes the kernel-form tests give each kernel: 128 unless named here.
-KERNEL_HEAD_DIM = {"head_pair_d64": 64, "head_quad": 64}
+KERNEL_HEAD_DIM = {"head_pair_d64": 64, "head_quad": 64, "head_quad_unclustered": 64}
 
 
 def use_kernel(monkeypatch, kernel):
@@ -964,11 +969,15 @@ def test_head_group_rows_form_is_taken(seed, monkeypatch):
 
 def test_kv_heads_per_cta_is_taken(seed, monkeypatch):
     """On sm_90 the heuristic's KV heads per CTA of the sm_90 kernel (read off the kernels a call
-    launches), with one split (no combine kernel) where it takes two or four (README):
+    launches), with no combine kernel where it takes two or four (README):
     - the head-quad form (4; head_dim 64) where batch x heads_kv / 4 CTAs fill at least 15/16 of
       the SMs and the cache holds at least 1024 slots, but from 8192 slots on at most 4 waves;
     - else the head-pair form (2) where batch x heads_kv / 2 CTAs fill 15/16 of the SMs to all of
       them (at head_dim 64: at least 15/16 of them) and the cache holds at least 8192 slots;
+    - or where the pair's splits merged in clusters (CTAs of >= 8 tiles) replace the per-head plan's
+      combine kernel with CTAs of <= 32 tiles (batch 4 / 8k), or at head_dim 64 give as many CTAs
+      as the per-head plan on at most half the SMs (batch 8 / 1k); not with clusters off, on 128
+      CTAs (batch 16 / 1k), for CTAs of 4 tiles (batch 2 / 2k) or 128 (batch 4 / 32k);
     - else the per-head kernel (1); and FASTATTN_DECODE_HEAD_QUAD / _PAIR at "0" never take their
       form, at "1" always where it fits.
     Each answer is checked against the float32 reference. (The grids of several waves have short
@@ -988,7 +997,11 @@ def test_kv_heads_per_cta_is_taken(seed, monkeypatch):
             (fill4, 64, 1024, None, {}, 4), (fill4 - 1, 64, 1024, 16, {}, 1), (fill4 - 1, 64, 8192, None, {}, 2),
             (fill4, 64, 1000, None, {}, 1), (waves4, 64, 8208, 16, {}, 4), (waves4 + 1, 64, 8208, 16, {}, 2),
             (waves4 + 1, 64, 4096, 16, {}, 4), (fill4, 64, 1024, None, quad_off, 1),
-            (waves4, 64, 8208, 16, quad_off, 2), (3, 64, 1000, None, {"FASTATTN_DECODE_HEAD_QUAD": "1"}, 4)):
+            (waves4, 64, 8208, 16, quad_off, 2), (3, 64, 1000, None, {"FASTATTN_DECODE_HEAD_QUAD": "1"}, 4),
+            (8, 64, 1024, 16, {}, 2), (8, 128, 1024, None, {}, 1), (8, 64, 1024, None, pair_off, 1),
+            (8, 64, 1024, None, {"FASTATTN_DECODE_CLUSTER": "0"}, 1), (4, 64, 8192, None, {}, 2),
+            (4, 128, 8192, None, {}, 2), (4, 64, 32768, None, {}, 1), (2, 64, 2048, None, {}, 1),
+            (16, 64, 1024, None, {}, 1)):
         longest = cache_len if b <= full else 300
         lens = [cache_len] + [seed.randint(0, longest) for _ in range(b - 1)]
         case = build_case(seed, torch.bfloat16, dict(B=b, Hq=32, Hkv=8, D=d, cache_len=cache_len, Snew=0,
@@ -1109,7 +1122,8 @@ def out_of_range_page_ids(rng, where, check=True, heads_kv=2, head_dim=128):
 
 # KV heads of the shapes that the kernel-form tests below give each kernel (the per-head kernel and
 # the head-pair form: 2), and their head_dim (KERNEL_HEAD_DIM).
-KERNEL_HEADS_KV = {"head_group": 4, "head_group_wide": 8, "head_group_rows": 32, "head_quad": 4}
+KERNEL_HEADS_KV = {"head_group": 4, "head_group_wide": 8, "head_group_rows": 32, "head_quad": 4,
+                   "head_quad_unclustered": 4}
 
 
 @pytest.mark.parametrize("kernel", list(KERNEL_SWITCHES))

@@ -112,7 +112,7 @@ Plan plan_decode(check::ArgChecker& c, const KVCacheArgs& a, const core::KVCache
 
   // Split-KV (decode_num_splits): the bound on keys is the cache capacity (no device read).
   p.head_group = decode_head_group_applies(c, p, a.num_splits, max_keys + p.seqlen_new);
-  p.kv_heads_per_cta = decode_kv_heads_per_cta(c, p, a.num_splits, max_keys + p.seqlen_new);
+  p.kv_heads_per_cta = decode_kv_heads_per_cta(c, p, a.num_splits, max_keys + p.seqlen_new, /*may_split=*/true);
   p.num_splits = decode_num_splits(c, p, a.num_splits, max_keys + p.seqlen_new);
   p.splits_fixed = a.num_splits > 0;
   const SplitStateBytes states = split_state_bytes(p);
@@ -170,6 +170,37 @@ bool decode_form_applies(bool fits, const char* env_name, int requested, bool he
 /// Whether `items` CTAs fill between 15/16 of a wave of `wave` CTAs and the whole wave.
 bool fills_one_wave(std::int64_t items, std::int64_t wave) { return 16 * items >= 15 * wave && items <= wave; }
 
+/// The head pair's rule for small grids (decode_kv_heads_per_cta): its splits merged in clusters
+/// (decode_form_splits) against the per-head kernel's plan for the same call. On the H200
+/// (bench/NOTES.md, session 34), against that plan, contiguous / pages of 16:
+/// - where the per-head plan merges in the combine kernel and a pair CTA streams at most
+///   kDecodeClusterMaxTilesPerCta tiles: head_dim 64 GQA 8 batch 4 / 8k and MHA batch 1 / 8k 4-7%
+///   / 5-7% faster (64 pair CTAs in clusters of 4 against 128 per-head CTAs and the combine
+///   kernel), head_dim 128 0-1.5% / 1-2.3%; at 32k (128 tiles a CTA) 4.5% slower paged;
+/// - at head_dim 64 (kDecodeHeadPairSameGridMaxHeadDim), where the pair's grid has as many CTAs as
+///   the per-head one on at most half the SMs: GQA 8 batch 8 / 1k and MHA batch 2 / 1k 2% slower /
+///   9-10% faster (a paged-16 tile's boxes carry 4 KB instead of 2, and a CTA streams half the
+///   tiles), GQA 8 batch 4 / 2k and MHA batch 1 / 2k 6% / 14-16%, GQA 8 batch 2 / 8k 11% / 22%. On
+///   128 SMs (GQA 8 batch 16, MHA batch 4: pairs in clusters of 2 against 128 unsplit per-head
+///   CTAs) 7-15% slower at 1k-2k; at head_dim 128, 5-15% slower.
+bool pair_clusters_pay(const check::ArgChecker& c, const DecodeParams& p, std::int64_t max_keys, int sm_count) {
+  DecodeParams per_head = p;
+  per_head.kv_heads_per_cta = 1;
+  const int head_splits = decode_num_splits(c, per_head, 0, max_keys);
+  const std::int64_t head_ctas = std::int64_t(head_splits) * p.batch * p.heads_kv;  // one row block (pair-sized rows)
+  const bool head_combines = head_splits > 1 && !decode_cluster_merge_applies(true, head_splits, head_ctas, sm_count);
+  DecodeParams pair = p;
+  pair.kv_heads_per_cta = kDecodeHeadPair;
+  const int pair_splits = decode_form_splits(pair, sm_count, max_keys);
+  if (pair_splits < 2) return false;
+  const std::int64_t pair_ctas = std::int64_t(pair_splits) * p.batch * (p.heads_kv / kDecodeHeadPair);
+  const std::int64_t tiles = (max_keys + kDecodeBlockN - 1) / kDecodeBlockN;
+  const bool replaces_combine = head_combines && (tiles + pair_splits - 1) / pair_splits <= kDecodeClusterMaxTilesPerCta;
+  const bool same_grid =
+      p.head_dim <= kDecodeHeadPairSameGridMaxHeadDim && pair_ctas == head_ctas && 2 * head_ctas <= sm_count;
+  return replaces_combine || same_grid;
+}
+
 }  // namespace
 
 int decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p, int requested,
@@ -222,7 +253,17 @@ int decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p,
   return four ? kDecodeHeadGroup : 0;
 }
 
-int decode_kv_heads_per_cta(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys) {
+int decode_form_splits(const DecodeParams& p, int sm_count, std::int64_t max_keys) {
+  const std::int64_t ctas = std::int64_t(p.batch) * (p.heads_kv / p.kv_heads_per_cta);
+  const std::int64_t tiles = (max_keys + kDecodeBlockN - 1) / kDecodeBlockN;
+  for (int splits = kMaxClusterSplits; splits >= 2; --splits)
+    if (tiles / splits >= kDecodeFormClusterMinTiles && decode_cluster_merge_applies(true, splits, ctas * splits, sm_count))
+      return splits;
+  return 1;
+}
+
+int decode_kv_heads_per_cta(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys,
+                            bool may_split) {
   if (p.head_group) return 1;
   const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
   const bool sm90 = use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size);
@@ -250,14 +291,16 @@ int decode_kv_heads_per_cta(const check::ArgChecker& c, const DecodeParams& p, i
   const bool waves = p.head_dim <= kDecodeHeadPairMultiWaveMaxHeadDim ? 16 * items >= 15 * info.sm_count
                                                                       : fills_one_wave(items, info.sm_count);
   const bool pair = decode_form_applies(fits, "FASTATTN_DECODE_HEAD_PAIR", requested,
-                                        waves && max_keys >= kDecodeHeadPairMinKeys);
+                                        (waves && max_keys >= kDecodeHeadPairMinKeys) ||
+                                            (may_split && fits && pair_clusters_pay(c, p, max_keys, info.sm_count)));
   return pair ? kDecodeHeadPair : 1;
 }
 
 int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys) {
   if (requested > 0) return requested;
-  if (p.kv_heads_per_cta > 1) return 1;  // its grid fills a wave already (decode_kv_heads_per_cta)
   const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
+  // A grid of one wave or more: one split. A smaller one: its splits merge in clusters.
+  if (p.kv_heads_per_cta > 1) return decode_form_splits(p, info.sm_count, max_keys);
   if (p.head_group) {
     // Its CTAs (two per SM, or one for the wide and token-row forms) stream 16-slot tiles of four
     // (eight) heads, or 4-slot tiles of 32; a tile costs a consumer warp about what a 64-key tile

@@ -287,6 +287,17 @@ constexpr std::int64_t kDecodeHeadPairMinKeys = 8192;
 /// no faster there (session 17), so it takes one wave only.
 constexpr int kDecodeHeadPairMultiWaveMaxHeadDim = 64;
 
+/// Grids of the head-pair and head-quad forms smaller than a wave split their keys, merged in
+/// clusters (decode_form_splits), into CTAs of at least this many 64-key tiles. On the H200 at
+/// head_dim 64 (bench/NOTES.md, session 34) clustered pair CTAs of 4 tiles were mixed against the
+/// per-head kernel (MHA batch 1 / 1k and GQA 8 batch 4 / 1k: 1-3% faster paged, 1-3% slower
+/// contiguous; GQA 8 batch 2 / 2k in 8 splits 5-10% slower); of 8-16 tiles, 6-22% faster paged.
+constexpr int kDecodeFormClusterMinTiles = 8;
+/// Up to this head_dim the heuristic takes the clustered head pair where its grid has as many CTAs
+/// as the per-head kernel's, on at most half the SMs (pages of 16: 9-22% faster at head_dim 64;
+/// 5-15% slower at 128; on 128 SMs in clusters of 2, up to 15% slower at 1k-2k).
+constexpr int kDecodeHeadPairSameGridMaxHeadDim = 64;
+
 /// Whether p's shape fits the head-pair form on a device that runs the sm_90 kernel: head_dim 64 or
 /// 128 (decode_head_pair_head_dim), an even heads_kv and at most 8 packed query rows per KV head.
 /// Any cache the sm_90 kernel takes.

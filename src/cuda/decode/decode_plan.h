@@ -54,19 +54,30 @@ int decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p,
 ///   sequence's keys, as for decode_num_splits) is at least kDecodeHeadQuadMinKeys, and below
 ///   kDecodeHeadPairMinKeys or the grid is at most kDecodeHeadQuadMaxWavesLong waves;
 /// - else kDecodeHeadPair where its shape fits (decode_head_pair_fits) and
-///   FASTATTN_DECODE_HEAD_PAIR is "1", or it is unset, `requested` is 0, batch x heads_kv / 2 CTAs
-///   fill between 15/16 of one wave of one per SM and one wave (at head_dim <=
-///   kDecodeHeadPairMultiWaveMaxHeadDim: at least 15/16 of one wave), and `max_keys` is at least
-///   kDecodeHeadPairMinKeys;
+///   FASTATTN_DECODE_HEAD_PAIR is "1", or it is unset, `requested` is 0, and either batch x
+///   heads_kv / 2 CTAs fill between 15/16 of one wave of one per SM and one wave (at head_dim <=
+///   kDecodeHeadPairMultiWaveMaxHeadDim: at least 15/16 of one wave) and `max_keys` is at least
+///   kDecodeHeadPairMinKeys, or the call may split (`may_split`: a workspace for the splits'
+///   states) and the pair's splits merged in clusters (decode_form_splits) either replace the per-head
+///   plan's combine kernel with CTAs of at most kDecodeClusterMaxTilesPerCta tiles, or (at head_dim
+///   <= kDecodeHeadPairSameGridMaxHeadDim) make a grid of as many CTAs as the per-head plan's, on at
+///   most half the SMs;
 /// - else 1. A switch at "0" never takes its form.
-int decode_kv_heads_per_cta(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys);
+int decode_kv_heads_per_cta(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys,
+                            bool may_split);
+
+/// Key splits of the head-pair or head-quad grid of p (p.kv_heads_per_cta set): the most, up to
+/// kMaxClusterSplits, that merge in clusters on `sm_count` SMs (decode_cluster_merge_applies: on at
+/// most half the SMs, or 2 on at most one CTA per SM) with CTAs of at least
+/// kDecodeFormClusterMinTiles tiles of `max_keys`; 1 where none does (a grid of a wave or more).
+int decode_form_splits(const DecodeParams& p, int sm_count, std::int64_t max_keys);
 
 /// Key splits per sequence for p's shape (batch, heads_kv, group, seqlen_q set): `requested` when
 /// > 0, else core::choose_num_splits_one_wave over one wave (decode_split_wave_ctas_per_sm: one
 /// CTA per SM for the sm_90 kernel, two for the cp.async kernel at head_dim <= 128), at least two
 /// 64-key tiles per split, at most 128 splits, kept only when it pays (decode_split_cost_blocks);
 /// then fewer splits when those merge inside clusters and the one-wave count would not
-/// (kDecodeClusterMaxTilesPerCta). The head-pair and head-quad forms take one split unless
+/// (kDecodeClusterMaxTilesPerCta). The head-pair and head-quad forms take decode_form_splits unless
 /// `requested`.
 /// `max_keys` bounds every sequence's attended slots (known on the host without a device read), so
 /// the choice depends on shapes only.
