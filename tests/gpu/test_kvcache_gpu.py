@@ -605,6 +605,25 @@ def test_split_heuristic_takes_the_cluster_grid(seed, batch, heads_kv, cache_len
         assert expected == 4  # the documented example
 
 
+@pytest.mark.parametrize("head_dim,page,doubled", [(64, 16, True), (64, 8, True), (64, 32, False), (128, 8, False),
+                                                   (64, None, False)])
+def test_split_heuristic_doubles_on_small_paged_boxes(seed, head_dim, page, doubled):
+    """num_splits=0 on an sm_90 GPU (README): at head_dim <= 64 on pages of at most 16 slots, a
+    split count that merges in the combine kernel anyway is doubled (two CTAs per SM): batch 1 /
+    32k with 8 KV heads takes 32 splits instead of 16 there, 16 elsewhere. Read off the workspace;
+    the answer checked against the float32 reference."""
+    if torch.cuda.get_device_capability() != (9, 0) or torch.cuda.get_device_properties(DEV).multi_processor_count != 132:
+        pytest.skip("the sm_90 kernel's heuristic on 132 SMs")
+    case = build_case(seed, torch.bfloat16, dict(B=1, Hq=32, Hkv=8, D=head_dim, cache_len=32768, Snew=0,
+                                                 lens=[32768], page=page))
+    run_case(case)
+    expected = 32 if doubled else 16
+    args = c_kwargs(case, case.make_out(), nan_full((1, 32, 1), torch.float32))
+    states = expected * 32
+    want = _align256(states * 4) + _align256(states * head_dim * 4)
+    assert _C.kvcache_workspace_bytes(**args) == want, f"{expected} splits expected"
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "paged16"])
 def test_fixed_num_splits_invariant_across_grid_sizes(seed, layout):
     """A fixed num_splits (4) gives the same bits at batch 1 (a grid small enough for the cluster

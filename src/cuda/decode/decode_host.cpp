@@ -326,6 +326,12 @@ int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int req
       decode_cluster_merge_applies(sm90, int(cluster_splits), items * cluster_splits, info.sm_count) &&
       (tiles + cluster_splits - 1) / cluster_splits <= kDecodeClusterMaxTilesPerCta)
     splits = int(cluster_splits);
+  // Small paged boxes: a count that needs the combine kernel anyway fills two CTAs per SM
+  // (kDecodeSmallBoxMaxHeadDim).
+  const bool small_boxes = sm90 && p.head_dim <= kDecodeSmallBoxMaxHeadDim && p.page_size > 0 &&
+                           p.page_size <= kDecodeSmallBoxMaxPageSize;
+  if (small_boxes && splits > 1 && !decode_cluster_merge_applies(sm90, splits, items * splits, info.sm_count))
+    splits = int(std::min<std::int64_t>({2 * std::int64_t(splits), max_keys / (2 * kDecodeBlockN), 128}));
   return splits;
 }
 

@@ -287,6 +287,16 @@ constexpr std::int64_t kDecodeHeadPairMinKeys = 8192;
 /// no faster there (session 17), so it takes one wave only.
 constexpr int kDecodeHeadPairMultiWaveMaxHeadDim = 64;
 
+/// Where the per-head plan's splits merge in the combine kernel anyway, the split heuristic fills two
+/// CTAs per SM instead of one on caches of small boxes: head_dim at most kDecodeSmallBoxMaxHeadDim and
+/// pages of at most kDecodeSmallBoxMaxPageSize slots. There a CTA's paged tiles (4 boxes of 1-2 KB
+/// per tensor) bound one CTA's stream, and on the H200 twice the splits (the same combine kernel)
+/// were 2-7% faster on pages of 16 and 18-28% on pages of 8 (GQA 8 batch 1-4 / 16k-32k, MHA batch 1 /
+/// 16k-32k); head_dim 128 on pages of 8 within 1% either way, contiguous caches level or 1-2% slower
+/// (bench/NOTES.md, session 34).
+constexpr int kDecodeSmallBoxMaxHeadDim = 64;
+constexpr int kDecodeSmallBoxMaxPageSize = 16;
+
 /// Grids of the head-pair and head-quad forms smaller than a wave split their keys, merged in
 /// clusters (decode_form_splits), into CTAs of at least this many 64-key tiles. On the H200 at
 /// head_dim 64 (bench/NOTES.md, session 34) clustered pair CTAs of 4 tiles were mixed against the

@@ -77,8 +77,9 @@ int decode_form_splits(const DecodeParams& p, int sm_count, std::int64_t max_key
 /// CTA per SM for the sm_90 kernel, two for the cp.async kernel at head_dim <= 128), at least two
 /// 64-key tiles per split, at most 128 splits, kept only when it pays (decode_split_cost_blocks);
 /// then fewer splits when those merge inside clusters and the one-wave count would not
-/// (kDecodeClusterMaxTilesPerCta). The head-pair and head-quad forms take decode_form_splits unless
-/// `requested`.
+/// (kDecodeClusterMaxTilesPerCta); on small paged boxes (kDecodeSmallBoxMaxHeadDim), twice a count
+/// that still needs the combine kernel. The head-pair and head-quad forms take decode_form_splits
+/// unless `requested`.
 /// `max_keys` bounds every sequence's attended slots (known on the host without a device read), so
 /// the choice depends on shapes only.
 int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys);
