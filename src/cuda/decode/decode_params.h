@@ -106,11 +106,11 @@ struct DecodeParams {
   /// Set by run_decode: attention runs the sm_90 bulk-copy kernel (decode_kernel_sm90.cuh), else
   /// the cp.async one (use_sm90_decode_kernel).
   bool sm90_kernel = false;
-  /// Set by run_decode: the sm_90 kernel runs the splits of a (b, kv head, row block) as one
-  /// thread-block cluster that merges them itself (1 < num_splits <= kMaxClusterSplits), with no
-  /// combine kernel; the workspace's partial states (sized by the plan, before this choice) go
-  /// unused, except at head_dim 256, whose first CTA has no room for them and reads them from there
-  /// (DecodeSm90Config::kClusterSlots).
+  /// Set by run_decode: the sm_90 kernel runs the splits of a (b, kv head or the pair's or quad's
+  /// heads, row block) as one thread-block cluster that merges them itself (1 < num_splits <=
+  /// kMaxClusterSplits), with no combine kernel; the workspace's partial states (sized by the plan,
+  /// before this choice) go unused: the first CTA receives them in its shared memory, after it or
+  /// in its stages (DecodeSm90Config::kClusterSlots).
   bool cluster_combine = false;
   /// num_splits is the caller's (flash_attn_with_kvcache's num_splits > 0), not the heuristic's:
   /// its results must be bitwise the same whatever the rest of the batch, so the splits always
