@@ -170,6 +170,20 @@ bool decode_form_applies(bool fits, const char* env_name, int requested, bool he
 /// Whether `items` CTAs fill between 15/16 of a wave of `wave` CTAs and the whole wave.
 bool fills_one_wave(std::int64_t items, std::int64_t wave) { return 16 * items >= 15 * wave && items <= wave; }
 
+/// 64-key tiles of a sequence of `max_keys` keys.
+std::int64_t key_tiles(std::int64_t max_keys) { return (max_keys + kDecodeBlockN - 1) / kDecodeBlockN; }
+
+/// Key splits of a head-pair or head-quad grid of `form_ctas` CTAs per split over `tiles` tiles:
+/// the most, up to kMaxClusterSplits, that merge in clusters on `sm_count` SMs
+/// (decode_cluster_merge_applies: on at most half the SMs, or 2 on at most one CTA per SM) with
+/// CTAs of at least kDecodeFormClusterMinTiles tiles; 1 where none does (a grid of a wave or more).
+int decode_form_splits(std::int64_t form_ctas, std::int64_t tiles, int sm_count) {
+  for (int splits = kMaxClusterSplits; splits >= 2; --splits)
+    if (tiles / splits >= kDecodeFormClusterMinTiles && decode_cluster_merge_applies(true, splits, form_ctas * splits, sm_count))
+      return splits;
+  return 1;
+}
+
 /// The head pair's rule for small grids (decode_kv_heads_per_cta): its splits merged in clusters
 /// (decode_form_splits) against the per-head kernel's plan for the same call. On the H200
 /// (bench/NOTES.md, session 34), against that plan, contiguous / pages of 16:
@@ -189,12 +203,11 @@ bool pair_clusters_pay(const check::ArgChecker& c, const DecodeParams& p, std::i
   const int head_splits = decode_num_splits(c, per_head, 0, max_keys);
   const std::int64_t head_ctas = std::int64_t(head_splits) * p.batch * p.heads_kv;  // one row block (pair-sized rows)
   const bool head_combines = head_splits > 1 && !decode_cluster_merge_applies(true, head_splits, head_ctas, sm_count);
-  DecodeParams pair = p;
-  pair.kv_heads_per_cta = kDecodeHeadPair;
-  const int pair_splits = decode_form_splits(pair, sm_count, max_keys);
+  const std::int64_t pairs = std::int64_t(p.batch) * (p.heads_kv / kDecodeHeadPair);
+  const std::int64_t tiles = key_tiles(max_keys);
+  const int pair_splits = decode_form_splits(pairs, tiles, sm_count);
   if (pair_splits < 2) return false;
-  const std::int64_t pair_ctas = std::int64_t(pair_splits) * p.batch * (p.heads_kv / kDecodeHeadPair);
-  const std::int64_t tiles = (max_keys + kDecodeBlockN - 1) / kDecodeBlockN;
+  const std::int64_t pair_ctas = pair_splits * pairs;
   const bool replaces_combine = head_combines && (tiles + pair_splits - 1) / pair_splits <= kDecodeClusterMaxTilesPerCta;
   const bool same_grid =
       p.head_dim <= kDecodeHeadPairSameGridMaxHeadDim && pair_ctas == head_ctas && 2 * head_ctas <= sm_count;
@@ -253,15 +266,6 @@ int decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p,
   return four ? kDecodeHeadGroup : 0;
 }
 
-int decode_form_splits(const DecodeParams& p, int sm_count, std::int64_t max_keys) {
-  const std::int64_t ctas = std::int64_t(p.batch) * (p.heads_kv / p.kv_heads_per_cta);
-  const std::int64_t tiles = (max_keys + kDecodeBlockN - 1) / kDecodeBlockN;
-  for (int splits = kMaxClusterSplits; splits >= 2; --splits)
-    if (tiles / splits >= kDecodeFormClusterMinTiles && decode_cluster_merge_applies(true, splits, ctas * splits, sm_count))
-      return splits;
-  return 1;
-}
-
 int decode_kv_heads_per_cta(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys,
                             bool may_split) {
   if (p.head_group) return 1;
@@ -292,7 +296,8 @@ int decode_kv_heads_per_cta(const check::ArgChecker& c, const DecodeParams& p, i
                                                                       : fills_one_wave(items, info.sm_count);
   const bool pair = decode_form_applies(fits, "FASTATTN_DECODE_HEAD_PAIR", requested,
                                         (waves && max_keys >= kDecodeHeadPairMinKeys) ||
-                                            (may_split && fits && pair_clusters_pay(c, p, max_keys, info.sm_count)));
+                                            (requested == 0 && may_split && fits &&
+                                             pair_clusters_pay(c, p, max_keys, info.sm_count)));
   return pair ? kDecodeHeadPair : 1;
 }
 
@@ -300,7 +305,9 @@ int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int req
   if (requested > 0) return requested;
   const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
   // A grid of one wave or more: one split. A smaller one: its splits merge in clusters.
-  if (p.kv_heads_per_cta > 1) return decode_form_splits(p, info.sm_count, max_keys);
+  if (p.kv_heads_per_cta > 1)
+    return decode_form_splits(std::int64_t(p.batch) * (p.heads_kv / p.kv_heads_per_cta), key_tiles(max_keys),
+                              info.sm_count);
   if (p.head_group) {
     // Its CTAs (two per SM, or one for the wide and token-row forms) stream 16-slot tiles of four
     // (eight) heads, or 4-slot tiles of 32; a tile costs a consumer warp about what a 64-key tile
@@ -320,7 +327,7 @@ int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int req
   // Fewer splits whose grid merges inside clusters, when that grid still has the bandwidth
   // (kDecodeClusterMaxTilesPerCta).
   const std::int64_t cluster_splits = std::min<std::int64_t>(kMaxClusterSplits, info.sm_count / (2 * items));
-  const std::int64_t tiles = (max_keys + kDecodeBlockN - 1) / kDecodeBlockN;
+  const std::int64_t tiles = key_tiles(max_keys);
   if (cluster_splits >= 2 && cluster_splits < splits &&
       !decode_cluster_merge_applies(sm90, splits, items * splits, info.sm_count) &&
       decode_cluster_merge_applies(sm90, int(cluster_splits), items * cluster_splits, info.sm_count) &&

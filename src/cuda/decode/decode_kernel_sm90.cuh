@@ -23,9 +23,10 @@
 // two adjacent KV heads of a sequence with four consumer warps each, one CTA per SM, and every box
 // spans both heads, so DRAM sees runs of 2 x head_dim x 2 bytes of the token-major cache (256 or
 // 512) instead of one head's 128 or 256. Where batch x heads_kv / 2 CTAs fill one wave at one per
-// SM (the planner's rule), a no-math read of the H200 drew 1-1.7% more from that pattern than from
-// the per-head one at head_dim 128 with no split to merge (bench/NOTES.md, session 15), 1.3-3% at
-// head_dim 64 (session 32). A stage is then [run][head][column block][R][64]: head h of run r sits
+// SM (one of the planner's rules; the other takes it on small grids, its splits merged in clusters),
+// a no-math read of the H200 drew 1-1.7% more from that pattern than from the per-head one at
+// head_dim 128 with no split to merge (bench/NOTES.md, session 15), 1.3-3% at head_dim 64 (session
+// 32). A stage is then [run][head][column block][R][64]: head h of run r sits
 // R * head_dim elements after head h - 1 (KvLayout's run stride counts both heads).
 //
 // The head-quad form (kHeads = 4, head_dim 64 only, at most 8 packed query rows) is the same with

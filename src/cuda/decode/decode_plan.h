@@ -66,12 +66,6 @@ int decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p,
 int decode_kv_heads_per_cta(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys,
                             bool may_split);
 
-/// Key splits of the head-pair or head-quad grid of p (p.kv_heads_per_cta set): the most, up to
-/// kMaxClusterSplits, that merge in clusters on `sm_count` SMs (decode_cluster_merge_applies: on at
-/// most half the SMs, or 2 on at most one CTA per SM) with CTAs of at least
-/// kDecodeFormClusterMinTiles tiles of `max_keys`; 1 where none does (a grid of a wave or more).
-int decode_form_splits(const DecodeParams& p, int sm_count, std::int64_t max_keys);
-
 /// Key splits per sequence for p's shape (batch, heads_kv, group, seqlen_q set): `requested` when
 /// > 0, else core::choose_num_splits_one_wave over one wave (decode_split_wave_ctas_per_sm: one
 /// CTA per SM for the sm_90 kernel, two for the cp.async kernel at head_dim <= 128), at least two
@@ -79,7 +73,7 @@ int decode_form_splits(const DecodeParams& p, int sm_count, std::int64_t max_key
 /// then fewer splits when those merge inside clusters and the one-wave count would not
 /// (kDecodeClusterMaxTilesPerCta); on small paged boxes (kDecodeSmallBoxMaxHeadDim), twice a count
 /// that still needs the combine kernel. The head-pair and head-quad forms take decode_form_splits
-/// unless `requested`.
+/// (decode_host.cpp: the most splits, up to 8, that merge in clusters) unless `requested`.
 /// `max_keys` bounds every sequence's attended slots (known on the host without a device read), so
 /// the choice depends on shapes only.
 int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys);
