@@ -561,8 +561,7 @@ def test_two_splits_on_one_cta_per_sm_merge_in_clusters(seed, head_dim, monkeypa
     case = build_case(seed, torch.bfloat16, dict(B=8, Hq=32, Hkv=8, D=head_dim, cache_len=4096, Snew=0,
                                                  lens=[4096] * 8))
     args = c_kwargs(case, case.make_out(), nan_full((8, 32, 1), torch.float32))
-    states = 2 * 8 * 32
-    assert _C.kvcache_workspace_bytes(**args) == _align256(states * 4) + _align256(states * head_dim * 4), \
+    assert _C.kvcache_workspace_bytes(**args) == _split_workspace_bytes(2, 8 * 32, head_dim), \
         "the heuristic takes 2 splits"
     run_case(case)
     names = _fastattn_kernels(lambda: kvcache_call(case, case.make_out()))
@@ -576,6 +575,13 @@ def test_two_splits_on_one_cta_per_sm_merge_in_clusters(seed, head_dim, monkeypa
 
 def _align256(n):
     return (n + 255) // 256 * 256
+
+
+def _split_workspace_bytes(splits, rows, head_dim):
+    """The workspace of a call whose `rows` (batch x heads_q x seqlen_q) query rows run in `splits`
+    splits: each split's float32 LSE and O of every row, two 256-byte aligned regions; 0 for one."""
+    states = splits * rows
+    return 0 if splits == 1 else _align256(states * 4) + _align256(states * head_dim * 4)
 
 
 @pytest.mark.parametrize("batch,heads_kv,cache_len", [(2, 8, 1024), (1, 8, 8192), (1, 32, 1024), (1, 32, 8192)])
@@ -598,8 +604,7 @@ def test_split_heuristic_takes_the_cluster_grid(seed, batch, heads_kv, cache_len
     if 2 <= cluster < wave and 2 * items * wave > sms and -(-tiles // cluster) <= 32:
         expected = cluster
     args = c_kwargs(case, case.make_out(), nan_full((batch, 32, 1), torch.float32))
-    states = expected * batch * 32 * 1
-    want = 0 if expected == 1 else _align256(states * 4) + _align256(states * 128 * 4)
+    want = _split_workspace_bytes(expected, batch * 32 * 1, 128)
     assert _C.kvcache_workspace_bytes(**args) == want, f"{expected} splits expected"
     if (batch, heads_kv, cache_len) == (2, 8, 1024) and sms == 132:
         assert expected == 4  # the documented example
@@ -617,11 +622,7 @@ def test_split_heuristic_doubles_on_small_paged_boxes(seed, head_dim, page, doub
     case = build_case(seed, torch.bfloat16, dict(B=1, Hq=32, Hkv=8, D=head_dim, cache_len=32768, Snew=0,
                                                  lens=[32768], page=page))
     run_case(case)
-    expected = 32 if doubled else 16
-    args = c_kwargs(case, case.make_out(), nan_full((1, 32, 1), torch.float32))
-    states = expected * 32
-    want = _align256(states * 4) + _align256(states * head_dim * 4)
-    assert _C.kvcache_workspace_bytes(**args) == want, f"{expected} splits expected"
+    assert heuristic_splits(case, 1, 32, head_dim) == (32 if doubled else 16)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "paged16"])
@@ -861,9 +862,7 @@ def heuristic_splits(case, batch, heads_q, head_dim):
     args = c_kwargs(case, case.make_out(), nan_full((batch, heads_q, 1), torch.float32))
     got = _C.kvcache_workspace_bytes(**args)
     for splits in range(1, 129):
-        states = splits * batch * heads_q
-        want = 0 if splits == 1 else _align256(states * 4) + _align256(states * head_dim * 4)
-        if got == want:
+        if got == _split_workspace_bytes(splits, batch * heads_q, head_dim):
             return splits
     raise AssertionError(f"no split count asks for {got} workspace bytes")
 
