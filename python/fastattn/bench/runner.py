@@ -90,6 +90,12 @@ def machine_info(device, torch):
         info["gpu"] = torch.cuda.get_device_name(0)
         info["torch_cuda"] = torch.version.cuda
         info["gpu_capability"] = "sm_%d%d" % torch.cuda.get_device_capability(0)
+        # Which physical GPU ran the figures: instances of one model differ by up to a few percent
+        # on the bandwidth-bound rows (bench/NOTES.md, session 35), so results name their GPU.
+        props = torch.cuda.get_device_properties(0)
+        info["sm_count"] = props.multi_processor_count
+        uuid = getattr(props, "uuid", None)
+        info["gpu_uuid"] = str(uuid) if uuid is not None else None
     elif torch is not None:
         info["torch_threads"] = torch.get_num_threads()
     return info
