@@ -267,7 +267,8 @@ class _FakeTorch:
         self.cuda = types.SimpleNamespace(
             Event=_Event, synchronize=lambda: None, empty_cache=lambda: None,
             mem_get_info=lambda: (100 * GiB, 140 * GiB), _sleep=lambda cycles: None,
-            get_device_properties=lambda i: types.SimpleNamespace(L2_cache_size=1 << 16))
+            get_device_properties=lambda i: types.SimpleNamespace(
+                L2_cache_size=1 << 16, multi_processor_count=132, uuid="0f0e0d0c-fake"))
         self.nn = types.SimpleNamespace(functional=types.SimpleNamespace(
             scaled_dot_product_attention=sdpa))
 
@@ -380,6 +381,9 @@ def test_cli_decode_suite_on_fake_cuda(monkeypatch, tmp_path, capsys):
     (js,) = tmp_path.glob("bench_cuda_*_quick.json")
     rec = json.loads(js.read_text())
     assert rec["suites"] == ["decode"] and rec["rows"] == []
+    # the machine record names the GPU it ran on
+    assert rec["machine"]["gpu"] == "Fake GPU" and rec["machine"]["gpu_capability"] == "sm_90"
+    assert rec["machine"]["sm_count"] == 132 and rec["machine"]["gpu_uuid"] == "0f0e0d0c-fake"
     assert [r["name"] for r in rec["decode"]] == ["bf16 d128 32/8 b1 L32"]
     assert rec["decode_meta"]["copy"]["tbps"] > 0
     assert set(rec["decode_summary"]) >= {"bandwidth", "vs_cudnn", "paged_vs_contiguous"}

@@ -93,7 +93,7 @@ def machine_info(device, torch):
         # Which physical GPU ran the figures: instances of one model differ by up to a few percent
         # on the bandwidth-bound rows (bench/NOTES.md, session 35), so results name their GPU.
         props = torch.cuda.get_device_properties(0)
-        info["sm_count"] = props.multi_processor_count
+        info["sm_count"] = getattr(props, "multi_processor_count", None)
         uuid = getattr(props, "uuid", None)
         info["gpu_uuid"] = str(uuid) if uuid is not None else None
     elif torch is not None:
