@@ -294,6 +294,8 @@ int decode_kv_heads_per_cta(const check::ArgChecker& c, const DecodeParams& p, i
   const std::int64_t items = std::int64_t(p.batch) * (p.heads_kv / kDecodeHeadPair);
   const bool waves = p.head_dim <= kDecodeHeadPairMultiWaveMaxHeadDim ? 16 * items >= 15 * info.sm_count
                                                                       : fills_one_wave(items, info.sm_count);
+  // The small-grid rule plans the per-head split count again, so it is evaluated only where its
+  // answer can decide: the heuristic's call (`requested` 0) of a shape the form fits.
   const bool pair = decode_form_applies(fits, "FASTATTN_DECODE_HEAD_PAIR", requested,
                                         (waves && max_keys >= kDecodeHeadPairMinKeys) ||
                                             (requested == 0 && may_split && fits &&
