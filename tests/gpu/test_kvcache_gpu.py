@@ -23,6 +23,7 @@ caches, one a > 2^31-element paged cache (~17 GB with its snapshot; skipped with
 
 import inspect
 import math
+import os
 import re
 import sys
 
@@ -1034,6 +1035,97 @@ def test_kv_heads_per_cta_is_taken(seed, monkeypatch):
             assert not any("combine_kernel" in n for n in names), where
         for name in switches:
             monkeypatch.delenv(name)
+        del case
+        torch.cuda.empty_cache()
+
+
+# ---- random scenarios ------------------------------------------------------------------------------
+
+# Scenarios per run of test_kvcache_random_scenarios (FASTATTN_RANDOM_SCENARIOS raises it for a soak).
+RANDOM_SCENARIOS = int(os.environ.get("FASTATTN_RANDOM_SCENARIOS", "24"))
+
+
+def draw_form_grid(rng, sms):
+    """Knobs of a grid that the sm_90 heuristic serves with one of its forms on `sms` SMs (README,
+    test_kv_heads_per_cta_is_taken, test_head_group_*_is_taken): the head pair (batch x 8 KV heads /
+    2 CTAs fill a wave, >= 8192 slots), the head quad (head_dim 64, >= 1024 slots), the four-head,
+    wide (8 KV heads) and token-row (32 KV heads) forms of the head-group kernel."""
+    form = rng.choice(["pair", "pair", "pair_mha", "quad", "four", "wide", "rows"])
+    if form == "pair":
+        return dict(Hq=32, Hkv=8, D=rng.choice([64, 128]), B=rng.randint(-(-15 * sms // 64), sms // 4),
+                    cache_len=rng.choice([8192, 8208, 8704]))
+    if form == "pair_mha":
+        return dict(Hq=32, Hkv=32, D=128, B=rng.randint(-(-15 * sms // 256), sms // 16),
+                    cache_len=rng.choice([8192, 8208]))
+    if form == "quad":
+        return dict(Hq=32, Hkv=8, D=64, B=rng.randint(-(-15 * sms // 32), 2 * sms),
+                    cache_len=rng.choice([1024, 2048, 4096]))
+    if form == "four":  # batch x 32 KV heads / 4 CTAs: one wave of two CTAs per SM
+        return dict(Hq=32, Hkv=32, D=128, B=rng.randint(-(-15 * 2 * sms // 128), 2 * sms // 8),
+                    cache_len=rng.choice([1024, 2048]))
+    heads = 8 if form == "wide" else 32
+    return dict(Hq=32, Hkv=heads, D=128, B=rng.randint(-(-15 * sms // 16), sms),
+                cache_len=rng.choice([1024, 1536]) if form == "wide" else 2048)
+
+
+def draw_scenario(rng, sms):
+    """(dtype, knobs over BASE) drawn from the whole option space: about a third of the draws on
+    grids that the sm_90 forms serve (long caches, one sequence at full length, the rest mostly
+    short so that the float64 reference stays cheap), the rest small shapes of any head_dim (a
+    multiple of 8 up to 256), GQA ratio, page size and option mix."""
+    cfg = {}
+    form_grid = rng.random() < 0.3
+    if form_grid:  # the forms take at most 8 query rows per KV head (1-2 at GQA 4) and no fixed split
+        cfg.update(draw_form_grid(rng, sms))
+        page = rng.choice([None, 16, 16, 64, 1])
+    else:
+        hkv = rng.choice([1, 2, 4, 8])
+        cfg.update(Hkv=hkv, Hq=hkv * rng.choice([r for r in (1, 2, 4, 8, 16) if hkv * r <= 64]),
+                   D=rng.choice([8, 40, 64, 96, 128, 136, 192, 256]), B=rng.randint(1, 9),
+                   cache_len=rng.choice([1, 17, 200, 1000, 3000, 9000]))
+        page = rng.choice([None, None, 1, 8, 16, 64, 256])
+        cfg["strided"] = rng.random() < 0.15
+    cfg["page"] = page
+    if page is not None:
+        cfg["table"] = rng.choice(["exact", "full"])
+    sq = rng.choice([1, 1, 2] if form_grid else [1, 1, 1, 2, 3, 5, 8, 16])
+    snew = min(cfg["cache_len"], rng.choice([0, sq, rng.randint(0, 16)]))
+    cfg.update(Sq=sq, Snew=snew)
+    cap = cfg["cache_len"] - snew
+    if form_grid:  # one sequence full, the others mostly short
+        cfg["lens"] = [cap] + [rng.randint(0, cap if rng.random() < 0.2 else min(cap, 300))
+                               for _ in range(cfg["B"] - 1)]
+    elif cap >= 1 and rng.random() < 0.1:
+        cfg["seqlens_int"] = True
+    if snew and rng.random() < 0.4:
+        cfg["rotary"] = rng.choice(["interleaved", "neox"])
+        cfg["rotary_frac"] = rng.choice([f for f in (1.0, 0.5, 0.25) if int(cfg["D"] * f) >= 2])
+        cfg["cos_dtype"] = rng.choice([None, torch.float32])
+    cfg["batch_idx"] = rng.random() < 0.3
+    cfg["leftpad"] = rng.random() < 0.3
+    opts = [o for o, p in (("causal", 0.5), (rng.choice(["window", "wleft"]), 0.25),
+                           (rng.choice(["alibi", "alibi_bh"]), 0.25), ("softcap", 0.25), ("scale", 0.25))
+            if rng.random() < p]
+    cfg["opt"] = "+".join(opts) or "none"
+    cfg["splits"] = 0 if form_grid and rng.random() < 0.8 else rng.choice([0, 0, 0, 1, 2, 3, 5, 64])
+    return rng.choice(DTYPES), cfg
+
+
+def test_kvcache_random_scenarios(seed):
+    """RANDOM_SCENARIOS scenarios drawn fresh (draw_scenario), each through run_case: the output and
+    LSE against the float64 reference (3x rule), two NaN-poisoned out= buffers bitwise equal, every
+    cache byte outside the appended slots unchanged, the appended slots as expected, the guards
+    intact. A failure names the scenario's knobs; FASTATTN_TEST_SEED replays the whole draw."""
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    for i in range(RANDOM_SCENARIOS):
+        dtype, cfg = draw_scenario(seed, sms)
+        case = build_case(seed, dtype, cfg)
+        try:
+            run_case(case)
+        except Exception as e:
+            shown = {k: (v if not isinstance(v, list) or len(v) <= 8 else f"{v[:8]}... ({len(v)})")
+                     for k, v in cfg.items()}
+            raise AssertionError(f"random scenario {i} ({dtype}, {shown}): {e}") from e
         del case
         torch.cuda.empty_cache()
 
