@@ -1047,9 +1047,9 @@ RANDOM_SCENARIOS = int(os.environ.get("FASTATTN_RANDOM_SCENARIOS", "24"))
 
 def draw_form_grid(rng, sms):
     """Knobs of a grid that the sm_90 heuristic serves with one of its forms on `sms` SMs (README,
-    test_kv_heads_per_cta_is_taken, test_head_group_*_is_taken): the head pair (batch x 8 KV heads /
-    2 CTAs fill a wave, >= 8192 slots), the head quad (head_dim 64, >= 1024 slots), the four-head,
-    wide (8 KV heads) and token-row (32 KV heads) forms of the head-group kernel."""
+    test_kv_heads_per_cta_is_taken, test_head_group_*_is_taken): the head pair (batch x KV heads / 2
+    CTAs fill a wave, 8 or 32 KV heads, >= 8192 slots), the head quad (head_dim 64, >= 1024 slots),
+    the four-head, wide (8 KV heads) and token-row (32 KV heads) forms of the head-group kernel."""
     form = rng.choice(["pair", "pair", "pair_mha", "quad", "four", "wide", "rows"])
     if form == "pair":
         return dict(Hq=32, Hkv=8, D=rng.choice([64, 128]), B=rng.randint(-(-15 * sms // 64), sms // 4),
