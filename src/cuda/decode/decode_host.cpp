@@ -316,16 +316,16 @@ int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int req
     // costs the per-head kernel's, hence the same price of a split.
     const std::int64_t items = std::int64_t(p.batch) * (p.heads_kv / p.head_group);
     const std::int64_t wave = std::int64_t(decode_head_group_ctas_per_sm(p.head_group)) * info.sm_count;
-    return core::choose_num_splits_if_paying(items, max_keys, wave, 2 * kDecodeBlockN, 128,
-                                             decode_head_group_tile_slots(p.head_group),
+    return core::choose_num_splits_if_paying(items, max_keys, wave, kDecodeMinKeysPerSplit,
+                                             kDecodeMaxHeuristicSplits, decode_head_group_tile_slots(p.head_group),
                                              decode_split_cost_blocks(true));
   }
   const std::int64_t rows_per_kv = std::int64_t(p.group) * p.seqlen_q;
   const std::int64_t items = std::int64_t(p.batch) * p.heads_kv * ((rows_per_kv + 15) / 16);
   const bool sm90 = use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size);
   const std::int64_t wave = std::int64_t(decode_split_wave_ctas_per_sm(p.head_dim, sm90)) * info.sm_count;
-  int splits = core::choose_num_splits_if_paying(items, max_keys, wave, 2 * kDecodeBlockN, 128, kDecodeBlockN,
-                                                  decode_split_cost_blocks(sm90));
+  int splits = core::choose_num_splits_if_paying(items, max_keys, wave, kDecodeMinKeysPerSplit,
+                                                  kDecodeMaxHeuristicSplits, kDecodeBlockN, decode_split_cost_blocks(sm90));
   // Fewer splits whose grid merges inside clusters, when that grid still has the bandwidth
   // (kDecodeClusterMaxTilesPerCta).
   const std::int64_t cluster_splits = std::min<std::int64_t>(kMaxClusterSplits, info.sm_count / (2 * items));
@@ -340,7 +340,8 @@ int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int req
   const bool small_boxes = sm90 && p.head_dim <= kDecodeSmallBoxMaxHeadDim && p.page_size > 0 &&
                            p.page_size <= kDecodeSmallBoxMaxPageSize;
   if (small_boxes && splits > 1 && !decode_cluster_merge_applies(sm90, splits, items * splits, info.sm_count))
-    splits = int(std::min<std::int64_t>({2 * std::int64_t(splits), max_keys / (2 * kDecodeBlockN), 128}));
+    splits = int(std::min<std::int64_t>(
+        {2 * std::int64_t(splits), max_keys / kDecodeMinKeysPerSplit, kDecodeMaxHeuristicSplits}));
   return splits;
 }
 

@@ -145,6 +145,10 @@ void run_decode(const DecodeParams& p, void* stream);
 
 /// Key tile of the decode kernels (keys per pipeline stage); the split heuristic counts in it.
 constexpr int kDecodeBlockN = 64;
+/// The split heuristic's bounds (decode_num_splits): at least two key tiles per split, and at most
+/// this many splits.
+constexpr int kDecodeMinKeysPerSplit = 2 * kDecodeBlockN;
+constexpr int kDecodeMaxHeuristicSplits = 128;
 
 /// The tile order rule (DecodeParams::quarter_min_slots, set by run_decode): the sm_90 kernels walk
 /// a split of at least kDecodeQuarterMinSlots slots as four interleaved quarters when the cache is

@@ -69,10 +69,10 @@ int decode_kv_heads_per_cta(const check::ArgChecker& c, const DecodeParams& p, i
 /// Key splits per sequence for p's shape (batch, heads_kv, group, seqlen_q set): `requested` when
 /// > 0, else core::choose_num_splits_one_wave over one wave (decode_split_wave_ctas_per_sm: one
 /// CTA per SM for the sm_90 kernel, two for the cp.async kernel at head_dim <= 128), at least two
-/// 64-key tiles per split, at most 128 splits, kept only when it pays (decode_split_cost_blocks);
-/// then fewer splits when those merge inside clusters and the one-wave count would not
-/// (kDecodeClusterMaxTilesPerCta); on small paged boxes (kDecodeSmallBoxMaxHeadDim), twice a count
-/// that still needs the combine kernel. The head-pair and head-quad forms take decode_form_splits
+/// 64-key tiles per split (kDecodeMinKeysPerSplit), at most kDecodeMaxHeuristicSplits (128), kept
+/// only when it pays (decode_split_cost_blocks); then fewer splits when those merge inside clusters
+/// and the one-wave count would not (kDecodeClusterMaxTilesPerCta); on small paged boxes
+/// (kDecodeSmallBoxMaxHeadDim), twice a count that still needs the combine kernel. The head-pair and head-quad forms take decode_form_splits
 /// (decode_host.cpp: the most splits, up to 8, that merge in clusters) unless `requested`.
 /// `max_keys` bounds every sequence's attended slots (known on the host without a device read), so
 /// the choice depends on shapes only.
