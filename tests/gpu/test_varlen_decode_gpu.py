@@ -17,6 +17,8 @@ equal. Inputs are fresh each run (seed printed on failure, FASTATTN_TEST_SEED=<s
 Sizes are small but for one 131072-key sequence; the module runs in well under a minute on an H200.
 """
 
+import os
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -27,6 +29,7 @@ from fastattn import flash_attn_varlen_func  # noqa: E402
 import gpu_reference as R  # noqa: E402
 from gpu_helpers import capture_or_xfail, cumsum0, i32, nan_full, randn, stream_ptr  # noqa: E402
 import test_prefill as P  # noqa: E402  (its helpers; importing it runs no test)
+import test_kvcache_gpu as KV  # noqa: E402  (its form grids; importing it runs no test)
 
 DEV = "cuda"
 DTYPES, DTYPE_IDS = P.DTYPES, P.DTYPE_IDS
@@ -446,3 +449,87 @@ def test_cuda_graph(seed, addressing):
         R.assert_out_close("out", out, ref_o, naive_o, factor=FACTOR)
         R.assert_empty_rows_zero("out", out, ref_lse)
         R.assert_lse_close("softmax_lse", holder["lse"], ref_lse)
+
+
+# ---- random scenarios ------------------------------------------------------------------------------
+
+# Scenarios per run of test_varlen_decode_random_scenarios (FASTATTN_RANDOM_SCENARIOS raises it).
+RANDOM_SCENARIOS = int(os.environ.get("FASTATTN_RANDOM_SCENARIOS", "24"))
+
+
+def draw_scenario(rng, sms):
+    """Knobs of one decode-shaped varlen call, drawn from the whole option space: about a third on
+    grids that the sm_90 forms serve (test_kvcache_gpu.draw_form_grid: one sequence at the grid's
+    length, which max_seqlen_k carries to the heuristic, the rest mostly short so the float64
+    reference stays cheap), the rest small shapes of any head_dim (a multiple of 8 up to 256), GQA
+    ratio, page size, addressing, length source and option mix; some with sequences that have no
+    query (padding rows after them), strided views, or no / a garbage-filled workspace."""
+    cfg = {}
+    form_grid = rng.random() < 0.3
+    if form_grid:
+        g = KV.draw_form_grid(rng, sms)
+        cap = g["cache_len"]
+        cfg.update(hq=g["Hq"], hkv=g["Hkv"], d=g["D"], page=rng.choice([16, 16, 64, 1]),
+                   lens=[cap] + [rng.randint(0, cap if rng.random() < 0.2 else min(cap, 300))
+                                 for _ in range(g["B"] - 1)])
+        rng.shuffle(cfg["lens"])
+        cfg["lq"] = None
+    else:
+        hkv = rng.choice([1, 2, 4, 8])
+        b = rng.randint(1, 9)
+        cfg.update(hkv=hkv, hq=hkv * rng.choice([r for r in (1, 2, 4, 8, 16) if hkv * r <= 64]),
+                   d=rng.choice([8, 40, 64, 96, 128, 136, 192, 256]),
+                   page=rng.choice([1, 8, 16, 16, 64, 256]),
+                   lens=[rng.choice([0, 1, rng.randint(1, 64), rng.randint(1, 2000), rng.randint(1, 20000)])
+                         for _ in range(b)])
+        # Sequences without a query: rows past cu_seqlens_q[B] are padding (test_sequences_without_query).
+        if rng.random() < 0.15:
+            lq = [int(rng.random() < 0.7) for _ in range(b)]
+            lq[rng.randrange(b)] = 1  # at least one query: max_seqlen_q == 1
+            cfg["lq"] = lq
+        else:
+            cfg["lq"] = None
+    cfg["addressing"], cfg["lengths_from"] = rng.choice(SOURCES)
+    cfg["strided"] = rng.random() < 0.15
+    opts = [o for o, p in (("causal", 0.5), (rng.choice(["window", "wleft"]), 0.25),
+                           (rng.choice(["alibi", "alibi", "alibi_bh"]), 0.25), ("softcap", 0.25),
+                           ("scale", 0.25)) if rng.random() < p]
+    cfg["opt"] = "+".join(opts) or "none"
+    cfg["workspace"] = rng.choice(["alloc"] * 8 + [None, "garbage"])
+    return rng.choice(DTYPES), cfg
+
+
+def run_scenario(rng, dtype, cfg):
+    """One drawn call through Case.run (3x rule, LSE, two NaN-poisoned out= buffers bitwise equal);
+    the page pools unchanged; a call with (B, Hq) ALiBi slopes not routed (no workspace)."""
+    lq = cfg["lq"]
+    extra = 0 if lq is None else len(lq) - sum(lq)
+    case = Case(rng, dtype, cfg["lens"], cfg["page"], cfg["hq"], cfg["hkv"], cfg["d"], cfg["addressing"],
+                cfg["lengths_from"], lq=lq, extra_q_rows=extra, opt=cfg["opt"], strided=cfg["strided"])
+    nbytes = case.workspace_bytes()
+    if "alibi_bh" in cfg["opt"]:
+        assert nbytes == 0, "a call with (B, Hq) ALiBi slopes was routed to the decode kernels"
+    workspace = cfg["workspace"]
+    if workspace == "garbage":  # exactly the bytes asked for, full of float NaN bytes
+        workspace = torch.full((nbytes,), 0xFF, dtype=torch.uint8, device=DEV) if nbytes else None
+    k_before, v_before = case.kp.clone(), case.vp.clone()
+    out, lse = case.run(workspace=workspace)
+    assert torch.equal(case.kp, k_before) and torch.equal(case.vp, v_before), "the call wrote the page pool"
+    if extra:
+        pad = case.cu_q[-1]
+        assert bool((out[pad:] == 0).all()) and bool(torch.isneginf(lse[:, pad:]).all())
+
+
+def test_varlen_decode_random_scenarios(seed):
+    """RANDOM_SCENARIOS decode-shaped varlen calls drawn fresh (draw_scenario), each through
+    run_scenario. A failure names the scenario's knobs; FASTATTN_TEST_SEED replays the whole draw."""
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    for i in range(RANDOM_SCENARIOS):
+        dtype, cfg = draw_scenario(seed, sms)
+        try:
+            run_scenario(seed, dtype, cfg)
+        except Exception as e:
+            shown = {k: (v if not isinstance(v, list) or len(v) <= 8 else f"{v[:8]}... ({len(v)})")
+                     for k, v in cfg.items()}
+            raise AssertionError(f"random scenario {i} ({dtype}, {shown}): {e}") from e
+        torch.cuda.empty_cache()
