@@ -173,6 +173,9 @@ bool fills_one_wave(std::int64_t items, std::int64_t wave) { return 16 * items >
 /// 64-key tiles of a sequence of `max_keys` keys.
 std::int64_t key_tiles(std::int64_t max_keys) { return (max_keys + kDecodeBlockN - 1) / kDecodeBlockN; }
 
+/// CTAs per split of a form whose CTA takes `heads` KV heads of one sequence: batch x heads_kv / heads.
+std::int64_t head_block_ctas(const DecodeParams& p, int heads) { return std::int64_t(p.batch) * (p.heads_kv / heads); }
+
 /// Key splits of a head-pair or head-quad grid of `form_ctas` CTAs per split over `tiles` tiles:
 /// the most, up to kMaxClusterSplits, that merge in clusters on `sm_count` SMs
 /// (decode_cluster_merge_applies: on at most half the SMs, or 2 on at most one CTA per SM) with
@@ -203,7 +206,7 @@ bool pair_clusters_pay(const check::ArgChecker& c, const DecodeParams& p, std::i
   const int head_splits = decode_num_splits(c, per_head, 0, max_keys);
   const std::int64_t head_ctas = std::int64_t(head_splits) * p.batch * p.heads_kv;  // one row block (pair-sized rows)
   const bool head_combines = head_splits > 1 && !decode_cluster_merge_applies(true, head_splits, head_ctas, sm_count);
-  const std::int64_t pairs = std::int64_t(p.batch) * (p.heads_kv / kDecodeHeadPair);
+  const std::int64_t pairs = head_block_ctas(p, kDecodeHeadPair);
   const std::int64_t tiles = key_tiles(max_keys);
   const int pair_splits = decode_form_splits(pairs, tiles, sm_count);
   if (pair_splits < 2) return false;
@@ -260,7 +263,7 @@ int decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p,
   // one machine instance (0.5% slower on another, whose per-head times were 3% lower); slower
   // where it needs splits (batch 32 / 8k -2.6%, 64 / 2k -1.5%; merged in clusters of 3-4, worse
   // still) and over two or more waves (MHA batch 64 and 128 / 1k -0.2-0.7%, 2k-8k -1.5-4%).
-  const std::int64_t items = std::int64_t(p.batch) * (p.heads_kv / kDecodeHeadGroup);
+  const std::int64_t items = head_block_ctas(p, kDecodeHeadGroup);
   const bool four = decode_form_applies(fits, "FASTATTN_DECODE_HEAD_GROUP", requested,
                                         fills_one_wave(items, wave(kDecodeHeadGroup)));
   return four ? kDecodeHeadGroup : 0;
@@ -276,7 +279,7 @@ int decode_kv_heads_per_cta(const check::ArgChecker& c, const DecodeParams& p, i
   // was 4-9% faster than the per-head kernel at 1k on grids of 1 to 7.8 waves (its CTAs start and
   // end half as often per SM), 2.4-3.5% at 2k, and 1.2-2% faster than the pair at 8k, 0.3-1.6% at
   // 32k, on 3.9 waves (bench/NOTES.md, session 33).
-  const std::int64_t quads = std::int64_t(p.batch) * (p.heads_kv / kDecodeHeadQuad);
+  const std::int64_t quads = head_block_ctas(p, kDecodeHeadQuad);
   const bool quad_waves = 16 * quads >= 15 * info.sm_count &&
                           (max_keys < kDecodeHeadPairMinKeys || quads <= kDecodeHeadQuadMaxWavesLong * info.sm_count);
   if (decode_form_applies(decode_head_quad_fits(p, sm90), "FASTATTN_DECODE_HEAD_QUAD", requested,
@@ -291,7 +294,7 @@ int decode_kv_heads_per_cta(const check::ArgChecker& c, const DecodeParams& p, i
   // (kDecodeHeadPairMultiWaveMaxHeadDim): a wave of pairs at one per SM holds as many heads as a
   // per-head wave at two, so the waves' quantisation is the same. Long caches only
   // (kDecodeHeadPairMinKeys).
-  const std::int64_t items = std::int64_t(p.batch) * (p.heads_kv / kDecodeHeadPair);
+  const std::int64_t items = head_block_ctas(p, kDecodeHeadPair);
   const bool waves = p.head_dim <= kDecodeHeadPairMultiWaveMaxHeadDim ? 16 * items >= 15 * info.sm_count
                                                                       : fills_one_wave(items, info.sm_count);
   // The small-grid rule plans the per-head split count again, so it is evaluated only where its
@@ -308,13 +311,12 @@ int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int req
   const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
   // A grid of one wave or more: one split. A smaller one: its splits merge in clusters.
   if (p.kv_heads_per_cta > 1)
-    return decode_form_splits(std::int64_t(p.batch) * (p.heads_kv / p.kv_heads_per_cta), key_tiles(max_keys),
-                              info.sm_count);
+    return decode_form_splits(head_block_ctas(p, p.kv_heads_per_cta), key_tiles(max_keys), info.sm_count);
   if (p.head_group) {
     // Its CTAs (two per SM, or one for the wide and token-row forms) stream 16-slot tiles of four
     // (eight) heads, or 4-slot tiles of 32; a tile costs a consumer warp about what a 64-key tile
     // costs the per-head kernel's, hence the same price of a split.
-    const std::int64_t items = std::int64_t(p.batch) * (p.heads_kv / p.head_group);
+    const std::int64_t items = head_block_ctas(p, p.head_group);
     const std::int64_t wave = std::int64_t(decode_head_group_ctas_per_sm(p.head_group)) * info.sm_count;
     return core::choose_num_splits_if_paying(items, max_keys, wave, kDecodeMinKeysPerSplit,
                                              kDecodeMaxHeuristicSplits, decode_head_group_tile_slots(p.head_group),

@@ -72,8 +72,9 @@ int decode_kv_heads_per_cta(const check::ArgChecker& c, const DecodeParams& p, i
 /// 64-key tiles per split (kDecodeMinKeysPerSplit), at most kDecodeMaxHeuristicSplits (128), kept
 /// only when it pays (decode_split_cost_blocks); then fewer splits when those merge inside clusters
 /// and the one-wave count would not (kDecodeClusterMaxTilesPerCta); on small paged boxes
-/// (kDecodeSmallBoxMaxHeadDim), twice a count that still needs the combine kernel. The head-pair and head-quad forms take decode_form_splits
-/// (decode_host.cpp: the most splits, up to 8, that merge in clusters) unless `requested`.
+/// (kDecodeSmallBoxMaxHeadDim), twice a count that still needs the combine kernel. The head-pair
+/// and head-quad forms take decode_form_splits (decode_host.cpp: the most splits, up to
+/// kMaxClusterSplits, that merge in clusters) unless `requested`.
 /// `max_keys` bounds every sequence's attended slots (known on the host without a device read), so
 /// the choice depends on shapes only.
 int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys);
