@@ -99,3 +99,18 @@ def xfail_if_dlpack_cannot_be_captured(e, what):
 def first_line(e):
     """An exception's type and first message line (for skip / failure reasons)."""
     return "%s: %s" % (type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+
+
+def run_random_scenarios(rng, count, draw, run):
+    """`count` scenarios, each drawn by draw(rng) -> (dtype, knobs) and checked by run(dtype, knobs).
+    A failure is re-raised naming the scenario's number, dtype and knobs (long lists cut to 8
+    items); the caller's seed (FASTATTN_TEST_SEED) replays the whole draw."""
+    for i in range(count):
+        dtype, cfg = draw(rng)
+        try:
+            run(dtype, cfg)
+        except Exception as e:
+            shown = {k: (v if not isinstance(v, list) or len(v) <= 8 else f"{v[:8]}... ({len(v)})")
+                     for k, v in cfg.items()}
+            raise AssertionError(f"random scenario {i} ({dtype}, {shown}): {e}") from e
+        torch.cuda.empty_cache()

@@ -36,8 +36,8 @@ from fastattn import _C  # noqa: E402
 from fastattn import flash_attn_varlen_func, flash_attn_with_kvcache  # noqa: E402
 
 import gpu_reference as R  # noqa: E402
-from gpu_helpers import (cumsum0, first_line, i32, nan_full, randn, stream_ptr,  # noqa: E402
-                         warm_and_capture, xfail_if_dlpack_cannot_be_captured)
+from gpu_helpers import (cumsum0, first_line, i32, nan_full, randn, run_random_scenarios,  # noqa: E402
+                         stream_ptr, warm_and_capture, xfail_if_dlpack_cannot_be_captured)
 
 DEV = "cuda"
 DTYPES = [torch.float16, torch.bfloat16]
@@ -1068,6 +1068,15 @@ def draw_form_grid(rng, sms):
                 cache_len=rng.choice([1024, 1536]) if form == "wide" else 2048)
 
 
+def draw_options(rng, alibi=("alibi", "alibi_bh")):
+    """A '+'-joined option name (make_options): causal half the time; a window, ALiBi slopes (one
+    of `alibi`), softcap and a scale a quarter of the time each; "none" when nothing is drawn."""
+    opts = [o for o, p in (("causal", 0.5), (rng.choice(["window", "wleft"]), 0.25),
+                           (rng.choice(list(alibi)), 0.25), ("softcap", 0.25), ("scale", 0.25))
+            if rng.random() < p]
+    return "+".join(opts) or "none"
+
+
 def draw_scenario(rng, sms):
     """(dtype, knobs over BASE) drawn from the whole option space: about a third of the draws on
     grids that the sm_90 forms serve (long caches, one sequence at full length, the rest mostly
@@ -1103,10 +1112,7 @@ def draw_scenario(rng, sms):
         cfg["cos_dtype"] = rng.choice([None, torch.float32])
     cfg["batch_idx"] = rng.random() < 0.3
     cfg["leftpad"] = rng.random() < 0.3
-    opts = [o for o, p in (("causal", 0.5), (rng.choice(["window", "wleft"]), 0.25),
-                           (rng.choice(["alibi", "alibi_bh"]), 0.25), ("softcap", 0.25), ("scale", 0.25))
-            if rng.random() < p]
-    cfg["opt"] = "+".join(opts) or "none"
+    cfg["opt"] = draw_options(rng)
     cfg["splits"] = 0 if form_grid and rng.random() < 0.8 else rng.choice([0, 0, 0, 1, 2, 3, 5, 64])
     return rng.choice(DTYPES), cfg
 
@@ -1117,17 +1123,8 @@ def test_kvcache_random_scenarios(seed):
     cache byte outside the appended slots unchanged, the appended slots as expected, the guards
     intact. A failure names the scenario's knobs; FASTATTN_TEST_SEED replays the whole draw."""
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
-    for i in range(RANDOM_SCENARIOS):
-        dtype, cfg = draw_scenario(seed, sms)
-        case = build_case(seed, dtype, cfg)
-        try:
-            run_case(case)
-        except Exception as e:
-            shown = {k: (v if not isinstance(v, list) or len(v) <= 8 else f"{v[:8]}... ({len(v)})")
-                     for k, v in cfg.items()}
-            raise AssertionError(f"random scenario {i} ({dtype}, {shown}): {e}") from e
-        del case
-        torch.cuda.empty_cache()
+    run_random_scenarios(seed, RANDOM_SCENARIOS, lambda rng: draw_scenario(rng, sms),
+                         lambda dtype, cfg: run_case(build_case(seed, dtype, cfg)))
 
 
 POISON_CONFIGS = {

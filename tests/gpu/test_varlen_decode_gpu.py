@@ -27,7 +27,8 @@ from fastattn import _C  # noqa: E402
 from fastattn import flash_attn_varlen_func  # noqa: E402
 
 import gpu_reference as R  # noqa: E402
-from gpu_helpers import capture_or_xfail, cumsum0, i32, nan_full, randn, stream_ptr  # noqa: E402
+from gpu_helpers import (capture_or_xfail, cumsum0, i32, nan_full, randn, run_random_scenarios,  # noqa: E402
+                         stream_ptr)
 import test_prefill as P  # noqa: E402  (its helpers; importing it runs no test)
 import test_kvcache_gpu as KV  # noqa: E402  (its form grids; importing it runs no test)
 
@@ -491,10 +492,8 @@ def draw_scenario(rng, sms):
             cfg["lq"] = None
     cfg["addressing"], cfg["lengths_from"] = rng.choice(SOURCES)
     cfg["strided"] = rng.random() < 0.15
-    opts = [o for o, p in (("causal", 0.5), (rng.choice(["window", "wleft"]), 0.25),
-                           (rng.choice(["alibi", "alibi", "alibi_bh"]), 0.25), ("softcap", 0.25),
-                           ("scale", 0.25)) if rng.random() < p]
-    cfg["opt"] = "+".join(opts) or "none"
+    # (B, Hq) slopes stay on the prefill kernel: a third of the ALiBi draws.
+    cfg["opt"] = KV.draw_options(rng, alibi=("alibi", "alibi", "alibi_bh"))
     cfg["workspace"] = rng.choice(["alloc"] * 8 + [None, "garbage"])
     return rng.choice(DTYPES), cfg
 
@@ -544,12 +543,5 @@ def test_varlen_decode_random_scenarios(seed):
     """RANDOM_SCENARIOS decode-shaped varlen calls drawn fresh (draw_scenario), each through
     run_scenario. A failure names the scenario's knobs; FASTATTN_TEST_SEED replays the whole draw."""
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
-    for i in range(RANDOM_SCENARIOS):
-        dtype, cfg = draw_scenario(seed, sms)
-        try:
-            run_scenario(seed, dtype, cfg)
-        except Exception as e:
-            shown = {k: (v if not isinstance(v, list) or len(v) <= 8 else f"{v[:8]}... ({len(v)})")
-                     for k, v in cfg.items()}
-            raise AssertionError(f"random scenario {i} ({dtype}, {shown}): {e}") from e
-        torch.cuda.empty_cache()
+    run_random_scenarios(seed, RANDOM_SCENARIOS, lambda rng: draw_scenario(rng, sms),
+                         lambda dtype, cfg: run_scenario(seed, dtype, cfg))
