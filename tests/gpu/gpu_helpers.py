@@ -28,6 +28,41 @@ def cumsum0(lens):
     return out
 
 
+def make_options(rng, name, batch, heads, *, window_left=64, window_right=16, wright=16, alibi=(0.55, 0.05)):
+    """Keyword options of an attention call from a '+'-joined name, values drawn from rng (a
+    random.Random) and torch's generator: none, scale, causal, window (both sides bounded), wleft
+    (left only), wright (right only), wzero ((0, 0): each query sees at most the key at its own
+    position), softcap, alibi ((heads,) slopes), alibi_bh ((batch, heads) slopes).
+
+    window_left / window_right / wright: the largest window sides drawn; alibi: (scale, offset),
+    slopes uniform in [offset, offset + scale)."""
+    kw = {}
+    for part in name.split("+"):
+        if part == "none":
+            pass
+        elif part == "scale":
+            kw["softmax_scale"] = rng.uniform(0.05, 0.5)
+        elif part == "causal":
+            kw["causal"] = True
+        elif part == "window":
+            kw["window_size"] = (rng.randint(0, window_left), rng.randint(0, window_right))
+        elif part == "wleft":
+            kw["window_size"] = (rng.randint(0, window_left), -1)
+        elif part == "wright":
+            kw["window_size"] = (-1, rng.randint(0, wright))
+        elif part == "wzero":
+            kw["window_size"] = (0, 0)
+        elif part == "softcap":
+            kw["softcap"] = rng.uniform(0.5, 5.0)
+        elif part == "alibi":
+            kw["alibi_slopes"] = torch.rand(heads, device=DEV) * alibi[0] + alibi[1]
+        elif part == "alibi_bh":
+            kw["alibi_slopes"] = torch.rand(batch, heads, device=DEV) * alibi[0] + alibi[1]
+        else:
+            raise ValueError(part)
+    return kw
+
+
 def stream_ptr():
     """The current torch stream, as the bindings' cuda_stream argument."""
     return int(torch.cuda.current_stream().cuda_stream)

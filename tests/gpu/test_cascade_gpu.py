@@ -24,6 +24,8 @@ with and without a usable workspace_buffer), CUDA-graph capture of wrapper.forwa
 new q, and the CUDA-only errors.
 """
 
+import functools
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -34,6 +36,7 @@ from fastattn.cascade import (BatchDecodeWithSharedPrefixPagedKVCacheWrapper,  #
                               BatchPrefillWithSharedPrefixPagedKVCacheWrapper)
 
 import gpu_reference as R  # noqa: E402
+import gpu_helpers  # noqa: E402
 from gpu_helpers import capture_or_xfail, cumsum0, i32, nan_full, randn  # noqa: E402
 
 DEV = "cuda"
@@ -45,31 +48,9 @@ FACTOR = 3.0  # FlashAttention's KV-cache factor (see the module notes)
 # ---- helpers ---------------------------------------------------------------------------------------
 
 
-def make_options(rng, name, batch, heads):
-    """Keyword options from a '+'-joined name, with random values drawn from rng."""
-    kw = {}
-    for part in name.split("+"):
-        if part == "none":
-            pass
-        elif part == "scale":
-            kw["softmax_scale"] = rng.uniform(0.05, 0.5)
-        elif part == "causal":
-            kw["causal"] = True
-        elif part == "window":  # both sides bounded
-            kw["window_size"] = (rng.randint(0, 300), rng.randint(0, 16))
-        elif part == "wleft":  # sliding window (left only)
-            kw["window_size"] = (rng.randint(0, 300), -1)
-        elif part == "wright":  # right only: queries may stop inside the prefix
-            kw["window_size"] = (-1, rng.randint(0, 3))
-        elif part == "softcap":
-            kw["softcap"] = rng.uniform(0.5, 5.0)
-        elif part == "alibi":
-            kw["alibi_slopes"] = torch.rand(heads, device=DEV) * 0.1 + 0.01
-        elif part == "alibi_bh":
-            kw["alibi_slopes"] = torch.rand(batch, heads, device=DEV) * 0.1 + 0.01
-        else:
-            raise ValueError(part)
-    return kw
+# Longer left windows than the prefill tests' (the prefix and suffix are long), right windows of
+# up to 3 keys (a query may stop inside the prefix), smaller ALiBi slopes.
+make_options = functools.partial(gpu_helpers.make_options, window_left=300, wright=3, alibi=(0.1, 0.01))
 
 
 ALL = "causal+window+alibi_bh+softcap+scale"

@@ -36,7 +36,7 @@ from fastattn import _C  # noqa: E402
 from fastattn import flash_attn_varlen_func, flash_attn_with_kvcache  # noqa: E402
 
 import gpu_reference as R  # noqa: E402
-from gpu_helpers import (cumsum0, first_line, i32, nan_full, randn, run_random_scenarios,  # noqa: E402
+from gpu_helpers import (cumsum0, first_line, i32, make_options, nan_full, randn, run_random_scenarios,  # noqa: E402
                          stream_ptr, warm_and_capture, xfail_if_dlpack_cannot_be_captured)
 
 DEV = "cuda"
@@ -49,32 +49,7 @@ GUARD = 4096
 BIG = 2 ** 31
 
 
-# ---- helpers (as tests/gpu/test_prefill.py) ------------------------------------------------------
-
-
-def make_options(rng, name, batch, heads):
-    """Keyword options from a '+'-joined name, with random values drawn from rng."""
-    kw = {}
-    for part in name.split("+"):
-        if part == "none":
-            pass
-        elif part == "scale":
-            kw["softmax_scale"] = rng.uniform(0.05, 0.5)
-        elif part == "causal":
-            kw["causal"] = True
-        elif part == "window":  # both sides bounded
-            kw["window_size"] = (rng.randint(0, 64), rng.randint(0, 16))
-        elif part == "wleft":  # sliding-window decode
-            kw["window_size"] = (rng.randint(0, 64), -1)
-        elif part == "softcap":
-            kw["softcap"] = rng.uniform(0.5, 5.0)
-        elif part == "alibi":  # (Hq,)
-            kw["alibi_slopes"] = torch.rand(heads, device=DEV) * 0.55 + 0.05
-        elif part == "alibi_bh":  # (B, Hq)
-            kw["alibi_slopes"] = torch.rand(batch, heads, device=DEV) * 0.55 + 0.05
-        else:
-            raise ValueError(part)
-    return kw
+# ---- helpers -----------------------------------------------------------------------------------
 
 
 ALL = "causal+window+alibi_bh+softcap+scale"

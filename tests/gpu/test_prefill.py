@@ -35,7 +35,7 @@ from fastattn import (  # noqa: E402
 )
 
 import gpu_reference as R  # noqa: E402
-from gpu_helpers import capture_or_xfail, cumsum0, i32, nan_full, randn, stream_ptr  # noqa: E402
+from gpu_helpers import capture_or_xfail, cumsum0, i32, make_options, nan_full, randn, stream_ptr  # noqa: E402
 
 DEV = "cuda"
 DTYPES = [torch.float16, torch.bfloat16]
@@ -43,35 +43,6 @@ DTYPE_IDS = ["fp16", "bf16"]
 
 
 # ---- helpers -----------------------------------------------------------------------------------
-
-
-def make_options(rng, name, batch, heads):
-    """Keyword options from a '+'-joined name, with random values drawn from rng."""
-    kw = {}
-    for part in name.split("+"):
-        if part == "none":
-            pass
-        elif part == "scale":
-            kw["softmax_scale"] = rng.uniform(0.05, 0.5)
-        elif part == "causal":
-            kw["causal"] = True
-        elif part == "window":  # both sides bounded
-            kw["window_size"] = (rng.randint(0, 64), rng.randint(0, 16))
-        elif part == "wleft":
-            kw["window_size"] = (rng.randint(0, 64), -1)
-        elif part == "wright":
-            kw["window_size"] = (-1, rng.randint(0, 16))
-        elif part == "wzero":  # each query sees at most the key at its own position
-            kw["window_size"] = (0, 0)
-        elif part == "softcap":
-            kw["softcap"] = rng.uniform(0.5, 5.0)
-        elif part == "alibi":  # (Hq,)
-            kw["alibi_slopes"] = torch.rand(heads, device=DEV) * 0.55 + 0.05
-        elif part == "alibi_bh":  # (B, Hq)
-            kw["alibi_slopes"] = torch.rand(batch, heads, device=DEV) * 0.55 + 0.05
-        else:
-            raise ValueError(part)
-    return kw
 
 
 ALL = "causal+window+alibi_bh+softcap+scale"
