@@ -1,10 +1,14 @@
 """Helpers shared by the GPU tests: random tensors on the GPU, outputs poisoned with NaN, int32
 index tensors and prefix sums, the current stream for the binding, and CUDA-graph capture."""
 
+import os
+
 import pytest
 import torch
 
 DEV = "cuda"
+# Scenarios per run of each random-scenario test (FASTATTN_RANDOM_SCENARIOS raises it for a soak).
+RANDOM_SCENARIOS = int(os.environ.get("FASTATTN_RANDOM_SCENARIOS", "24"))
 
 
 def randn(*shape, dtype):

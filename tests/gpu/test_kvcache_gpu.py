@@ -23,7 +23,6 @@ caches, one a > 2^31-element paged cache (~17 GB with its snapshot; skipped with
 
 import inspect
 import math
-import os
 import re
 import sys
 
@@ -36,8 +35,8 @@ from fastattn import _C  # noqa: E402
 from fastattn import flash_attn_varlen_func, flash_attn_with_kvcache  # noqa: E402
 
 import gpu_reference as R  # noqa: E402
-from gpu_helpers import (cumsum0, first_line, i32, make_options, nan_full, randn, run_random_scenarios,  # noqa: E402
-                         stream_ptr, warm_and_capture, xfail_if_dlpack_cannot_be_captured)
+from gpu_helpers import (RANDOM_SCENARIOS, cumsum0, first_line, i32, make_options, nan_full, randn,  # noqa: E402
+                         run_random_scenarios, stream_ptr, warm_and_capture, xfail_if_dlpack_cannot_be_captured)
 
 DEV = "cuda"
 DTYPES = [torch.float16, torch.bfloat16]
@@ -1016,9 +1015,6 @@ def test_kv_heads_per_cta_is_taken(seed, monkeypatch):
 
 # ---- random scenarios ------------------------------------------------------------------------------
 
-# Scenarios per run of test_kvcache_random_scenarios (FASTATTN_RANDOM_SCENARIOS raises it for a soak).
-RANDOM_SCENARIOS = int(os.environ.get("FASTATTN_RANDOM_SCENARIOS", "24"))
-
 
 def draw_form_grid(rng, sms):
     """Knobs of a grid that the sm_90 heuristic serves with one of its forms on `sms` SMs (README,
@@ -1041,6 +1037,13 @@ def draw_form_grid(rng, sms):
     heads = 8 if form == "wide" else 32
     return dict(Hq=32, Hkv=heads, D=128, B=rng.randint(-(-15 * sms // 16), sms),
                 cache_len=rng.choice([1024, 1536]) if form == "wide" else 2048)
+
+
+def draw_form_lens(rng, cap, batch):
+    """Lengths of a form grid's `batch` sequences of at most `cap` keys: the first at `cap` (the
+    grid's length, which the heuristic plans for), the others mostly short so that the float64
+    reference stays cheap."""
+    return [cap] + [rng.randint(0, cap if rng.random() < 0.2 else min(cap, 300)) for _ in range(batch - 1)]
 
 
 def draw_options(rng, alibi=("alibi", "alibi_bh")):
@@ -1076,9 +1079,8 @@ def draw_scenario(rng, sms):
     snew = min(cfg["cache_len"], rng.choice([0, sq, rng.randint(0, 16)]))
     cfg.update(Sq=sq, Snew=snew)
     cap = cfg["cache_len"] - snew
-    if form_grid:  # one sequence full, the others mostly short
-        cfg["lens"] = [cap] + [rng.randint(0, cap if rng.random() < 0.2 else min(cap, 300))
-                               for _ in range(cfg["B"] - 1)]
+    if form_grid:
+        cfg["lens"] = draw_form_lens(rng, cap, cfg["B"])
     elif cap >= 1 and rng.random() < 0.1:
         cfg["seqlens_int"] = True
     if snew and rng.random() < 0.4:

@@ -17,8 +17,6 @@ equal. Inputs are fresh each run (seed printed on failure, FASTATTN_TEST_SEED=<s
 Sizes are small but for one 131072-key sequence; the module runs in well under a minute on an H200.
 """
 
-import os
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -27,8 +25,8 @@ from fastattn import _C  # noqa: E402
 from fastattn import flash_attn_varlen_func  # noqa: E402
 
 import gpu_reference as R  # noqa: E402
-from gpu_helpers import (capture_or_xfail, cumsum0, i32, nan_full, randn, run_random_scenarios,  # noqa: E402
-                         stream_ptr)
+from gpu_helpers import (RANDOM_SCENARIOS, capture_or_xfail, cumsum0, i32, nan_full, randn,  # noqa: E402
+                         run_random_scenarios, stream_ptr)
 import test_prefill as P  # noqa: E402  (its helpers; importing it runs no test)
 import test_kvcache_gpu as KV  # noqa: E402  (its form grids; importing it runs no test)
 
@@ -454,9 +452,6 @@ def test_cuda_graph(seed, addressing):
 
 # ---- random scenarios ------------------------------------------------------------------------------
 
-# Scenarios per run of test_varlen_decode_random_scenarios (FASTATTN_RANDOM_SCENARIOS raises it).
-RANDOM_SCENARIOS = int(os.environ.get("FASTATTN_RANDOM_SCENARIOS", "24"))
-
 
 def draw_scenario(rng, sms):
     """Knobs of one decode-shaped varlen call, drawn from the whole option space: about a third on
@@ -471,8 +466,7 @@ def draw_scenario(rng, sms):
         g = KV.draw_form_grid(rng, sms)
         cap = g["cache_len"]
         cfg.update(hq=g["Hq"], hkv=g["Hkv"], d=g["D"], page=rng.choice([16, 16, 64, 1]),
-                   lens=[cap] + [rng.randint(0, cap if rng.random() < 0.2 else min(cap, 300))
-                                 for _ in range(g["B"] - 1)])
+                   lens=KV.draw_form_lens(rng, cap, g["B"]))
         rng.shuffle(cfg["lens"])
         cfg["lq"] = None
     else:
