@@ -1,0 +1,151 @@
+"""The decode suite's rows across several runs: ``python -m fastattn.bench.decode_across_runs FILE...``.
+
+One run of ``python -m fastattn.bench --device cuda --suite decode`` is one machine at one time.
+The H200s of the device pool read memory up to ~3% faster or slower than one another, and where
+fastattn and SDPA cuDNN both read at the memory roofline their time ratio moves by ~0.5% between
+runs, so one run says little about a row near 1.00x. This reads the JSON files such runs wrote
+(``bench/results/bench_cuda_*.json`` with a ``decode`` list) and prints, per shape:
+
+- the median over the runs of each run's median time: fastattn contiguous, fastattn paged16 and
+  SDPA cuDNN (µs);
+- the range over the runs of cuDNN time / fastattn time (> 1: fastattn faster), contiguous and
+  paged16, and in how many runs that ratio was <= 1.00 (the suite's check (2) failed there);
+- the range of paged16 time / contiguous time (check (3) asks <= 1.05);
+
+then one line per run: its file, date, GPU (the UUID's last 8 hex digits), copy bandwidth and how
+many of its figures were faster than cuDNN. Shapes a run skipped or could not time are left out of
+that run's figures; a shape's line says over how many runs it is taken.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+from .gpu_decode import ACCEPT_PAGED_TIME_RATIO, ACCEPT_VS_CUDNN, CONTIG, PAGED
+
+CUDNN = "sdpa-cudnn"
+RATIOS = (("contiguous", CONTIG), ("paged16", PAGED))
+
+
+def load_runs(paths):
+    """[(path, run dict)] for the given JSON files, in order. A file that is not a decode suite's
+    output (no ``decode`` list) raises ValueError naming it."""
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            try:
+                run = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError("%s: not JSON (%s)" % (path, e)) from None
+        if not isinstance(run, dict) or not isinstance(run.get("decode"), list):
+            raise ValueError("%s: expected the JSON of a decode suite run (a 'decode' list of rows), "
+                             "found %s" % (path, "keys " + ", ".join(sorted(run)) if isinstance(run, dict)
+                                           else type(run).__name__))
+        runs.append((path, run))
+    return runs
+
+
+def _time(rec, key):
+    info = rec.get("impls", {}).get(key) or {}
+    return info.get("s")
+
+
+def _shape_key(rec):
+    return (rec["dtype"], rec["head_dim"], rec["heads_q"], rec["heads_kv"], rec["batch"], rec["cache_len"])
+
+
+def across_runs(runs):
+    """Per shape, in the order the runs first list them: {"name", "runs" (how many runs timed all
+    three implementations), "us": {impl: median of the runs' medians}, "vs_cudnn": {variant: (min,
+    max)}, "behind": {variant: runs with cuDNN time / fastattn time <= 1.00}, "paged_over_contig":
+    (min, max)}."""
+    shapes = {}
+    for _, run in runs:
+        for rec in run["decode"]:
+            if rec.get("skipped"):
+                continue
+            times = {k: _time(rec, k) for k in (CONTIG, PAGED, CUDNN)}
+            if any(t is None for t in times.values()):
+                continue
+            row = shapes.setdefault(_shape_key(rec), {"name": rec["name"], "times": []})
+            row["times"].append(times)
+    out = []
+    for row in shapes.values():
+        times = row["times"]
+        ratios = {var: [t[CUDNN] / t[key] for t in times] for var, key in RATIOS}
+        paged_over = [t[PAGED] / t[CONTIG] for t in times]
+        out.append({
+            "name": row["name"],
+            "runs": len(times),
+            "us": {k: 1e6 * statistics.median(t[k] for t in times) for k in (CONTIG, PAGED, CUDNN)},
+            "vs_cudnn": {var: (min(r), max(r)) for var, r in ratios.items()},
+            "behind": {var: sum(1 for x in r if x <= ACCEPT_VS_CUDNN) for var, r in ratios.items()},
+            "paged_over_contig": (min(paged_over), max(paged_over)),
+        })
+    return out
+
+
+def run_line(path, run):
+    """One run's file, date, GPU, copy bandwidth and its check (2) count."""
+    s = run.get("decode_summary") or {}
+    c = s.get("vs_cudnn") or {}
+    ahead = ("%d of %d figures faster than cuDNN" % (c["n"] - len(c["failing"]), c["n"])
+             if "n" in c and "failing" in c else "no check (2) in its summary")
+    copy = s.get("copy_tbps")
+    uuid = (run.get("machine") or {}).get("gpu_uuid") or ""
+    return "- %s: %s, GPU %s, copy %s, %s" % (
+        os.path.basename(path), run.get("date", "?"), uuid.replace("-", "")[-8:] or "?",
+        "%.2f TB/s" % copy if copy else "?", ahead)
+
+
+def format_across_runs(rows, runs):
+    """The markdown table and the per-run lines."""
+    n = len(runs)
+    lines = ["| shape | runs | contiguous µs | paged16 µs | cuDNN µs | cuDNN / contiguous | behind | "
+             "cuDNN / paged16 | behind | paged16 / contiguous |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rc, rp, po = r["vs_cudnn"]["contiguous"], r["vs_cudnn"]["paged16"], r["paged_over_contig"]
+        lines.append("| %s | %d | %.1f | %.1f | %.1f | %.3f-%.3fx | %d | %.3f-%.3fx | %d | %.3f-%.3fx |" % (
+            r["name"], r["runs"], r["us"][CONTIG], r["us"][PAGED], r["us"][CUDNN], rc[0], rc[1],
+            r["behind"]["contiguous"], rp[0], rp[1], r["behind"]["paged16"], po[0], po[1]))
+    behind_any = sum(1 for r in rows for v in ("contiguous", "paged16") if r["behind"][v])
+    behind_all = [(r["name"], v) for r in rows for v in ("contiguous", "paged16")
+                  if r["runs"] == n and r["behind"][v] == n]
+    over = [r["name"] for r in rows if r["paged_over_contig"][1] > ACCEPT_PAGED_TIME_RATIO]
+    lines += ["",
+              "µs: the median over the runs of each run's median time. cuDNN / x: the range over the "
+              "runs of SDPA cuDNN's time / fastattn's (> 1: fastattn faster); behind: runs where it "
+              "was <= %.2f." % ACCEPT_VS_CUDNN,
+              "%d runs; %d of %d figures behind in at least one run; behind in every run: %s; paged16 / "
+              "contiguous above %.2fx in some run: %s." % (
+                  n, behind_any, 2 * len(rows),
+                  ", ".join("%s %s" % (v, name) for name, v in behind_all) or "none",
+                  ACCEPT_PAGED_TIME_RATIO, ", ".join(over) or "none"),
+              ""]
+    lines += [run_line(p, run) for p, run in runs]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m fastattn.bench.decode_across_runs",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("files", nargs="+", help="JSON files written by the decode suite")
+    ap.add_argument("--out", default=None, help="also write the table to this file")
+    args = ap.parse_args(argv)
+    try:
+        runs = load_runs(args.files)
+    except (OSError, ValueError) as e:
+        print("error: %s" % e, file=sys.stderr)
+        return 2
+    text = format_across_runs(across_runs(runs), runs)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
