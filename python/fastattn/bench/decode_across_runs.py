@@ -23,6 +23,7 @@ import statistics
 import sys
 
 from .gpu_decode import ACCEPT_PAGED_TIME_RATIO, ACCEPT_VS_CUDNN, CONTIG, PAGED
+from .gpu_prefill import _ratio, _s
 
 CUDNN = "sdpa-cudnn"
 RATIOS = (("contiguous", CONTIG), ("paged16", PAGED))
@@ -46,11 +47,6 @@ def load_runs(paths):
     return runs
 
 
-def _time(rec, key):
-    info = rec.get("impls", {}).get(key) or {}
-    return info.get("s")
-
-
 def _shape_key(rec):
     return (rec["dtype"], rec["head_dim"], rec["heads_q"], rec["heads_kv"], rec["batch"], rec["cache_len"])
 
@@ -65,7 +61,7 @@ def across_runs(runs):
         for rec in run["decode"]:
             if rec.get("skipped"):
                 continue
-            times = {k: _time(rec, k) for k in (CONTIG, PAGED, CUDNN)}
+            times = {k: _s(rec, k) for k in (CONTIG, PAGED, CUDNN)}
             if any(t is None for t in times.values()):
                 continue
             row = shapes.setdefault(_shape_key(rec), {"name": rec["name"], "times": []})
@@ -73,7 +69,7 @@ def across_runs(runs):
     out = []
     for row in shapes.values():
         times = row["times"]
-        ratios = {var: [t[CUDNN] / t[key] for t in times] for var, key in RATIOS}
+        ratios = {var: [_ratio(t[key], t[CUDNN]) for t in times] for var, key in RATIOS}
         paged_over = [t[PAGED] / t[CONTIG] for t in times]
         out.append({
             "name": row["name"],
