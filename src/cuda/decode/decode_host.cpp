@@ -204,7 +204,7 @@ bool pair_clusters_pay(const check::ArgChecker& c, const DecodeParams& p, std::i
   DecodeParams per_head = p;
   per_head.kv_heads_per_cta = 1;
   const int head_splits = decode_num_splits(c, per_head, 0, max_keys);
-  const std::int64_t head_ctas = std::int64_t(head_splits) * p.batch * p.heads_kv;  // one row block (pair-sized rows)
+  const std::int64_t head_ctas = head_splits * head_block_ctas(p, 1);  // one row block (pair-sized rows)
   const bool head_combines = head_splits > 1 && !decode_cluster_merge_applies(true, head_splits, head_ctas, sm_count);
   const std::int64_t pairs = head_block_ctas(p, kDecodeHeadPair);
   const std::int64_t tiles = key_tiles(max_keys);
