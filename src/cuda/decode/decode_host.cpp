@@ -173,9 +173,6 @@ bool fills_one_wave(std::int64_t items, std::int64_t wave) { return 16 * items >
 /// 64-key tiles of a sequence of `max_keys` keys.
 std::int64_t key_tiles(std::int64_t max_keys) { return (max_keys + kDecodeBlockN - 1) / kDecodeBlockN; }
 
-/// CTAs per split of a form whose CTA takes `heads` KV heads of one sequence: batch x heads_kv / heads.
-std::int64_t head_block_ctas(const DecodeParams& p, int heads) { return std::int64_t(p.batch) * (p.heads_kv / heads); }
-
 /// Key splits of a head-pair or head-quad grid of `form_ctas` CTAs per split over `tiles` tiles:
 /// the most, up to kMaxClusterSplits, that merge in clusters on `sm_count` SMs
 /// (decode_cluster_merge_applies: on at most half the SMs, or 2 on at most one CTA per SM) with

@@ -269,8 +269,8 @@ void run_decode(const DecodeParams& params, void* stream_ptr) {
   // bench/NOTES.md). Session 5 had seen such a grid 0.9 us slower, at batch 8 / 1k with the first
   // cluster merge, which that split count no longer takes. Not for a num_splits the caller fixed
   // (see DecodeParams::splits_fixed). FASTATTN_DECODE_CLUSTER=0 keeps the combine kernel.
-  const std::int64_t ctas = std::int64_t(p.num_splits) * (p.heads_kv / p.kv_heads_per_cta) * p.batch *
-                            decode_row_blocks(p.group, p.seqlen_q);
+  const std::int64_t ctas =
+      p.num_splits * head_block_ctas(p, p.kv_heads_per_cta) * decode_row_blocks(p.group, p.seqlen_q);
   p.cluster_combine = !p.splits_fixed && !p.head_group &&
                       decode_cluster_merge_applies(p.sm90_kernel, p.num_splits, ctas, info.sm_count);
   p.quarter_min_slots = decode_quarter_min_slots(p);

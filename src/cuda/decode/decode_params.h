@@ -176,6 +176,12 @@ constexpr int decode_row_blocks(int group, int seqlen_q) {
   return (group * seqlen_q + kDecodeRowsPerCta - 1) / kDecodeRowsPerCta;
 }
 
+/// CTAs per split and row block of a form whose CTA takes `heads` KV heads of one sequence:
+/// batch x heads_kv / heads.
+inline std::int64_t head_block_ctas(const DecodeParams& p, int heads) {
+  return std::int64_t(p.batch) * (p.heads_kv / heads);
+}
+
 /// The most splits merged inside one cluster (the portable cluster size).
 constexpr int kMaxClusterSplits = 8;
 /// Whether a grid of `ctas` CTAs over `num_splits` heuristic splits merges them inside thread-block
