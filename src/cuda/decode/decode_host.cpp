@@ -197,6 +197,12 @@ int decode_form_splits(std::int64_t form_ctas, std::int64_t tiles, int sm_count)
 ///   tiles), GQA 8 batch 4 / 2k and MHA batch 1 / 2k 6% / 14-16%, GQA 8 batch 2 / 8k 11% / 22%. On
 ///   128 SMs (GQA 8 batch 16, MHA batch 4: pairs in clusters of 2 against 128 unsplit per-head
 ///   CTAs) 7-15% slower at 1k-2k; at head_dim 128, 5-15% slower.
+/// Session 44 (head_dim 64): where the pair replaces the combine kernel, its grid must hold more
+/// than a quarter of the SMs (kDecodeHeadPairClusterMinSmShare): the 32 pair CTAs of GQA 8 batch 1
+/// were 15-35% slower than the per-head plan at 1k-16k, both layouts. On a contiguous cache at
+/// head_dim <= kDecodeHeadPairSameGridMaxHeadDim the pair's CTAs may stream any number of tiles:
+/// 64-tile CTAs were 2-3% faster than the per-head combine (GQA 8 batch 4 / 16k, MHA batch 1 /
+/// 16k), 128-tile ones 1.7% (MHA batch 1 / 32k); on pages of 16 the same were 5-7% slower.
 bool pair_clusters_pay(const check::ArgChecker& c, const DecodeParams& p, std::int64_t max_keys, int sm_count) {
   DecodeParams per_head = p;
   per_head.kv_heads_per_cta = 1;
@@ -208,7 +214,9 @@ bool pair_clusters_pay(const check::ArgChecker& c, const DecodeParams& p, std::i
   const int pair_splits = decode_form_splits(pairs, tiles, sm_count);
   if (pair_splits < 2) return false;
   const std::int64_t pair_ctas = pair_splits * pairs;
-  const bool replaces_combine = head_combines && (tiles + pair_splits - 1) / pair_splits <= kDecodeClusterMaxTilesPerCta;
+  const bool any_length = p.head_dim <= kDecodeHeadPairSameGridMaxHeadDim && p.page_size == 0;
+  const bool replaces_combine = head_combines && kDecodeHeadPairClusterMinSmShare * pair_ctas > sm_count &&
+                                (any_length || (tiles + pair_splits - 1) / pair_splits <= kDecodeClusterMaxTilesPerCta);
   const bool same_grid =
       p.head_dim <= kDecodeHeadPairSameGridMaxHeadDim && pair_ctas == head_ctas && 2 * head_ctas <= sm_count;
   return replaces_combine || same_grid;
@@ -326,18 +334,17 @@ int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int req
   int splits = core::choose_num_splits_if_paying(items, max_keys, wave, kDecodeMinKeysPerSplit,
                                                   kDecodeMaxHeuristicSplits, kDecodeBlockN, decode_split_cost_blocks(sm90));
   // Fewer splits whose grid merges inside clusters, when that grid still has the bandwidth
-  // (kDecodeClusterMaxTilesPerCta).
+  // (decode_cluster_max_tiles_per_cta).
   const std::int64_t cluster_splits = std::min<std::int64_t>(kMaxClusterSplits, info.sm_count / (2 * items));
   const std::int64_t tiles = key_tiles(max_keys);
   if (cluster_splits >= 2 && cluster_splits < splits &&
       !decode_cluster_merge_applies(sm90, splits, items * splits, info.sm_count) &&
       decode_cluster_merge_applies(sm90, int(cluster_splits), items * cluster_splits, info.sm_count) &&
-      (tiles + cluster_splits - 1) / cluster_splits <= kDecodeClusterMaxTilesPerCta)
+      (tiles + cluster_splits - 1) / cluster_splits <= decode_cluster_max_tiles_per_cta(p.head_dim, p.page_size))
     splits = int(cluster_splits);
   // Small paged boxes: a count that needs the combine kernel anyway fills two CTAs per SM
   // (kDecodeSmallBoxMaxHeadDim).
-  const bool small_boxes = sm90 && p.head_dim <= kDecodeSmallBoxMaxHeadDim && p.page_size > 0 &&
-                           p.page_size <= kDecodeSmallBoxMaxPageSize;
+  const bool small_boxes = sm90 && decode_small_paged_boxes(p.head_dim, p.page_size);
   if (small_boxes && splits > 1 && !decode_cluster_merge_applies(sm90, splits, items * splits, info.sm_count))
     splits = int(std::min<std::int64_t>(
         {2 * std::int64_t(splits), max_keys / kDecodeMinKeysPerSplit, kDecodeMaxHeuristicSplits}));

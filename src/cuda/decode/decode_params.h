@@ -201,7 +201,8 @@ inline bool decode_cluster_merge_applies(bool sm90_kernel, int num_splits, std::
 /// (CUDA-graph replay, bench/NOTES.md): batch 1 / 8k GQA 8 in 8 clustered splits (16 tiles each)
 /// 15.4 -> 14.2 us, batch 2 / 1k in 4 (4 tiles) 9.8 -> 8.1, batch 2 / 8k in 4 (32 tiles) 23.4 ->
 /// 22.0, MHA batch 1 / 1k in 2 (8 tiles) 11.1 -> 10.3; but MHA batch 1 / 8k in 2 (64 tiles) 38.5
-/// -> 39.2 and 1 / 32k worse still: fewer CTAs stream less of the bandwidth.
+/// -> 39.2 and 1 / 32k worse still: fewer CTAs stream less of the bandwidth. Head_dim 64 and
+/// below take a shorter bound (decode_cluster_max_tiles_per_cta).
 constexpr int kDecodeClusterMaxTilesPerCta = 32;
 
 /// CTAs of the attention kernel resident per SM: shared memory allows two at head_dim <= 128,
@@ -306,6 +307,24 @@ constexpr int kDecodeHeadPairMultiWaveMaxHeadDim = 64;
 /// (bench/NOTES.md, session 34).
 constexpr int kDecodeSmallBoxMaxHeadDim = 64;
 constexpr int kDecodeSmallBoxMaxPageSize = 16;
+/// Whether a cache of `page_size` slots per page (0: contiguous) at `head_dim` has those small
+/// paged boxes.
+constexpr bool decode_small_paged_boxes(int head_dim, int page_size) {
+  return head_dim <= kDecodeSmallBoxMaxHeadDim && page_size > 0 && page_size <= kDecodeSmallBoxMaxPageSize;
+}
+
+/// The split heuristic's bound on the 64-key tiles a CTA streams when it takes fewer splits merged
+/// in clusters over more that need the combine kernel: kDecodeClusterMaxTilesPerCta above head_dim
+/// 64; at head_dim <= kDecodeSmallBoxMaxHeadDim 16 tiles, and 8 on small paged boxes. On the H200
+/// at head_dim 64 (bench/NOTES.md, session 44; GQA 8 batch 1-4 and MHA batch 1 at 1k-16k, the
+/// clustered plan against the combine kernel's counts) clusters were 0.6-5% faster contiguous at
+/// 16 tiles and 4-8% slower at 32; on pages of 16, 7-15% faster at 8 tiles and 3-8% slower at 16
+/// (17-24% at 32).
+constexpr int decode_cluster_max_tiles_per_cta(int head_dim, int page_size) {
+  return head_dim > kDecodeSmallBoxMaxHeadDim          ? kDecodeClusterMaxTilesPerCta
+         : decode_small_paged_boxes(head_dim, page_size) ? 8
+                                                         : 16;
+}
 
 /// Grids of the head-pair and head-quad forms smaller than a wave split their keys, merged in
 /// clusters (decode_form_splits), into CTAs of at least this many 64-key tiles. On the H200 at
@@ -317,6 +336,9 @@ constexpr int kDecodeFormClusterMinTiles = 8;
 /// as the per-head kernel's, on at most half the SMs (pages of 16: 9-22% faster at head_dim 64;
 /// 5-15% slower at 128; on 128 SMs in clusters of 2, up to 15% slower at 1k-2k).
 constexpr int kDecodeHeadPairSameGridMaxHeadDim = 64;
+/// Where the clustered head pair replaces the per-head plan's combine kernel, its grid holds more
+/// than 1 / kDecodeHeadPairClusterMinSmShare of the SMs (decode_host.cpp, pair_clusters_pay).
+constexpr int kDecodeHeadPairClusterMinSmShare = 4;
 
 /// Whether p's shape fits the head-pair form on a device that runs the sm_90 kernel: head_dim 64 or
 /// 128 (decode_head_pair_head_dim), an even heads_kv and at most 8 packed query rows per KV head.
