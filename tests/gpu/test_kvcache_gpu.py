@@ -600,6 +600,22 @@ def test_split_heuristic_doubles_on_small_paged_boxes(seed, head_dim, page, doub
     assert heuristic_splits(case, 1, 32, head_dim) == (32 if doubled else 16)
 
 
+@pytest.mark.parametrize("head_dim,cache_len,page,splits", [
+    (64, 4096, 16, 8), (64, 8192, 16, 32), (64, 8192, None, 8), (64, 16384, None, 16), (64, 16384, 16, 32),
+    (128, 8192, 16, 8), (128, 16384, None, 8)])
+def test_split_heuristic_cluster_bound_by_head_dim(seed, head_dim, cache_len, page, splits):
+    """num_splits=0 on an sm_90 GPU with 132 SMs (README): batch 1 with 8 KV heads takes 8 splits
+    merged in clusters while each CTA streams at most 32 key tiles at head_dim 128, 16 at head_dim 64,
+    and 8 at head_dim 64 on pages of 16; past that the one-wave count, 16 (doubled to 32 on the small
+    paged boxes). Read off the workspace; the answer checked against the float32 reference."""
+    if torch.cuda.get_device_capability() != (9, 0) or torch.cuda.get_device_properties(DEV).multi_processor_count != 132:
+        pytest.skip("the sm_90 kernel's heuristic on 132 SMs")
+    case = build_case(seed, torch.bfloat16, dict(B=1, Hq=32, Hkv=8, D=head_dim, cache_len=cache_len, Snew=0,
+                                                 lens=[cache_len], page=page))
+    run_case(case)
+    assert heuristic_splits(case, 1, 32, head_dim) == splits
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "paged16"])
 def test_fixed_num_splits_invariant_across_grid_sizes(seed, layout):
     """A fixed num_splits (4) gives the same bits at batch 1 (a grid small enough for the cluster
@@ -968,9 +984,11 @@ def test_kv_heads_per_cta_is_taken(seed, monkeypatch):
     - else the head-pair form (2) where batch x heads_kv / 2 CTAs fill 15/16 of the SMs to all of
       them (at head_dim 64: at least 15/16 of them) and the cache holds at least 8192 slots;
     - or where the pair's splits merged in clusters (CTAs of >= 8 tiles) replace the per-head plan's
-      combine kernel with CTAs of <= 32 tiles (batch 4 / 8k), or at head_dim 64 give as many CTAs
-      as the per-head plan on at most half the SMs (batch 8 / 1k); not with clusters off, on 128
-      CTAs (batch 16 / 1k), for CTAs of 4 tiles (batch 2 / 2k) or 128 (batch 4 / 32k);
+      combine kernel with CTAs of <= 32 tiles (batch 4 / 8k; at head_dim 64 on a contiguous cache
+      any length: batch 4 / 32k), on more than a quarter of the SMs (not batch 1 / 8k paged at
+      head_dim 64, 32 pair CTAs), or at head_dim 64 give as many CTAs as the per-head plan on at
+      most half the SMs (batch 8 / 1k); not with clusters off, on 128 CTAs (batch 16 / 1k), for
+      CTAs of 4 tiles (batch 2 / 2k) or 128 on pages (batch 4 / 32k paged);
     - else the per-head kernel (1); and FASTATTN_DECODE_HEAD_QUAD / _PAIR at "0" never take their
       form, at "1" always where it fits.
     Each answer is checked against the float32 reference. (The grids of several waves have short
@@ -993,7 +1011,8 @@ def test_kv_heads_per_cta_is_taken(seed, monkeypatch):
             (waves4, 64, 8208, 16, quad_off, 2), (3, 64, 1000, None, {"FASTATTN_DECODE_HEAD_QUAD": "1"}, 4),
             (8, 64, 1024, 16, {}, 2), (8, 128, 1024, None, {}, 1), (8, 64, 1024, None, pair_off, 1),
             (8, 64, 1024, None, {"FASTATTN_DECODE_CLUSTER": "0"}, 1), (4, 64, 8192, None, {}, 2),
-            (4, 128, 8192, None, {}, 2), (4, 64, 32768, None, {}, 1), (2, 64, 2048, None, {}, 1),
+            (4, 128, 8192, None, {}, 2), (4, 64, 32768, None, {}, 2), (4, 64, 32768, 16, {}, 1),
+            (4, 128, 32768, None, {}, 1), (1, 64, 8192, 16, {}, 1), (2, 64, 2048, None, {}, 1),
             (16, 64, 1024, None, {}, 1)):
         longest = cache_len if b <= full else 300
         lens = [cache_len] + [seed.randint(0, longest) for _ in range(b - 1)]

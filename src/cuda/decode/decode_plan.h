@@ -59,9 +59,10 @@ int decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p,
 ///   kDecodeHeadPairMultiWaveMaxHeadDim: at least 15/16 of one wave) and `max_keys` is at least
 ///   kDecodeHeadPairMinKeys, or the call may split (`may_split`: a workspace for the splits'
 ///   states) and the pair's splits merged in clusters (decode_form_splits) either replace the per-head
-///   plan's combine kernel with CTAs of at most kDecodeClusterMaxTilesPerCta tiles, or (at head_dim
-///   <= kDecodeHeadPairSameGridMaxHeadDim) make a grid of as many CTAs as the per-head plan's, on at
-///   most half the SMs;
+///   plan's combine kernel on more than 1 / kDecodeHeadPairClusterMinSmShare of the SMs with CTAs of
+///   at most kDecodeClusterMaxTilesPerCta tiles (at head_dim <= kDecodeHeadPairSameGridMaxHeadDim on
+///   a contiguous cache, of any length), or (at head_dim <= kDecodeHeadPairSameGridMaxHeadDim) make a
+///   grid of as many CTAs as the per-head plan's, on at most half the SMs;
 /// - else 1. A switch at "0" never takes its form.
 int decode_kv_heads_per_cta(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys,
                             bool may_split);
@@ -71,7 +72,7 @@ int decode_kv_heads_per_cta(const check::ArgChecker& c, const DecodeParams& p, i
 /// CTA per SM for the sm_90 kernel, two for the cp.async kernel at head_dim <= 128), at least two
 /// 64-key tiles per split (kDecodeMinKeysPerSplit), at most kDecodeMaxHeuristicSplits (128), kept
 /// only when it pays (decode_split_cost_blocks); then fewer splits when those merge inside clusters
-/// and the one-wave count would not (kDecodeClusterMaxTilesPerCta); on small paged boxes
+/// and the one-wave count would not (decode_cluster_max_tiles_per_cta); on small paged boxes
 /// (kDecodeSmallBoxMaxHeadDim), twice a count that still needs the combine kernel. The head-pair
 /// and head-quad forms take decode_form_splits (decode_host.cpp: the most splits, up to
 /// kMaxClusterSplits, that merge in clusters) unless `requested`.
