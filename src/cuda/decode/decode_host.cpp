@@ -199,10 +199,12 @@ int decode_form_splits(std::int64_t form_ctas, std::int64_t tiles, int sm_count)
 ///   CTAs) 7-15% slower at 1k-2k; at head_dim 128, 5-15% slower.
 /// Session 44 (head_dim 64): where the pair replaces the combine kernel, its grid must hold more
 /// than a quarter of the SMs (kDecodeHeadPairClusterMinSmShare): the 32 pair CTAs of GQA 8 batch 1
-/// were 15-35% slower than the per-head plan at 1k-16k, both layouts. On a contiguous cache at
+/// were 13-40% slower than the per-head plan at 1k-16k, both layouts. On a contiguous cache at
 /// head_dim <= kDecodeHeadPairSameGridMaxHeadDim the pair's CTAs may stream any number of tiles:
-/// 64-tile CTAs were 2-3% faster than the per-head combine (GQA 8 batch 4 / 16k, MHA batch 1 /
-/// 16k), 128-tile ones 1.7% (MHA batch 1 / 32k); on pages of 16 the same were 5-7% slower.
+/// against the per-head plan's combine kernel, 64-tile CTAs were 2-3% faster in one sweep (GQA 8
+/// batch 4 / 16k, MHA batch 1 / 16k) and 128-tile ones 1.7% in another (MHA batch 1 / 32k), and in
+/// the planner's A/B 3.1-5.4% (GQA 8 batch 2-4 and MHA batch 1, 16k-32k); on pages of 16 the same
+/// were 5-7% slower.
 bool pair_clusters_pay(const check::ArgChecker& c, const DecodeParams& p, std::int64_t max_keys, int sm_count) {
   DecodeParams per_head = p;
   per_head.kv_heads_per_cta = 1;

@@ -317,9 +317,9 @@ constexpr bool decode_small_paged_boxes(int head_dim, int page_size) {
 /// in clusters over more that need the combine kernel: kDecodeClusterMaxTilesPerCta above head_dim
 /// 64; at head_dim <= kDecodeSmallBoxMaxHeadDim 16 tiles, and 8 on small paged boxes. On the H200
 /// at head_dim 64 (bench/NOTES.md, session 44; GQA 8 batch 1-4 and MHA batch 1 at 1k-16k, the
-/// clustered plan against the combine kernel's counts) clusters were 0.6-5% faster contiguous at
-/// 16 tiles and 4-8% slower at 32; on pages of 16, 7-15% faster at 8 tiles and 3-8% slower at 16
-/// (17-24% at 32).
+/// clustered plan against the combine kernel's best count) clusters were 0.6-5.4% faster
+/// contiguous at 16 tiles and 4.9-7.8% slower at 32; on pages of 16, 7.0-13.6% faster at 8 tiles
+/// and 2.8-8.7% slower at 16 (19.7-25.9% at 32).
 constexpr int decode_cluster_max_tiles_per_cta(int head_dim, int page_size) {
   return head_dim > kDecodeSmallBoxMaxHeadDim          ? kDecodeClusterMaxTilesPerCta
          : decode_small_paged_boxes(head_dim, page_size) ? 8
