@@ -200,7 +200,7 @@ int decode_form_splits(std::int64_t form_ctas, std::int64_t tiles, int sm_count)
 /// Session 44 (head_dim 64): where the pair replaces the combine kernel, its grid must hold more
 /// than a quarter of the SMs (kDecodeHeadPairClusterMinSmShare): the 32 pair CTAs of GQA 8 batch 1
 /// were 13-40% slower than the per-head plan at 1k-16k, both layouts. On a contiguous cache at
-/// head_dim <= kDecodeHeadPairSameGridMaxHeadDim the pair's CTAs may stream any number of tiles:
+/// head_dim <= kDecodeHeadPairLongClustersMaxHeadDim the pair's CTAs may stream any number of tiles:
 /// against the per-head plan's combine kernel, 64-tile CTAs were 2-3% faster in one sweep (GQA 8
 /// batch 4 / 16k, MHA batch 1 / 16k) and 128-tile ones 1.7% in another (MHA batch 1 / 32k), and in
 /// the planner's A/B 3.1-5.4% (GQA 8 batch 2-4 and MHA batch 1, 16k-32k); on pages of 16 the same
@@ -216,7 +216,7 @@ bool pair_clusters_pay(const check::ArgChecker& c, const DecodeParams& p, std::i
   const int pair_splits = decode_form_splits(pairs, tiles, sm_count);
   if (pair_splits < 2) return false;
   const std::int64_t pair_ctas = pair_splits * pairs;
-  const bool any_length = p.head_dim <= kDecodeHeadPairSameGridMaxHeadDim && p.page_size == 0;
+  const bool any_length = p.head_dim <= kDecodeHeadPairLongClustersMaxHeadDim && p.page_size == 0;
   const bool replaces_combine = head_combines && kDecodeHeadPairClusterMinSmShare * pair_ctas > sm_count &&
                                 (any_length || (tiles + pair_splits - 1) / pair_splits <= kDecodeClusterMaxTilesPerCta);
   const bool same_grid =

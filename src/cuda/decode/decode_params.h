@@ -337,8 +337,11 @@ constexpr int kDecodeFormClusterMinTiles = 8;
 /// 5-15% slower at 128; on 128 SMs in clusters of 2, up to 15% slower at 1k-2k).
 constexpr int kDecodeHeadPairSameGridMaxHeadDim = 64;
 /// Where the clustered head pair replaces the per-head plan's combine kernel, its grid holds more
-/// than 1 / kDecodeHeadPairClusterMinSmShare of the SMs (decode_host.cpp, pair_clusters_pay).
+/// than 1 / kDecodeHeadPairClusterMinSmShare of the SMs, and up to head_dim
+/// kDecodeHeadPairLongClustersMaxHeadDim on a contiguous cache its CTAs may stream any number of
+/// tiles (decode_host.cpp, pair_clusters_pay, says what was measured).
 constexpr int kDecodeHeadPairClusterMinSmShare = 4;
+constexpr int kDecodeHeadPairLongClustersMaxHeadDim = 64;
 
 /// Whether p's shape fits the head-pair form on a device that runs the sm_90 kernel: head_dim 64 or
 /// 128 (decode_head_pair_head_dim), an even heads_kv and at most 8 packed query rows per KV head.

@@ -60,8 +60,8 @@ int decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p,
 ///   kDecodeHeadPairMinKeys, or the call may split (`may_split`: a workspace for the splits'
 ///   states) and the pair's splits merged in clusters (decode_form_splits) either replace the per-head
 ///   plan's combine kernel on more than 1 / kDecodeHeadPairClusterMinSmShare of the SMs with CTAs of
-///   at most kDecodeClusterMaxTilesPerCta tiles (at head_dim <= kDecodeHeadPairSameGridMaxHeadDim on
-///   a contiguous cache, of any length), or (at head_dim <= kDecodeHeadPairSameGridMaxHeadDim) make a
+///   at most kDecodeClusterMaxTilesPerCta tiles (at head_dim <= kDecodeHeadPairLongClustersMaxHeadDim
+///   on a contiguous cache, of any length), or (at head_dim <= kDecodeHeadPairSameGridMaxHeadDim) make a
 ///   grid of as many CTAs as the per-head plan's, on at most half the SMs;
 /// - else 1. A switch at "0" never takes its form.
 int decode_kv_heads_per_cta(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys,
