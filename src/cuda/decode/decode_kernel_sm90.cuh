@@ -69,10 +69,24 @@ struct DecodeTmaParams {
   CUtensorMap k_map, v_map;
   int box_run_shift;  ///< log2(R), R = decode_tma_box_rows(page_size): divides 64 and the page size
   int box_blocks;     ///< 64-column blocks per box: kColBlocks, or 1 (see above)
-  /// 1 where every CTA of the grid runs at once (one wave): the producers then warm the first
-  /// chunk's translations too (decode_kernel_sm90's `warm`; the head-group kernel does not read it).
+  /// 1 where the producers warm the first chunk's translations too (decode_warms_first_chunk;
+  /// decode_kernel_sm90's `warm`; the head-group kernel does not read it).
   int warm_first_chunk = 0;
 };
+
+/// Whether a grid of `ctas` CTAs of kernel config Cfg warms its first chunk: only where every CTA
+/// runs at once (one wave), and with one head per CTA at head_dim <= 128 only where the grid has
+/// more CTAs than half the SMs. Why: on a wave of 128-256 CTAs that start together, dropping the
+/// first chunk's warm cost contiguous caches 0.2-3.0%; on the 64-CTA one-head grids of batch 1-4
+/// it only delays each CTA's first boxes: without it every such row measured ran 0.1-5.9% faster
+/// (head_dim 64 and 128, 1k-16k, both layouts). The head pair's 64-CTA grids were mixed (without
+/// it -2.3 to +1.8%) and keep it (bench/NOTES.md, session 46).
+template <class Cfg>
+bool decode_warms_first_chunk(std::int64_t ctas, int sm_count) {
+  if (ctas > std::int64_t(Cfg::kCtasPerSm) * sm_count) return false;
+  const bool small_one_head_grid = Cfg::kHeads == 1 && Cfg::kHeadDim <= 128 && 2 * ctas <= sm_count;
+  return !small_one_head_grid;
+}
 
 /// Shared memory one CTA may opt in to on sm_90 (227 KB).
 constexpr int kDecodeSm90MaxSmemBytes = 227 * 1024;
@@ -434,7 +448,7 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
     // 256-CTA 1k rows 0.3-0.8 us faster and the 8k rows 0.2-0.4% (batch 32 / 32k 0.2% slower). The
     // bulk (TMA) prefetch of the same bytes ran slower. The first chunk's only in a one-wave grid:
     // in MHA batch 128 / 1k (4096 CTAs of 16 tiles, a CTA starting whenever another ends) it cost
-    // 0.7% (bench/NOTES.md, session 26).
+    // 0.7% (bench/NOTES.md, session 26); and not in small one-head grids (decode_warms_first_chunk).
     const bool warm_first = __shfl_sync(0xffffffffu, tp.warm_first_chunk, 0) != 0;
     const auto* cache = static_cast<const std::uint16_t*>(is_k ? p.k_cache : p.v_cache);
     const std::int64_t page_stride = is_k ? p.k_batch_stride : p.v_batch_stride;
@@ -654,7 +668,7 @@ void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
   DecodeTmaParams tp;
   tp.p = p;
-  tp.warm_first_chunk = std::int64_t(grid.x) * grid.y * grid.z <= std::int64_t(Cfg::kCtasPerSm) * p.sm_count;
+  tp.warm_first_chunk = decode_warms_first_chunk<Cfg>(std::int64_t(grid.x) * grid.y * grid.z, p.sm_count);
   const int box_rows = decode_tma_box_rows(p.page_size);
   tp.box_run_shift = 0;
   while ((1 << tp.box_run_shift) < box_rows) ++tp.box_run_shift;
