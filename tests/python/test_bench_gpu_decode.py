@@ -390,3 +390,131 @@ def test_cli_decode_suite_on_fake_cuda(monkeypatch, tmp_path, capsys):
     assert rec["decode_summary_text"][0].startswith("### GPU decode summary")
     pngs = [p.name for p in tmp_path.glob("*.png")]
     assert pngs == [js.name[:-len(".json")] + "_decode.png"] or not pngs  # no matplotlib: none
+
+
+# ---- FlashInfer peers (gpu_decode_flashinfer.py) -----------------------------------------------
+
+
+@needs_torch
+def test_csr_from_block_table_ragged():
+    from fastattn.bench import gpu_decode_flashinfer as gf
+    page = 16
+    lens = [0, 1, 16, 17, 40]
+    table = torch.randint(0, 1000, (len(lens), 4), dtype=torch.int32)
+    indptr, indices, last = gf.csr_from_block_table(torch, table, torch.tensor(lens, dtype=torch.int32),
+                                                    page)
+    want_indices, want_indptr, want_last = [], [0], []
+    for b, n in enumerate(lens):
+        pages = -(-n // page)
+        want_indices += [int(x) for x in table[b, :pages]]
+        want_indptr.append(want_indptr[-1] + pages)
+        want_last.append(0 if n == 0 else n - (pages - 1) * page)
+    assert indptr.dtype == indices.dtype == last.dtype == torch.int32
+    assert indptr.tolist() == want_indptr == [0, 0, 1, 2, 4, 7]
+    assert indices.tolist() == want_indices
+    assert last.tolist() == want_last == [0, 1, 16, 1, 8]
+
+
+def _paged_attention_f32(q3, k_pages, v_pages, pages_of, lens, scale):
+    """Test-side reference over FlashInfer's page lists: q3 (B, Hq, D); pages_of(b) -> page ids."""
+    b_n, hq, d = q3.shape
+    hkv = k_pages.shape[2]
+    out = torch.empty(b_n, hq, d)
+    for b in range(b_n):
+        ids = torch.as_tensor(pages_of(b), dtype=torch.long)
+        k = k_pages[ids].reshape(-1, hkv, d)[:lens[b]].float()
+        v = v_pages[ids].reshape(-1, hkv, d)[:lens[b]].float()
+        for h in range(hq):
+            g = h // (hq // hkv)
+            p = torch.softmax(k[:, g] @ q3[b, h].float() * scale, 0)
+            out[b, h] = p @ v[:, g]
+    return out
+
+
+def _fake_flashinfer(tc_raises=True, xqa_scale_bug=True):
+    """A stand-in for the flashinfer module with the calls gpu_decode_flashinfer makes: the decode
+    wrapper computes from its planned page lists; the tensor-core wrapper's plan raises; XQA forgets
+    the softmax scale (a wrong peer the suite must refuse to time)."""
+    class Wrapper:
+        def __init__(self, workspace, layout, use_tensor_cores=False):
+            assert layout == "NHD" and workspace.dtype == torch.uint8
+            self.tc = use_tensor_cores
+
+        def plan(self, indptr, indices, last, hq, hkv, d, page, q_data_type=None,
+                 kv_data_type=None, sm_scale=None):
+            if self.tc and tc_raises:
+                raise RuntimeError("no tensor-core module (test)")
+            self.indptr, self.indices, self.last = indptr.tolist(), indices.tolist(), last.tolist()
+            self.page, self.scale = page, sm_scale
+
+        def run(self, q3, kv, out=None):
+            lens = [(self.indptr[b + 1] - self.indptr[b] - 1) * self.page + self.last[b]
+                    for b in range(q3.shape[0])]
+            y = _paged_attention_f32(q3, kv[0], kv[1],
+                                     lambda b: self.indices[self.indptr[b]:self.indptr[b + 1]],
+                                     lens, self.scale).to(q3.dtype)
+            if out is None:
+                return y
+            out.copy_(y)
+            return out
+
+    def xqa(q3, kv, workspace, table, lens, max_len, bmm1_scale=1.0, bmm2_scale=1.0,
+            kv_layout="NHD", out=None):
+        assert lens.dtype in (torch.int32, getattr(torch, "uint32", torch.int32))
+        n = lens.view(torch.int32).tolist()
+        y = _paged_attention_f32(q3, kv[0], kv[1], lambda b: table[b].tolist(), n,
+                                 1.0 if xqa_scale_bug else bmm1_scale).to(q3.dtype)
+        out.copy_(y)
+        return out
+
+    return types.SimpleNamespace(__version__="0.0-test", BatchDecodeWithPagedKVCacheWrapper=Wrapper,
+                                 decode=types.SimpleNamespace(xqa_batch_decode_with_kv_cache=xqa))
+
+
+@needs_torch
+def test_run_suite_with_flashinfer_peers(monkeypatch):
+    """--flashinfer: each peer checked against the reference on the paged16 pool, timed when
+    right, refused when wrong or failing; ratios, summary line and table."""
+    from fastattn.bench import gpu_decode_flashinfer as gf
+    monkeypatch.setattr(gd, "warm_gpu", lambda torch: None)
+    monkeypatch.setattr(gf, "load", lambda: _fake_flashinfer())
+    s = _tiny_settings(heads_kv=[8, 32], batches=[2], cache_lens=[48], flashinfer=True,
+                       max_cache_bytes=gd.MAX_CACHE_BYTES)
+    records, meta = gd.run_suite(_FakeTorch(), s, log=lambda *a, **k: None)
+    assert meta["flashinfer"] == {"version": "0.0-test", "peers": list(gd.FLASHINFER_PEERS)}
+    assert len(records) == 2
+    for r in records:
+        im = r["impls"]
+        dec = im["flashinfer-decode"]
+        assert dec["s"] > 0 and dec["tbps"] > 0 and dec["max_abs_err"] < 0.02, dec
+        assert r["ratios"]["paged16/flashinfer-decode"] == pytest.approx(dec["s"] / im[gd.PAGED]["s"])
+        assert im["flashinfer-tc"]["s"] is None and "no tensor-core module" in im["flashinfer-tc"]["error"]
+        assert r["ratios"]["paged16/flashinfer-tc"] is None
+        xq = im["flashinfer-xqa"]
+        assert xq["s"] is None and xq["error"].startswith("wrong output") and "runs" not in xq
+    assert gd.bad_records(records) == []  # a peer's failure is not fastattn's
+    summ = gd.summarize(records, meta["copy"]["tbps"], s.budget_s)
+    assert set(summ["vs_flashinfer"]) == set(gd.FLASHINFER_PEERS)
+    assert summ["vs_flashinfer"]["flashinfer-decode"]["n"] == 2
+    lines = "\n".join(gd.summary_lines(summ, "fake", "today", "cmd"))
+    assert "paged16 vs flashinfer-decode on the same page pool" in lines
+    assert "flashinfer-tc: no figures" in lines
+    table = gd.format_table(records, meta["copy"]["tbps"])
+    assert "fi-decode us" in table and "fi-xqa/pg" in table
+    json.dumps([records, meta, summ])
+
+
+@needs_torch
+def test_run_suite_flashinfer_missing(monkeypatch):
+    from fastattn.bench import gpu_decode_flashinfer as gf
+    monkeypatch.setattr(gd, "warm_gpu", lambda torch: None)
+
+    def missing():
+        raise ImportError("flashinfer unavailable: ModuleNotFoundError: test")
+    monkeypatch.setattr(gf, "load", missing)
+    s = _tiny_settings(heads_kv=[8], batches=[1], cache_lens=[32], flashinfer=True)
+    records, meta = gd.run_suite(_FakeTorch(), s, log=lambda *a, **k: None)
+    assert "unavailable" in meta["flashinfer"]["error"]
+    assert not any(k.startswith("flashinfer") for r in records for k in r["impls"])
+    assert "vs_flashinfer" not in gd.summarize(records, meta["copy"]["tbps"])
+    assert "fi-decode" not in gd.format_table(records)

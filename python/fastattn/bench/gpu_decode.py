@@ -44,6 +44,11 @@ against SDPA flash's output on the same data (or a float32 torch reference when 
 fastattn raising NotImplementedError (no CUDA kernel yet) is recorded as n/a; another failure or a
 non-finite output is recorded too and makes the benchmark exit with status 1 (bad_records).
 
+FlashInfer (``--flashinfer``, gpu_decode_flashinfer.py): its paged decode paths timed as further
+peers on the paged16 variant's own page pool, in the same rounds, checked against the same
+reference; a peer whose output is off by more than 5% of the reference's largest |value| is
+recorded as wrong and not timed. For information: the acceptance checks below do not use them.
+
 Acceptance (summarize / summary_lines): (1) fastattn paged16 >= 90% of the copy bandwidth on every
 row with B * L >= 262144 tokens; (2) fastattn paged16 and contiguous faster than SDPA cuDNN on
 every row; (3) paged16 time <= 1.05 x contiguous time on every row.
@@ -61,6 +66,7 @@ from .gpu_prefill import (Deadline, _cycle, _event_time, _f, _l2_bytes, _paged, 
                           _torch_dtype, apply_overrides, calls_per_round, error_vs_flash_line, finish_figure,
                           timing_noise_line, timing_stats, warm_gpu)
 from .gpu_prefill import bad_records  # noqa: F401  (the same check for decode records; runner uses it)
+from . import gpu_decode_flashinfer
 
 GiB = 1 << 30
 HEAD_DIMS = (128,)
@@ -79,6 +85,8 @@ ACCEPT_BW_FRACTION = 0.90         # (1) paged16 >= 90% of the copy bandwidth ...
 ACCEPT_BW_MIN_TOKENS = 262144     # ... on rows with batch * L >= 262144
 ACCEPT_VS_CUDNN = 1.0             # (2) cuDNN time / fastattn time > 1 on every row
 ACCEPT_PAGED_TIME_RATIO = 1.05    # (3) paged16 time <= 1.05 x contiguous time on every row
+FLASHINFER_PEERS = gpu_decode_flashinfer.PEERS
+PEER_WRONG_FRACTION = 0.05        # a peer off by more than this x max |reference| is not timed
 PAGED = "fastattn-paged16"
 CONTIG = "fastattn-contiguous"
 
@@ -109,6 +117,7 @@ class Settings:
     queue_ahead: bool = True    # queue each round behind a GPU sleep (see the module notes)
     time_limit_s: float = 150.0
     seed: int = 0
+    flashinfer: bool = False    # also time FlashInfer's paged decode (gpu_decode_flashinfer.py)
 
     @classmethod
     def for_mode(cls, quick, **overrides):
@@ -405,9 +414,10 @@ def base_record(shape: Shape):
 
 
 def measure_shape(torch, shape: Shape, settings: Settings, budget_s, gen_perm, l2_bytes,
-                  sleeper=None):
-    """Builds the inputs of one shape, checks and times both fastattn variants and both peers.
-    Returns its record (see run_suite) and the seconds spent in timed rounds."""
+                  sleeper=None, flashinfer=None):
+    """Builds the inputs of one shape, checks and times both fastattn variants and both peers
+    (and FlashInfer's, given a gpu_decode_flashinfer.Peers). Returns its record (see run_suite)
+    and the seconds spent in timed rounds."""
     rec = base_record(shape)
     n_sets = _n_sets(shape.kv_bytes, l2_bytes)
     rec["input_sets"] = n_sets
@@ -455,8 +465,10 @@ def measure_shape(torch, shape: Shape, settings: Settings, budget_s, gen_perm, l
             break
         if peer not in fns:
             rec["impls"][peer] = {"s": None, "error": "; ".join(refused)}
-    if ref is None and any(k.startswith("fastattn") for k in fns):
+    if ref is None and (flashinfer is not None or any(k.startswith("fastattn") for k in fns)):
         ref, ref_from = reference_f32(torch, s0.q, s0.tk, s0.tv), "float32 torch"
+    if flashinfer is not None:
+        _add_flashinfer(torch, rec, fns, flashinfer, sets, shape, ref, ref_from)
 
     # Correctness: fastattn into NaN-poisoned outputs, against SDPA flash on the same data.
     for var in VARIANTS:
@@ -490,14 +502,53 @@ def measure_shape(torch, shape: Shape, settings: Settings, budget_s, gen_perm, l
     return rec, timed
 
 
+def _add_flashinfer(torch, rec, fns, peers, sets, shape, ref, ref_from):
+    """FlashInfer's peers of one shape: each set's calls built (plans made here, untimed), the
+    first set's output checked into a NaN-poisoned buffer against ref (B, 1, Hq, D), and the
+    callables added to fns unless the peer failed or was wrong."""
+    per_set = [peers.calls(st.q, st.kp, st.vp, st.table, st.seqlens, shape.cache_len) for st in sets]
+    ref3 = ref.reshape(shape.batch, shape.heads_q, shape.head_dim).float()
+    scale = float(ref3.abs().max())
+    for name in FLASHINFER_PEERS:
+        make, err = per_set[0][name]
+        info = {"bytes": shape.bytes, "layout": "the paged16 pool (NHD pages of %d)" % PAGE_SIZE}
+        rec["impls"][name] = info
+        if make is None:
+            info.update(s=None, error=err)
+            continue
+        out = torch.full((shape.batch, shape.heads_q, shape.head_dim), float("nan"),
+                         dtype=sets[0].q.dtype, device=sets[0].q.device)
+        try:
+            make(out)()
+            torch.cuda.synchronize()
+        except Exception as e:
+            info.update(s=None, error=_short_error(e))
+            continue
+        e = float((out.float() - ref3).abs().max()) if bool(torch.isfinite(out).all()) else math.inf
+        info.update(max_abs_err=e, err_vs=ref_from)
+        if not e <= PEER_WRONG_FRACTION * scale:
+            info.update(s=None, error="wrong output: max |err| %.3g against max |reference| %.3g; "
+                                      "not timed" % (e, scale))
+            continue
+        makes = [ps[name][0] for ps in per_set]
+        if any(m is None for m in makes):
+            info.update(s=None, error=next(ps[name][1] for ps in per_set if ps[name][0] is None))
+            continue
+        fns[name] = _cycle([m() for m in makes])
+
+
 def _ratios(rec):
     """paged16/cudnn, contiguous/flash, ...: the peer's time / that fastattn variant's time (> 1:
-    fastattn faster); paged16_time/contiguous_time: paged time / contiguous time (<= 1.05 accepted)."""
+    fastattn faster); paged16_time/contiguous_time: paged time / contiguous time (<= 1.05 accepted);
+    paged16/flashinfer-*: FlashInfer's time on the same pool / paged16's, where it ran."""
     r = rec["ratios"]
     for key in (PAGED, CONTIG):
         var = key[len("fastattn-"):]
         r[var + "/cudnn"] = _ratio(_s(rec, key), _s(rec, "sdpa-cudnn"))
         r[var + "/flash"] = _ratio(_s(rec, key), _s(rec, "sdpa-flash"))
+    for peer in FLASHINFER_PEERS:
+        if peer in rec["impls"]:
+            r["paged16/" + peer] = _ratio(_s(rec, PAGED), _s(rec, peer))
     p, c = _s(rec, PAGED), _s(rec, CONTIG)
     r["paged16_time/contiguous_time"] = (p / c) if (p and c) else None
 
@@ -527,7 +578,17 @@ def run_suite(torch, settings: Settings, log=print):
     the copy bandwidth (meta["copy"]["tbps"], the acceptance ceiling)."""
     shapes = plan(settings)
     n_active = sum(1 for s in shapes if not s.skip_reason(settings))
-    deadline = Deadline(settings, max(1, n_active), len(VARIANTS) + len(PEERS),
+    fi_peers, fi_meta = None, None
+    if settings.flashinfer:
+        try:
+            fi_peers = gpu_decode_flashinfer.Peers(torch, gpu_decode_flashinfer.load(), PAGE_SIZE)
+            fi_meta = {"version": fi_peers.version, "peers": list(FLASHINFER_PEERS)}
+        except ImportError as e:
+            fi_meta = {"error": str(e)}
+        log("  FlashInfer peers: %s" % (fi_meta.get("error") or "flashinfer %s" % fi_meta["version"]),
+            flush=True)
+    deadline = Deadline(settings, max(1, n_active),
+                        len(VARIANTS) + len(PEERS) + (len(FLASHINFER_PEERS) if fi_peers else 0),
                         first_overhead_s=1.0 if settings.budget_s > 0.2 else 0.3)
     gen = torch.Generator().manual_seed(settings.seed)
     gen_perm = lambda n: torch.randperm(n, generator=gen)
@@ -554,7 +615,8 @@ def run_suite(torch, settings: Settings, log=print):
         budget = deadline.impl_budget()
         t0 = time.perf_counter()
         try:
-            rec, timed = measure_shape(torch, shape, settings, budget, gen_perm, l2, sleeper)
+            rec, timed = measure_shape(torch, shape, settings, budget, gen_perm, l2, sleeper,
+                                       fi_peers)
         except Exception as e:  # e.g. out of memory: keep the row, keep going
             rec = base_record(shape)
             rec["error"] = _short_error(e)
@@ -581,6 +643,7 @@ def run_suite(torch, settings: Settings, log=print):
                                "write); ceiling = the higher of the measurements before and "
                                "after the shapes"},
             "queue_ahead": sleeper is not None,
+            "flashinfer": fi_meta,
             "sleep_cycles_per_s": getattr(sleeper, "cycles_per_s", None),
             "settings": {k: (list(v) if isinstance(v, tuple) else v)
                          for k, v in settings.__dict__.items()},
@@ -669,6 +732,40 @@ def format_table(records, copy_tbps=None):
                "bandwidth" % (" (copy bandwidth %.2f TB/s)" % copy_tbps if copy_tbps else ""))
     out.append("pg/x, ct/x = x's time / fastattn paged16's, contiguous's (> 1: fastattn faster); "
                "pg/ct time = paged16 time / contiguous time; max err = max |fastattn - SDPA flash|")
+    fi = format_flashinfer_table(records)
+    return "\n".join(out + ([""] + [fi] if fi else []))
+
+
+def format_flashinfer_table(records):
+    """One line per shape with FlashInfer figures: fastattn paged16's time, each FlashInfer
+    peer's time and TB/s on the same page pool, and its time over paged16's; "" when none ran."""
+    peers = [p for p in FLASHINFER_PEERS if any(p in r["impls"] for r in records)]
+    if not peers:
+        return ""
+    head = ["shape", "paged us"]
+    for p in peers:
+        short = p[len("flashinfer-"):]
+        head += ["fi-%s us" % short, "TB/s", "fi-%s/pg" % short]
+    head.append("fi max err")
+    lines = []
+    for r in records:
+        if not any(p in r["impls"] for p in peers) and not r.get("skipped"):
+            continue
+        cells = [r["name"], _time_cell(r, PAGED)]
+        for p in peers:
+            cells += [_time_cell(r, p), _rate_cell(r, p),
+                      _f(r["ratios"].get("paged16/" + p), "%.2fx")]
+        errs = [r["impls"][p].get("max_abs_err") for p in peers
+                if r["impls"].get(p, {}).get("max_abs_err") is not None]
+        cells.append("%.1e" % max(errs) if errs else "-")
+        lines.append(cells)
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    fmt = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                                  for i, (c, w) in enumerate(zip(cells, widths)))
+    out = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(c) for c in lines]
+    out.append("FlashInfer on fastattn paged16's own pool (NHD pages of %d, the same block table); "
+               "fi-x/pg = its time / paged16's (> 1: fastattn faster); plan() untimed; "
+               "max err = max |FlashInfer - reference|" % PAGE_SIZE)
     return "\n".join(out)
 
 
@@ -734,6 +831,13 @@ def summarize(records, copy_tbps, budget_s=None):
                 modes[key] = modes.get(key, 0) + 1
         peers[p] = modes
     s["peers"] = peers
+    fi = {}
+    for p in FLASHINFER_PEERS:
+        vals = [(r["name"], r["ratios"].get("paged16/" + p)) for r in rows if p in r["impls"]]
+        if vals:
+            fi[p] = _check(vals, lambda v: v > 1.0)
+    if fi:
+        s["vs_flashinfer"] = fi
     errs = [r["impls"].get(k, {}).get("max_abs_err") for r in rows for k in (PAGED, CONTIG)]
     errs = [e for e in errs if e is not None and math.isfinite(e)]
     cerrs = [r["impls"].get("sdpa-cudnn", {}).get("max_abs_err") for r in rows]
@@ -808,6 +912,15 @@ def summary_lines(s, gpu, date, command):
                    for var in ("paged16", "contiguous") for st in [s["vs_flash_" + var]] if st["n"])
     lines.append("- fastattn vs SDPA flash (flash time / fastattn time, for information): %s"
                  % (fl or "no rows with both figures"))
+    for p, st in s.get("vs_flashinfer", {}).items():
+        if st["n"]:
+            lines.append("- fastattn paged16 vs %s on the same page pool (its time / paged16's, for "
+                         "information): min %.2fx (%s), median %.2fx over %d of %d rows; %d not "
+                         "faster%s" % (p, st["min"], st["min_at"], st["median"], st["n"], st["of"],
+                                       len(st["failing"]),
+                                       _list(st["failing"], lambda x: "%s %.2fx" % (x[0], x[1]))))
+        else:
+            lines.append("- %s: no figures (errors in the table's notes)" % p)
     lines.append("- SDPA rows by GQA handling: %s (expanded: K/V repeated to every query head "
                  "outside the timed region, charged the bytes read)" % "; ".join(
                      "%s %s" % (p, ", ".join("%s %d" % kv for kv in sorted(m.items())) or "-")

@@ -309,6 +309,10 @@ def main(argv=None):
     g.add_argument("--kv-heads", type=ints, default=None,
                    help="KV heads under %d query heads, e.g. 8 (default %s)"
                         % (gpu_decode.HEADS_Q, ",".join(map(str, gpu_decode.HEADS_KV))))
+    g.add_argument("--flashinfer", action="store_true",
+                   help="also time FlashInfer's paged decode (its decode wrapper with and without "
+                        "tensor cores, and XQA) on fastattn's page pool, for information; needs "
+                        "flashinfer importable (not a dependency)")
     g = ap.add_argument_group("GPU cascade suite (the cascade issue's table; defaults: its shapes)")
     g.add_argument("--prefixes", type=ints, default=None,
                    help="shared prefix lengths, multiples of 16 (default %s)"
@@ -360,13 +364,14 @@ def main(argv=None):
         dsettings = gpu_decode.Settings.for_mode(
             args.quick, dtypes=args.dtypes, head_dims=args.head_dims, batches=args.batches,
             cache_lens=args.cache_lens, heads_kv=args.kv_heads, time_limit_s=args.time_limit,
-            seed=args.seed)
+            seed=args.seed, flashinfer=args.flashinfer)
         shapes = gpu_decode.plan(dsettings)
         n_skip = sum(1 for s in shapes if s.skip_reason(dsettings))
         print("GPU decode: %d shapes (%d skipped: cache > %.0f GiB) x (fastattn %s + SDPA flash, "
-              "cuDNN) + copy bandwidth, time limit %.0f s" % (
+              "cuDNN%s) + copy bandwidth, time limit %.0f s" % (
                   len(shapes), n_skip, dsettings.max_cache_bytes / 2**30,
-                  ", ".join(gpu_decode.VARIANTS), dsettings.time_limit_s), flush=True)
+                  ", ".join(gpu_decode.VARIANTS), " + FlashInfer" if args.flashinfer else "",
+                  dsettings.time_limit_s), flush=True)
         decode_records, decode_meta = gpu_decode.run_suite(torch, dsettings)
         decode_summary = gpu_decode.summarize(decode_records, decode_meta["copy"]["tbps"],
                                               dsettings.budget_s)
