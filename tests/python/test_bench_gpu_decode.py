@@ -433,12 +433,14 @@ def _paged_attention_f32(q3, k_pages, v_pages, pages_of, lens, scale):
 
 def _fake_flashinfer(tc_raises=True, xqa_scale_bug=True):
     """A stand-in for the flashinfer module with the calls gpu_decode_flashinfer makes: the decode
-    wrapper computes from its planned page lists; the tensor-core wrapper's plan raises; XQA forgets
-    the softmax scale (a wrong peer the suite must refuse to time)."""
+    wrapper computes from its planned page lists and scribbles on its workspace (split-KV partials);
+    the tensor-core wrapper's plan raises; XQA asserts its semaphores (its workspace's first bytes)
+    read zero, and with xqa_scale_bug forgets the softmax scale (a wrong peer the suite must refuse
+    to time)."""
     class Wrapper:
         def __init__(self, workspace, layout, use_tensor_cores=False):
             assert layout == "NHD" and workspace.dtype == torch.uint8
-            self.tc = use_tensor_cores
+            self.tc, self.workspace = use_tensor_cores, workspace
 
         def plan(self, indptr, indices, last, hq, hkv, d, page, q_data_type=None,
                  kv_data_type=None, sm_scale=None):
@@ -448,6 +450,7 @@ def _fake_flashinfer(tc_raises=True, xqa_scale_bug=True):
             self.page, self.scale = page, sm_scale
 
         def run(self, q3, kv, out=None):
+            self.workspace[:64] = 7
             lens = [(self.indptr[b + 1] - self.indptr[b] - 1) * self.page + self.last[b]
                     for b in range(q3.shape[0])]
             y = _paged_attention_f32(q3, kv[0], kv[1],
@@ -461,9 +464,12 @@ def _fake_flashinfer(tc_raises=True, xqa_scale_bug=True):
     def xqa(q3, kv, workspace, table, lens, max_len, bmm1_scale=1.0, bmm2_scale=1.0,
             kv_layout="NHD", out=None):
         assert lens.dtype in (torch.int32, getattr(torch, "uint32", torch.int32))
+        assert int(workspace[:1024].count_nonzero()) == 0, "XQA's semaphores are not zero"
         n = lens.view(torch.int32).tolist()
         y = _paged_attention_f32(q3, kv[0], kv[1], lambda b: table[b].tolist(), n,
                                  1.0 if xqa_scale_bug else bmm1_scale).to(q3.dtype)
+        if out is None:
+            return y
         out.copy_(y)
         return out
 
@@ -502,6 +508,20 @@ def test_run_suite_with_flashinfer_peers(monkeypatch):
     table = gd.format_table(records, meta["copy"]["tbps"])
     assert "fi-decode us" in table and "fi-xqa/pg" in table
     json.dumps([records, meta, summ])
+
+
+@needs_torch
+def test_run_suite_flashinfer_xqa_right(monkeypatch):
+    """XQA with the scale right is timed beside the decode wrapper, on its own zeroed workspace."""
+    from fastattn.bench import gpu_decode_flashinfer as gf
+    monkeypatch.setattr(gd, "warm_gpu", lambda torch: None)
+    monkeypatch.setattr(gf, "load", lambda: _fake_flashinfer(tc_raises=False, xqa_scale_bug=False))
+    s = _tiny_settings(heads_kv=[8], batches=[2], cache_lens=[40], flashinfer=True)
+    records, meta = gd.run_suite(_FakeTorch(), s, log=lambda *a, **k: None)
+    for p in gd.FLASHINFER_PEERS:
+        info = records[0]["impls"][p]
+        assert info["s"] > 0 and info["max_abs_err"] < 0.02, (p, info)
+        assert records[0]["ratios"]["paged16/" + p] > 0
 
 
 @needs_torch

@@ -534,7 +534,8 @@ def _add_flashinfer(torch, rec, fns, peers, sets, shape, ref, ref_from):
         if any(m is None for m in makes):
             info.update(s=None, error=next(ps[name][1] for ps in per_set if ps[name][0] is None))
             continue
-        fns[name] = _cycle([m() for m in makes])
+        # Timed into outputs made here, so no call allocates (as an engine's preallocated out).
+        fns[name] = _cycle([m(torch.empty_like(out)) for m in makes])
 
 
 def _ratios(rec):

@@ -15,9 +15,11 @@ table and lengths, the same q:
 
 The wrappers' plan() (host scheduling and a host-to-device copy) runs once per input set, outside
 the timed region: an engine runs it once per decode step and then calls run() for every layer, so
-run() is what a layer costs. XQA has no plan step. One 128 MiB zeroed workspace is shared by every
-call (they run one after another on one stream): FlashInfer's usual size, and XQA's semaphores
-(its first 8 MiB) must start at zero.
+run() is what a layer costs. The timed calls write into outputs made beforehand. XQA has no plan step. The two wrappers share one 128 MiB workspace
+(FlashInfer's usual size; their calls run one after another on one stream, and each writes its
+split-KV partials before it reads them). XQA has its own, zeroed: its first 8 MiB are semaphores
+that must read zero when a call starts (each call leaves them zero again), and a wrapper's
+partials written over them made XQA's split calls wrong in session 48's first run.
 
 FlashInfer is not a dependency of fastattn: without it (or without ``--flashinfer``) the suite is
 what it was. Its kernels are compiled by FlashInfer's own JIT on first use, or loaded from its AOT
@@ -63,7 +65,8 @@ class Peers:
 
     def __init__(self, torch, flashinfer, page_size):
         self.torch, self.fi, self.page_size = torch, flashinfer, page_size
-        self.workspace = None  # made on the first shape's device
+        self.workspace = None      # the wrappers', made on the first shape's device
+        self.xqa_workspace = None  # XQA's own (semaphores first), zeroed
         self.version = getattr(flashinfer, "__version__", "?")
 
     def calls(self, q, k_pages, v_pages, table, seqlens, cache_len):
@@ -77,6 +80,7 @@ class Peers:
         indptr, indices, last = csr_from_block_table(torch, table, seqlens, self.page_size)
         if self.workspace is None:
             self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=q.device)
+            self.xqa_workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=q.device)
         out = {}
         for name, tensor_cores in (("flashinfer-decode", False), ("flashinfer-tc", True)):
             try:
@@ -108,6 +112,6 @@ class Peers:
 
         def make(out=None):
             kw = {} if out is None else {"out": out}
-            return lambda: xqa(q3, (k_pages, v_pages), self.workspace, table, lens_u32, cache_len,
+            return lambda: xqa(q3, (k_pages, v_pages), self.xqa_workspace, table, lens_u32, cache_len,
                                bmm1_scale=1.0 / math.sqrt(d), bmm2_scale=1.0, kv_layout="NHD", **kw)
         return make
