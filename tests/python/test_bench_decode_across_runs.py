@@ -103,3 +103,46 @@ def test_cli_rejects_other_files(tmp_path, capsys):
     assert "broken.json: not JSON" in capsys.readouterr().err
     assert dar.main([str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+def with_flashinfer(rec, **peers_us):
+    """rec with FlashInfer peers' times (µs; None: timed but failed) added."""
+    for name, t in peers_us.items():
+        rec["impls"]["flashinfer-" + name] = {"s": None if t is None else t * 1e-6}
+    return rec
+
+
+def test_flashinfer_across_runs(tmp_path):
+    a = write_run(tmp_path, "a.json", [
+        with_flashinfer(record(8, 32, 8192, 100.0, 110.0, 105.0), decode=165.0, tc=121.0, xqa=None),
+        record(32, 8, 1024, 36.0, 37.0, 36.5)])
+    b = write_run(tmp_path, "b.json", [
+        with_flashinfer(record(8, 32, 8192, 102.0, 100.0, 101.0), decode=150.0, tc=100.0, xqa=120.0)])
+    runs = dar.load_runs([a, b])
+    rows = dar.flashinfer_across_runs(runs)
+    assert [r["name"] for r in rows] == ["bf16 d128 32/8 b32 L8192"]  # the other has no peers
+    (x,) = rows
+    assert x["runs"] == 2
+    assert x["us"] == pytest.approx({"flashinfer-decode": 157.5, "flashinfer-tc": 110.5,
+                                     "flashinfer-xqa": 120.0})
+    assert x["over_paged"]["flashinfer-decode"] == pytest.approx((1.5, 1.5))
+    assert x["over_paged"]["flashinfer-tc"] == pytest.approx((1.0, 1.1))
+    assert x["over_paged"]["flashinfer-xqa"] == pytest.approx((1.2, 1.2))
+    assert x["not_slower"] == {"flashinfer-decode": 0, "flashinfer-tc": 1, "flashinfer-xqa": 0}
+    assert x["peer_runs"] == {"flashinfer-decode": 2, "flashinfer-tc": 2, "flashinfer-xqa": 1}
+    # cuDNN / fastest peer: 105 / 121 in a, 101 / 100 in b.
+    assert x["cudnn_over_best"] == pytest.approx((105 / 121, 101 / 100))
+    text = dar.format_flashinfer_across_runs(rows)
+    assert "| bf16 d128 32/8 b32 L8192 | 2 | 157.5 | 1.500-1.500x | 0 of 2 |" in text
+    assert "1.000-1.100x | 1 of 2 |" in text and "1.200-1.200x | 0 of 1 |" in text
+    assert "0.868-1.010x |" in text
+    assert dar.format_flashinfer_across_runs(dar.flashinfer_across_runs(dar.load_runs(
+        three_runs(tmp_path)))) == ""
+
+
+def test_cli_with_flashinfer(tmp_path, capsys):
+    a = write_run(tmp_path, "a.json", [
+        with_flashinfer(record(8, 32, 8192, 100.0, 110.0, 105.0), decode=165.0)])
+    assert dar.main([a]) == 0
+    out = capsys.readouterr().out
+    assert "flashinfer-decode µs" in out and "cuDNN / fastest FlashInfer" in out

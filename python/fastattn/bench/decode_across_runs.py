@@ -15,6 +15,11 @@ runs, so one run says little about a row near 1.00x. This reads the JSON files s
 then one line per run: its file, date, GPU (the UUID's last 8 hex digits), copy bandwidth and how
 many of its figures were faster than cuDNN. Shapes a run skipped or could not time are left out of
 that run's figures; a shape's line says over how many runs it is taken.
+
+Where runs were made with ``--flashinfer``, a second table gives per shape and FlashInfer peer the
+median of its times, the range over the runs of its time / fastattn paged16's on the same page pool
+(> 1: fastattn faster), in how many runs that was <= 1.00, and cuDNN's time / the fastest FlashInfer
+peer's (does any paged peer get ahead of cuDNN's dense read where paged16 does not?).
 """
 import argparse
 import json
@@ -22,7 +27,7 @@ import os
 import statistics
 import sys
 
-from .gpu_decode import ACCEPT_PAGED_TIME_RATIO, ACCEPT_VS_CUDNN, CONTIG, PAGED
+from .gpu_decode import ACCEPT_PAGED_TIME_RATIO, ACCEPT_VS_CUDNN, CONTIG, FLASHINFER_PEERS, PAGED
 from .gpu_prefill import _ratio, _s
 
 CUDNN = "sdpa-cudnn"
@@ -82,6 +87,68 @@ def across_runs(runs):
     return out
 
 
+def flashinfer_across_runs(runs):
+    """Per shape with a FlashInfer figure in some run, in the order the runs first list them:
+    {"name", "runs" (runs with paged16 and at least one FlashInfer peer timed), "us": {peer: median
+    of its medians}, "over_paged": {peer: (min, max) of its time / paged16's}, "not_slower": {peer:
+    runs where that was <= 1.00}, "peer_runs": {peer: runs that timed it}, "cudnn_over_best": (min, max) of cuDNN's time / the fastest
+    peer's, or None}. A peer not timed in a run (failed, wrong) is left out of that run's figures."""
+    shapes = {}
+    for _, run in runs:
+        for rec in run["decode"]:
+            paged = _s(rec, PAGED)
+            peers = {p: _s(rec, p) for p in FLASHINFER_PEERS if _s(rec, p)}
+            if rec.get("skipped") or not paged or not peers:
+                continue
+            row = shapes.setdefault(_shape_key(rec), {"name": rec["name"], "runs": []})
+            row["runs"].append((paged, peers, _s(rec, CUDNN)))
+    out = []
+    for row in shapes.values():
+        rr = row["runs"]
+        timed = [p for p in FLASHINFER_PEERS if any(p in peers for _, peers, _ in rr)]
+        over = {p: [peers[p] / paged for paged, peers, _ in rr if p in peers] for p in timed}
+        best = [cudnn / min(peers.values()) for _, peers, cudnn in rr if cudnn]
+        out.append({
+            "name": row["name"], "runs": len(rr),
+            "us": {p: 1e6 * statistics.median(peers[p] for _, peers, _ in rr if p in peers)
+                   for p in timed},
+            "over_paged": {p: (min(v), max(v)) for p, v in over.items()},
+            "not_slower": {p: sum(1 for x in v if x <= 1.0) for p, v in over.items()},
+            "peer_runs": {p: len(v) for p, v in over.items()},
+            "cudnn_over_best": (min(best), max(best)) if best else None,
+        })
+    return out
+
+
+def format_flashinfer_across_runs(rows):
+    """The markdown table of flashinfer_across_runs, or "" when no run had FlashInfer figures."""
+    if not rows:
+        return ""
+    peers = [p for p in FLASHINFER_PEERS if any(p in r["us"] for r in rows)]
+    head = "| shape | runs | " + " | ".join("%s µs | %s / paged16 | not slower" % (p, p)
+                                           for p in peers) + " | cuDNN / fastest FlashInfer |"
+    lines = [head, "|" + "---|" * (3 + 3 * len(peers))]
+    for r in rows:
+        cells = [r["name"], str(r["runs"])]
+        for p in peers:
+            if p in r["us"]:
+                lo, hi = r["over_paged"][p]
+                cells += ["%.1f" % r["us"][p], "%.3f-%.3fx" % (lo, hi),
+                          "%d of %d" % (r["not_slower"][p], r["peer_runs"][p])]
+            else:
+                cells += ["-", "-", "-"]
+        cb = r["cudnn_over_best"]
+        cells.append("%.3f-%.3fx" % cb if cb else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "FlashInfer's paged decode on fastattn paged16's own page pool (`--flashinfer`): µs, "
+              "the median of its per-run medians; x / paged16: the range over the runs of its time "
+              "/ paged16's (> 1: fastattn faster); not slower: runs where that was <= 1.00, of the runs that timed "
+              "that peer (one that failed or was wrong in a run is left out); cuDNN / "
+              "fastest FlashInfer: SDPA cuDNN's dense time over the fastest FlashInfer peer's in "
+              "each run (> 1: that peer ahead of cuDNN)."]
+    return "\n".join(lines)
+
+
 def run_line(path, run):
     """One run's file, date, GPU, copy bandwidth and its check (2) count."""
     s = run.get("decode_summary") or {}
@@ -136,6 +203,9 @@ def main(argv=None):
         print("error: %s" % e, file=sys.stderr)
         return 2
     text = format_across_runs(across_runs(runs), runs)
+    fi = format_flashinfer_across_runs(flashinfer_across_runs(runs))
+    if fi:
+        text += "\n\n" + fi
     print(text)
     if args.out:
         with open(args.out, "w") as f:
