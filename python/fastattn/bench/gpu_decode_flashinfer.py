@@ -15,11 +15,12 @@ table and lengths, the same q:
 
 The wrappers' plan() (host scheduling and a host-to-device copy) runs once per input set, outside
 the timed region: an engine runs it once per decode step and then calls run() for every layer, so
-run() is what a layer costs. The timed calls write into outputs made beforehand. XQA has no plan step. The two wrappers share one 128 MiB workspace
-(FlashInfer's usual size; their calls run one after another on one stream, and each writes its
-split-KV partials before it reads them). XQA has its own, zeroed: its first 8 MiB are semaphores
-that must read zero when a call starts (each call leaves them zero again), and a wrapper's
-partials written over them made XQA's split calls wrong in session 48's first run.
+run() is what a layer costs. XQA has no plan step. The timed calls write into outputs made
+beforehand. The two wrappers share one 128 MiB workspace (FlashInfer's usual size; their calls
+run one after another on one stream, and each writes its split-KV partials before it reads them).
+XQA has its own, zeroed: its first 8 MiB are semaphores that must read zero when a call starts
+(each call leaves them zero again), and a wrapper's partials written over them made XQA's split
+calls wrong in session 48's first run.
 
 FlashInfer is not a dependency of fastattn: without it (or without ``--flashinfer``) the suite is
 what it was. Its kernels are compiled by FlashInfer's own JIT on first use, or loaded from its AOT
@@ -60,8 +61,8 @@ def csr_from_block_table(torch, table, seqlens, page_size):
 
 
 class Peers:
-    """The FlashInfer peers of one suite run: the shared workspace, and per input set the callables
-    (each returns its output (B, Hq, D), or writes into ``out`` when given one)."""
+    """The FlashInfer peers of one suite run: the wrappers' workspace and XQA's, and per input set
+    the callables (each returns its output (B, Hq, D), or writes into ``out`` when given one)."""
 
     def __init__(self, torch, flashinfer, page_size):
         self.torch, self.fi, self.page_size = torch, flashinfer, page_size
@@ -112,6 +113,7 @@ class Peers:
 
         def make(out=None):
             kw = {} if out is None else {"out": out}
-            return lambda: xqa(q3, (k_pages, v_pages), self.xqa_workspace, table, lens_u32, cache_len,
-                               bmm1_scale=1.0 / math.sqrt(d), bmm2_scale=1.0, kv_layout="NHD", **kw)
+            return lambda: xqa(q3, (k_pages, v_pages), self.xqa_workspace, table, lens_u32,
+                               cache_len, bmm1_scale=1.0 / math.sqrt(d), bmm2_scale=1.0,
+                               kv_layout="NHD", **kw)
         return make
