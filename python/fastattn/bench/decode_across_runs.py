@@ -91,8 +91,9 @@ def flashinfer_across_runs(runs):
     """Per shape with a FlashInfer figure in some run, in the order the runs first list them:
     {"name", "runs" (runs with paged16 and at least one FlashInfer peer timed), "us": {peer: median
     of its medians}, "over_paged": {peer: (min, max) of its time / paged16's}, "not_slower": {peer:
-    runs where that was <= 1.00}, "peer_runs": {peer: runs that timed it}, "cudnn_over_best": (min, max) of cuDNN's time / the fastest
-    peer's, or None}. A peer not timed in a run (failed, wrong) is left out of that run's figures."""
+    runs where that was <= 1.00}, "peer_runs": {peer: runs that timed it}, "cudnn_over_best": (min,
+    max) of cuDNN's time / the fastest peer's, or None}. A peer not timed in a run (failed, wrong)
+    is left out of that run's figures."""
     shapes = {}
     for _, run in runs:
         for rec in run["decode"]:
@@ -142,8 +143,9 @@ def format_flashinfer_across_runs(rows):
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "FlashInfer's paged decode on fastattn paged16's own page pool (`--flashinfer`): µs, "
               "the median of its per-run medians; x / paged16: the range over the runs of its time "
-              "/ paged16's (> 1: fastattn faster); not slower: runs where that was <= 1.00, of the runs that timed "
-              "that peer (one that failed or was wrong in a run is left out); cuDNN / "
+              "/ paged16's (> 1: fastattn faster); not slower: runs where that was <= 1.00, of "
+              "the runs that timed that peer (one that failed or was wrong in a run is left "
+              "out); cuDNN / "
               "fastest FlashInfer: SDPA cuDNN's dense time over the fastest FlashInfer peer's in "
               "each run (> 1: that peer ahead of cuDNN)."]
     return "\n".join(lines)
