@@ -690,6 +690,14 @@ def _rate_cell(rec, key):
     return "%.2f%s" % (v, "*" if info.get("gqa_mode") == "expanded" else "")
 
 
+def _aligned(head, lines):
+    """Header, rule and rows of a plain-text table: the first column left-aligned, the rest right."""
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    fmt = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                                  for i, (c, w) in enumerate(zip(cells, widths)))
+    return [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(c) for c in lines]
+
+
 def format_table(records, copy_tbps=None):
     """One line per shape: time (us) and TB/s of fastattn paged16 and contiguous and of the
     peers, paged16's fraction of the copy bandwidth, the time ratios and the max error."""
@@ -714,10 +722,7 @@ def format_table(records, copy_tbps=None):
                  _f(ra.get("paged16_time/contiguous_time"), "%.3f"),
                  "NaN!" if nonfinite else ("%.1e" % max(errs) if errs else "-")]
         lines.append(cells)
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
-    fmt = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
-                                  for i, (c, w) in enumerate(zip(cells, widths)))
-    out = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(c) for c in lines]
+    out = _aligned(head, lines)
     notes = sorted({("" if k.startswith("fastattn") else k + ": ")
                     + (info.get("error") or info.get("check_error"))
                     for r in records for k, info in r["impls"].items()
@@ -760,10 +765,7 @@ def format_flashinfer_table(records):
                 if r["impls"].get(p, {}).get("max_abs_err") is not None]
         cells.append("%.1e" % max(errs) if errs else "-")
         lines.append(cells)
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
-    fmt = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
-                                  for i, (c, w) in enumerate(zip(cells, widths)))
-    out = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(c) for c in lines]
+    out = _aligned(head, lines)
     out.append("FlashInfer on fastattn paged16's own pool (NHD pages of %d, the same block table); "
                "fi-x/pg = its time / paged16's (> 1: fastattn faster); plan() untimed; "
                "max err = max |FlashInfer - reference|" % PAGE_SIZE)
