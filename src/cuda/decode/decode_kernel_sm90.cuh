@@ -444,9 +444,10 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
     // box (lines the box reads anyway), once per chunk. Why: the random pool costs the paged rows
     // 0.3-0.5 us at 1k and 0.5-1.9% at 8k over the same bytes through an identity table (pages
     // shuffled only within 2 MB cost far less on those grids; at GQA 8 batch 1 / 8k nearly as much,
-    // session 45); the prefetch recovered ~0.5 us at the 256-CTA 1k rows and 0.2-0.5% at 8k-32k. On contiguous boxes the same line density made the
-    // 256-CTA 1k rows 0.3-0.8 us faster and the 8k rows 0.2-0.4% (batch 32 / 32k 0.2% slower). The
-    // bulk (TMA) prefetch of the same bytes ran slower. The first chunk's only in a one-wave grid:
+    // session 45); the prefetch recovered ~0.5 us at the 256-CTA 1k rows and 0.2-0.5% at 8k-32k.
+    // On contiguous boxes the same line density made the 256-CTA 1k rows 0.3-0.8 us faster and the
+    // 8k rows 0.2-0.4% (batch 32 / 32k 0.2% slower). The bulk (TMA) prefetch of the same bytes ran
+    // slower. The first chunk's only in a one-wave grid:
     // in MHA batch 128 / 1k (4096 CTAs of 16 tiles, a CTA starting whenever another ends) it cost
     // 0.7% (bench/NOTES.md, session 26); and not in small one-head grids (decode_warms_first_chunk).
     const bool warm_first = __shfl_sync(0xffffffffu, tp.warm_first_chunk, 0) != 0;
