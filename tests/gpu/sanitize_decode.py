@@ -1,9 +1,8 @@
 """A small representative set of CUDA KV-cache (decode) calls for compute-sanitizer
 (scripts/gpu_sanitize.sh): flash_attn_with_kvcache over contiguous and paged caches (page sizes 1,
 16, 256), appends with rotary (interleaved and GPT-NeoX, full and partial rotary_dim), leftpad,
-cache_batch_idx, GQA 8, num_splits 1 and 7 (and the heuristic over a long cache, heuristic splits
-merged inside a thread-block cluster on sm_90, and 64 splits merged by their last CTA on sm_90 or by
-the combine kernel), out-of-range page
+cache_batch_idx, GQA 8, num_splits 1 and 7 (and the heuristic over a long cache, and heuristic splits
+merged inside a thread-block cluster on sm_90), out-of-range page
 ids in the block table, empty caches, decode through flash_attn_varlen_func with a block table, and
 three calls each through the sm_90 head-group kernel and the sm_90 kernel's head-pair form (at
 head_dim 128 and 64) and head-quad form.
@@ -56,7 +55,6 @@ head_group_rows = with_switches(T.KERNEL_SWITCHES["head_group_rows"])  # its tok
 head_pair = with_switches(T.KERNEL_SWITCHES["head_pair"])    # the sm_90 kernel's head-pair form
 head_pair_d64 = with_switches(T.KERNEL_SWITCHES["head_pair_d64"])  # ... at head_dim 64
 head_quad = with_switches(T.KERNEL_SWITCHES["head_quad"])    # its head-quad form (head_dim 64)
-combine_kernel = with_switches({"FASTATTN_DECODE_LAST_CTA": "0"})  # splits merged by the combine kernel
 
 
 def varlen_decode(rng, check, dtype, page_size):
@@ -100,11 +98,6 @@ def cases():
         B=8, Hq=32, Hkv=8, cache_len=2048, lens="ragged", page=16))
     yield "cluster merge in pairs through the workspace: d256, batch 8, 2 heuristic splits on 128 CTAs", kvcache, (
         B16, dict(B=8, Hq=32, Hkv=8, D=256, cache_len=2048, lens="ragged", page=16))
-    # the last-CTA merge (sm_90): 64 splits of 16 rows in 4 chunks, and the same through the combine kernel
-    yield "last-CTA merge: d64 gqa16 64 splits paged 16", kvcache, (B16, dict(
-        B=2, Hq=32, Hkv=2, D=64, splits=64, page=16, cache_len=3000))
-    yield "combine kernel: d64 gqa16 64 splits paged 16", combine_kernel, (kvcache, B16, dict(
-        B=2, Hq=32, Hkv=2, D=64, splits=64, page=16, cache_len=3000))
     yield "everything paged 16", kvcache, (B16, dict(page=16, rotary="interleaved", rotary_frac=0.5, batch_idx=True,
                                                      leftpad=True, opt=T.ALL, splits=3, Sq=5, Snew=5))
     yield "out-of-range page ids (reads)", bad_page_ids, ("read_pages",)

@@ -529,9 +529,8 @@ def _fastattn_kernels(call):
 def test_two_splits_on_one_cta_per_sm_merge_in_clusters(seed, head_dim, monkeypatch):
     """README: the heuristic's 2 splits merge in clusters of 2 when the grid has at most one CTA
     per SM (batch 8 x 8 KV heads x 2 splits = 128 CTAs on 132 SMs), at every head_dim: the call
-    launches no combine kernel, and FASTATTN_DECODE_CLUSTER=0 with FASTATTN_DECODE_LAST_CTA=0 brings
-    it back (without the second switch the last CTA merges). Both answers match the float32
-    reference (run_case)."""
+    launches no combine kernel, and FASTATTN_DECODE_CLUSTER=0 brings it back. Both answers match
+    the float32 reference (run_case)."""
     if torch.cuda.get_device_capability() != (9, 0) or torch.cuda.get_device_properties(DEV).multi_processor_count != 132:
         pytest.skip("the grid rule is checked on a 132-SM sm_90 GPU")
     case = build_case(seed, torch.bfloat16, dict(B=8, Hq=32, Hkv=8, D=head_dim, cache_len=4096, Snew=0,
@@ -544,10 +543,9 @@ def test_two_splits_on_one_cta_per_sm_merge_in_clusters(seed, head_dim, monkeypa
     assert any("decode_kernel_sm90" in n for n in names), names
     assert not any("combine_kernel" in n for n in names), f"a combine kernel ran: {names}"
     monkeypatch.setenv("FASTATTN_DECODE_CLUSTER", "0")
-    monkeypatch.setenv("FASTATTN_DECODE_LAST_CTA", "0")
     run_case(case)
     names = _fastattn_kernels(lambda: kvcache_call(case, case.make_out()))
-    assert any("combine_kernel" in n for n in names), f"no cluster, no last-CTA merge: no combine kernel in {names}"
+    assert any("combine_kernel" in n for n in names), f"FASTATTN_DECODE_CLUSTER=0: no combine kernel in {names}"
 
 
 def _align256(n):
@@ -642,124 +640,6 @@ def test_fixed_num_splits_invariant_across_grid_sizes(seed, layout):
         torch.cuda.synchronize()
         R.assert_bitwise_equal(f"out of sequence {b} alone", o[0], out[b])
         R.assert_bitwise_equal(f"softmax_lse of sequence {b} alone", l[0], lse[b])
-
-
-# The last-CTA merge (sm_90; README "GPU decode"): where the per-head kernel runs 2..128 splits
-# outside a cluster and a CTA's packed rows x head_dim are at most 1024, the CTA of each (sequence,
-# KV head, row block) that finishes last merges every split, counted in on library-owned counters
-# that it leaves at zero; no combine kernel runs. FASTATTN_DECODE_LAST_CTA=0 keeps the combine
-# kernel, whose bits the merge must give exactly. `in_cta`: whether the call merges in its last CTA.
-LAST_CTA_CONFIGS = {
-    # the heuristic's 32 splits at head_dim 64 on pages of 16 (batch 1 / 8k, GQA 8)
-    "heuristic_d64_gqa8_b1_8k_paged16": dict(B=1, Hq=32, Hkv=8, D=64, cache_len=8192, lens=[8191], page=16),
-    # ragged lengths (0 among them), 2 causal query rows of GQA 4: 8 packed rows at head_dim 128
-    "d128_gqa4_sq2_splits5_ragged": dict(B=5, Hq=16, Hkv=4, Sq=2, Snew=2, splits=5, opt="causal", cache_len=3000),
-    # 16 packed rows at head_dim 64 in 64 splits: the states pass through shared memory in 4 chunks
-    "d64_gqa16_splits64_paged16": dict(B=2, Hq=32, Hkv=2, D=64, splits=64, page=16, cache_len=3000),
-    # 128 splits of 8 rows at head_dim 128 (7 chunks of 21), one sequence longer than the rest
-    "d128_gqa8_splits128_paged64": dict(B=2, Hq=16, Hkv=2, splits=128, page=64, cache_len=9000, lens=[8999, 40]),
-    # head_dim 256 with 4 rows (its most), a window; head_dim 96 (the 128 kernel, 96-float state rows)
-    "d256_mha_sq4_splits3_window": dict(B=3, Hq=4, Hkv=4, D=256, Sq=4, Snew=4, splits=3, opt="window"),
-    "d96_gqa2_splits7_paged16_leftpad": dict(B=3, Hq=8, Hkv=4, D=96, splits=7, page=16, leftpad=True,
-                                             cache_len=1500),
-    # more splits than key tiles: empty splits (LSE -inf) in the merge
-    "d128_mha_splits100_short": dict(B=3, Hq=4, Hkv=4, splits=100, cache_len=300),
-    "everything_paged16_splits3": dict(page=16, rotary="interleaved", rotary_frac=0.5, batch_idx=True, leftpad=True,
-                                       opt=ALL, splits=3, Sq=2, Snew=2, Hq=8, Hkv=2),
-    # no key at all: every split empty, the merged rows 0 with LSE -inf
-    "empty_splits4": dict(lens="zeros", Snew=0, splits=4, empty=True),
-    # too many values per CTA for the merge's registers: the combine kernel
-    "d128_gqa16_16rows_combines": dict(B=2, Hq=32, Hkv=2, splits=4, cache_len=2000, in_cta=False),
-    "d256_mha_sq8_combines": dict(B=2, Hq=2, Hkv=2, D=256, Sq=8, Snew=8, splits=3, opt="causal", in_cta=False),
-}
-
-
-def _merge_kernels(case):
-    names = _fastattn_kernels(lambda: kvcache_call(case, case.make_out()))
-    assert any("decode_kernel_sm90" in n for n in names), names
-    return any("combine_kernel" in n for n in names)
-
-
-@pytest.mark.parametrize("config", list(LAST_CTA_CONFIGS))
-def test_last_cta_merge(seed, config, monkeypatch):
-    """The call against the float32 reference (poisoned out=, cache and guards checked), with or
-    without the combine kernel as the rule says; then with FASTATTN_DECODE_LAST_CTA=0 through the
-    combine kernel, whose out and LSE must be the same bits."""
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the sm_90 kernel's merge")
-    cfg = dict(LAST_CTA_CONFIGS[config])
-    in_cta = cfg.pop("in_cta", True)
-    case = build_case(seed, torch.bfloat16, cfg)
-    out, lse, _ = run_case(case)
-    assert _merge_kernels(case) != in_cta, "the combine kernel ran" if in_cta else "no combine kernel ran"
-    monkeypatch.setenv("FASTATTN_DECODE_LAST_CTA", "0")
-    out_k, lse_k, _ = run_case(case)
-    assert _merge_kernels(case), "FASTATTN_DECODE_LAST_CTA=0: no combine kernel"
-    R.assert_bitwise_equal("out, last-CTA merge against the combine kernel", out, out_k)
-    R.assert_bitwise_equal("softmax_lse, last-CTA merge against the combine kernel", lse, lse_k)
-
-
-def _with_q(case, q):
-    """case with another q (the same caches and lengths)."""
-    other = Case(**case.__dict__)
-    other.q = q
-    return other
-
-
-def test_last_cta_merge_counters_across_calls_and_streams(seed):
-    """The merge's counters are left at zero by every call and are not shared between streams: 24
-    calls alternating between two streams with no synchronisation between them, each with its own q
-    into its own NaN-poisoned out, all match the reference; then a call of more (sequence, KV head)
-    items than a stream's first block of counters holds (4800 > 4096), on one of those streams."""
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the sm_90 kernel's merge")
-    case = build_case(seed, torch.bfloat16, dict(B=3, Hq=32, Hkv=8, D=64, cache_len=4096, Snew=0, page=16,
-                                                 splits=16))
-    before = snapshot(case)
-    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
-    calls = [_with_q(case, randn(*case.q.shape, dtype=case.dtype)) for _ in range(24)]
-    outs = [c.make_out() for c in calls]
-    torch.cuda.synchronize()
-    results = []
-    for n, (c, o) in enumerate(zip(calls, outs)):
-        with torch.cuda.stream(streams[n % 2]):
-            results.append(kvcache_call(c, o))
-    torch.cuda.synchronize()
-    for n, (c, (out, lse)) in enumerate(zip(calls, results)):
-        try:
-            check_output(out, lse, reference(c, *before))
-        except AssertionError as e:
-            raise AssertionError(f"call {n} (stream {n % 2}): {e}") from e
-    big = build_case(seed, torch.bfloat16, dict(B=600, Hq=8, Hkv=8, D=64, cache_len=256, Snew=0, splits=2))
-    with torch.cuda.stream(streams[0]):
-        run_case(big)
-
-
-def test_last_cta_merge_graphs_replayed_at_once(seed):
-    """Two graphs captured on one stream (torch's capture stream) and replayed at the same time on
-    two streams, ten rounds each with out poisoned before every replay: every captured call has
-    counters of its own, so both answers match the reference."""
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the sm_90 kernel's merge")
-    from gpu_helpers import capture_or_xfail
-    cases = [build_case(seed, torch.bfloat16, dict(B=2, Hq=32, Hkv=8, D=64, cache_len=4096, Snew=0, page=16,
-                                                   splits=16, lens=lens)) for lens in ([4000, 17], [1, 4095])]
-    befores = [snapshot(c) for c in cases]
-    outs = [c.make_out() for c in cases]
-    holders = [{}, {}]
-    graphs = []
-    for c, o, h in zip(cases, outs, holders):
-        graphs.append(capture_or_xfail(lambda c=c, o=o, h=h: h.update(lse=kvcache_call(c, o)[1])))
-    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
-    torch.cuda.synchronize()
-    for _ in range(10):
-        for g, o, s in zip(graphs, outs, streams):
-            with torch.cuda.stream(s):
-                o.fill_(float("nan"))
-                g.replay()
-    torch.cuda.synchronize()
-    for c, o, h, before in zip(cases, outs, holders, befores):
-        check_output(o, h["lse"], reference(c, *before))
 
 
 # The head-group kernel (sm_90; README "GPU decode"): head_dim 128, heads_kv a multiple of 4, at

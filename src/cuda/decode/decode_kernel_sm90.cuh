@@ -52,7 +52,6 @@
 #include "cuda/common/tensor_map.h"
 #include "cuda/decode/decode_common.cuh"
 #include "cuda/decode/decode_launch.h"
-#include "cuda/decode/decode_split_merge.cuh"
 #include "cuda/decode/decode_tile.cuh"
 #include "cuda/decode/decode_tile_narrow.cuh"
 #include "fastattn/error.h"
@@ -563,18 +562,6 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
                                    [&](int r, int c, float4 val, float lse) {
                                      decode_store_value4<kDtype>(p, b, kvh, mb * kDecodeRows + r, split, c, val, lse);
                                    });
-      if constexpr (kHeads == 1) {
-        // The last CTA of the item to store its state merges every split (decode_split_merge.cuh)
-        // in the stages, which hold nothing else now.
-        static_assert(Cfg::kPipeBytes / 4 >= kLastCtaHeaderFloats + kDecodeLastCtaMaxValues, "the merge's chunk");
-        if (p.last_cta_merge) {
-          float* smem = reinterpret_cast<float*>(sK0);
-          std::uint32_t* counter = p.split_counters + std::int64_t(b) * gridDim.y + blockIdx.y;
-          if (decode_arrive_last(counter, p.num_splits, merge_tid, smem, consumers_sync))
-            decode_merge_splits_in_cta<kDtype>(p, b, kvh, mb, min(kDecodeRows, rows_total - mb * kDecodeRows), smem,
-                                               Cfg::kPipeBytes / 4, merge_tid, consumers_sync);
-        }
-      }
       return;
     }
     // The splits of this (b, kvh, mb) are one cluster. Each CTA but the first stores its partial

@@ -20,8 +20,6 @@
 #include "cuda/decode/decode_common.cuh"
 #include "cuda/decode/decode_launch.h"
 #include "cuda/decode/decode_params.h"
-#include "cuda/decode/decode_split_merge.cuh"
-#include "cuda/decode/split_counters.h"
 #include "fastattn/error.h"
 
 namespace fastattn::cuda_decode {
@@ -102,15 +100,14 @@ __global__ void append_rotary_kernel(const DecodeParams p) {
 }
 
 /// Block (i, h, b): merges the num_splits partial states of query row i of head h into out and
-/// LSE in the formula of decode_split_merge.cuh (the last-CTA merge's, so the bits are the same
-/// whichever runs; empty states, LSE -inf, merge exactly and never give NaN). The first warp
-/// reduces the splits' LSEs (merge_split_lses_warp) and leaves each split's weight in shared
-/// memory. Then warp k sums class k (splits k, k + 4, ...), a lane four columns (one 16-byte load
-/// per split, all of a thread's loads in flight together), and the class sums are added in order
-/// through shared memory. (One thread per column walking all splits paid one dependent round trip
-/// per 8 splits: ~6 us at 33 splits.)
+/// LSE with MergeAccumulator (empty states, LSE -inf, merge exactly and never give NaN). The
+/// first warp reduces the splits' LSEs in parallel (one accumulator per lane, then merged) and
+/// leaves each split's weight in shared memory. Then the four warps take every fourth split
+/// each, a lane four columns (one 16-byte load per split, all of a thread's loads in flight
+/// together), and sum their shares through shared memory. (One thread per column walking all
+/// splits paid one dependent round trip per 8 splits: ~6 us at 33 splits.)
 constexpr int kMaxSplits = 1024;  // the largest num_splits the API accepts (core/validate.cpp)
-constexpr int kCombineWarps = kSplitClasses;
+constexpr int kCombineWarps = 4;
 
 template <Dtype kDtype>
 __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const DecodeParams p) {
@@ -118,41 +115,66 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
   // column loop read a few floats past a dynamically sized array.
   __shared__ float split_weight[kMaxSplits];
   __shared__ float merged_lse;
-  __shared__ float4 class_sum[kCombineWarps][32];
+  __shared__ float4 warp_sum[kCombineWarps][32];
   pdl_wait_for_previous_kernel();  // the attention kernel's partial states
   const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const std::int64_t split_stride = std::int64_t(p.batch) * p.heads_q * p.seqlen_q;
   const std::int64_t state0 = (std::int64_t(b) * p.heads_q + h) * p.seqlen_q + i;
   if (warp == 0) {
-    const float* lse0 = p.partial_lse + state0;
-    const float lse = merge_split_lses_warp([&](int s) { return __ldcg(lse0 + s * split_stride); }, p.num_splits, lane,
-                                            split_weight);
-    if (lane == 0) merged_lse = lse;
+    MergeAccumulator acc;
+    acc.init();
+    float rescale, weight;
+    for (int s = lane; s < p.num_splits; s += 32) acc.add(p.partial_lse[state0 + s * split_stride], &rescale, &weight);
+    for (int offset = 16; offset > 0; offset /= 2) {
+      MergeAccumulator other;
+      other.m = __shfl_xor_sync(0xffffffffu, acc.m, offset);
+      other.sum = __shfl_xor_sync(0xffffffffu, acc.sum, offset);
+      acc.merge(other);
+    }
+    for (int s = lane; s < p.num_splits; s += 32)
+      split_weight[s] = acc.weight_of(p.partial_lse[state0 + s * split_stride]);
+    if (lane == 0) merged_lse = acc.lse();
   }
   __syncthreads();
   // No branch on the weight: an empty split stores a zero output, so its weight 0 adds exactly 0.
-  // head_dim is a multiple of 8 on the CUDA path (16-byte rows), and the workspace's rows of
-  // partial_o are 16-byte aligned.
   const float* src = p.partial_o + state0 * p.head_dim;
   const std::int64_t step = split_stride * p.head_dim;
-  for (int c0 = 0; c0 < p.head_dim; c0 += 128) {
-    const int c = c0 + lane * 4;
-    float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (c < p.head_dim) {
+  const auto store = [&](int c, float o) {
+    Elem<kDtype>::store(p.out, b * p.out_batch_stride + std::int64_t(i) * p.out_row_stride +
+                                   std::int64_t(h) * p.out_head_stride + c, o);
+  };
+  if (p.head_dim % 4 == 0) {  // rows of partial_o are 16-byte aligned (the workspace is)
+    for (int c0 = 0; c0 < p.head_dim; c0 += 128) {
+      const int c = c0 + lane * 4;
+      float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (c < p.head_dim) {
 #pragma unroll 8
-      for (int s = warp; s < p.num_splits; s += kCombineWarps)
-        add_weighted4(o, split_weight[s], __ldcg(reinterpret_cast<const float4*>(src + s * step + c)));
+        for (int s = warp; s < p.num_splits; s += kCombineWarps) {
+          const float4 v = *reinterpret_cast<const float4*>(src + s * step + c);
+          const float w = split_weight[s];
+          o.x += w * v.x, o.y += w * v.y, o.z += w * v.z, o.w += w * v.w;
+        }
+      }
+      warp_sum[warp][lane] = o;
+      __syncthreads();
+      if (warp == 0 && c < p.head_dim) {
+        float4 t = warp_sum[0][lane];
+        for (int w = 1; w < kCombineWarps; ++w) {
+          const float4 u = warp_sum[w][lane];
+          t.x += u.x, t.y += u.y, t.z += u.z, t.w += u.w;
+        }
+        store(c, t.x), store(c + 1, t.y), store(c + 2, t.z), store(c + 3, t.w);
+      }
+      __syncthreads();
     }
-    class_sum[warp][lane] = o;
-    __syncthreads();
-    if (warp == 0 && c < p.head_dim) {
-      const float4 t = sum_split_classes(&class_sum[0][lane], 32);
-      const std::int64_t at = b * p.out_batch_stride + std::int64_t(i) * p.out_row_stride +
-                              std::int64_t(h) * p.out_head_stride + c;
-      for (int k = 0; k < 4; ++k) Elem<kDtype>::store(p.out, at + k, (&t.x)[k]);
+  } else {
+    for (int c = threadIdx.x; c < p.head_dim; c += blockDim.x) {
+      float o = 0.0f;
+#pragma unroll 8
+      for (int s = 0; s < p.num_splits; ++s) o += split_weight[s] * src[s * step + c];
+      store(c, o);
     }
-    __syncthreads();
   }
   if (p.lse && threadIdx.x == 0)
     p.lse[b * p.lse_batch_stride + std::int64_t(h) * p.lse_head_stride + std::int64_t(i) * p.lse_row_stride] =
@@ -191,7 +213,7 @@ void run_for_dtype(const DecodeParams& p, cudaStream_t stream) {
     else if (p.head_dim <= 128) launch_decode<128, kDtype>(attn, stream);
     else launch_decode<256, kDtype>(attn, stream);
   }
-  if (p.num_splits > 1 && !p.cluster_combine && !p.last_cta_merge) {
+  if (p.num_splits > 1 && !p.cluster_combine) {
     launch_kernel(&combine_kernel<kDtype>, dim3(p.seqlen_q, p.heads_q, p.batch), dim3(kCombineWarps * 32), 0, stream,
                   p.dependent_launch, p);
   }
@@ -252,15 +274,6 @@ void run_decode(const DecodeParams& params, void* stream_ptr) {
   p.cluster_combine = !p.splits_fixed && !p.head_group &&
                       decode_cluster_merge_applies(p.sm90_kernel, p.num_splits, ctas, info.sm_count);
   p.quarter_min_slots = decode_quarter_min_slots(p);
-  // The splits merge in their last CTA where the plan fits (decode_last_cta_merge_fits) and the
-  // library has counters for the stream; else in the combine kernel. On the H200 (bench/NOTES.md,
-  // session 49) ...
-  if (decode_last_cta_merge_fits(p)) {
-    const std::size_t items =
-        std::size_t(p.batch) * p.heads_kv * std::size_t(decode_row_blocks(p.group, p.seqlen_q));
-    p.split_counters = split_counters(device, stream, items);
-    p.last_cta_merge = p.split_counters != nullptr;
-  }
   if (p.dtype == Dtype::kFloat16) run_for_dtype<Dtype::kFloat16>(p, stream);
   else run_for_dtype<Dtype::kBFloat16>(p, stream);
 }

@@ -4,7 +4,6 @@
 // launch needs no host synchronisation and inconsistent indices never address outside a tensor.
 #pragma once
 
-#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -139,14 +138,6 @@ struct DecodeParams {
   int quarter_min_slots = 0;
   float* partial_o = nullptr;
   float* partial_lse = nullptr;
-  /// Set by run_decode (decode_last_cta_merge_fits): the per-head sm_90 kernel's splits are merged
-  /// by the CTA of each (b, KV head, row block) that finishes last, with no combine kernel. Every
-  /// CTA stores its partial state, then counts itself in on split_counters[b * heads_kv * row
-  /// blocks + kv head * row blocks + row block] (zero between calls; the library owns them:
-  /// split_counters.h); the last one merges (decode_split_merge.cuh, the combine kernel's formula,
-  /// so the bits are the same either way) and resets the counter.
-  bool last_cta_merge = false;
-  std::uint32_t* split_counters = nullptr;
 };
 
 /// Appends (rotating k), rotates q into q_rot, attends with split-KV and combines, on `stream`.
@@ -203,27 +194,6 @@ inline bool decode_cluster_merge_applies(bool sm90_kernel, int num_splits, std::
   if (!sm90_kernel || num_splits < 2 || num_splits > kMaxClusterSplits || (env && std::strcmp(env, "0") == 0))
     return false;
   return 2 * ctas <= sm_count || (num_splits == 2 && ctas <= sm_count);
-}
-
-/// The last-CTA merge (DecodeParams::last_cta_merge) keeps each row's split weights in shared
-/// memory, so it takes at most this many splits (the heuristic's most) ...
-constexpr int kDecodeLastCtaMaxSplits = kDecodeMaxHeuristicSplits;
-/// ... and a merging thread keeps at most 8 float4 column sums, so a CTA's rows x head_dim are at
-/// most this many values: head_dim 64 any rows, 128 up to 8 packed rows, 256 up to 4.
-constexpr int kDecodeLastCtaMaxValues = 1024;
-
-/// Whether p's splits (p.num_splits, the kernel and the cluster choice set) merge in their last
-/// CTA rather than in the combine kernel: the per-head sm_90 kernel (not the head-group kernel nor
-/// the head-pair or head-quad form), 2 .. kDecodeLastCtaMaxSplits splits not merged in clusters,
-/// a CTA's packed rows x head_dim at most kDecodeLastCtaMaxValues, and FASTATTN_DECODE_LAST_CTA not
-/// "0" (which keeps the combine kernel, for comparisons and tests). A fixed num_splits takes it
-/// too: its bits are the combine kernel's (decode_split_merge.cuh).
-inline bool decode_last_cta_merge_fits(const DecodeParams& p) {
-  const char* env = std::getenv("FASTATTN_DECODE_LAST_CTA");
-  if (env && std::strcmp(env, "0") == 0) return false;
-  const std::int64_t cta_rows = std::min<std::int64_t>(kDecodeRowsPerCta, std::int64_t(p.group) * p.seqlen_q);
-  return p.sm90_kernel && !p.head_group && p.kv_heads_per_cta == 1 && !p.cluster_combine && p.num_splits > 1 &&
-         p.num_splits <= kDecodeLastCtaMaxSplits && cta_rows * p.head_dim <= kDecodeLastCtaMaxValues;
 }
 
 /// The split heuristic takes fewer splits that merge inside clusters over more that need the
