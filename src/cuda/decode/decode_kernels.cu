@@ -109,7 +109,11 @@ __global__ void append_rotary_kernel(const DecodeParams p) {
 constexpr int kMaxSplits = 1024;  // the largest num_splits the API accepts (core/validate.cpp)
 constexpr int kCombineWarps = 4;
 
-template <Dtype kDtype>
+/// A thread's first state loads, issued before the LSE pass so that its round trip and the LSEs'
+/// overlap (the weights multiply them once known, in the same order as the rest).
+constexpr int kCombinePreload = 8;
+
+template <Dtype kDtype, int kPreload>
 __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const DecodeParams p) {
   // Sized for the largest split count, not num_splits: compute-sanitizer saw the compiled
   // column loop read a few floats past a dynamically sized array.
@@ -121,6 +125,18 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const std::int64_t split_stride = std::int64_t(p.batch) * p.heads_q * p.seqlen_q;
   const std::int64_t state0 = (std::int64_t(b) * p.heads_q + h) * p.seqlen_q + i;
+  // No branch on the weight: an empty split stores a zero output, so its weight 0 adds exactly 0.
+  const float* src = p.partial_o + state0 * p.head_dim;
+  const std::int64_t step = split_stride * p.head_dim;
+  // The first kPreload of the warp's splits (warp, warp + 4, ...) at the lane's first four columns.
+  float4 first[kPreload > 0 ? kPreload : 1];
+  if (kPreload > 0 && p.head_dim % 4 == 0 && lane * 4 < p.head_dim) {
+#pragma unroll
+    for (int k = 0; k < kPreload; ++k) {
+      const int s = warp + k * kCombineWarps;
+      if (s < p.num_splits) first[k] = *reinterpret_cast<const float4*>(src + s * step + lane * 4);
+    }
+  }
   if (warp == 0) {
     MergeAccumulator acc;
     acc.init();
@@ -137,9 +153,6 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
     if (lane == 0) merged_lse = acc.lse();
   }
   __syncthreads();
-  // No branch on the weight: an empty split stores a zero output, so its weight 0 adds exactly 0.
-  const float* src = p.partial_o + state0 * p.head_dim;
-  const std::int64_t step = split_stride * p.head_dim;
   const auto store = [&](int c, float o) {
     Elem<kDtype>::store(p.out, b * p.out_batch_stride + std::int64_t(i) * p.out_row_stride +
                                    std::int64_t(h) * p.out_head_stride + c, o);
@@ -149,8 +162,19 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
       const int c = c0 + lane * 4;
       float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       if (c < p.head_dim) {
+        int s0 = warp;
+        if (c0 == 0) {
+#pragma unroll
+          for (int k = 0; k < kPreload; ++k) {
+            if (s0 >= p.num_splits) break;
+            const float4 v = first[k];
+            const float w = split_weight[s0];
+            o.x += w * v.x, o.y += w * v.y, o.z += w * v.z, o.w += w * v.w;
+            s0 += kCombineWarps;
+          }
+        }
 #pragma unroll 8
-        for (int s = warp; s < p.num_splits; s += kCombineWarps) {
+        for (int s = s0; s < p.num_splits; s += kCombineWarps) {
           const float4 v = *reinterpret_cast<const float4*>(src + s * step + c);
           const float w = split_weight[s];
           o.x += w * v.x, o.y += w * v.y, o.z += w * v.z, o.w += w * v.w;
@@ -214,7 +238,11 @@ void run_for_dtype(const DecodeParams& p, cudaStream_t stream) {
     else launch_decode<256, kDtype>(attn, stream);
   }
   if (p.num_splits > 1 && !p.cluster_combine) {
-    launch_kernel(&combine_kernel<kDtype>, dim3(p.seqlen_q, p.heads_q, p.batch), dim3(kCombineWarps * 32), 0, stream,
+    // FASTATTN_DECODE_COMBINE_PRELOAD=0 (temporary, for the A/B of session 49): the old order.
+    const char* pre = std::getenv("FASTATTN_DECODE_COMBINE_PRELOAD");
+    const auto kernel = pre && std::strcmp(pre, "0") == 0 ? &combine_kernel<kDtype, 0>
+                                                          : &combine_kernel<kDtype, kCombinePreload>;
+    launch_kernel(kernel, dim3(p.seqlen_q, p.heads_q, p.batch), dim3(kCombineWarps * 32), 0, stream,
                   p.dependent_launch, p);
   }
 }
