@@ -10,6 +10,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -112,6 +113,7 @@ constexpr int kCombineWarps = 4;
 /// A thread's first state loads, issued before the LSE pass so that its round trip and the LSEs'
 /// overlap (the weights multiply them once known, in the same order as the rest).
 constexpr int kCombinePreload = 8;
+constexpr int kMaxCachedDevices = 64;
 
 template <Dtype kDtype, int kPreload>
 __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const DecodeParams p) {
@@ -205,6 +207,25 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
         merged_lse;
 }
 
+/// CTAs of the preloading combine kernel resident per SM of the current device (its registers
+/// allow fewer than the plain kernel's: 7 against 16 on the H200). The preloading kernel runs only
+/// where its whole grid is resident at once: at 1024 CTAs (batch 32 x 32 heads) it ran 0.05-1.2 us
+/// slower than the plain one, at up to 256 CTAs 0.1-1.8 us faster (bench/NOTES.md, session 49).
+template <Dtype kDtype>
+int combine_preload_ctas_per_sm() {
+  static std::atomic<int> per_device[kMaxCachedDevices];  // 0: not asked yet
+  int device = 0;
+  FASTATTN_CUDA_CHECK(cudaGetDevice(&device));
+  if (device >= kMaxCachedDevices) device = kMaxCachedDevices - 1;  // past the 64th: shared
+  int n = per_device[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    FASTATTN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &n, &combine_kernel<kDtype, kCombinePreload>, kCombineWarps * 32, 0));
+    per_device[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
 template <Dtype kDtype>
 void run_for_dtype(const DecodeParams& p, cudaStream_t stream) {
   const int append_blocks = std::max(p.seqlen_new, p.q_rot ? p.seqlen_q : 0);
@@ -238,10 +259,12 @@ void run_for_dtype(const DecodeParams& p, cudaStream_t stream) {
     else launch_decode<256, kDtype>(attn, stream);
   }
   if (p.num_splits > 1 && !p.cluster_combine) {
+    const std::int64_t ctas = std::int64_t(p.seqlen_q) * p.heads_q * p.batch;
     // FASTATTN_DECODE_COMBINE_PRELOAD=0 (temporary, for the A/B of session 49): the old order.
     const char* pre = std::getenv("FASTATTN_DECODE_COMBINE_PRELOAD");
-    const auto kernel = pre && std::strcmp(pre, "0") == 0 ? &combine_kernel<kDtype, 0>
-                                                          : &combine_kernel<kDtype, kCombinePreload>;
+    const bool preload = !(pre && std::strcmp(pre, "0") == 0) &&
+                         ctas <= std::int64_t(combine_preload_ctas_per_sm<kDtype>()) * p.sm_count;
+    const auto kernel = preload ? &combine_kernel<kDtype, kCombinePreload> : &combine_kernel<kDtype, 0>;
     launch_kernel(kernel, dim3(p.seqlen_q, p.heads_q, p.batch), dim3(kCombineWarps * 32), 0, stream,
                   p.dependent_launch, p);
   }
