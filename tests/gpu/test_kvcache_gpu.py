@@ -618,11 +618,14 @@ def test_split_heuristic_cluster_bound_by_head_dim(seed, head_dim, cache_len, pa
     assert heuristic_splits(case, 1, 32, head_dim) == splits
 
 
+@pytest.mark.parametrize("batch", [8, 40])
 @pytest.mark.parametrize("layout", ["contiguous", "paged16"])
-def test_fixed_num_splits_invariant_across_grid_sizes(seed, layout):
+def test_fixed_num_splits_invariant_across_grid_sizes(seed, layout, batch):
     """A fixed num_splits (4) gives the same bits at batch 1 (a grid small enough for the cluster
-    merge) and inside batch 8 with 8 KV heads (256 CTAs: the combine kernel)."""
-    cfg = dict(B=8, Hq=32, Hkv=8, D=128, cache_len=2048, lens="ragged", Snew=0, splits=4,
+    merge) and inside batch 8 with 8 KV heads (256 CTAs: the combine kernel), or inside batch 40
+    (1280 combine CTAs: more than the combine kernel that preloads its first states keeps resident
+    on an H200, so there the plain one runs, and its bits must be the preloading one's)."""
+    cfg = dict(B=batch, Hq=32, Hkv=8, D=128, cache_len=2048, lens="ragged", Snew=0, splits=4,
                page=16 if layout == "paged16" else None)
     case = build_case(seed, torch.bfloat16, cfg)
 
@@ -634,8 +637,8 @@ def test_fixed_num_splits_invariant_across_grid_sizes(seed, layout):
             cache_batch_idx=i32(idx), block_table=case.bt, num_splits=4, return_softmax_lse=True,
             out=out, **case.kw)
 
-    out, lse = call(list(range(8)))
-    for b in (0, 5):
+    out, lse = call(list(range(batch)))
+    for b in (0, 5, batch - 1):
         o, l = call([b])
         torch.cuda.synchronize()
         R.assert_bitwise_equal(f"out of sequence {b} alone", o[0], out[b])

@@ -106,7 +106,10 @@ __global__ void append_rotary_kernel(const DecodeParams p) {
 /// leaves each split's weight in shared memory. Then the four warps take every fourth split
 /// each, a lane four columns (one 16-byte load per split, all of a thread's loads in flight
 /// together), and sum their shares through shared memory. (One thread per column walking all
-/// splits paid one dependent round trip per 8 splits: ~6 us at 33 splits.)
+/// splits paid one dependent round trip per 8 splits: ~6 us at 33 splits.) With kPreload > 0 each
+/// thread issues its first kPreload state loads before the LSE pass, so that their round trip
+/// overlaps the LSEs' (the sums are the same, in the same order): on the H200 0.1-1.8 us faster
+/// per call at batch 1-16 (bench/NOTES.md, session 49).
 constexpr int kMaxSplits = 1024;  // the largest num_splits the API accepts (core/validate.cpp)
 constexpr int kCombineWarps = 4;
 
@@ -260,10 +263,7 @@ void run_for_dtype(const DecodeParams& p, cudaStream_t stream) {
   }
   if (p.num_splits > 1 && !p.cluster_combine) {
     const std::int64_t ctas = std::int64_t(p.seqlen_q) * p.heads_q * p.batch;
-    // FASTATTN_DECODE_COMBINE_PRELOAD=0 (temporary, for the A/B of session 49): the old order.
-    const char* pre = std::getenv("FASTATTN_DECODE_COMBINE_PRELOAD");
-    const bool preload = !(pre && std::strcmp(pre, "0") == 0) &&
-                         ctas <= std::int64_t(combine_preload_ctas_per_sm<kDtype>()) * p.sm_count;
+    const bool preload = ctas <= std::int64_t(combine_preload_ctas_per_sm<kDtype>()) * p.sm_count;
     const auto kernel = preload ? &combine_kernel<kDtype, kCombinePreload> : &combine_kernel<kDtype, 0>;
     launch_kernel(kernel, dim3(p.seqlen_q, p.heads_q, p.batch), dim3(kCombineWarps * 32), 0, stream,
                   p.dependent_launch, p);
