@@ -116,7 +116,6 @@ constexpr int kCombineWarps = 4;
 /// A thread's first state loads, issued before the LSE pass so that its round trip and the LSEs'
 /// overlap (the weights multiply them once known, in the same order as the rest).
 constexpr int kCombinePreload = 8;
-constexpr int kMaxCachedDevices = 64;
 
 template <Dtype kDtype, int kPreload>
 __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const DecodeParams p) {
@@ -130,7 +129,6 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const std::int64_t split_stride = std::int64_t(p.batch) * p.heads_q * p.seqlen_q;
   const std::int64_t state0 = (std::int64_t(b) * p.heads_q + h) * p.seqlen_q + i;
-  // No branch on the weight: an empty split stores a zero output, so its weight 0 adds exactly 0.
   const float* src = p.partial_o + state0 * p.head_dim;
   const std::int64_t step = split_stride * p.head_dim;
   // The first kPreload of the warp's splits (warp, warp + 4, ...) at the lane's first four columns.
@@ -158,6 +156,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
     if (lane == 0) merged_lse = acc.lse();
   }
   __syncthreads();
+  // No branch on the weight: an empty split stores a zero output, so its weight 0 adds exactly 0.
   const auto store = [&](int c, float o) {
     Elem<kDtype>::store(p.out, b * p.out_batch_stride + std::int64_t(i) * p.out_row_stride +
                                    std::int64_t(h) * p.out_head_stride + c, o);
@@ -216,10 +215,11 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
 /// slower than the plain one, at up to 256 CTAs 0.1-1.8 us faster (bench/NOTES.md, session 49).
 template <Dtype kDtype>
 int combine_preload_ctas_per_sm() {
-  static std::atomic<int> per_device[kMaxCachedDevices];  // 0: not asked yet
+  constexpr int kCachedDevices = 64;  // devices past the 64th share the last entry
+  static std::atomic<int> per_device[kCachedDevices];  // 0: not asked yet
   int device = 0;
   FASTATTN_CUDA_CHECK(cudaGetDevice(&device));
-  if (device >= kMaxCachedDevices) device = kMaxCachedDevices - 1;  // past the 64th: shared
+  device = std::min(device, kCachedDevices - 1);
   int n = per_device[device].load(std::memory_order_relaxed);
   if (n == 0) {
     FASTATTN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
