@@ -337,7 +337,12 @@ int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int req
                                                   kDecodeMaxHeuristicSplits, kDecodeBlockN, decode_split_cost_blocks(sm90));
   // Fewer splits whose grid merges inside clusters, when that grid still has the bandwidth
   // (decode_cluster_max_tiles_per_cta).
-  const std::int64_t cluster_splits = std::min<std::int64_t>(kMaxClusterSplits, info.sm_count / (2 * items));
+  std::int64_t cluster_splits = std::min<std::int64_t>(kMaxClusterSplits, info.sm_count / (2 * items));
+  for (int s = std::min(splits - 1, kMaxClusterSplits); s > cluster_splits; --s)
+    if (decode_cluster_merge_applies(sm90, s, items * s, info.sm_count)) {
+      cluster_splits = s;  // more splits, merged in clusters on one CTA per SM
+      break;
+    }
   const std::int64_t tiles = key_tiles(max_keys);
   if (cluster_splits >= 2 && cluster_splits < splits &&
       !decode_cluster_merge_applies(sm90, splits, items * splits, info.sm_count) &&

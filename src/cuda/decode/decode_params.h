@@ -193,7 +193,11 @@ inline bool decode_cluster_merge_applies(bool sm90_kernel, int num_splits, std::
   const char* env = std::getenv("FASTATTN_DECODE_CLUSTER");
   if (!sm90_kernel || num_splits < 2 || num_splits > kMaxClusterSplits || (env && std::strcmp(env, "0") == 0))
     return false;
-  return 2 * ctas <= sm_count || (num_splits == 2 && ctas <= sm_count);
+  // FASTATTN_DECODE_CLUSTER_ONE_PER_SM (temporary, session 49's A/B): the most splits that merge in
+  // clusters on grids of at most one CTA per SM (2 unless set).
+  const char* one_per_sm = std::getenv("FASTATTN_DECODE_CLUSTER_ONE_PER_SM");
+  const int one_per_sm_max = one_per_sm && *one_per_sm ? std::atoi(one_per_sm) : 2;
+  return 2 * ctas <= sm_count || (num_splits <= one_per_sm_max && ctas <= sm_count);
 }
 
 /// The split heuristic takes fewer splits that merge inside clusters over more that need the
