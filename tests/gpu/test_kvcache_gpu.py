@@ -495,6 +495,12 @@ CLUSTER_CONFIGS = {
     # the same at head_dim 256, whose pairs pass the second split's state through the workspace
     "b8_2splits_pairs_d256_paged16": dict(B=8, Hq=32, Hkv=8, D=256, cache_len=2048, lens="ragged", page=16,
                                           Snew=1),
+    # 32 (sequence, KV head) items, 3 splits in clusters of 3 on one CTA per SM (head_dim <= 128):
+    # MHA batch 1, GQA 8 batch 4 (ragged, paged), head_dim 64
+    "b1_mha_3splits": dict(B=1, Hq=32, Hkv=32, cache_len=2048, lens=[2047]),
+    "b4_gqa8_3splits_ragged_paged16": dict(B=4, Hq=32, Hkv=8, cache_len=1024, lens="ragged", page=16, Snew=1),
+    "b1_mha_3splits_d64_causal": dict(B=1, Hq=32, Hkv=32, D=64, cache_len=1024, lens=[900], Sq=2, Snew=2,
+                                      opt="causal"),
 }
 
 
@@ -523,6 +529,27 @@ def _fastattn_kernels(call):
         call()
         torch.cuda.synchronize()
     return [e.name for e in prof.events() if "fastattn" in e.name]
+
+
+@pytest.mark.parametrize("head_dim,splits", [(64, 3), (128, 3), (256, 2)])
+def test_mha_batch1_splits_on_one_cta_per_sm_merge_in_clusters(seed, head_dim, splits, monkeypatch):
+    """README: MHA batch 1 / 1k (32 KV heads) takes 3 heuristic splits in clusters of 3 (96 CTAs, one
+    per SM) at head_dim 64 and 128, and 2 in clusters of 2 at 256: no combine kernel, and the answer
+    matches the float32 reference (run_case); FASTATTN_DECODE_CLUSTER=0 brings the combine kernel
+    back."""
+    if torch.cuda.get_device_capability() != (9, 0) or torch.cuda.get_device_properties(DEV).multi_processor_count != 132:
+        pytest.skip("the grid rule is checked on a 132-SM sm_90 GPU")
+    case = build_case(seed, torch.bfloat16, dict(B=1, Hq=32, Hkv=32, D=head_dim, cache_len=1024, Snew=0,
+                                                 lens=[1000], page=16))
+    assert heuristic_splits(case, 1, 32, head_dim) == splits
+    run_case(case)
+    names = _fastattn_kernels(lambda: kvcache_call(case, case.make_out()))
+    assert any("decode_kernel_sm90" in n for n in names), names
+    assert not any("combine_kernel" in n for n in names), f"a combine kernel ran: {names}"
+    monkeypatch.setenv("FASTATTN_DECODE_CLUSTER", "0")
+    run_case(case)
+    names = _fastattn_kernels(lambda: kvcache_call(case, case.make_out()))
+    assert any("combine_kernel" in n for n in names), f"FASTATTN_DECODE_CLUSTER=0: no combine kernel in {names}"
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
@@ -562,9 +589,10 @@ def _split_workspace_bytes(splits, rows, head_dim):
 @pytest.mark.parametrize("batch,heads_kv,cache_len", [(2, 8, 1024), (1, 8, 8192), (1, 32, 1024), (1, 32, 8192)])
 def test_split_heuristic_takes_the_cluster_grid(seed, batch, heads_kv, cache_len):
     """num_splits=0 on an sm_90 GPU (README): when one wave's split count needs the combine kernel
-    but a smaller one (<= 8) fits a grid of at most half the SMs with at most 32 key tiles per
-    CTA, the heuristic takes the smaller one (its splits merge inside clusters). Read off the
-    workspace, which holds exactly the partial states of the chosen split count."""
+    but a smaller one merges inside clusters (<= 8 on a grid of at most half the SMs, or <= 3 on at
+    most one CTA per SM at head_dim <= 128) with at most 32 key tiles per CTA, the heuristic takes
+    the largest such one. Read off the workspace, which holds exactly the partial states of the
+    chosen split count."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the sm_90 kernel's heuristic")
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
@@ -574,15 +602,19 @@ def test_split_heuristic_takes_the_cluster_grid(seed, batch, heads_kv, cache_len
     tiles = -(-cache_len // 64)
     wave = min(sms // items, cache_len // 128, 128)  # one CTA per SM, >= 2 tiles per split
     wave = wave if tiles - (-(-tiles // wave)) > 8 else 1
-    cluster = min(8, sms // (2 * items))
+    def clusters(s):  # head_dim 128: up to 3 splits on one CTA per SM
+        return 2 <= s <= 8 and (2 * items * s <= sms or (s <= 3 and items * s <= sms))
+
+    cluster = next((s for s in range(min(wave - 1, 8), 1, -1) if clusters(s)), 1)
     expected = wave
-    if 2 <= cluster < wave and 2 * items * wave > sms and -(-tiles // cluster) <= 32:
+    if 2 <= cluster < wave and not clusters(wave) and -(-tiles // cluster) <= 32:
         expected = cluster
     args = c_kwargs(case, case.make_out(), nan_full((batch, 32, 1), torch.float32))
     want = _split_workspace_bytes(expected, batch * 32 * 1, 128)
     assert _C.kvcache_workspace_bytes(**args) == want, f"{expected} splits expected"
-    if (batch, heads_kv, cache_len) == (2, 8, 1024) and sms == 132:
-        assert expected == 4  # the documented example
+    if sms == 132:  # the documented examples
+        assert expected == {(2, 8, 1024): 4, (1, 8, 8192): 8, (1, 32, 1024): 3, (1, 32, 8192): 4}[
+            (batch, heads_kv, cache_len)]
 
 
 @pytest.mark.parametrize("head_dim,page,doubled", [(64, 16, True), (64, 8, True), (64, 32, False), (128, 8, False),

@@ -210,7 +210,9 @@ bool pair_clusters_pay(const check::ArgChecker& c, const DecodeParams& p, std::i
   per_head.kv_heads_per_cta = 1;
   const int head_splits = decode_num_splits(c, per_head, 0, max_keys);
   const std::int64_t head_ctas = head_splits * head_block_ctas(p, 1);  // one row block (pair-sized rows)
-  const bool head_combines = head_splits > 1 && !decode_cluster_merge_applies(true, head_splits, head_ctas, sm_count);
+  const bool head_combines =
+      head_splits > 1 && !decode_cluster_merge_applies(true, head_splits, head_ctas, sm_count,
+                                                       decode_one_per_sm_cluster_splits(per_head, true));
   const std::int64_t pairs = head_block_ctas(p, kDecodeHeadPair);
   const std::int64_t tiles = key_tiles(max_keys);
   const int pair_splits = decode_form_splits(pairs, tiles, sm_count);
@@ -337,22 +339,25 @@ int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int req
                                                   kDecodeMaxHeuristicSplits, kDecodeBlockN, decode_split_cost_blocks(sm90));
   // Fewer splits whose grid merges inside clusters, when that grid still has the bandwidth
   // (decode_cluster_max_tiles_per_cta).
+  // The most of them on at most half the SMs, or (more) on one CTA per SM (kDecodeClusterOfThree).
+  const int one_per_sm = decode_one_per_sm_cluster_splits(p, true);
+  const auto clusters = [&](std::int64_t s) {
+    return decode_cluster_merge_applies(sm90, int(s), items * s, info.sm_count, one_per_sm);
+  };
   std::int64_t cluster_splits = std::min<std::int64_t>(kMaxClusterSplits, info.sm_count / (2 * items));
   for (int s = std::min(splits - 1, kMaxClusterSplits); s > cluster_splits; --s)
-    if (decode_cluster_merge_applies(sm90, s, items * s, info.sm_count)) {
-      cluster_splits = s;  // more splits, merged in clusters on one CTA per SM
+    if (clusters(s)) {
+      cluster_splits = s;
       break;
     }
   const std::int64_t tiles = key_tiles(max_keys);
-  if (cluster_splits >= 2 && cluster_splits < splits &&
-      !decode_cluster_merge_applies(sm90, splits, items * splits, info.sm_count) &&
-      decode_cluster_merge_applies(sm90, int(cluster_splits), items * cluster_splits, info.sm_count) &&
+  if (cluster_splits >= 2 && cluster_splits < splits && !clusters(splits) && clusters(cluster_splits) &&
       (tiles + cluster_splits - 1) / cluster_splits <= decode_cluster_max_tiles_per_cta(p.head_dim, p.page_size))
     splits = int(cluster_splits);
   // Small paged boxes: a count that needs the combine kernel anyway fills two CTAs per SM
   // (kDecodeSmallBoxMaxHeadDim).
   const bool small_boxes = sm90 && decode_small_paged_boxes(p.head_dim, p.page_size);
-  if (small_boxes && splits > 1 && !decode_cluster_merge_applies(sm90, splits, items * splits, info.sm_count))
+  if (small_boxes && splits > 1 && !clusters(splits))
     splits = int(std::min<std::int64_t>(
         {2 * std::int64_t(splits), max_keys / kDecodeMinKeysPerSplit, kDecodeMaxHeuristicSplits}));
   return splits;

@@ -184,20 +184,40 @@ inline std::int64_t head_block_ctas(const DecodeParams& p, int heads) {
 
 /// The most splits merged inside one cluster (the portable cluster size).
 constexpr int kMaxClusterSplits = 8;
+/// The most splits merged in clusters on a grid of at most one CTA per SM (beside the grids of at
+/// most half the SMs, which take up to kMaxClusterSplits): 2, and 3 for the per-head kernel at
+/// head_dim <= kDecodeClusterOfThreeMaxHeadDim (decode_one_per_sm_cluster_splits). On the H200 the
+/// per-head kernel's 3 splits in clusters of 3 (96 CTAs) ran 0.35-1.40 us faster than its 2 in
+/// clusters of 2 at 32 (sequence, KV head) items (MHA batch 1 / 1k-4k, GQA 8 batch 4 / 1k-2k, head_dim
+/// 64 and 128, two machines), but 0.15-0.98 us slower at head_dim 256 (bench/NOTES.md, session 49);
+/// 4 in clusters of 4 on 128 CTAs ran 28-38% slower (session 12).
+constexpr int kDecodeClusterOnePerSmSplits = 2;
+constexpr int kDecodeClusterOfThree = 3;
+constexpr int kDecodeClusterOfThreeMaxHeadDim = 128;
+
 /// Whether a grid of `ctas` CTAs over `num_splits` heuristic splits merges them inside thread-block
 /// clusters (no combine kernel): the sm_90 kernel, FASTATTN_DECODE_CLUSTER not "0", and either
-/// 2 .. kMaxClusterSplits splits on at most half the SMs, or 2 splits on at most one CTA per SM
-/// (clusters of 2, one per pair of SMs; run_decode says why). A num_splits the caller fixed never
-/// does (splits_fixed).
-inline bool decode_cluster_merge_applies(bool sm90_kernel, int num_splits, std::int64_t ctas, int sm_count) {
+/// 2 .. kMaxClusterSplits splits on at most half the SMs, or 2 .. `one_per_sm_splits` on at most
+/// one CTA per SM (clusters of 2 or 3 side by side; run_decode says why). A num_splits the caller
+/// fixed never does (splits_fixed).
+inline bool decode_cluster_merge_applies(bool sm90_kernel, int num_splits, std::int64_t ctas, int sm_count,
+                                         int one_per_sm_splits = kDecodeClusterOnePerSmSplits) {
   const char* env = std::getenv("FASTATTN_DECODE_CLUSTER");
   if (!sm90_kernel || num_splits < 2 || num_splits > kMaxClusterSplits || (env && std::strcmp(env, "0") == 0))
     return false;
-  // FASTATTN_DECODE_CLUSTER_ONE_PER_SM (temporary, session 49's A/B): the most splits that merge in
-  // clusters on grids of at most one CTA per SM (2 unless set).
-  const char* one_per_sm = std::getenv("FASTATTN_DECODE_CLUSTER_ONE_PER_SM");
-  const int one_per_sm_max = one_per_sm && *one_per_sm ? std::atoi(one_per_sm) : 2;
-  return 2 * ctas <= sm_count || (num_splits <= one_per_sm_max && ctas <= sm_count);
+  return 2 * ctas <= sm_count || (num_splits <= one_per_sm_splits && ctas <= sm_count);
+}
+
+/// The one_per_sm_splits of decode_cluster_merge_applies for a call of p's shape that runs the
+/// per-head sm_90 kernel (`per_head`: not the head-group kernel nor the head-pair or head-quad
+/// form): kDecodeClusterOfThree up to head_dim kDecodeClusterOfThreeMaxHeadDim, else
+/// kDecodeClusterOnePerSmSplits. FASTATTN_DECODE_CLUSTER_ONE_PER_SM (temporary, session 49's A/B)
+/// sets it for every call.
+inline int decode_one_per_sm_cluster_splits(const DecodeParams& p, bool per_head) {
+  const char* env = std::getenv("FASTATTN_DECODE_CLUSTER_ONE_PER_SM");
+  if (env && *env) return std::atoi(env);
+  return per_head && p.head_dim <= kDecodeClusterOfThreeMaxHeadDim ? kDecodeClusterOfThree
+                                                                   : kDecodeClusterOnePerSmSplits;
 }
 
 /// The split heuristic takes fewer splits that merge inside clusters over more that need the
