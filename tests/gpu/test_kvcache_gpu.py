@@ -495,9 +495,9 @@ CLUSTER_CONFIGS = {
     # the same at head_dim 256, whose pairs pass the second split's state through the workspace
     "b8_2splits_pairs_d256_paged16": dict(B=8, Hq=32, Hkv=8, D=256, cache_len=2048, lens="ragged", page=16,
                                           Snew=1),
-    # 32 (sequence, KV head) items, 3 splits in clusters of 3 on one CTA per SM (head_dim <= 128):
-    # MHA batch 1, GQA 8 batch 4 (ragged, paged), head_dim 64
-    "b1_mha_3splits": dict(B=1, Hq=32, Hkv=32, cache_len=2048, lens=[2047]),
+    # 32 (sequence, KV head) items, 3 splits in clusters of 3 on one CTA per SM (paged at head_dim
+    # <= 128, contiguous at <= 64): MHA batch 1, GQA 8 batch 4 (ragged), head_dim 64 contiguous
+    "b1_mha_3splits_paged16": dict(B=1, Hq=32, Hkv=32, cache_len=2048, lens=[2047], page=16),
     "b4_gqa8_3splits_ragged_paged16": dict(B=4, Hq=32, Hkv=8, cache_len=1024, lens="ragged", page=16, Snew=1),
     "b1_mha_3splits_d64_causal": dict(B=1, Hq=32, Hkv=32, D=64, cache_len=1024, lens=[900], Sq=2, Snew=2,
                                       opt="causal"),
@@ -533,10 +533,10 @@ def _fastattn_kernels(call):
 
 @pytest.mark.parametrize("head_dim,splits", [(64, 3), (128, 3), (256, 2)])
 def test_mha_batch1_splits_on_one_cta_per_sm_merge_in_clusters(seed, head_dim, splits, monkeypatch):
-    """README: MHA batch 1 / 1k (32 KV heads) takes 3 heuristic splits in clusters of 3 (96 CTAs, one
-    per SM) at head_dim 64 and 128, and 2 in clusters of 2 at 256: no combine kernel, and the answer
-    matches the float32 reference (run_case); FASTATTN_DECODE_CLUSTER=0 brings the combine kernel
-    back."""
+    """README: MHA batch 1 / 1k (32 KV heads) on pages of 16 takes 3 heuristic splits in clusters of 3
+    (96 CTAs, one per SM) at head_dim 64 and 128, and 2 in clusters of 2 at 256: no combine kernel,
+    and the answer matches the float32 reference (run_case); FASTATTN_DECODE_CLUSTER=0 brings the
+    combine kernel back."""
     if torch.cuda.get_device_capability() != (9, 0) or torch.cuda.get_device_properties(DEV).multi_processor_count != 132:
         pytest.skip("the grid rule is checked on a 132-SM sm_90 GPU")
     case = build_case(seed, torch.bfloat16, dict(B=1, Hq=32, Hkv=32, D=head_dim, cache_len=1024, Snew=0,
@@ -589,10 +589,10 @@ def _split_workspace_bytes(splits, rows, head_dim):
 @pytest.mark.parametrize("batch,heads_kv,cache_len", [(2, 8, 1024), (1, 8, 8192), (1, 32, 1024), (1, 32, 8192)])
 def test_split_heuristic_takes_the_cluster_grid(seed, batch, heads_kv, cache_len):
     """num_splits=0 on an sm_90 GPU (README): when one wave's split count needs the combine kernel
-    but a smaller one merges inside clusters (<= 8 on a grid of at most half the SMs, or <= 3 on at
-    most one CTA per SM at head_dim <= 128) with at most 32 key tiles per CTA, the heuristic takes
-    the largest such one. Read off the workspace, which holds exactly the partial states of the
-    chosen split count."""
+    but a smaller one merges inside clusters (<= 8 on a grid of at most half the SMs; on a contiguous
+    cache at head_dim 128, as here, 2 on at most one CTA per SM) with at most 32 key tiles per CTA,
+    the heuristic takes the largest such one. Read off the workspace, which holds exactly the
+    partial states of the chosen split count."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the sm_90 kernel's heuristic")
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
@@ -602,8 +602,8 @@ def test_split_heuristic_takes_the_cluster_grid(seed, batch, heads_kv, cache_len
     tiles = -(-cache_len // 64)
     wave = min(sms // items, cache_len // 128, 128)  # one CTA per SM, >= 2 tiles per split
     wave = wave if tiles - (-(-tiles // wave)) > 8 else 1
-    def clusters(s):  # head_dim 128: up to 3 splits on one CTA per SM
-        return 2 <= s <= 8 and (2 * items * s <= sms or (s <= 3 and items * s <= sms))
+    def clusters(s):  # head_dim 128, contiguous: up to 2 splits on one CTA per SM
+        return 2 <= s <= 8 and (2 * items * s <= sms or (s <= 2 and items * s <= sms))
 
     cluster = next((s for s in range(min(wave - 1, 8), 1, -1) if clusters(s)), 1)
     expected = wave
@@ -613,7 +613,7 @@ def test_split_heuristic_takes_the_cluster_grid(seed, batch, heads_kv, cache_len
     want = _split_workspace_bytes(expected, batch * 32 * 1, 128)
     assert _C.kvcache_workspace_bytes(**args) == want, f"{expected} splits expected"
     if sms == 132:  # the documented examples
-        assert expected == {(2, 8, 1024): 4, (1, 8, 8192): 8, (1, 32, 1024): 3, (1, 32, 8192): 4}[
+        assert expected == {(2, 8, 1024): 4, (1, 8, 8192): 8, (1, 32, 1024): 2, (1, 32, 8192): 4}[
             (batch, heads_kv, cache_len)]
 
 

@@ -318,8 +318,9 @@ void run_decode(const DecodeParams& params, void* stream_ptr) {
   // 2k-8k, batch 6 / 8k-32k): by 0.9-4.1 us at head_dim 128 and 1.6-2.5 us at 64 (session 12),
   // by 0.5-6.7 us at 256, whose pairs pass the state through the workspace (session 13;
   // bench/NOTES.md). Session 5 had seen such a grid 0.9 us slower, at batch 8 / 1k with the first
-  // cluster merge, which that split count no longer takes. Not for a num_splits the caller fixed
-  // (see DecodeParams::splits_fixed). FASTATTN_DECODE_CLUSTER=0 keeps the combine kernel.
+  // cluster merge, which that split count no longer takes. The per-head kernel also takes 3 in
+  // clusters of 3 on one CTA per SM (decode_one_per_sm_cluster_splits). Not for a num_splits the
+  // caller fixed (see DecodeParams::splits_fixed). FASTATTN_DECODE_CLUSTER=0 keeps the combine kernel.
   const std::int64_t ctas =
       p.num_splits * head_block_ctas(p, p.kv_heads_per_cta) * decode_row_blocks(p.group, p.seqlen_q);
   p.cluster_combine = !p.splits_fixed && !p.head_group &&

@@ -186,14 +186,17 @@ inline std::int64_t head_block_ctas(const DecodeParams& p, int heads) {
 constexpr int kMaxClusterSplits = 8;
 /// The most splits merged in clusters on a grid of at most one CTA per SM (beside the grids of at
 /// most half the SMs, which take up to kMaxClusterSplits): 2, and 3 for the per-head kernel at
-/// head_dim <= kDecodeClusterOfThreeMaxHeadDim (decode_one_per_sm_cluster_splits). On the H200 the
-/// per-head kernel's 3 splits in clusters of 3 (96 CTAs) ran 0.35-1.40 us faster than its 2 in
-/// clusters of 2 at 32 (sequence, KV head) items (MHA batch 1 / 1k-4k, GQA 8 batch 4 / 1k-2k, head_dim
-/// 64 and 128, two machines), but 0.15-0.98 us slower at head_dim 256 (bench/NOTES.md, session 49);
-/// 4 in clusters of 4 on 128 CTAs ran 28-38% slower (session 12).
+/// head_dim <= kDecodeClusterOfThreeMaxHeadDim on paged caches, and at head_dim 64 and below on
+/// contiguous ones too (decode_one_per_sm_cluster_splits). On the H200 (bench/NOTES.md, session 49)
+/// its 3 splits in clusters of 3 (96 CTAs at 32 (sequence, KV head) items: MHA batch 1 / 1k-4k, GQA 8
+/// batch 4 / 1k-2k) against 2 in clusters of 2, on three machines: paged 0.10-1.57 us faster at
+/// every shape; contiguous 0.06-0.96 us faster at head_dim 64, and at 128 0.35-0.96 us faster on two
+/// machines but level on the third (-0.17..+0.16 us); at head_dim 256 0.15-0.98 us slower. (4 in
+/// clusters of 4 on 128 CTAs ran 28-38% slower, session 12.)
 constexpr int kDecodeClusterOnePerSmSplits = 2;
 constexpr int kDecodeClusterOfThree = 3;
 constexpr int kDecodeClusterOfThreeMaxHeadDim = 128;
+constexpr int kDecodeClusterOfThreeContiguousMaxHeadDim = 64;
 
 /// Whether a grid of `ctas` CTAs over `num_splits` heuristic splits merges them inside thread-block
 /// clusters (no combine kernel): the sm_90 kernel, FASTATTN_DECODE_CLUSTER not "0", and either
@@ -210,14 +213,13 @@ inline bool decode_cluster_merge_applies(bool sm90_kernel, int num_splits, std::
 
 /// The one_per_sm_splits of decode_cluster_merge_applies for a call of p's shape that runs the
 /// per-head sm_90 kernel (`per_head`: not the head-group kernel nor the head-pair or head-quad
-/// form): kDecodeClusterOfThree up to head_dim kDecodeClusterOfThreeMaxHeadDim, else
-/// kDecodeClusterOnePerSmSplits. FASTATTN_DECODE_CLUSTER_ONE_PER_SM (temporary, session 49's A/B)
-/// sets it for every call.
+/// form): kDecodeClusterOfThree up to head_dim kDecodeClusterOfThreeMaxHeadDim on a paged cache and
+/// up to kDecodeClusterOfThreeContiguousMaxHeadDim on a contiguous one, else
+/// kDecodeClusterOnePerSmSplits.
 inline int decode_one_per_sm_cluster_splits(const DecodeParams& p, bool per_head) {
-  const char* env = std::getenv("FASTATTN_DECODE_CLUSTER_ONE_PER_SM");
-  if (env && *env) return std::atoi(env);
-  return per_head && p.head_dim <= kDecodeClusterOfThreeMaxHeadDim ? kDecodeClusterOfThree
-                                                                   : kDecodeClusterOnePerSmSplits;
+  const int max_head_dim =
+      p.page_size > 0 ? kDecodeClusterOfThreeMaxHeadDim : kDecodeClusterOfThreeContiguousMaxHeadDim;
+  return per_head && p.head_dim <= max_head_dim ? kDecodeClusterOfThree : kDecodeClusterOnePerSmSplits;
 }
 
 /// The split heuristic takes fewer splits that merge inside clusters over more that need the
