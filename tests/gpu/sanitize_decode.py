@@ -2,7 +2,7 @@
 (scripts/gpu_sanitize.sh): flash_attn_with_kvcache over contiguous and paged caches (page sizes 1,
 16, 256), appends with rotary (interleaved and GPT-NeoX, full and partial rotary_dim), leftpad,
 cache_batch_idx, GQA 8, num_splits 1 and 7 (and the heuristic over a long cache, and heuristic splits
-merged inside a thread-block cluster on sm_90), out-of-range page
+merged inside a thread-block cluster on sm_90, in pairs and threes), out-of-range page
 ids in the block table, empty caches, decode through flash_attn_varlen_func with a block table, and
 three calls each through the sm_90 head-group kernel and the sm_90 kernel's head-pair form (at
 head_dim 128 and 64) and head-quad form.
@@ -96,6 +96,8 @@ def cases():
         B=1, Hq=8, Hkv=2, D=256, cache_len=1024, lens=[1023]))
     yield "cluster merge in pairs: batch 8, 2 heuristic splits on 128 CTAs, paged 16", kvcache, (B16, dict(
         B=8, Hq=32, Hkv=8, cache_len=2048, lens="ragged", page=16))
+    yield "cluster merge in threes: MHA batch 1, 3 heuristic splits on 96 CTAs, paged 16", kvcache, (B16, dict(
+        B=1, Hq=32, Hkv=32, cache_len=1024, lens=[1000], page=16, Snew=0))
     yield "cluster merge in pairs through the workspace: d256, batch 8, 2 heuristic splits on 128 CTAs", kvcache, (
         B16, dict(B=8, Hq=32, Hkv=8, D=256, cache_len=2048, lens="ragged", page=16))
     yield "everything paged 16", kvcache, (B16, dict(page=16, rotary="interleaved", rotary_frac=0.5, batch_idx=True,
