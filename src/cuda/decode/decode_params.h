@@ -190,7 +190,7 @@ constexpr int kMaxClusterSplits = 8;
 /// contiguous ones too (decode_one_per_sm_cluster_splits). On the H200 (bench/NOTES.md, session 49)
 /// its 3 splits in clusters of 3 (96 CTAs at 32 (sequence, KV head) items: MHA batch 1 / 1k-4k, GQA 8
 /// batch 4 / 1k-2k) against 2 in clusters of 2, on three machines: paged 0.10-1.57 us faster at
-/// every shape; contiguous 0.06-0.96 us faster at head_dim 64, and at 128 0.35-0.96 us faster on two
+/// every shape; contiguous 0.06-0.61 us faster at head_dim 64, and at 128 0.35-0.96 us faster on two
 /// machines but level on the third (-0.17..+0.16 us); at head_dim 256 0.15-0.98 us slower. (4 in
 /// clusters of 4 on 128 CTAs ran 28-38% slower, session 12.)
 constexpr int kDecodeClusterOnePerSmSplits = 2;
