@@ -531,6 +531,19 @@ def _fastattn_kernels(call):
     return [e.name for e in prof.events() if "fastattn" in e.name]
 
 
+def _assert_clusters_then_combine_kernel(case, monkeypatch):
+    """case's call (run_case: the float32 reference) launches the sm_90 kernel and no combine kernel;
+    with FASTATTN_DECODE_CLUSTER=0 (run_case again) it launches the combine kernel."""
+    run_case(case)
+    names = _fastattn_kernels(lambda: kvcache_call(case, case.make_out()))
+    assert any("decode_kernel_sm90" in n for n in names), names
+    assert not any("combine_kernel" in n for n in names), f"a combine kernel ran: {names}"
+    monkeypatch.setenv("FASTATTN_DECODE_CLUSTER", "0")
+    run_case(case)
+    names = _fastattn_kernels(lambda: kvcache_call(case, case.make_out()))
+    assert any("combine_kernel" in n for n in names), f"FASTATTN_DECODE_CLUSTER=0: no combine kernel in {names}"
+
+
 @pytest.mark.parametrize("head_dim,splits", [(64, 3), (128, 3), (256, 2)])
 def test_mha_batch1_splits_on_one_cta_per_sm_merge_in_clusters(seed, head_dim, splits, monkeypatch):
     """README: MHA batch 1 / 1k (32 KV heads) on pages of 16 takes 3 heuristic splits in clusters of 3
@@ -542,14 +555,7 @@ def test_mha_batch1_splits_on_one_cta_per_sm_merge_in_clusters(seed, head_dim, s
     case = build_case(seed, torch.bfloat16, dict(B=1, Hq=32, Hkv=32, D=head_dim, cache_len=1024, Snew=0,
                                                  lens=[1000], page=16))
     assert heuristic_splits(case, 1, 32, head_dim) == splits
-    run_case(case)
-    names = _fastattn_kernels(lambda: kvcache_call(case, case.make_out()))
-    assert any("decode_kernel_sm90" in n for n in names), names
-    assert not any("combine_kernel" in n for n in names), f"a combine kernel ran: {names}"
-    monkeypatch.setenv("FASTATTN_DECODE_CLUSTER", "0")
-    run_case(case)
-    names = _fastattn_kernels(lambda: kvcache_call(case, case.make_out()))
-    assert any("combine_kernel" in n for n in names), f"FASTATTN_DECODE_CLUSTER=0: no combine kernel in {names}"
+    _assert_clusters_then_combine_kernel(case, monkeypatch)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
@@ -565,14 +571,7 @@ def test_two_splits_on_one_cta_per_sm_merge_in_clusters(seed, head_dim, monkeypa
     args = c_kwargs(case, case.make_out(), nan_full((8, 32, 1), torch.float32))
     assert _C.kvcache_workspace_bytes(**args) == _split_workspace_bytes(2, 8 * 32, head_dim), \
         "the heuristic takes 2 splits"
-    run_case(case)
-    names = _fastattn_kernels(lambda: kvcache_call(case, case.make_out()))
-    assert any("decode_kernel_sm90" in n for n in names), names
-    assert not any("combine_kernel" in n for n in names), f"a combine kernel ran: {names}"
-    monkeypatch.setenv("FASTATTN_DECODE_CLUSTER", "0")
-    run_case(case)
-    names = _fastattn_kernels(lambda: kvcache_call(case, case.make_out()))
-    assert any("combine_kernel" in n for n in names), f"FASTATTN_DECODE_CLUSTER=0: no combine kernel in {names}"
+    _assert_clusters_then_combine_kernel(case, monkeypatch)
 
 
 def _align256(n):
