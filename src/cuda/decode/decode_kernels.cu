@@ -108,7 +108,7 @@ __global__ void append_rotary_kernel(const DecodeParams p) {
 /// together), and sum their shares through shared memory. (One thread per column walking all
 /// splits paid one dependent round trip per 8 splits: ~6 us at 33 splits.) With kPreload > 0 each
 /// thread issues its first kPreload state loads before the LSE pass, so that their round trip
-/// overlaps the LSEs' (the sums are the same, in the same order): on the H200 0.1-1.8 us faster
+/// overlaps the LSEs' (the sums are the same, in the same order): on the H200 up to 2.2 us faster
 /// per call at batch 1-16 (bench/NOTES.md, session 49).
 constexpr int kMaxSplits = 1024;  // the largest num_splits the API accepts (core/validate.cpp)
 constexpr int kCombineWarps = 4;
@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
 /// CTAs of the preloading combine kernel resident per SM of the current device (its registers
 /// allow fewer than the plain kernel's: 7 against 16 on the H200). The preloading kernel runs only
 /// where its whole grid is resident at once: at 1024 CTAs (batch 32 x 32 heads) it ran 0.05-1.2 us
-/// slower than the plain one, at up to 256 CTAs 0.1-1.8 us faster (bench/NOTES.md, session 49).
+/// slower than the plain one, at up to 512 CTAs up to 2.2 us faster (bench/NOTES.md, session 49).
 template <Dtype kDtype>
 int combine_preload_ctas_per_sm() {
   constexpr int kCachedDevices = 64;  // devices past the 64th share the last entry
