@@ -212,7 +212,7 @@ bool pair_clusters_pay(const check::ArgChecker& c, const DecodeParams& p, std::i
   const std::int64_t head_ctas = head_splits * head_block_ctas(p, 1);  // one row block (pair-sized rows)
   const bool head_combines =
       head_splits > 1 && !decode_cluster_merge_applies(true, head_splits, head_ctas, sm_count,
-                                                       decode_one_per_sm_cluster_splits(per_head, true));
+                                                       decode_one_per_sm_cluster_splits(per_head));
   const std::int64_t pairs = head_block_ctas(p, kDecodeHeadPair);
   const std::int64_t tiles = key_tiles(max_keys);
   const int pair_splits = decode_form_splits(pairs, tiles, sm_count);
@@ -337,23 +337,22 @@ int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int req
   const std::int64_t wave = std::int64_t(decode_split_wave_ctas_per_sm(p.head_dim, sm90)) * info.sm_count;
   int splits = core::choose_num_splits_if_paying(items, max_keys, wave, kDecodeMinKeysPerSplit,
                                                   kDecodeMaxHeuristicSplits, kDecodeBlockN, decode_split_cost_blocks(sm90));
-  // Fewer splits whose grid merges inside clusters, when that grid still has the bandwidth
-  // (decode_cluster_max_tiles_per_cta).
-  // The most of them on at most half the SMs, or (more) on one CTA per SM (kDecodeClusterOfThree).
-  const int one_per_sm = decode_one_per_sm_cluster_splits(p, true);
+  // Fewer splits whose grid merges inside clusters (the most below the one-wave count that do),
+  // when that grid still has the bandwidth (decode_cluster_max_tiles_per_cta).
+  const int one_per_sm = decode_one_per_sm_cluster_splits(p);
   const auto clusters = [&](std::int64_t s) {
     return decode_cluster_merge_applies(sm90, int(s), items * s, info.sm_count, one_per_sm);
   };
-  std::int64_t cluster_splits = std::min<std::int64_t>(kMaxClusterSplits, info.sm_count / (2 * items));
-  for (int s = std::min(splits - 1, kMaxClusterSplits); s > cluster_splits; --s)
+  int cluster_splits = 1;
+  for (int s = std::min(splits - 1, kMaxClusterSplits); s >= 2; --s)
     if (clusters(s)) {
       cluster_splits = s;
       break;
     }
   const std::int64_t tiles = key_tiles(max_keys);
-  if (cluster_splits >= 2 && cluster_splits < splits && !clusters(splits) && clusters(cluster_splits) &&
+  if (cluster_splits >= 2 && !clusters(splits) &&
       (tiles + cluster_splits - 1) / cluster_splits <= decode_cluster_max_tiles_per_cta(p.head_dim, p.page_size))
-    splits = int(cluster_splits);
+    splits = cluster_splits;
   // Small paged boxes: a count that needs the combine kernel anyway fills two CTAs per SM
   // (kDecodeSmallBoxMaxHeadDim).
   const bool small_boxes = sm90 && decode_small_paged_boxes(p.head_dim, p.page_size);

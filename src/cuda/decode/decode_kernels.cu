@@ -325,7 +325,7 @@ void run_decode(const DecodeParams& params, void* stream_ptr) {
       p.num_splits * head_block_ctas(p, p.kv_heads_per_cta) * decode_row_blocks(p.group, p.seqlen_q);
   p.cluster_combine = !p.splits_fixed && !p.head_group &&
                       decode_cluster_merge_applies(p.sm90_kernel, p.num_splits, ctas, info.sm_count,
-                                                   decode_one_per_sm_cluster_splits(p, p.kv_heads_per_cta == 1));
+                                                   decode_one_per_sm_cluster_splits(p));
   p.quarter_min_slots = decode_quarter_min_slots(p);
   if (p.dtype == Dtype::kFloat16) run_for_dtype<Dtype::kFloat16>(p, stream);
   else run_for_dtype<Dtype::kBFloat16>(p, stream);

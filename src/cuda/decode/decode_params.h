@@ -211,12 +211,12 @@ inline bool decode_cluster_merge_applies(bool sm90_kernel, int num_splits, std::
   return 2 * ctas <= sm_count || (num_splits <= one_per_sm_splits && ctas <= sm_count);
 }
 
-/// The one_per_sm_splits of decode_cluster_merge_applies for a call of p's shape that runs the
-/// per-head sm_90 kernel (`per_head`: not the head-group kernel nor the head-pair or head-quad
-/// form): kDecodeClusterOfThree up to head_dim kDecodeClusterOfThreeMaxHeadDim on a paged cache and
-/// up to kDecodeClusterOfThreeContiguousMaxHeadDim on a contiguous one, else
-/// kDecodeClusterOnePerSmSplits.
-inline int decode_one_per_sm_cluster_splits(const DecodeParams& p, bool per_head) {
+/// The one_per_sm_splits of decode_cluster_merge_applies for p's plan: kDecodeClusterOfThree where
+/// it runs the per-head sm_90 kernel (no head group, one KV head per CTA) up to head_dim
+/// kDecodeClusterOfThreeMaxHeadDim on a paged cache and up to
+/// kDecodeClusterOfThreeContiguousMaxHeadDim on a contiguous one, else kDecodeClusterOnePerSmSplits.
+inline int decode_one_per_sm_cluster_splits(const DecodeParams& p) {
+  const bool per_head = p.head_group == 0 && p.kv_heads_per_cta == 1;
   const int max_head_dim =
       p.page_size > 0 ? kDecodeClusterOfThreeMaxHeadDim : kDecodeClusterOfThreeContiguousMaxHeadDim;
   return per_head && p.head_dim <= max_head_dim ? kDecodeClusterOfThree : kDecodeClusterOnePerSmSplits;
