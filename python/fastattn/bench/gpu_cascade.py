@@ -49,7 +49,7 @@ from typing import List
 import fastattn
 
 from .gpu_decode import _n_sets, make_sleeper, time_interleaved
-from .gpu_prefill import _f, _l2_bytes, _short_error, apply_overrides, timing_noise_line, warm_gpu
+from .gpu_prefill import _aligned, _f, _l2_bytes, _short_error, apply_overrides, timing_noise_line, warm_gpu
 
 GiB = 1 << 30
 HEADS_Q = 32
@@ -375,10 +375,7 @@ def format_table(records):
                       _time_cell(r, PAGED), _f(p.get("tbps"), "%.2f"), _f(r.get("speedup"), "%.1fx"),
                       "NaN!" if nonfinite else _f(c.get("max_abs_err_vs_paged"), "%.1e"),
                       "%.1e" % max(errs) if errs else "-"])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
-    fmt = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
-                                  for i, (c, w) in enumerate(zip(cells, widths)))
-    out = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(c) for c in lines]
+    out = _aligned(head, lines)
     notes = sorted({"%s %s: %s" % (r["name"], k, i["error"]) for r in records
                     for k, i in r["impls"].items() if i.get("error")})
     notes += ["%s: %s" % (r["name"], r["skipped"]) for r in records if r.get("skipped")]

@@ -62,7 +62,7 @@ from typing import Callable, Dict, List
 
 import fastattn
 
-from .gpu_prefill import (Deadline, _cycle, _event_time, _f, _l2_bytes, _paged, _ratio, _s, _short_error,
+from .gpu_prefill import (Deadline, _aligned, _cycle, _event_time, _f, _l2_bytes, _paged, _ratio, _s, _short_error,
                           _torch_dtype, apply_overrides, calls_per_round, error_vs_flash_line, finish_figure,
                           timing_noise_line, timing_stats, warm_gpu)
 from .gpu_prefill import bad_records  # noqa: F401  (the same check for decode records; runner uses it)
@@ -688,14 +688,6 @@ def _rate_cell(rec, key):
     if v is None:
         return "-"
     return "%.2f%s" % (v, "*" if info.get("gqa_mode") == "expanded" else "")
-
-
-def _aligned(head, lines):
-    """Header, rule and rows of a plain-text table: the first column left-aligned, the rest right."""
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
-    fmt = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
-                                  for i, (c, w) in enumerate(zip(cells, widths)))
-    return [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(c) for c in lines]
 
 
 def format_table(records, copy_tbps=None):

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import List
 
 from .gpu_decode import _n_sets, _us, add_copy_fractions, make_sleeper, measure_copy, time_interleaved
-from .gpu_prefill import (Deadline, _cycle, _f, _l2_bytes, _short_error, _torch_dtype, apply_overrides,
+from .gpu_prefill import (Deadline, _aligned, _cycle, _f, _l2_bytes, _short_error, _torch_dtype, apply_overrides,
                           timing_noise_line, warm_gpu)
 from .gpu_prefill import bad_records  # noqa: F401  (the same check for merge records)
 
@@ -316,10 +316,7 @@ def format_table(records, copy_tbps=None):
                       "NaN!" if info.get("finite") is False else _f(err, "%.1e"),
                       _f(info.get("max_lse_err"), "%.1e"),
                       "%.1f%%" % (100 * info.get("spread", 0.0))])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
-    fmt = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
-                                  for i, (c, w) in enumerate(zip(cells, widths)))
-    out = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(c) for c in lines]
+    out = _aligned(head, lines)
     notes = sorted({info.get("error") or info.get("check_error")
                     for r in records for info in r["impls"].values()
                     if info.get("error") or info.get("check_error")})

@@ -553,6 +553,14 @@ def _peer_cell(info):
     return "n/a" if info.get("error") else "-"
 
 
+def _aligned(head, lines):
+    """Header, rule and rows of a plain-text table: the first column left-aligned, the rest right."""
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    fmt = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
+                                  for i, (c, w) in enumerate(zip(cells, widths)))
+    return [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(c) for c in lines]
+
+
 def format_table(records, variants=VARIANTS):
     """One line per shape: TFLOP/s of fastattn (dense) and the peers, the ratios, the max error
     of any fastattn variant vs SDPA flash, and each varlen/paged variant's speed over dense."""
@@ -584,10 +592,7 @@ def format_table(records, variants=VARIANTS):
         if r.get("error"):
             cells[1] = "error"
         lines.append(cells)
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
-    fmt = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
-                                  for i, (c, w) in enumerate(zip(cells, widths)))
-    out = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(c) for c in lines]
+    out = _aligned(head, lines)
     notes = sorted({("" if k.startswith("fastattn") else k + ": ") + info["error"]
                     for r in records for k, info in r["impls"].items() if info.get("error")})
     for n in notes[:4]:

@@ -210,10 +210,7 @@ def format_table(rows, device):
         err = r.get("max_abs_err")
         cells += ["-" if err is None else "%.1e" % err]
         lines.append(cells)
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
-    fmt = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
-                                  for i, (c, w) in enumerate(zip(cells, widths)))
-    out = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(c) for c in lines]
+    out = gpu_prefill._aligned(head, lines)
     notes = sorted({r["fastattn_error"] for r in rows if r.get("fastattn_error")})
     for n in notes:
         out.append("n/a: " + n)
