@@ -113,8 +113,7 @@ __global__ void append_rotary_kernel(const DecodeParams p) {
 constexpr int kMaxSplits = 1024;  // the largest num_splits the API accepts (core/validate.cpp)
 constexpr int kCombineWarps = 4;
 
-/// A thread's first state loads, issued before the LSE pass so that its round trip and the LSEs'
-/// overlap (the weights multiply them once known, in the same order as the rest).
+/// combine_kernel's kPreload where it preloads (combine_preload_ctas_per_sm says where).
 constexpr int kCombinePreload = 8;
 
 template <Dtype kDtype, int kPreload>
