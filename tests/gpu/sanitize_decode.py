@@ -51,6 +51,7 @@ def with_switches(switches):
 
 head_group = with_switches(T.KERNEL_SWITCHES["head_group"])  # the sm_90 head-group kernel
 head_group_wide = with_switches(T.KERNEL_SWITCHES["head_group_wide"])  # its wide form (8 heads)
+head_group_wide_d64 = with_switches(T.KERNEL_SWITCHES["head_group_wide_d64"])  # ... at head_dim 64
 head_group_rows = with_switches(T.KERNEL_SWITCHES["head_group_rows"])  # its token-row form (32 heads)
 head_pair = with_switches(T.KERNEL_SWITCHES["head_pair"])    # the sm_90 kernel's head-pair form
 head_pair_d64 = with_switches(T.KERNEL_SWITCHES["head_pair_d64"])  # ... at head_dim 64
@@ -107,10 +108,12 @@ def cases():
     yield "empty cache", kvcache, (F16, dict(lens="zeros", Snew=0))
     yield "empty paged cache, first tokens appended", kvcache, (B16, dict(lens="zeros", page=16, Sq=2, Snew=2, rotary="neox", opt="causal"))
     yield "varlen decode block table page 16", varlen_decode, (B16, 16)
-    # the sm_90 head-group kernel (4 KV heads per CTA), its wide form (8), its token-row form (32)
+    # the sm_90 head-group kernel (4 KV heads per CTA), its wide form (8; head_dim 128 and 64), its
+    # token-row form (32)
     # and the sm_90 kernel's head-pair (2, head_dim 128 and 64) and head-quad (4, head_dim 64) forms
     for form, run, hkv, d in (("head-group kernel", head_group, 4, 128),
                               ("head-group wide form", head_group_wide, 8, 128),
+                              ("head-group wide form d64", head_group_wide_d64, 8, 64),
                               ("head-group token-row form", head_group_rows, 32, 128),
                               ("head-pair form", head_pair, 2, 128), ("head-pair form d64", head_pair_d64, 2, 64),
                               ("head-quad form", head_quad, 4, 64)):

@@ -747,6 +747,7 @@ KERNEL_SWITCHES = {
     "per_head": {},
     "head_group": {"FASTATTN_DECODE_HEAD_GROUP": "1"},
     "head_group_wide": {"FASTATTN_DECODE_HEAD_GROUP": "8"},
+    "head_group_wide_d64": {"FASTATTN_DECODE_HEAD_GROUP": "8"},  # head_dim 64
     "head_group_rows": {"FASTATTN_DECODE_HEAD_GROUP": "32"},
     "head_pair": {"FASTATTN_DECODE_HEAD_PAIR": "1", "FASTATTN_DECODE_HEAD_GROUP": "0"},
     "head_pair_d64": {"FASTATTN_DECODE_HEAD_PAIR": "1", "FASTATTN_DECODE_HEAD_QUAD": "0"},  # head_dim 64
@@ -758,7 +759,7 @@ KERNEL_SWITCHES = {
     "head_quad_unclustered": {"FASTATTN_DECODE_HEAD_QUAD": "1", "FASTATTN_DECODE_CLUSTER": "0"},
 }
 # The head_dim of the shapes the kernel-form tests give each kernel: 128 unless named here.
-KERNEL_HEAD_DIM = {"head_pair_d64": 64, "head_quad": 64, "head_quad_unclustered": 64}
+KERNEL_HEAD_DIM = {"head_pair_d64": 64, "head_quad": 64, "head_quad_unclustered": 64, "head_group_wide_d64": 64}
 
 
 def use_kernel(monkeypatch, kernel):
@@ -816,6 +817,20 @@ HEAD_GROUP_WIDE_CONFIGS = dict(
 )
 
 
+# The wide form at head_dim 64 (tiles of 32 slots, two 16-slot boxes of whole token rows, each on its
+# own page): the head_dim 128 configurations at 64, and lengths that end a tile in its first box or
+# at its second's start, left pads and left windows that may start one in its second box, and pages
+# of 32 (both boxes on one page).
+HEAD_GROUP_WIDE_D64_CONFIGS = dict(
+    {name: dict(cfg, D=64) for name, cfg in HEAD_GROUP_WIDE_CONFIGS.items()},
+    tile_ends_in_box0_paged16=dict(B=5, Hq=32, Hkv=8, D=64, page=16, cache_len=96, lens=[1, 15, 16, 17, 47], Snew=0),
+    leftpad_in_box1_paged16=dict(B=4, Hq=32, Hkv=8, D=64, page=16, cache_len=200, leftpad=True, lens=[198, 120, 60, 33],
+                                 Sq=2, Snew=2, opt="causal"),
+    paged32_splits3=dict(Hq=16, Hkv=8, D=64, page=32, splits=3, opt="causal+softcap", Sq=3, Snew=3),
+    wleft_paged16=dict(B=6, Hq=32, Hkv=8, D=64, page=16, opt="wleft"),
+)
+
+
 # The head-group kernel's token-row form (32 KV heads per CTA, a warp per 4 heads, 4-slot tiles;
 # FASTATTN_DECODE_HEAD_GROUP=32): heads_kv a multiple of 32, at most 2 packed query rows per KV head
 # (4 heads' rows are a warp's 8 MMA columns), a contiguous cache or pages of a multiple of 4 slots.
@@ -844,7 +859,7 @@ HEAD_GROUP_ROWS_CONFIGS = {
 
 
 KERNEL_FORM_CONFIGS = {"head_group": HEAD_GROUP_CONFIGS, "head_group_wide": HEAD_GROUP_WIDE_CONFIGS,
-                       "head_group_rows": HEAD_GROUP_ROWS_CONFIGS, "head_pair": HEAD_PAIR_CONFIGS,
+                       "head_group_wide_d64": HEAD_GROUP_WIDE_D64_CONFIGS, "head_group_rows": HEAD_GROUP_ROWS_CONFIGS, "head_pair": HEAD_PAIR_CONFIGS,
                        "head_pair_d64": HEAD_PAIR_D64_CONFIGS, "head_quad": HEAD_QUAD_CONFIGS}
 KERNEL_FORM_CASES = [(kernel, name) for kernel, configs in KERNEL_FORM_CONFIGS.items() for name in configs]
 
@@ -935,7 +950,7 @@ def test_quarters_rule(seed, name, cfg, wide, monkeypatch):
 
 
 SM90_KERNEL = re.compile(r"decode_kernel_sm90<\d+, [^,<>]+, (\d+)>")  # group 1: KV heads per CTA
-HEAD_GROUP_KERNEL = re.compile(r"decode_kernel_sm90_head_group<[^,<>]+, (\d+)>")
+HEAD_GROUP_KERNEL = re.compile(r"decode_kernel_sm90_head_group<[^,<>]+, (\d+), \d+>")  # group 1: KV heads per CTA
 
 
 def test_head_group_wide_form_is_taken(seed, monkeypatch):
@@ -943,30 +958,36 @@ def test_head_group_wide_form_is_taken(seed, monkeypatch):
     where heads_kv is 8 and batch CTAs fill 15/16 of the SMs to all of them, with one split; the
     four-head form where 2 x batch x heads_kv / 8 fills two CTAs per SM and the wide form does
     not apply (heads_kv 16); neither with FASTATTN_DECODE_HEAD_GROUP=0, while =8 takes the wide form
-    for a small batch too (with the splits the heuristic gives its grid; README). Checked on the
-    kernels a call launches. With one split in both, a warp's arithmetic is the same in both forms
-    (its own head, the same tiles in the same order), so their answers are bitwise equal; each
-    answer is also checked against the float32 reference."""
+    for a small batch too (with the splits the heuristic gives its grid; README). The same at
+    head_dim 64, where the wide form is the only head-group form. Checked on the kernels a call
+    launches. With one split in both, a warp's arithmetic is the same in the wide and four-head
+    forms (its own head, the same tiles in the same order), so at head_dim 128 their answers are
+    bitwise equal; each answer is also checked against the float32 reference."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("an sm_90 kernel")
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
     fill = -(-15 * sms // 16)
-    for b, hkv, cache_len, page, switch, taken in ((fill, 8, 1024, None, None, "8"), (sms, 8, 8208, 16, None, "8"),
-                                                   (sms, 8, 1024, 16, "0", None), (fill - 1, 8, 1024, None, None, None),
-                                                   (sms + 1, 8, 1024, 16, None, None), (sms // 2, 16, 1024, 16, None, "4"),
-                                                   (3, 8, 1000, 16, "8", "8"), (3, 16, 1000, None, "8", "8")):
+    cases = [(128, fill, 8, 1024, None, None, "8"), (128, sms, 8, 8208, 16, None, "8"),
+             (128, sms, 8, 1024, 16, "0", None), (128, fill - 1, 8, 1024, None, None, None),
+             (128, sms + 1, 8, 1024, 16, None, None), (128, sms // 2, 16, 1024, 16, None, "4"),
+             (128, 3, 8, 1000, 16, "8", "8"), (128, 3, 16, 1000, None, "8", "8"),
+             (64, fill, 8, 1024, None, None, "8"), (64, sms, 8, 8208, 16, None, "8"), (64, sms, 8, 1024, 16, "0", None),
+             (64, fill - 1, 8, 1024, 16, None, None), (64, sms + 1, 8, 1024, None, None, None),
+             (64, sms // 2, 16, 1024, 16, None, None), (64, 3, 8, 1000, 16, "8", "8"), (64, 3, 16, 1000, None, "8", "8")]
+    for d, b, hkv, cache_len, page, switch, taken in cases:
         lens = [cache_len] + [seed.randint(0, cache_len) for _ in range(b - 1)]
-        case = build_case(seed, torch.bfloat16, dict(B=b, Hq=32, Hkv=hkv, cache_len=cache_len, Snew=0, lens=lens,
+        case = build_case(seed, torch.bfloat16, dict(B=b, Hq=32, Hkv=hkv, D=d, cache_len=cache_len, Snew=0, lens=lens,
                                                      page=page))
         if switch is not None:
             monkeypatch.setenv("FASTATTN_DECODE_HEAD_GROUP", switch)
         out, lse, _ = run_case(case)
         names = _fastattn_kernels(lambda: kvcache_call(case, case.make_out()))
         forms = {m.group(1) for n in names for m in [HEAD_GROUP_KERNEL.search(n)] if m}
-        where = f"batch {b}, {hkv} KV heads, {cache_len} slots, switch {switch}: {names}"
+        where = f"head_dim {d}, batch {b}, {hkv} KV heads, {cache_len} slots, switch {switch}: {names}"
         assert forms == ({taken} if taken else set()), where
-        if taken == "8" and switch is None:  # one split, as the four-head form's here
+        if taken == "8" and switch is None:  # one split
             assert not any("combine_kernel" in n for n in names), where
+        if taken == "8" and switch is None and d == 128:  # as the four-head form's here
             monkeypatch.setenv("FASTATTN_DECODE_HEAD_GROUP", "1")
             out4, lse4, _ = run_case(case)
             R.assert_bitwise_equal(f"wide and four-head out ({where})", out, out4)
@@ -1075,7 +1096,8 @@ def draw_form_grid(rng, sms):
     """Knobs of a grid that the sm_90 heuristic serves with one of its forms on `sms` SMs (README,
     test_kv_heads_per_cta_is_taken, test_head_group_*_is_taken): the head pair (batch x KV heads / 2
     CTAs fill a wave, 8 or 32 KV heads, >= 8192 slots), the head quad (head_dim 64, >= 1024 slots),
-    the four-head, wide (8 KV heads) and token-row (32 KV heads) forms of the head-group kernel."""
+    the four-head, wide (8 KV heads, head_dim 64 or 128) and token-row (32 KV heads) forms of the
+    head-group kernel."""
     form = rng.choice(["pair", "pair", "pair_mha", "quad", "four", "wide", "rows"])
     if form == "pair":
         return dict(Hq=32, Hkv=8, D=rng.choice([64, 128]), B=rng.randint(-(-15 * sms // 64), sms // 4),
@@ -1090,7 +1112,8 @@ def draw_form_grid(rng, sms):
         return dict(Hq=32, Hkv=32, D=128, B=rng.randint(-(-15 * 2 * sms // 128), 2 * sms // 8),
                     cache_len=rng.choice([1024, 2048]))
     heads = 8 if form == "wide" else 32
-    return dict(Hq=32, Hkv=heads, D=128, B=rng.randint(-(-15 * sms // 16), sms),
+    d = rng.choice([64, 128]) if form == "wide" else 128
+    return dict(Hq=32, Hkv=heads, D=d, B=rng.randint(-(-15 * sms // 16), sms),
                 cache_len=rng.choice([1024, 1536]) if form == "wide" else 2048)
 
 
@@ -1261,8 +1284,8 @@ def out_of_range_page_ids(rng, where, check=True, heads_kv=2, head_dim=128):
 
 # KV heads of the shapes that the kernel-form tests below give each kernel (the per-head kernel and
 # the head-pair form: 2), and their head_dim (KERNEL_HEAD_DIM).
-KERNEL_HEADS_KV = {"head_group": 4, "head_group_wide": 8, "head_group_rows": 32, "head_quad": 4,
-                   "head_quad_unclustered": 4}
+KERNEL_HEADS_KV = {"head_group": 4, "head_group_wide": 8, "head_group_wide_d64": 8, "head_group_rows": 32,
+                   "head_quad": 4, "head_quad_unclustered": 4}
 
 
 @pytest.mark.parametrize("kernel", list(KERNEL_SWITCHES))
@@ -1314,12 +1337,13 @@ def test_slots_past_the_end_hold_nan(seed, page, sq, splits, kernel, monkeypatch
     head_group / head_pair: 4 KV heads and the head-group kernel (its tiles are 16-slot boxes over 4
     heads) or the head-pair form (boxes over 2 heads); head_group_wide: 8 KV heads and 16 query
     heads, the wide form (boxes over 8 heads: whole pages of 16); with 4 query rows, 8 packed rows
-    per head. head_pair_d64, head_quad: the head-pair and head-quad forms at head_dim 64, 4 KV
+    per head; head_group_wide_d64 the same at head_dim 64 (32-slot tiles of two such boxes).
+    head_pair_d64, head_quad: the head-pair and head-quad forms at head_dim 64, 4 KV
     heads. head_group_rows: 32 KV and query heads, the token-row form (boxes of 4 whole token
     rows) at one query row (at 4 it does not fit: another kernel answers)."""
     lens = [0, 5, 70, 200]
     use_kernel(monkeypatch, kernel)
-    hkv = {"per_head": 2, "head_group_wide": 8, "head_group_rows": 32}.get(kernel, 4)
+    hkv = {"per_head": 2, "head_group_wide": 8, "head_group_wide_d64": 8, "head_group_rows": 32}.get(kernel, 4)
     hq = {8: 16, 32: 32}.get(hkv, 8)
     case = build_case(seed, torch.bfloat16, dict(B=4, Sq=sq, Snew=0, Hq=hq, Hkv=hkv,
                                                  D=KERNEL_HEAD_DIM.get(kernel, 128), page=page, cache_len=256,
@@ -1425,11 +1449,13 @@ def test_varlen_decode_block_table(seed, dtype, page_size, lengths_from, opt):
 @pytest.mark.parametrize("layout,num_splits,kernel",
                          [("paged16", 0, "per_head"), ("paged16", 5, "per_head"), ("contiguous", 0, "per_head"),
                           ("paged16", 3, "head_group"), ("paged16", 0, "head_group_wide"),
+                          ("paged16", 0, "head_group_wide_d64"),
                           ("paged16", 0, "head_group_rows"), ("contiguous", 3, "head_group_rows"),
                           ("paged16", 0, "head_pair"), ("contiguous", 2, "head_pair"),
                           ("paged16", 0, "head_pair_d64"), ("paged16", 0, "head_quad"), ("contiguous", 3, "head_quad")],
                          ids=["paged16-splits0", "paged16-splits5", "contiguous-splits0", "paged16-splits3-head_group",
-                              "paged16-splits0-head_group_wide", "paged16-splits0-head_group_rows",
+                              "paged16-splits0-head_group_wide", "paged16-splits0-head_group_wide_d64",
+                              "paged16-splits0-head_group_rows",
                               "contiguous-splits3-head_group_rows", "paged16-splits0-head_pair",
                               "contiguous-splits2-head_pair", "paged16-splits0-head_pair_d64",
                               "paged16-splits0-head_quad", "contiguous-splits3-head_quad"])
@@ -1441,7 +1467,8 @@ def test_cuda_graph_decode(seed, layout, num_splits, kernel, monkeypatch):
     a capture (xfail, as test_prefill), or, when the same call through fastattn._C with the workspace
     allocated before the capture captures fine, the Python layer's workspace sizing / allocation
     (xfail after checking the replays of that graph); anything else fails. head_group: 4 KV heads
-    through the head-group kernel; head_group_wide: 8 through its wide form; head_group_rows: 32
+    through the head-group kernel; head_group_wide (_d64): 8 through its wide form at head_dim 128
+    (64); head_group_rows: 32
     KV and query heads through its token-row form; head_pair (head_pair_d64): 2 KV heads through the
     head-pair form at head_dim 128 (64); head_quad: 4 KV heads through the head-quad form."""
     b, cap = 4, 1024

@@ -260,7 +260,10 @@ int decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p,
   // its grid is one full wave with no split: batch 128 / 1k-32k GQA 8 on the H200. There a box of
   // pages of 16 is a whole 32 KB page instead of half of one, which took 60-75% of what a random
   // page pool costs the four-head read (no-math read; contiguous level or 0.2% faster); at MHA
-  // batch 32 the 8-head boxes read 1.6% slower (bench/NOTES.md, session 27).
+  // batch 32 the 8-head boxes read 1.6% slower (bench/NOTES.md, session 27). At head_dim 64 (the
+  // same rule) it ran 1.6-3.8% faster than the head quad at batch 124-128 / 1k and 32k and 0.5-1.1%
+  // at 8k, both layouts, and level at batch 132, where the quad's 264 CTAs fill two waves exactly
+  // (session 51).
   const bool wide_fits = decode_head_group_fits(p, sm90, kDecodeHeadGroupWide);
   const bool wide_heuristic =
       requested == 0 && p.heads_kv == kDecodeHeadGroupWide && fills_one_wave(p.batch, wave(kDecodeHeadGroupWide));
@@ -323,13 +326,14 @@ int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int req
     return decode_form_splits(head_block_ctas(p, p.kv_heads_per_cta), key_tiles(max_keys), info.sm_count);
   if (p.head_group) {
     // Its CTAs (two per SM, or one for the wide and token-row forms) stream 16-slot tiles of four
-    // (eight) heads, or 4-slot tiles of 32; a tile costs a consumer warp about what a 64-key tile
-    // costs the per-head kernel's, hence the same price of a split.
+    // (eight) heads, 32-slot ones of eight at head_dim 64, or 4-slot tiles of 32; a tile costs a
+    // consumer warp about what a 64-key tile costs the per-head kernel's, hence the same price of a
+    // split.
     const std::int64_t items = head_block_ctas(p, p.head_group);
     const std::int64_t wave = std::int64_t(decode_head_group_ctas_per_sm(p.head_group)) * info.sm_count;
+    const int tile_slots = decode_head_group_tile_slots(p.head_group, p.head_dim);
     return core::choose_num_splits_if_paying(items, max_keys, wave, kDecodeMinKeysPerSplit,
-                                             kDecodeMaxHeuristicSplits, decode_head_group_tile_slots(p.head_group),
-                                             decode_split_cost_blocks(true));
+                                             kDecodeMaxHeuristicSplits, tile_slots, decode_split_cost_blocks(true));
   }
   const std::int64_t rows_per_kv = std::int64_t(p.group) * p.seqlen_q;
   const std::int64_t items = std::int64_t(p.batch) * p.heads_kv * ((rows_per_kv + 15) / 16);

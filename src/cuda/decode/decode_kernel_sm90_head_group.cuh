@@ -5,7 +5,9 @@
 // kDecodeHeadGroupWide (8) heads per CTA at one CTA per SM: at heads_kv = 8 a box is then 16
 // whole token rows, one whole page of 16 slots. Its token-row form takes kDecodeHeadGroupRows (32)
 // heads per CTA at one CTA per SM, a consumer warp per 4 heads and tiles of 4 slots: at heads_kv =
-// 32 (MHA) a box is 4 whole token rows of 8 KB, one 32 KB run.
+// 32 (MHA) a box is 4 whole token rows of 8 KB, one 32 KB run. The wide form is also built at
+// head_dim 64, where a GQA 8 token row is 1 KB: its tiles are 32 slots, two boxes of 16 whole rows
+// (a page of 16 each), and a consumer warp attends a tile's keys 16 at a time.
 //
 // Why: decode_kernel_sm90.cuh gives each KV head its own CTA, so DRAM sees every head's 256-byte
 // rows 2 KB apart (GQA 8) from CTAs that drift apart in time; cuDNN reads a head-major copy whose
@@ -18,14 +20,14 @@
 // The math per warp is decode_tile_narrow.cuh's (its 16 keys of a tile are the whole tile here;
 // in the token-row form 4 slots of each of the warp's 4 heads), so the kernel takes what that
 // takes: at most 8 packed query rows per warp (group x seqlen_q, times 4 in the token-row form),
-// and here head_dim exactly 128, heads_kv a multiple of the heads per CTA, a contiguous cache or
-// pages of a multiple of the tile (a tile never straddles two pages). A warp owns its heads from
+// and here head_dim 128 (the wide form also 64), heads_kv a multiple of the heads per CTA, a
+// contiguous cache or pages of a multiple of the box (a box never straddles two pages). A warp owns its heads from
 // the first tile to the store: no merge between warps. Splits merge in the combine kernel.
 // Out-of-range page ids read as zeros, and rows a box brings in that no query may see are masked
 // (K) and zeroed (V), as in decode_kernel_sm90.cuh.
 //
 // Shared memory (1024-byte aligned after the barriers): Q as [warp][column block][8 rows][64],
-// then S stages of K and of V, each [head][column block][slots][64]: the box's own order,
+// then S stages of K and of V, each [box][head][column block][slots][64]: the boxes' own order,
 // 128-byte swizzled (16-byte chunk c of a 128-byte row r at c ^ (r % 8)).
 #pragma once
 
@@ -47,22 +49,25 @@ struct DecodeTokenRowLayout {
   __device__ __forceinline__ int block_elems() const { return 4 * 64; }
 };
 
-/// kHeads_: kDecodeHeadGroup (two CTAs per SM), kDecodeHeadGroupWide or kDecodeHeadGroupRows (one).
-template <int kHeads_>
+/// kHeads_: kDecodeHeadGroup (two CTAs per SM), kDecodeHeadGroupWide or kDecodeHeadGroupRows (one);
+/// kHeadDim_: 128, or 64 for the wide form (decode_head_group_head_dim_fits).
+template <int kHeads_, int kHeadDim_ = kDecodeHeadGroupHeadDim>
 struct DecodeHeadGroupConfig {
-  static constexpr int kHeadDim = kDecodeHeadGroupHeadDim;
+  static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kHeads = kHeads_;  ///< KV heads per CTA
   static constexpr int kHeadsPerWarp = decode_head_group_heads_per_warp(kHeads);
   static constexpr int kConsumerWarps = kHeads / kHeadsPerWarp;
   static constexpr int kConsumerThreads = kConsumerWarps * 32;
   static constexpr int kThreads = kConsumerThreads + 64;  // + the K and the V producer warps
-  static constexpr int kBlockN = decode_head_group_tile_slots(kHeads);  ///< slots per tile
-  static constexpr int kWarpKeys = kBlockN;  ///< DecodeWarpStateNarrow::attend's slots per head
+  static constexpr int kBoxSlots = decode_head_group_box_slots(kHeads);         ///< slots per box
+  static constexpr int kTileBoxes = decode_head_group_tile_boxes(kHeads, kHeadDim);  ///< boxes per tile
+  static constexpr int kBlockN = kTileBoxes * kBoxSlots;                        ///< slots per tile
+  static constexpr int kWarpKeys = kBoxSlots;  ///< DecodeWarpStateNarrow::attend's slots per head (a box's)
   static constexpr int kQRows = kDecodeNarrowRows;  ///< a warp's packed query rows (the MMA's N)
   static constexpr int kQWarpElems = kQRows * kHeadDim;
-  static constexpr int kHeadTileElems = kBlockN * kHeadDim;                ///< one head's part of a tile
-  static constexpr int kWarpTileElems = kHeadsPerWarp * kHeadTileElems;    ///< one warp's: 16 x 128
-  static constexpr int kTileElems = kHeads * kHeadTileElems;  ///< one box: 16 KB (32 KB wide, token rows)
+  static constexpr int kWarpBoxElems = kHeadsPerWarp * kBoxSlots * kHeadDim;  ///< a warp's part of a box: 16 x D
+  static constexpr int kBoxElems = kHeads * kBoxSlots * kHeadDim;  ///< 16 KB (32 KB wide at 128, token rows)
+  static constexpr int kTileElems = kTileBoxes * kBoxElems;        ///< a stage of one tensor: 16 or 32 KB
   static constexpr int kStages = 3;
   static constexpr int kCtasPerSm = decode_head_group_ctas_per_sm(kHeads);
   static constexpr int kBarrierBytes = 256;
@@ -89,22 +94,25 @@ struct DecodeHeadGroupConfig {
   // 228 KB per SM, 1 KB of it reserved per CTA; 227 KB at most for one CTA.
   static_assert(kHeads == kDecodeHeadGroup || kHeads == kDecodeHeadGroupWide || kHeads == kDecodeHeadGroupRows,
                 "the three forms");
-  static_assert(kWarpTileElems == kDecodeHeadGroupSlots * kHeadDim, "a warp's 16 MMA keys per tile");
+  static_assert(decode_head_group_head_dim_fits(kHeads, kHeadDim), "a head_dim the form is built for");
+  static_assert(kWarpBoxElems == kDecodeHeadGroupSlots * kHeadDim, "a warp's 16 MMA keys per box");
   static_assert(kCtasPerSm * (kSmemBytes + 1024) <= 228 * 1024 && kSmemBytes <= 227 * 1024, "the CTAs fit an SM");
-  static_assert(kQBytes % kAlign == 0 && (kWarpTileElems * 2) % kAlign == 0, "swizzle atoms stay aligned");
-  static_assert(kQRows * kHeadDim * 4 <= kWarpTileElems * 2, "a warp's output rows fit its part of a stage");
+  static_assert(kQBytes % kAlign == 0 && (kWarpBoxElems * 2) % kAlign == 0, "swizzle atoms stay aligned");
+  static_assert(kQRows * kHeadDim * 4 <= kWarpBoxElems * 2, "a warp's output rows fit its part of a box");
   static_assert(4 * kStages * 8 <= kBarrierBytes, "barriers fit their region");
   static_assert(kQRows == kDecodeHeadGroupMaxRows, "the host's row bound is the narrow math's");
 };
 
 /// Grid (num_splits, heads_kv / kHeads, batch).
-template <Dtype kDtype, int kHeads>
-__global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads>::kThreads, DecodeHeadGroupConfig<kHeads>::kCtasPerSm)
+template <Dtype kDtype, int kHeads, int kHeadDim>
+__global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads, kHeadDim>::kThreads,
+                                  DecodeHeadGroupConfig<kHeads, kHeadDim>::kCtasPerSm)
     decode_kernel_sm90_head_group(const __grid_constant__ DecodeTmaParams tp) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  using Cfg = DecodeHeadGroupConfig<kHeads>;
+  using Cfg = DecodeHeadGroupConfig<kHeads, kHeadDim>;
   using namespace cuda_detail;
   constexpr int BN = Cfg::kBlockN, S = Cfg::kStages, G = Cfg::kHeads, D = Cfg::kHeadDim;
+  constexpr int kBoxSlots = Cfg::kBoxSlots, kTileBoxes = Cfg::kTileBoxes;
   constexpr int W = Cfg::kConsumerWarps, HPW = Cfg::kHeadsPerWarp;
   using WarpColumn = DecodeWarpColumn<HPW>;
   const DecodeParams& p = tp.p;
@@ -132,34 +140,50 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads>::kThreads, Decod
   pdl_let_next_kernel_launch();
 
   if (warp >= W) {
-    // ---- producers: warp W loads K, warp W + 1 V; lane 0 issues each tile's box, every lane
-    // arrives (and helps write the zeros of a page id outside the cache).
+    // ---- producers: warp W loads K, warp W + 1 V; lane b < kTileBoxes issues box b of each tile,
+    // every lane arrives (and helps write the zeros of a page id outside the cache).
     const bool is_k = warp == W;
     const CUtensorMap* map = is_k ? &tp.k_map : &tp.v_map;
     std::uint16_t* s0 = is_k ? sK0 : sV0;
     std::uint64_t* full = is_k ? full_k : full_v;
     std::uint64_t* empty = is_k ? empty_k : empty_v;
     const std::uint64_t policy = l2_policy_evict_first();  // the cache is read once per step
-    constexpr std::uint32_t kBoxBytes = Cfg::kTileElems * 2;
+    constexpr std::uint32_t kBoxBytes = Cfg::kBoxElems * 2;
     const DecodePageWalk walk(p, seq);
-    // Positions to tiles: DecodeSplitRange::tile_at.
-    auto tile_page = [&](int pos) {
-      return walk.paged() ? int(seq.pages[walk.page_index(range.tile_at(pos) * BN)]) : 0;
+    // The lane's box of a tile (box l % kTileBoxes of each, on its own page): its first slot, and
+    // whether any row may see one of its slots. A tile of two boxes may end past the keys any row
+    // sees: its box there is neither loaded nor its page id read (the rows are masked and zeroed
+    // like those past the end of a box that is loaded). A one-box tile always has such a slot.
+    const int box = lane % kTileBoxes;
+    auto box_slot0 = [&](int tile) { return tile * BN + box * kBoxSlots; };
+    auto box_needed = [&](int slot0) {
+      return kTileBoxes == 1 || (slot0 < range.hi && slot0 + kBoxSlots > range.lo);
     };
-    decode_produce_ring<S>(range.t_begin, range.t_end, empty, tile_page, [&](int pos, int stage, int pg) {
-      const int tile = range.tile_at(pos);
+    // Positions to tiles: DecodeSplitRange::tile_at.
+    auto box_page = [&](int pos) {
+      const int slot0 = box_slot0(range.tile_at(pos));
+      return walk.paged() && box_needed(slot0) ? int(seq.pages[walk.page_index(slot0)]) : 0;
+    };
+    decode_produce_ring<S>(range.t_begin, range.t_end, empty, box_page, [&](int pos, int stage, int pg) {
+      const int slot0 = box_slot0(range.tile_at(pos));
+      const bool needed = box_needed(slot0);
       std::uint16_t* dst = s0 + stage * Cfg::kTileElems;
-      const bool in_cache = walk.in_cache(pg);
-      if (!in_cache) {
-        // A page id outside the cache: its rows read as zeros.
-        for (int e = lane * 8; e < Cfg::kTileElems; e += 32 * 8)
-          *reinterpret_cast<uint4*>(dst + e) = make_uint4(0, 0, 0, 0);
-        fence_proxy_async_smem();  // before a later TMA write of the same rows
+#pragma unroll
+      for (int b = 0; b < kTileBoxes; ++b) {
+        // A page id outside the cache: the box's rows read as zeros, written by every lane.
+        const int pg_b = kTileBoxes == 1 ? pg : __shfl_sync(0xffffffffu, pg, b);
+        const bool needed_b = kTileBoxes == 1 || __shfl_sync(0xffffffffu, int(needed), b) != 0;
+        if (needed_b && !walk.in_cache(pg_b)) {
+          for (int e = lane * 8; e < Cfg::kBoxElems; e += 32 * 8)
+            *reinterpret_cast<uint4*>(dst + b * Cfg::kBoxElems + e) = make_uint4(0, 0, 0, 0);
+          fence_proxy_async_smem();  // before a later TMA write of the same rows
+        }
       }
-      const bool load = lane == 0 && in_cache;
+      const bool load = lane < kTileBoxes && needed && walk.in_cache(pg);
       mbar_arrive_expect_tx(&full[stage], load ? kBoxBytes : 0);
       if (load) {
-        tma_load_5d(dst, map, 0, walk.slot_coord(tile * BN), 0, head0, walk.row_coord(pg), &full[stage], policy);
+        tma_load_5d(dst + box * Cfg::kBoxElems, map, 0, walk.slot_coord(slot0), 0, head0, walk.row_coord(pg),
+                    &full[stage], policy);
       }
     });
     return;
@@ -193,10 +217,8 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads>::kThreads, Decod
   st.init(p, b, kvh0, pad, end, lane);
   st.bind_layout(kv, 0, lane);
   st.template load_q<Cfg>(sQ + warp * Cfg::kQWarpElems, lane);
-  const int warp_off = warp * Cfg::kWarpTileElems;
+  const int warp_off = warp * Cfg::kWarpBoxElems;
   for (int pos = range.t_begin, stage = 0, phase = 0; pos < range.t_end; ++pos) {
-    const std::uint16_t* sK = sK0 + stage * Cfg::kTileElems + warp_off;
-    std::uint16_t* sV = sV0 + stage * Cfg::kTileElems + warp_off;
     mbar_wait(&full_k[stage], phase);
     const int n0 = range.tile_at(pos) * BN;
     const bool edge = n0 < range.lo || n0 + BN > range.hi;
@@ -209,26 +231,37 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads>::kThreads, Decod
         mbar_arrive(empty);
       }
     };
-    const auto k_done = [&] { release(&empty_k[stage]); };
-    const auto v_wait = [&] {
-      mbar_wait(&full_v[stage], phase);
-      if (edge) {
-        // V rows outside [lo, hi): zeros (0 x NaN would be NaN).
-        for (int idx = lane; idx < kDecodeHeadGroupSlots * (D / 8); idx += 32) {
-          const int key = idx / (D / 8), ch = idx % (D / 8), slot = n0 + WarpState::key_slot(key);
-          if (slot < range.lo || slot >= range.hi)
-            *reinterpret_cast<uint4*>(sV + kv.offset(key, ch)) = make_uint4(0, 0, 0, 0);
+    // The tile's boxes one after the other, 16 MMA keys each: K is released once the last box has
+    // its scores, and V waited for before the first box's P V.
+#pragma unroll
+    for (int box = 0; box < kTileBoxes; ++box) {
+      const std::uint16_t* sK = sK0 + stage * Cfg::kTileElems + box * Cfg::kBoxElems + warp_off;
+      std::uint16_t* sV = sV0 + stage * Cfg::kTileElems + box * Cfg::kBoxElems + warp_off;
+      const int nb = n0 + box * kBoxSlots;  // the box's first slot
+      const auto k_done = [&] {
+        if (box == kTileBoxes - 1) release(&empty_k[stage]);
+      };
+      const auto v_wait = [&] {
+        if (box == 0) mbar_wait(&full_v[stage], phase);
+        if (edge) {
+          // V rows outside [lo, hi): zeros (0 x NaN would be NaN).
+          for (int idx = lane; idx < kDecodeHeadGroupSlots * (D / 8); idx += 32) {
+            const int key = idx / (D / 8), ch = idx % (D / 8), slot = nb + WarpState::key_slot(key);
+            if (slot < range.lo || slot >= range.hi)
+              *reinterpret_cast<uint4*>(sV + kv.offset(key, ch)) = make_uint4(0, 0, 0, 0);
+          }
+          __syncwarp();
         }
-        __syncwarp();
-      }
-    };
-    st.template attend<Cfg, kDtype>(p, sQ, sK, sV, kv, n0, 0, pad, end, lane, k_done, v_wait);
+      };
+      st.template attend<Cfg, kDtype>(p, sQ, sK, sV, kv, nb, 0, pad, end, lane, k_done, v_wait);
+    }
     release(&empty_v[stage]);  // also orders the edge tiles' zeros before the refill
     if (++stage == S) stage = 0, phase ^= 1;
   }
 
-  // ---- the warp's columns, normalised, through its part of stage 0's K (every tile has landed
-  // and been read; no copy writes there any more), stored four values at a time. Value j of
+  // ---- the warp's columns, normalised, through its part of stage 0's first K box (every tile has
+  // landed and been read; no copy writes there any more), stored four values at a time (lanes
+  // below D / 4). Value j of
   // column c sits at j ^ 8 (c / 2) of the column's row, so that a store of the 32 lanes (8 values
   // of 4 column pairs) hits 32 banks (without, 4 lanes shared a bank).
   if constexpr (HPW > 1) __syncwarp();  // every lane's reads before any lane's writes (no warp_release_stage)
@@ -263,15 +296,16 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads>::kThreads, Decod
   for (int c = 0; c < columns; ++c) {
     const DecodeValueSlot at{__shfl_sync(0xffffffffu, slot.value, c), __shfl_sync(0xffffffffu, slot.lse, c)};
     const float col_lse = __shfl_sync(0xffffffffu, c & 1 ? lse[1] : lse[0], c >> 1);  // lane t = c / 2 holds it
-    decode_store_value4_at<kDtype>(p, at, c4, *reinterpret_cast<const float4*>(orows + orow_at(c, c4)), col_lse);
+    if (c4 < D)
+      decode_store_value4_at<kDtype>(p, at, c4, *reinterpret_cast<const float4*>(orows + orow_at(c, c4)), col_lse);
   }
 #endif
 }
 
-template <Dtype kDtype, int kHeads>
+template <Dtype kDtype, int kHeads, int kHeadDim = kDecodeHeadGroupHeadDim>
 void launch_decode_sm90_head_group_form(const DecodeParams& p, cudaStream_t stream) {
-  using Cfg = DecodeHeadGroupConfig<kHeads>;
-  auto* kernel = &decode_kernel_sm90_head_group<kDtype, kHeads>;
+  using Cfg = DecodeHeadGroupConfig<kHeads, kHeadDim>;
+  auto* kernel = &decode_kernel_sm90_head_group<kDtype, kHeads, kHeadDim>;
   static const cudaError_t attr_status =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   FASTATTN_CUDA_CHECK(attr_status);
@@ -285,9 +319,9 @@ void launch_decode_sm90_head_group_form(const DecodeParams& p, cudaStream_t stre
   const std::int64_t slots = paged ? p.page_size : p.cache_len;
   const std::int64_t cache_rows = paged ? p.num_pages : p.cache_rows;
   // The maps of decode_kernel_sm90.cuh (64 columns x slots x column blocks x heads_kv x rows),
-  // with a box of a tile's slots (16; 4 in the token-row form), both column blocks and the CTA's
-  // kHeads heads. (box_run_shift is the per-head kernel's; this kernel has its own layouts.)
-  const int box[5] = {64, Cfg::kBlockN, tp.box_blocks, Cfg::kHeads, 1};
+  // with a box of 16 slots (4 in the token-row form), every column block and the CTA's kHeads
+  // heads. (box_run_shift is the per-head kernel's; this kernel has its own layouts.)
+  const int box[5] = {64, Cfg::kBoxSlots, tp.box_blocks, Cfg::kHeads, 1};
   const std::int64_t dims[5] = {64, slots, tp.box_blocks, p.heads_kv, cache_rows};
   const std::int64_t k_strides[5] = {1, p.k_row_stride, 64, p.k_head_stride, p.k_batch_stride};
   const std::int64_t v_strides[5] = {1, p.v_row_stride, 64, p.v_head_stride, p.v_batch_stride};
@@ -300,6 +334,8 @@ void launch_decode_sm90_head_group_form(const DecodeParams& p, cudaStream_t stre
 template <Dtype kDtype>
 void launch_decode_sm90_head_group(const DecodeParams& p, cudaStream_t stream) {
   if (p.head_group == kDecodeHeadGroupRows) launch_decode_sm90_head_group_form<kDtype, kDecodeHeadGroupRows>(p, stream);
+  else if (p.head_group == kDecodeHeadGroupWide && p.head_dim == kDecodeHeadGroupWideSmallHeadDim)
+    launch_decode_sm90_head_group_form<kDtype, kDecodeHeadGroupWide, kDecodeHeadGroupWideSmallHeadDim>(p, stream);
   else if (p.head_group == kDecodeHeadGroupWide) launch_decode_sm90_head_group_form<kDtype, kDecodeHeadGroupWide>(p, stream);
   else if (p.head_group == kDecodeHeadGroup) launch_decode_sm90_head_group_form<kDtype, kDecodeHeadGroup>(p, stream);
   else throw Error("decode: the head-group kernel got no form to run (an internal planning error)");

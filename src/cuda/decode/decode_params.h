@@ -264,13 +264,19 @@ constexpr int decode_tma_box_rows(int page_size) {
 }
 
 /// The head-group kernel (decode_kernel_sm90_head_group.cuh): KV heads per CTA (two CTAs per SM),
-/// the wide form's KV heads per CTA (one CTA per SM), slots per tile, the one head_dim it is built
-/// for and the most packed query rows (group x seqlen_q) per head.
+/// the wide form's KV heads per CTA (one CTA per SM), slots per box, the head_dim every form is
+/// built for and the most packed query rows (group x seqlen_q) per head.
 constexpr int kDecodeHeadGroup = 4;
 constexpr int kDecodeHeadGroupWide = 8;
 constexpr int kDecodeHeadGroupSlots = 16;
 constexpr int kDecodeHeadGroupHeadDim = 128;
 constexpr int kDecodeHeadGroupMaxRows = 8;
+/// The wide form is also built at this head_dim: a GQA 8 token row is 1 KB and a page of 16 one
+/// 16 KB run. Its tiles are 32 slots, two boxes of 16 (3 stages of 32 KB per tensor, as at 128):
+/// in the no-math read, whole rows in 32-slot tiles read the random pool of pages of 16 2-3%
+/// faster than the head quad's pattern at batch 128, and one page a tile in 6 stages no faster
+/// than the quad's (bench/NOTES.md, session 51).
+constexpr int kDecodeHeadGroupWideSmallHeadDim = 64;
 /// Its token-row form: 32 KV heads per CTA (one CTA per SM), so at heads_kv = 32 a box is whole
 /// token rows; a consumer warp attends 4 heads, and a tile is 4 slots (the 16 MMA keys of a warp
 /// are 4 heads x 4 slots), 32 KB per tensor.
@@ -282,12 +288,24 @@ constexpr int kDecodeTokenRowHeadsPerWarp = 4;
 /// bench/NOTES.md).
 constexpr std::int64_t kDecodeHeadGroupRowsMinKeys = 2048;
 
-/// KV heads per consumer warp, and slots per tile, of the head-group form with `heads` per CTA.
+/// KV heads per consumer warp, slots per box and slots per tile of the head-group form with
+/// `heads` per CTA at `head_dim`. A tile is one box, except the wide form's at head_dim 64: two.
 constexpr int decode_head_group_heads_per_warp(int heads) {
   return heads == kDecodeHeadGroupRows ? kDecodeTokenRowHeadsPerWarp : 1;
 }
-constexpr int decode_head_group_tile_slots(int heads) {
+constexpr int decode_head_group_box_slots(int heads) {
   return kDecodeHeadGroupSlots / decode_head_group_heads_per_warp(heads);
+}
+constexpr int decode_head_group_tile_boxes(int heads, int head_dim) {
+  return heads == kDecodeHeadGroupWide && head_dim == kDecodeHeadGroupWideSmallHeadDim ? 2 : 1;
+}
+constexpr int decode_head_group_tile_slots(int heads, int head_dim) {
+  return decode_head_group_tile_boxes(heads, head_dim) * decode_head_group_box_slots(heads);
+}
+/// Whether the form with `heads` per CTA is built for head_dim.
+constexpr bool decode_head_group_head_dim_fits(int heads, int head_dim) {
+  return head_dim == kDecodeHeadGroupHeadDim ||
+         (heads == kDecodeHeadGroupWide && head_dim == kDecodeHeadGroupWideSmallHeadDim);
 }
 
 /// CTAs per SM of the head-group kernel with `heads` KV heads per CTA: its shared memory fits two
@@ -296,14 +314,14 @@ constexpr int decode_head_group_tile_slots(int heads) {
 constexpr int decode_head_group_ctas_per_sm(int heads) { return heads == kDecodeHeadGroup ? 2 : 1; }
 
 /// Whether p's shape fits the head-group kernel with `heads` KV heads per CTA (kDecodeHeadGroup,
-/// kDecodeHeadGroupWide or kDecodeHeadGroupRows) on a device that runs the sm_90 kernel: head_dim
-/// 128, heads_kv a multiple of `heads`, at most 8 packed query rows per consumer warp (group x
-/// seqlen_q per KV head, times the warp's heads), and a contiguous cache or pages of a multiple of
-/// the form's tile (16 slots; 4 for the token-row form).
+/// kDecodeHeadGroupWide or kDecodeHeadGroupRows) on a device that runs the sm_90 kernel: a head_dim
+/// the form is built for (128; the wide form also 64), heads_kv a multiple of `heads`, at most 8
+/// packed query rows per consumer warp (group x seqlen_q per KV head, times the warp's heads), and
+/// a contiguous cache or pages of a multiple of the form's box (16 slots; 4 for the token-row form).
 inline bool decode_head_group_fits(const DecodeParams& p, bool sm90_kernel, int heads = kDecodeHeadGroup) {
-  return sm90_kernel && p.head_dim == kDecodeHeadGroupHeadDim && p.heads_kv % heads == 0 &&
+  return sm90_kernel && decode_head_group_head_dim_fits(heads, p.head_dim) && p.heads_kv % heads == 0 &&
          std::int64_t(p.group) * p.seqlen_q * decode_head_group_heads_per_warp(heads) <= kDecodeHeadGroupMaxRows &&
-         (p.page_size == 0 || p.page_size % decode_head_group_tile_slots(heads) == 0);
+         (p.page_size == 0 || p.page_size % decode_head_group_box_slots(heads) == 0);
 }
 
 /// The sm_90 kernel's head-pair form (two KV heads per CTA, one CTA per SM): the head_dims it is
