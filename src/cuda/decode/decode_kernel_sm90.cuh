@@ -228,8 +228,8 @@ struct DecodePageWalk {
 /// page), page = page_of(pos) (a raw page id, or whatever the caller needs per tile) loaded S
 /// positions ahead, so a paged split's first tiles wait for one id round trip, not one per tile.
 /// The loop runs S tiles per round, unrolled, so the S ids stay in registers. (The head-group
-/// kernel's walk, one box per tile from one lane; the per-head and head-pair kernels take
-/// decode_produce_ring_rotating below.)
+/// kernel's walk, one box per tile from one lane, or two from two lanes, each lane with its own
+/// page_of; the per-head and head-pair kernels take decode_produce_ring_rotating below.)
 template <int S, class PageOf, class Issue>
 __device__ __forceinline__ void decode_produce_ring(int t_begin, int t_end, std::uint64_t* empty, PageOf page_of,
                                                     Issue issue) {

@@ -17,12 +17,12 @@
 // being one box instead of four per head). At MHA, boxes of whole token rows read 1.1-1.4% faster
 // than the per-head and four-head patterns (batch 128 / 8k 4.62 TB/s; session 28).
 //
-// The math per warp is decode_tile_narrow.cuh's (its 16 keys of a tile are the whole tile here;
-// in the token-row form 4 slots of each of the warp's 4 heads), so the kernel takes what that
-// takes: at most 8 packed query rows per warp (group x seqlen_q, times 4 in the token-row form),
-// and here head_dim 128 (the wide form also 64), heads_kv a multiple of the heads per CTA, a
-// contiguous cache or pages of a multiple of the box (a box never straddles two pages). A warp owns its heads from
-// the first tile to the store: no merge between warps. Splits merge in the combine kernel.
+// The math per warp is decode_tile_narrow.cuh's (its 16 keys are a whole box here; in the
+// token-row form 4 slots of each of the warp's 4 heads), so the kernel takes what that takes: at
+// most 8 packed query rows per warp (group x seqlen_q, times 4 in the token-row form), and here
+// head_dim 128 (the wide form also 64), heads_kv a multiple of the heads per CTA, a contiguous
+// cache or pages of a multiple of the box (a box never straddles two pages). A warp owns its heads
+// from the first tile to the store: no merge between warps. Splits merge in the combine kernel.
 // Out-of-range page ids read as zeros, and rows a box brings in that no query may see are masked
 // (K) and zeroed (V), as in decode_kernel_sm90.cuh.
 //
@@ -260,10 +260,10 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads, kHeadDim>::kThre
   }
 
   // ---- the warp's columns, normalised, through its part of stage 0's first K box (every tile has
-  // landed and been read; no copy writes there any more), stored four values at a time (lanes
-  // below D / 4). Value j of
-  // column c sits at j ^ 8 (c / 2) of the column's row, so that a store of the 32 lanes (8 values
-  // of 4 column pairs) hits 32 banks (without, 4 lanes shared a bank).
+  // landed and been read; no copy writes there any more), stored four values at a time by the
+  // lanes below D / 4. Value j of column c sits at j ^ 8 (c / 2) of the column's row, so that a
+  // store of the 32 lanes (8 values of 4 column pairs) hits 32 banks (without, 4 lanes shared a
+  // bank).
   if constexpr (HPW > 1) __syncwarp();  // every lane's reads before any lane's writes (no warp_release_stage)
   float* orows = reinterpret_cast<float*>(sK0 + warp_off);  // [column][D]
   const auto orow_at = [](int c, int j) { return c * D + (j ^ (8 * (c >> 1))); };  // value j of column c
