@@ -819,8 +819,8 @@ HEAD_GROUP_WIDE_CONFIGS = dict(
 
 # The wide form at head_dim 64 (tiles of 32 slots, two 16-slot boxes of whole token rows, each on its
 # own page): the head_dim 128 configurations at 64, and lengths that end a tile in its first box or
-# at its second's start, left pads and left windows that may start one in its second box, and pages
-# of 32 (both boxes on one page).
+# at its second's start, left pads and left windows that may start one in its second box, pages
+# of 32 (both boxes on one page), and MHA (four wide CTAs a sequence, boxes of 1 KB runs).
 HEAD_GROUP_WIDE_D64_CONFIGS = dict(
     {name: dict(cfg, D=64) for name, cfg in HEAD_GROUP_WIDE_CONFIGS.items()},
     tile_ends_in_box0_paged16=dict(B=5, Hq=32, Hkv=8, D=64, page=16, cache_len=96, lens=[1, 15, 16, 17, 47], Snew=0),
@@ -828,6 +828,8 @@ HEAD_GROUP_WIDE_D64_CONFIGS = dict(
                                  Sq=2, Snew=2, opt="causal"),
     paged32_splits3=dict(Hq=16, Hkv=8, D=64, page=32, splits=3, opt="causal+softcap", Sq=3, Snew=3),
     wleft_paged16=dict(B=6, Hq=32, Hkv=8, D=64, page=16, opt="wleft"),
+    mha_paged16=dict(Hq=32, Hkv=32, D=64, page=16),
+    mha_sq2_causal_leftpad=dict(Hq=32, Hkv=32, D=64, Sq=2, Snew=2, leftpad=True, opt="causal"),
 )
 
 
@@ -957,10 +959,11 @@ def test_head_group_wide_form_is_taken(seed, monkeypatch):
     """On sm_90 the heuristic takes the head-group kernel's wide form (8 KV heads per CTA) exactly
     where heads_kv is 8 and batch CTAs fill 15/16 of the SMs to all of them, with one split; the
     four-head form where 2 x batch x heads_kv / 8 fills two CTAs per SM and the wide form does
-    not apply (heads_kv 16); neither with FASTATTN_DECODE_HEAD_GROUP=0, while =8 takes the wide form
-    for a small batch too (with the splits the heuristic gives its grid; README). The same at
-    head_dim 64, where the wide form is the only head-group form. Checked on the kernels a call
-    launches. With one split in both, a warp's arithmetic is the same in the wide and four-head
+    not apply (heads_kv 16 and 32); neither with FASTATTN_DECODE_HEAD_GROUP=0, while =8 takes the
+    wide form for a small batch too (with the splits the heuristic gives its grid; README). The
+    same at head_dim 64, where the wide form is the only head-group form and is taken at any heads_kv
+    that is a multiple of 8 where batch x heads_kv / 8 CTAs fill 15/16 of the SMs to all of them
+    (heads_kv 16 and 32 too). Checked on the kernels a call launches. With one split in both, a warp's arithmetic is the same in the wide and four-head
     forms (its own head, the same tiles in the same order), so at head_dim 128 their answers are
     bitwise equal; each answer is also checked against the float32 reference."""
     if torch.cuda.get_device_capability() != (9, 0):
@@ -973,7 +976,10 @@ def test_head_group_wide_form_is_taken(seed, monkeypatch):
              (128, 3, 8, 1000, 16, "8", "8"), (128, 3, 16, 1000, None, "8", "8"),
              (64, fill, 8, 1024, None, None, "8"), (64, sms, 8, 8208, 16, None, "8"), (64, sms, 8, 1024, 16, "0", None),
              (64, fill - 1, 8, 1024, 16, None, None), (64, sms + 1, 8, 1024, None, None, None),
-             (64, sms // 2, 16, 1024, 16, None, None), (64, 3, 8, 1000, 16, "8", "8"), (64, 3, 16, 1000, None, "8", "8")]
+             (64, sms // 2, 16, 1024, 16, None, "8"), (64, sms // 2 + 1, 16, 1024, None, None, None),
+             (64, -(-fill // 4), 32, 1024, 16, None, "8"), (64, sms // 4, 32, 8208, None, None, "8"),
+             (64, -(-fill // 4) - 1, 32, 1024, None, None, None), (128, sms // 4, 32, 1024, None, None, "4"),
+             (64, 3, 8, 1000, 16, "8", "8"), (64, 3, 16, 1000, None, "8", "8")]
     for d, b, hkv, cache_len, page, switch, taken in cases:
         lens = [cache_len] + [seed.randint(0, cache_len) for _ in range(b - 1)]
         case = build_case(seed, torch.bfloat16, dict(B=b, Hq=32, Hkv=hkv, D=d, cache_len=cache_len, Snew=0, lens=lens,

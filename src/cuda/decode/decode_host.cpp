@@ -260,13 +260,15 @@ int decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p,
   // its grid is one full wave with no split: batch 128 / 1k-32k GQA 8 on the H200. There a box of
   // pages of 16 is a whole 32 KB page instead of half of one, which took 60-75% of what a random
   // page pool costs the four-head read (no-math read; contiguous level or 0.2% faster); at MHA
-  // batch 32 the 8-head boxes read 1.6% slower (bench/NOTES.md, session 27). At head_dim 64 (the
-  // same rule) it ran 1.6-3.8% faster than the head quad at batch 124-128 / 1k and 32k and 0.5-1.1%
-  // at 8k, both layouts, and level at batch 132, where the quad's 264 CTAs fill two waves exactly
-  // (session 51).
+  // batch 32 the 8-head boxes read 1.6% slower (bench/NOTES.md, session 27). At head_dim 64 it ran
+  // 1.6-3.8% faster than the head quad at batch 124-128 / 1k and 32k and 0.5-1.1% at 8k, both
+  // layouts, and level at batch 132, where the quad's 264 CTAs fill two waves exactly (session
+  // 51); and there it is taken at any heads_kv that fits (a multiple of 8) where its grid is one
+  // wave: MHA batch 32 ran 3.7-4.2% faster than the quad at 1k and 0.5-1.8% at 8k-32k (session 52).
   const bool wide_fits = decode_head_group_fits(p, sm90, kDecodeHeadGroupWide);
-  const bool wide_heuristic =
-      requested == 0 && p.heads_kv == kDecodeHeadGroupWide && fills_one_wave(p.batch, wave(kDecodeHeadGroupWide));
+  const bool wide_heads = p.heads_kv == kDecodeHeadGroupWide || p.head_dim <= kDecodeHeadGroupWideAnyHeadsMaxHeadDim;
+  const bool wide_heuristic = requested == 0 && wide_heads &&
+                              fills_one_wave(head_block_ctas(p, kDecodeHeadGroupWide), wave(kDecodeHeadGroupWide));
   if (takes("8", wide_fits, wide_heuristic)) return kDecodeHeadGroupWide;
   const bool fits = decode_head_group_fits(p, sm90);
   // Where its grid is one full wave of two CTAs per SM (15/16 of one at least) with no split.

@@ -277,6 +277,13 @@ constexpr int kDecodeHeadGroupMaxRows = 8;
 /// faster than the head quad's pattern at batch 128, and one page a tile in 6 stages no faster
 /// than the quad's (bench/NOTES.md, session 51).
 constexpr int kDecodeHeadGroupWideSmallHeadDim = 64;
+/// Up to this head_dim the heuristic takes the wide form at any heads_kv that is a multiple of 8
+/// (its grid of batch x heads_kv / 8 CTAs filling one wave), not only at 8: at head_dim 64 an MHA
+/// token row is 4 KB, and eight-head boxes of 1 KB runs in one wave of 128 CTAs ran 3.7-4.2% faster
+/// than the head quad's 256 CTAs (1.94 waves) at MHA batch 32 / 1k, 1.2-1.8% at 8k-32k contiguous
+/// and 0.5-1.4% paged 16; at head_dim 128 MHA batch 32 it ran within -1.1..+1.0% of the four-head
+/// form (bench/NOTES.md, session 52).
+constexpr int kDecodeHeadGroupWideAnyHeadsMaxHeadDim = 64;
 /// Its token-row form: 32 KV heads per CTA (one CTA per SM), so at heads_kv = 32 a box is whole
 /// token rows; a consumer warp attends 4 heads, and a tile is 4 slots (the 16 MMA keys of a warp
 /// are 4 heads x 4 slots), 32 KB per tensor.

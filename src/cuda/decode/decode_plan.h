@@ -39,7 +39,8 @@ std::int64_t set_page_table(const check::ArgChecker& c, DecodeParams& p, const c
 /// heuristic's (`requested` 0), heads_kv is 32, batch CTAs fill between 15/16 of one wave of one
 /// per SM and one wave, and `max_keys` (the host's bound on every sequence's keys) is at least
 /// kDecodeHeadGroupRowsMinKeys. Else the wide form (kDecodeHeadGroupWide) where it fits and the
-/// switch is "8", or it is unset (or "32"), `requested` is 0, heads_kv is 8 and batch CTAs fill one
+/// switch is "8", or it is unset (or "32"), `requested` is 0, heads_kv is 8 (at head_dim <=
+/// kDecodeHeadGroupWideAnyHeadsMaxHeadDim any multiple of 8) and batch x heads_kv / 8 CTAs fill one
 /// wave of one per SM as above. Else the four-head form where it fits and the switch is "1", or it
 /// is unset (or "32", "8"), `requested` is 0 and batch x heads_kv / 4 CTAs fill between 15/16 of
 /// one wave of two per SM and one wave, whatever the cache length. "0" takes none.
