@@ -123,6 +123,9 @@ def cases():
         yield f"{form}: contiguous, ragged long", run, (kvcache, F16, dict(
             B=2, Hq=32, Hkv=max(8, hkv), D=d, lens=[7999, 3000], cache_len=8000))
         yield f"{form}: out-of-range page ids (reads)", run, (bad_page_ids, "read_pages", hkv, d)
+    # the wide form at head_dim 64 over heads_kv 32 (four CTAs a sequence; the heuristic's at MHA batch 32)
+    yield "head-group wide form d64: MHA, ragged, paged 16", head_group_wide_d64, (kvcache, B16, dict(
+        B=3, Hq=32, Hkv=32, D=64, page=16, cache_len=600, lens="ragged", Sq=2, Snew=2, opt="causal"))
 
 
 if __name__ == "__main__":
