@@ -961,11 +961,12 @@ def test_head_group_wide_form_is_taken(seed, monkeypatch):
     four-head form where 2 x batch x heads_kv / 8 fills two CTAs per SM and the wide form does
     not apply (heads_kv 16 and 32); neither with FASTATTN_DECODE_HEAD_GROUP=0, while =8 takes the
     wide form for a small batch too (with the splits the heuristic gives its grid; README). The
-    same at head_dim 64, where the wide form is the only head-group form and is taken at any heads_kv
-    that is a multiple of 8 where batch x heads_kv / 8 CTAs fill 15/16 of the SMs to all of them
-    (heads_kv 16 and 32 too). Checked on the kernels a call launches. With one split in both, a warp's arithmetic is the same in the wide and four-head
-    forms (its own head, the same tiles in the same order), so at head_dim 128 their answers are
-    bitwise equal; each answer is also checked against the float32 reference."""
+    same at head_dim 64, where the wide form is the only head-group form and is taken at any
+    heads_kv that is a multiple of 8 where batch x heads_kv / 8 CTAs fill 15/16 of the SMs to all
+    of them (heads_kv 16 and 32 too). Checked on the kernels a call launches. With one split in
+    both, a warp's arithmetic is the same in the wide and four-head forms (its own head, the same
+    tiles in the same order), so at head_dim 128 their answers are bitwise equal; each answer is
+    also checked against the float32 reference."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("an sm_90 kernel")
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
