@@ -861,8 +861,9 @@ HEAD_GROUP_ROWS_CONFIGS = {
 
 
 KERNEL_FORM_CONFIGS = {"head_group": HEAD_GROUP_CONFIGS, "head_group_wide": HEAD_GROUP_WIDE_CONFIGS,
-                       "head_group_wide_d64": HEAD_GROUP_WIDE_D64_CONFIGS, "head_group_rows": HEAD_GROUP_ROWS_CONFIGS, "head_pair": HEAD_PAIR_CONFIGS,
-                       "head_pair_d64": HEAD_PAIR_D64_CONFIGS, "head_quad": HEAD_QUAD_CONFIGS}
+                       "head_group_wide_d64": HEAD_GROUP_WIDE_D64_CONFIGS, "head_group_rows": HEAD_GROUP_ROWS_CONFIGS,
+                       "head_pair": HEAD_PAIR_CONFIGS, "head_pair_d64": HEAD_PAIR_D64_CONFIGS,
+                       "head_quad": HEAD_QUAD_CONFIGS}
 KERNEL_FORM_CASES = [(kernel, name) for kernel, configs in KERNEL_FORM_CONFIGS.items() for name in configs]
 
 
@@ -1345,9 +1346,9 @@ def test_slots_past_the_end_hold_nan(seed, page, sq, splits, kernel, monkeypatch
     heads) or the head-pair form (boxes over 2 heads); head_group_wide: 8 KV heads and 16 query
     heads, the wide form (boxes over 8 heads: whole pages of 16); with 4 query rows, 8 packed rows
     per head; head_group_wide_d64 the same at head_dim 64 (32-slot tiles of two such boxes).
-    head_pair_d64, head_quad: the head-pair and head-quad forms at head_dim 64, 4 KV
-    heads. head_group_rows: 32 KV and query heads, the token-row form (boxes of 4 whole token
-    rows) at one query row (at 4 it does not fit: another kernel answers)."""
+    head_pair_d64, head_quad: the head-pair and head-quad forms at head_dim 64, 4 KV heads.
+    head_group_rows: 32 KV and query heads, the token-row form (boxes of 4 whole token rows) at one
+    query row (at 4 it does not fit: another kernel answers)."""
     lens = [0, 5, 70, 200]
     use_kernel(monkeypatch, kernel)
     hkv = {"per_head": 2, "head_group_wide": 8, "head_group_wide_d64": 8, "head_group_rows": 32}.get(kernel, 4)
@@ -1475,9 +1476,9 @@ def test_cuda_graph_decode(seed, layout, num_splits, kernel, monkeypatch):
     allocated before the capture captures fine, the Python layer's workspace sizing / allocation
     (xfail after checking the replays of that graph); anything else fails. head_group: 4 KV heads
     through the head-group kernel; head_group_wide (_d64): 8 through its wide form at head_dim 128
-    (64); head_group_rows: 32
-    KV and query heads through its token-row form; head_pair (head_pair_d64): 2 KV heads through the
-    head-pair form at head_dim 128 (64); head_quad: 4 KV heads through the head-quad form."""
+    (64); head_group_rows: 32 KV and query heads through its token-row form; head_pair
+    (head_pair_d64): 2 KV heads through the head-pair form at head_dim 128 (64); head_quad: 4 KV
+    heads through the head-quad form."""
     b, cap = 4, 1024
     use_kernel(monkeypatch, kernel)
     hkv = KERNEL_HEADS_KV.get(kernel, 2)
