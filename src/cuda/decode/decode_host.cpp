@@ -175,11 +175,13 @@ std::int64_t key_tiles(std::int64_t max_keys) { return (max_keys + kDecodeBlockN
 
 /// Key splits of a head-pair or head-quad grid of `form_ctas` CTAs per split over `tiles` tiles:
 /// the most, up to kMaxClusterSplits, that merge in clusters on `sm_count` SMs
-/// (decode_cluster_merge_applies: on at most half the SMs, or 2 on at most one CTA per SM) with
-/// CTAs of at least kDecodeFormClusterMinTiles tiles; 1 where none does (a grid of a wave or more).
+/// (decode_cluster_merge_applies: on at most half the SMs, or 2 on at most one CTA per SM, what
+/// decode_one_per_sm_cluster_splits gives these forms) with CTAs of at least
+/// kDecodeFormClusterMinTiles tiles; 1 where none does (a grid of a wave or more).
 int decode_form_splits(std::int64_t form_ctas, std::int64_t tiles, int sm_count) {
   for (int splits = kMaxClusterSplits; splits >= 2; --splits)
-    if (tiles / splits >= kDecodeFormClusterMinTiles && decode_cluster_merge_applies(true, splits, form_ctas * splits, sm_count))
+    if (tiles / splits >= kDecodeFormClusterMinTiles &&
+        decode_cluster_merge_applies(true, splits, form_ctas * splits, sm_count, kDecodeClusterOnePerSmSplits))
       return splits;
   return 1;
 }

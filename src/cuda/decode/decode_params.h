@@ -204,7 +204,7 @@ constexpr int kDecodeClusterOfThreeContiguousMaxHeadDim = 64;
 /// one CTA per SM (clusters of 2 or 3 side by side; run_decode says why). A num_splits the caller
 /// fixed never does (splits_fixed).
 inline bool decode_cluster_merge_applies(bool sm90_kernel, int num_splits, std::int64_t ctas, int sm_count,
-                                         int one_per_sm_splits = kDecodeClusterOnePerSmSplits) {
+                                         int one_per_sm_splits) {
   const char* env = std::getenv("FASTATTN_DECODE_CLUSTER");
   if (!sm90_kernel || num_splits < 2 || num_splits > kMaxClusterSplits || (env && std::strcmp(env, "0") == 0))
     return false;
