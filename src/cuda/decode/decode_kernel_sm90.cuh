@@ -589,7 +589,13 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
       cluster_wait();  // every CTA has merged its warps: the first CTA's stages hold nothing else
       if (split != 0) {
         const float* remote = slot_of(split);  // mapped into CTA 0 below
-        for (int i = merge_tid; i < Cfg::kSlotFloats / 4; i += kDecodeWarps * 32)
+        // Only the LSEs and the block's rows in use: decode_cluster_merge reads no others. Whole
+        // slots (16.4 KB at head_dim 256) for the 1-4 rows of MHA or GQA 4 made head_dim 256 GQA 8
+        // batch 1 / 1k (8 splits into one SM) 1.2-1.4 us slower, MHA batch 1 / 1k 0.4-0.6 us
+        // (bench/NOTES.md, session 53).
+        const int rows = min(kDecodeRows, rows_total - mb * kDecodeRows);
+        const int used_float4s = (Cfg::kSlotLseFloats + rows * kHeadDim) / 4;
+        for (int i = merge_tid; i < used_float4s; i += kDecodeWarps * 32)
           cluster_store(reinterpret_cast<const float4*>(remote) + i, reinterpret_cast<const float4*>(own)[i], 0);
         cluster_arrive_release();  // the stores land before the first CTA's wait returns
         return;
