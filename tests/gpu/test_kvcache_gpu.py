@@ -574,6 +574,20 @@ def test_two_splits_on_one_cta_per_sm_merge_in_clusters(seed, head_dim, monkeypa
     _assert_clusters_then_combine_kernel(case, monkeypatch)
 
 
+@pytest.mark.parametrize("page", [None, 16], ids=["contiguous", "page16"])
+def test_cluster_merge_row_blocks_at_head_dim_256(seed, page, monkeypatch):
+    """README: at head_dim 256 a cluster's splits put their states into the first CTA's stages, each
+    copying only its row block's rows in use. GQA 10 with 2 query rows is 20 packed rows per KV
+    head: a block of 16 and one of 4. Batch 1 with 2 KV heads (4 CTAs a split) merges its heuristic
+    splits in clusters: the answer matches the float32 reference with no combine kernel, and again
+    with FASTATTN_DECODE_CLUSTER=0 (the combine kernel)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the sm_90 kernel's cluster merge")
+    case = build_case(seed, torch.bfloat16, dict(B=1, Hq=20, Hkv=2, D=256, cache_len=1040, Sq=2, Snew=2,
+                                                 lens=[1000], page=page, opt="causal"))
+    _assert_clusters_then_combine_kernel(case, monkeypatch)
+
+
 def _align256(n):
     return (n + 255) // 256 * 256
 
