@@ -312,7 +312,7 @@ __device__ __forceinline__ void decode_cluster_merge(const DecodeParams& p, LseO
                                                      float* scratch, int b, int kvh, int mb, int tid, Sync sync) {
   using Cfg = DecodeSm90Config<kHeadDim>;
   constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
-  const int rows = min(kDecodeRows, p.group * p.seqlen_q - mb * kDecodeRows);
+  const int rows = decode_block_rows(p.group * p.seqlen_q, mb);
   const int ns = p.num_splits;
   float* weights = scratch;                                       // [split][row]
   float* merged_lse = scratch + kMaxClusterSplits * kDecodeRows;  // [row]
@@ -593,8 +593,7 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
         // slots (16.4 KB at head_dim 256) for the 1-4 rows of MHA or GQA 4 made head_dim 256 GQA 8
         // batch 1 / 1k (8 splits into one SM) 1.2-1.4 us slower, MHA batch 1 / 1k 0.4-0.6 us
         // (bench/NOTES.md, session 53).
-        const int rows = min(kDecodeRows, rows_total - mb * kDecodeRows);
-        const int used_float4s = (Cfg::kSlotLseFloats + rows * kHeadDim) / 4;
+        const int used_float4s = (Cfg::kSlotLseFloats + decode_block_rows(rows_total, mb) * kHeadDim) / 4;
         for (int i = merge_tid; i < used_float4s; i += kDecodeWarps * 32)
           cluster_store(reinterpret_cast<const float4*>(remote) + i, reinterpret_cast<const float4*>(own)[i], 0);
         cluster_arrive_release();  // the stores land before the first CTA's wait returns

@@ -176,6 +176,13 @@ constexpr int decode_row_blocks(int group, int seqlen_q) {
   return (group * seqlen_q + kDecodeRowsPerCta - 1) / kDecodeRowsPerCta;
 }
 
+/// Packed query rows in row block `mb` of a (b, kv head) of `rows` (group x seqlen_q):
+/// kDecodeRowsPerCta, fewer in the last.
+constexpr int decode_block_rows(int rows, int mb) {
+  const int left = rows - mb * kDecodeRowsPerCta;
+  return left < kDecodeRowsPerCta ? left : kDecodeRowsPerCta;
+}
+
 /// CTAs per split and row block of a form whose CTA takes `heads` KV heads of one sequence:
 /// batch x heads_kv / heads.
 inline std::int64_t head_block_ctas(const DecodeParams& p, int heads) {

@@ -317,7 +317,7 @@ __device__ __forceinline__ void decode_merge_warps(const DecodeParams& p, const 
                                                    int tid, Sync sync, Store store) {
   constexpr int kThreads = kDecodeWarps * 32, kStride = decode_merge_row_stride<kHeadDim>();
   const int warp = tid / 32, lane = tid % 32;
-  const int rows = min(kDecodeRows, p.group * p.seqlen_q - mb * kDecodeRows);  // packed rows of the CTA
+  const int rows = decode_block_rows(p.group * p.seqlen_q, mb);  // packed rows of the CTA
   float* mO = merge_smem;                                   // [warp][row][kStride]
   float* mM = mO + kDecodeWarps * kDecodeRows * kStride;    // [warp][row] max (log2)
   float* mL = mM + kDecodeWarps * kDecodeRows;              // [warp][row] sum
