@@ -522,8 +522,13 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
       mbar_wait(&full_k[stage], phase);
       const int n0 = range.tile_at(pos) * BN;
       const bool edge = n0 + key0 < range.lo || n0 + key0 + Cfg::kWarpKeys > range.hi;
+      // A stage is handed back only if the producer refills it (a later tile of this CTA): the
+      // last S tiles' proxy fences and arrivals would sit on the CTA's tail for nothing.
+      const bool refilled = pos + S < range.t_end;
       // K read (the scores are in registers): the stage's K may be refilled.
-      const auto k_done = [&] { warp_release_stage(&empty_k[stage], lane); };
+      const auto k_done = [&] {
+        if (refilled) warp_release_stage(&empty_k[stage], lane);
+      };
       const auto v_wait = [&] {
         mbar_wait(&full_v[stage], phase);
         if (edge) {
@@ -538,7 +543,7 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
       };
       st.template attend<Cfg, kDtype>(p, sQ, sK0 + stage * Cfg::kStageElems + head_elems, sV, kv, n0, key0, pad, end,
                                       lane, k_done, v_wait);
-      warp_release_stage(&empty_v[stage], lane);  // also orders the edge tiles' zeros before the refill
+      if (refilled) warp_release_stage(&empty_v[stage], lane);  // also orders the edge tiles' zeros before the refill
       if (++stage == S) stage = 0, phase ^= 1;
     }
     // Every consumer warp has seen every tile land, so no copy is in flight: reuse the stages.

@@ -222,8 +222,12 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads, kHeadDim>::kThre
     mbar_wait(&full_k[stage], phase);
     const int n0 = range.tile_at(pos) * BN;
     const bool edge = n0 < range.lo || n0 + BN > range.hi;
-    // A stage read: one arrival per warp, or per lane in the token-row form (kEmptyArrivals).
+    // A stage read: one arrival per warp, or per lane in the token-row form (kEmptyArrivals); only
+    // if the producer refills it (a later tile of this CTA), so the last S tiles' fences and
+    // arrivals are not on the CTA's tail.
+    const bool refilled = pos + S < range.t_end;
     const auto release = [&](std::uint64_t* empty) {
+      if (!refilled) return;
       if constexpr (HPW == 1) {
         warp_release_stage(empty, lane);
       } else {
@@ -264,7 +268,7 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads, kHeadDim>::kThre
   // lanes below D / 4. Value j of column c sits at j ^ 8 (c / 2) of the column's row, so that a
   // store of the 32 lanes (8 values of 4 column pairs) hits 32 banks (without, 4 lanes shared a
   // bank).
-  if constexpr (HPW > 1) __syncwarp();  // every lane's reads before any lane's writes (no warp_release_stage)
+  __syncwarp();  // every lane's reads before any lane's writes (the last tiles have no warp_release_stage)
   float* orows = reinterpret_cast<float*>(sK0 + warp_off);  // [column][D]
   const auto orow_at = [](int c, int j) { return c * D + (j ^ (8 * (c >> 1))); };  // value j of column c
   constexpr float kLn2 = 0.6931471805599453f;
