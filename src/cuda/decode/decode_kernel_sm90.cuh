@@ -222,6 +222,12 @@ struct DecodePageWalk {
   __device__ __forceinline__ int row_coord(int page) const { return paged() ? page : row; }
 };
 
+/// Whether the stage of ring position `pos` is refilled: the producer walks below (decode_produce_ring,
+/// decode_produce_ring_rotating) wait for a stage's release only to load position pos + stages into
+/// it, so consumers release it only then. Not releasing the last `stages` positions keeps their proxy
+/// fences and arrivals off the CTA's tail (0.2-0.5 us of a one-wave 1k call, bench/NOTES.md session 55).
+__device__ __forceinline__ bool decode_stage_refilled(int pos, int stages, int t_end) { return pos + stages < t_end; }
+
 /// A producer warp's walk over the ring: positions t_begin .. t_end - 1 in order (the caller maps
 /// a position to its tile, DecodeSplitRange::tile_at), position t into stage t % S (counted from
 /// t_begin), each once its stage is free (`empty`, from the second round on): issue(pos, stage,
@@ -522,9 +528,7 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
       mbar_wait(&full_k[stage], phase);
       const int n0 = range.tile_at(pos) * BN;
       const bool edge = n0 + key0 < range.lo || n0 + key0 + Cfg::kWarpKeys > range.hi;
-      // A stage is handed back only if the producer refills it (a later tile of this CTA): the
-      // last S tiles' proxy fences and arrivals would sit on the CTA's tail for nothing.
-      const bool refilled = pos + S < range.t_end;
+      const bool refilled = decode_stage_refilled(pos, S, range.t_end);
       // K read (the scores are in registers): the stage's K may be refilled.
       const auto k_done = [&] {
         if (refilled) warp_release_stage(&empty_k[stage], lane);

@@ -222,10 +222,9 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads, kHeadDim>::kThre
     mbar_wait(&full_k[stage], phase);
     const int n0 = range.tile_at(pos) * BN;
     const bool edge = n0 < range.lo || n0 + BN > range.hi;
-    // A stage read: one arrival per warp, or per lane in the token-row form (kEmptyArrivals); only
-    // if the producer refills it (a later tile of this CTA), so the last S tiles' fences and
-    // arrivals are not on the CTA's tail.
-    const bool refilled = pos + S < range.t_end;
+    // A stage read: one arrival per warp, or per lane in the token-row form (kEmptyArrivals), where
+    // the producer refills the stage.
+    const bool refilled = decode_stage_refilled(pos, S, range.t_end);
     const auto release = [&](std::uint64_t* empty) {
       if (!refilled) return;
       if constexpr (HPW == 1) {
