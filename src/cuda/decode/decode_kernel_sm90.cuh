@@ -45,6 +45,8 @@
 #include <cuda.h>
 #include <cuda_runtime_api.h>
 
+#include <type_traits>
+
 #include "common/softmax_state.h"
 #include "cuda/common/cluster.cuh"
 #include "cuda/common/cuda_check.h"
@@ -87,6 +89,19 @@ bool decode_warms_first_chunk(std::int64_t ctas, int sm_count) {
   const bool small_one_head_grid = Cfg::kHeads == 1 && Cfg::kHeadDim <= 128 && 2 * ctas <= sm_count;
   return !small_one_head_grid;
 }
+
+/// The warm's lines in a box (decode_kernel_sm90's `warm`) are one every 16 rows, or every 8 for
+/// the head pair at head_dim 128 where the grid is one wave that warms its first chunk, a CTA streams
+/// at most kDecodeDenseWarmMaxTiles tiles, and heads_kv >= kDecodeDenseWarmMinHeadsKv (a pair's
+/// 512-byte runs are then at most 1/16 of a token row). Why: on the H200, over five machines, the
+/// denser warm made paged MHA batch 8 / 8k 0.24-0.51% faster every time (0.43% under this rule, on a
+/// sixth machine), but GQA 8 batch 32 / 8k
+/// anywhere from 0.35% faster to 0.03% slower, the pair's 32k rows (512 tiles a CTA) 0.4-0.5% slower,
+/// and in the per-head kernel the 15-wave MHA batch 128 / 1k grid 0.2-0.3% slower (bench/NOTES.md,
+/// session 56). Head_dim 64 and 256 were not measured; they and the per-head kernel keep one line in
+/// 16 rows.
+constexpr int kDecodeDenseWarmMaxTiles = 128;
+constexpr int kDecodeDenseWarmMinHeadsKv = 32;
 
 /// Shared memory one CTA may opt in to on sm_90 (227 KB).
 constexpr int kDecodeSm90MaxSmemBytes = 227 * 1024;
@@ -447,8 +462,10 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
       return box_needed(tile) ? int(seq.pages[walk.page_index(box_slot0(tile))]) : 0;
     };
     // A box warmed ahead of its TMA: one L2 prefetch of a 128-byte line every 16 rows of the lane's
-    // box (lines the box reads anyway), once per chunk. Why: the random pool costs the paged rows
-    // 0.3-0.5 us at 1k and 0.5-1.9% at 8k over the same bytes through an identity table (pages
+    // box (lines the box reads anyway; every 8 rows on the grids kDecodeDenseWarmMaxTiles names),
+    // once per chunk. It pays by the lines it puts in L2, not by translations: the same warm by
+    // `applypriority`, which fetches nothing, lost at least what no warm loses (session 56). Why:
+    // the random pool costs the paged rows 0.3-0.5 us at 1k and 0.5-1.9% at 8k over the same bytes through an identity table (pages
     // shuffled only within 2 MB cost far less on those grids; at GQA 8 batch 1 / 8k nearly as much,
     // session 45); the prefetch recovered ~0.5 us at the 256-CTA 1k rows and 0.2-0.5% at 8k-32k.
     // On contiguous boxes the same line density made the 256-CTA 1k rows 0.3-0.8 us faster and the
@@ -457,6 +474,9 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
     // in MHA batch 128 / 1k (4096 CTAs of 16 tiles, a CTA starting whenever another ends) it cost
     // 0.7% (bench/NOTES.md, session 26); and not in small one-head grids (decode_warms_first_chunk).
     const bool warm_first = __shfl_sync(0xffffffffu, tp.warm_first_chunk, 0) != 0;
+    const bool dense_warm = kHeadDim == 128 && kHeads == 2 && warm_first &&
+                            range.t_end - range.t_begin <= kDecodeDenseWarmMaxTiles &&
+                            __shfl_sync(0xffffffffu, p.heads_kv, 0) >= kDecodeDenseWarmMinHeadsKv;
     const auto* cache = static_cast<const std::uint16_t*>(is_k ? p.k_cache : p.v_cache);
     const std::int64_t page_stride = is_k ? p.k_batch_stride : p.v_batch_stride;
     const std::int64_t row_stride = is_k ? p.k_row_stride : p.v_row_stride;
@@ -470,10 +490,15 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
       const std::uint16_t* box = lane_cache + std::int64_t(walk.row_coord(pg)) * page_stride +
                                  std::int64_t(walk.slot_coord(slot0)) * row_stride;
       // Only rows that may be seen (< range.hi <= the row's capacity): a contiguous cache's last
-      // tile may reach past its row, and past the tensor's end in its last row.
+      // tile may reach past its row, and past the tensor's end in its last row. A line every 16
+      // rows, or every 8 (dense_warm, kDecodeDenseWarmMaxTiles).
+      const auto lines = [&](auto step) {  // a line every step rows (a compile-time constant)
 #pragma unroll
-      for (int r = 0; r < BN; r += 16)
-        if (r < R && slot0 + r < range.hi) prefetch_l2(box + r * row_stride);
+        for (int r = 0; r < BN; r += decltype(step)::value)
+          if (r < R && slot0 + r < range.hi) prefetch_l2(box + r * row_stride);
+      };
+      if (dense_warm) lines(std::integral_constant<int, 8>{});
+      else lines(std::integral_constant<int, 16>{});
     };
     decode_produce_ring_rotating<S>(
         range.t_begin, range.t_end, chunk_tiles, group, empty, fetch, [&](int pos, int stage, int pg, bool mine) {
