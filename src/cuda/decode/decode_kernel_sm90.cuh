@@ -465,9 +465,10 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
     // box (lines the box reads anyway; every 8 rows on the grids kDecodeDenseWarmMaxTiles names),
     // once per chunk. It pays by the lines it puts in L2, not by translations: the same warm by
     // `applypriority`, which fetches nothing, lost at least what no warm loses (session 56). Why:
-    // the random pool costs the paged rows 0.3-0.5 us at 1k and 0.5-1.9% at 8k over the same bytes through an identity table (pages
-    // shuffled only within 2 MB cost far less on those grids; at GQA 8 batch 1 / 8k nearly as much,
-    // session 45); the prefetch recovered ~0.5 us at the 256-CTA 1k rows and 0.2-0.5% at 8k-32k.
+    // the random pool costs the paged rows 0.3-0.5 us at 1k and 0.5-1.9% at 8k over the same bytes
+    // through an identity table (pages shuffled only within 2 MB cost far less on those grids; at
+    // GQA 8 batch 1 / 8k nearly as much, session 45); the prefetch recovered ~0.5 us at the 256-CTA
+    // 1k rows and 0.2-0.5% at 8k-32k.
     // On contiguous boxes the same line density made the 256-CTA 1k rows 0.3-0.8 us faster and the
     // 8k rows 0.2-0.4% (batch 32 / 32k 0.2% slower). The bulk (TMA) prefetch of the same bytes ran
     // slower. The first chunk's only in a one-wave grid:
