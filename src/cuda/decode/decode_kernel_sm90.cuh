@@ -95,11 +95,10 @@ bool decode_warms_first_chunk(std::int64_t ctas, int sm_count) {
 /// at most kDecodeDenseWarmMaxTiles tiles, and heads_kv >= kDecodeDenseWarmMinHeadsKv (a pair's
 /// 512-byte runs are then at most 1/16 of a token row). Why: on the H200, over five machines, the
 /// denser warm made paged MHA batch 8 / 8k 0.24-0.51% faster every time (0.43% under this rule, on a
-/// sixth machine), but GQA 8 batch 32 / 8k
-/// anywhere from 0.35% faster to 0.03% slower, the pair's 32k rows (512 tiles a CTA) 0.4-0.5% slower,
-/// and in the per-head kernel the 15-wave MHA batch 128 / 1k grid 0.2-0.3% slower (bench/NOTES.md,
-/// session 56). Head_dim 64 and 256 were not measured; they and the per-head kernel keep one line in
-/// 16 rows.
+/// sixth), but GQA 8 batch 32 / 8k anywhere from 0.35% faster to 0.03% slower, the pair's 32k rows
+/// (512 tiles a CTA) 0.4-0.5% slower, and in the per-head kernel the 15-wave MHA batch 128 / 1k grid
+/// 0.2-0.3% slower (bench/NOTES.md, session 56). Head_dim 64 and 256 were not measured; they and the
+/// per-head kernel keep one line in 16 rows.
 constexpr int kDecodeDenseWarmMaxTiles = 128;
 constexpr int kDecodeDenseWarmMinHeadsKv = 32;
 
