@@ -344,6 +344,48 @@ def test_run_suite_fastattn_not_implemented(monkeypatch):
     assert summ["fastattn_na"]["n"] == summ["fastattn_na"]["of"] == 2 * len(records)
 
 
+@needs_torch
+def test_every_implementation_reads_its_own_small_inputs(monkeypatch):
+    """q, cache_seqlens and the block table (SDPA: its q) are equal in value for every
+    implementation of a set but never the same storage, so that no timed call finds them in L2
+    because another implementation read them just before it (session 61)."""
+    fake = _FakeTorch()
+    gen = torch.Generator().manual_seed(0)
+    st = gd.InputSet(fake, gd.Shape("bf16", 128, 32, 8, 2, 48), 16,
+                     lambda n: torch.randperm(n, generator=gen))
+    seen = {}
+
+    def record_fastattn(q, k, v, cache_seqlens=None, block_table=None, **kw):
+        seen[k.dim()] = (q, cache_seqlens, block_table)  # 4: both layouts' k are (., ., Hkv, D)
+        return q
+    monkeypatch.setattr(gd.fastattn, "flash_attn_with_kvcache", record_fastattn)
+    used = {}
+    for var in gd.VARIANTS:
+        seen.clear()
+        st.fastattn_call(var)()
+        used[var] = seen[4]
+    (qp, lp, tp), (qc, lc, tc) = used["paged16"], used["contiguous"]
+    assert tp is not None and tc is None
+    assert qp.data_ptr() != qc.data_ptr() and lp.data_ptr() != lc.data_ptr()
+    assert qp.data_ptr() != st.q.data_ptr() and tp.data_ptr() != st.table.data_ptr()
+    assert torch.equal(qp, st.q) and torch.equal(qc, st.q)
+    assert torch.equal(lp, st.seqlens) and torch.equal(lc, st.seqlens) and torch.equal(tp, st.table)
+
+    peer_q = {}
+
+    def record_sdpa(q, k, v, **kw):
+        peer_q[len(peer_q)] = q
+        return q
+    fake.nn.functional.scaled_dot_product_attention = record_sdpa
+    for peer in gd.PEERS:
+        st.sdpa_call(fake, peer, "enable_gqa")()
+    qf, qd = peer_q[0], peer_q[1]
+    assert qf.data_ptr() != qd.data_ptr() and qf.data_ptr() != st.tq.data_ptr()
+    assert torch.equal(qf, st.tq) and torch.equal(qd, st.tq)
+    # The same implementation keeps its copies from call to call.
+    assert st.own_small_inputs(gd.PAGED)[0] is qp
+
+
 # ---- command line -------------------------------------------------------------------------------
 
 
