@@ -63,12 +63,17 @@ def test_decode_bytes():
     assert sh.tokens == b * L
 
 
-def test_n_sets_rotates_small_caches_only():
+def test_n_sets_rotates_at_least_three_and_more_for_small_caches():
     l2 = 50 << 20
-    assert gd._n_sets(16 * GiB, l2) == 1
-    assert gd._n_sets(100 << 20, l2) == 1
+    assert gd._n_sets(16 * GiB, l2) == gd.MIN_INPUT_SETS == 3
+    assert gd._n_sets(100 << 20, l2) == 3
+    assert gd._n_sets(40 << 20, l2) == 4
     assert gd._n_sets(4 << 20, l2) == 26
     assert gd._n_sets(1 << 10, l2) == 32
+    # Fewer where memory holds fewer, never none.
+    assert gd._n_sets(16 * GiB, l2, fit=2) == 2
+    assert gd._n_sets(4 << 20, l2, fit=5) == 5
+    assert gd._n_sets(16 * GiB, l2, fit=0) == 1
 
 
 # ---- synthetic records ------------------------------------------------------------------------
@@ -318,7 +323,7 @@ def test_run_suite_end_to_end_on_fake_cuda(monkeypatch):
             assert flash["gqa_mode"] == "plain" and flash["bytes"] == r["bytes"]
         assert im["sdpa-cudnn"]["s"] is None and im["sdpa-cudnn"]["error"]
         assert r["ratios"]["paged16/cudnn"] is None
-        assert r["input_sets"] >= 1
+        assert r["input_sets"] >= gd.MIN_INPUT_SETS
     assert gd.bad_records(records) == []
     summ = gd.summarize(records, meta["copy"]["tbps"], s.budget_s)
     json.dumps([records, meta, summ])

@@ -35,8 +35,12 @@ estimate. Decode calls take 10 us - 5 ms, often less than their host-side launch
 round is queued behind a GPU sleep kernel (torch.cuda._sleep) long enough for the host to enqueue
 all of the round's calls: the events then time the GPU work back to back, not the host
 (``host_s`` records the host time per call; ``host_bound_rounds`` counts rounds where the queue
-ran dry anyway). Small caches (under twice the L2 size) are rotated among several input sets so
-that no call finds its K/V in L2, and every implementation reads its own copy of q, cache_seqlens
+ran dry anyway). Every shape rotates at least three input sets (fewer only where GPU memory is
+short; ``input_sets`` in the record), so that no call follows a call on its own cache and finds its
+address translations warm, which no engine's decode step does (each layer's cache is read once per
+step): one set read alone was 0.9-1.1% faster than three in rotation for fastattn at the batch 8
+rows of 8k-32k, and level for cuDNN (session 61). Small caches (under twice the L2 size) rotate among
+more, so that no call finds its K/V in L2, and every implementation reads its own copy of q, cache_seqlens
 and the block table (SDPA's of its (B, Hq, 1, D) q), so that none finds them in L2 because another
 read them before it in the round (until session 61 the variants shared them, which gave the second
 fastattn variant of a round 0.1-0.3 us at batch 1 / 1k; bench/NOTES.md). A deadline (``--time-limit``, 150 s; 20 s with --quick) shrinks
@@ -415,9 +419,17 @@ def _max_err(out_bshd, ref_bshd):
     return float((out_bshd.float() - ref_bshd.float()).abs().max())
 
 
-def _n_sets(kv_bytes, l2_bytes):
-    """Input sets to rotate among so that one set's K/V has left L2 before it is read again."""
-    return 1 if kv_bytes >= 2 * l2_bytes else min(32, int(math.ceil(2 * l2_bytes / kv_bytes)) + 1)
+MIN_INPUT_SETS = 3  # every shape's calls rotate among at least this many caches (module notes)
+
+
+def _n_sets(kv_bytes, l2_bytes, fit=None):
+    """Input sets to rotate among: at least MIN_INPUT_SETS, so that no call follows a call on its
+    own cache, and more for small caches, so that one set's K/V has left L2 before it is read
+    again; at most `fit` (the sets GPU memory holds), and at least 1."""
+    n = MIN_INPUT_SETS
+    if kv_bytes < 2 * l2_bytes:
+        n = max(n, min(32, int(math.ceil(2 * l2_bytes / kv_bytes)) + 1))
+    return max(1, n if fit is None else min(n, fit))
 
 
 def base_record(shape: Shape):
@@ -429,12 +441,12 @@ def base_record(shape: Shape):
 
 
 def measure_shape(torch, shape: Shape, settings: Settings, budget_s, gen_perm, l2_bytes,
-                  sleeper=None, flashinfer=None):
-    """Builds the inputs of one shape, checks and times both fastattn variants and both peers
-    (and FlashInfer's, given a gpu_decode_flashinfer.Peers). Returns its record (see run_suite)
-    and the seconds spent in timed rounds."""
+                  sleeper=None, flashinfer=None, max_sets=None):
+    """Builds the inputs of one shape (at most max_sets input sets), checks and times both
+    fastattn variants and both peers (and FlashInfer's, given a gpu_decode_flashinfer.Peers).
+    Returns its record (see run_suite) and the seconds spent in timed rounds."""
     rec = base_record(shape)
-    n_sets = _n_sets(shape.kv_bytes, l2_bytes)
+    n_sets = _n_sets(shape.kv_bytes, l2_bytes, max_sets)
     rec["input_sets"] = n_sets
     sets = [InputSet(torch, shape, PAGE_SIZE, gen_perm) for _ in range(n_sets)]
     s0 = sets[0]
@@ -621,11 +633,14 @@ def run_suite(torch, settings: Settings, log=print):
     records = []
     for i, shape in enumerate(shapes):
         reason = shape.skip_reason(settings)
+        max_sets = None
         if reason is None:
             free = torch.cuda.mem_get_info()[0]
-            need = 3 * shape.kv_bytes + GiB
+            per_set = 3 * shape.kv_bytes  # contiguous, paged and SDPA's copy
+            need = per_set + GiB
             if need > free:
                 reason = "needs ~%.0f GiB of GPU memory, %.0f GiB free" % (need / GiB, free / GiB)
+            max_sets = int((free - GiB) // per_set)
         if reason:
             rec = skipped_record(shape, reason)
             records.append(rec)
@@ -636,7 +651,7 @@ def run_suite(torch, settings: Settings, log=print):
         t0 = time.perf_counter()
         try:
             rec, timed = measure_shape(torch, shape, settings, budget, gen_perm, l2, sleeper,
-                                       fi_peers)
+                                       fi_peers, max_sets)
         except Exception as e:  # e.g. out of memory: keep the row, keep going
             rec = base_record(shape)
             rec["error"] = _short_error(e)
