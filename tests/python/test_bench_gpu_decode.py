@@ -296,6 +296,7 @@ def _tiny_settings(**kw):
 @needs_torch
 def test_run_suite_end_to_end_on_fake_cuda(monkeypatch):
     monkeypatch.setattr(gd, "warm_gpu", lambda torch: None)
+    monkeypatch.setattr(gd, "rewarm_gpu", lambda torch: None)
     s = _tiny_settings()
     records, meta = gd.run_suite(_FakeTorch(), s, log=lambda *a, **k: None)
     assert [r["name"] for r in records] == [x.name for x in gd.plan(s)]
@@ -334,6 +335,7 @@ def test_run_suite_end_to_end_on_fake_cuda(monkeypatch):
 @needs_torch
 def test_run_suite_fastattn_not_implemented(monkeypatch):
     monkeypatch.setattr(gd, "warm_gpu", lambda torch: None)
+    monkeypatch.setattr(gd, "rewarm_gpu", lambda torch: None)
 
     def missing(*a, **kw):
         raise NotImplementedError("flash_attn_with_kvcache: no CUDA kernel (test)")
@@ -417,6 +419,7 @@ def test_cli_decode_suite_on_fake_cuda(monkeypatch, tmp_path, capsys):
     fake.cuda.get_device_capability = lambda i=0: (9, 0)
     monkeypatch.setattr(runner, "pick_device", lambda requested: ("cuda", fake))
     monkeypatch.setattr(gd, "warm_gpu", lambda torch: None)
+    monkeypatch.setattr(gd, "rewarm_gpu", lambda torch: None)
     orig = gd.Settings.for_mode
     monkeypatch.setattr(gd.Settings, "for_mode", classmethod(
         lambda cls, quick, **kw: orig(quick, copy_bytes=1 << 20, **kw)))
@@ -530,6 +533,7 @@ def test_run_suite_with_flashinfer_peers(monkeypatch):
     right, refused when wrong or failing; ratios, summary line and table."""
     from fastattn.bench import gpu_decode_flashinfer as gf
     monkeypatch.setattr(gd, "warm_gpu", lambda torch: None)
+    monkeypatch.setattr(gd, "rewarm_gpu", lambda torch: None)
     monkeypatch.setattr(gf, "load", lambda: _fake_flashinfer())
     s = _tiny_settings(heads_kv=[8, 32], batches=[2], cache_lens=[48], flashinfer=True,
                        max_cache_bytes=gd.MAX_CACHE_BYTES)
@@ -562,6 +566,7 @@ def test_run_suite_flashinfer_xqa_right(monkeypatch):
     """XQA with the scale right is timed beside the decode wrapper, on its own zeroed workspace."""
     from fastattn.bench import gpu_decode_flashinfer as gf
     monkeypatch.setattr(gd, "warm_gpu", lambda torch: None)
+    monkeypatch.setattr(gd, "rewarm_gpu", lambda torch: None)
     monkeypatch.setattr(gf, "load", lambda: _fake_flashinfer(tc_raises=False, xqa_scale_bug=False))
     s = _tiny_settings(heads_kv=[8], batches=[2], cache_lens=[40], flashinfer=True)
     records, meta = gd.run_suite(_FakeTorch(), s, log=lambda *a, **k: None)
@@ -575,6 +580,7 @@ def test_run_suite_flashinfer_xqa_right(monkeypatch):
 def test_run_suite_flashinfer_missing(monkeypatch):
     from fastattn.bench import gpu_decode_flashinfer as gf
     monkeypatch.setattr(gd, "warm_gpu", lambda torch: None)
+    monkeypatch.setattr(gd, "rewarm_gpu", lambda torch: None)
 
     def missing():
         raise ImportError("flashinfer unavailable: ModuleNotFoundError: test")

@@ -28,7 +28,8 @@ Memory: a shape whose K+V cache for one implementation exceeds 24 GiB (MHA, B=12
 tensors are freed before the next one is built.
 
 Timing (.library/device/METHOD.md, as gpu_prefill): CUDA events around every call; after a probe
-call, a correctness call, two warm-up calls and two sizing calls per implementation, the
+call, a correctness call, two warm-up calls and two sizing calls per implementation, and 0.2 s of
+copies that bring the GPU back up after the inputs' set-up (rewarm_gpu), the
 implementations of one shape are timed in interleaved rounds (3 rounds of up to 30 calls each),
 the figure is the median over all calls and the spread of the per-round medians is the noise
 estimate. Decode calls take 10 us - 5 ms, often less than their host-side launch cost, so each
@@ -395,6 +396,24 @@ def time_interleaved(torch, fns: Dict[str, Callable], settings: Settings, budget
     return out
 
 
+def rewarm_gpu(torch, seconds=0.2, nbytes=256 << 20):
+    """Streams a buffer for about `seconds` (device-to-device copies) right before a shape is timed.
+    Building a shape's inputs leaves the GPU idle for up to seconds, and the memory-bound calls
+    timed next then ran ~14% slower, all implementations alike, until the GPU came back up tens of
+    ms later: whole rounds of MHA batch 128 / 1k at 544-548 us against 476-482 (session 61)."""
+    src = torch.empty(nbytes // 2, device=torch.device("cuda"), dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    t0 = time.perf_counter()
+    n = 0
+    while time.perf_counter() - t0 < seconds and n < 20000:
+        dst.copy_(src)
+        n += 1
+        if n % 20 == 0:
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    del src, dst
+
+
 def measure_copy(torch, settings: Settings, sleeper=None):
     """The copy-bandwidth ceiling: dst.copy_(src) of settings.copy_bytes (less when memory is
     short: at most an eighth of the free memory per buffer), TB/s = 2 x buffer bytes / median."""
@@ -516,6 +535,8 @@ def measure_shape(torch, shape: Shape, settings: Settings, budget_s, gen_perm, l
         del out
     del ref
 
+    if fns:
+        rewarm_gpu(torch)
     t0 = time.perf_counter()
     stats = time_interleaved(torch, fns, settings, budget_s, sleeper) if fns else {}
     timed = time.perf_counter() - t0
