@@ -40,12 +40,13 @@ ran dry anyway). Every shape rotates at least three input sets (fewer only where
 short; ``input_sets`` in the record), so that no call follows a call on its own cache and finds its
 address translations warm, which no engine's decode step does (each layer's cache is read once per
 step): one set read alone was 0.9-1.1% faster than three in rotation for fastattn at the batch 8
-rows of 8k-32k, and level for cuDNN (session 61). Small caches (under twice the L2 size) rotate among
-more, so that no call finds its K/V in L2, and every implementation reads its own copy of q, cache_seqlens
-and the block table (SDPA's of its (B, Hq, 1, D) q), so that none finds them in L2 because another
-read them before it in the round (until session 61 the variants shared them, which gave the second
-fastattn variant of a round 0.1-0.3 us at batch 1 / 1k; bench/NOTES.md). A deadline (``--time-limit``, 150 s; 20 s with --quick) shrinks
-the calls per implementation when the run is behind.
+rows of 8k-32k, and level for cuDNN (session 61). Small caches (under twice the L2 size) rotate
+among more, so that no call finds its K/V in L2. Every implementation reads its own copy of q,
+cache_seqlens and the block table (SDPA its own (B, Hq, 1, D) q), so that none finds them in L2
+because another read them before it in the round (until session 61 the variants shared them, and
+the second of a round ran ~0.1 us faster at batch 1 / 1k; bench/NOTES.md). A deadline
+(``--time-limit``, 150 s; 20 s with --quick) shrinks the calls per implementation when the run
+is behind.
 
 Correctness: one extra call per fastattn variant into an output poisoned with NaN; max |error|
 against SDPA flash's output on the same data (or a float32 torch reference when flash is n/a).
@@ -245,7 +246,7 @@ class InputSet:
         other implementation reads. A round times one implementation's calls after another's, and
         these tensors are small enough to stay in L2 from one block of calls to the next (the K/V
         are not: the sets rotate them out): shared, the second reader of a round found them in L2
-        and the first in DRAM, 0.1-0.3 us of a 10 us call at batch 1 (bench/NOTES.md, session 61)."""
+        and the first in DRAM, ~0.1 us of a 10 us call at batch 1 (bench/NOTES.md, session 61)."""
         if impl not in self._small:
             self._small[impl] = (self.q.clone(), self.tq.clone(), self.seqlens.clone(), self.table.clone())
         return self._small[impl]
