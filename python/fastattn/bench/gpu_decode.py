@@ -39,7 +39,7 @@ all of the round's calls: the events then time the GPU work back to back, not th
 ran dry anyway). Every shape rotates at least three input sets (fewer only where GPU memory is
 short; ``input_sets`` in the record), so that no call follows a call on its own cache and finds its
 address translations warm, which no engine's decode step does (each layer's cache is read once per
-step): one set read alone was 0.9-1.1% faster than three in rotation for fastattn at the batch 8
+step): one set read alone was 0.9-1.2% faster than three in rotation for fastattn at the batch 8
 rows of 8k-32k, and level for cuDNN (session 61). Small caches (under twice the L2 size) rotate
 among more, so that no call finds its K/V in L2. Every implementation reads its own copy of q,
 cache_seqlens and the block table (SDPA its own (B, Hq, 1, D) q), so that none finds them in L2
