@@ -284,6 +284,13 @@ class _FakeTorch:
         return torch.device("cpu")
 
 
+@pytest.fixture
+def no_warm(monkeypatch):
+    """The suite's GPU warm-ups (matrix products, copies) left out: the stand-in has no clocks."""
+    monkeypatch.setattr(gd, "warm_gpu", lambda torch: None)
+    monkeypatch.setattr(gd, "rewarm_gpu", lambda torch: None)
+
+
 def _tiny_settings(**kw):
     """B 1, 2 x L 32, 64 x 32/8 and 32/32 heads; MHA b2 L64 (and GQA b2 L64 expanded) is over
     the memory limit."""
@@ -294,9 +301,7 @@ def _tiny_settings(**kw):
 
 
 @needs_torch
-def test_run_suite_end_to_end_on_fake_cuda(monkeypatch):
-    monkeypatch.setattr(gd, "warm_gpu", lambda torch: None)
-    monkeypatch.setattr(gd, "rewarm_gpu", lambda torch: None)
+def test_run_suite_end_to_end_on_fake_cuda(no_warm):
     s = _tiny_settings()
     records, meta = gd.run_suite(_FakeTorch(), s, log=lambda *a, **k: None)
     assert [r["name"] for r in records] == [x.name for x in gd.plan(s)]
@@ -333,9 +338,7 @@ def test_run_suite_end_to_end_on_fake_cuda(monkeypatch):
 
 
 @needs_torch
-def test_run_suite_fastattn_not_implemented(monkeypatch):
-    monkeypatch.setattr(gd, "warm_gpu", lambda torch: None)
-    monkeypatch.setattr(gd, "rewarm_gpu", lambda torch: None)
+def test_run_suite_fastattn_not_implemented(no_warm, monkeypatch):
 
     def missing(*a, **kw):
         raise NotImplementedError("flash_attn_with_kvcache: no CUDA kernel (test)")
@@ -410,7 +413,7 @@ def test_cli_help_and_flags(capsys):
 
 
 @needs_torch
-def test_cli_decode_suite_on_fake_cuda(monkeypatch, tmp_path, capsys):
+def test_cli_decode_suite_on_fake_cuda(no_warm, monkeypatch, tmp_path, capsys):
     """`python -m fastattn.bench --device cuda --suite decode` wiring: the JSON keys, the summary
     block, the _decode.png plot (GPU stand-in as above, one tiny shape)."""
     from fastattn.bench import runner
@@ -418,8 +421,6 @@ def test_cli_decode_suite_on_fake_cuda(monkeypatch, tmp_path, capsys):
     fake.cuda.get_device_name = lambda i=0: "Fake GPU"
     fake.cuda.get_device_capability = lambda i=0: (9, 0)
     monkeypatch.setattr(runner, "pick_device", lambda requested: ("cuda", fake))
-    monkeypatch.setattr(gd, "warm_gpu", lambda torch: None)
-    monkeypatch.setattr(gd, "rewarm_gpu", lambda torch: None)
     orig = gd.Settings.for_mode
     monkeypatch.setattr(gd.Settings, "for_mode", classmethod(
         lambda cls, quick, **kw: orig(quick, copy_bytes=1 << 20, **kw)))
@@ -528,12 +529,10 @@ def _fake_flashinfer(tc_raises=True, xqa_scale_bug=True):
 
 
 @needs_torch
-def test_run_suite_with_flashinfer_peers(monkeypatch):
+def test_run_suite_with_flashinfer_peers(no_warm, monkeypatch):
     """--flashinfer: each peer checked against the reference on the paged16 pool, timed when
     right, refused when wrong or failing; ratios, summary line and table."""
     from fastattn.bench import gpu_decode_flashinfer as gf
-    monkeypatch.setattr(gd, "warm_gpu", lambda torch: None)
-    monkeypatch.setattr(gd, "rewarm_gpu", lambda torch: None)
     monkeypatch.setattr(gf, "load", lambda: _fake_flashinfer())
     s = _tiny_settings(heads_kv=[8, 32], batches=[2], cache_lens=[48], flashinfer=True,
                        max_cache_bytes=gd.MAX_CACHE_BYTES)
@@ -562,11 +561,9 @@ def test_run_suite_with_flashinfer_peers(monkeypatch):
 
 
 @needs_torch
-def test_run_suite_flashinfer_xqa_right(monkeypatch):
+def test_run_suite_flashinfer_xqa_right(no_warm, monkeypatch):
     """XQA with the scale right is timed beside the decode wrapper, on its own zeroed workspace."""
     from fastattn.bench import gpu_decode_flashinfer as gf
-    monkeypatch.setattr(gd, "warm_gpu", lambda torch: None)
-    monkeypatch.setattr(gd, "rewarm_gpu", lambda torch: None)
     monkeypatch.setattr(gf, "load", lambda: _fake_flashinfer(tc_raises=False, xqa_scale_bug=False))
     s = _tiny_settings(heads_kv=[8], batches=[2], cache_lens=[40], flashinfer=True)
     records, meta = gd.run_suite(_FakeTorch(), s, log=lambda *a, **k: None)
@@ -577,10 +574,8 @@ def test_run_suite_flashinfer_xqa_right(monkeypatch):
 
 
 @needs_torch
-def test_run_suite_flashinfer_missing(monkeypatch):
+def test_run_suite_flashinfer_missing(no_warm, monkeypatch):
     from fastattn.bench import gpu_decode_flashinfer as gf
-    monkeypatch.setattr(gd, "warm_gpu", lambda torch: None)
-    monkeypatch.setattr(gd, "rewarm_gpu", lambda torch: None)
 
     def missing():
         raise ImportError("flashinfer unavailable: ModuleNotFoundError: test")

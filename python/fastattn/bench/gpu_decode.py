@@ -73,7 +73,7 @@ import fastattn
 
 from .gpu_prefill import (Deadline, _aligned, _cycle, _event_time, _f, _l2_bytes, _paged, _ratio, _s, _short_error,
                           _torch_dtype, apply_overrides, calls_per_round, error_vs_flash_line, finish_figure,
-                          timing_noise_line, timing_stats, warm_gpu)
+                          keep_gpu_busy, timing_noise_line, timing_stats, warm_gpu)
 from .gpu_prefill import bad_records  # noqa: F401  (the same check for decode records; runner uses it)
 from . import gpu_decode_flashinfer
 
@@ -404,15 +404,7 @@ def rewarm_gpu(torch, seconds=0.2, nbytes=256 << 20):
     ms later: whole rounds of MHA batch 128 / 1k at 544-548 us against 476-482 (session 61)."""
     src = torch.empty(nbytes // 2, device=torch.device("cuda"), dtype=torch.bfloat16)
     dst = torch.empty_like(src)
-    t0 = time.perf_counter()
-    n = 0
-    while time.perf_counter() - t0 < seconds and n < 20000:
-        dst.copy_(src)
-        n += 1
-        if n % 20 == 0:
-            torch.cuda.synchronize()
-    torch.cuda.synchronize()
-    del src, dst
+    keep_gpu_busy(torch, lambda: dst.copy_(src), seconds, max_steps=20000, sync_every=20)
 
 
 def measure_copy(torch, settings: Settings, sleeper=None):
@@ -536,11 +528,12 @@ def measure_shape(torch, shape: Shape, settings: Settings, budget_s, gen_perm, l
         del out
     del ref
 
+    stats, timed = {}, 0.0
     if fns:
         rewarm_gpu(torch)
-    t0 = time.perf_counter()
-    stats = time_interleaved(torch, fns, settings, budget_s, sleeper) if fns else {}
-    timed = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        stats = time_interleaved(torch, fns, settings, budget_s, sleeper)
+        timed = time.perf_counter() - t0
     for key, st in stats.items():
         info = rec["impls"].setdefault(key, {})
         info.update(st)
@@ -659,10 +652,9 @@ def run_suite(torch, settings: Settings, log=print):
         if reason is None:
             free = torch.cuda.mem_get_info()[0]
             per_set = 3 * shape.kv_bytes  # contiguous, paged and SDPA's copy
-            need = per_set + GiB
-            if need > free:
-                reason = "needs ~%.0f GiB of GPU memory, %.0f GiB free" % (need / GiB, free / GiB)
-            max_sets = int((free - GiB) // per_set)
+            max_sets = int((free - GiB) // per_set)  # a GiB kept for everything else
+            if max_sets < 1:
+                reason = "needs ~%.0f GiB of GPU memory, %.0f GiB free" % ((per_set + GiB) / GiB, free / GiB)
         if reason:
             rec = skipped_record(shape, reason)
             records.append(rec)

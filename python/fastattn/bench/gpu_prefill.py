@@ -441,17 +441,23 @@ def _ratios(rec):
 # ---- the suite ------------------------------------------------------------------------------------
 
 
+def keep_gpu_busy(torch, step, seconds, max_steps, sync_every):
+    """Calls step() for about `seconds` of wall time (at most max_steps calls), synchronizing every
+    sync_every calls so that the host does not run far ahead of the GPU."""
+    t0 = time.perf_counter()
+    n = 0
+    while time.perf_counter() - t0 < seconds and n < max_steps:
+        step()
+        n += 1
+        if n % sync_every == 0:
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+
+
 def warm_gpu(torch, seconds=0.3):
     """Brings the clocks up before the first shape: matrix products for ~0.3 s."""
     a = torch.randn(4096, 4096, device=torch.device("cuda"), dtype=torch.bfloat16)
-    t0 = time.perf_counter()
-    n = 0
-    while time.perf_counter() - t0 < seconds and n < 3000:
-        a @ a
-        n += 1
-        if n % 10 == 0:
-            torch.cuda.synchronize()
-    torch.cuda.synchronize()
+    keep_gpu_busy(torch, lambda: a @ a, seconds, max_steps=3000, sync_every=10)
 
 
 def run_suite(torch, settings: Settings, log=print):
