@@ -1,0 +1,319 @@
+"""Decode on ragged batches: ``python -m fastattn.bench.gpu_decode_ragged --out DIR [--flashinfer]``.
+
+The decode suite (gpu_decode.py) gives every sequence of a batch the same length. An engine's
+decode batch does not: each sequence is at its own point. fastattn's split heuristic and form rules
+(``num_splits=0``) see only the cache's capacity (block table width x page size, or the contiguous
+cache's length), since reading ``cache_seqlens`` on the host would be a sync; each CTA then divides
+its own sequence's keys by that plan's split count. FlashInfer's ``plan()`` reads the lengths on the
+host and balances its work over the SMs. This suite measures what that difference costs.
+
+Each case: bf16, head_dim 128, a batch whose lengths are drawn from a named distribution (fresh for
+each of three input sets, rotated as in the decode suite), a capacity ``cap`` (the longest possible
+length), a random pool of pages of 16 holding exactly the sequences' pages. Distributions:
+
+- ``full``:      every length ``cap`` (the decode suite's row, a control);
+- ``uniform``:   lengths uniform in [64, cap];
+- ``long<n>``:   n sequences at ``cap``, the rest at 1024.
+
+Timed with the decode suite's timing (``time_interleaved``: interleaved rounds, the queue filled
+ahead, a re-warm before each case): fastattn on the pool and (where ``contiguous``) on a (B, cap,
+Hkv, D) cache with ``num_splits=0``, fastattn on the pool at fixed split counts (``FIXED_SPLITS``),
+and with ``--flashinfer`` FlashInfer's three paged paths (gpu_decode_flashinfer.py) on the same
+pool. Every output is first checked, written into a NaN-poisoned buffer, against a float32
+reference computed per sequence. The copy bound of a case is its mean K/V bytes over the copy
+bandwidth measured in the same run. The JSON goes to DIR/bench_cuda_<time>_decode_ragged.json.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+PAGE_SIZE = 16
+HEAD_DIM = 128
+SHORT_LEN = 1024    # the short sequences of the long<n> distributions
+MIN_LEN = 64        # the shortest length of the uniform distribution
+INPUT_SETS = 3
+FIXED_SPLITS = (4, 16)
+MAX_ABS_ERR = 2e-2  # bf16 output against the float32 reference (values of order 0.1-1)
+
+PAGED = "fastattn-paged16"
+CONTIG = "fastattn-contiguous"
+
+# (name, heads_q, heads_kv, batch, cap, distribution, time a contiguous cache too)
+CASES = (
+    ("GQA8 b32 8k full", 32, 8, 32, 8192, "full", True),
+    ("GQA8 b32 8k uniform", 32, 8, 32, 8192, "uniform", True),
+    ("GQA8 b8 32k uniform", 32, 8, 8, 32768, "uniform", True),
+    ("GQA8 b128 8k uniform", 32, 8, 128, 8192, "uniform", True),
+    ("MHA b8 8k uniform", 32, 32, 8, 8192, "uniform", True),
+    ("GQA8 b32 32k long1", 32, 8, 32, 32768, "long1", True),
+    ("GQA8 b128 32k long4", 32, 8, 128, 32768, "long4", False),
+    ("MHA b32 16k long1", 32, 32, 32, 16384, "long1", False),
+)
+
+
+def fixed_key(splits):
+    return "%s-s%d" % (PAGED, splits)
+
+
+def draw_lengths(torch, kind, batch, cap, gen):
+    """batch lengths (python ints in [0, cap]) of distribution `kind` (module notes), drawn with
+    the torch.Generator `gen`."""
+    if kind == "full":
+        return [cap] * batch
+    if kind == "uniform":
+        lo = min(MIN_LEN, cap)
+        return [int(x) for x in torch.randint(lo, cap + 1, (batch,), generator=gen)]
+    if kind.startswith("long") and kind[4:].isdigit():
+        n = int(kind[4:])
+        if not 0 <= n <= batch:
+            raise ValueError("distribution %r: %d long sequences in a batch of %d" % (kind, n, batch))
+        lens = [min(SHORT_LEN, cap)] * batch
+        for i in torch.randperm(batch, generator=gen)[:n].tolist():
+            lens[i] = cap
+        return lens
+    raise ValueError("unknown length distribution %r (full, uniform, long<n>)" % (kind,))
+
+
+class RaggedSet:
+    """One input set: q (B, 1, Hq, D); a pool k_pages / v_pages (num_pages, 16, Hkv, D) holding
+    exactly the sequences' pages in a random order; block_table (B, cap / 16) int32 (a sequence's
+    unused entries are 0, a valid page id that is never read); seqlens (B,) int32; and, when
+    `contiguous`, k / v (B, cap, Hkv, D) with the same values (zero past each length)."""
+
+    def __init__(self, torch, device, heads_q, heads_kv, batch, cap, kind, gen, contiguous,
+                 dtype=None):
+        dt = dtype or torch.bfloat16
+        d = HEAD_DIM
+        self.lens = draw_lengths(torch, kind, batch, cap, gen)
+        self.npages = [(n + PAGE_SIZE - 1) // PAGE_SIZE for n in self.lens]
+        total = sum(self.npages)
+        self.q = torch.randn(batch, 1, heads_q, d, device=device, dtype=dt)
+        self.k_pages = torch.randn(total, PAGE_SIZE, heads_kv, d, device=device, dtype=dt)
+        self.v_pages = torch.randn(total, PAGE_SIZE, heads_kv, d, device=device, dtype=dt)
+        perm = torch.randperm(total, generator=gen).to(torch.int32)
+        table = torch.zeros(batch, (cap + PAGE_SIZE - 1) // PAGE_SIZE, dtype=torch.int32)
+        start = 0
+        for b, n in enumerate(self.npages):
+            table[b, :n] = perm[start:start + n]
+            start += n
+        self.block_table = table.to(device)
+        self.seqlens = torch.tensor(self.lens, dtype=torch.int32, device=device)
+        self.k = self.v = None
+        if contiguous:
+            self.k = torch.zeros(batch, cap, heads_kv, d, dtype=dt, device=device)
+            self.v = torch.zeros_like(self.k)
+            for b in range(batch):
+                kb, vb = self.sequence_kv(b)
+                self.k[b, :self.lens[b]] = kb
+                self.v[b, :self.lens[b]] = vb
+        self._small = {}
+
+    @property
+    def kv_bytes(self):
+        """K and V bytes the call must read: every sequence's keys, all KV heads."""
+        hkv, d = self.k_pages.shape[2], self.k_pages.shape[3]
+        return sum(self.lens) * hkv * d * self.k_pages.element_size() * 2
+
+    def sequence_kv(self, b):
+        """Sequence b's keys and values (len_b, Hkv, D), gathered from its pages."""
+        ids = self.block_table[b, :self.npages[b]].long()
+        hkv, d = self.k_pages.shape[2], self.k_pages.shape[3]
+        n = self.lens[b]
+        return (self.k_pages[ids].reshape(-1, hkv, d)[:n], self.v_pages[ids].reshape(-1, hkv, d)[:n])
+
+    def own_small_inputs(self, impl):
+        """(q, seqlens, block_table) copies read by `impl` alone (as gpu_decode.InputSet's)."""
+        if impl not in self._small:
+            self._small[impl] = (self.q.clone(), self.seqlens.clone(), self.block_table.clone())
+        return self._small[impl]
+
+    def reference(self, torch):
+        """float32 attention (B, Hq, D) of each sequence over its own keys, query head h reading KV
+        head h // (Hq / Hkv), no mask; an empty sequence's rows are 0."""
+        batch, _, hq, d = self.q.shape
+        hkv = self.k_pages.shape[2]
+        g = hq // hkv
+        out = torch.zeros(batch, hq, d, dtype=torch.float32, device=self.q.device)
+        for b in range(batch):
+            if self.lens[b] == 0:
+                continue
+            k, v = (x.float().permute(1, 0, 2) for x in self.sequence_kv(b))  # (Hkv, len, D)
+            q = self.q[b, 0].float().reshape(hkv, g, d)
+            p = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(d), dim=-1)
+            out[b] = (p @ v).reshape(hq, d)
+        return out
+
+    def fastattn_call(self, fastattn, impl, num_splits, out):
+        q, seqlens, table = self.own_small_inputs(impl)
+        if impl == CONTIG:
+            return lambda: fastattn.flash_attn_with_kvcache(q, self.k, self.v, cache_seqlens=seqlens,
+                                                            num_splits=num_splits, out=out)
+        return lambda: fastattn.flash_attn_with_kvcache(q, self.k_pages, self.v_pages, cache_seqlens=seqlens,
+                                                        block_table=table, num_splits=num_splits, out=out)
+
+
+def _cycle(fns):
+    state = [0]
+
+    def run():
+        f = fns[state[0] % len(fns)]
+        state[0] += 1
+        return f()
+    return run
+
+
+def _checked(torch, call, out, ref, what):
+    """Runs call (which writes into the NaN-poisoned `out`) and returns its max |error| against
+    ref (B, Hq, D); a non-finite or larger-than-MAX_ABS_ERR output raises naming `what`."""
+    out.fill_(float("nan"))
+    call()
+    torch.cuda.synchronize()
+    got = out.reshape(ref.shape).float()
+    err = float((got - ref).abs().max()) if bool(torch.isfinite(got).all()) else math.inf
+    if not err <= MAX_ABS_ERR:
+        raise AssertionError("%s: max |error| %.3g against the float32 reference (allowed %.3g)"
+                             % (what, err, MAX_ABS_ERR))
+    return err
+
+
+def measure_case(torch, fastattn, case, settings, gen, sleeper, copy_tbps, peers=None):
+    """Builds one case's input sets, checks and times every implementation; returns its record."""
+    from . import gpu_decode as gd
+    name, hq, hkv, batch, cap, kind, contiguous = case
+    dev = torch.device("cuda")
+    sets = [RaggedSet(torch, dev, hq, hkv, batch, cap, kind, gen, contiguous) for _ in range(INPUT_SETS)]
+    ref = sets[0].reference(torch)
+    impls = {PAGED: 0}
+    if contiguous:
+        impls[CONTIG] = 0
+    for s in FIXED_SPLITS:
+        impls[fixed_key(s)] = s
+    info, fns = {}, {}
+    for key, splits in impls.items():
+        layout = CONTIG if key == CONTIG else PAGED
+        outs = [torch.empty(batch, 1, hq, HEAD_DIM, dtype=torch.bfloat16, device=dev) for _ in sets]
+        err = _checked(torch, sets[0].fastattn_call(fastattn, layout, splits, outs[0]), outs[0], ref, key)
+        info[key] = {"num_splits": splits, "max_abs_err": err}
+        fns[key] = _cycle([st.fastattn_call(fastattn, layout, splits, o) for st, o in zip(sets, outs)])
+    if peers is not None:
+        from .gpu_decode_flashinfer import PEERS as FI_PEERS
+        per_set = []
+        for st in sets:
+            q, seqlens, table = st.own_small_inputs("flashinfer")
+            per_set.append(peers.calls(q, st.k_pages, st.v_pages, table, seqlens, cap))
+        for peer in FI_PEERS:
+            makes = [ps[peer][0] for ps in per_set]
+            if any(m is None for m in makes):
+                info[peer] = {"error": next(ps[peer][1] for ps in per_set if ps[peer][0] is None)}
+                continue
+            outs = [torch.empty(batch, hq, HEAD_DIM, dtype=torch.bfloat16, device=dev) for _ in sets]
+            try:
+                info[peer] = {"max_abs_err": _checked(torch, makes[0](outs[0]), outs[0], ref, peer)}
+            except Exception as e:  # a peer that fails or is wrong is reported, not timed
+                info[peer] = {"error": "%s: %s" % (type(e).__name__, str(e)[:300])}
+                continue
+            fns[peer] = _cycle([m(o) for m, o in zip(makes, outs)])
+    gd.rewarm_gpu(torch)
+    stats = gd.time_interleaved(torch, fns, settings, settings.budget_s, sleeper)
+    kv_bytes = [st.kv_bytes for st in sets]
+    mean_bytes = sum(kv_bytes) / len(kv_bytes)
+    for key, st in stats.items():
+        info[key].update(s=st["s"], runs=st["runs"], spread=st["spread"],
+                         round_medians_s=st["round_medians_s"], tbps=mean_bytes / st["s"] / 1e12)
+    rec = {"name": name, "heads_q": hq, "heads_kv": hkv, "batch": batch, "cap": cap,
+           "distribution": kind, "lengths": [st.lens for st in sets], "kv_bytes": kv_bytes,
+           "copy_bound_s": mean_bytes / (copy_tbps * 1e12), "impls": info}
+    rec["summary"] = case_summary(rec)
+    del sets, fns
+    return rec
+
+
+def case_summary(rec):
+    """The figures a case is read by: fastattn's heuristic, its best fixed split count and
+    FlashInfer's fastest path, each as µs and as a multiple of the copy bound, and the fastest
+    FlashInfer time over fastattn's (> 1: fastattn faster)."""
+    im = rec["impls"]
+    bound = rec["copy_bound_s"]
+
+    def t(key):
+        return im.get(key, {}).get("s")
+    heur = t(PAGED)
+    fixed = {k: t(k) for k in im if k.startswith(PAGED + "-s") and t(k)}
+    best_fixed = min(fixed, key=fixed.get) if fixed else None
+    peers = {k: t(k) for k in im if k.startswith("flashinfer") and t(k)}
+    best_peer = min(peers, key=peers.get) if peers else None
+    out = {"heuristic_s": heur, "heuristic_over_bound": heur / bound if heur else None,
+           "best_fixed": best_fixed, "best_fixed_s": fixed.get(best_fixed),
+           "best_flashinfer": best_peer, "best_flashinfer_s": peers.get(best_peer)}
+    if best_peer and heur:
+        out["flashinfer_over_heuristic"] = peers[best_peer] / heur
+    if best_peer and best_fixed:
+        out["flashinfer_over_best_fixed"] = peers[best_peer] / fixed[best_fixed]
+    return out
+
+
+def format_table(records, copy_tbps):
+    """One line per case: mean tokens, copy bound, every implementation's µs, FlashInfer's fastest
+    over fastattn's heuristic and over its best fixed split count."""
+    lines = ["decode on ragged batches (bf16, head_dim 128, pages of 16 over a random pool; copy "
+             "%.2f TB/s); µs, median; FI/heur, FI/fixed: FlashInfer's fastest time over fastattn's "
+             "heuristic / best fixed split count (> 1: fastattn faster)" % copy_tbps]
+    for rec in records:
+        toks = sum(sum(x) for x in rec["lengths"]) / max(1, len(rec["lengths"]))
+        cells = []
+        for key, v in rec["impls"].items():
+            short = key.replace("fastattn-", "").replace("flashinfer-", "fi-")
+            cells.append("%s %s" % (short, "%.1f" % (v["s"] * 1e6) if v.get("s") else "n/a"))
+        sm = rec["summary"]
+        fi_h, fi_f = sm.get("flashinfer_over_heuristic"), sm.get("flashinfer_over_best_fixed")
+        lines.append("%-22s tokens %8.0f bound %7.1f | %s | FI/heur %s FI/fixed %s" % (
+            rec["name"], toks, rec["copy_bound_s"] * 1e6, "  ".join(cells),
+            "%.3f" % fi_h if fi_h else "-", "%.3f" % fi_f if fi_f else "-"))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m fastattn.bench.gpu_decode_ragged",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="directory for the JSON")
+    ap.add_argument("--flashinfer", action="store_true", help="also time FlashInfer's paged decode")
+    ap.add_argument("--seed", type=int, default=64, help="seed of the length draws and page orders")
+    args = ap.parse_args(argv)
+    import torch
+
+    import fastattn
+    from . import gpu_decode as gd
+    from .gpu_prefill import warm_gpu
+    if not torch.cuda.is_available():
+        ap.error("the ragged decode suite needs a CUDA GPU")
+    peers = None
+    if args.flashinfer:
+        from . import gpu_decode_flashinfer as gfi
+        peers = gfi.Peers(torch, gfi.load(), PAGE_SIZE)
+    settings = gd.Settings()
+    gen = torch.Generator().manual_seed(args.seed)
+    warm_gpu(torch)
+    sleeper = gd.make_sleeper(torch)
+    copy = gd.measure_copy(torch, settings, sleeper)
+    records = []
+    for case in CASES:
+        records.append(measure_case(torch, fastattn, case, settings, gen, sleeper, copy["tbps"], peers))
+        torch.cuda.empty_cache()
+    print(format_table(records, copy["tbps"]))
+    prop = torch.cuda.get_device_properties(0)
+    run = {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": "python -m fastattn.bench.gpu_decode_ragged "
+           + " ".join(argv if argv is not None else sys.argv[1:]),
+           "gpu": prop.name, "gpu_uuid": str(getattr(prop, "uuid", "")), "copy_tbps": copy["tbps"],
+           "flashinfer": getattr(peers, "version", None), "cases": records}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "bench_cuda_%s_decode_ragged.json" % time.strftime("%Y%m%d-%H%M%S"))
+    with open(path, "w") as f:
+        json.dump(run, f, indent=1)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

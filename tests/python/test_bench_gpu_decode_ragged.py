@@ -1,0 +1,110 @@
+"""fastattn/bench/gpu_decode_ragged.py's parts that need no GPU: the length distributions, an input
+set's page pool and block table (built on the CPU), its float32 reference against a naive float64
+one, and the case summary and table on a hand-made record."""
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from fastattn.bench import gpu_decode_ragged as gr  # noqa: E402
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_draw_lengths():
+    assert gr.draw_lengths(torch, "full", 5, 300, gen(0)) == [300] * 5
+    lens = gr.draw_lengths(torch, "uniform", 400, 5000, gen(1))
+    assert len(lens) == 400 and min(lens) >= gr.MIN_LEN and max(lens) <= 5000
+    assert len(set(lens)) > 100  # drawn, not constant
+    lens = gr.draw_lengths(torch, "long3", 10, 32768, gen(2))
+    assert sorted(lens) == [gr.SHORT_LEN] * 7 + [32768] * 3
+    # The long ones are placed at random: two seeds put them in different rows.
+    a = gr.draw_lengths(torch, "long3", 64, 32768, gen(3))
+    b = gr.draw_lengths(torch, "long3", 64, 32768, gen(4))
+    assert a != b
+    assert gr.draw_lengths(torch, "long1", 4, 512, gen(5)).count(512) == 4  # short capped at cap
+    with pytest.raises(ValueError, match="unknown length distribution 'zipf'"):
+        gr.draw_lengths(torch, "zipf", 4, 512, gen(0))
+    with pytest.raises(ValueError, match="5 long sequences in a batch of 4"):
+        gr.draw_lengths(torch, "long5", 4, 512, gen(0))
+
+
+@pytest.mark.parametrize("kind", ["uniform", "long2"])
+def test_ragged_set_pool_table_and_contiguous_copy(kind):
+    cap = 256
+    st = gr.RaggedSet(torch, torch.device("cpu"), 4, 2, 6, cap, kind, gen(7), contiguous=True,
+                      dtype=torch.float32)
+    n_pages = st.k_pages.shape[0]
+    assert st.k_pages.shape == (n_pages, gr.PAGE_SIZE, 2, gr.HEAD_DIM)
+    assert n_pages == sum(math.ceil(n / gr.PAGE_SIZE) for n in st.lens)
+    assert st.block_table.shape == (6, cap // gr.PAGE_SIZE) and st.block_table.dtype == torch.int32
+    assert st.seqlens.tolist() == st.lens
+    # Every page of the pool belongs to exactly one sequence; unused entries are page 0 (valid).
+    used = torch.cat([st.block_table[b, :st.npages[b]] for b in range(6)])
+    assert sorted(used.tolist()) == list(range(n_pages))
+    for b in range(6):
+        assert (st.block_table[b, st.npages[b]:] == 0).all()
+    assert st.kv_bytes == sum(st.lens) * 2 * gr.HEAD_DIM * 4 * 2
+    # The contiguous cache holds each sequence's keys in order, page by page; zero past the length.
+    for b in range(6):
+        n = st.lens[b]
+        for t in range(0, n, 37):
+            page = int(st.block_table[b, t // gr.PAGE_SIZE])
+            assert torch.equal(st.k[b, t], st.k_pages[page, t % gr.PAGE_SIZE])
+            assert torch.equal(st.v[b, t], st.v_pages[page, t % gr.PAGE_SIZE])
+        assert not st.k[b, n:].any() and not st.v[b, n:].any()
+
+
+def test_reference_against_naive_float64():
+    st = gr.RaggedSet(torch, torch.device("cpu"), 4, 2, 3, 64, "uniform", gen(11), contiguous=True,
+                      dtype=torch.float32)
+    st.lens[1] = 0  # an empty sequence: rows of zeros
+    st.npages[1] = 0
+    ref = st.reference(torch).numpy()
+    q = st.q.double().numpy()
+    k, v = st.k.double().numpy(), st.v.double().numpy()
+    for b in range(3):
+        for h in range(4):
+            n = st.lens[b]
+            if n == 0:
+                assert not ref[b, h].any()
+                continue
+            kh = h // 2
+            s = k[b, :n, kh] @ q[b, 0, h] / math.sqrt(gr.HEAD_DIM)
+            p = np.exp(s - s.max())
+            want = (p / p.sum()) @ v[b, :n, kh]
+            np.testing.assert_allclose(ref[b, h], want, rtol=0, atol=1e-5)
+
+
+def hand_record():
+    impls = {gr.PAGED: {"s": 300e-6}, gr.CONTIG: {"s": 290e-6},
+             gr.fixed_key(4): {"s": 110e-6}, gr.fixed_key(16): {"s": 95e-6},
+             "flashinfer-decode": {"s": 106e-6}, "flashinfer-tc": {"s": 250e-6},
+             "flashinfer-xqa": {"error": "refused"}}
+    rec = {"name": "GQA8 b32 32k long1", "lengths": [[32768] + [1024] * 31] * 3,
+           "copy_bound_s": 62e-6, "impls": impls}
+    rec["summary"] = gr.case_summary(rec)
+    return rec
+
+
+def test_case_summary_and_table():
+    rec = hand_record()
+    sm = rec["summary"]
+    assert sm["heuristic_s"] == 300e-6
+    assert sm["heuristic_over_bound"] == pytest.approx(300 / 62)
+    assert sm["best_fixed"] == gr.fixed_key(16) and sm["best_fixed_s"] == 95e-6
+    assert sm["best_flashinfer"] == "flashinfer-decode"
+    assert sm["flashinfer_over_heuristic"] == pytest.approx(106 / 300)
+    assert sm["flashinfer_over_best_fixed"] == pytest.approx(106 / 95)
+    text = gr.format_table([rec], 4.27)
+    assert "copy 4.27 TB/s" in text
+    line = text.splitlines()[1]
+    assert line.startswith("GQA8 b32 32k long1")
+    assert "tokens    64512" in line and "bound    62.0" in line
+    assert "paged16 300.0" in line and "paged16-s16 95.0" in line and "fi-xqa n/a" in line
+    assert "FI/heur 0.353 FI/fixed 1.116" in line
