@@ -60,6 +60,17 @@ def test_ragged_set_pool_table_and_contiguous_copy(kind):
         assert not st.k[b, n:].any() and not st.v[b, n:].any()
 
 
+def test_varlen_inputs():
+    st = gr.RaggedSet(torch, torch.device("cpu"), 4, 2, 5, 128, "uniform", gen(9), contiguous=False,
+                      dtype=torch.float32)
+    q, cu_q, seqused, table, max_k = st.varlen_inputs()
+    assert q.shape == (5, 4, gr.HEAD_DIM) and torch.equal(q, st.q[:, 0])
+    assert q.data_ptr() != st.q.data_ptr()  # its own copy
+    assert cu_q.tolist() == list(range(6)) and cu_q.dtype == torch.int32
+    assert seqused.tolist() == st.lens and torch.equal(table, st.block_table)
+    assert max_k == max(st.lens)
+
+
 def test_reference_against_naive_float64():
     st = gr.RaggedSet(torch, torch.device("cpu"), 4, 2, 3, 64, "uniform", gen(11), contiguous=True,
                       dtype=torch.float32)
@@ -82,7 +93,7 @@ def test_reference_against_naive_float64():
 
 
 def hand_record():
-    impls = {gr.PAGED: {"s": 300e-6}, gr.CONTIG: {"s": 290e-6},
+    impls = {gr.PAGED: {"s": 300e-6}, gr.VARLEN: {"s": 310e-6}, gr.CONTIG: {"s": 290e-6},
              gr.fixed_key(4): {"s": 110e-6}, gr.fixed_key(16): {"s": 95e-6},
              "flashinfer-decode": {"s": 106e-6}, "flashinfer-tc": {"s": 250e-6},
              "flashinfer-xqa": {"error": "refused"}}
@@ -106,5 +117,6 @@ def test_case_summary_and_table():
     line = text.splitlines()[1]
     assert line.startswith("GQA8 b32 32k long1")
     assert "tokens    64512" in line and "bound    62.0" in line
-    assert "paged16 300.0" in line and "paged16-s16 95.0" in line and "fi-xqa n/a" in line
+    assert "paged16 300.0" in line and "varlen 310.0" in line and "paged16-s16 95.0" in line
+    assert "fi-xqa n/a" in line
     assert "FI/heur 0.353 FI/fixed 1.116" in line

@@ -18,8 +18,9 @@ length), a random pool of pages of 16 holding exactly the sequences' pages. Dist
 Timed with the decode suite's timing (``time_interleaved``: interleaved rounds, the queue filled
 ahead, a re-warm before each case): fastattn on the pool and (where ``contiguous``) on a (B, cap,
 Hkv, D) cache with ``num_splits=0``, fastattn on the pool at fixed split counts (``FIXED_SPLITS``),
-and with ``--flashinfer`` FlashInfer's three paged paths (gpu_decode_flashinfer.py) on the same
-pool. Every output is first checked, written into a NaN-poisoned buffer, against a float32
+``flash_attn_varlen_func`` on the same pool (its decode path plans from ``max_seqlen_k``, the
+longest length, not the capacity), and with ``--flashinfer`` FlashInfer's three paged paths
+(gpu_decode_flashinfer.py) on the same pool. Every output is first checked, written into a NaN-poisoned buffer, against a float32
 reference computed per sequence. The copy bound of a case is its mean K/V bytes over the copy
 bandwidth measured in the same run. The JSON goes to DIR/bench_cuda_<time>_decode_ragged.json.
 """
@@ -40,6 +41,7 @@ MAX_ABS_ERR = 2e-2  # bf16 output against the float32 reference (values of order
 
 PAGED = "fastattn-paged16"
 CONTIG = "fastattn-contiguous"
+VARLEN = "fastattn-varlen"  # flash_attn_varlen_func's decode path on the same pool (max_seqlen_k planned)
 
 # (name, heads_q, heads_kv, batch, cap, distribution, time a contiguous cache too)
 CASES = (
@@ -87,6 +89,7 @@ class RaggedSet:
                  dtype=None):
         dt = dtype or torch.bfloat16
         d = HEAD_DIM
+        self._torch = torch
         self.lens = draw_lengths(torch, kind, batch, cap, gen)
         self.npages = [(n + PAGE_SIZE - 1) // PAGE_SIZE for n in self.lens]
         total = sum(self.npages)
@@ -130,6 +133,14 @@ class RaggedSet:
             self._small[impl] = (self.q.clone(), self.seqlens.clone(), self.block_table.clone())
         return self._small[impl]
 
+    def varlen_inputs(self):
+        """(q (B, Hq, D), cu_seqlens_q (B + 1,) = 0..B, seqused_k, block_table, max_seqlen_k) for
+        flash_attn_varlen_func's decode path: one query row per sequence, its own copies."""
+        q, seqlens, table = self.own_small_inputs(VARLEN)
+        batch = q.shape[0]
+        cu_q = self._torch.arange(batch + 1, dtype=self._torch.int32, device=q.device)
+        return q.reshape(batch, q.shape[2], q.shape[3]), cu_q, seqlens, table, max(self.lens)
+
     def reference(self, torch):
         """float32 attention (B, Hq, D) of each sequence over its own keys, query head h reading KV
         head h // (Hq / Hkv), no mask; an empty sequence's rows are 0."""
@@ -147,6 +158,12 @@ class RaggedSet:
         return out
 
     def fastattn_call(self, fastattn, impl, num_splits, out):
+        if impl == VARLEN:  # out (B, 1, Hq, D) viewed as the packed (B, Hq, D)
+            q, cu_q, seqlens, table, max_k = self.varlen_inputs()
+            out3 = out.reshape(q.shape)
+            return lambda: fastattn.flash_attn_varlen_func(
+                q, self.k_pages, self.v_pages, cu_q, None, 1, max_k, block_table=table,
+                seqused_k=seqlens, out=out3)
         q, seqlens, table = self.own_small_inputs(impl)
         if impl == CONTIG:
             return lambda: fastattn.flash_attn_with_kvcache(q, self.k, self.v, cache_seqlens=seqlens,
@@ -186,14 +203,14 @@ def measure_case(torch, fastattn, case, settings, gen, sleeper, copy_tbps, peers
     dev = torch.device("cuda")
     sets = [RaggedSet(torch, dev, hq, hkv, batch, cap, kind, gen, contiguous) for _ in range(INPUT_SETS)]
     ref = sets[0].reference(torch)
-    impls = {PAGED: 0}
+    impls = {PAGED: 0, VARLEN: 0}
     if contiguous:
         impls[CONTIG] = 0
     for s in FIXED_SPLITS:
         impls[fixed_key(s)] = s
     info, fns = {}, {}
     for key, splits in impls.items():
-        layout = CONTIG if key == CONTIG else PAGED
+        layout = key if key in (CONTIG, VARLEN) else PAGED
         outs = [torch.empty(batch, 1, hq, HEAD_DIM, dtype=torch.bfloat16, device=dev) for _ in sets]
         err = _checked(torch, sets[0].fastattn_call(fastattn, layout, splits, outs[0]), outs[0], ref, key)
         info[key] = {"num_splits": splits, "max_abs_err": err}
