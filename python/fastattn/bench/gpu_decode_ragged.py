@@ -20,8 +20,8 @@ ahead, a re-warm before each case): fastattn on the pool and (where ``contiguous
 Hkv, D) cache with ``num_splits=0``, fastattn on the pool at fixed split counts (``FIXED_SPLITS``),
 ``flash_attn_varlen_func`` on the same pool (its decode path plans from ``max_seqlen_k``, the
 longest length, not the capacity), and with ``--flashinfer`` FlashInfer's three paged paths
-(gpu_decode_flashinfer.py) on the same pool. Every output is first checked, written into a NaN-poisoned buffer, against a float32
-reference computed per sequence. The copy bound of a case is its mean K/V bytes over the copy
+(gpu_decode_flashinfer.py) on the same pool. Every output is first checked, written into a
+NaN-poisoned buffer, against a float32 reference computed per sequence. The copy bound of a case is its mean K/V bytes over the copy
 bandwidth measured in the same run. The JSON goes to DIR/bench_cuda_<time>_decode_ragged.json.
 """
 import argparse
@@ -249,9 +249,9 @@ def measure_case(torch, fastattn, case, settings, gen, sleeper, copy_tbps, peers
 
 
 def case_summary(rec):
-    """The figures a case is read by: fastattn's heuristic, its best fixed split count and
-    FlashInfer's fastest path, each as µs and as a multiple of the copy bound, and the fastest
-    FlashInfer time over fastattn's (> 1: fastattn faster)."""
+    """The figures a case is read by (seconds): fastattn's heuristic (also over the copy bound),
+    its best fixed split count and FlashInfer's fastest path, and the fastest FlashInfer time over
+    the heuristic's and over the best fixed count's (> 1: fastattn faster)."""
     im = rec["impls"]
     bound = rec["copy_bound_s"]
 
