@@ -31,6 +31,8 @@ import os
 import sys
 import time
 
+from .gpu_prefill import _cycle, warm_gpu
+
 PAGE_SIZE = 16
 HEAD_DIM = 128
 SHORT_LEN = 1024    # the short sequences of the long<n> distributions
@@ -172,16 +174,6 @@ class RaggedSet:
                                                         block_table=table, num_splits=num_splits, out=out)
 
 
-def _cycle(fns):
-    state = [0]
-
-    def run():
-        f = fns[state[0] % len(fns)]
-        state[0] += 1
-        return f()
-    return run
-
-
 def _checked(torch, call, out, ref, what):
     """Runs call (which writes into the NaN-poisoned `out`) and returns its max |error| against
     ref (B, Hq, D); a non-finite or larger-than-MAX_ABS_ERR output raises naming `what`."""
@@ -303,7 +295,6 @@ def main(argv=None):
 
     import fastattn
     from . import gpu_decode as gd
-    from .gpu_prefill import warm_gpu
     if not torch.cuda.is_available():
         ap.error("the ragged decode suite needs a CUDA GPU")
     peers = None
