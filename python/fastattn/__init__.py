@@ -28,6 +28,7 @@ from .cascade import (
     merge_states,
     shared_prefix_attention,
 )
+from .decode import BatchDecodeWithPagedKVCacheWrapper, decode_num_splits_for_lengths
 from .interface import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -73,6 +74,8 @@ __all__ = [
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_with_kvcache",
+    "BatchDecodeWithPagedKVCacheWrapper",
+    "decode_num_splits_for_lengths",
     "merge_state",
     "merge_state_in_place",
     "merge_states",

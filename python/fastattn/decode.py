@@ -1,0 +1,436 @@
+"""FlashInfer-compatible batch decode over a paged KV cache, planned from the host's page lists.
+
+``flash_attn_with_kvcache`` with ``num_splits=0`` plans its split-KV from the cache's capacity:
+reading ``cache_seqlens`` would be a host sync, and the call must stay graph-capturable. In a
+ragged batch (a few long sequences among short ones) that plan leaves a long sequence to a few
+CTAs. FlashInfer's callers already hand the page lists to ``plan()`` on the host once per step, so
+:class:`BatchDecodeWithPagedKVCacheWrapper` reads the lengths there and picks the split count
+from them (:func:`decode_num_splits_for_lengths`); ``run()`` then launches without a host read.
+
+All math is done by the C++ library (``flash_attn_with_kvcache``'s kernels over a block table
+built from the page lists); this module only plans and maps arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from . import _C
+from ._tensors import (
+    as_float,
+    as_int,
+    check_array,
+    empty,
+    exec_kwargs,
+    finalize,
+    framework,
+    is_cuda,
+    optional_float,
+    prepare,
+)
+from .cascade import _dtype_name, _host_ints, _usable_workspace
+
+__all__ = ["BatchDecodeWithPagedKVCacheWrapper", "decode_num_splits_for_lengths"]
+
+# The split rule's constants (bench/NOTES.md, session 65, for how they were set and checked).
+# A CTA's fixed cost (start, the partial state it writes, its share of the combine), in keys
+# streamed: one 64-key tile is ~1 us at one SM's share of HBM; half of one fitted the session-64
+# fixed-split times of the per-head kernel.
+CTA_COST_KEYS = 32
+# Lengths this close to uniform (longest x batch <= BALANCED_RATIO x the sum) keep the capacity
+# heuristic (num_splits 0): its head-pair / quad / group forms stream faster per byte than the
+# per-head form a fixed split count runs, and on equal lengths they are already balanced.
+BALANCED_RATIO = 1.1
+# Splits whose estimate is within this fraction of the best: the fewest of them is taken (fewer
+# partial states to write and merge).
+SPLIT_TOLERANCE = 0.02
+# The most splits the rule gives a sequence.
+MAX_SPLITS = 64
+
+
+def decode_num_splits_for_lengths(lengths: Sequence[int], num_kv_heads: int, sm_count: int,
+                                  *, cta_cost_keys: int = CTA_COST_KEYS,
+                                  balanced_ratio: float = BALANCED_RATIO,
+                                  max_splits: int = MAX_SPLITS) -> int:
+    """Split-KV count for a decode batch whose key lengths are known on the host.
+
+    Returns 0 (flash_attn_with_kvcache's capacity heuristic) when the lengths are near-uniform
+    (longest x batch <= balanced_ratio x sum), 1 when there is nothing to read; else the fixed
+    count S (1..max_splits) of the per-head kernel that minimises the estimated time, in keys
+    streamed by one SM (one resident CTA per SM, as the sm_90 kernel):
+
+        T(S) = max(num_kv_heads * (sum(lengths) + cta_cost_keys * batch * S) / sm_count,
+                   ceil(max(lengths) / S) + cta_cost_keys)
+
+    the batch's keys over the SMs, each of the batch x heads x S CTAs paying a fixed cost, against
+    the longest sequence's share read by one CTA. Of the counts within SPLIT_TOLERANCE of the best
+    estimate, the fewest is taken.
+
+    Arguments:
+        lengths: (batch,) key lengths, ints >= 0.
+        num_kv_heads: KV heads (the per-head kernel runs one CTA per KV head and split).
+        sm_count: the GPU's SMs.
+    """
+    lens = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    heads = as_int(num_kv_heads, "num_kv_heads")
+    sms = as_int(sm_count, "sm_count")
+    if heads < 1 or sms < 1:
+        raise ValueError(f"num_kv_heads and sm_count must be >= 1, got {heads} and {sms}")
+    if lens.size and lens.min() < 0:
+        raise ValueError(f"lengths must be >= 0, got {int(lens.min())}")
+    batch = lens.size
+    longest = int(lens.max()) if batch else 0
+    total = int(lens.sum())
+    if longest == 0:
+        return 1
+    if longest * batch <= balanced_ratio * total:
+        return 0
+    estimates = [(s, max(heads * (total + cta_cost_keys * batch * s) / sms,
+                         -(-longest // s) + cta_cost_keys))
+                 for s in range(1, max(1, max_splits) + 1)]
+    best = min(t for _, t in estimates)
+    return next(s for s, t in estimates if t <= best * (1 + SPLIT_TOLERANCE))
+
+
+def _sm_count(like: Any) -> int:
+    """SMs of the CUDA device `like` lives on (torch or cupy)."""
+    fw = framework(like)
+    if fw == "torch":
+        import torch
+
+        return int(torch.cuda.get_device_properties(like.device).multi_processor_count)
+    if fw == "cupy":
+        import cupy
+
+        return int(cupy.cuda.Device(like.device.id).attributes["MultiProcessorCount"])
+    raise TypeError(f"no CUDA device for a {type(like).__name__}")
+
+
+def _on_device_of(like: Any, host: np.ndarray) -> Any:
+    """The int32 numpy array `host` copied into the framework and onto the device of `like`."""
+    fw = framework(like)
+    if fw == "torch":
+        import torch
+
+        return torch.from_numpy(host).to(like.device)
+    if fw == "cupy":
+        import cupy
+
+        with like.device:
+            return cupy.asarray(host)
+    return host
+
+
+def csr_to_block_table(indptr: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """(batch, max(1, most pages)) int32 block table of CSR page lists: row b holds
+    indices[indptr[b]:indptr[b + 1]], then zeros (never read: past the row's length)."""
+    pages = np.diff(indptr)
+    batch = pages.size
+    width = max(1, int(pages.max()) if batch else 1)
+    table = np.zeros((batch, width), dtype=np.int32)
+    total = int(pages.sum())
+    if total:
+        rows = np.repeat(np.arange(batch), pages)
+        cols = np.arange(total) - np.repeat(np.cumsum(pages) - pages, pages)
+        table[rows, cols] = indices[np.repeat(indptr[:-1], pages) + cols]
+    return table
+
+
+class BatchDecodeWithPagedKVCacheWrapper:
+    """Batch decode (one query per request) over a paged KV cache: FlashInfer's interface.
+
+    ``plan()`` reads the page lists on the host (it synchronises, as FlashInfer's does), builds
+    a block table and the key lengths on the workspace's device, and picks the split count from
+    the lengths (:func:`decode_num_splits_for_lengths`). ``run()`` neither synchronises nor
+    allocates outside the caller's allocator.
+
+    Supported: NHD layout; ``pos_encoding_mode`` "NONE"; ``window_left``; ``logits_soft_cap``;
+    ``sm_scale``; GQA / MQA; ``return_lse`` (natural-log LSE, unlike FlashInfer's base 2: see
+    :func:`fastattn.lse_base2_to_natural`). Not supported (a clear error): ``use_cuda_graph``
+    (a capture would keep one plan's split count and block table: graph callers use
+    ``flash_attn_with_kvcache``, which plans without reading lengths), fused RoPE, ALiBi mode,
+    fp8 scales, sinks, ``fixed_split_size`` and more than one query per request.
+    """
+
+    def __init__(self, float_workspace_buffer, kv_layout: str = "NHD", use_cuda_graph: bool = False,
+                 use_tensor_cores: bool = False, paged_kv_indptr_buffer=None,
+                 paged_kv_indices_buffer=None, paged_kv_last_page_len_buffer=None,
+                 backend: str = "auto", jit_args=None):
+        check_array(float_workspace_buffer, "float_workspace_buffer")
+        if kv_layout != "NHD":
+            raise ValueError(
+                f"kv_layout must be 'NHD' (the only layout fastattn supports: pages "
+                f"(max_num_pages, 2, page_size, num_kv_heads, head_dim)), got {kv_layout!r}"
+            )
+        if use_cuda_graph:
+            raise NotImplementedError(
+                "use_cuda_graph=True is not supported by fastattn's decode wrapper (a captured "
+                "run would keep one plan's split count and block table); for CUDA graphs call "
+                "fastattn.flash_attn_with_kvcache, which plans without reading the lengths"
+            )
+        if jit_args is not None:
+            raise NotImplementedError("jit_args (FlashInfer's JIT variants) are not supported")
+        # use_tensor_cores and backend choose among FlashInfer's kernels; fastattn has one path.
+        self._kv_layout = kv_layout
+        self._workspace_buffer = float_workspace_buffer
+        self._plan: Optional[dict] = None
+
+    def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffer=None) -> None:
+        """Replace the workspace buffer (the int buffer of FlashInfer's signature is unused)."""
+        check_array(float_workspace_buffer, "float_workspace_buffer")
+        self._workspace_buffer = float_workspace_buffer
+        if self._plan is not None:
+            self._plan["workspace_ok"] = {}
+
+    def plan(self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int,
+             head_dim: int, page_size: int, pos_encoding_mode: str = "NONE",
+             window_left: int = -1, logits_soft_cap: Optional[float] = None,
+             q_data_type="float16", kv_data_type=None, data_type=None,
+             sm_scale: Optional[float] = None, rope_scale: Optional[float] = None,
+             rope_theta: Optional[float] = None, non_blocking: bool = True, block_tables=None,
+             seq_lens=None, fixed_split_size: Optional[int] = None,
+             disable_split_kv: bool = False) -> None:
+        """Plan the decode of a batch from its page lists (read on the host).
+
+        Arguments:
+            indptr: (batch_size + 1,) int32 CSR row pointers into indices (non-decreasing).
+            indices: int32 page ids; request b owns indices[indptr[b] : indptr[b + 1]].
+            last_page_len: (batch_size,) int32 keys in each request's last page (1..page_size;
+                ignored for a request without pages, which attends to nothing: output 0).
+            num_qo_heads, num_kv_heads, head_dim, page_size: sizes, checked again by run().
+            window_left: keys more than window_left before the query are masked (-1: none).
+            logits_soft_cap: softcap of the scores (None or 0: none).
+            q_data_type, kv_data_type, data_type: dtype of q and the cache (kv must equal q).
+            sm_scale: softmax scale (None: 1 / sqrt(head_dim)).
+            disable_split_kv: one split per sequence (no partial states, no combine kernel).
+        """
+        if pos_encoding_mode != "NONE":
+            raise NotImplementedError(
+                f"pos_encoding_mode must be 'NONE' (fastattn has no fused RoPE or FlashInfer ALiBi "
+                f"mode in this wrapper: rotate q and k before the call), got {pos_encoding_mode!r}"
+            )
+        if rope_scale is not None or rope_theta is not None:
+            raise NotImplementedError("rope_scale / rope_theta (fused RoPE) are not supported: apply "
+                                      "rotary embeddings to q and k before the call")
+        if fixed_split_size is not None:
+            raise NotImplementedError("fixed_split_size is not supported; for a fixed split count "
+                                      "call fastattn.flash_attn_with_kvcache with num_splits")
+        if block_tables is not None or seq_lens is not None:
+            raise NotImplementedError("block_tables / seq_lens (FlashInfer's trtllm-gen inputs) are "
+                                      "not supported: pass the CSR page lists")
+        for name, x in (("indptr", indptr), ("indices", indices), ("last_page_len", last_page_len)):
+            check_array(x, name)
+        q_dtype = _dtype_name(data_type if data_type is not None else q_data_type)
+        kv_dtype = _dtype_name(kv_data_type) if kv_data_type is not None else q_dtype
+        if kv_dtype != q_dtype:
+            raise TypeError(f"kv_data_type must equal q_data_type ({q_dtype}), got {kv_dtype}")
+        heads_q = as_int(num_qo_heads, "num_qo_heads")
+        heads_kv = as_int(num_kv_heads, "num_kv_heads")
+        ps = as_int(page_size, "page_size")
+        if ps < 1:
+            raise ValueError(f"page_size must be >= 1, got {ps}")
+
+        ip = _host_ints(indptr).reshape(-1)
+        ids = _host_ints(indices).reshape(-1)
+        last = _host_ints(last_page_len).reshape(-1)
+        if ip.size < 1:
+            raise ValueError("indptr must have batch_size + 1 >= 1 entries, got 0")
+        batch = ip.size - 1
+        if last.size != batch:
+            raise ValueError(f"last_page_len must have batch_size = len(indptr) - 1 = {batch} "
+                             f"entries, got {last.size}")
+        pages = np.diff(ip)
+        if ip[0] < 0 or (pages < 0).any() or ip[-1] > ids.size:
+            raise ValueError(f"indptr must be non-decreasing from >= 0 up to len(indices) = "
+                             f"{ids.size}, got {ip.tolist() if ip.size <= 16 else ip}")
+        owned = pages > 0
+        bad = owned & ((last < 1) | (last > ps))
+        if bad.any():
+            b = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"last_page_len[{b}] must be in 1..page_size = {ps}, got {int(last[b])}")
+        used = ids[ip[0]:ip[-1]]
+        if used.size and used.min() < 0:
+            raise ValueError(f"indices must be page ids >= 0, got {int(used.min())}")
+        lengths = np.where(owned, (pages - 1) * ps + last, 0)
+
+        ws = self._workspace_buffer
+        on_gpu = is_cuda(ws)
+        if disable_split_kv:
+            splits = 1
+        elif on_gpu:
+            splits = decode_num_splits_for_lengths(lengths, heads_kv, _sm_count(ws))
+        else:
+            splits = 0  # the CPU backend plans its own threads
+        self._plan = {
+            "batch": batch,
+            "num_qo_heads": heads_q,
+            "num_kv_heads": heads_kv,
+            "head_dim": as_int(head_dim, "head_dim"),
+            "page_size": ps,
+            "data_type": q_dtype,
+            "window_left": as_int(window_left, "window_left"),
+            "softcap": as_float(logits_soft_cap or 0.0, "logits_soft_cap"),
+            "sm_scale": optional_float(sm_scale, "sm_scale"),
+            "max_page_id": int(used.max()) if used.size else -1,
+            "lengths": lengths,
+            "num_splits": splits,
+            "block_table": _on_device_of(ws, csr_to_block_table(ip - ip[0], used.astype(np.int32))),
+            "seqlens": _on_device_of(ws, lengths.astype(np.int32)),
+            "workspace_ok": {},  # (shapes) -> whether the workspace buffer is large enough
+        }
+
+    begin_forward = plan
+
+    def end_forward(self) -> None:
+        """Clear the plan (FlashInfer's deprecated name; nothing else to release)."""
+        self._plan = None
+
+    @property
+    def num_splits(self) -> Optional[int]:
+        """The split count plan() chose (0: the capacity heuristic), or None before plan()."""
+        return None if self._plan is None else self._plan["num_splits"]
+
+    def _pages(self, paged_kv_cache):
+        """(k_pages, v_pages) views of the cache, checked against the plan."""
+        plan = self._plan
+        if isinstance(paged_kv_cache, (tuple, list)):
+            if len(paged_kv_cache) != 2:
+                raise ValueError("paged_kv_cache given as a tuple must be (k_cache, v_cache)")
+            k_pages, v_pages = paged_kv_cache
+            check_array(k_pages, "paged_kv_cache[0]")
+            check_array(v_pages, "paged_kv_cache[1]")
+        else:
+            check_array(paged_kv_cache, "paged_kv_cache")
+            shape = tuple(paged_kv_cache.shape)
+            if len(shape) != 5 or shape[1] != 2:
+                raise ValueError("paged_kv_cache must have shape (max_num_pages, 2, page_size, "
+                                 f"num_kv_heads, head_dim) (NHD), got {shape}")
+            k_pages, v_pages = paged_kv_cache[:, 0], paged_kv_cache[:, 1]  # strided views
+        want = (plan["page_size"], plan["num_kv_heads"], plan["head_dim"])
+        for name, t in (("k", k_pages), ("v", v_pages)):
+            shape = tuple(t.shape)
+            if len(shape) != 4 or shape[1:] != want:
+                raise ValueError(f"paged_kv_cache's {name} pages must have shape (max_num_pages, "
+                                 f"page_size, num_kv_heads, head_dim) = (*, {want[0]}, {want[1]}, "
+                                 f"{want[2]}) as planned, got {shape}")
+            if shape[0] <= plan["max_page_id"]:
+                raise ValueError(f"plan() was given page id {plan['max_page_id']}, but "
+                                 f"paged_kv_cache holds {shape[0]} pages")
+            if _dtype_name(t.dtype) != plan["data_type"]:
+                raise TypeError(f"paged_kv_cache has dtype {_dtype_name(t.dtype)} but plan() was "
+                                f"given {plan['data_type']}")
+        return k_pages, v_pages
+
+    def run(self, q, paged_kv_cache, *args, q_scale=None, k_scale=None, v_scale=None, out=None,
+            lse=None, return_lse: bool = False, enable_pdl=None, window_left=None, sinks=None,
+            q_len_per_req: Optional[int] = 1):
+        """Attention of q (batch_size, num_qo_heads, head_dim), one query per request, over its
+        planned pages; the query sits after the request's last key.
+
+        paged_kv_cache: (max_num_pages, 2, page_size, num_kv_heads, head_dim) or a tuple
+        (k_cache, v_cache) of (max_num_pages, page_size, num_kv_heads, head_dim).
+        out: optional (batch_size, num_qo_heads, head_dim) output; lse: optional
+        (batch_size, num_qo_heads) float32. window_left overrides the plan's.
+        Returns out, or (out, lse) with return_lse: natural-log LSE (FlashInfer's is base 2).
+        """
+        if self._plan is None:
+            raise RuntimeError("BatchDecodeWithPagedKVCacheWrapper.plan() must be called before run()")
+        if args:
+            raise TypeError(f"run() takes q and paged_kv_cache positionally, got {len(args)} more")
+        for name, x in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale),
+                        ("sinks", sinks)):
+            if x is not None:
+                raise NotImplementedError(f"{name} is not supported by fastattn's decode wrapper")
+        if q_len_per_req not in (None, 1):
+            raise NotImplementedError(f"q_len_per_req must be 1 (one query per request), got "
+                                      f"{q_len_per_req}")
+        plan = self._plan
+        check_array(q, "q")
+        want = (plan["batch"], plan["num_qo_heads"], plan["head_dim"])
+        if tuple(q.shape) != want:
+            raise ValueError(f"q must have shape (batch_size, num_qo_heads, head_dim) = {want} as "
+                             f"planned, got {tuple(q.shape)}")
+        if _dtype_name(q.dtype) != plan["data_type"]:
+            raise TypeError(f"q has dtype {_dtype_name(q.dtype)} but plan() was given "
+                            f"{plan['data_type']}")
+        k_pages, v_pages = self._pages(paged_kv_cache)
+        if is_cuda(q) != is_cuda(plan["seqlens"]):
+            where = "a CUDA device" if is_cuda(plan["seqlens"]) else "the host"
+            raise ValueError(f"q must be on the device of the workspace buffer plan() used "
+                             f"({where}), got q on {'a CUDA device' if is_cuda(q) else 'the host'}")
+        if out is not None:
+            check_array(out, "out")
+            if tuple(out.shape) != want:
+                raise ValueError(f"out must have shape {want}, got {tuple(out.shape)}")
+        o = out if out is not None else empty(q, want)
+        if lse is not None:
+            check_array(lse, "lse")
+            if tuple(lse.shape) != want[:2]:
+                raise ValueError(f"lse must have shape {want[:2]}, got {tuple(lse.shape)}")
+        elif return_lse:
+            lse = empty(q, want[:2], "float32")
+        left = plan["window_left"] if window_left is None else as_int(window_left, "window_left")
+        # One query row per request: (B, 1, Hq, D) views of q / out and (B, Hq, 1) of lse.
+        call = dict(
+            q=prepare(q[:, None]), k_cache=prepare(k_pages), v_cache=prepare(v_pages),
+            k=None, v=None, rotary_cos=None, rotary_sin=None, rotary_interleaved=True,
+            cache_seqlens=plan["seqlens"], cache_batch_idx=None, cache_leftpad=None,
+            block_table=plan["block_table"], num_splits=plan["num_splits"],
+            out=o[:, None], lse=lse[:, :, None] if lse is not None else None,
+            softmax_scale=plan["sm_scale"], causal=False, window_left=left,
+            window_right=-1, softcap=plan["softcap"], alibi_slopes=None, **exec_kwargs(q),
+        )
+        workspace, alloc = None, None
+        if is_cuda(q):
+            ws = self._workspace_buffer
+            key = (tuple(q.shape), tuple(k_pages.shape), left)
+            if key not in plan["workspace_ok"]:
+                need = _C.kvcache_workspace_bytes(**call) if _usable_workspace(ws, q) else None
+                plan["workspace_ok"][key] = need is not None and need <= int(ws.nbytes)
+            if plan["workspace_ok"][key]:
+                workspace = ws
+            else:
+                alloc = lambda nbytes: empty(q, (nbytes,), "uint8")  # noqa: E731
+        _C.kvcache_attention_forward(workspace=workspace, workspace_alloc=alloc, **call)
+        if return_lse:
+            return finalize(q, o), finalize(q, lse)
+        return finalize(q, o)
+
+    def forward(self, q, paged_kv_cache, pos_encoding_mode: str = "NONE", q_scale=None,
+                k_scale=None, v_scale=None, window_left: int = -1,
+                logits_soft_cap: Optional[float] = None, sm_scale: Optional[float] = None,
+                rope_scale=None, rope_theta=None):
+        """FlashInfer's deprecated run(): the plan's options, except that window_left,
+        logits_soft_cap and sm_scale given here replace the plan's."""
+        return self._forward(q, paged_kv_cache, pos_encoding_mode, q_scale, k_scale, v_scale,
+                             window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, False)
+
+    def forward_return_lse(self, q, paged_kv_cache, pos_encoding_mode: str = "NONE", q_scale=None,
+                           k_scale=None, v_scale=None, window_left: int = -1,
+                           logits_soft_cap: Optional[float] = None,
+                           sm_scale: Optional[float] = None, rope_scale=None, rope_theta=None):
+        """forward() that also returns the natural-log LSE (batch_size, num_qo_heads) float32."""
+        return self._forward(q, paged_kv_cache, pos_encoding_mode, q_scale, k_scale, v_scale,
+                             window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, True)
+
+    def _forward(self, q, paged_kv_cache, pos_encoding_mode, q_scale, k_scale, v_scale,
+                 window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, return_lse):
+        if pos_encoding_mode != "NONE" or rope_scale is not None or rope_theta is not None:
+            raise NotImplementedError("pos_encoding_mode must be 'NONE' and rope_scale / "
+                                      "rope_theta None (no fused RoPE)")
+        if self._plan is None:
+            raise RuntimeError("BatchDecodeWithPagedKVCacheWrapper.plan() must be called before "
+                               "forward()")
+        plan = self._plan
+        saved = (plan["softcap"], plan["sm_scale"])
+        if logits_soft_cap is not None:
+            plan["softcap"] = as_float(logits_soft_cap, "logits_soft_cap")
+        if sm_scale is not None:
+            plan["sm_scale"] = as_float(sm_scale, "sm_scale")
+        try:
+            return self.run(q, paged_kv_cache, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale,
+                            window_left=window_left, return_lse=return_lse)
+        finally:
+            plan["softcap"], plan["sm_scale"] = saved

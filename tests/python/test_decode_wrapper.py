@@ -1,0 +1,215 @@
+"""FlashInfer-style batch decode over a paged cache (fastattn.BatchDecodeWithPagedKVCacheWrapper)
+on the CPU against the float64 reference, its errors, and the split rule it plans with
+(fastattn.decode_num_splits_for_lengths)."""
+
+import math
+
+import numpy as np
+import pytest
+
+import fastattn
+import reference as ref
+from helpers import DTYPES, assert_close, assert_lse, int32, nan_like, randn, to64, torch
+
+FACTOR = 3.0  # FlashAttention's KV-cache rule
+
+
+def make_pages(rng, lens, page_size, spare=3):
+    """CSR page lists of sequences with `lens` keys over a pool with `spare` unused pages, in a
+    random order: (indptr, indices, last_page_len, num_pages)."""
+    counts = [-(-n // page_size) for n in lens]
+    num_pages = sum(counts) + spare
+    order = rng.permutation(num_pages)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    indices = order[:sum(counts)].astype(np.int32)
+    last = np.array([n - (c - 1) * page_size if c else 0 for n, c in zip(lens, counts)], np.int32)
+    return indptr, indices, last, num_pages
+
+
+def reference(q64, k64, v64, indptr, indices, lens, rnd=None, window_left=-1, softcap=0.0,
+              scale=None):
+    """Each request's single query (after its last key) over its pages: out (B, Hq, D) and
+    lse (B, Hq)."""
+    b_, hq, d = q64.shape
+    outs, lses = [], []
+    for b, n in enumerate(lens):
+        ids = indices[indptr[b]:indptr[b + 1]]
+        k = ref.gather_pages(k64, ids, n)
+        v = ref.gather_pages(v64, ids, n)
+        o, lse, _ = ref.attention_rows(q64[b][None], k, v, np.array([n - 1 if n else 0]),
+                                       np.arange(n), ref.default_scale(d, scale), softcap, None,
+                                       window_left, -1, rnd)
+        outs.append(o[0]), lses.append(lse[:, 0])
+    return np.stack(outs), np.stack(lses)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("packed", [True, False])
+def test_decode_wrapper_cpu(rng, dtype, page_size, packed):
+    """Ragged lengths (an empty request included), a random page pool, GQA, both cache forms,
+    NaN-poisoned out / lse, against the float64 reference; the cache is left unchanged."""
+    hq, hkv, d = 8, 2, 64
+    lens = list(rng.permutation([0, 1, 17, 40, 129, int(rng.integers(200, 400))]))
+    indptr, indices, last, num_pages = make_pages(rng, lens, page_size)
+    q, q64 = randn(rng, (len(lens), hq, d), dtype)
+    kv, kv64 = randn(rng, (num_pages, 2, page_size, hkv, d), dtype)
+    before = to64(kv).copy()
+    data_type = torch.bfloat16 if dtype == "bfloat16" else dtype
+    wrapper = fastattn.BatchDecodeWithPagedKVCacheWrapper(np.empty(1 << 20, np.uint8), "NHD")
+    wrapper.plan(indptr, indices, last, hq, hkv, d, page_size, q_data_type=data_type)
+    cache = kv if packed else (kv[:, 0], kv[:, 1])
+    out = nan_like(q)
+    lse = np.full((len(lens), hq), np.nan, np.float32)
+    o, l = wrapper.run(q, cache, out=out, lse=lse, return_lse=True)
+    assert o is out and l is lse
+    o64, lse64 = reference(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens)
+    naive, _ = reference(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens, rnd=ref.rounder(dtype))
+    assert_close("out", o, o64, naive, dtype, factor=FACTOR)
+    assert_lse("lse", l, lse64)
+    assert np.array_equal(to64(kv), before), "run() wrote into the cache"
+    assert np.array_equal(to64(wrapper.run(q, cache)), to64(o))
+
+
+def test_decode_wrapper_options_and_forward(rng):
+    """window_left, logits_soft_cap and sm_scale from plan(); FlashInfer's deprecated
+    begin_forward / forward / forward_return_lse, whose arguments replace the plan's."""
+    hq, hkv, d, page_size = 4, 4, 32, 16
+    lens = [300, 5, 64, 0, 77]
+    indptr, indices, last, num_pages = make_pages(rng, lens, page_size)
+    q, q64 = randn(rng, (len(lens), hq, d), "float32")
+    kv, kv64 = randn(rng, (num_pages, 2, page_size, hkv, d), "float32")
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(np.empty(16, np.uint8))
+    w.plan(indptr, indices, last, hq, hkv, d, page_size, window_left=50, logits_soft_cap=8.0,
+           q_data_type="float32", sm_scale=0.3)
+    got = w.run(q, kv)
+    want, _ = reference(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens, window_left=50,
+                        softcap=8.0, scale=0.3)
+    assert_close("windowed", got, want, want, "float32")
+    # window_left given to run() replaces the plan's.
+    got = w.run(q, kv, window_left=-1)
+    want, _ = reference(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens, softcap=8.0, scale=0.3)
+    assert_close("unwindowed", got, want, want, "float32")
+
+    w.begin_forward(indptr, indices, last, hq, hkv, d, page_size, data_type="float32")
+    got, lse = w.forward_return_lse(q, kv, logits_soft_cap=5.0)
+    want, lse64 = reference(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens, softcap=5.0)
+    assert_close("forward", got, want, want, "float32")
+    assert_lse("forward lse", lse, lse64)
+    got = w.forward(q, kv)  # the plan's options again (no softcap)
+    want, _ = reference(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens)
+    assert_close("forward", got, want, want, "float32")
+    w.end_forward()
+    with pytest.raises(RuntimeError, match=r"plan\(\) must be called"):
+        w.run(q, kv)
+
+
+def test_decode_wrapper_plan_offset_indptr(rng):
+    """indptr need not start at 0: request b owns indices[indptr[b]:indptr[b + 1]]."""
+    hq, hkv, d, page_size = 2, 1, 16, 4
+    lens = [9, 4]
+    indptr = int32([3, 6, 7])
+    indices = int32([9, 9, 9, 2, 0, 5, 1, 9])
+    last = int32([1, 4])
+    q, q64 = randn(rng, (2, hq, d), "float32")
+    kv, kv64 = randn(rng, (10, 2, page_size, hkv, d), "float32")
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(np.empty(16, np.uint8))
+    w.plan(indptr, indices, last, hq, hkv, d, page_size, q_data_type="float32")
+    want, _ = reference(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens)
+    assert_close("out", w.run(q, kv), want, want, "float32")
+
+
+def test_decode_wrapper_errors(rng):
+    hq, hkv, d, ps = 4, 2, 16, 4
+    indptr, indices, last = int32([0, 2, 3]), int32([0, 1, 2]), int32([3, 4])
+    q, _ = randn(rng, (2, hq, d), "float32")
+    kv, _ = randn(rng, (3, 2, ps, hkv, d), "float32")
+    ws = np.empty(16, np.uint8)
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(ws)
+
+    def plan(**kw):
+        args = dict(indptr=indptr, indices=indices, last_page_len=last, num_qo_heads=hq,
+                    num_kv_heads=hkv, head_dim=d, page_size=ps, q_data_type="float32")
+        args.update(kw)
+        w.plan(**args)
+
+    with pytest.raises(ValueError, match="kv_layout must be 'NHD'"):
+        fastattn.BatchDecodeWithPagedKVCacheWrapper(ws, "HND")
+    with pytest.raises(NotImplementedError, match="use_cuda_graph"):
+        fastattn.BatchDecodeWithPagedKVCacheWrapper(ws, use_cuda_graph=True)
+    with pytest.raises(NotImplementedError, match="pos_encoding_mode"):
+        plan(pos_encoding_mode="ROPE_LLAMA")
+    with pytest.raises(ValueError, match=r"last_page_len\[1\] must be in 1..page_size = 4, got 5"):
+        plan(last_page_len=int32([3, 5]))
+    with pytest.raises(ValueError, match="last_page_len must have batch_size"):
+        plan(last_page_len=int32([3]))
+    with pytest.raises(ValueError, match="indptr must be non-decreasing"):
+        plan(indptr=int32([0, 3, 2]))
+    with pytest.raises(ValueError, match="indptr must be non-decreasing"):
+        plan(indptr=int32([0, 2, 4]))  # past len(indices)
+    with pytest.raises(ValueError, match="indices must be page ids >= 0, got -1"):
+        plan(indices=int32([0, -1, 2]))
+    with pytest.raises(TypeError, match="kv_data_type must equal q_data_type"):
+        plan(kv_data_type="float16")
+    with pytest.raises(NotImplementedError, match="fixed_split_size"):
+        plan(fixed_split_size=4)
+    plan()
+    with pytest.raises(ValueError, match=r"q must have shape \(batch_size, num_qo_heads, head_dim\)"):
+        w.run(q[:1], kv)
+    with pytest.raises(TypeError, match="q has dtype float16 but plan"):
+        w.run(q.astype(np.float16), kv)
+    with pytest.raises(ValueError, match="page_size, num_kv_heads, head_dim"):
+        w.run(q, kv[:, :, :2])
+    with pytest.raises(ValueError, match="plan\\(\\) was given page id 2, but paged_kv_cache holds 2 pages"):
+        w.run(q, kv[:2])
+    with pytest.raises(ValueError, match="out must have shape"):
+        w.run(q, kv, out=np.empty((2, hq, d + 1), np.float32))
+    with pytest.raises(ValueError, match="lse must have shape"):
+        w.run(q, kv, lse=np.empty((2, hq + 1), np.float32))
+    with pytest.raises(NotImplementedError, match="k_scale"):
+        w.run(q, kv, k_scale=2.0)
+    with pytest.raises(NotImplementedError, match="q_len_per_req"):
+        w.run(q, kv, q_len_per_req=2)
+    with pytest.raises(TypeError, match="q and paged_kv_cache positionally"):
+        w.run(q, kv, None)
+
+
+# ---- the split rule ------------------------------------------------------------------------
+
+
+def estimate(lens, heads, sms, s, cost):
+    """The rule's documented estimate, written out again: T(S) in keys streamed by one SM."""
+    return max(heads * (sum(lens) + cost * len(lens) * s) / sms,
+               math.ceil(max(lens) / s) + cost)
+
+
+def test_split_rule_balanced_and_empty():
+    rule = fastattn.decode_num_splits_for_lengths
+    assert rule([8192] * 32, 8, 132) == 0  # a full batch keeps the capacity heuristic
+    assert rule([8000, 8192, 7900, 8100], 8, 132) == 0  # within BALANCED_RATIO of uniform
+    assert rule([0, 0, 0], 8, 132) == 1  # nothing to read
+    assert rule([], 8, 132) == 1
+    with pytest.raises(ValueError, match="lengths must be >= 0"):
+        rule([5, -1], 8, 132)
+    with pytest.raises(ValueError, match="num_kv_heads and sm_count must be >= 1"):
+        rule([5], 0, 132)
+
+
+def test_split_rule_minimises_its_estimate(rng):
+    """On random ragged batches the count is the fewest whose estimate is within the tolerance
+    of the best over 1..MAX_SPLITS; a longer outlier never gets fewer splits."""
+    from fastattn import decode as dec
+    for _ in range(50):
+        batch = int(rng.integers(2, 160))
+        heads = int(rng.choice([1, 2, 8, 32]))
+        lens = [int(x) for x in rng.integers(0, 4096, size=batch)]
+        lens[int(rng.integers(batch))] = int(rng.integers(8192, 200000))
+        got = fastattn.decode_num_splits_for_lengths(lens, heads, 132)
+        est = {s: estimate(lens, heads, 132, s, dec.CTA_COST_KEYS) for s in range(1, dec.MAX_SPLITS + 1)}
+        best = min(est.values())
+        want = min(s for s, t in est.items() if t <= best * (1 + dec.SPLIT_TOLERANCE))
+        assert got == want, (batch, heads, got, want)
+    # One long sequence among 31 short ones: the longer it is, the more splits.
+    counts = [fastattn.decode_num_splits_for_lengths([n] + [1024] * 31, 8, 132)
+              for n in (8192, 32768, 131072)]
+    assert counts == sorted(counts) and counts[0] >= 2 and counts[-1] > counts[0]
