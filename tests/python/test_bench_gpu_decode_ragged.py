@@ -71,6 +71,35 @@ def test_varlen_inputs():
     assert max_k == max(st.lens)
 
 
+def test_csr_inputs_match_the_block_table():
+    st = gr.RaggedSet(torch, torch.device("cpu"), 4, 2, 6, 256, "uniform", gen(13), contiguous=False,
+                      dtype=torch.float32)
+    st.lens[2], st.npages[2] = 0, 0  # a request without pages
+    indptr, indices, last = st.csr_inputs()
+    assert indptr.dtype == indices.dtype == last.dtype == torch.int32
+    assert indptr.tolist()[0] == 0 and indptr.tolist()[-1] == indices.numel() == sum(st.npages)
+    for b in range(6):
+        row = indices[indptr[b]:indptr[b + 1]]
+        assert torch.equal(row, st.block_table[b, :st.npages[b]])
+        if st.npages[b]:
+            assert (st.npages[b] - 1) * gr.PAGE_SIZE + int(last[b]) == st.lens[b]
+            assert 1 <= int(last[b]) <= gr.PAGE_SIZE
+        else:
+            assert int(last[b]) == 0
+
+
+def test_planned_call_on_the_cpu():
+    """The planned wrapper's call (fastattn_call(PLANNED)) writes the reference's answer into the
+    poisoned (B, 1, Hq, D) buffer; on the CPU its plan keeps the backend's own (num_splits 0)."""
+    import fastattn
+    st = gr.RaggedSet(torch, torch.device("cpu"), 4, 2, 5, 128, "long1", gen(17), contiguous=False,
+                      dtype=torch.float32)
+    out = torch.full((5, 1, 4, gr.HEAD_DIM), float("nan"))
+    st.fastattn_call(fastattn, gr.PLANNED, 0, out)()
+    np.testing.assert_allclose(out[:, 0].numpy(), st.reference(torch).numpy(), rtol=0, atol=1e-5)
+    assert st._small[gr.PLANNED][1].num_splits == 0
+
+
 def test_reference_against_naive_float64():
     st = gr.RaggedSet(torch, torch.device("cpu"), 4, 2, 3, 64, "uniform", gen(11), contiguous=True,
                       dtype=torch.float32)
@@ -96,7 +125,7 @@ def hand_record():
     impls = {gr.PAGED: {"s": 300e-6}, gr.VARLEN: {"s": 310e-6}, gr.CONTIG: {"s": 290e-6},
              gr.fixed_key(4): {"s": 110e-6}, gr.fixed_key(16): {"s": 95e-6},
              "flashinfer-decode": {"s": 106e-6}, "flashinfer-tc": {"s": 250e-6},
-             "flashinfer-xqa": {"error": "refused"}}
+             "flashinfer-xqa": {"error": "refused"}, gr.PLANNED: {"s": 90e-6, "num_splits": [7, 8, 7]}}
     rec = {"name": "GQA8 b32 32k long1", "lengths": [[32768] + [1024] * 31] * 3,
            "copy_bound_s": 62e-6, "impls": impls}
     rec["summary"] = gr.case_summary(rec)
@@ -112,6 +141,9 @@ def test_case_summary_and_table():
     assert sm["best_flashinfer"] == "flashinfer-decode"
     assert sm["flashinfer_over_heuristic"] == pytest.approx(106 / 300)
     assert sm["flashinfer_over_best_fixed"] == pytest.approx(106 / 95)
+    assert sm["planned_s"] == 90e-6 and sm["planned_over_bound"] == pytest.approx(90 / 62)
+    assert sm["flashinfer_over_planned"] == pytest.approx(106 / 90)
+    assert sm["planned_over_best_fixed"] == pytest.approx(90 / 95)
     text = gr.format_table([rec], 4.27)
     assert "copy 4.27 TB/s" in text
     line = text.splitlines()[1]
@@ -119,4 +151,5 @@ def test_case_summary_and_table():
     assert "tokens    64512" in line and "bound    62.0" in line
     assert "paged16 300.0" in line and "varlen 310.0" in line and "paged16-s16 95.0" in line
     assert "fi-xqa n/a" in line
-    assert "FI/heur 0.353 FI/fixed 1.116" in line
+    assert "planned 90.0" in line
+    assert "FI/heur 0.353 FI/fixed 1.116 FI/plan 1.178 plan/fixed 0.947 [7, 8, 7]" in line

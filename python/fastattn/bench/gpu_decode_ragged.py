@@ -19,7 +19,9 @@ Timed with the decode suite's timing (``time_interleaved``: interleaved rounds, 
 ahead, a re-warm before each case): fastattn on the pool and (where ``contiguous``) on a (B, cap,
 Hkv, D) cache with ``num_splits=0``, fastattn on the pool at fixed split counts (``FIXED_SPLITS``),
 ``flash_attn_varlen_func`` on the same pool (its decode path plans from ``max_seqlen_k``, the
-longest length, not the capacity), and with ``--flashinfer`` FlashInfer's three paged paths
+longest length, not the capacity), fastattn's ``BatchDecodeWithPagedKVCacheWrapper`` on the same
+pool (``fastattn-planned``: its ``plan()`` reads the lengths on the host, untimed, and picks the
+split count; ``run()`` is timed), and with ``--flashinfer`` FlashInfer's three paged paths
 (gpu_decode_flashinfer.py) on the same pool. Every output is first checked, written into a
 NaN-poisoned buffer, against a float32 reference computed per sequence. The copy bound of a case is its mean K/V bytes over the copy
 bandwidth measured in the same run. The JSON goes to DIR/bench_cuda_<time>_decode_ragged.json.
@@ -38,12 +40,14 @@ HEAD_DIM = 128
 SHORT_LEN = 1024    # the short sequences of the long<n> distributions
 MIN_LEN = 64        # the shortest length of the uniform distribution
 INPUT_SETS = 3
-FIXED_SPLITS = (4, 16)
+FIXED_SPLITS = (4, 16)  # --splits replaces them
 MAX_ABS_ERR = 2e-2  # bf16 output against the float32 reference (values of order 0.1-1)
 
 PAGED = "fastattn-paged16"
 CONTIG = "fastattn-contiguous"
 VARLEN = "fastattn-varlen"  # flash_attn_varlen_func's decode path on the same pool (max_seqlen_k planned)
+PLANNED = "fastattn-planned"  # BatchDecodeWithPagedKVCacheWrapper: split count planned from the lengths
+WRAPPER_WORKSPACE_BYTES = 256 << 20
 
 # (name, heads_q, heads_kv, batch, cap, distribution, time a contiguous cache too)
 CASES = (
@@ -55,6 +59,10 @@ CASES = (
     ("GQA8 b32 32k long1", 32, 8, 32, 32768, "long1", True),
     ("GQA8 b128 32k long4", 32, 8, 128, 32768, "long4", False),
     ("MHA b32 16k long1", 32, 32, 32, 16384, "long1", False),
+    # Added in session 65, after the split rule's constants were set: its check cases.
+    ("GQA8 b64 16k uniform", 32, 8, 64, 16384, "uniform", False),
+    ("GQA8 b16 32k long2", 32, 8, 16, 32768, "long2", False),
+    ("MHA b16 8k long1", 32, 32, 16, 8192, "long1", False),
 )
 
 
@@ -143,6 +151,31 @@ class RaggedSet:
         cu_q = self._torch.arange(batch + 1, dtype=self._torch.int32, device=q.device)
         return q.reshape(batch, q.shape[2], q.shape[3]), cu_q, seqlens, table, max(self.lens)
 
+    def csr_inputs(self):
+        """(indptr (B + 1,), indices, last_page_len (B,)) int32 on the GPU: FlashInfer's page lists
+        of the same pages as the block table (a request without keys owns no page)."""
+        torch = self._torch
+        dev = self.block_table.device
+        indptr = [0]
+        for n in self.npages:
+            indptr.append(indptr[-1] + n)
+        rows = [self.block_table[b, :n] for b, n in enumerate(self.npages)]
+        indices = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int32, device=dev)
+        last = [n - (p - 1) * PAGE_SIZE if p else 0 for n, p in zip(self.lens, self.npages)]
+        return (torch.tensor(indptr, dtype=torch.int32, device=dev), indices.contiguous(),
+                torch.tensor(last, dtype=torch.int32, device=dev))
+
+    def planned_wrapper(self, fastattn):
+        """fastattn.BatchDecodeWithPagedKVCacheWrapper planned on this set's page lists (the
+        host read and the split choice happen here, outside the timing)."""
+        torch = self._torch
+        ws = torch.empty(WRAPPER_WORKSPACE_BYTES, dtype=torch.uint8, device=self.q.device)
+        wrapper = fastattn.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+        hq, d = self.q.shape[2], self.q.shape[3]
+        wrapper.plan(*self.csr_inputs(), hq, self.k_pages.shape[2], d, PAGE_SIZE,
+                     q_data_type=self.q.dtype)
+        return wrapper
+
     def reference(self, torch):
         """float32 attention (B, Hq, D) of each sequence over its own keys, query head h reading KV
         head h // (Hq / Hkv), no mask; an empty sequence's rows are 0."""
@@ -160,6 +193,15 @@ class RaggedSet:
         return out
 
     def fastattn_call(self, fastattn, impl, num_splits, out):
+        if impl == PLANNED:  # out (B, 1, Hq, D) viewed as the wrapper's (B, Hq, D)
+            if PLANNED not in self._small:
+                q = self.q.clone()
+                self._small[PLANNED] = (q.reshape(q.shape[0], q.shape[2], q.shape[3]),
+                                        self.planned_wrapper(fastattn))
+            q, wrapper = self._small[PLANNED]
+            out3 = out.reshape(q.shape)
+            cache = (self.k_pages, self.v_pages)
+            return lambda: wrapper.run(q, cache, out=out3)
         if impl == VARLEN:  # out (B, 1, Hq, D) viewed as the packed (B, Hq, D)
             q, cu_q, seqlens, table, max_k = self.varlen_inputs()
             out3 = out.reshape(q.shape)
@@ -188,25 +230,28 @@ def _checked(torch, call, out, ref, what):
     return err
 
 
-def measure_case(torch, fastattn, case, settings, gen, sleeper, copy_tbps, peers=None):
+def measure_case(torch, fastattn, case, settings, gen, sleeper, copy_tbps, peers=None,
+                 fixed_splits=FIXED_SPLITS):
     """Builds one case's input sets, checks and times every implementation; returns its record."""
     from . import gpu_decode as gd
     name, hq, hkv, batch, cap, kind, contiguous = case
     dev = torch.device("cuda")
     sets = [RaggedSet(torch, dev, hq, hkv, batch, cap, kind, gen, contiguous) for _ in range(INPUT_SETS)]
     ref = sets[0].reference(torch)
-    impls = {PAGED: 0, VARLEN: 0}
+    impls = {PAGED: 0, VARLEN: 0, PLANNED: 0}
     if contiguous:
         impls[CONTIG] = 0
-    for s in FIXED_SPLITS:
+    for s in fixed_splits:
         impls[fixed_key(s)] = s
     info, fns = {}, {}
     for key, splits in impls.items():
-        layout = key if key in (CONTIG, VARLEN) else PAGED
+        layout = key if key in (CONTIG, VARLEN, PLANNED) else PAGED
         outs = [torch.empty(batch, 1, hq, HEAD_DIM, dtype=torch.bfloat16, device=dev) for _ in sets]
         err = _checked(torch, sets[0].fastattn_call(fastattn, layout, splits, outs[0]), outs[0], ref, key)
         info[key] = {"num_splits": splits, "max_abs_err": err}
         fns[key] = _cycle([st.fastattn_call(fastattn, layout, splits, o) for st, o in zip(sets, outs)])
+    # The count each set's plan() chose (sets differ in their lengths).
+    info[PLANNED]["num_splits"] = [st._small[PLANNED][1].num_splits for st in sets]
     if peers is not None:
         from .gpu_decode_flashinfer import PEERS as FI_PEERS
         per_set = []
@@ -254,22 +299,30 @@ def case_summary(rec):
     best_fixed = min(fixed, key=fixed.get) if fixed else None
     peers = {k: t(k) for k in im if k.startswith("flashinfer") and t(k)}
     best_peer = min(peers, key=peers.get) if peers else None
+    planned = t(PLANNED)
     out = {"heuristic_s": heur, "heuristic_over_bound": heur / bound if heur else None,
            "best_fixed": best_fixed, "best_fixed_s": fixed.get(best_fixed),
+           "planned_s": planned, "planned_over_bound": planned / bound if planned else None,
            "best_flashinfer": best_peer, "best_flashinfer_s": peers.get(best_peer)}
     if best_peer and heur:
         out["flashinfer_over_heuristic"] = peers[best_peer] / heur
     if best_peer and best_fixed:
         out["flashinfer_over_best_fixed"] = peers[best_peer] / fixed[best_fixed]
+    if best_peer and planned:
+        out["flashinfer_over_planned"] = peers[best_peer] / planned
+    if best_fixed and planned:
+        out["planned_over_best_fixed"] = planned / fixed[best_fixed]
     return out
 
 
 def format_table(records, copy_tbps):
     """One line per case: mean tokens, copy bound, every implementation's µs, FlashInfer's fastest
-    over fastattn's heuristic and over its best fixed split count."""
+    over fastattn's heuristic, its best fixed split count and its planned wrapper, and the planned
+    wrapper over the best fixed count (the split counts it chose per input set in brackets)."""
     lines = ["decode on ragged batches (bf16, head_dim 128, pages of 16 over a random pool; copy "
-             "%.2f TB/s); µs, median; FI/heur, FI/fixed: FlashInfer's fastest time over fastattn's "
-             "heuristic / best fixed split count (> 1: fastattn faster)" % copy_tbps]
+             "%.2f TB/s); µs, median; FI/heur, FI/fixed, FI/plan: FlashInfer's fastest time over "
+             "fastattn's heuristic / best fixed split count / planned wrapper (> 1: fastattn "
+             "faster); plan/fixed: the planned wrapper over the best fixed count" % copy_tbps]
     for rec in records:
         toks = sum(sum(x) for x in rec["lengths"]) / max(1, len(rec["lengths"]))
         cells = []
@@ -277,10 +330,16 @@ def format_table(records, copy_tbps):
             short = key.replace("fastattn-", "").replace("flashinfer-", "fi-")
             cells.append("%s %s" % (short, "%.1f" % (v["s"] * 1e6) if v.get("s") else "n/a"))
         sm = rec["summary"]
-        fi_h, fi_f = sm.get("flashinfer_over_heuristic"), sm.get("flashinfer_over_best_fixed")
-        lines.append("%-22s tokens %8.0f bound %7.1f | %s | FI/heur %s FI/fixed %s" % (
-            rec["name"], toks, rec["copy_bound_s"] * 1e6, "  ".join(cells),
-            "%.3f" % fi_h if fi_h else "-", "%.3f" % fi_f if fi_f else "-"))
+
+        def ratio(key):
+            return "%.3f" % sm[key] if sm.get(key) else "-"
+        chosen = rec["impls"].get(PLANNED, {}).get("num_splits")
+        lines.append("%-22s tokens %8.0f bound %7.1f | %s | FI/heur %s FI/fixed %s FI/plan %s "
+                     "plan/fixed %s %s" % (
+                         rec["name"], toks, rec["copy_bound_s"] * 1e6, "  ".join(cells),
+                         ratio("flashinfer_over_heuristic"), ratio("flashinfer_over_best_fixed"),
+                         ratio("flashinfer_over_planned"), ratio("planned_over_best_fixed"),
+                         chosen if chosen is not None else ""))
     return "\n".join(lines)
 
 
@@ -290,7 +349,21 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="directory for the JSON")
     ap.add_argument("--flashinfer", action="store_true", help="also time FlashInfer's paged decode")
     ap.add_argument("--seed", type=int, default=64, help="seed of the length draws and page orders")
+    ap.add_argument("--splits", default=",".join(str(s) for s in FIXED_SPLITS),
+                    help="fixed split counts to time, comma-separated (default %(default)s)")
+    ap.add_argument("--cases", default="",
+                    help="only the cases whose name contains one of these comma-separated strings")
     args = ap.parse_args(argv)
+    try:
+        fixed_splits = tuple(int(x) for x in args.splits.split(",") if x.strip())
+    except ValueError:
+        ap.error("--splits must be comma-separated ints, got %r" % args.splits)
+    if any(s < 1 for s in fixed_splits):
+        ap.error("--splits must be >= 1, got %r" % args.splits)
+    wanted = [x for x in args.cases.split(",") if x]
+    cases = [c for c in CASES if not wanted or any(w in c[0] for w in wanted)]
+    if not cases:
+        ap.error("--cases %r matches no case" % args.cases)
     import torch
 
     import fastattn
@@ -307,8 +380,9 @@ def main(argv=None):
     sleeper = gd.make_sleeper(torch)
     copy = gd.measure_copy(torch, settings, sleeper)
     records = []
-    for case in CASES:
-        records.append(measure_case(torch, fastattn, case, settings, gen, sleeper, copy["tbps"], peers))
+    for case in cases:
+        records.append(measure_case(torch, fastattn, case, settings, gen, sleeper, copy["tbps"], peers,
+                                    fixed_splits))
         torch.cuda.empty_cache()
     print(format_table(records, copy["tbps"]))
     prop = torch.cuda.get_device_properties(0)
