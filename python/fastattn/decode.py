@@ -34,11 +34,15 @@ from .cascade import _dtype_name, _host_ints, _usable_workspace
 
 __all__ = ["BatchDecodeWithPagedKVCacheWrapper", "decode_num_splits_for_lengths"]
 
-# The split rule's constants (bench/NOTES.md, session 65, for how they were set and checked).
+# The split rule's constants, fitted to a sweep of fixed split counts on an H200 (bench/NOTES.md,
+# session 65, for how they were set and checked).
 # A CTA's fixed cost (start, the partial state it writes, its share of the combine), in keys
-# streamed: one 64-key tile is ~1 us at one SM's share of HBM; half of one fitted the session-64
-# fixed-split times of the per-head kernel.
+# streamed: one 64-key tile is ~1 us at one SM's share of HBM.
 CTA_COST_KEYS = 32
+# The weight of the longest CTA in the estimate: the grid's tail, where the last CTAs read with
+# the SMs partly idle. What sets the count is TAIL_WEIGHT / CTA_COST_KEYS (the fitted valley was
+# ~1/100 to ~1/75).
+TAIL_WEIGHT = 0.35
 # Lengths this close to uniform (longest x batch <= BALANCED_RATIO x the sum) keep the capacity
 # heuristic (num_splits 0): its head-pair / quad / group forms stream faster per byte than the
 # per-head form a fixed split count runs, and on equal lengths they are already balanced.
@@ -52,6 +56,7 @@ MAX_SPLITS = 64
 
 def decode_num_splits_for_lengths(lengths: Sequence[int], num_kv_heads: int, sm_count: int,
                                   *, cta_cost_keys: int = CTA_COST_KEYS,
+                                  tail_weight: float = TAIL_WEIGHT,
                                   balanced_ratio: float = BALANCED_RATIO,
                                   max_splits: int = MAX_SPLITS) -> int:
     """Split-KV count for a decode batch whose key lengths are known on the host.
@@ -61,12 +66,12 @@ def decode_num_splits_for_lengths(lengths: Sequence[int], num_kv_heads: int, sm_
     count S (1..max_splits) of the per-head kernel that minimises the estimated time, in keys
     streamed by one SM (one resident CTA per SM, as the sm_90 kernel):
 
-        T(S) = max(num_kv_heads * (sum(lengths) + cta_cost_keys * batch * S) / sm_count,
-                   ceil(max(lengths) / S) + cta_cost_keys)
+        T(S) = num_kv_heads * (sum(lengths) + cta_cost_keys * batch * S) / sm_count
+               + tail_weight * (ceil(max(lengths) / S) + cta_cost_keys)
 
-    the batch's keys over the SMs, each of the batch x heads x S CTAs paying a fixed cost, against
-    the longest sequence's share read by one CTA. Of the counts within SPLIT_TOLERANCE of the best
-    estimate, the fewest is taken.
+    the batch's keys spread over the SMs, each of the batch x heads x S CTAs paying a fixed cost,
+    plus the grid's tail, a share of the longest CTA (the longest sequence's part). Of the counts
+    within SPLIT_TOLERANCE of the best estimate, the fewest is taken.
 
     Arguments:
         lengths: (batch,) key lengths, ints >= 0.
@@ -87,8 +92,8 @@ def decode_num_splits_for_lengths(lengths: Sequence[int], num_kv_heads: int, sm_
         return 1
     if longest * batch <= balanced_ratio * total:
         return 0
-    estimates = [(s, max(heads * (total + cta_cost_keys * batch * s) / sms,
-                         -(-longest // s) + cta_cost_keys))
+    estimates = [(s, heads * (total + cta_cost_keys * batch * s) / sms
+                  + tail_weight * (-(-longest // s) + cta_cost_keys))
                  for s in range(1, max(1, max_splits) + 1)]
     best = min(t for _, t in estimates)
     return next(s for s, t in estimates if t <= best * (1 + SPLIT_TOLERANCE))

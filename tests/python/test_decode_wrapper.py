@@ -177,10 +177,9 @@ def test_decode_wrapper_errors(rng):
 # ---- the split rule ------------------------------------------------------------------------
 
 
-def estimate(lens, heads, sms, s, cost):
+def estimate(lens, heads, sms, s, cost, tail):
     """The rule's documented estimate, written out again: T(S) in keys streamed by one SM."""
-    return max(heads * (sum(lens) + cost * len(lens) * s) / sms,
-               math.ceil(max(lens) / s) + cost)
+    return heads * (sum(lens) + cost * len(lens) * s) / sms + tail * (math.ceil(max(lens) / s) + cost)
 
 
 def test_split_rule_balanced_and_empty():
@@ -205,7 +204,8 @@ def test_split_rule_minimises_its_estimate(rng):
         lens = [int(x) for x in rng.integers(0, 4096, size=batch)]
         lens[int(rng.integers(batch))] = int(rng.integers(8192, 200000))
         got = fastattn.decode_num_splits_for_lengths(lens, heads, 132)
-        est = {s: estimate(lens, heads, 132, s, dec.CTA_COST_KEYS) for s in range(1, dec.MAX_SPLITS + 1)}
+        est = {s: estimate(lens, heads, 132, s, dec.CTA_COST_KEYS, dec.TAIL_WEIGHT)
+               for s in range(1, dec.MAX_SPLITS + 1)}
         best = min(est.values())
         want = min(s for s, t in est.items() if t <= best * (1 + dec.SPLIT_TOLERANCE))
         assert got == want, (batch, heads, got, want)
