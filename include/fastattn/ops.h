@@ -148,6 +148,12 @@ struct SharedPrefixAttentionArgs {
   /// CUDA: key splits of the prefix pass (0..1024; 0 = heuristic from the shapes). The CPU
   /// backend ignores it.
   int num_splits = 0;
+  /// CUDA, decode (one query per request): key splits of every request's suffix in the suffix
+  /// pass (0..1024; 0 = heuristic from max_suffix_len, which gives a long suffix among short ones
+  /// few CTAs). A caller with the suffix lengths on the host can balance a ragged batch with it
+  /// (the Python decode wrapper's begin_forward does). Ignored by prefill-shaped calls and by the
+  /// CPU backend.
+  int suffix_num_splits = 0;
   AttentionOptions options;
   ExecConfig exec;
 };

@@ -392,6 +392,9 @@ SharedPrefixDims validate(ArgChecker& c, const SharedPrefixAttentionArgs& args) 
     c.fail_value("max_suffix_len", "must be >= 0 (0 = unknown), got " + std::to_string(args.max_suffix_len));
   if (args.num_splits < 0 || args.num_splits > 1024)
     c.fail_value("num_splits", "must be in [0, 1024] (0 = heuristic), got " + std::to_string(args.num_splits));
+  if (args.suffix_num_splits < 0 || args.suffix_num_splits > 1024)
+    c.fail_value("suffix_num_splits",
+                 "must be in [0, 1024] (0 = heuristic), got " + std::to_string(args.suffix_num_splits));
   validate_options(c, args.options, d.a.batch, d.a.heads_q, d.a.head_dim);
   validate_exec(c, args.exec);
   return d;

@@ -399,7 +399,7 @@ void shared_prefix_attention_forward(nb::handle q, nb::handle qo_indptr, nb::han
                                      float softcap, nb::handle alibi_slopes,
                                      std::uintptr_t cuda_stream, int num_threads,
                                      std::int64_t max_seqlen_q, std::int64_t max_suffix_len,
-                                     int num_splits, nb::handle workspace,
+                                     int num_splits, int suffix_num_splits, nb::handle workspace,
                                      nb::handle workspace_alloc) {
   Keep keep;
   fastattn::SharedPrefixAttentionArgs a;
@@ -419,6 +419,7 @@ void shared_prefix_attention_forward(nb::handle q, nb::handle qo_indptr, nb::han
   a.max_seqlen_q = max_seqlen_q;
   a.max_suffix_len = max_suffix_len;
   a.num_splits = num_splits;
+  a.suffix_num_splits = suffix_num_splits;
   // The workspace: `workspace` when given and large enough (a wrapper's workspace_buffer), else
   // workspace_alloc(nbytes) (the caller's allocator) when the call needs one; else `workspace` as
   // given (the op then reports what it needs).
@@ -559,8 +560,8 @@ NB_MODULE(_C, m) {
         nb::arg("page_indices").none() = nb::none(), nb::arg("last_page_len").none() = nb::none(),
         nb::arg("out").none() = nb::none(), nb::arg("lse").none() = nb::none(),
         FASTATTN_OPTION_ARGS, nb::arg("max_seqlen_q") = 0, nb::arg("max_suffix_len") = 0,
-        nb::arg("num_splits") = 0, nb::arg("workspace").none() = nb::none(),
-        nb::arg("workspace_alloc").none() = nb::none(),
+        nb::arg("num_splits") = 0, nb::arg("suffix_num_splits") = 0,
+        nb::arg("workspace").none() = nb::none(), nb::arg("workspace_alloc").none() = nb::none(),
         "fastattn::shared_prefix_attention_forward (cascade: shared prefix + paged suffix).");
 
   m.def("merge_state", &merge_state, nb::arg("v_a"), nb::arg("s_a"), nb::arg("v_b"),

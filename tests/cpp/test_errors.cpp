@@ -456,6 +456,9 @@ TEST(Errors, Cascade) {
                f.a.v_shared = f.add(fa_ref::random_tensor(DType::kFloat16, {4, 2, 8}, f.rng)).view());
   CASCADE_CASE(ValueError, (N{"last_page_len"}), "last_page_len wrong length", f.a.suffix.last_page_len = f.ints({2, 3, 1}));
   CASCADE_CASE(ValueError, (N{"out"}), "out shape", f.a.out = f.add(HostTensor(DType::kFloat16, {3, 4, 16})).view());
+  CASCADE_CASE(ValueError, (N{"num_splits"}), "num_splits past 1024", f.a.num_splits = 1025);
+  CASCADE_CASE(ValueError, (N{"suffix_num_splits"}), "suffix_num_splits negative", f.a.suffix_num_splits = -1);
+  CASCADE_CASE(ValueError, (N{"suffix_num_splits"}), "suffix_num_splits past 1024", f.a.suffix_num_splits = 1025);
 }
 
 // ---- merge ----------------------------------------------------------------------------------

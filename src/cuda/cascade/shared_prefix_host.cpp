@@ -159,8 +159,11 @@ Plan make_plan(check::ArgChecker& c, const SharedPrefixAttentionArgs& a, const c
     plan.slots = splits + 1;
   }
 
-  // The decode suffix pass's own split-KV (its heuristic, over the suffix bound).
-  if (plan.decode) {
+  // The decode suffix pass's own split-KV: the caller's count, else its heuristic over the suffix
+  // bound.
+  if (plan.decode && a.suffix_num_splits > 0) {
+    plan.decode_splits = a.suffix_num_splits;
+  } else if (plan.decode) {
     const std::int64_t max_keys = a.max_suffix_len > 0
                                       ? a.max_suffix_len
                                       : a.suffix.page_indices->size(0) * d.paged.page_size;
@@ -386,6 +389,7 @@ void shared_prefix_attention_forward(check::ArgChecker& c, const SharedPrefixAtt
     p.cache_seqlens = suffix_len;
     set_pass_options(p, plan.opts, false);
     p.num_splits = plan.decode_splits;
+    p.splits_fixed = a.suffix_num_splits > 0;  // a caller's count: the combine kernel, as for kvcache
     if (plan.decode_splits > 1) {
       p.partial_lse = reinterpret_cast<float*>(ws + plan.off_dec_lse);
       p.partial_o = reinterpret_cast<float*>(ws + plan.off_dec_o);
