@@ -159,6 +159,7 @@ def shared_prefix_attention(
     max_seqlen_q=None,
     max_suffix_len=None,
     num_splits=0,
+    suffix_num_splits=0,
     workspace=None,
 ):
     """Attention of each request's queries over a shared prefix followed by its paged suffix.
@@ -184,6 +185,9 @@ def shared_prefix_attention(
             (no copy; correct, but the prefill passes launch for total_q rows per request).
             Ignored on the CPU.
         num_splits: GPU: key splits of the prefix pass (0: heuristic). Ignored on the CPU.
+        suffix_num_splits: GPU, decode: key splits of every request's suffix (0: heuristic from
+            max_suffix_len; with host lengths, fastattn.decode_num_splits_for_lengths balances a
+            ragged batch). Ignored for prefill and on the CPU.
         workspace: GPU: a uint8 scratch buffer on the device, used when large enough (else
             scratch comes from the caller's allocator).
     Return:
@@ -231,6 +235,7 @@ def shared_prefix_attention(
         max_seqlen_q=as_int(max_seqlen_q or 0, "max_seqlen_q"),
         max_suffix_len=as_int(max_suffix_len or 0, "max_suffix_len"),
         num_splits=as_int(num_splits, "num_splits"),
+        suffix_num_splits=as_int(suffix_num_splits, "suffix_num_splits"),
         workspace=workspace if on_gpu else None,
         # On a GPU the scratch comes from the caller's allocator (torch / cupy: stream-ordered,
         # graph-capturable) unless `workspace` is large enough; the CPU backend allocates its own.
@@ -258,17 +263,21 @@ def max_run(indptr) -> int:
     return int(np.max(np.diff(h))) if h.size > 1 else 0
 
 
-def max_suffix_length(page_indptr, last_page_len, page_size: int) -> int:
-    """The most suffix keys of any request, (pages - 1) * page_size + last_page_len (0 without a
-    page), from host copies of the CSR row pointers and last_page_len."""
+def suffix_lengths(page_indptr, last_page_len, page_size: int) -> np.ndarray:
+    """Each request's suffix keys, (pages - 1) * page_size + last_page_len (0 without a page), as
+    an int64 numpy array, from host copies of the CSR row pointers and last_page_len (the first
+    min(len(page_indptr) - 1, len(last_page_len)) requests: the op checks the sizes)."""
     ip = _host_ints(page_indptr).reshape(-1)
     last = _host_ints(last_page_len).reshape(-1)
-    n = min(ip.size - 1, last.size)
-    if n <= 0:
-        return 0
+    n = max(0, min(ip.size - 1, last.size))
     pages = np.diff(ip)[:n]
-    lens = np.where(pages > 0, (pages - 1) * int(page_size) + last[:n], 0)
-    return int(max(0, lens.max()))
+    return np.where(pages > 0, (pages - 1) * int(page_size) + last[:n], 0)
+
+
+def max_suffix_length(page_indptr, last_page_len, page_size: int) -> int:
+    """The most suffix keys of any request (0 without a request), read on the host."""
+    lens = suffix_lengths(page_indptr, last_page_len, page_size)
+    return int(max(0, lens.max())) if lens.size else 0
 
 
 def _usable_workspace(ws, like) -> bool:
@@ -367,7 +376,8 @@ class _SharedPrefixWrapperBase:
             plan["indptr"], plan["indices"], plan["last_page_len"],
             qo_indptr=plan.get("qo_indptr"), causal=causal, softmax_scale=sm_scale,
             return_lse=return_lse, max_seqlen_q=plan["max_seqlen_q"],
-            max_suffix_len=plan["max_suffix_len"], workspace=self._workspace_buffer,
+            max_suffix_len=plan["max_suffix_len"], suffix_num_splits=plan.get("suffix_num_splits", 0),
+            workspace=self._workspace_buffer,
         )
 
 
@@ -390,11 +400,24 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper(_SharedPrefixWrapperBase):
             unique_kv_last_page_len: (batch_size,) int32 keys in each last page (1..page_size).
             num_qo_heads, num_kv_heads, head_dim, page_size: sizes (checked against forward).
             data_type: dtype of q and the caches (str, numpy or torch dtype).
+
+        With the workspace buffer on a GPU, the suffix pass's split count is chosen here from the
+        suffix lengths (fastattn.decode_num_splits_for_lengths, as BatchDecodeWithPagedKVCacheWrapper
+        does), so a long suffix among short ones is not left to a few CTAs.
         """
+        from .decode import _sm_count, decode_num_splits_for_lengths  # decode imports this module
+
         for name, x in (("unique_kv_indptr", unique_kv_indptr),
                         ("unique_kv_indices", unique_kv_indices),
                         ("unique_kv_last_page_len", unique_kv_last_page_len)):
             check_array(x, name)
+        page_size = as_int(page_size, "page_size")
+        lens = suffix_lengths(unique_kv_indptr, unique_kv_last_page_len, page_size)
+        ws = self._workspace_buffer
+        suffix_splits = 0
+        if is_cuda(ws) and framework(ws) in ("torch", "cupy"):
+            suffix_splits = decode_num_splits_for_lengths(
+                lens, as_int(num_kv_heads, "num_kv_heads"), _sm_count(ws))
         self._plan = {
             "indptr": unique_kv_indptr,
             "indices": unique_kv_indices,
@@ -402,13 +425,13 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper(_SharedPrefixWrapperBase):
             "num_qo_heads": as_int(num_qo_heads, "num_qo_heads"),
             "num_kv_heads": as_int(num_kv_heads, "num_kv_heads"),
             "head_dim": as_int(head_dim, "head_dim"),
-            "page_size": as_int(page_size, "page_size"),
+            "page_size": page_size,
             "data_type": _dtype_name(data_type),
             # Planning sizes for the GPU, read here from host copies (FlashInfer's plan step may
             # synchronise; forward does not).
             "max_seqlen_q": 1,
-            "max_suffix_len": max_suffix_length(unique_kv_indptr, unique_kv_last_page_len,
-                                                as_int(page_size, "page_size")),
+            "max_suffix_len": int(max(0, lens.max())) if lens.size else 0,
+            "suffix_num_splits": suffix_splits,
         }
 
     def _check_dtype(self, q):

@@ -264,6 +264,38 @@ def test_num_splits_per_request_pass(seed):
     run_case(case, num_splits=7)
 
 
+@pytest.mark.parametrize("suffix_num_splits", [1, 3, 64, 1000])
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+def test_suffix_num_splits(seed, suffix_num_splits, kind):
+    """Fixed suffix splits of the decode suffix pass (more than a suffix has key tiles included:
+    empty splits merge exactly) on ragged suffixes with a long one; prefill calls ignore them."""
+    qo = None if kind == "decode" else [3, 20, 1, 0]
+    case = build_case(seed, torch.bfloat16, P=700, suffix=[10, 5000, 0, 300], qo=qo, page=16,
+                      opt="causal" if qo else "none")
+    run_case(case, suffix_num_splits=suffix_num_splits)
+
+
+def test_decode_wrapper_splits_a_long_suffix(seed):
+    """begin_forward picks the suffix pass's split count from the suffix lengths: a long suffix
+    among short ones gets several (fastattn.decode_num_splits_for_lengths), near-uniform suffixes
+    keep the heuristic (0)."""
+    suffix = [64] * 40
+    suffix[seed.randrange(40)] = 20000
+    case = build_case(seed, torch.float16, P=500, suffix=suffix, page=16, Hq=16, Hkv=8)
+    w = decode_wrapper(case)
+    assert w._plan["suffix_num_splits"] > 1, w._plan["suffix_num_splits"]
+    out, lse = w.forward_return_lse(case.q, case.k_shared, case.v_shared, case.kv_data)
+    out2 = w.forward(case.q, case.k_shared, case.v_shared, case.kv_data)
+    check("ragged suffixes", out, lse, reference(case))
+    R.assert_bitwise_equal("forward vs forward_return_lse", out, out2)
+    case = build_case(seed, torch.float16, P=500, suffix=[1000 + seed.randrange(50) for _ in range(8)],
+                      page=16, Hq=16, Hkv=8)
+    w = decode_wrapper(case)
+    assert w._plan["suffix_num_splits"] == 0
+    check("near-uniform suffixes", w.forward(case.q, case.k_shared, case.v_shared, case.kv_data),
+          None, reference(case))
+
+
 @pytest.mark.parametrize("hints", ["none", "zero", "exact"])
 def test_planning_hints(seed, hints):
     """max_seqlen_q / max_suffix_len: read from the index arrays (None), unknown (0) or given."""

@@ -233,6 +233,8 @@ CASES = [
      ValueError, "page_indices"),
     ("shared_prefix_head_dim", lambda: call_shared(k_shared=arr(5, 2, 8), v_shared=arr(5, 2, 8)),
      ValueError, "k_shared"),
+    ("shared_suffix_num_splits_negative", lambda: call_shared(suffix_num_splits=-1), ValueError,
+     "suffix_num_splits"),
     ("wrapper_hnd_layout",
      lambda: fastattn.BatchDecodeWithSharedPrefixPagedKVCacheWrapper(np.empty(8, np.uint8),
                                                                      "HND"),
