@@ -3,9 +3,10 @@
 prefix (the suffix pass writes out directly) and with the per-request prefix pass (sliding window,
 ALiBi); prefill with causal (the device-side choice between the stacked and the per-request pass,
 both ways), non-causal with rows past qo_indptr[B] and fixed splits, every option at head_dim 64,
-a call with no request; page sizes 1, 16 and 256; and the decode wrapper with a too small
-workspace_buffer. Each call runs twice into NaN-poisoned buffers and, unless --no-check, is
-compared with the float64 reference (as tests/gpu/test_cascade_gpu.py does).
+a call with no request; page sizes 1, 16 and 256; decode with a fixed suffix split count on
+ragged suffixes; and the decode wrapper with a too small workspace_buffer (whose begin_forward
+splits its ragged suffixes). Each call runs twice into NaN-poisoned buffers and, unless
+--no-check, is compared with the float64 reference (as tests/gpu/test_cascade_gpu.py does).
 
 Not collected by pytest (no test_ prefix). Usage:
     python tests/gpu/sanitize_cascade.py [--no-check] [--only SUBSTRING] [--seed N]
@@ -56,6 +57,8 @@ def cases():
         P=900, suffix=[30, 2], qo=[4, 2], page=16, pad_rows=5), dict(num_splits=3))
     yield "prefill everything d64 page1", call, (B16, dict(
         P=2000, suffix=[5, 1, 130], qo=[5, 0, 40], page=1, D=64, Hq=8, Hkv=2, opt=T.ALL))
+    yield "decode suffix splits 7 ragged page16", call, (B16, dict(
+        P=500, suffix=[0, 3000, 40, 1], page=16), dict(suffix_num_splits=7))
     yield "no request", call, (F16, dict(P=100, suffix=[], qo=[], page=16, pad_rows=3))
     yield "decode wrapper tiny workspace", wrapper, (F16,)
 
