@@ -1,4 +1,5 @@
-"""Framework-neutral helpers: allocate outputs like an input, pick the CUDA stream.
+"""Framework-neutral helpers: allocate outputs like an input, pick the CUDA stream, read index
+arrays back for host-side planning.
 
 fastattn's C++ ops never allocate the caller's tensors; this module allocates outputs in the
 framework of the input (numpy, torch, cupy, jax) so a call returns what the caller passed in:
@@ -22,6 +23,11 @@ import numpy as np
 
 __all__ = [
     "framework",
+    "host_ints",
+    "dtype_name",
+    "usable_workspace",
+    "device_sm_count",
+    "on_device_of",
     "check_array",
     "prepare",
     "empty",
@@ -184,6 +190,67 @@ def as_int(value: Any, name: str) -> int:
         return operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+
+
+# ---- for planning on the host: index arrays read back, dtype names, devices, workspaces ------
+
+
+def host_ints(x) -> np.ndarray:
+    """An int64 numpy copy of an index array (torch / cupy on a GPU: a device-to-host copy)."""
+    fw = framework(x)
+    if fw == "torch":
+        return x.detach().cpu().numpy().astype(np.int64)
+    if fw == "cupy":
+        return x.get().astype(np.int64)
+    return np.asarray(x).astype(np.int64)
+
+
+def usable_workspace(ws, like) -> bool:
+    """A caller's buffer the GPU op can use as scratch: a contiguous uint8 array on like's device."""
+    if framework(ws) != framework(like) or not is_cuda(ws):
+        return False
+    if "uint8" not in str(ws.dtype):
+        return False
+    if framework(ws) == "torch":
+        return ws.is_contiguous() and ws.device == like.device
+    return bool(getattr(ws, "flags", None) is not None and ws.flags.c_contiguous)
+
+
+def dtype_name(dtype: Any) -> str:
+    """'float16' from torch.float16, numpy.float16, 'float16', 'torch.float16', 'half', ..."""
+    name = str(dtype)
+    if name.startswith("torch."):
+        name = name[len("torch."):]
+    return {"half": "float16", "float": "float32", "bfloat": "bfloat16"}.get(name, name)
+
+
+def device_sm_count(like: Any) -> int:
+    """SMs of the CUDA device `like` lives on (torch or cupy)."""
+    fw = framework(like)
+    if fw == "torch":
+        import torch
+
+        return int(torch.cuda.get_device_properties(like.device).multi_processor_count)
+    if fw == "cupy":
+        import cupy
+
+        return int(cupy.cuda.Device(like.device.id).attributes["MultiProcessorCount"])
+    raise TypeError(f"no CUDA device for a {type(like).__name__}")
+
+
+def on_device_of(like: Any, host: np.ndarray) -> Any:
+    """The int32 numpy array `host` copied into the framework and onto the device of `like`."""
+    fw = framework(like)
+    if fw == "torch":
+        import torch
+
+        return torch.from_numpy(host).to(like.device)
+    if fw == "cupy":
+        import cupy
+
+        with like.device:
+            return cupy.asarray(host)
+    return host
 
 
 LN2 = math.log(2.0)

@@ -30,7 +30,7 @@ when it is a large enough uint8 buffer on the device, else from the caller's all
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 from . import _C
 import numpy as np
@@ -40,17 +40,22 @@ from ._tensors import (
     as_float,
     as_int,
     check_array,
+    device_sm_count,
+    dtype_name,
     empty,
     exec_kwargs,
     finalize,
     framework,
+    host_ints,
     is_cuda,
     optional_float,
     prepare,
     shape_or_zero,
     transpose2d,
+    usable_workspace,
     window_pair,
 )
+from .decode import decode_num_splits_for_lengths
 
 __all__ = [
     "merge_state",
@@ -211,7 +216,7 @@ def shared_prefix_attention(
             max_suffix_len = max_suffix_length(page_indptr, last_page_len, shape_or_zero(k_pages, 4, 1))
     o = out if out is not None else empty(q, q.shape)
     lse = empty(q, (num_heads, total_q), "float32") if return_lse else None
-    if on_gpu and workspace is not None and not _usable_workspace(workspace, q):
+    if on_gpu and workspace is not None and not usable_workspace(workspace, q):
         workspace = None
     _C.shared_prefix_attention_forward(
         q=prepare(q),
@@ -247,19 +252,9 @@ def shared_prefix_attention(
     return finalize(q, o)
 
 
-def _host_ints(x) -> np.ndarray:
-    """An int64 numpy copy of an index array (torch / cupy on a GPU: a device-to-host copy)."""
-    fw = framework(x)
-    if fw == "torch":
-        return x.detach().cpu().numpy().astype(np.int64)
-    if fw == "cupy":
-        return x.get().astype(np.int64)
-    return np.asarray(x).astype(np.int64)
-
-
 def max_run(indptr) -> int:
     """The largest indptr[b + 1] - indptr[b] (0 for no entry); reads indptr on the host."""
-    h = _host_ints(indptr).reshape(-1)
+    h = host_ints(indptr).reshape(-1)
     return int(np.max(np.diff(h))) if h.size > 1 else 0
 
 
@@ -267,8 +262,8 @@ def suffix_lengths(page_indptr, last_page_len, page_size: int) -> np.ndarray:
     """Each request's suffix keys, (pages - 1) * page_size + last_page_len (0 without a page), as
     an int64 numpy array, from host copies of the CSR row pointers and last_page_len (the first
     min(len(page_indptr) - 1, len(last_page_len)) requests: the op checks the sizes)."""
-    ip = _host_ints(page_indptr).reshape(-1)
-    last = _host_ints(last_page_len).reshape(-1)
+    ip = host_ints(page_indptr).reshape(-1)
+    last = host_ints(last_page_len).reshape(-1)
     n = max(0, min(ip.size - 1, last.size))
     pages = np.diff(ip)[:n]
     return np.where(pages > 0, (pages - 1) * int(page_size) + last[:n], 0)
@@ -276,27 +271,7 @@ def suffix_lengths(page_indptr, last_page_len, page_size: int) -> np.ndarray:
 
 def max_suffix_length(page_indptr, last_page_len, page_size: int) -> int:
     """The most suffix keys of any request (0 without a request), read on the host."""
-    lens = suffix_lengths(page_indptr, last_page_len, page_size)
-    return int(max(0, lens.max())) if lens.size else 0
-
-
-def _usable_workspace(ws, like) -> bool:
-    """A caller's buffer the GPU op can use as scratch: a contiguous uint8 array on like's device."""
-    if framework(ws) != framework(like) or not is_cuda(ws):
-        return False
-    if "uint8" not in str(ws.dtype):
-        return False
-    if framework(ws) == "torch":
-        return ws.is_contiguous() and ws.device == like.device
-    return bool(getattr(ws, "flags", None) is not None and ws.flags.c_contiguous)
-
-
-def _dtype_name(dtype: Any) -> str:
-    """'float16' from torch.float16, numpy.float16, 'float16', 'torch.float16', 'half', ..."""
-    name = str(dtype)
-    if name.startswith("torch."):
-        name = name[len("torch."):]
-    return {"half": "float16", "float": "float32", "bfloat": "bfloat16"}.get(name, name)
+    return int(suffix_lengths(page_indptr, last_page_len, page_size).max(initial=0))
 
 
 class _SharedPrefixWrapperBase:
@@ -405,8 +380,6 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper(_SharedPrefixWrapperBase):
         suffix lengths (fastattn.decode_num_splits_for_lengths, as BatchDecodeWithPagedKVCacheWrapper
         does), so a long suffix among short ones is not left to a few CTAs.
         """
-        from .decode import _sm_count, decode_num_splits_for_lengths  # decode imports this module
-
         for name, x in (("unique_kv_indptr", unique_kv_indptr),
                         ("unique_kv_indices", unique_kv_indices),
                         ("unique_kv_last_page_len", unique_kv_last_page_len)):
@@ -417,7 +390,7 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper(_SharedPrefixWrapperBase):
         suffix_splits = 0
         if is_cuda(ws) and framework(ws) in ("torch", "cupy"):
             suffix_splits = decode_num_splits_for_lengths(
-                lens, as_int(num_kv_heads, "num_kv_heads"), _sm_count(ws))
+                lens, as_int(num_kv_heads, "num_kv_heads"), device_sm_count(ws))
         self._plan = {
             "indptr": unique_kv_indptr,
             "indices": unique_kv_indices,
@@ -426,17 +399,17 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper(_SharedPrefixWrapperBase):
             "num_kv_heads": as_int(num_kv_heads, "num_kv_heads"),
             "head_dim": as_int(head_dim, "head_dim"),
             "page_size": page_size,
-            "data_type": _dtype_name(data_type),
+            "data_type": dtype_name(data_type),
             # Planning sizes for the GPU, read here from host copies (FlashInfer's plan step may
             # synchronise; forward does not).
             "max_seqlen_q": 1,
-            "max_suffix_len": int(max(0, lens.max())) if lens.size else 0,
+            "max_suffix_len": int(lens.max(initial=0)),
             "suffix_num_splits": suffix_splits,
         }
 
     def _check_dtype(self, q):
         want = self._plan["data_type"] if self._plan else None
-        got = _dtype_name(q.dtype)
+        got = dtype_name(q.dtype)
         if want is not None and got != want:
             raise TypeError(f"q has dtype {got} but begin_forward was given data_type={want}")
 

@@ -13,7 +13,7 @@ built from the page lists); this module only plans and maps arguments.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -22,15 +22,18 @@ from ._tensors import (
     as_float,
     as_int,
     check_array,
+    device_sm_count,
+    dtype_name,
     empty,
     exec_kwargs,
     finalize,
-    framework,
+    host_ints,
     is_cuda,
+    on_device_of,
     optional_float,
     prepare,
+    usable_workspace,
 )
-from .cascade import _dtype_name, _host_ints, _usable_workspace
 
 __all__ = ["BatchDecodeWithPagedKVCacheWrapper", "decode_num_splits_for_lengths"]
 
@@ -97,35 +100,6 @@ def decode_num_splits_for_lengths(lengths: Sequence[int], num_kv_heads: int, sm_
                  for s in range(1, max(1, max_splits) + 1)]
     best = min(t for _, t in estimates)
     return next(s for s, t in estimates if t <= best * (1 + SPLIT_TOLERANCE))
-
-
-def _sm_count(like: Any) -> int:
-    """SMs of the CUDA device `like` lives on (torch or cupy)."""
-    fw = framework(like)
-    if fw == "torch":
-        import torch
-
-        return int(torch.cuda.get_device_properties(like.device).multi_processor_count)
-    if fw == "cupy":
-        import cupy
-
-        return int(cupy.cuda.Device(like.device.id).attributes["MultiProcessorCount"])
-    raise TypeError(f"no CUDA device for a {type(like).__name__}")
-
-
-def _on_device_of(like: Any, host: np.ndarray) -> Any:
-    """The int32 numpy array `host` copied into the framework and onto the device of `like`."""
-    fw = framework(like)
-    if fw == "torch":
-        import torch
-
-        return torch.from_numpy(host).to(like.device)
-    if fw == "cupy":
-        import cupy
-
-        with like.device:
-            return cupy.asarray(host)
-    return host
 
 
 def csr_to_block_table(indptr: np.ndarray, indices: np.ndarray) -> np.ndarray:
@@ -227,8 +201,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
                                       "not supported: pass the CSR page lists")
         for name, x in (("indptr", indptr), ("indices", indices), ("last_page_len", last_page_len)):
             check_array(x, name)
-        q_dtype = _dtype_name(data_type if data_type is not None else q_data_type)
-        kv_dtype = _dtype_name(kv_data_type) if kv_data_type is not None else q_dtype
+        q_dtype = dtype_name(data_type if data_type is not None else q_data_type)
+        kv_dtype = dtype_name(kv_data_type) if kv_data_type is not None else q_dtype
         if kv_dtype != q_dtype:
             raise TypeError(f"kv_data_type must equal q_data_type ({q_dtype}), got {kv_dtype}")
         heads_q = as_int(num_qo_heads, "num_qo_heads")
@@ -237,9 +211,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
         if ps < 1:
             raise ValueError(f"page_size must be >= 1, got {ps}")
 
-        ip = _host_ints(indptr).reshape(-1)
-        ids = _host_ints(indices).reshape(-1)
-        last = _host_ints(last_page_len).reshape(-1)
+        ip = host_ints(indptr).reshape(-1)
+        ids = host_ints(indices).reshape(-1)
+        last = host_ints(last_page_len).reshape(-1)
         if ip.size < 1:
             raise ValueError("indptr must have batch_size + 1 >= 1 entries, got 0")
         batch = ip.size - 1
@@ -265,7 +239,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         if disable_split_kv:
             splits = 1
         elif on_gpu:
-            splits = decode_num_splits_for_lengths(lengths, heads_kv, _sm_count(ws))
+            splits = decode_num_splits_for_lengths(lengths, heads_kv, device_sm_count(ws))
         else:
             splits = 0  # the CPU backend plans its own threads
         self._plan = {
@@ -281,8 +255,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
             "max_page_id": int(used.max()) if used.size else -1,
             "lengths": lengths,
             "num_splits": splits,
-            "block_table": _on_device_of(ws, csr_to_block_table(ip - ip[0], used.astype(np.int32))),
-            "seqlens": _on_device_of(ws, lengths.astype(np.int32)),
+            "block_table": on_device_of(ws, csr_to_block_table(ip - ip[0], used.astype(np.int32))),
+            "seqlens": on_device_of(ws, lengths.astype(np.int32)),
             "workspace_ok": {},  # (shapes) -> whether the workspace buffer is large enough
         }
 
@@ -323,8 +297,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
             if shape[0] <= plan["max_page_id"]:
                 raise ValueError(f"plan() was given page id {plan['max_page_id']}, but "
                                  f"paged_kv_cache holds {shape[0]} pages")
-            if _dtype_name(t.dtype) != plan["data_type"]:
-                raise TypeError(f"paged_kv_cache has dtype {_dtype_name(t.dtype)} but plan() was "
+            if dtype_name(t.dtype) != plan["data_type"]:
+                raise TypeError(f"paged_kv_cache has dtype {dtype_name(t.dtype)} but plan() was "
                                 f"given {plan['data_type']}")
         return k_pages, v_pages
 
@@ -357,8 +331,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
         if tuple(q.shape) != want:
             raise ValueError(f"q must have shape (batch_size, num_qo_heads, head_dim) = {want} as "
                              f"planned, got {tuple(q.shape)}")
-        if _dtype_name(q.dtype) != plan["data_type"]:
-            raise TypeError(f"q has dtype {_dtype_name(q.dtype)} but plan() was given "
+        if dtype_name(q.dtype) != plan["data_type"]:
+            raise TypeError(f"q has dtype {dtype_name(q.dtype)} but plan() was given "
                             f"{plan['data_type']}")
         k_pages, v_pages = self._pages(paged_kv_cache)
         if is_cuda(q) != is_cuda(plan["seqlens"]):
@@ -392,7 +366,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
             ws = self._workspace_buffer
             key = (tuple(q.shape), tuple(k_pages.shape), left)
             if key not in plan["workspace_ok"]:
-                need = _C.kvcache_workspace_bytes(**call) if _usable_workspace(ws, q) else None
+                need = _C.kvcache_workspace_bytes(**call) if usable_workspace(ws, q) else None
                 plan["workspace_ok"][key] = need is not None and need <= int(ws.nbytes)
             if plan["workspace_ok"][key]:
                 workspace = ws
