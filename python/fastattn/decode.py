@@ -37,8 +37,9 @@ from ._tensors import (
 
 __all__ = ["BatchDecodeWithPagedKVCacheWrapper", "decode_num_splits_for_lengths"]
 
-# The split rule's constants, fitted to a sweep of fixed split counts on an H200 (bench/NOTES.md,
-# session 65, for how they were set and checked).
+# The split rule's constants, fitted to a sweep of fixed split counts on an H200 at bf16, head_dim
+# 128, pages of 16 (bench/NOTES.md, session 65, for how they were set and checked; other head
+# dims and GPUs use them unfitted).
 # A CTA's fixed cost (start, the partial state it writes, its share of the combine), in keys
 # streamed: one 64-key tile is ~1 us at one SM's share of HBM.
 CTA_COST_KEYS = 32
