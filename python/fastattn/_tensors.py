@@ -27,6 +27,7 @@ __all__ = [
     "dtype_name",
     "usable_workspace",
     "device_sm_count",
+    "nhd_pages",
     "on_device_of",
     "check_array",
     "prepare",
@@ -222,6 +223,26 @@ def dtype_name(dtype: Any) -> str:
     if name.startswith("torch."):
         name = name[len("torch."):]
     return {"half": "float16", "float": "float32", "bfloat": "bfloat16"}.get(name, name)
+
+
+def nhd_pages(cache: Any, name: str) -> Tuple[Any, Any]:
+    """(k_pages, v_pages) of FlashInfer's NHD paged cache `cache`: a tuple of two arrays, or one
+    (max_num_pages, 2, page_size, num_kv_heads, head_dim) array split into strided views (no
+    copy). Errors name `name`; the pages' own shapes are checked by the caller or the op."""
+    if isinstance(cache, (tuple, list)):
+        if len(cache) != 2:
+            raise ValueError(f"{name} given as a tuple must be (k_pages, v_pages), got "
+                             f"{len(cache)} items")
+        k_pages, v_pages = cache
+        check_array(k_pages, f"{name}[0]")
+        check_array(v_pages, f"{name}[1]")
+        return k_pages, v_pages
+    check_array(cache, name)
+    shape = tuple(cache.shape)
+    if len(shape) != 5 or shape[1] != 2:
+        raise ValueError(f"{name} must have shape (max_num_pages, 2, page_size, num_kv_heads, "
+                         f"head_dim) (NHD), got {shape}")
+    return cache[:, 0], cache[:, 1]
 
 
 def device_sm_count(like: Any) -> int:

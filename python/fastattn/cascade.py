@@ -48,6 +48,7 @@ from ._tensors import (
     framework,
     host_ints,
     is_cuda,
+    nhd_pages,
     optional_float,
     prepare,
     shape_or_zero,
@@ -306,22 +307,7 @@ class _SharedPrefixWrapperBase:
             raise RuntimeError(f"{type(self).__name__}.begin_forward() must be called before "
                                "forward()")
         check_array(q, "q")
-        if isinstance(unique_kv_data, (tuple, list)):
-            if len(unique_kv_data) != 2:
-                raise ValueError("unique_kv_data given as a tuple must be (k_pages, v_pages)")
-            k_pages, v_pages = unique_kv_data
-            check_array(k_pages, "unique_kv_data[0]")
-            check_array(v_pages, "unique_kv_data[1]")
-        else:
-            check_array(unique_kv_data, "unique_kv_data")
-            shape = tuple(unique_kv_data.shape)
-            if len(shape) != 5 or shape[1] != 2:
-                raise ValueError(
-                    "unique_kv_data must have shape (max_num_pages, 2, page_size, num_kv_heads, "
-                    f"head_dim) (NHD), got {shape}"
-                )
-            # Strided views of the two halves: no copy.
-            k_pages, v_pages = unique_kv_data[:, 0], unique_kv_data[:, 1]
+        k_pages, v_pages = nhd_pages(unique_kv_data, "unique_kv_data")
         plan = self._plan
         q_shape = tuple(q.shape)
         if len(q_shape) == 3:

@@ -29,6 +29,7 @@ from ._tensors import (
     finalize,
     host_ints,
     is_cuda,
+    nhd_pages,
     on_device_of,
     optional_float,
     prepare,
@@ -275,19 +276,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
     def _pages(self, paged_kv_cache):
         """(k_pages, v_pages) views of the cache, checked against the plan."""
         plan = self._plan
-        if isinstance(paged_kv_cache, (tuple, list)):
-            if len(paged_kv_cache) != 2:
-                raise ValueError("paged_kv_cache given as a tuple must be (k_cache, v_cache)")
-            k_pages, v_pages = paged_kv_cache
-            check_array(k_pages, "paged_kv_cache[0]")
-            check_array(v_pages, "paged_kv_cache[1]")
-        else:
-            check_array(paged_kv_cache, "paged_kv_cache")
-            shape = tuple(paged_kv_cache.shape)
-            if len(shape) != 5 or shape[1] != 2:
-                raise ValueError("paged_kv_cache must have shape (max_num_pages, 2, page_size, "
-                                 f"num_kv_heads, head_dim) (NHD), got {shape}")
-            k_pages, v_pages = paged_kv_cache[:, 0], paged_kv_cache[:, 1]  # strided views
+        k_pages, v_pages = nhd_pages(paged_kv_cache, "paged_kv_cache")
         want = (plan["page_size"], plan["num_kv_heads"], plan["head_dim"])
         for name, t in (("k", k_pages), ("v", v_pages)):
             shape = tuple(t.shape)
