@@ -105,6 +105,19 @@ struct KVCacheArgs {
   /// Key splits per sequence (split-KV); 0 picks by heuristic. A fixed value gives bitwise
   /// identical results for a sequence whatever the rest of the batch.
   int num_splits = 0;
+  /// A split count per sequence, planned on the host from the key lengths (CUDA; num_splits
+  /// must then be 0). (B + 1 + W) int32 on q's device, W = split_indptr[B] work items (B <= W
+  /// <= 65535):
+  ///  - entries 0..B, split_indptr: sequence b is split into split_indptr[b + 1] - split_indptr[b]
+  ///    parts (1..1024), its partial states at rows split_indptr[b] .. split_indptr[b + 1] - 1;
+  ///    split_indptr[0] = 0, non-decreasing;
+  ///  - then the W work items in launch order, item = b + 65536 * split (split < its count).
+  /// Part s of sequence b takes its s-th share of the key tiles, as num_splits splits do. The
+  /// contents are not read on the host: an entry out of range makes its work (or its sequence's
+  /// merge) do nothing, with no access outside a tensor, and leaves the outputs it would have
+  /// written as they were. Results for a sequence depend only on its own count (bitwise, as with
+  /// a fixed num_splits). The CPU backend checks the shape and ignores the plan.
+  std::optional<TensorView> split_plan;
   TensorView out;                 ///< (B, Sq, Hq, D)
   std::optional<TensorView> lse;  ///< (B, Hq, Sq) float32
   /// Scratch for split-KV partial results (uint8, at least kvcache_workspace_bytes(args)).

@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <string>
+#include <vector>
 
 namespace fastattn::core {
 
@@ -27,6 +28,43 @@ void index_tensor(ArgChecker& c, const TensorView& t, const std::string& arg, st
   c.dtype_is(t, arg, DType::kInt32);
   c.shape_is(t, arg, {n}, layout);
   c.contiguous(t, arg);
+}
+
+/// KVCacheArgs::split_plan: (B + 1 + W) int32, B <= W <= kMaxSplitPlanItems; returns W. On the
+/// host its contents are checked too (on a GPU they are not read: the kernels skip bad entries).
+std::int64_t split_plan_items(ArgChecker& c, const TensorView& t, std::int64_t batch) {
+  const std::string arg = "split_plan";
+  c.present(t, arg);
+  c.on_device(t, arg);
+  c.dtype_is(t, arg, DType::kInt32);
+  c.ndim_is(t, arg, 1, "(B + 1 + W)");
+  c.contiguous(t, arg);
+  const std::int64_t items = t.size(0) - batch - 1;
+  if (items < batch || items > kMaxSplitPlanItems)
+    c.fail_value(arg, "must have B + 1 + W entries with B = " + std::to_string(batch) + " <= W <= " +
+                          std::to_string(kMaxSplitPlanItems) + " work items, got " + std::to_string(t.size(0)) +
+                          " entries");
+  if (t.device.type != DeviceType::kCPU) return items;
+  const auto* v = static_cast<const std::int32_t*>(t.data);
+  if (v[0] != 0) c.fail_value(arg, "entry 0 (split_indptr[0]) must be 0, got " + std::to_string(v[0]));
+  for (std::int64_t b = 0; b < batch; ++b) {
+    const std::int64_t n = std::int64_t(v[b + 1]) - v[b];
+    if (n < 1 || n > kMaxSplitPlanSplits)
+      c.fail_value(arg, "must give sequence " + std::to_string(b) + " 1.." + std::to_string(kMaxSplitPlanSplits) +
+                            " splits (split_indptr[b + 1] - split_indptr[b]), got " + std::to_string(n));
+  }
+  if (v[batch] != items)
+    c.fail_value(arg, "entry B (split_indptr[B]) must equal W = " + std::to_string(items) +
+                          ", the work items after it, got " + std::to_string(v[batch]));
+  std::vector<char> seen(static_cast<std::size_t>(items), 0);
+  for (std::int64_t w = 0; w < items; ++w) {
+    const std::int32_t item = v[batch + 1 + w];
+    const std::int64_t b = item % kSplitPlanSplitUnit, s = item / kSplitPlanSplitUnit;
+    if (item < 0 || b >= batch || s >= std::int64_t(v[b + 1]) - v[b] || seen[v[b] + s]++)
+      c.fail_value(arg, "work item " + std::to_string(w) + " (" + std::to_string(item) +
+                            ") must be b + 65536 * split for a split of a sequence b < B, each listed once");
+  }
+  return items;
 }
 
 void heads_compatible(ArgChecker& c, const std::string& kv_arg, std::int64_t heads_q,
@@ -337,6 +375,12 @@ KVCacheDims validate(ArgChecker& c, const KVCacheArgs& args) {
     c.fail_value("num_splits", "must be >= 0 (0 = heuristic), got " + std::to_string(args.num_splits));
   if (args.num_splits > 1024)
     c.fail_value("num_splits", "must be <= 1024, got " + std::to_string(args.num_splits));
+  if (args.split_plan) {
+    if (args.num_splits != 0)
+      c.fail_value("num_splits", "must be 0 with a split_plan (the plan gives each sequence's count), got " +
+                                     std::to_string(args.num_splits));
+    d.split_items = split_plan_items(c, *args.split_plan, d.a.batch);
+  }
   data_tensor(c, args.out, "out");
   c.same_dtype(args.out, "out", args.q, "q");
   c.shape_is(args.out, "out", {d.a.batch, d.a.seqlen_q, d.a.heads_q, d.a.head_dim}, "(B, Sq, Hq, D)");

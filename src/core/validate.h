@@ -37,12 +37,19 @@ struct VarlenDims {
   PagedDims paged;
 };
 
+/// KVCacheArgs::split_plan's bounds: work items (the attention grid's y extent), and splits of one
+/// sequence (num_splits' bound). A work item is b + kSplitPlanSplitUnit * split.
+constexpr std::int64_t kMaxSplitPlanItems = 65535;
+constexpr std::int64_t kMaxSplitPlanSplits = 1024;
+constexpr std::int64_t kSplitPlanSplitUnit = 65536;
+
 struct KVCacheDims {
   AttentionDims a;  ///< seqlen_k unused
   std::int64_t seqlen_new = 0;   ///< 0 without k_new
   std::int64_t cache_rows = 0;   ///< contiguous cache: B_cache
   std::int64_t cache_len = 0;    ///< contiguous cache: S_cache
   std::int64_t rotary_dim = 0, rotary_len = 0;  ///< 0 without rotary
+  std::int64_t split_items = 0;  ///< work items W of split_plan (0 without)
   PagedDims paged;
 };
 

@@ -334,6 +334,9 @@ TEST(Errors, ValidKVCacheBaselinesRun) {
     KVFix f(p);
     f.add_rotary(16, 8);
     ASSERT_NO_THROW(f.run()) << p;
+    KVFix planned(p);
+    planned.a.split_plan = planned.ints({0, 1, 3, 65536 + 1, 0, 1});  // counts 1, 2; any item order
+    ASSERT_NO_THROW(planned.run()) << p << " with a split plan";
   }
 }
 
@@ -385,6 +388,27 @@ TEST(Errors, KVCache) {
       std::printf("note: kvcache_workspace_bytes is 0 for num_splits=3; workspace-too-small case not applicable\n");
     }
   }
+  // split_plan (B = 2): a valid plan is {0, 1, 3,  0, 1, 1 + 65536} (counts 1 and 2).
+  KV_CASE(0, ValueError, (N{"num_splits", "split_plan"}), "num_splits with a split_plan",
+          (f.a.split_plan = f.ints({0, 1, 3, 0, 1, 65537}), f.a.num_splits = 3));
+  KV_CASE(0, TypeError, (N{"split_plan"}), "split_plan float32",
+          f.a.split_plan = f.add(fa_ref::float_tensor({0, 1, 3, 0, 1, 2}, {6})).view());
+  KV_CASE(0, ValueError, (N{"split_plan"}), "split_plan 2-D",
+          f.a.split_plan = f.add(fa_ref::int_tensor_shaped({0, 1, 2, 0, 1, 0}, {2, 3})).view());
+  KV_CASE(0, ValueError, (N{"split_plan"}), "split_plan with fewer work items than sequences",
+          f.a.split_plan = f.ints({0, 1, 1, 0}));
+  KV_CASE(0, ValueError, (N{"split_plan"}), "split_plan's indptr not from 0",
+          f.a.split_plan = f.ints({1, 1, 3, 0, 1, 65537}));
+  KV_CASE(0, ValueError, (N{"split_plan"}), "split_plan gives a sequence no split",
+          f.a.split_plan = f.ints({0, 0, 3, 1, 65537, 1}));
+  KV_CASE(0, ValueError, (N{"split_plan"}), "split_plan's indptr ends short of its items",
+          f.a.split_plan = f.ints({0, 1, 2, 0, 1, 65537}));
+  KV_CASE(0, ValueError, (N{"split_plan"}), "split_plan item's split past its count",
+          f.a.split_plan = f.ints({0, 1, 3, 0, 1, 131073}));
+  KV_CASE(0, ValueError, (N{"split_plan"}), "split_plan item listed twice",
+          f.a.split_plan = f.ints({0, 1, 3, 0, 1, 1}));
+  KV_CASE(0, ValueError, (N{"split_plan"}), "split_plan item's sequence past B",
+          f.a.split_plan = f.ints({0, 1, 3, 0, 2, 65537}));
   KV_CASE(0, TypeError, (N{"workspace"}), "workspace float32", f.a.workspace = f.add(HostTensor(DType::kFloat32, {1 << 16})).view());
   KV_CASE(0, DeviceError, (N{"k_cache"}), "k_cache on cuda:0",
           f.a.k_cache.device = (fastattn::Device{fastattn::DeviceType::kCUDA, 0}));

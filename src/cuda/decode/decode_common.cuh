@@ -81,6 +81,34 @@ __device__ __forceinline__ DecodeSeq resolve_decode_seq(const DecodeParams& p, i
   return s;
 }
 
+/// What one attention CTA of the per-head kernels computes: split `split` of the `splits` of
+/// batch entry b, for the (KV head x row block) `head_block`, its partial state (when splits > 1)
+/// at row `state_row` of the partial states. `valid` is false only for a split plan's entry out
+/// of range: the CTA then does nothing.
+struct DecodeWork {
+  int b, split, splits, state_row, head_block;
+  bool valid;
+};
+
+/// The CTA's work. Uniform splits: grid (num_splits, heads_kv x row blocks, batch), state row
+/// split x batch + b. A split plan (DecodeParams::split_plan): grid (heads_kv x row blocks,
+/// plan_items), work item blockIdx.y, state row split_indptr[b] + split. The plan's entries are
+/// checked here (a work item's b and split, the sequence's count and rows), not on the host.
+__device__ __forceinline__ DecodeWork resolve_decode_work(const DecodeParams& p) {
+  if (!p.split_plan)
+    return {int(blockIdx.z), int(blockIdx.x), p.num_splits, int(blockIdx.x) * p.batch + int(blockIdx.z),
+            int(blockIdx.y), true};
+  const int item = p.split_plan[p.batch + 1 + blockIdx.y];
+  DecodeWork w{item % kSplitPlanSplitUnit, item / kSplitPlanSplitUnit, 0, 0, int(blockIdx.x), false};
+  if (item < 0 || w.b >= p.batch) return w;
+  const int first = p.split_plan[w.b];
+  w.splits = p.split_plan[w.b + 1] - first;
+  w.state_row = first + w.split;
+  w.valid = first >= 0 && w.splits >= 1 && w.splits <= kMaxSplits && w.split < w.splits &&
+            first <= p.plan_items - w.splits;
+  return w;
+}
+
 /// Paged caches: the index of slot `slot`'s page in its sequence's page list, and the slot's place
 /// in that page (a shift and a mask for power-of-two page sizes, page_shift >= 0; else a division).
 __device__ __forceinline__ int page_index_of(int page_size, int page_shift, int slot) {

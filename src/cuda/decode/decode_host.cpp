@@ -110,11 +110,22 @@ Plan plan_decode(check::ArgChecker& c, const KVCacheArgs& a, const core::KVCache
 
   cuda_detail::set_options(p, core::validate_options(c, a.options, d.a.batch, d.a.heads_q, d.a.head_dim));
 
-  // Split-KV (decode_num_splits): the bound on keys is the cache capacity (no device read).
-  p.head_group = decode_head_group_applies(c, p, a.num_splits, max_keys + p.seqlen_new);
-  p.kv_heads_per_cta = decode_kv_heads_per_cta(c, p, a.num_splits, max_keys + p.seqlen_new, /*may_split=*/true);
-  p.num_splits = decode_num_splits(c, p, a.num_splits, max_keys + p.seqlen_new);
-  p.splits_fixed = a.num_splits > 0;
+  if (a.split_plan) {
+    // The caller's count per sequence: the per-head kernel (as a fixed num_splits runs), its
+    // splits always merged by the combine kernel.
+    p.split_plan = static_cast<const std::int32_t*>(a.split_plan->data);
+    p.plan_items = static_cast<int>(d.split_items);
+    p.head_group = 0;
+    p.kv_heads_per_cta = 1;
+    p.num_splits = 1;  // unused with a plan
+    p.splits_fixed = true;
+  } else {
+    // Split-KV (decode_num_splits): the bound on keys is the cache capacity (no device read).
+    p.head_group = decode_head_group_applies(c, p, a.num_splits, max_keys + p.seqlen_new);
+    p.kv_heads_per_cta = decode_kv_heads_per_cta(c, p, a.num_splits, max_keys + p.seqlen_new, /*may_split=*/true);
+    p.num_splits = decode_num_splits(c, p, a.num_splits, max_keys + p.seqlen_new);
+    p.splits_fixed = a.num_splits > 0;
+  }
   const SplitStateBytes states = split_state_bytes(p);
   plan.lse_bytes = states.lse;
   plan.o_bytes = states.o;
@@ -372,8 +383,9 @@ int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int req
 
 SplitStateBytes split_state_bytes(const DecodeParams& p) {
   SplitStateBytes b;
-  if (p.num_splits > 1) {
-    const std::size_t states = std::size_t(p.num_splits) * p.batch * p.heads_q * p.seqlen_q;
+  if (decode_writes_split_states(p)) {
+    const std::size_t rows = p.split_plan ? std::size_t(p.plan_items) : std::size_t(p.num_splits) * p.batch;
+    const std::size_t states = rows * p.heads_q * p.seqlen_q;
     b.lse = align_up(states * 4);
     b.o = align_up(states * std::size_t(p.head_dim) * 4);
   }

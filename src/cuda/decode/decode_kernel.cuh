@@ -72,14 +72,19 @@ __global__ void __launch_bounds__(128, 2) decode_kernel(const __grid_constant__ 
   using Cfg = DecodeConfig<kHeadDim>;
   constexpr int BN = Cfg::kBlockN, S = Cfg::kStages;
 
-  const int split = blockIdx.x, b = blockIdx.z;
+  const DecodeWork work = resolve_decode_work(p);
+  const int b = work.valid ? work.b : 0;  // the sequence's loads need not wait for the check
   const int rows_total = p.group * p.seqlen_q;
   const int m_blocks = decode_row_blocks(p.group, p.seqlen_q);
-  const int kvh = blockIdx.y / m_blocks, mb = blockIdx.y % m_blocks;
+  const int kvh = work.head_block / m_blocks, mb = work.head_block % m_blocks;
   const DecodeSeq seq = resolve_decode_seq(p, b);
+  if (!work.valid) {  // a split plan's entry out of range (every thread alike)
+    pdl_wait_for_previous_kernel();  // still complete after the append kernel
+    return;
+  }
   const int pad = seq.pad, end = seq.end;
 
-  const DecodeSplitRange range(p, pad, end, split, BN);
+  const DecodeSplitRange range(p, pad, end, work.split, work.splits, BN);
   const int t_begin = range.t_begin, t_end = range.t_end;
   // Everything above read only the caller's index tensors; the cache and the rotated q may come
   // from the append kernel just before (dependent launch): wait for it, then let the combine
@@ -187,7 +192,7 @@ __global__ void __launch_bounds__(128, 2) decode_kernel(const __grid_constant__ 
   decode_merge_warps<kHeadDim>(
       p, st, reinterpret_cast<float*>(sK0), mb, threadIdx.x, [] { __syncthreads(); },
       [&](int r, int c, float4 val, float lse) {
-        decode_store_value4<kDtype>(p, b, kvh, mb * kDecodeRows + r, split, c, val, lse);
+        decode_store_value4<kDtype>(p, work, kvh, mb * kDecodeRows + r, c, val, lse);
       });
 }
 
@@ -199,7 +204,7 @@ void launch_decode(const DecodeParams& p, cudaStream_t stream) {
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   FASTATTN_CUDA_CHECK(attr_status);
   const int m_blocks = decode_row_blocks(p.group, p.seqlen_q);
-  const dim3 grid(p.num_splits, p.heads_kv * m_blocks, p.batch);
+  const dim3 grid = decode_head_grid(p, p.heads_kv * m_blocks);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
   launch_kernel(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream,
                 p.dependent_launch && p.after_append, p);

@@ -383,17 +383,23 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
   constexpr int kConsumerWarps = kHeads * kDecodeWarps;
   const DecodeParams& p = tp.p;
 
-  const int split = blockIdx.x, b = blockIdx.z;
+  // A split plan runs only the per-head form (kHeads 1: decode_kv_heads_per_cta).
+  const DecodeWork work = resolve_decode_work(p);
+  const int split = work.split, b = work.valid ? work.b : 0;  // b's loads need not wait for the check
   const int rows_total = p.group * p.seqlen_q;
   const int m_blocks = kHeads == 1 ? decode_row_blocks(p.group, p.seqlen_q) : 1;
   // The CTA's first KV head (the boxes' head coordinate); a consumer warp's own head is kvh.
-  const int kvh0 = kHeads == 1 ? blockIdx.y / m_blocks : blockIdx.y * kHeads, mb = blockIdx.y % m_blocks;
+  const int kvh0 = kHeads == 1 ? work.head_block / m_blocks : work.head_block * kHeads, mb = work.head_block % m_blocks;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int head = kHeads > 1 && warp < kConsumerWarps ? warp / kDecodeWarps : 0;  // a consumer warp's head in the CTA
   const int kvh = kvh0 + head;
   const DecodeSeq seq = resolve_decode_seq(p, b);
+  if (!work.valid) {  // a split plan's entry out of range (every thread alike; no cluster)
+    pdl_wait_for_previous_kernel();  // still complete after the append kernel
+    return;
+  }
   const int pad = seq.pad, end = seq.end;
-  const DecodeSplitRange range(p, pad, end, split, BN);
+  const DecodeSplitRange range(p, pad, end, split, work.splits, BN);
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   // A stage's K and V have their own full and empty barriers: K is refilled as soon as every
@@ -596,7 +602,7 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
     if (!p.cluster_combine) {
       decode_merge_warps<kHeadDim>(p, st, merge_smem, mb, merge_tid, consumers_sync,
                                    [&](int r, int c, float4 val, float lse) {
-                                     decode_store_value4<kDtype>(p, b, kvh, mb * kDecodeRows + r, split, c, val, lse);
+                                     decode_store_value4<kDtype>(p, work, kvh, mb * kDecodeRows + r, c, val, lse);
                                    });
       return;
     }
@@ -706,7 +712,9 @@ void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
   const int m_blocks = decode_row_blocks(p.group, p.seqlen_q);
   if (kHeads > 1 && (p.head_dim != kHeadDim || p.heads_kv % kHeads != 0 || m_blocks != 1))
     throw Error("decode: the head-pair or head-quad kernel got a shape it does not take (an internal planning error)");
-  const dim3 grid(p.num_splits, kHeads == 1 ? p.heads_kv * m_blocks : p.heads_kv / kHeads, p.batch);
+  if (kHeads > 1 && p.split_plan)
+    throw Error("decode: the head-pair or head-quad kernel got a split plan (an internal planning error)");
+  const dim3 grid = decode_head_grid(p, kHeads == 1 ? p.heads_kv * m_blocks : p.heads_kv / kHeads);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
   DecodeTmaParams tp;
   tp.p = p;

@@ -117,11 +117,12 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads, kHeadDim>::kThre
   using WarpColumn = DecodeWarpColumn<HPW>;
   const DecodeParams& p = tp.p;
 
-  const int split = blockIdx.x, head0 = blockIdx.y * G, b = blockIdx.z;
+  const DecodeWork work = resolve_decode_work(p);  // uniform splits: never a split plan
+  const int split = work.split, head0 = work.head_block * G, b = work.b;
   const int rows = p.group * p.seqlen_q;  // <= kQRows / HPW (decode_head_group_fits)
   const DecodeSeq seq = resolve_decode_seq(p, b);
   const int pad = seq.pad, end = seq.end;
-  const DecodeSplitRange range(p, pad, end, split, BN);
+  const DecodeSplitRange range(p, pad, end, split, work.splits, BN);
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const DecodeRingBarriers<S> bars(smem_raw);
@@ -292,7 +293,7 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads, kHeadDim>::kThre
   DecodeValueSlot slot{0, 0};
   if (lane < columns) {
     const WarpColumn col(kvh0, rows, lane);
-    slot = decode_value_slot(p, b, col.kvh, col.pm, split);
+    slot = decode_value_slot(p, work, col.kvh, col.pm);
   }
   __syncwarp();
   const int c4 = lane * 4;
@@ -300,7 +301,8 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads, kHeadDim>::kThre
     const DecodeValueSlot at{__shfl_sync(0xffffffffu, slot.value, c), __shfl_sync(0xffffffffu, slot.lse, c)};
     const float col_lse = __shfl_sync(0xffffffffu, c & 1 ? lse[1] : lse[0], c >> 1);  // lane t = c / 2 holds it
     if (c4 < D)
-      decode_store_value4_at<kDtype>(p, at, c4, *reinterpret_cast<const float4*>(orows + orow_at(c, c4)), col_lse);
+      decode_store_value4_at<kDtype>(p, work, at, c4, *reinterpret_cast<const float4*>(orows + orow_at(c, c4)),
+                                     col_lse);
   }
 #endif
 }
@@ -312,6 +314,7 @@ void launch_decode_sm90_head_group_form(const DecodeParams& p, cudaStream_t stre
   static const cudaError_t attr_status =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   FASTATTN_CUDA_CHECK(attr_status);
+  if (p.split_plan) throw Error("decode: the head-group kernel got a split plan (an internal planning error)");
   const dim3 grid(p.num_splits, p.heads_kv / Cfg::kHeads, p.batch);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
   DecodeTmaParams tp;

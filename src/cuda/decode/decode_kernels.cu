@@ -110,7 +110,6 @@ __global__ void append_rotary_kernel(const DecodeParams p) {
 /// thread issues its first kPreload state loads before the LSE pass, so that their round trip
 /// overlaps the LSEs' (the sums are the same, in the same order): on the H200 up to 2.2 us faster
 /// per call at batch 1-16 (bench/NOTES.md, session 49).
-constexpr int kMaxSplits = 1024;  // the largest num_splits the API accepts (core/validate.cpp)
 constexpr int kCombineWarps = 4;
 
 /// combine_kernel's kPreload where it preloads (combine_preload_ctas_per_sm says where).
@@ -123,11 +122,25 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
   __shared__ float split_weight[kMaxSplits];
   __shared__ float merged_lse;
   __shared__ float4 warp_sum[kCombineWarps][32];
-  pdl_wait_for_previous_kernel();  // the attention kernel's partial states
   const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  // The sequence's states: rows b, b + batch, ... (uniform splits), or split_indptr[b] on (a split
+  // plan, read before the wait: the plan is the caller's). A sequence of one split wrote out itself;
+  // a plan's entries out of range merge nothing (DecodeParams::split_plan).
+  int num_splits = p.num_splits, first_row = b, row_step = p.batch;
+  if (p.split_plan) {
+    first_row = p.split_plan[b];
+    num_splits = p.split_plan[b + 1] - first_row;
+    row_step = 1;
+  }
+  // Every CTA waits, even one with nothing to merge: this grid completes after the attention
+  // kernel (and its writes of out for the one-split sequences), whatever the plan holds.
+  pdl_wait_for_previous_kernel();  // the attention kernel's partial states
+  if (p.split_plan && (num_splits < 2 || num_splits > kMaxSplits || first_row < 0 ||
+                       first_row > p.plan_items - num_splits))
+    return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const std::int64_t split_stride = std::int64_t(p.batch) * p.heads_q * p.seqlen_q;
-  const std::int64_t state0 = (std::int64_t(b) * p.heads_q + h) * p.seqlen_q + i;
+  const std::int64_t split_stride = std::int64_t(row_step) * p.heads_q * p.seqlen_q;
+  const std::int64_t state0 = (std::int64_t(first_row) * p.heads_q + h) * p.seqlen_q + i;
   const float* src = p.partial_o + state0 * p.head_dim;
   const std::int64_t step = split_stride * p.head_dim;
   // The first kPreload of the warp's splits (warp, warp + 4, ...) at the lane's first four columns.
@@ -136,21 +149,21 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
 #pragma unroll
     for (int k = 0; k < kPreload; ++k) {
       const int s = warp + k * kCombineWarps;
-      if (s < p.num_splits) first[k] = *reinterpret_cast<const float4*>(src + s * step + lane * 4);
+      if (s < num_splits) first[k] = *reinterpret_cast<const float4*>(src + s * step + lane * 4);
     }
   }
   if (warp == 0) {
     MergeAccumulator acc;
     acc.init();
     float rescale, weight;
-    for (int s = lane; s < p.num_splits; s += 32) acc.add(p.partial_lse[state0 + s * split_stride], &rescale, &weight);
+    for (int s = lane; s < num_splits; s += 32) acc.add(p.partial_lse[state0 + s * split_stride], &rescale, &weight);
     for (int offset = 16; offset > 0; offset /= 2) {
       MergeAccumulator other;
       other.m = __shfl_xor_sync(0xffffffffu, acc.m, offset);
       other.sum = __shfl_xor_sync(0xffffffffu, acc.sum, offset);
       acc.merge(other);
     }
-    for (int s = lane; s < p.num_splits; s += 32)
+    for (int s = lane; s < num_splits; s += 32)
       split_weight[s] = acc.weight_of(p.partial_lse[state0 + s * split_stride]);
     if (lane == 0) merged_lse = acc.lse();
   }
@@ -169,7 +182,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
         if (c0 == 0) {
 #pragma unroll
           for (int k = 0; k < kPreload; ++k) {
-            if (s0 >= p.num_splits) break;
+            if (s0 >= num_splits) break;
             const float4 v = first[k];
             const float w = split_weight[s0];
             o.x += w * v.x, o.y += w * v.y, o.z += w * v.z, o.w += w * v.w;
@@ -177,7 +190,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
           }
         }
 #pragma unroll 8
-        for (int s = s0; s < p.num_splits; s += kCombineWarps) {
+        for (int s = s0; s < num_splits; s += kCombineWarps) {
           const float4 v = *reinterpret_cast<const float4*>(src + s * step + c);
           const float w = split_weight[s];
           o.x += w * v.x, o.y += w * v.y, o.z += w * v.z, o.w += w * v.w;
@@ -199,7 +212,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
     for (int c = threadIdx.x; c < p.head_dim; c += blockDim.x) {
       float o = 0.0f;
 #pragma unroll 8
-      for (int s = 0; s < p.num_splits; ++s) o += split_weight[s] * src[s * step + c];
+      for (int s = 0; s < num_splits; ++s) o += split_weight[s] * src[s * step + c];
       store(c, o);
     }
   }
@@ -260,7 +273,7 @@ void run_for_dtype(const DecodeParams& p, cudaStream_t stream) {
     else if (p.head_dim <= 128) launch_decode<128, kDtype>(attn, stream);
     else launch_decode<256, kDtype>(attn, stream);
   }
-  if (p.num_splits > 1 && !p.cluster_combine) {
+  if (decode_writes_split_states(p) && !p.cluster_combine) {
     const std::int64_t ctas = std::int64_t(p.seqlen_q) * p.heads_q * p.batch;
     const bool preload = ctas <= std::int64_t(combine_preload_ctas_per_sm<kDtype>()) * p.sm_count;
     const auto kernel = preload ? &combine_kernel<kDtype, kCombinePreload> : &combine_kernel<kDtype, 0>;

@@ -1,13 +1,22 @@
 // Kernel launch with optional programmatic dependent launch (the predecessor on the stream is one
 // of our own decode kernels, which the launched kernel waits for in griddepcontrol.wait) and
-// optional clusters along x (sm_90).
+// optional clusters along x (sm_90); the per-head kernels' grid.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include "cuda/common/cuda_check.h"
+#include "cuda/decode/decode_params.h"
 
 namespace fastattn::cuda_decode {
+
+/// The per-head kernels' grid over `head_blocks` (KV heads, or head groups, x row blocks):
+/// (num_splits, head_blocks, batch), or with a split plan (head_blocks, plan_items, 1), so that
+/// the plan's order of work items is the launch order (resolve_decode_work reads it back).
+inline dim3 decode_head_grid(const DecodeParams& p, int head_blocks) {
+  if (p.split_plan) return dim3(unsigned(head_blocks), unsigned(p.plan_items), 1);
+  return dim3(unsigned(p.num_splits), unsigned(head_blocks), unsigned(p.batch));
+}
 
 template <class Params>
 void launch_kernel(void (*kernel)(Params), dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream,

@@ -97,6 +97,14 @@ struct DecodeParams {
   // merges them. partial_o (num_splits, B, Hq, Sq, D) normalised outputs, partial_lse
   // (num_splits, B, Hq, Sq) natural-log LSE.
   int num_splits = 1;
+  /// A split count per sequence (KVCacheArgs::split_plan, on the device; num_splits unused): the
+  /// (B + 1) split_indptr, then `plan_items` work items b + kSplitPlanSplitUnit * split. The
+  /// attention grid is (heads_kv x row blocks, plan_items), one CTA per (work item, head, row
+  /// block) of the per-head kernels; partial states are rows split_indptr[b] + split of
+  /// (plan_items, Hq, Sq) and (plan_items, Hq, Sq, D); a sequence of one split writes out itself.
+  /// Entries out of range make a CTA or a merge do nothing (resolve_decode_work, combine_kernel).
+  const std::int32_t* split_plan = nullptr;
+  int plan_items = 0;
   /// Set by run_decode from the current device. The GPU has programmatic dependent launch
   /// (sm_90): the attention kernel after an append and the combine kernel start launching while
   /// their predecessor finishes.
@@ -139,6 +147,17 @@ struct DecodeParams {
   float* partial_o = nullptr;
   float* partial_lse = nullptr;
 };
+
+/// A split plan's work item: b + kSplitPlanSplitUnit * split (core::kSplitPlanSplitUnit).
+constexpr int kSplitPlanSplitUnit = 65536;
+/// The most splits of one sequence (num_splits' and a split plan's bound).
+constexpr int kMaxSplits = 1024;
+
+/// Whether the attention kernel writes partial states that the combine kernel merges: more than
+/// one uniform split, or a plan with a sequence of more than one.
+inline bool decode_writes_split_states(const DecodeParams& p) {
+  return p.split_plan ? p.plan_items > p.batch : p.num_splits > 1;
+}
 
 /// Appends (rotating k), rotates q into q_rot, attends with split-KV and combines, on `stream`.
 void run_decode(const DecodeParams& p, void* stream);

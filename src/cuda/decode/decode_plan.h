@@ -82,7 +82,8 @@ int decode_kv_heads_per_cta(const check::ArgChecker& c, const DecodeParams& p, i
 int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys);
 
 /// Workspace bytes of the partial states for p.num_splits (both 0 for one split): partial LSE
-/// (num_splits, B, Hq, Sq) float32, then partial O (num_splits, B, Hq, Sq, D) float32.
+/// (num_splits, B, Hq, Sq) float32, then partial O (num_splits, B, Hq, Sq, D) float32; with a
+/// split plan (plan_items, Hq, Sq) and (plan_items, Hq, Sq, D) (both 0 when no sequence splits).
 struct SplitStateBytes {
   std::size_t lse = 0, o = 0;
 };

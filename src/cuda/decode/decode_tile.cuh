@@ -256,12 +256,13 @@ __device__ __forceinline__ DecodeValueSlot decode_output_slot(const DecodeParams
           b * p.lse_batch_stride + std::int64_t(q.h) * p.lse_head_stride + std::int64_t(q.i) * p.lse_row_stride};
 }
 
-/// With one split the row's place in out and lse; with several, split `split`'s partial state's
-/// in partial_o and partial_lse (for the combine kernel).
-__device__ __forceinline__ DecodeValueSlot decode_value_slot(const DecodeParams& p, int b, int kvh, int pm, int split) {
-  if (p.num_splits == 1) return decode_output_slot(p, b, kvh, pm);
+/// With one split the row's place in out and lse; with several, the work's partial state's in
+/// partial_o and partial_lse (for the combine kernel).
+__device__ __forceinline__ DecodeValueSlot decode_value_slot(const DecodeParams& p, const DecodeWork& w, int kvh,
+                                                             int pm) {
+  if (w.splits == 1) return decode_output_slot(p, w.b, kvh, pm);
   const DecodeQueryRow q(p, kvh, pm);
-  const std::int64_t state = ((std::int64_t(split) * p.batch + b) * p.heads_q + q.h) * p.seqlen_q + q.i;
+  const std::int64_t state = (std::int64_t(w.state_row) * p.heads_q + q.h) * p.seqlen_q + q.i;
   return {state * p.head_dim, state};
 }
 
@@ -280,12 +281,12 @@ __device__ __forceinline__ void decode_store_output4(const DecodeParams& p, int 
   decode_store_output4_at<kDtype>(p, decode_output_slot(p, b, kvh, pm), c, v, lse);
 }
 
-/// decode_store_output4_at with one split; with several, into the split's partial state at `at`
+/// decode_store_output4_at for a work of one split; with several, into its partial state at `at`
 /// (decode_value_slot; one 16-byte store, the workspace rows being 16-byte aligned).
 template <Dtype kDtype>
-__device__ __forceinline__ void decode_store_value4_at(const DecodeParams& p, const DecodeValueSlot& at, int c,
-                                                       float4 v, float lse) {
-  if (p.num_splits == 1) {
+__device__ __forceinline__ void decode_store_value4_at(const DecodeParams& p, const DecodeWork& w,
+                                                       const DecodeValueSlot& at, int c, float4 v, float lse) {
+  if (w.splits == 1) {
     decode_store_output4_at<kDtype>(p, at, c, v, lse);
   } else {
     *reinterpret_cast<float4*>(p.partial_o + at.value + c) = v;
@@ -293,9 +294,9 @@ __device__ __forceinline__ void decode_store_value4_at(const DecodeParams& p, co
   }
 }
 template <Dtype kDtype>
-__device__ __forceinline__ void decode_store_value4(const DecodeParams& p, int b, int kvh, int pm, int split, int c,
+__device__ __forceinline__ void decode_store_value4(const DecodeParams& p, const DecodeWork& w, int kvh, int pm, int c,
                                                     float4 v, float lse) {
-  decode_store_value4_at<kDtype>(p, decode_value_slot(p, b, kvh, pm, split), c, v, lse);
+  decode_store_value4_at<kDtype>(p, w, decode_value_slot(p, w, kvh, pm), c, v, lse);
 }
 
 /// log2(x) with the hardware approximation, denormal inputs flushed (decode_merge_warps: x >= 1).
@@ -365,7 +366,7 @@ __device__ __forceinline__ void decode_merge_warps(const DecodeParams& p, const 
   }
 }
 
-/// The key tiles of split `split`: tiles of block_n slots covering every slot a row may see, and
+/// The key tiles of split `split` of `splits`: tiles of block_n slots covering every slot a row may see, and
 /// the order a CTA walks them in. Walks count positions t_begin .. t_end - 1 and read tile_at(pos)
 /// for the tile there: the tiles in order, or (DecodeParams::quarter_min_slots) the first 4 * part
 /// of them as four interleaved quarters (t_begin, t_begin + part, t_begin + 2 part, t_begin +
@@ -375,14 +376,15 @@ struct DecodeSplitRange {
   int t_begin, t_end;  ///< tile indices (tile t = slots t * block_n ...)
   int lo, hi;          ///< slots [lo, hi) any row may see
   int part;            ///< tiles per interleaved quarter; 0: the tiles in order
-  __device__ __forceinline__ DecodeSplitRange(const DecodeParams& p, int pad, int end, int split, int block_n) {
+  __device__ __forceinline__ DecodeSplitRange(const DecodeParams& p, int pad, int end, int split, int splits,
+                                              int block_n) {
     lo = pad;
     hi = end;
     if (p.window_left >= 0) lo = max(lo, end - p.seqlen_q - p.window_left);
     if (p.window_right >= 0) hi = min(hi, end - 1 + p.window_right + 1);
     const int t_first = lo / block_n;
     const int total_tiles = hi > lo ? (hi + block_n - 1) / block_n - t_first : 0;
-    const int per_split = (total_tiles + p.num_splits - 1) / p.num_splits;
+    const int per_split = (total_tiles + splits - 1) / splits;
     t_begin = t_first + split * per_split;
     t_end = min(t_first + total_tiles, t_begin + per_split);
     const int n = t_end - t_begin;
