@@ -28,7 +28,12 @@ from .cascade import (
     merge_states,
     shared_prefix_attention,
 )
-from .decode import BatchDecodeWithPagedKVCacheWrapper, decode_num_splits_for_lengths
+from .decode import (
+    BatchDecodeWithPagedKVCacheWrapper,
+    decode_num_splits_for_lengths,
+    decode_split_counts_for_lengths,
+    decode_split_plan,
+)
 from .interface import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -76,6 +81,8 @@ __all__ = [
     "flash_attn_with_kvcache",
     "BatchDecodeWithPagedKVCacheWrapper",
     "decode_num_splits_for_lengths",
+    "decode_split_counts_for_lengths",
+    "decode_split_plan",
     "merge_state",
     "merge_state_in_place",
     "merge_states",

@@ -36,7 +36,8 @@ from ._tensors import (
     usable_workspace,
 )
 
-__all__ = ["BatchDecodeWithPagedKVCacheWrapper", "decode_num_splits_for_lengths"]
+__all__ = ["BatchDecodeWithPagedKVCacheWrapper", "decode_num_splits_for_lengths",
+           "decode_split_counts_for_lengths", "decode_split_plan"]
 
 # The split rule's constants, fitted to a sweep of fixed split counts on an H200 at bf16, head_dim
 # 128, pages of 16 (bench/NOTES.md, session 65, for how they were set and checked; other head
@@ -102,6 +103,116 @@ def decode_num_splits_for_lengths(lengths: Sequence[int], num_kv_heads: int, sm_
                  for s in range(1, max(1, max_splits) + 1)]
     best = min(t for _, t in estimates)
     return next(s for s, t in estimates if t <= best * (1 + SPLIT_TOLERANCE))
+
+
+# A split plan's bounds (KVCacheArgs::split_plan in include/fastattn/ops.h): work items, and the
+# unit of a work item's split (item = b + SPLIT_UNIT * split).
+MAX_PLAN_ITEMS = 65535
+SPLIT_UNIT = 65536
+# Keys per tile of the decode kernels: a part's keys are whole tiles of its sequence.
+TILE_KEYS = 64
+
+
+def _tiles(lens: np.ndarray) -> np.ndarray:
+    return -(-lens // TILE_KEYS)
+
+
+def _longest_part_keys(lens: np.ndarray, counts: np.ndarray) -> int:
+    """Keys of the longest part when sequence b's tiles are split into counts[b] parts."""
+    return int((-(-_tiles(lens) // counts)).max()) * TILE_KEYS if lens.size else 0
+
+
+def decode_split_counts_for_lengths(lengths: Sequence[int], num_kv_heads: int, sm_count: int,
+                                    *, cta_cost_keys: int = CTA_COST_KEYS,
+                                    tail_weight: float = TAIL_WEIGHT,
+                                    balanced_ratio: float = BALANCED_RATIO,
+                                    max_splits: int = MAX_SPLITS) -> Optional[np.ndarray]:
+    """A split count per sequence for a decode batch whose key lengths are known on the host.
+
+    Returns None when the lengths are near-uniform (longest x batch <= balanced_ratio x sum: the
+    capacity heuristic, ``num_splits=0``, serves them; see :func:`decode_num_splits_for_lengths`),
+    else (batch,) int32 counts for :func:`decode_split_plan`. Every sequence is cut into parts of
+    about one chunk c of keys, counts[b] = ceil(lengths[b] / c) (1..max_splits), with c taken
+    among ceil(longest / S), S = 1..max_splits, to minimise the estimate of
+    :func:`decode_num_splits_for_lengths` with the W = sum(counts) CTAs per KV head in place of
+    batch x S, and the longest part in place of ceil(longest / S):
+
+        T(c) = num_kv_heads * (sum(lengths) + cta_cost_keys * W) / sm_count
+               + tail_weight * (longest part + cta_cost_keys)
+
+    Of the chunks within SPLIT_TOLERANCE of the best estimate, the one of fewest parts is taken.
+    """
+    lens = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    heads = as_int(num_kv_heads, "num_kv_heads")
+    sms = as_int(sm_count, "sm_count")
+    if heads < 1 or sms < 1:
+        raise ValueError(f"num_kv_heads and sm_count must be >= 1, got {heads} and {sms}")
+    if lens.size and lens.min() < 0:
+        raise ValueError(f"lengths must be >= 0, got {int(lens.min())}")
+    batch = lens.size
+    if batch > MAX_PLAN_ITEMS:
+        raise ValueError(f"a split plan takes at most {MAX_PLAN_ITEMS} sequences, got {batch}")
+    longest = int(lens.max()) if batch else 0
+    total = int(lens.sum())
+    if longest == 0:
+        return np.ones(batch, dtype=np.int32)
+    if longest * batch <= balanced_ratio * total:
+        return None
+    best = None  # (estimate, parts, counts) of each chunk, the best kept
+    options = []
+    for s in range(1, max(1, max_splits) + 1):
+        chunk = -(-longest // s)
+        counts = np.clip(-(-lens // chunk), 1, max_splits)
+        parts = int(counts.sum())
+        if parts > MAX_PLAN_ITEMS:
+            continue
+        est = (heads * (total + cta_cost_keys * parts) / sms
+               + tail_weight * (_longest_part_keys(lens, counts) + cta_cost_keys))
+        options.append((est, parts, counts))
+        if best is None or est < best:
+            best = est
+    chosen = min((o for o in options if o[0] <= best * (1 + SPLIT_TOLERANCE)),
+                 key=lambda o: (o[1], o[0]))
+    return chosen[2].astype(np.int32)
+
+
+def decode_split_plan(counts: Sequence[int], lengths: Optional[Sequence[int]] = None) -> np.ndarray:
+    """The split plan of ``flash_attn_with_kvcache(..., split_plan=)`` for split counts per
+    sequence: a (batch + 1 + W) int32 host array (copy it to q's device), W = sum(counts).
+
+    Entries 0..batch are split_indptr (the cumulative counts from 0); then the W work items,
+    b + 65536 x split, in launch order: with ``lengths`` (the key lengths) the longest parts
+    first, so that the grid's tail holds the short ones; else by sequence.
+
+    Arguments:
+        counts: (batch,) ints in 1..1024 (:func:`decode_split_counts_for_lengths`).
+        lengths: optional (batch,) key lengths >= 0, only to order the work items.
+    """
+    c = np.asarray(counts, dtype=np.int64).reshape(-1)
+    batch = c.size
+    if c.size and (c.min() < 1 or c.max() > 1024):
+        bad = int(c[(c < 1) | (c > 1024)][0])
+        raise ValueError(f"counts must be in 1..1024, got {bad}")
+    parts = int(c.sum())
+    if batch > MAX_PLAN_ITEMS or parts > MAX_PLAN_ITEMS:
+        raise ValueError(f"a split plan takes at most {MAX_PLAN_ITEMS} sequences and work items, "
+                         f"got {batch} sequences and {parts} items")
+    seq = np.repeat(np.arange(batch, dtype=np.int64), c)
+    split = np.arange(parts, dtype=np.int64) - np.repeat(np.cumsum(c) - c, c)
+    if lengths is not None:
+        lens = np.asarray(lengths, dtype=np.int64).reshape(-1)
+        if lens.size != batch:
+            raise ValueError(f"lengths must have one entry per count ({batch}), got {lens.size}")
+        tiles = _tiles(np.maximum(lens, 0))
+        per = -(-tiles // c)
+        part_tiles = np.clip(tiles[seq] - split * per[seq], 0, per[seq])
+        order = np.argsort(-part_tiles, kind="stable")
+        seq, split = seq[order], split[order]
+    plan = np.empty(batch + 1 + parts, dtype=np.int32)
+    plan[0] = 0
+    plan[1:batch + 1] = np.cumsum(c)
+    plan[batch + 1:] = seq + SPLIT_UNIT * split
+    return plan
 
 
 def csr_to_block_table(indptr: np.ndarray, indices: np.ndarray) -> np.ndarray:
@@ -236,14 +347,15 @@ class BatchDecodeWithPagedKVCacheWrapper:
             raise ValueError(f"indices must be page ids >= 0, got {int(used.min())}")
         lengths = np.where(owned, (pages - 1) * ps + last, 0)
 
+        left = as_int(window_left, "window_left")
+        attended = lengths if left < 0 else np.minimum(lengths, left + 1)  # the query's keys
         ws = self._workspace_buffer
-        on_gpu = is_cuda(ws)
+        counts = None  # a count per sequence (a split plan), else the uniform `splits`
+        splits = 0     # the capacity heuristic; on the CPU the backend plans its own threads
         if disable_split_kv:
             splits = 1
-        elif on_gpu:
-            splits = decode_num_splits_for_lengths(lengths, heads_kv, device_sm_count(ws))
-        else:
-            splits = 0  # the CPU backend plans its own threads
+        elif is_cuda(ws):
+            counts = decode_split_counts_for_lengths(attended, heads_kv, device_sm_count(ws))
         self._plan = {
             "batch": batch,
             "num_qo_heads": heads_q,
@@ -251,12 +363,15 @@ class BatchDecodeWithPagedKVCacheWrapper:
             "head_dim": as_int(head_dim, "head_dim"),
             "page_size": ps,
             "data_type": q_dtype,
-            "window_left": as_int(window_left, "window_left"),
+            "window_left": left,
             "softcap": as_float(logits_soft_cap or 0.0, "logits_soft_cap"),
             "sm_scale": optional_float(sm_scale, "sm_scale"),
             "max_page_id": int(used.max()) if used.size else -1,
             "lengths": lengths,
             "num_splits": splits,
+            "split_counts": counts,
+            "split_plan": (None if counts is None
+                           else on_device_of(ws, decode_split_plan(counts, attended))),
             "block_table": on_device_of(ws, csr_to_block_table(ip - ip[0], used.astype(np.int32))),
             "seqlens": on_device_of(ws, lengths.astype(np.int32)),
             "workspace_ok": {},  # (shapes) -> whether the workspace buffer is large enough
@@ -270,8 +385,18 @@ class BatchDecodeWithPagedKVCacheWrapper:
 
     @property
     def num_splits(self) -> Optional[int]:
-        """The split count plan() chose (0: the capacity heuristic), or None before plan()."""
-        return None if self._plan is None else self._plan["num_splits"]
+        """The uniform split count plan() chose (0: the capacity heuristic; 1: split_kv
+        disabled), or None before plan() and when it chose a count per sequence
+        (:attr:`split_counts`)."""
+        if self._plan is None or self._plan["split_counts"] is not None:
+            return None
+        return self._plan["num_splits"]
+
+    @property
+    def split_counts(self) -> Optional[np.ndarray]:
+        """(batch_size,) the split count plan() chose for each request (a ragged batch on a GPU:
+        :func:`decode_split_counts_for_lengths`), or None (a uniform count: :attr:`num_splits`)."""
+        return None if self._plan is None else self._plan["split_counts"]
 
     def _pages(self, paged_kv_cache):
         """(k_pages, v_pages) views of the cache, checked against the plan."""
@@ -347,6 +472,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
             k=None, v=None, rotary_cos=None, rotary_sin=None, rotary_interleaved=True,
             cache_seqlens=plan["seqlens"], cache_batch_idx=None, cache_leftpad=None,
             block_table=plan["block_table"], num_splits=plan["num_splits"],
+            split_plan=plan["split_plan"],
             out=o[:, None], lse=lse[:, :, None] if lse is not None else None,
             softmax_scale=plan["sm_scale"], causal=False, window_left=left,
             window_right=-1, softcap=plan["softcap"], alibi_slopes=None, **exec_kwargs(q),

@@ -360,6 +360,7 @@ def flash_attn_with_kvcache(
     return_softmax_lse=False,
     *,
     out=None,
+    split_plan=None,
 ):
     """Attention over a KV cache, appending new keys/values in place first (decoding).
 
@@ -386,13 +387,18 @@ def flash_attn_with_kvcache(
         block_table: (batch_size, max_num_blocks_per_seq) int32: paged cache.
         num_splits: split-KV count per sequence; 0 chooses by heuristic.
         return_softmax_lse: also return softmax_lse (batch_size, nheads, seqlen_q) float32.
+        split_plan: (fastattn's, keyword only) a count per sequence for a ragged batch, from
+            :func:`fastattn.decode_split_plan` on q's device (num_splits must then be 0): built
+            on the host from the key lengths, so the call itself still reads none. The CPU backend
+            checks it and ignores it.
         Other arguments as flash_attn_func.
     Return:
         out (batch_size, seqlen_q, nheads, headdim), or (out, softmax_lse).
     """
     _check_arrays(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, rotary_cos=rotary_cos,
                   rotary_sin=rotary_sin, cache_batch_idx=cache_batch_idx,
-                  cache_leftpad=cache_leftpad, block_table=block_table, out=out)
+                  cache_leftpad=cache_leftpad, block_table=block_table, out=out,
+                  split_plan=split_plan)
     appending = k is not None or v is not None
     if appending:
         for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
@@ -444,6 +450,7 @@ def flash_attn_with_kvcache(
         cache_leftpad=prepare(cache_leftpad),
         block_table=prepare(block_table),
         num_splits=as_int(num_splits, "num_splits"),
+        split_plan=prepare(split_plan),
         out=prepare(o),
         lse=lse,
         **seqlens,

@@ -213,3 +213,142 @@ def test_split_rule_minimises_its_estimate(rng):
     counts = [fastattn.decode_num_splits_for_lengths([n] + [1024] * 31, 8, 132)
               for n in (8192, 32768, 131072)]
     assert counts == sorted(counts) and counts[0] >= 2 and counts[-1] > counts[0]
+
+
+# ---- a split count per sequence (decode_split_counts_for_lengths, decode_split_plan) -------------
+
+
+def plan_estimate(lens, counts, heads, sms, cost, tail):
+    """The per-sequence rule's documented estimate, written out again with plain loops."""
+    longest_part = max(math.ceil(math.ceil(n / 64) / c) * 64 for n, c in zip(lens, counts))
+    return heads * (sum(lens) + cost * sum(counts)) / sms + tail * (longest_part + cost)
+
+
+def test_split_counts_balanced_and_empty():
+    rule = fastattn.decode_split_counts_for_lengths
+    assert rule([8192] * 32, 8, 132) is None  # near-uniform: the capacity heuristic
+    assert rule([8000, 8192, 7900, 8100], 8, 132) is None
+    assert rule([0, 0, 0], 8, 132).tolist() == [1, 1, 1]  # nothing to read: one (empty) part each
+    assert rule([], 8, 132).tolist() == []
+    with pytest.raises(ValueError, match="lengths must be >= 0"):
+        rule([5, -1], 8, 132)
+    with pytest.raises(ValueError, match="num_kv_heads and sm_count must be >= 1"):
+        rule([5], 8, 0)
+
+
+def test_split_counts_minimise_their_estimate(rng):
+    """On random ragged batches the counts are ceil(len / chunk) for the chunk ceil(longest / S)
+    of fewest parts whose estimate is within the tolerance of the best over S = 1..MAX_SPLITS;
+    every count in 1..MAX_SPLITS, the longest sequence's the largest."""
+    from fastattn import decode as dec
+    for _ in range(40):
+        batch = int(rng.integers(2, 160))
+        heads = int(rng.choice([1, 2, 8, 32]))
+        lens = [int(x) for x in rng.integers(0, 4096, size=batch)]
+        lens[int(rng.integers(batch))] = int(rng.integers(8192, 200000))
+        got = fastattn.decode_split_counts_for_lengths(lens, heads, 132)
+        options = []
+        for s in range(1, dec.MAX_SPLITS + 1):
+            chunk = math.ceil(max(lens) / s)
+            counts = [min(dec.MAX_SPLITS, max(1, math.ceil(n / chunk))) for n in lens]
+            options.append((plan_estimate(lens, counts, heads, 132, dec.CTA_COST_KEYS, dec.TAIL_WEIGHT),
+                            sum(counts), counts))
+        best = min(o[0] for o in options)
+        want = min((o for o in options if o[0] <= best * (1 + dec.SPLIT_TOLERANCE)), key=lambda o: (o[1], o[0]))
+        assert got.dtype == np.int32 and got.tolist() == want[2], (batch, heads)
+        assert got.min() >= 1 and got.max() <= dec.MAX_SPLITS
+        assert got[int(np.argmax(lens))] == got.max()
+    # One long sequence among 31 short ones: the long one is cut, most short ones are not.
+    counts = fastattn.decode_split_counts_for_lengths([32768] + [1024] * 31, 8, 132)
+    assert counts[0] >= 4 and (counts[1:] <= 2).all(), counts
+
+
+def test_split_plan_layout(rng):
+    """split_indptr, then every (sequence, split) once as b + 65536 * split: by sequence without
+    lengths, longest parts first with them (ties by sequence, then split)."""
+    plan = fastattn.decode_split_plan([1, 3, 2])
+    assert plan.dtype == np.int32
+    assert plan.tolist() == [0, 1, 4, 6, 0, 1, 65537, 131073, 2, 65538]
+    # lengths 100 (2 tiles), 640 (10 tiles in parts of 4, 4, 2), 130 (3 tiles in parts of 2, 1)
+    plan = fastattn.decode_split_plan([1, 3, 2], [100, 640, 130])
+    assert plan.tolist() == [0, 1, 4, 6, 1, 65537, 0, 131073, 2, 65538]
+    for _ in range(20):
+        counts = rng.integers(1, 9, size=int(rng.integers(1, 40)))
+        lens = rng.integers(0, 5000, size=counts.size)
+        plan = fastattn.decode_split_plan(counts, lens)
+        b = counts.size
+        assert plan[:b + 1].tolist() == [0] + np.cumsum(counts).tolist()
+        items = plan[b + 1:]
+        pairs = sorted((int(i) % 65536, int(i) // 65536) for i in items)
+        assert pairs == [(s, k) for s in range(b) for k in range(int(counts[s]))]
+        tiles = -(-lens // 64)
+        per = -(-tiles // counts)
+        sizes = [min(per[i % 65536], max(0, tiles[i % 65536] - (i // 65536) * per[i % 65536])) for i in items]
+        assert sizes == sorted(sizes, reverse=True)
+
+
+def test_split_plan_errors():
+    with pytest.raises(ValueError, match="counts must be in 1..1024, got 0"):
+        fastattn.decode_split_plan([2, 0])
+    with pytest.raises(ValueError, match="counts must be in 1..1024, got 1025"):
+        fastattn.decode_split_plan([1025])
+    with pytest.raises(ValueError, match="lengths must have one entry per count"):
+        fastattn.decode_split_plan([1, 2], [5])
+    with pytest.raises(ValueError, match="at most 65535"):
+        fastattn.decode_split_plan([1024] * 64)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_kvcache_split_plan_cpu(rng, paged):
+    """flash_attn_with_kvcache(split_plan=) on the CPU: the plan is checked and the result is the
+    reference's (the CPU backend ignores the split)."""
+    lens = [700, 0, 33, 4000]
+    b, hq, hkv, d, ps = 4, 8, 2, 64, 16
+    q, q64 = randn(rng, (b, 1, hq, d), np.float32)
+    if paged:
+        width = max(-(-n // ps) for n in lens)
+        pool = rng.permutation(b * width).astype(np.int32)
+        table = pool.reshape(b, width)
+        kc, k64 = randn(rng, (b * width, ps, hkv, d), np.float32)
+        vc, v64 = randn(rng, (b * width, ps, hkv, d), np.float32)
+        k_of = lambda i: k64[table[i]].reshape(-1, hkv, d)[:lens[i]]  # noqa: E731
+        v_of = lambda i: v64[table[i]].reshape(-1, hkv, d)[:lens[i]]  # noqa: E731
+    else:
+        table = None
+        kc, k64 = randn(rng, (b, 4000, hkv, d), np.float32)
+        vc, v64 = randn(rng, (b, 4000, hkv, d), np.float32)
+        k_of = lambda i: k64[i, :lens[i]]  # noqa: E731
+        v_of = lambda i: v64[i, :lens[i]]  # noqa: E731
+    plan = fastattn.decode_split_plan([2, 1, 1, 7], lens)
+    out = fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=int32(lens), block_table=table,
+                                           split_plan=plan, out=nan_like(q))
+    for i, n in enumerate(lens):
+        k, v = k_of(i), v_of(i)
+        s = np.einsum("hd,khd->hk", q64[i, 0], np.repeat(k, hq // hkv, axis=1)) / math.sqrt(d)
+        if n == 0:
+            want = np.zeros((hq, d))
+        else:
+            p = np.exp(s - s.max(axis=1, keepdims=True))
+            want = np.einsum("hk,khd->hd", p / p.sum(axis=1, keepdims=True), np.repeat(v, hq // hkv, axis=1))
+        np.testing.assert_allclose(to64(out[i, 0]), want, rtol=0, atol=2e-5, err_msg=f"sequence {i}")
+    with pytest.raises(ValueError, match="num_splits must be 0 with a split_plan"):
+        fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=int32(lens), block_table=table,
+                                         split_plan=plan, num_splits=2)
+    bad = plan.copy()
+    bad[5] = 9  # a work item of sequence 9 in a batch of 4
+    with pytest.raises(ValueError, match="split_plan work item 0"):
+        fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=int32(lens), block_table=table,
+                                         split_plan=bad)
+    with pytest.raises(TypeError, match="split_plan must have dtype int32"):
+        fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=int32(lens), block_table=table,
+                                         split_plan=plan.astype(np.int64))
+
+
+def test_decode_wrapper_plans_no_counts_on_the_cpu(rng):
+    """On a CPU workspace plan() keeps num_splits 0 (the CPU backend plans its threads) and makes
+    no split plan."""
+    lens = [5000, 10, 20, 30]
+    indptr, indices, last, num_pages = make_pages(rng, lens, 16)
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(np.empty(1 << 20, np.uint8))
+    w.plan(indptr, indices, last, 8, 2, 64, 16, q_data_type="float32")
+    assert w.num_splits == 0 and w.split_counts is None
