@@ -3,7 +3,8 @@
 16, 256), appends with rotary (interleaved and GPT-NeoX, full and partial rotary_dim), leftpad,
 cache_batch_idx, GQA 8, num_splits 1 and 7 (and the heuristic over a long cache, and heuristic splits
 merged inside a thread-block cluster on sm_90, in pairs and threes), out-of-range page
-ids in the block table, empty caches, decode through flash_attn_varlen_func with a block table, and
+ids in the block table, empty caches, decode through flash_attn_varlen_func with a block table,
+split plans (a count per sequence, and one with entries out of range), and
 three calls each through the sm_90 head-group kernel and the sm_90 kernel's head-pair form (at
 head_dim 128 and 64) and head-quad form.
 Each call runs twice into NaN-poisoned buffers and, unless --no-check, is compared with the float64
@@ -74,6 +75,10 @@ def varlen_decode(rng, check, dtype, page_size):
                 lambda: T.nan_full(q.shape, dtype))
 
 
+def split_plan_bad_entries(rng, check):
+    T.split_plan_bad_entries(rng, check)
+
+
 def cases():
     """(name, function, arguments after (rng, check))."""
     yield "contiguous fp16 d128 decode gqa4", kvcache, (F16, dict())
@@ -108,6 +113,9 @@ def cases():
     yield "empty cache", kvcache, (F16, dict(lens="zeros", Snew=0))
     yield "empty paged cache, first tokens appended", kvcache, (B16, dict(lens="zeros", page=16, Sq=2, Snew=2, rotary="neox", opt="causal"))
     yield "varlen decode block table page 16", varlen_decode, (B16, 16)
+    yield "split plan paged16 everything", kvcache, (B16, T.CONFIGS["plan_everything_paged16"])
+    yield "split plan contiguous d256 causal", kvcache, (F16, dict(T.CONFIGS["plan_paged64_d256_causal"], page=None))
+    yield "split plan entries out of range", split_plan_bad_entries, ()
     # the sm_90 head-group kernel (4 KV heads per CTA), its wide form (8; head_dim 128 and 64), its
     # token-row form (32)
     # and the sm_90 kernel's head-pair (2, head_dim 128 and 64) and head-quad (4, head_dim 64) forms

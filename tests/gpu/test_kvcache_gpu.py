@@ -82,10 +82,16 @@ def run_twice(call, make_out):
 #   leftpad False / True (random in [0, seqlen]) / "all" (leftpad = seqlen: nothing old attended),
 #   seqlens_int (cache_seqlens as a Python int), opt (make_options name), splits (num_splits),
 #   lens "ragged" / "zeros" / a list (tokens already cached), strided (non-contiguous q, k, v, out
-#   and caches: k / v interleaved in one tensor), empty (every row sees no key: out 0, LSE -inf).
+#   and caches: k / v interleaved in one tensor), empty (every row sees no key: out 0, LSE -inf),
+#   plan: a split plan (split_plan=): None, "random" (a count per sequence drawn from PLAN_COUNTS,
+#   the work items in a random order) or a list of counts (the items in sequence order).
 BASE = dict(B=5, Sq=1, Snew=1, Hq=8, Hkv=2, D=128, page=None, cache_len=1000, table="exact",
             rotary=None, rotary_frac=1.0, cos_dtype=None, batch_idx=False, leftpad=False,
-            seqlens_int=False, opt="none", splits=0, lens="ragged", strided=False, empty=False)
+            seqlens_int=False, opt="none", splits=0, lens="ragged", strided=False, empty=False,
+            plan=None)
+# Split counts a random plan draws from: one split (written out directly), a few, and more parts
+# than a short sequence has key tiles (empty parts).
+PLAN_COUNTS = (1, 1, 2, 3, 5, 40)
 
 CONFIGS = {
     # plain decode, head dims, GQA / MQA ratios 1, 4, 8, 16
@@ -125,6 +131,16 @@ CONFIGS = {
     "rotary_leftpad_batch_idx": dict(rotary="interleaved", leftpad=True, batch_idx=True, Sq=2,
                                      Snew=2, opt="causal"),
     "rotary_cos_float32": dict(rotary="neox", cos_dtype=torch.float32, Sq=2, Snew=2, opt="causal"),
+    # a split count per sequence (split_plan): plain, every option, pages of 1 / 64, other head
+    # dims, no key at all
+    "plan": dict(plan="random", cache_len=3000),
+    "plan_in_order_gqa8": dict(plan=[1, 4, 2, 1, 7], Hq=16, Hkv=2, cache_len=3000),
+    "plan_everything_paged16": dict(page=16, rotary="interleaved", rotary_frac=0.5, batch_idx=True,
+                                    leftpad=True, opt=ALL, plan="random", Sq=5, Snew=5, cache_len=2000),
+    "plan_paged1_d64": dict(page=1, D=64, plan="random", cache_len=500),
+    "plan_paged64_d256_causal": dict(page=64, D=256, Hq=4, Hkv=2, Sq=3, Snew=3, opt="causal", plan="random"),
+    "plan_strided_window": dict(strided=True, plan="random", Sq=4, Snew=4, opt="window"),
+    "plan_empty": dict(lens="zeros", Snew=0, plan="random", empty=True),
     # split-KV: 1, 3, more splits than key tiles, the heuristic over long caches
     "splits1": dict(splits=1, cache_len=3000),
     "splits3": dict(splits=3, cache_len=3000),
@@ -258,13 +274,20 @@ def build_case(rng, dtype, cfg):
         cdt = c["cos_dtype"] or dtype
         cos, sin = torch.cos(ang).to(cdt), torch.sin(ang).to(cdt)
     kw = make_options(rng, c["opt"], b, hq)
+    plan = None
+    if c["plan"] is not None:
+        counts = [rng.choice(PLAN_COUNTS) for _ in range(b)] if c["plan"] == "random" else list(c["plan"])
+        items = [i + 65536 * s for i, n in enumerate(counts) for s in range(n)]
+        if c["plan"] == "random":
+            rng.shuffle(items)
+        plan = i32(cumsum0(counts) + items)
     return Case(c=c, dtype=dtype, q=q, kc=kc, vc=vc, k_new=k_new, v_new=v_new, cos=cos, sin=sin,
                 interleaved=c["rotary"] != "neox", lens=lens,
                 seqlens_arg=lens[0] if c["seqlens_int"] else i32(lens),
                 rows=rows, batch_idx=i32(rows) if rows is not None else None,
                 pads=pads, leftpad=i32(pads) if pads is not None else None,
                 table=table, bt=torch.tensor(table, dtype=torch.int32, device=DEV) if table else None,
-                kw=kw, splits=c["splits"], guards=guards, make_out=make_out)
+                kw=kw, splits=c["splits"], plan=plan, guards=guards, make_out=make_out)
 
 
 def kvcache_call(case, out):
@@ -272,7 +295,7 @@ def kvcache_call(case, out):
         case.q, case.kc, case.vc, case.k_new, case.v_new, rotary_cos=case.cos, rotary_sin=case.sin,
         cache_seqlens=case.seqlens_arg, cache_batch_idx=case.batch_idx, cache_leftpad=case.leftpad,
         block_table=case.bt, rotary_interleaved=case.interleaved, num_splits=case.splits,
-        return_softmax_lse=True, out=out, **case.kw)
+        return_softmax_lse=True, out=out, split_plan=case.plan, **case.kw)
 
 
 def c_kwargs(case, out, lse):
@@ -283,7 +306,8 @@ def c_kwargs(case, out, lse):
     args = dict(q=case.q, k_cache=case.kc, v_cache=case.vc, k=case.k_new, v=case.v_new,
                 rotary_cos=case.cos, rotary_sin=case.sin, rotary_interleaved=case.interleaved,
                 cache_batch_idx=case.batch_idx, cache_leftpad=case.leftpad, block_table=case.bt,
-                num_splits=case.splits, out=out, lse=lse, softmax_scale=kw.get("softmax_scale"),
+                num_splits=case.splits, split_plan=case.plan, out=out, lse=lse,
+                softmax_scale=kw.get("softmax_scale"),
                 causal=kw.get("causal", False), window_left=left, window_right=right,
                 softcap=float(kw.get("softcap", 0.0)), alibi_slopes=kw.get("alibi_slopes"),
                 cuda_stream=stream_ptr())
@@ -688,6 +712,88 @@ def test_fixed_num_splits_invariant_across_grid_sizes(seed, layout, batch):
         torch.cuda.synchronize()
         R.assert_bitwise_equal(f"out of sequence {b} alone", o[0], out[b])
         R.assert_bitwise_equal(f"softmax_lse of sequence {b} alone", l[0], lse[b])
+
+
+def split_plan(rng, counts, shuffle=True):
+    """The split plan of `counts` (work items in a random order, or by sequence)."""
+    items = [b + 65536 * s for b, n in enumerate(counts) for s in range(n)]
+    if shuffle:
+        rng.shuffle(items)
+    return i32(cumsum0(counts) + items)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged16"])
+def test_split_plan_batch_invariant(seed, layout):
+    """A split plan gives a sequence the same bits whatever the rest of the batch and the plan's
+    other counts and item order (its own count fixed, 3), and the same bits as num_splits=3, whose
+    splits are the same key ranges merged in the same order."""
+    cfg = dict(B=6, Hq=16, Hkv=2, D=128, cache_len=4096, lens=[3001, 17, 4095, 0, 1200, 1], Snew=0,
+               page=16 if layout == "paged16" else None, opt="causal")
+    case = build_case(seed, torch.bfloat16, cfg)
+
+    def call(idx, counts=None, num_splits=0):
+        sel = torch.tensor(idx, dtype=torch.int64, device=DEV)
+        out = nan_full((len(idx),) + tuple(case.q.shape[1:]), case.dtype)
+        plan = split_plan(seed, counts) if counts is not None else None
+        return flash_attn_with_kvcache(
+            case.q[sel], case.kc, case.vc, cache_seqlens=i32([case.lens[i] for i in idx]),
+            cache_batch_idx=i32(idx), block_table=case.bt, num_splits=num_splits, split_plan=plan,
+            return_softmax_lse=True, out=out, **case.kw)
+
+    full = list(range(6))
+    out, lse = call(full, [3, 1, 5, 2, 40, 1])
+    torch.cuda.synchronize()
+    case.rows = full
+    check_output(out, lse, reference(case, case.kc, case.vc))
+    for idx, counts in (([0], [3]), ([4, 0], [7, 3]), ([3, 5, 1, 2, 0], [1, 1, 2, 64, 3])):
+        o, l = call(idx, counts)
+        torch.cuda.synchronize()
+        p = idx.index(0)
+        R.assert_bitwise_equal(f"out of sequence 0 in batch {idx}, counts {counts}", o[p], out[0])
+        R.assert_bitwise_equal(f"softmax_lse of sequence 0 in batch {idx}", l[p], lse[0])
+    o, l = call(full, num_splits=3)
+    torch.cuda.synchronize()
+    R.assert_bitwise_equal("out of sequence 0 with num_splits=3", o[0], out[0])
+    R.assert_bitwise_equal("softmax_lse of sequence 0 with num_splits=3", l[0], lse[0])
+
+
+def split_plan_bad_entries(rng, check=True):
+    """Split plans with entries out of range (the host does not read a GPU plan): a work item's
+    sequence past B, its split past the sequence's count, a sequence's count past 1024. No access
+    outside a tensor (compute-sanitizer runs this, tests/gpu/sanitize_decode.py), the call and the
+    stream stay usable, the sequences the plan describes right are right, and a sequence whose
+    entries are out of range keeps its poisoned output (it is not written)."""
+    cfg = dict(B=4, Hq=8, Hkv=2, cache_len=2000, lens=[1999, 700, 64, 1500], Snew=0, page=16)
+    case = build_case(rng, torch.bfloat16, cfg)
+    ref = reference(case, case.kc, case.vc) if check else None
+    good = [0, 1, 3, 4, 7]  # split_indptr of counts 1, 2, 1, 3
+    items = [0, 1, 65537, 2, 3, 65539, 131075]
+    bad_plans = {
+        # sequence 2's only item names sequence 9: sequence 2 is not written
+        "item past B": (good + items[:3] + [9] + items[4:], [2]),
+        # sequence 0's only item names its split 5 of 1: sequence 0 is not written
+        "split past count": (good + [5 * 65536] + items[1:], [0]),
+        # sequence 2 given 2000 splits (sequence 3 then a negative count): neither is written
+        "count past 1024": (good[:3] + [2003, 7] + items, [2, 3]),
+    }
+    for name, (plan, unwritten) in bad_plans.items():
+        out = nan_full(tuple(case.q.shape), case.dtype)
+        lse = nan_full((4, 8, 1), torch.float32)
+        args = dict(c_kwargs(case, out, lse), split_plan=i32(plan))
+        _C.kvcache_attention_forward(workspace=None, **args,
+                                     workspace_alloc=lambda n: torch.empty(n, dtype=torch.uint8, device=DEV))
+        torch.cuda.synchronize()
+        if not check:
+            continue
+        for b in range(4):
+            if b in unwritten:
+                assert bool(torch.isnan(out[b]).all()), f"{name}: sequence {b} was written"
+            else:
+                check_output(out, lse, ref, batch=slice(b, b + 1))
+
+
+def test_split_plan_bad_entries(seed):
+    split_plan_bad_entries(seed)
 
 
 # The head-group kernel (sm_90; README "GPU decode"): head_dim 128, heads_kv a multiple of 4, at
@@ -1474,13 +1580,15 @@ def test_varlen_decode_block_table(seed, dtype, page_size, lengths_from, opt):
                           ("paged16", 0, "head_group_wide_d64"),
                           ("paged16", 0, "head_group_rows"), ("contiguous", 3, "head_group_rows"),
                           ("paged16", 0, "head_pair"), ("contiguous", 2, "head_pair"),
-                          ("paged16", 0, "head_pair_d64"), ("paged16", 0, "head_quad"), ("contiguous", 3, "head_quad")],
+                          ("paged16", 0, "head_pair_d64"), ("paged16", 0, "head_quad"), ("contiguous", 3, "head_quad"),
+                          ("paged16", "plan", "per_head"), ("contiguous", "plan", "per_head")],
                          ids=["paged16-splits0", "paged16-splits5", "contiguous-splits0", "paged16-splits3-head_group",
                               "paged16-splits0-head_group_wide", "paged16-splits0-head_group_wide_d64",
                               "paged16-splits0-head_group_rows",
                               "contiguous-splits3-head_group_rows", "paged16-splits0-head_pair",
                               "contiguous-splits2-head_pair", "paged16-splits0-head_pair_d64",
-                              "paged16-splits0-head_quad", "contiguous-splits3-head_quad"])
+                              "paged16-splits0-head_quad", "contiguous-splits3-head_quad", "paged16-plan",
+                              "contiguous-plan"])
 def test_cuda_graph_decode(seed, layout, num_splits, kernel, monkeypatch):
     """One decode step (Sq = 1, append Snew = 1, rotary, causal, cache_seqlens on the device)
     captured into a CUDA graph; replays with new lengths (0 and the capacity's last slot among them),
@@ -1492,7 +1600,8 @@ def test_cuda_graph_decode(seed, layout, num_splits, kernel, monkeypatch):
     through the head-group kernel; head_group_wide (_d64): 8 through its wide form at head_dim 128
     (64); head_group_rows: 32 KV and query heads through its token-row form; head_pair
     (head_pair_d64): 2 KV heads through the head-pair form at head_dim 128 (64); head_quad: 4 KV
-    heads through the head-quad form."""
+    heads through the head-quad form. plan: a split plan (a random count per sequence) kept
+    across the replays while the lengths change."""
     b, cap = 4, 1024
     use_kernel(monkeypatch, kernel)
     hkv = KERNEL_HEADS_KV.get(kernel, 2)
@@ -1501,7 +1610,7 @@ def test_cuda_graph_decode(seed, layout, num_splits, kernel, monkeypatch):
         B=b, Hq=hq, Hkv=hkv, D=KERNEL_HEAD_DIM.get(kernel, 128), cache_len=cap, table="full",
         lens=[5, 0, 100, cap - 1],
         page=16 if layout == "paged16" else None, rotary="interleaved", opt="causal",
-        splits=num_splits))
+        splits=0 if num_splits == "plan" else num_splits, plan="random" if num_splits == "plan" else None))
     out = case.make_out()
     holder = {}
 
