@@ -125,7 +125,11 @@ def hand_record():
     impls = {gr.PAGED: {"s": 300e-6}, gr.VARLEN: {"s": 310e-6}, gr.CONTIG: {"s": 290e-6},
              gr.fixed_key(4): {"s": 110e-6}, gr.fixed_key(16): {"s": 95e-6},
              "flashinfer-decode": {"s": 106e-6}, "flashinfer-tc": {"s": 250e-6},
-             "flashinfer-xqa": {"error": "refused"}, gr.PLANNED: {"s": 90e-6, "num_splits": [7, 8, 7]}}
+             "flashinfer-xqa": {"error": "refused"},
+             gr.PLANNED: {"s": 90e-6, "num_splits": [None, None, 0],
+                          "split_counts": [[10] + [1] * 31, [9] + [2] * 31, None]},
+             gr.PLANNED_UNIFORM: {"s": 99e-6, "num_splits": [7, 8, 0]},
+             gr.seqplan_key(8): {"s": 92e-6}, gr.seqplan_key(32): {"s": 88e-6}}
     rec = {"name": "GQA8 b32 32k long1", "lengths": [[32768] + [1024] * 31] * 3,
            "copy_bound_s": 62e-6, "impls": impls}
     rec["summary"] = gr.case_summary(rec)
@@ -144,6 +148,9 @@ def test_case_summary_and_table():
     assert sm["planned_s"] == 90e-6 and sm["planned_over_bound"] == pytest.approx(90 / 62)
     assert sm["flashinfer_over_planned"] == pytest.approx(106 / 90)
     assert sm["planned_over_best_fixed"] == pytest.approx(90 / 95)
+    assert sm["planned_uniform_s"] == 99e-6 and sm["uniform_over_planned"] == pytest.approx(99 / 90)
+    assert sm["best_seqplan"] == gr.seqplan_key(32) and sm["best_seqplan_s"] == 88e-6
+    assert sm["planned_over_best_seqplan"] == pytest.approx(90 / 88)
     text = gr.format_table([rec], 4.27)
     assert "copy 4.27 TB/s" in text
     line = text.splitlines()[1]
@@ -152,4 +159,25 @@ def test_case_summary_and_table():
     assert "paged16 300.0" in line and "varlen 310.0" in line and "paged16-s16 95.0" in line
     assert "fi-xqa n/a" in line
     assert "planned 90.0" in line
-    assert "FI/heur 0.353 FI/fixed 1.116 FI/plan 1.178 plan/fixed 0.947 [7, 8, 7]" in line
+    assert "planned-uniform 99.0" in line and "seqplan-s32 88.0" in line
+    assert ("FI/heur 0.353 FI/fixed 1.116 FI/plan 1.178 plan/fixed 0.947 uniform/plan 1.100 "
+            "plan/best-seqplan 1.023 ['per-seq max 10, 41 parts', 'per-seq max 9, 71 parts', 0]") in line
+
+
+def test_chunk_counts():
+    assert gr.chunk_counts([32768, 1024, 0, 3000], 8) == [8, 1, 1, 1]
+    assert gr.chunk_counts([32768, 1024, 5000], 32) == [32, 1, 5]
+    assert gr.chunk_counts([0, 0], 4) == [1, 1]
+    assert gr.chunk_counts([10 ** 6, 1], 64) == [64, 1]
+
+
+def test_seqplan_call_on_the_cpu():
+    """A split plan's call (fastattn_call(SEQPLAN, S)) writes the reference's answer into the
+    poisoned buffer (the CPU backend checks the plan and ignores it)."""
+    import fastattn
+    st = gr.RaggedSet(torch, torch.device("cpu"), 4, 2, 5, 256, "long1", gen(19), contiguous=False,
+                      dtype=torch.float32)
+    out = torch.full((5, 1, 4, gr.HEAD_DIM), float("nan"))
+    st.fastattn_call(fastattn, gr.SEQPLAN, 4, out)()
+    np.testing.assert_allclose(out[:, 0].numpy(), st.reference(torch).numpy(), rtol=0, atol=1e-5)
+    assert st._small[gr.seqplan_key(4) + ":splits"] == 0

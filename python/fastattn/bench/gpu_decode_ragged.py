@@ -21,7 +21,10 @@ Hkv, D) cache with ``num_splits=0``, fastattn on the pool at fixed split counts 
 ``flash_attn_varlen_func`` on the same pool (its decode path plans from ``max_seqlen_k``, the
 longest length, not the capacity), fastattn's ``BatchDecodeWithPagedKVCacheWrapper`` on the same
 pool (``fastattn-planned``: its ``plan()`` reads the lengths on the host, untimed, and picks the
-split count; ``run()`` is timed), and with ``--flashinfer`` FlashInfer's three paged paths
+split counts; ``run()`` is timed), ``flash_attn_with_kvcache`` with the one count for the batch
+that ``decode_num_splits_for_lengths`` picks (``fastattn-planned-uniform``, session 65's wrapper),
+with ``--plan-splits`` split plans that cut every sequence into parts of ceil(longest / S) keys
+(``fastattn-seqplan-s<S>``), and with ``--flashinfer`` FlashInfer's three paged paths
 (gpu_decode_flashinfer.py) on the same pool. Every output is first checked, written into a
 NaN-poisoned buffer, against a float32 reference computed per sequence. The copy bound of a case is its mean K/V bytes over the copy
 bandwidth measured in the same run. The JSON goes to DIR/bench_cuda_<time>_decode_ragged.json.
@@ -46,7 +49,11 @@ MAX_ABS_ERR = 2e-2  # bf16 output against the float32 reference (values of order
 PAGED = "fastattn-paged16"
 CONTIG = "fastattn-contiguous"
 VARLEN = "fastattn-varlen"  # flash_attn_varlen_func's decode path on the same pool (max_seqlen_k planned)
-PLANNED = "fastattn-planned"  # BatchDecodeWithPagedKVCacheWrapper: split count planned from the lengths
+PLANNED = "fastattn-planned"  # BatchDecodeWithPagedKVCacheWrapper: split counts planned from the lengths
+# flash_attn_with_kvcache with one split count for the batch from the lengths
+# (decode_num_splits_for_lengths: session 65's wrapper)
+PLANNED_UNIFORM = "fastattn-planned-uniform"
+SEQPLAN = "fastattn-seqplan"  # a split plan of chunk ceil(longest / S) (--plan-splits S)
 WRAPPER_WORKSPACE_BYTES = 256 << 20
 
 # (name, heads_q, heads_kv, batch, cap, distribution, time a contiguous cache too)
@@ -64,6 +71,19 @@ CASES = (
     ("GQA8 b16 32k long2", 32, 8, 16, 32768, "long2", False),
     ("MHA b16 8k long1", 32, 32, 16, 8192, "long1", False),
 )
+
+
+def seqplan_key(splits):
+    return "%s-s%d" % (SEQPLAN, splits)
+
+
+def chunk_counts(lens, splits):
+    """Split counts of a chunk of ceil(longest / splits) keys: ceil(len / chunk), 1..64."""
+    longest = max(lens) if lens else 0
+    if longest == 0:
+        return [1] * len(lens)
+    chunk = -(-longest // splits)
+    return [min(64, max(1, -(-n // chunk))) for n in lens]
 
 
 def fixed_key(splits):
@@ -192,7 +212,25 @@ class RaggedSet:
             out[b] = (p @ v).reshape(hq, d)
         return out
 
+    def split_plan(self, fastattn, counts):
+        """The split plan of `counts` on the GPU (longest parts first)."""
+        plan = fastattn.decode_split_plan(counts, self.lens)
+        return self._torch.from_numpy(plan).to(self.q.device)
+
     def fastattn_call(self, fastattn, impl, num_splits, out):
+        if impl in (PLANNED_UNIFORM, SEQPLAN):  # own inputs; the plan made here, untimed
+            key = impl if impl == PLANNED_UNIFORM else seqplan_key(num_splits)
+            q, seqlens, table = self.own_small_inputs(key)
+            if impl == PLANNED_UNIFORM:
+                splits = fastattn.decode_num_splits_for_lengths(
+                    self.lens, self.k_pages.shape[2], torch_sm_count(self._torch))
+                plan = None
+            else:
+                splits, plan = 0, self.split_plan(fastattn, chunk_counts(self.lens, num_splits))
+            self._small[key + ":splits"] = splits
+            return lambda: fastattn.flash_attn_with_kvcache(
+                q, self.k_pages, self.v_pages, cache_seqlens=seqlens, block_table=table,
+                num_splits=splits, out=out, split_plan=plan)
         if impl == PLANNED:  # out (B, 1, Hq, D) viewed as the wrapper's (B, Hq, D)
             if PLANNED not in self._small:
                 q = self.q.clone()
@@ -216,6 +254,10 @@ class RaggedSet:
                                                         block_table=table, num_splits=num_splits, out=out)
 
 
+def torch_sm_count(torch):
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
 def _checked(torch, call, out, ref, what):
     """Runs call (which writes into the NaN-poisoned `out`) and returns its max |error| against
     ref (B, Hq, D); a non-finite or larger-than-MAX_ABS_ERR output raises naming `what`."""
@@ -231,27 +273,35 @@ def _checked(torch, call, out, ref, what):
 
 
 def measure_case(torch, fastattn, case, settings, gen, sleeper, copy_tbps, peers=None,
-                 fixed_splits=FIXED_SPLITS):
+                 fixed_splits=FIXED_SPLITS, plan_splits=()):
     """Builds one case's input sets, checks and times every implementation; returns its record."""
     from . import gpu_decode as gd
     name, hq, hkv, batch, cap, kind, contiguous = case
     dev = torch.device("cuda")
     sets = [RaggedSet(torch, dev, hq, hkv, batch, cap, kind, gen, contiguous) for _ in range(INPUT_SETS)]
     ref = sets[0].reference(torch)
-    impls = {PAGED: 0, VARLEN: 0, PLANNED: 0}
+    impls = {PAGED: 0, VARLEN: 0, PLANNED: 0, PLANNED_UNIFORM: 0}
     if contiguous:
         impls[CONTIG] = 0
     for s in fixed_splits:
         impls[fixed_key(s)] = s
+    for s in plan_splits:
+        impls[seqplan_key(s)] = s
     info, fns = {}, {}
     for key, splits in impls.items():
-        layout = key if key in (CONTIG, VARLEN, PLANNED) else PAGED
+        layout = (key if key in (CONTIG, VARLEN, PLANNED, PLANNED_UNIFORM)
+                  else SEQPLAN if key.startswith(SEQPLAN) else PAGED)
         outs = [torch.empty(batch, 1, hq, HEAD_DIM, dtype=torch.bfloat16, device=dev) for _ in sets]
         err = _checked(torch, sets[0].fastattn_call(fastattn, layout, splits, outs[0]), outs[0], ref, key)
         info[key] = {"num_splits": splits, "max_abs_err": err}
         fns[key] = _cycle([st.fastattn_call(fastattn, layout, splits, o) for st, o in zip(sets, outs)])
-    # The count each set's plan() chose (sets differ in their lengths).
-    info[PLANNED]["num_splits"] = [st._small[PLANNED][1].num_splits for st in sets]
+    # The counts each set's plan() chose (sets differ in their lengths): a uniform count, or one
+    # per sequence (the sequences at the longest length and the rest, as sets of counts).
+    wrappers = [st._small[PLANNED][1] for st in sets]
+    info[PLANNED]["num_splits"] = [w.num_splits for w in wrappers]
+    info[PLANNED]["split_counts"] = [None if w.split_counts is None else [int(c) for c in w.split_counts]
+                                     for w in wrappers]
+    info[PLANNED_UNIFORM]["num_splits"] = [st._small[PLANNED_UNIFORM + ":splits"] for st in sets]
     if peers is not None:
         from .gpu_decode_flashinfer import PEERS as FI_PEERS
         per_set = []
@@ -300,7 +350,12 @@ def case_summary(rec):
     peers = {k: t(k) for k in im if k.startswith("flashinfer") and t(k)}
     best_peer = min(peers, key=peers.get) if peers else None
     planned = t(PLANNED)
-    out = {"heuristic_s": heur, "heuristic_over_bound": heur / bound if heur else None,
+    uniform = t(PLANNED_UNIFORM)
+    plans = {k: t(k) for k in im if k.startswith(SEQPLAN) and t(k)}
+    best_plan = min(plans, key=plans.get) if plans else None
+    out = {"planned_uniform_s": uniform, "uniform_over_planned": uniform / planned if uniform and planned else None,
+           "best_seqplan": best_plan, "best_seqplan_s": plans.get(best_plan),
+           "planned_over_best_seqplan": planned / plans[best_plan] if best_plan and planned else None,"heuristic_s": heur, "heuristic_over_bound": heur / bound if heur else None,
            "best_fixed": best_fixed, "best_fixed_s": fixed.get(best_fixed),
            "planned_s": planned, "planned_over_bound": planned / bound if planned else None,
            "best_flashinfer": best_peer, "best_flashinfer_s": peers.get(best_peer)}
@@ -333,13 +388,16 @@ def format_table(records, copy_tbps):
 
         def ratio(key):
             return "%.3f" % sm[key] if sm.get(key) else "-"
-        chosen = rec["impls"].get(PLANNED, {}).get("num_splits")
+        im = rec["impls"].get(PLANNED, {})
+        counts = im.get("split_counts") or [None] * len(im.get("num_splits", []))
+        chosen = [c if sc is None else "per-seq max %d, %d parts" % (max(sc), sum(sc))
+                  for c, sc in zip(im.get("num_splits", []), counts)]
         lines.append("%-22s tokens %8.0f bound %7.1f | %s | FI/heur %s FI/fixed %s FI/plan %s "
-                     "plan/fixed %s %s" % (
+                     "plan/fixed %s uniform/plan %s plan/best-seqplan %s %s" % (
                          rec["name"], toks, rec["copy_bound_s"] * 1e6, "  ".join(cells),
                          ratio("flashinfer_over_heuristic"), ratio("flashinfer_over_best_fixed"),
                          ratio("flashinfer_over_planned"), ratio("planned_over_best_fixed"),
-                         chosen if chosen is not None else ""))
+                         ratio("uniform_over_planned"), ratio("planned_over_best_seqplan"), chosen))
     return "\n".join(lines)
 
 
@@ -351,6 +409,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=64, help="seed of the length draws and page orders")
     ap.add_argument("--splits", default=",".join(str(s) for s in FIXED_SPLITS),
                     help="fixed split counts to time, comma-separated (default %(default)s)")
+    ap.add_argument("--plan-splits", default="",
+                    help="split plans to time, comma-separated S: each sequence in parts of "
+                         "ceil(longest / S) keys (default: none)")
     ap.add_argument("--cases", default="",
                     help="only the cases whose name contains one of these comma-separated strings")
     args = ap.parse_args(argv)
@@ -360,6 +421,12 @@ def main(argv=None):
         ap.error("--splits must be comma-separated ints, got %r" % args.splits)
     if any(s < 1 for s in fixed_splits):
         ap.error("--splits must be >= 1, got %r" % args.splits)
+    try:
+        plan_splits = tuple(int(x) for x in args.plan_splits.split(",") if x.strip())
+    except ValueError:
+        ap.error("--plan-splits must be comma-separated ints, got %r" % args.plan_splits)
+    if any(s < 1 or s > 64 for s in plan_splits):
+        ap.error("--plan-splits must be in 1..64, got %r" % args.plan_splits)
     wanted = [x for x in args.cases.split(",") if x]
     cases = [c for c in CASES if not wanted or any(w in c[0] for w in wanted)]
     if not cases:
@@ -382,7 +449,7 @@ def main(argv=None):
     records = []
     for case in cases:
         records.append(measure_case(torch, fastattn, case, settings, gen, sleeper, copy["tbps"], peers,
-                                    fixed_splits))
+                                    fixed_splits, plan_splits))
         torch.cuda.empty_cache()
     print(format_table(records, copy["tbps"]))
     prop = torch.cuda.get_device_properties(0)
