@@ -58,6 +58,13 @@ BALANCED_RATIO = 1.1
 SPLIT_TOLERANCE = 0.02
 # The most splits the rule gives a sequence.
 MAX_SPLITS = 64
+# A count per sequence is planned only where the uniform count's estimate is at least this many times
+# the plan's. The estimate does not see the waves: parts of equal size leave the grid's last wave to
+# whole parts while most SMs idle, where the uniform count's parts vary with the lengths and the
+# short ones fill in. On an H200 (bench/NOTES.md, session 66) batches of lengths drawn uniformly
+# had estimated gains of 1.003-1.024 and ran 0.2-4% slower with a plan; a few long sequences among
+# short ones had 1.105-1.286 and ran level to 9% faster.
+PLAN_MIN_GAIN = 1.05
 
 
 def decode_num_splits_for_lengths(lengths: Sequence[int], num_kv_heads: int, sm_count: int,
@@ -126,21 +133,24 @@ def decode_split_counts_for_lengths(lengths: Sequence[int], num_kv_heads: int, s
                                     *, cta_cost_keys: int = CTA_COST_KEYS,
                                     tail_weight: float = TAIL_WEIGHT,
                                     balanced_ratio: float = BALANCED_RATIO,
-                                    max_splits: int = MAX_SPLITS) -> Optional[np.ndarray]:
-    """A split count per sequence for a decode batch whose key lengths are known on the host.
+                                    max_splits: int = MAX_SPLITS,
+                                    min_gain: float = PLAN_MIN_GAIN) -> Optional[np.ndarray]:
+    """A split count per sequence for a decode batch whose key lengths are known on the host, or
+    None where one count for the batch serves it better (:func:`decode_num_splits_for_lengths`).
 
-    Returns None when the lengths are near-uniform (longest x batch <= balanced_ratio x sum: the
-    capacity heuristic, ``num_splits=0``, serves them; see :func:`decode_num_splits_for_lengths`),
-    else (batch,) int32 counts for :func:`decode_split_plan`. Every sequence is cut into parts of
-    about one chunk c of keys, counts[b] = ceil(lengths[b] / c) (1..max_splits), with c taken
-    among ceil(longest / S), S = 1..max_splits, to minimise the estimate of
-    :func:`decode_num_splits_for_lengths` with the W = sum(counts) CTAs per KV head in place of
-    batch x S, and the longest part in place of ceil(longest / S):
+    Every sequence is cut into parts of about one chunk c of keys, counts[b] = ceil(lengths[b] /
+    c) (1..max_splits), with c taken among ceil(longest / S), S = 1..max_splits, to minimise the
+    estimate of :func:`decode_num_splits_for_lengths` with the W = sum(counts) CTAs per KV head in
+    place of batch x S, and the longest part in place of ceil(longest / S):
 
         T(c) = num_kv_heads * (sum(lengths) + cta_cost_keys * W) / sm_count
                + tail_weight * (longest part + cta_cost_keys)
 
     Of the chunks within SPLIT_TOLERANCE of the best estimate, the one of fewest parts is taken.
+    Returns (batch,) int32 counts for :func:`decode_split_plan` when the uniform count's estimate
+    is at least min_gain times that plan's (PLAN_MIN_GAIN says why the margin), ones when there is
+    nothing to read, else None: near-uniform lengths (the capacity heuristic) and batches where
+    the plan would gain less.
     """
     lens = np.asarray(lengths, dtype=np.int64).reshape(-1)
     heads = as_int(num_kv_heads, "num_kv_heads")
@@ -173,6 +183,13 @@ def decode_split_counts_for_lengths(lengths: Sequence[int], num_kv_heads: int, s
             best = est
     chosen = min((o for o in options if o[0] <= best * (1 + SPLIT_TOLERANCE)),
                  key=lambda o: (o[1], o[0]))
+    uniform = decode_num_splits_for_lengths(lens, heads, sms, cta_cost_keys=cta_cost_keys,
+                                            tail_weight=tail_weight, balanced_ratio=balanced_ratio,
+                                            max_splits=max_splits)
+    uniform_estimate = (heads * (total + cta_cost_keys * batch * uniform) / sms
+                        + tail_weight * (-(-longest // uniform) + cta_cost_keys))
+    if uniform_estimate < min_gain * chosen[0]:
+        return None
     return chosen[2].astype(np.int32)
 
 
@@ -355,7 +372,10 @@ class BatchDecodeWithPagedKVCacheWrapper:
         if disable_split_kv:
             splits = 1
         elif is_cuda(ws):
-            counts = decode_split_counts_for_lengths(attended, heads_kv, device_sm_count(ws))
+            sms = device_sm_count(ws)
+            counts = decode_split_counts_for_lengths(attended, heads_kv, sms)
+            if counts is None:
+                splits = decode_num_splits_for_lengths(attended, heads_kv, sms)
         self._plan = {
             "batch": batch,
             "num_qo_heads": heads_q,

@@ -239,8 +239,10 @@ def test_split_counts_balanced_and_empty():
 def test_split_counts_minimise_their_estimate(rng):
     """On random ragged batches the counts are ceil(len / chunk) for the chunk ceil(longest / S)
     of fewest parts whose estimate is within the tolerance of the best over S = 1..MAX_SPLITS;
-    every count in 1..MAX_SPLITS, the longest sequence's the largest."""
+    every count in 1..MAX_SPLITS, the longest sequence's the largest; None where the uniform
+    count's estimate is less than PLAN_MIN_GAIN times the plan's."""
     from fastattn import decode as dec
+    planned = 0
     for _ in range(40):
         batch = int(rng.integers(2, 160))
         heads = int(rng.choice([1, 2, 8, 32]))
@@ -255,12 +257,23 @@ def test_split_counts_minimise_their_estimate(rng):
                             sum(counts), counts))
         best = min(o[0] for o in options)
         want = min((o for o in options if o[0] <= best * (1 + dec.SPLIT_TOLERANCE)), key=lambda o: (o[1], o[0]))
+        s = fastattn.decode_num_splits_for_lengths(lens, heads, 132)
+        uniform = estimate(lens, heads, 132, s, dec.CTA_COST_KEYS, dec.TAIL_WEIGHT)
+        if uniform < dec.PLAN_MIN_GAIN * want[0]:
+            assert got is None, (batch, heads, uniform / want[0])
+            continue
+        planned += 1
         assert got.dtype == np.int32 and got.tolist() == want[2], (batch, heads)
         assert got.min() >= 1 and got.max() <= dec.MAX_SPLITS
         assert got[int(np.argmax(lens))] == got.max()
+    assert planned >= 10  # most such batches take a plan
     # One long sequence among 31 short ones: the long one is cut, most short ones are not.
     counts = fastattn.decode_split_counts_for_lengths([32768] + [1024] * 31, 8, 132)
     assert counts[0] >= 4 and (counts[1:] <= 2).all(), counts
+    # Lengths drawn uniformly: the plan's estimated gain is small, one count serves the batch.
+    lens = [int(x) for x in rng.integers(64, 8192, size=32)]
+    assert fastattn.decode_split_counts_for_lengths(lens, 8, 132) is None
+    assert fastattn.decode_split_counts_for_lengths(lens, 8, 132, min_gain=1.0) is not None
 
 
 def test_split_plan_layout(rng):
