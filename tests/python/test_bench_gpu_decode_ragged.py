@@ -128,7 +128,7 @@ def hand_record():
              "flashinfer-xqa": {"error": "refused"},
              gr.PLANNED: {"s": 90e-6, "num_splits": [None, None, 0],
                           "split_counts": [[10] + [1] * 31, [9] + [2] * 31, None]},
-             gr.PLANNED_UNIFORM: {"s": 99e-6, "num_splits": [7, 8, 0]},
+             gr.PLANNED_UNIFORM: {"s": 99e-6, "num_splits": [7, 8, 0]}, gr.PLANNED_ALWAYS: {"s": 90e-6},
              gr.seqplan_key(8): {"s": 92e-6}, gr.seqplan_key(32): {"s": 88e-6}}
     rec = {"name": "GQA8 b32 32k long1", "lengths": [[32768] + [1024] * 31] * 3,
            "copy_bound_s": 62e-6, "impls": impls}
@@ -149,6 +149,7 @@ def test_case_summary_and_table():
     assert sm["flashinfer_over_planned"] == pytest.approx(106 / 90)
     assert sm["planned_over_best_fixed"] == pytest.approx(90 / 95)
     assert sm["planned_uniform_s"] == 99e-6 and sm["uniform_over_planned"] == pytest.approx(99 / 90)
+    assert sm["planned_always_s"] == 90e-6 and sm["uniform_over_always"] == pytest.approx(99 / 90)
     assert sm["best_seqplan"] == gr.seqplan_key(32) and sm["best_seqplan_s"] == 88e-6
     assert sm["planned_over_best_seqplan"] == pytest.approx(90 / 88)
     text = gr.format_table([rec], 4.27)
@@ -161,7 +162,7 @@ def test_case_summary_and_table():
     assert "planned 90.0" in line
     assert "planned-uniform 99.0" in line and "seqplan-s32 88.0" in line
     assert ("FI/heur 0.353 FI/fixed 1.116 FI/plan 1.178 plan/fixed 0.947 uniform/plan 1.100 "
-            "plan/best-seqplan 1.023 ['per-seq max 10, 41 parts', 'per-seq max 9, 71 parts', 0]") in line
+            "uniform/always 1.100 plan/best-seqplan 1.023 ['per-seq max 10, 41 parts', 'per-seq max 9, 71 parts', 0]") in line
 
 
 def test_chunk_counts():
@@ -181,3 +182,11 @@ def test_seqplan_call_on_the_cpu():
     st.fastattn_call(fastattn, gr.SEQPLAN, 4, out)()
     np.testing.assert_allclose(out[:, 0].numpy(), st.reference(torch).numpy(), rtol=0, atol=1e-5)
     assert st._small[gr.seqplan_key(4) + ":splits"] == 0
+
+
+def test_planned_wrappers_share_one_workspace():
+    import fastattn
+    sets = [gr.RaggedSet(torch, torch.device("cpu"), 4, 2, 3, 128, "long1", gen(s), contiguous=False,
+                         dtype=torch.float32) for s in (21, 22)]
+    ws = [st.planned_wrapper(fastattn)._workspace_buffer for st in sets]
+    assert ws[0] is ws[1] and ws[0].numel() == gr.WRAPPER_WORKSPACE_BYTES

@@ -21,8 +21,11 @@ Hkv, D) cache with ``num_splits=0``, fastattn on the pool at fixed split counts 
 ``flash_attn_varlen_func`` on the same pool (its decode path plans from ``max_seqlen_k``, the
 longest length, not the capacity), fastattn's ``BatchDecodeWithPagedKVCacheWrapper`` on the same
 pool (``fastattn-planned``: its ``plan()`` reads the lengths on the host, untimed, and picks the
-split counts; ``run()`` is timed), ``flash_attn_with_kvcache`` with the one count for the batch
-that ``decode_num_splits_for_lengths`` picks (``fastattn-planned-uniform``, session 65's wrapper),
+split counts; ``run()`` is timed; every wrapper shares one workspace buffer, as an engine's one
+wrapper does from step to step), ``flash_attn_with_kvcache`` with the one count for the batch that
+``decode_num_splits_for_lengths`` picks (``fastattn-planned-uniform``, session 65's wrapper) and
+with the per-sequence plan wherever the rule makes one, without the wrapper's margin over the
+uniform count (``fastattn-planned-always``),
 with ``--plan-splits`` split plans that cut every sequence into parts of ceil(longest / S) keys
 (``fastattn-seqplan-s<S>``), and with ``--flashinfer`` FlashInfer's three paged paths
 (gpu_decode_flashinfer.py) on the same pool. Every output is first checked, written into a
@@ -54,7 +57,22 @@ PLANNED = "fastattn-planned"  # BatchDecodeWithPagedKVCacheWrapper: split counts
 # (decode_num_splits_for_lengths: session 65's wrapper)
 PLANNED_UNIFORM = "fastattn-planned-uniform"
 SEQPLAN = "fastattn-seqplan"  # a split plan of chunk ceil(longest / S) (--plan-splits S)
+# flash_attn_with_kvcache with the per-sequence plan wherever the rule makes one (no margin over the
+# uniform count: decode_split_counts_for_lengths(min_gain=1)), else num_splits 0
+PLANNED_ALWAYS = "fastattn-planned-always"
 WRAPPER_WORKSPACE_BYTES = 256 << 20
+# One workspace buffer for every planned wrapper, as an engine keeps one for its wrapper and plans it
+# again each step. (A buffer per input set, each last written three calls before, made the wrapper's
+# split states 1.5-2% slower to write and merge than the allocator's block that
+# flash_attn_with_kvcache reuses call after call: bench/NOTES.md, session 66.)
+_WRAPPER_WORKSPACE = {}
+
+
+def wrapper_workspace(torch, device):
+    key = str(device)
+    if key not in _WRAPPER_WORKSPACE:
+        _WRAPPER_WORKSPACE[key] = torch.empty(WRAPPER_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+    return _WRAPPER_WORKSPACE[key]
 
 # (name, heads_q, heads_kv, batch, cap, distribution, time a contiguous cache too)
 CASES = (
@@ -189,8 +207,7 @@ class RaggedSet:
         """fastattn.BatchDecodeWithPagedKVCacheWrapper planned on this set's page lists (the
         host read and the split choice happen here, outside the timing)."""
         torch = self._torch
-        ws = torch.empty(WRAPPER_WORKSPACE_BYTES, dtype=torch.uint8, device=self.q.device)
-        wrapper = fastattn.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+        wrapper = fastattn.BatchDecodeWithPagedKVCacheWrapper(wrapper_workspace(torch, self.q.device), "NHD")
         hq, d = self.q.shape[2], self.q.shape[3]
         wrapper.plan(*self.csr_inputs(), hq, self.k_pages.shape[2], d, PAGE_SIZE,
                      q_data_type=self.q.dtype)
@@ -218,13 +235,19 @@ class RaggedSet:
         return self._torch.from_numpy(plan).to(self.q.device)
 
     def fastattn_call(self, fastattn, impl, num_splits, out):
-        if impl in (PLANNED_UNIFORM, SEQPLAN):  # own inputs; the plan made here, untimed
-            key = impl if impl == PLANNED_UNIFORM else seqplan_key(num_splits)
+        if impl in (PLANNED_UNIFORM, PLANNED_ALWAYS, SEQPLAN):  # own inputs; the plan made here, untimed
+            key = impl if impl != SEQPLAN else seqplan_key(num_splits)
             q, seqlens, table = self.own_small_inputs(key)
+            plan = None
             if impl == PLANNED_UNIFORM:
                 splits = fastattn.decode_num_splits_for_lengths(
                     self.lens, self.k_pages.shape[2], torch_sm_count(self._torch))
-                plan = None
+            elif impl == PLANNED_ALWAYS:
+                counts = fastattn.decode_split_counts_for_lengths(
+                    self.lens, self.k_pages.shape[2], torch_sm_count(self._torch), min_gain=1.0)
+                splits = 0
+                if counts is not None:
+                    plan = self.split_plan(fastattn, counts)
             else:
                 splits, plan = 0, self.split_plan(fastattn, chunk_counts(self.lens, num_splits))
             self._small[key + ":splits"] = splits
@@ -280,7 +303,7 @@ def measure_case(torch, fastattn, case, settings, gen, sleeper, copy_tbps, peers
     dev = torch.device("cuda")
     sets = [RaggedSet(torch, dev, hq, hkv, batch, cap, kind, gen, contiguous) for _ in range(INPUT_SETS)]
     ref = sets[0].reference(torch)
-    impls = {PAGED: 0, VARLEN: 0, PLANNED: 0, PLANNED_UNIFORM: 0}
+    impls = {PAGED: 0, VARLEN: 0, PLANNED: 0, PLANNED_UNIFORM: 0, PLANNED_ALWAYS: 0}
     if contiguous:
         impls[CONTIG] = 0
     for s in fixed_splits:
@@ -289,7 +312,7 @@ def measure_case(torch, fastattn, case, settings, gen, sleeper, copy_tbps, peers
         impls[seqplan_key(s)] = s
     info, fns = {}, {}
     for key, splits in impls.items():
-        layout = (key if key in (CONTIG, VARLEN, PLANNED, PLANNED_UNIFORM)
+        layout = (key if key in (CONTIG, VARLEN, PLANNED, PLANNED_UNIFORM, PLANNED_ALWAYS)
                   else SEQPLAN if key.startswith(SEQPLAN) else PAGED)
         outs = [torch.empty(batch, 1, hq, HEAD_DIM, dtype=torch.bfloat16, device=dev) for _ in sets]
         err = _checked(torch, sets[0].fastattn_call(fastattn, layout, splits, outs[0]), outs[0], ref, key)
@@ -351,9 +374,11 @@ def case_summary(rec):
     best_peer = min(peers, key=peers.get) if peers else None
     planned = t(PLANNED)
     uniform = t(PLANNED_UNIFORM)
+    always = t(PLANNED_ALWAYS)
     plans = {k: t(k) for k in im if k.startswith(SEQPLAN) and t(k)}
     best_plan = min(plans, key=plans.get) if plans else None
     out = {"planned_uniform_s": uniform, "uniform_over_planned": uniform / planned if uniform and planned else None,
+           "planned_always_s": always, "uniform_over_always": uniform / always if uniform and always else None,
            "best_seqplan": best_plan, "best_seqplan_s": plans.get(best_plan),
            "planned_over_best_seqplan": planned / plans[best_plan] if best_plan and planned else None,"heuristic_s": heur, "heuristic_over_bound": heur / bound if heur else None,
            "best_fixed": best_fixed, "best_fixed_s": fixed.get(best_fixed),
@@ -393,11 +418,12 @@ def format_table(records, copy_tbps):
         chosen = [c if sc is None else "per-seq max %d, %d parts" % (max(sc), sum(sc))
                   for c, sc in zip(im.get("num_splits", []), counts)]
         lines.append("%-22s tokens %8.0f bound %7.1f | %s | FI/heur %s FI/fixed %s FI/plan %s "
-                     "plan/fixed %s uniform/plan %s plan/best-seqplan %s %s" % (
+                     "plan/fixed %s uniform/plan %s uniform/always %s plan/best-seqplan %s %s" % (
                          rec["name"], toks, rec["copy_bound_s"] * 1e6, "  ".join(cells),
                          ratio("flashinfer_over_heuristic"), ratio("flashinfer_over_best_fixed"),
                          ratio("flashinfer_over_planned"), ratio("planned_over_best_fixed"),
-                         ratio("uniform_over_planned"), ratio("planned_over_best_seqplan"), chosen))
+                         ratio("uniform_over_planned"), ratio("uniform_over_always"),
+                         ratio("planned_over_best_seqplan"), chosen))
     return "\n".join(lines)
 
 
