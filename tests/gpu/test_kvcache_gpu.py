@@ -183,6 +183,8 @@ CONFIGS = {
 class Case:
     """One flash_attn_with_kvcache scenario on the GPU (see build_case)."""
 
+    plan = None  # no split plan unless build_case makes one
+
     def __init__(self, **kw):
         self.__dict__.update(kw)
 
