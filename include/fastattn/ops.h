@@ -112,11 +112,12 @@ struct KVCacheArgs {
   ///    parts (1..1024), its partial states at rows split_indptr[b] .. split_indptr[b + 1] - 1;
   ///    split_indptr[0] = 0, non-decreasing;
   ///  - then the W work items in launch order, item = b + 65536 * split (split < its count).
-  /// Part s of sequence b takes its s-th share of the key tiles, as num_splits splits do. The
-  /// contents are not read on the host: an entry out of range makes its work (or its sequence's
-  /// merge) do nothing, with no access outside a tensor, and leaves the outputs it would have
-  /// written as they were. Results for a sequence depend only on its own count (bitwise, as with
-  /// a fixed num_splits). The CPU backend checks the shape and ignores the plan.
+  /// Part s of sequence b takes its s-th share of the key tiles, as num_splits splits do. On a GPU
+  /// the contents are not read on the host: an entry out of range makes its work (or its
+  /// sequence's merge) do nothing, with no access outside a tensor; the outputs of a sequence so
+  /// described are left as they were, or undefined where only some of its parts are missing.
+  /// Results for a sequence depend only on its own count (bitwise, the same as num_splits at that
+  /// count). The CPU backend checks the contents too and then ignores the plan.
   std::optional<TensorView> split_plan;
   TensorView out;                 ///< (B, Sq, Hq, D)
   std::optional<TensorView> lse;  ///< (B, Hq, Sq) float32

@@ -4,8 +4,11 @@
 reading ``cache_seqlens`` would be a host sync, and the call must stay graph-capturable. In a
 ragged batch (a few long sequences among short ones) that plan leaves a long sequence to a few
 CTAs. FlashInfer's callers already hand the page lists to ``plan()`` on the host once per step, so
-:class:`BatchDecodeWithPagedKVCacheWrapper` reads the lengths there and picks the split count
-from them (:func:`decode_num_splits_for_lengths`); ``run()`` then launches without a host read.
+:class:`BatchDecodeWithPagedKVCacheWrapper` reads the lengths there and plans the splits from them:
+a count per request where a few long requests sit among short ones
+(:func:`decode_split_counts_for_lengths`, as a split plan, :func:`decode_split_plan`), else one
+count for the batch (:func:`decode_num_splits_for_lengths`); ``run()`` then launches without a
+host read.
 
 All math is done by the C++ library (``flash_attn_with_kvcache``'s kernels over a block table
 built from the page lists); this module only plans and maps arguments.
@@ -251,9 +254,10 @@ class BatchDecodeWithPagedKVCacheWrapper:
     """Batch decode (one query per request) over a paged KV cache: FlashInfer's interface.
 
     ``plan()`` reads the page lists on the host (it synchronises, as FlashInfer's does), builds
-    a block table and the key lengths on the workspace's device, and picks the split count from
-    the lengths (:func:`decode_num_splits_for_lengths`). ``run()`` neither synchronises nor
-    allocates outside the caller's allocator.
+    a block table and the key lengths on the workspace's device, and plans the splits from the
+    lengths: a count per request (:func:`decode_split_counts_for_lengths`, a split plan on the
+    device) or one count for the batch (:func:`decode_num_splits_for_lengths`). ``run()``
+    neither synchronises nor allocates outside the caller's allocator.
 
     Supported: NHD layout; ``pos_encoding_mode`` "NONE"; ``window_left``; ``logits_soft_cap``;
     ``sm_scale``; GQA / MQA; ``return_lse`` (natural-log LSE, unlike FlashInfer's base 2: see
