@@ -65,9 +65,17 @@ MAX_SPLITS = 64
 # the plan's. The estimate does not see the waves: parts of equal size leave the grid's last wave to
 # whole parts while most SMs idle, where the uniform count's parts vary with the lengths and the
 # short ones fill in. On an H200 (bench/NOTES.md, session 66) batches of lengths drawn uniformly
-# had estimated gains of 1.003-1.024 and ran 0.2-4% slower with a plan; a few long sequences among
-# short ones had 1.105-1.286 and ran level to 9% faster.
+# had estimated gains of 1.003-1.024 and ran from 1.3% slower to 2% faster with a plan; a few long
+# sequences among short ones had 1.105-1.286 and ran level to 14% faster.
 PLAN_MIN_GAIN = 1.05
+
+
+def _estimate(heads: int, total: int, sms: int, ctas_per_head: int, longest_part: int,
+              cta_cost_keys: float, tail_weight: float) -> float:
+    """The split rules' estimate of a call, in keys streamed by one SM: the batch's keys and every
+    CTA's fixed cost spread over the SMs, plus a share of the longest CTA (the grid's tail)."""
+    return (heads * (total + cta_cost_keys * ctas_per_head) / sms
+            + tail_weight * (longest_part + cta_cost_keys))
 
 
 def decode_num_splits_for_lengths(lengths: Sequence[int], num_kv_heads: int, sm_count: int,
@@ -108,8 +116,8 @@ def decode_num_splits_for_lengths(lengths: Sequence[int], num_kv_heads: int, sm_
         return 1
     if longest * batch <= balanced_ratio * total:
         return 0
-    estimates = [(s, heads * (total + cta_cost_keys * batch * s) / sms
-                  + tail_weight * (-(-longest // s) + cta_cost_keys))
+    estimates = [(s, _estimate(heads, total, sms, batch * s, -(-longest // s), cta_cost_keys,
+                               tail_weight))
                  for s in range(1, max(1, max_splits) + 1)]
     best = min(t for _, t in estimates)
     return next(s for s, t in estimates if t <= best * (1 + SPLIT_TOLERANCE))
@@ -171,26 +179,24 @@ def decode_split_counts_for_lengths(lengths: Sequence[int], num_kv_heads: int, s
         return np.ones(batch, dtype=np.int32)
     if longest * batch <= balanced_ratio * total:
         return None
-    best = None  # (estimate, parts, counts) of each chunk, the best kept
-    options = []
+    options = []  # (estimate, parts, counts) of each chunk
     for s in range(1, max(1, max_splits) + 1):
         chunk = -(-longest // s)
         counts = np.clip(-(-lens // chunk), 1, max_splits)
         parts = int(counts.sum())
         if parts > MAX_PLAN_ITEMS:
             continue
-        est = (heads * (total + cta_cost_keys * parts) / sms
-               + tail_weight * (_longest_part_keys(lens, counts) + cta_cost_keys))
+        est = _estimate(heads, total, sms, parts, _longest_part_keys(lens, counts), cta_cost_keys,
+                        tail_weight)
         options.append((est, parts, counts))
-        if best is None or est < best:
-            best = est
+    best = min(o[0] for o in options)
     chosen = min((o for o in options if o[0] <= best * (1 + SPLIT_TOLERANCE)),
                  key=lambda o: (o[1], o[0]))
     uniform = decode_num_splits_for_lengths(lens, heads, sms, cta_cost_keys=cta_cost_keys,
                                             tail_weight=tail_weight, balanced_ratio=balanced_ratio,
                                             max_splits=max_splits)
-    uniform_estimate = (heads * (total + cta_cost_keys * batch * uniform) / sms
-                        + tail_weight * (-(-longest // uniform) + cta_cost_keys))
+    uniform_estimate = _estimate(heads, total, sms, batch * uniform, -(-longest // uniform),
+                                 cta_cost_keys, tail_weight)
     if uniform_estimate < min_gain * chosen[0]:
         return None
     return chosen[2].astype(np.int32)
