@@ -361,7 +361,9 @@ def measure_case(torch, fastattn, case, settings, gen, sleeper, copy_tbps, peers
 def case_summary(rec):
     """The figures a case is read by (seconds): fastattn's heuristic (also over the copy bound),
     its best fixed split count and FlashInfer's fastest path, and the fastest FlashInfer time over
-    the heuristic's and over the best fixed count's (> 1: fastattn faster)."""
+    the heuristic's and over the best fixed count's (> 1: fastattn faster); the planned wrapper,
+    the one planned count (over the wrapper and over the plan everywhere: > 1, the plan faster)
+    and the best split plan at fixed S."""
     im = rec["impls"]
     bound = rec["copy_bound_s"]
 
@@ -377,10 +379,13 @@ def case_summary(rec):
     always = t(PLANNED_ALWAYS)
     plans = {k: t(k) for k in im if k.startswith(SEQPLAN) and t(k)}
     best_plan = min(plans, key=plans.get) if plans else None
-    out = {"planned_uniform_s": uniform, "uniform_over_planned": uniform / planned if uniform and planned else None,
-           "planned_always_s": always, "uniform_over_always": uniform / always if uniform and always else None,
+    out = {"planned_uniform_s": uniform,
+           "uniform_over_planned": uniform / planned if uniform and planned else None,
+           "planned_always_s": always,
+           "uniform_over_always": uniform / always if uniform and always else None,
            "best_seqplan": best_plan, "best_seqplan_s": plans.get(best_plan),
-           "planned_over_best_seqplan": planned / plans[best_plan] if best_plan and planned else None,"heuristic_s": heur, "heuristic_over_bound": heur / bound if heur else None,
+           "planned_over_best_seqplan": planned / plans[best_plan] if best_plan and planned else None,
+           "heuristic_s": heur, "heuristic_over_bound": heur / bound if heur else None,
            "best_fixed": best_fixed, "best_fixed_s": fixed.get(best_fixed),
            "planned_s": planned, "planned_over_bound": planned / bound if planned else None,
            "best_flashinfer": best_peer, "best_flashinfer_s": peers.get(best_peer)}
