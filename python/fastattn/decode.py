@@ -70,6 +70,18 @@ MAX_SPLITS = 64
 PLAN_MIN_GAIN = 1.05
 
 
+def _rule_inputs(lengths: Sequence[int], num_kv_heads: int, sm_count: int):
+    """The split rules' arguments checked: (lengths as an int64 array, heads, SMs)."""
+    lens = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    heads = as_int(num_kv_heads, "num_kv_heads")
+    sms = as_int(sm_count, "sm_count")
+    if heads < 1 or sms < 1:
+        raise ValueError(f"num_kv_heads and sm_count must be >= 1, got {heads} and {sms}")
+    if lens.size and lens.min() < 0:
+        raise ValueError(f"lengths must be >= 0, got {int(lens.min())}")
+    return lens, heads, sms
+
+
 def _estimate(heads: int, total: int, sms: int, ctas_per_head: int, longest_part: int,
               cta_cost_keys: float, tail_weight: float) -> float:
     """The split rules' estimate of a call, in keys streamed by one SM: the batch's keys and every
@@ -102,13 +114,7 @@ def decode_num_splits_for_lengths(lengths: Sequence[int], num_kv_heads: int, sm_
         num_kv_heads: KV heads (the per-head kernel runs one CTA per KV head and split).
         sm_count: the GPU's SMs.
     """
-    lens = np.asarray(lengths, dtype=np.int64).reshape(-1)
-    heads = as_int(num_kv_heads, "num_kv_heads")
-    sms = as_int(sm_count, "sm_count")
-    if heads < 1 or sms < 1:
-        raise ValueError(f"num_kv_heads and sm_count must be >= 1, got {heads} and {sms}")
-    if lens.size and lens.min() < 0:
-        raise ValueError(f"lengths must be >= 0, got {int(lens.min())}")
+    lens, heads, sms = _rule_inputs(lengths, num_kv_heads, sm_count)
     batch = lens.size
     longest = int(lens.max()) if batch else 0
     total = int(lens.sum())
@@ -123,9 +129,10 @@ def decode_num_splits_for_lengths(lengths: Sequence[int], num_kv_heads: int, sm_
     return next(s for s, t in estimates if t <= best * (1 + SPLIT_TOLERANCE))
 
 
-# A split plan's bounds (KVCacheArgs::split_plan in include/fastattn/ops.h): work items, and the
-# unit of a work item's split (item = b + SPLIT_UNIT * split).
+# A split plan's bounds (KVCacheArgs::split_plan in include/fastattn/ops.h): work items, splits of
+# one sequence, and the unit of a work item's split (item = b + SPLIT_UNIT * split).
 MAX_PLAN_ITEMS = 65535
+MAX_PLAN_SPLITS = 1024
 SPLIT_UNIT = 65536
 # Keys per tile of the decode kernels: a part's keys are whole tiles of its sequence.
 TILE_KEYS = 64
@@ -163,13 +170,7 @@ def decode_split_counts_for_lengths(lengths: Sequence[int], num_kv_heads: int, s
     nothing to read, else None: near-uniform lengths (the capacity heuristic) and batches where
     the plan would gain less.
     """
-    lens = np.asarray(lengths, dtype=np.int64).reshape(-1)
-    heads = as_int(num_kv_heads, "num_kv_heads")
-    sms = as_int(sm_count, "sm_count")
-    if heads < 1 or sms < 1:
-        raise ValueError(f"num_kv_heads and sm_count must be >= 1, got {heads} and {sms}")
-    if lens.size and lens.min() < 0:
-        raise ValueError(f"lengths must be >= 0, got {int(lens.min())}")
+    lens, heads, sms = _rule_inputs(lengths, num_kv_heads, sm_count)
     batch = lens.size
     if batch > MAX_PLAN_ITEMS:
         raise ValueError(f"a split plan takes at most {MAX_PLAN_ITEMS} sequences, got {batch}")
@@ -216,9 +217,9 @@ def decode_split_plan(counts: Sequence[int], lengths: Optional[Sequence[int]] = 
     """
     c = np.asarray(counts, dtype=np.int64).reshape(-1)
     batch = c.size
-    if c.size and (c.min() < 1 or c.max() > 1024):
-        bad = int(c[(c < 1) | (c > 1024)][0])
-        raise ValueError(f"counts must be in 1..1024, got {bad}")
+    if c.size and (c.min() < 1 or c.max() > MAX_PLAN_SPLITS):
+        bad = int(c[(c < 1) | (c > MAX_PLAN_SPLITS)][0])
+        raise ValueError(f"counts must be in 1..{MAX_PLAN_SPLITS}, got {bad}")
     parts = int(c.sum())
     if batch > MAX_PLAN_ITEMS or parts > MAX_PLAN_ITEMS:
         raise ValueError(f"a split plan takes at most {MAX_PLAN_ITEMS} sequences and work items, "
