@@ -106,12 +106,13 @@ struct KVCacheArgs {
   /// identical results for a sequence whatever the rest of the batch.
   int num_splits = 0;
   /// A split count per sequence, planned on the host from the key lengths (CUDA; num_splits
-  /// must then be 0). (B + 1 + W) int32 on q's device, W = split_indptr[B] work items (B <= W
-  /// <= 65535):
+  /// must then be 0). (B + 1 + W) int32 on q's device, W work items (B <= W <= 65535):
   ///  - entries 0..B, split_indptr: sequence b is split into split_indptr[b + 1] - split_indptr[b]
   ///    parts (1..1024), its partial states at rows split_indptr[b] .. split_indptr[b + 1] - 1;
-  ///    split_indptr[0] = 0, non-decreasing;
-  ///  - then the W work items in launch order, item = b + 65536 * split (split < its count).
+  ///    split_indptr[0] = 0, non-decreasing, split_indptr[B] <= W;
+  ///  - then the W work items in launch order, item = b + 65536 * split (split < its count), each
+  ///    split listed once, and W - split_indptr[B] items of -1 (padding: no work). Padding lets a
+  ///    plan of one size W serve every step of a CUDA graph (the grid's size is captured).
   /// Part s of sequence b takes its s-th share of the key tiles, as num_splits splits do. On a GPU
   /// the contents are not read on the host: an entry out of range makes its work (or its
   /// sequence's merge) do nothing, with no access outside a tensor; the outputs of a sequence so

@@ -53,17 +53,26 @@ std::int64_t split_plan_items(ArgChecker& c, const TensorView& t, std::int64_t b
       c.fail_value(arg, "must give sequence " + std::to_string(b) + " 1.." + std::to_string(kMaxSplitPlanSplits) +
                             " splits (split_indptr[b + 1] - split_indptr[b]), got " + std::to_string(n));
   }
-  if (v[batch] != items)
-    c.fail_value(arg, "entry B (split_indptr[B]) must equal W = " + std::to_string(items) +
-                          ", the work items after it, got " + std::to_string(v[batch]));
-  std::vector<char> seen(static_cast<std::size_t>(items), 0);
+  if (v[batch] > items)
+    c.fail_value(arg, "entry B (split_indptr[B], the splits of all sequences) must be at most W = " +
+                          std::to_string(items) + ", the work items after it, got " + std::to_string(v[batch]));
+  std::vector<char> seen(static_cast<std::size_t>(v[batch]), 0);
+  std::int64_t padding = 0;
   for (std::int64_t w = 0; w < items; ++w) {
     const std::int32_t item = v[batch + 1 + w];
+    if (item == kSplitPlanPadding) {
+      ++padding;
+      continue;
+    }
     const std::int64_t b = item % kSplitPlanSplitUnit, s = item / kSplitPlanSplitUnit;
     if (item < 0 || b >= batch || s >= std::int64_t(v[b + 1]) - v[b] || seen[v[b] + s]++)
       c.fail_value(arg, "work item " + std::to_string(w) + " (" + std::to_string(item) +
-                            ") must be b + 65536 * split for a split of a sequence b < B, each listed once");
+                            ") must be b + 65536 * split for a split of a sequence b < B, each listed once, "
+                            "or -1 (padding)");
   }
+  if (padding != items - v[batch])
+    c.fail_value(arg, "must list every split of every sequence once: " + std::to_string(items - padding) +
+                          " work items for split_indptr[B] = " + std::to_string(v[batch]) + " splits");
   return items;
 }
 

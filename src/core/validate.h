@@ -42,6 +42,8 @@ struct VarlenDims {
 constexpr std::int64_t kMaxSplitPlanItems = 65535;
 constexpr std::int64_t kMaxSplitPlanSplits = 1024;
 constexpr std::int64_t kSplitPlanSplitUnit = 65536;
+/// A split plan's padding item: no work (a plan of fixed size W for a CUDA graph's fixed grid).
+constexpr std::int32_t kSplitPlanPadding = -1;
 
 struct KVCacheDims {
   AttentionDims a;  ///< seqlen_k unused

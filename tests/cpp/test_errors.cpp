@@ -337,6 +337,9 @@ TEST(Errors, ValidKVCacheBaselinesRun) {
     KVFix planned(p);
     planned.a.split_plan = planned.ints({0, 1, 3, 65536 + 1, 0, 1});  // counts 1, 2; any item order
     ASSERT_NO_THROW(planned.run()) << p << " with a split plan";
+    KVFix padded(p);  // the same plan padded to W = 5 (a CUDA graph's fixed grid)
+    padded.a.split_plan = padded.ints({0, 1, 3, -1, 65536 + 1, 0, -1, 1});
+    ASSERT_NO_THROW(padded.run()) << p << " with a padded split plan";
   }
 }
 
@@ -407,6 +410,12 @@ TEST(Errors, KVCache) {
           f.a.split_plan = f.ints({0, 1, 3, 0, 1, 131073}));
   KV_CASE(0, ValueError, (N{"split_plan"}), "split_plan item listed twice",
           f.a.split_plan = f.ints({0, 1, 3, 0, 1, 1}));
+  KV_CASE(0, ValueError, (N{"split_plan"}), "split_plan's indptr past its items",
+          f.a.split_plan = f.ints({0, 2, 4, 0, 1, 65536}));
+  KV_CASE(0, ValueError, (N{"split_plan"}), "split_plan padding in place of a split",
+          f.a.split_plan = f.ints({0, 1, 3, 0, 1, -1}));
+  KV_CASE(0, ValueError, (N{"split_plan"}), "split_plan item negative but not -1",
+          f.a.split_plan = f.ints({0, 1, 3, 0, 1, 65537, -2}));
   KV_CASE(0, ValueError, (N{"split_plan"}), "split_plan item's sequence past B",
           f.a.split_plan = f.ints({0, 1, 3, 0, 2, 65537}));
   KV_CASE(0, TypeError, (N{"workspace"}), "workspace float32", f.a.workspace = f.add(HostTensor(DType::kFloat32, {1 << 16})).view());

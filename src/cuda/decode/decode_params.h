@@ -102,7 +102,8 @@ struct DecodeParams {
   /// attention grid is (heads_kv x row blocks, plan_items), one CTA per (work item, head, row
   /// block) of the per-head kernels; partial states are rows split_indptr[b] + split of
   /// (plan_items, Hq, Sq) and (plan_items, Hq, Sq, D); a sequence of one split writes out itself.
-  /// Entries out of range make a CTA or a merge do nothing (resolve_decode_work, combine_kernel).
+  /// Padding items (-1, a plan of fixed size under a CUDA graph) and entries out of range make a
+  /// CTA or a merge do nothing (resolve_decode_work, combine_kernel).
   const std::int32_t* split_plan = nullptr;
   int plan_items = 0;
   /// Set by run_decode from the current device. The GPU has programmatic dependent launch
