@@ -30,6 +30,8 @@ from .cascade import (
 )
 from .decode import (
     BatchDecodeWithPagedKVCacheWrapper,
+    decode_graph_plan_items,
+    decode_graph_split_counts,
     decode_num_splits_for_lengths,
     decode_split_counts_for_lengths,
     decode_split_plan,
@@ -80,6 +82,8 @@ __all__ = [
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_with_kvcache",
     "BatchDecodeWithPagedKVCacheWrapper",
+    "decode_graph_plan_items",
+    "decode_graph_split_counts",
     "decode_num_splits_for_lengths",
     "decode_split_counts_for_lengths",
     "decode_split_plan",

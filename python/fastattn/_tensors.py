@@ -206,6 +206,23 @@ def host_ints(x) -> np.ndarray:
     return np.asarray(x).astype(np.int64)
 
 
+def write_ints(dst: Any, host: np.ndarray) -> None:
+    """Copy the int32 numpy array `host` into dst[:host.size] in place: for torch and cupy on a
+    GPU, a host-to-device copy ordered on the caller's current stream."""
+    fw = framework(dst)
+    n = int(host.size)
+    if fw == "torch":
+        import torch
+
+        dst[:n].copy_(torch.from_numpy(np.ascontiguousarray(host, dtype=np.int32)))
+    elif fw == "cupy":
+        dst[:n].set(np.ascontiguousarray(host, dtype=np.int32))
+    elif fw == "numpy":
+        dst[:n] = host
+    else:
+        raise TypeError(f"cannot write into a {type(dst).__name__} in place (torch, cupy or numpy)")
+
+
 def usable_workspace(ws, like) -> bool:
     """A caller's buffer the GPU op can use as scratch: a contiguous uint8 array on like's device."""
     if framework(ws) != framework(like) or not is_cuda(ws):

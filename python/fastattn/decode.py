@@ -16,6 +16,7 @@ built from the page lists); this module only plans and maps arguments.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -30,6 +31,7 @@ from ._tensors import (
     empty,
     exec_kwargs,
     finalize,
+    framework,
     host_ints,
     is_cuda,
     nhd_pages,
@@ -37,9 +39,11 @@ from ._tensors import (
     optional_float,
     prepare,
     usable_workspace,
+    write_ints,
 )
 
-__all__ = ["BatchDecodeWithPagedKVCacheWrapper", "decode_num_splits_for_lengths",
+__all__ = ["BatchDecodeWithPagedKVCacheWrapper", "decode_graph_plan_items",
+           "decode_graph_split_counts", "decode_num_splits_for_lengths",
            "decode_split_counts_for_lengths", "decode_split_plan"]
 
 # The split rule's constants, fitted to a sweep of fixed split counts on an H200 at bf16, head_dim
@@ -134,6 +138,12 @@ def decode_num_splits_for_lengths(lengths: Sequence[int], num_kv_heads: int, sm_
 MAX_PLAN_ITEMS = 65535
 MAX_PLAN_SPLITS = 1024
 SPLIT_UNIT = 65536
+# A padding work item (no work): plans of one size for every step of a CUDA graph.
+PLAN_PADDING = -1
+# A CUDA-graph plan's work items beyond one a sequence, in waves of the GPU per KV head (one CTA
+# per SM): room for the splits of the steps' longest sequences, and a bound on the padding CTAs
+# of the steps that need none (bench/NOTES.md, session 67).
+GRAPH_EXTRA_WAVES = 2
 # Keys per tile of the decode kernels: a part's keys are whole tiles of its sequence.
 TILE_KEYS = 64
 
@@ -145,6 +155,24 @@ def _tiles(lens: np.ndarray) -> np.ndarray:
 def _longest_part_keys(lens: np.ndarray, counts: np.ndarray) -> int:
     """Keys of the longest part when sequence b's tiles are split into counts[b] parts."""
     return int((-(-_tiles(lens) // counts)).max()) * TILE_KEYS if lens.size else 0
+
+
+def _chunk_counts(lens: np.ndarray, max_splits: int, max_parts: int):
+    """The counts of the chunk rule's options: sequences cut into parts of about ceil(longest /
+    S) keys, S = 1..max_splits, each count 1..max_splits; only options of at most max_parts."""
+    longest = int(lens.max())
+    for s in range(1, max(1, max_splits) + 1):
+        counts = np.clip(-(-lens // -(-longest // s)), 1, max_splits)
+        if int(counts.sum()) <= max_parts:
+            yield counts
+
+
+def _fewest_parts_near_best(options):
+    """Of (estimate, parts, counts) options, the fewest parts within SPLIT_TOLERANCE of the best
+    estimate (fewer partial states to write and merge)."""
+    best = min(o[0] for o in options)
+    return min((o for o in options if o[0] <= best * (1 + SPLIT_TOLERANCE)),
+               key=lambda o: (o[1], o[0]))
 
 
 def decode_split_counts_for_lengths(lengths: Sequence[int], num_kv_heads: int, sm_count: int,
@@ -180,19 +208,10 @@ def decode_split_counts_for_lengths(lengths: Sequence[int], num_kv_heads: int, s
         return np.ones(batch, dtype=np.int32)
     if longest * batch <= balanced_ratio * total:
         return None
-    options = []  # (estimate, parts, counts) of each chunk
-    for s in range(1, max(1, max_splits) + 1):
-        chunk = -(-longest // s)
-        counts = np.clip(-(-lens // chunk), 1, max_splits)
-        parts = int(counts.sum())
-        if parts > MAX_PLAN_ITEMS:
-            continue
-        est = _estimate(heads, total, sms, parts, _longest_part_keys(lens, counts), cta_cost_keys,
-                        tail_weight)
-        options.append((est, parts, counts))
-    best = min(o[0] for o in options)
-    chosen = min((o for o in options if o[0] <= best * (1 + SPLIT_TOLERANCE)),
-                 key=lambda o: (o[1], o[0]))
+    options = [(_estimate(heads, total, sms, int(counts.sum()), _longest_part_keys(lens, counts),
+                          cta_cost_keys, tail_weight), int(counts.sum()), counts)
+               for counts in _chunk_counts(lens, max_splits, MAX_PLAN_ITEMS)]
+    chosen = _fewest_parts_near_best(options)
     uniform = decode_num_splits_for_lengths(lens, heads, sms, cta_cost_keys=cta_cost_keys,
                                             tail_weight=tail_weight, balanced_ratio=balanced_ratio,
                                             max_splits=max_splits)
@@ -203,17 +222,22 @@ def decode_split_counts_for_lengths(lengths: Sequence[int], num_kv_heads: int, s
     return chosen[2].astype(np.int32)
 
 
-def decode_split_plan(counts: Sequence[int], lengths: Optional[Sequence[int]] = None) -> np.ndarray:
+def decode_split_plan(counts: Sequence[int], lengths: Optional[Sequence[int]] = None, *,
+                      items: Optional[int] = None) -> np.ndarray:
     """The split plan of ``flash_attn_with_kvcache(..., split_plan=)`` for split counts per
-    sequence: a (batch + 1 + W) int32 host array (copy it to q's device), W = sum(counts).
+    sequence: a (batch + 1 + W) int32 host array (copy it to q's device), W = sum(counts), or
+    ``items`` when given.
 
-    Entries 0..batch are split_indptr (the cumulative counts from 0); then the W work items,
+    Entries 0..batch are split_indptr (the cumulative counts from 0); then the work items,
     b + 65536 x split, in launch order: with ``lengths`` (the key lengths) the longest parts
-    first, so that the grid's tail holds the short ones; else by sequence.
+    first, so that the grid's tail holds the short ones; else by sequence. Then items - sum(counts)
+    padding items (-1, no work), last in the launch.
 
     Arguments:
         counts: (batch,) ints in 1..1024 (:func:`decode_split_counts_for_lengths`).
         lengths: optional (batch,) key lengths >= 0, only to order the work items.
+        items: the plan's size W >= sum(counts) (a CUDA graph's fixed grid:
+            :func:`decode_graph_plan_items`); None: sum(counts).
     """
     c = np.asarray(counts, dtype=np.int64).reshape(-1)
     batch = c.size
@@ -221,9 +245,12 @@ def decode_split_plan(counts: Sequence[int], lengths: Optional[Sequence[int]] = 
         bad = int(c[(c < 1) | (c > MAX_PLAN_SPLITS)][0])
         raise ValueError(f"counts must be in 1..{MAX_PLAN_SPLITS}, got {bad}")
     parts = int(c.sum())
-    if batch > MAX_PLAN_ITEMS or parts > MAX_PLAN_ITEMS:
+    size = parts if items is None else as_int(items, "items")
+    if size < parts:
+        raise ValueError(f"items must be at least the splits' sum {parts}, got {size}")
+    if batch > MAX_PLAN_ITEMS or size > MAX_PLAN_ITEMS:
         raise ValueError(f"a split plan takes at most {MAX_PLAN_ITEMS} sequences and work items, "
-                         f"got {batch} sequences and {parts} items")
+                         f"got {batch} sequences and {size} items")
     seq = np.repeat(np.arange(batch, dtype=np.int64), c)
     split = np.arange(parts, dtype=np.int64) - np.repeat(np.cumsum(c) - c, c)
     if lengths is not None:
@@ -235,11 +262,56 @@ def decode_split_plan(counts: Sequence[int], lengths: Optional[Sequence[int]] = 
         part_tiles = np.clip(tiles[seq] - split * per[seq], 0, per[seq])
         order = np.argsort(-part_tiles, kind="stable")
         seq, split = seq[order], split[order]
-    plan = np.empty(batch + 1 + parts, dtype=np.int32)
+    plan = np.full(batch + 1 + size, PLAN_PADDING, dtype=np.int32)
     plan[0] = 0
     plan[1:batch + 1] = np.cumsum(c)
-    plan[batch + 1:] = seq + SPLIT_UNIT * split
+    plan[batch + 1:batch + 1 + parts] = seq + SPLIT_UNIT * split
     return plan
+
+
+def decode_graph_plan_items(batch: int, num_kv_heads: int, sm_count: int, *,
+                            extra_waves: float = GRAPH_EXTRA_WAVES) -> int:
+    """The work items W of a CUDA-graph decode plan (the captured grid's fixed size): one per
+    sequence and ceil(extra_waves x sm_count / num_kv_heads) more, at most MAX_PLAN_ITEMS. The
+    plan of each step uses up to W parts (:func:`decode_graph_split_counts`) and pads the rest
+    (a padding CTA ends at once; at most extra_waves waves of them)."""
+    b = as_int(batch, "batch")
+    heads = as_int(num_kv_heads, "num_kv_heads")
+    sms = as_int(sm_count, "sm_count")
+    if b < 0 or heads < 1 or sms < 1:
+        raise ValueError(f"batch must be >= 0 and num_kv_heads, sm_count >= 1, got {b}, {heads}, {sms}")
+    if b > MAX_PLAN_ITEMS:
+        raise ValueError(f"a split plan takes at most {MAX_PLAN_ITEMS} sequences, got {b}")
+    return min(MAX_PLAN_ITEMS, b + int(math.ceil(extra_waves * sms / heads)))
+
+
+def decode_graph_split_counts(lengths: Sequence[int], num_kv_heads: int, sm_count: int,
+                              max_parts: int, *, cta_cost_keys: int = CTA_COST_KEYS,
+                              tail_weight: float = TAIL_WEIGHT,
+                              max_splits: int = MAX_SPLITS) -> np.ndarray:
+    """A split count per sequence, at most max_parts parts in all, for a plan of fixed size (a
+    CUDA graph's: :func:`decode_graph_plan_items`). Unlike
+    :func:`decode_split_counts_for_lengths` it always gives counts: a captured launch cannot switch
+    to the capacity heuristic's forms on the steps where one count would serve.
+
+    The options are the chunk rule's counts and one count S = 1..max_splits for every sequence,
+    those of at most max_parts parts; the estimate of :func:`decode_split_counts_for_lengths`
+    picks among them, the fewest parts within SPLIT_TOLERANCE of the best. Returns (batch,) int32.
+    """
+    lens, heads, sms = _rule_inputs(lengths, num_kv_heads, sm_count)
+    batch = lens.size
+    cap = as_int(max_parts, "max_parts")
+    if cap < batch:
+        raise ValueError(f"max_parts must be at least the batch ({batch}), got {cap}")
+    if batch == 0 or int(lens.max()) == 0:
+        return np.ones(batch, dtype=np.int32)
+    total = int(lens.sum())
+    uniform = (np.full(batch, s, dtype=np.int64) for s in range(1, max(1, max_splits) + 1)
+               if batch * s <= cap)
+    options = [(_estimate(heads, total, sms, int(counts.sum()), _longest_part_keys(lens, counts),
+                          cta_cost_keys, tail_weight), int(counts.sum()), counts)
+               for gen in (_chunk_counts(lens, max_splits, cap), uniform) for counts in gen]
+    return _fewest_parts_near_best(options)[2].astype(np.int32)
 
 
 def csr_to_block_table(indptr: np.ndarray, indices: np.ndarray) -> np.ndarray:
@@ -257,6 +329,58 @@ def csr_to_block_table(indptr: np.ndarray, indices: np.ndarray) -> np.ndarray:
     return table
 
 
+def _int32_vector(x, name: str, ws) -> None:
+    """Check a CUDA-graph buffer: a 1-D contiguous int32 array on the workspace's device kind."""
+    if x is None:
+        raise ValueError(f"{name} is required with use_cuda_graph=True (the captured launch reads "
+                         f"the page lists from it in place)")
+    check_array(x, name)
+    if len(x.shape) != 1 or dtype_name(x.dtype) != "int32":
+        raise ValueError(f"{name} must be a 1-D int32 array, got shape {tuple(x.shape)} and dtype "
+                         f"{dtype_name(x.dtype)}")
+    if framework(x) not in ("torch", "cupy", "numpy"):
+        raise TypeError(f"{name} must be a torch, cupy or numpy array (written in place by plan()), "
+                        f"got {type(x).__name__}")
+    contiguous = x.is_contiguous() if framework(x) == "torch" else x.flags.c_contiguous
+    if not contiguous:
+        raise ValueError(f"{name} must be contiguous")
+    if is_cuda(x) != is_cuda(ws):
+        where = "a CUDA device" if is_cuda(ws) else "the host"
+        raise ValueError(f"{name} must be on the device of float_workspace_buffer ({where})")
+
+
+class _GraphBuffers:
+    """The device arrays a captured run() reads in place (use_cuda_graph=True): the caller's page
+    lists (indptr (B + 1), indices (capacity), last_page_len (B)), and the wrapper's key lengths
+    (B) and split plan (B + 1 + W, allocated by the first plan(), whose KV heads fix W)."""
+
+    def __init__(self, ws, indptr, indices, last_page_len):
+        _int32_vector(indptr, "paged_kv_indptr_buffer", ws)
+        _int32_vector(indices, "paged_kv_indices_buffer", ws)
+        _int32_vector(last_page_len, "paged_kv_last_page_len_buffer", ws)
+        self.batch = int(indptr.shape[0]) - 1
+        if self.batch < 0:
+            raise ValueError("paged_kv_indptr_buffer must have batch_size + 1 >= 1 entries, got 0")
+        if int(last_page_len.shape[0]) != self.batch:
+            raise ValueError(f"paged_kv_last_page_len_buffer must have batch_size = "
+                             f"len(paged_kv_indptr_buffer) - 1 = {self.batch} entries, got "
+                             f"{int(last_page_len.shape[0])}")
+        self.indptr, self.indices, self.last_page_len = indptr, indices, last_page_len
+        self.seqlens = empty(indptr, (self.batch,), "int32")
+        self.split_plan = None
+        self.num_kv_heads = None
+
+    def plan_buffer(self, num_kv_heads: int, items: int):
+        """The split plan's device array; its size is fixed by the first plan's KV heads."""
+        if self.split_plan is None:
+            self.split_plan = empty(self.indptr, (self.batch + 1 + items,), "int32")
+            self.num_kv_heads = num_kv_heads
+        elif num_kv_heads != self.num_kv_heads:
+            raise ValueError(f"num_kv_heads must stay {self.num_kv_heads} with use_cuda_graph=True "
+                             f"(the captured grid holds the first plan's size), got {num_kv_heads}")
+        return self.split_plan
+
+
 class BatchDecodeWithPagedKVCacheWrapper:
     """Batch decode (one query per request) over a paged KV cache: FlashInfer's interface.
 
@@ -266,11 +390,18 @@ class BatchDecodeWithPagedKVCacheWrapper:
     device) or one count for the batch (:func:`decode_num_splits_for_lengths`). ``run()``
     neither synchronises nor allocates outside the caller's allocator.
 
+    With ``use_cuda_graph=True`` ``run()`` can be captured in a CUDA graph and replayed after each
+    step's ``plan()``: the batch size is fixed by ``paged_kv_indptr_buffer`` (batch_size + 1
+    int32 entries), the page ids go to ``paged_kv_indices_buffer`` (its length is the most pages
+    a step may use) and the last pages' lengths to ``paged_kv_last_page_len_buffer``. ``plan()``
+    copies each step's lists into them (on the caller's current stream) with the key lengths and
+    a split plan of fixed size (:func:`decode_graph_plan_items`, padded) into the wrapper's own
+    device arrays, so that the captured launch reads them in place; the float workspace must
+    hold the call's partial states (``run()`` says how much when it does not).
+
     Supported: NHD layout; ``pos_encoding_mode`` "NONE"; ``window_left``; ``logits_soft_cap``;
     ``sm_scale``; GQA / MQA; ``return_lse`` (natural-log LSE, unlike FlashInfer's base 2: see
-    :func:`fastattn.lse_base2_to_natural`). Not supported (a clear error): ``use_cuda_graph``
-    (a capture would keep one plan's split count and block table: graph callers use
-    ``flash_attn_with_kvcache``, which plans without reading lengths), fused RoPE, ALiBi mode,
+    :func:`fastattn.lse_base2_to_natural`). Not supported (a clear error): fused RoPE, ALiBi mode,
     fp8 scales, sinks, ``fixed_split_size`` and more than one query per request.
     """
 
@@ -284,18 +415,21 @@ class BatchDecodeWithPagedKVCacheWrapper:
                 f"kv_layout must be 'NHD' (the only layout fastattn supports: pages "
                 f"(max_num_pages, 2, page_size, num_kv_heads, head_dim)), got {kv_layout!r}"
             )
-        if use_cuda_graph:
-            raise NotImplementedError(
-                "use_cuda_graph=True is not supported by fastattn's decode wrapper (a captured "
-                "run would keep one plan's split count and block table); for CUDA graphs call "
-                "fastattn.flash_attn_with_kvcache, which plans without reading the lengths"
-            )
         if jit_args is not None:
             raise NotImplementedError("jit_args (FlashInfer's JIT variants) are not supported")
         # use_tensor_cores and backend choose among FlashInfer's kernels; fastattn has one path.
         self._kv_layout = kv_layout
         self._workspace_buffer = float_workspace_buffer
         self._plan: Optional[dict] = None
+        self._graph: Optional[_GraphBuffers] = None
+        if use_cuda_graph:
+            self._graph = _GraphBuffers(float_workspace_buffer, paged_kv_indptr_buffer,
+                                        paged_kv_indices_buffer, paged_kv_last_page_len_buffer)
+
+    @property
+    def is_cuda_graph_enabled(self) -> bool:
+        """Whether the wrapper was made with use_cuda_graph=True (FlashInfer's name)."""
+        return self._graph is not None
 
     def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffer=None) -> None:
         """Replace the workspace buffer (the int buffer of FlashInfer's signature is unused)."""
@@ -378,15 +512,13 @@ class BatchDecodeWithPagedKVCacheWrapper:
         left = as_int(window_left, "window_left")
         attended = lengths if left < 0 else np.minimum(lengths, left + 1)  # the query's keys
         ws = self._workspace_buffer
-        counts = None  # a count per sequence (a split plan), else the uniform `splits`
-        splits = 0     # the capacity heuristic; on the CPU the backend plans its own threads
-        if disable_split_kv:
-            splits = 1
-        elif is_cuda(ws):
-            sms = device_sm_count(ws)
-            counts = decode_split_counts_for_lengths(attended, heads_kv, sms)
-            if counts is None:
-                splits = decode_num_splits_for_lengths(attended, heads_kv, sms)
+        sms = device_sm_count(ws) if is_cuda(ws) else 1  # on the CPU the backend plans its threads
+        if self._graph is not None:
+            pages_on_device = self._plan_graph(ip, used, last, lengths, attended, heads_kv, sms,
+                                               disable_split_kv)
+        else:
+            pages_on_device = self._plan_arrays(ws, ip, used, lengths, attended, heads_kv, sms,
+                                                disable_split_kv)
         self._plan = {
             "batch": batch,
             "num_qo_heads": heads_q,
@@ -399,13 +531,61 @@ class BatchDecodeWithPagedKVCacheWrapper:
             "sm_scale": optional_float(sm_scale, "sm_scale"),
             "max_page_id": int(used.max()) if used.size else -1,
             "lengths": lengths,
+            "workspace_ok": {},  # (shapes) -> whether the workspace buffer is large enough
+            **pages_on_device,
+        }
+
+    def _plan_arrays(self, ws, ip, used, lengths, attended, heads_kv, sms, disable_split_kv) -> dict:
+        """plan()'s device arrays, new ones each step: a block table, the key lengths and the
+        splits (a split plan, or one count for the batch)."""
+        counts = None  # a count per sequence (a split plan), else the uniform `splits`
+        splits = 0     # the capacity heuristic; on the CPU the backend plans its own threads
+        if disable_split_kv:
+            splits = 1
+        elif is_cuda(ws):
+            counts = decode_split_counts_for_lengths(attended, heads_kv, sms)
+            if counts is None:
+                splits = decode_num_splits_for_lengths(attended, heads_kv, sms)
+        return {
             "num_splits": splits,
             "split_counts": counts,
             "split_plan": (None if counts is None
                            else on_device_of(ws, decode_split_plan(counts, attended))),
             "block_table": on_device_of(ws, csr_to_block_table(ip - ip[0], used.astype(np.int32))),
+            "page_indptr": None,
+            "page_indices": None,
             "seqlens": on_device_of(ws, lengths.astype(np.int32)),
-            "workspace_ok": {},  # (shapes) -> whether the workspace buffer is large enough
+        }
+
+    def _plan_graph(self, ip, used, last, lengths, attended, heads_kv, sms, disable_split_kv) -> dict:
+        """plan()'s device arrays with use_cuda_graph=True: this step's page lists, key lengths
+        and split plan (of the fixed size) written into the arrays the captured run() reads."""
+        g = self._graph
+        batch = ip.size - 1
+        if batch != g.batch:
+            raise ValueError(f"indptr must have batch_size + 1 = {g.batch + 1} entries with "
+                             f"use_cuda_graph=True (paged_kv_indptr_buffer fixes the batch), got "
+                             f"{ip.size}")
+        if used.size > int(g.indices.shape[0]):
+            raise ValueError(f"indices hold {used.size} pages, more than "
+                             f"paged_kv_indices_buffer's {int(g.indices.shape[0])}")
+        items = decode_graph_plan_items(batch, heads_kv, sms)
+        plan_buffer = g.plan_buffer(heads_kv, items)
+        counts = (np.ones(batch, dtype=np.int32) if disable_split_kv
+                  else decode_graph_split_counts(attended, heads_kv, sms, items))
+        write_ints(g.indptr, (ip - ip[0]).astype(np.int32))
+        write_ints(g.indices, used.astype(np.int32))
+        write_ints(g.last_page_len, last.astype(np.int32))
+        write_ints(g.seqlens, lengths.astype(np.int32))
+        write_ints(plan_buffer, decode_split_plan(counts, attended, items=items))
+        return {
+            "num_splits": 0,
+            "split_counts": counts,
+            "split_plan": plan_buffer,
+            "block_table": None,
+            "page_indptr": g.indptr,
+            "page_indices": g.indices,
+            "seqlens": g.seqlens,
         }
 
     begin_forward = plan
@@ -502,7 +682,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
             q=prepare(q[:, None]), k_cache=prepare(k_pages), v_cache=prepare(v_pages),
             k=None, v=None, rotary_cos=None, rotary_sin=None, rotary_interleaved=True,
             cache_seqlens=plan["seqlens"], cache_batch_idx=None, cache_leftpad=None,
-            block_table=plan["block_table"], num_splits=plan["num_splits"],
+            block_table=plan["block_table"], page_indptr=plan["page_indptr"],
+            page_indices=plan["page_indices"], num_splits=plan["num_splits"],
             split_plan=plan["split_plan"],
             out=o[:, None], lse=lse[:, :, None] if lse is not None else None,
             softmax_scale=plan["sm_scale"], causal=False, window_left=left,
@@ -515,6 +696,12 @@ class BatchDecodeWithPagedKVCacheWrapper:
             if key not in plan["workspace_ok"]:
                 need = _C.kvcache_workspace_bytes(**call) if usable_workspace(ws, q) else None
                 plan["workspace_ok"][key] = need is not None and need <= int(ws.nbytes)
+                if self._graph is not None and not plan["workspace_ok"][key]:
+                    # A captured call must not allocate: its partial states live in the buffer.
+                    raise ValueError(
+                        f"float_workspace_buffer must be a contiguous uint8 array on q's device "
+                        f"of at least {_C.kvcache_workspace_bytes(**call)} bytes with "
+                        f"use_cuda_graph=True, got {dtype_name(ws.dtype)} of {int(ws.nbytes)} bytes")
             if plan["workspace_ok"][key]:
                 workspace = ws
             else:

@@ -135,7 +135,7 @@ def test_decode_wrapper_errors(rng):
 
     with pytest.raises(ValueError, match="kv_layout must be 'NHD'"):
         fastattn.BatchDecodeWithPagedKVCacheWrapper(ws, "HND")
-    with pytest.raises(NotImplementedError, match="use_cuda_graph"):
+    with pytest.raises(ValueError, match="paged_kv_indptr_buffer is required with use_cuda_graph"):
         fastattn.BatchDecodeWithPagedKVCacheWrapper(ws, use_cuda_graph=True)
     with pytest.raises(NotImplementedError, match="pos_encoding_mode"):
         plan(pos_encoding_mode="ROPE_LLAMA")
@@ -300,6 +300,17 @@ def test_split_plan_layout(rng):
         assert sizes == sorted(sizes, reverse=True)
 
 
+def test_split_plan_padded():
+    """items > sum(counts): the splits as without, then padding items (-1) to the plan's size."""
+    plan = fastattn.decode_split_plan([1, 3, 2], [100, 640, 130], items=9)
+    assert plan.tolist() == [0, 1, 4, 6, 1, 65537, 0, 131073, 2, 65538, -1, -1, -1]
+    assert fastattn.decode_split_plan([1, 2], items=3).tolist() == [0, 1, 3, 0, 1, 65537]
+    with pytest.raises(ValueError, match="items must be at least the splits' sum 3, got 2"):
+        fastattn.decode_split_plan([1, 2], items=2)
+    with pytest.raises(ValueError, match="at most 65535"):
+        fastattn.decode_split_plan([1, 2], items=65536)
+
+
 def test_split_plan_errors():
     with pytest.raises(ValueError, match="counts must be in 1..1024, got 0"):
         fastattn.decode_split_plan([2, 0])
@@ -335,6 +346,10 @@ def test_kvcache_split_plan_cpu(rng, paged):
     plan = fastattn.decode_split_plan([2, 1, 1, 7], lens)
     out = fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=int32(lens), block_table=table,
                                            split_plan=plan, out=nan_like(q))
+    padded = fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=int32(lens), block_table=table,
+                                              split_plan=fastattn.decode_split_plan([2, 1, 1, 7], lens,
+                                                                                    items=15))
+    assert np.array_equal(to64(padded), to64(out))
     for i, n in enumerate(lens):
         k, v = k_of(i), v_of(i)
         s = np.einsum("hd,khd->hk", q64[i, 0], np.repeat(k, hq // hkv, axis=1)) / math.sqrt(d)
@@ -365,3 +380,150 @@ def test_decode_wrapper_plans_no_counts_on_the_cpu(rng):
     w = fastattn.BatchDecodeWithPagedKVCacheWrapper(np.empty(1 << 20, np.uint8))
     w.plan(indptr, indices, last, 8, 2, 64, 16, q_data_type="float32")
     assert w.num_splits == 0 and w.split_counts is None
+
+
+# ---- CUDA-graph mode (use_cuda_graph=True): fixed buffers and a plan of fixed size -----------
+
+
+def graph_options_estimate(lens, heads, sms, cap):
+    """decode_graph_split_counts' documented choice, written out with plain loops: the chunk
+    rule's counts and uniform counts of at most cap parts, the fewest parts within the tolerance
+    of the best estimate."""
+    from fastattn import decode as dec
+    options = []
+    for s in range(1, dec.MAX_SPLITS + 1):
+        chunk = math.ceil(max(lens) / s)
+        for counts in ([min(dec.MAX_SPLITS, max(1, math.ceil(n / chunk))) for n in lens], [s] * len(lens)):
+            if sum(counts) <= cap:
+                options.append((plan_estimate(lens, counts, heads, sms, dec.CTA_COST_KEYS,
+                                              dec.TAIL_WEIGHT), sum(counts), counts))
+    best = min(o[0] for o in options)
+    return min((o for o in options if o[0] <= best * (1 + dec.SPLIT_TOLERANCE)), key=lambda o: (o[1], o[0]))
+
+
+def test_graph_plan_items_and_counts(rng):
+    """The plan's fixed size is batch + ceil(GRAPH_EXTRA_WAVES x SMs / heads); the counts are the
+    estimate's best of at most that many parts, for ragged and equal lengths alike (never None)."""
+    from fastattn import decode as dec
+    assert fastattn.decode_graph_plan_items(32, 8, 132) == 32 + math.ceil(dec.GRAPH_EXTRA_WAVES * 132 / 8)
+    assert fastattn.decode_graph_plan_items(65530, 1, 132) == 65535
+    assert fastattn.decode_graph_plan_items(0, 8, 132, extra_waves=1) == 17
+    for _ in range(40):
+        batch = int(rng.integers(1, 200))
+        heads = int(rng.choice([1, 2, 8, 32]))
+        lens = [int(x) for x in rng.integers(0, 4096, size=batch)]
+        if rng.random() < 0.5:
+            lens[int(rng.integers(batch))] = int(rng.integers(8192, 200000))
+        if rng.random() < 0.2:
+            lens = [lens[0]] * batch
+        if max(lens) == 0:
+            continue
+        cap = fastattn.decode_graph_plan_items(batch, heads, 132)
+        got = fastattn.decode_graph_split_counts(lens, heads, 132, cap)
+        want = graph_options_estimate(lens, heads, 132, cap)
+        assert got.dtype == np.int32 and got.tolist() == want[2], (batch, heads)
+        assert got.sum() <= cap and got.min() >= 1
+    assert fastattn.decode_graph_split_counts([0, 0], 8, 132, 2).tolist() == [1, 1]
+    # Equal lengths: one count for every sequence (the capacity heuristic is not an option).
+    got = fastattn.decode_graph_split_counts([32768] * 2, 8, 132, 2 + 33)
+    assert len(set(got.tolist())) == 1 and got[0] > 1
+    with pytest.raises(ValueError, match="max_parts must be at least the batch \\(3\\), got 2"):
+        fastattn.decode_graph_split_counts([5, 6, 7], 8, 132, 2)
+    with pytest.raises(ValueError, match="num_kv_heads, sm_count >= 1"):
+        fastattn.decode_graph_plan_items(4, 0, 132)
+
+
+def graph_wrapper(batch, capacity, workspace=1 << 20):
+    """A use_cuda_graph wrapper over sentinel-filled numpy buffers."""
+    bufs = (np.full(batch + 1, -7, np.int32), np.full(capacity, -7, np.int32),
+            np.full(batch, -7, np.int32))
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(
+        np.empty(workspace, np.uint8), "NHD", use_cuda_graph=True, paged_kv_indptr_buffer=bufs[0],
+        paged_kv_indices_buffer=bufs[1], paged_kv_last_page_len_buffer=bufs[2])
+    return w, bufs
+
+
+def test_decode_wrapper_graph_mode_cpu(rng):
+    """use_cuda_graph=True over numpy buffers, several steps of new ragged lengths on one wrapper:
+    plan() writes each step's lists into the caller's buffers (indptr from 0, the indices' first
+    entries only, last_page_len) and a padded plan of fixed size; run() reads them and matches the
+    float64 reference with poisoned outputs; the cache is unchanged."""
+    hq, hkv, d, ps, batch, capacity = 8, 2, 32, 16, 5, 100
+    w, (ip_buf, idx_buf, last_buf) = graph_wrapper(batch, capacity)
+    assert w.is_cuda_graph_enabled
+    kv, kv64 = randn(rng, (capacity + 4, 2, ps, hkv, d), "float32")
+    before = kv.copy()
+    size = None
+    for step in range(4):
+        lens = [int(x) for x in rng.integers(0, 160, size=batch)]
+        lens[int(rng.integers(batch))] = 0 if step == 1 else int(rng.integers(300, 700))
+        indptr, indices, last, _ = make_pages(rng, lens, ps, spare=0)
+        indices = rng.permutation(capacity + 4)[:indices.size].astype(np.int32)
+        offset = int(rng.integers(0, 3))  # indptr from an offset into a longer indices array
+        indptr_in = indptr + offset
+        indices_in = np.concatenate([np.full(offset, 99, np.int32), indices])
+        tail = idx_buf[indices.size:].copy()
+        w.plan(indptr_in, indices_in, last, hq, hkv, d, ps, q_data_type="float32")
+        assert ip_buf.tolist() == indptr.tolist()
+        assert idx_buf[:indices.size].tolist() == indices.tolist()
+        assert np.array_equal(idx_buf[indices.size:], tail), "plan() wrote past the step's pages"
+        assert last_buf.tolist() == last.tolist()
+        plan = w._graph.split_plan
+        size = plan.size if size is None else size
+        assert plan.size == size == batch + 1 + fastattn.decode_graph_plan_items(batch, hkv, 1)
+        counts = w.split_counts
+        assert plan[:batch + 1].tolist() == [0] + np.cumsum(counts).tolist()
+        assert (plan[batch + 1 + counts.sum():] == -1).all()
+        q, q64 = randn(rng, (batch, hq, d), "float32")
+        out = nan_like(q)
+        lse = np.full((batch, hq), np.nan, np.float32)
+        o, l = w.run(q, kv, out=out, lse=lse, return_lse=True)
+        want, lse64 = reference(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens)
+        assert_close(f"step {step}", o, want, want, "float32")
+        assert_lse(f"step {step} lse", l, lse64)
+    assert np.array_equal(kv, before), "run() wrote into the cache"
+
+
+def test_decode_wrapper_graph_mode_errors(rng):
+    ws = np.empty(1 << 16, np.uint8)
+    good = dict(paged_kv_indptr_buffer=np.zeros(3, np.int32), paged_kv_indices_buffer=np.zeros(4, np.int32),
+                paged_kv_last_page_len_buffer=np.zeros(2, np.int32))
+
+    def make(**kw):
+        args = dict(good)
+        args.update(kw)
+        return fastattn.BatchDecodeWithPagedKVCacheWrapper(ws, use_cuda_graph=True, **args)
+
+    with pytest.raises(ValueError, match="paged_kv_indices_buffer is required"):
+        make(paged_kv_indices_buffer=None)
+    with pytest.raises(ValueError, match="paged_kv_indptr_buffer must be a 1-D int32 array, got shape "
+                                         "\\(3,\\) and dtype int64"):
+        make(paged_kv_indptr_buffer=np.zeros(3, np.int64))
+    with pytest.raises(ValueError, match="paged_kv_indices_buffer must be a 1-D int32 array, got shape \\(2, 2\\)"):
+        make(paged_kv_indices_buffer=np.zeros((2, 2), np.int32))
+    with pytest.raises(ValueError, match="paged_kv_indices_buffer must be contiguous"):
+        make(paged_kv_indices_buffer=np.zeros(8, np.int32)[::2])
+    with pytest.raises(ValueError, match="paged_kv_last_page_len_buffer must have batch_size = "
+                                         "len\\(paged_kv_indptr_buffer\\) - 1 = 2 entries, got 3"):
+        make(paged_kv_last_page_len_buffer=np.zeros(3, np.int32))
+    with pytest.raises(ValueError, match="paged_kv_indptr_buffer must have batch_size \\+ 1 >= 1"):
+        make(paged_kv_indptr_buffer=np.zeros(0, np.int32), paged_kv_last_page_len_buffer=np.zeros(0, np.int32))
+    with pytest.raises(TypeError, match="paged_kv_indptr_buffer must be an array"):
+        make(paged_kv_indptr_buffer=[0, 1, 2])
+
+    w = make()
+    hq, hkv, d, ps = 4, 2, 16, 4
+    q, _ = randn(rng, (2, hq, d), "float32")
+    kv, _ = randn(rng, (6, 2, ps, hkv, d), "float32")
+    indptr, indices, last = int32([0, 2, 3]), int32([0, 1, 2]), int32([3, 4])
+    with pytest.raises(ValueError, match="indptr must have batch_size \\+ 1 = 3 entries with "
+                                         "use_cuda_graph=True .*got 4"):
+        w.plan(int32([0, 1, 2, 3]), indices, int32([1, 1, 1]), hq, hkv, d, ps, q_data_type="float32")
+    with pytest.raises(ValueError, match="indices hold 5 pages, more than paged_kv_indices_buffer's 4"):
+        w.plan(int32([0, 2, 5]), int32([0, 1, 2, 3, 4]), last, hq, hkv, d, ps, q_data_type="float32")
+    w.plan(indptr, indices, last, hq, hkv, d, ps, q_data_type="float32")
+    w.run(q, kv)
+    with pytest.raises(ValueError, match="num_kv_heads must stay 2 with use_cuda_graph=True"):
+        w.plan(indptr, indices, last, hq, 1, d, ps, q_data_type="float32")
+    # A failed plan() leaves the last good one in place.
+    assert w._plan["num_kv_heads"] == 2 and w.run(q, kv).shape == (2, hq, d)
