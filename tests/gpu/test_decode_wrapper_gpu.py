@@ -4,7 +4,8 @@ from the host's page lists) against a float64 reference computed on the GPU over
 Ragged batches (empty requests, a few long ones among short ones, so that plan() picks a split
 count per request, and near-uniform ones, which keep the capacity heuristic), every page size, GQA
 1/4/8, head_dim 64/128/256, both cache forms, window / softcap / scale, out= and lse= poisoned with
-NaN, the wrapper's workspace used or too small. The rule (FlashAttention's, for KV-cache calls):
+NaN, the wrapper's workspace used or too small; with use_cuda_graph=True, run() captured in a CUDA
+graph and replayed after each step's plan() of new lengths and pages. The rule (FlashAttention's, for KV-cache calls):
 max|out - ref| <= 3 * max|naive_in_dtype - ref| + 1e-5; LSE within 1e-3 + 1e-3 * |ref|. The cache
 is read only: its bytes are checked unchanged.
 """
@@ -16,7 +17,7 @@ torch = pytest.importorskip("torch")
 import fastattn  # noqa: E402
 
 import gpu_reference as R  # noqa: E402
-from gpu_helpers import i32, nan_full, randn  # noqa: E402
+from gpu_helpers import i32, nan_full, randn, warm_and_capture  # noqa: E402
 import test_prefill as P  # noqa: E402  (its helpers; importing it runs no test)
 
 DEV = "cuda"
@@ -151,3 +152,129 @@ def test_cpu_workspace_with_gpu_q(seed):
     b.plan(w)
     with pytest.raises(ValueError, match="q must be on the device of the workspace buffer"):
         w.run(b.q, b.kv)
+
+
+# ---- use_cuda_graph=True: one captured run() replayed over steps of new lengths and pages -------
+
+
+def graph_step_lengths(rng, kind, batch):
+    """A step's key lengths: ragged with long requests, near-uniform, or with empty requests."""
+    if kind == "long_among_short":
+        lens = long_among_short(rng, batch, rng.randrange(12000, 30000), 2, rng.randrange(50, 900))
+    elif kind == "uniform":
+        base = rng.randrange(1000, 5000)
+        lens = [base + rng.randrange(0, 64) for _ in range(batch)]
+    elif kind == "empty":
+        lens = [0] * batch
+    else:  # "ragged": any lengths, an empty and a one-key request among them
+        lens = [rng.randrange(0, 6000) for _ in range(batch)]
+        lens[rng.randrange(batch)], lens[rng.randrange(batch)] = 0, 1
+    return lens
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("page_size,hq,hkv,d", [(16, 32, 8, 128), (1, 8, 8, 64), (64, 16, 2, 256)])
+def test_graph_mode_replays(seed, dtype, page_size, hq, hkv, d):
+    """run() captured once after the first plan(); every later step writes new lengths, new
+    pages (a fresh random placement in the pool) and a new q, plans, and replays the graph into
+    NaN-poisoned out / lse. Each replay matches the step's reference and equals an eager run() of
+    the same plan bitwise; the indices buffer past the step's pages and the cache are unchanged."""
+    batch = 12
+    max_pages = sum(-(-n // page_size) for n in [30000] * 2 + [6000] * (batch - 2))
+    pool = max_pages + 7
+    kv = randn(pool, 2, page_size, hkv, d, dtype=dtype)
+    kv_before = kv.clone()
+    sentinel = -12345
+    ip_buf = torch.full((batch + 1,), sentinel, dtype=torch.int32, device=DEV)
+    idx_buf = torch.full((max_pages + 5,), sentinel, dtype=torch.int32, device=DEV)
+    last_buf = torch.full((batch,), sentinel, dtype=torch.int32, device=DEV)
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(
+        workspace(), "NHD", use_cuda_graph=True, paged_kv_indptr_buffer=ip_buf,
+        paged_kv_indices_buffer=idx_buf, paged_kv_last_page_len_buffer=last_buf)
+    q = torch.empty(batch, hq, d, dtype=dtype, device=DEV)
+    out = torch.empty(batch, hq, d, dtype=dtype, device=DEV)
+    lse = torch.empty(batch, hq, dtype=torch.float32, device=DEV)
+    graph = None
+    kinds = ["long_among_short", "uniform", "ragged", "empty", "long_among_short", "ragged"]
+    split_seen = False
+    for step, kind in enumerate(kinds):
+        lens = graph_step_lengths(seed, kind, batch)
+        need = [-(-n // page_size) for n in lens]
+        perm = list(range(pool))
+        seed.shuffle(perm)
+        lists, pos = [], 0
+        for m in need:
+            lists.append(perm[pos:pos + m])
+            pos += m
+        indptr = [0]
+        for pages in lists:
+            indptr.append(indptr[-1] + len(pages))
+        indices = [p for pages in lists for p in pages]
+        last = [n - (m - 1) * page_size if m else 0 for n, m in zip(lens, need)]
+        w.plan(i32(indptr), i32(indices), i32(last), hq, hkv, d, page_size, q_data_type=dtype)
+        counts = w.split_counts
+        assert counts is not None and counts.sum() <= fastattn.decode_graph_plan_items(
+            batch, hkv, torch.cuda.get_device_properties(0).multi_processor_count)
+        split_seen |= bool(counts.max() > 1)
+        q.copy_(torch.randn_like(q))
+        if graph is None:
+            graph = warm_and_capture(lambda: w.run(q, kv, out=out, lse=lse, return_lse=True))
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert idx_buf[len(indices):].eq(sentinel).all(), "plan() wrote past the step's pages"
+        eager_out, eager_lse = w.run(q.clone(), kv, return_lse=True)
+        torch.cuda.synchronize()
+        ref_kv = [(R.gather_pages(kv[:, 0], pages, n), R.gather_pages(kv[:, 1], pages, n))
+                  for pages, n in zip(lists, lens)]
+        cu = list(range(batch + 1))
+        ref, lse_ref, _ = R.varlen_ref(q, cu, ref_kv)
+        naive, _, _ = R.varlen_ref(q, cu, ref_kv, naive=True)
+        R.assert_out_close(f"step {step} ({kind}) out", out, ref, naive, factor=FACTOR)
+        R.assert_lse_close(f"step {step} ({kind}) lse", lse, lse_ref.T)
+        R.assert_bitwise_equal(f"step {step} replay vs eager out", out, eager_out)
+        R.assert_bitwise_equal(f"step {step} replay vs eager lse", lse, eager_lse)
+    assert split_seen, "no step split a sequence"
+    assert torch.equal(kv, kv_before), "a replay wrote into the cache"
+
+
+def test_graph_mode_workspace_too_small(seed):
+    """A captured call must not allocate: with use_cuda_graph=True a workspace too small for the
+    plan's partial states is an error naming it, before any launch."""
+    b = Batch(seed, torch.bfloat16, long_among_short(seed, 8, 20000, 1, 100), 16, 32, 8, 128)
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(
+        torch.empty(1024, dtype=torch.uint8, device=DEV), use_cuda_graph=True,
+        paged_kv_indptr_buffer=torch.zeros(9, dtype=torch.int32, device=DEV),
+        paged_kv_indices_buffer=torch.zeros(4096, dtype=torch.int32, device=DEV),
+        paged_kv_last_page_len_buffer=torch.zeros(8, dtype=torch.int32, device=DEV))
+    b.plan(w)
+    with pytest.raises(ValueError, match="float_workspace_buffer must be a contiguous uint8 array on "
+                                         "q's device of at least [0-9]+ bytes with use_cuda_graph=True, "
+                                         "got uint8 of 1024 bytes"):
+        w.run(b.q, b.kv)
+
+
+def test_padded_plan_equals_unpadded(seed):
+    """flash_attn_with_kvcache with a split plan padded by -1 items (a CUDA graph's fixed size)
+    gives bitwise the unpadded plan's results: the padding CTAs do nothing."""
+    lens = long_among_short(seed, 10, 25000, 2, 300)
+    lens[3] = 0
+    b = Batch(seed, torch.bfloat16, lens, 16, 32, 8, 128)
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(workspace())
+    b.plan(w)
+    counts = w.split_counts
+    results = []
+    for items in (None, int(counts.sum()) + 1, int(counts.sum()) + 300):
+        plan = torch.from_numpy(fastattn.decode_split_plan(counts, lens, items=items)).to(DEV)
+        out = nan_full(b.q.shape, b.q.dtype)
+        fastattn.flash_attn_with_kvcache(b.q[:, None], b.kv[:, 0], b.kv[:, 1],
+                                         cache_seqlens=i32(lens), block_table=w._plan["block_table"],
+                                         split_plan=plan, out=out[:, None])
+        results.append(out)
+    torch.cuda.synchronize()
+    ref, _ = b.reference(False)
+    naive, _ = b.reference(True)
+    R.assert_out_close("unpadded", results[0], ref, naive, factor=FACTOR)
+    for r in results[1:]:
+        R.assert_bitwise_equal("padded vs unpadded", r, results[0])
