@@ -129,7 +129,10 @@ def hand_record():
              gr.PLANNED: {"s": 90e-6, "num_splits": [None, None, 0],
                           "split_counts": [[10] + [1] * 31, [9] + [2] * 31, None]},
              gr.PLANNED_UNIFORM: {"s": 99e-6, "num_splits": [7, 8, 0]}, gr.PLANNED_ALWAYS: {"s": 90e-6},
-             gr.seqplan_key(8): {"s": 92e-6}, gr.seqplan_key(32): {"s": 88e-6}}
+             gr.seqplan_key(8): {"s": 92e-6}, gr.seqplan_key(32): {"s": 88e-6},
+             gr.GRAPH: {"s": 81e-6, "split_counts": [[10] + [1] * 31] * 3, "plan_items": [65] * 3},
+             gr.GRAPH_EAGER: {"s": 91.8e-6}, "flashinfer-decode-graph": {"s": 97.2e-6},
+             "flashinfer-tc-graph": {"error": "refused"}}
     rec = {"name": "GQA8 b32 32k long1", "lengths": [[32768] + [1024] * 31] * 3,
            "copy_bound_s": 62e-6, "impls": impls}
     rec["summary"] = gr.case_summary(rec)
@@ -152,6 +155,10 @@ def test_case_summary_and_table():
     assert sm["planned_always_s"] == 90e-6 and sm["uniform_over_always"] == pytest.approx(99 / 90)
     assert sm["best_seqplan"] == gr.seqplan_key(32) and sm["best_seqplan_s"] == 88e-6
     assert sm["planned_over_best_seqplan"] == pytest.approx(90 / 88)
+    assert sm["graph_s"] == 81e-6 and sm["graph_over_planned"] == pytest.approx(81 / 90)
+    assert sm["graph_eager_s"] == 91.8e-6 and sm["graph_eager_over_planned"] == pytest.approx(91.8 / 90)
+    assert sm["best_flashinfer_graph"] == "flashinfer-decode-graph"
+    assert sm["flashinfer_graph_over_graph"] == pytest.approx(97.2 / 81)
     text = gr.format_table([rec], 4.27)
     assert "copy 4.27 TB/s" in text
     line = text.splitlines()[1]
@@ -162,7 +169,9 @@ def test_case_summary_and_table():
     assert "planned 90.0" in line
     assert "planned-uniform 99.0" in line and "seqplan-s32 88.0" in line
     assert ("FI/heur 0.353 FI/fixed 1.116 FI/plan 1.178 plan/fixed 0.947 uniform/plan 1.100 "
-            "uniform/always 1.100 plan/best-seqplan 1.023 ['per-seq max 10, 41 parts', 'per-seq max 9, 71 parts', 0]") in line
+            "uniform/always 1.100 plan/best-seqplan 1.023 graph/plan 0.900 graph-eager/plan 1.020 "
+            "FIgraph/graph 1.200 ['per-seq max 10, 41 parts', 'per-seq max 9, 71 parts', 0]") in line
+    assert "graph 81.0" in line and "fi-decode-graph 97.2" in line and "fi-tc-graph n/a" in line
 
 
 def test_chunk_counts():
@@ -190,3 +199,18 @@ def test_planned_wrappers_share_one_workspace():
                          dtype=torch.float32) for s in (21, 22)]
     ws = [st.planned_wrapper(fastattn)._workspace_buffer for st in sets]
     assert ws[0] is ws[1] and ws[0].numel() == gr.WRAPPER_WORKSPACE_BYTES
+
+
+def test_graph_wrapper_eager_call_on_the_cpu():
+    """The graph arms' wrapper (use_cuda_graph=True over the set's own buffers): its eager call
+    (GRAPH_EAGER) writes the reference's answer; its plan is padded to the fixed size."""
+    import fastattn
+    st = gr.RaggedSet(torch, torch.device("cpu"), 4, 2, 5, 256, "long1", gen(23), contiguous=False,
+                      dtype=torch.float32)
+    out = torch.full((5, 1, 4, gr.HEAD_DIM), float("nan"))
+    st.fastattn_call(fastattn, gr.GRAPH_EAGER, 0, out)()
+    np.testing.assert_allclose(out[:, 0].numpy(), st.reference(torch).numpy(), rtol=0, atol=1e-5)
+    _, wrapper = st._small[gr.GRAPH]
+    assert wrapper.is_cuda_graph_enabled and wrapper._workspace_buffer is gr.wrapper_workspace(torch, "cpu")
+    plan = wrapper._graph.split_plan
+    assert plan.shape[0] == 5 + 1 + fastattn.decode_graph_plan_items(5, 2, 1)

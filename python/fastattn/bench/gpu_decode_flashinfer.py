@@ -30,6 +30,9 @@ got them).
 import math
 
 PEERS = ("flashinfer-decode", "flashinfer-tc", "flashinfer-xqa")
+# The two wrappers with use_cuda_graph=True, run() captured in a CUDA graph and replayed (the ragged
+# suite's graph arms: Peers.graph_calls).
+GRAPH_PEERS = ("flashinfer-decode-graph", "flashinfer-tc-graph")
 WORKSPACE_BYTES = 128 << 20
 
 
@@ -99,6 +102,35 @@ class Peers:
                                                     cache_len, d), None)
         except Exception as e:
             out["flashinfer-xqa"] = (None, "%s: %s" % (type(e).__name__, str(e)[:300]))
+        return out
+
+    def graph_calls(self, q, k_pages, v_pages, indptr, indices, last, capture):
+        """{peer name of GRAPH_PEERS: (make_call, error)}: the two wrappers with
+        use_cuda_graph=True over page-list buffers of their own (an input set's), planned on the
+        CSR lists indptr / indices / last_page_len; make_call(out) captures run() into a CUDA graph
+        with capture(fn) and gives the replay."""
+        torch, fi = self.torch, self.fi
+        b, _, hq, d = q.shape
+        q3 = q.reshape(b, hq, d)
+        if self.workspace is None:
+            self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=q.device)
+            self.xqa_workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=q.device)
+        out = {}
+        for name, tensor_cores in zip(GRAPH_PEERS, (False, True)):
+            try:
+                w = fi.BatchDecodeWithPagedKVCacheWrapper(
+                    self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=tensor_cores,
+                    paged_kv_indptr_buffer=torch.empty_like(indptr),
+                    paged_kv_indices_buffer=torch.empty(max(1, indices.numel()), dtype=torch.int32,
+                                                        device=indices.device),
+                    paged_kv_last_page_len_buffer=torch.empty_like(last))
+                w.plan(indptr, indices, last, hq, k_pages.shape[2], d, self.page_size,
+                       q_data_type=q.dtype, kv_data_type=k_pages.dtype,
+                       sm_scale=1.0 / math.sqrt(d))
+                run = self._wrapper_call(w, q3, k_pages, v_pages)
+                out[name] = ((lambda r: lambda out=None: capture(r(out)))(run), None)
+            except Exception as e:
+                out[name] = (None, "%s: %s" % (type(e).__name__, str(e)[:300]))
         return out
 
     @staticmethod

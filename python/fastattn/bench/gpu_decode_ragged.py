@@ -27,8 +27,13 @@ wrapper does from step to step), ``flash_attn_with_kvcache`` with the one count 
 with the per-sequence plan wherever the rule makes one, without the wrapper's margin over the
 uniform count (``fastattn-planned-always``),
 with ``--plan-splits`` split plans that cut every sequence into parts of ceil(longest / S) keys
-(``fastattn-seqplan-s<S>``), and with ``--flashinfer`` FlashInfer's three paged paths
-(gpu_decode_flashinfer.py) on the same pool. Every output is first checked, written into a
+(``fastattn-seqplan-s<S>``), the wrapper with ``use_cuda_graph=True`` (each input set its own
+wrapper and page-list buffers): its ``run()`` captured in a CUDA graph and the replay timed
+(``fastattn-graph``), and the same ``run()`` called directly (``fastattn-graph-eager``: the fixed
+plan size, the padding and the CSR lists without the graph), and with ``--flashinfer`` FlashInfer's
+three paged paths (gpu_decode_flashinfer.py) on the same pool and its two wrappers with
+``use_cuda_graph=True``, captured and replayed the same way (``flashinfer-decode-graph``,
+``flashinfer-tc-graph``). Every output is first checked, written into a
 NaN-poisoned buffer, against a float32 reference computed per sequence. The copy bound of a case is its mean K/V bytes over the copy
 bandwidth measured in the same run. The JSON goes to DIR/bench_cuda_<time>_decode_ragged.json.
 """
@@ -60,6 +65,10 @@ SEQPLAN = "fastattn-seqplan"  # a split plan of chunk ceil(longest / S) (--plan-
 # flash_attn_with_kvcache with the per-sequence plan wherever the rule makes one (no margin over the
 # uniform count: decode_split_counts_for_lengths(min_gain=1)), else num_splits 0
 PLANNED_ALWAYS = "fastattn-planned-always"
+# BatchDecodeWithPagedKVCacheWrapper(use_cuda_graph=True): run() captured, the replay timed; and
+# the same run() called directly
+GRAPH = "fastattn-graph"
+GRAPH_EAGER = "fastattn-graph-eager"
 WRAPPER_WORKSPACE_BYTES = 256 << 20
 # One workspace buffer for every planned wrapper, as an engine keeps one for its wrapper and plans it
 # again each step. (A buffer per input set, each last written three calls before, made the wrapper's
@@ -73,6 +82,20 @@ def wrapper_workspace(torch, device):
     if key not in _WRAPPER_WORKSPACE:
         _WRAPPER_WORKSPACE[key] = torch.empty(WRAPPER_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
     return _WRAPPER_WORKSPACE[key]
+
+def graph_replay(torch, fn):
+    """fn captured in a CUDA graph (after a warm-up call on a side stream, as torch advises):
+    returns the graph's replay, a callable that runs fn's kernels again on the current stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
 
 # (name, heads_q, heads_kv, batch, cap, distribution, time a contiguous cache too)
 CASES = (
@@ -213,6 +236,24 @@ class RaggedSet:
                      q_data_type=self.q.dtype)
         return wrapper
 
+    def graph_wrapper(self, fastattn):
+        """(q (B, Hq, D), wrapper): a use_cuda_graph=True wrapper over this set's own page-list
+        buffers (of this set's sizes), planned on its lists (untimed)."""
+        if GRAPH not in self._small:
+            torch = self._torch
+            indptr, indices, last = self.csr_inputs()
+            wrapper = fastattn.BatchDecodeWithPagedKVCacheWrapper(
+                wrapper_workspace(torch, self.q.device), "NHD", use_cuda_graph=True,
+                paged_kv_indptr_buffer=torch.empty_like(indptr),
+                paged_kv_indices_buffer=torch.empty(max(1, indices.numel()), dtype=torch.int32,
+                                                    device=indices.device),
+                paged_kv_last_page_len_buffer=torch.empty_like(last))
+            b, _, hq, d = self.q.shape
+            wrapper.plan(indptr, indices, last, hq, self.k_pages.shape[2], d, PAGE_SIZE,
+                         q_data_type=self.q.dtype)
+            self._small[GRAPH] = (self.q.clone().reshape(b, hq, d), wrapper)
+        return self._small[GRAPH]
+
     def reference(self, torch):
         """float32 attention (B, Hq, D) of each sequence over its own keys, query head h reading KV
         head h // (Hq / Hkv), no mask; an empty sequence's rows are 0."""
@@ -263,6 +304,12 @@ class RaggedSet:
             out3 = out.reshape(q.shape)
             cache = (self.k_pages, self.v_pages)
             return lambda: wrapper.run(q, cache, out=out3)
+        if impl in (GRAPH, GRAPH_EAGER):  # one wrapper a set for both; out viewed as (B, Hq, D)
+            q, wrapper = self.graph_wrapper(fastattn)
+            out3 = out.reshape(q.shape)
+            cache = (self.k_pages, self.v_pages)
+            run = lambda: wrapper.run(q, cache, out=out3)  # noqa: E731
+            return run if impl == GRAPH_EAGER else graph_replay(self._torch, run)
         if impl == VARLEN:  # out (B, 1, Hq, D) viewed as the packed (B, Hq, D)
             q, cu_q, seqlens, table, max_k = self.varlen_inputs()
             out3 = out.reshape(q.shape)
@@ -303,7 +350,8 @@ def measure_case(torch, fastattn, case, settings, gen, sleeper, copy_tbps, peers
     dev = torch.device("cuda")
     sets = [RaggedSet(torch, dev, hq, hkv, batch, cap, kind, gen, contiguous) for _ in range(INPUT_SETS)]
     ref = sets[0].reference(torch)
-    impls = {PAGED: 0, VARLEN: 0, PLANNED: 0, PLANNED_UNIFORM: 0, PLANNED_ALWAYS: 0}
+    impls = {PAGED: 0, VARLEN: 0, PLANNED: 0, PLANNED_UNIFORM: 0, PLANNED_ALWAYS: 0, GRAPH: 0,
+             GRAPH_EAGER: 0}
     if contiguous:
         impls[CONTIG] = 0
     for s in fixed_splits:
@@ -312,7 +360,8 @@ def measure_case(torch, fastattn, case, settings, gen, sleeper, copy_tbps, peers
         impls[seqplan_key(s)] = s
     info, fns = {}, {}
     for key, splits in impls.items():
-        layout = (key if key in (CONTIG, VARLEN, PLANNED, PLANNED_UNIFORM, PLANNED_ALWAYS)
+        layout = (key if key in (CONTIG, VARLEN, PLANNED, PLANNED_UNIFORM, PLANNED_ALWAYS, GRAPH,
+                                 GRAPH_EAGER)
                   else SEQPLAN if key.startswith(SEQPLAN) else PAGED)
         outs = [torch.empty(batch, 1, hq, HEAD_DIM, dtype=torch.bfloat16, device=dev) for _ in sets]
         err = _checked(torch, sets[0].fastattn_call(fastattn, layout, splits, outs[0]), outs[0], ref, key)
@@ -325,13 +374,19 @@ def measure_case(torch, fastattn, case, settings, gen, sleeper, copy_tbps, peers
     info[PLANNED]["split_counts"] = [None if w.split_counts is None else [int(c) for c in w.split_counts]
                                      for w in wrappers]
     info[PLANNED_UNIFORM]["num_splits"] = [st._small[PLANNED_UNIFORM + ":splits"] for st in sets]
+    graph_wrappers = [st._small[GRAPH][1] for st in sets]
+    info[GRAPH]["split_counts"] = [[int(c) for c in w.split_counts] for w in graph_wrappers]
+    info[GRAPH]["plan_items"] = [int(w._graph.split_plan.shape[0]) - batch - 1 for w in graph_wrappers]
     if peers is not None:
-        from .gpu_decode_flashinfer import PEERS as FI_PEERS
+        from .gpu_decode_flashinfer import GRAPH_PEERS as FI_GRAPH_PEERS, PEERS as FI_PEERS
         per_set = []
         for st in sets:
             q, seqlens, table = st.own_small_inputs("flashinfer")
-            per_set.append(peers.calls(q, st.k_pages, st.v_pages, table, seqlens, cap))
-        for peer in FI_PEERS:
+            calls = peers.calls(q, st.k_pages, st.v_pages, table, seqlens, cap)
+            calls.update(peers.graph_calls(q, st.k_pages, st.v_pages, *st.csr_inputs(),
+                                           capture=lambda fn: graph_replay(torch, fn)))
+            per_set.append(calls)
+        for peer in FI_PEERS + FI_GRAPH_PEERS:
             makes = [ps[peer][0] for ps in per_set]
             if any(m is None for m in makes):
                 info[peer] = {"error": next(ps[peer][1] for ps in per_set if ps[peer][0] is None)}
@@ -372,14 +427,24 @@ def case_summary(rec):
     heur = t(PAGED)
     fixed = {k: t(k) for k in im if k.startswith(PAGED + "-s") and t(k)}
     best_fixed = min(fixed, key=fixed.get) if fixed else None
-    peers = {k: t(k) for k in im if k.startswith("flashinfer") and t(k)}
+    # FlashInfer's eager calls (against fastattn's eager ones); its graph replays apart
+    peers = {k: t(k) for k in im if k.startswith("flashinfer") and not k.endswith("-graph") and t(k)}
     best_peer = min(peers, key=peers.get) if peers else None
     planned = t(PLANNED)
     uniform = t(PLANNED_UNIFORM)
     always = t(PLANNED_ALWAYS)
     plans = {k: t(k) for k in im if k.startswith(SEQPLAN) and t(k)}
     best_plan = min(plans, key=plans.get) if plans else None
-    out = {"planned_uniform_s": uniform,
+    graph, graph_eager = t(GRAPH), t(GRAPH_EAGER)
+    fi_graphs = {k: t(k) for k in im if k.startswith("flashinfer") and k.endswith("-graph") and t(k)}
+    best_fi_graph = min(fi_graphs, key=fi_graphs.get) if fi_graphs else None
+    out = {"graph_s": graph, "graph_eager_s": graph_eager,
+           "graph_over_planned": graph / planned if graph and planned else None,
+           "graph_eager_over_planned": graph_eager / planned if graph_eager and planned else None,
+           "best_flashinfer_graph": best_fi_graph,
+           "flashinfer_graph_over_graph": (fi_graphs[best_fi_graph] / graph
+                                           if best_fi_graph and graph else None),
+           "planned_uniform_s": uniform,
            "uniform_over_planned": uniform / planned if uniform and planned else None,
            "planned_always_s": always,
            "uniform_over_always": uniform / always if uniform and always else None,
@@ -402,8 +467,10 @@ def case_summary(rec):
 
 def format_table(records, copy_tbps):
     """One line per case: mean tokens, copy bound, every implementation's µs, FlashInfer's fastest
-    over fastattn's heuristic, its best fixed split count and its planned wrapper, and the planned
-    wrapper over the best fixed count (the split counts it chose per input set in brackets)."""
+    over fastattn's heuristic, its best fixed split count and its planned wrapper, the planned
+    wrapper over the best fixed count, the graph-mode wrapper (replayed and eager) over the planned
+    one, and FlashInfer's fastest graph replay over fastattn's (the split counts the planned wrapper
+    chose per input set in brackets)."""
     lines = ["decode on ragged batches (bf16, head_dim 128, pages of 16 over a random pool; copy "
              "%.2f TB/s); µs, median; FI/heur, FI/fixed, FI/plan: FlashInfer's fastest time over "
              "fastattn's heuristic / best fixed split count / planned wrapper (> 1: fastattn "
@@ -423,12 +490,15 @@ def format_table(records, copy_tbps):
         chosen = [c if sc is None else "per-seq max %d, %d parts" % (max(sc), sum(sc))
                   for c, sc in zip(im.get("num_splits", []), counts)]
         lines.append("%-22s tokens %8.0f bound %7.1f | %s | FI/heur %s FI/fixed %s FI/plan %s "
-                     "plan/fixed %s uniform/plan %s uniform/always %s plan/best-seqplan %s %s" % (
+                     "plan/fixed %s uniform/plan %s uniform/always %s plan/best-seqplan %s "
+                     "graph/plan %s graph-eager/plan %s FIgraph/graph %s %s" % (
                          rec["name"], toks, rec["copy_bound_s"] * 1e6, "  ".join(cells),
                          ratio("flashinfer_over_heuristic"), ratio("flashinfer_over_best_fixed"),
                          ratio("flashinfer_over_planned"), ratio("planned_over_best_fixed"),
                          ratio("uniform_over_planned"), ratio("uniform_over_always"),
-                         ratio("planned_over_best_seqplan"), chosen))
+                         ratio("planned_over_best_seqplan"), ratio("graph_over_planned"),
+                         ratio("graph_eager_over_planned"), ratio("flashinfer_graph_over_graph"),
+                         chosen))
     return "\n".join(lines)
 
 
