@@ -270,11 +270,14 @@ def decode_split_plan(counts: Sequence[int], lengths: Optional[Sequence[int]] = 
 
 
 def decode_graph_plan_items(batch: int, num_kv_heads: int, sm_count: int, *,
-                            extra_waves: float = GRAPH_EXTRA_WAVES) -> int:
+                            extra_waves: Optional[float] = None) -> int:
     """The work items W of a CUDA-graph decode plan (the captured grid's fixed size): one per
-    sequence and ceil(extra_waves x sm_count / num_kv_heads) more, at most MAX_PLAN_ITEMS. The
-    plan of each step uses up to W parts (:func:`decode_graph_split_counts`) and pads the rest
-    (a padding CTA ends at once; at most extra_waves waves of them)."""
+    sequence and ceil(extra_waves x sm_count / num_kv_heads) more (extra_waves None:
+    GRAPH_EXTRA_WAVES), at most MAX_PLAN_ITEMS. The plan of each step uses up to W parts
+    (:func:`decode_graph_split_counts`) and pads the rest (a padding CTA ends at once; at most
+    extra_waves waves of them)."""
+    if extra_waves is None:
+        extra_waves = GRAPH_EXTRA_WAVES
     b = as_int(batch, "batch")
     heads = as_int(num_kv_heads, "num_kv_heads")
     sms = as_int(sm_count, "sm_count")

@@ -4,7 +4,7 @@
 cache_batch_idx, GQA 8, num_splits 1 and 7 (and the heuristic over a long cache, and heuristic splits
 merged inside a thread-block cluster on sm_90, in pairs and threes), out-of-range page
 ids in the block table, empty caches, decode through flash_attn_varlen_func with a block table,
-split plans (a count per sequence, and one with entries out of range), and
+split plans (a count per sequence, one padded with -1 items, and one with entries out of range), and
 three calls each through the sm_90 head-group kernel and the sm_90 kernel's head-pair form (at
 head_dim 128 and 64) and head-quad form.
 Each call runs twice into NaN-poisoned buffers and, unless --no-check, is compared with the float64
@@ -115,6 +115,7 @@ def cases():
     yield "varlen decode block table page 16", varlen_decode, (B16, 16)
     yield "split plan paged16 everything", kvcache, (B16, T.CONFIGS["plan_everything_paged16"])
     yield "split plan contiguous d256 causal", kvcache, (F16, dict(T.CONFIGS["plan_paged64_d256_causal"], page=None))
+    yield "split plan padded (a CUDA graph's fixed size) paged16", kvcache, (B16, T.CONFIGS["plan_padded_paged16"])
     yield "split plan entries out of range", split_plan_bad_entries, ()
     # the sm_90 head-group kernel (4 KV heads per CTA), its wide form (8; head_dim 128 and 64), its
     # token-row form (32)

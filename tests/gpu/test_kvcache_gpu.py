@@ -84,11 +84,12 @@ def run_twice(call, make_out):
 #   lens "ragged" / "zeros" / a list (tokens already cached), strided (non-contiguous q, k, v, out
 #   and caches: k / v interleaved in one tensor), empty (every row sees no key: out 0, LSE -inf),
 #   plan: a split plan (split_plan=): None, "random" (a count per sequence drawn from PLAN_COUNTS,
-#   the work items in a random order) or a list of counts (the items in sequence order).
+#   the work items in a random order) or a list of counts (the items in sequence order);
+#   plan_padding: padding items (-1) added to the plan (among the random order's items, else last).
 BASE = dict(B=5, Sq=1, Snew=1, Hq=8, Hkv=2, D=128, page=None, cache_len=1000, table="exact",
             rotary=None, rotary_frac=1.0, cos_dtype=None, batch_idx=False, leftpad=False,
             seqlens_int=False, opt="none", splits=0, lens="ragged", strided=False, empty=False,
-            plan=None)
+            plan=None, plan_padding=0)
 # Split counts a random plan draws from: one split (written out directly), a few, and more parts
 # than a short sequence has key tiles (empty parts).
 PLAN_COUNTS = (1, 1, 2, 3, 5, 40)
@@ -141,6 +142,7 @@ CONFIGS = {
     "plan_paged64_d256_causal": dict(page=64, D=256, Hq=4, Hkv=2, Sq=3, Snew=3, opt="causal", plan="random"),
     "plan_strided_window": dict(strided=True, plan="random", Sq=4, Snew=4, opt="window"),
     "plan_empty": dict(lens="zeros", Snew=0, plan="random", empty=True),
+    "plan_padded_paged16": dict(page=16, plan="random", plan_padding=37, cache_len=3000, Hq=32, Hkv=8),
     # split-KV: 1, 3, more splits than key tiles, the heuristic over long caches
     "splits1": dict(splits=1, cache_len=3000),
     "splits3": dict(splits=3, cache_len=3000),
@@ -279,7 +281,7 @@ def build_case(rng, dtype, cfg):
     plan = None
     if c["plan"] is not None:
         counts = [rng.choice(PLAN_COUNTS) for _ in range(b)] if c["plan"] == "random" else list(c["plan"])
-        items = [i + 65536 * s for i, n in enumerate(counts) for s in range(n)]
+        items = [i + 65536 * s for i, n in enumerate(counts) for s in range(n)] + [-1] * c["plan_padding"]
         if c["plan"] == "random":
             rng.shuffle(items)
         plan = i32(cumsum0(counts) + items)
