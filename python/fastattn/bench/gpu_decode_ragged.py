@@ -85,7 +85,8 @@ def wrapper_workspace(torch, device):
 
 def graph_replay(torch, fn):
     """fn captured in a CUDA graph (after a warm-up call on a side stream, as torch advises):
-    returns the graph's replay, a callable that runs fn's kernels again on the current stream."""
+    returns the graph's replay, a callable that runs fn's kernels again on the current stream and
+    keeps fn (and so the tensors it holds) alive."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -94,7 +95,13 @@ def graph_replay(torch, fn):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return graph.replay
+
+    def replay():
+        graph.replay()
+    # The captured kernels read and write the tensors fn holds (its output among them): they must
+    # live as long as the replay.
+    replay.captured = fn
+    return replay
 
 
 # (name, heads_q, heads_kv, batch, cap, distribution, time a contiguous cache too)
