@@ -167,9 +167,11 @@ def _chunk_counts(lens: np.ndarray, max_splits: int, max_parts: int):
             yield counts
 
 
-def _fewest_parts_near_best(options):
-    """Of (estimate, parts, counts) options, the fewest parts within SPLIT_TOLERANCE of the best
-    estimate (fewer partial states to write and merge)."""
+def _fewest_parts_near_best(candidates, lens, heads, sms, cta_cost_keys, tail_weight):
+    """(estimate, parts, counts) of the candidate counts with the fewest parts among those within
+    SPLIT_TOLERANCE of the best estimate (fewer partial states to write and merge)."""
+    options = [(_estimate(heads, int(lens.sum()), sms, int(c.sum()), _longest_part_keys(lens, c),
+                          cta_cost_keys, tail_weight), int(c.sum()), c) for c in candidates]
     best = min(o[0] for o in options)
     return min((o for o in options if o[0] <= best * (1 + SPLIT_TOLERANCE)),
                key=lambda o: (o[1], o[0]))
@@ -208,10 +210,8 @@ def decode_split_counts_for_lengths(lengths: Sequence[int], num_kv_heads: int, s
         return np.ones(batch, dtype=np.int32)
     if longest * batch <= balanced_ratio * total:
         return None
-    options = [(_estimate(heads, total, sms, int(counts.sum()), _longest_part_keys(lens, counts),
-                          cta_cost_keys, tail_weight), int(counts.sum()), counts)
-               for counts in _chunk_counts(lens, max_splits, MAX_PLAN_ITEMS)]
-    chosen = _fewest_parts_near_best(options)
+    chosen = _fewest_parts_near_best(_chunk_counts(lens, max_splits, MAX_PLAN_ITEMS), lens, heads,
+                                     sms, cta_cost_keys, tail_weight)
     uniform = decode_num_splits_for_lengths(lens, heads, sms, cta_cost_keys=cta_cost_keys,
                                             tail_weight=tail_weight, balanced_ratio=balanced_ratio,
                                             max_splits=max_splits)
@@ -308,13 +308,11 @@ def decode_graph_split_counts(lengths: Sequence[int], num_kv_heads: int, sm_coun
         raise ValueError(f"max_parts must be at least the batch ({batch}), got {cap}")
     if batch == 0 or int(lens.max()) == 0:
         return np.ones(batch, dtype=np.int32)
-    total = int(lens.sum())
-    uniform = (np.full(batch, s, dtype=np.int64) for s in range(1, max(1, max_splits) + 1)
-               if batch * s <= cap)
-    options = [(_estimate(heads, total, sms, int(counts.sum()), _longest_part_keys(lens, counts),
-                          cta_cost_keys, tail_weight), int(counts.sum()), counts)
-               for gen in (_chunk_counts(lens, max_splits, cap), uniform) for counts in gen]
-    return _fewest_parts_near_best(options)[2].astype(np.int32)
+    uniform = [np.full(batch, s, dtype=np.int64) for s in range(1, max(1, max_splits) + 1)
+               if batch * s <= cap]
+    chosen = _fewest_parts_near_best(list(_chunk_counts(lens, max_splits, cap)) + uniform, lens,
+                                     heads, sms, cta_cost_keys, tail_weight)
+    return chosen[2].astype(np.int32)
 
 
 def csr_to_block_table(indptr: np.ndarray, indices: np.ndarray) -> np.ndarray:
