@@ -73,6 +73,12 @@ class Peers:
         self.xqa_workspace = None  # XQA's own (semaphores first), zeroed
         self.version = getattr(flashinfer, "__version__", "?")
 
+    def _make_workspaces(self, device):
+        """The wrappers' workspace and XQA's, zeroed, on the first shape's device."""
+        if self.workspace is None:
+            self.workspace = self.torch.zeros(WORKSPACE_BYTES, dtype=self.torch.uint8, device=device)
+            self.xqa_workspace = self.torch.zeros(WORKSPACE_BYTES, dtype=self.torch.uint8, device=device)
+
     def calls(self, q, k_pages, v_pages, table, seqlens, cache_len):
         """q (B, 1, Hq, D); k_pages, v_pages (num_pages, page_size, Hkv, D); table (B, pages)
         int32; seqlens (B,) int32 -> {peer name: (make_call, error)}: make_call(out=None) gives
@@ -82,9 +88,7 @@ class Peers:
         hkv = k_pages.shape[2]
         q3 = q.reshape(b, hq, d)
         indptr, indices, last = csr_from_block_table(torch, table, seqlens, self.page_size)
-        if self.workspace is None:
-            self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=q.device)
-            self.xqa_workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=q.device)
+        self._make_workspaces(q.device)
         out = {}
         for name, tensor_cores in (("flashinfer-decode", False), ("flashinfer-tc", True)):
             try:
@@ -112,9 +116,7 @@ class Peers:
         torch, fi = self.torch, self.fi
         b, _, hq, d = q.shape
         q3 = q.reshape(b, hq, d)
-        if self.workspace is None:
-            self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=q.device)
-            self.xqa_workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=q.device)
+        self._make_workspaces(q.device)
         out = {}
         for name, tensor_cores in zip(GRAPH_PEERS, (False, True)):
             try:
