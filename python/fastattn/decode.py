@@ -8,7 +8,9 @@ CTAs. FlashInfer's callers already hand the page lists to ``plan()`` on the host
 a count per request where a few long requests sit among short ones
 (:func:`decode_split_counts_for_lengths`, as a split plan, :func:`decode_split_plan`), else one
 count for the batch (:func:`decode_num_splits_for_lengths`); ``run()`` then launches without a
-host read.
+host read. With ``use_cuda_graph=True`` every launch parameter is fixed across steps (a split plan
+of fixed size, padded: :func:`decode_graph_plan_items`, :func:`decode_graph_split_counts`) and
+``plan()`` writes each step's arrays in place, so that a captured ``run()`` can be replayed.
 
 All math is done by the C++ library (``flash_attn_with_kvcache``'s kernels over a block table
 built from the page lists); this module only plans and maps arguments.
