@@ -13,7 +13,8 @@ of fixed size, padded: :func:`decode_graph_plan_items`, :func:`decode_graph_spli
 ``plan()`` writes each step's arrays in place, so that a captured ``run()`` can be replayed.
 
 All math is done by the C++ library (``flash_attn_with_kvcache``'s kernels over a block table
-built from the page lists); this module only plans and maps arguments.
+built from the page lists, or over the CSR lists themselves with ``use_cuda_graph=True``); this
+module only plans and maps arguments.
 """
 
 from __future__ import annotations
