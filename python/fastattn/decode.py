@@ -155,29 +155,26 @@ def _tiles(lens: np.ndarray) -> np.ndarray:
     return -(-lens // TILE_KEYS)
 
 
-def _longest_part_keys(lens: np.ndarray, counts: np.ndarray) -> int:
-    """Keys of the longest part when sequence b's tiles are split into counts[b] parts."""
-    return int((-(-_tiles(lens) // counts)).max()) * TILE_KEYS if lens.size else 0
+def _chunk_counts(lens: np.ndarray, max_splits: int, max_parts: int) -> np.ndarray:
+    """(options, B) counts of the chunk rule's options, S = 1..max_splits in order: sequences cut
+    into parts of about ceil(longest / S) keys, each count 1..max_splits; only the options of at
+    most max_parts parts. lens must hold a length > 0."""
+    splits = np.arange(1, max(1, max_splits) + 1, dtype=np.int64)
+    chunks = -(-int(lens.max()) // splits)
+    counts = np.clip(-(-lens[None, :] // chunks[:, None]), 1, max_splits)
+    return counts[counts.sum(axis=1) <= max_parts]
 
 
-def _chunk_counts(lens: np.ndarray, max_splits: int, max_parts: int):
-    """The counts of the chunk rule's options: sequences cut into parts of about ceil(longest /
-    S) keys, S = 1..max_splits, each count 1..max_splits; only options of at most max_parts."""
-    longest = int(lens.max())
-    for s in range(1, max(1, max_splits) + 1):
-        counts = np.clip(-(-lens // -(-longest // s)), 1, max_splits)
-        if int(counts.sum()) <= max_parts:
-            yield counts
-
-
-def _fewest_parts_near_best(candidates, lens, heads, sms, cta_cost_keys, tail_weight):
-    """(estimate, parts, counts) of the candidate counts with the fewest parts among those within
-    SPLIT_TOLERANCE of the best estimate (fewer partial states to write and merge)."""
-    options = [(_estimate(heads, int(lens.sum()), sms, int(c.sum()), _longest_part_keys(lens, c),
-                          cta_cost_keys, tail_weight), int(c.sum()), c) for c in candidates]
-    best = min(o[0] for o in options)
-    return min((o for o in options if o[0] <= best * (1 + SPLIT_TOLERANCE)),
-               key=lambda o: (o[1], o[0]))
+def _fewest_parts_near_best(candidates: np.ndarray, lens, heads, sms, cta_cost_keys, tail_weight):
+    """(estimate, parts, counts) of the candidate counts (options, B) with the fewest parts among
+    those within SPLIT_TOLERANCE of the best estimate (fewer partial states to write and merge);
+    ties go to the lower estimate, then the earlier option."""
+    parts = candidates.sum(axis=1)
+    longest_part = (-(-_tiles(lens)[None, :] // candidates)).max(axis=1) * TILE_KEYS
+    est = _estimate(heads, int(lens.sum()), sms, parts, longest_part, cta_cost_keys, tail_weight)
+    near = np.flatnonzero(est <= est.min() * (1 + SPLIT_TOLERANCE))
+    i = near[np.lexsort((near, est[near], parts[near]))[0]]
+    return float(est[i]), int(parts[i]), candidates[i]
 
 
 def decode_split_counts_for_lengths(lengths: Sequence[int], num_kv_heads: int, sm_count: int,
@@ -311,10 +308,10 @@ def decode_graph_split_counts(lengths: Sequence[int], num_kv_heads: int, sm_coun
         raise ValueError(f"max_parts must be at least the batch ({batch}), got {cap}")
     if batch == 0 or int(lens.max()) == 0:
         return np.ones(batch, dtype=np.int32)
-    uniform = [np.full(batch, s, dtype=np.int64) for s in range(1, max(1, max_splits) + 1)
-               if batch * s <= cap]
-    chosen = _fewest_parts_near_best(list(_chunk_counts(lens, max_splits, cap)) + uniform, lens,
-                                     heads, sms, cta_cost_keys, tail_weight)
+    splits = np.arange(1, min(max(1, max_splits), cap // batch) + 1, dtype=np.int64)
+    uniform = np.repeat(splits[:, None], batch, axis=1)  # one count S for every sequence
+    chosen = _fewest_parts_near_best(np.concatenate([_chunk_counts(lens, max_splits, cap), uniform]),
+                                     lens, heads, sms, cta_cost_keys, tail_weight)
     return chosen[2].astype(np.int32)
 
 
