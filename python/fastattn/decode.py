@@ -322,11 +322,8 @@ def csr_to_block_table(indptr: np.ndarray, indices: np.ndarray) -> np.ndarray:
     batch = pages.size
     width = max(1, int(pages.max()) if batch else 1)
     table = np.zeros((batch, width), dtype=np.int32)
-    total = int(pages.sum())
-    if total:
-        rows = np.repeat(np.arange(batch), pages)
-        cols = np.arange(total) - np.repeat(np.cumsum(pages) - pages, pages)
-        table[rows, cols] = indices[np.repeat(indptr[:-1], pages) + cols]
+    # The cells left of each row's page count, in row-major order, are the pages in CSR order.
+    table[np.arange(width)[None, :] < pages[:, None]] = indices[indptr[0]:indptr[-1]]
     return table
 
 
