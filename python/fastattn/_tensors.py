@@ -223,6 +223,20 @@ def write_ints(dst: Any, host: np.ndarray) -> None:
         raise TypeError(f"cannot write into a {type(dst).__name__} in place (torch, cupy or numpy)")
 
 
+def copy_on_device(dst: Any, src: Any, start: int, n: int) -> bool:
+    """dst[:n] = src[start:start + n] without a trip through the host, ordered on the caller's
+    current stream, when both are GPU arrays of one framework (torch or cupy). Returns False (and
+    copies nothing) otherwise."""
+    fw = framework(dst)
+    if fw not in ("torch", "cupy") or framework(src) != fw or not (is_cuda(dst) and is_cuda(src)):
+        return False
+    if fw == "torch":
+        dst[:n].copy_(src.reshape(-1)[start:start + n])
+    else:
+        dst[:n] = src.reshape(-1)[start:start + n]
+    return True
+
+
 def usable_workspace(ws, like) -> bool:
     """A caller's buffer the GPU op can use as scratch: a contiguous uint8 array on like's device."""
     if framework(ws) != framework(like) or not is_cuda(ws):

@@ -32,6 +32,7 @@ from ._tensors import (
     device_sm_count,
     dtype_name,
     empty,
+    copy_on_device,
     exec_kwargs,
     finalize,
     framework,
@@ -485,8 +486,13 @@ class BatchDecodeWithPagedKVCacheWrapper:
             raise ValueError(f"page_size must be >= 1, got {ps}")
 
         ip = host_ints(indptr).reshape(-1)
-        ids = host_ints(indices).reshape(-1)
         last = host_ints(last_page_len).reshape(-1)
+        # With use_cuda_graph=True and the page ids on the GPU they are copied device to device,
+        # never read here (as FlashInfer's plan()): the kernels' guard handles ids outside the cache.
+        ids_on_device = (self._graph is not None and framework(indices) == framework(self._graph.indices)
+                         and is_cuda(indices) and is_cuda(self._graph.indices))
+        ids = None if ids_on_device else host_ints(indices).reshape(-1)
+        num_ids = int(np.prod(indices.shape)) if ids is None else ids.size
         if ip.size < 1:
             raise ValueError("indptr must have batch_size + 1 >= 1 entries, got 0")
         batch = ip.size - 1
@@ -494,16 +500,16 @@ class BatchDecodeWithPagedKVCacheWrapper:
             raise ValueError(f"last_page_len must have batch_size = len(indptr) - 1 = {batch} "
                              f"entries, got {last.size}")
         pages = np.diff(ip)
-        if ip[0] < 0 or (pages < 0).any() or ip[-1] > ids.size:
+        if ip[0] < 0 or (pages < 0).any() or ip[-1] > num_ids:
             raise ValueError(f"indptr must be non-decreasing from >= 0 up to len(indices) = "
-                             f"{ids.size}, got {ip.tolist() if ip.size <= 16 else ip}")
+                             f"{num_ids}, got {ip.tolist() if ip.size <= 16 else ip}")
         owned = pages > 0
         bad = owned & ((last < 1) | (last > ps))
         if bad.any():
             b = int(np.flatnonzero(bad)[0])
             raise ValueError(f"last_page_len[{b}] must be in 1..page_size = {ps}, got {int(last[b])}")
-        used = ids[ip[0]:ip[-1]]
-        if used.size and used.min() < 0:
+        used = None if ids is None else ids[ip[0]:ip[-1]]  # the batch's page ids, read on the host
+        if used is not None and used.size and used.min() < 0:
             raise ValueError(f"indices must be page ids >= 0, got {int(used.min())}")
         lengths = np.where(owned, (pages - 1) * ps + last, 0)
 
@@ -512,8 +518,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
         ws = self._workspace_buffer
         sms = device_sm_count(ws) if is_cuda(ws) else 1  # on the CPU the backend plans its threads
         if self._graph is not None:
-            pages_on_device = self._plan_graph(ip, used, last, lengths, attended, heads_kv, sms,
-                                               disable_split_kv)
+            pages_on_device = self._plan_graph(ip, indices, used, last, lengths, attended, heads_kv,
+                                               sms, disable_split_kv)
         else:
             pages_on_device = self._plan_arrays(ws, ip, used, lengths, attended, heads_kv, sms,
                                                 disable_split_kv)
@@ -527,7 +533,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
             "window_left": left,
             "softcap": as_float(logits_soft_cap or 0.0, "logits_soft_cap"),
             "sm_scale": optional_float(sm_scale, "sm_scale"),
-            "max_page_id": int(used.max()) if used.size else -1,
+            # None: the ids were not read (graph mode, on the GPU): no check against the cache
+            "max_page_id": None if used is None else (int(used.max()) if used.size else -1),
             "lengths": lengths,
             "workspace_ok": {},  # (shapes) -> whether the workspace buffer is large enough
             **pages_on_device,
@@ -555,24 +562,30 @@ class BatchDecodeWithPagedKVCacheWrapper:
             "seqlens": on_device_of(ws, lengths.astype(np.int32)),
         }
 
-    def _plan_graph(self, ip, used, last, lengths, attended, heads_kv, sms, disable_split_kv) -> dict:
+    def _plan_graph(self, ip, indices, used, last, lengths, attended, heads_kv, sms,
+                    disable_split_kv) -> dict:
         """plan()'s device arrays with use_cuda_graph=True: this step's page lists, key lengths
-        and split plan (of the fixed size) written into the arrays the captured run() reads."""
+        and split plan (of the fixed size) written into the arrays the captured run() reads. The
+        page ids go device to device when `used` (their host copy) is None."""
         g = self._graph
         batch = ip.size - 1
         if batch != g.batch:
             raise ValueError(f"indptr must have batch_size + 1 = {g.batch + 1} entries with "
                              f"use_cuda_graph=True (paged_kv_indptr_buffer fixes the batch), got "
                              f"{ip.size}")
-        if used.size > int(g.indices.shape[0]):
-            raise ValueError(f"indices hold {used.size} pages, more than "
+        num_pages = int(ip[-1] - ip[0])
+        if num_pages > int(g.indices.shape[0]):
+            raise ValueError(f"indices hold {num_pages} pages, more than "
                              f"paged_kv_indices_buffer's {int(g.indices.shape[0])}")
         items = decode_graph_plan_items(batch, heads_kv, sms)
         plan_buffer = g.plan_buffer(heads_kv, items)
         counts = (np.ones(batch, dtype=np.int32) if disable_split_kv
                   else decode_graph_split_counts(attended, heads_kv, sms, items))
         write_ints(g.indptr, (ip - ip[0]).astype(np.int32))
-        write_ints(g.indices, used.astype(np.int32))
+        if used is not None:
+            write_ints(g.indices, used.astype(np.int32))
+        else:
+            copy_on_device(g.indices, indices, int(ip[0]), num_pages)
         write_ints(g.last_page_len, last.astype(np.int32))
         write_ints(g.seqlens, lengths.astype(np.int32))
         write_ints(plan_buffer, decode_split_plan(counts, attended, items=items))
@@ -618,7 +631,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
                 raise ValueError(f"paged_kv_cache's {name} pages must have shape (max_num_pages, "
                                  f"page_size, num_kv_heads, head_dim) = (*, {want[0]}, {want[1]}, "
                                  f"{want[2]}) as planned, got {shape}")
-            if shape[0] <= plan["max_page_id"]:
+            if plan["max_page_id"] is not None and shape[0] <= plan["max_page_id"]:
                 raise ValueError(f"plan() was given page id {plan['max_page_id']}, but "
                                  f"paged_kv_cache holds {shape[0]} pages")
             if dtype_name(t.dtype) != plan["data_type"]:

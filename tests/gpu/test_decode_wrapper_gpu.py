@@ -179,7 +179,16 @@ def test_graph_mode_replays(seed, dtype, page_size, hq, hkv, d):
     pages (a fresh random placement in the pool) and a new q, plans, and replays the graph into
     NaN-poisoned out / lse. Each replay matches the step's reference and equals an eager run() of
     the same plan bitwise; the indices buffer past the most pages a step used and the cache are
-    unchanged."""
+    unchanged. The page lists are CUDA tensors (the ids copied device to device)."""
+    graph_steps(seed, dtype, page_size, hq, hkv, d, lists_on=DEV)
+
+
+def test_graph_mode_host_page_lists(seed):
+    """The same with the page lists as CPU tensors (vLLM's way): the ids go through the host."""
+    graph_steps(seed, torch.bfloat16, 16, 32, 8, 128, lists_on="cpu")
+
+
+def graph_steps(seed, dtype, page_size, hq, hkv, d, lists_on):
     batch = 12
     max_pages = sum(-(-n // page_size) for n in [30000] * 2 + [6000] * (batch - 2))
     pool = max_pages + 7
@@ -212,7 +221,8 @@ def test_graph_mode_replays(seed, dtype, page_size, hq, hkv, d):
             indptr.append(indptr[-1] + len(pages))
         indices = [p for pages in lists for p in pages]
         last = [n - (m - 1) * page_size if m else 0 for n, m in zip(lens, need)]
-        w.plan(i32(indptr), i32(indices), i32(last), hq, hkv, d, page_size, q_data_type=dtype)
+        w.plan(*(i32(x).to(lists_on) for x in (indptr, indices, last)), hq, hkv, d, page_size,
+               q_data_type=dtype)
         counts = w.split_counts
         assert counts is not None and counts.sum() <= fastattn.decode_graph_plan_items(
             batch, hkv, torch.cuda.get_device_properties(0).multi_processor_count)
@@ -280,3 +290,48 @@ def test_padded_plan_equals_unpadded(seed):
     R.assert_out_close("unpadded", results[0], ref, naive, factor=FACTOR)
     for r in results[1:]:
         R.assert_bitwise_equal("padded vs unpadded", r, results[0])
+
+
+def test_graph_mode_page_id_outside_the_cache(seed):
+    """With use_cuda_graph=True and the page ids on the GPU, plan() does not read them: an id
+    outside the cache is no error there, and the replay reads that page's keys and values as
+    zeros (flash_attn_with_kvcache's guard), the other requests unaffected."""
+    ps, hq, hkv, d = 16, 8, 2, 128
+    lens = [40, 100, 0, 70]
+    need = [-(-n // ps) for n in lens]
+    pool = sum(need) + 2
+    kv = randn(pool, 2, ps, hkv, d, dtype=torch.bfloat16)
+    perm = list(range(pool))
+    seed.shuffle(perm)
+    lists, pos = [], 0
+    for m in need:
+        lists.append(perm[pos:pos + m])
+        pos += m
+    bad = pool + 3
+    lists[1][2] = bad  # the third page of request 1
+    indptr = [0]
+    for pages in lists:
+        indptr.append(indptr[-1] + len(pages))
+    last = [n - (m - 1) * ps if m else 0 for n, m in zip(lens, need)]
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(
+        workspace(), use_cuda_graph=True,
+        paged_kv_indptr_buffer=torch.empty(len(lens) + 1, dtype=torch.int32, device=DEV),
+        paged_kv_indices_buffer=torch.empty(indptr[-1], dtype=torch.int32, device=DEV),
+        paged_kv_last_page_len_buffer=torch.empty(len(lens), dtype=torch.int32, device=DEV))
+    w.plan(i32(indptr), i32([p for pages in lists for p in pages]), i32(last), hq, hkv, d, ps,
+           q_data_type=torch.bfloat16)
+    q = randn(len(lens), hq, d, dtype=torch.bfloat16)
+    out = nan_full(q.shape, q.dtype)
+    graph = warm_and_capture(lambda: w.run(q, kv, out=out))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    zeros = torch.zeros(1, 2, ps, hkv, d, dtype=kv.dtype, device=DEV)
+    kv_ext = torch.cat([kv, zeros])  # page `pool` of kv_ext is the zero page
+    mapped = [[pool if p == bad else p for p in pages] for pages in lists]
+    ref_kv = [(R.gather_pages(kv_ext[:, 0], pages, n), R.gather_pages(kv_ext[:, 1], pages, n))
+              for pages, n in zip(mapped, lens)]
+    cu = list(range(len(lens) + 1))
+    ref, _, _ = R.varlen_ref(q, cu, ref_kv)
+    naive, _, _ = R.varlen_ref(q, cu, ref_kv, naive=True)
+    R.assert_out_close("out", out, ref, naive, factor=FACTOR)
