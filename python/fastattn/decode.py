@@ -396,7 +396,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
     copies each step's lists into them (on the caller's current stream) with the key lengths and
     a split plan of fixed size (:func:`decode_graph_plan_items`, padded) into the wrapper's own
     device arrays, so that the captured launch reads them in place; the float workspace must
-    hold the call's partial states (``run()`` says how much when it does not).
+    hold the call's partial states (``run()`` says how much when it does not). Page ids given on
+    the GPU are copied there, not read on the host (an id outside the cache is the kernels' guard:
+    its keys and values read as zeros).
 
     Supported: NHD layout; ``pos_encoding_mode`` "NONE"; ``window_left``; ``logits_soft_cap``;
     ``sm_scale``; GQA / MQA; ``return_lse`` (natural-log LSE, unlike FlashInfer's base 2: see
