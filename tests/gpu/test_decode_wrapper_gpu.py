@@ -209,18 +209,8 @@ def graph_steps(seed, dtype, page_size, hq, hkv, d, lists_on):
     split_seen, written = False, 0
     for step, kind in enumerate(kinds):
         lens = graph_step_lengths(seed, kind, batch)
-        need = [-(-n // page_size) for n in lens]
-        perm = list(range(pool))
-        seed.shuffle(perm)
-        lists, pos = [], 0
-        for m in need:
-            lists.append(perm[pos:pos + m])
-            pos += m
-        indptr = [0]
-        for pages in lists:
-            indptr.append(indptr[-1] + len(pages))
-        indices = [p for pages in lists for p in pages]
-        last = [n - (m - 1) * page_size if m else 0 for n, m in zip(lens, need)]
+        used = sum(-(-n // page_size) for n in lens)  # a fresh placement over the whole pool
+        lists, indptr, indices, last, _ = P.make_csr(seed, lens, page_size, extra_pages=pool - used)
         w.plan(*(i32(x).to(lists_on) for x in (indptr, indices, last)), hq, hkv, d, page_size,
                q_data_type=dtype)
         counts = w.split_counts
@@ -298,21 +288,10 @@ def test_graph_mode_page_id_outside_the_cache(seed):
     zeros (flash_attn_with_kvcache's guard), the other requests unaffected."""
     ps, hq, hkv, d = 16, 8, 2, 128
     lens = [40, 100, 0, 70]
-    need = [-(-n // ps) for n in lens]
-    pool = sum(need) + 2
+    lists, indptr, _, last, pool = P.make_csr(seed, lens, ps, extra_pages=2)
     kv = randn(pool, 2, ps, hkv, d, dtype=torch.bfloat16)
-    perm = list(range(pool))
-    seed.shuffle(perm)
-    lists, pos = [], 0
-    for m in need:
-        lists.append(perm[pos:pos + m])
-        pos += m
     bad = pool + 3
     lists[1][2] = bad  # the third page of request 1
-    indptr = [0]
-    for pages in lists:
-        indptr.append(indptr[-1] + len(pages))
-    last = [n - (m - 1) * ps if m else 0 for n, m in zip(lens, need)]
     w = fastattn.BatchDecodeWithPagedKVCacheWrapper(
         workspace(), use_cuda_graph=True,
         paged_kv_indptr_buffer=torch.empty(len(lens) + 1, dtype=torch.int32, device=DEV),
