@@ -224,6 +224,25 @@ def plan_estimate(lens, counts, heads, sms, cost, tail):
     return heads * (sum(lens) + cost * sum(counts)) / sms + tail * (longest_part + cost)
 
 
+def written_out_choice(lens, heads, sms, uniform=False, cap=math.inf):
+    """The split-count rules' documented choice, written out with plain loops: (estimate, parts,
+    counts) of the chunk rule's counts (and with `uniform` one count S for every sequence) of at
+    most cap parts, the fewest parts within the tolerance of the best estimate."""
+    from fastattn import decode as dec
+    options = []
+    for s in range(1, dec.MAX_SPLITS + 1):
+        chunk = math.ceil(max(lens) / s)
+        candidates = [[min(dec.MAX_SPLITS, max(1, math.ceil(n / chunk))) for n in lens]]
+        if uniform:
+            candidates.append([s] * len(lens))
+        for counts in candidates:
+            if sum(counts) <= cap:
+                options.append((plan_estimate(lens, counts, heads, sms, dec.CTA_COST_KEYS,
+                                              dec.TAIL_WEIGHT), sum(counts), counts))
+    best = min(o[0] for o in options)
+    return min((o for o in options if o[0] <= best * (1 + dec.SPLIT_TOLERANCE)), key=lambda o: (o[1], o[0]))
+
+
 def test_split_counts_balanced_and_empty():
     rule = fastattn.decode_split_counts_for_lengths
     assert rule([8192] * 32, 8, 132) is None  # near-uniform: the capacity heuristic
@@ -249,14 +268,7 @@ def test_split_counts_minimise_their_estimate(rng):
         lens = [int(x) for x in rng.integers(0, 4096, size=batch)]
         lens[int(rng.integers(batch))] = int(rng.integers(8192, 200000))
         got = fastattn.decode_split_counts_for_lengths(lens, heads, 132)
-        options = []
-        for s in range(1, dec.MAX_SPLITS + 1):
-            chunk = math.ceil(max(lens) / s)
-            counts = [min(dec.MAX_SPLITS, max(1, math.ceil(n / chunk))) for n in lens]
-            options.append((plan_estimate(lens, counts, heads, 132, dec.CTA_COST_KEYS, dec.TAIL_WEIGHT),
-                            sum(counts), counts))
-        best = min(o[0] for o in options)
-        want = min((o for o in options if o[0] <= best * (1 + dec.SPLIT_TOLERANCE)), key=lambda o: (o[1], o[0]))
+        want = written_out_choice(lens, heads, 132)
         s = fastattn.decode_num_splits_for_lengths(lens, heads, 132)
         uniform = estimate(lens, heads, 132, s, dec.CTA_COST_KEYS, dec.TAIL_WEIGHT)
         if uniform < dec.PLAN_MIN_GAIN * want[0]:
@@ -385,22 +397,6 @@ def test_decode_wrapper_plans_no_counts_on_the_cpu(rng):
 # ---- CUDA-graph mode (use_cuda_graph=True): fixed buffers and a plan of fixed size -----------
 
 
-def graph_options_estimate(lens, heads, sms, cap):
-    """decode_graph_split_counts' documented choice, written out with plain loops: the chunk
-    rule's counts and uniform counts of at most cap parts, the fewest parts within the tolerance
-    of the best estimate."""
-    from fastattn import decode as dec
-    options = []
-    for s in range(1, dec.MAX_SPLITS + 1):
-        chunk = math.ceil(max(lens) / s)
-        for counts in ([min(dec.MAX_SPLITS, max(1, math.ceil(n / chunk))) for n in lens], [s] * len(lens)):
-            if sum(counts) <= cap:
-                options.append((plan_estimate(lens, counts, heads, sms, dec.CTA_COST_KEYS,
-                                              dec.TAIL_WEIGHT), sum(counts), counts))
-    best = min(o[0] for o in options)
-    return min((o for o in options if o[0] <= best * (1 + dec.SPLIT_TOLERANCE)), key=lambda o: (o[1], o[0]))
-
-
 def test_graph_plan_items_and_counts(rng):
     """The plan's fixed size is batch + ceil(GRAPH_EXTRA_WAVES x SMs / heads); the counts are the
     estimate's best of at most that many parts, for ragged and equal lengths alike (never None)."""
@@ -420,7 +416,7 @@ def test_graph_plan_items_and_counts(rng):
             continue
         cap = fastattn.decode_graph_plan_items(batch, heads, 132)
         got = fastattn.decode_graph_split_counts(lens, heads, 132, cap)
-        want = graph_options_estimate(lens, heads, 132, cap)
+        want = written_out_choice(lens, heads, 132, uniform=True, cap=cap)
         assert got.dtype == np.int32 and got.tolist() == want[2], (batch, heads)
         assert got.sum() <= cap and got.min() >= 1
     assert fastattn.decode_graph_split_counts([0, 0], 8, 132, 2).tolist() == [1, 1]
