@@ -707,14 +707,14 @@ class BatchDecodeWithPagedKVCacheWrapper:
             ws = self._workspace_buffer
             key = (tuple(q.shape), tuple(k_pages.shape), left)
             if key not in plan["workspace_ok"]:
-                need = _C.kvcache_workspace_bytes(**call) if usable_workspace(ws, q) else None
-                plan["workspace_ok"][key] = need is not None and need <= int(ws.nbytes)
+                need = _C.kvcache_workspace_bytes(**call)
+                plan["workspace_ok"][key] = usable_workspace(ws, q) and need <= int(ws.nbytes)
                 if self._graph is not None and not plan["workspace_ok"][key]:
                     # A captured call must not allocate: its partial states live in the buffer.
                     raise ValueError(
                         f"float_workspace_buffer must be a contiguous uint8 array on q's device "
-                        f"of at least {_C.kvcache_workspace_bytes(**call)} bytes with "
-                        f"use_cuda_graph=True, got {dtype_name(ws.dtype)} of {int(ws.nbytes)} bytes")
+                        f"of at least {need} bytes with use_cuda_graph=True, got "
+                        f"{dtype_name(ws.dtype)} of {int(ws.nbytes)} bytes")
             if plan["workspace_ok"][key]:
                 workspace = ws
             else:
