@@ -120,6 +120,14 @@ struct KVCacheArgs {
   /// Results for a sequence depend only on its own count (bitwise, the same as num_splits at that
   /// count). The CPU backend checks the contents too and then ignores the plan.
   std::optional<TensorView> split_plan;
+  /// CUDA planning hint: the caller's bound on every sequence's cache_seqlens (keys already in
+  /// the cache, before the append). Without a split_plan the split heuristic plans from a bound on
+  /// a sequence's keys; it reads no index tensor, so its own bound is the capacity: the block
+  /// table's width, the contiguous cache's slots, or with CSR page lists all of page_indices (as
+  /// if one sequence held every page: too many splits for a batch). A hint below that bound is
+  /// used instead. It only steers the heuristic: a wrong hint gives the same exact results, at
+  /// another speed. 0 = none. The CPU backend ignores it.
+  std::int64_t max_cache_seqlen = 0;
   TensorView out;                 ///< (B, Sq, Hq, D)
   std::optional<TensorView> lse;  ///< (B, Hq, Sq) float32
   /// Scratch for split-KV partial results (uint8, at least kvcache_workspace_bytes(args)).

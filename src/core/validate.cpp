@@ -384,6 +384,8 @@ KVCacheDims validate(ArgChecker& c, const KVCacheArgs& args) {
     c.fail_value("num_splits", "must be >= 0 (0 = heuristic), got " + std::to_string(args.num_splits));
   if (args.num_splits > 1024)
     c.fail_value("num_splits", "must be <= 1024, got " + std::to_string(args.num_splits));
+  if (args.max_cache_seqlen < 0)
+    c.fail_value("max_cache_seqlen", "must be >= 0 (0 = no hint), got " + std::to_string(args.max_cache_seqlen));
   if (args.split_plan) {
     if (args.num_splits != 0)
       c.fail_value("num_splits", "must be 0 with a split_plan (the plan gives each sequence's count), got " +

@@ -380,6 +380,7 @@ TEST(Errors, KVCache) {
   KV_CASE(0, ValueError, (N{"k_cache"}), "cache rows < B without cache_batch_idx",
           (f.a.k_cache.shape[0] = 1, f.a.v_cache.shape[0] = 1));
   KV_CASE(0, ValueError, (N{"num_splits"}), "num_splits negative", f.a.num_splits = -1);
+  KV_CASE(0, ValueError, (N{"max_cache_seqlen"}), "max_cache_seqlen negative", f.a.max_cache_seqlen = -1);
   {
     KVFix f(0);
     f.a.num_splits = 3;

@@ -1036,6 +1036,45 @@ def heuristic_splits(case, batch, heads_q, head_dim):
     raise AssertionError(f"no split count asks for {got} workspace bytes")
 
 
+def csr_of_table(case):
+    """(page_indptr, page_indices) on the GPU: each block-table row's pages that its sequence
+    uses (its length in pages), in order: the same pages as the table, without its spare columns."""
+    ps = case.c["page"]
+    rows = [row[:-(-n // ps)] for row, n in zip(case.table, case.lens)]
+    return i32(cumsum0([len(r) for r in rows])), i32([p for r in rows for p in r])
+
+
+@pytest.mark.parametrize("batch,heads_kv,cache_len", [(4, 8, 8192), (1, 8, 32768), (16, 32, 2048),
+                                                      (64, 8, 1024)])
+def test_max_cache_seqlen_steers_the_csr_heuristic(seed, batch, heads_kv, cache_len):
+    """KVCacheArgs::max_cache_seqlen (README): with CSR page lists and num_splits=0 the heuristic
+    bounds a sequence by all of page_indices unless the hint is tighter. With the hint at the
+    block table's width in slots, the CSR call plans as the block-table call does (the same
+    workspace, read off the partial states) and gives the same bits; a hint far too small (1)
+    still gives the exact answer."""
+    case = build_case(seed, torch.bfloat16, dict(B=batch, Hq=32, Hkv=heads_kv, cache_len=cache_len,
+                                                 Snew=0, page=16))
+    out_table, lse_table, ref = run_case(case)
+    indptr, indices = csr_of_table(case)
+    width_slots = len(case.table[0]) * 16
+    alloc = lambda n: torch.empty(n, dtype=torch.uint8, device=DEV)  # noqa: E731
+    table_args = c_kwargs(case, case.make_out(), nan_full(lse_table.shape, torch.float32))
+    for hint in (width_slots, 1):
+        out, lse = case.make_out(), nan_full(lse_table.shape, torch.float32)
+        args = dict(c_kwargs(case, out, lse), block_table=None, page_indptr=indptr,
+                    page_indices=indices, max_cache_seqlen=hint)
+        if hint == width_slots:
+            assert _C.kvcache_workspace_bytes(**args) == _C.kvcache_workspace_bytes(**table_args)
+        _C.kvcache_attention_forward(workspace_alloc=alloc, **args)
+        torch.cuda.synchronize()
+        check_output(out, lse, ref)
+        if hint == width_slots:
+            R.assert_bitwise_equal("out (CSR + hint vs block table)", out, out_table)
+            R.assert_bitwise_equal("lse (CSR + hint vs block table)", lse, lse_table)
+    with pytest.raises(ValueError, match="max_cache_seqlen"):
+        _C.kvcache_workspace_bytes(**dict(table_args, max_cache_seqlen=-1))
+
+
 # (name, config, whether the rule takes it given its heuristic split count): MHA rows of 8 KB at
 # batch 8 (8 streams), GQA 8 rows of 2 KB, a fixed num_splits, a paged cache, 33 streams, and 8 KB
 # rows at head_dim 64 (64 KV heads).

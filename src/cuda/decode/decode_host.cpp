@@ -80,6 +80,8 @@ Plan plan_decode(check::ArgChecker& c, const KVCacheArgs& a, const core::KVCache
     p.cache_len = as_int(c, d.cache_len, "k_cache slots (dim 1)", INT32_MAX);
     max_keys = p.cache_len;
   }
+  // The caller's hint, where it is tighter than the capacity (it only steers the heuristic).
+  if (a.max_cache_seqlen > 0) max_keys = std::min(max_keys, a.max_cache_seqlen);
   if (a.cache_seqlens) p.cache_seqlens = static_cast<const std::int32_t*>(a.cache_seqlens->data);
   p.cache_seqlen = as_int(c, a.cache_seqlen, "cache_seqlens", INT32_MAX);
   if (a.cache_batch_idx) p.cache_batch_idx = static_cast<const std::int32_t*>(a.cache_batch_idx->data);
@@ -120,7 +122,8 @@ Plan plan_decode(check::ArgChecker& c, const KVCacheArgs& a, const core::KVCache
     p.num_splits = 1;  // unused with a plan
     p.splits_fixed = true;
   } else {
-    // Split-KV (decode_num_splits): the bound on keys is the cache capacity (no device read).
+    // Split-KV (decode_num_splits): the bound on keys is the cache capacity or the caller's
+    // max_cache_seqlen (no device read).
     p.head_group = decode_head_group_applies(c, p, a.num_splits, max_keys + p.seqlen_new);
     p.kv_heads_per_cta = decode_kv_heads_per_cta(c, p, a.num_splits, max_keys + p.seqlen_new, /*may_split=*/true);
     p.num_splits = decode_num_splits(c, p, a.num_splits, max_keys + p.seqlen_new);
