@@ -223,13 +223,20 @@ def write_ints(dst: Any, host: np.ndarray) -> None:
         raise TypeError(f"cannot write into a {type(dst).__name__} in place (torch, cupy or numpy)")
 
 
+def can_copy_on_device(dst: Any, src: Any) -> bool:
+    """Whether copy_on_device(dst, src, ...) copies: both GPU arrays of one framework (torch or
+    cupy)."""
+    fw = framework(dst)
+    return fw in ("torch", "cupy") and framework(src) == fw and is_cuda(dst) and is_cuda(src)
+
+
 def copy_on_device(dst: Any, src: Any, start: int, n: int) -> bool:
     """dst[:n] = src[start:start + n] without a trip through the host, ordered on the caller's
     current stream, when both are GPU arrays of one framework (torch or cupy). Returns False (and
     copies nothing) otherwise."""
-    fw = framework(dst)
-    if fw not in ("torch", "cupy") or framework(src) != fw or not (is_cuda(dst) and is_cuda(src)):
+    if not can_copy_on_device(dst, src):
         return False
+    fw = framework(dst)
     if fw == "torch":
         dst[:n].copy_(src.reshape(-1)[start:start + n])
     else:

@@ -12,9 +12,8 @@ host read. With ``use_cuda_graph=True`` every launch parameter is fixed across s
 of fixed size, padded: :func:`decode_graph_plan_items`, :func:`decode_graph_split_counts`) and
 ``plan()`` writes each step's arrays in place, so that a captured ``run()`` can be replayed.
 
-All math is done by the C++ library (``flash_attn_with_kvcache``'s kernels over a block table
-built from the page lists, or over the CSR lists themselves with ``use_cuda_graph=True``); this
-module only plans and maps arguments.
+All math is done by the C++ library (``flash_attn_with_kvcache``'s kernels over the CSR page
+lists); this module only plans and maps arguments.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from ._tensors import (
     device_sm_count,
     dtype_name,
     empty,
+    can_copy_on_device,
     copy_on_device,
     exec_kwargs,
     finalize,
@@ -316,18 +316,6 @@ def decode_graph_split_counts(lengths: Sequence[int], num_kv_heads: int, sm_coun
     return chosen[2].astype(np.int32)
 
 
-def csr_to_block_table(indptr: np.ndarray, indices: np.ndarray) -> np.ndarray:
-    """(batch, max(1, most pages)) int32 block table of CSR page lists: row b holds
-    indices[indptr[b]:indptr[b + 1]], then zeros (never read: past the row's length)."""
-    pages = np.diff(indptr)
-    batch = pages.size
-    width = max(1, int(pages.max()) if batch else 1)
-    table = np.zeros((batch, width), dtype=np.int32)
-    # The cells left of each row's page count, in row-major order, are the pages in CSR order.
-    table[np.arange(width)[None, :] < pages[:, None]] = indices[indptr[0]:indptr[-1]]
-    return table
-
-
 def _int32_vector(x, name: str, ws) -> None:
     """Check a CUDA-graph buffer: a 1-D contiguous int32 array on the workspace's device kind."""
     if x is None:
@@ -383,11 +371,15 @@ class _GraphBuffers:
 class BatchDecodeWithPagedKVCacheWrapper:
     """Batch decode (one query per request) over a paged KV cache: FlashInfer's interface.
 
-    ``plan()`` reads the page lists on the host (it synchronises, as FlashInfer's does), builds
-    a block table and the key lengths on the workspace's device, and plans the splits from the
-    lengths: a count per request (:func:`decode_split_counts_for_lengths`, a split plan on the
-    device) or one count for the batch (:func:`decode_num_splits_for_lengths`). ``run()``
-    neither synchronises nor allocates outside the caller's allocator.
+    ``plan()`` reads the page lists' row pointers and last page lengths on the host (it
+    synchronises, as FlashInfer's does), puts the page lists and the key lengths on the
+    workspace's device, and plans the splits from the lengths: a count per request
+    (:func:`decode_split_counts_for_lengths`, a split plan on the device) or one count for the
+    batch (:func:`decode_num_splits_for_lengths`). Page ids given on the GPU (torch or cupy, as
+    the workspace) are copied there and not read on the host, as FlashInfer's ``plan()`` does not
+    read them: an id outside the cache is then the kernels' guard (its keys and values read as
+    zeros), not an error. ``run()`` neither synchronises nor allocates outside the caller's
+    allocator.
 
     With ``use_cuda_graph=True`` ``run()`` can be captured in a CUDA graph and replayed after each
     step's ``plan()``: the batch size is fixed by ``paged_kv_indptr_buffer`` (batch_size + 1
@@ -396,9 +388,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
     copies each step's lists into them (on the caller's current stream) with the key lengths and
     a split plan of fixed size (:func:`decode_graph_plan_items`, padded) into the wrapper's own
     device arrays, so that the captured launch reads them in place; the float workspace must
-    hold the call's partial states (``run()`` says how much when it does not). Page ids given on
-    the GPU are copied there, not read on the host (an id outside the cache is the kernels' guard:
-    its keys and values read as zeros).
+    hold the call's partial states (``run()`` says how much when it does not).
 
     Supported: NHD layout; ``pos_encoding_mode`` "NONE"; ``window_left``; ``logits_soft_cap``;
     ``sm_scale``; GQA / MQA; ``return_lse`` (natural-log LSE, unlike FlashInfer's base 2: see
@@ -489,10 +479,11 @@ class BatchDecodeWithPagedKVCacheWrapper:
 
         ip = host_ints(indptr).reshape(-1)
         last = host_ints(last_page_len).reshape(-1)
-        # With use_cuda_graph=True and the page ids on the GPU they are copied device to device,
-        # never read here (as FlashInfer's plan()): the kernels' guard handles ids outside the cache.
-        ids_on_device = (self._graph is not None and framework(indices) == framework(self._graph.indices)
-                         and is_cuda(indices) and is_cuda(self._graph.indices))
+        # Page ids on the GPU are copied device to device, never read here (as FlashInfer's
+        # plan()): the kernels' guard handles ids outside the cache.
+        ws = self._workspace_buffer
+        ids_on_device = can_copy_on_device(self._graph.indices if self._graph is not None else ws,
+                                           indices)
         ids = None if ids_on_device else host_ints(indices).reshape(-1)
         num_ids = int(np.prod(indices.shape)) if ids is None else ids.size
         if ip.size < 1:
@@ -517,14 +508,13 @@ class BatchDecodeWithPagedKVCacheWrapper:
 
         left = as_int(window_left, "window_left")
         attended = lengths if left < 0 else np.minimum(lengths, left + 1)  # the query's keys
-        ws = self._workspace_buffer
         sms = device_sm_count(ws) if is_cuda(ws) else 1  # on the CPU the backend plans its threads
         if self._graph is not None:
             pages_on_device = self._plan_graph(ip, indices, used, last, lengths, attended, heads_kv,
                                                sms, disable_split_kv)
         else:
-            pages_on_device = self._plan_arrays(ws, ip, used, lengths, attended, heads_kv, sms,
-                                                disable_split_kv)
+            pages_on_device = self._plan_arrays(ws, ip, indices, used, lengths, attended,
+                                                heads_kv, sms, ps, disable_split_kv)
         self._plan = {
             "batch": batch,
             "num_qo_heads": heads_q,
@@ -542,9 +532,11 @@ class BatchDecodeWithPagedKVCacheWrapper:
             **pages_on_device,
         }
 
-    def _plan_arrays(self, ws, ip, used, lengths, attended, heads_kv, sms, disable_split_kv) -> dict:
-        """plan()'s device arrays, new ones each step: a block table, the key lengths and the
-        splits (a split plan, or one count for the batch)."""
+    def _plan_arrays(self, ws, ip, indices, used, lengths, attended, heads_kv, sms, page_size,
+                     disable_split_kv) -> dict:
+        """plan()'s device arrays, new ones each step: the CSR page lists, the key lengths and
+        the splits (a split plan, or one count for the batch). The page ids go device to device
+        when `used` (their host copy) is None."""
         counts = None  # a count per sequence (a split plan), else the uniform `splits`
         splits = 0     # the capacity heuristic; on the CPU the backend plans its own threads
         if disable_split_kv:
@@ -553,15 +545,23 @@ class BatchDecodeWithPagedKVCacheWrapper:
             counts = decode_split_counts_for_lengths(attended, heads_kv, sms)
             if counts is None:
                 splits = decode_num_splits_for_lengths(attended, heads_kv, sms)
+        num_pages = int(ip[-1] - ip[0])
+        if used is None:
+            page_indices = empty(ws, (num_pages,), "int32")
+            copy_on_device(page_indices, indices, int(ip[0]), num_pages)
+        else:
+            page_indices = on_device_of(ws, used.astype(np.int32))
         return {
             "num_splits": splits,
             "split_counts": counts,
             "split_plan": (None if counts is None
                            else on_device_of(ws, decode_split_plan(counts, attended))),
-            "block_table": on_device_of(ws, csr_to_block_table(ip - ip[0], used.astype(np.int32))),
-            "page_indptr": None,
-            "page_indices": None,
+            "page_indptr": on_device_of(ws, (ip - ip[0]).astype(np.int32)),
+            "page_indices": page_indices,
             "seqlens": on_device_of(ws, lengths.astype(np.int32)),
+            # The most pages of a request: the capacity heuristic's bound, as a block table's
+            # width (without it the heuristic would bound a sequence by all the page ids).
+            "max_cache_seqlen": max(1, int(np.diff(ip).max(initial=0))) * page_size,
         }
 
     def _plan_graph(self, ip, indices, used, last, lengths, attended, heads_kv, sms,
@@ -595,10 +595,10 @@ class BatchDecodeWithPagedKVCacheWrapper:
             "num_splits": 0,
             "split_counts": counts,
             "split_plan": plan_buffer,
-            "block_table": None,
             "page_indptr": g.indptr,
             "page_indices": g.indices,
             "seqlens": g.seqlens,
+            "max_cache_seqlen": 0,  # unused: the split plan fixes the splits
         }
 
     begin_forward = plan
@@ -695,9 +695,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
             q=prepare(q[:, None]), k_cache=prepare(k_pages), v_cache=prepare(v_pages),
             k=None, v=None, rotary_cos=None, rotary_sin=None, rotary_interleaved=True,
             cache_seqlens=plan["seqlens"], cache_batch_idx=None, cache_leftpad=None,
-            block_table=plan["block_table"], page_indptr=plan["page_indptr"],
+            block_table=None, page_indptr=plan["page_indptr"],
             page_indices=plan["page_indices"], num_splits=plan["num_splits"],
-            split_plan=plan["split_plan"],
+            split_plan=plan["split_plan"], max_cache_seqlen=plan["max_cache_seqlen"],
             out=o[:, None], lse=lse[:, :, None] if lse is not None else None,
             softmax_scale=plan["sm_scale"], causal=False, window_left=left,
             window_right=-1, softcap=plan["softcap"], alibi_slopes=None, **exec_kwargs(q),

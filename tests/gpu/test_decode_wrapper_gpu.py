@@ -282,28 +282,35 @@ def test_padded_plan_equals_unpadded(seed):
         R.assert_bitwise_equal("padded vs unpadded", r, results[0])
 
 
-def test_graph_mode_page_id_outside_the_cache(seed):
-    """With use_cuda_graph=True and the page ids on the GPU, plan() does not read them: an id
-    outside the cache is no error there, and the replay reads that page's keys and values as
-    zeros (flash_attn_with_kvcache's guard), the other requests unaffected."""
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_page_id_outside_the_cache(seed, graph):
+    """With the page ids on the GPU, plan() does not read them (eager, or with use_cuda_graph=True
+    and a replay): an id outside the cache is no error there, and the run reads that page's keys
+    and values as zeros (flash_attn_with_kvcache's guard), the other requests unaffected."""
     ps, hq, hkv, d = 16, 8, 2, 128
     lens = [40, 100, 0, 70]
     lists, indptr, _, last, pool = P.make_csr(seed, lens, ps, extra_pages=2)
     kv = randn(pool, 2, ps, hkv, d, dtype=torch.bfloat16)
     bad = pool + 3
     lists[1][2] = bad  # the third page of request 1
-    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(
-        workspace(), use_cuda_graph=True,
-        paged_kv_indptr_buffer=torch.empty(len(lens) + 1, dtype=torch.int32, device=DEV),
-        paged_kv_indices_buffer=torch.empty(indptr[-1], dtype=torch.int32, device=DEV),
-        paged_kv_last_page_len_buffer=torch.empty(len(lens), dtype=torch.int32, device=DEV))
-    w.plan(i32(indptr), i32([p for pages in lists for p in pages]), i32(last), hq, hkv, d, ps,
-           q_data_type=torch.bfloat16)
     q = randn(len(lens), hq, d, dtype=torch.bfloat16)
     out = nan_full(q.shape, q.dtype)
-    graph = warm_and_capture(lambda: w.run(q, kv, out=out))
-    out.fill_(float("nan"))
-    graph.replay()
+    buffers = {}
+    if graph:
+        buffers = dict(
+            use_cuda_graph=True,
+            paged_kv_indptr_buffer=torch.empty(len(lens) + 1, dtype=torch.int32, device=DEV),
+            paged_kv_indices_buffer=torch.empty(indptr[-1], dtype=torch.int32, device=DEV),
+            paged_kv_last_page_len_buffer=torch.empty(len(lens), dtype=torch.int32, device=DEV))
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(workspace(), **buffers)
+    w.plan(i32(indptr), i32([p for pages in lists for p in pages]), i32(last), hq, hkv, d, ps,
+           q_data_type=torch.bfloat16)
+    if graph:
+        captured = warm_and_capture(lambda: w.run(q, kv, out=out))
+        out.fill_(float("nan"))
+        captured.replay()
+    else:
+        w.run(q, kv, out=out)
     torch.cuda.synchronize()
     zeros = torch.zeros(1, 2, ps, hkv, d, dtype=kv.dtype, device=DEV)
     kv_ext = torch.cat([kv, zeros])  # page `pool` of kv_ext is the zero page

@@ -523,18 +523,3 @@ def test_decode_wrapper_graph_mode_errors(rng):
         w.plan(indptr, indices, last, hq, 1, d, ps, q_data_type="float32")
     # A failed plan() leaves the last good one in place.
     assert w._plan["num_kv_heads"] == 2 and w.run(q, kv).shape == (2, hq, d)
-
-
-def test_csr_to_block_table(rng):
-    """Row b holds request b's pages in order, then zeros; indptr may start past 0."""
-    from fastattn.decode import csr_to_block_table
-    for _ in range(20):
-        pages = rng.integers(0, 9, size=int(rng.integers(1, 12)))
-        start = int(rng.integers(0, 4))
-        indptr = np.concatenate([[start], start + np.cumsum(pages)])
-        indices = rng.integers(0, 1000, size=int(indptr[-1])).astype(np.int32)
-        table = csr_to_block_table(indptr, indices)
-        assert table.dtype == np.int32 and table.shape == (pages.size, max(1, int(pages.max())))
-        for b, n in enumerate(pages):
-            assert table[b, :n].tolist() == indices[indptr[b]:indptr[b + 1]].tolist()
-            assert not table[b, n:].any()
