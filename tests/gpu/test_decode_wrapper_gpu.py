@@ -266,12 +266,15 @@ def test_padded_plan_equals_unpadded(seed):
     w = fastattn.BatchDecodeWithPagedKVCacheWrapper(workspace())
     b.plan(w)
     counts = w.split_counts
+    width = max(len(pages) for pages in b.lists)
+    table = torch.tensor([pages + [0] * (width - len(pages)) for pages in b.lists],
+                         dtype=torch.int32, device=DEV)
     results = []
     for items in (None, int(counts.sum()) + 1, int(counts.sum()) + 300):
         plan = torch.from_numpy(fastattn.decode_split_plan(counts, lens, items=items)).to(DEV)
         out = nan_full(b.q.shape, b.q.dtype)
         fastattn.flash_attn_with_kvcache(b.q[:, None], b.kv[:, 0], b.kv[:, 1],
-                                         cache_seqlens=i32(lens), block_table=w._plan["block_table"],
+                                         cache_seqlens=i32(lens), block_table=table,
                                          split_plan=plan, out=out[:, None])
         results.append(out)
     torch.cuda.synchronize()

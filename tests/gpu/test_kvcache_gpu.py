@@ -1048,29 +1048,31 @@ def csr_of_table(case):
                                                       (64, 8, 1024)])
 def test_max_cache_seqlen_steers_the_csr_heuristic(seed, batch, heads_kv, cache_len):
     """KVCacheArgs::max_cache_seqlen (README): with CSR page lists and num_splits=0 the heuristic
-    bounds a sequence by all of page_indices unless the hint is tighter. With the hint at the
-    block table's width in slots, the CSR call plans as the block-table call does (the same
-    workspace, read off the partial states) and gives the same bits; a hint far too small (1)
-    still gives the exact answer."""
+    bounds a sequence by all of page_indices unless the hint is tighter. With the hint at the most
+    pages of a sequence in slots, the CSR call plans as a block table of that width does (the same
+    workspace, read off the partial states) and gives its bits; a hint far too small (1) still
+    gives the exact answer."""
     case = build_case(seed, torch.bfloat16, dict(B=batch, Hq=32, Hkv=heads_kv, cache_len=cache_len,
                                                  Snew=0, page=16))
-    out_table, lse_table, ref = run_case(case)
+    _, lse_full, ref = run_case(case)  # the full block table (spare columns) through the Python API
     indptr, indices = csr_of_table(case)
-    width_slots = len(case.table[0]) * 16
+    most = max(1, max(-(-n // 16) for n in case.lens))
     alloc = lambda n: torch.empty(n, dtype=torch.uint8, device=DEV)  # noqa: E731
-    table_args = c_kwargs(case, case.make_out(), nan_full(lse_table.shape, torch.float32))
-    for hint in (width_slots, 1):
-        out, lse = case.make_out(), nan_full(lse_table.shape, torch.float32)
+    out_t, lse_t = case.make_out(), nan_full(lse_full.shape, torch.float32)
+    table_args = dict(c_kwargs(case, out_t, lse_t), block_table=case.bt[:, :most])
+    _C.kvcache_attention_forward(workspace_alloc=alloc, **table_args)
+    for hint in (most * 16, 1):
+        out, lse = case.make_out(), nan_full(lse_full.shape, torch.float32)
         args = dict(c_kwargs(case, out, lse), block_table=None, page_indptr=indptr,
                     page_indices=indices, max_cache_seqlen=hint)
-        if hint == width_slots:
+        if hint > 1:
             assert _C.kvcache_workspace_bytes(**args) == _C.kvcache_workspace_bytes(**table_args)
         _C.kvcache_attention_forward(workspace_alloc=alloc, **args)
         torch.cuda.synchronize()
         check_output(out, lse, ref)
-        if hint == width_slots:
-            R.assert_bitwise_equal("out (CSR + hint vs block table)", out, out_table)
-            R.assert_bitwise_equal("lse (CSR + hint vs block table)", lse, lse_table)
+        if hint > 1:
+            R.assert_bitwise_equal("out (CSR + hint vs block table)", out, out_t)
+            R.assert_bitwise_equal("lse (CSR + hint vs block table)", lse, lse_t)
     with pytest.raises(ValueError, match="max_cache_seqlen"):
         _C.kvcache_workspace_bytes(**dict(table_args, max_cache_seqlen=-1))
 
