@@ -200,6 +200,18 @@ void merge_state_in_place(const TensorView& v, const TensorView& s, const Tensor
 void merge_states(const TensorView& v, const TensorView& s, const TensorView& v_out,
                   const TensorView& s_out, const ExecConfig& exec = {});
 
+/// A block table of CSR page lists, written on their device: row b of block_table gets the pages
+/// page_indices[page_indptr[b] : page_indptr[b + 1]] in order, then 0 in the columns past them.
+/// The kernels read a block table's page ids without first loading a row pointer, so on a GPU
+/// a call over the table is a little faster than over the lists (bench/NOTES.md, session 68).
+///   page_indptr (B + 1) int32, page_indices (nnz) int32, block_table (B, W) int32 (rows
+///   contiguous), all on one device.
+/// On the CPU the lists are checked (page_indptr from >= 0, non-decreasing, up to nnz; at most W
+/// pages a row). On a GPU they are not read on the host (no synchronisation): row b's span is
+/// clamped into [0, nnz] and cut at W columns, as the kernels clamp CSR lists.
+void csr_to_block_table(const TensorView& page_indptr, const TensorView& page_indices,
+                        const TensorView& block_table, const ExecConfig& exec = {});
+
 /// Library version string, "MAJOR.MINOR.PATCH".
 const char* version();
 /// True when attention runs on `device` in this build: the CPU always; a CUDA GPU the build was

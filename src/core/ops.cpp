@@ -2,6 +2,7 @@
 #include "fastattn/ops.h"
 
 #include <string>
+#include <tuple>
 
 #include "core/check.h"
 #include "core/validate.h"
@@ -199,6 +200,32 @@ void merge_states(const TensorView& v, const TensorView& s, const TensorView& v_
 #endif
   require_cpu(c);
   cpu::merge_states(v, s, v_out, s_out, exec.num_threads);
+}
+
+void csr_to_block_table(const TensorView& page_indptr, const TensorView& page_indices,
+                        const TensorView& block_table, const ExecConfig& exec) {
+  check::ArgChecker c("csr_to_block_table");
+  for (auto [t, name, layout] : {std::tuple{&page_indptr, "page_indptr", "(B + 1)"},
+                                 std::tuple{&page_indices, "page_indices", "(nnz)"}}) {
+    c.present(*t, name);
+    c.on_device(*t, name);
+    c.dtype_is(*t, name, DType::kInt32);
+    c.ndim_is(*t, name, 1, layout);
+    c.contiguous(*t, name);
+  }
+  if (page_indptr.size(0) < 1) c.fail_value("page_indptr", "must have B + 1 >= 1 entries, got 0");
+  c.present(block_table, "block_table");
+  c.on_device(block_table, "block_table");
+  c.dtype_is(block_table, "block_table", DType::kInt32);
+  c.shape_is(block_table, "block_table", {page_indptr.size(0) - 1, -1}, "(B, W), B = len(page_indptr) - 1");
+  c.last_dim_contiguous(block_table, "block_table");
+  core::validate_exec(c, exec);
+#if defined(FASTATTN_WITH_CUDA)
+  if (c.device().type == DeviceType::kCUDA)
+    return cuda_decode::csr_to_block_table(c, page_indptr, page_indices, block_table, exec);
+#endif
+  require_cpu(c);
+  cpu::csr_to_block_table(c, page_indptr, page_indices, block_table);
 }
 
 const char* version() { return FASTATTN_VERSION; }

@@ -37,4 +37,8 @@ void merge_state(const MergeTwo& m, int num_threads);
 void merge_states(const TensorView& v, const TensorView& s, const TensorView& v_out,
                   const TensorView& s_out, int num_threads);
 
+/// csr_to_block_table on host tensors (validated shapes), the lists' contents checked first.
+void csr_to_block_table(check::ArgChecker& c, const TensorView& page_indptr,
+                        const TensorView& page_indices, const TensorView& block_table);
+
 }  // namespace fastattn::cpu

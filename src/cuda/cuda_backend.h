@@ -45,6 +45,10 @@ std::size_t kvcache_workspace_bytes(check::ArgChecker& c, const KVCacheArgs& arg
 bool try_varlen_decode(check::ArgChecker& c, const VarlenAttentionArgs& args, const core::VarlenDims& d);
 /// Workspace bytes try_varlen_decode uses for split-KV (0 when the call is not routed to it).
 std::size_t varlen_workspace_bytes(check::ArgChecker& c, const VarlenAttentionArgs& args, const core::VarlenDims& d);
+/// csr_to_block_table on the GPU (page_table.cu): one launch on exec.cuda_stream, the lists not
+/// read on the host.
+void csr_to_block_table(check::ArgChecker& c, const TensorView& page_indptr, const TensorView& page_indices,
+                        const TensorView& block_table, const ExecConfig& exec);
 }  // namespace cuda_decode
 
 namespace cuda_cascade {

@@ -479,6 +479,17 @@ void merge_states(nb::handle v, nb::handle s, nb::handle v_out, nb::handle s_out
   fastattn::merge_states(tv, ts, vo, so, exec);
 }
 
+void csr_to_block_table(nb::handle page_indptr, nb::handle page_indices, nb::handle block_table,
+                        std::uintptr_t cuda_stream, int num_threads) {
+  Keep keep;
+  TensorView ip = in_view(page_indptr, "page_indptr", keep);
+  TensorView ids = in_view(page_indices, "page_indices", keep);
+  TensorView table = out_view(block_table, "block_table", keep);
+  const fastattn::ExecConfig exec = make_exec(cuda_stream, num_threads);
+  nb::gil_scoped_release release;
+  fastattn::csr_to_block_table(ip, ids, table, exec);
+}
+
 fastattn::Device parse_device(const std::string& device_type, int index) {
   fastattn::Device d;
   if (device_type == "cpu") {
@@ -580,6 +591,10 @@ NB_MODULE(_C, m) {
   m.def("merge_states", &merge_states, nb::arg("v"), nb::arg("s"), nb::arg("v_out"),
         nb::arg("s_out"), nb::arg("cuda_stream") = 0, nb::arg("num_threads") = 0,
         "fastattn::merge_states (natural-log LSE).");
+
+  m.def("csr_to_block_table", &csr_to_block_table, nb::arg("page_indptr"), nb::arg("page_indices"),
+        nb::arg("block_table"), nb::arg("cuda_stream") = 0, nb::arg("num_threads") = 0,
+        "fastattn::csr_to_block_table (block_table written in place).");
 
   m.def("version", []() { return std::string(fastattn::version()); },
         "Library version, 'MAJOR.MINOR.PATCH'.");

@@ -553,6 +553,50 @@ TEST(Errors, Merge) {
 #undef MERGE_CASE
 }
 
+// ---- csr_to_block_table --------------------------------------------------------------------
+
+/// Two rows of 2 and 1 pages into a (2, 3) table (watched: a rejected call writes nothing).
+struct PageTableFix : Owner {
+  fastattn::TensorView indptr, indices, table;
+  PageTableFix() {
+    indptr = add(fa_ref::int_tensor({0, 2, 3})).view();
+    indices = add(fa_ref::int_tensor({7, 4, 9})).view();
+    HostTensor t(DType::kInt32, {2, 3});
+    t.poison();
+    table = add(std::move(t), true).view();
+  }
+};
+
+TEST(Errors, CsrToBlockTable) {
+  auto call = [](PageTableFix& f) { fastattn::csr_to_block_table(f.indptr, f.indices, f.table); };
+  {
+    PageTableFix f;
+    ASSERT_NO_THROW(call(f));
+  }
+#define PT_CASE(E, names, label, mutate)            \
+  do {                                             \
+    PageTableFix f;                                \
+    mutate;                                        \
+    expect_bad<E>(f, [&] { call(f); }, names, label); \
+  } while (0)
+  PT_CASE(ValueError, (N{"page_indptr"}), "page_indptr decreasing", f.indptr = f.add(fa_ref::int_tensor({0, 2, 1})).view());
+  PT_CASE(ValueError, (N{"page_indptr"}), "page_indptr past len(page_indices)",
+          f.indptr = f.add(fa_ref::int_tensor({0, 2, 4})).view());
+  PT_CASE(ValueError, (N{"page_indptr"}), "page_indptr from -1", f.indptr = f.add(fa_ref::int_tensor({-1, 2, 3})).view());
+  PT_CASE(ValueError, (N{"block_table"}), "a row longer than the table",
+          f.table = f.add(HostTensor(DType::kInt32, {2, 1}), true).view());
+  PT_CASE(ValueError, (N{"block_table"}), "block_table rows != B",
+          f.table = f.add(HostTensor(DType::kInt32, {3, 3}), true).view());
+  PT_CASE(ValueError, (N{"page_indptr"}), "page_indptr empty", f.indptr = f.add(fa_ref::int_tensor({})).view());
+  PT_CASE(TypeError, (N{"page_indices"}), "page_indices float32",
+          f.indices = f.add(fa_ref::float_tensor({7, 4, 9}, {3})).view());
+  PT_CASE(TypeError, (N{"block_table"}), "block_table int64",
+          f.table = f.add(HostTensor(DType::kInt64, {2, 3}), true).view());
+  PT_CASE(DeviceError, (N{"block_table"}), "block_table on cuda:0",
+          f.table.device = (fastattn::Device{fastattn::DeviceType::kCUDA, 0}));
+#undef PT_CASE
+}
+
 TEST(Errors, ZZCountOfDistinctBadInputs) {
   // Runs last in this file (alphabetical within the suite when run together); informational.
   if (g_cases > 0) {

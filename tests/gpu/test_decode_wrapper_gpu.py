@@ -285,6 +285,44 @@ def test_padded_plan_equals_unpadded(seed):
         R.assert_bitwise_equal("padded vs unpadded", r, results[0])
 
 
+def table_of_lists(indptr, indices, rows, width):
+    """The documented csr_to_block_table on a GPU, written out: row b's span clamped into
+    [0, nnz], cut at width columns, then zeros."""
+    nnz, table = len(indices), []
+    for b in range(rows):
+        i0 = min(max(indptr[b], 0), nnz)
+        i1 = min(max(indptr[b + 1], i0), nnz)
+        n = min(i1 - i0, width)
+        table.append(list(indices[i0:i0 + n]) + [0] * (width - n))
+    return table
+
+
+def test_csr_to_block_table_on_the_gpu(seed):
+    """fastattn._C.csr_to_block_table on CUDA tensors: random lists (empty rows, indptr from an
+    offset) into a NaN-like poisoned table whose rows are padded (the padding untouched), and lists
+    out of range (decreasing, past nnz, longer than the table), clamped as documented."""
+    for trial in range(30):
+        rows = seed.randint(1, 40)
+        counts = [0 if seed.random() < 0.2 else seed.randint(1, 300) for _ in range(rows)]
+        indptr = [seed.randint(0, 5)]
+        for n in counts:
+            indptr.append(indptr[-1] + n)
+        indices = [seed.randrange(1 << 30) for _ in range(indptr[-1] + seed.randint(0, 3))]
+        width = max(counts) + seed.randint(0, 3)
+        if trial >= 20:  # out of range: the kernel's clamps
+            width = max(1, width // 2)
+            for _ in range(3):
+                indptr[seed.randrange(rows + 1)] = seed.randint(-5, len(indices) + 50)
+        wide = torch.full((rows, width + 3), -7, dtype=torch.int32, device=DEV)
+        table = wide[:, :width]
+        fastattn._C.csr_to_block_table(page_indptr=i32(indptr), page_indices=i32(indices),
+                                       block_table=table,
+                                       cuda_stream=torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+        assert table.tolist() == table_of_lists(indptr, indices, rows, width), f"trial {trial}"
+        assert (wide[:, width:] == -7).all(), "wrote into the table's row padding"
+
+
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
 def test_page_id_outside_the_cache(seed, graph):
     """With the page ids on the GPU, plan() does not read them (eager, or with use_cuda_graph=True
