@@ -12,8 +12,9 @@ host read. With ``use_cuda_graph=True`` every launch parameter is fixed across s
 of fixed size, padded: :func:`decode_graph_plan_items`, :func:`decode_graph_split_counts`) and
 ``plan()`` writes each step's arrays in place, so that a captured ``run()`` can be replayed.
 
-All math is done by the C++ library (``flash_attn_with_kvcache``'s kernels over the CSR page
-lists); this module only plans and maps arguments.
+All math is done by the C++ library (``flash_attn_with_kvcache``'s kernels over a block table
+built on the device from the page lists, or over the CSR lists themselves with
+``use_cuda_graph=True``); this module only plans and maps arguments.
 """
 
 from __future__ import annotations
@@ -372,8 +373,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
     """Batch decode (one query per request) over a paged KV cache: FlashInfer's interface.
 
     ``plan()`` reads the page lists' row pointers and last page lengths on the host (it
-    synchronises, as FlashInfer's does), puts the page lists and the key lengths on the
-    workspace's device, and plans the splits from the lengths: a count per request
+    synchronises, as FlashInfer's does), builds a block table from the page lists on the
+    workspace's device (``csr_to_block_table``) with the key lengths, and plans the splits from
+    the lengths: a count per request
     (:func:`decode_split_counts_for_lengths`, a split plan on the device) or one count for the
     batch (:func:`decode_num_splits_for_lengths`). Page ids given on the GPU (torch or cupy, as
     the workspace) are copied there and not read on the host, as FlashInfer's ``plan()`` does not
@@ -514,7 +516,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
                                                sms, disable_split_kv)
         else:
             pages_on_device = self._plan_arrays(ws, ip, indices, used, lengths, attended,
-                                                heads_kv, sms, ps, disable_split_kv)
+                                                heads_kv, sms, disable_split_kv)
         self._plan = {
             "batch": batch,
             "num_qo_heads": heads_q,
@@ -532,11 +534,12 @@ class BatchDecodeWithPagedKVCacheWrapper:
             **pages_on_device,
         }
 
-    def _plan_arrays(self, ws, ip, indices, used, lengths, attended, heads_kv, sms, page_size,
+    def _plan_arrays(self, ws, ip, indices, used, lengths, attended, heads_kv, sms,
                      disable_split_kv) -> dict:
-        """plan()'s device arrays, new ones each step: the CSR page lists, the key lengths and
-        the splits (a split plan, or one count for the batch). The page ids go device to device
-        when `used` (their host copy) is None."""
+        """plan()'s device arrays, new ones each step: a block table (built on the device from
+        the CSR lists: the kernels read a table's page ids without a row pointer first), the key
+        lengths and the splits (a split plan, or one count for the batch). The page ids go device
+        to device when `used` (their host copy) is None."""
         counts = None  # a count per sequence (a split plan), else the uniform `splits`
         splits = 0     # the capacity heuristic; on the CPU the backend plans its own threads
         if disable_split_kv:
@@ -551,17 +554,19 @@ class BatchDecodeWithPagedKVCacheWrapper:
             copy_on_device(page_indices, indices, int(ip[0]), num_pages)
         else:
             page_indices = on_device_of(ws, used.astype(np.int32))
+        # Its width, the most pages of a request, is the capacity heuristic's bound on the keys.
+        table = empty(ws, (ip.size - 1, max(1, int(np.diff(ip).max(initial=0)))), "int32")
+        _C.csr_to_block_table(page_indptr=on_device_of(ws, (ip - ip[0]).astype(np.int32)),
+                              page_indices=page_indices, block_table=table, **exec_kwargs(ws))
         return {
             "num_splits": splits,
             "split_counts": counts,
             "split_plan": (None if counts is None
                            else on_device_of(ws, decode_split_plan(counts, attended))),
-            "page_indptr": on_device_of(ws, (ip - ip[0]).astype(np.int32)),
-            "page_indices": page_indices,
+            "block_table": table,
+            "page_indptr": None,
+            "page_indices": None,
             "seqlens": on_device_of(ws, lengths.astype(np.int32)),
-            # The most pages of a request: the capacity heuristic's bound, as a block table's
-            # width (without it the heuristic would bound a sequence by all the page ids).
-            "max_cache_seqlen": max(1, int(np.diff(ip).max(initial=0))) * page_size,
         }
 
     def _plan_graph(self, ip, indices, used, last, lengths, attended, heads_kv, sms,
@@ -595,10 +600,10 @@ class BatchDecodeWithPagedKVCacheWrapper:
             "num_splits": 0,
             "split_counts": counts,
             "split_plan": plan_buffer,
+            "block_table": None,
             "page_indptr": g.indptr,
             "page_indices": g.indices,
             "seqlens": g.seqlens,
-            "max_cache_seqlen": 0,  # unused: the split plan fixes the splits
         }
 
     begin_forward = plan
@@ -695,9 +700,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
             q=prepare(q[:, None]), k_cache=prepare(k_pages), v_cache=prepare(v_pages),
             k=None, v=None, rotary_cos=None, rotary_sin=None, rotary_interleaved=True,
             cache_seqlens=plan["seqlens"], cache_batch_idx=None, cache_leftpad=None,
-            block_table=None, page_indptr=plan["page_indptr"],
+            block_table=plan["block_table"], page_indptr=plan["page_indptr"],
             page_indices=plan["page_indices"], num_splits=plan["num_splits"],
-            split_plan=plan["split_plan"], max_cache_seqlen=plan["max_cache_seqlen"],
+            split_plan=plan["split_plan"],
             out=o[:, None], lse=lse[:, :, None] if lse is not None else None,
             softmax_scale=plan["sm_scale"], causal=False, window_left=left,
             window_right=-1, softcap=plan["softcap"], alibi_slopes=None, **exec_kwargs(q),
