@@ -4,7 +4,8 @@
 cache_batch_idx, GQA 8, num_splits 1 and 7 (and the heuristic over a long cache, and heuristic splits
 merged inside a thread-block cluster on sm_90, in pairs and threes), out-of-range page
 ids in the block table, empty caches, decode through flash_attn_varlen_func with a block table,
-split plans (a count per sequence, one padded with -1 items, and one with entries out of range), and
+split plans (a count per sequence, one padded with -1 items, and one with entries out of range), CSR
+page lists (with the max_cache_seqlen hint), csr_to_block_table over lists in and out of range, and
 three calls each through the sm_90 head-group kernel and the sm_90 kernel's head-pair form (at
 head_dim 128 and 64) and head-quad form.
 Each call runs twice into NaN-poisoned buffers and, unless --no-check, is compared with the float64
@@ -36,6 +37,15 @@ def kvcache(rng, check, dtype, cfg):
 
 def bad_page_ids(rng, check, where, heads_kv=2, head_dim=128):
     T.out_of_range_page_ids(rng, where, check, heads_kv=heads_kv, head_dim=head_dim)
+
+
+def csr_lists(rng, check):
+    T.test_max_cache_seqlen_steers_the_csr_heuristic(rng, 4, 8, 2048)
+
+
+def csr_table(rng, check):
+    import test_decode_wrapper_gpu as W
+    W.test_csr_to_block_table_on_the_gpu(rng)
 
 
 def with_switches(switches):
@@ -117,6 +127,8 @@ def cases():
     yield "split plan contiguous d256 causal", kvcache, (F16, dict(T.CONFIGS["plan_paged64_d256_causal"], page=None))
     yield "split plan padded (a CUDA graph's fixed size) paged16", kvcache, (B16, T.CONFIGS["plan_padded_paged16"])
     yield "split plan entries out of range", split_plan_bad_entries, ()
+    yield "CSR page lists, max_cache_seqlen at the most pages and at 1", csr_lists, ()
+    yield "csr_to_block_table, lists in and out of range", csr_table, ()
     # the sm_90 head-group kernel (4 KV heads per CTA), its wide form (8; head_dim 128 and 64), its
     # token-row form (32)
     # and the sm_90 kernel's head-pair (2, head_dim 128 and 64) and head-quad (4, head_dim 64) forms
