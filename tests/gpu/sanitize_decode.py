@@ -40,7 +40,10 @@ def bad_page_ids(rng, check, where, heads_kv=2, head_dim=128):
 
 
 def csr_lists(rng, check):
-    T.test_max_cache_seqlen_steers_the_csr_heuristic(rng, 4, 8, 2048)
+    # Batch 8: at batch 4 the float64 reference's bf16 GEMM (cuBLAS nvjet_sm90_tst_64x8_64x16)
+    # stops racecheck with the fastattn kernel filter with "failed to handle a hardware exception",
+    # the reference alone too, with no fastattn kernel run (bench/NOTES.md, session 68).
+    T.test_max_cache_seqlen_steers_the_csr_heuristic(rng, 8, 8, 2048)
 
 
 def csr_table(rng, check):
