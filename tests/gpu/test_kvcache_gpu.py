@@ -1044,6 +1044,32 @@ def csr_of_table(case):
     return i32(cumsum0([len(r) for r in rows])), i32([p for r in rows for p in r])
 
 
+def csr_hint_calls(case, hints):
+    """case's call over a block table of the most used pages (the columns a CSR list needs) and
+    over the CSR lists with each max_cache_seqlen of `hints`, through fastattn._C into poisoned
+    outputs. Returns (table (out, lse), [(out, lse) per hint], the most used pages, whether each
+    hint's workspace equals the table call's)."""
+    indptr, indices = csr_of_table(case)
+    most = max(1, max(-(-n // 16) for n in case.lens))
+    alloc = lambda n: torch.empty(n, dtype=torch.uint8, device=DEV)  # noqa: E731
+    lse_shape = (case.q.shape[0], case.q.shape[2], case.q.shape[1])
+    table = case.make_out(), nan_full(lse_shape, torch.float32)
+    table_args = dict(c_kwargs(case, *table), block_table=case.bt[:, :most])
+    _C.kvcache_attention_forward(workspace_alloc=alloc, **table_args)
+    results, same_workspace = [], []
+    for hint in hints:
+        res = case.make_out(), nan_full(lse_shape, torch.float32)
+        args = dict(c_kwargs(case, *res), block_table=None, page_indptr=indptr,
+                    page_indices=indices, max_cache_seqlen=hint(most) if callable(hint) else hint)
+        same_workspace.append(_C.kvcache_workspace_bytes(**args) == _C.kvcache_workspace_bytes(**table_args))
+        _C.kvcache_attention_forward(workspace_alloc=alloc, **args)
+        results.append(res)
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError, match="max_cache_seqlen"):
+        _C.kvcache_workspace_bytes(**dict(table_args, max_cache_seqlen=-1))
+    return table, results, most, same_workspace
+
+
 @pytest.mark.parametrize("batch,heads_kv,cache_len", [(4, 8, 8192), (1, 8, 32768), (16, 32, 2048),
                                                       (64, 8, 1024)])
 def test_max_cache_seqlen_steers_the_csr_heuristic(seed, batch, heads_kv, cache_len):
@@ -1054,27 +1080,13 @@ def test_max_cache_seqlen_steers_the_csr_heuristic(seed, batch, heads_kv, cache_
     gives the exact answer."""
     case = build_case(seed, torch.bfloat16, dict(B=batch, Hq=32, Hkv=heads_kv, cache_len=cache_len,
                                                  Snew=0, page=16))
-    _, lse_full, ref = run_case(case)  # the full block table (spare columns) through the Python API
-    indptr, indices = csr_of_table(case)
-    most = max(1, max(-(-n // 16) for n in case.lens))
-    alloc = lambda n: torch.empty(n, dtype=torch.uint8, device=DEV)  # noqa: E731
-    out_t, lse_t = case.make_out(), nan_full(lse_full.shape, torch.float32)
-    table_args = dict(c_kwargs(case, out_t, lse_t), block_table=case.bt[:, :most])
-    _C.kvcache_attention_forward(workspace_alloc=alloc, **table_args)
-    for hint in (most * 16, 1):
-        out, lse = case.make_out(), nan_full(lse_full.shape, torch.float32)
-        args = dict(c_kwargs(case, out, lse), block_table=None, page_indptr=indptr,
-                    page_indices=indices, max_cache_seqlen=hint)
-        if hint > 1:
-            assert _C.kvcache_workspace_bytes(**args) == _C.kvcache_workspace_bytes(**table_args)
-        _C.kvcache_attention_forward(workspace_alloc=alloc, **args)
-        torch.cuda.synchronize()
+    _, _, ref = run_case(case)  # the full block table (spare columns) through the Python API
+    table, (at_most, at_one), _, same_workspace = csr_hint_calls(case, [lambda most: most * 16, 1])
+    assert same_workspace[0], "CSR + hint planned other splits than the block table"
+    for out, lse in (table, at_most, at_one):
         check_output(out, lse, ref)
-        if hint > 1:
-            R.assert_bitwise_equal("out (CSR + hint vs block table)", out, out_t)
-            R.assert_bitwise_equal("lse (CSR + hint vs block table)", lse, lse_t)
-    with pytest.raises(ValueError, match="max_cache_seqlen"):
-        _C.kvcache_workspace_bytes(**dict(table_args, max_cache_seqlen=-1))
+    R.assert_bitwise_equal("out (CSR + hint vs block table)", at_most[0], table[0])
+    R.assert_bitwise_equal("lse (CSR + hint vs block table)", at_most[1], table[1])
 
 
 # (name, config, whether the rule takes it given its heuristic split count): MHA rows of 8 KB at
