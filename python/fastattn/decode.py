@@ -375,13 +375,12 @@ class BatchDecodeWithPagedKVCacheWrapper:
     ``plan()`` reads the page lists' row pointers and last page lengths on the host (it
     synchronises, as FlashInfer's does), builds a block table from the page lists on the
     workspace's device (``csr_to_block_table``) with the key lengths, and plans the splits from
-    the lengths: a count per request
-    (:func:`decode_split_counts_for_lengths`, a split plan on the device) or one count for the
-    batch (:func:`decode_num_splits_for_lengths`). Page ids given on the GPU (torch or cupy, as
-    the workspace) are copied there and not read on the host, as FlashInfer's ``plan()`` does not
-    read them: an id outside the cache is then the kernels' guard (its keys and values read as
-    zeros), not an error. ``run()`` neither synchronises nor allocates outside the caller's
-    allocator.
+    the lengths: a count per request (:func:`decode_split_counts_for_lengths`, a split plan on
+    the device) or one count for the batch (:func:`decode_num_splits_for_lengths`). Page ids
+    given on the GPU (torch or cupy, as the workspace) are copied there and not read on the host,
+    as FlashInfer's ``plan()`` does not read them: an id outside the cache is then the kernels'
+    guard (its keys and values read as zeros), not an error. ``run()`` neither synchronises nor
+    allocates outside the caller's allocator.
 
     With ``use_cuda_graph=True`` ``run()`` can be captured in a CUDA graph and replayed after each
     step's ``plan()``: the batch size is fixed by ``paged_kv_indptr_buffer`` (batch_size + 1
