@@ -45,7 +45,7 @@ def csr_lists(rng, check):
     nvjet_sm90_tst_64x8_64x16) stops racecheck with "failed to handle a hardware exception" with
     no fastattn kernel run (bench/NOTES.md, session 68); the reference check is pytest's."""
     case = T.build_case(rng, B16, dict(B=4, Hq=32, Hkv=8, cache_len=2048, Snew=0, page=16))
-    table, (at_most, at_one), _, _ = T.csr_hint_calls(case, [lambda most: most * 16, 1])
+    table, (at_most, at_one), _ = T.csr_hint_calls(case, [lambda most: most * 16, 1])
     if check:
         assert torch.equal(at_most[0], table[0]) and torch.equal(at_most[1], table[1])
         torch.testing.assert_close(at_one[0].float(), table[0].float(), atol=2e-2, rtol=0)

@@ -1047,10 +1047,10 @@ def csr_of_table(case):
 def csr_hint_calls(case, hints):
     """case's call over a block table of the most used pages (the columns a CSR list needs) and
     over the CSR lists with each max_cache_seqlen of `hints`, through fastattn._C into poisoned
-    outputs. Returns (table (out, lse), [(out, lse) per hint], the most used pages, whether each
-    hint's workspace equals the table call's)."""
+    outputs; a callable hint is given the most used pages. Returns (table (out, lse), [(out, lse)
+    per hint], whether each hint's workspace equals the table call's)."""
     indptr, indices = csr_of_table(case)
-    most = max(1, max(-(-n // 16) for n in case.lens))
+    most = max(1, max(-(-n // case.c["page"]) for n in case.lens))
     alloc = lambda n: torch.empty(n, dtype=torch.uint8, device=DEV)  # noqa: E731
     lse_shape = (case.q.shape[0], case.q.shape[2], case.q.shape[1])
     table = case.make_out(), nan_full(lse_shape, torch.float32)
@@ -1067,7 +1067,7 @@ def csr_hint_calls(case, hints):
     torch.cuda.synchronize()
     with pytest.raises(ValueError, match="max_cache_seqlen"):
         _C.kvcache_workspace_bytes(**dict(table_args, max_cache_seqlen=-1))
-    return table, results, most, same_workspace
+    return table, results, same_workspace
 
 
 @pytest.mark.parametrize("batch,heads_kv,cache_len", [(4, 8, 8192), (1, 8, 32768), (16, 32, 2048),
@@ -1081,7 +1081,7 @@ def test_max_cache_seqlen_steers_the_csr_heuristic(seed, batch, heads_kv, cache_
     case = build_case(seed, torch.bfloat16, dict(B=batch, Hq=32, Hkv=heads_kv, cache_len=cache_len,
                                                  Snew=0, page=16))
     _, _, ref = run_case(case)  # the full block table (spare columns) through the Python API
-    table, (at_most, at_one), _, same_workspace = csr_hint_calls(case, [lambda most: most * 16, 1])
+    table, (at_most, at_one), same_workspace = csr_hint_calls(case, [lambda most: most * 16, 1])
     assert same_workspace[0], "CSR + hint planned other splits than the block table"
     for out, lse in (table, at_most, at_one):
         check_output(out, lse, ref)
