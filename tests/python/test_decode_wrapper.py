@@ -194,21 +194,27 @@ def test_split_rule_balanced_and_empty():
         rule([5], 0, 132)
 
 
+def long_among_random(rng):
+    """(heads_kv, lengths): 2-159 sequences of 0-4095 keys, one of them 8k-200k."""
+    batch = int(rng.integers(2, 160))
+    heads = int(rng.choice([1, 2, 8, 32]))
+    lens = [int(x) for x in rng.integers(0, 4096, size=batch)]
+    lens[int(rng.integers(batch))] = int(rng.integers(8192, 200000))
+    return heads, lens
+
+
 def test_split_rule_minimises_its_estimate(rng):
     """On random ragged batches the count is the fewest whose estimate is within the tolerance
     of the best over 1..MAX_SPLITS; a longer outlier never gets fewer splits."""
     from fastattn import decode as dec
     for _ in range(50):
-        batch = int(rng.integers(2, 160))
-        heads = int(rng.choice([1, 2, 8, 32]))
-        lens = [int(x) for x in rng.integers(0, 4096, size=batch)]
-        lens[int(rng.integers(batch))] = int(rng.integers(8192, 200000))
+        heads, lens = long_among_random(rng)
         got = fastattn.decode_num_splits_for_lengths(lens, heads, 132)
         est = {s: estimate(lens, heads, 132, s, dec.CTA_COST_KEYS, dec.TAIL_WEIGHT)
                for s in range(1, dec.MAX_SPLITS + 1)}
         best = min(est.values())
         want = min(s for s, t in est.items() if t <= best * (1 + dec.SPLIT_TOLERANCE))
-        assert got == want, (batch, heads, got, want)
+        assert got == want, (len(lens), heads, got, want)
     # One long sequence among 31 short ones: the longer it is, the more splits.
     counts = [fastattn.decode_num_splits_for_lengths([n] + [1024] * 31, 8, 132)
               for n in (8192, 32768, 131072)]
@@ -263,19 +269,16 @@ def test_split_counts_minimise_their_estimate(rng):
     from fastattn import decode as dec
     planned = 0
     for _ in range(40):
-        batch = int(rng.integers(2, 160))
-        heads = int(rng.choice([1, 2, 8, 32]))
-        lens = [int(x) for x in rng.integers(0, 4096, size=batch)]
-        lens[int(rng.integers(batch))] = int(rng.integers(8192, 200000))
+        heads, lens = long_among_random(rng)
         got = fastattn.decode_split_counts_for_lengths(lens, heads, 132)
         want = written_out_choice(lens, heads, 132)
         s = fastattn.decode_num_splits_for_lengths(lens, heads, 132)
         uniform = estimate(lens, heads, 132, s, dec.CTA_COST_KEYS, dec.TAIL_WEIGHT)
         if uniform < dec.PLAN_MIN_GAIN * want[0]:
-            assert got is None, (batch, heads, uniform / want[0])
+            assert got is None, (len(lens), heads, uniform / want[0])
             continue
         planned += 1
-        assert got.dtype == np.int32 and got.tolist() == want[2], (batch, heads)
+        assert got.dtype == np.int32 and got.tolist() == want[2], (len(lens), heads)
         assert got.min() >= 1 and got.max() <= dec.MAX_SPLITS
         assert got[int(np.argmax(lens))] == got.max()
     assert planned >= 10  # most such batches take a plan
