@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "core/check.h"
+#include "fastattn/decode_plan.h"
 #include "fastattn/ops.h"
 
 namespace fastattn::core {
@@ -37,13 +38,14 @@ struct VarlenDims {
   PagedDims paged;
 };
 
-/// KVCacheArgs::split_plan's bounds: work items (the attention grid's y extent), and splits of one
-/// sequence (num_splits' bound). A work item is b + kSplitPlanSplitUnit * split.
-constexpr std::int64_t kMaxSplitPlanItems = 65535;
-constexpr std::int64_t kMaxSplitPlanSplits = 1024;
-constexpr std::int64_t kSplitPlanSplitUnit = 65536;
+/// KVCacheArgs::split_plan's bounds (the public ones of fastattn/decode_plan.h, which builds
+/// plans): work items (the attention grid's y extent), and splits of one sequence (num_splits'
+/// bound). A work item is b + kSplitPlanSplitUnit * split.
+constexpr std::int64_t kMaxSplitPlanItems = kMaxPlanItems;
+constexpr std::int64_t kMaxSplitPlanSplits = kMaxPlanSplits;
+constexpr std::int64_t kSplitPlanSplitUnit = kSplitUnit;
 /// A split plan's padding item: no work (a plan of fixed size W for a CUDA graph's fixed grid).
-constexpr std::int32_t kSplitPlanPadding = -1;
+constexpr std::int32_t kSplitPlanPadding = kPlanPadding;
 
 struct KVCacheDims {
   AttentionDims a;  ///< seqlen_k unused

@@ -1,0 +1,107 @@
+// fastattn: split-KV plans for a decode batch whose key lengths the caller has on the host.
+//
+// kvcache_attention_forward with num_splits = 0 plans its splits from the cache's capacity (it
+// never reads cache_seqlens on the host, so a call stays graph-capturable). In a ragged batch,
+// a few long sequences among short ones, that leaves a long sequence to a few CTAs. A caller that
+// knows the lengths (an engine's scheduler, FlashInfer's plan()) balances the batch with these
+// host-only functions: one count for the batch (KVCacheArgs::num_splits) or a count per sequence
+// (KVCacheArgs::split_plan). They neither allocate device memory nor touch a GPU.
+//
+// The estimate behind every choice, in keys streamed by one SM (one resident CTA per SM):
+//   T = num_kv_heads * (sum(lengths) + cta_cost_keys * W) / sm_count
+//       + tail_weight * (longest part + cta_cost_keys)
+// with W the CTAs per KV head (batch x S for one count S) and the longest part the grid's tail.
+// Of the options within kSplitTolerance of the best estimate the one of fewest parts is taken.
+// The constants (DecodeSplitRule) were fitted on an H200 at bf16, head_dim 128, pages of 16;
+// other head dims and GPUs use them unfitted.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+
+namespace fastattn {
+
+/// The split rules' constants, fitted to a sweep of fixed split counts on an H200 at bf16,
+/// head_dim 128, pages of 16 (bench/NOTES.md, sessions 65-66, for how they were set and checked).
+struct DecodeSplitRule {
+  /// A CTA's fixed cost (start, the partial state it writes, its share of the combine), in keys
+  /// streamed: one 64-key tile is ~1 us at one SM's share of HBM.
+  double cta_cost_keys = 32.0;
+  /// The weight of the longest CTA: the grid's tail, where the last CTAs read with the SMs partly
+  /// idle. What sets the count is tail_weight / cta_cost_keys (the fitted valley was ~1/100 to
+  /// ~1/75).
+  double tail_weight = 0.35;
+  /// Lengths this close to uniform (longest x batch <= balanced_ratio x the sum) keep the
+  /// capacity heuristic (num_splits 0): its head-pair / quad / group forms stream faster per byte
+  /// than the per-head form a fixed split count runs, and on equal lengths they are balanced.
+  double balanced_ratio = 1.1;
+  /// The most splits a sequence gets (values below 1 count as 1).
+  int max_splits = 64;
+  /// A count per sequence is chosen only where one count's estimate is at least min_gain times
+  /// the plan's. The estimate does not see the waves: parts of equal size leave the grid's last
+  /// wave to whole parts while most SMs idle, where one count's parts vary with the lengths and
+  /// the short ones fill in. On an H200 (session 66) batches of lengths drawn uniformly had
+  /// estimated gains of 1.003-1.024 and ran from 1.3% slower to 2% faster with a plan; a few long
+  /// sequences among short ones had 1.105-1.286 and ran level to 14% faster.
+  double min_gain = 1.05;
+};
+
+/// Options whose estimate is within this fraction of the best count as equal; the fewest parts
+/// among them wins (fewer partial states to write and merge).
+inline constexpr double kSplitTolerance = 0.02;
+/// A split plan's bounds (KVCacheArgs::split_plan): sequences and work items, and the splits of
+/// one sequence; a work item is b + kSplitUnit * split, a padding item (no work) kPlanPadding.
+inline constexpr std::int64_t kMaxPlanItems = 65535;
+inline constexpr std::int64_t kMaxPlanSplits = 1024;
+inline constexpr std::int64_t kSplitUnit = 65536;
+inline constexpr std::int32_t kPlanPadding = -1;
+/// Keys per tile of the decode kernels: a part's keys are whole tiles of its sequence.
+inline constexpr std::int64_t kPlanTileKeys = 64;
+/// A CUDA-graph plan's work items beyond one a sequence, in waves of the GPU per KV head (one CTA
+/// per SM): room for the splits of the steps' longest sequences, and a bound on the padding CTAs
+/// of the steps that need none (bench/NOTES.md, session 67).
+inline constexpr double kGraphExtraWaves = 2.0;
+
+/// One split count for the batch: 0 (the capacity heuristic) when the lengths are near-uniform,
+/// 1 when there is nothing to read, else the fewest S in 1..max_splits whose estimate (W = batch
+/// x S, longest part ceil(max / S)) is within kSplitTolerance of the best.
+///   lengths: (batch) key lengths >= 0.
+int decode_num_splits_for_lengths(const std::int64_t* lengths, std::int64_t batch, int num_kv_heads,
+                                  int sm_count, const DecodeSplitRule& rule = {});
+
+/// A split count per sequence, for decode_split_plan: each sequence cut into parts of about one
+/// chunk c, counts[b] = max(1, ceil(lengths[b] / c)), c among ceil(longest / S), S =
+/// 1..max_splits, by the estimate (W = sum(counts), longest part = the largest part in whole
+/// tiles). Returns true and fills counts (batch) when that plan is worth it; all ones when there
+/// is nothing to read. Returns false, counts untouched, where one count serves the batch better
+/// (near-uniform lengths, or a gain under min_gain): use decode_num_splits_for_lengths.
+///   lengths: (batch) key lengths >= 0, batch <= kMaxPlanItems; counts: (batch) written.
+bool decode_split_counts_for_lengths(const std::int64_t* lengths, std::int64_t batch, int num_kv_heads,
+                                     int sm_count, std::int32_t* counts, const DecodeSplitRule& rule = {});
+
+/// The work items W of a CUDA-graph plan (its captured grid's fixed size): one per sequence and
+/// ceil(extra_waves x sm_count / num_kv_heads) more, at most kMaxPlanItems.
+std::int64_t decode_graph_plan_items(std::int64_t batch, int num_kv_heads, int sm_count,
+                                     double extra_waves = kGraphExtraWaves);
+
+/// A split count per sequence of at most max_parts parts in all (a plan of fixed size): always
+/// counts, never the capacity heuristic (a captured launch cannot switch forms). The options are
+/// decode_split_counts_for_lengths' chunks and one count S for every sequence, those of at most
+/// max_parts parts; the estimate picks among them as above.
+///   lengths: (batch) >= 0; max_parts >= batch; counts: (batch) written.
+void decode_graph_split_counts(const std::int64_t* lengths, std::int64_t batch, int num_kv_heads,
+                               int sm_count, std::int64_t max_parts, std::int32_t* counts,
+                               const DecodeSplitRule& rule = {});
+
+/// The split plan of KVCacheArgs::split_plan for counts per sequence, written into `plan`
+/// (batch + 1 + items entries; items = sum(counts) when absent): split_indptr (the cumulative
+/// counts from 0), then every (sequence, split) as b + kSplitUnit x split in launch order (with
+/// `lengths`, the longest parts first, ties by sequence then split; without, by sequence), then
+/// items - sum(counts) padding items (kPlanPadding), last.
+///   counts: (batch) in 1..kMaxPlanSplits; lengths: null or (batch) key lengths (negative counts
+///   as 0), only to order the items; batch and items <= kMaxPlanItems; plan_size, the entries
+///   of `plan`, must be batch + 1 + items.
+void decode_split_plan(const std::int32_t* counts, std::int64_t batch, const std::int64_t* lengths,
+                       std::optional<std::int64_t> items, std::int32_t* plan, std::int64_t plan_size);
+
+}  // namespace fastattn

@@ -1,0 +1,242 @@
+// Split-KV plans for decode batches with host-side lengths (include/fastattn/decode_plan.h).
+//
+// The per-sequence rule weighs up to max_splits chunk options, each a count per sequence. Rather
+// than a (options, batch) matrix of ceiling divisions, an option is evaluated on the sorted
+// lengths: a chunk c gives count k to the lengths in ((k - 1) c, k c], so each k is one binary
+// search, and the group's largest part is that of its longest length (parts grow with length).
+// The choices are the same integer arithmetic and the same double-precision estimate as the
+// formulas in the header, in the same order of options, so ties resolve the same way.
+#include "fastattn/decode_plan.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "fastattn/error.h"
+
+namespace fastattn {
+namespace {
+
+std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
+
+[[noreturn]] void fail(const char* op, const std::string& msg) {
+  throw ValueError(std::string(op) + ": " + msg);
+}
+
+/// The lengths' facts every rule needs, checked: heads and SMs >= 1, every length >= 0.
+struct Lengths {
+  std::vector<std::int64_t> sorted;  ///< ascending
+  std::int64_t batch = 0, total = 0, longest = 0;
+};
+
+Lengths read_lengths(const char* op, const std::int64_t* lengths, std::int64_t batch, int num_kv_heads,
+                     int sm_count) {
+  if (num_kv_heads < 1 || sm_count < 1)
+    fail(op, "num_kv_heads and sm_count must be >= 1, got " + std::to_string(num_kv_heads) + " and " +
+                 std::to_string(sm_count));
+  if (batch < 0) fail(op, "batch must be >= 0, got " + std::to_string(batch));
+  if (batch > 0 && lengths == nullptr) fail(op, "lengths must not be null for batch " + std::to_string(batch));
+  Lengths l;
+  l.batch = batch;
+  l.sorted.assign(lengths, lengths + batch);
+  for (std::int64_t n : l.sorted)
+    if (n < 0) fail(op, "lengths must be >= 0, got " + std::to_string(n));
+  std::sort(l.sorted.begin(), l.sorted.end());
+  l.total = std::accumulate(l.sorted.begin(), l.sorted.end(), std::int64_t{0});
+  l.longest = batch ? l.sorted.back() : 0;
+  return l;
+}
+
+/// The estimate of the header, in keys streamed by one SM.
+double estimate(int heads, std::int64_t total, int sms, std::int64_t ctas_per_head, std::int64_t longest_part,
+                const DecodeSplitRule& rule) {
+  return heads * (static_cast<double>(total) + rule.cta_cost_keys * static_cast<double>(ctas_per_head)) / sms +
+         rule.tail_weight * (static_cast<double>(longest_part) + rule.cta_cost_keys);
+}
+
+int max_splits_of(const DecodeSplitRule& rule) { return std::max(1, rule.max_splits); }
+
+/// One option of the per-sequence rules: the chunk ceil(longest / s) (uniform false) or the
+/// count s for every sequence (uniform true), with its parts and estimate.
+struct Option {
+  bool uniform = false;
+  std::int64_t s = 0;
+  std::int64_t parts = 0;
+  double est = 0;
+};
+
+/// The chunk option of s: parts and longest part (whole tiles) from the sorted lengths.
+Option chunk_option(const Lengths& l, std::int64_t s, int heads, int sms, const DecodeSplitRule& rule) {
+  const std::int64_t chunk = ceil_div(l.longest, s);
+  std::int64_t parts = 0, longest_tiles = 0;
+  auto from = l.sorted.begin();
+  // Counts run 1..s: k x chunk >= longest once k reaches s (so max_splits never binds).
+  for (std::int64_t k = 1; from != l.sorted.end(); ++k) {
+    const auto to = std::upper_bound(from, l.sorted.end(), k * chunk);
+    if (to != from) {
+      parts += k * (to - from);
+      longest_tiles = std::max(longest_tiles, ceil_div(ceil_div(*(to - 1), kPlanTileKeys), k));
+    }
+    from = to;
+  }
+  return {false, s, parts, estimate(heads, l.total, sms, parts, longest_tiles * kPlanTileKeys, rule)};
+}
+
+/// The count s for every sequence.
+Option uniform_option(const Lengths& l, std::int64_t s, int heads, int sms, const DecodeSplitRule& rule) {
+  const std::int64_t longest_part = ceil_div(ceil_div(l.longest, kPlanTileKeys), s) * kPlanTileKeys;
+  return {true, s, l.batch * s, estimate(heads, l.total, sms, l.batch * s, longest_part, rule)};
+}
+
+/// The chunk options of at most max_parts parts, s = 1..max_splits in order.
+std::vector<Option> chunk_options(const Lengths& l, std::int64_t max_parts, int heads, int sms,
+                                  const DecodeSplitRule& rule) {
+  std::vector<Option> options;
+  for (std::int64_t s = 1; s <= max_splits_of(rule); ++s) {
+    Option o = chunk_option(l, s, heads, sms, rule);
+    if (o.parts <= max_parts) options.push_back(o);
+  }
+  return options;
+}
+
+/// Of the options within kSplitTolerance of the best estimate, the fewest parts; ties go to the
+/// lower estimate, then the earlier option.
+Option fewest_parts_near_best(const std::vector<Option>& options) {
+  double best = options.front().est;
+  for (const Option& o : options) best = std::min(best, o.est);
+  const double bound = best * (1 + kSplitTolerance);
+  const Option* pick = nullptr;
+  for (const Option& o : options) {
+    if (!(o.est <= bound)) continue;
+    if (!pick || o.parts < pick->parts || (o.parts == pick->parts && o.est < pick->est)) pick = &o;
+  }
+  return *pick;
+}
+
+void write_counts(const Option& o, const std::int64_t* lengths, std::int64_t batch, std::int64_t longest,
+                  std::int32_t* counts) {
+  const std::int64_t chunk = o.uniform ? 0 : ceil_div(longest, o.s);
+  for (std::int64_t b = 0; b < batch; ++b)
+    counts[b] = static_cast<std::int32_t>(o.uniform ? o.s : std::max<std::int64_t>(1, ceil_div(lengths[b], chunk)));
+}
+
+bool balanced(const Lengths& l, const DecodeSplitRule& rule) {
+  return static_cast<double>(l.longest * l.batch) <= rule.balanced_ratio * static_cast<double>(l.total);
+}
+
+int uniform_count(const Lengths& l, int heads, int sms, const DecodeSplitRule& rule) {
+  if (l.longest == 0) return 1;
+  if (balanced(l, rule)) return 0;
+  std::vector<double> est;
+  for (std::int64_t s = 1; s <= max_splits_of(rule); ++s)
+    est.push_back(estimate(heads, l.total, sms, l.batch * s, ceil_div(l.longest, s), rule));
+  const double bound = *std::min_element(est.begin(), est.end()) * (1 + kSplitTolerance);
+  for (std::size_t i = 0; i < est.size(); ++i)
+    if (est[i] <= bound) return static_cast<int>(i + 1);
+  return 1;  // unreachable: the best is within its own bound
+}
+
+}  // namespace
+
+int decode_num_splits_for_lengths(const std::int64_t* lengths, std::int64_t batch, int num_kv_heads,
+                                  int sm_count, const DecodeSplitRule& rule) {
+  const Lengths l = read_lengths("decode_num_splits_for_lengths", lengths, batch, num_kv_heads, sm_count);
+  return uniform_count(l, num_kv_heads, sm_count, rule);
+}
+
+bool decode_split_counts_for_lengths(const std::int64_t* lengths, std::int64_t batch, int num_kv_heads,
+                                     int sm_count, std::int32_t* counts, const DecodeSplitRule& rule) {
+  const char* op = "decode_split_counts_for_lengths";
+  const Lengths l = read_lengths(op, lengths, batch, num_kv_heads, sm_count);
+  if (batch > kMaxPlanItems)
+    fail(op, "a split plan takes at most " + std::to_string(kMaxPlanItems) + " sequences, got " +
+                 std::to_string(batch));
+  if (l.longest == 0) {
+    std::fill(counts, counts + batch, 1);
+    return true;
+  }
+  if (balanced(l, rule)) return false;
+  const Option chosen = fewest_parts_near_best(chunk_options(l, kMaxPlanItems, num_kv_heads, sm_count, rule));
+  const int s = uniform_count(l, num_kv_heads, sm_count, rule);
+  const double uniform_est = estimate(num_kv_heads, l.total, sm_count, batch * s, ceil_div(l.longest, s), rule);
+  if (uniform_est < rule.min_gain * chosen.est) return false;
+  write_counts(chosen, lengths, batch, l.longest, counts);
+  return true;
+}
+
+std::int64_t decode_graph_plan_items(std::int64_t batch, int num_kv_heads, int sm_count, double extra_waves) {
+  if (batch < 0 || num_kv_heads < 1 || sm_count < 1)
+    fail("decode_graph_plan_items", "batch must be >= 0 and num_kv_heads, sm_count >= 1, got " +
+                                        std::to_string(batch) + ", " + std::to_string(num_kv_heads) + ", " +
+                                        std::to_string(sm_count));
+  if (batch > kMaxPlanItems)
+    fail("decode_graph_plan_items", "a split plan takes at most " + std::to_string(kMaxPlanItems) +
+                                        " sequences, got " + std::to_string(batch));
+  const auto extra = static_cast<std::int64_t>(std::ceil(extra_waves * sm_count / num_kv_heads));
+  return std::min(kMaxPlanItems, batch + extra);
+}
+
+void decode_graph_split_counts(const std::int64_t* lengths, std::int64_t batch, int num_kv_heads,
+                               int sm_count, std::int64_t max_parts, std::int32_t* counts,
+                               const DecodeSplitRule& rule) {
+  const char* op = "decode_graph_split_counts";
+  const Lengths l = read_lengths(op, lengths, batch, num_kv_heads, sm_count);
+  if (max_parts < batch)
+    fail(op, "max_parts must be at least the batch (" + std::to_string(batch) + "), got " +
+                 std::to_string(max_parts));
+  if (batch == 0 || l.longest == 0) {
+    std::fill(counts, counts + batch, 1);
+    return;
+  }
+  std::vector<Option> options = chunk_options(l, max_parts, num_kv_heads, sm_count, rule);
+  const std::int64_t most = std::min<std::int64_t>(max_splits_of(rule), max_parts / batch);
+  for (std::int64_t s = 1; s <= most; ++s) options.push_back(uniform_option(l, s, num_kv_heads, sm_count, rule));
+  write_counts(fewest_parts_near_best(options), lengths, batch, l.longest, counts);
+}
+
+void decode_split_plan(const std::int32_t* counts, std::int64_t batch, const std::int64_t* lengths,
+                       std::optional<std::int64_t> items, std::int32_t* plan, std::int64_t plan_size) {
+  const char* op = "decode_split_plan";
+  if (batch < 0) fail(op, "batch must be >= 0, got " + std::to_string(batch));
+  std::int64_t parts = 0;
+  for (std::int64_t b = 0; b < batch; ++b) {
+    if (counts[b] < 1 || counts[b] > kMaxPlanSplits)
+      fail(op, "counts must be in 1.." + std::to_string(kMaxPlanSplits) + ", got " + std::to_string(counts[b]));
+    parts += counts[b];
+  }
+  const std::int64_t size = items ? *items : parts;
+  if (size < parts)
+    fail(op, "items must be at least the splits' sum " + std::to_string(parts) + ", got " + std::to_string(size));
+  if (batch > kMaxPlanItems || size > kMaxPlanItems)
+    fail(op, "a split plan takes at most " + std::to_string(kMaxPlanItems) + " sequences and work items, got " +
+                 std::to_string(batch) + " sequences and " + std::to_string(size) + " items");
+  if (plan_size != batch + 1 + size)
+    fail(op, "plan must have batch + 1 + items = " + std::to_string(batch + 1 + size) + " entries, got " +
+                 std::to_string(plan_size));
+  // Work items in sequence order, then (with lengths) stably sorted by their tiles, longest first.
+  std::vector<std::int32_t> work;
+  std::vector<std::int64_t> part_tiles;
+  work.reserve(parts);
+  for (std::int64_t b = 0; b < batch; ++b) {
+    const std::int64_t tiles = lengths ? ceil_div(std::max<std::int64_t>(lengths[b], 0), kPlanTileKeys) : 0;
+    const std::int64_t per = ceil_div(tiles, counts[b]);
+    for (std::int64_t split = 0; split < counts[b]; ++split) {
+      work.push_back(static_cast<std::int32_t>(b + kSplitUnit * split));
+      part_tiles.push_back(std::clamp<std::int64_t>(tiles - split * per, 0, per));
+    }
+  }
+  std::vector<std::int64_t> order(work.size());
+  std::iota(order.begin(), order.end(), 0);
+  if (lengths)
+    std::stable_sort(order.begin(), order.end(),
+                     [&](std::int64_t a, std::int64_t b) { return part_tiles[a] > part_tiles[b]; });
+  plan[0] = 0;
+  for (std::int64_t b = 0; b < batch; ++b) plan[b + 1] = plan[b] + counts[b];
+  std::int32_t* item = plan + batch + 1;
+  for (std::int64_t i : order) *item++ = work[i];
+  std::fill(item, plan + batch + 1 + size, kPlanPadding);
+}
+
+}  // namespace fastattn

@@ -1,0 +1,232 @@
+// The decode split rules (include/fastattn/decode_plan.h) against the rules written out here with
+// plain loops over every option and every sequence, on fresh random ragged batches; the split
+// plan's layout; and the errors.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "fastattn/decode_plan.h"
+#include "fastattn/error.h"
+#include "test_util.h"
+
+namespace {
+
+using namespace fa_test;
+using Lens = std::vector<std::int64_t>;
+using Counts = std::vector<std::int32_t>;
+
+std::int64_t up(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
+
+/// The header's estimate for counts per sequence, written out.
+double estimate_of(const Lens& lens, const Counts& counts, int heads, int sms, const fastattn::DecodeSplitRule& r) {
+  std::int64_t total = 0, parts = 0, longest_part = 0;
+  for (std::size_t b = 0; b < lens.size(); ++b) {
+    total += lens[b];
+    parts += counts[b];
+    longest_part = std::max(longest_part, up(up(lens[b], 64), counts[b]) * 64);
+  }
+  return heads * (double(total) + r.cta_cost_keys * double(parts)) / sms + r.tail_weight * (double(longest_part) + r.cta_cost_keys);
+}
+
+struct Choice {
+  double est;
+  std::int64_t parts;
+  Counts counts;
+};
+
+/// The chunk options (and, with `uniform`, one count S for all) of at most cap parts; the fewest
+/// parts within the tolerance of the best, ties to the lower estimate, then the earlier option.
+Choice written_out_choice(const Lens& lens, int heads, int sms, const fastattn::DecodeSplitRule& r, bool uniform,
+                          std::int64_t cap) {
+  const std::int64_t longest = *std::max_element(lens.begin(), lens.end());
+  std::vector<Choice> options;
+  const auto add = [&](const Counts& c) {
+    std::int64_t parts = 0;
+    for (auto x : c) parts += x;
+    if (parts <= cap) options.push_back({estimate_of(lens, c, heads, sms, r), parts, c});
+  };
+  for (int s = 1; s <= r.max_splits; ++s) {
+    Counts c;
+    for (auto n : lens) c.push_back(std::int32_t(std::clamp<std::int64_t>(up(n, up(longest, s)), 1, r.max_splits)));
+    add(c);
+  }
+  if (uniform)
+    for (int s = 1; s <= r.max_splits; ++s) add(Counts(lens.size(), s));
+  double best = options[0].est;
+  for (auto& o : options) best = std::min(best, o.est);
+  const Choice* pick = nullptr;
+  for (auto& o : options)
+    if (o.est <= best * (1 + fastattn::kSplitTolerance) &&
+        (!pick || o.parts < pick->parts || (o.parts == pick->parts && o.est < pick->est)))
+      pick = &o;
+  return *pick;
+}
+
+/// The estimate of one count S for every sequence: its longest part ceil(longest / S) keys.
+double one_count_estimate(const Lens& lens, int s, int heads, int sms, const fastattn::DecodeSplitRule& r) {
+  std::int64_t total = 0, longest = 0;
+  for (auto n : lens) total += n, longest = std::max(longest, n);
+  return heads * (double(total) + r.cta_cost_keys * double(std::int64_t(lens.size()) * s)) / sms +
+         r.tail_weight * (double(up(longest, s)) + r.cta_cost_keys);
+}
+
+/// One count for the batch, written out: the fewest S within the tolerance of the best.
+int written_out_uniform(const Lens& lens, int heads, int sms, const fastattn::DecodeSplitRule& r) {
+  std::vector<double> est;
+  for (int s = 1; s <= r.max_splits; ++s) est.push_back(one_count_estimate(lens, s, heads, sms, r));
+  const double best = *std::min_element(est.begin(), est.end());
+  for (int s = 1; s <= r.max_splits; ++s)
+    if (est[s - 1] <= best * (1 + fastattn::kSplitTolerance)) return s;
+  return -1;
+}
+
+/// 2-300 sequences of 0-4095 keys, one to three of them 8k-300k (a ragged batch).
+Lens long_among_short(std::mt19937_64& rng) {
+  Lens lens(static_cast<std::size_t>(rand_int(rng, 2, 300)));
+  for (auto& n : lens) n = rand_int(rng, 0, 4095);
+  for (int i = rand_int(rng, 1, 3); i > 0; --i)
+    lens[static_cast<std::size_t>(rand_int(rng, 0, std::int64_t(lens.size()) - 1))] = rand_int(rng, 8192, 300000);
+  return lens;
+}
+
+fastattn::DecodeSplitRule random_rule(std::mt19937_64& rng) {
+  fastattn::DecodeSplitRule r;
+  if (rand_int(rng, 0, 1)) {
+    r.cta_cost_keys = double(rand_int(rng, 0, 100));
+    r.tail_weight = rand_real(rng, 0.05, 1.0);
+    r.max_splits = int(rand_int(rng, 1, 100));
+  }
+  return r;
+}
+
+TEST(DecodePlan, OneCountIsTheWrittenOutBest) {
+  FA_SEEDED_RNG(rng);
+  for (int trial = 0; trial < 100; ++trial) {
+    const Lens lens = long_among_short(rng);
+    const int heads = int(pick(rng, std::vector<std::int64_t>{1, 2, 8, 32}));
+    const auto r = random_rule(rng);
+    ASSERT_EQ(fastattn::decode_num_splits_for_lengths(lens.data(), std::int64_t(lens.size()), heads, 132, r),
+              written_out_uniform(lens, heads, 132, r));
+  }
+  const Lens uniform(32, 8192), empty_keys(3, 0);
+  EXPECT_EQ(fastattn::decode_num_splits_for_lengths(uniform.data(), 32, 8, 132), 0);  // the capacity heuristic
+  EXPECT_EQ(fastattn::decode_num_splits_for_lengths(empty_keys.data(), 3, 8, 132), 1);
+  EXPECT_EQ(fastattn::decode_num_splits_for_lengths(nullptr, 0, 8, 132), 1);
+}
+
+TEST(DecodePlan, CountsPerSequenceAreTheWrittenOutChoice) {
+  FA_SEEDED_RNG(rng);
+  int planned = 0;
+  for (int trial = 0; trial < 100; ++trial) {
+    const Lens lens = long_among_short(rng);
+    const int heads = int(pick(rng, std::vector<std::int64_t>{1, 2, 8, 32}));
+    const auto r = random_rule(rng);
+    Counts got(lens.size(), -7);
+    const bool plan = fastattn::decode_split_counts_for_lengths(lens.data(), std::int64_t(lens.size()), heads, 132,
+                                                                got.data(), r);
+    const Choice want = written_out_choice(lens, heads, 132, r, false, fastattn::kMaxPlanItems);
+    const double one_count = one_count_estimate(lens, written_out_uniform(lens, heads, 132, r), heads, 132, r);
+    if (one_count < r.min_gain * want.est) {
+      ASSERT_FALSE(plan);
+      ASSERT_EQ(got, Counts(lens.size(), -7));  // untouched
+      continue;
+    }
+    ASSERT_TRUE(plan);
+    ASSERT_EQ(got, want.counts);
+    ++planned;
+  }
+  EXPECT_GE(planned, 10);
+  Lens near_uniform{8000, 8192, 7900, 8100}, none(3, 0);
+  Counts c(4, -7);
+  EXPECT_FALSE(fastattn::decode_split_counts_for_lengths(near_uniform.data(), 4, 8, 132, c.data()));
+  EXPECT_TRUE(fastattn::decode_split_counts_for_lengths(none.data(), 3, 8, 132, c.data()));
+  EXPECT_EQ(c, (Counts{1, 1, 1, -7}));
+}
+
+TEST(DecodePlan, GraphCountsAreTheWrittenOutChoiceWithinTheItems) {
+  FA_SEEDED_RNG(rng);
+  for (int trial = 0; trial < 100; ++trial) {
+    Lens lens = long_among_short(rng);
+    if (rand_int(rng, 0, 4) == 0) lens.assign(lens.size(), lens[0] + 1);  // equal lengths
+    const int heads = int(pick(rng, std::vector<std::int64_t>{1, 2, 8, 32}));
+    const auto r = random_rule(rng);
+    const std::int64_t items = fastattn::decode_graph_plan_items(std::int64_t(lens.size()), heads, 132);
+    ASSERT_EQ(items, std::min<std::int64_t>(65535, std::int64_t(lens.size()) + up(2 * 132, heads)));
+    Counts got(lens.size());
+    fastattn::decode_graph_split_counts(lens.data(), std::int64_t(lens.size()), heads, 132, items, got.data(), r);
+    ASSERT_EQ(got, written_out_choice(lens, heads, 132, r, true, items).counts);
+  }
+  Lens zero(2, 0);
+  Counts c(2);
+  fastattn::decode_graph_split_counts(zero.data(), 2, 8, 132, 2, c.data());
+  EXPECT_EQ(c, (Counts{1, 1}));
+}
+
+TEST(DecodePlan, SplitPlanLayout) {
+  // 100 keys (2 tiles, 1 part), 640 (10 tiles in parts of 4, 4, 2), 130 (3 tiles in parts of 2, 1).
+  const Counts counts{1, 3, 2};
+  const Lens lens{100, 640, 130};
+  std::vector<std::int32_t> plan(4 + 8, 99);
+  fastattn::decode_split_plan(counts.data(), 3, nullptr, std::nullopt, plan.data(), 10);
+  EXPECT_EQ(std::vector<std::int32_t>(plan.begin(), plan.begin() + 10),
+            (std::vector<std::int32_t>{0, 1, 4, 6, 0, 1, 65537, 131073, 2, 65538}));
+  fastattn::decode_split_plan(counts.data(), 3, lens.data(), 8, plan.data(), 12);
+  EXPECT_EQ(plan, (std::vector<std::int32_t>{0, 1, 4, 6, 1, 65537, 0, 131073, 2, 65538, -1, -1}));
+}
+
+TEST(DecodePlan, SplitPlanOfRandomCountsHoldsEveryPartOnceLongestFirst) {
+  FA_SEEDED_RNG(rng);
+  for (int trial = 0; trial < 50; ++trial) {
+    const Lens lens = long_among_short(rng);
+    Counts counts;
+    for (auto n : lens) counts.push_back(std::int32_t(std::clamp<std::int64_t>(up(n, 2048), 1, 1024)));
+    std::int64_t parts = 0;
+    for (auto c : counts) parts += c;
+    const std::int64_t items = parts + rand_int(rng, 0, 5), batch = std::int64_t(lens.size());
+    std::vector<std::int32_t> plan(std::size_t(batch + 1 + items), 99);
+    fastattn::decode_split_plan(counts.data(), batch, lens.data(), items, plan.data(), std::int64_t(plan.size()));
+    // Every (sequence, split) once; part sizes non-increasing in launch order; padding last.
+    std::vector<std::int32_t> want, got(plan.begin() + batch + 1, plan.begin() + batch + 1 + parts);
+    for (std::int64_t b = 0; b < batch; ++b)
+      for (std::int64_t split = 0; split < counts[std::size_t(b)]; ++split) want.push_back(std::int32_t(b + 65536 * split));
+    std::sort(got.begin(), got.end());
+    std::sort(want.begin(), want.end());
+    ASSERT_EQ(got, want);
+    std::vector<std::int64_t> sizes;
+    for (std::int64_t i = 0; i < parts; ++i) {
+      const std::int32_t item = plan[std::size_t(batch + 1 + i)];
+      const std::int64_t b = item % 65536, split = item / 65536;
+      const std::int64_t tiles = up(lens[std::size_t(b)], 64), per = up(tiles, counts[std::size_t(b)]);
+      sizes.push_back(std::clamp<std::int64_t>(tiles - split * per, 0, per));
+    }
+    ASSERT_TRUE(std::is_sorted(sizes.rbegin(), sizes.rend()));
+    for (std::int64_t i = parts; i < items; ++i) ASSERT_EQ(plan[std::size_t(batch + 1 + i)], -1);
+    for (std::int64_t b = 0; b < batch; ++b) ASSERT_EQ(plan[std::size_t(b + 1)] - plan[std::size_t(b)], counts[std::size_t(b)]);
+  }
+}
+
+TEST(DecodePlan, BadArgumentsAreRefusedBeforeAnyWrite) {
+  const Lens ok{5, 6, 7}, negative{5, -1};
+  Counts c(3, -7);
+  std::vector<std::int32_t> plan(8, -7);
+  const Counts counts{1, 2}, zero_count{2, 0};
+  EXPECT_THROW(fastattn::decode_num_splits_for_lengths(negative.data(), 2, 8, 132), fastattn::ValueError);
+  EXPECT_THROW(fastattn::decode_num_splits_for_lengths(ok.data(), 3, 0, 132), fastattn::ValueError);
+  EXPECT_THROW(fastattn::decode_split_counts_for_lengths(ok.data(), 3, 8, 0, c.data()), fastattn::ValueError);
+  EXPECT_THROW(fastattn::decode_graph_split_counts(ok.data(), 3, 8, 132, 2, c.data()), fastattn::ValueError);
+  EXPECT_THROW(fastattn::decode_graph_plan_items(-1, 8, 132), fastattn::ValueError);
+  EXPECT_THROW(fastattn::decode_graph_plan_items(65536, 8, 132), fastattn::ValueError);
+  EXPECT_THROW(fastattn::decode_split_plan(zero_count.data(), 2, nullptr, std::nullopt, plan.data(), 5),
+               fastattn::ValueError);
+  EXPECT_THROW(fastattn::decode_split_plan(counts.data(), 2, nullptr, 2, plan.data(), 5), fastattn::ValueError);
+  EXPECT_THROW(fastattn::decode_split_plan(counts.data(), 2, nullptr, std::nullopt, plan.data(), 8),
+               fastattn::ValueError);  // plan of the wrong size
+  EXPECT_EQ(c, Counts(3, -7));
+  EXPECT_EQ(plan, std::vector<std::int32_t>(8, -7));
+}
+
+}  // namespace
