@@ -19,7 +19,6 @@ built on the device from the page lists, or over the CSR lists themselves with
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -51,56 +50,35 @@ __all__ = ["BatchDecodeWithPagedKVCacheWrapper", "decode_graph_plan_items",
            "decode_graph_split_counts", "decode_num_splits_for_lengths",
            "decode_split_counts_for_lengths", "decode_split_plan"]
 
-# The split rule's constants, fitted to a sweep of fixed split counts on an H200 at bf16, head_dim
-# 128, pages of 16 (bench/NOTES.md, session 65, for how they were set and checked; other head
-# dims and GPUs use them unfitted).
-# A CTA's fixed cost (start, the partial state it writes, its share of the combine), in keys
-# streamed: one 64-key tile is ~1 us at one SM's share of HBM.
-CTA_COST_KEYS = 32
-# The weight of the longest CTA in the estimate: the grid's tail, where the last CTAs read with
-# the SMs partly idle. What sets the count is TAIL_WEIGHT / CTA_COST_KEYS (the fitted valley was
-# ~1/100 to ~1/75).
-TAIL_WEIGHT = 0.35
-# Lengths this close to uniform (longest x batch <= BALANCED_RATIO x the sum) keep the capacity
-# heuristic (num_splits 0): its head-pair / quad / group forms stream faster per byte than the
-# per-head form a fixed split count runs, and on equal lengths they are already balanced.
-BALANCED_RATIO = 1.1
-# Splits whose estimate is within this fraction of the best: the fewest of them is taken (fewer
-# partial states to write and merge).
-SPLIT_TOLERANCE = 0.02
-# The most splits the rule gives a sequence.
-MAX_SPLITS = 64
-# A count per sequence is planned only where the uniform count's estimate is at least this many times
-# the plan's. The estimate does not see the waves: parts of equal size leave the grid's last wave to
-# whole parts while most SMs idle, where the uniform count's parts vary with the lengths and the
-# short ones fill in. On an H200 (bench/NOTES.md, session 66) batches of lengths drawn uniformly
-# had estimated gains of 1.003-1.024 and ran from 1.3% slower to 2% faster with a plan; a few long
-# sequences among short ones had 1.105-1.286 and ran level to 14% faster.
-PLAN_MIN_GAIN = 1.05
+# The split rules' constants and a split plan's bounds, from the C++ library: DecodeSplitRule and
+# the constants of include/fastattn/decode_plan.h, which say what each one is and how it was
+# fitted (an H200 at bf16, head_dim 128, pages of 16; other head dims and GPUs use them unfitted).
+_K = _C.decode_plan_constants
+CTA_COST_KEYS = _K["cta_cost_keys"]      # a CTA's fixed cost, in keys streamed
+TAIL_WEIGHT = _K["tail_weight"]          # the weight of the longest CTA (the grid's tail)
+BALANCED_RATIO = _K["balanced_ratio"]    # near-uniform lengths keep the capacity heuristic
+SPLIT_TOLERANCE = _K["split_tolerance"]  # estimates this close to the best count as equal
+MAX_SPLITS = _K["max_splits"]            # the most splits the rules give a sequence
+PLAN_MIN_GAIN = _K["min_gain"]           # a count per sequence only for at least this gain
+# A split plan (KVCacheArgs::split_plan in include/fastattn/ops.h): at most MAX_PLAN_ITEMS
+# sequences and work items, MAX_PLAN_SPLITS splits a sequence, an item b + SPLIT_UNIT * split, a
+# padding item (no work) PLAN_PADDING; a CUDA-graph plan has GRAPH_EXTRA_WAVES waves of items per
+# KV head beyond one a sequence; a part's keys are whole tiles of TILE_KEYS.
+MAX_PLAN_ITEMS = _K["max_plan_items"]
+MAX_PLAN_SPLITS = _K["max_plan_splits"]
+SPLIT_UNIT = _K["split_unit"]
+PLAN_PADDING = _K["plan_padding"]
+GRAPH_EXTRA_WAVES = _K["graph_extra_waves"]
+TILE_KEYS = _K["tile_keys"]
 
 
-def _rule_inputs(lengths: Sequence[int], num_kv_heads: int, sm_count: int):
-    """The split rules' arguments checked: (lengths as an int64 array, heads, SMs)."""
-    lens = np.asarray(lengths, dtype=np.int64).reshape(-1)
-    heads = as_int(num_kv_heads, "num_kv_heads")
-    sms = as_int(sm_count, "sm_count")
-    if heads < 1 or sms < 1:
-        raise ValueError(f"num_kv_heads and sm_count must be >= 1, got {heads} and {sms}")
-    if lens.size and lens.min() < 0:
-        raise ValueError(f"lengths must be >= 0, got {int(lens.min())}")
-    return lens, heads, sms
-
-
-def _estimate(heads: int, total: int, sms: int, ctas_per_head: int, longest_part: int,
-              cta_cost_keys: float, tail_weight: float) -> float:
-    """The split rules' estimate of a call, in keys streamed by one SM: the batch's keys and every
-    CTA's fixed cost spread over the SMs, plus a share of the longest CTA (the grid's tail)."""
-    return (heads * (total + cta_cost_keys * ctas_per_head) / sms
-            + tail_weight * (longest_part + cta_cost_keys))
+def _lengths(lengths) -> np.ndarray:
+    """The split rules' lengths as a contiguous int64 host array."""
+    return np.ascontiguousarray(np.asarray(lengths, dtype=np.int64).reshape(-1))
 
 
 def decode_num_splits_for_lengths(lengths: Sequence[int], num_kv_heads: int, sm_count: int,
-                                  *, cta_cost_keys: int = CTA_COST_KEYS,
+                                  *, cta_cost_keys: float = CTA_COST_KEYS,
                                   tail_weight: float = TAIL_WEIGHT,
                                   balanced_ratio: float = BALANCED_RATIO,
                                   max_splits: int = MAX_SPLITS) -> int:
@@ -116,71 +94,22 @@ def decode_num_splits_for_lengths(lengths: Sequence[int], num_kv_heads: int, sm_
 
     the batch's keys spread over the SMs, each of the batch x heads x S CTAs paying a fixed cost,
     plus the grid's tail, a share of the longest CTA (the longest sequence's part). Of the counts
-    within SPLIT_TOLERANCE of the best estimate, the fewest is taken.
+    within SPLIT_TOLERANCE of the best estimate, the fewest is taken. Computed by the C++ library
+    (``fastattn::decode_num_splits_for_lengths``, include/fastattn/decode_plan.h).
 
     Arguments:
         lengths: (batch,) key lengths, ints >= 0.
         num_kv_heads: KV heads (the per-head kernel runs one CTA per KV head and split).
         sm_count: the GPU's SMs.
     """
-    lens, heads, sms = _rule_inputs(lengths, num_kv_heads, sm_count)
-    batch = lens.size
-    longest = int(lens.max()) if batch else 0
-    total = int(lens.sum())
-    if longest == 0:
-        return 1
-    if longest * batch <= balanced_ratio * total:
-        return 0
-    estimates = [(s, _estimate(heads, total, sms, batch * s, -(-longest // s), cta_cost_keys,
-                               tail_weight))
-                 for s in range(1, max(1, max_splits) + 1)]
-    best = min(t for _, t in estimates)
-    return next(s for s, t in estimates if t <= best * (1 + SPLIT_TOLERANCE))
-
-
-# A split plan's bounds (KVCacheArgs::split_plan in include/fastattn/ops.h): work items, splits of
-# one sequence, and the unit of a work item's split (item = b + SPLIT_UNIT * split).
-MAX_PLAN_ITEMS = 65535
-MAX_PLAN_SPLITS = 1024
-SPLIT_UNIT = 65536
-# A padding work item (no work): plans of one size for every step of a CUDA graph.
-PLAN_PADDING = -1
-# A CUDA-graph plan's work items beyond one a sequence, in waves of the GPU per KV head (one CTA
-# per SM): room for the splits of the steps' longest sequences, and a bound on the padding CTAs
-# of the steps that need none (bench/NOTES.md, session 67).
-GRAPH_EXTRA_WAVES = 2
-# Keys per tile of the decode kernels: a part's keys are whole tiles of its sequence.
-TILE_KEYS = 64
-
-
-def _tiles(lens: np.ndarray) -> np.ndarray:
-    return -(-lens // TILE_KEYS)
-
-
-def _chunk_counts(lens: np.ndarray, max_splits: int, max_parts: int) -> np.ndarray:
-    """(options, B) counts of the chunk rule's options, S = 1..max_splits in order: sequences cut
-    into parts of about ceil(longest / S) keys, each count 1..max_splits; only the options of at
-    most max_parts parts. lens must hold a length > 0."""
-    splits = np.arange(1, max(1, max_splits) + 1, dtype=np.int64)
-    chunks = -(-int(lens.max()) // splits)
-    counts = np.clip(-(-lens[None, :] // chunks[:, None]), 1, max_splits)
-    return counts[counts.sum(axis=1) <= max_parts]
-
-
-def _fewest_parts_near_best(candidates: np.ndarray, lens, heads, sms, cta_cost_keys, tail_weight):
-    """(estimate, parts, counts) of the candidate counts (options, B) with the fewest parts among
-    those within SPLIT_TOLERANCE of the best estimate (fewer partial states to write and merge);
-    ties go to the lower estimate, then the earlier option."""
-    parts = candidates.sum(axis=1)
-    longest_part = (-(-_tiles(lens)[None, :] // candidates)).max(axis=1) * TILE_KEYS
-    est = _estimate(heads, int(lens.sum()), sms, parts, longest_part, cta_cost_keys, tail_weight)
-    near = np.flatnonzero(est <= est.min() * (1 + SPLIT_TOLERANCE))
-    i = near[np.lexsort((near, est[near], parts[near]))[0]]
-    return float(est[i]), int(parts[i]), candidates[i]
+    return int(_C.decode_num_splits_for_lengths(
+        _lengths(lengths), as_int(num_kv_heads, "num_kv_heads"), as_int(sm_count, "sm_count"),
+        cta_cost_keys=float(cta_cost_keys), tail_weight=float(tail_weight),
+        balanced_ratio=float(balanced_ratio), max_splits=as_int(max_splits, "max_splits")))
 
 
 def decode_split_counts_for_lengths(lengths: Sequence[int], num_kv_heads: int, sm_count: int,
-                                    *, cta_cost_keys: int = CTA_COST_KEYS,
+                                    *, cta_cost_keys: float = CTA_COST_KEYS,
                                     tail_weight: float = TAIL_WEIGHT,
                                     balanced_ratio: float = BALANCED_RATIO,
                                     max_splits: int = MAX_SPLITS,
@@ -200,28 +129,17 @@ def decode_split_counts_for_lengths(lengths: Sequence[int], num_kv_heads: int, s
     Returns (batch,) int32 counts for :func:`decode_split_plan` when the uniform count's estimate
     is at least min_gain times that plan's (PLAN_MIN_GAIN says why the margin), ones when there is
     nothing to read, else None: near-uniform lengths (the capacity heuristic) and batches where
-    the plan would gain less.
+    the plan would gain less. Computed by the C++ library
+    (``fastattn::decode_split_counts_for_lengths``).
     """
-    lens, heads, sms = _rule_inputs(lengths, num_kv_heads, sm_count)
-    batch = lens.size
-    if batch > MAX_PLAN_ITEMS:
-        raise ValueError(f"a split plan takes at most {MAX_PLAN_ITEMS} sequences, got {batch}")
-    longest = int(lens.max()) if batch else 0
-    total = int(lens.sum())
-    if longest == 0:
-        return np.ones(batch, dtype=np.int32)
-    if longest * batch <= balanced_ratio * total:
-        return None
-    chosen = _fewest_parts_near_best(_chunk_counts(lens, max_splits, MAX_PLAN_ITEMS), lens, heads,
-                                     sms, cta_cost_keys, tail_weight)
-    uniform = decode_num_splits_for_lengths(lens, heads, sms, cta_cost_keys=cta_cost_keys,
-                                            tail_weight=tail_weight, balanced_ratio=balanced_ratio,
-                                            max_splits=max_splits)
-    uniform_estimate = _estimate(heads, total, sms, batch * uniform, -(-longest // uniform),
-                                 cta_cost_keys, tail_weight)
-    if uniform_estimate < min_gain * chosen[0]:
-        return None
-    return chosen[2].astype(np.int32)
+    lens = _lengths(lengths)
+    counts = np.empty(lens.size, dtype=np.int32)
+    planned = _C.decode_split_counts_for_lengths(
+        lens, as_int(num_kv_heads, "num_kv_heads"), as_int(sm_count, "sm_count"), counts,
+        cta_cost_keys=float(cta_cost_keys), tail_weight=float(tail_weight),
+        balanced_ratio=float(balanced_ratio), max_splits=as_int(max_splits, "max_splits"),
+        min_gain=float(min_gain))
+    return counts if planned else None
 
 
 def decode_split_plan(counts: Sequence[int], lengths: Optional[Sequence[int]] = None, *,
@@ -233,7 +151,7 @@ def decode_split_plan(counts: Sequence[int], lengths: Optional[Sequence[int]] = 
     Entries 0..batch are split_indptr (the cumulative counts from 0); then the work items,
     b + 65536 x split, in launch order: with ``lengths`` (the key lengths) the longest parts
     first, so that the grid's tail holds the short ones; else by sequence. Then items - sum(counts)
-    padding items (-1, no work), last in the launch.
+    padding items (-1, no work), last. Computed by the C++ library (``fastattn::decode_split_plan``).
 
     Arguments:
         counts: (batch,) ints in 1..1024 (:func:`decode_split_counts_for_lengths`).
@@ -242,32 +160,18 @@ def decode_split_plan(counts: Sequence[int], lengths: Optional[Sequence[int]] = 
             :func:`decode_graph_plan_items`); None: sum(counts).
     """
     c = np.asarray(counts, dtype=np.int64).reshape(-1)
-    batch = c.size
-    if c.size and (c.min() < 1 or c.max() > MAX_PLAN_SPLITS):
-        bad = int(c[(c < 1) | (c > MAX_PLAN_SPLITS)][0])
-        raise ValueError(f"counts must be in 1..{MAX_PLAN_SPLITS}, got {bad}")
-    parts = int(c.sum())
-    size = parts if items is None else as_int(items, "items")
-    if size < parts:
-        raise ValueError(f"items must be at least the splits' sum {parts}, got {size}")
-    if batch > MAX_PLAN_ITEMS or size > MAX_PLAN_ITEMS:
-        raise ValueError(f"a split plan takes at most {MAX_PLAN_ITEMS} sequences and work items, "
-                         f"got {batch} sequences and {size} items")
-    seq = np.repeat(np.arange(batch, dtype=np.int64), c)
-    split = np.arange(parts, dtype=np.int64) - np.repeat(np.cumsum(c) - c, c)
+    c32 = np.ascontiguousarray(c, dtype=np.int32)
+    if not np.array_equal(c32, c):  # beyond int32: out of range before the C++ check sees it
+        raise ValueError(f"counts must be in 1..{MAX_PLAN_SPLITS}, got {int(c[c32 != c][0])}")
+    lens = None
     if lengths is not None:
-        lens = np.asarray(lengths, dtype=np.int64).reshape(-1)
-        if lens.size != batch:
-            raise ValueError(f"lengths must have one entry per count ({batch}), got {lens.size}")
-        tiles = _tiles(np.maximum(lens, 0))
-        per = -(-tiles // c)
-        part_tiles = np.clip(tiles[seq] - split * per[seq], 0, per[seq])
-        order = np.argsort(-part_tiles, kind="stable")
-        seq, split = seq[order], split[order]
-    plan = np.full(batch + 1 + size, PLAN_PADDING, dtype=np.int32)
-    plan[0] = 0
-    plan[1:batch + 1] = np.cumsum(c)
-    plan[batch + 1:batch + 1 + parts] = seq + SPLIT_UNIT * split
+        lens = _lengths(lengths)
+        if lens.size != c.size:
+            raise ValueError(f"lengths must have one entry per count ({c.size}), got {lens.size}")
+    size = int(c.sum()) if items is None else as_int(items, "items")
+    # A size out of bounds is refused by the C++ check before the plan's size is looked at.
+    plan = np.empty(c.size + 1 + size if 0 <= size <= MAX_PLAN_ITEMS else 0, dtype=np.int32)
+    _C.decode_split_plan(c32, lens, None if items is None else size, plan)
     return plan
 
 
@@ -278,20 +182,13 @@ def decode_graph_plan_items(batch: int, num_kv_heads: int, sm_count: int, *,
     GRAPH_EXTRA_WAVES), at most MAX_PLAN_ITEMS. The plan of each step uses up to W parts
     (:func:`decode_graph_split_counts`) and pads the rest (a padding CTA ends at once; at most
     extra_waves waves of them)."""
-    if extra_waves is None:
-        extra_waves = GRAPH_EXTRA_WAVES
-    b = as_int(batch, "batch")
-    heads = as_int(num_kv_heads, "num_kv_heads")
-    sms = as_int(sm_count, "sm_count")
-    if b < 0 or heads < 1 or sms < 1:
-        raise ValueError(f"batch must be >= 0 and num_kv_heads, sm_count >= 1, got {b}, {heads}, {sms}")
-    if b > MAX_PLAN_ITEMS:
-        raise ValueError(f"a split plan takes at most {MAX_PLAN_ITEMS} sequences, got {b}")
-    return min(MAX_PLAN_ITEMS, b + int(math.ceil(extra_waves * sms / heads)))
+    return int(_C.decode_graph_plan_items(
+        as_int(batch, "batch"), as_int(num_kv_heads, "num_kv_heads"), as_int(sm_count, "sm_count"),
+        float(GRAPH_EXTRA_WAVES if extra_waves is None else extra_waves)))
 
 
 def decode_graph_split_counts(lengths: Sequence[int], num_kv_heads: int, sm_count: int,
-                              max_parts: int, *, cta_cost_keys: int = CTA_COST_KEYS,
+                              max_parts: int, *, cta_cost_keys: float = CTA_COST_KEYS,
                               tail_weight: float = TAIL_WEIGHT,
                               max_splits: int = MAX_SPLITS) -> np.ndarray:
     """A split count per sequence, at most max_parts parts in all, for a plan of fixed size (a
@@ -302,19 +199,15 @@ def decode_graph_split_counts(lengths: Sequence[int], num_kv_heads: int, sm_coun
     The options are the chunk rule's counts and one count S = 1..max_splits for every sequence,
     those of at most max_parts parts; the estimate of :func:`decode_split_counts_for_lengths`
     picks among them, the fewest parts within SPLIT_TOLERANCE of the best. Returns (batch,) int32.
+    Computed by the C++ library (``fastattn::decode_graph_split_counts``).
     """
-    lens, heads, sms = _rule_inputs(lengths, num_kv_heads, sm_count)
-    batch = lens.size
-    cap = as_int(max_parts, "max_parts")
-    if cap < batch:
-        raise ValueError(f"max_parts must be at least the batch ({batch}), got {cap}")
-    if batch == 0 or int(lens.max()) == 0:
-        return np.ones(batch, dtype=np.int32)
-    splits = np.arange(1, min(max(1, max_splits), cap // batch) + 1, dtype=np.int64)
-    uniform = np.repeat(splits[:, None], batch, axis=1)  # one count S for every sequence
-    chosen = _fewest_parts_near_best(np.concatenate([_chunk_counts(lens, max_splits, cap), uniform]),
-                                     lens, heads, sms, cta_cost_keys, tail_weight)
-    return chosen[2].astype(np.int32)
+    lens = _lengths(lengths)
+    counts = np.empty(lens.size, dtype=np.int32)
+    _C.decode_graph_split_counts(
+        lens, as_int(num_kv_heads, "num_kv_heads"), as_int(sm_count, "sm_count"),
+        as_int(max_parts, "max_parts"), counts, cta_cost_keys=float(cta_cost_keys),
+        tail_weight=float(tail_weight), max_splits=as_int(max_splits, "max_splits"))
+    return counts
 
 
 def _int32_vector(x, name: str, ws) -> None:

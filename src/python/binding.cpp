@@ -490,6 +490,64 @@ void csr_to_block_table(nb::handle page_indptr, nb::handle page_indices, nb::han
   fastattn::csr_to_block_table(ip, ids, table, exec);
 }
 
+// ---- decode split plans (host arrays only; include/fastattn/decode_plan.h) --------------------
+
+using HostInt64s = nb::ndarray<const std::int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using HostInt32s = nb::ndarray<const std::int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using HostInt32Out = nb::ndarray<std::int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+fastattn::DecodeSplitRule make_rule(double cta_cost_keys, double tail_weight, double balanced_ratio,
+                                    int max_splits, double min_gain) {
+  fastattn::DecodeSplitRule r;
+  r.cta_cost_keys = cta_cost_keys;
+  r.tail_weight = tail_weight;
+  r.balanced_ratio = balanced_ratio;
+  r.max_splits = max_splits;
+  r.min_gain = min_gain;
+  return r;
+}
+
+/// The C++ functions write through raw pointers: an output of the wrong size is refused here.
+void check_size(const char* op, const char* name, std::size_t got, std::int64_t want) {
+  if (static_cast<std::int64_t>(got) != want)
+    throw fastattn::ValueError(std::string(op) + ": " + name + " must have " + std::to_string(want) +
+                               " entries, got " + std::to_string(got));
+}
+
+int decode_num_splits_for_lengths(HostInt64s lengths, int num_kv_heads, int sm_count, double cta_cost_keys,
+                                  double tail_weight, double balanced_ratio, int max_splits) {
+  return fastattn::decode_num_splits_for_lengths(lengths.data(), std::int64_t(lengths.shape(0)), num_kv_heads,
+                                                 sm_count, make_rule(cta_cost_keys, tail_weight, balanced_ratio,
+                                                                     max_splits, 1.0));
+}
+
+bool decode_split_counts_for_lengths(HostInt64s lengths, int num_kv_heads, int sm_count, HostInt32Out counts,
+                                     double cta_cost_keys, double tail_weight, double balanced_ratio,
+                                     int max_splits, double min_gain) {
+  const auto batch = std::int64_t(lengths.shape(0));
+  check_size("decode_split_counts_for_lengths", "counts", counts.shape(0), batch);
+  return fastattn::decode_split_counts_for_lengths(
+      lengths.data(), batch, num_kv_heads, sm_count, counts.data(),
+      make_rule(cta_cost_keys, tail_weight, balanced_ratio, max_splits, min_gain));
+}
+
+void decode_graph_split_counts(HostInt64s lengths, int num_kv_heads, int sm_count, std::int64_t max_parts,
+                               HostInt32Out counts, double cta_cost_keys, double tail_weight, int max_splits) {
+  const auto batch = std::int64_t(lengths.shape(0));
+  check_size("decode_graph_split_counts", "counts", counts.shape(0), batch);
+  fastattn::DecodeSplitRule rule = make_rule(cta_cost_keys, tail_weight, 1.0, max_splits, 1.0);
+  fastattn::decode_graph_split_counts(lengths.data(), batch, num_kv_heads, sm_count, max_parts, counts.data(),
+                                      rule);
+}
+
+void decode_split_plan(HostInt32s counts, std::optional<HostInt64s> lengths, std::optional<std::int64_t> items,
+                       HostInt32Out plan) {
+  const auto batch = std::int64_t(counts.shape(0));
+  if (lengths) check_size("decode_split_plan", "lengths", lengths->shape(0), batch);
+  fastattn::decode_split_plan(counts.data(), batch, lengths ? lengths->data() : nullptr, items, plan.data(),
+                              std::int64_t(plan.shape(0)));
+}
+
 fastattn::Device parse_device(const std::string& device_type, int index) {
   fastattn::Device d;
   if (device_type == "cpu") {
@@ -595,6 +653,40 @@ NB_MODULE(_C, m) {
   m.def("csr_to_block_table", &csr_to_block_table, nb::arg("page_indptr"), nb::arg("page_indices"),
         nb::arg("block_table"), nb::arg("cuda_stream") = 0, nb::arg("num_threads") = 0,
         "fastattn::csr_to_block_table (block_table written in place).");
+
+  {  // The split rules' defaults and a plan's bounds, so that Python holds no copy of them.
+    const fastattn::DecodeSplitRule rule;
+    nb::dict k;
+    k["cta_cost_keys"] = rule.cta_cost_keys;
+    k["tail_weight"] = rule.tail_weight;
+    k["balanced_ratio"] = rule.balanced_ratio;
+    k["max_splits"] = rule.max_splits;
+    k["min_gain"] = rule.min_gain;
+    k["split_tolerance"] = fastattn::kSplitTolerance;
+    k["max_plan_items"] = fastattn::kMaxPlanItems;
+    k["max_plan_splits"] = fastattn::kMaxPlanSplits;
+    k["split_unit"] = fastattn::kSplitUnit;
+    k["plan_padding"] = fastattn::kPlanPadding;
+    k["tile_keys"] = fastattn::kPlanTileKeys;
+    k["graph_extra_waves"] = fastattn::kGraphExtraWaves;
+    m.attr("decode_plan_constants") = k;
+  }
+  m.def("decode_num_splits_for_lengths", &decode_num_splits_for_lengths, nb::arg("lengths"),
+        nb::arg("num_kv_heads"), nb::arg("sm_count"), nb::arg("cta_cost_keys"), nb::arg("tail_weight"),
+        nb::arg("balanced_ratio"), nb::arg("max_splits"), "fastattn::decode_num_splits_for_lengths.");
+  m.def("decode_split_counts_for_lengths", &decode_split_counts_for_lengths, nb::arg("lengths"),
+        nb::arg("num_kv_heads"), nb::arg("sm_count"), nb::arg("counts"), nb::arg("cta_cost_keys"),
+        nb::arg("tail_weight"), nb::arg("balanced_ratio"), nb::arg("max_splits"), nb::arg("min_gain"),
+        "fastattn::decode_split_counts_for_lengths (counts written; False: one count serves).");
+  m.def("decode_graph_split_counts", &decode_graph_split_counts, nb::arg("lengths"),
+        nb::arg("num_kv_heads"), nb::arg("sm_count"), nb::arg("max_parts"), nb::arg("counts"),
+        nb::arg("cta_cost_keys"), nb::arg("tail_weight"), nb::arg("max_splits"),
+        "fastattn::decode_graph_split_counts (counts written).");
+  m.def("decode_graph_plan_items", &fastattn::decode_graph_plan_items, nb::arg("batch"),
+        nb::arg("num_kv_heads"), nb::arg("sm_count"), nb::arg("extra_waves"),
+        "fastattn::decode_graph_plan_items.");
+  m.def("decode_split_plan", &decode_split_plan, nb::arg("counts"), nb::arg("lengths").none(),
+        nb::arg("items").none(), nb::arg("plan"), "fastattn::decode_split_plan (plan written).");
 
   m.def("version", []() { return std::string(fastattn::version()); },
         "Library version, 'MAJOR.MINOR.PATCH'.");
