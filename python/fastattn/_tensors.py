@@ -244,6 +244,19 @@ def copy_on_device(dst: Any, src: Any, start: int, n: int) -> bool:
     return True
 
 
+def device_int32_vector(x: Any, like: Any) -> bool:
+    """Whether a kernel on like's GPU can read x in place: a contiguous 1-D int32 array of like's
+    framework (torch or cupy) on like's device."""
+    fw = framework(like)
+    if fw not in ("torch", "cupy") or framework(x) != fw or not is_cuda(like) or not is_cuda(x):
+        return False
+    if len(x.shape) != 1 or dtype_name(x.dtype) != "int32":
+        return False
+    if fw == "torch":
+        return x.is_contiguous() and x.device == like.device
+    return bool(x.flags.c_contiguous) and x.device.id == like.device.id
+
+
 def usable_workspace(ws, like) -> bool:
     """A caller's buffer the GPU op can use as scratch: a contiguous uint8 array on like's device."""
     if framework(ws) != framework(like) or not is_cuda(ws):
@@ -283,17 +296,26 @@ def nhd_pages(cache: Any, name: str) -> Tuple[Any, Any]:
     return cache[:, 0], cache[:, 1]
 
 
+_SM_COUNTS: dict = {}  # (framework, device index) -> SMs: asked once (a few us each time)
+
+
 def device_sm_count(like: Any) -> int:
     """SMs of the CUDA device `like` lives on (torch or cupy)."""
     fw = framework(like)
     if fw == "torch":
-        import torch
+        key = ("torch", like.device.index)
+        if key not in _SM_COUNTS:
+            import torch
 
-        return int(torch.cuda.get_device_properties(like.device).multi_processor_count)
+            _SM_COUNTS[key] = int(torch.cuda.get_device_properties(like.device).multi_processor_count)
+        return _SM_COUNTS[key]
     if fw == "cupy":
-        import cupy
+        key = ("cupy", like.device.id)
+        if key not in _SM_COUNTS:
+            import cupy
 
-        return int(cupy.cuda.Device(like.device.id).attributes["MultiProcessorCount"])
+            _SM_COUNTS[key] = int(cupy.cuda.Device(like.device.id).attributes["MultiProcessorCount"])
+        return _SM_COUNTS[key]
     raise TypeError(f"no CUDA device for a {type(like).__name__}")
 
 

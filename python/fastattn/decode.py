@@ -33,6 +33,7 @@ from ._tensors import (
     empty,
     can_copy_on_device,
     copy_on_device,
+    device_int32_vector,
     exec_kwargs,
     finalize,
     framework,
@@ -233,7 +234,8 @@ def _int32_vector(x, name: str, ws) -> None:
 class _GraphBuffers:
     """The device arrays a captured run() reads in place (use_cuda_graph=True): the caller's page
     lists (indptr (B + 1), indices (capacity), last_page_len (B)), and the wrapper's key lengths
-    (B) and split plan (B + 1 + W, allocated by the first plan(), whose KV heads fix W)."""
+    (B) and split plan (B + 1 + W), two views of one array (one copy a step) allocated by the
+    first plan(), whose KV heads fix W."""
 
     def __init__(self, ws, indptr, indices, last_page_len):
         _int32_vector(indptr, "paged_kv_indptr_buffer", ws)
@@ -247,19 +249,27 @@ class _GraphBuffers:
                              f"len(paged_kv_indptr_buffer) - 1 = {self.batch} entries, got "
                              f"{int(last_page_len.shape[0])}")
         self.indptr, self.indices, self.last_page_len = indptr, indices, last_page_len
-        self.seqlens = empty(indptr, (self.batch,), "int32")
-        self.split_plan = None
+        self.arrays = None  # (B + B + 1 + W): the key lengths, then the split plan
         self.num_kv_heads = None
 
-    def plan_buffer(self, num_kv_heads: int, items: int):
-        """The split plan's device array; its size is fixed by the first plan's KV heads."""
-        if self.split_plan is None:
-            self.split_plan = empty(self.indptr, (self.batch + 1 + items,), "int32")
+    def plan_arrays(self, num_kv_heads: int, items: int):
+        """The array of the key lengths and the split plan; its size is fixed by the first plan's
+        KV heads."""
+        if self.arrays is None:
+            self.arrays = empty(self.indptr, (2 * self.batch + 1 + items,), "int32")
             self.num_kv_heads = num_kv_heads
         elif num_kv_heads != self.num_kv_heads:
             raise ValueError(f"num_kv_heads must stay {self.num_kv_heads} with use_cuda_graph=True "
                              f"(the captured grid holds the first plan's size), got {num_kv_heads}")
-        return self.split_plan
+        return self.arrays
+
+    @property
+    def seqlens(self):
+        return self.arrays[:self.batch]
+
+    @property
+    def split_plan(self):
+        return self.arrays[self.batch:]
 
 
 class BatchDecodeWithPagedKVCacheWrapper:
@@ -407,7 +417,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
             pages_on_device = self._plan_graph(ip, indices, used, last, lengths, attended, heads_kv,
                                                sms, disable_split_kv)
         else:
-            pages_on_device = self._plan_arrays(ws, ip, indices, used, lengths, attended,
+            pages_on_device = self._plan_arrays(ws, indptr, ip, indices, used, lengths, attended,
                                                 heads_kv, sms, disable_split_kv)
         self._plan = {
             "batch": batch,
@@ -426,12 +436,13 @@ class BatchDecodeWithPagedKVCacheWrapper:
             **pages_on_device,
         }
 
-    def _plan_arrays(self, ws, ip, indices, used, lengths, attended, heads_kv, sms,
+    def _plan_arrays(self, ws, indptr, ip, indices, used, lengths, attended, heads_kv, sms,
                      disable_split_kv) -> dict:
         """plan()'s device arrays, new ones each step: a block table (built on the device from
         the CSR lists: the kernels read a table's page ids without a row pointer first), the key
-        lengths and the splits (a split plan, or one count for the batch). The page ids go device
-        to device when `used` (their host copy) is None."""
+        lengths and the splits (a split plan, or one count for the batch). The table is built from
+        the caller's lists in place where they are int32 arrays on the workspace's device, else from
+        copies (of the ids device to device when `used`, their host copy, is None)."""
         counts = None  # a count per sequence (a split plan), else the uniform `splits`
         splits = 0     # the capacity heuristic; on the CPU the backend plans its own threads
         if disable_split_kv:
@@ -440,25 +451,34 @@ class BatchDecodeWithPagedKVCacheWrapper:
             counts = decode_split_counts_for_lengths(attended, heads_kv, sms)
             if counts is None:
                 splits = decode_num_splits_for_lengths(attended, heads_kv, sms)
-        num_pages = int(ip[-1] - ip[0])
-        if used is None:
-            page_indices = empty(ws, (num_pages,), "int32")
-            copy_on_device(page_indices, indices, int(ip[0]), num_pages)
-        else:
-            page_indices = on_device_of(ws, used.astype(np.int32))
+        batch = ip.size - 1
         # Its width, the most pages of a request, is the capacity heuristic's bound on the keys.
-        table = empty(ws, (ip.size - 1, max(1, int(np.diff(ip).max(initial=0)))), "int32")
-        _C.csr_to_block_table(page_indptr=on_device_of(ws, (ip - ip[0]).astype(np.int32)),
-                              page_indices=page_indices, block_table=table, **exec_kwargs(ws))
+        table = empty(ws, (batch, max(1, int(np.diff(ip).max(initial=0)))), "int32")
+        if device_int32_vector(indptr, ws) and device_int32_vector(indices, ws):
+            page_indptr, page_indices = indptr, indices
+        else:
+            num_pages = int(ip[-1] - ip[0])
+            if used is None:
+                page_indices = empty(ws, (num_pages,), "int32")
+                copy_on_device(page_indices, indices, int(ip[0]), num_pages)
+            else:
+                page_indices = on_device_of(ws, used.astype(np.int32))
+            page_indptr = on_device_of(ws, (ip - ip[0]).astype(np.int32))
+        _C.csr_to_block_table(page_indptr=page_indptr, page_indices=page_indices, block_table=table,
+                              **exec_kwargs(ws))
+        # One host-to-device copy: the key lengths (B), then the split plan (B + 1 + W).
+        host = lengths.astype(np.int32)
+        if counts is not None:
+            host = np.concatenate([host, decode_split_plan(counts, attended)])
+        arrays = on_device_of(ws, host)
         return {
             "num_splits": splits,
             "split_counts": counts,
-            "split_plan": (None if counts is None
-                           else on_device_of(ws, decode_split_plan(counts, attended))),
+            "split_plan": None if counts is None else arrays[batch:],
             "block_table": table,
             "page_indptr": None,
             "page_indices": None,
-            "seqlens": on_device_of(ws, lengths.astype(np.int32)),
+            "seqlens": arrays[:batch],
         }
 
     def _plan_graph(self, ip, indices, used, last, lengths, attended, heads_kv, sms,
@@ -477,7 +497,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
             raise ValueError(f"indices hold {num_pages} pages, more than "
                              f"paged_kv_indices_buffer's {int(g.indices.shape[0])}")
         items = decode_graph_plan_items(batch, heads_kv, sms)
-        plan_buffer = g.plan_buffer(heads_kv, items)
+        arrays = g.plan_arrays(heads_kv, items)
         counts = (np.ones(batch, dtype=np.int32) if disable_split_kv
                   else decode_graph_split_counts(attended, heads_kv, sms, items))
         write_ints(g.indptr, (ip - ip[0]).astype(np.int32))
@@ -486,12 +506,12 @@ class BatchDecodeWithPagedKVCacheWrapper:
         else:
             copy_on_device(g.indices, indices, int(ip[0]), num_pages)
         write_ints(g.last_page_len, last.astype(np.int32))
-        write_ints(g.seqlens, lengths.astype(np.int32))
-        write_ints(plan_buffer, decode_split_plan(counts, attended, items=items))
+        write_ints(arrays, np.concatenate([lengths.astype(np.int32),
+                                           decode_split_plan(counts, attended, items=items)]))
         return {
             "num_splits": 0,
             "split_counts": counts,
-            "split_plan": plan_buffer,
+            "split_plan": g.split_plan,
             "block_table": None,
             "page_indptr": g.indptr,
             "page_indices": g.indices,

@@ -145,6 +145,38 @@ def test_small_workspace_and_disable_split(seed):
     b.check(w)
 
 
+def test_page_lists_in_any_form(seed):
+    """plan() reads int32 lists on the workspace's GPU in place, and copies any other form: the
+    lists inside larger arrays (indptr from an offset, ids around them that are no page), int64
+    lists on the GPU, and lists on the host. Every form gives the reference's answer and the same
+    bits as the plain lists; the caller's arrays are left as they were."""
+    lens = long_among_short(seed, 12, 15000, 1, 400)
+    lens[seed.randrange(12)] = 0
+    b = Batch(seed, torch.bfloat16, lens, 16, 16, 4, 128)
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(workspace())
+    b.plan(w)
+    assert w.split_counts is not None
+    b.check(w)
+    want = w.run(b.q, b.kv)
+    before, after = seed.randrange(1, 9), seed.randrange(1, 9)
+    junk = lambda n: [-(10 ** 6) - i for i in range(n)]  # noqa: E731  (ids no list may read)
+    offset_ids = i32(junk(before) + b.indices.tolist() + junk(after))
+    offset_ptr = i32([before + x for x in b.indptr.tolist()])
+    forms = {
+        "offset": (offset_ptr, offset_ids, b.last),
+        "int64": (b.indptr.long(), b.indices.long(), b.last.long()),
+        "host": (b.indptr.cpu(), b.indices.cpu(), b.last.cpu()),
+        "offset int64": (offset_ptr.long(), offset_ids.long(), b.last),
+    }
+    for name, (indptr, indices, last) in forms.items():
+        kept = [x.clone() for x in (indptr, indices, last)]
+        w.plan(indptr, indices, last, b.hq, b.hkv, b.d, b.ps, q_data_type=b.dtype)
+        got = w.run(b.q, b.kv)
+        R.assert_bitwise_equal(f"out ({name} lists)", got, want)
+        for x, y in zip((indptr, indices, last), kept):
+            assert torch.equal(x, y), f"plan() wrote into the caller's {name} lists"
+
+
 def test_cpu_workspace_with_gpu_q(seed):
     """plan() places its arrays on the workspace's device; q on another is a clear error."""
     b = Batch(seed, torch.bfloat16, [5, 9], 16, 4, 2, 64)
