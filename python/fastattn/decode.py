@@ -19,6 +19,7 @@ built on the device from the page lists, or over the CSR lists themselves with
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -38,6 +39,7 @@ from ._tensors import (
     finalize,
     framework,
     host_ints,
+    host_ints_of,
     is_cuda,
     nhd_pages,
     on_device_of,
@@ -381,15 +383,14 @@ class BatchDecodeWithPagedKVCacheWrapper:
         if ps < 1:
             raise ValueError(f"page_size must be >= 1, got {ps}")
 
-        ip = host_ints(indptr).reshape(-1)
-        last = host_ints(last_page_len).reshape(-1)
+        ip, last = (x.reshape(-1) for x in host_ints_of(indptr, last_page_len))
         # Page ids on the GPU are copied device to device, never read here (as FlashInfer's
         # plan()): the kernels' guard handles ids outside the cache.
         ws = self._workspace_buffer
         ids_on_device = can_copy_on_device(self._graph.indices if self._graph is not None else ws,
                                            indices)
         ids = None if ids_on_device else host_ints(indices).reshape(-1)
-        num_ids = int(np.prod(indices.shape)) if ids is None else ids.size
+        num_ids = math.prod(indices.shape) if ids is None else ids.size
         if ip.size < 1:
             raise ValueError("indptr must have batch_size + 1 >= 1 entries, got 0")
         batch = ip.size - 1

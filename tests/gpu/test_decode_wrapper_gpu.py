@@ -177,6 +177,23 @@ def test_page_lists_in_any_form(seed):
             assert torch.equal(x, y), f"plan() wrote into the caller's {name} lists"
 
 
+def test_plan_reads_lists_written_by_queued_work(seed):
+    """plan() reads indptr and last_page_len on the host only after the work queued before it on
+    the stream: here they get this step's values from copies queued behind a GPU sleep, and the
+    plan must be made from those values, not from the zeros the copies overwrite."""
+    lens = long_among_short(seed, 10, 12000, 1, 300)
+    b = Batch(seed, torch.bfloat16, lens, 16, 8, 2, 128)
+    indptr = torch.zeros_like(b.indptr)  # 0 pages each: plan() over these would plan no keys
+    last = torch.ones_like(b.last)
+    torch.cuda._sleep(50_000_000)  # tens of ms on the stream before the copies land
+    indptr.copy_(b.indptr)
+    last.copy_(b.last)
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(workspace())
+    w.plan(indptr, b.indices, last, b.hq, b.hkv, b.d, b.ps, q_data_type=b.dtype)
+    assert w.split_counts is not None and w.split_counts.max() > 1, w.split_counts
+    b.check(w)
+
+
 def test_cpu_workspace_with_gpu_q(seed):
     """plan() places its arrays on the workspace's device; q on another is a clear error."""
     b = Batch(seed, torch.bfloat16, [5, 9], 16, 4, 2, 64)
