@@ -49,8 +49,14 @@ endif()
 find_package(CUDAToolkit REQUIRED)
 
 # ---- CUTLASS / CuTe headers --------------------------------------------------------------------
-set(FASTATTN_CUTLASS_DIR "$ENV{FASTATTN_CUTLASS_DIR}" CACHE PATH
+set(_fastattn_cutlass_doc
     "Directory holding the CUTLASS/CuTe headers (cute/tensor.hpp); empty = use the nvidia-cutlass pip package")
+set(FASTATTN_CUTLASS_DIR "$ENV{FASTATTN_CUTLASS_DIR}" CACHE PATH "${_fastattn_cutlass_doc}")
+# An empty entry cached by an earlier configure (one that failed for want of the headers) must not
+# hide the environment variable set since, as the error below tells the user to do.
+if(NOT FASTATTN_CUTLASS_DIR AND NOT "$ENV{FASTATTN_CUTLASS_DIR}" STREQUAL "")
+  set(FASTATTN_CUTLASS_DIR "$ENV{FASTATTN_CUTLASS_DIR}" CACHE PATH "${_fastattn_cutlass_doc}" FORCE)
+endif()
 
 function(_fastattn_cutlass_from_python out_var)
   # The Python interpreter to ask: the one scikit-build-core / FindPython chose, else python3.
