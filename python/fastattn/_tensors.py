@@ -24,7 +24,6 @@ import numpy as np
 __all__ = [
     "framework",
     "host_ints",
-    "host_ints_of",
     "dtype_name",
     "usable_workspace",
     "device_sm_count",
@@ -205,18 +204,6 @@ def host_ints(x) -> np.ndarray:
     if fw == "cupy":
         return x.get().astype(np.int64)
     return np.asarray(x).astype(np.int64)
-
-
-def host_ints_of(*xs) -> list:
-    """host_ints of each array. Torch tensors on one GPU are copied to the host together, with one
-    wait for the stream (a read each waits for it: about 18 us a read on an H200's host)."""
-    if len(xs) > 1 and all(framework(x) == "torch" and x.is_cuda and x.device == xs[0].device for x in xs):
-        import torch
-
-        copies = [x.detach().to("cpu", non_blocking=True) for x in xs]
-        torch.cuda.current_stream(xs[0].device).synchronize()
-        return [c.numpy().astype(np.int64) for c in copies]
-    return [host_ints(x) for x in xs]
 
 
 def write_ints(dst: Any, host: np.ndarray) -> None:

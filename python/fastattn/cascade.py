@@ -47,7 +47,6 @@ from ._tensors import (
     finalize,
     framework,
     host_ints,
-    host_ints_of,
     is_cuda,
     nhd_pages,
     optional_float,
@@ -264,7 +263,8 @@ def suffix_lengths(page_indptr, last_page_len, page_size: int) -> np.ndarray:
     """Each request's suffix keys, (pages - 1) * page_size + last_page_len (0 without a page), as
     an int64 numpy array, from host copies of the CSR row pointers and last_page_len (the first
     min(len(page_indptr) - 1, len(last_page_len)) requests: the op checks the sizes)."""
-    ip, last = (x.reshape(-1) for x in host_ints_of(page_indptr, last_page_len))
+    ip = host_ints(page_indptr).reshape(-1)
+    last = host_ints(last_page_len).reshape(-1)
     n = max(0, min(ip.size - 1, last.size))
     pages = np.diff(ip)[:n]
     return np.where(pages > 0, (pages - 1) * int(page_size) + last[:n], 0)

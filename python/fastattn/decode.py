@@ -39,7 +39,6 @@ from ._tensors import (
     finalize,
     framework,
     host_ints,
-    host_ints_of,
     is_cuda,
     nhd_pages,
     on_device_of,
@@ -383,7 +382,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
         if ps < 1:
             raise ValueError(f"page_size must be >= 1, got {ps}")
 
-        ip, last = (x.reshape(-1) for x in host_ints_of(indptr, last_page_len))
+        ip = host_ints(indptr).reshape(-1)
+        last = host_ints(last_page_len).reshape(-1)
         # Page ids on the GPU are copied device to device, never read here (as FlashInfer's
         # plan()): the kernels' guard handles ids outside the cache.
         ws = self._workspace_buffer
