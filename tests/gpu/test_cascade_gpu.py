@@ -183,6 +183,19 @@ def test_decode(seed, dtype, P, page, heads):
     run_case(case)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("B,Hq,Hkv,opt,P", [(37, 32, 4, "none", 799), (9, 16, 1, "softcap+scale", 2000),
+                                           (16, 16, 2, "causal", 4097), (3, 16, 4, "wright", 300)])
+def test_decode_gqa_packed_prefix_rows(seed, dtype, B, Hq, Hkv, opt, P):
+    """The stacked decode prefix pass packs a KV head's G query heads into its rows (G x B rows a KV
+    head): several 128-row blocks with a part-filled last one (37 x 8 = 296), more than one block
+    of MQA (9 x 16 = 144), exactly one (16 x 8), and few rows (3 x 4); every suffix length kind, LSE
+    checked."""
+    suffix = [seed.choice([0, 1, 17, 113, 799, 1024]) for _ in range(B)]
+    case = build_case(seed, dtype, P=P, suffix=suffix, page=16, Hq=Hq, Hkv=Hkv, opt=opt)
+    run_case(case)
+
+
 # ---- prefill (qo_indptr): causal and not ------------------------------------------------------------
 
 PREFILL_QO = [1, 17, 0, 64, 5, 130]

@@ -12,7 +12,9 @@
 //                    per-request pass runs instead (gated mode);
 //   req_cu[B + 1]  = qo_indptr, or all zeros (no rows) when the stacked pass runs (gated mode);
 //   the partial states of query rows no request owns (rows qo_indptr[B] .. total_q - 1): LSE -inf
-//                    and values 0 in every slot, so they merge to output 0, LSE -inf.
+//                    and values 0 in every slot, so they merge to output 0, LSE -inf;
+//   q_packed       = q (B, Hq, D) copied head-major, (Hq, B, D), for the GQA-packed stacked decode
+//                    prefix pass (shared_prefix_host.cpp says why).
 // Gated mode (qo_indptr with causal or a right window, and neither a left window nor ALiBi): the
 // prefix pass may stack the requests exactly when every request's first query already sees the
 // last prefix key, suffix_len_b - qo_len_b + window_right >= -1 for every request with queries.
@@ -44,6 +46,11 @@ struct CascadePrepParams {
   std::uint16_t* part_v = nullptr;
   float* part_s = nullptr;
   int slots = 0, heads_q = 0, head_dim = 0;
+  // GQA packing (decode only; null otherwise): q (B, Hq, D) of 2-byte values, rows 16-byte
+  // aligned, and where its head-major copy goes.
+  const std::uint16_t* q = nullptr;
+  std::int64_t q_row_stride = 0, q_head_stride = 0;
+  std::uint16_t* q_packed = nullptr;
 };
 
 /// Launches the preparation kernel on `stream` (a cudaStream_t); nothing when it has no work.

@@ -13,7 +13,8 @@
 //               own query positions (PrefillParams::q_pos_offset = its suffix length). Either way
 //               the prefix keys are split into `splits` ranges (PrefillParams::key_splits), each
 //               writing its own partial state, so that even a decode batch (one 128-row query
-//               block per head) fills the GPU.
+//               block per head) fills the GPU. Stacked decode with GQA packs the query heads of a
+//               KV head into the rows (below), so the pass runs per KV head.
 //   3. suffix   each request's queries against its own paged suffix (CSR pages, last_page_len):
 //               the split-KV decode kernels for decode (one query per request), the varlen
 //               prefill kernel otherwise. Positions need no shift there: masks and ALiBi depend on
@@ -23,11 +24,21 @@
 //
 // With no prefix (P = 0) the suffix pass writes out / lse directly (exact, nothing to merge).
 //
+// GQA packing (stacked decode, G = Hq / Hkv > 1): the prefill kernels run one query head per KV
+// head, so the G heads of a KV head would be G row blocks of B live rows each, every one reading
+// the KV head's prefix keys. Instead the prep kernel copies q head-major, q_packed (Hq, B, D), and
+// the prefix pass reads it as G x B rows r = g x B + b of Hkv heads (row stride D, head stride
+// G x B x D): one block of up to 128 rows per KV head for B x G <= 128, each prefix key read once
+// per KV head. The partial states are then head-major too, (slots, Hq, B, D) and (slots, Hq, B),
+// which the prefill (rows r, heads h), the decode pass (batch b, heads h x G + g) and the merge
+// (rows b, states, heads) all address with plain strides.
+//
 // Workspace (shared_prefix_workspace_bytes; every region 256-byte aligned):
 //   int32    suffix_len (B), stacked_cu (2), req_cu (B + 1)
+//   values   q_packed (Hq, B, D) in q's dtype, GQA packing only
 //   values   partial outputs (total_q, slots, Hq, D) in q's dtype, slots = splits + 1 (the last is
-//            the suffix's)
-//   float32  partial LSEs (total_q, slots, Hq)
+//            the suffix's); with GQA packing (slots, Hq, B, D)
+//   float32  partial LSEs (total_q, slots, Hq); with GQA packing (slots, Hq, B)
 //   float32  merged LSE (total_q, Hq) when the caller asks for no lse
 //   float32  the decode suffix pass's split-KV states (its own split count)
 #include <cuda_runtime_api.h>
@@ -81,8 +92,10 @@ struct Plan {
   int split_keys = 0;
   int slots = 0;        ///< splits + 1 (0 without a prefix)
   int decode_splits = 1;
+  bool packed = false;  ///< GQA packing of the stacked decode prefix pass (see the file comment)
+  int group = 1;        ///< Hq / Hkv
   // Workspace offsets (bytes) and the total.
-  std::size_t off_suffix_len = 0, off_stacked_cu = 0, off_req_cu = 0;
+  std::size_t off_suffix_len = 0, off_stacked_cu = 0, off_req_cu = 0, off_q_packed = 0;
   std::size_t off_part_v = 0, off_part_s = 0, off_lse = 0, off_dec_lse = 0, off_dec_o = 0;
   std::size_t total = 0;
   bool need_suffix_len = false, need_stacked_cu = false, need_req_cu = false, need_lse_scratch = false;
@@ -142,11 +155,15 @@ Plan make_plan(check::ArgChecker& c, const SharedPrefixAttentionArgs& a, const c
 
   // Prefix key splits: fill one wave of the GPU with the prefix pass's CTAs (the per-request grid
   // when that pass may run), each split at least kMinKeysPerSplit keys.
+  plan.group = static_cast<int>(group);
+  plan.packed = plan.decode && plan.mode == PrefixMode::kStacked && group > 1;
   if (plan.mode != PrefixMode::kNone) {
     const bool stacked_grid = plan.mode == PrefixMode::kStacked;
-    const std::int64_t m_blocks = stacked_grid ? (plan.total_q + kPrefillBlockM - 1) / kPrefillBlockM
-                                               : (plan.max_q + kPrefillBlockM - 1) / kPrefillBlockM;
-    const std::int64_t ctas = m_blocks * plan.heads_q * (stacked_grid ? 1 : plan.batch);
+    // Packed: G x B rows per KV head; else total_q (stacked) or max_q rows per query head.
+    const std::int64_t rows = plan.packed ? plan.total_q * group : stacked_grid ? plan.total_q : plan.max_q;
+    const std::int64_t m_blocks = (rows + kPrefillBlockM - 1) / kPrefillBlockM;
+    const std::int64_t heads = plan.packed ? d.a.heads_kv : plan.heads_q;
+    const std::int64_t ctas = m_blocks * heads * (stacked_grid ? 1 : plan.batch);
     const std::int64_t wave = std::int64_t(info.sm_count) * prefill_ctas_per_sm(info, plan.head_dim);
     int splits = a.num_splits > 0 ? a.num_splits
                                   : core::choose_num_splits_one_wave(ctas, prefix_len, wave, kMinKeysPerSplit, kMaxSplits);
@@ -190,6 +207,7 @@ Plan make_plan(check::ArgChecker& c, const SharedPrefixAttentionArgs& a, const c
   plan.off_suffix_len = region(4 * static_cast<std::size_t>(plan.batch), plan.need_suffix_len);
   plan.off_stacked_cu = region(8, plan.need_stacked_cu);
   plan.off_req_cu = region(4 * (static_cast<std::size_t>(plan.batch) + 1), plan.need_req_cu);
+  plan.off_q_packed = region(rows * hq * dim * 2, plan.packed);
   const std::size_t states = rows * static_cast<std::size_t>(plan.slots) * hq;
   plan.off_part_v = region(states * dim * 2, plan.slots > 0);
   plan.off_part_s = region(states * 4, plan.slots > 0);
@@ -266,9 +284,15 @@ void shared_prefix_attention_forward(check::ArgChecker& c, const SharedPrefixAtt
   void* stream = a.exec.cuda_stream;
   cuda_detail::DeviceGuard guard(dev.index);
 
-  // Elements between consecutive rows / slots of the partial states.
-  const std::int64_t v_row = std::int64_t(slots) * hq * dim, v_slot = std::int64_t(hq) * dim;
-  const std::int64_t s_row = std::int64_t(slots) * hq, s_slot = hq;
+  // Elements between consecutive rows / slots / heads of the partial states: (total_q, slots, Hq,
+  // D) and (total_q, slots, Hq), or head-major (slots, Hq, B, D) and (slots, Hq, B) when packed.
+  const std::int64_t v_row = plan.packed ? dim : std::int64_t(slots) * hq * dim;
+  const std::int64_t v_slot = std::int64_t(hq) * (plan.packed ? B : 1) * dim;
+  const std::int64_t v_head = plan.packed ? std::int64_t(B) * dim : dim;
+  const std::int64_t s_row = plan.packed ? 1 : std::int64_t(slots) * hq;
+  const std::int64_t s_slot = std::int64_t(hq) * (plan.packed ? B : 1);
+  const std::int64_t s_head = plan.packed ? B : 1;
+  void* q_packed = plan.packed ? ws + plan.off_q_packed : nullptr;
 
   // ---- 1. prep ----------------------------------------------------------------------------
   CascadePrepParams prep;
@@ -289,6 +313,12 @@ void shared_prefix_attention_forward(check::ArgChecker& c, const SharedPrefixAtt
   prep.slots = slots;
   prep.heads_q = hq;
   prep.head_dim = dim;
+  if (plan.packed) {
+    prep.q = static_cast<const std::uint16_t*>(a.q.data);
+    prep.q_row_stride = a.q.stride(0);
+    prep.q_head_stride = a.q.stride(1);
+    prep.q_packed = static_cast<std::uint16_t*>(q_packed);
+  }
   run_cascade_prep(prep, stream);
 
   // ---- 2. prefix --------------------------------------------------------------------------
@@ -302,10 +332,10 @@ void shared_prefix_attention_forward(check::ArgChecker& c, const SharedPrefixAtt
     p.q = a.q.data;
     p.q_head_stride = a.q.stride(1);
     p.out = part_v;
-    p.out_head_stride = dim;
+    p.out_head_stride = v_head;
     p.out_split_stride = v_slot;
     p.lse = part_s;
-    p.lse_head_stride = 1;
+    p.lse_head_stride = s_head;
     p.lse_split_stride = s_slot;
     p.k = a.k_shared.data;
     p.v = a.v_shared.data;
@@ -326,6 +356,19 @@ void shared_prefix_attention_forward(check::ArgChecker& c, const SharedPrefixAtt
       s.out_row_stride = v_row;
       s.lse_row_stride = s_row;
       s.cu_seqlens_q = stacked_cu;  // {0, rows owned} (null for decode: all total_q rows)
+      if (plan.packed) {  // Hkv heads of G x B rows r = g x B + b (see the file comment)
+        const int G = plan.group;
+        s.heads_q = hkv;
+        s.q = q_packed;
+        s.q_row_stride = dim;
+        s.q_head_stride = std::int64_t(G) * B * dim;
+        s.total_q = std::int64_t(G) * B;
+        s.max_seqlen_q = G * B;
+        s.out_row_stride = v_row;
+        s.out_head_stride = G * v_head;
+        s.lse_row_stride = s_row;
+        s.lse_head_stride = G * s_head;
+      }
       cuda_prefill::run_prefill(s, stream);
     }
     if (plan.mode == PrefixMode::kPerRequest || plan.mode == PrefixMode::kGated) {
@@ -354,9 +397,9 @@ void shared_prefix_attention_forward(check::ArgChecker& c, const SharedPrefixAtt
   void* sfx_out = direct ? a.out.data : static_cast<char*>(part_v) + std::size_t(slots - 1) * v_slot * 2;
   float* sfx_lse = direct ? (a.lse ? static_cast<float*>(a.lse->data) : nullptr) : part_s + std::int64_t(slots - 1) * s_slot;
   // Per row, per head strides of that destination.
-  const std::int64_t o_row = direct ? a.out.stride(0) : v_row, o_head = direct ? a.out.stride(1) : dim;
+  const std::int64_t o_row = direct ? a.out.stride(0) : v_row, o_head = direct ? a.out.stride(1) : v_head;
   const std::int64_t l_row = direct ? (a.lse ? a.lse->stride(1) : 0) : s_row;
-  const std::int64_t l_head = direct ? (a.lse ? a.lse->stride(0) : 0) : 1;
+  const std::int64_t l_head = direct ? (a.lse ? a.lse->stride(0) : 0) : s_head;
   if (plan.decode) {
     cuda_decode::DecodeParams p;
     p.dtype = dtype;
@@ -438,8 +481,8 @@ void shared_prefix_attention_forward(check::ArgChecker& c, const SharedPrefixAtt
   if (plan.mode == PrefixMode::kNone) return;
 
   // ---- 4. merge the splits + 1 states of every (row, head) into out / lse --------------------
-  const TensorView v = make_strided_view(part_v, a.q.dtype, {total_q, slots, hq, dim}, {v_row, v_slot, dim, 1}, dev);
-  const TensorView s = make_strided_view(part_s, DType::kFloat32, {total_q, slots, hq}, {s_row, s_slot, 1}, dev);
+  const TensorView v = make_strided_view(part_v, a.q.dtype, {total_q, slots, hq, dim}, {v_row, v_slot, v_head, 1}, dev);
+  const TensorView s = make_strided_view(part_s, DType::kFloat32, {total_q, slots, hq}, {s_row, s_slot, s_head}, dev);
   TensorView s_out;
   if (a.lse) {
     s_out = make_strided_view(a.lse->data, DType::kFloat32, {total_q, hq}, {a.lse->stride(1), a.lse->stride(0)}, dev);

@@ -4,6 +4,7 @@
 // strides over the query rows no request owns (usually none) to empty their partial states.
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -17,6 +18,8 @@ constexpr int kPrepThreads = 256;
 // Blocks that clear unowned rows: a handful; rows past qo_indptr[B] are rare (padding), and the
 // per-request part runs in block 0 only.
 constexpr int kPrepBlocksVarlen = 16;
+// The most blocks that pack q (B x Hq x D values, 16 bytes a thread per step).
+constexpr int kPrepBlocksPackMax = 128;
 
 /// Request b's suffix keys, clamped like cuda_prefill::resolve_sequence clamps a paged sequence:
 /// page ids from the clamped CSR row, length in [0, pages * page_size].
@@ -53,6 +56,19 @@ __global__ void __launch_bounds__(kPrepThreads) cascade_prep_kernel(const Cascad
       for (int b = threadIdx.x; b <= p.batch; b += blockDim.x) p.req_cu[b] = stackable ? 0 : p.qo_indptr[b];
   }
 
+  // GQA packing: q_packed[h][b] = q[b][h], in 16-byte chunks (D is a multiple of 8, rows aligned).
+  if (p.q_packed) {
+    const int chunks = p.head_dim / 8;
+    const std::int64_t n = std::int64_t(p.batch) * p.heads_q * chunks;
+    const std::int64_t step = std::int64_t(gridDim.x) * blockDim.x;
+    for (std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
+      const std::int64_t c = i % chunks, bh = i / chunks;
+      const std::int64_t b = bh % p.batch, h = bh / p.batch;  // packed order: (h, b, c)
+      const uint4 v = *reinterpret_cast<const uint4*>(p.q + b * p.q_row_stride + h * p.q_head_stride + c * 8);
+      *reinterpret_cast<uint4*>(p.q_packed + i * 8) = v;
+    }
+  }
+
   // Unowned rows: empty states in every slot (output 0, LSE -inf after the merge).
   if (p.part_s && owned < p.total_q) {
     const std::int64_t per_row_s = std::int64_t(p.slots) * p.heads_q;
@@ -71,8 +87,13 @@ __global__ void __launch_bounds__(kPrepThreads) cascade_prep_kernel(const Cascad
 void run_cascade_prep(const CascadePrepParams& p, void* stream) {
   const bool per_request = p.suffix_len || p.stacked_cu || p.req_cu;
   const bool unowned_rows = p.part_s && p.qo_indptr;  // only varlen calls can have them
-  if (!per_request && !unowned_rows) return;
-  const int blocks = unowned_rows ? kPrepBlocksVarlen : 1;
+  if (!per_request && !unowned_rows && !p.q_packed) return;
+  int blocks = unowned_rows ? kPrepBlocksVarlen : 1;
+  if (p.q_packed) {
+    const std::int64_t chunks = std::int64_t(p.batch) * p.heads_q * (p.head_dim / 8);
+    blocks = static_cast<int>(std::max<std::int64_t>(
+        blocks, std::min<std::int64_t>(kPrepBlocksPackMax, (chunks + kPrepThreads - 1) / kPrepThreads)));
+  }
   cascade_prep_kernel<<<blocks, kPrepThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
   FASTATTN_CUDA_CHECK_LAUNCH();
 }
