@@ -196,6 +196,19 @@ def test_decode_gqa_packed_prefix_rows(seed, dtype, B, Hq, Hkv, opt, P):
     run_case(case)
 
 
+@pytest.mark.parametrize("Hq,Hkv", [(32, 32), (32, 8)], ids=["mha", "gqa8"])
+@pytest.mark.parametrize("hint", ["none", "zero", "exact"])
+def test_decode_suffix_pass_forms(seed, Hq, Hkv, hint):
+    """Batch 32 with ~1k suffixes, where the decode planner takes its multi-head forms and split
+    counts for the suffix pass (planned as varlen decode plans it, from max_suffix_len: read from
+    the index arrays, unknown, or given), writing into the natural (MHA) or head-major (GQA packed)
+    partial states."""
+    suffix = [seed.randrange(900, 1100) for _ in range(32)]
+    case = build_case(seed, torch.bfloat16, P=1000, suffix=suffix, page=16, Hq=Hq, Hkv=Hkv)
+    extra = {"none": {}, "zero": dict(max_suffix_len=0), "exact": dict(max_suffix_len=max(suffix))}[hint]
+    run_case(case, **extra)
+
+
 # ---- prefill (qo_indptr): causal and not ------------------------------------------------------------
 
 PREFILL_QO = [1, 17, 0, 64, 5, 130]

@@ -91,7 +91,7 @@ struct Plan {
   int splits = 1;       ///< prefix key splits
   int split_keys = 0;
   int slots = 0;        ///< splits + 1 (0 without a prefix)
-  int decode_splits = 1;
+  cuda_decode::DecodeParams suffix;  ///< decode: the suffix pass but its outputs (suffix_decode_params)
   bool packed = false;  ///< GQA packing of the stacked decode prefix pass (see the file comment)
   int group = 1;        ///< Hq / Hkv
   // Workspace offsets (bytes) and the total.
@@ -110,6 +110,51 @@ int prefill_ctas_per_sm(const cuda_detail::DeviceInfo& info, int head_dim) {
   if (sm90 && head_dim > 32 && head_dim <= 64) return 2;
   if (sm90 && ((head_dim > 96 && head_dim <= 128) || head_dim > 192)) return 1;
   return head_dim <= 128 ? 2 : 1;
+}
+
+/// Options of a pass: the call's own (suffix, per-request prefix) or every key visible with no
+/// ALiBi (stacked prefix: the stacking rule guarantees both).
+template <class Params>
+void set_pass_options(Params& p, const core::ResolvedOptions& o, bool all_visible) {
+  core::ResolvedOptions x = o;
+  if (all_visible) {
+    x.window_left = x.window_right = -1;
+    x.alibi = nullptr;
+    x.alibi_batch_stride = 0;
+  }
+  cuda_detail::set_options(p, x);
+}
+
+/// The decode suffix pass (one query per request against its own pages) but for its outputs, which
+/// the caller points into the workspace or out / lse: planned as varlen decode plans such a batch
+/// (the kernel form and split count of decode_plan.h, the caller's suffix_num_splits as the
+/// request, the suffix bound as the keys), the lengths read from last_page_len on the device.
+cuda_decode::DecodeParams suffix_decode_params(check::ArgChecker& c, const SharedPrefixAttentionArgs& a,
+                                               const core::SharedPrefixDims& d, const core::ResolvedOptions& o) {
+  using namespace cuda_decode;
+  DecodeParams p;
+  p.dtype = cuda_detail::kernel_dtype<cuda_prefill::Dtype>(c, a.q.dtype);
+  p.batch = static_cast<int>(d.a.batch);
+  p.heads_q = static_cast<int>(d.a.heads_q);
+  p.heads_kv = static_cast<int>(d.a.heads_kv);
+  p.group = p.heads_q / p.heads_kv;
+  p.head_dim = static_cast<int>(d.a.head_dim);
+  p.seqlen_q = 1;
+  p.q = a.q.data;
+  p.q_batch_stride = p.q_row_stride = a.q.stride(0);
+  p.q_head_stride = a.q.stride(1);
+  set_cache_strides(p, a.suffix.k_pages, a.suffix.v_pages);
+  const std::int64_t capacity = set_page_table(c, p, d.paged, std::nullopt, a.suffix.page_indptr,
+                                               a.suffix.page_indices, "suffix.k_pages");
+  p.last_page_len = static_cast<const std::int32_t*>(a.suffix.last_page_len->data);
+  set_pass_options(p, o, false);
+  const std::int64_t max_keys = a.max_suffix_len > 0 ? std::min(capacity, a.max_suffix_len) : capacity;
+  const int requested = a.suffix_num_splits;
+  p.head_group = decode_head_group_applies(c, p, requested, max_keys);
+  p.kv_heads_per_cta = decode_kv_heads_per_cta(c, p, requested, max_keys, /*may_split=*/true);
+  p.num_splits = decode_num_splits(c, p, requested, max_keys);
+  p.splits_fixed = requested > 0;  // a caller's count: the combine kernel, as for kvcache
+  return p;
 }
 
 Plan make_plan(check::ArgChecker& c, const SharedPrefixAttentionArgs& a, const core::SharedPrefixDims& d) {
@@ -176,21 +221,10 @@ Plan make_plan(check::ArgChecker& c, const SharedPrefixAttentionArgs& a, const c
     plan.slots = splits + 1;
   }
 
-  // The decode suffix pass's own split-KV: the caller's count, else its heuristic over the suffix
-  // bound.
-  if (plan.decode && a.suffix_num_splits > 0) {
-    plan.decode_splits = a.suffix_num_splits;
-  } else if (plan.decode) {
-    const std::int64_t max_keys = a.max_suffix_len > 0
-                                      ? a.max_suffix_len
-                                      : a.suffix.page_indices->size(0) * d.paged.page_size;
-    const std::int64_t items = d.a.batch * d.a.heads_kv * ((group + 15) / 16);
-    plan.decode_splits = core::choose_num_splits_one_wave(items, max_keys, 2 * std::int64_t(info.sm_count),
-                                                          2 * cuda_decode::kDecodeBlockN, 128);
-  }
+  if (plan.decode) plan.suffix = suffix_decode_params(c, a, d, plan.opts);
 
-  // What the prep kernel writes.
-  plan.need_suffix_len = plan.decode || plan.mode == PrefixMode::kPerRequest || plan.mode == PrefixMode::kGated;
+  // What the prep kernel writes (the decode suffix pass reads last_page_len itself).
+  plan.need_suffix_len = plan.mode == PrefixMode::kPerRequest || plan.mode == PrefixMode::kGated;
   plan.need_stacked_cu = !plan.decode && (plan.mode == PrefixMode::kStacked || plan.mode == PrefixMode::kGated);
   plan.need_req_cu = plan.mode == PrefixMode::kGated;
   plan.need_lse_scratch = plan.mode != PrefixMode::kNone && !a.lse;
@@ -212,26 +246,13 @@ Plan make_plan(check::ArgChecker& c, const SharedPrefixAttentionArgs& a, const c
   plan.off_part_v = region(states * dim * 2, plan.slots > 0);
   plan.off_part_s = region(states * 4, plan.slots > 0);
   plan.off_lse = region(rows * hq * 4, plan.need_lse_scratch);
-  if (plan.decode && plan.decode_splits > 1) {
-    const std::size_t dstates = static_cast<std::size_t>(plan.decode_splits) * plan.batch * hq;
-    plan.off_dec_lse = region(dstates * 4, true);
-    plan.off_dec_o = region(dstates * dim * 4, true);
+  if (plan.decode) {
+    const cuda_decode::SplitStateBytes st = cuda_decode::split_state_bytes(plan.suffix);
+    plan.off_dec_lse = region(st.lse, st.lse > 0);
+    plan.off_dec_o = region(st.o, st.o > 0);
   }
   plan.total = at;
   return plan;
-}
-
-/// Options of a pass: the call's own (suffix, per-request prefix) or every key visible with no
-/// ALiBi (stacked prefix: the stacking rule guarantees both).
-template <class Params>
-void set_pass_options(Params& p, const core::ResolvedOptions& o, bool all_visible) {
-  core::ResolvedOptions x = o;
-  if (all_visible) {
-    x.window_left = x.window_right = -1;
-    x.alibi = nullptr;
-    x.alibi_batch_stride = 0;
-  }
-  cuda_detail::set_options(p, x);
 }
 
 }  // namespace
@@ -401,18 +422,7 @@ void shared_prefix_attention_forward(check::ArgChecker& c, const SharedPrefixAtt
   const std::int64_t l_row = direct ? (a.lse ? a.lse->stride(1) : 0) : s_row;
   const std::int64_t l_head = direct ? (a.lse ? a.lse->stride(0) : 0) : s_head;
   if (plan.decode) {
-    cuda_decode::DecodeParams p;
-    p.dtype = dtype;
-    p.batch = B;
-    p.heads_q = hq;
-    p.heads_kv = hkv;
-    p.group = hq / hkv;
-    p.head_dim = dim;
-    p.seqlen_q = 1;
-    p.q = a.q.data;
-    p.q_batch_stride = a.q.stride(0);
-    p.q_row_stride = a.q.stride(0);
-    p.q_head_stride = a.q.stride(1);
+    cuda_decode::DecodeParams p = plan.suffix;
     p.out = sfx_out;
     p.out_batch_stride = o_row;
     p.out_row_stride = o_row;
@@ -421,19 +431,8 @@ void shared_prefix_attention_forward(check::ArgChecker& c, const SharedPrefixAtt
     p.lse_batch_stride = l_row;
     p.lse_head_stride = l_head;
     p.lse_row_stride = 0;
-    cuda_decode::set_cache_strides(p, sfx.k_pages, sfx.v_pages);
-    p.cache_rows = B;
-    p.page_size = page_size;
-    p.page_shift = page_shift;
-    p.num_pages = static_cast<int>(d.paged.num_pages);
-    p.page_indptr = page_indptr;
-    p.page_indices = page_indices;
-    p.num_page_indices = sfx.page_indices->size(0);
-    p.cache_seqlens = suffix_len;
-    set_pass_options(p, plan.opts, false);
-    p.num_splits = plan.decode_splits;
-    p.splits_fixed = a.suffix_num_splits > 0;  // a caller's count: the combine kernel, as for kvcache
-    if (plan.decode_splits > 1) {
+    const cuda_decode::SplitStateBytes st = cuda_decode::split_state_bytes(p);
+    if (st.lse > 0) {
       p.partial_lse = reinterpret_cast<float*>(ws + plan.off_dec_lse);
       p.partial_o = reinterpret_cast<float*>(ws + plan.off_dec_o);
     }
