@@ -50,6 +50,24 @@ MergeLayout layout_for(const check::ArgChecker& c, DType dtype, std::int64_t row
   return l;
 }
 
+/// merge_states of more than two states on a grid under one wave (4 CTAs of kMergeThreads per
+/// SM): each lane's states are a chain of round trips, kStatesAhead at a time, and too few lanes
+/// run to hide them (17 states of 32 rows x 32 heads took 8.7 us against 4.0 for 5 states;
+/// bench/NOTES.md, session 69). There the lanes of a (row, head) widen to one chunk each and load
+/// kDeepStatesAhead states at a time (MergeLayout::deep). The result is the same: every element
+/// is merged over the same states in the same order.
+void deepen_small_merge(MergeLayout& l, int num_states, int device) {
+  if (!l.vec || num_states <= 2 || l.chunks > 32) return;
+  const std::int64_t wave = std::int64_t(cuda_detail::device_info(device).sm_count) * 4 * kMergeThreads;
+  if (l.rows * l.heads * l.group >= wave) return;
+  while (l.group < l.chunks) {
+    l.group *= 2;
+    ++l.group_shift;
+  }
+  l.iters = (l.chunks + l.group - 1) / l.group;
+  l.deep = true;
+}
+
 /// 16-byte vector access to `t` (its last dim contiguous): the data pointer 16-byte aligned and
 /// the strides of every other dim (of size > 1) multiples of a chunk.
 bool vector_aligned(const TensorView& t, int chunk_elems) {
@@ -148,6 +166,7 @@ void merge_states(check::ArgChecker& c, const TensorView& v, const TensorView& s
   p.s_out_row = s_out.stride(0);
   p.s_out_head = s_out.stride(1);
   if (l.rows == 0 || l.heads == 0) return;
+  deepen_small_merge(l, p.num_states, device);
   cuda_detail::DeviceGuard guard(device);
   if (p.num_states == 2) {
     // Two states are a two-way merge: the merge_state kernel, which holds twice the bytes in

@@ -302,12 +302,15 @@ __device__ __forceinline__ void merge_state_rows(const MergeStateParams& p) {
 /// States loaded per batch in merge_states (vector path): the loads of kStatesAhead states x
 /// kLaneChunks chunks are issued together before the first of them is merged.
 constexpr int kStatesAhead = 2;
+/// The deep layout (MergeLayout::deep: a grid under one wave, one chunk per lane): 8 states a
+/// batch, so a (row, head) of N states waits ceil(N / 8) round trips instead of ceil(N / 2).
+constexpr int kDeepStatesAhead = 8;
 
 /// merge_states over every (row, head): the CPU backend's running form
 ///   acc.add(lse_k) -> (rescale, weight);  out = out * rescale + weight * v_k  (weight != 0)
 /// then out * acc.inv_sum(). States are loaded kStatesAhead at a time (predicated loads, so
 /// they go out together; the ones past N load nothing and are not merged).
-template <class T, bool kVec>
+template <class T, bool kVec, int kAhead, int kChunks>
 __device__ __forceinline__ void merge_states_rows(const MergeStatesParams& p) {
   constexpr int kN = Chunk<T>::kN;
   const MergeLayout& L = p.layout;
@@ -327,35 +330,35 @@ __device__ __forceinline__ void merge_states_rows(const MergeStatesParams& p) {
       if (L.iters == 0)  // head_dim 0: only the LSE
         for (int k = 0; k < n; ++k) acc.add(s[k * p.s_state], &rescale, &weight);
       if constexpr (kVec) {
-        // Up to kLaneChunks chunks per lane merged together, kStatesAhead states at a time: the
-        // loads of a batch (kStatesAhead x kLaneChunks x 16 bytes) go out together.
-        for (int j0 = 0; j0 < L.iters; j0 += kLaneChunks) {
+        // Up to kChunks chunks per lane merged together, kAhead states at a time: the
+        // loads of a batch (kAhead x kChunks x 16 bytes) go out together.
+        for (int j0 = 0; j0 < L.iters; j0 += kChunks) {
           acc.init();
-          float out[kLaneChunks][kN];
+          float out[kChunks][kN];
 #pragma unroll
-          for (int u = 0; u < kLaneChunks; ++u)
+          for (int u = 0; u < kChunks; ++u)
 #pragma unroll
             for (int i = 0; i < kN; ++i) out[u][i] = 0.0f;
-          for (int k0 = 0; k0 < n; k0 += kStatesAhead) {
-            uint4 raw[kStatesAhead][kLaneChunks];
-            float lse[kStatesAhead];
+          for (int k0 = 0; k0 < n; k0 += kAhead) {
+            uint4 raw[kAhead][kChunks];
+            float lse[kAhead];
 #pragma unroll
-            for (int st = 0; st < kStatesAhead; ++st) {
+            for (int st = 0; st < kAhead; ++st) {
               const int k = k0 + st;
               lse[st] = k < n ? s[k * p.s_state] : -INFINITY;
 #pragma unroll
-              for (int u = 0; u < kLaneChunks; ++u) {
+              for (int u = 0; u < kChunks; ++u) {
                 const int c = sl.lane + (j0 + u) * L.group;
                 const bool has = k < n && j0 + u < L.iters && c < L.chunks;
                 raw[st][u] = load_vec(v + std::int64_t(k) * p.v_state, has ? c * kN : 0, has);
               }
             }
 #pragma unroll
-            for (int st = 0; st < kStatesAhead; ++st) {
+            for (int st = 0; st < kAhead; ++st) {
               if (k0 + st >= n) break;
               acc.add(lse[st], &rescale, &weight);
 #pragma unroll
-              for (int u = 0; u < kLaneChunks; ++u) {
+              for (int u = 0; u < kChunks; ++u) {
                 float x[kN];
                 Chunk<T>::unpack(raw[st][u], x);
 #pragma unroll
@@ -366,7 +369,7 @@ __device__ __forceinline__ void merge_states_rows(const MergeStatesParams& p) {
           }
           const float inv = acc.inv_sum();
 #pragma unroll
-          for (int u = 0; u < kLaneChunks; ++u) {
+          for (int u = 0; u < kChunks; ++u) {
             const int c = sl.lane + (j0 + u) * L.group;
 #pragma unroll
             for (int i = 0; i < kN; ++i) out[u][i] *= inv;
@@ -401,8 +404,8 @@ __device__ __forceinline__ void merge_states_rows(const MergeStatesParams& p) {
   }
 }
 
-// Occupancy: a thread keeps up to 2 x kLaneChunks x 16 bytes in flight (merge_state) or
-// kStatesAhead x kLaneChunks x 16 (merge_states). merge_state: 8 CTAs of 128 threads per SM
+// Occupancy: a thread keeps up to 2 x kChunks x 16 bytes in flight (merge_state) or
+// kAhead x kChunks x 16 (merge_states). merge_state: 8 CTAs of 128 threads per SM
 // (128 KB in flight, 64 registers; -Xptxas -v: 16 bytes spilled at fp32). Each thread makes one
 // pass at ~100 MB (S4096), so the grid's last, partly filled wave is a tail: CTAs of 128 threads
 // make it half as coarse as 256 (28.0 -> 27.4 us kernel; 512 and 1024 were slower).
@@ -416,8 +419,9 @@ __global__ void __launch_bounds__(kMergeThreads, 8) merge_state_kernel(const Mer
 
 template <class T>
 __global__ void __launch_bounds__(kMergeThreads, 4) merge_states_kernel(const MergeStatesParams p) {
-  if (p.layout.vec) merge_states_rows<T, true>(p);
-  else merge_states_rows<T, false>(p);
+  if (p.layout.vec && p.layout.deep) merge_states_rows<T, true, kDeepStatesAhead, 1>(p);
+  else if (p.layout.vec) merge_states_rows<T, true, kStatesAhead, kLaneChunks>(p);
+  else merge_states_rows<T, false, kStatesAhead, kLaneChunks>(p);
 }
 
 /// Blocks for `threads` threads, capped (the kernels loop past the grid).

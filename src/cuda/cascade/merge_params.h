@@ -26,6 +26,10 @@ struct MergeLayout {
   /// aligned, row / head / state strides multiples of chunk_elems): one 16-byte load or store
   /// per chunk. Otherwise each chunk is moved one element at a time (same thread layout).
   bool vec = false;
+  /// merge_states only, with vec: one chunk per lane (group >= chunks) and kDeepStatesAhead states
+  /// loaded at a time, for grids under one wave, where each lane's chain of round trips over the
+  /// states is the time (merge_host.cpp).
+  bool deep = false;
 };
 
 /// merge_state / merge_state_in_place: (v_out, s_out) = merge((v_a, s_a), (v_b, s_b)) for the
