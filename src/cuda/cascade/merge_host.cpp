@@ -50,16 +50,17 @@ MergeLayout layout_for(const check::ArgChecker& c, DType dtype, std::int64_t row
   return l;
 }
 
-/// merge_states of more than two states on a grid under one wave (4 CTAs of kMergeThreads per
-/// SM): each lane's states are a chain of round trips, kStatesAhead at a time, and too few lanes
-/// run to hide them (17 states of 32 rows x 32 heads took 8.7 us against 4.0 for 5 states;
-/// bench/NOTES.md, session 69). There the lanes of a (row, head) widen to one chunk each and load
-/// kDeepStatesAhead states at a time (MergeLayout::deep). The result is the same: every element
-/// is merged over the same states in the same order.
+/// merge_states of more than two states on a grid of under an eighth of a wave (4 CTAs of
+/// kMergeThreads per SM): each lane's states are a chain of round trips, kStatesAhead at a time,
+/// and too few lanes run to hide them (17 states of 32 rows x 32 heads took 8.7 us against 4.0 for
+/// 5 states; bench/NOTES.md, session 69). There the lanes of a (row, head) widen to one chunk each
+/// and load kDeepStatesAhead states at a time (MergeLayout::deep): 8.7 -> 6.4 us there, and 3.9 ->
+/// 3.6 for 5 states; at 128 rows x 32 heads (a quarter wave) 5 states were 8% slower deep, hence
+/// the eighth. The result is the same: every element is merged over the same states in order.
 void deepen_small_merge(MergeLayout& l, int num_states, int device) {
   if (!l.vec || num_states <= 2 || l.chunks > 32) return;
   const std::int64_t wave = std::int64_t(cuda_detail::device_info(device).sm_count) * 4 * kMergeThreads;
-  if (l.rows * l.heads * l.group >= wave) return;
+  if (8 * l.rows * l.heads * l.group >= wave) return;
   while (l.group < l.chunks) {
     l.group *= 2;
     ++l.group_shift;
