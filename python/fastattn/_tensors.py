@@ -302,19 +302,18 @@ _SM_COUNTS: dict = {}  # (framework, device index) -> SMs: asked once (a few us 
 def device_sm_count(like: Any) -> int:
     """SMs of the CUDA device `like` lives on (torch or cupy)."""
     fw = framework(like)
-    if fw == "torch":
-        key = ("torch", like.device.index)
+    if fw in ("torch", "cupy"):
+        key = (fw, like.device.index if fw == "torch" else like.device.id)
         if key not in _SM_COUNTS:
-            import torch
+            if fw == "torch":
+                import torch
 
-            _SM_COUNTS[key] = int(torch.cuda.get_device_properties(like.device).multi_processor_count)
-        return _SM_COUNTS[key]
-    if fw == "cupy":
-        key = ("cupy", like.device.id)
-        if key not in _SM_COUNTS:
-            import cupy
+                count = torch.cuda.get_device_properties(like.device).multi_processor_count
+            else:
+                import cupy
 
-            _SM_COUNTS[key] = int(cupy.cuda.Device(like.device.id).attributes["MultiProcessorCount"])
+                count = cupy.cuda.Device(like.device.id).attributes["MultiProcessorCount"]
+            _SM_COUNTS[key] = int(count)
         return _SM_COUNTS[key]
     raise TypeError(f"no CUDA device for a {type(like).__name__}")
 

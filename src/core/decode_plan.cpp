@@ -150,6 +150,7 @@ bool decode_split_counts_for_lengths(const std::int64_t* lengths, std::int64_t b
                                      int sm_count, std::int32_t* counts, const DecodeSplitRule& rule) {
   const char* op = "decode_split_counts_for_lengths";
   const Lengths l = read_lengths(op, lengths, batch, num_kv_heads, sm_count);
+  if (batch > 0 && counts == nullptr) fail(op, "counts must not be null for batch " + std::to_string(batch));
   if (batch > kMaxPlanItems)
     fail(op, "a split plan takes at most " + std::to_string(kMaxPlanItems) + " sequences, got " +
                  std::to_string(batch));
@@ -183,6 +184,7 @@ void decode_graph_split_counts(const std::int64_t* lengths, std::int64_t batch, 
                                const DecodeSplitRule& rule) {
   const char* op = "decode_graph_split_counts";
   const Lengths l = read_lengths(op, lengths, batch, num_kv_heads, sm_count);
+  if (batch > 0 && counts == nullptr) fail(op, "counts must not be null for batch " + std::to_string(batch));
   if (max_parts < batch)
     fail(op, "max_parts must be at least the batch (" + std::to_string(batch) + "), got " +
                  std::to_string(max_parts));
@@ -200,6 +202,7 @@ void decode_split_plan(const std::int32_t* counts, std::int64_t batch, const std
                        std::optional<std::int64_t> items, std::int32_t* plan, std::int64_t plan_size) {
   const char* op = "decode_split_plan";
   if (batch < 0) fail(op, "batch must be >= 0, got " + std::to_string(batch));
+  if (plan == nullptr || (batch > 0 && counts == nullptr)) fail(op, "counts and plan must not be null");
   std::int64_t parts = 0;
   for (std::int64_t b = 0; b < batch; ++b) {
     if (counts[b] < 1 || counts[b] > kMaxPlanSplits)

@@ -201,7 +201,7 @@ Plan make_plan(check::ArgChecker& c, const SharedPrefixAttentionArgs& a, const c
   // Prefix key splits: fill one wave of the GPU with the prefix pass's CTAs (the per-request grid
   // when that pass may run), each split at least kMinKeysPerSplit keys.
   plan.group = static_cast<int>(group);
-  plan.packed = plan.decode && plan.mode == PrefixMode::kStacked && group > 1;
+  plan.packed = plan.decode && plan.mode == PrefixMode::kStacked && group > 1 && plan.total_q * group <= INT32_MAX;
   if (plan.mode != PrefixMode::kNone) {
     const bool stacked_grid = plan.mode == PrefixMode::kStacked;
     // Packed: G x B rows per KV head; else total_q (stacked) or max_q rows per query head.
