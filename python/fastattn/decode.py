@@ -14,7 +14,8 @@ of fixed size, padded: :func:`decode_graph_plan_items`, :func:`decode_graph_spli
 
 All math is done by the C++ library (``flash_attn_with_kvcache``'s kernels over a block table
 built on the device from the page lists, or over the CSR lists themselves with
-``use_cuda_graph=True``); this module only plans and maps arguments.
+``use_cuda_graph=True``), and so are the split rules (``include/fastattn/decode_plan.h``); this
+module reads the page lists and maps arguments.
 """
 
 from __future__ import annotations
@@ -63,15 +64,11 @@ SPLIT_TOLERANCE = _K["split_tolerance"]  # estimates this close to the best coun
 MAX_SPLITS = _K["max_splits"]            # the most splits the rules give a sequence
 PLAN_MIN_GAIN = _K["min_gain"]           # a count per sequence only for at least this gain
 # A split plan (KVCacheArgs::split_plan in include/fastattn/ops.h): at most MAX_PLAN_ITEMS
-# sequences and work items, MAX_PLAN_SPLITS splits a sequence, an item b + SPLIT_UNIT * split, a
-# padding item (no work) PLAN_PADDING; a CUDA-graph plan has GRAPH_EXTRA_WAVES waves of items per
-# KV head beyond one a sequence; a part's keys are whole tiles of TILE_KEYS.
+# sequences and work items, MAX_PLAN_SPLITS splits a sequence; a CUDA-graph plan has
+# GRAPH_EXTRA_WAVES waves of items per KV head beyond one a sequence.
 MAX_PLAN_ITEMS = _K["max_plan_items"]
 MAX_PLAN_SPLITS = _K["max_plan_splits"]
-SPLIT_UNIT = _K["split_unit"]
-PLAN_PADDING = _K["plan_padding"]
 GRAPH_EXTRA_WAVES = _K["graph_extra_waves"]
-TILE_KEYS = _K["tile_keys"]
 
 
 def _lengths(lengths) -> np.ndarray:
