@@ -115,6 +115,16 @@ def finalize(like: Any, x: Any) -> Any:
     return jax.device_put(x, device)
 
 
+def _torch_current_stream(torch, device) -> int:
+    """The cudaStream_t of torch's current stream on `device`: through torch's raw accessor (the one
+    Triton's launcher uses, ~1 us) where torch has it, else torch.cuda.current_stream (~8 us a call
+    on an H200's host, which every op call paid; bench/NOTES.md, session 69)."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return int(raw(device.index))
+    return int(torch.cuda.current_stream(device).cuda_stream)
+
+
 def exec_kwargs(like: Any) -> dict:
     """cuda_stream for the binding: the caller's current stream for CUDA tensors (torch, cupy),
     0 (the default stream; unused on the CPU) otherwise."""
@@ -122,7 +132,7 @@ def exec_kwargs(like: Any) -> dict:
     if fw == "torch" and like.is_cuda:
         import torch
 
-        return {"cuda_stream": int(torch.cuda.current_stream(like.device).cuda_stream)}
+        return {"cuda_stream": _torch_current_stream(torch, like.device)}
     if fw == "cupy":
         import cupy
 

@@ -194,6 +194,18 @@ def test_plan_reads_lists_written_by_queued_work(seed):
     b.check(w)
 
 
+def test_calls_go_on_the_current_stream():
+    """exec_kwargs (every op's cuda_stream) is torch's current stream, the default one and a side
+    stream alike."""
+    from fastattn._tensors import exec_kwargs
+    x = torch.empty(4, device=DEV)
+    assert exec_kwargs(x)["cuda_stream"] == torch.cuda.current_stream().cuda_stream
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        assert exec_kwargs(x)["cuda_stream"] == side.cuda_stream
+    assert exec_kwargs(x)["cuda_stream"] == torch.cuda.current_stream().cuda_stream
+
+
 def test_cpu_workspace_with_gpu_q(seed):
     """plan() places its arrays on the workspace's device; q on another is a clear error."""
     b = Batch(seed, torch.bfloat16, [5, 9], 16, 4, 2, 64)
