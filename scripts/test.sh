@@ -38,6 +38,15 @@ finish() {
   exit "$rc"
 }
 trap finish EXIT
+# Stopped by a signal (a CI timeout, Ctrl-C): a failure, whatever the last step's status was (the
+# summary said ALL TESTS PASSED after an interrupted build before this).
+interrupted() {
+  step_done "interrupted by SIG$1" FAIL 0
+  exit "$2"
+}
+trap 'interrupted INT 130' INT
+trap 'interrupted TERM 143' TERM
+trap 'interrupted HUP 129' HUP
 
 # ---- 1. Python packages (a failure here stops everything) -----------------------------------------
 t=$(now)
