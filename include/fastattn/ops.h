@@ -212,6 +212,17 @@ void merge_states(const TensorView& v, const TensorView& s, const TensorView& v_
 void csr_to_block_table(const TensorView& page_indptr, const TensorView& page_indices,
                         const TensorView& block_table, const ExecConfig& exec = {});
 
+/// dst = src from host memory, ordered on exec.cuda_stream without waiting for the work queued
+/// on it. For a dst on a CUDA device, src's bytes go into a pinned staging block the library owns,
+/// one cudaMemcpyAsync copies them, and an event hands the block back once the device has read
+/// it: src may be changed or freed as soon as the call returns (a decode plan uploaded while the
+/// GPU still runs the previous step; bench/NOTES.md, session 70). For a dst on the host, a plain
+/// copy.
+///   src: on the host, contiguous; dst: contiguous, with src's dtype and shape.
+/// Refused on a stream that is being captured into a CUDA graph: the captured copy would read the
+/// staging block, by then reused, at every replay.
+void copy_host_to_device(const TensorView& src, const TensorView& dst, const ExecConfig& exec = {});
+
 /// Library version string, "MAJOR.MINOR.PATCH".
 const char* version();
 /// True when attention runs on `device` in this build: the CPU always; a CUDA GPU the build was

@@ -216,19 +216,25 @@ def host_ints(x) -> np.ndarray:
     return np.asarray(x).astype(np.int64)
 
 
+def _upload(host: np.ndarray, dst: Any) -> None:
+    """dst (a torch or cupy GPU array of host's shape, int32) = host, ordered on the caller's
+    current stream without waiting for it (fastattn::copy_host_to_device: staged in the library's
+    pinned memory, so `host` may change as soon as this returns). torch's and cupy's own copies
+    from pageable memory wait for the stream: plan() would wait for the GPU's queued work."""
+    from . import _C
+
+    _C.copy_host_to_device(np.ascontiguousarray(host, dtype=np.int32), dst, **exec_kwargs(dst))
+
+
 def write_ints(dst: Any, host: np.ndarray) -> None:
     """Copy the int32 numpy array `host` into dst[:host.size] in place: for torch and cupy on a
-    GPU, a host-to-device copy ordered on the caller's current stream."""
+    GPU, a host-to-device copy ordered on the caller's current stream that does not wait for it."""
     fw = framework(dst)
     n = int(host.size)
-    if fw == "torch":
-        import torch
-
-        dst[:n].copy_(torch.from_numpy(np.ascontiguousarray(host, dtype=np.int32)))
-    elif fw == "cupy":
-        dst[:n].set(np.ascontiguousarray(host, dtype=np.int32))
-    elif fw == "numpy":
-        dst[:n] = host
+    if fw in ("torch", "cupy") and is_cuda(dst):
+        _upload(host, dst[:n])
+    elif fw in ("torch", "numpy"):
+        dst[:n] = host if fw == "numpy" else _torch_from_host(host)
     else:
         raise TypeError(f"cannot write into a {type(dst).__name__} in place (torch, cupy or numpy)")
 
@@ -328,18 +334,22 @@ def device_sm_count(like: Any) -> int:
     raise TypeError(f"no CUDA device for a {type(like).__name__}")
 
 
+def _torch_from_host(host: np.ndarray) -> Any:
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(host, dtype=np.int32))
+
+
 def on_device_of(like: Any, host: np.ndarray) -> Any:
-    """The int32 numpy array `host` copied into the framework and onto the device of `like`."""
+    """The int32 numpy array `host` copied into the framework and onto the device of `like`; to a
+    GPU without waiting for the caller's stream (see _upload)."""
     fw = framework(like)
+    if fw in ("torch", "cupy") and is_cuda(like):
+        out = empty(like, host.shape, "int32")
+        _upload(host, out)
+        return out
     if fw == "torch":
-        import torch
-
-        return torch.from_numpy(host).to(like.device)
-    if fw == "cupy":
-        import cupy
-
-        with like.device:
-            return cupy.asarray(host)
+        return _torch_from_host(host)
     return host
 
 

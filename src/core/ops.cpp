@@ -1,6 +1,8 @@
 // The public ops: validate every argument (src/core/validate.cpp), then dispatch by device.
 #include "fastattn/ops.h"
 
+#include <algorithm>
+#include <cstring>
 #include <string>
 #include <tuple>
 
@@ -226,6 +228,28 @@ void csr_to_block_table(const TensorView& page_indptr, const TensorView& page_in
 #endif
   require_cpu(c);
   cpu::csr_to_block_table(c, page_indptr, page_indices, block_table);
+}
+
+void copy_host_to_device(const TensorView& src, const TensorView& dst, const ExecConfig& exec) {
+  check::ArgChecker c("copy_host_to_device");
+  c.present(src, "src");
+  c.present(dst, "dst");
+  if (src.device.type != DeviceType::kCPU)
+    throw DeviceError(std::string(c.op()) + ": src must be on the host, got " + device_name(src.device));
+  c.contiguous(src, "src");
+  c.contiguous(dst, "dst");
+  c.same_dtype(dst, "dst", src, "src");
+  if (src.ndim != dst.ndim || !std::equal(src.shape.begin(), src.shape.begin() + src.ndim, dst.shape.begin()))
+    c.fail_value("dst", "must have the shape of src (" + src.shape_string() + "), got " + dst.shape_string());
+  core::validate_exec(c, exec);
+  c.on_device(dst, "dst");
+  const std::size_t bytes = static_cast<std::size_t>(src.numel()) * dtype_size(src.dtype);
+  if (bytes == 0) return;
+#if defined(FASTATTN_WITH_CUDA)
+  if (dst.device.type == DeviceType::kCUDA) return cuda_memory::copy_host_to_device(c, src, dst, exec);
+#endif
+  require_cpu(c);
+  std::memcpy(dst.data, src.data, bytes);
 }
 
 const char* version() { return FASTATTN_VERSION; }

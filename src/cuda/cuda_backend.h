@@ -51,6 +51,13 @@ void csr_to_block_table(check::ArgChecker& c, const TensorView& page_indptr, con
                         const TensorView& block_table, const ExecConfig& exec);
 }  // namespace cuda_decode
 
+namespace cuda_memory {
+/// copy_host_to_device to a CUDA device (host_staging.cpp): src's bytes staged in pinned memory,
+/// one cudaMemcpyAsync on exec.cuda_stream, no wait for the stream. Arguments already validated.
+void copy_host_to_device(check::ArgChecker& c, const TensorView& src, const TensorView& dst,
+                         const ExecConfig& exec);
+}  // namespace cuda_memory
+
 namespace cuda_cascade {
 /// merge_state / merge_state_in_place on the GPU (float32 / float16 / bfloat16 values): v_* (S, H, D)
 /// with any strides but a contiguous last dim, s_* (S, H) float32 with any strides; outputs may

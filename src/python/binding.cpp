@@ -490,6 +490,15 @@ void csr_to_block_table(nb::handle page_indptr, nb::handle page_indices, nb::han
   fastattn::csr_to_block_table(ip, ids, table, exec);
 }
 
+void copy_host_to_device(nb::handle src, nb::handle dst, std::uintptr_t cuda_stream, int num_threads) {
+  Keep keep;
+  TensorView s = in_view(src, "src", keep);
+  TensorView d = out_view(dst, "dst", keep);
+  const fastattn::ExecConfig exec = make_exec(cuda_stream, num_threads);
+  nb::gil_scoped_release release;
+  fastattn::copy_host_to_device(s, d, exec);
+}
+
 // ---- decode split plans (host arrays only; include/fastattn/decode_plan.h) --------------------
 
 using HostInt64s = nb::ndarray<const std::int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
@@ -653,6 +662,10 @@ NB_MODULE(_C, m) {
   m.def("csr_to_block_table", &csr_to_block_table, nb::arg("page_indptr"), nb::arg("page_indices"),
         nb::arg("block_table"), nb::arg("cuda_stream") = 0, nb::arg("num_threads") = 0,
         "fastattn::csr_to_block_table (block_table written in place).");
+
+  m.def("copy_host_to_device", &copy_host_to_device, nb::arg("src"), nb::arg("dst"),
+        nb::arg("cuda_stream") = 0, nb::arg("num_threads") = 0,
+        "fastattn::copy_host_to_device (dst written in place; no wait for the stream).");
 
   {  // The split rules' defaults and a plan's bounds, so that Python holds no copy of them.
     const fastattn::DecodeSplitRule rule;

@@ -597,6 +597,40 @@ TEST(Errors, CsrToBlockTable) {
 #undef PT_CASE
 }
 
+// ---- copy_host_to_device --------------------------------------------------------------------
+
+/// Six int32 values into a (2, 3) array (watched: a rejected call writes nothing).
+struct CopyFix : Owner {
+  fastattn::TensorView src, dst;
+  CopyFix() {
+    src = add(fa_ref::int_tensor_shaped({1, 2, 3, 4, 5, 6}, {2, 3})).view();
+    HostTensor t(DType::kInt32, {2, 3});
+    t.poison();
+    dst = add(std::move(t), true).view();
+  }
+};
+
+TEST(Errors, CopyHostToDevice) {
+  auto call = [](CopyFix& f) { fastattn::copy_host_to_device(f.src, f.dst); };
+  {
+    CopyFix f;
+    ASSERT_NO_THROW(call(f));
+  }
+#define CP_CASE(E, names, label, mutate)            \
+  do {                                             \
+    CopyFix f;                                     \
+    mutate;                                        \
+    expect_bad<E>(f, [&] { call(f); }, names, label); \
+  } while (0)
+  CP_CASE(DeviceError, (N{"src"}), "src on cuda:0", f.src.device = (fastattn::Device{fastattn::DeviceType::kCUDA, 0}));
+  CP_CASE(TypeError, (N{"dst"}), "dst int64", f.dst = f.add(HostTensor(DType::kInt64, {2, 3}), true).view());
+  CP_CASE(ValueError, (N{"dst"}), "dst of another shape", f.dst = f.add(HostTensor(DType::kInt32, {3, 2}), true).view());
+  CP_CASE(ValueError, (N{"dst"}), "dst with padded rows",
+          (f.dst = f.add(HostTensor(DType::kInt32, {2, 4}), true).view(), f.dst.shape[1] = 3));
+  CP_CASE(ValueError, (N{"src"}), "src column-major", (f.src.strides[0] = 1, f.src.strides[1] = 2));
+#undef CP_CASE
+}
+
 TEST(Errors, ZZCountOfDistinctBadInputs) {
   // Runs last in this file (alphabetical within the suite when run together); informational.
   if (g_cases > 0) {

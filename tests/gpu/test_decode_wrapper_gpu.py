@@ -194,6 +194,78 @@ def test_plan_reads_lists_written_by_queued_work(seed):
     b.check(w)
 
 
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_plan_with_host_lists_does_not_wait_for_the_gpu(seed, graph):
+    """With the page lists on the host (numpy, as engines keep them), plan() queues its uploads and
+    returns while the GPU still runs the work queued before it: here a GPU sleep of ~0.1 s is still
+    running when plan() returns. The host arrays are overwritten at once, before the uploads have
+    run (they read the library's pinned copies), and run() still gives the reference's answer."""
+    lens = long_among_short(seed, 10, 12000, 1, 300)
+    b = Batch(seed, torch.bfloat16, lens, 16, 8, 2, 128)
+    host = [x.cpu().numpy().copy() for x in (b.indptr, b.indices, b.last)]
+    if graph:
+        w = fastattn.BatchDecodeWithPagedKVCacheWrapper(
+            workspace(), use_cuda_graph=True, paged_kv_indptr_buffer=torch.empty_like(b.indptr),
+            paged_kv_indices_buffer=torch.empty_like(b.indices),
+            paged_kv_last_page_len_buffer=torch.empty_like(b.last))
+    else:
+        w = fastattn.BatchDecodeWithPagedKVCacheWrapper(workspace())
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)
+    w.plan(*host, b.hq, b.hkv, b.d, b.ps, q_data_type=b.dtype)
+    still_running = not torch.cuda.current_stream().query()
+    for x in host:
+        x.fill(-7)
+    assert still_running, "plan() waited for the work queued on the stream"
+    assert w.split_counts is not None and w.split_counts.max() > 1, w.split_counts
+    b.check(w)
+
+
+def test_host_copies_past_the_staging_pool(seed):
+    """fastattn::copy_host_to_device behind a GPU sleep: more copies than the pinned pool keeps
+    (64) before any has run, of 0 to 3 MB, each from a host array overwritten right
+    after the call. Every destination gets its own bytes; the pool waits for a block past its
+    size instead of reusing one a copy still reads."""
+    from fastattn import _C
+    from fastattn._tensors import exec_kwargs
+    sizes = [seed.choice([0, 1, 7, 1000, 5000, 70000]) for _ in range(80)] + [(3 << 20) // 4]
+    want = [torch.randint(-(2 ** 31), 2 ** 31 - 1, (n,), dtype=torch.int32) for n in sizes]
+    dsts = [torch.full((n,), 99, dtype=torch.int32, device=DEV) for n in sizes]
+    torch.cuda.synchronize()
+    torch.cuda._sleep(20_000_000)
+    for x, dst in zip(want, dsts):
+        host = x.numpy().copy()
+        _C.copy_host_to_device(host, dst, **exec_kwargs(dst))
+        host.fill(-7)
+    torch.cuda.synchronize()
+    for i, (x, dst) in enumerate(zip(want, dsts)):
+        assert torch.equal(dst.cpu(), x), f"copy {i} of {sizes[i]} values"
+
+
+def test_host_copy_refused_in_a_capture():
+    """A copy of host bytes cannot be captured (each replay would read a staging block reused
+    since): inside a capture it is an error naming the stream, and the capture goes on."""
+    from fastattn import _C
+    from fastattn._tensors import exec_kwargs
+    src = torch.arange(8, dtype=torch.int32).numpy()
+    dst = torch.zeros(8, dtype=torch.int32, device=DEV)
+    g = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        with torch.cuda.graph(g):
+            with pytest.raises(ValueError, match="exec.cuda_stream is being captured into a CUDA graph"):
+                _C.copy_host_to_device(src, dst, **exec_kwargs(dst))
+            dst.add_(1)
+    torch.cuda.current_stream().wait_stream(side)
+    g.replay()
+    torch.cuda.synchronize()
+    assert dst.tolist() == [1] * 8
+    _C.copy_host_to_device(src, dst, **exec_kwargs(dst))
+    torch.cuda.synchronize()
+    assert dst.tolist() == list(range(8))
+
+
 def test_calls_go_on_the_current_stream():
     """exec_kwargs (every op's cuda_stream) is torch's current stream, the default one and a side
     stream alike."""
