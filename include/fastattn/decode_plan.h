@@ -18,6 +18,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 namespace fastattn {
 
@@ -103,5 +104,48 @@ void decode_graph_split_counts(const std::int64_t* lengths, std::int64_t batch, 
 ///   of `plan`, must be batch + 1 + items.
 void decode_split_plan(const std::int32_t* counts, std::int64_t batch, const std::int64_t* lengths,
                        std::optional<std::int64_t> items, std::int32_t* plan, std::int64_t plan_size);
+
+/// What plan_paged_decode plans.
+struct PagedDecodePlanOptions {
+  int page_size = 0;
+  /// Keys more than window_left before the query are masked (< 0: none); the splits are chosen
+  /// for the min(length, window_left + 1) keys a query attends to.
+  std::int64_t window_left = -1;
+  int num_kv_heads = 0;
+  int sm_count = 0;
+  /// false: one split per sequence (num_splits 1; in a CUDA-graph plan, counts of 1).
+  bool split_kv = true;
+  /// false: no choice made here (num_splits 0, the capacity heuristic; the CPU backend plans its
+  /// threads itself). Ignored by a CUDA-graph plan.
+  bool choose_splits = true;
+  /// > 0: a CUDA-graph plan of this many work items (decode_graph_plan_items), always counts per
+  /// sequence (decode_graph_split_counts).
+  std::int64_t graph_items = 0;
+  DecodeSplitRule rule{};
+};
+
+/// plan_paged_decode's result: what a decode call over the batch is given.
+struct PagedDecodePlan {
+  /// The key lengths (batch), then, when `counts` is not empty, the split plan (decode_split_plan,
+  /// batch + 1 + items entries): one upload gives a call both.
+  std::vector<std::int32_t> arrays;
+  /// (batch) split counts, or empty when one count serves the batch (num_splits).
+  std::vector<std::int32_t> counts;
+  /// The batch's split count when `counts` is empty (0: the capacity heuristic).
+  int num_splits = 0;
+  /// The most pages of one sequence (a block table's width).
+  std::int64_t max_pages = 0;
+};
+
+/// The host half of a paged decode plan from CSR page lists, as FlashInfer's
+/// BatchDecodeWithPagedKVCacheWrapper.plan() makes it: the lists checked, each sequence's key
+/// lengths, (pages - 1) x page_size + last_page_len (0 without pages), and its splits
+/// (decode_split_counts_for_lengths, else decode_num_splits_for_lengths; a CUDA-graph plan:
+/// decode_graph_split_counts) with the split plan ordered by the attended keys.
+///   indptr: (batch + 1), non-decreasing from >= 0 up to num_ids (the page ids' count);
+///   last_page_len: (batch), in 1..page_size where a sequence has pages (not read where it has
+///   none). A bad value is a ValueError naming it; so is a length above 2^31 - 1.
+PagedDecodePlan plan_paged_decode(const std::int64_t* indptr, const std::int64_t* last_page_len, std::int64_t batch,
+                                  std::int64_t num_ids, const PagedDecodePlanOptions& options);
 
 }  // namespace fastattn

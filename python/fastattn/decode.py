@@ -394,29 +394,26 @@ class BatchDecodeWithPagedKVCacheWrapper:
         if last.size != batch:
             raise ValueError(f"last_page_len must have batch_size = len(indptr) - 1 = {batch} "
                              f"entries, got {last.size}")
-        pages = np.diff(ip)
-        if ip[0] < 0 or (pages < 0).any() or ip[-1] > num_ids:
-            raise ValueError(f"indptr must be non-decreasing from >= 0 up to len(indices) = "
-                             f"{num_ids}, got {ip.tolist() if ip.size <= 16 else ip}")
-        owned = pages > 0
-        bad = owned & ((last < 1) | (last > ps))
-        if bad.any():
-            b = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"last_page_len[{b}] must be in 1..page_size = {ps}, got {int(last[b])}")
+        graph = self._graph
+        if graph is not None and batch != graph.batch:
+            raise ValueError(f"indptr must have batch_size + 1 = {graph.batch + 1} entries with "
+                             f"use_cuda_graph=True (paged_kv_indptr_buffer fixes the batch), got "
+                             f"{ip.size}")
+        left = as_int(window_left, "window_left")
+        on_gpu = is_cuda(ws)
+        sms = device_sm_count(ws) if on_gpu else 1  # on the CPU the backend plans its threads
+        items = decode_graph_plan_items(batch, heads_kv, sms) if graph is not None else 0
+        # The checks of the lists, the key lengths, the splits and [lengths | split plan], in C++.
+        arrays, counts, splits, max_pages = _C.plan_paged_decode(
+            ip, last, num_ids, ps, left, heads_kv, sms, split_kv=not disable_split_kv,
+            choose_splits=on_gpu, graph_items=items)
         used = None if ids is None else ids[ip[0]:ip[-1]]  # the batch's page ids, read on the host
         if used is not None and used.size and used.min() < 0:
             raise ValueError(f"indices must be page ids >= 0, got {int(used.min())}")
-        lengths = np.where(owned, (pages - 1) * ps + last, 0)
-
-        left = as_int(window_left, "window_left")
-        attended = lengths if left < 0 else np.minimum(lengths, left + 1)  # the query's keys
-        sms = device_sm_count(ws) if is_cuda(ws) else 1  # on the CPU the backend plans its threads
-        if self._graph is not None:
-            pages_on_device = self._plan_graph(ip, indices, used, last, lengths, attended, heads_kv,
-                                               sms, disable_split_kv)
+        if graph is not None:
+            pages_on_device = self._plan_graph(ip, indices, used, last, arrays, heads_kv, items)
         else:
-            pages_on_device = self._plan_arrays(ws, indptr, ip, indices, used, lengths, attended,
-                                                heads_kv, sms, disable_split_kv)
+            pages_on_device = self._plan_arrays(ws, indptr, ip, indices, used, arrays, max_pages)
         self._plan = {
             "batch": batch,
             "num_qo_heads": heads_q,
@@ -429,86 +426,64 @@ class BatchDecodeWithPagedKVCacheWrapper:
             "sm_scale": optional_float(sm_scale, "sm_scale"),
             # None: the ids were not read (graph mode, on the GPU): no check against the cache
             "max_page_id": None if used is None else (int(used.max()) if used.size else -1),
-            "lengths": lengths,
             "workspace_ok": {},  # (shapes) -> whether the workspace buffer is large enough
+            "num_splits": splits,
+            "split_counts": counts,
             **pages_on_device,
         }
 
-    def _plan_arrays(self, ws, indptr, ip, indices, used, lengths, attended, heads_kv, sms,
-                     disable_split_kv) -> dict:
+    def _plan_arrays(self, ws, indptr, ip, indices, used, arrays, max_pages) -> dict:
         """plan()'s device arrays, new ones each step: a block table (built on the device from
         the CSR lists: the kernels read a table's page ids without a row pointer first), the key
-        lengths and the splits (a split plan, or one count for the batch). The table is built from
-        the caller's lists in place where they are int32 arrays on the workspace's device, else from
-        copies (of the ids device to device when `used`, their host copy, is None)."""
-        counts = None  # a count per sequence (a split plan), else the uniform `splits`
-        splits = 0     # the capacity heuristic; on the CPU the backend plans its own threads
-        if disable_split_kv:
-            splits = 1
-        elif is_cuda(ws):
-            counts = decode_split_counts_for_lengths(attended, heads_kv, sms)
-            if counts is None:
-                splits = decode_num_splits_for_lengths(attended, heads_kv, sms)
+        lengths and the split plan (`arrays`, from plan_paged_decode). The table is built from the
+        caller's lists in place where they are int32 arrays on the workspace's device, else from
+        copies: the ids device to device when `used`, their host copy, is None, else uploaded with
+        the row pointers and `arrays` in one copy."""
         batch = ip.size - 1
+        n = arrays.size
         # Its width, the most pages of a request, is the capacity heuristic's bound on the keys.
-        table = empty(ws, (batch, max(1, int(np.diff(ip).max(initial=0)))), "int32")
+        table = empty(ws, (batch, max(1, max_pages)), "int32")
         if device_int32_vector(indptr, ws) and device_int32_vector(indices, ws):
             page_indptr, page_indices = indptr, indices
+            dev = on_device_of(ws, arrays)
         else:
-            num_pages = int(ip[-1] - ip[0])
+            rebased = (ip - ip[0]).astype(np.int32)
             if used is None:
+                dev = on_device_of(ws, np.concatenate([arrays, rebased]))
+                num_pages = int(ip[-1] - ip[0])
                 page_indices = empty(ws, (num_pages,), "int32")
                 copy_on_device(page_indices, indices, int(ip[0]), num_pages)
             else:
-                page_indices = on_device_of(ws, used.astype(np.int32))
-            page_indptr = on_device_of(ws, (ip - ip[0]).astype(np.int32))
+                dev = on_device_of(ws, np.concatenate([arrays, rebased, used.astype(np.int32)]))
+                page_indices = dev[n + batch + 1:]
+            page_indptr = dev[n:n + batch + 1]
         _C.csr_to_block_table(page_indptr=page_indptr, page_indices=page_indices, block_table=table,
                               **exec_kwargs(ws))
-        # One host-to-device copy: the key lengths (B), then the split plan (B + 1 + W).
-        host = lengths.astype(np.int32)
-        if counts is not None:
-            host = np.concatenate([host, decode_split_plan(counts, attended)])
-        arrays = on_device_of(ws, host)
         return {
-            "num_splits": splits,
-            "split_counts": counts,
-            "split_plan": None if counts is None else arrays[batch:],
+            "split_plan": dev[batch:n] if n > batch else None,
             "block_table": table,
             "page_indptr": None,
             "page_indices": None,
-            "seqlens": arrays[:batch],
+            "seqlens": dev[:batch],
         }
 
-    def _plan_graph(self, ip, indices, used, last, lengths, attended, heads_kv, sms,
-                    disable_split_kv) -> dict:
-        """plan()'s device arrays with use_cuda_graph=True: this step's page lists, key lengths
-        and split plan (of the fixed size) written into the arrays the captured run() reads. The
-        page ids go device to device when `used` (their host copy) is None."""
+    def _plan_graph(self, ip, indices, used, last, arrays, heads_kv, items) -> dict:
+        """plan()'s device arrays with use_cuda_graph=True: this step's page lists, and the key
+        lengths and split plan of the fixed size (`arrays`), written into the arrays the captured
+        run() reads. The page ids go device to device when `used` (their host copy) is None."""
         g = self._graph
-        batch = ip.size - 1
-        if batch != g.batch:
-            raise ValueError(f"indptr must have batch_size + 1 = {g.batch + 1} entries with "
-                             f"use_cuda_graph=True (paged_kv_indptr_buffer fixes the batch), got "
-                             f"{ip.size}")
         num_pages = int(ip[-1] - ip[0])
         if num_pages > int(g.indices.shape[0]):
             raise ValueError(f"indices hold {num_pages} pages, more than "
                              f"paged_kv_indices_buffer's {int(g.indices.shape[0])}")
-        items = decode_graph_plan_items(batch, heads_kv, sms)
-        arrays = g.plan_arrays(heads_kv, items)
-        counts = (np.ones(batch, dtype=np.int32) if disable_split_kv
-                  else decode_graph_split_counts(attended, heads_kv, sms, items))
         write_ints(g.indptr, (ip - ip[0]).astype(np.int32))
         if used is not None:
             write_ints(g.indices, used.astype(np.int32))
         else:
             copy_on_device(g.indices, indices, int(ip[0]), num_pages)
         write_ints(g.last_page_len, last.astype(np.int32))
-        write_ints(arrays, np.concatenate([lengths.astype(np.int32),
-                                           decode_split_plan(counts, attended, items=items)]))
+        write_ints(g.plan_arrays(heads_kv, items), arrays)
         return {
-            "num_splits": 0,
-            "split_counts": counts,
             "split_plan": g.split_plan,
             "block_table": None,
             "page_indptr": g.indptr,

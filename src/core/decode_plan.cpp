@@ -9,6 +9,7 @@
 #include "fastattn/decode_plan.h"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <numeric>
 #include <string>
@@ -240,6 +241,67 @@ void decode_split_plan(const std::int32_t* counts, std::int64_t batch, const std
   std::int32_t* item = plan + batch + 1;
   for (std::int64_t i : order) *item++ = work[i];
   std::fill(item, plan + batch + 1 + size, kPlanPadding);
+}
+
+PagedDecodePlan plan_paged_decode(const std::int64_t* indptr, const std::int64_t* last_page_len, std::int64_t batch,
+                                  std::int64_t num_ids, const PagedDecodePlanOptions& o) {
+  const char* op = "plan_paged_decode";
+  if (batch < 0) fail(op, "batch must be >= 0, got " + std::to_string(batch));
+  if (indptr == nullptr || (batch > 0 && last_page_len == nullptr))
+    fail(op, "indptr and last_page_len must not be null");
+  if (o.page_size < 1) fail(op, "page_size must be >= 1, got " + std::to_string(o.page_size));
+  // The row pointers first, all of them (a bad one makes every later length meaningless).
+  const std::string bounds = "indptr must be non-decreasing from >= 0 up to len(indices) = " + std::to_string(num_ids);
+  if (indptr[0] < 0) fail(op, bounds + ", got indptr[0] = " + std::to_string(indptr[0]));
+  PagedDecodePlan p;
+  for (std::int64_t b = 0; b < batch; ++b) {
+    if (indptr[b + 1] < indptr[b])
+      fail(op, bounds + ", got indptr[" + std::to_string(b + 1) + "] = " + std::to_string(indptr[b + 1]) +
+                   " after " + std::to_string(indptr[b]));
+    p.max_pages = std::max(p.max_pages, indptr[b + 1] - indptr[b]);
+  }
+  if (indptr[batch] > num_ids) fail(op, bounds + ", got indptr[" + std::to_string(batch) + "] = " + std::to_string(indptr[batch]));
+  std::vector<std::int64_t> attended(static_cast<std::size_t>(batch));
+  p.arrays.resize(static_cast<std::size_t>(batch));
+  for (std::int64_t b = 0; b < batch; ++b) {
+    const std::int64_t pages = indptr[b + 1] - indptr[b];
+    std::int64_t keys = 0;
+    if (pages > 0) {
+      const std::int64_t last = last_page_len[b];
+      if (last < 1 || last > o.page_size)
+        fail(op, "last_page_len[" + std::to_string(b) + "] must be in 1..page_size = " + std::to_string(o.page_size) +
+                     ", got " + std::to_string(last));
+      keys = (pages - 1) * o.page_size + last;
+      if (keys > INT32_MAX)
+        fail(op, "sequence " + std::to_string(b) + " has " + std::to_string(keys) + " keys, more than 2^31 - 1");
+    }
+    p.arrays[b] = static_cast<std::int32_t>(keys);
+    attended[b] = o.window_left < 0 ? keys : std::min(keys, o.window_left + 1);
+  }
+  std::optional<std::int64_t> items;
+  if (o.graph_items > 0) {
+    items = o.graph_items;
+    p.counts.assign(static_cast<std::size_t>(batch), 1);
+    if (o.split_kv)
+      decode_graph_split_counts(attended.data(), batch, o.num_kv_heads, o.sm_count, o.graph_items, p.counts.data(),
+                                o.rule);
+  } else if (!o.split_kv) {
+    p.num_splits = 1;
+  } else if (o.choose_splits) {
+    p.counts.resize(static_cast<std::size_t>(batch));
+    if (!decode_split_counts_for_lengths(attended.data(), batch, o.num_kv_heads, o.sm_count, p.counts.data(),
+                                         o.rule)) {
+      p.counts.clear();
+      p.num_splits = decode_num_splits_for_lengths(attended.data(), batch, o.num_kv_heads, o.sm_count, o.rule);
+    }
+  }
+  if (!p.counts.empty() || items) {
+    const std::int64_t parts = std::accumulate(p.counts.begin(), p.counts.end(), std::int64_t{0});
+    const std::int64_t size = batch + 1 + (items ? *items : parts);
+    p.arrays.resize(static_cast<std::size_t>(batch + size));
+    decode_split_plan(p.counts.data(), batch, attended.data(), items, p.arrays.data() + batch, size);
+  }
+  return p;
 }
 
 }  // namespace fastattn

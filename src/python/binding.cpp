@@ -557,6 +557,35 @@ void decode_split_plan(HostInt32s counts, std::optional<HostInt64s> lengths, std
                               std::int64_t(plan.shape(0)));
 }
 
+/// A numpy array that owns `values` (moved into the capsule that frees them).
+nb::ndarray<nb::numpy, std::int32_t, nb::ndim<1>> numpy_of(std::vector<std::int32_t>&& values) {
+  auto* owned = new std::vector<std::int32_t>(std::move(values));
+  nb::capsule owner(owned, [](void* p) noexcept { delete static_cast<std::vector<std::int32_t>*>(p); });
+  return nb::ndarray<nb::numpy, std::int32_t, nb::ndim<1>>(owned->data(), {owned->size()}, owner);
+}
+
+/// fastattn::plan_paged_decode -> (arrays, counts or None, num_splits, max_pages).
+nb::tuple plan_paged_decode(HostInt64s indptr, HostInt64s last_page_len, std::int64_t num_ids, int page_size,
+                            std::int64_t window_left, int num_kv_heads, int sm_count, bool split_kv,
+                            bool choose_splits, std::int64_t graph_items) {
+  if (indptr.shape(0) < 1)
+    throw fastattn::ValueError("plan_paged_decode: indptr must have batch_size + 1 >= 1 entries, got 0");
+  const auto batch = std::int64_t(indptr.shape(0)) - 1;
+  check_size("plan_paged_decode", "last_page_len", last_page_len.shape(0), batch);
+  fastattn::PagedDecodePlanOptions o;
+  o.page_size = page_size;
+  o.window_left = window_left;
+  o.num_kv_heads = num_kv_heads;
+  o.sm_count = sm_count;
+  o.split_kv = split_kv;
+  o.choose_splits = choose_splits;
+  o.graph_items = graph_items;
+  fastattn::PagedDecodePlan p =
+      fastattn::plan_paged_decode(indptr.data(), last_page_len.data(), batch, num_ids, o);
+  nb::object counts = p.counts.empty() && graph_items == 0 ? nb::none() : nb::cast(numpy_of(std::move(p.counts)));
+  return nb::make_tuple(numpy_of(std::move(p.arrays)), counts, p.num_splits, p.max_pages);
+}
+
 fastattn::Device parse_device(const std::string& device_type, int index) {
   fastattn::Device d;
   if (device_type == "cpu") {
@@ -700,6 +729,12 @@ NB_MODULE(_C, m) {
         "fastattn::decode_graph_plan_items.");
   m.def("decode_split_plan", &decode_split_plan, nb::arg("counts"), nb::arg("lengths").none(),
         nb::arg("items").none(), nb::arg("plan"), "fastattn::decode_split_plan (plan written).");
+
+  m.def("plan_paged_decode", &plan_paged_decode, nb::arg("indptr"), nb::arg("last_page_len"),
+        nb::arg("num_ids"), nb::arg("page_size"), nb::arg("window_left"), nb::arg("num_kv_heads"),
+        nb::arg("sm_count"), nb::arg("split_kv"), nb::arg("choose_splits"), nb::arg("graph_items"),
+        "fastattn::plan_paged_decode -> (arrays: lengths then split plan, counts or None, "
+        "num_splits, max_pages).");
 
   m.def("version", []() { return std::string(fastattn::version()); },
         "Library version, 'MAJOR.MINOR.PATCH'.");

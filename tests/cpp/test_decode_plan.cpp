@@ -209,6 +209,114 @@ TEST(DecodePlan, SplitPlanOfRandomCountsHoldsEveryPartOnceLongestFirst) {
   }
 }
 
+/// Random CSR lists for plan_paged_decode: row pointers from an offset, empty rows, a few long
+/// sequences among short ones; last_page_len garbage where a row has no page.
+struct PagedLists {
+  Lens indptr, last, keys;
+  std::int64_t num_ids = 0;
+};
+
+PagedLists random_paged_lists(std::mt19937_64& rng, int page_size) {
+  PagedLists l;
+  const Lens lens = long_among_short(rng);
+  l.indptr.push_back(rand_int(rng, 0, 5));
+  for (std::int64_t n : lens) {
+    const std::int64_t keys = rand_int(rng, 0, 9) == 0 ? 0 : n;
+    const std::int64_t pages = up(keys, page_size);
+    l.indptr.push_back(l.indptr.back() + pages);
+    l.last.push_back(pages ? keys - (pages - 1) * page_size : rand_int(rng, -3, 1000));
+    l.keys.push_back(keys);
+  }
+  l.num_ids = l.indptr.back() + rand_int(rng, 0, 5);
+  return l;
+}
+
+TEST(DecodePlan, PagedPlanIsTheListsLengthsAndTheRulesChoice) {
+  FA_SEEDED_RNG(rng);
+  int with_counts = 0, one_count = 0;
+  for (int trial = 0; trial < 120; ++trial) {
+    fastattn::PagedDecodePlanOptions o;
+    o.page_size = int(pick(rng, std::vector<std::int64_t>{1, 16, 64}));
+    o.window_left = rand_int(rng, 0, 2) == 0 ? rand_int(rng, 0, 20000) : -1;
+    o.num_kv_heads = int(pick(rng, std::vector<std::int64_t>{1, 2, 8, 32}));
+    o.sm_count = int(rand_int(rng, 1, 170));
+    o.split_kv = rand_int(rng, 0, 4) != 0;
+    o.choose_splits = rand_int(rng, 0, 4) != 0;
+    const PagedLists l = random_paged_lists(rng, o.page_size);
+    const auto batch = std::int64_t(l.keys.size());
+    if (rand_int(rng, 0, 2) == 0) o.graph_items = fastattn::decode_graph_plan_items(batch, o.num_kv_heads, o.sm_count);
+    const fastattn::PagedDecodePlan p = fastattn::plan_paged_decode(l.indptr.data(), l.last.data(), batch, l.num_ids, o);
+
+    Lens attended(l.keys);
+    std::int64_t most = 0;
+    for (std::size_t b = 0; b < attended.size(); ++b) {
+      if (o.window_left >= 0) attended[b] = std::min(attended[b], o.window_left + 1);
+      most = std::max(most, l.indptr[b + 1] - l.indptr[b]);
+    }
+    ASSERT_EQ(p.max_pages, most);
+    Counts counts;
+    int splits = 0;
+    if (o.graph_items > 0) {
+      counts.assign(std::size_t(batch), 1);
+      if (o.split_kv)
+        fastattn::decode_graph_split_counts(attended.data(), batch, o.num_kv_heads, o.sm_count, o.graph_items,
+                                            counts.data());
+    } else if (!o.split_kv) {
+      splits = 1;
+    } else if (o.choose_splits) {
+      counts.assign(std::size_t(batch), 0);
+      if (!fastattn::decode_split_counts_for_lengths(attended.data(), batch, o.num_kv_heads, o.sm_count, counts.data())) {
+        counts.clear();
+        splits = fastattn::decode_num_splits_for_lengths(attended.data(), batch, o.num_kv_heads, o.sm_count);
+      }
+    }
+    ASSERT_EQ(p.counts, counts);
+    ASSERT_EQ(p.num_splits, splits);
+    std::vector<std::int32_t> arrays(l.keys.begin(), l.keys.end());
+    if (!counts.empty()) {
+      std::int64_t parts = 0;
+      for (auto c : counts) parts += c;
+      const std::int64_t items = o.graph_items > 0 ? o.graph_items : parts;
+      arrays.resize(std::size_t(2 * batch + 1 + items));
+      fastattn::decode_split_plan(counts.data(), batch, attended.data(), items, arrays.data() + batch,
+                                  batch + 1 + items);
+      ++with_counts;
+    } else {
+      ++one_count;
+    }
+    ASSERT_EQ(p.arrays, arrays);
+  }
+  EXPECT_GE(with_counts, 20);
+  EXPECT_GE(one_count, 20);
+}
+
+TEST(DecodePlan, PagedPlanRefusesBadListsNamingThem) {
+  fastattn::PagedDecodePlanOptions o;
+  o.page_size = 4;
+  o.num_kv_heads = 2;
+  o.sm_count = 132;
+  const Lens last{3, 4};
+  auto message = [&](const Lens& indptr, const Lens& last_len, std::int64_t num_ids) -> std::string {
+    try {
+      fastattn::plan_paged_decode(indptr.data(), last_len.data(), std::int64_t(last_len.size()), num_ids, o);
+    } catch (const fastattn::ValueError& e) {
+      return e.what();
+    }
+    return "no error";
+  };
+  EXPECT_NE(message({0, 3, 2}, last, 3).find("indptr must be non-decreasing"), std::string::npos);
+  EXPECT_NE(message({0, 2, 4}, last, 3).find("indptr must be non-decreasing from >= 0 up to len(indices) = 3, got indptr[2] = 4"),
+            std::string::npos);
+  EXPECT_NE(message({-1, 2, 3}, last, 3).find("got indptr[0] = -1"), std::string::npos);
+  EXPECT_NE(message({0, 2, 3}, {3, 5}, 3).find("last_page_len[1] must be in 1..page_size = 4, got 5"), std::string::npos);
+  EXPECT_NE(message({0, 2, 3}, {0, 4}, 3).find("last_page_len[0] must be in 1..page_size = 4, got 0"), std::string::npos);
+  EXPECT_EQ(message({0, 0, 3}, {0, 4}, 3), "no error");  // a row without pages: its last_page_len is not read
+  o.page_size = 1 << 20;
+  EXPECT_NE(message({0, 2049, 2049}, {1 << 20, 1}, 2049).find("more than 2^31 - 1"), std::string::npos);
+  o.page_size = 0;
+  EXPECT_NE(message({0, 1, 2}, last, 3).find("page_size must be >= 1"), std::string::npos);
+}
+
 TEST(DecodePlan, BadArgumentsAreRefusedBeforeAnyWrite) {
   const Lens ok{5, 6, 7}, negative{5, -1};
   Counts c(3, -7);
