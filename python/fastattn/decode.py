@@ -273,11 +273,13 @@ class _GraphBuffers:
 class BatchDecodeWithPagedKVCacheWrapper:
     """Batch decode (one query per request) over a paged KV cache: FlashInfer's interface.
 
-    ``plan()`` reads the page lists' row pointers and last page lengths on the host (it
-    synchronises, as FlashInfer's does), builds a block table from the page lists on the
-    workspace's device (``csr_to_block_table``) with the key lengths, and plans the splits from
-    the lengths: a count per request (:func:`decode_split_counts_for_lengths`, a split plan on
-    the device) or one count for the batch (:func:`decode_num_splits_for_lengths`). Page ids
+    ``plan()`` reads the page lists' row pointers and last page lengths on the host (given on the
+    GPU, it synchronises, as FlashInfer's does; given on the host, it never waits for the GPU: its
+    uploads are staged in the library's pinned memory, ``fastattn::copy_host_to_device``). One C++
+    call (``fastattn::plan_paged_decode``) checks them, computes the key lengths and plans the
+    splits: a count per request (:func:`decode_split_counts_for_lengths`, a split plan on the
+    device) or one count for the batch (:func:`decode_num_splits_for_lengths`). A block table is
+    built from the page lists on the workspace's device (``csr_to_block_table``). Page ids
     given on the GPU (torch or cupy, as the workspace) are copied there and not read on the host,
     as FlashInfer's ``plan()`` does not read them: an id outside the cache is then the kernels'
     guard (its keys and values read as zeros), not an error. ``run()`` neither synchronises nor
