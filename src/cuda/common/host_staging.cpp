@@ -51,19 +51,18 @@ class StagingPool {
     for (StagingBlock& b : blocks_)
       if (!b.in_use && b.device == device && b.bytes >= bytes && finished(b)) return claim(b);
     if (blocks_.size() < kMaxBlocks) {
-      blocks_.emplace_back();
-      StagingBlock& b = blocks_.back();
-      allocate(b, bytes, device);
-      return claim(b);
+      blocks_.push_back(make_block(bytes, device));
+      return claim(blocks_.back());
     }
     // The pool is full of blocks still being read, or of the wrong size or device: wait for the
-    // oldest one not held by another call, and make it fit.
+    // first one no other call holds, and make it fit.
     for (StagingBlock& b : blocks_) {
       if (b.in_use) continue;
       if (b.read != nullptr) FASTATTN_CUDA_CHECK(cudaEventSynchronize(b.read));
       if (b.device != device || b.bytes < bytes) {
+        StagingBlock fitting = make_block(bytes, device);
         release(b);
-        allocate(b, bytes, device);
+        b = fitting;
       }
       return claim(b);
     }
@@ -72,8 +71,8 @@ class StagingPool {
   }
 
   /// Hands the block back; the copy that reads it was queued on `stream` (nothing was queued when
-  /// `queued` is false).
-  /// If the event cannot be recorded the block stays held: nothing would say when it is free.
+  /// `queued` is false). If the event cannot be recorded the block stays held: nothing would say
+  /// when it is free.
   void give_back(StagingBlock& b, cudaStream_t stream, bool queued) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (queued) FASTATTN_CUDA_CHECK(cudaEventRecord(b.read, stream));
@@ -87,6 +86,7 @@ class StagingPool {
   }
 
   static bool finished(const StagingBlock& b) {
+    if (b.read == nullptr) return true;
     const cudaError_t state = cudaEventQuery(b.read);
     if (state == cudaErrorNotReady) {
       (void)cudaGetLastError();  // cudaErrorNotReady is a state, not an error to report later
@@ -96,11 +96,18 @@ class StagingPool {
     return true;
   }
 
-  static void allocate(StagingBlock& b, std::size_t bytes, int device) {
+  /// A new block on the current device (`device`); on failure nothing is left allocated.
+  static StagingBlock make_block(std::size_t bytes, int device) {
+    StagingBlock b;
     b.bytes = block_size_for(bytes);
     b.device = device;
     FASTATTN_CUDA_CHECK(cudaHostAlloc(&b.host, b.bytes, cudaHostAllocPortable));
-    FASTATTN_CUDA_CHECK(cudaEventCreateWithFlags(&b.read, cudaEventDisableTiming));
+    const cudaError_t err = cudaEventCreateWithFlags(&b.read, cudaEventDisableTiming);
+    if (err != cudaSuccess) {
+      (void)cudaFreeHost(b.host);
+      cuda_detail::throw_cuda_error(err, "cudaEventCreateWithFlags", __FILE__, __LINE__);
+    }
+    return b;
   }
 
   static void release(StagingBlock& b) {
