@@ -39,6 +39,7 @@ from ._tensors import (
     LN2,
     as_float,
     as_int,
+    call_op,
     check_array,
     device_sm_count,
     dtype_name,
@@ -87,8 +88,8 @@ def merge_state(v_a, s_a, v_b, s_b):
         check_array(x, name)
     v_out = empty(v_a, v_a.shape)
     s_out = empty(v_a, s_a.shape, "float32")
-    _C.merge_state(prepare(v_a), prepare(s_a), prepare(v_b), prepare(s_b), v_out, s_out,
-                   **exec_kwargs(v_a))
+    call_op(_C.merge_state, prepare(v_a), prepare(s_a), prepare(v_b), prepare(s_b), v_out, s_out,
+            **exec_kwargs(v_a))
     return finalize(v_a, v_out), finalize(v_a, s_out)
 
 
@@ -109,8 +110,8 @@ def merge_state_in_place(v, s, v_other, s_other, mask=None):
         if framework(x) == "jax":
             raise TypeError(f"{name}: jax arrays are immutable; use merge_state, which returns "
                             "the merged state")
-    _C.merge_state_in_place(prepare(v), prepare(s), prepare(v_other), prepare(s_other),
-                            prepare(mask), **exec_kwargs(v))
+    call_op(_C.merge_state_in_place, prepare(v), prepare(s), prepare(v_other), prepare(s_other),
+            prepare(mask), **exec_kwargs(v))
 
 
 def merge_states(v, s):
@@ -127,7 +128,7 @@ def merge_states(v, s):
     seq_len, num_heads, head_dim = (shape_or_zero(v, 4, i) for i in (0, 2, 3))
     v_out = empty(v, (seq_len, num_heads, head_dim))
     s_out = empty(v, (seq_len, num_heads), "float32")
-    _C.merge_states(prepare(v), prepare(s), v_out, s_out, **exec_kwargs(v))
+    call_op(_C.merge_states, prepare(v), prepare(s), v_out, s_out, **exec_kwargs(v))
     return finalize(v, v_out), finalize(v, s_out)
 
 
@@ -219,7 +220,8 @@ def shared_prefix_attention(
     lse = empty(q, (num_heads, total_q), "float32") if return_lse else None
     if on_gpu and workspace is not None and not usable_workspace(workspace, q):
         workspace = None
-    _C.shared_prefix_attention_forward(
+    call_op(
+        _C.shared_prefix_attention_forward,
         q=prepare(q),
         qo_indptr=prepare(qo_indptr),
         k_shared=prepare(k_shared),

@@ -29,6 +29,7 @@ from . import _C
 from ._tensors import (
     as_float,
     as_int,
+    call_op,
     check_array,
     device_sm_count,
     dtype_name,
@@ -459,8 +460,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
                 dev = on_device_of(ws, np.concatenate([arrays, rebased, used.astype(np.int32)]))
                 page_indices = dev[n + batch + 1:]
             page_indptr = dev[n:n + batch + 1]
-        _C.csr_to_block_table(page_indptr=page_indptr, page_indices=page_indices, block_table=table,
-                              **exec_kwargs(ws))
+        call_op(_C.csr_to_block_table, page_indptr=page_indptr, page_indices=page_indices,
+                block_table=table, **exec_kwargs(ws))
         return {
             "split_plan": dev[batch:n] if n > batch else None,
             "block_table": table,
@@ -599,7 +600,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
             ws = self._workspace_buffer
             key = (tuple(q.shape), tuple(k_pages.shape), left)
             if key not in plan["workspace_ok"]:
-                need = _C.kvcache_workspace_bytes(**call)
+                need = call_op(_C.kvcache_workspace_bytes, **call)
                 plan["workspace_ok"][key] = usable_workspace(ws, q) and need <= int(ws.nbytes)
                 if self._graph is not None and not plan["workspace_ok"][key]:
                     # A captured call must not allocate: its partial states live in the buffer.
@@ -611,7 +612,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
                 workspace = ws
             else:
                 alloc = lambda nbytes: empty(q, (nbytes,), "uint8")  # noqa: E731
-        _C.kvcache_attention_forward(workspace=workspace, workspace_alloc=alloc, **call)
+        call_op(_C.kvcache_attention_forward, workspace=workspace, workspace_alloc=alloc, **call)
         if return_lse:
             return finalize(q, o), finalize(q, lse)
         return finalize(q, o)

@@ -24,6 +24,7 @@ from . import _C
 from ._tensors import (
     as_float,
     as_int,
+    call_op,
     check_array,
     empty,
     exec_kwargs,
@@ -143,7 +144,7 @@ def flash_attn_func(
     o = out if out is not None else empty(q, q.shape)
     lse = empty(q, (batch, nheads, seqlen_q), "float32") if (return_attn_probs or return_softmax_lse) else None
     probs = empty(q, (batch, nheads, seqlen_q, seqlen_k), "float32") if return_attn_probs else None
-    _C.attention_forward(prepare(q), prepare(k), prepare(v), prepare(o), lse, probs, **kw)
+    call_op(_C.attention_forward, prepare(q), prepare(k), prepare(v), prepare(o), lse, probs, **kw)
     return _result(q, o, lse, probs, return_attn_probs, return_softmax_lse)
 
 
@@ -264,7 +265,8 @@ def flash_attn_varlen_func(
     # run the split-KV decode kernels; their scratch comes from the caller's allocator as in
     # flash_attn_with_kvcache, asked for by the binding only when the call needs it.
     alloc = (lambda nbytes: empty(q, (nbytes,), "uint8")) if is_cuda(q) else None
-    _C.varlen_attention_forward(
+    call_op(
+        _C.varlen_attention_forward,
         q=prepare(q),
         cu_seqlens_q=prepare(cu_seqlens_q),
         max_seqlen_q=max_seqlen_q,
@@ -460,7 +462,7 @@ def flash_attn_with_kvcache(
     # (torch / cupy caching allocators: stream-ordered, so calls stay graph-capturable), asked
     # for by the binding only when the call needs it.
     alloc = (lambda nbytes: empty(q, (nbytes,), "uint8")) if is_cuda(q) else None
-    _C.kvcache_attention_forward(workspace=None, workspace_alloc=alloc, **args)
+    call_op(_C.kvcache_attention_forward, workspace=None, workspace_alloc=alloc, **args)
     out_final = finalize(q, o)
     if return_softmax_lse:
         return out_final, finalize(q, lse)

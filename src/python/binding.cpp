@@ -428,20 +428,18 @@ void shared_prefix_attention_forward(nb::handle q, nb::handle qo_indptr, nb::han
   // The workspace: `workspace` when given and large enough (a wrapper's workspace_buffer), else
   // workspace_alloc(nbytes) (the caller's allocator) when the call needs one; else `workspace` as
   // given (the op then reports what it needs).
+  // Each array is imported once: a DLPack capsule can be consumed only once.
+  a.workspace = opt_out(workspace, "workspace", keep);
   nb::object allocated;  // keeps an allocated workspace alive through the call
   if (!workspace_alloc.is_none()) {
-    std::size_t have = 0;
-    if (!workspace.is_none()) {
-      const TensorView w = in_view(workspace, "workspace", keep);
-      have = static_cast<std::size_t>(w.numel()) * fastattn::dtype_size(w.dtype);
-    }
+    const std::size_t have =
+        a.workspace ? static_cast<std::size_t>(a.workspace->numel()) * fastattn::dtype_size(a.workspace->dtype) : 0;
     const std::size_t nbytes = fastattn::shared_prefix_workspace_bytes(a);
     if (nbytes > have) {
       allocated = workspace_alloc(nbytes);
-      workspace = allocated;
+      a.workspace = out_view(allocated, "workspace", keep);
     }
   }
-  a.workspace = opt_out(workspace, "workspace", keep);
   nb::gil_scoped_release release;
   fastattn::shared_prefix_attention_forward(a);
 }
