@@ -97,8 +97,13 @@ def call_op(op, *args: Any, **kwargs: Any) -> Any:
 
         _TORCH_DLPACK = (torch.Tensor, torch.utils.dlpack.to_dlpack)
     tensor, to = _TORCH_DLPACK
-    return op(*(_capsule(a, to) if isinstance(a, tensor) else a for a in args),
-              **{k: _capsule(v, to) if isinstance(v, tensor) else v for k, v in kwargs.items()})
+    try:
+        args = [to(a) if type(a) is tensor else a for a in args]
+        kwargs = {k: to(v) if type(v) is tensor else v for k, v in kwargs.items()}
+    except Exception:  # one to_dlpack refuses: convert one by one, passing those as they are
+        args = [_capsule(a, to) if type(a) is tensor else a for a in args]
+        kwargs = {k: _capsule(v, to) if type(v) is tensor else v for k, v in kwargs.items()}
+    return op(*args, **kwargs)
 
 
 def _torch_dtype(torch, dtype):

@@ -432,8 +432,13 @@ class BatchDecodeWithPagedKVCacheWrapper:
             "workspace_ok": {},  # (shapes) -> whether the workspace buffer is large enough
             "num_splits": splits,
             "split_counts": counts,
+            "on_gpu": on_gpu,  # where the plan's arrays are
             **pages_on_device,
         }
+        # The page arguments run() passes: those this plan sets.
+        self._plan["page_args"] = {k: pages_on_device[k] for k in
+                                   ("block_table", "page_indptr", "page_indices", "split_plan")
+                                   if pages_on_device[k] is not None}
 
     def _plan_arrays(self, ws, indptr, ip, indices, used, arrays, max_pages) -> dict:
         """plan()'s device arrays, new ones each step: a block table (built on the device from
@@ -567,8 +572,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
             raise TypeError(f"q has dtype {dtype_name(q.dtype)} but plan() was given "
                             f"{plan['data_type']}")
         k_pages, v_pages = self._pages(paged_kv_cache)
-        if is_cuda(q) != is_cuda(plan["seqlens"]):
-            where = "a CUDA device" if is_cuda(plan["seqlens"]) else "the host"
+        if is_cuda(q) != plan["on_gpu"]:
+            where = "a CUDA device" if plan["on_gpu"] else "the host"
             raise ValueError(f"q must be on the device of the workspace buffer plan() used "
                              f"({where}), got q on {'a CUDA device' if is_cuda(q) else 'the host'}")
         if out is not None:
@@ -583,18 +588,16 @@ class BatchDecodeWithPagedKVCacheWrapper:
         elif return_lse:
             lse = empty(q, want[:2], "float32")
         left = plan["window_left"] if window_left is None else as_int(window_left, "window_left")
-        # One query row per request: (B, 1, Hq, D) views of q / out and (B, Hq, 1) of lse.
+        # One query row per request: (B, 1, Hq, D) views of q / out and (B, Hq, 1) of lse. Only
+        # the arguments this call sets: the binding parses each one it is given.
         call = dict(
             q=prepare(q[:, None]), k_cache=prepare(k_pages), v_cache=prepare(v_pages),
-            k=None, v=None, rotary_cos=None, rotary_sin=None, rotary_interleaved=True,
-            cache_seqlens=plan["seqlens"], cache_batch_idx=None, cache_leftpad=None,
-            block_table=plan["block_table"], page_indptr=plan["page_indptr"],
-            page_indices=plan["page_indices"], num_splits=plan["num_splits"],
-            split_plan=plan["split_plan"],
-            out=o[:, None], lse=lse[:, :, None] if lse is not None else None,
-            softmax_scale=plan["sm_scale"], causal=False, window_left=left,
-            window_right=-1, softcap=plan["softcap"], alibi_slopes=None, **exec_kwargs(q),
+            cache_seqlens=plan["seqlens"], num_splits=plan["num_splits"], out=o[:, None],
+            softmax_scale=plan["sm_scale"], window_left=left, softcap=plan["softcap"],
+            **plan["page_args"], **exec_kwargs(q),
         )
+        if lse is not None:
+            call["lse"] = lse[:, :, None]
         workspace, alloc = None, None
         if is_cuda(q):
             ws = self._workspace_buffer
