@@ -84,10 +84,10 @@ _TORCH_DLPACK = None  # (torch.Tensor, torch.utils.dlpack.to_dlpack) once torch 
 
 def call_op(op, *args: Any, **kwargs: Any) -> Any:
     """op(*args, **kwargs), a binding function, with every torch tensor argument handed over as a
-    DLPack capsule made by torch's C function (torch.utils.dlpack.to_dlpack). The binding imports a
-    capsule in ~0.5 us and a torch tensor, through its Python __dlpack__ method, in ~3-4 us; a
-    decode run() passes about 12 (bench/NOTES.md, session 70). A capsule is consumed by the call
-    that imports it, so they are made here, for this call."""
+    DLPack capsule made by torch's C function (torch.utils.dlpack.to_dlpack): the binding imports
+    it about 1 us faster, on an H200's host, than a torch tensor through its Python __dlpack__
+    method, and a decode run() passes up to 9 (bench/NOTES.md, session 70). A capsule is consumed
+    by the call that imports it, so they are made here, for this call."""
     global _TORCH_DLPACK
     if _TORCH_DLPACK is None:
         torch = sys.modules.get("torch")
