@@ -86,7 +86,7 @@ def call_op(op, *args: Any, **kwargs: Any) -> Any:
     """op(*args, **kwargs), a binding function, with every torch tensor argument handed over as a
     DLPack capsule made by torch's C function (torch.utils.dlpack.to_dlpack): the binding imports
     it about 1 us faster, on an H200's host, than a torch tensor through its Python __dlpack__
-    method, and a decode run() passes up to 9 (bench/NOTES.md, session 70). A capsule is consumed
+    method, and a decode run() passes up to 10 (bench/NOTES.md, session 70). A capsule is consumed
     by the call that imports it, so they are made here, for this call."""
     global _TORCH_DLPACK
     if _TORCH_DLPACK is None:
