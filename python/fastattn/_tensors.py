@@ -268,8 +268,10 @@ def write_ints(dst: Any, host: np.ndarray) -> None:
     n = int(host.size)
     if fw in ("torch", "cupy") and is_cuda(dst):
         _upload(host, dst[:n])
-    elif fw in ("torch", "numpy"):
-        dst[:n] = host if fw == "numpy" else _torch_from_host(host)
+    elif fw == "torch":
+        dst[:n] = _torch_from_host(host)
+    elif fw == "numpy":
+        dst[:n] = host
     else:
         raise TypeError(f"cannot write into a {type(dst).__name__} in place (torch, cupy or numpy)")
 

@@ -414,9 +414,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
         if used is not None and used.size and used.min() < 0:
             raise ValueError(f"indices must be page ids >= 0, got {int(used.min())}")
         if graph is not None:
-            pages_on_device = self._plan_graph(ip, indices, used, last, arrays, heads_kv, items)
+            seqlens, page_args = self._plan_graph(ip, indices, used, last, arrays, heads_kv, items)
         else:
-            pages_on_device = self._plan_arrays(ws, indptr, ip, indices, used, arrays, max_pages)
+            seqlens, page_args = self._plan_arrays(ws, indptr, ip, indices, used, arrays, max_pages)
         self._plan = {
             "batch": batch,
             "num_qo_heads": heads_q,
@@ -433,20 +433,17 @@ class BatchDecodeWithPagedKVCacheWrapper:
             "num_splits": splits,
             "split_counts": counts,
             "on_gpu": on_gpu,  # where the plan's arrays are
-            **pages_on_device,
+            "seqlens": seqlens,
+            "page_args": page_args,  # the page arguments run() passes
         }
-        # The page arguments run() passes: those this plan sets.
-        self._plan["page_args"] = {k: pages_on_device[k] for k in
-                                   ("block_table", "page_indptr", "page_indices", "split_plan")
-                                   if pages_on_device[k] is not None}
 
-    def _plan_arrays(self, ws, indptr, ip, indices, used, arrays, max_pages) -> dict:
+    def _plan_arrays(self, ws, indptr, ip, indices, used, arrays, max_pages):
         """plan()'s device arrays, new ones each step: a block table (built on the device from
         the CSR lists: the kernels read a table's page ids without a row pointer first), the key
         lengths and the split plan (`arrays`, from plan_paged_decode). The table is built from the
         caller's lists in place where they are int32 arrays on the workspace's device, else from
         copies: the ids device to device when `used`, their host copy, is None, else uploaded with
-        the row pointers and `arrays` in one copy."""
+        the row pointers and `arrays` in one copy. Returns (key lengths, run()'s page arguments)."""
         batch = ip.size - 1
         n = arrays.size
         # Its width, the most pages of a request, is the capacity heuristic's bound on the keys.
@@ -467,18 +464,16 @@ class BatchDecodeWithPagedKVCacheWrapper:
             page_indptr = dev[n:n + batch + 1]
         call_op(_C.csr_to_block_table, page_indptr=page_indptr, page_indices=page_indices,
                 block_table=table, **exec_kwargs(ws))
-        return {
-            "split_plan": dev[batch:n] if n > batch else None,
-            "block_table": table,
-            "page_indptr": None,
-            "page_indices": None,
-            "seqlens": dev[:batch],
-        }
+        page_args = {"block_table": table}
+        if n > batch:
+            page_args["split_plan"] = dev[batch:n]
+        return dev[:batch], page_args
 
-    def _plan_graph(self, ip, indices, used, last, arrays, heads_kv, items) -> dict:
+    def _plan_graph(self, ip, indices, used, last, arrays, heads_kv, items):
         """plan()'s device arrays with use_cuda_graph=True: this step's page lists, and the key
         lengths and split plan of the fixed size (`arrays`), written into the arrays the captured
-        run() reads. The page ids go device to device when `used` (their host copy) is None."""
+        run() reads. The page ids go device to device when `used` (their host copy) is None.
+        Returns (key lengths, run()'s page arguments)."""
         g = self._graph
         num_pages = int(ip[-1] - ip[0])
         if num_pages > int(g.indices.shape[0]):
@@ -491,13 +486,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
             copy_on_device(g.indices, indices, int(ip[0]), num_pages)
         write_ints(g.last_page_len, last.astype(np.int32))
         write_ints(g.plan_arrays(heads_kv, items), arrays)
-        return {
-            "split_plan": g.split_plan,
-            "block_table": None,
-            "page_indptr": g.indptr,
-            "page_indices": g.indices,
-            "seqlens": g.seqlens,
-        }
+        return g.seqlens, {"page_indptr": g.indptr, "page_indices": g.indices,
+                           "split_plan": g.split_plan}
 
     begin_forward = plan
 

@@ -25,7 +25,7 @@ struct StagingBlock {
   void* host = nullptr;
   std::size_t bytes = 0;
   int device = -1;              // the device of `read` (an event belongs to one device)
-  cudaEvent_t read = nullptr;   // never recorded: free; recorded: free once complete
+  cudaEvent_t read = nullptr;   // made with the block; free until recorded, then once complete
   bool in_use = false;          // between take() and give_back()
 };
 
@@ -58,7 +58,7 @@ class StagingPool {
     // first one no other call holds, and make it fit.
     for (StagingBlock& b : blocks_) {
       if (b.in_use) continue;
-      if (b.read != nullptr) FASTATTN_CUDA_CHECK(cudaEventSynchronize(b.read));
+      FASTATTN_CUDA_CHECK(cudaEventSynchronize(b.read));
       if (b.device != device || b.bytes < bytes) {
         StagingBlock fitting = make_block(bytes, device);
         release(b);
@@ -86,7 +86,6 @@ class StagingPool {
   }
 
   static bool finished(const StagingBlock& b) {
-    if (b.read == nullptr) return true;
     const cudaError_t state = cudaEventQuery(b.read);
     if (state == cudaErrorNotReady) {
       (void)cudaGetLastError();  // cudaErrorNotReady is a state, not an error to report later
@@ -110,10 +109,9 @@ class StagingPool {
     return b;
   }
 
-  static void release(StagingBlock& b) {
-    if (b.read != nullptr) FASTATTN_CUDA_CHECK(cudaEventDestroy(b.read));
-    if (b.host != nullptr) FASTATTN_CUDA_CHECK(cudaFreeHost(b.host));
-    b = StagingBlock{};
+  static void release(const StagingBlock& b) {
+    FASTATTN_CUDA_CHECK(cudaEventDestroy(b.read));
+    FASTATTN_CUDA_CHECK(cudaFreeHost(b.host));
   }
 
   std::mutex mutex_;
