@@ -35,6 +35,7 @@ __all__ = [
     "empty",
     "finalize",
     "exec_kwargs",
+    "cuda_stream_of",
     "shape_or_zero",
     "transpose2d",
 ]
@@ -67,7 +68,7 @@ def check_array(x: Any, name: str) -> None:
 def prepare(x: Any) -> Any:
     """The object to hand to the binding: torch tensors that require grad are detached (DLPack
     refuses them; fastattn is forward-only, so no gradient is lost that could have been kept)."""
-    if x is not None and framework(x) == "torch" and getattr(x, "requires_grad", False):
+    if getattr(x, "requires_grad", False) and framework(x) == "torch":
         return x.detach()
     return x
 
@@ -160,19 +161,24 @@ def _torch_current_stream(torch, device) -> int:
     return int(torch.cuda.current_stream(device).cuda_stream)
 
 
-def exec_kwargs(like: Any) -> dict:
-    """cuda_stream for the binding: the caller's current stream for CUDA tensors (torch, cupy),
-    0 (the default stream; unused on the CPU) otherwise."""
+def cuda_stream_of(like: Any) -> int:
+    """The caller's current stream for CUDA tensors (torch, cupy), 0 (the default stream; unused
+    on the CPU) otherwise."""
     fw = framework(like)
     if fw == "torch" and like.is_cuda:
         import torch
 
-        return {"cuda_stream": _torch_current_stream(torch, like.device)}
+        return _torch_current_stream(torch, like.device)
     if fw == "cupy":
         import cupy
 
-        return {"cuda_stream": int(cupy.cuda.get_current_stream().ptr)}
-    return {"cuda_stream": 0}
+        return int(cupy.cuda.get_current_stream().ptr)
+    return 0
+
+
+def exec_kwargs(like: Any) -> dict:
+    """cuda_stream for the binding (cuda_stream_of) as a keyword argument."""
+    return {"cuda_stream": cuda_stream_of(like)}
 
 
 def is_cuda(x: Any) -> bool:

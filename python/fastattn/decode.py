@@ -30,6 +30,7 @@ from ._tensors import (
     as_float,
     as_int,
     call_op,
+    cuda_stream_of,
     check_array,
     device_sm_count,
     dtype_name,
@@ -42,11 +43,9 @@ from ._tensors import (
     framework,
     host_ints,
     is_cuda,
-    nhd_pages,
     on_device_of,
     optional_float,
     prepare,
-    usable_workspace,
     write_ints,
 )
 
@@ -271,6 +270,18 @@ class _GraphBuffers:
         return self.arrays[self.batch:]
 
 
+def _refuse_run_arguments(args, q_scale, k_scale, v_scale, sinks, q_len_per_req) -> None:
+    """run()'s errors for the arguments it does not take (kept off its common path)."""
+    if args:
+        raise TypeError(f"run() takes q and paged_kv_cache positionally, got {len(args)} more")
+    for name, x in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale),
+                    ("sinks", sinks)):
+        if x is not None:
+            raise NotImplementedError(f"{name} is not supported by fastattn's decode wrapper")
+    raise NotImplementedError(f"q_len_per_req must be 1 (one query per request), got "
+                              f"{q_len_per_req}")
+
+
 class BatchDecodeWithPagedKVCacheWrapper:
     """Batch decode (one query per request) over a paged KV cache: FlashInfer's interface.
 
@@ -317,6 +328,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         self._kv_layout = kv_layout
         self._workspace_buffer = float_workspace_buffer
         self._plan: Optional[dict] = None
+        self._runner = None  # _C.PagedDecodeRunner of the plan: run()'s checks, views and op call
         self._graph: Optional[_GraphBuffers] = None
         if use_cuda_graph:
             self._graph = _GraphBuffers(float_workspace_buffer, paged_kv_indptr_buffer,
@@ -332,7 +344,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
         check_array(float_workspace_buffer, "float_workspace_buffer")
         self._workspace_buffer = float_workspace_buffer
         if self._plan is not None:
-            self._plan["workspace_ok"] = {}
+            self._runner = None
+            self._runner = self._make_runner(self._plan)
 
     def plan(self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int,
              head_dim: int, page_size: int, pos_encoding_mode: str = "NONE",
@@ -417,7 +430,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
             seqlens, page_args = self._plan_graph(ip, indices, used, last, arrays, heads_kv, items)
         else:
             seqlens, page_args = self._plan_arrays(ws, indptr, ip, indices, used, arrays, max_pages)
-        self._plan = {
+        plan = {
             "batch": batch,
             "num_qo_heads": heads_q,
             "num_kv_heads": heads_kv,
@@ -429,13 +442,16 @@ class BatchDecodeWithPagedKVCacheWrapper:
             "sm_scale": optional_float(sm_scale, "sm_scale"),
             # None: the ids were not read (graph mode, on the GPU): no check against the cache
             "max_page_id": None if used is None else (int(used.max()) if used.size else -1),
-            "workspace_ok": {},  # (shapes) -> whether the workspace buffer is large enough
             "num_splits": splits,
             "split_counts": counts,
             "on_gpu": on_gpu,  # where the plan's arrays are
             "seqlens": seqlens,
             "page_args": page_args,  # the page arguments run() passes
+            "out_shape": (batch, heads_q, as_int(head_dim, "head_dim")),
         }
+        # Both or neither: a runner of another plan must never serve this one.
+        self._runner = None
+        self._plan, self._runner = plan, self._make_runner(plan)
 
     def _plan_arrays(self, ws, indptr, ip, indices, used, arrays, max_pages):
         """plan()'s device arrays, new ones each step: a block table (built on the device from
@@ -494,6 +510,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
     def end_forward(self) -> None:
         """Clear the plan (FlashInfer's deprecated name; nothing else to release)."""
         self._plan = None
+        self._runner = None
 
     @property
     def num_splits(self) -> Optional[int]:
@@ -510,24 +527,16 @@ class BatchDecodeWithPagedKVCacheWrapper:
         :func:`decode_split_counts_for_lengths`), or None (a uniform count: :attr:`num_splits`)."""
         return None if self._plan is None else self._plan["split_counts"]
 
-    def _pages(self, paged_kv_cache):
-        """(k_pages, v_pages) views of the cache, checked against the plan."""
-        plan = self._plan
-        k_pages, v_pages = nhd_pages(paged_kv_cache, "paged_kv_cache")
-        want = (plan["page_size"], plan["num_kv_heads"], plan["head_dim"])
-        for name, t in (("k", k_pages), ("v", v_pages)):
-            shape = tuple(t.shape)
-            if len(shape) != 4 or shape[1:] != want:
-                raise ValueError(f"paged_kv_cache's {name} pages must have shape (max_num_pages, "
-                                 f"page_size, num_kv_heads, head_dim) = (*, {want[0]}, {want[1]}, "
-                                 f"{want[2]}) as planned, got {shape}")
-            if plan["max_page_id"] is not None and shape[0] <= plan["max_page_id"]:
-                raise ValueError(f"plan() was given page id {plan['max_page_id']}, but "
-                                 f"paged_kv_cache holds {shape[0]} pages")
-            if dtype_name(t.dtype) != plan["data_type"]:
-                raise TypeError(f"paged_kv_cache has dtype {dtype_name(t.dtype)} but plan() was "
-                                f"given {plan['data_type']}")
-        return k_pages, v_pages
+    def _make_runner(self, plan):
+        """The plan's _C.PagedDecodeRunner: the plan's arrays and the workspace imported once,
+        so that each run() hands over only q, the pages, out and lse."""
+        pa = plan["page_args"]
+        return call_op(_C.PagedDecodeRunner, plan["seqlens"], pa.get("block_table"),
+                       pa.get("page_indptr"), pa.get("page_indices"), pa.get("split_plan"),
+                       plan["num_splits"], plan["batch"], plan["num_qo_heads"],
+                       plan["num_kv_heads"], plan["head_dim"], plan["page_size"],
+                       plan["data_type"], plan["max_page_id"], plan["on_gpu"],
+                       self._workspace_buffer, self._graph is not None)
 
     def run(self, q, paged_kv_cache, *args, q_scale=None, k_scale=None, v_scale=None, out=None,
             lse=None, return_lse: bool = False, enable_pdl=None, window_left=None, sinks=None,
@@ -541,71 +550,30 @@ class BatchDecodeWithPagedKVCacheWrapper:
         (batch_size, num_qo_heads) float32. window_left overrides the plan's.
         Returns out, or (out, lse) with return_lse: natural-log LSE (FlashInfer's is base 2).
         """
-        if self._plan is None:
+        runner = self._runner
+        if runner is None:
             raise RuntimeError("BatchDecodeWithPagedKVCacheWrapper.plan() must be called before run()")
-        if args:
-            raise TypeError(f"run() takes q and paged_kv_cache positionally, got {len(args)} more")
-        for name, x in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale),
-                        ("sinks", sinks)):
-            if x is not None:
-                raise NotImplementedError(f"{name} is not supported by fastattn's decode wrapper")
-        if q_len_per_req not in (None, 1):
-            raise NotImplementedError(f"q_len_per_req must be 1 (one query per request), got "
-                                      f"{q_len_per_req}")
-        plan = self._plan
+        if (args or q_scale is not None or k_scale is not None or v_scale is not None
+                or sinks is not None or q_len_per_req not in (None, 1)):
+            _refuse_run_arguments(args, q_scale, k_scale, v_scale, sinks, q_len_per_req)
         check_array(q, "q")
-        want = (plan["batch"], plan["num_qo_heads"], plan["head_dim"])
-        if tuple(q.shape) != want:
-            raise ValueError(f"q must have shape (batch_size, num_qo_heads, head_dim) = {want} as "
-                             f"planned, got {tuple(q.shape)}")
-        if dtype_name(q.dtype) != plan["data_type"]:
-            raise TypeError(f"q has dtype {dtype_name(q.dtype)} but plan() was given "
-                            f"{plan['data_type']}")
-        k_pages, v_pages = self._pages(paged_kv_cache)
-        if is_cuda(q) != plan["on_gpu"]:
-            where = "a CUDA device" if plan["on_gpu"] else "the host"
-            raise ValueError(f"q must be on the device of the workspace buffer plan() used "
-                             f"({where}), got q on {'a CUDA device' if is_cuda(q) else 'the host'}")
-        if out is not None:
-            check_array(out, "out")
-            if tuple(out.shape) != want:
-                raise ValueError(f"out must have shape {want}, got {tuple(out.shape)}")
-        o = out if out is not None else empty(q, want)
-        if lse is not None:
-            check_array(lse, "lse")
-            if tuple(lse.shape) != want[:2]:
-                raise ValueError(f"lse must have shape {want[:2]}, got {tuple(lse.shape)}")
-        elif return_lse:
-            lse = empty(q, want[:2], "float32")
+        if isinstance(paged_kv_cache, (tuple, list)):
+            if len(paged_kv_cache) != 2:
+                raise ValueError(f"paged_kv_cache given as a tuple must be (k_pages, v_pages), got "
+                                 f"{len(paged_kv_cache)} items")
+            pages, v_pages = prepare(paged_kv_cache[0]), prepare(paged_kv_cache[1])
+        else:
+            pages, v_pages = prepare(paged_kv_cache), None
+        plan = self._plan
+        # The runner checks every array against the plan (shapes, dtypes, device) before the op.
+        o = out if out is not None else empty(q, plan["out_shape"])
+        if lse is None and return_lse:
+            lse = empty(q, plan["out_shape"][:2], "float32")
         left = plan["window_left"] if window_left is None else as_int(window_left, "window_left")
-        # One query row per request: (B, 1, Hq, D) views of q / out and (B, Hq, 1) of lse. Only
-        # the arguments this call sets: the binding parses each one it is given.
-        call = dict(
-            q=prepare(q[:, None]), k_cache=prepare(k_pages), v_cache=prepare(v_pages),
-            cache_seqlens=plan["seqlens"], num_splits=plan["num_splits"], out=o[:, None],
-            softmax_scale=plan["sm_scale"], window_left=left, softcap=plan["softcap"],
-            **plan["page_args"], **exec_kwargs(q),
-        )
-        if lse is not None:
-            call["lse"] = lse[:, :, None]
-        workspace, alloc = None, None
-        if is_cuda(q):
-            ws = self._workspace_buffer
-            key = (tuple(q.shape), tuple(k_pages.shape), left)
-            if key not in plan["workspace_ok"]:
-                need = call_op(_C.kvcache_workspace_bytes, **call)
-                plan["workspace_ok"][key] = usable_workspace(ws, q) and need <= int(ws.nbytes)
-                if self._graph is not None and not plan["workspace_ok"][key]:
-                    # A captured call must not allocate: its partial states live in the buffer.
-                    raise ValueError(
-                        f"float_workspace_buffer must be a contiguous uint8 array on q's device "
-                        f"of at least {need} bytes with use_cuda_graph=True, got "
-                        f"{dtype_name(ws.dtype)} of {int(ws.nbytes)} bytes")
-            if plan["workspace_ok"][key]:
-                workspace = ws
-            else:
-                alloc = lambda nbytes: empty(q, (nbytes,), "uint8")  # noqa: E731
-        call_op(_C.kvcache_attention_forward, workspace=workspace, workspace_alloc=alloc, **call)
+        alloc = None if self._graph is not None else (
+            lambda nbytes: empty(q, (nbytes,), "uint8"))  # the caller's allocator, when needed
+        call_op(runner.run, prepare(q), pages, v_pages, o, lse, left, plan["sm_scale"],
+                plan["softcap"], cuda_stream_of(q), alloc)
         if return_lse:
             return finalize(q, o), finalize(q, lse)
         return finalize(q, o)

@@ -174,6 +174,58 @@ def test_decode_wrapper_errors(rng):
         w.run(q, kv, None)
 
 
+
+def test_decode_wrapper_run_arguments(rng):
+    """run()'s arrays as the plan's runner takes them: the cache as one array or a tuple (a list
+    too), k and v pages of separate strides, out / lse given or made, the workspace replaced; bad
+    arrays refused with the argument named and the outputs left as they were."""
+    hq, hkv, d, ps = 6, 2, 16, 4
+    lens = [13, 0, 7]
+    indptr, indices, last, num_pages = make_pages(rng, lens, ps)
+    q, q64 = randn(rng, (3, hq, d), "float32")
+    kv, kv64 = randn(rng, (num_pages, 2, ps, hkv, d), "float32")
+    k_sep = np.ascontiguousarray(kv[:, 0])
+    v_sep = np.zeros((num_pages, ps, hkv, d + 8), np.float32)[..., :d]  # rows of d + 8 apart
+    v_sep[...] = kv[:, 1]
+    want, lse64 = reference(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens)
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(np.empty(16, np.uint8))
+    w.plan(indptr, indices, last, hq, hkv, d, ps, q_data_type="float32")
+    for cache in (kv, (k_sep, v_sep), [kv[:, 0], kv[:, 1]]):
+        out, lse = nan_like(q), np.full((3, hq), np.nan, np.float32)
+        assert w.run(q, cache, out=out, lse=lse) is out
+        assert_close("out", out, want, want, "float32")
+        assert_lse("lse", lse, lse64)
+    got, got_lse = w.run(q, kv, return_lse=True)
+    assert_close("made out", got, want, want, "float32")
+    assert_lse("made lse", got_lse, lse64)
+    w.reset_workspace_buffer(np.empty(32, np.uint8))
+    assert_close("new workspace", w.run(q, kv), want, want, "float32")
+
+    out, lse = nan_like(q), np.full((3, hq), np.nan, np.float32)
+    bad = [
+        (ValueError, r"paged_kv_cache given as a tuple must be \(k_pages, v_pages\), got 3 items",
+         dict(paged_kv_cache=(kv[:, 0], kv[:, 1], kv[:, 1]))),
+        (ValueError, r"paged_kv_cache must have shape \(max_num_pages, 2, page_size, num_kv_heads, "
+         r"head_dim\) \(NHD\), got \(" + str(num_pages) + r", 3, 4, 2, 16\)",
+         dict(paged_kv_cache=np.concatenate([kv, kv[:, :1]], axis=1))),
+        (ValueError, "paged_kv_cache's v pages must have shape",
+         dict(paged_kv_cache=(k_sep, v_sep[:, :, :1]))),
+        (TypeError, r"paged_kv_cache has dtype float16 but plan\(\) was given float32",
+         dict(paged_kv_cache=(k_sep, v_sep.astype(np.float16)))),
+        (TypeError, r"argument 'paged_kv_cache\[1\]': expected an array", dict(paged_kv_cache=(k_sep, "v"))),
+        (TypeError, "q must be an array", dict(q=[[1.0]])),
+        (ValueError, "argument 'out': the array is read-only", dict(out=np.broadcast_to(q, q.shape))),
+        (TypeError, "argument 'lse': expected a writable array", dict(lse="lse")),
+        (ValueError, r"q must have shape .* as planned, got \(3, 6, 16, 1\)", dict(q=q[..., None])),
+    ]
+    for error, message, change in bad:
+        args = dict(q=q, paged_kv_cache=kv, out=out, lse=lse)
+        args.update(change)
+        with pytest.raises(error, match=message):
+            w.run(args.pop("q"), args.pop("paged_kv_cache"), **args)
+        assert np.isnan(out).all() and np.isnan(lse).all(), "a refused run() wrote its outputs"
+    assert_close("after the errors", w.run(q, kv), want, want, "float32")
+
 # ---- the split rule ------------------------------------------------------------------------
 
 
