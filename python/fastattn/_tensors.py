@@ -116,12 +116,14 @@ def _torch_dtype(torch, dtype):
 def empty(like: Any, shape: Sequence[int], dtype: Optional[str] = None) -> Any:
     """An uninitialised array of `shape` in the framework and on the device of `like`, with
     `like`'s dtype or `dtype` ("float32", "int32" or "uint8")."""
-    shape = tuple(int(s) for s in shape)
+    shape = tuple(map(int, shape))
     fw = framework(like)
     if fw == "torch":
+        if dtype is None:
+            return like.new_empty(shape)  # like's dtype and device; the fastest torch path
         import torch
 
-        return torch.empty(shape, dtype=_torch_dtype(torch, dtype) or like.dtype, device=like.device)
+        return like.new_empty(shape, dtype=_torch_dtype(torch, dtype))
     if fw == "cupy":
         import cupy
 

@@ -27,7 +27,7 @@ from ._tensors import (
     call_op,
     check_array,
     empty,
-    exec_kwargs,
+    cuda_stream_of,
     finalize,
     framework,
     is_cuda,
@@ -58,18 +58,27 @@ def _check_dropout(dropout_p: Any) -> None:
 
 
 def _option_kwargs(like, softmax_scale, causal, window_size, softcap, alibi_slopes) -> dict:
+    """The options and the stream, checked, as keyword arguments of the binding: only those that
+    differ from its defaults (nanobind parses each argument given, ~0.1-0.5 us apiece)."""
     left, right = window_pair(window_size)
+    kw = {}
+    if softmax_scale is not None:
+        kw["softmax_scale"] = optional_float(softmax_scale, "softmax_scale")
+    if causal:
+        kw["causal"] = True
+    if left != -1:
+        kw["window_left"] = left
+    if right != -1:
+        kw["window_right"] = right
+    cap = as_float(softcap, "softcap")
+    if cap != 0.0:
+        kw["softcap"] = cap
     if alibi_slopes is not None:
         check_array(alibi_slopes, "alibi_slopes")
-    kw = {
-        "softmax_scale": optional_float(softmax_scale, "softmax_scale"),
-        "causal": bool(causal),
-        "window_left": left,
-        "window_right": right,
-        "softcap": as_float(softcap, "softcap"),
-        "alibi_slopes": prepare(alibi_slopes),
-    }
-    kw.update(exec_kwargs(like))
+        kw["alibi_slopes"] = prepare(alibi_slopes)
+    stream = cuda_stream_of(like)
+    if stream:
+        kw["cuda_stream"] = stream
     return kw
 
 
@@ -77,6 +86,19 @@ def _check_arrays(**arrays) -> None:
     for name, x in arrays.items():
         if x is not None:
             check_array(x, name)
+
+
+def _given_arrays(required, **arrays) -> dict:
+    """The arrays given (not None), each checked and prepared, as keyword arguments of the
+    binding, in order (the first bad one is the error); those named in `required` must be given."""
+    given = {}
+    for name, x in arrays.items():
+        if x is not None:
+            check_array(x, name)
+            given[name] = prepare(x)
+        elif name in required:
+            raise ValueError(f"argument '{name}' is required, got None")
+    return given
 
 
 def _check_packed(x, name: str, ndim: int, dim: int, count: int, layout: str) -> None:
@@ -243,44 +265,34 @@ def flash_attn_varlen_func(
         out (total_q, nheads, headdim), or (out, softmax_lse), or (out, softmax_lse, attn_probs).
     """
     _check_dropout(dropout_p)
-    _check_arrays(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                  block_table=block_table, seqused_k=seqused_k, out=out)
+    args = _given_arrays(("q", "cu_seqlens_q"), q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q,
+                         cu_seqlens_k=cu_seqlens_k, block_table=block_table, seqused_k=seqused_k,
+                         out=out)
+    if block_table is not None:  # k and v are the paged caches
+        for name in ("k", "v"):
+            if name in args:
+                args[name + "_pages"] = args.pop(name)
     kw = _option_kwargs(q, softmax_scale, causal, window_size, softcap, alibi_slopes)
-    max_seqlen_q = as_int(max_seqlen_q, "max_seqlen_q")
-    max_seqlen_k = as_int(max_seqlen_k, "max_seqlen_k")
+    args["max_seqlen_q"] = max_seqlen_q = as_int(max_seqlen_q, "max_seqlen_q")
+    args["max_seqlen_k"] = max_seqlen_k = as_int(max_seqlen_k, "max_seqlen_k")
     total_q, nheads = shape_or_zero(q, 3, 0), shape_or_zero(q, 3, 1)
-    batch = max(shape_or_zero(cu_seqlens_q, 1, 0) - 1, 0)
-    o = out if out is not None else empty(q, q.shape)
-    lse = empty(q, (nheads, total_q), "float32") if (return_attn_probs or return_softmax_lse) else None
-    probs = (
-        empty(q, (batch, nheads, max(max_seqlen_q, 0), max(max_seqlen_k, 0)), "float32")
-        if return_attn_probs
-        else None
-    )
-    if block_table is None:
-        keys = {"k": prepare(k), "v": prepare(v)}
+    if out is None:
+        args["out"] = o = empty(q, q.shape)
     else:
-        keys = {"k_pages": prepare(k), "v_pages": prepare(v), "block_table": prepare(block_table)}
+        o = args["out"]
+    lse = probs = None
+    if return_attn_probs or return_softmax_lse:
+        args["lse"] = lse = empty(q, (nheads, total_q), "float32")
+    if return_attn_probs:
+        batch = max(shape_or_zero(cu_seqlens_q, 1, 0) - 1, 0)
+        args["probs"] = probs = empty(
+            q, (batch, nheads, max(max_seqlen_q, 0), max(max_seqlen_k, 0)), "float32")
     # Decode-shaped calls on a GPU (block_table, max_seqlen_q == 1, one query row per sequence)
     # run the split-KV decode kernels; their scratch comes from the caller's allocator as in
     # flash_attn_with_kvcache, asked for by the binding only when the call needs it.
-    alloc = (lambda nbytes: empty(q, (nbytes,), "uint8")) if is_cuda(q) else None
-    call_op(
-        _C.varlen_attention_forward,
-        q=prepare(q),
-        cu_seqlens_q=prepare(cu_seqlens_q),
-        max_seqlen_q=max_seqlen_q,
-        cu_seqlens_k=prepare(cu_seqlens_k),
-        seqused_k=prepare(seqused_k),
-        max_seqlen_k=max_seqlen_k,
-        out=prepare(o),
-        lse=lse,
-        probs=probs,
-        workspace=None,
-        workspace_alloc=alloc,
-        **keys,
-        **kw,
-    )
+    if is_cuda(q):
+        args["workspace_alloc"] = lambda nbytes: empty(q, (nbytes,), "uint8")
+    call_op(_C.varlen_attention_forward, **args, **kw)
     return _result(q, o, lse, probs, return_attn_probs, return_softmax_lse)
 
 
@@ -397,10 +409,10 @@ def flash_attn_with_kvcache(
     Return:
         out (batch_size, seqlen_q, nheads, headdim), or (out, softmax_lse).
     """
-    _check_arrays(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, rotary_cos=rotary_cos,
-                  rotary_sin=rotary_sin, cache_batch_idx=cache_batch_idx,
-                  cache_leftpad=cache_leftpad, block_table=block_table, out=out,
-                  split_plan=split_plan)
+    args = _given_arrays(("q", "k_cache", "v_cache"), q=q, k_cache=k_cache, v_cache=v_cache, k=k,
+                         v=v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                         cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
+                         block_table=block_table, out=out, split_plan=split_plan)
     appending = k is not None or v is not None
     if appending:
         for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
@@ -436,33 +448,28 @@ def flash_attn_with_kvcache(
                 f"{type(cache_seqlens).__name__}"
             ) from None
 
-    batch, seqlen_q, nheads = (shape_or_zero(q, 4, i) for i in range(3))
-    o = out if out is not None else empty(q, q.shape)
-    lse = empty(q, (batch, nheads, seqlen_q), "float32") if return_softmax_lse else None
-    args = dict(
-        q=prepare(q),
-        k_cache=prepare(k_cache),
-        v_cache=prepare(v_cache),
-        k=prepare(k),
-        v=prepare(v),
-        rotary_cos=prepare(rotary_cos),
-        rotary_sin=prepare(rotary_sin),
-        rotary_interleaved=bool(rotary_interleaved),
-        cache_batch_idx=prepare(cache_batch_idx),
-        cache_leftpad=prepare(cache_leftpad),
-        block_table=prepare(block_table),
-        num_splits=as_int(num_splits, "num_splits"),
-        split_plan=prepare(split_plan),
-        out=prepare(o),
-        lse=lse,
-        **seqlens,
-        **kw,
-    )
+    splits = as_int(num_splits, "num_splits")
+    if splits:
+        args["num_splits"] = splits
+    if not rotary_interleaved:
+        args["rotary_interleaved"] = False
+    if out is None:
+        args["out"] = o = empty(q, q.shape)
+    else:
+        o = args["out"]
+    lse = None
+    if return_softmax_lse:
+        batch, seqlen_q, nheads = (shape_or_zero(q, 4, i) for i in range(3))
+        args["lse"] = lse = empty(q, (batch, nheads, seqlen_q), "float32")
+    args.update(seqlens)
+    args.update(kw)
     # The CPU backend allocates its own scratch; on a GPU it comes from the caller's allocator
     # (torch / cupy caching allocators: stream-ordered, so calls stay graph-capturable), asked
     # for by the binding only when the call needs it.
     alloc = (lambda nbytes: empty(q, (nbytes,), "uint8")) if is_cuda(q) else None
-    call_op(_C.kvcache_attention_forward, workspace=None, workspace_alloc=alloc, **args)
+    if alloc is not None:
+        args["workspace_alloc"] = alloc
+    call_op(_C.kvcache_attention_forward, **args)
     out_final = finalize(q, o)
     if return_softmax_lse:
         return out_final, finalize(q, lse)
