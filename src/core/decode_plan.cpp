@@ -2,8 +2,9 @@
 //
 // The per-sequence rule weighs up to max_splits chunk options, each a count per sequence. Rather
 // than a (options, batch) matrix of ceiling divisions, an option is evaluated on the sorted
-// lengths: a chunk c gives count k to the lengths in ((k - 1) c, k c], so each k is one binary
-// search, and the group's largest part is that of its longest length (parts grow with length).
+// lengths: a chunk c gives count k to the lengths in ((k - 1) c, k c], so each count that some
+// length takes is one binary search, and the group's largest part is that of its longest length
+// (parts grow with length).
 // The choices are the same integer arithmetic and the same double-precision estimate as the
 // formulas in the header, in the same order of options, so ties resolve the same way.
 #include "fastattn/decode_plan.h"
@@ -72,14 +73,13 @@ struct Option {
 Option chunk_option(const Lengths& l, std::int64_t s, int heads, int sms, const DecodeSplitRule& rule) {
   const std::int64_t chunk = ceil_div(l.longest, s);
   std::int64_t parts = 0, longest_tiles = 0;
-  auto from = l.sorted.begin();
-  // Counts run 1..s: k x chunk >= longest once k reaches s (so max_splits never binds).
-  for (std::int64_t k = 1; from != l.sorted.end(); ++k) {
+  // Counts run 1..s: k x chunk >= longest once k reaches s (so max_splits never binds). Each group
+  // starts at the count of its shortest length, so only the counts some length takes are visited.
+  for (auto from = l.sorted.begin(); from != l.sorted.end();) {
+    const std::int64_t k = std::max<std::int64_t>(1, ceil_div(*from, chunk));
     const auto to = std::upper_bound(from, l.sorted.end(), k * chunk);
-    if (to != from) {
-      parts += k * (to - from);
-      longest_tiles = std::max(longest_tiles, ceil_div(ceil_div(*(to - 1), kPlanTileKeys), k));
-    }
+    parts += k * (to - from);
+    longest_tiles = std::max(longest_tiles, ceil_div(ceil_div(*(to - 1), kPlanTileKeys), k));
     from = to;
   }
   return {false, s, parts, estimate(heads, l.total, sms, parts, longest_tiles * kPlanTileKeys, rule)};
