@@ -91,13 +91,21 @@ Option uniform_option(const Lengths& l, std::int64_t s, int heads, int sms, cons
   return {true, s, l.batch * s, estimate(heads, l.total, sms, l.batch * s, longest_part, rule)};
 }
 
-/// The chunk options of at most max_parts parts, s = 1..max_splits in order.
+/// The chunk options of at most max_parts parts, s = 1..max_splits in order, up to the first s no
+/// later option can matter for: parts never fall as s grows (the chunk shrinks), so once an
+/// option's estimate with no tail part is past the tolerance of the best so far, or its parts past
+/// max_parts, so is every later option's. Only options fewest_parts_near_best would never pick
+/// are left out.
 std::vector<Option> chunk_options(const Lengths& l, std::int64_t max_parts, int heads, int sms,
                                   const DecodeSplitRule& rule) {
   std::vector<Option> options;
+  double best = 0;
   for (std::int64_t s = 1; s <= max_splits_of(rule); ++s) {
     Option o = chunk_option(l, s, heads, sms, rule);
-    if (o.parts <= max_parts) options.push_back(o);
+    if (o.parts > max_parts) break;
+    if (!options.empty() && estimate(heads, l.total, sms, o.parts, 0, rule) > best * (1 + kSplitTolerance)) break;
+    best = options.empty() ? o.est : std::min(best, o.est);
+    options.push_back(o);
   }
   return options;
 }
@@ -139,6 +147,27 @@ int uniform_count(const Lengths& l, int heads, int sms, const DecodeSplitRule& r
   return 1;  // unreachable: the best is within its own bound
 }
 
+/// decode_split_counts_for_lengths on lengths already read (`l`, from `lengths`).
+bool split_counts(const char* op, const Lengths& l, const std::int64_t* lengths, int heads, int sms,
+                  std::int32_t* counts, const DecodeSplitRule& rule) {
+  const std::int64_t batch = l.batch;
+  if (batch > 0 && counts == nullptr) fail(op, "counts must not be null for batch " + std::to_string(batch));
+  if (batch > kMaxPlanItems)
+    fail(op, "a split plan takes at most " + std::to_string(kMaxPlanItems) + " sequences, got " +
+                 std::to_string(batch));
+  if (l.longest == 0) {
+    std::fill(counts, counts + batch, 1);
+    return true;
+  }
+  if (balanced(l, rule)) return false;
+  const Option chosen = fewest_parts_near_best(chunk_options(l, kMaxPlanItems, heads, sms, rule));
+  const int s = uniform_count(l, heads, sms, rule);
+  const double uniform_est = estimate(heads, l.total, sms, batch * s, ceil_div(l.longest, s), rule);
+  if (uniform_est < rule.min_gain * chosen.est) return false;
+  write_counts(chosen, lengths, batch, l.longest, counts);
+  return true;
+}
+
 }  // namespace
 
 int decode_num_splits_for_lengths(const std::int64_t* lengths, std::int64_t batch, int num_kv_heads,
@@ -150,22 +179,8 @@ int decode_num_splits_for_lengths(const std::int64_t* lengths, std::int64_t batc
 bool decode_split_counts_for_lengths(const std::int64_t* lengths, std::int64_t batch, int num_kv_heads,
                                      int sm_count, std::int32_t* counts, const DecodeSplitRule& rule) {
   const char* op = "decode_split_counts_for_lengths";
-  const Lengths l = read_lengths(op, lengths, batch, num_kv_heads, sm_count);
-  if (batch > 0 && counts == nullptr) fail(op, "counts must not be null for batch " + std::to_string(batch));
-  if (batch > kMaxPlanItems)
-    fail(op, "a split plan takes at most " + std::to_string(kMaxPlanItems) + " sequences, got " +
-                 std::to_string(batch));
-  if (l.longest == 0) {
-    std::fill(counts, counts + batch, 1);
-    return true;
-  }
-  if (balanced(l, rule)) return false;
-  const Option chosen = fewest_parts_near_best(chunk_options(l, kMaxPlanItems, num_kv_heads, sm_count, rule));
-  const int s = uniform_count(l, num_kv_heads, sm_count, rule);
-  const double uniform_est = estimate(num_kv_heads, l.total, sm_count, batch * s, ceil_div(l.longest, s), rule);
-  if (uniform_est < rule.min_gain * chosen.est) return false;
-  write_counts(chosen, lengths, batch, l.longest, counts);
-  return true;
+  return split_counts(op, read_lengths(op, lengths, batch, num_kv_heads, sm_count), lengths, num_kv_heads,
+                      sm_count, counts, rule);
 }
 
 std::int64_t decode_graph_plan_items(std::int64_t batch, int num_kv_heads, int sm_count, double extra_waves) {
@@ -288,11 +303,13 @@ PagedDecodePlan plan_paged_decode(const std::int64_t* indptr, const std::int64_t
   } else if (!o.split_kv) {
     p.num_splits = 1;
   } else if (o.choose_splits) {
+    // Both rules on one sorted copy of the lengths.
+    const char* rules = "decode_split_counts_for_lengths";
+    const Lengths l = read_lengths(rules, attended.data(), batch, o.num_kv_heads, o.sm_count);
     p.counts.resize(static_cast<std::size_t>(batch));
-    if (!decode_split_counts_for_lengths(attended.data(), batch, o.num_kv_heads, o.sm_count, p.counts.data(),
-                                         o.rule)) {
+    if (!split_counts(rules, l, attended.data(), o.num_kv_heads, o.sm_count, p.counts.data(), o.rule)) {
       p.counts.clear();
-      p.num_splits = decode_num_splits_for_lengths(attended.data(), batch, o.num_kv_heads, o.sm_count, o.rule);
+      p.num_splits = uniform_count(l, o.num_kv_heads, o.sm_count, o.rule);
     }
   }
   if (!p.counts.empty() || items) {
