@@ -262,8 +262,11 @@ class _GraphBuffers:
         return self.arrays
 
     @property
+    def seqlens(self):
+        return self.arrays[:self.batch]
+
+    @property
     def split_plan(self):
-        """The split plan (B + 1 + W) the captured run() reads (the bench reports its size)."""
         return self.arrays[self.batch:]
 
 
@@ -325,11 +328,11 @@ class BatchDecodeWithPagedKVCacheWrapper:
         self._kv_layout = kv_layout
         self._workspace_buffer = float_workspace_buffer
         self._plan: Optional[dict] = None
+        self._runner = None  # _C.PagedDecodeRunner of the plan: run()'s checks, views and op call
         self._graph: Optional[_GraphBuffers] = None
         if use_cuda_graph:
             self._graph = _GraphBuffers(float_workspace_buffer, paged_kv_indptr_buffer,
                                         paged_kv_indices_buffer, paged_kv_last_page_len_buffer)
-        self._runner = self._new_runner()
 
     @property
     def is_cuda_graph_enabled(self) -> bool:
@@ -339,10 +342,10 @@ class BatchDecodeWithPagedKVCacheWrapper:
     def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffer=None) -> None:
         """Replace the workspace buffer (the int buffer of FlashInfer's signature is unused)."""
         check_array(float_workspace_buffer, "float_workspace_buffer")
-        runner = self._new_runner(float_workspace_buffer)
+        self._workspace_buffer = float_workspace_buffer
         if self._plan is not None:
-            call_op(runner.set_plan, *self._plan["runner_plan"])
-        self._workspace_buffer, self._runner = float_workspace_buffer, runner
+            self._runner = None
+            self._runner = self._make_runner(self._plan)
 
     def plan(self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int,
              head_dim: int, page_size: int, pos_encoding_mode: str = "NONE",
@@ -424,34 +427,31 @@ class BatchDecodeWithPagedKVCacheWrapper:
         if used is not None and used.size and used.min() < 0:
             raise ValueError(f"indices must be page ids >= 0, got {int(used.min())}")
         if graph is not None:
-            dev, page_args = self._plan_graph(ip, indices, used, last, arrays, heads_kv, items)
+            seqlens, page_args = self._plan_graph(ip, indices, used, last, arrays, heads_kv, items)
         else:
-            dev, page_args = self._plan_arrays(ws, indptr, ip, indices, used, arrays, max_pages)
-        head_dim = as_int(head_dim, "head_dim")
-        max_page_id = None if used is None else (int(used.max()) if used.size else -1)
-        # run()'s runner: dev holds the key lengths (batch) then the split plan (up to arrays.size).
-        runner_plan = (dev, batch, arrays.size, page_args.get("block_table"),
-                       page_args.get("page_indptr"), page_args.get("page_indices"), splits, heads_q,
-                       heads_kv, head_dim, ps, q_dtype, max_page_id, on_gpu)
-        call_op(self._runner.set_plan, *runner_plan)  # keeps the previous plan if it raises
-        self._plan = {
+            seqlens, page_args = self._plan_arrays(ws, indptr, ip, indices, used, arrays, max_pages)
+        plan = {
             "batch": batch,
             "num_qo_heads": heads_q,
             "num_kv_heads": heads_kv,
-            "head_dim": head_dim,
+            "head_dim": as_int(head_dim, "head_dim"),
             "page_size": ps,
             "data_type": q_dtype,
             "window_left": left,
             "softcap": as_float(logits_soft_cap or 0.0, "logits_soft_cap"),
             "sm_scale": optional_float(sm_scale, "sm_scale"),
             # None: the ids were not read (graph mode, on the GPU): no check against the cache
-            "max_page_id": max_page_id,
+            "max_page_id": None if used is None else (int(used.max()) if used.size else -1),
             "num_splits": splits,
             "split_counts": counts,
             "on_gpu": on_gpu,  # where the plan's arrays are
-            "out_shape": (batch, heads_q, head_dim),
-            "runner_plan": runner_plan,  # set_plan's arguments, again for a new workspace
+            "seqlens": seqlens,
+            "page_args": page_args,  # the page arguments run() passes
+            "out_shape": (batch, heads_q, as_int(head_dim, "head_dim")),
         }
+        # Both or neither: a runner of another plan must never serve this one.
+        self._runner = None
+        self._plan, self._runner = plan, self._make_runner(plan)
 
     def _plan_arrays(self, ws, indptr, ip, indices, used, arrays, max_pages):
         """plan()'s device arrays, new ones each step: a block table (built on the device from
@@ -459,8 +459,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         lengths and the split plan (`arrays`, from plan_paged_decode). The table is built from the
         caller's lists in place where they are int32 arrays on the workspace's device, else from
         copies: the ids device to device when `used`, their host copy, is None, else uploaded with
-        the row pointers and `arrays` in one copy. Returns (the device copy of `arrays`, with the
-        uploaded lists after it where there are any, and the page arguments run() passes)."""
+        the row pointers and `arrays` in one copy. Returns (key lengths, run()'s page arguments)."""
         batch = ip.size - 1
         n = arrays.size
         # Its width, the most pages of a request, is the capacity heuristic's bound on the keys.
@@ -481,13 +480,16 @@ class BatchDecodeWithPagedKVCacheWrapper:
             page_indptr = dev[n:n + batch + 1]
         call_op(_C.csr_to_block_table, page_indptr=page_indptr, page_indices=page_indices,
                 block_table=table, **exec_kwargs(ws))
-        return dev, {"block_table": table}
+        page_args = {"block_table": table}
+        if n > batch:
+            page_args["split_plan"] = dev[batch:n]
+        return dev[:batch], page_args
 
     def _plan_graph(self, ip, indices, used, last, arrays, heads_kv, items):
         """plan()'s device arrays with use_cuda_graph=True: this step's page lists, and the key
         lengths and split plan of the fixed size (`arrays`), written into the arrays the captured
         run() reads. The page ids go device to device when `used` (their host copy) is None.
-        Returns (the device copy of `arrays`, the page arguments run() passes)."""
+        Returns (key lengths, run()'s page arguments)."""
         g = self._graph
         num_pages = int(ip[-1] - ip[0])
         if num_pages > int(g.indices.shape[0]):
@@ -500,14 +502,15 @@ class BatchDecodeWithPagedKVCacheWrapper:
             copy_on_device(g.indices, indices, int(ip[0]), num_pages)
         write_ints(g.last_page_len, last.astype(np.int32))
         write_ints(g.plan_arrays(heads_kv, items), arrays)
-        return g.arrays, {"page_indptr": g.indptr, "page_indices": g.indices}
+        return g.seqlens, {"page_indptr": g.indptr, "page_indices": g.indices,
+                           "split_plan": g.split_plan}
 
     begin_forward = plan
 
     def end_forward(self) -> None:
-        """Clear the plan (FlashInfer's deprecated name) and release its arrays."""
+        """Clear the plan (FlashInfer's deprecated name; nothing else to release)."""
         self._plan = None
-        self._runner = self._new_runner()
+        self._runner = None
 
     @property
     def num_splits(self) -> Optional[int]:
@@ -524,11 +527,16 @@ class BatchDecodeWithPagedKVCacheWrapper:
         :func:`decode_split_counts_for_lengths`), or None (a uniform count: :attr:`num_splits`)."""
         return None if self._plan is None else self._plan["split_counts"]
 
-    def _new_runner(self, workspace=None):
-        """A _C.PagedDecodeRunner for this wrapper's workspace (imported once): each plan() hands
-        it the plan's arrays (set_plan), and each run() only q, the pages, out and lse."""
-        ws = self._workspace_buffer if workspace is None else workspace
-        return call_op(_C.PagedDecodeRunner, ws, self._graph is not None)
+    def _make_runner(self, plan):
+        """The plan's _C.PagedDecodeRunner: the plan's arrays and the workspace imported once,
+        so that each run() hands over only q, the pages, out and lse."""
+        pa = plan["page_args"]
+        return call_op(_C.PagedDecodeRunner, plan["seqlens"], pa.get("block_table"),
+                       pa.get("page_indptr"), pa.get("page_indices"), pa.get("split_plan"),
+                       plan["num_splits"], plan["batch"], plan["num_qo_heads"],
+                       plan["num_kv_heads"], plan["head_dim"], plan["page_size"],
+                       plan["data_type"], plan["max_page_id"], plan["on_gpu"],
+                       self._workspace_buffer, self._graph is not None)
 
     def run(self, q, paged_kv_cache, *args, q_scale=None, k_scale=None, v_scale=None, out=None,
             lse=None, return_lse: bool = False, enable_pdl=None, window_left=None, sinks=None,
@@ -542,7 +550,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
         (batch_size, num_qo_heads) float32. window_left overrides the plan's.
         Returns out, or (out, lse) with return_lse: natural-log LSE (FlashInfer's is base 2).
         """
-        if self._plan is None:
+        runner = self._runner
+        if runner is None:
             raise RuntimeError("BatchDecodeWithPagedKVCacheWrapper.plan() must be called before run()")
         if (args or q_scale is not None or k_scale is not None or v_scale is not None
                 or sinks is not None or q_len_per_req not in (None, 1)):
@@ -563,7 +572,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         left = plan["window_left"] if window_left is None else as_int(window_left, "window_left")
         alloc = None if self._graph is not None else (
             lambda nbytes: empty(q, (nbytes,), "uint8"))  # the caller's allocator, when needed
-        call_op(self._runner.run, prepare(q), pages, v_pages, o, lse, left, plan["sm_scale"],
+        call_op(runner.run, prepare(q), pages, v_pages, o, lse, left, plan["sm_scale"],
                 plan["softcap"], cuda_stream_of(q), alloc)
         if return_lse:
             return finalize(q, o), finalize(q, lse)

@@ -1,12 +1,11 @@
 // fastattn._C.PagedDecodeRunner: the decode wrapper's run() (python/fastattn/decode.py) in one call.
 //
-// The wrapper makes one runner (importing its workspace) and each plan() hands it the arrays it
-// built for the step (key lengths and split plan, block table or page lists), imported once and
-// kept alive. Every run() of the step (once a layer) then imports only what changes per call
-// (q, the pages, out, lse), checks them against the plan with the wrapper's error messages, makes
-// the views the op takes from the strides (q and out (B, H, D) -> (B, 1, H, D), lse (B, H) ->
-// (B, H, 1), a (P, 2, ...) cache -> its k and v pages) and calls
-// fastattn::kvcache_attention_forward. This is the wrapper's contract
+// plan() makes a runner from the arrays it built for the step (key lengths, block table or page
+// lists, split plan) and the workspace, imported here once and kept alive. Every run() of the
+// step (once a layer) then imports only what changes per call (q, the pages, out, lse), checks
+// them against the plan with the wrapper's error messages, makes the views the op takes from the
+// strides (q and out (B, H, D) -> (B, 1, H, D), lse (B, H) -> (B, H, 1), a (P, 2, ...) cache ->
+// its k and v pages) and calls fastattn::kvcache_attention_forward. This is the wrapper's contract
 // with its plan, moved out of Python because its views and checks cost more there than the op
 // (bench/NOTES.md, session 71); the attention itself is validated by the op as for every call.
 
@@ -59,54 +58,44 @@ TensorView select(TensorView t, int dim, std::int64_t index) {
 
 class PagedDecodeRunner {
  public:
-  /// workspace: the wrapper's float workspace buffer (used where it is a contiguous uint8 array
-  /// on q's device); graph: the wrapper captures run() in CUDA graphs, which must not allocate.
-  PagedDecodeRunner(nb::handle workspace, bool graph) : graph_(graph) {
-    ArrayRW a;
-    if (nb::try_cast(workspace, a, /*convert=*/false)) {
-      const TensorView t = make_tensor_view(a, "float_workspace_buffer");
-      workspace_dtype_ = fastattn::dtype_name(t.dtype);
-      workspace_bytes_ = t.numel() * std::int64_t(fastattn::dtype_size(t.dtype));
-      if (t.dtype == fastattn::DType::kUInt8 && t.is_contiguous()) {
-        workspace_ = t;
-        workspace_array_ = a;
+  /// The plan's arrays (on the device of the workspace when on_gpu): seqlens (B) int32 key
+  /// lengths; block_table (B, W) int32, or page_indptr (B + 1) and page_indices int32 (graph mode);
+  /// split_plan or None. max_page_id: the largest page id plan() read (None: not read).
+  /// workspace: the wrapper's float workspace buffer; graph: a captured run() must not allocate.
+  PagedDecodeRunner(nb::handle seqlens, nb::handle block_table, nb::handle page_indptr,
+                    nb::handle page_indices, nb::handle split_plan, int num_splits, std::int64_t batch,
+                    std::int64_t num_qo_heads, std::int64_t num_kv_heads, std::int64_t head_dim,
+                    std::int64_t page_size, std::string data_type, std::optional<std::int64_t> max_page_id,
+                    bool on_gpu, nb::handle workspace, bool graph)
+      : num_splits_(num_splits),
+        batch_(batch),
+        heads_q_(num_qo_heads),
+        heads_kv_(num_kv_heads),
+        head_dim_(head_dim),
+        page_size_(page_size),
+        data_type_(std::move(data_type)),
+        max_page_id_(max_page_id),
+        on_gpu_(on_gpu),
+        graph_(graph) {
+    seqlens_ = in_view(seqlens, "seqlens", keep_);
+    block_table_ = opt_in(block_table, "block_table", keep_);
+    page_indptr_ = opt_in(page_indptr, "page_indptr", keep_);
+    page_indices_ = opt_in(page_indices, "page_indices", keep_);
+    split_plan_ = opt_in(split_plan, "split_plan", keep_);
+    if (on_gpu) {
+      // A buffer the op can use as scratch: a contiguous uint8 array (it is checked against q's
+      // device at each call). Anything else is left to the caller's allocator.
+      ArrayRW a;
+      if (nb::try_cast(workspace, a, /*convert=*/false)) {
+        workspace_ = make_tensor_view(a, "float_workspace_buffer");
+        keep_.rw.push_back(a);
+        workspace_dtype_ = fastattn::dtype_name(workspace_->dtype);
+        workspace_bytes_ = workspace_->numel() * std::int64_t(fastattn::dtype_size(workspace_->dtype));
+        if (workspace_->dtype != fastattn::DType::kUInt8 || !workspace_->is_contiguous()) workspace_.reset();
+      } else {
+        workspace_dtype_ = object_type_name(workspace);
       }
-    } else {
-      workspace_dtype_ = object_type_name(workspace);
     }
-  }
-
-  /// One plan() of the wrapper. arrays: int32, the key lengths (entries 0..batch) then the split
-  /// plan (entries batch..plan_end; none where plan_end == batch); block_table (B, W) int32, or
-  /// page_indptr (B + 1) and page_indices int32 (graph mode). max_page_id: the largest page id
-  /// plan() read (None: not read). The previous plan is kept if this one is refused.
-  void set_plan(nb::handle arrays, std::int64_t batch, std::int64_t plan_end, nb::handle block_table,
-                nb::handle page_indptr, nb::handle page_indices, int num_splits, std::int64_t num_qo_heads,
-                std::int64_t num_kv_heads, std::int64_t head_dim, std::int64_t page_size, std::string data_type,
-                std::optional<std::int64_t> max_page_id, bool on_gpu) {
-    Plan p;
-    const TensorView all = in_view(arrays, "arrays", p.keep);
-    if (all.ndim != 1 || all.dtype != fastattn::DType::kInt32 || batch < 0 || plan_end < batch ||
-        all.shape[0] < plan_end)
-      throw fastattn::ValueError("PagedDecodeRunner.set_plan: arrays must be 1-D int32 of at least plan_end = " +
-                                 std::to_string(plan_end) + " >= batch = " + std::to_string(batch) +
-                                 " entries, got " + all.shape_string());
-    p.seqlens = slice(all, 0, batch);
-    if (plan_end > batch) p.split_plan = slice(all, batch, plan_end);
-    p.block_table = opt_in(block_table, "block_table", p.keep);
-    p.page_indptr = opt_in(page_indptr, "page_indptr", p.keep);
-    p.page_indices = opt_in(page_indices, "page_indices", p.keep);
-    p.num_splits = num_splits;
-    p.batch = batch;
-    p.heads_q = num_qo_heads;
-    p.heads_kv = num_kv_heads;
-    p.head_dim = head_dim;
-    p.page_size = page_size;
-    p.data_type = std::move(data_type);
-    p.max_page_id = max_page_id;
-    p.on_gpu = on_gpu;
-    plan_ = std::move(p);
-    workspace_key_.reset();  // the workspace a call needs depends on the plan's splits
   }
 
   /// Attention of q (B, Hq, D) over the planned pages into out (B, Hq, D) and lse (B, Hq) float32
@@ -116,14 +105,12 @@ class PagedDecodeRunner {
   void run(nb::handle q, nb::handle pages, nb::handle v_pages, nb::handle out, nb::handle lse,
            std::int64_t window_left, std::optional<float> softmax_scale, float softcap,
            std::uintptr_t cuda_stream, nb::handle workspace_alloc) {
-    if (!plan_) throw fastattn::Error("BatchDecodeWithPagedKVCacheWrapper.plan() must be called before run()");
-    const Plan& pl = *plan_;
     Keep keep;
     fastattn::KVCacheArgs a;
     const TensorView tq = in_view(q, "q", keep);
-    if (tq.ndim != 3 || tq.shape[0] != pl.batch || tq.shape[1] != pl.heads_q || tq.shape[2] != pl.head_dim)
+    if (tq.ndim != 3 || tq.shape[0] != batch_ || tq.shape[1] != heads_q_ || tq.shape[2] != head_dim_)
       throw fastattn::ValueError("q must have shape (batch_size, num_qo_heads, head_dim) = " +
-                                 tuple_string({pl.batch, pl.heads_q, pl.head_dim}) + " as planned, got " +
+                                 tuple_string({batch_, heads_q_, head_dim_}) + " as planned, got " +
                                  tq.shape_string());
     check_dtype(tq, "q has dtype ");
     if (v_pages.is_none()) {
@@ -139,38 +126,38 @@ class PagedDecodeRunner {
     }
     check_pages(a.k_cache, "k");
     check_pages(a.v_cache, "v");
-    if ((tq.device.type == fastattn::DeviceType::kCUDA) != pl.on_gpu)
+    if ((tq.device.type == fastattn::DeviceType::kCUDA) != on_gpu_)
       throw fastattn::ValueError(
           std::string("q must be on the device of the workspace buffer plan() used (") +
-          (pl.on_gpu ? "a CUDA device" : "the host") + "), got q on " +
-          (pl.on_gpu ? "the host" : "a CUDA device"));
+          (on_gpu_ ? "a CUDA device" : "the host") + "), got q on " +
+          (on_gpu_ ? "the host" : "a CUDA device"));
     const TensorView tout = out_view(out, "out", keep);
-    if (tout.ndim != 3 || tout.shape[0] != pl.batch || tout.shape[1] != pl.heads_q ||
-        tout.shape[2] != pl.head_dim)
-      throw fastattn::ValueError("out must have shape " + tuple_string({pl.batch, pl.heads_q, pl.head_dim}) +
+    if (tout.ndim != 3 || tout.shape[0] != batch_ || tout.shape[1] != heads_q_ ||
+        tout.shape[2] != head_dim_)
+      throw fastattn::ValueError("out must have shape " + tuple_string({batch_, heads_q_, head_dim_}) +
                                  ", got " + tout.shape_string());
     if (!lse.is_none()) {
       const TensorView tlse = out_view(lse, "lse", keep);
-      if (tlse.ndim != 2 || tlse.shape[0] != pl.batch || tlse.shape[1] != pl.heads_q)
-        throw fastattn::ValueError("lse must have shape " + tuple_string({pl.batch, pl.heads_q}) + ", got " +
+      if (tlse.ndim != 2 || tlse.shape[0] != batch_ || tlse.shape[1] != heads_q_)
+        throw fastattn::ValueError("lse must have shape " + tuple_string({batch_, heads_q_}) + ", got " +
                                    tlse.shape_string());
       a.lse = with_unit_dim(tlse, 2);
     }
     a.q = with_unit_dim(tq, 1);
     a.out = with_unit_dim(tout, 1);
-    a.cache_seqlens = pl.seqlens;
-    a.block_table = pl.block_table;
-    a.page_indptr = pl.page_indptr;
-    a.page_indices = pl.page_indices;
-    a.split_plan = pl.split_plan;
-    a.num_splits = pl.num_splits;
+    a.cache_seqlens = seqlens_;
+    a.block_table = block_table_;
+    a.page_indptr = page_indptr_;
+    a.page_indices = page_indices_;
+    a.split_plan = split_plan_;
+    a.num_splits = num_splits_;
     a.options.softmax_scale = softmax_scale;
     a.options.window_left = window_left;
     a.options.softcap = softcap;
     a.exec = make_exec(cuda_stream, 0);
 
     nb::object allocated;  // keeps a workspace from the caller's allocator alive through the call
-    if (pl.on_gpu) {
+    if (on_gpu_) {
       const WorkspaceKey key{tq.shape[0], tq.shape[1], a.k_cache.shape[0], window_left};
       if (!workspace_key_ || !(*workspace_key_ == key)) {
         const std::size_t need = fastattn::kvcache_workspace_bytes(a);
@@ -197,18 +184,6 @@ class PagedDecodeRunner {
   }
 
  private:
-  /// What one plan() fixed: its arrays (kept alive here) and the sizes run() checks against.
-  struct Plan {
-    Keep keep;
-    TensorView seqlens;
-    std::optional<TensorView> block_table, page_indptr, page_indices, split_plan;
-    int num_splits = 0;
-    std::int64_t batch = 0, heads_q = 0, heads_kv = 0, head_dim = 0, page_size = 0;
-    std::string data_type;
-    std::optional<std::int64_t> max_page_id;
-    bool on_gpu = false;
-  };
-
   struct WorkspaceKey {
     std::int64_t batch, heads_q, num_pages, window_left;
     bool operator==(const WorkspaceKey& o) const {
@@ -217,40 +192,35 @@ class PagedDecodeRunner {
     }
   };
 
-  /// Entries [from, to) of the 1-D `t`.
-  static TensorView slice(TensorView t, std::int64_t from, std::int64_t to) {
-    t.data = static_cast<char*>(t.data) + from * t.strides[0] * std::int64_t(fastattn::dtype_size(t.dtype));
-    t.shape[0] = to - from;
-    return t;
-  }
-
   void check_dtype(const TensorView& t, const std::string& what) const {
-    if (plan_->data_type != fastattn::dtype_name(t.dtype))
-      throw fastattn::TypeError(what + fastattn::dtype_name(t.dtype) + " but plan() was given " + plan_->data_type);
+    if (data_type_ != fastattn::dtype_name(t.dtype))
+      throw fastattn::TypeError(what + fastattn::dtype_name(t.dtype) + " but plan() was given " + data_type_);
   }
 
   void check_pages(const TensorView& t, const char* name) const {
-    const Plan& pl = *plan_;
-    if (t.ndim != 4 || t.shape[1] != pl.page_size || t.shape[2] != pl.heads_kv || t.shape[3] != pl.head_dim)
+    if (t.ndim != 4 || t.shape[1] != page_size_ || t.shape[2] != heads_kv_ || t.shape[3] != head_dim_)
       throw fastattn::ValueError(std::string("paged_kv_cache's ") + name +
                                  " pages must have shape (max_num_pages, page_size, num_kv_heads, "
-                                 "head_dim) = (*, " + std::to_string(pl.page_size) + ", " +
-                                 std::to_string(pl.heads_kv) + ", " + std::to_string(pl.head_dim) +
+                                 "head_dim) = (*, " + std::to_string(page_size_) + ", " +
+                                 std::to_string(heads_kv_) + ", " + std::to_string(head_dim_) +
                                  ") as planned, got " + t.shape_string());
-    if (pl.max_page_id && t.shape[0] <= *pl.max_page_id)
-      throw fastattn::ValueError("plan() was given page id " + std::to_string(*pl.max_page_id) +
+    if (max_page_id_ && t.shape[0] <= *max_page_id_)
+      throw fastattn::ValueError("plan() was given page id " + std::to_string(*max_page_id_) +
                                  ", but paged_kv_cache holds " + std::to_string(t.shape[0]) + " pages");
     check_dtype(t, "paged_kv_cache has dtype ");
   }
 
-  bool graph_;
-  std::optional<ArrayRW> workspace_array_;  // keeps the workspace alive as long as the runner
-  std::optional<TensorView> workspace_;     // set where it is a contiguous uint8 array
-  std::string workspace_dtype_;             // for the graph-mode error
+  Keep keep_;  // the plan's arrays, alive as long as the runner
+  TensorView seqlens_;
+  std::optional<TensorView> block_table_, page_indptr_, page_indices_, split_plan_, workspace_;
+  int num_splits_;
+  std::int64_t batch_, heads_q_, heads_kv_, head_dim_, page_size_;
+  std::string data_type_;
+  std::optional<std::int64_t> max_page_id_;
+  bool on_gpu_, graph_;
+  std::string workspace_dtype_;    // for the graph-mode error
   std::int64_t workspace_bytes_ = 0;
-  std::optional<Plan> plan_;
-  // The workspace settled for the last call's shapes under this plan: whether the buffer serves,
-  // and the bytes the call needs.
+  // The workspace settled for the last call's shapes: whether the buffer serves, and the need.
   std::optional<WorkspaceKey> workspace_key_;
   bool workspace_ok_ = false;
   std::size_t workspace_need_ = 0;
@@ -260,13 +230,15 @@ class PagedDecodeRunner {
 
 void bind_decode_runner(nb::module_& m) {
   nb::class_<PagedDecodeRunner>(m, "PagedDecodeRunner",
-                                "The decode wrapper's run() (python/fastattn/decode.py): one a wrapper.")
-      .def(nb::init<nb::handle, bool>(), nb::arg("workspace"), nb::arg("graph"))
-      .def("set_plan", &PagedDecodeRunner::set_plan, nb::arg("arrays"), nb::arg("batch"), nb::arg("plan_end"),
-           nb::arg("block_table").none(), nb::arg("page_indptr").none(), nb::arg("page_indices").none(),
-           nb::arg("num_splits"), nb::arg("num_qo_heads"), nb::arg("num_kv_heads"), nb::arg("head_dim"),
+                                "The decode wrapper's run() for one plan (python/fastattn/decode.py).")
+      .def(nb::init<nb::handle, nb::handle, nb::handle, nb::handle, nb::handle, int, std::int64_t,
+                    std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::string,
+                    std::optional<std::int64_t>, bool, nb::handle, bool>(),
+           nb::arg("seqlens"), nb::arg("block_table").none(), nb::arg("page_indptr").none(),
+           nb::arg("page_indices").none(), nb::arg("split_plan").none(), nb::arg("num_splits"),
+           nb::arg("batch"), nb::arg("num_qo_heads"), nb::arg("num_kv_heads"), nb::arg("head_dim"),
            nb::arg("page_size"), nb::arg("data_type"), nb::arg("max_page_id").none(), nb::arg("on_gpu"),
-           "One plan(): its arrays and sizes (the previous plan is kept if this one is refused).")
+           nb::arg("workspace").none(), nb::arg("graph"))
       .def("run", &PagedDecodeRunner::run, nb::arg("q"), nb::arg("pages"), nb::arg("v_pages").none(),
            nb::arg("out"), nb::arg("lse").none(), nb::arg("window_left"),
            nb::arg("softmax_scale").none(), nb::arg("softcap"), nb::arg("cuda_stream"),
