@@ -225,6 +225,9 @@ def test_decode_wrapper_run_arguments(rng):
             w.run(args.pop("q"), args.pop("paged_kv_cache"), **args)
         assert np.isnan(out).all() and np.isnan(lse).all(), "a refused run() wrote its outputs"
     assert_close("after the errors", w.run(q, kv), want, want, "float32")
+    with pytest.raises(ValueError, match="last_page_len"):  # a refused plan() keeps the last one
+        w.plan(indptr, indices, last + ps, hq, hkv, d, ps, q_data_type="float32")
+    assert_close("the plan before", w.run(q, kv), want, want, "float32")
 
 # ---- the split rule ------------------------------------------------------------------------
 
