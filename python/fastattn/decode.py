@@ -342,10 +342,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
     def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffer=None) -> None:
         """Replace the workspace buffer (the int buffer of FlashInfer's signature is unused)."""
         check_array(float_workspace_buffer, "float_workspace_buffer")
-        self._workspace_buffer = float_workspace_buffer
-        if self._plan is not None:
-            self._runner = None
-            self._runner = self._make_runner(self._plan)
+        runner = None if self._plan is None else self._make_runner(self._plan, float_workspace_buffer)
+        self._workspace_buffer, self._runner = float_workspace_buffer, runner
 
     def plan(self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int,
              head_dim: int, page_size: int, pos_encoding_mode: str = "NONE",
@@ -449,9 +447,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
             "page_args": page_args,  # the page arguments run() passes
             "out_shape": (batch, heads_q, as_int(head_dim, "head_dim")),
         }
-        # Both or neither: a runner of another plan must never serve this one.
-        self._runner = None
-        self._plan, self._runner = plan, self._make_runner(plan)
+        # The runner is made before either is replaced: if that raises, the last plan stays whole.
+        runner = self._make_runner(plan, ws)
+        self._plan, self._runner = plan, runner
 
     def _plan_arrays(self, ws, indptr, ip, indices, used, arrays, max_pages):
         """plan()'s device arrays, new ones each step: a block table (built on the device from
@@ -508,7 +506,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
     begin_forward = plan
 
     def end_forward(self) -> None:
-        """Clear the plan (FlashInfer's deprecated name; nothing else to release)."""
+        """Clear the plan and release its arrays (FlashInfer's deprecated name)."""
         self._plan = None
         self._runner = None
 
@@ -527,7 +525,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         :func:`decode_split_counts_for_lengths`), or None (a uniform count: :attr:`num_splits`)."""
         return None if self._plan is None else self._plan["split_counts"]
 
-    def _make_runner(self, plan):
+    def _make_runner(self, plan, workspace):
         """The plan's _C.PagedDecodeRunner: the plan's arrays and the workspace imported once,
         so that each run() hands over only q, the pages, out and lse."""
         pa = plan["page_args"]
@@ -535,8 +533,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
                        pa.get("page_indptr"), pa.get("page_indices"), pa.get("split_plan"),
                        plan["num_splits"], plan["batch"], plan["num_qo_heads"],
                        plan["num_kv_heads"], plan["head_dim"], plan["page_size"],
-                       plan["data_type"], plan["max_page_id"], plan["on_gpu"],
-                       self._workspace_buffer, self._graph is not None)
+                       plan["data_type"], plan["max_page_id"], plan["on_gpu"], workspace,
+                       self._graph is not None)
 
     def run(self, q, paged_kv_cache, *args, q_scale=None, k_scale=None, v_scale=None, out=None,
             lse=None, return_lse: bool = False, enable_pdl=None, window_left=None, sinks=None,
