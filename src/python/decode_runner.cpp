@@ -86,14 +86,16 @@ class PagedDecodeRunner {
       // A buffer the op can use as scratch: a contiguous uint8 array (it is checked against q's
       // device at each call). Anything else is left to the caller's allocator.
       ArrayRW a;
-      if (nb::try_cast(workspace, a, /*convert=*/false)) {
-        workspace_ = make_tensor_view(a, "float_workspace_buffer");
-        keep_.rw.push_back(a);
-        workspace_dtype_ = fastattn::dtype_name(workspace_->dtype);
-        workspace_bytes_ = workspace_->numel() * std::int64_t(fastattn::dtype_size(workspace_->dtype));
-        if (workspace_->dtype != fastattn::DType::kUInt8 || !workspace_->is_contiguous()) workspace_.reset();
-      } else {
+      if (!nb::try_cast(workspace, a, /*convert=*/false)) {
         workspace_dtype_ = object_type_name(workspace);
+      } else {
+        workspace_bytes_ = std::int64_t(a.nbytes());
+        workspace_dtype_ = dlpack_dtype_name(a.dtype());
+        if (a.dtype() == nb::dtype<std::uint8_t>()) {
+          workspace_ = make_tensor_view(a, "float_workspace_buffer");
+          keep_.rw.push_back(a);
+          if (!workspace_->is_contiguous()) workspace_.reset();
+        }
       }
     }
   }

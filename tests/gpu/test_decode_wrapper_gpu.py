@@ -145,6 +145,29 @@ def test_small_workspace_and_disable_split(seed):
     b.check(w)
 
 
+def test_unusable_workspaces(seed):
+    """A workspace the kernels cannot use as scratch (not uint8, or not contiguous), however
+    large: eager, scratch comes from torch's allocator and the result is the same; with
+    use_cuda_graph=True, an error naming its dtype and size."""
+    lens = long_among_short(seed, 8, 30000, 1, 64)
+    b = Batch(seed, torch.bfloat16, lens, 16, 32, 8, 128)
+    for ws in (torch.empty(1 << 22, dtype=torch.float32, device=DEV),
+               torch.empty(1 << 22, dtype=torch.float64, device=DEV),
+               torch.empty((1 << 22, 2), dtype=torch.uint8, device=DEV)[:, 0]):
+        w = fastattn.BatchDecodeWithPagedKVCacheWrapper(ws)
+        b.plan(w)
+        assert w.split_counts.max() > 1
+        b.check(w)
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(
+        torch.empty(1 << 20, dtype=torch.float32, device=DEV), use_cuda_graph=True,
+        paged_kv_indptr_buffer=torch.zeros(9, dtype=torch.int32, device=DEV),
+        paged_kv_indices_buffer=torch.zeros(4096, dtype=torch.int32, device=DEV),
+        paged_kv_last_page_len_buffer=torch.zeros(8, dtype=torch.int32, device=DEV))
+    b.plan(w)
+    with pytest.raises(ValueError, match="at least [0-9]+ bytes with use_cuda_graph=True, got float32 "
+                                         "of 4194304 bytes"):
+        w.run(b.q, b.kv)
+
 def test_page_lists_in_any_form(seed):
     """plan() reads int32 lists on the workspace's GPU in place, and copies any other form: the
     lists inside larger arrays (indptr from an offset, ids around them that are no page), int64
