@@ -3,8 +3,8 @@
 // C++ op with the GIL released, and maps fastattn errors to Python exceptions:
 //   TypeError -> TypeError, ValueError / DeviceError -> ValueError,
 //   NotSupportedError -> NotImplementedError, any other fastattn::Error -> RuntimeError.
-// There is no attention logic here: shapes, dtypes and values are validated by the C++ ops. The
-// one exception, the decode wrapper's run() checked against its plan, is decode_runner.cpp.
+// There is no attention logic here: shapes, dtypes and values are validated by the C++ ops (the
+// decode wrapper's run(), decode_runner.cpp, by fastattn::paged_decode_call_args).
 // Output allocation and the flash_attn / FlashInfer calling conventions live in python/fastattn.
 
 #include <nanobind/nanobind.h>

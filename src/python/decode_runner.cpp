@@ -3,11 +3,10 @@
 // plan() makes a runner from the arrays it built for the step (key lengths, block table or page
 // lists, split plan) and the workspace, imported here once and kept alive. Every run() of the
 // step (once a layer) then imports only what changes per call (q, the pages, out, lse), checks
-// them against the plan with the wrapper's error messages, makes the views the op takes from the
-// strides (q and out (B, H, D) -> (B, 1, H, D), lse (B, H) -> (B, H, 1), a (P, 2, ...) cache ->
-// its k and v pages) and calls fastattn::kvcache_attention_forward. This is the wrapper's contract
-// with its plan, moved out of Python because its views and checks cost more there than the op
-// (bench/NOTES.md, session 71); the attention itself is validated by the op as for every call.
+// them against the plan and views them as the op takes them (fastattn::paged_decode_call_args,
+// include/fastattn/decode_call.h), settles the workspace once per shape, and calls
+// fastattn::kvcache_attention_forward. In Python those views and checks cost more than the op
+// (bench/NOTES.md, session 71).
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
@@ -17,44 +16,13 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <tuple>
 
 #include "arrays.h"
 #include "fastattn/fastattn.h"
 
 namespace fastattn_binding {
 namespace {
-
-/// The row-major shape written as Python writes a tuple: "(2, 8, 128)".
-std::string tuple_string(std::initializer_list<std::int64_t> dims) {
-  std::string s = "(";
-  int i = 0;
-  for (std::int64_t d : dims) s += (i++ ? ", " : "") + std::to_string(d);
-  return s + (dims.size() == 1 ? ",)" : ")");
-}
-
-/// `t` with a dimension of size 1 inserted at `dim` (any stride serves a size-1 dimension).
-TensorView with_unit_dim(TensorView t, int dim) {
-  for (int i = t.ndim; i > dim; --i) {
-    t.shape[std::size_t(i)] = t.shape[std::size_t(i - 1)];
-    t.strides[std::size_t(i)] = t.strides[std::size_t(i - 1)];
-  }
-  t.shape[std::size_t(dim)] = 1;
-  t.strides[std::size_t(dim)] = 1;
-  ++t.ndim;
-  return t;
-}
-
-/// Entry `index` of dimension `dim` of `t`, that dimension removed (as torch's t.select(dim, index)).
-TensorView select(TensorView t, int dim, std::int64_t index) {
-  t.data = static_cast<char*>(t.data) +
-           index * t.strides[std::size_t(dim)] * std::int64_t(fastattn::dtype_size(t.dtype));
-  for (int i = dim; i + 1 < t.ndim; ++i) {
-    t.shape[std::size_t(i)] = t.shape[std::size_t(i + 1)];
-    t.strides[std::size_t(i)] = t.strides[std::size_t(i + 1)];
-  }
-  --t.ndim;
-  return t;
-}
 
 class PagedDecodeRunner {
  public:
@@ -67,21 +35,21 @@ class PagedDecodeRunner {
                     std::int64_t num_qo_heads, std::int64_t num_kv_heads, std::int64_t head_dim,
                     std::int64_t page_size, std::string data_type, std::optional<std::int64_t> max_page_id,
                     bool on_gpu, nb::handle workspace, bool graph)
-      : num_splits_(num_splits),
-        batch_(batch),
-        heads_q_(num_qo_heads),
-        heads_kv_(num_kv_heads),
-        head_dim_(head_dim),
-        page_size_(page_size),
-        data_type_(std::move(data_type)),
-        max_page_id_(max_page_id),
-        on_gpu_(on_gpu),
-        graph_(graph) {
-    seqlens_ = in_view(seqlens, "seqlens", keep_);
-    block_table_ = opt_in(block_table, "block_table", keep_);
-    page_indptr_ = opt_in(page_indptr, "page_indptr", keep_);
-    page_indices_ = opt_in(page_indices, "page_indices", keep_);
-    split_plan_ = opt_in(split_plan, "split_plan", keep_);
+      : graph_(graph) {
+    plan_.seqlens = in_view(seqlens, "seqlens", keep_);
+    plan_.block_table = opt_in(block_table, "block_table", keep_);
+    plan_.page_indptr = opt_in(page_indptr, "page_indptr", keep_);
+    plan_.page_indices = opt_in(page_indices, "page_indices", keep_);
+    plan_.split_plan = opt_in(split_plan, "split_plan", keep_);
+    plan_.num_splits = num_splits;
+    plan_.batch = batch;
+    plan_.num_qo_heads = num_qo_heads;
+    plan_.num_kv_heads = num_kv_heads;
+    plan_.head_dim = head_dim;
+    plan_.page_size = page_size;
+    plan_.data_type = std::move(data_type);
+    plan_.max_page_id = max_page_id;
+    plan_.on_gpu = on_gpu;
     if (on_gpu) {
       // A buffer the op can use as scratch: a contiguous uint8 array (it is checked against q's
       // device at each call). Anything else is left to the caller's allocator.
@@ -108,58 +76,23 @@ class PagedDecodeRunner {
            std::int64_t window_left, std::optional<float> softmax_scale, float softcap,
            std::uintptr_t cuda_stream, nb::handle workspace_alloc) {
     Keep keep;
-    fastattn::KVCacheArgs a;
     const TensorView tq = in_view(q, "q", keep);
-    if (tq.ndim != 3 || tq.shape[0] != batch_ || tq.shape[1] != heads_q_ || tq.shape[2] != head_dim_)
-      throw fastattn::ValueError("q must have shape (batch_size, num_qo_heads, head_dim) = " +
-                                 tuple_string({batch_, heads_q_, head_dim_}) + " as planned, got " +
-                                 tq.shape_string());
-    check_dtype(tq, "q has dtype ");
+    TensorView k_pages, v;
     if (v_pages.is_none()) {
-      const TensorView kv = in_view(pages, "paged_kv_cache", keep);
-      if (kv.ndim != 5 || kv.shape[1] != 2)
-        throw fastattn::ValueError("paged_kv_cache must have shape (max_num_pages, 2, page_size, "
-                                   "num_kv_heads, head_dim) (NHD), got " + kv.shape_string());
-      a.k_cache = select(kv, 1, 0);
-      a.v_cache = select(kv, 1, 1);
+      std::tie(k_pages, v) = fastattn::split_nhd_paged_cache(in_view(pages, "paged_kv_cache", keep), "paged_kv_cache");
     } else {
-      a.k_cache = in_view(pages, "paged_kv_cache[0]", keep);
-      a.v_cache = in_view(v_pages, "paged_kv_cache[1]", keep);
+      k_pages = in_view(pages, "paged_kv_cache[0]", keep);
+      v = in_view(v_pages, "paged_kv_cache[1]", keep);
     }
-    check_pages(a.k_cache, "k");
-    check_pages(a.v_cache, "v");
-    if ((tq.device.type == fastattn::DeviceType::kCUDA) != on_gpu_)
-      throw fastattn::ValueError(
-          std::string("q must be on the device of the workspace buffer plan() used (") +
-          (on_gpu_ ? "a CUDA device" : "the host") + "), got q on " +
-          (on_gpu_ ? "the host" : "a CUDA device"));
-    const TensorView tout = out_view(out, "out", keep);
-    if (tout.ndim != 3 || tout.shape[0] != batch_ || tout.shape[1] != heads_q_ ||
-        tout.shape[2] != head_dim_)
-      throw fastattn::ValueError("out must have shape " + tuple_string({batch_, heads_q_, head_dim_}) +
-                                 ", got " + tout.shape_string());
-    if (!lse.is_none()) {
-      const TensorView tlse = out_view(lse, "lse", keep);
-      if (tlse.ndim != 2 || tlse.shape[0] != batch_ || tlse.shape[1] != heads_q_)
-        throw fastattn::ValueError("lse must have shape " + tuple_string({batch_, heads_q_}) + ", got " +
-                                   tlse.shape_string());
-      a.lse = with_unit_dim(tlse, 2);
-    }
-    a.q = with_unit_dim(tq, 1);
-    a.out = with_unit_dim(tout, 1);
-    a.cache_seqlens = seqlens_;
-    a.block_table = block_table_;
-    a.page_indptr = page_indptr_;
-    a.page_indices = page_indices_;
-    a.split_plan = split_plan_;
-    a.num_splits = num_splits_;
+    fastattn::KVCacheArgs a = fastattn::paged_decode_call_args(plan_, tq, k_pages, v, out_view(out, "out", keep),
+                                                               opt_out(lse, "lse", keep));
     a.options.softmax_scale = softmax_scale;
     a.options.window_left = window_left;
     a.options.softcap = softcap;
     a.exec = make_exec(cuda_stream, 0);
 
     nb::object allocated;  // keeps a workspace from the caller's allocator alive through the call
-    if (on_gpu_) {
+    if (plan_.on_gpu) {
       const WorkspaceKey key{tq.shape[0], tq.shape[1], a.k_cache.shape[0], window_left};
       if (!workspace_key_ || !(*workspace_key_ == key)) {
         const std::size_t need = fastattn::kvcache_workspace_bytes(a);
@@ -194,33 +127,11 @@ class PagedDecodeRunner {
     }
   };
 
-  void check_dtype(const TensorView& t, const std::string& what) const {
-    if (data_type_ != fastattn::dtype_name(t.dtype))
-      throw fastattn::TypeError(what + fastattn::dtype_name(t.dtype) + " but plan() was given " + data_type_);
-  }
-
-  void check_pages(const TensorView& t, const char* name) const {
-    if (t.ndim != 4 || t.shape[1] != page_size_ || t.shape[2] != heads_kv_ || t.shape[3] != head_dim_)
-      throw fastattn::ValueError(std::string("paged_kv_cache's ") + name +
-                                 " pages must have shape (max_num_pages, page_size, num_kv_heads, "
-                                 "head_dim) = (*, " + std::to_string(page_size_) + ", " +
-                                 std::to_string(heads_kv_) + ", " + std::to_string(head_dim_) +
-                                 ") as planned, got " + t.shape_string());
-    if (max_page_id_ && t.shape[0] <= *max_page_id_)
-      throw fastattn::ValueError("plan() was given page id " + std::to_string(*max_page_id_) +
-                                 ", but paged_kv_cache holds " + std::to_string(t.shape[0]) + " pages");
-    check_dtype(t, "paged_kv_cache has dtype ");
-  }
-
-  Keep keep_;  // the plan's arrays, alive as long as the runner
-  TensorView seqlens_;
-  std::optional<TensorView> block_table_, page_indptr_, page_indices_, split_plan_, workspace_;
-  int num_splits_;
-  std::int64_t batch_, heads_q_, heads_kv_, head_dim_, page_size_;
-  std::string data_type_;
-  std::optional<std::int64_t> max_page_id_;
-  bool on_gpu_, graph_;
-  std::string workspace_dtype_;    // for the graph-mode error
+  Keep keep_;  // the plan's arrays and the workspace, alive as long as the runner
+  fastattn::PagedDecodeCallPlan plan_;
+  bool graph_;
+  std::optional<TensorView> workspace_;  // set where it is a contiguous uint8 array
+  std::string workspace_dtype_;          // for the graph-mode error
   std::int64_t workspace_bytes_ = 0;
   // The workspace settled for the last call's shapes: whether the buffer serves, and the need.
   std::optional<WorkspaceKey> workspace_key_;

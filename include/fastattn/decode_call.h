@@ -1,0 +1,49 @@
+// fastattn: the calls of a batch decode wrapper's plan (FlashInfer's
+// BatchDecodeWithPagedKVCacheWrapper: plan() once a step, run() once a layer).
+//
+// A plan fixes the device arrays every call of the step reads (key lengths, page table or lists,
+// split plan) and the sizes the calls must have. paged_decode_call_args checks one call's arrays
+// against it, with errors that name them, and views them as kvcache_attention_forward takes them:
+// one query row per request. Framework-neutral; the Python wrapper reaches it through
+// _C.PagedDecodeRunner (src/python/decode_runner.cpp).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+
+#include "fastattn/ops.h"
+#include "fastattn/tensor.h"
+
+namespace fastattn {
+
+/// What one plan() fixes for its calls.
+struct PagedDecodeCallPlan {
+  TensorView seqlens;                       ///< (B) int32 keys of each request
+  std::optional<TensorView> block_table;    ///< (B, W) int32 page table, or
+  std::optional<TensorView> page_indptr;    ///< (B + 1) int32 CSR row pointers
+  std::optional<TensorView> page_indices;   ///<   and page ids (KVCacheArgs::page_indptr)
+  std::optional<TensorView> split_plan;     ///< KVCacheArgs::split_plan, or none
+  int num_splits = 0;                       ///< KVCacheArgs::num_splits
+  std::int64_t batch = 0, num_qo_heads = 0, num_kv_heads = 0, head_dim = 0, page_size = 0;
+  std::string data_type;                    ///< dtype_name() the calls' q and pages must have
+  std::optional<std::int64_t> max_page_id;  ///< the largest page id plan() read (none: not read)
+  bool on_gpu = false;                      ///< whether the plan's arrays (and q) are on a GPU
+};
+
+/// The k and v pages (P, page_size, Hkv, D) of a paged cache in FlashInfer's NHD layout
+/// (P, 2, page_size, Hkv, D): strided views, no copy. ValueError naming `name` for another shape.
+std::pair<TensorView, TensorView> split_nhd_paged_cache(const TensorView& cache, const char* name);
+
+/// KVCacheArgs for one call of `plan`: q (B, Hq, D) over k_pages / v_pages (P, page_size, Hkv, D)
+/// into out (B, Hq, D) and lse (B, Hq) float32 when given, as (B, 1, Hq, D) / (B, Hq, 1) views,
+/// with the plan's arrays. Checked in this order, each error naming the array and what the plan
+/// expects: q's shape and dtype, each page tensor's shape, page count (against max_page_id) and
+/// dtype, q's device kind, out's and lse's shapes. The options, exec and workspace are left to the
+/// caller; kvcache_attention_forward checks the rest.
+KVCacheArgs paged_decode_call_args(const PagedDecodeCallPlan& plan, const TensorView& q, const TensorView& k_pages,
+                                   const TensorView& v_pages, const TensorView& out,
+                                   const std::optional<TensorView>& lse);
+
+}  // namespace fastattn

@@ -1,0 +1,108 @@
+// The calls of a batch decode wrapper's plan (include/fastattn/decode_call.h).
+#include "fastattn/decode_call.h"
+
+#include <initializer_list>
+#include <string>
+
+#include "fastattn/error.h"
+
+namespace fastattn {
+namespace {
+
+/// A shape written as Python writes a tuple: "(2, 8, 128)", "(5,)".
+std::string tuple_string(std::initializer_list<std::int64_t> dims) {
+  std::string s = "(";
+  int i = 0;
+  for (std::int64_t d : dims) s += (i++ ? ", " : "") + std::to_string(d);
+  return s + (dims.size() == 1 ? ",)" : ")");
+}
+
+/// `t` with a dimension of size 1 inserted at `dim` (any stride serves a size-1 dimension).
+TensorView with_unit_dim(TensorView t, int dim) {
+  for (int i = t.ndim; i > dim; --i) {
+    t.shape[std::size_t(i)] = t.shape[std::size_t(i - 1)];
+    t.strides[std::size_t(i)] = t.strides[std::size_t(i - 1)];
+  }
+  t.shape[std::size_t(dim)] = 1;
+  t.strides[std::size_t(dim)] = 1;
+  ++t.ndim;
+  return t;
+}
+
+/// Entry `index` of dimension `dim` of `t`, that dimension removed (torch's t.select(dim, index)).
+TensorView select(TensorView t, int dim, std::int64_t index) {
+  t.data = static_cast<char*>(t.data) + index * t.strides[std::size_t(dim)] * std::int64_t(dtype_size(t.dtype));
+  for (int i = dim; i + 1 < t.ndim; ++i) {
+    t.shape[std::size_t(i)] = t.shape[std::size_t(i + 1)];
+    t.strides[std::size_t(i)] = t.strides[std::size_t(i + 1)];
+  }
+  --t.ndim;
+  return t;
+}
+
+void check_dtype(const PagedDecodeCallPlan& plan, const TensorView& t, const char* what) {
+  if (plan.data_type != dtype_name(t.dtype))
+    throw TypeError(std::string(what) + " has dtype " + dtype_name(t.dtype) + " but plan() was given " +
+                    plan.data_type);
+}
+
+void check_pages(const PagedDecodeCallPlan& plan, const TensorView& t, const char* name) {
+  if (t.ndim != 4 || t.shape[1] != plan.page_size || t.shape[2] != plan.num_kv_heads || t.shape[3] != plan.head_dim)
+    throw ValueError(std::string("paged_kv_cache's ") + name +
+                     " pages must have shape (max_num_pages, page_size, num_kv_heads, head_dim) = (*, " +
+                     std::to_string(plan.page_size) + ", " + std::to_string(plan.num_kv_heads) + ", " +
+                     std::to_string(plan.head_dim) + ") as planned, got " + t.shape_string());
+  if (plan.max_page_id && t.shape[0] <= *plan.max_page_id)
+    throw ValueError("plan() was given page id " + std::to_string(*plan.max_page_id) +
+                     ", but paged_kv_cache holds " + std::to_string(t.shape[0]) + " pages");
+  check_dtype(plan, t, "paged_kv_cache");
+}
+
+}  // namespace
+
+std::pair<TensorView, TensorView> split_nhd_paged_cache(const TensorView& cache, const char* name) {
+  if (cache.ndim != 5 || cache.shape[1] != 2)
+    throw ValueError(std::string(name) +
+                     " must have shape (max_num_pages, 2, page_size, num_kv_heads, head_dim) (NHD), got " +
+                     cache.shape_string());
+  return {select(cache, 1, 0), select(cache, 1, 1)};
+}
+
+KVCacheArgs paged_decode_call_args(const PagedDecodeCallPlan& plan, const TensorView& q, const TensorView& k_pages,
+                                   const TensorView& v_pages, const TensorView& out,
+                                   const std::optional<TensorView>& lse) {
+  const std::initializer_list<std::int64_t> want = {plan.batch, plan.num_qo_heads, plan.head_dim};
+  if (q.ndim != 3 || q.shape[0] != plan.batch || q.shape[1] != plan.num_qo_heads || q.shape[2] != plan.head_dim)
+    throw ValueError("q must have shape (batch_size, num_qo_heads, head_dim) = " + tuple_string(want) +
+                     " as planned, got " + q.shape_string());
+  check_dtype(plan, q, "q");
+  check_pages(plan, k_pages, "k");
+  check_pages(plan, v_pages, "v");
+  if ((q.device.type == DeviceType::kCUDA) != plan.on_gpu)
+    throw ValueError(std::string("q must be on the device of the workspace buffer plan() used (") +
+                     (plan.on_gpu ? "a CUDA device" : "the host") + "), got q on " +
+                     (plan.on_gpu ? "the host" : "a CUDA device"));
+  if (out.ndim != 3 || out.shape[0] != plan.batch || out.shape[1] != plan.num_qo_heads ||
+      out.shape[2] != plan.head_dim)
+    throw ValueError("out must have shape " + tuple_string(want) + ", got " + out.shape_string());
+  KVCacheArgs a;
+  if (lse) {
+    if (lse->ndim != 2 || lse->shape[0] != plan.batch || lse->shape[1] != plan.num_qo_heads)
+      throw ValueError("lse must have shape " + tuple_string({plan.batch, plan.num_qo_heads}) + ", got " +
+                       lse->shape_string());
+    a.lse = with_unit_dim(*lse, 2);
+  }
+  a.q = with_unit_dim(q, 1);
+  a.out = with_unit_dim(out, 1);
+  a.k_cache = k_pages;
+  a.v_cache = v_pages;
+  a.cache_seqlens = plan.seqlens;
+  a.block_table = plan.block_table;
+  a.page_indptr = plan.page_indptr;
+  a.page_indices = plan.page_indices;
+  a.split_plan = plan.split_plan;
+  a.num_splits = plan.num_splits;
+  return a;
+}
+
+}  // namespace fastattn
