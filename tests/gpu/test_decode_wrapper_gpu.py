@@ -89,8 +89,8 @@ def workspace():
 def test_ragged_pages(seed, dtype, page_size):
     """Two long requests among short ones and empty ones, GQA 4, d128: plan() splits."""
     lens = long_among_short(seed, 24, 20000, 2, 300)
-    lens[seed.randrange(24)] = 0
-    lens[seed.randrange(24)] = 1
+    empty, one = seed.sample([i for i, n in enumerate(lens) if n == 300], 2)  # the long ones stay
+    lens[empty], lens[one] = 0, 1
     b = Batch(seed, dtype, lens, page_size, 16, 4, 128)
     w = fastattn.BatchDecodeWithPagedKVCacheWrapper(workspace())
     b.plan(w)
@@ -174,7 +174,7 @@ def test_page_lists_in_any_form(seed):
     lists on the GPU, and lists on the host. Every form gives the reference's answer and the same
     bits as the plain lists; the caller's arrays are left as they were."""
     lens = long_among_short(seed, 12, 15000, 1, 400)
-    lens[seed.randrange(12)] = 0
+    lens[seed.choice([i for i, n in enumerate(lens) if n == 400])] = 0  # the long one stays
     b = Batch(seed, torch.bfloat16, lens, 16, 16, 4, 128)
     w = fastattn.BatchDecodeWithPagedKVCacheWrapper(workspace())
     b.plan(w)
