@@ -36,8 +36,6 @@ __all__ = [
     "finalize",
     "exec_kwargs",
     "cuda_stream_of",
-    "given_arrays",
-    "option_kwargs",
     "shape_or_zero",
     "transpose2d",
 ]
@@ -183,44 +181,6 @@ def cuda_stream_of(like: Any) -> int:
 def exec_kwargs(like: Any) -> dict:
     """cuda_stream for the binding (cuda_stream_of) as a keyword argument."""
     return {"cuda_stream": cuda_stream_of(like)}
-
-
-def given_arrays(required, **arrays) -> dict:
-    """The arrays given (not None), each checked and prepared, as keyword arguments of the
-    binding, in order (the first bad one is the error); those named in `required` must be given."""
-    given = {}
-    for name, x in arrays.items():
-        if x is not None:
-            check_array(x, name)
-            given[name] = prepare(x)
-        elif name in required:
-            raise ValueError(f"argument '{name}' is required, got None")
-    return given
-
-
-def option_kwargs(like, softmax_scale, causal, window_size, softcap, alibi_slopes) -> dict:
-    """The options and the stream, checked, as keyword arguments of the binding: only those that
-    differ from its defaults (nanobind parses each argument given, ~0.1-0.5 us apiece)."""
-    left, right = window_pair(window_size)
-    kw = {}
-    if softmax_scale is not None:
-        kw["softmax_scale"] = optional_float(softmax_scale, "softmax_scale")
-    if causal:
-        kw["causal"] = True
-    if left != -1:
-        kw["window_left"] = left
-    if right != -1:
-        kw["window_right"] = right
-    cap = as_float(softcap, "softcap")
-    if cap != 0.0:
-        kw["softcap"] = cap
-    if alibi_slopes is not None:
-        check_array(alibi_slopes, "alibi_slopes")
-        kw["alibi_slopes"] = prepare(alibi_slopes)
-    stream = cuda_stream_of(like)
-    if stream:
-        kw["cuda_stream"] = stream
-    return kw
 
 
 def is_cuda(x: Any) -> bool:

@@ -37,10 +37,9 @@ import numpy as np
 
 from ._tensors import (
     LN2,
+    as_float,
     as_int,
     call_op,
-    given_arrays,
-    option_kwargs,
     check_array,
     device_sm_count,
     dtype_name,
@@ -51,10 +50,12 @@ from ._tensors import (
     host_ints,
     is_cuda,
     nhd_pages,
+    optional_float,
     prepare,
     shape_or_zero,
     transpose2d,
     usable_workspace,
+    window_pair,
 )
 from .decode import decode_num_splits_for_lengths
 
@@ -199,11 +200,15 @@ def shared_prefix_attention(
     Return:
         out (total_q, num_qo_heads, head_dim), or (out, lse).
     """
-    args = given_arrays(("q", "k_shared", "v_shared"), q=q, k_shared=k_shared, v_shared=v_shared,
-                        k_pages=k_pages, v_pages=v_pages, page_indptr=page_indptr,
-                        page_indices=page_indices, last_page_len=last_page_len,
-                        qo_indptr=qo_indptr, out=out)
-    kw = option_kwargs(q, softmax_scale, causal, window_size, softcap, alibi_slopes)
+    for name, x in (("q", q), ("k_shared", k_shared), ("v_shared", v_shared),
+                    ("k_pages", k_pages), ("v_pages", v_pages), ("page_indptr", page_indptr),
+                    ("page_indices", page_indices), ("last_page_len", last_page_len),
+                    ("qo_indptr", qo_indptr), ("out", out)):
+        if x is not None:
+            check_array(x, name)
+    left, right = window_pair(window_size)
+    if alibi_slopes is not None:
+        check_array(alibi_slopes, "alibi_slopes")
     total_q, num_heads = shape_or_zero(q, 3, 0), shape_or_zero(q, 3, 1)
     on_gpu = is_cuda(q)
     if on_gpu:
@@ -211,27 +216,40 @@ def shared_prefix_attention(
             max_seqlen_q = max_run(qo_indptr) if qo_indptr is not None else 1
         if max_suffix_len is None:
             max_suffix_len = max_suffix_length(page_indptr, last_page_len, shape_or_zero(k_pages, 4, 1))
-    # The suffix lengths come from last_page_len: CSR page lists only (no block_table). Only the
-    # values that differ from the binding's defaults are passed (it parses each one given).
-    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_suffix_len", max_suffix_len),
-                        ("num_splits", num_splits), ("suffix_num_splits", suffix_num_splits)):
-        value = as_int(value or 0, name)
-        if value:
-            args[name] = value
-    if out is None:
-        args["out"] = o = empty(q, q.shape)
-    else:
-        o = args["out"]
-    lse = None
-    if return_lse:
-        args["lse"] = lse = empty(q, (num_heads, total_q), "float32")
-    if on_gpu:
-        # The scratch: `workspace` where it is large enough, else the caller's allocator (torch /
-        # cupy: stream-ordered, graph-capturable). The CPU backend allocates its own.
-        if workspace is not None and usable_workspace(workspace, q):
-            args["workspace"] = workspace
-        args["workspace_alloc"] = lambda nbytes: empty(q, (nbytes,), "uint8")
-    call_op(_C.shared_prefix_attention_forward, **args, **kw)
+    o = out if out is not None else empty(q, q.shape)
+    lse = empty(q, (num_heads, total_q), "float32") if return_lse else None
+    if on_gpu and workspace is not None and not usable_workspace(workspace, q):
+        workspace = None
+    call_op(
+        _C.shared_prefix_attention_forward,
+        q=prepare(q),
+        qo_indptr=prepare(qo_indptr),
+        k_shared=prepare(k_shared),
+        v_shared=prepare(v_shared),
+        k_pages=prepare(k_pages),
+        v_pages=prepare(v_pages),
+        block_table=None,  # suffix lengths come from last_page_len: CSR page lists only
+        page_indptr=prepare(page_indptr),
+        page_indices=prepare(page_indices),
+        last_page_len=prepare(last_page_len),
+        out=prepare(o),
+        lse=lse,
+        softmax_scale=optional_float(softmax_scale, "softmax_scale"),
+        causal=bool(causal),
+        window_left=left,
+        window_right=right,
+        softcap=as_float(softcap, "softcap"),
+        alibi_slopes=prepare(alibi_slopes),
+        max_seqlen_q=as_int(max_seqlen_q or 0, "max_seqlen_q"),
+        max_suffix_len=as_int(max_suffix_len or 0, "max_suffix_len"),
+        num_splits=as_int(num_splits, "num_splits"),
+        suffix_num_splits=as_int(suffix_num_splits, "suffix_num_splits"),
+        workspace=workspace if on_gpu else None,
+        # On a GPU the scratch comes from the caller's allocator (torch / cupy: stream-ordered,
+        # graph-capturable) unless `workspace` is large enough; the CPU backend allocates its own.
+        workspace_alloc=(lambda nbytes: empty(q, (nbytes,), "uint8")) if on_gpu else None,
+        **exec_kwargs(q),
+    )
     if return_lse:
         return finalize(q, o), finalize(q, transpose2d(lse))
     return finalize(q, o)

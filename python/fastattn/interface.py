@@ -27,13 +27,14 @@ from ._tensors import (
     call_op,
     check_array,
     empty,
-    given_arrays,
+    cuda_stream_of,
     finalize,
     framework,
     is_cuda,
-    option_kwargs,
+    optional_float,
     prepare,
     shape_or_zero,
+    window_pair,
 )
 
 __all__ = [
@@ -56,10 +57,48 @@ def _check_dropout(dropout_p: Any) -> None:
         )
 
 
+def _option_kwargs(like, softmax_scale, causal, window_size, softcap, alibi_slopes) -> dict:
+    """The options and the stream, checked, as keyword arguments of the binding: only those that
+    differ from its defaults (nanobind parses each argument given, ~0.1-0.5 us apiece)."""
+    left, right = window_pair(window_size)
+    kw = {}
+    if softmax_scale is not None:
+        kw["softmax_scale"] = optional_float(softmax_scale, "softmax_scale")
+    if causal:
+        kw["causal"] = True
+    if left != -1:
+        kw["window_left"] = left
+    if right != -1:
+        kw["window_right"] = right
+    cap = as_float(softcap, "softcap")
+    if cap != 0.0:
+        kw["softcap"] = cap
+    if alibi_slopes is not None:
+        check_array(alibi_slopes, "alibi_slopes")
+        kw["alibi_slopes"] = prepare(alibi_slopes)
+    stream = cuda_stream_of(like)
+    if stream:
+        kw["cuda_stream"] = stream
+    return kw
+
+
 def _check_arrays(**arrays) -> None:
     for name, x in arrays.items():
         if x is not None:
             check_array(x, name)
+
+
+def _given_arrays(required, **arrays) -> dict:
+    """The arrays given (not None), each checked and prepared, as keyword arguments of the
+    binding, in order (the first bad one is the error); those named in `required` must be given."""
+    given = {}
+    for name, x in arrays.items():
+        if x is not None:
+            check_array(x, name)
+            given[name] = prepare(x)
+        elif name in required:
+            raise ValueError(f"argument '{name}' is required, got None")
+    return given
 
 
 def _check_packed(x, name: str, ndim: int, dim: int, count: int, layout: str) -> None:
@@ -121,7 +160,7 @@ def flash_attn_func(
     """
     _check_dropout(dropout_p)
     _check_arrays(q=q, k=k, v=v, out=out)
-    kw = option_kwargs(q, softmax_scale, causal, window_size, softcap, alibi_slopes)
+    kw = _option_kwargs(q, softmax_scale, causal, window_size, softcap, alibi_slopes)
     batch, seqlen_q, nheads = (shape_or_zero(q, 4, i) for i in range(3))
     seqlen_k = shape_or_zero(k, 4, 1)
     o = out if out is not None else empty(q, q.shape)
@@ -226,14 +265,14 @@ def flash_attn_varlen_func(
         out (total_q, nheads, headdim), or (out, softmax_lse), or (out, softmax_lse, attn_probs).
     """
     _check_dropout(dropout_p)
-    args = given_arrays(("q", "cu_seqlens_q"), q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q,
+    args = _given_arrays(("q", "cu_seqlens_q"), q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q,
                          cu_seqlens_k=cu_seqlens_k, block_table=block_table, seqused_k=seqused_k,
                          out=out)
     if block_table is not None:  # k and v are the paged caches
         for name in ("k", "v"):
             if name in args:
                 args[name + "_pages"] = args.pop(name)
-    kw = option_kwargs(q, softmax_scale, causal, window_size, softcap, alibi_slopes)
+    kw = _option_kwargs(q, softmax_scale, causal, window_size, softcap, alibi_slopes)
     args["max_seqlen_q"] = max_seqlen_q = as_int(max_seqlen_q, "max_seqlen_q")
     args["max_seqlen_k"] = max_seqlen_k = as_int(max_seqlen_k, "max_seqlen_k")
     total_q, nheads = shape_or_zero(q, 3, 0), shape_or_zero(q, 3, 1)
@@ -370,7 +409,7 @@ def flash_attn_with_kvcache(
     Return:
         out (batch_size, seqlen_q, nheads, headdim), or (out, softmax_lse).
     """
-    args = given_arrays(("q", "k_cache", "v_cache"), q=q, k_cache=k_cache, v_cache=v_cache, k=k,
+    args = _given_arrays(("q", "k_cache", "v_cache"), q=q, k_cache=k_cache, v_cache=v_cache, k=k,
                          v=v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
                          cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
                          block_table=block_table, out=out, split_plan=split_plan)
@@ -382,7 +421,7 @@ def flash_attn_with_kvcache(
                     f"{name}: jax arrays are immutable, but flash_attn_with_kvcache appends k / v "
                     "into the cache in place; pass numpy / torch / cupy caches or k=v=None"
                 )
-    kw = option_kwargs(q, softmax_scale, causal, window_size, softcap, alibi_slopes)
+    kw = _option_kwargs(q, softmax_scale, causal, window_size, softcap, alibi_slopes)
 
     seqlens = {}
     if cache_seqlens is None:
