@@ -172,6 +172,29 @@ def test_case_summary_and_table():
             "uniform/always 1.100 plan/best-seqplan 1.023 graph/plan 0.900 graph-eager/plan 1.020 "
             "FIgraph/graph 1.200 ['per-seq max 10, 41 parts', 'per-seq max 9, 71 parts', 0]") in line
     assert "graph 81.0" in line and "fi-decode-graph 97.2" in line and "fi-tc-graph n/a" in line
+    assert "head_dim 128," in text  # a record without head_dim is from before --head-dim
+    rec["head_dim"] = 256
+    assert "head_dim 256," in gr.format_table([rec], 4.27)
+
+
+@pytest.mark.parametrize("head_dim", [64, 256])
+def test_ragged_set_and_planned_call_at_other_head_dims(head_dim):
+    """--head-dim: the pool, q and the reference at that head dim; the planned wrapper's call on
+    the CPU matches the float32 reference there."""
+    import fastattn
+    st = gr.RaggedSet(torch, torch.device("cpu"), 4, 2, 5, 128, "uniform", gen(23), contiguous=True,
+                      dtype=torch.float32, head_dim=head_dim)
+    assert st.q.shape == (5, 1, 4, head_dim)
+    assert st.k_pages.shape[1:] == (gr.PAGE_SIZE, 2, head_dim) and st.k.shape == (5, 128, 2, head_dim)
+    assert st.kv_bytes == sum(st.lens) * 2 * head_dim * 4 * 2
+    out = torch.full((5, 1, 4, head_dim), float("nan"))
+    st.fastattn_call(fastattn, gr.PLANNED, 0, out)()
+    np.testing.assert_allclose(out[:, 0].numpy(), st.reference(torch).numpy(), rtol=0, atol=1e-5)
+
+
+def test_head_dim_argument():
+    with pytest.raises(SystemExit):
+        gr.main(["--out", "/nonexistent", "--head-dim", "96"])
 
 
 def test_chunk_counts():

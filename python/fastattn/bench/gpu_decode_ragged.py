@@ -7,7 +7,8 @@ cache's length), since reading ``cache_seqlens`` on the host would be a sync; ea
 its own sequence's keys by that plan's split count. FlashInfer's ``plan()`` reads the lengths on the
 host and balances its work over the SMs. This suite measures what that difference costs.
 
-Each case: bf16, head_dim 128, a batch whose lengths are drawn from a named distribution (fresh for
+Each case: bf16, head_dim 128 (``--head-dim`` 64 or 256 for the others), a batch whose lengths
+are drawn from a named distribution (fresh for
 each of three input sets, rotated as in the decode suite), a capacity ``cap`` (the longest possible
 length), a random pool of pages of 16 holding exactly the sequences' pages. Distributions:
 
@@ -47,7 +48,8 @@ import time
 from .gpu_prefill import _cycle, warm_gpu
 
 PAGE_SIZE = 16
-HEAD_DIM = 128
+HEAD_DIM = 128      # the default; --head-dim 64 / 256 run the same cases at those head dims
+HEAD_DIMS = (64, 128, 256)
 SHORT_LEN = 1024    # the short sequences of the long<n> distributions
 MIN_LEN = 64        # the shortest length of the uniform distribution
 INPUT_SETS = 3
@@ -161,12 +163,13 @@ class RaggedSet:
     """One input set: q (B, 1, Hq, D); a pool k_pages / v_pages (num_pages, 16, Hkv, D) holding
     exactly the sequences' pages in a random order; block_table (B, cap / 16) int32 (a sequence's
     unused entries are 0, a valid page id that is never read); seqlens (B,) int32; and, when
-    `contiguous`, k / v (B, cap, Hkv, D) with the same values (zero past each length)."""
+    `contiguous`, k / v (B, cap, Hkv, D) with the same values (zero past each length). D is
+    `head_dim`."""
 
     def __init__(self, torch, device, heads_q, heads_kv, batch, cap, kind, gen, contiguous,
-                 dtype=None):
+                 dtype=None, head_dim=HEAD_DIM):
         dt = dtype or torch.bfloat16
-        d = HEAD_DIM
+        d = head_dim
         self._torch = torch
         self.lens = draw_lengths(torch, kind, batch, cap, gen)
         self.npages = [(n + PAGE_SIZE - 1) // PAGE_SIZE for n in self.lens]
@@ -350,12 +353,14 @@ def _checked(torch, call, out, ref, what):
 
 
 def measure_case(torch, fastattn, case, settings, gen, sleeper, copy_tbps, peers=None,
-                 fixed_splits=FIXED_SPLITS, plan_splits=()):
-    """Builds one case's input sets, checks and times every implementation; returns its record."""
+                 fixed_splits=FIXED_SPLITS, plan_splits=(), head_dim=HEAD_DIM):
+    """Builds one case's input sets (at `head_dim`), checks and times every implementation;
+    returns its record."""
     from . import gpu_decode as gd
     name, hq, hkv, batch, cap, kind, contiguous = case
     dev = torch.device("cuda")
-    sets = [RaggedSet(torch, dev, hq, hkv, batch, cap, kind, gen, contiguous) for _ in range(INPUT_SETS)]
+    sets = [RaggedSet(torch, dev, hq, hkv, batch, cap, kind, gen, contiguous, head_dim=head_dim)
+            for _ in range(INPUT_SETS)]
     ref = sets[0].reference(torch)
     impls = {PAGED: 0, VARLEN: 0, PLANNED: 0, PLANNED_UNIFORM: 0, PLANNED_ALWAYS: 0, GRAPH: 0,
              GRAPH_EAGER: 0}
@@ -370,7 +375,7 @@ def measure_case(torch, fastattn, case, settings, gen, sleeper, copy_tbps, peers
         layout = (key if key in (CONTIG, VARLEN, PLANNED, PLANNED_UNIFORM, PLANNED_ALWAYS, GRAPH,
                                  GRAPH_EAGER)
                   else SEQPLAN if key.startswith(SEQPLAN) else PAGED)
-        outs = [torch.empty(batch, 1, hq, HEAD_DIM, dtype=torch.bfloat16, device=dev) for _ in sets]
+        outs = [torch.empty(batch, 1, hq, head_dim, dtype=torch.bfloat16, device=dev) for _ in sets]
         err = _checked(torch, sets[0].fastattn_call(fastattn, layout, splits, outs[0]), outs[0], ref, key)
         info[key] = {"num_splits": splits, "max_abs_err": err}
         fns[key] = _cycle([st.fastattn_call(fastattn, layout, splits, o) for st, o in zip(sets, outs)])
@@ -398,7 +403,7 @@ def measure_case(torch, fastattn, case, settings, gen, sleeper, copy_tbps, peers
             if any(m is None for m in makes):
                 info[peer] = {"error": next(ps[peer][1] for ps in per_set if ps[peer][0] is None)}
                 continue
-            outs = [torch.empty(batch, hq, HEAD_DIM, dtype=torch.bfloat16, device=dev) for _ in sets]
+            outs = [torch.empty(batch, hq, head_dim, dtype=torch.bfloat16, device=dev) for _ in sets]
             try:
                 info[peer] = {"max_abs_err": _checked(torch, makes[0](outs[0]), outs[0], ref, peer)}
             except Exception as e:  # a peer that fails or is wrong is reported, not timed
@@ -412,7 +417,7 @@ def measure_case(torch, fastattn, case, settings, gen, sleeper, copy_tbps, peers
     for key, st in stats.items():
         info[key].update(s=st["s"], runs=st["runs"], spread=st["spread"],
                          round_medians_s=st["round_medians_s"], tbps=mean_bytes / st["s"] / 1e12)
-    rec = {"name": name, "heads_q": hq, "heads_kv": hkv, "batch": batch, "cap": cap,
+    rec = {"name": name, "head_dim": head_dim, "heads_q": hq, "heads_kv": hkv, "batch": batch, "cap": cap,
            "distribution": kind, "lengths": [st.lens for st in sets], "kv_bytes": kv_bytes,
            "copy_bound_s": mean_bytes / (copy_tbps * 1e12), "impls": info}
     rec["summary"] = case_summary(rec)
@@ -478,10 +483,12 @@ def format_table(records, copy_tbps):
     wrapper over the best fixed count, the graph-mode wrapper (replayed and eager) over the planned
     one, and FlashInfer's fastest graph replay over fastattn's (the split counts the planned wrapper
     chose per input set in brackets)."""
-    lines = ["decode on ragged batches (bf16, head_dim 128, pages of 16 over a random pool; copy "
+    dims = sorted({rec.get("head_dim", HEAD_DIM) for rec in records}) or [HEAD_DIM]
+    lines = ["decode on ragged batches (bf16, head_dim %s, pages of 16 over a random pool; copy "
              "%.2f TB/s); µs, median; FI/heur, FI/fixed, FI/plan: FlashInfer's fastest time over "
              "fastattn's heuristic / best fixed split count / planned wrapper (> 1: fastattn "
-             "faster); plan/fixed: the planned wrapper over the best fixed count" % copy_tbps]
+             "faster); plan/fixed: the planned wrapper over the best fixed count"
+             % ("/".join(str(d) for d in dims), copy_tbps)]
     for rec in records:
         toks = sum(sum(x) for x in rec["lengths"]) / max(1, len(rec["lengths"]))
         cells = []
@@ -520,6 +527,8 @@ def main(argv=None):
     ap.add_argument("--plan-splits", default="",
                     help="split plans to time, comma-separated S: each sequence in parts of "
                          "ceil(longest / S) keys (default: none)")
+    ap.add_argument("--head-dim", type=int, default=HEAD_DIM, choices=HEAD_DIMS,
+                    help="head dim of every case (default %(default)s)")
     ap.add_argument("--cases", default="",
                     help="only the cases whose name contains one of these comma-separated strings")
     args = ap.parse_args(argv)
@@ -557,7 +566,7 @@ def main(argv=None):
     records = []
     for case in cases:
         records.append(measure_case(torch, fastattn, case, settings, gen, sleeper, copy["tbps"], peers,
-                                    fixed_splits, plan_splits))
+                                    fixed_splits, plan_splits, head_dim=args.head_dim))
         torch.cuda.empty_cache()
     print(format_table(records, copy["tbps"]))
     prop = torch.cuda.get_device_properties(0)
