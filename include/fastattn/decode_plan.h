@@ -12,10 +12,8 @@
 //       + tail_weight * (longest part + cta_cost_keys)
 // with W the CTAs per KV head (batch x S for one count S) and the longest part the grid's tail.
 // Of the options within kSplitTolerance of the best estimate the one of fewest parts is taken.
-// A count per sequence, once chosen over one count, takes its chunk with plan_tail_weight in
-// place of tail_weight (its parts are launched longest first, so less of the longest is tail).
-// The constants (DecodeSplitRule) were fitted on an H200 at bf16, pages of 16: c and w at head_dim
-// 128, the plan's tail weight at head_dim 64, 128 and 256; other GPUs use them unfitted.
+// The constants (DecodeSplitRule) were fitted on an H200 at bf16, head_dim 128, pages of 16;
+// other head dims and GPUs use them unfitted.
 #pragma once
 
 #include <cstdint>
@@ -34,13 +32,6 @@ struct DecodeSplitRule {
   /// idle. What sets the count is tail_weight / cta_cost_keys (the fitted valley was ~1/100 to
   /// ~1/75).
   double tail_weight = 0.35;
-  /// The tail's weight when a count per sequence picks its chunk (decode_split_counts_for_lengths,
-  /// after the plan has been chosen over one count with tail_weight). A plan launches its longest
-  /// parts first and the short sequences' CTAs fill in behind them, so its tail is a smaller share
-  /// of the longest part than in a grid in sequence order. Fitted on sweeps at head_dim 64, 128 and
-  /// 256 (bench/NOTES.md, session 72): with 0.35 the plan cut one 32k sequence among 1k ones into
-  /// 31 parts where 8-16 measured best (up to 7.6% slower).
-  double plan_tail_weight = 0.10;
   /// Lengths this close to uniform (longest x batch <= balanced_ratio x the sum) keep the
   /// capacity heuristic (num_splits 0): its head-pair / quad / group forms stream faster per byte
   /// than the per-head form a fixed split count runs, and on equal lengths they are balanced.
@@ -82,11 +73,9 @@ int decode_num_splits_for_lengths(const std::int64_t* lengths, std::int64_t batc
 /// A split count per sequence, for decode_split_plan: each sequence cut into parts of about one
 /// chunk c, counts[b] = max(1, ceil(lengths[b] / c)), c among ceil(longest / S), S =
 /// 1..max_splits, by the estimate (W = sum(counts), longest part = the largest part in whole
-/// tiles). Returns true and fills counts (batch) when that plan is worth it: when one count's
-/// estimate is at least min_gain times the plan's, both with tail_weight; the plan's chunk is then
-/// chosen again with plan_tail_weight. All ones when there is nothing to read. Returns false,
-/// counts untouched, where one count serves the batch better (near-uniform lengths, or a gain
-/// under min_gain): use decode_num_splits_for_lengths.
+/// tiles). Returns true and fills counts (batch) when that plan is worth it; all ones when there
+/// is nothing to read. Returns false, counts untouched, where one count serves the batch better
+/// (near-uniform lengths, or a gain under min_gain): use decode_num_splits_for_lengths.
 ///   lengths: (batch) key lengths >= 0, batch <= kMaxPlanItems; counts: (batch) written.
 bool decode_split_counts_for_lengths(const std::int64_t* lengths, std::int64_t batch, int num_kv_heads,
                                      int sm_count, std::int32_t* counts, const DecodeSplitRule& rule = {});

@@ -55,11 +55,10 @@ __all__ = ["BatchDecodeWithPagedKVCacheWrapper", "decode_graph_plan_items",
 
 # The split rules' constants and a split plan's bounds, from the C++ library: DecodeSplitRule and
 # the constants of include/fastattn/decode_plan.h, which say what each one is and how it was
-# fitted (an H200 at bf16, pages of 16; other GPUs use them unfitted).
+# fitted (an H200 at bf16, head_dim 128, pages of 16; other head dims and GPUs use them unfitted).
 _K = _C.decode_plan_constants
 CTA_COST_KEYS = _K["cta_cost_keys"]      # a CTA's fixed cost, in keys streamed
 TAIL_WEIGHT = _K["tail_weight"]          # the weight of the longest CTA (the grid's tail)
-PLAN_TAIL_WEIGHT = _K["plan_tail_weight"]  # the same when a count per sequence picks its chunk
 BALANCED_RATIO = _K["balanced_ratio"]    # near-uniform lengths keep the capacity heuristic
 SPLIT_TOLERANCE = _K["split_tolerance"]  # estimates this close to the best count as equal
 MAX_SPLITS = _K["max_splits"]            # the most splits the rules give a sequence
@@ -113,8 +112,7 @@ def decode_split_counts_for_lengths(lengths: Sequence[int], num_kv_heads: int, s
                                     tail_weight: float = TAIL_WEIGHT,
                                     balanced_ratio: float = BALANCED_RATIO,
                                     max_splits: int = MAX_SPLITS,
-                                    min_gain: float = PLAN_MIN_GAIN,
-                                    plan_tail_weight: float = PLAN_TAIL_WEIGHT) -> Optional[np.ndarray]:
+                                    min_gain: float = PLAN_MIN_GAIN) -> Optional[np.ndarray]:
     """A split count per sequence for a decode batch whose key lengths are known on the host, or
     None where one count for the batch serves it better (:func:`decode_num_splits_for_lengths`).
 
@@ -130,9 +128,7 @@ def decode_split_counts_for_lengths(lengths: Sequence[int], num_kv_heads: int, s
     Returns (batch,) int32 counts for :func:`decode_split_plan` when the uniform count's estimate
     is at least min_gain times that plan's (PLAN_MIN_GAIN says why the margin), ones when there is
     nothing to read, else None: near-uniform lengths (the capacity heuristic) and batches where
-    the plan would gain less. Where it plans, the chunk is then chosen again with
-    plan_tail_weight in place of tail_weight: the plan launches its longest parts first, so less
-    of the longest part is the grid's tail. Computed by the C++ library
+    the plan would gain less. Computed by the C++ library
     (``fastattn::decode_split_counts_for_lengths``).
     """
     lens = _lengths(lengths)
@@ -141,7 +137,7 @@ def decode_split_counts_for_lengths(lengths: Sequence[int], num_kv_heads: int, s
         lens, as_int(num_kv_heads, "num_kv_heads"), as_int(sm_count, "sm_count"), counts,
         cta_cost_keys=float(cta_cost_keys), tail_weight=float(tail_weight),
         balanced_ratio=float(balanced_ratio), max_splits=as_int(max_splits, "max_splits"),
-        min_gain=float(min_gain), plan_tail_weight=float(plan_tail_weight))
+        min_gain=float(min_gain))
     return counts if planned else None
 
 

@@ -160,16 +160,11 @@ bool split_counts(const char* op, const Lengths& l, const std::int64_t* lengths,
     return true;
   }
   if (balanced(l, rule)) return false;
-  // A plan or one count: both weighed with tail_weight.
   const Option chosen = fewest_parts_near_best(chunk_options(l, kMaxPlanItems, heads, sms, rule));
   const int s = uniform_count(l, heads, sms, rule);
   const double uniform_est = estimate(heads, l.total, sms, batch * s, ceil_div(l.longest, s), rule);
   if (uniform_est < rule.min_gain * chosen.est) return false;
-  // A plan: its chunk with the plan's own tail weight.
-  DecodeSplitRule plan_rule = rule;
-  plan_rule.tail_weight = rule.plan_tail_weight;
-  write_counts(fewest_parts_near_best(chunk_options(l, kMaxPlanItems, heads, sms, plan_rule)), lengths, batch,
-               l.longest, counts);
+  write_counts(chosen, lengths, batch, l.longest, counts);
   return true;
 }
 
