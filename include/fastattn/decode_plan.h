@@ -12,8 +12,11 @@
 //       + tail_weight * (longest part + cta_cost_keys)
 // with W the CTAs per KV head (batch x S for one count S) and the longest part the grid's tail.
 // Of the options within kSplitTolerance of the best estimate the one of fewest parts is taken.
-// The constants (DecodeSplitRule) were fitted on an H200 at bf16, head_dim 128, pages of 16;
-// other head dims and GPUs use them unfitted.
+// A count per sequence, once chosen over one count, takes its chunk with plan_tail_weight in
+// place of tail_weight.
+// The constants (DecodeSplitRule) were fitted on an H200 at bf16, head_dim 128, pages of 16, and the
+// plan's tail weight also at head_dim 64 and 256 (decode_split_rule_for_head_dim); other GPUs use
+// them unfitted.
 #pragma once
 
 #include <cstdint>
@@ -32,6 +35,10 @@ struct DecodeSplitRule {
   /// idle. What sets the count is tail_weight / cta_cost_keys (the fitted valley was ~1/100 to
   /// ~1/75).
   double tail_weight = 0.35;
+  /// The tail's weight when a count per sequence picks its chunk (decode_split_counts_for_lengths,
+  /// after the plan has been chosen over one count with tail_weight). The default, tail_weight,
+  /// is head_dim 128's; decode_split_rule_for_head_dim gives the other head dims theirs.
+  double plan_tail_weight = 0.35;
   /// Lengths this close to uniform (longest x batch <= balanced_ratio x the sum) keep the
   /// capacity heuristic (num_splits 0): its head-pair / quad / group forms stream faster per byte
   /// than the per-head form a fixed split count runs, and on equal lengths they are balanced.
@@ -46,6 +53,13 @@ struct DecodeSplitRule {
   /// sequences among short ones had 1.105-1.286 and ran level to 14% faster.
   double min_gain = 1.05;
 };
+
+/// The rule for a head dim's decode kernels: the defaults, with the plan's tail weight 0.10 at
+/// head_dim 64 and 256. There, a few long sequences among short ones ran 3-7% (64) and 0.3-3%
+/// (256) faster with the fewer, longer parts that weight gives (one 32k sequence among 31 of 1k in
+/// 16 parts instead of 31), while at head_dim 128 two such batches ran 1.3-2.6% slower with them
+/// (bench/NOTES.md, session 72). Other head dims get the defaults.
+DecodeSplitRule decode_split_rule_for_head_dim(int head_dim);
 
 /// Options whose estimate is within this fraction of the best count as equal; the fewest parts
 /// among them wins (fewer partial states to write and merge).
@@ -73,9 +87,11 @@ int decode_num_splits_for_lengths(const std::int64_t* lengths, std::int64_t batc
 /// A split count per sequence, for decode_split_plan: each sequence cut into parts of about one
 /// chunk c, counts[b] = max(1, ceil(lengths[b] / c)), c among ceil(longest / S), S =
 /// 1..max_splits, by the estimate (W = sum(counts), longest part = the largest part in whole
-/// tiles). Returns true and fills counts (batch) when that plan is worth it; all ones when there
-/// is nothing to read. Returns false, counts untouched, where one count serves the batch better
-/// (near-uniform lengths, or a gain under min_gain): use decode_num_splits_for_lengths.
+/// tiles). Returns true and fills counts (batch) when that plan is worth it: when one count's
+/// estimate is at least min_gain times the plan's, both with tail_weight; the plan's chunk is then
+/// chosen again with plan_tail_weight. All ones when there is nothing to read. Returns false,
+/// counts untouched, where one count serves the batch better (near-uniform lengths, or a gain
+/// under min_gain): use decode_num_splits_for_lengths.
 ///   lengths: (batch) key lengths >= 0, batch <= kMaxPlanItems; counts: (batch) written.
 bool decode_split_counts_for_lengths(const std::int64_t* lengths, std::int64_t batch, int num_kv_heads,
                                      int sm_count, std::int32_t* counts, const DecodeSplitRule& rule = {});
@@ -121,6 +137,7 @@ struct PagedDecodePlanOptions {
   /// > 0: a CUDA-graph plan of this many work items (decode_graph_plan_items), always counts per
   /// sequence (decode_graph_split_counts).
   std::int64_t graph_items = 0;
+  /// The split rules' constants: decode_split_rule_for_head_dim(head_dim) for the call's kernels.
   DecodeSplitRule rule{};
 };
 

@@ -55,10 +55,11 @@ __all__ = ["BatchDecodeWithPagedKVCacheWrapper", "decode_graph_plan_items",
 
 # The split rules' constants and a split plan's bounds, from the C++ library: DecodeSplitRule and
 # the constants of include/fastattn/decode_plan.h, which say what each one is and how it was
-# fitted (an H200 at bf16, head_dim 128, pages of 16; other head dims and GPUs use them unfitted).
+# fitted (an H200 at bf16, pages of 16; other GPUs use them unfitted).
 _K = _C.decode_plan_constants
 CTA_COST_KEYS = _K["cta_cost_keys"]      # a CTA's fixed cost, in keys streamed
 TAIL_WEIGHT = _K["tail_weight"]          # the weight of the longest CTA (the grid's tail)
+PLAN_TAIL_WEIGHT = _K["plan_tail_weight"]  # the same when a count per sequence picks its chunk
 BALANCED_RATIO = _K["balanced_ratio"]    # near-uniform lengths keep the capacity heuristic
 SPLIT_TOLERANCE = _K["split_tolerance"]  # estimates this close to the best count as equal
 MAX_SPLITS = _K["max_splits"]            # the most splits the rules give a sequence
@@ -112,7 +113,9 @@ def decode_split_counts_for_lengths(lengths: Sequence[int], num_kv_heads: int, s
                                     tail_weight: float = TAIL_WEIGHT,
                                     balanced_ratio: float = BALANCED_RATIO,
                                     max_splits: int = MAX_SPLITS,
-                                    min_gain: float = PLAN_MIN_GAIN) -> Optional[np.ndarray]:
+                                    min_gain: float = PLAN_MIN_GAIN,
+                                    plan_tail_weight: Optional[float] = None,
+                                    head_dim: Optional[int] = None) -> Optional[np.ndarray]:
     """A split count per sequence for a decode batch whose key lengths are known on the host, or
     None where one count for the batch serves it better (:func:`decode_num_splits_for_lengths`).
 
@@ -128,16 +131,22 @@ def decode_split_counts_for_lengths(lengths: Sequence[int], num_kv_heads: int, s
     Returns (batch,) int32 counts for :func:`decode_split_plan` when the uniform count's estimate
     is at least min_gain times that plan's (PLAN_MIN_GAIN says why the margin), ones when there is
     nothing to read, else None: near-uniform lengths (the capacity heuristic) and batches where
-    the plan would gain less. Computed by the C++ library
+    the plan would gain less. Where it plans, the chunk is then chosen again with
+    plan_tail_weight in place of tail_weight; None takes the fitted weight of `head_dim`'s kernels
+    (0.10 at head_dim 64 and 256, PLAN_TAIL_WEIGHT at 128, as the decode wrapper's ``plan()``), or
+    tail_weight without a head_dim. Computed by the C++ library
     (``fastattn::decode_split_counts_for_lengths``).
     """
     lens = _lengths(lengths)
+    if plan_tail_weight is None:
+        plan_tail_weight = (tail_weight if head_dim is None
+                            else _C.decode_plan_tail_weight(as_int(head_dim, "head_dim")))
     counts = np.empty(lens.size, dtype=np.int32)
     planned = _C.decode_split_counts_for_lengths(
         lens, as_int(num_kv_heads, "num_kv_heads"), as_int(sm_count, "sm_count"), counts,
         cta_cost_keys=float(cta_cost_keys), tail_weight=float(tail_weight),
         balanced_ratio=float(balanced_ratio), max_splits=as_int(max_splits, "max_splits"),
-        min_gain=float(min_gain))
+        min_gain=float(min_gain), plan_tail_weight=float(plan_tail_weight))
     return counts if planned else None
 
 
@@ -420,7 +429,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         # The checks of the lists, the key lengths, the splits and [lengths | split plan], in C++.
         arrays, counts, splits, max_pages = _C.plan_paged_decode(
             ip, last, num_ids, ps, left, heads_kv, sms, split_kv=not disable_split_kv,
-            choose_splits=on_gpu, graph_items=items)
+            choose_splits=on_gpu, graph_items=items, head_dim=as_int(head_dim, "head_dim"))
         used = None if ids is None else ids[ip[0]:ip[-1]]  # the batch's page ids, read on the host
         if used is not None and used.size and used.min() < 0:
             raise ValueError(f"indices must be page ids >= 0, got {int(used.min())}")

@@ -160,15 +160,30 @@ bool split_counts(const char* op, const Lengths& l, const std::int64_t* lengths,
     return true;
   }
   if (balanced(l, rule)) return false;
+  // A plan or one count: both weighed with tail_weight.
   const Option chosen = fewest_parts_near_best(chunk_options(l, kMaxPlanItems, heads, sms, rule));
   const int s = uniform_count(l, heads, sms, rule);
   const double uniform_est = estimate(heads, l.total, sms, batch * s, ceil_div(l.longest, s), rule);
   if (uniform_est < rule.min_gain * chosen.est) return false;
-  write_counts(chosen, lengths, batch, l.longest, counts);
+  // A plan: its chunk with the plan's own tail weight.
+  if (rule.plan_tail_weight == rule.tail_weight) {
+    write_counts(chosen, lengths, batch, l.longest, counts);
+    return true;
+  }
+  DecodeSplitRule plan_rule = rule;
+  plan_rule.tail_weight = rule.plan_tail_weight;
+  write_counts(fewest_parts_near_best(chunk_options(l, kMaxPlanItems, heads, sms, plan_rule)), lengths, batch,
+               l.longest, counts);
   return true;
 }
 
 }  // namespace
+
+DecodeSplitRule decode_split_rule_for_head_dim(int head_dim) {
+  DecodeSplitRule rule;
+  if (head_dim == 64 || head_dim == 256) rule.plan_tail_weight = 0.10;
+  return rule;
+}
 
 int decode_num_splits_for_lengths(const std::int64_t* lengths, std::int64_t batch, int num_kv_heads,
                                   int sm_count, const DecodeSplitRule& rule) {

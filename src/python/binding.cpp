@@ -370,10 +370,12 @@ using HostInt32s = nb::ndarray<const std::int32_t, nb::ndim<1>, nb::c_contig, nb
 using HostInt32Out = nb::ndarray<std::int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
 fastattn::DecodeSplitRule make_rule(double cta_cost_keys, double tail_weight, double balanced_ratio,
-                                    int max_splits, double min_gain) {
+                                    int max_splits, double min_gain,
+                                    double plan_tail_weight = fastattn::DecodeSplitRule{}.plan_tail_weight) {
   fastattn::DecodeSplitRule r;
   r.cta_cost_keys = cta_cost_keys;
   r.tail_weight = tail_weight;
+  r.plan_tail_weight = plan_tail_weight;
   r.balanced_ratio = balanced_ratio;
   r.max_splits = max_splits;
   r.min_gain = min_gain;
@@ -396,12 +398,12 @@ int decode_num_splits_for_lengths(HostInt64s lengths, int num_kv_heads, int sm_c
 
 bool decode_split_counts_for_lengths(HostInt64s lengths, int num_kv_heads, int sm_count, HostInt32Out counts,
                                      double cta_cost_keys, double tail_weight, double balanced_ratio,
-                                     int max_splits, double min_gain) {
+                                     int max_splits, double min_gain, double plan_tail_weight) {
   const auto batch = std::int64_t(lengths.shape(0));
   check_size("decode_split_counts_for_lengths", "counts", counts.shape(0), batch);
   return fastattn::decode_split_counts_for_lengths(
       lengths.data(), batch, num_kv_heads, sm_count, counts.data(),
-      make_rule(cta_cost_keys, tail_weight, balanced_ratio, max_splits, min_gain));
+      make_rule(cta_cost_keys, tail_weight, balanced_ratio, max_splits, min_gain, plan_tail_weight));
 }
 
 void decode_graph_split_counts(HostInt64s lengths, int num_kv_heads, int sm_count, std::int64_t max_parts,
@@ -431,7 +433,7 @@ nb::ndarray<nb::numpy, std::int32_t, nb::ndim<1>> numpy_of(std::vector<std::int3
 /// fastattn::plan_paged_decode -> (arrays, counts or None, num_splits, max_pages).
 nb::tuple plan_paged_decode(HostInt64s indptr, HostInt64s last_page_len, std::int64_t num_ids, int page_size,
                             std::int64_t window_left, int num_kv_heads, int sm_count, bool split_kv,
-                            bool choose_splits, std::int64_t graph_items) {
+                            bool choose_splits, std::int64_t graph_items, int head_dim) {
   if (indptr.shape(0) < 1)
     throw fastattn::ValueError("plan_paged_decode: indptr must have batch_size + 1 >= 1 entries, got 0");
   const auto batch = std::int64_t(indptr.shape(0)) - 1;
@@ -444,6 +446,7 @@ nb::tuple plan_paged_decode(HostInt64s indptr, HostInt64s last_page_len, std::in
   o.split_kv = split_kv;
   o.choose_splits = choose_splits;
   o.graph_items = graph_items;
+  o.rule = fastattn::decode_split_rule_for_head_dim(head_dim);
   fastattn::PagedDecodePlan p =
       fastattn::plan_paged_decode(indptr.data(), last_page_len.data(), batch, num_ids, o);
   nb::object counts = p.counts.empty() && graph_items == 0 ? nb::none() : nb::cast(numpy_of(std::move(p.counts)));
@@ -565,6 +568,7 @@ NB_MODULE(_C, m) {
     nb::dict k;
     k["cta_cost_keys"] = rule.cta_cost_keys;
     k["tail_weight"] = rule.tail_weight;
+    k["plan_tail_weight"] = rule.plan_tail_weight;
     k["balanced_ratio"] = rule.balanced_ratio;
     k["max_splits"] = rule.max_splits;
     k["min_gain"] = rule.min_gain;
@@ -583,7 +587,7 @@ NB_MODULE(_C, m) {
   m.def("decode_split_counts_for_lengths", &decode_split_counts_for_lengths, nb::arg("lengths"),
         nb::arg("num_kv_heads"), nb::arg("sm_count"), nb::arg("counts"), nb::arg("cta_cost_keys"),
         nb::arg("tail_weight"), nb::arg("balanced_ratio"), nb::arg("max_splits"), nb::arg("min_gain"),
-        "fastattn::decode_split_counts_for_lengths (counts written; False: one count serves).");
+        nb::arg("plan_tail_weight"), "fastattn::decode_split_counts_for_lengths (counts written; False: one count serves).");
   m.def("decode_graph_split_counts", &decode_graph_split_counts, nb::arg("lengths"),
         nb::arg("num_kv_heads"), nb::arg("sm_count"), nb::arg("max_parts"), nb::arg("counts"),
         nb::arg("cta_cost_keys"), nb::arg("tail_weight"), nb::arg("max_splits"),
@@ -597,8 +601,13 @@ NB_MODULE(_C, m) {
   m.def("plan_paged_decode", &plan_paged_decode, nb::arg("indptr"), nb::arg("last_page_len"),
         nb::arg("num_ids"), nb::arg("page_size"), nb::arg("window_left"), nb::arg("num_kv_heads"),
         nb::arg("sm_count"), nb::arg("split_kv"), nb::arg("choose_splits"), nb::arg("graph_items"),
-        "fastattn::plan_paged_decode -> (arrays: lengths then split plan, counts or None, "
-        "num_splits, max_pages).");
+        nb::arg("head_dim"),
+        "fastattn::plan_paged_decode with decode_split_rule_for_head_dim(head_dim) -> (arrays: "
+        "lengths then split plan, counts or None, num_splits, max_pages).");
+  m.def(
+      "decode_plan_tail_weight",
+      [](int head_dim) { return fastattn::decode_split_rule_for_head_dim(head_dim).plan_tail_weight; },
+      nb::arg("head_dim"), "decode_split_rule_for_head_dim(head_dim).plan_tail_weight.");
 
   fastattn_binding::bind_decode_runner(m);
 

@@ -98,6 +98,7 @@ fastattn::DecodeSplitRule random_rule(std::mt19937_64& rng) {
   if (rand_int(rng, 0, 1)) {
     r.cta_cost_keys = double(rand_int(rng, 0, 100));
     r.tail_weight = rand_real(rng, 0.05, 1.0);
+    r.plan_tail_weight = rand_real(rng, 0.02, 1.0);
     r.max_splits = int(rand_int(rng, 1, 100));
   }
   return r;
@@ -128,15 +129,18 @@ TEST(DecodePlan, CountsPerSequenceAreTheWrittenOutChoice) {
     Counts got(lens.size(), -7);
     const bool plan = fastattn::decode_split_counts_for_lengths(lens.data(), std::int64_t(lens.size()), heads, 132,
                                                                 got.data(), r);
-    const Choice want = written_out_choice(lens, heads, 132, r, false, fastattn::kMaxPlanItems);
+    // A plan or one count, both with tail_weight; the plan's chunk then with plan_tail_weight.
+    const Choice against = written_out_choice(lens, heads, 132, r, false, fastattn::kMaxPlanItems);
     const double one_count = one_count_estimate(lens, written_out_uniform(lens, heads, 132, r), heads, 132, r);
-    if (one_count < r.min_gain * want.est) {
+    if (one_count < r.min_gain * against.est) {
       ASSERT_FALSE(plan);
       ASSERT_EQ(got, Counts(lens.size(), -7));  // untouched
       continue;
     }
+    fastattn::DecodeSplitRule plan_rule = r;
+    plan_rule.tail_weight = r.plan_tail_weight;
     ASSERT_TRUE(plan);
-    ASSERT_EQ(got, want.counts);
+    ASSERT_EQ(got, written_out_choice(lens, heads, 132, plan_rule, false, fastattn::kMaxPlanItems).counts);
     ++planned;
   }
   EXPECT_GE(planned, 10);
@@ -145,6 +149,32 @@ TEST(DecodePlan, CountsPerSequenceAreTheWrittenOutChoice) {
   EXPECT_FALSE(fastattn::decode_split_counts_for_lengths(near_uniform.data(), 4, 8, 132, c.data()));
   EXPECT_TRUE(fastattn::decode_split_counts_for_lengths(none.data(), 3, 8, 132, c.data()));
   EXPECT_EQ(c, (Counts{1, 1, 1, -7}));
+  // One 32k sequence among 31 of 1k at 8 KV heads (bench/NOTES.md, session 72): a plan, the short
+  // ones in one part each, the long one in 31 parts by the default rule (head_dim 128's) and in 16
+  // by head_dim 64's and 256's.
+  Lens long1(32, 1024);
+  long1[5] = 32768;
+  for (int head_dim : {0, 64, 128, 256}) {
+    const auto rule = head_dim ? fastattn::decode_split_rule_for_head_dim(head_dim) : fastattn::DecodeSplitRule{};
+    Counts got(32, -7), want(32, 1);
+    want[5] = head_dim == 64 || head_dim == 256 ? 16 : 31;
+    ASSERT_TRUE(fastattn::decode_split_counts_for_lengths(long1.data(), 32, 8, 132, got.data(), rule));
+    EXPECT_EQ(got, want) << "head_dim " << head_dim;
+  }
+}
+
+TEST(DecodePlan, RuleForHeadDim) {
+  const fastattn::DecodeSplitRule base;
+  EXPECT_EQ(base.plan_tail_weight, base.tail_weight);  // the default: head_dim 128's choice unchanged
+  for (int head_dim : {32, 64, 96, 128, 256, 512}) {
+    const auto r = fastattn::decode_split_rule_for_head_dim(head_dim);
+    EXPECT_EQ(r.cta_cost_keys, base.cta_cost_keys);
+    EXPECT_EQ(r.tail_weight, base.tail_weight);
+    EXPECT_EQ(r.balanced_ratio, base.balanced_ratio);
+    EXPECT_EQ(r.max_splits, base.max_splits);
+    EXPECT_EQ(r.min_gain, base.min_gain);
+    EXPECT_EQ(r.plan_tail_weight, head_dim == 64 || head_dim == 256 ? 0.10 : base.plan_tail_weight) << head_dim;
+  }
 }
 
 TEST(DecodePlan, GraphCountsAreTheWrittenOutChoiceWithinTheItems) {

@@ -112,6 +112,10 @@ def test_heads_and_dims(seed, dtype, group, d):
     w = fastattn.BatchDecodeWithPagedKVCacheWrapper(workspace())
     b.plan(w)
     assert w.split_counts is not None and w.split_counts.min() >= 1
+    # plan() takes the head dim's rule (the plan's tail weight differs at 64 and 256)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    want = fastattn.decode_split_counts_for_lengths(lens, hkv, sms, head_dim=d)
+    assert w.split_counts.tolist() == want.tolist()
     b.check(w)
     lens = [seed.randrange(3000, 3100) for _ in range(16)]
     b = Batch(seed, dtype, lens, 16, hkv * group, hkv, d)

@@ -285,11 +285,13 @@ def plan_estimate(lens, counts, heads, sms, cost, tail):
     return heads * (sum(lens) + cost * sum(counts)) / sms + tail * (longest_part + cost)
 
 
-def written_out_choice(lens, heads, sms, uniform=False, cap=math.inf):
+def written_out_choice(lens, heads, sms, uniform=False, cap=math.inf, tail=None):
     """The split-count rules' documented choice, written out with plain loops: (estimate, parts,
     counts) of the chunk rule's counts (and with `uniform` one count S for every sequence) of at
-    most cap parts, the fewest parts within the tolerance of the best estimate."""
+    most cap parts, the fewest parts within the tolerance of the best estimate (with the tail
+    weight `tail`, default TAIL_WEIGHT)."""
     from fastattn import decode as dec
+    tail = dec.TAIL_WEIGHT if tail is None else tail
     options = []
     for s in range(1, dec.MAX_SPLITS + 1):
         chunk = math.ceil(max(lens) / s)
@@ -298,8 +300,8 @@ def written_out_choice(lens, heads, sms, uniform=False, cap=math.inf):
             candidates.append([s] * len(lens))
         for counts in candidates:
             if sum(counts) <= cap:
-                options.append((plan_estimate(lens, counts, heads, sms, dec.CTA_COST_KEYS,
-                                              dec.TAIL_WEIGHT), sum(counts), counts))
+                options.append((plan_estimate(lens, counts, heads, sms, dec.CTA_COST_KEYS, tail),
+                                sum(counts), counts))
     best = min(o[0] for o in options)
     return min((o for o in options if o[0] <= best * (1 + dec.SPLIT_TOLERANCE)), key=lambda o: (o[1], o[0]))
 
@@ -318,20 +320,24 @@ def test_split_counts_balanced_and_empty():
 
 def test_split_counts_minimise_their_estimate(rng):
     """On random ragged batches the counts are ceil(len / chunk) for the chunk ceil(longest / S)
-    of fewest parts whose estimate is within the tolerance of the best over S = 1..MAX_SPLITS;
-    every count in 1..MAX_SPLITS, the longest sequence's the largest; None where the uniform
-    count's estimate is less than PLAN_MIN_GAIN times the plan's."""
+    of fewest parts whose estimate (with the head dim's plan tail weight) is within the tolerance
+    of the best over S = 1..MAX_SPLITS; every count in 1..MAX_SPLITS, the longest sequence's the
+    largest; None where the uniform count's estimate is less than PLAN_MIN_GAIN times the plan's,
+    both with TAIL_WEIGHT."""
     from fastattn import decode as dec
     planned = 0
     for _ in range(40):
         heads, lens = long_among_random(rng)
-        got = fastattn.decode_split_counts_for_lengths(lens, heads, 132)
-        want = written_out_choice(lens, heads, 132)
+        head_dim = int(rng.choice([64, 128, 256]))
+        plan_tail = 0.10 if head_dim in (64, 256) else dec.TAIL_WEIGHT  # bench/NOTES.md, session 72
+        got = fastattn.decode_split_counts_for_lengths(lens, heads, 132, head_dim=head_dim)
+        against = written_out_choice(lens, heads, 132)
         s = fastattn.decode_num_splits_for_lengths(lens, heads, 132)
         uniform = estimate(lens, heads, 132, s, dec.CTA_COST_KEYS, dec.TAIL_WEIGHT)
-        if uniform < dec.PLAN_MIN_GAIN * want[0]:
-            assert got is None, (len(lens), heads, uniform / want[0])
+        if uniform < dec.PLAN_MIN_GAIN * against[0]:
+            assert got is None, (len(lens), heads, uniform / against[0])
             continue
+        want = written_out_choice(lens, heads, 132, tail=plan_tail)
         planned += 1
         assert got.dtype == np.int32 and got.tolist() == want[2], (len(lens), heads)
         assert got.min() >= 1 and got.max() <= dec.MAX_SPLITS
@@ -340,6 +346,12 @@ def test_split_counts_minimise_their_estimate(rng):
     # One long sequence among 31 short ones: the long one is cut, most short ones are not.
     counts = fastattn.decode_split_counts_for_lengths([32768] + [1024] * 31, 8, 132)
     assert counts[0] >= 4 and (counts[1:] <= 2).all(), counts
+    assert counts[0] == 31  # the default: head_dim 128's plan tail weight (bench/NOTES.md, session 72)
+    for head_dim, parts in ((64, 16), (128, 31), (256, 16)):
+        counts = fastattn.decode_split_counts_for_lengths([32768] + [1024] * 31, 8, 132, head_dim=head_dim)
+        assert counts[0] == parts, (head_dim, counts)
+    assert fastattn.decode_split_counts_for_lengths([32768] + [1024] * 31, 8, 132, plan_tail_weight=0.1,
+                                                    head_dim=128)[0] == 16  # an explicit weight wins
     # Lengths drawn uniformly: the plan's estimated gain is small, one count serves the batch.
     lens = [int(x) for x in rng.integers(64, 8192, size=32)]
     assert fastattn.decode_split_counts_for_lengths(lens, 8, 132) is None

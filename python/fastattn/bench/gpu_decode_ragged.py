@@ -120,6 +120,10 @@ CASES = (
     ("GQA8 b64 16k uniform", 32, 8, 64, 16384, "uniform", False),
     ("GQA8 b16 32k long2", 32, 8, 16, 32768, "long2", False),
     ("MHA b16 8k long1", 32, 32, 16, 8192, "long1", False),
+    # Added in session 72, after the plan's tail weight by head dim was set: its check cases.
+    ("GQA8 b64 32k long3", 32, 8, 64, 32768, "long3", False),
+    ("MHA b8 16k long1", 32, 32, 8, 16384, "long1", False),
+    ("GQA8 b8 32k long1", 32, 8, 8, 32768, "long1", False),
 )
 
 
@@ -295,7 +299,8 @@ class RaggedSet:
                     self.lens, self.k_pages.shape[2], torch_sm_count(self._torch))
             elif impl == PLANNED_ALWAYS:
                 counts = fastattn.decode_split_counts_for_lengths(
-                    self.lens, self.k_pages.shape[2], torch_sm_count(self._torch), min_gain=1.0)
+                    self.lens, self.k_pages.shape[2], torch_sm_count(self._torch), min_gain=1.0,
+                    head_dim=self.q.shape[3])
                 splits = 0
                 if counts is not None:
                     plan = self.split_plan(fastattn, counts)
