@@ -587,7 +587,8 @@ NB_MODULE(_C, m) {
   m.def("decode_split_counts_for_lengths", &decode_split_counts_for_lengths, nb::arg("lengths"),
         nb::arg("num_kv_heads"), nb::arg("sm_count"), nb::arg("counts"), nb::arg("cta_cost_keys"),
         nb::arg("tail_weight"), nb::arg("balanced_ratio"), nb::arg("max_splits"), nb::arg("min_gain"),
-        nb::arg("plan_tail_weight"), "fastattn::decode_split_counts_for_lengths (counts written; False: one count serves).");
+        nb::arg("plan_tail_weight"),
+        "fastattn::decode_split_counts_for_lengths (counts written; False: one count serves).");
   m.def("decode_graph_split_counts", &decode_graph_split_counts, nb::arg("lengths"),
         nb::arg("num_kv_heads"), nb::arg("sm_count"), nb::arg("max_parts"), nb::arg("counts"),
         nb::arg("cta_cost_keys"), nb::arg("tail_weight"), nb::arg("max_splits"),
