@@ -8,9 +8,9 @@ its own sequence's keys by that plan's split count. FlashInfer's ``plan()`` read
 host and balances its work over the SMs. This suite measures what that difference costs.
 
 Each case: bf16, head_dim 128 (``--head-dim`` 64 or 256 for the others), a batch whose lengths
-are drawn from a named distribution (fresh for
-each of three input sets, rotated as in the decode suite), a capacity ``cap`` (the longest possible
-length), a random pool of pages of 16 holding exactly the sequences' pages. Distributions:
+are drawn from a named distribution (fresh for each of three input sets, rotated as in the decode
+suite), a capacity ``cap`` (the longest possible length), a random pool of pages of 16 holding
+exactly the sequences' pages. Distributions:
 
 - ``full``:      every length ``cap`` (the decode suite's row, a control);
 - ``uniform``:   lengths uniform in [64, cap];
