@@ -426,10 +426,11 @@ class BatchDecodeWithPagedKVCacheWrapper:
         on_gpu = is_cuda(ws)
         sms = device_sm_count(ws) if on_gpu else 1  # on the CPU the backend plans its threads
         items = decode_graph_plan_items(batch, heads_kv, sms) if graph is not None else 0
+        d = as_int(head_dim, "head_dim")
         # The checks of the lists, the key lengths, the splits and [lengths | split plan], in C++.
         arrays, counts, splits, max_pages = _C.plan_paged_decode(
             ip, last, num_ids, ps, left, heads_kv, sms, split_kv=not disable_split_kv,
-            choose_splits=on_gpu, graph_items=items, head_dim=as_int(head_dim, "head_dim"))
+            choose_splits=on_gpu, graph_items=items, head_dim=d)
         used = None if ids is None else ids[ip[0]:ip[-1]]  # the batch's page ids, read on the host
         if used is not None and used.size and used.min() < 0:
             raise ValueError(f"indices must be page ids >= 0, got {int(used.min())}")
@@ -441,7 +442,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
             "batch": batch,
             "num_qo_heads": heads_q,
             "num_kv_heads": heads_kv,
-            "head_dim": as_int(head_dim, "head_dim"),
+            "head_dim": d,
             "page_size": ps,
             "data_type": q_dtype,
             "window_left": left,
@@ -454,7 +455,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
             "on_gpu": on_gpu,  # where the plan's arrays are
             "seqlens": seqlens,
             "page_args": page_args,  # the page arguments run() passes
-            "out_shape": (batch, heads_q, as_int(head_dim, "head_dim")),
+            "out_shape": (batch, heads_q, d),
         }
         # The runner is made before either is replaced: if that raises, the last plan stays whole.
         runner = self._make_runner(plan, ws)

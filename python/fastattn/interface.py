@@ -466,9 +466,8 @@ def flash_attn_with_kvcache(
     # The CPU backend allocates its own scratch; on a GPU it comes from the caller's allocator
     # (torch / cupy caching allocators: stream-ordered, so calls stay graph-capturable), asked
     # for by the binding only when the call needs it.
-    alloc = (lambda nbytes: empty(q, (nbytes,), "uint8")) if is_cuda(q) else None
-    if alloc is not None:
-        args["workspace_alloc"] = alloc
+    if is_cuda(q):
+        args["workspace_alloc"] = lambda nbytes: empty(q, (nbytes,), "uint8")
     call_op(_C.kvcache_attention_forward, **args)
     out_final = finalize(q, o)
     if return_softmax_lse:
