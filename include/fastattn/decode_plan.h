@@ -12,8 +12,8 @@
 //       + tail_weight * (longest part + cta_cost_keys)
 // with W the CTAs per KV head (batch x S for one count S) and the longest part the grid's tail.
 // Of the options within kSplitTolerance of the best estimate the one of fewest parts is taken.
-// A count per sequence, once chosen over one count (or in a CUDA-graph plan, over the one-count
-// options), takes its chunk with plan_tail_weight in place of tail_weight.
+// A count per sequence, once chosen over one count, takes its chunk with plan_tail_weight in
+// place of tail_weight.
 // The constants (DecodeSplitRule) were fitted on an H200 at bf16, head_dim 128, pages of 16, and the
 // plan's tail weight also at head_dim 64 and 256 (decode_split_rule_for_head_dim); other GPUs use
 // them unfitted.
@@ -35,10 +35,9 @@ struct DecodeSplitRule {
   /// idle. What sets the count is tail_weight / cta_cost_keys (the fitted valley was ~1/100 to
   /// ~1/75).
   double tail_weight = 0.35;
-  /// The tail's weight when a count per sequence picks its chunk (decode_split_counts_for_lengths
-  /// and decode_graph_split_counts, after a chunk has been chosen over one count with
-  /// tail_weight). The default, tail_weight, is head_dim 128's; decode_split_rule_for_head_dim
-  /// gives the other head dims theirs.
+  /// The tail's weight when a count per sequence picks its chunk (decode_split_counts_for_lengths,
+  /// after the plan has been chosen over one count with tail_weight). The default, tail_weight,
+  /// is head_dim 128's; decode_split_rule_for_head_dim gives the other head dims theirs.
   double plan_tail_weight = 0.35;
   /// Lengths this close to uniform (longest x batch <= balanced_ratio x the sum) keep the
   /// capacity heuristic (num_splits 0): its head-pair / quad / group forms stream faster per byte
@@ -59,8 +58,8 @@ struct DecodeSplitRule {
 /// head_dim 64 and 256. There, a few long sequences among short ones ran 2-13% (64) and up to 5%
 /// (256) faster with the fewer, longer parts that weight gives (one 32k sequence among 31 of 1k in
 /// 16 parts instead of 31), while at head_dim 128 two such batches ran 1.3-2.6% slower with them
-/// (bench/NOTES.md, session 72). CUDA-graph plans take the same weight for their chunk (session
-/// 73). Other head dims get the defaults.
+/// (bench/NOTES.md, session 72). Other head dims get the defaults. (CUDA-graph plans,
+/// decode_graph_split_counts, weigh every option with tail_weight.)
 DecodeSplitRule decode_split_rule_for_head_dim(int head_dim);
 
 /// Options whose estimate is within this fraction of the best count as equal; the fewest parts
@@ -106,8 +105,7 @@ std::int64_t decode_graph_plan_items(std::int64_t batch, int num_kv_heads, int s
 /// A split count per sequence of at most max_parts parts in all (a plan of fixed size): always
 /// counts, never the capacity heuristic (a captured launch cannot switch forms). The options are
 /// decode_split_counts_for_lengths' chunks and one count S for every sequence, those of at most
-/// max_parts parts; the estimate picks among them as above, with tail_weight, and where it picks a
-/// chunk, the chunk is chosen again among the chunks with plan_tail_weight.
+/// max_parts parts; the estimate picks among them as above.
 ///   lengths: (batch) >= 0; max_parts >= batch; counts: (batch) written.
 void decode_graph_split_counts(const std::int64_t* lengths, std::int64_t batch, int num_kv_heads,
                                int sm_count, std::int64_t max_parts, std::int32_t* counts,

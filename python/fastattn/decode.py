@@ -198,9 +198,7 @@ def decode_graph_plan_items(batch: int, num_kv_heads: int, sm_count: int, *,
 def decode_graph_split_counts(lengths: Sequence[int], num_kv_heads: int, sm_count: int,
                               max_parts: int, *, cta_cost_keys: float = CTA_COST_KEYS,
                               tail_weight: float = TAIL_WEIGHT,
-                              max_splits: int = MAX_SPLITS,
-                              plan_tail_weight: Optional[float] = None,
-                              head_dim: Optional[int] = None) -> np.ndarray:
+                              max_splits: int = MAX_SPLITS) -> np.ndarray:
     """A split count per sequence, at most max_parts parts in all, for a plan of fixed size (a
     CUDA graph's: :func:`decode_graph_plan_items`). Unlike
     :func:`decode_split_counts_for_lengths` it always gives counts: a captured launch cannot switch
@@ -208,22 +206,15 @@ def decode_graph_split_counts(lengths: Sequence[int], num_kv_heads: int, sm_coun
 
     The options are the chunk rule's counts and one count S = 1..max_splits for every sequence,
     those of at most max_parts parts; the estimate of :func:`decode_split_counts_for_lengths`
-    picks among them, the fewest parts within SPLIT_TOLERANCE of the best. Where that is a chunk,
-    the chunk is chosen again with plan_tail_weight, as in
-    :func:`decode_split_counts_for_lengths` (None: `head_dim`'s fitted weight, or tail_weight
-    without a head_dim). Returns (batch,) int32. Computed by the C++ library
-    (``fastattn::decode_graph_split_counts``).
+    picks among them, the fewest parts within SPLIT_TOLERANCE of the best. Returns (batch,) int32.
+    Computed by the C++ library (``fastattn::decode_graph_split_counts``).
     """
     lens = _lengths(lengths)
-    if plan_tail_weight is None:
-        plan_tail_weight = (tail_weight if head_dim is None
-                            else _C.decode_plan_tail_weight(as_int(head_dim, "head_dim")))
     counts = np.empty(lens.size, dtype=np.int32)
     _C.decode_graph_split_counts(
         lens, as_int(num_kv_heads, "num_kv_heads"), as_int(sm_count, "sm_count"),
         as_int(max_parts, "max_parts"), counts, cta_cost_keys=float(cta_cost_keys),
-        tail_weight=float(tail_weight), max_splits=as_int(max_splits, "max_splits"),
-        plan_tail_weight=float(plan_tail_weight))
+        tail_weight=float(tail_weight), max_splits=as_int(max_splits, "max_splits"))
     return counts
 
 

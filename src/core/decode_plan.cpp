@@ -223,20 +223,10 @@ void decode_graph_split_counts(const std::int64_t* lengths, std::int64_t batch, 
     std::fill(counts, counts + batch, 1);
     return;
   }
-  // Chunks or one count: all weighed with tail_weight.
   std::vector<Option> options = chunk_options(l, max_parts, num_kv_heads, sm_count, rule);
   const std::int64_t most = std::min<std::int64_t>(max_splits_of(rule), max_parts / batch);
   for (std::int64_t s = 1; s <= most; ++s) options.push_back(uniform_option(l, s, num_kv_heads, sm_count, rule));
-  const Option chosen = fewest_parts_near_best(options);
-  if (chosen.uniform || rule.plan_tail_weight == rule.tail_weight) {
-    write_counts(chosen, lengths, batch, l.longest, counts);
-    return;
-  }
-  // A chunk: chosen again with the plan's own tail weight, as decode_split_counts_for_lengths does.
-  DecodeSplitRule plan_rule = rule;
-  plan_rule.tail_weight = rule.plan_tail_weight;
-  write_counts(fewest_parts_near_best(chunk_options(l, max_parts, num_kv_heads, sm_count, plan_rule)), lengths,
-               batch, l.longest, counts);
+  write_counts(fewest_parts_near_best(options), lengths, batch, l.longest, counts);
 }
 
 void decode_split_plan(const std::int32_t* counts, std::int64_t batch, const std::int64_t* lengths,

@@ -407,11 +407,10 @@ bool decode_split_counts_for_lengths(HostInt64s lengths, int num_kv_heads, int s
 }
 
 void decode_graph_split_counts(HostInt64s lengths, int num_kv_heads, int sm_count, std::int64_t max_parts,
-                               HostInt32Out counts, double cta_cost_keys, double tail_weight, int max_splits,
-                               double plan_tail_weight) {
+                               HostInt32Out counts, double cta_cost_keys, double tail_weight, int max_splits) {
   const auto batch = std::int64_t(lengths.shape(0));
   check_size("decode_graph_split_counts", "counts", counts.shape(0), batch);
-  fastattn::DecodeSplitRule rule = make_rule(cta_cost_keys, tail_weight, 1.0, max_splits, 1.0, plan_tail_weight);
+  fastattn::DecodeSplitRule rule = make_rule(cta_cost_keys, tail_weight, 1.0, max_splits, 1.0);
   fastattn::decode_graph_split_counts(lengths.data(), batch, num_kv_heads, sm_count, max_parts, counts.data(),
                                       rule);
 }
@@ -592,7 +591,7 @@ NB_MODULE(_C, m) {
         "fastattn::decode_split_counts_for_lengths (counts written; False: one count serves).");
   m.def("decode_graph_split_counts", &decode_graph_split_counts, nb::arg("lengths"),
         nb::arg("num_kv_heads"), nb::arg("sm_count"), nb::arg("max_parts"), nb::arg("counts"),
-        nb::arg("cta_cost_keys"), nb::arg("tail_weight"), nb::arg("max_splits"), nb::arg("plan_tail_weight"),
+        nb::arg("cta_cost_keys"), nb::arg("tail_weight"), nb::arg("max_splits"),
         "fastattn::decode_graph_split_counts (counts written).");
   m.def("decode_graph_plan_items", &fastattn::decode_graph_plan_items, nb::arg("batch"),
         nb::arg("num_kv_heads"), nb::arg("sm_count"), nb::arg("extra_waves"),

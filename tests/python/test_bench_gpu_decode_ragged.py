@@ -132,7 +132,6 @@ def hand_record():
              gr.seqplan_key(8): {"s": 92e-6}, gr.seqplan_key(32): {"s": 88e-6},
              gr.GRAPH: {"s": 81e-6, "split_counts": [[10] + [1] * 31] * 3, "plan_items": [65] * 3},
              gr.GRAPH_EAGER: {"s": 91.8e-6}, "flashinfer-decode-graph": {"s": 97.2e-6},
-             gr.GRAPH_PLAN: {"s": 77e-6}, gr.GRAPH_PLAN_TW: {"s": 80e-6},
              "flashinfer-tc-graph": {"error": "refused"}}
     rec = {"name": "GQA8 b32 32k long1", "lengths": [[32768] + [1024] * 31] * 3,
            "copy_bound_s": 62e-6, "impls": impls}
@@ -160,8 +159,6 @@ def test_case_summary_and_table():
     assert sm["graph_eager_s"] == 91.8e-6 and sm["graph_eager_over_planned"] == pytest.approx(91.8 / 90)
     assert sm["best_flashinfer_graph"] == "flashinfer-decode-graph"
     assert sm["flashinfer_graph_over_graph"] == pytest.approx(97.2 / 81)
-    assert sm["graphplan_s"] == 77e-6 and sm["graphplan_tw_s"] == 80e-6
-    assert sm["graphplan_over_tw"] == pytest.approx(77 / 80)
     text = gr.format_table([rec], 4.27)
     assert "copy 4.27 TB/s" in text
     line = text.splitlines()[1]
@@ -173,11 +170,8 @@ def test_case_summary_and_table():
     assert "planned-uniform 99.0" in line and "seqplan-s32 88.0" in line
     assert ("FI/heur 0.353 FI/fixed 1.116 FI/plan 1.178 plan/fixed 0.947 uniform/plan 1.100 "
             "uniform/always 1.100 plan/best-seqplan 1.023 graph/plan 0.900 graph-eager/plan 1.020 "
-            "FIgraph/graph 1.200 graphplan/tw 0.962 ['per-seq max 10, 41 parts', 'per-seq max 9, 71 parts', 0]") in line
+            "FIgraph/graph 1.200 ['per-seq max 10, 41 parts', 'per-seq max 9, 71 parts', 0]") in line
     assert "graph 81.0" in line and "fi-decode-graph 97.2" in line and "fi-tc-graph n/a" in line
-    assert "graphplan 77.0" in line and "graphplan-tw 80.0" in line
-    del rec["impls"][gr.GRAPH_PLAN_TW]  # without --graph-plans: no ratio
-    assert gr.case_summary(rec)["graphplan_over_tw"] is None
     assert "head_dim 128," in text  # a record without head_dim is from before --head-dim
     rec["head_dim"] = 256
     assert "head_dim 256," in gr.format_table([rec], 4.27)
@@ -243,28 +237,3 @@ def test_graph_wrapper_eager_call_on_the_cpu():
     assert wrapper.is_cuda_graph_enabled and wrapper._workspace_buffer is gr.wrapper_workspace(torch, "cpu")
     plan = wrapper._graph.split_plan
     assert plan.shape[0] == 5 + 1 + fastattn.decode_graph_plan_items(5, 2, 1)
-
-
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_graph_plan_calls_on_the_cpu(head_dim):
-    """The graph plans' calls (GRAPH_PLAN, GRAPH_PLAN_TW), not captured: each writes the reference's
-    answer into the poisoned buffer; their counts are decode_graph_split_counts' of the head dim's
-    rule and of the tail-weight rule, over the fixed plan size."""
-    import fastattn
-    st = gr.RaggedSet(torch, torch.device("cpu"), 4, 2, 5, 256, "long1", gen(29), contiguous=False,
-                      dtype=torch.float32, head_dim=head_dim)
-    items = fastattn.decode_graph_plan_items(5, 2, 1)
-    for impl, rule in ((gr.GRAPH_PLAN, {"head_dim": head_dim}),
-                       (gr.GRAPH_PLAN_TW, {"plan_tail_weight": fastattn.decode.TAIL_WEIGHT})):
-        out = torch.full((5, 1, 4, head_dim), float("nan"))
-        st.graph_plan_run(fastattn, impl, out)()
-        np.testing.assert_allclose(out[:, 0].numpy(), st.reference(torch).numpy(), rtol=0, atol=1e-5)
-        want = fastattn.decode_graph_split_counts(st.lens, 2, 1, items, **rule)
-        assert st._small[impl + ":counts"] == want.tolist()
-
-
-def test_graph_plans_argument(capsys):
-    """--graph-plans is accepted (the run stops at the case filter, past the flags' parsing)."""
-    with pytest.raises(SystemExit):
-        gr.main(["--out", "/nonexistent", "--graph-plans", "--cases", "no such case"])
-    assert "--cases 'no such case' matches no case" in capsys.readouterr().err

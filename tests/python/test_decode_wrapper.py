@@ -287,24 +287,23 @@ def plan_estimate(lens, counts, heads, sms, cost, tail):
 
 def written_out_choice(lens, heads, sms, uniform=False, cap=math.inf, tail=None):
     """The split-count rules' documented choice, written out with plain loops: (estimate, parts,
-    counts, is one count S) of the chunk rule's counts (and with `uniform` one count S for every
-    sequence) of at most cap parts, the fewest parts within the tolerance of the best estimate
-    (with the tail weight `tail`, default TAIL_WEIGHT); a chunk before one count on a tie."""
+    counts) of the chunk rule's counts (and with `uniform` one count S for every sequence) of at
+    most cap parts, the fewest parts within the tolerance of the best estimate (with the tail
+    weight `tail`, default TAIL_WEIGHT)."""
     from fastattn import decode as dec
     tail = dec.TAIL_WEIGHT if tail is None else tail
     options = []
     for s in range(1, dec.MAX_SPLITS + 1):
         chunk = math.ceil(max(lens) / s)
-        candidates = [([min(dec.MAX_SPLITS, max(1, math.ceil(n / chunk))) for n in lens], False)]
+        candidates = [[min(dec.MAX_SPLITS, max(1, math.ceil(n / chunk))) for n in lens]]
         if uniform:
-            candidates.append(([s] * len(lens), True))
-        for counts, one_count in candidates:
+            candidates.append([s] * len(lens))
+        for counts in candidates:
             if sum(counts) <= cap:
                 options.append((plan_estimate(lens, counts, heads, sms, dec.CTA_COST_KEYS, tail),
-                                sum(counts), counts, one_count))
+                                sum(counts), counts))
     best = min(o[0] for o in options)
-    return min((o for o in options if o[0] <= best * (1 + dec.SPLIT_TOLERANCE)),
-               key=lambda o: (o[1], o[0], o[3]))
+    return min((o for o in options if o[0] <= best * (1 + dec.SPLIT_TOLERANCE)), key=lambda o: (o[1], o[0]))
 
 
 def test_split_counts_balanced_and_empty():
@@ -470,9 +469,7 @@ def test_decode_wrapper_plans_no_counts_on_the_cpu(rng):
 
 def test_graph_plan_items_and_counts(rng):
     """The plan's fixed size is batch + ceil(GRAPH_EXTRA_WAVES x SMs / heads); the counts are the
-    estimate's best of at most that many parts, for ragged and equal lengths alike (never None);
-    where that is a chunk, the chunk is chosen again with the plan tail weight (head_dim's, or an
-    explicit one)."""
+    estimate's best of at most that many parts, for ragged and equal lengths alike (never None)."""
     from fastattn import decode as dec
     assert fastattn.decode_graph_plan_items(32, 8, 132) == 32 + math.ceil(dec.GRAPH_EXTRA_WAVES * 132 / 8)
     assert fastattn.decode_graph_plan_items(65530, 1, 132) == 65535
@@ -488,27 +485,11 @@ def test_graph_plan_items_and_counts(rng):
         if max(lens) == 0:
             continue
         cap = fastattn.decode_graph_plan_items(batch, heads, 132)
-        head_dim = int(rng.choice([0, 64, 128, 256]))  # 0: no head_dim, the plan weight = tail_weight
-        plan_tail = 0.10 if head_dim in (64, 256) else dec.TAIL_WEIGHT  # bench/NOTES.md, session 73
-        if rng.random() < 0.3:
-            plan_tail = float(rng.uniform(0.02, 1.0))
-            got = fastattn.decode_graph_split_counts(lens, heads, 132, cap, plan_tail_weight=plan_tail,
-                                                     head_dim=head_dim or None)
-        else:
-            got = fastattn.decode_graph_split_counts(lens, heads, 132, cap, head_dim=head_dim or None)
+        got = fastattn.decode_graph_split_counts(lens, heads, 132, cap)
         want = written_out_choice(lens, heads, 132, uniform=True, cap=cap)
-        if not want[3]:  # a chunk: chosen again among the chunks with the plan tail weight
-            want = written_out_choice(lens, heads, 132, cap=cap, tail=plan_tail)
-        assert got.dtype == np.int32 and got.tolist() == want[2], (batch, heads, head_dim, plan_tail)
+        assert got.dtype == np.int32 and got.tolist() == want[2], (batch, heads)
         assert got.sum() <= cap and got.min() >= 1
     assert fastattn.decode_graph_split_counts([0, 0], 8, 132, 2).tolist() == [1, 1]
-    # One 32k sequence among 7 of 1k at 8 KV heads, the graph plan's 41 items (bench/NOTES.md,
-    # session 73): 29 parts of the long one by head_dim 128's rule (and without a head_dim), 19 by
-    # head_dim 64's and 256's.
-    lens = [32768] + [1024] * 7
-    cap = fastattn.decode_graph_plan_items(8, 8, 132)
-    for head_dim, parts in ((None, 29), (64, 19), (128, 29), (256, 19)):
-        assert fastattn.decode_graph_split_counts(lens, 8, 132, cap, head_dim=head_dim)[0] == parts
     # Equal lengths: one count for every sequence (the capacity heuristic is not an option).
     got = fastattn.decode_graph_split_counts([32768] * 2, 8, 132, 2 + 33)
     assert len(set(got.tolist())) == 1 and got[0] > 1

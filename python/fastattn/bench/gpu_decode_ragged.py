@@ -31,10 +31,7 @@ with ``--plan-splits`` split plans that cut every sequence into parts of ceil(lo
 (``fastattn-seqplan-s<S>``), the wrapper with ``use_cuda_graph=True`` (each input set its own
 wrapper and page-list buffers): its ``run()`` captured in a CUDA graph and the replay timed
 (``fastattn-graph``), and the same ``run()`` called directly (``fastattn-graph-eager``: the fixed
-plan size, the padding and the CSR lists without the graph); with ``--graph-plans``
-``flash_attn_with_kvcache`` captured with a graph plan of the same fixed size by the head dim's rule
-and by the rule whose plan tail weight is its tail weight (``fastattn-graphplan``,
-``fastattn-graphplan-tw``); and with ``--flashinfer`` FlashInfer's
+plan size, the padding and the CSR lists without the graph), and with ``--flashinfer`` FlashInfer's
 three paged paths (gpu_decode_flashinfer.py) on the same pool and its two wrappers with
 ``use_cuda_graph=True``, captured and replayed the same way (``flashinfer-decode-graph``,
 ``flashinfer-tc-graph``). Every output is first checked, written into a
@@ -74,12 +71,6 @@ PLANNED_ALWAYS = "fastattn-planned-always"
 # the same run() called directly
 GRAPH = "fastattn-graph"
 GRAPH_EAGER = "fastattn-graph-eager"
-# With --graph-plans: flash_attn_with_kvcache captured in a CUDA graph with a plan of the graph's
-# fixed size (decode_graph_plan_items) from decode_graph_split_counts, by the head dim's rule (as the
-# graph wrapper's plan()) and by the rule with the plan's tail weight = tail_weight (every head dim's
-# graph plan before session 73): the same call, only the counts differ
-GRAPH_PLAN = "fastattn-graphplan"
-GRAPH_PLAN_TW = "fastattn-graphplan-tw"
 WRAPPER_WORKSPACE_BYTES = 256 << 20
 # One workspace buffer for every planned wrapper, as an engine keeps one for its wrapper and plans it
 # again each step. (A buffer per input set, each last written three calls before, made the wrapper's
@@ -293,27 +284,10 @@ class RaggedSet:
             out[b] = (p @ v).reshape(hq, d)
         return out
 
-    def split_plan(self, fastattn, counts, items=None):
-        """The split plan of `counts` on q's device (longest parts first; padded to `items`)."""
-        plan = fastattn.decode_split_plan(counts, self.lens, items=items)
+    def split_plan(self, fastattn, counts):
+        """The split plan of `counts` on the GPU (longest parts first)."""
+        plan = fastattn.decode_split_plan(counts, self.lens)
         return self._torch.from_numpy(plan).to(self.q.device)
-
-    def graph_plan_run(self, fastattn, impl, out):
-        """The call of GRAPH_PLAN or GRAPH_PLAN_TW, not captured: flash_attn_with_kvcache on its
-        own inputs with a plan of decode_graph_plan_items work items whose counts
-        decode_graph_split_counts picks (made here, untimed; the counts kept in _small)."""
-        q, seqlens, table = self.own_small_inputs(impl)
-        batch, hkv, d = q.shape[0], self.k_pages.shape[2], q.shape[3]
-        sms = torch_sm_count(self._torch) if q.is_cuda else 1
-        items = fastattn.decode_graph_plan_items(batch, hkv, sms)
-        rule = ({"head_dim": d} if impl == GRAPH_PLAN
-                else {"plan_tail_weight": fastattn.decode.TAIL_WEIGHT})
-        counts = fastattn.decode_graph_split_counts(self.lens, hkv, sms, items, **rule)
-        self._small[impl + ":counts"] = [int(c) for c in counts]
-        plan = self.split_plan(fastattn, counts, items)
-        return lambda: fastattn.flash_attn_with_kvcache(
-            q, self.k_pages, self.v_pages, cache_seqlens=seqlens, block_table=table, out=out,
-            split_plan=plan)
 
     def fastattn_call(self, fastattn, impl, num_splits, out):
         if impl in (PLANNED_UNIFORM, PLANNED_ALWAYS, SEQPLAN):  # own inputs; the plan made here, untimed
@@ -351,8 +325,6 @@ class RaggedSet:
             cache = (self.k_pages, self.v_pages)
             run = lambda: wrapper.run(q, cache, out=out3)  # noqa: E731
             return run if impl == GRAPH_EAGER else graph_replay(self._torch, run)
-        if impl in (GRAPH_PLAN, GRAPH_PLAN_TW):
-            return graph_replay(self._torch, self.graph_plan_run(fastattn, impl, out))
         if impl == VARLEN:  # out (B, 1, Hq, D) viewed as the packed (B, Hq, D)
             q, cu_q, seqlens, table, max_k = self.varlen_inputs()
             out3 = out.reshape(q.shape)
@@ -386,9 +358,9 @@ def _checked(torch, call, out, ref, what):
 
 
 def measure_case(torch, fastattn, case, settings, gen, sleeper, copy_tbps, peers=None,
-                 fixed_splits=FIXED_SPLITS, plan_splits=(), head_dim=HEAD_DIM, graph_plans=False):
-    """Builds one case's input sets (at `head_dim`), checks and times every implementation (the
-    graph plans' two arms with `graph_plans`); returns its record."""
+                 fixed_splits=FIXED_SPLITS, plan_splits=(), head_dim=HEAD_DIM):
+    """Builds one case's input sets (at `head_dim`), checks and times every implementation;
+    returns its record."""
     from . import gpu_decode as gd
     name, hq, hkv, batch, cap, kind, contiguous = case
     dev = torch.device("cuda")
@@ -399,8 +371,6 @@ def measure_case(torch, fastattn, case, settings, gen, sleeper, copy_tbps, peers
              GRAPH_EAGER: 0}
     if contiguous:
         impls[CONTIG] = 0
-    if graph_plans:
-        impls[GRAPH_PLAN] = impls[GRAPH_PLAN_TW] = 0
     for s in fixed_splits:
         impls[fixed_key(s)] = s
     for s in plan_splits:
@@ -408,7 +378,7 @@ def measure_case(torch, fastattn, case, settings, gen, sleeper, copy_tbps, peers
     info, fns = {}, {}
     for key, splits in impls.items():
         layout = (key if key in (CONTIG, VARLEN, PLANNED, PLANNED_UNIFORM, PLANNED_ALWAYS, GRAPH,
-                                 GRAPH_EAGER, GRAPH_PLAN, GRAPH_PLAN_TW)
+                                 GRAPH_EAGER)
                   else SEQPLAN if key.startswith(SEQPLAN) else PAGED)
         outs = [torch.empty(batch, 1, hq, head_dim, dtype=torch.bfloat16, device=dev) for _ in sets]
         err = _checked(torch, sets[0].fastattn_call(fastattn, layout, splits, outs[0]), outs[0], ref, key)
@@ -424,8 +394,6 @@ def measure_case(torch, fastattn, case, settings, gen, sleeper, copy_tbps, peers
     graph_wrappers = [st._small[GRAPH][1] for st in sets]
     info[GRAPH]["split_counts"] = [[int(c) for c in w.split_counts] for w in graph_wrappers]
     info[GRAPH]["plan_items"] = [int(w._graph.split_plan.shape[0]) - batch - 1 for w in graph_wrappers]
-    for key in (GRAPH_PLAN, GRAPH_PLAN_TW) if graph_plans else ():
-        info[key]["split_counts"] = [st._small[key + ":counts"] for st in sets]
     if peers is not None:
         from .gpu_decode_flashinfer import GRAPH_PEERS as FI_GRAPH_PEERS, PEERS as FI_PEERS
         per_set = []
@@ -487,10 +455,7 @@ def case_summary(rec):
     graph, graph_eager = t(GRAPH), t(GRAPH_EAGER)
     fi_graphs = {k: t(k) for k in im if k.startswith("flashinfer") and k.endswith("-graph") and t(k)}
     best_fi_graph = min(fi_graphs, key=fi_graphs.get) if fi_graphs else None
-    graph_plan, graph_plan_tw = t(GRAPH_PLAN), t(GRAPH_PLAN_TW)
     out = {"graph_s": graph, "graph_eager_s": graph_eager,
-           "graphplan_s": graph_plan, "graphplan_tw_s": graph_plan_tw,
-           "graphplan_over_tw": graph_plan / graph_plan_tw if graph_plan and graph_plan_tw else None,
            "graph_over_planned": graph / planned if graph and planned else None,
            "graph_eager_over_planned": graph_eager / planned if graph_eager and planned else None,
            "best_flashinfer_graph": best_fi_graph,
@@ -521,9 +486,8 @@ def format_table(records, copy_tbps):
     """One line per case: mean tokens, copy bound, every implementation's µs, FlashInfer's fastest
     over fastattn's heuristic, its best fixed split count and its planned wrapper, the planned
     wrapper over the best fixed count, the graph-mode wrapper (replayed and eager) over the planned
-    one, FlashInfer's fastest graph replay over fastattn's, and the head dim's graph plan over the
-    tail-weight one (``--graph-plans``) (the split counts the planned wrapper chose per input set
-    in brackets)."""
+    one, and FlashInfer's fastest graph replay over fastattn's (the split counts the planned wrapper
+    chose per input set in brackets)."""
     dims = sorted({rec.get("head_dim", HEAD_DIM) for rec in records}) or [HEAD_DIM]
     lines = ["decode on ragged batches (bf16, head_dim %s, pages of 16 over a random pool; copy "
              "%.2f TB/s); µs, median; FI/heur, FI/fixed, FI/plan: FlashInfer's fastest time over "
@@ -546,14 +510,14 @@ def format_table(records, copy_tbps):
                   for c, sc in zip(im.get("num_splits", []), counts)]
         lines.append("%-22s tokens %8.0f bound %7.1f | %s | FI/heur %s FI/fixed %s FI/plan %s "
                      "plan/fixed %s uniform/plan %s uniform/always %s plan/best-seqplan %s "
-                     "graph/plan %s graph-eager/plan %s FIgraph/graph %s graphplan/tw %s %s" % (
+                     "graph/plan %s graph-eager/plan %s FIgraph/graph %s %s" % (
                          rec["name"], toks, rec["copy_bound_s"] * 1e6, "  ".join(cells),
                          ratio("flashinfer_over_heuristic"), ratio("flashinfer_over_best_fixed"),
                          ratio("flashinfer_over_planned"), ratio("planned_over_best_fixed"),
                          ratio("uniform_over_planned"), ratio("uniform_over_always"),
                          ratio("planned_over_best_seqplan"), ratio("graph_over_planned"),
                          ratio("graph_eager_over_planned"), ratio("flashinfer_graph_over_graph"),
-                         ratio("graphplan_over_tw"), chosen))
+                         chosen))
     return "\n".join(lines)
 
 
@@ -570,10 +534,6 @@ def main(argv=None):
                          "ceil(longest / S) keys (default: none)")
     ap.add_argument("--head-dim", type=int, default=HEAD_DIM, choices=HEAD_DIMS,
                     help="head dim of every case (default %(default)s)")
-    ap.add_argument("--graph-plans", action="store_true",
-                    help="also time graph-captured flash_attn_with_kvcache with the graph plan of "
-                         "the head dim's rule and of the rule whose plan tail weight is its tail "
-                         "weight")
     ap.add_argument("--cases", default="",
                     help="only the cases whose name contains one of these comma-separated strings")
     args = ap.parse_args(argv)
@@ -611,8 +571,7 @@ def main(argv=None):
     records = []
     for case in cases:
         records.append(measure_case(torch, fastattn, case, settings, gen, sleeper, copy["tbps"], peers,
-                                    fixed_splits, plan_splits, head_dim=args.head_dim,
-                                    graph_plans=args.graph_plans))
+                                    fixed_splits, plan_splits, head_dim=args.head_dim))
         torch.cuda.empty_cache()
     print(format_table(records, copy["tbps"]))
     prop = torch.cuda.get_device_properties(0)
