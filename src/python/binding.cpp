@@ -369,9 +369,10 @@ using HostInt64s = nb::ndarray<const std::int64_t, nb::ndim<1>, nb::c_contig, nb
 using HostInt32s = nb::ndarray<const std::int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using HostInt32Out = nb::ndarray<std::int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
+/// A rule of the given constants; the rules that never pick a plan's chunk pass tail_weight as the
+/// plan's tail weight (DecodeSplitRule's own default relation).
 fastattn::DecodeSplitRule make_rule(double cta_cost_keys, double tail_weight, double balanced_ratio,
-                                    int max_splits, double min_gain,
-                                    double plan_tail_weight = fastattn::DecodeSplitRule{}.plan_tail_weight) {
+                                    int max_splits, double min_gain, double plan_tail_weight) {
   fastattn::DecodeSplitRule r;
   r.cta_cost_keys = cta_cost_keys;
   r.tail_weight = tail_weight;
@@ -393,7 +394,7 @@ int decode_num_splits_for_lengths(HostInt64s lengths, int num_kv_heads, int sm_c
                                   double tail_weight, double balanced_ratio, int max_splits) {
   return fastattn::decode_num_splits_for_lengths(lengths.data(), std::int64_t(lengths.shape(0)), num_kv_heads,
                                                  sm_count, make_rule(cta_cost_keys, tail_weight, balanced_ratio,
-                                                                     max_splits, 1.0));
+                                                                     max_splits, 1.0, tail_weight));
 }
 
 bool decode_split_counts_for_lengths(HostInt64s lengths, int num_kv_heads, int sm_count, HostInt32Out counts,
@@ -410,7 +411,7 @@ void decode_graph_split_counts(HostInt64s lengths, int num_kv_heads, int sm_coun
                                HostInt32Out counts, double cta_cost_keys, double tail_weight, int max_splits) {
   const auto batch = std::int64_t(lengths.shape(0));
   check_size("decode_graph_split_counts", "counts", counts.shape(0), batch);
-  fastattn::DecodeSplitRule rule = make_rule(cta_cost_keys, tail_weight, 1.0, max_splits, 1.0);
+  fastattn::DecodeSplitRule rule = make_rule(cta_cost_keys, tail_weight, 1.0, max_splits, 1.0, tail_weight);
   fastattn::decode_graph_split_counts(lengths.data(), batch, num_kv_heads, sm_count, max_parts, counts.data(),
                                       rule);
 }
