@@ -18,6 +18,15 @@
 
 namespace fastattn {
 
+/// FlashInfer's two layouts of a page: its rows token-major, (page_size, Hkv, D) ("NHD"), or
+/// head-major, (Hkv, page_size, D) ("HND": each head's keys of a page one contiguous run).
+enum class PagedKVLayout { kNHD, kHND };
+
+/// "NHD" or "HND" as a PagedKVLayout; ValueError naming `name` for anything else.
+PagedKVLayout paged_kv_layout_from_name(const std::string& layout, const char* name = "kv_layout");
+/// "NHD" or "HND".
+const char* paged_kv_layout_name(PagedKVLayout layout);
+
 /// What one plan() fixes for its calls.
 struct PagedDecodeCallPlan {
   TensorView seqlens;                       ///< (B) int32 keys of each request
@@ -30,18 +39,23 @@ struct PagedDecodeCallPlan {
   std::string data_type;                    ///< dtype_name() the calls' q and pages must have
   std::optional<std::int64_t> max_page_id;  ///< the largest page id plan() read (none: not read)
   bool on_gpu = false;                      ///< whether the plan's arrays (and q) are on a GPU
+  PagedKVLayout layout = PagedKVLayout::kNHD;  ///< the layout of the calls' pages
 };
 
-/// The k and v pages (P, page_size, Hkv, D) of a paged cache in FlashInfer's NHD layout
-/// (P, 2, page_size, Hkv, D): strided views, no copy. ValueError naming `name` for another shape.
-std::pair<TensorView, TensorView> split_nhd_paged_cache(const TensorView& cache, const char* name);
+/// The k and v pages of a paged cache in one of FlashInfer's layouts, (P, 2, page_size, Hkv, D)
+/// (NHD) or (P, 2, Hkv, page_size, D) (HND): strided views in the same layout, (P, page_size,
+/// Hkv, D) or (P, Hkv, page_size, D), no copy. ValueError naming `name` for another shape.
+std::pair<TensorView, TensorView> split_paged_kv_cache(const TensorView& cache, PagedKVLayout layout,
+                                                       const char* name);
 
-/// KVCacheArgs for one call of `plan`: q (B, Hq, D) over k_pages / v_pages (P, page_size, Hkv, D)
-/// into out (B, Hq, D) and lse (B, Hq) float32 when given, as (B, 1, Hq, D) / (B, Hq, 1) views,
-/// with the plan's arrays. Checked in this order, each error naming the array and what the plan
-/// expects: q's shape and dtype, each page tensor's shape, page count (against max_page_id) and
-/// dtype, q's device kind, out's and lse's shapes. The options, exec and workspace are left to the
-/// caller; kvcache_attention_forward checks the rest.
+/// KVCacheArgs for one call of `plan`: q (B, Hq, D) over k_pages / v_pages in the plan's layout,
+/// (P, page_size, Hkv, D) (NHD) or (P, Hkv, page_size, D) (HND), into out (B, Hq, D) and lse
+/// (B, Hq) float32 when given, as (B, 1, Hq, D) / (B, Hq, 1) views, with the plan's arrays. The
+/// pages go to the op as (P, page_size, Hkv, D) views (HND's with dims 1 and 2 swapped: the
+/// kernels take any strides). Checked in this order, each error naming the array and what the
+/// plan expects: q's shape and dtype, each page tensor's shape, page count (against max_page_id)
+/// and dtype, q's device kind, out's and lse's shapes. The options, exec and workspace are left
+/// to the caller; kvcache_attention_forward checks the rest.
 KVCacheArgs paged_decode_call_args(const PagedDecodeCallPlan& plan, const TensorView& q, const TensorView& k_pages,
                                    const TensorView& v_pages, const TensorView& out,
                                    const std::optional<TensorView>& lse);

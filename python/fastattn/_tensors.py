@@ -28,7 +28,10 @@ __all__ = [
     "dtype_name",
     "usable_workspace",
     "device_sm_count",
-    "nhd_pages",
+    "KV_LAYOUTS",
+    "check_kv_layout",
+    "paged_kv_pages",
+    "swap_axes",
     "on_device_of",
     "check_array",
     "prepare",
@@ -341,10 +344,31 @@ def dtype_name(dtype: Any) -> str:
     return {"half": "float16", "float": "float32", "bfloat": "bfloat16"}.get(name, name)
 
 
-def nhd_pages(cache: Any, name: str) -> Tuple[Any, Any]:
-    """(k_pages, v_pages) of FlashInfer's NHD paged cache `cache`: a tuple of two arrays, or one
-    (max_num_pages, 2, page_size, num_kv_heads, head_dim) array split into strided views (no
-    copy). Errors name `name`; the pages' own shapes are checked by the caller or the op."""
+# FlashInfer's page layouts: a page (page_size, num_kv_heads, head_dim) ("NHD") or
+# (num_kv_heads, page_size, head_dim) ("HND").
+KV_LAYOUTS = ("NHD", "HND")
+
+
+def check_kv_layout(kv_layout: Any) -> str:
+    """kv_layout if it is "NHD" or "HND", else a ValueError naming it."""
+    if kv_layout not in KV_LAYOUTS:
+        raise ValueError(f"kv_layout must be 'NHD' (pages (max_num_pages, 2, page_size, "
+                         f"num_kv_heads, head_dim)) or 'HND' (pages (max_num_pages, 2, num_kv_heads, "
+                         f"page_size, head_dim)), got {kv_layout!r}")
+    return kv_layout
+
+
+def swap_axes(x: Any, a: int, b: int) -> Any:
+    """x with axes a and b swapped: a strided view in numpy, torch and cupy (jax, whose arrays
+    are always row-major, copies)."""
+    return x.swapaxes(a, b)
+
+
+def paged_kv_pages(cache: Any, name: str, kv_layout: str = "NHD") -> Tuple[Any, Any]:
+    """(k_pages, v_pages) of FlashInfer's paged cache `cache` in its layout: a tuple of two
+    arrays, or one (max_num_pages, 2, page_size, num_kv_heads, head_dim) array (NHD; HND: (...,
+    2, num_kv_heads, page_size, head_dim)) split into strided views (no copy), in the same
+    layout. Errors name `name`; the pages' own shapes are checked by the caller or the op."""
     if isinstance(cache, (tuple, list)):
         if len(cache) != 2:
             raise ValueError(f"{name} given as a tuple must be (k_pages, v_pages), got "
@@ -356,8 +380,9 @@ def nhd_pages(cache: Any, name: str) -> Tuple[Any, Any]:
     check_array(cache, name)
     shape = tuple(cache.shape)
     if len(shape) != 5 or shape[1] != 2:
-        raise ValueError(f"{name} must have shape (max_num_pages, 2, page_size, num_kv_heads, "
-                         f"head_dim) (NHD), got {shape}")
+        dims = "page_size, num_kv_heads" if kv_layout == "NHD" else "num_kv_heads, page_size"
+        raise ValueError(f"{name} must have shape (max_num_pages, 2, {dims}, head_dim) "
+                         f"({kv_layout}), got {shape}")
     return cache[:, 0], cache[:, 1]
 
 

@@ -49,7 +49,9 @@ from ._tensors import (
     framework,
     host_ints,
     is_cuda,
-    nhd_pages,
+    check_kv_layout,
+    paged_kv_pages,
+    swap_axes,
     optional_float,
     prepare,
     shape_or_zero,
@@ -281,12 +283,7 @@ class _SharedPrefixWrapperBase:
     _kind = ""
 
     def __init__(self, workspace_buffer, kv_layout: str = "NHD"):
-        if kv_layout != "NHD":
-            raise ValueError(
-                f"kv_layout must be 'NHD' (the only layout fastattn supports: pages "
-                f"(max_num_pages, 2, page_size, num_kv_heads, head_dim)), got {kv_layout!r}"
-            )
-        self._kv_layout = kv_layout
+        self._kv_layout = check_kv_layout(kv_layout)
         # The CPU backend needs no workspace; it is kept (like FlashInfer) for the GPU backend.
         self._workspace_buffer = workspace_buffer
         self._plan: Optional[dict] = None
@@ -309,7 +306,7 @@ class _SharedPrefixWrapperBase:
             raise RuntimeError(f"{type(self).__name__}.begin_forward() must be called before "
                                "forward()")
         check_array(q, "q")
-        k_pages, v_pages = nhd_pages(unique_kv_data, "unique_kv_data")
+        k_pages, v_pages = paged_kv_pages(unique_kv_data, "unique_kv_data", self._kv_layout)
         plan = self._plan
         q_shape = tuple(q.shape)
         if len(q_shape) == 3:
@@ -319,19 +316,44 @@ class _SharedPrefixWrapperBase:
             if q_shape[2] != plan["head_dim"]:
                 raise ValueError(f"q has head_dim {q_shape[2]} but begin_forward was given "
                                  f"head_dim={plan['head_dim']}")
+        hnd = self._kv_layout == "HND"
+        heads_dim, size_dim = (1, 2) if hnd else (2, 1)
         k_shape = tuple(k_pages.shape)
         if len(k_shape) == 4:
-            if k_shape[2] != plan["num_kv_heads"]:
-                raise ValueError(f"unique_kv_data has {k_shape[2]} kv heads but begin_forward "
-                                 f"was given num_kv_heads={plan['num_kv_heads']}")
-            if plan.get("page_size") is not None and k_shape[1] != plan["page_size"]:
-                raise ValueError(f"unique_kv_data has page_size {k_shape[1]} but begin_forward "
-                                 f"was given page_size={plan['page_size']}")
+            if k_shape[heads_dim] != plan["num_kv_heads"]:
+                raise ValueError(f"unique_kv_data has {k_shape[heads_dim]} kv heads "
+                                 f"({self._kv_layout}) but begin_forward was given "
+                                 f"num_kv_heads={plan['num_kv_heads']}")
+            if plan.get("page_size") is not None and k_shape[size_dim] != plan["page_size"]:
+                raise ValueError(f"unique_kv_data has page_size {k_shape[size_dim]} "
+                                 f"({self._kv_layout}) but begin_forward was given "
+                                 f"page_size={plan['page_size']}")
+        if hnd:  # the ops take pages (max_num_pages, page_size, num_kv_heads, head_dim)
+            k_pages, v_pages = (swap_axes(x, 1, 2) if len(x.shape) == 4 else x
+                                for x in (k_pages, v_pages))
         return k_pages, v_pages
+
+    def _shared_kv(self, k_shared, v_shared):
+        """k_shared, v_shared as the op takes them, (shared_prefix_len, num_kv_heads, head_dim):
+        HND's (num_kv_heads, shared_prefix_len, head_dim) as views with the first two axes
+        swapped."""
+        if self._kv_layout != "HND":
+            return k_shared, v_shared
+        out = []
+        for name, x in (("k_shared", k_shared), ("v_shared", v_shared)):
+            check_array(x, name)
+            shape = tuple(x.shape)
+            if len(shape) != 3 or shape[0] != self._plan["num_kv_heads"]:
+                raise ValueError(f"{name} must have shape (num_kv_heads, shared_prefix_len, "
+                                 f"head_dim) with kv_layout 'HND' (num_kv_heads="
+                                 f"{self._plan['num_kv_heads']} from begin_forward), got {shape}")
+            out.append(swap_axes(x, 0, 1))
+        return tuple(out)
 
     def _run(self, q, k_shared, v_shared, unique_kv_data, causal, sm_scale, rope_scale,
              rope_theta, return_lse):
         k_pages, v_pages = self._check_forward(q, unique_kv_data, rope_scale, rope_theta)
+        k_shared, v_shared = self._shared_kv(k_shared, v_shared)
         plan = self._plan
         # The sizes begin_forward read on the host: no device read here (graph-capturable).
         return shared_prefix_attention(
@@ -347,7 +369,8 @@ class _SharedPrefixWrapperBase:
 class BatchDecodeWithSharedPrefixPagedKVCacheWrapper(_SharedPrefixWrapperBase):
     """Batch decode (one query per request) over a shared prefix plus paged per-request suffixes.
 
-    FlashInfer's interface (``flashinfer.cascade``), NHD layout only. ``allow_fp16_qk_reduction``
+    FlashInfer's interface (``flashinfer.cascade``), ``kv_layout`` "NHD" or "HND" (pages and the
+    shared prefix head-major; read in place as strided views). ``allow_fp16_qk_reduction``
     is accepted and ignored: fastattn always accumulates q.k in float32. ``forward_return_lse``
     returns natural-log LSE (see the module docstring for FlashInfer's base-2 convention).
     """
@@ -405,8 +428,10 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper(_SharedPrefixWrapperBase):
                 sm_scale=None, rope_scale=None, rope_theta=None):
         """Attention of q (batch_size, num_qo_heads, head_dim) over prefix + suffix.
 
-        k_shared, v_shared: (shared_prefix_len, num_kv_heads, head_dim).
-        unique_kv_data: (max_num_pages, 2, page_size, num_kv_heads, head_dim) or (k_pages, v_pages).
+        k_shared, v_shared: (shared_prefix_len, num_kv_heads, head_dim); HND: (num_kv_heads,
+            shared_prefix_len, head_dim).
+        unique_kv_data: (max_num_pages, 2, page_size, num_kv_heads, head_dim) or (k_pages, v_pages);
+            HND: num_kv_heads and page_size swap places.
         Returns out (batch_size, num_qo_heads, head_dim).
         """
         if self._plan is not None and hasattr(q, "dtype"):
@@ -427,7 +452,8 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper(_SharedPrefixWrapperBase):
 class BatchPrefillWithSharedPrefixPagedKVCacheWrapper(_SharedPrefixWrapperBase):
     """Batch prefill / append over a shared prefix plus paged per-request suffixes.
 
-    FlashInfer's interface (``flashinfer.cascade``), NHD layout only. With ``causal=True`` each
+    FlashInfer's interface (``flashinfer.cascade``), ``kv_layout`` "NHD" or "HND" as the decode
+    wrapper above (k_shared / v_shared and the pages). With ``causal=True`` each
     request's queries are the last qo_len tokens of its suffix (so qo_len <= suffix length).
     ``allow_fp16_qk_reduction`` is accepted and ignored (float32 accumulation always).
     """

@@ -32,6 +32,7 @@ from ._tensors import (
     call_op,
     cuda_stream_of,
     check_array,
+    check_kv_layout,
     device_sm_count,
     dtype_name,
     empty,
@@ -315,7 +316,12 @@ class BatchDecodeWithPagedKVCacheWrapper:
     device arrays, so that the captured launch reads them in place; the float workspace must
     hold the call's partial states (``run()`` says how much when it does not).
 
-    Supported: NHD layout; ``pos_encoding_mode`` "NONE"; ``window_left``; ``logits_soft_cap``;
+    ``kv_layout`` is FlashInfer's: "NHD", pages (max_num_pages, 2, page_size, num_kv_heads,
+    head_dim), or "HND", pages (max_num_pages, 2, num_kv_heads, page_size, head_dim) (each head's
+    keys of a page one contiguous run); a tuple (k_pages, v_pages) drops the 2. Both are read in
+    place: the kernels take HND pages as strided views.
+
+    Supported: both layouts; ``pos_encoding_mode`` "NONE"; ``window_left``; ``logits_soft_cap``;
     ``sm_scale``; GQA / MQA; ``return_lse`` (natural-log LSE, unlike FlashInfer's base 2: see
     :func:`fastattn.lse_base2_to_natural`). Not supported (a clear error): fused RoPE, ALiBi mode,
     fp8 scales, sinks, ``fixed_split_size`` and more than one query per request.
@@ -326,11 +332,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
                  paged_kv_indices_buffer=None, paged_kv_last_page_len_buffer=None,
                  backend: str = "auto", jit_args=None):
         check_array(float_workspace_buffer, "float_workspace_buffer")
-        if kv_layout != "NHD":
-            raise ValueError(
-                f"kv_layout must be 'NHD' (the only layout fastattn supports: pages "
-                f"(max_num_pages, 2, page_size, num_kv_heads, head_dim)), got {kv_layout!r}"
-            )
+        check_kv_layout(kv_layout)
         if jit_args is not None:
             raise NotImplementedError("jit_args (FlashInfer's JIT variants) are not supported")
         # use_tensor_cores and backend choose among FlashInfer's kernels; fastattn has one path.
@@ -544,7 +546,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
                        plan["num_splits"], plan["batch"], plan["num_qo_heads"],
                        plan["num_kv_heads"], plan["head_dim"], plan["page_size"],
                        plan["data_type"], plan["max_page_id"], plan["on_gpu"], workspace,
-                       self._graph is not None)
+                       self._graph is not None, self._kv_layout)
 
     def run(self, q, paged_kv_cache, *args, q_scale=None, k_scale=None, v_scale=None, out=None,
             lse=None, return_lse: bool = False, enable_pdl=None, window_left=None, sinks=None,
@@ -553,7 +555,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
         planned pages; the query sits after the request's last key.
 
         paged_kv_cache: (max_num_pages, 2, page_size, num_kv_heads, head_dim) or a tuple
-        (k_cache, v_cache) of (max_num_pages, page_size, num_kv_heads, head_dim).
+        (k_cache, v_cache) of (max_num_pages, page_size, num_kv_heads, head_dim); with
+        kv_layout "HND" num_kv_heads and page_size swap places.
         out: optional (batch_size, num_qo_heads, head_dim) output; lse: optional
         (batch_size, num_qo_heads) float32. window_left overrides the plan's.
         Returns out, or (out, lse) with return_lse: natural-log LSE (FlashInfer's is base 2).

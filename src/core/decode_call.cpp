@@ -3,6 +3,7 @@
 
 #include <initializer_list>
 #include <string>
+#include <utility>
 
 #include "fastattn/error.h"
 
@@ -46,25 +47,45 @@ void check_dtype(const PagedDecodeCallPlan& plan, const TensorView& t, const cha
                     plan.data_type);
 }
 
-void check_pages(const PagedDecodeCallPlan& plan, const TensorView& t, const char* name) {
-  if (t.ndim != 4 || t.shape[1] != plan.page_size || t.shape[2] != plan.num_kv_heads || t.shape[3] != plan.head_dim)
-    throw ValueError(std::string("paged_kv_cache's ") + name +
-                     " pages must have shape (max_num_pages, page_size, num_kv_heads, head_dim) = (*, " +
-                     std::to_string(plan.page_size) + ", " + std::to_string(plan.num_kv_heads) + ", " +
-                     std::to_string(plan.head_dim) + ") as planned, got " + t.shape_string());
+/// `t` with dimensions `a` and `b` swapped (torch's t.transpose(a, b)).
+TensorView swap_dims(TensorView t, int a, int b) {
+  std::swap(t.shape[std::size_t(a)], t.shape[std::size_t(b)]);
+  std::swap(t.strides[std::size_t(a)], t.strides[std::size_t(b)]);
+  return t;
+}
+
+/// Checks a page tensor `t` in the plan's layout; returns it as (P, page_size, Hkv, D).
+TensorView checked_pages(const PagedDecodeCallPlan& plan, const TensorView& t, const char* name) {
+  const bool hnd = plan.layout == PagedKVLayout::kHND;
+  const std::int64_t rows = hnd ? plan.num_kv_heads : plan.page_size, cols = hnd ? plan.page_size : plan.num_kv_heads;
+  if (t.ndim != 4 || t.shape[1] != rows || t.shape[2] != cols || t.shape[3] != plan.head_dim)
+    throw ValueError(std::string("paged_kv_cache's ") + name + " pages must have shape (max_num_pages, " +
+                     (hnd ? "num_kv_heads, page_size" : "page_size, num_kv_heads") + ", head_dim) = (*, " +
+                     std::to_string(rows) + ", " + std::to_string(cols) + ", " + std::to_string(plan.head_dim) +
+                     ") as planned (" + paged_kv_layout_name(plan.layout) + "), got " + t.shape_string());
   if (plan.max_page_id && t.shape[0] <= *plan.max_page_id)
     throw ValueError("plan() was given page id " + std::to_string(*plan.max_page_id) +
                      ", but paged_kv_cache holds " + std::to_string(t.shape[0]) + " pages");
   check_dtype(plan, t, "paged_kv_cache");
+  return hnd ? swap_dims(t, 1, 2) : t;
 }
 
 }  // namespace
 
-std::pair<TensorView, TensorView> split_nhd_paged_cache(const TensorView& cache, const char* name) {
+PagedKVLayout paged_kv_layout_from_name(const std::string& layout, const char* name) {
+  if (layout == "NHD") return PagedKVLayout::kNHD;
+  if (layout == "HND") return PagedKVLayout::kHND;
+  throw ValueError(std::string(name) + " must be 'NHD' or 'HND', got '" + layout + "'");
+}
+
+const char* paged_kv_layout_name(PagedKVLayout layout) { return layout == PagedKVLayout::kHND ? "HND" : "NHD"; }
+
+std::pair<TensorView, TensorView> split_paged_kv_cache(const TensorView& cache, PagedKVLayout layout,
+                                                       const char* name) {
   if (cache.ndim != 5 || cache.shape[1] != 2)
-    throw ValueError(std::string(name) +
-                     " must have shape (max_num_pages, 2, page_size, num_kv_heads, head_dim) (NHD), got " +
-                     cache.shape_string());
+    throw ValueError(std::string(name) + " must have shape (max_num_pages, 2, " +
+                     (layout == PagedKVLayout::kHND ? "num_kv_heads, page_size" : "page_size, num_kv_heads") +
+                     ", head_dim) (" + paged_kv_layout_name(layout) + "), got " + cache.shape_string());
   return {select(cache, 1, 0), select(cache, 1, 1)};
 }
 
@@ -76,8 +97,8 @@ KVCacheArgs paged_decode_call_args(const PagedDecodeCallPlan& plan, const Tensor
     throw ValueError("q must have shape (batch_size, num_qo_heads, head_dim) = " + tuple_string(want) +
                      " as planned, got " + q.shape_string());
   check_dtype(plan, q, "q");
-  check_pages(plan, k_pages, "k");
-  check_pages(plan, v_pages, "v");
+  const TensorView k = checked_pages(plan, k_pages, "k");
+  const TensorView v = checked_pages(plan, v_pages, "v");
   if ((q.device.type == DeviceType::kCUDA) != plan.on_gpu)
     throw ValueError(std::string("q must be on the device of the workspace buffer plan() used (") +
                      (plan.on_gpu ? "a CUDA device" : "the host") + "), got q on " +
@@ -94,8 +115,8 @@ KVCacheArgs paged_decode_call_args(const PagedDecodeCallPlan& plan, const Tensor
   }
   a.q = with_unit_dim(q, 1);
   a.out = with_unit_dim(out, 1);
-  a.k_cache = k_pages;
-  a.v_cache = v_pages;
+  a.k_cache = k;
+  a.v_cache = v;
   a.cache_seqlens = plan.seqlens;
   a.block_table = plan.block_table;
   a.page_indptr = plan.page_indptr;

@@ -30,12 +30,14 @@ class PagedDecodeRunner {
   /// lengths; block_table (B, W) int32, or page_indptr (B + 1) and page_indices int32 (graph mode);
   /// split_plan or None. max_page_id: the largest page id plan() read (None: not read).
   /// workspace: the wrapper's float workspace buffer; graph: a captured run() must not allocate.
+  /// kv_layout: "NHD" or "HND", the layout of run()'s pages.
   PagedDecodeRunner(nb::handle seqlens, nb::handle block_table, nb::handle page_indptr,
                     nb::handle page_indices, nb::handle split_plan, int num_splits, std::int64_t batch,
                     std::int64_t num_qo_heads, std::int64_t num_kv_heads, std::int64_t head_dim,
                     std::int64_t page_size, std::string data_type, std::optional<std::int64_t> max_page_id,
-                    bool on_gpu, nb::handle workspace, bool graph)
+                    bool on_gpu, nb::handle workspace, bool graph, const std::string& kv_layout)
       : graph_(graph) {
+    plan_.layout = fastattn::paged_kv_layout_from_name(kv_layout);
     plan_.seqlens = in_view(seqlens, "seqlens", keep_);
     plan_.block_table = opt_in(block_table, "block_table", keep_);
     plan_.page_indptr = opt_in(page_indptr, "page_indptr", keep_);
@@ -70,7 +72,8 @@ class PagedDecodeRunner {
 
   /// Attention of q (B, Hq, D) over the planned pages into out (B, Hq, D) and lse (B, Hq) float32
   /// or None. pages: the (P, 2, page_size, Hkv, D) cache with v_pages None, or the k pages
-  /// (P, page_size, Hkv, D) with v_pages. workspace_alloc(nbytes): the caller's allocator, used
+  /// (P, page_size, Hkv, D) with v_pages; in the HND layout (P, 2, Hkv, page_size, D) and
+  /// (P, Hkv, page_size, D). workspace_alloc(nbytes): the caller's allocator, used
   /// when the wrapper's workspace is too small (never in graph mode: an error instead).
   void run(nb::handle q, nb::handle pages, nb::handle v_pages, nb::handle out, nb::handle lse,
            std::int64_t window_left, std::optional<float> softmax_scale, float softcap,
@@ -79,7 +82,8 @@ class PagedDecodeRunner {
     const TensorView tq = in_view(q, "q", keep);
     TensorView k_pages, v;
     if (v_pages.is_none()) {
-      std::tie(k_pages, v) = fastattn::split_nhd_paged_cache(in_view(pages, "paged_kv_cache", keep), "paged_kv_cache");
+      std::tie(k_pages, v) = fastattn::split_paged_kv_cache(in_view(pages, "paged_kv_cache", keep), plan_.layout,
+                                                           "paged_kv_cache");
     } else {
       k_pages = in_view(pages, "paged_kv_cache[0]", keep);
       v = in_view(v_pages, "paged_kv_cache[1]", keep);
@@ -146,12 +150,12 @@ void bind_decode_runner(nb::module_& m) {
                                 "The decode wrapper's run() for one plan (python/fastattn/decode.py).")
       .def(nb::init<nb::handle, nb::handle, nb::handle, nb::handle, nb::handle, int, std::int64_t,
                     std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::string,
-                    std::optional<std::int64_t>, bool, nb::handle, bool>(),
+                    std::optional<std::int64_t>, bool, nb::handle, bool, const std::string&>(),
            nb::arg("seqlens"), nb::arg("block_table").none(), nb::arg("page_indptr").none(),
            nb::arg("page_indices").none(), nb::arg("split_plan").none(), nb::arg("num_splits"),
            nb::arg("batch"), nb::arg("num_qo_heads"), nb::arg("num_kv_heads"), nb::arg("head_dim"),
            nb::arg("page_size"), nb::arg("data_type"), nb::arg("max_page_id").none(), nb::arg("on_gpu"),
-           nb::arg("workspace").none(), nb::arg("graph"))
+           nb::arg("workspace").none(), nb::arg("graph"), nb::arg("kv_layout") = "NHD")
       .def("run", &PagedDecodeRunner::run, nb::arg("q"), nb::arg("pages"), nb::arg("v_pages").none(),
            nb::arg("out"), nb::arg("lse").none(), nb::arg("window_left"),
            nb::arg("softmax_scale").none(), nb::arg("softcap"), nb::arg("cuda_stream"),

@@ -1,6 +1,7 @@
 // The calls of a batch decode wrapper's plan (include/fastattn/decode_call.h): the arguments
 // paged_decode_call_args builds, run on the CPU backend, against the double-precision reference
-// on fresh random ragged batches over a random NHD page pool; and its errors.
+// on fresh random ragged batches over a random NHD page pool, the same pages in the HND layout,
+// and its errors.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -103,7 +104,7 @@ TEST_P(DecodeCall, RunsAgainstTheReference) {
     out.poison();
     lse.poison();
     const auto pool_before = b.pool.bytes();
-    const auto [k_pages, v_pages] = fastattn::split_nhd_paged_cache(b.pool.view(), "paged_kv_cache");
+    const auto [k_pages, v_pages] = fastattn::split_paged_kv_cache(b.pool.view(), fastattn::PagedKVLayout::kNHD, "paged_kv_cache");
     fastattn::KVCacheArgs a =
         fastattn::paged_decode_call_args(b.plan(dtype), q.view(), k_pages, v_pages, out.view(), lse.view());
     fastattn::kvcache_attention_forward(a);
@@ -150,7 +151,7 @@ TEST(DecodeCallErrors, NameTheArrayAndWhatThePlanExpects) {
   FA_SEEDED_RNG(rng);
   Batch b(rng, DType::kFloat32);
   const auto plan = b.plan(DType::kFloat32);
-  const auto [k, v] = fastattn::split_nhd_paged_cache(b.pool.view(), "paged_kv_cache");
+  const auto [k, v] = fastattn::split_paged_kv_cache(b.pool.view(), fastattn::PagedKVLayout::kNHD, "paged_kv_cache");
   HostTensor q = fa_ref::random_tensor(DType::kFloat32, {b.B, b.Hq, b.D}, rng);
   HostTensor q16 = fa_ref::random_tensor(DType::kFloat16, {b.B, b.Hq, b.D}, rng);
   HostTensor out(DType::kFloat32, {b.B, b.Hq, b.D}), lse(DType::kFloat32, {b.B, b.Hq});
@@ -183,9 +184,68 @@ TEST(DecodeCallErrors, NameTheArrayAndWhatThePlanExpects) {
                                      "out must have shape " + shape);
   expect_error<fastattn::ValueError>([&] { call(q.view(), k, v, out.view(), bad_lse.view()); }, "lse must have shape");
   HostTensor not_nhd = fa_ref::random_tensor(DType::kFloat32, {b.P, 3, b.ps, b.Hkv, b.D}, rng);
-  expect_error<fastattn::ValueError>([&] { fastattn::split_nhd_paged_cache(not_nhd.view(), "paged_kv_cache"); },
-                                     "paged_kv_cache must have shape (max_num_pages, 2, page_size, num_kv_heads, "
-                                     "head_dim) (NHD)");
+  expect_error<fastattn::ValueError>(
+      [&] { fastattn::split_paged_kv_cache(not_nhd.view(), fastattn::PagedKVLayout::kNHD, "paged_kv_cache"); },
+      "paged_kv_cache must have shape (max_num_pages, 2, page_size, num_kv_heads, head_dim) (NHD)");
+  expect_error<fastattn::ValueError>(
+      [&] { fastattn::split_paged_kv_cache(not_nhd.view(), fastattn::PagedKVLayout::kHND, "paged_kv_cache"); },
+      "paged_kv_cache must have shape (max_num_pages, 2, num_kv_heads, page_size, head_dim) (HND)");
+  expect_error<fastattn::ValueError>([&] { fastattn::paged_kv_layout_from_name("NDH"); },
+                                     "kv_layout must be 'NHD' or 'HND', got 'NDH'");
+  // An HND plan names the HND shape.
+  auto hnd_plan = plan;
+  hnd_plan.layout = fastattn::PagedKVLayout::kHND;
+  TensorView k_narrow = k;
+  k_narrow.shape[3] = b.D / 2;
+  expect_error<fastattn::ValueError>(
+      [&] { fastattn::paged_decode_call_args(hnd_plan, q.view(), k_narrow, v, out.view(), std::nullopt); },
+      "paged_kv_cache's k pages must have shape (max_num_pages, num_kv_heads, page_size, head_dim) = (*, " +
+          std::to_string(b.Hkv) + ", " + std::to_string(b.ps) + ", " + std::to_string(b.D) + ") as planned (HND)");
+}
+
+/// The pool copied into FlashInfer's HND layout, (P, 2, Hkv, ps, D): the same pages head-major.
+HostTensor hnd_copy(const Batch& b) {
+  const auto all = b.pool.values();
+  std::vector<double> hnd(all.size());
+  for (std::int64_t p = 0; p < b.P; ++p)
+    for (std::int64_t w = 0; w < 2; ++w)
+      for (std::int64_t s = 0; s < b.ps; ++s)
+        for (std::int64_t h = 0; h < b.Hkv; ++h)
+          for (std::int64_t d = 0; d < b.D; ++d)
+            hnd[std::size_t((((p * 2 + w) * b.Hkv + h) * b.ps + s) * b.D + d)] =
+                all[std::size_t((((p * 2 + w) * b.ps + s) * b.Hkv + h) * b.D + d)];
+  HostTensor t(b.pool.dtype(), {b.P, 2, b.Hkv, b.ps, b.D});
+  t.assign(hnd);  // the values are the pool's, already in its dtype: exact
+  return t;
+}
+
+TEST_P(DecodeCall, HndPagesGiveTheNhdResult) {
+  // The same pages in both layouts give the same bits (the op reads HND through swapped
+  // strides); the NHD result is the one checked against the reference above.
+  const DType dtype = GetParam();
+  FA_SEEDED_RNG(rng);
+  for (int trial = 0; trial < 4; ++trial) {
+    SCOPED_TRACE("trial " + std::to_string(trial));
+    Batch b(rng, dtype);
+    HostTensor q = fa_ref::random_tensor(dtype, {b.B, b.Hq, b.D}, rng);
+    HostTensor out(dtype, {b.B, b.Hq, b.D}), out_hnd(dtype, {b.B, b.Hq, b.D});
+    HostTensor lse(DType::kFloat32, {b.B, b.Hq}), lse_hnd(DType::kFloat32, {b.B, b.Hq});
+    out_hnd.poison();
+    lse_hnd.poison();
+    HostTensor hnd = hnd_copy(b);
+    const auto hnd_before = hnd.bytes();
+    const auto [k, v] = fastattn::split_paged_kv_cache(b.pool.view(), fastattn::PagedKVLayout::kNHD, "paged_kv_cache");
+    fastattn::kvcache_attention_forward(fastattn::paged_decode_call_args(b.plan(dtype), q.view(), k, v, out.view(), lse.view()));
+    auto plan = b.plan(dtype);
+    plan.layout = fastattn::PagedKVLayout::kHND;
+    const auto [kh, vh] = fastattn::split_paged_kv_cache(hnd.view(), fastattn::PagedKVLayout::kHND, "paged_kv_cache");
+    EXPECT_EQ(kh.shape[1], b.Hkv);
+    EXPECT_EQ(kh.shape[2], b.ps);
+    fastattn::kvcache_attention_forward(fastattn::paged_decode_call_args(plan, q.view(), kh, vh, out_hnd.view(), lse_hnd.view()));
+    EXPECT_TRUE(bytes_unchanged(out.bytes(), out_hnd.bytes()));
+    EXPECT_TRUE(bytes_unchanged(lse.bytes(), lse_hnd.bytes()));
+    EXPECT_TRUE(bytes_unchanged(hnd_before, hnd.bytes()));
+  }
 }
 
 }  // namespace

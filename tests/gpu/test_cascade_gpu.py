@@ -433,19 +433,26 @@ def test_block_table_suffix_rejected(seed):
 # ---- the wrappers ------------------------------------------------------------------------------------------
 
 
-def decode_wrapper(case, workspace_bytes=128 << 20):
+def decode_wrapper(case, workspace_bytes=128 << 20, layout="NHD"):
     w = BatchDecodeWithSharedPrefixPagedKVCacheWrapper(
-        torch.empty(workspace_bytes, dtype=torch.uint8, device=DEV))
+        torch.empty(workspace_bytes, dtype=torch.uint8, device=DEV), layout)
     w.begin_forward(case.indptr, case.indices, case.last, case.Hq, case.Hkv, case.D, case.page,
                     case.dtype)
     return w
 
 
-def prefill_wrapper(case, workspace_bytes=128 << 20):
+def prefill_wrapper(case, workspace_bytes=128 << 20, layout="NHD"):
     w = BatchPrefillWithSharedPrefixPagedKVCacheWrapper(
-        torch.empty(workspace_bytes, dtype=torch.uint8, device=DEV))
+        torch.empty(workspace_bytes, dtype=torch.uint8, device=DEV), layout)
     w.begin_forward(case.qo_indptr, case.indptr, case.indices, case.last, case.Hq, case.Hkv, case.D)
     return w
+
+
+def hnd_inputs(case):
+    """The case's prefix and pages in FlashInfer's HND layout, contiguous copies: k_shared /
+    v_shared (Hkv, P, D) and unique_kv_data (num_pages, 2, Hkv, page, D)."""
+    return (case.k_shared.transpose(0, 1).contiguous(), case.v_shared.transpose(0, 1).contiguous(),
+            case.kv_data.transpose(2, 3).contiguous())
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -478,6 +485,33 @@ def test_prefill_wrapper(seed, dtype, causal):
                                      causal=causal)
     check("forward_return_lse", out2, lse, ref)
     w.end_forward()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+@pytest.mark.parametrize("page,Hkv,D", [(16, 4, 128), (1, 2, 64), (64, 8, 256)])
+def test_wrappers_hnd_layout(seed, dtype, kind, page, Hkv, D):
+    """kv_layout "HND": the shared prefix (Hkv, P, D) and the pages (num_pages, 2, Hkv, page, D),
+    read in place as strided views, packed and as a (k, v) tuple; the inputs unchanged."""
+    if kind == "decode":
+        case = build_case(seed, dtype, P=700, suffix=[0, 1, 17, 113, 799, 2000], page=page,
+                          Hq=2 * Hkv, Hkv=Hkv, D=D)
+        w = decode_wrapper(case, layout="HND")
+        extra = {}
+    else:
+        case = build_case(seed, dtype, P=700, suffix=[40, 1, 300, 64], qo=[40, 1, 0, 64], page=page,
+                          Hq=2 * Hkv, Hkv=Hkv, D=D, opt="causal")
+        w = prefill_wrapper(case, layout="HND")
+        extra = dict(causal=True)
+    ks, vs, kv = hnd_inputs(case)
+    before = [x.clone() for x in (ks, vs, kv)]
+    ref = reference(case)
+    out, lse = w.forward_return_lse(case.q, ks, vs, kv, **extra)
+    check("HND packed", out, lse, ref)
+    out2 = w.forward(case.q, ks, vs, (kv[:, 0], kv[:, 1]), **extra)
+    R.assert_bitwise_equal("HND tuple vs packed", out, out2)
+    for x, y in zip((ks, vs, kv), before):
+        assert torch.equal(x, y), "forward() wrote into its inputs"
 
 
 # ---- CUDA graphs ----------------------------------------------------------------------------------------------

@@ -3,9 +3,10 @@ from the host's page lists) against a float64 reference computed on the GPU over
 
 Ragged batches (empty requests, a few long ones among short ones, so that plan() picks a split
 count per request, and near-uniform ones, which keep the capacity heuristic), every page size, GQA
-1/4/8, head_dim 64/128/256, both cache forms, window / softcap / scale, out= and lse= poisoned with
-NaN, the wrapper's workspace used or too small; with use_cuda_graph=True, run() captured in a CUDA
-graph and replayed after each step's plan() of new lengths and pages. The rule (FlashAttention's, for KV-cache calls):
+1/4/8, head_dim 64/128/256, both cache forms and both of FlashInfer's layouts (NHD, HND), window /
+softcap / scale, out= and lse= poisoned with NaN, the wrapper's workspace used or too small; with
+use_cuda_graph=True, run() captured in a CUDA graph and replayed after each step's plan() of new
+lengths and pages. The rule (FlashAttention's, for KV-cache calls):
 max|out - ref| <= 3 * max|naive_in_dtype - ref| + 1e-5; LSE within 1e-3 + 1e-3 * |ref|. The cache
 is read only: its bytes are checked unchanged.
 """
@@ -25,15 +26,24 @@ DTYPES, DTYPE_IDS = P.DTYPES, P.DTYPE_IDS
 FACTOR = 3.0  # the KV-cache rule
 
 
-class Batch:
-    """One decode step: q (B, Hq, D), pages (num_pages, 2, page_size, Hkv, D) in a random order,
-    CSR page lists (indptr, indices, last_page_len) on the GPU."""
+def hnd_copy(kv):
+    """FlashInfer's HND layout of an NHD pool (P, 2, page_size, Hkv, D): the same pages as a
+    contiguous (P, 2, Hkv, page_size, D) tensor."""
+    return kv.transpose(2, 3).contiguous()
 
-    def __init__(self, rng, dtype, lens, page_size, hq, hkv, d):
+
+class Batch:
+    """One decode step: q (B, Hq, D), pages (num_pages, 2, page_size, Hkv, D) in a random order
+    (`kv`, the reference's), the same pages in `layout` (`pages`, what the wrapper reads), CSR
+    page lists (indptr, indices, last_page_len) on the GPU."""
+
+    def __init__(self, rng, dtype, lens, page_size, hq, hkv, d, layout="NHD"):
         self.lens, self.ps, self.hq, self.hkv, self.d, self.dtype = list(lens), page_size, hq, hkv, d, dtype
         self.lists, indptr, indices, last, num_pages = P.make_csr(rng, lens, page_size)
         self.indptr, self.indices, self.last = i32(indptr), i32(indices), i32(last)
         self.kv = randn(num_pages, 2, page_size, hkv, d, dtype=dtype)
+        self.layout = layout
+        self.pages = hnd_copy(self.kv) if layout == "HND" else self.kv
         self.q = randn(len(lens), hq, d, dtype=dtype)
 
     def plan(self, wrapper, **kw):
@@ -52,8 +62,8 @@ class Batch:
     def check(self, wrapper, cache=None, window_left=None, **ref_kw):
         """Runs the wrapper twice into NaN-poisoned out / lse; both bitwise equal and close to
         the reference, the cache unchanged."""
-        cache = self.kv if cache is None else cache
-        before = self.kv.clone()
+        cache = self.pages if cache is None else cache
+        before = self.pages.clone()
         runs = []
         for _ in range(2):
             out = nan_full(self.q.shape, self.q.dtype)
@@ -70,7 +80,7 @@ class Batch:
         R.assert_lse_close("lse", runs[0][1], lse_ref)
         R.assert_bitwise_equal("out (second run)", runs[0][0], runs[1][0])
         R.assert_bitwise_equal("lse (second run)", runs[0][1], runs[1][1])
-        assert torch.equal(self.kv, before), "run() wrote into the cache"
+        assert torch.equal(self.pages, before), "run() wrote into the cache"
 
 
 def long_among_short(rng, batch, long_len, n_long, short_len):
@@ -119,6 +129,29 @@ def test_heads_and_dims(seed, dtype, group, d):
     b.check(w)
     lens = [seed.randrange(3000, 3100) for _ in range(16)]
     b = Batch(seed, dtype, lens, 16, hkv * group, hkv, d)
+    b.plan(w)
+    assert w.num_splits == 0
+    b.check(w)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("page_size", [1, 16, 64])
+@pytest.mark.parametrize("group,d", [(1, 64), (4, 128), (8, 128), (8, 256)])
+def test_hnd_layout(seed, dtype, page_size, group, d):
+    """kv_layout "HND" (pages (P, 2, Hkv, page_size, D), read in place as strided views): a
+    ragged batch (a split count per request) and a near-uniform one (the capacity heuristic's
+    head-pair / quad / group forms) at each GQA group and head_dim, both cache forms."""
+    hkv = 2 if group > 1 else 16
+    lens = long_among_short(seed, 24, 9000, 1, 200)
+    lens[seed.randrange(len(lens))] = 0
+    b = Batch(seed, dtype, lens, page_size, hkv * group, hkv, d, layout="HND")
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(workspace(), "HND")
+    b.plan(w)
+    assert w.split_counts is not None and w.split_counts.max() > 1
+    b.check(w)
+    b.check(w, cache=(b.pages[:, 0], b.pages[:, 1]))
+    lens = [seed.randrange(3000, 3100) for _ in range(8 if group > 1 else 4)]
+    b = Batch(seed, dtype, lens, page_size, hkv * group, hkv, d, layout="HND")
     b.plan(w)
     assert w.num_splits == 0
     b.check(w)
@@ -348,18 +381,25 @@ def test_graph_mode_host_page_lists(seed):
     graph_steps(seed, torch.bfloat16, 16, 32, 8, 128, lists_on="cpu")
 
 
-def graph_steps(seed, dtype, page_size, hq, hkv, d, lists_on):
+@pytest.mark.parametrize("page_size,hq,hkv,d", [(16, 32, 8, 128), (1, 8, 8, 64)])
+def test_graph_mode_hnd_layout(seed, page_size, hq, hkv, d):
+    """The same replays over pages in the HND layout."""
+    graph_steps(seed, torch.bfloat16, page_size, hq, hkv, d, lists_on=DEV, layout="HND")
+
+
+def graph_steps(seed, dtype, page_size, hq, hkv, d, lists_on, layout="NHD"):
     batch = 12
     max_pages = sum(-(-n // page_size) for n in [30000] * 2 + [6000] * (batch - 2))
     pool = max_pages + 7
-    kv = randn(pool, 2, page_size, hkv, d, dtype=dtype)
-    kv_before = kv.clone()
+    kv = randn(pool, 2, page_size, hkv, d, dtype=dtype)  # the reference's NHD pages
+    pages = hnd_copy(kv) if layout == "HND" else kv  # what the wrapper reads
+    kv_before = pages.clone()
     sentinel = -12345
     ip_buf = torch.full((batch + 1,), sentinel, dtype=torch.int32, device=DEV)
     idx_buf = torch.full((max_pages + 5,), sentinel, dtype=torch.int32, device=DEV)
     last_buf = torch.full((batch,), sentinel, dtype=torch.int32, device=DEV)
     w = fastattn.BatchDecodeWithPagedKVCacheWrapper(
-        workspace(), "NHD", use_cuda_graph=True, paged_kv_indptr_buffer=ip_buf,
+        workspace(), layout, use_cuda_graph=True, paged_kv_indptr_buffer=ip_buf,
         paged_kv_indices_buffer=idx_buf, paged_kv_last_page_len_buffer=last_buf)
     q = torch.empty(batch, hq, d, dtype=dtype, device=DEV)
     out = torch.empty(batch, hq, d, dtype=dtype, device=DEV)
@@ -379,14 +419,14 @@ def graph_steps(seed, dtype, page_size, hq, hkv, d, lists_on):
         split_seen |= bool(counts.max() > 1)
         q.copy_(torch.randn_like(q))
         if graph is None:
-            graph = warm_and_capture(lambda: w.run(q, kv, out=out, lse=lse, return_lse=True))
+            graph = warm_and_capture(lambda: w.run(q, pages, out=out, lse=lse, return_lse=True))
         out.fill_(float("nan"))
         lse.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
         written = max(written, len(indices))
         assert idx_buf[written:].eq(sentinel).all(), "plan() wrote past the steps' pages"
-        eager_out, eager_lse = w.run(q.clone(), kv, return_lse=True)
+        eager_out, eager_lse = w.run(q.clone(), pages, return_lse=True)
         torch.cuda.synchronize()
         ref_kv = [(R.gather_pages(kv[:, 0], pages, n), R.gather_pages(kv[:, 1], pages, n))
                   for pages, n in zip(lists, lens)]
@@ -398,7 +438,7 @@ def graph_steps(seed, dtype, page_size, hq, hkv, d, lists_on):
         R.assert_bitwise_equal(f"step {step} replay vs eager out", out, eager_out)
         R.assert_bitwise_equal(f"step {step} replay vs eager lse", lse, eager_lse)
     assert split_seen, "no step split a sequence"
-    assert torch.equal(kv, kv_before), "a replay wrote into the cache"
+    assert torch.equal(pages, kv_before), "a replay wrote into the cache"
 
 
 def test_graph_mode_workspace_too_small(seed):

@@ -214,15 +214,24 @@ def test_shared_prefix_prefill(rng, dtype, page_size, causal):
     assert_close("out", out, o64, onaive, dtype)
 
 
+def contiguous_swap(x, a, b):
+    """x with axes a and b swapped, copied contiguous (numpy or torch): FlashInfer's HND forms of
+    NHD test data."""
+    t = x.swapaxes(a, b)
+    return t.contiguous() if torch is not None and isinstance(t, torch.Tensor) else np.ascontiguousarray(t)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_decode_wrapper(rng, dtype):
-    """FlashInfer's BatchDecodeWithSharedPrefixPagedKVCacheWrapper example, scaled down."""
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_decode_wrapper(rng, dtype, layout):
+    """FlashInfer's BatchDecodeWithSharedPrefixPagedKVCacheWrapper example, scaled down, in both
+    of its layouts (HND: the shared prefix (Hkv, L, D) and the pages (P, 2, Hkv, page_size, D))."""
     num_layers, hq, hkv, d, page_size, prefix = 3, 8, 2, 64, 16, 100
     suffix_lens = [1, 100, 30, 16, 3]
     indptr, indices, last, _, _ = make_suffix(rng, dtype, suffix_lens, page_size, hkv, d)
     num_pages = int(indptr[-1]) + 3
     workspace = np.empty(1 << 20, np.uint8)
-    wrapper = fastattn.BatchDecodeWithSharedPrefixPagedKVCacheWrapper(workspace, "NHD")
+    wrapper = fastattn.BatchDecodeWithSharedPrefixPagedKVCacheWrapper(workspace, layout)
     data_type = torch.bfloat16 if dtype == "bfloat16" else dtype
     wrapper.begin_forward(indptr, indices, last, hq, hkv, d, page_size, data_type=data_type)
     for _ in range(num_layers):
@@ -230,6 +239,9 @@ def test_decode_wrapper(rng, dtype):
         ks, ks64 = randn(rng, (prefix, hkv, d), dtype)
         vs, vs64 = randn(rng, (prefix, hkv, d), dtype)
         kv, kv64 = randn(rng, (num_pages, 2, page_size, hkv, d), dtype)
+        if layout == "HND":  # the float64 copies stay NHD, the reference's layout
+            ks, vs, kv = contiguous_swap(ks, 0, 1), contiguous_swap(vs, 0, 1), contiguous_swap(kv, 2, 3)
+        before = to64(kv).copy()
         o = wrapper.forward(q, ks, vs, kv)
         o2, lse = wrapper.forward_return_lse(q, ks, vs, kv, allow_fp16_qk_reduction=True)
         args = (q64, ks64, vs64, kv64[:, 0], kv64[:, 1], indptr, indices, last)
@@ -239,24 +251,51 @@ def test_decode_wrapper(rng, dtype):
         assert_close("out", o, o64, onaive, dtype)
         assert np.array_equal(to64(o), to64(o2))
         assert_lse("lse", lse, lse64.T)
+        assert np.array_equal(to64(kv), before), "forward() wrote into the pages"
     wrapper.end_forward()
     wrapper.reset_workspace_buffer(np.empty(1 << 10, np.uint8))
 
 
+def test_wrapper_hnd_errors(rng):
+    """With kv_layout "HND" the cascade wrappers name the HND shapes they expected."""
+    hq, hkv, d, page_size = 4, 2, 16, 4
+    indptr, indices, last, kv, _ = make_suffix(rng, "float32", [5, 9], page_size, hkv, d)
+    w = fastattn.BatchDecodeWithSharedPrefixPagedKVCacheWrapper(np.empty(16, np.uint8), "HND")
+    w.begin_forward(indptr, indices, last, hq, hkv, d, page_size, data_type="float32")
+    q, _ = randn(rng, (2, hq, d), "float32")
+    ks, _ = randn(rng, (7, hkv, d), "float32")  # NHD's (L, Hkv, D)
+    kv_hnd = contiguous_swap(kv, 2, 3)
+    with pytest.raises(ValueError, match=r"k_shared must have shape \(num_kv_heads, shared_prefix_len, "
+                       r"head_dim\) with kv_layout 'HND' \(num_kv_heads=2 from begin_forward\), "
+                       r"got \(7, 2, 16\)"):
+        w.forward(q, ks, ks, kv_hnd)
+    ks_hnd = contiguous_swap(ks, 0, 1)
+    with pytest.raises(ValueError, match=r"unique_kv_data has 4 kv heads \(HND\)"):
+        w.forward(q, ks_hnd, ks_hnd, kv)  # NHD pages: dim 1 is the page size
+    with pytest.raises(ValueError, match=r"unique_kv_data must have shape \(max_num_pages, 2, "
+                       r"num_kv_heads, page_size, head_dim\) \(HND\)"):
+        w.forward(q, ks_hnd, ks_hnd, kv_hnd[:, :1])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [True, False])
-def test_prefill_wrapper(rng, dtype, causal):
-    """FlashInfer's BatchPrefillWithSharedPrefixPagedKVCacheWrapper example, scaled down."""
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_prefill_wrapper(rng, dtype, causal, layout):
+    """FlashInfer's BatchPrefillWithSharedPrefixPagedKVCacheWrapper example, scaled down, in both
+    layouts."""
     hq, hkv, d, page_size, prefix = 8, 4, 32, 16, 70
     suffix_lens = [33, 11, 11, 1, 20]
     qo_lens = [33, 11, 4, 1, 0]
     indptr, indices, last, kv, kv64 = make_suffix(rng, dtype, suffix_lens, page_size, hkv, d)
     qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
-    wrapper = fastattn.BatchPrefillWithSharedPrefixPagedKVCacheWrapper(np.empty(16, np.uint8))
+    wrapper = fastattn.BatchPrefillWithSharedPrefixPagedKVCacheWrapper(np.empty(16, np.uint8),
+                                                                       layout)
     wrapper.begin_forward(qo_indptr, indptr, indices, last, hq, hkv, d)
     q, q64 = randn(rng, (int(qo_indptr[-1]), hq, d), dtype)
     ks, ks64 = randn(rng, (prefix, hkv, d), dtype)
     vs, vs64 = randn(rng, (prefix, hkv, d), dtype)
+    if layout == "HND":
+        ks, vs, kv = contiguous_swap(ks, 0, 1), contiguous_swap(vs, 0, 1), contiguous_swap(kv, 2, 3)
     o, lse = wrapper.forward_return_lse(q, ks, vs, kv, causal=causal)
     args = (q64, ks64, vs64, kv64[:, 0], kv64[:, 1], indptr, indices, last)
     o64, lse64 = ref.shared_prefix_attention(*args, qo_indptr=qo_indptr, causal=causal)

@@ -43,20 +43,31 @@ def reference(q64, k64, v64, indptr, indices, lens, rnd=None, window_left=-1, so
     return np.stack(outs), np.stack(lses)
 
 
+def hnd_copy(kv):
+    """FlashInfer's HND layout of an NHD pool (P, 2, page_size, Hkv, D): a contiguous
+    (P, 2, Hkv, page_size, D) copy of the same pages."""
+    t = kv.swapaxes(2, 3)
+    return t.contiguous() if torch is not None and isinstance(t, torch.Tensor) else np.ascontiguousarray(t)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("page_size", [1, 16])
 @pytest.mark.parametrize("packed", [True, False])
-def test_decode_wrapper_cpu(rng, dtype, page_size, packed):
-    """Ragged lengths (an empty request included), a random page pool, GQA, both cache forms,
-    NaN-poisoned out / lse, against the float64 reference; the cache is left unchanged."""
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_decode_wrapper_cpu(rng, dtype, page_size, packed, layout):
+    """Ragged lengths (an empty request included), a random page pool, GQA, both cache forms and
+    both of FlashInfer's layouts, NaN-poisoned out / lse, against the float64 reference; the cache
+    is left unchanged."""
     hq, hkv, d = 8, 2, 64
     lens = list(rng.permutation([0, 1, 17, 40, 129, int(rng.integers(200, 400))]))
     indptr, indices, last, num_pages = make_pages(rng, lens, page_size)
     q, q64 = randn(rng, (len(lens), hq, d), dtype)
     kv, kv64 = randn(rng, (num_pages, 2, page_size, hkv, d), dtype)
+    if layout == "HND":
+        kv = hnd_copy(kv)  # kv64 stays NHD: the reference's
     before = to64(kv).copy()
     data_type = torch.bfloat16 if dtype == "bfloat16" else dtype
-    wrapper = fastattn.BatchDecodeWithPagedKVCacheWrapper(np.empty(1 << 20, np.uint8), "NHD")
+    wrapper = fastattn.BatchDecodeWithPagedKVCacheWrapper(np.empty(1 << 20, np.uint8), layout)
     wrapper.plan(indptr, indices, last, hq, hkv, d, page_size, q_data_type=data_type)
     cache = kv if packed else (kv[:, 0], kv[:, 1])
     out = nan_like(q)
@@ -133,8 +144,8 @@ def test_decode_wrapper_errors(rng):
         args.update(kw)
         w.plan(**args)
 
-    with pytest.raises(ValueError, match="kv_layout must be 'NHD'"):
-        fastattn.BatchDecodeWithPagedKVCacheWrapper(ws, "HND")
+    with pytest.raises(ValueError, match="kv_layout must be 'NHD' .* or 'HND' .*, got 'nhd'"):
+        fastattn.BatchDecodeWithPagedKVCacheWrapper(ws, "nhd")
     with pytest.raises(ValueError, match="paged_kv_indptr_buffer is required with use_cuda_graph"):
         fastattn.BatchDecodeWithPagedKVCacheWrapper(ws, use_cuda_graph=True)
     with pytest.raises(NotImplementedError, match="pos_encoding_mode"):
@@ -228,6 +239,27 @@ def test_decode_wrapper_run_arguments(rng):
     with pytest.raises(ValueError, match="last_page_len"):  # a refused plan() keeps the last one
         w.plan(indptr, indices, last + ps, hq, hkv, d, ps, q_data_type="float32")
     assert_close("the plan before", w.run(q, kv), want, want, "float32")
+
+def test_decode_wrapper_hnd_errors(rng):
+    """With kv_layout "HND" run() names the HND shapes; NHD pages are refused, not misread."""
+    hq, hkv, d, ps = 4, 2, 16, 4
+    lens = [9, 3]
+    indptr, indices, last, num_pages = make_pages(rng, lens, ps)
+    q, q64 = randn(rng, (2, hq, d), "float32")
+    kv, kv64 = randn(rng, (num_pages, 2, ps, hkv, d), "float32")
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(np.empty(16, np.uint8), "HND")
+    w.plan(indptr, indices, last, hq, hkv, d, ps, q_data_type="float32")
+    out = nan_like(q)
+    with pytest.raises(ValueError, match=r"paged_kv_cache's k pages must have shape \(max_num_pages, "
+                       r"num_kv_heads, page_size, head_dim\) = \(\*, 2, 4, 16\) as planned \(HND\), "
+                       r"got \(" + str(num_pages) + r", 4, 2, 16\)"):
+        w.run(q, kv, out=out)
+    with pytest.raises(ValueError, match=r"paged_kv_cache must have shape \(max_num_pages, 2, "
+                       r"num_kv_heads, page_size, head_dim\) \(HND\)"):
+        w.run(q, kv[:, :1], out=out)
+    assert np.isnan(out).all(), "a refused run() wrote its output"
+    want, _ = reference(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens)
+    assert_close("HND", w.run(q, hnd_copy(kv)), want, want, "float32")
 
 # ---- the split rule ------------------------------------------------------------------------
 
