@@ -22,6 +22,7 @@ namespace {
 
 using namespace fa_test;
 using fa_ref::HostTensor;
+using fastattn::PagedKVLayout;
 using fastattn::TensorView;
 
 /// A ragged batch over a random pool of pages in FlashInfer's NHD layout (P, 2, ps, Hkv, D), with
@@ -104,7 +105,8 @@ TEST_P(DecodeCall, RunsAgainstTheReference) {
     out.poison();
     lse.poison();
     const auto pool_before = b.pool.bytes();
-    const auto [k_pages, v_pages] = fastattn::split_paged_kv_cache(b.pool.view(), fastattn::PagedKVLayout::kNHD, "paged_kv_cache");
+    const auto [k_pages, v_pages] =
+        fastattn::split_paged_kv_cache(b.pool.view(), PagedKVLayout::kNHD, "paged_kv_cache");
     fastattn::KVCacheArgs a =
         fastattn::paged_decode_call_args(b.plan(dtype), q.view(), k_pages, v_pages, out.view(), lse.view());
     fastattn::kvcache_attention_forward(a);
@@ -151,7 +153,7 @@ TEST(DecodeCallErrors, NameTheArrayAndWhatThePlanExpects) {
   FA_SEEDED_RNG(rng);
   Batch b(rng, DType::kFloat32);
   const auto plan = b.plan(DType::kFloat32);
-  const auto [k, v] = fastattn::split_paged_kv_cache(b.pool.view(), fastattn::PagedKVLayout::kNHD, "paged_kv_cache");
+  const auto [k, v] = fastattn::split_paged_kv_cache(b.pool.view(), PagedKVLayout::kNHD, "paged_kv_cache");
   HostTensor q = fa_ref::random_tensor(DType::kFloat32, {b.B, b.Hq, b.D}, rng);
   HostTensor q16 = fa_ref::random_tensor(DType::kFloat16, {b.B, b.Hq, b.D}, rng);
   HostTensor out(DType::kFloat32, {b.B, b.Hq, b.D}), lse(DType::kFloat32, {b.B, b.Hq});
@@ -185,16 +187,16 @@ TEST(DecodeCallErrors, NameTheArrayAndWhatThePlanExpects) {
   expect_error<fastattn::ValueError>([&] { call(q.view(), k, v, out.view(), bad_lse.view()); }, "lse must have shape");
   HostTensor not_nhd = fa_ref::random_tensor(DType::kFloat32, {b.P, 3, b.ps, b.Hkv, b.D}, rng);
   expect_error<fastattn::ValueError>(
-      [&] { fastattn::split_paged_kv_cache(not_nhd.view(), fastattn::PagedKVLayout::kNHD, "paged_kv_cache"); },
+      [&] { fastattn::split_paged_kv_cache(not_nhd.view(), PagedKVLayout::kNHD, "paged_kv_cache"); },
       "paged_kv_cache must have shape (max_num_pages, 2, page_size, num_kv_heads, head_dim) (NHD)");
   expect_error<fastattn::ValueError>(
-      [&] { fastattn::split_paged_kv_cache(not_nhd.view(), fastattn::PagedKVLayout::kHND, "paged_kv_cache"); },
+      [&] { fastattn::split_paged_kv_cache(not_nhd.view(), PagedKVLayout::kHND, "paged_kv_cache"); },
       "paged_kv_cache must have shape (max_num_pages, 2, num_kv_heads, page_size, head_dim) (HND)");
   expect_error<fastattn::ValueError>([&] { fastattn::paged_kv_layout_from_name("NDH"); },
                                      "kv_layout must be 'NHD' or 'HND', got 'NDH'");
   // An HND plan names the HND shape.
   auto hnd_plan = plan;
-  hnd_plan.layout = fastattn::PagedKVLayout::kHND;
+  hnd_plan.layout = PagedKVLayout::kHND;
   TensorView k_narrow = k;
   k_narrow.shape[3] = b.D / 2;
   expect_error<fastattn::ValueError>(
@@ -234,14 +236,16 @@ TEST_P(DecodeCall, HndPagesGiveTheNhdResult) {
     lse_hnd.poison();
     HostTensor hnd = hnd_copy(b);
     const auto hnd_before = hnd.bytes();
-    const auto [k, v] = fastattn::split_paged_kv_cache(b.pool.view(), fastattn::PagedKVLayout::kNHD, "paged_kv_cache");
-    fastattn::kvcache_attention_forward(fastattn::paged_decode_call_args(b.plan(dtype), q.view(), k, v, out.view(), lse.view()));
+    const auto [k, v] = fastattn::split_paged_kv_cache(b.pool.view(), PagedKVLayout::kNHD, "paged_kv_cache");
+    fastattn::kvcache_attention_forward(
+        fastattn::paged_decode_call_args(b.plan(dtype), q.view(), k, v, out.view(), lse.view()));
     auto plan = b.plan(dtype);
-    plan.layout = fastattn::PagedKVLayout::kHND;
-    const auto [kh, vh] = fastattn::split_paged_kv_cache(hnd.view(), fastattn::PagedKVLayout::kHND, "paged_kv_cache");
+    plan.layout = PagedKVLayout::kHND;
+    const auto [kh, vh] = fastattn::split_paged_kv_cache(hnd.view(), PagedKVLayout::kHND, "paged_kv_cache");
     EXPECT_EQ(kh.shape[1], b.Hkv);
     EXPECT_EQ(kh.shape[2], b.ps);
-    fastattn::kvcache_attention_forward(fastattn::paged_decode_call_args(plan, q.view(), kh, vh, out_hnd.view(), lse_hnd.view()));
+    fastattn::kvcache_attention_forward(
+        fastattn::paged_decode_call_args(plan, q.view(), kh, vh, out_hnd.view(), lse_hnd.view()));
     EXPECT_TRUE(bytes_unchanged(out.bytes(), out_hnd.bytes()));
     EXPECT_TRUE(bytes_unchanged(lse.bytes(), lse_hnd.bytes()));
     EXPECT_TRUE(bytes_unchanged(hnd_before, hnd.bytes()));

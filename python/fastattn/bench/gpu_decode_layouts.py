@@ -87,17 +87,20 @@ def measure_shape(torch, fastattn, fi, shape, settings, sleeper, gen, log):
     hq, hkv, batch, cache_len = shape
     kv_bytes = G.kv_cache_bytes(batch, cache_len, hkv, HEAD_DIM)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    sets = [InputSet(torch, hq, hkv, batch, cache_len, gen) for _ in range(G._n_sets(kv_bytes, l2, fit=3 if kv_bytes > (1 << 30) else None))]
+    # The suite's rotation (gpu_decode._n_sets); three sets where one is over 1 GiB (each set
+    # holds its pages twice, NHD and HND).
+    n_sets = G._n_sets(kv_bytes, l2, fit=3 if kv_bytes > (1 << 30) else None)
+    sets = [InputSet(torch, hq, hkv, batch, cache_len, gen) for _ in range(n_sets)]
     workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     fi_workspace = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda") if fi else None
     impls = {}
     for layout in LAYOUTS:
-        impls["fastattn-" + layout] = [(fastattn_wrapper(fastattn, workspace, s, layout, hq, hkv), s)
-                                       for s in sets]
+        impls["fastattn-" + layout] = [
+            (fastattn_wrapper(fastattn, workspace, s, layout, hq, hkv), s) for s in sets]
         if fi is not None:
             for name, tc in (("flashinfer-decode-", False), ("flashinfer-tc-", True)):
-                impls[name + layout] = [(flashinfer_wrapper(fi, fi_workspace, s, layout, hq, hkv, tc), s)
-                                        for s in sets]
+                impls[name + layout] = [
+                    (flashinfer_wrapper(fi, fi_workspace, s, layout, hq, hkv, tc), s) for s in sets]
     errors, fns = {}, {}
     for key, pairs in impls.items():
         layout = key.rsplit("-", 1)[1]
@@ -105,9 +108,11 @@ def measure_shape(torch, fastattn, fi, shape, settings, sleeper, gen, log):
         for (w, s), out in zip(pairs, outs):
             w.run(s.q, s.pages(layout), out=out)
         torch.cuda.synchronize()
-        errors[key] = max(float((o.float() - s.reference(torch)).abs().max()) for (_, s), o in zip(pairs, outs))
+        errors[key] = max(float((o.float() - s.reference(torch)).abs().max())
+                          for (_, s), o in zip(pairs, outs))
         if not errors[key] <= TOLERANCE:
-            raise AssertionError("%s at %s: max error %.3g against the float32 reference" % (key, shape, errors[key]))
+            raise AssertionError("%s at %s: max error %.3g against the float32 reference"
+                                 % (key, shape, errors[key]))
         fns[key] = rotating([(lambda w=w, s=s, o=o, p=s.pages(layout): w.run(s.q, p, out=o))
                              for (w, s), o in zip(pairs, outs)])
     G.rewarm_gpu(torch)
@@ -116,7 +121,8 @@ def measure_shape(torch, fastattn, fi, shape, settings, sleeper, gen, log):
            "head_dim": HEAD_DIM, "kv_bytes": kv_bytes, "input_sets": len(sets), "impls": {}}
     for key, st in stats.items():
         rec["impls"][key] = dict(s=st["s"], tbps=kv_bytes / st["s"] / 1e12, max_err=errors[key],
-                                 round_medians_s=st.get("round_medians_s"), host_bound_rounds=st.get("host_bound_rounds"))
+                                 round_medians_s=st.get("round_medians_s"),
+                                 host_bound_rounds=st.get("host_bound_rounds"))
     log(brief(rec))
     del sets
     torch.cuda.empty_cache()
@@ -145,7 +151,8 @@ def format_table(records):
         cells.append("%.3f" % (im["fastattn-HND"]["s"] / im["fastattn-NHD"]["s"]))
         for fam in ("flashinfer-decode", "flashinfer-tc"):
             if fam + "-NHD" in im:
-                cells += ["%.3f" % (im[fam + "-" + lay]["s"] / im["fastattn-" + lay]["s"]) for lay in LAYOUTS]
+                cells += ["%.3f" % (im[fam + "-" + lay]["s"] / im["fastattn-" + lay]["s"])
+                          for lay in LAYOUTS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
