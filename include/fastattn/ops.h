@@ -196,6 +196,14 @@ void merge_state(const TensorView& v_a, const TensorView& s_a, const TensorView&
 void merge_state_in_place(const TensorView& v, const TensorView& s, const TensorView& v_other,
                           const TensorView& s_other, const std::optional<TensorView>& mask = {},
                           const ExecConfig& exec = {});
+/// Attention sinks (gpt-oss, StreamingLLM) in place: merges into (v, s) the state of one extra
+/// logit per head, sinks[h], whose value row is zero, as if each query's softmax had one more
+/// key with score sinks[h] (in the units of the scaled, soft-capped scores) and a zero value:
+///   s' = log(exp(s) + exp(sinks[h])),  v' = v * exp(s - s').
+/// A row with no keys (s = -inf) keeps v = 0 and gets s' = sinks[h]. v (S, H, D)
+/// float32/float16/bfloat16, s (S, H) float32, sinks (H) float32, all on one device.
+void merge_attention_sinks(const TensorView& v, const TensorView& s, const TensorView& sinks,
+                           const ExecConfig& exec = {});
 /// Merge N states per row: v (S, N, H, D), s (S, N, H) -> v_out (S, H, D), s_out (S, H).
 void merge_states(const TensorView& v, const TensorView& s, const TensorView& v_out,
                   const TensorView& s_out, const ExecConfig& exec = {});

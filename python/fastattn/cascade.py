@@ -64,6 +64,7 @@ from .decode import decode_num_splits_for_lengths
 __all__ = [
     "merge_state",
     "merge_state_in_place",
+    "merge_attention_sinks",
     "merge_states",
     "lse_base2_to_natural",
     "lse_natural_to_base2",
@@ -114,6 +115,28 @@ def merge_state_in_place(v, s, v_other, s_other, mask=None):
                             "the merged state")
     call_op(_C.merge_state_in_place, prepare(v), prepare(s), prepare(v_other), prepare(s_other),
             prepare(mask), **exec_kwargs(v))
+
+
+def merge_attention_sinks(v, s, sinks):
+    """Attention sinks (gpt-oss, StreamingLLM), merged into a state in place.
+
+    Merges into (v, s) the state of one extra logit per head, sinks[h], whose value row is zero:
+    as if each query's softmax had one more key with score sinks[h] (in the units of the scaled,
+    soft-capped scores) and a zero value. s becomes log(exp(s) + exp(sinks[h])) and v is scaled
+    by exp(s_old - s_new); a row with no keys (s = -inf) keeps v = 0 and gets s = sinks[h].
+
+    Arguments:
+        v: (seq_len, num_heads, head_dim), updated in place.
+        s: (seq_len, num_heads) float32 natural-log LSE, updated in place.
+        sinks: (num_heads,) float32.
+    """
+    for name, x in (("v", v), ("s", s), ("sinks", sinks)):
+        check_array(x, name)
+    for name, x in (("v", v), ("s", s)):
+        if framework(x) == "jax":
+            raise TypeError(f"{name}: jax arrays are immutable; merge_attention_sinks works in "
+                            "place")
+    call_op(_C.merge_attention_sinks, prepare(v), prepare(s), prepare(sinks), **exec_kwargs(v))
 
 
 def merge_states(v, s):

@@ -280,12 +280,11 @@ class _GraphBuffers:
         return self.arrays[self.batch:]
 
 
-def _refuse_run_arguments(args, q_scale, k_scale, v_scale, sinks, q_len_per_req) -> None:
+def _refuse_run_arguments(args, q_scale, k_scale, v_scale, q_len_per_req) -> None:
     """run()'s errors for the arguments it does not take (kept off its common path)."""
     if args:
         raise TypeError(f"run() takes q and paged_kv_cache positionally, got {len(args)} more")
-    for name, x in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale),
-                    ("sinks", sinks)):
+    for name, x in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale)):
         if x is not None:
             raise NotImplementedError(f"{name} is not supported by fastattn's decode wrapper")
     raise NotImplementedError(f"q_len_per_req must be 1 (one query per request), got "
@@ -323,8 +322,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
 
     Supported: both layouts; ``pos_encoding_mode`` "NONE"; ``window_left``; ``logits_soft_cap``;
     ``sm_scale``; GQA / MQA; ``return_lse`` (natural-log LSE, unlike FlashInfer's base 2: see
-    :func:`fastattn.lse_base2_to_natural`). Not supported (a clear error): fused RoPE, ALiBi mode,
-    fp8 scales, sinks, ``fixed_split_size`` and more than one query per request.
+    :func:`fastattn.lse_base2_to_natural`); ``sinks`` in ``run()``. Not supported (a clear error):
+    fused RoPE, ALiBi mode, fp8 scales, ``fixed_split_size`` and more than one query per request.
     """
 
     def __init__(self, float_workspace_buffer, kv_layout: str = "NHD", use_cuda_graph: bool = False,
@@ -559,14 +558,18 @@ class BatchDecodeWithPagedKVCacheWrapper:
         kv_layout "HND" num_kv_heads and page_size swap places.
         out: optional (batch_size, num_qo_heads, head_dim) output; lse: optional
         (batch_size, num_qo_heads) float32. window_left overrides the plan's.
+        sinks: optional (num_qo_heads,) float32 attention sinks (gpt-oss): sinks[h] joins each
+        query's softmax as one more logit (in the units of the scaled, soft-capped scores) with a
+        zero value row; merged in after the attention (:func:`fastattn.merge_attention_sinks`,
+        one more small kernel), and the LSE then includes it.
         Returns out, or (out, lse) with return_lse: natural-log LSE (FlashInfer's is base 2).
         """
         runner = self._runner
         if runner is None:
             raise RuntimeError("BatchDecodeWithPagedKVCacheWrapper.plan() must be called before run()")
         if (args or q_scale is not None or k_scale is not None or v_scale is not None
-                or sinks is not None or q_len_per_req not in (None, 1)):
-            _refuse_run_arguments(args, q_scale, k_scale, v_scale, sinks, q_len_per_req)
+                or q_len_per_req not in (None, 1)):
+            _refuse_run_arguments(args, q_scale, k_scale, v_scale, q_len_per_req)
         check_array(q, "q")
         if isinstance(paged_kv_cache, (tuple, list)):
             if len(paged_kv_cache) != 2:
@@ -578,13 +581,15 @@ class BatchDecodeWithPagedKVCacheWrapper:
         plan = self._plan
         # The runner checks every array against the plan (shapes, dtypes, device) before the op.
         o = out if out is not None else empty(q, plan["out_shape"])
-        if lse is None and return_lse:
+        if sinks is not None:
+            check_array(sinks, "sinks")
+        if lse is None and (return_lse or sinks is not None):  # the sinks' merge needs the LSE
             lse = empty(q, plan["out_shape"][:2], "float32")
         left = plan["window_left"] if window_left is None else as_int(window_left, "window_left")
         alloc = None if self._graph is not None else (
             lambda nbytes: empty(q, (nbytes,), "uint8"))  # the caller's allocator, when needed
         call_op(runner.run, prepare(q), pages, v_pages, o, lse, left, plan["sm_scale"],
-                plan["softcap"], cuda_stream_of(q), alloc)
+                plan["softcap"], cuda_stream_of(q), alloc, prepare(sinks))
         if return_lse:
             return finalize(q, o), finalize(q, lse)
         return finalize(q, o)

@@ -126,4 +126,15 @@ KVCacheArgs paged_decode_call_args(const PagedDecodeCallPlan& plan, const Tensor
   return a;
 }
 
+void check_decode_sinks(const PagedDecodeCallPlan& plan, const TensorView& q, const TensorView& sinks) {
+  if (sinks.ndim != 1 || sinks.shape[0] != plan.num_qo_heads)
+    throw ValueError("sinks must have shape (num_qo_heads,) = " + tuple_string({plan.num_qo_heads}) +
+                     " as planned, got " + sinks.shape_string());
+  if (sinks.dtype != DType::kFloat32)
+    throw TypeError(std::string("sinks must be float32, got ") + dtype_name(sinks.dtype));
+  if (sinks.device != q.device)
+    throw ValueError("sinks must be on q's device (" + device_name(q.device) + "), got " +
+                     device_name(sinks.device));
+}
+
 }  // namespace fastattn

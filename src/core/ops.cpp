@@ -175,6 +175,32 @@ void merge_state_in_place(const TensorView& v, const TensorView& s, const Tensor
   cpu::merge_state({&v, &s, &v_other, &s_other, &v, &s, mask ? &*mask : nullptr}, exec.num_threads);
 }
 
+void merge_attention_sinks(const TensorView& v, const TensorView& s, const TensorView& sinks,
+                           const ExecConfig& exec) {
+  check::ArgChecker c("merge_attention_sinks");
+  state_pair(c, v, "v", s, "s", nullptr);
+  c.present(sinks, "sinks");
+  c.on_device(sinks, "sinks");
+  c.dtype_is(sinks, "sinks", DType::kFloat32);
+  c.shape_is(sinks, "sinks", {v.size(1)}, "(H) like v's heads");
+  core::validate_exec(c, exec);
+  // The sinks' state: zero values (a view with no data, which the merge reads as zeros) and
+  // LSE sinks[h] in every row (a stride-0 view of the sinks).
+  TensorView zeros = v;
+  zeros.data = nullptr;
+  zeros.strides[0] = zeros.strides[1] = 0;
+  TensorView sink_lse = s;
+  sink_lse.data = sinks.data;
+  sink_lse.strides[0] = 0;
+  sink_lse.strides[1] = sinks.stride(0);
+#if defined(FASTATTN_WITH_CUDA)
+  if (c.device().type == DeviceType::kCUDA)
+    return cuda_cascade::merge_state(c, v, s, zeros, sink_lse, v, s, nullptr, exec);
+#endif
+  require_cpu(c);
+  cpu::merge_state({&v, &s, &zeros, &sink_lse, &v, &s, nullptr}, exec.num_threads);
+}
+
 void merge_states(const TensorView& v, const TensorView& s, const TensorView& v_out,
                   const TensorView& s_out, const ExecConfig& exec) {
   check::ArgChecker c("merge_states");

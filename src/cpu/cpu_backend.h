@@ -27,6 +27,7 @@ std::size_t shared_prefix_workspace_bytes(check::ArgChecker& c,
 
 /// One merge of states, rows addressed by strides (elements). `b` rows are skipped where
 /// `mask` is set and false. Reads both inputs of a row before writing it, so outputs may alias.
+/// merge_state's operands; v_b->data null: state b's values are zero (merge_attention_sinks).
 struct MergeTwo {
   const TensorView* v_a; const TensorView* s_a;
   const TensorView* v_b; const TensorView* s_b;

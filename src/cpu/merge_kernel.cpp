@@ -32,7 +32,7 @@ void merge_state(const MergeTwo& m, int num_threads) {
     for (std::int64_t h = 0; h < heads; ++h) {
       const float la = lse_at(*m.s_a, s, h), lb = lse_at(*m.s_b, s, h);
       load_row(dt, row_ptr(*m.v_a, s, h), d, 1.0f, a.data());
-      load_row(dt, row_ptr(*m.v_b, s, h), d, 1.0f, b.data());
+      if (m.v_b->data) load_row(dt, row_ptr(*m.v_b, s, h), d, 1.0f, b.data());  // null: zeros
       const MergeWeights w = merge_weights(la, lb);
       for (std::int64_t c = 0; c < d; ++c) a[c] = w.w_a * a[c] + w.w_b * b[c];
       store_row(dt, a.data(), d, 1.0f, const_cast<void*>(row_ptr(*m.v_out, s, h)));

@@ -333,6 +333,16 @@ void merge_state_in_place(nb::handle v, nb::handle s, nb::handle v_other, nb::ha
   fastattn::merge_state_in_place(tv, ts, vo, so, m, exec);
 }
 
+void merge_attention_sinks(nb::handle v, nb::handle s, nb::handle sinks, std::uintptr_t cuda_stream,
+                           int num_threads) {
+  Keep keep;
+  TensorView tv = out_view(v, "v", keep), ts = out_view(s, "s", keep);
+  TensorView tk = in_view(sinks, "sinks", keep);
+  const fastattn::ExecConfig exec = make_exec(cuda_stream, num_threads);
+  nb::gil_scoped_release release;
+  fastattn::merge_attention_sinks(tv, ts, tk, exec);
+}
+
 void merge_states(nb::handle v, nb::handle s, nb::handle v_out, nb::handle s_out,
                   std::uintptr_t cuda_stream, int num_threads) {
   Keep keep;
@@ -552,6 +562,9 @@ NB_MODULE(_C, m) {
         nb::arg("v_other"), nb::arg("s_other"), nb::arg("mask").none() = nb::none(),
         nb::arg("cuda_stream") = 0, nb::arg("num_threads") = 0,
         "fastattn::merge_state_in_place (natural-log LSE).");
+  m.def("merge_attention_sinks", &merge_attention_sinks, nb::arg("v"), nb::arg("s"), nb::arg("sinks"),
+        nb::arg("cuda_stream") = 0, nb::arg("num_threads") = 0,
+        "fastattn::merge_attention_sinks (natural-log LSE, in place).");
   m.def("merge_states", &merge_states, nb::arg("v"), nb::arg("s"), nb::arg("v_out"),
         nb::arg("s_out"), nb::arg("cuda_stream") = 0, nb::arg("num_threads") = 0,
         "fastattn::merge_states (natural-log LSE).");

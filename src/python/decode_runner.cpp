@@ -75,9 +75,11 @@ class PagedDecodeRunner {
   /// (P, page_size, Hkv, D) with v_pages; in the HND layout (P, 2, Hkv, page_size, D) and
   /// (P, Hkv, page_size, D). workspace_alloc(nbytes): the caller's allocator, used
   /// when the wrapper's workspace is too small (never in graph mode: an error instead).
+  /// sinks: None, or (Hq) float32 attention sinks merged into out and lse after the call
+  /// (fastattn::merge_attention_sinks; lse must then be given).
   void run(nb::handle q, nb::handle pages, nb::handle v_pages, nb::handle out, nb::handle lse,
            std::int64_t window_left, std::optional<float> softmax_scale, float softcap,
-           std::uintptr_t cuda_stream, nb::handle workspace_alloc) {
+           std::uintptr_t cuda_stream, nb::handle workspace_alloc, nb::handle sinks) {
     Keep keep;
     const TensorView tq = in_view(q, "q", keep);
     TensorView k_pages, v;
@@ -88,8 +90,15 @@ class PagedDecodeRunner {
       k_pages = in_view(pages, "paged_kv_cache[0]", keep);
       v = in_view(v_pages, "paged_kv_cache[1]", keep);
     }
-    fastattn::KVCacheArgs a = fastattn::paged_decode_call_args(plan_, tq, k_pages, v, out_view(out, "out", keep),
-                                                               opt_out(lse, "lse", keep));
+    const TensorView tout = out_view(out, "out", keep);
+    const std::optional<TensorView> tlse = opt_out(lse, "lse", keep);
+    fastattn::KVCacheArgs a = fastattn::paged_decode_call_args(plan_, tq, k_pages, v, tout, tlse);
+    std::optional<TensorView> tsinks;
+    if (!sinks.is_none()) {
+      tsinks = in_view(sinks, "sinks", keep);
+      fastattn::check_decode_sinks(plan_, tq, *tsinks);
+      if (!tlse) throw fastattn::ValueError("run() with sinks needs lse (the wrapper gives one)");
+    }
     a.options.softmax_scale = softmax_scale;
     a.options.window_left = window_left;
     a.options.softcap = softcap;
@@ -120,6 +129,7 @@ class PagedDecodeRunner {
     }
     nb::gil_scoped_release release;
     fastattn::kvcache_attention_forward(a);
+    if (tsinks) fastattn::merge_attention_sinks(tout, *tlse, *tsinks, a.exec);
   }
 
  private:
@@ -159,7 +169,7 @@ void bind_decode_runner(nb::module_& m) {
       .def("run", &PagedDecodeRunner::run, nb::arg("q"), nb::arg("pages"), nb::arg("v_pages").none(),
            nb::arg("out"), nb::arg("lse").none(), nb::arg("window_left"),
            nb::arg("softmax_scale").none(), nb::arg("softcap"), nb::arg("cuda_stream"),
-           nb::arg("workspace_alloc").none(),
+           nb::arg("workspace_alloc").none(), nb::arg("sinks").none() = nb::none(),
            "Attention of q (B, Hq, D) over the planned pages into out (and lse); positional.");
 }
 

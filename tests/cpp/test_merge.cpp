@@ -168,6 +168,58 @@ TEST_P(MergeDtype, MergeStateInPlaceWithMask) {
   }
 }
 
+TEST_P(MergeDtype, MergeAttentionSinksAddOneZeroValueLogit) {
+  // merge_attention_sinks against the definition in double: s' = log(exp(s) + exp(sink[h])),
+  // v' = v exp(s - s'); empty rows (s = -inf, v = 0) get s' = sink[h] and stay 0. Strided v and
+  // s, a strided sinks vector, D not a multiple of 8.
+  FA_SEEDED_RNG(rng);
+  const DType dt = GetParam();
+  for (int trial = 0; trial < 6; ++trial) {
+    SCOPED_TRACE("trial " + std::to_string(trial));
+    const std::int64_t S = rand_int(rng, 1, 20), H = rand_int(rng, 1, 6), D = pick(rng, std::vector<std::int64_t>{8, 13, 64});
+    HostTensor v = fa_ref::random_tensor(dt, {S, H, D}, rng, Layout::random_strided(3, rng));
+    HostTensor s(DType::kFloat32, {S, H}, Layout::random_strided(2, rng));
+    fill_lse(s, rng, 0.2);
+    for (std::int64_t r = 0; r < S * H; ++r)
+      if (std::isinf(s.get(r)))
+        for (std::int64_t d = 0; d < D; ++d) v.set(r * D + d, 0);
+    HostTensor sinks_wide(DType::kFloat32, {H, 2});  // sinks[h] = sinks_wide[h, 0]: stride 2
+    for (std::int64_t i = 0; i < 2 * H; ++i) sinks_wide.set(i, rand_real(rng, -8, 8));
+    fastattn::TensorView sinks = sinks_wide.view();
+    sinks.ndim = 1;
+    const auto v0 = v.values(), s0 = s.values();
+    ASSERT_NO_THROW(fastattn::merge_attention_sinks(v.view(), s.view(), sinks));
+    EXPECT_TRUE(v.gaps_intact() && s.gaps_intact()) << "wrote outside the views";
+    std::vector<double> rv(v0.size()), rs(s0.size()), vsum(v0.size());
+    for (std::int64_t r = 0; r < S; ++r)
+      for (std::int64_t h = 0; h < H; ++h) {
+        const std::size_t i = static_cast<std::size_t>(r * H + h);
+        const double sink = sinks_wide.get(2 * h), lse = s0[i];
+        const double merged = std::isinf(lse) ? sink : std::max(lse, sink) + std::log1p(std::exp(-std::fabs(lse - sink)));
+        rs[i] = merged;
+        for (std::int64_t d = 0; d < D; ++d) {
+          const std::size_t j = i * static_cast<std::size_t>(D) + static_cast<std::size_t>(d);
+          rv[j] = std::isinf(lse) ? 0.0 : v0[j] * std::exp(lse - merged);
+          vsum[j] = std::fabs(v0[j]);
+        }
+      }
+    EXPECT_TRUE(merged_close(v.values(), s.values(), rv, rs, vsum, dt));
+  }
+}
+
+TEST(MergeErrors, AttentionSinksNameTheirShape) {
+  FA_SEEDED_RNG(rng);
+  HostTensor v = fa_ref::random_tensor(DType::kFloat16, {3, 4, 8}, rng);
+  HostTensor s(DType::kFloat32, {3, 4}), sinks(DType::kFloat32, {5}), sinks16(DType::kFloat16, {4});
+  try {
+    fastattn::merge_attention_sinks(v.view(), s.view(), sinks.view());
+    ADD_FAILURE() << "no error";
+  } catch (const fastattn::ValueError& e) {
+    EXPECT_NE(std::string(e.what()).find("sinks"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(fastattn::merge_attention_sinks(v.view(), s.view(), sinks16.view()), fastattn::TypeError);
+}
+
 TEST_P(MergeDtype, MergeStatesMatchesExactMerge) {
   FA_SEEDED_RNG(rng);
   const DType dt = GetParam();

@@ -157,6 +157,79 @@ def test_hnd_layout(seed, dtype, page_size, group, d):
     b.check(w)
 
 
+def with_sinks(out, lse, sinks):
+    """(out (B, Hq, D), lse (B, Hq)) of attention without sinks -> with them: the definition,
+    softmax over the keys and one more logit sinks[h] with a zero value row, in float64 from the
+    reference's own out and LSE (out * sum / (sum + exp(sink)))."""
+    s = sinks.to(torch.float64)[None]
+    merged = torch.logaddexp(lse.to(torch.float64), s)
+    weight = torch.exp(lse.to(torch.float64) - merged)
+    weight = torch.where(torch.isneginf(lse), torch.zeros_like(weight), weight)
+    return out.to(torch.float64) * weight[..., None], merged
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("group,d", [(1, 64), (4, 128), (8, 256)])
+def test_sinks(seed, dtype, group, d):
+    """run(sinks=) (gpt-oss's attention sinks): a ragged batch with an empty request (a split
+    count per request) and a near-uniform one (the capacity heuristic's forms), against the
+    reference with one more logit per head and a zero value row; out / lse poisoned; without
+    return_lse too (the wrapper's own LSE)."""
+    hkv = 2 if group > 1 else 16
+    hq = hkv * group
+    sinks = torch.randn(hq, device=DEV) * 3
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(workspace())
+    for lens in (long_among_short(seed, 24, 9000, 1, 200), [seed.randrange(3000, 3100) for _ in range(8)]):
+        lens[seed.randrange(len(lens))] = 0
+        b = Batch(seed, dtype, lens, 16, hq, hkv, d)
+        b.plan(w)
+        out = nan_full(b.q.shape, b.q.dtype)
+        lse = nan_full(b.q.shape[:2], torch.float32)
+        before = b.kv.clone()
+        w.run(b.q, b.kv, out=out, lse=lse, sinks=sinks)
+        plain = w.run(b.q, b.kv, sinks=sinks)
+        torch.cuda.synchronize()
+        ref, ref_lse = b.reference(False)
+        naive, naive_lse = b.reference(True)
+        ref, ref_lse = with_sinks(ref, ref_lse, sinks)
+        naive, _ = with_sinks(naive, naive_lse, sinks)
+        R.assert_out_close("out", out, ref, naive, factor=FACTOR)
+        R.assert_lse_close("lse", lse, ref_lse.float())
+        R.assert_bitwise_equal("out without lse", plain, out)
+        assert torch.equal(b.kv, before), "run() wrote into the cache"
+        empty = lens.index(0)
+        assert not out[empty].float().any() and torch.allclose(lse[empty], sinks)
+
+
+def test_sinks_in_a_cuda_graph(seed):
+    """run(sinks=) captured with use_cuda_graph=True: each replay after a new plan() and new
+    sinks written in place equals the eager call bitwise."""
+    batch, hq, hkv, d, ps = 8, 32, 8, 128, 16
+    lens = long_among_short(seed, batch, 20000, 1, 500)
+    b = Batch(seed, torch.bfloat16, lens, ps, hq, hkv, d)
+    pages = sum(-(-n // ps) for n in lens)
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(
+        workspace(), use_cuda_graph=True,
+        paged_kv_indptr_buffer=torch.empty(batch + 1, dtype=torch.int32, device=DEV),
+        paged_kv_indices_buffer=torch.empty(pages + 8, dtype=torch.int32, device=DEV),
+        paged_kv_last_page_len_buffer=torch.empty(batch, dtype=torch.int32, device=DEV))
+    b.plan(w)
+    sinks = torch.randn(hq, device=DEV)
+    out = torch.empty_like(b.q)
+    lse = torch.empty(batch, hq, dtype=torch.float32, device=DEV)
+    graph = warm_and_capture(lambda: w.run(b.q, b.kv, out=out, lse=lse, sinks=sinks))
+    for _ in range(2):
+        sinks.copy_(torch.randn(hq, device=DEV) * 4)
+        out.fill_(float("nan"))
+        graph.replay()
+        eager_out, eager_lse = w.run(b.q, b.kv, return_lse=True, sinks=sinks.clone())
+        torch.cuda.synchronize()
+        R.assert_bitwise_equal("replay vs eager out", out, eager_out)
+        R.assert_bitwise_equal("replay vs eager lse", lse, eager_lse)
+        ref, ref_lse = with_sinks(*b.reference(False), sinks)
+        R.assert_lse_close("replay lse", lse, ref_lse.float())
+
+
 def test_options(seed):
     """window_left (from plan() and from run()), logits_soft_cap and sm_scale."""
     lens = long_among_short(seed, 16, 12000, 2, 700)

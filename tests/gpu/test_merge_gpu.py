@@ -289,6 +289,32 @@ def test_merge_state_everything_empty(seed, dtype):
 ODD_DIMS = [1, 7, 36, 100, 520]
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "misaligned"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_merge_attention_sinks(seed, dtype, layout):
+    """merge_attention_sinks: the state (v = 0, s = sinks[h]) merged in place, against the float64
+    merge of the same two states: the vector path (contiguous), transposed and padded views, and
+    the scalar fallback (misaligned data, an odd head_dim); empty rows get (0, sinks[h])."""
+    S, H = 799, 6
+    D = 37 if layout == "misaligned" else 128
+    v0, s0 = rand_states((S, H, D), dtype)
+    sinks_wide = torch.randn(H, 3, device=DEV) * 3 + 5.0
+    sinks = sinks_wide[:, 1]  # a strided (H,) view
+    if layout == "contiguous":
+        v, s = v0.clone(), s0.clone()
+    else:
+        offset = 1 if layout == "misaligned" else 0
+        v = fill_(strided((S, H, D), dtype, order=(1, 0, 2), pad=2, offset=offset), v0)
+        s = fill_(strided((S, H), torch.float32, order=(1, 0), pad=1), s0)
+    _C.merge_attention_sinks(v, s, sinks, cuda_stream=stream_ptr())
+    torch.cuda.synchronize()
+    zeros = torch.zeros_like(v0)
+    v_ref, s_ref = merge2_ref(v0, s0, zeros, sinks[None].expand(S, H))
+    check_merged("merge_attention_sinks " + layout, v, s, v_ref, s_ref, dtype, finite_max(v0), 2)
+    empty = torch.isinf(s0)
+    assert bool((v[empty] == 0).all()) and torch.equal(s[empty], sinks[None].expand(S, H)[empty])
+
+
 @pytest.mark.parametrize("head_dim", ODD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_merge_state_odd_head_dims(seed, dtype, head_dim):

@@ -95,6 +95,41 @@ def test_merge_state_in_place(rng, dtype, mask_kind):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_attention_sinks(rng, dtype):
+    """merge_attention_sinks equals attention over the keys plus one more logit per head with a
+    zero value row: the float64 softmax over [scores, sink] of random keys, from scratch; an
+    empty state (no keys) becomes (0, sink)."""
+    seq, heads, d, n = 5, 3, 16, 11
+    q = rng.standard_normal((seq, heads, d))
+    k, vals = rng.standard_normal((seq, n, heads, d)), rng.standard_normal((seq, n, heads, d))
+    sinks = (rng.standard_normal(heads) * 2).astype(np.float32)
+    sc = np.einsum("shd,snhd->shn", q, k) / math.sqrt(d)
+    sc[0, 1] = -np.inf  # row 0, head 1: no keys
+    m = sc.max(-1, keepdims=True)
+    m[np.isneginf(m)] = 0.0
+    p = np.exp(sc - m)
+    with np.errstate(divide="ignore"):  # the empty row's LSE is -inf
+        lse0 = m[..., 0] + np.log(p.sum(-1))
+    o0 = np.einsum("shn,snhd->shd", p, vals) / np.where(p.sum(-1) > 0, p.sum(-1), 1)[..., None]
+    full = np.concatenate([sc, np.broadcast_to(sinks[None, :, None], (seq, heads, 1))], -1)
+    pf = np.exp(full - full.max(-1, keepdims=True))
+    want = np.einsum("shn,snhd->shd", pf[..., :-1], vals) / pf.sum(-1)[..., None]
+    want_lse = full.max(-1) + np.log(pf.sum(-1))
+    v_np = o0.astype(np.float32 if dtype == "bfloat16" else dtype)
+    v = torch.from_numpy(v_np.astype(np.float32)).to(torch.bfloat16) if dtype == "bfloat16" else v_np
+    naive = to64(v) * np.exp(lse0 - np.logaddexp(lse0, sinks[None]))[..., None]
+    s = lse0.astype(np.float32)
+    if dtype == "bfloat16":
+        s = torch.from_numpy(s)
+    fastattn.merge_attention_sinks(v, s, torch.from_numpy(sinks) if dtype == "bfloat16" else sinks)
+    assert_close("v", v, want, naive, dtype)
+    assert_lse("s", s, want_lse)
+    assert to64(v)[0, 1].max() == 0 and float(to64(s)[0, 1]) == pytest.approx(float(sinks[1]))
+    with pytest.raises(ValueError, match="sinks"):
+        fastattn.merge_attention_sinks(v, s, np.zeros(heads + 1, np.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [1, 2, 5])
 def test_merge_states(rng, dtype, n):
     seq, h, d = 6, 4, 16

@@ -240,6 +240,86 @@ def test_decode_wrapper_run_arguments(rng):
         w.plan(indptr, indices, last + ps, hq, hkv, d, ps, q_data_type="float32")
     assert_close("the plan before", w.run(q, kv), want, want, "float32")
 
+def reference_with_sinks(q64, k64, v64, indptr, indices, lens, sinks, window_left=-1,
+                         softcap=0.0):
+    """Each request's query over its keys plus one more logit per head, sinks[h], whose value
+    row is zero, written out from the definition in float64: out (B, Hq, D), lse (B, Hq)."""
+    b_, hq, d = q64.shape
+    group = hq // k64.shape[2]
+    out, lse = np.zeros((b_, hq, d)), np.zeros((b_, hq))
+    for b, n in enumerate(lens):
+        ids = indices[indptr[b]:indptr[b + 1]]
+        k, v = ref.gather_pages(k64, ids, n), ref.gather_pages(v64, ids, n)
+        keep = np.arange(n) >= (n - 1 - window_left if window_left >= 0 else 0)
+        for h in range(hq):
+            sc = k[keep, h // group] @ q64[b, h] / math.sqrt(d)
+            if softcap:
+                sc = softcap * np.tanh(sc / softcap)
+            logits = np.concatenate([sc, [float(sinks[h])]])
+            m = logits.max()
+            p = np.exp(logits - m)
+            out[b, h] = (p[:-1] @ v[keep, h // group]) / p.sum() if n else 0.0
+            lse[b, h] = m + math.log(p.sum())
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", ["plain", "window_softcap"])
+def test_decode_wrapper_sinks_cpu(rng, dtype, options):
+    """run(sinks=): one more logit per query head with a zero value row (gpt-oss), against the
+    definition in float64; an empty request gets out 0 and LSE sinks[h]; out / lse poisoned
+    first; without return_lse the LSE the merge needs is the wrapper's own."""
+    hq, hkv, d, ps = 8, 2, 32, 16
+    lens = list(rng.permutation([0, 1, 20, 77, int(rng.integers(150, 300))]))
+    indptr, indices, last, num_pages = make_pages(rng, lens, ps)
+    q, q64 = randn(rng, (len(lens), hq, d), dtype)
+    kv, kv64 = randn(rng, (num_pages, 2, ps, hkv, d), dtype)
+    sinks = (rng.standard_normal(hq) * 3).astype(np.float32)
+    sinks_t = torch.from_numpy(sinks) if dtype == "bfloat16" else sinks
+    left, cap = (30, 6.0) if options == "window_softcap" else (-1, 0.0)
+    data_type = torch.bfloat16 if dtype == "bfloat16" else dtype
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(np.empty(16, np.uint8))
+    w.plan(indptr, indices, last, hq, hkv, d, ps, q_data_type=data_type, window_left=left,
+           logits_soft_cap=cap or None)
+    out, lse = nan_like(q), np.full((len(lens), hq), np.nan, np.float32)
+    o, l = w.run(q, kv, out=out, lse=lse, return_lse=True, sinks=sinks_t)
+    assert o is out and l is lse
+    want, want_lse = reference_with_sinks(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens,
+                                          sinks, left, cap)
+    # The naive in-dtype reference: the same attention with its roundings, then the sink's
+    # weight applied in float64 (the sink only rescales each row).
+    naive, naive_lse = reference(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens,
+                                 rnd=ref.rounder(dtype), window_left=left, softcap=cap)
+    naive = naive * np.exp(naive_lse - np.logaddexp(naive_lse, sinks[None]))[..., None]
+    naive[np.isneginf(naive_lse)] = 0.0
+    assert_close("out", o, want, naive, dtype, factor=FACTOR)
+    assert_lse("lse", l, want_lse)
+    empty = lens.index(0)
+    assert not to64(o)[empty].any() and np.allclose(l[empty], sinks)
+    plain = w.run(q, kv, sinks=sinks_t)  # no lse asked for: the wrapper makes its own
+    assert np.array_equal(to64(plain), to64(o))
+
+
+def test_decode_wrapper_sinks_errors(rng):
+    hq, hkv, d, ps = 4, 2, 16, 4
+    indptr, indices, last, num_pages = make_pages(rng, [9, 3], ps)
+    q, _ = randn(rng, (2, hq, d), "float32")
+    kv, _ = randn(rng, (num_pages, 2, ps, hkv, d), "float32")
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(np.empty(16, np.uint8))
+    w.plan(indptr, indices, last, hq, hkv, d, ps, q_data_type="float32")
+    out = nan_like(q)
+    for sinks, error, message in [
+        (np.zeros(hq + 1, np.float32), ValueError,
+         r"sinks must have shape \(num_qo_heads,\) = \(4,\) as planned, got \(5,\)"),
+        (np.zeros((1, hq), np.float32), ValueError, r"sinks must have shape"),
+        (np.zeros(hq, np.float16), TypeError, r"sinks must be float32, got float16"),
+        ("sinks", TypeError, r"sinks"),
+    ]:
+        with pytest.raises(error, match=message):
+            w.run(q, kv, out=out, sinks=sinks)
+        assert np.isnan(out).all(), "a refused run() wrote its output"
+
+
 def test_decode_wrapper_hnd_errors(rng):
     """With kv_layout "HND" run() names the HND shapes; NHD pages are refused, not misread."""
     hq, hkv, d, ps = 4, 2, 16, 4

@@ -251,7 +251,7 @@ __device__ __forceinline__ void merge_state_rows(const MergeStateParams& p) {
             const int c = sl.lane + (j0 + u) * L.group;
             const bool has = j0 + u < L.iters && c < L.chunks;
             raw_a[u] = load_vec(a, has ? c * kN : 0, has);
-            raw_b[u] = load_vec(b, has ? c * kN : 0, has);
+            raw_b[u] = load_vec(b, has ? c * kN : 0, has && p.v_b != nullptr);  // null: zeros
           }
           const TwoWay w(*sa, *sb);
           lse = w.lse;
@@ -285,7 +285,7 @@ __device__ __forceinline__ void merge_state_rows(const MergeStateParams& p) {
 #pragma unroll
             for (int i = 0; i < kHalf; ++i) {
               x[i] = h0 + i < end ? Chunk<T>::to_float(a[h0 + i]) : 0.0f;
-              y[i] = h0 + i < end ? Chunk<T>::to_float(b[h0 + i]) : 0.0f;
+              y[i] = h0 + i < end && p.v_b ? Chunk<T>::to_float(b[h0 + i]) : 0.0f;
             }
 #pragma unroll
             for (int i = 0; i < kHalf; ++i)

@@ -34,7 +34,8 @@ struct MergeLayout {
 
 /// merge_state / merge_state_in_place: (v_out, s_out) = merge((v_a, s_a), (v_b, s_b)) for the
 /// rows whose mask byte is non-zero (all rows without a mask). v_*: (S, H, D), s_*: (S, H)
-/// float32. Outputs may alias inputs element for element.
+/// float32. Outputs may alias inputs element for element. v_b null: state b's values are zero
+/// (merge_attention_sinks: one extra logit per head with a zero value row).
 struct MergeStateParams {
   DType dtype = DType::kFloat16;
   MergeLayout layout;
