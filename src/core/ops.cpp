@@ -195,8 +195,7 @@ void merge_attention_sinks(const TensorView& v, const TensorView& s, const Tenso
   sink_lse.strides[1] = sinks.stride(0);
 #if defined(FASTATTN_WITH_CUDA)
   if (c.device().type == DeviceType::kCUDA)
-    // Launched early: in the decode wrapper it follows the attention kernels, which let it.
-    return cuda_cascade::merge_state(c, v, s, zeros, sink_lse, v, s, nullptr, exec, /*early=*/true);
+    return cuda_cascade::merge_state(c, v, s, zeros, sink_lse, v, s, nullptr, exec);
 #endif
   require_cpu(c);
   cpu::merge_state({&v, &s, &zeros, &sink_lse, &v, &s, nullptr}, exec.num_threads);

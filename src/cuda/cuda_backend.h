@@ -63,12 +63,10 @@ namespace cuda_cascade {
 /// with any strides but a contiguous last dim, s_* (S, H) float32 with any strides; outputs may
 /// alias inputs element for element; rows whose `mask` (S, bool / uint8) byte is 0 are left
 /// untouched (mask null: every row). Arguments already validated (shapes, dtypes, one device);
-/// runs on exec.cuda_stream with no allocation and no host synchronisation. v_b's data null: state
-/// b's values are zero. early: on sm_90, launched to start while the kernel before it runs (it waits
-/// for that kernel's writes; for a merge that follows our own kernels, which let it launch early).
+/// runs on exec.cuda_stream with no allocation and no host synchronisation.
 void merge_state(check::ArgChecker& c, const TensorView& v_a, const TensorView& s_a, const TensorView& v_b,
                  const TensorView& s_b, const TensorView& v_out, const TensorView& s_out,
-                 const TensorView* mask, const ExecConfig& exec, bool early = false);
+                 const TensorView* mask, const ExecConfig& exec);
 /// merge_states on the GPU: v (S, N, H, D), s (S, N, H) -> v_out (S, H, D), s_out (S, H); strides
 /// as merge_state.
 void merge_states(check::ArgChecker& c, const TensorView& v, const TensorView& s, const TensorView& v_out,

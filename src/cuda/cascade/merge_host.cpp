@@ -106,10 +106,9 @@ MergeStateParams two_way_of(const MergeStatesParams& q) {
 
 void merge_state(check::ArgChecker& c, const TensorView& v_a, const TensorView& s_a, const TensorView& v_b,
                  const TensorView& s_b, const TensorView& v_out, const TensorView& s_out,
-                 const TensorView* mask, const ExecConfig& exec, bool early) {
+                 const TensorView* mask, const ExecConfig& exec) {
   const int device = device_of(c, v_out);
   MergeStateParams p;
-  p.dependent = early && cuda_detail::device_info(device).cc_major >= 9;
   p.dtype = v_a.dtype;
   p.layout = layout_for(c, v_a.dtype, v_a.size(0), v_a.size(1), v_a.size(2), "heads (v dim 1)",
                         "head_dim (v dim 2)");

@@ -413,9 +413,6 @@ __device__ __forceinline__ void merge_states_rows(const MergeStatesParams& p) {
 // bytes in the merge loop at fp16 / bf16 and ran at 60-78% of the copy bandwidth).
 template <class T>
 __global__ void __launch_bounds__(kMergeThreads, 8) merge_state_kernel(const MergeStateParams p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (p.dependent) asm volatile("griddepcontrol.wait;" ::: "memory");  // the predecessor's writes
-#endif
   if (p.layout.vec) merge_state_rows<T, true>(p);
   else merge_state_rows<T, false>(p);
 }
@@ -438,21 +435,8 @@ std::int64_t threads_of(const MergeLayout& L) { return L.rows * L.heads * std::i
 
 template <class T>
 void launch_state(const MergeStateParams& p, cudaStream_t stream) {
-  if (!p.dependent) {
-    merge_state_kernel<T><<<grid_for(threads_of(p.layout)), kMergeThreads, 0, stream>>>(p);
-    FASTATTN_CUDA_CHECK_LAUNCH();
-    return;
-  }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(grid_for(threads_of(p.layout)));
-  cfg.blockDim = dim3(kMergeThreads);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
-  FASTATTN_CUDA_CHECK(cudaLaunchKernelEx(&cfg, merge_state_kernel<T>, p));
+  merge_state_kernel<T><<<grid_for(threads_of(p.layout)), kMergeThreads, 0, stream>>>(p);
+  FASTATTN_CUDA_CHECK_LAUNCH();
 }
 template <class T>
 void launch_states(const MergeStatesParams& p, cudaStream_t stream) {

@@ -53,9 +53,6 @@ struct MergeStateParams {
   std::int64_t s_out_row = 0, s_out_head = 0;
   const std::uint8_t* mask = nullptr;  ///< (S) bool / uint8 bytes, or null (every row merged)
   std::int64_t mask_stride = 0;
-  /// sm_90: launched with programmatic dependent launch. The kernel may start while the kernel
-  /// before it on the stream runs, and waits for it in griddepcontrol.wait before any load.
-  bool dependent = false;
 };
 
 /// merge_states: v (S, N, H, D), s (S, N, H) float32 -> v_out (S, H, D), s_out (S, H).
