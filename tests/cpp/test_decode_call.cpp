@@ -192,6 +192,19 @@ TEST(DecodeCallErrors, NameTheArrayAndWhatThePlanExpects) {
   expect_error<fastattn::ValueError>(
       [&] { fastattn::split_paged_kv_cache(not_nhd.view(), PagedKVLayout::kHND, "paged_kv_cache"); },
       "paged_kv_cache must have shape (max_num_pages, 2, num_kv_heads, page_size, head_dim) (HND)");
+  // Attention sinks: (num_qo_heads) float32 on q's device.
+  HostTensor sinks(DType::kFloat32, {b.Hq}), sinks_long(DType::kFloat32, {b.Hq + 1});
+  HostTensor sinks16(DType::kFloat16, {b.Hq});
+  EXPECT_NO_THROW(fastattn::check_decode_sinks(plan, q.view(), sinks.view()));
+  expect_error<fastattn::ValueError>([&] { fastattn::check_decode_sinks(plan, q.view(), sinks_long.view()); },
+                                     "sinks must have shape (num_qo_heads,) = (" + std::to_string(b.Hq) +
+                                         ",) as planned, got (" + std::to_string(b.Hq + 1) + ",)");
+  expect_error<fastattn::TypeError>([&] { fastattn::check_decode_sinks(plan, q.view(), sinks16.view()); },
+                                    "sinks must be float32, got float16");
+  TensorView sinks_gpu = sinks.view();
+  sinks_gpu.device = fastattn::Device{fastattn::DeviceType::kCUDA, 0};
+  expect_error<fastattn::ValueError>([&] { fastattn::check_decode_sinks(plan, q.view(), sinks_gpu); },
+                                     "sinks must be on q's device (cpu), got cuda:0");
   expect_error<fastattn::ValueError>([&] { fastattn::paged_kv_layout_from_name("NDH"); },
                                      "kv_layout must be 'NHD' or 'HND', got 'NDH'");
   // An HND plan names the HND shape.
