@@ -45,6 +45,19 @@ void state_pair(check::ArgChecker& c, const TensorView& v, const std::string& vn
   c.shape_is(s, sn, {v.size(0), v.size(1)}, "(S, H)");
 }
 
+/// The two-state merge of checked arguments on the op's device: (v_out, s_out) = merge((v_a, s_a),
+/// (v_b, s_b)) for the rows `mask` selects (null: all); v_b's data null reads as zeros.
+void run_merge_state(check::ArgChecker& c, const TensorView& v_a, const TensorView& s_a, const TensorView& v_b,
+                     const TensorView& s_b, const TensorView& v_out, const TensorView& s_out,
+                     const TensorView* mask, const ExecConfig& exec) {
+#if defined(FASTATTN_WITH_CUDA)
+  if (c.device().type == DeviceType::kCUDA)
+    return cuda_cascade::merge_state(c, v_a, s_a, v_b, s_b, v_out, s_out, mask, exec);
+#endif
+  require_cpu(c);
+  cpu::merge_state({&v_a, &s_a, &v_b, &s_b, &v_out, &s_out, mask}, exec.num_threads);
+}
+
 /// An optional caller workspace: uint8, contiguous, on the op's device (as KVCacheArgs::workspace
 /// in core::validate).
 void validate_workspace(check::ArgChecker& c, const std::optional<TensorView>& ws) {
@@ -137,12 +150,7 @@ void merge_state(const TensorView& v_a, const TensorView& s_a, const TensorView&
   state_pair(c, v_b, "v_b", s_b, "s_b", &v_a);
   state_pair(c, v_out, "v_out", s_out, "s_out", &v_a);
   core::validate_exec(c, exec);
-#if defined(FASTATTN_WITH_CUDA)
-  if (c.device().type == DeviceType::kCUDA)
-    return cuda_cascade::merge_state(c, v_a, s_a, v_b, s_b, v_out, s_out, nullptr, exec);
-#endif
-  require_cpu(c);
-  cpu::merge_state({&v_a, &s_a, &v_b, &s_b, &v_out, &s_out, nullptr}, exec.num_threads);
+  run_merge_state(c, v_a, s_a, v_b, s_b, v_out, s_out, nullptr, exec);
 }
 
 void merge_state_in_place(const TensorView& v, const TensorView& s, const TensorView& v_other,
@@ -167,12 +175,7 @@ void merge_state_in_place(const TensorView& v, const TensorView& s, const Tensor
     c.shape_is(*mask, "mask", {v.size(0)}, "(S)");
   }
   core::validate_exec(c, exec);
-#if defined(FASTATTN_WITH_CUDA)
-  if (c.device().type == DeviceType::kCUDA)
-    return cuda_cascade::merge_state(c, v, s, v_other, s_other, v, s, mask ? &*mask : nullptr, exec);
-#endif
-  require_cpu(c);
-  cpu::merge_state({&v, &s, &v_other, &s_other, &v, &s, mask ? &*mask : nullptr}, exec.num_threads);
+  run_merge_state(c, v, s, v_other, s_other, v, s, mask ? &*mask : nullptr, exec);
 }
 
 void merge_attention_sinks(const TensorView& v, const TensorView& s, const TensorView& sinks,
@@ -193,12 +196,7 @@ void merge_attention_sinks(const TensorView& v, const TensorView& s, const Tenso
   sink_lse.data = sinks.data;
   sink_lse.strides[0] = 0;
   sink_lse.strides[1] = sinks.stride(0);
-#if defined(FASTATTN_WITH_CUDA)
-  if (c.device().type == DeviceType::kCUDA)
-    return cuda_cascade::merge_state(c, v, s, zeros, sink_lse, v, s, nullptr, exec);
-#endif
-  require_cpu(c);
-  cpu::merge_state({&v, &s, &zeros, &sink_lse, &v, &s, nullptr}, exec.num_threads);
+  run_merge_state(c, v, s, zeros, sink_lse, v, s, nullptr, exec);
 }
 
 void merge_states(const TensorView& v, const TensorView& s, const TensorView& v_out,
