@@ -31,7 +31,6 @@ __all__ = [
     "KV_LAYOUTS",
     "check_kv_layout",
     "paged_kv_pages",
-    "swap_axes",
     "on_device_of",
     "check_array",
     "prepare",
@@ -356,12 +355,6 @@ def check_kv_layout(kv_layout: Any) -> str:
                          f"num_kv_heads, head_dim)) or 'HND' (pages (max_num_pages, 2, num_kv_heads, "
                          f"page_size, head_dim)), got {kv_layout!r}")
     return kv_layout
-
-
-def swap_axes(x: Any, a: int, b: int) -> Any:
-    """x with axes a and b swapped: a strided view in numpy, torch and cupy (jax, whose arrays
-    are always row-major, copies)."""
-    return x.swapaxes(a, b)
 
 
 def paged_kv_pages(cache: Any, name: str, kv_layout: str = "NHD") -> Tuple[Any, Any]:

@@ -54,7 +54,6 @@ from ._tensors import (
     paged_kv_pages,
     prepare,
     shape_or_zero,
-    swap_axes,
     transpose2d,
     usable_workspace,
     window_pair,
@@ -352,7 +351,8 @@ class _SharedPrefixWrapperBase:
                                  f"({self._kv_layout}) but begin_forward was given "
                                  f"page_size={plan['page_size']}")
         if hnd:  # the ops take pages (max_num_pages, page_size, num_kv_heads, head_dim)
-            k_pages, v_pages = (swap_axes(x, 1, 2) if len(x.shape) == 4 else x
+            # swapaxes: a strided view in numpy, torch and cupy (a copy in jax, always row-major)
+            k_pages, v_pages = (x.swapaxes(1, 2) if len(x.shape) == 4 else x
                                 for x in (k_pages, v_pages))
         return k_pages, v_pages
 
@@ -370,7 +370,7 @@ class _SharedPrefixWrapperBase:
                 raise ValueError(f"{name} must have shape (num_kv_heads, shared_prefix_len, "
                                  f"head_dim) with kv_layout 'HND' (num_kv_heads="
                                  f"{self._plan['num_kv_heads']} from begin_forward), got {shape}")
-            out.append(swap_axes(x, 0, 1))
+            out.append(x.swapaxes(0, 1))
         return tuple(out)
 
     def _run(self, q, k_shared, v_shared, unique_kv_data, causal, sm_scale, rope_scale,
