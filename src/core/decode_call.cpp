@@ -54,13 +54,18 @@ TensorView swap_dims(TensorView t, int a, int b) {
   return t;
 }
 
+/// A page's dims in `layout`, as the errors name them.
+const char* page_dims(PagedKVLayout layout) {
+  return layout == PagedKVLayout::kHND ? "num_kv_heads, page_size" : "page_size, num_kv_heads";
+}
+
 /// Checks a page tensor `t` in the plan's layout; returns it as (P, page_size, Hkv, D).
 TensorView checked_pages(const PagedDecodeCallPlan& plan, const TensorView& t, const char* name) {
   const bool hnd = plan.layout == PagedKVLayout::kHND;
   const std::int64_t rows = hnd ? plan.num_kv_heads : plan.page_size, cols = hnd ? plan.page_size : plan.num_kv_heads;
   if (t.ndim != 4 || t.shape[1] != rows || t.shape[2] != cols || t.shape[3] != plan.head_dim)
     throw ValueError(std::string("paged_kv_cache's ") + name + " pages must have shape (max_num_pages, " +
-                     (hnd ? "num_kv_heads, page_size" : "page_size, num_kv_heads") + ", head_dim) = (*, " +
+                     page_dims(plan.layout) + ", head_dim) = (*, " +
                      std::to_string(rows) + ", " + std::to_string(cols) + ", " + std::to_string(plan.head_dim) +
                      ") as planned (" + paged_kv_layout_name(plan.layout) + "), got " + t.shape_string());
   if (plan.max_page_id && t.shape[0] <= *plan.max_page_id)
@@ -83,9 +88,8 @@ const char* paged_kv_layout_name(PagedKVLayout layout) { return layout == PagedK
 std::pair<TensorView, TensorView> split_paged_kv_cache(const TensorView& cache, PagedKVLayout layout,
                                                        const char* name) {
   if (cache.ndim != 5 || cache.shape[1] != 2)
-    throw ValueError(std::string(name) + " must have shape (max_num_pages, 2, " +
-                     (layout == PagedKVLayout::kHND ? "num_kv_heads, page_size" : "page_size, num_kv_heads") +
-                     ", head_dim) (" + paged_kv_layout_name(layout) + "), got " + cache.shape_string());
+    throw ValueError(std::string(name) + " must have shape (max_num_pages, 2, " + page_dims(layout) + ", head_dim) (" +
+                     paged_kv_layout_name(layout) + "), got " + cache.shape_string());
   return {select(cache, 1, 0), select(cache, 1, 1)};
 }
 
