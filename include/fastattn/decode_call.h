@@ -60,9 +60,9 @@ KVCacheArgs paged_decode_call_args(const PagedDecodeCallPlan& plan, const Tensor
                                    const TensorView& v_pages, const TensorView& out,
                                    const std::optional<TensorView>& lse);
 
-/// Checks attention sinks for a call of `plan` with query q before anything is launched (the
-/// caller then merges them with merge_attention_sinks): sinks (num_qo_heads) float32 on q's
-/// device. ValueError / TypeError naming sinks and what was expected.
+/// Checks attention sinks for a call of `plan` with query q, in the plan's terms, before anything
+/// is launched (the caller then sets them as KVCacheArgs::sinks): sinks (num_qo_heads) float32 on
+/// q's device. ValueError / TypeError naming sinks and what was expected.
 void check_decode_sinks(const PagedDecodeCallPlan& plan, const TensorView& q, const TensorView& sinks);
 
 }  // namespace fastattn

@@ -130,6 +130,11 @@ struct KVCacheArgs {
   std::int64_t max_cache_seqlen = 0;
   TensorView out;                 ///< (B, Sq, Hq, D)
   std::optional<TensorView> lse;  ///< (B, Hq, Sq) float32
+  /// (Hq) float32 attention sinks (gpt-oss, StreamingLLM), any stride, or none: sinks[h] joins
+  /// every softmax of query head h as one more logit with a zero value row (in the units of the
+  /// scaled, soft-capped scores), so out and lse are what merge_attention_sinks would make of the
+  /// call's without them. A row with no keys gets out 0 and lse sinks[h].
+  std::optional<TensorView> sinks;
   /// Scratch for split-KV partial results (uint8, at least kvcache_workspace_bytes(args)).
   /// When absent the CPU backend allocates its own.
   std::optional<TensorView> workspace;

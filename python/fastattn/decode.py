@@ -560,8 +560,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
         (batch_size, num_qo_heads) float32. window_left overrides the plan's.
         sinks: optional (num_qo_heads,) float32 attention sinks (gpt-oss): sinks[h] joins each
         query's softmax as one more logit (in the units of the scaled, soft-capped scores) with a
-        zero value row; merged in after the attention (:func:`fastattn.merge_attention_sinks`,
-        one more small kernel), and the LSE then includes it.
+        zero value row; folded into each output row as it is written (no extra kernel), and the
+        LSE then includes it.
         Returns out, or (out, lse) with return_lse: natural-log LSE (FlashInfer's is base 2).
         """
         runner = self._runner
@@ -583,7 +583,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         o = out if out is not None else empty(q, plan["out_shape"])
         if sinks is not None:
             check_array(sinks, "sinks")
-        if lse is None and (return_lse or sinks is not None):  # the sinks' merge needs the LSE
+        if lse is None and return_lse:
             lse = empty(q, plan["out_shape"][:2], "float32")
         left = plan["window_left"] if window_left is None else as_int(window_left, "window_left")
         alloc = None if self._graph is not None else (

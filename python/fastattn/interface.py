@@ -375,6 +375,7 @@ def flash_attn_with_kvcache(
     *,
     out=None,
     split_plan=None,
+    sinks=None,
 ):
     """Attention over a KV cache, appending new keys/values in place first (decoding).
 
@@ -405,6 +406,10 @@ def flash_attn_with_kvcache(
             :func:`fastattn.decode_split_plan` on q's device (num_splits must then be 0): built
             on the host from the key lengths, so the call itself still reads none. The CPU backend
             checks it and ignores it.
+        sinks: (fastattn's, keyword only) optional (nheads,) float32 attention sinks (gpt-oss,
+            StreamingLLM): sinks[h] joins every softmax of head h as one more logit (in the units
+            of the scaled, soft-capped scores) with a zero value row; softmax_lse includes it, and
+            a row with no keys gets out 0 and softmax_lse sinks[h].
         Other arguments as flash_attn_func.
     Return:
         out (batch_size, seqlen_q, nheads, headdim), or (out, softmax_lse).
@@ -412,7 +417,7 @@ def flash_attn_with_kvcache(
     args = _given_arrays(("q", "k_cache", "v_cache"), q=q, k_cache=k_cache, v_cache=v_cache, k=k,
                          v=v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
                          cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
-                         block_table=block_table, out=out, split_plan=split_plan)
+                         block_table=block_table, out=out, split_plan=split_plan, sinks=sinks)
     appending = k is not None or v is not None
     if appending:
         for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):

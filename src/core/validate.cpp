@@ -396,6 +396,12 @@ KVCacheDims validate(ArgChecker& c, const KVCacheArgs& args) {
   c.same_dtype(args.out, "out", args.q, "q");
   c.shape_is(args.out, "out", {d.a.batch, d.a.seqlen_q, d.a.heads_q, d.a.head_dim}, "(B, Sq, Hq, D)");
   lse_output(c, args.lse, {d.a.batch, d.a.heads_q, d.a.seqlen_q}, "(B, Hq, Sq)");
+  if (args.sinks) {
+    c.present(*args.sinks, "sinks");
+    c.on_device(*args.sinks, "sinks");
+    c.dtype_is(*args.sinks, "sinks", DType::kFloat32);
+    c.shape_is(*args.sinks, "sinks", {d.a.heads_q}, "(Hq)");
+  }
   if (args.workspace) {
     c.present(*args.workspace, "workspace");
     c.on_device(*args.workspace, "workspace");

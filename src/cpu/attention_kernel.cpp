@@ -284,9 +284,14 @@ void run_item(const AttnProblem& p, const WorkItem& it, std::int64_t key_begin,
   for (std::int64_t m = 0; m < rows; ++m) {
     const std::int64_t r = it.row0 + m / nh;
     const std::int64_t h = it.head0 + m % nh;
-    const float lse = sc.state[m].lse();
-    const float inv = sc.state[m].inv_sum();
+    float lse = sc.state[m].lse();
+    float inv = sc.state[m].inv_sum();
     const float* accrow = sc.acc.data() + m * d;
+    if (ws_o == nullptr && p.sinks) {  // a finished row: its sink is the state (0, sinks[h])
+      const MergeWeights w = merge_weights(lse, p.sinks[h * p.sinks_stride]);
+      inv *= w.w_a;
+      lse = w.lse;
+    }
     if (ws_o != nullptr) {
       const std::int64_t wrow = (it.split * ws_rows + s.ws_row0 + r) * p.heads_q + h;
       store_row(DType::kFloat32, accrow, d, inv, ws_o + wrow * d);
@@ -300,7 +305,8 @@ void run_item(const AttnProblem& p, const WorkItem& it, std::int64_t key_begin,
   }
 }
 
-/// Merges the split partials of every (row, head) into out / lse, in split order.
+/// Merges the split partials of every (row, head), and its sink if any, into out / lse, in split
+/// order.
 void combine_splits(const AttnProblem& p, const float* ws_o, const float* ws_lse,
                     std::int64_t ws_rows, int nt) {
   const std::int64_t d = p.head_dim;
@@ -314,6 +320,10 @@ void combine_splits(const AttnProblem& p, const float* ws_o, const float* ws_lse
         MergeAccumulator acc;
         acc.init();
         std::fill(o.begin(), o.end(), 0.0f);
+        if (p.sinks) {  // one more state, of zero values: it counts in the weights and the LSE only
+          float rescale, weight;
+          acc.add(p.sinks[h * p.sinks_stride], &rescale, &weight);
+        }
         for (int sp = 0; sp < p.num_splits; ++sp) {
           const std::int64_t wrow = (sp * ws_rows + s.ws_row0 + r) * p.heads_q + h;
           float rescale, weight;

@@ -260,6 +260,10 @@ KVCachePlan plan_kvcache(check::ArgChecker& c, const KVCacheArgs& args, const co
   if (paged) set_paged_kv(p, args.k_cache, args.v_cache);
   else set_dense_kv(p, args.k_cache, args.v_cache);
   set_lse(p, args.lse);
+  if (args.sinks) {
+    p.sinks = static_cast<const float*>(args.sinks->data);
+    p.sinks_stride = args.sinks->stride(0);
+  }
 
   std::int64_t max_keys = 0;
   for (std::int64_t b = 0; b < d.a.batch; ++b) {

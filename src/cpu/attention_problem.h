@@ -51,6 +51,10 @@ struct AttnProblem {
   std::int64_t out_row_stride = 0, out_head_stride = 0;
   float* lse = nullptr;  ///< optional
   std::int64_t lse_row_stride = 0, lse_head_stride = 0;
+  /// Optional attention sinks (heads_q) at stride sinks_stride: one more logit per head with a
+  /// zero value row, folded into every finished row (KVCacheArgs::sinks).
+  const float* sinks = nullptr;
+  std::int64_t sinks_stride = 0;
   float* probs = nullptr;  ///< optional softmax matrix, rows of stride probs_row_stride
   std::int64_t probs_head_stride = 0, probs_row_stride = 0;
 

@@ -167,7 +167,8 @@ fastattn::KVCacheArgs make_kvcache_args(
     nb::handle cache_seqlens, std::int64_t cache_seqlen, nb::handle cache_batch_idx,
     nb::handle cache_leftpad, nb::handle block_table, nb::handle page_indptr,
     nb::handle page_indices, int num_splits, nb::handle split_plan, std::int64_t max_cache_seqlen,
-    nb::handle out, nb::handle lse, std::optional<float> softmax_scale, bool causal, std::int64_t window_left,
+    nb::handle out, nb::handle lse, nb::handle sinks, std::optional<float> softmax_scale, bool causal,
+    std::int64_t window_left,
     std::int64_t window_right, float softcap, nb::handle alibi_slopes, std::uintptr_t cuda_stream,
     int num_threads, Keep& keep) {
   fastattn::KVCacheArgs a;
@@ -197,6 +198,7 @@ fastattn::KVCacheArgs make_kvcache_args(
   a.max_cache_seqlen = max_cache_seqlen;
   a.out = out_view(out, "out", keep);
   a.lse = opt_out(lse, "softmax_lse", keep);
+  a.sinks = opt_in(sinks, "sinks", keep);
   a.options = make_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
                            keep);
   a.exec = make_exec(cuda_stream, num_threads);
@@ -210,7 +212,7 @@ void kvcache_attention_forward(nb::handle q, nb::handle k_cache, nb::handle v_ca
                                nb::handle cache_leftpad, nb::handle block_table,
                                nb::handle page_indptr, nb::handle page_indices, int num_splits,
                                nb::handle split_plan, std::int64_t max_cache_seqlen,
-                               nb::handle out, nb::handle lse, nb::handle workspace,
+                               nb::handle out, nb::handle lse, nb::handle sinks, nb::handle workspace,
                                std::optional<float> softmax_scale, bool causal,
                                std::int64_t window_left, std::int64_t window_right, float softcap,
                                nb::handle alibi_slopes, std::uintptr_t cuda_stream,
@@ -219,7 +221,7 @@ void kvcache_attention_forward(nb::handle q, nb::handle k_cache, nb::handle v_ca
   fastattn::KVCacheArgs a = make_kvcache_args(
       q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved, cache_seqlens,
       cache_seqlen, cache_batch_idx, cache_leftpad, block_table, page_indptr, page_indices,
-      num_splits, split_plan, max_cache_seqlen, out, lse, softmax_scale, causal, window_left,
+      num_splits, split_plan, max_cache_seqlen, out, lse, sinks, softmax_scale, causal, window_left,
       window_right, softcap, alibi_slopes, cuda_stream, num_threads, keep);
   // Without a workspace, workspace_alloc(nbytes) (the caller's allocator, e.g. torch.empty on the
   // tensors' device) supplies one when the call needs it: one import of the arrays per call.
@@ -244,7 +246,7 @@ std::size_t kvcache_workspace_bytes(nb::handle q, nb::handle k_cache, nb::handle
                                     nb::handle block_table, nb::handle page_indptr,
                                     nb::handle page_indices, int num_splits,
                                     nb::handle split_plan, std::int64_t max_cache_seqlen,
-                                    nb::handle out, nb::handle lse,
+                                    nb::handle out, nb::handle lse, nb::handle sinks,
                                     std::optional<float> softmax_scale,
                                     bool causal, std::int64_t window_left,
                                     std::int64_t window_right, float softcap,
@@ -254,7 +256,7 @@ std::size_t kvcache_workspace_bytes(nb::handle q, nb::handle k_cache, nb::handle
   fastattn::KVCacheArgs a = make_kvcache_args(
       q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved, cache_seqlens,
       cache_seqlen, cache_batch_idx, cache_leftpad, block_table, page_indptr, page_indices,
-      num_splits, split_plan, max_cache_seqlen, out, lse, softmax_scale, causal, window_left,
+      num_splits, split_plan, max_cache_seqlen, out, lse, sinks, softmax_scale, causal, window_left,
       window_right, softcap, alibi_slopes, cuda_stream, num_threads, keep);
   nb::gil_scoped_release release;
   return fastattn::kvcache_workspace_bytes(a);
@@ -535,7 +537,7 @@ NB_MODULE(_C, m) {
       nb::arg("page_indptr").none() = nb::none(), nb::arg("page_indices").none() = nb::none(),  \
       nb::arg("num_splits") = 0, nb::arg("split_plan").none() = nb::none(),                     \
       nb::arg("max_cache_seqlen") = 0, nb::arg("out").none() = nb::none(),                      \
-      nb::arg("lse").none() = nb::none()
+      nb::arg("lse").none() = nb::none(), nb::arg("sinks").none() = nb::none()
 
   m.def("kvcache_attention_forward", &kvcache_attention_forward, FASTATTN_KVCACHE_ARGS,
         nb::arg("workspace").none() = nb::none(), FASTATTN_OPTION_ARGS,

@@ -75,8 +75,8 @@ class PagedDecodeRunner {
   /// (P, page_size, Hkv, D) with v_pages; in the HND layout (P, 2, Hkv, page_size, D) and
   /// (P, Hkv, page_size, D). workspace_alloc(nbytes): the caller's allocator, used
   /// when the wrapper's workspace is too small (never in graph mode: an error instead).
-  /// sinks: None, or (Hq) float32 attention sinks merged into out and lse after the call
-  /// (fastattn::merge_attention_sinks; lse must then be given).
+  /// sinks: None, or (Hq) float32 attention sinks, folded into out and lse by the attention
+  /// (KVCacheArgs::sinks).
   void run(nb::handle q, nb::handle pages, nb::handle v_pages, nb::handle out, nb::handle lse,
            std::int64_t window_left, std::optional<float> softmax_scale, float softcap,
            std::uintptr_t cuda_stream, nb::handle workspace_alloc, nb::handle sinks) {
@@ -93,11 +93,9 @@ class PagedDecodeRunner {
     const TensorView tout = out_view(out, "out", keep);
     const std::optional<TensorView> tlse = opt_out(lse, "lse", keep);
     fastattn::KVCacheArgs a = fastattn::paged_decode_call_args(plan_, tq, k_pages, v, tout, tlse);
-    std::optional<TensorView> tsinks;
     if (!sinks.is_none()) {
-      tsinks = in_view(sinks, "sinks", keep);
-      fastattn::check_decode_sinks(plan_, tq, *tsinks);
-      if (!tlse) throw fastattn::ValueError("run() with sinks needs lse (the wrapper gives one)");
+      a.sinks = in_view(sinks, "sinks", keep);
+      fastattn::check_decode_sinks(plan_, tq, *a.sinks);
     }
     a.options.softmax_scale = softmax_scale;
     a.options.window_left = window_left;
@@ -129,7 +127,6 @@ class PagedDecodeRunner {
     }
     nb::gil_scoped_release release;
     fastattn::kvcache_attention_forward(a);
-    if (tsinks) fastattn::merge_attention_sinks(tout, *tlse, *tsinks, a.exec);
   }
 
  private:

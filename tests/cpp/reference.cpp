@@ -352,8 +352,11 @@ SeqOut attend_sequence_naive(const SeqIn& in, std::int64_t b, std::int64_t Hq, s
         s[static_cast<std::size_t>(j)] = x;
         m = std::max(m, x);
       }
+      const float sink = opt.sinks.empty() ? -std::numeric_limits<float>::infinity()
+                                           : static_cast<float>(opt.sinks[static_cast<std::size_t>(h)]);
+      m = std::max(m, sink);
       if (m == -std::numeric_limits<float>::infinity()) continue;
-      float sum = 0.0f;
+      float sum = sink == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(sink - m);
       for (std::int64_t j = 0; j < Sk; ++j)
         if (seen[static_cast<std::size_t>(j)]) {
           p[static_cast<std::size_t>(j)] = std::exp(s[static_cast<std::size_t>(j)] - m);
@@ -414,8 +417,11 @@ SeqOut attend_sequence(const SeqIn& in, std::int64_t b, std::int64_t Hq, std::in
         s[static_cast<std::size_t>(j)] = x;
         m = std::max(m, x);
       }
-      if (m == -kInf) continue;  // no key visible: out 0, lse -inf, probs 0
-      double sum = 0.0;
+      // A sink is one more logit whose value row is zero: it counts in the sum only.
+      const double sink = opt.sinks.empty() ? -kInf : opt.sinks[static_cast<std::size_t>(h)];
+      m = std::max(m, sink);
+      if (m == -kInf) continue;  // no key visible (and no sink): out 0, lse -inf, probs 0
+      double sum = sink == -kInf ? 0.0 : std::exp(sink - m);
       for (std::int64_t j = 0; j < Sk; ++j)
         if (seen[static_cast<std::size_t>(j)]) sum += std::exp(s[static_cast<std::size_t>(j)] - m);
       o.lse[static_cast<std::size_t>(h * Sq + i)] = m + std::log(sum);

@@ -135,6 +135,9 @@ struct RefOptions {
   /// ALiBi slopes: empty, Hq values, or B*Hq values (row-major (B, Hq)).
   std::vector<double> alibi;
   bool alibi_per_batch = false;
+  /// Attention sinks: empty, or Hq values; sinks[h] joins every softmax of head h as one more
+  /// logit with a zero value row (the probs cover the keys only).
+  std::vector<double> sinks;
 
   bool local() const { return window_left >= 0 || window_right >= 0; }
   double slope(std::int64_t b, std::int64_t h, std::int64_t Hq) const;

@@ -423,6 +423,11 @@ TEST(Errors, KVCache) {
   KV_CASE(0, DeviceError, (N{"k_cache"}), "k_cache on cuda:0",
           f.a.k_cache.device = (fastattn::Device{fastattn::DeviceType::kCUDA, 0}));
   KV_CASE(0, ValueError, (N{"lse"}), "lse shape", f.a.lse = f.add(HostTensor(DType::kFloat32, {2, 1, 4})).view());
+  KV_CASE(0, ValueError, (N{"sinks"}), "sinks of 3 heads vs q's 4", f.a.sinks = f.add(HostTensor(DType::kFloat32, {3})).view());
+  KV_CASE(0, TypeError, (N{"sinks"}), "sinks float16", f.a.sinks = f.add(HostTensor(DType::kFloat16, {4})).view());
+  KV_CASE(0, DeviceError, (N{"sinks"}), "sinks on cuda:0",
+          (f.a.sinks = f.add(HostTensor(DType::kFloat32, {4})).view(),
+           f.a.sinks->device = (fastattn::Device{fastattn::DeviceType::kCUDA, 0})));
   KV_CASE(1, ValueError, (N{"block_table"}), "kvcache block_table page index out of range",
           f.a.block_table = f.add(fa_ref::int_tensor_shaped({5, 2, 0, 6}, {2, 2})).view());
   KV_CASE(1, ValueError, (N{"cache_seqlens", "block_table", "k_cache"}), "paged append beyond the row's pages (8 + 1 > 2 * 4)",

@@ -192,6 +192,7 @@ KVSetup build(const KVCase& c0, std::mt19937_64& rng) {
   s.out.poison();
   s.lse.poison();
   c.opts.make_alibi(B, c.Hq, rng);
+  c.opts.make_sinks(c.Hq, rng);
 
   auto& a = s.args;
   a.q = s.q.view();
@@ -228,6 +229,7 @@ KVSetup build(const KVCase& c0, std::mt19937_64& rng) {
   a.num_splits = c.num_splits;
   a.out = s.out.view();
   if (c.lse) a.lse = s.lse.view();
+  a.sinks = c.opts.sinks_view();
   a.options = c.opts.lib();
   if (c.workspace) {
     const std::size_t bytes = fastattn::kvcache_workspace_bytes(a);
@@ -424,6 +426,36 @@ TEST_P(KVCacheDtype, NumSplits) {
       c.Sq = rand_int(rng, 1, 2);
       c.Snew = rand_int(rng, 0, 2);
       c.opts = random_opts(rng);
+      c.workspace = rand_int(rng, 0, 1) == 1;
+      run_kvcache(c, rng);
+    }
+  }
+}
+
+TEST_P(KVCacheDtype, Sinks) {
+  // Attention sinks (one more logit per head, zero values) with one split, several (the combine
+  // folds them in) and the heuristic's, each cache form, an empty row among ragged ones (out 0,
+  // lse = the sink), random options, a strided sinks view; against the reference's softmax with
+  // the sink as one more term.
+  FA_SEEDED_RNG(rng);
+  for (int splits : {1, 3, 0}) {
+    for (CacheKind kind : {CacheKind::kContiguous, CacheKind::kBlockTable, CacheKind::kCsr}) {
+      KVCase c;
+      c.dtype = GetParam();
+      c.num_splits = splits;
+      c.kind = kind;
+      c.page_size = pick(rng, std::vector<std::int64_t>{1, 16, 64});
+      c.B = 3;
+      c.Hkv = rand_int(rng, 1, 2);
+      c.Hq = c.Hkv * pick(rng, std::vector<std::int64_t>{1, 4});
+      c.D = pick(rng, std::vector<std::int64_t>{64, 128});
+      c.seqlens = {rand_int(rng, 1, 300), 0, rand_int(rng, 1, 300)};
+      c.max_cached = 300;
+      c.Sq = rand_int(rng, 1, 2);
+      c.Snew = 0;
+      c.opts = random_opts(rng);
+      c.opts.sinks = true;
+      c.lse = rand_int(rng, 0, 1) == 1;
       c.workspace = rand_int(rng, 0, 1) == 1;
       run_kvcache(c, rng);
     }

@@ -66,11 +66,15 @@ struct Opts {
   int alibi = 0;  ///< 0 none, 1 (Hq), 2 (B, Hq)
   std::shared_ptr<HostTensor> alibi_tensor;
   std::vector<double> alibi_values;
+  bool sinks = false;  ///< attention sinks (KVCacheArgs::sinks), drawn by make_sinks
+  std::shared_ptr<HostTensor> sinks_tensor;  ///< (Hq, 2): the sinks are column 0 (a stride of 2)
+  std::vector<double> sink_values;
 
   std::string str() const {
     std::ostringstream s;
     s << "scale=" << (scale ? std::to_string(*scale) : "default") << " causal=" << causal
-      << " window=(" << left << "," << right << ") softcap=" << softcap << " alibi=" << alibi;
+      << " window=(" << left << "," << right << ") softcap=" << softcap << " alibi=" << alibi
+      << " sinks=" << sinks;
     return s.str();
   }
   /// Draw the ALiBi slopes (needs B and Hq); call before lib()/ref() when alibi != 0.
@@ -84,6 +88,22 @@ struct Opts {
       alibi_tensor->set(i, rand_real(rng, 0.0, 0.5));
       alibi_values.push_back(alibi_tensor->get(i));
     }
+  }
+  /// Draw the sinks (needs Hq), around the scores' scale so that they matter; call before
+  /// sinks_view()/ref() when sinks is set.
+  void make_sinks(std::int64_t Hq, std::mt19937_64& rng) {
+    if (!sinks) return;
+    sinks_tensor = std::make_shared<HostTensor>(DType::kFloat32, std::vector<std::int64_t>{Hq, 2});
+    sink_values.clear();
+    for (std::int64_t i = 0; i < 2 * Hq; ++i) sinks_tensor->set(i, rand_real(rng, -4.0, 4.0));
+    for (std::int64_t h = 0; h < Hq; ++h) sink_values.push_back(sinks_tensor->get(2 * h));
+  }
+  /// The sinks as the library takes them: a 1-d view of stride 2.
+  std::optional<fastattn::TensorView> sinks_view() const {
+    if (!sinks_tensor) return std::nullopt;
+    fastattn::TensorView v = sinks_tensor->view();
+    v.ndim = 1;
+    return v;
   }
   fastattn::AttentionOptions lib() const {
     fastattn::AttentionOptions o;
@@ -105,6 +125,7 @@ struct Opts {
     r.softcap = static_cast<double>(static_cast<float>(softcap));
     r.alibi = alibi_values;
     r.alibi_per_batch = alibi == 2;
+    r.sinks = sink_values;
     return r;
   }
 };

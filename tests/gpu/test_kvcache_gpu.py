@@ -294,12 +294,12 @@ def build_case(rng, dtype, cfg):
                 kw=kw, splits=c["splits"], plan=plan, guards=guards, make_out=make_out)
 
 
-def kvcache_call(case, out):
+def kvcache_call(case, out, **extra):
     return flash_attn_with_kvcache(
         case.q, case.kc, case.vc, case.k_new, case.v_new, rotary_cos=case.cos, rotary_sin=case.sin,
         cache_seqlens=case.seqlens_arg, cache_batch_idx=case.batch_idx, cache_leftpad=case.leftpad,
         block_table=case.bt, rotary_interleaved=case.interleaved, num_splits=case.splits,
-        return_softmax_lse=True, out=out, split_plan=case.plan, **case.kw)
+        return_softmax_lse=True, out=out, split_plan=case.plan, **case.kw, **extra)
 
 
 def c_kwargs(case, out, lse):
@@ -1003,6 +1003,50 @@ def test_sm90_kernel_form(seed, dtype, kernel, config, monkeypatch):
     out, lse, _ = run_case(case)
     if case.c["empty"]:
         assert bool((out == 0).all()) and bool(torch.isneginf(lse).all())
+
+
+# Attention sinks (sinks=) are folded into a row where it is finished: in every kernel form's
+# one-split stores and the cluster merge's (decode_store_output4_at), and in the combine kernel.
+# Every configuration of the per-head kernel, with and without clusters (the combine kernel), and
+# of each kernel form.
+SINKS_SWITCHES = dict(KERNEL_SWITCHES, per_head_unclustered={"FASTATTN_DECODE_CLUSTER": "0"})
+SINKS_CASES = [(kernel, name) for kernel in ("per_head", "per_head_unclustered") for name in CONFIGS] + \
+    KERNEL_FORM_CASES
+
+
+def fold_sinks(out, lse, sinks):
+    """(out (B, Sq, Hq, D), lse (B, Hq, Sq)) of attention without sinks -> with them, in float64 by
+    their definition: one more logit sinks[h] per softmax with a zero value row, so lse' =
+    log(exp(lse) + exp(sink)) and out' = out * exp(lse - lse') (0 where lse is -inf)."""
+    lse64 = lse.to(torch.float64)
+    merged = torch.logaddexp(lse64, sinks.to(torch.float64)[None, :, None])
+    weight = torch.where(torch.isneginf(lse64), torch.zeros_like(lse64), torch.exp(lse64 - merged))
+    return out.to(torch.float64) * weight.transpose(1, 2)[..., None], merged
+
+
+@pytest.mark.parametrize("kernel,config", SINKS_CASES, ids=[f"{k}-{c}" for k, c in SINKS_CASES])
+def test_sinks(seed, kernel, config, monkeypatch):
+    """sinks= (a strided (Hq) float32 view) on each kernel form against the float32 reference with
+    the sinks folded in by their definition; poisoned outputs, two runs bitwise equal, the cache
+    checks of run_case; rows with no key get out 0 and LSE sinks[h]."""
+    for name, value in SINKS_SWITCHES[kernel].items():
+        monkeypatch.setenv(name, value)
+    configs = CONFIGS if kernel.startswith("per_head") else KERNEL_FORM_CONFIGS[kernel]
+    case = build_case(seed, torch.bfloat16, configs[config])
+    hq = case.q.shape[2]
+    sinks = (torch.randn(hq, 2, device=DEV) * 3)[:, 0]
+    before = snapshot(case)
+    out, lse = run_twice(lambda o: kvcache_call(case, o, sinks=sinks), case.make_out)
+    ref = reference(case, *before)
+    ref_out, ref_lse = fold_sinks(ref.out, ref.lse, sinks)
+    naive_out, naive_lse = fold_sinks(ref.out_naive, ref.lse_naive, sinks)
+    naive_out = naive_out.to(out.dtype).to(torch.float64)  # stored in the dtype, as the op's is
+    R.assert_out_close("out", out, ref_out, naive_out, factor=3.0)
+    atol = 1e-3 + (3.0 * R.max_finite_error(naive_lse, ref_lse) if ref.rotary_dim else 0.0)
+    R.assert_lse_close("softmax_lse", lse, ref_lse.float(), atol=atol)
+    check_cache(case, *before, ref)
+    if case.c["empty"]:
+        assert bool((out == 0).all()) and torch.equal(lse, sinks[None, :, None].expand_as(lse))
 
 
 # The tile order (README "GPU decode"): the sm_90 kernels walk a split of a contiguous cache that

@@ -28,10 +28,11 @@ def raw_bytes(x):
 #   B batch, Sq query rows, Snew appended rows (0: no k / v), Hq / Hkv heads, D head_dim,
 #   paged page size (None: contiguous cache), rotary None / "interleaved" / "neox",
 #   rotary_fraction of head_dim rotated, batch_idx (cache rows permuted, more rows than batch),
-#   leftpad, seqlens_int (cache_seqlens as a Python int), causal, window, alibi, softcap, splits.
+#   leftpad, seqlens_int (cache_seqlens as a Python int), causal, window, alibi, softcap, splits,
+#   sinks (attention sinks, one per query head).
 BASE = dict(B=3, Sq=1, Snew=1, Hq=8, Hkv=2, D=64, paged=None, rotary=None, rotary_fraction=1.0,
             batch_idx=False, leftpad=False, seqlens_int=False, causal=False, window=False,
-            alibi=False, softcap=False, splits=0, cache_len=96)
+            alibi=False, softcap=False, splits=0, cache_len=96, sinks=False)
 
 CONFIGS = {
     "decode": {},
@@ -66,6 +67,9 @@ CONFIGS = {
     "everything": dict(paged=16, rotary="interleaved", rotary_fraction=0.5, batch_idx=True,
                        leftpad=True, causal=True, window=True, alibi=True, softcap=True,
                        splits=3, Sq=3, Snew=3, cache_len=160),
+    "sinks": dict(sinks=True, Snew=0),
+    "sinks_splits3_paged16": dict(sinks=True, paged=16, splits=3, Sq=2, Snew=2, causal=True,
+                                  softcap=True, window=True, cache_len=200),
 }
 
 
@@ -122,6 +126,9 @@ def build_case(rng, dtype, cfg):
         kw["alibi_slopes"] = alibi_slopes(rng, (B, Hq))
     if c["softcap"]:
         kw["softcap"] = float(rng.uniform(0.5, 3.0))
+    if c["sinks"]:
+        sinks = (rng.standard_normal(Hq) * 3).astype(np.float32)
+        kw["sinks"] = torch.from_numpy(sinks) if dtype == "bfloat16" else sinks
     return dict(c=c, q=q, q64=q64, knew=knew, vnew=vnew, k64n=k64n, v64n=v64n, kc=kc, vc=vc,
                 kc64=kc64, vc64=vc64, cos=cos, sin=sin, cos64=cos64, sin64=sin64,
                 seqlens=seqlens, leftpad=leftpad, batch_idx=batch_idx, block_table=block_table,
@@ -144,16 +151,36 @@ def run_fastattn(t, return_lse=True):
     return res
 
 
+def _r(x, rnd):
+    return x if rnd is None else rnd(x).astype(np.float64)
+
+
+def with_sinks(out, lse, sinks):
+    """(out (B, Sq, Hq, D), lse (B, Hq, Sq)) of attention without sinks -> with them, by their
+    definition in float64: one more logit sinks[h] per softmax with a zero value row, so
+    lse' = log(exp(lse) + exp(sink)) and out' = out * exp(lse - lse') (0 where lse is -inf)."""
+    s = to64(sinks)[None, :, None]
+    merged = np.logaddexp(lse, s)
+    with np.errstate(invalid="ignore"):
+        weight = np.where(np.isneginf(lse), 0.0, np.exp(lse - merged))
+    return out * weight.transpose(0, 2, 1)[..., None], merged
+
+
 def run_reference(t, dtype, rnd):
     c = t["c"]
     kw = t["kw"]
-    return ref.attention_kvcache(
+    res = ref.attention_kvcache(
         t["q64"], t["kc64"], t["vc64"], t["k64n"], t["v64n"], t["cos64"], t["sin64"],
         interleaved=c["rotary"] != "neox", cache_seqlens=t["seqlens"],
         cache_batch_idx=t["batch_idx"], cache_leftpad=t["leftpad"],
         block_table=t["block_table"], causal=kw.get("causal", False),
         window=kw.get("window_size", (-1, -1)), softcap=kw.get("softcap", 0.0),
         alibi=kw.get("alibi_slopes"), rnd=rnd, store_rnd=ref.rounder(dtype))
+    if "sinks" in kw:
+        out, lse = with_sinks(res[0], res[1], kw["sinks"])
+        # The naive in-dtype computation stores its output in the dtype, after the sink too.
+        res = (_r(out, rnd), lse) + tuple(res[2:])
+    return res
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -240,3 +267,24 @@ def test_repeated_decode_steps(rng):
         assert max_abs(out, o64) <= 1e-5
     assert np.array_equal(kc[:, :6], np.concatenate(ks, axis=1))
     assert np.all(kc[:, 6:] == 0)
+
+
+@pytest.mark.parametrize("sinks,error,message", [
+    (np.zeros(5, np.float32), ValueError, r"sinks.*\(Hq\)"),
+    (np.zeros((1, 4), np.float32), ValueError, r"sinks"),
+    (np.zeros(4, np.float16), TypeError, r"sinks.*float32"),
+])
+def test_sinks_errors(rng, sinks, error, message):
+    """Bad sinks are refused before anything is written: the output and the cache (with an
+    append pending) stay as they were."""
+    B, H, D, S = 2, 4, 32, 16
+    q = rng.standard_normal((B, 1, H, D)).astype(np.float32)
+    k = rng.standard_normal((B, 1, H, D)).astype(np.float32)
+    kc = rng.standard_normal((B, S, H, D)).astype(np.float32)
+    vc = rng.standard_normal((B, S, H, D)).astype(np.float32)
+    before = kc.copy(), vc.copy()
+    out = np.full_like(q, np.nan)
+    with pytest.raises(error, match=message):
+        fastattn.flash_attn_with_kvcache(q, kc, vc, k, k, cache_seqlens=3, out=out, sinks=sinks)
+    assert np.isnan(out).all()
+    assert np.array_equal(kc, before[0]) and np.array_equal(vc, before[1])

@@ -290,7 +290,7 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads, kHeadDim>::kThre
     }
   }
   // Lane c works out where column c goes (divisions by rows and seqlen_q), once.
-  DecodeValueSlot slot{0, 0};
+  DecodeValueSlot slot{0, 0, 0};
   if (lane < columns) {
     const WarpColumn col(kvh0, rows, lane);
     slot = decode_value_slot(p, work, col.kvh, col.pm);
@@ -298,7 +298,8 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads, kHeadDim>::kThre
   __syncwarp();
   const int c4 = lane * 4;
   for (int c = 0; c < columns; ++c) {
-    const DecodeValueSlot at{__shfl_sync(0xffffffffu, slot.value, c), __shfl_sync(0xffffffffu, slot.lse, c)};
+    const DecodeValueSlot at{__shfl_sync(0xffffffffu, slot.value, c), __shfl_sync(0xffffffffu, slot.lse, c),
+                             p.sinks ? __shfl_sync(0xffffffffu, slot.head, c) : 0};
     const float col_lse = __shfl_sync(0xffffffffu, c & 1 ? lse[1] : lse[0], c >> 1);  // lane t = c / 2 holds it
     if (c4 < D)
       decode_store_value4_at<kDtype>(p, work, at, c4, *reinterpret_cast<const float4*>(orows + orow_at(c, c4)),

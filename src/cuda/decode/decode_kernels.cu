@@ -100,8 +100,9 @@ __global__ void append_rotary_kernel(const DecodeParams p) {
   }
 }
 
-/// Block (i, h, b): merges the num_splits partial states of query row i of head h into out and
-/// LSE with MergeAccumulator (empty states, LSE -inf, merge exactly and never give NaN). The
+/// Block (i, h, b): merges the num_splits partial states of query row i of head h, and its sink
+/// if any, into out and LSE with MergeAccumulator (empty states, LSE -inf, merge exactly and never
+/// give NaN). The
 /// first warp reduces the splits' LSEs in parallel (one accumulator per lane, then merged) and
 /// leaves each split's weight in shared memory. Then the four warps take every fourth split
 /// each, a lane four columns (one 16-byte load per split, all of a thread's loads in flight
@@ -156,7 +157,12 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
     MergeAccumulator acc;
     acc.init();
     float rescale, weight;
-    for (int s = lane; s < num_splits; s += 32) acc.add(p.partial_lse[state0 + s * split_stride], &rescale, &weight);
+    // A sink is one more state, after the splits', of zero values: it counts in the weights and
+    // the LSE only.
+    const int states = num_splits + (p.sinks ? 1 : 0);
+    for (int s = lane; s < states; s += 32)
+      acc.add(s < num_splits ? p.partial_lse[state0 + s * split_stride] : p.sinks[h * p.sinks_stride], &rescale,
+              &weight);
     for (int offset = 16; offset > 0; offset /= 2) {
       MergeAccumulator other;
       other.m = __shfl_xor_sync(0xffffffffu, acc.m, offset);

@@ -43,6 +43,10 @@ struct DecodeParams {
   std::int64_t out_batch_stride = 0, out_row_stride = 0, out_head_stride = 0;
   float* lse = nullptr;
   std::int64_t lse_batch_stride = 0, lse_head_stride = 0, lse_row_stride = 0;
+  /// Attention sinks (Hq) float32 at element stride sinks_stride, or null: folded into each
+  /// finished row (decode_store_output4_at, combine_kernel) as one more logit with zero values.
+  const float* sinks = nullptr;
+  std::int64_t sinks_stride = 0;
 
   // The caches. Contiguous: slot s of cache row r at r * batch_stride + s * row_stride; paged:
   // page = pages_r[s / page_size] at page * batch_stride + (s % page_size) * row_stride. Plus

@@ -12,6 +12,7 @@
 
 #include <cute/arch/copy_sm75.hpp>
 
+#include "common/softmax_state.h"
 #include "cuda/decode/decode_common.cuh"
 #include "cuda/prefill/prefill_kernel.cuh"
 
@@ -234,10 +235,11 @@ constexpr int decode_merge_bytes() {
 }
 
 /// Where packed row pm of (b, kvh) is stored: the element offset of its value 0 and the index of
-/// its LSE. A kernel that stores many chunks of a row works this out once per row (it divides by
-/// seqlen_q), or once per lane and hands it round by shuffles.
+/// its LSE, and its query head (for its sink). A kernel that stores many chunks of a row works this
+/// out once per row (it divides by seqlen_q), or once per lane and hands it round by shuffles.
 struct DecodeValueSlot {
   std::int64_t value, lse;
+  int head;
 };
 
 /// Packed row pm of KV head kvh: query row i (< seqlen_q) of query head h.
@@ -253,7 +255,7 @@ struct DecodeQueryRow {
 __device__ __forceinline__ DecodeValueSlot decode_output_slot(const DecodeParams& p, int b, int kvh, int pm) {
   const DecodeQueryRow q(p, kvh, pm);
   return {b * p.out_batch_stride + std::int64_t(q.i) * p.out_row_stride + std::int64_t(q.h) * p.out_head_stride,
-          b * p.lse_batch_stride + std::int64_t(q.h) * p.lse_head_stride + std::int64_t(q.i) * p.lse_row_stride};
+          b * p.lse_batch_stride + std::int64_t(q.h) * p.lse_head_stride + std::int64_t(q.i) * p.lse_row_stride, q.h};
 }
 
 /// With one split the row's place in out and lse; with several, the work's partial state's in
@@ -263,15 +265,22 @@ __device__ __forceinline__ DecodeValueSlot decode_value_slot(const DecodeParams&
   if (w.splits == 1) return decode_output_slot(p, w.b, kvh, pm);
   const DecodeQueryRow q(p, kvh, pm);
   const std::int64_t state = (std::int64_t(w.state_row) * p.heads_q + q.h) * p.seqlen_q + q.i;
-  return {state * p.head_dim, state};
+  return {state * p.head_dim, state, q.h};
 }
 
-/// Stores values v (columns c .. c + 3) of the row at `at` (decode_output_slot) into out and, from
-/// column 0, its LSE into lse (when asked for): one 8-byte store where aligned.
+/// Stores values v (columns c .. c + 3) of the finished row at `at` (decode_output_slot) into out
+/// and, from column 0, its LSE into lse (when asked for): one 8-byte store where aligned. With
+/// sinks, the row's sink is folded in first: the state (0, sinks[h]) merged with (v, lse). Every
+/// thread that stores a chunk of the row works out the same weight from the same inputs.
 template <Dtype kDtype>
 __device__ __forceinline__ void decode_store_output4_at(const DecodeParams& p, const DecodeValueSlot& at, int c,
                                                         float4 v, float lse) {
   using T = typename Elem<kDtype>::T;
+  if (p.sinks) {
+    const MergeWeights w = merge_weights(lse, p.sinks[at.head * p.sinks_stride]);
+    v.x *= w.w_a, v.y *= w.w_a, v.z *= w.w_a, v.w *= w.w_a;
+    lse = w.lse;
+  }
   Elem<kDtype>::store4(static_cast<T*>(p.out) + at.value + c, v);
   if (p.lse && c == 0) p.lse[at.lse] = lse;
 }
