@@ -289,21 +289,34 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads, kHeadDim>::kThre
       }
     }
   }
-  // Lane c works out where column c goes (divisions by rows and seqlen_q), once.
+  // Lane c works out where column c goes (divisions by rows and seqlen_q) and takes column c's LSE
+  // (lane c / 2 holds it), once. With sinks on a finished column, lane c also folds column c's sink
+  // into its LSE once, and the loop hands round the weight with it: a lane folding all eight
+  // columns in turn cost 0.5 us on a CTA's tail (bench/NOTES.md, session 75).
   DecodeValueSlot slot{0, 0, 0};
   if (lane < columns) {
     const WarpColumn col(kvh0, rows, lane);
     slot = decode_value_slot(p, work, col.kvh, col.pm);
   }
+  const float lse_even = __shfl_sync(0xffffffffu, lse[0], lane >> 1), lse_odd = __shfl_sync(0xffffffffu, lse[1], lane >> 1);
+  float own_lse = lane & 1 ? lse_odd : lse_even, own_weight = 1.0f;
+  const bool fold = p.sinks && work.splits == 1;
+  if (fold && lane < columns) {
+    const MergeWeights w = merge_weights(own_lse, p.sinks[slot.head * p.sinks_stride]);
+    own_lse = w.lse;
+    own_weight = w.w_a;
+  }
   __syncwarp();
   const int c4 = lane * 4;
   for (int c = 0; c < columns; ++c) {
-    const DecodeValueSlot at{__shfl_sync(0xffffffffu, slot.value, c), __shfl_sync(0xffffffffu, slot.lse, c),
-                             p.sinks ? __shfl_sync(0xffffffffu, slot.head, c) : 0};
-    const float col_lse = __shfl_sync(0xffffffffu, c & 1 ? lse[1] : lse[0], c >> 1);  // lane t = c / 2 holds it
-    if (c4 < D)
-      decode_store_value4_at<kDtype>(p, work, at, c4, *reinterpret_cast<const float4*>(orows + orow_at(c, c4)),
-                                     col_lse);
+    const DecodeValueSlot at{__shfl_sync(0xffffffffu, slot.value, c), __shfl_sync(0xffffffffu, slot.lse, c), 0};
+    const float col_lse = __shfl_sync(0xffffffffu, own_lse, c);
+    const float col_weight = fold ? __shfl_sync(0xffffffffu, own_weight, c) : 1.0f;
+    if (c4 < D) {
+      float4 v = *reinterpret_cast<const float4*>(orows + orow_at(c, c4));
+      if (fold) v.x *= col_weight, v.y *= col_weight, v.z *= col_weight, v.w *= col_weight;
+      decode_store_value4_at<kDtype, false>(p, work, at, c4, v, col_lse);
+    }
   }
 #endif
 }

@@ -270,13 +270,14 @@ __device__ __forceinline__ DecodeValueSlot decode_value_slot(const DecodeParams&
 
 /// Stores values v (columns c .. c + 3) of the finished row at `at` (decode_output_slot) into out
 /// and, from column 0, its LSE into lse (when asked for): one 8-byte store where aligned. With
-/// sinks, the row's sink is folded in first: the state (0, sinks[h]) merged with (v, lse). Every
-/// thread that stores a chunk of the row works out the same weight from the same inputs.
-template <Dtype kDtype>
+/// sinks (and kFoldSink: false where the caller has folded them), the row's sink is folded in
+/// first: the state (0, sinks[h]) merged with (v, lse). Every thread that stores a chunk of the row
+/// works out the same weight from the same inputs.
+template <Dtype kDtype, bool kFoldSink = true>
 __device__ __forceinline__ void decode_store_output4_at(const DecodeParams& p, const DecodeValueSlot& at, int c,
                                                         float4 v, float lse) {
   using T = typename Elem<kDtype>::T;
-  if (p.sinks) {
+  if (kFoldSink && p.sinks) {
     const MergeWeights w = merge_weights(lse, p.sinks[at.head * p.sinks_stride]);
     v.x *= w.w_a, v.y *= w.w_a, v.z *= w.w_a, v.w *= w.w_a;
     lse = w.lse;
@@ -292,11 +293,11 @@ __device__ __forceinline__ void decode_store_output4(const DecodeParams& p, int 
 
 /// decode_store_output4_at for a work of one split; with several, into its partial state at `at`
 /// (decode_value_slot; one 16-byte store, the workspace rows being 16-byte aligned).
-template <Dtype kDtype>
+template <Dtype kDtype, bool kFoldSink = true>
 __device__ __forceinline__ void decode_store_value4_at(const DecodeParams& p, const DecodeWork& w,
                                                        const DecodeValueSlot& at, int c, float4 v, float lse) {
   if (w.splits == 1) {
-    decode_store_output4_at<kDtype>(p, at, c, v, lse);
+    decode_store_output4_at<kDtype, kFoldSink>(p, at, c, v, lse);
   } else {
     *reinterpret_cast<float4*>(p.partial_o + at.value + c) = v;
     if (c == 0) p.partial_lse[at.lse] = lse;
