@@ -7,7 +7,7 @@ ids in the block table, empty caches, decode through flash_attn_varlen_func with
 split plans (a count per sequence, one padded with -1 items, and one with entries out of range), CSR
 page lists (with the max_cache_seqlen hint), csr_to_block_table over lists in and out of range, and
 three calls each through the sm_90 head-group kernel and the sm_90 kernel's head-pair form (at
-head_dim 128 and 64) and head-quad form.
+head_dim 128 and 64) and head-quad form, and attention sinks on each place that folds them.
 Each call runs twice into NaN-poisoned buffers and, unless --no-check, is compared with the float64
 reference and the caches are checked (as tests/gpu/test_kvcache_gpu.py does). No guard memory
 around the caches here, so that memcheck sees each cache's own allocation bounds.
@@ -33,6 +33,10 @@ T.GUARD = 0  # caches in their own allocations (PYTORCH_NO_CUDA_MEMORY_CACHING=1
 
 def kvcache(rng, check, dtype, cfg):
     T.run_case(T.build_case(rng, dtype, cfg), check)
+
+
+def sinks(rng, check, dtype, cfg):
+    T.run_sinks_case(T.build_case(rng, dtype, cfg), check)
 
 
 def bad_page_ids(rng, check, where, heads_kv=2, head_dim=128):
@@ -76,6 +80,7 @@ head_group_rows = with_switches(T.KERNEL_SWITCHES["head_group_rows"])  # its tok
 head_pair = with_switches(T.KERNEL_SWITCHES["head_pair"])    # the sm_90 kernel's head-pair form
 head_pair_d64 = with_switches(T.KERNEL_SWITCHES["head_pair_d64"])  # ... at head_dim 64
 head_quad = with_switches(T.KERNEL_SWITCHES["head_quad"])    # its head-quad form (head_dim 64)
+unclustered = with_switches({"FASTATTN_DECODE_CLUSTER": "0"})  # splits merged by the combine kernel
 
 
 def varlen_decode(rng, check, dtype, page_size):
@@ -153,6 +158,18 @@ def cases():
         yield f"{form}: contiguous, ragged long", run, (kvcache, F16, dict(
             B=2, Hq=32, Hkv=max(8, hkv), D=d, lens=[7999, 3000], cache_len=8000))
         yield f"{form}: out-of-range page ids (reads)", run, (bad_page_ids, "read_pages", hkv, d)
+    # attention sinks, folded where a row is finished: one split, the cluster merge, the combine
+    # kernel, a split plan, and each head-group form's per-column fold
+    yield "sinks: one split, paged 16", sinks, (B16, dict(page=16, lens="ragged", Snew=0))
+    yield "sinks: cluster merge, batch 1, 8 heuristic splits", sinks, (B16, dict(
+        B=1, Hq=32, Hkv=8, cache_len=1024, lens=[1023]))
+    yield "sinks: combine kernel, 7 splits", unclustered, (sinks, F16, dict(page=16, splits=7, cache_len=3000))
+    yield "sinks: split plan paged16 everything", sinks, (B16, T.CONFIGS["plan_everything_paged16"])
+    yield "sinks: head-group wide form d64, 3 splits", head_group_wide_d64, (sinks, B16, dict(
+        Hq=64, Hkv=8, D=64, page=16, splits=3))
+    yield "sinks: head-group token-row form", head_group_rows, (sinks, B16, dict(Hq=32, Hkv=32, page=16))
+    yield "sinks: head-group kernel, empty", head_group, (sinks, B16, dict(
+        Hq=16, Hkv=4, lens="zeros", Snew=0, page=16, empty=True))
     # the wide form at head_dim 64 over heads_kv 32 (four CTAs a sequence; the heuristic's at MHA batch 32)
     yield "head-group wide form d64: MHA, ragged, paged 16", head_group_wide_d64, (kvcache, B16, dict(
         B=3, Hq=32, Hkv=32, D=64, page=16, cache_len=600, lens="ragged", Sq=2, Snew=2, opt="causal"))

@@ -1024,19 +1024,16 @@ def fold_sinks(out, lse, sinks):
     return out.to(torch.float64) * weight.transpose(1, 2)[..., None], merged
 
 
-@pytest.mark.parametrize("kernel,config", SINKS_CASES, ids=[f"{k}-{c}" for k, c in SINKS_CASES])
-def test_sinks(seed, kernel, config, monkeypatch):
-    """sinks= (a strided (Hq) float32 view) on each kernel form against the float32 reference with
-    the sinks folded in by their definition; poisoned outputs, two runs bitwise equal, the cache
-    checks of run_case; rows with no key get out 0 and LSE sinks[h]."""
-    for name, value in SINKS_SWITCHES[kernel].items():
-        monkeypatch.setenv(name, value)
-    configs = CONFIGS if kernel.startswith("per_head") else KERNEL_FORM_CONFIGS[kernel]
-    case = build_case(seed, torch.bfloat16, configs[config])
+def run_sinks_case(case, check=True):
+    """case's call with sinks= (a strided (Hq) float32 view) into poisoned outputs, twice (bitwise
+    equal); with `check`, against the float32 reference with the sinks folded in by their definition,
+    the cache checks of run_case, and rows with no key at out 0 and LSE sinks[h]."""
     hq = case.q.shape[2]
     sinks = (torch.randn(hq, 2, device=DEV) * 3)[:, 0]
-    before = snapshot(case)
+    before = snapshot(case) if check else None
     out, lse = run_twice(lambda o: kvcache_call(case, o, sinks=sinks), case.make_out)
+    if not check:
+        return
     ref = reference(case, *before)
     ref_out, ref_lse = fold_sinks(ref.out, ref.lse, sinks)
     naive_out, naive_lse = fold_sinks(ref.out_naive, ref.lse_naive, sinks)
@@ -1047,6 +1044,15 @@ def test_sinks(seed, kernel, config, monkeypatch):
     check_cache(case, *before, ref)
     if case.c["empty"]:
         assert bool((out == 0).all()) and torch.equal(lse, sinks[None, :, None].expand_as(lse))
+
+
+@pytest.mark.parametrize("kernel,config", SINKS_CASES, ids=[f"{k}-{c}" for k, c in SINKS_CASES])
+def test_sinks(seed, kernel, config, monkeypatch):
+    """sinks= on each kernel form (run_sinks_case)."""
+    for name, value in SINKS_SWITCHES[kernel].items():
+        monkeypatch.setenv(name, value)
+    configs = CONFIGS if kernel.startswith("per_head") else KERNEL_FORM_CONFIGS[kernel]
+    run_sinks_case(build_case(seed, torch.bfloat16, configs[config]))
 
 
 # The tile order (README "GPU decode"): the sm_90 kernels walk a split of a contiguous cache that
