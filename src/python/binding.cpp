@@ -168,9 +168,8 @@ fastattn::KVCacheArgs make_kvcache_args(
     nb::handle cache_leftpad, nb::handle block_table, nb::handle page_indptr,
     nb::handle page_indices, int num_splits, nb::handle split_plan, std::int64_t max_cache_seqlen,
     nb::handle out, nb::handle lse, nb::handle sinks, std::optional<float> softmax_scale, bool causal,
-    std::int64_t window_left,
-    std::int64_t window_right, float softcap, nb::handle alibi_slopes, std::uintptr_t cuda_stream,
-    int num_threads, Keep& keep) {
+    std::int64_t window_left, std::int64_t window_right, float softcap, nb::handle alibi_slopes,
+    std::uintptr_t cuda_stream, int num_threads, Keep& keep) {
   fastattn::KVCacheArgs a;
   a.q = in_view(q, "q", keep);
   // The caches are written in place (when k / v are given), so they must be writable.

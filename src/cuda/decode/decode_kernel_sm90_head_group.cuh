@@ -298,7 +298,8 @@ __global__ void __launch_bounds__(DecodeHeadGroupConfig<kHeads, kHeadDim>::kThre
     const WarpColumn col(kvh0, rows, lane);
     slot = decode_value_slot(p, work, col.kvh, col.pm);
   }
-  const float lse_even = __shfl_sync(0xffffffffu, lse[0], lane >> 1), lse_odd = __shfl_sync(0xffffffffu, lse[1], lane >> 1);
+  const float lse_even = __shfl_sync(0xffffffffu, lse[0], lane >> 1);
+  const float lse_odd = __shfl_sync(0xffffffffu, lse[1], lane >> 1);
   float own_lse = lane & 1 ? lse_odd : lse_even, own_weight = 1.0f;
   const bool fold = p.sinks && work.splits == 1;
   if (fold && lane < columns) {

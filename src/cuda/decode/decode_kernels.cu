@@ -102,10 +102,9 @@ __global__ void append_rotary_kernel(const DecodeParams p) {
 
 /// Block (i, h, b): merges the num_splits partial states of query row i of head h, and its sink
 /// if any, into out and LSE with MergeAccumulator (empty states, LSE -inf, merge exactly and never
-/// give NaN). The
-/// first warp reduces the splits' LSEs in parallel (one accumulator per lane, then merged) and
-/// leaves each split's weight in shared memory. Then the four warps take every fourth split
-/// each, a lane four columns (one 16-byte load per split, all of a thread's loads in flight
+/// give NaN). The first warp reduces the splits' LSEs in parallel (one accumulator per lane, then
+/// merged) and leaves each split's weight in shared memory. Then the four warps take every fourth
+/// split each, a lane four columns (one 16-byte load per split, all of a thread's loads in flight
 /// together), and sum their shares through shared memory. (One thread per column walking all
 /// splits paid one dependent round trip per 8 splits: ~6 us at 33 splits.) With kPreload > 0 each
 /// thread issues its first kPreload state loads before the LSE pass, so that their round trip
