@@ -193,7 +193,7 @@ def test_sinks(seed, dtype, group, d):
         naive, naive_lse = b.reference(True)
         ref, ref_lse = with_sinks(ref, ref_lse, sinks)
         naive, _ = with_sinks(naive, naive_lse, sinks)
-        naive = naive.to(dtype).to(torch.float64)  # an in-dtype computation stores its output so
+        naive = naive.to(dtype).to(torch.float64)  # an in-dtype computation stores its output in the dtype
         R.assert_out_close("out", out, ref, naive, factor=FACTOR)
         R.assert_lse_close("lse", lse, ref_lse.float())
         R.assert_bitwise_equal("out without lse", plain, out)
