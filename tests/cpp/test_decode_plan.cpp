@@ -74,8 +74,17 @@ double one_count_estimate(const Lens& lens, int s, int heads, int sms, const fas
          r.tail_weight * (double(up(longest, s)) + r.cta_cost_keys);
 }
 
-/// One count for the batch, written out: the fewest S within the tolerance of the best.
+/// Whether the lengths are near-uniform: longest x batch <= balanced_ratio x their sum.
+bool near_uniform(const Lens& lens, const fastattn::DecodeSplitRule& r) {
+  std::int64_t total = 0, longest = 0;
+  for (auto n : lens) total += n, longest = std::max(longest, n);
+  return double(longest) * double(lens.size()) <= r.balanced_ratio * double(total);
+}
+
+/// One count for the batch, written out: 0 (the capacity heuristic) for near-uniform lengths, else
+/// the fewest S within the tolerance of the best.
 int written_out_uniform(const Lens& lens, int heads, int sms, const fastattn::DecodeSplitRule& r) {
+  if (near_uniform(lens, r)) return 0;
   std::vector<double> est;
   for (int s = 1; s <= r.max_splits; ++s) est.push_back(one_count_estimate(lens, s, heads, sms, r));
   const double best = *std::min_element(est.begin(), est.end());
@@ -84,7 +93,8 @@ int written_out_uniform(const Lens& lens, int heads, int sms, const fastattn::De
   return -1;
 }
 
-/// 2-300 sequences of 0-4095 keys, one to three of them 8k-300k (a ragged batch).
+/// 2-300 sequences of 0-4095 keys, one to three of them 8k-300k: a ragged batch, or now and then
+/// (two or three sequences, all long) a near-uniform one.
 Lens long_among_short(std::mt19937_64& rng) {
   Lens lens(static_cast<std::size_t>(rand_int(rng, 2, 300)));
   for (auto& n : lens) n = rand_int(rng, 0, 4095);
@@ -129,6 +139,11 @@ TEST(DecodePlan, CountsPerSequenceAreTheWrittenOutChoice) {
     Counts got(lens.size(), -7);
     const bool plan = fastattn::decode_split_counts_for_lengths(lens.data(), std::int64_t(lens.size()), heads, 132,
                                                                 got.data(), r);
+    if (near_uniform(lens, r)) {  // one count serves it: no plan
+      ASSERT_FALSE(plan);
+      ASSERT_EQ(got, Counts(lens.size(), -7));  // untouched
+      continue;
+    }
     // A plan or one count, both with tail_weight; the plan's chunk then with plan_tail_weight.
     const Choice against = written_out_choice(lens, heads, 132, r, false, fastattn::kMaxPlanItems);
     const double one_count = one_count_estimate(lens, written_out_uniform(lens, heads, 132, r), heads, 132, r);
