@@ -90,9 +90,8 @@ class PagedDecodeRunner {
       k_pages = in_view(pages, "paged_kv_cache[0]", keep);
       v = in_view(v_pages, "paged_kv_cache[1]", keep);
     }
-    const TensorView tout = out_view(out, "out", keep);
-    const std::optional<TensorView> tlse = opt_out(lse, "lse", keep);
-    fastattn::KVCacheArgs a = fastattn::paged_decode_call_args(plan_, tq, k_pages, v, tout, tlse);
+    fastattn::KVCacheArgs a = fastattn::paged_decode_call_args(plan_, tq, k_pages, v, out_view(out, "out", keep),
+                                                               opt_out(lse, "lse", keep));
     if (!sinks.is_none()) {
       a.sinks = in_view(sinks, "sinks", keep);
       fastattn::check_decode_sinks(plan_, tq, *a.sinks);
