@@ -117,7 +117,9 @@ def test_merge_attention_sinks(rng, dtype):
     want_lse = full.max(-1) + np.log(pf.sum(-1))
     v_np = o0.astype(np.float32 if dtype == "bfloat16" else dtype)
     v = torch.from_numpy(v_np.astype(np.float32)).to(torch.bfloat16) if dtype == "bfloat16" else v_np
+    # The naive in-dtype merge: the rounded input scaled in float64, then stored in the dtype.
     naive = to64(v) * np.exp(lse0 - np.logaddexp(lse0, sinks[None]))[..., None]
+    naive = ref.rounder(dtype)(naive).astype(np.float64)
     s = lse0.astype(np.float32)
     if dtype == "bfloat16":
         s = torch.from_numpy(s)
