@@ -5,7 +5,7 @@
 // Shapes below use: B = batch, Sq/Sk = query/key length, Hq/Hkv = query/key-value heads
 // (Hq % Hkv == 0; query head h reads kv head h / (Hq / Hkv)), D = head_dim (8..256, multiple of 8).
 // LSE outputs are float32 natural-log log-sum-exp of the final scores; a row that sees no key
-// gets output 0 and LSE -inf.
+// gets output 0 and LSE -inf (with attention sinks, the sink's logit: see KVCacheArgs::sinks).
 #pragma once
 
 #include <cstddef>
@@ -25,6 +25,9 @@ struct AttentionArgs {
   TensorView out;  ///< (B, Sq, Hq, D), same dtype as q; fully written
   std::optional<TensorView> lse;    ///< (B, Hq, Sq) float32
   std::optional<TensorView> probs;  ///< (B, Hq, Sq, Sk) float32 softmax matrix (testing aid)
+  /// (Hq) float32 attention sinks, any stride, or none: as KVCacheArgs::sinks. probs then holds
+  /// the keys' share of each softmax, which sums to less than 1.
+  std::optional<TensorView> sinks;
   AttentionOptions options;
   ExecConfig exec;
 };
@@ -61,6 +64,9 @@ struct VarlenAttentionArgs {
   TensorView out;                   ///< (total_q, Hq, D)
   std::optional<TensorView> lse;    ///< (Hq, total_q) float32
   std::optional<TensorView> probs;  ///< (B, Hq, max_seqlen_q, max_seqlen_k) float32, zero-padded
+  /// (Hq) float32 attention sinks, any stride, or none: as KVCacheArgs::sinks. Rows past
+  /// cu_seqlens_q[B] see no key, so with sinks they get output 0 and LSE sinks[h].
+  std::optional<TensorView> sinks;
   /// Scratch for split-KV partial results (uint8, at least varlen_workspace_bytes(args)). Used on
   /// CUDA by decode-shaped calls (paged keys, max_seqlen_q == 1, total_q == B, no probs), which
   /// run the split-KV decode kernels; without it they run with one split. Ignored otherwise.

@@ -92,6 +92,15 @@ void lse_output(ArgChecker& c, const std::optional<TensorView>& lse,
   c.shape_is(*lse, "lse", shape, layout);
 }
 
+/// Attention sinks: (Hq) float32 on q's device, any stride.
+void sinks_input(ArgChecker& c, const std::optional<TensorView>& sinks, std::int64_t heads_q) {
+  if (!sinks) return;
+  c.present(*sinks, "sinks");
+  c.on_device(*sinks, "sinks");
+  c.dtype_is(*sinks, "sinks", DType::kFloat32);
+  c.shape_is(*sinks, "sinks", {heads_q}, "(Hq)");
+}
+
 void probs_output(ArgChecker& c, const std::optional<TensorView>& probs,
                   std::initializer_list<std::int64_t> shape, const char* layout) {
   if (!probs) return;
@@ -180,6 +189,7 @@ AttentionDims validate(ArgChecker& c, const AttentionArgs& args) {
   c.shape_is(args.out, "out", {d.batch, d.seqlen_q, d.heads_q, d.head_dim}, "(B, Sq, Hq, D)");
   lse_output(c, args.lse, {d.batch, d.heads_q, d.seqlen_q}, "(B, Hq, Sq)");
   probs_output(c, args.probs, {d.batch, d.heads_q, d.seqlen_q, d.seqlen_k}, "(B, Hq, Sq, Sk)");
+  sinks_input(c, args.sinks, d.heads_q);
   validate_options(c, args.options, d.batch, d.heads_q, d.head_dim);
   validate_exec(c, args.exec);
   return d;
@@ -287,6 +297,7 @@ VarlenDims validate(ArgChecker& c, const VarlenAttentionArgs& args) {
   lse_output(c, args.lse, {d.a.heads_q, d.total_q}, "(Hq, total_q)");
   probs_output(c, args.probs, {d.a.batch, d.a.heads_q, d.a.seqlen_q, d.a.seqlen_k},
                "(B, Hq, max_seqlen_q, max_seqlen_k)");
+  sinks_input(c, args.sinks, d.a.heads_q);
   validate_options(c, args.options, d.a.batch, d.a.heads_q, d.a.head_dim);
   validate_exec(c, args.exec);
   return d;
@@ -396,12 +407,7 @@ KVCacheDims validate(ArgChecker& c, const KVCacheArgs& args) {
   c.same_dtype(args.out, "out", args.q, "q");
   c.shape_is(args.out, "out", {d.a.batch, d.a.seqlen_q, d.a.heads_q, d.a.head_dim}, "(B, Sq, Hq, D)");
   lse_output(c, args.lse, {d.a.batch, d.a.heads_q, d.a.seqlen_q}, "(B, Hq, Sq)");
-  if (args.sinks) {
-    c.present(*args.sinks, "sinks");
-    c.on_device(*args.sinks, "sinks");
-    c.dtype_is(*args.sinks, "sinks", DType::kFloat32);
-    c.shape_is(*args.sinks, "sinks", {d.a.heads_q}, "(Hq)");
-  }
+  sinks_input(c, args.sinks, d.a.heads_q);
   if (args.workspace) {
     c.present(*args.workspace, "workspace");
     c.on_device(*args.workspace, "workspace");

@@ -343,7 +343,8 @@ void combine_splits(const AttnProblem& p, const float* ws_o, const float* ws_lse
 /// recomputed, then exp(s - max) / sum over them. Not exp(s - lse) with the kernel's LSE: the
 /// kernel sums each dot product in another order, so that mixed the two passes' rounding of the
 /// scores (about an ulp of |s|: a lone key with an ALiBi score near 32 got 0.9999962, not 1).
-/// A row with no visible key is all zeros.
+/// A row with no visible key is all zeros. A sink joins the max and the sum as one more score,
+/// so the keys' share sums to less than 1.
 void write_probs(const AttnProblem& p, int nt) {
   const std::int64_t d = p.head_dim;
   const std::int64_t g = p.heads_q / p.heads_kv;
@@ -378,7 +379,9 @@ void write_probs(const AttnProblem& p, int nt) {
           prow[j] = sc;
           m = std::max(m, sc);
         }
-        float sum = 0.0f;
+        const float sink = p.sinks ? p.sinks[h * p.sinks_stride] : -INFINITY;
+        m = std::max(m, sink);
+        float sum = m == -INFINITY ? 0.0f : std::exp(sink - m);
         for (std::int64_t j = 0; j < s.seqlen_k; ++j) {
           prow[j] = m == -INFINITY ? 0.0f : std::exp(prow[j] - m);  // exp(-inf) = 0 where hidden
           sum += prow[j];

@@ -65,6 +65,13 @@ void set_lse(AttnProblem& p, const std::optional<TensorView>& lse) {
   p.lse_row_stride = lse->stride(-1);
 }
 
+/// The attention sinks, if any: folded into each finished row (and into probs' normalisers).
+void set_sinks(AttnProblem& p, const std::optional<TensorView>& sinks) {
+  if (!sinks) return;
+  p.sinks = static_cast<const float*>(sinks->data);
+  p.sinks_stride = sinks->stride(0);
+}
+
 /// The softmax matrix's destination (write_probs fills it after the attention pass).
 void set_probs(AttnProblem& p, const std::optional<TensorView>& probs) {
   if (!probs) return;
@@ -122,6 +129,7 @@ void attention_forward(check::ArgChecker& c, const AttentionArgs& args,
   AttnProblem p = base_problem(args.q, args.out, d.heads_kv, o);
   set_dense_kv(p, args.k, args.v);
   set_lse(p, args.lse);
+  set_sinks(p, args.sinks);
   for (std::int64_t b = 0; b < d.batch; ++b) {
     SeqDesc s;
     s.seqlen_q = d.seqlen_q;
@@ -160,6 +168,7 @@ void varlen_attention_forward(check::ArgChecker& c, const VarlenAttentionArgs& a
   if (args.paged) set_paged_kv(p, args.paged->k_pages, args.paged->v_pages);
   else set_dense_kv(p, *args.k, *args.v);
   set_lse(p, args.lse);
+  set_sinks(p, args.sinks);
   for (std::int64_t b = 0; b < d.a.batch; ++b) {
     SeqDesc s;
     s.seqlen_q = cu_q[b + 1] - cu_q[b];
@@ -211,17 +220,20 @@ void varlen_attention_forward(check::ArgChecker& c, const VarlenAttentionArgs& a
   }
   set_probs(p, args.probs);
   run_attention(p, nullptr, threads(args.exec));
-  clear_unowned_rows(args.out, args.lse, cu_q[d.a.batch], d.total_q);
+  clear_unowned_rows(args.out, args.lse, cu_q[d.a.batch], d.total_q, args.sinks);
 }
 
 void clear_unowned_rows(const TensorView& out, const std::optional<TensorView>& lse,
-                        std::int64_t row_begin, std::int64_t row_end) {
+                        std::int64_t row_begin, std::int64_t row_end,
+                        const std::optional<TensorView>& sinks) {
   const std::int64_t heads = out.size(1), dim = out.size(2);
   const std::size_t row_bytes = static_cast<std::size_t>(dim) * dtype_size(out.dtype);
   for (std::int64_t r = row_begin; r < row_end; ++r)
     for (std::int64_t h = 0; h < heads; ++h) {
       std::memset(elem_ptr(out.data, out.dtype, r * out.stride(0) + h * out.stride(1)), 0, row_bytes);
-      if (lse) static_cast<float*>(lse->data)[h * lse->stride(0) + r * lse->stride(1)] = -INFINITY;
+      if (lse)
+        static_cast<float*>(lse->data)[h * lse->stride(0) + r * lse->stride(1)] =
+            sinks ? static_cast<const float*>(sinks->data)[h * sinks->stride(0)] : -INFINITY;
     }
 }
 
@@ -260,10 +272,7 @@ KVCachePlan plan_kvcache(check::ArgChecker& c, const KVCacheArgs& args, const co
   if (paged) set_paged_kv(p, args.k_cache, args.v_cache);
   else set_dense_kv(p, args.k_cache, args.v_cache);
   set_lse(p, args.lse);
-  if (args.sinks) {
-    p.sinks = static_cast<const float*>(args.sinks->data);
-    p.sinks_stride = args.sinks->stride(0);
-  }
+  set_sinks(p, args.sinks);
 
   std::int64_t max_keys = 0;
   for (std::int64_t b = 0; b < d.a.batch; ++b) {

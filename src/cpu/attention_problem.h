@@ -52,7 +52,7 @@ struct AttnProblem {
   float* lse = nullptr;  ///< optional
   std::int64_t lse_row_stride = 0, lse_head_stride = 0;
   /// Optional attention sinks (heads_q) at stride sinks_stride: one more logit per head with a
-  /// zero value row, folded into every finished row (KVCacheArgs::sinks).
+  /// zero value row, folded into every finished row and into probs (the ops' `sinks`).
   const float* sinks = nullptr;
   std::int64_t sinks_stride = 0;
   float* probs = nullptr;  ///< optional softmax matrix, rows of stride probs_row_stride

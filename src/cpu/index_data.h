@@ -40,9 +40,11 @@ inline void check_cumulative(const check::ArgChecker& c, const TensorView& cu, c
 }
 
 /// Output rows [row_begin, row_end) of a packed (total, H, D) output that belong to no
-/// sequence (padding past cu_seqlens_q[B]) see no key: output 0 and LSE -inf, as any empty row.
+/// sequence (padding past cu_seqlens_q[B]) see no key: output 0 and LSE -inf, as any empty row
+/// (with attention sinks (H) float32, LSE sinks[h], as any empty row then).
 void clear_unowned_rows(const TensorView& out, const std::optional<TensorView>& lse,
-                        std::int64_t row_begin, std::int64_t row_end);
+                        std::int64_t row_begin, std::int64_t row_end,
+                        const std::optional<TensorView>& sinks = std::nullopt);
 
 /// Page table of a paged cache as seen by one sequence: `count` page ids at `ids`.
 struct PageList {

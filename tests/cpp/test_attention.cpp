@@ -54,6 +54,7 @@ AttnResult run_attention(AttnCase c, std::mt19937_64& rng) {
   lse.poison();
   probs.poison();
   c.opts.make_alibi(c.B, c.Hq, rng);
+  c.opts.make_sinks(c.Hq, rng);
 
   fastattn::AttentionArgs a;
   a.q = q.view();
@@ -62,6 +63,7 @@ AttnResult run_attention(AttnCase c, std::mt19937_64& rng) {
   a.out = out.view();
   if (c.lse) a.lse = lse.view();
   if (c.probs) a.probs = probs.view();
+  a.sinks = c.opts.sinks_view();
   a.options = c.opts.lib();
   a.exec.num_threads = c.threads;
   const auto qb = q.bytes(), kb = k.bytes(), vb = v.bytes();
@@ -206,6 +208,33 @@ TEST_P(AttentionDtype, Randomized) {
     c.lse = rand_int(rng, 0, 3) != 0;
     c.probs = rand_int(rng, 0, 3) == 0;
     c.threads = static_cast<int>(rand_int(rng, 0, 2));
+    run_attention(c, rng);
+  }
+}
+
+TEST_P(AttentionDtype, Sinks) {
+  // Attention sinks: one more logit per head with a zero value row, in out, LSE and probs. Rows
+  // that see no key (causal with Sq > Sk, a window) get out 0 and LSE sinks[h].
+  FA_SEEDED_RNG(rng);
+  for (int which = 0; which < 6; ++which) {
+    AttnCase c;
+    c.dtype = GetParam();
+    c.B = rand_int(rng, 1, 3);
+    c.Sq = rand_int(rng, 1, 70);
+    c.Sk = rand_int(rng, 1, 90);
+    c.Hkv = rand_int(rng, 1, 2);
+    c.Hq = c.Hkv * pick(rng, std::vector<std::int64_t>{1, 4});
+    c.D = pick(rng, std::vector<std::int64_t>{16, 64, 128});
+    c.opts.sinks = true;
+    c.probs = rand_int(rng, 0, 1) == 1;
+    switch (which) {
+      case 0: break;
+      case 1: c.opts.causal = true, c.Sq = c.Sk + rand_int(rng, 1, 20); break;  // leading rows empty
+      case 2: c.opts.left = rand_int(rng, 0, 10), c.opts.right = 0; break;
+      case 3: c.opts.softcap = rand_real(rng, 2, 20); c.opts.scale = 1.0; break;
+      case 4: c.opts.alibi = 2; c.strided = true; break;
+      case 5: c.opts = random_opts(rng), c.opts.sinks = true; break;
+    }
     run_attention(c, rng);
   }
 }

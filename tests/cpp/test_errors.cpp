@@ -141,6 +141,11 @@ TEST(Errors, DenseAttention) {
   DENSE_CASE(TypeError, (N{"lse"}), "lse float16", f.a.lse = f.tensor(DType::kFloat16, {2, 4, 5}));
   DENSE_CASE(ValueError, (N{"probs"}), "probs shape", f.a.probs = f.tensor(DType::kFloat32, {2, 4, 5, 8}));
   DENSE_CASE(TypeError, (N{"probs"}), "probs float16", f.a.probs = f.tensor(DType::kFloat16, {2, 4, 5, 7}));
+  DENSE_CASE(ValueError, (N{"sinks"}), "sinks of 5 heads vs q's 4", f.a.sinks = f.tensor(DType::kFloat32, {5}));
+  DENSE_CASE(TypeError, (N{"sinks"}), "sinks float16", f.a.sinks = f.tensor(DType::kFloat16, {4}));
+  DENSE_CASE(DeviceError, (N{"sinks"}), "sinks on cuda:0",
+             (f.a.sinks = f.tensor(DType::kFloat32, {4}),
+              f.a.sinks->device = (fastattn::Device{fastattn::DeviceType::kCUDA, 0})));
   DENSE_CASE(ValueError, (N{"window_size", "window_left", "window"}), "window_left -2", f.a.options.window_left = -2);
   DENSE_CASE(ValueError, (N{"window_size", "window_right", "window"}), "window_right -7", f.a.options.window_right = -7);
   DENSE_CASE(ValueError, (N{"softcap"}), "softcap -1", f.a.options.softcap = -1.0f);
@@ -251,6 +256,9 @@ TEST(Errors, VarlenPacked) {
            f.a.lse = f.add(HostTensor(DType::kFloat32, {5, 4})).view());
   VAR_CASE(0, ValueError, (N{"probs"}), "probs shape not (B, Hq, max_q, max_k)",
            f.a.probs = f.add(HostTensor(DType::kFloat32, {3, 4, 3, 3})).view());
+  VAR_CASE(0, ValueError, (N{"sinks"}), "sinks (Hq, 1) instead of (Hq)",
+           f.a.sinks = f.add(HostTensor(DType::kFloat32, {4, 1})).view());
+  VAR_CASE(0, TypeError, (N{"sinks"}), "sinks bfloat16", f.a.sinks = f.add(HostTensor(DType::kBFloat16, {4})).view());
 }
 
 TEST(Errors, VarlenPaged) {

@@ -73,6 +73,7 @@ void run_varlen(VarCase c, std::mt19937_64& rng) {
   const std::int64_t max_q = (B ? *std::max_element(c.lq.begin(), c.lq.end()) : 0) + c.extra_max_q;
   const std::int64_t max_k = (B ? *std::max_element(c.lk.begin(), c.lk.end()) : 0) + c.extra_max_k;
   c.opts.make_alibi(B, c.Hq, rng);
+  c.opts.make_sinks(c.Hq, rng);
 
   HostTensor q = fa_ref::random_tensor(c.dtype, {total_q, c.Hq, c.D}, rng, layout(3));
   HostTensor out(c.dtype, {total_q, c.Hq, c.D}, layout(3));
@@ -91,6 +92,7 @@ void run_varlen(VarCase c, std::mt19937_64& rng) {
   a.out = out.view();
   if (c.lse) a.lse = lse.view();
   if (c.probs) a.probs = probs.view();
+  a.sinks = c.opts.sinks_view();
   a.options = c.opts.lib();
 
   std::vector<std::vector<double>> keys(static_cast<std::size_t>(B)), vals(static_cast<std::size_t>(B));
@@ -212,13 +214,16 @@ void run_varlen(VarCase c, std::mt19937_64& rng) {
   }
   auto ref = fa_ref::ref_varlen(q.values(), cu_q, keys, vals, c.Hq, c.Hkv, c.D, max_q, max_k, c.opts.ref());
   auto naive = fa_ref::ref_varlen(q.values(), cu_q, keys, vals, c.Hq, c.Hkv, c.D, max_q, max_k, c.opts.ref(), c.dtype);
-  if (c.pad_rows > 0) {  // padding rows: out 0, LSE -inf
+  if (c.pad_rows > 0) {  // padding rows see no key: out 0, LSE -inf (sinks[h] with sinks)
     const std::int64_t used = cu_q.back();
     for (auto* r : {&ref, &naive}) {
       r->out.resize(static_cast<std::size_t>(total_q * c.Hq * c.D), 0.0);
       std::vector<double> l(static_cast<std::size_t>(c.Hq * total_q), -std::numeric_limits<double>::infinity());
-      for (std::int64_t h = 0; h < c.Hq; ++h)
+      for (std::int64_t h = 0; h < c.Hq; ++h) {
+        if (c.opts.sinks)
+          std::fill_n(l.begin() + h * total_q, total_q, c.opts.sink_values[static_cast<std::size_t>(h)]);
         for (std::int64_t i = 0; i < used; ++i) l[static_cast<std::size_t>(h * total_q + i)] = r->lse[static_cast<std::size_t>(h * used + i)];
+      }
       r->lse = l;
     }
   }
@@ -324,6 +329,30 @@ TEST_P(VarlenDtype, PagedCsrAllPageSizes) {
       c.probs = rand_int(rng, 0, 2) == 0;
       run_varlen(c, rng);
     }
+  }
+}
+
+TEST_P(VarlenDtype, Sinks) {
+  // Attention sinks over every key source, with empty sequences, padding rows and probs.
+  FA_SEEDED_RNG(rng);
+  for (KeySource ks : {KeySource::kPacked, KeySource::kBlockTable, KeySource::kCsr}) {
+    VarCase c;
+    c.dtype = GetParam();
+    c.keys = ks;
+    c.lens = ks == KeySource::kCsr ? LenSource::kLastPageLen : LenSource::kCuSeqlensK;
+    c.page_size = pick(rng, std::vector<std::int64_t>{1, 16});
+    c.lq = ragged(rng, rand_int(rng, 1, 4), 40);
+    c.lk = ragged(rng, static_cast<std::int64_t>(c.lq.size()), 120);
+    c.lq.push_back(rand_int(rng, 1, 5));  // a sequence with no keys: its rows get LSE sinks[h]
+    c.lk.push_back(0);
+    c.Hkv = rand_int(rng, 1, 2);
+    c.Hq = c.Hkv * pick(rng, std::vector<std::int64_t>{1, 8});
+    c.opts = random_opts(rng);
+    c.opts.sinks = true;
+    c.probs = rand_int(rng, 0, 1) == 1;
+    c.pad_rows = rand_int(rng, 0, 3);
+    c.strided = rand_int(rng, 0, 1) == 1;
+    run_varlen(c, rng);
   }
 }
 
