@@ -47,7 +47,8 @@ __device__ float probs_block_reduce(float x, Op op, float* scratch) {
 /// (hidden keys and padding). The scores are recomputed here in float32 and normalised over
 /// themselves (exp(s - max) / sum), not with the attention kernel's LSE: that kernel sums each dot
 /// product in another order, so mixing the two would round a lone key's probability below 1. The
-/// CPU backend's write_probs normalises the same way. A row with no visible key is all zeros.
+/// CPU backend's write_probs normalises the same way. A row with no visible key is all zeros. A
+/// sink joins the max and the sum as one more score, so the keys' share sums to less than 1.
 /// One block of 128 threads per (row, head, batch), the scores kept in the row itself: simple and
 /// slow on purpose, it is a testing aid.
 __global__ void probs_kernel(const PrefillParams p) {
@@ -81,6 +82,8 @@ __global__ void probs_kernel(const PrefillParams p) {
     prow[j] = s;
   }
   m = probs_block_reduce(m, [](float a, float c) { return fmaxf(a, c); }, scratch);
+  const float sink = p.sinks ? p.sinks[h * p.sinks_stride] : -INFINITY;
+  m = fmaxf(m, sink);
   float sum = 0.0f;
   for (int j = threadIdx.x; j < p.probs_cols; j += blockDim.x) {  // each thread its own columns
     const float e = m == -INFINITY ? 0.0f : expf(prow[j] - m);
@@ -88,11 +91,13 @@ __global__ void probs_kernel(const PrefillParams p) {
     sum += e;
   }
   sum = probs_block_reduce(sum, [](float a, float c) { return a + c; }, scratch);
+  if (m != -INFINITY) sum += expf(sink - m);  // once, after the block's sum
   const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
   for (int j = threadIdx.x; j < p.probs_cols; j += blockDim.x) prow[j] *= inv;
 }
 
-/// Varlen output rows past cu_seqlens_q[B] belong to no sequence: output 0, LSE -inf.
+/// Varlen output rows past cu_seqlens_q[B] belong to no sequence: output 0, LSE -inf (sinks[h]
+/// with attention sinks, as any row that sees no key; the decode kernels store the same).
 /// A small grid strides over them (usually there are none and every block returns at once).
 __global__ void clear_padding_rows_kernel(const PrefillParams p) {
   const std::int64_t first = max(std::int64_t(p.cu_seqlens_q[p.batch]), std::int64_t(0));
@@ -101,7 +106,8 @@ __global__ void clear_padding_rows_kernel(const PrefillParams p) {
     for (int i = threadIdx.x; i < p.heads_q * p.head_dim; i += blockDim.x) {
       const int h = i / p.head_dim, c = i % p.head_dim;
       out[row * p.out_row_stride + h * p.out_head_stride + c] = 0;  // +0.0 in fp16 and bf16
-      if (p.lse && c == 0) p.lse[h * p.lse_head_stride + row * p.lse_row_stride] = -INFINITY;
+      if (p.lse && c == 0)
+        p.lse[h * p.lse_head_stride + row * p.lse_row_stride] = p.sinks ? p.sinks[h * p.sinks_stride] : -INFINITY;
     }
 }
 
@@ -138,6 +144,8 @@ void launch_for_dtype(const PrefillParams& p, cudaStream_t s) {
 void run_prefill(const PrefillParams& p, void* stream_ptr) {
   if (p.head_dim < 8 || p.head_dim > kMaxHeadDim)
     throw ValueError("CUDA prefill: head_dim " + std::to_string(p.head_dim) + " outside [8, 256]");
+  if (p.sinks && p.key_splits > 1)  // a split's partial state must not carry the sink
+    throw ValueError("CUDA prefill: attention sinks need key_splits == 1, got " + std::to_string(p.key_splits));
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   if (p.dtype == Dtype::kFloat16) launch_for_dtype<Dtype::kFloat16>(p, stream);
   else launch_for_dtype<Dtype::kBFloat16>(p, stream);

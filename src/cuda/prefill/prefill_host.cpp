@@ -22,6 +22,12 @@ using cuda_detail::set_options;
 
 Dtype kernel_dtype(const check::ArgChecker& c, DType dt) { return cuda_detail::kernel_dtype<Dtype>(c, dt); }
 
+void set_sinks(PrefillParams& p, const std::optional<TensorView>& sinks) {
+  if (!sinks) return;
+  p.sinks = static_cast<const float*>(sinks->data);
+  p.sinks_stride = sinks->stride(0);
+}
+
 }  // namespace
 
 void attention_forward(check::ArgChecker& c, const AttentionArgs& a, const core::AttentionDims& d) {
@@ -62,6 +68,7 @@ void attention_forward(check::ArgChecker& c, const AttentionArgs& a, const core:
     p.probs = static_cast<float*>(a.probs->data);
     p.probs_cols = d.seqlen_k;
   }
+  set_sinks(p, a.sinks);
   set_options(p, core::validate_options(c, a.options, d.batch, d.heads_q, d.head_dim));
   DeviceGuard guard(c.device().index);
   run_prefill(p, a.exec.cuda_stream);
@@ -136,6 +143,7 @@ void varlen_attention_forward(check::ArgChecker& c, const VarlenAttentionArgs& a
     p.probs = static_cast<float*>(a.probs->data);
     p.probs_cols = a.max_seqlen_k;
   }
+  set_sinks(p, a.sinks);
   set_options(p, core::validate_options(c, a.options, d.a.batch, d.a.heads_q, d.a.head_dim));
   DeviceGuard guard(c.device().index);
   run_prefill(p, a.exec.cuda_stream);

@@ -25,6 +25,7 @@
 #include <cute/arch/copy_sm80.hpp>
 #include <cute/arch/mma_sm80.hpp>
 
+#include "common/softmax_state.h"
 #include "cuda/prefill/prefill_params.h"
 
 namespace fastattn::cuda_prefill {
@@ -355,6 +356,30 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+/// Head h's attention sink, or -inf without sinks (a sink of -inf changes nothing).
+__device__ __forceinline__ float head_sink(const PrefillParams& p, int h) {
+  return p.sinks ? p.sinks[h * p.sinks_stride] : -INFINITY;
+}
+
+/// A finished row's output multiplier and natural-log LSE, from its max score in log2 units and
+/// its sum of exp2(score - max) (0 for a row that saw no key). With a sink (head_sink) the row's
+/// state is merged with (sink, a zero output) first, so out and LSE include the sink's term.
+struct FinishedRow {
+  float inv;  ///< multiplies the accumulator into the stored output
+  float lse;
+};
+__device__ __forceinline__ FinishedRow finish_row(float sink, float row_max_log2, float sum) {
+  constexpr float kLn2 = 0.6931471805599453f;
+  FinishedRow f{sum > 0.0f ? 1.0f / sum : 0.0f,
+                sum > 0.0f ? (row_max_log2 + __log2f(sum)) * kLn2 : -INFINITY};
+  if (sink != -INFINITY) {
+    const MergeWeights w = merge_weights(f.lse, sink);
+    f.inv *= w.w_a;
+    f.lse = w.lse;
+  }
+  return f;
+}
+
 template <int kHeadDim, Dtype kDtype>
 __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, PrefillConfig<kHeadDim>::kMinBlocks)
     prefill_kernel(const __grid_constant__ PrefillParams p) {
@@ -589,14 +614,14 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, PrefillConf
              std::int64_t(q_start) * p.out_row_stride + h * p.out_head_stride +
              cta.split * p.out_split_stride;
   float* glse = p.lse + cta.split * p.lse_split_stride;
-  constexpr float kLn2 = 0.6931471805599453f;
+  const float sink = head_sink(p, h);
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       const int r = m0 + warp_row0 + mt * 16 + g + hr * 8;
-      const float sum = quad_sum(row_sum[mt][hr]);
-      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+      const FinishedRow fin = finish_row(sink, row_max[mt][hr], quad_sum(row_sum[mt][hr]));
+      const float inv = fin.inv;
       if (r >= sq) continue;
       std::uint16_t* orow = go + std::int64_t(r) * p.out_row_stride;
 #pragma unroll
@@ -608,7 +633,7 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, PrefillConf
       }
       if (p.lse && t == 0)
         glse[b * p.lse_batch_stride + h * p.lse_head_stride + std::int64_t(q_start + r) * p.lse_row_stride] =
-            sum > 0.0f ? (row_max[mt][hr] + __log2f(sum)) * kLn2 : -INFINITY;
+            fin.lse;
     }
   }
 }

@@ -354,12 +354,12 @@ __global__ void __launch_bounds__(PrefillSm90Config<kHeadDim, kDtype>::kThreads,
              std::int64_t(q_start) * p.out_row_stride + h * p.out_head_stride +
              cta.split * p.out_split_stride;
   float* glse = p.lse + cta.split * p.lse_split_stride;
-  constexpr float kLn2 = 0.6931471805599453f;
+  const float sink = head_sink(p, h);
   CUTE_UNROLL
   for (int hr = 0; hr < 2; ++hr) {
     const int r = m0 + row_base + hr * 8;
-    const float sum = quad_sum(row_sum[hr]);
-    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    const FinishedRow fin = finish_row(sink, row_max[hr], quad_sum(row_sum[hr]));
+    const float inv = fin.inv;
     if (r >= sq) continue;
     std::uint16_t* orow = go + std::int64_t(r) * p.out_row_stride;
     CUTE_UNROLL
@@ -371,7 +371,7 @@ __global__ void __launch_bounds__(PrefillSm90Config<kHeadDim, kDtype>::kThreads,
     }
     if (p.lse && t == 0)
       glse[b * p.lse_batch_stride + h * p.lse_head_stride + std::int64_t(q_start + r) * p.lse_row_stride] =
-          sum > 0.0f ? (row_max[hr] + __log2f(sum)) * kLn2 : -INFINITY;
+          fin.lse;
   }
 #else
   __trap();  // compiled for another architecture: the host only launches this on sm_90a
