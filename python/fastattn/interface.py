@@ -14,6 +14,9 @@ Differences from flash_attn, all deliberate for an inference library:
   varlen ``(heads, total_q)``. Rows that see no key give output 0 and LSE ``-inf``.
 * Every function accepts numpy arrays as well as torch tensors (and cupy / jax arrays) and
   returns arrays of the same kind. CPU tensors run on the CPU backend.
+* Every function takes attention sinks (gpt-oss) as the keyword ``sinks`` (FlashInfer's name) or
+  ``s_aux`` (the name in vLLM's FlashAttention fork): ``(nheads,)`` float32, one more logit per head
+  with a zero value row.
 """
 
 from __future__ import annotations
@@ -82,6 +85,16 @@ def _option_kwargs(like, softmax_scale, causal, window_size, softcap, alibi_slop
     return kw
 
 
+def _sinks(sinks, s_aux):
+    """The attention sinks given as `sinks` or as `s_aux` (vLLM's FlashAttention fork's name for
+    the same tensor), at most one of the two."""
+    if s_aux is None:
+        return sinks
+    if sinks is not None:
+        raise TypeError("sinks and s_aux name the same attention sinks: pass one of them, got both")
+    return s_aux
+
+
 def _check_arrays(**arrays) -> None:
     for name, x in arrays.items():
         if x is not None:
@@ -136,6 +149,8 @@ def flash_attn_func(
     *,
     return_softmax_lse=False,
     out=None,
+    sinks=None,
+    s_aux=None,
 ):
     """Attention over dense batches.
 
@@ -155,12 +170,21 @@ def flash_attn_func(
         return_attn_probs: also return softmax_lse and the softmax matrix (testing aid).
         return_softmax_lse: also return softmax_lse (batch_size, nheads, seqlen_q) float32.
         out: optional preallocated output, (batch_size, seqlen_q, nheads, headdim).
+        sinks: (keyword only) optional (nheads,) float32 attention sinks (gpt-oss, StreamingLLM):
+            sinks[h] joins every softmax of head h as one more logit (in the units of the scaled,
+            soft-capped scores) with a zero value row. softmax_lse includes it, a row with no keys
+            gets out 0 and softmax_lse sinks[h], and attn_probs holds the keys' share of each
+            softmax (a row sums to less than 1).
+        s_aux: the same as sinks, by the name vLLM's FlashAttention fork gives it (pass one).
     Return:
         out, or (out, softmax_lse), or (out, softmax_lse, attn_probs).
     """
     _check_dropout(dropout_p)
-    _check_arrays(q=q, k=k, v=v, out=out)
+    sinks = _sinks(sinks, s_aux)
+    _check_arrays(q=q, k=k, v=v, out=out, sinks=sinks)
     kw = _option_kwargs(q, softmax_scale, causal, window_size, softcap, alibi_slopes)
+    if sinks is not None:
+        kw["sinks"] = prepare(sinks)
     batch, seqlen_q, nheads = (shape_or_zero(q, 4, i) for i in range(3))
     seqlen_k = shape_or_zero(k, 4, 1)
     o = out if out is not None else empty(q, q.shape)
@@ -183,6 +207,8 @@ def flash_attn_qkvpacked_func(
     *,
     return_softmax_lse=False,
     out=None,
+    sinks=None,
+    s_aux=None,
 ):
     """flash_attn_func with q, k, v stacked: qkv (batch_size, seqlen, 3, nheads, headdim).
     The three are read as strided views (no copy)."""
@@ -190,7 +216,7 @@ def flash_attn_qkvpacked_func(
     return flash_attn_func(
         qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size,
         softcap, alibi_slopes, deterministic, return_attn_probs,
-        return_softmax_lse=return_softmax_lse, out=out,
+        return_softmax_lse=return_softmax_lse, out=out, sinks=sinks, s_aux=s_aux,
     )
 
 
@@ -208,13 +234,15 @@ def flash_attn_kvpacked_func(
     *,
     return_softmax_lse=False,
     out=None,
+    sinks=None,
+    s_aux=None,
 ):
     """flash_attn_func with k, v stacked: kv (batch_size, seqlen_k, 2, nheads_k, headdim)."""
     _check_packed(kv, "kv", 5, 2, 2, "(batch_size, seqlen_k, 2, nheads_k, headdim)")
     return flash_attn_func(
         q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap,
         alibi_slopes, deterministic, return_attn_probs,
-        return_softmax_lse=return_softmax_lse, out=out,
+        return_softmax_lse=return_softmax_lse, out=out, sinks=sinks, s_aux=s_aux,
     )
 
 
@@ -242,6 +270,8 @@ def flash_attn_varlen_func(
     seqused_k=None,
     return_softmax_lse=False,
     out=None,
+    sinks=None,
+    s_aux=None,
 ):
     """Attention over packed sequences of different lengths.
 
@@ -267,7 +297,7 @@ def flash_attn_varlen_func(
     _check_dropout(dropout_p)
     args = _given_arrays(("q", "cu_seqlens_q"), q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q,
                          cu_seqlens_k=cu_seqlens_k, block_table=block_table, seqused_k=seqused_k,
-                         out=out)
+                         out=out, sinks=_sinks(sinks, s_aux))
     if block_table is not None:  # k and v are the paged caches
         for name in ("k", "v"):
             if name in args:
@@ -311,6 +341,8 @@ def flash_attn_varlen_qkvpacked_func(
     *,
     return_softmax_lse=False,
     out=None,
+    sinks=None,
+    s_aux=None,
 ):
     """flash_attn_varlen_func with q, k, v stacked: qkv (total, 3, nheads, headdim)."""
     _check_packed(qkv, "qkv", 4, 1, 3, "(total, 3, nheads, headdim)")
@@ -318,6 +350,7 @@ def flash_attn_varlen_qkvpacked_func(
         qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
         dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
         return_attn_probs, return_softmax_lse=return_softmax_lse, out=out,
+        sinks=sinks, s_aux=s_aux,
     )
 
 
@@ -339,6 +372,8 @@ def flash_attn_varlen_kvpacked_func(
     *,
     return_softmax_lse=False,
     out=None,
+    sinks=None,
+    s_aux=None,
 ):
     """flash_attn_varlen_func with k, v stacked: kv (total_k, 2, nheads_k, headdim)."""
     _check_packed(kv, "kv", 4, 1, 2, "(total_k, 2, nheads_k, headdim)")
@@ -346,6 +381,7 @@ def flash_attn_varlen_kvpacked_func(
         q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
         return_attn_probs, return_softmax_lse=return_softmax_lse, out=out,
+        sinks=sinks, s_aux=s_aux,
     )
 
 
@@ -376,6 +412,7 @@ def flash_attn_with_kvcache(
     out=None,
     split_plan=None,
     sinks=None,
+    s_aux=None,
 ):
     """Attention over a KV cache, appending new keys/values in place first (decoding).
 
@@ -409,7 +446,8 @@ def flash_attn_with_kvcache(
         sinks: (fastattn's, keyword only) optional (nheads,) float32 attention sinks (gpt-oss,
             StreamingLLM): sinks[h] joins every softmax of head h as one more logit (in the units
             of the scaled, soft-capped scores) with a zero value row; softmax_lse includes it, and
-            a row with no keys gets out 0 and softmax_lse sinks[h].
+            a row with no keys gets out 0 and softmax_lse sinks[h]. s_aux: the same, by the name
+            vLLM's FlashAttention fork gives it (pass one of the two).
         Other arguments as flash_attn_func.
     Return:
         out (batch_size, seqlen_q, nheads, headdim), or (out, softmax_lse).
@@ -417,7 +455,8 @@ def flash_attn_with_kvcache(
     args = _given_arrays(("q", "k_cache", "v_cache"), q=q, k_cache=k_cache, v_cache=v_cache, k=k,
                          v=v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
                          cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
-                         block_table=block_table, out=out, split_plan=split_plan, sinks=sinks)
+                         block_table=block_table, out=out, split_plan=split_plan,
+                         sinks=_sinks(sinks, s_aux))
     appending = k is not None or v is not None
     if appending:
         for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):

@@ -62,7 +62,7 @@ std::optional<fastattn::PagedKV> make_paged(nb::handle k_pages, nb::handle v_pag
 // ---- ops ------------------------------------------------------------------------------------
 
 void attention_forward(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle lse,
-                       nb::handle probs, std::optional<float> softmax_scale, bool causal,
+                       nb::handle probs, nb::handle sinks, std::optional<float> softmax_scale, bool causal,
                        std::int64_t window_left, std::int64_t window_right, float softcap,
                        nb::handle alibi_slopes, std::uintptr_t cuda_stream, int num_threads) {
   Keep keep;
@@ -73,6 +73,7 @@ void attention_forward(nb::handle q, nb::handle k, nb::handle v, nb::handle out,
   a.out = out_view(out, "out", keep);
   a.lse = opt_out(lse, "softmax_lse", keep);
   a.probs = opt_out(probs, "attn_probs", keep);
+  a.sinks = opt_in(sinks, "sinks", keep);
   a.options = make_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
                            keep);
   a.exec = make_exec(cuda_stream, num_threads);
@@ -85,9 +86,9 @@ fastattn::VarlenAttentionArgs make_varlen_args(
     nb::handle cu_seqlens_k, nb::handle k_pages, nb::handle v_pages, nb::handle block_table,
     nb::handle page_indptr, nb::handle page_indices, nb::handle last_page_len,
     nb::handle seqused_k, std::int64_t max_seqlen_k, nb::handle out, nb::handle lse,
-    nb::handle probs, std::optional<float> softmax_scale, bool causal, std::int64_t window_left,
-    std::int64_t window_right, float softcap, nb::handle alibi_slopes, std::uintptr_t cuda_stream,
-    int num_threads, Keep& keep) {
+    nb::handle probs, nb::handle sinks, std::optional<float> softmax_scale, bool causal,
+    std::int64_t window_left, std::int64_t window_right, float softcap, nb::handle alibi_slopes,
+    std::uintptr_t cuda_stream, int num_threads, Keep& keep) {
   fastattn::VarlenAttentionArgs a;
   a.q = in_view(q, "q", keep);
   a.cu_seqlens_q = in_view(cu_seqlens_q, "cu_seqlens_q", keep);
@@ -102,6 +103,7 @@ fastattn::VarlenAttentionArgs make_varlen_args(
   a.out = out_view(out, "out", keep);
   a.lse = opt_out(lse, "softmax_lse", keep);
   a.probs = opt_out(probs, "attn_probs", keep);
+  a.sinks = opt_in(sinks, "sinks", keep);
   a.options = make_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
                            keep);
   a.exec = make_exec(cuda_stream, num_threads);
@@ -114,7 +116,7 @@ void varlen_attention_forward(nb::handle q, nb::handle cu_seqlens_q, std::int64_
                               nb::handle page_indptr, nb::handle page_indices,
                               nb::handle last_page_len, nb::handle seqused_k,
                               std::int64_t max_seqlen_k, nb::handle out, nb::handle lse,
-                              nb::handle probs, nb::handle workspace,
+                              nb::handle probs, nb::handle sinks, nb::handle workspace,
                               std::optional<float> softmax_scale, bool causal,
                               std::int64_t window_left, std::int64_t window_right, float softcap,
                               nb::handle alibi_slopes, std::uintptr_t cuda_stream,
@@ -122,7 +124,7 @@ void varlen_attention_forward(nb::handle q, nb::handle cu_seqlens_q, std::int64_
   Keep keep;
   fastattn::VarlenAttentionArgs a = make_varlen_args(
       q, cu_seqlens_q, max_seqlen_q, k, v, cu_seqlens_k, k_pages, v_pages, block_table,
-      page_indptr, page_indices, last_page_len, seqused_k, max_seqlen_k, out, lse, probs,
+      page_indptr, page_indices, last_page_len, seqused_k, max_seqlen_k, out, lse, probs, sinks,
       softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, cuda_stream,
       num_threads, keep);
   // As kvcache_attention_forward: workspace_alloc(nbytes) supplies the split-KV scratch of a
@@ -146,7 +148,7 @@ std::size_t varlen_workspace_bytes(nb::handle q, nb::handle cu_seqlens_q, std::i
                                    nb::handle page_indptr, nb::handle page_indices,
                                    nb::handle last_page_len, nb::handle seqused_k,
                                    std::int64_t max_seqlen_k, nb::handle out, nb::handle lse,
-                                   nb::handle probs, std::optional<float> softmax_scale,
+                                   nb::handle probs, nb::handle sinks, std::optional<float> softmax_scale,
                                    bool causal, std::int64_t window_left,
                                    std::int64_t window_right, float softcap,
                                    nb::handle alibi_slopes, std::uintptr_t cuda_stream,
@@ -154,7 +156,7 @@ std::size_t varlen_workspace_bytes(nb::handle q, nb::handle cu_seqlens_q, std::i
   Keep keep;
   fastattn::VarlenAttentionArgs a = make_varlen_args(
       q, cu_seqlens_q, max_seqlen_q, k, v, cu_seqlens_k, k_pages, v_pages, block_table,
-      page_indptr, page_indices, last_page_len, seqused_k, max_seqlen_k, out, lse, probs,
+      page_indptr, page_indices, last_page_len, seqused_k, max_seqlen_k, out, lse, probs, sinks,
       softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, cuda_stream,
       num_threads, keep);
   nb::gil_scoped_release release;
@@ -507,7 +509,8 @@ NB_MODULE(_C, m) {
 
   m.def("attention_forward", &attention_forward, nb::arg("q"), nb::arg("k"), nb::arg("v"),
         nb::arg("out"), nb::arg("lse").none() = nb::none(), nb::arg("probs").none() = nb::none(),
-        FASTATTN_OPTION_ARGS, "fastattn::attention_forward (dense batched attention).");
+        nb::arg("sinks").none() = nb::none(), FASTATTN_OPTION_ARGS,
+        "fastattn::attention_forward (dense batched attention).");
 
 #define FASTATTN_VARLEN_ARGS                                                                     \
   nb::arg("q"), nb::arg("cu_seqlens_q"), nb::arg("max_seqlen_q"),                               \
@@ -517,7 +520,8 @@ NB_MODULE(_C, m) {
       nb::arg("page_indptr").none() = nb::none(), nb::arg("page_indices").none() = nb::none(),  \
       nb::arg("last_page_len").none() = nb::none(), nb::arg("seqused_k").none() = nb::none(),  \
       nb::arg("max_seqlen_k") = 0, nb::arg("out").none() = nb::none(),                          \
-      nb::arg("lse").none() = nb::none(), nb::arg("probs").none() = nb::none()
+      nb::arg("lse").none() = nb::none(), nb::arg("probs").none() = nb::none(),                 \
+      nb::arg("sinks").none() = nb::none()
 
   m.def("varlen_attention_forward", &varlen_attention_forward, FASTATTN_VARLEN_ARGS,
         nb::arg("workspace").none() = nb::none(), FASTATTN_OPTION_ARGS,

@@ -72,12 +72,14 @@ def attention_rows(
     left: int = -1,
     right: int = -1,
     rnd: Rounder = None,
+    sinks: Optional[np.ndarray] = None,
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Attention of q rows at positions qpos over keys at positions kpos.
 
     q (Sq, Hq, D), k / v (Sk, Hkv, D); slopes (Hq,) or None. Query i may see key j when
-    qpos[i] - left <= kpos[j] <= qpos[i] + right (a side with -1 is unbounded).
-    Returns out (Sq, Hq, D), lse (Hq, Sq), probs (Hq, Sq, Sk).
+    qpos[i] - left <= kpos[j] <= qpos[i] + right (a side with -1 is unbounded). sinks (Hq,) or
+    None: one more score per head, in every row's softmax, whose value row is zero.
+    Returns out (Sq, Hq, D), lse (Hq, Sq), probs (Hq, Sq, Sk) (the keys' columns only).
     """
     q, k, v = _work(q, rnd), _work(k, rnd), _work(v, rnd)
     sq, hq, d = q.shape
@@ -100,11 +102,15 @@ def attention_rows(
     if right >= 0:
         allowed &= kpos[None, :] <= qpos[:, None] + right
     s = np.where(allowed[None], s, -np.inf)
+    if sinks is not None:  # the sink as one more column, dropped from probs below
+        sink_col = np.broadcast_to(np.asarray(sinks, np.float64)[:, None, None], (hq, sq, 1))
+        s = np.concatenate([s, sink_col.astype(s.dtype)], axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        m = s.max(axis=-1, keepdims=True) if sk > 0 else np.full((hq, sq, 1), -np.inf, s.dtype)
+        m = s.max(axis=-1, keepdims=True) if s.shape[-1] > 0 else np.full((hq, sq, 1), -np.inf, s.dtype)
         m_safe = np.where(np.isfinite(m), m, 0)
         e = np.exp(s - m_safe)
         denom = e.sum(axis=-1, keepdims=True)
+        e = e[..., :sk]
         lse = (m_safe + np.log(denom))[..., 0]
         p = np.where(denom > 0, e / np.where(denom > 0, denom, 1), 0)
     p = _r(p, rnd)
@@ -139,9 +145,9 @@ def default_scale(d: int, scale: Optional[float]) -> float:
 
 
 def attention_batched(q, k, v, scale=None, causal=False, window=(-1, -1), softcap=0.0,
-                      alibi=None, rnd: Rounder = None):
-    """q (B, Sq, Hq, D), k / v (B, Sk, Hkv, D). Returns out (B, Sq, Hq, D), lse (B, Hq, Sq),
-    probs (B, Hq, Sq, Sk)."""
+                      alibi=None, rnd: Rounder = None, sinks=None):
+    """q (B, Sq, Hq, D), k / v (B, Sk, Hkv, D), sinks (Hq,) or None. Returns out (B, Sq, Hq, D),
+    lse (B, Hq, Sq), probs (B, Hq, Sq, Sk)."""
     b_, sq, hq, d = q.shape
     sk = k.shape[1]
     scale = default_scale(d, scale)
@@ -150,7 +156,7 @@ def attention_batched(q, k, v, scale=None, causal=False, window=(-1, -1), softca
     outs, lses, probs = [], [], []
     for b in range(b_):
         o, l, p = attention_rows(q[b], k[b], v[b], qpos, kpos, scale, softcap,
-                                 slopes_for(alibi, b), left, right, rnd)
+                                 slopes_for(alibi, b), left, right, rnd, sinks)
         outs.append(o), lses.append(l), probs.append(p)
     return np.stack(outs), np.stack(lses), np.stack(probs)
 
@@ -167,17 +173,20 @@ def gather_pages(pages: np.ndarray, page_ids: Sequence[int], length: int) -> np.
 
 def attention_varlen(q, cu_q, k, v, cu_k=None, scale=None, causal=False, window=(-1, -1),
                      softcap=0.0, alibi=None, rnd: Rounder = None, block_table=None,
-                     seqused_k=None, max_seqlen_q=None, max_seqlen_k=None):
+                     seqused_k=None, max_seqlen_q=None, max_seqlen_k=None, sinks=None):
     """q (total_q, Hq, D) with cu_q (B + 1). Keys packed (k / v (total_k, Hkv, D) with cu_k) or
     paged (k / v (pages, page_size, Hkv, D) with block_table (B, max_pages)); key lengths from
-    seqused_k, else cu_k differences. Returns out (total_q, Hq, D), lse (Hq, total_q),
-    probs (B, Hq, max_seqlen_q, max_seqlen_k) zero-padded."""
+    seqused_k, else cu_k differences; sinks (Hq,) or None. Returns out (total_q, Hq, D), lse
+    (Hq, total_q), probs (B, Hq, max_seqlen_q, max_seqlen_k) zero-padded. Rows past cu_q[B] see
+    no key: out 0, lse -inf (sinks[h] with sinks)."""
     total_q, hq, d = q.shape
     bsz = len(cu_q) - 1
     scale = default_scale(d, scale)
     left, right = window_bounds(causal, window)
     out = np.zeros((total_q, hq, d))
     lse = np.full((hq, total_q), -np.inf)
+    if sinks is not None:
+        lse[:] = np.asarray(sinks, np.float64)[:, None]
     lens_q = [int(cu_q[b + 1] - cu_q[b]) for b in range(bsz)]
     lens_k = []
     for b in range(bsz):
@@ -197,7 +206,7 @@ def attention_varlen(q, cu_q, k, v, cu_k=None, scale=None, causal=False, window=
             kb, vb = gather_pages(k, block_table[b], sk), gather_pages(v, block_table[b], sk)
         qpos, kpos = bottom_right_positions(sq, sk)
         o, l, p = attention_rows(q[q0:q0 + sq], kb, vb, qpos, kpos, scale, softcap,
-                                 slopes_for(alibi, b), left, right, rnd)
+                                 slopes_for(alibi, b), left, right, rnd, sinks)
         out[q0:q0 + sq] = o
         lse[:, q0:q0 + sq] = l
         probs[b, :, :sq, :sk] = p

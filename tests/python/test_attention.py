@@ -210,3 +210,67 @@ def test_zero_sized_batches(rng):
     assert fastattn.flash_attn_func(q, k, k, causal=True).shape == (2, 0, 4, 32)
     q, _ = randn(rng, (0, 3, 4, 32), "float32")
     assert fastattn.flash_attn_func(q, q, q).shape == (0, 3, 4, 32)
+
+
+def draw_sinks(rng, heads, dtype):
+    """Attention sinks (heads,) float32 near the scores' scale, so they move the outputs; a torch
+    tensor for bfloat16 (numpy has no bfloat16, so those cases run through torch)."""
+    s = (rng.standard_normal(heads) * 2.0).astype(np.float32)
+    return torch.from_numpy(s) if dtype == "bfloat16" else s
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[2], SHAPES[4]], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("opt", ["none", "causal", "window", "all"])
+def test_sinks(rng, dtype, shape, opt):
+    """sinks: one more logit per head with a zero value row, in out, softmax_lse and attn_probs
+    (rows of a causal call with seqlen_q > seqlen_k see no key: out 0 and lse sinks[h])."""
+    b, sq, sk, hq, hkv, d = shape
+    q, q64 = randn(rng, (b, sq, hq, d), dtype)
+    k, k64 = randn(rng, (b, sk, hkv, d), dtype)
+    v, v64 = randn(rng, (b, sk, hkv, d), dtype)
+    kw = make_options(rng, opt, b, hq, sk)
+    sinks = draw_sinks(rng, hq, dtype)
+    out = nan_like(q)
+    o, lse, probs = fastattn.flash_attn_func(q, k, v, return_attn_probs=True, out=out,
+                                             sinks=sinks, **kw)
+    assert o is out
+    (o64, lse64, p64), (onaive, _, _) = naive_and_exact(
+        ref.attention_batched, dtype, q64, k64, v64, sinks=to64(sinks), **ref_kwargs(kw))
+    assert_close("out", o, o64, onaive, dtype)
+    assert_lse("softmax_lse", lse, lse64)
+    assert_probs("attn_probs", probs, p64)
+
+
+def test_sinks_s_aux_and_packed_forms(rng):
+    """s_aux (vLLM's FlashAttention fork's name) is the same tensor as sinks; the packed forms
+    pass either on; both at once is an error that writes nothing."""
+    b, s, h, d = 2, 9, 4, 32
+    qkv = rng.standard_normal((b, s, 3, h, d)).astype(np.float32)
+    sinks = rng.standard_normal(h).astype(np.float32)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    want = fastattn.flash_attn_func(q, k, v, causal=True, sinks=sinks)
+    o64, _, _ = ref.attention_batched(to64(q), to64(k), to64(v), causal=True, sinks=to64(sinks))
+    assert np.abs(to64(want) - o64).max() <= 1e-5
+    assert np.array_equal(fastattn.flash_attn_func(q, k, v, causal=True, s_aux=sinks), want)
+    assert np.array_equal(fastattn.flash_attn_qkvpacked_func(qkv, causal=True, s_aux=sinks), want)
+    assert np.array_equal(
+        fastattn.flash_attn_kvpacked_func(q, qkv[:, :, 1:], causal=True, sinks=sinks), want)
+    out = nan_like(q)
+    with pytest.raises(TypeError, match="sinks and s_aux"):
+        fastattn.flash_attn_func(q, k, v, out=out, sinks=sinks, s_aux=sinks)
+    assert np.isnan(out).all()
+
+
+@pytest.mark.parametrize("sinks,error,message", [
+    (np.zeros(5, np.float32), ValueError, r"sinks.*\(Hq\)"),
+    (np.zeros((4, 1), np.float32), ValueError, r"sinks"),
+    (np.zeros(4, np.float64), TypeError, r"sinks.*float32"),
+])
+def test_sinks_errors(rng, sinks, error, message):
+    """Bad sinks are refused, naming the argument, before the output is written."""
+    q = rng.standard_normal((2, 5, 4, 32)).astype(np.float32)
+    out = nan_like(q)
+    with pytest.raises(error, match=message):
+        fastattn.flash_attn_func(q, q, q, out=out, sinks=sinks)
+    assert np.isnan(out).all()

@@ -7,7 +7,7 @@ import pytest
 import fastattn
 import reference as ref
 from helpers import (DTYPES, alibi_slopes, assert_close, assert_lse, assert_probs, int32,
-                     nan_like, naive_and_exact, randn, to64)
+                     nan_like, naive_and_exact, randn, to64, torch)
 
 # Ragged length sets: (query lengths, key lengths); includes 0 and 1, Sq > Sk and Sq < Sk.
 LENGTHS = {
@@ -248,3 +248,57 @@ def test_varlen_padding_rows(rng, dtype):
                                                       k64, v64, cu_k, causal=True)
     assert_close("out", out[:7], o64, onaive, dtype)
     assert_lse("softmax_lse", lse[:, :7], lse64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("paged", [None, 1, 16])
+@pytest.mark.parametrize("opt", ["none", "causal", "all"])
+def test_varlen_sinks(rng, dtype, paged, opt):
+    """sinks (and s_aux, the same) over packed and paged keys: ragged lengths with an empty
+    sequence, a decode-shaped sequence, padding rows past cu_seqlens_q[-1] (lse sinks[h]: they
+    see no key) and attn_probs."""
+    lq, lk = [17, 1, 3, 40], [60, 1, 0, 33]
+    heads_q, heads_kv, d, pad = 8, 2, 32, 2
+    cu_q, cu_k = cumsum0(lq), cumsum0(lk)
+    total_q = int(cu_q[-1]) + pad
+    q, q64 = randn(rng, (total_q, heads_q, d), dtype)
+    kw = make_options(rng, opt, len(lq), heads_q)
+    sinks = (rng.standard_normal(heads_q) * 2.0).astype(np.float32)
+    if dtype == "bfloat16":
+        sinks = torch.from_numpy(sinks)
+    if paged is None:
+        k, k64 = randn(rng, (int(cu_k[-1]), heads_kv, d), dtype)
+        v, v64 = randn(rng, (int(cu_k[-1]), heads_kv, d), dtype)
+        call, refkw = dict(cu_seqlens_k=cu_k), dict(cu_k=cu_k)
+    else:
+        table, num_pages = make_block_table(rng, lk, paged)
+        k, k64 = randn(rng, (num_pages, paged, heads_kv, d), dtype)
+        v, v64 = randn(rng, (num_pages, paged, heads_kv, d), dtype)
+        call = dict(cu_seqlens_k=cu_k, block_table=table)
+        refkw = dict(cu_k=cu_k, block_table=table)
+    out = nan_like(q)
+    o, lse, probs = fastattn.flash_attn_varlen_func(
+        q, k, v, cu_q, call.pop("cu_seqlens_k"), max(lq), max(lk), return_attn_probs=True,
+        out=out, s_aux=sinks, **call, **kw)
+    assert o is out
+    (o64, lse64, p64), (onaive, _, _) = naive_and_exact(
+        ref.attention_varlen, dtype, q64, cu_q, k64, v64, sinks=to64(sinks),
+        **refkw, **ref_kwargs(kw))
+    assert_close("out", o, o64, onaive, dtype)
+    assert_lse("softmax_lse", lse, lse64)
+    assert_probs("attn_probs", probs, p64)
+    assert np.array_equal(to64(lse)[:, -pad:], np.repeat(to64(sinks)[:, None], pad, axis=1))
+
+
+def test_varlen_sinks_errors(rng):
+    """Bad sinks are refused before the output is written; sinks and s_aux together too."""
+    cu = cumsum0([3, 2])
+    q = rng.standard_normal((5, 4, 16)).astype(np.float32)
+    for kw, error, message in [(dict(sinks=np.zeros(2, np.float32)), ValueError, r"sinks.*\(Hq\)"),
+                               (dict(sinks=np.zeros(4, np.int32)), TypeError, r"sinks"),
+                               (dict(sinks=np.zeros(4, np.float32), s_aux=np.zeros(4, np.float32)),
+                                TypeError, "sinks and s_aux")]:
+        out = nan_like(q)
+        with pytest.raises(error, match=message):
+            fastattn.flash_attn_varlen_func(q, q, q, cu, cu, 3, 3, out=out, **kw)
+        assert np.isnan(out).all()
