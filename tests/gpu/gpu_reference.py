@@ -15,7 +15,9 @@ probs (B, Hq, Sq, Sk). Varlen q (total_q, Hq, D) -> out (total_q, Hq, D), lse (H
 probs (B, Hq, max_seqlen_q, max_seqlen_k) zero-padded. Query head h reads kv head
 h // (Hq // Hkv). Masks are aligned bottom-right: query i (position i + Sk - Sq) sees key j when
 i + Sk - Sq - left <= j <= i + Sk - Sq + right (-1: unbounded; causal: right = 0). A row that sees
-no key has output 0, LSE -inf and probabilities 0.
+no key has output 0, LSE -inf and probabilities 0. Attention sinks (Hq,) add one more score per
+head to every row's softmax, with a zero value row: probs are the keys' share, and a row that sees
+no key has output 0 and LSE sinks[h].
 """
 
 from __future__ import annotations
@@ -55,9 +57,9 @@ def visible(sq: int, sk: int, causal: bool, window_size, device) -> Tuple[torch.
 
 
 def attention_ref(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                  alibi_slopes=None, naive=False):
+                  alibi_slopes=None, naive=False, sinks=None):
     """Dense attention. q (B, Sq, Hq, D), k / v (B, Sk, Hkv, D) in float16 / bfloat16 (any
-    strides); alibi_slopes (Hq,) or (B, Hq). Returns (out, lse, probs):
+    strides); alibi_slopes (Hq,) or (B, Hq); sinks (Hq,) float32 or None. Returns (out, lse, probs):
     reference (naive=False): out float64 (B, Sq, Hq, D), lse float64 (B, Hq, Sq), probs float64;
     naive: out in q's dtype, lse / probs float32."""
     b, sq, hq, d = q.shape
@@ -86,9 +88,12 @@ def attention_ref(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1
         slopes = slopes.reshape(-1, hq, 1, 1)  # (1 or B, Hq, 1, 1)
         s.sub_(slopes * dist.to(work))
     s.masked_fill_(~allowed, float("-inf"))
+    if sinks is not None:  # one more column per row, dropped from the probabilities below
+        sink_col = sinks.to(device=q.device, dtype=work).reshape(1, hq, 1, 1).expand(b, hq, sq, 1)
+        s = torch.cat([s, sink_col], dim=-1)
     lse = torch.logsumexp(s, dim=-1)  # -inf for rows that see no key (and for Sk == 0)
     lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    p = s.sub_(lse_safe[..., None]).exp_()  # masked entries and empty rows: exactly 0
+    p = s.sub_(lse_safe[..., None]).exp_()[..., :sk]  # masked entries and empty rows: exactly 0
     if naive:
         out = torch.einsum("bhqk,bkhd->bqhd", p.to(dt), vv)  # P @ V in the input dtype
     else:
@@ -110,10 +115,10 @@ def gather_pages(pages: torch.Tensor, page_ids, length: int) -> torch.Tensor:
 
 def varlen_ref(q, cu_seqlens_q: Sequence[int], kv: List[Tuple[torch.Tensor, torch.Tensor]],
                softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-               alibi_slopes=None, max_seqlen_q=None, max_seqlen_k=None, naive=False):
+               alibi_slopes=None, max_seqlen_q=None, max_seqlen_k=None, naive=False, sinks=None):
     """Attention of packed queries. q (total_q, Hq, D); cu_seqlens_q host ints (B + 1);
     kv[b] = (k_b, v_b), each (Sk_b, Hkv, D): the keys of sequence b however they are stored.
-    Rows of q past cu_seqlens_q[B] get output 0, LSE -inf.
+    Rows of q past cu_seqlens_q[B] see no key: output 0, LSE -inf (sinks[h] with sinks).
     Returns out (total_q, Hq, D), lse (Hq, total_q), probs (B, Hq, max_seqlen_q, max_seqlen_k)."""
     total_q, hq, d = q.shape
     bsz = len(cu_seqlens_q) - 1
@@ -126,6 +131,8 @@ def varlen_ref(q, cu_seqlens_q: Sequence[int], kv: List[Tuple[torch.Tensor, torc
     work = torch.float32 if naive else REF_DTYPE
     out = torch.zeros(total_q, hq, d, dtype=out_dtype, device=q.device)
     lse = torch.full((hq, total_q), float("-inf"), dtype=work, device=q.device)
+    if sinks is not None:
+        lse[:] = sinks.to(device=q.device, dtype=work)[:, None]
     probs = torch.zeros(bsz, hq, msq, msk, dtype=work, device=q.device)
     for b in range(bsz):
         q0, sq, sk = int(cu_seqlens_q[b]), lens_q[b], lens_k[b]
@@ -136,7 +143,7 @@ def varlen_ref(q, cu_seqlens_q: Sequence[int], kv: List[Tuple[torch.Tensor, torc
             slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b]
         kb, vb = kv[b]
         o, l, p = attention_ref(q[q0:q0 + sq][None], kb[None], vb[None], softmax_scale, causal,
-                                window_size, softcap, slopes, naive)
+                                window_size, softcap, slopes, naive, sinks)
         out[q0:q0 + sq] = o[0]
         lse[:, q0:q0 + sq] = l[0]
         probs[b, :, :sq, :sk] = p[0]
@@ -234,6 +241,26 @@ def assert_empty_rows_zero(name: str, out: torch.Tensor, lse_ref: torch.Tensor):
     if bool(bad.any()):
         raise AssertionError(f"{name}: {int(bad.any(dim=-1).sum())} rows that see no key are not "
                              f"exactly 0 (first at {_first_index(empty)})")
+
+
+def assert_sink_rows(name: str, out: torch.Tensor, lse: torch.Tensor, ref_out: torch.Tensor,
+                     sinks: torch.Tensor):
+    """With attention sinks, rows that see no key (the reference output exactly 0: its keys'
+    probabilities are all 0) must be exactly 0 with LSE exactly sinks[h] (the sink's state alone).
+    Batched: out (B, Sq, Hq, D), lse (B, Hq, Sq); varlen: out (T, Hq, D), lse (Hq, T)."""
+    empty = (ref_out == 0).all(dim=-1)  # (B, Sq, Hq) or (T, Hq)
+    if not bool(empty.any()):
+        return
+    if bool((out[empty] != 0).any()):
+        raise AssertionError(f"{name}: rows that see no key are not exactly 0 (first at "
+                             f"{_first_index(empty)})")
+    lse_rows = lse.transpose(1, 2) if out.dim() == 4 else lse.transpose(0, 1)  # like `empty`
+    want = sinks.to(lse.dtype).expand_as(lse_rows)
+    bad = empty & (lse_rows != want)
+    if bool(bad.any()):
+        i = _first_index(bad)
+        raise AssertionError(f"{name}: LSE of a row that sees no key is {float(lse_rows[i])!r}, "
+                             f"not its sink {float(want[i])!r} (at {i})")
 
 
 _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,

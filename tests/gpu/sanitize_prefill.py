@@ -2,8 +2,9 @@
 dense (head dims 8..256, every option, GQA, strided views, empty sequences, probabilities), varlen
 with packed keys (ragged lengths incl. 0 and 1, Sq > Sk), paged keys through a block table (page
 sizes 1, 5, 16, 64, 256) and CSR lists (lengths from seqused_k, cu_seqlens_k, last_page_len),
-and varlen padding rows. Each call runs twice into NaN-poisoned buffers and, unless --no-check,
-is compared with the float64 reference (as tests/gpu/test_prefill.py does).
+varlen padding rows, and attention sinks (dense with probabilities, varlen with padding rows).
+Each call runs twice into NaN-poisoned buffers and, unless --no-check, is compared with the
+float64 reference (as tests/gpu/test_prefill.py does).
 
 Not collected by pytest (no test_ prefix). Usage:
     python tests/gpu/sanitize_prefill.py [--no-check] [--only SUBSTRING] [--seed N]
@@ -25,7 +26,7 @@ from sanitize_runner import run_cases  # noqa: E402
 F16, B16 = torch.float16, torch.bfloat16
 
 
-def dense(rng, check, dtype, b, sq, sk, hq, hkv, d, opt, layout=None, probs=False):
+def dense(rng, check, dtype, b, sq, sk, hq, hkv, d, opt, layout=None, probs=False, sinks=False):
     if layout is None:
         q = T.randn(b, sq, hq, d, dtype=dtype)
         k, v = T.randn(b, sk, hkv, d, dtype=dtype), T.randn(b, sk, hkv, d, dtype=dtype)
@@ -35,26 +36,28 @@ def dense(rng, check, dtype, b, sq, sk, hq, hkv, d, opt, layout=None, probs=Fals
         k, v = T.strided(layout, b, sk, hkv, d, dtype), T.strided(layout, b, sk, hkv, d, dtype)
         make_out = lambda: T.strided(layout, b, sq, hq, d, dtype, fill=float("nan"))  # noqa: E731
     kw = T.make_options(rng, opt, b, hq)
+    extra = dict(sinks=T.draw_sinks(hq)) if sinks else {}
     if probs:
-        call = lambda o: T.flash_attn_func(q, k, v, return_attn_probs=True, out=o, **kw)  # noqa: E731
+        call = lambda o: T.flash_attn_func(q, k, v, return_attn_probs=True, out=o, **kw, **extra)  # noqa: E731
     else:
-        call = T.dense_call(q, k, v, kw)
+        call = T.dense_call(q, k, v, kw, **extra)
     res = T.run_twice(call, make_out)
     if check:
-        T.check_dense(res, q, k, v, kw, probs_atol=T.PROBS_ATOL if probs else None)
+        T.check_dense(res, q, k, v, kw, probs_atol=T.PROBS_ATOL if probs else None, sinks=extra.get("sinks"))
 
 
-def varlen_packed(rng, check, dtype, lq, lk, hq, hkv, d, opt, pad_rows=0):
+def varlen_packed(rng, check, dtype, lq, lk, hq, hkv, d, opt, pad_rows=0, sinks=False):
     cu_q, cu_k = T.cumsum0(lq), T.cumsum0(lk)
     q = T.randn(cu_q[-1] + pad_rows, hq, d, dtype=dtype)
     k, v = T.randn(cu_k[-1], hkv, d, dtype=dtype), T.randn(cu_k[-1], hkv, d, dtype=dtype)
     kw = T.make_options(rng, opt, len(lq), hq)
+    extra = dict(sinks=T.draw_sinks(hq)) if sinks else {}
     cq, ck = T.i32(cu_q), T.i32(cu_k)
     res = T.run_twice(lambda o: T.flash_attn_varlen_func(q, k, v, cq, ck, max(lq), max(lk),
-                                                         return_softmax_lse=True, out=o, **kw),
+                                                         return_softmax_lse=True, out=o, **kw, **extra),
                       lambda: T.nan_full(q.shape, dtype))
     if check:
-        T.check_varlen(res, q, cu_q, T.packed_kv(k, v, cu_k, lk), kw)
+        T.check_varlen(res, q, cu_q, T.packed_kv(k, v, cu_k, lk), kw, sinks=extra.get("sinks"))
 
 
 def varlen_block_table(rng, check, dtype, lq, lk, hq, hkv, d, ps, opt, probs=False):
@@ -140,6 +143,9 @@ def cases():
     yield "varlen csr page 5 last_page_len", varlen_csr, (B16, RAGGED_Q, RAGGED_K, 8, 2, 64, 5, "causal", "last_page_len")
     yield "varlen csr page 16 cu_seqlens_k d256", varlen_csr, (F16, RAGGED_Q, RAGGED_K, 8, 2, 256, 16, T.ALL, "cu_seqlens_k")
     yield "varlen csr page 256 seqused_k", varlen_csr, (F16, RAGGED_Q, RAGGED_K, 8, 8, 128, 256, "window", "seqused_k")
+    yield "dense bf16 d128 sinks probs Sq>Sk causal", dense, (B16, 2, 130, 70, 8, 2, 128, "causal"), {"probs": True, "sinks": True}
+    yield "dense fp16 d96 sinks all options", dense, (F16, 1, 65, 97, 8, 2, 96, T.ALL), {"sinks": True}
+    yield "varlen packed bf16 d64 sinks padding rows", varlen_packed, (B16, [3, 4, 0], [5, 2, 6], 8, 2, 64, "causal"), {"pad_rows": 5, "sinks": True}
     yield "inconsistent index tensors are clamped", inconsistent_indices, (F16,)
 
 

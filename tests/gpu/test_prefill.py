@@ -65,25 +65,30 @@ def run_twice(call, make_out):
     return results[0]
 
 
-def check_dense(res, q, k, v, kw, probs_atol=None):
+def check_dense(res, q, k, v, kw, probs_atol=None, sinks=None):
     out, lse = res[0], res[1]
-    ref_o, ref_lse, ref_p = R.attention_ref(q, k, v, **kw)
-    naive_o, _, _ = R.attention_ref(q, k, v, naive=True, **kw)
+    ref_o, ref_lse, ref_p = R.attention_ref(q, k, v, sinks=sinks, **kw)
+    naive_o, _, _ = R.attention_ref(q, k, v, naive=True, sinks=sinks, **kw)
     R.assert_out_close("out", out, ref_o, naive_o)
     R.assert_empty_rows_zero("out", out, ref_lse)
     R.assert_lse_close("softmax_lse", lse, ref_lse)
+    if sinks is not None:
+        R.assert_sink_rows("out", out, lse, ref_o, sinks)
     if probs_atol is not None:
         R.assert_probs_close("attn_probs", res[2], ref_p, probs_atol)
 
 
-def check_varlen(res, q, cu_q, kv, kw, max_seqlen_q=None, max_seqlen_k=None, probs_atol=None):
+def check_varlen(res, q, cu_q, kv, kw, max_seqlen_q=None, max_seqlen_k=None, probs_atol=None,
+                 sinks=None, factor=2.0):
     out, lse = res[0], res[1]
     ref_o, ref_lse, ref_p = R.varlen_ref(q, cu_q, kv, max_seqlen_q=max_seqlen_q,
-                                         max_seqlen_k=max_seqlen_k, **kw)
-    naive_o, _, _ = R.varlen_ref(q, cu_q, kv, naive=True, **kw)
-    R.assert_out_close("out", out, ref_o, naive_o)
+                                         max_seqlen_k=max_seqlen_k, sinks=sinks, **kw)
+    naive_o, _, _ = R.varlen_ref(q, cu_q, kv, naive=True, sinks=sinks, **kw)
+    R.assert_out_close("out", out, ref_o, naive_o, factor=factor)
     R.assert_empty_rows_zero("out", out, ref_lse)
     R.assert_lse_close("softmax_lse", lse, ref_lse)
+    if sinks is not None:
+        R.assert_sink_rows("out", out, lse, ref_o, sinks)
     if probs_atol is not None:
         R.assert_probs_close("attn_probs", res[2], ref_p, probs_atol)
 
@@ -1015,3 +1020,73 @@ def test_sm80_kernel_forced(monkeypatch, seed, dtype, d):
 def test_sm80_kernel_forced_paged(monkeypatch, seed, page_size):
     monkeypatch.setenv("FASTATTN_PREFILL_KERNEL", "sm80")
     test_varlen_paged_block_table(seed, torch.bfloat16, page_size, ALL, "seqused_k")
+
+
+# ---- attention sinks ----------------------------------------------------------------------------
+# sinks= (or s_aux=) folded into each finished row by both prefill kernels (prefill_kernel.cuh's
+# finish_row), into the softmax-matrix pass and, for varlen, into the padding rows past
+# cu_seqlens_q[B], which see no key (LSE sinks[h]). Checked against the float64 reference with the
+# sink as one more column of each softmax; rows that see no key exactly 0 with LSE sinks[h].
+
+SINK_SHAPES = [(2, 113, 799, 128), (2, 799, 113, 64), (3, 1, 500, 256), (1, 70, 130, 96),
+               (2, 200, 33, 40)]
+
+
+def draw_sinks(hq):
+    """(Hq) float32 sinks near the scores' scale, as a stride-2 view."""
+    return (torch.randn(hq, 2, device=DEV) * 2.0)[:, 0]
+
+
+@pytest.mark.parametrize("kernel", ["auto", "sm80"])
+@pytest.mark.parametrize("shape", SINK_SHAPES, ids=lambda s: "b%d-q%d-k%d-d%d" % s)
+@pytest.mark.parametrize("opt", ["none", "causal", ALL])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_dense_sinks(monkeypatch, seed, dtype, opt, shape, kernel):
+    """flash_attn_func(sinks=) on the kernel the GPU picks (the wgmma kernel on an H200 for
+    head_dim 64 / 128 / 256) and on the mma.sync kernel, with attn_probs."""
+    if kernel == "sm80":
+        monkeypatch.setenv("FASTATTN_PREFILL_KERNEL", "sm80")
+    b, sq, sk, d = shape
+    hq, hkv = 8, 2
+    q, k, v = randn(b, sq, hq, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype)
+    kw = make_options(seed, opt, b, hq)
+    sinks = draw_sinks(hq)
+    res = run_twice(lambda o: flash_attn_func(q, k, v, return_attn_probs=True, out=o, sinks=sinks, **kw),
+                    lambda: nan_full(q.shape, dtype))
+    check_dense(res, q, k, v, kw, probs_atol=PROBS_ATOL, sinks=sinks)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "sm80"])
+@pytest.mark.parametrize("keys", ["packed", "page1", "page16"])
+@pytest.mark.parametrize("heads", [(8, 2, 128), (64, 8, 64)], ids=["h8-2-d128", "gptoss-h64-8-d64"])
+@pytest.mark.parametrize("opt", ["causal", ALL])
+def test_varlen_sinks(monkeypatch, seed, opt, heads, keys, kernel):
+    """flash_attn_varlen_func(s_aux=) (vLLM's name) over packed and paged keys, ragged lengths with
+    empty sequences, three padding rows past cu_seqlens_q[B] and attn_probs; gpt-oss's head shape
+    among them."""
+    if kernel == "sm80":
+        monkeypatch.setenv("FASTATTN_PREFILL_KERNEL", "sm80")
+    dtype = torch.bfloat16
+    lq, lk = LENGTHS["ragged"]
+    hq, hkv, d = heads
+    pad = 3
+    cu_q, cu_k = cumsum0(lq), cumsum0(lk)
+    q = randn(cu_q[-1] + pad, hq, d, dtype=dtype)
+    kw = make_options(seed, opt, len(lq), hq)
+    sinks = draw_sinks(hq)
+    cq, ck = i32(cu_q), i32(cu_k)
+    if keys == "packed":
+        k, v = randn(cu_k[-1], hkv, d, dtype=dtype), randn(cu_k[-1], hkv, d, dtype=dtype)
+        extra, kv = {}, packed_kv(k, v, cu_k, lk)
+    else:
+        page_size = int(keys[4:])
+        table, num_pages = make_block_table(seed, lk, page_size)
+        k = randn(num_pages, page_size, hkv, d, dtype=dtype)
+        v = randn(num_pages, page_size, hkv, d, dtype=dtype)
+        extra = dict(block_table=torch.tensor(table, dtype=torch.int32, device=DEV))
+        kv = paged_kv(k, v, table, lk)
+    res = run_twice(lambda o: flash_attn_varlen_func(q, k, v, cq, ck, max(lq), max(lk), return_attn_probs=True,
+                                                     out=o, s_aux=sinks, **extra, **kw),
+                    lambda: nan_full(q.shape, dtype))
+    check_varlen(res, q, cu_q, kv, kw, probs_atol=PROBS_ATOL, sinks=sinks)
+    assert torch.equal(res[1][:, cu_q[-1]:], sinks[:, None].expand(hq, pad))

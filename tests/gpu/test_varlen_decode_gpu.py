@@ -46,7 +46,7 @@ class Case:
     page lists and key lengths; index tensors on the GPU."""
 
     def __init__(self, rng, dtype, lens, page_size, hq, hkv, d, addressing, lengths_from,
-                 lq=None, extra_q_rows=0, opt="none", strided=False):
+                 lq=None, extra_q_rows=0, opt="none", strided=False, sinks=False):
         self.dtype, self.lens, self.ps, self.hq, self.d = dtype, list(lens), page_size, hq, d
         self.addressing, self.lengths_from = addressing, lengths_from
         b = len(lens)
@@ -77,6 +77,8 @@ class Case:
         self.kw = P.make_options(rng, opt, b, hq)
         self.max_seqlen_q = max(self.lq + [0])
         self.max_seqlen_k = max(lens + [0])
+        # Attention sinks (Hq) float32 near the scores' scale, a stride-2 view; None: no sinks.
+        self.sinks = (torch.randn(hq, 2, device=DEV) * 2.0)[:, 0] if sinks else None
 
     def make_out(self):
         if self.strided:  # head stride D + 8
@@ -94,7 +96,7 @@ class Case:
                     v_pages=self.vp, max_seqlen_k=self.max_seqlen_k, out=out, lse=lse, probs=probs,
                     softmax_scale=kw.get("softmax_scale"), causal=kw.get("causal", False),
                     window_left=left, window_right=right, softcap=kw.get("softcap", 0.0),
-                    alibi_slopes=kw.get("alibi_slopes"), cuda_stream=stream_ptr(),
+                    alibi_slopes=kw.get("alibi_slopes"), sinks=self.sinks, cuda_stream=stream_ptr(),
                     **keys, **self.lengths)
 
     def call(self, out, workspace="alloc"):
@@ -106,7 +108,8 @@ class Case:
             return flash_attn_varlen_func(
                 self.q, self.kp, self.vp, self.cq, self.lengths.get("cu_seqlens_k"),
                 self.max_seqlen_q, self.max_seqlen_k, block_table=self.bt,
-                seqused_k=self.lengths.get("seqused_k"), return_softmax_lse=True, out=out, **self.kw)
+                seqused_k=self.lengths.get("seqused_k"), return_softmax_lse=True, out=out,
+                sinks=self.sinks, **self.kw)
         lse = nan_full((self.hq, self.q.shape[0]), torch.float32)
         alloc = None
         if isinstance(workspace, str):
@@ -124,11 +127,13 @@ class Case:
     def check(self, res, factor=FACTOR):
         out, lse = res[0], res[1]
         kv = self.kv()
-        ref_o, ref_lse, _ = R.varlen_ref(self.q, self.cu_q, kv, **self.kw)
-        naive_o, _, _ = R.varlen_ref(self.q, self.cu_q, kv, naive=True, **self.kw)
+        ref_o, ref_lse, _ = R.varlen_ref(self.q, self.cu_q, kv, sinks=self.sinks, **self.kw)
+        naive_o, _, _ = R.varlen_ref(self.q, self.cu_q, kv, naive=True, sinks=self.sinks, **self.kw)
         R.assert_out_close("out", out, ref_o, naive_o, factor=factor)
         R.assert_empty_rows_zero("out", out, ref_lse)
         R.assert_lse_close("softmax_lse", lse, ref_lse)
+        if self.sinks is not None:
+            R.assert_sink_rows("out", out, lse, ref_o, self.sinks)
 
     def run(self, workspace="alloc"):
         res = P.run_twice(lambda o: self.call(o, workspace), self.make_out)
@@ -257,6 +262,27 @@ def test_sequences_without_query(seed, addressing, lq):
     out, lse = case.run()
     pad = case.cu_q[-1]
     assert bool((out[pad:] == 0).all()) and bool(torch.isneginf(lse[:, pad:]).all())
+
+
+@pytest.mark.parametrize("workspace", ["alloc", None], ids=["splits", "one-split"])
+@pytest.mark.parametrize("lq", [None, [0, 1, 1, 0, 1, 1]], ids=["one-each", "padding-rows"])
+@pytest.mark.parametrize("heads", [(8, 2, 128), (64, 8, 64), (8, 8, 256)], ids=["h8-2-d128", "h64-8-d64", "h8-8-d256"])
+@pytest.mark.parametrize("addressing", ["block_table", "csr"])
+def test_sinks(seed, addressing, heads, lq, workspace):
+    """sinks= on the decode route: the decode kernels fold them into each finished row, the
+    combine kernel into the merged splits (with a workspace) and rows that see no key (an empty
+    sequence, padding rows past cu_seqlens_q[B]) get out 0 and LSE sinks[h], as on the prefill
+    kernel."""
+    hq, hkv, d = heads
+    lens = shuffled(seed, [0, 5, 300, 2000, 17, 6000])
+    lengths_from = "seqused_k" if addressing == "block_table" else "last_page_len"
+    extra = 0 if lq is None else len(lens) - sum(lq)
+    case = Case(seed, torch.bfloat16, lens, 16, hq, hkv, d, addressing, lengths_from, lq=lq,
+                extra_q_rows=extra, opt="causal+softcap", sinks=True)
+    assert case.workspace_bytes() > 0  # routed to the decode kernels
+    out, lse = case.run(workspace)
+    pad = case.cu_q[-1]
+    assert torch.equal(lse[:, pad:], case.sinks[:, None].expand(hq, len(lens) - pad))
 
 
 @pytest.mark.parametrize("addressing", ["block_table", "csr"])
