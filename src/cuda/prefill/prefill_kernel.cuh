@@ -21,6 +21,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <cute/arch/copy_sm75.hpp>
 #include <cute/arch/copy_sm80.hpp>
 #include <cute/arch/mma_sm80.hpp>
@@ -362,22 +363,28 @@ __device__ __forceinline__ float head_sink(const PrefillParams& p, int h) {
 }
 
 /// A finished row's output multiplier and natural-log LSE, from its max score in log2 units and
-/// its sum of exp2(score - max) (0 for a row that saw no key). With a sink (head_sink) the row's
-/// state is merged with (sink, a zero output) first, so out and LSE include the sink's term.
+/// its sum of exp2(score - max) (0 for a row that saw no key). With a sink (kWithSink) the row's
+/// state is merged with (sink, a zero output) first, so out and LSE include the sink's term; a
+/// row that saw no key then gets LSE sink exactly.
+/// The kernels instantiate their epilogue twice, for kWithSink false and true, and pick one by a
+/// uniform branch: the plain epilogue is then the code from before sinks, whose registers the
+/// main loop shares (folding the sink in one epilogue for both cost calls without sinks 1.5-4.5%
+/// on the mma.sync kernel at head_dim 128 and the wgmma kernel at 64; bench/NOTES.md, session 76).
 struct FinishedRow {
   float inv;  ///< multiplies the accumulator into the stored output
   float lse;
 };
+template <bool kWithSink>
 __device__ __forceinline__ FinishedRow finish_row(float sink, float row_max_log2, float sum) {
   constexpr float kLn2 = 0.6931471805599453f;
-  FinishedRow f{sum > 0.0f ? 1.0f / sum : 0.0f,
-                sum > 0.0f ? (row_max_log2 + __log2f(sum)) * kLn2 : -INFINITY};
-  if (sink != -INFINITY) {
-    const MergeWeights w = merge_weights(f.lse, sink);
-    f.inv *= w.w_a;
-    f.lse = w.lse;
+  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+  const float lse = sum > 0.0f ? (row_max_log2 + __log2f(sum)) * kLn2 : -INFINITY;
+  if constexpr (!kWithSink) {
+    return {inv, lse};
+  } else {
+    const MergeWeights w = merge_weights(lse, sink);
+    return {inv * w.w_a, w.lse};
   }
-  return f;
 }
 
 template <int kHeadDim, Dtype kDtype>
@@ -615,27 +622,30 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, PrefillConf
              cta.split * p.out_split_stride;
   float* glse = p.lse + cta.split * p.lse_split_stride;
   const float sink = head_sink(p, h);
+  auto store_rows = [&](auto with_sink) {
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int r = m0 + warp_row0 + mt * 16 + g + hr * 8;
-      const FinishedRow fin = finish_row(sink, row_max[mt][hr], quad_sum(row_sum[mt][hr]));
-      const float inv = fin.inv;
-      if (r >= sq) continue;
-      std::uint16_t* orow = go + std::int64_t(r) * p.out_row_stride;
+      for (int hr = 0; hr < 2; ++hr) {
+        const int r = m0 + warp_row0 + mt * 16 + g + hr * 8;
+        const FinishedRow fin = finish_row<with_sink>(sink, row_max[mt][hr], quad_sum(row_sum[mt][hr]));
+        if (r >= sq) continue;
+        std::uint16_t* orow = go + std::int64_t(r) * p.out_row_stride;
 #pragma unroll
-      for (int dt = 0; dt < DT; ++dt) {
-        const int col = dt * 8 + 2 * t;
-        if (col < p.head_dim)
-          *reinterpret_cast<std::uint32_t*>(orow + col) =
-              Traits::pack(acc_o[mt][dt][hr * 2] * inv, acc_o[mt][dt][hr * 2 + 1] * inv);
+        for (int dt = 0; dt < DT; ++dt) {
+          const int col = dt * 8 + 2 * t;
+          if (col < p.head_dim)
+            *reinterpret_cast<std::uint32_t*>(orow + col) =
+                Traits::pack(acc_o[mt][dt][hr * 2] * fin.inv, acc_o[mt][dt][hr * 2 + 1] * fin.inv);
+        }
+        if (p.lse && t == 0)
+          glse[b * p.lse_batch_stride + h * p.lse_head_stride + std::int64_t(q_start + r) * p.lse_row_stride] =
+              fin.lse;
       }
-      if (p.lse && t == 0)
-        glse[b * p.lse_batch_stride + h * p.lse_head_stride + std::int64_t(q_start + r) * p.lse_row_stride] =
-            fin.lse;
     }
-  }
+  };
+  if (sink == -INFINITY) store_rows(std::false_type{});  // uniform: every thread of the CTA alike
+  else store_rows(std::true_type{});
 }
 
 }  // namespace fastattn::cuda_prefill

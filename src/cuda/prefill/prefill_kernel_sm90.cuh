@@ -355,24 +355,27 @@ __global__ void __launch_bounds__(PrefillSm90Config<kHeadDim, kDtype>::kThreads,
              cta.split * p.out_split_stride;
   float* glse = p.lse + cta.split * p.lse_split_stride;
   const float sink = head_sink(p, h);
-  CUTE_UNROLL
-  for (int hr = 0; hr < 2; ++hr) {
-    const int r = m0 + row_base + hr * 8;
-    const FinishedRow fin = finish_row(sink, row_max[hr], quad_sum(row_sum[hr]));
-    const float inv = fin.inv;
-    if (r >= sq) continue;
-    std::uint16_t* orow = go + std::int64_t(r) * p.out_row_stride;
+  auto store_rows = [&](auto with_sink) {  // instantiated with and without the sink: finish_row
     CUTE_UNROLL
-    for (int dt = 0; dt < kHeadDim / 8; ++dt) {
-      const int col = dt * 8 + 2 * t;
-      if (col < p.head_dim)
-        *reinterpret_cast<std::uint32_t*>(orow + col) =
-            Traits::pack(tOrO(dt * 4 + hr * 2) * inv, tOrO(dt * 4 + hr * 2 + 1) * inv);
+    for (int hr = 0; hr < 2; ++hr) {
+      const int r = m0 + row_base + hr * 8;
+      const FinishedRow fin = finish_row<with_sink>(sink, row_max[hr], quad_sum(row_sum[hr]));
+      if (r >= sq) continue;
+      std::uint16_t* orow = go + std::int64_t(r) * p.out_row_stride;
+      CUTE_UNROLL
+      for (int dt = 0; dt < kHeadDim / 8; ++dt) {
+        const int col = dt * 8 + 2 * t;
+        if (col < p.head_dim)
+          *reinterpret_cast<std::uint32_t*>(orow + col) =
+              Traits::pack(tOrO(dt * 4 + hr * 2) * fin.inv, tOrO(dt * 4 + hr * 2 + 1) * fin.inv);
+      }
+      if (p.lse && t == 0)
+        glse[b * p.lse_batch_stride + h * p.lse_head_stride + std::int64_t(q_start + r) * p.lse_row_stride] =
+            fin.lse;
     }
-    if (p.lse && t == 0)
-      glse[b * p.lse_batch_stride + h * p.lse_head_stride + std::int64_t(q_start + r) * p.lse_row_stride] =
-          fin.lse;
-  }
+  };
+  if (sink == -INFINITY) store_rows(std::false_type{});  // uniform: every thread of the CTA alike
+  else store_rows(std::true_type{});
 #else
   __trap();  // compiled for another architecture: the host only launches this on sm_90a
 #endif
