@@ -21,7 +21,6 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <type_traits>
 #include <cute/arch/copy_sm75.hpp>
 #include <cute/arch/copy_sm80.hpp>
 #include <cute/arch/mma_sm80.hpp>
@@ -357,37 +356,35 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-/// Head h's attention sink, or -inf without sinks (a sink of -inf changes nothing).
-__device__ __forceinline__ float head_sink(const PrefillParams& p, int h) {
-  return p.sinks ? p.sinks[h * p.sinks_stride] : -INFINITY;
-}
-
-/// A finished row's output multiplier and natural-log LSE, from its max score in log2 units and
-/// its sum of exp2(score - max) (0 for a row that saw no key). With a sink (kWithSink) the row's
-/// state is merged with (sink, a zero output) first, so out and LSE include the sink's term; a
-/// row that saw no key then gets LSE sink exactly.
-/// The kernels instantiate their epilogue twice, for kWithSink false and true, and pick one by a
-/// uniform branch: the plain epilogue is then the code from before sinks, whose registers the
-/// main loop shares (folding the sink in one epilogue for both cost calls without sinks 1.5-4.5%
-/// on the mma.sync kernel at head_dim 128 and the wgmma kernel at 64; bench/NOTES.md, session 76).
-struct FinishedRow {
-  float inv;  ///< multiplies the accumulator into the stored output
-  float lse;
-};
-template <bool kWithSink>
-__device__ __forceinline__ FinishedRow finish_row(float sink, float row_max_log2, float sum) {
+/// The natural-log LSE of a finished row from its max score in log2 units and its sum of
+/// exp2(score - max); -inf for a row that saw no key (sum 0).
+__device__ __forceinline__ float finished_lse(float row_max_log2, float sum) {
   constexpr float kLn2 = 0.6931471805599453f;
-  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-  const float lse = sum > 0.0f ? (row_max_log2 + __log2f(sum)) * kLn2 : -INFINITY;
-  if constexpr (!kWithSink) {
-    return {inv, lse};
-  } else {
-    const MergeWeights w = merge_weights(lse, sink);
-    return {inv * w.w_a, w.lse};
-  }
+  return sum > 0.0f ? (row_max_log2 + __log2f(sum)) * kLn2 : -INFINITY;
 }
 
-template <int kHeadDim, Dtype kDtype>
+/// Merges a finished row's state (LSE `lse`, output multiplier `inv`) with its sink's (sink, a zero
+/// output): inv is scaled by the row's weight, and the merged LSE returned (exactly `sink` for a
+/// row that saw no key).
+/// Both prefill kernels take kWithSink as a template parameter and call this only in the sink
+/// instantiation, which the host launches only for calls with sinks: the kernels without it are
+/// the code from before sinks. (Folding the sink in one epilogue for both cost calls without sinks
+/// 1.5-4.8% on the mma.sync kernel at head_dim 128 and the wgmma kernel at 64, whose main loops
+/// share their registers with the epilogue; so did two epilogues picked by a uniform branch, on
+/// the latter. bench/NOTES.md, session 76.)
+__device__ __forceinline__ float fold_sink(float sink, float lse, float& inv) {
+  const MergeWeights w = merge_weights(lse, sink);
+  inv *= w.w_a;
+  return w.lse;
+}
+
+/// Head h's attention sink in the kWithSink instantiation (unused, -inf, in the other).
+template <bool kWithSink>
+__device__ __forceinline__ float head_sink(const PrefillParams& p, int h) {
+  return kWithSink ? p.sinks[h * p.sinks_stride] : -INFINITY;
+}
+
+template <int kHeadDim, Dtype kDtype, bool kWithSink>
 __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, PrefillConfig<kHeadDim>::kMinBlocks)
     prefill_kernel(const __grid_constant__ PrefillParams p) {
   using Cfg = PrefillConfig<kHeadDim>;
@@ -621,31 +618,30 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, PrefillConf
              std::int64_t(q_start) * p.out_row_stride + h * p.out_head_stride +
              cta.split * p.out_split_stride;
   float* glse = p.lse + cta.split * p.lse_split_stride;
-  const float sink = head_sink(p, h);
-  auto store_rows = [&](auto with_sink) {
+  const float sink = head_sink<kWithSink>(p, h);
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
+  for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int r = m0 + warp_row0 + mt * 16 + g + hr * 8;
-        const FinishedRow fin = finish_row<with_sink>(sink, row_max[mt][hr], quad_sum(row_sum[mt][hr]));
-        if (r >= sq) continue;
-        std::uint16_t* orow = go + std::int64_t(r) * p.out_row_stride;
+    for (int hr = 0; hr < 2; ++hr) {
+      const int r = m0 + warp_row0 + mt * 16 + g + hr * 8;
+      const float sum = quad_sum(row_sum[mt][hr]);
+      float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+      float lse_with_sink = 0.0f;
+      if constexpr (kWithSink) lse_with_sink = fold_sink(sink, finished_lse(row_max[mt][hr], sum), inv);
+      if (r >= sq) continue;
+      std::uint16_t* orow = go + std::int64_t(r) * p.out_row_stride;
 #pragma unroll
-        for (int dt = 0; dt < DT; ++dt) {
-          const int col = dt * 8 + 2 * t;
-          if (col < p.head_dim)
-            *reinterpret_cast<std::uint32_t*>(orow + col) =
-                Traits::pack(acc_o[mt][dt][hr * 2] * fin.inv, acc_o[mt][dt][hr * 2 + 1] * fin.inv);
-        }
-        if (p.lse && t == 0)
-          glse[b * p.lse_batch_stride + h * p.lse_head_stride + std::int64_t(q_start + r) * p.lse_row_stride] =
-              fin.lse;
+      for (int dt = 0; dt < DT; ++dt) {
+        const int col = dt * 8 + 2 * t;
+        if (col < p.head_dim)
+          *reinterpret_cast<std::uint32_t*>(orow + col) =
+              Traits::pack(acc_o[mt][dt][hr * 2] * inv, acc_o[mt][dt][hr * 2 + 1] * inv);
       }
+      if (p.lse && t == 0)
+        glse[b * p.lse_batch_stride + h * p.lse_head_stride + std::int64_t(q_start + r) * p.lse_row_stride] =
+            kWithSink ? lse_with_sink : finished_lse(row_max[mt][hr], sum);
     }
-  };
-  if (sink == -INFINITY) store_rows(std::false_type{});  // uniform: every thread of the CTA alike
-  else store_rows(std::true_type{});
+  }
 }
 
 }  // namespace fastattn::cuda_prefill

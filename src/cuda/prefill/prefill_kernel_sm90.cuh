@@ -105,7 +105,7 @@ __device__ __forceinline__ void fence_smem_for_async_proxy() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-template <int kHeadDim, Dtype kDtype>
+template <int kHeadDim, Dtype kDtype, bool kWithSink>
 __global__ void __launch_bounds__(PrefillSm90Config<kHeadDim, kDtype>::kThreads,
                                   PrefillSm90Config<kHeadDim, kDtype>::kMinBlocks)
     prefill_kernel_sm90(const __grid_constant__ PrefillParams p) {
@@ -354,28 +354,27 @@ __global__ void __launch_bounds__(PrefillSm90Config<kHeadDim, kDtype>::kThreads,
              std::int64_t(q_start) * p.out_row_stride + h * p.out_head_stride +
              cta.split * p.out_split_stride;
   float* glse = p.lse + cta.split * p.lse_split_stride;
-  const float sink = head_sink(p, h);
-  auto store_rows = [&](auto with_sink) {  // instantiated with and without the sink: finish_row
+  const float sink = head_sink<kWithSink>(p, h);
+  CUTE_UNROLL
+  for (int hr = 0; hr < 2; ++hr) {
+    const int r = m0 + row_base + hr * 8;
+    const float sum = quad_sum(row_sum[hr]);
+    float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    float lse_with_sink = 0.0f;
+    if constexpr (kWithSink) lse_with_sink = fold_sink(sink, finished_lse(row_max[hr], sum), inv);
+    if (r >= sq) continue;
+    std::uint16_t* orow = go + std::int64_t(r) * p.out_row_stride;
     CUTE_UNROLL
-    for (int hr = 0; hr < 2; ++hr) {
-      const int r = m0 + row_base + hr * 8;
-      const FinishedRow fin = finish_row<with_sink>(sink, row_max[hr], quad_sum(row_sum[hr]));
-      if (r >= sq) continue;
-      std::uint16_t* orow = go + std::int64_t(r) * p.out_row_stride;
-      CUTE_UNROLL
-      for (int dt = 0; dt < kHeadDim / 8; ++dt) {
-        const int col = dt * 8 + 2 * t;
-        if (col < p.head_dim)
-          *reinterpret_cast<std::uint32_t*>(orow + col) =
-              Traits::pack(tOrO(dt * 4 + hr * 2) * fin.inv, tOrO(dt * 4 + hr * 2 + 1) * fin.inv);
-      }
-      if (p.lse && t == 0)
-        glse[b * p.lse_batch_stride + h * p.lse_head_stride + std::int64_t(q_start + r) * p.lse_row_stride] =
-            fin.lse;
+    for (int dt = 0; dt < kHeadDim / 8; ++dt) {
+      const int col = dt * 8 + 2 * t;
+      if (col < p.head_dim)
+        *reinterpret_cast<std::uint32_t*>(orow + col) =
+            Traits::pack(tOrO(dt * 4 + hr * 2) * inv, tOrO(dt * 4 + hr * 2 + 1) * inv);
     }
-  };
-  if (sink == -INFINITY) store_rows(std::false_type{});  // uniform: every thread of the CTA alike
-  else store_rows(std::true_type{});
+    if (p.lse && t == 0)
+      glse[b * p.lse_batch_stride + h * p.lse_head_stride + std::int64_t(q_start + r) * p.lse_row_stride] =
+          kWithSink ? lse_with_sink : finished_lse(row_max[hr], sum);
+  }
 #else
   __trap();  // compiled for another architecture: the host only launches this on sm_90a
 #endif
@@ -384,10 +383,14 @@ __global__ void __launch_bounds__(PrefillSm90Config<kHeadDim, kDtype>::kThreads,
 template <int kHeadDim, Dtype kDtype>
 void launch_prefill_sm90(const PrefillParams& p, cudaStream_t stream) {
   using Cfg = PrefillSm90Config<kHeadDim, kDtype>;
-  auto* kernel = &prefill_kernel_sm90<kHeadDim, kDtype>;
-  static const cudaError_t attr_status =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
-  FASTATTN_CUDA_CHECK(attr_status);
+  // The sink instantiation only for calls with sinks (fold_sink says why).
+  auto* plain = &prefill_kernel_sm90<kHeadDim, kDtype, false>;
+  auto* with_sink = &prefill_kernel_sm90<kHeadDim, kDtype, true>;
+  static const cudaError_t attr_status[2] = {
+      cudaFuncSetAttribute(plain, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
+      cudaFuncSetAttribute(with_sink, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes)};
+  FASTATTN_CUDA_CHECK(attr_status[p.sinks != nullptr]);
+  auto* kernel = p.sinks ? with_sink : plain;
   const dim3 grid((p.max_seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM, p.heads_q,
                   p.batch * (p.key_splits > 1 ? p.key_splits : 1));
   if (grid.x == 0 || grid.z == 0) return;

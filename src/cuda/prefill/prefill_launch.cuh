@@ -12,12 +12,16 @@ namespace fastattn::cuda_prefill {
 template <int kHeadDim, Dtype kDtype>
 void launch_prefill(const PrefillParams& p, cudaStream_t stream) {
   using Cfg = PrefillConfig<kHeadDim>;
-  auto* kernel = &prefill_kernel<kHeadDim, kDtype>;
+  // The sink instantiation only for calls with sinks (fold_sink says why).
+  auto* plain = &prefill_kernel<kHeadDim, kDtype, false>;
+  auto* with_sink = &prefill_kernel<kHeadDim, kDtype, true>;
   // More than 48 KiB of dynamic shared memory must be opted into, once per kernel (a function
   // attribute, not a stream operation: allowed while a graph is being captured).
-  static const cudaError_t attr_status =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
-  FASTATTN_CUDA_CHECK(attr_status);
+  static const cudaError_t attr_status[2] = {
+      cudaFuncSetAttribute(plain, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
+      cudaFuncSetAttribute(with_sink, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes)};
+  FASTATTN_CUDA_CHECK(attr_status[p.sinks != nullptr]);
+  auto* kernel = p.sinks ? with_sink : plain;
   const dim3 grid((p.max_seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM, p.heads_q,
                   p.batch * (p.key_splits > 1 ? p.key_splits : 1));
   if (grid.x == 0 || grid.z == 0) return;

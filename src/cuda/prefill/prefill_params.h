@@ -30,11 +30,6 @@ struct PrefillParams {
   std::int64_t lse_batch_stride = 0, lse_head_stride = 0, lse_row_stride = 0;
   float* probs = nullptr;  ///< optional softmax matrix (B, Hq, max_seqlen_q, probs_cols), contiguous
   std::int64_t probs_cols = 0;
-  /// Optional attention sinks (Hq) at stride sinks_stride: one more logit per head with a zero
-  /// value row, merged into each row's output and LSE where the row is finished, and into the
-  /// probs pass's normalisers. Only with key_splits == 1 (a split's partial state has no sink).
-  const float* sinks = nullptr;
-  std::int64_t sinks_stride = 0;
 
   // Keys/values. Dense: slot j of sequence b at k + b * k_batch_stride + (cu_seqlens_k[b] + j) *
   // k_row_stride. Paged: page = pages_b[j / page_size], k + page * k_page_stride +
@@ -87,6 +82,13 @@ struct PrefillParams {
   /// Host side only: run_prefill clears varlen rows past cu_seqlens_q[B] (output 0, LSE -inf).
   /// The shared-prefix passes turn it off (they manage those rows of their workspace).
   bool clear_padding_rows = true;
+
+  /// Optional attention sinks (Hq) at stride sinks_stride: one more logit per head with a zero
+  /// value row, merged into each row's output and LSE where the row is finished (the kernels'
+  /// kWithSink instantiation), into the probs pass's normalisers and into varlen padding rows.
+  /// Only with key_splits == 1 (a split's partial state has no sink).
+  const float* sinks = nullptr;
+  std::int64_t sinks_stride = 0;
 };
 
 /// Launches the prefill kernels on `stream` (cudaStream_t as void*): attention, then the
