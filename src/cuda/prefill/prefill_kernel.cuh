@@ -25,7 +25,6 @@
 #include <cute/arch/copy_sm80.hpp>
 #include <cute/arch/mma_sm80.hpp>
 
-#include "common/softmax_state.h"
 #include "cuda/prefill/prefill_params.h"
 
 namespace fastattn::cuda_prefill {
@@ -363,19 +362,29 @@ __device__ __forceinline__ float finished_lse(float row_max_log2, float sum) {
   return sum > 0.0f ? (row_max_log2 + __log2f(sum)) * kLn2 : -INFINITY;
 }
 
-/// Merges a finished row's state (LSE `lse`, output multiplier `inv`) with its sink's (sink, a zero
-/// output): inv is scaled by the row's weight, and the merged LSE returned (exactly `sink` for a
-/// row that saw no key).
+/// A finished row's output multiplier and LSE with its sink, from the row's max score in log2
+/// units and its sum of exp2(score - max): the sink joins the row as one more score with a zero
+/// value row. Returns the natural-log LSE (exactly `sink` for a row that saw no key, -inf when the
+/// sink is -inf too) and sets inv, which multiplies the accumulator (0 for a row that saw no key).
 /// Both prefill kernels take kWithSink as a template parameter and call this only in the sink
 /// instantiation, which the host launches only for calls with sinks: the kernels without it are
 /// the code from before sinks. (Folding the sink in one epilogue for both cost calls without sinks
 /// 1.5-4.8% on the mma.sync kernel at head_dim 128 and the wgmma kernel at 64, whose main loops
 /// share their registers with the epilogue; so did two epilogues picked by a uniform branch, on
-/// the latter. bench/NOTES.md, session 76.)
-__device__ __forceinline__ float fold_sink(float sink, float lse, float& inv) {
-  const MergeWeights w = merge_weights(lse, sink);
-  inv *= w.w_a;
-  return w.lse;
+/// the latter. bench/NOTES.md, session 76.) In log2 units, as the kernels' scores are, the fold
+/// is two exp2, a log2 and a division per row, about half of merge_weights' work on the LSE.
+__device__ __forceinline__ float fold_sink(float sink, float row_max_log2, float sum, float& inv) {
+  constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+  const float sink_log2 = sink * kLog2e;
+  const float m = fmaxf(row_max_log2, sink_log2);  // finite unless no key and a sink of -inf
+  if (m == -INFINITY) {
+    inv = 0.0f;
+    return -INFINITY;
+  }
+  const float keep = sum > 0.0f ? fast_exp2(row_max_log2 - m) : 0.0f;
+  const float total = fmaf(sum, keep, fast_exp2(sink_log2 - m));
+  inv = keep / total;
+  return sum > 0.0f ? (m + __log2f(total)) * kLn2 : sink;
 }
 
 /// Head h's attention sink in the kWithSink instantiation (unused, -inf, in the other).
@@ -627,7 +636,7 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, PrefillConf
       const float sum = quad_sum(row_sum[mt][hr]);
       float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
       float lse_with_sink = 0.0f;
-      if constexpr (kWithSink) lse_with_sink = fold_sink(sink, finished_lse(row_max[mt][hr], sum), inv);
+      if constexpr (kWithSink) lse_with_sink = fold_sink(sink, row_max[mt][hr], sum, inv);
       if (r >= sq) continue;
       std::uint16_t* orow = go + std::int64_t(r) * p.out_row_stride;
 #pragma unroll

@@ -361,7 +361,7 @@ __global__ void __launch_bounds__(PrefillSm90Config<kHeadDim, kDtype>::kThreads,
     const float sum = quad_sum(row_sum[hr]);
     float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
     float lse_with_sink = 0.0f;
-    if constexpr (kWithSink) lse_with_sink = fold_sink(sink, finished_lse(row_max[hr], sum), inv);
+    if constexpr (kWithSink) lse_with_sink = fold_sink(sink, row_max[hr], sum, inv);
     if (r >= sq) continue;
     std::uint16_t* orow = go + std::int64_t(r) * p.out_row_stride;
     CUTE_UNROLL
