@@ -62,9 +62,10 @@ std::optional<fastattn::PagedKV> make_paged(nb::handle k_pages, nb::handle v_pag
 // ---- ops ------------------------------------------------------------------------------------
 
 void attention_forward(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle lse,
-                       nb::handle probs, nb::handle sinks, std::optional<float> softmax_scale, bool causal,
-                       std::int64_t window_left, std::int64_t window_right, float softcap,
-                       nb::handle alibi_slopes, std::uintptr_t cuda_stream, int num_threads) {
+                       nb::handle probs, nb::handle sinks, std::optional<float> softmax_scale,
+                       bool causal, std::int64_t window_left, std::int64_t window_right,
+                       float softcap, nb::handle alibi_slopes, std::uintptr_t cuda_stream,
+                       int num_threads) {
   Keep keep;
   fastattn::AttentionArgs a;
   a.q = in_view(q, "q", keep);

@@ -107,7 +107,8 @@ __global__ void clear_padding_rows_kernel(const PrefillParams p) {
       const int h = i / p.head_dim, c = i % p.head_dim;
       out[row * p.out_row_stride + h * p.out_head_stride + c] = 0;  // +0.0 in fp16 and bf16
       if (p.lse && c == 0)
-        p.lse[h * p.lse_head_stride + row * p.lse_row_stride] = p.sinks ? p.sinks[h * p.sinks_stride] : -INFINITY;
+        p.lse[h * p.lse_head_stride + row * p.lse_row_stride] =
+            p.sinks ? p.sinks[h * p.sinks_stride] : -INFINITY;
     }
 }
 
@@ -145,7 +146,8 @@ void run_prefill(const PrefillParams& p, void* stream_ptr) {
   if (p.head_dim < 8 || p.head_dim > kMaxHeadDim)
     throw ValueError("CUDA prefill: head_dim " + std::to_string(p.head_dim) + " outside [8, 256]");
   if (p.sinks && p.key_splits > 1)  // a split's partial state must not carry the sink
-    throw ValueError("CUDA prefill: attention sinks need key_splits == 1, got " + std::to_string(p.key_splits));
+    throw ValueError("CUDA prefill: attention sinks need key_splits == 1, got " +
+                     std::to_string(p.key_splits));
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   if (p.dtype == Dtype::kFloat16) launch_for_dtype<Dtype::kFloat16>(p, stream);
   else launch_for_dtype<Dtype::kBFloat16>(p, stream);

@@ -25,6 +25,7 @@
 #include <cute/arch/copy_sm80.hpp>
 #include <cute/arch/mma_sm80.hpp>
 
+#include "cuda/common/cuda_check.h"
 #include "cuda/prefill/prefill_params.h"
 
 namespace fastattn::cuda_prefill {
@@ -651,6 +652,19 @@ __global__ void __launch_bounds__(PrefillConfig<kHeadDim>::kThreads, PrefillConf
             kWithSink ? lse_with_sink : finished_lse(row_max[mt][hr], sum);
     }
   }
+}
+
+/// The instantiation of a prefill kernel that a call runs: kWithSinkKernel for calls with sinks,
+/// kPlainKernel otherwise (fold_sink says why they are two). Both get their dynamic shared memory
+/// opted into on the first call (more than 48 KiB needs it; a function attribute, not a stream
+/// operation, so allowed while a graph is being captured).
+template <auto kPlainKernel, auto kWithSinkKernel, int kSmemBytes>
+auto prefill_kernel_for(const PrefillParams& p) {
+  static const cudaError_t attr_status[2] = {
+      cudaFuncSetAttribute(kPlainKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes),
+      cudaFuncSetAttribute(kWithSinkKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes)};
+  FASTATTN_CUDA_CHECK(attr_status[p.sinks != nullptr]);
+  return p.sinks ? kWithSinkKernel : kPlainKernel;
 }
 
 }  // namespace fastattn::cuda_prefill

@@ -383,14 +383,8 @@ __global__ void __launch_bounds__(PrefillSm90Config<kHeadDim, kDtype>::kThreads,
 template <int kHeadDim, Dtype kDtype>
 void launch_prefill_sm90(const PrefillParams& p, cudaStream_t stream) {
   using Cfg = PrefillSm90Config<kHeadDim, kDtype>;
-  // The sink instantiation only for calls with sinks (fold_sink says why).
-  auto* plain = &prefill_kernel_sm90<kHeadDim, kDtype, false>;
-  auto* with_sink = &prefill_kernel_sm90<kHeadDim, kDtype, true>;
-  static const cudaError_t attr_status[2] = {
-      cudaFuncSetAttribute(plain, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
-      cudaFuncSetAttribute(with_sink, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes)};
-  FASTATTN_CUDA_CHECK(attr_status[p.sinks != nullptr]);
-  auto* kernel = p.sinks ? with_sink : plain;
+  auto* kernel = prefill_kernel_for<&prefill_kernel_sm90<kHeadDim, kDtype, false>,
+                                    &prefill_kernel_sm90<kHeadDim, kDtype, true>, Cfg::kSmemBytes>(p);
   const dim3 grid((p.max_seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM, p.heads_q,
                   p.batch * (p.key_splits > 1 ? p.key_splits : 1));
   if (grid.x == 0 || grid.z == 0) return;

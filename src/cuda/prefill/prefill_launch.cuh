@@ -12,16 +12,8 @@ namespace fastattn::cuda_prefill {
 template <int kHeadDim, Dtype kDtype>
 void launch_prefill(const PrefillParams& p, cudaStream_t stream) {
   using Cfg = PrefillConfig<kHeadDim>;
-  // The sink instantiation only for calls with sinks (fold_sink says why).
-  auto* plain = &prefill_kernel<kHeadDim, kDtype, false>;
-  auto* with_sink = &prefill_kernel<kHeadDim, kDtype, true>;
-  // More than 48 KiB of dynamic shared memory must be opted into, once per kernel (a function
-  // attribute, not a stream operation: allowed while a graph is being captured).
-  static const cudaError_t attr_status[2] = {
-      cudaFuncSetAttribute(plain, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
-      cudaFuncSetAttribute(with_sink, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes)};
-  FASTATTN_CUDA_CHECK(attr_status[p.sinks != nullptr]);
-  auto* kernel = p.sinks ? with_sink : plain;
+  auto* kernel = prefill_kernel_for<&prefill_kernel<kHeadDim, kDtype, false>,
+                                    &prefill_kernel<kHeadDim, kDtype, true>, Cfg::kSmemBytes>(p);
   const dim3 grid((p.max_seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM, p.heads_q,
                   p.batch * (p.key_splits > 1 ? p.key_splits : 1));
   if (grid.x == 0 || grid.z == 0) return;
