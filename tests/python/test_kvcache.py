@@ -288,3 +288,25 @@ def test_sinks_errors(rng, sinks, error, message):
         fastattn.flash_attn_with_kvcache(q, kc, vc, k, k, cache_seqlens=3, out=out, sinks=sinks)
     assert np.isnan(out).all()
     assert np.array_equal(kc, before[0]) and np.array_equal(vc, before[1])
+
+
+def test_sinks_as_s_aux(rng):
+    """s_aux (vLLM's FlashAttention fork's name) is the same argument as sinks: bitwise the same
+    result, appended cache included; both at once is refused before the append."""
+    B, H, D, S = 2, 4, 32, 16
+    q = rng.standard_normal((B, 1, H, D)).astype(np.float32)
+    k = rng.standard_normal((B, 1, H, D)).astype(np.float32)
+    sinks = (rng.standard_normal(H) * 2).astype(np.float32)
+    caches = [rng.standard_normal((B, S, H, D)).astype(np.float32) for _ in range(2)]
+    results = []
+    for kw in (dict(sinks=sinks), dict(s_aux=sinks)):
+        kc, vc = caches[0].copy(), caches[1].copy()
+        out, lse = fastattn.flash_attn_with_kvcache(q, kc, vc, k, k, cache_seqlens=3,
+                                                    return_softmax_lse=True, **kw)
+        results.append((out, lse, kc, vc))
+    for a, b in zip(*results):
+        assert np.array_equal(a, b)
+    kc, vc = caches[0].copy(), caches[1].copy()
+    with pytest.raises(TypeError, match="sinks and s_aux"):
+        fastattn.flash_attn_with_kvcache(q, kc, vc, k, k, cache_seqlens=3, sinks=sinks, s_aux=sinks)
+    assert np.array_equal(kc, caches[0]) and np.array_equal(vc, caches[1])
