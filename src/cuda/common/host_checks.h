@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <string>
 
 #include "core/check.h"
@@ -103,6 +104,15 @@ void set_options(KernelParams& p, const core::ResolvedOptions& o) {
   p.window_right = window(o.window_right);
   p.alibi = o.alibi;
   p.alibi_batch_stride = o.alibi_batch_stride;
+}
+
+/// Points a kernel params struct (prefill or decode: same field names) at the attention sinks,
+/// (Hq) float32 at any stride, or leaves it without them.
+template <class KernelParams>
+void set_sinks(KernelParams& p, const std::optional<TensorView>& sinks) {
+  if (!sinks) return;
+  p.sinks = static_cast<const float*>(sinks->data);
+  p.sinks_stride = sinks->stride(0);
 }
 
 inline void require_device(const check::ArgChecker& c) {

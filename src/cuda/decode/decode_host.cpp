@@ -67,10 +67,7 @@ Plan plan_decode(check::ArgChecker& c, const KVCacheArgs& a, const core::KVCache
     p.lse_head_stride = a.lse->stride(1);
     p.lse_row_stride = a.lse->stride(2);
   }
-  if (a.sinks) {
-    p.sinks = static_cast<const float*>(a.sinks->data);
-    p.sinks_stride = a.sinks->stride(0);
-  }
+  cuda_detail::set_sinks(p, a.sinks);
 
   set_cache_strides(p, a.k_cache, a.v_cache);
   std::int64_t max_keys = 0;  // the heuristic's bound on a sequence's keys (no device read)

@@ -89,10 +89,8 @@ VarlenPlan plan_varlen_decode(check::ArgChecker& c, const VarlenAttentionArgs& a
     p.lse_head_stride = a.lse->stride(0);
   }
   p.cu_seqlens_q = static_cast<const std::int32_t*>(a.cu_seqlens_q.data);
-  if (a.sinks) {  // a row no sequence owns is empty, so it gets LSE sinks[h] as the prefill path's
-    p.sinks = static_cast<const float*>(a.sinks->data);
-    p.sinks_stride = a.sinks->stride(0);
-  }
+  // A row no sequence owns is empty, so with sinks it gets LSE sinks[h], as on the prefill path.
+  cuda_detail::set_sinks(p, a.sinks);
 
   set_cache_strides(p, pk.k_pages, pk.v_pages);
   // Slots a sequence's pages can hold: the heuristic's bound on keys.

@@ -19,14 +19,9 @@ using cuda_detail::DeviceGuard;
 using cuda_detail::require_device;
 using cuda_detail::rows_aligned;
 using cuda_detail::set_options;
+using cuda_detail::set_sinks;
 
 Dtype kernel_dtype(const check::ArgChecker& c, DType dt) { return cuda_detail::kernel_dtype<Dtype>(c, dt); }
-
-void set_sinks(PrefillParams& p, const std::optional<TensorView>& sinks) {
-  if (!sinks) return;
-  p.sinks = static_cast<const float*>(sinks->data);
-  p.sinks_stride = sinks->stride(0);
-}
 
 }  // namespace
 
