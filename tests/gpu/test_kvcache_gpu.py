@@ -1404,6 +1404,7 @@ def draw_scenario(rng, sms):
     cfg["leftpad"] = rng.random() < 0.3
     cfg["opt"] = draw_options(rng)
     cfg["splits"] = 0 if form_grid and rng.random() < 0.8 else rng.choice([0, 0, 0, 1, 2, 3, 5, 64])
+    cfg["sinks"] = rng.random() < 0.25  # run_sinks_case instead of run_case
     return rng.choice(DTYPES), cfg
 
 
@@ -1411,10 +1412,12 @@ def test_kvcache_random_scenarios(seed):
     """RANDOM_SCENARIOS scenarios drawn fresh (draw_scenario), each through run_case: the output and
     LSE against the float64 reference (3x rule), two NaN-poisoned out= buffers bitwise equal, every
     cache byte outside the appended slots unchanged, the appended slots as expected, the guards
-    intact. A failure names the scenario's knobs; FASTATTN_TEST_SEED replays the whole draw."""
+    intact; a quarter of them with sinks= (run_sinks_case). A failure names the scenario's knobs;
+    FASTATTN_TEST_SEED replays the whole draw."""
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
     run_random_scenarios(seed, RANDOM_SCENARIOS, lambda rng: draw_scenario(rng, sms),
-                         lambda dtype, cfg: run_case(build_case(seed, dtype, cfg)))
+                         lambda dtype, cfg: (run_sinks_case if cfg["sinks"] else run_case)(
+                             build_case(seed, dtype, cfg)))
 
 
 POISON_CONFIGS = {

@@ -35,7 +35,8 @@ from fastattn import (  # noqa: E402
 )
 
 import gpu_reference as R  # noqa: E402
-from gpu_helpers import capture_or_xfail, cumsum0, i32, make_options, nan_full, randn, stream_ptr  # noqa: E402
+from gpu_helpers import (RANDOM_SCENARIOS, capture_or_xfail, cumsum0, i32, make_options, nan_full,  # noqa: E402
+                         randn, run_random_scenarios, stream_ptr)
 
 DEV = "cuda"
 DTYPES = [torch.float16, torch.bfloat16]
@@ -1090,3 +1091,97 @@ def test_varlen_sinks(monkeypatch, seed, opt, heads, keys, kernel):
                     lambda: nan_full(q.shape, dtype))
     check_varlen(res, q, cu_q, kv, kw, probs_atol=PROBS_ATOL, sinks=sinks)
     assert torch.equal(res[1][:, cu_q[-1]:], sinks[:, None].expand(hq, pad))
+
+
+# ---- random scenarios ------------------------------------------------------------------------------
+# Calls drawn from the whole option space at once, so that knobs meet in combinations no table
+# above lists: the API (dense, varlen over packed or paged keys), head dim, GQA ratio, lengths,
+# every mask and score option, sinks, attn_probs, padding rows and the kernel.
+
+PREFILL_SCENARIO_WORK = 4e7  # at most batch x Hq x Sq x Sk score elements, so the reference stays cheap
+
+
+def draw_prefill_options(rng):
+    """A '+'-joined option name for make_options: causal half the time; a window of one of four
+    forms, ALiBi slopes ((Hq) or (B, Hq)), softcap and a scale a quarter of the time each."""
+    opts = [o for o, p in (("causal", 0.5), (rng.choice(["window", "wleft", "wright", "wzero"]), 0.25),
+                           (rng.choice(["alibi", "alibi_bh"]), 0.25), ("softcap", 0.25), ("scale", 0.25))
+            if rng.random() < p]
+    return "+".join(opts) or "none"
+
+
+def draw_prefill_scenario(rng):
+    """(dtype, knobs) of one prefill call: api dense / packed / paged; b, hq, hkv, d; per-sequence
+    query and key lengths (0 among them for varlen); page size; padding rows past cu_seqlens_q[B];
+    options; sinks; attn_probs; the mma.sync kernel forced a quarter of the time."""
+    api = rng.choice(["dense", "packed", "paged"])
+    hkv = rng.choice([1, 2, 4, 8])
+    hq = hkv * rng.choice([r for r in (1, 2, 4, 8) if hkv * r <= 64])
+    b = rng.randint(1, 4)
+
+    def length():
+        return rng.choice([1, rng.randint(1, 64), rng.randint(1, 300), rng.randint(300, 1500)])
+
+    if api == "dense":
+        lq, lk = [length()] * b, [length()] * b
+    else:
+        lq = [0 if rng.random() < 0.1 else length() for _ in range(b)]
+        lk = [0 if rng.random() < 0.1 else length() for _ in range(b)]
+        if max(lq) == 0:  # max_seqlen_q >= 1
+            lq[rng.randrange(b)] = 1
+    while b * hq * max(lq) * max(lk) > PREFILL_SCENARIO_WORK:
+        lq, lk = [(n + 1) // 2 for n in lq], [(n + 1) // 2 for n in lk]
+    cfg = dict(api=api, b=b, hq=hq, hkv=hkv, d=rng.choice(HEAD_DIMS), lq=lq, lk=lk,
+               opt=draw_prefill_options(rng), sinks=rng.random() < 0.3,
+               probs=rng.random() < 0.15 and b * hq * max(lq) * max(lk) <= 4e6,
+               sm80=rng.random() < 0.25)
+    if api == "paged":
+        cfg["page"] = rng.choice([1, 5, 16, 16, 64, 256])
+    if api != "dense":
+        cfg["pad"] = rng.choice([0, 0, 0, 3])
+    return rng.choice(DTYPES), cfg
+
+
+def run_prefill_scenario(rng, dtype, cfg, monkeypatch):
+    """One drawn call into two NaN-poisoned out= buffers (bitwise equal), against the float64
+    reference: out by the 2x rule, LSE, attn_probs, empty rows and rows with only a sink."""
+    if cfg["sm80"]:
+        monkeypatch.setenv("FASTATTN_PREFILL_KERNEL", "sm80")
+    else:
+        monkeypatch.delenv("FASTATTN_PREFILL_KERNEL", raising=False)
+    b, hq, hkv, d, lq, lk = cfg["b"], cfg["hq"], cfg["hkv"], cfg["d"], cfg["lq"], cfg["lk"]
+    kw = make_options(rng, cfg["opt"], b, hq)
+    sinks = draw_sinks(hq) if cfg["sinks"] else None
+    extra = dict(sinks=sinks, return_attn_probs=cfg["probs"], return_softmax_lse=not cfg["probs"])
+    probs_atol = PROBS_ATOL if cfg["probs"] else None
+    if cfg["api"] == "dense":
+        q = randn(b, lq[0], hq, d, dtype=dtype)
+        k, v = randn(b, lk[0], hkv, d, dtype=dtype), randn(b, lk[0], hkv, d, dtype=dtype)
+        res = run_twice(lambda o: flash_attn_func(q, k, v, out=o, **extra, **kw), lambda: nan_full(q.shape, dtype))
+        check_dense(res, q, k, v, kw, probs_atol=probs_atol, sinks=sinks)
+        return
+    cu_q, cu_k = cumsum0(lq), cumsum0(lk)
+    q = randn(cu_q[-1] + cfg["pad"], hq, d, dtype=dtype)
+    if cfg["api"] == "packed":
+        k, v = randn(cu_k[-1], hkv, d, dtype=dtype), randn(cu_k[-1], hkv, d, dtype=dtype)
+        kv, keys = packed_kv(k, v, cu_k, lk), {}
+    else:
+        table, num_pages = make_block_table(rng, lk, cfg["page"])
+        k = randn(num_pages, cfg["page"], hkv, d, dtype=dtype)
+        v = randn(num_pages, cfg["page"], hkv, d, dtype=dtype)
+        kv, keys = paged_kv(k, v, table, lk), dict(block_table=torch.tensor(table, dtype=torch.int32, device=DEV))
+    cq, ck = i32(cu_q), i32(cu_k)
+    k_before, v_before = k.clone(), v.clone()
+    res = run_twice(lambda o: flash_attn_varlen_func(q, k, v, cq, ck, max(lq), max(lk), out=o, **keys,
+                                                     **extra, **kw),
+                    lambda: nan_full(q.shape, dtype))
+    assert torch.equal(k, k_before) and torch.equal(v, v_before), "the call wrote its keys or values"
+    check_varlen(res, q, cu_q, kv, kw, probs_atol=probs_atol, sinks=sinks)
+
+
+def test_prefill_random_scenarios(seed, monkeypatch):
+    """RANDOM_SCENARIOS prefill calls drawn fresh (draw_prefill_scenario), each through
+    run_prefill_scenario. A failure names the scenario's knobs; FASTATTN_TEST_SEED replays the
+    whole draw."""
+    run_random_scenarios(seed, RANDOM_SCENARIOS, draw_prefill_scenario,
+                         lambda dtype, cfg: run_prefill_scenario(seed, dtype, cfg, monkeypatch))

@@ -515,6 +515,7 @@ def draw_scenario(rng, sms):
     # (B, Hq) slopes stay on the prefill kernel: a third of the ALiBi draws.
     cfg["opt"] = KV.draw_options(rng, alibi=("alibi", "alibi", "alibi_bh"))
     cfg["workspace"] = rng.choice(["alloc"] * 8 + [None, "garbage"])
+    cfg["sinks"] = rng.random() < 0.25
     return rng.choice(DTYPES), cfg
 
 
@@ -541,7 +542,8 @@ def run_scenario(rng, dtype, cfg):
     lq = cfg["lq"]
     extra = 0 if lq is None else len(lq) - sum(lq)
     case = Case(rng, dtype, cfg["lens"], cfg["page"], cfg["hq"], cfg["hkv"], cfg["d"], cfg["addressing"],
-                cfg["lengths_from"], lq=lq, extra_q_rows=extra, opt=cfg["opt"], strided=cfg["strided"])
+                cfg["lengths_from"], lq=lq, extra_q_rows=extra, opt=cfg["opt"], strided=cfg["strided"],
+                sinks=cfg["sinks"])
     nbytes = case.workspace_bytes()
     if "alibi_bh" in cfg["opt"]:
         assert nbytes == 0, "a call with (B, Hq) ALiBi slopes was routed to the decode kernels"
@@ -554,9 +556,11 @@ def run_scenario(rng, dtype, cfg):
     same = [torch.equal(a.view(torch.int16), b.view(torch.int16))  # bytes: NaN != NaN as values
             for a, b in ((case.kp, k_before), (case.vp, v_before))]
     assert all(same), "the call wrote the page pool"
-    if extra:
+    if extra:  # padding rows see no key: LSE -inf, or sinks[h] with sinks
         pad = case.cu_q[-1]
-        assert bool((out[pad:] == 0).all()) and bool(torch.isneginf(lse[:, pad:]).all())
+        empty_lse = torch.full_like(lse[:, pad:], float("-inf")) if case.sinks is None else \
+            case.sinks[:, None].expand_as(lse[:, pad:])
+        assert bool((out[pad:] == 0).all()) and torch.equal(lse[:, pad:], empty_lse)
 
 
 def test_varlen_decode_random_scenarios(seed):
