@@ -15,6 +15,12 @@ def randn(*shape, dtype):
     return torch.randn(*shape, device=DEV, dtype=dtype)
 
 
+def strided_sinks(heads, scale=2.0):
+    """(heads,) float32 attention sinks of about `scale` times a unit normal, as a stride-2 view
+    (the ops take any stride)."""
+    return (torch.randn(heads, 2, device=DEV) * scale)[:, 0]
+
+
 def nan_full(shape, dtype):
     """An output buffer poisoned with NaN (a value the call must overwrite)."""
     return torch.full(tuple(shape), float("nan"), device=DEV, dtype=dtype)

@@ -243,6 +243,16 @@ def assert_empty_rows_zero(name: str, out: torch.Tensor, lse_ref: torch.Tensor):
                              f"exactly 0 (first at {_first_index(empty)})")
 
 
+def fold_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor):
+    """(out (..., Hq, D), lse (..., Hq)) of attention without sinks -> with them, in float64 by
+    their definition: one more logit sinks[h] per softmax with a zero value row, so
+    lse' = log(exp(lse) + exp(sinks[h])) and out' = out * exp(lse - lse') (0 where lse is -inf)."""
+    lse64 = lse.to(torch.float64)
+    merged = torch.logaddexp(lse64, sinks.to(torch.float64))
+    weight = torch.where(torch.isneginf(lse64), torch.zeros_like(lse64), torch.exp(lse64 - merged))
+    return out.to(torch.float64) * weight[..., None], merged
+
+
 def assert_sink_rows(name: str, out: torch.Tensor, lse: torch.Tensor, ref_out: torch.Tensor,
                      sinks: torch.Tensor):
     """With attention sinks, rows that see no key (the reference output exactly 0: its keys'

@@ -36,7 +36,7 @@ def dense(rng, check, dtype, b, sq, sk, hq, hkv, d, opt, layout=None, probs=Fals
         k, v = T.strided(layout, b, sk, hkv, d, dtype), T.strided(layout, b, sk, hkv, d, dtype)
         make_out = lambda: T.strided(layout, b, sq, hq, d, dtype, fill=float("nan"))  # noqa: E731
     kw = T.make_options(rng, opt, b, hq)
-    extra = dict(sinks=T.draw_sinks(hq)) if sinks else {}
+    extra = dict(sinks=T.strided_sinks(hq)) if sinks else {}
     if probs:
         call = lambda o: T.flash_attn_func(q, k, v, return_attn_probs=True, out=o, **kw, **extra)  # noqa: E731
     else:
@@ -51,7 +51,7 @@ def varlen_packed(rng, check, dtype, lq, lk, hq, hkv, d, opt, pad_rows=0, sinks=
     q = T.randn(cu_q[-1] + pad_rows, hq, d, dtype=dtype)
     k, v = T.randn(cu_k[-1], hkv, d, dtype=dtype), T.randn(cu_k[-1], hkv, d, dtype=dtype)
     kw = T.make_options(rng, opt, len(lq), hq)
-    extra = dict(sinks=T.draw_sinks(hq)) if sinks else {}
+    extra = dict(sinks=T.strided_sinks(hq)) if sinks else {}
     cq, ck = T.i32(cu_q), T.i32(cu_k)
     res = T.run_twice(lambda o: T.flash_attn_varlen_func(q, k, v, cq, ck, max(lq), max(lk),
                                                          return_softmax_lse=True, out=o, **kw, **extra),

@@ -157,17 +157,6 @@ def test_hnd_layout(seed, dtype, page_size, group, d):
     b.check(w)
 
 
-def with_sinks(out, lse, sinks):
-    """(out (B, Hq, D), lse (B, Hq)) of attention without sinks -> with them: the definition,
-    softmax over the keys and one more logit sinks[h] with a zero value row, in float64 from the
-    reference's own out and LSE (out * sum / (sum + exp(sink)))."""
-    s = sinks.to(torch.float64)[None]
-    merged = torch.logaddexp(lse.to(torch.float64), s)
-    weight = torch.exp(lse.to(torch.float64) - merged)
-    weight = torch.where(torch.isneginf(lse), torch.zeros_like(weight), weight)
-    return out.to(torch.float64) * weight[..., None], merged
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("group,d", [(1, 64), (4, 128), (8, 256)])
 def test_sinks(seed, dtype, group, d):
@@ -191,8 +180,8 @@ def test_sinks(seed, dtype, group, d):
         torch.cuda.synchronize()
         ref, ref_lse = b.reference(False)
         naive, naive_lse = b.reference(True)
-        ref, ref_lse = with_sinks(ref, ref_lse, sinks)
-        naive, _ = with_sinks(naive, naive_lse, sinks)
+        ref, ref_lse = R.fold_sinks(ref, ref_lse, sinks)
+        naive, _ = R.fold_sinks(naive, naive_lse, sinks)
         naive = naive.to(dtype).to(torch.float64)  # an in-dtype computation stores its output in the dtype
         R.assert_out_close("out", out, ref, naive, factor=FACTOR)
         R.assert_lse_close("lse", lse, ref_lse.float())
@@ -227,7 +216,7 @@ def test_sinks_in_a_cuda_graph(seed):
         torch.cuda.synchronize()
         R.assert_bitwise_equal("replay vs eager out", out, eager_out)
         R.assert_bitwise_equal("replay vs eager lse", lse, eager_lse)
-        ref, ref_lse = with_sinks(*b.reference(False), sinks)
+        ref, ref_lse = R.fold_sinks(*b.reference(False), sinks)
         R.assert_lse_close("replay lse", lse, ref_lse.float())
 
 

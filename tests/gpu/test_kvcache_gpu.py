@@ -36,7 +36,8 @@ from fastattn import flash_attn_varlen_func, flash_attn_with_kvcache  # noqa: E4
 
 import gpu_reference as R  # noqa: E402
 from gpu_helpers import (RANDOM_SCENARIOS, cumsum0, first_line, i32, make_options, nan_full, randn,  # noqa: E402
-                         run_random_scenarios, stream_ptr, warm_and_capture, xfail_if_dlpack_cannot_be_captured)
+                         run_random_scenarios, stream_ptr, strided_sinks, warm_and_capture,
+                         xfail_if_dlpack_cannot_be_captured)
 
 DEV = "cuda"
 DTYPES = [torch.float16, torch.bfloat16]
@@ -1015,13 +1016,10 @@ SINKS_CASES = [(kernel, name) for kernel in ("per_head", "per_head_unclustered")
 
 
 def fold_sinks(out, lse, sinks):
-    """(out (B, Sq, Hq, D), lse (B, Hq, Sq)) of attention without sinks -> with them, in float64 by
-    their definition: one more logit sinks[h] per softmax with a zero value row, so lse' =
-    log(exp(lse) + exp(sink)) and out' = out * exp(lse - lse') (0 where lse is -inf)."""
-    lse64 = lse.to(torch.float64)
-    merged = torch.logaddexp(lse64, sinks.to(torch.float64)[None, :, None])
-    weight = torch.where(torch.isneginf(lse64), torch.zeros_like(lse64), torch.exp(lse64 - merged))
-    return out.to(torch.float64) * weight.transpose(1, 2)[..., None], merged
+    """gpu_reference.fold_sinks for (out (B, Sq, Hq, D), lse (B, Hq, Sq)): returns them in the
+    same layouts, float64."""
+    out64, lse64 = R.fold_sinks(out, lse.transpose(1, 2), sinks)
+    return out64, lse64.transpose(1, 2)
 
 
 def run_sinks_case(case, check=True):
@@ -1029,7 +1027,7 @@ def run_sinks_case(case, check=True):
     equal); with `check`, against the float32 reference with the sinks folded in by their definition,
     the cache checks of run_case, and rows with no key at out 0 and LSE sinks[h]."""
     hq = case.q.shape[2]
-    sinks = (torch.randn(hq, 2, device=DEV) * 3)[:, 0]
+    sinks = strided_sinks(hq, scale=3.0)
     before = snapshot(case) if check else None
     out, lse = run_twice(lambda o: kvcache_call(case, o, sinks=sinks), case.make_out)
     if not check:

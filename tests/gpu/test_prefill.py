@@ -36,7 +36,7 @@ from fastattn import (  # noqa: E402
 
 import gpu_reference as R  # noqa: E402
 from gpu_helpers import (RANDOM_SCENARIOS, capture_or_xfail, cumsum0, i32, make_options, nan_full,  # noqa: E402
-                         randn, run_random_scenarios, stream_ptr)
+                         randn, run_random_scenarios, stream_ptr, strided_sinks)
 
 DEV = "cuda"
 DTYPES = [torch.float16, torch.bfloat16]
@@ -1033,11 +1033,6 @@ SINK_SHAPES = [(2, 113, 799, 128), (2, 799, 113, 64), (3, 1, 500, 256), (1, 70, 
                (2, 200, 33, 40)]
 
 
-def draw_sinks(hq):
-    """(Hq) float32 sinks near the scores' scale, as a stride-2 view."""
-    return (torch.randn(hq, 2, device=DEV) * 2.0)[:, 0]
-
-
 @pytest.mark.parametrize("kernel", ["auto", "sm80"])
 @pytest.mark.parametrize("shape", SINK_SHAPES, ids=lambda s: "b%d-q%d-k%d-d%d" % s)
 @pytest.mark.parametrize("opt", ["none", "causal", ALL])
@@ -1051,7 +1046,7 @@ def test_dense_sinks(monkeypatch, seed, dtype, opt, shape, kernel):
     hq, hkv = 8, 2
     q, k, v = randn(b, sq, hq, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype)
     kw = make_options(seed, opt, b, hq)
-    sinks = draw_sinks(hq)
+    sinks = strided_sinks(hq)
     res = run_twice(lambda o: flash_attn_func(q, k, v, return_attn_probs=True, out=o, sinks=sinks, **kw),
                     lambda: nan_full(q.shape, dtype))
     check_dense(res, q, k, v, kw, probs_atol=PROBS_ATOL, sinks=sinks)
@@ -1074,7 +1069,7 @@ def test_varlen_sinks(monkeypatch, seed, opt, heads, keys, kernel):
     cu_q, cu_k = cumsum0(lq), cumsum0(lk)
     q = randn(cu_q[-1] + pad, hq, d, dtype=dtype)
     kw = make_options(seed, opt, len(lq), hq)
-    sinks = draw_sinks(hq)
+    sinks = strided_sinks(hq)
     cq, ck = i32(cu_q), i32(cu_k)
     if keys == "packed":
         k, v = randn(cu_k[-1], hkv, d, dtype=dtype), randn(cu_k[-1], hkv, d, dtype=dtype)
@@ -1151,7 +1146,7 @@ def run_prefill_scenario(rng, dtype, cfg, monkeypatch):
         monkeypatch.delenv("FASTATTN_PREFILL_KERNEL", raising=False)
     b, hq, hkv, d, lq, lk = cfg["b"], cfg["hq"], cfg["hkv"], cfg["d"], cfg["lq"], cfg["lk"]
     kw = make_options(rng, cfg["opt"], b, hq)
-    sinks = draw_sinks(hq) if cfg["sinks"] else None
+    sinks = strided_sinks(hq) if cfg["sinks"] else None
     extra = dict(sinks=sinks, return_attn_probs=cfg["probs"], return_softmax_lse=not cfg["probs"])
     probs_atol = PROBS_ATOL if cfg["probs"] else None
     if cfg["api"] == "dense":

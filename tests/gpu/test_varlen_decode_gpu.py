@@ -26,7 +26,7 @@ from fastattn import flash_attn_varlen_func  # noqa: E402
 
 import gpu_reference as R  # noqa: E402
 from gpu_helpers import (RANDOM_SCENARIOS, capture_or_xfail, cumsum0, i32, nan_full, randn,  # noqa: E402
-                         run_random_scenarios, stream_ptr)
+                         run_random_scenarios, stream_ptr, strided_sinks)
 import test_prefill as P  # noqa: E402  (its helpers; importing it runs no test)
 import test_kvcache_gpu as KV  # noqa: E402  (its form grids; importing it runs no test)
 
@@ -78,7 +78,7 @@ class Case:
         self.max_seqlen_q = max(self.lq + [0])
         self.max_seqlen_k = max(lens + [0])
         # Attention sinks (Hq) float32 near the scores' scale, a stride-2 view; None: no sinks.
-        self.sinks = (torch.randn(hq, 2, device=DEV) * 2.0)[:, 0] if sinks else None
+        self.sinks = strided_sinks(hq) if sinks else None
 
     def make_out(self):
         if self.strided:  # head stride D + 8
