@@ -142,3 +142,10 @@ def naive_and_exact(fn, dtype, *args, **kwargs):
 
 def alibi_slopes(rng, shape):
     return (rng.uniform(0.05, 0.6, size=shape)).astype(np.float32)
+
+
+def draw_sinks(rng, heads, dtype):
+    """Attention sinks (heads,) float32 near the scores' scale, so they move the outputs; a torch
+    tensor for bfloat16 (numpy has no bfloat16, so those cases run through torch)."""
+    s = (rng.standard_normal(heads) * 2.0).astype(np.float32)
+    return torch.from_numpy(s) if dtype == "bfloat16" else s

@@ -5,8 +5,8 @@ import pytest
 
 import fastattn
 import reference as ref
-from helpers import (DTYPES, alibi_slopes, assert_close, assert_lse, assert_probs, nan_like,
-                     naive_and_exact, randn, to64, torch)
+from helpers import (DTYPES, alibi_slopes, assert_close, assert_lse, assert_probs, draw_sinks,
+                     nan_like, naive_and_exact, randn, to64, torch)
 
 # (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim)
 SHAPES = [
@@ -210,13 +210,6 @@ def test_zero_sized_batches(rng):
     assert fastattn.flash_attn_func(q, k, k, causal=True).shape == (2, 0, 4, 32)
     q, _ = randn(rng, (0, 3, 4, 32), "float32")
     assert fastattn.flash_attn_func(q, q, q).shape == (0, 3, 4, 32)
-
-
-def draw_sinks(rng, heads, dtype):
-    """Attention sinks (heads,) float32 near the scores' scale, so they move the outputs; a torch
-    tensor for bfloat16 (numpy has no bfloat16, so those cases run through torch)."""
-    s = (rng.standard_normal(heads) * 2.0).astype(np.float32)
-    return torch.from_numpy(s) if dtype == "bfloat16" else s
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

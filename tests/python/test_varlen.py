@@ -6,8 +6,8 @@ import pytest
 
 import fastattn
 import reference as ref
-from helpers import (DTYPES, alibi_slopes, assert_close, assert_lse, assert_probs, int32,
-                     nan_like, naive_and_exact, randn, to64, torch)
+from helpers import (DTYPES, alibi_slopes, assert_close, assert_lse, assert_probs, draw_sinks,
+                     int32, nan_like, naive_and_exact, randn, to64)
 
 # Ragged length sets: (query lengths, key lengths); includes 0 and 1, Sq > Sk and Sq < Sk.
 LENGTHS = {
@@ -263,9 +263,7 @@ def test_varlen_sinks(rng, dtype, paged, opt):
     total_q = int(cu_q[-1]) + pad
     q, q64 = randn(rng, (total_q, heads_q, d), dtype)
     kw = make_options(rng, opt, len(lq), heads_q)
-    sinks = (rng.standard_normal(heads_q) * 2.0).astype(np.float32)
-    if dtype == "bfloat16":
-        sinks = torch.from_numpy(sinks)
+    sinks = draw_sinks(rng, heads_q, dtype)
     if paged is None:
         k, k64 = randn(rng, (int(cu_k[-1]), heads_kv, d), dtype)
         v, v64 = randn(rng, (int(cu_k[-1]), heads_kv, d), dtype)
