@@ -80,8 +80,7 @@ head_group_rows = with_switches(T.KERNEL_SWITCHES["head_group_rows"])  # its tok
 head_pair = with_switches(T.KERNEL_SWITCHES["head_pair"])    # the sm_90 kernel's head-pair form
 head_pair_d64 = with_switches(T.KERNEL_SWITCHES["head_pair_d64"])  # ... at head_dim 64
 head_quad = with_switches(T.KERNEL_SWITCHES["head_quad"])    # its head-quad form (head_dim 64)
-# splits merged in the grid where it is resident at once, else by the combine kernel
-unclustered = with_switches({"FASTATTN_DECODE_CLUSTER": "0"})
+unclustered = with_switches({"FASTATTN_DECODE_CLUSTER": "0"})  # splits merged by the combine kernel
 
 
 def varlen_decode(rng, check, dtype, page_size):
@@ -131,10 +130,6 @@ def cases():
         B=1, Hq=32, Hkv=32, cache_len=1024, lens=[1000], page=16, Snew=0))
     yield "cluster merge in pairs through the workspace: d256, batch 8, 2 heuristic splits on 128 CTAs", kvcache, (
         B16, dict(B=8, Hq=32, Hkv=8, D=256, cache_len=2048, lens="ragged", page=16))
-    yield "grid merge: batch 1 gqa8 d64 paged 16, 32 heuristic splits", kvcache, (B16, dict(
-        B=1, Hq=32, Hkv=8, D=64, cache_len=8192, lens=[8190], page=16))
-    yield "grid merge: clusters off, ragged paged 16, heuristic splits, 2 query rows", unclustered, (kvcache, B16, dict(
-        B=3, Hq=8, Hkv=2, cache_len=1000, page=16, Sq=2, Snew=2, opt="causal"))
     yield "everything paged 16", kvcache, (B16, dict(page=16, rotary="interleaved", rotary_frac=0.5, batch_idx=True,
                                                      leftpad=True, opt=T.ALL, splits=3, Sq=5, Snew=5))
     yield "out-of-range page ids (reads)", bad_page_ids, ("read_pages",)
@@ -164,13 +159,11 @@ def cases():
             B=2, Hq=32, Hkv=max(8, hkv), D=d, lens=[7999, 3000], cache_len=8000))
         yield f"{form}: out-of-range page ids (reads)", run, (bad_page_ids, "read_pages", hkv, d)
     # attention sinks, folded where a row is finished: one split, the cluster merge, the combine
-    # kernel, the grid merge, a split plan, and each head-group form's per-column fold
+    # kernel, a split plan, and each head-group form's per-column fold
     yield "sinks: one split, paged 16", sinks, (B16, dict(page=16, lens="ragged", Snew=0))
     yield "sinks: cluster merge, batch 1, 8 heuristic splits", sinks, (B16, dict(
         B=1, Hq=32, Hkv=8, cache_len=1024, lens=[1023]))
     yield "sinks: combine kernel, 7 splits", unclustered, (sinks, F16, dict(page=16, splits=7, cache_len=3000))
-    yield "sinks: grid merge, batch 1 gqa8 d64, 32 heuristic splits", sinks, (B16, dict(
-        B=1, Hq=32, Hkv=8, D=64, cache_len=8192, lens=[8190], page=16, Snew=0))
     yield "sinks: split plan paged16 everything", sinks, (B16, T.CONFIGS["plan_everything_paged16"])
     yield "sinks: head-group wide form d64, 3 splits", head_group_wide_d64, (sinks, B16, dict(
         Hq=64, Hkv=8, D=64, page=16, splits=3))

@@ -537,12 +537,10 @@ CLUSTER_CONFIGS = {
 def test_cluster_combine(seed, config, monkeypatch):
     """On sm_90, a small grid with a few heuristic splits merges them inside a thread-block cluster
     (no combine kernel): checked against the float32 reference, and so is the combine kernel's
-    answer for the same call (FASTATTN_DECODE_CLUSTER=0 with FASTATTN_DECODE_GRID_MERGE=0). Elsewhere
-    both runs take the kernel."""
+    answer for the same call (FASTATTN_DECODE_CLUSTER=0). Elsewhere both runs take the kernel."""
     case = build_case(seed, torch.bfloat16, CLUSTER_CONFIGS[config])
     out, lse, _ = run_case(case)
     monkeypatch.setenv("FASTATTN_DECODE_CLUSTER", "0")
-    monkeypatch.setenv("FASTATTN_DECODE_GRID_MERGE", "0")
     out_k, lse_k, _ = run_case(case)
     torch.testing.assert_close(out.float(), out_k.float(), atol=2e-2, rtol=0)
     finite = torch.isfinite(lse_k)
@@ -564,25 +562,23 @@ def _fastattn_kernels(call):
 
 def _assert_clusters_then_combine_kernel(case, monkeypatch):
     """case's call (run_case: the float32 reference) launches the sm_90 kernel and no combine kernel;
-    with FASTATTN_DECODE_CLUSTER=0 and FASTATTN_DECODE_GRID_MERGE=0 (run_case again) it launches the
-    combine kernel. (With clusters off alone these grids, resident at once, merge in the grid.)"""
+    with FASTATTN_DECODE_CLUSTER=0 (run_case again) it launches the combine kernel."""
     run_case(case)
     names = _fastattn_kernels(lambda: kvcache_call(case, case.make_out()))
     assert any("decode_kernel_sm90" in n for n in names), names
     assert not any("combine_kernel" in n for n in names), f"a combine kernel ran: {names}"
     monkeypatch.setenv("FASTATTN_DECODE_CLUSTER", "0")
-    monkeypatch.setenv("FASTATTN_DECODE_GRID_MERGE", "0")
     run_case(case)
     names = _fastattn_kernels(lambda: kvcache_call(case, case.make_out()))
-    assert any("combine_kernel" in n for n in names), f"clusters and grid merge off: no combine kernel in {names}"
+    assert any("combine_kernel" in n for n in names), f"FASTATTN_DECODE_CLUSTER=0: no combine kernel in {names}"
 
 
 @pytest.mark.parametrize("head_dim,splits", [(64, 3), (128, 3), (256, 2)])
 def test_mha_batch1_splits_on_one_cta_per_sm_merge_in_clusters(seed, head_dim, splits, monkeypatch):
     """README: MHA batch 1 / 1k (32 KV heads) on pages of 16 takes 3 heuristic splits in clusters of 3
     (96 CTAs, one per SM) at head_dim 64 and 128, and 2 in clusters of 2 at 256: no combine kernel,
-    and the answer matches the float32 reference (run_case); FASTATTN_DECODE_CLUSTER=0 with
-    FASTATTN_DECODE_GRID_MERGE=0 brings the combine kernel back."""
+    and the answer matches the float32 reference (run_case); FASTATTN_DECODE_CLUSTER=0 brings the
+    combine kernel back."""
     if torch.cuda.get_device_capability() != (9, 0) or torch.cuda.get_device_properties(DEV).multi_processor_count != 132:
         pytest.skip("the grid rule is checked on a 132-SM sm_90 GPU")
     case = build_case(seed, torch.bfloat16, dict(B=1, Hq=32, Hkv=32, D=head_dim, cache_len=1024, Snew=0,
@@ -595,8 +591,8 @@ def test_mha_batch1_splits_on_one_cta_per_sm_merge_in_clusters(seed, head_dim, s
 def test_two_splits_on_one_cta_per_sm_merge_in_clusters(seed, head_dim, monkeypatch):
     """README: the heuristic's 2 splits merge in clusters of 2 when the grid has at most one CTA
     per SM (batch 8 x 8 KV heads x 2 splits = 128 CTAs on 132 SMs), at every head_dim: the call
-    launches no combine kernel, and FASTATTN_DECODE_CLUSTER=0 with FASTATTN_DECODE_GRID_MERGE=0
-    brings it back. Both answers match the float32 reference (run_case)."""
+    launches no combine kernel, and FASTATTN_DECODE_CLUSTER=0 brings it back. Both answers match
+    the float32 reference (run_case)."""
     if torch.cuda.get_device_capability() != (9, 0) or torch.cuda.get_device_properties(DEV).multi_processor_count != 132:
         pytest.skip("the grid rule is checked on a 132-SM sm_90 GPU")
     case = build_case(seed, torch.bfloat16, dict(B=8, Hq=32, Hkv=8, D=head_dim, cache_len=4096, Snew=0,
@@ -613,126 +609,12 @@ def test_cluster_merge_row_blocks_at_head_dim_256(seed, page, monkeypatch):
     copying only its row block's rows in use. GQA 10 with 2 query rows is 20 packed rows per KV
     head: a block of 16 and one of 4. Batch 1 with 2 KV heads (4 CTAs a split) merges its heuristic
     splits in clusters: the answer matches the float32 reference with no combine kernel, and again
-    with FASTATTN_DECODE_CLUSTER=0 and FASTATTN_DECODE_GRID_MERGE=0 (the combine kernel)."""
+    with FASTATTN_DECODE_CLUSTER=0 (the combine kernel)."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the sm_90 kernel's cluster merge")
     case = build_case(seed, torch.bfloat16, dict(B=1, Hq=20, Hkv=2, D=256, cache_len=1040, Sq=2, Snew=2,
                                                  lens=[1000], page=page, opt="causal"))
     _assert_clusters_then_combine_kernel(case, monkeypatch)
-
-
-# The grid merge (sm_90; README "GPU decode"): where the per-head kernel's heuristic splits would
-# go to the combine kernel and its whole grid is resident at once, each split CTA stores its state,
-# waits on its (sequence, KV head, row block)'s barrier in library-owned counters and merges a share
-# of the rows with the combine kernel's arithmetic; no combine kernel runs. FASTATTN_DECODE_CLUSTER=0
-# sends the small grids here too; FASTATTN_DECODE_GRID_MERGE=0 keeps the combine kernel, whose bits
-# the grid merge must give exactly.
-GRID_MERGE_CONFIGS = {
-    # the heuristic's 32 splits at head_dim 64 on pages of 16 (GQA 8 batch 1 / 8k), with an append
-    "d64_gqa8_b1_8k_paged16": dict(B=1, Hq=32, Hkv=8, D=64, cache_len=8192, lens=[8190], page=16),
-    # gpt-oss's heads (64 / 8) at 16k
-    "d64_gqa8x8_b1_16k_paged16": dict(B=1, Hq=64, Hkv=8, D=64, cache_len=16384, lens=[16000], page=16, Snew=0),
-    # head_dim 128 GQA 8 batch 1 / 32k, contiguous
-    "d128_gqa8_b1_32k": dict(B=1, Hq=32, Hkv=8, cache_len=32768, lens=[32700]),
-    # ragged lengths (0 and 1 among them: empty splits), 2 causal query rows of GQA 4
-    "d128_gqa4_sq2_ragged_causal": dict(B=5, Hq=16, Hkv=4, Sq=2, Snew=2, opt="causal", cache_len=3000),
-    # 32 packed rows (GQA 16, 2 query rows): two row blocks of 16
-    "d64_gqa16_sq2_two_row_blocks": dict(B=2, Hq=32, Hkv=2, D=64, Sq=2, Snew=2, cache_len=3000, page=16),
-    # head_dim 256 (one CTA per SM) with 4 query rows; head_dim 96 (the 128 kernel), left-padded
-    "d256_mha_sq4_causal": dict(B=3, Hq=4, Hkv=4, D=256, Sq=4, Snew=4, opt="causal", cache_len=4000),
-    "d96_gqa2_paged16_leftpad": dict(B=3, Hq=8, Hkv=4, D=96, page=16, leftpad=True, cache_len=3000),
-    # every option at once
-    "everything_paged16": dict(page=16, rotary="interleaved", rotary_frac=0.5, batch_idx=True, leftpad=True,
-                               opt=ALL, Sq=2, Snew=2, Hq=8, Hkv=2, cache_len=3000),
-}
-
-
-def _runs_combine_kernel(case):
-    """Whether case's call launches the combine kernel (it must launch the sm_90 kernel)."""
-    names = _fastattn_kernels(lambda: kvcache_call(case, case.make_out()))
-    assert any("decode_kernel_sm90" in n for n in names), names
-    return any("combine_kernel" in n for n in names)
-
-
-@pytest.mark.parametrize("config", list(GRID_MERGE_CONFIGS))
-def test_grid_merge(seed, config, monkeypatch):
-    """With clusters off: first with FASTATTN_DECODE_GRID_MERGE=0, through the combine kernel (so the
-    heuristic split the keys); then the grid merge, with no combine kernel. Both against the float32
-    reference (poisoned out=, the cache and its guards checked), and the two must be the same bits."""
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the sm_90 kernel's grid merge")
-    case = build_case(seed, torch.bfloat16, GRID_MERGE_CONFIGS[config])
-    monkeypatch.setenv("FASTATTN_DECODE_CLUSTER", "0")
-    monkeypatch.setenv("FASTATTN_DECODE_GRID_MERGE", "0")
-    out_k, lse_k, _ = run_case(case)
-    assert _runs_combine_kernel(case), "the heuristic took one split: not a case of the merge"
-    monkeypatch.delenv("FASTATTN_DECODE_GRID_MERGE")
-    out, lse, _ = run_case(case)
-    assert not _runs_combine_kernel(case), "the combine kernel ran: the grid did not merge"
-    R.assert_bitwise_equal("out, grid merge against the combine kernel", out, out_k)
-    R.assert_bitwise_equal("softmax_lse, grid merge against the combine kernel", lse, lse_k)
-
-
-def _with_q(case, q):
-    """case with another q (the same caches and lengths)."""
-    other = Case(**case.__dict__)
-    other.q = q
-    return other
-
-
-def test_grid_merge_counters_across_calls_and_streams(seed):
-    """The barriers' counters are left at zero by every call and are not shared between streams: 24
-    grid-merged calls alternating between two streams with no synchronisation between them, each with
-    its own q into its own NaN-poisoned out, all match the reference."""
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the sm_90 kernel's grid merge")
-    case = build_case(seed, torch.bfloat16, dict(B=1, Hq=32, Hkv=8, D=64, cache_len=8192, lens=[8192], Snew=0,
-                                                 page=16))
-    before = snapshot(case)
-    assert not _runs_combine_kernel(case), "the combine kernel ran: the grid did not merge"
-    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
-    calls = [_with_q(case, randn(*case.q.shape, dtype=case.dtype)) for _ in range(24)]
-    outs = [c.make_out() for c in calls]
-    torch.cuda.synchronize()
-    results = []
-    for n, (c, o) in enumerate(zip(calls, outs)):
-        with torch.cuda.stream(streams[n % 2]):
-            results.append(kvcache_call(c, o))
-    torch.cuda.synchronize()
-    for n, (c, (out, lse)) in enumerate(zip(calls, results)):
-        try:
-            check_output(out, lse, reference(c, *before))
-        except AssertionError as e:
-            raise AssertionError(f"call {n} (stream {n % 2}): {e}") from e
-
-
-def test_grid_merge_graphs_replayed_at_once(seed):
-    """Two graphs captured on one stream (torch's capture stream) and replayed at the same time on
-    two streams, ten rounds each with out poisoned before every replay: every captured call has
-    counters of its own, so both answers match the reference."""
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the sm_90 kernel's grid merge")
-    from gpu_helpers import capture_or_xfail
-    cases = [build_case(seed, torch.bfloat16, dict(B=1, Hq=32, Hkv=8, D=64, cache_len=8192, Snew=0, page=16,
-                                                   lens=lens)) for lens in ([8000], [4100])]
-    befores = [snapshot(c) for c in cases]
-    for c in cases:
-        assert not _runs_combine_kernel(c), "the combine kernel ran: the grid did not merge"
-    outs = [c.make_out() for c in cases]
-    holders = [{}, {}]
-    graphs = []
-    for c, o, h in zip(cases, outs, holders):
-        graphs.append(capture_or_xfail(lambda c=c, o=o, h=h: h.update(lse=kvcache_call(c, o)[1])))
-    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
-    torch.cuda.synchronize()
-    for _ in range(10):
-        for g, o, s in zip(graphs, outs, streams):
-            with torch.cuda.stream(s):
-                o.fill_(float("nan"))
-                g.replay()
-    torch.cuda.synchronize()
-    for c, o, h, before in zip(cases, outs, holders, befores):
-        check_output(o, h["lse"], reference(c, *before))
 
 
 def _align256(n):
@@ -1128,10 +1010,9 @@ def test_sm90_kernel_form(seed, dtype, kernel, config, monkeypatch):
 # one-split stores and the cluster merge's (decode_store_output4_at), and in the combine kernel.
 # Every configuration of the per-head kernel, with and without clusters (the combine kernel), and
 # of each kernel form.
-SINKS_SWITCHES = dict(KERNEL_SWITCHES, per_head_unclustered={"FASTATTN_DECODE_CLUSTER": "0"},
-                      per_head_combine={"FASTATTN_DECODE_CLUSTER": "0", "FASTATTN_DECODE_GRID_MERGE": "0"})
-SINKS_CASES = [(kernel, name) for kernel in ("per_head", "per_head_unclustered", "per_head_combine")
-               for name in CONFIGS] + KERNEL_FORM_CASES
+SINKS_SWITCHES = dict(KERNEL_SWITCHES, per_head_unclustered={"FASTATTN_DECODE_CLUSTER": "0"})
+SINKS_CASES = [(kernel, name) for kernel in ("per_head", "per_head_unclustered") for name in CONFIGS] + \
+    KERNEL_FORM_CASES
 
 
 def fold_sinks(out, lse, sinks):

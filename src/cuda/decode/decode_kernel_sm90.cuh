@@ -45,10 +45,6 @@
 #include <cuda.h>
 #include <cuda_runtime_api.h>
 
-#include <algorithm>
-#include <atomic>
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "common/softmax_state.h"
@@ -58,8 +54,6 @@
 #include "cuda/common/tensor_map.h"
 #include "cuda/decode/decode_common.cuh"
 #include "cuda/decode/decode_launch.h"
-#include "cuda/decode/decode_split_merge.cuh"
-#include "cuda/decode/split_counters.h"
 #include "cuda/decode/decode_tile.cuh"
 #include "cuda/decode/decode_tile_narrow.cuh"
 #include "fastattn/error.h"
@@ -183,7 +177,6 @@ struct DecodeSm90Config {
                                      (kHeads - 1) * kMergeFloats + (kMaxClusterSplits + 1) * kDecodeRows,
                 "every slot clear of each head's decode_cluster_merge scratch");
   static_assert(kDecodeRows <= kSlotLseFloats && kSmemBytes % 16 == 0, "slots are 16-byte aligned");
-  static_assert(sizeof(SplitMergeScratch) <= kPipeBytes, "the grid merge's scratch fits the stages");
   static_assert(4 * kStages * 8 <= kBarrierBytes, "barriers fit their region");
   static_assert(kQBytes % kAlign == 0, "stages start on a swizzle atom");
   static_assert(kCtasPerSm * (kSmemBytes + 1024) <= 228 * 1024, "the CTAs per SM fit its shared memory");
@@ -611,23 +604,6 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
                                    [&](int r, int c, float4 val, float lse) {
                                      decode_store_value4<kDtype>(p, work, kvh, mb * kDecodeRows + r, c, val, lse);
                                    });
-      if constexpr (kHeads == 1) {
-        if (p.grid_merge_barriers && work.splits > 1) {
-          // The grid merge (DecodeParams::grid_merge_barriers): once every split of this item has
-          // stored its state, this CTA merges the item's rows split, split + num_splits, ...
-          consumers_sync();  // the consumers' stores come before the arrival
-          const int item = b * int(gridDim.y) + work.head_block;  // grid (splits, head blocks, batch)
-          if (merge_tid == 0) decode_item_barrier(p.grid_merge_barriers + 2 * item, work.splits);
-          consumers_sync();  // and every split's state is readable after it
-          auto& scratch = *reinterpret_cast<SplitMergeScratch*>(merge_smem);
-          const int rows = decode_block_rows(rows_total, mb);
-          for (int r = split; r < rows; r += work.splits) {
-            const DecodeQueryRow q(p, kvh, mb * kDecodeRows + r);
-            merge_split_row<kDtype, kSplitMergePreload>(p, q.i, q.h, b, b, work.splits, p.batch, scratch, merge_tid,
-                                                       consumers_sync);
-          }
-        }
-      }
       return;
     }
     // The splits of this (b, kvh, mb) are one cluster. Each CTA but the first stores its partial
@@ -722,56 +698,11 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
 #endif
 }
 
-/// CTAs of the per-head sm_90 kernel resident per SM of the current device, without cluster slots
-/// (asked of the runtime once per device).
-template <int kHeadDim, Dtype kDtype>
-int decode_sm90_resident_ctas_per_sm() {
-  using Cfg = DecodeSm90Config<kHeadDim, 1>;
-  constexpr int kCachedDevices = 64;  // devices past the 64th share the last entry
-  static std::atomic<int> per_device[kCachedDevices];  // 0: not asked yet
-  int device = 0;
-  FASTATTN_CUDA_CHECK(cudaGetDevice(&device));
-  device = std::min(device, kCachedDevices - 1);
-  int n = per_device[device].load(std::memory_order_relaxed);
-  if (n == 0) {
-    FASTATTN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, &decode_kernel_sm90<kHeadDim, kDtype, 1>,
-                                                                      Cfg::kThreads, Cfg::kSmemBytes));
-    per_device[device].store(std::max(n, 1), std::memory_order_relaxed);
-  }
-  return n;
-}
-
-/// Whether the grid merge's launch is cooperative. FASTATTN_DECODE_GRID_MERGE=plain launches it
-/// without the attribute (an experiment's switch, session 80: what the attribute costs).
-inline bool decode_grid_merge_cooperative() {
-  const char* env = std::getenv("FASTATTN_DECODE_GRID_MERGE");
-  return !(env && std::strcmp(env, "plain") == 0);
-}
-
-/// The barrier words of the grid merge (DecodeParams::grid_merge_barriers) where the per-head
-/// kernel's grid `grid` merges its splits itself, else nullptr (the combine kernel merges them).
-/// Where: uniform splits that would go to the combine kernel (no cluster merge, no split plan,
-/// whose work items the kernel cannot count, and not a num_splits the caller fixed, whose bits must
-/// not depend on whether the grid fits), a grid resident at once, and counters to be had.
-/// FASTATTN_DECODE_GRID_MERGE=0 keeps the combine kernel.
-template <int kHeadDim, Dtype kDtype>
-std::uint32_t* decode_grid_merge_barriers(const DecodeParams& p, dim3 grid, cudaStream_t stream) {
-  if (p.cluster_combine || p.split_plan || p.splits_fixed || p.num_splits < 2) return nullptr;
-  if (const char* env = std::getenv("FASTATTN_DECODE_GRID_MERGE"); env && std::strcmp(env, "0") == 0) return nullptr;
-  const std::int64_t ctas = std::int64_t(grid.x) * grid.y * grid.z;
-  if (ctas > std::int64_t(decode_sm90_resident_ctas_per_sm<kHeadDim, kDtype>()) * p.sm_count) return nullptr;
-  int device = 0;
-  FASTATTN_CUDA_CHECK(cudaGetDevice(&device));
-  return split_counters(device, stream, 2 * std::size_t(grid.y) * grid.z);
-}
-
 /// kHeads = 2: the head-pair form, for what decode_head_pair_fits allows (head_dim 64 or 128,
 /// heads_kv even, at most 8 packed rows); kHeads = 4: the head-quad form (decode_head_quad_fits:
 /// head_dim 64, heads_kv a multiple of 4). Both merge a cluster's splits in its first CTA's stages.
-/// Returns whether the grid merged its splits itself (DecodeParams::grid_merge_barriers): then no
-/// combine kernel follows.
 template <int kHeadDim, Dtype kDtype, int kHeads>
-bool launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
+void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
   using Cfg = DecodeSm90Config<kHeadDim, kHeads>;
   auto* kernel = &decode_kernel_sm90<kHeadDim, kDtype, kHeads>;
   constexpr int kMaxSmem = Cfg::kSmemBytes + (Cfg::kClusterSlots ? kMaxClusterSplits * Cfg::kSlotBytes : 0);
@@ -784,10 +715,9 @@ bool launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
   if (kHeads > 1 && p.split_plan)
     throw Error("decode: the head-pair or head-quad kernel got a split plan (an internal planning error)");
   const dim3 grid = decode_head_grid(p, kHeads == 1 ? p.heads_kv * m_blocks : p.heads_kv / kHeads);
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return false;
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
   DecodeTmaParams tp;
   tp.p = p;
-  if constexpr (kHeads == 1) tp.p.grid_merge_barriers = decode_grid_merge_barriers<kHeadDim, kDtype>(p, grid, stream);
   tp.warm_first_chunk = decode_warms_first_chunk<Cfg>(std::int64_t(grid.x) * grid.y * grid.z, p.sm_count);
   const int box_rows = decode_tma_box_rows(p.page_size);
   tp.box_run_shift = 0;
@@ -809,20 +739,18 @@ bool launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
   // A cluster's first CTA receives the splits' states after its own shared memory (where they
   // fit: kClusterSlots).
   const int smem = Cfg::kSmemBytes + (p.cluster_combine && Cfg::kClusterSlots ? p.num_splits * Cfg::kSlotBytes : 0);
-  const bool grid_merge = tp.p.grid_merge_barriers != nullptr;
   launch_kernel(kernel, grid, dim3(Cfg::kThreads), smem, stream, p.dependent_launch && p.after_append, tp,
-                p.cluster_combine ? p.num_splits : 1, grid_merge && decode_grid_merge_cooperative());
-  return grid_merge;
+                p.cluster_combine ? p.num_splits : 1);
 }
 
 
 #define FASTATTN_INSTANTIATE_DECODE_SM90(D, T) \
-  template bool launch_decode_sm90<D, T, 1>(const DecodeParams&, cudaStream_t);
+  template void launch_decode_sm90<D, T, 1>(const DecodeParams&, cudaStream_t);
 /// The head-pair form (head_dim 64 and 128: decode_head_pair_head_dim).
 #define FASTATTN_INSTANTIATE_DECODE_SM90_HEAD_PAIR(D, T) \
-  template bool launch_decode_sm90<D, T, kDecodeHeadPair>(const DecodeParams&, cudaStream_t);
+  template void launch_decode_sm90<D, T, kDecodeHeadPair>(const DecodeParams&, cudaStream_t);
 /// The head-quad form (head_dim 64).
 #define FASTATTN_INSTANTIATE_DECODE_SM90_HEAD_QUAD(T) \
-  template bool launch_decode_sm90<kDecodeHeadQuadHeadDim, T, kDecodeHeadQuad>(const DecodeParams&, cudaStream_t);
+  template void launch_decode_sm90<kDecodeHeadQuadHeadDim, T, kDecodeHeadQuad>(const DecodeParams&, cudaStream_t);
 
 }  // namespace fastattn::cuda_decode

@@ -21,7 +21,6 @@
 #include "cuda/decode/decode_common.cuh"
 #include "cuda/decode/decode_launch.h"
 #include "cuda/decode/decode_params.h"
-#include "cuda/decode/decode_split_merge.cuh"
 #include "fastattn/error.h"
 
 namespace fastattn::cuda_decode {
@@ -29,7 +28,7 @@ namespace fastattn::cuda_decode {
 template <int kHeadDim, Dtype kDtype>
 void launch_decode(const DecodeParams& p, cudaStream_t stream);
 template <int kHeadDim, Dtype kDtype, int kHeads>
-bool launch_decode_sm90(const DecodeParams& p, cudaStream_t stream);
+void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream);
 template <Dtype kDtype>
 void launch_decode_sm90_head_group(const DecodeParams& p, cudaStream_t stream);
 
@@ -102,15 +101,27 @@ __global__ void append_rotary_kernel(const DecodeParams p) {
 }
 
 /// Block (i, h, b): merges the num_splits partial states of query row i of head h, and its sink
-/// if any, into out and LSE (merge_split_row, decode_split_merge.cuh).
-constexpr int kCombineWarps = kSplitMergeWarps;
+/// if any, into out and LSE with MergeAccumulator (empty states, LSE -inf, merge exactly and never
+/// give NaN). The first warp reduces the splits' LSEs in parallel (one accumulator per lane, then
+/// merged) and leaves each split's weight in shared memory. Then the four warps take every fourth
+/// split each, a lane four columns (one 16-byte load per split, all of a thread's loads in flight
+/// together), and sum their shares through shared memory. (One thread per column walking all
+/// splits paid one dependent round trip per 8 splits: ~6 us at 33 splits.) With kPreload > 0 each
+/// thread issues its first kPreload state loads before the LSE pass, so that their round trip
+/// overlaps the LSEs' (the sums are the same, in the same order): on the H200 up to 2.2 us faster
+/// per call at batch 1-16 (bench/NOTES.md, session 49).
+constexpr int kCombineWarps = 4;
 
 /// combine_kernel's kPreload where it preloads (combine_preload_ctas_per_sm says where).
-constexpr int kCombinePreload = kSplitMergePreload;
+constexpr int kCombinePreload = 8;
 
 template <Dtype kDtype, int kPreload>
 __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const DecodeParams p) {
-  __shared__ SplitMergeScratch scratch;
+  // Sized for the largest split count, not num_splits: compute-sanitizer saw the compiled
+  // column loop read a few floats past a dynamically sized array.
+  __shared__ float split_weight[kMaxSplits];
+  __shared__ float merged_lse;
+  __shared__ float4 warp_sum[kCombineWarps][32];
   const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   // The sequence's states: rows b, b + batch, ... (uniform splits), or split_indptr[b] on (a split
   // plan, read before the wait: the plan is the caller's). A sequence of one split wrote out itself;
@@ -127,8 +138,92 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
   if (p.split_plan && (num_splits < 2 || num_splits > kMaxSplits || first_row < 0 ||
                        first_row > p.plan_items - num_splits))
     return;
-  merge_split_row<kDtype, kPreload>(p, i, h, b, first_row, num_splits, row_step, scratch, threadIdx.x,
-                                    [] { __syncthreads(); });
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const std::int64_t split_stride = std::int64_t(row_step) * p.heads_q * p.seqlen_q;
+  const std::int64_t state0 = (std::int64_t(first_row) * p.heads_q + h) * p.seqlen_q + i;
+  const float* src = p.partial_o + state0 * p.head_dim;
+  const std::int64_t step = split_stride * p.head_dim;
+  // The first kPreload of the warp's splits (warp, warp + 4, ...) at the lane's first four columns.
+  float4 first[kPreload > 0 ? kPreload : 1];
+  if (kPreload > 0 && p.head_dim % 4 == 0 && lane * 4 < p.head_dim) {
+#pragma unroll
+    for (int k = 0; k < kPreload; ++k) {
+      const int s = warp + k * kCombineWarps;
+      if (s < num_splits) first[k] = *reinterpret_cast<const float4*>(src + s * step + lane * 4);
+    }
+  }
+  if (warp == 0) {
+    MergeAccumulator acc;
+    acc.init();
+    float rescale, weight;
+    // A sink is one more state, after the splits', of zero values: it counts in the weights and
+    // the LSE only.
+    const int states = num_splits + (p.sinks ? 1 : 0);
+    for (int s = lane; s < states; s += 32)
+      acc.add(s < num_splits ? p.partial_lse[state0 + s * split_stride] : p.sinks[h * p.sinks_stride], &rescale,
+              &weight);
+    for (int offset = 16; offset > 0; offset /= 2) {
+      MergeAccumulator other;
+      other.m = __shfl_xor_sync(0xffffffffu, acc.m, offset);
+      other.sum = __shfl_xor_sync(0xffffffffu, acc.sum, offset);
+      acc.merge(other);
+    }
+    for (int s = lane; s < num_splits; s += 32)
+      split_weight[s] = acc.weight_of(p.partial_lse[state0 + s * split_stride]);
+    if (lane == 0) merged_lse = acc.lse();
+  }
+  __syncthreads();
+  // No branch on the weight: an empty split stores a zero output, so its weight 0 adds exactly 0.
+  const auto store = [&](int c, float o) {
+    Elem<kDtype>::store(p.out, b * p.out_batch_stride + std::int64_t(i) * p.out_row_stride +
+                                   std::int64_t(h) * p.out_head_stride + c, o);
+  };
+  if (p.head_dim % 4 == 0) {  // rows of partial_o are 16-byte aligned (the workspace is)
+    for (int c0 = 0; c0 < p.head_dim; c0 += 128) {
+      const int c = c0 + lane * 4;
+      float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (c < p.head_dim) {
+        int s0 = warp;
+        if (c0 == 0) {
+#pragma unroll
+          for (int k = 0; k < kPreload; ++k) {
+            if (s0 >= num_splits) break;
+            const float4 v = first[k];
+            const float w = split_weight[s0];
+            o.x += w * v.x, o.y += w * v.y, o.z += w * v.z, o.w += w * v.w;
+            s0 += kCombineWarps;
+          }
+        }
+#pragma unroll 8
+        for (int s = s0; s < num_splits; s += kCombineWarps) {
+          const float4 v = *reinterpret_cast<const float4*>(src + s * step + c);
+          const float w = split_weight[s];
+          o.x += w * v.x, o.y += w * v.y, o.z += w * v.z, o.w += w * v.w;
+        }
+      }
+      warp_sum[warp][lane] = o;
+      __syncthreads();
+      if (warp == 0 && c < p.head_dim) {
+        float4 t = warp_sum[0][lane];
+        for (int w = 1; w < kCombineWarps; ++w) {
+          const float4 u = warp_sum[w][lane];
+          t.x += u.x, t.y += u.y, t.z += u.z, t.w += u.w;
+        }
+        store(c, t.x), store(c + 1, t.y), store(c + 2, t.z), store(c + 3, t.w);
+      }
+      __syncthreads();
+    }
+  } else {
+    for (int c = threadIdx.x; c < p.head_dim; c += blockDim.x) {
+      float o = 0.0f;
+#pragma unroll 8
+      for (int s = 0; s < num_splits; ++s) o += split_weight[s] * src[s * step + c];
+      store(c, o);
+    }
+  }
+  if (p.lse && threadIdx.x == 0)
+    p.lse[b * p.lse_batch_stride + std::int64_t(h) * p.lse_head_stride + std::int64_t(i) * p.lse_row_stride] =
+        merged_lse;
 }
 
 /// CTAs of the preloading combine kernel resident per SM of the current device (its registers
@@ -167,7 +262,6 @@ void run_for_dtype(const DecodeParams& p, cudaStream_t stream) {
     attn.q_row_stride = std::int64_t(p.heads_q) * p.head_dim;
     attn.q_batch_stride = std::int64_t(p.seqlen_q) * attn.q_row_stride;
   }
-  bool merged_in_grid = false;  // the per-head sm_90 kernel's grid merge (no combine kernel)
   if (p.head_group) {
     launch_decode_sm90_head_group<kDtype>(attn, stream);
   } else if (p.kv_heads_per_cta == kDecodeHeadQuad) {  // head_dim 64 (decode_head_quad_fits)
@@ -176,15 +270,15 @@ void run_for_dtype(const DecodeParams& p, cudaStream_t stream) {
     if (p.head_dim == 64) launch_decode_sm90<64, kDtype, kDecodeHeadPair>(attn, stream);
     else launch_decode_sm90<128, kDtype, kDecodeHeadPair>(attn, stream);
   } else if (p.sm90_kernel) {
-    if (p.head_dim <= 64) merged_in_grid = launch_decode_sm90<64, kDtype, 1>(attn, stream);
-    else if (p.head_dim <= 128) merged_in_grid = launch_decode_sm90<128, kDtype, 1>(attn, stream);
-    else merged_in_grid = launch_decode_sm90<256, kDtype, 1>(attn, stream);
+    if (p.head_dim <= 64) launch_decode_sm90<64, kDtype, 1>(attn, stream);
+    else if (p.head_dim <= 128) launch_decode_sm90<128, kDtype, 1>(attn, stream);
+    else launch_decode_sm90<256, kDtype, 1>(attn, stream);
   } else {
     if (p.head_dim <= 64) launch_decode<64, kDtype>(attn, stream);
     else if (p.head_dim <= 128) launch_decode<128, kDtype>(attn, stream);
     else launch_decode<256, kDtype>(attn, stream);
   }
-  if (decode_writes_split_states(p) && !p.cluster_combine && !merged_in_grid) {
+  if (decode_writes_split_states(p) && !p.cluster_combine) {
     const std::int64_t ctas = std::int64_t(p.seqlen_q) * p.heads_q * p.batch;
     const bool preload = ctas <= std::int64_t(combine_preload_ctas_per_sm<kDtype>()) * p.sm_count;
     const auto kernel = preload ? &combine_kernel<kDtype, kCombinePreload> : &combine_kernel<kDtype, 0>;

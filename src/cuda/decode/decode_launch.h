@@ -1,7 +1,6 @@
 // Kernel launch with optional programmatic dependent launch (the predecessor on the stream is one
-// of our own decode kernels, which the launched kernel waits for in griddepcontrol.wait), optional
-// clusters along x (sm_90) and an optional cooperative grid (every CTA resident at once: the grid
-// merge's barriers need it); the per-head kernels' grid.
+// of our own decode kernels, which the launched kernel waits for in griddepcontrol.wait) and
+// optional clusters along x (sm_90); the per-head kernels' grid.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -21,13 +20,13 @@ inline dim3 decode_head_grid(const DecodeParams& p, int head_blocks) {
 
 template <class Params>
 void launch_kernel(void (*kernel)(Params), dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream,
-                   bool dependent, const Params& p, unsigned cluster_x = 1, bool cooperative = false) {
+                   bool dependent, const Params& p, unsigned cluster_x = 1) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[3];
+  cudaLaunchAttribute attr[2];
   unsigned n = 0;
   if (dependent) {
     attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -39,11 +38,6 @@ void launch_kernel(void (*kernel)(Params), dim3 grid, dim3 block, std::size_t sm
     attr[n].val.clusterDim.x = cluster_x;
     attr[n].val.clusterDim.y = 1;
     attr[n].val.clusterDim.z = 1;
-    ++n;
-  }
-  if (cooperative) {
-    attr[n].id = cudaLaunchAttributeCooperative;
-    attr[n].val.cooperative = 1;
     ++n;
   }
   cfg.attrs = n ? attr : nullptr;

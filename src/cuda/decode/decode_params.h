@@ -125,14 +125,6 @@ struct DecodeParams {
   /// before this choice) go unused: the first CTA receives them in its shared memory, after it or
   /// in its stages (DecodeSm90Config::kClusterSlots).
   bool cluster_combine = false;
-  /// Set by the per-head sm_90 kernel's launcher (decode_grid_merge_applies): the uniform splits
-  /// of each (b, kv head, row block) merge inside the attention grid, with no combine kernel. Each
-  /// split CTA stores its partial state to the workspace as for the combine kernel, waits on its
-  /// item's barrier (decode_item_barrier: words 2 x item, item = b x heads_kv x row blocks + head
-  /// block, library-owned zeroed counters from split_counters), then merges rows r of the item with
-  /// r mod num_splits == its split, by the combine kernel's arithmetic. The grid is launched
-  /// cooperative: every CTA resident at once.
-  std::uint32_t* grid_merge_barriers = nullptr;
   /// num_splits is the caller's (flash_attn_with_kvcache's num_splits > 0), not the heuristic's:
   /// its results must be bitwise the same whatever the rest of the batch, so the splits always
   /// merge in the combine kernel (whether a grid fits the cluster rule depends on the batch, and
