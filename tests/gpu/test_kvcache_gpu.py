@@ -1232,23 +1232,29 @@ def test_head_group_wide_form_is_taken(seed, monkeypatch):
 
 def test_head_group_rows_form_is_taken(seed, monkeypatch):
     """On sm_90 the heuristic takes the head-group kernel's token-row form (32 KV heads per CTA)
-    exactly where heads_kv is 32, batch CTAs fill 15/16 of the SMs to all of them and the cache
-    holds at least 2048 slots (a block table's width counts), with one split (no combine kernel);
-    not for one sequence fewer or more, a shorter cache, nor with FASTATTN_DECODE_HEAD_GROUP=0,
-    while =32 takes it for a small batch too (with the splits the heuristic gives its grid) and =8
-    the wide form instead (README). Checked on the kernels a call launches, and each answer against
-    the float32 reference. (Pages of 16 hold the long caches: the pool has only the pages used.)"""
+    where heads_kv is 32, batch CTAs fill 15/16 of the SMs to all of them and the cache holds at
+    least 2048 slots (a block table's width counts), with one split (no combine kernel); not for one
+    sequence fewer or more, a shorter cache, nor with FASTATTN_DECODE_HEAD_GROUP=0, while =32 takes
+    it for a small batch too (with the splits the heuristic gives its grid) and =8 the wide form
+    instead. On the 132-SM H200 also with its splits (README): batch 12, 16 and 64 from 16384 slots,
+    where batch x splits fill one wave (12 x 11, 16 x 8, 64 x 2); not at batch 24 (5 splits, 120
+    CTAs), batch 11, a cache of 16000 slots, nor batch 32, which the four-head form's one wave takes.
+    Checked on the kernels a call launches, and each answer against the float32 reference. (Pages
+    of 16 hold the long caches: the pool has only the pages used.)"""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("an sm_90 kernel")
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
     fill = -(-15 * sms // 16)
+    with_splits = ((12, 16384, None, None, "32"), (16, 16384, 16, None, "32"), (64, 16384, 16, None, "32"),
+                   (24, 16384, 16, None, None), (11, 32768, 16, None, None), (16, 16000, None, None, None),
+                   (32, 32768, 16, None, "4")) if sms == 132 else ()
     for b, cache_len, page, switch, taken in ((fill, 8192, 16, None, "32"), (sms, 8208, 16, None, "32"),
                                               (sms, 2048, None, None, "32"),
                                               (sms, 2040, 16, None, "32"), (sms, 2000, None, None, None),
                                               (sms, 1024, None, None, None), (sms, 8192, 16, "0", None),
                                               (fill - 1, 8192, 16, None, None), (sms + 1, 8192, 16, None, None),
                                               (3, 1000, 16, "32", "32"), (3, 1000, None, "32", "32"),
-                                              (sms, 1024, None, "8", "8")):
+                                              (sms, 1024, None, "8", "8")) + with_splits:
         lens = [cache_len] + [seed.randint(0, min(cache_len, 300)) for _ in range(b - 1)]
         case = build_case(seed, torch.bfloat16, dict(B=b, Hq=32, Hkv=32, cache_len=cache_len, Snew=0, lens=lens,
                                                      page=page))
@@ -1259,8 +1265,8 @@ def test_head_group_rows_form_is_taken(seed, monkeypatch):
         forms = {m.group(1) for n in names for m in [HEAD_GROUP_KERNEL.search(n)] if m}
         where = f"batch {b}, {cache_len} slots, switch {switch}: {names}"
         assert forms == ({taken} if taken else set()), where
-        if taken == "32" and switch is None:
-            assert not any("combine_kernel" in n for n in names), where
+        if taken == "32" and switch is None:  # one split where batch CTAs fill the wave, else splits
+            assert any("combine_kernel" in n for n in names) == (b < fill), where
         monkeypatch.delenv("FASTATTN_DECODE_HEAD_GROUP", raising=False)
         del case
         torch.cuda.empty_cache()

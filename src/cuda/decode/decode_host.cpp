@@ -243,6 +243,30 @@ bool pair_clusters_pay(const check::ArgChecker& c, const DecodeParams& p, std::i
   return replaces_combine || same_grid;
 }
 
+/// The token-row form's second rule (decode_head_group_applies): with its heuristic splits, at MHA
+/// head_dim 128 decode (one query row per KV head), batch >= kDecodeHeadGroupRowsSplitMinBatch and
+/// >= kDecodeHeadGroupRowsSplitMinKeys slots, where the four-head form's grid does not fill its wave
+/// (so the per-head kernel would run several waves) and the token-row grid, batch x splits, fills
+/// 15/16 of one wave of one CTA per SM to all of it (batch 12 x 11, 16 x 8, 64 x 2 on 132 SMs). On
+/// the H200, against the per-head plans (bench/NOTES.md, session 80; both layouts): 1.5-6.1% faster
+/// at batch 12, 16 and 64 from 16k slots, on three machines. Where the grid misses a wave it was
+/// slower (batch 24: 5 splits, 120 CTAs, 1.3-4.5%; batch 48: 96 CTAs, 14-16%; batch 96 and 112: 4-16%),
+/// and so were batch 2-8 (the pair and clustered per-head plans).
+/// `wave(heads)`: one wave of a head-group form's grid.
+template <class Wave>
+bool token_rows_split_grid_pays(const check::ArgChecker& c, const DecodeParams& p, std::int64_t max_keys,
+                                const Wave& wave) {
+  if (p.head_dim != 128 || std::int64_t(p.group) * p.seqlen_q != 1 || p.batch < kDecodeHeadGroupRowsSplitMinBatch ||
+      max_keys < kDecodeHeadGroupRowsSplitMinKeys)
+    return false;
+  if (fills_one_wave(head_block_ctas(p, kDecodeHeadGroup), wave(kDecodeHeadGroup))) return false;
+  DecodeParams rows = p;
+  rows.head_group = kDecodeHeadGroupRows;
+  rows.kv_heads_per_cta = 1;
+  const int splits = decode_num_splits(c, rows, 0, max_keys);
+  return splits >= 2 && fills_one_wave(splits * head_block_ctas(p, kDecodeHeadGroupRows), wave(kDecodeHeadGroupRows));
+}
+
 }  // namespace
 
 int decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p, int requested,
@@ -267,11 +291,13 @@ int decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p,
   // 1.1-1.4% more from whole rows than from the per-head and four-head patterns, and the form ran
   // 1.1-1.2% faster than the per-head kernel at 8k, 1.0% at 4k, 0.3-0.7% at 2k; at 1k within 0.4%
   // either way, and in 4 or 16 splits at MHA batch 32 and 8 / 8k no faster than the four-head form
-  // or the head pair (bench/NOTES.md, sessions 28-29).
+  // or the head pair (bench/NOTES.md, sessions 28-29). Also, with its splits, where the per-head
+  // kernel would run several waves and the token-row grid fills one (token_rows_split_grid_pays).
   const bool rows_fits = decode_head_group_fits(p, sm90, kDecodeHeadGroupRows);
   const bool rows_heuristic = requested == 0 && p.heads_kv == kDecodeHeadGroupRows &&
-                              fills_one_wave(p.batch, wave(kDecodeHeadGroupRows)) &&
-                              max_keys >= kDecodeHeadGroupRowsMinKeys;
+                              ((fills_one_wave(p.batch, wave(kDecodeHeadGroupRows)) &&
+                                max_keys >= kDecodeHeadGroupRowsMinKeys) ||
+                               (rows_fits && token_rows_split_grid_pays(c, p, max_keys, wave)));
   if (takes("32", rows_fits, rows_heuristic)) return kDecodeHeadGroupRows;
   // The wide form (8 heads, one CTA per SM) where a box is a whole token row (heads_kv = 8) and
   // its grid is one full wave with no split: batch 128 / 1k-32k GQA 8 on the H200. There a box of

@@ -325,6 +325,12 @@ constexpr int kDecodeTokenRowHeadsPerWarp = 4;
 /// and 0.3-0.7% at 2k, and at 1k it was within 0.4% either way by instance (session 29;
 /// bench/NOTES.md).
 constexpr std::int64_t kDecodeHeadGroupRowsMinKeys = 2048;
+/// The token-row form with splits (decode_head_group_applies' second rule) from this batch and this
+/// many slots on: on the H200 at MHA head_dim 128 it ran 1.5-6.1% faster than the per-head kernel's
+/// grids of several waves at batch 12, 16 and 64 from 16k slots on, in both layouts on three machines;
+/// at 8k 0.3-3.6% faster, at 2k 0.2-2.8% slower (bench/NOTES.md, session 80).
+constexpr int kDecodeHeadGroupRowsSplitMinBatch = 12;
+constexpr std::int64_t kDecodeHeadGroupRowsSplitMinKeys = 16384;
 
 /// KV heads per consumer warp, slots per box and slots per tile of the head-group form with
 /// `heads` per CTA at `head_dim`. A tile is one box, except the wide form's at head_dim 64: two.

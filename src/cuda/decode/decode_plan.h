@@ -36,9 +36,12 @@ std::int64_t set_page_table(const check::ArgChecker& c, DecodeParams& p, const c
 /// Which head-group kernel form the call runs (DecodeParams::head_group: KV heads per CTA, 0 for
 /// none). The token-row form (kDecodeHeadGroupRows) where its shape fits (decode_head_group_fits
 /// with 32 heads) and FASTATTN_DECODE_HEAD_GROUP is "32", or it is unset, num_splits is the
-/// heuristic's (`requested` 0), heads_kv is 32, batch CTAs fill between 15/16 of one wave of one
-/// per SM and one wave, and `max_keys` (the host's bound on every sequence's keys) is at least
-/// kDecodeHeadGroupRowsMinKeys. Else the wide form (kDecodeHeadGroupWide) where it fits and the
+/// heuristic's (`requested` 0), heads_kv is 32, and either batch CTAs fill between 15/16 of one wave
+/// of one per SM and one wave and `max_keys` (the host's bound on every sequence's keys) is at least
+/// kDecodeHeadGroupRowsMinKeys, or, at head_dim 128 with one query row per KV head, batch >=
+/// kDecodeHeadGroupRowsSplitMinBatch, `max_keys` >= kDecodeHeadGroupRowsSplitMinKeys, the four-head
+/// form's grid does not fill its wave and batch x the form's heuristic splits fill one wave of one
+/// per SM as above. Else the wide form (kDecodeHeadGroupWide) where it fits and the
 /// switch is "8", or it is unset (or "32"), `requested` is 0, heads_kv is 8 (at head_dim <=
 /// kDecodeHeadGroupWideAnyHeadsMaxHeadDim any multiple of 8) and batch x heads_kv / 8 CTAs fill one
 /// wave of one per SM as above. Else the four-head form where it fits and the switch is "1", or it
