@@ -138,6 +138,14 @@ struct PagedDecodePlanOptions {
   /// > 0: a CUDA-graph plan of this many work items (decode_graph_plan_items), always counts per
   /// sequence (decode_graph_split_counts).
   std::int64_t graph_items = 0;
+  /// > 0: FlashInfer's fixed_split_size, in pages. Every sequence gets ceil(max(1, P) /
+  /// fixed_split_size) parts, P = ceil(attended keys / page_size), in place of the rules' choice
+  /// (with or without choose_splits, in a CUDA-graph plan too), so that its results depend on its
+  /// own keys only, bitwise, whatever the rest of the batch (a split plan's parts are equal shares
+  /// of the sequence's tiles, not fixed_split_size pages each). split_kv = false wins over it, as
+  /// in FlashInfer. A sequence of more than kMaxPlanSplits parts, or more parts in all than the
+  /// plan's work items (graph_items, else kMaxPlanItems), is a ValueError naming it. 0: none.
+  std::int64_t fixed_split_size = 0;
   /// The split rules' constants: decode_split_rule_for_head_dim(head_dim) for the call's kernels.
   DecodeSplitRule rule{};
 };
@@ -158,8 +166,9 @@ struct PagedDecodePlan {
 /// The host half of a paged decode plan from CSR page lists, as FlashInfer's
 /// BatchDecodeWithPagedKVCacheWrapper.plan() makes it: the lists checked, each sequence's key
 /// lengths, (pages - 1) x page_size + last_page_len (0 without pages), and its splits
-/// (decode_split_counts_for_lengths, else decode_num_splits_for_lengths; a CUDA-graph plan:
-/// decode_graph_split_counts) with the split plan ordered by the attended keys.
+/// (fixed_split_size's counts where it is set, else decode_split_counts_for_lengths, else
+/// decode_num_splits_for_lengths; a CUDA-graph plan: decode_graph_split_counts) with the split
+/// plan ordered by the attended keys.
 ///   indptr: (batch + 1), non-decreasing from >= 0 up to num_ids (the page ids' count);
 ///   last_page_len: (batch), in 1..page_size where a sequence has pages (not read where it has
 ///   none). A bad value is a ValueError naming it; so is a length above 2^31 - 1.

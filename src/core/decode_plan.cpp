@@ -273,6 +273,34 @@ void decode_split_plan(const std::int32_t* counts, std::int64_t batch, const std
   std::fill(item, plan + batch + 1 + size, kPlanPadding);
 }
 
+namespace {
+
+/// fixed_split_size's counts (PagedDecodePlanOptions::fixed_split_size): ceil(max(1, pages) /
+/// size) for a sequence of attended[b] keys, at most kMaxPlanSplits each and `max_items` in all
+/// (`items_name` says whose work items those are).
+std::vector<std::int32_t> fixed_split_counts(const char* op, const std::vector<std::int64_t>& attended, int page_size,
+                                             std::int64_t size, std::int64_t max_items, const char* items_name) {
+  std::vector<std::int32_t> counts(attended.size());
+  std::int64_t parts = 0;
+  for (std::size_t b = 0; b < attended.size(); ++b) {
+    const std::int64_t pages = std::max<std::int64_t>(1, ceil_div(attended[b], page_size));
+    const std::int64_t n = ceil_div(pages, size);
+    if (n > kMaxPlanSplits)
+      fail(op, "fixed_split_size = " + std::to_string(size) + " cuts sequence " + std::to_string(b) + " (" +
+                   std::to_string(pages) + " attended pages) into " + std::to_string(n) + " parts, more than " +
+                   std::to_string(kMaxPlanSplits) + ": take a larger fixed_split_size");
+    counts[b] = static_cast<std::int32_t>(n);
+    parts += n;
+  }
+  if (parts > max_items)
+    fail(op, "fixed_split_size = " + std::to_string(size) + " gives " + std::to_string(parts) +
+                 " parts in all, more than " + items_name + " " + std::to_string(max_items) +
+                 " work items: take a larger fixed_split_size");
+  return counts;
+}
+
+}  // namespace
+
 PagedDecodePlan plan_paged_decode(const std::int64_t* indptr, const std::int64_t* last_page_len, std::int64_t batch,
                                   std::int64_t num_ids, const PagedDecodePlanOptions& o) {
   const char* op = "plan_paged_decode";
@@ -280,6 +308,8 @@ PagedDecodePlan plan_paged_decode(const std::int64_t* indptr, const std::int64_t
   if (indptr == nullptr || (batch > 0 && last_page_len == nullptr))
     fail(op, "indptr and last_page_len must not be null");
   if (o.page_size < 1) fail(op, "page_size must be >= 1, got " + std::to_string(o.page_size));
+  if (o.fixed_split_size < 0)
+    fail(op, "fixed_split_size must be a page count >= 1 (0: none), got " + std::to_string(o.fixed_split_size));
   // The row pointers first, all of them (a bad one makes every later length meaningless).
   const std::string bounds = "indptr must be non-decreasing from >= 0 up to len(indices) = " + std::to_string(num_ids);
   if (indptr[0] < 0) fail(op, bounds + ", got indptr[0] = " + std::to_string(indptr[0]));
@@ -309,14 +339,22 @@ PagedDecodePlan plan_paged_decode(const std::int64_t* indptr, const std::int64_t
     attended[b] = o.window_left < 0 ? keys : std::min(keys, o.window_left + 1);
   }
   std::optional<std::int64_t> items;
+  const bool fixed = o.split_kv && o.fixed_split_size > 0;
   if (o.graph_items > 0) {
     items = o.graph_items;
-    p.counts.assign(static_cast<std::size_t>(batch), 1);
-    if (o.split_kv)
-      decode_graph_split_counts(attended.data(), batch, o.num_kv_heads, o.sm_count, o.graph_items, p.counts.data(),
-                                o.rule);
+    if (fixed) {
+      p.counts = fixed_split_counts(op, attended, o.page_size, o.fixed_split_size, o.graph_items,
+                                    "the CUDA-graph plan's");
+    } else {
+      p.counts.assign(static_cast<std::size_t>(batch), 1);
+      if (o.split_kv)
+        decode_graph_split_counts(attended.data(), batch, o.num_kv_heads, o.sm_count, o.graph_items, p.counts.data(),
+                                  o.rule);
+    }
   } else if (!o.split_kv) {
     p.num_splits = 1;
+  } else if (fixed) {
+    p.counts = fixed_split_counts(op, attended, o.page_size, o.fixed_split_size, kMaxPlanItems, "a split plan's");
   } else if (o.choose_splits) {
     // Both rules on one sorted copy of the lengths.
     const char* rules = "decode_split_counts_for_lengths";

@@ -335,6 +335,97 @@ TEST(DecodePlan, PagedPlanIsTheListsLengthsAndTheRulesChoice) {
   EXPECT_GE(one_count, 20);
 }
 
+/// FlashInfer's fixed_split_size: each sequence is cut into ceil(max(1, attended pages) / size)
+/// parts, the same counts it gets in a batch of its own (the batch-invariance that fixed sizes are
+/// for), in an eager and a CUDA-graph plan alike; too many parts for a sequence or for the plan
+/// is an error naming fixed_split_size; split_kv = false wins.
+TEST(DecodePlan, FixedSplitSizeCutsEachSequenceByItsOwnPages) {
+  FA_SEEDED_RNG(rng);
+  int planned = 0, refused = 0, graphs = 0;
+  for (int trial = 0; trial < 150; ++trial) {
+    fastattn::PagedDecodePlanOptions o;
+    o.page_size = int(pick(rng, std::vector<std::int64_t>{1, 16, 64}));
+    o.window_left = rand_int(rng, 0, 2) == 0 ? rand_int(rng, 0, 20000) : -1;
+    o.num_kv_heads = int(pick(rng, std::vector<std::int64_t>{1, 8, 32}));
+    o.sm_count = int(rand_int(rng, 1, 170));
+    o.choose_splits = rand_int(rng, 0, 3) != 0;
+    const PagedLists l = random_paged_lists(rng, o.page_size);
+    const auto batch = std::int64_t(l.keys.size());
+    // Expected, from the lists: the attended keys' pages, then the counts and their limits.
+    Counts want;
+    std::int64_t parts = 0, most_parts = 0, most_pages = 1;
+    for (std::int64_t n : l.keys)
+      most_pages = std::max(most_pages, up(o.window_left >= 0 ? std::min(n, o.window_left + 1) : n, o.page_size));
+    o.fixed_split_size = std::max<std::int64_t>(1, most_pages / rand_int(rng, 1, 1100));
+    for (std::int64_t n : l.keys) {
+      const std::int64_t attended = o.window_left >= 0 ? std::min(n, o.window_left + 1) : n;
+      const std::int64_t c = up(std::max<std::int64_t>(1, up(attended, o.page_size)), o.fixed_split_size);
+      want.push_back(std::int32_t(std::min<std::int64_t>(c, INT32_MAX)));
+      parts += c;
+      most_parts = std::max(most_parts, c);
+    }
+    const bool graph = rand_int(rng, 0, 2) == 0;
+    if (graph) o.graph_items = std::clamp<std::int64_t>(parts + rand_int(rng, -3, 40), 1, fastattn::kMaxPlanItems);
+    const std::int64_t limit = graph ? o.graph_items : fastattn::kMaxPlanItems;
+    if (most_parts > fastattn::kMaxPlanSplits || parts > limit) {
+      try {
+        fastattn::plan_paged_decode(l.indptr.data(), l.last.data(), batch, l.num_ids, o);
+        FAIL() << "no error for " << parts << " parts, " << most_parts << " in one sequence";
+      } catch (const fastattn::ValueError& e) {
+        const std::string what = e.what();
+        EXPECT_NE(what.find("fixed_split_size = " + std::to_string(o.fixed_split_size)), std::string::npos) << what;
+        EXPECT_NE(what.find(most_parts > fastattn::kMaxPlanSplits ? "parts, more than 1024" : " parts in all, more than "),
+                  std::string::npos)
+            << what;
+      }
+      ++refused;
+      continue;
+    }
+    const fastattn::PagedDecodePlan p = fastattn::plan_paged_decode(l.indptr.data(), l.last.data(), batch, l.num_ids, o);
+    ASSERT_EQ(p.counts, want);
+    ASSERT_EQ(p.num_splits, 0);
+    ASSERT_EQ(std::int64_t(p.arrays.size()), 2 * batch + 1 + (graph ? o.graph_items : parts));
+    // Each sequence alone: the same count.
+    fastattn::PagedDecodePlanOptions alone = o;
+    alone.graph_items = 0;
+    for (std::int64_t b = 0; b < batch; b += 7) {
+      const Lens indptr{l.indptr[std::size_t(b)], l.indptr[std::size_t(b + 1)]}, last{l.last[std::size_t(b)]};
+      const auto one = fastattn::plan_paged_decode(indptr.data(), last.data(), 1, l.num_ids, alone);
+      ASSERT_EQ(one.counts, Counts{want[std::size_t(b)]});
+    }
+    // split_kv = false wins: one split, or counts of 1 in a CUDA-graph plan.
+    fastattn::PagedDecodePlanOptions off = o;
+    off.split_kv = false;
+    const auto unsplit = fastattn::plan_paged_decode(l.indptr.data(), l.last.data(), batch, l.num_ids, off);
+    if (graph) {
+      ASSERT_EQ(unsplit.counts, Counts(std::size_t(batch), 1));
+    } else {
+      ASSERT_TRUE(unsplit.counts.empty());
+      ASSERT_EQ(unsplit.num_splits, 1);
+    }
+    ++planned;
+    graphs += graph;
+  }
+  EXPECT_GE(planned, 40);
+  EXPECT_GE(graphs, 10);
+  EXPECT_GE(refused, 5);
+
+  fastattn::PagedDecodePlanOptions o;
+  o.page_size = 16;
+  o.num_kv_heads = 8;
+  o.sm_count = 132;
+  o.fixed_split_size = -1;
+  const Lens indptr{0, 3}, last{16};
+  try {
+    fastattn::plan_paged_decode(indptr.data(), last.data(), 1, 3, o);
+    FAIL() << "no error for fixed_split_size -1";
+  } catch (const fastattn::ValueError& e) {
+    EXPECT_NE(std::string(e.what()).find("fixed_split_size must be a page count >= 1 (0: none), got -1"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
 TEST(DecodePlan, PagedPlanRefusesBadListsNamingThem) {
   fastattn::PagedDecodePlanOptions o;
   o.page_size = 4;
