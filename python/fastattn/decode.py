@@ -291,6 +291,20 @@ def _refuse_run_arguments(args, q_scale, k_scale, v_scale, q_len_per_req) -> Non
                               f"{q_len_per_req}")
 
 
+def _fixed_split_pages(fixed_split_size) -> int:
+    """plan()'s fixed_split_size as plan_paged_decode takes it: None or -1 (FlashInfer's value for
+    none) -> 0, else a page count >= 1."""
+    if fixed_split_size is None:
+        return 0
+    pages = as_int(fixed_split_size, "fixed_split_size")
+    if pages == -1:
+        return 0
+    if pages < 1:
+        raise ValueError(f"fixed_split_size must be a page count >= 1, or None / -1 for none, "
+                         f"got {pages}")
+    return min(pages, 1 << 31)  # more pages than any sequence has: one part each, as given
+
+
 class BatchDecodeWithPagedKVCacheWrapper:
     """Batch decode (one query per request) over a paged KV cache: FlashInfer's interface.
 
@@ -322,8 +336,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
 
     Supported: both layouts; ``pos_encoding_mode`` "NONE"; ``window_left``; ``logits_soft_cap``;
     ``sm_scale``; GQA / MQA; ``return_lse`` (natural-log LSE, unlike FlashInfer's base 2: see
-    :func:`fastattn.lse_base2_to_natural`); ``sinks`` in ``run()``. Not supported (a clear error):
-    fused RoPE, ALiBi mode, fp8 scales, ``fixed_split_size`` and more than one query per request.
+    :func:`fastattn.lse_base2_to_natural`); ``sinks`` in ``run()``; ``fixed_split_size`` (split
+    counts that depend on each request's own pages only: batch-invariant results). Not supported
+    (a clear error): fused RoPE, ALiBi mode, fp8 scales and more than one query per request.
     """
 
     def __init__(self, float_workspace_buffer, kv_layout: str = "NHD", use_cuda_graph: bool = False,
@@ -375,7 +390,14 @@ class BatchDecodeWithPagedKVCacheWrapper:
             logits_soft_cap: softcap of the scores (None or 0: none).
             q_data_type, kv_data_type, data_type: dtype of q and the cache (kv must equal q).
             sm_scale: softmax scale (None: 1 / sqrt(head_dim)).
-            disable_split_kv: one split per sequence (no partial states, no combine kernel).
+            fixed_split_size: FlashInfer's batch-invariant splits, in pages: every request is cut
+                into ceil(max(1, its attended pages) / fixed_split_size) parts whatever the rest
+                of the batch, so its results are bitwise the same in any batch (the parts are
+                equal shares of its tiles, not fixed_split_size pages each). None or -1
+                (FlashInfer's "none"): the host's split rules. With use_cuda_graph=True the parts
+                must fit the plan's fixed size (:func:`decode_graph_plan_items`).
+            disable_split_kv: one split per sequence (no partial states, no combine kernel); it
+                wins over fixed_split_size, as in FlashInfer.
         """
         if pos_encoding_mode != "NONE":
             raise NotImplementedError(
@@ -385,9 +407,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         if rope_scale is not None or rope_theta is not None:
             raise NotImplementedError("rope_scale / rope_theta (fused RoPE) are not supported: apply "
                                       "rotary embeddings to q and k before the call")
-        if fixed_split_size is not None:
-            raise NotImplementedError("fixed_split_size is not supported; for a fixed split count "
-                                      "call fastattn.flash_attn_with_kvcache with num_splits")
+        fixed = _fixed_split_pages(fixed_split_size)
         if block_tables is not None or seq_lens is not None:
             raise NotImplementedError("block_tables / seq_lens (FlashInfer's trtllm-gen inputs) are "
                                       "not supported: pass the CSR page lists")
@@ -431,7 +451,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         # The checks of the lists, the key lengths, the splits and [lengths | split plan], in C++.
         arrays, counts, splits, max_pages = _C.plan_paged_decode(
             ip, last, num_ids, ps, left, heads_kv, sms, split_kv=not disable_split_kv,
-            choose_splits=on_gpu, graph_items=items, head_dim=d)
+            choose_splits=on_gpu, graph_items=items, head_dim=d, fixed_split_size=fixed)
         used = None if ids is None else ids[ip[0]:ip[-1]]  # the batch's page ids, read on the host
         if used is not None and used.size and used.min() < 0:
             raise ValueError(f"indices must be page ids >= 0, got {int(used.min())}")

@@ -448,7 +448,8 @@ nb::ndarray<nb::numpy, std::int32_t, nb::ndim<1>> numpy_of(std::vector<std::int3
 /// fastattn::plan_paged_decode -> (arrays, counts or None, num_splits, max_pages).
 nb::tuple plan_paged_decode(HostInt64s indptr, HostInt64s last_page_len, std::int64_t num_ids, int page_size,
                             std::int64_t window_left, int num_kv_heads, int sm_count, bool split_kv,
-                            bool choose_splits, std::int64_t graph_items, int head_dim) {
+                            bool choose_splits, std::int64_t graph_items, int head_dim,
+                            std::int64_t fixed_split_size) {
   if (indptr.shape(0) < 1)
     throw fastattn::ValueError("plan_paged_decode: indptr must have batch_size + 1 >= 1 entries, got 0");
   const auto batch = std::int64_t(indptr.shape(0)) - 1;
@@ -461,6 +462,7 @@ nb::tuple plan_paged_decode(HostInt64s indptr, HostInt64s last_page_len, std::in
   o.split_kv = split_kv;
   o.choose_splits = choose_splits;
   o.graph_items = graph_items;
+  o.fixed_split_size = fixed_split_size;
   o.rule = fastattn::decode_split_rule_for_head_dim(head_dim);
   fastattn::PagedDecodePlan p =
       fastattn::plan_paged_decode(indptr.data(), last_page_len.data(), batch, num_ids, o);
@@ -622,7 +624,7 @@ NB_MODULE(_C, m) {
   m.def("plan_paged_decode", &plan_paged_decode, nb::arg("indptr"), nb::arg("last_page_len"),
         nb::arg("num_ids"), nb::arg("page_size"), nb::arg("window_left"), nb::arg("num_kv_heads"),
         nb::arg("sm_count"), nb::arg("split_kv"), nb::arg("choose_splits"), nb::arg("graph_items"),
-        nb::arg("head_dim"),
+        nb::arg("head_dim"), nb::arg("fixed_split_size") = 0,
         "fastattn::plan_paged_decode with decode_split_rule_for_head_dim(head_dim) -> (arrays: "
         "lengths then split plan, counts or None, num_splits, max_pages).");
   m.def(

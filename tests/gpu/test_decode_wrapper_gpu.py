@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 import fastattn  # noqa: E402
 
 import gpu_reference as R  # noqa: E402
-from gpu_helpers import i32, nan_full, randn, warm_and_capture  # noqa: E402
+from gpu_helpers import cumsum0, i32, nan_full, randn, warm_and_capture  # noqa: E402
 import test_prefill as P  # noqa: E402  (its helpers; importing it runs no test)
 
 DEV = "cuda"
@@ -245,6 +245,63 @@ def test_small_workspace_and_disable_split(seed):
     b.check(w)
 
 
+def fixed_counts(lens, page_size, size):
+    """FlashInfer's fixed_split_size counts, written out: ceil(max(1, pages) / size)."""
+    return [-(-max(1, -(-n // page_size)) // size) for n in lens]
+
+
+@pytest.mark.parametrize("page_size,hq,hkv,d,dtype", [(16, 32, 8, 128, torch.bfloat16),
+                                                      (1, 8, 8, 64, torch.float16)])
+def test_fixed_split_size_is_batch_invariant(seed, page_size, hq, hkv, d, dtype):
+    """fixed_split_size (FlashInfer's batch-invariant splits): four requests (a long one, a short
+    one, one key, none) give bitwise the same out and LSE decoded alone, in a batch of 9 and in
+    one of 40 (whose combine grid is past the preloading kernel's) at shuffled places, and match
+    the float64 reference; each is cut into ceil(max(1, pages) / fixed_split_size) parts."""
+    rng, fixed = seed, 64
+    targets = [20000, 3000, 1, 0]
+    lens = targets + [rng.randrange(0, 12000) for _ in range(36)]
+    lists, _, _, _, num_pages = P.make_csr(rng, lens, page_size)
+    kv = randn(num_pages, 2, page_size, hkv, d, dtype=dtype)
+    before = kv.clone()
+    q = randn(len(lens), hq, d, dtype=dtype)
+
+    def decode(order):
+        """out (B, Hq, D) and LSE (B, Hq) of the requests `order` (indices into lens), in that order."""
+        sub = [lists[i] for i in order]
+        last = [lens[i] - (len(pages) - 1) * page_size if pages else 0 for i, pages in zip(order, sub)]
+        w = fastattn.BatchDecodeWithPagedKVCacheWrapper(workspace())
+        w.plan(i32(cumsum0([len(pages) for pages in sub])), i32([x for pages in sub for x in pages]),
+               i32(last), hq, hkv, d, page_size, q_data_type=dtype, fixed_split_size=fixed)
+        assert w.split_counts.tolist() == fixed_counts([lens[i] for i in order], page_size, fixed)
+        out = nan_full((len(order), hq, d), dtype)
+        lse = nan_full((len(order), hq), torch.float32)
+        w.run(q[list(order)].contiguous(), kv, out=out, lse=lse, return_lse=True)
+        return out, lse
+
+    batch9 = list(range(4)) + rng.sample(range(4, len(lens)), 5)
+    rng.shuffle(batch9)
+    batch40 = list(range(len(lens)))
+    rng.shuffle(batch40)
+    out40, lse40 = decode(batch40)
+    out9, lse9 = decode(batch9)
+    for t in range(4):
+        out1, lse1 = decode([t])
+        for name, (o, l, at) in {"9": (out9, lse9, batch9.index(t)),
+                                 "40": (out40, lse40, batch40.index(t))}.items():
+            R.assert_bitwise_equal(f"request {t} ({lens[t]} keys) out, alone vs batch of {name}", out1[0], o[at])
+            R.assert_bitwise_equal(f"request {t} ({lens[t]} keys) lse, alone vs batch of {name}", lse1[0], l[at])
+    torch.cuda.synchronize()
+    ref_kv = [(R.gather_pages(kv[:, 0], lists[i], lens[i]), R.gather_pages(kv[:, 1], lists[i], lens[i]))
+              for i in batch40]
+    cu = list(range(len(lens) + 1))
+    ref, lse_ref, _ = R.varlen_ref(q[batch40], cu, ref_kv)
+    naive, _, _ = R.varlen_ref(q[batch40], cu, ref_kv, naive=True)
+    R.assert_out_close("batch of 40, out", out40, ref, naive, factor=FACTOR)
+    R.assert_lse_close("batch of 40, lse", lse40, lse_ref.T)
+    assert max(fixed_counts(lens, page_size, fixed)) > 1
+    assert torch.equal(kv, before), "run() wrote into the cache"
+
+
 def test_unusable_workspaces(seed):
     """A workspace the kernels cannot use as scratch (not uint8, or not contiguous), however
     large: eager, scratch comes from torch's allocator and the result is the same; with
@@ -450,7 +507,12 @@ def test_graph_mode_hnd_layout(seed, page_size, hq, hkv, d):
     graph_steps(seed, torch.bfloat16, page_size, hq, hkv, d, lists_on=DEV, layout="HND")
 
 
-def graph_steps(seed, dtype, page_size, hq, hkv, d, lists_on, layout="NHD"):
+def test_graph_mode_fixed_split_size(seed):
+    """The same replays with fixed_split_size: each step's counts are FlashInfer's fixed ones."""
+    graph_steps(seed, torch.bfloat16, 16, 32, 8, 128, lists_on=DEV, fixed_split_size=256)
+
+
+def graph_steps(seed, dtype, page_size, hq, hkv, d, lists_on, layout="NHD", fixed_split_size=None):
     batch = 12
     max_pages = sum(-(-n // page_size) for n in [30000] * 2 + [6000] * (batch - 2))
     pool = max_pages + 7
@@ -475,8 +537,10 @@ def graph_steps(seed, dtype, page_size, hq, hkv, d, lists_on, layout="NHD"):
         used = sum(-(-n // page_size) for n in lens)  # a fresh placement over the whole pool
         lists, indptr, indices, last, _ = P.make_csr(seed, lens, page_size, extra_pages=pool - used)
         w.plan(*(i32(x).to(lists_on) for x in (indptr, indices, last)), hq, hkv, d, page_size,
-               q_data_type=dtype)
+               q_data_type=dtype, fixed_split_size=fixed_split_size)
         counts = w.split_counts
+        if fixed_split_size is not None:
+            assert counts.tolist() == fixed_counts(lens, page_size, fixed_split_size)
         assert counts is not None and counts.sum() <= fastattn.decode_graph_plan_items(
             batch, hkv, torch.cuda.get_device_properties(0).multi_processor_count)
         split_seen |= bool(counts.max() > 1)

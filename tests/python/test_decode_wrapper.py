@@ -115,6 +115,58 @@ def test_decode_wrapper_options_and_forward(rng):
         w.run(q, kv)
 
 
+def fixed_counts(lens, page_size, size, window_left=-1):
+    """FlashInfer's fixed_split_size counts, written out: ceil(max(1, attended pages) / size)."""
+    attended = [n if window_left < 0 else min(n, window_left + 1) for n in lens]
+    return [-(-max(1, -(-n // page_size)) // size) for n in attended]
+
+
+@pytest.mark.parametrize("window_left", [-1, 700])
+def test_decode_wrapper_fixed_split_size(rng, window_left):
+    """fixed_split_size: each request's count is ceil(max(1, its attended pages) / size), the
+    count it gets in a batch of its own; None and -1 keep the rules (no counts on the CPU); on the
+    CPU backend, which plans its own threads, the results match the float64 reference; with
+    disable_split_kv one split wins."""
+    hq, hkv, d, ps = 4, 2, 16, 16
+    lens = [int(x) for x in rng.integers(0, 3000, size=9)]
+    lens[2], lens[5] = 0, 5000
+    indptr, indices, last, num_pages = make_pages(rng, lens, ps)
+    q, q64 = randn(rng, (len(lens), hq, d), "float32")
+    kv, kv64 = randn(rng, (num_pages, 2, ps, hkv, d), "float32")
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(np.empty(1 << 20, np.uint8))
+    for none in (None, -1):
+        w.plan(indptr, indices, last, hq, hkv, d, ps, window_left=window_left,
+               q_data_type="float32", fixed_split_size=none)
+        assert w.split_counts is None and w.num_splits == 0
+    for size in (1, 7, 64, 10**12):
+        w.plan(indptr, indices, last, hq, hkv, d, ps, window_left=window_left,
+               q_data_type="float32", fixed_split_size=size)
+        counts = fixed_counts(lens, ps, size, window_left)
+        assert w.split_counts.tolist() == counts and w.num_splits is None, size
+        for b in (0, 2, 5):  # alone: the same count
+            alone = fastattn.BatchDecodeWithPagedKVCacheWrapper(np.empty(1 << 20, np.uint8))
+            ip = indptr[b:b + 2]
+            alone.plan(ip, indices, last[b:b + 1], hq, hkv, d, ps, window_left=window_left,
+                       q_data_type="float32", fixed_split_size=size)
+            assert alone.split_counts.tolist() == [counts[b]]
+        out = nan_like(q)
+        lse = np.full((len(lens), hq), np.nan, np.float32)
+        w.run(q, kv, out=out, lse=lse, return_lse=True)
+        want, lse64 = reference(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens,
+                                window_left=window_left)
+        assert_close(f"fixed_split_size {size}", out, want, want, "float32")
+        assert_lse(f"fixed_split_size {size} lse", lse, lse64)
+    w.plan(indptr, indices, last, hq, hkv, d, ps, q_data_type="float32", fixed_split_size=4,
+           disable_split_kv=True)
+    assert w.split_counts is None and w.num_splits == 1
+    # More than 1024 parts for one request.
+    with pytest.raises(ValueError, match="fixed_split_size = 1 cuts sequence 0 \\(1200 attended pages\\) "
+                                         "into 1200 parts, more than 1024: take a larger fixed_split_size"):
+        w.plan(int32([0, 1200]), np.arange(1200, dtype=np.int32), int32([1]), hq, hkv, d, 1,
+               q_data_type="float32", fixed_split_size=1)
+    assert w.split_counts is None and w.num_splits == 1, "a refused plan() replaced the last plan"
+
+
 def test_decode_wrapper_plan_offset_indptr(rng):
     """indptr need not start at 0: request b owns indices[indptr[b]:indptr[b + 1]]."""
     hq, hkv, d, page_size = 2, 1, 16, 4
@@ -162,8 +214,12 @@ def test_decode_wrapper_errors(rng):
         plan(indices=int32([0, -1, 2]))
     with pytest.raises(TypeError, match="kv_data_type must equal q_data_type"):
         plan(kv_data_type="float16")
-    with pytest.raises(NotImplementedError, match="fixed_split_size"):
-        plan(fixed_split_size=4)
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match=f"fixed_split_size must be a page count >= 1, or None / "
+                                             f"-1 for none, got {bad}"):
+            plan(fixed_split_size=bad)
+    with pytest.raises(TypeError, match="fixed_split_size must be an int, got float"):
+        plan(fixed_split_size=2.0)
     plan()
     with pytest.raises(ValueError, match=r"q must have shape \(batch_size, num_qo_heads, head_dim\)"):
         w.run(q[:1], kv)
@@ -708,3 +764,35 @@ def test_decode_wrapper_graph_mode_errors(rng):
         w.plan(indptr, indices, last, hq, 1, d, ps, q_data_type="float32")
     # A failed plan() leaves the last good one in place.
     assert w._plan["num_kv_heads"] == 2 and w.run(q, kv).shape == (2, hq, d)
+
+
+def test_decode_wrapper_graph_mode_fixed_split_size(rng):
+    """use_cuda_graph=True with fixed_split_size: the fixed counts, padded to the plan's fixed size,
+    and results that match the float64 reference; counts that do not fit the plan's size are a
+    ValueError naming fixed_split_size, and the last plan stays."""
+    hq, hkv, d, ps, batch, capacity = 8, 2, 32, 16, 5, 400
+    w, _ = graph_wrapper(batch, capacity)
+    kv, kv64 = randn(rng, (capacity, 2, ps, hkv, d), "float32")
+    # On the CPU the plan's size is one wave of one SM past the batch: room for one more part.
+    lens = [int(x) for x in rng.integers(1, ps + 1, size=batch)]
+    lens[1], lens[3] = 0, int(rng.integers(ps + 1, 2 * ps + 1))
+    indptr, indices, last, _ = make_pages(rng, lens, ps, spare=0)
+    w.plan(indptr, indices, last, hq, hkv, d, ps, q_data_type="float32", fixed_split_size=1)
+    items = fastattn.decode_graph_plan_items(batch, hkv, 1)
+    counts = fixed_counts(lens, ps, 1)
+    assert w.split_counts.tolist() == counts == [1, 1, 1, 2, 1] and items == 6
+    plan = w._graph.split_plan
+    assert plan.size == batch + 1 + items
+    assert (plan[batch + 1 + sum(counts):] == -1).all()
+    q, q64 = randn(rng, (batch, hq, d), "float32")
+    want, _ = reference(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens)
+    assert_close("graph, fixed_split_size 1", w.run(q, kv), want, want, "float32")
+    # A long request cut finely: more parts than the plan's fixed size.
+    long_lens = [6000] + [10] * (batch - 1)
+    indptr2, indices2, last2, _ = make_pages(rng, long_lens, ps, spare=0)
+    need = sum(fixed_counts(long_lens, ps, 1))
+    assert need > items
+    with pytest.raises(ValueError, match=f"fixed_split_size = 1 gives {need} parts in all, more than the "
+                                         f"CUDA-graph plan's {items} work items"):
+        w.plan(indptr2, indices2, last2, hq, hkv, d, ps, q_data_type="float32", fixed_split_size=1)
+    assert w.split_counts.tolist() == counts, "a refused plan() replaced the last plan"
