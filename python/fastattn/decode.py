@@ -7,8 +7,9 @@ CTAs. FlashInfer's callers already hand the page lists to ``plan()`` on the host
 :class:`BatchDecodeWithPagedKVCacheWrapper` reads the lengths there and plans the splits from them:
 a count per request where a few long requests sit among short ones
 (:func:`decode_split_counts_for_lengths`, as a split plan, :func:`decode_split_plan`), else one
-count for the batch (:func:`decode_num_splits_for_lengths`); ``run()`` then launches without a
-host read. With ``use_cuda_graph=True`` every launch parameter is fixed across steps (a split plan
+count for the batch (:func:`decode_num_splits_for_lengths`), or, with FlashInfer's
+``fixed_split_size``, a count per request from its own pages only (batch-invariant results);
+``run()`` then launches without a host read. With ``use_cuda_graph=True`` every launch parameter is fixed across steps (a split plan
 of fixed size, padded: :func:`decode_graph_plan_items`, :func:`decode_graph_split_counts`) and
 ``plan()`` writes each step's arrays in place, so that a captured ``run()`` can be replayed.
 
