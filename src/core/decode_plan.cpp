@@ -339,22 +339,16 @@ PagedDecodePlan plan_paged_decode(const std::int64_t* indptr, const std::int64_t
     attended[b] = o.window_left < 0 ? keys : std::min(keys, o.window_left + 1);
   }
   std::optional<std::int64_t> items;
-  const bool fixed = o.split_kv && o.fixed_split_size > 0;
-  if (o.graph_items > 0) {
-    items = o.graph_items;
-    if (fixed) {
-      p.counts = fixed_split_counts(op, attended, o.page_size, o.fixed_split_size, o.graph_items,
-                                    "the CUDA-graph plan's");
-    } else {
-      p.counts.assign(static_cast<std::size_t>(batch), 1);
-      if (o.split_kv)
-        decode_graph_split_counts(attended.data(), batch, o.num_kv_heads, o.sm_count, o.graph_items, p.counts.data(),
-                                  o.rule);
-    }
+  if (o.graph_items > 0) items = o.graph_items;
+  if (o.split_kv && o.fixed_split_size > 0) {
+    p.counts = fixed_split_counts(op, attended, o.page_size, o.fixed_split_size, items.value_or(kMaxPlanItems),
+                                  items ? "the CUDA-graph plan's" : "a split plan's");
+  } else if (items) {
+    p.counts.assign(static_cast<std::size_t>(batch), 1);
+    if (o.split_kv)
+      decode_graph_split_counts(attended.data(), batch, o.num_kv_heads, o.sm_count, *items, p.counts.data(), o.rule);
   } else if (!o.split_kv) {
     p.num_splits = 1;
-  } else if (fixed) {
-    p.counts = fixed_split_counts(op, attended, o.page_size, o.fixed_split_size, kMaxPlanItems, "a split plan's");
   } else if (o.choose_splits) {
     // Both rules on one sorted copy of the lengths.
     const char* rules = "decode_split_counts_for_lengths";
