@@ -36,6 +36,9 @@ struct PagedDecodeCallPlan {
   std::optional<TensorView> split_plan;     ///< KVCacheArgs::split_plan, or none
   int num_splits = 0;                       ///< KVCacheArgs::num_splits
   std::int64_t batch = 0, num_qo_heads = 0, num_kv_heads = 0, head_dim = 0, page_size = 0;
+  /// Query rows per request (FlashInfer's q_len_per_req): a call's q holds batch x q_len rows,
+  /// request b's rows b x q_len .. (b + 1) x q_len - 1, the last at its last key.
+  std::int64_t q_len = 1;
   std::string data_type;                    ///< dtype_name() the calls' q and pages must have
   std::optional<std::int64_t> max_page_id;  ///< the largest page id plan() read (none: not read)
   bool on_gpu = false;                      ///< whether the plan's arrays (and q) are on a GPU
@@ -48,9 +51,10 @@ struct PagedDecodeCallPlan {
 std::pair<TensorView, TensorView> split_paged_kv_cache(const TensorView& cache, PagedKVLayout layout,
                                                        const char* name);
 
-/// KVCacheArgs for one call of `plan`: q (B, Hq, D) over k_pages / v_pages in the plan's layout,
-/// (P, page_size, Hkv, D) (NHD) or (P, Hkv, page_size, D) (HND), into out (B, Hq, D) and lse
-/// (B, Hq) float32 when given, as (B, 1, Hq, D) / (B, Hq, 1) views, with the plan's arrays. The
+/// KVCacheArgs for one call of `plan`: q (B x N, Hq, D), N = plan.q_len, over k_pages / v_pages in
+/// the plan's layout, (P, page_size, Hkv, D) (NHD) or (P, Hkv, page_size, D) (HND), into out
+/// (B x N, Hq, D) and lse (B x N, Hq) float32 when given, as (B, N, Hq, D) / (B, Hq, N) views, with
+/// the plan's arrays. The
 /// pages go to the op as (P, page_size, Hkv, D) views (HND's with dims 1 and 2 swapped: the
 /// kernels take any strides). Checked in this order, each error naming the array and what the
 /// plan expects: q's shape and dtype, each page tensor's shape, page count (against max_page_id)

@@ -73,6 +73,9 @@ inline constexpr std::int64_t kSplitUnit = 65536;
 inline constexpr std::int32_t kPlanPadding = -1;
 /// Keys per tile of the decode kernels: a part's keys are whole tiles of its sequence.
 inline constexpr std::int64_t kPlanTileKeys = 64;
+/// Query rows per CTA of the decode kernels: a KV head's group x q_len rows, packed, take
+/// ceil(rows / kPlanRowsPerCta) CTAs, each streaming the head's keys.
+inline constexpr std::int64_t kPlanRowsPerCta = 16;
 /// A CUDA-graph plan's work items beyond one a sequence, in waves of the GPU per KV head (one CTA
 /// per SM): room for the splits of the steps' longest sequences, and a bound on the padding CTAs
 /// of the steps that need none (bench/NOTES.md, session 67).
@@ -129,6 +132,15 @@ struct PagedDecodePlanOptions {
   /// for the min(length, window_left + 1) keys a query attends to.
   std::int64_t window_left = -1;
   int num_kv_heads = 0;
+  /// Query heads (0: num_kv_heads), a multiple of num_kv_heads.
+  int num_qo_heads = 0;
+  /// Query rows per sequence (FlashInfer's q_len_per_req: speculative decoding's draft tokens,
+  /// already in the cache, causal within the sequence's last q_len keys). Above 1, a sequence of
+  /// fewer keys is a ValueError (at 1 a sequence may have none: its output is 0). Its rows attend
+  /// to min(length, window_left + q_len) keys, which set its splits. With num_qo_heads, q_len sets
+  /// the CTAs each KV head's rows take, ceil(group x q_len / kPlanRowsPerCta), which the split
+  /// rules weigh as that many KV heads (one for q_len 1 and group <= 16).
+  int q_len = 1;
   int sm_count = 0;
   /// false: one split per sequence (num_splits 1; in a CUDA-graph plan, counts of 1).
   bool split_kv = true;
@@ -165,10 +177,10 @@ struct PagedDecodePlan {
 
 /// The host half of a paged decode plan from CSR page lists, as FlashInfer's
 /// BatchDecodeWithPagedKVCacheWrapper.plan() makes it: the lists checked, each sequence's key
-/// lengths, (pages - 1) x page_size + last_page_len (0 without pages), and its splits
-/// (fixed_split_size's counts where it is set, else decode_split_counts_for_lengths, else
-/// decode_num_splits_for_lengths; a CUDA-graph plan: decode_graph_split_counts) with the split
-/// plan ordered by the attended keys.
+/// lengths, (pages - 1) x page_size + last_page_len (0 without pages; at least q_len where
+/// q_len > 1), and its splits (fixed_split_size's counts where it is set, else
+/// decode_split_counts_for_lengths, else decode_num_splits_for_lengths; a CUDA-graph plan:
+/// decode_graph_split_counts) with the split plan ordered by the attended keys.
 ///   indptr: (batch + 1), non-decreasing from >= 0 up to num_ids (the page ids' count);
 ///   last_page_len: (batch), in 1..page_size where a sequence has pages (not read where it has
 ///   none). A bad value is a ValueError naming it; so is a length above 2^31 - 1.

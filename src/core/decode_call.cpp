@@ -30,6 +30,16 @@ TensorView with_unit_dim(TensorView t, int dim) {
   return t;
 }
 
+/// `t` (R x n, ...) viewed as (R, n, ...): dimension 0 split into rows of n (any strides).
+TensorView split_first_dim(TensorView t, std::int64_t n) {
+  t = with_unit_dim(t, 1);
+  t.shape[0] /= n;
+  t.shape[1] = n;
+  t.strides[1] = t.strides[0];
+  t.strides[0] *= n;
+  return t;
+}
+
 /// Entry `index` of dimension `dim` of `t`, that dimension removed (torch's t.select(dim, index)).
 TensorView select(TensorView t, int dim, std::int64_t index) {
   t.data = static_cast<char*>(t.data) + index * t.strides[std::size_t(dim)] * std::int64_t(dtype_size(t.dtype));
@@ -96,10 +106,14 @@ std::pair<TensorView, TensorView> split_paged_kv_cache(const TensorView& cache, 
 KVCacheArgs paged_decode_call_args(const PagedDecodeCallPlan& plan, const TensorView& q, const TensorView& k_pages,
                                    const TensorView& v_pages, const TensorView& out,
                                    const std::optional<TensorView>& lse) {
-  const std::initializer_list<std::int64_t> want = {plan.batch, plan.num_qo_heads, plan.head_dim};
-  if (q.ndim != 3 || q.shape[0] != plan.batch || q.shape[1] != plan.num_qo_heads || q.shape[2] != plan.head_dim)
-    throw ValueError("q must have shape (batch_size, num_qo_heads, head_dim) = " + tuple_string(want) +
-                     " as planned, got " + q.shape_string());
+  if (plan.q_len < 1) throw ValueError("q_len_per_req must be >= 1, got " + std::to_string(plan.q_len));
+  const std::int64_t rows = plan.batch * plan.q_len;
+  const std::initializer_list<std::int64_t> want = {rows, plan.num_qo_heads, plan.head_dim};
+  const std::string rows_name = plan.q_len > 1 ? "batch_size * q_len_per_req" : "batch_size";
+  if (q.ndim != 3 || q.shape[0] != rows || q.shape[1] != plan.num_qo_heads || q.shape[2] != plan.head_dim)
+    throw ValueError("q must have shape (" + rows_name + ", num_qo_heads, head_dim) = " + tuple_string(want) +
+                     " as planned" + (plan.q_len > 1 ? " (q_len_per_req = " + std::to_string(plan.q_len) + ")" : "") +
+                     ", got " + q.shape_string());
   check_dtype(plan, q, "q");
   const TensorView k = checked_pages(plan, k_pages, "k");
   const TensorView v = checked_pages(plan, v_pages, "v");
@@ -107,18 +121,17 @@ KVCacheArgs paged_decode_call_args(const PagedDecodeCallPlan& plan, const Tensor
     throw ValueError(std::string("q must be on the device of the workspace buffer plan() used (") +
                      (plan.on_gpu ? "a CUDA device" : "the host") + "), got q on " +
                      (plan.on_gpu ? "the host" : "a CUDA device"));
-  if (out.ndim != 3 || out.shape[0] != plan.batch || out.shape[1] != plan.num_qo_heads ||
-      out.shape[2] != plan.head_dim)
+  if (out.ndim != 3 || out.shape[0] != rows || out.shape[1] != plan.num_qo_heads || out.shape[2] != plan.head_dim)
     throw ValueError("out must have shape " + tuple_string(want) + ", got " + out.shape_string());
   KVCacheArgs a;
   if (lse) {
-    if (lse->ndim != 2 || lse->shape[0] != plan.batch || lse->shape[1] != plan.num_qo_heads)
-      throw ValueError("lse must have shape " + tuple_string({plan.batch, plan.num_qo_heads}) + ", got " +
+    if (lse->ndim != 2 || lse->shape[0] != rows || lse->shape[1] != plan.num_qo_heads)
+      throw ValueError("lse must have shape " + tuple_string({rows, plan.num_qo_heads}) + ", got " +
                        lse->shape_string());
-    a.lse = with_unit_dim(*lse, 2);
+    a.lse = swap_dims(split_first_dim(*lse, plan.q_len), 1, 2);  // (B, Hq, N)
   }
-  a.q = with_unit_dim(q, 1);
-  a.out = with_unit_dim(out, 1);
+  a.q = split_first_dim(q, plan.q_len);  // (B, N, Hq, D)
+  a.out = split_first_dim(out, plan.q_len);
   a.k_cache = k;
   a.v_cache = v;
   a.cache_seqlens = plan.seqlens;

@@ -299,6 +299,18 @@ std::vector<std::int32_t> fixed_split_counts(const char* op, const std::vector<s
   return counts;
 }
 
+/// The KV heads the split rules weigh for a plan: each KV head's group x q_len query rows take
+/// ceil(rows / kPlanRowsPerCta) CTAs, and each streams the head's keys.
+int weighed_kv_heads(const char* op, const PagedDecodePlanOptions& o) {
+  if (o.q_len < 1) fail(op, "q_len (q_len_per_req) must be >= 1, got " + std::to_string(o.q_len));
+  if (o.num_qo_heads < 0 || (o.num_qo_heads > 0 && o.num_kv_heads > 0 && o.num_qo_heads % o.num_kv_heads != 0))
+    fail(op, "num_qo_heads must be 0 or a multiple of num_kv_heads = " + std::to_string(o.num_kv_heads) + ", got " +
+                 std::to_string(o.num_qo_heads));
+  const std::int64_t group = o.num_qo_heads > 0 && o.num_kv_heads > 0 ? o.num_qo_heads / o.num_kv_heads : 1;
+  const std::int64_t heads = std::int64_t(o.num_kv_heads) * ceil_div(group * o.q_len, kPlanRowsPerCta);
+  return heads > INT_MAX ? INT_MAX : static_cast<int>(heads);
+}
+
 }  // namespace
 
 PagedDecodePlan plan_paged_decode(const std::int64_t* indptr, const std::int64_t* last_page_len, std::int64_t batch,
@@ -310,6 +322,7 @@ PagedDecodePlan plan_paged_decode(const std::int64_t* indptr, const std::int64_t
   if (o.page_size < 1) fail(op, "page_size must be >= 1, got " + std::to_string(o.page_size));
   if (o.fixed_split_size < 0)
     fail(op, "fixed_split_size must be a page count >= 1 (0: none), got " + std::to_string(o.fixed_split_size));
+  const int heads = weighed_kv_heads(op, o);
   // The row pointers first, all of them (a bad one makes every later length meaningless).
   const std::string bounds = "indptr must be non-decreasing from >= 0 up to len(indices) = " + std::to_string(num_ids);
   if (indptr[0] < 0) fail(op, bounds + ", got indptr[0] = " + std::to_string(indptr[0]));
@@ -335,8 +348,12 @@ PagedDecodePlan plan_paged_decode(const std::int64_t* indptr, const std::int64_t
       if (keys > INT32_MAX)
         fail(op, "sequence " + std::to_string(b) + " has " + std::to_string(keys) + " keys, more than 2^31 - 1");
     }
+    if (o.q_len > 1 && keys < o.q_len)
+      fail(op, "sequence " + std::to_string(b) + " has " + std::to_string(keys) + " keys, fewer than its q_len = " +
+                   std::to_string(o.q_len) + " query rows (q_len_per_req): its draft tokens must be in the cache");
     p.arrays[b] = static_cast<std::int32_t>(keys);
-    attended[b] = o.window_left < 0 ? keys : std::min(keys, o.window_left + 1);
+    // The union of its rows' windows: the first row's window_left + 1 keys and the q_len - 1 after.
+    attended[b] = o.window_left < 0 ? keys : std::min(keys, o.window_left + o.q_len);
   }
   std::optional<std::int64_t> items;
   if (o.graph_items > 0) items = o.graph_items;
@@ -346,17 +363,17 @@ PagedDecodePlan plan_paged_decode(const std::int64_t* indptr, const std::int64_t
   } else if (items) {
     p.counts.assign(static_cast<std::size_t>(batch), 1);
     if (o.split_kv)
-      decode_graph_split_counts(attended.data(), batch, o.num_kv_heads, o.sm_count, *items, p.counts.data(), o.rule);
+      decode_graph_split_counts(attended.data(), batch, heads, o.sm_count, *items, p.counts.data(), o.rule);
   } else if (!o.split_kv) {
     p.num_splits = 1;
   } else if (o.choose_splits) {
     // Both rules on one sorted copy of the lengths.
     const char* rules = "decode_split_counts_for_lengths";
-    const Lengths l = read_lengths(rules, attended.data(), batch, o.num_kv_heads, o.sm_count);
+    const Lengths l = read_lengths(rules, attended.data(), batch, heads, o.sm_count);
     p.counts.resize(static_cast<std::size_t>(batch));
-    if (!split_counts(rules, l, attended.data(), o.num_kv_heads, o.sm_count, p.counts.data(), o.rule)) {
+    if (!split_counts(rules, l, attended.data(), heads, o.sm_count, p.counts.data(), o.rule)) {
       p.counts.clear();
-      p.num_splits = uniform_count(l, o.num_kv_heads, o.sm_count, o.rule);
+      p.num_splits = uniform_count(l, heads, o.sm_count, o.rule);
     }
   }
   if (!p.counts.empty() || items) {

@@ -449,7 +449,7 @@ nb::ndarray<nb::numpy, std::int32_t, nb::ndim<1>> numpy_of(std::vector<std::int3
 nb::tuple plan_paged_decode(HostInt64s indptr, HostInt64s last_page_len, std::int64_t num_ids, int page_size,
                             std::int64_t window_left, int num_kv_heads, int sm_count, bool split_kv,
                             bool choose_splits, std::int64_t graph_items, int head_dim,
-                            std::int64_t fixed_split_size) {
+                            std::int64_t fixed_split_size, int num_qo_heads, int q_len) {
   if (indptr.shape(0) < 1)
     throw fastattn::ValueError("plan_paged_decode: indptr must have batch_size + 1 >= 1 entries, got 0");
   const auto batch = std::int64_t(indptr.shape(0)) - 1;
@@ -458,6 +458,8 @@ nb::tuple plan_paged_decode(HostInt64s indptr, HostInt64s last_page_len, std::in
   o.page_size = page_size;
   o.window_left = window_left;
   o.num_kv_heads = num_kv_heads;
+  o.num_qo_heads = num_qo_heads;
+  o.q_len = q_len;
   o.sm_count = sm_count;
   o.split_kv = split_kv;
   o.choose_splits = choose_splits;
@@ -624,7 +626,8 @@ NB_MODULE(_C, m) {
   m.def("plan_paged_decode", &plan_paged_decode, nb::arg("indptr"), nb::arg("last_page_len"),
         nb::arg("num_ids"), nb::arg("page_size"), nb::arg("window_left"), nb::arg("num_kv_heads"),
         nb::arg("sm_count"), nb::arg("split_kv"), nb::arg("choose_splits"), nb::arg("graph_items"),
-        nb::arg("head_dim"), nb::arg("fixed_split_size") = 0,
+        nb::arg("head_dim"), nb::arg("fixed_split_size") = 0, nb::arg("num_qo_heads") = 0,
+        nb::arg("q_len") = 1,
         "fastattn::plan_paged_decode with decode_split_rule_for_head_dim(head_dim) -> (arrays: "
         "lengths then split plan, counts or None, num_splits, max_pages).");
   m.def(

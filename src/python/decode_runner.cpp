@@ -30,13 +30,19 @@ class PagedDecodeRunner {
   /// lengths; block_table (B, W) int32, or page_indptr (B + 1) and page_indices int32 (graph mode);
   /// split_plan or None. max_page_id: the largest page id plan() read (None: not read).
   /// workspace: the wrapper's float workspace buffer; graph: a captured run() must not allocate.
-  /// kv_layout: "NHD" or "HND", the layout of run()'s pages.
+  /// kv_layout: "NHD" or "HND", the layout of run()'s pages. q_len: query rows per request
+  /// (q_len_per_req); window_right: keys a row sees past its own position where q_len > 1 (0:
+  /// causal within the request's rows; -1: all of them).
   PagedDecodeRunner(nb::handle seqlens, nb::handle block_table, nb::handle page_indptr,
                     nb::handle page_indices, nb::handle split_plan, int num_splits, std::int64_t batch,
                     std::int64_t num_qo_heads, std::int64_t num_kv_heads, std::int64_t head_dim,
                     std::int64_t page_size, std::string data_type, std::optional<std::int64_t> max_page_id,
-                    bool on_gpu, nb::handle workspace, bool graph, const std::string& kv_layout)
-      : graph_(graph) {
+                    bool on_gpu, nb::handle workspace, bool graph, const std::string& kv_layout,
+                    std::int64_t q_len, std::int64_t window_right)
+      : graph_(graph), window_right_(window_right) {
+    if (q_len < 1) throw fastattn::ValueError("q_len_per_req must be >= 1, got " + std::to_string(q_len));
+    if (window_right < -1)
+      throw fastattn::ValueError("window_right must be >= -1 (-1: no bound), got " + std::to_string(window_right));
     plan_.layout = fastattn::paged_kv_layout_from_name(kv_layout);
     plan_.seqlens = in_view(seqlens, "seqlens", keep_);
     plan_.block_table = opt_in(block_table, "block_table", keep_);
@@ -45,6 +51,7 @@ class PagedDecodeRunner {
     plan_.split_plan = opt_in(split_plan, "split_plan", keep_);
     plan_.num_splits = num_splits;
     plan_.batch = batch;
+    plan_.q_len = q_len;
     plan_.num_qo_heads = num_qo_heads;
     plan_.num_kv_heads = num_kv_heads;
     plan_.head_dim = head_dim;
@@ -70,8 +77,8 @@ class PagedDecodeRunner {
     }
   }
 
-  /// Attention of q (B, Hq, D) over the planned pages into out (B, Hq, D) and lse (B, Hq) float32
-  /// or None. pages: the (P, 2, page_size, Hkv, D) cache with v_pages None, or the k pages
+  /// Attention of q (B x N, Hq, D), N = q_len, over the planned pages into out (B x N, Hq, D) and
+  /// lse (B x N, Hq) float32 or None. pages: the (P, 2, page_size, Hkv, D) cache with v_pages None, or the k pages
   /// (P, page_size, Hkv, D) with v_pages; in the HND layout (P, 2, Hkv, page_size, D) and
   /// (P, Hkv, page_size, D). workspace_alloc(nbytes): the caller's allocator, used
   /// when the wrapper's workspace is too small (never in graph mode: an error instead).
@@ -98,6 +105,8 @@ class PagedDecodeRunner {
     }
     a.options.softmax_scale = softmax_scale;
     a.options.window_left = window_left;
+    // One row sits at its request's last key: nothing lies to its right, and -1 keeps its kernels'.
+    a.options.window_right = plan_.q_len > 1 ? window_right_ : -1;
     a.options.softcap = softcap;
     a.exec = make_exec(cuda_stream, 0);
 
@@ -140,6 +149,7 @@ class PagedDecodeRunner {
   Keep keep_;  // the plan's arrays and the workspace, alive as long as the runner
   fastattn::PagedDecodeCallPlan plan_;
   bool graph_;
+  std::int64_t window_right_;
   std::optional<TensorView> workspace_;  // set where it is a contiguous uint8 array
   std::string workspace_dtype_;          // for the graph-mode error
   std::int64_t workspace_bytes_ = 0;
@@ -156,17 +166,19 @@ void bind_decode_runner(nb::module_& m) {
                                 "The decode wrapper's run() for one plan (python/fastattn/decode.py).")
       .def(nb::init<nb::handle, nb::handle, nb::handle, nb::handle, nb::handle, int, std::int64_t,
                     std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::string,
-                    std::optional<std::int64_t>, bool, nb::handle, bool, const std::string&>(),
+                    std::optional<std::int64_t>, bool, nb::handle, bool, const std::string&, std::int64_t,
+                    std::int64_t>(),
            nb::arg("seqlens"), nb::arg("block_table").none(), nb::arg("page_indptr").none(),
            nb::arg("page_indices").none(), nb::arg("split_plan").none(), nb::arg("num_splits"),
            nb::arg("batch"), nb::arg("num_qo_heads"), nb::arg("num_kv_heads"), nb::arg("head_dim"),
            nb::arg("page_size"), nb::arg("data_type"), nb::arg("max_page_id").none(), nb::arg("on_gpu"),
-           nb::arg("workspace").none(), nb::arg("graph"), nb::arg("kv_layout") = "NHD")
+           nb::arg("workspace").none(), nb::arg("graph"), nb::arg("kv_layout") = "NHD", nb::arg("q_len") = 1,
+           nb::arg("window_right") = -1)
       .def("run", &PagedDecodeRunner::run, nb::arg("q"), nb::arg("pages"), nb::arg("v_pages").none(),
            nb::arg("out"), nb::arg("lse").none(), nb::arg("window_left"),
            nb::arg("softmax_scale").none(), nb::arg("softcap"), nb::arg("cuda_stream"),
            nb::arg("workspace_alloc").none(), nb::arg("sinks").none() = nb::none(),
-           "Attention of q (B, Hq, D) over the planned pages into out (and lse); positional.");
+           "Attention of q (B x q_len, Hq, D) over the planned pages into out (and lse); positional.");
 }
 
 }  // namespace fastattn_binding

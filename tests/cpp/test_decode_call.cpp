@@ -26,14 +26,15 @@ using fastattn::PagedKVLayout;
 using fastattn::TensorView;
 
 /// A ragged batch over a random pool of pages in FlashInfer's NHD layout (P, 2, ps, Hkv, D), with
-/// the plan a wrapper makes for it (key lengths, a block table).
+/// the plan a wrapper makes for it (key lengths, a block table), for N query rows per request
+/// (each request then has at least N keys; with one row some have none).
 struct Batch {
-  std::int64_t B, Hq, Hkv, D, ps, P, width;
+  std::int64_t B, Hq, Hkv, D, ps, P, width, N;
   std::vector<std::int64_t> lens;
   std::vector<std::vector<std::int64_t>> pages;  ///< each request's page ids
   HostTensor pool, seqlens, table;
 
-  Batch(std::mt19937_64& rng, DType dtype) {
+  Batch(std::mt19937_64& rng, DType dtype, std::int64_t q_len = 1) : N(q_len) {
     B = rand_int(rng, 1, 6);
     Hkv = pick(rng, std::vector<std::int64_t>{1, 2});
     Hq = Hkv * pick(rng, std::vector<std::int64_t>{1, 3, 4});
@@ -41,7 +42,10 @@ struct Batch {
     ps = pick(rng, std::vector<std::int64_t>{1, 4, 16});
     std::int64_t total = 0;
     for (std::int64_t b = 0; b < B; ++b) {
-      lens.push_back(rand_int(rng, 0, 3) == 0 ? 0 : rand_int(rng, 1, 150));
+      if (N > 1)
+        lens.push_back(rand_int(rng, 0, 3) == 0 ? N : rand_int(rng, N, 150));
+      else
+        lens.push_back(rand_int(rng, 0, 3) == 0 ? 0 : rand_int(rng, 1, 150));
       total += (lens.back() + ps - 1) / ps;
     }
     P = total + rand_int(rng, 0, 4);  // spare pages no request owns
@@ -70,6 +74,7 @@ struct Batch {
     p.seqlens = seqlens.view();
     p.block_table = table.view();
     p.batch = B;
+    p.q_len = N;
     p.num_qo_heads = Hq;
     p.num_kv_heads = Hkv;
     p.head_dim = D;
@@ -95,13 +100,17 @@ struct Batch {
 class DecodeCall : public ::testing::TestWithParam<DType> {};
 
 TEST_P(DecodeCall, RunsAgainstTheReference) {
+  // One query row per request, or N (speculative decoding: q (B x N, Hq, D), causal within each
+  // request's last N keys, as the wrapper's runner sets window_right 0).
   const DType dtype = GetParam();
   FA_SEEDED_RNG(rng);
-  for (int trial = 0; trial < 8; ++trial) {
-    SCOPED_TRACE("trial " + std::to_string(trial));
-    Batch b(rng, dtype);
-    HostTensor q = fa_ref::random_tensor(dtype, {b.B, b.Hq, b.D}, rng);
-    HostTensor out(dtype, {b.B, b.Hq, b.D}), lse(DType::kFloat32, {b.B, b.Hq});
+  for (int trial = 0; trial < 12; ++trial) {
+    const std::int64_t N = trial % 3 == 0 ? 1 : pick(rng, std::vector<std::int64_t>{2, 3, 5});
+    SCOPED_TRACE("trial " + std::to_string(trial) + ", q_len " + std::to_string(N));
+    Batch b(rng, dtype, N);
+    const std::int64_t rows = b.B * N;
+    HostTensor q = fa_ref::random_tensor(dtype, {rows, b.Hq, b.D}, rng);
+    HostTensor out(dtype, {rows, b.Hq, b.D}), lse(DType::kFloat32, {rows, b.Hq});
     out.poison();
     lse.poison();
     const auto pool_before = b.pool.bytes();
@@ -109,9 +118,11 @@ TEST_P(DecodeCall, RunsAgainstTheReference) {
         fastattn::split_paged_kv_cache(b.pool.view(), PagedKVLayout::kNHD, "paged_kv_cache");
     fastattn::KVCacheArgs a =
         fastattn::paged_decode_call_args(b.plan(dtype), q.view(), k_pages, v_pages, out.view(), lse.view());
+    if (N > 1) a.options.window_right = 0;
     fastattn::kvcache_attention_forward(a);
 
-    // The reference: each request's single query over its keys, gathered from its pages.
+    // The reference: each request's N rows (the last at its last key) over its keys, gathered
+    // from its pages.
     std::vector<std::vector<double>> keys, values;
     const auto k64 = b.half(0), v64 = b.half(1);
     for (std::int64_t r = 0; r < b.B; ++r) {
@@ -119,17 +130,19 @@ TEST_P(DecodeCall, RunsAgainstTheReference) {
       values.push_back(fa_ref::gather_paged(v64, b.ps, b.Hkv, b.D, b.pages[std::size_t(r)], b.lens[std::size_t(r)]));
     }
     std::vector<std::int64_t> cu_q(std::size_t(b.B + 1));
-    std::iota(cu_q.begin(), cu_q.end(), 0);
+    for (std::int64_t r = 0; r <= b.B; ++r) cu_q[std::size_t(r)] = r * N;
+    fa_ref::RefOptions opt;
+    opt.causal = N > 1;
     const std::int64_t max_k = *std::max_element(b.lens.begin(), b.lens.end());
-    const auto ref = fa_ref::ref_varlen(q.values(), cu_q, keys, values, b.Hq, b.Hkv, b.D, 1, max_k, {});
-    const auto naive = fa_ref::ref_varlen(q.values(), cu_q, keys, values, b.Hq, b.Hkv, b.D, 1, max_k, {}, dtype);
+    const auto ref = fa_ref::ref_varlen(q.values(), cu_q, keys, values, b.Hq, b.Hkv, b.D, N, max_k, opt);
+    const auto naive = fa_ref::ref_varlen(q.values(), cu_q, keys, values, b.Hq, b.Hkv, b.D, N, max_k, opt, dtype);
     EXPECT_TRUE(close_to_ref(out.values(), ref.out, naive.out, 3.0, dtype));
-    // ref_varlen's LSE is (Hq, total_q); the call's (B, Hq).
-    std::vector<double> lse_t(std::size_t(b.B * b.Hq)), naive_t(lse_t.size()), got = lse.values();
-    for (std::int64_t r = 0; r < b.B; ++r)
+    // ref_varlen's LSE is (Hq, total_q); the call's (B x N, Hq).
+    std::vector<double> lse_t(std::size_t(rows * b.Hq)), naive_t(lse_t.size()), got = lse.values();
+    for (std::int64_t r = 0; r < rows; ++r)
       for (std::int64_t h = 0; h < b.Hq; ++h) {
-        lse_t[std::size_t(r * b.Hq + h)] = ref.lse[std::size_t(h * b.B + r)];
-        naive_t[std::size_t(r * b.Hq + h)] = naive.lse[std::size_t(h * b.B + r)];
+        lse_t[std::size_t(r * b.Hq + h)] = ref.lse[std::size_t(h * rows + r)];
+        naive_t[std::size_t(r * b.Hq + h)] = naive.lse[std::size_t(h * rows + r)];
       }
     EXPECT_TRUE(close_to_ref(got, lse_t, naive_t, 3.0, dtype, /*is_lse=*/true));
     EXPECT_TRUE(bytes_unchanged(pool_before, b.pool.bytes()));
@@ -185,6 +198,23 @@ TEST(DecodeCallErrors, NameTheArrayAndWhatThePlanExpects) {
   expect_error<fastattn::ValueError>([&] { call(q.view(), k, v, bad_out.view(), std::nullopt); },
                                      "out must have shape " + shape);
   expect_error<fastattn::ValueError>([&] { call(q.view(), k, v, out.view(), bad_lse.view()); }, "lse must have shape");
+  // N query rows per request: q, out and lse hold B x N rows, and the error says so.
+  auto plan3 = plan;
+  plan3.q_len = 3;
+  const std::string shape3 =
+      "(" + std::to_string(3 * b.B) + ", " + std::to_string(b.Hq) + ", " + std::to_string(b.D) + ")";
+  expect_error<fastattn::ValueError>(
+      [&] { fastattn::paged_decode_call_args(plan3, q.view(), k, v, out.view(), std::nullopt); },
+      "q must have shape (batch_size * q_len_per_req, num_qo_heads, head_dim) = " + shape3 +
+          " as planned (q_len_per_req = 3), got " + q.view().shape_string());
+  HostTensor q3 = fa_ref::random_tensor(DType::kFloat32, {3 * b.B, b.Hq, b.D}, rng);
+  expect_error<fastattn::ValueError>(
+      [&] { fastattn::paged_decode_call_args(plan3, q3.view(), k, v, out.view(), std::nullopt); },
+      "out must have shape " + shape3);
+  plan3.q_len = 0;
+  expect_error<fastattn::ValueError>(
+      [&] { fastattn::paged_decode_call_args(plan3, q3.view(), k, v, out.view(), std::nullopt); },
+      "q_len_per_req must be >= 1, got 0");
   HostTensor not_nhd = fa_ref::random_tensor(DType::kFloat32, {b.P, 3, b.ps, b.Hkv, b.D}, rng);
   expect_error<fastattn::ValueError>(
       [&] { fastattn::split_paged_kv_cache(not_nhd.view(), PagedKVLayout::kNHD, "paged_kv_cache"); },

@@ -261,12 +261,15 @@ struct PagedLists {
   std::int64_t num_ids = 0;
 };
 
-PagedLists random_paged_lists(std::mt19937_64& rng, int page_size) {
+/// Random CSR lists of a few long sequences among short ones (some empty), of at least
+/// `min_keys` keys each when min_keys > 1.
+PagedLists random_paged_lists(std::mt19937_64& rng, int page_size, std::int64_t min_keys = 0) {
   PagedLists l;
   const Lens lens = long_among_short(rng);
   l.indptr.push_back(rand_int(rng, 0, 5));
   for (std::int64_t n : lens) {
-    const std::int64_t keys = rand_int(rng, 0, 9) == 0 ? 0 : n;
+    std::int64_t keys = rand_int(rng, 0, 9) == 0 ? 0 : n;
+    if (min_keys > 1) keys = std::max(keys, min_keys);
     const std::int64_t pages = up(keys, page_size);
     l.indptr.push_back(l.indptr.back() + pages);
     l.last.push_back(pages ? keys - (pages - 1) * page_size : rand_int(rng, -3, 1000));
@@ -284,18 +287,25 @@ TEST(DecodePlan, PagedPlanIsTheListsLengthsAndTheRulesChoice) {
     o.page_size = int(pick(rng, std::vector<std::int64_t>{1, 16, 64}));
     o.window_left = rand_int(rng, 0, 2) == 0 ? rand_int(rng, 0, 20000) : -1;
     o.num_kv_heads = int(pick(rng, std::vector<std::int64_t>{1, 2, 8, 32}));
+    // Query rows: one (most plans), or a few per sequence (speculative decoding), over groups of
+    // query heads up to 32 per KV head.
+    o.q_len = int(pick(rng, std::vector<std::int64_t>{1, 1, 2, 4, 16}));
+    const std::int64_t group = pick(rng, std::vector<std::int64_t>{1, 4, 8, 32});
+    o.num_qo_heads = rand_int(rng, 0, 5) == 0 ? 0 : int(group * o.num_kv_heads);
     o.sm_count = int(rand_int(rng, 1, 170));
     o.split_kv = rand_int(rng, 0, 4) != 0;
     o.choose_splits = rand_int(rng, 0, 4) != 0;
-    const PagedLists l = random_paged_lists(rng, o.page_size);
+    const PagedLists l = random_paged_lists(rng, o.page_size, o.q_len);
     const auto batch = std::int64_t(l.keys.size());
     if (rand_int(rng, 0, 2) == 0) o.graph_items = fastattn::decode_graph_plan_items(batch, o.num_kv_heads, o.sm_count);
     const fastattn::PagedDecodePlan p = fastattn::plan_paged_decode(l.indptr.data(), l.last.data(), batch, l.num_ids, o);
 
+    // The rules weigh the CTAs of each KV head's group x q_len rows, 16 a CTA, as KV heads.
+    const int heads = int(o.num_kv_heads * up((o.num_qo_heads ? group : 1) * o.q_len, 16));
     Lens attended(l.keys);
     std::int64_t most = 0;
     for (std::size_t b = 0; b < attended.size(); ++b) {
-      if (o.window_left >= 0) attended[b] = std::min(attended[b], o.window_left + 1);
+      if (o.window_left >= 0) attended[b] = std::min(attended[b], o.window_left + o.q_len);
       most = std::max(most, l.indptr[b + 1] - l.indptr[b]);
     }
     ASSERT_EQ(p.max_pages, most);
@@ -304,15 +314,14 @@ TEST(DecodePlan, PagedPlanIsTheListsLengthsAndTheRulesChoice) {
     if (o.graph_items > 0) {
       counts.assign(std::size_t(batch), 1);
       if (o.split_kv)
-        fastattn::decode_graph_split_counts(attended.data(), batch, o.num_kv_heads, o.sm_count, o.graph_items,
-                                            counts.data());
+        fastattn::decode_graph_split_counts(attended.data(), batch, heads, o.sm_count, o.graph_items, counts.data());
     } else if (!o.split_kv) {
       splits = 1;
     } else if (o.choose_splits) {
       counts.assign(std::size_t(batch), 0);
-      if (!fastattn::decode_split_counts_for_lengths(attended.data(), batch, o.num_kv_heads, o.sm_count, counts.data())) {
+      if (!fastattn::decode_split_counts_for_lengths(attended.data(), batch, heads, o.sm_count, counts.data())) {
         counts.clear();
-        splits = fastattn::decode_num_splits_for_lengths(attended.data(), batch, o.num_kv_heads, o.sm_count);
+        splits = fastattn::decode_num_splits_for_lengths(attended.data(), batch, heads, o.sm_count);
       }
     }
     ASSERT_EQ(p.counts, counts);
@@ -349,16 +358,20 @@ TEST(DecodePlan, FixedSplitSizeCutsEachSequenceByItsOwnPages) {
     o.num_kv_heads = int(pick(rng, std::vector<std::int64_t>{1, 8, 32}));
     o.sm_count = int(rand_int(rng, 1, 170));
     o.choose_splits = rand_int(rng, 0, 3) != 0;
-    const PagedLists l = random_paged_lists(rng, o.page_size);
+    o.q_len = int(pick(rng, std::vector<std::int64_t>{1, 1, 3, 8}));
+    const PagedLists l = random_paged_lists(rng, o.page_size, o.q_len);
     const auto batch = std::int64_t(l.keys.size());
-    // Expected, from the lists: the attended keys' pages, then the counts and their limits.
+    // Expected, from the lists: the attended keys' pages (the union of the q_len rows' windows),
+    // then the counts and their limits.
+    const auto attended_of = [&](std::int64_t n) {
+      return o.window_left >= 0 ? std::min(n, o.window_left + o.q_len) : n;
+    };
     Counts want;
     std::int64_t parts = 0, most_parts = 0, most_pages = 1;
-    for (std::int64_t n : l.keys)
-      most_pages = std::max(most_pages, up(o.window_left >= 0 ? std::min(n, o.window_left + 1) : n, o.page_size));
+    for (std::int64_t n : l.keys) most_pages = std::max(most_pages, up(attended_of(n), o.page_size));
     o.fixed_split_size = std::max<std::int64_t>(1, most_pages / rand_int(rng, 1, 1100));
     for (std::int64_t n : l.keys) {
-      const std::int64_t attended = o.window_left >= 0 ? std::min(n, o.window_left + 1) : n;
+      const std::int64_t attended = attended_of(n);
       const std::int64_t c = up(std::max<std::int64_t>(1, up(attended, o.page_size)), o.fixed_split_size);
       want.push_back(std::int32_t(std::min<std::int64_t>(c, INT32_MAX)));
       parts += c;
@@ -447,6 +460,21 @@ TEST(DecodePlan, PagedPlanRefusesBadListsNamingThem) {
   EXPECT_NE(message({0, 2, 3}, {3, 5}, 3).find("last_page_len[1] must be in 1..page_size = 4, got 5"), std::string::npos);
   EXPECT_NE(message({0, 2, 3}, {0, 4}, 3).find("last_page_len[0] must be in 1..page_size = 4, got 0"), std::string::npos);
   EXPECT_EQ(message({0, 0, 3}, {0, 4}, 3), "no error");  // a row without pages: its last_page_len is not read
+  // Several query rows per sequence: each must be among its keys (FlashInfer's rule), so a
+  // sequence of fewer keys, empty ones included, is refused; at one row an empty one is not.
+  o.q_len = 4;
+  EXPECT_EQ(message({0, 1, 2}, {4, 4}, 3), "no error");
+  EXPECT_NE(message({0, 1, 2}, {4, 3}, 3).find("sequence 1 has 3 keys, fewer than its q_len = 4 query rows "
+                                               "(q_len_per_req): its draft tokens must be in the cache"),
+            std::string::npos);
+  EXPECT_NE(message({0, 0, 2}, {4, 4}, 3).find("sequence 0 has 0 keys, fewer than its q_len = 4"), std::string::npos);
+  o.q_len = 0;
+  EXPECT_NE(message({0, 1, 2}, {4, 4}, 3).find("q_len (q_len_per_req) must be >= 1, got 0"), std::string::npos);
+  o.q_len = 1;
+  o.num_qo_heads = 5;
+  EXPECT_NE(message({0, 1, 2}, {4, 4}, 3).find("num_qo_heads must be 0 or a multiple of num_kv_heads = 2, got 5"),
+            std::string::npos);
+  o.num_qo_heads = 0;
   o.page_size = 1 << 20;
   EXPECT_NE(message({0, 2049, 2049}, {1 << 20, 1}, 2049).find("more than 2^31 - 1"), std::string::npos);
   o.page_size = 0;
