@@ -135,7 +135,7 @@ struct KVCacheArgs {
   /// another speed. 0 = none. The CPU backend ignores it.
   std::int64_t max_cache_seqlen = 0;
   TensorView out;                 ///< (B, Sq, Hq, D)
-  std::optional<TensorView> lse;  ///< (B, Hq, Sq) float32
+  std::optional<TensorView> lse;  ///< (B, Hq, Sq) float32, any strides
   /// (Hq) float32 attention sinks (gpt-oss, StreamingLLM), any stride, or none: sinks[h] joins
   /// every softmax of query head h as one more logit with a zero value row (in the units of the
   /// scaled, soft-capped scores), so out and lse are what merge_attention_sinks would make of the

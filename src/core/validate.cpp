@@ -84,10 +84,17 @@ void heads_compatible(ArgChecker& c, const std::string& kv_arg, std::int64_t hea
                              ") must divide the query heads (" + std::to_string(heads_q) + ")");
 }
 
+/// any_strides: the op's kernels address every dimension through its stride (no vector stores),
+/// so the last need not be contiguous.
 void lse_output(ArgChecker& c, const std::optional<TensorView>& lse,
-                std::initializer_list<std::int64_t> shape, const char* layout) {
+                std::initializer_list<std::int64_t> shape, const char* layout, bool any_strides = false) {
   if (!lse) return;
-  data_tensor(c, *lse, "lse");
+  if (any_strides) {
+    c.present(*lse, "lse");
+    c.on_device(*lse, "lse");
+  } else {
+    data_tensor(c, *lse, "lse");
+  }
   c.dtype_is(*lse, "lse", DType::kFloat32);
   c.shape_is(*lse, "lse", shape, layout);
 }
@@ -406,7 +413,8 @@ KVCacheDims validate(ArgChecker& c, const KVCacheArgs& args) {
   data_tensor(c, args.out, "out");
   c.same_dtype(args.out, "out", args.q, "q");
   c.shape_is(args.out, "out", {d.a.batch, d.a.seqlen_q, d.a.heads_q, d.a.head_dim}, "(B, Sq, Hq, D)");
-  lse_output(c, args.lse, {d.a.batch, d.a.heads_q, d.a.seqlen_q}, "(B, Hq, Sq)");
+  // Any strides: the decode wrapper hands a (B x Sq, Hq) LSE over as (B, Hq, Sq).
+  lse_output(c, args.lse, {d.a.batch, d.a.heads_q, d.a.seqlen_q}, "(B, Hq, Sq)", /*any_strides=*/true);
   sinks_input(c, args.sinks, d.a.heads_q);
   if (args.workspace) {
     c.present(*args.workspace, "workspace");
