@@ -336,7 +336,10 @@ def usable_workspace(ws, like) -> bool:
 
 
 def dtype_name(dtype: Any) -> str:
-    """'float16' from torch.float16, numpy.float16, 'float16', 'torch.float16', 'half', ..."""
+    """'float16' from torch.float16, numpy.float16, numpy.dtype('float16'), 'float16',
+    'torch.float16', 'half', ..."""
+    if isinstance(dtype, type) and issubclass(dtype, np.generic):
+        return np.dtype(dtype).name  # a numpy scalar type: str() gives "<class 'numpy.float16'>"
     name = str(dtype)
     if name.startswith("torch."):
         name = name[len("torch."):]
