@@ -260,6 +260,7 @@ class _GraphBuffers:
         self.indptr, self.indices, self.last_page_len = indptr, indices, last_page_len
         self.arrays = None  # (B + B + 1 + W): the key lengths, then the split plan
         self.num_kv_heads = None
+        self.q_len = None  # the query rows per request of the first plan: the captured q's shape
 
     def plan_arrays(self, num_kv_heads: int, items: int):
         """The array of the key lengths and the split plan; its size is fixed by the first plan's
@@ -281,15 +282,27 @@ class _GraphBuffers:
         return self.arrays[self.batch:]
 
 
-def _refuse_run_arguments(args, q_scale, k_scale, v_scale, q_len_per_req) -> None:
-    """run()'s errors for the arguments it does not take (kept off its common path)."""
+def _check_rare_run_arguments(args, q_scale, k_scale, v_scale, q_len_per_req, planned) -> None:
+    """run()'s errors for the arguments it does not take, and its check of a q_len_per_req given
+    to it (which must be the plan's), kept off its common path."""
     if args:
         raise TypeError(f"run() takes q and paged_kv_cache positionally, got {len(args)} more")
     for name, x in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale)):
         if x is not None:
             raise NotImplementedError(f"{name} is not supported by fastattn's decode wrapper")
-    raise NotImplementedError(f"q_len_per_req must be 1 (one query per request), got "
-                              f"{q_len_per_req}")
+    if q_len_per_req is not None:
+        got = as_int(q_len_per_req, "q_len_per_req")
+        if got != planned:
+            raise ValueError(f"q_len_per_req given to run() must be the one plan() was given "
+                             f"({planned}), got {got}: pass it to plan()")
+
+
+def _q_len_per_req(q_len_per_req) -> int:
+    """plan()'s q_len_per_req, checked: an int >= 1."""
+    n = as_int(q_len_per_req, "q_len_per_req")
+    if n < 1:
+        raise ValueError(f"q_len_per_req must be >= 1, got {n}")
+    return n
 
 
 def _fixed_split_pages(fixed_split_size) -> int:
@@ -338,8 +351,10 @@ class BatchDecodeWithPagedKVCacheWrapper:
     Supported: both layouts; ``pos_encoding_mode`` "NONE"; ``window_left``; ``logits_soft_cap``;
     ``sm_scale``; GQA / MQA; ``return_lse`` (natural-log LSE, unlike FlashInfer's base 2: see
     :func:`fastattn.lse_base2_to_natural`); ``sinks`` in ``run()``; ``fixed_split_size`` (split
-    counts that depend on each request's own pages only: batch-invariant results). Not supported
-    (a clear error): fused RoPE, ALiBi mode, fp8 scales and more than one query per request.
+    counts that depend on each request's own pages only: batch-invariant results);
+    ``q_len_per_req`` in ``plan()`` (several query rows per request, causal within them:
+    speculative decoding), with ``window_right``; ``o_data_type`` equal to q's dtype. Not supported
+    (a clear error): fused RoPE, ALiBi mode, fp8 scales and other output dtypes.
     """
 
     def __init__(self, float_workspace_buffer, kv_layout: str = "NHD", use_cuda_graph: bool = False,
@@ -378,8 +393,12 @@ class BatchDecodeWithPagedKVCacheWrapper:
              sm_scale: Optional[float] = None, rope_scale: Optional[float] = None,
              rope_theta: Optional[float] = None, non_blocking: bool = True, block_tables=None,
              seq_lens=None, fixed_split_size: Optional[int] = None,
-             disable_split_kv: bool = False) -> None:
+             disable_split_kv: bool = False, *, o_data_type=None, window_right: int = 0,
+             q_len_per_req: int = 1) -> None:
         """Plan the decode of a batch from its page lists (read on the host).
+
+        The arguments up to disable_split_kv are FlashInfer 0.5.3's, in its order; o_data_type,
+        window_right and q_len_per_req, which later FlashInfer releases added, are keyword-only.
 
         Arguments:
             indptr: (batch_size + 1,) int32 CSR row pointers into indices (non-decreasing).
@@ -399,6 +418,15 @@ class BatchDecodeWithPagedKVCacheWrapper:
                 must fit the plan's fixed size (:func:`decode_graph_plan_items`).
             disable_split_kv: one split per sequence (no partial states, no combine kernel); it
                 wins over fixed_split_size, as in FlashInfer.
+            o_data_type: dtype of the output: None or q's (the kernels write q's dtype).
+            q_len_per_req: query rows per request (speculative decoding's draft tokens, N): run()'s
+                q is then (batch_size * N, num_qo_heads, head_dim), request b's rows
+                b * N .. b * N + N - 1, and row i of a request of L keys sits at key L - N + i
+                (the rows' keys and values must be in the cache already: a request of fewer than
+                N keys is a ValueError). With use_cuda_graph=True every plan must keep the first
+                plan's N.
+            window_right: keys past its own position a row attends to, where N > 1: 0 (causal
+                within the request's rows, FlashInfer's mask) or more, -1 for all of them.
         """
         if pos_encoding_mode != "NONE":
             raise NotImplementedError(
@@ -409,6 +437,10 @@ class BatchDecodeWithPagedKVCacheWrapper:
             raise NotImplementedError("rope_scale / rope_theta (fused RoPE) are not supported: apply "
                                       "rotary embeddings to q and k before the call")
         fixed = _fixed_split_pages(fixed_split_size)
+        q_len = _q_len_per_req(q_len_per_req)
+        right = as_int(window_right, "window_right")
+        if right < -1:
+            raise ValueError(f"window_right must be >= -1 (-1: no bound), got {right}")
         if block_tables is not None or seq_lens is not None:
             raise NotImplementedError("block_tables / seq_lens (FlashInfer's trtllm-gen inputs) are "
                                       "not supported: pass the CSR page lists")
@@ -418,6 +450,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
         kv_dtype = dtype_name(kv_data_type) if kv_data_type is not None else q_dtype
         if kv_dtype != q_dtype:
             raise TypeError(f"kv_data_type must equal q_data_type ({q_dtype}), got {kv_dtype}")
+        if o_data_type is not None and dtype_name(o_data_type) != q_dtype:
+            raise TypeError(f"o_data_type must be None or q_data_type ({q_dtype}): the output has "
+                            f"q's dtype, got {dtype_name(o_data_type)}")
         heads_q = as_int(num_qo_heads, "num_qo_heads")
         heads_kv = as_int(num_kv_heads, "num_kv_heads")
         ps = as_int(page_size, "page_size")
@@ -444,6 +479,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
             raise ValueError(f"indptr must have batch_size + 1 = {graph.batch + 1} entries with "
                              f"use_cuda_graph=True (paged_kv_indptr_buffer fixes the batch), got "
                              f"{ip.size}")
+        if graph is not None and graph.q_len not in (None, q_len):
+            raise ValueError(f"q_len_per_req must stay {graph.q_len} with use_cuda_graph=True (the "
+                             f"captured q holds batch_size * {graph.q_len} rows), got {q_len}")
         left = as_int(window_left, "window_left")
         on_gpu = is_cuda(ws)
         sms = device_sm_count(ws) if on_gpu else 1  # on the CPU the backend plans its threads
@@ -452,7 +490,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
         # The checks of the lists, the key lengths, the splits and [lengths | split plan], in C++.
         arrays, counts, splits, max_pages = _C.plan_paged_decode(
             ip, last, num_ids, ps, left, heads_kv, sms, split_kv=not disable_split_kv,
-            choose_splits=on_gpu, graph_items=items, head_dim=d, fixed_split_size=fixed)
+            choose_splits=on_gpu, graph_items=items, head_dim=d, fixed_split_size=fixed,
+            num_qo_heads=heads_q, q_len=q_len)
         used = None if ids is None else ids[ip[0]:ip[-1]]  # the batch's page ids, read on the host
         if used is not None and used.size and used.min() < 0:
             raise ValueError(f"indices must be page ids >= 0, got {int(used.min())}")
@@ -468,6 +507,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
             "page_size": ps,
             "data_type": q_dtype,
             "window_left": left,
+            "window_right": right,
+            "q_len": q_len,
             "softcap": as_float(logits_soft_cap or 0.0, "logits_soft_cap"),
             "sm_scale": optional_float(sm_scale, "sm_scale"),
             # None: the ids were not read (graph mode, on the GPU): no check against the cache
@@ -477,11 +518,13 @@ class BatchDecodeWithPagedKVCacheWrapper:
             "on_gpu": on_gpu,  # where the plan's arrays are
             "seqlens": seqlens,
             "page_args": page_args,  # the page arguments run() passes
-            "out_shape": (batch, heads_q, d),
+            "out_shape": (batch * q_len, heads_q, d),
         }
         # The runner is made before either is replaced: if that raises, the last plan stays whole.
         runner = self._make_runner(plan, ws)
         self._plan, self._runner = plan, runner
+        if graph is not None:
+            graph.q_len = q_len
 
     def _plan_arrays(self, ws, indptr, ip, indices, used, arrays, max_pages):
         """plan()'s device arrays, new ones each step: a block table (built on the device from
@@ -566,19 +609,23 @@ class BatchDecodeWithPagedKVCacheWrapper:
                        plan["num_splits"], plan["batch"], plan["num_qo_heads"],
                        plan["num_kv_heads"], plan["head_dim"], plan["page_size"],
                        plan["data_type"], plan["max_page_id"], plan["on_gpu"], workspace,
-                       self._graph is not None, self._kv_layout)
+                       self._graph is not None, self._kv_layout, plan["q_len"],
+                       plan["window_right"])
 
     def run(self, q, paged_kv_cache, *args, q_scale=None, k_scale=None, v_scale=None, out=None,
             lse=None, return_lse: bool = False, enable_pdl=None, window_left=None, sinks=None,
-            q_len_per_req: Optional[int] = 1):
-        """Attention of q (batch_size, num_qo_heads, head_dim), one query per request, over its
-        planned pages; the query sits after the request's last key.
+            q_len_per_req: Optional[int] = None):
+        """Attention of q (batch_size * N, num_qo_heads, head_dim), N = plan()'s q_len_per_req
+        query rows per request (one by default), over its planned pages; a request's last row
+        sits at its last key.
 
         paged_kv_cache: (max_num_pages, 2, page_size, num_kv_heads, head_dim) or a tuple
         (k_cache, v_cache) of (max_num_pages, page_size, num_kv_heads, head_dim); with
         kv_layout "HND" num_kv_heads and page_size swap places.
-        out: optional (batch_size, num_qo_heads, head_dim) output; lse: optional
-        (batch_size, num_qo_heads) float32. window_left overrides the plan's.
+        out: optional (batch_size * N, num_qo_heads, head_dim) output; lse: optional
+        (batch_size * N, num_qo_heads) float32. window_left overrides the plan's. q_len_per_req:
+        None, or plan()'s (FlashInfer's newer releases take it in plan(); a different value is a
+        ValueError).
         sinks: optional (num_qo_heads,) float32 attention sinks (gpt-oss): sinks[h] joins each
         query's softmax as one more logit (in the units of the scaled, soft-capped scores) with a
         zero value row; folded into each output row as it is written (no extra kernel), and the
@@ -588,9 +635,10 @@ class BatchDecodeWithPagedKVCacheWrapper:
         runner = self._runner
         if runner is None:
             raise RuntimeError("BatchDecodeWithPagedKVCacheWrapper.plan() must be called before run()")
+        plan = self._plan
         if (args or q_scale is not None or k_scale is not None or v_scale is not None
-                or q_len_per_req not in (None, 1)):
-            _refuse_run_arguments(args, q_scale, k_scale, v_scale, q_len_per_req)
+                or q_len_per_req is not None):
+            _check_rare_run_arguments(args, q_scale, k_scale, v_scale, q_len_per_req, plan["q_len"])
         check_array(q, "q")
         if isinstance(paged_kv_cache, (tuple, list)):
             if len(paged_kv_cache) != 2:
@@ -599,7 +647,6 @@ class BatchDecodeWithPagedKVCacheWrapper:
             pages, v_pages = prepare(paged_kv_cache[0]), prepare(paged_kv_cache[1])
         else:
             pages, v_pages = prepare(paged_kv_cache), None
-        plan = self._plan
         # The runner checks every array against the plan (shapes, dtypes, device) before the op.
         o = out if out is not None else empty(q, plan["out_shape"])
         if sinks is not None:

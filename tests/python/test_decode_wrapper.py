@@ -115,9 +115,10 @@ def test_decode_wrapper_options_and_forward(rng):
         w.run(q, kv)
 
 
-def fixed_counts(lens, page_size, size, window_left=-1):
-    """FlashInfer's fixed_split_size counts, written out: ceil(max(1, attended pages) / size)."""
-    attended = [n if window_left < 0 else min(n, window_left + 1) for n in lens]
+def fixed_counts(lens, page_size, size, window_left=-1, q_len=1):
+    """FlashInfer's fixed_split_size counts, written out: ceil(max(1, attended pages) / size),
+    a request's attended keys the union of its q_len rows' windows, min(n, window_left + q_len)."""
+    attended = [n if window_left < 0 else min(n, window_left + q_len) for n in lens]
     return [-(-max(1, -(-n // page_size)) // size) for n in attended]
 
 
@@ -235,7 +236,8 @@ def test_decode_wrapper_errors(rng):
         w.run(q, kv, lse=np.empty((2, hq + 1), np.float32))
     with pytest.raises(NotImplementedError, match="k_scale"):
         w.run(q, kv, k_scale=2.0)
-    with pytest.raises(NotImplementedError, match="q_len_per_req"):
+    with pytest.raises(ValueError, match=r"q_len_per_req given to run\(\) must be the one plan\(\) was "
+                                         r"given \(1\), got 2: pass it to plan\(\)"):
         w.run(q, kv, q_len_per_req=2)
     with pytest.raises(TypeError, match="q and paged_kv_cache positionally"):
         w.run(q, kv, None)
@@ -796,3 +798,414 @@ def test_decode_wrapper_graph_mode_fixed_split_size(rng):
                                          f"CUDA-graph plan's {items} work items"):
         w.plan(indptr2, indices2, last2, hq, hkv, d, ps, q_data_type="float32", fixed_split_size=1)
     assert w.split_counts.tolist() == counts, "a refused plan() replaced the last plan"
+
+
+# ---- several query rows per request (plan(q_len_per_req=N): speculative decoding) -------------
+
+
+def reference_rows(q64, k64, v64, indptr, indices, lens, q_len, rnd=None, window_left=-1,
+                   window_right=0, softcap=0.0, scale=None, sinks=None):
+    """Each request's q_len query rows over its pages: request b's rows are q64[b * q_len:
+    (b + 1) * q_len], row i at key position lens[b] - q_len + i, seeing key j where
+    pos - window_left <= j <= pos + window_right (-1: that side unbounded); sinks (Hq,) or None.
+    out (B * q_len, Hq, D) and lse (B * q_len, Hq)."""
+    d = q64.shape[2]
+    outs, lses = [], []
+    for b, n in enumerate(lens):
+        ids = indices[indptr[b]:indptr[b + 1]]
+        k = ref.gather_pages(k64, ids, n)
+        v = ref.gather_pages(v64, ids, n)
+        qpos = n - q_len + np.arange(q_len)
+        o, lse, _ = ref.attention_rows(q64[b * q_len:(b + 1) * q_len], k, v, qpos, np.arange(n),
+                                       ref.default_scale(d, scale), softcap, None, window_left,
+                                       window_right, rnd, sinks)
+        outs.append(o), lses.append(lse.T)
+    return np.concatenate(outs), np.concatenate(lses)
+
+
+def ragged_lens(rng, q_len):
+    """Ragged lengths of at least q_len keys (one of exactly q_len, one of q_len + 1), shuffled."""
+    lens = [q_len, q_len + 1, q_len + int(rng.integers(2, 40)), 129 + q_len,
+            int(rng.integers(200, 400))]
+    return [int(n) for n in rng.permutation(lens)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("q_len, heads", [(2, (8, 2)), (3, (4, 4)), (8, (8, 2)), (16, (4, 4))])
+def test_decode_wrapper_q_len_cpu(rng, dtype, page_size, layout, q_len, heads):
+    """plan(q_len_per_req=N): q (B * N, Hq, D), row i of a request of L keys at key L - N + i,
+    causal within the request's rows; ragged lengths (one of exactly N keys), a random page pool,
+    GQA and MHA, both layouts, the cache packed (a tuple of k / v pages at N = 3), NaN-poisoned
+    out / lse given, against the float64 reference; the cache is left unchanged."""
+    hq, hkv = heads
+    d = 64
+    lens = ragged_lens(rng, q_len)
+    indptr, indices, last, num_pages = make_pages(rng, lens, page_size)
+    rows = len(lens) * q_len
+    q, q64 = randn(rng, (rows, hq, d), dtype)
+    kv, kv64 = randn(rng, (num_pages, 2, page_size, hkv, d), dtype)
+    if layout == "HND":
+        kv = hnd_copy(kv)  # kv64 stays NHD: the reference's
+    before = to64(kv).copy()
+    data_type = torch.bfloat16 if dtype == "bfloat16" else dtype
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(np.empty(1 << 20, np.uint8), layout)
+    w.plan(indptr, indices, last, hq, hkv, d, page_size, q_data_type=data_type,
+           q_len_per_req=q_len)
+    assert w.num_splits == 0 and w.split_counts is None  # the CPU backend plans its threads
+    cache = (kv[:, 0], kv[:, 1]) if q_len == 3 else kv
+    out = nan_like(q)
+    lse = np.full((rows, hq), np.nan, np.float32)
+    o, l = w.run(q, cache, out=out, lse=lse, return_lse=True)
+    assert o is out and l is lse
+    o64, lse64 = reference_rows(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens, q_len)
+    naive, _ = reference_rows(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens, q_len,
+                              rnd=ref.rounder(dtype))
+    assert_close("out", o, o64, naive, dtype, factor=FACTOR)
+    assert_lse("lse", l, lse64)
+    assert np.array_equal(to64(kv), before), "run() wrote into the cache"
+    # Made outputs, and run(q_len_per_req=) equal to the plan's: the same bits.
+    made, made_lse = w.run(q, cache, return_lse=True, q_len_per_req=q_len)
+    assert tuple(made.shape) == (rows, hq, d) and tuple(made_lse.shape) == (rows, hq)
+    assert np.array_equal(to64(made), to64(o)) and np.array_equal(to64(made_lse), to64(l))
+
+
+@pytest.mark.parametrize("window_left", [-1, 0, 5, 40])
+@pytest.mark.parametrize("window_right", [0, 2, -1])
+def test_decode_wrapper_q_len_windows_cpu(rng, window_left, window_right):
+    """window_left and window_right with N = 4 rows a request (row i at L - 4 + i sees keys j,
+    pos - window_left <= j <= pos + window_right, -1 unbounded), with logits_soft_cap and
+    sm_scale, against the float64 reference; run(window_left=) replaces the plan's; float16,
+    page size 16, GQA."""
+    hq, hkv, d, ps, q_len, dtype = 8, 2, 32, 16, 4, "float16"
+    lens = ragged_lens(rng, q_len)
+    indptr, indices, last, num_pages = make_pages(rng, lens, ps)
+    rows = len(lens) * q_len
+    q, q64 = randn(rng, (rows, hq, d), dtype)
+    kv, kv64 = randn(rng, (num_pages, 2, ps, hkv, d), dtype)
+    before = kv.copy()
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(np.empty(1 << 20, np.uint8))
+    w.plan(indptr, indices, last, hq, hkv, d, ps, window_left=window_left, logits_soft_cap=6.0,
+           q_data_type=dtype, sm_scale=0.2, window_right=window_right, q_len_per_req=q_len)
+    out, lse = nan_like(q), np.full((rows, hq), np.nan, np.float32)
+    w.run(q, kv, out=out, lse=lse, return_lse=True)
+    opts = dict(window_left=window_left, window_right=window_right, softcap=6.0, scale=0.2)
+    want, lse64 = reference_rows(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens, q_len, **opts)
+    naive, _ = reference_rows(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens, q_len,
+                              rnd=ref.rounder(dtype), **opts)
+    assert_close("windows", out, want, naive, dtype, factor=FACTOR)
+    assert_lse("windows lse", lse, lse64)
+    # window_left given to run() replaces the plan's (window_right stays the plan's).
+    other = 7 if window_left == -1 else -1
+    out = nan_like(q)
+    w.run(q, kv, out=out, window_left=other)
+    opts["window_left"] = other
+    want, _ = reference_rows(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens, q_len, **opts)
+    naive, _ = reference_rows(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens, q_len,
+                              rnd=ref.rounder(dtype), **opts)
+    assert_close(f"run(window_left={other})", out, want, naive, dtype, factor=FACTOR)
+    assert np.array_equal(kv, before), "run() wrote into the cache"
+
+
+def test_decode_wrapper_q_len_one_window_right(rng):
+    """window_right does nothing at N = 1 (the one row sits at the last key), whatever its value;
+    q_len_per_req=1 given explicitly is the default plan."""
+    hq, hkv, d, ps = 4, 2, 32, 16
+    lens = [0, 1, 33, int(rng.integers(100, 300))]
+    indptr, indices, last, num_pages = make_pages(rng, lens, ps)
+    q, q64 = randn(rng, (len(lens), hq, d), "float32")
+    kv, kv64 = randn(rng, (num_pages, 2, ps, hkv, d), "float32")
+    want, lse64 = reference(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens, window_left=20)
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(np.empty(1 << 20, np.uint8))
+    for right in (0, 2, -1):
+        w.plan(indptr, indices, last, hq, hkv, d, ps, window_left=20, q_data_type="float32",
+               window_right=right, q_len_per_req=1)
+        out, lse = nan_like(q), np.full((len(lens), hq), np.nan, np.float32)
+        w.run(q, kv, out=out, lse=lse, q_len_per_req=1)
+        assert_close(f"window_right {right}", out, want, want, "float32")
+        assert_lse(f"window_right {right} lse", lse, lse64)
+    with pytest.raises(TypeError, match="q_len_per_req must be an int, got bool"):
+        w.run(q, kv, q_len_per_req=True)  # equal to 1, but not a count
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", ["plain", "window_softcap"])
+def test_decode_wrapper_q_len_sinks_cpu(rng, dtype, options):
+    """run(sinks=) with N = 3 rows a request: every row's softmax gets sinks[h] as one more
+    logit with a zero value row, against the float64 reference; out / lse poisoned first."""
+    hq, hkv, d, ps, q_len = 8, 2, 32, 16, 3
+    lens = ragged_lens(rng, q_len)
+    indptr, indices, last, num_pages = make_pages(rng, lens, ps)
+    rows = len(lens) * q_len
+    q, q64 = randn(rng, (rows, hq, d), dtype)
+    kv, kv64 = randn(rng, (num_pages, 2, ps, hkv, d), dtype)
+    sinks = (rng.standard_normal(hq) * 3).astype(np.float32)
+    sinks_t = torch.from_numpy(sinks) if dtype == "bfloat16" else sinks
+    left, right, cap = (30, 1, 6.0) if options == "window_softcap" else (-1, 0, 0.0)
+    data_type = torch.bfloat16 if dtype == "bfloat16" else dtype
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(np.empty(16, np.uint8))
+    w.plan(indptr, indices, last, hq, hkv, d, ps, q_data_type=data_type, window_left=left,
+           logits_soft_cap=cap or None, window_right=right, q_len_per_req=q_len)
+    out, lse = nan_like(q), np.full((rows, hq), np.nan, np.float32)
+    o, l = w.run(q, kv, out=out, lse=lse, return_lse=True, sinks=sinks_t)
+    assert o is out and l is lse
+    opts = dict(window_left=left, window_right=right, softcap=cap)
+    want, want_lse = reference_rows(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens, q_len,
+                                    sinks=sinks, **opts)
+    # The naive in-dtype reference as in test_decode_wrapper_sinks_cpu: the attention with its
+    # roundings, the sink's weight applied in float64, the output stored in the dtype.
+    rnd = ref.rounder(dtype)
+    naive, naive_lse = reference_rows(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens, q_len,
+                                      rnd=rnd, **opts)
+    naive = naive * np.exp(naive_lse - np.logaddexp(naive_lse, sinks[None]))[..., None]
+    naive = rnd(naive).astype(np.float64)
+    assert_close("out", o, want, naive, dtype, factor=FACTOR)
+    assert_lse("lse", l, want_lse)
+    plain = w.run(q, kv, sinks=sinks_t)  # no lse asked for: the wrapper makes its own
+    assert np.array_equal(to64(plain), to64(o))
+
+
+@pytest.mark.parametrize("window_left", [-1, 31, 700])
+def test_decode_wrapper_q_len_fixed_split_size(rng, window_left):
+    """fixed_split_size with N = 4 rows a request: each request's count is ceil(max(1, its
+    attended pages) / size), its attended keys min(L, window_left + N) (the union of its rows'
+    windows: window_left 31 at pages of 16 takes 3 pages where one row would take 2), the count
+    it gets in a batch of its own; results match the float64 reference; None keeps the rules (no
+    counts on the CPU); disable_split_kv wins."""
+    hq, hkv, d, ps, q_len = 8, 2, 16, 16, 4
+    lens = [int(x) for x in rng.integers(q_len, 3000, size=8)]
+    lens[2], lens[5] = q_len, 5000
+    indptr, indices, last, num_pages = make_pages(rng, lens, ps)
+    rows = len(lens) * q_len
+    q, q64 = randn(rng, (rows, hq, d), "float32")
+    kv, kv64 = randn(rng, (num_pages, 2, ps, hkv, d), "float32")
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(np.empty(1 << 20, np.uint8))
+    for none in (None, -1):
+        w.plan(indptr, indices, last, hq, hkv, d, ps, window_left=window_left,
+               q_data_type="float32", fixed_split_size=none, q_len_per_req=q_len)
+        assert w.split_counts is None and w.num_splits == 0
+    want, lse64 = reference_rows(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens, q_len,
+                                 window_left=window_left)
+    if window_left == 31:
+        assert fixed_counts([5000], ps, 1, 31, q_len) == [3] and fixed_counts([5000], ps, 1, 31) == [2]
+    for size in (1, 2, 7, 64, 10**12):
+        w.plan(indptr, indices, last, hq, hkv, d, ps, window_left=window_left,
+               q_data_type="float32", fixed_split_size=size, q_len_per_req=q_len)
+        counts = fixed_counts(lens, ps, size, window_left, q_len)
+        assert w.split_counts.tolist() == counts and w.num_splits is None, size
+        for b in (0, 2, 5):  # alone: the same count
+            alone = fastattn.BatchDecodeWithPagedKVCacheWrapper(np.empty(1 << 20, np.uint8))
+            alone.plan(indptr[b:b + 2], indices, last[b:b + 1], hq, hkv, d, ps,
+                       window_left=window_left, q_data_type="float32", fixed_split_size=size,
+                       q_len_per_req=q_len)
+            assert alone.split_counts.tolist() == [counts[b]]
+        out = nan_like(q)
+        lse = np.full((rows, hq), np.nan, np.float32)
+        w.run(q, kv, out=out, lse=lse, return_lse=True)
+        assert_close(f"fixed_split_size {size}", out, want, want, "float32")
+        assert_lse(f"fixed_split_size {size} lse", lse, lse64)
+    w.plan(indptr, indices, last, hq, hkv, d, ps, window_left=window_left, q_data_type="float32",
+           fixed_split_size=4, disable_split_kv=True, q_len_per_req=q_len)
+    assert w.split_counts is None and w.num_splits == 1
+    out = nan_like(q)
+    w.run(q, kv, out=out)
+    assert_close("disable_split_kv", out, want, want, "float32")
+
+
+def test_decode_wrapper_q_len_graph_mode_cpu(rng):
+    """use_cuda_graph=True with N = 3 rows a request over several steps of new ragged lengths:
+    plan() writes each step's lists and a padded plan of fixed size, run() matches the float64
+    reference with poisoned outputs; a plan of another N is refused (the captured q's rows) and
+    the last plan stays; a wrapper whose first plan() was refused takes the N of its first
+    successful one."""
+    hq, hkv, d, ps, batch, capacity, q_len = 8, 2, 32, 16, 5, 100, 3
+    w, (ip_buf, idx_buf, last_buf) = graph_wrapper(batch, capacity)
+    kv, kv64 = randn(rng, (capacity + 4, 2, ps, hkv, d), "float32")
+    before = kv.copy()
+    rows = batch * q_len
+    size = None
+    for step in range(4):
+        lens = [int(x) for x in rng.integers(q_len, 160, size=batch)]
+        lens[int(rng.integers(batch))] = q_len if step == 1 else int(rng.integers(300, 700))
+        if step == 3:  # fixed_split_size 1: one part more than the batch, the plan's room on the CPU
+            lens = [int(x) for x in rng.integers(q_len, ps + 1, size=batch)]
+            lens[int(rng.integers(batch))] = int(rng.integers(ps + 1, 2 * ps + 1))
+        indptr, indices, last, _ = make_pages(rng, lens, ps, spare=0)
+        indices = rng.permutation(capacity + 4)[:indices.size].astype(np.int32)
+        w.plan(indptr, indices, last, hq, hkv, d, ps, q_data_type="float32", q_len_per_req=q_len,
+               fixed_split_size=1 if step == 3 else None)
+        assert ip_buf.tolist() == indptr.tolist()
+        assert idx_buf[:indices.size].tolist() == indices.tolist()
+        assert last_buf.tolist() == last.tolist()
+        plan = w._graph.split_plan
+        size = plan.size if size is None else size
+        assert plan.size == size == batch + 1 + fastattn.decode_graph_plan_items(batch, hkv, 1)
+        counts = w.split_counts
+        if step == 3:
+            assert counts.tolist() == fixed_counts(lens, ps, 1, q_len=q_len)
+            assert sorted(counts.tolist()) == [1] * (batch - 1) + [2]
+        assert plan[:batch + 1].tolist() == [0] + np.cumsum(counts).tolist()
+        assert (plan[batch + 1 + counts.sum():] == -1).all()
+        q, q64 = randn(rng, (rows, hq, d), "float32")
+        out = nan_like(q)
+        lse = np.full((rows, hq), np.nan, np.float32)
+        o, l = w.run(q, kv, out=out, lse=lse, return_lse=True)
+        want, lse64 = reference_rows(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens, q_len)
+        assert_close(f"step {step}", o, want, want, "float32")
+        assert_lse(f"step {step} lse", l, lse64)
+    assert np.array_equal(kv, before), "run() wrote into the cache"
+    for other in (1, 2):
+        with pytest.raises(ValueError, match=f"q_len_per_req must stay {q_len} with use_cuda_graph="
+                                             f"True .*got {other}"):
+            w.plan(indptr, indices, last, hq, hkv, d, ps, q_data_type="float32",
+                   q_len_per_req=other)
+    with pytest.raises(ValueError, match="q_len_per_req must stay 3 with use_cuda_graph=True"):
+        w.plan(indptr, indices, last, hq, hkv, d, ps, q_data_type="float32")  # the default, 1
+    out = nan_like(q)
+    w.run(q, kv, out=out)
+    assert_close("after the refused plans", out, want, want, "float32")
+
+    # A first plan() refused (a request of fewer keys than N) fixes no N.
+    w2, _ = graph_wrapper(batch, capacity)
+    lens = [int(x) for x in rng.integers(4, 60, size=batch)]
+    lens[1] = 2
+    indptr, indices, last, _ = make_pages(rng, lens, ps, spare=0)
+    with pytest.raises(ValueError, match="sequence 1 has 2 keys, fewer than its q_len = 4"):
+        w2.plan(indptr, indices, last, hq, hkv, d, ps, q_data_type="float32", q_len_per_req=4)
+    w2.plan(indptr, indices, last, hq, hkv, d, ps, q_data_type="float32", q_len_per_req=2)
+    q, q64 = randn(rng, (batch * 2, hq, d), "float32")
+    want, _ = reference_rows(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens, 2)
+    out = nan_like(q)
+    w2.run(q, kv, out=out)
+    assert_close("N of the first successful plan", out, want, want, "float32")
+    with pytest.raises(ValueError, match="q_len_per_req must stay 2 with use_cuda_graph=True"):
+        w2.plan(indptr, indices, last, hq, hkv, d, ps, q_data_type="float32", q_len_per_req=4)
+
+
+def test_decode_wrapper_q_len_errors(rng):
+    """plan()'s checks of q_len_per_req, window_right, the lengths against N, the heads and
+    o_data_type, each refused plan() keeping the last plan (run() still gives its results); run()'s
+    checks of q_len_per_req and of q / out / lse of the wrong rows, the outputs left as they
+    were."""
+    hq, hkv, d, ps, q_len = 4, 2, 16, 4, 3
+    lens = [9, 3, 5]
+    indptr, indices, last, num_pages = make_pages(rng, lens, ps)
+    rows = len(lens) * q_len
+    q, q64 = randn(rng, (rows, hq, d), "float32")
+    kv, kv64 = randn(rng, (num_pages, 2, ps, hkv, d), "float32")
+    want, lse64 = reference_rows(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens, q_len)
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(np.empty(16, np.uint8))
+
+    def plan(**kw):
+        args = dict(indptr=indptr, indices=indices, last_page_len=last, num_qo_heads=hq,
+                    num_kv_heads=hkv, head_dim=d, page_size=ps, q_data_type="float32",
+                    q_len_per_req=q_len)
+        args.update(kw)
+        w.plan(**args)
+
+    def still_the_plan(what):
+        out, lse = nan_like(q), np.full((rows, hq), np.nan, np.float32)
+        w.run(q, kv, out=out, lse=lse)
+        assert_close(f"the plan after {what}", out, want, want, "float32")
+        assert_lse(f"the plan's lse after {what}", lse, lse64)
+
+    plan()
+    still_the_plan("plan()")
+    short_lens = [9, 2, 5]
+    si, sx, sl, _ = make_pages(rng, short_lens, ps)
+    bad_plans = [
+        (ValueError, "q_len_per_req must be >= 1, got 0", dict(q_len_per_req=0)),
+        (ValueError, "q_len_per_req must be >= 1, got -2", dict(q_len_per_req=-2)),
+        (TypeError, "q_len_per_req must be an int, got float", dict(q_len_per_req=2.0)),
+        (TypeError, "q_len_per_req must be an int, got NoneType", dict(q_len_per_req=None)),
+        (ValueError, r"window_right must be >= -1 \(-1: no bound\), got -2", dict(window_right=-2)),
+        (TypeError, "window_right must be an int, got float", dict(window_right=1.5)),
+        (ValueError, r"sequence 1 has 2 keys, fewer than its q_len = 3 query rows \(q_len_per_req\)",
+         dict(indptr=si, indices=sx, last_page_len=sl)),
+        (ValueError, r"sequence 1 has 0 keys, fewer than its q_len = 3 query rows \(q_len_per_req\)",
+         dict(indptr=int32([0, 3, 3, 5]), indices=int32([0, 1, 2, 3, 4]), last_page_len=int32([1, 1, 1]))),
+        (ValueError, "num_qo_heads must be 0 or a multiple of num_kv_heads", dict(num_qo_heads=5)),
+        (ValueError, "num_qo_heads must be 0 or a multiple of num_kv_heads",
+         dict(num_qo_heads=3, q_len_per_req=1)),
+        (TypeError, r"o_data_type must be None or q_data_type \(float32\)", dict(o_data_type="float16")),
+        (TypeError, r"o_data_type must be None or q_data_type \(float16\)",
+         dict(q_data_type="float16", o_data_type=np.dtype("float32"))),
+    ]
+    for error, message, change in bad_plans:
+        with pytest.raises(error, match=message):
+            plan(**change)
+        still_the_plan(f"plan({change}) was refused")
+    # A request of exactly N keys is fine; at N = 1 one of none is too (its output is 0).
+    plan(indptr=si, indices=sx, last_page_len=sl, q_len_per_req=2)
+    q2, q2_64 = randn(rng, (6, hq, d), "float32")
+    w2_want, _ = reference_rows(q2_64, kv64[:, 0], kv64[:, 1], si, sx, short_lens, 2)
+    assert_close("N = 2 with a request of 2 keys", w.run(q2, kv), w2_want, w2_want, "float32")
+    plan()
+
+    out, lse = nan_like(q), np.full((rows, hq), np.nan, np.float32)
+    bad_runs = [
+        (ValueError, r"q_len_per_req given to run\(\) must be the one plan\(\) was given \(3\), got 1: "
+         r"pass it to plan\(\)", dict(q_len_per_req=1)),
+        (ValueError, r"q_len_per_req given to run\(\) must be the one plan\(\) was given \(3\), got 4",
+         dict(q_len_per_req=4)),
+        (TypeError, "q_len_per_req must be an int, got float", dict(q_len_per_req=3.5)),
+        (ValueError, r"q must have shape \(batch_size \* q_len_per_req, num_qo_heads, head_dim\) = "
+         r"\(9, 4, 16\) as planned \(q_len_per_req = 3\), got \(3, 4, 16\)", dict(q=q[:3])),
+        (ValueError, r"q must have shape \(batch_size \* q_len_per_req, num_qo_heads, head_dim\) = "
+         r"\(9, 4, 16\) as planned \(q_len_per_req = 3\), got \(3, 3, 4, 16\)",
+         dict(q=q.reshape(3, 3, hq, d))),
+        (ValueError, r"out must have shape \(9, 4, 16\), got \(3, 4, 16\)",
+         dict(out=np.full((3, hq, d), np.nan, np.float32))),
+        (ValueError, r"lse must have shape \(9, 4\), got \(3, 4\)",
+         dict(lse=np.full((3, hq), np.nan, np.float32))),
+        (ValueError, r"sinks must have shape \(num_qo_heads,\) = \(4,\) as planned, got \(9,\)",
+         dict(sinks=np.zeros(rows, np.float32))),
+    ]
+    for error, message, change in bad_runs:
+        args = dict(q=q, paged_kv_cache=kv, out=out, lse=lse)
+        args.update(change)
+        with pytest.raises(error, match=message):
+            w.run(args.pop("q"), args.pop("paged_kv_cache"), **args)
+        assert np.isnan(out).all() and np.isnan(lse).all(), "a refused run() wrote its outputs"
+    # At N = 1 the message keeps FlashInfer's name for q's rows.
+    plan(q_len_per_req=1)
+    with pytest.raises(ValueError, match=r"q must have shape \(batch_size, num_qo_heads, head_dim\) = "
+                                         r"\(3, 4, 16\) as planned, got \(9, 4, 16\)"):
+        w.run(q, kv, out=out)
+    assert np.isnan(out).all(), "a refused run() wrote its output"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_wrapper_o_data_type(rng, dtype):
+    """plan(o_data_type=) takes None or q's dtype, as a string, a numpy dtype or a torch dtype
+    (the output has q's dtype); another dtype is a TypeError naming both."""
+    hq, hkv, d, ps, q_len = 4, 2, 16, 4, 2
+    lens = [7, 2, 12]
+    indptr, indices, last, num_pages = make_pages(rng, lens, ps)
+    q, q64 = randn(rng, (len(lens) * q_len, hq, d), dtype)
+    kv, kv64 = randn(rng, (num_pages, 2, ps, hkv, d), dtype)
+    want, _ = reference_rows(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens, q_len)
+    naive, _ = reference_rows(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens, q_len,
+                              rnd=ref.rounder(dtype))
+    data_type = torch.bfloat16 if dtype == "bfloat16" else dtype
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(np.empty(16, np.uint8))
+    same = [None, dtype]
+    if dtype != "bfloat16":
+        same += [np.dtype(dtype), getattr(np, dtype)]  # a numpy dtype and a numpy scalar type
+    if torch is not None:
+        same.append(getattr(torch, dtype))
+    for o_type in same:
+        w.plan(indptr, indices, last, hq, hkv, d, ps, q_data_type=data_type, o_data_type=o_type,
+               q_len_per_req=q_len)
+        out = nan_like(q)
+        assert w.run(q, kv, out=out) is out
+        assert_close(f"o_data_type {o_type!r}", out, want, naive, dtype, factor=FACTOR)
+        made = w.run(q, kv)
+        assert str(made.dtype).endswith(dtype), made.dtype
+    other = "float16" if dtype != "float16" else "float32"
+    for o_type in (other, np.dtype(other), getattr(np, other), "int8"):
+        with pytest.raises(TypeError, match=fr"o_data_type must be None or q_data_type \({dtype}\): "
+                                            fr"the output has q's dtype, got {np.dtype(o_type).name}"):
+            w.plan(indptr, indices, last, hq, hkv, d, ps, q_data_type=data_type, o_data_type=o_type,
+                   q_len_per_req=q_len)
