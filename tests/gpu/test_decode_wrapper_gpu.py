@@ -6,7 +6,10 @@ count per request, and near-uniform ones, which keep the capacity heuristic), ev
 1/4/8, head_dim 64/128/256, both cache forms and both of FlashInfer's layouts (NHD, HND), window /
 softcap / scale, out= and lse= poisoned with NaN, the wrapper's workspace used or too small; with
 use_cuda_graph=True, run() captured in a CUDA graph and replayed after each step's plan() of new
-lengths and pages. The rule (FlashAttention's, for KV-cache calls):
+lengths and pages. Several query rows per request (q_len_per_req, speculative decoding: rows
+causal within the request, or window_right): ragged and near-uniform batches at each page size,
+group, head_dim and layout, windows / softcap / scale, sinks, fixed_split_size and graph mode.
+The rule (FlashAttention's, for KV-cache calls):
 max|out - ref| <= 3 * max|naive_in_dtype - ref| + 1e-5; LSE within 1e-3 + 1e-3 * |ref|. The cache
 is read only: its bytes are checked unchanged.
 """
@@ -33,47 +36,60 @@ def hnd_copy(kv):
 
 
 class Batch:
-    """One decode step: q (B, Hq, D), pages (num_pages, 2, page_size, Hkv, D) in a random order
-    (`kv`, the reference's), the same pages in `layout` (`pages`, what the wrapper reads), CSR
-    page lists (indptr, indices, last_page_len) on the GPU."""
+    """One decode step: q (B x N, Hq, D), N = q_len query rows per request (request b's rows
+    b x N .. b x N + N - 1), pages (num_pages, 2, page_size, Hkv, D) in a random order (`kv`, the
+    reference's), the same pages in `layout` (`pages`, what the wrapper reads), CSR page lists
+    (indptr, indices, last_page_len) on the GPU."""
 
-    def __init__(self, rng, dtype, lens, page_size, hq, hkv, d, layout="NHD"):
+    def __init__(self, rng, dtype, lens, page_size, hq, hkv, d, layout="NHD", q_len=1):
         self.lens, self.ps, self.hq, self.hkv, self.d, self.dtype = list(lens), page_size, hq, hkv, d, dtype
+        self.q_len = q_len
         self.lists, indptr, indices, last, num_pages = P.make_csr(rng, lens, page_size)
         self.indptr, self.indices, self.last = i32(indptr), i32(indices), i32(last)
         self.kv = randn(num_pages, 2, page_size, hkv, d, dtype=dtype)
         self.layout = layout
         self.pages = hnd_copy(self.kv) if layout == "HND" else self.kv
-        self.q = randn(len(lens), hq, d, dtype=dtype)
+        self.q = randn(len(lens) * q_len, hq, d, dtype=dtype)
 
     def plan(self, wrapper, **kw):
+        """wrapper.plan() of these lists (q_len_per_req = q_len where q_len > 1, unless given)."""
+        if self.q_len != 1:
+            kw.setdefault("q_len_per_req", self.q_len)
         wrapper.plan(self.indptr, self.indices, self.last, self.hq, self.hkv, self.d, self.ps,
                      q_data_type=self.dtype, **kw)
 
     def reference(self, naive, **kw):
-        """(out (B, Hq, D), lse (B, Hq)): each request's query after its last key."""
+        """(out (B x N, Hq, D), lse (B x N, Hq)): each request's N query rows at its last N keys
+        (varlen_ref aligns a request's rows bottom-right: row i at key L - N + i; the rows' mask is
+        kw's causal / window_size)."""
         kp, vp = self.kv[:, 0], self.kv[:, 1]
         kv = [(R.gather_pages(kp, pages, n), R.gather_pages(vp, pages, n))
               for pages, n in zip(self.lists, self.lens)]
-        cu_q = list(range(len(self.lens) + 1))
+        cu_q = [b * self.q_len for b in range(len(self.lens) + 1)]
         out, lse, _ = R.varlen_ref(self.q, cu_q, kv, naive=naive, **kw)
         return out, lse.T
 
-    def check(self, wrapper, cache=None, window_left=None, **ref_kw):
+    def check(self, wrapper, cache=None, window_left=None, window_right=0, **ref_kw):
         """Runs the wrapper twice into NaN-poisoned out / lse; both bitwise equal and close to
-        the reference, the cache unchanged."""
+        the reference, the cache unchanged. Where q_len > 1 the reference's rows see window_right
+        keys past their own (plan()'s window_right: 0, causal, by default), and the second run
+        passes run(q_len_per_req=q_len)."""
         cache = self.pages if cache is None else cache
         before = self.pages.clone()
         runs = []
-        for _ in range(2):
+        for i in range(2):
             out = nan_full(self.q.shape, self.q.dtype)
             lse = nan_full(self.q.shape[:2], torch.float32)
-            o, l = wrapper.run(self.q, cache, out=out, lse=lse, return_lse=True, window_left=window_left)
+            more = {"q_len_per_req": self.q_len} if self.q_len > 1 and i == 1 else {}
+            o, l = wrapper.run(self.q, cache, out=out, lse=lse, return_lse=True, window_left=window_left,
+                               **more)
             assert o is out and l is lse
             runs.append((out, lse))
         torch.cuda.synchronize()
         if window_left is not None and window_left >= 0:
             ref_kw["window_size"] = (window_left, -1)
+        if self.q_len > 1:  # the rows' right bound within the request
+            ref_kw["window_size"] = (ref_kw.get("window_size", (-1, -1))[0], window_right)
         ref, lse_ref = self.reference(False, **ref_kw)
         naive, _ = self.reference(True, **ref_kw)
         R.assert_out_close("out", runs[0][0], ref, naive, factor=FACTOR)
@@ -245,9 +261,11 @@ def test_small_workspace_and_disable_split(seed):
     b.check(w)
 
 
-def fixed_counts(lens, page_size, size):
-    """FlashInfer's fixed_split_size counts, written out: ceil(max(1, pages) / size)."""
-    return [-(-max(1, -(-n // page_size)) // size) for n in lens]
+def fixed_counts(lens, page_size, size, window_left=-1, q_len=1):
+    """FlashInfer's fixed_split_size counts, written out: ceil(max(1, pages) / size), the pages
+    of a request's attended keys, min(length, window_left + q_len) with a window."""
+    attended = [n if window_left < 0 else min(n, window_left + q_len) for n in lens]
+    return [-(-max(1, -(-n // page_size)) // size) for n in attended]
 
 
 @pytest.mark.parametrize("page_size,hq,hkv,d,dtype", [(16, 32, 8, 128, torch.bfloat16),
@@ -512,7 +530,11 @@ def test_graph_mode_fixed_split_size(seed):
     graph_steps(seed, torch.bfloat16, 16, 32, 8, 128, lists_on=DEV, fixed_split_size=256)
 
 
-def graph_steps(seed, dtype, page_size, hq, hkv, d, lists_on, layout="NHD", fixed_split_size=None):
+def graph_steps(seed, dtype, page_size, hq, hkv, d, lists_on, layout="NHD", fixed_split_size=None,
+                q_len=1):
+    """The steps of the graph-mode tests. q_len > 1: q_len_per_req query rows per request (q, out
+    and lse of batch x q_len rows, causal within each request), every step's lengths at least
+    q_len (no empty step), and a plan of another q_len refused after the steps."""
     batch = 12
     max_pages = sum(-(-n // page_size) for n in [30000] * 2 + [6000] * (batch - 2))
     pool = max_pages + 7
@@ -526,18 +548,25 @@ def graph_steps(seed, dtype, page_size, hq, hkv, d, lists_on, layout="NHD", fixe
     w = fastattn.BatchDecodeWithPagedKVCacheWrapper(
         workspace(), layout, use_cuda_graph=True, paged_kv_indptr_buffer=ip_buf,
         paged_kv_indices_buffer=idx_buf, paged_kv_last_page_len_buffer=last_buf)
-    q = torch.empty(batch, hq, d, dtype=dtype, device=DEV)
-    out = torch.empty(batch, hq, d, dtype=dtype, device=DEV)
-    lse = torch.empty(batch, hq, dtype=torch.float32, device=DEV)
+    rows = batch * q_len
+    q = torch.empty(rows, hq, d, dtype=dtype, device=DEV)
+    out = torch.empty(rows, hq, d, dtype=dtype, device=DEV)
+    lse = torch.empty(rows, hq, dtype=torch.float32, device=DEV)
     graph = None
     kinds = ["long_among_short", "uniform", "ragged", "empty", "long_among_short", "ragged"]
+    multi = {}
+    if q_len > 1:  # every request holds its rows' keys: no empty step
+        kinds = [k for k in kinds if k != "empty"]
+        multi = {"q_len_per_req": q_len}
     split_seen, written = False, 0
     for step, kind in enumerate(kinds):
         lens = graph_step_lengths(seed, kind, batch)
+        if q_len > 1:
+            lens = [max(n, q_len) for n in lens]  # the ragged steps' 0 and 1 become exactly q_len
         used = sum(-(-n // page_size) for n in lens)  # a fresh placement over the whole pool
         lists, indptr, indices, last, _ = P.make_csr(seed, lens, page_size, extra_pages=pool - used)
         w.plan(*(i32(x).to(lists_on) for x in (indptr, indices, last)), hq, hkv, d, page_size,
-               q_data_type=dtype, fixed_split_size=fixed_split_size)
+               q_data_type=dtype, fixed_split_size=fixed_split_size, **multi)
         counts = w.split_counts
         if fixed_split_size is not None:
             assert counts.tolist() == fixed_counts(lens, page_size, fixed_split_size)
@@ -557,15 +586,20 @@ def graph_steps(seed, dtype, page_size, hq, hkv, d, lists_on, layout="NHD", fixe
         torch.cuda.synchronize()
         ref_kv = [(R.gather_pages(kv[:, 0], pages, n), R.gather_pages(kv[:, 1], pages, n))
                   for pages, n in zip(lists, lens)]
-        cu = list(range(batch + 1))
-        ref, lse_ref, _ = R.varlen_ref(q, cu, ref_kv)
-        naive, _, _ = R.varlen_ref(q, cu, ref_kv, naive=True)
+        cu = [b * q_len for b in range(batch + 1)]
+        mask = {"window_size": (-1, 0)} if q_len > 1 else {}  # causal within a request's rows
+        ref, lse_ref, _ = R.varlen_ref(q, cu, ref_kv, **mask)
+        naive, _, _ = R.varlen_ref(q, cu, ref_kv, naive=True, **mask)
         R.assert_out_close(f"step {step} ({kind}) out", out, ref, naive, factor=FACTOR)
         R.assert_lse_close(f"step {step} ({kind}) lse", lse, lse_ref.T)
         R.assert_bitwise_equal(f"step {step} replay vs eager out", out, eager_out)
         R.assert_bitwise_equal(f"step {step} replay vs eager lse", lse, eager_lse)
     assert split_seen, "no step split a sequence"
     assert torch.equal(pages, kv_before), "a replay wrote into the cache"
+    if q_len > 1:  # the captured q holds batch x q_len rows: the N of the first plan stays
+        with pytest.raises(ValueError, match="q_len_per_req must stay"):
+            w.plan(*(i32(x).to(lists_on) for x in (indptr, indices, last)), hq, hkv, d, page_size,
+                   q_data_type=dtype, fixed_split_size=fixed_split_size, q_len_per_req=q_len + 1)
 
 
 def test_graph_mode_workspace_too_small(seed):
@@ -689,3 +723,224 @@ def test_page_id_outside_the_cache(seed, graph):
     ref, _, _ = R.varlen_ref(q, cu, ref_kv)
     naive, _, _ = R.varlen_ref(q, cu, ref_kv, naive=True)
     R.assert_out_close("out", out, ref, naive, factor=FACTOR)
+
+
+# ---- q_len_per_req > 1: several query rows per request (speculative decoding) ------------------
+# q is (B x N, Hq, D), request b's rows b x N .. b x N + N - 1; row i of a request of L keys sits at
+# key L - N + i and sees keys j with pos - window_left <= j <= pos + window_right (window_right 0 by
+# default: causal within the request's rows; -1 no bound). The references are varlen_ref's with N
+# query rows per request, which it aligns bottom-right the same way.
+
+
+def multi_row_lengths(rng, batch, q_len, long_len, n_long, short_max=600):
+    """A ragged batch for q_len rows per request: n_long requests of about long_len keys among
+    short ones of q_len..short_max keys, one of exactly q_len keys (its first row sees one key)."""
+    lens = [rng.randrange(q_len, short_max) for _ in range(batch)]
+    longs = rng.sample(range(batch), n_long)
+    for i in longs:
+        lens[i] = long_len + rng.randrange(64)
+    lens[rng.choice([i for i in range(batch) if i not in longs])] = q_len
+    return lens
+
+
+def weighed_kv_heads(hq, hkv, q_len):
+    """The KV heads plan()'s split rules weigh (include/fastattn/decode_plan.h): each KV head's
+    group x q_len query rows take ceil(rows / 16) CTAs of the decode kernels."""
+    return hkv * -(-(hq // hkv) * q_len // 16)
+
+
+MULTI_ROW_CONFIGS = [  # page_size, hq, hkv, d, layout
+    (16, 32, 8, 128, "NHD"),  # GQA 4: 4 x N rows a KV head, one CTA up to N = 4
+    (1, 8, 8, 64, "HND"),  # MHA: N rows a KV head
+    (64, 16, 2, 256, "NHD"),  # GQA 8: 8 x N rows a KV head, several CTAs from N = 4
+    (16, 8, 1, 256, "HND"),  # MQA of 8 query heads
+]
+MULTI_ROW_IDS = ["ps16-32x8-d128-nhd", "ps1-8x8-d64-hnd", "ps64-16x2-d256-nhd", "ps16-8x1-d256-hnd"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("q_len", [2, 4, 7, 16])
+@pytest.mark.parametrize("page_size,hq,hkv,d,layout", MULTI_ROW_CONFIGS, ids=MULTI_ROW_IDS)
+def test_multi_row_ragged(seed, dtype, q_len, page_size, hq, hkv, d, layout):
+    """q_len_per_req = N: two long requests among short ones and one of exactly N keys (plan()
+    picks a split count per request, from the KV heads weighed by the CTAs of their N rows), then
+    a near-uniform batch (the capacity heuristic), at each GQA group, head_dim, page size and
+    layout; out (B x N, Hq, D) and lse (B x N, Hq) poisoned, both cache forms at N = 4. A request
+    of fewer than N keys is refused by plan()."""
+    lens = multi_row_lengths(seed, 24, q_len, 20000, 2)
+    b = Batch(seed, dtype, lens, page_size, hq, hkv, d, layout=layout, q_len=q_len)
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(workspace(), layout)
+    b.plan(w, o_data_type=dtype)
+    counts = w.split_counts
+    assert w.num_splits is None and counts is not None and counts.max() > 1, \
+        f"a long-among-short batch at q_len_per_req={q_len} planned {counts}"
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    want = fastattn.decode_split_counts_for_lengths(lens, weighed_kv_heads(hq, hkv, q_len), sms, head_dim=d)
+    assert want is not None and counts.tolist() == want.tolist()
+    b.check(w)
+    if q_len == 4:
+        b.check(w, cache=(b.pages[:, 0], b.pages[:, 1]))
+    lens = [seed.randrange(3000, 3100) for _ in range(8)]
+    u = Batch(seed, dtype, lens, page_size, hq, hkv, d, layout=layout, q_len=q_len)
+    u.plan(w)
+    assert w.num_splits == 0
+    u.check(w)
+    short = list(b.lens)
+    short[short.index(q_len)] = q_len - 1
+    _, indptr, indices, last, _ = P.make_csr(seed, short, page_size)
+    with pytest.raises(ValueError, match=f"has {q_len - 1} keys, fewer than its q_len = {q_len}"):
+        fastattn.BatchDecodeWithPagedKVCacheWrapper(workspace(), layout).plan(
+            i32(indptr), i32(indices), i32(last), hq, hkv, d, page_size, q_data_type=dtype,
+            q_len_per_req=q_len)
+
+
+MULTI_OPTION_CASES = [(3, 8, 2, 128, torch.bfloat16), (16, 16, 2, 64, torch.float16)]
+
+
+@pytest.mark.parametrize("window_right", [0, 3, -1], ids=["right0", "right3", "right_all"])
+@pytest.mark.parametrize("q_len,hq,hkv,d,dtype", MULTI_OPTION_CASES,
+                         ids=["n3-8x2-d128-bf16", "n16-16x2-d64-fp16"])
+def test_multi_row_options(seed, window_right, q_len, hq, hkv, d, dtype):
+    """q_len_per_req > 1 with plan()'s window_right (0: causal within the rows; 3; -1: no bound),
+    window_left from plan() and from run() (3000, 0: a row's own key and window_right after it,
+    5, -1), logits_soft_cap and sm_scale; then a plan of window_left 5 (below N = 16: the
+    attended keys min(length, window_left + N) set the splits)."""
+    lens = multi_row_lengths(seed, 16, q_len, 12000, 2, short_max=900)
+    b = Batch(seed, dtype, lens, 16, hq, hkv, d, q_len=q_len)
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(workspace())
+    opts = dict(softcap=20.0, softmax_scale=0.07)
+    b.plan(w, window_left=500, logits_soft_cap=20.0, sm_scale=0.07, window_right=window_right)
+    b.check(w, window_right=window_right, window_size=(500, -1), **opts)
+    for left in (3000, 0, 5, -1):
+        b.check(w, window_left=left, window_right=window_right, **opts)
+    b.plan(w, window_left=5, window_right=window_right)
+    b.check(w, window_right=window_right, window_size=(5, -1))
+
+
+def test_multi_row_sinks(seed):
+    """run(sinks=) with q_len_per_req = 4 at GQA 8 (32 rows a KV head, two CTAs): a ragged batch
+    (a split count per request) and a near-uniform one (the capacity heuristic), against the
+    reference with one more logit per head and a zero value row; out / lse poisoned; without
+    return_lse too."""
+    q_len, hq, hkv, d, dtype = 4, 16, 2, 128, torch.bfloat16
+    sinks = torch.randn(hq, device=DEV) * 3
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(workspace())
+    for lens in (multi_row_lengths(seed, 24, q_len, 9000, 1), [seed.randrange(3000, 3100) for _ in range(8)]):
+        b = Batch(seed, dtype, lens, 16, hq, hkv, d, q_len=q_len)
+        b.plan(w)
+        out = nan_full(b.q.shape, b.q.dtype)
+        lse = nan_full(b.q.shape[:2], torch.float32)
+        before = b.kv.clone()
+        w.run(b.q, b.kv, out=out, lse=lse, sinks=sinks)
+        plain = w.run(b.q, b.kv, sinks=sinks)
+        torch.cuda.synchronize()
+        causal = (-1, 0)  # window_size of causal rows
+        ref, ref_lse = b.reference(False, window_size=causal)
+        naive, naive_lse = b.reference(True, window_size=causal)
+        ref, ref_lse = R.fold_sinks(ref, ref_lse, sinks)
+        naive, _ = R.fold_sinks(naive, naive_lse, sinks)
+        naive = naive.to(dtype).to(torch.float64)  # an in-dtype computation stores its output in the dtype
+        R.assert_out_close("out", out, ref, naive, factor=FACTOR)
+        R.assert_lse_close("lse", lse, ref_lse.float())
+        R.assert_bitwise_equal("out without lse", plain, out)
+        assert torch.equal(b.kv, before), "run() wrote into the cache"
+
+
+@pytest.mark.parametrize("page_size,hq,hkv,d,dtype,window_left",
+                         [(16, 32, 8, 128, torch.bfloat16, -1), (1, 16, 2, 64, torch.float16, 2000)],
+                         ids=["ps16-32x8-d128-bf16", "ps1-16x2-d64-fp16-window"])
+def test_multi_row_fixed_split_size_is_batch_invariant(seed, page_size, hq, hkv, d, dtype, window_left):
+    """fixed_split_size with q_len_per_req = 4: four requests (a long one, a short one, one of
+    exactly 4 keys, one of 5) give bitwise the same out and LSE rows decoded alone, in a batch of 9
+    and in one of 40 at shuffled places, and match the float64 reference; each is cut into
+    ceil(max(1, attended pages) / fixed_split_size) parts, its attended keys min(length,
+    window_left + 4) with a window."""
+    rng, fixed, n = seed, 64, 4
+    targets = [20000, 3000, n, n + 1]
+    lens = targets + [rng.randrange(n, 12000) for _ in range(36)]
+    lists, _, _, _, num_pages = P.make_csr(rng, lens, page_size)
+    kv = randn(num_pages, 2, page_size, hkv, d, dtype=dtype)
+    before = kv.clone()
+    q = randn(len(lens), n, hq, d, dtype=dtype)  # request b's n rows
+
+    def decode(order):
+        """out (B, n, Hq, D) and LSE (B, n, Hq) of the requests `order` (indices into lens), in that
+        order."""
+        sub = [lists[i] for i in order]
+        last = [lens[i] - (len(pages) - 1) * page_size for i, pages in zip(order, sub)]
+        w = fastattn.BatchDecodeWithPagedKVCacheWrapper(workspace())
+        w.plan(i32(cumsum0([len(pages) for pages in sub])), i32([x for pages in sub for x in pages]),
+               i32(last), hq, hkv, d, page_size, q_data_type=dtype, window_left=window_left,
+               fixed_split_size=fixed, q_len_per_req=n)
+        assert w.split_counts.tolist() == fixed_counts([lens[i] for i in order], page_size, fixed,
+                                                       window_left, n)
+        out = nan_full((len(order) * n, hq, d), dtype)
+        lse = nan_full((len(order) * n, hq), torch.float32)
+        w.run(q[list(order)].reshape(-1, hq, d), kv, out=out, lse=lse, return_lse=True)
+        return out.view(len(order), n, hq, d), lse.view(len(order), n, hq)
+
+    batch9 = list(range(4)) + rng.sample(range(4, len(lens)), 5)
+    rng.shuffle(batch9)
+    batch40 = list(range(len(lens)))
+    rng.shuffle(batch40)
+    out40, lse40 = decode(batch40)
+    out9, lse9 = decode(batch9)
+    for t in range(4):
+        out1, lse1 = decode([t])
+        for name, (o, l, at) in {"9": (out9, lse9, batch9.index(t)),
+                                 "40": (out40, lse40, batch40.index(t))}.items():
+            R.assert_bitwise_equal(f"request {t} ({lens[t]} keys) out, alone vs batch of {name}", out1[0], o[at])
+            R.assert_bitwise_equal(f"request {t} ({lens[t]} keys) lse, alone vs batch of {name}", lse1[0], l[at])
+    torch.cuda.synchronize()
+    ref_kv = [(R.gather_pages(kv[:, 0], lists[i], lens[i]), R.gather_pages(kv[:, 1], lists[i], lens[i]))
+              for i in batch40]
+    cu = [b * n for b in range(len(lens) + 1)]
+    q40 = q[batch40].reshape(-1, hq, d)
+    mask = (window_left, 0)  # causal rows, and the window
+    ref, lse_ref, _ = R.varlen_ref(q40, cu, ref_kv, window_size=mask)
+    naive, _, _ = R.varlen_ref(q40, cu, ref_kv, window_size=mask, naive=True)
+    R.assert_out_close("batch of 40, out", out40.reshape(-1, hq, d), ref, naive, factor=FACTOR)
+    R.assert_lse_close("batch of 40, lse", lse40.reshape(-1, hq), lse_ref.T)
+    assert max(fixed_counts(lens, page_size, fixed, window_left, n)) > 1
+    assert torch.equal(kv, before), "run() wrote into the cache"
+
+
+@pytest.mark.parametrize("dtype,page_size,hq,hkv,d,layout,lists_on",
+                         [(torch.bfloat16, 16, 32, 8, 128, "NHD", DEV),
+                          (torch.float16, 64, 16, 2, 256, "HND", DEV),
+                          (torch.bfloat16, 1, 8, 8, 64, "NHD", "cpu")],
+                         ids=["bf16-ps16-32x8-d128-nhd", "fp16-ps64-16x2-d256-hnd", "bf16-ps1-8x8-d64-host-lists"])
+def test_graph_mode_multi_row_replays(seed, dtype, page_size, hq, hkv, d, layout, lists_on):
+    """use_cuda_graph=True with q_len_per_req = 3: run() captured once (q, out, lse of batch x 3
+    rows), replayed after each step's plan() of new lengths (ragged steps with requests of exactly
+    3 keys) and pages; each replay matches the step's causal reference and an eager run bitwise,
+    and a plan of another q_len_per_req is refused (graph_steps)."""
+    graph_steps(seed, dtype, page_size, hq, hkv, d, lists_on=lists_on, layout=layout, q_len=3)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_one_row_plan_is_the_default(seed, layout):
+    """plan(q_len_per_req=1) (with window_right and o_data_type, which one row ignores) plans the
+    default's splits, and its run (with run(q_len_per_req=1) too) gives bitwise the default plan's
+    out and lse: a ragged batch with an empty request (a split count per request) and a
+    near-uniform one (the capacity heuristic)."""
+    dtype = torch.bfloat16
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(workspace(), layout)
+    ragged = long_among_short(seed, 16, 15000, 2, 300)
+    ragged[seed.choice([i for i, n in enumerate(ragged) if n == 300])] = 0  # the long ones stay
+    for lens in (ragged, [seed.randrange(3000, 3100) for _ in range(8)]):
+        b = Batch(seed, dtype, lens, 16, 32, 8, 128, layout=layout)
+        b.plan(w)
+        planned = (w.num_splits, None if w.split_counts is None else w.split_counts.tolist())
+        want_out, want_lse = w.run(b.q, b.pages, return_lse=True)
+        b.check(w)
+        for kw in ({"q_len_per_req": 1}, {"q_len_per_req": 1, "window_right": -1, "o_data_type": dtype},
+                   {"window_right": 3}):
+            b.plan(w, **kw)
+            assert (w.num_splits, None if w.split_counts is None else w.split_counts.tolist()) == planned, kw
+            for run_kw in ({}, {"q_len_per_req": 1}):
+                out = nan_full(b.q.shape, dtype)
+                lse = nan_full(b.q.shape[:2], torch.float32)
+                w.run(b.q, b.pages, out=out, lse=lse, return_lse=True, **run_kw)
+                R.assert_bitwise_equal(f"out, plan {kw}, run {run_kw}", out, want_out)
+                R.assert_bitwise_equal(f"lse, plan {kw}, run {run_kw}", lse, want_lse)
