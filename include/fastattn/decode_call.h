@@ -54,12 +54,12 @@ std::pair<TensorView, TensorView> split_paged_kv_cache(const TensorView& cache, 
 /// KVCacheArgs for one call of `plan`: q (B x N, Hq, D), N = plan.q_len, over k_pages / v_pages in
 /// the plan's layout, (P, page_size, Hkv, D) (NHD) or (P, Hkv, page_size, D) (HND), into out
 /// (B x N, Hq, D) and lse (B x N, Hq) float32 when given, as (B, N, Hq, D) / (B, Hq, N) views, with
-/// the plan's arrays. The
-/// pages go to the op as (P, page_size, Hkv, D) views (HND's with dims 1 and 2 swapped: the
-/// kernels take any strides). Checked in this order, each error naming the array and what the
-/// plan expects: q's shape and dtype, each page tensor's shape, page count (against max_page_id)
-/// and dtype, q's device kind, out's and lse's shapes. The options, exec and workspace are left
-/// to the caller; kvcache_attention_forward checks the rest.
+/// the plan's arrays. The pages go to the op as (P, page_size, Hkv, D) views (HND's with dims 1
+/// and 2 swapped: the kernels take any strides). Checked in this order, each error naming the
+/// array and what the plan expects: q's shape and dtype, each page tensor's shape, page count
+/// (against max_page_id) and dtype, q's device kind, out's and lse's shapes. The options (where
+/// N > 1, window_right: 0 for FlashInfer's causal rows), exec and workspace are left to the
+/// caller; kvcache_attention_forward checks the rest.
 KVCacheArgs paged_decode_call_args(const PagedDecodeCallPlan& plan, const TensorView& q, const TensorView& k_pages,
                                    const TensorView& v_pages, const TensorView& out,
                                    const std::optional<TensorView>& lse);

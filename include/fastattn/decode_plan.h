@@ -128,8 +128,8 @@ void decode_split_plan(const std::int32_t* counts, std::int64_t batch, const std
 /// What plan_paged_decode plans.
 struct PagedDecodePlanOptions {
   int page_size = 0;
-  /// Keys more than window_left before the query are masked (< 0: none); the splits are chosen
-  /// for the min(length, window_left + 1) keys a query attends to.
+  /// Keys more than window_left before a query row are masked (< 0: none); the splits are chosen
+  /// for the min(length, window_left + q_len) keys the sequence's rows attend to.
   std::int64_t window_left = -1;
   int num_kv_heads = 0;
   /// Query heads (0: num_kv_heads), a multiple of num_kv_heads.

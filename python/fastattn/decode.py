@@ -320,7 +320,8 @@ def _fixed_split_pages(fixed_split_size) -> int:
 
 
 class BatchDecodeWithPagedKVCacheWrapper:
-    """Batch decode (one query per request) over a paged KV cache: FlashInfer's interface.
+    """Batch decode (one query per request, or N with ``q_len_per_req``) over a paged KV cache:
+    FlashInfer's interface.
 
     ``plan()`` reads the page lists' row pointers and last page lengths on the host (given on the
     GPU, it synchronises, as FlashInfer's does; given on the host, it never waits for the GPU: its
