@@ -40,9 +40,8 @@ class PagedDecodeRunner {
                     bool on_gpu, nb::handle workspace, bool graph, const std::string& kv_layout,
                     std::int64_t q_len, std::int64_t window_right)
       : graph_(graph), window_right_(window_right) {
-    if (q_len < 1) throw fastattn::ValueError("q_len_per_req must be >= 1, got " + std::to_string(q_len));
-    if (window_right < -1)
-      throw fastattn::ValueError("window_right must be >= -1 (-1: no bound), got " + std::to_string(window_right));
+    // q_len and window_right are checked where they are used (paged_decode_call_args, the op's
+    // options), and before this by the wrapper's plan().
     plan_.layout = fastattn::paged_kv_layout_from_name(kv_layout);
     plan_.seqlens = in_view(seqlens, "seqlens", keep_);
     plan_.block_table = opt_in(block_table, "block_table", keep_);
