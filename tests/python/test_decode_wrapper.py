@@ -26,21 +26,31 @@ def make_pages(rng, lens, page_size, spare=3):
     return indptr, indices, last, num_pages
 
 
-def reference(q64, k64, v64, indptr, indices, lens, rnd=None, window_left=-1, softcap=0.0,
-              scale=None):
-    """Each request's single query (after its last key) over its pages: out (B, Hq, D) and
-    lse (B, Hq)."""
-    b_, hq, d = q64.shape
+def reference_rows(q64, k64, v64, indptr, indices, lens, q_len, rnd=None, window_left=-1,
+                   window_right=0, softcap=0.0, scale=None, sinks=None):
+    """Each request's q_len query rows over its pages: request b's rows are q64[b * q_len:
+    (b + 1) * q_len], row i at key position lens[b] - q_len + i, seeing key j where
+    pos - window_left <= j <= pos + window_right (-1: that side unbounded); sinks (Hq,) or None.
+    out (B * q_len, Hq, D) and lse (B * q_len, Hq)."""
+    d = q64.shape[2]
     outs, lses = [], []
     for b, n in enumerate(lens):
         ids = indices[indptr[b]:indptr[b + 1]]
         k = ref.gather_pages(k64, ids, n)
         v = ref.gather_pages(v64, ids, n)
-        o, lse, _ = ref.attention_rows(q64[b][None], k, v, np.array([n - 1 if n else 0]),
-                                       np.arange(n), ref.default_scale(d, scale), softcap, None,
-                                       window_left, -1, rnd)
-        outs.append(o[0]), lses.append(lse[:, 0])
-    return np.stack(outs), np.stack(lses)
+        qpos = n - q_len + np.arange(q_len)
+        o, lse, _ = ref.attention_rows(q64[b * q_len:(b + 1) * q_len], k, v, qpos, np.arange(n),
+                                       ref.default_scale(d, scale), softcap, None, window_left,
+                                       window_right, rnd, sinks)
+        outs.append(o), lses.append(lse.T)
+    return np.concatenate(outs), np.concatenate(lses)
+
+
+def reference(q64, k64, v64, indptr, indices, lens, rnd=None, window_left=-1, softcap=0.0,
+              scale=None):
+    """Each request's single query (after its last key) over its pages: out (B, Hq, D) and
+    lse (B, Hq)."""
+    return reference_rows(q64, k64, v64, indptr, indices, lens, 1, rnd, window_left, -1, softcap, scale)
 
 
 def hnd_copy(kv):
@@ -801,26 +811,6 @@ def test_decode_wrapper_graph_mode_fixed_split_size(rng):
 
 
 # ---- several query rows per request (plan(q_len_per_req=N): speculative decoding) -------------
-
-
-def reference_rows(q64, k64, v64, indptr, indices, lens, q_len, rnd=None, window_left=-1,
-                   window_right=0, softcap=0.0, scale=None, sinks=None):
-    """Each request's q_len query rows over its pages: request b's rows are q64[b * q_len:
-    (b + 1) * q_len], row i at key position lens[b] - q_len + i, seeing key j where
-    pos - window_left <= j <= pos + window_right (-1: that side unbounded); sinks (Hq,) or None.
-    out (B * q_len, Hq, D) and lse (B * q_len, Hq)."""
-    d = q64.shape[2]
-    outs, lses = [], []
-    for b, n in enumerate(lens):
-        ids = indices[indptr[b]:indptr[b + 1]]
-        k = ref.gather_pages(k64, ids, n)
-        v = ref.gather_pages(v64, ids, n)
-        qpos = n - q_len + np.arange(q_len)
-        o, lse, _ = ref.attention_rows(q64[b * q_len:(b + 1) * q_len], k, v, qpos, np.arange(n),
-                                       ref.default_scale(d, scale), softcap, None, window_left,
-                                       window_right, rnd, sinks)
-        outs.append(o), lses.append(lse.T)
-    return np.concatenate(outs), np.concatenate(lses)
 
 
 def ragged_lens(rng, q_len):
