@@ -275,26 +275,39 @@ def test_fixed_split_size_is_batch_invariant(seed, page_size, hq, hkv, d, dtype)
     one, one key, none) give bitwise the same out and LSE decoded alone, in a batch of 9 and in
     one of 40 (whose combine grid is past the preloading kernel's) at shuffled places, and match
     the float64 reference; each is cut into ceil(max(1, pages) / fixed_split_size) parts."""
-    rng, fixed = seed, 64
-    targets = [20000, 3000, 1, 0]
-    lens = targets + [rng.randrange(0, 12000) for _ in range(36)]
+    check_fixed_split_batch_invariance(seed, page_size, hq, hkv, d, dtype, q_len=1, window_left=-1)
+
+
+def check_fixed_split_batch_invariance(rng, page_size, hq, hkv, d, dtype, q_len, window_left):
+    """The batch-invariance tests of fixed_split_size (64 pages), at q_len rows per request: four
+    requests (20000 keys, 3000, and the two shortest a request may have: 1 and 0 keys for one row,
+    q_len and q_len + 1 for more) among 36 random ones, decoded alone, in a batch of 9 and in one
+    of 40 at shuffled places: bitwise the same rows, the counts ceil(max(1, attended pages) / 64)
+    (attended keys min(length, window_left + q_len) with a window), the batch of 40 against the
+    float64 reference (rows causal within a request), the cache unchanged."""
+    fixed, n = 64, q_len
+    targets = [20000, 3000, 1, 0] if n == 1 else [20000, 3000, n, n + 1]
+    lens = targets + [rng.randrange(0 if n == 1 else n, 12000) for _ in range(36)]
     lists, _, _, _, num_pages = P.make_csr(rng, lens, page_size)
     kv = randn(num_pages, 2, page_size, hkv, d, dtype=dtype)
     before = kv.clone()
-    q = randn(len(lens), hq, d, dtype=dtype)
+    q = randn(len(lens), n, hq, d, dtype=dtype)  # request b's n rows
 
     def decode(order):
-        """out (B, Hq, D) and LSE (B, Hq) of the requests `order` (indices into lens), in that order."""
+        """out (B, n, Hq, D) and LSE (B, n, Hq) of the requests `order` (indices into lens), in that
+        order."""
         sub = [lists[i] for i in order]
         last = [lens[i] - (len(pages) - 1) * page_size if pages else 0 for i, pages in zip(order, sub)]
         w = fastattn.BatchDecodeWithPagedKVCacheWrapper(workspace())
         w.plan(i32(cumsum0([len(pages) for pages in sub])), i32([x for pages in sub for x in pages]),
-               i32(last), hq, hkv, d, page_size, q_data_type=dtype, fixed_split_size=fixed)
-        assert w.split_counts.tolist() == fixed_counts([lens[i] for i in order], page_size, fixed)
-        out = nan_full((len(order), hq, d), dtype)
-        lse = nan_full((len(order), hq), torch.float32)
-        w.run(q[list(order)].contiguous(), kv, out=out, lse=lse, return_lse=True)
-        return out, lse
+               i32(last), hq, hkv, d, page_size, q_data_type=dtype, window_left=window_left,
+               fixed_split_size=fixed, q_len_per_req=n)
+        assert w.split_counts.tolist() == fixed_counts([lens[i] for i in order], page_size, fixed,
+                                                       window_left, n)
+        out = nan_full((len(order) * n, hq, d), dtype)
+        lse = nan_full((len(order) * n, hq), torch.float32)
+        w.run(q[list(order)].reshape(-1, hq, d), kv, out=out, lse=lse, return_lse=True)
+        return out.view(len(order), n, hq, d), lse.view(len(order), n, hq)
 
     batch9 = list(range(4)) + rng.sample(range(4, len(lens)), 5)
     rng.shuffle(batch9)
@@ -311,12 +324,14 @@ def test_fixed_split_size_is_batch_invariant(seed, page_size, hq, hkv, d, dtype)
     torch.cuda.synchronize()
     ref_kv = [(R.gather_pages(kv[:, 0], lists[i], lens[i]), R.gather_pages(kv[:, 1], lists[i], lens[i]))
               for i in batch40]
-    cu = list(range(len(lens) + 1))
-    ref, lse_ref, _ = R.varlen_ref(q[batch40], cu, ref_kv)
-    naive, _, _ = R.varlen_ref(q[batch40], cu, ref_kv, naive=True)
-    R.assert_out_close("batch of 40, out", out40, ref, naive, factor=FACTOR)
-    R.assert_lse_close("batch of 40, lse", lse40, lse_ref.T)
-    assert max(fixed_counts(lens, page_size, fixed)) > 1
+    cu = [b * n for b in range(len(lens) + 1)]
+    q40 = q[batch40].reshape(-1, hq, d)
+    mask = (window_left, 0)  # causal rows (one row: its request's keys), and the window
+    ref, lse_ref, _ = R.varlen_ref(q40, cu, ref_kv, window_size=mask)
+    naive, _, _ = R.varlen_ref(q40, cu, ref_kv, window_size=mask, naive=True)
+    R.assert_out_close("batch of 40, out", out40.reshape(-1, hq, d), ref, naive, factor=FACTOR)
+    R.assert_lse_close("batch of 40, lse", lse40.reshape(-1, hq), lse_ref.T)
+    assert max(fixed_counts(lens, page_size, fixed, window_left, n)) > 1
     assert torch.equal(kv, before), "run() wrote into the cache"
 
 
@@ -855,54 +870,7 @@ def test_multi_row_fixed_split_size_is_batch_invariant(seed, page_size, hq, hkv,
     and in one of 40 at shuffled places, and match the float64 reference; each is cut into
     ceil(max(1, attended pages) / fixed_split_size) parts, its attended keys min(length,
     window_left + 4) with a window."""
-    rng, fixed, n = seed, 64, 4
-    targets = [20000, 3000, n, n + 1]
-    lens = targets + [rng.randrange(n, 12000) for _ in range(36)]
-    lists, _, _, _, num_pages = P.make_csr(rng, lens, page_size)
-    kv = randn(num_pages, 2, page_size, hkv, d, dtype=dtype)
-    before = kv.clone()
-    q = randn(len(lens), n, hq, d, dtype=dtype)  # request b's n rows
-
-    def decode(order):
-        """out (B, n, Hq, D) and LSE (B, n, Hq) of the requests `order` (indices into lens), in that
-        order."""
-        sub = [lists[i] for i in order]
-        last = [lens[i] - (len(pages) - 1) * page_size for i, pages in zip(order, sub)]
-        w = fastattn.BatchDecodeWithPagedKVCacheWrapper(workspace())
-        w.plan(i32(cumsum0([len(pages) for pages in sub])), i32([x for pages in sub for x in pages]),
-               i32(last), hq, hkv, d, page_size, q_data_type=dtype, window_left=window_left,
-               fixed_split_size=fixed, q_len_per_req=n)
-        assert w.split_counts.tolist() == fixed_counts([lens[i] for i in order], page_size, fixed,
-                                                       window_left, n)
-        out = nan_full((len(order) * n, hq, d), dtype)
-        lse = nan_full((len(order) * n, hq), torch.float32)
-        w.run(q[list(order)].reshape(-1, hq, d), kv, out=out, lse=lse, return_lse=True)
-        return out.view(len(order), n, hq, d), lse.view(len(order), n, hq)
-
-    batch9 = list(range(4)) + rng.sample(range(4, len(lens)), 5)
-    rng.shuffle(batch9)
-    batch40 = list(range(len(lens)))
-    rng.shuffle(batch40)
-    out40, lse40 = decode(batch40)
-    out9, lse9 = decode(batch9)
-    for t in range(4):
-        out1, lse1 = decode([t])
-        for name, (o, l, at) in {"9": (out9, lse9, batch9.index(t)),
-                                 "40": (out40, lse40, batch40.index(t))}.items():
-            R.assert_bitwise_equal(f"request {t} ({lens[t]} keys) out, alone vs batch of {name}", out1[0], o[at])
-            R.assert_bitwise_equal(f"request {t} ({lens[t]} keys) lse, alone vs batch of {name}", lse1[0], l[at])
-    torch.cuda.synchronize()
-    ref_kv = [(R.gather_pages(kv[:, 0], lists[i], lens[i]), R.gather_pages(kv[:, 1], lists[i], lens[i]))
-              for i in batch40]
-    cu = [b * n for b in range(len(lens) + 1)]
-    q40 = q[batch40].reshape(-1, hq, d)
-    mask = (window_left, 0)  # causal rows, and the window
-    ref, lse_ref, _ = R.varlen_ref(q40, cu, ref_kv, window_size=mask)
-    naive, _, _ = R.varlen_ref(q40, cu, ref_kv, window_size=mask, naive=True)
-    R.assert_out_close("batch of 40, out", out40.reshape(-1, hq, d), ref, naive, factor=FACTOR)
-    R.assert_lse_close("batch of 40, lse", lse40.reshape(-1, hq), lse_ref.T)
-    assert max(fixed_counts(lens, page_size, fixed, window_left, n)) > 1
-    assert torch.equal(kv, before), "run() wrote into the cache"
+    check_fixed_split_batch_invariance(seed, page_size, hq, hkv, d, dtype, q_len=4, window_left=window_left)
 
 
 @pytest.mark.parametrize("dtype,page_size,hq,hkv,d,layout,lists_on",
