@@ -380,9 +380,11 @@ int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int req
     return core::choose_num_splits_if_paying(items, max_keys, wave, kDecodeMinKeysPerSplit,
                                              kDecodeMaxHeuristicSplits, tile_slots, decode_split_cost_blocks(true));
   }
-  const std::int64_t rows_per_kv = std::int64_t(p.group) * p.seqlen_q;
-  const std::int64_t items = std::int64_t(p.batch) * p.heads_kv * ((rows_per_kv + 15) / 16);
   const bool sm90 = use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size);
+  // The per-head kernel's CTAs per (b, KV head): its row blocks, two to a CTA in the row pair.
+  const int row_blocks_per_cta = decode_row_pair_applies(p, sm90) ? kDecodeRowPair : 1;
+  const std::int64_t items =
+      std::int64_t(p.batch) * p.heads_kv * decode_row_block_ctas(p.group, p.seqlen_q, row_blocks_per_cta);
   const std::int64_t wave = std::int64_t(decode_split_wave_ctas_per_sm(p.head_dim, sm90)) * info.sm_count;
   int splits = core::choose_num_splits_if_paying(items, max_keys, wave, kDecodeMinKeysPerSplit,
                                                   kDecodeMaxHeuristicSplits, kDecodeBlockN, decode_split_cost_blocks(sm90));

@@ -105,11 +105,15 @@ constexpr int kDecodeDenseWarmMinHeadsKv = 32;
 /// Shared memory one CTA may opt in to on sm_90 (227 KB).
 constexpr int kDecodeSm90MaxSmemBytes = 227 * 1024;
 
-template <int kHeadDim_, int kHeads_ = 1>
+template <int kHeadDim_, int kHeads_ = 1, int kRowBlocks_ = 1>
 struct DecodeSm90Config {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kHeads = kHeads_;  ///< KV heads per CTA: 1, 2 (head pair) or 4 (head quad)
-  static constexpr int kConsumerThreads = kHeads * kDecodeWarps * 32;
+  static constexpr int kRowBlocks = kRowBlocks_;  ///< row blocks of one head per CTA: 1, or 2 (row pair)
+  /// Teams of kDecodeWarps consumer warps, one per (head, row block) of the CTA; team t attends
+  /// head t / kRowBlocks, row block t % kRowBlocks.
+  static constexpr int kTeams = kHeads * kRowBlocks;
+  static constexpr int kConsumerThreads = kTeams * kDecodeWarps * 32;
   static constexpr int kThreads = kConsumerThreads + 64;  // + the K and the V producer warps
   static constexpr int kBlockN = kDecodeBlockN;
   static constexpr int kWarpKeys = kBlockN / kDecodeWarps;
@@ -142,47 +146,50 @@ struct DecodeSm90Config {
   // for grids that fit one CTA per SM, streamed one CTA 7% faster but made the calls the split
   // heuristic makes 1-1.5 us slower: bench/NOTES.md.)
   // Two heads: d64 6 x 32 KB, d128 3 x 64 KB, in one CTA per SM (the same bytes in flight per SM
-  // as two one-head CTAs); four heads (d64): 3 x 64 KB.
-  static constexpr int kCtasPerSm = kHeadDim <= 128 && kHeads == 1 ? 2 : 1;
-  static constexpr int kStages = kHeadDim <= 64 && kHeads <= 2 ? 6 : 3;
-  static constexpr int kBarrierBytes = 256;
+  // as two one-head CTAs); four heads (d64): 3 x 64 KB. The row pair, one CTA per SM: d64 12 x 16
+  // KB, d128 6 x 32 KB, again what two one-head CTAs hold.
+  static constexpr int kCtasPerSm = kHeadDim <= 128 && kTeams == 1 ? 2 : 1;
+  static constexpr int kStages = kRowBlocks > 1 ? (kHeadDim <= 64 ? 12 : 6) : kHeadDim <= 64 && kHeads <= 2 ? 6 : 3;
+  static constexpr int kBarrierBytes = kStages <= 8 ? 256 : 512;
   static constexpr int kAlign = 1024;  // the 128-byte swizzle repeats every 8 rows of 128 bytes
   static constexpr int kQHeadElems = kDecodeRows * kHeadDim;
-  static constexpr int kQBytes = kHeads * kQHeadElems * 2;
+  static constexpr int kQBytes = kTeams * kQHeadElems * 2;
   static constexpr int kPipeBytes = kStages * kStageBytes;
-  /// Each head's warps merge in their own part of the stages (decode_merge_warps).
+  /// Each team's warps merge in their own part of the stages (decode_merge_warps).
   static constexpr int kMergeFloats = decode_merge_bytes<kHeadDim>() / 4;
-  static constexpr int kMergeBytes = kHeads * kMergeFloats * 4;
+  static constexpr int kMergeBytes = kTeams * kMergeFloats * 4;
   static constexpr int kSmemBytes = kBarrierBytes + kAlign + kQBytes + (kPipeBytes > kMergeBytes ? kPipeBytes : kMergeBytes);
   // Cluster merge (decode_cluster_merge): the first CTA of a cluster receives every split's
   // partial state of each of its heads into a slot of its shared memory: 16 floats of row LSEs,
   // then [kDecodeRows][kHeadDim] values. Where one head's slots fit after the rest of the shared
   // memory (kClusterSlots), a launch with clusters asks for kSmemBytes + num_splits * kSlotBytes
   // and the splits store into them whenever they are done. Else (the 256 kernel, whose stages take
-  // 192 KB, and the head-pair and head-quad forms, whose stages take 192 KB of a CTA per SM) the
-  // slots reuse the first CTA's stages once it has streamed its tiles and merged its warps: slot
-  // split x kHeads + head is the (split x kHeads + head)-th from the end of the stages, clear of
-  // the heads' warp-merge scratch at their start for split 0, the first CTA's own
+  // 192 KB, and the head-pair, head-quad and row-pair forms, whose stages take 192 KB of a CTA per
+  // SM) the slots reuse the first CTA's stages once it has streamed its tiles and merged its warps:
+  // slot split x kTeams + team is the (split x kTeams + team)-th from the end of the stages, clear
+  // of the teams' warp-merge scratch at their start for split 0, the first CTA's own
   // (stage_slot_floats).
   static constexpr int kSlotLseFloats = 16;
   static constexpr int kSlotFloats = kSlotLseFloats + kDecodeRows * kHeadDim;
   static constexpr int kSlotBytes = kSlotFloats * 4;
   static constexpr bool kClusterSlots =
-      kHeads == 1 && kSmemBytes + kMaxClusterSplits * kSlotBytes <= kDecodeSm90MaxSmemBytes;
+      kTeams == 1 && kSmemBytes + kMaxClusterSplits * kSlotBytes <= kDecodeSm90MaxSmemBytes;
   static constexpr int stage_slot_floats(int s) { return kPipeBytes / 4 - (s + 1) * kSlotFloats; }
-  static_assert(kClusterSlots || (kMaxClusterSplits * kHeads * kSlotBytes <= kPipeBytes &&
-                                  stage_slot_floats(kHeads - 1) * 4 >= kMergeBytes),
+  static_assert(kClusterSlots || (kMaxClusterSplits * kTeams * kSlotBytes <= kPipeBytes &&
+                                  stage_slot_floats(kTeams - 1) * 4 >= kMergeBytes),
                 "the slots fit in the stages, the first CTA's own clear of the warp-merge scratch");
-  static_assert(kClusterSlots || stage_slot_floats(kMaxClusterSplits * kHeads - 1) >=
-                                     (kHeads - 1) * kMergeFloats + (kMaxClusterSplits + 1) * kDecodeRows,
-                "every slot clear of each head's decode_cluster_merge scratch");
+  static_assert(kClusterSlots || stage_slot_floats(kMaxClusterSplits * kTeams - 1) >=
+                                     (kTeams - 1) * kMergeFloats + (kMaxClusterSplits + 1) * kDecodeRows,
+                "every slot clear of each team's decode_cluster_merge scratch");
   static_assert(kDecodeRows <= kSlotLseFloats && kSmemBytes % 16 == 0, "slots are 16-byte aligned");
-  static_assert(4 * kStages * 8 <= kBarrierBytes, "barriers fit their region");
+  static_assert(4 * kStages * 8 <= kBarrierBytes && kBarrierBytes % 256 == 0, "barriers fit their region");
   static_assert(kQBytes % kAlign == 0, "stages start on a swizzle atom");
   static_assert(kCtasPerSm * (kSmemBytes + 1024) <= 228 * 1024, "the CTAs per SM fit its shared memory");
   static_assert(kHeads == 1 || (kHeads == kDecodeHeadPair && decode_head_pair_head_dim(kHeadDim)) ||
                     (kHeads == kDecodeHeadQuad && kHeadDim == kDecodeHeadQuadHeadDim),
                 "the head-pair form is built for head_dim 64 and 128, the head-quad form for 64");
+  static_assert(kRowBlocks == 1 || (kHeads == 1 && kRowBlocks == kDecodeRowPair && kHeadDim <= kDecodeRowPairMaxHeadDim),
+                "the row-pair form is one head's two row blocks, up to head_dim 128");
   static_assert(kDecodeHeadPairMaxRows == kDecodeNarrowRows, "the host's head-pair row bound is the narrow math's");
 };
 
@@ -371,27 +378,32 @@ __device__ __forceinline__ void decode_cluster_merge(const DecodeParams& p, LseO
 }
 
 /// Grid (num_splits, heads_kv * row blocks, batch) for one head per CTA; (num_splits, heads_kv / 2,
-/// batch) for the head-pair form (kHeads = 2: one row block, at most 8 packed rows).
-template <int kHeadDim, Dtype kDtype, int kHeads>
-__global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
-                                  DecodeSm90Config<kHeadDim, kHeads>::kCtasPerSm)
+/// batch) for the head-pair form (kHeads = 2: one row block, at most 8 packed rows); (num_splits,
+/// heads_kv * ceil(row blocks / 2), batch) for the row pair (kRowBlocks = 2).
+template <int kHeadDim, Dtype kDtype, int kHeads, int kRowBlocks>
+__global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads, kRowBlocks>::kThreads,
+                                  DecodeSm90Config<kHeadDim, kHeads, kRowBlocks>::kCtasPerSm)
     decode_kernel_sm90(const __grid_constant__ DecodeTmaParams tp) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  using Cfg = DecodeSm90Config<kHeadDim, kHeads>;
+  using Cfg = DecodeSm90Config<kHeadDim, kHeads, kRowBlocks>;
   using namespace cuda_detail;
   constexpr int BN = Cfg::kBlockN, S = Cfg::kStages;
-  constexpr int kConsumerWarps = kHeads * kDecodeWarps;
+  constexpr int kTeams = Cfg::kTeams;
+  constexpr int kConsumerWarps = kTeams * kDecodeWarps;
   const DecodeParams& p = tp.p;
 
-  // A split plan runs only the per-head form (kHeads 1: decode_kv_heads_per_cta).
+  // A split plan runs only the per-head forms (kHeads 1: decode_kv_heads_per_cta).
   const DecodeWork work = resolve_decode_work(p);
   const int split = work.split, b = work.valid ? work.b : 0;  // b's loads need not wait for the check
   const int rows_total = p.group * p.seqlen_q;
-  const int m_blocks = kHeads == 1 ? decode_row_blocks(p.group, p.seqlen_q) : 1;
-  // The CTA's first KV head (the boxes' head coordinate); a consumer warp's own head is kvh.
-  const int kvh0 = kHeads == 1 ? work.head_block / m_blocks : work.head_block * kHeads, mb = work.head_block % m_blocks;
+  const int head_ctas = kHeads == 1 ? decode_row_block_ctas(p.group, p.seqlen_q, kRowBlocks) : 1;  // CTAs per KV head
+  // The CTA's first KV head (the boxes' head coordinate) and first row block; a consumer warp's
+  // own head is kvh, its team's row block mb.
+  const int kvh0 = kHeads == 1 ? work.head_block / head_ctas : work.head_block * kHeads;
+  const int mb0 = (kHeads == 1 ? work.head_block % head_ctas : 0) * kRowBlocks;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int head = kHeads > 1 && warp < kConsumerWarps ? warp / kDecodeWarps : 0;  // a consumer warp's head in the CTA
+  const int team = kTeams > 1 && warp < kConsumerWarps ? warp / kDecodeWarps : 0;  // a consumer warp's team in the CTA
+  const int head = team / kRowBlocks, mb = mb0 + team % kRowBlocks;
   const int kvh = kvh0 + head;
   const DecodeSeq seq = resolve_decode_seq(p, b);
   if (!work.valid) {  // a split plan's entry out of range (every thread alike; no cluster)
@@ -408,8 +420,8 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
   std::uint64_t *full_k = bars.full_k, *full_v = bars.full_v, *empty_k = bars.empty_k, *empty_v = bars.empty_v;
   const std::uint32_t raw = smem_u32(smem_raw);
   unsigned char* aligned = smem_raw + ((raw + Cfg::kBarrierBytes + Cfg::kAlign - 1) / Cfg::kAlign * Cfg::kAlign - raw);
-  auto* sQ0 = reinterpret_cast<std::uint16_t*>(aligned);  // [head][Q of kDecodeRows rows]
-  std::uint16_t* sK0 = sQ0 + kHeads * Cfg::kQHeadElems;
+  auto* sQ0 = reinterpret_cast<std::uint16_t*>(aligned);  // [team][Q of kDecodeRows rows]
+  std::uint16_t* sK0 = sQ0 + kTeams * Cfg::kQHeadElems;
   std::uint16_t* sV0 = sK0 + S * Cfg::kStageElems;
 
   if (threadIdx.x == 0) bars.init(kConsumerWarps);
@@ -536,20 +548,20 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
   {
     const auto* gq = static_cast<const std::uint16_t*>(p.q);
     constexpr int kChunks = kHeadDim / 8;
-    for (int idx = threadIdx.x; idx < kHeads * kDecodeRows * kChunks; idx += Cfg::kConsumerThreads) {
-      const int h = idx / (kDecodeRows * kChunks), r = idx / kChunks % kDecodeRows, ch = idx % kChunks;
-      const int pm = mb * kDecodeRows + r;
+    for (int idx = threadIdx.x; idx < kTeams * kDecodeRows * kChunks; idx += Cfg::kConsumerThreads) {
+      const int t = idx / (kDecodeRows * kChunks), r = idx / kChunks % kDecodeRows, ch = idx % kChunks;
+      const int h = t / kRowBlocks, pm = (mb0 + t % kRowBlocks) * kDecodeRows + r;
       const bool ok = pm < rows_total && ch * 8 < p.head_dim;
       const std::int64_t off = ok ? b * p.q_batch_stride + std::int64_t(pm % p.seqlen_q) * p.q_row_stride +
                                         std::int64_t((kvh0 + h) * p.group + pm / p.seqlen_q) * p.q_head_stride + ch * 8
                                   : 0;
-      cuda_prefill::cp_async_16(sQ0 + h * Cfg::kQHeadElems + Cfg::q_offset(r, ch), gq + off, ok);
+      cuda_prefill::cp_async_16(sQ0 + t * Cfg::kQHeadElems + Cfg::q_offset(r, ch), gq + off, ok);
     }
     cute::cp_async_fence();
     cute::cp_async_wait<0>();
     named_barrier_sync(1, Cfg::kConsumerThreads);
   }
-  const std::uint16_t* sQ = sQ0 + head * Cfg::kQHeadElems;
+  const std::uint16_t* sQ = sQ0 + team * Cfg::kQHeadElems;
   // This warp's head in every stage: R * head_dim elements per head within a run (KvLayout).
   const int head_elems = (head * kHeadDim) << tp.box_run_shift;
   const typename Cfg::KvLayout kv{tp.box_run_shift};
@@ -586,15 +598,15 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
     // Every consumer warp has seen every tile land, so no copy is in flight: reuse the stages.
     named_barrier_sync(1, Cfg::kConsumerThreads);
   };
-  // Each head's four warps merge on their own: barrier 1 + head over their 128 threads (barrier 1
+  // Each team's four warps merge on their own: barrier 1 + team over their 128 threads (barrier 1
   // is the whole CTA's consumers' above, all past it by now). Immediate barrier ids: a computed
-  // one makes the compiler reserve all sixteen (and the pair keeps to two).
-  float* merge_smem = reinterpret_cast<float*>(sK0) + head * Cfg::kMergeFloats;
-  const int merge_tid = threadIdx.x - head * kDecodeWarps * 32;
-  const auto consumers_sync = [head] {
-    if (head == 0) cuda_detail::named_barrier_sync(1, kDecodeWarps * 32);
-    else if (kHeads <= 2 || head == 1) cuda_detail::named_barrier_sync(2, kDecodeWarps * 32);
-    else if (head == 2) cuda_detail::named_barrier_sync(3, kDecodeWarps * 32);
+  // one makes the compiler reserve all sixteen (and the pairs keep to two).
+  float* merge_smem = reinterpret_cast<float*>(sK0) + team * Cfg::kMergeFloats;
+  const int merge_tid = threadIdx.x - team * kDecodeWarps * 32;
+  const auto consumers_sync = [team] {
+    if (team == 0) cuda_detail::named_barrier_sync(1, kDecodeWarps * 32);
+    else if (kTeams <= 2 || team == 1) cuda_detail::named_barrier_sync(2, kDecodeWarps * 32);
+    else if (team == 2) cuda_detail::named_barrier_sync(3, kDecodeWarps * 32);
     else cuda_detail::named_barrier_sync(4, kDecodeWarps * 32);
   };
   // The warps' states merged into the output, or into this split's partial state.
@@ -613,13 +625,13 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
     // every CTA merged a share of the values, reading all the others' shared memory between two
     // cluster barriers: ~2.5 us of a 7.7 us batch 1 / 1k step, traced, bench/NOTES.md.)
     if constexpr (!Cfg::kClusterSlots) {
-      // Slots in the first CTA's stages (DecodeSm90Config): every CTA first merges each head's
-      // warps into the head's slot place of split 0 (the first CTA's are its real slots), then
+      // Slots in the first CTA's stages (DecodeSm90Config): every CTA first merges each team's
+      // warps into the team's slot place of split 0 (the first CTA's are its real slots), then
       // arrives on the barrier's second phase; once that completes, the first CTA's stages are
       // free, and every other CTA copies its states into its slots there and arrives on the third
-      // phase, for which the first CTA waits before it merges each head.
+      // phase, for which the first CTA waits before it merges each team.
       float* stages = reinterpret_cast<float*>(sK0);
-      const auto slot_of = [&](int s) { return stages + Cfg::stage_slot_floats(s * kHeads + head); };
+      const auto slot_of = [&](int s) { return stages + Cfg::stage_slot_floats(s * kTeams + team); };
       float* own = slot_of(0);
       decode_merge_warps<kHeadDim>(p, st, merge_smem, mb, merge_tid, consumers_sync,
                                    [&](int r, int c, float4 val, float lse) {
@@ -687,9 +699,9 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
   };
   if constexpr (kHeads > 1) {
     attend_narrow();  // the host takes the head-pair form for at most 8 packed rows
-  } else if (rows_total <= kDecodeNarrowRows) {  // then mb = 0
+  } else if (kRowBlocks == 1 && rows_total <= kDecodeNarrowRows) {  // then mb = 0
     attend_narrow();
-  } else {
+  } else {  // 9-16 packed rows, or the row pair's more than 16 (decode_row_pair_applies)
     DecodeWarpState<kHeadDim> st;
     st.init(p, b, kvh, mb, pad, end, lane / 4);
     stream_tiles(st);
@@ -700,11 +712,12 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads>::kThreads,
 
 /// kHeads = 2: the head-pair form, for what decode_head_pair_fits allows (head_dim 64 or 128,
 /// heads_kv even, at most 8 packed rows); kHeads = 4: the head-quad form (decode_head_quad_fits:
-/// head_dim 64, heads_kv a multiple of 4). Both merge a cluster's splits in its first CTA's stages.
-template <int kHeadDim, Dtype kDtype, int kHeads>
+/// head_dim 64, heads_kv a multiple of 4); kRowBlocks = 2: the row pair (decode_row_pair_applies:
+/// p.row_blocks_per_cta). The three merge a cluster's splits in its first CTA's stages.
+template <int kHeadDim, Dtype kDtype, int kHeads, int kRowBlocks>
 void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
-  using Cfg = DecodeSm90Config<kHeadDim, kHeads>;
-  auto* kernel = &decode_kernel_sm90<kHeadDim, kDtype, kHeads>;
+  using Cfg = DecodeSm90Config<kHeadDim, kHeads, kRowBlocks>;
+  auto* kernel = &decode_kernel_sm90<kHeadDim, kDtype, kHeads, kRowBlocks>;
   constexpr int kMaxSmem = Cfg::kSmemBytes + (Cfg::kClusterSlots ? kMaxClusterSplits * Cfg::kSlotBytes : 0);
   static const cudaError_t attr_status =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem);
@@ -714,7 +727,10 @@ void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
     throw Error("decode: the head-pair or head-quad kernel got a shape it does not take (an internal planning error)");
   if (kHeads > 1 && p.split_plan)
     throw Error("decode: the head-pair or head-quad kernel got a split plan (an internal planning error)");
-  const dim3 grid = decode_head_grid(p, kHeads == 1 ? p.heads_kv * m_blocks : p.heads_kv / kHeads);
+  if (p.row_blocks_per_cta != kRowBlocks)
+    throw Error("decode: the sm_90 kernel got a row-block count it was not built for (an internal planning error)");
+  const int head_ctas = decode_row_block_ctas(p.group, p.seqlen_q, kRowBlocks);
+  const dim3 grid = decode_head_grid(p, kHeads == 1 ? p.heads_kv * head_ctas : p.heads_kv / kHeads);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
   DecodeTmaParams tp;
   tp.p = p;
@@ -745,12 +761,15 @@ void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
 
 
 #define FASTATTN_INSTANTIATE_DECODE_SM90(D, T) \
-  template void launch_decode_sm90<D, T, 1>(const DecodeParams&, cudaStream_t);
+  template void launch_decode_sm90<D, T, 1, 1>(const DecodeParams&, cudaStream_t);
 /// The head-pair form (head_dim 64 and 128: decode_head_pair_head_dim).
 #define FASTATTN_INSTANTIATE_DECODE_SM90_HEAD_PAIR(D, T) \
-  template void launch_decode_sm90<D, T, kDecodeHeadPair>(const DecodeParams&, cudaStream_t);
+  template void launch_decode_sm90<D, T, kDecodeHeadPair, 1>(const DecodeParams&, cudaStream_t);
 /// The head-quad form (head_dim 64).
 #define FASTATTN_INSTANTIATE_DECODE_SM90_HEAD_QUAD(T) \
-  template void launch_decode_sm90<kDecodeHeadQuadHeadDim, T, kDecodeHeadQuad>(const DecodeParams&, cudaStream_t);
+  template void launch_decode_sm90<kDecodeHeadQuadHeadDim, T, kDecodeHeadQuad, 1>(const DecodeParams&, cudaStream_t);
+/// The row-pair form (head_dim 64 and 128: kDecodeRowPairMaxHeadDim).
+#define FASTATTN_INSTANTIATE_DECODE_SM90_ROW_PAIR(D, T) \
+  template void launch_decode_sm90<D, T, 1, kDecodeRowPair>(const DecodeParams&, cudaStream_t);
 
 }  // namespace fastattn::cuda_decode

@@ -27,7 +27,7 @@ namespace fastattn::cuda_decode {
 
 template <int kHeadDim, Dtype kDtype>
 void launch_decode(const DecodeParams& p, cudaStream_t stream);
-template <int kHeadDim, Dtype kDtype, int kHeads>
+template <int kHeadDim, Dtype kDtype, int kHeads, int kRowBlocks>
 void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream);
 template <Dtype kDtype>
 void launch_decode_sm90_head_group(const DecodeParams& p, cudaStream_t stream);
@@ -265,14 +265,17 @@ void run_for_dtype(const DecodeParams& p, cudaStream_t stream) {
   if (p.head_group) {
     launch_decode_sm90_head_group<kDtype>(attn, stream);
   } else if (p.kv_heads_per_cta == kDecodeHeadQuad) {  // head_dim 64 (decode_head_quad_fits)
-    launch_decode_sm90<kDecodeHeadQuadHeadDim, kDtype, kDecodeHeadQuad>(attn, stream);
+    launch_decode_sm90<kDecodeHeadQuadHeadDim, kDtype, kDecodeHeadQuad, 1>(attn, stream);
   } else if (p.kv_heads_per_cta == kDecodeHeadPair) {  // head_dim 64 or 128 (decode_head_pair_fits)
-    if (p.head_dim == 64) launch_decode_sm90<64, kDtype, kDecodeHeadPair>(attn, stream);
-    else launch_decode_sm90<128, kDtype, kDecodeHeadPair>(attn, stream);
+    if (p.head_dim == 64) launch_decode_sm90<64, kDtype, kDecodeHeadPair, 1>(attn, stream);
+    else launch_decode_sm90<128, kDtype, kDecodeHeadPair, 1>(attn, stream);
+  } else if (p.row_blocks_per_cta == kDecodeRowPair) {  // head_dim <= 128 (decode_row_pair_applies)
+    if (p.head_dim <= 64) launch_decode_sm90<64, kDtype, 1, kDecodeRowPair>(attn, stream);
+    else launch_decode_sm90<128, kDtype, 1, kDecodeRowPair>(attn, stream);
   } else if (p.sm90_kernel) {
-    if (p.head_dim <= 64) launch_decode_sm90<64, kDtype, 1>(attn, stream);
-    else if (p.head_dim <= 128) launch_decode_sm90<128, kDtype, 1>(attn, stream);
-    else launch_decode_sm90<256, kDtype, 1>(attn, stream);
+    if (p.head_dim <= 64) launch_decode_sm90<64, kDtype, 1, 1>(attn, stream);
+    else if (p.head_dim <= 128) launch_decode_sm90<128, kDtype, 1, 1>(attn, stream);
+    else launch_decode_sm90<256, kDtype, 1, 1>(attn, stream);
   } else {
     if (p.head_dim <= 64) launch_decode<64, kDtype>(attn, stream);
     else if (p.head_dim <= 128) launch_decode<128, kDtype>(attn, stream);
@@ -324,6 +327,7 @@ void run_decode(const DecodeParams& params, void* stream_ptr) {
   p.sm90_kernel = !cache_empty && use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size);
   if (!p.sm90_kernel) p.head_group = 0;
   if (!p.sm90_kernel) p.kv_heads_per_cta = 1;
+  p.row_blocks_per_cta = decode_row_pair_applies(p, p.sm90_kernel) ? kDecodeRowPair : 1;
   p.dependent_launch = info.cc_major >= 9;  // sm_90: programmatic dependent launch
   p.sm_count = info.sm_count;
   // A few splits merge inside their cluster: no combine kernel (its launch and round trips were
@@ -338,8 +342,8 @@ void run_decode(const DecodeParams& params, void* stream_ptr) {
   // cluster merge, which that split count no longer takes. The per-head kernel also takes 3 in
   // clusters of 3 on one CTA per SM (decode_one_per_sm_cluster_splits). Not for a num_splits the
   // caller fixed (see DecodeParams::splits_fixed). FASTATTN_DECODE_CLUSTER=0 keeps the combine kernel.
-  const std::int64_t ctas =
-      p.num_splits * head_block_ctas(p, p.kv_heads_per_cta) * decode_row_blocks(p.group, p.seqlen_q);
+  const std::int64_t ctas = p.num_splits * head_block_ctas(p, p.kv_heads_per_cta) *
+                            decode_row_block_ctas(p.group, p.seqlen_q, p.row_blocks_per_cta);
   p.cluster_combine = !p.splits_fixed && !p.head_group &&
                       decode_cluster_merge_applies(p.sm90_kernel, p.num_splits, ctas, info.sm_count,
                                                    decode_one_per_sm_cluster_splits(p));

@@ -151,6 +151,11 @@ struct DecodeParams {
   int quarter_min_slots = 0;
   float* partial_o = nullptr;
   float* partial_lse = nullptr;
+  /// Set by run_decode (decode_row_pair_applies): row blocks of 16 packed query rows per CTA of the
+  /// per-head sm_90 kernel, 1 or kDecodeRowPair (the row-pair form); the grid has
+  /// decode_row_block_ctas CTAs per (split, b, KV head). Last, so that adding it moved no field the
+  /// other kernels read (their code stays as it was).
+  int row_blocks_per_cta = 1;
 };
 
 /// A split plan's work item: b + kSplitPlanSplitUnit * split (core::kSplitPlanSplitUnit).
@@ -205,6 +210,29 @@ constexpr int decode_row_blocks(int group, int seqlen_q) {
 constexpr int decode_block_rows(int rows, int mb) {
   const int left = rows - mb * kDecodeRowsPerCta;
   return left < kDecodeRowsPerCta ? left : kDecodeRowsPerCta;
+}
+
+/// The sm_90 kernel's row-pair form: one CTA (one per SM) takes two row blocks of a KV head, two
+/// groups of four consumer warps over the same tiles, so the head's keys are read once for 32 rows
+/// instead of once per 16 (decode_kernel_sm90.cuh). Built up to head_dim kDecodeRowPairMaxHeadDim
+/// (at 256 the cluster slots would not fit its stages).
+constexpr int kDecodeRowPair = 2;
+constexpr int kDecodeRowPairMaxHeadDim = 128;
+
+/// Whether a call of p's shape runs the row pair: the per-head sm_90 kernel (no head group or
+/// head pair / quad), head_dim <= kDecodeRowPairMaxHeadDim and more than one row block (group x
+/// seqlen_q > 16), unless FASTATTN_DECODE_ROW_PAIR is "0". Each row block's results are bitwise the
+/// per-head kernel's for the same splits, so the choice needs no rule on the batch.
+inline bool decode_row_pair_applies(const DecodeParams& p, bool sm90_kernel) {
+  const char* env = std::getenv("FASTATTN_DECODE_ROW_PAIR");
+  if (env && std::strcmp(env, "0") == 0) return false;
+  return sm90_kernel && p.head_group == 0 && p.kv_heads_per_cta == 1 && p.head_dim <= kDecodeRowPairMaxHeadDim &&
+         decode_row_blocks(p.group, p.seqlen_q) > 1;
+}
+
+/// CTAs per (split, b, KV head) of the per-head kernels with `row_blocks_per_cta` row blocks a CTA.
+constexpr int decode_row_block_ctas(int group, int seqlen_q, int row_blocks_per_cta) {
+  return (decode_row_blocks(group, seqlen_q) + row_blocks_per_cta - 1) / row_blocks_per_cta;
 }
 
 /// CTAs per split and row block of a form whose CTA takes `heads` KV heads of one sequence:
