@@ -181,6 +181,7 @@ bool split_counts(const char* op, const Lengths& l, const std::int64_t* lengths,
 
 DecodeSplitRule decode_split_rule_for_head_dim(int head_dim) {
   DecodeSplitRule rule;
+  if (head_dim > 128) rule.rows_per_cta = 16;  // no row pair there (kDecodeRowPairMaxHeadDim)
   if (head_dim == 64 || head_dim == 256) rule.plan_tail_weight = 0.10;
   return rule;
 }
@@ -300,14 +301,15 @@ std::vector<std::int32_t> fixed_split_counts(const char* op, const std::vector<s
 }
 
 /// The KV heads the split rules weigh for a plan: each KV head's group x q_len query rows take
-/// ceil(rows / kPlanRowsPerCta) CTAs, and each streams the head's keys.
+/// ceil(rows / rule.rows_per_cta) CTAs, and each streams the head's keys.
 int weighed_kv_heads(const char* op, const PagedDecodePlanOptions& o) {
   if (o.q_len < 1) fail(op, "q_len (q_len_per_req) must be >= 1, got " + std::to_string(o.q_len));
   if (o.num_qo_heads < 0 || (o.num_qo_heads > 0 && o.num_kv_heads > 0 && o.num_qo_heads % o.num_kv_heads != 0))
     fail(op, "num_qo_heads must be 0 or a multiple of num_kv_heads = " + std::to_string(o.num_kv_heads) + ", got " +
                  std::to_string(o.num_qo_heads));
   const std::int64_t group = o.num_qo_heads > 0 && o.num_kv_heads > 0 ? o.num_qo_heads / o.num_kv_heads : 1;
-  const std::int64_t heads = std::int64_t(o.num_kv_heads) * ceil_div(group * o.q_len, kPlanRowsPerCta);
+  if (o.rule.rows_per_cta < 1) fail(op, "rule.rows_per_cta must be >= 1, got " + std::to_string(o.rule.rows_per_cta));
+  const std::int64_t heads = std::int64_t(o.num_kv_heads) * ceil_div(group * o.q_len, o.rule.rows_per_cta);
   return heads > INT_MAX ? INT_MAX : static_cast<int>(heads);
 }
 
