@@ -7,7 +7,9 @@ ids in the block table, empty caches, decode through flash_attn_varlen_func with
 split plans (a count per sequence, one padded with -1 items, and one with entries out of range), CSR
 page lists (with the max_cache_seqlen hint), csr_to_block_table over lists in and out of range, and
 three calls each through the sm_90 head-group kernel and the sm_90 kernel's head-pair form (at
-head_dim 128 and 64) and head-quad form, and attention sinks on each place that folds them.
+head_dim 128 and 64) and head-quad form, the row pair (more than 16 packed rows a KV head: clusters,
+fixed splits, a team with no rows, head_dim 64) and the 16-row CTAs it replaces, and attention sinks on
+each place that folds them.
 Each call runs twice into NaN-poisoned buffers and, unless --no-check, is compared with the float64
 reference and the caches are checked (as tests/gpu/test_kvcache_gpu.py does). No guard memory
 around the caches here, so that memcheck sees each cache's own allocation bounds.
@@ -39,8 +41,8 @@ def sinks(rng, check, dtype, cfg):
     T.run_sinks_case(T.build_case(rng, dtype, cfg), check)
 
 
-def bad_page_ids(rng, check, where, heads_kv=2, head_dim=128):
-    T.out_of_range_page_ids(rng, where, check, heads_kv=heads_kv, head_dim=head_dim)
+def bad_page_ids(rng, check, where, heads_kv=2, head_dim=128, heads_q=None):
+    T.out_of_range_page_ids(rng, where, check, heads_kv=heads_kv, head_dim=head_dim, heads_q=heads_q)
 
 
 def csr_lists(rng, check):
@@ -81,6 +83,7 @@ head_pair = with_switches(T.KERNEL_SWITCHES["head_pair"])    # the sm_90 kernel'
 head_pair_d64 = with_switches(T.KERNEL_SWITCHES["head_pair_d64"])  # ... at head_dim 64
 head_quad = with_switches(T.KERNEL_SWITCHES["head_quad"])    # its head-quad form (head_dim 64)
 unclustered = with_switches({"FASTATTN_DECODE_CLUSTER": "0"})  # splits merged by the combine kernel
+per_head_row_blocks = with_switches(T.ROW_PAIR_SWITCHES["per_head_row_blocks"])  # no row pair: 16 rows a CTA
 
 
 def varlen_decode(rng, check, dtype, page_size):
@@ -158,6 +161,16 @@ def cases():
         yield f"{form}: contiguous, ragged long", run, (kvcache, F16, dict(
             B=2, Hq=32, Hkv=max(8, hkv), D=d, lens=[7999, 3000], cache_len=8000))
         yield f"{form}: out-of-range page ids (reads)", run, (bad_page_ids, "read_pages", hkv, d)
+    # the sm_90 kernel's row pair (the default for more than 16 packed rows a KV head at head_dim <= 128)
+    rp = T.ROW_PAIR_CONFIGS
+    yield "row pair: cluster merge, batch 1, 32 rows, paged 16", kvcache, (B16, rp["heuristic_batch1_paged16"])
+    yield "row pair: 40 rows (a team with none), paged 8", kvcache, (F16, rp["rows40_causal_paged8"])
+    yield "row pair: d64, 64 rows, 3 splits, paged 16", kvcache, (B16, rp["d64_rows64_splits3_paged16"])
+    yield "row pair: everything paged 16, 3 splits", kvcache, (B16, rp["everything_paged16"])
+    yield "row pair: out-of-range page ids (reads), 24 rows", bad_page_ids, ("read_pages", 2, 128, 48)
+    yield "row pair: sinks, cluster merge", sinks, (B16, rp["heuristic_batch1_paged16"])
+    yield "per-head row blocks (no row pair): 32 rows, paged 16", per_head_row_blocks, (
+        kvcache, B16, rp["rows32_causal_paged16"])
     # attention sinks, folded where a row is finished: one split, the cluster merge, the combine
     # kernel, a split plan, and each head-group form's per-column fold
     yield "sinks: one split, paged 16", sinks, (B16, dict(page=16, lens="ragged", Snew=0))

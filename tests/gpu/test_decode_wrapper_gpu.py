@@ -758,10 +758,12 @@ def multi_row_lengths(rng, batch, q_len, long_len, n_long, short_max=600):
     return lens
 
 
-def weighed_kv_heads(hq, hkv, q_len):
+def weighed_kv_heads(hq, hkv, q_len, d):
     """The KV heads plan()'s split rules weigh (include/fastattn/decode_plan.h): each KV head's
-    group x q_len query rows take ceil(rows / 16) CTAs of the decode kernels."""
-    return hkv * -(-(hq // hkv) * q_len // 16)
+    group x q_len query rows take ceil(rows / R) CTAs of the decode kernels, R = 32 (the row pair)
+    up to head_dim 128, 16 above (DecodeSplitRule::rows_per_cta)."""
+    rows_per_cta = 32 if d <= 128 else 16
+    return hkv * -(-(hq // hkv) * q_len // rows_per_cta)
 
 
 MULTI_ROW_CONFIGS = [  # page_size, hq, hkv, d, layout
@@ -790,7 +792,7 @@ def test_multi_row_ragged(seed, dtype, q_len, page_size, hq, hkv, d, layout):
     assert w.num_splits is None and counts is not None and counts.max() > 1, \
         f"a long-among-short batch at q_len_per_req={q_len} planned {counts}"
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    want = fastattn.decode_split_counts_for_lengths(lens, weighed_kv_heads(hq, hkv, q_len), sms, head_dim=d)
+    want = fastattn.decode_split_counts_for_lengths(lens, weighed_kv_heads(hq, hkv, q_len, d), sms, head_dim=d)
     assert want is not None and counts.tolist() == want.tolist()
     b.check(w)
     if q_len == 4:

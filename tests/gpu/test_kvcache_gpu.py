@@ -887,8 +887,16 @@ KERNEL_SWITCHES = {
 KERNEL_HEAD_DIM = {"head_pair_d64": 64, "head_quad": 64, "head_quad_unclustered": 64, "head_group_wide_d64": 64}
 
 
+# The sm_90 kernel's row pair (README "GPU decode"): one CTA takes two 16-row blocks of a KV head where
+# it has more than 16 packed query rows, at head_dim <= 128; FASTATTN_DECODE_ROW_PAIR=0 keeps one CTA
+# per row block (per_head_row_blocks). Not in KERNEL_SWITCHES: the tests that walk those give every
+# kernel shapes of at most 16 rows a KV head.
+ROW_PAIR_SWITCHES = {"row_pair": {}, "per_head_row_blocks": {"FASTATTN_DECODE_ROW_PAIR": "0"}}
+FORM_SWITCHES = dict(KERNEL_SWITCHES, **ROW_PAIR_SWITCHES)
+
+
 def use_kernel(monkeypatch, kernel):
-    for name, value in KERNEL_SWITCHES[kernel].items():
+    for name, value in FORM_SWITCHES[kernel].items():
         monkeypatch.setenv(name, value)
 
 
@@ -985,10 +993,49 @@ HEAD_GROUP_ROWS_CONFIGS = {
 }
 
 
+# Shapes of more than 16 packed query rows a KV head (group x Sq), the row pair's and, with the switch,
+# the per-head kernel's 16-row CTAs': 17 rows (the second block one row), 24, 32, 40 (three blocks: the
+# second pair CTA has one team with no rows), 64 and 256, at head_dim 128, 96 (the 128 kernel padded)
+# and 64, every page size the sm_90 kernel takes, with splits fixed (1, 3, 64, the combine kernel),
+# the heuristic's (merged in clusters at these small grids) and split plans, and every option; and
+# head_dim 256, which the row pair does not take.
+ROW_PAIR_CONFIGS = {
+    "rows17": dict(Hq=34, Hkv=2),
+    "rows24_window": dict(Sq=6, Snew=6, opt="window"),
+    "rows32_causal_paged16": dict(Hq=32, Hkv=8, Sq=8, Snew=8, page=16, opt="causal"),
+    "rows40_causal_paged8": dict(Hq=8, Hkv=1, Sq=5, Snew=5, page=8, opt="causal"),
+    "rows64_splits3_leftpad_batch_idx": dict(Hq=16, Hkv=2, Sq=8, Snew=8, splits=3, leftpad=True, batch_idx=True,
+                                             cache_len=3000, opt="causal"),
+    "rows32_splits64_paged64": dict(Hq=16, Hkv=2, Sq=4, Snew=4, splits=64, page=64, opt="causal"),
+    "rows256_one_split_paged256_full": dict(Hq=16, Hkv=1, Sq=16, Snew=16, splits=1, page=256, table="full",
+                                            opt="causal+softcap"),
+    "rows32_alibi_softcap_paged32": dict(Hq=16, Hkv=2, Sq=4, Snew=4, page=32, opt="causal+alibi+softcap"),
+    "rows32_sliding_window": dict(Hq=32, Hkv=8, Sq=4, Snew=4, opt="wleft"),
+    "rows32_strided_paged16": dict(Hq=16, Hkv=2, Sq=4, Snew=4, strided=True, page=16, leftpad=True, opt="alibi"),
+    "everything_paged16": dict(Hq=16, Hkv=2, Sq=4, Snew=4, page=16, rotary="interleaved", rotary_frac=0.5,
+                               batch_idx=True, leftpad=True, opt=ALL, splits=3),
+    "everything_contiguous_neox": dict(Sq=6, Snew=6, rotary="neox", batch_idx=True, leftpad=True, opt=ALL),
+    "heuristic_long": dict(B=2, Hq=32, Hkv=8, Sq=8, Snew=8, lens=[7990, 5000], cache_len=8000, opt="causal"),
+    "heuristic_batch1_paged16": dict(B=1, Hq=32, Hkv=8, Sq=8, Snew=0, lens=[4000], cache_len=4096, page=16,
+                                     opt="causal"),
+    "plan_random_paged16": dict(Hq=16, Hkv=2, Sq=4, Snew=4, page=16, plan="random", plan_padding=2,
+                                cache_len=2000, opt="causal"),
+    "empty_paged16": dict(Hq=16, Hkv=2, Sq=4, lens="zeros", Snew=0, page=16, empty=True),
+    "first_tokens_paged16_rotary": dict(Hq=16, Hkv=2, Sq=4, Snew=4, lens="zeros", page=16, rotary="neox",
+                                        opt="causal"),
+    "d96_rows32": dict(Hq=16, Hkv=2, Sq=4, Snew=4, D=96, opt="causal"),
+    "d64_rows24": dict(Sq=6, Snew=6, D=64, opt="causal"),
+    "d64_rows64_splits3_paged16": dict(Hq=16, Hkv=2, Sq=8, Snew=8, D=64, page=16, splits=3, opt="causal"),
+    "d64_heuristic_batch1": dict(B=1, Hq=32, Hkv=4, Sq=4, Snew=4, D=64, lens=[3000], cache_len=3072, opt="causal"),
+    "d256_not_taken": dict(Hq=16, Hkv=2, Sq=4, Snew=4, D=256, opt="causal"),
+}
+
+
 KERNEL_FORM_CONFIGS = {"head_group": HEAD_GROUP_CONFIGS, "head_group_wide": HEAD_GROUP_WIDE_CONFIGS,
                        "head_group_wide_d64": HEAD_GROUP_WIDE_D64_CONFIGS, "head_group_rows": HEAD_GROUP_ROWS_CONFIGS,
                        "head_pair": HEAD_PAIR_CONFIGS, "head_pair_d64": HEAD_PAIR_D64_CONFIGS,
-                       "head_quad": HEAD_QUAD_CONFIGS}
+                       "head_quad": HEAD_QUAD_CONFIGS, "row_pair": ROW_PAIR_CONFIGS,
+                       "per_head_row_blocks": ROW_PAIR_CONFIGS}
 KERNEL_FORM_CASES = [(kernel, name) for kernel, configs in KERNEL_FORM_CONFIGS.items() for name in configs]
 
 
@@ -997,8 +1044,9 @@ KERNEL_FORM_CASES = [(kernel, name) for kernel, configs in KERNEL_FORM_CONFIGS.i
 def test_sm90_kernel_form(seed, dtype, kernel, config, monkeypatch):
     """The head-group kernel (FASTATTN_DECODE_HEAD_GROUP=1), its wide form (=8), its token-row form
     (=32), the head-pair form (FASTATTN_DECODE_HEAD_PAIR=1, head_dim 128 and 64) and the head-quad
-    form (FASTATTN_DECODE_HEAD_QUAD=1) against the float32 reference, with the cache, out= and
-    repeat checks of run_case. On other GPUs the call takes the other kernels."""
+    form (FASTATTN_DECODE_HEAD_QUAD=1), and the row pair and the 16-row CTAs it replaces
+    (FASTATTN_DECODE_ROW_PAIR=0) against the float32 reference, with the cache, out= and repeat checks
+    of run_case. On other GPUs the call takes the other kernels."""
     use_kernel(monkeypatch, kernel)
     case = build_case(seed, dtype, KERNEL_FORM_CONFIGS[kernel][config])
     out, lse, _ = run_case(case)
@@ -1006,11 +1054,41 @@ def test_sm90_kernel_form(seed, dtype, kernel, config, monkeypatch):
         assert bool((out == 0).all()) and bool(torch.isneginf(lse).all())
 
 
+# Split counts the caller fixes (one, three and 64, merged by the combine kernel) and split plans: the
+# row pair's answer is the per-head kernel's bit for bit (each team runs a 16-row CTA's math and merge).
+ROW_PAIR_BITWISE_CONFIGS = {name: ROW_PAIR_CONFIGS[name] for name in (
+    "rows17", "rows40_causal_paged8", "rows64_splits3_leftpad_batch_idx", "rows32_splits64_paged64",
+    "rows256_one_split_paged256_full", "everything_paged16", "plan_random_paged16", "d64_rows64_splits3_paged16")}
+ROW_PAIR_BITWISE_CONFIGS = {name: dict(cfg, splits=cfg.get("splits") or 2) if cfg.get("plan") is None else cfg
+                            for name, cfg in ROW_PAIR_BITWISE_CONFIGS.items()}
+
+
+@pytest.mark.parametrize("config", list(ROW_PAIR_BITWISE_CONFIGS))
+def test_row_pair_is_bitwise_the_per_head_kernel(seed, config, monkeypatch):
+    """With the splits fixed (num_splits > 0 or a split plan), the row pair (the default for more
+    than 16 packed rows at head_dim <= 128) and one CTA per row block (FASTATTN_DECODE_ROW_PAIR=0)
+    give the same bits, and both match the float32 reference. On sm_90 the profiler shows which ran:
+    decode_kernel_sm90<D, dtype, 1, 2> for the row pair, <D, dtype, 1, 1> with the switch."""
+    case = build_case(seed, torch.bfloat16, ROW_PAIR_BITWISE_CONFIGS[config])
+    outs = outputs_per_switch(case, monkeypatch, "FASTATTN_DECODE_ROW_PAIR", ("0", None), checked=("0", None))
+    R.assert_bitwise_equal("out", outs[None][0], outs["0"][0])
+    R.assert_bitwise_equal("softmax_lse", outs[None][1], outs["0"][1])
+    if torch.cuda.get_device_capability() != (9, 0):
+        return
+    for value, row_blocks in ((None, 2), ("0", 1)):
+        if value is None:
+            monkeypatch.delenv("FASTATTN_DECODE_ROW_PAIR", raising=False)
+        else:
+            monkeypatch.setenv("FASTATTN_DECODE_ROW_PAIR", value)
+        names = [n for n in _fastattn_kernels(lambda: kvcache_call(case, case.make_out())) if "decode_kernel_sm90<" in n]
+        assert len(names) == 1 and names[0].replace(" ", "").split(">")[0].endswith(f",1,{row_blocks}"), (value, names)
+
+
 # Attention sinks (sinks=) are folded into a row where it is finished: in every kernel form's
 # one-split stores and the cluster merge's (decode_store_output4_at), and in the combine kernel.
 # Every configuration of the per-head kernel, with and without clusters (the combine kernel), and
 # of each kernel form.
-SINKS_SWITCHES = dict(KERNEL_SWITCHES, per_head_unclustered={"FASTATTN_DECODE_CLUSTER": "0"})
+SINKS_SWITCHES = dict(FORM_SWITCHES, per_head_unclustered={"FASTATTN_DECODE_CLUSTER": "0"})
 SINKS_CASES = [(kernel, name) for kernel in ("per_head", "per_head_unclustered") for name in CONFIGS] + \
     KERNEL_FORM_CASES
 
@@ -1478,7 +1556,7 @@ def test_repeated_decode_steps(seed):
 # ---- out-of-range page ids, caches of > 2^31 elements ---------------------------------------------
 
 
-def out_of_range_page_ids(rng, where, check=True, heads_kv=2, head_dim=128):
+def out_of_range_page_ids(rng, where, check=True, heads_kv=2, head_dim=128, heads_q=None):
     """Page ids outside [0, num_pages) in the block table (negative, num_pages, 10^6, INT32_MIN /
     INT32_MAX): nothing validates them on the host (no sync); the kernels must not fault or touch
     memory outside the caches. where="read_pages": bad ids only in pages that are read (slots before
@@ -1486,8 +1564,9 @@ def out_of_range_page_ids(rng, where, check=True, heads_kv=2, head_dim=128):
     (such a slot does not exist, so nothing may be written for it: DecodeParams' rule that bad page
     ids are neither read nor written). Sequence 2's table is valid: its output must be right. The
     other sequences' outputs are unspecified (only finite). heads_kv=4 (with 8 query heads) fits
-    the head-group kernel. Shared with sanitize_decode.py."""
-    case = build_case(rng, torch.bfloat16, dict(B=3, Hq=max(8, heads_kv), Hkv=heads_kv, D=head_dim, page=16,
+    the head-group kernel; heads_q (default max(8, heads_kv)) sets the packed rows. Shared with
+    sanitize_decode.py."""
+    case = build_case(rng, torch.bfloat16, dict(B=3, Hq=heads_q or max(8, heads_kv), Hkv=heads_kv, D=head_dim, page=16,
                                                 cache_len=256, lens=[100, 40, 200]))
     num_pages = case.kc.shape[0]
     bad = [list(row) for row in case.table]
@@ -1528,14 +1607,17 @@ def out_of_range_page_ids(rng, where, check=True, heads_kv=2, head_dim=128):
 # the head-pair form: 2), and their head_dim (KERNEL_HEAD_DIM).
 KERNEL_HEADS_KV = {"head_group": 4, "head_group_wide": 8, "head_group_wide_d64": 8, "head_group_rows": 32,
                    "head_quad": 4, "head_quad_unclustered": 4}
+# Query heads where the default (max(16, heads_kv) or max(8, heads_kv)) would not give the form its
+# shape: the row pair's 24 packed rows a KV head at one query row.
+KERNEL_HEADS_Q = {"row_pair": 48, "per_head_row_blocks": 48}
 
 
-@pytest.mark.parametrize("kernel", list(KERNEL_SWITCHES))
+@pytest.mark.parametrize("kernel", list(FORM_SWITCHES))
 @pytest.mark.parametrize("where", ["read_pages", "append_page"])
 def test_out_of_range_page_ids(seed, where, kernel, monkeypatch):
     use_kernel(monkeypatch, kernel)
     out_of_range_page_ids(seed, where, heads_kv=KERNEL_HEADS_KV.get(kernel, 2),
-                          head_dim=KERNEL_HEAD_DIM.get(kernel, 128))
+                          head_dim=KERNEL_HEAD_DIM.get(kernel, 128), heads_q=KERNEL_HEADS_Q.get(kernel))
 
 
 @pytest.mark.parametrize("kernel", list(KERNEL_SWITCHES))
@@ -1565,7 +1647,7 @@ def test_out_not_8_byte_aligned(seed, splits, kernel, monkeypatch):
         assert buf[1:].data_ptr() % 8 == 2 and torch.isnan(buf[0]), "the view starts 2 bytes past 8"
 
 
-@pytest.mark.parametrize("kernel", list(KERNEL_SWITCHES))
+@pytest.mark.parametrize("kernel", list(FORM_SWITCHES))
 @pytest.mark.parametrize("splits", [0, 1])
 @pytest.mark.parametrize("sq", [1, 4])
 @pytest.mark.parametrize("page", [None, 16, 64], ids=["contiguous", "page16", "page64"])
@@ -1582,10 +1664,13 @@ def test_slots_past_the_end_hold_nan(seed, page, sq, splits, kernel, monkeypatch
     per head; head_group_wide_d64 the same at head_dim 64 (32-slot tiles of two such boxes).
     head_pair_d64, head_quad: the head-pair and head-quad forms at head_dim 64, 4 KV heads.
     head_group_rows: 32 KV and query heads, the token-row form (boxes of 4 whole token rows) at one
-    query row (at 4 it does not fit: another kernel answers)."""
+    query row (at 4 it does not fit: another kernel answers). row_pair, per_head_row_blocks: one KV
+    head of 8 query heads, so 4 query rows are 32 packed rows, the row pair's (or, with the switch,
+    two 16-row CTAs)."""
     lens = [0, 5, 70, 200]
     use_kernel(monkeypatch, kernel)
-    hkv = {"per_head": 2, "head_group_wide": 8, "head_group_wide_d64": 8, "head_group_rows": 32}.get(kernel, 4)
+    hkv = {"per_head": 2, "head_group_wide": 8, "head_group_wide_d64": 8, "head_group_rows": 32,
+           "row_pair": 1, "per_head_row_blocks": 1}.get(kernel, 4)
     hq = {8: 16, 32: 32}.get(hkv, 8)
     case = build_case(seed, torch.bfloat16, dict(B=4, Sq=sq, Snew=0, Hq=hq, Hkv=hkv,
                                                  D=KERNEL_HEAD_DIM.get(kernel, 128), page=page, cache_len=256,
@@ -1695,14 +1780,16 @@ def test_varlen_decode_block_table(seed, dtype, page_size, lengths_from, opt):
                           ("paged16", 0, "head_group_rows"), ("contiguous", 3, "head_group_rows"),
                           ("paged16", 0, "head_pair"), ("contiguous", 2, "head_pair"),
                           ("paged16", 0, "head_pair_d64"), ("paged16", 0, "head_quad"), ("contiguous", 3, "head_quad"),
-                          ("paged16", "plan", "per_head"), ("contiguous", "plan", "per_head")],
+                          ("paged16", "plan", "per_head"), ("contiguous", "plan", "per_head"),
+                          ("paged16", 0, "row_pair"), ("contiguous", 3, "row_pair"), ("paged16", "plan", "row_pair")],
                          ids=["paged16-splits0", "paged16-splits5", "contiguous-splits0", "paged16-splits3-head_group",
                               "paged16-splits0-head_group_wide", "paged16-splits0-head_group_wide_d64",
                               "paged16-splits0-head_group_rows",
                               "contiguous-splits3-head_group_rows", "paged16-splits0-head_pair",
                               "contiguous-splits2-head_pair", "paged16-splits0-head_pair_d64",
                               "paged16-splits0-head_quad", "contiguous-splits3-head_quad", "paged16-plan",
-                              "contiguous-plan"])
+                              "contiguous-plan", "paged16-splits0-row_pair", "contiguous-splits3-row_pair",
+                              "paged16-plan-row_pair"])
 def test_cuda_graph_decode(seed, layout, num_splits, kernel, monkeypatch):
     """One decode step (Sq = 1, append Snew = 1, rotary, causal, cache_seqlens on the device)
     captured into a CUDA graph; replays with new lengths (0 and the capacity's last slot among them),
@@ -1714,12 +1801,13 @@ def test_cuda_graph_decode(seed, layout, num_splits, kernel, monkeypatch):
     through the head-group kernel; head_group_wide (_d64): 8 through its wide form at head_dim 128
     (64); head_group_rows: 32 KV and query heads through its token-row form; head_pair
     (head_pair_d64): 2 KV heads through the head-pair form at head_dim 128 (64); head_quad: 4 KV
-    heads through the head-quad form. plan: a split plan (a random count per sequence) kept
-    across the replays while the lengths change."""
+    heads through the head-quad form; row_pair: 48 query heads over 2 KV heads, 24 packed rows a KV
+    head through the row pair. plan: a split plan (a random count per sequence) kept across the
+    replays while the lengths change."""
     b, cap = 4, 1024
     use_kernel(monkeypatch, kernel)
     hkv = KERNEL_HEADS_KV.get(kernel, 2)
-    hq = max(16, hkv)
+    hq = KERNEL_HEADS_Q.get(kernel, max(16, hkv))
     case = build_case(seed, torch.bfloat16, dict(
         B=b, Hq=hq, Hkv=hkv, D=KERNEL_HEAD_DIM.get(kernel, 128), cache_len=cap, table="full",
         lens=[5, 0, 100, cap - 1],
