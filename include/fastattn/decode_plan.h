@@ -45,11 +45,12 @@ struct DecodeSplitRule {
   double balanced_ratio = 1.1;
   /// The most splits a sequence gets (values below 1 count as 1).
   int max_splits = 64;
-  /// Packed query rows (group x q_len of a KV head) one CTA of the decode kernels serves: a KV
-  /// head's rows take ceil(rows / rows_per_cta) CTAs, each streaming the head's keys, and the rules
-  /// weigh that many KV heads. 32, the sm_90 kernel's row pair (two 16-row blocks a CTA, head_dim
-  /// <= 128); decode_split_rule_for_head_dim gives 16 above head_dim 128.
-  int rows_per_cta = 32;
+  /// The CTAs of the decode kernels a KV head's packed query rows (group x q_len) take, each
+  /// streaming the head's keys, which the rules weigh as that many KV heads: one for up to 16
+  /// rows; one for 17-32 where the longest sequence's pages hold at least row_pair_min_keys slots
+  /// (the sm_90 kernel's row pair, its heuristic's bound); else one per 16 rows. 0: never the row
+  /// pair (decode_split_rule_for_head_dim above head_dim 128, where it is not built).
+  std::int64_t row_pair_min_keys = 4096;
   /// A count per sequence is chosen only where one count's estimate is at least min_gain times
   /// the plan's. The estimate does not see the waves: parts of equal size leave the grid's last
   /// wave to whole parts while most SMs idle, where one count's parts vary with the lengths and
@@ -59,8 +60,8 @@ struct DecodeSplitRule {
   double min_gain = 1.05;
 };
 
-/// The rule for a head dim's decode kernels: the defaults, with rows_per_cta 16 above head_dim 128
-/// and the plan's tail weight 0.10 at head_dim 64 and 256. There, a few long sequences among short ones ran 2-13% (64) and up to 5%
+/// The rule for a head dim's decode kernels: the defaults, with no row pair (row_pair_min_keys 0)
+/// above head_dim 128 and the plan's tail weight 0.10 at head_dim 64 and 256. There, a few long sequences among short ones ran 2-13% (64) and up to 5%
 /// (256) faster with the fewer, longer parts that weight gives (one 32k sequence among 31 of 1k in
 /// 16 parts instead of 31), while at head_dim 128 two such batches ran 1.3-2.6% slower with them
 /// (bench/NOTES.md, session 72). Other head dims get the defaults. (CUDA-graph plans,
@@ -140,7 +141,7 @@ struct PagedDecodePlanOptions {
   /// already in the cache, causal within the sequence's last q_len keys). Above 1, a sequence of
   /// fewer keys is a ValueError (at 1 a sequence may have none: its output is 0). Its rows attend
   /// to min(length, window_left + q_len) keys, which set its splits. With num_qo_heads, q_len sets
-  /// the CTAs each KV head's rows take, ceil(group x q_len / rule.rows_per_cta), which the split
+  /// the CTAs each KV head's rows take (rule.row_pair_min_keys says how many), which the split
   /// rules weigh as that many KV heads (one for group x q_len <= 16).
   int q_len = 1;
   int sm_count = 0;

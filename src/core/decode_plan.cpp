@@ -181,7 +181,7 @@ bool split_counts(const char* op, const Lengths& l, const std::int64_t* lengths,
 
 DecodeSplitRule decode_split_rule_for_head_dim(int head_dim) {
   DecodeSplitRule rule;
-  if (head_dim > 128) rule.rows_per_cta = 16;  // no row pair there (kDecodeRowPairMaxHeadDim)
+  if (head_dim > 128) rule.row_pair_min_keys = 0;  // no row pair there (kDecodeRowPairMaxHeadDim)
   if (head_dim == 64 || head_dim == 256) rule.plan_tail_weight = 0.10;
   return rule;
 }
@@ -300,16 +300,26 @@ std::vector<std::int32_t> fixed_split_counts(const char* op, const std::vector<s
   return counts;
 }
 
-/// The KV heads the split rules weigh for a plan: each KV head's group x q_len query rows take
-/// ceil(rows / rule.rows_per_cta) CTAs, and each streams the head's keys.
-int weighed_kv_heads(const char* op, const PagedDecodePlanOptions& o) {
+/// Query rows of one decode CTA's row block.
+constexpr std::int64_t kRowsPerBlock = 16;
+
+/// Checks the plan's query rows: q_len >= 1, num_qo_heads 0 or a multiple of num_kv_heads.
+void check_query_rows(const char* op, const PagedDecodePlanOptions& o) {
   if (o.q_len < 1) fail(op, "q_len (q_len_per_req) must be >= 1, got " + std::to_string(o.q_len));
   if (o.num_qo_heads < 0 || (o.num_qo_heads > 0 && o.num_kv_heads > 0 && o.num_qo_heads % o.num_kv_heads != 0))
     fail(op, "num_qo_heads must be 0 or a multiple of num_kv_heads = " + std::to_string(o.num_kv_heads) + ", got " +
                  std::to_string(o.num_qo_heads));
+}
+
+/// The KV heads the split rules weigh for a plan whose longest sequence has `max_pages` pages: each
+/// KV head's group x q_len query rows take one CTA up to 16, one up to 32 where the pages hold at
+/// least rule.row_pair_min_keys slots (the row pair), else one per 16; each streams the head's keys.
+int weighed_kv_heads(const PagedDecodePlanOptions& o, std::int64_t max_pages) {
   const std::int64_t group = o.num_qo_heads > 0 && o.num_kv_heads > 0 ? o.num_qo_heads / o.num_kv_heads : 1;
-  if (o.rule.rows_per_cta < 1) fail(op, "rule.rows_per_cta must be >= 1, got " + std::to_string(o.rule.rows_per_cta));
-  const std::int64_t heads = std::int64_t(o.num_kv_heads) * ceil_div(group * o.q_len, o.rule.rows_per_cta);
+  const std::int64_t rows = group * o.q_len;
+  const bool row_pair = o.rule.row_pair_min_keys > 0 && rows <= 2 * kRowsPerBlock &&
+                        max_pages * o.page_size >= o.rule.row_pair_min_keys;
+  const std::int64_t heads = std::int64_t(o.num_kv_heads) * (row_pair ? 1 : ceil_div(rows, kRowsPerBlock));
   return heads > INT_MAX ? INT_MAX : static_cast<int>(heads);
 }
 
@@ -324,7 +334,7 @@ PagedDecodePlan plan_paged_decode(const std::int64_t* indptr, const std::int64_t
   if (o.page_size < 1) fail(op, "page_size must be >= 1, got " + std::to_string(o.page_size));
   if (o.fixed_split_size < 0)
     fail(op, "fixed_split_size must be a page count >= 1 (0: none), got " + std::to_string(o.fixed_split_size));
-  const int heads = weighed_kv_heads(op, o);
+  check_query_rows(op, o);
   // The row pointers first, all of them (a bad one makes every later length meaningless).
   const std::string bounds = "indptr must be non-decreasing from >= 0 up to len(indices) = " + std::to_string(num_ids);
   if (indptr[0] < 0) fail(op, bounds + ", got indptr[0] = " + std::to_string(indptr[0]));
@@ -336,6 +346,7 @@ PagedDecodePlan plan_paged_decode(const std::int64_t* indptr, const std::int64_t
     p.max_pages = std::max(p.max_pages, indptr[b + 1] - indptr[b]);
   }
   if (indptr[batch] > num_ids) fail(op, bounds + ", got indptr[" + std::to_string(batch) + "] = " + std::to_string(indptr[batch]));
+  const int heads = weighed_kv_heads(o, p.max_pages);
   std::vector<std::int64_t> attended(static_cast<std::size_t>(batch));
   p.arrays.resize(static_cast<std::size_t>(batch));
   for (std::int64_t b = 0; b < batch; ++b) {

@@ -189,10 +189,10 @@ TEST(DecodePlan, RuleForHeadDim) {
     EXPECT_EQ(r.max_splits, base.max_splits);
     EXPECT_EQ(r.min_gain, base.min_gain);
     EXPECT_EQ(r.plan_tail_weight, head_dim == 64 || head_dim == 256 ? 0.10 : base.plan_tail_weight) << head_dim;
-    // The row pair (32 rows a CTA) runs up to head_dim 128.
-    EXPECT_EQ(r.rows_per_cta, head_dim <= 128 ? 32 : 16) << head_dim;
+    // The row pair (17-32 rows in one CTA) is built up to head_dim 128.
+    EXPECT_EQ(r.row_pair_min_keys, head_dim <= 128 ? base.row_pair_min_keys : 0) << head_dim;
   }
-  EXPECT_EQ(base.rows_per_cta, 32);
+  EXPECT_EQ(base.row_pair_min_keys, 4096);
 }
 
 TEST(DecodePlan, GraphCountsAreTheWrittenOutChoiceWithinTheItems) {
@@ -298,14 +298,19 @@ TEST(DecodePlan, PagedPlanIsTheListsLengthsAndTheRulesChoice) {
     o.sm_count = int(rand_int(rng, 1, 170));
     o.split_kv = rand_int(rng, 0, 4) != 0;
     o.choose_splits = rand_int(rng, 0, 4) != 0;
-    o.rule.rows_per_cta = int(pick(rng, std::vector<std::int64_t>{16, 32}));  // head_dim 256's, or 128's
+    o.rule.row_pair_min_keys = pick(rng, std::vector<std::int64_t>{0, 4096, 1, 1 << 20});  // 0: no row pair
     const PagedLists l = random_paged_lists(rng, o.page_size, o.q_len);
     const auto batch = std::int64_t(l.keys.size());
     if (rand_int(rng, 0, 2) == 0) o.graph_items = fastattn::decode_graph_plan_items(batch, o.num_kv_heads, o.sm_count);
     const fastattn::PagedDecodePlan p = fastattn::plan_paged_decode(l.indptr.data(), l.last.data(), batch, l.num_ids, o);
 
-    // The rules weigh the CTAs of each KV head's group x q_len rows, rows_per_cta a CTA, as KV heads.
-    const int heads = int(o.num_kv_heads * up((o.num_qo_heads ? group : 1) * o.q_len, o.rule.rows_per_cta));
+    // The rules weigh the CTAs of each KV head's group x q_len rows as KV heads: one for 17-32 rows
+    // where the longest list's pages hold row_pair_min_keys slots (the row pair), else one per 16.
+    std::int64_t most_pages = 0;
+    for (std::size_t b = 0; b + 1 < l.indptr.size(); ++b) most_pages = std::max(most_pages, l.indptr[b + 1] - l.indptr[b]);
+    const std::int64_t rows = (o.num_qo_heads ? group : 1) * o.q_len;
+    const bool row_pair = o.rule.row_pair_min_keys > 0 && rows <= 32 && most_pages * o.page_size >= o.rule.row_pair_min_keys;
+    const int heads = int(o.num_kv_heads * (row_pair ? 1 : up(rows, 16)));
     Lens attended(l.keys);
     std::int64_t most = 0;
     for (std::size_t b = 0; b < attended.size(); ++b) {
@@ -479,9 +484,6 @@ TEST(DecodePlan, PagedPlanRefusesBadListsNamingThem) {
   EXPECT_NE(message({0, 1, 2}, {4, 4}, 3).find("num_qo_heads must be 0 or a multiple of num_kv_heads = 2, got 5"),
             std::string::npos);
   o.num_qo_heads = 0;
-  o.rule.rows_per_cta = 0;
-  EXPECT_NE(message({0, 1, 2}, {4, 4}, 3).find("rule.rows_per_cta must be >= 1, got 0"), std::string::npos);
-  o.rule.rows_per_cta = 32;
   o.page_size = 1 << 20;
   EXPECT_NE(message({0, 2049, 2049}, {1 << 20, 1}, 2049).find("more than 2^31 - 1"), std::string::npos);
   o.page_size = 0;

@@ -83,7 +83,8 @@ head_pair = with_switches(T.KERNEL_SWITCHES["head_pair"])    # the sm_90 kernel'
 head_pair_d64 = with_switches(T.KERNEL_SWITCHES["head_pair_d64"])  # ... at head_dim 64
 head_quad = with_switches(T.KERNEL_SWITCHES["head_quad"])    # its head-quad form (head_dim 64)
 unclustered = with_switches({"FASTATTN_DECODE_CLUSTER": "0"})  # splits merged by the combine kernel
-per_head_row_blocks = with_switches(T.ROW_PAIR_SWITCHES["per_head_row_blocks"])  # no row pair: 16 rows a CTA
+row_pair = with_switches(T.ROW_PAIR_SWITCHES["row_pair"])  # the row pair wherever it fits
+row_block_ctas = with_switches(T.ROW_PAIR_SWITCHES["row_block_ctas"])  # no row pair: 16 rows a CTA
 
 
 def varlen_decode(rng, check, dtype, page_size):
@@ -161,15 +162,16 @@ def cases():
         yield f"{form}: contiguous, ragged long", run, (kvcache, F16, dict(
             B=2, Hq=32, Hkv=max(8, hkv), D=d, lens=[7999, 3000], cache_len=8000))
         yield f"{form}: out-of-range page ids (reads)", run, (bad_page_ids, "read_pages", hkv, d)
-    # the sm_90 kernel's row pair (the default for more than 16 packed rows a KV head at head_dim <= 128)
+    # the sm_90 kernel's row pair (FASTATTN_DECODE_ROW_PAIR=1: wherever it fits, more than 16 packed rows a
+    # KV head at head_dim <= 128)
     rp = T.ROW_PAIR_CONFIGS
-    yield "row pair: cluster merge, batch 1, 32 rows, paged 16", kvcache, (B16, rp["heuristic_batch1_paged16"])
-    yield "row pair: 40 rows (a team with none), paged 8", kvcache, (F16, rp["rows40_causal_paged8"])
-    yield "row pair: d64, 64 rows, 3 splits, paged 16", kvcache, (B16, rp["d64_rows64_splits3_paged16"])
-    yield "row pair: everything paged 16, 3 splits", kvcache, (B16, rp["everything_paged16"])
-    yield "row pair: out-of-range page ids (reads), 24 rows", bad_page_ids, ("read_pages", 2, 128, 48)
-    yield "row pair: sinks, cluster merge", sinks, (B16, rp["heuristic_batch1_paged16"])
-    yield "per-head row blocks (no row pair): 32 rows, paged 16", per_head_row_blocks, (
+    yield "row pair: cluster merge, batch 1, 32 rows, paged 16", row_pair, (kvcache, B16, rp["heuristic_batch1_paged16"])
+    yield "row pair: 40 rows (a team with none), paged 8", row_pair, (kvcache, F16, rp["rows40_causal_paged8"])
+    yield "row pair: d64, 64 rows, 3 splits, paged 16", row_pair, (kvcache, B16, rp["d64_rows64_splits3_paged16"])
+    yield "row pair: everything paged 16, 3 splits", row_pair, (kvcache, B16, rp["everything_paged16"])
+    yield "row pair: out-of-range page ids (reads), 24 rows", row_pair, (bad_page_ids, "read_pages", 2, 128, 48)
+    yield "row pair: sinks, cluster merge", row_pair, (sinks, B16, rp["heuristic_batch1_paged16"])
+    yield "per-head row blocks (no row pair): 32 rows, paged 16", row_block_ctas, (
         kvcache, B16, rp["rows32_causal_paged16"])
     # attention sinks, folded where a row is finished: one split, the cluster merge, the combine
     # kernel, a split plan, and each head-group form's per-column fold

@@ -758,12 +758,15 @@ def multi_row_lengths(rng, batch, q_len, long_len, n_long, short_max=600):
     return lens
 
 
-def weighed_kv_heads(hq, hkv, q_len, d):
+def weighed_kv_heads(hq, hkv, q_len, d, longest_slots):
     """The KV heads plan()'s split rules weigh (include/fastattn/decode_plan.h): each KV head's
-    group x q_len query rows take ceil(rows / R) CTAs of the decode kernels, R = 32 (the row pair)
-    up to head_dim 128, 16 above (DecodeSplitRule::rows_per_cta)."""
-    rows_per_cta = 32 if d <= 128 else 16
-    return hkv * -(-(hq // hkv) * q_len // rows_per_cta)
+    group x q_len query rows take one CTA of the decode kernels up to 16 rows, one for 17-32 where
+    the longest request's pages hold >= 4096 slots at head_dim <= 128 (the row pair,
+    DecodeSplitRule::row_pair_min_keys), else one per 16 rows."""
+    rows = (hq // hkv) * q_len
+    if rows <= 32 and d <= 128 and longest_slots >= 4096:
+        return hkv
+    return hkv * -(-rows // 16)
 
 
 MULTI_ROW_CONFIGS = [  # page_size, hq, hkv, d, layout
@@ -792,7 +795,9 @@ def test_multi_row_ragged(seed, dtype, q_len, page_size, hq, hkv, d, layout):
     assert w.num_splits is None and counts is not None and counts.max() > 1, \
         f"a long-among-short batch at q_len_per_req={q_len} planned {counts}"
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    want = fastattn.decode_split_counts_for_lengths(lens, weighed_kv_heads(hq, hkv, q_len, d), sms, head_dim=d)
+    longest_slots = -(-max(lens) // page_size) * page_size
+    heads = weighed_kv_heads(hq, hkv, q_len, d, longest_slots)
+    want = fastattn.decode_split_counts_for_lengths(lens, heads, sms, head_dim=d)
     assert want is not None and counts.tolist() == want.tolist()
     b.check(w)
     if q_len == 4:

@@ -888,10 +888,11 @@ KERNEL_HEAD_DIM = {"head_pair_d64": 64, "head_quad": 64, "head_quad_unclustered"
 
 
 # The sm_90 kernel's row pair (README "GPU decode"): one CTA takes two 16-row blocks of a KV head where
-# it has more than 16 packed query rows, at head_dim <= 128; FASTATTN_DECODE_ROW_PAIR=0 keeps one CTA
-# per row block (per_head_row_blocks). Not in KERNEL_SWITCHES: the tests that walk those give every
-# kernel shapes of at most 16 rows a KV head.
-ROW_PAIR_SWITCHES = {"row_pair": {}, "per_head_row_blocks": {"FASTATTN_DECODE_ROW_PAIR": "0"}}
+# it has more than 16 packed query rows, at head_dim <= 128; FASTATTN_DECODE_ROW_PAIR=1 takes it
+# wherever it fits (the heuristic: 17-32 rows on caches of >= 4096 slots), =0 keeps one CTA per row
+# block (row_block_ctas). Not in KERNEL_SWITCHES: the tests that walk those give every kernel shapes of
+# at most 16 rows a KV head.
+ROW_PAIR_SWITCHES = {"row_pair": {"FASTATTN_DECODE_ROW_PAIR": "1"}, "row_block_ctas": {"FASTATTN_DECODE_ROW_PAIR": "0"}}
 FORM_SWITCHES = dict(KERNEL_SWITCHES, **ROW_PAIR_SWITCHES)
 
 
@@ -1035,7 +1036,7 @@ KERNEL_FORM_CONFIGS = {"head_group": HEAD_GROUP_CONFIGS, "head_group_wide": HEAD
                        "head_group_wide_d64": HEAD_GROUP_WIDE_D64_CONFIGS, "head_group_rows": HEAD_GROUP_ROWS_CONFIGS,
                        "head_pair": HEAD_PAIR_CONFIGS, "head_pair_d64": HEAD_PAIR_D64_CONFIGS,
                        "head_quad": HEAD_QUAD_CONFIGS, "row_pair": ROW_PAIR_CONFIGS,
-                       "per_head_row_blocks": ROW_PAIR_CONFIGS}
+                       "row_block_ctas": ROW_PAIR_CONFIGS}
 KERNEL_FORM_CASES = [(kernel, name) for kernel, configs in KERNEL_FORM_CONFIGS.items() for name in configs]
 
 
@@ -1065,23 +1066,50 @@ ROW_PAIR_BITWISE_CONFIGS = {name: dict(cfg, splits=cfg.get("splits") or 2) if cf
 
 @pytest.mark.parametrize("config", list(ROW_PAIR_BITWISE_CONFIGS))
 def test_row_pair_is_bitwise_the_per_head_kernel(seed, config, monkeypatch):
-    """With the splits fixed (num_splits > 0 or a split plan), the row pair (the default for more
-    than 16 packed rows at head_dim <= 128) and one CTA per row block (FASTATTN_DECODE_ROW_PAIR=0)
-    give the same bits, and both match the float32 reference. On sm_90 the profiler shows which ran:
-    decode_kernel_sm90<D, dtype, 1, 2> for the row pair, <D, dtype, 1, 1> with the switch."""
+    """With the splits fixed (num_splits > 0 or a split plan), the row pair (FASTATTN_DECODE_ROW_PAIR=1)
+    and one CTA per row block (=0) give the same bits, and both match the float32 reference. On sm_90
+    the profiler shows which ran: decode_kernel_sm90<D, dtype, 1, 2> for the row pair, <D, dtype, 1, 1>
+    with =0."""
     case = build_case(seed, torch.bfloat16, ROW_PAIR_BITWISE_CONFIGS[config])
-    outs = outputs_per_switch(case, monkeypatch, "FASTATTN_DECODE_ROW_PAIR", ("0", None), checked=("0", None))
-    R.assert_bitwise_equal("out", outs[None][0], outs["0"][0])
-    R.assert_bitwise_equal("softmax_lse", outs[None][1], outs["0"][1])
+    outs = outputs_per_switch(case, monkeypatch, "FASTATTN_DECODE_ROW_PAIR", ("1", "0"), checked=("1", "0"))
+    R.assert_bitwise_equal("out", outs["1"][0], outs["0"][0])
+    R.assert_bitwise_equal("softmax_lse", outs["1"][1], outs["0"][1])
     if torch.cuda.get_device_capability() != (9, 0):
         return
-    for value, row_blocks in ((None, 2), ("0", 1)):
-        if value is None:
-            monkeypatch.delenv("FASTATTN_DECODE_ROW_PAIR", raising=False)
-        else:
-            monkeypatch.setenv("FASTATTN_DECODE_ROW_PAIR", value)
-        names = [n for n in _fastattn_kernels(lambda: kvcache_call(case, case.make_out())) if "decode_kernel_sm90<" in n]
-        assert len(names) == 1 and names[0].replace(" ", "").split(">")[0].endswith(f",1,{row_blocks}"), (value, names)
+    for value, row_blocks in (("1", 2), ("0", 1)):
+        monkeypatch.setenv("FASTATTN_DECODE_ROW_PAIR", value)
+        assert sm90_row_blocks(case) == row_blocks, value
+
+
+def sm90_row_blocks(case):
+    """The row blocks a CTA of the sm_90 kernel took in case's call (its template's last argument),
+    read off the profiler's kernel name."""
+    names = [n for n in _fastattn_kernels(lambda: kvcache_call(case, case.make_out())) if "decode_kernel_sm90<" in n]
+    assert len(names) == 1, names
+    return int(names[0].replace(" ", "").split(">")[0].rsplit(",", 1)[1])
+
+
+@pytest.mark.parametrize("hq,hkv,sq,d,cache_len,page,want", [
+    (32, 8, 8, 128, 8192, 16, 2),    # 32 rows, a long cache: the row pair
+    (8, 1, 3, 64, 4096, None, 2),    # 24 rows at head_dim 64, 4096 slots
+    (34, 2, 1, 128, 16384, None, 2),  # 17 rows
+    (32, 8, 8, 128, 1024, 16, 1),    # a short cache: two 16-row CTAs
+    (32, 8, 8, 128, 4095, None, 1),  # one slot short
+    (16, 1, 3, 128, 8192, 16, 1),    # 48 rows: three 16-row CTAs
+    (32, 8, 8, 256, 8192, 16, 1),    # head_dim 256: no row pair
+])
+def test_row_pair_heuristic(seed, hq, hkv, sq, d, cache_len, page, want, monkeypatch):
+    """With FASTATTN_DECODE_ROW_PAIR unset, the row pair runs for 17-32 packed rows a KV head on
+    caches of at least 4096 slots (the capacity: a contiguous cache's slots, or a block table's width
+    x page_size; a full table here has one spare column) at head_dim <= 128, else the per-head
+    kernel's 16-row CTAs (README); the answer matches the float32 reference."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("an sm_90 kernel")
+    monkeypatch.delenv("FASTATTN_DECODE_ROW_PAIR", raising=False)
+    case = build_case(seed, torch.bfloat16, dict(B=2, Hq=hq, Hkv=hkv, D=d, Sq=sq, Snew=0, cache_len=cache_len,
+                                                 page=page, table="full", opt="causal"))
+    run_case(case)
+    assert sm90_row_blocks(case) == want
 
 
 # Attention sinks (sinks=) are folded into a row where it is finished: in every kernel form's
@@ -1255,7 +1283,7 @@ def test_quarters_rule(seed, name, cfg, wide, monkeypatch):
     torch.cuda.empty_cache()
 
 
-SM90_KERNEL = re.compile(r"decode_kernel_sm90<\d+, [^,<>]+, (\d+)>")  # group 1: KV heads per CTA
+SM90_KERNEL = re.compile(r"decode_kernel_sm90<\d+, [^,<>]+, (\d+), \d+>")  # group 1: KV heads per CTA
 HEAD_GROUP_KERNEL = re.compile(r"decode_kernel_sm90_head_group<[^,<>]+, (\d+), \d+>")  # group 1: KV heads per CTA
 
 
@@ -1609,7 +1637,7 @@ KERNEL_HEADS_KV = {"head_group": 4, "head_group_wide": 8, "head_group_wide_d64":
                    "head_quad": 4, "head_quad_unclustered": 4}
 # Query heads where the default (max(16, heads_kv) or max(8, heads_kv)) would not give the form its
 # shape: the row pair's 24 packed rows a KV head at one query row.
-KERNEL_HEADS_Q = {"row_pair": 48, "per_head_row_blocks": 48}
+KERNEL_HEADS_Q = {"row_pair": 48, "row_block_ctas": 48}
 
 
 @pytest.mark.parametrize("kernel", list(FORM_SWITCHES))
@@ -1664,13 +1692,13 @@ def test_slots_past_the_end_hold_nan(seed, page, sq, splits, kernel, monkeypatch
     per head; head_group_wide_d64 the same at head_dim 64 (32-slot tiles of two such boxes).
     head_pair_d64, head_quad: the head-pair and head-quad forms at head_dim 64, 4 KV heads.
     head_group_rows: 32 KV and query heads, the token-row form (boxes of 4 whole token rows) at one
-    query row (at 4 it does not fit: another kernel answers). row_pair, per_head_row_blocks: one KV
+    query row (at 4 it does not fit: another kernel answers). row_pair, row_block_ctas: one KV
     head of 8 query heads, so 4 query rows are 32 packed rows, the row pair's (or, with the switch,
     two 16-row CTAs)."""
     lens = [0, 5, 70, 200]
     use_kernel(monkeypatch, kernel)
     hkv = {"per_head": 2, "head_group_wide": 8, "head_group_wide_d64": 8, "head_group_rows": 32,
-           "row_pair": 1, "per_head_row_blocks": 1}.get(kernel, 4)
+           "row_pair": 1, "row_block_ctas": 1}.get(kernel, 4)
     hq = {8: 16, 32: 32}.get(hkv, 8)
     case = build_case(seed, torch.bfloat16, dict(B=4, Sq=sq, Snew=0, Hq=hq, Hkv=hkv,
                                                  D=KERNEL_HEAD_DIM.get(kernel, 128), page=page, cache_len=256,

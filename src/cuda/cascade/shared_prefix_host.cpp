@@ -152,6 +152,7 @@ cuda_decode::DecodeParams suffix_decode_params(check::ArgChecker& c, const Share
   const int requested = a.suffix_num_splits;
   p.head_group = decode_head_group_applies(c, p, requested, max_keys);
   p.kv_heads_per_cta = decode_kv_heads_per_cta(c, p, requested, max_keys, /*may_split=*/true);
+  p.row_blocks_per_cta = decode_row_blocks_per_cta(c, p, max_keys);
   p.num_splits = decode_num_splits(c, p, requested, max_keys);
   p.splits_fixed = requested > 0;  // a caller's count: the combine kernel, as for kvcache
   return p;

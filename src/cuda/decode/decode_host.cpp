@@ -120,6 +120,7 @@ Plan plan_decode(check::ArgChecker& c, const KVCacheArgs& a, const core::KVCache
     p.plan_items = static_cast<int>(d.split_items);
     p.head_group = 0;
     p.kv_heads_per_cta = 1;
+    p.row_blocks_per_cta = decode_row_blocks_per_cta(c, p, max_keys + p.seqlen_new);
     p.num_splits = 1;  // unused with a plan
     p.splits_fixed = true;
   } else {
@@ -127,6 +128,7 @@ Plan plan_decode(check::ArgChecker& c, const KVCacheArgs& a, const core::KVCache
     // max_cache_seqlen (no device read).
     p.head_group = decode_head_group_applies(c, p, a.num_splits, max_keys + p.seqlen_new);
     p.kv_heads_per_cta = decode_kv_heads_per_cta(c, p, a.num_splits, max_keys + p.seqlen_new, /*may_split=*/true);
+    p.row_blocks_per_cta = decode_row_blocks_per_cta(c, p, max_keys + p.seqlen_new);
     p.num_splits = decode_num_splits(c, p, a.num_splits, max_keys + p.seqlen_new);
     p.splits_fixed = a.num_splits > 0;
   }
@@ -363,6 +365,19 @@ int decode_kv_heads_per_cta(const check::ArgChecker& c, const DecodeParams& p, i
   return pair ? kDecodeHeadPair : 1;
 }
 
+int decode_row_blocks_per_cta(const check::ArgChecker& c, const DecodeParams& p, std::int64_t max_keys) {
+  const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
+  if (!decode_row_pair_fits(p, use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size))) return 1;
+  // FASTATTN_DECODE_ROW_PAIR: "0" never, "1" wherever it fits; unset, 17-32 rows on long caches
+  // (kDecodeRowPairMinKeys says what was measured).
+  const char* env = std::getenv("FASTATTN_DECODE_ROW_PAIR");
+  if (env && std::strcmp(env, "0") == 0) return 1;
+  if (env && std::strcmp(env, "1") == 0) return kDecodeRowPair;
+  const bool heuristic =
+      std::int64_t(p.group) * p.seqlen_q <= kDecodeRowPairMaxRows && max_keys >= kDecodeRowPairMinKeys;
+  return heuristic ? kDecodeRowPair : 1;
+}
+
 int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys) {
   if (requested > 0) return requested;
   const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
@@ -382,9 +397,8 @@ int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int req
   }
   const bool sm90 = use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size);
   // The per-head kernel's CTAs per (b, KV head): its row blocks, two to a CTA in the row pair.
-  const int row_blocks_per_cta = decode_row_pair_applies(p, sm90) ? kDecodeRowPair : 1;
   const std::int64_t items =
-      std::int64_t(p.batch) * p.heads_kv * decode_row_block_ctas(p.group, p.seqlen_q, row_blocks_per_cta);
+      std::int64_t(p.batch) * p.heads_kv * decode_row_block_ctas(p.group, p.seqlen_q, p.row_blocks_per_cta);
   const std::int64_t wave = std::int64_t(decode_split_wave_ctas_per_sm(p.head_dim, sm90)) * info.sm_count;
   int splits = core::choose_num_splits_if_paying(items, max_keys, wave, kDecodeMinKeysPerSplit,
                                                   kDecodeMaxHeuristicSplits, kDecodeBlockN, decode_split_cost_blocks(sm90));

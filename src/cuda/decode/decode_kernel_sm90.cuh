@@ -701,7 +701,7 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads, kRowBlocks>
     attend_narrow();  // the host takes the head-pair form for at most 8 packed rows
   } else if (kRowBlocks == 1 && rows_total <= kDecodeNarrowRows) {  // then mb = 0
     attend_narrow();
-  } else {  // 9-16 packed rows, or the row pair's more than 16 (decode_row_pair_applies)
+  } else {  // 9-16 packed rows, or the row pair's more than 16 (decode_row_blocks_per_cta)
     DecodeWarpState<kHeadDim> st;
     st.init(p, b, kvh, mb, pad, end, lane / 4);
     stream_tiles(st);
@@ -712,7 +712,7 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads, kRowBlocks>
 
 /// kHeads = 2: the head-pair form, for what decode_head_pair_fits allows (head_dim 64 or 128,
 /// heads_kv even, at most 8 packed rows); kHeads = 4: the head-quad form (decode_head_quad_fits:
-/// head_dim 64, heads_kv a multiple of 4); kRowBlocks = 2: the row pair (decode_row_pair_applies:
+/// head_dim 64, heads_kv a multiple of 4); kRowBlocks = 2: the row pair (decode_row_blocks_per_cta:
 /// p.row_blocks_per_cta). The three merge a cluster's splits in its first CTA's stages.
 template <int kHeadDim, Dtype kDtype, int kHeads, int kRowBlocks>
 void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {

@@ -269,7 +269,7 @@ void run_for_dtype(const DecodeParams& p, cudaStream_t stream) {
   } else if (p.kv_heads_per_cta == kDecodeHeadPair) {  // head_dim 64 or 128 (decode_head_pair_fits)
     if (p.head_dim == 64) launch_decode_sm90<64, kDtype, kDecodeHeadPair, 1>(attn, stream);
     else launch_decode_sm90<128, kDtype, kDecodeHeadPair, 1>(attn, stream);
-  } else if (p.row_blocks_per_cta == kDecodeRowPair) {  // head_dim <= 128 (decode_row_pair_applies)
+  } else if (p.row_blocks_per_cta == kDecodeRowPair) {  // head_dim <= 128 (decode_row_pair_fits)
     if (p.head_dim <= 64) launch_decode_sm90<64, kDtype, 1, kDecodeRowPair>(attn, stream);
     else launch_decode_sm90<128, kDtype, 1, kDecodeRowPair>(attn, stream);
   } else if (p.sm90_kernel) {
@@ -327,7 +327,7 @@ void run_decode(const DecodeParams& params, void* stream_ptr) {
   p.sm90_kernel = !cache_empty && use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size);
   if (!p.sm90_kernel) p.head_group = 0;
   if (!p.sm90_kernel) p.kv_heads_per_cta = 1;
-  p.row_blocks_per_cta = decode_row_pair_applies(p, p.sm90_kernel) ? kDecodeRowPair : 1;
+  if (!p.sm90_kernel) p.row_blocks_per_cta = 1;
   p.dependent_launch = info.cc_major >= 9;  // sm_90: programmatic dependent launch
   p.sm_count = info.sm_count;
   // A few splits merge inside their cluster: no combine kernel (its launch and round trips were

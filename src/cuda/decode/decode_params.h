@@ -151,8 +151,8 @@ struct DecodeParams {
   int quarter_min_slots = 0;
   float* partial_o = nullptr;
   float* partial_lse = nullptr;
-  /// Set by run_decode (decode_row_pair_applies): row blocks of 16 packed query rows per CTA of the
-  /// per-head sm_90 kernel, 1 or kDecodeRowPair (the row-pair form); the grid has
+  /// Set by the planner (decode_row_blocks_per_cta): row blocks of 16 packed query rows per CTA of
+  /// the per-head sm_90 kernel, 1 or kDecodeRowPair (the row-pair form); the grid has
   /// decode_row_block_ctas CTAs per (split, b, KV head). Last, so that adding it moved no field the
   /// other kernels read (their code stays as it was).
   int row_blocks_per_cta = 1;
@@ -218,14 +218,20 @@ constexpr int decode_block_rows(int rows, int mb) {
 /// (at 256 the cluster slots would not fit its stages).
 constexpr int kDecodeRowPair = 2;
 constexpr int kDecodeRowPairMaxHeadDim = 128;
+/// The heuristic takes the row pair for 17-32 packed rows (two row blocks) on caches of at least
+/// this many slots (decode_row_blocks_per_cta; core::DecodeSplitRule::row_pair_min_keys is the plan's
+/// copy). On the H200 at GQA 32/8, N = 8 (32 rows; bench/NOTES.md, session 86), against two 16-row
+/// CTAs: 8k-32k keys 13-32% faster at batch 1-128; at 1k 14-19% slower at batch 1 and 8 (half the
+/// CTAs, or an extra split), level at 32 and 128. At 64 rows (two pair CTAs against four) 2-17%
+/// slower at 8k: those calls are bound by the math, not the reads.
+constexpr std::int64_t kDecodeRowPairMinKeys = 4096;
+constexpr int kDecodeRowPairMaxRows = kDecodeRowPair * kDecodeRowsPerCta;
 
-/// Whether a call of p's shape runs the row pair: the per-head sm_90 kernel (no head group or
-/// head pair / quad), head_dim <= kDecodeRowPairMaxHeadDim and more than one row block (group x
-/// seqlen_q > 16), unless FASTATTN_DECODE_ROW_PAIR is "0". Each row block's results are bitwise the
-/// per-head kernel's for the same splits, so the choice needs no rule on the batch.
-inline bool decode_row_pair_applies(const DecodeParams& p, bool sm90_kernel) {
-  const char* env = std::getenv("FASTATTN_DECODE_ROW_PAIR");
-  if (env && std::strcmp(env, "0") == 0) return false;
+/// Whether p's shape fits the row pair: the per-head sm_90 kernel (no head group or head pair /
+/// quad), head_dim <= kDecodeRowPairMaxHeadDim and more than one row block (group x seqlen_q > 16).
+/// Each row block's results are bitwise the per-head kernel's for the same splits, so choosing it
+/// keeps a fixed num_splits' bitwise rule.
+inline bool decode_row_pair_fits(const DecodeParams& p, bool sm90_kernel) {
   return sm90_kernel && p.head_group == 0 && p.kv_heads_per_cta == 1 && p.head_dim <= kDecodeRowPairMaxHeadDim &&
          decode_row_blocks(p.group, p.seqlen_q) > 1;
 }

@@ -71,8 +71,16 @@ int decode_head_group_applies(const check::ArgChecker& c, const DecodeParams& p,
 int decode_kv_heads_per_cta(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys,
                             bool may_split);
 
-/// Key splits per sequence for p's shape (batch, heads_kv, group, seqlen_q set): `requested` when
-/// > 0, else core::choose_num_splits_one_wave over one wave (decode_split_wave_ctas_per_sm: one
+/// Row blocks (16 packed query rows) per CTA of the per-head sm_90 kernel for p's shape (head_group
+/// and kv_heads_per_cta set): kDecodeRowPair (the row pair) where its shape fits
+/// (decode_row_pair_fits) and FASTATTN_DECODE_ROW_PAIR is "1", or it is unset and the call has 17-32
+/// packed rows a KV head (kDecodeRowPairMaxRows) and `max_keys` is at least kDecodeRowPairMinKeys;
+/// else 1 ("0" never takes it). A fixed num_splits or split plan may take it: its results are
+/// bitwise the per-head kernel's.
+int decode_row_blocks_per_cta(const check::ArgChecker& c, const DecodeParams& p, std::int64_t max_keys);
+
+/// Key splits per sequence for p's shape (batch, heads_kv, group, seqlen_q and the planner's forms
+/// set): `requested` when > 0, else core::choose_num_splits_one_wave over one wave (decode_split_wave_ctas_per_sm: one
 /// CTA per SM for the sm_90 kernel, two for the cp.async kernel at head_dim <= 128), at least two
 /// 64-key tiles per split (kDecodeMinKeysPerSplit), at most kDecodeMaxHeuristicSplits (128), kept
 /// only when it pays (decode_split_cost_blocks); then fewer splits when those merge inside clusters

@@ -108,6 +108,7 @@ VarlenPlan plan_varlen_decode(check::ArgChecker& c, const VarlenAttentionArgs& a
   const std::int64_t max_keys = std::min(capacity, a.max_seqlen_k);
   p.head_group = decode_head_group_applies(c, p, 0, max_keys);
   p.kv_heads_per_cta = decode_kv_heads_per_cta(c, p, 0, max_keys, workspace_available);
+  p.row_blocks_per_cta = decode_row_blocks_per_cta(c, p, max_keys);
   p.num_splits = workspace_available ? decode_num_splits(c, p, 0, max_keys) : 1;
   plan.states = split_state_bytes(p);
   return plan;
