@@ -381,13 +381,11 @@ __device__ __forceinline__ void decode_cluster_merge(const DecodeParams& p, LseO
 /// every tile: named barriers 3-6 (1 and 2 are the teams', 1 also all consumers'), immediate ids
 /// (a computed one makes the compiler reserve all sixteen).
 __device__ __forceinline__ void decode_key_slice_sync(int slice) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   constexpr int kThreads = 2 * 32;
   if (slice == 0) cuda_detail::named_barrier_sync(3, kThreads);
   else if (slice == 1) cuda_detail::named_barrier_sync(4, kThreads);
   else if (slice == 2) cuda_detail::named_barrier_sync(5, kThreads);
   else cuda_detail::named_barrier_sync(6, kThreads);
-#endif
 }
 
 /// Grid (num_splits, heads_kv * row blocks, batch) for one head per CTA; (num_splits, heads_kv / 2,
