@@ -377,17 +377,6 @@ __device__ __forceinline__ void decode_cluster_merge(const DecodeParams& p, LseO
   }
 }
 
-/// A barrier over the row pair's two warps (one per team) that attend key slice `slice` (0-3) of
-/// every tile: named barriers 3-6 (1 and 2 are the teams', 1 also all consumers'), immediate ids
-/// (a computed one makes the compiler reserve all sixteen).
-__device__ __forceinline__ void decode_key_slice_sync(int slice) {
-  constexpr int kThreads = 2 * 32;
-  if (slice == 0) cuda_detail::named_barrier_sync(3, kThreads);
-  else if (slice == 1) cuda_detail::named_barrier_sync(4, kThreads);
-  else if (slice == 2) cuda_detail::named_barrier_sync(5, kThreads);
-  else cuda_detail::named_barrier_sync(6, kThreads);
-}
-
 /// Grid (num_splits, heads_kv * row blocks, batch) for one head per CTA; (num_splits, heads_kv / 2,
 /// batch) for the head-pair form (kHeads = 2: one row block, at most 8 packed rows); (num_splits,
 /// heads_kv * ceil(row blocks / 2), batch) for the row pair (kRowBlocks = 2).
@@ -592,18 +581,13 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads, kRowBlocks>
       const auto v_wait = [&] {
         mbar_wait(&full_v[stage], phase);
         if (edge) {
-          // V rows of this warp's keys outside [lo, hi): zeros (see the file comment). In the row
-          // pair two warps (one per team) read these keys: the first team's writes the zeros, and
-          // the two meet at a barrier of their own before either reads.
-          if (kRowBlocks == 1 || team == 0) {
-            for (int idx = lane; idx < Cfg::kWarpKeys * (kHeadDim / 8); idx += 32) {
-              const int r = key0 + idx / (kHeadDim / 8), ch = idx % (kHeadDim / 8);
-              if (n0 + r < range.lo || n0 + r >= range.hi)
-                *reinterpret_cast<uint4*>(sV + kv.offset(r, ch)) = make_uint4(0, 0, 0, 0);
-            }
+          // V rows of this warp's keys outside [lo, hi): zeros (see the file comment).
+          for (int idx = lane; idx < Cfg::kWarpKeys * (kHeadDim / 8); idx += 32) {
+            const int r = key0 + idx / (kHeadDim / 8), ch = idx % (kHeadDim / 8);
+            if (n0 + r < range.lo || n0 + r >= range.hi)
+              *reinterpret_cast<uint4*>(sV + kv.offset(r, ch)) = make_uint4(0, 0, 0, 0);
           }
-          if constexpr (kRowBlocks > 1) decode_key_slice_sync(warp % kDecodeWarps);
-          else __syncwarp();
+          __syncwarp();
         }
       };
       st.template attend<Cfg, kDtype>(p, sQ, sK0 + stage * Cfg::kStageElems + head_elems, sV, kv, n0, key0, pad, end,
