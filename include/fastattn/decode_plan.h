@@ -61,10 +61,11 @@ struct DecodeSplitRule {
 };
 
 /// The rule for a head dim's decode kernels: the defaults, with no row pair (row_pair_min_keys 0)
-/// above head_dim 128 and the plan's tail weight 0.10 at head_dim 64 and 256. There, a few long sequences among short ones ran 2-13% (64) and up to 5%
-/// (256) faster with the fewer, longer parts that weight gives (one 32k sequence among 31 of 1k in
-/// 16 parts instead of 31), while at head_dim 128 two such batches ran 1.3-2.6% slower with them
-/// (bench/NOTES.md, session 72). Other head dims get the defaults. (CUDA-graph plans,
+/// above head_dim 128, and the plan's tail weight 0.10 at head_dim 64 and 256. At those two, a few
+/// long sequences among short ones ran 2-13% (64) and up to 5% (256) faster with the fewer, longer
+/// parts that weight gives (one 32k sequence among 31 of 1k in 16 parts instead of 31), while at
+/// head_dim 128 two such batches ran 1.3-2.6% slower with them (bench/NOTES.md, session 72). Other
+/// head dims get the default tail weight. (CUDA-graph plans,
 /// decode_graph_split_counts, weigh every option with tail_weight.)
 DecodeSplitRule decode_split_rule_for_head_dim(int head_dim);
 
