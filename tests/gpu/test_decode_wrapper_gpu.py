@@ -173,6 +173,28 @@ def test_hnd_layout(seed, dtype, page_size, group, d):
     b.check(w)
 
 
+def check_sinks_run(w, b, sinks, **ref_kw):
+    """Batch b's planned run(sinks=) on wrapper w into NaN-poisoned out / lse, and once without
+    lse (bitwise the same out), against the reference (ref_kw: its mask) with one more logit per
+    head and a zero value row; the cache unchanged. Returns (out, lse)."""
+    out = nan_full(b.q.shape, b.q.dtype)
+    lse = nan_full(b.q.shape[:2], torch.float32)
+    before = b.kv.clone()
+    w.run(b.q, b.kv, out=out, lse=lse, sinks=sinks)
+    plain = w.run(b.q, b.kv, sinks=sinks)
+    torch.cuda.synchronize()
+    ref, ref_lse = b.reference(False, **ref_kw)
+    naive, naive_lse = b.reference(True, **ref_kw)
+    ref, ref_lse = R.fold_sinks(ref, ref_lse, sinks)
+    naive, _ = R.fold_sinks(naive, naive_lse, sinks)
+    naive = naive.to(b.q.dtype).to(torch.float64)  # an in-dtype computation stores its output in the dtype
+    R.assert_out_close("out", out, ref, naive, factor=FACTOR)
+    R.assert_lse_close("lse", lse, ref_lse.float())
+    R.assert_bitwise_equal("out without lse", plain, out)
+    assert torch.equal(b.kv, before), "run() wrote into the cache"
+    return out, lse
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("group,d", [(1, 64), (4, 128), (8, 256)])
 def test_sinks(seed, dtype, group, d):
@@ -188,21 +210,7 @@ def test_sinks(seed, dtype, group, d):
         lens[seed.randrange(len(lens))] = 0
         b = Batch(seed, dtype, lens, 16, hq, hkv, d)
         b.plan(w)
-        out = nan_full(b.q.shape, b.q.dtype)
-        lse = nan_full(b.q.shape[:2], torch.float32)
-        before = b.kv.clone()
-        w.run(b.q, b.kv, out=out, lse=lse, sinks=sinks)
-        plain = w.run(b.q, b.kv, sinks=sinks)
-        torch.cuda.synchronize()
-        ref, ref_lse = b.reference(False)
-        naive, naive_lse = b.reference(True)
-        ref, ref_lse = R.fold_sinks(ref, ref_lse, sinks)
-        naive, _ = R.fold_sinks(naive, naive_lse, sinks)
-        naive = naive.to(dtype).to(torch.float64)  # an in-dtype computation stores its output in the dtype
-        R.assert_out_close("out", out, ref, naive, factor=FACTOR)
-        R.assert_lse_close("lse", lse, ref_lse.float())
-        R.assert_bitwise_equal("out without lse", plain, out)
-        assert torch.equal(b.kv, before), "run() wrote into the cache"
+        out, lse = check_sinks_run(w, b, sinks)
         empty = lens.index(0)
         assert not out[empty].float().any() and torch.allclose(lse[empty], sinks)
 
@@ -840,7 +848,8 @@ def test_multi_row_options(seed, window_right, q_len, hq, hkv, d, dtype):
 
 
 def test_multi_row_sinks(seed):
-    """run(sinks=) with q_len_per_req = 4 at GQA 8 (32 rows a KV head, two CTAs): a ragged batch
+    """run(sinks=) with q_len_per_req = 4 at GQA 8 (32 rows a KV head: the row pair on the ragged
+    batch's 9000-slot pages, two 16-row CTAs on the near-uniform one's ~3100): a ragged batch
     (a split count per request) and a near-uniform one (the capacity heuristic), against the
     reference with one more logit per head and a zero value row; out / lse poisoned; without
     return_lse too."""
@@ -850,22 +859,7 @@ def test_multi_row_sinks(seed):
     for lens in (multi_row_lengths(seed, 24, q_len, 9000, 1), [seed.randrange(3000, 3100) for _ in range(8)]):
         b = Batch(seed, dtype, lens, 16, hq, hkv, d, q_len=q_len)
         b.plan(w)
-        out = nan_full(b.q.shape, b.q.dtype)
-        lse = nan_full(b.q.shape[:2], torch.float32)
-        before = b.kv.clone()
-        w.run(b.q, b.kv, out=out, lse=lse, sinks=sinks)
-        plain = w.run(b.q, b.kv, sinks=sinks)
-        torch.cuda.synchronize()
-        causal = (-1, 0)  # window_size of causal rows
-        ref, ref_lse = b.reference(False, window_size=causal)
-        naive, naive_lse = b.reference(True, window_size=causal)
-        ref, ref_lse = R.fold_sinks(ref, ref_lse, sinks)
-        naive, _ = R.fold_sinks(naive, naive_lse, sinks)
-        naive = naive.to(dtype).to(torch.float64)  # an in-dtype computation stores its output in the dtype
-        R.assert_out_close("out", out, ref, naive, factor=FACTOR)
-        R.assert_lse_close("lse", lse, ref_lse.float())
-        R.assert_bitwise_equal("out without lse", plain, out)
-        assert torch.equal(b.kv, before), "run() wrote into the cache"
+        check_sinks_run(w, b, sinks, window_size=(-1, 0))  # causal rows
 
 
 @pytest.mark.parametrize("page_size,hq,hkv,d,dtype,window_left",
