@@ -1084,9 +1084,10 @@ def test_row_pair_is_bitwise_the_per_head_kernel(seed, config, monkeypatch):
 def sm90_row_blocks(case):
     """The row blocks a CTA of the sm_90 kernel took in case's call (its template's last argument),
     read off the profiler's kernel name."""
-    names = [n for n in _fastattn_kernels(lambda: kvcache_call(case, case.make_out())) if "decode_kernel_sm90<" in n]
-    assert len(names) == 1, names
-    return int(names[0].replace(" ", "").split(">")[0].rsplit(",", 1)[1])
+    names = _fastattn_kernels(lambda: kvcache_call(case, case.make_out()))
+    found = [m for m in map(SM90_KERNEL.search, names) if m]
+    assert len(found) == 1, found
+    return int(found[0].group(2))
 
 
 @pytest.mark.parametrize("hq,hkv,sq,d,cache_len,page,want", [
@@ -1283,7 +1284,7 @@ def test_quarters_rule(seed, name, cfg, wide, monkeypatch):
     torch.cuda.empty_cache()
 
 
-SM90_KERNEL = re.compile(r"decode_kernel_sm90<\d+, [^,<>]+, (\d+), \d+>")  # group 1: KV heads per CTA
+SM90_KERNEL = re.compile(r"decode_kernel_sm90<\d+, [^,<>]+, (\d+), (\d+)>")  # groups: KV heads, row blocks per CTA
 HEAD_GROUP_KERNEL = re.compile(r"decode_kernel_sm90_head_group<[^,<>]+, (\d+), \d+>")  # group 1: KV heads per CTA
 
 
