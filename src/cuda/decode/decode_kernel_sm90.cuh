@@ -37,9 +37,10 @@
 //
 // Rows a box brings in that no query may see (before `lo` or from `hi` on, e.g. past the end of
 // the last page) are real cache bytes, possibly garbage: scores there are masked to -inf, and
-// the consumer zeroes those V rows before P V (0 x NaN would be NaN). Boxes of a page id outside
-// the cache are not loaded; the producer writes their rows as zeros (the documented "reads as
-// zeros").
+// the consumer zeroes those V rows before P V (0 x NaN would be NaN): in shared memory, or in the
+// row pair, where two warps read the same rows, in its V fragments (DecodeVEdgeMask). Boxes of a
+// page id outside the cache are not loaded; the producer writes their rows as zeros (the
+// documented "reads as zeros").
 #pragma once
 
 #include <cuda.h>
@@ -578,20 +579,32 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads, kRowBlocks>
       const auto k_done = [&] {
         if (refilled) warp_release_stage(&empty_k[stage], lane);
       };
-      const auto v_wait = [&] {
-        mbar_wait(&full_v[stage], phase);
-        if (edge) {
-          // V rows of this warp's keys outside [lo, hi): zeros (see the file comment).
-          for (int idx = lane; idx < Cfg::kWarpKeys * (kHeadDim / 8); idx += 32) {
-            const int r = key0 + idx / (kHeadDim / 8), ch = idx % (kHeadDim / 8);
-            if (n0 + r < range.lo || n0 + r >= range.hi)
-              *reinterpret_cast<uint4*>(sV + kv.offset(r, ch)) = make_uint4(0, 0, 0, 0);
+      if constexpr (kRowBlocks > 1) {
+        const std::uint16_t* sK = sK0 + stage * Cfg::kStageElems + head_elems;
+        // The row pair: a warp of each team reads the same V rows, so neither may write them.
+        // Keys outside [lo, hi) are zeroed in the V fragments instead (see the file comment).
+        const DecodeVEdgeMask edge_mask(n0 + key0, range.lo, range.hi, lane);
+        st.template attend<Cfg, kDtype>(
+            p, sQ, sK, sV, kv, n0, key0, pad, end, lane, k_done, [&] { mbar_wait(&full_v[stage], phase); },
+            [&](std::uint32_t(&bv)[4]) {
+              if (edge) edge_mask(bv);
+            });
+      } else {
+        const auto v_wait = [&] {
+          mbar_wait(&full_v[stage], phase);
+          if (edge) {
+            // V rows of this warp's keys outside [lo, hi): zeros (see the file comment).
+            for (int idx = lane; idx < Cfg::kWarpKeys * (kHeadDim / 8); idx += 32) {
+              const int r = key0 + idx / (kHeadDim / 8), ch = idx % (kHeadDim / 8);
+              if (n0 + r < range.lo || n0 + r >= range.hi)
+                *reinterpret_cast<uint4*>(sV + kv.offset(r, ch)) = make_uint4(0, 0, 0, 0);
+            }
+            __syncwarp();
           }
-          __syncwarp();
-        }
-      };
-      st.template attend<Cfg, kDtype>(p, sQ, sK0 + stage * Cfg::kStageElems + head_elems, sV, kv, n0, key0, pad, end,
-                                      lane, k_done, v_wait);
+        };
+        st.template attend<Cfg, kDtype>(p, sQ, sK0 + stage * Cfg::kStageElems + head_elems, sV, kv, n0, key0, pad, end,
+                                        lane, k_done, v_wait);
+      }
       if (refilled) warp_release_stage(&empty_v[stage], lane);  // also orders the edge tiles' zeros before the refill
       if (++stage == S) stage = 0, phase ^= 1;
     }
@@ -689,23 +702,32 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads, kRowBlocks>
       cluster_arrive_release();  // the stores above land before the first CTA's wait returns
     }
   };
-  const auto attend_narrow = [&] {
-    DecodeWarpStateNarrow<kHeadDim> st;
-    st.init(p, b, kvh, pad, end, lane);
-    st.bind_layout(kv, key0, lane);
-    st.template load_q<Cfg>(sQ, lane);
-    stream_tiles(st);
-    merge_and_store(st);
-  };
-  if constexpr (kHeads > 1) {
-    attend_narrow();  // the host takes the head-pair form for at most 8 packed rows
-  } else if (kRowBlocks == 1 && rows_total <= kDecodeNarrowRows) {  // then mb = 0
-    attend_narrow();
-  } else {  // 9-16 packed rows, or the row pair's more than 16 (decode_row_blocks_per_cta)
+  // The wide state (decode_tile.cuh) for 9-16 packed rows, and for the row pair's more than 16.
+  // Written out twice, not as one lambda: that lambda moved the per-head kernel's registers.
+  if constexpr (kRowBlocks > 1) {
     DecodeWarpState<kHeadDim> st;
     st.init(p, b, kvh, mb, pad, end, lane / 4);
     stream_tiles(st);
     merge_and_store(st);
+  } else {
+    const auto attend_narrow = [&] {
+      DecodeWarpStateNarrow<kHeadDim> st;
+      st.init(p, b, kvh, pad, end, lane);
+      st.bind_layout(kv, key0, lane);
+      st.template load_q<Cfg>(sQ, lane);
+      stream_tiles(st);
+      merge_and_store(st);
+    };
+    if constexpr (kHeads > 1) {
+      attend_narrow();  // the host takes the head-pair form for at most 8 packed rows
+    } else if (rows_total <= kDecodeNarrowRows) {  // then mb = 0
+      attend_narrow();
+    } else {  // 9-16 packed rows
+      DecodeWarpState<kHeadDim> st;
+      st.init(p, b, kvh, mb, pad, end, lane / 4);
+      stream_tiles(st);
+      merge_and_store(st);
+    }
   }
 #endif
 }

@@ -26,6 +26,31 @@ struct DecodeNoHook {
   __device__ __forceinline__ void operator()() const {}
 };
 
+/// The default of attend's V-fragment hook: the fragments are used as loaded.
+struct DecodeNoVMask {
+  __device__ __forceinline__ void operator()(std::uint32_t (&)[4]) const {}
+};
+
+/// A V-fragment hook that zeroes the keys of the warp's 16 outside [lo, hi) in registers, for a
+/// form whose warps may not zero them in shared memory (the row pair: two warps read the same V
+/// rows). A lane's ldmatrix.trans fragments hold keys key0 + 2t, + 1 (halves of bv[0] and bv[2])
+/// and key0 + 8 + 2t, + 1 (bv[1] and bv[3]), t = lane % 4.
+struct DecodeVEdgeMask {
+  std::uint32_t keep_low, keep_high;  ///< per 16-bit half: all ones where the key is in [lo, hi)
+  __device__ __forceinline__ DecodeVEdgeMask(int slot0, int lo, int hi, int lane) {
+    const auto keep = [lo, hi](int slot) { return slot >= lo && slot < hi; };
+    const int s = slot0 + 2 * (lane % 4);
+    keep_low = (keep(s) ? 0x0000ffffu : 0u) | (keep(s + 1) ? 0xffff0000u : 0u);
+    keep_high = (keep(s + 8) ? 0x0000ffffu : 0u) | (keep(s + 9) ? 0xffff0000u : 0u);
+  }
+  __device__ __forceinline__ void operator()(std::uint32_t (&bv)[4]) const {
+    bv[0] &= keep_low;
+    bv[2] &= keep_low;
+    bv[1] &= keep_high;
+    bv[3] &= keep_high;
+  }
+};
+
 /// What the masks need of one packed query row of the CTA, and its scores through them.
 struct DecodeRowMask {
   bool ok;      ///< the CTA has the row (else its query is zeros and it is never stored)
@@ -99,12 +124,14 @@ struct DecodeWarpState {
   /// Attends the warp's 16 keys (rows key0 .. key0 + 15 of the staged tile, slots n0 + key0 ...)
   /// with Q. Cfg::q_offset(row, chunk) addresses sQ, kv.offset(row, chunk) sK and sV (elements;
   /// chunk = 8 elements). k_done() runs once the warp's reads of sK are done, v_wait() before
-  /// its first read of sV (a pipeline with separate K and V stages; no-ops by default).
-  template <class Cfg, Dtype kDtype, class KvLayout, class KDone = DecodeNoHook, class VWait = DecodeNoHook>
+  /// its first read of sV (a pipeline with separate K and V stages; no-ops by default), v_mask(bv)
+  /// on each V fragment after its load (DecodeVEdgeMask; by default nothing).
+  template <class Cfg, Dtype kDtype, class KvLayout, class KDone = DecodeNoHook, class VWait = DecodeNoHook,
+            class VMask = DecodeNoVMask>
   __device__ __forceinline__ void attend(const DecodeParams& p, const std::uint16_t* sQ,
                                          const std::uint16_t* sK, const std::uint16_t* sV, const KvLayout& kv,
                                          int n0, int key0, int pad, int end, int lane, KDone k_done = {},
-                                         VWait v_wait = {}) {
+                                         VWait v_wait = {}, VMask v_mask = {}) {
     using Traits = cuda_prefill::ElementTraits<kDtype>;
     constexpr float kLog2e = 1.4426950408889634f;
     const int t = lane % 4;
@@ -191,6 +218,7 @@ struct DecodeWarpState {
       cute::SM75_U16x8_LDSM_T::copy(
           *reinterpret_cast<const cute::uint128_t*>(sV + kv.offset(key0 + (lane % 8) + ((lane / 8) % 2) * 8, dp * 2 + (lane / 8) / 2)),
           bv[0], bv[1], bv[2], bv[3]);
+      v_mask(bv);
       float* o0 = acc_o[2 * dp];
       float* o1 = acc_o[2 * dp + 1];
       Traits::Mma::fma(o0[0], o0[1], o0[2], o0[3], pa[0], pa[1], pa[2], pa[3], bv[0], bv[1], o0[0], o0[1], o0[2], o0[3]);
