@@ -703,10 +703,13 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads, kRowBlocks>
     }
   };
   // The wide state (decode_tile.cuh) for 9-16 packed rows, and for the row pair's more than 16.
-  // Written out twice, not as one lambda: that lambda moved the per-head kernel's registers.
+  // Written out twice, not as one lambda: that lambda moved the per-head kernel's registers. Q in
+  // registers up to head_dim 128 (32 more at 128; at 256 they would be 64, past the budget).
+  constexpr bool kWideQInRegisters = kHeadDim <= 128;
   if constexpr (kRowBlocks > 1) {
-    DecodeWarpState<kHeadDim> st;
+    DecodeWarpState<kHeadDim, kWideQInRegisters> st;
     st.init(p, b, kvh, mb, pad, end, lane / 4);
+    if constexpr (kWideQInRegisters) st.template load_q<Cfg>(sQ, lane);
     stream_tiles(st);
     merge_and_store(st);
   } else {
@@ -723,8 +726,9 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads, kRowBlocks>
     } else if (rows_total <= kDecodeNarrowRows) {  // then mb = 0
       attend_narrow();
     } else {  // 9-16 packed rows
-      DecodeWarpState<kHeadDim> st;
+      DecodeWarpState<kHeadDim, kWideQInRegisters> st;
       st.init(p, b, kvh, mb, pad, end, lane / 4);
+      if constexpr (kWideQInRegisters) st.template load_q<Cfg>(sQ, lane);
       stream_tiles(st);
       merge_and_store(st);
     }

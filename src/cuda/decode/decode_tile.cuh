@@ -97,10 +97,15 @@ struct DecodePlainKeys {
 
 /// One warp's state: the O accumulator fragments of its 16 rows (m16n8 layout, rows g and g + 8
 /// of the lane), the running max (log2 domain) and sum, and what the masks need per row.
-template <int kHeadDim>
+/// kQInRegisters: Q's A fragments are loaded once (load_q) and kept, 2 x head_dim / 8 registers,
+/// instead of an ldmatrix per k16 step of every tile (the sm_90 kernel up to head_dim 128; the
+/// cp.async kernel's 128-register budget has no room for them).
+template <int kHeadDim, bool kQInRegisters = false>
 struct DecodeWarpState {
   static constexpr int DT = kHeadDim / 8;
+  static constexpr int KS = kHeadDim / 16;  ///< k16 steps of Q K^T
   float acc_o[DT][4];
+  std::uint32_t q_frag[kQInRegisters ? KS : 1][4];  ///< A fragments of Q per k16 step (kQInRegisters)
   float row_max[2], row_sum[2];
   DecodeRowMask row[2];  ///< lane rows g and g + 8
   DecodePlainKeys plain_keys;
@@ -121,8 +126,25 @@ struct DecodeWarpState {
       for (int e = 0; e < 4; ++e) acc_o[dt][e] = 0.0f;
   }
 
+  /// Q's A fragments of every k16 step from the staged Q (kQInRegisters; rows past the CTA's are
+  /// zeros), laid out as attend would load them.
+  template <class Cfg>
+  __device__ __forceinline__ void load_q(const std::uint16_t* sQ, int lane) {
+    static_assert(kQInRegisters, "only a state that keeps Q");
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) load_q_step<Cfg>(sQ, ks, lane, q_frag[ks]);
+  }
+
+  /// Q's A fragment of k16 step ks (rows lane % 8 + 8 ((lane / 8) % 2), chunk 2 ks + lane / 16).
+  template <class Cfg>
+  static __device__ __forceinline__ void load_q_step(const std::uint16_t* sQ, int ks, int lane, std::uint32_t (&a)[4]) {
+    cute::SM75_U32x4_LDSM_N::copy(
+        *reinterpret_cast<const cute::uint128_t*>(sQ + Cfg::q_offset((lane % 8) + ((lane / 8) % 2) * 8, ks * 2 + lane / 16)),
+        a[0], a[1], a[2], a[3]);
+  }
+
   /// Attends the warp's 16 keys (rows key0 .. key0 + 15 of the staged tile, slots n0 + key0 ...)
-  /// with Q. Cfg::q_offset(row, chunk) addresses sQ, kv.offset(row, chunk) sK and sV (elements;
+  /// with Q (from sQ, or the registers load_q filled). Cfg::q_offset(row, chunk) addresses sQ, kv.offset(row, chunk) sK and sV (elements;
   /// chunk = 8 elements). k_done() runs once the warp's reads of sK are done, v_wait() before
   /// its first read of sV (a pipeline with separate K and V stages; no-ops by default), v_mask(bv)
   /// on each V fragment after its load (DecodeVEdgeMask; by default nothing).
@@ -139,11 +161,10 @@ struct DecodeWarpState {
     // S = Q K^T for the warp's keys (two n8 tiles).
     float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
 #pragma unroll
-    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-      std::uint32_t a[4], bk[4];
-      cute::SM75_U32x4_LDSM_N::copy(
-          *reinterpret_cast<const cute::uint128_t*>(sQ + Cfg::q_offset((lane % 8) + ((lane / 8) % 2) * 8, ks * 2 + lane / 16)),
-          a[0], a[1], a[2], a[3]);
+    for (int ks = 0; ks < KS; ++ks) {
+      std::uint32_t a_loaded[4], bk[4];
+      if constexpr (!kQInRegisters) load_q_step<Cfg>(sQ, ks, lane, a_loaded);
+      const std::uint32_t(&a)[4] = kQInRegisters ? q_frag[ks] : a_loaded;
       cute::SM75_U32x4_LDSM_N::copy(
           *reinterpret_cast<const cute::uint128_t*>(sK + kv.offset(key0 + (lane % 8) + ((lane / 8) / 2) * 8, ks * 2 + (lane / 8) % 2)),
           bk[0], bk[1], bk[2], bk[3]);
@@ -162,6 +183,8 @@ struct DecodeWarpState {
     const int slot_base = n0 + key0 + 2 * t;
     const bool plain = plain_keys.covers(n0 + key0, n0 + key0 + Cfg::kWarpKeys - 1);
     const float scale_log2 = p.scale * kLog2e;
+    float m_new[2] = {row_max[0], row_max[1]};
+    bool grew = false;
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       if (hr == 1 && !upper_rows) {
@@ -187,17 +210,28 @@ struct DecodeWarpState {
             tile_max = fmaxf(tile_max, x);
           }
       }
-      tile_max = cuda_prefill::quad_max(tile_max);
-      const float m_new = fmaxf(row_max[hr], tile_max);
-      const float factor = m_new == -INFINITY ? 1.0f : cuda_prefill::fast_exp2(row_max[hr] - m_new);
-      row_max[hr] = m_new;
-      row_sum[hr] *= factor;
+      m_new[hr] = fmaxf(row_max[hr], cuda_prefill::quad_max(tile_max));
+      grew |= m_new[hr] != row_max[hr];
+    }
+    // A row whose max did not grow has factor exactly 1: skip the multiplications when no row of
+    // the warp grew (most tiles once the max has settled; the results are the same bits).
+    if (__any_sync(0xffffffffu, grew)) {
 #pragma unroll
-      for (int dt = 0; dt < DT; ++dt) {
-        acc_o[dt][hr * 2] *= factor;
-        acc_o[dt][hr * 2 + 1] *= factor;
+      for (int hr = 0; hr < 2; ++hr) {
+        const float factor = m_new[hr] == -INFINITY ? 1.0f : cuda_prefill::fast_exp2(row_max[hr] - m_new[hr]);
+        row_sum[hr] *= factor;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+          acc_o[dt][hr * 2] *= factor;
+          acc_o[dt][hr * 2 + 1] *= factor;
+        }
       }
-      const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+    }
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      if (hr == 1 && !upper_rows) continue;
+      row_max[hr] = m_new[hr];
+      const float m_use = m_new[hr] == -INFINITY ? 0.0f : m_new[hr];
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
