@@ -703,9 +703,10 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads, kRowBlocks>
     }
   };
   // The wide state (decode_tile.cuh) for 9-16 packed rows, and for the row pair's more than 16.
-  // Written out twice, not as one lambda: that lambda moved the per-head kernel's registers. Q in
-  // registers up to head_dim 128 (32 more at 128; at 256 they would be 64, past the budget).
-  constexpr bool kWideQInRegisters = kHeadDim <= 128;
+  // Written out twice, not as one lambda: that lambda moved the per-head kernel's registers. The
+  // row pair keeps Q in registers (1-2% at its 8k-32k rows; in the per-head kernel it moved
+  // nothing measurable and took it to 165 of its 170 registers: bench/NOTES.md, session 87).
+  constexpr bool kWideQInRegisters = kRowBlocks > 1;
   if constexpr (kRowBlocks > 1) {
     DecodeWarpState<kHeadDim, kWideQInRegisters> st;
     st.init(p, b, kvh, mb, pad, end, lane / 4);

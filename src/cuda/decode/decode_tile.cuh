@@ -97,9 +97,8 @@ struct DecodePlainKeys {
 
 /// One warp's state: the O accumulator fragments of its 16 rows (m16n8 layout, rows g and g + 8
 /// of the lane), the running max (log2 domain) and sum, and what the masks need per row.
-/// kQInRegisters: Q's A fragments are loaded once (load_q) and kept, 2 x head_dim / 8 registers,
-/// instead of an ldmatrix per k16 step of every tile (the sm_90 kernel up to head_dim 128; the
-/// cp.async kernel's 128-register budget has no room for them).
+/// kQInRegisters: Q's A fragments are loaded once (load_q) and kept, head_dim / 4 registers,
+/// instead of an ldmatrix per k16 step of every tile (the sm_90 row pair, head_dim <= 128).
 template <int kHeadDim, bool kQInRegisters = false>
 struct DecodeWarpState {
   static constexpr int DT = kHeadDim / 8;
@@ -144,10 +143,11 @@ struct DecodeWarpState {
   }
 
   /// Attends the warp's 16 keys (rows key0 .. key0 + 15 of the staged tile, slots n0 + key0 ...)
-  /// with Q (from sQ, or the registers load_q filled). Cfg::q_offset(row, chunk) addresses sQ, kv.offset(row, chunk) sK and sV (elements;
-  /// chunk = 8 elements). k_done() runs once the warp's reads of sK are done, v_wait() before
-  /// its first read of sV (a pipeline with separate K and V stages; no-ops by default), v_mask(bv)
-  /// on each V fragment after its load (DecodeVEdgeMask; by default nothing).
+  /// with Q (from sQ, or the registers load_q filled). Cfg::q_offset(row, chunk) addresses sQ,
+  /// kv.offset(row, chunk) sK and sV (elements; chunk = 8 elements). k_done() runs once the warp's
+  /// reads of sK are done, v_wait() before its first read of sV (a pipeline with separate K and V
+  /// stages; no-ops by default), v_mask(bv) on each V fragment after its load (DecodeVEdgeMask; by
+  /// default nothing).
   template <class Cfg, Dtype kDtype, class KvLayout, class KDone = DecodeNoHook, class VWait = DecodeNoHook,
             class VMask = DecodeNoVMask>
   __device__ __forceinline__ void attend(const DecodeParams& p, const std::uint16_t* sQ,
@@ -183,8 +183,6 @@ struct DecodeWarpState {
     const int slot_base = n0 + key0 + 2 * t;
     const bool plain = plain_keys.covers(n0 + key0, n0 + key0 + Cfg::kWarpKeys - 1);
     const float scale_log2 = p.scale * kLog2e;
-    float m_new[2] = {row_max[0], row_max[1]};
-    bool grew = false;
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       if (hr == 1 && !upper_rows) {
@@ -210,28 +208,17 @@ struct DecodeWarpState {
             tile_max = fmaxf(tile_max, x);
           }
       }
-      m_new[hr] = fmaxf(row_max[hr], cuda_prefill::quad_max(tile_max));
-      grew |= m_new[hr] != row_max[hr];
-    }
-    // A row whose max did not grow has factor exactly 1: skip the multiplications when no row of
-    // the warp grew (most tiles once the max has settled; the results are the same bits).
-    if (__any_sync(0xffffffffu, grew)) {
+      tile_max = cuda_prefill::quad_max(tile_max);
+      const float m_new = fmaxf(row_max[hr], tile_max);
+      const float factor = m_new == -INFINITY ? 1.0f : cuda_prefill::fast_exp2(row_max[hr] - m_new);
+      row_max[hr] = m_new;
+      row_sum[hr] *= factor;
 #pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const float factor = m_new[hr] == -INFINITY ? 1.0f : cuda_prefill::fast_exp2(row_max[hr] - m_new[hr]);
-        row_sum[hr] *= factor;
-#pragma unroll
-        for (int dt = 0; dt < DT; ++dt) {
-          acc_o[dt][hr * 2] *= factor;
-          acc_o[dt][hr * 2 + 1] *= factor;
-        }
+      for (int dt = 0; dt < DT; ++dt) {
+        acc_o[dt][hr * 2] *= factor;
+        acc_o[dt][hr * 2 + 1] *= factor;
       }
-    }
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      if (hr == 1 && !upper_rows) continue;
-      row_max[hr] = m_new[hr];
-      const float m_use = m_new[hr] == -INFINITY ? 0.0f : m_new[hr];
+      const float m_use = m_new == -INFINITY ? 0.0f : m_new;
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
