@@ -704,13 +704,12 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads, kRowBlocks>
   };
   // The wide state (decode_tile.cuh) for 9-16 packed rows, and for the row pair's more than 16.
   // Written out twice, not as one lambda: that lambda moved the per-head kernel's registers. The
-  // row pair keeps Q in registers (1-2% at its 8k-32k rows; in the per-head kernel it moved
+  // row pair keeps Q in registers (1.2-3.5% at its 8k-32k rows; in the per-head kernel it moved
   // nothing measurable and took it to 165 of its 170 registers: bench/NOTES.md, session 87).
-  constexpr bool kWideQInRegisters = kRowBlocks > 1;
   if constexpr (kRowBlocks > 1) {
-    DecodeWarpState<kHeadDim, kWideQInRegisters> st;
+    DecodeWarpState<kHeadDim, /*kQInRegisters=*/true> st;
     st.init(p, b, kvh, mb, pad, end, lane / 4);
-    if constexpr (kWideQInRegisters) st.template load_q<Cfg>(sQ, lane);
+    st.template load_q<Cfg>(sQ, lane);
     stream_tiles(st);
     merge_and_store(st);
   } else {
@@ -727,9 +726,8 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads, kRowBlocks>
     } else if (rows_total <= kDecodeNarrowRows) {  // then mb = 0
       attend_narrow();
     } else {  // 9-16 packed rows
-      DecodeWarpState<kHeadDim, kWideQInRegisters> st;
+      DecodeWarpState<kHeadDim> st;
       st.init(p, b, kvh, mb, pad, end, lane / 4);
-      if constexpr (kWideQInRegisters) st.template load_q<Cfg>(sQ, lane);
       stream_tiles(st);
       merge_and_store(st);
     }
