@@ -692,6 +692,28 @@ def test_split_heuristic_cluster_bound_by_head_dim(seed, head_dim, cache_len, pa
     assert heuristic_splits(case, 1, 32, head_dim) == splits
 
 
+@pytest.mark.parametrize("heads_kv,sq,cache_len,page,wide,narrow", [
+    (8, 4, 1024, 16, 8, 8), (8, 4, 8192, 16, 16, 8), (8, 4, 8192, None, 16, 8), (8, 8, 8192, 16, 16, 8),
+    (8, 8, 1024, 16, 4, 4), (2, 1, 8192, 16, 64, 8)])
+def test_split_heuristic_wide_rows(seed, heads_kv, sq, cache_len, page, wide, narrow, monkeypatch):
+    """num_splits=0 on an sm_90 GPU with 132 SMs (README): per-head CTAs of more than 8 packed query
+    rows (the wide math: GQA 32/8 at 4 query rows, the row pair at 8 from 4096 slots, GQA 32/2 at
+    one) merge their splits in clusters only while a CTA streams at most 8 key tiles, and take no
+    doubling on small paged boxes: batch 1 / 8k takes the one-wave count (16; 64 for 2 KV heads)
+    where the narrow math's rule (FASTATTN_DECODE_WIDE_SPLITS=0) takes 8 in clusters of 16 tiles.
+    At 1k both take the clustered count. Read off the workspace; both answers checked against the
+    float32 reference."""
+    if torch.cuda.get_device_capability() != (9, 0) or torch.cuda.get_device_properties(DEV).multi_processor_count != 132:
+        pytest.skip("the sm_90 kernel's heuristic on 132 SMs")
+    case = build_case(seed, torch.bfloat16, dict(B=1, Hq=32, Hkv=heads_kv, D=128, cache_len=cache_len, Sq=sq,
+                                                 Snew=0, lens=[cache_len], page=page, opt="causal"))
+    run_case(case)
+    assert heuristic_splits(case, 1, 32, 128, seqlen_q=sq) == wide
+    monkeypatch.setenv("FASTATTN_DECODE_WIDE_SPLITS", "0")
+    run_case(case)
+    assert heuristic_splits(case, 1, 32, 128, seqlen_q=sq) == narrow
+
+
 @pytest.mark.parametrize("batch", [8, 40])
 @pytest.mark.parametrize("layout", ["contiguous", "paged16"])
 def test_fixed_num_splits_invariant_across_grid_sizes(seed, layout, batch):
@@ -1180,13 +1202,13 @@ def test_interleaved_quarters(seed, kernel, config, monkeypatch):
         assert bool((out == 0).all()) and bool(torch.isneginf(lse).all())
 
 
-def heuristic_splits(case, batch, heads_q, head_dim):
+def heuristic_splits(case, batch, heads_q, head_dim, seqlen_q=1):
     """The split count the heuristic takes for case's call, read off the workspace it asks for (the
     partial states of exactly that many splits; none for one)."""
-    args = c_kwargs(case, case.make_out(), nan_full((batch, heads_q, 1), torch.float32))
+    args = c_kwargs(case, case.make_out(), nan_full((batch, heads_q, seqlen_q), torch.float32))
     got = _C.kvcache_workspace_bytes(**args)
     for splits in range(1, 129):
-        if got == _split_workspace_bytes(splits, batch * heads_q, head_dim):
+        if got == _split_workspace_bytes(splits, batch * heads_q * seqlen_q, head_dim):
             return splits
     raise AssertionError(f"no split count asks for {got} workspace bytes")
 

@@ -415,12 +415,15 @@ int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int req
       break;
     }
   const std::int64_t tiles = key_tiles(max_keys);
-  if (cluster_splits >= 2 && !clusters(splits) &&
-      (tiles + cluster_splits - 1) / cluster_splits <= decode_cluster_max_tiles_per_cta(p.head_dim, p.page_size))
+  const bool wide = decode_wide_split_rule(p);
+  const int max_cluster_tiles = wide ? std::min(kDecodeWideClusterMaxTilesPerCta,
+                                                decode_cluster_max_tiles_per_cta(p.head_dim, p.page_size))
+                                     : decode_cluster_max_tiles_per_cta(p.head_dim, p.page_size);
+  if (cluster_splits >= 2 && !clusters(splits) && (tiles + cluster_splits - 1) / cluster_splits <= max_cluster_tiles)
     splits = cluster_splits;
   // Small paged boxes: a count that needs the combine kernel anyway fills two CTAs per SM
-  // (kDecodeSmallBoxMaxHeadDim).
-  const bool small_boxes = sm90 && decode_small_paged_boxes(p.head_dim, p.page_size);
+  // (kDecodeSmallBoxMaxHeadDim), except for the wide math (decode_wide_split_rule).
+  const bool small_boxes = sm90 && !wide && decode_small_paged_boxes(p.head_dim, p.page_size);
   if (small_boxes && splits > 1 && !clusters(splits))
     splits = int(std::min<std::int64_t>(
         {2 * std::int64_t(splits), max_keys / kDecodeMinKeysPerSplit, kDecodeMaxHeuristicSplits}));

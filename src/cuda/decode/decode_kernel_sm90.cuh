@@ -192,6 +192,7 @@ struct DecodeSm90Config {
   static_assert(kRowBlocks == 1 || (kHeads == 1 && kRowBlocks == kDecodeRowPair && kHeadDim <= kDecodeRowPairMaxHeadDim),
                 "the row-pair form is one head's two row blocks, up to head_dim 128");
   static_assert(kDecodeHeadPairMaxRows == kDecodeNarrowRows, "the host's head-pair row bound is the narrow math's");
+  static_assert(kDecodeWideRowsAbove == kDecodeNarrowRows, "the split rule's wide rows are the narrow math's bound");
 };
 
 /// The ring's barriers at the start of shared memory, [full_k | full_v | empty_k | empty_v] x

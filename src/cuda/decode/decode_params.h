@@ -448,6 +448,29 @@ constexpr int decode_cluster_max_tiles_per_cta(int head_dim, int page_size) {
                                                          : 16;
 }
 
+/// Packed query rows per KV head above which a per-head CTA runs the wide math (decode_tile.cuh,
+/// 16 rows a warp) instead of the narrow one (decode_tile_narrow.cuh); the row pair runs it too.
+constexpr int kDecodeWideRowsAbove = 8;
+
+/// The split heuristic's bound for per-head CTAs of the wide math (decode_wide_split_rule): they
+/// take clustered splits only while a CTA streams at most this many 64-key tiles. On the H200
+/// (bench/NOTES.md, session 87; GQA 32/8 at 4 and 8 query rows a request, pages of 16) 8 clustered
+/// splits of 2 tiles (batch 1 / 1k) were 7-12% faster than the combine kernel's counts, but of 16
+/// tiles (batch 1 / 8k) 8% slower than 12-16 splits through the combine kernel at 16 rows and 19%
+/// at the row pair's 32: a wide CTA's math, not the read, bounds a small grid, so more CTAs pay.
+constexpr int kDecodeWideClusterMaxTilesPerCta = 8;
+
+/// Whether the split heuristic takes the wide math's rule for p (per-head CTAs of more than
+/// kDecodeWideRowsAbove packed rows): the cluster bound above, and no doubling of a combine-kernel
+/// count on small paged boxes (at the row pair's one CTA per SM that doubling is a second wave:
+/// batch 1 / 8k at 32 rows 28.5 against 22.7 us). FASTATTN_DECODE_WIDE_SPLITS=0 keeps the narrow
+/// math's rule for every shape (for comparison).
+inline bool decode_wide_split_rule(const DecodeParams& p) {
+  const char* env = std::getenv("FASTATTN_DECODE_WIDE_SPLITS");
+  if (env && std::strcmp(env, "0") == 0) return false;
+  return p.head_group == 0 && p.kv_heads_per_cta == 1 && p.group * p.seqlen_q > kDecodeWideRowsAbove;
+}
+
 /// Grids of the head-pair and head-quad forms smaller than a wave split their keys, merged in
 /// clusters (decode_form_splits), into CTAs of at least this many 64-key tiles. On the H200 at
 /// head_dim 64 (bench/NOTES.md, session 34) clustered pair CTAs of 4 tiles were mixed against the

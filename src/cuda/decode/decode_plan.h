@@ -84,8 +84,10 @@ int decode_row_blocks_per_cta(const check::ArgChecker& c, const DecodeParams& p,
 /// CTA per SM for the sm_90 kernel, two for the cp.async kernel at head_dim <= 128), at least two
 /// 64-key tiles per split (kDecodeMinKeysPerSplit), at most kDecodeMaxHeuristicSplits (128), kept
 /// only when it pays (decode_split_cost_blocks); then fewer splits when those merge inside clusters
-/// and the one-wave count would not (decode_cluster_max_tiles_per_cta); on small paged boxes
-/// (kDecodeSmallBoxMaxHeadDim), twice a count that still needs the combine kernel. The head-pair
+/// and the one-wave count would not (decode_cluster_max_tiles_per_cta; for per-head CTAs of the wide
+/// math, at most kDecodeWideClusterMaxTilesPerCta tiles: decode_wide_split_rule); on small paged
+/// boxes (kDecodeSmallBoxMaxHeadDim), twice a count that still needs the combine kernel (not for
+/// the wide math). The head-pair
 /// and head-quad forms take decode_form_splits (decode_host.cpp: the most splits, up to
 /// kMaxClusterSplits, that merge in clusters) unless `requested`.
 /// `max_keys` bounds every sequence's attended slots (known on the host without a device read), so
