@@ -87,9 +87,8 @@ int decode_row_blocks_per_cta(const check::ArgChecker& c, const DecodeParams& p,
 /// and the one-wave count would not (decode_cluster_max_tiles_per_cta; for per-head CTAs of the wide
 /// math, at most kDecodeWideClusterMaxTilesPerCta tiles: decode_wide_split_rule); on small paged
 /// boxes (kDecodeSmallBoxMaxHeadDim), twice a count that still needs the combine kernel (not for
-/// the wide math). The head-pair
-/// and head-quad forms take decode_form_splits (decode_host.cpp: the most splits, up to
-/// kMaxClusterSplits, that merge in clusters) unless `requested`.
+/// the wide math). The head-pair and head-quad forms take decode_form_splits (decode_host.cpp: the
+/// most splits, up to kMaxClusterSplits, that merge in clusters) unless `requested`.
 /// `max_keys` bounds every sequence's attended slots (known on the host without a device read), so
 /// the choice depends on shapes only.
 int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int requested, std::int64_t max_keys);
