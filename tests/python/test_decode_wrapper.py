@@ -60,6 +60,27 @@ def hnd_copy(kv):
     return t.contiguous() if torch is not None and isinstance(t, torch.Tensor) else np.ascontiguousarray(t)
 
 
+def paged_inputs(rng, lens, rows, hq, hkv, d, page_size, dtype, layout="NHD"):
+    """A random page pool for `lens` and q of `rows` rows: (indptr, indices, last, q, q64, kv, kv64,
+    before). kv is in `layout` (HND a copy); kv64, the reference's, stays NHD; before is kv's bytes
+    as float64, to check that run() leaves the cache unchanged."""
+    indptr, indices, last, num_pages = make_pages(rng, lens, page_size)
+    q, q64 = randn(rng, (rows, hq, d), dtype)
+    kv, kv64 = randn(rng, (num_pages, 2, page_size, hkv, d), dtype)
+    if layout == "HND":
+        kv = hnd_copy(kv)
+    return indptr, indices, last, q, q64, kv, kv64, to64(kv).copy()
+
+
+def run_poisoned(w, q, cache, rows, hq):
+    """w.run into NaN-poisoned out / lse of `rows` rows: (out, lse), checked to be the arrays given."""
+    out = nan_like(q)
+    lse = np.full((rows, hq), np.nan, np.float32)
+    o, l = w.run(q, cache, out=out, lse=lse, return_lse=True)
+    assert o is out and l is lse
+    return o, l
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("page_size", [1, 16])
 @pytest.mark.parametrize("packed", [True, False])
@@ -70,20 +91,13 @@ def test_decode_wrapper_cpu(rng, dtype, page_size, packed, layout):
     is left unchanged."""
     hq, hkv, d = 8, 2, 64
     lens = list(rng.permutation([0, 1, 17, 40, 129, int(rng.integers(200, 400))]))
-    indptr, indices, last, num_pages = make_pages(rng, lens, page_size)
-    q, q64 = randn(rng, (len(lens), hq, d), dtype)
-    kv, kv64 = randn(rng, (num_pages, 2, page_size, hkv, d), dtype)
-    if layout == "HND":
-        kv = hnd_copy(kv)  # kv64 stays NHD: the reference's
-    before = to64(kv).copy()
+    indptr, indices, last, q, q64, kv, kv64, before = paged_inputs(rng, lens, len(lens), hq, hkv, d, page_size,
+                                                                   dtype, layout)
     data_type = torch.bfloat16 if dtype == "bfloat16" else dtype
     wrapper = fastattn.BatchDecodeWithPagedKVCacheWrapper(np.empty(1 << 20, np.uint8), layout)
     wrapper.plan(indptr, indices, last, hq, hkv, d, page_size, q_data_type=data_type)
     cache = kv if packed else (kv[:, 0], kv[:, 1])
-    out = nan_like(q)
-    lse = np.full((len(lens), hq), np.nan, np.float32)
-    o, l = wrapper.run(q, cache, out=out, lse=lse, return_lse=True)
-    assert o is out and l is lse
+    o, l = run_poisoned(wrapper, q, cache, len(lens), hq)
     o64, lse64 = reference(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens)
     naive, _ = reference(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens, rnd=ref.rounder(dtype))
     assert_close("out", o, o64, naive, dtype, factor=FACTOR)
@@ -832,23 +846,16 @@ def test_decode_wrapper_q_len_cpu(rng, dtype, page_size, layout, q_len, heads):
     hq, hkv = heads
     d = 64
     lens = ragged_lens(rng, q_len)
-    indptr, indices, last, num_pages = make_pages(rng, lens, page_size)
     rows = len(lens) * q_len
-    q, q64 = randn(rng, (rows, hq, d), dtype)
-    kv, kv64 = randn(rng, (num_pages, 2, page_size, hkv, d), dtype)
-    if layout == "HND":
-        kv = hnd_copy(kv)  # kv64 stays NHD: the reference's
-    before = to64(kv).copy()
+    indptr, indices, last, q, q64, kv, kv64, before = paged_inputs(rng, lens, rows, hq, hkv, d, page_size, dtype,
+                                                                   layout)
     data_type = torch.bfloat16 if dtype == "bfloat16" else dtype
     w = fastattn.BatchDecodeWithPagedKVCacheWrapper(np.empty(1 << 20, np.uint8), layout)
     w.plan(indptr, indices, last, hq, hkv, d, page_size, q_data_type=data_type,
            q_len_per_req=q_len)
     assert w.num_splits == 0 and w.split_counts is None  # the CPU backend plans its threads
     cache = (kv[:, 0], kv[:, 1]) if q_len == 3 else kv
-    out = nan_like(q)
-    lse = np.full((rows, hq), np.nan, np.float32)
-    o, l = w.run(q, cache, out=out, lse=lse, return_lse=True)
-    assert o is out and l is lse
+    o, l = run_poisoned(w, q, cache, rows, hq)
     o64, lse64 = reference_rows(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens, q_len)
     naive, _ = reference_rows(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens, q_len,
                               rnd=ref.rounder(dtype))
