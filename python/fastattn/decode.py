@@ -282,19 +282,42 @@ class _GraphBuffers:
         return self.arrays[self.batch:]
 
 
-def _check_rare_run_arguments(args, q_scale, k_scale, v_scale, q_len_per_req, planned) -> None:
-    """run()'s errors for the arguments it does not take, and its check of a q_len_per_req given
-    to it (which must be the plan's), kept off its common path."""
+def _check_rare_run_arguments(args, q_len_per_req, planned) -> None:
+    """run()'s error for extra positional arguments, and its check of a q_len_per_req given to it
+    (which must be the plan's), kept off its common path."""
     if args:
         raise TypeError(f"run() takes q and paged_kv_cache positionally, got {len(args)} more")
-    for name, x in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale)):
-        if x is not None:
-            raise NotImplementedError(f"{name} is not supported by fastattn's decode wrapper")
     if q_len_per_req is not None:
         got = as_int(q_len_per_req, "q_len_per_req")
         if got != planned:
             raise ValueError(f"q_len_per_req given to run() must be the one plan() was given "
                              f"({planned}), got {got}: pass it to plan()")
+
+
+def _calibration_scale(value, name: str) -> float:
+    """One of run()'s q_scale / k_scale / v_scale: None -> 1.0, else a finite number on the host
+    (reading a GPU array would synchronise, and a captured call must not)."""
+    if value is None:
+        return 1.0
+    if is_cuda(value):
+        raise TypeError(f"{name} must be a number on the host (a Python or numpy scalar), got an "
+                        f"array on a GPU")
+    x = as_float(value, name)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+    return x
+
+
+def _scaled_softmax_scale(plan, q_scale, k_scale) -> float:
+    """The plan's softmax scale (None: 1 / sqrt(head_dim)) times q_scale * k_scale, as FlashInfer
+    folds them: the scores are (q . k) * sm_scale * q_scale * k_scale before the soft cap."""
+    base = plan["sm_scale"]
+    if base is None:
+        base = 1.0 / math.sqrt(plan["head_dim"])
+    scale = base * _calibration_scale(q_scale, "q_scale") * _calibration_scale(k_scale, "k_scale")
+    if not math.isfinite(scale):
+        raise ValueError(f"sm_scale * q_scale * k_scale must be finite, got {scale}")
+    return scale
 
 
 def _q_len_per_req(q_len_per_req) -> int:
@@ -354,8 +377,10 @@ class BatchDecodeWithPagedKVCacheWrapper:
     :func:`fastattn.lse_base2_to_natural`); ``sinks`` in ``run()``; ``fixed_split_size`` (split
     counts that depend on each request's own pages only: batch-invariant results);
     ``q_len_per_req`` in ``plan()`` (several query rows per request, causal within them:
-    speculative decoding), with ``window_right``; ``o_data_type`` equal to q's dtype. Not supported
-    (a clear error): fused RoPE, ALiBi mode, fp8 scales and other output dtypes.
+    speculative decoding), with ``window_right``; ``o_data_type`` equal to q's dtype; ``q_scale``,
+    ``k_scale`` and ``v_scale`` in ``run()`` (FlashInfer's calibration scales, on caches of q's
+    dtype). Not supported (a clear error): fused RoPE, ALiBi mode, fp8 caches and other output
+    dtypes.
     """
 
     def __init__(self, float_workspace_buffer, kv_layout: str = "NHD", use_cuda_graph: bool = False,
@@ -631,15 +656,27 @@ class BatchDecodeWithPagedKVCacheWrapper:
         query's softmax as one more logit (in the units of the scaled, soft-capped scores) with a
         zero value row; folded into each output row as it is written (no extra kernel), and the
         LSE then includes it.
+        q_scale, k_scale, v_scale: FlashInfer's calibration scales, None (1) or finite numbers on
+        the host: the scores are (q . k) * sm_scale * q_scale * k_scale (before the soft cap, and
+        the LSE is theirs), and out is multiplied by v_scale after the kernels have written it, in
+        place (one elementwise op; none where v_scale is 1, as vLLM passes it for 16-bit caches).
+        The cache keeps q's dtype: there are no fp8 caches for the scales to dequantise.
         Returns out, or (out, lse) with return_lse: natural-log LSE (FlashInfer's is base 2).
         """
         runner = self._runner
         if runner is None:
             raise RuntimeError("BatchDecodeWithPagedKVCacheWrapper.plan() must be called before run()")
         plan = self._plan
-        if (args or q_scale is not None or k_scale is not None or v_scale is not None
-                or q_len_per_req is not None):
-            _check_rare_run_arguments(args, q_scale, k_scale, v_scale, q_len_per_req, plan["q_len"])
+        if args or q_len_per_req is not None:
+            _check_rare_run_arguments(args, q_len_per_req, plan["q_len"])
+        sm_scale, out_scale = plan["sm_scale"], 1.0
+        if q_scale is not None or k_scale is not None:
+            sm_scale = _scaled_softmax_scale(plan, q_scale, k_scale)
+        if v_scale is not None:
+            out_scale = _calibration_scale(v_scale, "v_scale")
+            if out_scale != 1.0 and out is not None and framework(out) not in ("numpy", "torch", "cupy"):
+                raise TypeError(f"out must be a numpy, torch or cupy array where v_scale != 1 (the "
+                                f"output is scaled in place), got {type(out).__name__}")
         check_array(q, "q")
         if isinstance(paged_kv_cache, (tuple, list)):
             if len(paged_kv_cache) != 2:
@@ -657,8 +694,13 @@ class BatchDecodeWithPagedKVCacheWrapper:
         left = plan["window_left"] if window_left is None else as_int(window_left, "window_left")
         alloc = None if self._graph is not None else (
             lambda nbytes: empty(q, (nbytes,), "uint8"))  # the caller's allocator, when needed
-        call_op(runner.run, prepare(q), pages, v_pages, o, lse, left, plan["sm_scale"],
+        call_op(runner.run, prepare(q), pages, v_pages, o, lse, left, sm_scale,
                 plan["softcap"], cuda_stream_of(q), alloc, prepare(sinks))
+        if out_scale != 1.0:
+            # FlashInfer's v_scale: the rounded output scaled once more, in place (one elementwise
+            # op; a torch out that requires grad is scaled through its detached view).
+            scaled = prepare(o)
+            scaled *= out_scale
         if return_lse:
             return finalize(q, o), finalize(q, lse)
         return finalize(q, o)

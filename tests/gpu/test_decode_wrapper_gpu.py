@@ -255,6 +255,57 @@ def test_options(seed):
     b.check(w, window_left=-1, softcap=20.0, softmax_scale=0.07)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_calibration_scales(seed, dtype):
+    """run(q_scale=, k_scale=, v_scale=): the scores scaled by sm_scale * q_scale * k_scale before
+    the soft cap, out by v_scale; on a ragged batch (a split count per request) into poisoned out /
+    lse; k_scale = v_scale = 1.0 (vLLM's call) the same bits as none; captured with
+    use_cuda_graph=True (the v_scale multiply inside the graph), each replay equal to the eager
+    call bitwise; a scale given as a GPU tensor refused before anything is written."""
+    hq, hkv, d, ps, softcap = 32, 8, 128, 16, 30.0
+    lens = long_among_short(seed, 12, 20000, 2, 300)
+    lens[seed.randrange(len(lens))] = 0
+    b = Batch(seed, dtype, lens, ps, hq, hkv, d)
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(workspace())
+    b.plan(w, logits_soft_cap=softcap)
+    qs, ks, vs = (seed.uniform(0.3, 2.5) for _ in range(3))
+    out = nan_full(b.q.shape, b.q.dtype)
+    lse = nan_full(b.q.shape[:2], torch.float32)
+    before = b.pages.clone()
+    w.run(b.q, b.pages, out=out, lse=lse, q_scale=qs, k_scale=ks, v_scale=vs)
+    torch.cuda.synchronize()
+    ref_kw = dict(softcap=softcap, softmax_scale=d ** -0.5 * qs * ks)
+    ref, lse_ref = b.reference(False, **ref_kw)
+    naive, _ = b.reference(True, **ref_kw)
+    naive = (naive.to(dtype) * vs).to(dtype).to(torch.float64)  # stored in the dtype, then scaled
+    R.assert_out_close("out", out, ref * vs, naive, factor=FACTOR)
+    R.assert_lse_close("lse", lse, lse_ref)
+    assert torch.equal(b.pages, before), "run() wrote into the cache"
+    plain = w.run(b.q, b.pages)
+    R.assert_bitwise_equal("k_scale = v_scale = 1.0", w.run(b.q, b.pages, k_scale=1.0, v_scale=1.0), plain)
+    out.fill_(float("nan"))
+    with pytest.raises(TypeError, match="k_scale must be a number on the host .*, got an array on a GPU"):
+        w.run(b.q, b.pages, out=out, k_scale=torch.ones((), device=DEV))
+    assert out.isnan().all(), "a refused run() wrote its output"
+
+    pages = sum(-(-n // ps) for n in lens)
+    g = fastattn.BatchDecodeWithPagedKVCacheWrapper(
+        workspace(), use_cuda_graph=True,
+        paged_kv_indptr_buffer=torch.empty(len(lens) + 1, dtype=torch.int32, device=DEV),
+        paged_kv_indices_buffer=torch.empty(pages + 8, dtype=torch.int32, device=DEV),
+        paged_kv_last_page_len_buffer=torch.empty(len(lens), dtype=torch.int32, device=DEV))
+    b.plan(g, logits_soft_cap=softcap)
+    graph_out = torch.empty_like(b.q)
+    graph = warm_and_capture(lambda: g.run(b.q, b.pages, out=graph_out, q_scale=qs, k_scale=ks, v_scale=vs))
+    for _ in range(2):
+        b.q.copy_(randn(*b.q.shape, dtype=dtype))
+        graph_out.fill_(float("nan"))
+        graph.replay()
+        eager = w.run(b.q, b.pages, q_scale=qs, k_scale=ks, v_scale=vs)
+        torch.cuda.synchronize()
+        R.assert_bitwise_equal("replay vs eager", graph_out, eager)
+
+
 def test_small_workspace_and_disable_split(seed):
     """A workspace too small for the split states: scratch comes from torch's allocator, the
     result is the same. disable_split_kv plans one split."""

@@ -139,6 +139,84 @@ def test_decode_wrapper_options_and_forward(rng):
         w.run(q, kv)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sm_scale", [None, 0.3])
+def test_decode_wrapper_calibration_scales(rng, dtype, sm_scale):
+    """run(q_scale=, k_scale=, v_scale=), FlashInfer's calibration scales: the scores are
+    (q . k) * sm_scale * q_scale * k_scale before the soft cap (the LSE is theirs), and out is the
+    attention times v_scale; forward() passes them on; 1.0 (what vLLM passes for 16-bit caches)
+    changes no bit; against the float64 reference, out / lse poisoned, the cache unchanged."""
+    hq, hkv, d, ps, softcap = 8, 2, 64, 16, 6.0
+    lens = list(rng.permutation([0, 1, 33, int(rng.integers(100, 500))]))
+    indptr, indices, last, q, q64, kv, kv64, before = paged_inputs(rng, lens, len(lens), hq, hkv, d, ps, dtype)
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(np.empty(1 << 20, np.uint8))
+    w.plan(indptr, indices, last, hq, hkv, d, ps, logits_soft_cap=softcap, sm_scale=sm_scale,
+           q_data_type=torch.bfloat16 if dtype == "bfloat16" else dtype)
+    qs, ks, vs = (float(x) for x in rng.uniform(0.3, 2.5, size=3))
+    scores_scale = ref.default_scale(d, sm_scale) * qs * ks
+    rnd = ref.rounder(dtype)
+    o64, lse64 = reference(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens, softcap=softcap,
+                           scale=scores_scale)
+    naive, _ = reference(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens, rnd=rnd, softcap=softcap,
+                         scale=scores_scale)
+    out = nan_like(q)
+    lse = np.full((len(lens), hq), np.nan, np.float32)
+    o, l = w.run(q, kv, out=out, lse=lse, return_lse=True, q_scale=qs, k_scale=ks, v_scale=vs)
+    assert o is out and l is lse
+    # An in-dtype computation stores its output in the dtype, then scales that by v_scale.
+    assert_close("out", o, o64 * vs, rnd(rnd(naive) * vs), dtype, factor=FACTOR)
+    assert_lse("lse", l, lse64)
+    assert np.array_equal(to64(kv), before), "run() wrote into the cache"
+    # The scales passed through forward_return_lse(), as numpy scalars.
+    fo, fl = w.forward_return_lse(q, kv, q_scale=np.float32(qs), k_scale=np.float64(ks), v_scale=vs)
+    assert_close("forward out", fo, o64 * vs, rnd(rnd(naive) * vs), dtype, factor=FACTOR)
+    assert_lse("forward lse", fl, lse64)
+    # vLLM's call with a 16-bit cache: k_scale = v_scale = 1.0, the same bits as no scales.
+    plain, plain_lse = w.run(q, kv, return_lse=True)
+    ones, ones_lse = w.run(q, kv, return_lse=True, q_scale=None, k_scale=1.0, v_scale=1.0)
+    assert np.array_equal(to64(ones), to64(plain)) and np.array_equal(ones_lse, plain_lse)
+
+
+def test_decode_wrapper_calibration_scale_errors(rng):
+    """Bad q_scale / k_scale / v_scale: the argument named, out / lse left poisoned."""
+    hq, hkv, d, ps = 4, 2, 16, 4
+    lens = [9, 3]
+    indptr, indices, last, q, q64, kv, kv64, _ = paged_inputs(rng, lens, 2, hq, hkv, d, ps, "float32")
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(np.empty(16, np.uint8))
+    w.plan(indptr, indices, last, hq, hkv, d, ps, q_data_type="float32")
+
+    class OtherArray:
+        """An array of a framework fastattn does not scale in place (DLPack only)."""
+
+        def __init__(self, a):
+            self.a, self.shape, self.dtype = a, a.shape, a.dtype
+
+        def __dlpack__(self, **kw):
+            return self.a.__dlpack__(**kw)
+
+        def __dlpack_device__(self):
+            return self.a.__dlpack_device__()
+
+    out, lse = nan_like(q), np.full((2, hq), np.nan, np.float32)
+    bad = [
+        (TypeError, "k_scale must be a number, got str", dict(k_scale="2")),
+        (TypeError, "q_scale must be a number, got list", dict(q_scale=[1.0])),
+        (ValueError, "v_scale must be finite, got nan", dict(v_scale=float("nan"))),
+        (ValueError, "q_scale must be finite, got inf", dict(q_scale=float("inf"))),
+        (ValueError, r"sm_scale \* q_scale \* k_scale must be finite, got inf",
+         dict(q_scale=1e200, k_scale=1e200)),
+        (TypeError, "out must be a numpy, torch or cupy array where v_scale != 1 .*, got OtherArray",
+         dict(v_scale=2.0, out=OtherArray(out))),
+    ]
+    for error, message, kw in bad:
+        kw.setdefault("out", out)
+        with pytest.raises(error, match=message):
+            w.run(q, kv, lse=lse, **kw)
+        assert np.isnan(out).all() and np.isnan(lse).all(), "a refused run() wrote its outputs"
+    want, _ = reference(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens)
+    assert_close("v_scale 0", w.run(q, kv, v_scale=0.0), 0.0 * want, 0.0 * want, "float32")
+
+
 def fixed_counts(lens, page_size, size, window_left=-1, q_len=1):
     """FlashInfer's fixed_split_size counts, written out: ceil(max(1, attended pages) / size),
     a request's attended keys the union of its q_len rows' windows, min(n, window_left + q_len)."""
@@ -258,8 +336,6 @@ def test_decode_wrapper_errors(rng):
         w.run(q, kv, out=np.empty((2, hq, d + 1), np.float32))
     with pytest.raises(ValueError, match="lse must have shape"):
         w.run(q, kv, lse=np.empty((2, hq + 1), np.float32))
-    with pytest.raises(NotImplementedError, match="k_scale"):
-        w.run(q, kv, k_scale=2.0)
     with pytest.raises(ValueError, match=r"q_len_per_req given to run\(\) must be the one plan\(\) was "
                                          r"given \(1\), got 2: pass it to plan\(\)"):
         w.run(q, kv, q_len_per_req=2)
