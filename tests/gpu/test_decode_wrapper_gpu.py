@@ -301,9 +301,13 @@ def test_calibration_scales(seed, dtype):
         b.q.copy_(randn(*b.q.shape, dtype=dtype))
         graph_out.fill_(float("nan"))
         graph.replay()
-        eager = w.run(b.q, b.pages, q_scale=qs, k_scale=ks, v_scale=vs)
+        eager = g.run(b.q, b.pages, q_scale=qs, k_scale=ks, v_scale=vs)  # the same plan, not captured
         torch.cuda.synchronize()
         R.assert_bitwise_equal("replay vs eager", graph_out, eager)
+        ref, _ = b.reference(False, **ref_kw)
+        naive, _ = b.reference(True, **ref_kw)
+        naive = (naive.to(dtype) * vs).to(dtype).to(torch.float64)
+        R.assert_out_close("replay", graph_out, ref * vs, naive, factor=FACTOR)
 
 
 def test_small_workspace_and_disable_split(seed):
