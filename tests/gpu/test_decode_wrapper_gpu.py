@@ -110,6 +110,16 @@ def workspace():
     return torch.empty(64 << 20, dtype=torch.uint8, device=DEV)
 
 
+def graph_wrapper(b):
+    """A use_cuda_graph=True wrapper whose buffers fit batch b's page lists (8 spare page ids)."""
+    batch, pages = len(b.lens), sum(-(-n // b.ps) for n in b.lens)
+    return fastattn.BatchDecodeWithPagedKVCacheWrapper(
+        workspace(), use_cuda_graph=True,
+        paged_kv_indptr_buffer=torch.empty(batch + 1, dtype=torch.int32, device=DEV),
+        paged_kv_indices_buffer=torch.empty(pages + 8, dtype=torch.int32, device=DEV),
+        paged_kv_last_page_len_buffer=torch.empty(batch, dtype=torch.int32, device=DEV))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("page_size", [1, 16, 64, 256])
 def test_ragged_pages(seed, dtype, page_size):
@@ -221,12 +231,7 @@ def test_sinks_in_a_cuda_graph(seed):
     batch, hq, hkv, d, ps = 8, 32, 8, 128, 16
     lens = long_among_short(seed, batch, 20000, 1, 500)
     b = Batch(seed, torch.bfloat16, lens, ps, hq, hkv, d)
-    pages = sum(-(-n // ps) for n in lens)
-    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(
-        workspace(), use_cuda_graph=True,
-        paged_kv_indptr_buffer=torch.empty(batch + 1, dtype=torch.int32, device=DEV),
-        paged_kv_indices_buffer=torch.empty(pages + 8, dtype=torch.int32, device=DEV),
-        paged_kv_last_page_len_buffer=torch.empty(batch, dtype=torch.int32, device=DEV))
+    w = graph_wrapper(b)
     b.plan(w)
     sinks = torch.randn(hq, device=DEV)
     out = torch.empty_like(b.q)
@@ -275,10 +280,16 @@ def test_calibration_scales(seed, dtype):
     w.run(b.q, b.pages, out=out, lse=lse, q_scale=qs, k_scale=ks, v_scale=vs)
     torch.cuda.synchronize()
     ref_kw = dict(softcap=softcap, softmax_scale=d ** -0.5 * qs * ks)
-    ref, lse_ref = b.reference(False, **ref_kw)
-    naive, _ = b.reference(True, **ref_kw)
-    naive = (naive.to(dtype) * vs).to(dtype).to(torch.float64)  # stored in the dtype, then scaled
-    R.assert_out_close("out", out, ref * vs, naive, factor=FACTOR)
+
+    def scaled_reference():
+        """(out * v_scale, its naive in-dtype form, lse) of b's current q."""
+        ref, lse_ref = b.reference(False, **ref_kw)
+        naive, _ = b.reference(True, **ref_kw)
+        naive = (naive.to(dtype) * vs).to(dtype).to(torch.float64)  # stored in the dtype, then scaled
+        return ref * vs, naive, lse_ref
+
+    ref, naive, lse_ref = scaled_reference()
+    R.assert_out_close("out", out, ref, naive, factor=FACTOR)
     R.assert_lse_close("lse", lse, lse_ref)
     assert torch.equal(b.pages, before), "run() wrote into the cache"
     plain = w.run(b.q, b.pages)
@@ -288,12 +299,7 @@ def test_calibration_scales(seed, dtype):
         w.run(b.q, b.pages, out=out, k_scale=torch.ones((), device=DEV))
     assert out.isnan().all(), "a refused run() wrote its output"
 
-    pages = sum(-(-n // ps) for n in lens)
-    g = fastattn.BatchDecodeWithPagedKVCacheWrapper(
-        workspace(), use_cuda_graph=True,
-        paged_kv_indptr_buffer=torch.empty(len(lens) + 1, dtype=torch.int32, device=DEV),
-        paged_kv_indices_buffer=torch.empty(pages + 8, dtype=torch.int32, device=DEV),
-        paged_kv_last_page_len_buffer=torch.empty(len(lens), dtype=torch.int32, device=DEV))
+    g = graph_wrapper(b)
     b.plan(g, logits_soft_cap=softcap)
     graph_out = torch.empty_like(b.q)
     graph = warm_and_capture(lambda: g.run(b.q, b.pages, out=graph_out, q_scale=qs, k_scale=ks, v_scale=vs))
@@ -304,10 +310,8 @@ def test_calibration_scales(seed, dtype):
         eager = g.run(b.q, b.pages, q_scale=qs, k_scale=ks, v_scale=vs)  # the same plan, not captured
         torch.cuda.synchronize()
         R.assert_bitwise_equal("replay vs eager", graph_out, eager)
-        ref, _ = b.reference(False, **ref_kw)
-        naive, _ = b.reference(True, **ref_kw)
-        naive = (naive.to(dtype) * vs).to(dtype).to(torch.float64)
-        R.assert_out_close("replay", graph_out, ref * vs, naive, factor=FACTOR)
+        ref, naive, _ = scaled_reference()
+        R.assert_out_close("replay", graph_out, ref, naive, factor=FACTOR)
 
 
 def test_small_workspace_and_disable_split(seed):
