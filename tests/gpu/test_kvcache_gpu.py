@@ -587,6 +587,25 @@ def test_mha_batch1_splits_on_one_cta_per_sm_merge_in_clusters(seed, head_dim, s
     _assert_clusters_then_combine_kernel(case, monkeypatch)
 
 
+@pytest.mark.parametrize("batch,sq,splits,combine", [(4, 1, 3, False), (5, 1, 2, False), (5, 4, 3, True)])
+def test_clusters_of_three_only_where_all_fit_at_once(seed, batch, sq, splits, combine):
+    """README: GQA 32/8 at head_dim 128 on pages of 16, 2k keys. Batch 4 (32 (sequence, KV head)
+    items) takes 3 heuristic splits merged in clusters of 3, 96 CTAs at one per SM. Batch 5 would
+    take 40 such clusters, more than an H200 holds at once, so one query row takes 2 splits in
+    clusters of 2 instead, and 4 query rows (the wide math, whose clusters stream at most 8 tiles)
+    take the 3 splits through the combine kernel. Each answer matches the float32 reference
+    (run_case); the split count read off the workspace, the kernels off the profiler."""
+    if torch.cuda.get_device_capability() != (9, 0) or torch.cuda.get_device_properties(DEV).multi_processor_count != 132:
+        pytest.skip("the grid rule is checked on a 132-SM sm_90 GPU")
+    case = build_case(seed, torch.bfloat16, dict(B=batch, Hq=32, Hkv=8, D=128, cache_len=2048, Sq=sq, Snew=0,
+                                                 lens=[2048] * batch, page=16, opt="causal"))
+    run_case(case)
+    assert heuristic_splits(case, batch, 32, 128, seqlen_q=sq) == splits
+    names = _fastattn_kernels(lambda: kvcache_call(case, case.make_out()))
+    assert any("decode_kernel_sm90" in n for n in names), names
+    assert any("combine_kernel" in n for n in names) == combine, names
+
+
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_two_splits_on_one_cta_per_sm_merge_in_clusters(seed, head_dim, monkeypatch):
     """README: the heuristic's 2 splits merge in clusters of 2 when the grid has at most one CTA

@@ -406,7 +406,8 @@ int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int req
   // when that grid still has the bandwidth (decode_cluster_max_tiles_per_cta).
   const int one_per_sm = decode_one_per_sm_cluster_splits(p);
   const auto clusters = [&](std::int64_t s) {
-    return decode_cluster_merge_applies(sm90, int(s), items * s, info.sm_count, one_per_sm);
+    return decode_cluster_merge_applies(sm90, int(s), items * s, info.sm_count, one_per_sm) &&
+           decode_clusters_resident(p, c.device().index, int(s), items * s);
   };
   int cluster_splits = 1;
   for (int s = std::min(splits - 1, kMaxClusterSplits); s >= 2; --s)

@@ -176,6 +176,10 @@ struct DecodeSm90Config {
   static constexpr bool kClusterSlots =
       kTeams == 1 && kSmemBytes + kMaxClusterSplits * kSlotBytes <= kDecodeSm90MaxSmemBytes;
   static constexpr int stage_slot_floats(int s) { return kPipeBytes / 4 - (s + 1) * kSlotFloats; }
+  /// Dynamic shared memory of a launch whose splits merge in clusters of `cluster_splits` (0: none).
+  static constexpr int launch_smem_bytes(int cluster_splits) {
+    return kSmemBytes + (kClusterSlots ? cluster_splits * kSlotBytes : 0);
+  }
   static_assert(kClusterSlots || (kMaxClusterSplits * kTeams * kSlotBytes <= kPipeBytes &&
                                   stage_slot_floats(kTeams - 1) * 4 >= kMergeBytes),
                 "the slots fit in the stages, the first CTA's own clear of the warp-merge scratch");
@@ -744,7 +748,7 @@ template <int kHeadDim, Dtype kDtype, int kHeads, int kRowBlocks>
 void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
   using Cfg = DecodeSm90Config<kHeadDim, kHeads, kRowBlocks>;
   auto* kernel = &decode_kernel_sm90<kHeadDim, kDtype, kHeads, kRowBlocks>;
-  constexpr int kMaxSmem = Cfg::kSmemBytes + (Cfg::kClusterSlots ? kMaxClusterSplits * Cfg::kSlotBytes : 0);
+  constexpr int kMaxSmem = Cfg::launch_smem_bytes(kMaxClusterSplits);
   static const cudaError_t attr_status =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem);
   FASTATTN_CUDA_CHECK(attr_status);
@@ -780,7 +784,7 @@ void launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
   tp.v_map = cuda_detail::make_tensor_map_5d_u16(p.v_cache, dims, v_strides, box, cuda_detail::TmaL2Promotion::k128B);
   // A cluster's first CTA receives the splits' states after its own shared memory (where they
   // fit: kClusterSlots).
-  const int smem = Cfg::kSmemBytes + (p.cluster_combine && Cfg::kClusterSlots ? p.num_splits * Cfg::kSlotBytes : 0);
+  const int smem = Cfg::launch_smem_bytes(p.cluster_combine ? p.num_splits : 0);
   launch_kernel(kernel, grid, dim3(Cfg::kThreads), smem, stream, p.dependent_launch && p.after_append, tp,
                 p.cluster_combine ? p.num_splits : 1);
 }

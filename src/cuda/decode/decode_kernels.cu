@@ -340,13 +340,16 @@ void run_decode(const DecodeParams& params, void* stream_ptr) {
   // by 0.5-6.7 us at 256, whose pairs pass the state through the workspace (session 13;
   // bench/NOTES.md). Session 5 had seen such a grid 0.9 us slower, at batch 8 / 1k with the first
   // cluster merge, which that split count no longer takes. The per-head kernel also takes 3 in
-  // clusters of 3 on one CTA per SM (decode_one_per_sm_cluster_splits). Not for a num_splits the
-  // caller fixed (see DecodeParams::splits_fixed). FASTATTN_DECODE_CLUSTER=0 keeps the combine kernel.
+  // clusters of 3 on one CTA per SM (decode_one_per_sm_cluster_splits). Only where every cluster
+  // is resident at once (decode_clusters_resident: 40 clusters of 3 at one CTA per SM ran a second
+  // wave, 26-38% slower than the combine kernel, session 89). Not for a num_splits the caller fixed
+  // (see DecodeParams::splits_fixed). FASTATTN_DECODE_CLUSTER=0 keeps the combine kernel.
   const std::int64_t ctas = p.num_splits * head_block_ctas(p, p.kv_heads_per_cta) *
                             decode_row_block_ctas(p.group, p.seqlen_q, p.row_blocks_per_cta);
   p.cluster_combine = !p.splits_fixed && !p.head_group &&
                       decode_cluster_merge_applies(p.sm90_kernel, p.num_splits, ctas, info.sm_count,
-                                                   decode_one_per_sm_cluster_splits(p));
+                                                   decode_one_per_sm_cluster_splits(p)) &&
+                      decode_clusters_resident(p, device, p.num_splits, ctas);
   p.quarter_min_slots = decode_quarter_min_slots(p);
   if (p.dtype == Dtype::kFloat16) run_for_dtype<Dtype::kFloat16>(p, stream);
   else run_for_dtype<Dtype::kBFloat16>(p, stream);

@@ -267,7 +267,8 @@ constexpr int kDecodeClusterOfThreeContiguousMaxHeadDim = 64;
 /// clusters (no combine kernel): the sm_90 kernel, FASTATTN_DECODE_CLUSTER not "0", and either
 /// 2 .. kMaxClusterSplits splits on at most half the SMs, or 2 .. `one_per_sm_splits` on at most
 /// one CTA per SM (clusters of 2 or 3 side by side; run_decode says why). A num_splits the caller
-/// fixed never does (splits_fixed).
+/// fixed never does (splits_fixed). The callers also require every cluster resident at once
+/// (decode_clusters_resident).
 inline bool decode_cluster_merge_applies(bool sm90_kernel, int num_splits, std::int64_t ctas, int sm_count,
                                          int one_per_sm_splits) {
   const char* env = std::getenv("FASTATTN_DECODE_CLUSTER");
@@ -275,6 +276,15 @@ inline bool decode_cluster_merge_applies(bool sm90_kernel, int num_splits, std::
     return false;
   return 2 * ctas <= sm_count || (num_splits <= one_per_sm_splits && ctas <= sm_count);
 }
+
+/// Whether a grid of `ctas` CTAs of p's sm_90 form (p.kv_heads_per_cta, p.row_blocks_per_cta,
+/// p.head_dim), merged in clusters of `num_splits`, has all its clusters resident at once on
+/// `device` (cudaOccupancyMaxActiveClusters for that launch's threads and shared memory; cached).
+/// The split heuristic and the launch take the cluster merge only where they are: on an H200, 40
+/// clusters of 3 at one CTA per SM (GQA 8 batch 5 at 4 query rows on pages, head_dim 128) ran
+/// 31.0 us at 2k keys against 22.8 us for the same 3 splits through the combine kernel; 38 ran at
+/// once (bench/NOTES.md, session 89). Defined in decode_cluster_residency.cu.
+bool decode_clusters_resident(const DecodeParams& p, int device, int num_splits, std::int64_t ctas);
 
 /// The one_per_sm_splits of decode_cluster_merge_applies for p's plan: kDecodeClusterOfThree where
 /// it runs the per-head sm_90 kernel (no head group, one KV head per CTA) up to head_dim
