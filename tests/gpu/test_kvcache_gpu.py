@@ -606,6 +606,49 @@ def test_clusters_of_three_only_where_all_fit_at_once(seed, batch, sq, splits, c
     assert any("combine_kernel" in n for n in names) == combine, names
 
 
+# The first decode call of a fresh process, captured in a CUDA graph (the residency check asks the
+# runtime inside the capture), then replayed; run as `python -c` by the test below.
+_FIRST_CALL_IN_A_CAPTURE = """
+import torch, fastattn
+torch.manual_seed(0)
+b, hkv, length, d = 5, 8, 2048, 128
+pages = length // 16
+kp = torch.randn(b * pages, 16, hkv, d, dtype=torch.bfloat16, device="cuda")
+vp = torch.randn_like(kp)
+table = torch.randperm(b * pages, device="cuda").view(b, pages).to(torch.int32)
+lens = torch.full((b,), length, dtype=torch.int32, device="cuda")
+q = torch.randn(b, 1, 32, d, dtype=torch.bfloat16, device="cuda")
+out = torch.full_like(q, float("nan"))
+g = torch.cuda.CUDAGraph()
+with torch.cuda.graph(g):
+    fastattn.flash_attn_with_kvcache(q, kp, vp, cache_seqlens=lens, block_table=table, out=out)
+g.replay()
+torch.cuda.synchronize()
+eager = fastattn.flash_attn_with_kvcache(q, kp, vp, cache_seqlens=lens, block_table=table)
+k = kp[table.long()].reshape(b, length, hkv, d).float().repeat_interleave(4, dim=2)
+v = vp[table.long()].reshape(b, length, hkv, d).float().repeat_interleave(4, dim=2)
+s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k) / d ** 0.5
+ref = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, dim=-1), v)
+assert torch.equal(out, eager), "the replay's bits differ from the eager call's"
+err = float((out.float() - ref).abs().max())
+assert err <= 2e-2, err
+print("ok", err)
+"""
+
+
+def test_cluster_residency_first_asked_inside_a_graph_capture():
+    """The residency check (decode_clusters_resident) asks the CUDA runtime once per launch shape, on
+    first use. Here that first use is inside a CUDA-graph capture: a fresh process whose first decode
+    call (GQA 32/8 batch 5 on pages of 16, 2k keys, head_dim 128) is captured and replayed. The
+    capture must complete, and the replay must match the eager call bitwise and the float32
+    reference."""
+    import subprocess
+    done = subprocess.run([sys.executable, "-c", _FIRST_CALL_IN_A_CAPTURE], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("ok"), done.stdout
+
+
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_two_splits_on_one_cta_per_sm_merge_in_clusters(seed, head_dim, monkeypatch):
     """README: the heuristic's 2 splits merge in clusters of 2 when the grid has at most one CTA
