@@ -342,7 +342,7 @@ void run_decode(const DecodeParams& params, void* stream_ptr) {
   // cluster merge, which that split count no longer takes. The per-head kernel also takes 3 in
   // clusters of 3 on one CTA per SM (decode_one_per_sm_cluster_splits). Only where every cluster
   // is resident at once (decode_clusters_resident: 40 clusters of 3 at one CTA per SM ran a second
-  // wave, 26-38% slower than the combine kernel, session 89). Not for a num_splits the caller fixed
+  // wave, and the fallback took 0.62-0.74x their time, session 89). Not for a num_splits the caller fixed
   // (see DecodeParams::splits_fixed). FASTATTN_DECODE_CLUSTER=0 keeps the combine kernel.
   const std::int64_t ctas = p.num_splits * head_block_ctas(p, p.kv_heads_per_cta) *
                             decode_row_block_ctas(p.group, p.seqlen_q, p.row_blocks_per_cta);
