@@ -712,8 +712,9 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads, kRowBlocks>
   // row pair keeps Q in registers (1.2-3.5% at its 8k-32k rows; in the per-head kernel it moved
   // nothing measurable and took it to 165 of its 170 registers: bench/NOTES.md, session 87).
   if constexpr (kRowBlocks > 1) {
-    DecodeWarpState<kHeadDim, /*kQInRegisters=*/true> st;
+    DecodeWarpState<kHeadDim, /*kQInRegisters=*/true, /*kBoundLayout=*/true> st;
     st.init(p, b, kvh, mb, pad, end, lane / 4);
+    st.template bind_layout<Cfg>(kv, key0, lane);
     st.template load_q<Cfg>(sQ, lane);
     stream_tiles(st);
     merge_and_store(st);
@@ -731,8 +732,9 @@ __global__ void __launch_bounds__(DecodeSm90Config<kHeadDim, kHeads, kRowBlocks>
     } else if (rows_total <= kDecodeNarrowRows) {  // then mb = 0
       attend_narrow();
     } else {  // 9-16 packed rows
-      DecodeWarpState<kHeadDim> st;
+      DecodeWarpState<kHeadDim, /*kQInRegisters=*/false, /*kBoundLayout=*/true> st;
       st.init(p, b, kvh, mb, pad, end, lane / 4);
+      st.template bind_layout<Cfg>(kv, key0, lane);
       stream_tiles(st);
       merge_and_store(st);
     }

@@ -13,10 +13,24 @@
 #include <cute/arch/copy_sm75.hpp>
 
 #include "common/softmax_state.h"
+#include "cuda/common/mbarrier.cuh"
 #include "cuda/decode/decode_common.cuh"
 #include "cuda/prefill/prefill_kernel.cuh"
 
 namespace fastattn::cuda_decode {
+
+/// ldmatrix.x4 (optionally .trans) from the shared-memory byte address `addr`. Volatile, like
+/// every shared-memory access after an mbarrier wait: not hoisted above the wait.
+__device__ __forceinline__ void ldsm_x4(std::uint32_t addr, std::uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.x4.m8n8.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_trans(std::uint32_t addr, std::uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.x4.trans.m8n8.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
 
 constexpr int kDecodeRows = kDecodeRowsPerCta;  ///< packed query rows per CTA: one m16 MMA tile
 constexpr int kDecodeWarps = 4;  ///< consumer warps; each takes 16 keys of every 64-key tile
@@ -99,7 +113,12 @@ struct DecodePlainKeys {
 /// of the lane), the running max (log2 domain) and sum, and what the masks need per row.
 /// kQInRegisters: Q's A fragments are loaded once (load_q) and kept, head_dim / 4 registers,
 /// instead of an ldmatrix per k16 step of every tile (the sm_90 row pair, head_dim <= 128).
-template <int kHeadDim, bool kQInRegisters = false>
+/// kBoundLayout: the lane's ldmatrix addresses are worked out once (bind_layout) and each tile's
+/// is a register plus the stage's base XOR an immediate, as in DecodeWarpStateNarrow; without it
+/// attend works them out from the layout on every tile (~85 integer instructions a warp and tile
+/// at head_dim 128 on sm_90; bench/NOTES.md, session 90). The sm_90 kernel binds; the cp.async
+/// kernel's padded head_dim-256 rows do not fit the XOR form.
+template <int kHeadDim, bool kQInRegisters = false, bool kBoundLayout = false>
 struct DecodeWarpState {
   static constexpr int DT = kHeadDim / 8;
   static constexpr int KS = kHeadDim / 16;  ///< k16 steps of Q K^T
@@ -109,6 +128,12 @@ struct DecodeWarpState {
   DecodeRowMask row[2];  ///< lane rows g and g + 8
   DecodePlainKeys plain_keys;
   bool upper_rows;  ///< the CTA has packed rows 8..15 (lane rows g + 8); else their P is just 0
+  /// kBoundLayout: byte offsets of the lane's ldmatrix row for K (k16 step 0) and V (dims 0-15)
+  /// in a stage and for Q (k16 step 0) in sQ, and between a stage's 64-column blocks.
+  std::uint32_t k_lane, v_lane, q_lane, block_bytes;
+  /// kBoundLayout: bytes between sQ's 64-column blocks ([column block][kDecodeRows][64], the
+  /// sm_90 kernel's Q).
+  static constexpr std::uint32_t kQBlockBytes = 2 * kDecodeRows * 64;
 
   __device__ __forceinline__ void init(const DecodeParams& p, int b, int kvh, int mb, int pad, int end, int g) {
     upper_rows = mb * kDecodeRows + 8 < p.group * p.seqlen_q;
@@ -123,6 +148,22 @@ struct DecodeWarpState {
     for (int dt = 0; dt < DT; ++dt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc_o[dt][e] = 0.0f;
+  }
+
+  /// kBoundLayout: the lane's addresses for a stage laid out by `kv` (a 128-byte-swizzled layout
+  /// with kv.block_elems() between 64-column blocks and rows on 128-byte lines) and for Cfg's Q.
+  /// Chunk c of row r sits at chunk (c ^ r) & 7 of its line, so with c = 2j + h (j < 4, h the
+  /// lane's half) a k16 step's address is step 0's XOR 32 j bytes, plus a block per 4 steps.
+  template <class Cfg, class KvLayout>
+  __device__ __forceinline__ void bind_layout(const KvLayout& kv, int key0, int lane) {
+    static_assert(kBoundLayout && KvLayout::kBlockXorBytes == 0,
+                  "a layout whose 64-column blocks keep the row's swizzle");
+    k_lane = 2 * kv.offset(key0 + (lane % 8) + ((lane / 8) / 2) * 8, (lane / 8) % 2);
+    v_lane = 2 * kv.offset(key0 + (lane % 8) + ((lane / 8) % 2) * 8, (lane / 8) / 2);
+    q_lane = 2 * Cfg::q_offset((lane % 8) + ((lane / 8) % 2) * 8, lane / 16);
+    block_bytes = 2 * kv.block_elems();
+    // Opaque to the compiler: kept in registers, not worked out again every tile.
+    asm volatile("" : "+r"(k_lane), "+r"(v_lane), "+r"(q_lane), "+r"(block_bytes));
   }
 
   /// Q's A fragments of every k16 step from the staged Q (kQInRegisters; rows past the CTA's are
@@ -144,10 +185,11 @@ struct DecodeWarpState {
 
   /// Attends the warp's 16 keys (rows key0 .. key0 + 15 of the staged tile, slots n0 + key0 ...)
   /// with Q (from sQ, or the registers load_q filled). Cfg::q_offset(row, chunk) addresses sQ,
-  /// kv.offset(row, chunk) sK and sV (elements; chunk = 8 elements). k_done() runs once the warp's
-  /// reads of sK are done, v_wait() before its first read of sV (a pipeline with separate K and V
-  /// stages; no-ops by default), v_mask(bv) on each V fragment after its load (DecodeVEdgeMask; by
-  /// default nothing).
+  /// kv.offset(row, chunk) sK and sV (elements; chunk = 8 elements), or with kBoundLayout the
+  /// offsets bind_layout set from them (sQ, sK and sV then start on 128-byte lines). k_done()
+  /// runs once the warp's reads of sK are done, v_wait() before its first read of sV (a pipeline
+  /// with separate K and V stages; no-ops by default), v_mask(bv) on each V fragment after its
+  /// load (DecodeVEdgeMask; by default nothing).
   template <class Cfg, Dtype kDtype, class KvLayout, class KDone = DecodeNoHook, class VWait = DecodeNoHook,
             class VMask = DecodeNoVMask>
   __device__ __forceinline__ void attend(const DecodeParams& p, const std::uint16_t* sQ,
@@ -160,14 +202,23 @@ struct DecodeWarpState {
 
     // S = Q K^T for the warp's keys (two n8 tiles).
     float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    const std::uint32_t k_addr = kBoundLayout ? cuda_detail::smem_u32(sK) + k_lane : 0;
+    const std::uint32_t q_addr = kBoundLayout ? cuda_detail::smem_u32(sQ) + q_lane : 0;
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
       std::uint32_t a_loaded[4], bk[4];
-      if constexpr (!kQInRegisters) load_q_step<Cfg>(sQ, ks, lane, a_loaded);
+      if constexpr (!kQInRegisters) {
+        if constexpr (kBoundLayout) ldsm_x4((q_addr + (ks / 4) * kQBlockBytes) ^ ((ks % 4) * 32), a_loaded);
+        else load_q_step<Cfg>(sQ, ks, lane, a_loaded);
+      }
       const std::uint32_t(&a)[4] = kQInRegisters ? q_frag[ks] : a_loaded;
-      cute::SM75_U32x4_LDSM_N::copy(
-          *reinterpret_cast<const cute::uint128_t*>(sK + kv.offset(key0 + (lane % 8) + ((lane / 8) / 2) * 8, ks * 2 + (lane / 8) % 2)),
-          bk[0], bk[1], bk[2], bk[3]);
+      if constexpr (kBoundLayout) {
+        ldsm_x4((k_addr + (ks / 4) * block_bytes) ^ ((ks % 4) * 32), bk);
+      } else {
+        cute::SM75_U32x4_LDSM_N::copy(
+            *reinterpret_cast<const cute::uint128_t*>(sK + kv.offset(key0 + (lane % 8) + ((lane / 8) / 2) * 8, ks * 2 + (lane / 8) % 2)),
+            bk[0], bk[1], bk[2], bk[3]);
+      }
       Traits::Mma::fma(s[0][0], s[0][1], s[0][2], s[0][3], a[0], a[1], a[2], a[3], bk[0], bk[1],
                        s[0][0], s[0][1], s[0][2], s[0][3]);
       Traits::Mma::fma(s[1][0], s[1][1], s[1][2], s[1][3], a[0], a[1], a[2], a[3], bk[2], bk[3],
@@ -233,12 +284,17 @@ struct DecodeWarpState {
     const std::uint32_t pa[4] = {Traits::pack(s[0][0], s[0][1]), Traits::pack(s[0][2], s[0][3]),
                                  Traits::pack(s[1][0], s[1][1]), Traits::pack(s[1][2], s[1][3])};
     v_wait();
+    const std::uint32_t v_addr = kBoundLayout ? cuda_detail::smem_u32(sV) + v_lane : 0;
 #pragma unroll
     for (int dp = 0; dp < kHeadDim / 16; ++dp) {
       std::uint32_t bv[4];
-      cute::SM75_U16x8_LDSM_T::copy(
-          *reinterpret_cast<const cute::uint128_t*>(sV + kv.offset(key0 + (lane % 8) + ((lane / 8) % 2) * 8, dp * 2 + (lane / 8) / 2)),
-          bv[0], bv[1], bv[2], bv[3]);
+      if constexpr (kBoundLayout) {
+        ldsm_x4_trans((v_addr + (dp / 4) * block_bytes) ^ ((dp % 4) * 32), bv);
+      } else {
+        cute::SM75_U16x8_LDSM_T::copy(
+            *reinterpret_cast<const cute::uint128_t*>(sV + kv.offset(key0 + (lane % 8) + ((lane / 8) % 2) * 8, dp * 2 + (lane / 8) / 2)),
+            bv[0], bv[1], bv[2], bv[3]);
+      }
       v_mask(bv);
       float* o0 = acc_o[2 * dp];
       float* o1 = acc_o[2 * dp + 1];

@@ -44,19 +44,6 @@ __device__ __forceinline__ std::uint32_t movmatrix_trans(std::uint32_t x) {
   return y;
 }
 
-/// ldmatrix.x4 (optionally .trans) from the shared-memory byte address `addr`. Volatile, like
-/// every shared-memory access after an mbarrier wait: not hoisted above the wait.
-__device__ __forceinline__ void ldsm_x4(std::uint32_t addr, std::uint32_t (&r)[4]) {
-  asm volatile("ldmatrix.sync.aligned.x4.m8n8.shared.b16 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldsm_x4_trans(std::uint32_t addr, std::uint32_t (&r)[4]) {
-  asm volatile("ldmatrix.sync.aligned.x4.trans.m8n8.shared.b16 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
 /// Max over the 8 lanes with the same lane % 4 (the g bits).
 __device__ __forceinline__ float key_lanes_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 4));
