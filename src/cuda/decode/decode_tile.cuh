@@ -116,8 +116,9 @@ struct DecodePlainKeys {
 /// kBoundLayout: the lane's ldmatrix addresses are worked out once (bind_layout) and each tile's
 /// is a register plus the stage's base XOR an immediate, as in DecodeWarpStateNarrow; without it
 /// attend works them out from the layout on every tile (~85 integer instructions a warp and tile
-/// at head_dim 128 on sm_90; bench/NOTES.md, session 90). The sm_90 kernel binds; the cp.async
-/// kernel's padded head_dim-256 rows do not fit the XOR form.
+/// at head_dim 128 on sm_90; bench/NOTES.md, session 90). The sm_90 kernel binds. The cp.async
+/// kernel (sm_80, and page sizes or empty caches the TMA kernel does not take) does not: its
+/// head_dim-256 rows are padded, not swizzled, and binding it at 64-128 was not measured.
 template <int kHeadDim, bool kQInRegisters = false, bool kBoundLayout = false>
 struct DecodeWarpState {
   static constexpr int DT = kHeadDim / 8;
