@@ -130,7 +130,8 @@ struct DecodeWarpState {
   DecodePlainKeys plain_keys;
   bool upper_rows;  ///< the CTA has packed rows 8..15 (lane rows g + 8); else their P is just 0
   /// kBoundLayout: byte offsets of the lane's ldmatrix row for K (k16 step 0) and V (dims 0-15)
-  /// in a stage and for Q (k16 step 0) in sQ, and between a stage's 64-column blocks.
+  /// in a stage and (unless kQInRegisters) for Q (k16 step 0) in sQ, and between a stage's
+  /// 64-column blocks.
   std::uint32_t k_lane, v_lane, q_lane, block_bytes;
   /// kBoundLayout: bytes between sQ's 64-column blocks ([column block][kDecodeRows][64], the
   /// sm_90 kernel's Q).
@@ -161,10 +162,13 @@ struct DecodeWarpState {
                   "a layout whose 64-column blocks keep the row's swizzle");
     k_lane = 2 * kv.offset(key0 + (lane % 8) + ((lane / 8) / 2) * 8, (lane / 8) % 2);
     v_lane = 2 * kv.offset(key0 + (lane % 8) + ((lane / 8) % 2) * 8, (lane / 8) / 2);
-    q_lane = 2 * Cfg::q_offset((lane % 8) + ((lane / 8) % 2) * 8, lane / 16);
     block_bytes = 2 * kv.block_elems();
     // Opaque to the compiler: kept in registers, not worked out again every tile.
-    asm volatile("" : "+r"(k_lane), "+r"(v_lane), "+r"(q_lane), "+r"(block_bytes));
+    asm volatile("" : "+r"(k_lane), "+r"(v_lane), "+r"(block_bytes));
+    if constexpr (!kQInRegisters) {  // else Q's fragments are loaded once (load_q), not per tile
+      q_lane = 2 * Cfg::q_offset((lane % 8) + ((lane / 8) % 2) * 8, lane / 16);
+      asm volatile("" : "+r"(q_lane));
+    }
   }
 
   /// Q's A fragments of every k16 step from the staged Q (kQInRegisters; rows past the CTA's are
@@ -204,7 +208,7 @@ struct DecodeWarpState {
     // S = Q K^T for the warp's keys (two n8 tiles).
     float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
     const std::uint32_t k_addr = kBoundLayout ? cuda_detail::smem_u32(sK) + k_lane : 0;
-    const std::uint32_t q_addr = kBoundLayout ? cuda_detail::smem_u32(sQ) + q_lane : 0;
+    const std::uint32_t q_addr = kBoundLayout && !kQInRegisters ? cuda_detail::smem_u32(sQ) + q_lane : 0;
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
       std::uint32_t a_loaded[4], bk[4];
