@@ -417,9 +417,8 @@ int decode_num_splits(const check::ArgChecker& c, const DecodeParams& p, int req
     }
   const std::int64_t tiles = key_tiles(max_keys);
   const bool wide = decode_wide_split_rule(p);
-  const int max_cluster_tiles = wide ? std::min(kDecodeWideClusterMaxTilesPerCta,
-                                                decode_cluster_max_tiles_per_cta(p.head_dim, p.page_size))
-                                     : decode_cluster_max_tiles_per_cta(p.head_dim, p.page_size);
+  const int form_max_tiles = decode_cluster_max_tiles_per_cta(p.head_dim, p.page_size);
+  const int max_cluster_tiles = wide ? std::min(kDecodeWideClusterMaxTilesPerCta, form_max_tiles) : form_max_tiles;
   if (cluster_splits >= 2 && !clusters(splits) && (tiles + cluster_splits - 1) / cluster_splits <= max_cluster_tiles)
     splits = cluster_splits;
   // Small paged boxes: a count that needs the combine kernel anyway fills two CTAs per SM
