@@ -560,17 +560,24 @@ def _fastattn_kernels(call):
     return [e.name for e in prof.events() if "fastattn" in e.name]
 
 
+def _ran_a_combine_kernel(names):
+    """Whether kernel names (_fastattn_kernels) include a split-state merge after the attention kernel:
+    the combine kernel (a CTA per row) or its warp-per-row form, which the launch takes for grids of
+    more rows than the combine kernel keeps resident."""
+    return any("combine_kernel<" in n or "combine_rows_kernel<" in n for n in names)
+
+
 def _assert_clusters_then_combine_kernel(case, monkeypatch):
     """case's call (run_case: the float32 reference) launches the sm_90 kernel and no combine kernel;
     with FASTATTN_DECODE_CLUSTER=0 (run_case again) it launches the combine kernel."""
     run_case(case)
     names = _fastattn_kernels(lambda: kvcache_call(case, case.make_out()))
     assert any("decode_kernel_sm90" in n for n in names), names
-    assert not any("combine_kernel" in n for n in names), f"a combine kernel ran: {names}"
+    assert not _ran_a_combine_kernel(names), f"a combine kernel ran: {names}"
     monkeypatch.setenv("FASTATTN_DECODE_CLUSTER", "0")
     run_case(case)
     names = _fastattn_kernels(lambda: kvcache_call(case, case.make_out()))
-    assert any("combine_kernel" in n for n in names), f"FASTATTN_DECODE_CLUSTER=0: no combine kernel in {names}"
+    assert _ran_a_combine_kernel(names), f"FASTATTN_DECODE_CLUSTER=0: no combine kernel in {names}"
 
 
 @pytest.mark.parametrize("head_dim,splits", [(64, 3), (128, 3), (256, 2)])
@@ -603,7 +610,7 @@ def test_clusters_of_three_only_where_all_fit_at_once(seed, batch, sq, splits, c
     assert heuristic_splits(case, batch, 32, 128, seqlen_q=sq) == splits
     names = _fastattn_kernels(lambda: kvcache_call(case, case.make_out()))
     assert any("decode_kernel_sm90" in n for n in names), names
-    assert any("combine_kernel" in n for n in names) == combine, names
+    assert _ran_a_combine_kernel(names) == combine, names
 
 
 # The first decode call of a fresh process, captured in a CUDA graph (the residency check asks the
@@ -977,7 +984,10 @@ KERNEL_HEAD_DIM = {"head_pair_d64": 64, "head_quad": 64, "head_quad_unclustered"
 # block (row_block_ctas). Not in KERNEL_SWITCHES: the tests that walk those give every kernel shapes of
 # at most 16 rows a KV head.
 ROW_PAIR_SWITCHES = {"row_pair": {"FASTATTN_DECODE_ROW_PAIR": "1"}, "row_block_ctas": {"FASTATTN_DECODE_ROW_PAIR": "0"}}
-FORM_SWITCHES = dict(KERNEL_SWITCHES, **ROW_PAIR_SWITCHES)
+# The split states merged a warp per row (combine_rows_kernel) whatever the rows, with the heuristic's
+# splits kept out of clusters so that they reach it.
+COMBINE_ROWS_SWITCHES = {"combine_rows": {"FASTATTN_DECODE_COMBINE": "rows", "FASTATTN_DECODE_CLUSTER": "0"}}
+FORM_SWITCHES = dict(KERNEL_SWITCHES, **ROW_PAIR_SWITCHES, **COMBINE_ROWS_SWITCHES)
 
 
 def use_kernel(monkeypatch, kernel):
@@ -1174,6 +1184,58 @@ def sm90_row_blocks(case):
     return int(found[0].group(2))
 
 
+# Fixed split counts (never clustered) and split plans whose states the combine kernels merge: head_dim
+# 64 and 96 (lanes past the row's columns), 256 (two column groups), 40 splits (two groups of 32
+# weights), several query rows, and a plan with one-split sequences, empty parts and padding items.
+COMBINE_CONFIGS = {
+    "splits2_paged16": dict(Hq=16, Hkv=2, page=16, splits=2),
+    "splits3_rows4_causal": dict(Hq=16, Hkv=2, Sq=4, Snew=4, splits=3, opt="causal"),
+    "splits40_d64": dict(D=64, splits=40, cache_len=3000),
+    "splits5_d96_softcap": dict(D=96, splits=5, opt="softcap"),
+    "splits7_d256_paged64": dict(D=256, page=64, splits=7),
+    "plan_random_paged16": dict(Hq=16, Hkv=2, Sq=4, Snew=4, page=16, plan="random", plan_padding=2,
+                                cache_len=2000, opt="causal"),
+}
+
+
+@pytest.mark.parametrize("config", list(COMBINE_CONFIGS))
+@pytest.mark.parametrize("with_sinks", [False, True], ids=["plain", "sinks"])
+def test_combine_rows_kernel_is_bitwise_the_combine_kernel(seed, config, with_sinks, monkeypatch):
+    """The split states merged a warp per row (FASTATTN_DECODE_COMBINE=rows, combine_rows_kernel) and a
+    CTA per row (=cta, combine_kernel) give the same bits, with and without sinks, and both match the
+    float32 reference (run_case, or run_sinks_case's sinks folded in by their definition). The
+    launch picks between them by the number of rows, so a sequence's bits must not depend on it."""
+    case = build_case(seed, torch.bfloat16, COMBINE_CONFIGS[config])
+    sinks = strided_sinks(case.c["Hq"], scale=3.0) if with_sinks else None
+    outs = {}
+    for value in ("rows", "cta"):
+        monkeypatch.setenv("FASTATTN_DECODE_COMBINE", value)
+        if with_sinks:
+            run_sinks_case(case)  # against the reference (with sinks of its own)
+            outs[value] = run_twice(lambda o: kvcache_call(case, o, sinks=sinks), case.make_out)
+        else:
+            outs[value] = run_case(case)[:2]
+    R.assert_bitwise_equal("out", outs["rows"][0], outs["cta"][0])
+    R.assert_bitwise_equal("softmax_lse", outs["rows"][1], outs["cta"][1])
+
+
+def test_combine_rows_kernel_rule(seed, monkeypatch):
+    """With FASTATTN_DECODE_COMBINE unset, split states merge a warp per row where the combine kernel's
+    grid (a CTA per row) is more than the device keeps resident (64 rows an SM here: more than any
+    GPU holds of it), and a CTA per row for a grid no larger than the SMs; read off the kernels the
+    calls launch, each answer checked against the float32 reference."""
+    monkeypatch.delenv("FASTATTN_DECODE_COMBINE", raising=False)
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    for b, sq, want in ((-(-64 * sms // 128), 4, "combine_rows_kernel"), (max(1, sms // 32), 1, "combine_kernel")):
+        case = build_case(seed, torch.bfloat16, dict(B=b, Hq=32, Hkv=8, Sq=sq, Snew=0, cache_len=256, splits=2))
+        run_case(case)
+        names = _fastattn_kernels(lambda: kvcache_call(case, case.make_out()))
+        combines = {n for n in names for k in ("combine_rows_kernel", "combine_kernel") if k + "<" in n}
+        assert len(combines) == 1 and want + "<" in combines.pop(), (b, sq, names)
+        del case
+        torch.cuda.empty_cache()
+
+
 # The wide math's forms (16 and 32 packed rows: Hq 16 / Hkv 2 at Sq 2 and 4), knobs over BASE and the
 # switches that pick the form (the cp.async kernel through FASTATTN_DECODE_KERNEL=sm80).
 RISING_SCORE_CASES = {
@@ -1257,12 +1319,12 @@ def test_row_pair_heuristic(seed, hq, hkv, sq, d, cache_len, page, want, monkeyp
 
 
 # Attention sinks (sinks=) are folded into a row where it is finished: in every kernel form's
-# one-split stores and the cluster merge's (decode_store_output4_at), and in the combine kernel.
-# Every configuration of the per-head kernel, with and without clusters (the combine kernel), and
-# of each kernel form.
+# one-split stores and the cluster merge's (decode_store_output4_at), and in the combine kernels.
+# Every configuration of the per-head kernel, with and without clusters (the combine kernel), with the
+# warp-per-row combine, and of each kernel form.
 SINKS_SWITCHES = dict(FORM_SWITCHES, per_head_unclustered={"FASTATTN_DECODE_CLUSTER": "0"})
-SINKS_CASES = [(kernel, name) for kernel in ("per_head", "per_head_unclustered") for name in CONFIGS] + \
-    KERNEL_FORM_CASES
+SINKS_CASES = [(kernel, name) for kernel in ("per_head", "per_head_unclustered", "combine_rows")
+               for name in CONFIGS] + KERNEL_FORM_CASES
 
 
 def fold_sinks(out, lse, sinks):
@@ -1299,7 +1361,7 @@ def test_sinks(seed, kernel, config, monkeypatch):
     """sinks= on each kernel form (run_sinks_case)."""
     for name, value in SINKS_SWITCHES[kernel].items():
         monkeypatch.setenv(name, value)
-    configs = CONFIGS if kernel.startswith("per_head") else KERNEL_FORM_CONFIGS[kernel]
+    configs = KERNEL_FORM_CONFIGS.get(kernel, CONFIGS)  # per_head, per_head_unclustered, combine_rows: CONFIGS
     run_sinks_case(build_case(seed, torch.bfloat16, configs[config]))
 
 
@@ -1469,7 +1531,7 @@ def test_head_group_wide_form_is_taken(seed, monkeypatch):
         where = f"head_dim {d}, batch {b}, {hkv} KV heads, {cache_len} slots, switch {switch}: {names}"
         assert forms == ({taken} if taken else set()), where
         if taken == "8" and switch is None:  # one split
-            assert not any("combine_kernel" in n for n in names), where
+            assert not _ran_a_combine_kernel(names), where
             if d == 128:  # as the four-head form's here
                 monkeypatch.setenv("FASTATTN_DECODE_HEAD_GROUP", "1")
                 out4, lse4, _ = run_case(case)
@@ -1516,7 +1578,7 @@ def test_head_group_rows_form_is_taken(seed, monkeypatch):
         where = f"batch {b}, {cache_len} slots, switch {switch}: {names}"
         assert forms == ({taken} if taken else set()), where
         if taken == "32" and switch is None:  # one split where batch CTAs fill the wave, else splits
-            assert any("combine_kernel" in n for n in names) == (b < fill), where
+            assert _ran_a_combine_kernel(names) == (b < fill), where
         monkeypatch.delenv("FASTATTN_DECODE_HEAD_GROUP", raising=False)
         del case
         torch.cuda.empty_cache()
@@ -1571,7 +1633,7 @@ def test_kv_heads_per_cta_is_taken(seed, monkeypatch):
         where = f"batch {b}, head_dim {d}, {cache_len} slots, switches {switches}: {names}"
         assert {int(m.group(1)) for n in names for m in [SM90_KERNEL.search(n)] if m} == {heads}, where
         if heads > 1:
-            assert not any("combine_kernel" in n for n in names), where
+            assert not _ran_a_combine_kernel(names), where
         for name in switches:
             monkeypatch.delenv(name)
         del case
@@ -1953,7 +2015,8 @@ def test_varlen_decode_block_table(seed, dtype, page_size, lengths_from, opt):
                           ("paged16", 0, "head_pair"), ("contiguous", 2, "head_pair"),
                           ("paged16", 0, "head_pair_d64"), ("paged16", 0, "head_quad"), ("contiguous", 3, "head_quad"),
                           ("paged16", "plan", "per_head"), ("contiguous", "plan", "per_head"),
-                          ("paged16", 0, "row_pair"), ("contiguous", 3, "row_pair"), ("paged16", "plan", "row_pair")],
+                          ("paged16", 0, "row_pair"), ("contiguous", 3, "row_pair"), ("paged16", "plan", "row_pair"),
+                          ("paged16", 5, "combine_rows"), ("contiguous", "plan", "combine_rows")],
                          ids=["paged16-splits0", "paged16-splits5", "contiguous-splits0", "paged16-splits3-head_group",
                               "paged16-splits0-head_group_wide", "paged16-splits0-head_group_wide_d64",
                               "paged16-splits0-head_group_rows",
@@ -1961,7 +2024,7 @@ def test_varlen_decode_block_table(seed, dtype, page_size, lengths_from, opt):
                               "contiguous-splits2-head_pair", "paged16-splits0-head_pair_d64",
                               "paged16-splits0-head_quad", "contiguous-splits3-head_quad", "paged16-plan",
                               "contiguous-plan", "paged16-splits0-row_pair", "contiguous-splits3-row_pair",
-                              "paged16-plan-row_pair"])
+                              "paged16-plan-row_pair", "paged16-splits5-combine_rows", "contiguous-plan-combine_rows"])
 def test_cuda_graph_decode(seed, layout, num_splits, kernel, monkeypatch):
     """One decode step (Sq = 1, append Snew = 1, rotary, causal, cache_seqlens on the device)
     captured into a CUDA graph; replays with new lengths (0 and the capacity's last slot among them),
@@ -1974,8 +2037,8 @@ def test_cuda_graph_decode(seed, layout, num_splits, kernel, monkeypatch):
     (64); head_group_rows: 32 KV and query heads through its token-row form; head_pair
     (head_pair_d64): 2 KV heads through the head-pair form at head_dim 128 (64); head_quad: 4 KV
     heads through the head-quad form; row_pair: 48 query heads over 2 KV heads, 24 packed rows a KV
-    head through the row pair. plan: a split plan (a random count per sequence) kept across the
-    replays while the lengths change."""
+    head through the row pair; combine_rows: the split states merged a warp per row. plan: a split
+    plan (a random count per sequence) kept across the replays while the lengths change."""
     b, cap = 4, 1024
     use_kernel(monkeypatch, kernel)
     hkv = KERNEL_HEADS_KV.get(kernel, 2)

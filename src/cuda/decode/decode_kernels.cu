@@ -2,7 +2,9 @@
 //   append_rotary_kernel  writes the new keys (rotated) and values into the cache in place, and
 //                         the rotated copy of q into the workspace;
 //   combine_kernel        merges the split-KV partial states (the shared merge primitive,
-//                         MergeAccumulator) into out and LSE.
+//                         MergeAccumulator) into out and LSE, a CTA per row;
+//   combine_rows_kernel   the same merge, a warp per row, for grids of more rows than the combine
+//                         kernel keeps resident at once.
 // The attention kernels (decode_kernel.cuh: cp.async, sm_80+; decode_kernel_sm90.cuh: bulk
 // copies, sm_90, one KV head per CTA or a pair; decode_kernel_sm90_head_group.cuh: bulk copies
 // over four, eight or 32 KV heads) are compiled per head_dim / dtype under src/cuda/instances/. All
@@ -112,7 +114,7 @@ __global__ void append_rotary_kernel(const DecodeParams p) {
 /// per call at batch 1-16 (bench/NOTES.md, session 49).
 constexpr int kCombineWarps = 4;
 
-/// combine_kernel's kPreload where it preloads (combine_preload_ctas_per_sm says where).
+/// combine_kernel's kPreload where it preloads (run_for_dtype says where).
 constexpr int kCombinePreload = 8;
 
 template <Dtype kDtype, int kPreload>
@@ -226,12 +228,99 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
         merged_lse;
 }
 
-/// CTAs of the preloading combine kernel resident per SM of the current device (its registers
-/// allow fewer than the plain kernel's: 7 against 16 on the H200). The preloading kernel runs only
-/// where its whole grid is resident at once: at 1024 CTAs (batch 32 x 32 heads) it ran 0.05-1.2 us
-/// slower than the plain one, at up to 512 CTAs up to 2.2 us faster (bench/NOTES.md, session 49).
+/// Rows of combine_rows_kernel's CTA, a warp each.
+constexpr int kCombineRowsPerCta = 4;
+/// Waves of the plain combine kernel (12 CTAs an SM on the H200, by its 40 registers) past which
+/// the launch takes combine_rows_kernel instead (use_combine_rows_kernel).
+constexpr int kCombineRowsMinWaves = 2;
+
+/// combine_kernel's merge for grids of more rows than it keeps resident at once: CTA x merges rows
+/// 4x .. 4x + 3 of the (b, h, i) rows (i fastest), one warp each, with no shared memory or barrier.
+/// The lanes reduce the LSEs as combine_kernel's first warp does; lane l keeps split l's weight (the
+/// weights of later groups of 32 splits are worked out as the warp reaches them) and broadcasts it;
+/// every lane sums its four columns over the splits. The sums keep combine_kernel's order (split s
+/// into partial s % 4, its warp's, in increasing s; then partials 0 + 1 + 2 + 3), so both kernels
+/// give the same bits and the choice between them, which depends on the batch, keeps a sequence's
+/// results independent of it. At batch 128 / 8k with 16 packed rows (16384 rows, two splits) the
+/// combine kernel's eight waves of dependent steps left ~29 us after the attention kernel where
+/// the bytes need ~7 (bench/NOTES.md, session 91). Needs head_dim % 4 == 0.
 template <Dtype kDtype>
-int combine_preload_ctas_per_sm() {
+__global__ void __launch_bounds__(kCombineRowsPerCta * 32) combine_rows_kernel(const DecodeParams p) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const std::int64_t row = std::int64_t(blockIdx.x) * kCombineRowsPerCta + warp;
+  // Every CTA waits (see combine_kernel): this grid completes after the attention kernel.
+  pdl_wait_for_previous_kernel();
+  if (row >= std::int64_t(p.batch) * p.heads_q * p.seqlen_q) return;
+  const int i = int(row % p.seqlen_q), h = int(row / p.seqlen_q % p.heads_q), b = int(row / p.seqlen_q / p.heads_q);
+  int num_splits = p.num_splits, first_row = b, row_step = p.batch;
+  if (p.split_plan) {
+    first_row = p.split_plan[b];
+    num_splits = p.split_plan[b + 1] - first_row;
+    row_step = 1;
+    if (num_splits < 2 || num_splits > kMaxSplits || first_row < 0 || first_row > p.plan_items - num_splits) return;
+  }
+  const std::int64_t split_stride = std::int64_t(row_step) * p.heads_q * p.seqlen_q;
+  const std::int64_t state0 = (std::int64_t(first_row) * p.heads_q + h) * p.seqlen_q + i;
+  const float* src = p.partial_o + state0 * p.head_dim;
+  const std::int64_t step = split_stride * p.head_dim;
+  const auto split_lse = [&](int s) { return p.partial_lse[state0 + s * split_stride]; };
+
+  MergeAccumulator acc;
+  acc.init();
+  float rescale, weight;
+  const int states = num_splits + (p.sinks ? 1 : 0);  // a sink: one more state, of zero values
+  for (int s = lane; s < states; s += 32)
+    acc.add(s < num_splits ? split_lse(s) : p.sinks[h * p.sinks_stride], &rescale, &weight);
+  for (int offset = 16; offset > 0; offset /= 2) {
+    MergeAccumulator other;
+    other.m = __shfl_xor_sync(0xffffffffu, acc.m, offset);
+    other.sum = __shfl_xor_sync(0xffffffffu, acc.sum, offset);
+    acc.merge(other);
+  }
+  const float first_weight = lane < num_splits ? acc.weight_of(split_lse(lane)) : 0.0f;
+  for (int c0 = 0; c0 < p.head_dim; c0 += 128) {
+    const int c = c0 + lane * 4;
+    const bool mine = c < p.head_dim;
+    float4 part[4];
+#pragma unroll
+    for (int w = 0; w < 4; ++w) part[w] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int s0 = 0; s0 < num_splits; s0 += 32) {  // s0 % 4 == 0: split s0 + k goes to part k % 4
+      const float lane_weight =
+          s0 == 0 ? first_weight : (s0 + lane < num_splits ? acc.weight_of(split_lse(s0 + lane)) : 0.0f);
+      const int n = min(32, num_splits - s0);
+#pragma unroll 2
+      for (int k = 0; k < n; k += 4) {
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          if (k + w >= n) break;  // the same for every lane
+          const float wt = __shfl_sync(0xffffffffu, lane_weight, k + w);
+          if (mine) {
+            const float4 v = *reinterpret_cast<const float4*>(src + (s0 + k + w) * step + c);
+            part[w].x += wt * v.x, part[w].y += wt * v.y, part[w].z += wt * v.z, part[w].w += wt * v.w;
+          }
+        }
+      }
+    }
+    if (mine) {
+      float4 t = part[0];
+#pragma unroll
+      for (int w = 1; w < 4; ++w) t.x += part[w].x, t.y += part[w].y, t.z += part[w].z, t.w += part[w].w;
+      const std::int64_t o = b * p.out_batch_stride + std::int64_t(i) * p.out_row_stride + std::int64_t(h) * p.out_head_stride + c;
+      Elem<kDtype>::store(p.out, o, t.x), Elem<kDtype>::store(p.out, o + 1, t.y);
+      Elem<kDtype>::store(p.out, o + 2, t.z), Elem<kDtype>::store(p.out, o + 3, t.w);
+    }
+  }
+  if (p.lse && lane == 0)
+    p.lse[b * p.lse_batch_stride + std::int64_t(h) * p.lse_head_stride + std::int64_t(i) * p.lse_row_stride] = acc.lse();
+}
+
+/// CTAs of combine kernel `kPreload` resident per SM of the current device, asked of the runtime
+/// once per device. The preloading kernel's registers allow fewer than the plain kernel's: 7
+/// against 16 on the H200. It runs only where its whole grid is resident at once: at 1024 CTAs
+/// (batch 32 x 32 heads) it ran 0.05-1.2 us slower than the plain one, at up to 512 CTAs up to
+/// 2.2 us faster (bench/NOTES.md, session 49).
+template <Dtype kDtype, int kPreload>
+int combine_ctas_per_sm() {
   constexpr int kCachedDevices = 64;  // devices past the 64th share the last entry
   static std::atomic<int> per_device[kCachedDevices];  // 0: not asked yet
   int device = 0;
@@ -240,10 +329,23 @@ int combine_preload_ctas_per_sm() {
   int n = per_device[device].load(std::memory_order_relaxed);
   if (n == 0) {
     FASTATTN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &n, &combine_kernel<kDtype, kCombinePreload>, kCombineWarps * 32, 0));
+        &n, &combine_kernel<kDtype, kPreload>, kCombineWarps * 32, 0));
     per_device[device].store(n, std::memory_order_relaxed);
   }
   return n;
+}
+
+/// Whether p's split states of `rows` (b, h, i) rows merge in combine_rows_kernel: where the plain
+/// combine kernel's grid, a CTA a row, is more than kCombineRowsMinWaves waves of what the device
+/// keeps resident (its waves of dependent steps then outlast its bytes). FASTATTN_DECODE_COMBINE=rows
+/// takes it for every split call and =cta never (A/B and tests); both give the same bits.
+template <Dtype kDtype>
+bool use_combine_rows_kernel(const DecodeParams& p, std::int64_t rows) {
+  if (p.head_dim % 4 != 0) return false;
+  const char* env = std::getenv("FASTATTN_DECODE_COMBINE");
+  if (env && std::strcmp(env, "rows") == 0) return true;
+  if (env && std::strcmp(env, "cta") == 0) return false;
+  return rows > kCombineRowsMinWaves * std::int64_t(combine_ctas_per_sm<kDtype, 0>()) * p.sm_count;
 }
 
 template <Dtype kDtype>
@@ -282,8 +384,13 @@ void run_for_dtype(const DecodeParams& p, cudaStream_t stream) {
     else launch_decode<256, kDtype>(attn, stream);
   }
   if (decode_writes_split_states(p) && !p.cluster_combine) {
-    const std::int64_t ctas = std::int64_t(p.seqlen_q) * p.heads_q * p.batch;
-    const bool preload = ctas <= std::int64_t(combine_preload_ctas_per_sm<kDtype>()) * p.sm_count;
+    const std::int64_t rows = std::int64_t(p.seqlen_q) * p.heads_q * p.batch;
+    if (use_combine_rows_kernel<kDtype>(p, rows)) {
+      launch_kernel(&combine_rows_kernel<kDtype>, dim3(unsigned((rows + kCombineRowsPerCta - 1) / kCombineRowsPerCta)),
+                    dim3(kCombineRowsPerCta * 32), 0, stream, p.dependent_launch, p);
+      return;
+    }
+    const bool preload = rows <= std::int64_t(combine_ctas_per_sm<kDtype, kCombinePreload>()) * p.sm_count;
     const auto kernel = preload ? &combine_kernel<kDtype, kCombinePreload> : &combine_kernel<kDtype, 0>;
     launch_kernel(kernel, dim3(p.seqlen_q, p.heads_q, p.batch), dim3(kCombineWarps * 32), 0, stream,
                   p.dependent_launch, p);
