@@ -231,8 +231,11 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
 /// Rows of combine_rows_kernel's CTA, a warp each.
 constexpr int kCombineRowsPerCta = 4;
 /// Waves of the plain combine kernel (12 CTAs an SM on the H200, by its 40 registers) past which
-/// the launch takes combine_rows_kernel instead (use_combine_rows_kernel).
-constexpr int kCombineRowsMinWaves = 2;
+/// the launch takes combine_rows_kernel instead (use_combine_rows_kernel). On the H200 the warp per
+/// row ran 1.6-2.6% slower at 1536 rows (under one wave) and 2.8-3.4% faster at 2048 with 1k keys
+/// and two splits; with 8k keys and eight splits 0.2-0.4% slower at 2048, level at 2560-3072 and
+/// 0.7-0.8% faster from 3584 (bench/NOTES.md, session 91).
+constexpr int kCombineRowsMinWaves = 1;
 
 /// combine_kernel's merge for grids of more rows than it keeps resident at once: CTA x merges rows
 /// 4x .. 4x + 3 of the (b, h, i) rows (i fastest), one warp each, with no shared memory or barrier.
