@@ -308,13 +308,15 @@ __global__ void __launch_bounds__(kCombineRowsPerCta * 32) combine_rows_kernel(c
       float4 t = part[0];
 #pragma unroll
       for (int w = 1; w < 4; ++w) t.x += part[w].x, t.y += part[w].y, t.z += part[w].z, t.w += part[w].w;
-      const std::int64_t o = b * p.out_batch_stride + std::int64_t(i) * p.out_row_stride + std::int64_t(h) * p.out_head_stride + c;
+      const std::int64_t o =
+          b * p.out_batch_stride + std::int64_t(i) * p.out_row_stride + std::int64_t(h) * p.out_head_stride + c;
       Elem<kDtype>::store(p.out, o, t.x), Elem<kDtype>::store(p.out, o + 1, t.y);
       Elem<kDtype>::store(p.out, o + 2, t.z), Elem<kDtype>::store(p.out, o + 3, t.w);
     }
   }
   if (p.lse && lane == 0)
-    p.lse[b * p.lse_batch_stride + std::int64_t(h) * p.lse_head_stride + std::int64_t(i) * p.lse_row_stride] = acc.lse();
+    p.lse[b * p.lse_batch_stride + std::int64_t(h) * p.lse_head_stride + std::int64_t(i) * p.lse_row_stride] =
+        acc.lse();
 }
 
 /// CTAs of combine kernel `kPreload` resident per SM of the current device, asked of the runtime
