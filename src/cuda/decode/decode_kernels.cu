@@ -245,7 +245,7 @@ constexpr int kCombineRowsMinWaves = 1;
 /// into partial s % 4, its warp's, in increasing s; then partials 0 + 1 + 2 + 3), so both kernels
 /// give the same bits and the choice between them, which depends on the batch, keeps a sequence's
 /// results independent of it. At batch 128 / 8k with 16 packed rows (16384 rows, two splits) the
-/// combine kernel's eight waves of dependent steps left ~29 us after the attention kernel where
+/// combine kernel's ten waves of dependent steps left ~29 us after the attention kernel where
 /// the bytes need ~7 (bench/NOTES.md, session 91). Needs head_dim % 4 == 0.
 template <Dtype kDtype>
 __global__ void __launch_bounds__(kCombineRowsPerCta * 32) combine_rows_kernel(const DecodeParams p) {
