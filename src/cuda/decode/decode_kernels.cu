@@ -117,6 +117,64 @@ constexpr int kCombineWarps = 4;
 /// combine_kernel's kPreload where it preloads (run_for_dtype says where).
 constexpr int kCombinePreload = 8;
 
+/// The split states of sequence b and, once locate(i, h) has run, of its query row i of head h:
+/// state s (< num_splits) has its LSE at partial_lse[index(s)] and its values at
+/// partial_o + index(s) * head_dim. Shared by both combine kernels. Uniform splits: rows b,
+/// b + batch, ...; a split plan: split_plan[b] on (the plan is the caller's, so it may be read
+/// before the wait). A sequence of one split wrote out itself, and a plan's entries out of range
+/// merge nothing (DecodeParams::split_plan): merges_nothing().
+struct CombineStates {
+  int num_splits, first_row, row_step;
+  std::int64_t state0, split_stride;
+  __device__ __forceinline__ CombineStates(const DecodeParams& p, int b)
+      : num_splits(p.num_splits), first_row(b), row_step(p.batch) {
+    if (p.split_plan) {
+      first_row = p.split_plan[b];
+      num_splits = p.split_plan[b + 1] - first_row;
+      row_step = 1;
+    }
+  }
+  __device__ __forceinline__ bool merges_nothing(const DecodeParams& p) const {
+    return p.split_plan &&
+           (num_splits < 2 || num_splits > kMaxSplits || first_row < 0 || first_row > p.plan_items - num_splits);
+  }
+  /// Where row (i, h)'s states start and step (for a sequence that has some to merge).
+  __device__ __forceinline__ void locate(const DecodeParams& p, int i, int h) {
+    split_stride = std::int64_t(row_step) * p.heads_q * p.seqlen_q;
+    state0 = (std::int64_t(first_row) * p.heads_q + h) * p.seqlen_q + i;
+  }
+  __device__ __forceinline__ std::int64_t index(int s) const { return state0 + s * split_stride; }
+};
+
+/// The merge accumulator of a row's states over one warp: lane l adds states l, l + 32, ..., then
+/// the lanes' accumulators are merged by a butterfly, so every lane ends with the same one. A sink
+/// is one more state, after the splits', of zero values: it counts in the weights and the LSE only.
+/// Both combine kernels reduce through this, so their weights and LSE are the same bits.
+__device__ __forceinline__ MergeAccumulator combine_lse_accumulator(const DecodeParams& p, const CombineStates& st,
+                                                                    int h, int lane) {
+  MergeAccumulator acc;
+  acc.init();
+  float rescale, weight;
+  const int states = st.num_splits + (p.sinks ? 1 : 0);
+  for (int s = lane; s < states; s += 32)
+    acc.add(s < st.num_splits ? p.partial_lse[st.index(s)] : p.sinks[h * p.sinks_stride], &rescale, &weight);
+  for (int offset = 16; offset > 0; offset /= 2) {
+    MergeAccumulator other;
+    other.m = __shfl_xor_sync(0xffffffffu, acc.m, offset);
+    other.sum = __shfl_xor_sync(0xffffffffu, acc.sum, offset);
+    acc.merge(other);
+  }
+  return acc;
+}
+
+/// Where a combine kernel stores value c of row (i, h, b) in out, and the row's LSE.
+__device__ __forceinline__ std::int64_t combine_out_index(const DecodeParams& p, int i, int h, int b, int c) {
+  return b * p.out_batch_stride + std::int64_t(i) * p.out_row_stride + std::int64_t(h) * p.out_head_stride + c;
+}
+__device__ __forceinline__ std::int64_t combine_lse_index(const DecodeParams& p, int i, int h, int b) {
+  return b * p.lse_batch_stride + std::int64_t(h) * p.lse_head_stride + std::int64_t(i) * p.lse_row_stride;
+}
+
 template <Dtype kDtype, int kPreload>
 __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const DecodeParams p) {
   // Sized for the largest split count, not num_splits: compute-sanitizer saw the compiled
@@ -125,26 +183,16 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
   __shared__ float merged_lse;
   __shared__ float4 warp_sum[kCombineWarps][32];
   const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  // The sequence's states: rows b, b + batch, ... (uniform splits), or split_indptr[b] on (a split
-  // plan, read before the wait: the plan is the caller's). A sequence of one split wrote out itself;
-  // a plan's entries out of range merge nothing (DecodeParams::split_plan).
-  int num_splits = p.num_splits, first_row = b, row_step = p.batch;
-  if (p.split_plan) {
-    first_row = p.split_plan[b];
-    num_splits = p.split_plan[b + 1] - first_row;
-    row_step = 1;
-  }
+  CombineStates st(p, b);
   // Every CTA waits, even one with nothing to merge: this grid completes after the attention
   // kernel (and its writes of out for the one-split sequences), whatever the plan holds.
   pdl_wait_for_previous_kernel();  // the attention kernel's partial states
-  if (p.split_plan && (num_splits < 2 || num_splits > kMaxSplits || first_row < 0 ||
-                       first_row > p.plan_items - num_splits))
-    return;
+  if (st.merges_nothing(p)) return;
+  const int num_splits = st.num_splits;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const std::int64_t split_stride = std::int64_t(row_step) * p.heads_q * p.seqlen_q;
-  const std::int64_t state0 = (std::int64_t(first_row) * p.heads_q + h) * p.seqlen_q + i;
-  const float* src = p.partial_o + state0 * p.head_dim;
-  const std::int64_t step = split_stride * p.head_dim;
+  st.locate(p, i, h);
+  const float* src = p.partial_o + st.state0 * p.head_dim;
+  const std::int64_t step = st.split_stride * p.head_dim;
   // The first kPreload of the warp's splits (warp, warp + 4, ...) at the lane's first four columns.
   float4 first[kPreload > 0 ? kPreload : 1];
   if (kPreload > 0 && p.head_dim % 4 == 0 && lane * 4 < p.head_dim) {
@@ -155,31 +203,13 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
     }
   }
   if (warp == 0) {
-    MergeAccumulator acc;
-    acc.init();
-    float rescale, weight;
-    // A sink is one more state, after the splits', of zero values: it counts in the weights and
-    // the LSE only.
-    const int states = num_splits + (p.sinks ? 1 : 0);
-    for (int s = lane; s < states; s += 32)
-      acc.add(s < num_splits ? p.partial_lse[state0 + s * split_stride] : p.sinks[h * p.sinks_stride], &rescale,
-              &weight);
-    for (int offset = 16; offset > 0; offset /= 2) {
-      MergeAccumulator other;
-      other.m = __shfl_xor_sync(0xffffffffu, acc.m, offset);
-      other.sum = __shfl_xor_sync(0xffffffffu, acc.sum, offset);
-      acc.merge(other);
-    }
-    for (int s = lane; s < num_splits; s += 32)
-      split_weight[s] = acc.weight_of(p.partial_lse[state0 + s * split_stride]);
+    const MergeAccumulator acc = combine_lse_accumulator(p, st, h, lane);
+    for (int s = lane; s < num_splits; s += 32) split_weight[s] = acc.weight_of(p.partial_lse[st.index(s)]);
     if (lane == 0) merged_lse = acc.lse();
   }
   __syncthreads();
   // No branch on the weight: an empty split stores a zero output, so its weight 0 adds exactly 0.
-  const auto store = [&](int c, float o) {
-    Elem<kDtype>::store(p.out, b * p.out_batch_stride + std::int64_t(i) * p.out_row_stride +
-                                   std::int64_t(h) * p.out_head_stride + c, o);
-  };
+  const auto store = [&](int c, float o) { Elem<kDtype>::store(p.out, combine_out_index(p, i, h, b, c), o); };
   if (p.head_dim % 4 == 0) {  // rows of partial_o are 16-byte aligned (the workspace is)
     for (int c0 = 0; c0 < p.head_dim; c0 += 128) {
       const int c = c0 + lane * 4;
@@ -223,9 +253,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
       store(c, o);
     }
   }
-  if (p.lse && threadIdx.x == 0)
-    p.lse[b * p.lse_batch_stride + std::int64_t(h) * p.lse_head_stride + std::int64_t(i) * p.lse_row_stride] =
-        merged_lse;
+  if (p.lse && threadIdx.x == 0) p.lse[combine_lse_index(p, i, h, b)] = merged_lse;
 }
 
 /// Rows of combine_rows_kernel's CTA, a warp each.
@@ -255,31 +283,14 @@ __global__ void __launch_bounds__(kCombineRowsPerCta * 32) combine_rows_kernel(c
   pdl_wait_for_previous_kernel();
   if (row >= std::int64_t(p.batch) * p.heads_q * p.seqlen_q) return;
   const int i = int(row % p.seqlen_q), h = int(row / p.seqlen_q % p.heads_q), b = int(row / p.seqlen_q / p.heads_q);
-  int num_splits = p.num_splits, first_row = b, row_step = p.batch;
-  if (p.split_plan) {
-    first_row = p.split_plan[b];
-    num_splits = p.split_plan[b + 1] - first_row;
-    row_step = 1;
-    if (num_splits < 2 || num_splits > kMaxSplits || first_row < 0 || first_row > p.plan_items - num_splits) return;
-  }
-  const std::int64_t split_stride = std::int64_t(row_step) * p.heads_q * p.seqlen_q;
-  const std::int64_t state0 = (std::int64_t(first_row) * p.heads_q + h) * p.seqlen_q + i;
-  const float* src = p.partial_o + state0 * p.head_dim;
-  const std::int64_t step = split_stride * p.head_dim;
-  const auto split_lse = [&](int s) { return p.partial_lse[state0 + s * split_stride]; };
-
-  MergeAccumulator acc;
-  acc.init();
-  float rescale, weight;
-  const int states = num_splits + (p.sinks ? 1 : 0);  // a sink: one more state, of zero values
-  for (int s = lane; s < states; s += 32)
-    acc.add(s < num_splits ? split_lse(s) : p.sinks[h * p.sinks_stride], &rescale, &weight);
-  for (int offset = 16; offset > 0; offset /= 2) {
-    MergeAccumulator other;
-    other.m = __shfl_xor_sync(0xffffffffu, acc.m, offset);
-    other.sum = __shfl_xor_sync(0xffffffffu, acc.sum, offset);
-    acc.merge(other);
-  }
+  CombineStates st(p, b);
+  if (st.merges_nothing(p)) return;
+  const int num_splits = st.num_splits;
+  st.locate(p, i, h);
+  const float* src = p.partial_o + st.state0 * p.head_dim;
+  const std::int64_t step = st.split_stride * p.head_dim;
+  const auto split_lse = [&](int s) { return p.partial_lse[st.index(s)]; };
+  const MergeAccumulator acc = combine_lse_accumulator(p, st, h, lane);
   const float first_weight = lane < num_splits ? acc.weight_of(split_lse(lane)) : 0.0f;
   for (int c0 = 0; c0 < p.head_dim; c0 += 128) {
     const int c = c0 + lane * 4;
@@ -308,15 +319,12 @@ __global__ void __launch_bounds__(kCombineRowsPerCta * 32) combine_rows_kernel(c
       float4 t = part[0];
 #pragma unroll
       for (int w = 1; w < 4; ++w) t.x += part[w].x, t.y += part[w].y, t.z += part[w].z, t.w += part[w].w;
-      const std::int64_t o =
-          b * p.out_batch_stride + std::int64_t(i) * p.out_row_stride + std::int64_t(h) * p.out_head_stride + c;
+      const std::int64_t o = combine_out_index(p, i, h, b, c);
       Elem<kDtype>::store(p.out, o, t.x), Elem<kDtype>::store(p.out, o + 1, t.y);
       Elem<kDtype>::store(p.out, o + 2, t.z), Elem<kDtype>::store(p.out, o + 3, t.w);
     }
   }
-  if (p.lse && lane == 0)
-    p.lse[b * p.lse_batch_stride + std::int64_t(h) * p.lse_head_stride + std::int64_t(i) * p.lse_row_stride] =
-        acc.lse();
+  if (p.lse && lane == 0) p.lse[combine_lse_index(p, i, h, b)] = acc.lse();
 }
 
 /// CTAs of combine kernel `kPreload` resident per SM of the current device, asked of the runtime
