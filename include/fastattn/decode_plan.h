@@ -47,10 +47,16 @@ struct DecodeSplitRule {
   int max_splits = 64;
   /// The CTAs of the decode kernels a KV head's packed query rows (group x q_len) take, each
   /// streaming the head's keys, which the rules weigh as that many KV heads: one for up to 16
-  /// rows; one for 17-32 where the longest sequence's pages hold at least row_pair_min_keys slots
-  /// (the sm_90 kernel's row pair, its heuristic's bound); else one per 16 rows. 0: never the row
-  /// pair (decode_split_rule_for_head_dim above head_dim 128, where it is not built).
+  /// rows; one for 17-32 where the longest sequence's pages hold at least row_pair_min_keys slots,
+  /// or row_pair_wave_min_keys below (the sm_90 kernel's row pair, its heuristic's bounds); else one
+  /// per 16 rows. 0: never the row pair (decode_split_rule_for_head_dim above head_dim 128, where it
+  /// is not built).
   std::int64_t row_pair_min_keys = 4096;
+  /// Also the row pair for 17-32 rows where the pages hold at least row_pair_wave_min_keys slots
+  /// and batch x num_kv_heads >= row_pair_min_waves x sm_count (its one-split grid, one CTA an SM;
+  /// the kernels' heuristic, kDecodeRowPairWaveMinKeys). Only where row_pair_min_keys > 0.
+  std::int64_t row_pair_wave_min_keys = 1024;
+  double row_pair_min_waves = 1.2;
   /// A count per sequence is chosen only where one count's estimate is at least min_gain times
   /// the plan's. The estimate does not see the waves: parts of equal size leave the grid's last
   /// wave to whole parts while most SMs idle, where one count's parts vary with the lengths and
@@ -142,8 +148,8 @@ struct PagedDecodePlanOptions {
   /// already in the cache, causal within the sequence's last q_len keys). Above 1, a sequence of
   /// fewer keys is a ValueError (at 1 a sequence may have none: its output is 0). Its rows attend
   /// to min(length, window_left + q_len) keys, which set its splits. With num_qo_heads, q_len sets
-  /// the CTAs each KV head's rows take (rule.row_pair_min_keys says how many), which the split
-  /// rules weigh as that many KV heads (one for group x q_len <= 16).
+  /// the CTAs each KV head's rows take (rule.row_pair_min_keys and row_pair_wave_min_keys say how
+  /// many), which the split rules weigh as that many KV heads (one for group x q_len <= 16).
   int q_len = 1;
   int sm_count = 0;
   /// false: one split per sequence (num_splits 1; in a CUDA-graph plan, counts of 1).

@@ -311,14 +311,18 @@ void check_query_rows(const char* op, const PagedDecodePlanOptions& o) {
                  std::to_string(o.num_qo_heads));
 }
 
-/// The KV heads the split rules weigh for a plan whose longest sequence has `max_pages` pages: each
-/// KV head's group x q_len query rows take one CTA up to 16, one up to 32 where the pages hold at
-/// least rule.row_pair_min_keys slots (the row pair), else one per 16; each streams the head's keys.
-int weighed_kv_heads(const PagedDecodePlanOptions& o, std::int64_t max_pages) {
+/// The KV heads the split rules weigh for a plan of `batch` sequences whose longest has `max_pages`
+/// pages: each KV head's group x q_len query rows take one CTA up to 16, one up to 32 where the pages
+/// hold at least rule.row_pair_min_keys slots, or rule.row_pair_wave_min_keys where batch x
+/// num_kv_heads CTAs are rule.row_pair_min_waves waves (the row pair), else one per 16; each streams
+/// the head's keys.
+int weighed_kv_heads(const PagedDecodePlanOptions& o, std::int64_t batch, std::int64_t max_pages) {
   const std::int64_t group = o.num_qo_heads > 0 && o.num_kv_heads > 0 ? o.num_qo_heads / o.num_kv_heads : 1;
   const std::int64_t rows = group * o.q_len;
+  const std::int64_t slots = max_pages * o.page_size;
+  const bool waves = o.sm_count > 0 && double(batch) * o.num_kv_heads >= o.rule.row_pair_min_waves * o.sm_count;
   const bool row_pair = o.rule.row_pair_min_keys > 0 && rows <= 2 * kRowsPerBlock &&
-                        max_pages * o.page_size >= o.rule.row_pair_min_keys;
+                        (slots >= o.rule.row_pair_min_keys || (waves && slots >= o.rule.row_pair_wave_min_keys));
   const std::int64_t heads = std::int64_t(o.num_kv_heads) * (row_pair ? 1 : ceil_div(rows, kRowsPerBlock));
   return heads > INT_MAX ? INT_MAX : static_cast<int>(heads);
 }
@@ -346,7 +350,7 @@ PagedDecodePlan plan_paged_decode(const std::int64_t* indptr, const std::int64_t
     p.max_pages = std::max(p.max_pages, indptr[b + 1] - indptr[b]);
   }
   if (indptr[batch] > num_ids) fail(op, bounds + ", got indptr[" + std::to_string(batch) + "] = " + std::to_string(indptr[batch]));
-  const int heads = weighed_kv_heads(o, p.max_pages);
+  const int heads = weighed_kv_heads(o, batch, p.max_pages);
   std::vector<std::int64_t> attended(static_cast<std::size_t>(batch));
   p.arrays.resize(static_cast<std::size_t>(batch));
   for (std::int64_t b = 0; b < batch; ++b) {

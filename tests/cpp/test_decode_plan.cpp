@@ -193,6 +193,8 @@ TEST(DecodePlan, RuleForHeadDim) {
     EXPECT_EQ(r.row_pair_min_keys, head_dim <= 128 ? base.row_pair_min_keys : 0) << head_dim;
   }
   EXPECT_EQ(base.row_pair_min_keys, 4096);
+  EXPECT_EQ(base.row_pair_wave_min_keys, 1024);
+  EXPECT_EQ(base.row_pair_min_waves, 1.2);
 }
 
 TEST(DecodePlan, GraphCountsAreTheWrittenOutChoiceWithinTheItems) {
@@ -299,17 +301,23 @@ TEST(DecodePlan, PagedPlanIsTheListsLengthsAndTheRulesChoice) {
     o.split_kv = rand_int(rng, 0, 4) != 0;
     o.choose_splits = rand_int(rng, 0, 4) != 0;
     o.rule.row_pair_min_keys = pick(rng, std::vector<std::int64_t>{0, 4096, 1, 1 << 20});  // 0: no row pair
+    o.rule.row_pair_wave_min_keys = pick(rng, std::vector<std::int64_t>{1024, 1, 1 << 20});
+    o.rule.row_pair_min_waves = rand_int(rng, 0, 1) == 0 ? 1.2 : 0.5;
     const PagedLists l = random_paged_lists(rng, o.page_size, o.q_len);
     const auto batch = std::int64_t(l.keys.size());
     if (rand_int(rng, 0, 2) == 0) o.graph_items = fastattn::decode_graph_plan_items(batch, o.num_kv_heads, o.sm_count);
     const fastattn::PagedDecodePlan p = fastattn::plan_paged_decode(l.indptr.data(), l.last.data(), batch, l.num_ids, o);
 
     // The rules weigh the CTAs of each KV head's group x q_len rows as KV heads: one for 17-32 rows
-    // where the longest list's pages hold row_pair_min_keys slots (the row pair), else one per 16.
+    // where the longest list's pages hold row_pair_min_keys slots, or row_pair_wave_min_keys where
+    // batch x num_kv_heads is row_pair_min_waves waves of sm_count (the row pair), else one per 16.
     std::int64_t most_pages = 0;
     for (std::size_t b = 0; b + 1 < l.indptr.size(); ++b) most_pages = std::max(most_pages, l.indptr[b + 1] - l.indptr[b]);
     const std::int64_t rows = (o.num_qo_heads ? group : 1) * o.q_len;
-    const bool row_pair = o.rule.row_pair_min_keys > 0 && rows <= 32 && most_pages * o.page_size >= o.rule.row_pair_min_keys;
+    const std::int64_t most_slots = most_pages * o.page_size;
+    const bool waves = double(batch) * o.num_kv_heads >= o.rule.row_pair_min_waves * o.sm_count;
+    const bool row_pair = o.rule.row_pair_min_keys > 0 && rows <= 32 &&
+                          (most_slots >= o.rule.row_pair_min_keys || (waves && most_slots >= o.rule.row_pair_wave_min_keys));
     const int heads = int(o.num_kv_heads * (row_pair ? 1 : up(rows, 16)));
     Lens attended(l.keys);
     std::int64_t most = 0;

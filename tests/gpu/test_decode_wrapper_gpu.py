@@ -825,13 +825,15 @@ def multi_row_lengths(rng, batch, q_len, long_len, n_long, short_max=600):
     return lens
 
 
-def weighed_kv_heads(hq, hkv, q_len, d, longest_slots):
+def weighed_kv_heads(hq, hkv, q_len, d, longest_slots, batch, sms):
     """The KV heads plan()'s split rules weigh (include/fastattn/decode_plan.h): each KV head's
     group x q_len query rows take one CTA of the decode kernels up to 16 rows, one for 17-32 where
-    the longest request's pages hold >= 4096 slots at head_dim <= 128 (the row pair,
-    DecodeSplitRule::row_pair_min_keys), else one per 16 rows."""
+    the longest request's pages hold >= 4096 slots at head_dim <= 128, or >= 1024 where batch x hkv
+    CTAs are 1.2 waves of the SMs (the row pair, DecodeSplitRule::row_pair_min_keys,
+    row_pair_wave_min_keys and row_pair_min_waves), else one per 16 rows."""
     rows = (hq // hkv) * q_len
-    if rows <= 32 and d <= 128 and longest_slots >= 4096:
+    waves = batch * hkv >= 1.2 * sms
+    if rows <= 32 and d <= 128 and (longest_slots >= 4096 or (waves and longest_slots >= 1024)):
         return hkv
     return hkv * -(-rows // 16)
 
@@ -863,7 +865,7 @@ def test_multi_row_ragged(seed, dtype, q_len, page_size, hq, hkv, d, layout):
         f"a long-among-short batch at q_len_per_req={q_len} planned {counts}"
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     longest_slots = -(-max(lens) // page_size) * page_size
-    heads = weighed_kv_heads(hq, hkv, q_len, d, longest_slots)
+    heads = weighed_kv_heads(hq, hkv, q_len, d, longest_slots, len(lens), sms)
     want = fastattn.decode_split_counts_for_lengths(lens, heads, sms, head_dim=d)
     assert want is not None and counts.tolist() == want.tolist()
     b.check(w)

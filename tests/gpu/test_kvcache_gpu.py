@@ -1295,24 +1295,33 @@ def test_wide_math_scores_rising_along_the_cache(seed, dtype, config, monkeypatc
     run_case(case)
 
 
-@pytest.mark.parametrize("hq,hkv,sq,d,cache_len,page,want", [
-    (32, 8, 8, 128, 8192, 16, 2),    # 32 rows, a long cache: the row pair
-    (8, 1, 3, 64, 4096, None, 2),    # 24 rows at head_dim 64, 4096 slots
-    (34, 2, 1, 128, 16384, None, 2),  # 17 rows
-    (32, 8, 8, 128, 1024, 16, 1),    # a short cache: two 16-row CTAs
-    (32, 8, 8, 128, 4095, None, 1),  # one slot short
-    (16, 1, 3, 128, 8192, 16, 1),    # 48 rows: three 16-row CTAs
-    (32, 8, 8, 256, 8192, 16, 1),    # head_dim 256: no row pair
+@pytest.mark.parametrize("hq,hkv,sq,d,cache_len,page,batch,want", [
+    (32, 8, 8, 128, 8192, 16, 2, 2),    # 32 rows, a long cache: the row pair
+    (8, 1, 3, 64, 4096, None, 2, 2),    # 24 rows at head_dim 64, 4096 slots
+    (34, 2, 1, 128, 16384, None, 2, 2),  # 17 rows
+    (32, 8, 8, 128, 1024, 16, 2, 1),    # a short cache on 16 CTAs: two 16-row CTAs
+    (32, 8, 8, 128, 4095, None, 2, 1),  # one slot short
+    (16, 1, 3, 128, 8192, 16, 2, 1),    # 48 rows: three 16-row CTAs
+    (32, 8, 8, 256, 8192, 16, 2, 1),    # head_dim 256: no row pair
+    (32, 8, 8, 128, 1024, None, "wave", 2),  # a short cache whose pair CTAs are 1.2 waves: the row pair
+    (32, 8, 8, 128, 1024, 16, "wave - 1", 1),  # one sequence short of that
+    (32, 8, 8, 128, 1023, None, "wave", 1),  # one slot short
+    (8, 1, 3, 64, 2048, 16, "wave", 2),  # 24 rows at head_dim 64
+    (32, 8, 8, 256, 2048, 16, "wave", 1),  # head_dim 256: no row pair
 ])
-def test_row_pair_heuristic(seed, hq, hkv, sq, d, cache_len, page, want, monkeypatch):
+def test_row_pair_heuristic(seed, hq, hkv, sq, d, cache_len, page, batch, want, monkeypatch):
     """With FASTATTN_DECODE_ROW_PAIR unset, the row pair runs for 17-32 packed rows a KV head on
     caches of at least 4096 slots (the capacity: a contiguous cache's slots, or a block table's width
-    x page_size; a full table here has one spare column) at head_dim <= 128, else the per-head
-    kernel's 16-row CTAs (README); the answer matches the float32 reference."""
+    x page_size; a full table here has one spare column), or of at least 1024 where its batch x hkv
+    CTAs are 1.2 waves of the SMs ("wave": the fewest sequences that are), at head_dim <= 128, else
+    the per-head kernel's 16-row CTAs (README); the answer matches the float32 reference."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("an sm_90 kernel")
+    if isinstance(batch, str):  # "wave" or "wave - 1"
+        wave = math.ceil(1.2 * torch.cuda.get_device_properties(0).multi_processor_count / hkv)
+        batch = wave - (1 if batch == "wave - 1" else 0)
     monkeypatch.delenv("FASTATTN_DECODE_ROW_PAIR", raising=False)
-    case = build_case(seed, torch.bfloat16, dict(B=2, Hq=hq, Hkv=hkv, D=d, Sq=sq, Snew=0, cache_len=cache_len,
+    case = build_case(seed, torch.bfloat16, dict(B=batch, Hq=hq, Hkv=hkv, D=d, Sq=sq, Snew=0, cache_len=cache_len,
                                                  page=page, table="full", opt="causal"))
     run_case(case)
     assert sm90_row_blocks(case) == want

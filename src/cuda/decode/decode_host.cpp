@@ -368,13 +368,15 @@ int decode_kv_heads_per_cta(const check::ArgChecker& c, const DecodeParams& p, i
 int decode_row_blocks_per_cta(const check::ArgChecker& c, const DecodeParams& p, std::int64_t max_keys) {
   const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
   if (!decode_row_pair_fits(p, use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size))) return 1;
-  // FASTATTN_DECODE_ROW_PAIR: "0" never, "1" wherever it fits; unset, 17-32 rows on long caches
-  // (kDecodeRowPairMinKeys says what was measured).
+  // FASTATTN_DECODE_ROW_PAIR: "0" never, "1" wherever it fits; unset, 17-32 rows on long caches,
+  // or on shorter ones where the pair's grid is more than a wave (kDecodeRowPairMinKeys and
+  // kDecodeRowPairWaveMinKeys say what was measured).
   const char* env = std::getenv("FASTATTN_DECODE_ROW_PAIR");
   if (env && std::strcmp(env, "0") == 0) return 1;
   if (env && std::strcmp(env, "1") == 0) return kDecodeRowPair;
-  const bool heuristic =
-      std::int64_t(p.group) * p.seqlen_q <= kDecodeRowPairMaxRows && max_keys >= kDecodeRowPairMinKeys;
+  const bool waves = double(p.batch) * p.heads_kv >= kDecodeRowPairMinWaves * info.sm_count;
+  const bool heuristic = std::int64_t(p.group) * p.seqlen_q <= kDecodeRowPairMaxRows &&
+                         (max_keys >= kDecodeRowPairMinKeys || (waves && max_keys >= kDecodeRowPairWaveMinKeys));
   return heuristic ? kDecodeRowPair : 1;
 }
 

@@ -225,6 +225,19 @@ constexpr int kDecodeRowPairMaxHeadDim = 128;
 /// CTAs, or an extra split), level at 32 and 128. At 64 rows (two pair CTAs against four) 2-17%
 /// slower at 8k: those calls are bound by the math, not the reads.
 constexpr std::int64_t kDecodeRowPairMinKeys = 4096;
+/// Below kDecodeRowPairMinKeys, the heuristic takes the row pair on caches of at least
+/// kDecodeRowPairWaveMinKeys slots where its one-split grid, batch x heads_kv CTAs at one an SM, is at
+/// least kDecodeRowPairMinWaves waves (core::DecodeSplitRule::row_pair_wave_min_keys and
+/// row_pair_min_waves are the plan's copy). Since session 86 the row pair keeps Q in registers (87)
+/// and binds its addresses (90). On the H200 at GQA 32/8 and 32/4, head_dim 128, pages of 16, 20-32
+/// rows (bench/NOTES.md, session 92): from 1.2 waves it took 0.79-1.00x the 16-row CTAs' time at
+/// 1k-3k keys (head_dim 64 0.95-0.98x at 1k-2k), but 1.00-1.10x at 256-512 keys; at 1.0-1.03 waves
+/// up to 1.04x, and under a wave 1.00-1.08x (batch 8 at 2k-3k, merged in clusters, 0.82-0.93x).
+/// Session 93 (46 shapes over 1.45-9.7 waves, 1024-3840 keys, GQA 32/8 and 64/8, head_dim 64 and
+/// 128, pages of 16 and 64, ragged batches): 0.75-1.00x, none slower; the more waves and keys, the
+/// larger the gain (1.45 waves 0.98-1.00x, 9.7 waves at 3840 keys 0.75-0.81x).
+constexpr std::int64_t kDecodeRowPairWaveMinKeys = 1024;
+constexpr double kDecodeRowPairMinWaves = 1.2;
 constexpr int kDecodeRowPairMaxRows = kDecodeRowPair * kDecodeRowsPerCta;
 
 /// Whether p's shape fits the row pair: the per-head sm_90 kernel (no head group or head pair /
