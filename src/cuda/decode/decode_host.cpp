@@ -369,7 +369,7 @@ int decode_row_blocks_per_cta(const check::ArgChecker& c, const DecodeParams& p,
   const cuda_detail::DeviceInfo info = cuda_detail::device_info(c.device().index);
   if (!decode_row_pair_fits(p, use_sm90_decode_kernel(info.cc_major, info.cc_minor, p.page_size))) return 1;
   // FASTATTN_DECODE_ROW_PAIR: "0" never, "1" wherever it fits; unset, 17-32 rows on long caches,
-  // or on shorter ones where the pair's grid is more than a wave (kDecodeRowPairMinKeys and
+  // or on shorter ones where the pair's grid is at least 1.2 waves (kDecodeRowPairMinKeys and
   // kDecodeRowPairWaveMinKeys say what was measured).
   const char* env = std::getenv("FASTATTN_DECODE_ROW_PAIR");
   if (env && std::strcmp(env, "0") == 0) return 1;
