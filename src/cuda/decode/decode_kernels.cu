@@ -329,10 +329,10 @@ __global__ void __launch_bounds__(kCombineRowsPerCta * 32) combine_rows_kernel(c
 
 /// CTAs of combine kernel `kPreload` resident per SM of the current device, asked of the runtime
 /// once per device. The preloading kernel's registers allow fewer than the plain kernel's: 7
-/// against 12 on the H200 (72 and 40 registers; 16 at the plain kernel's 32 before the sinks, session 83).
-/// It runs only where its whole grid is resident at once: at 1024 CTAs
-/// (batch 32 x 32 heads) it ran 0.05-1.2 us slower than the plain one, at up to 512 CTAs up to
-/// 2.2 us faster (bench/NOTES.md, session 49).
+/// against 12 on the H200 (72 and 40 registers; 16 at the plain kernel's 32 before the sinks,
+/// session 83). It runs only where its whole grid is resident at once: at 1024 CTAs (batch 32 x 32
+/// heads) it ran 0.05-1.2 us slower than the plain one, at up to 512 CTAs up to 2.2 us faster
+/// (bench/NOTES.md, session 49).
 template <Dtype kDtype, int kPreload>
 int combine_ctas_per_sm() {
   constexpr int kCachedDevices = 64;  // devices past the 64th share the last entry
