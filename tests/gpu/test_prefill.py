@@ -1053,6 +1053,28 @@ def test_dense_sinks(monkeypatch, seed, dtype, opt, shape, kernel):
 
 
 @pytest.mark.parametrize("kernel", ["auto", "sm80"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sinks_outweigh_far_keys(monkeypatch, seed, dtype, kernel):
+    """Rows whose keys ALiBi puts so far below the sink that they weigh 0 even in float64 (the
+    reference's output exactly 0) are the sink's state alone, like rows that see no key: out exactly
+    0 and LSE exactly sinks[h] (check_dense's assert_sink_rows). One key, 1000 query rows, not
+    causal, slopes of 2: row i's score carries -2 (999 - i), so rows before ~600 lose their key.
+    (A random scenario found the LSE an ulp off there: the fold took the keys' path. sink x log2(e)
+    x ln2 rounds back to the sink for some sinks, hence 32 heads.)"""
+    if kernel == "sm80":
+        monkeypatch.setenv("FASTATTN_PREFILL_KERNEL", "sm80")
+    b, sq, sk, hq, hkv, d = 2, 1000, 1, 32, 8, 128
+    q, k, v = randn(b, sq, hq, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype)
+    kw = dict(alibi_slopes=torch.full((hq,), 2.0, device=DEV))
+    sinks = strided_sinks(hq)
+    res = run_twice(lambda o: flash_attn_func(q, k, v, return_softmax_lse=True, out=o, sinks=sinks, **kw),
+                    lambda: nan_full(q.shape, dtype))
+    ref_o = R.attention_ref(q, k, v, sinks=sinks, **kw)[0]
+    assert bool((ref_o == 0).all(dim=-1).any()), "no row lost its key: the test would check nothing"
+    check_dense(res, q, k, v, kw, sinks=sinks)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "sm80"])
 @pytest.mark.parametrize("keys", ["packed", "page1", "page16"])
 @pytest.mark.parametrize("heads", [(8, 2, 128), (64, 8, 64)], ids=["h8-2-d128", "gptoss-h64-8-d64"])
 @pytest.mark.parametrize("opt", ["causal", ALL])

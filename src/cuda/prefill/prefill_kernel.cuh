@@ -365,8 +365,10 @@ __device__ __forceinline__ float finished_lse(float row_max_log2, float sum) {
 
 /// A finished row's output multiplier and LSE with its sink, from the row's max score in log2
 /// units and its sum of exp2(score - max): the sink joins the row as one more score with a zero
-/// value row. Returns the natural-log LSE (exactly `sink` for a row that saw no key, -inf when the
-/// sink is -inf too) and sets inv, which multiplies the accumulator (0 for a row that saw no key).
+/// value row. Returns the natural-log LSE and sets inv, which multiplies the accumulator. A row
+/// whose keys weigh nothing beside the sink (it saw none, or their exp2 underflows: keep 0) gets
+/// inv 0 and exactly `sink` (-inf when the sink is -inf too), the sink's state alone; through
+/// (m + log2(1)) * ln2 it would be sink * log2(e) * ln2, an ulp off.
 /// Both prefill kernels take kWithSink as a template parameter and call this only in the sink
 /// instantiation, which the host launches only for calls with sinks: the kernels without it are
 /// the code from before sinks. (Folding the sink in one epilogue for both cost calls without sinks
@@ -385,7 +387,7 @@ __device__ __forceinline__ float fold_sink(float sink, float row_max_log2, float
   const float keep = sum > 0.0f ? fast_exp2(row_max_log2 - m) : 0.0f;
   const float total = fmaf(sum, keep, fast_exp2(sink_log2 - m));
   inv = keep / total;
-  return sum > 0.0f ? (m + __log2f(total)) * kLn2 : sink;
+  return keep > 0.0f ? (m + __log2f(total)) * kLn2 : sink;
 }
 
 /// Head h's attention sink in the kWithSink instantiation (unused, -inf, in the other).
