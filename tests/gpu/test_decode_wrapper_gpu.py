@@ -21,7 +21,8 @@ torch = pytest.importorskip("torch")
 import fastattn  # noqa: E402
 
 import gpu_reference as R  # noqa: E402
-from gpu_helpers import cumsum0, i32, nan_full, randn, warm_and_capture  # noqa: E402
+from gpu_helpers import (RANDOM_SCENARIOS, cumsum0, i32, nan_full, randn,  # noqa: E402
+                         run_random_scenarios, strided_sinks, warm_and_capture)
 import test_prefill as P  # noqa: E402  (its helpers; importing it runs no test)
 
 DEV = "cuda"
@@ -974,3 +975,140 @@ def test_one_row_plan_is_the_default(seed, layout):
                 w.run(b.q, b.pages, out=out, lse=lse, return_lse=True, **run_kw)
                 R.assert_bitwise_equal(f"out, plan {kw}, run {run_kw}", out, want_out)
                 R.assert_bitwise_equal(f"lse, plan {kw}, run {run_kw}", lse, want_lse)
+
+
+# ---- random scenarios ------------------------------------------------------------------------------
+
+
+def draw_scenario_lengths(rng, kind, batch, q_len, cap):
+    """Key lengths of `batch` requests of at least q_len keys (0 allowed at one row) and at most cap:
+    'ragged' (one or two at cap among short ones, an empty one at one row: plan() splits per
+    request), 'uniform' (within 2% of cap: the capacity heuristic and its forms), 'short' (all under
+    300)."""
+    low = 0 if q_len == 1 else q_len
+    if kind == "uniform":
+        return [rng.randint(max(low, cap - cap // 50), cap) for _ in range(batch)]
+    lens = [rng.randint(low, max(low, min(cap, 300))) for _ in range(batch)]
+    if kind == "ragged":
+        for i in rng.sample(range(batch), min(batch, rng.choice([1, 2]))):
+            lens[i] = cap
+        if q_len == 1 and batch > 2:
+            lens[rng.choice([i for i, n in enumerate(lens) if n != cap] or [0])] = 0
+    return lens
+
+
+def draw_wrapper_scenario(rng, sms):
+    """(dtype, knobs) of one plan() and run(), drawn over the wrapper's whole option space: a
+    quarter of the draws on large grids (GQA 32/8, head_dim 64 or 128, 1-8 rows a request, batch x
+    KV heads 0.7-2 waves of the SMs at 1-2k keys: the row pair, the 16-row CTAs and the one-row
+    forms), the rest of any GQA group, head_dim (a multiple of 8 up to 256), q_len_per_req 1-16,
+    page size and length mix; window_left (from plan() or run()), window_right, soft cap,
+    sm_scale, calibration scales, sinks, the split choice (plan(), fixed_split_size,
+    disable_split_kv), both layouts and cache forms, page lists on the GPU or the host, a workspace
+    too small, and the three ways to get the LSE."""
+    cfg = {}
+    if rng.random() < 0.25:
+        hkv, d = 8, rng.choice([64, 128])
+        cfg.update(hq=32, hkv=hkv, d=d, q_len=rng.choice([1, 4, 5, 6, 8]), kind="uniform",
+                   batch=rng.randint(sms // 12, 2 * sms // hkv),
+                   cap=rng.choice([1024, 1500, 2048]))
+    else:
+        hkv = rng.choice([1, 2, 4, 8])
+        cfg.update(hkv=hkv, hq=hkv * rng.choice([g for g in (1, 2, 3, 4, 6, 8, 16) if hkv * g <= 64]),
+                   d=rng.choice([40, 64, 96, 128, 128, 192, 256]),
+                   q_len=rng.choice([1, 1, 1, 2, 3, 4, 8, 16]), batch=rng.randint(1, 20),
+                   kind=rng.choice(["ragged", "ragged", "uniform", "short"]),
+                   cap=rng.choice([17, 300, 1000, 3000, 9000, 20000]))
+        # keep the float64 reference's probabilities (batch, Hq, q_len, keys) under ~1.6 GB
+        while cfg["cap"] > 300 and cfg["batch"] * cfg["hq"] * cfg["q_len"] * cfg["cap"] > 2e8:
+            cfg["cap"] //= 3
+    cfg["cap"] = max(cfg["cap"], cfg["q_len"])
+    cfg["lens"] = draw_scenario_lengths(rng, cfg["kind"], cfg["batch"], cfg["q_len"], cfg["cap"])
+    cfg["page_size"] = rng.choice([1, 2, 5, 16, 16, 32, 64, 256])
+    cfg["layout"] = rng.choice(["NHD", "HND"])
+    cfg["tuple_cache"] = rng.random() < 0.3
+    cfg["lists_on_host"] = rng.random() < 0.2
+    cfg["window_left"] = -1 if rng.random() < 0.6 else rng.randint(0, cfg["cap"] + 8)
+    cfg["window_at"] = rng.choice(["plan", "run"])
+    cfg["window_right"] = rng.choice([0, 0, rng.randint(1, cfg["q_len"] + 2), -1]) if cfg["q_len"] > 1 else 0
+    cfg["softcap"] = rng.uniform(1.0, 30.0) if rng.random() < 0.25 else None
+    cfg["sm_scale"] = rng.uniform(0.02, 0.2) if rng.random() < 0.25 else None
+    cfg["scales"] = [rng.uniform(0.3, 2.5) for _ in range(3)] if rng.random() < 0.2 else None
+    cfg["sinks"] = rng.random() < 0.25
+    cfg["split"] = rng.choice(["plan", "plan", "plan", "fixed", "disable"])
+    if cfg["split"] == "fixed":  # pages a part; at most 128 parts a request
+        most_pages = -(-max(cfg["lens"]) // cfg["page_size"])
+        cfg["fixed_split_size"] = max(rng.choice([1, 2, 7, 64, 200]), -(-most_pages // 128))
+    cfg["small_workspace"] = rng.random() < 0.1
+    cfg["lse"] = rng.choice(["given", "returned", "none"])
+    return rng.choice(DTYPES), cfg
+
+
+def run_wrapper_scenario(rng, dtype, cfg):
+    """plan() and two run()s of a drawn scenario into NaN-poisoned out / lse: both bitwise equal,
+    out within the KV-cache rule of the float64 reference (its scores scaled by sm_scale x q_scale
+    x k_scale, then soft-capped; out times v_scale; sinks as one more logit), LSE within 1e-3, rows
+    that see no key 0 (with their sink's LSE exactly), the cache unchanged."""
+    b = Batch(rng, dtype, cfg["lens"], cfg["page_size"], cfg["hq"], cfg["hkv"], cfg["d"],
+              layout=cfg["layout"], q_len=cfg["q_len"])
+    ws = torch.empty(256, dtype=torch.uint8, device=DEV) if cfg["small_workspace"] else workspace()
+    w = fastattn.BatchDecodeWithPagedKVCacheWrapper(ws, cfg["layout"])
+    plan_kw = dict(logits_soft_cap=cfg["softcap"], sm_scale=cfg["sm_scale"], window_right=cfg["window_right"])
+    run_kw = {}
+    left = cfg["window_left"]
+    (plan_kw if cfg["window_at"] == "plan" else run_kw)["window_left"] = left
+    if cfg["split"] == "fixed":
+        plan_kw["fixed_split_size"] = cfg["fixed_split_size"]
+    elif cfg["split"] == "disable":
+        plan_kw["disable_split_kv"] = True
+    if cfg["lists_on_host"]:
+        b.indptr, b.indices, b.last = b.indptr.cpu(), b.indices.cpu(), b.last.cpu()
+    b.plan(w, **plan_kw)
+    qs, ks, vs = cfg["scales"] or (1.0, 1.0, 1.0)
+    if cfg["scales"]:
+        run_kw.update(q_scale=qs, k_scale=ks, v_scale=vs)
+    sinks = strided_sinks(b.hq) if cfg["sinks"] else None
+    if sinks is not None:
+        run_kw["sinks"] = sinks
+    cache = (b.pages[:, 0], b.pages[:, 1]) if cfg["tuple_cache"] else b.pages
+    before = b.pages.clone()
+    runs = []
+    for _ in range(2):
+        out = nan_full(b.q.shape, dtype)
+        lse = nan_full(b.q.shape[:2], torch.float32)
+        if cfg["lse"] == "given":
+            o = w.run(b.q, cache, out=out, lse=lse, **run_kw)
+            assert o is out
+        elif cfg["lse"] == "returned":
+            o, lse = w.run(b.q, cache, out=out, return_lse=True, **run_kw)
+            assert o is out
+        else:
+            o, lse = w.run(b.q, cache, **run_kw), None
+        runs.append((o, lse))
+    torch.cuda.synchronize()
+    ref_kw = dict(softmax_scale=(cfg["sm_scale"] or b.d ** -0.5) * qs * ks,
+                  softcap=cfg["softcap"] or 0.0, sinks=sinks,
+                  window_size=(left, cfg["window_right"] if b.q_len > 1 else -1))
+    ref, lse_ref = b.reference(False, **ref_kw)
+    naive, _ = b.reference(True, **ref_kw)
+    naive = (naive.to(dtype) * vs).to(dtype).to(torch.float64)  # stored in the dtype, then scaled
+    (out, lse), (out2, lse2) = runs
+    R.assert_out_close("out", out, ref * vs, naive, factor=FACTOR)
+    R.assert_bitwise_equal("out (second run)", out, out2)
+    if sinks is None:
+        R.assert_empty_rows_zero("out", out, lse_ref.T)
+    if lse is not None:
+        R.assert_lse_close("lse", lse, lse_ref.float())
+        R.assert_bitwise_equal("lse (second run)", lse, lse2)
+        if sinks is not None:
+            R.assert_sink_rows("out", out, lse.T, ref, sinks)
+    assert torch.equal(b.pages, before), "run() wrote into the cache"
+
+
+def test_wrapper_random_scenarios(seed):
+    """RANDOM_SCENARIOS scenarios drawn fresh (draw_wrapper_scenario), each through
+    run_wrapper_scenario. A failure names the scenario's knobs; FASTATTN_TEST_SEED replays the
+    whole draw."""
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    run_random_scenarios(seed, RANDOM_SCENARIOS, lambda rng: draw_wrapper_scenario(rng, sms),
+                         lambda dtype, cfg: run_wrapper_scenario(seed, dtype, cfg))
