@@ -46,6 +46,7 @@ from .interface import (
     flash_attn_varlen_qkvpacked_func,
     flash_attn_with_kvcache,
 )
+from .single_decode import single_decode_with_kv_cache
 
 __version__ = _C.version()
 
@@ -88,6 +89,7 @@ __all__ = [
     "decode_num_splits_for_lengths",
     "decode_split_counts_for_lengths",
     "decode_split_plan",
+    "single_decode_with_kv_cache",
     "merge_state",
     "merge_state_in_place",
     "merge_attention_sinks",

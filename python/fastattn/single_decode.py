@@ -1,0 +1,120 @@
+"""FlashInfer's single-request decode, ``flashinfer.decode.single_decode_with_kv_cache``: one query
+row per head over one request's keys and values, held contiguously (not in pages).
+
+It runs as a one-sequence :func:`fastattn.flash_attn_with_kvcache` call over views of the caller's
+arrays (no copy, either layout): the same kernels, and the split-KV heuristic, which splits a single
+sequence's keys over the SMs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from ._tensors import (
+    as_int,
+    check_array,
+    dtype_name,
+    empty,
+    finalize,
+    framework,
+    optional_float,
+    prepare,
+)
+from .decode import _calibration_scale
+from .interface import flash_attn_with_kvcache
+
+__all__ = ["single_decode_with_kv_cache"]
+
+_SINGLE_DECODE_LAYOUTS = {"NHD": "(kv_len, num_kv_heads, head_dim)", "HND": "(num_kv_heads, kv_len, head_dim)"}
+
+
+def _check_inputs(q, k, v, kv_layout):
+    """The shape, dtype and framework checks, each error naming the argument; returns
+    (num_qo_heads, head_dim)."""
+    if kv_layout not in _SINGLE_DECODE_LAYOUTS:
+        raise ValueError(f"kv_layout must be 'NHD' (k and v {_SINGLE_DECODE_LAYOUTS['NHD']}) or 'HND' "
+                         f"(k and v {_SINGLE_DECODE_LAYOUTS['HND']}), got {kv_layout!r}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_array(x, name)
+        if framework(x) is None:  # the views below need the array's own indexing
+            raise TypeError(f"{name} must be a numpy, torch, cupy or jax array, got {type(x).__name__}")
+    if len(q.shape) != 2:
+        raise ValueError(f"q must be (num_qo_heads, head_dim), got shape {tuple(q.shape)}")
+    heads_q, d = (int(n) for n in q.shape)
+    want = _SINGLE_DECODE_LAYOUTS[kv_layout]
+    for name, x in (("k", k), ("v", v)):
+        if len(x.shape) != 3:
+            raise ValueError(f"{name} must be {want} for kv_layout {kv_layout!r}, got shape "
+                             f"{tuple(x.shape)}")
+        if dtype_name(x.dtype) != dtype_name(q.dtype):
+            raise TypeError(f"{name} must have q's dtype ({dtype_name(q.dtype)}), got "
+                            f"{dtype_name(x.dtype)}")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    heads_kv = int(k.shape[1] if kv_layout == "NHD" else k.shape[0])
+    if int(k.shape[2]) != d:
+        raise ValueError(f"k's head_dim (last dimension) must be q's ({d}), got {int(k.shape[2])}")
+    if heads_kv < 1 or heads_q % heads_kv:
+        raise ValueError(f"num_qo_heads ({heads_q}) must be a multiple of num_kv_heads, got "
+                         f"num_kv_heads {heads_kv} (k's shape {tuple(k.shape)}, kv_layout {kv_layout!r})")
+    return heads_q, d
+
+
+def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mode: str = "NONE",
+                                use_tensor_cores: bool = False, q_scale=None, k_scale=None,
+                                v_scale=None, window_left: int = -1,
+                                logits_soft_cap: Optional[float] = None,
+                                sm_scale: Optional[float] = None, rope_scale=None, rope_theta=None,
+                                return_lse: bool = False):
+    """Decode attention of one request: its query, one row per head, after its last key.
+
+    FlashInfer 0.5.3's arguments, in its order:
+        q: (num_qo_heads, head_dim).
+        k, v: (kv_len, num_kv_heads, head_dim) for kv_layout "NHD", (num_kv_heads, kv_len,
+            head_dim) for "HND" (read in place as strided views); q's dtype; num_qo_heads a
+            multiple of num_kv_heads (GQA / MQA). kv_len may be 0: out 0, LSE -inf.
+        pos_encoding_mode: "NONE" only (no fused RoPE or ALiBi mode: rotate q and k before the
+            call); rope_scale and rope_theta must be None.
+        use_tensor_cores: chooses among FlashInfer's kernels; ignored.
+        q_scale, k_scale, v_scale: calibration scales, None (1) or finite numbers on the host: the
+            scores are (q . k) * sm_scale * q_scale * k_scale (before the soft cap, and the LSE is
+            theirs), and out is multiplied by v_scale after the kernels have written it.
+        window_left: keys before the query's own position it sees (-1: all).
+        logits_soft_cap: None or 0 for none, else cap * tanh(score / cap).
+        sm_scale: None for 1 / sqrt(head_dim).
+    Returns out (num_qo_heads, head_dim) in q's dtype, or (out, lse) with return_lse: lse
+    (num_qo_heads,) float32, natural log (FlashInfer's is base 2: :func:`lse_natural_to_base2`).
+    """
+    if pos_encoding_mode != "NONE":
+        raise NotImplementedError(
+            f"pos_encoding_mode must be 'NONE' (fastattn has no fused RoPE or FlashInfer ALiBi mode: "
+            f"rotate q and k before the call), got {pos_encoding_mode!r}")
+    if rope_scale is not None or rope_theta is not None:
+        raise NotImplementedError("rope_scale / rope_theta (fused RoPE) are not supported: apply "
+                                  "rotary embeddings to q and k before the call")
+    heads_q, d = _check_inputs(q, k, v, kv_layout)
+    left = as_int(window_left, "window_left")
+    if left < -1:
+        raise ValueError(f"window_left must be >= -1 (-1: no bound), got {left}")
+    base = optional_float(sm_scale, "sm_scale")
+    scale = (1.0 / math.sqrt(d) if base is None else base) \
+        * _calibration_scale(q_scale, "q_scale") * _calibration_scale(k_scale, "k_scale")
+    if not math.isfinite(scale):
+        raise ValueError(f"sm_scale * q_scale * k_scale must be finite, got {scale}")
+    out_scale = _calibration_scale(v_scale, "v_scale")
+    softcap = optional_float(logits_soft_cap, "logits_soft_cap") or 0.0
+
+    if kv_layout == "HND":  # (Hkv, L, D) -> a (L, Hkv, D) view
+        k, v = k.swapaxes(0, 1), v.swapaxes(0, 1)
+    o = empty(q, (1, 1, heads_q, d))  # one sequence, one query row
+    res = flash_attn_with_kvcache(q[None, None], k[None], v[None], softmax_scale=scale,
+                                  window_size=(left, 0), softcap=softcap,
+                                  return_softmax_lse=return_lse, out=o)
+    if out_scale != 1.0:
+        scaled = prepare(o)  # the output as written, scaled once more in place
+        scaled *= out_scale
+    out = finalize(q, o)[0, 0]
+    if return_lse:
+        return out, res[1][0, :, 0]
+    return out
