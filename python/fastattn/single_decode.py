@@ -2,8 +2,10 @@
 row per head over one request's keys and values, held contiguously (not in pages).
 
 It runs as a one-sequence :func:`fastattn.flash_attn_with_kvcache` call over views of the caller's
-arrays (no copy, either layout): the same kernels, and the split-KV heuristic, which splits a single
-sequence's keys over the SMs.
+arrays (no copy, either layout): the same op and kernels, and the split-KV heuristic, which splits a
+single sequence's keys over the SMs. The op is called directly, not through flash_attn_with_kvcache's
+argument mapping: a single request's decode runs 10-40 us on an H200, so a call's host time is most of
+its cost (bench/NOTES.md, session 94).
 """
 
 from __future__ import annotations
@@ -11,18 +13,21 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from . import _C
 from ._tensors import (
     as_int,
+    call_op,
     check_array,
+    cuda_stream_of,
     dtype_name,
     empty,
     finalize,
     framework,
+    is_cuda,
     optional_float,
     prepare,
 )
 from .decode import _calibration_scale
-from .interface import flash_attn_with_kvcache
 
 __all__ = ["single_decode_with_kv_cache"]
 
@@ -31,33 +36,33 @@ _SINGLE_DECODE_LAYOUTS = {"NHD": "(kv_len, num_kv_heads, head_dim)", "HND": "(nu
 
 def _check_inputs(q, k, v, kv_layout):
     """The shape, dtype and framework checks, each error naming the argument; returns
-    (num_qo_heads, head_dim)."""
+    (num_qo_heads, head_dim). Each array's framework, shape and dtype are read once (host time)."""
     if kv_layout not in _SINGLE_DECODE_LAYOUTS:
         raise ValueError(f"kv_layout must be 'NHD' (k and v {_SINGLE_DECODE_LAYOUTS['NHD']}) or 'HND' "
                          f"(k and v {_SINGLE_DECODE_LAYOUTS['HND']}), got {kv_layout!r}")
     for name, x in (("q", q), ("k", k), ("v", v)):
-        check_array(x, name)
         if framework(x) is None:  # the views below need the array's own indexing
+            check_array(x, name)  # not an array at all: its own message
             raise TypeError(f"{name} must be a numpy, torch, cupy or jax array, got {type(x).__name__}")
-    if len(q.shape) != 2:
-        raise ValueError(f"q must be (num_qo_heads, head_dim), got shape {tuple(q.shape)}")
-    heads_q, d = (int(n) for n in q.shape)
+    q_shape, k_shape, v_shape = tuple(q.shape), tuple(k.shape), tuple(v.shape)
+    if len(q_shape) != 2:
+        raise ValueError(f"q must be (num_qo_heads, head_dim), got shape {q_shape}")
+    heads_q, d = q_shape
     want = _SINGLE_DECODE_LAYOUTS[kv_layout]
-    for name, x in (("k", k), ("v", v)):
-        if len(x.shape) != 3:
-            raise ValueError(f"{name} must be {want} for kv_layout {kv_layout!r}, got shape "
-                             f"{tuple(x.shape)}")
-        if dtype_name(x.dtype) != dtype_name(q.dtype):
+    for name, x, shape in (("k", k, k_shape), ("v", v, v_shape)):
+        if len(shape) != 3:
+            raise ValueError(f"{name} must be {want} for kv_layout {kv_layout!r}, got shape {shape}")
+        if x.dtype != q.dtype and dtype_name(x.dtype) != dtype_name(q.dtype):
             raise TypeError(f"{name} must have q's dtype ({dtype_name(q.dtype)}), got "
                             f"{dtype_name(x.dtype)}")
-    if tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    heads_kv = int(k.shape[1] if kv_layout == "NHD" else k.shape[0])
-    if int(k.shape[2]) != d:
-        raise ValueError(f"k's head_dim (last dimension) must be q's ({d}), got {int(k.shape[2])}")
+    if v_shape != k_shape:
+        raise ValueError(f"v must have k's shape {k_shape}, got {v_shape}")
+    heads_kv = k_shape[1] if kv_layout == "NHD" else k_shape[0]
+    if k_shape[2] != d:
+        raise ValueError(f"k's head_dim (last dimension) must be q's ({d}), got {k_shape[2]}")
     if heads_kv < 1 or heads_q % heads_kv:
         raise ValueError(f"num_qo_heads ({heads_q}) must be a multiple of num_kv_heads, got "
-                         f"num_kv_heads {heads_kv} (k's shape {tuple(k.shape)}, kv_layout {kv_layout!r})")
+                         f"num_kv_heads {heads_kv} (k's shape {k_shape}, kv_layout {kv_layout!r})")
     return heads_q, d
 
 
@@ -105,16 +110,26 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
     out_scale = _calibration_scale(v_scale, "v_scale")
     softcap = optional_float(logits_soft_cap, "logits_soft_cap") or 0.0
 
+    q, k, v = prepare(q), prepare(k), prepare(v)
     if kv_layout == "HND":  # (Hkv, L, D) -> a (L, Hkv, D) view
         k, v = k.swapaxes(0, 1), v.swapaxes(0, 1)
-    o = empty(q, (1, 1, heads_q, d))  # one sequence, one query row
-    res = flash_attn_with_kvcache(q[None, None], k[None], v[None], softmax_scale=scale,
-                                  window_size=(left, 0), softcap=softcap,
-                                  return_softmax_lse=return_lse, out=o)
-    if out_scale != 1.0:
-        scaled = prepare(o)  # the output as written, scaled once more in place
-        scaled *= out_scale
-    out = finalize(q, o)[0, 0]
+    # One sequence of one query row over its whole cache: flash_attn_with_kvcache(q[None, None],
+    # k[None], v[None], softmax_scale=scale, window_size=(left, -1), softcap=softcap).
+    o = empty(q, (heads_q, d))
+    kw = {"out": o[None, None], "cache_seqlen": int(k.shape[0]), "softmax_scale": scale}
     if return_lse:
-        return out, res[1][0, :, 0]
-    return out
+        lse = empty(q, (heads_q,), "float32")
+        kw["lse"] = lse[None, :, None]
+    if left >= 0:
+        kw["window_left"] = left
+    if softcap != 0.0:
+        kw["softcap"] = softcap
+    if is_cuda(q):
+        kw["cuda_stream"] = cuda_stream_of(q)
+        kw["workspace_alloc"] = lambda nbytes: empty(q, (nbytes,), "uint8")  # the split-KV scratch
+    call_op(_C.kvcache_attention_forward, q=q[None, None], k_cache=k[None], v_cache=v[None], **kw)
+    if out_scale != 1.0:
+        o *= out_scale  # the output as written, scaled once more in place
+    if return_lse:
+        return finalize(q, o), finalize(q, lse)
+    return finalize(q, o)
