@@ -1,7 +1,7 @@
 """fastattn: exact attention kernels for LLM inference.
 
 The Python functions keep the names, arguments and defaults of ``flash_attn`` (FlashAttention 2)
-and of FlashInfer's ``cascade`` module, and accept numpy arrays, torch tensors, cupy arrays and
+and of FlashInfer's ``cascade`` and ``decode`` modules, and accept numpy arrays, torch tensors, cupy arrays and
 jax arrays (through DLPack, without copies). All computation is done by the C++ library
 (``fastattn._C``); this package only maps arguments and allocates outputs.
 
