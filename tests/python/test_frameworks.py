@@ -124,6 +124,14 @@ def test_jax_cpu_arrays(rng):
         kc = jnp.zeros((1, 8, 2, 16), jnp.float32)
         fastattn.flash_attn_with_kvcache(jq[:, :1], kc, kc, jq[:, :1], jq[:, :1],
                                          cache_seqlens=0)
+    # FlashInfer's single decode, HND keys as a swapped view of a jax array, v_scale on the host copy
+    jk = jnp.asarray(np.ascontiguousarray(q[0].swapaxes(0, 1)))  # (2, 6, 16): HND
+    out, lse = fastattn.single_decode_with_kv_cache(jq[0, 5], jk, jk, kv_layout="HND", v_scale=2.0,
+                                                    return_lse=True)
+    assert isinstance(out, jax.Array) and isinstance(lse, jax.Array)
+    o64, l64, _ = ref.attention_rows(q64[0, 5:], q64[0], q64[0], np.array([5]), np.arange(6),
+                                     ref.default_scale(16, None))
+    assert max_abs(np.asarray(out), 2.0 * o64[0]) <= 1e-5 and max_abs(np.asarray(lse), l64[:, 0]) <= 1e-5
 
 
 def test_cuda_tensors_without_kernels():
