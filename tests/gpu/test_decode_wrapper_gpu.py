@@ -9,6 +9,7 @@ use_cuda_graph=True, run() captured in a CUDA graph and replayed after each step
 lengths and pages. Several query rows per request (q_len_per_req, speculative decoding: rows
 causal within the request, or window_right): ragged and near-uniform batches at each page size,
 group, head_dim and layout, windows / softcap / scale, sinks, fixed_split_size and graph mode.
+Random scenarios (test_wrapper_random_scenarios) draw every knob of plan() and run() at once.
 The rule (FlashAttention's, for KV-cache calls):
 max|out - ref| <= 3 * max|naive_in_dtype - ref| + 1e-5; LSE within 1e-3 + 1e-3 * |ref|. The cache
 is read only: its bytes are checked unchanged.
