@@ -19,7 +19,7 @@ DTYPES, DTYPE_IDS = P.DTYPES, P.DTYPE_IDS
 FACTOR = 3.0  # the KV-cache rule
 
 
-def check_single(seed, dtype, kv_len, hq, hkv, d, layout, window_left=-1, softcap=None, sm_scale=None,
+def check_single(dtype, kv_len, hq, hkv, d, layout, window_left=-1, softcap=None, sm_scale=None,
                  scales=None):
     """One call (and a second, bitwise the same) against the reference; k and v unchanged."""
     q = randn(hq, d, dtype=dtype)
@@ -53,7 +53,7 @@ def check_single(seed, dtype, kv_len, hq, hkv, d, layout, window_left=-1, softca
 @pytest.mark.parametrize("kv_len", [1, 777, 8192, 32768])
 def test_single_decode(seed, dtype, layout, hq, hkv, d, kv_len):
     """Plain, at each layout, group, head_dim and cache length."""
-    check_single(seed, dtype, kv_len, hq, hkv, d, layout)
+    check_single(dtype, kv_len, hq, hkv, d, layout)
 
 
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
@@ -61,14 +61,14 @@ def test_single_decode_options(seed, layout):
     """window_left (inside the cache, 0: the last key only), soft cap, sm_scale and the calibration
     scales, on a split cache."""
     for window in (seed.randrange(1, 5000), 0):
-        check_single(seed, torch.bfloat16, 9000, 32, 8, 128, layout, window_left=window,
+        check_single(torch.bfloat16, 9000, 32, 8, 128, layout, window_left=window,
                      softcap=seed.uniform(5, 30), sm_scale=seed.uniform(0.05, 0.2),
                      scales=tuple(seed.uniform(0.3, 2.5) for _ in range(3)))
 
 
 def test_single_decode_long_and_empty(seed):
     """131072 keys (the most the issue names), and an empty cache: out 0, LSE -inf."""
-    check_single(seed, torch.float16, 131072, 32, 8, 128, "NHD")
+    check_single(torch.float16, 131072, 32, 8, 128, "NHD")
     q = randn(8, 64, dtype=torch.bfloat16)
     kv = torch.empty(0, 2, 64, dtype=torch.bfloat16, device="cuda")
     out, lse = fastattn.single_decode_with_kv_cache(q, kv, kv, return_lse=True)
