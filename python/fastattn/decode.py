@@ -308,16 +308,27 @@ def _calibration_scale(value, name: str) -> float:
     return x
 
 
-def _scaled_softmax_scale(plan, q_scale, k_scale) -> float:
-    """The plan's softmax scale (None: 1 / sqrt(head_dim)) times q_scale * k_scale, as FlashInfer
-    folds them: the scores are (q . k) * sm_scale * q_scale * k_scale before the soft cap."""
-    base = plan["sm_scale"]
-    if base is None:
-        base = 1.0 / math.sqrt(plan["head_dim"])
+def _scaled_softmax_scale(sm_scale, head_dim: int, q_scale, k_scale) -> float:
+    """sm_scale (None: 1 / sqrt(head_dim)) times q_scale * k_scale, as FlashInfer folds them: the
+    scores are (q . k) * sm_scale * q_scale * k_scale before the soft cap."""
+    base = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
     scale = base * _calibration_scale(q_scale, "q_scale") * _calibration_scale(k_scale, "k_scale")
     if not math.isfinite(scale):
         raise ValueError(f"sm_scale * q_scale * k_scale must be finite, got {scale}")
     return scale
+
+
+def _refuse_fused_rope(pos_encoding_mode, rope_scale, rope_theta) -> None:
+    """FlashInfer's fused RoPE (and its ALiBi mode) are not in fastattn: NotImplementedError unless
+    pos_encoding_mode is "NONE" and rope_scale / rope_theta are None."""
+    if pos_encoding_mode != "NONE":
+        raise NotImplementedError(
+            f"pos_encoding_mode must be 'NONE' (fastattn has no fused RoPE or FlashInfer ALiBi "
+            f"mode: rotate q and k before the call), got {pos_encoding_mode!r}"
+        )
+    if rope_scale is not None or rope_theta is not None:
+        raise NotImplementedError("rope_scale / rope_theta (fused RoPE) are not supported: apply "
+                                  "rotary embeddings to q and k before the call")
 
 
 def _q_len_per_req(q_len_per_req) -> int:
@@ -454,14 +465,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
             window_right: keys past its own position a row attends to, where N > 1: 0 (causal
                 within the request's rows, FlashInfer's mask) or more, -1 for all of them.
         """
-        if pos_encoding_mode != "NONE":
-            raise NotImplementedError(
-                f"pos_encoding_mode must be 'NONE' (fastattn has no fused RoPE or FlashInfer ALiBi "
-                f"mode in this wrapper: rotate q and k before the call), got {pos_encoding_mode!r}"
-            )
-        if rope_scale is not None or rope_theta is not None:
-            raise NotImplementedError("rope_scale / rope_theta (fused RoPE) are not supported: apply "
-                                      "rotary embeddings to q and k before the call")
+        _refuse_fused_rope(pos_encoding_mode, rope_scale, rope_theta)
         fixed = _fixed_split_pages(fixed_split_size)
         q_len = _q_len_per_req(q_len_per_req)
         right = as_int(window_right, "window_right")
@@ -671,7 +675,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
             _check_rare_run_arguments(args, q_len_per_req, plan["q_len"])
         sm_scale, out_scale = plan["sm_scale"], 1.0
         if q_scale is not None or k_scale is not None:
-            sm_scale = _scaled_softmax_scale(plan, q_scale, k_scale)
+            sm_scale = _scaled_softmax_scale(plan["sm_scale"], plan["head_dim"], q_scale, k_scale)
         if v_scale is not None:
             out_scale = _calibration_scale(v_scale, "v_scale")
             if out_scale != 1.0 and out is not None and framework(out) not in ("numpy", "torch", "cupy"):

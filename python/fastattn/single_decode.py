@@ -10,7 +10,6 @@ its cost (bench/NOTES.md, session 94).
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 from . import _C
@@ -27,7 +26,7 @@ from ._tensors import (
     optional_float,
     prepare,
 )
-from .decode import _calibration_scale
+from .decode import _calibration_scale, _refuse_fused_rope, _scaled_softmax_scale
 
 __all__ = ["single_decode_with_kv_cache"]
 
@@ -91,22 +90,12 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
     Returns out (num_qo_heads, head_dim) in q's dtype, or (out, lse) with return_lse: lse
     (num_qo_heads,) float32, natural log (FlashInfer's is base 2: :func:`lse_natural_to_base2`).
     """
-    if pos_encoding_mode != "NONE":
-        raise NotImplementedError(
-            f"pos_encoding_mode must be 'NONE' (fastattn has no fused RoPE or FlashInfer ALiBi mode: "
-            f"rotate q and k before the call), got {pos_encoding_mode!r}")
-    if rope_scale is not None or rope_theta is not None:
-        raise NotImplementedError("rope_scale / rope_theta (fused RoPE) are not supported: apply "
-                                  "rotary embeddings to q and k before the call")
+    _refuse_fused_rope(pos_encoding_mode, rope_scale, rope_theta)
     heads_q, d = _check_inputs(q, k, v, kv_layout)
     left = as_int(window_left, "window_left")
     if left < -1:
         raise ValueError(f"window_left must be >= -1 (-1: no bound), got {left}")
-    base = optional_float(sm_scale, "sm_scale")
-    scale = (1.0 / math.sqrt(d) if base is None else base) \
-        * _calibration_scale(q_scale, "q_scale") * _calibration_scale(k_scale, "k_scale")
-    if not math.isfinite(scale):
-        raise ValueError(f"sm_scale * q_scale * k_scale must be finite, got {scale}")
+    scale = _scaled_softmax_scale(optional_float(sm_scale, "sm_scale"), d, q_scale, k_scale)
     out_scale = _calibration_scale(v_scale, "v_scale")
     softcap = optional_float(logits_soft_cap, "logits_soft_cap") or 0.0
 
