@@ -82,15 +82,19 @@ def _capsule(t: Any, to_dlpack) -> Any:
         return t
 
 
-_TORCH_DLPACK = None  # (torch.Tensor, torch.utils.dlpack.to_dlpack) once torch is imported
+# (torch.Tensor, torch.utils.dlpack.to_dlpack, whether torch.Tensor publishes DLPack's C exchange
+# table) once torch is imported
+_TORCH_DLPACK = None
 
 
 def call_op(op, *args: Any, **kwargs: Any) -> Any:
-    """op(*args, **kwargs), a binding function, with every torch tensor argument handed over as a
-    DLPack capsule made by torch's C function (torch.utils.dlpack.to_dlpack): the binding imports
-    it about 1 us faster, on an H200's host, than a torch tensor through its Python __dlpack__
-    method, and a decode run() passes up to 10 (bench/NOTES.md, session 70). A capsule is consumed
-    by the call that imports it, so they are made here, for this call."""
+    """op(*args, **kwargs), a binding function. From torch 2.10, torch.Tensor publishes DLPack's C
+    exchange table (`__dlpack_c_exchange_api__`), through which the binding describes each tensor
+    in one C call, and the arguments go as they are. Before that, every torch tensor argument is
+    handed over as a DLPack capsule made by torch's C function (torch.utils.dlpack.to_dlpack): the
+    binding imports it about 1 us faster, on an H200's host, than a torch tensor through its Python
+    __dlpack__ method, and a decode run() passes up to 10 (bench/NOTES.md, sessions 70 and 95). A
+    capsule is consumed by the call that imports it, so they are made here, for this call."""
     global _TORCH_DLPACK
     if _TORCH_DLPACK is None:
         torch = sys.modules.get("torch")
@@ -98,14 +102,19 @@ def call_op(op, *args: Any, **kwargs: Any) -> Any:
             return op(*args, **kwargs)
         import torch.utils.dlpack
 
-        _TORCH_DLPACK = (torch.Tensor, torch.utils.dlpack.to_dlpack)
-    tensor, to = _TORCH_DLPACK
+        exchange = "__dlpack_c_exchange_api__" in torch.Tensor.__dict__
+        _TORCH_DLPACK = (torch.Tensor, torch.utils.dlpack.to_dlpack, exchange)
+    tensor, to, exchange = _TORCH_DLPACK
+    if exchange:
+        return op(*args, **kwargs)
+    # A negation view stays a tensor: the binding refuses it by name, where to_dlpack would drop
+    # its sign.
     try:
-        args = [to(a) if type(a) is tensor else a for a in args]
-        kwargs = {k: to(v) if type(v) is tensor else v for k, v in kwargs.items()}
+        args = [to(a) if type(a) is tensor and not a.is_neg() else a for a in args]
+        kwargs = {k: to(v) if type(v) is tensor and not v.is_neg() else v for k, v in kwargs.items()}
     except Exception:  # one to_dlpack refuses: convert one by one, passing those as they are
-        args = [_capsule(a, to) if type(a) is tensor else a for a in args]
-        kwargs = {k: _capsule(v, to) if type(v) is tensor else v for k, v in kwargs.items()}
+        args = [_capsule(a, to) if type(a) is tensor and not a.is_neg() else a for a in args]
+        kwargs = {k: _capsule(v, to) if type(v) is tensor and not v.is_neg() else v for k, v in kwargs.items()}
     return op(*args, **kwargs)
 
 

@@ -1,16 +1,19 @@
-// Array conversion for the binding (fastattn._C): array objects that nanobind imports through
-// DLPack or the buffer protocol (numpy, torch, cupy, jax) become fastattn::TensorView, with errors
-// that name the argument. Shared by binding.cpp and decode_runner.cpp.
+// Array conversion for the binding (fastattn._C): array objects become fastattn::TensorView, with
+// errors that name the argument. Arrays whose type publishes DLPack's C exchange table (torch from
+// 2.10) are described through it (dlpack_exchange.h); the rest nanobind imports through DLPack or
+// the buffer protocol (numpy, cupy, jax, older torch). Shared by binding.cpp and decode_runner.cpp.
 #pragma once
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "dlpack_exchange.h"
 #include "fastattn/fastattn.h"
 
 namespace fastattn_binding {
@@ -21,10 +24,21 @@ using fastattn::TensorView;
 using ArrayRO = nb::ndarray<nb::ro>;
 using ArrayRW = nb::ndarray<>;
 
-/// Keeps every imported array (and so the memory behind each view) alive for one call.
+/// Calls a producer's deleter on a tensor it exported through its exchange table.
+struct ManagedTensorDeleter {
+  void operator()(dlpack_c::ManagedTensor* m) const {
+    if (m && m->deleter) m->deleter(m);
+  }
+};
+
+/// Keeps every imported array (and so the memory behind each view) alive for one call: nanobind's
+/// imports, the arrays described through an exchange table without a copy (referenced), and the
+/// tensors such a table exported (released by their deleters).
 struct Keep {
   std::vector<ArrayRO> ro;
   std::vector<ArrayRW> rw;
+  std::vector<nb::object> objects;
+  std::vector<std::shared_ptr<dlpack_c::ManagedTensor>> managed;  // shared: a Keep may be copied
 };
 
 /// "numpy.ndarray", "list", ...: the type of `h` for error messages.
@@ -84,38 +98,101 @@ inline fastattn::Device convert_device(int type, int id, const char* name) {
                               std::to_string(type) + " are not supported (cpu or cuda expected)");
 }
 
-template <typename Array>
-inline TensorView make_tensor_view(const Array& a, const char* name) {
+/// The view of an array described by DLPack fields; `name` is the argument in errors. Row-major
+/// strides replace the producer's when it gives none (DLPack allowed that before 1.2) and for
+/// empty arrays, which address no memory and whose strides numpy reports as all zeros.
+inline TensorView view_of_fields(const void* data, std::uint64_t byte_offset, nb::dlpack::dtype dtype,
+                                 int device_type, int device_id, std::int64_t ndim,
+                                 const std::int64_t* shape, const std::int64_t* strides, const char* name) {
   TensorView t;
-  const std::size_t ndim = a.ndim();
-  if (ndim > static_cast<std::size_t>(TensorView::kMaxDims))
+  if (ndim > TensorView::kMaxDims)
     throw fastattn::ValueError(std::string("argument '") + name + "': expected at most " +
                                std::to_string(TensorView::kMaxDims) + " dimensions, got " +
                                std::to_string(ndim));
-  t.data = static_cast<void*>(static_cast<std::uint8_t*>(const_cast<void*>(
-                                  static_cast<const void*>(a.data_handle()))) +
-                              a.byte_offset());
-  t.dtype = convert_dtype(a.dtype(), name);
-  t.device = convert_device(a.device_type(), a.device_id(), name);
+  t.data = static_cast<void*>(static_cast<std::uint8_t*>(const_cast<void*>(data)) + byte_offset);
+  t.dtype = convert_dtype(dtype, name);
+  t.device = convert_device(device_type, device_id, name);
   t.ndim = static_cast<int>(ndim);
-  // Row-major strides replace the producer's when it gives none (DLPack allows that) and for
-  // empty arrays, which address no memory and whose strides numpy reports as all zeros.
   bool empty = false;
-  for (std::size_t i = 0; i < ndim; ++i) empty = empty || a.shape(i) == 0;
-  const std::int64_t* strides = empty ? nullptr : a.stride_ptr();
+  for (std::int64_t i = 0; i < ndim; ++i) empty = empty || shape[i] == 0;
+  if (empty) strides = nullptr;
   std::int64_t running = 1;
-  for (std::size_t i = ndim; i-- > 0;) {
-    t.shape[i] = static_cast<std::int64_t>(a.shape(i));
+  for (std::int64_t i = ndim; i-- > 0;) {
+    t.shape[i] = shape[i];
     t.strides[i] = strides ? strides[i] : running;
     running *= t.shape[i];
   }
   return t;
 }
 
+template <typename Array>
+inline TensorView make_tensor_view(const Array& a, const char* name) {
+  return view_of_fields(a.data_handle(), a.byte_offset(), a.dtype(), a.device_type(), a.device_id(),
+                        static_cast<std::int64_t>(a.ndim()), a.shape_ptr(), a.stride_ptr(), name);
+}
+
+inline TensorView make_tensor_view(const dlpack_c::Tensor& t, const char* name) {
+  return view_of_fields(t.data, t.byte_offset, t.dtype, t.device.device_type, t.device.device_id, t.ndim,
+                        t.shape, t.strides, name);
+}
+
+/// TypeError naming the argument for an array whose producer could not describe it, with the
+/// message of the Python exception it set (taken), if it set one.
+[[noreturn]] inline void throw_export_error(nb::handle h, const char* name) {
+  std::string why = "no reason given";
+  if (PyErr_Occurred()) {
+    nb::python_error err;
+    why = nb::str(err.value()).c_str();
+  }
+  throw fastattn::TypeError(std::string("argument '") + name + "': " + object_type_name(h) +
+                            " could not be described through DLPack: " + why);
+}
+
+/// ValueError for a torch tensor that is a lazy negation view (torch._neg_view, the imaginary part
+/// of a conjugate view): DLPack would carry its values without the sign (dlpack_exchange.h).
+inline void refuse_negation_view(nb::handle h, const char* name) {
+  if (!dlpack_c::has_negation_bit(Py_TYPE(h.ptr()))) return;
+  static PyObject* const is_neg = PyUnicode_InternFromString("is_neg");  // lives with the module
+  nb::object negated = nb::steal(PyObject_CallMethodNoArgs(h.ptr(), is_neg));
+  if (!negated.is_valid()) throw nb::python_error();
+  if (PyObject_IsTrue(negated.ptr()) == 1)
+    throw fastattn::ValueError(std::string("argument '") + name +
+                               "': the tensor is a lazy negation view (is_neg() is True), which "
+                               "DLPack cannot describe; pass it through .resolve_neg()");
+}
+
+/// The view of `h` through its type's DLPack C exchange table (dlpack_exchange.h), or nullopt when
+/// its type has none. Inputs take the non-owning export and keep `h` referenced; outputs take the
+/// owning one, whose flags say whether the array may be written.
+inline std::optional<TensorView> exchange_view(nb::handle h, const char* name, bool writable, Keep& keep) {
+  const dlpack_c::ExchangeApi* api = dlpack_c::exchange_api_of(Py_TYPE(h.ptr()));
+  if (!api) return std::nullopt;
+  if (!writable && api->dltensor_from_py_object_no_sync) {
+    dlpack_c::Tensor t;
+    if (api->dltensor_from_py_object_no_sync(h.ptr(), &t) != 0) throw_export_error(h, name);
+    keep.objects.push_back(nb::borrow(h));
+    return make_tensor_view(t, name);
+  }
+  if (!api->managed_tensor_from_py_object_no_sync) return std::nullopt;
+  dlpack_c::ManagedTensor* m = nullptr;
+  if (api->managed_tensor_from_py_object_no_sync(h.ptr(), &m) != 0 || !m) throw_export_error(h, name);
+  keep.managed.emplace_back(m, ManagedTensorDeleter{});  // the deleter runs when the last Keep goes
+  if (m->version.major != 1) {   // a layout this binding does not know: only the deleter is safe
+    keep.managed.pop_back();
+    return std::nullopt;
+  }
+  if (writable && (m->flags & dlpack_c::kFlagReadOnly))
+    throw fastattn::ValueError(std::string("argument '") + name +
+                               "': the array is read-only, but fastattn writes into it");
+  return make_tensor_view(m->dl_tensor, name);
+}
+
 /// A required input array (read-only access is enough).
 inline TensorView in_view(nb::handle h, const char* name, Keep& keep) {
   if (h.is_none())
     throw fastattn::ValueError(std::string("argument '") + name + "' is required, got None");
+  refuse_negation_view(h, name);
+  if (std::optional<TensorView> view = exchange_view(h, name, /*writable=*/false, keep)) return *view;
   ArrayRO a;
   if (!nb::try_cast(h, a, /*convert=*/false))
     throw fastattn::TypeError(std::string("argument '") + name +
@@ -129,6 +206,8 @@ inline TensorView in_view(nb::handle h, const char* name, Keep& keep) {
 inline TensorView out_view(nb::handle h, const char* name, Keep& keep) {
   if (h.is_none())
     throw fastattn::ValueError(std::string("argument '") + name + "' is required, got None");
+  refuse_negation_view(h, name);
+  if (std::optional<TensorView> view = exchange_view(h, name, /*writable=*/true, keep)) return *view;
   ArrayRW a;
   if (!nb::try_cast(h, a, /*convert=*/false)) {
     ArrayRO probe;

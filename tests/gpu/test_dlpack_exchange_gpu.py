@@ -1,0 +1,97 @@
+"""GPU: torch's own DLPack C exchange table (`torch.Tensor.__dlpack_c_exchange_api__`, torch
+2.10 and later), through which the binding now describes every plain torch tensor (the rest of
+tests/gpu runs on it too). Here: the three ways a torch tensor can reach the binding (the table, a
+capsule from torch.utils.dlpack.to_dlpack as before torch 2.10, and `__dlpack__` for a subclass)
+give the same bits and the float64 reference's answer, for a decode that appends into a paged
+cache in place and for a sliced view at a storage offset; torch's refusals name the argument."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+if "__dlpack_c_exchange_api__" not in torch.Tensor.__dict__:
+    pytest.skip("torch.Tensor has no DLPack C exchange table before torch 2.10", allow_module_level=True)
+
+import fastattn  # noqa: E402
+import torch.utils.dlpack  # noqa: E402
+from fastattn import _C  # noqa: E402
+
+import gpu_reference as R  # noqa: E402
+from gpu_helpers import randn  # noqa: E402
+
+
+class Sub(torch.Tensor):
+    """A subclass: no table of its own, so the binding imports it through `__dlpack__`."""
+
+
+def paged_decode(route, seed):
+    """One decode that appends a key per sequence into a paged cache, with its arrays handed to the
+    binding by `route`: "public" (fastattn.flash_attn_with_kvcache), or the op called directly
+    with the tensors as they are ("table"), as capsules from torch.utils.dlpack.to_dlpack
+    ("capsule", call_op's path before torch 2.10) or as a Sub each ("subclass"). Returns
+    (out, lse, k_cache, v_cache) and the inputs, the same for every route at one seed."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    b, hq, hkv, d, page, pages = 3, 8, 2, 128, 16, 40
+    lens = torch.tensor([5, 130, 0], dtype=torch.int32, device="cuda")
+    table = torch.randperm(pages, generator=gen, device="cuda")[: b * 12].view(b, 12).to(torch.int32)
+    k_cache = torch.randn(pages, page, hkv, d, generator=gen, device="cuda").to(torch.bfloat16)
+    v_cache = torch.randn(pages, page, hkv, d, generator=gen, device="cuda").to(torch.bfloat16)
+    wide_q = torch.randn(b, 1, 2 * hq, d, generator=gen, device="cuda").to(torch.bfloat16)
+    q = wide_q[:, :, hq:]  # a view at a storage offset
+    k_new = torch.randn(b, 1, hkv, d, generator=gen, device="cuda").to(torch.bfloat16)
+    v_new = torch.randn(b, 1, hkv, d, generator=gen, device="cuda").to(torch.bfloat16)
+    arrays = dict(q=q, k_cache=k_cache.clone(), v_cache=v_cache.clone(), k=k_new, v=v_new,
+                  cache_seqlens=lens, block_table=table)
+    written = (arrays["k_cache"], arrays["v_cache"])
+    if route == "public":
+        out, lse = fastattn.flash_attn_with_kvcache(**arrays, return_softmax_lse=True)
+    else:
+        out = torch.full_like(q, float("nan"))
+        lse = torch.full((b, hq, 1), float("nan"), device="cuda")
+        arrays.update(out=out, lse=lse)
+        if route == "capsule":
+            arrays = {k: torch.utils.dlpack.to_dlpack(v) for k, v in arrays.items()}
+        elif route == "subclass":
+            arrays = {k: v.as_subclass(Sub) for k, v in arrays.items()}
+        _C.kvcache_attention_forward(**arrays, cuda_stream=torch.cuda.current_stream().cuda_stream,
+                                     workspace_alloc=lambda n: torch.empty(n, dtype=torch.uint8, device="cuda"))
+    torch.cuda.synchronize()
+    return (out, lse) + written, (q, k_cache, v_cache, k_new, v_new, lens, table)
+
+
+def test_every_route_gives_the_same_bits_and_the_reference(seed):
+    results = {route: paged_decode(route, seed) for route in ("table", "public", "capsule", "subclass")}
+    (out, lse, k_after, v_after), (q, k_cache, v_cache, k_new, v_new, lens, table) = results["table"]
+    for route in ("public", "capsule", "subclass"):
+        for name, a, b in zip(("out", "lse", "k_cache", "v_cache"), results["table"][0], results[route][0]):
+            R.assert_bitwise_equal(f"{name} ({route} against the table)", a.as_subclass(torch.Tensor),
+                                   b.as_subclass(torch.Tensor))
+    # The append writes one slot per sequence (its position lens[i]) and nothing else.
+    page = k_cache.shape[1]
+    k_expect, v_expect = k_cache.clone(), v_cache.clone()
+    for i in range(q.shape[0]):
+        n = int(lens[i])
+        k_expect[table[i, n // page], n % page] = k_new[i, 0]
+        v_expect[table[i, n // page], n % page] = v_new[i, 0]
+    assert torch.equal(k_after, k_expect) and torch.equal(v_after, v_expect), "the cache is not as appended"
+    for i in range(q.shape[0]):
+        n = int(lens[i]) + 1
+        rows = table[i, : (n + page - 1) // page].long()
+        keys = k_expect[rows].reshape(-1, *k_cache.shape[2:])[None, :n]
+        values = v_expect[rows].reshape(-1, *v_cache.shape[2:])[None, :n]
+        ref, lse_ref, _ = R.attention_ref(q[i : i + 1], keys, values)
+        naive, _, _ = R.attention_ref(q[i : i + 1], keys, values, naive=True)
+        R.assert_out_close(f"out[{i}]", out[i : i + 1], ref, naive, factor=3.0)
+        R.assert_lse_close(f"lse[{i}]", lse[i : i + 1], lse_ref.float())
+
+
+def test_torch_refusals_name_the_argument():
+    q = randn(1, 1, 4, 64, dtype=torch.float16)
+    cache = randn(1, 32, 4, 64, dtype=torch.float16)
+    out = torch.full_like(q, 7.0)
+    sparse = cache.to_sparse()
+    with pytest.raises(TypeError, match=r"argument 'v_cache': torch\.Tensor could not be described through DLPack: \S"):
+        _C.kvcache_attention_forward(q, cache, sparse, cache_seqlen=32, out=out)
+    with pytest.raises(ValueError, match=r"argument 'k_cache': the tensor is a lazy negation view"):
+        _C.kvcache_attention_forward(q, torch._neg_view(cache), cache, cache_seqlen=32, out=out)
+    torch.cuda.synchronize()
+    assert bool((out == 7.0).all()), "a refused call wrote its output"

@@ -1,0 +1,351 @@
+"""The binding's import of arrays through DLPack's C exchange table (`__dlpack_c_exchange_api__`,
+DLPack 1.3; torch.Tensor has one from torch 2.10).
+
+A test producer, ExchangeArray, wraps a numpy array and publishes a table of C functions made
+with ctypes, so the path runs on the CPU with any torch or none. Each test calls the binding's
+ops directly with such arrays and checks the answer against a float64 reference, what the
+producer exported and released, and the errors that name the argument. The negation-view
+refusal is checked with torch's own tensors."""
+
+import ctypes
+import math
+
+import numpy as np
+import pytest
+
+from fastattn import _C
+
+
+# ---- DLPack 1.x structs (the ABI the binding reads) -------------------------------------------
+
+
+class Version(ctypes.Structure):
+    _fields_ = [("major", ctypes.c_uint32), ("minor", ctypes.c_uint32)]
+
+
+class Device(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class DataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class DLTensor(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device", Device),
+        ("ndim", ctypes.c_int32),
+        ("dtype", DataType),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),
+        ("byte_offset", ctypes.c_uint64),
+    ]
+
+
+class ManagedTensor(ctypes.Structure):
+    pass
+
+
+DELETER = ctypes.CFUNCTYPE(None, ctypes.POINTER(ManagedTensor))
+ManagedTensor._fields_ = [
+    ("version", Version),
+    ("manager_ctx", ctypes.c_void_p),
+    ("deleter", DELETER),
+    ("flags", ctypes.c_uint64),
+    ("dl_tensor", DLTensor),
+]
+
+
+class Header(ctypes.Structure):
+    pass
+
+
+Header._fields_ = [("version", Version), ("prev_api", ctypes.POINTER(Header))]
+
+ALLOCATOR = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+MANAGED_FROM = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.POINTER(ManagedTensor)))
+TO_OBJECT = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+DLTENSOR_FROM = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(DLTensor))
+WORK_STREAM = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p)
+
+
+class ExchangeApi(ctypes.Structure):
+    _fields_ = [
+        ("header", Header),
+        ("managed_tensor_allocator", ALLOCATOR),
+        ("managed_tensor_from_py_object_no_sync", MANAGED_FROM),
+        ("managed_tensor_to_py_object_no_sync", TO_OBJECT),
+        ("dltensor_from_py_object_no_sync", DLTENSOR_FROM),
+        ("current_work_stream", WORK_STREAM),
+    ]
+
+
+_DTYPE_CODES = {np.dtype(np.float32): (2, 32), np.dtype(np.float16): (2, 16), np.dtype(np.int32): (0, 32)}
+
+_PyCapsule_New = ctypes.pythonapi.PyCapsule_New
+_PyCapsule_New.restype = ctypes.py_object
+_PyCapsule_New.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+
+
+def _fill(dl: DLTensor, array) -> None:
+    a = array.values
+    code, bits = _DTYPE_CODES[a.dtype]
+    dl.data = a.ctypes.data
+    dl.device = Device(1, 0)  # kDLCPU
+    dl.ndim = a.ndim
+    dl.dtype = DataType(code, bits, 1)
+    dl.shape = ctypes.cast(array._shape, ctypes.POINTER(ctypes.c_int64))
+    dl.strides = ctypes.cast(array._strides, ctypes.POINTER(ctypes.c_int64))
+    dl.byte_offset = 0
+
+
+class Producer:
+    """One exchange table and what it did: the exports of each kind and the deleters called."""
+
+    def __init__(self, *, non_owning=True, major=1, fail=False, older=None):
+        self.non_owning_exports = 0
+        self.owning_exports = 0
+        self.deleted = 0
+        self._live = {}  # address -> ManagedTensor, alive until its deleter runs
+
+        def arr(ptr):
+            return ctypes.cast(ptr, ctypes.py_object).value
+
+        # A failing export returns -1 without a Python exception: ctypes would report one raised in
+        # a callback and clear it. torch's refusals, with their messages, are tested on the GPU.
+        def dltensor_from(obj, out):
+            if fail:
+                return -1
+            _fill(out.contents, arr(obj))
+            self.non_owning_exports += 1
+            return 0
+
+        def deleter(m):
+            self.deleted += 1
+            del self._live[ctypes.addressof(m.contents)]
+
+        def managed_from(obj, out):
+            if fail:
+                return -1
+            a = arr(obj)
+            m = ManagedTensor()
+            m.version = Version(major, 3)
+            m.deleter = self._deleter
+            m.flags = 1 if a.read_only else 0
+            _fill(m.dl_tensor, a)
+            self._live[ctypes.addressof(m)] = (m, a)  # the array too: the view must outlive the call
+            out[0] = ctypes.pointer(m)
+            self.owning_exports += 1
+            return 0
+
+        self._deleter = DELETER(deleter)
+        self._callbacks = (DLTENSOR_FROM(dltensor_from), MANAGED_FROM(managed_from))
+        self.api = ExchangeApi()
+        self.api.header.version = Version(major, 3)
+        if older is not None:
+            self.api.header.prev_api = ctypes.cast(ctypes.pointer(older.api), ctypes.POINTER(Header))
+        self._older = older
+        self.api.managed_tensor_from_py_object_no_sync = self._callbacks[1]
+        if non_owning:
+            self.api.dltensor_from_py_object_no_sync = self._callbacks[0]
+        self.capsule = _PyCapsule_New(ctypes.addressof(self.api), b"dlpack_exchange_api", None)
+
+    def live(self):
+        return len(self._live)
+
+
+def exchange_type(producer: Producer):
+    """A new array type whose own dictionary holds `producer`'s table. `__dlpack__` is there for
+    the types that do not use the table (subclasses): numpy's."""
+
+    class ExchangeArray:
+        __dlpack_c_exchange_api__ = producer.capsule
+
+        def __init__(self, values, read_only=False):
+            self.values = np.ascontiguousarray(values) if values.ndim == 0 else values
+            self.read_only = read_only
+            itemsize = self.values.itemsize
+            self._shape = (ctypes.c_int64 * max(self.values.ndim, 1))(*self.values.shape)
+            self._strides = (ctypes.c_int64 * max(self.values.ndim, 1))(*(s // itemsize for s in self.values.strides))
+
+        @property
+        def shape(self):
+            return self.values.shape
+
+        def __dlpack__(self, **kwargs):
+            return self.values.__dlpack__(**kwargs)
+
+        def __dlpack_device__(self):
+            return self.values.__dlpack_device__()
+
+    return ExchangeArray
+
+
+# ---- a float64 reference ------------------------------------------------------------------------
+
+
+def attention_reference(q, k, v):
+    """q (B, Sq, Hq, D), k / v (B, Sk, Hkv, D), no mask -> (B, Sq, Hq, D) float64."""
+    b, sq, hq, d = q.shape
+    group = hq // k.shape[2]
+    out = np.empty((b, sq, hq, d))
+    for h in range(hq):
+        kh = k[:, :, h // group].astype(np.float64)
+        vh = v[:, :, h // group].astype(np.float64)
+        s = np.einsum("bqd,bkd->bqk", q[:, :, h].astype(np.float64), kh) / math.sqrt(d)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        out[:, :, h] = np.einsum("bqk,bkd->bqd", p / p.sum(-1, keepdims=True), vh)
+    return out
+
+
+def draw(rng, *shape, dtype=np.float32):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng()
+
+
+def test_inputs_take_the_non_owning_export_and_outputs_the_owning_one(rng):
+    producer = Producer()
+    A = exchange_type(producer)
+    b, sq, sk, hq, hkv, d = 2, int(rng.integers(1, 5)), int(rng.integers(1, 40)), 4, 2, 32
+    q, k, v = draw(rng, b, sq, hq, d), draw(rng, b, sk, hkv, d), draw(rng, b, sk, hkv, d)
+    out = np.full((b, sq, hq, d), np.nan, np.float32)
+    _C.attention_forward(A(q), A(k), A(v), A(out))
+    np.testing.assert_allclose(out, attention_reference(q, k, v), atol=2e-5, rtol=2e-5)
+    assert producer.non_owning_exports == 3  # q, k, v
+    assert producer.owning_exports == 1  # out: its flags say whether it may be written
+    assert producer.deleted == 1 and producer.live() == 0  # released when the call returns
+
+
+def test_strided_views_keep_their_strides(rng):
+    producer = Producer()
+    A = exchange_type(producer)
+    b, sq, sk, h, d = 2, 3, 17, 2, 32
+    wide_q = draw(rng, b, sq, 2 * h, d)
+    q = wide_q[:, :, ::2]  # every other head: a stride of 2 heads
+    kv = draw(rng, b, sk, 2, h, d)  # k and v interleaved
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    out = np.full((b, sq, h, d), np.nan, np.float32)
+    _C.attention_forward(A(q), A(k), A(v), A(out))
+    np.testing.assert_allclose(out, attention_reference(q, k, v), atol=2e-5, rtol=2e-5)
+    assert producer.non_owning_exports == 3
+
+
+def test_a_table_without_the_non_owning_export_uses_the_owning_one_for_inputs(rng):
+    producer = Producer(non_owning=False)
+    A = exchange_type(producer)
+    q, k, v = draw(rng, 1, 2, 2, 16), draw(rng, 1, 9, 2, 16), draw(rng, 1, 9, 2, 16)
+    out = np.full(q.shape, np.nan, np.float32)
+    _C.attention_forward(A(q), A(k), A(v), A(out))
+    np.testing.assert_allclose(out, attention_reference(q, k, v), atol=2e-5, rtol=2e-5)
+    assert (producer.non_owning_exports, producer.owning_exports) == (0, 4)
+    assert producer.deleted == 4 and producer.live() == 0
+
+
+def test_a_read_only_output_is_refused_by_name_and_left_unchanged(rng):
+    producer = Producer()
+    A = exchange_type(producer)
+    q, k, v = draw(rng, 1, 2, 2, 16), draw(rng, 1, 9, 2, 16), draw(rng, 1, 9, 2, 16)
+    out = np.full(q.shape, 7.0, np.float32)
+    with pytest.raises(ValueError, match=r"argument 'out': the array is read-only"):
+        _C.attention_forward(A(q), A(k), A(v), A(out, read_only=True))
+    assert np.all(out == 7.0)
+    assert producer.live() == 0  # every export released, on the error path too
+
+
+@pytest.mark.parametrize("non_owning", [True, False])
+def test_a_failed_export_names_the_argument_and_leaves_the_output(rng, non_owning):
+    producer = Producer(fail=True, non_owning=non_owning)
+    A = exchange_type(producer)
+    q, k, v = draw(rng, 1, 2, 2, 16), draw(rng, 1, 9, 2, 16), draw(rng, 1, 9, 2, 16)
+    out = np.full(q.shape, 7.0, np.float32)
+    with pytest.raises(TypeError, match=r"argument 'k': \S*ExchangeArray could not be described "
+                                        r"through DLPack: no reason given"):
+        _C.attention_forward(q, A(k), v, out)
+    assert np.all(out == 7.0)
+
+
+def test_the_cache_append_writes_only_its_slots(rng):
+    """kvcache_attention_forward with every array from the producer: the caches are outputs
+    (written in place), the new keys and the lengths inputs."""
+    producer = Producer()
+    A = exchange_type(producer)
+    b, cap, hkv, hq, d = 3, 24, 2, 4, 16
+    lens = rng.integers(0, cap - 2, size=b).astype(np.int32)
+    k_cache, v_cache = draw(rng, b, cap, hkv, d), draw(rng, b, cap, hkv, d)
+    k_before, v_before = k_cache.copy(), v_cache.copy()
+    q, k_new, v_new = draw(rng, b, 1, hq, d), draw(rng, b, 1, hkv, d), draw(rng, b, 1, hkv, d)
+    out = np.full((b, 1, hq, d), np.nan, np.float32)
+    _C.kvcache_attention_forward(A(q), A(k_cache), A(v_cache), k=A(k_new), v=A(v_new),
+                                 cache_seqlens=A(lens), out=A(out))
+    for i in range(b):
+        n = lens[i]
+        expect_k, expect_v = k_before[i].copy(), v_before[i].copy()
+        expect_k[n], expect_v[n] = k_new[i, 0], v_new[i, 0]
+        assert np.array_equal(k_cache[i], expect_k) and np.array_equal(v_cache[i], expect_v)
+        ref = attention_reference(q[i:i + 1], expect_k[None, : n + 1], expect_v[None, : n + 1])
+        np.testing.assert_allclose(out[i:i + 1], ref, atol=2e-5, rtol=2e-5)
+    assert producer.owning_exports == 3  # k_cache, v_cache, out
+    assert producer.non_owning_exports == 4  # q, k, v, cache_seqlens
+    assert producer.live() == 0
+
+
+def test_a_subclass_goes_through_dunder_dlpack_not_the_inherited_table(rng):
+    producer = Producer()
+    A = exchange_type(producer)
+
+    class Sub(A):
+        pass
+
+    q, k, v = draw(rng, 1, 2, 2, 16), draw(rng, 1, 9, 2, 16), draw(rng, 1, 9, 2, 16)
+    out = np.full(q.shape, np.nan, np.float32)
+    _C.attention_forward(Sub(q), Sub(k), Sub(v), out)
+    np.testing.assert_allclose(out, attention_reference(q, k, v), atol=2e-5, rtol=2e-5)
+    assert producer.non_owning_exports == 0 and producer.owning_exports == 0
+
+
+def test_a_newer_table_is_walked_back_to_its_major_version_1(rng):
+    older = Producer()
+    newer = Producer(major=2, older=older)
+    A = exchange_type(newer)
+    q, k, v = draw(rng, 1, 2, 2, 16), draw(rng, 1, 9, 2, 16), draw(rng, 1, 9, 2, 16)
+    out = np.full(q.shape, np.nan, np.float32)
+    _C.attention_forward(A(q), A(k), A(v), A(out))
+    np.testing.assert_allclose(out, attention_reference(q, k, v), atol=2e-5, rtol=2e-5)
+    assert (older.non_owning_exports, older.owning_exports) == (3, 1)
+    assert (newer.non_owning_exports, newer.owning_exports) == (0, 0)
+
+
+def test_a_table_of_another_major_version_alone_is_not_used(rng):
+    producer = Producer(major=2)
+    A = exchange_type(producer)
+    q, k, v = draw(rng, 1, 2, 2, 16), draw(rng, 1, 9, 2, 16), draw(rng, 1, 9, 2, 16)
+    out = np.full(q.shape, np.nan, np.float32)
+    _C.attention_forward(A(q), A(k), A(v), out)  # through __dlpack__
+    np.testing.assert_allclose(out, attention_reference(q, k, v), atol=2e-5, rtol=2e-5)
+    assert producer.non_owning_exports == 0 and producer.owning_exports == 0
+
+
+def test_torch_negation_views_are_refused_by_name():
+    """DLPack has no negation bit: torch.utils.dlpack.to_dlpack exports such a view's values
+    without their sign, so the binding refuses it, as torch's __dlpack__ does."""
+    torch = pytest.importorskip("torch")
+    import fastattn
+
+    q, k, v = torch.randn(2, 3, 4, 32), torch.randn(2, 11, 2, 32), torch.randn(2, 11, 2, 32)
+    with pytest.raises(ValueError, match=r"argument 'q': the tensor is a lazy negation view"):
+        fastattn.flash_attn_func(torch._neg_view(q), k, v)
+    with pytest.raises(ValueError, match=r"argument 'v_cache': the tensor is a lazy negation view"):
+        fastattn.flash_attn_with_kvcache(q, k, torch._neg_view(v), cache_seqlens=11)
+    out = torch.full_like(q, 7.0)
+    with pytest.raises(ValueError, match=r"argument 'k': the tensor is a lazy negation view"):
+        _C.attention_forward(q, torch._neg_view(k), v, out)  # a tensor handed over directly
+    assert bool((out == 7.0).all())
+    # The resolved view is read with its sign.
+    got = fastattn.flash_attn_func(torch._neg_view(q).resolve_neg(), k, v)
+    ref = attention_reference(-q.numpy(), k.numpy(), v.numpy())
+    np.testing.assert_allclose(got.numpy(), ref, atol=2e-5, rtol=2e-5)
