@@ -23,22 +23,26 @@ class Sub(torch.Tensor):
     """A subclass: no table of its own, so the binding imports it through `__dlpack__`."""
 
 
-def paged_decode(route, seed):
-    """One decode that appends a key per sequence into a paged cache, with its arrays handed to the
-    binding by `route`: "public" (fastattn.flash_attn_with_kvcache), or the op called directly
-    with the tensors as they are ("table"), as capsules from torch.utils.dlpack.to_dlpack
-    ("capsule", call_op's path before torch 2.10) or as a Sub each ("subclass"). Returns
-    (out, lse, k_cache, v_cache) and the inputs, the same for every route at one seed."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+def draw_inputs():
+    """A paged decode's inputs (torch's generator, seeded by the fixture): q (3, 1, 8, 128) a view
+    at a storage offset, pages of 16 in a random order, 2 KV heads, one new key per sequence."""
     b, hq, hkv, d, page, pages = 3, 8, 2, 128, 16, 40
     lens = torch.tensor([5, 130, 0], dtype=torch.int32, device="cuda")
-    table = torch.randperm(pages, generator=gen, device="cuda")[: b * 12].view(b, 12).to(torch.int32)
-    k_cache = torch.randn(pages, page, hkv, d, generator=gen, device="cuda").to(torch.bfloat16)
-    v_cache = torch.randn(pages, page, hkv, d, generator=gen, device="cuda").to(torch.bfloat16)
-    wide_q = torch.randn(b, 1, 2 * hq, d, generator=gen, device="cuda").to(torch.bfloat16)
-    q = wide_q[:, :, hq:]  # a view at a storage offset
-    k_new = torch.randn(b, 1, hkv, d, generator=gen, device="cuda").to(torch.bfloat16)
-    v_new = torch.randn(b, 1, hkv, d, generator=gen, device="cuda").to(torch.bfloat16)
+    table = torch.randperm(pages, device="cuda")[: b * 12].view(b, 12).to(torch.int32)
+    k_cache, v_cache = randn(pages, page, hkv, d, dtype=torch.bfloat16), randn(pages, page, hkv, d, dtype=torch.bfloat16)
+    q = randn(b, 1, 2 * hq, d, dtype=torch.bfloat16)[:, :, hq:]
+    k_new, v_new = randn(b, 1, hkv, d, dtype=torch.bfloat16), randn(b, 1, hkv, d, dtype=torch.bfloat16)
+    return q, k_cache, v_cache, k_new, v_new, lens, table
+
+
+def paged_decode(route, inputs):
+    """One decode that appends a key per sequence into a copy of the paged cache, with its arrays
+    handed to the binding by `route`: "public" (fastattn.flash_attn_with_kvcache), or the op
+    called directly with the tensors as they are ("table"), as capsules from
+    torch.utils.dlpack.to_dlpack ("capsule", call_op's path before torch 2.10) or as a Sub each
+    ("subclass"). Returns (out, lse, k_cache, v_cache)."""
+    q, k_cache, v_cache, k_new, v_new, lens, table = inputs
+    b, _, hq, _ = q.shape
     arrays = dict(q=q, k_cache=k_cache.clone(), v_cache=v_cache.clone(), k=k_new, v=v_new,
                   cache_seqlens=lens, block_table=table)
     written = (arrays["k_cache"], arrays["v_cache"])
@@ -55,14 +59,16 @@ def paged_decode(route, seed):
         _C.kvcache_attention_forward(**arrays, cuda_stream=torch.cuda.current_stream().cuda_stream,
                                      workspace_alloc=lambda n: torch.empty(n, dtype=torch.uint8, device="cuda"))
     torch.cuda.synchronize()
-    return (out, lse) + written, (q, k_cache, v_cache, k_new, v_new, lens, table)
+    return (out, lse) + written
 
 
 def test_every_route_gives_the_same_bits_and_the_reference(seed):
-    results = {route: paged_decode(route, seed) for route in ("table", "public", "capsule", "subclass")}
-    (out, lse, k_after, v_after), (q, k_cache, v_cache, k_new, v_new, lens, table) = results["table"]
+    inputs = draw_inputs()
+    q, k_cache, v_cache, k_new, v_new, lens, table = inputs
+    results = {route: paged_decode(route, inputs) for route in ("table", "public", "capsule", "subclass")}
+    out, lse, k_after, v_after = results["table"]
     for route in ("public", "capsule", "subclass"):
-        for name, a, b in zip(("out", "lse", "k_cache", "v_cache"), results["table"][0], results[route][0]):
+        for name, a, b in zip(("out", "lse", "k_cache", "v_cache"), results["table"], results[route]):
             R.assert_bitwise_equal(f"{name} ({route} against the table)", a.as_subclass(torch.Tensor),
                                    b.as_subclass(torch.Tensor))
     # The append writes one slot per sequence (its position lens[i]) and nothing else.
