@@ -321,6 +321,7 @@ def flash_attn_varlen_func(
     # run the split-KV decode kernels; their scratch comes from the caller's allocator as in
     # flash_attn_with_kvcache, asked for by the binding only when the call needs it.
     if is_cuda(q):
+        args["workspace_from_q"] = True
         args["workspace_alloc"] = lambda nbytes: empty(q, (nbytes,), "uint8")
     call_op(_C.varlen_attention_forward, **args, **kw)
     return _result(q, o, lse, probs, return_attn_probs, return_softmax_lse)
@@ -509,8 +510,10 @@ def flash_attn_with_kvcache(
     args.update(kw)
     # The CPU backend allocates its own scratch; on a GPU it comes from the caller's allocator
     # (torch / cupy caching allocators: stream-ordered, so calls stay graph-capturable), asked
-    # for by the binding only when the call needs it.
+    # for by the binding only when the call needs it: through q's DLPack exchange table where its
+    # type has one (torch >= 2.10: one C call), else through this callback.
     if is_cuda(q):
+        args["workspace_from_q"] = True
         args["workspace_alloc"] = lambda nbytes: empty(q, (nbytes,), "uint8")
     call_op(_C.kvcache_attention_forward, **args)
     out_final = finalize(q, o)

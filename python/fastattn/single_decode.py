@@ -115,7 +115,8 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
         kw["softcap"] = softcap
     if is_cuda(q):
         kw["cuda_stream"] = cuda_stream_of(q)
-        kw["workspace_alloc"] = lambda nbytes: empty(q, (nbytes,), "uint8")  # the split-KV scratch
+        kw["workspace_from_q"] = True  # the split-KV scratch: through q's exchange table, else the callback
+        kw["workspace_alloc"] = lambda nbytes: empty(q, (nbytes,), "uint8")
     call_op(_C.kvcache_attention_forward, q=q[None, None], k_cache=k[None], v_cache=v[None], **kw)
     if out_scale != 1.0:
         o *= out_scale  # the output as written, scaled once more in place

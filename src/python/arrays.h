@@ -8,6 +8,7 @@
 #include <nanobind/ndarray.h>
 
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <optional>
 #include <string>
@@ -230,6 +231,57 @@ inline std::optional<TensorView> opt_in(nb::handle h, const char* name, Keep& ke
 inline std::optional<TensorView> opt_out(nb::handle h, const char* name, Keep& keep) {
   if (h.is_none()) return std::nullopt;
   return out_view(h, name, keep);
+}
+
+/// Sets the Python exception for a producer's allocator that failed (DLPack's SetError).
+inline void set_allocator_error(void*, const char* kind, const char* message) {
+  PyErr_SetString(std::strcmp(kind, "MemoryError") == 0 ? PyExc_MemoryError : PyExc_RuntimeError, message);
+}
+
+/// A uint8 array of `nbytes` on q's device, allocated by q's framework through its type's DLPack
+/// exchange table (for torch, the allocator torch.empty uses, on the current stream), kept for
+/// the call; nullopt when q's type has no table or the table no allocator. One C call, where a
+/// Python callback returning torch.empty(nbytes) cost ~3 us more (bench/NOTES.md, session 95).
+inline std::optional<TensorView> workspace_from_framework(nb::handle q, const TensorView& q_view, std::size_t nbytes,
+                                                          Keep& keep) {
+  const dlpack_c::ExchangeApi* api = dlpack_c::exchange_api_of(Py_TYPE(q.ptr()));
+  if (!api || !api->managed_tensor_allocator) return std::nullopt;
+  std::int64_t shape[1] = {static_cast<std::int64_t>(nbytes)};
+  dlpack_c::Tensor prototype{};
+  prototype.device = {q_view.device.type == fastattn::DeviceType::kCUDA ? nb::device::cuda::value
+                                                                        : nb::device::cpu::value,
+                      q_view.device.index};
+  prototype.ndim = 1;
+  prototype.dtype = nb::dtype<std::uint8_t>();
+  prototype.shape = shape;
+  dlpack_c::ManagedTensor* m = nullptr;
+  if (api->managed_tensor_allocator(&prototype, &m, nullptr, &set_allocator_error) != 0 || !m) {
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "no reason given");
+    nb::python_error err;
+    throw fastattn::ValueError("argument 'workspace': " + object_type_name(q) + " could not allocate the " +
+                               std::to_string(nbytes) + "-byte split-KV workspace: " +
+                               nb::str(err.value()).c_str());
+  }
+  keep.managed.emplace_back(m, ManagedTensorDeleter{});
+  if (m->version.major != 1) {
+    keep.managed.pop_back();
+    return std::nullopt;
+  }
+  return make_tensor_view(m->dl_tensor, "workspace");
+}
+
+/// The split-KV scratch of a call that was given none and needs `nbytes` > 0: from q's framework
+/// (workspace_from_framework) when `from_q`, else workspace_alloc(nbytes), a Python callable
+/// returning a writable uint8 array, when given; else none (the op then reports what it needs).
+inline std::optional<TensorView> allocate_workspace(std::size_t nbytes, bool from_q, nb::handle q,
+                                                    const TensorView& q_view, nb::handle workspace_alloc,
+                                                    Keep& keep) {
+  if (from_q)
+    if (std::optional<TensorView> w = workspace_from_framework(q, q_view, nbytes, keep)) return w;
+  if (workspace_alloc.is_none()) return std::nullopt;
+  nb::object allocated = workspace_alloc(nbytes);
+  keep.objects.push_back(allocated);  // alive through the call
+  return out_view(allocated, "workspace", keep);
 }
 
 inline fastattn::ExecConfig make_exec(std::uintptr_t cuda_stream, int num_threads) {

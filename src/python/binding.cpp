@@ -121,24 +121,20 @@ void varlen_attention_forward(nb::handle q, nb::handle cu_seqlens_q, std::int64_
                               std::optional<float> softmax_scale, bool causal,
                               std::int64_t window_left, std::int64_t window_right, float softcap,
                               nb::handle alibi_slopes, std::uintptr_t cuda_stream,
-                              int num_threads, nb::handle workspace_alloc) {
+                              int num_threads, nb::handle workspace_alloc, bool workspace_from_q) {
   Keep keep;
   fastattn::VarlenAttentionArgs a = make_varlen_args(
       q, cu_seqlens_q, max_seqlen_q, k, v, cu_seqlens_k, k_pages, v_pages, block_table,
       page_indptr, page_indices, last_page_len, seqused_k, max_seqlen_k, out, lse, probs, sinks,
       softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, cuda_stream,
       num_threads, keep);
-  // As kvcache_attention_forward: workspace_alloc(nbytes) supplies the split-KV scratch of a
-  // decode-shaped call on CUDA (varlen_workspace_bytes() > 0), with the arrays imported once.
-  nb::object allocated;
-  if (workspace.is_none() && !workspace_alloc.is_none()) {
-    const std::size_t nbytes = fastattn::varlen_workspace_bytes(a);
-    if (nbytes > 0) {
-      allocated = workspace_alloc(nbytes);
-      workspace = allocated;
-    }
-  }
+  // As kvcache_attention_forward: the split-KV scratch of a decode-shaped call on CUDA
+  // (varlen_workspace_bytes() > 0), with the arrays imported once.
   a.workspace = opt_out(workspace, "workspace", keep);
+  if (!a.workspace && (workspace_from_q || !workspace_alloc.is_none())) {
+    const std::size_t nbytes = fastattn::varlen_workspace_bytes(a);
+    if (nbytes > 0) a.workspace = allocate_workspace(nbytes, workspace_from_q, q, a.q, workspace_alloc, keep);
+  }
   nb::gil_scoped_release release;
   fastattn::varlen_attention_forward(a);
 }
@@ -218,24 +214,21 @@ void kvcache_attention_forward(nb::handle q, nb::handle k_cache, nb::handle v_ca
                                std::optional<float> softmax_scale, bool causal,
                                std::int64_t window_left, std::int64_t window_right, float softcap,
                                nb::handle alibi_slopes, std::uintptr_t cuda_stream,
-                               int num_threads, nb::handle workspace_alloc) {
+                               int num_threads, nb::handle workspace_alloc, bool workspace_from_q) {
   Keep keep;
   fastattn::KVCacheArgs a = make_kvcache_args(
       q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved, cache_seqlens,
       cache_seqlen, cache_batch_idx, cache_leftpad, block_table, page_indptr, page_indices,
       num_splits, split_plan, max_cache_seqlen, out, lse, sinks, softmax_scale, causal, window_left,
       window_right, softcap, alibi_slopes, cuda_stream, num_threads, keep);
-  // Without a workspace, workspace_alloc(nbytes) (the caller's allocator, e.g. torch.empty on the
-  // tensors' device) supplies one when the call needs it: one import of the arrays per call.
-  nb::object allocated;
-  if (workspace.is_none() && !workspace_alloc.is_none()) {
-    const std::size_t nbytes = fastattn::kvcache_workspace_bytes(a);
-    if (nbytes > 0) {
-      allocated = workspace_alloc(nbytes);
-      workspace = allocated;
-    }
-  }
+  // Without a workspace, one is allocated when the call needs it (allocate_workspace: from q's
+  // framework through its DLPack exchange table with workspace_from_q, else by workspace_alloc,
+  // e.g. torch.empty on the tensors' device): one import of the arrays per call.
   a.workspace = opt_out(workspace, "workspace", keep);
+  if (!a.workspace && (workspace_from_q || !workspace_alloc.is_none())) {
+    const std::size_t nbytes = fastattn::kvcache_workspace_bytes(a);
+    if (nbytes > 0) a.workspace = allocate_workspace(nbytes, workspace_from_q, q, a.q, workspace_alloc, keep);
+  }
   nb::gil_scoped_release release;
   fastattn::kvcache_attention_forward(a);
 }
@@ -530,7 +523,7 @@ NB_MODULE(_C, m) {
 
   m.def("varlen_attention_forward", &varlen_attention_forward, FASTATTN_VARLEN_ARGS,
         nb::arg("workspace").none() = nb::none(), FASTATTN_OPTION_ARGS,
-        nb::arg("workspace_alloc").none() = nb::none(),
+        nb::arg("workspace_alloc").none() = nb::none(), nb::arg("workspace_from_q") = false,
         "fastattn::varlen_attention_forward (packed sequences; packed or paged keys).");
   m.def("varlen_workspace_bytes", &varlen_workspace_bytes, FASTATTN_VARLEN_ARGS,
         FASTATTN_OPTION_ARGS, "fastattn::varlen_workspace_bytes for the same arguments.");
@@ -549,7 +542,7 @@ NB_MODULE(_C, m) {
 
   m.def("kvcache_attention_forward", &kvcache_attention_forward, FASTATTN_KVCACHE_ARGS,
         nb::arg("workspace").none() = nb::none(), FASTATTN_OPTION_ARGS,
-        nb::arg("workspace_alloc").none() = nb::none(),
+        nb::arg("workspace_alloc").none() = nb::none(), nb::arg("workspace_from_q") = false,
         "fastattn::kvcache_attention_forward (in-place KV append, then attention).");
   m.def("kvcache_workspace_bytes", &kvcache_workspace_bytes, FASTATTN_KVCACHE_ARGS,
         FASTATTN_OPTION_ARGS, "fastattn::kvcache_workspace_bytes for the same arguments.");

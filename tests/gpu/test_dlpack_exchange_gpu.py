@@ -101,3 +101,37 @@ def test_torch_refusals_name_the_argument():
         _C.kvcache_attention_forward(q, torch._neg_view(cache), cache, cache_seqlen=32, out=out)
     torch.cuda.synchronize()
     assert bool((out == 7.0).all()), "a refused call wrote its output"
+
+
+def test_the_workspace_comes_from_torchs_allocator_through_the_table(seed):
+    """workspace_from_q: a call that splits (num_splits=4, 8192 keys) allocates its split-KV
+    scratch through torch's exchange table, once, with no callback; the same bits as with a
+    callback's workspace and a given one, and the reference's answer. Without either it is an
+    error naming the workspace."""
+    q = randn(1, 1, 16, 128, dtype=torch.bfloat16)
+    k, v = randn(1, 8192, 4, 128, dtype=torch.bfloat16), randn(1, 8192, 4, 128, dtype=torch.bfloat16)
+    stream = torch.cuda.current_stream().cuda_stream
+    need = _C.kvcache_workspace_bytes(q, k, v, cache_seqlen=8192, num_splits=4, cuda_stream=stream)
+    assert need > 0
+
+    def run(**kw):
+        out = torch.full_like(q, float("nan"))
+        _C.kvcache_attention_forward(q, k, v, cache_seqlen=8192, num_splits=4, out=out, cuda_stream=stream, **kw)
+        return out
+
+    run(workspace_from_q=True)  # warm: the caching allocator holds a block after this
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    from_table = run(workspace_from_q=True)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] - before == 2  # out, then the workspace
+    from_callback = run(workspace_alloc=lambda n: torch.empty(n, dtype=torch.uint8, device="cuda"))
+    given = run(workspace=torch.empty(need, dtype=torch.uint8, device="cuda"))
+    torch.cuda.synchronize()
+    R.assert_bitwise_equal("out (callback against the table)", from_table, from_callback)
+    R.assert_bitwise_equal("out (given against the table)", from_table, given)
+    ref, _, _ = R.attention_ref(q, k, v)
+    naive, _, _ = R.attention_ref(q, k, v, naive=True)
+    R.assert_out_close("out", from_table, ref, naive, factor=3.0)
+    with pytest.raises(ValueError, match=r"workspace"):
+        run()
