@@ -111,7 +111,8 @@ def test_the_workspace_comes_from_torchs_allocator_through_the_table(seed):
     q = randn(1, 1, 16, 128, dtype=torch.bfloat16)
     k, v = randn(1, 8192, 4, 128, dtype=torch.bfloat16), randn(1, 8192, 4, 128, dtype=torch.bfloat16)
     stream = torch.cuda.current_stream().cuda_stream
-    need = _C.kvcache_workspace_bytes(q, k, v, cache_seqlen=8192, num_splits=4, cuda_stream=stream)
+    need = _C.kvcache_workspace_bytes(q, k, v, cache_seqlen=8192, num_splits=4, out=torch.empty_like(q),
+                                      cuda_stream=stream)
     assert need > 0
 
     def run(**kw):
