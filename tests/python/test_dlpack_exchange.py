@@ -203,6 +203,15 @@ def draw(rng, *shape, dtype=np.float32):
     return rng.standard_normal(shape).astype(dtype)
 
 
+def check_small_call(rng, wrap, wrap_out=None):
+    """attention_forward on small fresh inputs, q, k and v handed over as wrap(array) and out as
+    wrap_out(array) (the numpy array itself when None), against the float64 reference."""
+    q, k, v = draw(rng, 1, 2, 2, 16), draw(rng, 1, 9, 2, 16), draw(rng, 1, 9, 2, 16)
+    out = np.full(q.shape, np.nan, np.float32)
+    _C.attention_forward(wrap(q), wrap(k), wrap(v), wrap_out(out) if wrap_out else out)
+    np.testing.assert_allclose(out, attention_reference(q, k, v), atol=2e-5, rtol=2e-5)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng()
@@ -238,10 +247,7 @@ def test_strided_views_keep_their_strides(rng):
 def test_a_table_without_the_non_owning_export_uses_the_owning_one_for_inputs(rng):
     producer = Producer(non_owning=False)
     A = exchange_type(producer)
-    q, k, v = draw(rng, 1, 2, 2, 16), draw(rng, 1, 9, 2, 16), draw(rng, 1, 9, 2, 16)
-    out = np.full(q.shape, np.nan, np.float32)
-    _C.attention_forward(A(q), A(k), A(v), A(out))
-    np.testing.assert_allclose(out, attention_reference(q, k, v), atol=2e-5, rtol=2e-5)
+    check_small_call(rng, A, A)
     assert (producer.non_owning_exports, producer.owning_exports) == (0, 4)
     assert producer.deleted == 4 and producer.live() == 0
 
@@ -301,10 +307,7 @@ def test_a_subclass_goes_through_dunder_dlpack_not_the_inherited_table(rng):
     class Sub(A):
         pass
 
-    q, k, v = draw(rng, 1, 2, 2, 16), draw(rng, 1, 9, 2, 16), draw(rng, 1, 9, 2, 16)
-    out = np.full(q.shape, np.nan, np.float32)
-    _C.attention_forward(Sub(q), Sub(k), Sub(v), out)
-    np.testing.assert_allclose(out, attention_reference(q, k, v), atol=2e-5, rtol=2e-5)
+    check_small_call(rng, Sub)
     assert producer.non_owning_exports == 0 and producer.owning_exports == 0
 
 
@@ -312,10 +315,7 @@ def test_a_newer_table_is_walked_back_to_its_major_version_1(rng):
     older = Producer()
     newer = Producer(major=2, older=older)
     A = exchange_type(newer)
-    q, k, v = draw(rng, 1, 2, 2, 16), draw(rng, 1, 9, 2, 16), draw(rng, 1, 9, 2, 16)
-    out = np.full(q.shape, np.nan, np.float32)
-    _C.attention_forward(A(q), A(k), A(v), A(out))
-    np.testing.assert_allclose(out, attention_reference(q, k, v), atol=2e-5, rtol=2e-5)
+    check_small_call(rng, A, A)
     assert (older.non_owning_exports, older.owning_exports) == (3, 1)
     assert (newer.non_owning_exports, newer.owning_exports) == (0, 0)
 
@@ -323,10 +323,7 @@ def test_a_newer_table_is_walked_back_to_its_major_version_1(rng):
 def test_a_table_of_another_major_version_alone_is_not_used(rng):
     producer = Producer(major=2)
     A = exchange_type(producer)
-    q, k, v = draw(rng, 1, 2, 2, 16), draw(rng, 1, 9, 2, 16), draw(rng, 1, 9, 2, 16)
-    out = np.full(q.shape, np.nan, np.float32)
-    _C.attention_forward(A(q), A(k), A(v), out)  # through __dlpack__
-    np.testing.assert_allclose(out, attention_reference(q, k, v), atol=2e-5, rtol=2e-5)
+    check_small_call(rng, A)  # through __dlpack__
     assert producer.non_owning_exports == 0 and producer.owning_exports == 0
 
 
