@@ -137,16 +137,28 @@ inline TensorView make_tensor_view(const dlpack_c::Tensor& t, const char* name) 
                         t.shape, t.strides, name);
 }
 
-/// TypeError naming the argument for an array whose producer could not describe it, with the
-/// message of the Python exception it set (taken), if it set one.
+/// The message of the Python exception a producer's C function set (taken), or "no reason given"
+/// where it set none.
+inline std::string take_producer_error() {
+  if (!PyErr_Occurred()) return "no reason given";
+  nb::python_error err;
+  return nb::str(err.value()).c_str();
+}
+
+/// TypeError naming the argument for an array whose producer could not describe it.
 [[noreturn]] inline void throw_export_error(nb::handle h, const char* name) {
-  std::string why = "no reason given";
-  if (PyErr_Occurred()) {
-    nb::python_error err;
-    why = nb::str(err.value()).c_str();
-  }
   throw fastattn::TypeError(std::string("argument '") + name + "': " + object_type_name(h) +
-                            " could not be described through DLPack: " + why);
+                            " could not be described through DLPack: " + take_producer_error());
+}
+
+/// Keeps a tensor a producer exported (its deleter runs when the last Keep goes); false, with the
+/// tensor released at once, for a DLPack major version whose layout this binding does not know
+/// (only its deleter is safe to use).
+inline bool keep_managed(dlpack_c::ManagedTensor* m, Keep& keep) {
+  keep.managed.emplace_back(m, ManagedTensorDeleter{});
+  if (m->version.major == 1) return true;
+  keep.managed.pop_back();
+  return false;
 }
 
 /// ValueError for a torch tensor that is a lazy negation view (torch._neg_view, the imaginary part
@@ -177,11 +189,7 @@ inline std::optional<TensorView> exchange_view(nb::handle h, const char* name, b
   if (!api->managed_tensor_from_py_object_no_sync) return std::nullopt;
   dlpack_c::ManagedTensor* m = nullptr;
   if (api->managed_tensor_from_py_object_no_sync(h.ptr(), &m) != 0 || !m) throw_export_error(h, name);
-  keep.managed.emplace_back(m, ManagedTensorDeleter{});  // the deleter runs when the last Keep goes
-  if (m->version.major != 1) {   // a layout this binding does not know: only the deleter is safe
-    keep.managed.pop_back();
-    return std::nullopt;
-  }
+  if (!keep_managed(m, keep)) return std::nullopt;
   if (writable && (m->flags & dlpack_c::kFlagReadOnly))
     throw fastattn::ValueError(std::string("argument '") + name +
                                "': the array is read-only, but fastattn writes into it");
@@ -255,18 +263,10 @@ inline std::optional<TensorView> workspace_from_framework(nb::handle q, const Te
   prototype.dtype = nb::dtype<std::uint8_t>();
   prototype.shape = shape;
   dlpack_c::ManagedTensor* m = nullptr;
-  if (api->managed_tensor_allocator(&prototype, &m, nullptr, &set_allocator_error) != 0 || !m) {
-    if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "no reason given");
-    nb::python_error err;
+  if (api->managed_tensor_allocator(&prototype, &m, nullptr, &set_allocator_error) != 0 || !m)
     throw fastattn::ValueError("argument 'workspace': " + object_type_name(q) + " could not allocate the " +
-                               std::to_string(nbytes) + "-byte split-KV workspace: " +
-                               nb::str(err.value()).c_str());
-  }
-  keep.managed.emplace_back(m, ManagedTensorDeleter{});
-  if (m->version.major != 1) {
-    keep.managed.pop_back();
-    return std::nullopt;
-  }
+                               std::to_string(nbytes) + "-byte split-KV workspace: " + take_producer_error());
+  if (!keep_managed(m, keep)) return std::nullopt;
   return make_tensor_view(m->dl_tensor, "workspace");
 }
 
