@@ -163,11 +163,11 @@ def exchange_type(producer: Producer):
         __dlpack_c_exchange_api__ = producer.capsule
 
         def __init__(self, values, read_only=False):
-            self.values = np.ascontiguousarray(values) if values.ndim == 0 else values
+            self.values = values
             self.read_only = read_only
             itemsize = self.values.itemsize
-            self._shape = (ctypes.c_int64 * max(self.values.ndim, 1))(*self.values.shape)
-            self._strides = (ctypes.c_int64 * max(self.values.ndim, 1))(*(s // itemsize for s in self.values.strides))
+            self._shape = (ctypes.c_int64 * values.ndim)(*values.shape)
+            self._strides = (ctypes.c_int64 * values.ndim)(*(s // itemsize for s in values.strides))
 
         @property
         def shape(self):
