@@ -17,6 +17,21 @@
 
 namespace fastattn {
 
+/// A caller's allocator for an op's scratch, for callers that would rather not size the workspace
+/// themselves (a framework binding with a stream-ordered caching allocator). The op calls
+/// allocate(context, nbytes) at most once per call: after all of its checks and its split
+/// heuristic, only when the call needs scratch and no `workspace` was given. It returns a uint8,
+/// contiguous, 16-byte-aligned view of at least nbytes on the op's device that stays valid for the
+/// work the op enqueues on its stream (a stream-ordered allocator may take it back once the op has
+/// returned), or nullopt when it has none; the op then fails as it does without a workspace. It may
+/// throw, and the op then has written nothing. Under CUDA graph capture it must allocate from the
+/// graph's memory (as torch's caching allocator does).
+struct WorkspaceAllocator {
+  std::optional<TensorView> (*allocate)(void* context, std::size_t nbytes) = nullptr;
+  void* context = nullptr;
+  explicit operator bool() const { return allocate != nullptr; }
+};
+
 /// Dense batched attention.
 struct AttentionArgs {
   TensorView q;    ///< (B, Sq, Hq, D) float32 / float16 / bfloat16
@@ -69,8 +84,12 @@ struct VarlenAttentionArgs {
   std::optional<TensorView> sinks;
   /// Scratch for split-KV partial results (uint8, at least varlen_workspace_bytes(args)). Used on
   /// CUDA by decode-shaped calls (paged keys, max_seqlen_q == 1, total_q == B, no probs), which
-  /// run the split-KV decode kernels; without it they run with one split. Ignored otherwise.
+  /// run the split-KV decode kernels; without it (and without workspace_allocator) they run with
+  /// one split. Ignored otherwise.
   std::optional<TensorView> workspace;
+  /// CUDA: asked for the scratch of a decode-shaped call when `workspace` is absent (see
+  /// WorkspaceAllocator), so the call splits as it would with one. Ignored otherwise.
+  WorkspaceAllocator workspace_allocator;
   AttentionOptions options;
   ExecConfig exec;
 };
@@ -144,6 +163,10 @@ struct KVCacheArgs {
   /// Scratch for split-KV partial results (uint8, at least kvcache_workspace_bytes(args)).
   /// When absent the CPU backend allocates its own.
   std::optional<TensorView> workspace;
+  /// CUDA: asked for the scratch when `workspace` is absent and the call needs some (see
+  /// WorkspaceAllocator): the same call as with a workspace of kvcache_workspace_bytes(args)
+  /// bytes, without sizing it first. The CPU backend ignores it.
+  WorkspaceAllocator workspace_allocator;
   AttentionOptions options;
   ExecConfig exec;
 };

@@ -39,6 +39,7 @@ struct KVCase {
   bool strided = false;
   bool lse = true;
   bool workspace = false;
+  bool allocator = false;  ///< a workspace_allocator the CPU backend must not call
   std::int64_t max_cached = 100;  ///< upper bound of the drawn cache_seqlens
   std::vector<std::int64_t> seqlens;  ///< when non-empty, used instead of drawing
   std::int64_t extra_rows = 0;  ///< cache / block-table rows beyond those the batch uses
@@ -50,7 +51,7 @@ struct KVCase {
       << " rotary=" << rotary << " rotary_dim=" << rotary_dim << " rotary_f32=" << rotary_f32
       << " seqlens_tensor=" << seqlens_tensor << " batch_idx=" << batch_idx << " leftpad=" << leftpad
       << " num_splits=" << num_splits << " " << opts.str() << " strided=" << strided << " lse=" << lse
-      << " workspace=" << workspace;
+      << " workspace=" << workspace << " allocator=" << allocator;
     return s.str();
   }
 };
@@ -63,6 +64,13 @@ struct KVSetup {
   fa_ref::KVCacheRefIn ref_in;
   fastattn::KVCacheArgs args;
 };
+
+/// A KVCacheArgs::workspace_allocator for the CPU backend, which allocates its own scratch and
+/// must never ask.
+std::optional<fastattn::TensorView> allocation_not_expected(void*, std::size_t nbytes) {
+  ADD_FAILURE() << "the CPU backend asked workspace_allocator for " << nbytes << " bytes";
+  return std::nullopt;
+}
 
 KVSetup build(const KVCase& c0, std::mt19937_64& rng) {
   KVSetup s;
@@ -231,6 +239,7 @@ KVSetup build(const KVCase& c0, std::mt19937_64& rng) {
   if (c.lse) a.lse = s.lse.view();
   a.sinks = c.opts.sinks_view();
   a.options = c.opts.lib();
+  if (c.allocator) a.workspace_allocator = {&allocation_not_expected, nullptr};
   if (c.workspace) {
     const std::size_t bytes = fastattn::kvcache_workspace_bytes(a);
     s.workspace = HostTensor(DType::kUInt8, {static_cast<std::int64_t>(bytes)});
@@ -427,6 +436,7 @@ TEST_P(KVCacheDtype, NumSplits) {
       c.Snew = rand_int(rng, 0, 2);
       c.opts = random_opts(rng);
       c.workspace = rand_int(rng, 0, 1) == 1;
+      c.allocator = rand_int(rng, 0, 1) == 1;
       run_kvcache(c, rng);
     }
   }

@@ -458,6 +458,21 @@ char* checked_workspace(const check::ArgChecker& c, const std::optional<TensorVi
   return static_cast<char*>(ws.data);
 }
 
+char* call_workspace(check::ArgChecker& c, const std::optional<TensorView>& workspace,
+                     const WorkspaceAllocator& allocator, std::size_t need, const char* size_fn) {
+  if (workspace || !allocator) return checked_workspace(c, workspace, need, size_fn);
+  const std::optional<TensorView> allocated = allocator.allocate(allocator.context, need);
+  if (!allocated)
+    c.fail_value("workspace", "is required on CUDA for this call (" + std::to_string(need) +
+                                  " bytes), and workspace_allocator gave none");
+  // What the allocator returns is held to a given workspace's rules (core::validate's).
+  c.present(*allocated, "workspace");
+  c.on_device(*allocated, "workspace");
+  c.dtype_is(*allocated, "workspace", DType::kUInt8);
+  c.contiguous(*allocated, "workspace");
+  return checked_workspace(c, allocated, need, size_fn);
+}
+
 std::size_t kvcache_workspace_bytes(check::ArgChecker& c, const KVCacheArgs& args, const core::KVCacheDims& d) {
   return plan_decode(c, args, d).total();
 }
@@ -467,7 +482,7 @@ void kvcache_attention_forward(check::ArgChecker& c, const KVCacheArgs& args, co
   DecodeParams& p = plan.p;
   const std::size_t need = plan.total();
   if (need > 0) {
-    char* base = checked_workspace(c, args.workspace, need, "kvcache_workspace_bytes");
+    char* base = call_workspace(c, args.workspace, args.workspace_allocator, need, "kvcache_workspace_bytes");
     if (plan.q_rot_bytes) p.q_rot = base;
     if (plan.lse_bytes) {
       p.partial_lse = reinterpret_cast<float*>(base + plan.q_rot_bytes);

@@ -106,4 +106,10 @@ SplitStateBytes split_state_bytes(const DecodeParams& p);
 char* checked_workspace(const check::ArgChecker& c, const std::optional<TensorView>& workspace,
                         std::size_t need, const char* size_fn);
 
+/// The scratch of a call that needs `need` > 0 bytes: the caller's `workspace` when given (as
+/// checked_workspace), else one asked of `allocator` once and held to the same rules, else the
+/// ValueError of a missing workspace.
+char* call_workspace(check::ArgChecker& c, const std::optional<TensorView>& workspace,
+                     const WorkspaceAllocator& allocator, std::size_t need, const char* size_fn);
+
 }  // namespace fastattn::cuda_decode

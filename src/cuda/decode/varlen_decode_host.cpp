@@ -125,10 +125,10 @@ std::size_t varlen_workspace_bytes(check::ArgChecker& c, const VarlenAttentionAr
 bool try_varlen_decode(check::ArgChecker& c, const VarlenAttentionArgs& args, const core::VarlenDims& d) {
   const auto o = core::validate_options(c, args.options, d.a.batch, d.a.heads_q, d.a.head_dim);
   if (!routes_to_decode(args, d, o)) return false;
-  VarlenPlan plan = plan_varlen_decode(c, args, d, o, args.workspace.has_value());
+  VarlenPlan plan = plan_varlen_decode(c, args, d, o, args.workspace || args.workspace_allocator);
   DecodeParams& p = plan.p;
   if (plan.total() > 0) {
-    char* base = checked_workspace(c, args.workspace, plan.total(), "varlen_workspace_bytes");
+    char* base = call_workspace(c, args.workspace, args.workspace_allocator, plan.total(), "varlen_workspace_bytes");
     p.partial_lse = reinterpret_cast<float*>(base);
     p.partial_o = reinterpret_cast<float*>(base + plan.states.lse);
   }
