@@ -284,6 +284,30 @@ inline std::optional<TensorView> allocate_workspace(std::size_t nbytes, bool fro
   return out_view(allocated, "workspace", keep);
 }
 
+/// The binding's fastattn::WorkspaceAllocator. The op asks it for scratch only when the call needs
+/// some, after its own checks and split heuristic, so the binding sizes nothing itself (a second
+/// pass over the checks and the heuristic cost 2-2.5 us a call: bench/NOTES.md, session 96). The
+/// op runs with the GIL released, so the request takes it back; what allocate_workspace allocates
+/// is kept in `keep` until the binding returns.
+struct OpWorkspace {
+  nb::handle q;
+  const TensorView* q_view;
+  bool from_q;
+  nb::handle workspace_alloc;
+  Keep* keep;
+
+  static std::optional<TensorView> allocate(void* self, std::size_t nbytes) {
+    const OpWorkspace& w = *static_cast<const OpWorkspace*>(self);
+    nb::gil_scoped_acquire gil;
+    return allocate_workspace(nbytes, w.from_q, w.q, *w.q_view, w.workspace_alloc, *w.keep);
+  }
+  /// An allocator over this object, or none when there is nothing to allocate from.
+  fastattn::WorkspaceAllocator allocator() {
+    if (!from_q && workspace_alloc.is_none()) return {};
+    return {&OpWorkspace::allocate, this};
+  }
+};
+
 inline fastattn::ExecConfig make_exec(std::uintptr_t cuda_stream, int num_threads) {
   fastattn::ExecConfig e;
   e.cuda_stream = reinterpret_cast<void*>(cuda_stream);

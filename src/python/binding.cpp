@@ -128,13 +128,11 @@ void varlen_attention_forward(nb::handle q, nb::handle cu_seqlens_q, std::int64_
       page_indptr, page_indices, last_page_len, seqused_k, max_seqlen_k, out, lse, probs, sinks,
       softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, cuda_stream,
       num_threads, keep);
-  // As kvcache_attention_forward: the split-KV scratch of a decode-shaped call on CUDA
-  // (varlen_workspace_bytes() > 0), with the arrays imported once.
+  // As kvcache_attention_forward: the split-KV scratch of a decode-shaped call on CUDA, asked for
+  // by the op when it needs it.
   a.workspace = opt_out(workspace, "workspace", keep);
-  if (!a.workspace && (workspace_from_q || !workspace_alloc.is_none())) {
-    const std::size_t nbytes = fastattn::varlen_workspace_bytes(a);
-    if (nbytes > 0) a.workspace = allocate_workspace(nbytes, workspace_from_q, q, a.q, workspace_alloc, keep);
-  }
+  OpWorkspace scratch{q, &a.q, workspace_from_q, workspace_alloc, &keep};
+  if (!a.workspace) a.workspace_allocator = scratch.allocator();
   nb::gil_scoped_release release;
   fastattn::varlen_attention_forward(a);
 }
@@ -221,14 +219,12 @@ void kvcache_attention_forward(nb::handle q, nb::handle k_cache, nb::handle v_ca
       cache_seqlen, cache_batch_idx, cache_leftpad, block_table, page_indptr, page_indices,
       num_splits, split_plan, max_cache_seqlen, out, lse, sinks, softmax_scale, causal, window_left,
       window_right, softcap, alibi_slopes, cuda_stream, num_threads, keep);
-  // Without a workspace, one is allocated when the call needs it (allocate_workspace: from q's
+  // Without a workspace, the op asks for one when the call needs it (OpWorkspace: from q's
   // framework through its DLPack exchange table with workspace_from_q, else by workspace_alloc,
-  // e.g. torch.empty on the tensors' device): one import of the arrays per call.
+  // e.g. torch.empty on the tensors' device): the arrays are imported and checked once.
   a.workspace = opt_out(workspace, "workspace", keep);
-  if (!a.workspace && (workspace_from_q || !workspace_alloc.is_none())) {
-    const std::size_t nbytes = fastattn::kvcache_workspace_bytes(a);
-    if (nbytes > 0) a.workspace = allocate_workspace(nbytes, workspace_from_q, q, a.q, workspace_alloc, keep);
-  }
+  OpWorkspace scratch{q, &a.q, workspace_from_q, workspace_alloc, &keep};
+  if (!a.workspace) a.workspace_allocator = scratch.allocator();
   nb::gil_scoped_release release;
   fastattn::kvcache_attention_forward(a);
 }
