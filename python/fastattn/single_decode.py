@@ -3,9 +3,9 @@ row per head over one request's keys and values, held contiguously (not in pages
 
 It runs as a one-sequence :func:`fastattn.flash_attn_with_kvcache` call over views of the caller's
 arrays (no copy, either layout): the same op and kernels, and the split-KV heuristic, which splits a
-single sequence's keys over the SMs. The op is called directly, not through flash_attn_with_kvcache's
-argument mapping: a single request's decode runs 10-40 us on an H200, so a call's host time is most of
-its cost (bench/NOTES.md, session 94).
+single sequence's keys over the SMs. The binding's single_decode_forward makes the views and calls the
+op, not flash_attn_with_kvcache's argument mapping: a single request's decode runs 10-40 us on an
+H200, so a call's host time is most of its cost (bench/NOTES.md, sessions 94-96).
 """
 
 from __future__ import annotations
@@ -100,24 +100,17 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
     softcap = optional_float(logits_soft_cap, "logits_soft_cap") or 0.0
 
     q, k, v = prepare(q), prepare(k), prepare(v)
-    if kv_layout == "HND":  # (Hkv, L, D) -> a (L, Hkv, D) view
-        k, v = k.swapaxes(0, 1), v.swapaxes(0, 1)
     # One sequence of one query row over its whole cache: flash_attn_with_kvcache(q[None, None],
-    # k[None], v[None], softmax_scale=scale, window_size=(left, -1), softcap=softcap).
+    # k[None], v[None], softmax_scale=scale, window_size=(left, -1), softcap=softcap), with the
+    # views (and HND's axis swap) made by the binding: a torch view costs about 1 us of host time.
     o = empty(q, (heads_q, d))
-    kw = {"out": o[None, None], "cache_seqlen": int(k.shape[0]), "softmax_scale": scale}
-    if return_lse:
-        lse = empty(q, (heads_q,), "float32")
-        kw["lse"] = lse[None, :, None]
-    if left >= 0:
-        kw["window_left"] = left
-    if softcap != 0.0:
-        kw["softcap"] = softcap
+    lse = empty(q, (heads_q,), "float32") if return_lse else None
+    kw = {}
     if is_cuda(q):
         kw["cuda_stream"] = cuda_stream_of(q)
         kw["workspace_from_q"] = True  # the split-KV scratch: through q's exchange table, else the callback
         kw["workspace_alloc"] = lambda nbytes: empty(q, (nbytes,), "uint8")
-    call_op(_C.kvcache_attention_forward, q=q[None, None], k_cache=k[None], v_cache=v[None], **kw)
+    call_op(_C.single_decode_forward, q, k, v, o, lse, kv_layout == "HND", scale, left, softcap, **kw)
     if out_scale != 1.0:
         o *= out_scale  # the output as written, scaled once more in place
     if return_lse:

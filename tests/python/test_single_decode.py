@@ -127,3 +127,25 @@ def test_single_decode_errors(rng):
         call(q, k, v, v_scale=float("nan"))
     with pytest.raises(TypeError, match="k must be an array .*, got list"):
         call(q, k.tolist(), v)
+
+
+def test_single_decode_binding_names_a_wrong_rank(rng):
+    """The binding's single_decode_forward makes the 4-D views itself, so it checks each array's
+    rank first (the Python layer has checked q, k and v; out and lse come from it); nothing is
+    written by a refused call."""
+    hq, hkv, d = 4, 2, 16
+    q, _, k, _, v, _ = single_inputs(rng, 10, hq, hkv, d, "float32", "NHD")
+    out = np.full((hq, d), np.nan, np.float32)
+    lse = np.full((hq,), np.nan, np.float32)
+    op = fastattn._C.single_decode_forward
+    with pytest.raises(ValueError, match=r"argument 'q' must be \(num_qo_heads, head_dim\), got shape \(1, 4, 16\)"):
+        op(q[None], k, v, out, lse)
+    with pytest.raises(ValueError, match=r"argument 'k' must be \(num_kv_heads, kv_len, head_dim\), got shape \(2, 16\)"):
+        op(q, k[0], v, out, lse, hnd=True)
+    with pytest.raises(ValueError, match=r"argument 'out' must be \(num_qo_heads, head_dim\), got shape \(1, 4, 16\)"):
+        op(q, k, v, out[None], lse)
+    with pytest.raises(ValueError, match=r"argument 'lse' must be \(num_qo_heads,\), got shape \(4, 1\)"):
+        op(q, k, v, out, lse[:, None])
+    assert np.isnan(out).all() and np.isnan(lse).all()
+    op(q, k, v, out, lse)  # the same arrays, right ranks: every row written
+    assert not np.isnan(out).any() and not np.isnan(lse).any()
