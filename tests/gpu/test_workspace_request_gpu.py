@@ -35,7 +35,7 @@ def paged_append_call(seed, num_splits, rotary=False):
     """A paged decode (3 sequences of up to 3000 keys, 16-key pages in a random order, GQA 4) that
     appends one key per sequence, with rotary when asked. Returns (run, inputs): run(out, k_cache,
     v_cache, **binding_kw) calls the op on those arrays."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device="cpu").manual_seed(seed.randrange(1 << 62))
     b, hq, hkv, d, page = 3, 16, 4, 128, 16
     lens = [int(x) for x in torch.randint(1, 3000, (b,), generator=g)]
     per_seq = (max(lens) + 1 + page - 1) // page
@@ -115,7 +115,7 @@ def test_a_call_without_scratch_asks_for_none(seed):
 def test_varlen_decode_splits_with_the_allocator(seed):
     """A decode-shaped varlen call (one long sequence, heuristic splits): with the allocator it asks
     once for varlen_workspace_bytes and gets a given workspace's bits; with neither it runs one split."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device="cpu").manual_seed(seed.randrange(1 << 62))
     hq, hkv, d, page = 8, 2, 128, 16
     n = int(torch.randint(20000, 30000, (1,), generator=g))
     pages = (n + page - 1) // page
