@@ -87,6 +87,28 @@ def _capsule(t: Any, to_dlpack) -> Any:
 _TORCH_DLPACK = None
 
 
+def _torch_dlpack():
+    """_TORCH_DLPACK, made once torch has been imported; None before."""
+    global _TORCH_DLPACK
+    if _TORCH_DLPACK is None:
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return None
+        import torch.utils.dlpack
+
+        exchange = "__dlpack_c_exchange_api__" in torch.Tensor.__dict__
+        _TORCH_DLPACK = (torch.Tensor, torch.utils.dlpack.to_dlpack, exchange)
+    return _TORCH_DLPACK
+
+
+def through_exchange_table(x: Any) -> bool:
+    """Whether x is a torch.Tensor (not a subclass) of a torch that publishes DLPack's C exchange
+    table (torch >= 2.10): the binding can then allocate arrays like x and read torch's current
+    stream itself, without Python."""
+    info = _TORCH_DLPACK if _TORCH_DLPACK is not None else _torch_dlpack()
+    return info is not None and info[2] and type(x) is info[0]
+
+
 def call_op(op, *args: Any, **kwargs: Any) -> Any:
     """op(*args, **kwargs), a binding function. From torch 2.10, torch.Tensor publishes DLPack's C
     exchange table (`__dlpack_c_exchange_api__`), through which the binding describes each tensor
@@ -95,15 +117,8 @@ def call_op(op, *args: Any, **kwargs: Any) -> Any:
     binding imports it about 1 us faster, on an H200's host, than a torch tensor through its Python
     __dlpack__ method, and a decode run() passes up to 10 (bench/NOTES.md, sessions 70 and 95). A
     capsule is consumed by the call that imports it, so they are made here, for this call."""
-    global _TORCH_DLPACK
-    if _TORCH_DLPACK is None:
-        torch = sys.modules.get("torch")
-        if torch is None:  # no torch tensor can exist
-            return op(*args, **kwargs)
-        import torch.utils.dlpack
-
-        exchange = "__dlpack_c_exchange_api__" in torch.Tensor.__dict__
-        _TORCH_DLPACK = (torch.Tensor, torch.utils.dlpack.to_dlpack, exchange)
+    if _TORCH_DLPACK is None and _torch_dlpack() is None:  # no torch tensor can exist
+        return op(*args, **kwargs)
     tensor, to, exchange = _TORCH_DLPACK
     if exchange:
         return op(*args, **kwargs)

@@ -246,27 +246,38 @@ inline void set_allocator_error(void*, const char* kind, const char* message) {
   PyErr_SetString(std::strcmp(kind, "MemoryError") == 0 ? PyExc_MemoryError : PyExc_RuntimeError, message);
 }
 
-/// A uint8 array of `nbytes` on q's device, allocated by q's framework through its type's DLPack
-/// exchange table (for torch, the allocator torch.empty uses, on the current stream), kept for
-/// the call; nullopt when q's type has no table or the table no allocator. One C call, where a
-/// Python callback returning torch.empty(nbytes) cost ~3 us more (bench/NOTES.md, session 95).
-inline std::optional<TensorView> workspace_from_framework(nb::handle q, const TensorView& q_view, std::size_t nbytes,
-                                                          Keep& keep) {
+/// A new contiguous array of `shape` (`ndim` dims) and `dtype` on q's device, allocated by q's
+/// framework through its type's DLPack exchange table (for torch, the allocator torch.empty uses,
+/// on the current stream); null when q's type has no table with an allocator. A failed allocation
+/// is a ValueError naming `name`, with `what` it was for. The caller owns the result (its deleter).
+inline dlpack_c::ManagedTensor* allocate_like(nb::handle q, const TensorView& q_view, const std::int64_t* shape,
+                                              int ndim, nb::dlpack::dtype dtype, const char* name,
+                                              const std::string& what) {
   const dlpack_c::ExchangeApi* api = dlpack_c::exchange_api_of(Py_TYPE(q.ptr()));
-  if (!api || !api->managed_tensor_allocator) return std::nullopt;
-  std::int64_t shape[1] = {static_cast<std::int64_t>(nbytes)};
+  if (!api || !api->managed_tensor_allocator) return nullptr;
   dlpack_c::Tensor prototype{};
   prototype.device = {q_view.device.type == fastattn::DeviceType::kCUDA ? nb::device::cuda::value
                                                                         : nb::device::cpu::value,
                       q_view.device.index};
-  prototype.ndim = 1;
-  prototype.dtype = nb::dtype<std::uint8_t>();
-  prototype.shape = shape;
+  prototype.ndim = ndim;
+  prototype.dtype = dtype;
+  prototype.shape = const_cast<std::int64_t*>(shape);
   dlpack_c::ManagedTensor* m = nullptr;
   if (api->managed_tensor_allocator(&prototype, &m, nullptr, &set_allocator_error) != 0 || !m)
-    throw fastattn::ValueError("argument 'workspace': " + object_type_name(q) + " could not allocate the " +
-                               std::to_string(nbytes) + "-byte split-KV workspace: " + take_producer_error());
-  if (!keep_managed(m, keep)) return std::nullopt;
+    throw fastattn::ValueError("argument '" + std::string(name) + "': " + object_type_name(q) +
+                               " could not allocate the " + what + ": " + take_producer_error());
+  return m;
+}
+
+/// A uint8 array of `nbytes` on q's device from q's framework (allocate_like), kept for the call;
+/// nullopt when q's type cannot allocate so. One C call, where a Python callback returning
+/// torch.empty(nbytes) cost ~3 us more (bench/NOTES.md, session 95).
+inline std::optional<TensorView> workspace_from_framework(nb::handle q, const TensorView& q_view, std::size_t nbytes,
+                                                          Keep& keep) {
+  const std::int64_t shape[1] = {static_cast<std::int64_t>(nbytes)};
+  dlpack_c::ManagedTensor* m = allocate_like(q, q_view, shape, 1, nb::dtype<std::uint8_t>(), "workspace",
+                                             std::to_string(nbytes) + "-byte split-KV workspace");
+  if (!m || !keep_managed(m, keep)) return std::nullopt;
   return make_tensor_view(m->dl_tensor, "workspace");
 }
 

@@ -25,6 +25,7 @@ using fastattn::TensorView;
 
 namespace fastattn_binding {
 void bind_decode_runner(nb::module_& m);  // decode_runner.cpp: _C.PagedDecodeRunner
+void bind_single_decode(nb::module_& m);  // single_decode.cpp: _C.single_decode_forward
 }  // namespace fastattn_binding
 
 namespace {
@@ -251,61 +252,6 @@ std::size_t kvcache_workspace_bytes(nb::handle q, nb::handle k_cache, nb::handle
       window_right, softcap, alibi_slopes, cuda_stream, num_threads, keep);
   nb::gil_scoped_release release;
   return fastattn::kvcache_workspace_bytes(a);
-}
-
-/// `t` (ndim `dims`, else a ValueError naming `name` and its `layout`) with `lead` size-1 axes put in
-/// front, as t[None, ...] would: the same memory.
-TensorView with_leading_ones(TensorView t, int dims, int lead, const char* name, const char* layout) {
-  if (t.ndim != dims)
-    throw fastattn::ValueError(std::string("argument '") + name + "' must be " + layout + ", got shape " +
-                               t.shape_string());
-  for (int i = t.ndim - 1; i >= 0; --i) {
-    t.shape[i + lead] = t.shape[i];
-    t.strides[i + lead] = t.strides[i];
-  }
-  for (int i = lead - 1; i >= 0; --i) {
-    t.shape[i] = 1;
-    t.strides[i] = t.shape[i + 1] * t.strides[i + 1];
-  }
-  t.ndim += lead;
-  return t;
-}
-
-/// FlashInfer's single-request decode (python/fastattn/single_decode.py, which checks the shapes
-/// first): one kvcache_attention_forward over the whole of k / v, with the 4-D views made here
-/// rather than by the framework (a torch view costs 0.6-1.3 us of host time, and there were
-/// five; bench/NOTES.md, session 96).
-///   q, out: (Hq, D); k, v: (L, Hkv, D), or (Hkv, L, D) when `hnd`; lse: (Hq) float32 or None.
-void single_decode_forward(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle lse, bool hnd,
-                           std::optional<float> softmax_scale, std::int64_t window_left, float softcap,
-                           std::uintptr_t cuda_stream, int num_threads, nb::handle workspace_alloc,
-                           bool workspace_from_q) {
-  Keep keep;
-  const char* kv_layout = hnd ? "(num_kv_heads, kv_len, head_dim)" : "(kv_len, num_kv_heads, head_dim)";
-  fastattn::KVCacheArgs a;
-  a.q = with_leading_ones(in_view(q, "q", keep), 2, 2, "q", "(num_qo_heads, head_dim)");
-  a.k_cache = with_leading_ones(in_view(k, "k", keep), 3, 1, "k", kv_layout);
-  a.v_cache = with_leading_ones(in_view(v, "v", keep), 3, 1, "v", kv_layout);
-  if (hnd)  // (1, Hkv, L, D) -> (1, L, Hkv, D)
-    for (TensorView* t : {&a.k_cache, &a.v_cache}) {
-      std::swap(t->shape[1], t->shape[2]);
-      std::swap(t->strides[1], t->strides[2]);
-    }
-  a.cache_seqlen = a.k_cache.shape[1];  // every key
-  a.out = with_leading_ones(out_view(out, "out", keep), 2, 2, "out", "(num_qo_heads, head_dim)");
-  if (std::optional<TensorView> l = opt_out(lse, "lse", keep)) {  // (Hq) -> (1, Hq, 1)
-    TensorView t = with_leading_ones(*l, 1, 1, "lse", "(num_qo_heads,)");
-    t.shape[2] = 1;
-    t.strides[2] = 1;
-    t.ndim = 3;
-    a.lse = t;
-  }
-  a.options = make_options(softmax_scale, false, window_left, -1, softcap, nb::none(), keep);
-  a.exec = make_exec(cuda_stream, num_threads);
-  OpWorkspace scratch{q, &a.q, workspace_from_q, workspace_alloc, &keep};
-  a.workspace_allocator = scratch.allocator();
-  nb::gil_scoped_release release;
-  fastattn::kvcache_attention_forward(a);
 }
 
 void shared_prefix_attention_forward(nb::handle q, nb::handle qo_indptr, nb::handle k_shared,
@@ -598,12 +544,6 @@ NB_MODULE(_C, m) {
   m.def("kvcache_workspace_bytes", &kvcache_workspace_bytes, FASTATTN_KVCACHE_ARGS,
         FASTATTN_OPTION_ARGS, "fastattn::kvcache_workspace_bytes for the same arguments.");
 
-  m.def("single_decode_forward", &single_decode_forward, nb::arg("q"), nb::arg("k"), nb::arg("v"),
-        nb::arg("out"), nb::arg("lse").none() = nb::none(), nb::arg("hnd") = false,
-        nb::arg("softmax_scale").none() = nb::none(), nb::arg("window_left") = -1, nb::arg("softcap") = 0.0f,
-        nb::arg("cuda_stream") = 0, nb::arg("num_threads") = 0, nb::arg("workspace_alloc").none() = nb::none(),
-        nb::arg("workspace_from_q") = false,
-        "FlashInfer's single-request decode as one fastattn::kvcache_attention_forward over views.");
   m.def("shared_prefix_attention_forward", &shared_prefix_attention_forward, nb::arg("q"),
         nb::arg("qo_indptr").none() = nb::none(), nb::arg("k_shared"), nb::arg("v_shared"),
         nb::arg("k_pages").none() = nb::none(), nb::arg("v_pages").none() = nb::none(),
@@ -686,6 +626,7 @@ NB_MODULE(_C, m) {
       nb::arg("head_dim"), "decode_split_rule_for_head_dim(head_dim).plan_tail_weight.");
 
   fastattn_binding::bind_decode_runner(m);
+  fastattn_binding::bind_single_decode(m);
 
   m.def("version", []() { return std::string(fastattn::version()); },
         "Library version, 'MAJOR.MINOR.PATCH'.");

@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import fastattn  # noqa: E402
+import fastattn.single_decode as single_decode_module  # noqa: E402
 
 import gpu_reference as R  # noqa: E402
 from gpu_helpers import randn  # noqa: E402
@@ -74,3 +75,56 @@ def test_single_decode_long_and_empty(seed):
     out, lse = fastattn.single_decode_with_kv_cache(q, kv, kv, return_lse=True)
     torch.cuda.synchronize()
     assert not out.float().any() and torch.isneginf(lse).all()
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_single_decode_both_paths_agree(seed, layout, monkeypatch):
+    """From torch 2.10 the binding allocates out and lse and reads the current stream through
+    torch's exchange table; the other path (outputs allocated in Python, the stream from
+    torch.cuda) gives the same bits, on a side stream. The outputs are torch tensors on q's
+    device."""
+    q, k, v = randn(32, 128, dtype=torch.bfloat16), randn(8, 5000, 128, dtype=torch.bfloat16), \
+        randn(8, 5000, 128, dtype=torch.bfloat16)
+    if layout == "NHD":
+        k, v = k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out, lse = fastattn.single_decode_with_kv_cache(q, k, v, kv_layout=layout, return_lse=True)
+        monkeypatch.setattr(single_decode_module, "through_exchange_table", lambda x: False)
+        py_out, py_lse = fastattn.single_decode_with_kv_cache(q, k, v, kv_layout=layout, return_lse=True)
+    side.synchronize()
+    assert type(out) is torch.Tensor and type(lse) is torch.Tensor
+    assert out.device == q.device and out.shape == (32, 128) and out.dtype == torch.bfloat16
+    assert lse.device == q.device and lse.shape == (32,) and lse.dtype == torch.float32
+    R.assert_bitwise_equal("out (Python's outputs against the table's)", out, py_out)
+    R.assert_bitwise_equal("lse (Python's outputs against the table's)", lse, py_lse)
+    k_nhd, v_nhd = (k, v) if layout == "NHD" else (k.transpose(0, 1), v.transpose(0, 1))
+    ref, lse_ref, _ = R.attention_ref(q[None, None], k_nhd[None], v_nhd[None])
+    naive, _, _ = R.attention_ref(q[None, None], k_nhd[None], v_nhd[None], naive=True)
+    R.assert_out_close("out", out, ref[0, 0], naive[0, 0], factor=FACTOR)
+    R.assert_lse_close("lse", lse, lse_ref[0, :, 0].float())
+
+
+def test_single_decode_in_a_cuda_graph(seed):
+    """Captured in a CUDA graph (the outputs and the split-KV scratch from torch's allocator, on
+    the capturing stream) and replayed with a new q: the new q's answer."""
+    q, k, v = randn(32, 128, dtype=torch.float16), randn(9000, 8, 128, dtype=torch.float16), \
+        randn(9000, 8, 128, dtype=torch.float16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm: torch's caching allocator, outside the capture
+        for _ in range(2):
+            fastattn.single_decode_with_kv_cache(q, k, v, return_lse=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = fastattn.single_decode_with_kv_cache(q, k, v, return_lse=True)
+    q.copy_(randn(32, 128, dtype=torch.float16))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref, lse_ref, _ = R.attention_ref(q[None, None], k[None], v[None])
+    naive, _, _ = R.attention_ref(q[None, None], k[None], v[None], naive=True)
+    R.assert_out_close("out", out, ref[0, 0], naive[0, 0], factor=FACTOR)
+    R.assert_lse_close("lse", lse, lse_ref[0, :, 0].float())

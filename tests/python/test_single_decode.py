@@ -129,23 +129,27 @@ def test_single_decode_errors(rng):
         call(q, k.tolist(), v)
 
 
-def test_single_decode_binding_names_a_wrong_rank(rng):
-    """The binding's single_decode_forward makes the 4-D views itself, so it checks each array's
-    rank first (the Python layer has checked q, k and v; out and lse come from it); nothing is
-    written by a refused call."""
+def test_single_decode_binding_checks_its_outputs(rng):
+    """The binding's single_decode_forward (the one call single_decode_with_kv_cache makes) names
+    an output of the wrong rank, and one it was to allocate where q's type has no DLPack exchange
+    table (numpy); a refused call writes nothing. (The allocation through torch's table is tested
+    on the GPU: tests/gpu/test_single_decode_gpu.py.)"""
     hq, hkv, d = 4, 2, 16
     q, _, k, _, v, _ = single_inputs(rng, 10, hq, hkv, d, "float32", "NHD")
     out = np.full((hq, d), np.nan, np.float32)
     lse = np.full((hq,), np.nan, np.float32)
     op = fastattn._C.single_decode_forward
-    with pytest.raises(ValueError, match=r"argument 'q' must be \(num_qo_heads, head_dim\), got shape \(1, 4, 16\)"):
-        op(q[None], k, v, out, lse)
-    with pytest.raises(ValueError, match=r"argument 'k' must be \(num_kv_heads, kv_len, head_dim\), got shape \(2, 16\)"):
-        op(q, k[0], v, out, lse, hnd=True)
     with pytest.raises(ValueError, match=r"argument 'out' must be \(num_qo_heads, head_dim\), got shape \(1, 4, 16\)"):
-        op(q, k, v, out[None], lse)
+        op(q, k, v, out[None], lse, return_lse=True)
     with pytest.raises(ValueError, match=r"argument 'lse' must be \(num_qo_heads,\), got shape \(4, 1\)"):
-        op(q, k, v, out, lse[:, None])
+        op(q, k, v, out, lse[:, None], return_lse=True)
+    with pytest.raises(ValueError, match=r"argument 'out' is required: ndarray has no DLPack exchange table to allocate it through"):
+        op(q, k, v)
+    with pytest.raises(ValueError, match=r"argument 'lse' is required: ndarray has no DLPack exchange table to allocate it through"):
+        op(q, k, v, out, None, return_lse=True)
+    with pytest.raises(ValueError, match=r"sm_scale \* q_scale \* k_scale must be finite, got inf"):
+        op(q, k, v, out, sm_scale=1e300, scale_factor=1e300)
     assert np.isnan(out).all() and np.isnan(lse).all()
-    op(q, k, v, out, lse)  # the same arrays, right ranks: every row written
+    got_out, got_lse = op(q, k, v, out, lse, return_lse=True)  # right ranks: both written, and returned
+    assert got_out is out and got_lse is lse
     assert not np.isnan(out).any() and not np.isnan(lse).any()

@@ -1,0 +1,207 @@
+// fastattn._C.single_decode_forward: FlashInfer's single-request decode
+// (python/fastattn/single_decode.py) in one call: the argument checks with FlashInfer's names, the
+// outputs, the stream, the 4-D views and one fastattn::kvcache_attention_forward over the whole of
+// k / v. A single request's decode runs 10-40 us on an H200, so host time is most of a call's cost;
+// in Python the views alone cost 7.4 us and the checks, allocations and stream query about 10 more
+// (bench/NOTES.md, session 96).
+
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+
+#include "arrays.h"
+#include "fastattn/fastattn.h"
+
+namespace fastattn_binding {
+namespace {
+
+/// A shape as Python prints the tuple: "(10, 2, 16)", "(16,)", "()".
+std::string shape_tuple(const TensorView& t) {
+  std::string s = "(";
+  for (int i = 0; i < t.ndim; ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);
+  return s + (t.ndim == 1 ? ",)" : ")");
+}
+
+/// The checks single_decode_with_kv_cache makes, each error naming the argument as FlashInfer does:
+/// q (Hq, D); k and v (L, Hkv, D) for NHD or (Hkv, L, D) for HND, q's dtype, k's shape, k's head_dim
+/// q's, Hq a multiple of Hkv. The op checks the rest (strides, devices, head_dim's range).
+void check_single_decode(const TensorView& q, const TensorView& k, const TensorView& v, bool hnd) {
+  if (q.ndim != 2)
+    throw fastattn::ValueError("q must be (num_qo_heads, head_dim), got shape " + shape_tuple(q));
+  const std::string layout = hnd ? "(num_kv_heads, kv_len, head_dim) for kv_layout 'HND'"
+                                 : "(kv_len, num_kv_heads, head_dim) for kv_layout 'NHD'";
+  for (const auto& [name, t] : {std::pair<const char*, const TensorView&>{"k", k}, {"v", v}}) {
+    if (t.ndim != 3) throw fastattn::ValueError(std::string(name) + " must be " + layout + ", got shape " + shape_tuple(t));
+    if (t.dtype != q.dtype)
+      throw fastattn::TypeError(std::string(name) + " must have q's dtype (" + fastattn::dtype_name(q.dtype) +
+                                "), got " + fastattn::dtype_name(t.dtype));
+  }
+  for (int i = 0; i < 3; ++i)
+    if (v.shape[i] != k.shape[i])
+      throw fastattn::ValueError("v must have k's shape " + shape_tuple(k) + ", got " + shape_tuple(v));
+  if (k.shape[2] != q.shape[1])
+    throw fastattn::ValueError("k's head_dim (last dimension) must be q's (" + std::to_string(q.shape[1]) + "), got " +
+                               std::to_string(k.shape[2]));
+  const std::int64_t heads_kv = hnd ? k.shape[0] : k.shape[1];
+  if (heads_kv < 1 || q.shape[0] % heads_kv != 0)
+    throw fastattn::ValueError("num_qo_heads (" + std::to_string(q.shape[0]) +
+                               ") must be a multiple of num_kv_heads, got num_kv_heads " + std::to_string(heads_kv) +
+                               " (k's shape " + shape_tuple(k) + ", kv_layout '" + (hnd ? "HND" : "NHD") + "')");
+}
+
+/// `t` with `lead` size-1 axes put in front, as t[None, ...] would: the same memory.
+TensorView with_leading_ones(TensorView t, int lead) {
+  for (int i = t.ndim - 1; i >= 0; --i) {
+    t.shape[i + lead] = t.shape[i];
+    t.strides[i + lead] = t.strides[i];
+  }
+  for (int i = lead - 1; i >= 0; --i) {
+    t.shape[i] = 1;
+    t.strides[i] = t.shape[i + 1] * t.strides[i + 1];
+  }
+  t.ndim += lead;
+  return t;
+}
+
+/// DLPack's code for an output dtype (float32, float16, bfloat16).
+nb::dlpack::dtype dlpack_dtype(fastattn::DType d) {
+  switch (d) {
+    case fastattn::DType::kFloat16: return {std::uint8_t(nb::dlpack::dtype_code::Float), 16, 1};
+    case fastattn::DType::kBFloat16: return {std::uint8_t(nb::dlpack::dtype_code::Bfloat), 16, 1};
+    default: return nb::dtype<float>();
+  }
+}
+
+/// An output of `shape` (ndim 1 or 2) allocated by q's framework through its exchange table
+/// (allocate_like) and handed back as that framework's array: (the array, its view).
+std::pair<nb::object, TensorView> allocate_output(nb::handle q, const TensorView& q_view, const std::int64_t* shape,
+                                                  int ndim, fastattn::DType dtype, const char* name) {
+  const dlpack_c::ExchangeApi* api = dlpack_c::exchange_api_of(Py_TYPE(q.ptr()));
+  if (!api || !api->managed_tensor_to_py_object_no_sync)
+    throw fastattn::ValueError(std::string("argument '") + name + "' is required: " + object_type_name(q) +
+                               " has no DLPack exchange table to allocate it through");
+  dlpack_c::ManagedTensor* m = allocate_like(q, q_view, shape, ndim, dlpack_dtype(dtype), name, "output");
+  if (!m)
+    throw fastattn::ValueError(std::string("argument '") + name + "' is required: " + object_type_name(q) +
+                               "'s exchange table has no allocator");
+  if (m->version.major != 1) {  // a layout this binding does not know: only the deleter is safe
+    m->deleter(m);
+    throw fastattn::ValueError(std::string("argument '") + name + "': " + object_type_name(q) +
+                               " allocated a DLPack " + std::to_string(m->version.major) + ".x tensor");
+  }
+  const TensorView view = make_tensor_view(m->dl_tensor, name);
+  void* array = nullptr;
+  // On success the array owns m. On failure m is not released here: whether the producer already
+  // did is not specified, and a leak is safer than a double free.
+  if (api->managed_tensor_to_py_object_no_sync(m, &array) != 0 || !array)
+    throw fastattn::ValueError(std::string("argument '") + name + "': " + object_type_name(q) +
+                               " could not wrap its output: " + take_producer_error());
+  return {nb::steal(static_cast<PyObject*>(array)), view};
+}
+
+/// q's framework's current stream on q's device, through its exchange table (torch's current
+/// stream: what torch.cuda.current_stream() would give, without Python); 0 on the CPU.
+std::uintptr_t stream_of(nb::handle q, const TensorView& q_view) {
+  if (q_view.device.type != fastattn::DeviceType::kCUDA) return 0;
+  const dlpack_c::ExchangeApi* api = dlpack_c::exchange_api_of(Py_TYPE(q.ptr()));
+  if (!api || !api->current_work_stream)
+    throw fastattn::ValueError("argument 'cuda_stream' is required: " + object_type_name(q) +
+                               " has no DLPack exchange table to ask for its current stream");
+  void* stream = nullptr;
+  if (api->current_work_stream(nb::device::cuda::value, q_view.device.index, &stream) != 0)
+    throw fastattn::ValueError("argument 'cuda_stream': " + object_type_name(q) +
+                               " could not give its current stream: " + take_producer_error());
+  return reinterpret_cast<std::uintptr_t>(stream);
+}
+
+/// q (Hq, D); k, v (L, Hkv, D), or (Hkv, L, D) when `hnd`; out (Hq, D) and lse (Hq) float32, or None
+/// to have q's framework allocate them through its exchange table (lse only with return_lse).
+/// The scores are (q . k) * (sm_scale, None: 1 / sqrt(D)) * scale_factor, computed in double as
+/// FlashInfer folds its calibration scales. stream_from_q: the stream from q's exchange table
+/// instead of cuda_stream. Returns out, or (out, lse) with return_lse.
+nb::object single_decode_forward(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle lse, bool hnd,
+                                 bool return_lse, std::optional<double> sm_scale, double scale_factor,
+                                 std::int64_t window_left, float softcap, std::uintptr_t cuda_stream,
+                                 bool stream_from_q, int num_threads, nb::handle workspace_alloc,
+                                 bool workspace_from_q) {
+  Keep keep;
+  const TensorView q_view = in_view(q, "q", keep);
+  const TensorView k_view = in_view(k, "k", keep);
+  const TensorView v_view = in_view(v, "v", keep);
+  check_single_decode(q_view, k_view, v_view, hnd);
+  const std::int64_t heads_q = q_view.shape[0], head_dim = q_view.shape[1];
+  const double scale = (sm_scale ? *sm_scale : 1.0 / std::sqrt(double(head_dim))) * scale_factor;
+  if (!std::isfinite(scale))
+    throw fastattn::ValueError("sm_scale * q_scale * k_scale must be finite, got " + std::to_string(scale));
+
+  fastattn::KVCacheArgs a;
+  a.q = with_leading_ones(q_view, 2);  // (1, 1, Hq, D)
+  a.k_cache = with_leading_ones(k_view, 1);
+  a.v_cache = with_leading_ones(v_view, 1);
+  if (hnd)  // (1, Hkv, L, D) -> (1, L, Hkv, D)
+    for (TensorView* t : {&a.k_cache, &a.v_cache}) {
+      std::swap(t->shape[1], t->shape[2]);
+      std::swap(t->strides[1], t->strides[2]);
+    }
+  a.cache_seqlen = a.k_cache.shape[1];  // every key
+
+  nb::object out_array = nb::borrow(out), lse_array = nb::borrow(lse);
+  TensorView out_view_2d, lse_view_1d;
+  if (out.is_none()) {
+    const std::int64_t shape[2] = {heads_q, head_dim};
+    std::tie(out_array, out_view_2d) = allocate_output(q, q_view, shape, 2, q_view.dtype, "out");
+  } else {
+    out_view_2d = out_view(out, "out", keep);
+    if (out_view_2d.ndim != 2)
+      throw fastattn::ValueError("argument 'out' must be (num_qo_heads, head_dim), got shape " + shape_tuple(out_view_2d));
+  }
+  a.out = with_leading_ones(out_view_2d, 2);
+  if (return_lse) {
+    if (lse.is_none()) {
+      const std::int64_t shape[1] = {heads_q};
+      std::tie(lse_array, lse_view_1d) = allocate_output(q, q_view, shape, 1, fastattn::DType::kFloat32, "lse");
+    } else {
+      lse_view_1d = out_view(lse, "lse", keep);
+      if (lse_view_1d.ndim != 1)
+        throw fastattn::ValueError("argument 'lse' must be (num_qo_heads,), got shape " + shape_tuple(lse_view_1d));
+    }
+    TensorView l = with_leading_ones(lse_view_1d, 1);  // (Hq) -> (1, Hq, 1)
+    l.shape[2] = 1;
+    l.strides[2] = 1;
+    l.ndim = 3;
+    a.lse = l;
+  }
+  a.options.softmax_scale = static_cast<float>(scale);
+  a.options.window_left = window_left;
+  a.options.softcap = softcap;
+  a.exec.cuda_stream = reinterpret_cast<void*>(stream_from_q ? stream_of(q, q_view) : cuda_stream);
+  a.exec.num_threads = num_threads;
+  OpWorkspace scratch{q, &a.q, workspace_from_q, workspace_alloc, &keep};
+  a.workspace_allocator = scratch.allocator();
+  {
+    nb::gil_scoped_release release;
+    fastattn::kvcache_attention_forward(a);
+  }
+  if (return_lse) return nb::make_tuple(out_array, lse_array);
+  return out_array;
+}
+
+}  // namespace
+
+void bind_single_decode(nb::module_& m) {
+  m.def("single_decode_forward", &single_decode_forward, nb::arg("q"), nb::arg("k"), nb::arg("v"),
+        nb::arg("out").none() = nb::none(), nb::arg("lse").none() = nb::none(), nb::arg("hnd") = false,
+        nb::arg("return_lse") = false, nb::arg("sm_scale").none() = nb::none(), nb::arg("scale_factor") = 1.0,
+        nb::arg("window_left") = -1, nb::arg("softcap") = 0.0f, nb::arg("cuda_stream") = 0,
+        nb::arg("stream_from_q") = false, nb::arg("num_threads") = 0,
+        nb::arg("workspace_alloc").none() = nb::none(), nb::arg("workspace_from_q") = false,
+        "FlashInfer's single-request decode: one fastattn::kvcache_attention_forward over views.");
+}
+
+}  // namespace fastattn_binding
