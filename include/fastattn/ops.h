@@ -23,8 +23,9 @@ namespace fastattn {
 /// heuristic, only when the call needs scratch and no `workspace` was given. It returns a uint8,
 /// contiguous, 16-byte-aligned view of at least nbytes on the op's device that stays valid for the
 /// work the op enqueues on its stream (a stream-ordered allocator may take it back once the op has
-/// returned), or nullopt when it has none; the op then fails as it does without a workspace. It may
-/// throw, and the op then has written nothing. Under CUDA graph capture it must allocate from the
+/// returned), or nullopt when it has none: the op then raises the ValueError of a missing
+/// workspace (even where it could run without scratch). It may throw, and the op then has written
+/// nothing. Under CUDA graph capture it must allocate from the
 /// graph's memory (as torch's caching allocator does).
 struct WorkspaceAllocator {
   std::optional<TensorView> (*allocate)(void* context, std::size_t nbytes) = nullptr;
