@@ -90,10 +90,10 @@ std::pair<nb::object, TensorView> allocate_output(nb::handle q, const TensorView
   if (!m)
     throw fastattn::ValueError(std::string("argument '") + name + "' is required: " + object_type_name(q) +
                                "'s exchange table has no allocator");
-  if (m->version.major != 1) {  // a layout this binding does not know: only the deleter is safe
-    m->deleter(m);
+  if (const std::uint32_t major = m->version.major; major != 1) {  // a layout this binding does not
+    m->deleter(m);                                                  // know: only the deleter is safe
     throw fastattn::ValueError(std::string("argument '") + name + "': " + object_type_name(q) +
-                               " allocated a DLPack " + std::to_string(m->version.major) + ".x tensor");
+                               " allocated a DLPack " + std::to_string(major) + ".x tensor");
   }
   const TensorView view = make_tensor_view(m->dl_tensor, name);
   void* array = nullptr;
