@@ -21,30 +21,23 @@
 namespace fastattn_binding {
 namespace {
 
-/// A shape as Python prints the tuple: "(10, 2, 16)", "(16,)", "()".
-std::string shape_tuple(const TensorView& t) {
-  std::string s = "(";
-  for (int i = 0; i < t.ndim; ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);
-  return s + (t.ndim == 1 ? ",)" : ")");
-}
-
 /// The checks single_decode_with_kv_cache makes, each error naming the argument as FlashInfer does:
 /// q (Hq, D); k and v (L, Hkv, D) for NHD or (Hkv, L, D) for HND, q's dtype, k's shape, k's head_dim
 /// q's, Hq a multiple of Hkv. The op checks the rest (strides, devices, head_dim's range).
 void check_single_decode(const TensorView& q, const TensorView& k, const TensorView& v, bool hnd) {
   if (q.ndim != 2)
-    throw fastattn::ValueError("q must be (num_qo_heads, head_dim), got shape " + shape_tuple(q));
+    throw fastattn::ValueError("q must be (num_qo_heads, head_dim), got shape " + q.shape_string());
   const std::string layout = hnd ? "(num_kv_heads, kv_len, head_dim) for kv_layout 'HND'"
                                  : "(kv_len, num_kv_heads, head_dim) for kv_layout 'NHD'";
   for (const auto& [name, t] : {std::pair<const char*, const TensorView&>{"k", k}, {"v", v}}) {
-    if (t.ndim != 3) throw fastattn::ValueError(std::string(name) + " must be " + layout + ", got shape " + shape_tuple(t));
+    if (t.ndim != 3) throw fastattn::ValueError(std::string(name) + " must be " + layout + ", got shape " + t.shape_string());
     if (t.dtype != q.dtype)
       throw fastattn::TypeError(std::string(name) + " must have q's dtype (" + fastattn::dtype_name(q.dtype) +
                                 "), got " + fastattn::dtype_name(t.dtype));
   }
   for (int i = 0; i < 3; ++i)
     if (v.shape[i] != k.shape[i])
-      throw fastattn::ValueError("v must have k's shape " + shape_tuple(k) + ", got " + shape_tuple(v));
+      throw fastattn::ValueError("v must have k's shape " + k.shape_string() + ", got " + v.shape_string());
   if (k.shape[2] != q.shape[1])
     throw fastattn::ValueError("k's head_dim (last dimension) must be q's (" + std::to_string(q.shape[1]) + "), got " +
                                std::to_string(k.shape[2]));
@@ -52,7 +45,7 @@ void check_single_decode(const TensorView& q, const TensorView& k, const TensorV
   if (heads_kv < 1 || q.shape[0] % heads_kv != 0)
     throw fastattn::ValueError("num_qo_heads (" + std::to_string(q.shape[0]) +
                                ") must be a multiple of num_kv_heads, got num_kv_heads " + std::to_string(heads_kv) +
-                               " (k's shape " + shape_tuple(k) + ", kv_layout '" + (hnd ? "HND" : "NHD") + "')");
+                               " (k's shape " + k.shape_string() + ", kv_layout '" + (hnd ? "HND" : "NHD") + "')");
 }
 
 /// `t` with `lead` size-1 axes put in front, as t[None, ...] would: the same memory.
@@ -159,7 +152,7 @@ nb::object single_decode_forward(nb::handle q, nb::handle k, nb::handle v, nb::h
   } else {
     out_view_2d = out_view(out, "out", keep);
     if (out_view_2d.ndim != 2)
-      throw fastattn::ValueError("argument 'out' must be (num_qo_heads, head_dim), got shape " + shape_tuple(out_view_2d));
+      throw fastattn::ValueError("argument 'out' must be (num_qo_heads, head_dim), got shape " + out_view_2d.shape_string());
   }
   a.out = with_leading_ones(out_view_2d, 2);
   if (return_lse) {
@@ -169,7 +162,7 @@ nb::object single_decode_forward(nb::handle q, nb::handle k, nb::handle v, nb::h
     } else {
       lse_view_1d = out_view(lse, "lse", keep);
       if (lse_view_1d.ndim != 1)
-        throw fastattn::ValueError("argument 'lse' must be (num_qo_heads,), got shape " + shape_tuple(lse_view_1d));
+        throw fastattn::ValueError("argument 'lse' must be (num_qo_heads,), got shape " + lse_view_1d.shape_string());
     }
     TensorView l = with_leading_ones(lse_view_1d, 1);  // (Hq) -> (1, Hq, 1)
     l.shape[2] = 1;
