@@ -58,16 +58,6 @@ void run_merge_state(check::ArgChecker& c, const TensorView& v_a, const TensorVi
   cpu::merge_state({&v_a, &s_a, &v_b, &s_b, &v_out, &s_out, mask}, exec.num_threads);
 }
 
-/// An optional caller workspace: uint8, contiguous, on the op's device (as KVCacheArgs::workspace
-/// in core::validate).
-void validate_workspace(check::ArgChecker& c, const std::optional<TensorView>& ws) {
-  if (!ws) return;
-  c.present(*ws, "workspace");
-  c.on_device(*ws, "workspace");
-  c.dtype_is(*ws, "workspace", DType::kUInt8);
-  c.contiguous(*ws, "workspace");
-}
-
 }  // namespace
 
 void attention_forward(const AttentionArgs& args) {
@@ -83,7 +73,7 @@ void attention_forward(const AttentionArgs& args) {
 void varlen_attention_forward(const VarlenAttentionArgs& args) {
   check::ArgChecker c("varlen_attention_forward");
   const auto d = core::validate(c, args);
-  validate_workspace(c, args.workspace);
+  if (args.workspace) core::validate_workspace(c, *args.workspace);
 #if defined(FASTATTN_WITH_CUDA)
   if (c.device().type == DeviceType::kCUDA) return cuda_prefill::varlen_attention_forward(c, args, d);
 #endif
@@ -94,7 +84,7 @@ void varlen_attention_forward(const VarlenAttentionArgs& args) {
 std::size_t varlen_workspace_bytes(const VarlenAttentionArgs& args) {
   check::ArgChecker c("varlen_workspace_bytes");
   [[maybe_unused]] const auto d = core::validate(c, args);
-  validate_workspace(c, args.workspace);
+  if (args.workspace) core::validate_workspace(c, *args.workspace);
 #if defined(FASTATTN_WITH_CUDA)
   if (c.device().type == DeviceType::kCUDA) return cuda_decode::varlen_workspace_bytes(c, args, d);
 #endif

@@ -130,6 +130,13 @@ std::int64_t packed_queries(ArgChecker& c, const TensorView& q, AttentionDims& a
 
 }  // namespace
 
+void validate_workspace(ArgChecker& c, const TensorView& workspace) {
+  c.present(workspace, "workspace");
+  c.on_device(workspace, "workspace");
+  c.dtype_is(workspace, "workspace", DType::kUInt8);
+  c.contiguous(workspace, "workspace");
+}
+
 void validate_exec(ArgChecker& c, const ExecConfig& e) {
   if (e.num_threads < 0)
     c.fail_value("exec.num_threads", "must be >= 0 (0 = all available), got " +
@@ -416,12 +423,7 @@ KVCacheDims validate(ArgChecker& c, const KVCacheArgs& args) {
   // Any strides: the decode wrapper hands a (B x Sq, Hq) LSE over as (B, Hq, Sq).
   lse_output(c, args.lse, {d.a.batch, d.a.heads_q, d.a.seqlen_q}, "(B, Hq, Sq)", /*any_strides=*/true);
   sinks_input(c, args.sinks, d.a.heads_q);
-  if (args.workspace) {
-    c.present(*args.workspace, "workspace");
-    c.on_device(*args.workspace, "workspace");
-    c.dtype_is(*args.workspace, "workspace", DType::kUInt8);
-    c.contiguous(*args.workspace, "workspace");
-  }
+  if (args.workspace) validate_workspace(c, *args.workspace);
   validate_options(c, args.options, d.a.batch, d.a.heads_q, d.a.head_dim);
   validate_exec(c, args.exec);
   return d;
@@ -455,12 +457,7 @@ SharedPrefixDims validate(ArgChecker& c, const SharedPrefixAttentionArgs& args) 
   c.same_dtype(args.out, "out", args.q, "q");
   c.shape_is(args.out, "out", {d.total_q, d.a.heads_q, d.a.head_dim}, "(total_q, Hq, D)");
   lse_output(c, args.lse, {d.a.heads_q, d.total_q}, "(Hq, total_q)");
-  if (args.workspace) {
-    c.present(*args.workspace, "workspace");
-    c.on_device(*args.workspace, "workspace");
-    c.dtype_is(*args.workspace, "workspace", DType::kUInt8);
-    c.contiguous(*args.workspace, "workspace");
-  }
+  if (args.workspace) validate_workspace(c, *args.workspace);
   if (args.max_seqlen_q < 0)
     c.fail_value("max_seqlen_q", "must be >= 0 (0 = unknown), got " + std::to_string(args.max_seqlen_q));
   if (args.max_suffix_len < 0)

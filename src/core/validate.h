@@ -65,6 +65,9 @@ struct SharedPrefixDims {
 
 /// exec.num_threads >= 0.
 void validate_exec(check::ArgChecker& c, const ExecConfig& e);
+/// A caller's scratch (an op's `workspace`, or what its workspace_allocator returned): uint8,
+/// contiguous, on the op's device.
+void validate_workspace(check::ArgChecker& c, const TensorView& workspace);
 ResolvedOptions validate_options(check::ArgChecker& c, const AttentionOptions& o,
                                  std::int64_t batch, std::int64_t heads_q, std::int64_t head_dim);
 AttentionDims validate(check::ArgChecker& c, const AttentionArgs& args);

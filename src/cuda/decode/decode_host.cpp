@@ -465,11 +465,7 @@ char* call_workspace(check::ArgChecker& c, const std::optional<TensorView>& work
   if (!allocated)
     c.fail_value("workspace", "is required on CUDA for this call (" + std::to_string(need) +
                                   " bytes), and workspace_allocator gave none");
-  // What the allocator returns is held to a given workspace's rules (core::validate's).
-  c.present(*allocated, "workspace");
-  c.on_device(*allocated, "workspace");
-  c.dtype_is(*allocated, "workspace", DType::kUInt8);
-  c.contiguous(*allocated, "workspace");
+  core::validate_workspace(c, *allocated);  // held to a given workspace's rules
   return checked_workspace(c, allocated, need, size_fn);
 }
 
