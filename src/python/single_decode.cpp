@@ -16,6 +16,7 @@
 #include <utility>
 
 #include "arrays.h"
+#include "framework_outputs.h"
 #include "fastattn/fastattn.h"
 
 namespace fastattn_binding {
@@ -60,57 +61,6 @@ TensorView with_leading_ones(TensorView t, int lead) {
   }
   t.ndim += lead;
   return t;
-}
-
-/// DLPack's code for an output dtype (float32, float16, bfloat16).
-nb::dlpack::dtype dlpack_dtype(fastattn::DType d) {
-  switch (d) {
-    case fastattn::DType::kFloat16: return {std::uint8_t(nb::dlpack::dtype_code::Float), 16, 1};
-    case fastattn::DType::kBFloat16: return {std::uint8_t(nb::dlpack::dtype_code::Bfloat), 16, 1};
-    default: return nb::dtype<float>();
-  }
-}
-
-/// An output of `shape` (ndim 1 or 2) allocated by q's framework through its exchange table
-/// (allocate_like) and handed back as that framework's array: (the array, its view).
-std::pair<nb::object, TensorView> allocate_output(nb::handle q, const TensorView& q_view, const std::int64_t* shape,
-                                                  int ndim, fastattn::DType dtype, const char* name) {
-  const dlpack_c::ExchangeApi* api = dlpack_c::exchange_api_of(Py_TYPE(q.ptr()));
-  if (!api || !api->managed_tensor_to_py_object_no_sync)
-    throw fastattn::ValueError(std::string("argument '") + name + "' is required: " + object_type_name(q) +
-                               " has no DLPack exchange table to allocate it through");
-  dlpack_c::ManagedTensor* m = allocate_like(q, q_view, shape, ndim, dlpack_dtype(dtype), name, "output");
-  if (!m)
-    throw fastattn::ValueError(std::string("argument '") + name + "' is required: " + object_type_name(q) +
-                               "'s exchange table has no allocator");
-  if (const std::uint32_t major = m->version.major; major != 1) {  // a layout this binding does not
-    m->deleter(m);                                                  // know: only the deleter is safe
-    throw fastattn::ValueError(std::string("argument '") + name + "': " + object_type_name(q) +
-                               " allocated a DLPack " + std::to_string(major) + ".x tensor");
-  }
-  const TensorView view = make_tensor_view(m->dl_tensor, name);
-  void* array = nullptr;
-  // On success the array owns m. On failure m is not released here: whether the producer already
-  // did is not specified, and a leak is safer than a double free.
-  if (api->managed_tensor_to_py_object_no_sync(m, &array) != 0 || !array)
-    throw fastattn::ValueError(std::string("argument '") + name + "': " + object_type_name(q) +
-                               " could not wrap its output: " + take_producer_error());
-  return {nb::steal(static_cast<PyObject*>(array)), view};
-}
-
-/// q's framework's current stream on q's device, through its exchange table (torch's current
-/// stream: what torch.cuda.current_stream() would give, without Python); 0 on the CPU.
-std::uintptr_t stream_of(nb::handle q, const TensorView& q_view) {
-  if (q_view.device.type != fastattn::DeviceType::kCUDA) return 0;
-  const dlpack_c::ExchangeApi* api = dlpack_c::exchange_api_of(Py_TYPE(q.ptr()));
-  if (!api || !api->current_work_stream)
-    throw fastattn::ValueError("argument 'cuda_stream' is required: " + object_type_name(q) +
-                               " has no DLPack exchange table to ask for its current stream");
-  void* stream = nullptr;
-  if (api->current_work_stream(nb::device::cuda::value, q_view.device.index, &stream) != 0)
-    throw fastattn::ValueError("argument 'cuda_stream': " + object_type_name(q) +
-                               " could not give its current stream: " + take_producer_error());
-  return reinterpret_cast<std::uintptr_t>(stream);
 }
 
 /// q (Hq, D); k, v (L, Hkv, D), or (Hkv, L, D) when `hnd`; out (Hq, D) and lse (Hq) float32, or None
@@ -173,7 +123,7 @@ nb::object single_decode_forward(nb::handle q, nb::handle k, nb::handle v, nb::h
   a.options.softmax_scale = static_cast<float>(scale);
   a.options.window_left = window_left;
   a.options.softcap = softcap;
-  a.exec.cuda_stream = reinterpret_cast<void*>(stream_from_q ? stream_of(q, q_view) : cuda_stream);
+  a.exec.cuda_stream = reinterpret_cast<void*>(stream_from_q ? current_stream_of(q, q_view) : cuda_stream);
   a.exec.num_threads = num_threads;
   OpWorkspace scratch{q, &a.q, workspace_from_q, workspace_alloc, &keep};
   a.workspace_allocator = scratch.allocator();
