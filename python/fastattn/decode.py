@@ -48,6 +48,7 @@ from ._tensors import (
     on_device_of,
     optional_float,
     prepare,
+    through_exchange_table,
     write_ints,
 )
 
@@ -689,17 +690,25 @@ class BatchDecodeWithPagedKVCacheWrapper:
             pages, v_pages = prepare(paged_kv_cache[0]), prepare(paged_kv_cache[1])
         else:
             pages, v_pages = prepare(paged_kv_cache), None
-        # The runner checks every array against the plan (shapes, dtypes, device) before the op.
-        o = out if out is not None else empty(q, plan["out_shape"])
         if sinks is not None:
             check_array(sinks, "sinks")
-        if lse is None and return_lse:
-            lse = empty(q, plan["out_shape"][:2], "float32")
         left = plan["window_left"] if window_left is None else as_int(window_left, "window_left")
         alloc = None if self._graph is not None else (
             lambda nbytes: empty(q, (nbytes,), "uint8"))  # the caller's allocator, when needed
-        call_op(runner.run, prepare(q), pages, v_pages, o, lse, left, sm_scale,
-                plan["softcap"], cuda_stream_of(q), alloc, prepare(sinks))
+        # The runner checks every array against the plan (shapes, dtypes, device) before the op.
+        if through_exchange_table(q):
+            # torch >= 2.10: out and lse, where not given, from torch's allocator and the current
+            # stream, both through torch's DLPack exchange table in the runner (no Python for them:
+            # bench/NOTES.md, session 97).
+            res = call_op(runner.run, prepare(q), pages, v_pages, out, lse, left, sm_scale,
+                          plan["softcap"], 0, alloc, prepare(sinks), return_lse, True)
+            o, lse = res if return_lse else (res, lse)
+        else:
+            o = out if out is not None else empty(q, plan["out_shape"])
+            if lse is None and return_lse:
+                lse = empty(q, plan["out_shape"][:2], "float32")
+            call_op(runner.run, prepare(q), pages, v_pages, o, lse, left, sm_scale,
+                    plan["softcap"], cuda_stream_of(q), alloc, prepare(sinks))
         if out_scale != 1.0:
             # FlashInfer's v_scale: the rounded output scaled once more, in place (one elementwise
             # op; a torch out that requires grad is scaled through its detached view).

@@ -37,6 +37,7 @@ from ._tensors import (
     optional_float,
     prepare,
     shape_or_zero,
+    through_exchange_table,
     window_pair,
 )
 
@@ -60,9 +61,11 @@ def _check_dropout(dropout_p: Any) -> None:
         )
 
 
-def _option_kwargs(like, softmax_scale, causal, window_size, softcap, alibi_slopes) -> dict:
-    """The options and the stream, checked, as keyword arguments of the binding: only those that
-    differ from its defaults (nanobind parses each argument given, ~0.1-0.5 us apiece)."""
+def _option_kwargs(like, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                   stream: bool = True) -> dict:
+    """The options and (with `stream`) the stream, checked, as keyword arguments of the binding:
+    only those that differ from its defaults (nanobind parses each argument given, ~0.1-0.5 us
+    apiece)."""
     left, right = window_pair(window_size)
     kw = {}
     if softmax_scale is not None:
@@ -79,9 +82,10 @@ def _option_kwargs(like, softmax_scale, causal, window_size, softcap, alibi_slop
     if alibi_slopes is not None:
         check_array(alibi_slopes, "alibi_slopes")
         kw["alibi_slopes"] = prepare(alibi_slopes)
-    stream = cuda_stream_of(like)
     if stream:
-        kw["cuda_stream"] = stream
+        cuda_stream = cuda_stream_of(like)
+        if cuda_stream:
+            kw["cuda_stream"] = cuda_stream
     return kw
 
 
@@ -466,7 +470,10 @@ def flash_attn_with_kvcache(
                     f"{name}: jax arrays are immutable, but flash_attn_with_kvcache appends k / v "
                     "into the cache in place; pass numpy / torch / cupy caches or k=v=None"
                 )
-    kw = _option_kwargs(q, softmax_scale, causal, window_size, softcap, alibi_slopes)
+    # From torch 2.10 the binding allocates out and the LSE and reads the current stream through
+    # q's DLPack exchange table: no Python allocation or stream query (bench/NOTES.md, session 97).
+    table = through_exchange_table(args["q"])
+    kw = _option_kwargs(q, softmax_scale, causal, window_size, softcap, alibi_slopes, stream=not table)
 
     seqlens = {}
     if cache_seqlens is None:
@@ -498,6 +505,16 @@ def flash_attn_with_kvcache(
         args["num_splits"] = splits
     if not rotary_interleaved:
         args["rotary_interleaved"] = False
+    args.update(seqlens)
+    args.update(kw)
+    if table:
+        # out (None: q's shape and dtype) and softmax_lse (batch_size, nheads, seqlen_q) from
+        # torch's allocator; the split-KV scratch likewise, when the op asks for it.
+        args["stream_from_q"] = True
+        args["workspace_from_q"] = True
+        if return_softmax_lse:
+            args["return_lse"] = True
+        return call_op(_C.kvcache_attention_forward, **args)
     if out is None:
         args["out"] = o = empty(q, q.shape)
     else:
@@ -506,12 +523,10 @@ def flash_attn_with_kvcache(
     if return_softmax_lse:
         batch, seqlen_q, nheads = (shape_or_zero(q, 4, i) for i in range(3))
         args["lse"] = lse = empty(q, (batch, nheads, seqlen_q), "float32")
-    args.update(seqlens)
-    args.update(kw)
     # The CPU backend allocates its own scratch; on a GPU it comes from the caller's allocator
     # (torch / cupy caching allocators: stream-ordered, so calls stay graph-capturable), asked
     # for by the binding only when the call needs it: through q's DLPack exchange table where its
-    # type has one (torch >= 2.10: one C call), else through this callback.
+    # type has one, else through this callback.
     if is_cuda(q):
         args["workspace_from_q"] = True
         args["workspace_alloc"] = lambda nbytes: empty(q, (nbytes,), "uint8")

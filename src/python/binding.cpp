@@ -15,10 +15,12 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "arrays.h"
 #include "fastattn/fastattn.h"
+#include "framework_outputs.h"
 
 namespace nb = nanobind;
 using fastattn::TensorView;
@@ -193,7 +195,7 @@ fastattn::KVCacheArgs make_kvcache_args(
   a.num_splits = num_splits;
   a.split_plan = opt_in(split_plan, "split_plan", keep);
   a.max_cache_seqlen = max_cache_seqlen;
-  a.out = out_view(out, "out", keep);
+  if (!out.is_none()) a.out = out_view(out, "out", keep);  // None: the caller sets a.out
   a.lse = opt_out(lse, "softmax_lse", keep);
   a.sinks = opt_in(sinks, "sinks", keep);
   a.options = make_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
@@ -202,32 +204,56 @@ fastattn::KVCacheArgs make_kvcache_args(
   return a;
 }
 
-void kvcache_attention_forward(nb::handle q, nb::handle k_cache, nb::handle v_cache, nb::handle k,
-                               nb::handle v, nb::handle rotary_cos, nb::handle rotary_sin,
-                               bool rotary_interleaved, nb::handle cache_seqlens,
-                               std::int64_t cache_seqlen, nb::handle cache_batch_idx,
-                               nb::handle cache_leftpad, nb::handle block_table,
-                               nb::handle page_indptr, nb::handle page_indices, int num_splits,
-                               nb::handle split_plan, std::int64_t max_cache_seqlen,
-                               nb::handle out, nb::handle lse, nb::handle sinks, nb::handle workspace,
-                               std::optional<float> softmax_scale, bool causal,
-                               std::int64_t window_left, std::int64_t window_right, float softcap,
-                               nb::handle alibi_slopes, std::uintptr_t cuda_stream,
-                               int num_threads, nb::handle workspace_alloc, bool workspace_from_q) {
+/// fastattn::kvcache_attention_forward over the arrays given. out: None to have q's framework
+/// allocate it (q's shape and dtype) through its exchange table; lse likewise where return_lse (B,
+/// Hq, seqlen_q) float32, else as given. stream_from_q: the stream from q's exchange table instead
+/// of cuda_stream. Returns out, or (out, lse) with return_lse: from torch 2.10 flash_attn_with_kvcache
+/// is this one call, with no Python allocation or stream query (bench/NOTES.md, session 97).
+nb::object kvcache_attention_forward(nb::handle q, nb::handle k_cache, nb::handle v_cache, nb::handle k,
+                                     nb::handle v, nb::handle rotary_cos, nb::handle rotary_sin,
+                                     bool rotary_interleaved, nb::handle cache_seqlens,
+                                     std::int64_t cache_seqlen, nb::handle cache_batch_idx,
+                                     nb::handle cache_leftpad, nb::handle block_table,
+                                     nb::handle page_indptr, nb::handle page_indices, int num_splits,
+                                     nb::handle split_plan, std::int64_t max_cache_seqlen,
+                                     nb::handle out, nb::handle lse, nb::handle sinks, nb::handle workspace,
+                                     std::optional<float> softmax_scale, bool causal,
+                                     std::int64_t window_left, std::int64_t window_right, float softcap,
+                                     nb::handle alibi_slopes, std::uintptr_t cuda_stream,
+                                     int num_threads, nb::handle workspace_alloc, bool workspace_from_q,
+                                     bool return_lse, bool stream_from_q) {
   Keep keep;
   fastattn::KVCacheArgs a = make_kvcache_args(
       q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved, cache_seqlens,
       cache_seqlen, cache_batch_idx, cache_leftpad, block_table, page_indptr, page_indices,
       num_splits, split_plan, max_cache_seqlen, out, lse, sinks, softmax_scale, causal, window_left,
       window_right, softcap, alibi_slopes, cuda_stream, num_threads, keep);
+  // Outputs q's framework allocates are made once every array is imported, so a bad input fails
+  // before anything is allocated; the op checks their shapes against q's as any others.
+  nb::object out_array = nb::borrow(out), lse_array = nb::borrow(lse);
+  if (out.is_none())
+    std::tie(out_array, a.out) = allocate_output(q, a.q, a.q.shape.data(), a.q.ndim, a.q.dtype, "out");
+  if (return_lse && lse.is_none()) {
+    // (B, Hq, seqlen_q) from q (B, seqlen_q, Hq, D); a q of another rank gets the op's error.
+    const bool q4 = a.q.ndim == 4;
+    const std::int64_t shape[3] = {q4 ? a.q.shape[0] : 0, q4 ? a.q.shape[2] : 0, q4 ? a.q.shape[1] : 0};
+    TensorView lse_view;
+    std::tie(lse_array, lse_view) = allocate_output(q, a.q, shape, 3, fastattn::DType::kFloat32, "softmax_lse");
+    a.lse = lse_view;
+  }
+  if (stream_from_q) a.exec.cuda_stream = reinterpret_cast<void*>(current_stream_of(q, a.q));
   // Without a workspace, the op asks for one when the call needs it (OpWorkspace: from q's
   // framework through its DLPack exchange table with workspace_from_q, else by workspace_alloc,
   // e.g. torch.empty on the tensors' device): the arrays are imported and checked once.
   a.workspace = opt_out(workspace, "workspace", keep);
   OpWorkspace scratch{q, &a.q, workspace_from_q, workspace_alloc, &keep};
   if (!a.workspace) a.workspace_allocator = scratch.allocator();
-  nb::gil_scoped_release release;
-  fastattn::kvcache_attention_forward(a);
+  {
+    nb::gil_scoped_release release;
+    fastattn::kvcache_attention_forward(a);
+  }
+  if (return_lse) return nb::make_tuple(out_array, lse_array);
+  return out_array;
 }
 
 std::size_t kvcache_workspace_bytes(nb::handle q, nb::handle k_cache, nb::handle v_cache,
@@ -250,6 +276,7 @@ std::size_t kvcache_workspace_bytes(nb::handle q, nb::handle k_cache, nb::handle
       cache_seqlen, cache_batch_idx, cache_leftpad, block_table, page_indptr, page_indices,
       num_splits, split_plan, max_cache_seqlen, out, lse, sinks, softmax_scale, causal, window_left,
       window_right, softcap, alibi_slopes, cuda_stream, num_threads, keep);
+  if (out.is_none()) throw fastattn::ValueError("argument 'out' is required, got None");
   nb::gil_scoped_release release;
   return fastattn::kvcache_workspace_bytes(a);
 }
@@ -540,7 +567,9 @@ NB_MODULE(_C, m) {
   m.def("kvcache_attention_forward", &kvcache_attention_forward, FASTATTN_KVCACHE_ARGS,
         nb::arg("workspace").none() = nb::none(), FASTATTN_OPTION_ARGS,
         nb::arg("workspace_alloc").none() = nb::none(), nb::arg("workspace_from_q") = false,
-        "fastattn::kvcache_attention_forward (in-place KV append, then attention).");
+        nb::arg("return_lse") = false, nb::arg("stream_from_q") = false,
+        "fastattn::kvcache_attention_forward (in-place KV append, then attention); returns out, or "
+        "(out, lse) with return_lse. out (and lse) None: allocated by q's framework (DLPack exchange table).");
   m.def("kvcache_workspace_bytes", &kvcache_workspace_bytes, FASTATTN_KVCACHE_ARGS,
         FASTATTN_OPTION_ARGS, "fastattn::kvcache_workspace_bytes for the same arguments.");
 

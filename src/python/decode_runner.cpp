@@ -20,6 +20,7 @@
 
 #include "arrays.h"
 #include "fastattn/fastattn.h"
+#include "framework_outputs.h"
 
 namespace fastattn_binding {
 namespace {
@@ -82,10 +83,13 @@ class PagedDecodeRunner {
   /// (P, Hkv, page_size, D). workspace_alloc(nbytes): the caller's allocator, used
   /// when the wrapper's workspace is too small (never in graph mode: an error instead).
   /// sinks: None, or (Hq) float32 attention sinks, folded into out and lse by the attention
-  /// (KVCacheArgs::sinks).
-  void run(nb::handle q, nb::handle pages, nb::handle v_pages, nb::handle out, nb::handle lse,
-           std::int64_t window_left, std::optional<float> softmax_scale, float softcap,
-           std::uintptr_t cuda_stream, nb::handle workspace_alloc, nb::handle sinks) {
+  /// (KVCacheArgs::sinks). out None, and lse None where return_lse: allocated by q's framework
+  /// through its DLPack exchange table (framework_outputs.h), in q's dtype; stream_from_q: the
+  /// stream from that table instead of cuda_stream. Returns out, or (out, lse) with return_lse.
+  nb::object run(nb::handle q, nb::handle pages, nb::handle v_pages, nb::handle out, nb::handle lse,
+                 std::int64_t window_left, std::optional<float> softmax_scale, float softcap,
+                 std::uintptr_t cuda_stream, nb::handle workspace_alloc, nb::handle sinks, bool return_lse,
+                 bool stream_from_q) {
     Keep keep;
     const TensorView tq = in_view(q, "q", keep);
     TensorView k_pages, v;
@@ -96,8 +100,23 @@ class PagedDecodeRunner {
       k_pages = in_view(pages, "paged_kv_cache[0]", keep);
       v = in_view(v_pages, "paged_kv_cache[1]", keep);
     }
-    fastattn::KVCacheArgs a = fastattn::paged_decode_call_args(plan_, tq, k_pages, v, out_view(out, "out", keep),
-                                                               opt_out(lse, "lse", keep));
+    // The planned shapes: out (B x N, Hq, D) and lse (B x N, Hq).
+    const std::int64_t out_shape[3] = {plan_.batch * plan_.q_len, plan_.num_qo_heads, plan_.head_dim};
+    nb::object out_array = nb::borrow(out), lse_array = nb::borrow(lse);
+    TensorView out_v;
+    std::optional<TensorView> lse_v;
+    if (out.is_none())
+      std::tie(out_array, out_v) = allocate_output(q, tq, out_shape, 3, tq.dtype, "out");
+    else
+      out_v = out_view(out, "out", keep);
+    if (return_lse && lse.is_none()) {
+      TensorView allocated;
+      std::tie(lse_array, allocated) = allocate_output(q, tq, out_shape, 2, fastattn::DType::kFloat32, "lse");
+      lse_v = allocated;
+    } else {
+      lse_v = opt_out(lse, "lse", keep);
+    }
+    fastattn::KVCacheArgs a = fastattn::paged_decode_call_args(plan_, tq, k_pages, v, out_v, lse_v);
     if (!sinks.is_none()) {
       a.sinks = in_view(sinks, "sinks", keep);
       fastattn::check_decode_sinks(plan_, tq, *a.sinks);
@@ -107,7 +126,7 @@ class PagedDecodeRunner {
     // One row sits at its request's last key: nothing lies to its right, and -1 keeps its kernels'.
     a.options.window_right = plan_.q_len > 1 ? window_right_ : -1;
     a.options.softcap = softcap;
-    a.exec = make_exec(cuda_stream, 0);
+    a.exec = make_exec(stream_from_q ? current_stream_of(q, tq) : cuda_stream, 0);
 
     nb::object allocated;  // keeps a workspace from the caller's allocator alive through the call
     if (plan_.on_gpu) {
@@ -132,8 +151,12 @@ class PagedDecodeRunner {
         a.workspace = out_view(allocated, "workspace", keep);
       }
     }
-    nb::gil_scoped_release release;
-    fastattn::kvcache_attention_forward(a);
+    {
+      nb::gil_scoped_release release;
+      fastattn::kvcache_attention_forward(a);
+    }
+    if (return_lse) return nb::make_tuple(out_array, lse_array);
+    return out_array;
   }
 
  private:
@@ -174,10 +197,12 @@ void bind_decode_runner(nb::module_& m) {
            nb::arg("workspace").none(), nb::arg("graph"), nb::arg("kv_layout") = "NHD", nb::arg("q_len") = 1,
            nb::arg("window_right") = -1)
       .def("run", &PagedDecodeRunner::run, nb::arg("q"), nb::arg("pages"), nb::arg("v_pages").none(),
-           nb::arg("out"), nb::arg("lse").none(), nb::arg("window_left"),
+           nb::arg("out").none(), nb::arg("lse").none(), nb::arg("window_left"),
            nb::arg("softmax_scale").none(), nb::arg("softcap"), nb::arg("cuda_stream"),
            nb::arg("workspace_alloc").none(), nb::arg("sinks").none() = nb::none(),
-           "Attention of q (B x q_len, Hq, D) over the planned pages into out (and lse); positional.");
+           nb::arg("return_lse") = false, nb::arg("stream_from_q") = false,
+           "Attention of q (B x q_len, Hq, D) over the planned pages into out (and lse); positional. "
+           "Returns out, or (out, lse) with return_lse; out (and lse) None: allocated by q's framework.");
 }
 
 }  // namespace fastattn_binding

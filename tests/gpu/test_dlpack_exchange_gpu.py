@@ -3,7 +3,10 @@
 tests/gpu runs on it too). Here: the three ways a torch tensor can reach the binding (the table, a
 capsule from torch.utils.dlpack.to_dlpack as before torch 2.10, and `__dlpack__` for a subclass)
 give the same bits and the float64 reference's answer, for a decode that appends into a paged
-cache in place and for a sliced view at a storage offset; torch's refusals name the argument."""
+cache in place and for a sliced view at a storage offset; torch's refusals name the argument. And
+the outputs and the stream the binding takes through the table (flash_attn_with_kvcache and the
+decode wrapper's run() with no out=): the same bits as Python's allocation and stream query, on a
+side stream and replayed from a CUDA graph."""
 
 import pytest
 
@@ -16,7 +19,7 @@ import torch.utils.dlpack  # noqa: E402
 from fastattn import _C  # noqa: E402
 
 import gpu_reference as R  # noqa: E402
-from gpu_helpers import randn  # noqa: E402
+from gpu_helpers import randn, warm_and_capture  # noqa: E402
 
 
 class Sub(torch.Tensor):
@@ -136,3 +139,123 @@ def test_the_workspace_comes_from_torchs_allocator_through_the_table(seed):
     R.assert_out_close("out", from_table, ref, naive, factor=3.0)
     with pytest.raises(ValueError, match=r"workspace"):
         run()
+
+
+# ---- the outputs and the stream through the table: flash_attn_with_kvcache and run() -------------
+
+
+def kvcache_append_call(q, k_cache, v_cache, k_new, v_new, lens):
+    """flash_attn_with_kvcache appending one key per sequence, with the LSE."""
+    return fastattn.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=lens,
+                                            return_softmax_lse=True)
+
+
+def test_kvcache_outputs_and_stream_from_the_table_match_pythons(seed, monkeypatch):
+    """From torch 2.10 flash_attn_with_kvcache's out and LSE come from torch's allocator and its
+    stream from torch's table, in the binding. On a side stream, appending into a contiguous cache
+    of 9000 slots (the long row splits): torch tensors on q's device, the same bits as the path
+    that allocates in Python and asks torch.cuda for the stream, the same cache bytes, and the
+    reference's answer."""
+    import fastattn.interface as interface_module
+
+    b, hq, hkv, d, cap = 2, 16, 4, 128, 9000
+    q = randn(b, 1, hq, d, dtype=torch.bfloat16)
+    k_cache, v_cache = randn(b, cap, hkv, d, dtype=torch.bfloat16), randn(b, cap, hkv, d, dtype=torch.bfloat16)
+    k_new, v_new = randn(b, 1, hkv, d, dtype=torch.bfloat16), randn(b, 1, hkv, d, dtype=torch.bfloat16)
+    lens = torch.tensor([int(torch.randint(7000, cap - 1, ())), int(torch.randint(0, 40, ()))],
+                        dtype=torch.int32, device="cuda")
+    caches = [(k_cache.clone(), v_cache.clone()) for _ in range(2)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out, lse = kvcache_append_call(q, *caches[0], k_new, v_new, lens)
+        monkeypatch.setattr(interface_module, "through_exchange_table", lambda x: False)
+        py_out, py_lse = kvcache_append_call(q, *caches[1], k_new, v_new, lens)
+    side.synchronize()
+    assert type(out) is torch.Tensor and type(lse) is torch.Tensor
+    assert out.device == q.device and out.shape == q.shape and out.dtype == q.dtype
+    assert lse.device == q.device and lse.shape == (b, hq, 1) and lse.dtype == torch.float32
+    R.assert_bitwise_equal("out (the table's against Python's)", out, py_out)
+    R.assert_bitwise_equal("lse (the table's against Python's)", lse, py_lse)
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+    for i in range(b):
+        n = int(lens[i]) + 1
+        keys, values = caches[0][0][i : i + 1, :n], caches[0][1][i : i + 1, :n]
+        ref, lse_ref, _ = R.attention_ref(q[i : i + 1], keys, values)
+        naive, _, _ = R.attention_ref(q[i : i + 1], keys, values, naive=True)
+        R.assert_out_close(f"out[{i}]", out[i : i + 1], ref, naive, factor=3.0)
+        R.assert_lse_close(f"lse[{i}]", lse[i : i + 1], lse_ref.float())
+
+
+def test_kvcache_outputs_from_the_table_in_a_cuda_graph(seed):
+    """flash_attn_with_kvcache with no out= captured in a CUDA graph: its out, LSE and split-KV
+    scratch come from torch's allocator (the graph's pool) on the capturing stream, which capture
+    requires of every launch. Replayed with a new q into the poisoned outputs: the new answer."""
+    q = randn(1, 1, 32, 128, dtype=torch.float16)
+    k, v = randn(1, 9000, 8, 128, dtype=torch.float16), randn(1, 9000, 8, 128, dtype=torch.float16)
+    held = {}
+
+    def call():
+        held["out"], held["lse"] = fastattn.flash_attn_with_kvcache(q, k, v, return_softmax_lse=True)
+
+    graph = warm_and_capture(call)
+    q.copy_(randn(1, 1, 32, 128, dtype=torch.float16))
+    held["out"].fill_(float("nan"))
+    held["lse"].fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref, lse_ref, _ = R.attention_ref(q, k, v)
+    naive, _, _ = R.attention_ref(q, k, v, naive=True)
+    R.assert_out_close("out", held["out"], ref, naive, factor=3.0)
+    R.assert_lse_close("lse", held["lse"], lse_ref.float())
+
+
+def test_decode_run_outputs_and_stream_from_the_table_match_pythons(seed, monkeypatch):
+    """The decode wrapper's run() with no out= or lse=: from torch 2.10 the runner allocates them
+    through torch's table and takes its stream. Eager on a side stream, the same bits as the path
+    that allocates in Python; captured with use_cuda_graph=True and replayed after a new q, the
+    eager answer bitwise; both the reference's."""
+    import fastattn.decode as decode_module
+    from test_decode_wrapper_gpu import Batch, graph_wrapper, long_among_short, workspace
+
+    batch, hq, hkv, d, ps = 6, 32, 8, 128, 16
+    b = Batch(seed, torch.bfloat16, long_among_short(seed, batch, 20000, 1, seed.randrange(1, 900)), ps, hq, hkv, d)
+    eager = fastattn.BatchDecodeWithPagedKVCacheWrapper(workspace())
+    b.plan(eager)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out, lse = eager.run(b.q, b.kv, return_lse=True)
+        with monkeypatch.context() as m:
+            m.setattr(decode_module, "through_exchange_table", lambda x: False)
+            py_out, py_lse = eager.run(b.q, b.kv, return_lse=True)
+    side.synchronize()
+    assert type(out) is torch.Tensor and out.shape == b.q.shape and out.dtype == b.q.dtype
+    assert type(lse) is torch.Tensor and lse.shape == (batch, hq) and lse.dtype == torch.float32
+    R.assert_bitwise_equal("out (the table's against Python's)", out, py_out)
+    R.assert_bitwise_equal("lse (the table's against Python's)", lse, py_lse)
+    ref, lse_ref = b.reference(False)
+    naive, _ = b.reference(True)
+    R.assert_out_close("out", out, ref, naive, factor=3.0)
+    R.assert_lse_close("lse", lse, lse_ref)
+
+    captured = graph_wrapper(b)
+    b.plan(captured)
+    held = {}
+
+    def call():
+        held["out"], held["lse"] = captured.run(b.q, b.kv, return_lse=True)
+
+    graph = warm_and_capture(call)
+    b.q.copy_(randn(*b.q.shape, dtype=b.q.dtype))
+    held["out"].fill_(float("nan"))
+    held["lse"].fill_(float("nan"))
+    graph.replay()
+    new_out, new_lse = captured.run(b.q, b.kv, return_lse=True)  # its plan's splits, eagerly
+    torch.cuda.synchronize()
+    R.assert_bitwise_equal("out (replay against eager)", held["out"], new_out)
+    R.assert_bitwise_equal("lse (replay against eager)", held["lse"], new_lse)
+    ref, lse_ref = b.reference(False)
+    naive, _ = b.reference(True)
+    R.assert_out_close("out (replay)", held["out"], ref, naive, factor=3.0)
+    R.assert_lse_close("lse (replay)", held["lse"], lse_ref)

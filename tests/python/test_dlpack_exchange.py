@@ -4,8 +4,9 @@ DLPack 1.3; torch.Tensor has one from torch 2.10).
 A test producer, ExchangeArray, wraps a numpy array and publishes a table of C functions made
 with ctypes, so the path runs on the CPU with any torch or none. Each test calls the binding's
 ops directly with such arrays and checks the answer against a float64 reference, what the
-producer exported and released, and the errors that name the argument. The negation-view
-refusal is checked with torch's own tensors."""
+producer exported and released, and the errors that name the argument. A producer may also
+allocate: then the kvcache op and the decode runner take their outputs from it when none is
+given. The negation-view refusal is checked with torch's own tensors."""
 
 import ctypes
 import math
@@ -63,7 +64,9 @@ class Header(ctypes.Structure):
 
 Header._fields_ = [("version", Version), ("prev_api", ctypes.POINTER(Header))]
 
-ALLOCATOR = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+SET_ERROR = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p)
+ALLOCATOR = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(DLTensor), ctypes.POINTER(ctypes.POINTER(ManagedTensor)),
+                             ctypes.c_void_p, SET_ERROR)
 MANAGED_FROM = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.POINTER(ManagedTensor)))
 TO_OBJECT = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 DLTENSOR_FROM = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(DLTensor))
@@ -101,12 +104,18 @@ def _fill(dl: DLTensor, array) -> None:
 
 
 class Producer:
-    """One exchange table and what it did: the exports of each kind and the deleters called."""
+    """One exchange table and what it did: the exports of each kind, the deleters called, and
+    (with allocates=True) the arrays it allocated (poisoned with NaN) and wrapped as its own type's
+    objects. fail_allocation: the allocator fails (as a failing export, without a message)."""
 
-    def __init__(self, *, non_owning=True, major=1, fail=False, older=None):
+    def __init__(self, *, non_owning=True, major=1, fail=False, older=None, allocates=False,
+                 fail_allocation=False):
         self.non_owning_exports = 0
         self.owning_exports = 0
         self.deleted = 0
+        self.allocated = 0
+        self.wrapped = 0
+        self.array_type = None  # set by exchange_type: what the allocator and the wrapper make
         self._live = {}  # address -> ManagedTensor, alive until its deleter runs
 
         def arr(ptr):
@@ -139,8 +148,33 @@ class Producer:
             self.owning_exports += 1
             return 0
 
+        def allocate(prototype, out, error_ctx, set_error):
+            if fail_allocation:  # without set_error: a ctypes call releases the GIL it needs
+                return -1
+            p = prototype.contents
+            dtype = next(dt for dt, (code, bits) in _DTYPE_CODES.items()
+                         if (code, bits) == (p.dtype.code, p.dtype.bits))
+            a = self.array_type(np.full([p.shape[i] for i in range(p.ndim)], np.nan, dtype))
+            m = ManagedTensor()
+            m.version = Version(major, 3)
+            m.deleter = self._deleter
+            _fill(m.dl_tensor, a)
+            self._live[ctypes.addressof(m)] = (m, a)
+            out[0] = ctypes.pointer(m)
+            self.allocated += 1
+            return 0
+
+        def to_object(m, out):
+            # The new object owns the tensor: it leaves the live set, and holds the memory.
+            _, a = self._live.pop(m)
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(a))  # the new reference the caller takes
+            ctypes.cast(out, ctypes.POINTER(ctypes.c_void_p))[0] = id(a)
+            self.wrapped += 1
+            return 0
+
         self._deleter = DELETER(deleter)
-        self._callbacks = (DLTENSOR_FROM(dltensor_from), MANAGED_FROM(managed_from))
+        self._callbacks = (DLTENSOR_FROM(dltensor_from), MANAGED_FROM(managed_from), ALLOCATOR(allocate),
+                           TO_OBJECT(to_object))
         self.api = ExchangeApi()
         self.api.header.version = Version(major, 3)
         if older is not None:
@@ -149,6 +183,9 @@ class Producer:
         self.api.managed_tensor_from_py_object_no_sync = self._callbacks[1]
         if non_owning:
             self.api.dltensor_from_py_object_no_sync = self._callbacks[0]
+        if allocates:
+            self.api.managed_tensor_allocator = self._callbacks[2]
+            self.api.managed_tensor_to_py_object_no_sync = self._callbacks[3]
         self.capsule = _PyCapsule_New(ctypes.addressof(self.api), b"dlpack_exchange_api", None)
 
     def live(self):
@@ -179,6 +216,7 @@ def exchange_type(producer: Producer):
         def __dlpack_device__(self):
             return self.values.__dlpack_device__()
 
+    producer.array_type = ExchangeArray
     return ExchangeArray
 
 
@@ -298,6 +336,119 @@ def test_the_cache_append_writes_only_its_slots(rng):
     assert producer.owning_exports == 3  # k_cache, v_cache, out
     assert producer.non_owning_exports == 4  # q, k, v, cache_seqlens
     assert producer.live() == 0
+
+
+def lse_reference(q, k):
+    """q (B, Sq, Hq, D), k (B, Sk, Hkv, D) -> the scores' natural-log LSE (B, Hq, Sq) float64."""
+    b, sq, hq, d = q.shape
+    group = hq // k.shape[2]
+    lse = np.empty((b, hq, sq))
+    for h in range(hq):
+        s = np.einsum("bqd,bkd->bqk", q[:, :, h].astype(np.float64), k[:, :, h // group].astype(np.float64))
+        s /= math.sqrt(d)
+        top = s.max(-1)
+        lse[:, h] = top + np.log(np.exp(s - top[..., None]).sum(-1))
+    return lse
+
+
+def test_the_cache_call_allocates_its_outputs_through_the_table(rng):
+    """kvcache_attention_forward with out None and return_lse (flash_attn_with_kvcache from torch
+    2.10): out and the LSE come from q's table, poisoned with NaN, as q's type's objects, and hold
+    the answer; the append writes only its slots; every export and allocation is released or owned
+    by its object."""
+    producer = Producer(allocates=True)
+    A = exchange_type(producer)
+    b, cap, hkv, hq, d = int(rng.integers(1, 4)), 24, 2, 4, 16
+    lens = rng.integers(0, cap - 2, size=b).astype(np.int32)
+    k_cache, v_cache = draw(rng, b, cap, hkv, d), draw(rng, b, cap, hkv, d)
+    k_before, v_before = k_cache.copy(), v_cache.copy()
+    q, k_new, v_new = draw(rng, b, 1, hq, d), draw(rng, b, 1, hkv, d), draw(rng, b, 1, hkv, d)
+    out, lse = _C.kvcache_attention_forward(A(q), A(k_cache), A(v_cache), k=A(k_new), v=A(v_new),
+                                            cache_seqlens=A(lens), return_lse=True, stream_from_q=True)
+    assert type(out) is A and type(lse) is A
+    assert out.values.shape == (b, 1, hq, d) and out.values.dtype == np.float32
+    assert lse.values.shape == (b, hq, 1) and lse.values.dtype == np.float32
+    for i in range(b):
+        n = lens[i]
+        expect_k, expect_v = k_before[i].copy(), v_before[i].copy()
+        expect_k[n], expect_v[n] = k_new[i, 0], v_new[i, 0]
+        assert np.array_equal(k_cache[i], expect_k) and np.array_equal(v_cache[i], expect_v)
+        keys, values = expect_k[None, : n + 1], expect_v[None, : n + 1]
+        np.testing.assert_allclose(out.values[i:i + 1], attention_reference(q[i:i + 1], keys, values),
+                                   atol=2e-5, rtol=2e-5)
+        np.testing.assert_allclose(lse.values[i:i + 1], lse_reference(q[i:i + 1], keys), atol=2e-5, rtol=2e-5)
+    assert (producer.allocated, producer.wrapped) == (2, 2)
+    assert producer.live() == 0
+
+
+def test_an_output_given_is_returned_and_only_the_lse_allocated(rng):
+    producer = Producer(allocates=True)
+    A = exchange_type(producer)
+    q, k_cache, v_cache = draw(rng, 1, 1, 2, 16), draw(rng, 1, 11, 2, 16), draw(rng, 1, 11, 2, 16)
+    out = np.full(q.shape, np.nan, np.float32)
+    got, lse = _C.kvcache_attention_forward(A(q), A(k_cache), A(v_cache), cache_seqlen=11, out=out, return_lse=True)
+    assert got is out and type(lse) is A and producer.allocated == 1
+    np.testing.assert_allclose(out, attention_reference(q, k_cache, v_cache), atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(lse.values, lse_reference(q, k_cache), atol=2e-5, rtol=2e-5)
+    assert _C.kvcache_attention_forward(A(q), A(k_cache), A(v_cache), cache_seqlen=11, out=out) is out
+
+
+def test_a_failed_allocation_names_the_output_and_writes_nothing(rng):
+    """The outputs are allocated after every array is imported and before the op: an allocator's
+    failure is the error, naming the output and carrying the producer's message, and the cache
+    append it would have done is not done."""
+    producer = Producer(allocates=True, fail_allocation=True)
+    A = exchange_type(producer)
+    k_cache, v_cache = draw(rng, 2, 8, 1, 16), draw(rng, 2, 8, 1, 16)
+    k_before, v_before = k_cache.copy(), v_cache.copy()
+    q, k_new, v_new = draw(rng, 2, 1, 2, 16), draw(rng, 2, 1, 1, 16), draw(rng, 2, 1, 1, 16)
+    with pytest.raises(ValueError, match=r"argument 'out': \S*ExchangeArray could not allocate the output: "
+                                         r"no reason given"):
+        _C.kvcache_attention_forward(A(q), A(k_cache), A(v_cache), k=A(k_new), v=A(v_new), cache_seqlen=3)
+    assert np.array_equal(k_cache, k_before) and np.array_equal(v_cache, v_before)
+    assert producer.live() == 0
+
+
+def test_without_an_allocator_an_output_is_required_by_name(rng):
+    A = exchange_type(Producer())
+    q, k_cache = draw(rng, 1, 1, 2, 16), draw(rng, 1, 5, 2, 16)
+    with pytest.raises(ValueError, match=r"argument 'out' is required: \S*ExchangeArray has no DLPack exchange "
+                                         r"table to allocate it through"):
+        _C.kvcache_attention_forward(A(q), A(k_cache), A(k_cache), cache_seqlen=5)
+    out = np.zeros(q.shape, np.float32)
+    with pytest.raises(ValueError, match=r"argument 'softmax_lse' is required: \S*ExchangeArray has no DLPack "
+                                         r"exchange table to allocate it through"):
+        _C.kvcache_attention_forward(A(q), A(k_cache), A(k_cache), cache_seqlen=5, out=out, return_lse=True)
+    assert not out.any()  # the op did not run
+
+
+def test_the_decode_runner_allocates_its_outputs_through_the_table(rng):
+    """The decode wrapper's run() from torch 2.10: the runner allocates out (B, Hq, D) and lse
+    (B, Hq) through q's table, and they hold the answer over each request's pages."""
+    producer = Producer(allocates=True)
+    A = exchange_type(producer)
+    b, hq, hkv, d, page = 3, 4, 2, 16, 4
+    lens = rng.integers(0, 14, size=b).astype(np.int32)
+    pages_per = 4
+    order = rng.permutation(b * pages_per).astype(np.int32)  # each request's pages, scattered
+    table = order.reshape(b, pages_per)
+    cache = draw(rng, b * pages_per, 2, page, hkv, d)
+    runner = _C.PagedDecodeRunner(lens, table, None, None, None, 0, b, hq, hkv, d, page, "float32", None, False,
+                                  None, False)
+    q = draw(rng, b, hq, d)
+    out, lse = runner.run(A(q), cache, None, None, None, -1, None, 0.0, 0, None, None, True, True)
+    assert type(out) is A and out.values.shape == (b, hq, d)
+    assert type(lse) is A and lse.values.shape == (b, hq)
+    for i in range(b):
+        keys = cache[table[i], 0].reshape(-1, hkv, d)[None, : lens[i]]
+        values = cache[table[i], 1].reshape(-1, hkv, d)[None, : lens[i]]
+        if lens[i] == 0:  # no keys: out 0, LSE -inf
+            assert not out.values[i].any() and np.isneginf(lse.values[i]).all()
+            continue
+        np.testing.assert_allclose(out.values[i], attention_reference(q[i][None, None], keys, values)[0, 0],
+                                   atol=2e-5, rtol=2e-5)
+        np.testing.assert_allclose(lse.values[i], lse_reference(q[i][None, None], keys)[0, :, 0], atol=2e-5, rtol=2e-5)
+    assert (producer.allocated, producer.wrapped) == (2, 2) and producer.live() == 0
 
 
 def test_a_subclass_goes_through_dunder_dlpack_not_the_inherited_table(rng):
