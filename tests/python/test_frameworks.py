@@ -112,8 +112,15 @@ def test_mixed_numpy_indices_with_torch_data(rng):
 
 
 def test_jax_cpu_arrays(rng):
+    """jax arrays on the CPU, placed there explicitly: where jax has a GPU, its default device is
+    that GPU, and fastattn does not take jax arrays on a GPU yet."""
     jax = pytest.importorskip("jax")
     jnp = pytest.importorskip("jax.numpy")
+    with jax.default_device(jax.devices("cpu")[0]):
+        check_jax_cpu_arrays(rng, jax, jnp)
+
+
+def check_jax_cpu_arrays(rng, jax, jnp):
     q, q64 = randn(rng, (1, 6, 2, 16), "float32")
     jq = jnp.asarray(q)
     out, lse = fastattn.flash_attn_func(jq, jq, jq, return_softmax_lse=True)
