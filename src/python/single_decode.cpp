@@ -23,8 +23,10 @@ namespace fastattn_binding {
 namespace {
 
 /// The checks single_decode_with_kv_cache makes, each error naming the argument as FlashInfer does:
-/// q (Hq, D); k and v (L, Hkv, D) for NHD or (Hkv, L, D) for HND, q's dtype, k's shape, k's head_dim
-/// q's, Hq a multiple of Hkv. The op checks the rest (strides, devices, head_dim's range).
+/// q (Hq, D); k and v (L, Hkv, D) for NHD or (Hkv, L, D) for HND, q's dtype and device, stride 1 in
+/// their last dimension, k's shape, k's head_dim q's, Hq a multiple of Hkv. The op checks the rest
+/// (q's strides and dtype, head_dim's range), whose errors name q as these do; its own checks of k
+/// and v would name them k_cache and v_cache.
 void check_single_decode(const TensorView& q, const TensorView& k, const TensorView& v, bool hnd) {
   if (q.ndim != 2)
     throw fastattn::ValueError("q must be (num_qo_heads, head_dim), got shape " + q.shape_string());
@@ -35,6 +37,12 @@ void check_single_decode(const TensorView& q, const TensorView& k, const TensorV
     if (t.dtype != q.dtype)
       throw fastattn::TypeError(std::string(name) + " must have q's dtype (" + fastattn::dtype_name(q.dtype) +
                                 "), got " + fastattn::dtype_name(t.dtype));
+    if (t.device != q.device)
+      throw fastattn::DeviceError(std::string(name) + " must be on q's device (" + fastattn::device_name(q.device) +
+                                  "), got " + fastattn::device_name(t.device));
+    if (t.numel() > 0 && t.shape[2] > 1 && t.strides[2] != 1)
+      throw fastattn::ValueError(std::string(name) + " must be contiguous in its last dimension (stride 1), got stride " +
+                                 std::to_string(t.strides[2]));
   }
   for (int i = 0; i < 3; ++i)
     if (v.shape[i] != k.shape[i])

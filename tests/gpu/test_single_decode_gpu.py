@@ -128,3 +128,17 @@ def test_single_decode_in_a_cuda_graph(seed):
     naive, _, _ = R.attention_ref(q[None, None], k[None], v[None], naive=True)
     R.assert_out_close("out", out, ref[0, 0], naive[0, 0], factor=FACTOR)
     R.assert_lse_close("lse", lse, lse_ref[0, :, 0].float())
+
+
+def test_single_decode_names_k_and_v_on_another_device():
+    """k or v on the host beside a q on the GPU: the error names them as the caller did (not the
+    op's k_cache / v_cache), and the output given is left as it was."""
+    q = randn(8, 64, dtype=torch.float16)
+    k = randn(100, 2, 64, dtype=torch.float16)
+    out = torch.full_like(q, 7.0)
+    with pytest.raises(ValueError, match=r"^k must be on q's device \(cuda:0\), got cpu$"):
+        fastattn._C.single_decode_forward(q, k.cpu(), k, out)
+    with pytest.raises(ValueError, match=r"^v must be on q's device \(cuda:0\), got cpu$"):
+        fastattn.single_decode_with_kv_cache(q, k, k.cpu())
+    torch.cuda.synchronize()
+    assert bool((out == 7.0).all()), "a refused call wrote its output"

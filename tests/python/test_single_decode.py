@@ -127,6 +127,11 @@ def test_single_decode_errors(rng):
         call(q, k, v, v_scale=float("nan"))
     with pytest.raises(TypeError, match="k must be an array .*, got list"):
         call(q, k.tolist(), v)
+    strided = np.zeros((10, hkv, 2 * d), np.float32)[..., ::2]  # k's shape, every other element
+    with pytest.raises(ValueError, match=r"^k must be contiguous in its last dimension \(stride 1\), got stride 2$"):
+        call(q, strided, v)
+    with pytest.raises(ValueError, match=r"^v must be contiguous in its last dimension \(stride 1\), got stride 2$"):
+        call(q, k.transpose(1, 0, 2).copy(), strided.transpose(1, 0, 2), kv_layout="HND")
 
 
 def test_single_decode_binding_checks_its_outputs(rng):
