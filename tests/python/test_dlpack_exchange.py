@@ -9,12 +9,13 @@ allocate: then the kvcache op and the decode runner take their outputs from it w
 given. The negation-view refusal is checked with torch's own tensors."""
 
 import ctypes
-import math
 
 import numpy as np
 import pytest
 
 from fastattn import _C
+
+import reference as ref
 
 
 # ---- DLPack 1.x structs (the ABI the binding reads) -------------------------------------------
@@ -220,21 +221,7 @@ def exchange_type(producer: Producer):
     return ExchangeArray
 
 
-# ---- a float64 reference ------------------------------------------------------------------------
-
-
-def attention_reference(q, k, v):
-    """q (B, Sq, Hq, D), k / v (B, Sk, Hkv, D), no mask -> (B, Sq, Hq, D) float64."""
-    b, sq, hq, d = q.shape
-    group = hq // k.shape[2]
-    out = np.empty((b, sq, hq, d))
-    for h in range(hq):
-        kh = k[:, :, h // group].astype(np.float64)
-        vh = v[:, :, h // group].astype(np.float64)
-        s = np.einsum("bqd,bkd->bqk", q[:, :, h].astype(np.float64), kh) / math.sqrt(d)
-        p = np.exp(s - s.max(-1, keepdims=True))
-        out[:, :, h] = np.einsum("bqk,bkd->bqd", p / p.sum(-1, keepdims=True), vh)
-    return out
+# ---- inputs and the float64 reference (tests/python/reference.py) -------------------------------
 
 
 def draw(rng, *shape, dtype=np.float32):
@@ -247,12 +234,7 @@ def check_small_call(rng, wrap, wrap_out=None):
     q, k, v = draw(rng, 1, 2, 2, 16), draw(rng, 1, 9, 2, 16), draw(rng, 1, 9, 2, 16)
     out = np.full(q.shape, np.nan, np.float32)
     _C.attention_forward(wrap(q), wrap(k), wrap(v), wrap_out(out) if wrap_out else out)
-    np.testing.assert_allclose(out, attention_reference(q, k, v), atol=2e-5, rtol=2e-5)
-
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng()
+    np.testing.assert_allclose(out, ref.attention_batched(q, k, v)[0], atol=2e-5, rtol=2e-5)
 
 
 def test_inputs_take_the_non_owning_export_and_outputs_the_owning_one(rng):
@@ -262,7 +244,7 @@ def test_inputs_take_the_non_owning_export_and_outputs_the_owning_one(rng):
     q, k, v = draw(rng, b, sq, hq, d), draw(rng, b, sk, hkv, d), draw(rng, b, sk, hkv, d)
     out = np.full((b, sq, hq, d), np.nan, np.float32)
     _C.attention_forward(A(q), A(k), A(v), A(out))
-    np.testing.assert_allclose(out, attention_reference(q, k, v), atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(out, ref.attention_batched(q, k, v)[0], atol=2e-5, rtol=2e-5)
     assert producer.non_owning_exports == 3  # q, k, v
     assert producer.owning_exports == 1  # out: its flags say whether it may be written
     assert producer.deleted == 1 and producer.live() == 0  # released when the call returns
@@ -278,7 +260,7 @@ def test_strided_views_keep_their_strides(rng):
     k, v = kv[:, :, 0], kv[:, :, 1]
     out = np.full((b, sq, h, d), np.nan, np.float32)
     _C.attention_forward(A(q), A(k), A(v), A(out))
-    np.testing.assert_allclose(out, attention_reference(q, k, v), atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(out, ref.attention_batched(q, k, v)[0], atol=2e-5, rtol=2e-5)
     assert producer.non_owning_exports == 3
 
 
@@ -331,24 +313,11 @@ def test_the_cache_append_writes_only_its_slots(rng):
         expect_k, expect_v = k_before[i].copy(), v_before[i].copy()
         expect_k[n], expect_v[n] = k_new[i, 0], v_new[i, 0]
         assert np.array_equal(k_cache[i], expect_k) and np.array_equal(v_cache[i], expect_v)
-        ref = attention_reference(q[i:i + 1], expect_k[None, : n + 1], expect_v[None, : n + 1])
-        np.testing.assert_allclose(out[i:i + 1], ref, atol=2e-5, rtol=2e-5)
+        expect = ref.attention_batched(q[i:i + 1], expect_k[None, : n + 1], expect_v[None, : n + 1])[0]
+        np.testing.assert_allclose(out[i:i + 1], expect, atol=2e-5, rtol=2e-5)
     assert producer.owning_exports == 3  # k_cache, v_cache, out
     assert producer.non_owning_exports == 4  # q, k, v, cache_seqlens
     assert producer.live() == 0
-
-
-def lse_reference(q, k):
-    """q (B, Sq, Hq, D), k (B, Sk, Hkv, D) -> the scores' natural-log LSE (B, Hq, Sq) float64."""
-    b, sq, hq, d = q.shape
-    group = hq // k.shape[2]
-    lse = np.empty((b, hq, sq))
-    for h in range(hq):
-        s = np.einsum("bqd,bkd->bqk", q[:, :, h].astype(np.float64), k[:, :, h // group].astype(np.float64))
-        s /= math.sqrt(d)
-        top = s.max(-1)
-        lse[:, h] = top + np.log(np.exp(s - top[..., None]).sum(-1))
-    return lse
 
 
 def test_the_cache_call_allocates_its_outputs_through_the_table(rng):
@@ -374,9 +343,9 @@ def test_the_cache_call_allocates_its_outputs_through_the_table(rng):
         expect_k[n], expect_v[n] = k_new[i, 0], v_new[i, 0]
         assert np.array_equal(k_cache[i], expect_k) and np.array_equal(v_cache[i], expect_v)
         keys, values = expect_k[None, : n + 1], expect_v[None, : n + 1]
-        np.testing.assert_allclose(out.values[i:i + 1], attention_reference(q[i:i + 1], keys, values),
-                                   atol=2e-5, rtol=2e-5)
-        np.testing.assert_allclose(lse.values[i:i + 1], lse_reference(q[i:i + 1], keys), atol=2e-5, rtol=2e-5)
+        out_ref, lse_ref, _ = ref.attention_batched(q[i:i + 1], keys, values)
+        np.testing.assert_allclose(out.values[i:i + 1], out_ref, atol=2e-5, rtol=2e-5)
+        np.testing.assert_allclose(lse.values[i:i + 1], lse_ref, atol=2e-5, rtol=2e-5)
     assert (producer.allocated, producer.wrapped) == (2, 2)
     assert producer.live() == 0
 
@@ -388,8 +357,9 @@ def test_an_output_given_is_returned_and_only_the_lse_allocated(rng):
     out = np.full(q.shape, np.nan, np.float32)
     got, lse = _C.kvcache_attention_forward(A(q), A(k_cache), A(v_cache), cache_seqlen=11, out=out, return_lse=True)
     assert got is out and type(lse) is A and producer.allocated == 1
-    np.testing.assert_allclose(out, attention_reference(q, k_cache, v_cache), atol=2e-5, rtol=2e-5)
-    np.testing.assert_allclose(lse.values, lse_reference(q, k_cache), atol=2e-5, rtol=2e-5)
+    out_ref, lse_ref, _ = ref.attention_batched(q, k_cache, v_cache)
+    np.testing.assert_allclose(out, out_ref, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(lse.values, lse_ref, atol=2e-5, rtol=2e-5)
     assert _C.kvcache_attention_forward(A(q), A(k_cache), A(v_cache), cache_seqlen=11, out=out) is out
 
 
@@ -445,9 +415,9 @@ def test_the_decode_runner_allocates_its_outputs_through_the_table(rng):
         if lens[i] == 0:  # no keys: out 0, LSE -inf
             assert not out.values[i].any() and np.isneginf(lse.values[i]).all()
             continue
-        np.testing.assert_allclose(out.values[i], attention_reference(q[i][None, None], keys, values)[0, 0],
-                                   atol=2e-5, rtol=2e-5)
-        np.testing.assert_allclose(lse.values[i], lse_reference(q[i][None, None], keys)[0, :, 0], atol=2e-5, rtol=2e-5)
+        out_ref, lse_ref, _ = ref.attention_batched(q[i][None, None], keys, values)
+        np.testing.assert_allclose(out.values[i], out_ref[0, 0], atol=2e-5, rtol=2e-5)
+        np.testing.assert_allclose(lse.values[i], lse_ref[0, :, 0], atol=2e-5, rtol=2e-5)
     assert (producer.allocated, producer.wrapped) == (2, 2) and producer.live() == 0
 
 
@@ -495,5 +465,5 @@ def test_torch_negation_views_are_refused_by_name():
     assert bool((out == 7.0).all())
     # The resolved view is read with its sign.
     got = fastattn.flash_attn_func(torch._neg_view(q).resolve_neg(), k, v)
-    ref = attention_reference(-q.numpy(), k.numpy(), v.numpy())
-    np.testing.assert_allclose(got.numpy(), ref, atol=2e-5, rtol=2e-5)
+    expect = ref.attention_batched(-q.numpy(), k.numpy(), v.numpy())[0]
+    np.testing.assert_allclose(got.numpy(), expect, atol=2e-5, rtol=2e-5)
