@@ -186,9 +186,18 @@ def flash_attn_func(
     _check_dropout(dropout_p)
     sinks = _sinks(sinks, s_aux)
     _check_arrays(q=q, k=k, v=v, out=out, sinks=sinks)
-    kw = _option_kwargs(q, softmax_scale, causal, window_size, softcap, alibi_slopes)
+    # From torch 2.10 the binding allocates out and the LSE and reads the current stream through
+    # q's DLPack exchange table, as for flash_attn_with_kvcache (bench/NOTES.md, session 98). The
+    # attention matrix (a testing aid) keeps Python's allocation.
+    table = not return_attn_probs and through_exchange_table(q)
+    kw = _option_kwargs(q, softmax_scale, causal, window_size, softcap, alibi_slopes, stream=not table)
     if sinks is not None:
         kw["sinks"] = prepare(sinks)
+    if table:
+        if return_softmax_lse:
+            kw["return_lse"] = True
+        return call_op(_C.attention_forward, prepare(q), prepare(k), prepare(v),
+                       None if out is None else prepare(out), stream_from_q=True, **kw)
     batch, seqlen_q, nheads = (shape_or_zero(q, 4, i) for i in range(3))
     seqlen_k = shape_or_zero(k, 4, 1)
     o = out if out is not None else empty(q, q.shape)
@@ -306,9 +315,21 @@ def flash_attn_varlen_func(
         for name in ("k", "v"):
             if name in args:
                 args[name + "_pages"] = args.pop(name)
-    kw = _option_kwargs(q, softmax_scale, causal, window_size, softcap, alibi_slopes)
+    # From torch 2.10 the binding allocates out and the LSE and reads the current stream through
+    # q's DLPack exchange table, as for flash_attn_with_kvcache (bench/NOTES.md, session 98). The
+    # attention matrix (a testing aid) keeps Python's allocation.
+    table = not return_attn_probs and through_exchange_table(args["q"])
+    kw = _option_kwargs(q, softmax_scale, causal, window_size, softcap, alibi_slopes, stream=not table)
     args["max_seqlen_q"] = max_seqlen_q = as_int(max_seqlen_q, "max_seqlen_q")
     args["max_seqlen_k"] = max_seqlen_k = as_int(max_seqlen_k, "max_seqlen_k")
+    if table:
+        # out (None: q's shape and dtype), softmax_lse (nheads, total_q) and the decode kernels'
+        # split-KV scratch from torch's allocator.
+        args["stream_from_q"] = True
+        args["workspace_from_q"] = True
+        if return_softmax_lse:
+            args["return_lse"] = True
+        return call_op(_C.varlen_attention_forward, **args, **kw)
     total_q, nheads = shape_or_zero(q, 3, 0), shape_or_zero(q, 3, 1)
     if out is None:
         args["out"] = o = empty(q, q.shape)

@@ -64,25 +64,48 @@ std::optional<fastattn::PagedKV> make_paged(nb::handle k_pages, nb::handle v_pag
 
 // ---- ops ------------------------------------------------------------------------------------
 
-void attention_forward(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle lse,
-                       nb::handle probs, nb::handle sinks, std::optional<float> softmax_scale,
-                       bool causal, std::int64_t window_left, std::int64_t window_right,
-                       float softcap, nb::handle alibi_slopes, std::uintptr_t cuda_stream,
-                       int num_threads) {
+/// fastattn::attention_forward over the arrays given. out: None to have q's framework allocate it
+/// (q's shape and dtype) through its exchange table; lse likewise where return_lse (B, Hq, Sq)
+/// float32, else as given. stream_from_q: the stream from q's exchange table instead of
+/// cuda_stream. Returns out, or (out, lse) with return_lse: from torch 2.10 flash_attn_func is this
+/// one call, with no Python allocation or stream query (bench/NOTES.md, session 98).
+nb::object attention_forward(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle lse,
+                             nb::handle probs, nb::handle sinks, std::optional<float> softmax_scale,
+                             bool causal, std::int64_t window_left, std::int64_t window_right,
+                             float softcap, nb::handle alibi_slopes, std::uintptr_t cuda_stream,
+                             int num_threads, bool return_lse, bool stream_from_q) {
   Keep keep;
   fastattn::AttentionArgs a;
   a.q = in_view(q, "q", keep);
   a.k = in_view(k, "k", keep);
   a.v = in_view(v, "v", keep);
-  a.out = out_view(out, "out", keep);
+  if (!out.is_none()) a.out = out_view(out, "out", keep);
   a.lse = opt_out(lse, "softmax_lse", keep);
   a.probs = opt_out(probs, "attn_probs", keep);
   a.sinks = opt_in(sinks, "sinks", keep);
   a.options = make_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
                            keep);
   a.exec = make_exec(cuda_stream, num_threads);
-  nb::gil_scoped_release release;
-  fastattn::attention_forward(a);
+  // Outputs q's framework allocates are made once every array is imported, so a bad input fails
+  // before anything is allocated; the op checks their shapes against q's as any others.
+  nb::object out_array = nb::borrow(out), lse_array = nb::borrow(lse);
+  if (out.is_none())
+    std::tie(out_array, a.out) = allocate_output(q, a.q, a.q.shape.data(), a.q.ndim, a.q.dtype, "out");
+  if (return_lse && lse.is_none()) {
+    // (B, Hq, Sq) from q (B, Sq, Hq, D); a q of another rank gets the op's error.
+    const bool q4 = a.q.ndim == 4;
+    const std::int64_t shape[3] = {q4 ? a.q.shape[0] : 0, q4 ? a.q.shape[2] : 0, q4 ? a.q.shape[1] : 0};
+    TensorView lse_view;
+    std::tie(lse_array, lse_view) = allocate_output(q, a.q, shape, 3, fastattn::DType::kFloat32, "softmax_lse");
+    a.lse = lse_view;
+  }
+  if (stream_from_q) a.exec.cuda_stream = reinterpret_cast<void*>(current_stream_of(q, a.q));
+  {
+    nb::gil_scoped_release release;
+    fastattn::attention_forward(a);
+  }
+  if (return_lse) return nb::make_tuple(out_array, lse_array);
+  return out_array;
 }
 
 fastattn::VarlenAttentionArgs make_varlen_args(
@@ -104,7 +127,7 @@ fastattn::VarlenAttentionArgs make_varlen_args(
                        "k", "v", keep);
   a.seqused_k = opt_in(seqused_k, "seqused_k", keep);
   a.max_seqlen_k = max_seqlen_k;
-  a.out = out_view(out, "out", keep);
+  if (!out.is_none()) a.out = out_view(out, "out", keep);  // None: the caller sets a.out
   a.lse = opt_out(lse, "softmax_lse", keep);
   a.probs = opt_out(probs, "attn_probs", keep);
   a.sinks = opt_in(sinks, "sinks", keep);
@@ -114,30 +137,55 @@ fastattn::VarlenAttentionArgs make_varlen_args(
   return a;
 }
 
-void varlen_attention_forward(nb::handle q, nb::handle cu_seqlens_q, std::int64_t max_seqlen_q,
-                              nb::handle k, nb::handle v, nb::handle cu_seqlens_k,
-                              nb::handle k_pages, nb::handle v_pages, nb::handle block_table,
-                              nb::handle page_indptr, nb::handle page_indices,
-                              nb::handle last_page_len, nb::handle seqused_k,
-                              std::int64_t max_seqlen_k, nb::handle out, nb::handle lse,
-                              nb::handle probs, nb::handle sinks, nb::handle workspace,
-                              std::optional<float> softmax_scale, bool causal,
-                              std::int64_t window_left, std::int64_t window_right, float softcap,
-                              nb::handle alibi_slopes, std::uintptr_t cuda_stream,
-                              int num_threads, nb::handle workspace_alloc, bool workspace_from_q) {
+/// fastattn::varlen_attention_forward over the arrays given. out: None to have q's framework
+/// allocate it (q's shape and dtype) through its exchange table; lse likewise where return_lse
+/// (Hq, total_q) float32, else as given. stream_from_q: the stream from q's exchange table instead
+/// of cuda_stream. Returns out, or (out, lse) with return_lse: from torch 2.10
+/// flash_attn_varlen_func is this one call, with no Python allocation or stream query
+/// (bench/NOTES.md, session 98).
+nb::object varlen_attention_forward(nb::handle q, nb::handle cu_seqlens_q, std::int64_t max_seqlen_q,
+                                    nb::handle k, nb::handle v, nb::handle cu_seqlens_k,
+                                    nb::handle k_pages, nb::handle v_pages, nb::handle block_table,
+                                    nb::handle page_indptr, nb::handle page_indices,
+                                    nb::handle last_page_len, nb::handle seqused_k,
+                                    std::int64_t max_seqlen_k, nb::handle out, nb::handle lse,
+                                    nb::handle probs, nb::handle sinks, nb::handle workspace,
+                                    std::optional<float> softmax_scale, bool causal,
+                                    std::int64_t window_left, std::int64_t window_right, float softcap,
+                                    nb::handle alibi_slopes, std::uintptr_t cuda_stream,
+                                    int num_threads, nb::handle workspace_alloc, bool workspace_from_q,
+                                    bool return_lse, bool stream_from_q) {
   Keep keep;
   fastattn::VarlenAttentionArgs a = make_varlen_args(
       q, cu_seqlens_q, max_seqlen_q, k, v, cu_seqlens_k, k_pages, v_pages, block_table,
       page_indptr, page_indices, last_page_len, seqused_k, max_seqlen_k, out, lse, probs, sinks,
       softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, cuda_stream,
       num_threads, keep);
-  // As kvcache_attention_forward: the split-KV scratch of a decode-shaped call on CUDA, asked for
-  // by the op when it needs it.
+  // As kvcache_attention_forward: outputs q's framework allocates are made once every array is
+  // imported, so a bad input fails before anything is allocated.
+  nb::object out_array = nb::borrow(out), lse_array = nb::borrow(lse);
+  if (out.is_none())
+    std::tie(out_array, a.out) = allocate_output(q, a.q, a.q.shape.data(), a.q.ndim, a.q.dtype, "out");
+  if (return_lse && lse.is_none()) {
+    // (Hq, total_q) from q (total_q, Hq, D); a q of another rank gets the op's error.
+    const bool q3 = a.q.ndim == 3;
+    const std::int64_t shape[2] = {q3 ? a.q.shape[1] : 0, q3 ? a.q.shape[0] : 0};
+    TensorView lse_view;
+    std::tie(lse_array, lse_view) = allocate_output(q, a.q, shape, 2, fastattn::DType::kFloat32, "softmax_lse");
+    a.lse = lse_view;
+  }
+  if (stream_from_q) a.exec.cuda_stream = reinterpret_cast<void*>(current_stream_of(q, a.q));
+  // The split-KV scratch of a decode-shaped call on CUDA, asked for by the op when it needs it
+  // (OpWorkspace, as in kvcache_attention_forward).
   a.workspace = opt_out(workspace, "workspace", keep);
   OpWorkspace scratch{q, &a.q, workspace_from_q, workspace_alloc, &keep};
   if (!a.workspace) a.workspace_allocator = scratch.allocator();
-  nb::gil_scoped_release release;
-  fastattn::varlen_attention_forward(a);
+  {
+    nb::gil_scoped_release release;
+    fastattn::varlen_attention_forward(a);
+  }
+  if (return_lse) return nb::make_tuple(out_array, lse_array);
+  return out_array;
 }
 
 std::size_t varlen_workspace_bytes(nb::handle q, nb::handle cu_seqlens_q, std::int64_t max_seqlen_q,
@@ -530,9 +578,11 @@ NB_MODULE(_C, m) {
   nb::arg("num_threads") = 0
 
   m.def("attention_forward", &attention_forward, nb::arg("q"), nb::arg("k"), nb::arg("v"),
-        nb::arg("out"), nb::arg("lse").none() = nb::none(), nb::arg("probs").none() = nb::none(),
-        nb::arg("sinks").none() = nb::none(), FASTATTN_OPTION_ARGS,
-        "fastattn::attention_forward (dense batched attention).");
+        nb::arg("out").none(), nb::arg("lse").none() = nb::none(), nb::arg("probs").none() = nb::none(),
+        nb::arg("sinks").none() = nb::none(), FASTATTN_OPTION_ARGS, nb::arg("return_lse") = false,
+        nb::arg("stream_from_q") = false,
+        "fastattn::attention_forward (dense batched attention); returns out, or (out, lse) with "
+        "return_lse. out (and lse) None: allocated by q's framework (DLPack exchange table).");
 
 #define FASTATTN_VARLEN_ARGS                                                                     \
   nb::arg("q"), nb::arg("cu_seqlens_q"), nb::arg("max_seqlen_q"),                               \
@@ -548,7 +598,9 @@ NB_MODULE(_C, m) {
   m.def("varlen_attention_forward", &varlen_attention_forward, FASTATTN_VARLEN_ARGS,
         nb::arg("workspace").none() = nb::none(), FASTATTN_OPTION_ARGS,
         nb::arg("workspace_alloc").none() = nb::none(), nb::arg("workspace_from_q") = false,
-        "fastattn::varlen_attention_forward (packed sequences; packed or paged keys).");
+        nb::arg("return_lse") = false, nb::arg("stream_from_q") = false,
+        "fastattn::varlen_attention_forward (packed sequences; packed or paged keys); returns out, or "
+        "(out, lse) with return_lse. out (and lse) None: allocated by q's framework (DLPack exchange table).");
   m.def("varlen_workspace_bytes", &varlen_workspace_bytes, FASTATTN_VARLEN_ARGS,
         FASTATTN_OPTION_ARGS, "fastattn::varlen_workspace_bytes for the same arguments.");
 

@@ -259,3 +259,101 @@ def test_decode_run_outputs_and_stream_from_the_table_match_pythons(seed, monkey
     naive, _ = b.reference(True)
     R.assert_out_close("out (replay)", held["out"], ref, naive, factor=3.0)
     R.assert_lse_close("lse (replay)", held["lse"], lse_ref)
+
+
+# ---- the same for flash_attn_varlen_func and flash_attn_func ---------------------------------------
+
+
+def prefill_call(kind):
+    """Fresh inputs and a call with no out= that returns (out, lse), for one of the three shapes
+    flash_attn_varlen_func and flash_attn_func take the table's outputs in:
+    - "varlen_decode": a paged cache (pages of 16 in a random order), one query row per sequence,
+      one sequence of 9000 keys among short ones (the split-KV decode kernels; the long one splits);
+    - "varlen_packed": packed ragged sequences, causal (the prefill kernel);
+    - "dense": a batch of equal lengths with a window.
+    Also returns (out, lse) of the float64 reference and of the naive one."""
+    hq, hkv, d = 16, 4, 128
+    dt = torch.bfloat16
+    if kind == "varlen_decode":
+        page, lens_k = 16, [int(torch.randint(7000, 9000, ())), 0] + [int(x) for x in torch.randint(1, 300, (3,))]
+        b = len(lens_k)
+        per_seq = (max(lens_k) + page - 1) // page
+        pool = b * per_seq + 7
+        table = torch.randperm(pool, device="cuda")[: b * per_seq].view(b, per_seq).to(torch.int32)
+        k_pages, v_pages = randn(pool, page, hkv, d, dtype=dt), randn(pool, page, hkv, d, dtype=dt)
+        q = randn(b, hq, d, dtype=dt)
+        cu_q = torch.arange(b + 1, dtype=torch.int32, device="cuda")
+        used = torch.tensor(lens_k, dtype=torch.int32, device="cuda")
+        kv = [(R.gather_pages(k_pages, table[i], n), R.gather_pages(v_pages, table[i], n)) for i, n in enumerate(lens_k)]
+
+        def call():
+            return fastattn.flash_attn_varlen_func(q, k_pages, v_pages, cu_q, None, 1, max(lens_k),
+                                                   block_table=table, seqused_k=used, return_softmax_lse=True)
+        refs = [R.varlen_ref(q, list(range(b + 1)), kv, naive=naive)[:2] for naive in (False, True)]
+    elif kind == "varlen_packed":
+        lens = [int(x) for x in torch.randint(1, 200, (4,))]
+        cu = [0]
+        for n in lens:
+            cu.append(cu[-1] + n)
+        q, k, v = randn(cu[-1], hq, d, dtype=dt), randn(cu[-1], hkv, d, dtype=dt), randn(cu[-1], hkv, d, dtype=dt)
+        cu_t = torch.tensor(cu, dtype=torch.int32, device="cuda")
+        kv = [(k[cu[i]:cu[i + 1]], v[cu[i]:cu[i + 1]]) for i in range(len(lens))]
+
+        def call():
+            return fastattn.flash_attn_varlen_func(q, k, v, cu_t, cu_t, max(lens), max(lens), causal=True,
+                                                   return_softmax_lse=True)
+        refs = [R.varlen_ref(q, cu, kv, causal=True, naive=naive)[:2] for naive in (False, True)]
+    else:
+        q, k, v = randn(2, 70, hq, d, dtype=dt), randn(2, 300, hkv, d, dtype=dt), randn(2, 300, hkv, d, dtype=dt)
+
+        def call():
+            return fastattn.flash_attn_func(q, k, v, window_size=(90, 5), return_softmax_lse=True)
+        refs = [R.attention_ref(q, k, v, window_size=(90, 5), naive=naive)[:2] for naive in (False, True)]
+    return q, call, refs[0], refs[1]
+
+
+@pytest.mark.parametrize("kind", ["varlen_decode", "varlen_packed", "dense"])
+def test_prefill_outputs_and_stream_from_the_table_match_pythons(seed, monkeypatch, kind):
+    """From torch 2.10 flash_attn_varlen_func and flash_attn_func take out, the LSE (and the
+    decode kernels' scratch) from torch's allocator and the stream from torch's table, in the
+    binding. On a side stream: torch tensors on q's device, the same bits as the path that
+    allocates in Python and asks torch.cuda for the stream, and the reference's answer."""
+    import fastattn.interface as interface_module
+
+    q, call, (ref, lse_ref), (naive, _) = prefill_call(kind)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out, lse = call()
+        monkeypatch.setattr(interface_module, "through_exchange_table", lambda x: False)
+        py_out, py_lse = call()
+    side.synchronize()
+    lse_shape = (q.shape[1], q.shape[0]) if q.dim() == 3 else (q.shape[0], q.shape[2], q.shape[1])
+    assert type(out) is torch.Tensor and type(lse) is torch.Tensor
+    assert out.device == q.device and out.shape == q.shape and out.dtype == q.dtype
+    assert lse.device == q.device and lse.shape == lse_shape and lse.dtype == torch.float32
+    R.assert_bitwise_equal("out (the table's against Python's)", out, py_out)
+    R.assert_bitwise_equal("lse (the table's against Python's)", lse, py_lse)
+    R.assert_out_close("out", out, ref, naive, factor=3.0)
+    R.assert_lse_close("lse", lse, lse_ref.float())
+
+
+def test_varlen_decode_outputs_from_the_table_in_a_cuda_graph(seed):
+    """flash_attn_varlen_func's decode with no out= captured in a CUDA graph: out, the LSE and the
+    split-KV scratch from the graph's pool on the capturing stream. Replayed after a new q into the
+    poisoned outputs: the eager call's bits for the new q."""
+    q, call, _, _ = prefill_call("varlen_decode")
+    held = {}
+
+    def run():
+        held["out"], held["lse"] = call()
+
+    graph = warm_and_capture(run)
+    q.copy_(randn(*q.shape, dtype=q.dtype))
+    held["out"].fill_(float("nan"))
+    held["lse"].fill_(float("nan"))
+    graph.replay()
+    eager_out, eager_lse = call()
+    torch.cuda.synchronize()
+    R.assert_bitwise_equal("out (replay against eager)", held["out"], eager_out)
+    R.assert_bitwise_equal("lse (replay against eager)", held["lse"], eager_lse)

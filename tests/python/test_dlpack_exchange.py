@@ -5,8 +5,8 @@ A test producer, ExchangeArray, wraps a numpy array and publishes a table of C f
 with ctypes, so the path runs on the CPU with any torch or none. Each test calls the binding's
 ops directly with such arrays and checks the answer against a float64 reference, what the
 producer exported and released, and the errors that name the argument. A producer may also
-allocate: then the kvcache op and the decode runner take their outputs from it when none is
-given. The negation-view refusal is checked with torch's own tensors."""
+allocate: then the kvcache, varlen and dense ops and the decode runner take their outputs from it
+when none is given. The negation-view refusal is checked with torch's own tensors."""
 
 import ctypes
 
@@ -419,6 +419,82 @@ def test_the_decode_runner_allocates_its_outputs_through_the_table(rng):
         np.testing.assert_allclose(out.values[i], out_ref[0, 0], atol=2e-5, rtol=2e-5)
         np.testing.assert_allclose(lse.values[i], lse_ref[0, :, 0], atol=2e-5, rtol=2e-5)
     assert (producer.allocated, producer.wrapped) == (2, 2) and producer.live() == 0
+
+
+def test_the_varlen_call_allocates_its_outputs_through_the_table(rng):
+    """varlen_attention_forward with out None and return_lse (flash_attn_varlen_func from torch
+    2.10), over ragged sequences, causal, with a padding row past cu_seqlens_q[-1]: out
+    (total_q, Hq, D) and the LSE (Hq, total_q) come from q's table, poisoned with NaN, and hold
+    the float64 reference's answer (the padding row: out 0, LSE -inf)."""
+    producer = Producer(allocates=True)
+    A = exchange_type(producer)
+    b, hkv, hq, d = int(rng.integers(2, 5)), 2, 4, 16
+    lens_q = rng.integers(0, 5, size=b)
+    lens_k = lens_q + rng.integers(0, 9, size=b)
+    cu_q = np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum(lens_k)]).astype(np.int32)
+    total_q = int(cu_q[-1]) + 1  # one padding row
+    q, k, v = draw(rng, total_q, hq, d), draw(rng, int(cu_k[-1]), hkv, d), draw(rng, int(cu_k[-1]), hkv, d)
+    out, lse = _C.varlen_attention_forward(A(q), A(cu_q), int(lens_q.max()), k=A(k), v=A(v), cu_seqlens_k=A(cu_k),
+                                           max_seqlen_k=int(lens_k.max()), causal=True, return_lse=True,
+                                           stream_from_q=True)
+    assert type(out) is A and type(lse) is A
+    assert out.values.shape == (total_q, hq, d) and out.values.dtype == np.float32
+    assert lse.values.shape == (hq, total_q) and lse.values.dtype == np.float32
+    out_ref, lse_ref, _ = ref.attention_varlen(q, cu_q, k, v, cu_k, causal=True)
+    np.testing.assert_allclose(out.values, out_ref, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(lse.values, lse_ref, atol=2e-5, rtol=2e-5)
+    assert (producer.allocated, producer.wrapped) == (2, 2) and producer.live() == 0
+    given = np.full(q.shape, np.nan, np.float32)
+    got = _C.varlen_attention_forward(A(q), A(cu_q), int(lens_q.max()), k=A(k), v=A(v), cu_seqlens_k=A(cu_k),
+                                      max_seqlen_k=int(lens_k.max()), out=given, causal=True)
+    assert got is given and producer.allocated == 2  # a given out is returned, nothing allocated
+    np.testing.assert_allclose(given, out_ref, atol=2e-5, rtol=2e-5)
+
+
+def test_the_dense_call_allocates_its_outputs_through_the_table(rng):
+    """attention_forward with out None and return_lse (flash_attn_func from torch 2.10): out
+    (B, Sq, Hq, D) and the LSE (B, Hq, Sq) come from q's table and hold the reference's answer."""
+    producer = Producer(allocates=True)
+    A = exchange_type(producer)
+    b, sq, sk = int(rng.integers(1, 4)), int(rng.integers(1, 6)), int(rng.integers(1, 12))
+    q, k, v = draw(rng, b, sq, 4, 16), draw(rng, b, sk, 2, 16), draw(rng, b, sk, 2, 16)
+    out, lse = _C.attention_forward(A(q), A(k), A(v), None, softcap=5.0, return_lse=True, stream_from_q=True)
+    assert type(out) is A and out.values.shape == q.shape and out.values.dtype == np.float32
+    assert type(lse) is A and lse.values.shape == (b, 4, sq) and lse.values.dtype == np.float32
+    out_ref, lse_ref, _ = ref.attention_batched(q, k, v, softcap=5.0)
+    np.testing.assert_allclose(out.values, out_ref, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(lse.values, lse_ref, atol=2e-5, rtol=2e-5)
+    assert (producer.allocated, producer.wrapped) == (2, 2) and producer.live() == 0
+
+
+@pytest.mark.parametrize("call", ["dense", "varlen"])
+def test_a_failed_allocation_of_a_prefill_output_names_it(rng, call):
+    """As for the kvcache op: the allocator's failure is the error, naming the output; a given
+    out is left as it was when the LSE's allocation fails; nothing is left alive."""
+    producer = Producer(allocates=True, fail_allocation=True)
+    A = exchange_type(producer)
+    if call == "dense":
+        q, k = draw(rng, 1, 3, 2, 16), draw(rng, 1, 5, 2, 16)
+
+        def run(out, **kw):
+            return _C.attention_forward(A(q), A(k), A(k), out, **kw)
+    else:
+        q, k = draw(rng, 3, 2, 16), draw(rng, 5, 2, 16)
+        cu_q, cu_k = np.array([0, 3], np.int32), np.array([0, 5], np.int32)
+
+        def run(out, **kw):
+            return _C.varlen_attention_forward(A(q), A(cu_q), 3, k=A(k), v=A(k), cu_seqlens_k=A(cu_k),
+                                               max_seqlen_k=5, out=out, **kw)
+    with pytest.raises(ValueError, match=r"argument 'out': \S*ExchangeArray could not allocate the output: "
+                                         r"no reason given"):
+        run(None)
+    given = np.zeros(q.shape, np.float32)
+    with pytest.raises(ValueError, match=r"argument 'softmax_lse': \S*ExchangeArray could not allocate the "
+                                         r"output: no reason given"):
+        run(given, return_lse=True)
+    assert not given.any()  # the op did not run
+    assert producer.live() == 0
 
 
 def test_a_subclass_goes_through_dunder_dlpack_not_the_inherited_table(rng):
