@@ -60,6 +60,8 @@ def framework(x: Any) -> Optional[str]:
 
 def check_array(x: Any, name: str) -> None:
     """TypeError naming `name` unless `x` is an array object fastattn can read."""
+    if _TORCH_DLPACK is not None and type(x) is _TORCH_DLPACK[0]:  # a torch.Tensor: decided at once
+        return
     if framework(x) is None and not (hasattr(x, "__dlpack__") and hasattr(x, "shape")):
         raise TypeError(
             f"{name} must be an array (numpy.ndarray, torch.Tensor, cupy.ndarray or jax.Array), "
@@ -70,6 +72,8 @@ def check_array(x: Any, name: str) -> None:
 def prepare(x: Any) -> Any:
     """The object to hand to the binding: torch tensors that require grad are detached (DLPack
     refuses them; fastattn is forward-only, so no gradient is lost that could have been kept)."""
+    if _TORCH_DLPACK is not None and type(x) is _TORCH_DLPACK[0]:
+        return x.detach() if x.requires_grad else x
     if getattr(x, "requires_grad", False) and framework(x) == "torch":
         return x.detach()
     return x
@@ -99,6 +103,15 @@ def _torch_dlpack():
         exchange = "__dlpack_c_exchange_api__" in torch.Tensor.__dict__
         _TORCH_DLPACK = (torch.Tensor, torch.utils.dlpack.to_dlpack, exchange)
     return _TORCH_DLPACK
+
+
+def plain_torch_tensor_type() -> Optional[type]:
+    """torch.Tensor once torch has been imported, else None: the type whose objects need no
+    framework check (check_array) and only a detach where they require grad (prepare). A caller
+    that takes many arrays tests `type(x) is` it once per array instead of calling both
+    (bench/NOTES.md, session 98)."""
+    info = _TORCH_DLPACK if _TORCH_DLPACK is not None else _torch_dlpack()
+    return None if info is None else info[0]
 
 
 def through_exchange_table(x: Any) -> bool:

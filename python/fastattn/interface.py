@@ -35,6 +35,7 @@ from ._tensors import (
     framework,
     is_cuda,
     optional_float,
+    plain_torch_tensor_type,
     prepare,
     shape_or_zero,
     through_exchange_table,
@@ -65,8 +66,11 @@ def _option_kwargs(like, softmax_scale, causal, window_size, softcap, alibi_slop
                    stream: bool = True) -> dict:
     """The options and (with `stream`) the stream, checked, as keyword arguments of the binding:
     only those that differ from its defaults (nanobind parses each argument given, ~0.1-0.5 us
-    apiece)."""
-    left, right = window_pair(window_size)
+    apiece). The defaults (a (-1, -1) tuple, a float softcap) skip their checks."""
+    if type(window_size) is tuple and window_size == (-1, -1):
+        left = right = -1
+    else:
+        left, right = window_pair(window_size)
     kw = {}
     if softmax_scale is not None:
         kw["softmax_scale"] = optional_float(softmax_scale, "softmax_scale")
@@ -76,7 +80,7 @@ def _option_kwargs(like, softmax_scale, causal, window_size, softcap, alibi_slop
         kw["window_left"] = left
     if right != -1:
         kw["window_right"] = right
-    cap = as_float(softcap, "softcap")
+    cap = softcap if type(softcap) is float else as_float(softcap, "softcap")
     if cap != 0.0:
         kw["softcap"] = cap
     if alibi_slopes is not None:
@@ -107,14 +111,20 @@ def _check_arrays(**arrays) -> None:
 
 def _given_arrays(required, **arrays) -> dict:
     """The arrays given (not None), each checked and prepared, as keyword arguments of the
-    binding, in order (the first bad one is the error); those named in `required` must be given."""
+    binding, in order (the first bad one is the error); those named in `required` must be given.
+    A torch.Tensor is known to be an array and only needs a detach where it requires grad: that
+    test inline took about 1 us off a decode call's five arrays (bench/NOTES.md, session 98)."""
+    plain = plain_torch_tensor_type()
     given = {}
     for name, x in arrays.items():
-        if x is not None:
+        if x is None:
+            if name in required:
+                raise ValueError(f"argument '{name}' is required, got None")
+        elif type(x) is plain:
+            given[name] = x.detach() if x.requires_grad else x
+        else:
             check_array(x, name)
             given[name] = prepare(x)
-        elif name in required:
-            raise ValueError(f"argument '{name}' is required, got None")
     return given
 
 

@@ -95,6 +95,38 @@ def test_torch_varlen_and_kvcache_int32_tensors(rng):
         assert torch.equal(kc[b, s], k[b, 0])
 
 
+def test_torch_tensors_that_require_grad_in_every_call(rng):
+    """Tensors that require grad are read detached (forward only) by flash_attn_varlen_func and
+    flash_attn_with_kvcache too, whose torch tensors skip the generic array checks; called twice,
+    so the second call takes that path with torch already known. The caches appended into keep
+    their requires_grad and get the new key."""
+    torch = _torch()
+    lens = [4, 1, 5]
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32)
+    q64 = rng.standard_normal((10, 4, 16))
+    kv64 = rng.standard_normal((10, 2, 16))
+    q = torch.from_numpy(q64).float().requires_grad_(True)
+    kv = torch.from_numpy(kv64).float().requires_grad_(True)
+    o64, _, _ = ref.attention_varlen(q.detach().double().numpy(), cu.numpy(), kv.detach().double().numpy(),
+                                     kv.detach().double().numpy(), cu.numpy(), causal=True)
+    for _ in range(2):
+        out = fastattn.flash_attn_varlen_func(q, kv, kv, cu, cu, 5, 5, causal=True)
+        assert type(out) is torch.Tensor and not out.requires_grad
+        assert_close("varlen out", out, o64, o64, "float32")
+    cache = torch.from_numpy(rng.standard_normal((2, 8, 2, 16))).float()
+    k_new = torch.from_numpy(rng.standard_normal((2, 1, 2, 16))).float()
+    q_dec = torch.from_numpy(rng.standard_normal((2, 1, 4, 16))).float().requires_grad_(True)
+    seqlens = torch.tensor([2, 6], dtype=torch.int32)
+    for _ in range(2):
+        kc, vc = cache.clone().requires_grad_(True), cache.clone().requires_grad_(True)
+        out = fastattn.flash_attn_with_kvcache(q_dec, kc, vc, k_new, k_new, cache_seqlens=seqlens)
+        assert kc.requires_grad and torch.equal(kc[0, 2], k_new[0, 0]) and torch.equal(vc[1, 6], k_new[1, 0])
+        for b, n in enumerate((3, 7)):
+            keys = kc.detach()[b : b + 1, :n].double().numpy()
+            o_ref, _, _ = ref.attention_batched(q_dec.detach()[b : b + 1].double().numpy(), keys, keys)
+            assert_close(f"kvcache out[{b}]", out[b : b + 1], o_ref, o_ref, "float32")
+
+
 def test_torch_int64_cache_seqlens_rejected():
     torch = _torch()
     q = torch.randn(1, 1, 2, 16)
