@@ -54,6 +54,7 @@ from ._tensors import (
     paged_kv_pages,
     prepare,
     shape_or_zero,
+    through_exchange_table,
     transpose2d,
     usable_workspace,
     window_pair,
@@ -76,6 +77,12 @@ __all__ = [
 # ---- merging states ------------------------------------------------------------------------
 
 
+def _stream_kwargs(v) -> dict:
+    """How the merge ops that write v in place get their stream: from v's DLPack exchange table in
+    the binding for torch >= 2.10, else the caller's current stream found here (exec_kwargs)."""
+    return {"stream_from_v": True} if through_exchange_table(v) else exec_kwargs(v)
+
+
 def merge_state(v_a, s_a, v_b, s_b):
     """Merge the attention states of the same queries over two disjoint key sets.
 
@@ -88,6 +95,11 @@ def merge_state(v_a, s_a, v_b, s_b):
     """
     for name, x in (("v_a", v_a), ("s_a", s_a), ("v_b", v_b), ("s_b", s_b)):
         check_array(x, name)
+    if through_exchange_table(v_a):
+        # torch >= 2.10: the binding allocates both outputs and reads the current stream through
+        # v_a's DLPack exchange table (bench/NOTES.md, session 98).
+        return call_op(_C.merge_state, prepare(v_a), prepare(s_a), prepare(v_b), prepare(s_b),
+                       stream_from_v_a=True)
     v_out = empty(v_a, v_a.shape)
     s_out = empty(v_a, s_a.shape, "float32")
     call_op(_C.merge_state, prepare(v_a), prepare(s_a), prepare(v_b), prepare(s_b), v_out, s_out,
@@ -113,7 +125,7 @@ def merge_state_in_place(v, s, v_other, s_other, mask=None):
             raise TypeError(f"{name}: jax arrays are immutable; use merge_state, which returns "
                             "the merged state")
     call_op(_C.merge_state_in_place, prepare(v), prepare(s), prepare(v_other), prepare(s_other),
-            prepare(mask), **exec_kwargs(v))
+            prepare(mask), **_stream_kwargs(v))
 
 
 def merge_attention_sinks(v, s, sinks):
@@ -135,7 +147,7 @@ def merge_attention_sinks(v, s, sinks):
         if framework(x) == "jax":
             raise TypeError(f"{name}: jax arrays are immutable; merge_attention_sinks works in "
                             "place")
-    call_op(_C.merge_attention_sinks, prepare(v), prepare(s), prepare(sinks), **exec_kwargs(v))
+    call_op(_C.merge_attention_sinks, prepare(v), prepare(s), prepare(sinks), **_stream_kwargs(v))
 
 
 def merge_states(v, s):
@@ -149,6 +161,8 @@ def merge_states(v, s):
     """
     check_array(v, "v")
     check_array(s, "s")
+    if through_exchange_table(v):  # as merge_state
+        return call_op(_C.merge_states, prepare(v), prepare(s), stream_from_v=True)
     seq_len, num_heads, head_dim = (shape_or_zero(v, 4, i) for i in (0, 2, 3))
     v_out = empty(v, (seq_len, num_heads, head_dim))
     s_out = empty(v, (seq_len, num_heads), "float32")

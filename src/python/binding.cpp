@@ -379,47 +379,84 @@ void shared_prefix_attention_forward(nb::handle q, nb::handle qo_indptr, nb::han
   fastattn::shared_prefix_attention_forward(a);
 }
 
-void merge_state(nb::handle v_a, nb::handle s_a, nb::handle v_b, nb::handle s_b,
-                 nb::handle v_out, nb::handle s_out, std::uintptr_t cuda_stream,
-                 int num_threads) {
+/// fastattn::merge_state. v_out / s_out None: allocated through v_a's DLPack exchange table, v_a's
+/// shape and dtype and s_a's shape in float32. stream_from_v_a: the stream from that table instead
+/// of cuda_stream. Returns (v_out, s_out): from torch 2.10 the public merge_state is this one call
+/// (bench/NOTES.md, session 98).
+nb::object merge_state(nb::handle v_a, nb::handle s_a, nb::handle v_b, nb::handle s_b, nb::handle v_out,
+                       nb::handle s_out, std::uintptr_t cuda_stream, int num_threads, bool stream_from_v_a) {
   Keep keep;
   TensorView va = in_view(v_a, "v_a", keep), sa = in_view(s_a, "s_a", keep);
   TensorView vb = in_view(v_b, "v_b", keep), sb = in_view(s_b, "s_b", keep);
-  TensorView vo = out_view(v_out, "v_out", keep), so = out_view(s_out, "s_out", keep);
-  const fastattn::ExecConfig exec = make_exec(cuda_stream, num_threads);
-  nb::gil_scoped_release release;
-  fastattn::merge_state(va, sa, vb, sb, vo, so, exec);
+  nb::object v_array = nb::borrow(v_out), s_array = nb::borrow(s_out);
+  TensorView vo, so;
+  if (!v_out.is_none()) vo = out_view(v_out, "v_out", keep);
+  if (!s_out.is_none()) so = out_view(s_out, "s_out", keep);
+  // Outputs the table allocates are made once every array is imported; the op checks their shapes.
+  if (v_out.is_none()) std::tie(v_array, vo) = allocate_output(v_a, va, va.shape.data(), va.ndim, va.dtype, "v_out");
+  if (s_out.is_none())
+    std::tie(s_array, so) = allocate_output(v_a, va, sa.shape.data(), sa.ndim, fastattn::DType::kFloat32, "s_out");
+  fastattn::ExecConfig exec = make_exec(cuda_stream, num_threads);
+  if (stream_from_v_a) exec.cuda_stream = reinterpret_cast<void*>(current_stream_of(v_a, va));
+  {
+    nb::gil_scoped_release release;
+    fastattn::merge_state(va, sa, vb, sb, vo, so, exec);
+  }
+  return nb::make_tuple(v_array, s_array);
+}
+
+/// The stream for a merge op that writes v: from v's exchange table with stream_from_v, else
+/// cuda_stream.
+fastattn::ExecConfig merge_exec(nb::handle v, const TensorView& tv, std::uintptr_t cuda_stream, int num_threads,
+                                bool stream_from_v) {
+  fastattn::ExecConfig exec = make_exec(cuda_stream, num_threads);
+  if (stream_from_v) exec.cuda_stream = reinterpret_cast<void*>(current_stream_of(v, tv));
+  return exec;
 }
 
 void merge_state_in_place(nb::handle v, nb::handle s, nb::handle v_other, nb::handle s_other,
-                          nb::handle mask, std::uintptr_t cuda_stream, int num_threads) {
+                          nb::handle mask, std::uintptr_t cuda_stream, int num_threads, bool stream_from_v) {
   Keep keep;
   TensorView tv = out_view(v, "v", keep), ts = out_view(s, "s", keep);
   TensorView vo = in_view(v_other, "v_other", keep), so = in_view(s_other, "s_other", keep);
   std::optional<TensorView> m = opt_in(mask, "mask", keep);
-  const fastattn::ExecConfig exec = make_exec(cuda_stream, num_threads);
+  const fastattn::ExecConfig exec = merge_exec(v, tv, cuda_stream, num_threads, stream_from_v);
   nb::gil_scoped_release release;
   fastattn::merge_state_in_place(tv, ts, vo, so, m, exec);
 }
 
 void merge_attention_sinks(nb::handle v, nb::handle s, nb::handle sinks, std::uintptr_t cuda_stream,
-                           int num_threads) {
+                           int num_threads, bool stream_from_v) {
   Keep keep;
   TensorView tv = out_view(v, "v", keep), ts = out_view(s, "s", keep);
   TensorView tk = in_view(sinks, "sinks", keep);
-  const fastattn::ExecConfig exec = make_exec(cuda_stream, num_threads);
+  const fastattn::ExecConfig exec = merge_exec(v, tv, cuda_stream, num_threads, stream_from_v);
   nb::gil_scoped_release release;
   fastattn::merge_attention_sinks(tv, ts, tk, exec);
 }
 
-void merge_states(nb::handle v, nb::handle s, nb::handle v_out, nb::handle s_out,
-                  std::uintptr_t cuda_stream, int num_threads) {
+/// fastattn::merge_states. v_out / s_out None: allocated through v's DLPack exchange table, (S, H, D)
+/// in v's dtype and (S, H) float32 from v (S, N, H, D). stream_from_v: the stream from that table.
+/// Returns (v_out, s_out).
+nb::object merge_states(nb::handle v, nb::handle s, nb::handle v_out, nb::handle s_out, std::uintptr_t cuda_stream,
+                        int num_threads, bool stream_from_v) {
   Keep keep;
   TensorView tv = in_view(v, "v", keep), ts = in_view(s, "s", keep);
-  TensorView vo = out_view(v_out, "v_out", keep), so = out_view(s_out, "s_out", keep);
-  const fastattn::ExecConfig exec = make_exec(cuda_stream, num_threads);
-  nb::gil_scoped_release release;
-  fastattn::merge_states(tv, ts, vo, so, exec);
+  nb::object v_array = nb::borrow(v_out), s_array = nb::borrow(s_out);
+  TensorView vo, so;
+  if (!v_out.is_none()) vo = out_view(v_out, "v_out", keep);
+  if (!s_out.is_none()) so = out_view(s_out, "s_out", keep);
+  // (S, H, D) and (S, H) from v (S, N, H, D); a v of another rank gets the op's error.
+  const bool v4 = tv.ndim == 4;
+  const std::int64_t shape[3] = {v4 ? tv.shape[0] : 0, v4 ? tv.shape[2] : 0, v4 ? tv.shape[3] : 0};
+  if (v_out.is_none()) std::tie(v_array, vo) = allocate_output(v, tv, shape, 3, tv.dtype, "v_out");
+  if (s_out.is_none()) std::tie(s_array, so) = allocate_output(v, tv, shape, 2, fastattn::DType::kFloat32, "s_out");
+  const fastattn::ExecConfig exec = merge_exec(v, tv, cuda_stream, num_threads, stream_from_v);
+  {
+    nb::gil_scoped_release release;
+    fastattn::merge_states(tv, ts, vo, so, exec);
+  }
+  return nb::make_tuple(v_array, s_array);
 }
 
 void csr_to_block_table(nb::handle page_indptr, nb::handle page_indices, nb::handle block_table,
@@ -637,18 +674,22 @@ NB_MODULE(_C, m) {
         "fastattn::shared_prefix_attention_forward (cascade: shared prefix + paged suffix).");
 
   m.def("merge_state", &merge_state, nb::arg("v_a"), nb::arg("s_a"), nb::arg("v_b"),
-        nb::arg("s_b"), nb::arg("v_out"), nb::arg("s_out"), nb::arg("cuda_stream") = 0,
-        nb::arg("num_threads") = 0, "fastattn::merge_state (natural-log LSE).");
+        nb::arg("s_b"), nb::arg("v_out").none() = nb::none(), nb::arg("s_out").none() = nb::none(),
+        nb::arg("cuda_stream") = 0, nb::arg("num_threads") = 0, nb::arg("stream_from_v_a") = false,
+        "fastattn::merge_state (natural-log LSE); returns (v_out, s_out), allocated by v_a's framework "
+        "(DLPack exchange table) where None.");
   m.def("merge_state_in_place", &merge_state_in_place, nb::arg("v"), nb::arg("s"),
         nb::arg("v_other"), nb::arg("s_other"), nb::arg("mask").none() = nb::none(),
-        nb::arg("cuda_stream") = 0, nb::arg("num_threads") = 0,
+        nb::arg("cuda_stream") = 0, nb::arg("num_threads") = 0, nb::arg("stream_from_v") = false,
         "fastattn::merge_state_in_place (natural-log LSE).");
   m.def("merge_attention_sinks", &merge_attention_sinks, nb::arg("v"), nb::arg("s"), nb::arg("sinks"),
-        nb::arg("cuda_stream") = 0, nb::arg("num_threads") = 0,
+        nb::arg("cuda_stream") = 0, nb::arg("num_threads") = 0, nb::arg("stream_from_v") = false,
         "fastattn::merge_attention_sinks (natural-log LSE, in place).");
-  m.def("merge_states", &merge_states, nb::arg("v"), nb::arg("s"), nb::arg("v_out"),
-        nb::arg("s_out"), nb::arg("cuda_stream") = 0, nb::arg("num_threads") = 0,
-        "fastattn::merge_states (natural-log LSE).");
+  m.def("merge_states", &merge_states, nb::arg("v"), nb::arg("s"), nb::arg("v_out").none() = nb::none(),
+        nb::arg("s_out").none() = nb::none(), nb::arg("cuda_stream") = 0, nb::arg("num_threads") = 0,
+        nb::arg("stream_from_v") = false,
+        "fastattn::merge_states (natural-log LSE); returns (v_out, s_out), allocated by v's framework "
+        "(DLPack exchange table) where None.");
 
   m.def("csr_to_block_table", &csr_to_block_table, nb::arg("page_indptr"), nb::arg("page_indices"),
         nb::arg("block_table"), nb::arg("cuda_stream") = 0, nb::arg("num_threads") = 0,

@@ -696,6 +696,73 @@ def test_cuda_graph(seed):
         check_merged("graph merge_states", on, ln, *refn, torch.bfloat16, finite_max(v), N)
 
 
+TABLE = "__dlpack_c_exchange_api__" in torch.Tensor.__dict__
+
+
+@pytest.mark.skipif(not TABLE, reason="torch.Tensor has no DLPack C exchange table before torch 2.10")
+def test_public_merges_take_outputs_and_stream_from_torchs_table(seed, monkeypatch):
+    """From torch 2.10 the public merge calls have the binding allocate merge_state's and
+    merge_states' outputs and read the current stream through torch's exchange table. On a side
+    stream, each of the four calls gives the same bits as the path that allocates in Python and
+    asks torch.cuda for the stream, and the reference's merge; merge_state and merge_states with
+    no outputs capture into a CUDA graph (outputs from the graph's pool) and replay to the eager
+    bits for new inputs."""
+    import fastattn.cascade as cascade_module
+
+    S, N, H, D = 113, 3, 8, 128
+    dt = torch.bfloat16
+    va, sa = rand_states((S, H, D), dt)
+    vb, sb = rand_states((S, H, D), dt)
+    v, s = rand_states((S, N, H, D), dt)
+    sinks = torch.randn(H, device=DEV) * 3 + 5.0
+
+    def calls():
+        m2 = fastattn.merge_state(va, sa, vb, sb)
+        mn = fastattn.merge_states(v, s)
+        vi, si = va.clone(), sa.clone()
+        fastattn.merge_state_in_place(vi, si, vb, sb)
+        fastattn.merge_attention_sinks(vi, si, sinks)
+        return m2 + mn + (vi, si)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        table = calls()
+        with monkeypatch.context() as m:
+            m.setattr(cascade_module, "through_exchange_table", lambda x: False)
+            python = calls()
+    side.synchronize()
+    for name, a, b in zip(("merge_state v", "merge_state s", "merge_states v", "merge_states s",
+                           "in place v", "in place s"), table, python):
+        R.assert_bitwise_equal(name + " (the table's against Python's)", a, b)
+    assert table[0].dtype == dt and table[1].dtype == torch.float32 and table[2].shape == (S, H, D)
+    check_merged("merge_state", table[0], table[1], *merge2_ref(va, sa, vb, sb), dt, finite_max(va, vb), 2)
+    check_merged("merge_states", table[2], table[3], *merge_ref(v, s), dt, finite_max(v), N)
+    v_ref, s_ref = merge_ref(torch.stack([va, vb, torch.zeros_like(va)], 1),
+                             torch.stack([sa, sb, sinks[None].expand(S, H)], 1))
+    check_merged("in place, then sinks", table[4], table[5], v_ref, s_ref, dt, finite_max(va, vb), 3,
+                 rounded_inputs=True)
+
+    held = {}
+
+    def captured():
+        held["m2"] = fastattn.merge_state(va, sa, vb, sb)
+        held["mn"] = fastattn.merge_states(v, s)
+
+    graph = capture_or_xfail(captured)
+    for t in (va, vb, v):
+        t.copy_(torch.randn(t.shape, device=DEV))
+    sa.copy_(torch.randn_like(sa) * 3)
+    s.copy_(torch.randn_like(s) * 3)
+    for t in held["m2"] + held["mn"]:
+        t.fill_(float("nan"))
+    graph.replay()
+    eager = fastattn.merge_state(va, sa, vb, sb) + fastattn.merge_states(v, s)
+    torch.cuda.synchronize()
+    for name, a, b in zip(("v", "s", "v (N)", "s (N)"), held["m2"] + held["mn"], eager):
+        R.assert_bitwise_equal(name + " (replay against eager)", a, b)
+
+
 # ---- errors --------------------------------------------------------------------------------------
 
 

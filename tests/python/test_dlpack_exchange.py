@@ -5,8 +5,8 @@ A test producer, ExchangeArray, wraps a numpy array and publishes a table of C f
 with ctypes, so the path runs on the CPU with any torch or none. Each test calls the binding's
 ops directly with such arrays and checks the answer against a float64 reference, what the
 producer exported and released, and the errors that name the argument. A producer may also
-allocate: then the kvcache, varlen and dense ops and the decode runner take their outputs from it
-when none is given. The negation-view refusal is checked with torch's own tensors."""
+allocate: then the kvcache, varlen and dense ops, the decode runner and the merge ops take their
+outputs from it when none is given. The negation-view refusal is checked with torch's own tensors."""
 
 import ctypes
 
@@ -494,6 +494,61 @@ def test_a_failed_allocation_of_a_prefill_output_names_it(rng, call):
                                          r"output: no reason given"):
         run(given, return_lse=True)
     assert not given.any()  # the op did not run
+    assert producer.live() == 0
+
+
+def test_the_merge_ops_allocate_their_outputs_through_the_table(rng):
+    """merge_state and merge_states with no outputs given (the public calls from torch 2.10): v_out
+    and s_out come from the table, poisoned with NaN, in v's dtype and float32, holding the float64
+    reference's merge (a row empty in both states included); the in-place merges take the stream
+    flag and write their v and s."""
+    producer = Producer(allocates=True)
+    A = exchange_type(producer)
+    seq, n, h, d = int(rng.integers(1, 6)), int(rng.integers(2, 5)), 3, 16
+    v_a, v_b = draw(rng, seq, h, d), draw(rng, seq, h, d)
+    s_a, s_b = draw(rng, seq, h) * 3, draw(rng, seq, h) * 3
+    s_a[0, 0] = s_b[0, 0] = -np.inf
+    v_a[0, 0] = v_b[0, 0] = 0.0
+    v_out, s_out = _C.merge_state(A(v_a), A(s_a), A(v_b), A(s_b), stream_from_v_a=True)
+    assert type(v_out) is A and v_out.values.shape == (seq, h, d) and v_out.values.dtype == np.float32
+    assert type(s_out) is A and s_out.values.shape == (seq, h) and s_out.values.dtype == np.float32
+    v_ref, s_ref = ref.merge_state(v_a, s_a, v_b, s_b)
+    np.testing.assert_allclose(v_out.values, v_ref, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(s_out.values, s_ref, atol=2e-5, rtol=2e-5)
+    v, s_states = draw(rng, seq, n, h, d), draw(rng, seq, n, h) * 3
+    v_out, s_out = _C.merge_states(A(v), A(s_states), stream_from_v=True)
+    assert v_out.values.shape == (seq, h, d) and s_out.values.shape == (seq, h)
+    v_ref, s_ref = ref.merge_states(v, s_states)
+    np.testing.assert_allclose(v_out.values, v_ref, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(s_out.values, s_ref, atol=2e-5, rtol=2e-5)
+    assert (producer.allocated, producer.wrapped) == (4, 4)
+    v_in, s_in = v_a.copy(), s_a.copy()
+    _C.merge_state_in_place(A(v_in), A(s_in), A(v_b), A(s_b), stream_from_v=True)
+    v_ref, s_ref = ref.merge_state(v_a, s_a, v_b, s_b)
+    np.testing.assert_allclose(v_in, v_ref, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(s_in, s_ref, atol=2e-5, rtol=2e-5)
+    sinks = draw(rng, h)
+    _C.merge_attention_sinks(A(v_in), A(s_in), A(sinks), stream_from_v=True)
+    v_ref, s_ref = ref.merge_state(v_ref, s_ref, np.zeros_like(v_ref), np.broadcast_to(sinks, s_ref.shape))
+    np.testing.assert_allclose(v_in, v_ref, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(s_in, s_ref, atol=2e-5, rtol=2e-5)
+    assert producer.allocated == 4 and producer.live() == 0
+
+
+def test_a_failed_allocation_of_a_merge_output_names_it(rng):
+    """As for the attention ops: the allocator's failure names the merge's output; a given v_out is
+    left as it was when s_out's allocation fails."""
+    producer = Producer(allocates=True, fail_allocation=True)
+    A = exchange_type(producer)
+    v, s = draw(rng, 2, 3, 16), draw(rng, 2, 3)
+    with pytest.raises(ValueError, match=r"argument 'v_out': \S*ExchangeArray could not allocate the output"):
+        _C.merge_state(A(v), A(s), A(v), A(s))
+    given = np.zeros_like(v)
+    with pytest.raises(ValueError, match=r"argument 's_out': \S*ExchangeArray could not allocate the output"):
+        _C.merge_state(A(v), A(s), A(v), A(s), v_out=given)
+    assert not given.any()
+    with pytest.raises(ValueError, match=r"argument 'v_out': \S*ExchangeArray could not allocate the output"):
+        _C.merge_states(A(v[:, None]), A(s[:, None]))
     assert producer.live() == 0
 
 
