@@ -12,6 +12,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -86,26 +87,14 @@ nb::object attention_forward(nb::handle q, nb::handle k, nb::handle v, nb::handl
   a.options = make_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
                            keep);
   a.exec = make_exec(cuda_stream, num_threads);
-  // Outputs q's framework allocates are made once every array is imported, so a bad input fails
-  // before anything is allocated; the op checks their shapes against q's as any others.
-  nb::object out_array = nb::borrow(out), lse_array = nb::borrow(lse);
-  if (out.is_none())
-    std::tie(out_array, a.out) = allocate_output(q, a.q, a.q.shape.data(), a.q.ndim, a.q.dtype, "out");
-  if (return_lse && lse.is_none()) {
-    // (B, Hq, Sq) from q (B, Sq, Hq, D); a q of another rank gets the op's error.
-    const bool q4 = a.q.ndim == 4;
-    const std::int64_t shape[3] = {q4 ? a.q.shape[0] : 0, q4 ? a.q.shape[2] : 0, q4 ? a.q.shape[1] : 0};
-    TensorView lse_view;
-    std::tie(lse_array, lse_view) = allocate_output(q, a.q, shape, 3, fastattn::DType::kFloat32, "softmax_lse");
-    a.lse = lse_view;
-  }
+  const std::array<std::int64_t, 3> lse_shape = batched_lse_shape(a.q);
+  nb::object result = allocate_attention_outputs(q, a.q, out, lse, return_lse, lse_shape.data(), 3, a.out, a.lse);
   if (stream_from_q) a.exec.cuda_stream = reinterpret_cast<void*>(current_stream_of(q, a.q));
   {
     nb::gil_scoped_release release;
     fastattn::attention_forward(a);
   }
-  if (return_lse) return nb::make_tuple(out_array, lse_array);
-  return out_array;
+  return result;
 }
 
 fastattn::VarlenAttentionArgs make_varlen_args(
@@ -161,19 +150,10 @@ nb::object varlen_attention_forward(nb::handle q, nb::handle cu_seqlens_q, std::
       page_indptr, page_indices, last_page_len, seqused_k, max_seqlen_k, out, lse, probs, sinks,
       softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, cuda_stream,
       num_threads, keep);
-  // As kvcache_attention_forward: outputs q's framework allocates are made once every array is
-  // imported, so a bad input fails before anything is allocated.
-  nb::object out_array = nb::borrow(out), lse_array = nb::borrow(lse);
-  if (out.is_none())
-    std::tie(out_array, a.out) = allocate_output(q, a.q, a.q.shape.data(), a.q.ndim, a.q.dtype, "out");
-  if (return_lse && lse.is_none()) {
-    // (Hq, total_q) from q (total_q, Hq, D); a q of another rank gets the op's error.
-    const bool q3 = a.q.ndim == 3;
-    const std::int64_t shape[2] = {q3 ? a.q.shape[1] : 0, q3 ? a.q.shape[0] : 0};
-    TensorView lse_view;
-    std::tie(lse_array, lse_view) = allocate_output(q, a.q, shape, 2, fastattn::DType::kFloat32, "softmax_lse");
-    a.lse = lse_view;
-  }
+  // The LSE (Hq, total_q) from q (total_q, Hq, D); a q of another rank gets the op's error.
+  const bool q3 = a.q.ndim == 3;
+  const std::int64_t lse_shape[2] = {q3 ? a.q.shape[1] : 0, q3 ? a.q.shape[0] : 0};
+  nb::object result = allocate_attention_outputs(q, a.q, out, lse, return_lse, lse_shape, 2, a.out, a.lse);
   if (stream_from_q) a.exec.cuda_stream = reinterpret_cast<void*>(current_stream_of(q, a.q));
   // The split-KV scratch of a decode-shaped call on CUDA, asked for by the op when it needs it
   // (OpWorkspace, as in kvcache_attention_forward).
@@ -184,8 +164,7 @@ nb::object varlen_attention_forward(nb::handle q, nb::handle cu_seqlens_q, std::
     nb::gil_scoped_release release;
     fastattn::varlen_attention_forward(a);
   }
-  if (return_lse) return nb::make_tuple(out_array, lse_array);
-  return out_array;
+  return result;
 }
 
 std::size_t varlen_workspace_bytes(nb::handle q, nb::handle cu_seqlens_q, std::int64_t max_seqlen_q,
@@ -276,19 +255,8 @@ nb::object kvcache_attention_forward(nb::handle q, nb::handle k_cache, nb::handl
       cache_seqlen, cache_batch_idx, cache_leftpad, block_table, page_indptr, page_indices,
       num_splits, split_plan, max_cache_seqlen, out, lse, sinks, softmax_scale, causal, window_left,
       window_right, softcap, alibi_slopes, cuda_stream, num_threads, keep);
-  // Outputs q's framework allocates are made once every array is imported, so a bad input fails
-  // before anything is allocated; the op checks their shapes against q's as any others.
-  nb::object out_array = nb::borrow(out), lse_array = nb::borrow(lse);
-  if (out.is_none())
-    std::tie(out_array, a.out) = allocate_output(q, a.q, a.q.shape.data(), a.q.ndim, a.q.dtype, "out");
-  if (return_lse && lse.is_none()) {
-    // (B, Hq, seqlen_q) from q (B, seqlen_q, Hq, D); a q of another rank gets the op's error.
-    const bool q4 = a.q.ndim == 4;
-    const std::int64_t shape[3] = {q4 ? a.q.shape[0] : 0, q4 ? a.q.shape[2] : 0, q4 ? a.q.shape[1] : 0};
-    TensorView lse_view;
-    std::tie(lse_array, lse_view) = allocate_output(q, a.q, shape, 3, fastattn::DType::kFloat32, "softmax_lse");
-    a.lse = lse_view;
-  }
+  const std::array<std::int64_t, 3> lse_shape = batched_lse_shape(a.q);
+  nb::object result = allocate_attention_outputs(q, a.q, out, lse, return_lse, lse_shape.data(), 3, a.out, a.lse);
   if (stream_from_q) a.exec.cuda_stream = reinterpret_cast<void*>(current_stream_of(q, a.q));
   // Without a workspace, the op asks for one when the call needs it (OpWorkspace: from q's
   // framework through its DLPack exchange table with workspace_from_q, else by workspace_alloc,
@@ -300,8 +268,7 @@ nb::object kvcache_attention_forward(nb::handle q, nb::handle k_cache, nb::handl
     nb::gil_scoped_release release;
     fastattn::kvcache_attention_forward(a);
   }
-  if (return_lse) return nb::make_tuple(out_array, lse_array);
-  return out_array;
+  return result;
 }
 
 std::size_t kvcache_workspace_bytes(nb::handle q, nb::handle k_cache, nb::handle v_cache,

@@ -1,15 +1,18 @@
 // What the binding asks of q's framework through its DLPack C exchange table (torch from 2.10),
 // so that a call needs no Python around it: its outputs, allocated like q and handed back as that
 // framework's arrays, and its current stream. Used by the calls whose host time is most of their
-// cost: the single decode, flash_attn_with_kvcache and the decode wrapper's run()
-// (bench/NOTES.md, sessions 96-97).
+// cost: the single decode, flash_attn_with_kvcache, flash_attn_varlen_func, flash_attn_func, the
+// decode wrapper's run() and the merge ops (bench/NOTES.md, sessions 96-98).
 #pragma once
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 
+#include <array>
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 
 #include "arrays.h"
@@ -54,6 +57,33 @@ inline std::pair<nb::object, TensorView> allocate_output(nb::handle q, const Ten
     throw fastattn::ValueError(std::string("argument '") + name + "': " + object_type_name(q) +
                                " could not wrap its output: " + take_producer_error());
   return {nb::steal(static_cast<PyObject*>(array)), view};
+}
+
+/// The outputs of an attention op (dense, varlen, kvcache) that q's framework allocates, made once
+/// every array is imported so that a bad input fails before anything is allocated: out where `out`
+/// is None (q's shape and dtype, into `out_view`), and with `return_lse` the LSE where `lse` is None
+/// (`lse_shape`, `lse_ndim` dims, float32, into `lse_view`). Given outputs are left to the op's
+/// import. Returns what the op's binding hands back: out, or (out, lse) with `return_lse`.
+inline nb::object allocate_attention_outputs(nb::handle q, const TensorView& q_view, nb::handle out, nb::handle lse,
+                                             bool return_lse, const std::int64_t* lse_shape, int lse_ndim,
+                                             TensorView& out_view, std::optional<TensorView>& lse_view) {
+  nb::object out_array = nb::borrow(out), lse_array = nb::borrow(lse);
+  if (out.is_none())
+    std::tie(out_array, out_view) = allocate_output(q, q_view, q_view.shape.data(), q_view.ndim, q_view.dtype, "out");
+  if (!return_lse) return out_array;
+  if (lse.is_none()) {
+    TensorView view;
+    std::tie(lse_array, view) = allocate_output(q, q_view, lse_shape, lse_ndim, fastattn::DType::kFloat32, "softmax_lse");
+    lse_view = view;
+  }
+  return nb::make_tuple(out_array, lse_array);
+}
+
+/// The LSE shape (B, Hq, Sq) of a batched q (B, Sq, Hq, D); zeros for a q of another rank, which
+/// gets the op's error.
+inline std::array<std::int64_t, 3> batched_lse_shape(const TensorView& q) {
+  if (q.ndim != 4) return {0, 0, 0};
+  return {q.shape[0], q.shape[2], q.shape[1]};
 }
 
 /// q's framework's current stream on q's device, through its exchange table (torch's current
