@@ -346,6 +346,15 @@ void shared_prefix_attention_forward(nb::handle q, nb::handle qo_indptr, nb::han
   fastattn::shared_prefix_attention_forward(a);
 }
 
+/// The stream for a merge op whose first array is v: from v's exchange table with stream_from_v, else
+/// cuda_stream.
+fastattn::ExecConfig merge_exec(nb::handle v, const TensorView& tv, std::uintptr_t cuda_stream, int num_threads,
+                                bool stream_from_v) {
+  fastattn::ExecConfig exec = make_exec(cuda_stream, num_threads);
+  if (stream_from_v) exec.cuda_stream = reinterpret_cast<void*>(current_stream_of(v, tv));
+  return exec;
+}
+
 /// fastattn::merge_state. v_out / s_out None: allocated through v_a's DLPack exchange table, v_a's
 /// shape and dtype and s_a's shape in float32. stream_from_v_a: the stream from that table instead
 /// of cuda_stream. Returns (v_out, s_out): from torch 2.10 the public merge_state is this one call
@@ -355,30 +364,16 @@ nb::object merge_state(nb::handle v_a, nb::handle s_a, nb::handle v_b, nb::handl
   Keep keep;
   TensorView va = in_view(v_a, "v_a", keep), sa = in_view(s_a, "s_a", keep);
   TensorView vb = in_view(v_b, "v_b", keep), sb = in_view(s_b, "s_b", keep);
-  nb::object v_array = nb::borrow(v_out), s_array = nb::borrow(s_out);
-  TensorView vo, so;
-  if (!v_out.is_none()) vo = out_view(v_out, "v_out", keep);
-  if (!s_out.is_none()) so = out_view(s_out, "s_out", keep);
-  // Outputs the table allocates are made once every array is imported; the op checks their shapes.
-  if (v_out.is_none()) std::tie(v_array, vo) = allocate_output(v_a, va, va.shape.data(), va.ndim, va.dtype, "v_out");
-  if (s_out.is_none())
-    std::tie(s_array, so) = allocate_output(v_a, va, sa.shape.data(), sa.ndim, fastattn::DType::kFloat32, "s_out");
-  fastattn::ExecConfig exec = make_exec(cuda_stream, num_threads);
-  if (stream_from_v_a) exec.cuda_stream = reinterpret_cast<void*>(current_stream_of(v_a, va));
+  // Outputs the table allocates are made once the inputs are imported; the op checks their shapes.
+  auto [v_array, vo] = given_or_allocated(v_out, "v_out", v_a, va, va.shape.data(), va.ndim, va.dtype, keep);
+  auto [s_array, so] =
+      given_or_allocated(s_out, "s_out", v_a, va, sa.shape.data(), sa.ndim, fastattn::DType::kFloat32, keep);
+  const fastattn::ExecConfig exec = merge_exec(v_a, va, cuda_stream, num_threads, stream_from_v_a);
   {
     nb::gil_scoped_release release;
     fastattn::merge_state(va, sa, vb, sb, vo, so, exec);
   }
   return nb::make_tuple(v_array, s_array);
-}
-
-/// The stream for a merge op that writes v: from v's exchange table with stream_from_v, else
-/// cuda_stream.
-fastattn::ExecConfig merge_exec(nb::handle v, const TensorView& tv, std::uintptr_t cuda_stream, int num_threads,
-                                bool stream_from_v) {
-  fastattn::ExecConfig exec = make_exec(cuda_stream, num_threads);
-  if (stream_from_v) exec.cuda_stream = reinterpret_cast<void*>(current_stream_of(v, tv));
-  return exec;
 }
 
 void merge_state_in_place(nb::handle v, nb::handle s, nb::handle v_other, nb::handle s_other,
@@ -409,15 +404,11 @@ nb::object merge_states(nb::handle v, nb::handle s, nb::handle v_out, nb::handle
                         int num_threads, bool stream_from_v) {
   Keep keep;
   TensorView tv = in_view(v, "v", keep), ts = in_view(s, "s", keep);
-  nb::object v_array = nb::borrow(v_out), s_array = nb::borrow(s_out);
-  TensorView vo, so;
-  if (!v_out.is_none()) vo = out_view(v_out, "v_out", keep);
-  if (!s_out.is_none()) so = out_view(s_out, "s_out", keep);
   // (S, H, D) and (S, H) from v (S, N, H, D); a v of another rank gets the op's error.
   const bool v4 = tv.ndim == 4;
   const std::int64_t shape[3] = {v4 ? tv.shape[0] : 0, v4 ? tv.shape[2] : 0, v4 ? tv.shape[3] : 0};
-  if (v_out.is_none()) std::tie(v_array, vo) = allocate_output(v, tv, shape, 3, tv.dtype, "v_out");
-  if (s_out.is_none()) std::tie(s_array, so) = allocate_output(v, tv, shape, 2, fastattn::DType::kFloat32, "s_out");
+  auto [v_array, vo] = given_or_allocated(v_out, "v_out", v, tv, shape, 3, tv.dtype, keep);
+  auto [s_array, so] = given_or_allocated(s_out, "s_out", v, tv, shape, 2, fastattn::DType::kFloat32, keep);
   const fastattn::ExecConfig exec = merge_exec(v, tv, cuda_stream, num_threads, stream_from_v);
   {
     nb::gil_scoped_release release;

@@ -102,20 +102,13 @@ class PagedDecodeRunner {
     }
     // The planned shapes: out (B x N, Hq, D) and lse (B x N, Hq).
     const std::int64_t out_shape[3] = {plan_.batch * plan_.q_len, plan_.num_qo_heads, plan_.head_dim};
-    nb::object out_array = nb::borrow(out), lse_array = nb::borrow(lse);
-    TensorView out_v;
+    auto [out_array, out_v] = given_or_allocated(out, "out", q, tq, out_shape, 3, tq.dtype, keep);
+    nb::object lse_array = nb::borrow(lse);
     std::optional<TensorView> lse_v;
-    if (out.is_none())
-      std::tie(out_array, out_v) = allocate_output(q, tq, out_shape, 3, tq.dtype, "out");
+    if (return_lse)
+      std::tie(lse_array, lse_v) = given_or_allocated(lse, "lse", q, tq, out_shape, 2, fastattn::DType::kFloat32, keep);
     else
-      out_v = out_view(out, "out", keep);
-    if (return_lse && lse.is_none()) {
-      TensorView allocated;
-      std::tie(lse_array, allocated) = allocate_output(q, tq, out_shape, 2, fastattn::DType::kFloat32, "lse");
-      lse_v = allocated;
-    } else {
       lse_v = opt_out(lse, "lse", keep);
-    }
     fastattn::KVCacheArgs a = fastattn::paged_decode_call_args(plan_, tq, k_pages, v, out_v, lse_v);
     if (!sinks.is_none()) {
       a.sinks = in_view(sinks, "sinks", keep);

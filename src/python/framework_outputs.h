@@ -59,6 +59,16 @@ inline std::pair<nb::object, TensorView> allocate_output(nb::handle q, const Ten
   return {nb::steal(static_cast<PyObject*>(array)), view};
 }
 
+/// An output of a call: the caller's array where one is given (imported writable as `name`, and
+/// handed back as it is), else, for None, one of `shape` (`ndim` dims) and `dtype` allocated through
+/// `like`'s exchange table (allocate_output). Returns (the array handed back, its view).
+inline std::pair<nb::object, TensorView> given_or_allocated(nb::handle given, const char* name, nb::handle like,
+                                                            const TensorView& like_view, const std::int64_t* shape,
+                                                            int ndim, fastattn::DType dtype, Keep& keep) {
+  if (given.is_none()) return allocate_output(like, like_view, shape, ndim, dtype, name);
+  return {nb::borrow(given), out_view(given, name, keep)};
+}
+
 /// The outputs of an attention op (dense, varlen, kvcache) that q's framework allocates, made once
 /// every array is imported so that a bad input fails before anything is allocated: out where `out`
 /// is None (q's shape and dtype, into `out_view`), and with `return_lse` the LSE where `lse` is None

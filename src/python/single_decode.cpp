@@ -102,26 +102,18 @@ nb::object single_decode_forward(nb::handle q, nb::handle k, nb::handle v, nb::h
     }
   a.cache_seqlen = a.k_cache.shape[1];  // every key
 
-  nb::object out_array = nb::borrow(out), lse_array = nb::borrow(lse);
-  TensorView out_view_2d, lse_view_1d;
-  if (out.is_none()) {
-    const std::int64_t shape[2] = {heads_q, head_dim};
-    std::tie(out_array, out_view_2d) = allocate_output(q, q_view, shape, 2, q_view.dtype, "out");
-  } else {
-    out_view_2d = out_view(out, "out", keep);
-    if (out_view_2d.ndim != 2)
-      throw fastattn::ValueError("argument 'out' must be (num_qo_heads, head_dim), got shape " + out_view_2d.shape_string());
-  }
+  const std::int64_t out_shape[2] = {heads_q, head_dim};  // and lse (Hq)
+  auto [out_array, out_view_2d] = given_or_allocated(out, "out", q, q_view, out_shape, 2, q_view.dtype, keep);
+  if (out_view_2d.ndim != 2)
+    throw fastattn::ValueError("argument 'out' must be (num_qo_heads, head_dim), got shape " + out_view_2d.shape_string());
   a.out = with_leading_ones(out_view_2d, 2);
+  nb::object lse_array = nb::borrow(lse);
   if (return_lse) {
-    if (lse.is_none()) {
-      const std::int64_t shape[1] = {heads_q};
-      std::tie(lse_array, lse_view_1d) = allocate_output(q, q_view, shape, 1, fastattn::DType::kFloat32, "lse");
-    } else {
-      lse_view_1d = out_view(lse, "lse", keep);
-      if (lse_view_1d.ndim != 1)
-        throw fastattn::ValueError("argument 'lse' must be (num_qo_heads,), got shape " + lse_view_1d.shape_string());
-    }
+    TensorView lse_view_1d;
+    std::tie(lse_array, lse_view_1d) =
+        given_or_allocated(lse, "lse", q, q_view, out_shape, 1, fastattn::DType::kFloat32, keep);
+    if (lse_view_1d.ndim != 1)
+      throw fastattn::ValueError("argument 'lse' must be (num_qo_heads,), got shape " + lse_view_1d.shape_string());
     TensorView l = with_leading_ones(lse_view_1d, 1);  // (Hq) -> (1, Hq, 1)
     l.shape[2] = 1;
     l.strides[2] = 1;
