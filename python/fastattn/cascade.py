@@ -59,7 +59,7 @@ from ._tensors import (
     usable_workspace,
     window_pair,
 )
-from .decode import decode_num_splits_for_lengths
+from .decode import _check_rope_parameters, decode_num_splits_for_lengths
 
 __all__ = [
     "merge_state",
@@ -333,11 +333,9 @@ class _SharedPrefixWrapperBase:
         self._plan = None
 
     def _check_forward(self, q, unique_kv_data, rope_scale, rope_theta):
-        if rope_scale is not None or rope_theta is not None:
-            raise NotImplementedError(
-                "rope_scale / rope_theta (FlashInfer's fused RoPE) are not supported by fastattn: "
-                "apply rotary embeddings to q and k before the call"
-            )
+        # FlashInfer's shared-prefix wrappers run with pos_encoding_mode "NONE", where these two
+        # (its fused RoPE's parameters) have no effect; fastattn checks their type only.
+        _check_rope_parameters(rope_scale, rope_theta)
         if self._plan is None:
             raise RuntimeError(f"{type(self).__name__}.begin_forward() must be called before "
                                "forward()")
@@ -408,7 +406,9 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper(_SharedPrefixWrapperBase):
 
     FlashInfer's interface (``flashinfer.cascade``), ``kv_layout`` "NHD" or "HND" (pages and the
     shared prefix head-major; read in place as strided views). ``allow_fp16_qk_reduction``
-    is accepted and ignored: fastattn always accumulates q.k in float32. ``forward_return_lse``
+    is accepted and ignored: fastattn always accumulates q.k in float32. ``rope_scale`` /
+    ``rope_theta`` are accepted and have no effect, as in FlashInfer, whose shared-prefix wrappers
+    run without fused RoPE. ``forward_return_lse``
     returns natural-log LSE (see the module docstring for FlashInfer's base-2 convention).
     """
 
@@ -492,7 +492,8 @@ class BatchPrefillWithSharedPrefixPagedKVCacheWrapper(_SharedPrefixWrapperBase):
     FlashInfer's interface (``flashinfer.cascade``), ``kv_layout`` "NHD" or "HND" as the decode
     wrapper above (k_shared / v_shared and the pages). With ``causal=True`` each
     request's queries are the last qo_len tokens of its suffix (so qo_len <= suffix length).
-    ``allow_fp16_qk_reduction`` is accepted and ignored (float32 accumulation always).
+    ``allow_fp16_qk_reduction`` is accepted and ignored (float32 accumulation always), and
+    ``rope_scale`` / ``rope_theta`` have no effect, as in FlashInfer.
     """
 
     def begin_forward(self, qo_indptr, paged_kv_indptr, paged_kv_indices,

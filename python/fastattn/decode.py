@@ -319,17 +319,24 @@ def _scaled_softmax_scale(sm_scale, head_dim: int, q_scale, k_scale) -> float:
     return scale
 
 
-def _refuse_fused_rope(pos_encoding_mode, rope_scale, rope_theta) -> None:
+def _check_rope_parameters(rope_scale, rope_theta) -> None:
+    """rope_scale / rope_theta: None or real numbers. They parametrise FlashInfer's fused RoPE only,
+    so where the position encoding is "NONE" (always, in fastattn) they have no effect, as in
+    FlashInfer; they are still checked, so a wrong type is an error and not ignored."""
+    for name, value in (("rope_scale", rope_scale), ("rope_theta", rope_theta)):
+        if value is not None:
+            as_float(value, name)
+
+
+def _check_pos_encoding(pos_encoding_mode, rope_scale, rope_theta) -> None:
     """FlashInfer's fused RoPE (and its ALiBi mode) are not in fastattn: NotImplementedError unless
-    pos_encoding_mode is "NONE" and rope_scale / rope_theta are None."""
+    pos_encoding_mode is "NONE". rope_scale / rope_theta are then inert (_check_rope_parameters)."""
     if pos_encoding_mode != "NONE":
         raise NotImplementedError(
             f"pos_encoding_mode must be 'NONE' (fastattn has no fused RoPE or FlashInfer ALiBi "
             f"mode: rotate q and k before the call), got {pos_encoding_mode!r}"
         )
-    if rope_scale is not None or rope_theta is not None:
-        raise NotImplementedError("rope_scale / rope_theta (fused RoPE) are not supported: apply "
-                                  "rotary embeddings to q and k before the call")
+    _check_rope_parameters(rope_scale, rope_theta)
 
 
 def _q_len_per_req(q_len_per_req) -> int:
@@ -384,7 +391,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
     keys of a page one contiguous run); a tuple (k_pages, v_pages) drops the 2. Both are read in
     place: the kernels take HND pages as strided views.
 
-    Supported: both layouts; ``pos_encoding_mode`` "NONE"; ``window_left``; ``logits_soft_cap``;
+    Supported: both layouts; ``pos_encoding_mode`` "NONE" (``rope_scale`` / ``rope_theta``
+    accepted and without effect, as in FlashInfer with "NONE"); ``window_left``; ``logits_soft_cap``;
     ``sm_scale``; GQA / MQA; ``return_lse`` (natural-log LSE, unlike FlashInfer's base 2: see
     :func:`fastattn.lse_base2_to_natural`); ``sinks`` in ``run()``; ``fixed_split_size`` (split
     counts that depend on each request's own pages only: batch-invariant results);
@@ -466,7 +474,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
             window_right: keys past its own position a row attends to, where N > 1: 0 (causal
                 within the request's rows, FlashInfer's mask) or more, -1 for all of them.
         """
-        _refuse_fused_rope(pos_encoding_mode, rope_scale, rope_theta)
+        _check_pos_encoding(pos_encoding_mode, rope_scale, rope_theta)
         fixed = _fixed_split_pages(fixed_split_size)
         q_len = _q_len_per_req(q_len_per_req)
         right = as_int(window_right, "window_right")
@@ -737,9 +745,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
 
     def _forward(self, q, paged_kv_cache, pos_encoding_mode, q_scale, k_scale, v_scale,
                  window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, return_lse):
-        if pos_encoding_mode != "NONE" or rope_scale is not None or rope_theta is not None:
-            raise NotImplementedError("pos_encoding_mode must be 'NONE' and rope_scale / "
-                                      "rope_theta None (no fused RoPE)")
+        _check_pos_encoding(pos_encoding_mode, rope_scale, rope_theta)
         if self._plan is None:
             raise RuntimeError("BatchDecodeWithPagedKVCacheWrapper.plan() must be called before "
                                "forward()")

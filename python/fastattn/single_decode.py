@@ -27,7 +27,7 @@ from ._tensors import (
     prepare,
     through_exchange_table,
 )
-from .decode import _calibration_scale, _refuse_fused_rope
+from .decode import _calibration_scale, _check_pos_encoding
 
 __all__ = ["single_decode_with_kv_cache"]
 
@@ -48,7 +48,8 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
             head_dim) for "HND" (read in place as strided views); q's dtype; num_qo_heads a
             multiple of num_kv_heads (GQA / MQA). kv_len may be 0: out 0, LSE -inf.
         pos_encoding_mode: "NONE" only (no fused RoPE or ALiBi mode: rotate q and k before the
-            call); rope_scale and rope_theta must be None.
+            call). rope_scale and rope_theta parametrise the fused RoPE only: None or numbers,
+            without effect (as in FlashInfer with "NONE").
         use_tensor_cores: chooses among FlashInfer's kernels; ignored.
         q_scale, k_scale, v_scale: calibration scales, None (1) or finite numbers on the host: the
             scores are (q . k) * sm_scale * q_scale * k_scale (before the soft cap, and the LSE is
@@ -59,7 +60,7 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
     Returns out (num_qo_heads, head_dim) in q's dtype, or (out, lse) with return_lse: lse
     (num_qo_heads,) float32, natural log (FlashInfer's is base 2: :func:`lse_natural_to_base2`).
     """
-    _refuse_fused_rope(pos_encoding_mode, rope_scale, rope_theta)
+    _check_pos_encoding(pos_encoding_mode, rope_scale, rope_theta)
     if kv_layout not in _SINGLE_DECODE_LAYOUTS:
         raise ValueError(f"kv_layout must be 'NHD' (k and v {_SINGLE_DECODE_LAYOUTS['NHD']}) or 'HND' "
                          f"(k and v {_SINGLE_DECODE_LAYOUTS['HND']}), got {kv_layout!r}")

@@ -288,6 +288,9 @@ def test_decode_wrapper(rng, dtype, layout):
         assert_close("out", o, o64, onaive, dtype)
         assert np.array_equal(to64(o), to64(o2))
         assert_lse("lse", lse, lse64.T)
+        # FlashInfer's wrapper runs without fused RoPE, so its RoPE parameters change nothing.
+        o3 = wrapper.forward(q, ks, vs, kv, rope_scale=2.0, rope_theta=5e5)
+        assert np.array_equal(to64(o3), to64(o))
         assert np.array_equal(to64(kv), before), "forward() wrote into the pages"
     wrapper.end_forward()
     wrapper.reset_workspace_buffer(np.empty(1 << 10, np.uint8))
@@ -343,6 +346,9 @@ def test_prefill_wrapper(rng, dtype, causal, layout):
     # Default causal=True, as in FlashInfer.
     if causal:
         assert np.array_equal(to64(wrapper.forward(q, ks, vs, kv)), to64(o))
+    # No fused RoPE in FlashInfer's wrapper either: rope_scale / rope_theta change nothing.
+    o2 = wrapper.forward(q, ks, vs, kv, causal=causal, rope_scale=4.0, rope_theta=1e6)
+    assert np.array_equal(to64(o2), to64(o))
     wrapper.end_forward()
 
 

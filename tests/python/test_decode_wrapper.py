@@ -134,6 +134,12 @@ def test_decode_wrapper_options_and_forward(rng):
     got = w.forward(q, kv)  # the plan's options again (no softcap)
     want, _ = reference(q64, kv64[:, 0], kv64[:, 1], indptr, indices, lens)
     assert_close("forward", got, want, want, "float32")
+    # rope_scale / rope_theta parametrise FlashInfer's fused RoPE only: with pos_encoding_mode
+    # "NONE" they change nothing, in plan() and in forward().
+    assert np.array_equal(w.forward(q, kv, rope_scale=8.0, rope_theta=5e5), got)
+    w.plan(indptr, indices, last, hq, hkv, d, page_size, q_data_type="float32", rope_scale=8.0,
+           rope_theta=5e5)
+    assert np.array_equal(w.run(q, kv), got)
     w.end_forward()
     with pytest.raises(RuntimeError, match=r"plan\(\) must be called"):
         w.run(q, kv)

@@ -243,8 +243,10 @@ CASES = [
      lambda: fastattn.BatchDecodeWithSharedPrefixPagedKVCacheWrapper(np.empty(8, np.uint8),
                                                                      "NDH"),
      ValueError, "kv_layout"),
-    ("wrapper_rope_theta", lambda: decode_wrapper(rope_theta=1e4), NotImplementedError, "rope"),
-    ("wrapper_rope_scale", lambda: decode_wrapper(rope_scale=2.0), NotImplementedError, "rope"),
+    # rope_theta / rope_scale have no effect without fused RoPE (test_cascade.py), but a value
+    # that is not a number is still an error.
+    ("wrapper_rope_theta_type", lambda: decode_wrapper(rope_theta="1e4"), TypeError, "rope_theta"),
+    ("wrapper_rope_scale_type", lambda: decode_wrapper(rope_scale=[2.0]), TypeError, "rope_scale"),
     ("wrapper_unique_kv_data_shape", lambda: decode_wrapper(unique_kv_data=arr(6, 4, 2, 16)),
      ValueError, "unique_kv_data"),
     ("wrapper_heads_mismatch", lambda: decode_wrapper(q=arr(2, 8, 16)), ValueError,

@@ -38,8 +38,8 @@ def reference(q64, k64, v64, rnd=None, window_left=-1, softcap=0.0, scale=None):
 @pytest.mark.parametrize("hq,hkv,d", [(8, 2, 64), (4, 4, 32), (6, 1, 40)])
 def test_single_decode(rng, dtype, layout, hq, hkv, d):
     """A random cache length, plain and with window_left, logits_soft_cap and sm_scale: out and
-    the natural-log LSE against the float64 reference; k and v unchanged; return_lse=False gives
-    the same bits."""
+    the natural-log LSE against the float64 reference; k and v unchanged; return_lse=False, and
+    rope_scale / rope_theta (without effect under "NONE"), give the same bits."""
     kv_len = int(rng.integers(2, 700))
     q, q64, k, k64, v, v64 = single_inputs(rng, kv_len, hq, hkv, d, dtype, layout)
     k_before, v_before = to64(k), to64(v)
@@ -57,6 +57,10 @@ def test_single_decode(rng, dtype, layout, hq, hkv, d):
         assert_lse(f"lse {opts}", lse, lse64)
         alone = fastattn.single_decode_with_kv_cache(q, k, v, kv_layout=layout, **opts)
         assert np.array_equal(to64(alone), to64(out)), "return_lse=False changed the output"
+        # rope_scale / rope_theta parametrise FlashInfer's fused RoPE only: inert with "NONE".
+        roped = fastattn.single_decode_with_kv_cache(q, k, v, kv_layout=layout, rope_scale=2.0,
+                                                     rope_theta=5e5, **opts)
+        assert np.array_equal(to64(roped), to64(out)), "rope_scale / rope_theta changed the output"
     assert np.array_equal(to64(k), k_before) and np.array_equal(to64(v), v_before), "the call wrote k or v"
 
 
@@ -119,8 +123,8 @@ def test_single_decode_errors(rng):
         call(q, k, v, kv_layout="NDH")
     with pytest.raises(NotImplementedError, match="pos_encoding_mode must be 'NONE'.*got 'ROPE_LLAMA'"):
         call(q, k, v, pos_encoding_mode="ROPE_LLAMA")
-    with pytest.raises(NotImplementedError, match="rope_scale / rope_theta"):
-        call(q, k, v, rope_theta=1e4)
+    with pytest.raises(TypeError, match="rope_theta must be a number, got str"):
+        call(q, k, v, rope_theta="1e4")
     with pytest.raises(ValueError, match=r"window_left must be >= -1 \(-1: no bound\), got -2"):
         call(q, k, v, window_left=-2)
     with pytest.raises(ValueError, match="v_scale must be finite, got nan"):
