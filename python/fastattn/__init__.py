@@ -1,7 +1,7 @@
 """fastattn: exact attention kernels for LLM inference.
 
 The Python functions keep the names, arguments and defaults of ``flash_attn`` (FlashAttention 2)
-and of FlashInfer's ``cascade`` and ``decode`` modules, and accept numpy arrays, torch tensors, cupy arrays and
+and of FlashInfer's ``cascade``, ``decode`` and ``prefill`` modules, and accept numpy arrays, torch tensors, cupy arrays and
 jax arrays (through DLPack, without copies). All computation is done by the C++ library
 (``fastattn._C``); this package only maps arguments and allocates outputs.
 
@@ -46,6 +46,7 @@ from .interface import (
     flash_attn_varlen_qkvpacked_func,
     flash_attn_with_kvcache,
 )
+from .prefill import BatchPrefillWithPagedKVCacheWrapper
 from .single_decode import single_decode_with_kv_cache
 
 __version__ = _C.version()
@@ -90,6 +91,7 @@ __all__ = [
     "decode_split_counts_for_lengths",
     "decode_split_plan",
     "single_decode_with_kv_cache",
+    "BatchPrefillWithPagedKVCacheWrapper",
     "merge_state",
     "merge_state_in_place",
     "merge_attention_sinks",

@@ -308,7 +308,8 @@ VarlenDims validate(ArgChecker& c, const VarlenAttentionArgs& args) {
   data_tensor(c, args.out, "out");
   c.same_dtype(args.out, "out", args.q, "q");
   c.shape_is(args.out, "out", {d.total_q, d.a.heads_q, d.a.head_dim}, "(total_q, Hq, D)");
-  lse_output(c, args.lse, {d.a.heads_q, d.total_q}, "(Hq, total_q)");
+  // Any strides: FlashInfer's prefill wrapper hands over its (total_q, Hq) LSE transposed.
+  lse_output(c, args.lse, {d.a.heads_q, d.total_q}, "(Hq, total_q)", /*any_strides=*/true);
   probs_output(c, args.probs, {d.a.batch, d.a.heads_q, d.a.seqlen_q, d.a.seqlen_k},
                "(B, Hq, max_seqlen_q, max_seqlen_k)");
   sinks_input(c, args.sinks, d.a.heads_q);
