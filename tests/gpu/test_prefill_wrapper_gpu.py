@@ -11,7 +11,6 @@ pages. The rule (FlashAttention's, for KV-cache calls): max|out - ref| <= 3 * ma
 1e-5; LSE within 1e-3 + 1e-3 * |ref|. The cache's bytes are checked unchanged.
 """
 
-import random
 
 import pytest
 
@@ -83,7 +82,7 @@ def workspace():
 def test_prefill_route(seed, dtype, page_size, causal, layout):
     """Ragged runs on the prefill kernel: an empty run, a request of no key, a run longer than
     its keys, a long prefill chunk; two padding rows past the last run."""
-    rng = random.Random(seed)
+    rng = seed
     qo_lens = [rng.randint(1, 40), 0, 17, 1, rng.randint(200, 700), 3]
     kv_lens = [qo_lens[0] + rng.randint(0, 300), 9, 17, 0, qo_lens[4] + rng.randint(0, 2000), 2]
     s = Step(rng, dtype, qo_lens, kv_lens, page_size, 8, 2, 128, layout, extra_rows=2)
@@ -100,7 +99,7 @@ def test_prefill_route(seed, dtype, page_size, causal, layout):
 def test_decode_route(seed, dtype, rows, causal, group, d):
     """Uniform runs of N rows at each request's last N keys: the multi-row decode kernels, one
     long request among short ones (split-KV)."""
-    rng = random.Random(seed)
+    rng = seed
     batch = 6
     kv_lens = [rng.randint(rows, 600) for _ in range(batch)]
     kv_lens[rng.randrange(batch)] = rng.randint(8000, 20000)
@@ -115,7 +114,7 @@ def test_decode_route(seed, dtype, rows, causal, group, d):
 @pytest.mark.parametrize("route", ["prefill", "decode"])
 def test_options(seed, route):
     """window_left, logits_soft_cap, sm_scale, sinks and v_scale on both routes."""
-    rng = random.Random(seed)
+    rng = seed
     qo_lens = [3, 3, 3] if route == "decode" else [3, 40, 1]
     s = Step(rng, torch.bfloat16, qo_lens, [700, 3, 5000], 16, 8, 2, 128)
     w = fastattn.BatchPrefillWithPagedKVCacheWrapper(workspace())
@@ -134,7 +133,7 @@ def test_options(seed, route):
 def test_graph_mode_replays(seed, route):
     """use_cuda_graph=True: run() captured once, replayed after each step's plan() of new lengths
     and pages (the same batch; on the prefill route no run longer than the first plan's)."""
-    rng = random.Random(seed)
+    rng = seed
     batch, hq, hkv, d, ps = 4, 8, 2, 128, 16
     bufs = dict(qo_indptr_buf=torch.empty(batch + 1, dtype=torch.int32, device=DEV),
                 paged_kv_indptr_buf=torch.empty(batch + 1, dtype=torch.int32, device=DEV),
@@ -178,7 +177,7 @@ def test_graph_mode_replays(seed, route):
 def test_routes_agree(seed):
     """One wrapper, a uniform step (the decode route) then the same step with its last run one
     row shorter (the prefill kernel): both close to the reference (GQA 32/8, head_dim 128)."""
-    rng = random.Random(seed)
+    rng = seed
     s = Step(rng, torch.bfloat16, [6] * 5, [6, 900, 40, 3000, 77], 16, 32, 8, 128)
     w = fastattn.BatchPrefillWithPagedKVCacheWrapper(workspace())
     s.plan(w, causal=True)
