@@ -46,7 +46,7 @@ from .interface import (
     flash_attn_varlen_qkvpacked_func,
     flash_attn_with_kvcache,
 )
-from .prefill import BatchPrefillWithPagedKVCacheWrapper
+from .prefill import BatchPrefillWithPagedKVCacheWrapper, BatchPrefillWithRaggedKVCacheWrapper
 from .single_decode import single_decode_with_kv_cache
 
 __version__ = _C.version()
@@ -92,6 +92,7 @@ __all__ = [
     "decode_split_plan",
     "single_decode_with_kv_cache",
     "BatchPrefillWithPagedKVCacheWrapper",
+    "BatchPrefillWithRaggedKVCacheWrapper",
     "merge_state",
     "merge_state_in_place",
     "merge_attention_sinks",

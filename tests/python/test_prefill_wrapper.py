@@ -1,5 +1,6 @@
 """FlashInfer-style batch prefill over a paged cache (fastattn.BatchPrefillWithPagedKVCacheWrapper)
-on the CPU against the float64 reference: ragged query runs (empty ones, runs longer than their
+and over packed keys and values (fastattn.BatchPrefillWithRaggedKVCacheWrapper) on the CPU against
+the float64 reference: ragged query runs (empty ones, runs longer than their
 keys), a random page pool, both layouts, causal / window / softcap / scale / sinks / calibration
 scales, NaN-poisoned out and lse, the cache's bytes unchanged; the decode route (every request N
 rows) and the prefill route; graph mode's buffers; the deprecated forward(); the errors."""
@@ -281,3 +282,95 @@ def test_errors(rng):
     with pytest.raises(ValueError, match="out"):
         w.run(s.q, s.cache, out=out[:, :2])
     assert np.isnan(out).all(), "a refused call wrote into out"
+
+
+# ---- BatchPrefillWithRaggedKVCacheWrapper -----------------------------------------------------------
+
+
+def ragged_reference(q64, k64, v64, qo_lens, kv_lens, causal, rnd=None, window_left=-1, softcap=0.0,
+                     scale=None):
+    """Request b's rows over its packed keys k64[kv_indptr[b]:kv_indptr[b + 1]]: out, lse (rows, Hq)."""
+    rows, hq, d = q64.shape
+    out, lse = np.zeros((rows, hq, d)), np.full((rows, hq), -np.inf)
+    r0 = k0 = 0
+    for nq, nk in zip(qo_lens, kv_lens):
+        qpos = nk - nq + np.arange(nq)
+        o, l, _ = ref.attention_rows(q64[r0:r0 + nq], k64[k0:k0 + nk], v64[k0:k0 + nk], qpos,
+                                     np.arange(nk), ref.default_scale(d, scale), softcap, None,
+                                     window_left, 0 if causal else -1, rnd)
+        out[r0:r0 + nq], lse[r0:r0 + nq] = o, l.T
+        r0, k0 = r0 + nq, k0 + nk
+    return out, lse
+
+
+def head_major(x):
+    """(rows, H, D) as FlashInfer's HND (H, rows, D), contiguous."""
+    t = x.swapaxes(0, 1)
+    return t.contiguous() if torch is not None and isinstance(t, torch.Tensor) else np.ascontiguousarray(t)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_ragged(rng, dtype, layout, causal):
+    """Packed runs over packed keys: an empty run, a request of no key, a run longer than its
+    keys, GQA, two padding rows; NaN-poisoned out / lse; k and v unchanged; the options."""
+    qo_lens, kv_lens = [6, 0, 20, 1, 33], [40, 5, 12, 0, 70]
+    hq, hkv, d = 8, 2, 32
+    q, q64 = randn(rng, (sum(qo_lens) + 2, hq, d), dtype)
+    k, k64 = randn(rng, (sum(kv_lens), hkv, d), dtype)
+    v, v64 = randn(rng, (sum(kv_lens), hkv, d), dtype)
+    if layout == "HND":
+        k, v = head_major(k), head_major(v)
+    before = (to64(k).copy(), to64(v).copy())
+    w = fastattn.BatchPrefillWithRaggedKVCacheWrapper(np.empty(16, np.uint8), layout)
+    for opts, ref_kw in (({}, {}), (dict(window_left=9, logits_soft_cap=5.0, sm_scale=0.3),
+                                    dict(window_left=9, softcap=5.0, scale=0.3))):
+        w.plan(cumsum0(qo_lens), cumsum0(kv_lens), hq, hkv, d, causal=causal, q_data_type=dtype, **opts)
+        out, lse = nan_like(q), np.full((q.shape[0], hq), np.nan, np.float32)
+        o, l = w.run(q, k, v, out=out, lse=lse, return_lse=True)
+        assert o is out and l is lse
+        o64, lse64 = ragged_reference(q64, k64, v64, qo_lens, kv_lens, causal, **ref_kw)
+        naive, _ = ragged_reference(q64, k64, v64, qo_lens, kv_lens, causal, rnd=ref.rounder(dtype), **ref_kw)
+        assert_close("out", o, o64, naive, dtype)
+        assert_lse("lse", l, lse64)
+        assert np.array_equal(to64(w.run(q, k, v)), to64(o))
+    assert np.array_equal(to64(k), before[0]) and np.array_equal(to64(v), before[1])
+
+
+def test_ragged_forward_graph_mode_and_errors(rng):
+    qo_lens, kv_lens = [3, 9], [10, 9]
+    q, q64 = randn(rng, (12, 4, 16), "float32")
+    k, k64 = randn(rng, (19, 2, 16), "float32")
+    v, v64 = randn(rng, (19, 2, 16), "float32")
+    ws = np.empty(16, np.uint8)
+    w = fastattn.BatchPrefillWithRaggedKVCacheWrapper(ws)
+    with pytest.raises(RuntimeError, match=r"plan\(\) must be called before run\(\)"):
+        w.run(q, k, v)
+    w.begin_forward(cumsum0(qo_lens), cumsum0(kv_lens), 4, 2, 16, q_data_type="float32")
+    got, lse = w.forward_return_lse(q, k, v, causal=True)  # replans: the plan was not causal
+    want, lse64 = ragged_reference(q64, k64, v64, qo_lens, kv_lens, True)
+    assert_close("forward", got, want, want, "float32")
+    assert_lse("forward lse", lse, lse64)
+    got = w.run_return_lse(q, k, v)[0]
+    assert_close("run_return_lse", got, want, want, "float32")
+    with pytest.raises(ValueError, match=r"k must be \(rows, num_kv_heads, head_dim\) \(NHD\) with rows >= "
+                                         r"kv_indptr\[-1\] = 19"):
+        w.run(q, k[:18], v)
+    with pytest.raises(TypeError, match="run\\(\\) takes q, k and v positionally"):
+        w.run(q, k, v, None)
+    with pytest.raises(ValueError, match=r"kv_indptr must have batch_size \+ 1 = len\(qo_indptr\) = 3"):
+        w.plan(cumsum0(qo_lens), int32([0, 19]), 4, 2, 16, q_data_type="float32")
+    with pytest.raises(ValueError, match=r"kv_indptr\[0\] must be 0"):
+        w.plan(cumsum0(qo_lens), int32([2, 12, 21]), 4, 2, 16, q_data_type="float32")
+    with pytest.raises(NotImplementedError, match="custom masks"):
+        w.plan(cumsum0(qo_lens), cumsum0(kv_lens), 4, 2, 16, custom_mask=np.ones(4, bool))
+    with pytest.raises(ValueError, match="kv_indptr_buf is required with use_cuda_graph"):
+        fastattn.BatchPrefillWithRaggedKVCacheWrapper(ws, use_cuda_graph=True, qo_indptr_buf=int32([0, 0, 0]))
+    bufs = dict(qo_indptr_buf=np.zeros(3, np.int32), kv_indptr_buf=np.zeros(3, np.int32))
+    g = fastattn.BatchPrefillWithRaggedKVCacheWrapper(ws, use_cuda_graph=True, **bufs)
+    g.plan(cumsum0(qo_lens), cumsum0(kv_lens), 4, 2, 16, causal=True, q_data_type="float32")
+    assert np.array_equal(bufs["kv_indptr_buf"], cumsum0(kv_lens))
+    assert_close("graph mode", g.run(q, k, v), want, want, "float32")
+    with pytest.raises(ValueError, match=r"longest run must be at most the first plan's \(9\)"):
+        g.plan(cumsum0([10, 2]), cumsum0(kv_lens), 4, 2, 16, q_data_type="float32")
