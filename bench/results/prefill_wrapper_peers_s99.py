@@ -1,7 +1,9 @@
 """Session 99: fastattn.BatchPrefillWithPagedKVCacheWrapper against FlashInfer 0.5.3's
 BatchPrefillWithPagedKVCacheWrapper (backends "fa2" and "fa3") on the same page pools, and
 against fastattn.BatchDecodeWithPagedKVCacheWrapper(q_len_per_req=N) where the step is uniform
-(our prefill wrapper's decode route runs that wrapper: the two should time alike).
+(our prefill wrapper's decode route runs that wrapper: the two should time alike). On the prefill
+rows, the same step over packed keys and values: fastattn.BatchPrefillWithRaggedKVCacheWrapper
+against FlashInfer's (fa2, fa3).
 
 Rows (bf16, head_dim 128, GQA 32/8, pages of 16 in a random order, causal, NHD):
 - uniform N rows per request at its last N keys (speculative decoding's verify step; our decode
@@ -17,7 +19,7 @@ rounds queued behind a GPU sleep), run() only, plan() once beforehand; median pe
 KV bytes = sum of key lengths x Hkv x 128 x 2 x 2; FLOP = 4 x 128 x Hq x (attended (row, key)
 pairs). TB/s and TFLOP/s from the median.
 
-    python prefill_wrapper_peers_s99.py [--seed S] [--json PATH]
+    python prefill_wrapper_peers_s99.py [--seed S] [--json PATH] [--rounds R]
 """
 import argparse
 import json
@@ -86,6 +88,36 @@ def ours_prefill(step, ws):
     return (lambda: w.run(step.q, step.kv, out=out)), out, w._plan["route"]
 
 
+def packed_kv(step):
+    """Each request's keys and values gathered from its pages and packed: (k, v, kv_indptr)."""
+    ks, vs = [], []
+    for nk, pages in zip(step.kv_lens, step.lists):
+        idx = torch.arange(nk, device=DEV)
+        ids = torch.tensor(pages, device=DEV, dtype=torch.long)[idx // PS]
+        ks.append(step.kv[ids, 0, idx % PS])
+        vs.append(step.kv[ids, 1, idx % PS])
+    kv_indptr = torch.tensor([0] + list(torch.tensor(step.kv_lens).cumsum(0).tolist()),
+                             dtype=torch.int32, device=DEV)
+    return torch.cat(ks).contiguous(), torch.cat(vs).contiguous(), kv_indptr
+
+
+def ours_ragged(step, ws, packed):
+    k, v, kv_indptr = packed
+    w = fastattn.BatchPrefillWithRaggedKVCacheWrapper(ws)
+    w.plan(step.qo_indptr, kv_indptr, HQ, HKV, D, causal=True, q_data_type=torch.bfloat16)
+    out = torch.empty_like(step.q)
+    return (lambda: w.run(step.q, k, v, out=out)), out, "ragged"
+
+
+def flashinfer_ragged(fi, step, ws, backend, packed):
+    k, v, kv_indptr = packed
+    w = fi.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD", backend=backend)
+    w.plan(step.qo_indptr.clone(), kv_indptr.clone(), HQ, HKV, D, causal=True,
+           q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+    out = torch.empty_like(step.q)
+    return (lambda: w.run(step.q, k, v, out=out)), out, backend + " ragged"
+
+
 def ours_decode(step, ws, n):
     w = fastattn.BatchDecodeWithPagedKVCacheWrapper(ws)
     w.plan(step.indptr, step.indices, step.last, HQ, HKV, D, PS, q_data_type=torch.bfloat16,
@@ -120,6 +152,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json")
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)
@@ -128,7 +161,7 @@ def main():
         fi_version = getattr(fi, "__version__", "?")
     except Exception as e:  # noqa: BLE001
         fi, fi_version = None, "unavailable: %s" % e
-    settings = G.Settings(rounds=5, budget_s=0.3)
+    settings = G.Settings(rounds=args.rounds, budget_s=0.3)
     sleeper = G.make_sleeper(torch)
     ws_ours = torch.empty(256 << 20, dtype=torch.uint8, device=DEV)
     ws_fi = torch.empty(512 << 20, dtype=torch.uint8, device=DEV)
@@ -145,6 +178,13 @@ def main():
         if fi is not None:
             for backend in ("fa2", "fa3"):
                 makers.append((backend, lambda b=backend: flashinfer(fi, step, ws_fi, b)))
+        if not n:  # the same step over packed keys and values: the ragged wrappers
+            packed = packed_kv(step)
+            makers.append(("ours ragged", lambda: ours_ragged(step, ws_ours, packed)))
+            if fi is not None:
+                for backend in ("fa2", "fa3"):
+                    makers.append((backend + " ragged",
+                                   lambda b=backend: flashinfer_ragged(fi, step, ws_fi, b, packed)))
         for label, make in makers:
             try:
                 fn, out, note = make()
@@ -164,19 +204,21 @@ def main():
         stats = G.time_interleaved(torch, fns, settings, settings.budget_s, sleeper)
         kv_bytes, flop = step.work()
         rec = {"row": name, "route": notes.get("ours"), "kv_bytes": kv_bytes, "flop": flop,
-               "us": {k: v["median"] * 1e6 for k, v in stats.items()}, "err": errs}
+               "us": {k: v["s"] * 1e6 for k, v in stats.items()},
+               "spread": {k: v["spread"] for k, v in stats.items()}, "err": errs}
         records.append(rec)
         us = rec["us"]
         parts = ["%-34s %-7s ours %8.1f us %5.2f TB/s %6.1f TFLOP/s" % (
             name, rec["route"], us["ours"], kv_bytes / us["ours"] * 1e-6, flop / us["ours"] * 1e-6)]
-        for k in ("ours decode wrapper", "fa2", "fa3"):
-            if k in us:
-                parts.append("%s %8.1f (%.3f)" % (k, us[k], us[k] / us["ours"]))
+        for k in ("ours decode wrapper", "fa2", "fa3", "ours ragged", "fa2 ragged", "fa3 ragged"):
+            base = us.get("ours ragged") if k in ("fa2 ragged", "fa3 ragged") else us["ours"]
+            if k in us and base:
+                parts.append("%s %8.1f (%.3f)" % (k, us[k], us[k] / base))
             elif k in errs:
                 parts.append("%s failed: %s" % (k, errs[k]))
         parts.append("err " + " ".join("%s %.1e" % (k, v) for k, v in errs.items() if isinstance(v, float)))
         print("  ".join(parts), flush=True)
-    print("(x) = peer time / ours: > 1 ours faster. %.0f s" % (time.time() - t0))
+    print("(x) = time / ours (the ragged peers: / ours ragged): > 1 ours faster. %.0f s" % (time.time() - t0))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "flashinfer": fi_version,

@@ -1,5 +1,6 @@
-"""GPU: fastattn.BatchPrefillWithPagedKVCacheWrapper (FlashInfer's paged prefill interface)
-against a float64 reference computed on the GPU over the gathered pages.
+"""GPU: fastattn.BatchPrefillWithPagedKVCacheWrapper (FlashInfer's paged prefill interface) and
+fastattn.BatchPrefillWithRaggedKVCacheWrapper (packed keys and values) against a float64 reference
+computed on the GPU over the gathered pages or the packed rows.
 
 Both routes: ragged query runs (empty ones, runs longer than their keys, padding rows past the
 last run) on the prefill kernel, and uniform runs of N = 1..16 rows (speculative decoding's verify
@@ -8,7 +9,9 @@ step) on the multi-row decode kernels; page sizes 1 / 16 / 64, GQA 1 / 4 / 8, he
 in FlashInfer's (rows, heads) form, which the op writes through its strides); with
 use_cuda_graph=True, run() captured and replayed after each step's plan() of new lengths and
 pages. The rule (FlashAttention's, for KV-cache calls): max|out - ref| <= 3 * max|naive - ref| +
-1e-5; LSE within 1e-3 + 1e-3 * |ref|. The cache's bytes are checked unchanged.
+1e-5 (2x for the ragged wrapper, which reads no cache); LSE within 1e-3 + 1e-3 * |ref|. The
+cache's (or k's and v's) bytes are checked unchanged. The ragged wrapper: ragged runs at GQA 1 / 4
+/ 8 and head_dim 64 / 128 / 256, both layouts, causal and not, and its run() in a CUDA graph.
 """
 
 
@@ -187,3 +190,75 @@ def test_routes_agree(seed):
     s2.plan(w, causal=True)
     assert w._plan["route"] == "prefill"
     s2.check(w, True)
+
+
+# ---- BatchPrefillWithRaggedKVCacheWrapper -----------------------------------------------------------
+
+
+def ragged_inputs(rng, dtype, qo_lens, kv_lens, hq, hkv, d):
+    q = randn(sum(qo_lens), hq, d, dtype=dtype)
+    k = randn(sum(kv_lens), hkv, d, dtype=dtype)
+    v = randn(sum(kv_lens), hkv, d, dtype=dtype)
+    cu_k = cumsum0(kv_lens)
+    kv = [(k[cu_k[b]:cu_k[b + 1]], v[cu_k[b]:cu_k[b + 1]]) for b in range(len(kv_lens))]
+    return q, k, v, kv
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("group,d", [(1, 64), (4, 128), (8, 256)])
+def test_ragged(seed, dtype, causal, layout, group, d):
+    """Packed runs over packed keys (an empty run, a request of no key, a run longer than its
+    keys, a long chunk), NaN-poisoned out / lse, k and v unchanged."""
+    rng = seed
+    qo_lens = [rng.randint(1, 64), 0, 30, 1, rng.randint(100, 600)]
+    kv_lens = [qo_lens[0] + rng.randint(0, 500), 7, 11, 0, qo_lens[4] + rng.randint(0, 3000)]
+    hkv = 2
+    q, k, v, kv = ragged_inputs(rng, dtype, qo_lens, kv_lens, hkv * group, hkv, d)
+    kk, vv = (k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()) if layout == "HND" else (k, v)
+    before = (kk.clone(), vv.clone())
+    w = fastattn.BatchPrefillWithRaggedKVCacheWrapper(workspace(), layout)
+    w.plan(i32(cumsum0(qo_lens)), i32(cumsum0(kv_lens)), hkv * group, hkv, d, causal=causal,
+           q_data_type=dtype)
+    out = nan_full(q.shape, q.dtype)
+    lse = nan_full(q.shape[:2], torch.float32)
+    w.run(q, kk, vv, out=out, lse=lse)
+    torch.cuda.synchronize()
+    ref, lse_ref, _ = R.varlen_ref(q, cumsum0(qo_lens), kv, causal=causal)
+    naive, _, _ = R.varlen_ref(q, cumsum0(qo_lens), kv, causal=causal, naive=True)
+    R.assert_out_close("out", out, ref, naive, factor=2.0)
+    R.assert_lse_close("lse", lse, lse_ref.T)
+    assert torch.equal(kk, before[0]) and torch.equal(vv, before[1]), "run() wrote into k or v"
+
+
+def test_ragged_graph_mode_replays(seed):
+    """use_cuda_graph=True: the ragged run() captured once, replayed after plans of new lengths."""
+    rng = seed
+    batch, hq, hkv, d = 3, 8, 2, 128
+    bufs = dict(qo_indptr_buf=torch.empty(batch + 1, dtype=torch.int32, device=DEV),
+                kv_indptr_buf=torch.empty(batch + 1, dtype=torch.int32, device=DEV))
+    w = fastattn.BatchPrefillWithRaggedKVCacheWrapper(workspace(), use_cuda_graph=True, **bufs)
+    q = torch.zeros(3 * 100, hq, d, dtype=torch.bfloat16, device=DEV)
+    k = torch.zeros(3 * 2100, hkv, d, dtype=torch.bfloat16, device=DEV)
+    v = torch.zeros_like(k)
+    out = nan_full(q.shape, q.dtype)
+    graph = None
+    for step in range(4):
+        qo_lens = [100] + [rng.randint(0, 100) for _ in range(batch - 1)]
+        kv_lens = [n + rng.randint(0, 2000) for n in qo_lens]
+        sq, sk, sv, kv = ragged_inputs(rng, torch.bfloat16, qo_lens, kv_lens, hq, hkv, d)
+        w.plan(i32(cumsum0(qo_lens)), i32(cumsum0(kv_lens)), hq, hkv, d, causal=True,
+               q_data_type=torch.bfloat16)
+        q.zero_(), k.zero_(), v.zero_()
+        q[:sq.shape[0]].copy_(sq), k[:sk.shape[0]].copy_(sk), v[:sv.shape[0]].copy_(sv)
+        if graph is None:
+            graph = warm_and_capture(lambda: w.run(q, k, v, out=out))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        n = sq.shape[0]
+        ref, _, _ = R.varlen_ref(sq, cumsum0(qo_lens), kv, causal=True)
+        naive, _, _ = R.varlen_ref(sq, cumsum0(qo_lens), kv, causal=True, naive=True)
+        R.assert_out_close("out", out[:n], ref, naive, factor=2.0)
+        assert torch.all(out[n:] == 0), "rows past the step's runs must be 0"
