@@ -78,7 +78,7 @@ struct VarlenAttentionArgs {
   std::optional<TensorView> seqused_k;     ///< (B) int32: keys used by each sequence
   std::int64_t max_seqlen_k = 0;           ///< upper bound on every key length
   TensorView out;                   ///< (total_q, Hq, D)
-  std::optional<TensorView> lse;    ///< (Hq, total_q) float32
+  std::optional<TensorView> lse;    ///< (Hq, total_q) float32, any strides
   std::optional<TensorView> probs;  ///< (B, Hq, max_seqlen_q, max_seqlen_k) float32, zero-padded
   /// (Hq) float32 attention sinks, any stride, or none: as KVCacheArgs::sinks. Rows past
   /// cu_seqlens_q[B] see no key, so with sinks they get output 0 and LSE sinks[h].
