@@ -185,17 +185,25 @@ class _PrefillWrapperBase:
 
     def _bound_qo_rows(self, max_qo: int) -> int:
         """The longest query run run() passes: in graph mode the first plan's, which later plans
-        may not exceed (the captured grid's rows)."""
+        may not exceed (the captured grid's rows). Changes nothing: _keep_graph_state does, once
+        the plan has succeeded."""
         g = self._graph
-        if g is None:
+        if g is None or g["max_qo_len"] is None:
             return max_qo
-        if g["max_qo_len"] is None:
-            g["max_qo_len"] = max_qo
-        elif max_qo > g["max_qo_len"]:
+        if max_qo > g["max_qo_len"]:
             raise ValueError(f"qo_indptr's longest run must be at most the first plan's "
                              f"({g['max_qo_len']}) with use_cuda_graph=True (the captured grid's "
                              f"rows), got {max_qo}")
         return g["max_qo_len"]
+
+    def _keep_graph_state(self, route: str, max_qo: Optional[int]) -> None:
+        """In graph mode, what a successful first plan fixes for the later ones: the route and the
+        bound on the longest query run (None: the decode route has none)."""
+        g = self._graph
+        if g is not None:
+            g["route"] = route
+            if g["max_qo_len"] is None:
+                g["max_qo_len"] = max_qo
 
     def _run_varlen(self, q, kv_args, q_scale, k_scale, v_scale, out, lse, return_lse, window_left,
                     sinks):
@@ -399,13 +407,14 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapperBase):
                 window_left=left, logits_soft_cap=logits_soft_cap, q_data_type=q_dtype,
                 sm_scale=sm_scale, fixed_split_size=fixed_split_size,
                 disable_split_kv=disable_split_kv, window_right=0 if causal else -1, q_len_per_req=n)
+            if graph is not None:  # the page lists went to their buffers in that plan; rows here
+                write_ints(graph["qo_indptr_buf"], qo.astype(np.int32))
         else:
             plan["max_seqlen_q"] = self._bound_qo_rows(int(qo_lens.max(initial=0)))
             plan["max_seqlen_k"] = int(kv_lens.max(initial=0))
             plan["qo_indptr"], plan["pages"] = self._device_lists(
                 qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, qo, ip, last)
-        if graph is not None:
-            graph["route"] = route
+        self._keep_graph_state(route, plan.get("max_seqlen_q"))
         self._plan = plan
 
     begin_forward = plan
@@ -628,6 +637,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_PrefillWrapperBase):
                                q_data_type=opts["data_type"])}
         plan["qo_indptr"] = self._device_indptr(qo_indptr, qo, "qo_indptr_buf")
         plan["kv_indptr"] = self._device_indptr(kv_indptr, kv, "kv_indptr_buf")
+        self._keep_graph_state("prefill", plan["max_seqlen_q"])
         self._plan = plan
 
     begin_forward = plan

@@ -188,14 +188,25 @@ def test_graph_mode_buffers(rng):
     s = Step(rng, "float32", [2, 2, 2], [40, 3, 70], 8, 4, 2, 16)
     with pytest.raises(ValueError, match="must keep the first plan's route"):
         s.plan(w, causal=True)
+    # A wrapper whose first plan took the decode route writes every list into its buffers too.
+    d = fastattn.BatchPrefillWithPagedKVCacheWrapper(np.empty(16, np.uint8), use_cuda_graph=True, **bufs)
+    s.plan(d, causal=True)
+    assert d._plan["route"] == "decode" and np.array_equal(bufs["qo_indptr_buf"], s.qo_indptr)
+    assert np.array_equal(bufs["paged_kv_last_page_len_buf"], s.last)
+    s.check(d, True)
     s = Step(rng, "float32", [2, 2], [40, 3], 8, 4, 2, 16)
     with pytest.raises(ValueError, match=r"qo_indptr must have batch_size \+ 1 = 4 entries"):
         s.plan(w)
     s = Step(rng, "float32", [1, 1, 1], [400, 300, 5], 1, 4, 2, 16)
+    fresh = fastattn.BatchPrefillWithPagedKVCacheWrapper(np.empty(16, np.uint8), use_cuda_graph=True, **bufs)
+    before = {k: v.copy() for k, v in bufs.items()}
     with pytest.raises(ValueError, match="paged_kv_indices hold 705 pages, more than"):
-        fastattn.BatchPrefillWithPagedKVCacheWrapper(np.empty(16, np.uint8), use_cuda_graph=True,
-                                                     **bufs).plan(
-            cumsum0([2, 1, 1]), s.indptr, s.indices, s.last, 4, 2, 16, 1, q_data_type="float32")
+        fresh.plan(cumsum0([2, 1, 1]), s.indptr, s.indices, s.last, 4, 2, 16, 1, q_data_type="float32")
+    assert all(np.array_equal(bufs[k], before[k]) for k in bufs), "a refused plan wrote the buffers"
+    # The refused first plan fixed nothing: a first plan with longer runs is taken.
+    s = Step(rng, "float32", [30, 3, 1], [40, 3, 70], 8, 4, 2, 16)
+    s.plan(fresh, causal=True)
+    s.check(fresh, True)
 
 
 @pytest.mark.skipif(torch is None, reason="torch")
