@@ -319,6 +319,23 @@ def _scaled_softmax_scale(sm_scale, head_dim: int, q_scale, k_scale) -> float:
     return scale
 
 
+def _output_scale(v_scale, out) -> float:
+    """run()'s v_scale as the factor the output is multiplied by after the kernels (None: 1.0).
+    A factor other than 1 scales the output in place, so a given out must allow that."""
+    scale = _calibration_scale(v_scale, "v_scale")
+    if scale != 1.0 and out is not None and framework(out) not in ("numpy", "torch", "cupy"):
+        raise TypeError(f"out must be a numpy, torch or cupy array where v_scale != 1 (the "
+                        f"output is scaled in place), got {type(out).__name__}")
+    return scale
+
+
+def _scale_output(o, scale: float) -> None:
+    """FlashInfer's v_scale: the rounded output scaled once more, in place (one elementwise op; a
+    torch out that requires grad is scaled through its detached view)."""
+    scaled = prepare(o)
+    scaled *= scale
+
+
 def _check_rope_parameters(rope_scale, rope_theta) -> None:
     """rope_scale / rope_theta: None or real numbers. They parametrise FlashInfer's fused RoPE only,
     so where the position encoding is "NONE" (always, in fastattn) they have no effect, as in
@@ -686,10 +703,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         if q_scale is not None or k_scale is not None:
             sm_scale = _scaled_softmax_scale(plan["sm_scale"], plan["head_dim"], q_scale, k_scale)
         if v_scale is not None:
-            out_scale = _calibration_scale(v_scale, "v_scale")
-            if out_scale != 1.0 and out is not None and framework(out) not in ("numpy", "torch", "cupy"):
-                raise TypeError(f"out must be a numpy, torch or cupy array where v_scale != 1 (the "
-                                f"output is scaled in place), got {type(out).__name__}")
+            out_scale = _output_scale(v_scale, out)
         check_array(q, "q")
         if isinstance(paged_kv_cache, (tuple, list)):
             if len(paged_kv_cache) != 2:
@@ -718,10 +732,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
             call_op(runner.run, prepare(q), pages, v_pages, o, lse, left, sm_scale,
                     plan["softcap"], cuda_stream_of(q), alloc, prepare(sinks))
         if out_scale != 1.0:
-            # FlashInfer's v_scale: the rounded output scaled once more, in place (one elementwise
-            # op; a torch out that requires grad is scaled through its detached view).
-            scaled = prepare(o)
-            scaled *= out_scale
+            _scale_output(o, out_scale)
         if return_lse:
             return finalize(q, o), finalize(q, lse)
         return finalize(q, o)

@@ -39,7 +39,6 @@ from ._tensors import (
     empty,
     exec_kwargs,
     finalize,
-    framework,
     host_ints,
     is_cuda,
     on_device_of,
@@ -51,10 +50,11 @@ from ._tensors import (
 )
 from .decode import (
     BatchDecodeWithPagedKVCacheWrapper,
-    _calibration_scale,
     _check_pos_encoding,
     _fixed_split_pages,
     _int32_vector,
+    _output_scale,
+    _scale_output,
     _scaled_softmax_scale,
 )
 
@@ -222,10 +222,7 @@ class _PrefillWrapperBase:
         sm_scale = plan["sm_scale"]
         if q_scale is not None or k_scale is not None:
             sm_scale = _scaled_softmax_scale(sm_scale, plan["head_dim"], q_scale, k_scale)
-        out_scale = 1.0 if v_scale is None else _calibration_scale(v_scale, "v_scale")
-        if out_scale != 1.0 and out is not None and framework(out) not in ("numpy", "torch", "cupy"):
-            raise TypeError(f"out must be a numpy, torch or cupy array where v_scale != 1 (the output "
-                            f"is scaled in place), got {type(out).__name__}")
+        out_scale = 1.0 if v_scale is None else _output_scale(v_scale, out)
         left = plan["window_left"] if window_left is None else as_int(window_left, "window_left")
         o = empty(q, shape) if out is None else out
         # FlashInfer's LSE is (rows, heads); the op writes (heads, rows) through any strides, so it
@@ -252,8 +249,7 @@ class _PrefillWrapperBase:
                 sinks=prepare(sinks), softmax_scale=sm_scale, causal=plan["causal"],
                 window_left=left, softcap=plan["softcap"], **kw)
         if out_scale != 1.0:
-            scaled = prepare(o)
-            scaled *= out_scale
+            _scale_output(o, out_scale)
         if return_lse:
             return finalize(q, o), finalize(q, lse)
         return finalize(q, o)
